@@ -1,0 +1,117 @@
+// The typed face of native/ (built by node-gyp at install): the N-API addon, the tracking
+// shim and the synthetic guest program. The TypeScript side never guesses at C layouts:
+// every buffer's shape is spelled out here and checked in C.
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** Opaque handle to a memory region mapped MAP_SHARED by the addon. */
+export interface RegionHandle {
+  readonly __brand: 'RegionHandle';
+}
+
+/** Page-entry kinds shared by gather/scatter and the wire format (protocol/codes.ts). */
+export const ENTRY_ZERO = 1;
+export const ENTRY_DATA = 2;
+
+export interface NativeAddon {
+  /**
+   * Maps `lengthBytes` of the open file `fd` (from offset 0) MAP_SHARED. The file must
+   * already be at least that long. `lengthBytes` must be a positive multiple of
+   * `pageSizeBytes`. With `trackHashes`, the region keeps a 16-byte XXH3-128 fingerprint
+   * per page, updated by `regionScatter`; `initiallyZero` says the file is known to be all
+   * zeroes (a fresh file), so fingerprints start as the zero page's without reading.
+   * The fd may be closed afterwards. Throws on mmap failure with errno text.
+   */
+  regionMap(
+    fd: number,
+    lengthBytes: number,
+    pageSizeBytes: number,
+    options: { writable: boolean; trackHashes: boolean; initiallyZero: boolean },
+  ): RegionHandle;
+  /** Unmaps. Any later call with this handle throws. Idempotent. */
+  regionClose(region: RegionHandle): void;
+  /**
+   * Source side: copies pages listed in `runs` (pairs [firstPage, pageCount]) into a
+   * batch. Starts at `cursor` ([runIndex, pagesDoneInRun], updated in place) and stops
+   * when every run is consumed, `payload` has no room for one more page, or `entries` has
+   * no room for one more entry. Zero pages are not copied: they become ENTRY_ZERO
+   * entries. Writes entries as triples [kind, firstPage, pageCount] (adjacent pages of
+   * the same kind coalesce), data pages packed in entry order into `payload`.
+   * `out` receives [entryCount, payloadBytes]. Returns true when all runs are consumed.
+   */
+  regionGather(
+    region: RegionHandle,
+    runs: Uint32Array,
+    cursor: Uint32Array,
+    payload: Buffer,
+    entries: Uint32Array,
+    out: Uint32Array,
+  ): boolean;
+  /**
+   * Destination side: applies `entryCount` entries from `entries` with `payload`
+   * (exactly the data pages, in entry order). ENTRY_ZERO zeroes pages (skipping pages
+   * whose tracked fingerprint is already the zero page's), ENTRY_DATA copies pages and
+   * updates fingerprints. Throws RangeError, writing nothing, if any entry is out of
+   * bounds, has an unknown kind or a zero count, or the payload length is not exactly the
+   * data pages' bytes.
+   */
+  regionScatter(region: RegionHandle, entries: Uint32Array, entryCount: number, payload: Uint8Array): void;
+  /**
+   * 128-bit region digest: XXH3-128 over the concatenated XXH3-128 fingerprints of every
+   * page, in page order (16 bytes each, little-endian canonical form). 'full' reads the
+   * memory now; 'tracked' uses the fingerprints kept by a trackHashes region. Runs on
+   * the libuv thread pool.
+   */
+  regionDigest(region: RegionHandle, mode: 'full' | 'tracked'): Promise<Buffer>;
+  /** XXH3-128 of `data` in canonical (big-endian) form, 16 bytes. */
+  hash128(data: Uint8Array): Buffer;
+  /**
+   * PAGEMAP_SCAN over [startAddress, startAddress + lengthBytes) of the process whose
+   * /proc/PID/pagemap is open as `pagemapFd`: returns pages written since the last scan
+   * as pairs [pageIndex relative to startAddress, pageCount]. With `reprotect` (the
+   * normal mode) the scan write-protects them again atomically (PM_SCAN_WP_MATCHING |
+   * PM_SCAN_CHECK_WPASYNC), so each write is reported exactly once. Loops over
+   * walk_end until the whole range is covered. Throws with errno text (EPERM when the
+   * range is not registered for async write-protect).
+   */
+  pagemapScan(
+    pagemapFd: number,
+    startAddress: bigint,
+    lengthBytes: number,
+    pageSizeBytes: number,
+    reprotect: boolean,
+  ): Uint32Array;
+  /** Creates an unnamed file in `dir` (O_TMPFILE, mode 0600) of `lengthBytes`; returns its fd. */
+  tmpfileCreate(dir: string, lengthBytes: number): number;
+  /** Gives the unnamed file `fd` the name `path` (linkat AT_SYMLINK_FOLLOW via /proc/self/fd). */
+  tmpfileLink(fd: number, path: string): void;
+}
+
+const here = dirname(fileURLToPath(import.meta.url));
+/** native/ in the source tree, whether this file runs from agent/ or dist/agent/. */
+function findNativeDir(): string {
+  for (const candidate of [resolve(here, '..', 'native'), resolve(here, '..', '..', 'native')]) {
+    if (existsSync(join(candidate, 'binding.gyp'))) return candidate;
+  }
+  throw new Error(`native/ not found near ${here}`);
+}
+
+export const nativeDir = findNativeDir();
+export const nativeBuildDir = join(nativeDir, 'build', 'Release');
+/** The synthetic guest program. */
+export const guestBinaryPath = join(nativeBuildDir, 'gangway-guest');
+/** The LD_PRELOAD tracking shim. */
+export const trackShimPath = join(nativeBuildDir, 'gangway-track.so');
+
+let addon: NativeAddon | undefined;
+export function loadNative(): NativeAddon {
+  if (addon) return addon;
+  const path = join(nativeBuildDir, 'gangway.node');
+  if (!existsSync(path)) {
+    throw new Error(`the native addon is not built (${path} is missing): run \`npm ci\` or \`npm run build\``);
+  }
+  addon = createRequire(import.meta.url)(path) as NativeAddon;
+  return addon;
+}

@@ -1,0 +1,26 @@
+{
+  "target_defaults": {
+    "cflags": ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-strict-aliasing"],
+    "cflags_c": ["-std=gnu11"],
+    "include_dirs": ["src", "vendor/xxhash"]
+  },
+  "targets": [
+    {
+      "target_name": "gangway",
+      "sources": ["src/addon.c"]
+    },
+    {
+      "target_name": "gangway-track",
+      "type": "shared_library",
+      "product_name": "gangway-track",
+      "product_extension": "so",
+      "sources": ["src/shim.c"],
+      "libraries": ["-ldl"]
+    },
+    {
+      "target_name": "gangway-guest",
+      "type": "executable",
+      "sources": ["src/guest.c"]
+    }
+  ]
+}
