@@ -1,0 +1,99 @@
+// Numeric code tables of the wire format. Value 0 is reserved "invalid" in every table so a
+// zeroed buffer never means anything (Cloud Hypervisor vm-migration/src/protocol.rs).
+// Codes are only ever added; a number once used keeps its meaning.
+
+export const FrameType = {
+  invalid: 0,
+  hello: 1,
+  offer: 2,
+  accept: 3,
+  reject: 4,
+  pages: 5,
+  roundEnd: 6,
+  pause: 7,
+  deviceState: 8,
+  verify: 9,
+  verified: 10,
+  commit: 11,
+  committed: 12,
+  abort: 13,
+  credit: 14,
+  error: 15,
+} as const;
+export type FrameType = (typeof FrameType)[keyof typeof FrameType];
+export type FrameTypeName = Exclude<keyof typeof FrameType, 'invalid'>;
+
+export const Technique = { invalid: 0, precopy: 1, postcopy: 2, hybrid: 3 } as const;
+export type Technique = (typeof Technique)[keyof typeof Technique];
+
+export const Codec = { invalid: 0, raw: 1, lz4: 2 } as const;
+export type Codec = (typeof Codec)[keyof typeof Codec];
+
+/**
+ * Kinds of a pages-frame entry. The numbers are shared with the native addon
+ * (ENTRY_ZERO = 1, ENTRY_DATA = 2 in agent/native.ts and native/src/addon.c).
+ */
+export const EntryKind = { invalid: 0, zero: 1, data: 2 } as const;
+export type EntryKind = (typeof EntryKind)[keyof typeof EntryKind];
+
+/**
+ * Reserved for the copy-ref entry (this content is already at the destination at
+ * guest/region/page X). Not part of protocol version 1: a receiver rejects it, so a sender
+ * that starts using it without negotiating a feature fails loudly instead of corrupting.
+ */
+export const RESERVED_ENTRY_KIND_COPY_REF = 3;
+
+export const RejectReason = {
+  invalid: 0,
+  busy: 1,
+  guestExists: 2,
+  noSpace: 3,
+  unsupported: 4,
+  badSpec: 5,
+  shuttingDown: 6,
+  versionMismatch: 7,
+} as const;
+export type RejectReason = (typeof RejectReason)[keyof typeof RejectReason];
+
+export const GuestKind = { invalid: 0, process: 1, qemu: 2 } as const;
+export type GuestKind = (typeof GuestKind)[keyof typeof GuestKind];
+
+/** Any of the tables above. */
+export type CodeTable = Readonly<Record<string, number>>;
+
+/** The name of `code` in `table` ('invalid' for 0), or undefined when the table has no such code. */
+export function nameOf(table: CodeTable, code: number): string | undefined {
+  for (const [name, value] of Object.entries(table)) {
+    if (value === code) return name;
+  }
+  return undefined;
+}
+
+/** True when `code` is a usable value of `table`: known and not the reserved 0. */
+export function isValidCode<T extends CodeTable>(table: T, code: unknown): code is T[keyof T] {
+  return typeof code === 'number' && code !== 0 && nameOf(table, code) !== undefined;
+}
+
+/** For messages: 'lz4 (2)', 'unknown (9)'. */
+export function describeCode(table: CodeTable, code: number): string {
+  return `${nameOf(table, code) ?? 'unknown'} (${code})`;
+}
+
+/** The usable codes of `table` for messages: 'raw (1), lz4 (2)'. */
+export function listCodes(table: CodeTable): string {
+  return Object.entries(table)
+    .filter(([, value]) => value !== 0)
+    .map(([name, value]) => `${name} (${value})`)
+    .join(', ');
+}
+
+const frameTypeNames: ReadonlyMap<number, FrameTypeName> = new Map(
+  Object.entries(FrameType)
+    .filter(([, value]) => value !== 0)
+    .map(([name, value]) => [value, name as FrameTypeName]),
+);
+
+/** The frame type name of a wire code, or undefined for 0 and unknown codes. */
+export function frameTypeName(code: number): FrameTypeName | undefined {
+  return frameTypeNames.get(code);
+}

@@ -1,0 +1,101 @@
+// Errors with stable codes (after undici lib/core/errors.js). A code is part of the API: it
+// travels on the wire in abort and error frames and users match on it, so codes are only
+// ever added, never renamed or reused.
+
+export const ErrorCode = {
+  /** A frame or stream that breaks the wire format (the generic case). */
+  PROTOCOL: 'GANGWAY_ERR_PROTOCOL',
+  /** The peer speaks another protocol version. */
+  PROTOCOL_VERSION: 'GANGWAY_ERR_PROTOCOL_VERSION',
+  /** The hello frame does not carry the gangway magic: not a gangway peer. */
+  PROTOCOL_MAGIC: 'GANGWAY_ERR_PROTOCOL_MAGIC',
+  /** A header or payload over its limit. */
+  FRAME_TOO_LARGE: 'GANGWAY_ERR_FRAME_TOO_LARGE',
+  /** A frame type code this agent does not know (or 0). */
+  UNKNOWN_FRAME: 'GANGWAY_ERR_UNKNOWN_FRAME',
+  /** A well-formed frame at the wrong moment. */
+  UNEXPECTED_FRAME: 'GANGWAY_ERR_UNEXPECTED_FRAME',
+  /** A pages frame whose entries, sizes or payload do not agree with each other or the region. */
+  BAD_PAGES: 'GANGWAY_ERR_BAD_PAGES',
+  DECOMPRESS: 'GANGWAY_ERR_DECOMPRESS',
+  DIGEST_MISMATCH: 'GANGWAY_ERR_DIGEST_MISMATCH',
+  NON_CONVERGENCE: 'GANGWAY_ERR_NON_CONVERGENCE',
+  PEER_UNREACHABLE: 'GANGWAY_ERR_PEER_UNREACHABLE',
+  PEER_GONE: 'GANGWAY_ERR_PEER_GONE',
+  REJECTED: 'GANGWAY_ERR_REJECTED',
+  ABORTED: 'GANGWAY_ERR_ABORTED',
+  GUEST_NOT_FOUND: 'GANGWAY_ERR_GUEST_NOT_FOUND',
+  GUEST_EXISTS: 'GANGWAY_ERR_GUEST_EXISTS',
+  GUEST_FAILED: 'GANGWAY_ERR_GUEST_FAILED',
+  BAD_REQUEST: 'GANGWAY_ERR_BAD_REQUEST',
+  TIMEOUT: 'GANGWAY_ERR_TIMEOUT',
+  /** The commit was sent but its outcome is unknown: the guest may run on either side. */
+  SWITCHOVER_IN_DOUBT: 'GANGWAY_ERR_SWITCHOVER_IN_DOUBT',
+  INTERNAL: 'GANGWAY_ERR_INTERNAL',
+  SHUTTING_DOWN: 'GANGWAY_ERR_SHUTTING_DOWN',
+  TRACKER: 'GANGWAY_ERR_TRACKER',
+} as const;
+
+export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+const knownCodes: ReadonlySet<string> = new Set(Object.values(ErrorCode));
+
+export function isErrorCode(s: unknown): s is ErrorCode {
+  return typeof s === 'string' && knownCodes.has(s);
+}
+
+export class GangwayError extends Error {
+  readonly code: ErrorCode;
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'GangwayError';
+    this.code = code;
+  }
+}
+
+/** WebSocket close codes a protocol error maps to (RFC 6455 section 7.4.1). */
+export const ProtocolCloseCode = {
+  protocol: 1002,
+  policy: 1008,
+  tooBig: 1009,
+} as const;
+
+export type ProtocolCloseCode = (typeof ProtocolCloseCode)[keyof typeof ProtocolCloseCode];
+
+/**
+ * The peer broke the wire format or the frame order. The session that saw it sends an
+ * error frame and closes with `closeCode`; other sessions are unaffected.
+ */
+export class ProtocolError extends GangwayError {
+  readonly closeCode: ProtocolCloseCode;
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown; closeCode?: ProtocolCloseCode }) {
+    super(code, message, options);
+    this.name = 'ProtocolError';
+    this.closeCode =
+      options?.closeCode ??
+      (code === ErrorCode.FRAME_TOO_LARGE ? ProtocolCloseCode.tooBig : ProtocolCloseCode.protocol);
+  }
+}
+
+/**
+ * An error the remote agent reported (abort or error frame). `remoteCode` and
+ * `remoteMessage` are kept verbatim; `code` is the remote code when this agent knows it,
+ * else GANGWAY_ERR_INTERNAL (a newer peer's code is still visible in `remoteCode`).
+ */
+export class PeerError extends GangwayError {
+  readonly remoteCode: string;
+  readonly remoteMessage: string;
+
+  constructor(remoteCode: string, remoteMessage: string, options?: { cause?: unknown }) {
+    super(
+      isErrorCode(remoteCode) ? remoteCode : ErrorCode.INTERNAL,
+      `peer reported ${remoteCode}: ${remoteMessage}`,
+      options,
+    );
+    this.name = 'PeerError';
+    this.remoteCode = remoteCode;
+    this.remoteMessage = remoteMessage;
+  }
+}

@@ -1,0 +1,136 @@
+// Valid frames of every type: a typical one, and one at every size limit. Fixtures for the
+// protocol's tests and for anyone checking a peer implementation against this one; not
+// part of the runtime API (index.ts does not export them).
+import { Codec, EntryKind, GuestKind, RejectReason, Technique } from './codes.js';
+import { ErrorCode } from './errors.js';
+import { Frame, type RegionSpec } from './frames.js';
+import {
+  DEFAULT_MAX_PAYLOAD_BYTES,
+  DIGEST_BYTES,
+  MAX_CONFIG_KEYS,
+  MAX_CONFIG_KEY_LENGTH,
+  MAX_CONFIG_STRING_LENGTH,
+  MAX_CREDIT_BYTES,
+  MAX_DEVICE_STATE_BYTES,
+  MAX_DOWNTIME_BUDGET_MS,
+  MAX_ENTRIES_PER_BATCH,
+  MAX_ERROR_CODE_LENGTH,
+  MAX_FEATURES,
+  MAX_FEATURE_LENGTH,
+  MAX_ID_LENGTH,
+  MAX_MESSAGE_LENGTH,
+  MAX_NAME_LENGTH,
+  MAX_REGIONS,
+  MAX_REGION_BYTES,
+  MAX_REGION_PAGES,
+  MAX_ROUND,
+} from './limits.js';
+
+const id = 'mig-0001';
+
+/** Deterministic filler so fixtures compare by content. */
+function bytes(length: number, seed: number): Uint8Array {
+  const out = new Uint8Array(length);
+  for (let i = 0; i < length; i++) out[i] = (i * 31 + seed) & 0xff;
+  return out;
+}
+
+/** One ordinary frame of every type (payloads of a few hundred bytes at most). */
+export function exampleFrames(): Frame[] {
+  return [
+    Frame.hello({ agentId: 'host-a', features: ['lz4', 'dedup'], maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES }),
+    Frame.offer({
+      migrationId: id,
+      guest: {
+        name: 'web-1',
+        kind: GuestKind.process,
+        regions: [{ name: 'ram', lengthBytes: 64 * 1024 * 1024, pageSizeBytes: 4096 }],
+        config: { argv: 'gangway-guest --profile text', dirtyRatePagesPerSec: 1000, verbose: false },
+      },
+      technique: Technique.precopy,
+      downtimeBudgetMs: 300,
+      codecs: [Codec.raw, Codec.lz4],
+    }),
+    Frame.accept({ migrationId: id, creditBytes: 8 * 1024 * 1024 }),
+    Frame.reject({ migrationId: id, reason: RejectReason.noSpace, message: '/dev/shm has 1 GiB free' }),
+    Frame.pages({
+      migrationId: id,
+      region: 0,
+      round: 2,
+      codec: Codec.raw,
+      entries: Uint32Array.of(EntryKind.data, 10, 1, EntryKind.zero, 11, 5, EntryKind.data, 40, 1),
+      rawBytes: 2 * 512,
+      payload: bytes(2 * 512, 7),
+    }),
+    Frame.roundEnd({ migrationId: id, round: 2, pageCount: 1234, final: false }),
+    Frame.pause({ migrationId: id }),
+    Frame.deviceState({ migrationId: id, state: bytes(300, 3) }),
+    Frame.verify({ migrationId: id, digests: [bytes(DIGEST_BYTES, 1)] }),
+    Frame.verified({ migrationId: id, match: true, digests: [bytes(DIGEST_BYTES, 1)] }),
+    Frame.commit({ migrationId: id }),
+    Frame.committed({ migrationId: id, resumeToSendMs: 1.25 }),
+    Frame.abort({ migrationId: id, code: ErrorCode.NON_CONVERGENCE, message: 'dirty rate above link rate' }),
+    Frame.credit({ migrationId: id, bytes: 1_048_576 }),
+    Frame.error({ code: ErrorCode.PROTOCOL, message: 'pages.codec: unknown (9) is not one of raw (1), lz4 (2)' }),
+  ];
+}
+
+/** Every type with every field at its largest legal size (payloads up to 16 MiB). */
+export function largestFrames(): Frame[] {
+  const longId = 'i'.repeat(MAX_ID_LENGTH);
+  const text = 'm'.repeat(MAX_MESSAGE_LENGTH);
+  const code = `GANGWAY_ERR_${'X'.repeat(MAX_ERROR_CODE_LENGTH - 'GANGWAY_ERR_'.length)}`;
+  const regions: RegionSpec[] = Array.from({ length: MAX_REGIONS }, (_, i) => ({
+    name: `r${String(i).padStart(2, '0')}`.padEnd(MAX_NAME_LENGTH, 'x'),
+    lengthBytes: MAX_REGION_BYTES,
+    pageSizeBytes: MAX_REGION_BYTES / MAX_REGION_PAGES,
+  }));
+  const config: Record<string, string> = {};
+  for (let i = 0; i < MAX_CONFIG_KEYS; i++) {
+    config[`k${String(i).padStart(2, '0')}`.padEnd(MAX_CONFIG_KEY_LENGTH, 'k')] = 'v'.repeat(MAX_CONFIG_STRING_LENGTH);
+  }
+  // Alternating one-page data and zero entries: half the entries carry a 4 KiB page each,
+  // which fills the largest payload exactly.
+  const pageSizeBytes = 4096;
+  const entries = new Uint32Array(MAX_ENTRIES_PER_BATCH * 3);
+  for (let i = 0; i < MAX_ENTRIES_PER_BATCH; i++) {
+    entries.set([i % 2 === 0 ? EntryKind.data : EntryKind.zero, 0xffffffff - MAX_ENTRIES_PER_BATCH + i, 1], i * 3);
+  }
+  const rawBytes = (MAX_ENTRIES_PER_BATCH / 2) * pageSizeBytes;
+  const digests = Array.from({ length: MAX_REGIONS }, (_, i) => bytes(DIGEST_BYTES, i));
+  return [
+    Frame.hello({
+      agentId: longId,
+      features: Array.from({ length: MAX_FEATURES }, (_, i) => `f${String(i).padStart(2, '0')}`.padEnd(MAX_FEATURE_LENGTH, 'f')),
+      maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES,
+    }),
+    Frame.offer({
+      migrationId: longId,
+      guest: { name: 'g'.repeat(MAX_NAME_LENGTH), kind: GuestKind.qemu, regions, config },
+      technique: Technique.hybrid,
+      downtimeBudgetMs: MAX_DOWNTIME_BUDGET_MS,
+      codecs: [Codec.lz4, Codec.raw],
+    }),
+    Frame.accept({ migrationId: longId, creditBytes: MAX_CREDIT_BYTES }),
+    Frame.reject({ migrationId: longId, reason: RejectReason.versionMismatch, message: text }),
+    Frame.pages({
+      migrationId: longId,
+      region: MAX_REGIONS - 1,
+      round: MAX_ROUND,
+      codec: Codec.raw,
+      entries,
+      rawBytes,
+      payload: bytes(rawBytes, 9),
+    }),
+    Frame.roundEnd({ migrationId: longId, round: MAX_ROUND, pageCount: MAX_REGIONS * MAX_REGION_PAGES, final: true }),
+    Frame.pause({ migrationId: longId }),
+    Frame.deviceState({ migrationId: longId, state: bytes(MAX_DEVICE_STATE_BYTES, 5) }),
+    Frame.verify({ migrationId: longId, digests }),
+    Frame.verified({ migrationId: longId, match: false, digests }),
+    Frame.commit({ migrationId: longId }),
+    Frame.committed({ migrationId: longId, resumeToSendMs: 1e12 + 0.5 }),
+    Frame.abort({ migrationId: longId, code, message: text }),
+    Frame.credit({ migrationId: longId, bytes: MAX_CREDIT_BYTES }),
+    Frame.error({ code, message: text }),
+  ];
+}

@@ -1,0 +1,68 @@
+// The gangway wire protocol: pure codecs and state machines, no I/O, no timers.
+export {
+  ErrorCode,
+  GangwayError,
+  PeerError,
+  ProtocolCloseCode,
+  ProtocolError,
+  isErrorCode,
+} from './errors.js';
+export {
+  Codec,
+  type CodeTable,
+  EntryKind,
+  FrameType,
+  type FrameTypeName,
+  GuestKind,
+  RESERVED_ENTRY_KIND_COPY_REF,
+  RejectReason,
+  Technique,
+  describeCode,
+  frameTypeName,
+  isValidCode,
+  listCodes,
+  nameOf,
+} from './codes.js';
+export * from './limits.js';
+export {
+  type AbortFrame,
+  type AcceptFrame,
+  type CommitFrame,
+  type CommittedFrame,
+  type CreditFrame,
+  type DeviceStateFrame,
+  type ErrorFrame,
+  Frame,
+  type FrameOf,
+  type GuestConfigValue,
+  type GuestSpec,
+  type HelloFrame,
+  type MigrationFrame,
+  type OfferFrame,
+  type PagesFrame,
+  type PauseFrame,
+  type RegionSpec,
+  type RejectFrame,
+  type RoundEndFrame,
+  type VerifiedFrame,
+  type VerifyFrame,
+} from './frames.js';
+export {
+  type DecoderLimits,
+  type EncodeLimits,
+  FrameDecoder,
+  type PagesSummary,
+  encodeFrame,
+  validatePages,
+} from './codec.js';
+export {
+  type MigrationEvent,
+  MigrationEventType,
+  MigrationPhase,
+  type MigrationState,
+  type ReceivedEvent,
+  type SentEvent,
+  initialMigrationState,
+  isTerminal,
+  transition,
+} from './migration-state.js';

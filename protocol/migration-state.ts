@@ -1,0 +1,193 @@
+// The destination's receive state machine for one migration (Cloud Hypervisor context.rs:
+// an out-of-order transition is an error, never ignored).
+//
+//                     offer received
+//                           |
+//                        offered ----sentReject----> rejected
+//                           | sentAccept
+//                           v
+//            +---------- accepted
+//            |              | pages(r), roundEnd(r, final: false)
+//            |              v
+//            |          receiving <-+ pages(r), roundEnd(r, final: false)
+//            |              |-------+
+//            | pause        | pause
+//            |              v
+//            +---------->  paused <-+ pages(r)          (the final round)
+//                           |-------+
+//                           | roundEnd(r, final: true)
+//                           v
+//                    finalRoundDone ----deviceState----> deviceStateReceived
+//                           | verify                            | verify
+//                           v                                   |
+//                       verifying <-----------------------------+
+//                           | sentVerified (match)      sentVerifiedMismatch -> aborted
+//                           v
+//                        verified
+//                           | commit
+//                           v
+//                       committing
+//                           | sentCommitted
+//                           v
+//                       committed
+//
+//   abort (received) or sentAbort: from every non-terminal state -> aborted
+//   committed, aborted and rejected are terminal: they take nothing.
+//
+// deviceState is optional (a process guest has none): verify may follow the final roundEnd
+// directly. Pause may follow accept directly (stop-and-copy without pre-copy rounds).
+//
+// Rounds are numbered 0, 1, 2, ... without gaps; `round` is the round in progress. Every
+// pages and roundEnd frame must carry it; roundEnd(r) closes round r, so the next round is
+// r + 1. A round without pages is a bare roundEnd. After pause the round in progress is the
+// final one. A round going backwards or skipping ahead is out of order.
+//
+// The function is pure: the caller keeps the state and replaces it with the result.
+import { ErrorCode, ProtocolError } from './errors.js';
+
+export const MigrationPhase = [
+  'offered',
+  'accepted',
+  'receiving',
+  'paused',
+  'finalRoundDone',
+  'deviceStateReceived',
+  'verifying',
+  'verified',
+  'committing',
+  'committed',
+  'aborted',
+  'rejected',
+] as const;
+export type MigrationPhase = (typeof MigrationPhase)[number];
+
+export interface MigrationState {
+  readonly phase: MigrationPhase;
+  /** The round in progress. */
+  readonly round: number;
+}
+
+/**
+ * A frame received for this migration. Every Frame is one, so a decoded frame is passed
+ * as it is; hello, error and the frames only a destination sends are always out of order.
+ */
+export type ReceivedEvent =
+  | { type: 'pages'; round: number }
+  | { type: 'roundEnd'; round: number; final: boolean }
+  | {
+      type:
+        | 'hello'
+        | 'offer'
+        | 'accept'
+        | 'reject'
+        | 'pause'
+        | 'deviceState'
+        | 'verify'
+        | 'verified'
+        | 'commit'
+        | 'committed'
+        | 'abort'
+        | 'credit'
+        | 'error';
+    };
+
+/** Frames this destination sent. */
+export type SentEvent = {
+  type: 'sentAccept' | 'sentReject' | 'sentVerified' | 'sentVerifiedMismatch' | 'sentCommitted' | 'sentAbort';
+};
+
+export type MigrationEvent = ReceivedEvent | SentEvent;
+
+/** Every event type, for exhaustive tests and tables. */
+export const MigrationEventType = [
+  'hello',
+  'offer',
+  'accept',
+  'reject',
+  'pages',
+  'roundEnd',
+  'pause',
+  'deviceState',
+  'verify',
+  'verified',
+  'commit',
+  'committed',
+  'abort',
+  'credit',
+  'error',
+  'sentAccept',
+  'sentReject',
+  'sentVerified',
+  'sentVerifiedMismatch',
+  'sentCommitted',
+  'sentAbort',
+] as const satisfies readonly MigrationEvent['type'][];
+
+const terminal: ReadonlySet<MigrationPhase> = new Set(['committed', 'aborted', 'rejected']);
+
+/** The state a migration starts in when its offer arrives. */
+export function initialMigrationState(): MigrationState {
+  return { phase: 'offered', round: 0 };
+}
+
+export function isTerminal(state: MigrationState): boolean {
+  return terminal.has(state.phase);
+}
+
+/** The state after `event`; throws ProtocolError GANGWAY_ERR_UNEXPECTED_FRAME when it is out of order. */
+export function transition(state: MigrationState, event: MigrationEvent): MigrationState {
+  const { phase, round } = state;
+  const outOfOrder = (why?: string): never => {
+    throw new ProtocolError(
+      ErrorCode.UNEXPECTED_FRAME,
+      `migration in state ${phase} (round ${round}) cannot take ${String(event.type)}${why === undefined ? '' : `: ${why}`}`,
+    );
+  };
+  const to = (next: MigrationPhase, nextRound = round): MigrationState => ({ phase: next, round: nextRound });
+  const checkRound = (eventRound: number): void => {
+    if (eventRound !== round) outOfOrder(`round ${eventRound} while round ${round} is in progress`);
+  };
+
+  if (terminal.has(phase)) return outOfOrder('the migration is over');
+  switch (event.type) {
+    case 'abort':
+    case 'sentAbort':
+      return to('aborted');
+    case 'sentAccept':
+      return phase === 'offered' ? to('accepted') : outOfOrder();
+    case 'sentReject':
+      return phase === 'offered' ? to('rejected') : outOfOrder();
+    case 'pages':
+      if (phase !== 'accepted' && phase !== 'receiving' && phase !== 'paused') return outOfOrder();
+      checkRound(event.round);
+      return to(phase === 'paused' ? 'paused' : 'receiving');
+    case 'roundEnd':
+      if (event.final) {
+        if (phase !== 'paused') return outOfOrder('a final round ends only after pause');
+        checkRound(event.round);
+        return to('finalRoundDone', round + 1);
+      }
+      if (phase === 'paused') return outOfOrder('after pause only the final round may end');
+      if (phase !== 'accepted' && phase !== 'receiving') return outOfOrder();
+      checkRound(event.round);
+      return to('receiving', round + 1);
+    case 'pause':
+      return phase === 'accepted' || phase === 'receiving' ? to('paused') : outOfOrder();
+    case 'deviceState':
+      return phase === 'finalRoundDone' ? to('deviceStateReceived') : outOfOrder();
+    case 'verify':
+      return phase === 'finalRoundDone' || phase === 'deviceStateReceived' ? to('verifying') : outOfOrder();
+    case 'sentVerified':
+      return phase === 'verifying' ? to('verified') : outOfOrder();
+    case 'sentVerifiedMismatch':
+      return phase === 'verifying' ? to('aborted') : outOfOrder();
+    case 'commit':
+      return phase === 'verified' ? to('committing') : outOfOrder();
+    case 'sentCommitted':
+      return phase === 'committing' ? to('committed') : outOfOrder();
+    default:
+      // A second offer for the same id, session frames (hello, error), and frames only a
+      // destination sends (accept, reject, verified, committed, credit).
+      return outOfOrder();
+  }
+}
