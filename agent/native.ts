@@ -35,8 +35,9 @@ export interface NativeAddon {
   /**
    * Source side: copies pages listed in `runs` (pairs [firstPage, pageCount]) into a
    * batch. Starts at `cursor` ([runIndex, pagesDoneInRun], updated in place) and stops
-   * when every run is consumed, `payload` has no room for one more page, or `entries` has
-   * no room for one more entry. Zero pages are not copied: they become ENTRY_ZERO
+   * when every run is consumed, `payload` has no room for one more data page, or `entries`
+   * has no room for one more entry (zero pages need no payload room). Runs are checked as
+   * they are reached; a bad one throws leaving `cursor` and `out` unchanged. Zero pages are not copied: they become ENTRY_ZERO
    * entries. Writes entries as triples [kind, firstPage, pageCount] (adjacent pages of
    * the same kind coalesce), data pages packed in entry order into `payload`.
    * `out` receives [entryCount, payloadBytes]. Returns true when all runs are consumed.
@@ -60,9 +61,10 @@ export interface NativeAddon {
   regionScatter(region: RegionHandle, entries: Uint32Array, entryCount: number, payload: Uint8Array): void;
   /**
    * 128-bit region digest: XXH3-128 over the concatenated XXH3-128 fingerprints of every
-   * page, in page order (16 bytes each, little-endian canonical form). 'full' reads the
-   * memory now; 'tracked' uses the fingerprints kept by a trackHashes region. Runs on
-   * the libuv thread pool.
+   * page, in page order (16 bytes each, XXH128's big-endian canonical form). 'full' reads
+   * the memory now; 'tracked' uses the fingerprints kept by a trackHashes region. Runs on
+   * the libuv thread pool; bad arguments reject. A scatter into the region while a digest
+   * runs is memory-safe but makes that digest's value meaningless.
    */
   regionDigest(region: RegionHandle, mode: 'full' | 'tracked'): Promise<Buffer>;
   /** XXH3-128 of `data` in canonical (big-endian) form, 16 bytes. */

@@ -1,1 +1,1081 @@
-/* placeholder */
+/*
+ * gangway.node: the N-API addon of the gangway data plane.
+ *
+ * Implements the NativeAddon interface of agent/native.ts (that file is the contract):
+ *   regionMap / regionClose          MAP_SHARED regions of a file, optional per-page
+ *                                    XXH3-128 fingerprints
+ *   regionGather / regionScatter     page batches (ENTRY_ZERO / ENTRY_DATA entries)
+ *   regionDigest                     128-bit region digest on the libuv thread pool
+ *   hash128                          XXH3-128 of a byte array
+ *   pagemapScan                      PAGEMAP_SCAN (userfaultfd WP_ASYNC dirty tracking)
+ *   tmpfileCreate / tmpfileLink      O_TMPFILE files, named once complete
+ *
+ * Every argument is validated here: the agent passes data derived from untrusted peer
+ * frames (regionScatter), so bad input must raise a TypeError/RangeError naming the
+ * argument, never touch memory outside the region.
+ *
+ * Threading: everything runs on the JS thread except the body of regionDigest, which
+ * only reads the mapping (and the fingerprint array). A region keeps a count of digests
+ * in flight; regionClose during a digest marks the handle closed at once but defers the
+ * munmap until the last digest completes.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#define NAPI_VERSION 8
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <node_api.h>
+
+#include "uapi-compat.h"
+
+#define XXH_INLINE_ALL
+#include "xxhash.h"
+
+/* Must match ENTRY_ZERO / ENTRY_DATA in agent/native.ts. */
+#define ENTRY_ZERO 1u
+#define ENTRY_DATA 2u
+
+#define PAGE_SIZE_MIN 512u
+#define PAGE_SIZE_MAX (1u << 20)
+#define MAX_SAFE_INTEGER 9007199254740991.0 /* 2^53 - 1 */
+#define SCAN_VEC_LEN 1024
+
+/* ------------------------------------------------------------------------------------ */
+/* Errors                                                                               */
+/* ------------------------------------------------------------------------------------ */
+
+typedef enum { ERR_ERROR, ERR_TYPE, ERR_RANGE } err_kind;
+
+static void throw_fmt(napi_env env, err_kind kind, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void throw_fmt(napi_env env, err_kind kind, const char *code, const char *fmt, ...) {
+  bool pending = false;
+  if (napi_is_exception_pending(env, &pending) == napi_ok && pending) return;
+  char msg[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  switch (kind) {
+    case ERR_TYPE: napi_throw_type_error(env, code, msg); break;
+    case ERR_RANGE: napi_throw_range_error(env, code, msg); break;
+    default: napi_throw_error(env, code, msg); break;
+  }
+}
+
+/* "EPERM" (glibc >= 2.32), or the number when unknown. */
+static const char *errno_name(int err, char *buf, size_t len) {
+  const char *name = strerrorname_np(err);
+  if (name) return name;
+  snprintf(buf, len, "errno %d", err);
+  return buf;
+}
+
+/* Throws Error(`${prefix}: ${ENAME} (${text})`) with err.code = ENAME. */
+static void throw_errno(napi_env env, int err, const char *prefix, const char *text) {
+  char nb[32];
+  const char *name = errno_name(err, nb, sizeof nb);
+  throw_fmt(env, ERR_ERROR, strerrorname_np(err), "%s: %s (%s)", prefix, name,
+            text ? text : strerror(err));
+}
+
+/* A failed napi_* call: throw a generic error unless one is already pending. */
+static void throw_napi(napi_env env, const char *what) {
+  const napi_extended_error_info *info = NULL;
+  napi_get_last_error_info(env, &info);
+  throw_fmt(env, ERR_ERROR, NULL, "gangway: %s failed: %s", what,
+            info && info->error_message ? info->error_message : "unknown N-API error");
+}
+
+#define NAPI_TRY(env, call)       \
+  do {                            \
+    if ((call) != napi_ok) {      \
+      throw_napi((env), #call);   \
+      return NULL;                \
+    }                             \
+  } while (0)
+
+/* ------------------------------------------------------------------------------------ */
+/* Argument validation helpers: each returns false with a pending exception.            */
+/* ------------------------------------------------------------------------------------ */
+
+static bool get_args(napi_env env, napi_callback_info info, size_t n, napi_value *argv) {
+  size_t argc = n;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) {
+    throw_napi(env, "napi_get_cb_info");
+    return false;
+  }
+  /* Missing arguments are `undefined` and fail their own validation, by name. */
+  return true;
+}
+
+/* A JS number that is an integer in [min, max]. */
+static bool arg_integer(napi_env env, napi_value v, const char *fn, const char *name, double min,
+                        double max, uint64_t *out) {
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_number) {
+    throw_fmt(env, ERR_TYPE, NULL, "%s: %s must be a number", fn, name);
+    return false;
+  }
+  double d;
+  if (napi_get_value_double(env, v, &d) != napi_ok) {
+    throw_napi(env, "napi_get_value_double");
+    return false;
+  }
+  if (!(d >= min && d <= max) || d != (double)(uint64_t)d) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: %s must be an integer between %.0f and %.0f (got %g)", fn,
+              name, min, max, d);
+    return false;
+  }
+  *out = (uint64_t)d;
+  return true;
+}
+
+static bool arg_fd(napi_env env, napi_value v, const char *fn, const char *name, int *out) {
+  uint64_t u;
+  if (!arg_integer(env, v, fn, name, 0, (double)INT_MAX, &u)) return false;
+  *out = (int)u;
+  return true;
+}
+
+static bool arg_bool(napi_env env, napi_value v, const char *fn, const char *name, bool *out) {
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_boolean) {
+    throw_fmt(env, ERR_TYPE, NULL, "%s: %s must be a boolean", fn, name);
+    return false;
+  }
+  if (napi_get_value_bool(env, v, out) != napi_ok) {
+    throw_napi(env, "napi_get_value_bool");
+    return false;
+  }
+  return true;
+}
+
+static bool arg_page_size(napi_env env, napi_value v, const char *fn, const char *name,
+                          uint32_t *out) {
+  uint64_t u;
+  if (!arg_integer(env, v, fn, name, 0, MAX_SAFE_INTEGER, &u)) return false;
+  if (u < PAGE_SIZE_MIN || u > PAGE_SIZE_MAX || (u & (u - 1)) != 0) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: %s must be a power of two between %u and %u (got %llu)",
+              fn, name, PAGE_SIZE_MIN, PAGE_SIZE_MAX, (unsigned long long)u);
+    return false;
+  }
+  *out = (uint32_t)u;
+  return true;
+}
+
+/* A positive length, a multiple of page_size, at most 2^32-1 pages. */
+static bool arg_page_length(napi_env env, napi_value v, const char *fn, const char *name,
+                            uint32_t page_size, uint64_t *out) {
+  uint64_t u;
+  if (!arg_integer(env, v, fn, name, 1, MAX_SAFE_INTEGER, &u)) return false;
+  if (u % page_size != 0) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: %s (%llu) must be a multiple of the page size (%u)", fn,
+              name, (unsigned long long)u, page_size);
+    return false;
+  }
+  if (u / page_size > UINT32_MAX) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: %s (%llu) is more than 2^32-1 pages of %u bytes", fn,
+              name, (unsigned long long)u, page_size);
+    return false;
+  }
+  *out = u;
+  return true;
+}
+
+static const char *typedarray_name(napi_typedarray_type t) {
+  switch (t) {
+    case napi_uint8_array: return "a Uint8Array";
+    case napi_uint32_array: return "a Uint32Array";
+    default: return "a typed array";
+  }
+}
+
+/* A typed array of exactly type `want`; data may be NULL when len == 0. */
+static bool arg_typed(napi_env env, napi_value v, const char *fn, const char *name,
+                      napi_typedarray_type want, void **data, size_t *len) {
+  bool is = false;
+  napi_typedarray_type type;
+  if (napi_is_typedarray(env, v, &is) != napi_ok || !is ||
+      napi_get_typedarray_info(env, v, &type, len, data, NULL, NULL) != napi_ok || type != want) {
+    throw_fmt(env, ERR_TYPE, NULL, "%s: %s must be %s", fn, name, typedarray_name(want));
+    return false;
+  }
+  if (*len == 0) *data = NULL;
+  return true;
+}
+
+/* A path string without NUL characters, malloc'd into *out. */
+static bool arg_path(napi_env env, napi_value v, const char *fn, const char *name, char **out) {
+  napi_valuetype t;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_string) {
+    throw_fmt(env, ERR_TYPE, NULL, "%s: %s must be a string", fn, name);
+    return false;
+  }
+  size_t len = 0;
+  if (napi_get_value_string_utf8(env, v, NULL, 0, &len) != napi_ok) {
+    throw_napi(env, "napi_get_value_string_utf8");
+    return false;
+  }
+  if (len == 0 || len >= PATH_MAX) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: %s must be a non-empty path shorter than %d bytes", fn,
+              name, PATH_MAX);
+    return false;
+  }
+  char *s = malloc(len + 1);
+  if (!s) {
+    throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
+    return false;
+  }
+  size_t got = 0;
+  if (napi_get_value_string_utf8(env, v, s, len + 1, &got) != napi_ok) {
+    free(s);
+    throw_napi(env, "napi_get_value_string_utf8");
+    return false;
+  }
+  if (strlen(s) != got) {
+    free(s);
+    throw_fmt(env, ERR_TYPE, NULL, "%s: %s must not contain NUL characters", fn, name);
+    return false;
+  }
+  *out = s;
+  return true;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Regions                                                                              */
+/* ------------------------------------------------------------------------------------ */
+
+typedef struct region {
+  uint8_t *addr;
+  size_t length;
+  size_t page_size;
+  uint32_t page_count;
+  bool writable;
+  bool track;
+  bool closed;    /* regionClose was called: every later call throws */
+  bool unmapped;  /* munmap done, hashes freed */
+  bool finalized; /* the JS handle was garbage-collected */
+  uint32_t busy;  /* digests in flight on the thread pool (touched on the JS thread only) */
+  XXH128_canonical_t *hashes; /* page_count fingerprints, with track */
+  XXH128_canonical_t zero_hash; /* XXH3-128 of page_size zero bytes */
+} region_t;
+
+static const napi_type_tag REGION_TAG = {0x67616e6777617952ULL, 0x6567696f6e48616eULL};
+
+static const uint8_t ZERO_CHUNK[4096];
+
+static XXH128_canonical_t zero_page_hash(size_t page_size) {
+  XXH3_state_t st;
+  XXH3_128bits_reset(&st);
+  for (size_t done = 0; done < page_size; done += sizeof ZERO_CHUNK) {
+    size_t n = page_size - done < sizeof ZERO_CHUNK ? page_size - done : sizeof ZERO_CHUNK;
+    XXH3_128bits_update(&st, ZERO_CHUNK, n);
+  }
+  XXH128_canonical_t c;
+  XXH128_canonicalFromHash(&c, XXH3_128bits_digest(&st));
+  return c;
+}
+
+static inline void page_hash(XXH128_canonical_t *dst, const uint8_t *page, size_t page_size) {
+  XXH128_canonicalFromHash(dst, XXH3_128bits(page, page_size));
+}
+
+/* Unmaps and frees the fingerprints; only when no digest is in flight. */
+static void region_release(region_t *r) {
+  if (r->unmapped) return;
+  munmap(r->addr, r->length);
+  free(r->hashes);
+  r->hashes = NULL;
+  r->addr = NULL;
+  r->unmapped = true;
+}
+
+static void region_finalize(napi_env env, void *data, void *hint) {
+  region_t *r = data;
+  r->finalized = true;
+  r->closed = true;
+  if (r->busy == 0) {
+    region_release(r);
+    free(r);
+  }
+  /* else: the pending digest's completion releases and frees it. */
+}
+
+/*
+ * The region behind a handle. Throws TypeError for anything but a regionMap handle, and
+ * Error('region is closed') for a closed one unless allow_closed.
+ */
+static bool arg_region(napi_env env, napi_value v, const char *fn, bool allow_closed,
+                       region_t **out) {
+  napi_valuetype t;
+  bool tagged = false;
+  void *data = NULL;
+  if (napi_typeof(env, v, &t) != napi_ok || t != napi_external ||
+      napi_check_object_type_tag(env, v, &REGION_TAG, &tagged) != napi_ok || !tagged ||
+      napi_get_value_external(env, v, &data) != napi_ok || data == NULL) {
+    throw_fmt(env, ERR_TYPE, NULL, "%s: region must be a RegionHandle returned by regionMap", fn);
+    return false;
+  }
+  region_t *r = data;
+  if (r->closed && !allow_closed) {
+    throw_fmt(env, ERR_ERROR, "ERR_REGION_CLOSED", "region is closed");
+    return false;
+  }
+  *out = r;
+  return true;
+}
+
+/* regionMap(fd, lengthBytes, pageSizeBytes, { writable, trackHashes, initiallyZero }) */
+static napi_value RegionMap(napi_env env, napi_callback_info info) {
+  static const char fn[] = "regionMap";
+  napi_value argv[4];
+  if (!get_args(env, info, 4, argv)) return NULL;
+  int fd;
+  uint32_t page_size;
+  uint64_t length;
+  bool writable, track, initially_zero;
+  if (!arg_fd(env, argv[0], fn, "fd", &fd)) return NULL;
+  if (!arg_page_size(env, argv[2], fn, "pageSizeBytes", &page_size)) return NULL;
+  if (!arg_page_length(env, argv[1], fn, "lengthBytes", page_size, &length)) return NULL;
+  napi_valuetype t;
+  if (napi_typeof(env, argv[3], &t) != napi_ok || t != napi_object) {
+    throw_fmt(env, ERR_TYPE, NULL,
+              "%s: options must be an object { writable, trackHashes, initiallyZero }", fn);
+    return NULL;
+  }
+  {
+    static const char *const keys[3] = {"writable", "trackHashes", "initiallyZero"};
+    bool *const dst[3] = {&writable, &track, &initially_zero};
+    for (int i = 0; i < 3; i++) {
+      napi_value pv;
+      char name[40];
+      snprintf(name, sizeof name, "options.%s", keys[i]);
+      NAPI_TRY(env, napi_get_named_property(env, argv[3], keys[i], &pv));
+      if (!arg_bool(env, pv, fn, name, dst[i])) return NULL;
+    }
+  }
+
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    char prefix[96];
+    snprintf(prefix, sizeof prefix, "%s: fstat of fd %d failed", fn, fd);
+    throw_errno(env, errno, prefix, NULL);
+    return NULL;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    throw_fmt(env, ERR_TYPE, NULL, "%s: fd %d is not a regular file", fn, fd);
+    return NULL;
+  }
+  if ((uint64_t)st.st_size < length) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: the file behind fd %d is %lld bytes, shorter than lengthBytes (%llu)", fn, fd,
+              (long long)st.st_size, (unsigned long long)length);
+    return NULL;
+  }
+
+  region_t *r = calloc(1, sizeof *r);
+  if (!r) {
+    throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
+    return NULL;
+  }
+  r->length = (size_t)length;
+  r->page_size = page_size;
+  r->page_count = (uint32_t)(length / page_size);
+  r->writable = writable;
+  r->track = track;
+  r->zero_hash = zero_page_hash(page_size);
+  if (track) {
+    r->hashes = malloc((size_t)r->page_count * sizeof(XXH128_canonical_t));
+    if (!r->hashes) {
+      throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory for %u page fingerprints", fn,
+                r->page_count);
+      free(r);
+      return NULL;
+    }
+  }
+  /* A writable region is the destination's: it writes every page, so populating the page
+   * tables at once beats a minor fault per page. A read-only one is not populated: on tmpfs
+   * that would allocate memory for the file's holes. */
+  void *addr = mmap(NULL, r->length, PROT_READ | (writable ? PROT_WRITE : 0),
+                    MAP_SHARED | (writable ? MAP_POPULATE : 0), fd, 0);
+  if (addr == MAP_FAILED) {
+    int err = errno;
+    free(r->hashes);
+    free(r);
+    char prefix[160];
+    snprintf(prefix, sizeof prefix, "%s: mmap of %llu bytes of fd %d (%s) failed", fn,
+             (unsigned long long)length, fd, writable ? "read-write" : "read-only");
+    throw_errno(env, err, prefix, NULL);
+    return NULL;
+  }
+  r->addr = addr;
+  if (track) {
+    if (initially_zero) {
+      for (uint32_t p = 0; p < r->page_count; p++) r->hashes[p] = r->zero_hash;
+    } else {
+      for (uint32_t p = 0; p < r->page_count; p++)
+        page_hash(&r->hashes[p], r->addr + (size_t)p * page_size, page_size);
+    }
+  }
+
+  napi_value handle;
+  if (napi_create_external(env, r, region_finalize, NULL, &handle) != napi_ok) {
+    region_release(r);
+    free(r);
+    throw_napi(env, "napi_create_external");
+    return NULL;
+  }
+  /* From here the finalizer owns r. */
+  NAPI_TRY(env, napi_type_tag_object(env, handle, &REGION_TAG));
+  return handle;
+}
+
+/* regionClose(region): idempotent. */
+static napi_value RegionClose(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  region_t *r;
+  if (!get_args(env, info, 1, argv)) return NULL;
+  if (!arg_region(env, argv[0], "regionClose", true, &r)) return NULL;
+  r->closed = true;
+  if (r->busy == 0) region_release(r);
+  /* else: the last pending digest releases the mapping when it completes. */
+  return NULL;
+}
+
+/* True when the page (page_size >= 512, 8-byte aligned) is all zero bytes. */
+static inline bool page_is_zero(const uint8_t *page, size_t page_size) {
+  const uint64_t *w = (const uint64_t *)(const void *)page;
+  const size_t words = page_size / sizeof(uint64_t);
+  for (size_t i = 0; i < words; i += 32) { /* 256-byte blocks; page_size is a multiple */
+    uint64_t acc = 0;
+    for (size_t j = 0; j < 32; j++) acc |= w[i + j];
+    if (acc) return false;
+  }
+  return true;
+}
+
+/* regionGather(region, runs, cursor, payload, entries, out) -> done */
+static napi_value RegionGather(napi_env env, napi_callback_info info) {
+  static const char fn[] = "regionGather";
+  napi_value argv[6];
+  region_t *r;
+  uint32_t *runs, *cursor, *entries, *out;
+  uint8_t *payload;
+  size_t runs_len, cursor_len, payload_len, entries_len, out_len;
+  if (!get_args(env, info, 6, argv)) return NULL;
+  if (!arg_region(env, argv[0], fn, false, &r)) return NULL;
+  if (!arg_typed(env, argv[1], fn, "runs", napi_uint32_array, (void **)&runs, &runs_len) ||
+      !arg_typed(env, argv[2], fn, "cursor", napi_uint32_array, (void **)&cursor, &cursor_len) ||
+      !arg_typed(env, argv[3], fn, "payload", napi_uint8_array, (void **)&payload,
+                 &payload_len) ||
+      !arg_typed(env, argv[4], fn, "entries", napi_uint32_array, (void **)&entries,
+                 &entries_len) ||
+      !arg_typed(env, argv[5], fn, "out", napi_uint32_array, (void **)&out, &out_len))
+    return NULL;
+  const size_t ps = r->page_size;
+  if (runs_len % 2 != 0) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: runs must hold [firstPage, pageCount] pairs (its length %zu is odd)", fn,
+              runs_len);
+    return NULL;
+  }
+  if (cursor_len != 2) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: cursor must have length 2 [runIndex, pagesDoneInRun]",
+              fn);
+    return NULL;
+  }
+  if (out_len != 2) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: out must have length 2 [entryCount, payloadBytes]", fn);
+    return NULL;
+  }
+  if (payload_len == 0 || payload_len % ps != 0) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: payload length (%zu) must be a positive multiple of the page size (%zu)", fn,
+              payload_len, ps);
+    return NULL;
+  }
+  if (entries_len < 3 || entries_len % 3 != 0) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: entries must hold [kind, firstPage, pageCount] triples: its length (%zu) "
+              "must be a positive multiple of 3",
+              fn, entries_len);
+    return NULL;
+  }
+  const size_t run_count = runs_len / 2;
+  size_t ri = cursor[0];
+  uint64_t done_in_run = cursor[1];
+  if (ri > run_count) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: cursor[0] (%zu) is beyond the %zu runs", fn, ri,
+              run_count);
+    return NULL;
+  }
+  if (ri == run_count ? done_in_run != 0 : done_in_run > runs[2 * ri + 1]) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: cursor[1] (%llu) is beyond the length of run %zu", fn,
+              (unsigned long long)done_in_run, ri);
+    return NULL;
+  }
+  /* Byte counts are reported in a Uint32Array: cap the usable payload below 4 GiB. */
+  size_t payload_cap = payload_len;
+  if (payload_cap > UINT32_MAX) payload_cap = (UINT32_MAX / ps) * ps;
+  const size_t entry_cap = entries_len / 3;
+
+  size_t ne = 0, pb = 0;
+  uint32_t last_kind = 0;
+  uint64_t last_end = 0; /* page after the last entry's pages */
+  bool stop = false;
+  while (ri < run_count && !stop) {
+    /* Read each run once into locals: the arrays may alias one another. */
+    const uint64_t first = runs[2 * ri], count = runs[2 * ri + 1];
+    if (first + count > r->page_count) {
+      throw_fmt(env, ERR_RANGE, NULL,
+                "%s: run %zu [%llu, %llu] is outside the region of %u pages", fn, ri,
+                (unsigned long long)first, (unsigned long long)count, r->page_count);
+      return NULL;
+    }
+    while (done_in_run < count) {
+      const uint64_t page = first + done_in_run;
+      const uint8_t *src = r->addr + page * ps;
+      const uint32_t kind = page_is_zero(src, ps) ? ENTRY_ZERO : ENTRY_DATA;
+      if (kind == ENTRY_DATA && pb + ps > payload_cap) {
+        stop = true;
+        break;
+      }
+      if (ne > 0 && last_kind == kind && last_end == page) {
+        entries[3 * (ne - 1) + 2] += 1;
+      } else {
+        if (ne == entry_cap) {
+          stop = true;
+          break;
+        }
+        entries[3 * ne] = kind;
+        entries[3 * ne + 1] = (uint32_t)page;
+        entries[3 * ne + 2] = 1;
+        ne++;
+        last_kind = kind;
+      }
+      last_end = page + 1;
+      if (kind == ENTRY_DATA) {
+        memcpy(payload + pb, src, ps);
+        pb += ps;
+      }
+      done_in_run++;
+    }
+    if (!stop) {
+      ri++;
+      done_in_run = 0;
+    }
+  }
+  cursor[0] = (uint32_t)ri;
+  cursor[1] = (uint32_t)done_in_run;
+  out[0] = (uint32_t)ne;
+  out[1] = (uint32_t)pb;
+  napi_value result;
+  NAPI_TRY(env, napi_get_boolean(env, ri == run_count, &result));
+  return result;
+}
+
+/* regionScatter(region, entries, entryCount, payload) */
+static napi_value RegionScatter(napi_env env, napi_callback_info info) {
+  static const char fn[] = "regionScatter";
+  napi_value argv[4];
+  region_t *r;
+  uint32_t *entries;
+  uint8_t *payload;
+  size_t entries_len, payload_len;
+  uint64_t entry_count;
+  if (!get_args(env, info, 4, argv)) return NULL;
+  if (!arg_region(env, argv[0], fn, false, &r)) return NULL;
+  if (!arg_typed(env, argv[1], fn, "entries", napi_uint32_array, (void **)&entries,
+                 &entries_len))
+    return NULL;
+  if (!arg_integer(env, argv[2], fn, "entryCount", 0, (double)(entries_len / 3), &entry_count))
+    return NULL;
+  if (!arg_typed(env, argv[3], fn, "payload", napi_uint8_array, (void **)&payload, &payload_len))
+    return NULL;
+  if (!r->writable) {
+    throw_fmt(env, ERR_ERROR, NULL, "%s: region is mapped read-only", fn);
+    return NULL;
+  }
+  const size_t ps = r->page_size;
+
+  /* Pass 1: validate everything before writing anything. */
+  uint64_t data_pages = 0;
+  for (size_t i = 0; i < entry_count; i++) {
+    const uint32_t kind = entries[3 * i], first = entries[3 * i + 1], count = entries[3 * i + 2];
+    if (kind != ENTRY_ZERO && kind != ENTRY_DATA) {
+      throw_fmt(env, ERR_RANGE, NULL, "%s: entry %zu has an unknown kind (%u)", fn, i, kind);
+      return NULL;
+    }
+    if (count == 0) {
+      throw_fmt(env, ERR_RANGE, NULL, "%s: entry %zu has a zero page count", fn, i);
+      return NULL;
+    }
+    if ((uint64_t)first + count > r->page_count) {
+      throw_fmt(env, ERR_RANGE, NULL,
+                "%s: entry %zu (pages %u..%llu) is outside the region of %u pages", fn, i, first,
+                (unsigned long long)first + count - 1, r->page_count);
+      return NULL;
+    }
+    if (kind == ENTRY_DATA) data_pages += count;
+  }
+  if (payload_len % ps != 0 || payload_len / ps != data_pages) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: payload is %zu bytes but the entries' %llu data pages need exactly %llu", fn,
+              payload_len, (unsigned long long)data_pages,
+              (unsigned long long)(data_pages * ps));
+    return NULL;
+  }
+
+  /*
+   * Pass 2: apply. Entries are re-read, so bounds are checked again: memory safety must
+   * not depend on the arrays staying unchanged (they could be shared memory).
+   */
+  size_t off = 0;
+  for (size_t i = 0; i < entry_count; i++) {
+    const uint32_t kind = entries[3 * i], first = entries[3 * i + 1], count = entries[3 * i + 2];
+    if ((uint64_t)first + count > r->page_count ||
+        (kind == ENTRY_DATA && (uint64_t)count * ps > payload_len - off)) {
+      throw_fmt(env, ERR_ERROR, NULL, "%s: entries changed while being applied", fn);
+      return NULL;
+    }
+    uint8_t *dst = r->addr + (size_t)first * ps;
+    if (kind == ENTRY_ZERO) {
+      if (!r->track) {
+        memset(dst, 0, (size_t)count * ps);
+        continue;
+      }
+      /* Zero only the pages not known to be zero, a contiguous stretch at a time. */
+      uint32_t p = 0;
+      while (p < count) {
+        while (p < count && memcmp(&r->hashes[first + p], &r->zero_hash, 16) == 0) p++;
+        const uint32_t from = p;
+        while (p < count && memcmp(&r->hashes[first + p], &r->zero_hash, 16) != 0) {
+          r->hashes[first + p] = r->zero_hash;
+          p++;
+        }
+        if (p > from) memset(dst + (size_t)from * ps, 0, (size_t)(p - from) * ps);
+      }
+    } else if (kind == ENTRY_DATA) {
+      const uint8_t *src = payload + off;
+      if (r->track) {
+        for (uint32_t p = 0; p < count; p++) {
+          memcpy(dst + (size_t)p * ps, src + (size_t)p * ps, ps);
+          page_hash(&r->hashes[first + p], src + (size_t)p * ps, ps);
+        }
+      } else {
+        memcpy(dst, src, (size_t)count * ps);
+      }
+      off += (size_t)count * ps;
+    }
+    /* Any other kind can only appear if the array changed under us: ignored. */
+  }
+  return NULL;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* regionDigest: thread-pool work                                                       */
+/* ------------------------------------------------------------------------------------ */
+
+enum { DIGEST_FULL = 1, DIGEST_TRACKED = 2 };
+
+typedef struct {
+  region_t *region;
+  napi_ref handle_ref; /* keeps the handle (and so the region) alive while in flight */
+  napi_deferred deferred;
+  napi_async_work work;
+  int mode;
+  XXH128_canonical_t result;
+} digest_job_t;
+
+static void digest_execute(napi_env env, void *data) {
+  digest_job_t *job = data;
+  const region_t *r = job->region;
+  if (job->mode == DIGEST_TRACKED) {
+    /* One-shot over the fingerprint array equals streaming over each fingerprint. */
+    XXH128_canonicalFromHash(&job->result,
+                             XXH3_128bits(r->hashes, (size_t)r->page_count * 16));
+    return;
+  }
+  XXH3_state_t st;
+  XXH3_128bits_reset(&st);
+  XXH128_canonical_t buf[256];
+  size_t k = 0;
+  for (uint32_t p = 0; p < r->page_count; p++) {
+    page_hash(&buf[k], r->addr + (size_t)p * r->page_size, r->page_size);
+    if (++k == 256) {
+      XXH3_128bits_update(&st, buf, sizeof buf);
+      k = 0;
+    }
+  }
+  if (k) XXH3_128bits_update(&st, buf, k * 16);
+  XXH128_canonicalFromHash(&job->result, XXH3_128bits_digest(&st));
+}
+
+static void digest_complete(napi_env env, napi_status status, void *data) {
+  digest_job_t *job = data;
+  region_t *r = job->region;
+  if (status == napi_ok) {
+    napi_value buf;
+    if (napi_create_buffer_copy(env, 16, &job->result, NULL, &buf) == napi_ok) {
+      napi_resolve_deferred(env, job->deferred, buf);
+    } else {
+      napi_value msg, err;
+      napi_create_string_utf8(env, "regionDigest: cannot allocate the result", NAPI_AUTO_LENGTH,
+                              &msg);
+      napi_create_error(env, NULL, msg, &err);
+      napi_reject_deferred(env, job->deferred, err);
+    }
+  } else {
+    napi_value msg, err;
+    napi_create_string_utf8(env, "regionDigest: cancelled", NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &err);
+    napi_reject_deferred(env, job->deferred, err);
+  }
+  r->busy--;
+  if (r->busy == 0) {
+    if (r->finalized) {
+      region_release(r);
+      free(r);
+    } else if (r->closed) {
+      region_release(r); /* the deferred munmap of a regionClose during the digest */
+    }
+  }
+  napi_delete_reference(env, job->handle_ref);
+  napi_delete_async_work(env, job->work);
+  free(job);
+}
+
+/* Rejects `deferred` with the pending exception (validation errors reject, not throw). */
+static napi_value reject_pending(napi_env env, napi_deferred deferred, napi_value promise) {
+  napi_value err;
+  if (napi_get_and_clear_last_exception(env, &err) != napi_ok) return NULL;
+  napi_reject_deferred(env, deferred, err);
+  return promise;
+}
+
+/* regionDigest(region, mode) -> Promise<Buffer> */
+static napi_value RegionDigest(napi_env env, napi_callback_info info) {
+  static const char fn[] = "regionDigest";
+  napi_value argv[2], promise;
+  napi_deferred deferred;
+  region_t *r;
+  if (!get_args(env, info, 2, argv)) return NULL;
+  NAPI_TRY(env, napi_create_promise(env, &deferred, &promise));
+  if (!arg_region(env, argv[0], fn, false, &r)) return reject_pending(env, deferred, promise);
+  int mode = 0;
+  napi_valuetype t;
+  if (napi_typeof(env, argv[1], &t) == napi_ok && t == napi_string) {
+    char s[16];
+    size_t n = 0;
+    if (napi_get_value_string_utf8(env, argv[1], s, sizeof s, &n) == napi_ok) {
+      if (strcmp(s, "full") == 0) mode = DIGEST_FULL;
+      else if (strcmp(s, "tracked") == 0) mode = DIGEST_TRACKED;
+    }
+  }
+  if (mode == 0) {
+    throw_fmt(env, ERR_TYPE, NULL, "%s: mode must be 'full' or 'tracked'", fn);
+    return reject_pending(env, deferred, promise);
+  }
+  if (mode == DIGEST_TRACKED && !r->track) {
+    throw_fmt(env, ERR_ERROR, NULL,
+              "%s: mode 'tracked' needs a region mapped with trackHashes", fn);
+    return reject_pending(env, deferred, promise);
+  }
+  digest_job_t *job = calloc(1, sizeof *job);
+  if (!job) {
+    throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
+    return reject_pending(env, deferred, promise);
+  }
+  job->region = r;
+  job->deferred = deferred;
+  job->mode = mode;
+  napi_value name;
+  if (napi_create_reference(env, argv[0], 1, &job->handle_ref) != napi_ok) {
+    free(job);
+    throw_napi(env, "napi_create_reference");
+    return reject_pending(env, deferred, promise);
+  }
+  if (napi_create_string_utf8(env, "gangway.regionDigest", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, digest_execute, digest_complete, job, &job->work) !=
+          napi_ok) {
+    napi_delete_reference(env, job->handle_ref);
+    free(job);
+    throw_napi(env, "napi_create_async_work");
+    return reject_pending(env, deferred, promise);
+  }
+  if (napi_queue_async_work(env, job->work) != napi_ok) {
+    napi_delete_async_work(env, job->work);
+    napi_delete_reference(env, job->handle_ref);
+    free(job);
+    throw_napi(env, "napi_queue_async_work");
+    return reject_pending(env, deferred, promise);
+  }
+  r->busy++;
+  return promise;
+}
+
+/* hash128(data) -> Buffer(16) */
+static napi_value Hash128(napi_env env, napi_callback_info info) {
+  napi_value argv[1], result;
+  void *data;
+  size_t len;
+  if (!get_args(env, info, 1, argv)) return NULL;
+  if (!arg_typed(env, argv[0], "hash128", "data", napi_uint8_array, &data, &len)) return NULL;
+  XXH128_canonical_t c;
+  XXH128_canonicalFromHash(&c, XXH3_128bits(data, len));
+  NAPI_TRY(env, napi_create_buffer_copy(env, 16, &c, NULL, &result));
+  return result;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* pagemapScan                                                                          */
+/* ------------------------------------------------------------------------------------ */
+
+typedef struct {
+  uint32_t *pairs;
+  size_t n, cap; /* in pairs */
+  uint64_t last_end; /* page index after the last pair */
+} pair_list_t;
+
+static bool pairs_add(pair_list_t *l, uint64_t first, uint64_t end) {
+  if (l->n > 0 && first <= l->last_end) { /* adjacent or overlapping (page > 4 KiB) */
+    if (end > l->last_end) {
+      l->pairs[2 * l->n - 1] += (uint32_t)(end - l->last_end);
+      l->last_end = end;
+    }
+    return true;
+  }
+  if (l->n == l->cap) {
+    size_t cap = l->cap ? l->cap * 2 : 64;
+    uint32_t *p = realloc(l->pairs, cap * 2 * sizeof(uint32_t));
+    if (!p) return false;
+    l->pairs = p;
+    l->cap = cap;
+  }
+  l->pairs[2 * l->n] = (uint32_t)first;
+  l->pairs[2 * l->n + 1] = (uint32_t)(end - first);
+  l->n++;
+  l->last_end = end;
+  return true;
+}
+
+static const char *scan_errno_text(int err) {
+  switch (err) {
+    case EPERM: return "range not registered for userfaultfd async write-protect";
+    case ENOTTY: return "this kernel has no PAGEMAP_SCAN (needs Linux 6.7+)";
+    case EBADF: return "pagemapFd is not an open /proc/PID/pagemap";
+    case EINVAL: return "invalid range or flags (start must be page-aligned)";
+    default: return strerror(err);
+  }
+}
+
+/* pagemapScan(pagemapFd, startAddress, lengthBytes, pageSizeBytes, reprotect) -> Uint32Array */
+static napi_value PagemapScan(napi_env env, napi_callback_info info) {
+  static const char fn[] = "pagemapScan";
+  napi_value argv[5];
+  int fd;
+  uint64_t start, length;
+  uint32_t page_size;
+  bool reprotect, lossless = false;
+  if (!get_args(env, info, 5, argv)) return NULL;
+  if (!arg_fd(env, argv[0], fn, "pagemapFd", &fd)) return NULL;
+  napi_valuetype t;
+  if (napi_typeof(env, argv[1], &t) != napi_ok || t != napi_bigint) {
+    throw_fmt(env, ERR_TYPE, NULL, "%s: startAddress must be a bigint", fn);
+    return NULL;
+  }
+  NAPI_TRY(env, napi_get_value_bigint_uint64(env, argv[1], &start, &lossless));
+  if (!lossless) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: startAddress must be between 0 and 2^64-1", fn);
+    return NULL;
+  }
+  if (!arg_page_size(env, argv[3], fn, "pageSizeBytes", &page_size)) return NULL;
+  if (!arg_page_length(env, argv[2], fn, "lengthBytes", page_size, &length)) return NULL;
+  if (!arg_bool(env, argv[4], fn, "reprotect", &reprotect)) return NULL;
+  const uint64_t sys_page = (uint64_t)sysconf(_SC_PAGESIZE);
+  if (start % sys_page != 0) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: startAddress 0x%llx is not aligned to the %llu-byte page",
+              fn, (unsigned long long)start, (unsigned long long)sys_page);
+    return NULL;
+  }
+  if (start + length < start) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: startAddress + lengthBytes overflows", fn);
+    return NULL;
+  }
+  const uint64_t end = start + length;
+
+  struct page_region vec[SCAN_VEC_LEN];
+  pair_list_t list = {0};
+  uint64_t cur = start;
+  while (cur < end) {
+    struct pm_scan_arg arg;
+    memset(&arg, 0, sizeof arg);
+    arg.size = sizeof arg;
+    arg.flags = reprotect ? (PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC) : PM_SCAN_CHECK_WPASYNC;
+    arg.start = cur;
+    arg.end = end;
+    arg.vec = (uint64_t)(uintptr_t)vec;
+    arg.vec_len = SCAN_VEC_LEN;
+    arg.category_mask = PAGE_IS_WRITTEN;
+    arg.return_mask = PAGE_IS_WRITTEN;
+    long n = ioctl(fd, PAGEMAP_SCAN, &arg);
+    if (n < 0) {
+      int err = errno;
+      if (err == EINTR) continue;
+      free(list.pairs);
+      throw_errno(env, err, "PAGEMAP_SCAN failed", scan_errno_text(err));
+      return NULL;
+    }
+    for (long i = 0; i < n && i < SCAN_VEC_LEN; i++) {
+      uint64_t rs = vec[i].start, re = vec[i].end;
+      if (rs < start) rs = start;
+      if (re > end) re = end;
+      if (re <= rs) continue;
+      const uint64_t first = (rs - start) / page_size;
+      const uint64_t last_end = (re - start + page_size - 1) / page_size;
+      if (!pairs_add(&list, first, last_end)) {
+        free(list.pairs);
+        throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
+        return NULL;
+      }
+    }
+    if (arg.walk_end >= end) break;
+    if (arg.walk_end <= cur) {
+      free(list.pairs);
+      throw_fmt(env, ERR_ERROR, NULL, "%s: PAGEMAP_SCAN made no progress at 0x%llx", fn,
+                (unsigned long long)cur);
+      return NULL;
+    }
+    cur = arg.walk_end;
+  }
+
+  napi_value ab, result;
+  void *dst = NULL;
+  if (napi_create_arraybuffer(env, list.n * 2 * sizeof(uint32_t), &dst, &ab) != napi_ok) {
+    free(list.pairs);
+    throw_napi(env, "napi_create_arraybuffer");
+    return NULL;
+  }
+  if (list.n) memcpy(dst, list.pairs, list.n * 2 * sizeof(uint32_t));
+  free(list.pairs);
+  NAPI_TRY(env, napi_create_typedarray(env, napi_uint32_array, list.n * 2, ab, 0, &result));
+  return result;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Temporary files                                                                      */
+/* ------------------------------------------------------------------------------------ */
+
+/* tmpfileCreate(dir, lengthBytes) -> fd */
+static napi_value TmpfileCreate(napi_env env, napi_callback_info info) {
+  static const char fn[] = "tmpfileCreate";
+  napi_value argv[2], result;
+  char *dir = NULL;
+  uint64_t length;
+  if (!get_args(env, info, 2, argv)) return NULL;
+  if (!arg_path(env, argv[0], fn, "dir", &dir)) return NULL;
+  if (!arg_integer(env, argv[1], fn, "lengthBytes", 0, MAX_SAFE_INTEGER, &length)) {
+    free(dir);
+    return NULL;
+  }
+  int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    int err = errno;
+    char prefix[PATH_MAX + 96];
+    snprintf(prefix, sizeof prefix, "%s: cannot create an unnamed file in '%s'", fn, dir);
+    free(dir);
+    throw_errno(env, err,
+                prefix, err == EOPNOTSUPP || err == EISDIR
+                            ? "the file system does not support O_TMPFILE"
+                            : NULL);
+    return NULL;
+  }
+  /* Reserve the memory now: on a full tmpfs this fails here with ENOSPC, where a sparse
+   * file would fail later with SIGBUS on a write through the mapping, killing the agent.
+   * Allocating up front also keeps page allocation out of the page stream. */
+  int sized = length == 0 ? ftruncate(fd, 0) : fallocate(fd, 0, 0, (off_t)length);
+  if (sized != 0 && errno == EOPNOTSUPP) sized = ftruncate(fd, (off_t)length);
+  if (sized != 0) {
+    int err = errno;
+    close(fd);
+    char prefix[PATH_MAX + 128];
+    snprintf(prefix, sizeof prefix, "%s: cannot reserve %llu bytes for an unnamed file in '%s'", fn,
+             (unsigned long long)length, dir);
+    free(dir);
+    throw_errno(env, err, prefix, NULL);
+    return NULL;
+  }
+  free(dir);
+  if (napi_create_int32(env, fd, &result) != napi_ok) {
+    close(fd);
+    throw_napi(env, "napi_create_int32");
+    return NULL;
+  }
+  return result;
+}
+
+/* tmpfileLink(fd, path) */
+static napi_value TmpfileLink(napi_env env, napi_callback_info info) {
+  static const char fn[] = "tmpfileLink";
+  napi_value argv[2];
+  int fd;
+  char *path = NULL;
+  if (!get_args(env, info, 2, argv)) return NULL;
+  if (!arg_fd(env, argv[0], fn, "fd", &fd)) return NULL;
+  if (!arg_path(env, argv[1], fn, "path", &path)) return NULL;
+  char proc[64];
+  snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+  if (linkat(AT_FDCWD, proc, AT_FDCWD, path, AT_SYMLINK_FOLLOW) != 0) {
+    int err = errno;
+    char prefix[PATH_MAX + 96];
+    if (err == EEXIST) {
+      throw_fmt(env, ERR_ERROR, "EEXIST", "%s: cannot link fd %d to '%s': EEXIST (the path already exists)", fn, fd, path);
+    } else {
+      snprintf(prefix, sizeof prefix, "%s: cannot link fd %d to '%s'", fn, fd, path);
+      throw_errno(env, err, prefix, err == ENOENT && access(proc, F_OK) != 0
+                                        ? "fd is not an open file"
+                                        : NULL);
+    }
+    free(path);
+    return NULL;
+  }
+  free(path);
+  return NULL;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Module                                                                               */
+/* ------------------------------------------------------------------------------------ */
+
+NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
+  const napi_property_descriptor props[] = {
+      {"regionMap", NULL, RegionMap, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionClose", NULL, RegionClose, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionGather", NULL, RegionGather, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionScatter", NULL, RegionScatter, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionDigest", NULL, RegionDigest, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"hash128", NULL, Hash128, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pagemapScan", NULL, PagemapScan, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"tmpfileCreate", NULL, TmpfileCreate, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"tmpfileLink", NULL, TmpfileLink, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok)
+    return NULL;
+  return exports;
+}
