@@ -1,1 +1,849 @@
-int main(void){return 0;}
+/*
+ * gangway-guest: a process that stands in for a VM.
+ *
+ * Its whole state lives in its memory file (mapped MAP_SHARED; layout in guest-layout.h),
+ * so a copy of the file taken while the process is stopped is a copy of the guest: a new
+ * gangway-guest started on the copy continues where the old one stopped and checks that
+ * every page holds what its version says (content in guest-content.h).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <math.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "guest-content.h"
+#include "guest-layout.h"
+
+/* The agent reads these offsets from the file; they must never move. */
+_Static_assert(offsetof(struct guest_header, magic) == 0, "magic");
+_Static_assert(offsetof(struct guest_header, layout_version) == 8, "layout_version");
+_Static_assert(offsetof(struct guest_header, page_size) == 12, "page_size");
+_Static_assert(offsetof(struct guest_header, memory_bytes) == 16, "memory_bytes");
+_Static_assert(offsetof(struct guest_header, page_count) == 24, "page_count");
+_Static_assert(offsetof(struct guest_header, seed) == 32, "seed");
+_Static_assert(offsetof(struct guest_header, image_seed) == 40, "image_seed");
+_Static_assert(offsetof(struct guest_header, shared_permille) == 48, "shared_permille");
+_Static_assert(offsetof(struct guest_header, hot_permille) == 52, "hot_permille");
+_Static_assert(offsetof(struct guest_header, profile) == 56, "profile");
+_Static_assert(offsetof(struct guest_header, first_data_page) == 60, "first_data_page");
+_Static_assert(offsetof(struct guest_header, dirty_rate_bytes_per_sec) == 64, "dirty_rate_bytes_per_sec");
+_Static_assert(offsetof(struct guest_header, total_writes) == 72, "total_writes");
+_Static_assert(offsetof(struct guest_header, passes) == 80, "passes");
+_Static_assert(offsetof(struct guest_header, pass_cursor) == 88, "pass_cursor");
+_Static_assert(offsetof(struct guest_header, stale_pages) == 96, "stale_pages");
+_Static_assert(offsetof(struct guest_header, checked_pages) == 104, "checked_pages");
+_Static_assert(offsetof(struct guest_header, inflight_page) == 112, "inflight_page");
+_Static_assert(offsetof(struct guest_header, inflight_version) == 120, "inflight_version");
+_Static_assert(offsetof(struct guest_header, resumes) == 124, "resumes");
+_Static_assert(offsetof(struct guest_header, resume_stale_pages) == 128, "resume_stale_pages");
+_Static_assert(offsetof(struct guest_header, resume_checked_pages) == 136, "resume_checked_pages");
+_Static_assert(offsetof(struct guest_header, resume_check_done) == 144, "resume_check_done");
+_Static_assert(offsetof(struct guest_header, meta_errors) == 148, "meta_errors");
+_Static_assert(offsetof(struct guest_header, hot_page_count) == 152, "hot_page_count");
+_Static_assert(offsetof(struct guest_header, passes_at_resume) == 160, "passes_at_resume");
+_Static_assert(sizeof(struct guest_header) == 168, "guest_header size");
+_Static_assert(sizeof(gw_token_seed) / sizeof(gw_token_seed[0]) <= 256, "token table overflow");
+
+#define EXIT_USAGE 2
+#define EXIT_SYSTEM 3
+#define MIN_MEMORY_BYTES (64ull << 10)
+#define MAX_MEMORY_BYTES (1ull << 40)
+#define IDLE_SLEEP_NS 50000000L
+
+/* Keeps the compiler from moving memory accesses across it; the hardware needs nothing
+ * more, because whoever copies the file does so while this process is stopped. */
+#define BARRIER() __atomic_signal_fence(__ATOMIC_SEQ_CST)
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_stop_signal(int sig)
+{
+	(void)sig;
+	stop_requested = 1;
+}
+
+static void usage(FILE *out)
+{
+	fprintf(out,
+		"usage:\n"
+		"  gangway-guest run --memory-file PATH [--create --memory-bytes N\n"
+		"                    [--profile zero|os-image|random] [--seed N]\n"
+		"                    [--image-seed N --shared FRACTION] [--hot FRACTION]]\n"
+		"                    [--dirty-rate BYTES_PER_SEC] [--standby-fd FD]\n"
+		"  gangway-guest poke --memory-file PATH --memory-bytes N\n"
+		"  gangway-guest --help\n"
+		"\n"
+		"run: a synthetic guest whose whole state is its memory file (mapped MAP_SHARED).\n"
+		"  --create           create (or truncate) the file and write a fresh guest; without it,\n"
+		"                     resume the guest in an existing file and verify every page\n"
+		"  --memory-bytes N   file size in bytes: a multiple of 4096, 65536 .. 2^40 (--create only)\n"
+		"  --profile P        initial content: zero, os-image (default) or random (--create only)\n"
+		"  --seed N           content seed (default 1; --create only)\n"
+		"  --image-seed N     seed of the shared image (default 0; --create only)\n"
+		"  --shared FRACTION  fraction in [0,1] of pages holding shared-image blocks (default 0)\n"
+		"  --hot FRACTION     fraction in [0,1] of data pages the guest rewrites (default 0.25)\n"
+		"  --dirty-rate N     bytes written per second (default 0, or the file's rate on resume)\n"
+		"  --standby-fd FD    first block reading FD: EOF exits 0 untouched, one byte starts\n"
+		"  Prints `running pid=PID` once the file is mapped; SIGTERM/SIGINT exit 0.\n"
+		"poke: map the file (created or grown to N bytes) and obey stdin lines\n"
+		"  `fill PAGE BYTE`, `touch PAGE`, `read PAGE`, answering `ok` to each.\n"
+		"exit status: 0 ok, 2 bad usage, 3 file, layout or system error\n");
+}
+
+static _Noreturn void die(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static _Noreturn void die(int status, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	fputs("gangway-guest: ", stderr);
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	va_end(ap);
+	if (status == EXIT_USAGE)
+		fputs("gangway-guest: try `gangway-guest --help`\n", stderr);
+	exit(status);
+}
+
+/* ---- argument parsing ---- */
+
+struct options {
+	const char *memory_file;
+	bool create;
+	bool have_memory_bytes, have_profile, have_seed, have_image_seed, have_shared, have_hot;
+	bool have_dirty_rate, have_standby;
+	uint64_t memory_bytes;
+	uint32_t profile;
+	uint64_t seed;
+	uint64_t image_seed;
+	uint32_t shared_permille;
+	uint32_t hot_permille;
+	uint64_t dirty_rate;
+	int standby_fd;
+};
+
+static uint64_t parse_u64(const char *flag, const char *value)
+{
+	/* strtoull alone would accept signs, spaces and hex. */
+	if (value[0] == '\0' || strspn(value, "0123456789") != strlen(value))
+		die(EXIT_USAGE, "%s: '%s' is not a non-negative decimal integer", flag, value);
+	errno = 0;
+	unsigned long long v = strtoull(value, NULL, 10);
+	if (errno == ERANGE)
+		die(EXIT_USAGE, "%s: '%s' is too large (at most %llu)", flag, value, ULLONG_MAX);
+	return v;
+}
+
+static uint32_t parse_fraction(const char *flag, const char *value)
+{
+	char *end;
+	errno = 0;
+	double v = strtod(value, &end);
+	if (value[0] == '\0' || *end != '\0' || errno != 0 || !isfinite(v) || v < 0 || v > 1)
+		die(EXIT_USAGE, "%s: '%s' is not a decimal fraction in [0,1]", flag, value);
+	return (uint32_t)(v * 1000 + 0.5);
+}
+
+static uint32_t parse_profile(const char *flag, const char *value)
+{
+	if (strcmp(value, "zero") == 0)
+		return GUEST_PROFILE_ZERO;
+	if (strcmp(value, "os-image") == 0)
+		return GUEST_PROFILE_OS_IMAGE;
+	if (strcmp(value, "random") == 0)
+		return GUEST_PROFILE_RANDOM;
+	die(EXIT_USAGE, "%s: '%s' is not a profile (allowed: zero, os-image, random)", flag, value);
+}
+
+static uint64_t check_memory_bytes(const char *flag, const char *value)
+{
+	uint64_t n = parse_u64(flag, value);
+	if (n % GUEST_PAGE_SIZE != 0)
+		die(EXIT_USAGE, "%s: '%s' is not a multiple of %u", flag, value, GUEST_PAGE_SIZE);
+	if (n < MIN_MEMORY_BYTES || n > MAX_MEMORY_BYTES)
+		die(EXIT_USAGE, "%s: '%s' is out of range (%llu .. %llu bytes)", flag, value, MIN_MEMORY_BYTES,
+		    MAX_MEMORY_BYTES);
+	return n;
+}
+
+static void parse_options(const char *mode, int argc, char **argv, struct options *o)
+{
+	bool poke = strcmp(mode, "poke") == 0;
+	memset(o, 0, sizeof(*o));
+	o->profile = GUEST_PROFILE_OS_IMAGE;
+	o->seed = 1;
+	o->hot_permille = 250;
+	o->standby_fd = -1;
+
+	for (int i = 0; i < argc; i++) {
+		const char *arg = argv[i];
+		if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+			usage(stdout);
+			exit(0);
+		}
+		if (strncmp(arg, "--", 2) != 0)
+			die(EXIT_USAGE, "unexpected argument '%s' (options start with --)", arg);
+		if (strcmp(arg, "--create") == 0 && !poke) {
+			o->create = true;
+			continue;
+		}
+		/* Accept both `--flag value` and `--flag=value`. */
+		char flag[64];
+		const char *value = NULL;
+		const char *eq = strchr(arg, '=');
+		size_t flen = eq ? (size_t)(eq - arg) : strlen(arg);
+		if (flen >= sizeof(flag))
+			die(EXIT_USAGE, "unknown option '%s'", arg);
+		memcpy(flag, arg, flen);
+		flag[flen] = '\0';
+
+		static const char *const run_flags[] = {"--memory-file", "--memory-bytes", "--profile", "--seed",
+							"--image-seed", "--shared", "--hot", "--dirty-rate",
+							"--standby-fd", NULL};
+		static const char *const poke_flags[] = {"--memory-file", "--memory-bytes", NULL};
+		bool known = false;
+		for (const char *const *f = poke ? poke_flags : run_flags; *f; f++)
+			known |= strcmp(*f, flag) == 0;
+		if (!known)
+			die(EXIT_USAGE, "unknown option '%s' for `%s` (allowed: %s)", flag, mode,
+			    poke ? "--memory-file, --memory-bytes"
+				 : "--memory-file, --create, --memory-bytes, --profile, --seed, --image-seed, "
+				   "--shared, --hot, --dirty-rate, --standby-fd");
+		if (eq) {
+			value = eq + 1;
+		} else {
+			if (i + 1 >= argc)
+				die(EXIT_USAGE, "%s needs a value", flag);
+			value = argv[++i];
+		}
+
+		if (strcmp(flag, "--memory-file") == 0) {
+			if (value[0] == '\0')
+				die(EXIT_USAGE, "--memory-file: the path is empty");
+			o->memory_file = value;
+		} else if (strcmp(flag, "--memory-bytes") == 0) {
+			o->memory_bytes = check_memory_bytes(flag, value);
+			o->have_memory_bytes = true;
+		} else if (strcmp(flag, "--profile") == 0) {
+			o->profile = parse_profile(flag, value);
+			o->have_profile = true;
+		} else if (strcmp(flag, "--seed") == 0) {
+			o->seed = parse_u64(flag, value);
+			o->have_seed = true;
+		} else if (strcmp(flag, "--image-seed") == 0) {
+			o->image_seed = parse_u64(flag, value);
+			o->have_image_seed = true;
+		} else if (strcmp(flag, "--shared") == 0) {
+			o->shared_permille = parse_fraction(flag, value);
+			o->have_shared = true;
+		} else if (strcmp(flag, "--hot") == 0) {
+			o->hot_permille = parse_fraction(flag, value);
+			o->have_hot = true;
+		} else if (strcmp(flag, "--dirty-rate") == 0) {
+			o->dirty_rate = parse_u64(flag, value);
+			o->have_dirty_rate = true;
+		} else if (strcmp(flag, "--standby-fd") == 0) {
+			uint64_t fd = parse_u64(flag, value);
+			if (fd > INT32_MAX)
+				die(EXIT_USAGE, "--standby-fd: '%s' is not a file descriptor number", value);
+			o->standby_fd = (int)fd;
+			o->have_standby = true;
+		}
+	}
+
+	if (!o->memory_file)
+		die(EXIT_USAGE, "--memory-file PATH is required");
+	if (poke) {
+		if (!o->have_memory_bytes)
+			die(EXIT_USAGE, "--memory-bytes N is required for `poke`");
+		return;
+	}
+	if (o->create) {
+		if (!o->have_memory_bytes)
+			die(EXIT_USAGE, "--create needs --memory-bytes N");
+	} else {
+		const char *only_create = o->have_memory_bytes ? "--memory-bytes"
+					  : o->have_profile    ? "--profile"
+					  : o->have_seed       ? "--seed"
+					  : o->have_image_seed ? "--image-seed"
+					  : o->have_shared     ? "--shared"
+					  : o->have_hot        ? "--hot"
+							       : NULL;
+		if (only_create)
+			die(EXIT_USAGE,
+			    "%s is only allowed with --create (a resumed guest takes its parameters from the memory file)",
+			    only_create);
+	}
+	if (o->have_standby && fcntl(o->standby_fd, F_GETFD) < 0)
+		die(EXIT_USAGE, "--standby-fd: %d is not an open file descriptor (%s)", o->standby_fd, strerror(errno));
+}
+
+/* ---- the guest ---- */
+
+struct guest {
+	const char *path;
+	int fd;
+	uint8_t *base;
+	struct guest_header *h;
+	uint32_t *version; /* indexed by page number */
+	uint64_t page_count;
+	uint64_t first_data_page;
+	struct gw_model model;
+	uint32_t *hot; /* data page numbers of the hot set (private memory, derivable from the header) */
+	uint64_t hot_count;
+	uint64_t pass_a, pass_b, pass_of_ab; /* permutation of the current pass */
+	uint8_t *scratch;
+};
+
+static uint64_t first_data_page_for(uint64_t page_count)
+{
+	uint64_t per_page = GUEST_PAGE_SIZE / sizeof(uint32_t);
+	return 1 + (page_count + per_page - 1) / per_page;
+}
+
+static uint8_t *page_ptr(struct guest *g, uint64_t page)
+{
+	return g->base + page * GUEST_PAGE_SIZE;
+}
+
+static void *xmalloc(size_t n, const char *what)
+{
+	void *p = malloc(n ? n : 1);
+	if (!p)
+		die(EXIT_SYSTEM, "malloc(%zu) for %s: %s", n, what, strerror(errno));
+	return p;
+}
+
+static void setup_model(struct guest *g)
+{
+	struct guest_header *h = g->h;
+	struct gw_model *m = &g->model;
+	m->profile = h->profile;
+	m->seed = h->seed;
+	m->image_seed = h->image_seed;
+	m->shared_permille = h->shared_permille;
+	m->first_data_page = g->first_data_page;
+	m->data_pages = g->page_count - g->first_data_page;
+	m->perm_a = gw_coprime(m->data_pages, gw_hash3(h->seed, GW_TAG_PERM, 1));
+	m->perm_b = gw_hash3(h->seed, GW_TAG_PERM, 2) % m->data_pages;
+	m->common = NULL;
+	if (m->profile == GUEST_PROFILE_OS_IMAGE) {
+		m->common = xmalloc(16 * GUEST_PAGE_SIZE, "common pages");
+		for (uint64_t k = 0; k < 16; k++)
+			gw_fill_text(m->common[k], gw_hash3(h->seed, GW_TAG_COMMON, k));
+	}
+	g->scratch = xmalloc(GUEST_PAGE_SIZE, "scratch page");
+
+	g->hot_count = 0;
+	for (uint64_t p = g->first_data_page; p < g->page_count; p++)
+		g->hot_count += gw_hash3(h->seed, GW_TAG_HOT, p) % 1000 < h->hot_permille;
+	g->hot = xmalloc(g->hot_count * sizeof(uint32_t), "hot page list");
+	uint64_t n = 0;
+	for (uint64_t p = g->first_data_page; p < g->page_count; p++)
+		if (gw_hash3(h->seed, GW_TAG_HOT, p) % 1000 < h->hot_permille)
+			g->hot[n++] = (uint32_t)p;
+	g->pass_of_ab = UINT64_MAX;
+}
+
+static const uint8_t zero_page[GUEST_PAGE_SIZE];
+
+static bool page_is_current(struct guest *g, uint64_t page, uint32_t version)
+{
+	const uint8_t *want = gw_content(&g->model, page, version, g->scratch);
+	return memcmp(page_ptr(g, page), want ? want : zero_page, GUEST_PAGE_SIZE) == 0;
+}
+
+static void write_page_content(struct guest *g, uint64_t page, uint32_t version)
+{
+	const uint8_t *want = gw_content(&g->model, page, version, g->scratch);
+	memcpy(page_ptr(g, page), want ? want : zero_page, GUEST_PAGE_SIZE);
+}
+
+static uint64_t version_sum(struct guest *g)
+{
+	uint64_t sum = 0;
+	for (uint64_t p = g->first_data_page; p < g->page_count; p++)
+		sum += g->version[p];
+	return sum;
+}
+
+static void open_and_map(struct guest *g, const struct options *o)
+{
+	g->path = o->memory_file;
+	uint64_t bytes;
+	if (o->create) {
+		g->fd = open(g->path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+		if (g->fd < 0)
+			die(EXIT_SYSTEM, "--memory-file %s: open (create): %s", g->path, strerror(errno));
+		/* Truncated to zero first, so every page starts as a hole: zero pages cost nothing. */
+		if (ftruncate(g->fd, (off_t)o->memory_bytes) < 0)
+			die(EXIT_SYSTEM, "--memory-file %s: ftruncate to %" PRIu64 " bytes: %s", g->path, o->memory_bytes,
+			    strerror(errno));
+		bytes = o->memory_bytes;
+	} else {
+		g->fd = open(g->path, O_RDWR | O_CLOEXEC);
+		if (g->fd < 0)
+			die(EXIT_SYSTEM, "--memory-file %s: open: %s%s", g->path, strerror(errno),
+			    errno == ENOENT ? " (use --create to make a new guest)" : "");
+		struct stat st;
+		if (fstat(g->fd, &st) < 0)
+			die(EXIT_SYSTEM, "--memory-file %s: fstat: %s", g->path, strerror(errno));
+		/* Validate with pread before mapping: the tracking shim registers the first shared
+		 * mapping of the file, so that one must be the whole file. */
+		struct guest_header h;
+		ssize_t n = pread(g->fd, &h, sizeof(h), 0);
+		if (n < 0)
+			die(EXIT_SYSTEM, "--memory-file %s: read header: %s", g->path, strerror(errno));
+		if ((size_t)n < sizeof(h) || memcmp(h.magic, GUEST_MAGIC, 8) != 0)
+			die(EXIT_SYSTEM, "--memory-file %s: not a gangway guest memory file (bad magic)", g->path);
+		if (h.layout_version != GUEST_LAYOUT_VERSION)
+			die(EXIT_SYSTEM, "--memory-file %s: layout version %u, this program handles %u", g->path,
+			    h.layout_version, GUEST_LAYOUT_VERSION);
+		if (h.page_size != GUEST_PAGE_SIZE)
+			die(EXIT_SYSTEM, "--memory-file %s: page size %u, expected %u", g->path, h.page_size,
+			    GUEST_PAGE_SIZE);
+		if (h.memory_bytes != (uint64_t)st.st_size || h.page_count * GUEST_PAGE_SIZE != h.memory_bytes)
+			die(EXIT_SYSTEM,
+			    "--memory-file %s: header says %" PRIu64 " bytes / %" PRIu64 " pages, the file has %lld bytes",
+			    g->path, h.memory_bytes, h.page_count, (long long)st.st_size);
+		if (h.memory_bytes < MIN_MEMORY_BYTES || h.memory_bytes > MAX_MEMORY_BYTES)
+			die(EXIT_SYSTEM, "--memory-file %s: memory_bytes %" PRIu64 " out of range", g->path, h.memory_bytes);
+		if (h.first_data_page != first_data_page_for(h.page_count))
+			die(EXIT_SYSTEM, "--memory-file %s: first_data_page %u, expected %" PRIu64, g->path,
+			    h.first_data_page, first_data_page_for(h.page_count));
+		if (h.profile < GUEST_PROFILE_ZERO || h.profile > GUEST_PROFILE_RANDOM)
+			die(EXIT_SYSTEM, "--memory-file %s: unknown profile %u", g->path, h.profile);
+		if (h.shared_permille > 1000 || h.hot_permille > 1000)
+			die(EXIT_SYSTEM, "--memory-file %s: shared/hot permille %u/%u out of range", g->path,
+			    h.shared_permille, h.hot_permille);
+		bytes = h.memory_bytes;
+	}
+	void *base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, g->fd, 0);
+	if (base == MAP_FAILED)
+		die(EXIT_SYSTEM, "--memory-file %s: mmap %" PRIu64 " bytes MAP_SHARED: %s", g->path, bytes,
+		    strerror(errno));
+	g->base = base;
+	g->h = base;
+	g->version = (uint32_t *)(g->base + GUEST_PAGE_SIZE);
+	g->page_count = bytes / GUEST_PAGE_SIZE;
+	g->first_data_page = first_data_page_for(g->page_count);
+}
+
+static void write_all(struct guest *g, const uint8_t *buf, uint64_t len, uint64_t offset)
+{
+	while (len > 0) {
+		ssize_t n = pwrite(g->fd, buf, len, (off_t)offset);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			die(EXIT_SYSTEM, "--memory-file %s: pwrite %" PRIu64 " bytes at %" PRIu64 ": %s", g->path, len,
+			    offset, n < 0 ? strerror(errno) : "no progress");
+		buf += n;
+		len -= (uint64_t)n;
+		offset += (uint64_t)n;
+	}
+}
+
+static void create_guest(struct guest *g, const struct options *o)
+{
+	struct guest_header *h = g->h;
+	/* The file was just truncated, so header and version table are already zero. */
+	h->layout_version = GUEST_LAYOUT_VERSION;
+	h->page_size = GUEST_PAGE_SIZE;
+	h->memory_bytes = o->memory_bytes;
+	h->page_count = g->page_count;
+	h->seed = o->seed;
+	h->image_seed = o->image_seed;
+	h->shared_permille = o->shared_permille;
+	h->hot_permille = o->hot_permille;
+	h->profile = o->profile;
+	h->first_data_page = (uint32_t)g->first_data_page;
+	h->dirty_rate_bytes_per_sec = o->dirty_rate;
+	h->inflight_page = GUEST_NO_INFLIGHT;
+	setup_model(g);
+	h->hot_page_count = g->hot_count;
+	/* Data pages go in with pwrite, in runs of non-zero pages: on tmpfs that costs a
+	 * fraction of faulting every page of the mapping, and zero pages stay holes. */
+	const uint64_t batch_pages = 256;
+	uint8_t *batch = xmalloc(batch_pages * GUEST_PAGE_SIZE, "creation buffer");
+	uint64_t run_start = g->first_data_page, run_len = 0;
+	for (uint64_t p = g->first_data_page; p <= g->page_count; p++) {
+		const uint8_t *want = NULL;
+		if (p < g->page_count) {
+			uint8_t *slot = batch + run_len * GUEST_PAGE_SIZE;
+			want = gw_content(&g->model, p, 0, slot);
+			if (want && want != slot)
+				memcpy(slot, want, GUEST_PAGE_SIZE);
+		}
+		if (want)
+			run_len++;
+		if (run_len > 0 && (!want || run_len == batch_pages)) {
+			write_all(g, batch, run_len * GUEST_PAGE_SIZE, run_start * GUEST_PAGE_SIZE);
+			run_start += run_len;
+			run_len = 0;
+		}
+		if (!want)
+			run_start = p + 1;
+	}
+	free(batch);
+	/* Magic last: a file whose creation was interrupted is never taken for a guest. */
+	BARRIER();
+	memcpy(h->magic, GUEST_MAGIC, 8);
+}
+
+static void advance_cursor(struct guest *g)
+{
+	struct guest_header *h = g->h;
+	uint64_t next = h->pass_cursor + 1;
+	if (next >= g->hot_count) {
+		h->passes++;
+		BARRIER();
+		next = 0;
+	}
+	h->pass_cursor = next;
+}
+
+/* A write interrupted by a stop (the file was copied mid-write): finish it exactly once. */
+static void complete_inflight(struct guest *g)
+{
+	struct guest_header *h = g->h;
+	uint64_t page = h->inflight_page;
+	uint32_t v = h->inflight_version;
+	if (page == GUEST_NO_INFLIGHT)
+		return;
+	if (page < g->first_data_page || page >= g->page_count ||
+	    (g->version[page] != v && g->version[page] + 1 != v) || v == 0) {
+		fprintf(stderr,
+			"gangway-guest: %s: inconsistent in-flight write (page %" PRIu64 ", version %u); ignored\n",
+			g->path, page, v);
+		h->meta_errors++;
+		h->inflight_page = GUEST_NO_INFLIGHT;
+		return;
+	}
+	write_page_content(g, page, v);
+	g->version[page] = v;
+	/* The stop may have come before or after total_writes++: only the version table knows. */
+	uint64_t sum = version_sum(g);
+	if (h->total_writes + 1 == sum)
+		h->total_writes = sum;
+	BARRIER();
+	__atomic_store_n(&h->inflight_page, GUEST_NO_INFLIGHT, __ATOMIC_RELEASE);
+	BARRIER();
+	if (g->hot_count > 0)
+		advance_cursor(g);
+}
+
+/*
+ * Whether page p lies in a hole of the file, walking extents with SEEK_DATA/SEEK_HOLE in
+ * increasing page order. Reading a tmpfs hole through a shared mapping would allocate a
+ * page for it, which makes checking a mostly-zero guest slow and bloats it.
+ */
+struct extent_walk {
+	uint64_t data_start, data_end; /* the next data extent at or after the last page asked about */
+};
+
+static bool page_in_hole(struct guest *g, struct extent_walk *w, uint64_t p)
+{
+	if (p >= w->data_end) {
+		off_t d = lseek(g->fd, (off_t)(p * GUEST_PAGE_SIZE), SEEK_DATA);
+		if (d < 0) {
+			/* ENXIO: only holes from here on; anything else: assume all data. */
+			w->data_start = errno == ENXIO ? g->page_count : p;
+			w->data_end = g->page_count;
+		} else {
+			off_t e = lseek(g->fd, d, SEEK_HOLE);
+			w->data_start = (uint64_t)d / GUEST_PAGE_SIZE;
+			w->data_end = e < 0 ? g->page_count : ((uint64_t)e + GUEST_PAGE_SIZE - 1) / GUEST_PAGE_SIZE;
+			if (w->data_end <= p)
+				w->data_end = p + 1;
+		}
+	}
+	return p < w->data_start;
+}
+
+static void resume_check(struct guest *g)
+{
+	struct guest_header *h = g->h;
+	struct extent_walk walk = {0, 0};
+	h->resume_stale_pages = 0;
+	h->resume_checked_pages = 0;
+	for (uint64_t p = g->first_data_page; p < g->page_count; p++) {
+		if (stop_requested)
+			return;
+		bool current;
+		if (page_in_hole(g, &walk, p))
+			current = gw_content(&g->model, p, g->version[p], g->scratch) == NULL;
+		else
+			current = page_is_current(g, p, g->version[p]);
+		if (!current) {
+			h->stale_pages++;
+			h->resume_stale_pages++;
+		}
+		h->checked_pages++;
+		h->resume_checked_pages++;
+	}
+	if (version_sum(g) != h->total_writes) {
+		fprintf(stderr, "gangway-guest: %s: version table sums to %" PRIu64 " but total_writes is %" PRIu64 "\n",
+			g->path, version_sum(g), h->total_writes);
+		h->meta_errors++;
+	}
+	BARRIER();
+	h->resume_check_done = h->resumes;
+}
+
+static uint64_t next_hot_page(struct guest *g)
+{
+	struct guest_header *h = g->h;
+	if (h->pass_cursor >= g->hot_count)
+		h->pass_cursor = 0; /* only after a meta error; keeps the index in range */
+	if (g->pass_of_ab != h->passes) {
+		uint64_t r = gw_hash3(h->seed, GW_TAG_PASS, h->passes);
+		g->pass_a = gw_coprime(g->hot_count, r);
+		g->pass_b = gw_mix64(r) % g->hot_count;
+		g->pass_of_ab = h->passes;
+	}
+	return g->hot[(g->pass_a * h->pass_cursor + g->pass_b) % g->hot_count];
+}
+
+/*
+ * One write, ordered so that at every instruction boundary the file tells what happened:
+ * the in-flight record goes up before the page changes and comes down only after the
+ * version table and the write count say the page has its new version.
+ */
+static void write_one(struct guest *g)
+{
+	struct guest_header *h = g->h;
+	uint64_t page = next_hot_page(g);
+	uint32_t v = g->version[page];
+	if (!page_is_current(g, page, v))
+		h->stale_pages++;
+	h->checked_pages++;
+
+	__atomic_store_n(&h->inflight_version, v + 1, __ATOMIC_RELEASE);
+	__atomic_store_n(&h->inflight_page, page, __ATOMIC_RELEASE);
+	BARRIER();
+	write_page_content(g, page, v + 1);
+	BARRIER();
+	__atomic_store_n(&g->version[page], v + 1, __ATOMIC_RELEASE);
+	BARRIER();
+	__atomic_store_n(&h->total_writes, h->total_writes + 1, __ATOMIC_RELEASE);
+	BARRIER();
+	__atomic_store_n(&h->inflight_page, GUEST_NO_INFLIGHT, __ATOMIC_RELEASE);
+	BARRIER();
+	advance_cursor(g);
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Local helpers rather than fmin/fmax: the binary is not linked with libm. */
+static double dmin(double a, double b)
+{
+	return a < b ? a : b;
+}
+
+static double dmax(double a, double b)
+{
+	return a > b ? a : b;
+}
+
+static void sleep_ns(uint64_t ns)
+{
+	struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000ull), .tv_nsec = (long)(ns % 1000000000ull)};
+	nanosleep(&ts, NULL); /* EINTR is fine: the caller re-checks stop_requested */
+}
+
+/*
+ * Token bucket in pages. Credit accrues from CLOCK_MONOTONIC, starts empty (no burst at
+ * start) and is capped at 10 ms worth (at least 16 pages), so a SIGSTOP/SIGCONT does not
+ * turn into a catch-up burst. Sleeping for a few pages at a time keeps the rate smooth.
+ */
+static void run_loop(struct guest *g)
+{
+	double rate = (double)g->h->dirty_rate_bytes_per_sec / GUEST_PAGE_SIZE * 1e-9; /* pages per ns */
+	if (rate <= 0 || g->hot_count == 0) {
+		while (!stop_requested)
+			sleep_ns(IDLE_SLEEP_NS);
+		return;
+	}
+	double cap = dmax(16, rate * 1e7);
+	double step = dmin(16, dmax(1, rate * 1e6)); /* pages per wake-up: about one per ms */
+	double tokens = 0;
+	uint64_t last = now_ns();
+	while (!stop_requested) {
+		uint64_t now = now_ns();
+		tokens = dmin(cap, tokens + (double)(now - last) * rate);
+		last = now;
+		while (tokens >= 1 && !stop_requested) {
+			write_one(g);
+			tokens -= 1;
+		}
+		double wait = (step - tokens) / rate;
+		sleep_ns((uint64_t)dmin(dmax(wait, 1000), IDLE_SLEEP_NS));
+	}
+}
+
+static void install_signals(void)
+{
+	struct sigaction sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_stop_signal;
+	sigemptyset(&sa.sa_mask);
+	/* No SA_RESTART: a blocking read or sleep returns EINTR and the loop sees the flag. */
+	if (sigaction(SIGTERM, &sa, NULL) < 0 || sigaction(SIGINT, &sa, NULL) < 0)
+		die(EXIT_SYSTEM, "sigaction: %s", strerror(errno));
+}
+
+static void wait_standby(int fd)
+{
+	for (;;) {
+		uint8_t byte;
+		ssize_t n = read(fd, &byte, 1);
+		if (n == 1)
+			break;
+		if (n == 0)
+			exit(0); /* migration aborted: leave the file alone */
+		if (errno == EINTR) {
+			if (stop_requested)
+				exit(0);
+			continue;
+		}
+		die(EXIT_SYSTEM, "--standby-fd %d: read: %s", fd, strerror(errno));
+	}
+	close(fd);
+}
+
+static void announce_running(void)
+{
+	printf("running pid=%d\n", (int)getpid());
+	if (fflush(stdout) != 0)
+		die(EXIT_SYSTEM, "stdout: write: %s", strerror(errno));
+}
+
+static int cmd_run(const struct options *o)
+{
+	struct guest g;
+	memset(&g, 0, sizeof(g));
+	gw_tokens_init();
+	install_signals();
+	if (o->have_standby)
+		wait_standby(o->standby_fd);
+
+	open_and_map(&g, o);
+	struct guest_header *h = g.h;
+	bool resuming = !o->create;
+	if (o->create) {
+		create_guest(&g, o);
+	} else {
+		setup_model(&g);
+		if (h->hot_page_count != g.hot_count) {
+			fprintf(stderr, "gangway-guest: %s: header says %" PRIu64 " hot pages, the seed gives %" PRIu64 "\n",
+				g.path, h->hot_page_count, g.hot_count);
+			h->meta_errors++;
+			h->hot_page_count = g.hot_count;
+		}
+		complete_inflight(&g);
+		h->resumes++;
+		h->passes_at_resume = h->passes;
+		if (o->have_dirty_rate)
+			h->dirty_rate_bytes_per_sec = o->dirty_rate;
+	}
+	announce_running();
+	if (resuming)
+		resume_check(&g);
+	run_loop(&g);
+	munmap(g.base, g.page_count * GUEST_PAGE_SIZE);
+	close(g.fd);
+	return 0;
+}
+
+/* ---- poke: a scriptable writer for testing dirty trackers ---- */
+
+static int cmd_poke(const struct options *o)
+{
+	int fd = open(o->memory_file, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+	if (fd < 0)
+		die(EXIT_SYSTEM, "--memory-file %s: open: %s", o->memory_file, strerror(errno));
+	struct stat st;
+	if (fstat(fd, &st) < 0)
+		die(EXIT_SYSTEM, "--memory-file %s: fstat: %s", o->memory_file, strerror(errno));
+	if ((uint64_t)st.st_size < o->memory_bytes && ftruncate(fd, (off_t)o->memory_bytes) < 0)
+		die(EXIT_SYSTEM, "--memory-file %s: ftruncate to %" PRIu64 " bytes: %s", o->memory_file, o->memory_bytes,
+		    strerror(errno));
+	volatile uint8_t *base = mmap(NULL, o->memory_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (base == MAP_FAILED)
+		die(EXIT_SYSTEM, "--memory-file %s: mmap %" PRIu64 " bytes MAP_SHARED: %s", o->memory_file,
+		    o->memory_bytes, strerror(errno));
+	uint64_t pages = o->memory_bytes / GUEST_PAGE_SIZE;
+	announce_running();
+
+	char line[256];
+	while (fgets(line, sizeof(line), stdin)) {
+		char cmd[16], extra[2];
+		unsigned long long page, byte = 0;
+		int n = sscanf(line, "%15s %llu %llu %1s", cmd, &page, &byte, extra);
+		bool fill = n == 3 && strcmp(cmd, "fill") == 0;
+		bool touch = n == 2 && strcmp(cmd, "touch") == 0;
+		bool peek = n == 2 && strcmp(cmd, "read") == 0;
+		if (!fill && !touch && !peek)
+			die(EXIT_USAGE, "poke: bad command '%.*s' (allowed: fill PAGE BYTE, touch PAGE, read PAGE)",
+			    (int)strcspn(line, "\n"), line);
+		if (page >= pages)
+			die(EXIT_USAGE, "poke: page %llu is out of range (the file has %" PRIu64 " pages)", page, pages);
+		if (byte > 255)
+			die(EXIT_USAGE, "poke: byte %llu is out of range (0..255)", byte);
+		volatile uint8_t *p = base + page * GUEST_PAGE_SIZE;
+		if (fill) {
+			for (size_t i = 0; i < GUEST_PAGE_SIZE; i++)
+				p[i] = (uint8_t)byte;
+		} else if (touch) {
+			p[0] = p[0];
+		} else {
+			(void)p[0];
+		}
+		fputs("ok\n", stdout);
+		if (fflush(stdout) != 0)
+			die(EXIT_SYSTEM, "stdout: write: %s", strerror(errno));
+	}
+	if (ferror(stdin))
+		die(EXIT_SYSTEM, "stdin: read: %s", strerror(errno));
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2) {
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	const char *mode = argv[1];
+	if (strcmp(mode, "--help") == 0 || strcmp(mode, "-h") == 0 || strcmp(mode, "help") == 0) {
+		usage(stdout);
+		return 0;
+	}
+	if (strcmp(mode, "run") != 0 && strcmp(mode, "poke") != 0)
+		die(EXIT_USAGE, "unknown mode '%s' (allowed: run, poke, --help)", mode);
+	if (sysconf(_SC_PAGESIZE) != GUEST_PAGE_SIZE)
+		die(EXIT_SYSTEM, "the system page size is %ld; gangway-guest needs %u", sysconf(_SC_PAGESIZE),
+		    GUEST_PAGE_SIZE);
+	struct options o;
+	parse_options(mode, argc - 2, argv + 2, &o);
+	return strcmp(mode, "run") == 0 ? cmd_run(&o) : cmd_poke(&o);
+}
