@@ -1,0 +1,444 @@
+// The agent: one per host. Listens for peer agents (WebSocket sessions carrying
+// migrations), serves the local control API to the CLI over a unix socket in the state
+// dir, keeps the guest registry, and runs migrations in both directions.
+import { randomBytes, randomUUID } from 'node:crypto';
+import { createServer, type Server } from 'node:http';
+import { connect } from 'node:net';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { WebSocketServer } from 'ws';
+import { ErrorCode, GangwayError } from '../protocol/errors.js';
+import { RejectReason } from '../protocol/codes.js';
+import { Frame } from '../protocol/index.js';
+import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
+import { GUEST_PAGE_SIZE } from './guest/guest-header.js';
+import { launchProcessGuest, type ProcessGuestSpec, type TrackerPreference } from './guest/process-guest.js';
+import { GuestRegistry } from './guest/registry.js';
+import type { Logger } from './log.js';
+import { loadNative } from './native.js';
+import type { CodecMode } from './migration/codec-chooser.js';
+import { DestinationMigration, type IncomingResult } from './migration/destination.js';
+import { SourceMigration, type MigrationProgress, type MigrationSummary } from './migration/source.js';
+import { connectPeer, PeerSession } from './peer/session.js';
+import { parseShimReport } from './tracker/uffd-wp.js';
+
+export interface AgentConfig {
+  listenHost: string;
+  listenPort: number;
+  stateDir: string;
+  memoryDir: string;
+  tracker: TrackerPreference;
+  /** Receive window granted to each incoming migration. */
+  creditBytes: number;
+  maxPayloadBytes: number;
+  batchBytes: number;
+  /** How long SIGTERM waits for running migrations before aborting them. */
+  shutdownGraceMs: number;
+}
+
+export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort' | 'stateDir'> = {
+  memoryDir: '/dev/shm',
+  tracker: 'auto',
+  creditBytes: 32 * 1024 * 1024,
+  maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES,
+  batchBytes: 1024 * 1024,
+  shutdownGraceMs: 10_000,
+};
+
+export interface MigrateRequest {
+  guest: string;
+  to: string;
+  downtimeMs: number;
+  force: boolean;
+  maxRounds: number;
+  maxBytesFactor: number;
+  codec: CodecMode;
+  bandwidthBytesPerSec?: number;
+  tracker?: TrackerPreference;
+}
+
+export type MigrationRecord =
+  | { direction: 'out'; state: 'running'; migrationId: string; guest: string; to: string; startedAt: string; progress?: MigrationProgress }
+  | { direction: 'out'; state: 'committed'; migrationId: string; guest: string; to: string; startedAt: string; summary: MigrationSummary }
+  | { direction: 'out'; state: 'failed' | 'in-doubt'; migrationId: string; guest: string; to: string; startedAt: string; error: { code: string; message: string } }
+  | { direction: 'in'; state: 'running' | 'committed' | 'aborted'; migrationId: string; guest: string; from: string; startedAt: string; result?: IncomingResult };
+
+export function controlSocketPath(stateDir: string): string {
+  return join(stateDir, 'control.sock');
+}
+
+export class Agent {
+  readonly id: string;
+  readonly registry: GuestRegistry;
+  private peerServer: Server | undefined;
+  private wss: WebSocketServer | undefined;
+  private readonly sessionsIn = new Set<PeerSession>();
+  private readonly sessionsOut = new Map<string, Promise<PeerSession>>();
+  private readonly outgoing = new Map<string, SourceMigration>();
+  private readonly incoming = new Map<string, DestinationMigration>();
+  private readonly records = new Map<string, MigrationRecord>();
+  private shuttingDown = false;
+  private digestBytesPerSec = 8e9;
+  private readonly startedAt = Date.now();
+  listenAddress = '';
+
+  constructor(
+    readonly config: AgentConfig,
+    readonly log: Logger,
+  ) {
+    mkdirSync(config.stateDir, { recursive: true, mode: 0o750 });
+    this.id = this.loadOrCreateId();
+    this.registry = new GuestRegistry(config.stateDir);
+  }
+
+  private loadOrCreateId(): string {
+    const path = join(this.config.stateDir, 'agent.json');
+    if (existsSync(path)) {
+      try {
+        const saved = JSON.parse(readFileSync(path, 'utf8')) as { agentId?: unknown };
+        if (typeof saved.agentId === 'string' && saved.agentId.length > 0) return saved.agentId;
+      } catch {}
+    }
+    const agentId = `agent-${randomBytes(6).toString('hex')}`;
+    writeFileSync(path, JSON.stringify({ agentId }, null, 2));
+    return agentId;
+  }
+
+  async start(): Promise<void> {
+    const dead = this.registry.load();
+    if (dead.length > 0) this.log.warn({ guests: dead }, 'guests in the registry are no longer running; dropped');
+    this.calibrateDigest();
+    await this.startPeerServer();
+    this.log.info({ agentId: this.id, listen: this.listenAddress, stateDir: this.config.stateDir }, 'agent listening');
+  }
+
+  /** Measures XXH3-128 on this host so the convergence policy can predict the switchover's digest time. */
+  private calibrateDigest(): void {
+    const native = loadNative();
+    const sample = Buffer.alloc(16 * 1024 * 1024, 0x5a);
+    native.hash128(sample);
+    const t0 = performance.now();
+    native.hash128(sample);
+    const ms = performance.now() - t0;
+    if (ms > 0) this.digestBytesPerSec = (sample.length * 1000) / ms;
+  }
+
+  private startPeerServer(): Promise<void> {
+    const server = createServer((_req, res) => {
+      res.writeHead(426, { 'content-type': 'text/plain' }).end('gangway peer port: WebSocket only\n');
+    });
+    const wss = new WebSocketServer({
+      server,
+      path: '/gangway/v1',
+      perMessageDeflate: false,
+      maxPayload: this.config.maxPayloadBytes + 256 * 1024,
+    });
+    wss.on('connection', (ws, req) => {
+      const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
+      const session = new PeerSession(ws, {
+        role: 'server',
+        agentId: this.id,
+        features: ['lz4', 'precopy'],
+        maxPayloadBytes: this.config.maxPayloadBytes,
+        log: this.log.child({ peer: remote }),
+      });
+      this.sessionsIn.add(session);
+      session.on('closed', () => this.sessionsIn.delete(session));
+      session.onOffer = (offer) => this.onOffer(offer, session);
+    });
+    this.peerServer = server;
+    this.wss = wss;
+    return new Promise((resolve, reject) => {
+      server.once('error', (err) =>
+        reject(new GangwayError(ErrorCode.BAD_REQUEST, `cannot listen on ${this.config.listenHost}:${this.config.listenPort}: ${err.message}`)),
+      );
+      server.listen(this.config.listenPort, this.config.listenHost, () => {
+        const address = server.address();
+        const port = typeof address === 'object' && address ? address.port : this.config.listenPort;
+        this.listenAddress = `${this.config.listenHost}:${port}`;
+        resolve();
+      });
+    });
+  }
+
+  private onOffer(offer: Parameters<NonNullable<PeerSession['onOffer']>>[0], session: PeerSession): void {
+    if (this.incoming.has(offer.migrationId) || this.records.has(offer.migrationId)) {
+      // A replayed or duplicated id would mix two streams.
+      session.send(Frame.reject({ migrationId: offer.migrationId, reason: RejectReason.badSpec, message: 'duplicate migration id' }));
+      return;
+    }
+    const migration = DestinationMigration.start(offer, session, {
+      registry: this.registry,
+      memoryDir: this.config.memoryDir,
+      creditBytes: this.config.creditBytes,
+      maxPayloadBytes: this.config.maxPayloadBytes,
+      log: this.log,
+      accepting: () => !this.shuttingDown,
+    });
+    if (!migration) return;
+    this.incoming.set(offer.migrationId, migration);
+    const record: MigrationRecord = {
+      direction: 'in',
+      state: 'running',
+      migrationId: offer.migrationId,
+      guest: offer.guest.name,
+      from: session.peer?.agentId ?? 'unknown',
+      startedAt: new Date().toISOString(),
+    };
+    this.records.set(offer.migrationId, record);
+    void migration.done.then((result) => {
+      this.incoming.delete(offer.migrationId);
+      this.records.set(offer.migrationId, { ...record, state: result.outcome, result });
+      this.trimRecords();
+    });
+  }
+
+  // ── guests ─────────────────────────────────────────────────────────────────────────
+  async startGuest(name: string, spec: ProcessGuestSpec): Promise<{ name: string; pid: number; memoryPath: string }> {
+    if (this.shuttingDown) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
+    if (spec.memoryBytes % GUEST_PAGE_SIZE !== 0) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `memory size ${spec.memoryBytes} is not a multiple of ${GUEST_PAGE_SIZE} bytes`);
+    }
+    this.registry.reserve(name);
+    const files = this.registry.filesFor(name, this.config.memoryDir, randomBytes(4).toString('hex'));
+    try {
+      const launched = launchProcessGuest({ files, create: spec });
+      await launched.running;
+      this.registry.add({
+        name,
+        kind: 'process',
+        pid: launched.pid,
+        memoryBytes: spec.memoryBytes,
+        pageSizeBytes: GUEST_PAGE_SIZE,
+        files,
+        spec,
+        origin: { kind: 'started' },
+        startedAt: new Date().toISOString(),
+      });
+      this.log.info({ guest: name, pid: launched.pid, memoryBytes: spec.memoryBytes }, 'guest started');
+      return { name, pid: launched.pid, memoryPath: files.memoryPath };
+    } catch (err) {
+      this.registry.release(name);
+      rmSync(files.memoryPath, { force: true });
+      rmSync(files.trackReportPath, { force: true });
+      throw err;
+    }
+  }
+
+  async stopGuest(name: string): Promise<void> {
+    const { guest } = this.registry.get(name);
+    if (this.isMigrating(name)) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated; wait for the migration to end`);
+    }
+    await guest.stop();
+    rmSync(guest.files.memoryPath, { force: true });
+    rmSync(guest.files.trackReportPath, { force: true });
+    this.registry.remove(name);
+    this.log.info({ guest: name }, 'guest stopped');
+  }
+
+  /** SIGCONT a paused guest (after a switchover left in doubt, once the operator has checked). */
+  resumeGuest(name: string): void {
+    const { guest } = this.registry.get(name);
+    if (this.isMigrating(name)) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated`);
+    }
+    guest.resume();
+  }
+
+  private isMigrating(name: string): boolean {
+    return [...this.outgoing.values()].some((m) => m.guest.name === name);
+  }
+
+  guestStatus() {
+    return this.registry.list().map(({ record, guest }) => {
+      let tracker: { kind: string; reason?: string };
+      try {
+        parseShimReport(readFileSync(record.files.trackReportPath, 'utf8'));
+        tracker = { kind: this.config.tracker === 'hash-scan' ? 'hash-scan' : 'uffd-wp' };
+      } catch (err) {
+        tracker = { kind: 'hash-scan', reason: (err as Error).message };
+      }
+      let header;
+      try {
+        header = guest.header();
+      } catch {}
+      return {
+        name: record.name,
+        pid: record.pid,
+        state: !guest.alive() ? 'dead' : guest.isPaused || processStopped(record.pid) ? 'paused' : 'running',
+        memoryBytes: record.memoryBytes,
+        memoryPath: record.files.memoryPath,
+        origin: record.origin,
+        tracker,
+        ...(header
+          ? {
+              passes: header.passes,
+              totalWrites: header.totalWrites,
+              stalePages: header.stalePages,
+              metaErrors: header.metaErrors,
+              resumes: header.resumes,
+              resumeCheckDone: header.resumeCheckDone,
+              resumeStalePages: header.resumeStalePages,
+              passesAtResume: header.passesAtResume,
+              dirtyRateBytesPerSec: header.dirtyRateBytesPerSec,
+              profile: header.profile,
+            }
+          : {}),
+      };
+    });
+  }
+
+  status() {
+    return {
+      agent: {
+        id: this.id,
+        listen: this.listenAddress,
+        stateDir: this.config.stateDir,
+        memoryDir: this.config.memoryDir,
+        pid: process.pid,
+        uptimeMs: Date.now() - this.startedAt,
+        trackerPreference: this.config.tracker,
+        digestBytesPerSec: Math.round(this.digestBytesPerSec),
+        shuttingDown: this.shuttingDown,
+        sessions: { in: this.sessionsIn.size, out: this.sessionsOut.size },
+      },
+      guests: this.guestStatus(),
+      migrations: [...this.records.values()].reverse(),
+    };
+  }
+
+  // ── outgoing migrations ───────────────────────────────────────────────────────────
+  private async session(address: string): Promise<PeerSession> {
+    const existing = this.sessionsOut.get(address);
+    if (existing) {
+      const session = await existing.catch(() => undefined);
+      if (session?.isOpen) return session;
+      this.sessionsOut.delete(address);
+    }
+    const pending = connectPeer(address, {
+      agentId: this.id,
+      features: ['lz4', 'precopy'],
+      maxPayloadBytes: this.config.maxPayloadBytes,
+      log: this.log.child({ peer: address }),
+    });
+    this.sessionsOut.set(address, pending);
+    try {
+      const session = await pending;
+      session.on('closed', () => {
+        if (this.sessionsOut.get(address) === pending) this.sessionsOut.delete(address);
+      });
+      return session;
+    } catch (err) {
+      this.sessionsOut.delete(address);
+      throw err;
+    }
+  }
+
+  async migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<MigrationSummary> {
+    if (this.shuttingDown) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
+    const { guest } = this.registry.get(request.guest);
+    if (this.isMigrating(guest.name)) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${guest.name} is already being migrated`);
+    }
+    if (!guest.alive()) throw new GangwayError(ErrorCode.GUEST_FAILED, `guest ${guest.name} is not running`);
+    if (request.to === this.listenAddress) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `--to ${request.to} is this agent itself`);
+    }
+    const migrationId = randomUUID();
+    const log = this.log.child({ migrationId, guest: guest.name, to: request.to });
+    const startedAt = new Date().toISOString();
+    const base = { direction: 'out' as const, migrationId, guest: guest.name, to: request.to, startedAt };
+    this.records.set(migrationId, { ...base, state: 'running' });
+    let migration: SourceMigration | undefined;
+    try {
+      const session = await this.session(request.to);
+      migration = new SourceMigration(
+        guest,
+        session,
+        {
+          migrationId,
+          peerAddress: request.to,
+          downtimeBudgetMs: request.downtimeMs,
+          maxRounds: request.maxRounds,
+          maxWireBytes: request.maxBytesFactor * guest.memoryBytes,
+          force: request.force,
+          codec: request.codec,
+          ...(request.bandwidthBytesPerSec ? { bandwidthBytesPerSec: request.bandwidthBytesPerSec } : {}),
+          tracker: request.tracker ?? this.config.tracker,
+          batchBytes: this.config.batchBytes,
+          digestBytesPerSec: this.digestBytesPerSec,
+          commitTimeoutMs: 30_000,
+        },
+        log,
+      );
+      this.outgoing.set(migrationId, migration);
+      migration.on('progress', (progress: MigrationProgress) => {
+        this.records.set(migrationId, { ...base, state: 'running', progress });
+        onProgress(progress);
+      });
+      log.info({ downtimeMs: request.downtimeMs, codec: request.codec }, 'migration started');
+      const summary = await migration.run();
+      summary.from = this.listenAddress;
+      this.registry.remove(guest.name);
+      this.records.set(migrationId, { ...base, state: 'committed', summary });
+      return summary;
+    } catch (err) {
+      const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.INTERNAL, String(err));
+      const state = migration?.phase === 'in-doubt' ? 'in-doubt' : 'failed';
+      this.records.set(migrationId, { ...base, state, error: { code: error.code, message: error.message } });
+      throw error;
+    } finally {
+      this.outgoing.delete(migrationId);
+      this.trimRecords();
+    }
+  }
+
+  private trimRecords(): void {
+    const finished = [...this.records.entries()].filter(([, r]) => r.state !== 'running');
+    for (const [id] of finished.slice(0, Math.max(0, finished.length - 100))) this.records.delete(id);
+  }
+
+  // ── shutdown ──────────────────────────────────────────────────────────────────────
+  /** Refuses new work, lets running migrations finish for the grace period, then closes. */
+  async stop(): Promise<void> {
+    if (this.shuttingDown) return;
+    this.shuttingDown = true;
+    this.log.info({ running: this.outgoing.size + this.incoming.size }, 'shutting down');
+    const deadline = Date.now() + this.config.shutdownGraceMs;
+    while (this.outgoing.size + this.incoming.size > 0 && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    // Whatever still runs is aborted by closing its session: sources resume their guests.
+    for (const pending of this.sessionsOut.values()) (await pending.catch(() => undefined))?.close();
+    for (const session of this.sessionsIn) session.close();
+    while (this.outgoing.size > 0 && Date.now() < deadline + 5_000) {
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    this.wss?.close();
+    await new Promise<void>((resolve) => (this.peerServer ? this.peerServer.close(() => resolve()) : resolve()));
+    this.log.info('agent stopped');
+  }
+}
+
+function processStopped(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat[stat.lastIndexOf(')') + 2] === 'T';
+  } catch {
+    return false;
+  }
+}
+
+/** True if something answers on the control socket (another agent owns this state dir). */
+export function controlSocketInUse(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    if (!existsSync(path)) return resolve(false);
+    const socket = connect(path);
+    socket.once('connect', () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once('error', () => resolve(false));
+  });
+}

@@ -1,0 +1,102 @@
+// Starts a gangway agent as a child process on loopback with its own state dir: used by the
+// demo, the integration tests and the benchmarks, which all need real agent processes.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve, dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ControlClient } from './control/client.js';
+import type { Agent } from './daemon.js';
+
+export type AgentStatus = ReturnType<Agent['status']>;
+
+export interface LocalAgent {
+  pid: number;
+  stateDir: string;
+  listen: string;
+  client: ControlClient;
+  logPath: string;
+  process: ChildProcess;
+  status(): Promise<AgentStatus>;
+  /** SIGTERM, then SIGKILL after `timeoutMs`. */
+  stop(timeoutMs?: number): Promise<void>;
+  /** SIGKILL at once (a crash). */
+  kill(): Promise<void>;
+}
+
+const mainJs = resolve(dirname(fileURLToPath(import.meta.url)), 'main.js');
+
+export function makeTempDir(prefix: string): string {
+  return mkdtempSync(join(tmpdir(), prefix));
+}
+
+export async function startLocalAgent(options: { stateDir: string; args?: string[]; env?: NodeJS.ProcessEnv; mainPath?: string }): Promise<LocalAgent> {
+  mkdirSync(options.stateDir, { recursive: true });
+  const logPath = join(options.stateDir, 'agent.log');
+  const logFd = openSync(logPath, 'a');
+  let child: ChildProcess;
+  try {
+    child = spawn(
+      process.execPath,
+      [options.mainPath ?? mainJs, 'agent', '--listen', '127.0.0.1:0', '--state-dir', options.stateDir, ...(options.args ?? [])],
+      { stdio: ['ignore', logFd, logFd], env: { ...process.env, ...options.env } },
+    );
+  } finally {
+    closeSync(logFd);
+  }
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  const client = new ControlClient(options.stateDir);
+  const deadline = Date.now() + 20_000;
+  let status: AgentStatus | undefined;
+  while (!status) {
+    if (child.exitCode !== null) throw new Error(`agent exited with code ${child.exitCode}; see ${logPath}`);
+    try {
+      status = await client.call<AgentStatus>('GET', '/v1/status');
+    } catch {
+      if (Date.now() > deadline) {
+        child.kill('SIGKILL');
+        throw new Error(`agent did not come up within 20 s; see ${logPath}`);
+      }
+      await sleep(50);
+    }
+  }
+  const agent: LocalAgent = {
+    pid: child.pid!,
+    stateDir: options.stateDir,
+    listen: status.agent.listen,
+    client,
+    logPath,
+    process: child,
+    status: () => client.call<AgentStatus>('GET', '/v1/status'),
+    async stop(timeoutMs = 15_000) {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+      await exited;
+      clearTimeout(timer);
+    },
+    async kill() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.kill('SIGKILL');
+      await exited;
+    },
+  };
+  return agent;
+}
+
+/** Stops (SIGKILL) the guests an agent's registry lists and removes their memory files. */
+export async function killGuestsOf(agent: LocalAgent): Promise<void> {
+  let status: AgentStatus;
+  try {
+    status = await agent.status();
+  } catch {
+    return;
+  }
+  for (const guest of status.guests) {
+    try {
+      process.kill(guest.pid, 'SIGKILL');
+    } catch {}
+    rmSync(guest.memoryPath, { force: true });
+  }
+}

@@ -1,0 +1,261 @@
+#!/usr/bin/env node
+// gangway: the agent daemon and its command-line client.
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { resolve } from 'node:path';
+import { rmSync } from 'node:fs';
+import { ErrorCode, GangwayError } from '../protocol/errors.js';
+import { ControlClient } from './control/client.js';
+import { startControlServer } from './control/server.js';
+import { Agent, controlSocketInUse, controlSocketPath, DEFAULT_AGENT_CONFIG, type AgentConfig } from './daemon.js';
+import { createLogger } from './log.js';
+import type { MigrationProgress, MigrationSummary } from './migration/source.js';
+import { progressLine, summaryText } from './cli/format.js';
+import { runDemo } from './cli/demo.js';
+import { parseBytes, parseDurationMs, parseRate, QuantityError } from './units.js';
+
+const DEFAULT_STATE_DIR = process.env.GANGWAY_STATE_DIR ?? '/var/lib/gangway';
+
+/** Wraps a parser so commander reports "option '--x <v>' argument 'v' is invalid. <why>". */
+function arg<T>(parse: (text: string) => T): (text: string) => T {
+  return (text) => {
+    try {
+      return parse(text);
+    } catch (err) {
+      throw new InvalidArgumentError(err instanceof Error ? err.message : String(err));
+    }
+  };
+}
+
+const number = (what: string, min: number, max: number, integer = false) =>
+  arg((text) => {
+    const value = Number(text);
+    if (!Number.isFinite(value) || value < min || value > max || (integer && !Number.isInteger(value))) {
+      throw new QuantityError(`${what} must be ${integer ? 'an integer' : 'a number'} from ${min} to ${max}`);
+    }
+    return value;
+  });
+
+function parseListen(text: string): { host: string; port: number } {
+  const match = /^(.+):(\d{1,5})$/.exec(text);
+  const port = Number(match?.[2]);
+  if (!match || port > 65535) throw new QuantityError('use HOST:PORT, e.g. 127.0.0.1:7401 (port 0 picks a free one)');
+  return { host: match[1]!.replace(/^\[|\]$/g, ''), port };
+}
+
+const stateDirOption = () =>
+  new Option('--state-dir <dir>', 'the agent state directory (its control socket lives there)')
+    .env('GANGWAY_STATE_DIR')
+    .default(DEFAULT_STATE_DIR);
+
+function fail(err: unknown, json: boolean): never {
+  const code = err instanceof GangwayError ? err.code : ErrorCode.INTERNAL;
+  const message = err instanceof Error ? err.message : String(err);
+  if (json) process.stdout.write(`${JSON.stringify({ error: { code, message } })}\n`);
+  process.stderr.write(`gangway: ${message} [${code}]\n`);
+  process.exit(1);
+}
+
+const program = new Command('gangway')
+  .description('Live migration of guests between hosts: one agent per host, pages streamed peer to peer.')
+  .showHelpAfterError('(run with --help for usage)')
+  .configureOutput({ outputError: (text, write) => write(`gangway: ${text.replace(/^error: /, '')}`) });
+
+program
+  .command('agent')
+  .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
+  .option('--listen <host:port>', 'address for peer agents', arg(parseListen), parseListen('127.0.0.1:7401'))
+  .addOption(stateDirOption())
+  .option('--memory-dir <dir>', 'where guest memory files live', DEFAULT_AGENT_CONFIG.memoryDir)
+  .addOption(new Option('--tracker <kind>', 'dirty-page tracking').choices(['auto', 'uffd-wp', 'hash-scan']).default('auto'))
+  .option('--shutdown-grace <duration>', 'on SIGTERM, how long running migrations may finish', arg(parseDurationMs), DEFAULT_AGENT_CONFIG.shutdownGraceMs)
+  .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
+  .action(async (opts) => {
+    const log = createLogger(opts.logLevel);
+    const stateDir = resolve(opts.stateDir);
+    const socketPath = controlSocketPath(stateDir);
+    if (await controlSocketInUse(socketPath)) {
+      fail(new GangwayError(ErrorCode.BAD_REQUEST, `another agent is already running with state dir ${stateDir}`), false);
+    }
+    const config: AgentConfig = {
+      ...DEFAULT_AGENT_CONFIG,
+      listenHost: opts.listen.host,
+      listenPort: opts.listen.port,
+      stateDir,
+      memoryDir: resolve(opts.memoryDir),
+      tracker: opts.tracker,
+      shutdownGraceMs: opts.shutdownGrace,
+    };
+    const agent = new Agent(config, log);
+    try {
+      await agent.start();
+    } catch (err) {
+      fail(err, false);
+    }
+    const control = await startControlServer(agent, socketPath);
+    let stopping = false;
+    const shutdown = async (signal: string) => {
+      if (stopping) return;
+      stopping = true;
+      log.info({ signal }, 'signal received');
+      await agent.stop();
+      control.close();
+      rmSync(socketPath, { force: true });
+      process.exit(0);
+    };
+    process.on('SIGTERM', () => void shutdown('SIGTERM'));
+    process.on('SIGINT', () => void shutdown('SIGINT'));
+    log.info({ control: socketPath }, 'control API ready');
+  });
+
+const guest = program.command('guest').description('start, stop or resume guests on the local agent');
+
+guest
+  .command('start <name>')
+  .description('start a synthetic guest (gangway-guest) that keeps dirtying its memory')
+  .option('--memory <size>', 'guest memory, e.g. 512MiB', arg((t) => parseBytes(t, '--memory')), parseBytes('512MiB'))
+  .option('--dirty-rate <rate>', 'how fast the guest rewrites memory, e.g. 40MiB/s (0 = idle)', arg((t) => parseRate(t, '--dirty-rate')), 0)
+  .addOption(new Option('--profile <profile>', 'page content').choices(['zero', 'os-image', 'random']).default('os-image'))
+  .option('--seed <n>', 'content seed (guests with different seeds hold different private pages)', number('--seed', 0, 2 ** 53, true), 1)
+  .option('--image-seed <n>', 'image identity: guests with the same image seed share content', number('--image-seed', 0, 2 ** 53, true), 0)
+  .option('--shared <fraction>', 'fraction of non-zero pages taken from the image (0-1)', number('--shared', 0, 1), 0)
+  .option('--hot <fraction>', 'fraction of memory the guest keeps rewriting (0-1)', number('--hot', 0, 1), 0.25)
+  .addOption(stateDirOption())
+  .option('--json', 'print JSON')
+  .action(async (name: string, opts) => {
+    try {
+      const result = await new ControlClient(resolve(opts.stateDir)).call<{ name: string; pid: number; memoryPath: string }>('POST', '/v1/guests', {
+        name,
+        memoryBytes: opts.memory,
+        profile: opts.profile,
+        dirtyRateBytesPerSec: opts.dirtyRate,
+        seed: opts.seed,
+        imageSeed: opts.imageSeed,
+        sharedFraction: opts.shared,
+        hotFraction: opts.hot,
+      });
+      if (opts.json) console.log(JSON.stringify(result));
+      else console.log(`guest ${result.name} running (pid ${result.pid}, memory ${result.memoryPath})`);
+    } catch (err) {
+      fail(err, Boolean(opts.json));
+    }
+  });
+
+for (const [verb, method, suffix, description] of [
+  ['stop', 'DELETE', '', 'stop a guest and delete its memory'],
+  ['resume', 'POST', '/resume', 'resume a paused guest (after a switchover left in doubt)'],
+] as const) {
+  guest
+    .command(`${verb} <name>`)
+    .description(description)
+    .addOption(stateDirOption())
+    .option('--json', 'print JSON')
+    .action(async (name: string, opts) => {
+      try {
+        const result = await new ControlClient(resolve(opts.stateDir)).call('POST' === method ? 'POST' : 'DELETE', `/v1/guests/${encodeURIComponent(name)}${suffix}`);
+        console.log(opts.json ? JSON.stringify(result) : `guest ${name}: ${verb === 'stop' ? 'stopped' : 'resumed'}`);
+      } catch (err) {
+        fail(err, Boolean(opts.json));
+      }
+    });
+}
+
+program
+  .command('migrate <guest>')
+  .description('live-migrate a guest to another agent (pre-copy), verified by memory digests')
+  .requiredOption('--to <host:port>', 'the destination agent')
+  .option('--downtime-ms <ms>', 'downtime budget for the final round', number('--downtime-ms', 1, 600_000), 300)
+  .option('--force', 'at the round or byte limit, stop the guest anyway instead of failing')
+  .option('--max-rounds <n>', 'pre-copy rounds before giving up', number('--max-rounds', 1, 10_000, true), 30)
+  .option('--max-bytes-factor <x>', 'wire bytes allowed, as a multiple of guest memory', number('--max-bytes-factor', 1, 1000), 3)
+  .addOption(new Option('--codec <codec>', 'page compression (auto measures whether LZ4 pays)').choices(['auto', 'lz4', 'raw']).default('auto'))
+  .option('--bandwidth <rate>', 'cap the migration rate, e.g. 100MiB/s or 1Gbit/s', arg((t) => parseRate(t, '--bandwidth')))
+  .addOption(new Option('--tracker <kind>', 'dirty-page tracking for this migration').choices(['auto', 'uffd-wp', 'hash-scan']))
+  .addOption(stateDirOption())
+  .option('--json', 'print the summary as JSON')
+  .action(async (name: string, opts) => {
+    const json = Boolean(opts.json);
+    const tty = process.stderr.isTTY && !json;
+    try {
+      const client = new ControlClient(resolve(opts.stateDir));
+      let summary: MigrationSummary | undefined;
+      for await (const event of client.stream('POST', '/v1/migrations', {
+        guest: name,
+        to: opts.to,
+        downtimeMs: opts.downtimeMs,
+        force: Boolean(opts.force),
+        maxRounds: opts.maxRounds,
+        maxBytesFactor: opts.maxBytesFactor,
+        codec: opts.codec,
+        ...(opts.bandwidth ? { bandwidthBytesPerSec: opts.bandwidth } : {}),
+        ...(opts.tracker ? { tracker: opts.tracker } : {}),
+      })) {
+        if (event.type === 'progress' && tty) process.stderr.write(`\r\x1b[K${progressLine(event.progress as MigrationProgress)}`);
+        if (event.type === 'result') summary = event.summary as MigrationSummary;
+        if (event.type === 'error') {
+          if (tty) process.stderr.write('\r\x1b[K');
+          const error = event.error as { code: string; message: string };
+          throw new GangwayError(error.code as never, error.message);
+        }
+      }
+      if (tty) process.stderr.write('\r\x1b[K');
+      if (!summary) throw new GangwayError(ErrorCode.INTERNAL, 'the agent ended the migration without a result');
+      console.log(json ? JSON.stringify(summary) : summaryText(summary));
+    } catch (err) {
+      fail(err, json);
+    }
+  });
+
+program
+  .command('status')
+  .description('show the local agent, its guests (with their self-check counters) and recent migrations')
+  .addOption(stateDirOption())
+  .option('--json', 'print JSON')
+  .action(async (opts) => {
+    try {
+      const status = await new ControlClient(resolve(opts.stateDir)).call<ReturnType<Agent['status']>>('GET', '/v1/status');
+      if (opts.json) {
+        console.log(JSON.stringify(status));
+        return;
+      }
+      const a = status.agent;
+      console.log(`agent ${a.id} on ${a.listen} (pid ${a.pid}, state ${a.stateDir}, tracker ${a.trackerPreference})`);
+      if (status.guests.length === 0) console.log('no guests');
+      for (const g of status.guests) {
+        console.log(
+          `  guest ${g.name}: ${g.state}, pid ${g.pid}, ${(g.memoryBytes / 2 ** 20).toFixed(0)} MiB, tracker ${g.tracker.kind}` +
+            (g.passes !== undefined ? `, passes ${g.passes}, stale pages ${g.stalePages}` : '') +
+            (g.origin.kind === 'migrated' ? `, migrated in from ${g.origin.from}` : ''),
+        );
+      }
+      for (const m of status.migrations.slice(0, 10)) {
+        const peer = m.direction === 'out' ? `→ ${m.to}` : `← ${m.from}`;
+        const detail =
+          m.state === 'committed' && m.direction === 'out'
+            ? ` downtime ${m.summary.downtimeMs.toFixed(1)} ms, total ${m.summary.totalMs.toFixed(0)} ms`
+            : (m.state === 'failed' || m.state === 'in-doubt') && m.direction === 'out'
+              ? ` ${m.error.message}`
+              : m.direction === 'in' && m.result?.reason
+                ? ` ${m.result.reason}`
+                : '';
+        console.log(`  migration ${m.migrationId.slice(0, 8)} ${m.guest} ${peer}: ${m.state}${detail}`);
+      }
+    } catch (err) {
+      fail(err, Boolean(opts.json));
+    }
+  });
+
+program
+  .command('demo')
+  .description('two local agents, a running guest, a live migration between them, and a summary')
+  .option('--memory <size>', 'guest memory', arg((t) => parseBytes(t, '--memory')), parseBytes('512MiB'))
+  .option('--dirty-rate <rate>', 'guest dirty rate', arg((t) => parseRate(t, '--dirty-rate')), parseRate('40MiB/s'))
+  .option('--json', 'print one JSON object')
+  .action(async (opts) => {
+    try {
+      await runDemo({ memoryBytes: opts.memory, dirtyRateBytesPerSec: opts.dirtyRate, json: Boolean(opts.json) });
+    } catch (err) {
+      fail(err, Boolean(opts.json));
+    }
+  });
+
+await program.parseAsync(process.argv);

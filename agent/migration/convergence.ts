@@ -1,0 +1,114 @@
+// The pre-copy convergence policy: after each round, decide whether to keep copying,
+// to stop (pause the guest and send the last dirty pages), or that a limit was hit.
+// One explicit, pure function (after Cloud Hypervisor's is_precopy_converged), so every
+// branch is tested from a table and the engine has no policy of its own.
+
+export interface ConvergenceLimits {
+  /** Pre-copy rounds allowed, round 0 included; the stop-and-copy round is not counted. */
+  maxRounds: number;
+  /** Wire bytes the pre-copy may send before it is judged not to converge. */
+  maxWireBytes: number;
+}
+
+export interface ConvergenceInput {
+  /** Rounds completed so far (1 after round 0). */
+  roundsDone: number;
+  /** Dirty pages collected for the next round. */
+  pendingPages: number;
+  /** Measured wire bytes per page of recent rounds (compression and zero pages included). */
+  wireBytesPerPage: number;
+  /** Measured rate at which the link takes migration bytes. */
+  linkRateBytesPerSec: number;
+  /** Measured rate at which the guest dirties pages. */
+  dirtyRatePagesPerSec: number;
+  /** Time from this decision until the guest is paused (pages dirtied meanwhile join the final round). */
+  pauseLatencyMs: number;
+  /** Fixed switchover cost: digest, confirmation round trip, resume at the destination. */
+  switchoverOverheadMs: number;
+  downtimeBudgetMs: number;
+  wireBytesSent: number;
+  limits: ConvergenceLimits;
+}
+
+export type ConvergenceDecision =
+  | { action: 'continue'; predictedDowntimeMs: number; converging: boolean; reason: string }
+  | { action: 'stop'; predictedDowntimeMs: number; converging: boolean; reason: string }
+  | { action: 'limit'; limit: 'rounds' | 'bytes'; predictedDowntimeMs: number; converging: boolean; reason: string };
+
+export const DEFAULT_LIMITS_FACTOR = { maxRounds: 30, maxWireBytesPerMemoryByte: 3 } as const;
+
+/** Predicted downtime if the guest were paused now: the final round plus the fixed costs. */
+export function predictDowntimeMs(input: ConvergenceInput): number {
+  const finalPages = input.pendingPages + (input.dirtyRatePagesPerSec * input.pauseLatencyMs) / 1000;
+  const finalBytes = finalPages * input.wireBytesPerPage;
+  const rate = Math.max(input.linkRateBytesPerSec, 1);
+  return input.switchoverOverheadMs + (finalBytes / rate) * 1000;
+}
+
+export function isPrecopyConverged(input: ConvergenceInput): ConvergenceDecision {
+  const predictedDowntimeMs = predictDowntimeMs(input);
+  // The dirty set can only shrink round over round while the guest dirties bytes more
+  // slowly than the link carries them.
+  const dirtyBytesPerSec = input.dirtyRatePagesPerSec * input.wireBytesPerPage;
+  const converging = dirtyBytesPerSec < input.linkRateBytesPerSec;
+  const predicted = `predicted downtime ${predictedDowntimeMs.toFixed(1)} ms, budget ${input.downtimeBudgetMs} ms`;
+
+  if (input.pendingPages === 0) {
+    return { action: 'stop', predictedDowntimeMs, converging, reason: `no dirty pages left; ${predicted}` };
+  }
+  if (predictedDowntimeMs <= input.downtimeBudgetMs) {
+    return { action: 'stop', predictedDowntimeMs, converging, reason: `final round fits the budget: ${predicted}` };
+  }
+  if (input.roundsDone >= input.limits.maxRounds) {
+    return {
+      action: 'limit',
+      limit: 'rounds',
+      predictedDowntimeMs,
+      converging,
+      reason: `round limit ${input.limits.maxRounds} reached; ${predicted}`,
+    };
+  }
+  if (input.wireBytesSent >= input.limits.maxWireBytes) {
+    return {
+      action: 'limit',
+      limit: 'bytes',
+      predictedDowntimeMs,
+      converging,
+      reason: `sent ${input.wireBytesSent} bytes, limit ${input.limits.maxWireBytes}; ${predicted}`,
+    };
+  }
+  return {
+    action: 'continue',
+    predictedDowntimeMs,
+    converging,
+    reason: converging ? predicted : `guest dirties faster than the link; ${predicted}`,
+  };
+}
+
+/**
+ * A byte-weighted exponential moving average of a rate, fed with (bytes, elapsedMs) of each
+ * round. Short rounds say little about the link (latency dominates), so a round shorter
+ * than `minSampleMs` moves the estimate in proportion to its length.
+ */
+export class RateEstimator {
+  private estimate: number | undefined;
+  constructor(
+    private readonly weight = 0.5,
+    private readonly minSampleMs = 50,
+  ) {}
+
+  add(bytes: number, elapsedMs: number): void {
+    if (elapsedMs <= 0 || bytes <= 0) return;
+    const sample = (bytes * 1000) / elapsedMs;
+    if (this.estimate === undefined) {
+      this.estimate = sample;
+      return;
+    }
+    const w = this.weight * Math.min(1, elapsedMs / this.minSampleMs);
+    this.estimate = this.estimate * (1 - w) + sample * w;
+  }
+
+  get value(): number | undefined {
+    return this.estimate;
+  }
+}

@@ -1,0 +1,95 @@
+// Flow control on the sending side: a credit window granted by the receiver (bytes it is
+// ready to take; returned as it writes them), and an optional token-bucket pacer that holds
+// the send rate to a cap when tc cannot (no root) or for --bandwidth.
+
+export interface Clock {
+  now(): number;
+  sleep(ms: number): Promise<void>;
+}
+
+export const realClock: Clock = {
+  now: () => performance.now(),
+  sleep: (ms) => new Promise((resolve) => setTimeout(resolve, ms)),
+};
+
+export class CreditWindow {
+  private available: number;
+  private waiters: { bytes: number; resolve: () => void; reject: (err: Error) => void }[] = [];
+  private failure: Error | undefined;
+
+  constructor(readonly windowBytes: number) {
+    this.available = windowBytes;
+  }
+
+  get availableBytes(): number {
+    return this.available;
+  }
+
+  /** Waits until `bytes` may be sent. A frame larger than the window waits for a full window. */
+  take(bytes: number): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    const need = Math.min(bytes, this.windowBytes);
+    if (this.waiters.length === 0 && this.available >= need) {
+      this.available -= bytes;
+      return Promise.resolve();
+    }
+    return new Promise((resolve, reject) => this.waiters.push({ bytes, resolve, reject }));
+  }
+
+  grant(bytes: number): void {
+    this.available += bytes;
+    while (this.waiters.length > 0) {
+      const first = this.waiters[0]!;
+      if (this.available < Math.min(first.bytes, this.windowBytes)) break;
+      this.waiters.shift();
+      this.available -= first.bytes;
+      first.resolve();
+    }
+  }
+
+  /** Rejects every waiter and every later take (the session is gone). */
+  fail(err: Error): void {
+    this.failure = err;
+    for (const waiter of this.waiters.splice(0)) waiter.reject(err);
+  }
+}
+
+export class Pacer {
+  private tokens: number;
+  private last: number;
+
+  /** `burstBytes` is how far ahead of the rate a sender may get (one batch, typically). */
+  constructor(
+    private rateBytesPerSec: number,
+    private readonly burstBytes: number,
+    private readonly clock: Clock = realClock,
+  ) {
+    this.tokens = burstBytes;
+    this.last = clock.now();
+  }
+
+  get rate(): number {
+    return this.rateBytesPerSec;
+  }
+
+  setRate(rateBytesPerSec: number): void {
+    this.refill();
+    this.rateBytesPerSec = rateBytesPerSec;
+  }
+
+  private refill(): void {
+    const now = this.clock.now();
+    this.tokens = Math.min(this.burstBytes, this.tokens + ((now - this.last) * this.rateBytesPerSec) / 1000);
+    this.last = now;
+  }
+
+  /** Waits until `bytes` fit the rate, then spends them (the balance may go negative for a big frame). */
+  async take(bytes: number): Promise<void> {
+    this.refill();
+    if (this.tokens < 0) {
+      await this.clock.sleep((-this.tokens * 1000) / this.rateBytesPerSec);
+      this.refill();
+    }
+    this.tokens -= bytes;
+  }
+}

@@ -1,0 +1,42 @@
+// The source side of a migration as a typed state machine: an out-of-order transition is a
+// bug, and throws (after Cloud Hypervisor's vm-migration context).
+//
+//   offering ─▶ precopy ─▶ stopping ─▶ verifying ─▶ committing ─▶ committed
+//      │           │           │            │             │
+//      └───────────┴───────────┴────────────┴─▶ failed    └─▶ in-doubt (commit sent, no answer)
+//
+// Before `committing`, a failure resumes the source guest. From `committing` on, the
+// destination may be running the guest, so the source guest is never resumed by itself.
+
+export type SourcePhase = 'offering' | 'precopy' | 'stopping' | 'verifying' | 'committing' | 'committed' | 'failed' | 'in-doubt';
+
+const NEXT: Record<SourcePhase, readonly SourcePhase[]> = {
+  offering: ['precopy', 'failed'],
+  precopy: ['stopping', 'failed'],
+  stopping: ['verifying', 'failed'],
+  verifying: ['committing', 'failed'],
+  committing: ['committed', 'failed', 'in-doubt'],
+  committed: [],
+  failed: [],
+  'in-doubt': ['committed', 'failed'],
+};
+
+export class SourceStateMachine {
+  private current: SourcePhase = 'offering';
+
+  get phase(): SourcePhase {
+    return this.current;
+  }
+
+  /** True while a failure must resume the source guest. */
+  get sourceOwnsGuest(): boolean {
+    return this.current === 'offering' || this.current === 'precopy' || this.current === 'stopping' || this.current === 'verifying';
+  }
+
+  to(next: SourcePhase): void {
+    if (!NEXT[this.current].includes(next)) {
+      throw new Error(`migration state machine: ${this.current} → ${next} is not a legal transition`);
+    }
+    this.current = next;
+  }
+}

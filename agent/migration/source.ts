@@ -1,0 +1,499 @@
+// The source side of a live pre-copy migration of one guest over a peer session.
+//
+// Round 0 sends every page (zero pages as runs); each later round sends the pages the dirty
+// tracker collected, until the convergence policy says the final round fits the downtime
+// budget (or a limit is hit: fail, or stop anyway with force). Then stop-and-copy: pause,
+// the last dirty pages, device state, a 128-bit digest per region compared on both sides,
+// and a two-phase switchover: the destination starts the guest and confirms; only then is
+// the source guest ended. Any failure before the commit resumes the source guest.
+import { EventEmitter } from 'node:events';
+import { rmSync } from 'node:fs';
+import type { Logger } from 'pino';
+import { Codec, FrameType, GuestKind, Technique } from '../../protocol/codes.js';
+import { ErrorCode, GangwayError, PeerError } from '../../protocol/errors.js';
+import { Frame } from '../../protocol/index.js';
+import type { ProcessGuest, TrackerPreference } from '../guest/process-guest.js';
+import { loadNative, type RegionHandle } from '../native.js';
+import type { AnyFrame, FrameHandler, PeerSession } from '../peer/session.js';
+import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
+import { runsPageCount } from '../tracker/page-set.js';
+import { CodecChooser, type CodecMode } from './codec-chooser.js';
+import { isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
+import { CreditWindow, Pacer, realClock, type Clock } from './flow.js';
+import { addCounters, BatchPool, emptyCounters, sendRegionRound, type RoundCounters } from './page-sender.js';
+import { SourceStateMachine, type SourcePhase } from './source-state.js';
+import { openSync, closeSync } from 'node:fs';
+
+export interface SourceOptions {
+  migrationId: string;
+  peerAddress: string;
+  downtimeBudgetMs: number;
+  maxRounds: number;
+  maxWireBytes: number;
+  /** At a limit: fail (the default), or stop the guest anyway and finish with a longer downtime. */
+  force: boolean;
+  codec: CodecMode;
+  bandwidthBytesPerSec?: number;
+  tracker: TrackerPreference;
+  batchBytes: number;
+  /** Measured XXH3-128 speed of this host, to predict the switchover's digest time. */
+  digestBytesPerSec: number;
+  commitTimeoutMs: number;
+  clock?: Clock;
+}
+
+export interface RoundRecord extends RoundCounters {
+  round: number;
+  final: boolean;
+  durationMs: number;
+  /** Pages collected dirty after this round (the next round's size). */
+  dirtyPagesAfter: number;
+  decision?: string;
+}
+
+export interface MigrationSummary {
+  migrationId: string;
+  guest: string;
+  technique: 'precopy';
+  from: string;
+  to: string;
+  tracker: TrackerKind;
+  trackerFallbackReason?: string;
+  verified: boolean;
+  digests: string[];
+  forced: boolean;
+  downtimeMs: number;
+  downtime: { pauseMs: number; finalRoundMs: number; verifyMs: number; commitMs: number; resumeToSendMs: number; rttMs: number };
+  totalMs: number;
+  rounds: RoundRecord[];
+  memoryBytes: number;
+  wireBytes: number;
+  zeroPages: number;
+  dataPages: number;
+  rawDataBytes: number;
+  compressionRatio: number;
+  linkRateBytesPerSec: number;
+  codecRates: { lz4?: number; raw?: number };
+}
+
+export interface MigrationProgress {
+  migrationId: string;
+  guest: string;
+  phase: SourcePhase;
+  round: number;
+  roundPages: number;
+  roundPagesSent: number;
+  percent: number;
+  rateBytesPerSec: number;
+  etaMs: number | undefined;
+  wireBytes: number;
+}
+
+const PAUSE_LATENCY_MS = 5;
+const RESUME_ALLOWANCE_MS = 5;
+
+export class SourceMigration extends EventEmitter implements FrameHandler {
+  readonly state = new SourceStateMachine();
+  private readonly clock: Clock;
+  private readonly native = loadNative();
+  private readonly waiters = new Map<string, { resolve: (frame: AnyFrame) => void; reject: (err: Error) => void }>();
+  private failure: GangwayError | undefined;
+  private credits: CreditWindow | undefined;
+  private lastProgressAt = 0;
+
+  constructor(
+    readonly guest: ProcessGuest,
+    private readonly session: PeerSession,
+    readonly options: SourceOptions,
+    private readonly log: Logger,
+  ) {
+    super();
+    this.clock = options.clock ?? realClock;
+  }
+
+  get phase(): SourcePhase {
+    return this.state.phase;
+  }
+
+  // ── frames from the destination ────────────────────────────────────────────────────
+  onFrame(frame: AnyFrame): void {
+    switch (frame.type) {
+      case 'credit':
+        this.credits?.grant((frame as ReturnType<typeof Frame.credit>).bytes);
+        return;
+      case 'abort': {
+        const abort = frame as ReturnType<typeof Frame.abort>;
+        this.fail(new PeerError(abort.code, `the destination aborted: ${abort.message}`));
+        return;
+      }
+      case 'reject': {
+        const reject = frame as ReturnType<typeof Frame.reject>;
+        this.fail(new GangwayError(ErrorCode.REJECTED, `the destination refused the migration: ${reject.message}`));
+        return;
+      }
+      default: {
+        const waiter = this.waiters.get(frame.type);
+        if (!waiter) {
+          this.fail(new GangwayError(ErrorCode.UNEXPECTED_FRAME, `unexpected frame type ${frame.type} in phase ${this.phase}`));
+          return;
+        }
+        this.waiters.delete(frame.type);
+        waiter.resolve(frame);
+      }
+    }
+  }
+
+  onSessionClosed(err: GangwayError): void {
+    this.fail(err);
+  }
+
+  private fail(err: GangwayError): void {
+    if (this.failure) return;
+    this.failure = err;
+    this.credits?.fail(err);
+    for (const waiter of this.waiters.values()) waiter.reject(err);
+    this.waiters.clear();
+  }
+
+  private expect<T extends AnyFrame>(type: AnyFrame['type'], timeoutMs: number, what: string): Promise<T> {
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters.delete(type);
+        reject(new GangwayError(ErrorCode.TIMEOUT, `no ${what} from the destination within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.waiters.set(type, {
+        resolve: (frame) => {
+          clearTimeout(timer);
+          resolve(frame as T);
+        },
+        reject: (err) => {
+          clearTimeout(timer);
+          reject(err);
+        },
+      });
+    });
+  }
+
+  private check(): void {
+    if (this.failure) throw this.failure;
+  }
+
+  private send(frame: AnyFrame): void {
+    this.check();
+    this.session.send(frame);
+  }
+
+  // ── the migration ─────────────────────────────────────────────────────────────────
+  async run(): Promise<MigrationSummary> {
+    const started = this.clock.now();
+    const { guest, options } = this;
+    const regions: RegionHandle[] = [];
+    let tracker: DirtyTracker | undefined;
+    let trackerFallbackReason: string | undefined;
+    this.session.register(options.migrationId, this);
+    try {
+      const opened = await guest.openTracker(options.tracker);
+      tracker = opened.tracker;
+      trackerFallbackReason = opened.fallbackReason;
+      if (trackerFallbackReason) this.log.warn({ reason: trackerFallbackReason }, 'uffd-wp unavailable; hash-scan tracking');
+      const fd = openSync(guest.files.memoryPath, 'r');
+      try {
+        regions.push(
+          this.native.regionMap(fd, guest.memoryBytes, guest.pageSizeBytes, { writable: false, trackHashes: false, initiallyZero: false }),
+        );
+      } finally {
+        closeSync(fd);
+      }
+      const summary = await this.migrate(started, regions, tracker, trackerFallbackReason);
+      return summary;
+    } catch (err) {
+      throw await this.recover(err);
+    } finally {
+      this.session.unregister(options.migrationId);
+      tracker?.close();
+      for (const region of regions) this.native.regionClose(region);
+    }
+  }
+
+  /** After a failure: resume the source guest if it is still ours, tell the peer, explain. */
+  private async recover(err: unknown): Promise<GangwayError> {
+    const error =
+      err instanceof GangwayError
+        ? err
+        : new GangwayError(ErrorCode.INTERNAL, err instanceof Error ? err.message : String(err), { cause: err });
+    this.fail(error);
+    const phase = this.state.phase;
+    if (this.state.sourceOwnsGuest) {
+      if (this.guest.isPaused) this.guest.resume();
+      this.state.to('failed');
+      if (this.session.isOpen && !(error instanceof PeerError)) {
+        this.session.send(Frame.abort({ migrationId: this.options.migrationId, code: error.code, message: error.message.slice(0, 1024) }));
+      }
+      this.log.warn({ code: error.code, err: error.message, phase }, 'migration failed; the guest runs on here');
+      return new GangwayError(
+        error.code,
+        `migration of ${this.guest.name} to ${this.options.peerAddress} failed during ${phase}: ${error.message}. The guest keeps running on this host.`,
+        { cause: error },
+      );
+    }
+    if (phase === 'committing') {
+      if (error instanceof PeerError) {
+        // The destination answered: it did not start the guest, so ours is still the one.
+        this.guest.resume();
+        this.state.to('failed');
+        return new GangwayError(
+          error.code,
+          `the destination could not start ${this.guest.name}: ${error.message}. The guest was resumed on this host.`,
+          { cause: error },
+        );
+      }
+      this.state.to('in-doubt');
+      this.log.error({ err: error.message }, 'switchover in doubt: the guest stays paused here');
+      return new GangwayError(
+        ErrorCode.SWITCHOVER_IN_DOUBT,
+        `the commit of ${this.guest.name} was sent to ${this.options.peerAddress} but not confirmed (${error.message}). ` +
+          'The guest may be running there: it stays paused here. Check `gangway status` on the destination; ' +
+          'if the guest is not there, resume it here with `gangway guest resume ' + this.guest.name + '`.',
+        { cause: error },
+      );
+    }
+    return error;
+  }
+
+  private async migrate(
+    started: number,
+    regions: RegionHandle[],
+    tracker: DirtyTracker,
+    trackerFallbackReason: string | undefined,
+  ): Promise<MigrationSummary> {
+    const { guest, options } = this;
+    const pageSize = guest.pageSizeBytes;
+    const pageCount = guest.memoryBytes / pageSize;
+
+    // Offer.
+    const acceptP = this.expect<ReturnType<typeof Frame.accept>>('accept', 30_000, 'accept');
+    this.send(
+      Frame.offer({
+        migrationId: options.migrationId,
+        guest: {
+          name: guest.name,
+          kind: GuestKind.process,
+          regions: [{ name: 'ram', lengthBytes: guest.memoryBytes, pageSizeBytes: pageSize }],
+          config: {},
+        },
+        technique: Technique.precopy,
+        downtimeBudgetMs: options.downtimeBudgetMs,
+        codecs: options.codec === 'raw' ? [Codec.raw] : [Codec.raw, Codec.lz4],
+      }),
+    );
+    const accept = await acceptP;
+    this.credits = new CreditWindow(accept.creditBytes);
+    this.state.to('precopy');
+
+    const rttMs = await this.session.measureRttMs();
+    const chooser = new CodecChooser({ mode: options.codec, now: () => this.clock.now() });
+    const pool = new BatchPool(Math.min(options.batchBytes, this.session.peerMaxPayloadBytes), 8192);
+    const pacer = options.bandwidthBytesPerSec
+      ? new Pacer(options.bandwidthBytesPerSec, options.batchBytes, this.clock)
+      : undefined;
+    const rounds: RoundRecord[] = [];
+    const totals = emptyCounters();
+    const linkRate = new RateEstimator();
+    let wireBytesPerPage = pageSize;
+    const switchoverOverheadMs = (guest.memoryBytes / options.digestBytesPerSec) * 1000 + 2 * rttMs + RESUME_ALLOWANCE_MS;
+
+    const sendRound = async (round: number, runs: Uint32Array, final: boolean): Promise<RoundRecord> => {
+      const t0 = this.clock.now();
+      const roundPages = runsPageCount(runs);
+      const counters = await sendRegionRound(
+        {
+          session: this.session,
+          migrationId: options.migrationId,
+          pageSizeBytes: pageSize,
+          pool,
+          chooser,
+          credits: this.credits!,
+          pacer,
+          pipelineDepth: 3,
+          onBatch: (c) => this.progress(round, roundPages, c, t0, totals.wireBytes + c.wireBytes),
+        },
+        0,
+        regions[0]!,
+        tracker,
+        round,
+        runs,
+      );
+      this.send(Frame.roundEnd({ migrationId: options.migrationId, round, pageCount: counters.pages, final }));
+      addCounters(totals, counters);
+      const record: RoundRecord = { round, final, durationMs: this.clock.now() - t0, dirtyPagesAfter: 0, ...counters };
+      rounds.push(record);
+      return record;
+    };
+
+    // Pre-copy rounds.
+    await tracker.arm();
+    let runs: Uint32Array = Uint32Array.of(0, pageCount);
+    let round = 0;
+    let lastCollect = this.clock.now();
+    let forced = false;
+    let decision: ConvergenceDecision;
+    for (;;) {
+      const record = await sendRound(round, runs, false);
+      linkRate.add(record.wireBytes, record.durationMs);
+      if (record.dataPages > 0) {
+        const sample = round === 0 ? (record.payloadBytes / record.dataPages) + 16 : record.wireBytes / record.pages;
+        wireBytesPerPage = round <= 1 ? sample : wireBytesPerPage * 0.5 + sample * 0.5;
+      }
+      runs = await tracker.collect();
+      const now = this.clock.now();
+      const pending = runsPageCount(runs);
+      const dirtyRatePagesPerSec = (pending * 1000) / Math.max(now - lastCollect, 1);
+      lastCollect = now;
+      record.dirtyPagesAfter = pending;
+      decision = isPrecopyConverged({
+        roundsDone: round + 1,
+        pendingPages: pending,
+        wireBytesPerPage,
+        linkRateBytesPerSec: linkRate.value ?? 1,
+        dirtyRatePagesPerSec,
+        pauseLatencyMs: PAUSE_LATENCY_MS,
+        switchoverOverheadMs,
+        downtimeBudgetMs: options.downtimeBudgetMs,
+        wireBytesSent: totals.wireBytes,
+        limits: { maxRounds: options.maxRounds, maxWireBytes: options.maxWireBytes },
+      });
+      record.decision = decision.reason;
+      this.log.info(
+        { round, pages: record.pages, wireBytes: record.wireBytes, ms: Math.round(record.durationMs), dirtyPages: pending, decision: decision.action, reason: decision.reason },
+        'round done',
+      );
+      if (decision.action === 'stop') break;
+      if (decision.action === 'limit') {
+        if (!options.force) {
+          throw new GangwayError(
+            ErrorCode.NON_CONVERGENCE,
+            `pre-copy does not converge: ${decision.reason}. Raise --downtime-ms, cap the guest's dirty rate, or pass --force to stop it anyway`,
+          );
+        }
+        forced = true;
+        this.log.warn({ reason: decision.reason }, 'limit reached; stopping the guest anyway (--force)');
+        break;
+      }
+      round++;
+    }
+
+    // Stop-and-copy.
+    this.state.to('stopping');
+    const pauseStart = this.clock.now();
+    await guest.pause();
+    const pausedAt = this.clock.now();
+    this.send(Frame.pause({ migrationId: options.migrationId }));
+    const finalRuns = await tracker.collect();
+    // The source's digest reads the paused memory on the thread pool while the final round goes out.
+    const sourceDigests = Promise.all(regions.map((region) => this.native.regionDigest(region, 'full')));
+    sourceDigests.catch(() => {});
+    const finalRecord = await sendRound(round + 1, finalRuns, true);
+    this.send(Frame.deviceState({ migrationId: options.migrationId, state: new Uint8Array(0) }));
+    const finalSentAt = this.clock.now();
+
+    this.state.to('verifying');
+    const digests = await sourceDigests;
+    const verifiedP = this.expect<ReturnType<typeof Frame.verified>>('verified', 60_000, 'verification');
+    this.send(Frame.verify({ migrationId: options.migrationId, digests }));
+    const verified = await verifiedP;
+    const verifiedAt = this.clock.now();
+    if (!verified.match || !sameDigests(verified.digests, digests)) {
+      throw new GangwayError(
+        ErrorCode.DIGEST_MISMATCH,
+        `memory digests differ after the final round (source ${hex(digests)}, destination ${hex(verified.digests)})`,
+      );
+    }
+
+    this.state.to('committing');
+    const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'commit confirmation');
+    this.send(Frame.commit({ migrationId: options.migrationId }));
+    const committed = await committedP;
+    const committedAt = this.clock.now();
+    this.state.to('committed');
+
+    // The destination runs the guest: end ours and free its memory.
+    await guest.terminate();
+    rmSync(guest.files.memoryPath, { force: true });
+    rmSync(guest.files.trackReportPath, { force: true });
+
+    const downtimeMs = Math.max(0, committedAt - pauseStart - committed.resumeToSendMs - rttMs / 2);
+    const summary: MigrationSummary = {
+      migrationId: options.migrationId,
+      guest: guest.name,
+      technique: 'precopy',
+      from: 'local',
+      to: options.peerAddress,
+      tracker: tracker.kind,
+      ...(trackerFallbackReason ? { trackerFallbackReason } : {}),
+      verified: true,
+      digests: digests.map((d) => Buffer.from(d).toString('hex')),
+      forced,
+      downtimeMs,
+      downtime: {
+        pauseMs: pausedAt - pauseStart,
+        finalRoundMs: finalSentAt - pausedAt,
+        verifyMs: verifiedAt - finalSentAt,
+        commitMs: committedAt - verifiedAt,
+        resumeToSendMs: committed.resumeToSendMs,
+        rttMs,
+      },
+      totalMs: committedAt - started,
+      rounds,
+      memoryBytes: guest.memoryBytes,
+      wireBytes: totals.wireBytes,
+      zeroPages: totals.zeroPages,
+      dataPages: totals.dataPages,
+      rawDataBytes: totals.rawBytes,
+      compressionRatio: totals.rawBytes > 0 ? totals.payloadBytes / totals.rawBytes : 1,
+      linkRateBytesPerSec: linkRate.value ?? 0,
+      codecRates: chooserRates(chooser),
+    };
+    void finalRecord;
+    this.log.info({ downtimeMs: Math.round(downtimeMs), totalMs: Math.round(summary.totalMs), rounds: rounds.length, wireBytes: totals.wireBytes }, 'migration committed');
+    return summary;
+  }
+
+  private progress(round: number, roundPages: number, counters: RoundCounters, roundStart: number, wireBytes: number): void {
+    const now = this.clock.now();
+    if (now - this.lastProgressAt < 100 && counters.pages < roundPages) return;
+    this.lastProgressAt = now;
+    const elapsedMs = now - roundStart;
+    const rateBytesPerSec = elapsedMs > 0 ? (counters.pages * this.guest.pageSizeBytes * 1000) / elapsedMs : 0;
+    const remaining = roundPages - counters.pages;
+    const progress: MigrationProgress = {
+      migrationId: this.options.migrationId,
+      guest: this.guest.name,
+      phase: this.phase,
+      round,
+      roundPages,
+      roundPagesSent: counters.pages,
+      percent: roundPages > 0 ? (100 * counters.pages) / roundPages : 100,
+      rateBytesPerSec,
+      etaMs: rateBytesPerSec > 0 ? (remaining * this.guest.pageSizeBytes * 1000) / rateBytesPerSec : undefined,
+      wireBytes,
+    };
+    this.emit('progress', progress);
+  }
+}
+
+function chooserRates(chooser: CodecChooser): { lz4?: number; raw?: number } {
+  const rates = chooser.rates();
+  return {
+    ...(rates.lz4 !== undefined ? { lz4: rates.lz4 } : {}),
+    ...(rates.raw !== undefined ? { raw: rates.raw } : {}),
+  };
+}
+
+function sameDigests(a: readonly Uint8Array[], b: readonly Uint8Array[]): boolean {
+  return a.length === b.length && a.every((digest, i) => Buffer.from(digest).equals(Buffer.from(b[i]!)));
+}
+
+function hex(digests: readonly Uint8Array[]): string {
+  return digests.map((d) => Buffer.from(d).toString('hex')).join(',');
+}

@@ -1,0 +1,293 @@
+// One session with a peer agent: an ordered WebSocket stream of protocol frames carrying
+// any number of concurrent migrations. The session does the hello exchange, decodes
+// frames, routes them to the migration they name, and closes on a protocol violation with
+// an error frame (the agent's other sessions are unaffected).
+//
+// Frames go out as one WebSocket message each, sent as two fragments (prefix+header, then
+// the payload) so a 1 MiB payload is never copied to be framed. Both fragments are queued
+// in the same tick, so messages never interleave.
+import { EventEmitter } from 'node:events';
+import type { Logger } from 'pino';
+import WebSocket from 'ws';
+import { encodeFrame, Frame, FrameDecoder } from '../../protocol/index.js';
+import { FrameType } from '../../protocol/codes.js';
+import { ErrorCode, GangwayError, PeerError, ProtocolError } from '../../protocol/errors.js';
+import { MAGIC, PROTOCOL_VERSION } from '../../protocol/limits.js';
+
+export type AnyFrame = ReturnType<FrameDecoder['push']>[number];
+export type HelloFrame = ReturnType<typeof Frame.hello>;
+export type OfferFrame = ReturnType<typeof Frame.offer>;
+
+export interface FrameHandler {
+  onFrame(frame: AnyFrame, wireBytes: number): void;
+  /** The session ended (peer gone, protocol error, local close). */
+  onSessionClosed(err: GangwayError): void;
+}
+
+export interface SessionOptions {
+  role: 'client' | 'server';
+  agentId: string;
+  features: string[];
+  maxPayloadBytes: number;
+  log: Logger;
+  helloTimeoutMs?: number;
+}
+
+/** Close codes (RFC 6455) used by gangway. */
+export const CloseCode = { normal: 1000, goingAway: 1001, protocol: 1002, policy: 1008, tooBig: 1009 } as const;
+
+export class PeerSession extends EventEmitter {
+  readonly ready: Promise<HelloFrame>;
+  private readonly decoder: FrameDecoder;
+  private readonly handlers = new Map<string, FrameHandler>();
+  private closedWith: GangwayError | undefined;
+  private peerHello: HelloFrame | undefined;
+  private resolveReady!: (hello: HelloFrame) => void;
+  private rejectReady!: (err: Error) => void;
+  /** Offers from the peer (server role). */
+  onOffer: ((frame: OfferFrame, session: PeerSession) => void) | undefined;
+  readonly log: Logger;
+
+  constructor(
+    private readonly ws: WebSocket,
+    private readonly options: SessionOptions,
+  ) {
+    super();
+    this.log = options.log;
+    this.decoder = new FrameDecoder({ maxPayloadBytes: options.maxPayloadBytes });
+    this.ready = new Promise((resolve, reject) => {
+      this.resolveReady = resolve;
+      this.rejectReady = reject;
+    });
+    this.ready.catch(() => {});
+    ws.binaryType = 'nodebuffer';
+    ws.on('message', (data: Buffer, isBinary: boolean) => this.receive(data, isBinary));
+    ws.on('close', (code, reason) => {
+      this.finish(
+        new GangwayError(
+          ErrorCode.PEER_GONE,
+          `the peer closed the session (${code}${reason.length ? `: ${reason.toString()}` : ''})`,
+        ),
+      );
+    });
+    ws.on('error', (err) => {
+      this.finish(new GangwayError(ErrorCode.PEER_GONE, `session error: ${err.message}`, { cause: err }));
+    });
+    const timeoutMs = options.helloTimeoutMs ?? 10_000;
+    const timer = setTimeout(
+      () => this.fail(new ProtocolError(ErrorCode.PROTOCOL, `no hello within ${timeoutMs} ms`)),
+      timeoutMs,
+    );
+    this.ready.then(
+      () => clearTimeout(timer),
+      () => clearTimeout(timer),
+    );
+    const send = () =>
+      this.send(
+        Frame.hello({
+          agentId: options.agentId,
+          features: options.features,
+          maxPayloadBytes: options.maxPayloadBytes,
+        }),
+      );
+    if (ws.readyState === WebSocket.OPEN) send();
+    else ws.once('open', send);
+  }
+
+  get peer(): HelloFrame | undefined {
+    return this.peerHello;
+  }
+
+  get isOpen(): boolean {
+    return this.closedWith === undefined && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  get bufferedAmount(): number {
+    return this.ws.bufferedAmount;
+  }
+
+  /** The largest payload the peer accepts. */
+  get peerMaxPayloadBytes(): number {
+    return Math.min(this.peerHello?.maxPayloadBytes ?? this.options.maxPayloadBytes, this.options.maxPayloadBytes);
+  }
+
+  /** Round-trip time of a WebSocket ping, in ms. */
+  measureRttMs(timeoutMs = 5_000): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const started = performance.now();
+      const timer = setTimeout(() => {
+        this.ws.off('pong', onPong);
+        reject(new GangwayError(ErrorCode.TIMEOUT, `no pong from the peer within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const onPong = () => {
+        clearTimeout(timer);
+        resolve(performance.now() - started);
+      };
+      this.ws.once('pong', onPong);
+      this.ws.ping();
+    });
+  }
+
+  register(migrationId: string, handler: FrameHandler): void {
+    this.handlers.set(migrationId, handler);
+  }
+
+  unregister(migrationId: string): void {
+    this.handlers.delete(migrationId);
+  }
+
+  /** Queues a frame; `onWritten` runs once its bytes are handed to the socket. Returns its wire size. */
+  send(frame: AnyFrame, onWritten?: (err?: Error) => void): number {
+    if (this.closedWith) {
+      onWritten?.(this.closedWith);
+      return 0;
+    }
+    const [head, payload] = encodeFrame(frame);
+    if (payload && payload.length > 0) {
+      this.ws.send(head, { binary: true, fin: false });
+      this.ws.send(payload, { binary: true, fin: true }, onWritten);
+      return head.length + payload.length;
+    }
+    this.ws.send(head, { binary: true, fin: true }, onWritten);
+    return head.length;
+  }
+
+  private receive(data: Buffer, isBinary: boolean): void {
+    if (this.closedWith) return;
+    let frames: AnyFrame[];
+    try {
+      if (!isBinary) throw new ProtocolError(ErrorCode.PROTOCOL, 'text message on a binary protocol');
+      frames = this.decoder.push(data);
+      if (frames.length !== 1 || this.decoder.bufferedBytes !== 0) {
+        throw new ProtocolError(
+          ErrorCode.PROTOCOL,
+          `a message must carry exactly one frame (got ${frames.length}, ${this.decoder.bufferedBytes} bytes left over)`,
+        );
+      }
+    } catch (err) {
+      this.fail(toProtocolError(err));
+      return;
+    }
+    const frame = frames[0]!;
+    try {
+      this.dispatch(frame, data.length);
+    } catch (err) {
+      this.fail(toProtocolError(err));
+    }
+  }
+
+  private dispatch(frame: AnyFrame, wireBytes: number): void {
+    if (!this.peerHello) {
+      if (frame.type !== 'hello') {
+        throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `expected hello first, got frame type ${frame.type}`);
+      }
+      const hello = frame as HelloFrame;
+      if (hello.version !== PROTOCOL_VERSION) {
+        throw new ProtocolError(
+          ErrorCode.PROTOCOL_VERSION,
+          `peer speaks protocol version ${hello.version}, this agent speaks ${PROTOCOL_VERSION}`,
+        );
+      }
+      this.peerHello = hello;
+      this.log.info({ peerAgent: hello.agentId, features: hello.features }, 'session established');
+      this.resolveReady(hello);
+      return;
+    }
+    switch (frame.type) {
+      case 'hello':
+        throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'second hello on a session');
+      case 'error': {
+        const error = frame as ReturnType<typeof Frame.error>;
+        this.finish(new PeerError(error.code, error.message));
+        this.ws.close(CloseCode.normal);
+        return;
+      }
+      case 'offer':
+        if (this.options.role !== 'server' || !this.onOffer) {
+          throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'offer sent to the migrating side');
+        }
+        this.onOffer(frame as OfferFrame, this);
+        return;
+      default: {
+        const migrationId = (frame as { migrationId?: string }).migrationId;
+        const handler = migrationId === undefined ? undefined : this.handlers.get(migrationId);
+        if (!handler) {
+          // A frame can race an abort; it is dropped, not an error.
+          this.log.debug({ migrationId, type: frame.type }, 'frame for an unknown migration dropped');
+          return;
+        }
+        handler.onFrame(frame, wireBytes);
+      }
+    }
+  }
+
+  /** Ends the session with an error frame that tells the peer why. */
+  fail(err: GangwayError): void {
+    if (this.closedWith) return;
+    this.log.warn({ code: err.code, err: err.message }, 'closing session');
+    try {
+      this.send(Frame.error({ code: err.code, message: err.message.slice(0, 1024) }));
+    } catch {}
+    const closeCode = err instanceof ProtocolError ? err.closeCode : CloseCode.policy;
+    this.finish(err);
+    this.ws.close(closeCode, err.code.slice(0, 100));
+    // A peer that does not answer the close handshake is cut off.
+    setTimeout(() => this.ws.terminate(), 2_000).unref();
+  }
+
+  close(): void {
+    this.finish(new GangwayError(ErrorCode.SHUTTING_DOWN, 'session closed by this agent'));
+    this.ws.close(CloseCode.goingAway);
+    setTimeout(() => this.ws.terminate(), 2_000).unref();
+  }
+
+  private finish(err: GangwayError): void {
+    if (this.closedWith) return;
+    this.closedWith = err;
+    this.rejectReady(err);
+    for (const handler of [...this.handlers.values()]) handler.onSessionClosed(err);
+    this.handlers.clear();
+    this.emit('closed', err);
+  }
+}
+
+function toProtocolError(err: unknown): GangwayError {
+  if (err instanceof GangwayError) return err;
+  return new ProtocolError(ErrorCode.PROTOCOL, err instanceof Error ? err.message : String(err), {
+    cause: err,
+  });
+}
+
+const ZERO_MASK = (mask: Uint8Array) => mask.fill(0);
+
+/**
+ * Connects to a peer agent. Masking is skipped (a zero mask, which RFC 6455 allows):
+ * it protects browsers' proxies from script-chosen bytes, which is not this threat model,
+ * and it would cost a copy of every page.
+ */
+export function connectPeer(address: string, options: Omit<SessionOptions, 'role'>): Promise<PeerSession> {
+  return new Promise((resolve, reject) => {
+    const url = `ws://${address}/gangway/v1`;
+    const ws = new WebSocket(url, {
+      perMessageDeflate: false,
+      maxPayload: options.maxPayloadBytes + 256 * 1024,
+      generateMask: ZERO_MASK,
+      handshakeTimeout: 10_000,
+    });
+    const onError = (err: Error) =>
+      reject(
+        new GangwayError(ErrorCode.PEER_UNREACHABLE, `cannot reach the agent at ${address}: ${err.message}`, {
+          cause: err,
+        }),
+      );
+    ws.once('error', onError);
+    ws.once('open', () => {
+      ws.off('error', onError);
+      const session = new PeerSession(ws, { ...options, role: 'client' });
+      session.ready.then(
+        () => resolve(session),
+        (err) => reject(err),
+      );
+    });
+  });
+}

@@ -1,0 +1,81 @@
+// A set of page indices over one region, as a bitmap, with run (pair) input and output:
+// [firstPage, pageCount, firstPage, pageCount, ...] in a Uint32Array, ascending.
+
+export class PageSet {
+  private readonly bits: Uint8Array;
+  private count = 0;
+
+  constructor(readonly pageCount: number) {
+    this.bits = new Uint8Array(Math.ceil(pageCount / 8));
+  }
+
+  get size(): number {
+    return this.count;
+  }
+
+  addRuns(runs: Uint32Array): void {
+    for (let i = 0; i + 1 < runs.length; i += 2) this.addRange(runs[i]!, runs[i + 1]!);
+  }
+
+  addRange(firstPage: number, pageCount: number): void {
+    const end = Math.min(firstPage + pageCount, this.pageCount);
+    for (let page = firstPage; page < end; page++) this.add(page);
+  }
+
+  add(page: number): void {
+    const byte = page >>> 3;
+    const mask = 1 << (page & 7);
+    if ((this.bits[byte]! & mask) === 0) {
+      this.bits[byte]! |= mask;
+      this.count++;
+    }
+  }
+
+  has(page: number): boolean {
+    return (this.bits[page >>> 3]! & (1 << (page & 7))) !== 0;
+  }
+
+  clear(): void {
+    this.bits.fill(0);
+    this.count = 0;
+  }
+
+  /** The pages as ascending runs. */
+  toRuns(): Uint32Array {
+    const out: number[] = [];
+    let runStart = -1;
+    for (let byte = 0; byte < this.bits.length; byte++) {
+      const value = this.bits[byte]!;
+      if (value === 0 && runStart < 0) continue;
+      if (value === 0xff && runStart >= 0) continue;
+      for (let bit = 0; bit < 8; bit++) {
+        const page = byte * 8 + bit;
+        if (page >= this.pageCount) break;
+        const set = (value & (1 << bit)) !== 0;
+        if (set && runStart < 0) runStart = page;
+        else if (!set && runStart >= 0) {
+          out.push(runStart, page - runStart);
+          runStart = -1;
+        }
+      }
+    }
+    if (runStart >= 0) out.push(runStart, this.pageCount - runStart);
+    return Uint32Array.from(out);
+  }
+}
+
+export function runsPageCount(runs: Uint32Array): number {
+  let total = 0;
+  for (let i = 1; i < runs.length; i += 2) total += runs[i]!;
+  return total;
+}
+
+/** Union of two run lists (each ascending), as ascending coalesced runs. */
+export function mergeRuns(a: Uint32Array, b: Uint32Array, pageCount: number): Uint32Array {
+  if (b.length === 0) return a;
+  if (a.length === 0) return b;
+  const set = new PageSet(pageCount);
+  set.addRuns(a);
+  set.addRuns(b);
+  return set.toRuns();
+}

@@ -1,0 +1,128 @@
+import { describe, expect, it } from 'vitest';
+import { isPrecopyConverged, predictDowntimeMs, RateEstimator, type ConvergenceInput } from '../../agent/migration/convergence.js';
+
+const MiB = 1024 * 1024;
+const PAGE = 4096;
+
+function input(overrides: Partial<ConvergenceInput>): ConvergenceInput {
+  return {
+    roundsDone: 1,
+    pendingPages: 1000,
+    wireBytesPerPage: PAGE,
+    linkRateBytesPerSec: 1000 * MiB,
+    dirtyRatePagesPerSec: 0,
+    pauseLatencyMs: 5,
+    switchoverOverheadMs: 20,
+    downtimeBudgetMs: 300,
+    wireBytesSent: 512 * MiB,
+    limits: { maxRounds: 30, maxWireBytes: 3 * 512 * MiB },
+    ...overrides,
+  };
+}
+
+describe('isPrecopyConverged', () => {
+  // [case, overrides, action, limit?]
+  const table: [string, Partial<ConvergenceInput>, 'continue' | 'stop' | 'limit', string?][] = [
+    ['nothing dirty stops at once', { pendingPages: 0 }, 'stop'],
+    ['4 MiB at 1000 MiB/s fits 300 ms', { pendingPages: 1024 }, 'stop'],
+    ['512 MiB at 1000 MiB/s does not fit 300 ms', { pendingPages: 131072 }, 'continue'],
+    ['512 MiB at 1000 MiB/s fits a 600 ms budget', { pendingPages: 131072, downtimeBudgetMs: 600 }, 'stop'],
+    ['compression makes it fit', { pendingPages: 131072, wireBytesPerPage: 1024 }, 'stop'],
+    ['a slow link does not fit', { pendingPages: 10_000, linkRateBytesPerSec: 10 * MiB }, 'continue'],
+    ['fixed overhead alone can exceed the budget', { pendingPages: 1, switchoverOverheadMs: 400 }, 'continue'],
+    ['round limit', { pendingPages: 131072, roundsDone: 30 }, 'limit', 'rounds'],
+    ['byte limit', { pendingPages: 131072, wireBytesSent: 3 * 512 * MiB }, 'limit', 'bytes'],
+    ['fitting wins over a reached limit', { pendingPages: 10, roundsDone: 30 }, 'stop'],
+    ['dirtying before the pause counts', { pendingPages: 60_000, dirtyRatePagesPerSec: 2_000_000, pauseLatencyMs: 10 }, 'continue'],
+    ['1 Gbit/s link, 40 MiB/s guest, 4 MiB pending', { pendingPages: 1024, linkRateBytesPerSec: 125e6, dirtyRatePagesPerSec: 10240 }, 'stop'],
+  ];
+  it.each(table)('%s', (_name, overrides, action, limit) => {
+    const decision = isPrecopyConverged(input(overrides));
+    expect(decision.action).toBe(action);
+    if (limit) expect(decision).toMatchObject({ limit });
+    expect(decision.reason.length).toBeGreaterThan(0);
+  });
+
+  it('predicts final bytes over link rate plus overhead', () => {
+    const ms = predictDowntimeMs(input({ pendingPages: 25_600, wireBytesPerPage: 4096, linkRateBytesPerSec: 100 * MiB, switchoverOverheadMs: 10, dirtyRatePagesPerSec: 0 }));
+    expect(ms).toBeCloseTo(10 + 1000, 5);
+  });
+
+  it('flags a guest dirtying faster than the link as not converging', () => {
+    const fast = isPrecopyConverged(input({ pendingPages: 131072, dirtyRatePagesPerSec: 300_000, linkRateBytesPerSec: 1000 * MiB }));
+    expect(fast.converging).toBe(false);
+    const slow = isPrecopyConverged(input({ pendingPages: 131072, dirtyRatePagesPerSec: 10_000, linkRateBytesPerSec: 1000 * MiB }));
+    expect(slow.converging).toBe(true);
+  });
+});
+
+/**
+ * A fake-clock simulation of pre-copy: a guest dirtying `dirtyPagesPerSec` over a hot set,
+ * a link of `linkBytesPerSec`; each round takes pending*page/link ms of simulated time.
+ */
+function simulate(memoryPages: number, hotPages: number, dirtyPagesPerSec: number, linkBytesPerSec: number, budgetMs: number) {
+  let now = 0;
+  const rate = new RateEstimator();
+  let pending = memoryPages;
+  let wire = 0;
+  for (let round = 0; ; round++) {
+    const ms = ((pending * PAGE) / linkBytesPerSec) * 1000;
+    now += ms;
+    wire += pending * PAGE;
+    rate.add(pending * PAGE, ms);
+    // Pages dirtied during the round, bounded by the hot set (a page dirtied twice counts once).
+    const written = (dirtyPagesPerSec * ms) / 1000;
+    pending = Math.round(hotPages * (1 - Math.exp(-written / hotPages)));
+    const decision = isPrecopyConverged({
+      roundsDone: round + 1,
+      pendingPages: pending,
+      wireBytesPerPage: PAGE,
+      linkRateBytesPerSec: rate.value!,
+      dirtyRatePagesPerSec: (pending * 1000) / ms,
+      pauseLatencyMs: 5,
+      switchoverOverheadMs: 20,
+      downtimeBudgetMs: budgetMs,
+      wireBytesSent: wire,
+      limits: { maxRounds: 30, maxWireBytes: 3 * memoryPages * PAGE },
+    });
+    if (decision.action !== 'continue') return { decision, rounds: round + 1, elapsedMs: now };
+  }
+}
+
+describe('pre-copy under a fake clock', () => {
+  const pages = (512 * MiB) / PAGE;
+  it.each([
+    // [dirty MiB/s, link MiB/s, hot fraction, expected]
+    [0, 1000, 0.25, 'stop'],
+    [20, 1000, 0.25, 'stop'],
+    [40, 1000, 0.25, 'stop'],
+    [40, 119, 0.25, 'stop'],
+    [200, 1000, 0.25, 'stop'],
+    // A hot set the link moves within the budget ends it however fast the guest writes.
+    [2000, 1000, 0.25, 'stop'],
+    // Dirtying just under the link rate converges, slowly.
+    [900, 1000, 1, 'stop'],
+    [2000, 1000, 1, 'limit'],
+    [100, 50, 0.25, 'limit'],
+  ] as const)('dirtying %d MiB/s over a %d MiB/s link, hot %d, ends with %s', (dirtyMiB, linkMiB, hot, expected) => {
+    const result = simulate(pages, pages * hot, (dirtyMiB * MiB) / PAGE, linkMiB * MiB, 300);
+    expect(result.decision.action).toBe(expected);
+    if (expected === 'stop') expect(result.decision.predictedDowntimeMs).toBeLessThanOrEqual(300);
+  });
+});
+
+describe('RateEstimator', () => {
+  it('starts at the first sample and moves toward later ones', () => {
+    const rate = new RateEstimator(0.5, 50);
+    rate.add(100 * MiB, 100);
+    expect(rate.value).toBeCloseTo(1000 * MiB);
+    rate.add(50 * MiB, 100);
+    expect(rate.value).toBeCloseTo(750 * MiB);
+  });
+  it('gives a short round little weight', () => {
+    const rate = new RateEstimator(0.5, 50);
+    rate.add(100 * MiB, 100);
+    rate.add(1, 1);
+    expect(rate.value!).toBeGreaterThan(980 * MiB);
+  });
+});

@@ -1,0 +1,116 @@
+// Live pre-copy migration between two real agent processes with a real guest that keeps
+// dirtying its memory: the guest must arrive bit-identical (digests, and its own check of
+// every page) and carry on; failures must leave the source guest running and nothing behind.
+import { afterEach, describe, expect, it } from 'vitest';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { existsSync } from 'node:fs';
+import { waitForGuestProgress } from '../../agent/cli/demo.js';
+import { builtAgent, Cluster, shmFilesOf, uniqueName } from '../helpers/cluster.js';
+
+const MiB = 1024 * 1024;
+
+describe.skipIf(!builtAgent)('live migration between two agents', () => {
+  let cluster: Cluster;
+  afterEach(async () => {
+    await cluster?.cleanup();
+  });
+
+  async function guestOn(agent: Awaited<ReturnType<Cluster['agent']>>, name: string) {
+    return (await agent.status()).guests.find((g) => g.name === name);
+  }
+
+  it('moves a guest dirtying 20 MiB/s: digests match, the guest carries on with zero stale pages', async () => {
+    cluster = new Cluster();
+    const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
+    const name = uniqueName('vm');
+    const start = await cluster.cli(a, ['guest', 'start', name, '--memory', '128MiB', '--dirty-rate', '20MiB/s', '--hot', '0.25', '--json']);
+    expect(start.exitCode, start.stderr).toBe(0);
+    await sleep(500);
+    const before = await guestOn(a, name);
+    expect(before?.tracker.kind).toBe('uffd-wp');
+
+    const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--json']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    const summary = JSON.parse(run.stdout);
+    expect(summary.verified).toBe(true);
+    expect(summary.digests).toHaveLength(1);
+    expect(summary.digests[0]).toMatch(/^[0-9a-f]{32}$/);
+    expect(summary.rounds.length).toBeGreaterThanOrEqual(2);
+    expect(summary.rounds[0].pages).toBe((128 * MiB) / 4096);
+    expect(summary.downtimeMs).toBeGreaterThan(0);
+    expect(summary.downtimeMs).toBeLessThan(2_000);
+    expect(summary.tracker).toBe('uffd-wp');
+
+    // The source gave the guest up: no process, no registry entry, no memory file.
+    expect(await guestOn(a, name)).toBeUndefined();
+    expect(shmFilesOf(name)).toHaveLength(1);
+    const moved = await guestOn(b, name);
+    expect(moved).toBeDefined();
+    expect(existsSync(moved!.memoryPath)).toBe(true);
+
+    // The guest's own verdict: every page checked on resume, then more passes, nothing stale.
+    const check = await waitForGuestProgress(b, name, 2, 60_000);
+    expect(check.resumeStalePages).toBe(0);
+    expect(check.stalePages).toBe(0);
+    expect(check.passesAfterResume).toBeGreaterThanOrEqual(2);
+    const after = await guestOn(b, name);
+    expect(after!.passes!).toBeGreaterThan(before!.passes!);
+    expect(after!.metaErrors).toBe(0);
+  });
+
+  it('survives the destination agent dying mid-migration: the source guest runs on, nothing is left behind', async () => {
+    cluster = new Cluster();
+    const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
+    const name = uniqueName('vm');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '128MiB', '--dirty-rate', '10MiB/s'])).exitCode).toBe(0);
+    const before = await guestOn(a, name);
+    // Capped at 16 MiB/s, round 0 alone takes 8 s: plenty of time to kill the destination.
+    const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '16MiB/s', '--json']);
+    await sleep(1_500);
+    expect(shmFilesOf(name)).toHaveLength(1); // the destination's file is unnamed until the commit
+    await b.kill();
+    const run = await migrating;
+    expect(run.exitCode).not.toBe(0);
+    expect(run.stderr).toMatch(/PEER_GONE|peer closed|session/i);
+    expect(run.stderr).toMatch(/keeps running on this host/);
+    expect(JSON.parse(run.stdout).error.code).toMatch(/^GANGWAY_ERR_/);
+
+    const guest = await guestOn(a, name);
+    expect(guest?.state).toBe('running');
+    await sleep(1_000);
+    const later = await guestOn(a, name);
+    expect(later!.totalWrites!).toBeGreaterThan(before!.totalWrites!);
+    expect(later!.stalePages).toBe(0);
+    expect(shmFilesOf(name)).toEqual([guest!.memoryPath.replace('/dev/shm/', '')]);
+    // The destination's hot-standby guest saw its pipe close and exited.
+    const { execa } = await import('execa');
+    const ps = await execa('pgrep', ['-f', `gangway-guest.*${name}`], { reject: false });
+    const pids = ps.stdout.split('\n').filter(Boolean).map(Number);
+    expect(pids).toEqual([guest!.pid]);
+  });
+
+  it('refuses to stop a guest that outruns the link, and with --force stops it anyway', async () => {
+    cluster = new Cluster();
+    const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
+    const name = uniqueName('vm');
+    // A 16 MiB hot set rewritten at 64 MiB/s over a 16 MiB/s link: the final round cannot fit 100 ms.
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '32MiB', '--dirty-rate', '64MiB/s', '--hot', '0.5', '--profile', 'random'])).exitCode).toBe(0);
+    const args = ['migrate', name, '--to', b.listen, '--bandwidth', '16MiB/s', '--downtime-ms', '100', '--max-rounds', '2', '--codec', 'raw', '--json'];
+    const refused = await cluster.cli(a, args);
+    expect(refused.exitCode).not.toBe(0);
+    expect(JSON.parse(refused.stdout).error.code).toBe('GANGWAY_ERR_NON_CONVERGENCE');
+    expect(refused.stderr).toMatch(/--force/);
+    const still = await guestOn(a, name);
+    expect(still?.state).toBe('running');
+    expect(await guestOn(b, name)).toBeUndefined();
+
+    const forced = await cluster.cli(a, [...args, '--force']);
+    expect(forced.exitCode, forced.stderr).toBe(0);
+    const summary = JSON.parse(forced.stdout);
+    expect(summary.forced).toBe(true);
+    expect(summary.verified).toBe(true);
+    expect(summary.downtimeMs).toBeGreaterThan(100);
+    const check = await waitForGuestProgress(b, name, 1, 60_000);
+    expect(check.stalePages).toBe(0);
+  });
+});

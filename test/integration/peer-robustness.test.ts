@@ -1,0 +1,97 @@
+// Untrusted peers: a malformed frame closes that session with a protocol error; the agent
+// keeps serving its other sessions and migrations.
+import { afterEach, describe, expect, it } from 'vitest';
+import WebSocket from 'ws';
+import { encodeFrame, Frame, FrameDecoder } from '../../protocol/index.js';
+import { builtAgent, Cluster, uniqueName } from '../helpers/cluster.js';
+
+interface RawPeer {
+  ws: WebSocket;
+  frames: ReturnType<FrameDecoder['push']>;
+  closed: Promise<{ code: number; reason: string }>;
+}
+
+async function rawPeer(address: string, agentId: string): Promise<RawPeer> {
+  const ws = new WebSocket(`ws://${address}/gangway/v1`);
+  const decoder = new FrameDecoder();
+  const peer: RawPeer = {
+    ws,
+    frames: [],
+    closed: new Promise((resolve) => ws.once('close', (code, reason) => resolve({ code, reason: reason.toString() }))),
+  };
+  ws.on('message', (data: Buffer) => peer.frames.push(...decoder.push(data)));
+  await new Promise((resolve, reject) => {
+    ws.once('open', resolve);
+    ws.once('error', reject);
+  });
+  const [head] = encodeFrame(Frame.hello({ agentId, features: [], maxPayloadBytes: 1 << 20 }));
+  ws.send(head);
+  const deadline = Date.now() + 5_000;
+  while (!peer.frames.some((f) => f.type === 'hello') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  expect(peer.frames[0]?.type).toBe('hello');
+  return peer;
+}
+
+describe.skipIf(!builtAgent)('a misbehaving peer', () => {
+  let cluster: Cluster;
+  afterEach(async () => {
+    await cluster?.cleanup();
+  });
+
+  it.each([
+    ['garbage bytes', Buffer.from('this is not a gangway frame at all')],
+    ['a header length over the limit', Buffer.from([0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0])],
+    ['an unknown frame type', Buffer.concat([Buffer.from([0, 0, 0, 3, 0, 0, 0, 0]), Buffer.from([0x81, 0xa1, 0x74, 0x63])])],
+  ])('closes the session that sent %s and keeps serving the others', async (_what, bytes) => {
+    cluster = new Cluster();
+    const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
+    const good = await rawPeer(b.listen, 'good-peer');
+    const bad = await rawPeer(b.listen, 'bad-peer');
+    bad.ws.send(bytes);
+    const closed = await bad.closed;
+    expect([1002, 1008, 1009]).toContain(closed.code);
+    const error = bad.frames.find((f) => f.type === 'error');
+    expect(error).toBeDefined();
+    expect((error as { code: string }).code).toMatch(/^GANGWAY_ERR_/);
+
+    // The other session is untouched, and the agent still migrates guests.
+    expect(good.ws.readyState).toBe(WebSocket.OPEN);
+    good.ws.close();
+    const name = uniqueName('vm');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '16MiB', '--dirty-rate', '4MiB/s'])).exitCode).toBe(0);
+    const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--json']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    expect(JSON.parse(run.stdout).verified).toBe(true);
+  });
+
+  it('rejects an offer with pages outside the region without harming the agent', async () => {
+    cluster = new Cluster();
+    const b = await cluster.agent('b');
+    const peer = await rawPeer(b.listen, 'liar');
+    const migrationId = 'm-1';
+    const send = (frame: Parameters<typeof encodeFrame>[0]) => {
+      const [head, payload] = encodeFrame(frame);
+      peer.ws.send(payload ? Buffer.concat([head, payload]) : head);
+    };
+    send(
+      Frame.offer({
+        migrationId,
+        guest: { name: uniqueName('liar'), kind: 1, regions: [{ name: 'ram', lengthBytes: 1 << 20, pageSizeBytes: 4096 }], config: {} },
+        technique: 1,
+        downtimeBudgetMs: 300,
+        codecs: [1],
+      }),
+    );
+    const deadline = Date.now() + 5_000;
+    while (!peer.frames.some((f) => f.type === 'accept') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    expect(peer.frames.some((f) => f.type === 'accept')).toBe(true);
+    // Page 1000 of a 256-page region.
+    send(Frame.pages({ migrationId, region: 0, round: 0, codec: 1, entries: Uint32Array.of(2, 1000, 1), rawBytes: 4096, payload: new Uint8Array(4096) }));
+    const closed = await peer.closed;
+    expect(closed.code).toBe(1002);
+    expect(peer.frames.find((f) => f.type === 'error')).toMatchObject({ code: 'GANGWAY_ERR_BAD_PAGES' });
+    const status = await b.status();
+    expect(status.guests).toHaveLength(0);
+    expect(status.migrations[0]).toMatchObject({ direction: 'in', state: 'aborted' });
+  });
+});
