@@ -1,0 +1,149 @@
+// bench:stream — how fast one agent streams guest memory to another on loopback, against
+// raw TCP loopback measured in the same run (node:net between two processes, and iperf3
+// where installed). Cases: unique incompressible pages without compression; OS-image-like
+// pages with LZ4 forced and with the adaptive codec.
+//
+//   npm run bench:stream [-- --quick] [-- --json] [-- --repeat N]
+import { parseArgs } from 'node:util';
+import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent } from '../agent/local-agent.js';
+import type { MigrationSummary } from '../agent/migration/source.js';
+import { rmSync } from 'node:fs';
+import { barChartSvg, markdownTable, writeResults } from './report.js';
+import { iperf3Loopback, nodeTcpLoopback } from './tcp-baseline.js';
+
+const MiB = 1024 * 1024;
+const GB = 1e9;
+
+const { values } = parseArgs({
+  options: {
+    quick: { type: 'boolean', default: false },
+    json: { type: 'boolean', default: false },
+    repeat: { type: 'string' },
+  },
+});
+const memoryBytes = (values.quick ? 256 : 1024) * MiB;
+const repeat = Number(values.repeat ?? (values.quick ? 1 : 3));
+
+interface Case {
+  name: string;
+  profile: 'random' | 'os-image';
+  codec: 'raw' | 'lz4' | 'auto';
+}
+const cases: Case[] = [
+  { name: 'incompressible, no compression', profile: 'random', codec: 'raw' },
+  { name: 'OS-image-like, LZ4', profile: 'os-image', codec: 'lz4' },
+  { name: 'OS-image-like, adaptive codec', profile: 'os-image', codec: 'auto' },
+];
+
+function log(line: string) {
+  if (!values.json) console.error(line);
+}
+
+async function migrateOnce(source: LocalAgent, destination: LocalAgent, c: Case, n: number): Promise<MigrationSummary> {
+  const name = `bench-${c.profile}-${c.codec}-${n}`;
+  await source.client.call('POST', '/v1/guests', {
+    name,
+    memoryBytes,
+    profile: c.profile,
+    dirtyRateBytesPerSec: 0,
+    seed: n + 1,
+    imageSeed: 0,
+    sharedFraction: 0,
+    hotFraction: 0,
+  });
+  let summary: MigrationSummary | undefined;
+  for await (const event of source.client.stream('POST', '/v1/migrations', {
+    guest: name,
+    to: destination.listen,
+    downtimeMs: 300,
+    force: false,
+    maxRounds: 30,
+    maxBytesFactor: 3,
+    codec: c.codec,
+  })) {
+    if (event.type === 'result') summary = event.summary as MigrationSummary;
+    if (event.type === 'error') throw new Error(JSON.stringify(event.error));
+  }
+  await destination.client.call('DELETE', `/v1/guests/${name}`);
+  return summary!;
+}
+
+const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+const tmp = makeTempDir('gangway-bench-');
+const agents: LocalAgent[] = [];
+try {
+  const source = await startLocalAgent({ stateDir: `${tmp}/source` });
+  agents.push(source);
+  const destination = await startLocalAgent({ stateDir: `${tmp}/destination` });
+  agents.push(destination);
+
+  const tcp: number[] = [];
+  const byCase = new Map<string, { rate: number[]; wire: number[]; total: number[] }>();
+  for (let n = 0; n < repeat; n++) {
+    // Interleave baseline and cases so drift on a shared machine hits both alike.
+    tcp.push(await nodeTcpLoopback(memoryBytes));
+    log(`run ${n + 1}/${repeat}: node:net loopback ${(tcp.at(-1)! / GB).toFixed(2)} GB/s`);
+    for (const c of cases) {
+      const summary = await migrateOnce(source, destination, c, n);
+      const round0 = summary.rounds[0]!;
+      const rate = (round0.pages * 4096 * 1000) / round0.durationMs;
+      const entry = byCase.get(c.name) ?? { rate: [], wire: [], total: [] };
+      entry.rate.push(rate);
+      entry.wire.push(summary.wireBytes);
+      entry.total.push(summary.totalMs);
+      byCase.set(c.name, entry);
+      log(`run ${n + 1}/${repeat}: ${c.name}: ${(rate / GB).toFixed(2)} GB/s of guest memory, ${(summary.wireBytes / MiB).toFixed(0)} MiB on the wire`);
+    }
+  }
+  const iperf = await iperf3Loopback(values.quick ? 2 : 4);
+  const tcpRate = median(tcp);
+  const rows = [...byCase.entries()].map(([name, e]) => ({
+    case: name,
+    guestBytesPerSec: median(e.rate),
+    ratioToNodeTcp: median(e.rate) / tcpRate,
+    ratioToIperf3: iperf ? median(e.rate) / iperf : null,
+    wireBytes: median(e.wire),
+    memoryBytes,
+    totalMs: median(e.total),
+  }));
+  const result = {
+    bench: 'stream',
+    date: new Date().toISOString(),
+    memoryBytes,
+    repeat,
+    baseline: { nodeTcpLoopbackBytesPerSec: tcpRate, iperf3LoopbackBytesPerSec: iperf ?? null },
+    cases: rows,
+  };
+  const svg = barChartSvg(`gangway page stream vs TCP loopback (${memoryBytes / MiB} MiB guests)`, 'GB/s', [
+    ...(iperf ? [{ label: 'iperf3 TCP loopback', value: iperf / GB }] : []),
+    { label: 'node:net TCP loopback', value: tcpRate / GB },
+    ...rows.map((r) => ({ label: r.case, value: r.guestBytesPerSec / GB })),
+  ]);
+  const path = writeResults('stream', result, svg);
+  if (values.json) console.log(JSON.stringify(result));
+  else {
+    console.log(
+      markdownTable(
+        ['case', 'guest GB/s', 'vs node:net TCP', 'vs iperf3', 'wire MiB', 'memory MiB'],
+        [
+          ['node:net TCP loopback (baseline)', (tcpRate / GB).toFixed(2), '1.00', iperf ? (tcpRate / iperf).toFixed(2) : 'n/a', '', ''],
+          ...(iperf ? [['iperf3 TCP loopback', (iperf / GB).toFixed(2), (iperf / tcpRate).toFixed(2), '1.00', '', '']] : []),
+          ...rows.map((r) => [
+            r.case,
+            (r.guestBytesPerSec / GB).toFixed(2),
+            r.ratioToNodeTcp.toFixed(2),
+            r.ratioToIperf3 === null ? 'n/a' : r.ratioToIperf3.toFixed(2),
+            (r.wireBytes / MiB).toFixed(0),
+            (memoryBytes / MiB).toFixed(0),
+          ]),
+        ],
+      ),
+    );
+    console.log(`\nresults: ${path}`);
+  }
+} finally {
+  for (const agent of agents) await killGuestsOf(agent);
+  await Promise.all(agents.map((agent) => agent.stop()));
+  rmSync(tmp, { recursive: true, force: true });
+}
