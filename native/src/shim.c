@@ -1,1 +1,229 @@
-/* placeholder */
+/*
+ * gangway-track.so: an LD_PRELOAD shim that makes a process's writes to one file mapping
+ * visible to the gangway agent, another process.
+ *
+ * When the process maps the file named by GANGWAY_TRACK_PATH MAP_SHARED and writable at
+ * offset 0, the shim registers that mapping for userfaultfd write-protect tracking in
+ * asynchronous mode (UFFD_FEATURE_WP_ASYNC): writes are never blocked, the kernel just
+ * marks the written pages, and the agent reads-and-resets the marks with the PAGEMAP_SCAN
+ * ioctl on /proc/PID/pagemap. Tracking is per page table, which is why it has to be set up
+ * inside the process that writes, and why the uffd must stay open for its lifetime.
+ *
+ * The outcome goes to GANGWAY_TRACK_REPORT (written atomically):
+ *   ok start=0x<address> length=<bytes> pid=<pid>
+ *   error stage=<open|api|register|writeprotect> errno=<n> message=<text>
+ * A failure never changes what mmap returns: the agent then falls back to hash scanning.
+ * The hook knows nothing about the program, so it serves gangway-guest and QEMU alike.
+ */
+/* node-gyp builds with _FILE_OFFSET_BITS=64, which makes the headers rename `mmap` to the
+ * symbol mmap64: the shim defines both symbols itself, so it needs the plain names. */
+#undef _FILE_OFFSET_BITS
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "uapi-compat.h"
+
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+/* mmap and mmap64 share one implementation, which is only right where off_t is 64 bits. */
+_Static_assert(sizeof(off_t) == 8, "gangway-track supports 64-bit targets only");
+
+#define TRACK_FEATURES (UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+
+typedef void *(*mmap_fn)(void *, size_t, int, int, int, off_t);
+
+static mmap_fn next_mmap, next_mmap64;
+/* Set once the first matching mapping has been claimed: only that one is tracked. */
+static int claimed;
+/* dlsym may allocate, and an allocator may map memory: such a nested call must not
+ * resolve again. Initial-exec TLS, so reading it never allocates either. */
+static __thread int resolving __attribute__((tls_model("initial-exec")));
+
+static void *raw_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	return (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
+}
+
+static mmap_fn resolve(mmap_fn *slot, const char *name)
+{
+	mmap_fn fn = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
+	if (fn || resolving)
+		return fn;
+	resolving = 1;
+	fn = (mmap_fn)dlsym(RTLD_NEXT, name);
+	resolving = 0;
+	if (fn)
+		__atomic_store_n(slot, fn, __ATOMIC_RELEASE);
+	return fn;
+}
+
+static void report(const char *line)
+{
+	const char *path = getenv("GANGWAY_TRACK_REPORT");
+	if (!path || !*path)
+		return;
+	char tmp[PATH_MAX];
+	if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp)) {
+		fprintf(stderr, "gangway-track: GANGWAY_TRACK_REPORT=%s: path too long\n", path);
+		return;
+	}
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0) {
+		fprintf(stderr, "gangway-track: GANGWAY_TRACK_REPORT: open %s: %s\n", tmp, strerror(errno));
+		return;
+	}
+	size_t len = strlen(line);
+	ssize_t n = write(fd, line, len);
+	int write_errno = errno;
+	if (close(fd) < 0 && n == (ssize_t)len) {
+		n = -1;
+		write_errno = errno;
+	}
+	if (n != (ssize_t)len) {
+		fprintf(stderr, "gangway-track: GANGWAY_TRACK_REPORT: write %s: %s\n", tmp,
+			n < 0 ? strerror(write_errno) : "short write");
+		unlink(tmp);
+		return;
+	}
+	if (rename(tmp, path) < 0) {
+		fprintf(stderr, "gangway-track: GANGWAY_TRACK_REPORT: rename %s to %s: %s\n", tmp, path,
+			strerror(errno));
+		unlink(tmp);
+	}
+}
+
+static void report_error(const char *stage, int err)
+{
+	char line[256];
+	snprintf(line, sizeof(line), "error stage=%s errno=%d message=%s\n", stage, err, strerror(err));
+	fprintf(stderr, "gangway-track: tracking %s not set up: %s", getenv("GANGWAY_TRACK_PATH"), line);
+	report(line);
+}
+
+static int open_uffd(void)
+{
+	int uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (uffd >= 0 || (errno != ENOSYS && errno != EPERM))
+		return uffd;
+	/* The syscall can be forbidden (vm.unprivileged_userfaultfd, seccomp) while the device
+	 * node, governed by file permissions, is still usable. */
+	int first_errno = errno;
+	int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+	if (dev < 0) {
+		errno = first_errno;
+		return -1;
+	}
+	uffd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+	int new_errno = errno;
+	close(dev);
+	errno = new_errno;
+	return uffd;
+}
+
+static void start_tracking(void *addr, size_t len)
+{
+	long page = sysconf(_SC_PAGESIZE);
+	uint64_t length = ((uint64_t)len + (uint64_t)page - 1) & ~((uint64_t)page - 1);
+
+	int uffd = open_uffd();
+	if (uffd < 0) {
+		report_error("open", errno);
+		return;
+	}
+	struct uffdio_api api = {.api = UFFD_API, .features = TRACK_FEATURES};
+	if (ioctl(uffd, UFFDIO_API, &api) < 0) {
+		int err = errno;
+		close(uffd);
+		report_error("api", err);
+		return;
+	}
+	struct uffdio_register reg = {
+		.range = {.start = (uint64_t)(uintptr_t)addr, .len = length},
+		.mode = UFFDIO_REGISTER_MODE_WP,
+	};
+	if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) {
+		int err = errno;
+		close(uffd);
+		report_error("register", err);
+		return;
+	}
+	/* With WP_UNPOPULATED this also covers pages not yet faulted in, so the very first
+	 * write to any page is seen. */
+	struct uffdio_writeprotect wp = {
+		.range = {.start = (uint64_t)(uintptr_t)addr, .len = length},
+		.mode = UFFDIO_WRITEPROTECT_MODE_WP,
+	};
+	if (ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0) {
+		int err = errno;
+		close(uffd); /* unregisters the range, so the mapping behaves as if never tracked */
+		report_error("writeprotect", err);
+		return;
+	}
+	/* uffd stays open on purpose: closing it would end the tracking. */
+	char line[128];
+	snprintf(line, sizeof(line), "ok start=0x%llx length=%llu pid=%d\n", (unsigned long long)(uintptr_t)addr,
+		 (unsigned long long)length, (int)getpid());
+	report(line);
+}
+
+static void maybe_track(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	if (addr == MAP_FAILED || fd < 0 || off != 0 || !(prot & PROT_WRITE))
+		return;
+	int type = flags & MAP_TYPE;
+	if (type != MAP_SHARED && type != MAP_SHARED_VALIDATE)
+		return;
+	if (__atomic_load_n(&claimed, __ATOMIC_ACQUIRE))
+		return;
+	const char *path = getenv("GANGWAY_TRACK_PATH");
+	if (!path || !*path)
+		return;
+	/* Same inode, not same name: the program may have opened a symlink or /proc/self/fd/N. */
+	struct stat mapped, wanted;
+	if (fstat(fd, &mapped) < 0 || stat(path, &wanted) < 0)
+		return;
+	if (mapped.st_dev != wanted.st_dev || mapped.st_ino != wanted.st_ino)
+		return;
+	if (__atomic_exchange_n(&claimed, 1, __ATOMIC_ACQ_REL))
+		return;
+	start_tracking(addr, len);
+}
+
+static void *hooked_mmap(mmap_fn *slot, const char *name, void *addr, size_t len, int prot, int flags, int fd,
+			 off_t off)
+{
+	mmap_fn next = resolve(slot, name);
+	void *result = next ? next(addr, len, prot, flags, fd, off) : raw_mmap(addr, len, prot, flags, fd, off);
+	if (result != MAP_FAILED) {
+		/* The caller sees errno exactly as mmap left it. */
+		int saved = errno;
+		maybe_track(result, len, prot, flags, fd, off);
+		errno = saved;
+	}
+	return result;
+}
+
+__attribute__((visibility("default"))) void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	return hooked_mmap(&next_mmap, "mmap", addr, len, prot, flags, fd, off);
+}
+
+__attribute__((visibility("default"))) void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off64_t off)
+{
+	return hooked_mmap(&next_mmap64, "mmap64", addr, len, prot, flags, fd, off);
+}
