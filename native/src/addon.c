@@ -261,8 +261,15 @@ static bool arg_path(napi_env env, napi_value v, const char *fn, const char *nam
 /* Regions                                                                              */
 /* ------------------------------------------------------------------------------------ */
 
+/*
+ * A region is read through a MAP_SHARED mapping (the source gathers from the guest's live
+ * memory) or written with pwrite on its own fd (the destination): writing through a mapping
+ * would cost a page-table fault per page, on top of the page allocation, while pwrite puts
+ * the bytes straight into the page cache.
+ */
 typedef struct region {
-  uint8_t *addr;
+  uint8_t *addr; /* read-only regions */
+  int fd;        /* writable regions: a duplicate of the caller's fd, -1 otherwise */
   size_t length;
   size_t page_size;
   uint32_t page_count;
@@ -278,7 +285,7 @@ typedef struct region {
 
 static const napi_type_tag REGION_TAG = {0x67616e6777617952ULL, 0x6567696f6e48616eULL};
 
-static const uint8_t ZERO_CHUNK[4096];
+static const uint8_t ZERO_CHUNK[64 * 1024];
 
 static XXH128_canonical_t zero_page_hash(size_t page_size) {
   XXH3_state_t st;
@@ -299,7 +306,9 @@ static inline void page_hash(XXH128_canonical_t *dst, const uint8_t *page, size_
 /* Unmaps and frees the fingerprints; only when no digest is in flight. */
 static void region_release(region_t *r) {
   if (r->unmapped) return;
-  munmap(r->addr, r->length);
+  if (r->addr) munmap(r->addr, r->length);
+  if (r->fd >= 0) close(r->fd);
+  r->fd = -1;
   free(r->hashes);
   r->hashes = NULL;
   r->addr = NULL;
@@ -339,6 +348,67 @@ static bool arg_region(napi_env env, napi_value v, const char *fn, bool allow_cl
   }
   *out = r;
   return true;
+}
+
+/* Whole-buffer positioned I/O: false with errno set on failure (EIO for a short file). */
+static bool pwrite_all(int fd, const uint8_t *buf, size_t len, uint64_t off) {
+  while (len > 0) {
+    ssize_t n = pwrite(fd, buf, len, (off_t)off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    buf += n, len -= (size_t)n, off += (uint64_t)n;
+  }
+  return true;
+}
+
+static bool pread_all(int fd, uint8_t *buf, size_t len, uint64_t off) {
+  while (len > 0) {
+    ssize_t n = pread(fd, buf, len, (off_t)off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n == 0) errno = EIO;
+    if (n <= 0) return false;
+    buf += n, len -= (size_t)n, off += (uint64_t)n;
+  }
+  return true;
+}
+
+/*
+ * Calls emit(ctx, page, bytes) for every page of the region in order, from the mapping or,
+ * for a writable region, through 1 MiB preads. False with errno set if a read fails.
+ */
+static bool region_each_page(const region_t *r, void (*emit)(void *, uint32_t, const uint8_t *),
+                             void *ctx) {
+  if (r->addr) {
+    for (uint32_t p = 0; p < r->page_count; p++) emit(ctx, p, r->addr + (size_t)p * r->page_size);
+    return true;
+  }
+  const size_t chunk_pages = r->page_size >= (1u << 20) ? 1 : (1u << 20) / r->page_size;
+  uint8_t *buf = malloc(chunk_pages * r->page_size);
+  if (!buf) {
+    errno = ENOMEM;
+    return false;
+  }
+  for (uint32_t first = 0; first < r->page_count; first += (uint32_t)chunk_pages) {
+    const uint32_t n = r->page_count - first < chunk_pages ? r->page_count - first : (uint32_t)chunk_pages;
+    if (!pread_all(r->fd, buf, (size_t)n * r->page_size, (uint64_t)first * r->page_size)) {
+      free(buf);
+      return false;
+    }
+    for (uint32_t i = 0; i < n; i++) emit(ctx, first + i, buf + (size_t)i * r->page_size);
+  }
+  free(buf);
+  return true;
+}
+
+static void emit_hash(void *ctx, uint32_t page, const uint8_t *bytes) {
+  const region_t *r = ((void **)ctx)[0];
+  XXH128_canonical_t *out = ((void **)ctx)[1];
+  page_hash(&out[page], bytes, r->page_size);
+}
+
+static bool region_hash_pages(const region_t *r, XXH128_canonical_t *out) {
+  void *ctx[2] = {(void *)r, out};
+  return region_each_page(r, emit_hash, ctx);
 }
 
 /* regionMap(fd, lengthBytes, pageSizeBytes, { writable, trackHashes, initiallyZero }) */
@@ -409,11 +479,29 @@ static napi_value RegionMap(napi_env env, napi_callback_info info) {
       return NULL;
     }
   }
-  /* A writable region is the destination's: it writes every page, so populating the page
-   * tables at once beats a minor fault per page. A read-only one is not populated: on tmpfs
-   * that would allocate memory for the file's holes. */
-  void *addr = mmap(NULL, r->length, PROT_READ | (writable ? PROT_WRITE : 0),
-                    MAP_SHARED | (writable ? MAP_POPULATE : 0), fd, 0);
+  r->fd = -1;
+  void *addr = NULL;
+  if (writable) {
+    const int mode = fcntl(fd, F_GETFL) & O_ACCMODE;
+    if (mode != O_RDWR && mode != O_WRONLY) {
+      free(r->hashes);
+      free(r);
+      throw_fmt(env, ERR_ERROR, "EACCES", "%s: fd %d is not open for writing, and the region is writable", fn, fd);
+      return NULL;
+    }
+    r->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (r->fd < 0) {
+      int err = errno;
+      free(r->hashes);
+      free(r);
+      char prefix[96];
+      snprintf(prefix, sizeof prefix, "%s: cannot duplicate fd %d", fn, fd);
+      throw_errno(env, err, prefix, NULL);
+      return NULL;
+    }
+  } else {
+    addr = mmap(NULL, r->length, PROT_READ, MAP_SHARED, fd, 0);
+  }
   if (addr == MAP_FAILED) {
     int err = errno;
     free(r->hashes);
@@ -428,9 +516,14 @@ static napi_value RegionMap(napi_env env, napi_callback_info info) {
   if (track) {
     if (initially_zero) {
       for (uint32_t p = 0; p < r->page_count; p++) r->hashes[p] = r->zero_hash;
-    } else {
-      for (uint32_t p = 0; p < r->page_count; p++)
-        page_hash(&r->hashes[p], r->addr + (size_t)p * page_size, page_size);
+    } else if (!region_hash_pages(r, r->hashes)) {
+      int err = errno;
+      region_release(r);
+      free(r);
+      char prefix[96];
+      snprintf(prefix, sizeof prefix, "%s: cannot read fd %d to fingerprint it", fn, fd);
+      throw_errno(env, err, prefix, NULL);
+      return NULL;
     }
   }
 
@@ -488,6 +581,10 @@ static napi_value RegionGather(napi_env env, napi_callback_info info) {
                  &entries_len) ||
       !arg_typed(env, argv[5], fn, "out", napi_uint32_array, (void **)&out, &out_len))
     return NULL;
+  if (!r->addr) {
+    throw_fmt(env, ERR_ERROR, NULL, "%s: the region is writable (a destination's): it is not mapped for reading", fn);
+    return NULL;
+  }
   const size_t ps = r->page_size;
   if (runs_len % 2 != 0) {
     throw_fmt(env, ERR_RANGE, NULL,
@@ -590,6 +687,13 @@ static napi_value RegionGather(napi_env env, napi_callback_info info) {
   return result;
 }
 
+static napi_value scatter_io_error(napi_env env, const char *fn, uint64_t at) {
+  char prefix[96];
+  snprintf(prefix, sizeof prefix, "%s: write at offset %llu failed", fn, (unsigned long long)at);
+  throw_errno(env, errno, prefix, NULL);
+  return NULL;
+}
+
 /* regionScatter(region, entries, entryCount, payload) */
 static napi_value RegionScatter(napi_env env, napi_callback_info info) {
   static const char fn[] = "regionScatter";
@@ -654,33 +758,29 @@ static napi_value RegionScatter(napi_env env, napi_callback_info info) {
       throw_fmt(env, ERR_ERROR, NULL, "%s: entries changed while being applied", fn);
       return NULL;
     }
-    uint8_t *dst = r->addr + (size_t)first * ps;
+    const uint64_t dst = (uint64_t)first * ps;
     if (kind == ENTRY_ZERO) {
-      if (!r->track) {
-        memset(dst, 0, (size_t)count * ps);
-        continue;
-      }
       /* Zero only the pages not known to be zero, a contiguous stretch at a time. */
       uint32_t p = 0;
       while (p < count) {
-        while (p < count && memcmp(&r->hashes[first + p], &r->zero_hash, 16) == 0) p++;
+        while (r->track && p < count && memcmp(&r->hashes[first + p], &r->zero_hash, 16) == 0) p++;
         const uint32_t from = p;
-        while (p < count && memcmp(&r->hashes[first + p], &r->zero_hash, 16) != 0) {
-          r->hashes[first + p] = r->zero_hash;
+        while (p < count && (!r->track || memcmp(&r->hashes[first + p], &r->zero_hash, 16) != 0)) {
+          if (r->track) r->hashes[first + p] = r->zero_hash;
           p++;
         }
-        if (p > from) memset(dst + (size_t)from * ps, 0, (size_t)(p - from) * ps);
+        for (uint64_t at = dst + (uint64_t)from * ps, end = dst + (uint64_t)p * ps; at < end;) {
+          const size_t n = end - at < sizeof ZERO_CHUNK ? (size_t)(end - at) : sizeof ZERO_CHUNK;
+          if (!pwrite_all(r->fd, ZERO_CHUNK, n, at)) return scatter_io_error(env, fn, at);
+          at += n;
+        }
       }
     } else if (kind == ENTRY_DATA) {
       const uint8_t *src = payload + off;
       if (r->track) {
-        for (uint32_t p = 0; p < count; p++) {
-          memcpy(dst + (size_t)p * ps, src + (size_t)p * ps, ps);
-          page_hash(&r->hashes[first + p], src + (size_t)p * ps, ps);
-        }
-      } else {
-        memcpy(dst, src, (size_t)count * ps);
+        for (uint32_t p = 0; p < count; p++) page_hash(&r->hashes[first + p], src + (size_t)p * ps, ps);
       }
+      if (!pwrite_all(r->fd, src, (size_t)count * ps, dst)) return scatter_io_error(env, fn, dst);
       off += (size_t)count * ps;
     }
     /* Any other kind can only appear if the array changed under us: ignored. */
@@ -700,8 +800,25 @@ typedef struct {
   napi_deferred deferred;
   napi_async_work work;
   int mode;
+  int failed_errno; /* a read of a writable region failed */
   XXH128_canonical_t result;
 } digest_job_t;
+
+typedef struct {
+  const region_t *region;
+  XXH3_state_t st;
+  XXH128_canonical_t buf[256];
+  size_t k;
+} digest_stream_t;
+
+static void emit_digest(void *ctx, uint32_t page, const uint8_t *bytes) {
+  digest_stream_t *ds = ctx;
+  page_hash(&ds->buf[ds->k], bytes, ds->region->page_size);
+  if (++ds->k == 256) {
+    XXH3_128bits_update(&ds->st, ds->buf, sizeof ds->buf);
+    ds->k = 0;
+  }
+}
 
 static void digest_execute(napi_env env, void *data) {
   digest_job_t *job = data;
@@ -712,25 +829,27 @@ static void digest_execute(napi_env env, void *data) {
                              XXH3_128bits(r->hashes, (size_t)r->page_count * 16));
     return;
   }
-  XXH3_state_t st;
-  XXH3_128bits_reset(&st);
-  XXH128_canonical_t buf[256];
-  size_t k = 0;
-  for (uint32_t p = 0; p < r->page_count; p++) {
-    page_hash(&buf[k], r->addr + (size_t)p * r->page_size, r->page_size);
-    if (++k == 256) {
-      XXH3_128bits_update(&st, buf, sizeof buf);
-      k = 0;
-    }
+  digest_stream_t ds = {.region = r, .k = 0};
+  XXH3_128bits_reset(&ds.st);
+  if (!region_each_page(r, emit_digest, &ds)) {
+    job->failed_errno = errno;
+    return;
   }
-  if (k) XXH3_128bits_update(&st, buf, k * 16);
-  XXH128_canonicalFromHash(&job->result, XXH3_128bits_digest(&st));
+  if (ds.k) XXH3_128bits_update(&ds.st, ds.buf, ds.k * 16);
+  XXH128_canonicalFromHash(&job->result, XXH3_128bits_digest(&ds.st));
 }
 
 static void digest_complete(napi_env env, napi_status status, void *data) {
   digest_job_t *job = data;
   region_t *r = job->region;
-  if (status == napi_ok) {
+  if (status == napi_ok && job->failed_errno) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "regionDigest: reading the region failed: %s", strerror(job->failed_errno));
+    napi_value m, err;
+    napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
+    napi_create_error(env, NULL, m, &err);
+    napi_reject_deferred(env, job->deferred, err);
+  } else if (status == napi_ok) {
     napi_value buf;
     if (napi_create_buffer_copy(env, 16, &job->result, NULL, &buf) == napi_ok) {
       napi_resolve_deferred(env, job->deferred, buf);
