@@ -16,7 +16,7 @@ import type { ProcessGuest, TrackerPreference } from '../guest/process-guest.js'
 import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, PeerSession } from '../peer/session.js';
 import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
-import { runsPageCount } from '../tracker/page-set.js';
+import { mergeRuns, runsPageCount } from '../tracker/page-set.js';
 import { CodecChooser, type CodecMode } from './codec-chooser.js';
 import { isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
 import { CreditWindow, Pacer, realClock, type Clock } from './flow.js';
@@ -389,7 +389,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     await guest.pause();
     const pausedAt = this.clock.now();
     this.send(Frame.pause({ migrationId: options.migrationId }));
-    const finalRuns = await tracker.collect();
+    // The pages collected when the policy said stop were never sent: they join the pages
+    // written since (a write-protect tracker reported them once, and only once).
+    const finalRuns = mergeRuns(runs, await tracker.collect(), pageCount);
     // The source's digest reads the paused memory on the thread pool while the final round goes out.
     const sourceDigests = Promise.all(regions.map((region) => this.native.regionDigest(region, 'full')));
     sourceDigests.catch(() => {});
