@@ -31,7 +31,18 @@ export function makeTempDir(prefix: string): string {
   return mkdtempSync(join(tmpdir(), prefix));
 }
 
-export async function startLocalAgent(options: { stateDir: string; args?: string[]; env?: NodeJS.ProcessEnv; mainPath?: string }): Promise<LocalAgent> {
+export interface LocalAgentOptions {
+  stateDir: string;
+  /** Extra `gangway agent` flags. */
+  args?: string[];
+  env?: NodeJS.ProcessEnv;
+  /** Flags for node itself (e.g. --cpu-prof when profiling). */
+  nodeArgs?: string[];
+  /** The compiled main.js, when this module runs from source (tests). */
+  mainPath?: string;
+}
+
+export async function startLocalAgent(options: LocalAgentOptions): Promise<LocalAgent> {
   mkdirSync(options.stateDir, { recursive: true });
   const logPath = join(options.stateDir, 'agent.log');
   const logFd = openSync(logPath, 'a');
@@ -39,7 +50,7 @@ export async function startLocalAgent(options: { stateDir: string; args?: string
   try {
     child = spawn(
       process.execPath,
-      [options.mainPath ?? mainJs, 'agent', '--listen', '127.0.0.1:0', '--state-dir', options.stateDir, ...(options.args ?? [])],
+      [...(options.nodeArgs ?? []), options.mainPath ?? mainJs, 'agent', '--listen', '127.0.0.1:0', '--state-dir', options.stateDir, ...(options.args ?? [])],
       { stdio: ['ignore', logFd, logFd], env: { ...process.env, ...options.env } },
     );
   } finally {
