@@ -25,6 +25,12 @@ export interface ConvergenceInput {
   pauseLatencyMs: number;
   /** Fixed switchover cost: digest, confirmation round trip, resume at the destination. */
   switchoverOverheadMs: number;
+  /**
+   * How much longer the final round may take than the recent rounds' rate says. It runs
+   * under different conditions (scattered hot pages, the source digest competing for the
+   * CPU, the destination draining its receive window), measured at ~1.3x here.
+   */
+  safetyFactor: number;
   downtimeBudgetMs: number;
   wireBytesSent: number;
   limits: ConvergenceLimits;
@@ -35,14 +41,14 @@ export type ConvergenceDecision =
   | { action: 'stop'; predictedDowntimeMs: number; converging: boolean; reason: string }
   | { action: 'limit'; limit: 'rounds' | 'bytes'; predictedDowntimeMs: number; converging: boolean; reason: string };
 
-export const DEFAULT_LIMITS_FACTOR = { maxRounds: 30, maxWireBytesPerMemoryByte: 3 } as const;
+export const DEFAULT_SAFETY_FACTOR = 1.5;
 
 /** Predicted downtime if the guest were paused now: the final round plus the fixed costs. */
 export function predictDowntimeMs(input: ConvergenceInput): number {
   const finalPages = input.pendingPages + (input.dirtyRatePagesPerSec * input.pauseLatencyMs) / 1000;
   const finalBytes = finalPages * input.wireBytesPerPage;
   const rate = Math.max(input.linkRateBytesPerSec, 1);
-  return input.switchoverOverheadMs + (finalBytes / rate) * 1000;
+  return input.switchoverOverheadMs + (finalBytes / rate) * 1000 * input.safetyFactor;
 }
 
 export function isPrecopyConverged(input: ConvergenceInput): ConvergenceDecision {

@@ -36,8 +36,18 @@ export class CreditWindow {
     return new Promise((resolve, reject) => this.waiters.push({ bytes, resolve, reject }));
   }
 
+  /** Resolves once everything sent has been credited back: the receiver has caught up. */
+  drained(): Promise<void> {
+    if (this.failure) return Promise.reject(this.failure);
+    if (this.available >= this.windowBytes) return Promise.resolve();
+    return new Promise((resolve, reject) => this.drainWaiters.push({ resolve, reject }));
+  }
+
+  private drainWaiters: { resolve: () => void; reject: (err: Error) => void }[] = [];
+
   grant(bytes: number): void {
     this.available += bytes;
+    if (this.available >= this.windowBytes) for (const waiter of this.drainWaiters.splice(0)) waiter.resolve();
     while (this.waiters.length > 0) {
       const first = this.waiters[0]!;
       if (this.available < Math.min(first.bytes, this.windowBytes)) break;
@@ -51,6 +61,7 @@ export class CreditWindow {
   fail(err: Error): void {
     this.failure = err;
     for (const waiter of this.waiters.splice(0)) waiter.reject(err);
+    for (const waiter of this.drainWaiters.splice(0)) waiter.reject(err);
   }
 }
 

@@ -18,7 +18,7 @@ import type { AnyFrame, FrameHandler, PeerSession } from '../peer/session.js';
 import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
 import { mergeRuns, runsPageCount } from '../tracker/page-set.js';
 import { CodecChooser, type CodecMode } from './codec-chooser.js';
-import { isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
+import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
 import { CreditWindow, Pacer, realClock, type Clock } from './flow.js';
 import { addCounters, BatchPool, emptyCounters, sendRegionRound, type RoundCounters } from './page-sender.js';
 import { SourceStateMachine, type SourcePhase } from './source-state.js';
@@ -359,6 +359,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         dirtyRatePagesPerSec,
         pauseLatencyMs: PAUSE_LATENCY_MS,
         switchoverOverheadMs,
+        safetyFactor: DEFAULT_SAFETY_FACTOR,
         downtimeBudgetMs: options.downtimeBudgetMs,
         wireBytesSent: totals.wireBytes,
         limits: { maxRounds: options.maxRounds, maxWireBytes: options.maxWireBytes },
@@ -383,7 +384,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       round++;
     }
 
-    // Stop-and-copy.
+    // Stop-and-copy. Let the destination catch up first, so the downtime does not include
+    // writing out a receive window's worth of pre-copy pages.
+    await this.credits.drained();
     this.state.to('stopping');
     const pauseStart = this.clock.now();
     await guest.pause();

@@ -13,6 +13,7 @@ function input(overrides: Partial<ConvergenceInput>): ConvergenceInput {
     dirtyRatePagesPerSec: 0,
     pauseLatencyMs: 5,
     switchoverOverheadMs: 20,
+    safetyFactor: 1,
     downtimeBudgetMs: 300,
     wireBytesSent: 512 * MiB,
     limits: { maxRounds: 30, maxWireBytes: 3 * 512 * MiB },
@@ -48,6 +49,15 @@ describe('isPrecopyConverged', () => {
     expect(ms).toBeCloseTo(10 + 1000, 5);
   });
 
+  it('scales the transfer time, not the fixed overhead, by the safety factor', () => {
+    const ms = predictDowntimeMs(input({ pendingPages: 25_600, linkRateBytesPerSec: 100 * MiB, switchoverOverheadMs: 10, safetyFactor: 1.5 }));
+    expect(ms).toBeCloseTo(10 + 1500, 5);
+    // 60 MiB at 275 MiB/s fits 300 ms on the raw estimate, not with the margin: another round.
+    const demo = input({ pendingPages: 15_360, linkRateBytesPerSec: 275 * MiB, switchoverOverheadMs: 25 });
+    expect(isPrecopyConverged(demo).action).toBe('stop');
+    expect(isPrecopyConverged({ ...demo, safetyFactor: 1.5 }).action).toBe('continue');
+  });
+
   it('flags a guest dirtying faster than the link as not converging', () => {
     const fast = isPrecopyConverged(input({ pendingPages: 131072, dirtyRatePagesPerSec: 300_000, linkRateBytesPerSec: 1000 * MiB }));
     expect(fast.converging).toBe(false);
@@ -81,6 +91,7 @@ function simulate(memoryPages: number, hotPages: number, dirtyPagesPerSec: numbe
       dirtyRatePagesPerSec: (pending * 1000) / ms,
       pauseLatencyMs: 5,
       switchoverOverheadMs: 20,
+      safetyFactor: 1.5,
       downtimeBudgetMs: budgetMs,
       wireBytesSent: wire,
       limits: { maxRounds: 30, maxWireBytes: 3 * memoryPages * PAGE },

@@ -46,6 +46,20 @@ describe('CreditWindow', () => {
     await next;
     expect(done).toBe(true);
   });
+  it('reports drained once every byte sent is credited back', async () => {
+    const window = new CreditWindow(100);
+    await window.drained();
+    await window.take(70);
+    let drained = false;
+    const waiting = window.drained().then(() => (drained = true));
+    window.grant(60);
+    await Promise.resolve();
+    expect(drained).toBe(false);
+    window.grant(10);
+    await waiting;
+    expect(drained).toBe(true);
+  });
+
   it('fails every waiter when the session dies', async () => {
     const window = new CreditWindow(10);
     await window.take(10);
