@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --single-threaded-gc
 // gangway: the agent daemon and its command-line client.
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { resolve } from 'node:path';

@@ -1,14 +1,17 @@
-// The baseline for the page stream: raw TCP over loopback between two processes, in the
-// same run. A child process receives and counts; this process sends 1 MiB writes.
+// The baseline for the page stream: raw TCP over loopback between two Node processes
+// (started with the agents' Node flags, so both sides run alike), and iperf3 where
+// installed. A receiver child counts bytes; a sender child writes 1 MiB chunks and reports
+// the rate once the receiver has everything.
 import { fork } from 'node:child_process';
 import { connect, createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
+import { AGENT_NODE_FLAGS } from '../agent/local-agent.js';
 
 const CHUNK = 1 << 20;
+const self = fileURLToPath(import.meta.url);
 
-if (process.argv[2] === '--receiver') {
-  const total = Number(process.argv[3]);
+async function receiver(total: number): Promise<void> {
   const server = createServer((socket) => {
     let got = 0;
     socket.on('data', (data) => {
@@ -23,28 +26,37 @@ if (process.argv[2] === '--receiver') {
   process.on('disconnect', () => process.exit(0));
 }
 
-/** Sends `totalBytes` over loopback TCP to a child process; returns bytes per second. */
+async function sender(total: number, port: number): Promise<void> {
+  const socket = connect(port, '127.0.0.1');
+  await new Promise((resolve) => socket.once('connect', resolve));
+  socket.setNoDelay(true);
+  const chunk = Buffer.alloc(CHUNK, 0xa5);
+  const started = performance.now();
+  const done = new Promise<void>((resolve) => socket.once('data', () => resolve()));
+  for (let sent = 0; sent < total; sent += CHUNK) {
+    if (!socket.write(chunk)) await new Promise((resolve) => socket.once('drain', resolve));
+  }
+  await done;
+  process.send!({ bytesPerSec: total / ((performance.now() - started) / 1000) });
+  socket.destroy();
+  process.disconnect();
+}
+
+if (process.argv[2] === '--receiver') await receiver(Number(process.argv[3]));
+if (process.argv[2] === '--sender') await sender(Number(process.argv[3]), Number(process.argv[4]));
+
+/** Sends `totalBytes` over loopback TCP between two child processes; returns bytes per second. */
 export async function nodeTcpLoopback(totalBytes: number): Promise<number> {
-  const child = fork(fileURLToPath(import.meta.url), ['--receiver', String(totalBytes)], { stdio: 'ignore' });
+  const execArgv = [...AGENT_NODE_FLAGS];
+  const rx = fork(self, ['--receiver', String(totalBytes)], { stdio: 'ignore', execArgv });
   try {
-    const port = await new Promise<number>((resolve) => child.once('message', (m: { port: number }) => resolve(m.port)));
-    const socket = connect(port, '127.0.0.1');
-    await new Promise((resolve) => socket.once('connect', resolve));
-    socket.setNoDelay(true);
-    const chunk = Buffer.alloc(CHUNK, 0xa5);
-    const started = performance.now();
-    const done = new Promise<void>((resolve) => socket.once('data', () => resolve()));
-    let sent = 0;
-    while (sent < totalBytes) {
-      sent += CHUNK;
-      if (!socket.write(chunk)) await new Promise((resolve) => socket.once('drain', resolve));
-    }
-    await done;
-    const seconds = (performance.now() - started) / 1000;
-    socket.destroy();
-    return totalBytes / seconds;
+    const { port } = await new Promise<{ port: number }>((resolve) => rx.once('message', resolve as never));
+    const tx = fork(self, ['--sender', String(totalBytes), String(port)], { stdio: 'ignore', execArgv });
+    const { bytesPerSec } = await new Promise<{ bytesPerSec: number }>((resolve) => tx.once('message', resolve as never));
+    tx.kill();
+    return bytesPerSec;
   } finally {
-    child.kill();
+    rx.kill();
   }
 }
 

@@ -4,7 +4,7 @@
 // the receiver's credit window and the pacer's rate.
 import { compress } from 'lz4-napi';
 import { Codec } from '../../protocol/codes.js';
-import { Frame } from '../../protocol/index.js';
+import { encodeFrame, Frame, FRAME_PREFIX_BYTES, MAX_HEADER_BYTES } from '../../protocol/index.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import type { CodecChooser } from './codec-chooser.js';
@@ -34,9 +34,18 @@ export function addCounters(into: RoundCounters, from: RoundCounters): void {
 }
 
 interface BatchBuffer {
+  /** HEADROOM bytes for the frame's prefix and header, then the payload. */
+  whole: Buffer;
   payload: Buffer;
   entries: Uint32Array;
 }
+
+/**
+ * Room before the payload for the frame prefix and header, so a raw batch goes out as one
+ * WebSocket frame without a copy: fragmenting it instead costs the receiver a second copy
+ * (measured here: 1.1 GB/s fragmented, 2.1 GB/s as one frame).
+ */
+const HEADROOM = FRAME_PREFIX_BYTES + MAX_HEADER_BYTES;
 
 /** Reusable batch buffers: a fresh 1 MiB allocation costs page faults on every batch. */
 export class BatchPool {
@@ -46,7 +55,10 @@ export class BatchPool {
     readonly maxEntries: number,
   ) {}
   acquire(): BatchBuffer {
-    return this.free.pop() ?? { payload: Buffer.allocUnsafeSlow(this.payloadBytes), entries: new Uint32Array(this.maxEntries * 3) };
+    const reused = this.free.pop();
+    if (reused) return reused;
+    const whole = Buffer.allocUnsafeSlow(HEADROOM + this.payloadBytes);
+    return { whole, payload: whole.subarray(HEADROOM), entries: new Uint32Array(this.maxEntries * 3) };
   }
   release(buffer: BatchBuffer): void {
     if (this.free.length < 16) this.free.push(buffer);
@@ -147,7 +159,17 @@ export async function sendRegionRound(
       await ctx.credits.take(cost);
       if (ctx.pacer) await ctx.pacer.take(cost);
       const buffer = batch.buffer;
-      const wire = ctx.session.send(frame, () => ctx.pool.release(buffer));
+      const [frameHead] = encodeFrame(frame);
+      let message: Buffer;
+      if (batch.codec === Codec.raw) {
+        // The payload already sits in `whole` right after the headroom: put the head before it.
+        const start = HEADROOM - frameHead.length;
+        frameHead.copy(buffer.whole, start);
+        message = buffer.whole.subarray(start, HEADROOM + batch.payload.length);
+      } else {
+        message = Buffer.concat([frameHead, batch.payload]);
+      }
+      const wire = ctx.session.sendMessage(message, () => ctx.pool.release(buffer));
       counters.pages += batch.pages;
       counters.zeroPages += batch.zeroPages;
       counters.dataPages += batch.dataPages;

@@ -315,7 +315,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
           chooser,
           credits: this.credits!,
           pacer,
-          pipelineDepth: 3,
+          pipelineDepth: 4,
           onBatch: (c) => this.progress(round, roundPages, c, t0, totals.wireBytes + c.wireBytes),
         },
         0,

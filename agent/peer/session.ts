@@ -3,9 +3,8 @@
 // frames, routes them to the migration they name, and closes on a protocol violation with
 // an error frame (the agent's other sessions are unaffected).
 //
-// Frames go out as one WebSocket message each, sent as two fragments (prefix+header, then
-// the payload) so a 1 MiB payload is never copied to be framed. Both fragments are queued
-// in the same tick, so messages never interleave.
+// Frames go out as one WebSocket message (and frame) each: a fragmented message costs the
+// receiving ws a second copy. The page stream builds its messages in place (page-sender.ts).
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import WebSocket from 'ws';
@@ -138,18 +137,18 @@ export class PeerSession extends EventEmitter {
 
   /** Queues a frame; `onWritten` runs once its bytes are handed to the socket. Returns its wire size. */
   send(frame: AnyFrame, onWritten?: (err?: Error) => void): number {
+    const [head, payload] = encodeFrame(frame);
+    return this.sendMessage(payload && payload.length > 0 ? Buffer.concat([head, payload]) : head, onWritten);
+  }
+
+  /** Queues one encoded frame as one WebSocket message. */
+  sendMessage(message: Buffer, onWritten?: (err?: Error) => void): number {
     if (this.closedWith) {
       onWritten?.(this.closedWith);
       return 0;
     }
-    const [head, payload] = encodeFrame(frame);
-    if (payload && payload.length > 0) {
-      this.ws.send(head, { binary: true, fin: false });
-      this.ws.send(payload, { binary: true, fin: true }, onWritten);
-      return head.length + payload.length;
-    }
-    this.ws.send(head, { binary: true, fin: true }, onWritten);
-    return head.length;
+    this.ws.send(message, { binary: true }, onWritten);
+    return message.length;
   }
 
   private receive(data: Buffer, isBinary: boolean): void {
