@@ -12,7 +12,7 @@ import { RejectReason } from '../protocol/codes.js';
 import { Frame } from '../protocol/index.js';
 import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
 import { GUEST_PAGE_SIZE } from './guest/guest-header.js';
-import { launchProcessGuest, type ProcessGuestSpec, type TrackerPreference } from './guest/process-guest.js';
+import { launchProcessGuest, processState, type ProcessGuestSpec, type TrackerPreference } from './guest/process-guest.js';
 import { GuestRegistry } from './guest/registry.js';
 import type { Logger } from './log.js';
 import { loadNative } from './native.js';
@@ -266,7 +266,7 @@ export class Agent {
       return {
         name: record.name,
         pid: record.pid,
-        state: !guest.alive() ? 'dead' : guest.isPaused || processStopped(record.pid) ? 'paused' : 'running',
+        state: !guest.alive() ? 'dead' : guest.isPaused || processState(record.pid) === 'T' ? 'paused' : 'running',
         memoryBytes: record.memoryBytes,
         memoryPath: record.files.memoryPath,
         origin: record.origin,
@@ -418,15 +418,6 @@ export class Agent {
     this.wss?.close();
     await new Promise<void>((resolve) => (this.peerServer ? this.peerServer.close(() => resolve()) : resolve()));
     this.log.info('agent stopped');
-  }
-}
-
-function processStopped(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat[stat.lastIndexOf(')') + 2] === 'T';
-  } catch {
-    return false;
   }
 }
 

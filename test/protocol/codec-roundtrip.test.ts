@@ -13,23 +13,8 @@ import {
   type PagesFrame,
   encodeFrame,
 } from '../../protocol/index.js';
+import { plain, wire } from '../helpers/frames.js';
 import { checkPlainMsgpack } from '../../protocol/msgpack-scan.js';
-
-function wire(frame: Frame): Buffer {
-  const [head, payload] = encodeFrame(frame);
-  return payload === undefined ? head : Buffer.concat([head, payload]);
-}
-
-/** Typed arrays compared by content and kind, whatever their class (Buffer or not) or offset. */
-function plain(value: unknown): unknown {
-  if (value instanceof Uint32Array) return { u32: Array.from(value) };
-  if (value instanceof Uint8Array) return { bytes: Buffer.from(value.buffer, value.byteOffset, value.length).toString('hex') };
-  if (Array.isArray(value)) return value.map(plain);
-  if (typeof value === 'object' && value !== null) {
-    return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, plain(v)]));
-  }
-  return value;
-}
 
 function decodeOne(bytes: Uint8Array, decoder = new FrameDecoder()): Frame {
   const frames = decoder.push(bytes);
