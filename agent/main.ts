@@ -8,6 +8,7 @@ import { ControlClient } from './control/client.js';
 import { startControlServer } from './control/server.js';
 import { Agent, controlSocketInUse, controlSocketPath, DEFAULT_AGENT_CONFIG, type AgentConfig } from './daemon.js';
 import { createLogger } from './log.js';
+import { SystemdNotifier } from './systemd.js';
 import type { MigrationProgress, MigrationSummary } from './migration/source.js';
 import { progressLine, summaryText } from './cli/format.js';
 import { runDemo } from './cli/demo.js';
@@ -92,11 +93,13 @@ program
       fail(err, false);
     }
     const control = await startControlServer(agent, socketPath);
+    const systemd = SystemdNotifier.fromEnv(log);
     let stopping = false;
     const shutdown = async (signal: string) => {
       if (stopping) return;
       stopping = true;
       log.info({ signal }, 'signal received');
+      systemd.stopping();
       await agent.stop();
       control.close();
       rmSync(socketPath, { force: true });
@@ -105,6 +108,7 @@ program
     process.on('SIGTERM', () => void shutdown('SIGTERM'));
     process.on('SIGINT', () => void shutdown('SIGINT'));
     log.info({ control: socketPath }, 'control API ready');
+    systemd.ready(`listening on ${agent.listenAddress}`);
   });
 
 const guest = program.command('guest').description('start, stop or resume guests on the local agent');

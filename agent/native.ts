@@ -89,6 +89,8 @@ export interface NativeAddon {
   tmpfileCreate(dir: string, lengthBytes: number): number;
   /** Gives the unnamed file `fd` the name `path` (linkat AT_SYMLINK_FOLLOW via /proc/self/fd). */
   tmpfileLink(fd: number, path: string): void;
+  /** One datagram to a unix socket (systemd's NOTIFY_SOCKET; '@' = abstract namespace). Throws with errno text. */
+  sdNotify(socketPath: string, message: string): void;
 }
 
 const here = dirname(fileURLToPath(import.meta.url));
