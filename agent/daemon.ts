@@ -21,6 +21,7 @@ import { DestinationMigration, type IncomingResult } from './migration/destinati
 import { SourceMigration, type MigrationProgress, type MigrationSummary } from './migration/source.js';
 import { connectPeer, PeerSession } from './peer/session.js';
 import { parseShimReport } from './tracker/uffd-wp.js';
+import { AgentMetrics } from './metrics.js';
 
 export interface AgentConfig {
   listenHost: string;
@@ -80,7 +81,10 @@ export class Agent {
   private shuttingDown = false;
   private digestBytesPerSec = 8e9;
   private readonly startedAt = Date.now();
+  readonly metrics = new AgentMetrics();
   listenAddress = '';
+  /** Where /metrics is served, once it is. */
+  metricsAddress: string | undefined;
 
   constructor(
     readonly config: AgentConfig,
@@ -174,9 +178,14 @@ export class Agent {
       maxPayloadBytes: this.config.maxPayloadBytes,
       log: this.log,
       accepting: () => !this.shuttingDown,
+      metrics: this.metrics,
     });
-    if (!migration) return;
+    if (!migration) {
+      this.metrics.migrations.inc({ direction: 'in', outcome: 'rejected', technique: 'precopy' });
+      return;
+    }
     this.incoming.set(offer.migrationId, migration);
+    this.metrics.migrationsActive.inc({ direction: 'in' });
     const record: MigrationRecord = {
       direction: 'in',
       state: 'running',
@@ -188,6 +197,8 @@ export class Agent {
     this.records.set(offer.migrationId, record);
     void migration.done.then((result) => {
       this.incoming.delete(offer.migrationId);
+      this.metrics.migrationsActive.dec({ direction: 'in' });
+      this.metrics.migrations.inc({ direction: 'in', outcome: result.outcome, technique: 'precopy' });
       this.records.set(offer.migrationId, { ...record, state: result.outcome, result });
       this.trimRecords();
     });
@@ -299,6 +310,7 @@ export class Agent {
         pid: process.pid,
         uptimeMs: Date.now() - this.startedAt,
         trackerPreference: this.config.tracker,
+        metrics: this.metricsAddress ?? null,
         digestBytesPerSec: Math.round(this.digestBytesPerSec),
         shuttingDown: this.shuttingDown,
         sessions: { in: this.sessionsIn.size, out: this.sessionsOut.size },
@@ -369,6 +381,7 @@ export class Agent {
           batchBytes: this.config.batchBytes,
           digestBytesPerSec: this.digestBytesPerSec,
           commitTimeoutMs: 30_000,
+          metrics: this.metrics,
         },
         log,
       );
@@ -378,14 +391,20 @@ export class Agent {
         onProgress(progress);
       });
       log.info({ downtimeMs: request.downtimeMs, codec: request.codec }, 'migration started');
-      const summary = await migration.run();
+      this.metrics.migrationsActive.inc({ direction: 'out' });
+      const summary = await migration.run().finally(() => this.metrics.migrationsActive.dec({ direction: 'out' }));
       summary.from = this.listenAddress;
+      this.metrics.migrations.inc({ direction: 'out', outcome: 'committed', technique: summary.technique });
+      this.metrics.downtime.observe(summary.downtimeMs / 1000);
+      this.metrics.totalTime.observe(summary.totalMs / 1000);
+      this.metrics.linkRate.set({ peer: request.to }, summary.linkRateBytesPerSec);
       this.registry.remove(guest.name);
       this.records.set(migrationId, { ...base, state: 'committed', summary });
       return summary;
     } catch (err) {
       const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.INTERNAL, String(err));
       const state = migration?.phase === 'in-doubt' ? 'in-doubt' : 'failed';
+      this.metrics.migrations.inc({ direction: 'out', outcome: state, technique: 'precopy' });
       this.records.set(migrationId, { ...base, state, error: { code: error.code, message: error.message } });
       throw error;
     } finally {

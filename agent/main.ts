@@ -8,13 +8,14 @@ import { ControlClient } from './control/client.js';
 import { startControlServer } from './control/server.js';
 import { Agent, controlSocketInUse, controlSocketPath, DEFAULT_AGENT_CONFIG, type AgentConfig } from './daemon.js';
 import { createLogger } from './log.js';
+import { ConfigFileSchema, configFromEnv, loadConfigFile, LOG_LEVELS, mergeConfig, TRACKERS } from './config.js';
 import { SystemdNotifier } from './systemd.js';
 import type { MigrationProgress, MigrationSummary } from './migration/source.js';
 import { progressLine, summaryText } from './cli/format.js';
 import { runDemo } from './cli/demo.js';
 import { parseBytes, parseDurationMs, parseRate, QuantityError } from './units.js';
 
-const DEFAULT_STATE_DIR = process.env.GANGWAY_STATE_DIR ?? '/var/lib/gangway';
+const DEFAULT_STATE_DIR = '/var/lib/gangway';
 
 /** Wraps a parser so commander reports "option '--x <v>' argument 'v' is invalid. <why>". */
 function arg<T>(parse: (text: string) => T): (text: string) => T {
@@ -64,27 +65,40 @@ const program = new Command('gangway')
 program
   .command('agent')
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
-  .option('--listen <host:port>', 'address for peer agents', arg(parseListen), parseListen('127.0.0.1:7401'))
-  .addOption(stateDirOption())
-  .option('--memory-dir <dir>', 'where guest memory files live', DEFAULT_AGENT_CONFIG.memoryDir)
-  .addOption(new Option('--tracker <kind>', 'dirty-page tracking').choices(['auto', 'uffd-wp', 'hash-scan']).default('auto'))
-  .option('--shutdown-grace <duration>', 'on SIGTERM, how long running migrations may finish', arg(parseDurationMs), DEFAULT_AGENT_CONFIG.shutdownGraceMs)
-  .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
+  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen)')
+  .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags), print it and exit')
+  .option('--listen <host:port>', 'address for peer agents [127.0.0.1:7401]')
+  .option('--state-dir <dir>', `the agent state directory [${DEFAULT_STATE_DIR}]`)
+  .option('--memory-dir <dir>', `where guest memory files live [${DEFAULT_AGENT_CONFIG.memoryDir}]`)
+  .addOption(new Option('--tracker <kind>', 'dirty-page tracking [auto]').choices(TRACKERS))
+  .option('--shutdown-grace <duration>', 'on SIGTERM, how long running migrations may finish [10s]')
+  .option('--metrics-listen <host:port>', 'serve Prometheus metrics on this address')
+  .addOption(new Option('--log-level <level>', 'log level [info]').choices(LOG_LEVELS))
   .action(async (opts) => {
-    const log = createLogger(opts.logLevel);
-    const stateDir = resolve(opts.stateDir);
+    let settings: ReturnType<typeof resolveAgentSettings>;
+    try {
+      settings = resolveAgentSettings(opts);
+    } catch (err) {
+      fail(err, false);
+    }
+    if (opts.checkConfig) {
+      console.log(JSON.stringify(settings, null, 2));
+      return;
+    }
+    const log = createLogger(settings.logLevel);
+    const stateDir = settings.stateDir;
     const socketPath = controlSocketPath(stateDir);
     if (await controlSocketInUse(socketPath)) {
       fail(new GangwayError(ErrorCode.BAD_REQUEST, `another agent is already running with state dir ${stateDir}`), false);
     }
     const config: AgentConfig = {
       ...DEFAULT_AGENT_CONFIG,
-      listenHost: opts.listen.host,
-      listenPort: opts.listen.port,
+      listenHost: settings.listenHost,
+      listenPort: settings.listenPort,
       stateDir,
-      memoryDir: resolve(opts.memoryDir),
-      tracker: opts.tracker,
-      shutdownGraceMs: opts.shutdownGrace,
+      memoryDir: settings.memoryDir,
+      tracker: settings.tracker,
+      shutdownGraceMs: settings.shutdownGraceMs,
     };
     const agent = new Agent(config, log);
     try {
@@ -93,6 +107,17 @@ program
       fail(err, false);
     }
     const control = await startControlServer(agent, socketPath);
+    if (settings.metricsListen) {
+      const { host, port } = parseListen(settings.metricsListen);
+      try {
+        const server = await agent.metrics.serve(host, port);
+        const address = server.address();
+        agent.metricsAddress = `${host}:${typeof address === 'object' && address ? address.port : port}`;
+        log.info({ metrics: `http://${agent.metricsAddress}/metrics` }, 'metrics served');
+      } catch (err) {
+        fail(new GangwayError(ErrorCode.BAD_REQUEST, `cannot serve metrics on ${settings.metricsListen}: ${(err as Error).message}`), false);
+      }
+    }
     const systemd = SystemdNotifier.fromEnv(log);
     let stopping = false;
     const shutdown = async (signal: string) => {
@@ -110,6 +135,43 @@ program
     log.info({ control: socketPath }, 'control API ready');
     systemd.ready(`listening on ${agent.listenAddress}`);
   });
+
+/** Defaults < config file < GANGWAY_* environment < flags, validated, in the agent's units. */
+function resolveAgentSettings(opts: Record<string, string | undefined>) {
+  const flags: Record<string, unknown> = {
+    listen: opts.listen,
+    stateDir: opts.stateDir === undefined ? undefined : resolve(opts.stateDir),
+    memoryDir: opts.memoryDir === undefined ? undefined : resolve(opts.memoryDir),
+    tracker: opts.tracker,
+    shutdownGrace: opts.shutdownGrace,
+    logLevel: opts.logLevel,
+    ...(opts.metricsListen ? { metrics: { listen: opts.metricsListen } } : {}),
+  };
+  const parsed = ConfigFileSchema.safeParse(Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined)));
+  if (!parsed.success) {
+    const flag = (key: string) => `--${key.replace('metrics.listen', 'metricsListen').replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
+    throw new GangwayError(ErrorCode.BAD_REQUEST, parsed.error.issues.map((i) => `${flag(i.path.join('.'))}: ${i.message}`).join('\n'));
+  }
+  const merged = mergeConfig(
+    { listen: '127.0.0.1:7401', stateDir: DEFAULT_STATE_DIR, memoryDir: DEFAULT_AGENT_CONFIG.memoryDir, tracker: 'auto', shutdownGrace: DEFAULT_AGENT_CONFIG.shutdownGraceMs, logLevel: 'info' },
+    opts.config ? loadConfigFile(resolve(opts.config)) : {},
+    configFromEnv(process.env),
+    parsed.data,
+  );
+  const listen = parseListen(merged.listen!);
+  return {
+    listen: merged.listen!,
+    listenHost: listen.host,
+    listenPort: listen.port,
+    stateDir: resolve(merged.stateDir!),
+    memoryDir: resolve(merged.memoryDir!),
+    tracker: merged.tracker!,
+    shutdownGraceMs: merged.shutdownGrace!,
+    logLevel: merged.logLevel!,
+    metricsListen: merged.metrics?.listen,
+    configFile: opts.config ? resolve(opts.config) : undefined,
+  };
+}
 
 const guest = program.command('guest').description('start, stop or resume guests on the local agent');
 

@@ -15,6 +15,7 @@ import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
 import { creditCost } from './page-sender.js';
 import { randomBytes } from 'node:crypto';
+import type { AgentMetrics } from '../metrics.js';
 
 export interface DestinationContext {
   registry: GuestRegistry;
@@ -24,6 +25,7 @@ export interface DestinationContext {
   log: Logger;
   /** Is the agent taking new migrations? */
   accepting: () => boolean;
+  metrics?: AgentMetrics;
 }
 
 export interface IncomingResult {
@@ -130,7 +132,7 @@ export class DestinationMigration implements FrameHandler {
     } catch (err) {
       this.protocolFailure(err);
     }
-    void wireBytes;
+    if (frame.type === 'pages') this.ctx.metrics?.receivedBytes.inc(wireBytes);
   }
 
   private handle(frame: AnyFrame): void {

@@ -23,10 +23,12 @@ export interface RoundCounters {
   wireBytes: number;
   batches: number;
   compressedBatches: number;
+  /** Payload bytes of the batches that went out compressed. */
+  compressedBytes: number;
 }
 
 export function emptyCounters(): RoundCounters {
-  return { pages: 0, dataPages: 0, zeroPages: 0, rawBytes: 0, payloadBytes: 0, wireBytes: 0, batches: 0, compressedBatches: 0 };
+  return { pages: 0, dataPages: 0, zeroPages: 0, rawBytes: 0, payloadBytes: 0, wireBytes: 0, batches: 0, compressedBatches: 0, compressedBytes: 0 };
 }
 
 export function addCounters(into: RoundCounters, from: RoundCounters): void {
@@ -177,7 +179,10 @@ export async function sendRegionRound(
       counters.payloadBytes += batch.payload.length;
       counters.wireBytes += wire;
       counters.batches++;
-      if (batch.codec === Codec.lz4) counters.compressedBatches++;
+      if (batch.codec === Codec.lz4) {
+        counters.compressedBatches++;
+        counters.compressedBytes += batch.payload.length;
+      }
       ctx.chooser.sent(batch.pages * ctx.pageSizeBytes);
       ctx.onBatch?.(counters);
     }

@@ -22,6 +22,7 @@ import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type Converge
 import { CreditWindow, Pacer, realClock, type Clock } from './flow.js';
 import { addCounters, BatchPool, emptyCounters, sendRegionRound, type RoundCounters } from './page-sender.js';
 import { SourceStateMachine, type SourcePhase } from './source-state.js';
+import type { AgentMetrics } from '../metrics.js';
 import { openSync, closeSync } from 'node:fs';
 
 export interface SourceOptions {
@@ -40,6 +41,7 @@ export interface SourceOptions {
   digestBytesPerSec: number;
   commitTimeoutMs: number;
   clock?: Clock;
+  metrics?: AgentMetrics;
 }
 
 export interface RoundRecord extends RoundCounters {
@@ -306,6 +308,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const sendRound = async (round: number, runs: Uint32Array, final: boolean): Promise<RoundRecord> => {
       const t0 = this.clock.now();
       const roundPages = runsPageCount(runs);
+      let reported = emptyCounters();
       const counters = await sendRegionRound(
         {
           session: this.session,
@@ -316,7 +319,11 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
           credits: this.credits!,
           pacer,
           pipelineDepth: 4,
-          onBatch: (c) => this.progress(round, roundPages, c, t0, totals.wireBytes + c.wireBytes),
+          onBatch: (c) => {
+            this.progress(round, roundPages, c, t0, totals.wireBytes + c.wireBytes);
+            options.metrics?.batchSent(reported, c, pageSize);
+            reported = { ...c };
+          },
         },
         0,
         regions[0]!,
@@ -326,6 +333,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       );
       this.send(Frame.roundEnd({ migrationId: options.migrationId, round, pageCount: counters.pages, final }));
       addCounters(totals, counters);
+      options.metrics?.rounds.inc();
       const record: RoundRecord = { round, final, durationMs: this.clock.now() - t0, dirtyPagesAfter: 0, ...counters };
       rounds.push(record);
       return record;
@@ -345,7 +353,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         const sample = round === 0 ? (record.payloadBytes / record.dataPages) + 16 : record.wireBytes / record.pages;
         wireBytesPerPage = round <= 1 ? sample : wireBytesPerPage * 0.5 + sample * 0.5;
       }
-      runs = await tracker.collect();
+      runs = await this.collect(tracker);
       const now = this.clock.now();
       const pending = runsPageCount(runs);
       const dirtyRatePagesPerSec = (pending * 1000) / Math.max(now - lastCollect, 1);
@@ -394,7 +402,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     this.send(Frame.pause({ migrationId: options.migrationId }));
     // The pages collected when the policy said stop were never sent: they join the pages
     // written since (a write-protect tracker reported them once, and only once).
-    const finalRuns = mergeRuns(runs, await tracker.collect(), pageCount);
+    const finalRuns = mergeRuns(runs, await this.collect(tracker), pageCount);
     // The source's digest reads the paused memory on the thread pool while the final round goes out.
     const sourceDigests = Promise.all(regions.map((region) => this.native.regionDigest(region, 'full')));
     sourceDigests.catch(() => {});
@@ -462,6 +470,13 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     void finalRecord;
     this.log.info({ downtimeMs: Math.round(downtimeMs), totalMs: Math.round(summary.totalMs), rounds: rounds.length, wireBytes: totals.wireBytes }, 'migration committed');
     return summary;
+  }
+
+  private async collect(tracker: DirtyTracker): Promise<Uint32Array> {
+    const started = this.clock.now();
+    const runs = await tracker.collect();
+    this.options.metrics?.dirtyScan.observe({ tracker: tracker.kind }, (this.clock.now() - started) / 1000);
+    return runs;
   }
 
   private progress(round: number, roundPages: number, counters: RoundCounters, roundStart: number, wireBytes: number): void {

@@ -1,0 +1,107 @@
+// Prometheus metrics (prom-client), served on a configurable address. Migration counters
+// move while a migration runs (per batch), not only when it ends.
+import { createServer, type Server } from 'node:http';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { RoundCounters } from './migration/page-sender.js';
+
+const DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
+
+export class AgentMetrics {
+  readonly registry = new Registry();
+  readonly migrations = new Counter({
+    name: 'gangway_migrations_total',
+    help: 'Migrations that ended, by direction, outcome and technique',
+    labelNames: ['direction', 'outcome', 'technique'] as const,
+    registers: [this.registry],
+  });
+  readonly migrationsActive = new Gauge({
+    name: 'gangway_migrations_active',
+    help: 'Migrations running now, by direction',
+    labelNames: ['direction'] as const,
+    registers: [this.registry],
+  });
+  readonly bytes = new Counter({
+    name: 'gangway_migration_bytes_total',
+    help: 'Bytes sent by outgoing migrations, by kind: data (page bytes before compression), zero (page bytes sent as zero runs), compressed (LZ4 payload of compressed batches), wire (frames on the wire)',
+    labelNames: ['kind'] as const,
+    registers: [this.registry],
+  });
+  readonly pages = new Counter({
+    name: 'gangway_migration_pages_total',
+    help: 'Pages sent by outgoing migrations, by kind (data, zero)',
+    labelNames: ['kind'] as const,
+    registers: [this.registry],
+  });
+  readonly receivedBytes = new Counter({
+    name: 'gangway_received_bytes_total',
+    help: 'Page-frame bytes received by incoming migrations',
+    registers: [this.registry],
+  });
+  readonly rounds = new Counter({
+    name: 'gangway_migration_rounds_total',
+    help: 'Pre-copy rounds completed (the final round included)',
+    registers: [this.registry],
+  });
+  readonly downtime = new Histogram({
+    name: 'gangway_migration_downtime_seconds',
+    help: 'Guest downtime of committed migrations (source pause to destination resume)',
+    buckets: DURATION_BUCKETS,
+    registers: [this.registry],
+  });
+  readonly totalTime = new Histogram({
+    name: 'gangway_migration_duration_seconds',
+    help: 'Total time of committed migrations',
+    buckets: DURATION_BUCKETS,
+    registers: [this.registry],
+  });
+  readonly dirtyScan = new Histogram({
+    name: 'gangway_dirty_scan_seconds',
+    help: 'Time of one dirty-page collection, by tracker',
+    labelNames: ['tracker'] as const,
+    buckets: [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1],
+    registers: [this.registry],
+  });
+  readonly linkRate = new Gauge({
+    name: 'gangway_link_rate_bytes_per_second',
+    help: 'Link rate measured by the latest outgoing migration, by peer',
+    labelNames: ['peer'] as const,
+    registers: [this.registry],
+  });
+  readonly dedupHits = new Counter({
+    name: 'gangway_dedup_hits_total',
+    help: 'Pages sent as references to content already at the destination, by kind',
+    labelNames: ['kind'] as const,
+    registers: [this.registry],
+  });
+
+  constructor() {
+    collectDefaultMetrics({ register: this.registry, prefix: 'gangway_process_' });
+  }
+
+  /** Batches handed to the link: the difference between two cumulative round counters. */
+  batchSent(before: RoundCounters, after: RoundCounters, pageSizeBytes: number): void {
+    this.bytes.inc({ kind: 'data' }, after.rawBytes - before.rawBytes);
+    this.bytes.inc({ kind: 'zero' }, (after.zeroPages - before.zeroPages) * pageSizeBytes);
+    this.bytes.inc({ kind: 'compressed' }, after.compressedBytes - before.compressedBytes);
+    this.bytes.inc({ kind: 'wire' }, after.wireBytes - before.wireBytes);
+    this.pages.inc({ kind: 'data' }, after.dataPages - before.dataPages);
+    this.pages.inc({ kind: 'zero' }, after.zeroPages - before.zeroPages);
+  }
+
+  serve(host: string, port: number): Promise<Server> {
+    const server = createServer((req, res) => {
+      if (req.url !== '/metrics') {
+        res.writeHead(404).end('metrics are at /metrics\n');
+        return;
+      }
+      this.registry.metrics().then(
+        (text) => res.writeHead(200, { 'content-type': this.registry.contentType }).end(text),
+        (err) => res.writeHead(500).end(String(err)),
+      );
+    });
+    return new Promise((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => resolve(server));
+    });
+  }
+}

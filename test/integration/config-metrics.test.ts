@@ -1,0 +1,115 @@
+// Operator-facing configuration and observability: each kind of config mistake gets its own
+// clear error; file < environment < flags; /metrics moves during a migration and parses as
+// the Prometheus text format.
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { execa } from 'execa';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { builtAgent, Cluster, mainJs, uniqueName } from '../helpers/cluster.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'gangway-config-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function configFile(name: string, text: string): string {
+  const path = join(dir, name);
+  writeFileSync(path, text);
+  return path;
+}
+
+const checkConfig = (args: string[], env: Record<string, string> = {}) =>
+  execa(process.execPath, [mainJs, 'agent', '--check-config', ...args], { reject: false, env: { GANGWAY_LISTEN: '', ...env } });
+
+describe.skipIf(!builtAgent)('agent configuration', () => {
+  it.each([
+    ['an unknown key', 'lisen: 127.0.0.1:7401\n', /'lisen' is not a setting \(allowed: listen, stateDir/],
+    ['a value of the wrong kind', 'listen: 7401\n', /'listen'.*\(got 7401\)/],
+    ['a bad address', 'listen: localhost\n', /'listen' must be HOST:PORT/],
+    ['a port out of range', 'listen: 127.0.0.1:70000\n', /'listen' port must be at most 65535/],
+    ['a relative path', 'stateDir: var/lib/gangway\n', /'stateDir' must be an absolute path \(got "var\/lib\/gangway"\)/],
+    ['an unknown choice', 'tracker: magic\n', /'tracker'.*"auto".*"uffd-wp".*"hash-scan".*\(got "magic"\)/],
+    ['a bad duration', 'shutdownGrace: soon\n', /'shutdownGrace' duration "soon" is not understood/],
+    ['an unknown nested key', 'metrics:\n  port: 9464\n', /'metrics.port' is not a setting/],
+    ['broken YAML', 'listen: [1\n', /not valid YAML at line 2/],
+    ['a list instead of settings', '- listen\n', /must be a mapping of settings/],
+    ['a duplicated key', 'listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n', /not valid YAML.*(unique|Map keys)/i],
+  ])('rejects %s with its own message', async (_kind, text, message) => {
+    const run = await checkConfig(['--config', configFile(`c${Math.random()}.yaml`, text)]);
+    expect(run.exitCode).toBe(1);
+    expect(run.stderr).toMatch(message);
+    expect(run.stderr).toMatch(/GANGWAY_ERR_BAD_REQUEST/);
+  });
+
+  it('names the file when it cannot be read, the variable for a bad environment value, and the flag for a bad flag', async () => {
+    expect((await checkConfig(['--config', join(dir, 'missing.yaml')])).stderr).toMatch(/missing.yaml: cannot be read \(ENOENT\)/);
+    expect((await checkConfig([], { GANGWAY_TRACKER: 'fast' })).stderr).toMatch(/environment: GANGWAY_TRACKER .*\(got "fast"\)/);
+    expect((await checkConfig(['--shutdown-grace', 'later'])).stderr).toMatch(/--shutdown-grace: duration "later"/);
+  });
+
+  it('takes the file, then the environment, then flags', async () => {
+    const path = configFile('layers.yaml', 'listen: 127.0.0.1:7001\nmemoryDir: /tmp\nlogLevel: warn\nshutdownGrace: 2s\n');
+    const run = await checkConfig(['--config', path, '--log-level', 'debug'], { GANGWAY_LISTEN: '127.0.0.1:7002', GANGWAY_LOG_LEVEL: 'error' });
+    expect(run.exitCode, run.stderr).toBe(0);
+    expect(JSON.parse(run.stdout)).toMatchObject({ listen: '127.0.0.1:7002', memoryDir: '/tmp', logLevel: 'debug', shutdownGraceMs: 2000 });
+  });
+});
+
+/** Checks every line of a Prometheus text exposition; returns the samples by series. */
+function parseExposition(text: string): Map<string, number> {
+  const samples = new Map<string, number>();
+  for (const line of text.split('\n')) {
+    if (line === '') continue;
+    if (line.startsWith('#')) {
+      expect(line).toMatch(/^# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* .+$/);
+      continue;
+    }
+    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})?) (-?[0-9.eE+-]+|NaN|[+-]Inf)( \d+)?$/.exec(line);
+    expect(match, `not a sample line: ${line}`).not.toBeNull();
+    samples.set(match![1]!, Number(match![2]));
+  }
+  return samples;
+}
+
+describe.skipIf(!builtAgent)('Prometheus metrics', () => {
+  let cluster: Cluster | undefined;
+  afterEach(async () => {
+    await cluster?.cleanup();
+  });
+
+  it('move while a migration runs and parse as the text format', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a', ['--metrics-listen', '127.0.0.1:0']);
+    const b = await cluster.agent('b');
+    const metricsAt = (await a.status()).agent.metrics;
+    expect(metricsAt).toMatch(/^127\.0\.0\.1:\d+$/);
+    const scrape = async () => {
+      const res = await fetch(`http://${metricsAt}/metrics`);
+      expect(res.headers.get('content-type')).toMatch(/text\/plain/);
+      return parseExposition(await res.text());
+    };
+    const name = uniqueName('vm');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '48MiB', '--dirty-rate', '2MiB/s'])).exitCode).toBe(0);
+    const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '16MiB/s', '--codec', 'raw', '--json']);
+    await sleep(800);
+    const first = await scrape();
+    await sleep(800);
+    const second = await scrape();
+    const wire = 'gangway_migration_bytes_total{kind="wire"}';
+    expect(first.get('gangway_migrations_active{direction="out"}')).toBe(1);
+    expect(first.get(wire)!).toBeGreaterThan(0);
+    expect(second.get(wire)!).toBeGreaterThan(first.get(wire)!);
+    expect(second.get('gangway_migration_pages_total{kind="data"}')!).toBeGreaterThan(first.get('gangway_migration_pages_total{kind="data"}')!);
+
+    const run = await migrating;
+    expect(run.exitCode, run.stderr).toBe(0);
+    const summary = JSON.parse(run.stdout);
+    const done = await scrape();
+    expect(done.get('gangway_migrations_total{direction="out",outcome="committed",technique="precopy"}')).toBe(1);
+    expect(done.get('gangway_migrations_active{direction="out"}')).toBe(0);
+    expect(done.get('gangway_migration_downtime_seconds_count')).toBe(1);
+    expect(done.get(wire)).toBe(summary.wireBytes);
+    expect(done.get('gangway_migration_rounds_total')).toBe(summary.rounds.length);
+    expect(done.get('gangway_dirty_scan_seconds_count{tracker="uffd-wp"}')!).toBeGreaterThanOrEqual(2);
+  });
+});
