@@ -413,6 +413,27 @@ export class Agent {
     }
   }
 
+  /** Cancels an outgoing migration by id or unique id prefix; its guest keeps running here. */
+  cancelMigration(idOrPrefix: string): string {
+    const matches = [...this.outgoing.entries()].filter(([id]) => id.startsWith(idOrPrefix));
+    if (matches.length === 0 || idOrPrefix.length === 0) {
+      const known = this.records.get(idOrPrefix) ?? [...this.records.values()].find((r) => r.migrationId.startsWith(idOrPrefix));
+      throw new GangwayError(
+        ErrorCode.BAD_REQUEST,
+        known
+          ? `migration ${known.migrationId} is ${known.direction === 'in' ? 'incoming: cancel it on the source agent' : known.state}`
+          : `no running outgoing migration has id ${idOrPrefix} (see gangway status)`,
+      );
+    }
+    if (matches.length > 1) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `id prefix ${idOrPrefix} matches ${matches.length} migrations: give more of it`);
+    }
+    const [id, migration] = matches[0]!;
+    migration.cancel();
+    this.log.info({ migrationId: id }, 'migration cancelled');
+    return id;
+  }
+
   private trimRecords(): void {
     const finished = [...this.records.entries()].filter(([, r]) => r.state !== 'running');
     for (const [id] of finished.slice(0, Math.max(0, finished.length - 100))) this.records.delete(id);

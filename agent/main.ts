@@ -272,6 +272,20 @@ program
   });
 
 program
+  .command('cancel <migration-id>')
+  .description('stop an outgoing migration (id or unique prefix, see status); the guest keeps running here')
+  .addOption(stateDirOption())
+  .option('--json', 'print JSON')
+  .action(async (id: string, opts) => {
+    try {
+      const result = await new ControlClient(resolve(opts.stateDir)).call<{ cancelled: string }>('POST', `/v1/migrations/${encodeURIComponent(id)}/cancel`);
+      console.log(opts.json ? JSON.stringify(result) : `migration ${result.cancelled} cancelled; the guest keeps running on this host`);
+    } catch (err) {
+      fail(err, Boolean(opts.json));
+    }
+  });
+
+program
   .command('status')
   .description('show the local agent, its guests (with their self-check counters) and recent migrations')
   .addOption(stateDirOption())

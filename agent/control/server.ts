@@ -75,6 +75,10 @@ async function route(agent: Agent, req: IncomingMessage, res: ServerResponse): P
     agent.resumeGuest(decodeURIComponent(guestMatch[1]!));
     return send(res, 200, { resumed: decodeURIComponent(guestMatch[1]!) });
   }
+  const cancelMatch = /^\/v1\/migrations\/([^/]+)\/cancel$/.exec(path);
+  if (method === 'POST' && cancelMatch) {
+    return send(res, 200, { cancelled: agent.cancelMigration(decodeURIComponent(cancelMatch[1]!)) });
+  }
   if (method === 'POST' && path === '/v1/migrations') {
     const request = parse(MigrateRequestSchema, await readJson(req));
     res.writeHead(200, { 'content-type': 'application/x-ndjson' });

@@ -177,6 +177,21 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     });
   }
 
+  /**
+   * Stops the migration at the next step and resumes the source guest: allowed until the
+   * commit is sent. From then on the destination may be running the guest, and the
+   * switchover (milliseconds) must finish.
+   */
+  cancel(reason = 'cancelled by the operator'): void {
+    if (!this.state.sourceOwnsGuest) {
+      throw new GangwayError(
+        ErrorCode.BAD_REQUEST,
+        `migration ${this.options.migrationId} is ${this.phase}: ${this.phase === 'committing' ? 'the switchover is under way and cannot be cancelled safely' : 'it is over'}`,
+      );
+    }
+    this.fail(new GangwayError(ErrorCode.ABORTED, reason));
+  }
+
   private check(): void {
     if (this.failure) throw this.failure;
   }
@@ -389,12 +404,14 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         this.log.warn({ reason: decision.reason }, 'limit reached; stopping the guest anyway (--force)');
         break;
       }
+      this.check();
       round++;
     }
 
     // Stop-and-copy. Let the destination catch up first, so the downtime does not include
     // writing out a receive window's worth of pre-copy pages.
     await this.credits.drained();
+    this.check();
     this.state.to('stopping');
     const pauseStart = this.clock.now();
     await guest.pause();

@@ -89,6 +89,38 @@ describe.skipIf(!builtAgent)('live migration between two agents', () => {
     expect(pids).toEqual([guest!.pid]);
   });
 
+  it('cancels a running migration by id prefix: the guest runs on here, nothing is left there', async () => {
+    cluster = new Cluster();
+    const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
+    const name = uniqueName('vm');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--dirty-rate', '4MiB/s'])).exitCode).toBe(0);
+    const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '16MiB/s', '--json']);
+    let id: string | undefined;
+    for (let i = 0; i < 100 && !id; i++) {
+      await sleep(50);
+      id = (await a.status()).migrations.find((m) => m.direction === 'out' && m.state === 'running')?.migrationId;
+    }
+    expect(id).toBeDefined();
+    await sleep(500);
+    const cancel = await cluster.cli(a, ['cancel', id!.slice(0, 8), '--json']);
+    expect(cancel.exitCode, cancel.stderr).toBe(0);
+    expect(JSON.parse(cancel.stdout).cancelled).toBe(id);
+    const run = await migrating;
+    expect(run.exitCode).not.toBe(0);
+    expect(JSON.parse(run.stdout).error.code).toBe('GANGWAY_ERR_ABORTED');
+    expect(run.stderr).toMatch(/cancelled by the operator.*keeps running on this host/);
+    expect((await guestOn(a, name))?.state).toBe('running');
+    const there = await b.status();
+    expect(there.guests).toHaveLength(0);
+    await sleep(200);
+    expect((await b.status()).migrations[0]).toMatchObject({ direction: 'in', state: 'aborted' });
+    expect(shmFilesOf(name)).toHaveLength(1);
+    // Nothing left to cancel.
+    const again = await cluster.cli(a, ['cancel', id!, '--json']);
+    expect(again.exitCode).toBe(1);
+    expect(again.stderr).toMatch(/is failed/);
+  });
+
   it('refuses to stop a guest that outruns the link, and with --force stops it anyway', async () => {
     cluster = new Cluster();
     const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
