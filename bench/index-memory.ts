@@ -5,7 +5,7 @@
 //
 //   node --expose-gc dist/bench/index-memory.js [--locations N] [--json] [--dry]
 import { parseArgs } from 'node:util';
-import { ContentIndex, FINGERPRINT_BYTES } from '../agent/dedup/content-index.js';
+import { ContentIndex, FINGERPRINT_BYTES, fmix32 } from '../agent/dedup/content-index.js';
 import { barChartSvg, markdownTable, writeResults } from './report.js';
 
 const { values } = parseArgs({
@@ -23,15 +23,6 @@ const MAP_ENTRIES = 4 * 2 ** 20;
 
 function log(line: string) {
   if (!values.json) console.error(line);
-}
-
-function fmix32(h: number): number {
-  h ^= h >>> 16;
-  h = Math.imul(h, 0x85ebca6b);
-  h ^= h >>> 13;
-  h = Math.imul(h, 0xc2b2ae35);
-  h ^= h >>> 16;
-  return h;
 }
 
 /** Fingerprint of content `id` of `stream` into slot `k` of `words`; ids never collide. */

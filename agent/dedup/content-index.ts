@@ -618,6 +618,11 @@ function mixFingerprint(
     Math.imul(w1 ^ k1, 0x85ebca77) ^
     Math.imul(w2 ^ k2, 0xc2b2ae3d) ^
     Math.imul(w3 ^ k3, 0x27d4eb2f);
+  return fmix32(h);
+}
+
+/** The murmur3 finalizer: a bijection on u32 (also a counter-based PRNG for tests and benches). */
+export function fmix32(h: number): number {
   h ^= h >>> 16;
   h = Math.imul(h, 0x85ebca6b);
   h ^= h >>> 13;

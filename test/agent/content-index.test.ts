@@ -3,19 +3,9 @@
 // wrap-around, growth, and a 32M-location scale run that checks memory per location.
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { ContentIndex, FINGERPRINT_BYTES } from '../../agent/dedup/content-index.js';
+import { ContentIndex, FINGERPRINT_BYTES, fmix32 } from '../../agent/dedup/content-index.js';
 
 const SEED = 0x5eed;
-
-/** murmur3 finalizer: a bijection on u32, used as a counter-based PRNG. */
-function fmix32(h: number): number {
-  h ^= h >>> 16;
-  h = Math.imul(h, 0x85ebca6b);
-  h ^= h >>> 13;
-  h = Math.imul(h, 0xc2b2ae35);
-  h ^= h >>> 16;
-  return h;
-}
 
 /** xorshift32 stream for building alphabets deterministically. */
 function prng(seed: number): () => number {

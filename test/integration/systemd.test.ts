@@ -21,23 +21,17 @@ while True:
     print(json.dumps(data.decode()), flush=True)
 `;
 
-const hasPython = (() => {
+function commandWorks(command: string): boolean {
   try {
-    execSync('python3 -c "import socket"', { stdio: 'ignore' });
+    execSync(command, { stdio: 'ignore' });
     return true;
   } catch {
     return false;
   }
-})();
+}
 
-const hasAnalyze = (() => {
-  try {
-    execSync('systemd-analyze --version', { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-})();
+const hasPython = commandWorks('python3 -c "import socket"');
+const hasAnalyze = commandWorks('systemd-analyze --version');
 
 describe.skipIf(!hasAnalyze)('the shipped unit file', () => {
   it('passes systemd-analyze verify', () => {
