@@ -42,6 +42,16 @@ export const ConfigFileSchema = z
 
 export type ConfigFile = z.infer<typeof ConfigFileSchema>;
 
+/** What an agent runs with when neither file, environment nor flag says otherwise. */
+export const CONFIG_DEFAULTS = {
+  listen: '127.0.0.1:7401',
+  stateDir: '/var/lib/gangway',
+  memoryDir: '/dev/shm',
+  tracker: 'auto',
+  shutdownGrace: 10_000,
+  logLevel: 'info',
+} as const satisfies ConfigFile;
+
 /** Environment variables that override the file, by setting. */
 export const ENV_OVERRIDES: Record<string, keyof ConfigFile | 'metrics.listen'> = {
   GANGWAY_LISTEN: 'listen',

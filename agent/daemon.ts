@@ -22,6 +22,7 @@ import { SourceMigration, type MigrationProgress, type MigrationSummary } from '
 import { connectPeer, PeerSession } from './peer/session.js';
 import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
+import { CONFIG_DEFAULTS } from './config.js';
 
 export interface AgentConfig {
   listenHost: string;
@@ -38,12 +39,12 @@ export interface AgentConfig {
 }
 
 export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort' | 'stateDir'> = {
-  memoryDir: '/dev/shm',
-  tracker: 'auto',
+  memoryDir: CONFIG_DEFAULTS.memoryDir,
+  tracker: CONFIG_DEFAULTS.tracker,
   creditBytes: 32 * 1024 * 1024,
   maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES,
   batchBytes: 1024 * 1024,
-  shutdownGraceMs: 10_000,
+  shutdownGraceMs: CONFIG_DEFAULTS.shutdownGrace,
 };
 
 export interface MigrateRequest {

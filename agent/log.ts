@@ -6,8 +6,3 @@ export type { Logger };
 export function createLogger(level: string, name = 'gangway'): Logger {
   return pino({ name, level, base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime });
 }
-
-/** For CLI-side code paths that take a logger but should stay quiet. */
-export function silentLogger(): Logger {
-  return pino({ level: 'silent' });
-}

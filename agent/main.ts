@@ -8,14 +8,14 @@ import { ControlClient } from './control/client.js';
 import { startControlServer } from './control/server.js';
 import { Agent, controlSocketInUse, controlSocketPath, DEFAULT_AGENT_CONFIG, type AgentConfig } from './daemon.js';
 import { createLogger } from './log.js';
-import { ConfigFileSchema, configFromEnv, loadConfigFile, LOG_LEVELS, mergeConfig, TRACKERS } from './config.js';
+import { CONFIG_DEFAULTS, ConfigFileSchema, configFromEnv, loadConfigFile, LOG_LEVELS, mergeConfig, TRACKERS } from './config.js';
 import { SystemdNotifier } from './systemd.js';
 import type { MigrationProgress, MigrationSummary } from './migration/source.js';
 import { progressLine, summaryText } from './cli/format.js';
 import { runDemo } from './cli/demo.js';
 import { parseBytes, parseDurationMs, parseRate, QuantityError } from './units.js';
 
-const DEFAULT_STATE_DIR = '/var/lib/gangway';
+const DEFAULT_STATE_DIR = CONFIG_DEFAULTS.stateDir;
 
 /** Wraps a parser so commander reports "option '--x <v>' argument 'v' is invalid. <why>". */
 function arg<T>(parse: (text: string) => T): (text: string) => T {
@@ -67,9 +67,9 @@ program
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
   .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen)')
   .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags), print it and exit')
-  .option('--listen <host:port>', 'address for peer agents [127.0.0.1:7401]')
+  .option('--listen <host:port>', `address for peer agents [${CONFIG_DEFAULTS.listen}]`)
   .option('--state-dir <dir>', `the agent state directory [${DEFAULT_STATE_DIR}]`)
-  .option('--memory-dir <dir>', `where guest memory files live [${DEFAULT_AGENT_CONFIG.memoryDir}]`)
+  .option('--memory-dir <dir>', `where guest memory files live [${CONFIG_DEFAULTS.memoryDir}]`)
   .addOption(new Option('--tracker <kind>', 'dirty-page tracking [auto]').choices(TRACKERS))
   .option('--shutdown-grace <duration>', 'on SIGTERM, how long running migrations may finish [10s]')
   .option('--metrics-listen <host:port>', 'serve Prometheus metrics on this address')
@@ -153,7 +153,7 @@ function resolveAgentSettings(opts: Record<string, string | undefined>) {
     throw new GangwayError(ErrorCode.BAD_REQUEST, parsed.error.issues.map((i) => `${flag(i.path.join('.'))}: ${i.message}`).join('\n'));
   }
   const merged = mergeConfig(
-    { listen: '127.0.0.1:7401', stateDir: DEFAULT_STATE_DIR, memoryDir: DEFAULT_AGENT_CONFIG.memoryDir, tracker: 'auto', shutdownGrace: DEFAULT_AGENT_CONFIG.shutdownGraceMs, logLevel: 'info' },
+    CONFIG_DEFAULTS,
     opts.config ? loadConfigFile(resolve(opts.config)) : {},
     configFromEnv(process.env),
     parsed.data,

@@ -7,7 +7,7 @@
 // and a two-phase switchover: the destination starts the guest and confirms; only then is
 // the source guest ended. Any failure before the commit resumes the source guest.
 import { EventEmitter } from 'node:events';
-import { rmSync } from 'node:fs';
+import { closeSync, openSync, rmSync } from 'node:fs';
 import type { Logger } from 'pino';
 import { Codec, FrameType, GuestKind, Technique } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, PeerError } from '../../protocol/errors.js';
@@ -23,7 +23,6 @@ import { CreditWindow, Pacer, realClock, type Clock } from './flow.js';
 import { addCounters, BatchPool, emptyCounters, sendRegionRound, type RoundCounters } from './page-sender.js';
 import { SourceStateMachine, type SourcePhase } from './source-state.js';
 import type { AgentMetrics } from '../metrics.js';
-import { openSync, closeSync } from 'node:fs';
 
 export interface SourceOptions {
   migrationId: string;
@@ -423,7 +422,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     // The source's digest reads the paused memory on the thread pool while the final round goes out.
     const sourceDigests = Promise.all(regions.map((region) => this.native.regionDigest(region, 'full')));
     sourceDigests.catch(() => {});
-    const finalRecord = await sendRound(round + 1, finalRuns, true);
+    await sendRound(round + 1, finalRuns, true);
     this.send(Frame.deviceState({ migrationId: options.migrationId, state: new Uint8Array(0) }));
     const finalSentAt = this.clock.now();
 
@@ -484,7 +483,6 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       linkRateBytesPerSec: linkRate.value ?? 0,
       codecRates: chooserRates(chooser),
     };
-    void finalRecord;
     this.log.info({ downtimeMs: Math.round(downtimeMs), totalMs: Math.round(summary.totalMs), rounds: rounds.length, wireBytes: totals.wireBytes }, 'migration committed');
     return summary;
   }

@@ -10,7 +10,7 @@ import type { Logger } from 'pino';
 import WebSocket from 'ws';
 import { encodeFrame, Frame, FrameDecoder } from '../../protocol/index.js';
 import { FrameType } from '../../protocol/codes.js';
-import { ErrorCode, GangwayError, PeerError, ProtocolError } from '../../protocol/errors.js';
+import { ErrorCode, GangwayError, PeerError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
 import { MAGIC, PROTOCOL_VERSION } from '../../protocol/limits.js';
 
 export type AnyFrame = ReturnType<FrameDecoder['push']>[number];
@@ -32,8 +32,8 @@ export interface SessionOptions {
   helloTimeoutMs?: number;
 }
 
-/** Close codes (RFC 6455) used by gangway. */
-export const CloseCode = { normal: 1000, goingAway: 1001, protocol: 1002, policy: 1008, tooBig: 1009 } as const;
+/** Close codes (RFC 6455) used by gangway: the protocol's, plus the two for orderly ends. */
+export const CloseCode = { ...ProtocolCloseCode, normal: 1000, goingAway: 1001 } as const;
 
 export class PeerSession extends EventEmitter {
   readonly ready: Promise<HelloFrame>;
@@ -99,10 +99,6 @@ export class PeerSession extends EventEmitter {
 
   get isOpen(): boolean {
     return this.closedWith === undefined && this.ws.readyState === WebSocket.OPEN;
-  }
-
-  get bufferedAmount(): number {
-    return this.ws.bufferedAmount;
   }
 
   /** The largest payload the peer accepts. */

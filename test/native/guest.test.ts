@@ -14,15 +14,13 @@ import {
   unlinkSync,
   writeSync,
 } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { compressSync } from 'lz4-napi';
 import { afterEach, describe, expect, it } from 'vitest';
 import { processState } from '../../agent/guest/process-guest.js';
 import { waitFor } from '../helpers/wait.js';
+import { guestBinaryPath } from '../../agent/native.js';
 
-const root = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
-const guestBin = join(root, 'native/build/Release/gangway-guest');
+const guestBin = guestBinaryPath;
 const PAGE = 4096;
 const MiB = 1 << 20;
 const NO_INFLIGHT = 0xffffffffffffffffn;

@@ -15,16 +15,14 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { processState } from '../../agent/guest/process-guest.js';
 import { waitFor } from '../helpers/wait.js';
+import { guestBinaryPath, nativeDir, trackShimPath } from '../../agent/native.js';
 
-const root = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
-const releaseDir = join(root, 'native/build/Release');
-const guestBin = join(releaseDir, 'gangway-guest');
-const shimLib = join(releaseDir, 'gangway-track.so');
+const guestBin = guestBinaryPath;
+const shimLib = trackShimPath;
 const built = existsSync(guestBin) && existsSync(shimLib);
 const PAGE = 4096;
 const MiB = 1 << 20;
@@ -205,7 +203,7 @@ beforeAll(() => {
   helperDir = mkdtempSync(join(tmpdir(), 'gangway-scan-'));
   writeFileSync(join(helperDir, 'scan.c'), scanSource);
   scanBin = join(helperDir, 'scan');
-  execFileSync('cc', ['-O2', '-Wall', '-Wextra', '-I', join(root, 'native/src'), '-o', scanBin, join(helperDir, 'scan.c')]);
+  execFileSync('cc', ['-O2', '-Wall', '-Wextra', '-I', join(nativeDir, 'src'), '-o', scanBin, join(helperDir, 'scan.c')]);
 });
 
 afterAll(() => {
