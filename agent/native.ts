@@ -14,6 +14,8 @@ export interface RegionHandle {
 /** Page-entry kinds shared by gather/scatter and the wire format (protocol/codes.ts). */
 export const ENTRY_ZERO = 1;
 export const ENTRY_DATA = 2;
+/** Copy-ref entry: applied with `regionCopyPages`, not handled by gather/scatter. */
+export const ENTRY_REF = 3;
 
 export interface NativeAddon {
   /**
@@ -41,6 +43,10 @@ export interface NativeAddon {
    * entries. Writes entries as triples [kind, firstPage, pageCount] (adjacent pages of
    * the same kind coalesce), data pages packed in entry order into `payload`.
    * `out` receives [entryCount, payloadBytes]. Returns true when all runs are consumed.
+   * With `fps` (undefined or null means none), the k-th data page of the payload gets its
+   * XXH3-128 fingerprint, in `hash128`'s canonical form, at fps[16k, 16k + 16), hashed
+   * from the payload copy (the bytes sent); zero pages get none. `fps` must hold at least
+   * 16 bytes per page of `payload` (RangeError otherwise, checked before gathering).
    */
   regionGather(
     region: RegionHandle,
@@ -49,6 +55,7 @@ export interface NativeAddon {
     payload: Buffer,
     entries: Uint32Array,
     out: Uint32Array,
+    fps?: Uint8Array,
   ): boolean;
   /**
    * Destination side: applies `entryCount` entries from `entries` with `payload`
@@ -59,6 +66,41 @@ export interface NativeAddon {
    * data pages' bytes.
    */
   regionScatter(region: RegionHandle, entries: Uint32Array, entryCount: number, payload: Uint8Array): void;
+  /**
+   * Destination side of a copy-ref (ENTRY_REF): pages dstFirst..dstFirst+count-1 of `dst`
+   * get the content of pages srcFirst..srcFirst+count-1 of `src`, with exactly the result
+   * of copying single pages in order i = 0..count-1, also when `dst` and `src` are the
+   * same region (or file) and the ranges overlap: then with dstFirst > srcFirst a later
+   * page reads what an earlier step wrote, so the pattern repeats. `dst` must be writable
+   * (written with pwrite, as regionScatter); `src` may be writable (read with pread) or
+   * read-only (read from its mapping). `expect`: null, or at least 16 × count bytes of
+   * the src pages' expected fingerprints (hash128's canonical form): each src page is
+   * hashed as it is copied, and a page whose hash differs is not copied, its index i
+   * appended to `mismatches` (then required, length ≥ count). Returns the number of
+   * mismatched pages (0 without `expect`). A tracking `dst` gets the fingerprint of each
+   * copied page: the hash computed when `expect` is given, else src's tracked one when src
+   * tracks (and is not another region of dst's file), else the hash of the bytes read.
+   * Throws, writing nothing, if `dst` is read-only (Error), the page sizes differ, count
+   * is 0, a range is outside its region, or `expect`/`mismatches` are too short
+   * (RangeError); a failed read or write throws with errno text, some pages copied.
+   */
+  regionCopyPages(
+    dst: RegionHandle,
+    dstFirst: number,
+    src: RegionHandle,
+    srcFirst: number,
+    count: number,
+    expect: Uint8Array | null,
+    mismatches: Uint32Array | null,
+  ): number;
+  /**
+   * Writes the XXH3-128 fingerprints (hash128's canonical form, 16 bytes each) of pages
+   * firstPage..firstPage+count-1 into out[0, 16 × count), read now from the mapping of a
+   * read-only region or through 1 MiB preads of a writable one (never the tracked
+   * fingerprints). count may be 0. Throws RangeError if the pages are outside the region
+   * or `out` is too short. Synchronous: callers chunk large ranges.
+   */
+  regionFingerprints(region: RegionHandle, firstPage: number, count: number, out: Uint8Array): void;
   /**
    * 128-bit region digest: XXH3-128 over the concatenated XXH3-128 fingerprints of every
    * page, in page order (16 bytes each, XXH128's big-endian canonical form). 'full' reads

@@ -4,7 +4,10 @@
  * Implements the NativeAddon interface of agent/native.ts (that file is the contract):
  *   regionMap / regionClose          MAP_SHARED regions of a file, optional per-page
  *                                    XXH3-128 fingerprints
- *   regionGather / regionScatter     page batches (ENTRY_ZERO / ENTRY_DATA entries)
+ *   regionGather / regionScatter     page batches (ENTRY_ZERO / ENTRY_DATA entries),
+ *                                    optionally fingerprinting the gathered data pages
+ *   regionCopyPages                  copy-ref entries: pages copied between regions
+ *   regionFingerprints               XXH3-128 of a range of pages
  *   regionDigest                     128-bit region digest on the libuv thread pool
  *   hash128                          XXH3-128 of a byte array
  *   pagemapScan                      PAGEMAP_SCAN (userfaultfd WP_ASYNC dirty tracking)
@@ -48,7 +51,8 @@
 #define XXH_INLINE_ALL
 #include "xxhash.h"
 
-/* Must match ENTRY_ZERO / ENTRY_DATA in agent/native.ts. */
+/* Must match ENTRY_ZERO / ENTRY_DATA in agent/native.ts. ENTRY_REF (3) is applied with
+ * regionCopyPages, so regionScatter rejects it like any unknown kind. */
 #define ENTRY_ZERO 1u
 #define ENTRY_DATA 2u
 
@@ -223,6 +227,27 @@ static bool arg_typed(napi_env env, napi_value v, const char *fn, const char *na
   return true;
 }
 
+/* arg_typed, or null: then *data = NULL, *len = 0 and *present = false. */
+static bool arg_typed_or_null(napi_env env, napi_value v, const char *fn, const char *name,
+                              napi_typedarray_type want, void **data, size_t *len,
+                              bool *present) {
+  napi_valuetype t;
+  bool is = false;
+  napi_typedarray_type type;
+  *present = !(napi_typeof(env, v, &t) == napi_ok && t == napi_null);
+  if (!*present) {
+    *data = NULL, *len = 0;
+    return true;
+  }
+  if (napi_is_typedarray(env, v, &is) != napi_ok || !is ||
+      napi_get_typedarray_info(env, v, &type, len, data, NULL, NULL) != napi_ok || type != want) {
+    throw_fmt(env, ERR_TYPE, NULL, "%s: %s must be %s or null", fn, name, typedarray_name(want));
+    return false;
+  }
+  if (*len == 0) *data = NULL;
+  return true;
+}
+
 /* A path string without NUL characters, malloc'd into *out. */
 static bool arg_path(napi_env env, napi_value v, const char *fn, const char *name, char **out) {
   napi_valuetype t;
@@ -278,6 +303,8 @@ typedef struct region {
   uint32_t page_count;
   bool writable;
   bool track;
+  dev_t dev; /* the file's identity: regionCopyPages must see two regions of one file as */
+  ino_t ino; /* one, or an overlapping copy between them would read what it just wrote */
   bool closed;    /* regionClose was called: every later call throws */
   bool unmapped;  /* munmap done, hashes freed */
   bool finalized; /* the JS handle was garbage-collected */
@@ -333,15 +360,15 @@ static void region_finalize(napi_env env, void *data, void *hint) {
  * The region behind a handle. Throws TypeError for anything but a regionMap handle, and
  * Error('region is closed') for a closed one unless allow_closed.
  */
-static bool arg_region(napi_env env, napi_value v, const char *fn, bool allow_closed,
-                       region_t **out) {
+static bool arg_region_named(napi_env env, napi_value v, const char *fn, const char *name,
+                             bool allow_closed, region_t **out) {
   napi_valuetype t;
   bool tagged = false;
   void *data = NULL;
   if (napi_typeof(env, v, &t) != napi_ok || t != napi_external ||
       napi_check_object_type_tag(env, v, &REGION_TAG, &tagged) != napi_ok || !tagged ||
       napi_get_value_external(env, v, &data) != napi_ok || data == NULL) {
-    throw_fmt(env, ERR_TYPE, NULL, "%s: region must be a RegionHandle returned by regionMap", fn);
+    throw_fmt(env, ERR_TYPE, NULL, "%s: %s must be a RegionHandle returned by regionMap", fn, name);
     return false;
   }
   region_t *r = data;
@@ -351,6 +378,11 @@ static bool arg_region(napi_env env, napi_value v, const char *fn, bool allow_cl
   }
   *out = r;
   return true;
+}
+
+static bool arg_region(napi_env env, napi_value v, const char *fn, bool allow_closed,
+                       region_t **out) {
+  return arg_region_named(env, v, fn, "region", allow_closed, out);
 }
 
 /* Whole-buffer positioned I/O: false with errno set on failure (EIO for a short file). */
@@ -375,32 +407,45 @@ static bool pread_all(int fd, uint8_t *buf, size_t len, uint64_t off) {
   return true;
 }
 
+/* Pages per 1 MiB of I/O (at least one). */
+static inline size_t chunk_pages_of(size_t page_size) {
+  return page_size >= (1u << 20) ? 1 : (1u << 20) / page_size;
+}
+
 /*
- * Calls emit(ctx, page, bytes) for every page of the region in order, from the mapping or,
- * for a writable region, through 1 MiB preads. False with errno set if a read fails.
+ * Calls emit(ctx, page, bytes) for pages [first, first + count) of the region in order
+ * (the caller checks the bounds), from the mapping or, for a writable region, through
+ * 1 MiB preads. False with errno set if a read fails.
  */
-static bool region_each_page(const region_t *r, void (*emit)(void *, uint32_t, const uint8_t *),
-                             void *ctx) {
+static bool region_each_page_in(const region_t *r, uint32_t first, uint32_t count,
+                                void (*emit)(void *, uint32_t, const uint8_t *), void *ctx) {
+  const uint64_t end = (uint64_t)first + count;
   if (r->addr) {
-    for (uint32_t p = 0; p < r->page_count; p++) emit(ctx, p, r->addr + (size_t)p * r->page_size);
+    for (uint64_t p = first; p < end; p++) emit(ctx, (uint32_t)p, r->addr + p * r->page_size);
     return true;
   }
-  const size_t chunk_pages = r->page_size >= (1u << 20) ? 1 : (1u << 20) / r->page_size;
+  if (count == 0) return true;
+  const size_t chunk_pages = chunk_pages_of(r->page_size);
   uint8_t *buf = malloc(chunk_pages * r->page_size);
   if (!buf) {
     errno = ENOMEM;
     return false;
   }
-  for (uint32_t first = 0; first < r->page_count; first += (uint32_t)chunk_pages) {
-    const uint32_t n = r->page_count - first < chunk_pages ? r->page_count - first : (uint32_t)chunk_pages;
-    if (!pread_all(r->fd, buf, (size_t)n * r->page_size, (uint64_t)first * r->page_size)) {
+  for (uint64_t at = first; at < end; at += chunk_pages) {
+    const size_t n = end - at < chunk_pages ? (size_t)(end - at) : chunk_pages;
+    if (!pread_all(r->fd, buf, n * r->page_size, at * r->page_size)) {
       free(buf);
       return false;
     }
-    for (uint32_t i = 0; i < n; i++) emit(ctx, first + i, buf + (size_t)i * r->page_size);
+    for (size_t i = 0; i < n; i++) emit(ctx, (uint32_t)(at + i), buf + i * r->page_size);
   }
   free(buf);
   return true;
+}
+
+static bool region_each_page(const region_t *r, void (*emit)(void *, uint32_t, const uint8_t *),
+                             void *ctx) {
+  return region_each_page_in(r, 0, r->page_count, emit, ctx);
 }
 
 static void emit_hash(void *ctx, uint32_t page, const uint8_t *bytes) {
@@ -472,6 +517,8 @@ static napi_value RegionMap(napi_env env, napi_callback_info info) {
   r->page_count = (uint32_t)(length / page_size);
   r->writable = writable;
   r->track = track;
+  r->dev = st.st_dev;
+  r->ino = st.st_ino;
   r->zero_hash = zero_page_hash(page_size);
   if (track) {
     r->hashes = malloc((size_t)r->page_count * sizeof(XXH128_canonical_t));
@@ -566,15 +613,21 @@ static inline bool page_is_zero(const uint8_t *page, size_t page_size) {
   return true;
 }
 
-/* regionGather(region, runs, cursor, payload, entries, out) -> done */
+/* An optional argument: `undefined` or `null` means absent. */
+static bool arg_is_absent(napi_env env, napi_value v) {
+  napi_valuetype t;
+  return napi_typeof(env, v, &t) == napi_ok && (t == napi_undefined || t == napi_null);
+}
+
+/* regionGather(region, runs, cursor, payload, entries, out, fps?) -> done */
 static napi_value RegionGather(napi_env env, napi_callback_info info) {
   static const char fn[] = "regionGather";
-  napi_value argv[6];
+  napi_value argv[7];
   region_t *r;
   uint32_t *runs, *cursor, *entries, *out;
-  uint8_t *payload;
-  size_t runs_len, cursor_len, payload_len, entries_len, out_len;
-  if (!get_args(env, info, 6, argv)) return NULL;
+  uint8_t *payload, *fps = NULL;
+  size_t runs_len, cursor_len, payload_len, entries_len, out_len, fps_len = 0;
+  if (!get_args(env, info, 7, argv)) return NULL;
   if (!arg_region(env, argv[0], fn, false, &r)) return NULL;
   if (!arg_typed(env, argv[1], fn, "runs", napi_uint32_array, (void **)&runs, &runs_len) ||
       !arg_typed(env, argv[2], fn, "cursor", napi_uint32_array, (void **)&cursor, &cursor_len) ||
@@ -583,6 +636,10 @@ static napi_value RegionGather(napi_env env, napi_callback_info info) {
       !arg_typed(env, argv[4], fn, "entries", napi_uint32_array, (void **)&entries,
                  &entries_len) ||
       !arg_typed(env, argv[5], fn, "out", napi_uint32_array, (void **)&out, &out_len))
+    return NULL;
+  const bool with_fps = !arg_is_absent(env, argv[6]);
+  if (with_fps &&
+      !arg_typed(env, argv[6], fn, "fps", napi_uint8_array, (void **)&fps, &fps_len))
     return NULL;
   if (!r->addr) {
     throw_fmt(env, ERR_ERROR, NULL, "%s: the region is writable (a destination's): it is not mapped for reading", fn);
@@ -608,6 +665,12 @@ static napi_value RegionGather(napi_env env, napi_callback_info info) {
     throw_fmt(env, ERR_RANGE, NULL,
               "%s: payload length (%zu) must be a positive multiple of the page size (%zu)", fn,
               payload_len, ps);
+    return NULL;
+  }
+  if (with_fps && fps_len / 16 < payload_len / ps) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: fps is %zu bytes, too short for the payload's %zu pages (16 bytes each: %zu)",
+              fn, fps_len, payload_len / ps, payload_len / ps * 16);
     return NULL;
   }
   if (entries_len < 3 || entries_len % 3 != 0) {
@@ -672,6 +735,9 @@ static napi_value RegionGather(napi_env env, napi_callback_info info) {
       last_end = page + 1;
       if (kind == ENTRY_DATA) {
         memcpy(payload + pb, src, ps);
+        /* From the copy, still in cache, and the very bytes sent: the guest may be
+         * writing the source page meanwhile. */
+        if (fps) page_hash((XXH128_canonical_t *)(void *)(fps + pb / ps * 16), payload + pb, ps);
         pb += ps;
       }
       done_in_run++;
@@ -787,6 +853,199 @@ static napi_value RegionScatter(napi_env env, napi_callback_info info) {
       off += (size_t)count * ps;
     }
     /* Any other kind can only appear if the array changed under us: ignored. */
+  }
+  return NULL;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* regionCopyPages / regionFingerprints                                                 */
+/* ------------------------------------------------------------------------------------ */
+
+static napi_value copy_read_error(napi_env env, const char *fn, uint64_t at) {
+  char prefix[96];
+  snprintf(prefix, sizeof prefix, "%s: read of src at offset %llu failed", fn, (unsigned long long)at);
+  throw_errno(env, errno, prefix, NULL);
+  return NULL;
+}
+
+/* The pages [first, first + count) lie inside a region of page_count pages. */
+static bool arg_page_range(napi_env env, const char *fn, const char *what, uint64_t first,
+                           uint64_t count, uint32_t page_count) {
+  if (first + count > page_count) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: %s [%llu, %llu) are outside the region of %u pages", fn, what,
+              (unsigned long long)first, (unsigned long long)(first + count), page_count);
+    return false;
+  }
+  return true;
+}
+
+/*
+ * regionCopyPages(dst, dstFirst, src, srcFirst, count, expect, mismatches) -> mismatchCount
+ *
+ * The result is that of copying single pages in order, i = 0..count-1. Between ranges of
+ * one file that overlap, that is not a memmove: with dstFirst > srcFirst a later page
+ * reads what an earlier step wrote (the pattern repeats). Chunks of at most |dstFirst -
+ * srcFirst| pages keep that exact: every page a chunk reads was written, if at all, by an
+ * earlier chunk, and a chunk's source and destination pages are disjoint.
+ */
+static napi_value RegionCopyPages(napi_env env, napi_callback_info info) {
+  static const char fn[] = "regionCopyPages";
+  napi_value argv[7];
+  region_t *dst, *src;
+  uint64_t dst_first, src_first, count;
+  uint8_t *expect = NULL;
+  uint32_t *mismatches = NULL;
+  size_t expect_len = 0, mismatches_len = 0;
+  if (!get_args(env, info, 7, argv)) return NULL;
+  if (!arg_region_named(env, argv[0], fn, "dst", false, &dst) ||
+      !arg_integer(env, argv[1], fn, "dstFirst", 0, (double)UINT32_MAX, &dst_first) ||
+      !arg_region_named(env, argv[2], fn, "src", false, &src) ||
+      !arg_integer(env, argv[3], fn, "srcFirst", 0, (double)UINT32_MAX, &src_first) ||
+      !arg_integer(env, argv[4], fn, "count", 1, (double)UINT32_MAX, &count))
+    return NULL;
+  bool with_expect, with_mismatches;
+  if (!arg_typed_or_null(env, argv[5], fn, "expect", napi_uint8_array, (void **)&expect,
+                         &expect_len, &with_expect) ||
+      !arg_typed_or_null(env, argv[6], fn, "mismatches", napi_uint32_array,
+                         (void **)&mismatches, &mismatches_len, &with_mismatches))
+    return NULL;
+  if (!dst->writable) {
+    throw_fmt(env, ERR_ERROR, NULL, "%s: dst is mapped read-only", fn);
+    return NULL;
+  }
+  if (dst->page_size != src->page_size) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: dst has %zu-byte pages but src has %zu-byte pages", fn,
+              dst->page_size, src->page_size);
+    return NULL;
+  }
+  if (!arg_page_range(env, fn, "dst pages", dst_first, count, dst->page_count) ||
+      !arg_page_range(env, fn, "src pages", src_first, count, src->page_count))
+    return NULL;
+  if (with_expect && expect_len / 16 < count) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: expect is %zu bytes but %llu pages need %llu (16 bytes each)", fn, expect_len,
+              (unsigned long long)count, (unsigned long long)count * 16);
+    return NULL;
+  }
+  if (with_expect && mismatches_len < count) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: with expect, mismatches must have room for all %llu pages (it %s)", fn,
+              (unsigned long long)count, with_mismatches ? "is shorter" : "is null");
+    return NULL;
+  }
+
+  const size_t ps = dst->page_size;
+  const bool same_file = src == dst || (src->dev == dst->dev && src->ino == dst->ino);
+  /* Another region of dst's file does not see dst's writes in its fingerprints. */
+  const bool src_hashes = src->track && (src == dst || !same_file);
+  const bool need_hash = with_expect || (dst->track && !src_hashes);
+  size_t chunk = chunk_pages_of(ps);
+  const uint64_t gap = dst_first > src_first ? dst_first - src_first : src_first - dst_first;
+  if (same_file && gap > 0 && gap < count && gap < chunk) chunk = (size_t)gap;
+  /* Copy through a buffer when hashing (the page must not change between the hash and the
+   * write) and whenever the file is the same, so pwrite never reads a mapping of the very
+   * pages it writes. */
+  uint8_t *buf = NULL;
+  if (!src->addr || need_hash || same_file) {
+    buf = malloc(chunk * ps);
+    if (!buf) {
+      throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
+      return NULL;
+    }
+  }
+
+  uint32_t mismatch_count = 0;
+  for (uint64_t done = 0; done < count;) {
+    const size_t n = count - done < chunk ? (size_t)(count - done) : chunk;
+    const uint64_t s = src_first + done, d = dst_first + done;
+    /* Checked again while applying, as in regionScatter: memory safety must not rest on
+     * the validation above alone. */
+    if (s + n > src->page_count || d + n > dst->page_count) {
+      free(buf);
+      throw_fmt(env, ERR_ERROR, NULL, "%s: the regions changed while being copied", fn);
+      return NULL;
+    }
+    const uint8_t *bytes = src->addr ? src->addr + s * ps : NULL;
+    if (buf) {
+      if (bytes) memcpy(buf, bytes, n * ps);
+      else if (!pread_all(src->fd, buf, n * ps, s * ps)) {
+        free(buf);
+        return copy_read_error(env, fn, s * ps);
+      }
+      bytes = buf;
+    }
+    /* Pages [from, k) are to be written: a mismatch ends a stretch. */
+    size_t from = 0;
+    for (size_t k = 0; k <= n; k++) {
+      bool write_now = k == n;
+      if (k < n) {
+        XXH128_canonical_t h;
+        if (need_hash) page_hash(&h, bytes + k * ps, ps);
+        if (with_expect && memcmp(&h, expect + (done + k) * 16, 16) != 0) {
+          mismatches[mismatch_count++] = (uint32_t)(done + k);
+          write_now = true;
+        } else if (dst->track) {
+          /* The hash of the bytes written, when computed, over src's fingerprint: they
+           * differ only if src's file changed behind its tracking. */
+          dst->hashes[d + k] = need_hash ? h : src->hashes[s + k];
+        }
+      }
+      if (!write_now) continue;
+      if (k > from) {
+        const uint64_t at = (d + from) * ps;
+        if (!pwrite_all(dst->fd, bytes + from * ps, (k - from) * ps, at)) {
+          free(buf);
+          return scatter_io_error(env, fn, at);
+        }
+      }
+      from = k + 1;
+    }
+    done += n;
+  }
+  free(buf);
+  napi_value result;
+  NAPI_TRY(env, napi_create_uint32(env, mismatch_count, &result));
+  return result;
+}
+
+typedef struct {
+  size_t page_size;
+  uint32_t first;
+  uint8_t *out;
+} fingerprint_ctx_t;
+
+static void emit_fingerprint(void *ctx, uint32_t page, const uint8_t *bytes) {
+  const fingerprint_ctx_t *fc = ctx;
+  page_hash((XXH128_canonical_t *)(void *)(fc->out + (size_t)(page - fc->first) * 16), bytes,
+            fc->page_size);
+}
+
+/* regionFingerprints(region, firstPage, count, out) */
+static napi_value RegionFingerprints(napi_env env, napi_callback_info info) {
+  static const char fn[] = "regionFingerprints";
+  napi_value argv[4];
+  region_t *r;
+  uint64_t first, count;
+  uint8_t *out;
+  size_t out_len;
+  if (!get_args(env, info, 4, argv)) return NULL;
+  if (!arg_region(env, argv[0], fn, false, &r) ||
+      !arg_integer(env, argv[1], fn, "firstPage", 0, (double)UINT32_MAX, &first) ||
+      !arg_integer(env, argv[2], fn, "count", 0, (double)UINT32_MAX, &count) ||
+      !arg_typed(env, argv[3], fn, "out", napi_uint8_array, (void **)&out, &out_len))
+    return NULL;
+  if (!arg_page_range(env, fn, "pages", first, count, r->page_count)) return NULL;
+  if (out_len / 16 < count) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: out is %zu bytes but %llu pages need %llu (16 bytes each)",
+              fn, out_len, (unsigned long long)count, (unsigned long long)count * 16);
+    return NULL;
+  }
+  fingerprint_ctx_t ctx = {.page_size = r->page_size, .first = (uint32_t)first, .out = out};
+  if (!region_each_page_in(r, (uint32_t)first, (uint32_t)count, emit_fingerprint, &ctx)) {
+    char prefix[96];
+    snprintf(prefix, sizeof prefix, "%s: reading the region failed", fn);
+    throw_errno(env, errno, prefix, NULL);
   }
   return NULL;
 }
@@ -1234,6 +1493,8 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
       {"regionClose", NULL, RegionClose, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionGather", NULL, RegionGather, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionScatter", NULL, RegionScatter, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionCopyPages", NULL, RegionCopyPages, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionFingerprints", NULL, RegionFingerprints, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionDigest", NULL, RegionDigest, NULL, NULL, NULL, napi_enumerable, NULL},
       {"hash128", NULL, Hash128, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pagemapScan", NULL, PagemapScan, NULL, NULL, NULL, napi_enumerable, NULL},
