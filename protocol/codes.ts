@@ -19,6 +19,13 @@ export const FrameType = {
   abort: 13,
   credit: 14,
   error: 15,
+  // Content deduplication (feature 'dedup'): a group is the set of migrations whose pages
+  // may refer to one another's, plus what the destination already runs.
+  dedupOpen: 16,
+  dedupResident: 17,
+  dedupReady: 18,
+  dedupClose: 19,
+  want: 20,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 export type FrameTypeName = Exclude<keyof typeof FrameType, 'invalid'>;
@@ -31,17 +38,12 @@ export type Codec = (typeof Codec)[keyof typeof Codec];
 
 /**
  * Kinds of a pages-frame entry. The numbers are shared with the native addon
- * (ENTRY_ZERO = 1, ENTRY_DATA = 2 in agent/native.ts and native/src/addon.c).
+ * (ENTRY_ZERO = 1, ENTRY_DATA = 2, ENTRY_REF = 3 in agent/native.ts and native/src/addon.c).
+ * ref: "copy this content from slot S, page P onwards" (pages.refs); only in a frame of a
+ * migration that belongs to a dedup group, i.e. after both hellos listed 'dedup'.
  */
-export const EntryKind = { invalid: 0, zero: 1, data: 2 } as const;
+export const EntryKind = { invalid: 0, zero: 1, data: 2, ref: 3 } as const;
 export type EntryKind = (typeof EntryKind)[keyof typeof EntryKind];
-
-/**
- * Reserved for the copy-ref entry (this content is already at the destination at
- * guest/region/page X). Not part of protocol version 1: a receiver rejects it, so a sender
- * that starts using it without negotiating a feature fails loudly instead of corrupting.
- */
-export const RESERVED_ENTRY_KIND_COPY_REF = 3;
 
 export const RejectReason = {
   invalid: 0,

@@ -23,7 +23,13 @@ import {
   MAX_REGIONS,
   MAX_REGION_BYTES,
   MAX_REGION_PAGES,
+  MAX_RESIDENT_FINGERPRINTS_PER_FRAME,
   MAX_ROUND,
+  MAX_WANT_RUNS,
+  FINGERPRINT_BYTES,
+  PAGE_SIZE_MAX,
+  REF_WORDS,
+  RESIDENT_SLOT_FLAG,
 } from './limits.js';
 
 const id = 'mig-0001';
@@ -50,6 +56,7 @@ export function exampleFrames(): Frame[] {
       technique: Technique.precopy,
       downtimeBudgetMs: 300,
       codecs: [Codec.raw, Codec.lz4],
+      dedup: { group: 'gang-1', slots: [0] },
     }),
     Frame.accept({ migrationId: id, creditBytes: 8 * 1024 * 1024 }),
     Frame.reject({ migrationId: id, reason: RejectReason.noSpace, message: '/dev/shm has 1 GiB free' }),
@@ -72,6 +79,21 @@ export function exampleFrames(): Frame[] {
     Frame.abort({ migrationId: id, code: ErrorCode.NON_CONVERGENCE, message: 'dirty rate above link rate' }),
     Frame.credit({ migrationId: id, bytes: 1_048_576 }),
     Frame.error({ code: ErrorCode.PROTOCOL, message: 'pages.codec: unknown (9) is not one of raw (1), lz4 (2)' }),
+    Frame.pages({
+      migrationId: id,
+      region: 0,
+      round: 1,
+      codec: Codec.raw,
+      entries: Uint32Array.of(EntryKind.ref, 3, 2, EntryKind.data, 5, 1, EntryKind.ref, 9, 1),
+      rawBytes: 512,
+      payload: bytes(512, 11),
+      refs: Uint32Array.of(1, 100, RESIDENT_SLOT_FLAG + 2, 7),
+    }),
+    Frame.dedupOpen({ group: 'gang-1', resident: true }),
+    Frame.dedupResident({ group: 'gang-1', slot: RESIDENT_SLOT_FLAG + 2, pageCount: 100, pageSizeBytes: 4096, firstPage: 96, fingerprints: bytes(4 * FINGERPRINT_BYTES, 5) }),
+    Frame.dedupReady({ group: 'gang-1', residentSlots: 1, residentPages: 100 }),
+    Frame.dedupClose({ group: 'gang-1' }),
+    Frame.want({ migrationId: id, region: 0, runs: Uint32Array.of(5, 1, 9, 3), stale: Uint32Array.of(RESIDENT_SLOT_FLAG + 2, 7) }),
   ];
 }
 
@@ -97,6 +119,8 @@ export function largestFrames(): Frame[] {
     entries.set([i % 2 === 0 ? EntryKind.data : EntryKind.zero, 0xffffffff - MAX_ENTRIES_PER_BATCH + i, 1], i * 3);
   }
   const rawBytes = (MAX_ENTRIES_PER_BATCH / 2) * pageSizeBytes;
+  const refEntries = new Uint32Array(MAX_ENTRIES_PER_BATCH * 3);
+  for (let i = 0; i < MAX_ENTRIES_PER_BATCH; i++) refEntries.set([EntryKind.ref, 0xffffffff - MAX_ENTRIES_PER_BATCH + i, 1], i * 3);
   const digests = Array.from({ length: MAX_REGIONS }, (_, i) => bytes(DIGEST_BYTES, i));
   return [
     Frame.hello({
@@ -132,5 +156,32 @@ export function largestFrames(): Frame[] {
     Frame.abort({ migrationId: longId, code, message: text }),
     Frame.credit({ migrationId: longId, bytes: MAX_CREDIT_BYTES }),
     Frame.error({ code, message: text }),
+    Frame.pages({
+      migrationId: longId,
+      region: MAX_REGIONS - 1,
+      round: MAX_ROUND,
+      codec: Codec.raw,
+      entries: refEntries,
+      rawBytes: 0,
+      payload: new Uint8Array(0),
+      refs: Uint32Array.from({ length: MAX_ENTRIES_PER_BATCH * REF_WORDS }, (_, i) => (i % 2 === 0 ? 0xffff_ffff : 0xffff_ffff - i)),
+    }),
+    Frame.dedupOpen({ group: longId, resident: true }),
+    Frame.dedupResident({
+      group: longId,
+      slot: 0xffff_ffff,
+      pageCount: MAX_REGION_PAGES - 1,
+      pageSizeBytes: PAGE_SIZE_MAX,
+      firstPage: MAX_REGION_PAGES - 1 - MAX_RESIDENT_FINGERPRINTS_PER_FRAME,
+      fingerprints: bytes(MAX_RESIDENT_FINGERPRINTS_PER_FRAME * FINGERPRINT_BYTES, 6),
+    }),
+    Frame.dedupReady({ group: longId, residentSlots: 0x7fff_ffff, residentPages: Number.MAX_SAFE_INTEGER }),
+    Frame.dedupClose({ group: longId }),
+    Frame.want({
+      migrationId: longId,
+      region: MAX_REGIONS - 1,
+      runs: Uint32Array.from({ length: MAX_WANT_RUNS * 2 }, (_, i) => 0xffff_ffff - i),
+      stale: Uint32Array.from({ length: MAX_WANT_RUNS * 2 }, () => 0xffff_ffff),
+    }),
   ];
 }

@@ -7,7 +7,6 @@ import {
   FrameType,
   type FrameTypeName,
   GuestKind,
-  RESERVED_ENTRY_KIND_COPY_REF,
   RejectReason,
   Technique,
   describeCode,
@@ -15,7 +14,7 @@ import {
 } from './codes.js';
 import { ErrorCode, ProtocolError } from './errors.js';
 import { FieldReader, checkCode, checkString, describeValue, isPlainMap } from './fields.js';
-import type { Frame, FrameOf, GuestConfigValue, GuestSpec, RegionSpec } from './frames.js';
+import type { Frame, FrameOf, GuestConfigValue, GuestSpec, OfferDedup, RegionSpec } from './frames.js';
 import {
   DEFAULT_MAX_PAYLOAD_BYTES,
   DIGEST_BYTES,
@@ -23,6 +22,7 @@ import {
   ENTRY_WORDS,
   ERROR_CODE_PATTERN,
   FEATURE_PATTERN,
+  FINGERPRINT_BYTES,
   ID_PATTERN,
   MAGIC,
   MAX_CONFIG_KEYS,
@@ -42,13 +42,17 @@ import {
   MAX_REGIONS,
   MAX_REGION_BYTES,
   MAX_REGION_PAGES,
+  MAX_RESIDENT_FINGERPRINTS_PER_FRAME,
   MAX_ROUND,
+  MAX_WANT_RUNS,
   MIN_DOWNTIME_BUDGET_MS,
   MIN_MAX_PAYLOAD_BYTES,
   NAME_PATTERN,
   PAGE_SIZE_MAX,
   PAGE_SIZE_MIN,
   PROTOCOL_VERSION,
+  REF_WORDS,
+  RESIDENT_SLOT_FLAG,
 } from './limits.js';
 
 /** What the reader knows beyond the header: the payload length from the frame prefix. */
@@ -62,7 +66,7 @@ export const EMPTY_PAYLOAD = new Uint8Array(0);
 
 /** Frame types that carry a payload; every other type must arrive with none. */
 export function carriesPayload(type: FrameTypeName): boolean {
-  return type === 'pages' || type === 'deviceState';
+  return type === 'pages' || type === 'deviceState' || type === 'dedupResident';
 }
 
 // ---------------------------------------------------------------------------------------
@@ -72,9 +76,20 @@ export function carriesPayload(type: FrameTypeName): boolean {
 export function frameToWire(frame: Frame): { header: Record<string, unknown>; payload: Uint8Array } {
   switch (frame.type) {
     case 'pages': {
-      const { type, payload, entries, ...fields } = frame;
+      const { type, payload, entries, refs, ...fields } = frame;
       const wireEntries = entries instanceof Uint32Array ? entriesToBytes(entries) : entries;
-      return { header: { t: FrameType[type], ...fields, entries: wireEntries }, payload };
+      const header: Record<string, unknown> = { t: FrameType[type], ...fields, entries: wireEntries };
+      if (refs !== undefined) header['refs'] = refs instanceof Uint32Array ? entriesToBytes(refs) : refs;
+      return { header, payload };
+    }
+    case 'want': {
+      const { type, runs, stale, ...fields } = frame;
+      const bytes = (words: Uint32Array) => (words instanceof Uint32Array ? entriesToBytes(words) : words);
+      return { header: { t: FrameType[type], ...fields, runs: bytes(runs), stale: bytes(stale) }, payload: EMPTY_PAYLOAD };
+    }
+    case 'dedupResident': {
+      const { type, fingerprints, ...fields } = frame;
+      return { header: { t: FrameType[type], ...fields }, payload: fingerprints };
     }
     case 'deviceState': {
       const { type, state, ...fields } = frame;
@@ -134,6 +149,7 @@ export function readFrameHeader(header: unknown, context: HeaderContext): Frame 
 export function withPayload(frame: Frame, payload: Uint8Array): Frame {
   if (frame.type === 'pages') frame.payload = payload;
   else if (frame.type === 'deviceState') frame.state = payload;
+  else if (frame.type === 'dedupResident') frame.fingerprints = payload;
   return frame;
 }
 
@@ -171,7 +187,13 @@ const readers: Readers = {
     const downtimeBudgetMs = r.number('downtimeBudgetMs', MIN_DOWNTIME_BUDGET_MS, MAX_DOWNTIME_BUDGET_MS);
     const codecs = r.list('codecs', 1, MAX_OFFER_CODECS, (v, fail) => checkCode(v, Codec, fail));
     if (new Set(codecs).size !== codecs.length) r.fail('codecs', 'lists a codec twice');
-    return { type: 'offer', migrationId, guest, technique, downtimeBudgetMs, codecs };
+    const offer: FrameOf<'offer'> = { type: 'offer', migrationId, guest, technique, downtimeBudgetMs, codecs };
+    if (r.optional('dedup') !== undefined) {
+      const dedupReader = r.map('dedup');
+      offer.dedup = readOfferDedup(dedupReader, guest.regions.length);
+      dedupReader.done();
+    }
+    return offer;
   },
 
   accept(r) {
@@ -194,7 +216,19 @@ const readers: Readers = {
     const codec = r.code('codec', Codec);
     const entries = readEntries(r);
     const rawBytes = r.integer('rawBytes', 0, context.maxPayloadBytes, ErrorCode.BAD_PAGES);
-    return { type: 'pages', migrationId, region, round, codec, entries, rawBytes, payload: EMPTY_PAYLOAD };
+    const frame: FrameOf<'pages'> = { type: 'pages', migrationId, region, round, codec, entries, rawBytes, payload: EMPTY_PAYLOAD };
+    let refEntries = 0;
+    for (let i = 0; i < entries.length; i += ENTRY_WORDS) if (entries[i] === EntryKind.ref) refEntries++;
+    if (r.optional('refs') !== undefined) {
+      const bytes = r.bytes('refs', 0, MAX_ENTRIES_PER_BATCH * REF_WORDS * 4, ErrorCode.BAD_PAGES);
+      if (bytes.length !== refEntries * REF_WORDS * 4) {
+        r.fail('refs', `${bytes.length} bytes for ${refEntries} ref entries, expected ${refEntries * REF_WORDS * 4}`, ErrorCode.BAD_PAGES);
+      }
+      frame.refs = entriesFromBytes(bytes);
+    } else if (refEntries > 0) {
+      r.fail('refs', `missing, and ${refEntries} entries are refs`, ErrorCode.BAD_PAGES);
+    }
+    return frame;
   },
 
   roundEnd(r) {
@@ -248,7 +282,73 @@ const readers: Readers = {
     const message = r.string('message', 0, MAX_MESSAGE_LENGTH);
     return { type: 'error', code, message };
   },
+
+  dedupOpen(r) {
+    const group = readGroup(r);
+    const resident = r.boolean('resident');
+    return { type: 'dedupOpen', group, resident };
+  },
+
+  dedupResident(r, context) {
+    const group = readGroup(r);
+    const slot = r.integer('slot', RESIDENT_SLOT_FLAG, 0xffff_ffff);
+    const pageCount = r.integer('pageCount', 1, MAX_REGION_PAGES - 1);
+    const pageSizeBytes = r.integer('pageSizeBytes', PAGE_SIZE_MIN, PAGE_SIZE_MAX);
+    if ((pageSizeBytes & (pageSizeBytes - 1)) !== 0) r.fail('pageSizeBytes', `${pageSizeBytes} is not a power of two`);
+    const firstPage = r.integer('firstPage', 0, pageCount - 1);
+    const { payloadLength } = context;
+    if (payloadLength === 0 || payloadLength % FINGERPRINT_BYTES !== 0 || payloadLength / FINGERPRINT_BYTES > MAX_RESIDENT_FINGERPRINTS_PER_FRAME) {
+      r.fail('fingerprints', `payload of ${payloadLength} bytes, expected 1..${MAX_RESIDENT_FINGERPRINTS_PER_FRAME} fingerprints of ${FINGERPRINT_BYTES} bytes`);
+    }
+    if (firstPage + payloadLength / FINGERPRINT_BYTES > pageCount) {
+      r.fail('firstPage', `${payloadLength / FINGERPRINT_BYTES} fingerprints from page ${firstPage} run past the slot's ${pageCount} pages`);
+    }
+    return { type: 'dedupResident', group, slot, pageCount, pageSizeBytes, firstPage, fingerprints: EMPTY_PAYLOAD };
+  },
+
+  dedupReady(r) {
+    const group = readGroup(r);
+    const residentSlots = r.integer('residentSlots', 0, 0x7fff_ffff);
+    const residentPages = r.integer('residentPages', 0, Number.MAX_SAFE_INTEGER);
+    return { type: 'dedupReady', group, residentSlots, residentPages };
+  },
+
+  dedupClose: (r) => ({ type: 'dedupClose', group: readGroup(r) }),
+
+  want(r) {
+    const migrationId = readMigrationId(r);
+    const region = r.integer('region', 0, MAX_REGIONS - 1);
+    const bytes = r.bytes('runs', 8, MAX_WANT_RUNS * 8, ErrorCode.BAD_PAGES);
+    if (bytes.length % 8 !== 0) r.fail('runs', `${bytes.length} bytes is not a whole number of 8-byte runs`, ErrorCode.BAD_PAGES);
+    const runs = entriesFromBytes(bytes);
+    for (let i = 0; i < runs.length; i += 2) {
+      if (runs[i + 1] === 0) r.fail('runs', `run ${i / 2} has pageCount 0`, ErrorCode.BAD_PAGES);
+    }
+    const staleBytes = r.bytes('stale', 0, MAX_WANT_RUNS * 8, ErrorCode.BAD_PAGES);
+    if (staleBytes.length % 8 !== 0) r.fail('stale', `${staleBytes.length} bytes is not a whole number of 8-byte pairs`, ErrorCode.BAD_PAGES);
+    const stale = entriesFromBytes(staleBytes);
+    for (let i = 0; i < stale.length; i += 2) {
+      if (stale[i]! < RESIDENT_SLOT_FLAG) r.fail('stale', `pair ${i / 2} names slot ${stale[i]}, not a resident one`, ErrorCode.BAD_PAGES);
+    }
+    return { type: 'want', migrationId, region, runs, stale };
+  },
 };
+
+function readGroup(r: FieldReader): string {
+  return r.string('group', 1, MAX_ID_LENGTH, ID_PATTERN);
+}
+
+function readOfferDedup(r: FieldReader, regionCount: number): OfferDedup {
+  const group = readGroup(r);
+  const slots = r.list('slots', regionCount, regionCount, (v, fail) => {
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v >= RESIDENT_SLOT_FLAG) {
+      return fail(`expected an integer slot in 0..${RESIDENT_SLOT_FLAG - 1}, got ${describeValue(v)}`);
+    }
+    return v;
+  });
+  if (new Set(slots).size !== slots.length) r.fail('slots', 'lists a slot twice');
+  return { group, slots };
+}
 
 function readMigrationId(r: FieldReader): string {
   return r.string('migrationId', 1, MAX_ID_LENGTH, ID_PATTERN);
@@ -325,7 +425,7 @@ function readEntries(r: FieldReader): Uint32Array {
   const entries = entriesFromBytes(bytes);
   for (let i = 0; i < entries.length; i += ENTRY_WORDS) {
     const kind = entries[i] ?? 0;
-    if (kind !== EntryKind.zero && kind !== EntryKind.data) {
+    if (kind !== EntryKind.zero && kind !== EntryKind.data && kind !== EntryKind.ref) {
       r.fail('entries', `entry ${i / ENTRY_WORDS} has kind ${describeEntryKind(kind)}`, ErrorCode.BAD_PAGES);
     }
     if (entries[i + 2] === 0) r.fail('entries', `entry ${i / ENTRY_WORDS} has pageCount 0`, ErrorCode.BAD_PAGES);
@@ -334,8 +434,7 @@ function readEntries(r: FieldReader): Uint32Array {
 }
 
 export function describeEntryKind(kind: number): string {
-  if (kind === RESERVED_ENTRY_KIND_COPY_REF) return `copy-ref (${kind}), reserved and not supported by protocol version 1`;
-  return `${describeCode(EntryKind, kind)}, expected zero (1) or data (2)`;
+  return `${describeCode(EntryKind, kind)}, expected zero (1), data (2) or ref (3)`;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -43,6 +43,17 @@ export interface OfferFrame {
   downtimeBudgetMs: number;
   /** The codecs the source may use in pages frames. */
   codecs: Codec[];
+  /**
+   * Membership of a dedup group (opened by dedupOpen): refs in this migration's pages may
+   * copy from any slot of the group, and region i of this guest is slot `slots[i]`.
+   */
+  dedup?: OfferDedup;
+}
+
+export interface OfferDedup {
+  group: string;
+  /** One per region; below RESIDENT_SLOT_FLAG and unique in the group. */
+  slots: number[];
 }
 
 export interface AcceptFrame {
@@ -75,6 +86,12 @@ export interface PagesFrame {
   rawBytes: number;
   /** The frame payload: raw pages, or an lz4-napi block with its u32 LE size prefix. */
   payload: Uint8Array;
+  /**
+   * One pair [slot, firstPage] per ref entry, in entry order: ref entry [3, p, n] copies
+   * pages firstPage..firstPage+n-1 of that slot into pages p..p+n-1, one page at a time in
+   * order, as the stream stands when the frame is applied. Travels as little-endian u32s.
+   */
+  refs?: Uint32Array;
 }
 
 export interface RoundEndFrame {
@@ -148,6 +165,57 @@ export interface ErrorFrame {
   message: string;
 }
 
+/** Source: opens a dedup group on this session; the destination answers with dedupReady. */
+export interface DedupOpenFrame {
+  type: 'dedupOpen';
+  group: string;
+  /** Whether the destination should offer what it already runs (dedupResident frames). */
+  resident: boolean;
+}
+
+/**
+ * Destination: fingerprints of pages it already holds, as a resident slot of the group.
+ * Refs to it are verified against these fingerprints when applied; a page that changed is
+ * asked for again with want.
+ */
+export interface DedupResidentFrame {
+  type: 'dedupResident';
+  group: string;
+  /** RESIDENT_SLOT_FLAG is set. */
+  slot: number;
+  /** The slot's size in pages (the same in every frame for the slot). */
+  pageCount: number;
+  pageSizeBytes: number;
+  firstPage: number;
+  /** The frame payload: FINGERPRINT_BYTES per page from firstPage. */
+  fingerprints: Uint8Array;
+}
+
+/** Destination: every dedupResident of the group was sent; the group takes offers. */
+export interface DedupReadyFrame {
+  type: 'dedupReady';
+  group: string;
+  residentSlots: number;
+  residentPages: number;
+}
+
+/** Source: no more migrations or refs in this group; the destination frees what it kept. */
+export interface DedupCloseFrame {
+  type: 'dedupClose';
+  group: string;
+}
+
+/** Destination: send these pages again (a ref to resident content found it changed). */
+export interface WantFrame {
+  type: 'want';
+  migrationId: string;
+  region: number;
+  /** Pairs [firstPage, pageCount]; travels as little-endian u32s. */
+  runs: Uint32Array;
+  /** Pairs [slot, page] of the resident pages that no longer hold what was offered. */
+  stale: Uint32Array;
+}
+
 export type Frame =
   | HelloFrame
   | OfferFrame
@@ -163,7 +231,12 @@ export type Frame =
   | CommittedFrame
   | AbortFrame
   | CreditFrame
-  | ErrorFrame;
+  | ErrorFrame
+  | DedupOpenFrame
+  | DedupResidentFrame
+  | DedupReadyFrame
+  | DedupCloseFrame
+  | WantFrame;
 
 /** The frame of a given type name: FrameOf<'pages'> is PagesFrame. */
 export type FrameOf<T extends FrameTypeName> = Extract<Frame, { type: T }>;
@@ -192,4 +265,9 @@ export const Frame = {
   abort: (fields: Fields<AbortFrame>): AbortFrame => ({ type: 'abort', ...fields }),
   credit: (fields: Fields<CreditFrame>): CreditFrame => ({ type: 'credit', ...fields }),
   error: (fields: Fields<ErrorFrame>): ErrorFrame => ({ type: 'error', ...fields }),
+  dedupOpen: (fields: Fields<DedupOpenFrame>): DedupOpenFrame => ({ type: 'dedupOpen', ...fields }),
+  dedupResident: (fields: Fields<DedupResidentFrame>): DedupResidentFrame => ({ type: 'dedupResident', ...fields }),
+  dedupReady: (fields: Fields<DedupReadyFrame>): DedupReadyFrame => ({ type: 'dedupReady', ...fields }),
+  dedupClose: (fields: Fields<DedupCloseFrame>): DedupCloseFrame => ({ type: 'dedupClose', ...fields }),
+  want: (fields: Fields<WantFrame>): WantFrame => ({ type: 'want', ...fields }),
 } as const;

@@ -12,7 +12,8 @@ export const PROTOCOL_VERSION = 1;
 
 /** [u32 BE headerLength][u32 BE payloadLength] before every frame. */
 export const FRAME_PREFIX_BYTES = 8;
-export const MAX_HEADER_BYTES = 128 * KiB;
+/** Room for the largest pages header: 8192 entries (96 KiB) and 8192 ref sources (64 KiB). */
+export const MAX_HEADER_BYTES = 192 * KiB;
 /** Nesting of maps and arrays in a header; the deepest legal one (offer) needs 4. */
 export const MAX_HEADER_DEPTH = 8;
 
@@ -25,6 +26,21 @@ export const MIN_MAX_PAYLOAD_BYTES = 1 * MiB;
 export const ENTRY_WORDS = 3;
 export const ENTRY_BYTES = ENTRY_WORDS * 4;
 export const MAX_ENTRIES_PER_BATCH = 8192;
+
+/** A ref entry's source: [slot, firstPage], two u32 in pages.refs. */
+export const REF_WORDS = 2;
+/**
+ * Slots name the memories of a dedup group that refs copy from. The source numbers its
+ * incoming regions below this bit; the destination numbers what it already runs (resident
+ * content, which it verifies before copying) with this bit set.
+ */
+export const RESIDENT_SLOT_FLAG = 0x8000_0000;
+/** Content fingerprints (XXH3-128 class) in dedupResident payloads. */
+export const FINGERPRINT_BYTES = 16;
+/** Fingerprints per dedupResident frame: 1 MiB of payload. */
+export const MAX_RESIDENT_FINGERPRINTS_PER_FRAME = 65_536;
+/** Runs ([firstPage, pageCount]) per want frame. */
+export const MAX_WANT_RUNS = 8192;
 
 export const MAX_REGIONS = 16;
 /** Guest names and region names (they may become file names at the destination). */

@@ -88,7 +88,12 @@ export type ReceivedEvent =
         | 'committed'
         | 'abort'
         | 'credit'
-        | 'error';
+        | 'error'
+        | 'dedupOpen'
+        | 'dedupResident'
+        | 'dedupReady'
+        | 'dedupClose'
+        | 'want';
     };
 
 /** Frames this destination sent. */
@@ -115,6 +120,11 @@ export const MigrationEventType = [
   'abort',
   'credit',
   'error',
+  'dedupOpen',
+  'dedupResident',
+  'dedupReady',
+  'dedupClose',
+  'want',
   'sentAccept',
   'sentReject',
   'sentVerified',
@@ -186,8 +196,8 @@ export function transition(state: MigrationState, event: MigrationEvent): Migrat
     case 'sentCommitted':
       return phase === 'committing' ? to('committed') : outOfOrder();
     default:
-      // A second offer for the same id, session frames (hello, error), and frames only a
-      // destination sends (accept, reject, verified, committed, credit).
+      // A second offer for the same id, session and group frames (hello, error, dedup*),
+      // and frames only a destination sends (accept, reject, verified, committed, credit, want).
       return outOfOrder();
   }
 }

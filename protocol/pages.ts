@@ -1,19 +1,22 @@
 // The semantic check of a pages frame against the region it targets, before anything is
 // decompressed or written. The decoder has already checked the frame's structure; this
-// checks what needs the region: bounds, and that entries, rawBytes and payload agree.
+// checks what needs the region: bounds, and that entries, refs, rawBytes and payload agree.
+// Where a ref copies from (its slot and source pages) is the dedup group's to check.
 // Decompressed output is bounded here: an lz4 payload must announce exactly rawBytes, and
 // rawBytes is bounded by the receiver's payload limit (ws permessage-deflate does the same).
 import { Codec, EntryKind, describeCode } from './codes.js';
 import { ErrorCode, ProtocolError } from './errors.js';
 import { describeEntryKind } from './frame-schema.js';
 import type { PagesFrame } from './frames.js';
-import { ENTRY_WORDS, LZ4_SIZE_PREFIX_BYTES, MAX_ENTRIES_PER_BATCH, lz4CompressBound } from './limits.js';
+import { ENTRY_WORDS, LZ4_SIZE_PREFIX_BYTES, MAX_ENTRIES_PER_BATCH, REF_WORDS, lz4CompressBound } from './limits.js';
 
 export interface PagesSummary {
   /** Pages whose content is in the payload. */
   dataPages: number;
   /** Pages to be zeroed. */
   zeroPages: number;
+  /** Pages to be copied from a slot (ref entries). */
+  refPages: number;
 }
 
 /**
@@ -43,6 +46,8 @@ export function validatePages(
 
   let dataPages = 0;
   let zeroPages = 0;
+  let refPages = 0;
+  let refEntries = 0;
   for (let i = 0; i < entries.length; i += ENTRY_WORDS) {
     const kind = entries[i] ?? 0;
     const firstPage = entries[i + 1] ?? 0;
@@ -55,7 +60,14 @@ export function validatePages(
     }
     if (kind === EntryKind.data) dataPages += pageCount;
     else if (kind === EntryKind.zero) zeroPages += pageCount;
-    else fail(`entry ${index} has kind ${describeEntryKind(kind)}`);
+    else if (kind === EntryKind.ref) {
+      refPages += pageCount;
+      refEntries++;
+    } else fail(`entry ${index} has kind ${describeEntryKind(kind)}`);
+  }
+  const refWords = frame.refs?.length ?? 0;
+  if (refWords !== refEntries * REF_WORDS) {
+    fail(`${refEntries} ref entries but ${refWords / REF_WORDS} ref sources`);
   }
 
   if (!Number.isSafeInteger(rawBytes) || rawBytes < 0 || rawBytes > maxPayloadBytes) {
@@ -77,5 +89,5 @@ export function validatePages(
   } else {
     fail(`codec ${describeCode(Codec, frame.codec)} is not raw (1) or lz4 (2)`);
   }
-  return { dataPages, zeroPages };
+  return { dataPages, zeroPages, refPages };
 }

@@ -29,8 +29,8 @@ const pagesExample = examples.find((f): f is PagesFrame => f.type === 'pages')!;
 describe('round trip', () => {
   test('the examples cover every frame type', () => {
     const names = Object.keys(FrameType).filter((name) => name !== 'invalid');
-    expect(examples.map((f) => f.type).sort()).toEqual([...names].sort());
-    expect(largestFrames().map((f) => f.type).sort()).toEqual([...names].sort());
+    expect([...new Set(examples.map((f) => f.type))].sort()).toEqual([...names].sort());
+    expect([...new Set(largestFrames().map((f) => f.type))].sort()).toEqual([...names].sort());
   });
 
   test.each(examples.map((f) => [f.type, f] as const))('%s', (_, frame) => {

@@ -9,7 +9,6 @@ import {
   GuestKind,
   PeerError,
   ProtocolError,
-  RESERVED_ENTRY_KIND_COPY_REF,
   RejectReason,
   Technique,
   describeCode,
@@ -18,6 +17,7 @@ import {
   isValidCode,
   nameOf,
 } from '../../protocol/index.js';
+import { ENTRY_DATA, ENTRY_REF, ENTRY_ZERO } from '../../agent/native.js';
 import { checkPlainMsgpack } from '../../protocol/msgpack-scan.js';
 
 describe('error codes', () => {
@@ -89,6 +89,7 @@ describe('code tables', () => {
     expect(FrameType).toEqual({
       invalid: 0, hello: 1, offer: 2, accept: 3, reject: 4, pages: 5, roundEnd: 6, pause: 7, deviceState: 8,
       verify: 9, verified: 10, commit: 11, committed: 12, abort: 13, credit: 14, error: 15,
+      dedupOpen: 16, dedupResident: 17, dedupReady: 18, dedupClose: 19, want: 20,
     });
     expect(Technique).toEqual({ invalid: 0, precopy: 1, postcopy: 2, hybrid: 3 });
     expect(Codec).toEqual({ invalid: 0, raw: 1, lz4: 2 });
@@ -98,10 +99,10 @@ describe('code tables', () => {
     expect(GuestKind).toEqual({ invalid: 0, process: 1, qemu: 2 });
   });
 
-  test('entry kinds match the native addon (ENTRY_ZERO = 1, ENTRY_DATA = 2); 3 is reserved, not valid', () => {
-    expect(EntryKind).toEqual({ invalid: 0, zero: 1, data: 2 });
-    expect(RESERVED_ENTRY_KIND_COPY_REF).toBe(3);
-    expect(isValidCode(EntryKind, RESERVED_ENTRY_KIND_COPY_REF)).toBe(false);
+  test('entry kinds match the native addon (ENTRY_ZERO = 1, ENTRY_DATA = 2, ENTRY_REF = 3)', () => {
+    expect(EntryKind).toEqual({ invalid: 0, zero: 1, data: 2, ref: 3 });
+    expect([ENTRY_ZERO, ENTRY_DATA, ENTRY_REF]).toEqual([EntryKind.zero, EntryKind.data, EntryKind.ref]);
+    expect(isValidCode(EntryKind, 4)).toBe(false);
   });
 
   test('name lookups', () => {
@@ -112,7 +113,8 @@ describe('code tables', () => {
     expect(describeCode(RejectReason, 42)).toBe('unknown (42)');
     expect(frameTypeName(5)).toBe('pages');
     expect(frameTypeName(0)).toBeUndefined();
-    expect(frameTypeName(16)).toBeUndefined();
+    expect(frameTypeName(16)).toBe('dedupOpen');
+    expect(frameTypeName(21)).toBeUndefined();
     expect(isValidCode(Codec, 1.5)).toBe(false);
     expect(isValidCode(Codec, '1')).toBe(false);
   });

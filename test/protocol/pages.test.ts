@@ -19,8 +19,17 @@ const PAGE = 4096;
 const REGION_PAGES = 1024;
 const MAX_PAYLOAD = 1 << 20;
 
-function pages(entries: number[], rawBytes: number, payload: Uint8Array, codec: Codec = Codec.raw): PagesFrame {
-  return Frame.pages({ migrationId: 'm', region: 0, round: 0, codec, entries: Uint32Array.from(entries), rawBytes, payload });
+function pages(entries: number[], rawBytes: number, payload: Uint8Array, codec: Codec = Codec.raw, refs?: number[]): PagesFrame {
+  return Frame.pages({
+    migrationId: 'm',
+    region: 0,
+    round: 0,
+    codec,
+    entries: Uint32Array.from(entries),
+    rawBytes,
+    payload,
+    ...(refs ? { refs: Uint32Array.from(refs) } : {}),
+  });
 }
 
 /** An lz4 payload as lz4-napi writes it: u32 LE uncompressed size, then the block. */
@@ -39,18 +48,20 @@ const twoPages = new Uint8Array(2 * PAGE).map((_, i) => (i * 7) & 0xff);
 const incompressible = new Uint8Array(2 * PAGE).map((_, i) => (Math.imul(i + 1, 2654435761) >>> 24) & 0xff);
 
 describe('accepted', () => {
-  const cases: [string, PagesFrame, number, number, { dataPages: number; zeroPages: number }][] = [
-    ['one data page', pages([D, 0, 1], PAGE, new Uint8Array(PAGE)), REGION_PAGES, PAGE, { dataPages: 1, zeroPages: 0 }],
-    ['data and zero runs', pages([D, 0, 2, Z, 2, 100], 2 * PAGE, twoPages), REGION_PAGES, PAGE, { dataPages: 2, zeroPages: 100 }],
-    ['only zero pages, empty payload', pages([Z, 0, REGION_PAGES], 0, new Uint8Array(0)), REGION_PAGES, PAGE, { dataPages: 0, zeroPages: REGION_PAGES }],
-    ['the last page of the region', pages([D, REGION_PAGES - 1, 1], PAGE, new Uint8Array(PAGE)), REGION_PAGES, PAGE, { dataPages: 1, zeroPages: 0 }],
-    ['a run ending exactly at 2^32', pages([Z, 0xffffffff, 1], 0, new Uint8Array(0)), 2 ** 32, PAGE, { dataPages: 0, zeroPages: 1 }],
-    ['lz4, compressible', pages([D, 0, 2], 2 * PAGE, lz4Payload(twoPages), Codec.lz4), REGION_PAGES, PAGE, { dataPages: 2, zeroPages: 0 }],
-    ['lz4, incompressible (within the worst case)', pages([D, 0, 2], 2 * PAGE, lz4Payload(incompressible), Codec.lz4), REGION_PAGES, PAGE, { dataPages: 2, zeroPages: 0 }],
-    ['lz4 exactly at the worst case', pages([D, 0, 2], 2 * PAGE, withPrefix(2 * PAGE, new Uint8Array(lz4CompressBound(2 * PAGE))), Codec.lz4), REGION_PAGES, PAGE, { dataPages: 2, zeroPages: 0 }],
-    ['rawBytes exactly the payload limit', pages([D, 0, MAX_PAYLOAD / PAGE], MAX_PAYLOAD, new Uint8Array(MAX_PAYLOAD)), REGION_PAGES, PAGE, { dataPages: 256, zeroPages: 0 }],
-    ['512-byte pages', pages([D, 5, 3], 3 * 512, new Uint8Array(3 * 512)), 10, 512, { dataPages: 3, zeroPages: 0 }],
-    ['the most entries a batch may have', pages(Array.from({ length: MAX_ENTRIES_PER_BATCH }, (_, i) => [Z, i, 1]).flat(), 0, new Uint8Array(0)), MAX_ENTRIES_PER_BATCH, PAGE, { dataPages: 0, zeroPages: MAX_ENTRIES_PER_BATCH }],
+  const R = EntryKind.ref;
+  const cases: [string, PagesFrame, number, number, { dataPages: number; zeroPages: number; refPages: number }][] = [
+    ['refs between data', pages([R, 0, 3, D, 3, 1, R, 4, 2], PAGE, new Uint8Array(PAGE), Codec.raw, [1, 10, 0, 0]), REGION_PAGES, PAGE, { dataPages: 1, zeroPages: 0, refPages: 5 }],
+    ['one data page', pages([D, 0, 1], PAGE, new Uint8Array(PAGE)), REGION_PAGES, PAGE, { dataPages: 1, zeroPages: 0, refPages: 0 }],
+    ['data and zero runs', pages([D, 0, 2, Z, 2, 100], 2 * PAGE, twoPages), REGION_PAGES, PAGE, { dataPages: 2, zeroPages: 100, refPages: 0 }],
+    ['only zero pages, empty payload', pages([Z, 0, REGION_PAGES], 0, new Uint8Array(0)), REGION_PAGES, PAGE, { dataPages: 0, zeroPages: REGION_PAGES, refPages: 0 }],
+    ['the last page of the region', pages([D, REGION_PAGES - 1, 1], PAGE, new Uint8Array(PAGE)), REGION_PAGES, PAGE, { dataPages: 1, zeroPages: 0, refPages: 0 }],
+    ['a run ending exactly at 2^32', pages([Z, 0xffffffff, 1], 0, new Uint8Array(0)), 2 ** 32, PAGE, { dataPages: 0, zeroPages: 1, refPages: 0 }],
+    ['lz4, compressible', pages([D, 0, 2], 2 * PAGE, lz4Payload(twoPages), Codec.lz4), REGION_PAGES, PAGE, { dataPages: 2, zeroPages: 0, refPages: 0 }],
+    ['lz4, incompressible (within the worst case)', pages([D, 0, 2], 2 * PAGE, lz4Payload(incompressible), Codec.lz4), REGION_PAGES, PAGE, { dataPages: 2, zeroPages: 0, refPages: 0 }],
+    ['lz4 exactly at the worst case', pages([D, 0, 2], 2 * PAGE, withPrefix(2 * PAGE, new Uint8Array(lz4CompressBound(2 * PAGE))), Codec.lz4), REGION_PAGES, PAGE, { dataPages: 2, zeroPages: 0, refPages: 0 }],
+    ['rawBytes exactly the payload limit', pages([D, 0, MAX_PAYLOAD / PAGE], MAX_PAYLOAD, new Uint8Array(MAX_PAYLOAD)), REGION_PAGES, PAGE, { dataPages: 256, zeroPages: 0, refPages: 0 }],
+    ['512-byte pages', pages([D, 5, 3], 3 * 512, new Uint8Array(3 * 512)), 10, 512, { dataPages: 3, zeroPages: 0, refPages: 0 }],
+    ['the most entries a batch may have', pages(Array.from({ length: MAX_ENTRIES_PER_BATCH }, (_, i) => [Z, i, 1]).flat(), 0, new Uint8Array(0)), MAX_ENTRIES_PER_BATCH, PAGE, { dataPages: 0, zeroPages: MAX_ENTRIES_PER_BATCH, refPages: 0 }],
   ];
   test.each(cases)('%s', (_, frame, regionPageCount, pageSize, expected) => {
     expect(validatePages(frame, regionPageCount, pageSize, MAX_PAYLOAD)).toEqual(expected);
@@ -73,7 +84,10 @@ describe('rejected with GANGWAY_ERR_BAD_PAGES', () => {
     ['a run of 2^32-1 pages from page 2 (wraps to 1 in u32)', pages([Z, 2, 0xffffffff], 0, new Uint8Array(0)), 2 ** 32, 'past the region'],
     ['a zero page count', pages([D, 0, 1, Z, 5, 0], PAGE, new Uint8Array(PAGE)), REGION_PAGES, 'entry 1 has pageCount 0'],
     ['entry kind 0', pages([0, 0, 1], 0, new Uint8Array(0)), REGION_PAGES, 'invalid (0)'],
-    ['entry kind 3 (reserved copy-ref)', pages([3, 0, 1], 0, new Uint8Array(0)), REGION_PAGES, 'copy-ref (3)'],
+    ['entry kind 4', pages([4, 0, 1], 0, new Uint8Array(0)), REGION_PAGES, 'unknown (4)'],
+    ['a ref entry without its source', pages([3, 0, 1], 0, new Uint8Array(0)), REGION_PAGES, '1 ref entries but 0 ref sources'],
+    ['a ref source without its entry', pages([Z, 0, 1], 0, new Uint8Array(0), Codec.raw, [0, 0]), REGION_PAGES, '0 ref entries but 1 ref sources'],
+    ['a ref entry past the region', pages([3, REGION_PAGES - 1, 2], 0, new Uint8Array(0), Codec.raw, [0, 0]), REGION_PAGES, 'past the region'],
     ['no entries', pages([], 0, new Uint8Array(0)), REGION_PAGES, 'expected 1..8192'],
     ['a partial entry', pages([Z, 0], 0, new Uint8Array(0)), REGION_PAGES, 'expected 1..8192'],
     ['too many entries', pages(Array.from({ length: MAX_ENTRIES_PER_BATCH + 1 }, (_, i) => [Z, i, 1]).flat(), 0, new Uint8Array(0)), 2 * MAX_ENTRIES_PER_BATCH, 'expected 1..8192'],
