@@ -47,6 +47,14 @@ export interface LocalAgentOptions {
   nodeArgs?: string[];
   /** The compiled main.js, when this module runs from source (tests). */
   mainPath?: string;
+  /**
+   * A command prefix the agent runs under, e.g. `['ip', 'netns', 'exec', 'gw-x-a']`. It must
+   * exec the agent in place (as `ip netns exec` does), so that `pid`, stop() and kill() reach
+   * the agent itself.
+   */
+  wrap?: string[];
+  /** HOST:PORT for `--listen`; default 127.0.0.1:0. */
+  listen?: string;
 }
 
 export async function startLocalAgent(options: LocalAgentOptions): Promise<LocalAgent> {
@@ -55,9 +63,10 @@ export async function startLocalAgent(options: LocalAgentOptions): Promise<Local
   const logFd = openSync(logPath, 'a');
   let child: ChildProcess;
   try {
+    const command = [...(options.wrap ?? []), process.execPath];
     child = spawn(
-      process.execPath,
-      [...AGENT_NODE_FLAGS, ...(options.nodeArgs ?? []), options.mainPath ?? mainJs, 'agent', '--listen', '127.0.0.1:0', '--state-dir', options.stateDir, ...(options.args ?? [])],
+      command[0]!,
+      [...command.slice(1), ...AGENT_NODE_FLAGS, ...(options.nodeArgs ?? []), options.mainPath ?? mainJs, 'agent', '--listen', options.listen ?? '127.0.0.1:0', '--state-dir', options.stateDir, ...(options.args ?? [])],
       { stdio: ['ignore', logFd, logFd], env: { ...process.env, ...options.env } },
     );
   } finally {
