@@ -7,7 +7,8 @@ import { connect } from 'node:net';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { WebSocketServer } from 'ws';
-import { ErrorCode, GangwayError } from '../protocol/errors.js';
+import { ErrorCode, GangwayError, ProtocolError } from '../protocol/errors.js';
+import { DestinationGroup, MAX_GROUPS_PER_SESSION } from './dedup/dest-group.js';
 import { RejectReason } from '../protocol/codes.js';
 import { Frame } from '../protocol/index.js';
 import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
@@ -19,10 +20,16 @@ import { loadNative } from './native.js';
 import type { CodecMode } from './migration/codec-chooser.js';
 import { DestinationMigration, type IncomingResult } from './migration/destination.js';
 import { SourceMigration, type MigrationProgress, type MigrationSummary } from './migration/source.js';
-import { connectPeer, PeerSession } from './peer/session.js';
+import { outcomeOf, summarizeGroup, type GroupOutcome, type GroupSummary } from './migration/group-summary.js';
+import { SourceDedupGroup } from './dedup/source-group.js';
+import type { ProcessGuest } from './guest/process-guest.js';
+import { connectPeer, PeerSession, type GroupFrame } from './peer/session.js';
 import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
 import { CONFIG_DEFAULTS } from './config.js';
+
+/** What this agent offers in its hello; a feature is used when both sides list it. */
+const AGENT_FEATURES = ['lz4', 'precopy', 'dedup'];
 
 export interface AgentConfig {
   listenHost: string;
@@ -48,8 +55,10 @@ export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort'
 };
 
 export interface MigrateRequest {
-  guest: string;
+  guests: string[];
   to: string;
+  strategy: 'gang' | 'serial';
+  dedup: boolean;
   downtimeMs: number;
   force: boolean;
   maxRounds: number;
@@ -75,6 +84,7 @@ export class Agent {
   private peerServer: Server | undefined;
   private wss: WebSocketServer | undefined;
   private readonly sessionsIn = new Set<PeerSession>();
+  private readonly groupsIn = new Map<PeerSession, Map<string, DestinationGroup>>();
   private readonly sessionsOut = new Map<string, Promise<PeerSession>>();
   private readonly outgoing = new Map<string, SourceMigration>();
   private readonly incoming = new Map<string, DestinationMigration>();
@@ -143,13 +153,20 @@ export class Agent {
       const session = new PeerSession(ws, {
         role: 'server',
         agentId: this.id,
-        features: ['lz4', 'precopy'],
+        features: AGENT_FEATURES,
         maxPayloadBytes: this.config.maxPayloadBytes,
         log: this.log.child({ peer: remote }),
       });
+      const groups = new Map<string, DestinationGroup>();
       this.sessionsIn.add(session);
-      session.on('closed', () => this.sessionsIn.delete(session));
+      this.groupsIn.set(session, groups);
+      session.on('closed', () => {
+        this.sessionsIn.delete(session);
+        this.groupsIn.delete(session);
+        for (const group of groups.values()) void group.close();
+      });
       session.onOffer = (offer) => this.onOffer(offer, session);
+      session.onGroupFrame = (frame) => this.onGroupFrame(frame, session, groups);
     });
     this.peerServer = server;
     this.wss = wss;
@@ -166,6 +183,34 @@ export class Agent {
     });
   }
 
+  /** dedupOpen / dedupClose from a source: the groups of one session. */
+  private onGroupFrame(frame: GroupFrame, session: PeerSession, groups: Map<string, DestinationGroup>): void {
+    if (frame.type === 'dedupClose') {
+      const group = groups.get(frame.group);
+      groups.delete(frame.group);
+      void group?.close();
+      return;
+    }
+    if (frame.type !== 'dedupOpen') {
+      throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `${frame.type} is sent by a destination, not to one`);
+    }
+    if (groups.has(frame.group)) throw new ProtocolError(ErrorCode.PROTOCOL, `dedup group ${frame.group} is already open`);
+    if (groups.size >= MAX_GROUPS_PER_SESSION) {
+      throw new ProtocolError(ErrorCode.PROTOCOL, `more than ${MAX_GROUPS_PER_SESSION} dedup groups open on one session`);
+    }
+    const group = new DestinationGroup(frame.group, this.log.child({ group: frame.group }));
+    groups.set(frame.group, group);
+    const offered = frame.resident
+      ? group.offerResident(session, this.registry, (name) => this.isMigrating(name))
+      : Promise.resolve({ slots: 0, pages: 0 });
+    offered.then(
+      ({ slots, pages }) => {
+        if (session.isOpen) session.send(Frame.dedupReady({ group: frame.group, residentSlots: slots, residentPages: pages }));
+      },
+      (err: Error) => session.fail(new GangwayError(ErrorCode.INTERNAL, `offering resident content failed: ${err.message}`)),
+    );
+  }
+
   private onOffer(offer: Parameters<NonNullable<PeerSession['onOffer']>>[0], session: PeerSession): void {
     if (this.incoming.has(offer.migrationId) || this.records.has(offer.migrationId)) {
       // A replayed or duplicated id would mix two streams.
@@ -180,6 +225,7 @@ export class Agent {
       log: this.log,
       accepting: () => !this.shuttingDown,
       metrics: this.metrics,
+      groups: this.groupsIn.get(session) ?? new Map(),
     });
     if (!migration) {
       this.metrics.migrations.inc({ direction: 'in', outcome: 'rejected', technique: 'precopy' });
@@ -331,7 +377,7 @@ export class Agent {
     }
     const pending = connectPeer(address, {
       agentId: this.id,
-      features: ['lz4', 'precopy'],
+      features: AGENT_FEATURES,
       maxPayloadBytes: this.config.maxPayloadBytes,
       log: this.log.child({ peer: address }),
     });
@@ -348,16 +394,85 @@ export class Agent {
     }
   }
 
-  async migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<MigrationSummary> {
+  /**
+   * Migrates one or more guests to one destination. gang: all at once over one session,
+   * in one dedup group; serial: one after another, each in its own group (so the guests
+   * moved before it are resident content at the destination). Resolves with every guest's
+   * summary and the totals when at least one guest moved; throws the first error when none did.
+   */
+  async migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
     if (this.shuttingDown) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
-    const { guest } = this.registry.get(request.guest);
-    if (this.isMigrating(guest.name)) {
-      throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${guest.name} is already being migrated`);
+    if (new Set(request.guests).size !== request.guests.length) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `a guest is named twice in ${request.guests.join(' ')}`);
     }
-    if (!guest.alive()) throw new GangwayError(ErrorCode.GUEST_FAILED, `guest ${guest.name} is not running`);
+    const guests = request.guests.map((name) => {
+      const { guest } = this.registry.get(name);
+      if (this.isMigrating(guest.name)) throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${guest.name} is already being migrated`);
+      if (!guest.alive()) throw new GangwayError(ErrorCode.GUEST_FAILED, `guest ${guest.name} is not running`);
+      return guest;
+    });
     if (request.to === this.listenAddress) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `--to ${request.to} is this agent itself`);
     }
+    const started = performance.now();
+    const session = await this.session(request.to);
+    const dedup = request.dedup && (session.peer?.features.includes('dedup') ?? false);
+    if (request.dedup && !dedup) this.log.warn({ to: request.to }, 'the destination does not offer dedup; moving without it');
+    const outcomes: GroupOutcome[] = [];
+    const openGroup = (members: ProcessGuest[]) =>
+      SourceDedupGroup.open(session, {
+        resident: true,
+        members: members.map((guest, slot) => ({ slot, pageCount: guest.memoryBytes / guest.pageSizeBytes })),
+        pageSizeBytes: GUEST_PAGE_SIZE,
+        log: this.log,
+      });
+    const indexStats: GroupSummary['index'] = [];
+    if (request.strategy === 'gang') {
+      const group = dedup ? await openGroup(guests) : undefined;
+      try {
+        const settled = await Promise.allSettled(
+          guests.map((guest, slot) => this.migrateOne(guest, session, request, group ? { group, slot } : undefined, onProgress)),
+        );
+        settled.forEach((result, i) => outcomes.push(outcomeOf(guests[i]!.name, result)));
+      } finally {
+        if (group) indexStats.push(group.indexStats);
+        group?.close();
+      }
+    } else {
+      for (const guest of guests) {
+        if (!session.isOpen) {
+          outcomes.push({ guest: guest.name, error: { code: ErrorCode.PEER_GONE, message: 'the session to the destination closed before this guest' } });
+          continue;
+        }
+        const group = dedup ? await openGroup([guest]) : undefined;
+        try {
+          const result = await this.migrateOne(guest, session, request, group ? { group, slot: 0 } : undefined, onProgress).then(
+            (summary) => ({ status: 'fulfilled' as const, value: summary }),
+            (reason: unknown) => ({ status: 'rejected' as const, reason }),
+          );
+          outcomes.push(outcomeOf(guest.name, result));
+        } finally {
+          if (group) indexStats.push(group.indexStats);
+          group?.close();
+        }
+      }
+    }
+    const summary = summarizeGroup(request, dedup, this.listenAddress, outcomes, performance.now() - started, indexStats);
+    if (summary.guests.length === 0) {
+      const first = outcomes.find((o) => o.error)!;
+      const others = outcomes.filter((o) => o !== first && o.error).map((o) => `${o.guest}: ${o.error!.message}`);
+      throw new GangwayError(first.error!.code as ErrorCode, first.error!.message + (others.length ? ` (also failed: ${others.join('; ')})` : ''));
+    }
+    return summary;
+  }
+
+  private async migrateOne(
+    guest: ProcessGuest,
+    session: PeerSession,
+    request: MigrateRequest,
+    dedup: { group: SourceDedupGroup; slot: number } | undefined,
+    onProgress: (progress: MigrationProgress) => void,
+  ): Promise<MigrationSummary> {
     const migrationId = randomUUID();
     const log = this.log.child({ migrationId, guest: guest.name, to: request.to });
     const startedAt = new Date().toISOString();
@@ -365,7 +480,6 @@ export class Agent {
     this.records.set(migrationId, { ...base, state: 'running' });
     let migration: SourceMigration | undefined;
     try {
-      const session = await this.session(request.to);
       migration = new SourceMigration(
         guest,
         session,
@@ -383,6 +497,7 @@ export class Agent {
           digestBytesPerSec: this.digestBytesPerSec,
           commitTimeoutMs: 30_000,
           metrics: this.metrics,
+          ...(dedup ? { dedup } : {}),
         },
         log,
       );
@@ -391,7 +506,7 @@ export class Agent {
         this.records.set(migrationId, { ...base, state: 'running', progress });
         onProgress(progress);
       });
-      log.info({ downtimeMs: request.downtimeMs, codec: request.codec }, 'migration started');
+      log.info({ downtimeMs: request.downtimeMs, codec: request.codec, dedup: dedup !== undefined }, 'migration started');
       this.metrics.migrationsActive.inc({ direction: 'out' });
       const summary = await migration.run().finally(() => this.metrics.migrationsActive.dec({ direction: 'out' }));
       summary.from = this.listenAddress;

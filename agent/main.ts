@@ -10,8 +10,8 @@ import { Agent, controlSocketInUse, controlSocketPath, DEFAULT_AGENT_CONFIG, typ
 import { createLogger } from './log.js';
 import { CONFIG_DEFAULTS, ConfigFileSchema, configFromEnv, loadConfigFile, LOG_LEVELS, mergeConfig, TRACKERS } from './config.js';
 import { SystemdNotifier } from './systemd.js';
-import type { MigrationProgress, MigrationSummary } from './migration/source.js';
-import { progressLine, summaryText } from './cli/format.js';
+import type { MigrationProgress } from './migration/source.js';
+import { groupProgressLine, groupSummaryText } from './cli/format.js';
 import { runDemo } from './cli/demo.js';
 import { parseBytes, parseDurationMs, parseRate, QuantityError } from './units.js';
 
@@ -226,9 +226,11 @@ for (const [verb, method, suffix, description] of [
 }
 
 program
-  .command('migrate <guest>')
-  .description('live-migrate a guest to another agent (pre-copy), verified by memory digests')
+  .command('migrate <guests...>')
+  .description('live-migrate guests to another agent (pre-copy), verified by memory digests; several guests move as a gang or one by one, with content dedup across them')
   .requiredOption('--to <host:port>', 'the destination agent')
+  .addOption(new Option('--strategy <strategy>', 'several guests: all at once over one session (gang) or one after another (serial)').choices(['gang', 'serial']).default('gang'))
+  .option('--no-dedup', 'send every page, even when its content is already at the destination')
   .option('--downtime-ms <ms>', 'downtime budget for the final round', number('--downtime-ms', 1, 600_000), 300)
   .option('--force', 'at the round or byte limit, stop the guest anyway instead of failing')
   .option('--max-rounds <n>', 'pre-copy rounds before giving up', number('--max-rounds', 1, 10_000, true), 30)
@@ -238,34 +240,37 @@ program
   .addOption(new Option('--tracker <kind>', 'dirty-page tracking for this migration').choices(['auto', 'uffd-wp', 'hash-scan']))
   .addOption(stateDirOption())
   .option('--json', 'print the summary as JSON')
-  .action(async (name: string, opts) => {
+  .action(async (names: string[], opts) => {
     const json = Boolean(opts.json);
     const tty = process.stderr.isTTY && !json;
     try {
       const client = new ControlClient(resolve(opts.stateDir));
-      let summary: MigrationSummary | undefined;
-      for await (const event of client.stream('POST', '/v1/migrations', {
-        guest: name,
-        to: opts.to,
-        downtimeMs: opts.downtimeMs,
-        force: Boolean(opts.force),
-        maxRounds: opts.maxRounds,
-        maxBytesFactor: opts.maxBytesFactor,
-        codec: opts.codec,
-        ...(opts.bandwidth ? { bandwidthBytesPerSec: opts.bandwidth } : {}),
-        ...(opts.tracker ? { tracker: opts.tracker } : {}),
-      })) {
-        if (event.type === 'progress' && tty) process.stderr.write(`\r\x1b[K${progressLine(event.progress as MigrationProgress)}`);
-        if (event.type === 'result') summary = event.summary as MigrationSummary;
-        if (event.type === 'error') {
-          if (tty) process.stderr.write('\r\x1b[K');
-          const error = event.error as { code: string; message: string };
-          throw new GangwayError(error.code as never, error.message);
-        }
-      }
-      if (tty) process.stderr.write('\r\x1b[K');
-      if (!summary) throw new GangwayError(ErrorCode.INTERNAL, 'the agent ended the migration without a result');
-      console.log(json ? JSON.stringify(summary) : summaryText(summary));
+      const latest = new Map<string, MigrationProgress>();
+      const summary = await client.migrate(
+        {
+          guests: names,
+          strategy: opts.strategy,
+          dedup: Boolean(opts.dedup),
+          to: opts.to,
+          downtimeMs: opts.downtimeMs,
+          force: Boolean(opts.force),
+          maxRounds: opts.maxRounds,
+          maxBytesFactor: opts.maxBytesFactor,
+          codec: opts.codec,
+          ...(opts.bandwidth ? { bandwidthBytesPerSec: opts.bandwidth } : {}),
+          ...(opts.tracker ? { tracker: opts.tracker } : {}),
+        },
+        (progress) => {
+          if (!tty) return;
+          latest.set(progress.guest, progress);
+          process.stderr.write(`\r\x1b[K${groupProgressLine(latest)}`);
+        },
+      ).finally(() => {
+        if (tty) process.stderr.write('\r\x1b[K');
+      });
+      console.log(json ? JSON.stringify(summary) : groupSummaryText(summary));
+      // Some guests moved, some did not (each of those runs on here): a partial success.
+      if (summary.failed.length > 0) process.exitCode = 1;
     } catch (err) {
       fail(err, json);
     }

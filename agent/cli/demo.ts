@@ -4,7 +4,6 @@
 import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { killGuestsOf, makeTempDir, startLocalAgent, type AgentStatus, type LocalAgent } from '../local-agent.js';
-import type { MigrationProgress, MigrationSummary } from '../migration/source.js';
 import { formatBytes, formatRate } from '../units.js';
 import { formatMs, progressLine, summaryText } from './format.js';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
@@ -51,26 +50,15 @@ export async function runDemo(options: DemoOptions): Promise<void> {
     say(`guest vm1: ${formatBytes(options.memoryBytes)}, OS-image-like content, dirtying ${formatRate(options.dirtyRateBytesPerSec)}`);
     await sleep(1000);
 
-    let summary: MigrationSummary | undefined;
     const tty = process.stderr.isTTY && !options.json;
-    for await (const event of source.client.stream('POST', '/v1/migrations', {
-      guest: 'vm1',
-      to: destination.listen,
-      downtimeMs: 300,
-      force: false,
-      maxRounds: 30,
-      maxBytesFactor: 3,
-      codec: 'auto',
-    })) {
-      if (event.type === 'progress' && tty) process.stderr.write(`\r\x1b[K${progressLine(event.progress as MigrationProgress)}`);
-      if (event.type === 'result') summary = event.summary as MigrationSummary;
-      if (event.type === 'error') {
-        const error = event.error as { code: string; message: string };
-        throw new GangwayError(error.code as never, error.message);
-      }
-    }
-    if (tty) process.stderr.write('\r\x1b[K');
-    if (!summary) throw new GangwayError(ErrorCode.INTERNAL, 'no migration result');
+    const group = await source.client
+      .migrate({ guests: ['vm1'], to: destination.listen }, (progress) => {
+        if (tty) process.stderr.write(`\r\x1b[K${progressLine(progress)}`);
+      })
+      .finally(() => {
+        if (tty) process.stderr.write('\r\x1b[K');
+      });
+    const summary = group.guests[0]!;
     say(summaryText(summary));
 
     // The guest's own verdict: it re-checked every page on resume and keeps checking each

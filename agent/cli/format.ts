@@ -1,5 +1,6 @@
 // Human output of the CLI: progress lines and summaries.
 import type { MigrationProgress, MigrationSummary } from '../migration/source.js';
+import type { GroupSummary } from '../migration/group-summary.js';
 import { formatBytes, formatRate } from '../units.js';
 
 export function formatMs(ms: number): string {
@@ -21,5 +22,36 @@ export function summaryText(s: MigrationSummary): string {
     `  rounds       ${s.rounds.length} (pages per round: ${rounds})`,
     `  wire         ${formatBytes(s.wireBytes)} for ${formatBytes(s.memoryBytes)} of memory; ${s.zeroPages} zero pages sent as runs; data compressed to ${(s.compressionRatio * 100).toFixed(1)}%`,
     `  link         ${formatRate(s.linkRateBytesPerSec)}; dirty tracking ${s.tracker}${s.trackerFallbackReason ? ` (${s.trackerFallbackReason})` : ''}`,
+    ...(s.dedup.enabled ? [`  dedup        ${dedupText(s.dedup.hits, s.dedup.savedBytes, s.dedup.wantedPages)}`] : []),
   ].join('\n');
+}
+
+function dedupText(hits: MigrationSummary['dedup']['hits'], savedBytes: number, wantedPages: number): string {
+  return (
+    `${formatBytes(savedBytes)} of pages not sent (hits: ${hits.intra} within a round, ${hits.crossRound} across rounds, ` +
+    `${hits.crossGuest} across guests, ${hits.resident} resident at the destination)` +
+    (wantedPages > 0 ? `; ${wantedPages} pages asked for again` : '')
+  );
+}
+
+/** Progress of several guests on one line: the latest of each. */
+export function groupProgressLine(latest: ReadonlyMap<string, MigrationProgress>): string {
+  if (latest.size === 1) return progressLine([...latest.values()][0]!);
+  return [...latest.values()]
+    .map((p) => `${p.guest} ${p.phase === 'precopy' ? `r${p.round}` : p.phase} ${p.percent.toFixed(0)}%`)
+    .join(' · ');
+}
+
+export function groupSummaryText(g: GroupSummary): string {
+  const lines = g.guests.map(summaryText);
+  if (g.guests.length + g.failed.length > 1) {
+    const rule = g.strategy === 'serial' ? 'sums' : 'maxima';
+    lines.push(
+      `${g.strategy}: ${g.guests.length} of ${g.guests.length + g.failed.length} guests moved; total ${formatMs(g.totalMs)}, downtime ${formatMs(g.downtimeMs)} (${rule}; longest ${formatMs(g.maxDowntimeMs)})`,
+      `  wire         ${formatBytes(g.wireBytes)} for ${formatBytes(g.memoryBytes)} of memory (${(g.wireRatio * 100).toFixed(1)}%)`,
+    );
+    if (g.dedup) lines.push(`  dedup        ${dedupText(g.dedupStats.hits, g.dedupStats.savedBytes, g.dedupStats.wantedPages)}`);
+  }
+  for (const f of g.failed) lines.push(`FAILED ${f.guest}: ${f.code}: ${f.message}`);
+  return lines.join('\n');
 }

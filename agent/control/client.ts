@@ -2,7 +2,22 @@
 import { request } from 'node:http';
 import { existsSync } from 'node:fs';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
-import { controlSocketPath } from '../daemon.js';
+import { controlSocketPath, type MigrateRequest } from '../daemon.js';
+import type { GroupSummary } from '../migration/group-summary.js';
+import type { MigrationProgress } from '../migration/source.js';
+
+/** A migrate request with the CLI's defaults for what is not given. */
+export type MigrateCall = Pick<MigrateRequest, 'guests' | 'to'> & Partial<MigrateRequest>;
+
+export const MIGRATE_DEFAULTS = {
+  strategy: 'gang',
+  dedup: true,
+  downtimeMs: 300,
+  force: false,
+  maxRounds: 30,
+  maxBytesFactor: 3,
+  codec: 'auto',
+} as const satisfies Partial<MigrateRequest>;
 
 export class ControlClient {
   readonly socketPath: string;
@@ -45,6 +60,21 @@ export class ControlClient {
       throw new GangwayError((parsed.error?.code ?? ErrorCode.INTERNAL) as never, parsed.error?.message ?? `agent answered ${res.statusCode}`);
     }
     return parsed;
+  }
+
+  /** POST /v1/migrations: progress events to `onProgress`, then the summary (or the error, thrown). */
+  async migrate(call: MigrateCall, onProgress?: (progress: MigrationProgress) => void): Promise<GroupSummary> {
+    let summary: GroupSummary | undefined;
+    for await (const event of this.stream('POST', '/v1/migrations', { ...MIGRATE_DEFAULTS, ...call })) {
+      if (event.type === 'progress') onProgress?.(event.progress as MigrationProgress);
+      if (event.type === 'result') summary = event.summary as GroupSummary;
+      if (event.type === 'error') {
+        const error = event.error as { code: string; message: string };
+        throw new GangwayError(error.code as never, error.message);
+      }
+    }
+    if (!summary) throw new GangwayError(ErrorCode.INTERNAL, 'the agent ended the migration without a result');
+    return summary;
   }
 
   /** A streaming call: yields each NDJSON event. */

@@ -18,7 +18,9 @@ export const StartGuestRequest = z.object({
 });
 
 export const MigrateRequestSchema = z.object({
-  guest: guestName,
+  guests: z.array(guestName).min(1).max(64),
+  strategy: z.enum(['gang', 'serial']),
+  dedup: z.boolean(),
   to: z.string().regex(/^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/, 'HOST:PORT'),
   downtimeMs: z.number().min(1).max(600_000),
   force: z.boolean(),

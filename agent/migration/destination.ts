@@ -16,6 +16,9 @@ import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/se
 import { creditCost } from './page-sender.js';
 import { randomBytes } from 'node:crypto';
 import type { AgentMetrics } from '../metrics.js';
+import type { DestinationGroup } from '../dedup/dest-group.js';
+import { ENTRY_DATA, ENTRY_REF } from '../native.js';
+import { FINGERPRINT_BYTES, MAX_WANT_RUNS, REF_WORDS } from '../../protocol/limits.js';
 
 export interface DestinationContext {
   registry: GuestRegistry;
@@ -26,6 +29,8 @@ export interface DestinationContext {
   /** Is the agent taking new migrations? */
   accepting: () => boolean;
   metrics?: AgentMetrics;
+  /** The session's open dedup groups, by id. */
+  groups?: Map<string, DestinationGroup>;
 }
 
 export interface IncomingResult {
@@ -57,6 +62,9 @@ export class DestinationMigration implements FrameHandler {
   private roundsSeen = 0;
   private readonly memoryPath: string;
   private readonly files;
+  /** The dedup group this migration belongs to (its frames are applied in the group's order). */
+  private group: DestinationGroup | undefined;
+  private mismatchScratch = new Uint32Array(0);
   readonly done: Promise<IncomingResult>;
   private resolveDone!: (result: IncomingResult) => void;
 
@@ -80,6 +88,10 @@ export class DestinationMigration implements FrameHandler {
       return undefined;
     };
     if (!ctx.accepting()) return reject(RejectReason.shuttingDown, 'the destination agent is shutting down');
+    const group = offer.dedup ? ctx.groups?.get(offer.dedup.group) : undefined;
+    if (offer.dedup && (!group || group.isClosed)) {
+      return reject(RejectReason.badSpec, `dedup group ${offer.dedup.group} is not open on this session (send dedupOpen first)`);
+    }
     if (offer.guest.kind !== GuestKind.process) return reject(RejectReason.unsupported, 'only process guests are supported by this agent');
     const region = offer.guest.regions[0];
     if (offer.guest.regions.length !== 1 || !region || region.pageSizeBytes !== GUEST_PAGE_SIZE) {
@@ -103,6 +115,14 @@ export class DestinationMigration implements FrameHandler {
       migration.cleanup();
       return reject(RejectReason.noSpace, `cannot prepare the guest's memory: ${(err as Error).message}`);
     }
+    if (group && offer.dedup) {
+      try {
+        migration.joinGroup(group, offer.dedup.slots);
+      } catch (err) {
+        migration.cleanup();
+        return reject(RejectReason.badSpec, (err as Error).message);
+      }
+    }
     session.register(offer.migrationId, migration);
     migration.state = transition(migration.state, { type: 'sentAccept' });
     session.send(Frame.accept({ migrationId: offer.migrationId, creditBytes: ctx.creditBytes }));
@@ -123,6 +143,24 @@ export class DestinationMigration implements FrameHandler {
     // A process started now and blocked on a pipe makes the resume a one-byte write.
     this.standby = launchProcessGuest({ files: this.files, standby: true });
   }
+
+  private joinGroup(group: DestinationGroup, slots: number[]): void {
+    this.regions.forEach((region, i) => {
+      const { fd, handle } = region;
+      group.addIncoming(slots[i]!, handle, region.pageCount, region.pageSizeBytes, () => {
+        try {
+          this.native.regionClose(handle);
+        } catch {}
+        try {
+          closeSync(fd);
+        } catch {}
+      });
+    });
+    this.group = group;
+    this.slots = slots;
+  }
+
+  private slots: number[] = [];
 
   onFrame(frame: AnyFrame, wireBytes: number): void {
     if (this.finished) return;
@@ -156,8 +194,9 @@ export class DestinationMigration implements FrameHandler {
           if (raw.length !== pages.rawBytes) {
             throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload decompressed to ${raw.length} bytes, expected ${pages.rawBytes}`);
           }
-          this.native.regionScatter(region.handle, pages.entries, pages.entries.length / 3, raw);
-          this.pagesReceived += counts.dataPages + counts.zeroPages;
+          if (pages.refs) this.applyWithRefs(pages.region, region, pages.entries, pages.refs, raw);
+          else this.native.regionScatter(region.handle, pages.entries, pages.entries.length / 3, raw);
+          this.pagesReceived += counts.dataPages + counts.zeroPages + counts.refPages;
           this.session.send(Frame.credit({ migrationId: this.offer.migrationId, bytes: cost }));
         });
         return;
@@ -194,20 +233,97 @@ export class DestinationMigration implements FrameHandler {
     }
   }
 
+  /**
+   * Applies entries in order: runs of zero and data entries through one scatter, each ref
+   * through a copy from its slot (verified against the offered fingerprints when the slot is
+   * resident). Pages whose resident source changed are asked for again, before the credit.
+   */
+  private applyWithRefs(regionIndex: number, region: IncomingRegion, entries: Uint32Array, refs: Uint32Array, raw: Uint8Array): void {
+    const group = this.group;
+    if (!group) throw new ProtocolError(ErrorCode.BAD_PAGES, 'refs in a migration that is not in a dedup group');
+    const entryCount = entries.length / 3;
+    // Check every ref before writing anything.
+    const sources = [];
+    for (let e = 0, r = 0; e < entryCount; e++) {
+      if (entries[e * 3] !== ENTRY_REF) continue;
+      sources.push(group.source(refs[r * REF_WORDS]!, refs[r * REF_WORDS + 1]!, entries[e * 3 + 2]!, region.pageSizeBytes));
+      r++;
+    }
+    const want: number[] = [];
+    const stale: number[] = [];
+    let segmentStart = 0;
+    let segmentBytes = 0;
+    let offset = 0;
+    const flush = (end: number) => {
+      if (end > segmentStart) {
+        this.native.regionScatter(region.handle, entries.subarray(segmentStart * 3, end * 3), end - segmentStart, raw.subarray(offset, offset + segmentBytes));
+        offset += segmentBytes;
+      }
+      segmentBytes = 0;
+    };
+    for (let e = 0, r = 0; e < entryCount; e++) {
+      const kind = entries[e * 3]!;
+      const first = entries[e * 3 + 1]!;
+      const count = entries[e * 3 + 2]!;
+      if (kind === ENTRY_DATA) segmentBytes += count * region.pageSizeBytes;
+      if (kind !== ENTRY_REF) continue;
+      flush(e);
+      segmentStart = e + 1;
+      const source = sources[r]!;
+      const sourcePage = refs[r * REF_WORDS + 1]!;
+      r++;
+      const expect = source.offered?.subarray(sourcePage * FINGERPRINT_BYTES, (sourcePage + count) * FINGERPRINT_BYTES) ?? null;
+      if (expect && this.mismatchScratch.length < count) this.mismatchScratch = new Uint32Array(count);
+      const mismatched = this.native.regionCopyPages(region.handle, first, source.region, sourcePage, count, expect, expect ? this.mismatchScratch : null);
+      for (let i = 0; i < mismatched; i++) {
+        const at = this.mismatchScratch[i]!;
+        want.push(first + at);
+        stale.push(source.slot, sourcePage + at);
+      }
+    }
+    flush(entryCount);
+    if (want.length > 0) this.sendWant(regionIndex, want, stale);
+  }
+
+  private sendWant(regionIndex: number, pages: number[], stale: number[]): void {
+    const runs: number[] = [];
+    for (const page of pages) {
+      const last = runs.length - 2;
+      if (last >= 0 && runs[last]! + runs[last + 1]! === page) runs[last + 1]!++;
+      else runs.push(page, 1);
+    }
+    for (let i = 0; i < runs.length; i += MAX_WANT_RUNS * 2) {
+      this.session.send(
+        Frame.want({
+          migrationId: this.offer.migrationId,
+          region: regionIndex,
+          runs: Uint32Array.from(runs.slice(i, i + MAX_WANT_RUNS * 2)),
+          stale: Uint32Array.from(stale.slice(i, i + MAX_WANT_RUNS * 2)),
+        }),
+      );
+    }
+    this.log.debug({ pages: pages.length }, 'resident content changed; pages asked for again');
+  }
+
   private enqueue(step: () => Promise<void>): void {
-    this.queue = this.queue.then(async () => {
+    const guarded = async () => {
       if (this.finished) return;
       try {
         await step();
       } catch (err) {
         this.protocolFailure(err);
       }
-    });
+    };
+    // In a dedup group, frames of every member are applied in arrival order.
+    if (this.group) void this.group.enqueue(guarded);
+    else this.queue = this.queue.then(guarded);
   }
 
   private async commit(): Promise<void> {
     const standby = this.standby!;
     try {
+      // The guest is about to run: no ref may copy from its memory any more.
+      for (const slot of this.slots) this.group?.closeSlot(slot);
       for (const region of this.regions) {
         this.native.tmpfileLink(region.fd, this.memoryPath);
         this.native.regionClose(region.handle);
@@ -280,6 +396,8 @@ export class DestinationMigration implements FrameHandler {
 
   /** Drops everything this migration made: the unnamed files vanish with their last fd. */
   private cleanup(): void {
+    // A group member's memory stays for refs already on their way; the group frees it.
+    if (this.group) this.regions = [];
     for (const region of this.regions) {
       try {
         this.native.regionClose(region.handle);

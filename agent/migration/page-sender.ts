@@ -5,7 +5,9 @@
 import { compress } from 'lz4-napi';
 import { Codec } from '../../protocol/codes.js';
 import { encodeFrame, Frame, FRAME_PREFIX_BYTES, MAX_HEADER_BYTES } from '../../protocol/index.js';
-import { loadNative, type RegionHandle } from '../native.js';
+import { FINGERPRINT_BYTES } from '../../protocol/limits.js';
+import { ENTRY_REF, ENTRY_ZERO, loadNative, type RegionHandle } from '../native.js';
+import type { BatchBuild, SourceDedupGroup } from '../dedup/source-group.js';
 import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import type { CodecChooser } from './codec-chooser.js';
 import type { CreditWindow, Pacer } from './flow.js';
@@ -25,10 +27,22 @@ export interface RoundCounters {
   compressedBatches: number;
   /** Payload bytes of the batches that went out compressed. */
   compressedBytes: number;
+  /** Pages sent as refs to content already at the destination (dedup). */
+  refPages: number;
+  /** Pages not sent at all: the destination page already holds that content. */
+  unchangedPages: number;
+  /** Dedup hits by kind (refs plus unchanged pages, which count as cross-round). */
+  hitsIntra: number;
+  hitsCrossRound: number;
+  hitsCrossGuest: number;
+  hitsResident: number;
 }
 
 export function emptyCounters(): RoundCounters {
-  return { pages: 0, dataPages: 0, zeroPages: 0, rawBytes: 0, payloadBytes: 0, wireBytes: 0, batches: 0, compressedBatches: 0, compressedBytes: 0 };
+  return {
+    pages: 0, dataPages: 0, zeroPages: 0, rawBytes: 0, payloadBytes: 0, wireBytes: 0, batches: 0, compressedBatches: 0, compressedBytes: 0,
+    refPages: 0, unchangedPages: 0, hitsIntra: 0, hitsCrossRound: 0, hitsCrossGuest: 0, hitsResident: 0,
+  };
 }
 
 export function addCounters(into: RoundCounters, from: RoundCounters): void {
@@ -40,6 +54,8 @@ interface BatchBuffer {
   whole: Buffer;
   payload: Buffer;
   entries: Uint32Array;
+  /** Ref sources, [slot, firstPage] per ref entry (dedup). */
+  refs: Uint32Array;
 }
 
 /**
@@ -60,7 +76,7 @@ export class BatchPool {
     const reused = this.free.pop();
     if (reused) return reused;
     const whole = Buffer.allocUnsafeSlow(HEADROOM + this.payloadBytes);
-    return { whole, payload: whole.subarray(HEADROOM), entries: new Uint32Array(this.maxEntries * 3) };
+    return { whole, payload: whole.subarray(HEADROOM), entries: new Uint32Array(this.maxEntries * 3), refs: new Uint32Array(this.maxEntries * 2) };
   }
   release(buffer: BatchBuffer): void {
     if (this.free.length < 16) this.free.push(buffer);
@@ -70,6 +86,15 @@ export class BatchPool {
 interface Prepared {
   buffer: BatchBuffer;
   entries: Uint32Array;
+  refs: Uint32Array | undefined;
+  /** The batch's place in the dedup group's outbox. */
+  ticket: number | undefined;
+  refPages: number;
+  unchangedPages: number;
+  hitsIntra: number;
+  hitsCrossRound: number;
+  hitsCrossGuest: number;
+  hitsResident: number;
   codec: Codec;
   payload: Uint8Array;
   rawBytes: number;
@@ -90,6 +115,8 @@ export interface PageSenderContext {
   pipelineDepth: number;
   /** Called after every batch handed to the socket. */
   onBatch?: (counters: RoundCounters) => void;
+  /** Content dedup: this region is `slot` of the group. */
+  dedup?: { group: SourceDedupGroup; slot: number; allowResident: boolean };
 }
 
 const LZ4_KEEP_RATIO = 0.875;
@@ -107,38 +134,106 @@ export async function sendRegionRound(
   const cursor = new Uint32Array(2);
   const out = new Uint32Array(2);
   const pending: Promise<Prepared>[] = [];
+  const dedup = ctx.dedup;
+  const ps = ctx.pageSizeBytes;
+  const maxEntries = ctx.pool.maxEntries;
+  // Per gather call with dedup: its entries, and a fingerprint per data page.
+  const chunkEntries = dedup ? new Uint32Array(maxEntries * 3) : undefined;
+  const chunkFps = dedup ? new Uint8Array((ctx.pool.payloadBytes / ps) * FINGERPRINT_BYTES) : undefined;
+  const hits = { intra: 0, crossRound: 0, crossGuest: 0, resident: 0 };
+  const dedupCounters = { hits, refPages: 0, unchangedPages: 0 };
   let done = runs.length === 0;
+
+  /** Gathers one batch: pages as they are, or planned against the group's mirror. */
+  const fill = (buffer: BatchBuffer): { entryCount: number; rawBytes: number; refCount: number } => {
+    if (!dedup) {
+      done = native.regionGather(region, runs, cursor, buffer.payload, buffer.entries, out);
+      const entryCount = out[0]!;
+      if (entryCount > 0) tracker.noteSent(buffer.entries, entryCount, buffer.payload.subarray(0, out[1]!));
+      return { entryCount, rawBytes: out[1]!, refCount: 0 };
+    }
+    // Gather chunks into the free end of the batch until it is full: refs and unchanged
+    // pages take no payload, so a batch may cover many more pages than it carries.
+    const batch: BatchBuild = { entries: buffer.entries, entryCount: 0, refs: buffer.refs, refCount: 0, payload: buffer.payload, payloadEnd: 0 };
+    while (!done) {
+      const roomPages = Math.floor((buffer.payload.length - batch.payloadEnd) / ps);
+      // Planning turns each page into at most one entry: keep room for every page of the chunk.
+      const entryRoom = maxEntries - batch.entryCount - roomPages;
+      if (roomPages < 1 || entryRoom < 1) break;
+      const at = batch.payloadEnd;
+      done = native.regionGather(region, runs, cursor, buffer.payload.subarray(at), chunkEntries!.subarray(0, entryRoom * 3), out, chunkFps!);
+      const entryCount = out[0]!;
+      if (entryCount === 0) break;
+      tracker.noteSent(chunkEntries!, entryCount, buffer.payload.subarray(at, at + out[1]!));
+      dedup.group.planChunk(
+        { slot: dedup.slot, round, allowResident: dedup.allowResident, entries: chunkEntries!, entryCount, payloadOffset: at, fps: chunkFps!, pageSizeBytes: ps },
+        batch,
+        dedupCounters,
+      );
+    }
+    return { entryCount: batch.entryCount, rawBytes: batch.payloadEnd, refCount: batch.refCount };
+  };
 
   const gatherOne = (): Promise<Prepared> | undefined => {
     const buffer = ctx.pool.acquire();
-    done = native.regionGather(region, runs, cursor, buffer.payload, buffer.entries, out);
-    const entryCount = out[0]!;
-    const rawBytes = out[1]!;
+    const before = { ...hits, refPages: dedupCounters.refPages, unchangedPages: dedupCounters.unchangedPages };
+    const { entryCount, rawBytes, refCount } = fill(buffer);
+    const unchanged = dedupCounters.unchangedPages - before.unchangedPages;
     if (entryCount === 0) {
       ctx.pool.release(buffer);
+      counters.pages += unchanged;
+      counters.unchangedPages += unchanged;
+      counters.hitsCrossRound += unchanged;
       return undefined;
     }
     const entries = buffer.entries.subarray(0, entryCount * 3);
+    const refs = refCount > 0 ? buffer.refs.subarray(0, refCount * 2) : undefined;
     const raw = buffer.payload.subarray(0, rawBytes);
-    tracker.noteSent(entries, entryCount, raw);
-    let pages = 0;
+    // The batch's place in the group's order is fixed now, when the mirror took its content.
+    const ticket = dedup?.group.outbox.take();
+    let pages = unchanged;
     let zeroPages = 0;
+    let refPages = 0;
     for (let e = 0; e < entryCount; e++) {
       const count = entries[e * 3 + 2]!;
       pages += count;
-      if (entries[e * 3] === 1) zeroPages += count;
+      const kind = entries[e * 3];
+      if (kind === ENTRY_ZERO) zeroPages += count;
+      else if (kind === ENTRY_REF) refPages += count;
     }
-    const base = { buffer, entries, rawBytes, pages, zeroPages, dataPages: pages - zeroPages };
+    const base = {
+      buffer,
+      entries,
+      refs,
+      ticket,
+      rawBytes,
+      pages,
+      zeroPages,
+      dataPages: pages - zeroPages - refPages - unchanged,
+      refPages,
+      unchangedPages: unchanged,
+      hitsIntra: hits.intra - before.intra,
+      hitsCrossRound: hits.crossRound - before.crossRound,
+      hitsCrossGuest: hits.crossGuest - before.crossGuest,
+      hitsResident: hits.resident - before.resident,
+    };
     if (rawBytes === 0 || ctx.chooser.next() === 'raw') {
       return Promise.resolve({ ...base, codec: Codec.raw, payload: raw });
     }
-    return compress(raw).then((packed) =>
-      packed.length <= rawBytes * LZ4_KEEP_RATIO
-        ? { ...base, codec: Codec.lz4, payload: packed }
-        : { ...base, codec: Codec.raw, payload: raw },
+    return compress(raw).then(
+      (packed) =>
+        packed.length <= rawBytes * LZ4_KEEP_RATIO
+          ? { ...base, codec: Codec.lz4, payload: packed }
+          : { ...base, codec: Codec.raw, payload: raw },
+      (err: unknown) => {
+        // The batch holds a place in the group's order: give it back before failing.
+        if (ticket !== undefined) dedup!.group.outbox.drop(ticket);
+        throw err;
+      },
     );
   };
 
+  let sending: Prepared | undefined;
   try {
     while (!done || pending.length > 0) {
       while (!done && pending.length < ctx.pipelineDepth) {
@@ -148,6 +243,7 @@ export async function sendRegionRound(
       const head = pending.shift();
       if (!head) continue;
       const batch = await head;
+      sending = batch;
       const frame = Frame.pages({
         migrationId: ctx.migrationId,
         region: regionIndex,
@@ -156,7 +252,9 @@ export async function sendRegionRound(
         entries: batch.entries,
         rawBytes: batch.rawBytes,
         payload: batch.payload,
+        ...(batch.refs ? { refs: batch.refs } : {}),
       });
+      if (batch.ticket !== undefined) await dedup!.group.outbox.turn(batch.ticket);
       const cost = creditCost(batch.payload.length, batch.entries.length / 3);
       await ctx.credits.take(cost);
       if (ctx.pacer) await ctx.pacer.take(cost);
@@ -172,6 +270,8 @@ export async function sendRegionRound(
         message = Buffer.concat([frameHead, batch.payload]);
       }
       const wire = ctx.session.sendMessage(message, () => ctx.pool.release(buffer));
+      if (batch.ticket !== undefined) dedup!.group.outbox.done(batch.ticket);
+      sending = undefined;
       counters.pages += batch.pages;
       counters.zeroPages += batch.zeroPages;
       counters.dataPages += batch.dataPages;
@@ -179,17 +279,27 @@ export async function sendRegionRound(
       counters.payloadBytes += batch.payload.length;
       counters.wireBytes += wire;
       counters.batches++;
+      counters.refPages += batch.refPages;
+      counters.unchangedPages += batch.unchangedPages;
+      counters.hitsIntra += batch.hitsIntra;
+      counters.hitsCrossRound += batch.hitsCrossRound;
+      counters.hitsCrossGuest += batch.hitsCrossGuest;
+      counters.hitsResident += batch.hitsResident;
       if (batch.codec === Codec.lz4) {
         counters.compressedBatches++;
         counters.compressedBytes += batch.payload.length;
       }
-      ctx.chooser.sent(batch.pages * ctx.pageSizeBytes);
+      ctx.chooser.sent(batch.pages * ps);
       ctx.onBatch?.(counters);
     }
   } catch (err) {
-    // What was not acknowledged must be sent again by whoever retries.
+    // What was not acknowledged must be sent again by whoever retries; the places the
+    // unsent batches held in the group's order are given up.
     tracker.remark(runs);
-    await Promise.allSettled(pending);
+    if (sending?.ticket !== undefined) dedup!.group.outbox.drop(sending.ticket);
+    for (const settled of await Promise.allSettled(pending)) {
+      if (settled.status === 'fulfilled' && settled.value.ticket !== undefined) dedup!.group.outbox.drop(settled.value.ticket);
+    }
     throw err;
   }
   return counters;

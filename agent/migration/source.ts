@@ -23,6 +23,8 @@ import { CreditWindow, Pacer, realClock, type Clock } from './flow.js';
 import { addCounters, BatchPool, emptyCounters, sendRegionRound, type RoundCounters } from './page-sender.js';
 import { SourceStateMachine, type SourcePhase } from './source-state.js';
 import type { AgentMetrics } from '../metrics.js';
+import type { SourceDedupGroup } from '../dedup/source-group.js';
+import { PageSet } from '../tracker/page-set.js';
 
 export interface SourceOptions {
   migrationId: string;
@@ -41,6 +43,8 @@ export interface SourceOptions {
   commitTimeoutMs: number;
   clock?: Clock;
   metrics?: AgentMetrics;
+  /** Member of a dedup group: the guest's memory is `slot` of `group`. */
+  dedup?: { group: SourceDedupGroup; slot: number };
 }
 
 export interface RoundRecord extends RoundCounters {
@@ -71,6 +75,17 @@ export interface MigrationSummary {
   wireBytes: number;
   zeroPages: number;
   dataPages: number;
+  /** Dedup: pages sent as refs, pages not sent at all, hits by kind, page bytes that did not travel. */
+  dedup: {
+    enabled: boolean;
+    group?: string;
+    refPages: number;
+    unchangedPages: number;
+    hits: { intra: number; crossRound: number; crossGuest: number; resident: number };
+    savedBytes: number;
+    /** Pages the destination asked for again (resident content that had changed). */
+    wantedPages: number;
+  };
   rawDataBytes: number;
   compressionRatio: number;
   linkRateBytesPerSec: number;
@@ -101,6 +116,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private failure: GangwayError | undefined;
   private credits: CreditWindow | undefined;
   private lastProgressAt = 0;
+  /** Pages the destination asked for again (want), for the next round. */
+  private wanted: PageSet | undefined;
+  private wantedPages = 0;
 
   constructor(
     readonly guest: ProcessGuest,
@@ -122,6 +140,26 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       case 'credit':
         this.credits?.grant((frame as ReturnType<typeof Frame.credit>).bytes);
         return;
+      case 'want': {
+        const want = frame as ReturnType<typeof Frame.want>;
+        if (!this.options.dedup || !this.wanted || want.region !== 0) {
+          this.fail(new GangwayError(ErrorCode.UNEXPECTED_FRAME, `want for region ${want.region} of a migration that sent no refs there`));
+          return;
+        }
+        const pageCount = this.guest.memoryBytes / this.guest.pageSizeBytes;
+        for (let i = 0; i < want.runs.length; i += 2) {
+          const first = want.runs[i]!;
+          const count = want.runs[i + 1]!;
+          if (first + count > pageCount) {
+            this.fail(new GangwayError(ErrorCode.PROTOCOL, `want for pages ${first}..${first + count - 1}, past the guest's ${pageCount}`));
+            return;
+          }
+          this.wanted.addRange(first, count);
+          this.wantedPages += count;
+        }
+        this.options.dedup.group.forgetStale(want.stale);
+        return;
+      }
       case 'abort': {
         const abort = frame as ReturnType<typeof Frame.abort>;
         this.fail(new PeerError(abort.code, `the destination aborted: ${abort.message}`));
@@ -239,6 +277,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         ? err
         : new GangwayError(ErrorCode.INTERNAL, err instanceof Error ? err.message : String(err), { cause: err });
     this.fail(error);
+    // Nothing more may refer to this guest's pages at the destination.
+    this.options.dedup?.group.forgetSlot(this.options.dedup.slot);
     const phase = this.state.phase;
     if (this.state.sourceOwnsGuest) {
       if (this.guest.isPaused) this.guest.resume();
@@ -286,6 +326,15 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const { guest, options } = this;
     const pageSize = guest.pageSizeBytes;
     const pageCount = guest.memoryBytes / pageSize;
+    const dedup = options.dedup;
+    if (dedup) this.wanted = new PageSet(pageCount);
+    /** The pages asked for again since the last call, as runs. */
+    const takeWanted = (): Uint32Array => {
+      if (!this.wanted || this.wanted.size === 0) return new Uint32Array(0);
+      const runs = this.wanted.toRuns();
+      this.wanted.clear();
+      return runs;
+    };
 
     // Offer.
     const acceptP = this.expect<ReturnType<typeof Frame.accept>>('accept', 30_000, 'accept');
@@ -301,6 +350,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         technique: Technique.precopy,
         downtimeBudgetMs: options.downtimeBudgetMs,
         codecs: options.codec === 'raw' ? [Codec.raw] : [Codec.raw, Codec.lz4],
+        ...(options.dedup ? { dedup: { group: options.dedup.group.id, slots: [options.dedup.slot] } } : {}),
       }),
     );
     const accept = await acceptP;
@@ -333,6 +383,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
           credits: this.credits!,
           pacer,
           pipelineDepth: 4,
+          // Resident refs are verified at the destination and may be asked for again:
+          // not in the final round, where that would be a round trip of downtime.
+          ...(dedup ? { dedup: { group: dedup.group, slot: dedup.slot, allowResident: !final } } : {}),
           onBatch: (c) => {
             this.progress(round, roundPages, c, t0, totals.wireBytes + c.wireBytes);
             options.metrics?.batchSent(reported, c, pageSize);
@@ -367,7 +420,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         const sample = round === 0 ? (record.payloadBytes / record.dataPages) + 16 : record.wireBytes / record.pages;
         wireBytesPerPage = round <= 1 ? sample : wireBytesPerPage * 0.5 + sample * 0.5;
       }
-      runs = await this.collect(tracker);
+      runs = mergeRuns(await this.collect(tracker), takeWanted(), pageCount);
       const now = this.clock.now();
       const pending = runsPageCount(runs);
       const dirtyRatePagesPerSec = (pending * 1000) / Math.max(now - lastCollect, 1);
@@ -410,6 +463,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     // Stop-and-copy. Let the destination catch up first, so the downtime does not include
     // writing out a receive window's worth of pre-copy pages.
     await this.credits.drained();
+    // The round trip as it is now, for the downtime measurement: the one taken at the start
+    // can be inflated by other migrations starting on the same session.
+    const switchoverRttMs = await this.session.measureRttMs();
     this.check();
     this.state.to('stopping');
     const pauseStart = this.clock.now();
@@ -418,7 +474,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     this.send(Frame.pause({ migrationId: options.migrationId }));
     // The pages collected when the policy said stop were never sent: they join the pages
     // written since (a write-protect tracker reported them once, and only once).
-    const finalRuns = mergeRuns(runs, await this.collect(tracker), pageCount);
+    // Every want about pages sent so far came in before their credits (drained above).
+    const finalRuns = mergeRuns(mergeRuns(runs, await this.collect(tracker), pageCount), takeWanted(), pageCount);
     // The source's digest reads the paused memory on the thread pool while the final round goes out.
     const sourceDigests = Promise.all(regions.map((region) => this.native.regionDigest(region, 'full')));
     sourceDigests.catch(() => {});
@@ -441,7 +498,20 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
 
     this.state.to('committing');
     const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'commit confirmation');
-    this.send(Frame.commit({ migrationId: options.migrationId }));
+    if (dedup) {
+      // Once the guest runs there its pages change: nothing planned after this point may
+      // copy from them, and everything planned before is applied before it starts.
+      const ticket = dedup.group.outbox.take();
+      dedup.group.forgetSlot(dedup.slot);
+      await dedup.group.outbox.turn(ticket);
+      try {
+        this.send(Frame.commit({ migrationId: options.migrationId }));
+      } finally {
+        dedup.group.outbox.done(ticket);
+      }
+    } else {
+      this.send(Frame.commit({ migrationId: options.migrationId }));
+    }
     const committed = await committedP;
     const committedAt = this.clock.now();
     this.state.to('committed');
@@ -451,7 +521,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     rmSync(guest.files.memoryPath, { force: true });
     rmSync(guest.files.trackReportPath, { force: true });
 
-    const downtimeMs = Math.max(0, committedAt - pauseStart - committed.resumeToSendMs - rttMs / 2);
+    const downtimeMs = Math.max(0, committedAt - pauseStart - committed.resumeToSendMs - switchoverRttMs / 2);
     const summary: MigrationSummary = {
       migrationId: options.migrationId,
       guest: guest.name,
@@ -470,7 +540,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         verifyMs: verifiedAt - finalSentAt,
         commitMs: committedAt - verifiedAt,
         resumeToSendMs: committed.resumeToSendMs,
-        rttMs,
+        rttMs: switchoverRttMs,
       },
       totalMs: committedAt - started,
       rounds,
@@ -478,6 +548,15 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       wireBytes: totals.wireBytes,
       zeroPages: totals.zeroPages,
       dataPages: totals.dataPages,
+      dedup: {
+        enabled: dedup !== undefined,
+        ...(dedup ? { group: dedup.group.id } : {}),
+        refPages: totals.refPages,
+        unchangedPages: totals.unchangedPages,
+        hits: { intra: totals.hitsIntra, crossRound: totals.hitsCrossRound, crossGuest: totals.hitsCrossGuest, resident: totals.hitsResident },
+        savedBytes: (totals.refPages + totals.unchangedPages) * pageSize,
+        wantedPages: this.wantedPages,
+      },
       rawDataBytes: totals.rawBytes,
       compressionRatio: totals.rawBytes > 0 ? totals.payloadBytes / totals.rawBytes : 1,
       linkRateBytesPerSec: linkRate.value ?? 0,

@@ -16,6 +16,7 @@ import { MAGIC, PROTOCOL_VERSION } from '../../protocol/limits.js';
 export type AnyFrame = ReturnType<FrameDecoder['push']>[number];
 export type HelloFrame = ReturnType<typeof Frame.hello>;
 export type OfferFrame = ReturnType<typeof Frame.offer>;
+export type GroupFrame = Extract<AnyFrame, { group: string }>;
 
 export interface FrameHandler {
   onFrame(frame: AnyFrame, wireBytes: number): void;
@@ -45,6 +46,8 @@ export class PeerSession extends EventEmitter {
   private rejectReady!: (err: Error) => void;
   /** Offers from the peer (server role). */
   onOffer: ((frame: OfferFrame, session: PeerSession) => void) | undefined;
+  /** Dedup group frames (dedupOpen/dedupClose to a destination, dedupResident/dedupReady to a source). */
+  onGroupFrame: ((frame: GroupFrame, wireBytes: number) => void) | undefined;
   readonly log: Logger;
 
   constructor(
@@ -202,6 +205,15 @@ export class PeerSession extends EventEmitter {
           throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'offer sent to the migrating side');
         }
         this.onOffer(frame as OfferFrame, this);
+        return;
+      case 'dedupOpen':
+      case 'dedupResident':
+      case 'dedupReady':
+      case 'dedupClose':
+        if (!this.onGroupFrame) {
+          throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `${frame.type} on a session that has no dedup group handler (feature 'dedup' not offered)`);
+        }
+        this.onGroupFrame(frame as GroupFrame, wireBytes);
         return;
       default: {
         const migrationId = (frame as { migrationId?: string }).migrationId;

@@ -103,7 +103,7 @@ describe.skipIf(!builtAgent)('Prometheus metrics', () => {
 
     const run = await migrating;
     expect(run.exitCode, run.stderr).toBe(0);
-    const summary = JSON.parse(run.stdout);
+    const summary = JSON.parse(run.stdout).guests[0];
     const done = await scrape();
     expect(done.get('gangway_migrations_total{direction="out",outcome="committed",technique="precopy"}')).toBe(1);
     expect(done.get('gangway_migrations_active{direction="out"}')).toBe(0);

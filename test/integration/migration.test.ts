@@ -31,7 +31,7 @@ describe.skipIf(!builtAgent)('live migration between two agents', () => {
 
     const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--json']);
     expect(run.exitCode, run.stderr).toBe(0);
-    const summary = JSON.parse(run.stdout);
+    const summary = JSON.parse(run.stdout).guests[0];
     // On a failure, the whole summary says what happened (rounds, decisions, downtime parts).
     const context = JSON.stringify({ rounds: summary.rounds, downtime: summary.downtime, downtimeMs: summary.downtimeMs });
     expect(summary.verified, context).toBe(true);
@@ -140,7 +140,7 @@ describe.skipIf(!builtAgent)('live migration between two agents', () => {
 
     const forced = await cluster.cli(a, [...args, '--force']);
     expect(forced.exitCode, forced.stderr).toBe(0);
-    const summary = JSON.parse(forced.stdout);
+    const summary = JSON.parse(forced.stdout).guests[0];
     expect(summary.forced).toBe(true);
     expect(summary.verified).toBe(true);
     expect(summary.downtimeMs).toBeGreaterThan(100);

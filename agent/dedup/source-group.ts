@@ -1,0 +1,447 @@
+// The source's half of a dedup group: the mirror of what every destination page of the
+// group holds, and the one order in which the group's pages frames reach the session.
+//
+// A group is the set of migrations to one destination whose pages may be sent as refs to
+// one another's (a gang: all guests at once; serial: one guest plus what the destination
+// already runs). Locations are dense ids over the group's slots: each incoming region
+// (slot < RESIDENT_SLOT_FLAG, numbered by this side) and each resident memory the
+// destination offered (slot with the flag, numbered by the destination).
+//
+// Why refs are right by construction: the mirror is updated when a batch is planned, and
+// batches reach the session in the order they were planned (the outbox), and the
+// destination applies a group's frames in arrival order. So when a ref is applied, the
+// location it copies from holds what the mirror said when the ref was made. Two exceptions
+// are handled explicitly:
+// - resident memory belongs to guests that keep running: the destination verifies each
+//   copied page against the fingerprint it offered, and asks for a page again (want) when
+//   it changed. A location filled from resident content is therefore not recorded (its
+//   content is not certain until then), and resident refs are not used in the final round,
+//   where a want would cost a round trip of downtime;
+// - a member whose guest starts at the destination (commit) stops being a source: its
+//   locations are forgotten when its commit is queued, and the commit frame takes its place
+//   in the outbox, so every ref made before it is applied before that guest runs.
+// If a member fails with planned batches unsent, its locations are forgotten; a ref planned
+// to one of those pages meanwhile would copy stale bytes, and the end-to-end digest check
+// at the switchover refuses that guest (it resumes at the source). Nothing wrong ever runs.
+import { randomUUID } from 'node:crypto';
+import type { Logger } from 'pino';
+import { ErrorCode, GangwayError } from '../../protocol/errors.js';
+import { Frame } from '../../protocol/index.js';
+import { FINGERPRINT_BYTES } from '../../protocol/limits.js';
+import { ENTRY_DATA, ENTRY_REF, ENTRY_ZERO, loadNative } from '../native.js';
+import type { GroupFrame, PeerSession } from '../peer/session.js';
+import { ContentIndex } from './content-index.js';
+
+/** Kinds of dedup hits, as reported in summaries and metrics. */
+export const DEDUP_HIT_KINDS = ['intra', 'crossRound', 'crossGuest', 'resident'] as const;
+export type DedupHitKind = (typeof DEDUP_HIT_KINDS)[number];
+
+/** What the planner did with a batch's pages. */
+export interface DedupCounters {
+  /** Pages sent as refs, by kind, plus pages not sent at all because the destination page already holds them (crossRound). */
+  hits: Record<DedupHitKind, number>;
+  /** Pages sent as ref entries. */
+  refPages: number;
+  /** Pages the destination already held in place: nothing sent. */
+  unchangedPages: number;
+}
+
+export function emptyDedupCounters(): DedupCounters {
+  return { hits: { intra: 0, crossRound: 0, crossGuest: 0, resident: 0 }, refPages: 0, unchangedPages: 0 };
+}
+
+/** Bounds on what a destination may announce, so its frames cannot make this side allocate without limit. */
+const MAX_RESIDENT_SLOTS = 4096;
+const MAX_RESIDENT_PAGES = 64 * 1024 * 1024;
+
+/**
+ * The group's frames go out in the order their content was planned. take() reserves a
+ * place; turn(t) resolves when every earlier place was used (done) or given up (drop).
+ */
+export class Outbox {
+  private next = 0;
+  private issued = 0;
+  private readonly waiting = new Map<number, () => void>();
+  private readonly dropped = new Set<number>();
+
+  take(): number {
+    return this.issued++;
+  }
+
+  turn(ticket: number): Promise<void> {
+    if (ticket === this.next) return Promise.resolve();
+    return new Promise((resolve) => this.waiting.set(ticket, resolve));
+  }
+
+  done(ticket: number): void {
+    if (ticket !== this.next) throw new Error(`outbox: ticket ${ticket} finished out of turn (next is ${this.next})`);
+    this.advance();
+  }
+
+  drop(ticket: number): void {
+    if (ticket === this.next) this.advance();
+    else if (ticket > this.next) this.dropped.add(ticket);
+  }
+
+  private advance(): void {
+    this.next++;
+    while (this.dropped.delete(this.next)) this.next++;
+    const wake = this.waiting.get(this.next);
+    if (wake) {
+      this.waiting.delete(this.next);
+      wake();
+    }
+  }
+}
+
+interface SlotInfo {
+  slot: number;
+  base: number;
+  pageCount: number;
+  resident: boolean;
+}
+
+/** A batch being built: entries, ref sources and the packed data pages. */
+export interface BatchBuild {
+  entries: Uint32Array;
+  entryCount: number;
+  refs: Uint32Array;
+  refCount: number;
+  payload: Buffer;
+  /** Bytes of data pages packed so far. */
+  payloadEnd: number;
+}
+
+export interface ChunkPlan {
+  slot: number;
+  round: number;
+  /** Refs to resident content (verified at the destination, may cost a want). */
+  allowResident: boolean;
+  /** One gather call's output: its entries, and its data pages from `payloadOffset`. */
+  entries: Uint32Array;
+  entryCount: number;
+  payloadOffset: number;
+  /** XXH3-128 of each data page of the chunk, in order. */
+  fps: Uint8Array;
+  pageSizeBytes: number;
+}
+
+export interface GroupMember {
+  slot: number;
+  pageCount: number;
+}
+
+export interface OpenGroupOptions {
+  resident: boolean;
+  members: GroupMember[];
+  pageSizeBytes: number;
+  timeoutMs?: number;
+  log: Logger;
+}
+
+interface GroupRoute {
+  onFrame(frame: GroupFrame): void;
+  onClosed(err: GangwayError): void;
+}
+
+const routes = new WeakMap<PeerSession, Map<string, GroupRoute>>();
+
+/** Group frames from a destination go to the group they name. */
+function route(session: PeerSession, group: string, handler: GroupRoute): () => void {
+  let table = routes.get(session);
+  if (!table) {
+    const created = new Map<string, GroupRoute>();
+    table = created;
+    routes.set(session, created);
+    session.onGroupFrame = (frame) => created.get(frame.group)?.onFrame(frame);
+    session.on('closed', (err: GangwayError) => {
+      for (const handler of created.values()) handler.onClosed(err);
+    });
+  }
+  table.set(group, handler);
+  return () => table.delete(group);
+}
+
+/** Resident content a destination offered: a slot and the fingerprint of each of its pages. */
+export interface ResidentContent {
+  slot: number;
+  pageCount: number;
+  fps: Uint8Array;
+}
+
+/**
+ * The mirror and the planning, without the session: what a group knows of the destination's
+ * pages, and how a gathered chunk becomes data, refs and nothing.
+ */
+export class DedupPlanner {
+  private readonly slots: SlotInfo[] = [];
+  private readonly bySlot = new Map<number, SlotInfo>();
+  private readonly index: ContentIndex;
+  /** The round in which each location was last written, for telling intra from cross-round hits. */
+  private readonly roundOf: Uint32Array;
+  private lastSlot: SlotInfo | undefined;
+  readonly residentPages: number;
+
+  /** `zeroFp`: the fingerprint of a zero page, whose resident holders are not indexed (zero pages travel as runs). */
+  constructor(members: GroupMember[], resident: ResidentContent[], zeroFp: Uint8Array) {
+    let base = 0;
+    for (const member of members) {
+      const info = { slot: member.slot, base, pageCount: member.pageCount, resident: false };
+      base += member.pageCount;
+      this.slots.push(info);
+      this.bySlot.set(member.slot, info);
+    }
+    let residentPages = 0;
+    for (const r of resident) {
+      const info = { slot: r.slot, base, pageCount: r.pageCount, resident: true };
+      base += r.pageCount;
+      residentPages += r.pageCount;
+      this.slots.push(info);
+      this.bySlot.set(r.slot, info);
+    }
+    if (this.bySlot.size !== this.slots.length) throw new RangeError('dedup planner: a slot is listed twice');
+    this.residentPages = residentPages;
+    this.index = new ContentIndex({ locationCapacity: Math.max(base, 1) });
+    this.roundOf = new Uint32Array(Math.max(base, 1));
+    // Resident content first: later (incoming) holders of the same content head the list,
+    // so lookups prefer locations that need no verification.
+    const zero = new Int32Array(zeroFp.buffer, zeroFp.byteOffset, 4);
+    for (const r of resident) {
+      const info = this.bySlot.get(r.slot)!;
+      const words = new Int32Array(r.fps.buffer, r.fps.byteOffset, r.pageCount * 4);
+      for (let page = 0; page < r.pageCount; page++) {
+        const w = page * 4;
+        const w0 = words[w]!, w1 = words[w + 1]!, w2 = words[w + 2]!, w3 = words[w + 3]!;
+        if (w0 === zero[0] && w1 === zero[1] && w2 === zero[2] && w3 === zero[3]) continue;
+        this.index.setWords(info.base + page, w0, w1, w2, w3);
+      }
+    }
+  }
+
+  /** Index size, for summaries and metrics. */
+  get indexStats(): { locations: number; knownLocations: number; contents: number; memoryBytes: number } {
+    return {
+      locations: this.index.locationCapacity,
+      knownLocations: this.index.knownLocationCount,
+      contents: this.index.contentCount,
+      memoryBytes: this.index.memoryBytes + this.roundOf.byteLength,
+    };
+  }
+
+  private slotOfLocation(location: number): SlotInfo {
+    const last = this.lastSlot;
+    if (last && location >= last.base && location < last.base + last.pageCount) return last;
+    let lo = 0;
+    let hi = this.slots.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (this.slots[mid]!.base <= location) lo = mid;
+      else hi = mid - 1;
+    }
+    const found = this.slots[lo]!;
+    this.lastSlot = found;
+    return found;
+  }
+
+  /**
+   * Plans one gathered chunk into the batch being built: each data page becomes nothing
+   * (the destination page already holds it), a ref (the content is at the destination), or
+   * data (packed after what the batch already holds; never ahead of where it was read).
+   * Zero runs pass through. Updates the mirror page by page, in order.
+   */
+  planChunk(plan: ChunkPlan, batch: BatchBuild, counters: DedupCounters): void {
+    const info = this.bySlot.get(plan.slot);
+    if (!info || info.resident) throw new Error(`dedup planner: slot ${plan.slot} is not a member`);
+    const { index, roundOf } = this;
+    const ps = plan.pageSizeBytes;
+    const base = info.base;
+    const words = new Int32Array(plan.fps.buffer, plan.fps.byteOffset, plan.fps.length >> 2);
+    let dataIndex = 0;
+    for (let e = 0; e < plan.entryCount; e++) {
+      const kind = plan.entries[e * 3]!;
+      const first = plan.entries[e * 3 + 1]!;
+      const count = plan.entries[e * 3 + 2]!;
+      if (kind === ENTRY_ZERO) {
+        for (let p = first; p < first + count; p++) index.clear(base + p);
+        emit(batch, ENTRY_ZERO, first, count, 0, 0);
+        continue;
+      }
+      for (let p = first; p < first + count; p++, dataIndex++) {
+        const location = base + p;
+        const w = dataIndex * 4;
+        const w0 = words[w]!, w1 = words[w + 1]!, w2 = words[w + 2]!, w3 = words[w + 3]!;
+        const found = index.lookupWords(w0, w1, w2, w3);
+        if (found === location) {
+          counters.unchangedPages++;
+          counters.hits.crossRound++;
+          continue;
+        }
+        if (found >= 0) {
+          const source = this.slotOfLocation(found);
+          if (!source.resident) {
+            const kindOfHit: DedupHitKind = source !== info ? 'crossGuest' : roundOf[found]! < plan.round ? 'crossRound' : 'intra';
+            counters.hits[kindOfHit]++;
+            counters.refPages++;
+            emit(batch, ENTRY_REF, p, 1, source.slot, found - source.base);
+            index.setWords(location, w0, w1, w2, w3);
+            roundOf[location] = plan.round;
+            continue;
+          }
+          if (plan.allowResident) {
+            counters.hits.resident++;
+            counters.refPages++;
+            emit(batch, ENTRY_REF, p, 1, source.slot, found - source.base);
+            // Verified only when applied: until then this page's content is not certain.
+            index.clear(location);
+            continue;
+          }
+        }
+        const from = plan.payloadOffset + dataIndex * ps;
+        if (from !== batch.payloadEnd) batch.payload.copy(batch.payload, batch.payloadEnd, from, from + ps);
+        batch.payloadEnd += ps;
+        emit(batch, ENTRY_DATA, p, 1, 0, 0);
+        index.setWords(location, w0, w1, w2, w3);
+        roundOf[location] = plan.round;
+      }
+    }
+  }
+
+  /** No ref may copy from this slot any more (its guest runs at the destination, or failed). */
+  forgetSlot(slot: number): void {
+    const info = this.bySlot.get(slot);
+    if (!info) return;
+    for (let location = info.base; location < info.base + info.pageCount; location++) this.index.clear(location);
+  }
+
+  /** The destination found these resident pages changed ([slot, page] pairs). */
+  forgetStale(pairs: Uint32Array): void {
+    for (let i = 0; i + 1 < pairs.length; i += 2) {
+      const info = this.bySlot.get(pairs[i]!);
+      const page = pairs[i + 1]!;
+      if (info?.resident && page < info.pageCount) this.index.clear(info.base + page);
+    }
+  }
+
+}
+
+/** A dedup group open on a session: the planner, plus the group's outbox and its frames. */
+export class SourceDedupGroup extends DedupPlanner {
+  readonly outbox = new Outbox();
+  private closed = false;
+
+  private constructor(
+    readonly id: string,
+    private readonly session: PeerSession,
+    members: GroupMember[],
+    resident: ResidentContent[],
+    zeroFp: Uint8Array,
+    private readonly unroute: () => void,
+  ) {
+    super(members, resident, zeroFp);
+  }
+
+  /**
+   * Opens a group on the session: asks the destination what it already runs (when
+   * `resident`), waits for dedupReady, and builds the mirror for the members and that
+   * content. Fails with GANGWAY_ERR_TIMEOUT, PEER_GONE, or PROTOCOL for an announcement
+   * out of bounds.
+   */
+  static async open(session: PeerSession, options: OpenGroupOptions): Promise<SourceDedupGroup> {
+    const id = randomUUID();
+    const resident = new Map<number, { slot: number; pageCount: number; fps: Uint8Array; received: number }>();
+    let residentPages = 0;
+    const timeoutMs = options.timeoutMs ?? 60_000;
+    let unroute: () => void = () => {};
+    const ready = new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(
+        () => reject(new GangwayError(ErrorCode.TIMEOUT, `the destination did not open dedup group ${id} within ${timeoutMs} ms`)),
+        timeoutMs,
+      );
+      const fail = (err: GangwayError) => {
+        clearTimeout(timer);
+        reject(err);
+      };
+      unroute = route(session, id, {
+        onClosed: fail,
+        onFrame: (frame) => {
+          if (frame.type === 'dedupReady') {
+            clearTimeout(timer);
+            resolve();
+            return;
+          }
+          if (frame.type !== 'dedupResident') return;
+          // Content in another page size cannot be referred to; skip it.
+          if (frame.pageSizeBytes !== options.pageSizeBytes) return;
+          let slot = resident.get(frame.slot);
+          if (!slot) {
+            if (resident.size >= MAX_RESIDENT_SLOTS || residentPages + frame.pageCount > MAX_RESIDENT_PAGES) {
+              fail(new GangwayError(ErrorCode.PROTOCOL, `the destination offered more resident content than ${MAX_RESIDENT_SLOTS} slots / ${MAX_RESIDENT_PAGES} pages`));
+              return;
+            }
+            residentPages += frame.pageCount;
+            slot = { slot: frame.slot, pageCount: frame.pageCount, fps: new Uint8Array(frame.pageCount * FINGERPRINT_BYTES), received: 0 };
+            resident.set(frame.slot, slot);
+          } else if (slot.pageCount !== frame.pageCount) {
+            fail(new GangwayError(ErrorCode.PROTOCOL, `resident slot ${frame.slot} changed its size from ${slot.pageCount} to ${frame.pageCount} pages`));
+            return;
+          }
+          slot.fps.set(frame.fingerprints, frame.firstPage * FINGERPRINT_BYTES);
+          slot.received += frame.fingerprints.length / FINGERPRINT_BYTES;
+        },
+      });
+    });
+    try {
+      session.send(Frame.dedupOpen({ group: id, resident: options.resident }));
+      await ready;
+    } catch (err) {
+      unroute();
+      throw err;
+    }
+    const zeroFp = new Uint8Array(loadNative().hash128(new Uint8Array(options.pageSizeBytes)));
+    const group = new SourceDedupGroup(id, session, options.members, [...resident.values()], zeroFp, unroute);
+    options.log.info(
+      { group: id, members: options.members.length, residentSlots: resident.size, residentPages, indexBytes: group.indexStats.memoryBytes },
+      'dedup group open',
+    );
+    return group;
+  }
+
+  /** Tells the destination the group is over (it frees what it kept for refs). Idempotent. */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.unroute();
+    if (this.session.isOpen) this.session.send(Frame.dedupClose({ group: this.id }));
+  }
+
+}
+
+/** Appends one entry, extending the last one when it continues it (same kind, next page, next source page). */
+function emit(batch: BatchBuild, kind: number, page: number, count: number, slot: number, sourcePage: number): void {
+  const n = batch.entryCount;
+  if (n > 0) {
+    const at = (n - 1) * 3;
+    const entries = batch.entries;
+    if (entries[at] === kind && entries[at + 1]! + entries[at + 2]! === page) {
+      if (kind !== ENTRY_REF) {
+        entries[at + 2]! += count;
+        return;
+      }
+      const r = (batch.refCount - 1) * 2;
+      if (batch.refs[r] === slot && batch.refs[r + 1]! + entries[at + 2]! === sourcePage) {
+        entries[at + 2]! += count;
+        return;
+      }
+    }
+  }
+  const at = n * 3;
+  batch.entries[at] = kind;
+  batch.entries[at + 1] = page;
+  batch.entries[at + 2] = count;
+  batch.entryCount = n + 1;
+  if (kind === ENTRY_REF) {
+    batch.refs[batch.refCount * 2] = slot;
+    batch.refs[batch.refCount * 2 + 1] = sourcePage;
+    batch.refCount++;
+  }
+}

@@ -1,0 +1,250 @@
+// The dedup planner against a model destination that applies every batch the way the
+// destination agent does (entries in order, refs copied page by page from the slot as the
+// stream stands, resident refs verified against the offered fingerprint). Whatever the
+// writes, rounds, resident changes and commits, every page a batch covers must hold the
+// source's content once the batch is applied, except a page the destination asked for again,
+// which the next batch delivers.
+import fc from 'fast-check';
+import { describe, expect, test } from 'vitest';
+import { DedupPlanner, emptyDedupCounters, type BatchBuild, type DedupCounters } from '../../agent/dedup/source-group.js';
+import { ENTRY_DATA, ENTRY_REF, ENTRY_ZERO } from '../../agent/native.js';
+import { RESIDENT_SLOT_FLAG } from '../../protocol/limits.js';
+
+const PS = 64;
+const PAGES = 24;
+const MEMBERS = 3;
+const RESIDENT_SLOT = RESIDENT_SLOT_FLAG + 5;
+
+/** A 16-byte fingerprint per content id (0 is the zero page's). */
+function fpOf(content: number): Uint8Array {
+  const fp = new Uint8Array(16);
+  new DataView(fp.buffer).setUint32(0, content, true);
+  fp.fill(0xa5, 4);
+  return fp;
+}
+
+class Model {
+  readonly source = Array.from({ length: MEMBERS }, () => new Array<number>(PAGES).fill(0));
+  readonly dest = Array.from({ length: MEMBERS }, () => new Array<number>(PAGES).fill(0));
+  readonly dirty = Array.from({ length: MEMBERS }, () => new Set<number>(Array.from({ length: PAGES }, (_, p) => p)));
+  readonly wanted = Array.from({ length: MEMBERS }, () => new Set<number>());
+  readonly rounds = new Array<number>(MEMBERS).fill(0);
+  readonly committed = new Array<boolean>(MEMBERS).fill(false);
+  readonly resident: number[];
+  readonly offered: number[];
+  readonly planner: DedupPlanner;
+  readonly counters: DedupCounters = emptyDedupCounters();
+  /** Whether the round being applied may carry resident refs. */
+  private allowResident = true;
+
+  constructor(resident: number[]) {
+    this.resident = [...resident];
+    this.offered = [...resident];
+    const fps = new Uint8Array(PAGES * 16);
+    resident.forEach((content, page) => fps.set(fpOf(content), page * 16));
+    this.planner = new DedupPlanner(
+      Array.from({ length: MEMBERS }, (_, slot) => ({ slot, pageCount: PAGES })),
+      [{ slot: RESIDENT_SLOT, pageCount: PAGES, fps }],
+      fpOf(0),
+    );
+  }
+
+  write(slot: number, page: number, content: number): void {
+    if (this.committed[slot]) return;
+    this.source[slot]![page] = content;
+    this.dirty[slot]!.add(page);
+  }
+
+  /** One round of `slot`: its dirty and wanted pages, gathered, planned, applied. */
+  send(slot: number, allowResident: boolean): void {
+    if (this.committed[slot]) return;
+    const pages = [...new Set([...this.dirty[slot]!, ...this.wanted[slot]!])].sort((a, b) => a - b);
+    this.dirty[slot]!.clear();
+    this.wanted[slot]!.clear();
+    const round = this.rounds[slot]!++;
+    this.allowResident = allowResident;
+    if (pages.length === 0) return;
+    // What gather produces: zero and data runs, data pages packed, a fingerprint each.
+    const entries: number[] = [];
+    const payload = Buffer.alloc(pages.length * PS);
+    const fps = new Uint8Array(pages.length * 16);
+    let data = 0;
+    for (const page of pages) {
+      const content = this.source[slot]![page]!;
+      const kind = content === 0 ? ENTRY_ZERO : ENTRY_DATA;
+      const last = entries.length - 3;
+      if (last >= 0 && entries[last] === kind && entries[last + 1]! + entries[last + 2]! === page) entries[last + 2]!++;
+      else entries.push(kind, page, 1);
+      if (kind === ENTRY_DATA) {
+        payload.fill(content, data * PS, (data + 1) * PS);
+        fps.set(fpOf(content), data * 16);
+        data++;
+      }
+    }
+    const batch: BatchBuild = {
+      entries: new Uint32Array(pages.length * 3),
+      entryCount: 0,
+      refs: new Uint32Array(pages.length * 2),
+      refCount: 0,
+      payload,
+      payloadEnd: 0,
+    };
+    this.planner.planChunk(
+      { slot, round, allowResident, entries: Uint32Array.from(entries), entryCount: entries.length / 3, payloadOffset: 0, fps, pageSizeBytes: PS },
+      batch,
+      this.counters,
+    );
+    this.apply(slot, batch);
+    for (const page of pages) {
+      if (this.wanted[slot]!.has(page)) continue;
+      expect(this.dest[slot]![page], `slot ${slot} page ${page} after round ${round}`).toBe(this.source[slot]![page]);
+    }
+  }
+
+  /** The destination: entries in order; refs page by page; resident pages verified. */
+  private apply(slot: number, batch: BatchBuild): void {
+    let data = 0;
+    let ref = 0;
+    const stale: number[] = [];
+    for (let e = 0; e < batch.entryCount; e++) {
+      const [kind, first, count] = [batch.entries[e * 3]!, batch.entries[e * 3 + 1]!, batch.entries[e * 3 + 2]!];
+      for (let i = 0; i < count; i++) {
+        const page = first + i;
+        if (kind === ENTRY_ZERO) this.dest[slot]![page] = 0;
+        else if (kind === ENTRY_DATA) this.dest[slot]![page] = batch.payload[(data++) * PS]!;
+        else {
+          expect(kind).toBe(ENTRY_REF);
+          const sourceSlot = batch.refs[ref * 2]!;
+          const sourcePage = batch.refs[ref * 2 + 1]! + i;
+          if (sourceSlot === RESIDENT_SLOT) {
+            expect(this.allowResident, 'a resident ref in a round that allows none').toBe(true);
+            if (this.resident[sourcePage] === this.offered[sourcePage]) this.dest[slot]![page] = this.resident[sourcePage]!;
+            else {
+              this.wanted[slot]!.add(page);
+              stale.push(sourceSlot, sourcePage);
+            }
+          } else {
+            expect(this.committed[sourceSlot], `a ref to slot ${sourceSlot}, whose guest runs at the destination`).toBe(false);
+            this.dest[slot]![page] = this.dest[sourceSlot]![sourcePage]!;
+          }
+        }
+      }
+      if (kind === ENTRY_REF) ref++;
+    }
+    expect(data * PS).toBe(batch.payloadEnd);
+    expect(ref).toBe(batch.refCount);
+    this.planner.forgetStale(Uint32Array.from(stale));
+  }
+
+  mutateResident(page: number, content: number): void {
+    this.resident[page] = content;
+  }
+
+  /** The guest of `slot` starts at the destination, and keeps writing there. */
+  commit(slot: number): void {
+    if (this.committed[slot]) return;
+    this.planner.forgetSlot(slot);
+    this.committed[slot] = true;
+    this.dest[slot] = this.dest[slot]!.map((content, page) => (page % 3 === 0 ? content + 100 : content));
+  }
+
+  /** The final rounds: no resident refs, everything pending delivered. */
+  finish(): void {
+    for (let slot = 0; slot < MEMBERS; slot++) {
+      if (this.committed[slot]) continue;
+      this.send(slot, false);
+      expect(this.dest[slot]).toEqual(this.source[slot]);
+    }
+  }
+}
+
+
+// Few contents, so pages repeat one another often; zero among them, so pages get zeroed.
+const content = fc.oneof(fc.integer({ min: 0, max: 3 }), fc.integer({ min: 0, max: 40 }));
+const op = fc.oneof(
+  { weight: 5, arbitrary: fc.record({ op: fc.constant('write' as const), slot: fc.nat(MEMBERS - 1), page: fc.nat(PAGES - 1), content }) },
+  { weight: 3, arbitrary: fc.record({ op: fc.constant('send' as const), slot: fc.nat(MEMBERS - 1), resident: fc.boolean() }) },
+  { weight: 1, arbitrary: fc.record({ op: fc.constant('mutate' as const), page: fc.nat(PAGES - 1), content }) },
+  { weight: 1, arbitrary: fc.record({ op: fc.constant('commit' as const), slot: fc.nat(MEMBERS - 1) }) },
+);
+
+describe('dedup planner against a model destination', () => {
+  test('every page covered by a batch holds the source content once applied; the final rounds leave every guest identical', () => {
+    fc.assert(
+      fc.property(fc.array(content, { minLength: PAGES, maxLength: PAGES }), fc.array(op, { maxLength: 80 }), (resident, ops) => {
+        const model = new Model(resident);
+        for (const step of ops) {
+          if (step.op === 'write') model.write(step.slot, step.page, step.content);
+          else if (step.op === 'send') model.send(step.slot, step.resident);
+          else if (step.op === 'mutate') model.mutateResident(step.page, step.content);
+          else model.commit(step.slot);
+        }
+        model.finish();
+      }),
+      { numRuns: 400 },
+    );
+  });
+
+  test('a ref to a page that the same batch overwrites later copies the old content (applied in order)', () => {
+    const model = new Model(new Array(PAGES).fill(0));
+    model.write(0, 1, 4);
+    model.send(0, true);
+    // Page 0 gets content 4 (now at page 1) and page 1 gets 5, in one batch: page 0 is a ref
+    // to page 1, applied before page 1 is overwritten.
+    model.write(0, 0, 4);
+    model.write(0, 1, 5);
+    model.send(0, true);
+    expect(model.counters.hits.crossRound).toBeGreaterThan(0);
+    expect(model.dest[0]!.slice(0, 2)).toEqual([4, 5]);
+  });
+
+  test('content overwritten by an earlier entry of the batch is not referred to', () => {
+    const model = new Model(new Array(PAGES).fill(0));
+    model.write(0, 0, 3);
+    model.send(0, true);
+    // Page 0 changes to 4 first; page 5 takes content 3, which is nowhere any more.
+    model.write(0, 0, 4);
+    model.write(0, 5, 3);
+    const refsBefore = model.counters.refPages;
+    model.send(0, true);
+    expect(model.counters.refPages).toBe(refsBefore);
+    expect([model.dest[0]![0], model.dest[0]![5]]).toEqual([4, 3]);
+  });
+
+  test('a page zeroed since is no longer a source of its old content', () => {
+    const model = new Model(new Array(PAGES).fill(0));
+    model.write(0, 4, 2);
+    model.send(0, true);
+    model.write(0, 4, 0);
+    model.send(0, true);
+    model.write(1, 9, 2);
+    model.send(1, true);
+    expect(model.counters.refPages).toBe(0);
+    expect(model.dest[1]![9]).toBe(2);
+  });
+
+  test('a page whose content is already in place is not sent; one of another guest travels as a ref', () => {
+    const model = new Model(new Array(PAGES).fill(0));
+    model.write(0, 2, 1);
+    model.send(0, true);
+    model.write(0, 2, 1);
+    model.send(0, true);
+    expect(model.counters.unchangedPages).toBe(1);
+    model.write(1, 7, 1);
+    model.send(1, true);
+    expect(model.counters.hits.crossGuest).toBe(1);
+  });
+
+  test('resident content is used while it holds, asked for again once it changed', () => {
+    const model = new Model(Array.from({ length: PAGES }, (_, p) => (p === 3 ? 2 : 0)));
+    model.write(0, 0, 2);
+    model.mutateResident(3, 1);
+    model.send(0, true);
+    expect(model.counters.hits.resident).toBe(1);
+    expect(model.wanted[0]!.has(0)).toBe(true);
+    // The stale resident page is forgotten: the page travels as data this time.
+    model.send(0, true);
+    expect(model.counters.hits.resident).toBe(1);
+    expect(model.dest[0]![0]).toBe(2);
+  });
+});
