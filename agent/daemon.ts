@@ -22,6 +22,7 @@ import { DestinationMigration, type IncomingResult } from './migration/destinati
 import { SourceMigration, type MigrationProgress, type MigrationSummary } from './migration/source.js';
 import { outcomeOf, summarizeGroup, type GroupOutcome, type GroupSummary } from './migration/group-summary.js';
 import { SourceDedupGroup } from './dedup/source-group.js';
+import { Pacer, SwitchoverGate } from './migration/flow.js';
 import type { ProcessGuest } from './guest/process-guest.js';
 import { connectPeer, PeerSession, type GroupFrame } from './peer/session.js';
 import { parseShimReport } from './tracker/uffd-wp.js';
@@ -419,24 +420,40 @@ export class Agent {
     const dedup = request.dedup && (session.peer?.features.includes('dedup') ?? false);
     if (request.dedup && !dedup) this.log.warn({ to: request.to }, 'the destination does not offer dedup; moving without it');
     const outcomes: GroupOutcome[] = [];
-    const openGroup = (members: ProcessGuest[]) =>
-      SourceDedupGroup.open(session, {
+    // --bandwidth caps the whole command: a gang shares one pacer.
+    const pacer = request.bandwidthBytesPerSec ? new Pacer(request.bandwidthBytesPerSec, this.config.batchBytes) : undefined;
+    // A gang's members take turns at their switchovers.
+    const gate = request.strategy === 'gang' && guests.length > 1 ? new SwitchoverGate() : undefined;
+    const indexStats: GroupSummary['index'] = [];
+    const openGroup = async (members: ProcessGuest[]) => {
+      const group = await SourceDedupGroup.open(session, {
         resident: true,
         members: members.map((guest, slot) => ({ slot, pageCount: guest.memoryBytes / guest.pageSizeBytes })),
         pageSizeBytes: GUEST_PAGE_SIZE,
         log: this.log,
       });
-    const indexStats: GroupSummary['index'] = [];
+      const { locations, memoryBytes } = group.indexStats;
+      this.metrics.dedupIndexLocations.inc(locations);
+      this.metrics.dedupIndexBytes.inc(memoryBytes);
+      return group;
+    };
+    const closeGroup = (group: SourceDedupGroup | undefined) => {
+      if (!group) return;
+      const stats = group.indexStats;
+      indexStats.push(stats);
+      this.metrics.dedupIndexLocations.dec(stats.locations);
+      this.metrics.dedupIndexBytes.dec(stats.memoryBytes);
+      group.close();
+    };
     if (request.strategy === 'gang') {
       const group = dedup ? await openGroup(guests) : undefined;
       try {
         const settled = await Promise.allSettled(
-          guests.map((guest, slot) => this.migrateOne(guest, session, request, group ? { group, slot } : undefined, onProgress)),
+          guests.map((guest, slot) => this.migrateOne(guest, session, request, group ? { group, slot } : undefined, { pacer, gate }, onProgress)),
         );
         settled.forEach((result, i) => outcomes.push(outcomeOf(guests[i]!.name, result)));
       } finally {
-        if (group) indexStats.push(group.indexStats);
-        group?.close();
+        closeGroup(group);
       }
     } else {
       for (const guest of guests) {
@@ -446,14 +463,13 @@ export class Agent {
         }
         const group = dedup ? await openGroup([guest]) : undefined;
         try {
-          const result = await this.migrateOne(guest, session, request, group ? { group, slot: 0 } : undefined, onProgress).then(
+          const result = await this.migrateOne(guest, session, request, group ? { group, slot: 0 } : undefined, { pacer }, onProgress).then(
             (summary) => ({ status: 'fulfilled' as const, value: summary }),
             (reason: unknown) => ({ status: 'rejected' as const, reason }),
           );
           outcomes.push(outcomeOf(guest.name, result));
         } finally {
-          if (group) indexStats.push(group.indexStats);
-          group?.close();
+          closeGroup(group);
         }
       }
     }
@@ -471,6 +487,7 @@ export class Agent {
     session: PeerSession,
     request: MigrateRequest,
     dedup: { group: SourceDedupGroup; slot: number } | undefined,
+    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined },
     onProgress: (progress: MigrationProgress) => void,
   ): Promise<MigrationSummary> {
     const migrationId = randomUUID();
@@ -492,6 +509,8 @@ export class Agent {
           force: request.force,
           codec: request.codec,
           ...(request.bandwidthBytesPerSec ? { bandwidthBytesPerSec: request.bandwidthBytesPerSec } : {}),
+          ...(shared.pacer ? { pacer: shared.pacer } : {}),
+          ...(shared.gate ? { gate: shared.gate } : {}),
           tracker: request.tracker ?? this.config.tracker,
           batchBytes: this.config.batchBytes,
           digestBytesPerSec: this.digestBytesPerSec,

@@ -28,7 +28,7 @@ export class AgentMetrics {
   });
   readonly pages = new Counter({
     name: 'gangway_migration_pages_total',
-    help: 'Pages sent by outgoing migrations, by kind (data, zero)',
+    help: 'Pages sent by outgoing migrations, by kind (data, zero, ref)',
     labelNames: ['kind'] as const,
     registers: [this.registry],
   });
@@ -69,8 +69,28 @@ export class AgentMetrics {
   });
   readonly dedupHits = new Counter({
     name: 'gangway_dedup_hits_total',
-    help: 'Pages sent as references to content already at the destination, by kind',
+    help: 'Pages whose content was already at the destination, by kind: intra (same guest, same round), crossRound (an earlier round; includes pages already in place, not sent at all), crossGuest (another guest of the gang), resident (a guest the destination runs)',
     labelNames: ['kind'] as const,
+    registers: [this.registry],
+  });
+  readonly dedupSavedBytes = new Counter({
+    name: 'gangway_dedup_saved_bytes_total',
+    help: 'Page bytes not sent because the content was already at the destination',
+    registers: [this.registry],
+  });
+  readonly dedupWantedPages = new Counter({
+    name: 'gangway_dedup_wanted_pages_total',
+    help: 'Pages the destination asked for again: resident content had changed before it was copied',
+    registers: [this.registry],
+  });
+  readonly dedupIndexLocations = new Gauge({
+    name: 'gangway_dedup_index_locations',
+    help: 'Destination pages mirrored by the open dedup groups (their content indexes)',
+    registers: [this.registry],
+  });
+  readonly dedupIndexBytes = new Gauge({
+    name: 'gangway_dedup_index_bytes',
+    help: 'Memory of the open dedup groups\' content indexes',
     registers: [this.registry],
   });
 
@@ -86,6 +106,12 @@ export class AgentMetrics {
     this.bytes.inc({ kind: 'wire' }, after.wireBytes - before.wireBytes);
     this.pages.inc({ kind: 'data' }, after.dataPages - before.dataPages);
     this.pages.inc({ kind: 'zero' }, after.zeroPages - before.zeroPages);
+    this.pages.inc({ kind: 'ref' }, after.refPages - before.refPages);
+    this.dedupHits.inc({ kind: 'intra' }, after.hitsIntra - before.hitsIntra);
+    this.dedupHits.inc({ kind: 'crossRound' }, after.hitsCrossRound - before.hitsCrossRound);
+    this.dedupHits.inc({ kind: 'crossGuest' }, after.hitsCrossGuest - before.hitsCrossGuest);
+    this.dedupHits.inc({ kind: 'resident' }, after.hitsResident - before.hitsResident);
+    this.dedupSavedBytes.inc((after.refPages + after.unchangedPages - before.refPages - before.unchangedPages) * pageSizeBytes);
   }
 
   serve(host: string, port: number): Promise<Server> {

@@ -1,6 +1,6 @@
 // Benchmark output: a Markdown table on stdout, the JSON under bench/results/, and an SVG
-// bar chart beside it.
-import { mkdirSync, writeFileSync } from 'node:fs';
+// bar chart beside it; and the helpers every benchmark needs.
+import { closeSync, mkdirSync, openSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -45,4 +45,26 @@ export function writeResults(name: string, json: unknown, svg?: string): string 
   writeFileSync(path, `${JSON.stringify(json, null, 2)}\n`);
   if (svg) writeFileSync(path.replace(/\.json$/, '.svg'), svg);
   return path;
+}
+
+export const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+/**
+ * On a VM whose host backs guest memory lazily (this one: ~2.8 s per GiB on first touch,
+ * ~0.4 s after), the first run would measure the host's page faults, which a baseline run
+ * later never takes. Touch and free as much memory as the runs will allocate, so every run
+ * uses backed memory; returns the time it took.
+ */
+export function prefaultMemory(bytes: number): number {
+  const path = `/dev/shm/gangway-bench-prefault-${process.pid}`;
+  const chunk = Buffer.alloc(4 * 1024 * 1024);
+  const started = performance.now();
+  const fd = openSync(path, 'w');
+  try {
+    for (let written = 0; written < bytes; written += chunk.length) writeSync(fd, chunk);
+  } finally {
+    closeSync(fd);
+    rmSync(path, { force: true });
+  }
+  return performance.now() - started;
 }

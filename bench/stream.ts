@@ -1,14 +1,15 @@
 // bench:stream — how fast one agent streams guest memory to another on loopback, against
 // raw TCP loopback measured in the same run (node:net between two processes, and iperf3
-// where installed). Cases: unique incompressible pages without compression; OS-image-like
-// pages with LZ4 forced and with the adaptive codec.
+// where installed). Cases: unique incompressible pages without compression, and the same
+// with content dedup on (its cost: it finds nothing to share); OS-image-like pages with LZ4
+// forced and with the adaptive codec.
 //
 //   npm run bench:stream [-- --quick] [-- --json] [-- --repeat N]
 import { parseArgs } from 'node:util';
 import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent } from '../agent/local-agent.js';
 import type { MigrationSummary } from '../agent/migration/source.js';
-import { closeSync, openSync, rmSync, writeSync } from 'node:fs';
-import { barChartSvg, markdownTable, writeResults } from './report.js';
+import { rmSync } from 'node:fs';
+import { barChartSvg, markdownTable, median, prefaultMemory, writeResults } from './report.js';
 import { iperf3Loopback, nodeTcpLoopback } from './tcp-baseline.js';
 
 const MiB = 1024 * 1024;
@@ -28,9 +29,12 @@ interface Case {
   name: string;
   profile: 'random' | 'os-image';
   codec: 'raw' | 'lz4' | 'auto';
+  /** Content dedup on (fingerprints and the content index on every page); off elsewhere, to measure the stream itself. */
+  dedup?: boolean;
 }
 const cases: Case[] = [
   { name: 'incompressible, no compression', profile: 'random', codec: 'raw' },
+  { name: 'incompressible, no compression, dedup', profile: 'random', codec: 'raw', dedup: true },
   { name: 'OS-image-like, LZ4', profile: 'os-image', codec: 'lz4' },
   { name: 'OS-image-like, adaptive codec', profile: 'os-image', codec: 'auto' },
 ];
@@ -51,33 +55,10 @@ async function migrateOnce(source: LocalAgent, destination: LocalAgent, c: Case,
     sharedFraction: 0,
     hotFraction: 0,
   });
-  // Dedup off: this measures the page stream itself (one guest of fresh content dedups little anyway).
-  const group = await source.client.migrate({ guests: [name], to: destination.listen, codec: c.codec, dedup: false });
+  const group = await source.client.migrate({ guests: [name], to: destination.listen, codec: c.codec, dedup: c.dedup ?? false });
   const summary = group.guests[0]!;
   await destination.client.call('DELETE', `/v1/guests/${name}`);
   return summary;
-}
-
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-
-/**
- * On a VM whose host backs guest memory lazily (this one: ~2.8 s per GiB on first touch,
- * ~0.4 s after), the first run would measure the host's page faults, which the TCP
- * baseline never takes. Touch and free as much memory as the runs will allocate, so both
- * sides run on backed memory; the time it took is reported.
- */
-function prefaultMemory(bytes: number): number {
-  const path = `/dev/shm/gangway-bench-prefault-${process.pid}`;
-  const chunk = Buffer.alloc(4 * MiB);
-  const started = performance.now();
-  const fd = openSync(path, 'w');
-  try {
-    for (let written = 0; written < bytes; written += chunk.length) writeSync(fd, chunk);
-  } finally {
-    closeSync(fd);
-    rmSync(path, { force: true });
-  }
-  return performance.now() - started;
 }
 
 const tmp = makeTempDir('gangway-bench-');

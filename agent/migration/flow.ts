@@ -104,3 +104,61 @@ export class Pacer {
     this.tokens -= bytes;
   }
 }
+
+/**
+ * Migrations that share a link take turns at the switchover. The one stopping its guest
+ * holds the gate: the others gather no new batches until it is done (what they gathered
+ * already still goes out, it is ahead in the stream), and it waits until every member's
+ * frames are applied (every window drained), so its final round, verification and commit
+ * have the link and the destination to themselves. Without it, a gang member's final round
+ * queues behind the other members' pre-copy windows: seconds on a slow link.
+ */
+export class SwitchoverGate {
+  private holder: object | undefined;
+  private readonly acquirers: { who: object; resolve: () => void }[] = [];
+  private openWaiters: (() => void)[] = [];
+  private readonly windows = new Set<CreditWindow>();
+
+  /** A member's receive window, to be drained before a switchover. */
+  join(window: CreditWindow): void {
+    this.windows.add(window);
+  }
+
+  leave(window: CreditWindow): void {
+    this.windows.delete(window);
+  }
+
+  /** May `who` gather new batches? */
+  isOpenFor(who: object): boolean {
+    return this.holder === undefined || this.holder === who;
+  }
+
+  waitOpen(who: object): Promise<void> {
+    if (this.isOpenFor(who)) return Promise.resolve();
+    return new Promise((resolve) => this.openWaiters.push(resolve));
+  }
+
+  /**
+   * Takes the gate (after earlier takers released it), then waits until every member's
+   * window has drained. Returns the release; call it exactly once, also on failure. A
+   * member whose window failed (its migration is over) does not hold the others up.
+   */
+  async acquire(who: object): Promise<() => void> {
+    if (this.holder !== undefined) await new Promise<void>((resolve) => this.acquirers.push({ who, resolve }));
+    // Handed over by the previous holder's release, or free.
+    this.holder = who;
+    const release = () => {
+      if (this.holder !== who) return;
+      this.holder = undefined;
+      const next = this.acquirers.shift();
+      if (next) {
+        this.holder = next.who;
+        next.resolve();
+      } else {
+        for (const wake of this.openWaiters.splice(0)) wake();
+      }
+    };
+    await Promise.all([...this.windows].map((window) => window.drained().catch(() => {})));
+    return release;
+  }
+}

@@ -10,7 +10,7 @@ import { ENTRY_REF, ENTRY_ZERO, loadNative, type RegionHandle } from '../native.
 import type { BatchBuild, SourceDedupGroup } from '../dedup/source-group.js';
 import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import type { CodecChooser } from './codec-chooser.js';
-import type { CreditWindow, Pacer } from './flow.js';
+import type { CreditWindow, Pacer, SwitchoverGate } from './flow.js';
 import type { PeerSession } from '../peer/session.js';
 
 export interface RoundCounters {
@@ -85,6 +85,8 @@ export class BatchPool {
 
 interface Prepared {
   buffer: BatchBuffer;
+  /** The codec the chooser picked (lz4 may still go out raw when it does not shrink the batch). */
+  tried: 'lz4' | 'raw';
   entries: Uint32Array;
   refs: Uint32Array | undefined;
   /** The batch's place in the dedup group's outbox. */
@@ -117,9 +119,17 @@ export interface PageSenderContext {
   onBatch?: (counters: RoundCounters) => void;
   /** Content dedup: this region is `slot` of the group. */
   dedup?: { group: SourceDedupGroup; slot: number; allowResident: boolean };
+  /** A gang's switchover gate: no new batches while another member switches over. */
+  gate?: { gate: SwitchoverGate; owner: object };
 }
 
 const LZ4_KEEP_RATIO = 0.875;
+/**
+ * At most this much queued in front of the socket: on a slow link a credit window's worth
+ * would sit here for seconds, hiding the link's rate from the codec chooser and putting
+ * every later frame (a switchover's too) behind it.
+ */
+const SEND_QUEUE_BYTES = 4 * 1024 * 1024;
 
 export async function sendRegionRound(
   ctx: PageSenderContext,
@@ -218,13 +228,13 @@ export async function sendRegionRound(
       hitsResident: hits.resident - before.resident,
     };
     if (rawBytes === 0 || ctx.chooser.next() === 'raw') {
-      return Promise.resolve({ ...base, codec: Codec.raw, payload: raw });
+      return Promise.resolve({ ...base, tried: 'raw' as const, codec: Codec.raw, payload: raw });
     }
     return compress(raw).then(
       (packed) =>
         packed.length <= rawBytes * LZ4_KEEP_RATIO
-          ? { ...base, codec: Codec.lz4, payload: packed }
-          : { ...base, codec: Codec.raw, payload: raw },
+          ? { ...base, tried: 'lz4' as const, codec: Codec.lz4, payload: packed }
+          : { ...base, tried: 'lz4' as const, codec: Codec.raw, payload: raw },
       (err: unknown) => {
         // The batch holds a place in the group's order: give it back before failing.
         if (ticket !== undefined) dedup!.group.outbox.drop(ticket);
@@ -235,13 +245,17 @@ export async function sendRegionRound(
 
   let sending: Prepared | undefined;
   try {
+    const gate = ctx.gate;
     while (!done || pending.length > 0) {
-      while (!done && pending.length < ctx.pipelineDepth) {
+      while (!done && pending.length < ctx.pipelineDepth && (!gate || gate.gate.isOpenFor(gate.owner))) {
         const next = gatherOne();
         if (next) pending.push(next);
       }
       const head = pending.shift();
-      if (!head) continue;
+      if (!head) {
+        if (gate && !done) await gate.gate.waitOpen(gate.owner);
+        continue;
+      }
       const batch = await head;
       sending = batch;
       const frame = Frame.pages({
@@ -258,6 +272,7 @@ export async function sendRegionRound(
       const cost = creditCost(batch.payload.length, batch.entries.length / 3);
       await ctx.credits.take(cost);
       if (ctx.pacer) await ctx.pacer.take(cost);
+      await ctx.session.writable(SEND_QUEUE_BYTES);
       const buffer = batch.buffer;
       const [frameHead] = encodeFrame(frame);
       let message: Buffer;
@@ -289,7 +304,7 @@ export async function sendRegionRound(
         counters.compressedBatches++;
         counters.compressedBytes += batch.payload.length;
       }
-      ctx.chooser.sent(batch.pages * ps);
+      ctx.chooser.sent(batch.pages * ps, batch.rawBytes === 0 ? 'none' : batch.tried);
       ctx.onBatch?.(counters);
     }
   } catch (err) {

@@ -19,7 +19,7 @@ import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
 import { mergeRuns, runsPageCount } from '../tracker/page-set.js';
 import { CodecChooser, type CodecMode } from './codec-chooser.js';
 import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
-import { CreditWindow, Pacer, realClock, type Clock } from './flow.js';
+import { CreditWindow, Pacer, realClock, type Clock, type SwitchoverGate } from './flow.js';
 import { addCounters, BatchPool, emptyCounters, sendRegionRound, type RoundCounters } from './page-sender.js';
 import { SourceStateMachine, type SourcePhase } from './source-state.js';
 import type { AgentMetrics } from '../metrics.js';
@@ -36,6 +36,8 @@ export interface SourceOptions {
   force: boolean;
   codec: CodecMode;
   bandwidthBytesPerSec?: number;
+  /** A pacer shared with other migrations (a gang's --bandwidth caps the group); else one of bandwidthBytesPerSec. */
+  pacer?: Pacer;
   tracker: TrackerPreference;
   batchBytes: number;
   /** Measured XXH3-128 speed of this host, to predict the switchover's digest time. */
@@ -45,6 +47,8 @@ export interface SourceOptions {
   metrics?: AgentMetrics;
   /** Member of a dedup group: the guest's memory is `slot` of `group`. */
   dedup?: { group: SourceDedupGroup; slot: number };
+  /** Member of a gang: switchovers take turns (see SwitchoverGate). */
+  gate?: SwitchoverGate;
 }
 
 export interface RoundRecord extends RoundCounters {
@@ -116,6 +120,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private failure: GangwayError | undefined;
   private credits: CreditWindow | undefined;
   private lastProgressAt = 0;
+  private chooser: CodecChooser | undefined;
+  /** Gives up this migration's turn at a gang's switchover gate. */
+  private releaseGate: (() => void) | undefined;
   /** Pages the destination asked for again (want), for the next round. */
   private wanted: PageSet | undefined;
   private wantedPages = 0;
@@ -138,6 +145,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   onFrame(frame: AnyFrame): void {
     switch (frame.type) {
       case 'credit':
+        // One credit per pages frame, in order: the batch was applied at the destination.
+        this.chooser?.delivered();
         this.credits?.grant((frame as ReturnType<typeof Frame.credit>).bytes);
         return;
       case 'want': {
@@ -156,6 +165,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
           }
           this.wanted.addRange(first, count);
           this.wantedPages += count;
+          this.options.metrics?.dedupWantedPages.inc(count);
         }
         this.options.dedup.group.forgetStale(want.stale);
         return;
@@ -264,6 +274,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     } catch (err) {
       throw await this.recover(err);
     } finally {
+      this.releaseGate?.();
+      if (this.credits) options.gate?.leave(this.credits);
       this.session.unregister(options.migrationId);
       tracker?.close();
       for (const region of regions) this.native.regionClose(region);
@@ -355,14 +367,15 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     );
     const accept = await acceptP;
     this.credits = new CreditWindow(accept.creditBytes);
+    options.gate?.join(this.credits);
     this.state.to('precopy');
 
     const rttMs = await this.session.measureRttMs();
     const chooser = new CodecChooser({ mode: options.codec, now: () => this.clock.now() });
+    this.chooser = chooser;
     const pool = new BatchPool(Math.min(options.batchBytes, this.session.peerMaxPayloadBytes), 8192);
-    const pacer = options.bandwidthBytesPerSec
-      ? new Pacer(options.bandwidthBytesPerSec, options.batchBytes, this.clock)
-      : undefined;
+    const pacer =
+      options.pacer ?? (options.bandwidthBytesPerSec ? new Pacer(options.bandwidthBytesPerSec, options.batchBytes, this.clock) : undefined);
     const rounds: RoundRecord[] = [];
     const totals = emptyCounters();
     const linkRate = new RateEstimator();
@@ -386,6 +399,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
           // Resident refs are verified at the destination and may be asked for again:
           // not in the final round, where that would be a round trip of downtime.
           ...(dedup ? { dedup: { group: dedup.group, slot: dedup.slot, allowResident: !final } } : {}),
+          ...(options.gate ? { gate: { gate: options.gate, owner: this } } : {}),
           onBatch: (c) => {
             this.progress(round, roundPages, c, t0, totals.wireBytes + c.wireBytes);
             options.metrics?.batchSent(reported, c, pageSize);
@@ -461,7 +475,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     }
 
     // Stop-and-copy. Let the destination catch up first, so the downtime does not include
-    // writing out a receive window's worth of pre-copy pages.
+    // writing out a receive window's worth of pre-copy pages (every gang member's window:
+    // the gate holds the others back until this switchover is over).
+    this.releaseGate = await options.gate?.acquire(this);
     await this.credits.drained();
     // The round trip as it is now, for the downtime measurement: the one taken at the start
     // can be inflated by other migrations starting on the same session.
@@ -515,6 +531,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const committed = await committedP;
     const committedAt = this.clock.now();
     this.state.to('committed');
+    this.releaseGate?.();
+    this.releaseGate = undefined;
 
     // The destination runs the guest: end ours and free its memory.
     await guest.terminate();

@@ -146,9 +146,43 @@ export class PeerSession extends EventEmitter {
       onWritten?.(this.closedWith);
       return 0;
     }
-    this.ws.send(message, { binary: true }, onWritten);
-    return message.length;
+    const length = message.length;
+    this.unwritten += length;
+    this.ws.send(message, { binary: true }, (err) => {
+      this.unwritten -= length;
+      this.wakeWriters();
+      onWritten?.(err);
+    });
+    return length;
   }
+
+  /** Bytes queued on this side that the socket has not taken yet. */
+  get unwrittenBytes(): number {
+    return this.unwritten;
+  }
+
+  /**
+   * Resolves once at most `limitBytes` are queued on this side (or the session is over).
+   * Bulk senders wait on it so that what they measure is the link, not a queue in front of
+   * it, and so that a switchover's frames do not wait behind seconds of queued pages.
+   */
+  writable(limitBytes: number): Promise<void> {
+    if (this.unwritten <= limitBytes || this.closedWith) return Promise.resolve();
+    return new Promise((resolve) => this.writers.push({ limitBytes, resolve }));
+  }
+
+  private wakeWriters(): void {
+    if (this.writers.length === 0) return;
+    const waiting = this.writers;
+    this.writers = [];
+    for (const writer of waiting) {
+      if (this.unwritten <= writer.limitBytes || this.closedWith) writer.resolve();
+      else this.writers.push(writer);
+    }
+  }
+
+  private unwritten = 0;
+  private writers: { limitBytes: number; resolve: () => void }[] = [];
 
   private receive(data: Buffer, isBinary: boolean): void {
     if (this.closedWith) return;
@@ -252,6 +286,7 @@ export class PeerSession extends EventEmitter {
     if (this.closedWith) return;
     this.closedWith = err;
     this.rejectReady(err);
+    this.wakeWriters();
     for (const handler of [...this.handlers.values()]) handler.onSessionClosed(err);
     this.handlers.clear();
     this.emit('closed', err);

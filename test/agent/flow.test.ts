@@ -96,26 +96,69 @@ describe('CodecChooser', () => {
     expect(new CodecChooser({ mode: 'raw' }).next()).toBe('raw');
   });
 
-  function run(rawBytesPerMs: number, lz4BytesPerMs: number, batches: number) {
-    let t = 0;
-    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, exploitWindows: 3, now: () => t });
+  /**
+   * A sender in front of a link: raw batches are ready at once, LZ4 ones after compressing;
+   * up to `queueBatches` wait in front of the link (socket buffers, a shaper's queue) before
+   * the sender blocks; the link carries each batch's wire bytes in order; the receiver's
+   * credit for a batch comes back when the link has carried it.
+   */
+  function simulate(o: { linkBytesPerMs: number; compressBytesPerMs: number; ratio: number; queueBatches: number; batches: number }) {
+    const batchBytes = 1_000_000;
+    let clock = 0;
+    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, exploitWindows: 3, now: () => clock });
+    const deliveries: number[] = [];
+    const deliverUntil = (limit: number) => {
+      while (deliveries.length > 0 && deliveries[0]! <= limit) {
+        clock = deliveries.shift()!;
+        chooser.delivered();
+      }
+    };
     const used = { lz4: 0, raw: 0 };
-    for (let i = 0; i < batches; i++) {
+    let senderT = 0;
+    let linkFree = 0;
+    for (let i = 0; i < o.batches; i++) {
+      deliverUntil(senderT);
+      if (deliveries.length >= o.queueBatches) {
+        senderT = Math.max(senderT, deliveries[0]!);
+        deliverUntil(senderT);
+      }
       const codec = chooser.next();
       used[codec]++;
-      t += 1_000_000 / (codec === 'raw' ? rawBytesPerMs : lz4BytesPerMs);
-      chooser.sent(1_000_000);
+      if (codec === 'lz4') senderT += batchBytes / o.compressBytesPerMs;
+      const wire = codec === 'lz4' ? batchBytes * o.ratio : batchBytes;
+      linkFree = Math.max(senderT, linkFree) + wire / o.linkBytesPerMs;
+      deliveries.push(linkFree);
+      chooser.sent(batchBytes, codec);
     }
+    deliverUntil(Infinity);
     return { used, rates: chooser.rates() };
   }
 
   it('settles on raw when the link outruns the compressor', () => {
-    const { used, rates } = run(2_000_000, 500_000, 400);
+    const { used, rates } = simulate({ linkBytesPerMs: 2_000_000, compressBytesPerMs: 500_000, ratio: 0.5, queueBatches: 4, batches: 400 });
     expect(used.raw).toBeGreaterThan(used.lz4 * 2);
     expect(rates.raw!).toBeGreaterThan(rates.lz4!);
   });
+
   it('settles on lz4 when compression moves more guest bytes', () => {
-    const { used } = run(125_000, 400_000, 400);
+    const { used } = simulate({ linkBytesPerMs: 125_000, compressBytesPerMs: 400_000, ratio: 0.5, queueBatches: 4, batches: 400 });
     expect(used.lz4).toBeGreaterThan(used.raw * 2);
+  });
+
+  it('is not fooled by a deep queue in front of a slow link (measures deliveries, not hand-offs)', () => {
+    const { used, rates } = simulate({ linkBytesPerMs: 125_000, compressBytesPerMs: 400_000, ratio: 0.5, queueBatches: 40, batches: 400 });
+    expect(used.lz4).toBeGreaterThan(used.raw * 2);
+    expect(rates.lz4!).toBeGreaterThan(rates.raw! * 1.5);
+  });
+
+  it('ignores batches without data to compress', () => {
+    let clock = 0;
+    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 2, now: () => clock });
+    for (let i = 0; i < 10; i++) {
+      chooser.sent(1e9, 'none');
+      clock += 1;
+      chooser.delivered();
+    }
+    expect(chooser.rates()).toEqual({ lz4: undefined, raw: undefined });
   });
 });

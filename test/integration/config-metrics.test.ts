@@ -97,6 +97,9 @@ describe.skipIf(!builtAgent)('Prometheus metrics', () => {
     const second = await scrape();
     const wire = 'gangway_migration_bytes_total{kind="wire"}';
     expect(first.get('gangway_migrations_active{direction="out"}')).toBe(1);
+    // The migration's dedup group is open: its content index is counted.
+    expect(first.get('gangway_dedup_index_locations')).toBe((48 * 1024 * 1024) / 4096);
+    expect(first.get('gangway_dedup_index_bytes')!).toBeGreaterThan(0);
     expect(first.get(wire)!).toBeGreaterThan(0);
     expect(second.get(wire)!).toBeGreaterThan(first.get(wire)!);
     expect(second.get('gangway_migration_pages_total{kind="data"}')!).toBeGreaterThan(first.get('gangway_migration_pages_total{kind="data"}')!);
@@ -111,5 +114,10 @@ describe.skipIf(!builtAgent)('Prometheus metrics', () => {
     expect(done.get(wire)).toBe(summary.wireBytes);
     expect(done.get('gangway_migration_rounds_total')).toBe(summary.rounds.length);
     expect(done.get('gangway_dirty_scan_seconds_count{tracker="uffd-wp"}')!).toBeGreaterThanOrEqual(2);
+    const hits = ['intra', 'crossRound', 'crossGuest', 'resident'].map((kind) => done.get(`gangway_dedup_hits_total{kind="${kind}"}`) ?? 0);
+    const summaryHits = summary.dedup.hits;
+    expect(hits).toEqual([summaryHits.intra, summaryHits.crossRound, summaryHits.crossGuest, summaryHits.resident]);
+    expect(done.get('gangway_dedup_saved_bytes_total') ?? 0).toBe(summary.dedup.savedBytes);
+    expect(done.get('gangway_dedup_index_locations')).toBe(0);
   });
 });

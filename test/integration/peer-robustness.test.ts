@@ -94,4 +94,66 @@ describe.skipIf(!builtAgent)('a misbehaving peer', () => {
     expect(status.guests).toHaveLength(0);
     expect(status.migrations[0]).toMatchObject({ direction: 'in', state: 'aborted' });
   });
+
+  it.each([
+    ['a slot the group does not have', Uint32Array.of(77, 0), 'no such slot'],
+    ['pages past the slot', Uint32Array.of(0, 250), "past the slot's 256 pages"],
+  ])('closes a session whose refs point at %s, and the agent carries on', async (_what, refs, message) => {
+    cluster = new Cluster();
+    const b = await cluster.agent('b');
+    const peer = await rawPeer(b.listen, 'ref-liar');
+    const send = (frame: Parameters<typeof encodeFrame>[0]) => {
+      const [head, payload] = encodeFrame(frame);
+      peer.ws.send(payload ? Buffer.concat([head, payload]) : head);
+    };
+    const waitFor = async (type: string) => {
+      const deadline = Date.now() + 5_000;
+      while (!peer.frames.some((f) => f.type === type) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+      expect(peer.frames.some((f) => f.type === type), type).toBe(true);
+    };
+    send(Frame.dedupOpen({ group: 'g-1', resident: false }));
+    await waitFor('dedupReady');
+    send(
+      Frame.offer({
+        migrationId: 'm-1',
+        guest: { name: uniqueName('liar'), kind: 1, regions: [{ name: 'ram', lengthBytes: 1 << 20, pageSizeBytes: 4096 }], config: {} },
+        technique: 1,
+        downtimeBudgetMs: 300,
+        codecs: [1],
+        dedup: { group: 'g-1', slots: [0] },
+      }),
+    );
+    await waitFor('accept');
+    // 16 pages copied from wherever the refs say.
+    send(Frame.pages({ migrationId: 'm-1', region: 0, round: 0, codec: 1, entries: Uint32Array.of(3, 0, 16), rawBytes: 0, payload: new Uint8Array(0), refs }));
+    const closed = await peer.closed;
+    expect(closed.code).toBe(1002);
+    const error = peer.frames.find((f) => f.type === 'error') as { code: string; message: string } | undefined;
+    expect(error).toMatchObject({ code: 'GANGWAY_ERR_BAD_PAGES' });
+    expect(error!.message).toContain(message);
+    const status = await b.status();
+    expect(status.guests).toHaveLength(0);
+    expect(status.migrations[0]).toMatchObject({ direction: 'in', state: 'aborted' });
+  });
+
+  it('refuses an offer naming a dedup group that was never opened', async () => {
+    cluster = new Cluster();
+    const b = await cluster.agent('b');
+    const peer = await rawPeer(b.listen, 'no-group');
+    const [head] = encodeFrame(
+      Frame.offer({
+        migrationId: 'm-2',
+        guest: { name: uniqueName('nogroup'), kind: 1, regions: [{ name: 'ram', lengthBytes: 1 << 20, pageSizeBytes: 4096 }], config: {} },
+        technique: 1,
+        downtimeBudgetMs: 300,
+        codecs: [1],
+        dedup: { group: 'never-opened', slots: [0] },
+      }),
+    );
+    peer.ws.send(head);
+    const deadline = Date.now() + 5_000;
+    while (!peer.frames.some((f) => f.type === 'reject') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    expect(peer.frames.find((f) => f.type === 'reject')).toMatchObject({ message: expect.stringContaining('dedup group never-opened is not open') });
+    expect(peer.ws.readyState).toBe(WebSocket.OPEN);
+  });
 });

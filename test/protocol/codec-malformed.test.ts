@@ -307,6 +307,14 @@ describe('field values', () => {
     ['8193 entries', 'pages', (h) => (h.entries = new Uint8Array((MAX_ENTRIES_PER_BATCH + 1) * ENTRY_BYTES)), 'pages.entries', ErrorCode.BAD_PAGES],
     ['entries not a whole number of triples', 'pages', (h) => (h.entries = new Uint8Array(ENTRY_BYTES + 4)), 'not a whole number', ErrorCode.BAD_PAGES],
     ['an entry with pageCount 0', 'pages', (h) => (h.entries = new Uint8Array(Uint32Array.of(2, 0, 0).buffer)), 'entry 0 has pageCount 0', ErrorCode.BAD_PAGES],
+    // dedup
+    ['a resident slot without the resident flag', 'dedupResident', (h) => (h.slot = 5), 'dedupResident.slot'],
+    ['resident fingerprints past the slot', 'dedupResident', (h) => (h.firstPage = 99), 'dedupResident.firstPage: 4 fingerprints from page 99'],
+    ['an offer slot with the resident flag', 'offer', (h) => (h.dedup.slots = [2 ** 31]), 'offer.dedup.slots[0]'],
+    ['an offer with a slot per region missing', 'offer', (h) => (h.dedup.slots = []), 'offer.dedup.slots: 0 items'],
+    ['ref sources without ref entries', 'pages', (h) => (h.refs = new Uint8Array(8)), 'pages.refs: 8 bytes for 0 ref entries', ErrorCode.BAD_PAGES],
+    ['a want run of 0 pages', 'want', (h) => (h.runs = new Uint8Array(Uint32Array.of(5, 0).buffer)), 'want.runs: run 0 has pageCount 0', ErrorCode.BAD_PAGES],
+    ['a stale page of an incoming slot', 'want', (h) => (h.stale = new Uint8Array(Uint32Array.of(1, 2).buffer)), 'want.stale: pair 0 names slot 1', ErrorCode.BAD_PAGES],
     // hello identity
     ['magic HTTP', 'hello', (h) => (h.magic = 'HTTP'), 'hello.magic', ErrorCode.PROTOCOL_MAGIC],
     ['magic missing', 'hello', (h) => delete h.magic, 'hello.magic', ErrorCode.PROTOCOL_MAGIC],
