@@ -26,6 +26,9 @@ export const FrameType = {
   dedupReady: 18,
   dedupClose: 19,
   want: 20,
+  // Repair (feature 'repair'): after a digest mismatch the destination sends the
+  // fingerprint of every page, and the source sends the pages that differ.
+  pageFingerprints: 21,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 export type FrameTypeName = Exclude<keyof typeof FrameType, 'invalid'>;

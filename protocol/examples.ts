@@ -23,7 +23,7 @@ import {
   MAX_REGIONS,
   MAX_REGION_BYTES,
   MAX_REGION_PAGES,
-  MAX_RESIDENT_FINGERPRINTS_PER_FRAME,
+  MAX_FINGERPRINTS_PER_FRAME,
   MAX_ROUND,
   MAX_WANT_RUNS,
   FINGERPRINT_BYTES,
@@ -94,6 +94,7 @@ export function exampleFrames(): Frame[] {
     Frame.dedupReady({ group: 'gang-1', residentSlots: 1, residentPages: 100 }),
     Frame.dedupClose({ group: 'gang-1' }),
     Frame.want({ migrationId: id, region: 0, runs: Uint32Array.of(5, 1, 9, 3), stale: Uint32Array.of(RESIDENT_SLOT_FLAG + 2, 7) }),
+    Frame.pageFingerprints({ migrationId: id, region: 0, firstPage: 64, fingerprints: bytes(3 * FINGERPRINT_BYTES, 8) }),
   ];
 }
 
@@ -172,8 +173,8 @@ export function largestFrames(): Frame[] {
       slot: 0xffff_ffff,
       pageCount: MAX_REGION_PAGES - 1,
       pageSizeBytes: PAGE_SIZE_MAX,
-      firstPage: MAX_REGION_PAGES - 1 - MAX_RESIDENT_FINGERPRINTS_PER_FRAME,
-      fingerprints: bytes(MAX_RESIDENT_FINGERPRINTS_PER_FRAME * FINGERPRINT_BYTES, 6),
+      firstPage: MAX_REGION_PAGES - 1 - MAX_FINGERPRINTS_PER_FRAME,
+      fingerprints: bytes(MAX_FINGERPRINTS_PER_FRAME * FINGERPRINT_BYTES, 6),
     }),
     Frame.dedupReady({ group: longId, residentSlots: 0x7fff_ffff, residentPages: Number.MAX_SAFE_INTEGER }),
     Frame.dedupClose({ group: longId }),
@@ -182,6 +183,12 @@ export function largestFrames(): Frame[] {
       region: MAX_REGIONS - 1,
       runs: Uint32Array.from({ length: MAX_WANT_RUNS * 2 }, (_, i) => 0xffff_ffff - i),
       stale: Uint32Array.from({ length: MAX_WANT_RUNS * 2 }, () => 0xffff_ffff),
+    }),
+    Frame.pageFingerprints({
+      migrationId: longId,
+      region: MAX_REGIONS - 1,
+      firstPage: MAX_REGION_PAGES - 1,
+      fingerprints: bytes(MAX_FINGERPRINTS_PER_FRAME * FINGERPRINT_BYTES, 9),
     }),
   ];
 }

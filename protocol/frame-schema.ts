@@ -42,7 +42,7 @@ import {
   MAX_REGIONS,
   MAX_REGION_BYTES,
   MAX_REGION_PAGES,
-  MAX_RESIDENT_FINGERPRINTS_PER_FRAME,
+  MAX_FINGERPRINTS_PER_FRAME,
   MAX_ROUND,
   MAX_WANT_RUNS,
   MIN_DOWNTIME_BUDGET_MS,
@@ -66,7 +66,7 @@ export const EMPTY_PAYLOAD = new Uint8Array(0);
 
 /** Frame types that carry a payload; every other type must arrive with none. */
 export function carriesPayload(type: FrameTypeName): boolean {
-  return type === 'pages' || type === 'deviceState' || type === 'dedupResident';
+  return type === 'pages' || type === 'deviceState' || type === 'dedupResident' || type === 'pageFingerprints';
 }
 
 // ---------------------------------------------------------------------------------------
@@ -87,7 +87,8 @@ export function frameToWire(frame: Frame): { header: Record<string, unknown>; pa
       const bytes = (words: Uint32Array) => (words instanceof Uint32Array ? entriesToBytes(words) : words);
       return { header: { t: FrameType[type], ...fields, runs: bytes(runs), stale: bytes(stale) }, payload: EMPTY_PAYLOAD };
     }
-    case 'dedupResident': {
+    case 'dedupResident':
+    case 'pageFingerprints': {
       const { type, fingerprints, ...fields } = frame;
       return { header: { t: FrameType[type], ...fields }, payload: fingerprints };
     }
@@ -149,7 +150,7 @@ export function readFrameHeader(header: unknown, context: HeaderContext): Frame 
 export function withPayload(frame: Frame, payload: Uint8Array): Frame {
   if (frame.type === 'pages') frame.payload = payload;
   else if (frame.type === 'deviceState') frame.state = payload;
-  else if (frame.type === 'dedupResident') frame.fingerprints = payload;
+  else if (frame.type === 'dedupResident' || frame.type === 'pageFingerprints') frame.fingerprints = payload;
   return frame;
 }
 
@@ -297,8 +298,8 @@ const readers: Readers = {
     if ((pageSizeBytes & (pageSizeBytes - 1)) !== 0) r.fail('pageSizeBytes', `${pageSizeBytes} is not a power of two`);
     const firstPage = r.integer('firstPage', 0, pageCount - 1);
     const { payloadLength } = context;
-    if (payloadLength === 0 || payloadLength % FINGERPRINT_BYTES !== 0 || payloadLength / FINGERPRINT_BYTES > MAX_RESIDENT_FINGERPRINTS_PER_FRAME) {
-      r.fail('fingerprints', `payload of ${payloadLength} bytes, expected 1..${MAX_RESIDENT_FINGERPRINTS_PER_FRAME} fingerprints of ${FINGERPRINT_BYTES} bytes`);
+    if (payloadLength === 0 || payloadLength % FINGERPRINT_BYTES !== 0 || payloadLength / FINGERPRINT_BYTES > MAX_FINGERPRINTS_PER_FRAME) {
+      r.fail('fingerprints', `payload of ${payloadLength} bytes, expected 1..${MAX_FINGERPRINTS_PER_FRAME} fingerprints of ${FINGERPRINT_BYTES} bytes`);
     }
     if (firstPage + payloadLength / FINGERPRINT_BYTES > pageCount) {
       r.fail('firstPage', `${payloadLength / FINGERPRINT_BYTES} fingerprints from page ${firstPage} run past the slot's ${pageCount} pages`);
@@ -314,6 +315,17 @@ const readers: Readers = {
   },
 
   dedupClose: (r) => ({ type: 'dedupClose', group: readGroup(r) }),
+
+  pageFingerprints(r, context) {
+    const migrationId = readMigrationId(r);
+    const region = r.integer('region', 0, MAX_REGIONS - 1);
+    const firstPage = r.integer('firstPage', 0, MAX_REGION_PAGES - 1);
+    const { payloadLength } = context;
+    if (payloadLength === 0 || payloadLength % FINGERPRINT_BYTES !== 0 || payloadLength / FINGERPRINT_BYTES > MAX_FINGERPRINTS_PER_FRAME) {
+      r.fail('fingerprints', `payload of ${payloadLength} bytes, expected 1..${MAX_FINGERPRINTS_PER_FRAME} fingerprints of ${FINGERPRINT_BYTES} bytes`);
+    }
+    return { type: 'pageFingerprints', migrationId, region, firstPage, fingerprints: EMPTY_PAYLOAD };
+  },
 
   want(r) {
     const migrationId = readMigrationId(r);

@@ -216,6 +216,19 @@ export interface WantFrame {
   stale: Uint32Array;
 }
 
+/**
+ * Destination, after verified{match: false} when both hellos list 'repair': the
+ * fingerprint of each page it holds, so the source can send the pages that differ.
+ */
+export interface PageFingerprintsFrame {
+  type: 'pageFingerprints';
+  migrationId: string;
+  region: number;
+  firstPage: number;
+  /** The frame payload: FINGERPRINT_BYTES per page from firstPage. */
+  fingerprints: Uint8Array;
+}
+
 export type Frame =
   | HelloFrame
   | OfferFrame
@@ -236,7 +249,8 @@ export type Frame =
   | DedupResidentFrame
   | DedupReadyFrame
   | DedupCloseFrame
-  | WantFrame;
+  | WantFrame
+  | PageFingerprintsFrame;
 
 /** The frame of a given type name: FrameOf<'pages'> is PagesFrame. */
 export type FrameOf<T extends FrameTypeName> = Extract<Frame, { type: T }>;
@@ -270,4 +284,5 @@ export const Frame = {
   dedupReady: (fields: Fields<DedupReadyFrame>): DedupReadyFrame => ({ type: 'dedupReady', ...fields }),
   dedupClose: (fields: Fields<DedupCloseFrame>): DedupCloseFrame => ({ type: 'dedupClose', ...fields }),
   want: (fields: Fields<WantFrame>): WantFrame => ({ type: 'want', ...fields }),
+  pageFingerprints: (fields: Fields<PageFingerprintsFrame>): PageFingerprintsFrame => ({ type: 'pageFingerprints', ...fields }),
 } as const;

@@ -43,6 +43,7 @@ export {
   type MigrationFrame,
   type OfferDedup,
   type OfferFrame,
+  type PageFingerprintsFrame,
   type PagesFrame,
   type PauseFrame,
   type RegionSpec,

@@ -37,8 +37,8 @@ export const REF_WORDS = 2;
 export const RESIDENT_SLOT_FLAG = 0x8000_0000;
 /** Content fingerprints (XXH3-128 class) in dedupResident payloads. */
 export const FINGERPRINT_BYTES = 16;
-/** Fingerprints per dedupResident frame: 1 MiB of payload. */
-export const MAX_RESIDENT_FINGERPRINTS_PER_FRAME = 65_536;
+/** Fingerprints per dedupResident or pageFingerprints frame: 1 MiB of payload. */
+export const MAX_FINGERPRINTS_PER_FRAME = 65_536;
 /** Runs ([firstPage, pageCount]) per want frame. */
 export const MAX_WANT_RUNS = 8192;
 

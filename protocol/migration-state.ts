@@ -22,6 +22,7 @@
 //                           v                                   |
 //                       verifying <-----------------------------+
 //                           | sentVerified (match)      sentVerifiedMismatch -> aborted
+//                           |                           sentVerifiedMismatchRepair -> paused
 //                           v
 //                        verified
 //                           | commit
@@ -93,12 +94,20 @@ export type ReceivedEvent =
         | 'dedupResident'
         | 'dedupReady'
         | 'dedupClose'
-        | 'want';
+        | 'want'
+        | 'pageFingerprints';
     };
 
 /** Frames this destination sent. */
 export type SentEvent = {
-  type: 'sentAccept' | 'sentReject' | 'sentVerified' | 'sentVerifiedMismatch' | 'sentCommitted' | 'sentAbort';
+  type:
+    | 'sentAccept'
+    | 'sentReject'
+    | 'sentVerified'
+    | 'sentVerifiedMismatch'
+    | 'sentVerifiedMismatchRepair'
+    | 'sentCommitted'
+    | 'sentAbort';
 };
 
 export type MigrationEvent = ReceivedEvent | SentEvent;
@@ -125,10 +134,12 @@ export const MigrationEventType = [
   'dedupReady',
   'dedupClose',
   'want',
+  'pageFingerprints',
   'sentAccept',
   'sentReject',
   'sentVerified',
   'sentVerifiedMismatch',
+  'sentVerifiedMismatchRepair',
   'sentCommitted',
   'sentAbort',
 ] as const satisfies readonly MigrationEvent['type'][];
@@ -191,6 +202,9 @@ export function transition(state: MigrationState, event: MigrationEvent): Migrat
       return phase === 'verifying' ? to('verified') : outOfOrder();
     case 'sentVerifiedMismatch':
       return phase === 'verifying' ? to('aborted') : outOfOrder();
+    case 'sentVerifiedMismatchRepair':
+      // The source sends the pages that differ as one more final round, then verify again.
+      return phase === 'verifying' ? to('paused') : outOfOrder();
     case 'commit':
       return phase === 'verified' ? to('committing') : outOfOrder();
     case 'sentCommitted':

@@ -354,7 +354,9 @@ describe('field values', () => {
 });
 
 describe('payload presence', () => {
-  const payloadless = examples.filter((f) => f.type !== 'pages' && f.type !== 'deviceState' && f.type !== 'dedupResident');
+  const payloadless = examples.filter(
+    (f) => f.type !== 'pages' && f.type !== 'deviceState' && f.type !== 'dedupResident' && f.type !== 'pageFingerprints',
+  );
   test.each(payloadless.map((f) => [f.type, f] as const))('%s with a payload', (type) => {
     const frame = rawFrame(headerOf(type), new Uint8Array([1]));
     expectRejected(frame, ErrorCode.PROTOCOL, [`${type}: unexpected payload of 1 bytes`]);

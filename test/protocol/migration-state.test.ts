@@ -31,7 +31,7 @@ function eventOf(kind: EventKind, round: number): MigrationEvent {
     case 'roundEnd(final)':
       return { type: 'roundEnd', round, final: true };
     default:
-      return { type: kind };
+      return { type: kind } as MigrationEvent;
   }
 }
 
@@ -44,7 +44,7 @@ const legal: Record<MigrationPhase, Partial<Record<EventKind, [MigrationPhase, b
   paused: { pages: ['paused', false], 'roundEnd(final)': ['finalRoundDone', true] },
   finalRoundDone: { deviceState: ['deviceStateReceived', false], verify: ['verifying', false] },
   deviceStateReceived: { verify: ['verifying', false] },
-  verifying: { sentVerified: ['verified', false], sentVerifiedMismatch: ['aborted', false] },
+  verifying: { sentVerified: ['verified', false], sentVerifiedMismatch: ['aborted', false], sentVerifiedMismatchRepair: ['paused', false] },
   verified: { commit: ['committing', false] },
   committing: { sentCommitted: ['committed', false] },
   committed: {},
@@ -76,6 +76,24 @@ function run(events: MigrationEvent[], from = initialMigrationState()): Migratio
 }
 
 describe('legal paths', () => {
+  test('a digest mismatch repaired: one more final round, verify again, commit', () => {
+    const verify = Frame.verify({ migrationId: id, digests: [new Uint8Array(16)] });
+    const state = run([
+      { type: 'sentAccept' },
+      Frame.pause({ migrationId: id }),
+      { type: 'roundEnd', round: 0, final: true },
+      verify,
+      { type: 'sentVerifiedMismatchRepair' },
+      { type: 'pages', round: 1 },
+      { type: 'roundEnd', round: 1, final: true },
+      verify,
+      { type: 'sentVerified' },
+      Frame.commit({ migrationId: id }),
+      { type: 'sentCommitted' },
+    ]);
+    expect(state).toEqual({ phase: 'committed', round: 2 });
+  });
+
   test('pre-copy rounds, pause, final round, device state, verify, commit', () => {
     const pages = (round: number) =>
       Frame.pages({
