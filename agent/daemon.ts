@@ -30,7 +30,7 @@ import { AgentMetrics } from './metrics.js';
 import { CONFIG_DEFAULTS } from './config.js';
 
 /** What this agent offers in its hello; a feature is used when both sides list it. */
-const AGENT_FEATURES = ['lz4', 'precopy', 'dedup'];
+const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'repair'];
 
 export interface AgentConfig {
   listenHost: string;

@@ -83,6 +83,11 @@ export class AgentMetrics {
     help: 'Pages the destination asked for again: resident content had changed before it was copied',
     registers: [this.registry],
   });
+  readonly repairedPages = new Counter({
+    name: 'gangway_switchover_repaired_pages_total',
+    help: 'Pages sent again at a switchover because the destination held a different version (a write the dirty tracker missed)',
+    registers: [this.registry],
+  });
   readonly dedupIndexLocations = new Gauge({
     name: 'gangway_dedup_index_locations',
     help: 'Destination pages mirrored by the open dedup groups (their content indexes)',

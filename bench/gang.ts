@@ -79,6 +79,8 @@ interface Run {
   downtimesMs: number[];
   dedupHits: GroupSummary['dedupStats']['hits'];
   wantedPages: number;
+  /** Pages the switchovers sent again (missed by the dirty tracker, found by the repair). */
+  repairedPages: number;
   /** Page bytes sent over page bytes before compression, over all guests. */
   compressionRatio: number;
   verified: boolean;
@@ -86,6 +88,29 @@ interface Run {
 
 function log(line: string) {
   if (!values.json) console.error(line);
+}
+
+/**
+ * What to undo on the way out, also on Ctrl-C or SIGTERM: agents (and their guests), the
+ * link. Each step runs once, whoever asks first (the signal or the normal way out).
+ */
+const cleanups: (() => Promise<void>)[] = [];
+function onExit(step: () => Promise<void>): () => Promise<void> {
+  let running: Promise<void> | undefined;
+  const once = () => (running ??= step().catch((err: Error) => console.error(`cleanup: ${err.message}`)));
+  cleanups.push(once);
+  return once;
+}
+async function cleanUp(): Promise<void> {
+  for (const step of [...cleanups].reverse()) await step();
+}
+let interrupted = false;
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(signal, () => {
+    interrupted = true;
+    console.error(`${signal}: stopping the agents and guests, removing the link`);
+    void cleanUp().finally(() => process.exit(130));
+  });
 }
 
 let counter = 0;
@@ -121,10 +146,11 @@ async function runOnce(source: LocalAgent, destination: LocalAgent, to: string, 
       ...(link.pacedBytesPerSec ? { bandwidthBytesPerSec: link.pacedBytesPerSec } : {}),
     });
     let verified = summary.failed.length === 0 && summary.guests.every((g) => g.verified);
-    for (const name of names) {
-      const check = await waitForGuestProgress(destination, name, 0, 120_000).catch(() => undefined);
+    for (const moved of summary.guests) {
+      const check = await waitForGuestProgress(destination, moved.guest, 0, 120_000).catch(() => undefined);
       if (!check || check.resumeStalePages !== 0 || check.stalePages !== 0) verified = false;
     }
+    for (const f of summary.failed) log(`  ${f.guest} did not move: ${f.code}: ${f.message}`);
     return {
       strategy: s.name,
       mode: s.strategy,
@@ -141,6 +167,7 @@ async function runOnce(source: LocalAgent, destination: LocalAgent, to: string, 
       downtimesMs: summary.guests.map((g) => g.downtimeMs),
       dedupHits: summary.dedupStats.hits,
       wantedPages: summary.dedupStats.wantedPages,
+      repairedPages: summary.repairedPages,
       compressionRatio:
         summary.guests.reduce((sum, g) => sum + g.rawDataBytes * g.compressionRatio, 0) /
         Math.max(1, summary.guests.reduce((sum, g) => sum + g.rawDataBytes, 0)),
@@ -166,6 +193,11 @@ interface Link {
 async function withAgents<T>(link: Link, body: (source: LocalAgent, destination: LocalAgent, to: string) => Promise<T>): Promise<T> {
   const tmp = makeTempDir('gangway-bench-gang-');
   const agents: LocalAgent[] = [];
+  const stopAll = onExit(async () => {
+    for (const agent of agents) await killGuestsOf(agent);
+    await Promise.all(agents.map((agent) => agent.stop()));
+    rmSync(tmp, { recursive: true, force: true });
+  });
   try {
     const shaped = link.shaped;
     const source = await startLocalAgent({
@@ -180,14 +212,11 @@ async function withAgents<T>(link: Link, body: (source: LocalAgent, destination:
     agents.push(destination);
     return await body(source, destination, destination.listen);
   } finally {
-    for (const agent of agents) await killGuestsOf(agent);
-    await Promise.all(agents.map((agent) => agent.stop()));
-    rmSync(tmp, { recursive: true, force: true });
+    await stopAll();
   }
 }
 
 const links: Link[] = [];
-let shapedLink: ShapedLink | undefined;
 let linkNote: string | undefined;
 const runs: Run[] = [];
 try {
@@ -195,8 +224,9 @@ try {
   if (values.link !== 'loopback') {
     const available = await netnsAvailable();
     if (available.ok) {
-      shapedLink = await createShapedLink({ name: `g${process.pid % 100000}`, rateBitsPerSec: GBIT });
-      links.push({ name: '1 Gbit/s (tc, netns)', shaped: shapedLink });
+      const created = await createShapedLink({ name: `g${process.pid % 100000}`, rateBitsPerSec: GBIT });
+      onExit(() => created.close());
+      links.push({ name: '1 Gbit/s (tc, netns)', shaped: created });
     } else {
       linkNote = `no network namespaces (${available.reason}): the 1 Gbit/s link is the sender's pacer`;
       log(linkNote);
@@ -210,18 +240,19 @@ try {
       for (let n = 0; n < repeat; n++) {
         // Every strategy once per repeat, interleaved, so drift hits them alike.
         for (const s of strategies) {
+          if (interrupted) return;
           const run = await runOnce(source, destination, to, link, s, n);
           runs.push(run);
           log(
             `${link.name} | ${s.name}: wire ${(run.wireBytes / MiB).toFixed(0)} MiB, total ${(run.totalMs / 1000).toFixed(2)} s, ` +
-              `longest downtime ${run.maxDowntimeMs.toFixed(0)} ms, compressed to ${(run.compressionRatio * 100).toFixed(0)}%, verified ${run.verified}`,
+              `longest downtime ${run.maxDowntimeMs.toFixed(0)} ms, compressed to ${(run.compressionRatio * 100).toFixed(0)}%, ${run.repairedPages} pages repaired, verified ${run.verified}`,
           );
         }
       }
     });
   }
 } finally {
-  await shapedLink?.close();
+  await cleanUp();
 }
 
 // Medians per (link, strategy), and the ratios against the same link's baseline.

@@ -10,7 +10,7 @@ import { closeSync, openSync } from 'node:fs';
 import type { Logger } from 'pino';
 import { ErrorCode, ProtocolError } from '../../protocol/errors.js';
 import { Frame } from '../../protocol/index.js';
-import { FINGERPRINT_BYTES, MAX_RESIDENT_FINGERPRINTS_PER_FRAME, RESIDENT_SLOT_FLAG } from '../../protocol/limits.js';
+import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, RESIDENT_SLOT_FLAG } from '../../protocol/limits.js';
 import type { GuestRegistry } from '../guest/registry.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { PeerSession } from '../peer/session.js';
@@ -116,8 +116,8 @@ export class DestinationGroup {
         closed: false,
         release: () => this.native.regionClose(region),
       });
-      for (let first = 0; first < pageCount; first += MAX_RESIDENT_FINGERPRINTS_PER_FRAME) {
-        const count = Math.min(MAX_RESIDENT_FINGERPRINTS_PER_FRAME, pageCount - first);
+      for (let first = 0; first < pageCount; first += MAX_FINGERPRINTS_PER_FRAME) {
+        const count = Math.min(MAX_FINGERPRINTS_PER_FRAME, pageCount - first);
         const fps = offered.subarray(first * FINGERPRINT_BYTES, (first + count) * FINGERPRINT_BYTES);
         this.native.regionFingerprints(region, first, count, fps);
         if (!session.isOpen || this.ended) break;

@@ -313,6 +313,16 @@ export class DedupPlanner {
     for (let location = info.base; location < info.base + info.pageCount; location++) this.index.clear(location);
   }
 
+  /** What these pages of `slot` hold at the destination is not known any more (runs [firstPage, pageCount]). */
+  forgetRuns(slot: number, runs: Uint32Array): void {
+    const info = this.bySlot.get(slot);
+    if (!info) return;
+    for (let i = 0; i + 1 < runs.length; i += 2) {
+      const end = Math.min(runs[i]! + runs[i + 1]!, info.pageCount);
+      for (let page = runs[i]!; page < end; page++) this.index.clear(info.base + page);
+    }
+  }
+
   /** The destination found these resident pages changed ([slot, page] pairs). */
   forgetStale(pairs: Uint32Array): void {
     for (let i = 0; i + 1 < pairs.length; i += 2) {

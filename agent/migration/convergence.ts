@@ -93,14 +93,17 @@ export function isPrecopyConverged(input: ConvergenceInput): ConvergenceDecision
 
 /**
  * A byte-weighted exponential moving average of a rate, fed with (bytes, elapsedMs) of each
- * round. Short rounds say little about the link (latency dominates), so a round shorter
- * than `minSampleMs` moves the estimate in proportion to its length.
+ * round. A small round says little about the link: its time is latency and waiting (a few
+ * round trips, other migrations' batches ahead of it on a shared session), so a round
+ * smaller than `minSampleBytes` moves the estimate in proportion to its size. Weighting by
+ * time instead let a gang's tail of tiny rounds drag the estimate to a fraction of the link,
+ * predict seconds of downtime for a few hundred pages, and never stop.
  */
 export class RateEstimator {
   private estimate: number | undefined;
   constructor(
     private readonly weight = 0.5,
-    private readonly minSampleMs = 50,
+    private readonly minSampleBytes = 4 * 1024 * 1024,
   ) {}
 
   add(bytes: number, elapsedMs: number): void {
@@ -110,7 +113,7 @@ export class RateEstimator {
       this.estimate = sample;
       return;
     }
-    const w = this.weight * Math.min(1, elapsedMs / this.minSampleMs);
+    const w = this.weight * Math.min(1, bytes / this.minSampleBytes);
     this.estimate = this.estimate * (1 - w) + sample * w;
   }
 

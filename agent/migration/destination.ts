@@ -18,7 +18,10 @@ import { randomBytes } from 'node:crypto';
 import type { AgentMetrics } from '../metrics.js';
 import type { DestinationGroup } from '../dedup/dest-group.js';
 import { ENTRY_DATA, ENTRY_REF } from '../native.js';
-import { FINGERPRINT_BYTES, MAX_WANT_RUNS, REF_WORDS } from '../../protocol/limits.js';
+import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MAX_WANT_RUNS, REF_WORDS } from '../../protocol/limits.js';
+
+/** Repairs of a digest mismatch this side allows before it gives the migration up. */
+const MAX_REPAIRS = 2;
 
 export interface DestinationContext {
   registry: GuestRegistry;
@@ -65,6 +68,7 @@ export class DestinationMigration implements FrameHandler {
   /** The dedup group this migration belongs to (its frames are applied in the group's order). */
   private group: DestinationGroup | undefined;
   private mismatchScratch = new Uint32Array(0);
+  private repairs = 0;
   readonly done: Promise<IncomingResult>;
   private resolveDone!: (result: IncomingResult) => void;
 
@@ -214,9 +218,25 @@ export class DestinationMigration implements FrameHandler {
           const match =
             digests.length === verify.digests.length &&
             digests.every((digest, i) => digest.equals(Buffer.from(verify.digests[i]!)));
+          const repair = !match && this.repairs < MAX_REPAIRS && (this.session.peer?.features.includes('repair') ?? false);
           this.session.send(Frame.verified({ migrationId: this.offer.migrationId, match, digests }));
-          this.state = transition(this.state, { type: match ? 'sentVerified' : 'sentVerifiedMismatch' });
-          if (!match) this.finish('aborted', 'memory digests differ');
+          this.state = transition(this.state, { type: match ? 'sentVerified' : repair ? 'sentVerifiedMismatchRepair' : 'sentVerifiedMismatch' });
+          if (match) return;
+          if (!repair) {
+            this.finish('aborted', 'memory digests differ');
+            return;
+          }
+          // The source sends the pages that differ as one more final round.
+          this.repairs++;
+          this.log.warn({ attempt: this.repairs }, 'memory digests differ: sending page fingerprints for a repair');
+          for (const [index, region] of this.regions.entries()) {
+            for (let first = 0; first < region.pageCount; first += MAX_FINGERPRINTS_PER_FRAME) {
+              const count = Math.min(MAX_FINGERPRINTS_PER_FRAME, region.pageCount - first);
+              const fingerprints = new Uint8Array(count * FINGERPRINT_BYTES);
+              this.native.regionFingerprints(region.handle, first, count, fingerprints);
+              this.session.send(Frame.pageFingerprints({ migrationId: this.offer.migrationId, region: index, firstPage: first, fingerprints }));
+            }
+          }
         });
         return;
       }

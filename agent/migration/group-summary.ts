@@ -30,6 +30,8 @@ export interface GroupSummary {
   wireBytes: number;
   /** Wire bytes per byte of guest memory moved. */
   wireRatio: number;
+  /** Pages sent again at the switchovers (the dirty tracker had missed writes to them). */
+  repairedPages: number;
   dedupStats: {
     refPages: number;
     unchangedPages: number;
@@ -76,6 +78,7 @@ export function summarizeGroup(
     memoryBytes,
     wireBytes,
     wireRatio: memoryBytes > 0 ? wireBytes / memoryBytes : 0,
+    repairedPages: sum((s) => s.repairedPages),
     dedupStats: {
       refPages: sum((s) => s.dedup.refPages),
       unchangedPages: sum((s) => s.dedup.unchangedPages),

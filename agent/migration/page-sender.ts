@@ -36,12 +36,14 @@ export interface RoundCounters {
   hitsCrossRound: number;
   hitsCrossGuest: number;
   hitsResident: number;
+  /** Time spent held at a gang's switchover gate (another member was switching over). */
+  gateWaitMs: number;
 }
 
 export function emptyCounters(): RoundCounters {
   return {
     pages: 0, dataPages: 0, zeroPages: 0, rawBytes: 0, payloadBytes: 0, wireBytes: 0, batches: 0, compressedBatches: 0, compressedBytes: 0,
-    refPages: 0, unchangedPages: 0, hitsIntra: 0, hitsCrossRound: 0, hitsCrossGuest: 0, hitsResident: 0,
+    refPages: 0, unchangedPages: 0, hitsIntra: 0, hitsCrossRound: 0, hitsCrossGuest: 0, hitsResident: 0, gateWaitMs: 0,
   };
 }
 
@@ -253,7 +255,11 @@ export async function sendRegionRound(
       }
       const head = pending.shift();
       if (!head) {
-        if (gate && !done) await gate.gate.waitOpen(gate.owner);
+        if (gate && !done) {
+          const waitStart = performance.now();
+          await gate.gate.waitOpen(gate.owner);
+          counters.gateWaitMs += performance.now() - waitStart;
+        }
         continue;
       }
       const batch = await head;

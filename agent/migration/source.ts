@@ -25,6 +25,7 @@ import { SourceStateMachine, type SourcePhase } from './source-state.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { SourceDedupGroup } from '../dedup/source-group.js';
 import { PageSet } from '../tracker/page-set.js';
+import { FINGERPRINT_BYTES } from '../../protocol/limits.js';
 
 export interface SourceOptions {
   migrationId: string;
@@ -91,6 +92,8 @@ export interface MigrationSummary {
     wantedPages: number;
   };
   rawDataBytes: number;
+  /** Pages sent again at the switchover because the destination's differed (missed by the dirty tracker). */
+  repairedPages: number;
   compressionRatio: number;
   linkRateBytesPerSec: number;
   codecRates: { lz4?: number; raw?: number };
@@ -110,6 +113,8 @@ export interface MigrationProgress {
 }
 
 const PAUSE_LATENCY_MS = 5;
+/** Repair rounds after a digest mismatch before the migration fails (and the guest runs on here). */
+const MAX_REPAIRS = 2;
 const RESUME_ALLOWANCE_MS = 5;
 
 export class SourceMigration extends EventEmitter implements FrameHandler {
@@ -126,6 +131,10 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   /** Pages the destination asked for again (want), for the next round. */
   private wanted: PageSet | undefined;
   private wantedPages = 0;
+  private repairedPages = 0;
+  private droppedDirty = false;
+  /** Collects the destination's page fingerprints during a repair. */
+  private fingerprintsIn: { fps: Uint8Array; received: number; resolve: (fps: Uint8Array) => void; reject: (err: Error) => void } | undefined;
 
   constructor(
     readonly guest: ProcessGuest,
@@ -149,6 +158,22 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         this.chooser?.delivered();
         this.credits?.grant((frame as ReturnType<typeof Frame.credit>).bytes);
         return;
+      case 'pageFingerprints': {
+        const frame_ = frame as ReturnType<typeof Frame.pageFingerprints>;
+        const into = this.fingerprintsIn;
+        const count = frame_.fingerprints.length / FINGERPRINT_BYTES;
+        if (!into || frame_.region !== 0 || (frame_.firstPage + count) * FINGERPRINT_BYTES > into.fps.length) {
+          this.fail(new GangwayError(ErrorCode.UNEXPECTED_FRAME, `pageFingerprints (region ${frame_.region}, from page ${frame_.firstPage}) that were not asked for`));
+          return;
+        }
+        into.fps.set(frame_.fingerprints, frame_.firstPage * FINGERPRINT_BYTES);
+        into.received += count;
+        if (into.received * FINGERPRINT_BYTES >= into.fps.length) {
+          this.fingerprintsIn = undefined;
+          into.resolve(into.fps);
+        }
+        return;
+      }
       case 'want': {
         const want = frame as ReturnType<typeof Frame.want>;
         if (!this.options.dedup || !this.wanted || want.region !== 0) {
@@ -196,9 +221,19 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     this.fail(err);
   }
 
+  /** The destination's fingerprint of every page, as pageFingerprints frames bring them. */
+  private receiveFingerprints(pageCount: number): Promise<Uint8Array> {
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => {
+      this.fingerprintsIn = { fps: new Uint8Array(pageCount * FINGERPRINT_BYTES), received: 0, resolve, reject };
+    });
+  }
+
   private fail(err: GangwayError): void {
     if (this.failure) return;
     this.failure = err;
+    this.fingerprintsIn?.reject(err);
+    this.fingerprintsIn = undefined;
     this.credits?.fail(err);
     for (const waiter of this.waiters.values()) waiter.reject(err);
     this.waiters.clear();
@@ -370,7 +405,16 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     options.gate?.join(this.credits);
     this.state.to('precopy');
 
-    const rttMs = await this.session.measureRttMs();
+    // The round trip's floor: a ping waits behind whatever is queued on the session (a
+    // gang's other members, this migration's own window), so the smallest seen is the
+    // latency the switchover's few small frames will pay. Sampled again after every round.
+    let minRttMs = await this.session.measureRttMs();
+    const sampleRtt = () => {
+      this.session.measureRttMs().then(
+        (rtt) => (minRttMs = Math.min(minRttMs, rtt)),
+        () => {},
+      );
+    };
     const chooser = new CodecChooser({ mode: options.codec, now: () => this.clock.now() });
     this.chooser = chooser;
     const pool = new BatchPool(Math.min(options.batchBytes, this.session.peerMaxPayloadBytes), 8192);
@@ -380,9 +424,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const totals = emptyCounters();
     const linkRate = new RateEstimator();
     let wireBytesPerPage = pageSize;
-    const switchoverOverheadMs = (guest.memoryBytes / options.digestBytesPerSec) * 1000 + 2 * rttMs + RESUME_ALLOWANCE_MS;
+    const switchoverOverheadMs = () => (guest.memoryBytes / options.digestBytesPerSec) * 1000 + 2 * minRttMs + RESUME_ALLOWANCE_MS;
 
-    const sendRound = async (round: number, runs: Uint32Array, final: boolean): Promise<RoundRecord> => {
+    const sendRound = async (round: number, runs: Uint32Array, final: boolean, how: { plain?: boolean } = {}): Promise<RoundRecord> => {
       const t0 = this.clock.now();
       const roundPages = runsPageCount(runs);
       let reported = emptyCounters();
@@ -398,7 +442,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
           pipelineDepth: 4,
           // Resident refs are verified at the destination and may be asked for again:
           // not in the final round, where that would be a round trip of downtime.
-          ...(dedup ? { dedup: { group: dedup.group, slot: dedup.slot, allowResident: !final } } : {}),
+          ...(dedup && !how.plain ? { dedup: { group: dedup.group, slot: dedup.slot, allowResident: !final } } : {}),
           ...(options.gate ? { gate: { gate: options.gate, owner: this } } : {}),
           onBatch: (c) => {
             this.progress(round, roundPages, c, t0, totals.wireBytes + c.wireBytes);
@@ -429,11 +473,13 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     let decision: ConvergenceDecision;
     for (;;) {
       const record = await sendRound(round, runs, false);
-      linkRate.add(record.wireBytes, record.durationMs);
+      // Time held at a gang's switchover gate says nothing about the link.
+      linkRate.add(record.wireBytes, record.durationMs - record.gateWaitMs);
       if (record.dataPages > 0) {
         const sample = round === 0 ? (record.payloadBytes / record.dataPages) + 16 : record.wireBytes / record.pages;
         wireBytesPerPage = round <= 1 ? sample : wireBytesPerPage * 0.5 + sample * 0.5;
       }
+      sampleRtt();
       runs = mergeRuns(await this.collect(tracker), takeWanted(), pageCount);
       const now = this.clock.now();
       const pending = runsPageCount(runs);
@@ -447,7 +493,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         linkRateBytesPerSec: linkRate.value ?? 1,
         dirtyRatePagesPerSec,
         pauseLatencyMs: PAUSE_LATENCY_MS,
-        switchoverOverheadMs,
+        switchoverOverheadMs: switchoverOverheadMs(),
         safetyFactor: DEFAULT_SAFETY_FACTOR,
         downtimeBudgetMs: options.downtimeBudgetMs,
         wireBytesSent: totals.wireBytes,
@@ -501,15 +547,35 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
 
     this.state.to('verifying');
     const digests = await sourceDigests;
-    const verifiedP = this.expect<ReturnType<typeof Frame.verified>>('verified', 60_000, 'verification');
-    this.send(Frame.verify({ migrationId: options.migrationId, digests }));
-    const verified = await verifiedP;
-    const verifiedAt = this.clock.now();
-    if (!verified.match || !sameDigests(verified.digests, digests)) {
-      throw new GangwayError(
-        ErrorCode.DIGEST_MISMATCH,
-        `memory digests differ after the final round (source ${hex(digests)}, destination ${hex(verified.digests)})`,
-      );
+    // Verify; when the destination's pages differ (a write the tracker missed) and both
+    // sides can repair, it sends every page's fingerprint, and the pages that differ go out
+    // as one more final round (inside the downtime, so the guest never runs divergent).
+    let verifiedAt: number;
+    for (let attempt = 0; ; attempt++) {
+      const repairable = attempt < MAX_REPAIRS && (this.session.peer?.features.includes('repair') ?? false);
+      const theirs = repairable ? this.receiveFingerprints(pageCount) : undefined;
+      theirs?.catch(() => {});
+      const verifiedP = this.expect<ReturnType<typeof Frame.verified>>('verified', 60_000, 'verification');
+      this.send(Frame.verify({ migrationId: options.migrationId, digests }));
+      const verified = await verifiedP;
+      verifiedAt = this.clock.now();
+      if (verified.match && sameDigests(verified.digests, digests)) {
+        this.fingerprintsIn = undefined;
+        break;
+      }
+      const mismatch = `memory digests differ after the final round (source ${hex(digests)}, destination ${hex(verified.digests)})`;
+      if (!theirs) throw new GangwayError(ErrorCode.DIGEST_MISMATCH, mismatch);
+      const ours = new Uint8Array(pageCount * FINGERPRINT_BYTES);
+      this.native.regionFingerprints(regions[0]!, 0, pageCount, ours);
+      const differing = differingRuns(ours, await theirs);
+      const pages = runsPageCount(differing);
+      if (pages === 0) throw new GangwayError(ErrorCode.DIGEST_MISMATCH, `${mismatch}, yet every page's fingerprint agrees`);
+      this.log.warn({ pages, attempt: attempt + 1 }, 'pages differ at the switchover (a write the dirty tracker missed): sending them again');
+      this.repairedPages += pages;
+      options.metrics?.repairedPages.inc(pages);
+      // What the mirror says of those destination pages is wrong: forget it, send them plainly.
+      dedup?.group.forgetRuns(dedup.slot, differing);
+      await sendRound(round + 2 + attempt, differing, true, { plain: true });
     }
 
     this.state.to('committing');
@@ -575,6 +641,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         savedBytes: (totals.refPages + totals.unchangedPages) * pageSize,
         wantedPages: this.wantedPages,
       },
+      repairedPages: this.repairedPages,
       rawDataBytes: totals.rawBytes,
       compressionRatio: totals.rawBytes > 0 ? totals.payloadBytes / totals.rawBytes : 1,
       linkRateBytesPerSec: linkRate.value ?? 0,
@@ -586,7 +653,16 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
 
   private async collect(tracker: DirtyTracker): Promise<Uint32Array> {
     const started = this.clock.now();
-    const runs = await tracker.collect();
+    let runs = await tracker.collect();
+    // Fault injection for tests (GANGWAY_FAULT_DROP_DIRTY=N): the first collect after round
+    // 0 loses N dirty pages, as a tracker that missed writes would; the switchover repair
+    // must find and send them.
+    const drop = Number(process.env.GANGWAY_FAULT_DROP_DIRTY ?? 0);
+    if (drop > 0 && !this.droppedDirty && runs.length > 0) {
+      this.droppedDirty = true;
+      runs = dropPages(runs, drop);
+      this.log.warn({ pages: drop }, 'fault injection: dirty pages dropped (GANGWAY_FAULT_DROP_DIRTY)');
+    }
     this.options.metrics?.dirtyScan.observe({ tracker: tracker.kind }, (this.clock.now() - started) / 1000);
     return runs;
   }
@@ -628,4 +704,37 @@ function sameDigests(a: readonly Uint8Array[], b: readonly Uint8Array[]): boolea
 
 function hex(digests: readonly Uint8Array[]): string {
   return digests.map((d) => Buffer.from(d).toString('hex')).join(',');
+}
+
+/** Pages whose 16-byte fingerprints differ between `a` and `b`, as runs. */
+export function differingRuns(a: Uint8Array, b: Uint8Array): Uint32Array {
+  const out: number[] = [];
+  const pages = Math.min(a.length, b.length) / FINGERPRINT_BYTES;
+  for (let page = 0; page < pages; page++) {
+    const at = page * FINGERPRINT_BYTES;
+    let same = true;
+    for (let i = 0; i < FINGERPRINT_BYTES; i++) {
+      if (a[at + i] !== b[at + i]) {
+        same = false;
+        break;
+      }
+    }
+    if (same) continue;
+    const last = out.length - 2;
+    if (last >= 0 && out[last]! + out[last + 1]! === page) out[last + 1]!++;
+    else out.push(page, 1);
+  }
+  return Uint32Array.from(out);
+}
+
+/** `runs` without their first `count` pages. */
+function dropPages(runs: Uint32Array, count: number): Uint32Array {
+  const out: number[] = [];
+  let left = count;
+  for (let i = 0; i + 1 < runs.length; i += 2) {
+    const take = Math.min(left, runs[i + 1]!);
+    left -= take;
+    if (take < runs[i + 1]!) out.push(runs[i]! + take, runs[i + 1]! - take);
+  }
+  return Uint32Array.from(out);
 }

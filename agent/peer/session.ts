@@ -63,6 +63,8 @@ export class PeerSession extends EventEmitter {
     });
     this.ready.catch(() => {});
     ws.binaryType = 'nodebuffer';
+    // Every migration of a gang may have a ping in flight.
+    ws.setMaxListeners(0);
     ws.on('message', (data: Buffer, isBinary: boolean) => this.receive(data, isBinary));
     ws.on('close', (code, reason) => {
       this.finish(
@@ -109,22 +111,28 @@ export class PeerSession extends EventEmitter {
     return Math.min(this.peerHello?.maxPayloadBytes ?? this.options.maxPayloadBytes, this.options.maxPayloadBytes);
   }
 
-  /** Round-trip time of a WebSocket ping, in ms. */
+  /** Round-trip time of a WebSocket ping, in ms. Pings carry an id, so concurrent ones are told apart. */
   measureRttMs(timeoutMs = 5_000): Promise<number> {
     return new Promise((resolve, reject) => {
+      const id = Buffer.alloc(4);
+      id.writeUInt32BE(this.nextPingId++ >>> 0);
       const started = performance.now();
+      const onPong = (data: Buffer) => {
+        if (!id.equals(data)) return;
+        clearTimeout(timer);
+        this.ws.off('pong', onPong);
+        resolve(performance.now() - started);
+      };
       const timer = setTimeout(() => {
         this.ws.off('pong', onPong);
         reject(new GangwayError(ErrorCode.TIMEOUT, `no pong from the peer within ${timeoutMs} ms`));
       }, timeoutMs);
-      const onPong = () => {
-        clearTimeout(timer);
-        resolve(performance.now() - started);
-      };
-      this.ws.once('pong', onPong);
-      this.ws.ping();
+      this.ws.on('pong', onPong);
+      this.ws.ping(id);
     });
   }
+
+  private nextPingId = 1;
 
   register(migrationId: string, handler: FrameHandler): void {
     this.handlers.set(migrationId, handler);

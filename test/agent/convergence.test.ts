@@ -124,16 +124,23 @@ describe('pre-copy under a fake clock', () => {
 
 describe('RateEstimator', () => {
   it('starts at the first sample and moves toward later ones', () => {
-    const rate = new RateEstimator(0.5, 50);
+    const rate = new RateEstimator(0.5, 4 * MiB);
     rate.add(100 * MiB, 100);
     expect(rate.value).toBeCloseTo(1000 * MiB);
     rate.add(50 * MiB, 100);
     expect(rate.value).toBeCloseTo(750 * MiB);
   });
-  it('gives a short round little weight', () => {
-    const rate = new RateEstimator(0.5, 50);
+  it('gives a small round little weight', () => {
+    const rate = new RateEstimator(0.5, 4 * MiB);
     rate.add(100 * MiB, 100);
     rate.add(1, 1);
     expect(rate.value!).toBeGreaterThan(980 * MiB);
+  });
+  it('is not dragged down by many small rounds that spent their time waiting', () => {
+    const rate = new RateEstimator(0.5, 4 * MiB);
+    rate.add(100 * MiB, 100);
+    // Thirty rounds of 100 KiB that took 50 ms each (2 MB/s if taken at face value).
+    for (let i = 0; i < 30; i++) rate.add(100 * 1024, 50);
+    expect(rate.value!).toBeGreaterThan(500 * MiB);
   });
 });

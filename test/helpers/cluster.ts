@@ -13,8 +13,8 @@ export class Cluster {
   readonly dir = makeTempDir('gangway-test-');
   readonly agents: LocalAgent[] = [];
 
-  async agent(name: string, args: string[] = []): Promise<LocalAgent> {
-    const agent = await startLocalAgent({ stateDir: `${this.dir}/${name}`, mainPath: mainJs, args });
+  async agent(name: string, args: string[] = [], env?: NodeJS.ProcessEnv): Promise<LocalAgent> {
+    const agent = await startLocalAgent({ stateDir: `${this.dir}/${name}`, mainPath: mainJs, args, ...(env ? { env } : {}) });
     this.agents.push(agent);
     return agent;
   }
