@@ -486,22 +486,33 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       const dirtyRatePagesPerSec = (pending * 1000) / Math.max(now - lastCollect, 1);
       lastCollect = now;
       record.dirtyPagesAfter = pending;
-      decision = isPrecopyConverged({
-        roundsDone: round + 1,
-        pendingPages: pending,
-        wireBytesPerPage,
-        linkRateBytesPerSec: linkRate.value ?? 1,
-        dirtyRatePagesPerSec,
-        pauseLatencyMs: PAUSE_LATENCY_MS,
-        switchoverOverheadMs: switchoverOverheadMs(),
-        safetyFactor: DEFAULT_SAFETY_FACTOR,
-        downtimeBudgetMs: options.downtimeBudgetMs,
-        wireBytesSent: totals.wireBytes,
-        limits: { maxRounds: options.maxRounds, maxWireBytes: options.maxWireBytes },
-      });
+      const decide = (pendingPages: number) =>
+        isPrecopyConverged({
+          roundsDone: round + 1,
+          pendingPages,
+          wireBytesPerPage,
+          linkRateBytesPerSec: linkRate.value ?? 1,
+          dirtyRatePagesPerSec,
+          pauseLatencyMs: PAUSE_LATENCY_MS,
+          switchoverOverheadMs: switchoverOverheadMs(),
+          safetyFactor: DEFAULT_SAFETY_FACTOR,
+          downtimeBudgetMs: options.downtimeBudgetMs,
+          wireBytesSent: totals.wireBytes,
+          limits: { maxRounds: options.maxRounds, maxWireBytes: options.maxWireBytes },
+        });
+      decision = decide(pending);
+      if (decision.action === 'stop' && options.gate && !this.releaseGate) {
+        // A gang member's turn: the others hold back until its switchover is over. Its
+        // guest kept writing while it waited for the turn: decide again on what is dirty
+        // now, and if that no longer fits, copy another round with the link to itself.
+        this.releaseGate = await options.gate.acquire(this);
+        runs = mergeRuns(runs, mergeRuns(await this.collect(tracker), takeWanted(), pageCount), pageCount);
+        record.dirtyPagesAfter = runsPageCount(runs);
+        decision = decide(record.dirtyPagesAfter);
+      }
       record.decision = decision.reason;
       this.log.info(
-        { round, pages: record.pages, wireBytes: record.wireBytes, ms: Math.round(record.durationMs), dirtyPages: pending, decision: decision.action, reason: decision.reason },
+        { round, pages: record.pages, wireBytes: record.wireBytes, ms: Math.round(record.durationMs), dirtyPages: record.dirtyPagesAfter, decision: decision.action, reason: decision.reason },
         'round done',
       );
       if (decision.action === 'stop') break;
@@ -523,7 +534,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     // Stop-and-copy. Let the destination catch up first, so the downtime does not include
     // writing out a receive window's worth of pre-copy pages (every gang member's window:
     // the gate holds the others back until this switchover is over).
-    this.releaseGate = await options.gate?.acquire(this);
+    this.releaseGate ??= await options.gate?.acquire(this);
     await this.credits.drained();
     // The round trip as it is now, for the downtime measurement: the one taken at the start
     // can be inflated by other migrations starting on the same session.
