@@ -86,6 +86,11 @@ interface Run {
   verified: boolean;
 }
 
+/** 0.38 -> '38% fewer'; -0.2 -> '20% more'. */
+function change(saved: number, less: string, more: string): string {
+  return saved >= 0 ? `${(saved * 100).toFixed(0)}% ${less}` : `${(-saved * 100).toFixed(0)}% ${more}`;
+}
+
 function log(line: string) {
   if (!values.json) console.error(line);
 }
@@ -322,9 +327,9 @@ else {
   );
   for (const t of targets) {
     console.log(
-      `${t.link}: gang with dedup sends ${(t.wireSaved * 100).toFixed(0)}% fewer wire bytes (target 55%: ${t.wireTargetMet ? 'met' : 'not met'}) ` +
-        `and takes ${(t.timeSaved * 100).toFixed(0)}% less total time (target 35%: ${t.timeTargetMet ? 'met' : 'not met'}) than serial without dedup; ` +
-        `against no dedup and no compression: ${(t.wireSavedVsHypervisorDefault * 100).toFixed(0)}% fewer wire bytes, ${(t.timeSavedVsHypervisorDefault * 100).toFixed(0)}% less time`,
+      `${t.link}: gang with dedup sends ${change(t.wireSaved, 'fewer', 'more')} wire bytes (target 55% fewer: ${t.wireTargetMet ? 'met' : 'not met'}) ` +
+        `and takes ${change(t.timeSaved, 'less', 'more')} total time (target 35% less: ${t.timeTargetMet ? 'met' : 'not met'}) than serial without dedup; ` +
+        `against no dedup and no compression: ${change(t.wireSavedVsHypervisorDefault, 'fewer', 'more')} wire bytes, ${change(t.timeSavedVsHypervisorDefault, 'less', 'more')} time`,
     );
   }
   console.log(`\nresults: ${path}`);
