@@ -34,6 +34,8 @@ export const ErrorCode = {
   INTERNAL: 'GANGWAY_ERR_INTERNAL',
   SHUTTING_DOWN: 'GANGWAY_ERR_SHUTTING_DOWN',
   TRACKER: 'GANGWAY_ERR_TRACKER',
+  /** A system command the agent drives (iptables, tc) failed, or its state is not what gangway installed. */
+  HOST_COMMAND: 'GANGWAY_ERR_HOST_COMMAND',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
