@@ -34,6 +34,8 @@ export const ErrorCode = {
   INTERNAL: 'GANGWAY_ERR_INTERNAL',
   SHUTTING_DOWN: 'GANGWAY_ERR_SHUTTING_DOWN',
   TRACKER: 'GANGWAY_ERR_TRACKER',
+  /** A TLS handshake between agents failed or a peer is not in tls.allow; the message says which side refused. */
+  TLS: 'GANGWAY_ERR_TLS',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
