@@ -62,6 +62,12 @@ describe.skipIf(!builtAgent)('agent configuration', () => {
     expect(JSON.parse(run.stdout)).toMatchObject({ listen: '127.0.0.1:7002', memoryDir: '/tmp', logLevel: 'debug', shutdownGraceMs: 2000, transport: { kind: 'plaintext-loopback' } });
   });
 
+  it('accepts the shipped agent.yaml (TLS on a non-loopback address)', async () => {
+    const run = await checkConfig(['--config', join(import.meta.dirname, '..', '..', 'agent', 'systemd', 'agent.yaml')]);
+    expect(run.exitCode, run.stderr).toBe(0);
+    expect(JSON.parse(run.stdout).transport.kind).toBe('tls');
+  });
+
   it('takes tls flags over the file, one setting at a time, and names a flag that is wrong', async () => {
     const path = configFile('tls.yaml', 'tls:\n  cert: /etc/gangway/tls/host-a.crt\n  key: /etc/gangway/tls/host-a.key\n  ca: /etc/gangway/tls/ca.crt\n  allow: [host-b]\n');
     const run = await checkConfig(['--config', path, '--tls-allow', 'host-c', '--tls-allow', 'sha256:' + 'AB:'.repeat(31) + 'AB']);
