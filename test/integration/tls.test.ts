@@ -2,7 +2,7 @@
 // wss; a certificate from another CA, an unlisted peer and an expired certificate are
 // refused with GANGWAY_ERR_TLS and a message that says which side refused and why, in both
 // directions; plain ws is refused at start-up unless asked for by name on loopback.
-import { readFileSync, rmSync } from 'node:fs';
+import { readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -133,5 +133,37 @@ describe.skipIf(!builtAgent)('mutual TLS between agents', () => {
     const mixed = await migrate(a, plain);
     expect(mixed.json.error.code).toBe('GANGWAY_ERR_TLS');
     expect(mixed.json.error.message).toMatch(/does not speak TLS/);
+  });
+
+  it('gangway certs: keys at 0600, a certificate the CA verifies, never an overwrite, clear errors', async () => {
+    const gangway = (args: string[]) => execa(process.execPath, [mainJs, 'certs', ...args], { reject: false, timeout: 30_000 });
+    const caDir = join(dir, 'cli-ca');
+    const init = await gangway(['init', '--dir', caDir, '--days', '10', '--json']);
+    expect(init.exitCode, init.stderr).toBe(0);
+    expect(statSync(join(caDir, 'ca.key')).mode & 0o777).toBe(0o600);
+    const issue = await gangway(['issue', 'hv1.example.net', '--dir', caDir, '--san', '10.213.0.2', '--san', 'hv1', '--json']);
+    expect(issue.exitCode, issue.stderr).toBe(0);
+    const result = JSON.parse(issue.stdout);
+    expect(result).toMatchObject({ name: 'hv1.example.net', certPath: join(caDir, 'hv1.example.net.crt'), caPath: join(caDir, 'ca.crt') });
+    expect(result.fingerprint).toMatch(/^sha256:[0-9a-f]{64}$/);
+    expect(result.subjectAltNames).toEqual(['DNS:hv1.example.net', 'IP Address:10.213.0.2', 'DNS:hv1']);
+    expect(statSync(result.keyPath).mode & 0o777).toBe(0o600);
+    const verify = await execa('openssl', ['verify', '-CAfile', result.caPath, '-purpose', 'sslclient', result.certPath], { reject: false });
+    expect(verify.stdout, verify.stderr).toMatch(/: OK$/);
+
+    for (const [args, message] of [
+      [['init', '--dir', caDir], /ca.key and .*ca.crt already exist: this directory already holds a CA/],
+      [['issue', 'hv1.example.net', '--dir', caDir], /already exist: a certificate for hv1.example.net was issued already/],
+      [['issue', 'host_a', '--dir', caDir], /certificate name "host_a" must be a host name/],
+      [['issue', 'host-a', '--dir', caDir, '--san', '10.0.0.1/24'], /--san "10.0.0.1\/24" is neither an IP address nor a DNS name/],
+      [['issue', 'host-a', '--dir', join(dir, 'no-ca')], /no CA in .*no-ca \(ca.key and ca.crt\): create one with `gangway certs init --dir/],
+      [['init', '--dir', join(dir, 'x'), '--days', '1.5'], /--days must be a whole number of days from 1 to 36500/],
+    ] as const) {
+      const run = await gangway([...args]);
+      expect(run.exitCode).not.toBe(0);
+      expect(run.stderr).toMatch(message);
+    }
+    // A refused issue leaves the existing files as they were.
+    expect(readFileSync(result.certPath, 'utf8')).toContain('BEGIN CERTIFICATE');
   });
 });
