@@ -7,6 +7,8 @@ import { parseDocument } from 'yaml';
 import { z } from 'zod';
 import { ErrorCode, GangwayError } from '../protocol/errors.js';
 import { parseDurationMs, QuantityError } from './units.js';
+import { allowEntryProblem } from './peer/allowlist.js';
+import { isLoopbackHost, type PeerTransport } from './peer/tls.js';
 
 export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
 export const TRACKERS = ['auto', 'uffd-wp', 'hash-scan'] as const;
@@ -26,6 +28,27 @@ const duration = z.union([z.number().min(0), z.string()]).transform((value, ctx)
   }
 });
 
+const allowEntry = z.string().superRefine((entry, ctx) => {
+  const problem = allowEntryProblem(entry);
+  if (problem) ctx.addIssue({ code: 'custom', message: problem });
+});
+
+const TLS_NEEDS = 'is missing (tls needs cert, key, ca and allow)';
+const tlsPath = z
+  .string({ error: (issue) => (issue.input === undefined ? TLS_NEEDS : undefined) })
+  .min(1)
+  .refine(isAbsolute, 'must be an absolute path');
+
+/** Mutual TLS between agents: this agent's certificate and key, the CA both sides trust, the peers it accepts. */
+export const TlsSettingsSchema = z
+  .object({
+    cert: tlsPath,
+    key: tlsPath,
+    ca: tlsPath,
+    allow: z.array(allowEntry, { error: (issue) => (issue.input === undefined ? TLS_NEEDS : undefined) }).min(1, 'must list at least one peer (a certificate CN or sha256:FINGERPRINT)'),
+  })
+  .strict();
+
 /** The settings a config file may hold (all optional: defaults and flags fill the rest). */
 export const ConfigFileSchema = z
   .object({
@@ -36,6 +59,8 @@ export const ConfigFileSchema = z
     shutdownGrace: duration,
     logLevel: z.enum(LOG_LEVELS),
     metrics: z.object({ listen: hostPort }).strict(),
+    tls: TlsSettingsSchema,
+    insecurePlaintextLoopback: z.boolean({ error: 'must be true or false' }),
   })
   .partial()
   .strict();
@@ -68,7 +93,7 @@ function describeIssues(where: string, error: z.ZodError, input: unknown): strin
     .map((issue) => {
       if (issue.code === 'unrecognized_keys') {
         const allowed = Object.keys(ConfigFileSchema.shape).join(', ');
-        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen)`;
+        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; tls takes cert, key, ca, allow)`;
       }
       const key = issue.path.join('.');
       let value: unknown = input;
@@ -135,4 +160,34 @@ export function mergeConfig(...layers: ConfigFile[]): ConfigFile {
     }
   }
   return merged;
+}
+
+/**
+ * How the agent talks to peers, from the merged settings: mutual TLS when `tls` is set;
+ * plain ws only when `insecurePlaintextLoopback` asks for it by name and the listen host is
+ * loopback. Anything else refuses to start, naming the settings to change.
+ */
+export function resolvePeerTransport(settings: Pick<ConfigFile, 'tls' | 'insecurePlaintextLoopback'>, listenHost: string): PeerTransport {
+  if (settings.tls) {
+    if (settings.insecurePlaintextLoopback) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, "'tls' and 'insecurePlaintextLoopback' exclude each other: set one (tls for peers on other hosts)");
+    }
+    const { cert, key, ca, allow } = settings.tls;
+    return { kind: 'tls', certPath: cert, keyPath: key, caPath: ca, allow };
+  }
+  if (!settings.insecurePlaintextLoopback) {
+    throw new GangwayError(
+      ErrorCode.BAD_REQUEST,
+      "peers need mutual TLS: set 'tls.cert', 'tls.key', 'tls.ca' and 'tls.allow' (see `gangway certs init`), " +
+        "or, for agents on this host only, 'insecurePlaintextLoopback: true' (--insecure-plaintext-loopback) with a loopback 'listen'",
+    );
+  }
+  if (!isLoopbackHost(listenHost)) {
+    throw new GangwayError(
+      ErrorCode.BAD_REQUEST,
+      `'insecurePlaintextLoopback' needs a loopback 'listen' (127.0.0.0/8, ::1 or localhost; got "${listenHost}"): ` +
+        "set 'tls.cert', 'tls.key', 'tls.ca' and 'tls.allow' to listen on other addresses",
+    );
+  }
+  return { kind: 'plaintext-loopback' };
 }

@@ -2,7 +2,9 @@
 // migrations), serves the local control API to the CLI over a unix socket in the state
 // dir, keeps the guest registry, and runs migrations in both directions.
 import { randomBytes, randomUUID } from 'node:crypto';
-import { createServer, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
+import type { TLSSocket } from 'node:tls';
 import { connect } from 'node:net';
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -28,6 +30,7 @@ import { connectPeer, PeerSession, type GroupFrame } from './peer/session.js';
 import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
 import { CONFIG_DEFAULTS } from './config.js';
+import { describeTlsError, hostOf, isLoopbackHost, loadTlsMaterial, REFUSAL_HEADER, refusePeer, type PeerTransport, type Refusal, type TlsMaterial } from './peer/tls.js';
 
 /** What this agent offers in its hello; a feature is used when both sides list it. */
 const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'repair'];
@@ -44,9 +47,11 @@ export interface AgentConfig {
   batchBytes: number;
   /** How long SIGTERM waits for running migrations before aborting them. */
   shutdownGraceMs: number;
+  /** Mutual TLS with an allowlist, or plain ws on loopback (asked for by name). */
+  transport: PeerTransport;
 }
 
-export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort' | 'stateDir'> = {
+export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort' | 'stateDir' | 'transport'> = {
   memoryDir: CONFIG_DEFAULTS.memoryDir,
   tracker: CONFIG_DEFAULTS.tracker,
   creditBytes: 32 * 1024 * 1024,
@@ -84,6 +89,8 @@ export class Agent {
   readonly registry: GuestRegistry;
   private peerServer: Server | undefined;
   private wss: WebSocketServer | undefined;
+  /** Loaded at start when the transport is TLS. */
+  private tls: TlsMaterial | undefined;
   private readonly sessionsIn = new Set<PeerSession>();
   private readonly groupsIn = new Map<PeerSession, Map<string, DestinationGroup>>();
   private readonly sessionsOut = new Map<string, Promise<PeerSession>>();
@@ -140,14 +147,44 @@ export class Agent {
   }
 
   private startPeerServer(): Promise<void> {
-    const server = createServer((_req, res) => {
-      res.writeHead(426, { 'content-type': 'text/plain' }).end('gangway peer port: WebSocket only\n');
-    });
+    const transport = this.config.transport;
+    if (transport.kind === 'plaintext-loopback' && !isLoopbackHost(this.config.listenHost)) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `plain ws listens on loopback only (got "${this.config.listenHost}"): set tls.cert, tls.key, tls.ca and tls.allow`);
+    }
+    const tls = transport.kind === 'tls' ? loadTlsMaterial(transport) : undefined;
+    this.tls = tls;
+    if (tls && tls.validTo.getTime() < Date.now()) {
+      this.log.warn({ cert: transport.kind === 'tls' ? transport.certPath : undefined, validTo: tls.validTo.toISOString() }, "this agent's certificate has expired: peers will refuse it");
+    }
+    // After the handshake, on every request: the client certificate must pass the CA check and be listed.
+    const refusal = (req: IncomingMessage): Refusal | undefined => (tls ? refusePeer(req.socket as TLSSocket, tls.allow) : undefined);
+    const refuse = (req: IncomingMessage, why: Refusal) => {
+      this.log.warn({ peer: `${req.socket.remoteAddress}:${req.socket.remotePort}`, reason: why.reason }, why.kind === 'certificate' ? "refused a peer's certificate" : 'refused a peer');
+      return { [REFUSAL_HEADER]: why.kind, 'content-type': 'text/plain' };
+    };
+    const onRequest = (req: IncomingMessage, res: ServerResponse) => {
+      const why = refusal(req);
+      if (why) res.writeHead(403, refuse(req, why)).end(`${why.reason}\n`);
+      else res.writeHead(426, { 'content-type': 'text/plain' }).end('gangway peer port: WebSocket only\n');
+    };
+    const server: Server = tls
+      ? createHttpsServer({ cert: tls.cert, key: tls.key, ca: tls.ca, requestCert: true, rejectUnauthorized: false }, onRequest)
+      : createServer(onRequest);
+    if (tls) {
+      server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
+        this.log.warn({ peer: `${socket.remoteAddress}:${socket.remotePort}`, reason: describeTlsError(err) }, "refused a peer's TLS handshake");
+      });
+    }
     const wss = new WebSocketServer({
       server,
       path: '/gangway/v1',
       perMessageDeflate: false,
       maxPayload: this.config.maxPayloadBytes + 256 * 1024,
+      verifyClient: (info, done) => {
+        const why = refusal(info.req);
+        if (!why) return done(true);
+        done(false, 403, why.reason, refuse(info.req, why));
+      },
     });
     wss.on('connection', (ws, req) => {
       const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
@@ -376,7 +413,14 @@ export class Agent {
       if (session?.isOpen) return session;
       this.sessionsOut.delete(address);
     }
+    if (!this.tls && !isLoopbackHost(hostOf(address))) {
+      throw new GangwayError(
+        ErrorCode.BAD_REQUEST,
+        `this agent runs without TLS (insecurePlaintextLoopback) and dials loopback peers only; ${address} is not loopback: set tls.cert, tls.key, tls.ca and tls.allow`,
+      );
+    }
     const pending = connectPeer(address, {
+      ...(this.tls ? { tls: this.tls } : {}),
       agentId: this.id,
       features: AGENT_FEATURES,
       maxPayloadBytes: this.config.maxPayloadBytes,

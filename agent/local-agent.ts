@@ -55,6 +55,17 @@ export interface LocalAgentOptions {
   wrap?: string[];
   /** HOST:PORT for `--listen`; default 127.0.0.1:0. */
   listen?: string;
+  /**
+   * Mutual TLS (absolute paths, allow entries as in tls.allow). Without it the agent runs
+   * with --insecure-plaintext-loopback, which it accepts only on a loopback `listen`.
+   */
+  tls?: { cert: string; key: string; ca: string; allow: string[] };
+}
+
+/** The `gangway agent` flags for a peer transport: TLS settings, or plain ws on loopback. */
+export function transportArgs(tls: LocalAgentOptions['tls']): string[] {
+  if (!tls) return ['--insecure-plaintext-loopback'];
+  return ['--tls-cert', tls.cert, '--tls-key', tls.key, '--tls-ca', tls.ca, ...tls.allow.flatMap((entry) => ['--tls-allow', entry])];
 }
 
 export async function startLocalAgent(options: LocalAgentOptions): Promise<LocalAgent> {
@@ -66,7 +77,7 @@ export async function startLocalAgent(options: LocalAgentOptions): Promise<Local
     const command = [...(options.wrap ?? []), process.execPath];
     child = spawn(
       command[0]!,
-      [...command.slice(1), ...AGENT_NODE_FLAGS, ...(options.nodeArgs ?? []), options.mainPath ?? mainJs, 'agent', '--listen', options.listen ?? '127.0.0.1:0', '--state-dir', options.stateDir, ...(options.args ?? [])],
+      [...command.slice(1), ...AGENT_NODE_FLAGS, ...(options.nodeArgs ?? []), options.mainPath ?? mainJs, 'agent', '--listen', options.listen ?? '127.0.0.1:0', '--state-dir', options.stateDir, ...transportArgs(options.tls), ...(options.args ?? [])],
       { stdio: ['ignore', logFd, logFd], env: { ...process.env, ...options.env } },
     );
   } finally {

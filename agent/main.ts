@@ -8,11 +8,12 @@ import { ControlClient } from './control/client.js';
 import { startControlServer } from './control/server.js';
 import { Agent, controlSocketInUse, controlSocketPath, DEFAULT_AGENT_CONFIG, type AgentConfig } from './daemon.js';
 import { createLogger } from './log.js';
-import { CONFIG_DEFAULTS, ConfigFileSchema, configFromEnv, loadConfigFile, LOG_LEVELS, mergeConfig, TRACKERS } from './config.js';
+import { CONFIG_DEFAULTS, ConfigFileSchema, configFromEnv, loadConfigFile, LOG_LEVELS, mergeConfig, resolvePeerTransport, TlsSettingsSchema, TRACKERS } from './config.js';
 import { SystemdNotifier } from './systemd.js';
 import type { MigrationProgress } from './migration/source.js';
 import { groupProgressLine, groupSummaryText } from './cli/format.js';
 import { runDemo } from './cli/demo.js';
+import { checkDays, DEFAULT_CA_DAYS, DEFAULT_HOST_DAYS, initCa, issueHostCert, type CertResult } from './cli/certs.js';
 import { parseBytes, parseDurationMs, parseRate, QuantityError } from './units.js';
 
 const DEFAULT_STATE_DIR = CONFIG_DEFAULTS.stateDir;
@@ -65,7 +66,7 @@ const program = new Command('gangway')
 program
   .command('agent')
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
-  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen)')
+  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, tls.cert/key/ca/allow, insecurePlaintextLoopback)')
   .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags), print it and exit')
   .option('--listen <host:port>', `address for peer agents [${CONFIG_DEFAULTS.listen}]`)
   .option('--state-dir <dir>', `the agent state directory [${DEFAULT_STATE_DIR}]`)
@@ -74,6 +75,11 @@ program
   .option('--shutdown-grace <duration>', 'on SIGTERM, how long running migrations may finish [10s]')
   .option('--metrics-listen <host:port>', 'serve Prometheus metrics on this address')
   .addOption(new Option('--log-level <level>', 'log level [info]').choices(LOG_LEVELS))
+  .option('--tls-cert <file>', "this agent's certificate (PEM), tls.cert")
+  .option('--tls-key <file>', "this agent's private key (PEM), tls.key")
+  .option('--tls-ca <file>', 'the CA that signs agent certificates (PEM), tls.ca')
+  .option('--tls-allow <entry>', 'a peer this agent accepts: certificate CN or sha256:FINGERPRINT (repeat for more), tls.allow', (entry: string, list: string[] = []) => [...list, entry])
+  .option('--insecure-plaintext-loopback', 'no TLS: plain ws, only on a loopback listen address and only to loopback peers')
   .action(async (opts) => {
     let settings: ReturnType<typeof resolveAgentSettings>;
     try {
@@ -99,6 +105,7 @@ program
       memoryDir: settings.memoryDir,
       tracker: settings.tracker,
       shutdownGraceMs: settings.shutdownGraceMs,
+      transport: settings.transport,
     };
     const agent = new Agent(config, log);
     try {
@@ -137,28 +144,52 @@ program
   });
 
 /** Defaults < config file < GANGWAY_* environment < flags, validated, in the agent's units. */
-function resolveAgentSettings(opts: Record<string, string | undefined>) {
+function resolveAgentSettings(opts: Record<string, string | string[] | boolean | undefined>) {
+  const str = (value: unknown) => value as string | undefined;
+  // --tls-* flags override single tls settings of the file (merged below).
+  const flagTls: Record<string, unknown> = {};
+  for (const [key, value] of [['cert', opts.tlsCert], ['key', opts.tlsKey], ['ca', opts.tlsCa]] as const) {
+    if (typeof value === 'string') flagTls[key] = resolve(value);
+  }
+  if (Array.isArray(opts.tlsAllow)) flagTls.allow = opts.tlsAllow;
   const flags: Record<string, unknown> = {
     listen: opts.listen,
-    stateDir: opts.stateDir === undefined ? undefined : resolve(opts.stateDir),
-    memoryDir: opts.memoryDir === undefined ? undefined : resolve(opts.memoryDir),
+    stateDir: opts.stateDir === undefined ? undefined : resolve(str(opts.stateDir)!),
+    memoryDir: opts.memoryDir === undefined ? undefined : resolve(str(opts.memoryDir)!),
     tracker: opts.tracker,
     shutdownGrace: opts.shutdownGrace,
     logLevel: opts.logLevel,
     ...(opts.metricsListen ? { metrics: { listen: opts.metricsListen } } : {}),
+    insecurePlaintextLoopback: opts.insecurePlaintextLoopback ? true : undefined,
   };
-  const parsed = ConfigFileSchema.safeParse(Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined)));
-  if (!parsed.success) {
-    const flag = (key: string) => `--${key.replace('metrics.listen', 'metricsListen').replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
-    throw new GangwayError(ErrorCode.BAD_REQUEST, parsed.error.issues.map((i) => `${flag(i.path.join('.'))}: ${i.message}`).join('\n'));
+  const parsed = ConfigFileSchema.omit({ tls: true }).safeParse(Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined)));
+  const parsedTls = TlsSettingsSchema.partial().safeParse(flagTls);
+  if (!parsed.success || !parsedTls.success) {
+    const issues = [...(parsed.error?.issues ?? []), ...(parsedTls.error?.issues.map((i) => ({ ...i, path: ['tls', ...i.path] })) ?? [])];
+    const flag = (key: string) =>
+      `--${key.replace('metrics.listen', 'metricsListen').replace(/^tls\.(\w+)(\.\d+)?$/, (_m, k: string) => `tls-${k}`).replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
+    throw new GangwayError(ErrorCode.BAD_REQUEST, issues.map((i) => `${flag(i.path.join('.'))}: ${i.message}`).join('\n'));
   }
   const merged = mergeConfig(
     CONFIG_DEFAULTS,
-    opts.config ? loadConfigFile(resolve(opts.config)) : {},
+    opts.config ? loadConfigFile(resolve(str(opts.config)!)) : {},
     configFromEnv(process.env),
     parsed.data,
   );
+  if (Object.keys(parsedTls.data).length > 0) {
+    // Flags override single tls settings; the result must still be complete.
+    const tls = { ...merged.tls, ...parsedTls.data };
+    const complete = TlsSettingsSchema.safeParse(tls);
+    if (!complete.success) {
+      throw new GangwayError(
+        ErrorCode.BAD_REQUEST,
+        complete.error.issues.map((i) => `tls.${i.path.join('.')}: ${i.message} (set it in the config file or with --tls-${String(i.path[0])})`).join('\n'),
+      );
+    }
+    merged.tls = complete.data;
+  }
   const listen = parseListen(merged.listen!);
+  const transport = resolvePeerTransport(merged, listen.host);
   return {
     listen: merged.listen!,
     listenHost: listen.host,
@@ -169,7 +200,8 @@ function resolveAgentSettings(opts: Record<string, string | undefined>) {
     shutdownGraceMs: merged.shutdownGrace!,
     logLevel: merged.logLevel!,
     metricsListen: merged.metrics?.listen,
-    configFile: opts.config ? resolve(opts.config) : undefined,
+    transport,
+    configFile: opts.config ? resolve(str(opts.config)!) : undefined,
   };
 }
 
@@ -324,6 +356,56 @@ program
                 : '';
         console.log(`  migration ${m.migrationId.slice(0, 8)} ${m.guest} ${peer}: ${m.state}${detail}`);
       }
+    } catch (err) {
+      fail(err, Boolean(opts.json));
+    }
+  });
+
+const certs = program.command('certs').description('a small CA and host certificates for mutual TLS between agents (openssl)');
+const daysOption = (fallback: number) =>
+  new Option('--days <n>', 'validity in days').argParser(arg((t) => checkDays(Number(t)))).default(fallback);
+
+function printCert(result: CertResult, json: boolean, what: string): void {
+  if (json) {
+    console.log(JSON.stringify(result));
+    return;
+  }
+  console.log(`${what}: ${result.certPath}`);
+  console.log(`  key:         ${result.keyPath} (mode 0600)`);
+  console.log(`  CA:          ${result.caPath}`);
+  if (result.subjectAltNames.length > 0) console.log(`  names:       ${result.subjectAltNames.join(', ')}`);
+  console.log(`  valid:       ${result.notBefore} to ${result.notAfter}`);
+  console.log(`  fingerprint: ${result.fingerprint}`);
+}
+
+certs
+  .command('init')
+  .description('create a CA: DIR/ca.key (0600) and a self-signed DIR/ca.crt; never overwrites')
+  .option('--dir <dir>', 'where the CA lives', '/etc/gangway/tls')
+  .addOption(daysOption(DEFAULT_CA_DAYS))
+  .option('--json', 'print JSON')
+  .action(async (opts) => {
+    try {
+      const result = await initCa({ dir: opts.dir, days: opts.days });
+      printCert(result, Boolean(opts.json), 'CA certificate (tls.ca on every agent)');
+      if (!opts.json) console.log(`next: gangway certs issue HOST --dir ${result.caPath.replace(/\/ca\.crt$/, '')} --san ADDRESS`);
+    } catch (err) {
+      fail(err, Boolean(opts.json));
+    }
+  });
+
+certs
+  .command('issue <name>')
+  .description("create DIR/NAME.key (0600) and DIR/NAME.crt signed by DIR's CA, CN=NAME; prints the fingerprint for tls.allow")
+  .option('--dir <dir>', 'where the CA lives (the new files go there too)', '/etc/gangway/tls')
+  .option('--san <ip-or-dns>', 'an extra subjectAltName (repeat for more)', (value: string, list: string[] = []) => [...list, value])
+  .addOption(daysOption(DEFAULT_HOST_DAYS))
+  .option('--json', 'print JSON')
+  .action(async (name: string, opts) => {
+    try {
+      const result = await issueHostCert({ dir: opts.dir, name, sans: opts.san ?? [], validity: { days: opts.days } });
+      printCert(result, Boolean(opts.json), `certificate for ${name} (tls.cert)`);
+      if (!opts.json) console.log(`peers list it in tls.allow as ${name} or ${result.fingerprint}`);
     } catch (err) {
       fail(err, Boolean(opts.json));
     }

@@ -12,6 +12,8 @@
 // the guest's own check of every page after it resumes.
 import { parseArgs } from 'node:util';
 import { rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { initCa, issueHostCert, type CertResult } from '../agent/cli/certs.js';
 import { waitForGuestProgress } from '../agent/cli/demo.js';
 import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent } from '../agent/local-agent.js';
 import type { GroupSummary } from '../agent/migration/group-summary.js';
@@ -205,13 +207,22 @@ async function withAgents<T>(link: Link, body: (source: LocalAgent, destination:
   });
   try {
     const shaped = link.shaped;
+    // Agents on the netns link listen on non-loopback addresses, where only TLS is allowed;
+    // both links run TLS so their numbers compare.
+    const caDir = join(tmp, 'tls');
+    await initCa({ dir: caDir, days: 1 });
+    const sourceCert = await issueHostCert({ dir: caDir, name: 'source', sans: ['127.0.0.1', ...(shaped ? [shaped.addrA] : [])], validity: { days: 1 } });
+    const destinationCert = await issueHostCert({ dir: caDir, name: 'destination', sans: ['127.0.0.1', ...(shaped ? [shaped.addrB] : [])], validity: { days: 1 } });
+    const tls = (cert: CertResult, peer: CertResult) => ({ cert: cert.certPath, key: cert.keyPath, ca: cert.caPath, allow: [peer.fingerprint] });
     const source = await startLocalAgent({
       stateDir: `${tmp}/source`,
+      tls: tls(sourceCert, destinationCert),
       ...(shaped ? { wrap: shaped.netnsExecPrefix(shaped.nsA), listen: `${shaped.addrA}:0` } : {}),
     });
     agents.push(source);
     const destination = await startLocalAgent({
       stateDir: `${tmp}/destination`,
+      tls: tls(destinationCert, sourceCert),
       ...(shaped ? { wrap: shaped.netnsExecPrefix(shaped.nsB), listen: `${shaped.addrB}:0` } : {}),
     });
     agents.push(destination);

@@ -36,6 +36,8 @@ export const ErrorCode = {
   TRACKER: 'GANGWAY_ERR_TRACKER',
   /** A system command the agent drives (iptables, tc) failed, or its state is not what gangway installed. */
   HOST_COMMAND: 'GANGWAY_ERR_HOST_COMMAND',
+  /** A TLS handshake between agents failed or a peer is not in tls.allow; the message says which side refused. */
+  TLS: 'GANGWAY_ERR_TLS',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

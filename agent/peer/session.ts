@@ -7,11 +7,14 @@
 // receiving ws a second copy. The page stream builds its messages in place (page-sender.ts).
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
+import type { ConnectionOptions } from 'node:tls';
 import WebSocket from 'ws';
 import { encodeFrame, Frame, FrameDecoder } from '../../protocol/index.js';
 import { FrameType } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, PeerError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
 import { MAGIC, PROTOCOL_VERSION } from '../../protocol/limits.js';
+import { describeIdentity } from './allowlist.js';
+import { allowlistRefusal, clientConnectError, identityOfPeer, REFUSAL_HEADER, serverNotAllowed, type TlsMaterial } from './tls.js';
 
 export type AnyFrame = ReturnType<FrameDecoder['push']>[number];
 export type HelloFrame = ReturnType<typeof Frame.hello>;
@@ -315,25 +318,61 @@ const ZERO_MASK = (mask: Uint8Array) => mask.fill(0);
  * it protects browsers' proxies from script-chosen bytes, which is not this threat model,
  * and it would cost a copy of every page.
  */
-export function connectPeer(address: string, options: Omit<SessionOptions, 'role'>): Promise<PeerSession> {
+export interface ConnectOptions extends Omit<SessionOptions, 'role'> {
+  /** Mutual TLS (wss): without it the peer is dialed with plain ws. */
+  tls?: TlsMaterial;
+}
+
+export function connectPeer(address: string, options: ConnectOptions): Promise<PeerSession> {
   return new Promise((resolve, reject) => {
-    const url = `ws://${address}/gangway/v1`;
+    const { tls, ...sessionOptions } = options;
+    const url = `${tls ? 'wss' : 'ws'}://${address}/gangway/v1`;
+    // ws passes these through to tls.connect; its ClientOptions types checkServerIdentity
+    // with the browser-style signature, so the TLS options are typed as node:tls's own.
+    const tlsOptions: ConnectionOptions = tls
+      ? {
+          cert: tls.cert,
+          key: tls.key,
+          ca: tls.ca,
+          rejectUnauthorized: true,
+          // The allowlist replaces hostname matching (see tls.ts for why).
+          checkServerIdentity: (_host, cert) => {
+            const identity = identityOfPeer(cert);
+            return allowlistRefusal(identity, tls.allow) ? serverNotAllowed(address, identity) : undefined;
+          },
+        }
+      : {};
     const ws = new WebSocket(url, {
       perMessageDeflate: false,
       maxPayload: options.maxPayloadBytes + 256 * 1024,
       generateMask: ZERO_MASK,
       handshakeTimeout: 10_000,
+      ...(tlsOptions as WebSocket.ClientOptions),
     });
-    const onError = (err: Error) =>
-      reject(
-        new GangwayError(ErrorCode.PEER_UNREACHABLE, `cannot reach the agent at ${address}: ${err.message}`, {
-          cause: err,
-        }),
-      );
+    const onError = (err: Error) => reject(clientConnectError(address, err));
     ws.once('error', onError);
+    ws.once('unexpected-response', (_req, res) => {
+      // The peer finished the TLS handshake but refused the upgrade: 403 when it does not
+      // list this agent. Its one-line reason comes in the body.
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (chunk: string) => (body += chunk.slice(0, 1024 - body.length)));
+      res.once('end', () => {
+        ws.terminate();
+        const reason = body.trim().split('\n')[0] ?? '';
+        const refusal = res.headers[REFUSAL_HEADER];
+        reject(
+          res.statusCode === 403 && tls && refusal === 'not-listed'
+            ? new GangwayError(ErrorCode.TLS, `the peer at ${address} does not list this agent (${describeIdentity(tls.self)}) in its tls.allow`)
+            : res.statusCode === 403 && tls && refusal === 'certificate'
+              ? new GangwayError(ErrorCode.TLS, `the peer at ${address} refused this agent's certificate: ${reason}`)
+              : new GangwayError(ErrorCode.PEER_UNREACHABLE, `the agent at ${address} refused the WebSocket upgrade (HTTP ${res.statusCode}: ${reason})`),
+        );
+      });
+    });
     ws.once('open', () => {
       ws.off('error', onError);
-      const session = new PeerSession(ws, { ...options, role: 'client' });
+      const session = new PeerSession(ws, { ...sessionOptions, role: 'client' });
       session.ready.then(
         () => resolve(session),
         (err) => reject(err),

@@ -3,7 +3,7 @@
 import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { execa } from 'execa';
-import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent } from '../../agent/local-agent.js';
+import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent, type LocalAgentOptions } from '../../agent/local-agent.js';
 
 export const repoRoot = resolve(import.meta.dirname, '..', '..');
 export const mainJs = resolve(repoRoot, 'dist', 'agent', 'main.js');
@@ -13,8 +13,8 @@ export class Cluster {
   readonly dir = makeTempDir('gangway-test-');
   readonly agents: LocalAgent[] = [];
 
-  async agent(name: string, args: string[] = [], env?: NodeJS.ProcessEnv): Promise<LocalAgent> {
-    const agent = await startLocalAgent({ stateDir: `${this.dir}/${name}`, mainPath: mainJs, args, ...(env ? { env } : {}) });
+  async agent(name: string, args: string[] = [], env?: NodeJS.ProcessEnv, tls?: LocalAgentOptions['tls']): Promise<LocalAgent> {
+    const agent = await startLocalAgent({ stateDir: `${this.dir}/${name}`, mainPath: mainJs, args, ...(env ? { env } : {}), ...(tls ? { tls } : {}) });
     this.agents.push(agent);
     return agent;
   }

@@ -34,6 +34,14 @@ describe.skipIf(!builtAgent)('agent configuration', () => {
     ['broken YAML', 'listen: [1\n', /not valid YAML at line 2/],
     ['a list instead of settings', '- listen\n', /must be a mapping of settings/],
     ['a duplicated key', 'listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n', /not valid YAML.*(unique|Map keys)/i],
+    ['a bad allow entry', 'tls:\n  cert: /a\n  key: /b\n  ca: /c\n  allow: [sha256:abc]\n', /'tls.allow.0' a sha256: entry needs 64 hex digits \(colons optional\) \(got "sha256:abc"\)/],
+    ['an empty allow list', 'tls:\n  cert: /a\n  key: /b\n  ca: /c\n  allow: []\n', /'tls.allow' must list at least one peer/],
+    ['a relative certificate path', 'tls:\n  cert: a.crt\n  key: /b\n  ca: /c\n  allow: [host-b]\n', /'tls.cert' must be an absolute path \(got "a.crt"\)/],
+    ['an incomplete tls section', 'tls:\n  cert: /a\n  allow: [host-b]\n', /'tls.key' is missing \(tls needs cert, key, ca and allow\)/],
+    ['an unknown tls key', 'tls:\n  crt: /a\n', /'tls.crt' is not a setting.*tls takes cert, key, ca, allow/],
+    ['plaintext as a word', 'insecurePlaintextLoopback: yes\n', /'insecurePlaintextLoopback' must be true or false \(got "yes"\)/],
+    ['plaintext on a non-loopback address', 'insecurePlaintextLoopback: true\nlisten: 0.0.0.0:7401\n', /'insecurePlaintextLoopback' needs a loopback 'listen'.*got "0.0.0.0"/],
+    ['both tls and plaintext', 'insecurePlaintextLoopback: true\ntls:\n  cert: /a\n  key: /b\n  ca: /c\n  allow: [host-b]\n', /'tls' and 'insecurePlaintextLoopback' exclude each other/],
   ])('rejects %s with its own message', async (_kind, text, message) => {
     const run = await checkConfig(['--config', configFile(`c${Math.random()}.yaml`, text)]);
     expect(run.exitCode).toBe(1);
@@ -48,10 +56,31 @@ describe.skipIf(!builtAgent)('agent configuration', () => {
   });
 
   it('takes the file, then the environment, then flags', async () => {
-    const path = configFile('layers.yaml', 'listen: 127.0.0.1:7001\nmemoryDir: /tmp\nlogLevel: warn\nshutdownGrace: 2s\n');
+    const path = configFile('layers.yaml', 'listen: 127.0.0.1:7001\nmemoryDir: /tmp\nlogLevel: warn\nshutdownGrace: 2s\ninsecurePlaintextLoopback: true\n');
     const run = await checkConfig(['--config', path, '--log-level', 'debug'], { GANGWAY_LISTEN: '127.0.0.1:7002', GANGWAY_LOG_LEVEL: 'error' });
     expect(run.exitCode, run.stderr).toBe(0);
-    expect(JSON.parse(run.stdout)).toMatchObject({ listen: '127.0.0.1:7002', memoryDir: '/tmp', logLevel: 'debug', shutdownGraceMs: 2000 });
+    expect(JSON.parse(run.stdout)).toMatchObject({ listen: '127.0.0.1:7002', memoryDir: '/tmp', logLevel: 'debug', shutdownGraceMs: 2000, transport: { kind: 'plaintext-loopback' } });
+  });
+
+  it('accepts the shipped agent.yaml (TLS on a non-loopback address)', async () => {
+    const run = await checkConfig(['--config', join(import.meta.dirname, '..', '..', 'agent', 'systemd', 'agent.yaml')]);
+    expect(run.exitCode, run.stderr).toBe(0);
+    expect(JSON.parse(run.stdout).transport.kind).toBe('tls');
+  });
+
+  it('takes tls flags over the file, one setting at a time, and names a flag that is wrong', async () => {
+    const path = configFile('tls.yaml', 'tls:\n  cert: /etc/gangway/tls/host-a.crt\n  key: /etc/gangway/tls/host-a.key\n  ca: /etc/gangway/tls/ca.crt\n  allow: [host-b]\n');
+    const run = await checkConfig(['--config', path, '--tls-allow', 'host-c', '--tls-allow', 'sha256:' + 'AB:'.repeat(31) + 'AB']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    expect(JSON.parse(run.stdout).transport).toEqual({
+      kind: 'tls',
+      certPath: '/etc/gangway/tls/host-a.crt',
+      keyPath: '/etc/gangway/tls/host-a.key',
+      caPath: '/etc/gangway/tls/ca.crt',
+      allow: ['host-c', 'sha256:' + 'AB:'.repeat(31) + 'AB'],
+    });
+    expect((await checkConfig(['--tls-allow', 'host b'])).stderr).toMatch(/--tls-allow: must be a certificate CN/);
+    expect((await checkConfig(['--tls-cert', '/a.crt'])).stderr).toMatch(/tls.key: is missing \(tls needs cert, key, ca and allow\) \(set it in the config file or with --tls-key\)/);
   });
 });
 

@@ -5,6 +5,7 @@ import { readlinkSync, realpathSync, rmSync, statSync } from 'node:fs';
 import type { Readable } from 'node:stream';
 import { execa, type ResultPromise } from 'execa';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { initCa, issueHostCert } from '../../agent/cli/certs.js';
 import { makeTempDir, startLocalAgent } from '../../agent/local-agent.js';
 import { createShapedLink, netnsAvailable, type ShapedLink } from '../../bench/netns-link.js';
 import { builtAgent, mainJs } from '../helpers/cluster.js';
@@ -149,7 +150,11 @@ describe.skipIf(skipReason !== undefined)(`a shaped link between network namespa
   it.skipIf(!builtAgent)('runs an agent inside nsB, listening on addrB, stopped by its pid', async () => {
     const stateDir = makeTempDir('gangway-netns-');
     cleanups.push(() => rmSync(stateDir, { recursive: true, force: true }));
-    const agent = await startLocalAgent({ stateDir, mainPath: mainJs, wrap: link!.netnsExecPrefix(link!.nsB), listen: `${link!.addrB}:0` });
+    // Off loopback an agent runs only with TLS.
+    await initCa({ dir: `${stateDir}/tls`, days: 1 });
+    const cert = await issueHostCert({ dir: `${stateDir}/tls`, name: 'host-b', sans: [link!.addrB], validity: { days: 1 } });
+    const tls = { cert: cert.certPath, key: cert.keyPath, ca: cert.caPath, allow: ['host-a'] };
+    const agent = await startLocalAgent({ stateDir, mainPath: mainJs, wrap: link!.netnsExecPrefix(link!.nsB), listen: `${link!.addrB}:0`, tls });
     cleanups.push(() => agent.kill());
 
     const status = await agent.status();
