@@ -32,22 +32,22 @@ import { ENTRY_DATA, ENTRY_REF, ENTRY_ZERO, loadNative } from '../native.js';
 import type { GroupFrame, PeerSession } from '../peer/session.js';
 import { ContentIndex } from './content-index.js';
 
-/** Kinds of dedup hits, as reported in summaries and metrics. */
-export const DEDUP_HIT_KINDS = ['intra', 'crossRound', 'crossGuest', 'resident'] as const;
-export type DedupHitKind = (typeof DEDUP_HIT_KINDS)[number];
-
-/** What the planner did with a batch's pages. */
+/**
+ * What the planner did with pages (the same fields in the sender's round counters): pages
+ * sent as refs, pages not sent at all because the destination page already holds them, and
+ * hits by kind (refs, plus those unchanged pages as cross-round).
+ */
 export interface DedupCounters {
-  /** Pages sent as refs, by kind, plus pages not sent at all because the destination page already holds them (crossRound). */
-  hits: Record<DedupHitKind, number>;
-  /** Pages sent as ref entries. */
   refPages: number;
-  /** Pages the destination already held in place: nothing sent. */
   unchangedPages: number;
+  hitsIntra: number;
+  hitsCrossRound: number;
+  hitsCrossGuest: number;
+  hitsResident: number;
 }
 
 export function emptyDedupCounters(): DedupCounters {
-  return { hits: { intra: 0, crossRound: 0, crossGuest: 0, resident: 0 }, refPages: 0, unchangedPages: 0 };
+  return { refPages: 0, unchangedPages: 0, hitsIntra: 0, hitsCrossRound: 0, hitsCrossGuest: 0, hitsResident: 0 };
 }
 
 /** Bounds on what a destination may announce, so its frames cannot make this side allocate without limit. */
@@ -273,14 +273,15 @@ export class DedupPlanner {
         const found = index.lookupWords(w0, w1, w2, w3);
         if (found === location) {
           counters.unchangedPages++;
-          counters.hits.crossRound++;
+          counters.hitsCrossRound++;
           continue;
         }
         if (found >= 0) {
           const source = this.slotOfLocation(found);
           if (!source.resident) {
-            const kindOfHit: DedupHitKind = source !== info ? 'crossGuest' : roundOf[found]! < plan.round ? 'crossRound' : 'intra';
-            counters.hits[kindOfHit]++;
+            if (source !== info) counters.hitsCrossGuest++;
+            else if (roundOf[found]! < plan.round) counters.hitsCrossRound++;
+            else counters.hitsIntra++;
             counters.refPages++;
             emit(batch, ENTRY_REF, p, 1, source.slot, found - source.base);
             index.setWords(location, w0, w1, w2, w3);
@@ -288,7 +289,7 @@ export class DedupPlanner {
             continue;
           }
           if (plan.allowResident) {
-            counters.hits.resident++;
+            counters.hitsResident++;
             counters.refPages++;
             emit(batch, ENTRY_REF, p, 1, source.slot, found - source.base);
             // Verified only when applied: until then this page's content is not certain.
@@ -358,7 +359,7 @@ export class SourceDedupGroup extends DedupPlanner {
    */
   static async open(session: PeerSession, options: OpenGroupOptions): Promise<SourceDedupGroup> {
     const id = randomUUID();
-    const resident = new Map<number, { slot: number; pageCount: number; fps: Uint8Array; received: number }>();
+    const resident = new Map<number, ResidentContent>();
     let residentPages = 0;
     const timeoutMs = options.timeoutMs ?? 60_000;
     let unroute: () => void = () => {};
@@ -389,14 +390,13 @@ export class SourceDedupGroup extends DedupPlanner {
               return;
             }
             residentPages += frame.pageCount;
-            slot = { slot: frame.slot, pageCount: frame.pageCount, fps: new Uint8Array(frame.pageCount * FINGERPRINT_BYTES), received: 0 };
+            slot = { slot: frame.slot, pageCount: frame.pageCount, fps: new Uint8Array(frame.pageCount * FINGERPRINT_BYTES) };
             resident.set(frame.slot, slot);
           } else if (slot.pageCount !== frame.pageCount) {
             fail(new GangwayError(ErrorCode.PROTOCOL, `resident slot ${frame.slot} changed its size from ${slot.pageCount} to ${frame.pageCount} pages`));
             return;
           }
           slot.fps.set(frame.fingerprints, frame.firstPage * FINGERPRINT_BYTES);
-          slot.received += frame.fingerprints.length / FINGERPRINT_BYTES;
         },
       });
     });

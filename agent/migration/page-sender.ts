@@ -7,13 +7,13 @@ import { Codec } from '../../protocol/codes.js';
 import { encodeFrame, Frame, FRAME_PREFIX_BYTES, MAX_HEADER_BYTES } from '../../protocol/index.js';
 import { FINGERPRINT_BYTES } from '../../protocol/limits.js';
 import { ENTRY_REF, ENTRY_ZERO, loadNative, type RegionHandle } from '../native.js';
-import type { BatchBuild, SourceDedupGroup } from '../dedup/source-group.js';
+import type { BatchBuild, DedupCounters, SourceDedupGroup } from '../dedup/source-group.js';
 import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import type { CodecChooser } from './codec-chooser.js';
 import type { CreditWindow, Pacer, SwitchoverGate } from './flow.js';
 import type { PeerSession } from '../peer/session.js';
 
-export interface RoundCounters {
+export interface RoundCounters extends DedupCounters {
   pages: number;
   dataPages: number;
   zeroPages: number;
@@ -27,15 +27,6 @@ export interface RoundCounters {
   compressedBatches: number;
   /** Payload bytes of the batches that went out compressed. */
   compressedBytes: number;
-  /** Pages sent as refs to content already at the destination (dedup). */
-  refPages: number;
-  /** Pages not sent at all: the destination page already holds that content. */
-  unchangedPages: number;
-  /** Dedup hits by kind (refs plus unchanged pages, which count as cross-round). */
-  hitsIntra: number;
-  hitsCrossRound: number;
-  hitsCrossGuest: number;
-  hitsResident: number;
   /** Time spent held at a gang's switchover gate (another member was switching over). */
   gateWaitMs: number;
 }
@@ -93,18 +84,11 @@ interface Prepared {
   refs: Uint32Array | undefined;
   /** The batch's place in the dedup group's outbox. */
   ticket: number | undefined;
-  refPages: number;
-  unchangedPages: number;
-  hitsIntra: number;
-  hitsCrossRound: number;
-  hitsCrossGuest: number;
-  hitsResident: number;
   codec: Codec;
   payload: Uint8Array;
   rawBytes: number;
-  pages: number;
-  zeroPages: number;
-  dataPages: number;
+  /** This batch's share of the round's counters (pages by kind, dedup hits); the rest is filled in when it is sent. */
+  counts: RoundCounters;
 }
 
 export interface PageSenderContext {
@@ -152,12 +136,10 @@ export async function sendRegionRound(
   // Per gather call with dedup: its entries, and a fingerprint per data page.
   const chunkEntries = dedup ? new Uint32Array(maxEntries * 3) : undefined;
   const chunkFps = dedup ? new Uint8Array((ctx.pool.payloadBytes / ps) * FINGERPRINT_BYTES) : undefined;
-  const hits = { intra: 0, crossRound: 0, crossGuest: 0, resident: 0 };
-  const dedupCounters = { hits, refPages: 0, unchangedPages: 0 };
   let done = runs.length === 0;
 
-  /** Gathers one batch: pages as they are, or planned against the group's mirror. */
-  const fill = (buffer: BatchBuffer): { entryCount: number; rawBytes: number; refCount: number } => {
+  /** Gathers one batch: pages as they are, or planned against the group's mirror (counted in `counts`). */
+  const fill = (buffer: BatchBuffer, counts: RoundCounters): { entryCount: number; rawBytes: number; refCount: number } => {
     if (!dedup) {
       done = native.regionGather(region, runs, cursor, buffer.payload, buffer.entries, out);
       const entryCount = out[0]!;
@@ -180,7 +162,7 @@ export async function sendRegionRound(
       dedup.group.planChunk(
         { slot: dedup.slot, round, allowResident: dedup.allowResident, entries: chunkEntries!, entryCount, payloadOffset: at, fps: chunkFps!, pageSizeBytes: ps },
         batch,
-        dedupCounters,
+        counts,
       );
     }
     return { entryCount: batch.entryCount, rawBytes: batch.payloadEnd, refCount: batch.refCount };
@@ -188,47 +170,30 @@ export async function sendRegionRound(
 
   const gatherOne = (): Promise<Prepared> | undefined => {
     const buffer = ctx.pool.acquire();
-    const before = { ...hits, refPages: dedupCounters.refPages, unchangedPages: dedupCounters.unchangedPages };
-    const { entryCount, rawBytes, refCount } = fill(buffer);
-    const unchanged = dedupCounters.unchangedPages - before.unchangedPages;
+    const counts = emptyCounters();
+    const { entryCount, rawBytes, refCount } = fill(buffer, counts);
+    // Pages already in place at the destination are covered, though nothing is sent for them.
+    counts.pages = counts.unchangedPages;
+    const entries = buffer.entries.subarray(0, entryCount * 3);
+    for (let e = 0; e < entryCount; e++) {
+      const count = entries[e * 3 + 2]!;
+      counts.pages += count;
+      const kind = entries[e * 3];
+      if (kind === ENTRY_ZERO) counts.zeroPages += count;
+      else if (kind === ENTRY_REF) continue; // counted by the planner
+      else counts.dataPages += count;
+    }
     if (entryCount === 0) {
       ctx.pool.release(buffer);
-      counters.pages += unchanged;
-      counters.unchangedPages += unchanged;
-      counters.hitsCrossRound += unchanged;
+      addCounters(counters, counts);
       return undefined;
     }
-    const entries = buffer.entries.subarray(0, entryCount * 3);
+    counts.rawBytes = rawBytes;
     const refs = refCount > 0 ? buffer.refs.subarray(0, refCount * 2) : undefined;
     const raw = buffer.payload.subarray(0, rawBytes);
     // The batch's place in the group's order is fixed now, when the mirror took its content.
     const ticket = dedup?.group.outbox.take();
-    let pages = unchanged;
-    let zeroPages = 0;
-    let refPages = 0;
-    for (let e = 0; e < entryCount; e++) {
-      const count = entries[e * 3 + 2]!;
-      pages += count;
-      const kind = entries[e * 3];
-      if (kind === ENTRY_ZERO) zeroPages += count;
-      else if (kind === ENTRY_REF) refPages += count;
-    }
-    const base = {
-      buffer,
-      entries,
-      refs,
-      ticket,
-      rawBytes,
-      pages,
-      zeroPages,
-      dataPages: pages - zeroPages - refPages - unchanged,
-      refPages,
-      unchangedPages: unchanged,
-      hitsIntra: hits.intra - before.intra,
-      hitsCrossRound: hits.crossRound - before.crossRound,
-      hitsCrossGuest: hits.crossGuest - before.crossGuest,
-      hitsResident: hits.resident - before.resident,
-    };
+    const base = { buffer, entries, refs, ticket, rawBytes, counts };
     if (rawBytes === 0 || ctx.chooser.next() === 'raw') {
       return Promise.resolve({ ...base, tried: 'raw' as const, codec: Codec.raw, payload: raw });
     }
@@ -293,24 +258,16 @@ export async function sendRegionRound(
       const wire = ctx.session.sendMessage(message, () => ctx.pool.release(buffer));
       if (batch.ticket !== undefined) dedup!.group.outbox.done(batch.ticket);
       sending = undefined;
-      counters.pages += batch.pages;
-      counters.zeroPages += batch.zeroPages;
-      counters.dataPages += batch.dataPages;
-      counters.rawBytes += batch.rawBytes;
-      counters.payloadBytes += batch.payload.length;
-      counters.wireBytes += wire;
-      counters.batches++;
-      counters.refPages += batch.refPages;
-      counters.unchangedPages += batch.unchangedPages;
-      counters.hitsIntra += batch.hitsIntra;
-      counters.hitsCrossRound += batch.hitsCrossRound;
-      counters.hitsCrossGuest += batch.hitsCrossGuest;
-      counters.hitsResident += batch.hitsResident;
+      const counts = batch.counts;
+      counts.payloadBytes = batch.payload.length;
+      counts.wireBytes = wire;
+      counts.batches = 1;
       if (batch.codec === Codec.lz4) {
-        counters.compressedBatches++;
-        counters.compressedBytes += batch.payload.length;
+        counts.compressedBatches = 1;
+        counts.compressedBytes = batch.payload.length;
       }
-      ctx.chooser.sent(batch.pages * ps, batch.rawBytes === 0 ? 'none' : batch.tried);
+      addCounters(counters, counts);
+      ctx.chooser.sent(counts.pages * ps, batch.rawBytes === 0 ? 'none' : batch.tried);
       ctx.onBatch?.(counters);
     }
   } catch (err) {
