@@ -305,20 +305,25 @@ export class DestinationMigration implements FrameHandler {
     if (want.length > 0) this.sendWant(regionIndex, want, stale);
   }
 
+  /**
+   * Asks for `pages` again; `stale` holds the resident [slot, page] each one was copied
+   * from, pair i for page i. A frame carries at most MAX_WANT_RUNS pages, so its runs and
+   * its stale pairs both fit.
+   */
   private sendWant(regionIndex: number, pages: number[], stale: number[]): void {
-    const runs: number[] = [];
-    for (const page of pages) {
-      const last = runs.length - 2;
-      if (last >= 0 && runs[last]! + runs[last + 1]! === page) runs[last + 1]!++;
-      else runs.push(page, 1);
-    }
-    for (let i = 0; i < runs.length; i += MAX_WANT_RUNS * 2) {
+    for (let first = 0; first < pages.length; first += MAX_WANT_RUNS) {
+      const runs: number[] = [];
+      for (const page of pages.slice(first, first + MAX_WANT_RUNS)) {
+        const last = runs.length - 2;
+        if (last >= 0 && runs[last]! + runs[last + 1]! === page) runs[last + 1]!++;
+        else runs.push(page, 1);
+      }
       this.session.send(
         Frame.want({
           migrationId: this.offer.migrationId,
           region: regionIndex,
-          runs: Uint32Array.from(runs.slice(i, i + MAX_WANT_RUNS * 2)),
-          stale: Uint32Array.from(stale.slice(i, i + MAX_WANT_RUNS * 2)),
+          runs: Uint32Array.from(runs),
+          stale: Uint32Array.from(stale.slice(first * 2, (first + MAX_WANT_RUNS) * 2)),
         }),
       );
     }
