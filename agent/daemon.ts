@@ -507,11 +507,8 @@ export class Agent {
         }
         const group = dedup ? await openGroup([guest]) : undefined;
         try {
-          const result = await this.migrateOne(guest, session, request, group ? { group, slot: 0 } : undefined, { pacer }, onProgress).then(
-            (summary) => ({ status: 'fulfilled' as const, value: summary }),
-            (reason: unknown) => ({ status: 'rejected' as const, reason }),
-          );
-          outcomes.push(outcomeOf(guest.name, result));
+          const [result] = await Promise.allSettled([this.migrateOne(guest, session, request, group ? { group, slot: 0 } : undefined, { pacer }, onProgress)]);
+          outcomes.push(outcomeOf(guest.name, result!));
         } finally {
           closeGroup(group);
         }

@@ -297,12 +297,9 @@ const readers: Readers = {
     const pageSizeBytes = r.integer('pageSizeBytes', PAGE_SIZE_MIN, PAGE_SIZE_MAX);
     if ((pageSizeBytes & (pageSizeBytes - 1)) !== 0) r.fail('pageSizeBytes', `${pageSizeBytes} is not a power of two`);
     const firstPage = r.integer('firstPage', 0, pageCount - 1);
-    const { payloadLength } = context;
-    if (payloadLength === 0 || payloadLength % FINGERPRINT_BYTES !== 0 || payloadLength / FINGERPRINT_BYTES > MAX_FINGERPRINTS_PER_FRAME) {
-      r.fail('fingerprints', `payload of ${payloadLength} bytes, expected 1..${MAX_FINGERPRINTS_PER_FRAME} fingerprints of ${FINGERPRINT_BYTES} bytes`);
-    }
-    if (firstPage + payloadLength / FINGERPRINT_BYTES > pageCount) {
-      r.fail('firstPage', `${payloadLength / FINGERPRINT_BYTES} fingerprints from page ${firstPage} run past the slot's ${pageCount} pages`);
+    const count = fingerprintCount(r, context);
+    if (firstPage + count > pageCount) {
+      r.fail('firstPage', `${count} fingerprints from page ${firstPage} run past the slot's ${pageCount} pages`);
     }
     return { type: 'dedupResident', group, slot, pageCount, pageSizeBytes, firstPage, fingerprints: EMPTY_PAYLOAD };
   },
@@ -320,10 +317,7 @@ const readers: Readers = {
     const migrationId = readMigrationId(r);
     const region = r.integer('region', 0, MAX_REGIONS - 1);
     const firstPage = r.integer('firstPage', 0, MAX_REGION_PAGES - 1);
-    const { payloadLength } = context;
-    if (payloadLength === 0 || payloadLength % FINGERPRINT_BYTES !== 0 || payloadLength / FINGERPRINT_BYTES > MAX_FINGERPRINTS_PER_FRAME) {
-      r.fail('fingerprints', `payload of ${payloadLength} bytes, expected 1..${MAX_FINGERPRINTS_PER_FRAME} fingerprints of ${FINGERPRINT_BYTES} bytes`);
-    }
+    fingerprintCount(r, context);
     return { type: 'pageFingerprints', migrationId, region, firstPage, fingerprints: EMPTY_PAYLOAD };
   },
 
@@ -345,6 +339,14 @@ const readers: Readers = {
     return { type: 'want', migrationId, region, runs, stale };
   },
 };
+
+/** The fingerprints a dedupResident or pageFingerprints payload holds: 1..MAX_FINGERPRINTS_PER_FRAME whole ones. */
+function fingerprintCount(r: FieldReader, { payloadLength }: HeaderContext): number {
+  if (payloadLength === 0 || payloadLength % FINGERPRINT_BYTES !== 0 || payloadLength / FINGERPRINT_BYTES > MAX_FINGERPRINTS_PER_FRAME) {
+    r.fail('fingerprints', `payload of ${payloadLength} bytes, expected 1..${MAX_FINGERPRINTS_PER_FRAME} fingerprints of ${FINGERPRINT_BYTES} bytes`);
+  }
+  return payloadLength / FINGERPRINT_BYTES;
+}
 
 function readGroup(r: FieldReader): string {
   return r.string('group', 1, MAX_ID_LENGTH, ID_PATTERN);

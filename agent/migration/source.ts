@@ -717,25 +717,16 @@ function hex(digests: readonly Uint8Array[]): string {
   return digests.map((d) => Buffer.from(d).toString('hex')).join(',');
 }
 
-/** Pages whose 16-byte fingerprints differ between `a` and `b`, as runs. */
+/** Pages whose 16-byte fingerprints differ between `a` and `b` (4-byte aligned), as runs. */
 export function differingRuns(a: Uint8Array, b: Uint8Array): Uint32Array {
-  const out: number[] = [];
   const pages = Math.min(a.length, b.length) / FINGERPRINT_BYTES;
-  for (let page = 0; page < pages; page++) {
-    const at = page * FINGERPRINT_BYTES;
-    let same = true;
-    for (let i = 0; i < FINGERPRINT_BYTES; i++) {
-      if (a[at + i] !== b[at + i]) {
-        same = false;
-        break;
-      }
-    }
-    if (same) continue;
-    const last = out.length - 2;
-    if (last >= 0 && out[last]! + out[last + 1]! === page) out[last + 1]!++;
-    else out.push(page, 1);
+  const wa = new Int32Array(a.buffer, a.byteOffset, pages * 4);
+  const wb = new Int32Array(b.buffer, b.byteOffset, pages * 4);
+  const differing = new PageSet(pages);
+  for (let page = 0, w = 0; page < pages; page++, w += 4) {
+    if (wa[w] !== wb[w] || wa[w + 1] !== wb[w + 1] || wa[w + 2] !== wb[w + 2] || wa[w + 3] !== wb[w + 3]) differing.add(page);
   }
-  return Uint32Array.from(out);
+  return differing.toRuns();
 }
 
 /** `runs` without their first `count` pages. */

@@ -193,32 +193,20 @@ export function reserveBandwidth(priority: Priority, workloadBytesPerSec: number
   const lower = Math.min(settings.slaLowerBytesPerSec, total);
   const upper = Math.min(Math.max(settings.slaUpperBytesPerSec, lower), total);
   const workload = Math.min(Math.max(workloadBytesPerSec, 0), total);
-  if (priority === 'high') {
-    if (workload > lower) {
+  if (priority !== 'low') {
+    // High priority squeezes the workload down to its SLA lower limit, medium to its upper.
+    const [limit, which] = priority === 'high' ? [lower, 'lower'] : [upper, 'upper'];
+    if (workload > limit) {
       return {
-        migrationBytesPerSec: total - lower,
-        workloadCapBytesPerSec: lower,
-        reason: `high priority: the workload (${fmt(workload)}) is held to its SLA lower limit ${fmt(lower)}; the migration takes the other ${fmt(total - lower)}`,
+        migrationBytesPerSec: total - limit,
+        workloadCapBytesPerSec: limit,
+        reason: `${priority} priority: the workload (${fmt(workload)}) is held to its SLA ${which} limit ${fmt(limit)}; the migration takes the other ${fmt(total - limit)}`,
       };
     }
     return {
       migrationBytesPerSec: total - workload,
       workloadCapBytesPerSec: undefined,
-      reason: `high priority: the workload (${fmt(workload)}) is within its lower limit; the migration takes the free ${fmt(total - workload)}`,
-    };
-  }
-  if (priority === 'medium') {
-    if (workload > upper) {
-      return {
-        migrationBytesPerSec: total - upper,
-        workloadCapBytesPerSec: upper,
-        reason: `medium priority: the workload (${fmt(workload)}) is held to its SLA upper limit ${fmt(upper)}; the migration takes the other ${fmt(total - upper)}`,
-      };
-    }
-    return {
-      migrationBytesPerSec: total - workload,
-      workloadCapBytesPerSec: undefined,
-      reason: `medium priority: the workload (${fmt(workload)}) is within its upper limit; the migration takes the free ${fmt(total - workload)}`,
+      reason: `${priority} priority: the workload (${fmt(workload)}) is within its ${which} limit; the migration takes the free ${fmt(total - workload)}`,
     };
   }
   const floor = total * settings.minMigrationShare;
