@@ -6,37 +6,14 @@
 import * as fs from 'node:fs';
 import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ENTRY_DATA, ENTRY_ZERO, loadNative, type RegionHandle } from '../../agent/native.js';
-
-const native = loadNative();
-/** The addon with its types erased, for feeding it deliberately wrong arguments. */
-const loose = native as unknown as Record<string, (...args: unknown[]) => unknown>;
+import { ENTRY_DATA, ENTRY_ZERO, type RegionHandle } from '../../agent/native.js';
+import { closeRegion, fillPseudoRandom, loose, mapFd, native, openFds, releaseNativeResources, writeAll } from '../helpers/native.js';
 
 // ---------------------------------------------------------------------------------------
 // Resources, all released in afterEach (also when a test fails)
 // ---------------------------------------------------------------------------------------
 
-const openRegions = new Set<RegionHandle>();
-const openFds = new Set<number>();
-
-afterEach(() => {
-  for (const region of openRegions) {
-    try {
-      native.regionClose(region);
-    } catch {
-      /* already closed */
-    }
-  }
-  openRegions.clear();
-  for (const fd of openFds) {
-    try {
-      fs.closeSync(fd);
-    } catch {
-      /* already closed */
-    }
-  }
-  openFds.clear();
-});
+afterEach(releaseNativeResources);
 
 /** An unnamed /dev/shm file holding `content` (or that many zero bytes): gone with its fd. */
 function tmpFile(content: Buffer | number): number {
@@ -45,11 +22,6 @@ function tmpFile(content: Buffer | number): number {
   openFds.add(fd);
   if (typeof content !== 'number') writeAll(fd, content, 0);
   return fd;
-}
-
-function writeAll(fd: number, data: Buffer, position: number): void {
-  let done = 0;
-  while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, position + done);
 }
 
 function readAll(fd: number, length: number): Buffer {
@@ -63,41 +35,10 @@ function readAll(fd: number, length: number): Buffer {
   return buf;
 }
 
-interface MapOptions {
-  writable: boolean;
-  trackHashes: boolean;
-  initiallyZero: boolean;
-}
-
-function mapFd(fd: number, length: number, pageSize: number, options: Partial<MapOptions> = {}): RegionHandle {
-  const region = native.regionMap(fd, length, pageSize, {
-    writable: options.writable ?? false,
-    trackHashes: options.trackHashes ?? false,
-    initiallyZero: options.initiallyZero ?? false,
-  });
-  openRegions.add(region);
-  return region;
-}
-
-function closeRegion(region: RegionHandle): void {
-  native.regionClose(region);
-  openRegions.delete(region);
-}
-
 // ---------------------------------------------------------------------------------------
 // Content builders and JS oracles
 // ---------------------------------------------------------------------------------------
 
-/** Deterministic pseudo-random bytes (xorshift32). */
-function fillPseudoRandom(buf: Buffer, seed: number): void {
-  let x = (seed | 0) || 0x9e3779b9;
-  for (let i = 0; i < buf.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    buf[i] = x & 0xff;
-  }
-}
 
 /** `pageCount` distinct data pages, except the pages `isZero` picks, left zero. */
 function buildPages(pageCount: number, pageSize: number, seed: number, isZero: (page: number) => boolean = () => false): Buffer {

@@ -11,31 +11,19 @@ import * as v8 from 'node:v8';
 import * as vm from 'node:vm';
 import fc from 'fast-check';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { ENTRY_DATA, ENTRY_ZERO, loadNative, nativeDir, type RegionHandle } from '../../agent/native.js';
-
-const native = loadNative();
-/** The addon with its types erased, for feeding it deliberately wrong arguments. */
-const loose = native as unknown as Record<string, (...args: unknown[]) => unknown>;
+import { ENTRY_DATA, ENTRY_ZERO, nativeDir, type RegionHandle } from '../../agent/native.js';
+import { closeRegion, fillPseudoRandom, loose, mapFd, native, openFds, openRegions, releaseNativeResources, track, writeAll } from '../helpers/native.js';
 
 // ---------------------------------------------------------------------------------------
 // Resources, all released in afterEach (also when a test fails)
 // ---------------------------------------------------------------------------------------
 
-const openRegions = new Set<RegionHandle>();
-const openFds = new Set<number>();
 const tempFiles = new Set<string>();
 const tempDirs = new Set<string>();
 const childPids = new Set<number>();
 
 afterEach(() => {
-  for (const region of openRegions) {
-    try {
-      native.regionClose(region);
-    } catch {
-      /* already closed */
-    }
-  }
-  openRegions.clear();
+  releaseNativeResources();
   for (const pid of childPids) {
     try {
       process.kill(pid, 'SIGKILL');
@@ -44,14 +32,6 @@ afterEach(() => {
     }
   }
   childPids.clear();
-  for (const fd of openFds) {
-    try {
-      fs.closeSync(fd);
-    } catch {
-      /* already closed */
-    }
-  }
-  openFds.clear();
   for (const file of tempFiles) fs.rmSync(file, { force: true });
   tempFiles.clear();
   for (const dir of tempDirs) fs.rmSync(dir, { recursive: true, force: true });
@@ -89,37 +69,6 @@ function shmFile(tag: string, content: Buffer | number): { path: string; fd: num
   return { path: p, fd };
 }
 
-function writeAll(fd: number, data: Buffer, position: number): void {
-  let done = 0;
-  while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, position + done);
-}
-
-interface MapOptions {
-  writable: boolean;
-  trackHashes: boolean;
-  initiallyZero: boolean;
-}
-
-function track(region: RegionHandle): RegionHandle {
-  openRegions.add(region);
-  return region;
-}
-
-function mapFd(fd: number, length: number, pageSize: number, options: Partial<MapOptions> = {}): RegionHandle {
-  return track(
-    native.regionMap(fd, length, pageSize, {
-      writable: options.writable ?? false,
-      trackHashes: options.trackHashes ?? false,
-      initiallyZero: options.initiallyZero ?? false,
-    }),
-  );
-}
-
-function closeRegion(region: RegionHandle): void {
-  native.regionClose(region);
-  openRegions.delete(region);
-}
-
 /** Whether /proc/self/maps still has a mapping of `file`. */
 function isMapped(file: string): boolean {
   return fs.readFileSync('/proc/self/maps', 'utf8').includes(file);
@@ -131,17 +80,6 @@ function isMapped(file: string): boolean {
 
 type PageKind = 'zero' | 'data' | 'first' | 'mid' | 'last';
 const PAGE_KINDS: readonly PageKind[] = ['zero', 'data', 'first', 'mid', 'last'];
-
-/** Deterministic pseudo-random bytes (xorshift32). */
-function fillPseudoRandom(buf: Buffer, seed: number): void {
-  let x = (seed | 0) || 0x9e3779b9;
-  for (let i = 0; i < buf.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    buf[i] = x & 0xff;
-  }
-}
 
 /** Pages of the given kinds: 'first'/'mid'/'last' have a single non-zero byte there. */
 function buildContent(kinds: readonly PageKind[], pageSize: number, seed = 1): Buffer {
