@@ -26,6 +26,7 @@ import {
   MAX_FINGERPRINTS_PER_FRAME,
   MAX_ROUND,
   MAX_WANT_RUNS,
+  MAX_FETCH_RUNS,
   FINGERPRINT_BYTES,
   PAGE_SIZE_MAX,
   REF_WORDS,
@@ -95,6 +96,8 @@ export function exampleFrames(): Frame[] {
     Frame.dedupClose({ group: 'gang-1' }),
     Frame.want({ migrationId: id, region: 0, runs: Uint32Array.of(5, 1, 9, 3), stale: Uint32Array.of(RESIDENT_SLOT_FLAG + 2, 7) }),
     Frame.pageFingerprints({ migrationId: id, region: 0, firstPage: 64, fingerprints: bytes(3 * FINGERPRINT_BYTES, 8) }),
+    Frame.postcopy({ migrationId: id, region: 0, more: false, missing: Uint32Array.of(1, 99, 200, 3) }),
+    Frame.fetch({ migrationId: id, region: 0, runs: Uint32Array.of(42, 1) }),
   ];
 }
 
@@ -190,5 +193,12 @@ export function largestFrames(): Frame[] {
       firstPage: MAX_REGION_PAGES - 1,
       fingerprints: bytes(MAX_FINGERPRINTS_PER_FRAME * FINGERPRINT_BYTES, 9),
     }),
+    Frame.postcopy({
+      migrationId: longId,
+      region: MAX_REGIONS - 1,
+      more: true,
+      missing: new Uint32Array((16 * 1024 * 1024) / 4).fill(0xffff_ffff),
+    }),
+    Frame.fetch({ migrationId: longId, region: MAX_REGIONS - 1, runs: Uint32Array.from({ length: MAX_FETCH_RUNS * 2 }, () => 0xffff_ffff) }),
   ];
 }

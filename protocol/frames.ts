@@ -229,6 +229,31 @@ export interface PageFingerprintsFrame {
   fingerprints: Uint8Array;
 }
 
+/**
+ * Source, paused, post-copy (offer.technique postcopy or hybrid): the pages of `region` the
+ * destination does not hold, or holds stale (`missing`, [firstPage, pageCount] runs as the
+ * payload). With `more`, further postcopy frames add runs; the last one (more: false)
+ * starts the guest at the destination, which answers `committed` once it runs. From then
+ * on the source pushes the missing pages and answers fetch frames first.
+ */
+export interface PostcopyFrame {
+  type: 'postcopy';
+  migrationId: string;
+  region: number;
+  more: boolean;
+  /** The frame payload: little-endian u32 pairs [firstPage, pageCount]. */
+  missing: Uint32Array;
+}
+
+/** Destination, post-copy: its guest faulted on these missing pages; send them first. */
+export interface FetchFrame {
+  type: 'fetch';
+  migrationId: string;
+  region: number;
+  /** Pairs [firstPage, pageCount]; travels as little-endian u32s. */
+  runs: Uint32Array;
+}
+
 export type Frame =
   | HelloFrame
   | OfferFrame
@@ -250,7 +275,9 @@ export type Frame =
   | DedupReadyFrame
   | DedupCloseFrame
   | WantFrame
-  | PageFingerprintsFrame;
+  | PageFingerprintsFrame
+  | PostcopyFrame
+  | FetchFrame;
 
 /** The frame of a given type name: FrameOf<'pages'> is PagesFrame. */
 export type FrameOf<T extends FrameTypeName> = Extract<Frame, { type: T }>;
@@ -285,4 +312,6 @@ export const Frame = {
   dedupClose: (fields: Fields<DedupCloseFrame>): DedupCloseFrame => ({ type: 'dedupClose', ...fields }),
   want: (fields: Fields<WantFrame>): WantFrame => ({ type: 'want', ...fields }),
   pageFingerprints: (fields: Fields<PageFingerprintsFrame>): PageFingerprintsFrame => ({ type: 'pageFingerprints', ...fields }),
+  postcopy: (fields: Fields<PostcopyFrame>): PostcopyFrame => ({ type: 'postcopy', ...fields }),
+  fetch: (fields: Fields<FetchFrame>): FetchFrame => ({ type: 'fetch', ...fields }),
 } as const;

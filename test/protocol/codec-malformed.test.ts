@@ -355,7 +355,7 @@ describe('field values', () => {
 
 describe('payload presence', () => {
   const payloadless = examples.filter(
-    (f) => f.type !== 'pages' && f.type !== 'deviceState' && f.type !== 'dedupResident' && f.type !== 'pageFingerprints',
+    (f) => f.type !== 'pages' && f.type !== 'deviceState' && f.type !== 'dedupResident' && f.type !== 'pageFingerprints' && f.type !== 'postcopy',
   );
   test.each(payloadless.map((f) => [f.type, f] as const))('%s with a payload', (type) => {
     const frame = rawFrame(headerOf(type), new Uint8Array([1]));
