@@ -571,7 +571,7 @@ export class Agent {
       const summary = await migration.run().finally(() => this.metrics.migrationsActive.dec({ direction: 'out' }));
       summary.from = this.listenAddress;
       this.metrics.migrations.inc({ direction: 'out', outcome: 'committed', technique: summary.technique });
-      this.metrics.downtime.observe(summary.downtimeMs / 1000);
+      this.metrics.downtime.observe({ technique: summary.technique }, summary.downtimeMs / 1000);
       this.metrics.totalTime.observe(summary.totalMs / 1000);
       this.metrics.linkRate.set({ peer: request.to }, summary.linkRateBytesPerSec);
       this.registry.remove(guest.name);

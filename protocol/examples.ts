@@ -98,6 +98,12 @@ export function exampleFrames(): Frame[] {
     Frame.pageFingerprints({ migrationId: id, region: 0, firstPage: 64, fingerprints: bytes(3 * FINGERPRINT_BYTES, 8) }),
     Frame.postcopy({ migrationId: id, region: 0, more: false, missing: Uint32Array.of(1, 99, 200, 3) }),
     Frame.fetch({ migrationId: id, region: 0, runs: Uint32Array.of(42, 1) }),
+    Frame.verified({
+      migrationId: id,
+      match: true,
+      digests: [bytes(DIGEST_BYTES, 2)],
+      postcopy: { missingPages: 100, faults: 3, fetchedPages: 3, pushedPages: 97, faultP50Ms: 0.25, faultP99Ms: 1.5, faultMaxMs: 2 },
+    }),
   ];
 }
 

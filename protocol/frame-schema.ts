@@ -264,7 +264,23 @@ const readers: Readers = {
     const migrationId = readMigrationId(r);
     const match = r.boolean('match');
     const digests = readDigests(r);
-    return { type: 'verified', migrationId, match, digests };
+    const frame: FrameOf<'verified'> = { type: 'verified', migrationId, match, digests };
+    if (r.optional('postcopy') !== undefined) {
+      const p = r.map('postcopy');
+      const count = (field: string) => p.integer(field, 0, Number.MAX_SAFE_INTEGER);
+      const ms = (field: string) => p.number(field, 0, 1e12);
+      frame.postcopy = {
+        missingPages: count('missingPages'),
+        faults: count('faults'),
+        fetchedPages: count('fetchedPages'),
+        pushedPages: count('pushedPages'),
+        faultP50Ms: ms('faultP50Ms'),
+        faultP99Ms: ms('faultP99Ms'),
+        faultMaxMs: ms('faultMaxMs'),
+      };
+      p.done();
+    }
+    return frame;
   },
 
   commit: (r) => ({ type: 'commit', migrationId: readMigrationId(r) }),

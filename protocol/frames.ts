@@ -130,6 +130,18 @@ export interface VerifiedFrame {
   match: boolean;
   /** The destination's digests, one per region. */
   digests: Uint8Array[];
+  /** Post-copy: how the missing pages came, as the destination saw it. */
+  postcopy?: PostcopyReport;
+}
+
+export interface PostcopyReport {
+  missingPages: number;
+  faults: number;
+  fetchedPages: number;
+  pushedPages: number;
+  faultP50Ms: number;
+  faultP99Ms: number;
+  faultMaxMs: number;
 }
 
 export interface CommitFrame {

@@ -35,6 +35,29 @@ export class PageSet {
     return (this.bits[page >>> 3]! & (1 << (page & 7))) !== 0;
   }
 
+  /** Removes `page`; true if it was in the set. */
+  delete(page: number): boolean {
+    const byte = page >>> 3;
+    const mask = 1 << (page & 7);
+    if (page >= this.pageCount || (this.bits[byte]! & mask) === 0) return false;
+    this.bits[byte]! &= ~mask;
+    this.count--;
+    return true;
+  }
+
+  /** The smallest page in the set that is at least `from`, if any. */
+  nextFrom(from: number): number | undefined {
+    if (this.count === 0 || from >= this.pageCount) return undefined;
+    let byte = from >>> 3;
+    let value = this.bits[byte]! & (0xff << (from & 7));
+    while (value === 0) {
+      if (++byte >= this.bits.length) return undefined;
+      value = this.bits[byte]!;
+    }
+    const page = byte * 8 + (31 - Math.clz32(value & -value));
+    return page < this.pageCount ? page : undefined;
+  }
+
   clear(): void {
     this.bits.fill(0);
     this.count = 0;

@@ -331,8 +331,14 @@ describe('field values', () => {
 
   const missing: [Frame['type'], string][] = examples.flatMap((frame) =>
     Object.keys(frameToWire(frame).header)
-      // offer.dedup and pages.refs are optional: absent is legal.
-      .filter((key) => key !== 't' && !(frame.type === 'offer' && key === 'dedup') && !(frame.type === 'pages' && key === 'refs'))
+      // offer.dedup, pages.refs and verified.postcopy are optional: absent is legal.
+      .filter(
+        (key) =>
+          key !== 't' &&
+          !(frame.type === 'offer' && key === 'dedup') &&
+          !(frame.type === 'pages' && key === 'refs') &&
+          !(frame.type === 'verified' && key === 'postcopy'),
+      )
       .map((key): [Frame['type'], string] => [frame.type, key]),
   );
   test.each(missing)('%s without %s', (type, key) => {
