@@ -78,7 +78,7 @@ export type MigrationRecord =
   | { direction: 'out'; state: 'running'; migrationId: string; guest: string; to: string; startedAt: string; progress?: MigrationProgress }
   | { direction: 'out'; state: 'committed'; migrationId: string; guest: string; to: string; startedAt: string; summary: MigrationSummary }
   | { direction: 'out'; state: 'failed' | 'in-doubt'; migrationId: string; guest: string; to: string; startedAt: string; error: { code: string; message: string } }
-  | { direction: 'in'; state: 'running' | 'committed' | 'aborted'; migrationId: string; guest: string; from: string; startedAt: string; result?: IncomingResult };
+  | { direction: 'in'; state: 'running' | 'committed' | 'aborted' | 'stranded'; migrationId: string; guest: string; from: string; startedAt: string; result?: IncomingResult };
 
 export function controlSocketPath(stateDir: string): string {
   return join(stateDir, 'control.sock');
@@ -283,7 +283,7 @@ export class Agent {
     void migration.done.then((result) => {
       this.incoming.delete(offer.migrationId);
       this.metrics.migrationsActive.dec({ direction: 'in' });
-      this.metrics.migrations.inc({ direction: 'in', outcome: result.outcome, technique: 'precopy' });
+      this.metrics.migrations.inc({ direction: 'in', outcome: result.outcome, technique: result.technique });
       this.records.set(offer.migrationId, { ...record, state: result.outcome, result });
       this.trimRecords();
     });

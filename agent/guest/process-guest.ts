@@ -253,6 +253,15 @@ export class ProcessGuest {
     if (this.alive()) await this.terminate();
   }
 
+  /**
+   * The pages a post-copy destination must hold before the guest starts: gangway-guest
+   * reads its header (page 0) with pread before it maps its memory, so a fault cannot
+   * bring it in.
+   */
+  eagerRuns(): Uint32Array {
+    return Uint32Array.of(0, 1);
+  }
+
   /** uffd-wp when the shim registered it (unless told otherwise), else hash-scan. */
   async openTracker(preference: TrackerPreference): Promise<{ tracker: DirtyTracker; fallbackReason?: string }> {
     let fallbackReason: string | undefined;

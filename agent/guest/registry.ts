@@ -18,6 +18,11 @@ export interface GuestRecord {
   /** How the guest got here: started on this host, or migrated in (with the migration id). */
   origin: { kind: 'started' } | { kind: 'migrated'; migrationId: string; from: string };
   startedAt: string;
+  /**
+   * Post-copy: the guest runs here while pages are still coming from `from`. With
+   * `stranded`, they stopped coming (the reason): the guest is paused on them.
+   */
+  incoming?: { migrationId: string; from: string; missingPages: number; stranded?: string };
 }
 
 export class GuestRegistry {

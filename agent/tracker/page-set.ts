@@ -87,6 +87,17 @@ export class PageSet {
   }
 }
 
+/** The pages of `runs` that are not in `minus`, as runs. */
+export function subtractRuns(runs: Uint32Array, minus: Uint32Array, pageCount: number): Uint32Array {
+  const set = new PageSet(pageCount);
+  set.addRuns(runs);
+  for (let i = 0; i + 1 < minus.length; i += 2) {
+    const end = Math.min(minus[i]! + minus[i + 1]!, pageCount);
+    for (let page = minus[i]!; page < end; page++) set.delete(page);
+  }
+  return set.toRuns();
+}
+
 export function runsPageCount(runs: Uint32Array): number {
   let total = 0;
   for (let i = 1; i < runs.length; i += 2) total += runs[i]!;
