@@ -104,6 +104,8 @@ export class Agent {
   listenAddress = '';
   /** Where /metrics is served, once it is. */
   metricsAddress: string | undefined;
+  /** The loopback TCP control port (HOST:PORT), when control.listen is set. */
+  controlAddress: string | undefined;
 
   constructor(
     readonly config: AgentConfig,
@@ -396,6 +398,7 @@ export class Agent {
         uptimeMs: Date.now() - this.startedAt,
         trackerPreference: this.config.tracker,
         metrics: this.metricsAddress ?? null,
+        controlPort: this.controlAddress ?? null,
         digestBytesPerSec: Math.round(this.digestBytesPerSec),
         shuttingDown: this.shuttingDown,
         sessions: { in: this.sessionsIn.size, out: this.sessionsOut.size },

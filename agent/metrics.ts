@@ -123,6 +123,13 @@ export class AgentMetrics {
     registers: [this.registry],
   });
 
+  readonly controlUnauthorized = new Counter({
+    name: 'gangway_control_unauthorized_total',
+    help: 'Requests to the TCP control port refused for their bearer token, by reason (missing, wrong)',
+    labelNames: ['reason'] as const,
+    registers: [this.registry],
+  });
+
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'gangway_process_' });
   }

@@ -6,7 +6,9 @@ import { GUEST_NAME_PATTERN } from '../guest/registry.js';
 const guestName = z.string().regex(GUEST_NAME_PATTERN, "1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'");
 const GiB = 1024 ** 3;
 
-export const StartGuestRequest = z.object({
+// Strict: a field the agent does not know is refused, not dropped (a misspelt `force`
+// would otherwise silently mean the default).
+export const StartGuestRequest = z.strictObject({
   name: guestName,
   memoryBytes: z.number().int().min(64 * 1024).max(1024 * GiB),
   profile: z.enum(['zero', 'os-image', 'random']),
@@ -17,7 +19,7 @@ export const StartGuestRequest = z.object({
   hotFraction: z.number().min(0).max(1),
 });
 
-export const MigrateRequestSchema = z.object({
+export const MigrateRequestSchema = z.strictObject({
   guests: z.array(guestName).min(1).max(64),
   strategy: z.enum(['gang', 'serial']),
   dedup: z.boolean(),
@@ -33,5 +35,14 @@ export const MigrateRequestSchema = z.object({
 
 /** "field: problem; field: problem" from a zod error. */
 export function describeZodError(error: z.ZodError): string {
-  return error.issues.map((issue) => `${issue.path.join('.') || 'request'}: ${issue.message}`).join('; ');
+  return error.issues
+    .slice(0, 10)
+    .map((issue) => {
+      const where = issue.path.join('.') || 'request';
+      if (issue.code === 'unrecognized_keys') {
+        return `${where}: unknown field${issue.keys.length > 1 ? 's' : ''} ${issue.keys.slice(0, 5).map((k) => JSON.stringify(k.slice(0, 64))).join(', ')}`;
+      }
+      return `${where}: ${issue.message}`;
+    })
+    .join('; ');
 }
