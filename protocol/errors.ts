@@ -37,6 +37,8 @@ export const ErrorCode = {
    */
   POSTCOPY_INTERRUPTED: 'GANGWAY_ERR_POSTCOPY_INTERRUPTED',
   INTERNAL: 'GANGWAY_ERR_INTERNAL',
+  /** A control-API request without the right token. */
+  UNAUTHORIZED: 'GANGWAY_ERR_UNAUTHORIZED',
   SHUTTING_DOWN: 'GANGWAY_ERR_SHUTTING_DOWN',
   TRACKER: 'GANGWAY_ERR_TRACKER',
   /** A system command the agent drives (iptables, tc) failed, or its state is not what gangway installed. */

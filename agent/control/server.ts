@@ -30,7 +30,7 @@ class RequestError extends GangwayError {
     message: string,
     readonly headers: Record<string, string> = {},
   ) {
-    super(ErrorCode.BAD_REQUEST, message);
+    super(status === 401 ? ErrorCode.UNAUTHORIZED : ErrorCode.BAD_REQUEST, message);
   }
 }
 
