@@ -303,7 +303,7 @@ for (const [verb, method, suffix, description] of [
 }
 
 withControlOptions(program.command('migrate <guests...>'))
-  .description('live-migrate guests to another agent (pre-copy), verified by memory digests; several guests move as a gang or one by one, with content dedup across them')
+  .description('live-migrate guests to another agent, verified by memory digests; several guests move as a gang or one by one, with content dedup across them (pre-copy)')
   .requiredOption('--to <host:port>', 'the destination agent')
   .addOption(new Option('--strategy <strategy>', 'several guests: all at once over one session (gang) or one after another (serial)').choices(['gang', 'serial']).default('gang'))
   .option('--no-dedup', 'send every page, even when its content is already at the destination')
@@ -314,6 +314,16 @@ withControlOptions(program.command('migrate <guests...>'))
   .addOption(new Option('--codec <codec>', 'page compression (auto measures whether LZ4 pays)').choices(['auto', 'lz4', 'raw']).default('auto'))
   .option('--bandwidth <rate>', 'cap the migration rate, e.g. 100MiB/s or 1Gbit/s', arg((t) => parseRate(t, '--bandwidth')))
   .addOption(new Option('--tracker <kind>', 'dirty-page tracking for this migration').choices(['auto', 'uffd-wp', 'hash-scan']))
+  .addOption(
+    new Option(
+      '--technique <technique>',
+      'precopy: rounds, then stop-and-copy; postcopy: the guest moves at once and its pages follow on demand; ' +
+        'hybrid: pre-copy rounds, then post-copy if they do not converge; auto: hybrid where the destination can post-copy, else precopy',
+    )
+      .choices(['precopy', 'postcopy', 'hybrid', 'auto'])
+      .default('precopy'),
+  )
+  .option('--postcopy-after-rounds <n>', 'hybrid: go post-copy after this many pre-copy rounds at the latest [--max-rounds]', number('--postcopy-after-rounds', 1, 10_000, true))
   .option('--json', 'print the summary as JSON')
   .action(async (names: string[], opts) => {
     const json = Boolean(opts.json);
@@ -334,6 +344,8 @@ withControlOptions(program.command('migrate <guests...>'))
           codec: opts.codec,
           ...(opts.bandwidth ? { bandwidthBytesPerSec: opts.bandwidth } : {}),
           ...(opts.tracker ? { tracker: opts.tracker } : {}),
+          technique: opts.technique,
+          ...(opts.postcopyAfterRounds ? { postcopyAfterRounds: opts.postcopyAfterRounds } : {}),
         },
         (progress) => {
           if (!tty) return;

@@ -139,6 +139,8 @@ export interface NativeAddon {
   sdNotify(socketPath: string, message: string): void;
 
   // ── post-copy: the destination guest's userfaultfd ──
+  /** Whether a userfaultfd with post-copy's features (missing faults on shmem, async WP) can be opened here. */
+  uffdProbe(): boolean;
   /** A connected AF_UNIX SOCK_SEQPACKET pair [agentFd, guestFd], both close-on-exec. */
   socketPair(): [number, number];
   /**

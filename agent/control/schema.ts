@@ -31,6 +31,8 @@ export const MigrateRequestSchema = z.strictObject({
   codec: z.enum(['auto', 'lz4', 'raw']),
   bandwidthBytesPerSec: z.number().positive().optional(),
   tracker: z.enum(['auto', 'uffd-wp', 'hash-scan']).optional(),
+  technique: z.enum(['precopy', 'postcopy', 'hybrid', 'auto']).optional(),
+  postcopyAfterRounds: z.number().int().min(1).max(10_000).optional(),
 });
 
 /** "field: problem; field: problem" from a zod error. */

@@ -61,8 +61,15 @@ export interface SourceOptions {
   hybrid?: HybridPolicy;
 }
 
-/** Post-copy pushes keep at most this much in front of the socket, so a faulted page waits behind little. */
-const POSTCOPY_QUEUE_BYTES = 256 * 1024;
+/**
+ * Post-copy keeps at most this many pushed bytes on their way (sent, not yet installed at
+ * the destination), in batches of a quarter of it: a faulted page goes out at once, but it
+ * still travels behind whatever is in the socket buffers, the link's queue and the
+ * destination's decoder. This bounds that wait (about 8 ms at 1 Gbit/s) and still fills a
+ * LAN's bandwidth-delay product.
+ */
+const POSTCOPY_WINDOW_BYTES = 1024 * 1024;
+const POSTCOPY_BATCH_BYTES = 256 * 1024;
 /** Pages per background-push step (the scheduler is asked again after each). */
 const POSTCOPY_PUSH_PAGES = 512;
 
@@ -580,14 +587,11 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       const pausedAt = this.clock.now();
       this.send(Frame.pause({ migrationId: options.migrationId }));
       const stale = technique === 'postcopy' ? pending : mergeRuns(mergeRuns(pending, await this.collect(tracker), pageCount), takeWanted(), pageCount);
-      const sourceDigests = Promise.all(regions.map((region) => this.native.regionDigest(region, 'full')));
-      sourceDigests.catch(() => {});
       const eager = guest.eagerRuns();
-      await sendRound(round, eager, true, { plain: true, noRoundEnd: true });
       const missing = subtractRuns(stale, eager, pageCount);
       const missingPages = runsPageCount(missing);
       const scheduler = new PostcopyScheduler(pageCount, missing);
-      const serveBytes = Math.min(options.batchBytes, this.session.peerMaxPayloadBytes);
+      const serveBytes = Math.min(POSTCOPY_BATCH_BYTES, this.session.peerMaxPayloadBytes);
       this.postcopyServe = {
         scheduler,
         round,
@@ -598,6 +602,11 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         faultPages: 0,
         wireBytes: 0,
       };
+      // From here on pages go out as they are needed: a window of its own (everything sent
+      // before was credited: drained above), the pages the guest needs to start first.
+      this.credits = new CreditWindow(POSTCOPY_WINDOW_BYTES);
+      this.sendNow(this.postcopyServe, eager);
+      this.postcopyServe.faultPages = 0;
       this.state.to('postcopy-switch');
       const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'post-copy start confirmation');
       const runsPerFrame = Math.max(1, Math.floor(Math.min(this.session.peerMaxPayloadBytes, 1 << 20) / 8));
@@ -613,6 +622,10 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       this.releaseGate = undefined;
       const downtimeMs = Math.max(0, committedAt - pauseStart - committed.resumeToSendMs - switchoverRttMs / 2);
       this.log.info({ downtimeMs: Math.round(downtimeMs * 10) / 10, missingPages, reason }, 'guest runs at the destination; pushing its missing pages');
+      // The paused memory does not change any more: its digest can be taken at leisure.
+      const sourceDigests = Promise.all(regions.map((region) => this.native.regionDigest(region, 'full')));
+      sourceDigests.catch(() => {});
+      const pushPool = new BatchPool(serveBytes, 8192);
 
       // The background push, from wherever the guest last faulted.
       const pushStart = this.clock.now();
@@ -626,12 +639,12 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
             session: this.session,
             migrationId: options.migrationId,
             pageSizeBytes: pageSize,
-            pool,
+            pool: pushPool,
             chooser,
             credits: this.credits!,
             pacer,
             pipelineDepth: 2,
-            queueBytes: POSTCOPY_QUEUE_BYTES,
+            queueBytes: POSTCOPY_WINDOW_BYTES,
           },
           0,
           regions[0]!,

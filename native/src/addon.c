@@ -42,6 +42,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/syscall.h>
 #include <sys/eventfd.h>
 #include <poll.h>
 #include <pthread.h>
@@ -1509,6 +1510,32 @@ typedef struct {
 } uffd_hello_t;
 #define UFFD_HELLO_VERSION 1u
 
+/*
+ * uffdProbe() -> boolean: whether this process can open a userfaultfd with what post-copy
+ * needs (missing faults on shared memory, async write-protect), as the guest's shim will.
+ */
+static napi_value UffdProbe(napi_env env, napi_callback_info info) {
+  int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev >= 0) {
+      fd = ioctl(dev, _IO(0xAA, 0x00), O_CLOEXEC | O_NONBLOCK);
+      close(dev);
+    }
+  }
+  bool ok = false;
+  if (fd >= 0) {
+    struct uffdio_api api = {.api = UFFD_API,
+                             .features = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED |
+                                         UFFD_FEATURE_WP_HUGETLBFS_SHMEM};
+    ok = ioctl(fd, UFFDIO_API, &api) == 0;
+    close(fd);
+  }
+  napi_value result;
+  napi_get_boolean(env, ok, &result);
+  return result;
+}
+
 /* socketPair() -> [agentFd, guestFd]: AF_UNIX SOCK_SEQPACKET, both close-on-exec. */
 static napi_value SocketPair(napi_env env, napi_callback_info info) {
   int sv[2];
@@ -2015,6 +2042,7 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
       {"tmpfileLink", NULL, TmpfileLink, NULL, NULL, NULL, napi_enumerable, NULL},
       {"sdNotify", NULL, SdNotify, NULL, NULL, NULL, napi_enumerable, NULL},
       {"socketPair", NULL, SocketPair, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"uffdProbe", NULL, UffdProbe, NULL, NULL, NULL, napi_enumerable, NULL},
       {"uffdReceive", NULL, UffdReceive, NULL, NULL, NULL, napi_enumerable, NULL},
       {"uffdMonitor", NULL, UffdMonitor, NULL, NULL, NULL, napi_enumerable, NULL},
       {"uffdMonitorClose", NULL, UffdMonitorClose, NULL, NULL, NULL, napi_enumerable, NULL},
