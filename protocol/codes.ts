@@ -33,6 +33,12 @@ export const FrameType = {
   postcopy: 22,
   /** Post-copy: pages the destination's guest faulted on, to be sent first. */
   fetch: 23,
+  /**
+   * Source, on a new session after the old one broke during post-copy: continue migration
+   * X here. The destination answers with postcopy frames of the pages it still lacks (or
+   * with verified, when it already has them all).
+   */
+  reattach: 26,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 export type FrameTypeName = Exclude<keyof typeof FrameType, 'invalid'>;
