@@ -390,7 +390,21 @@ export class Agent {
 
   /** SIGCONT a paused guest (after a switchover left in doubt, once the operator has checked). */
   resumeGuest(name: string): void {
-    const { guest } = this.registry.get(name);
+    const { guest, record } = this.registry.get(name);
+    if (record.outgoing) {
+      throw new GangwayError(
+        ErrorCode.BAD_REQUEST,
+        `guest ${name} runs at ${record.outgoing.to} since the post-copy switchover of migration ${record.outgoing.migrationId}; ` +
+          'this paused copy holds the pages it may still lack there, so it must not run here. Check `gangway status` on the destination; ' +
+          `once the guest is complete there, \`gangway guest stop ${name}\` frees this copy`,
+      );
+    }
+    if (record.incoming?.stranded) {
+      throw new GangwayError(
+        ErrorCode.BAD_REQUEST,
+        `guest ${name} never received all of its memory from ${record.incoming.from} (${record.incoming.stranded}); resuming it would let it read missing pages as zeros`,
+      );
+    }
     if (this.isMigrating(name)) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated`);
     }
@@ -427,6 +441,7 @@ export class Agent {
         memoryPath: record.files.memoryPath,
         origin: record.origin,
         tracker,
+        ...(record.outgoing ? { outgoing: record.outgoing } : {}),
         ...(record.incoming ? { incoming: { ...record.incoming, missingPages: this.incomingMissingPages(record.incoming.migrationId) ?? record.incoming.missingPages } } : {}),
         ...(header
           ? {
@@ -637,6 +652,7 @@ export class Agent {
           technique,
           ...(request.postcopyAfterRounds ? { hybrid: { postcopyAfterRounds: request.postcopyAfterRounds } } : {}),
           reconnect: () => this.session(request.to),
+          registry: this.registry,
           reconnectWindowMs: this.config.postcopyReattachMs,
         },
         log,

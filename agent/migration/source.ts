@@ -13,6 +13,7 @@ import { Codec, FrameType, GuestKind, Technique } from '../../protocol/codes.js'
 import { ErrorCode, GangwayError, PeerError } from '../../protocol/errors.js';
 import { Frame } from '../../protocol/index.js';
 import type { ProcessGuest, TrackerPreference } from '../guest/process-guest.js';
+import type { GuestRegistry } from '../guest/registry.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, PeerSession } from '../peer/session.js';
 import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
@@ -65,6 +66,8 @@ export interface SourceOptions {
    */
   reconnect?: () => Promise<PeerSession>;
   reconnectWindowMs?: number;
+  /** Where the guest's record lives: post-copy marks it as running at the destination. */
+  registry?: GuestRegistry;
 }
 
 const RECONNECT_FIRST_DELAY_MS = 200;
@@ -549,6 +552,10 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       // keep the paused guest and its memory, whatever happens.
       this.postcopyServe = undefined;
       this.state.to('interrupted');
+      try {
+        const marked = this.options.registry?.get(this.guest.name).record.outgoing;
+        if (marked) this.options.registry?.update(this.guest.name, { outgoing: { ...marked, interrupted: error.message.slice(0, 300) } });
+      } catch {}
       this.log.error({ err: error.message, code: error.code }, 'post-copy interrupted: the guest runs at the destination; its missing pages stay here');
       return new GangwayError(
         ErrorCode.POSTCOPY_INTERRUPTED,
@@ -561,6 +568,11 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       this.postcopyServe = undefined;
       if (error instanceof PeerError) {
         // The destination answered: it did not start the guest, so ours is still the one.
+        if (phase === 'postcopy-switch') {
+          try {
+            this.options.registry?.update(this.guest.name, { outgoing: undefined });
+          } catch {}
+        }
         this.guest.resume();
         this.state.to('failed');
         return new GangwayError(
@@ -729,6 +741,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       this.sendNow(this.postcopyServe, eager);
       this.postcopyServe.faultPages = 0;
       this.state.to('postcopy-switch');
+      // From here the destination may run the guest: the record says so, so that nothing
+      // (an operator, this agent after a restart) resumes this copy.
+      options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString() } });
       const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'post-copy start confirmation');
       const runsPerFrame = Math.max(1, Math.floor(Math.min(this.session.peerMaxPayloadBytes, 1 << 20) / 8));
       for (let at = 0; at === 0 || at < missing.length; at += runsPerFrame * 2) {
