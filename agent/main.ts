@@ -406,7 +406,9 @@ withControlOptions(program.command('status'))
         } else if (g.incoming) {
           console.log(`    receiving its memory from ${g.incoming.from} (post-copy): ${g.incoming.missingPages} pages to come`);
         }
-        if (g.outgoing) {
+        if (g.outgoing?.phase === 'commit') {
+          console.log(`    switchover in doubt since ${g.outgoing.since}: the commit went to ${g.outgoing.to} unconfirmed; this agent asks there, then removes or resumes this copy`);
+        } else if (g.outgoing) {
           console.log(
             `    runs at ${g.outgoing.to} since the post-copy switchover (${g.outgoing.since})` +
               (g.outgoing.interrupted ? `; the link broke (${g.outgoing.interrupted})` : '') +

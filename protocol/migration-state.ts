@@ -125,7 +125,9 @@ export type ReceivedEvent =
         | 'want'
         | 'pageFingerprints'
         | 'fetch'
-        | 'reattach';
+        | 'reattach'
+        | 'migrationQuery'
+        | 'migrationAnswer';
     };
 
 /** Frames this destination sent. */
@@ -170,6 +172,8 @@ export const MigrationEventType = [
   'postcopy',
   'fetch',
   'reattach',
+  'migrationQuery',
+  'migrationAnswer',
   'sentAccept',
   'sentReject',
   'sentVerified',

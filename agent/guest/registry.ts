@@ -27,7 +27,14 @@ export interface GuestRecord {
    * Post-copy from here: the guest runs at `to` since the switchover, and this paused copy
    * holds the pages `to` still lacks. It must never resume here.
    */
-  outgoing?: { migrationId: string; to: string; since: string; interrupted?: string };
+  outgoing?: {
+    migrationId: string;
+    to: string;
+    since: string;
+    /** commit: pre-copy's commit was sent; postcopy: the guest may run there, its missing pages are here. */
+    phase: 'commit' | 'postcopy';
+    interrupted?: string;
+  };
 }
 
 export class GuestRegistry {

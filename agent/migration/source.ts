@@ -20,6 +20,7 @@ import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
 import { mergeRuns, runsPageCount, subtractRuns } from '../tracker/page-set.js';
 import { hybridSwitch, PostcopyScheduler, WindowTuner, type HybridPolicy } from './postcopy.js';
 import { encodeFrame } from '../../protocol/index.js';
+import { faultCrash } from './faults.js';
 import { CodecChooser, type CodecMode } from './codec-chooser.js';
 import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
 import { CreditWindow, Pacer, realClock, type Clock, type SwitchoverGate } from './flow.js';
@@ -568,11 +569,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       this.postcopyServe = undefined;
       if (error instanceof PeerError) {
         // The destination answered: it did not start the guest, so ours is still the one.
-        if (phase === 'postcopy-switch') {
-          try {
-            this.options.registry?.update(this.guest.name, { outgoing: undefined });
-          } catch {}
-        }
+        try {
+          this.options.registry?.update(this.guest.name, { outgoing: undefined });
+        } catch {}
         this.guest.resume();
         this.state.to('failed');
         return new GangwayError(
@@ -586,8 +585,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       return new GangwayError(
         ErrorCode.SWITCHOVER_IN_DOUBT,
         `the commit of ${this.guest.name} was sent to ${this.options.peerAddress} but not confirmed (${error.message}). ` +
-          'The guest may be running there: it stays paused here. Check `gangway status` on the destination; ' +
-          'if the guest is not there, resume it here with `gangway guest resume ' + this.guest.name + '`.',
+          'The guest may be running there: it stays paused here while this agent asks the destination what became of it, ' +
+          'then removes this copy (it runs there) or resumes it (it never ran there). `gangway status` shows where it stands.',
         { cause: error },
       );
     }
@@ -743,7 +742,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       this.state.to('postcopy-switch');
       // From here the destination may run the guest: the record says so, so that nothing
       // (an operator, this agent after a restart) resumes this copy.
-      options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString() } });
+      options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'postcopy' } });
       const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'post-copy start confirmation');
       const runsPerFrame = Math.max(1, Math.floor(Math.min(this.session.peerMaxPayloadBytes, 1 << 20) / 8));
       for (let at = 0; at === 0 || at < missing.length; at += runsPerFrame * 2) {
@@ -1041,6 +1040,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     }
 
     this.state.to('committing');
+    // The journal: from the commit on the guest may run there. A restarted agent that finds
+    // this asks the destination before it does anything with the paused copy.
+    options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'commit' } });
     const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'commit confirmation');
     if (dedup) {
       // Once the guest runs there its pages change: nothing planned after this point may
@@ -1056,6 +1058,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     } else {
       this.send(Frame.commit({ migrationId: options.migrationId }));
     }
+    faultCrash('source-after-commit', this.log);
     const committed = await committedP;
     const committedAt = this.clock.now();
     this.state.to('committed');
