@@ -121,6 +121,8 @@ interface Run {
   linkRateBytesPerSec: number | null;
   /** The engine's measured link rate (wire bytes per second; 0 when no pre-copy round ran). */
   engineLinkRateBytesPerSec: number | null;
+  /** Where the downtime went, as the engine reports it (pause, final round, verify, commit, ...). */
+  downtimeBreakdown?: MigrationSummary['downtime'];
   postcopy?: MigrationSummary['postcopy'];
   guestCheck?: { stalePages: number; resumeStalePages: number };
   error?: { code: string; message: string };
@@ -292,6 +294,7 @@ async function runOnce(pair: AgentPair, link: Link, technique: Technique, dirtyR
         forced: moved.forced,
         linkRateBytesPerSec: link.rateBytesPerSec ?? round0MemoryRate(moved),
         engineLinkRateBytesPerSec: moved.linkRateBytesPerSec,
+        downtimeBreakdown: moved.downtime,
         ...(moved.postcopy ? { postcopy: moved.postcopy } : {}),
         ...(check ? { guestCheck: { stalePages: check.stalePages, resumeStalePages: check.resumeStalePages } } : {}),
       },
