@@ -7,7 +7,19 @@
   "targets": [
     {
       "target_name": "gangway",
-      "sources": ["src/addon.c"]
+      "sources": ["src/addon.c"],
+      "conditions": [
+        ["target_arch=='x64'", {
+          "dependencies": ["gangway-hash-avx2"],
+          "defines": ["GANGWAY_HAVE_AVX2_HASH=1"]
+        }]
+      ]
+    },
+    {
+      "target_name": "gangway-hash-avx2",
+      "type": "static_library",
+      "sources": ["src/hash-avx2.c"],
+      "cflags": ["-mavx2", "-fPIC"]
     },
     {
       "target_name": "gangway-track",

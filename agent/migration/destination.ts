@@ -577,6 +577,7 @@ export class DestinationMigration implements FrameHandler {
   private async commit(): Promise<void> {
     const standby = this.standby!;
     let journaled = false;
+    const t: Record<string, number> = { start: performance.now() };
     try {
       // The guest is about to run: no ref may copy from its memory any more.
       for (const slot of this.slots) this.group?.closeSlot(slot);
@@ -586,12 +587,16 @@ export class DestinationMigration implements FrameHandler {
         closeSync(region.fd);
       }
       this.regions = [];
+      t.closed = performance.now();
       // The journal: the record goes in before the guest may run, so that an agent restarted
       // from here on knows it (a guest that never started is dropped as dead on load).
       this.ctx.registry.add(this.guestRecord(standby.pid));
       journaled = true;
+      t.journaled = performance.now();
       standby.go();
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
+      t.running = runningAt;
+      this.log.debug(Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), 'commit: ms after the commit frame');
       faultCrash('dest-after-start', this.log);
       this.state = transition(this.state, { type: 'sentCommitted' });
       this.session.send(Frame.committed({ migrationId: this.offer.migrationId, resumeToSendMs: performance.now() - runningAt }));

@@ -1066,9 +1066,11 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     } else {
       this.send(Frame.commit({ migrationId: options.migrationId }));
     }
+    const commitSentAt = this.clock.now();
     faultCrash('source-after-commit', this.log);
     const committed = await committedP;
     const committedAt = this.clock.now();
+    this.log.debug({ journalMs: commitSentAt - verifiedAt, confirmMs: committedAt - commitSentAt }, 'commit: ms after verified');
     this.state.to('committed');
     this.releaseGate?.();
     this.releaseGate = undefined;

@@ -1086,9 +1086,71 @@ static void emit_digest(void *ctx, uint32_t page, const uint8_t *bytes) {
   }
 }
 
+/*
+ * A full digest of a mapped region on several threads: each fingerprints a slice of the
+ * pages into one array, then the array is hashed. The value is the same as one thread's
+ * (XXH3-128 over the fingerprints in page order). Reading memory is what costs: one core
+ * took 57 ms for 1 GiB here, inside a pre-copy switchover's downtime.
+ */
+typedef struct {
+  const region_t *region;
+  uint32_t first, count;
+  XXH128_canonical_t *out;
+} digest_slice_t;
+
+#ifdef GANGWAY_HAVE_AVX2_HASH
+void gangway_page_fps_avx2(const uint8_t *base, size_t page_size, uint32_t first, uint32_t count, void *out);
+#endif
+
+static void *digest_slice(void *arg) {
+  const digest_slice_t *slice = arg;
+  const region_t *r = slice->region;
+#ifdef GANGWAY_HAVE_AVX2_HASH
+  if (__builtin_cpu_supports("avx2")) {
+    gangway_page_fps_avx2(r->addr, r->page_size, slice->first, slice->count, slice->out);
+    return NULL;
+  }
+#endif
+  for (uint32_t i = 0; i < slice->count; i++)
+    page_hash(&slice->out[slice->first + i], r->addr + (size_t)(slice->first + i) * r->page_size, r->page_size);
+  return NULL;
+}
+
+#define DIGEST_MAX_THREADS 4
+#define DIGEST_MIN_PAGES_PER_THREAD 16384
+
+static bool digest_parallel(const region_t *r, XXH128_canonical_t *result) {
+  long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  uint32_t parts = r->page_count / DIGEST_MIN_PAGES_PER_THREAD;
+  if (cpus > 0 && parts > (uint32_t)cpus) parts = (uint32_t)cpus;
+  if (parts > DIGEST_MAX_THREADS) parts = DIGEST_MAX_THREADS;
+  if (!r->addr || parts < 2) return false;
+  XXH128_canonical_t *fps = malloc((size_t)r->page_count * sizeof *fps);
+  if (!fps) return false;
+  digest_slice_t slices[DIGEST_MAX_THREADS];
+  pthread_t threads[DIGEST_MAX_THREADS];
+  bool started[DIGEST_MAX_THREADS] = {false};
+  const uint32_t per = (r->page_count + parts - 1) / parts;
+  for (uint32_t k = 0; k < parts; k++) {
+    const uint32_t first = k * per;
+    slices[k] = (digest_slice_t){.region = r, .first = first, .count = first >= r->page_count ? 0 : (r->page_count - first < per ? r->page_count - first : per), .out = fps};
+  }
+  /* Slices 1.. on threads of their own, slice 0 here; a thread that cannot start runs here too. */
+  for (uint32_t k = 1; k < parts; k++) started[k] = pthread_create(&threads[k], NULL, digest_slice, &slices[k]) == 0;
+  digest_slice(&slices[0]);
+  for (uint32_t k = 1; k < parts; k++) {
+    if (started[k]) pthread_join(threads[k], NULL);
+    else digest_slice(&slices[k]);
+  }
+  XXH128_canonicalFromHash(result, XXH3_128bits(fps, (size_t)r->page_count * sizeof *fps));
+  free(fps);
+  return true;
+}
+
 static void digest_execute(napi_env env, void *data) {
   digest_job_t *job = data;
   const region_t *r = job->region;
+  if (job->mode == DIGEST_FULL && digest_parallel(r, &job->result)) return;
   if (job->mode == DIGEST_TRACKED) {
     /* One-shot over the fingerprint array equals streaming over each fingerprint. */
     XXH128_canonicalFromHash(&job->result,
