@@ -6,7 +6,7 @@ import { isAbsolute } from 'node:path';
 import { parseDocument } from 'yaml';
 import { z } from 'zod';
 import { ErrorCode, GangwayError } from '../protocol/errors.js';
-import { parseDurationMs, QuantityError } from './units.js';
+import { parseDurationMs, parseRate, QuantityError } from './units.js';
 import { allowEntryProblem } from './peer/allowlist.js';
 import { isLoopbackHost, type PeerTransport } from './peer/tls.js';
 
@@ -27,6 +27,50 @@ const duration = z.union([z.number().min(0), z.string()]).transform((value, ctx)
     return z.NEVER;
   }
 });
+
+/** A rate in bytes per second: a number, or text such as "1Gbit/s" or "100MiB/s". */
+const rate = z.union([z.number().positive(), z.string()]).transform((value, ctx) => {
+  let bytesPerSec: number;
+  try {
+    bytesPerSec = typeof value === 'number' ? value : parseRate(value, 'rate');
+  } catch (err) {
+    ctx.addIssue({ code: 'custom', message: err instanceof QuantityError ? err.message : String(err) });
+    return z.NEVER;
+  }
+  if (!(bytesPerSec > 0)) {
+    ctx.addIssue({ code: 'custom', message: 'must be a rate above 0, e.g. 1Gbit/s or 100MiB/s' });
+    return z.NEVER;
+  }
+  return bytesPerSec;
+});
+/** A share of the link, above 0 and below 1 (environment variables give it as text). */
+const share = z.union([z.number(), z.string().regex(/^\s*\d*\.?\d+\s*$/, 'must be a number above 0 and below 1, e.g. 0.7').transform(Number)]).pipe(
+  z.number().gt(0, 'must be above 0 and below 1, e.g. 0.7').lt(1, 'must be above 0 and below 1, e.g. 0.7'),
+);
+
+export const PRIORITIES = ['high', 'medium', 'low'] as const;
+/** Linux interface names: 1 to 15 characters, no '/', ':' or whitespace. */
+export const INTERFACE_NAME_PATTERN = /^[A-Za-z0-9_.-]{1,15}$/;
+const INTERFACE_NAME_RULE = "must be an interface name: 1 to 15 letters, digits, '_', '.' or '-'";
+
+/**
+ * Bandwidth control (seed paper 003): the uplink the guests and migrations share, and the
+ * workload's SLA. Contention is high from `contention.high` of the link, moderate from
+ * `contention.moderate`, low below that.
+ */
+export const TrafficSettingsSchema = z
+  .object({
+    uplink: z.string().regex(INTERFACE_NAME_PATTERN, INTERFACE_NAME_RULE),
+    linkCapacity: rate,
+    slaLower: rate,
+    slaUpper: rate,
+    contention: z.object({ high: share, moderate: share }).partial().strict(),
+    priority: z.enum(PRIORITIES),
+    sampleInterval: duration.pipe(z.number().min(100, 'must be at least 100ms').max(60_000, 'must be at most 60s')),
+  })
+  .partial()
+  .strict();
+export type TrafficSettings = z.infer<typeof TrafficSettingsSchema>;
 
 const allowEntry = z.string().superRefine((entry, ctx) => {
   const problem = allowEntryProblem(entry);
@@ -61,6 +105,7 @@ export const ConfigFileSchema = z
     metrics: z.object({ listen: hostPort }).strict(),
     tls: TlsSettingsSchema,
     insecurePlaintextLoopback: z.boolean({ error: 'must be true or false' }),
+    traffic: TrafficSettingsSchema,
   })
   .partial()
   .strict();
@@ -78,7 +123,7 @@ export const CONFIG_DEFAULTS = {
 } as const satisfies ConfigFile;
 
 /** Environment variables that override the file, by setting. */
-export const ENV_OVERRIDES: Record<string, keyof ConfigFile | 'metrics.listen'> = {
+export const ENV_OVERRIDES: Record<string, keyof ConfigFile | 'metrics.listen' | `traffic.${string}`> = {
   GANGWAY_LISTEN: 'listen',
   GANGWAY_STATE_DIR: 'stateDir',
   GANGWAY_MEMORY_DIR: 'memoryDir',
@@ -86,6 +131,14 @@ export const ENV_OVERRIDES: Record<string, keyof ConfigFile | 'metrics.listen'> 
   GANGWAY_SHUTDOWN_GRACE: 'shutdownGrace',
   GANGWAY_LOG_LEVEL: 'logLevel',
   GANGWAY_METRICS_LISTEN: 'metrics.listen',
+  GANGWAY_TRAFFIC_UPLINK: 'traffic.uplink',
+  GANGWAY_TRAFFIC_LINK_CAPACITY: 'traffic.linkCapacity',
+  GANGWAY_TRAFFIC_SLA_LOWER: 'traffic.slaLower',
+  GANGWAY_TRAFFIC_SLA_UPPER: 'traffic.slaUpper',
+  GANGWAY_TRAFFIC_CONTENTION_HIGH: 'traffic.contention.high',
+  GANGWAY_TRAFFIC_CONTENTION_MODERATE: 'traffic.contention.moderate',
+  GANGWAY_TRAFFIC_PRIORITY: 'traffic.priority',
+  GANGWAY_TRAFFIC_SAMPLE_INTERVAL: 'traffic.sampleInterval',
 };
 
 function describeIssues(where: string, error: z.ZodError, input: unknown): string {
@@ -93,7 +146,7 @@ function describeIssues(where: string, error: z.ZodError, input: unknown): strin
     .map((issue) => {
       if (issue.code === 'unrecognized_keys') {
         const allowed = Object.keys(ConfigFileSchema.shape).join(', ');
-        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; tls takes cert, key, ca, allow)`;
+        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; tls takes cert, key, ca, allow; traffic takes ${Object.keys(TrafficSettingsSchema.shape).join(', ')}; traffic.contention takes high, moderate)`;
       }
       const key = issue.path.join('.');
       let value: unknown = input;
@@ -137,8 +190,11 @@ export function configFromEnv(env: NodeJS.ProcessEnv): ConfigFile {
   for (const [name, key] of Object.entries(ENV_OVERRIDES)) {
     const value = env[name];
     if (value === undefined || value === '') continue;
-    if (key === 'metrics.listen') data.metrics = { listen: value };
-    else data[key] = value;
+    // Dotted keys build the nested mapping: traffic.contention.high → { traffic: { contention: { high } } }.
+    const path = key.split('.');
+    let into = data;
+    for (const part of path.slice(0, -1)) into = (into[part] ??= {}) as Record<string, unknown>;
+    into[path.at(-1)!] = value;
   }
   try {
     return validate('environment', data);
@@ -151,15 +207,87 @@ export function configFromEnv(env: NodeJS.ProcessEnv): ConfigFile {
   }
 }
 
-/** Later sources win: defaults < file < environment < flags. */
+/** Later sources win: defaults < file < environment < flags; traffic settings one by one. */
 export function mergeConfig(...layers: ConfigFile[]): ConfigFile {
   const merged: ConfigFile = {};
   for (const layer of layers) {
     for (const [key, value] of Object.entries(layer) as [keyof ConfigFile, unknown][]) {
-      if (value !== undefined) (merged as Record<string, unknown>)[key] = value;
+      if (value === undefined) continue;
+      if (key === 'traffic') {
+        const traffic = value as TrafficSettings;
+        merged.traffic = {
+          ...merged.traffic,
+          ...Object.fromEntries(Object.entries(traffic).filter(([, v]) => v !== undefined)),
+          ...(traffic.contention ? { contention: { ...merged.traffic?.contention, ...traffic.contention } } : {}),
+        };
+      } else (merged as Record<string, unknown>)[key] = value;
     }
   }
   return merged;
+}
+
+/** The traffic settings an agent runs with, in its units (see TrafficSettingsSchema). */
+export interface TrafficConfig {
+  /** The uplink; without it the agent neither measures nor shapes. */
+  uplink: string | undefined;
+  linkBytesPerSec: number | undefined;
+  slaLowerBytesPerSec: number | undefined;
+  slaUpperBytesPerSec: number | undefined;
+  highContention: number;
+  moderateContention: number;
+  priority: (typeof PRIORITIES)[number];
+  sampleIntervalMs: number;
+}
+
+export const TRAFFIC_DEFAULTS = {
+  highContention: 0.7,
+  moderateContention: 0.3,
+  priority: 'medium',
+  sampleIntervalMs: 1000,
+  /** Without slaLower / slaUpper: these shares of the link. */
+  slaLowerShare: 0.1,
+  slaUpperShare: 0.5,
+} as const;
+
+/**
+ * Checks the traffic settings against each other once every layer is merged, naming the
+ * settings involved: an uplink needs a capacity; slaLower ≤ slaUpper ≤ linkCapacity;
+ * contention.moderate < contention.high.
+ */
+export function resolveTrafficConfig(settings: TrafficSettings | undefined): TrafficConfig {
+  const t = settings ?? {};
+  const problems: string[] = [];
+  if (t.uplink !== undefined && t.linkCapacity === undefined) {
+    problems.push(`'traffic.linkCapacity' is missing: 'traffic.uplink' (${t.uplink}) needs its capacity, e.g. 1Gbit/s`);
+  }
+  const link = t.linkCapacity;
+  const lower = t.slaLower ?? (link === undefined ? undefined : link * TRAFFIC_DEFAULTS.slaLowerShare);
+  const upper = t.slaUpper ?? (link === undefined ? undefined : Math.max(lower ?? 0, link * TRAFFIC_DEFAULTS.slaUpperShare));
+  if (lower !== undefined && upper !== undefined && lower > upper) {
+    problems.push(`'traffic.slaLower' (${lower} bytes/s) is above 'traffic.slaUpper' (${upper} bytes/s): the lower limit must not exceed the upper`);
+  }
+  if (link !== undefined && upper !== undefined && upper > link) {
+    problems.push(`'traffic.slaUpper' (${upper} bytes/s) is above 'traffic.linkCapacity' (${link} bytes/s)`);
+  }
+  if ((t.slaLower !== undefined || t.slaUpper !== undefined) && link === undefined) {
+    problems.push("'traffic.slaLower' and 'traffic.slaUpper' need 'traffic.linkCapacity'");
+  }
+  const high = t.contention?.high ?? TRAFFIC_DEFAULTS.highContention;
+  const moderate = t.contention?.moderate ?? TRAFFIC_DEFAULTS.moderateContention;
+  if (moderate >= high) {
+    problems.push(`'traffic.contention.moderate' (${moderate}) must be below 'traffic.contention.high' (${high})`);
+  }
+  if (problems.length > 0) throw new GangwayError(ErrorCode.BAD_REQUEST, problems.join('\n'));
+  return {
+    uplink: t.uplink,
+    linkBytesPerSec: link,
+    slaLowerBytesPerSec: lower,
+    slaUpperBytesPerSec: upper,
+    highContention: high,
+    moderateContention: moderate,
+    priority: t.priority ?? TRAFFIC_DEFAULTS.priority,
+    sampleIntervalMs: t.sampleInterval ?? TRAFFIC_DEFAULTS.sampleIntervalMs,
+  };
 }
 
 /**
