@@ -29,6 +29,9 @@ export const FrameType = {
   // Repair (feature 'repair'): after a digest mismatch the destination sends the
   // fingerprint of every page, and the source sends the pages that differ.
   pageFingerprints: 21,
+  // Traffic (feature 'traffic'): a planner asks the peer agent for its measured traffic.
+  trafficQuery: 22,
+  trafficReport: 23,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 export type FrameTypeName = Exclude<keyof typeof FrameType, 'invalid'>;

@@ -24,6 +24,7 @@ import {
   MAX_REGION_BYTES,
   MAX_REGION_PAGES,
   MAX_FINGERPRINTS_PER_FRAME,
+  MAX_TRAFFIC_BYTES_PER_SEC,
   MAX_ROUND,
   MAX_WANT_RUNS,
   FINGERPRINT_BYTES,
@@ -95,6 +96,8 @@ export function exampleFrames(): Frame[] {
     Frame.dedupClose({ group: 'gang-1' }),
     Frame.want({ migrationId: id, region: 0, runs: Uint32Array.of(5, 1, 9, 3), stale: Uint32Array.of(RESIDENT_SLOT_FLAG + 2, 7) }),
     Frame.pageFingerprints({ migrationId: id, region: 0, firstPage: 64, fingerprints: bytes(3 * FINGERPRINT_BYTES, 8) }),
+    Frame.trafficQuery({ requestId: 'plan-1' }),
+    Frame.trafficReport({ requestId: 'plan-1', measured: true, rxBytesPerSec: 12_500_000.5, txBytesPerSec: 3_000_000, linkBytesPerSec: 125_000_000, reason: '' }),
   ];
 }
 
@@ -190,5 +193,7 @@ export function largestFrames(): Frame[] {
       firstPage: MAX_REGION_PAGES - 1,
       fingerprints: bytes(MAX_FINGERPRINTS_PER_FRAME * FINGERPRINT_BYTES, 9),
     }),
+    Frame.trafficQuery({ requestId: longId }),
+    Frame.trafficReport({ requestId: longId, measured: false, rxBytesPerSec: MAX_TRAFFIC_BYTES_PER_SEC, txBytesPerSec: MAX_TRAFFIC_BYTES_PER_SEC, linkBytesPerSec: MAX_TRAFFIC_BYTES_PER_SEC, reason: text }),
   ];
 }

@@ -229,6 +229,28 @@ export interface PageFingerprintsFrame {
   fingerprints: Uint8Array;
 }
 
+/** Either side (feature 'traffic'): asks for the peer's measured uplink traffic; answered by trafficReport. */
+export interface TrafficQueryFrame {
+  type: 'trafficQuery';
+  requestId: string;
+}
+
+/**
+ * The answer to trafficQuery: the workload's smoothed rates on the agent's uplink, bytes per
+ * second (migration traffic excluded where the agent can tell it apart). `measured` false:
+ * the agent measures nothing (no uplink, not root, ...), the rates are 0 and `reason` says why.
+ */
+export interface TrafficReportFrame {
+  type: 'trafficReport';
+  requestId: string;
+  measured: boolean;
+  rxBytesPerSec: number;
+  txBytesPerSec: number;
+  /** The uplink's capacity, bytes per second; 0 when not configured. */
+  linkBytesPerSec: number;
+  reason: string;
+}
+
 export type Frame =
   | HelloFrame
   | OfferFrame
@@ -250,7 +272,9 @@ export type Frame =
   | DedupReadyFrame
   | DedupCloseFrame
   | WantFrame
-  | PageFingerprintsFrame;
+  | PageFingerprintsFrame
+  | TrafficQueryFrame
+  | TrafficReportFrame;
 
 /** The frame of a given type name: FrameOf<'pages'> is PagesFrame. */
 export type FrameOf<T extends FrameTypeName> = Extract<Frame, { type: T }>;
@@ -285,4 +309,6 @@ export const Frame = {
   dedupClose: (fields: Fields<DedupCloseFrame>): DedupCloseFrame => ({ type: 'dedupClose', ...fields }),
   want: (fields: Fields<WantFrame>): WantFrame => ({ type: 'want', ...fields }),
   pageFingerprints: (fields: Fields<PageFingerprintsFrame>): PageFingerprintsFrame => ({ type: 'pageFingerprints', ...fields }),
+  trafficQuery: (fields: Fields<TrafficQueryFrame>): TrafficQueryFrame => ({ type: 'trafficQuery', ...fields }),
+  trafficReport: (fields: Fields<TrafficReportFrame>): TrafficReportFrame => ({ type: 'trafficReport', ...fields }),
 } as const;

@@ -95,7 +95,9 @@ export type ReceivedEvent =
         | 'dedupReady'
         | 'dedupClose'
         | 'want'
-        | 'pageFingerprints';
+        | 'pageFingerprints'
+        | 'trafficQuery'
+        | 'trafficReport';
     };
 
 /** Frames this destination sent. */
@@ -135,6 +137,8 @@ export const MigrationEventType = [
   'dedupClose',
   'want',
   'pageFingerprints',
+  'trafficQuery',
+  'trafficReport',
   'sentAccept',
   'sentReject',
   'sentVerified',
@@ -210,7 +214,7 @@ export function transition(state: MigrationState, event: MigrationEvent): Migrat
     case 'sentCommitted':
       return phase === 'committing' ? to('committed') : outOfOrder();
     default:
-      // A second offer for the same id, session and group frames (hello, error, dedup*),
+      // A second offer for the same id, session and group frames (hello, error, dedup*, traffic*),
       // and frames only a destination sends (accept, reject, verified, committed, credit, want).
       return outOfOrder();
   }

@@ -90,6 +90,7 @@ describe('code tables', () => {
       invalid: 0, hello: 1, offer: 2, accept: 3, reject: 4, pages: 5, roundEnd: 6, pause: 7, deviceState: 8,
       verify: 9, verified: 10, commit: 11, committed: 12, abort: 13, credit: 14, error: 15,
       dedupOpen: 16, dedupResident: 17, dedupReady: 18, dedupClose: 19, want: 20, pageFingerprints: 21,
+      trafficQuery: 22, trafficReport: 23,
     });
     expect(Technique).toEqual({ invalid: 0, precopy: 1, postcopy: 2, hybrid: 3 });
     expect(Codec).toEqual({ invalid: 0, raw: 1, lz4: 2 });
