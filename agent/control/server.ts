@@ -4,7 +4,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { chmodSync, rmSync } from 'node:fs';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import type { Agent } from '../daemon.js';
-import { describeZodError, MigrateRequestSchema, StartGuestRequest } from './schema.js';
+import { describeZodError, MigrateRequestSchema, PlanRequestSchema, StartGuestRequest } from './schema.js';
 
 const MAX_BODY_BYTES = 64 * 1024;
 
@@ -64,8 +64,13 @@ async function route(agent: Agent, req: IncomingMessage, res: ServerResponse): P
   if (method === 'GET' && path === '/v1/status') return send(res, 200, agent.status());
   if (method === 'POST' && path === '/v1/guests') {
     const body = parse(StartGuestRequest, await readJson(req));
-    const { name, ...spec } = body;
-    return send(res, 201, await agent.startGuest(name, spec));
+    const { name, tap, ...spec } = body;
+    return send(res, 201, await agent.startGuest(name, spec, tap));
+  }
+  if (method === 'GET' && path === '/v1/traffic') return send(res, 200, agent.traffic.status());
+  if (method === 'POST' && path === '/v1/plan') {
+    const { guests, to, priority } = parse(PlanRequestSchema, await readJson(req));
+    return send(res, 200, await agent.planFor(guests, priority, to));
   }
   if (guestMatch && method === 'DELETE' && !guestMatch[2]) {
     await agent.stopGuest(decodeURIComponent(guestMatch[1]!));
