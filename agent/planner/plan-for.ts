@@ -15,6 +15,7 @@ import {
   type PlannerSettings,
   type Priority,
   type Rates,
+  type Reservation,
   type Scenario,
   type Strategy,
 } from './planner.js';
@@ -92,7 +93,7 @@ export function planFor(input: PlanForInput): MigrationPlan {
   };
   const plan = planMigration(guests, { source, destination }, settings);
   // The source's outbound workload competes with the migration on the source's uplink.
-  const reservation = input.settings ? reserveBandwidth(input.priority, source.txBytesPerSec, input.settings) : undefined;
+  const reservation = input.settings ? guardedReservation(input.priority, source.txBytesPerSec, input.settings) : undefined;
   const parallel = plan.guests.filter((g) => g.strategy === 'parallel').length;
   return {
     priority: input.priority,
@@ -126,5 +127,22 @@ export function planFor(input: PlanForInput): MigrationPlan {
     }),
     reasons: input.settings ? plan.reasons : plan.reasons.filter((reason) => !/of the link/.test(reason)),
     assumptions,
+  };
+}
+
+/**
+ * Algorithm 2's reservation, never leaving the workload less than its SLA lower limit: the
+ * paper gives the migration everything the workload does not use when it starts, which
+ * would starve a workload that picks up later. The shaper applies the same bound
+ * (controller.ts shaperConfig).
+ */
+export function guardedReservation(priority: Priority, workloadBytesPerSec: number, settings: PlannerSettings): Reservation {
+  const reservation = reserveBandwidth(priority, workloadBytesPerSec, settings);
+  const ceiling = settings.linkBytesPerSec - Math.min(settings.slaLowerBytesPerSec, settings.linkBytesPerSec);
+  if (reservation.migrationBytesPerSec <= ceiling) return reservation;
+  return {
+    ...reservation,
+    migrationBytesPerSec: ceiling,
+    reason: `${reservation.reason}; held to ${ceiling.toFixed(0)} bytes/s so the workload keeps its SLA lower limit if it picks up`,
   };
 }

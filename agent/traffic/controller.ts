@@ -19,7 +19,8 @@
 import type { Runner } from './exec.js';
 import { Shaper, type ShaperConfig } from './shaper.js';
 import { SmoothedRate, rateBetween } from './parse.js';
-import { rebalanceMedium, reserveBandwidth, type PlannerSettings, type Priority, type Reservation } from '../planner/planner.js';
+import { guardedReservation } from '../planner/plan-for.js';
+import { rebalanceMedium, type PlannerSettings, type Priority, type Reservation } from '../planner/planner.js';
 
 export type ReservationRequest =
   | { peerPort: number; priority: Priority; migrationBytesPerSec?: undefined }
@@ -121,7 +122,7 @@ export class BandwidthController {
   /** Algorithm 2's reservation for `priority` at the workload's current rate (no shaping). */
   reservationFor(priority: Priority): Reservation | undefined {
     const settings = this.options.settings;
-    return settings ? reserveBandwidth(priority, this.options.workloadBytesPerSec(), settings) : undefined;
+    return settings ? guardedReservation(priority, this.options.workloadBytesPerSec(), settings) : undefined;
   }
 
   /** Applies a reservation for a migration to `peerPort`; the hold's stop() releases it. */
@@ -139,8 +140,8 @@ export class BandwidthController {
       }
       const reservation = request.migrationBytesPerSec !== undefined
         ? manualReservation(request.migrationBytesPerSec, settings.linkBytesPerSec)
-        : reserveBandwidth(request.priority, this.options.workloadBytesPerSec(), settings);
-      const config = shaperConfig(reservation, settings.linkBytesPerSec, request.peerPort);
+        : guardedReservation(request.priority, this.options.workloadBytesPerSec(), settings);
+      const config = shaperConfig(reservation, settings.linkBytesPerSec, request.peerPort, request.migrationBytesPerSec !== undefined ? 0 : settings.slaLowerBytesPerSec);
       await this.shaper.install(config);
       const active: Active = {
         peerPort: request.peerPort,
@@ -214,7 +215,7 @@ export class BandwidthController {
         settings,
       );
       if (!next) return undefined;
-      const config = shaperConfig(next, settings.linkBytesPerSec, active.peerPort);
+      const config = shaperConfig(next, settings.linkBytesPerSec, active.peerPort, settings.slaLowerBytesPerSec);
       if (config.migration.rateBitsPerSec <= active.config.migration.rateBitsPerSec) return undefined;
       // The workload shrinks first, so the two rates never add up to more than the link.
       await this.shaper.change('workload', config.workload.rateBitsPerSec, config.workload.ceilBitsPerSec);
@@ -278,15 +279,18 @@ function manualReservation(migrationBytesPerSec: number, linkBytesPerSec: number
 /**
  * The HTB classes for a reservation: the migration's rate is also its ceiling (it never takes
  * more than reserved); a capped workload is held to its cap, an uncapped one is guaranteed
- * the rest of the link and may borrow what the migration leaves unused. Each class keeps at
+ * the rest of the link (at least its SLA lower limit, `slaLowerBytesPerSec`; 0 for a manual
+ * --bandwidth, which the operator chose) and may borrow what the migration leaves unused. Each class keeps at
  * least MIN_CLASS_SHARE of the link, so a reservation of the whole link still leaves HTB a
  * valid rate for the other.
  */
-export function shaperConfig(reservation: Reservation, linkBytesPerSec: number, peerPort: number): ShaperConfig {
+export function shaperConfig(reservation: Reservation, linkBytesPerSec: number, peerPort: number, slaLowerBytesPerSec = 0): ShaperConfig {
   const linkBits = Math.round(linkBytesPerSec * 8);
   const minBits = Math.max(MIN_CLASS_BITS_PER_SEC, Math.ceil(linkBits * MIN_CLASS_SHARE));
   const clamp = (bits: number) => Math.min(Math.max(Math.round(bits), minBits), linkBits - minBits);
-  const migrationBits = clamp(reservation.migrationBytesPerSec * 8);
+  // The workload's guaranteed rate is never below its SLA lower limit, even when it was idle
+  // when the reservation was made: a workload that starts later still gets its floor.
+  const migrationBits = Math.min(clamp(reservation.migrationBytesPerSec * 8), clamp(linkBits - slaLowerBytesPerSec * 8));
   const rest = linkBits - migrationBits;
   const workloadCeil = reservation.workloadCapBytesPerSec === undefined ? linkBits : clamp(reservation.workloadCapBytesPerSec * 8);
   return {

@@ -57,7 +57,8 @@ export interface TrafficMonitorOptions {
   isRoot: boolean;
   /** Milliseconds, monotonic; injected so tests drive time. */
   now?: () => number;
-  readNic?: (device: string) => NicCounters;
+  /** Default: /sys/class/net of this process's namespace (tests read another's through `ip netns exec`). */
+  readNic?: (device: string) => NicCounters | Promise<NicCounters>;
   chain?: string;
   /** The guests to measure, asked before every sample (the chain follows their TAP devices). */
   guests: () => readonly MonitoredGuest[];
@@ -144,7 +145,7 @@ export class TrafficMonitor extends EventEmitter {
   /** Chain changes and reads run one at a time. */
   private queue: Promise<unknown> = Promise.resolve();
   private readonly now: () => number;
-  private readonly readNic: (device: string) => NicCounters;
+  private readonly readNic: (device: string) => NicCounters | Promise<NicCounters>;
   private readonly alpha: number;
 
   constructor(private readonly options: TrafficMonitorOptions) {
@@ -175,7 +176,7 @@ export class TrafficMonitor extends EventEmitter {
     const { uplink } = this.options;
     if (uplink === undefined) return this.degrade('off', "no uplink is configured (set 'traffic.uplink' and 'traffic.linkCapacity')");
     try {
-      this.lastNic = this.readNic(uplink);
+      this.lastNic = await this.readNic(uplink);
       this.lastAtMs = this.now();
     } catch (err) {
       return this.degrade('off', `the uplink ${uplink} cannot be read: ${(err as Error).message}`);
@@ -244,7 +245,7 @@ export class TrafficMonitor extends EventEmitter {
       // A guest's TAP device added or gone: the chain is rebuilt first, which zeroes it, so
       // this one sample understates the rates (it never overstates them).
       if (this.chain) await this.installRules();
-      const nic = this.readNic(uplink);
+      const nic = await this.readNic(uplink);
       const counted = this.chain ? await this.chain.read() : undefined;
       const atMs = this.now();
       const elapsedMs = atMs - this.lastAtMs;

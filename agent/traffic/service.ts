@@ -22,7 +22,7 @@ export interface TrafficServiceOptions {
   run?: Runner;
   isRoot?: boolean;
   now?: () => number;
-  readNic?: (device: string) => NicCounters;
+  readNic?: (device: string) => NicCounters | Promise<NicCounters>;
 }
 
 export type TrafficStatus = TrafficSnapshot & { shaper: ControllerStatus; priorityDefault: Priority };
