@@ -115,7 +115,8 @@ describe('code tables', () => {
     expect(frameTypeName(5)).toBe('pages');
     expect(frameTypeName(0)).toBeUndefined();
     expect(frameTypeName(16)).toBe('dedupOpen');
-    expect(frameTypeName(22)).toBeUndefined();
+    expect(frameTypeName(22)).toBe('trafficQuery');
+    expect(frameTypeName(24)).toBeUndefined();
     expect(isValidCode(Codec, 1.5)).toBe(false);
     expect(isValidCode(Codec, '1')).toBe(false);
   });
