@@ -44,8 +44,10 @@ const rate = z.union([z.number().positive(), z.string()]).transform((value, ctx)
   return bytesPerSec;
 });
 /** A share of the link, above 0 and below 1 (environment variables give it as text). */
-const share = z.union([z.number(), z.string().regex(/^\s*\d*\.?\d+\s*$/, 'must be a number above 0 and below 1, e.g. 0.7').transform(Number)]).pipe(
-  z.number().gt(0, 'must be above 0 and below 1, e.g. 0.7').lt(1, 'must be above 0 and below 1, e.g. 0.7'),
+const SHARE_RULE = 'must be a number above 0 and below 1, e.g. 0.7';
+const share = z.preprocess(
+  (value) => (typeof value === 'string' && /^\s*\d*\.?\d+\s*$/.test(value) ? Number(value) : value),
+  z.number({ error: SHARE_RULE }).gt(0, SHARE_RULE).lt(1, SHARE_RULE),
 );
 
 export const PRIORITIES = ['high', 'medium', 'low'] as const;

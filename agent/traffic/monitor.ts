@@ -273,6 +273,7 @@ export class TrafficMonitor extends EventEmitter {
 
   /** The smoothed rates and what they mean, as of the last sample. */
   snapshot(): TrafficSnapshot {
+    this.refreshGuests();
     const o = this.options;
     const measured = this.modeValue !== 'off' && this.samples > 0;
     const nic = measured ? this.nicRates.current : null;
