@@ -2,13 +2,14 @@
 // environment variables (GANGWAY_*), overridden by flags. Every mistake names the key,
 // the value and what is allowed.
 import { readFileSync } from 'node:fs';
-import { isAbsolute } from 'node:path';
+import { isAbsolute, join } from 'node:path';
 import { parseDocument } from 'yaml';
 import { z } from 'zod';
 import { ErrorCode, GangwayError } from '../protocol/errors.js';
 import { parseDurationMs, parseRate, QuantityError } from './units.js';
 import { allowEntryProblem } from './peer/allowlist.js';
 import { isLoopbackHost, type PeerTransport } from './peer/tls.js';
+import { resolveControlGroup, type ControlGroup } from './control/group.js';
 
 export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
 export const TRACKERS = ['auto', 'uffd-wp', 'hash-scan'] as const;
@@ -75,7 +76,7 @@ export const TrafficSettingsSchema = z
 export type TrafficSettings = z.infer<typeof TrafficSettingsSchema>;
 
 const allowEntry = z.string().superRefine((entry, ctx) => {
-  const problem = allowEntryProblem(entry);
+  const problem = entry === '' ? 'is empty (a CN or sha256:FINGERPRINT is needed)' : allowEntryProblem(entry);
   if (problem) ctx.addIssue({ code: 'custom', message: problem });
 });
 
@@ -95,6 +96,34 @@ export const TlsSettingsSchema = z
   })
   .strict();
 
+export type TlsSettings = z.infer<typeof TlsSettingsSchema>;
+
+const REMOTE_CONTROL_REFUSED =
+  'must be a loopback address (127.0.0.0/8, ::1 or localhost): remote control would need TLS and an allowlist, which the control API does not offer';
+const loopbackHostPort = z.string().superRefine((value, ctx) => {
+  const parsed = hostPort.safeParse(value);
+  if (!parsed.success) ctx.addIssue({ code: 'custom', message: parsed.error.issues[0]!.message });
+  else if (!isLoopbackHost(value.slice(0, value.lastIndexOf(':')))) ctx.addIssue({ code: 'custom', message: REMOTE_CONTROL_REFUSED });
+});
+const controlGroup = z.union([z.number(), z.string()], { error: 'must be a group name or a numeric gid' }).superRefine((value, ctx) => {
+  const group = resolveControlGroup(value);
+  if ('problem' in group) ctx.addIssue({ code: 'custom', message: group.problem });
+});
+
+/**
+ * The local control API: the unix socket STATE_DIR/control.sock is mode 0660, owned by the
+ * agent's user and `group` (the users who may drive the agent); `listen` adds a loopback TCP
+ * port that takes requests carrying the token in `tokenFile` (default STATE_DIR/control.token).
+ */
+export const ControlSettingsSchema = z
+  .object({
+    group: controlGroup,
+    listen: loopbackHostPort,
+    tokenFile: absolutePath,
+  })
+  .partial()
+  .strict();
+
 /** The settings a config file may hold (all optional: defaults and flags fill the rest). */
 export const ConfigFileSchema = z
   .object({
@@ -105,6 +134,7 @@ export const ConfigFileSchema = z
     shutdownGrace: duration,
     logLevel: z.enum(LOG_LEVELS),
     metrics: z.object({ listen: hostPort }).strict(),
+    control: ControlSettingsSchema,
     tls: TlsSettingsSchema,
     insecurePlaintextLoopback: z.boolean({ error: 'must be true or false' }),
     traffic: TrafficSettingsSchema,
@@ -113,6 +143,13 @@ export const ConfigFileSchema = z
   .strict();
 
 export type ConfigFile = z.infer<typeof ConfigFileSchema>;
+
+/**
+ * One layer of settings from the environment or from flags: like the file, except that it may
+ * override single tls settings (the merged result must still be complete: see completeTls).
+ */
+export const ConfigLayerSchema = ConfigFileSchema.extend({ tls: TlsSettingsSchema.partial().optional() });
+export type ConfigLayer = z.infer<typeof ConfigLayerSchema>;
 
 /** What an agent runs with when neither file, environment nor flag says otherwise. */
 export const CONFIG_DEFAULTS = {
@@ -124,8 +161,8 @@ export const CONFIG_DEFAULTS = {
   logLevel: 'info',
 } as const satisfies ConfigFile;
 
-/** Environment variables that override the file, by setting. */
-export const ENV_OVERRIDES: Record<string, keyof ConfigFile | 'metrics.listen' | `traffic.${string}`> = {
+/** Environment variables that override the file, by setting (dotted: a nested setting). */
+export const ENV_OVERRIDES = {
   GANGWAY_LISTEN: 'listen',
   GANGWAY_STATE_DIR: 'stateDir',
   GANGWAY_MEMORY_DIR: 'memoryDir',
@@ -133,6 +170,14 @@ export const ENV_OVERRIDES: Record<string, keyof ConfigFile | 'metrics.listen' |
   GANGWAY_SHUTDOWN_GRACE: 'shutdownGrace',
   GANGWAY_LOG_LEVEL: 'logLevel',
   GANGWAY_METRICS_LISTEN: 'metrics.listen',
+  GANGWAY_CONTROL_GROUP: 'control.group',
+  GANGWAY_CONTROL_LISTEN: 'control.listen',
+  GANGWAY_CONTROL_TOKEN_FILE: 'control.tokenFile',
+  GANGWAY_TLS_CERT: 'tls.cert',
+  GANGWAY_TLS_KEY: 'tls.key',
+  GANGWAY_TLS_CA: 'tls.ca',
+  /** Comma-separated. */
+  GANGWAY_TLS_ALLOW: 'tls.allow',
   GANGWAY_TRAFFIC_UPLINK: 'traffic.uplink',
   GANGWAY_TRAFFIC_LINK_CAPACITY: 'traffic.linkCapacity',
   GANGWAY_TRAFFIC_SLA_LOWER: 'traffic.slaLower',
@@ -141,20 +186,23 @@ export const ENV_OVERRIDES: Record<string, keyof ConfigFile | 'metrics.listen' |
   GANGWAY_TRAFFIC_CONTENTION_MODERATE: 'traffic.contention.moderate',
   GANGWAY_TRAFFIC_PRIORITY: 'traffic.priority',
   GANGWAY_TRAFFIC_SAMPLE_INTERVAL: 'traffic.sampleInterval',
-};
+} as const;
 
-function describeIssues(where: string, error: z.ZodError, input: unknown): string {
+const ENV_NAME_OF: Record<string, string> = Object.fromEntries(Object.entries(ENV_OVERRIDES).map(([name, key]) => [key, name]));
+
+const quotedKey = (path: PropertyKey[]) => `'${path.map(String).join('.')}'`;
+
+function describeIssues(where: string, error: z.ZodError, input: unknown, label: (path: PropertyKey[]) => string = quotedKey): string {
   return error.issues
     .map((issue) => {
       if (issue.code === 'unrecognized_keys') {
         const allowed = Object.keys(ConfigFileSchema.shape).join(', ');
-        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; tls takes cert, key, ca, allow; traffic takes ${Object.keys(TrafficSettingsSchema.shape).join(', ')}; traffic.contention takes high, moderate)`;
+        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; control takes group, listen, tokenFile; tls takes cert, key, ca, allow; traffic takes ${Object.keys(TrafficSettingsSchema.shape).join(', ')}; traffic.contention takes high, moderate)`;
       }
-      const key = issue.path.join('.');
       let value: unknown = input;
       for (const part of issue.path) value = (value as Record<PropertyKey, unknown> | undefined)?.[part as PropertyKey];
       const shown = value === undefined ? '' : ` (got ${JSON.stringify(value)})`;
-      return `${where}: '${key}' ${issue.message}${shown}`;
+      return `${where}: ${label(issue.path)} ${issue.message}${shown}`;
     })
     .join('\n');
 }
@@ -186,46 +234,107 @@ function validate(where: string, data: unknown): ConfigFile {
   return result.data;
 }
 
-/** The settings given by GANGWAY_* environment variables, validated like the file. */
-export function configFromEnv(env: NodeJS.ProcessEnv): ConfigFile {
+/** The variable a setting's path came from: `GANGWAY_TLS_ALLOW entry 2` for ['tls', 'allow', 1]. */
+function envLabel(path: PropertyKey[]): string {
+  for (let length = path.length; length > 0; length--) {
+    const name = ENV_NAME_OF[path.slice(0, length).map(String).join('.')];
+    if (!name) continue;
+    const rest = path.slice(length);
+    return rest.length === 1 && typeof rest[0] === 'number' ? `${name} entry ${rest[0] + 1}` : name;
+  }
+  return quotedKey(path);
+}
+
+/**
+ * The settings given by GANGWAY_* environment variables, validated like the file; a tls
+ * variable overrides that one tls setting (GANGWAY_TLS_ALLOW: entries separated by commas).
+ */
+export function configFromEnv(env: NodeJS.ProcessEnv): ConfigLayer {
   const data: Record<string, unknown> = {};
   for (const [name, key] of Object.entries(ENV_OVERRIDES)) {
-    const value = env[name];
-    if (value === undefined || value === '') continue;
+    const text = env[name];
+    if (text === undefined || text === '') continue;
+    const value = key === 'tls.allow' ? text.split(',').map((entry) => entry.trim()) : text;
     // Dotted keys build the nested mapping: traffic.contention.high → { traffic: { contention: { high } } }.
     const path = key.split('.');
     let into = data;
     for (const part of path.slice(0, -1)) into = (into[part] ??= {}) as Record<string, unknown>;
     into[path.at(-1)!] = value;
   }
-  try {
-    return validate('environment', data);
-  } catch (err) {
-    const names = Object.fromEntries(Object.entries(ENV_OVERRIDES).map(([name, key]) => [key, name]));
-    throw new GangwayError(
-      ErrorCode.BAD_REQUEST,
-      (err as Error).message.replace(/'([a-zA-Z.]+)'/g, (match, key: string) => (names[key] ? `${names[key]}` : match)),
-    );
-  }
+  const result = ConfigLayerSchema.safeParse(data);
+  if (!result.success) throw new GangwayError(ErrorCode.BAD_REQUEST, describeIssues('environment', result.error, data, envLabel));
+  return result.data;
 }
 
-/** Later sources win: defaults < file < environment < flags; traffic settings one by one. */
-export function mergeConfig(...layers: ConfigFile[]): ConfigFile {
-  const merged: ConfigFile = {};
-  for (const layer of layers) {
-    for (const [key, value] of Object.entries(layer) as [keyof ConfigFile, unknown][]) {
-      if (value === undefined) continue;
-      if (key === 'traffic') {
-        const traffic = value as TrafficSettings;
-        merged.traffic = {
-          ...merged.traffic,
-          ...Object.fromEntries(Object.entries(traffic).filter(([, v]) => v !== undefined)),
-          ...(traffic.contention ? { contention: { ...merged.traffic?.contention, ...traffic.contention } } : {}),
-        };
-      } else (merged as Record<string, unknown>)[key] = value;
-    }
+const isSection = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
+
+/** A later value over an earlier one: sections setting by setting, at any depth; undefined settings leave the earlier one. */
+function mergeSetting(earlier: unknown, later: unknown): unknown {
+  if (!isSection(later) || !isSection(earlier)) return later;
+  const merged: Record<string, unknown> = { ...earlier };
+  for (const [key, value] of Object.entries(later)) {
+    if (value !== undefined) merged[key] = mergeSetting(merged[key], value);
   }
   return merged;
+}
+
+/**
+ * Later sources win: defaults < file < environment < flags. Sections (metrics, control, tls,
+ * traffic) merge setting by setting, nested ones too (traffic.contention); a list (tls.allow)
+ * is replaced whole.
+ */
+export function mergeConfig(...layers: ConfigLayer[]): ConfigLayer {
+  const merged: Record<string, unknown> = {};
+  for (const layer of layers) {
+    for (const [key, value] of Object.entries(layer)) {
+      if (value === undefined) continue;
+      merged[key] = mergeSetting(merged[key], value);
+    }
+  }
+  return merged as ConfigLayer;
+}
+
+/** The merged tls settings, which must be complete once any layer set one; the error says where each can be set. */
+export function completeTls(tls: ConfigLayer['tls']): TlsSettings | undefined {
+  if (tls === undefined || Object.keys(tls).length === 0) return undefined;
+  const complete = TlsSettingsSchema.safeParse(tls);
+  if (complete.success) return complete.data;
+  throw new GangwayError(
+    ErrorCode.BAD_REQUEST,
+    complete.error.issues
+      .map((issue) => {
+        const key = String(issue.path[0]);
+        return `tls.${issue.path.join('.')}: ${issue.message} (set it in the config file, with ${ENV_NAME_OF[`tls.${key}`]} or with --tls-${key})`;
+      })
+      .join('\n'),
+  );
+}
+
+/** How the CLI may reach the agent: the unix socket, plus a loopback TCP port with a token when asked for. */
+export interface ControlAccess {
+  /** The socket's group, when `control.group` is set (otherwise the agent's own group). */
+  group: ControlGroup | undefined;
+  listen: string | undefined;
+  /** Where the TCP port's token lives (created on start when missing); set only with `listen`. */
+  tokenFile: string | undefined;
+}
+
+export function resolveControlAccess(control: ConfigLayer['control'], stateDir: string): ControlAccess {
+  let group: ControlGroup | undefined;
+  if (control?.group !== undefined) {
+    const resolved = resolveControlGroup(control.group);
+    // Validated already; a group deleted since then is still a clear error.
+    if ('problem' in resolved) throw new GangwayError(ErrorCode.BAD_REQUEST, `'control.group' ${resolved.problem} (got ${JSON.stringify(control.group)})`);
+    group = resolved;
+  }
+  if (control?.tokenFile !== undefined && control.listen === undefined) {
+    throw new GangwayError(
+      ErrorCode.BAD_REQUEST,
+      `'control.tokenFile' is for the TCP control port (got ${JSON.stringify(control.tokenFile)}), which is off: set 'control.listen' too, or drop the token file (the unix socket takes no token)`,
+    );
+  }
+  const listen = control?.listen;
+  return { group, listen, tokenFile: listen === undefined ? undefined : (control?.tokenFile ?? join(stateDir, 'control.token')) };
 }
 
 /** The traffic settings an agent runs with, in its units (see TrafficSettingsSchema). */
@@ -297,7 +406,7 @@ export function resolveTrafficConfig(settings: TrafficSettings | undefined): Tra
  * plain ws only when `insecurePlaintextLoopback` asks for it by name and the listen host is
  * loopback. Anything else refuses to start, naming the settings to change.
  */
-export function resolvePeerTransport(settings: Pick<ConfigFile, 'tls' | 'insecurePlaintextLoopback'>, listenHost: string): PeerTransport {
+export function resolvePeerTransport(settings: { tls?: TlsSettings | undefined; insecurePlaintextLoopback?: boolean | undefined }, listenHost: string): PeerTransport {
   if (settings.tls) {
     if (settings.insecurePlaintextLoopback) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, "'tls' and 'insecurePlaintextLoopback' exclude each other: set one (tls for peers on other hosts)");

@@ -36,7 +36,15 @@ import type { MigrationPlan } from './planner/plan-for.js';
 import { describeTlsError, hostOf, isLoopbackHost, loadTlsMaterial, REFUSAL_HEADER, refusePeer, type PeerTransport, type Refusal, type TlsMaterial } from './peer/tls.js';
 
 /** What this agent offers in its hello; a feature is used when both sides list it. */
-const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'repair', 'traffic'];
+/** What this agent does, as its hello says; 'postcopy' only where the guest's memory can take userfaultfd. */
+const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'repair', 'traffic', ...(loadNative().uffdProbe() ? ['postcopy'] : [])];
+
+/** auto: hybrid where the destination can post-copy (pre-copy first, post-copy only if that does not converge), else pre-copy. */
+export function resolveTechnique(requested: MigrateRequest['technique'], peerFeatures: readonly string[]): 'precopy' | 'postcopy' | 'hybrid' {
+  if (requested === undefined || requested === 'precopy') return 'precopy';
+  if (requested === 'auto') return peerFeatures.includes('postcopy') ? 'hybrid' : 'precopy';
+  return requested;
+}
 
 export interface AgentConfig {
   listenHost: string;
@@ -77,13 +85,17 @@ export interface MigrateRequest {
   codec: CodecMode;
   bandwidthBytesPerSec?: number;
   tracker?: TrackerPreference;
+  /** precopy when absent; auto: see resolveTechnique. */
+  technique?: 'precopy' | 'postcopy' | 'hybrid' | 'auto';
+  /** hybrid: go post-copy after this many pre-copy rounds at the latest (default maxRounds). */
+  postcopyAfterRounds?: number;
 }
 
 export type MigrationRecord =
   | { direction: 'out'; state: 'running'; migrationId: string; guest: string; to: string; startedAt: string; progress?: MigrationProgress }
   | { direction: 'out'; state: 'committed'; migrationId: string; guest: string; to: string; startedAt: string; summary: MigrationSummary }
-  | { direction: 'out'; state: 'failed' | 'in-doubt'; migrationId: string; guest: string; to: string; startedAt: string; error: { code: string; message: string } }
-  | { direction: 'in'; state: 'running' | 'committed' | 'aborted'; migrationId: string; guest: string; from: string; startedAt: string; result?: IncomingResult };
+  | { direction: 'out'; state: 'failed' | 'in-doubt' | 'interrupted'; migrationId: string; guest: string; to: string; startedAt: string; error: { code: string; message: string } }
+  | { direction: 'in'; state: 'running' | 'committed' | 'aborted' | 'stranded'; migrationId: string; guest: string; from: string; startedAt: string; result?: IncomingResult };
 
 export function controlSocketPath(stateDir: string): string {
   return join(stateDir, 'control.sock');
@@ -111,6 +123,8 @@ export class Agent {
   listenAddress = '';
   /** Where /metrics is served, once it is. */
   metricsAddress: string | undefined;
+  /** The loopback TCP control port (HOST:PORT), when control.listen is set. */
+  controlAddress: string | undefined;
 
   constructor(
     readonly config: AgentConfig,
@@ -299,7 +313,7 @@ export class Agent {
     void migration.done.then((result) => {
       this.incoming.delete(offer.migrationId);
       this.metrics.migrationsActive.dec({ direction: 'in' });
-      this.metrics.migrations.inc({ direction: 'in', outcome: result.outcome, technique: 'precopy' });
+      this.metrics.migrations.inc({ direction: 'in', outcome: result.outcome, technique: result.technique });
       this.records.set(offer.migrationId, { ...record, state: result.outcome, result });
       this.trimRecords();
     });
@@ -415,6 +429,7 @@ export class Agent {
         uptimeMs: Date.now() - this.startedAt,
         trackerPreference: this.config.tracker,
         metrics: this.metricsAddress ?? null,
+        controlPort: this.controlAddress ?? null,
         digestBytesPerSec: Math.round(this.digestBytesPerSec),
         shuttingDown: this.shuttingDown,
         sessions: { in: this.sessionsIn.size, out: this.sessionsOut.size },
@@ -492,8 +507,12 @@ export class Agent {
     }
     const started = performance.now();
     const session = await this.session(request.to);
-    const dedup = request.dedup && (session.peer?.features.includes('dedup') ?? false);
-    if (request.dedup && !dedup) this.log.warn({ to: request.to }, 'the destination does not offer dedup; moving without it');
+    const technique = resolveTechnique(request.technique, session.peer?.features ?? []);
+    if (technique !== 'precopy' && request.dedup && guests.length > 1) {
+      this.log.info({ technique }, 'dedup applies to pre-copy migrations: post-copy members move without it');
+    }
+    const dedup = request.dedup && technique === 'precopy' && (session.peer?.features.includes('dedup') ?? false);
+    if (request.dedup && technique === 'precopy' && !dedup) this.log.warn({ to: request.to }, 'the destination does not offer dedup; moving without it');
     const outcomes: GroupOutcome[] = [];
     // --bandwidth caps the whole command: a gang shares one pacer.
     const pacer = request.bandwidthBytesPerSec ? new Pacer(request.bandwidthBytesPerSec, this.config.batchBytes) : undefined;
@@ -524,7 +543,7 @@ export class Agent {
       const group = dedup ? await openGroup(guests) : undefined;
       try {
         const settled = await Promise.allSettled(
-          guests.map((guest, slot) => this.migrateOne(guest, session, request, group ? { group, slot } : undefined, { pacer, gate }, onProgress)),
+          guests.map((guest, slot) => this.migrateOne(guest, session, request, technique, group ? { group, slot } : undefined, { pacer, gate }, onProgress)),
         );
         settled.forEach((result, i) => outcomes.push(outcomeOf(guests[i]!.name, result)));
       } finally {
@@ -538,7 +557,7 @@ export class Agent {
         }
         const group = dedup ? await openGroup([guest]) : undefined;
         try {
-          const [result] = await Promise.allSettled([this.migrateOne(guest, session, request, group ? { group, slot: 0 } : undefined, { pacer }, onProgress)]);
+          const [result] = await Promise.allSettled([this.migrateOne(guest, session, request, technique, group ? { group, slot: 0 } : undefined, { pacer }, onProgress)]);
           outcomes.push(outcomeOf(guest.name, result!));
         } finally {
           closeGroup(group);
@@ -558,6 +577,7 @@ export class Agent {
     guest: ProcessGuest,
     session: PeerSession,
     request: MigrateRequest,
+    technique: 'precopy' | 'postcopy' | 'hybrid',
     dedup: { group: SourceDedupGroup; slot: number } | undefined,
     shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined },
     onProgress: (progress: MigrationProgress) => void,
@@ -589,6 +609,8 @@ export class Agent {
           commitTimeoutMs: 30_000,
           metrics: this.metrics,
           ...(dedup ? { dedup } : {}),
+          technique,
+          ...(request.postcopyAfterRounds ? { hybrid: { postcopyAfterRounds: request.postcopyAfterRounds } } : {}),
         },
         log,
       );
@@ -597,12 +619,12 @@ export class Agent {
         this.records.set(migrationId, { ...base, state: 'running', progress });
         onProgress(progress);
       });
-      log.info({ downtimeMs: request.downtimeMs, codec: request.codec, dedup: dedup !== undefined }, 'migration started');
+      log.info({ downtimeMs: request.downtimeMs, codec: request.codec, dedup: dedup !== undefined, technique }, 'migration started');
       this.metrics.migrationsActive.inc({ direction: 'out' });
       const summary = await migration.run().finally(() => this.metrics.migrationsActive.dec({ direction: 'out' }));
       summary.from = this.listenAddress;
       this.metrics.migrations.inc({ direction: 'out', outcome: 'committed', technique: summary.technique });
-      this.metrics.downtime.observe(summary.downtimeMs / 1000);
+      this.metrics.downtime.observe({ technique: summary.technique }, summary.downtimeMs / 1000);
       this.metrics.totalTime.observe(summary.totalMs / 1000);
       this.metrics.linkRate.set({ peer: request.to }, summary.linkRateBytesPerSec);
       this.registry.remove(guest.name);
@@ -610,8 +632,8 @@ export class Agent {
       return summary;
     } catch (err) {
       const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.INTERNAL, String(err));
-      const state = migration?.phase === 'in-doubt' ? 'in-doubt' : 'failed';
-      this.metrics.migrations.inc({ direction: 'out', outcome: state, technique: 'precopy' });
+      const state = migration?.phase === 'in-doubt' ? 'in-doubt' : migration?.phase === 'interrupted' ? 'interrupted' : 'failed';
+      this.metrics.migrations.inc({ direction: 'out', outcome: state, technique });
       this.records.set(migrationId, { ...base, state, error: { code: error.code, message: error.message } });
       throw error;
     } finally {

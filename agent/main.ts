@@ -5,10 +5,13 @@ import { resolve } from 'node:path';
 import { rmSync } from 'node:fs';
 import { ErrorCode, GangwayError } from '../protocol/errors.js';
 import { ControlClient } from './control/client.js';
-import { startControlServer } from './control/server.js';
+import type { Server } from 'node:http';
+import { startControlPort, startControlServer } from './control/server.js';
+import { checkSocketPath, secureStateDir } from './control/access.js';
+import { loadOrCreateToken } from './control/token.js';
 import { Agent, controlSocketInUse, controlSocketPath, DEFAULT_AGENT_CONFIG, type AgentConfig } from './daemon.js';
 import { createLogger } from './log.js';
-import { CONFIG_DEFAULTS, ConfigFileSchema, configFromEnv, loadConfigFile, LOG_LEVELS, mergeConfig, INTERFACE_NAME_PATTERN, PRIORITIES, resolvePeerTransport, resolveTrafficConfig, TlsSettingsSchema, TRACKERS } from './config.js';
+import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, INTERFACE_NAME_PATTERN, loadConfigFile, LOG_LEVELS, mergeConfig, PRIORITIES, resolveControlAccess, resolvePeerTransport, resolveTrafficConfig, TRACKERS } from './config.js';
 import { SystemdNotifier } from './systemd.js';
 import type { MigrationProgress } from './migration/source.js';
 import { groupProgressLine, groupSummaryText } from './cli/format.js';
@@ -53,6 +56,22 @@ const stateDirOption = () =>
     .env('GANGWAY_STATE_DIR')
     .default(DEFAULT_STATE_DIR);
 
+/** How a client command reaches the agent: the state dir's socket, or --control with a token. */
+function withControlOptions(command: Command): Command {
+  return command
+    .addOption(stateDirOption())
+    .addOption(new Option('--control <host:port>', "the agent's loopback control port (control.listen) instead of the socket").env('GANGWAY_CONTROL'))
+    .addOption(new Option('--token-file <file>', 'with --control: the token file [STATE_DIR/control.token]').env('GANGWAY_TOKEN_FILE'));
+}
+
+function clientFor(opts: { stateDir: string; control?: string; tokenFile?: string }): ControlClient {
+  if (opts.control === undefined || opts.control === '') {
+    if (opts.tokenFile) throw new GangwayError(ErrorCode.BAD_REQUEST, '--token-file is for --control HOST:PORT (the unix socket takes no token)');
+    return new ControlClient(resolve(opts.stateDir));
+  }
+  return ControlClient.tcp(opts.control, resolve(opts.tokenFile || `${resolve(opts.stateDir)}/control.token`));
+}
+
 function fail(err: unknown, json: boolean): never {
   const code = err instanceof GangwayError ? err.code : ErrorCode.INTERNAL;
   const message = err instanceof Error ? err.message : String(err);
@@ -69,7 +88,7 @@ const program = new Command('gangway')
 program
   .command('agent')
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
-  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval)')
+  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval)')
   .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags), print it and exit')
   .option('--listen <host:port>', `address for peer agents [${CONFIG_DEFAULTS.listen}]`)
   .option('--state-dir <dir>', `the agent state directory [${DEFAULT_STATE_DIR}]`)
@@ -77,6 +96,9 @@ program
   .addOption(new Option('--tracker <kind>', 'dirty-page tracking [auto]').choices(TRACKERS))
   .option('--shutdown-grace <duration>', 'on SIGTERM, how long running migrations may finish [10s]')
   .option('--metrics-listen <host:port>', 'serve Prometheus metrics on this address')
+  .option('--control-group <group>', 'group (name or gid) that may use the control socket, mode 0660, control.group')
+  .option('--control-listen <host:port>', 'also serve the control API on this loopback port, with a bearer token, control.listen')
+  .option('--control-token-file <file>', 'the control port\'s token (created, mode 0600, when missing) [STATE_DIR/control.token], control.tokenFile')
   .addOption(new Option('--log-level <level>', 'log level [info]').choices(LOG_LEVELS))
   .option('--tls-cert <file>', "this agent's certificate (PEM), tls.cert")
   .option('--tls-key <file>', "this agent's private key (PEM), tls.key")
@@ -98,9 +120,24 @@ program
     }
     const log = createLogger(settings.logLevel);
     const stateDir = settings.stateDir;
-    const socketPath = controlSocketPath(stateDir);
+    const socketPath = settings.control.socket;
     if (await controlSocketInUse(socketPath)) {
       fail(new GangwayError(ErrorCode.BAD_REQUEST, `another agent is already running with state dir ${stateDir}`), false);
+    }
+    let token: string | undefined;
+    try {
+      checkSocketPath(socketPath);
+      const tightened = secureStateDir(stateDir, settings.control.group);
+      if (tightened.modeBefore !== undefined) {
+        log.warn({ stateDir, modeBefore: `0${tightened.modeBefore.toString(8)}` }, 'state dir was open to more than the agent and its group: tightened');
+      }
+      if (settings.control.tokenFile) {
+        const loaded = loadOrCreateToken(settings.control.tokenFile);
+        token = loaded.token;
+        if (loaded.created) log.info({ tokenFile: settings.control.tokenFile }, 'control token created');
+      }
+    } catch (err) {
+      fail(err, false);
     }
     const config: AgentConfig = {
       ...DEFAULT_AGENT_CONFIG,
@@ -114,12 +151,25 @@ program
       traffic: settings.traffic,
     };
     const agent = new Agent(config, log);
+    const controlServers: Server[] = [];
     try {
       await agent.start();
+      controlServers.push(await startControlServer(agent, socketPath, settings.control.group));
     } catch (err) {
       fail(err, false);
     }
-    const control = await startControlServer(agent, socketPath);
+    if (settings.control.listen) {
+      const { host, port } = parseListen(settings.control.listen);
+      try {
+        const server = await startControlPort(agent, host, port, token!);
+        controlServers.push(server);
+        const address = server.address();
+        agent.controlAddress = `${host.includes(':') ? `[${host}]` : host}:${typeof address === 'object' && address ? address.port : port}`;
+        log.info({ controlPort: agent.controlAddress, tokenFile: settings.control.tokenFile }, 'control port ready');
+      } catch (err) {
+        fail(new GangwayError(ErrorCode.BAD_REQUEST, `cannot serve the control API on ${settings.control.listen}: ${(err as Error).message}`), false);
+      }
+    }
     if (settings.metricsListen) {
       const { host, port } = parseListen(settings.metricsListen);
       try {
@@ -139,7 +189,7 @@ program
       log.info({ signal }, 'signal received');
       systemd.stopping();
       await agent.stop();
-      control.close();
+      for (const server of controlServers) server.close();
       rmSync(socketPath, { force: true });
       process.exit(0);
     };
@@ -149,35 +199,45 @@ program
     systemd.ready(`listening on ${agent.listenAddress}`);
   });
 
+/**
+ * `--metrics-listen` for metrics.listen, `--tls-allow` for tls.allow.0, `--control-token-file`
+ * for control.tokenFile, `--link-capacity` for traffic.linkCapacity.
+ */
+function flagOf(path: PropertyKey[]): string {
+  const [section, key] = path.map(String);
+  const camel =
+    section === 'tls' ? `tls-${key}` : key === undefined ? section! : section === 'traffic' ? key : `${section}${key[0]!.toUpperCase()}${key.slice(1)}`;
+  return `--${camel.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
+}
+
 /** Defaults < config file < GANGWAY_* environment < flags, validated, in the agent's units. */
 function resolveAgentSettings(opts: Record<string, string | string[] | boolean | undefined>) {
   const str = (value: unknown) => value as string | undefined;
-  // --tls-* flags override single tls settings of the file (merged below).
-  const flagTls: Record<string, unknown> = {};
-  for (const [key, value] of [['cert', opts.tlsCert], ['key', opts.tlsKey], ['ca', opts.tlsCa]] as const) {
-    if (typeof value === 'string') flagTls[key] = resolve(value);
-  }
-  if (Array.isArray(opts.tlsAllow)) flagTls.allow = opts.tlsAllow;
+  const path = (value: unknown) => (value === undefined ? undefined : resolve(str(value)!));
+  const section = (entries: Record<string, unknown>) => {
+    const defined = Object.entries(entries).filter(([, v]) => v !== undefined);
+    return defined.length > 0 ? Object.fromEntries(defined) : undefined;
+  };
   const flags: Record<string, unknown> = {
     listen: opts.listen,
-    stateDir: opts.stateDir === undefined ? undefined : resolve(str(opts.stateDir)!),
-    memoryDir: opts.memoryDir === undefined ? undefined : resolve(str(opts.memoryDir)!),
+    stateDir: path(opts.stateDir),
+    memoryDir: path(opts.memoryDir),
     tracker: opts.tracker,
     shutdownGrace: opts.shutdownGrace,
     logLevel: opts.logLevel,
-    ...(opts.metricsListen ? { metrics: { listen: opts.metricsListen } } : {}),
+    metrics: section({ listen: opts.metricsListen }),
+    control: section({ group: opts.controlGroup, listen: opts.controlListen, tokenFile: path(opts.controlTokenFile) }),
+    // --tls-* flags override single tls settings of the file or the environment.
+    tls: section({ cert: path(opts.tlsCert), key: path(opts.tlsKey), ca: path(opts.tlsCa), allow: opts.tlsAllow }),
     insecurePlaintextLoopback: opts.insecurePlaintextLoopback ? true : undefined,
-    ...(opts.uplink !== undefined || opts.linkCapacity !== undefined
-      ? { traffic: Object.fromEntries(Object.entries({ uplink: opts.uplink, linkCapacity: opts.linkCapacity }).filter(([, v]) => v !== undefined)) }
-      : {}),
+    traffic: section({ uplink: opts.uplink, linkCapacity: opts.linkCapacity }),
   };
-  const parsed = ConfigFileSchema.omit({ tls: true }).safeParse(Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined)));
-  const parsedTls = TlsSettingsSchema.partial().safeParse(flagTls);
-  if (!parsed.success || !parsedTls.success) {
-    const issues = [...(parsed.error?.issues ?? []), ...(parsedTls.error?.issues.map((i) => ({ ...i, path: ['tls', ...i.path] })) ?? [])];
-    const flag = (key: string) =>
-      `--${key.replace('metrics.listen', 'metricsListen').replace(/^traffic\./, '').replace(/^tls\.(\w+)(\.\d+)?$/, (_m, k: string) => `tls-${k}`).replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
-    throw new GangwayError(ErrorCode.BAD_REQUEST, issues.map((i) => `${flag(i.path.join('.'))}: ${i.message}`).join('\n'));
+  const given = Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined));
+  const parsed = ConfigLayerSchema.safeParse(given);
+  if (!parsed.success) {
+    const valueAt = (path: PropertyKey[]) => path.reduce<unknown>((value, part) => (value as Record<PropertyKey, unknown> | undefined)?.[part], given);
+    const shown = (value: unknown) => (value === undefined || typeof value === 'object' ? '' : ` (got ${JSON.stringify(value)})`);
+    throw new GangwayError(ErrorCode.BAD_REQUEST, parsed.error.issues.map((i) => `${flagOf(i.path)}: ${i.message}${shown(valueAt(i.path))}`).join('\n'));
   }
   const merged = mergeConfig(
     CONFIG_DEFAULTS,
@@ -185,30 +245,21 @@ function resolveAgentSettings(opts: Record<string, string | string[] | boolean |
     configFromEnv(process.env),
     parsed.data,
   );
-  if (Object.keys(parsedTls.data).length > 0) {
-    // Flags override single tls settings; the result must still be complete.
-    const tls = { ...merged.tls, ...parsedTls.data };
-    const complete = TlsSettingsSchema.safeParse(tls);
-    if (!complete.success) {
-      throw new GangwayError(
-        ErrorCode.BAD_REQUEST,
-        complete.error.issues.map((i) => `tls.${i.path.join('.')}: ${i.message} (set it in the config file or with --tls-${String(i.path[0])})`).join('\n'),
-      );
-    }
-    merged.tls = complete.data;
-  }
+  const tls = completeTls(merged.tls);
   const listen = parseListen(merged.listen!);
-  const transport = resolvePeerTransport(merged, listen.host);
+  const transport = resolvePeerTransport({ tls, insecurePlaintextLoopback: merged.insecurePlaintextLoopback }, listen.host);
+  const stateDir = resolve(merged.stateDir!);
   return {
     listen: merged.listen!,
     listenHost: listen.host,
     listenPort: listen.port,
-    stateDir: resolve(merged.stateDir!),
+    stateDir,
     memoryDir: resolve(merged.memoryDir!),
     tracker: merged.tracker!,
     shutdownGraceMs: merged.shutdownGrace!,
     logLevel: merged.logLevel!,
     metricsListen: merged.metrics?.listen,
+    control: { socket: controlSocketPath(stateDir), ...resolveControlAccess(merged.control, stateDir) },
     transport,
     traffic: resolveTrafficConfig(merged.traffic),
     configFile: opts.config ? resolve(str(opts.config)!) : undefined,
@@ -217,8 +268,7 @@ function resolveAgentSettings(opts: Record<string, string | string[] | boolean |
 
 const guest = program.command('guest').description('start, stop or resume guests on the local agent');
 
-guest
-  .command('start <name>')
+withControlOptions(guest.command('start <name>'))
   .description('start a synthetic guest (gangway-guest) that keeps dirtying its memory')
   .option('--memory <size>', 'guest memory, e.g. 512MiB', arg((t) => parseBytes(t, '--memory')), parseBytes('512MiB'))
   .option('--dirty-rate <rate>', 'how fast the guest rewrites memory, e.g. 40MiB/s (0 = idle)', arg((t) => parseRate(t, '--dirty-rate')), 0)
@@ -231,11 +281,10 @@ guest
     if (!INTERFACE_NAME_PATTERN.test(text)) throw new QuantityError(`"${text}" is not an interface name: use 1 to 15 letters, digits, '_', '.' or '-'`);
     return text;
   }))
-  .addOption(stateDirOption())
   .option('--json', 'print JSON')
   .action(async (name: string, opts) => {
     try {
-      const result = await new ControlClient(resolve(opts.stateDir)).call<{ name: string; pid: number; memoryPath: string }>('POST', '/v1/guests', {
+      const result = await clientFor(opts).call<{ name: string; pid: number; memoryPath: string }>('POST', '/v1/guests', {
         name,
         memoryBytes: opts.memory,
         profile: opts.profile,
@@ -257,14 +306,12 @@ for (const [verb, method, suffix, description] of [
   ['stop', 'DELETE', '', 'stop a guest and delete its memory'],
   ['resume', 'POST', '/resume', 'resume a paused guest (after a switchover left in doubt)'],
 ] as const) {
-  guest
-    .command(`${verb} <name>`)
+  withControlOptions(guest.command(`${verb} <name>`))
     .description(description)
-    .addOption(stateDirOption())
     .option('--json', 'print JSON')
     .action(async (name: string, opts) => {
       try {
-        const result = await new ControlClient(resolve(opts.stateDir)).call('POST' === method ? 'POST' : 'DELETE', `/v1/guests/${encodeURIComponent(name)}${suffix}`);
+        const result = await clientFor(opts).call('POST' === method ? 'POST' : 'DELETE', `/v1/guests/${encodeURIComponent(name)}${suffix}`);
         console.log(opts.json ? JSON.stringify(result) : `guest ${name}: ${verb === 'stop' ? 'stopped' : 'resumed'}`);
       } catch (err) {
         fail(err, Boolean(opts.json));
@@ -272,9 +319,8 @@ for (const [verb, method, suffix, description] of [
     });
 }
 
-program
-  .command('migrate <guests...>')
-  .description('live-migrate guests to another agent (pre-copy), verified by memory digests; several guests move as a gang or one by one, with content dedup across them')
+withControlOptions(program.command('migrate <guests...>'))
+  .description('live-migrate guests to another agent, verified by memory digests; several guests move as a gang or one by one, with content dedup across them (pre-copy)')
   .requiredOption('--to <host:port>', 'the destination agent')
   .addOption(new Option('--strategy <strategy>', 'several guests: all at once over one session (gang) or one after another (serial)').choices(['gang', 'serial']).default('gang'))
   .option('--no-dedup', 'send every page, even when its content is already at the destination')
@@ -285,13 +331,22 @@ program
   .addOption(new Option('--codec <codec>', 'page compression (auto measures whether LZ4 pays)').choices(['auto', 'lz4', 'raw']).default('auto'))
   .option('--bandwidth <rate>', 'cap the migration rate, e.g. 100MiB/s or 1Gbit/s', arg((t) => parseRate(t, '--bandwidth')))
   .addOption(new Option('--tracker <kind>', 'dirty-page tracking for this migration').choices(['auto', 'uffd-wp', 'hash-scan']))
-  .addOption(stateDirOption())
+  .addOption(
+    new Option(
+      '--technique <technique>',
+      'precopy: rounds, then stop-and-copy; postcopy: the guest moves at once and its pages follow on demand; ' +
+        'hybrid: pre-copy rounds, then post-copy if they do not converge; auto: hybrid where the destination can post-copy, else precopy',
+    )
+      .choices(['precopy', 'postcopy', 'hybrid', 'auto'])
+      .default('precopy'),
+  )
+  .option('--postcopy-after-rounds <n>', 'hybrid: go post-copy after this many pre-copy rounds at the latest [--max-rounds]', number('--postcopy-after-rounds', 1, 10_000, true))
   .option('--json', 'print the summary as JSON')
   .action(async (names: string[], opts) => {
     const json = Boolean(opts.json);
     const tty = process.stderr.isTTY && !json;
     try {
-      const client = new ControlClient(resolve(opts.stateDir));
+      const client = clientFor(opts);
       const latest = new Map<string, MigrationProgress>();
       const summary = await client.migrate(
         {
@@ -306,6 +361,8 @@ program
           codec: opts.codec,
           ...(opts.bandwidth ? { bandwidthBytesPerSec: opts.bandwidth } : {}),
           ...(opts.tracker ? { tracker: opts.tracker } : {}),
+          technique: opts.technique,
+          ...(opts.postcopyAfterRounds ? { postcopyAfterRounds: opts.postcopyAfterRounds } : {}),
         },
         (progress) => {
           if (!tty) return;
@@ -330,16 +387,14 @@ const peerAddress = arg((text) => {
   return text;
 });
 
-program
-  .command('plan <guests...>')
+withControlOptions(program.command('plan <guests...>'))
   .description("show how the planner would migrate guests (technique, strategy, order, reserved rates, and why) from this host's and the destination's traffic; migrates nothing")
   .requiredOption('--to <host:port>', 'the destination agent (asked for its traffic)', peerAddress)
   .addOption(new Option('--priority <priority>', "the migration's priority [the agent's traffic.priority]").choices(PRIORITIES))
-  .addOption(stateDirOption())
   .option('--json', 'print the plan as JSON')
   .action(async (names: string[], opts) => {
     try {
-      const plan = await new ControlClient(resolve(opts.stateDir)).call<MigrationPlan>('POST', '/v1/plan', {
+      const plan = await clientFor(opts).call<MigrationPlan>('POST', '/v1/plan', {
         guests: names,
         to: opts.to,
         ...(opts.priority ? { priority: opts.priority } : {}),
@@ -350,42 +405,36 @@ program
     }
   });
 
-program
-  .command('traffic')
+withControlOptions(program.command('traffic'))
   .description("show the live traffic: per guest and direction, the uplink, the contention level, and the shaper's rates")
-  .addOption(stateDirOption())
   .option('--json', 'print JSON')
   .action(async (opts) => {
     try {
-      const status = await new ControlClient(resolve(opts.stateDir)).call<TrafficStatus>('GET', '/v1/traffic');
+      const status = await clientFor(opts).call<TrafficStatus>('GET', '/v1/traffic');
       console.log(opts.json ? JSON.stringify(status) : trafficText(status));
     } catch (err) {
       fail(err, Boolean(opts.json));
     }
   });
 
-program
-  .command('cancel <migration-id>')
+withControlOptions(program.command('cancel <migration-id>'))
   .description('stop an outgoing migration (id or unique prefix, see status); the guest keeps running here')
-  .addOption(stateDirOption())
   .option('--json', 'print JSON')
   .action(async (id: string, opts) => {
     try {
-      const result = await new ControlClient(resolve(opts.stateDir)).call<{ cancelled: string }>('POST', `/v1/migrations/${encodeURIComponent(id)}/cancel`);
+      const result = await clientFor(opts).call<{ cancelled: string }>('POST', `/v1/migrations/${encodeURIComponent(id)}/cancel`);
       console.log(opts.json ? JSON.stringify(result) : `migration ${result.cancelled} cancelled; the guest keeps running on this host`);
     } catch (err) {
       fail(err, Boolean(opts.json));
     }
   });
 
-program
-  .command('status')
+withControlOptions(program.command('status'))
   .description('show the local agent, its guests (with their self-check counters) and recent migrations')
-  .addOption(stateDirOption())
   .option('--json', 'print JSON')
   .action(async (opts) => {
     try {
-      const status = await new ControlClient(resolve(opts.stateDir)).call<ReturnType<Agent['status']>>('GET', '/v1/status');
+      const status = await clientFor(opts).call<ReturnType<Agent['status']>>('GET', '/v1/status');
       if (opts.json) {
         console.log(JSON.stringify(status));
         return;

@@ -44,8 +44,32 @@ export class AgentMetrics {
   });
   readonly downtime = new Histogram({
     name: 'gangway_migration_downtime_seconds',
-    help: 'Guest downtime of committed migrations (source pause to destination resume)',
+    help: 'Guest downtime of committed migrations (source pause to destination resume), by technique',
+    labelNames: ['technique'] as const,
+    buckets: [0.001, 0.0025, ...DURATION_BUCKETS],
+    registers: [this.registry],
+  });
+  readonly postcopyDuration = new Histogram({
+    name: 'gangway_postcopy_duration_seconds',
+    help: 'Post-copy phase of committed migrations: destination resume to the last missing page',
     buckets: DURATION_BUCKETS,
+    registers: [this.registry],
+  });
+  readonly postcopyPages = new Counter({
+    name: 'gangway_postcopy_pages_total',
+    help: 'Missing pages installed at a post-copy destination, by how they came: pushed, or fetched on a fault',
+    labelNames: ['how'] as const,
+    registers: [this.registry],
+  });
+  readonly postcopyFaults = new Counter({
+    name: 'gangway_postcopy_faults_total',
+    help: 'Faults of post-copy guests on missing pages (each page asked for once)',
+    registers: [this.registry],
+  });
+  readonly postcopyFaultLatency = new Histogram({
+    name: 'gangway_postcopy_fault_latency_seconds',
+    help: 'Post-copy fault to installed page, at the destination',
+    buckets: [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
     registers: [this.registry],
   });
   readonly totalTime = new Histogram({
@@ -114,6 +138,12 @@ export class AgentMetrics {
     name: 'gangway_shaper_rate_bytes_per_second',
     help: 'The shaper\'s current rates on the uplink, by class (migration: its rate; workload: its ceiling); 0 when not shaping',
     labelNames: ['class'] as const,
+    registers: [this.registry],
+  });
+  readonly controlUnauthorized = new Counter({
+    name: 'gangway_control_unauthorized_total',
+    help: 'Requests to the TCP control port refused for their bearer token, by reason (missing, wrong)',
+    labelNames: ['reason'] as const,
     registers: [this.registry],
   });
 

@@ -127,12 +127,54 @@ export interface NativeAddon {
     pageSizeBytes: number,
     reprotect: boolean,
   ): Uint32Array;
-  /** Creates an unnamed file in `dir` (O_TMPFILE, mode 0600) of `lengthBytes`; returns its fd. */
-  tmpfileCreate(dir: string, lengthBytes: number): number;
+  /**
+   * Creates an unnamed file in `dir` (O_TMPFILE, mode 0600) of `lengthBytes`; returns its fd.
+   * The memory is reserved now (fallocate: ENOSPC here, not SIGBUS later) unless `sparse`:
+   * then every page is a hole (post-copy: a hole is a page that has not arrived).
+   */
+  tmpfileCreate(dir: string, lengthBytes: number, sparse?: boolean): number;
   /** Gives the unnamed file `fd` the name `path` (linkat AT_SYMLINK_FOLLOW via /proc/self/fd). */
   tmpfileLink(fd: number, path: string): void;
   /** One datagram to a unix socket (systemd's NOTIFY_SOCKET; '@' = abstract namespace). Throws with errno text. */
   sdNotify(socketPath: string, message: string): void;
+
+  // ── post-copy: the destination guest's userfaultfd ──
+  /** Whether a userfaultfd with post-copy's features (missing faults on shmem, async WP) can be opened here. */
+  uffdProbe(): boolean;
+  /** A connected AF_UNIX SOCK_SEQPACKET pair [agentFd, guestFd], both close-on-exec. */
+  socketPair(): [number, number];
+  /**
+   * Waits (on the thread pool) up to `timeoutMs` for the guest's tracking shim to send its
+   * userfaultfd over `fd`, with the registered mapping's address and length. Rejects with a
+   * message naming what went wrong (timeout, socket closed, malformed message).
+   */
+  uffdReceive(fd: number, timeoutMs: number): Promise<{ uffd: number; start: number; length: number; pid: number }>;
+  /**
+   * Starts a thread reading page faults from `uffd` (a mapping of `pageCount` pages at
+   * `start`): `onFaults` gets the faulting pages' numbers on the JS thread, or null once
+   * the descriptor fails (the guest is gone). The uffd stays the caller's to close.
+   */
+  uffdMonitor(uffd: number, start: number, pageSize: number, pageCount: number, onFaults: (pages: Uint32Array | null) => void): MonitorHandle;
+  /** Stops the fault thread (faults already read are still delivered). Idempotent. */
+  uffdMonitorClose(monitor: MonitorHandle): void;
+  /**
+   * Installs ENTRY_ZERO / ENTRY_DATA entries (with `payload`, as regionScatter) into the
+   * guest mapping at `start` with UFFDIO_ZEROPAGE / UFFDIO_COPY: each page only if it is
+   * still missing (one already there is left alone, its waiters woken). A tracking `region`
+   * (the same file, the agent's view) gets the fingerprint of every page installed.
+   * out[0] = pages installed, out[1] = pages that were there already. Bad entries throw
+   * before anything is installed; a failed ioctl throws with errno text.
+   */
+  uffdInstall(uffd: number, start: number, region: RegionHandle, entries: Uint32Array, entryCount: number, payload: Uint8Array, out: Uint32Array): void;
+  /** Wakes threads waiting on pages [firstPage, firstPage + count) of the mapping at `start`. */
+  uffdWake(uffd: number, start: number, pageSize: number, firstPage: number, count: number): void;
+  /** Punches holes for the pages of `runs` ([first, count] pairs) in the file `fd`. */
+  punchHoles(fd: number, runs: Uint32Array, pageSize: number): void;
+}
+
+/** Opaque handle to a fault-reading thread (uffdMonitor). */
+export interface MonitorHandle {
+  readonly __brand: 'MonitorHandle';
 }
 
 const here = dirname(fileURLToPath(import.meta.url));

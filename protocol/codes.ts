@@ -29,9 +29,13 @@ export const FrameType = {
   // Repair (feature 'repair'): after a digest mismatch the destination sends the
   // fingerprint of every page, and the source sends the pages that differ.
   pageFingerprints: 21,
+  /** Post-copy switchover: the pages the destination does not have; the guest starts there. */
+  postcopy: 22,
+  /** Post-copy: pages the destination's guest faulted on, to be sent first. */
+  fetch: 23,
   // Traffic (feature 'traffic'): a planner asks the peer agent for its measured traffic.
-  trafficQuery: 22,
-  trafficReport: 23,
+  trafficQuery: 24,
+  trafficReport: 25,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 export type FrameTypeName = Exclude<keyof typeof FrameType, 'invalid'>;

@@ -31,7 +31,14 @@ export const ErrorCode = {
   TIMEOUT: 'GANGWAY_ERR_TIMEOUT',
   /** The commit was sent but its outcome is unknown: the guest may run on either side. */
   SWITCHOVER_IN_DOUBT: 'GANGWAY_ERR_SWITCHOVER_IN_DOUBT',
+  /**
+   * Post-copy stopped after the switchover: the guest runs at the destination, paused on
+   * pages only the source holds (it keeps them).
+   */
+  POSTCOPY_INTERRUPTED: 'GANGWAY_ERR_POSTCOPY_INTERRUPTED',
   INTERNAL: 'GANGWAY_ERR_INTERNAL',
+  /** A control-API request without the right token. */
+  UNAUTHORIZED: 'GANGWAY_ERR_UNAUTHORIZED',
   SHUTTING_DOWN: 'GANGWAY_ERR_SHUTTING_DOWN',
   TRACKER: 'GANGWAY_ERR_TRACKER',
   /** A system command the agent drives (iptables, tc) failed, or its state is not what gangway installed. */

@@ -27,6 +27,7 @@ import {
   MAX_TRAFFIC_BYTES_PER_SEC,
   MAX_ROUND,
   MAX_WANT_RUNS,
+  MAX_FETCH_RUNS,
   FINGERPRINT_BYTES,
   PAGE_SIZE_MAX,
   REF_WORDS,
@@ -98,6 +99,14 @@ export function exampleFrames(): Frame[] {
     Frame.pageFingerprints({ migrationId: id, region: 0, firstPage: 64, fingerprints: bytes(3 * FINGERPRINT_BYTES, 8) }),
     Frame.trafficQuery({ requestId: 'plan-1' }),
     Frame.trafficReport({ requestId: 'plan-1', measured: true, rxBytesPerSec: 12_500_000.5, txBytesPerSec: 3_000_000, linkBytesPerSec: 125_000_000, reason: '' }),
+    Frame.postcopy({ migrationId: id, region: 0, more: false, missing: Uint32Array.of(1, 99, 200, 3) }),
+    Frame.fetch({ migrationId: id, region: 0, runs: Uint32Array.of(42, 1) }),
+    Frame.verified({
+      migrationId: id,
+      match: true,
+      digests: [bytes(DIGEST_BYTES, 2)],
+      postcopy: { missingPages: 100, faults: 3, fetchedPages: 3, pushedPages: 97, faultP50Ms: 0.25, faultP99Ms: 1.5, faultMaxMs: 2 },
+    }),
   ];
 }
 
@@ -195,5 +204,12 @@ export function largestFrames(): Frame[] {
     }),
     Frame.trafficQuery({ requestId: longId }),
     Frame.trafficReport({ requestId: longId, measured: false, rxBytesPerSec: MAX_TRAFFIC_BYTES_PER_SEC, txBytesPerSec: MAX_TRAFFIC_BYTES_PER_SEC, linkBytesPerSec: MAX_TRAFFIC_BYTES_PER_SEC, reason: text }),
+    Frame.postcopy({
+      migrationId: longId,
+      region: MAX_REGIONS - 1,
+      more: true,
+      missing: new Uint32Array((16 * 1024 * 1024) / 4).fill(0xffff_ffff),
+    }),
+    Frame.fetch({ migrationId: longId, region: MAX_REGIONS - 1, runs: Uint32Array.from({ length: MAX_FETCH_RUNS * 2 }, () => 0xffff_ffff) }),
   ];
 }

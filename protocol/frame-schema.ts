@@ -46,6 +46,7 @@ import {
   MAX_ROUND,
   MAX_TRAFFIC_BYTES_PER_SEC,
   MAX_WANT_RUNS,
+  MAX_FETCH_RUNS,
   MIN_DOWNTIME_BUDGET_MS,
   MIN_MAX_PAYLOAD_BYTES,
   NAME_PATTERN,
@@ -67,7 +68,7 @@ export const EMPTY_PAYLOAD = new Uint8Array(0);
 
 /** Frame types that carry a payload; every other type must arrive with none. */
 export function carriesPayload(type: FrameTypeName): boolean {
-  return type === 'pages' || type === 'deviceState' || type === 'dedupResident' || type === 'pageFingerprints';
+  return type === 'pages' || type === 'deviceState' || type === 'dedupResident' || type === 'pageFingerprints' || type === 'postcopy';
 }
 
 // ---------------------------------------------------------------------------------------
@@ -87,6 +88,14 @@ export function frameToWire(frame: Frame): { header: Record<string, unknown>; pa
       const { type, runs, stale, ...fields } = frame;
       const bytes = (words: Uint32Array) => (words instanceof Uint32Array ? entriesToBytes(words) : words);
       return { header: { t: FrameType[type], ...fields, runs: bytes(runs), stale: bytes(stale) }, payload: EMPTY_PAYLOAD };
+    }
+    case 'fetch': {
+      const { type, runs, ...fields } = frame;
+      return { header: { t: FrameType[type], ...fields, runs: runs instanceof Uint32Array ? entriesToBytes(runs) : runs }, payload: EMPTY_PAYLOAD };
+    }
+    case 'postcopy': {
+      const { type, missing, ...fields } = frame;
+      return { header: { t: FrameType[type], ...fields }, payload: missing instanceof Uint32Array ? entriesToBytes(missing) : missing };
     }
     case 'dedupResident':
     case 'pageFingerprints': {
@@ -152,6 +161,7 @@ export function withPayload(frame: Frame, payload: Uint8Array): Frame {
   if (frame.type === 'pages') frame.payload = payload;
   else if (frame.type === 'deviceState') frame.state = payload;
   else if (frame.type === 'dedupResident' || frame.type === 'pageFingerprints') frame.fingerprints = payload;
+  else if (frame.type === 'postcopy') frame.missing = runsFromPayload(payload);
   return frame;
 }
 
@@ -255,7 +265,23 @@ const readers: Readers = {
     const migrationId = readMigrationId(r);
     const match = r.boolean('match');
     const digests = readDigests(r);
-    return { type: 'verified', migrationId, match, digests };
+    const frame: FrameOf<'verified'> = { type: 'verified', migrationId, match, digests };
+    if (r.optional('postcopy') !== undefined) {
+      const p = r.map('postcopy');
+      const count = (field: string) => p.integer(field, 0, Number.MAX_SAFE_INTEGER);
+      const ms = (field: string) => p.number(field, 0, 1e12);
+      frame.postcopy = {
+        missingPages: count('missingPages'),
+        faults: count('faults'),
+        fetchedPages: count('fetchedPages'),
+        pushedPages: count('pushedPages'),
+        faultP50Ms: ms('faultP50Ms'),
+        faultP99Ms: ms('faultP99Ms'),
+        faultMaxMs: ms('faultMaxMs'),
+      };
+      p.done();
+    }
+    return frame;
   },
 
   commit: (r) => ({ type: 'commit', migrationId: readMigrationId(r) }),
@@ -351,7 +377,44 @@ const readers: Readers = {
     }
     return { type: 'want', migrationId, region, runs, stale };
   },
+
+  postcopy(r, context) {
+    const migrationId = readMigrationId(r);
+    const region = r.integer('region', 0, MAX_REGIONS - 1);
+    const more = r.boolean('more');
+    if (context.payloadLength % 8 !== 0) {
+      r.fail('missing', `payload of ${context.payloadLength} bytes is not a whole number of 8-byte runs`, ErrorCode.BAD_PAGES);
+    }
+    return { type: 'postcopy', migrationId, region, more, missing: new Uint32Array(0) };
+  },
+
+  fetch(r) {
+    const migrationId = readMigrationId(r);
+    const region = r.integer('region', 0, MAX_REGIONS - 1);
+    const runs = readRuns(r, 'runs', MAX_FETCH_RUNS);
+    return { type: 'fetch', migrationId, region, runs };
+  },
 };
+
+/** A postcopy payload's runs (its length was checked with the header). */
+function runsFromPayload(payload: Uint8Array): Uint32Array {
+  const runs = entriesFromBytes(payload);
+  for (let i = 0; i < runs.length; i += 2) {
+    if (runs[i + 1] === 0) throw new ProtocolError(ErrorCode.BAD_PAGES, `postcopy.missing: run ${i / 2} has pageCount 0`);
+  }
+  return runs;
+}
+
+/** Pairs [firstPage, pageCount] with no empty run, in 8..maxRuns*8 bytes of `field`. */
+function readRuns(r: FieldReader, field: string, maxRuns: number): Uint32Array {
+  const bytes = r.bytes(field, 8, maxRuns * 8, ErrorCode.BAD_PAGES);
+  if (bytes.length % 8 !== 0) r.fail(field, `${bytes.length} bytes is not a whole number of 8-byte runs`, ErrorCode.BAD_PAGES);
+  const runs = entriesFromBytes(bytes);
+  for (let i = 0; i < runs.length; i += 2) {
+    if (runs[i + 1] === 0) r.fail(field, `run ${i / 2} has pageCount 0`, ErrorCode.BAD_PAGES);
+  }
+  return runs;
+}
 
 /** The fingerprints a dedupResident or pageFingerprints payload holds: 1..MAX_FINGERPRINTS_PER_FRAME whole ones. */
 function fingerprintCount(r: FieldReader, { payloadLength }: HeaderContext): number {

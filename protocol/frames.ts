@@ -130,6 +130,18 @@ export interface VerifiedFrame {
   match: boolean;
   /** The destination's digests, one per region. */
   digests: Uint8Array[];
+  /** Post-copy: how the missing pages came, as the destination saw it. */
+  postcopy?: PostcopyReport;
+}
+
+export interface PostcopyReport {
+  missingPages: number;
+  faults: number;
+  fetchedPages: number;
+  pushedPages: number;
+  faultP50Ms: number;
+  faultP99Ms: number;
+  faultMaxMs: number;
 }
 
 export interface CommitFrame {
@@ -251,6 +263,31 @@ export interface TrafficReportFrame {
   reason: string;
 }
 
+/**
+ * Source, paused, post-copy (offer.technique postcopy or hybrid): the pages of `region` the
+ * destination does not hold, or holds stale (`missing`, [firstPage, pageCount] runs as the
+ * payload). With `more`, further postcopy frames add runs; the last one (more: false)
+ * starts the guest at the destination, which answers `committed` once it runs. From then
+ * on the source pushes the missing pages and answers fetch frames first.
+ */
+export interface PostcopyFrame {
+  type: 'postcopy';
+  migrationId: string;
+  region: number;
+  more: boolean;
+  /** The frame payload: little-endian u32 pairs [firstPage, pageCount]. */
+  missing: Uint32Array;
+}
+
+/** Destination, post-copy: its guest faulted on these missing pages; send them first. */
+export interface FetchFrame {
+  type: 'fetch';
+  migrationId: string;
+  region: number;
+  /** Pairs [firstPage, pageCount]; travels as little-endian u32s. */
+  runs: Uint32Array;
+}
+
 export type Frame =
   | HelloFrame
   | OfferFrame
@@ -274,7 +311,9 @@ export type Frame =
   | WantFrame
   | PageFingerprintsFrame
   | TrafficQueryFrame
-  | TrafficReportFrame;
+  | TrafficReportFrame
+  | PostcopyFrame
+  | FetchFrame;
 
 /** The frame of a given type name: FrameOf<'pages'> is PagesFrame. */
 export type FrameOf<T extends FrameTypeName> = Extract<Frame, { type: T }>;
@@ -311,4 +350,6 @@ export const Frame = {
   pageFingerprints: (fields: Fields<PageFingerprintsFrame>): PageFingerprintsFrame => ({ type: 'pageFingerprints', ...fields }),
   trafficQuery: (fields: Fields<TrafficQueryFrame>): TrafficQueryFrame => ({ type: 'trafficQuery', ...fields }),
   trafficReport: (fields: Fields<TrafficReportFrame>): TrafficReportFrame => ({ type: 'trafficReport', ...fields }),
+  postcopy: (fields: Fields<PostcopyFrame>): PostcopyFrame => ({ type: 'postcopy', ...fields }),
+  fetch: (fields: Fields<FetchFrame>): FetchFrame => ({ type: 'fetch', ...fields }),
 } as const;

@@ -41,6 +41,8 @@ export const FINGERPRINT_BYTES = 16;
 export const MAX_FINGERPRINTS_PER_FRAME = 65_536;
 /** Runs ([firstPage, pageCount]) per want frame. */
 export const MAX_WANT_RUNS = 8192;
+/** Runs per fetch frame (post-copy faults). */
+export const MAX_FETCH_RUNS = 1024;
 
 export const MAX_REGIONS = 16;
 /** Guest names and region names (they may become file names at the destination). */

@@ -32,6 +32,27 @@
 //                           v
 //                       committed
 //
+// Post-copy (offer.technique postcopy or hybrid), after pause and any pages of the final
+// round (the pages the guest needs before it runs):
+//
+//                        paused <-+ postcopy(more: true)
+//                           |-----+
+//                           | postcopy(more: false)
+//                           v
+//                   postcopyStarting <-+ pages(r)       (fetched and pushed pages)
+//                           |----------+
+//                           | sentPostcopyRunning (committed sent: the guest runs here)
+//                           v
+//                    postcopyRunning <-+ pages(r)
+//                           |----------+
+//                           | verify
+//                           v
+//                   postcopyVerifying <-+ pages(r)
+//                           |-----------+
+//                           | sentVerified              sentVerifiedMismatch -> aborted
+//                           v
+//                       committed
+//
 //   abort (received) or sentAbort: from every non-terminal state -> aborted
 //   committed, aborted and rejected are terminal: they take nothing.
 //
@@ -56,6 +77,9 @@ export const MigrationPhase = [
   'verifying',
   'verified',
   'committing',
+  'postcopyStarting',
+  'postcopyRunning',
+  'postcopyVerifying',
   'committed',
   'aborted',
   'rejected',
@@ -75,6 +99,7 @@ export interface MigrationState {
 export type ReceivedEvent =
   | { type: 'pages'; round: number }
   | { type: 'roundEnd'; round: number; final: boolean }
+  | { type: 'postcopy'; more: boolean }
   | {
       type:
         | 'hello'
@@ -96,6 +121,7 @@ export type ReceivedEvent =
         | 'dedupClose'
         | 'want'
         | 'pageFingerprints'
+        | 'fetch'
         | 'trafficQuery'
         | 'trafficReport';
     };
@@ -109,6 +135,7 @@ export type SentEvent = {
     | 'sentVerifiedMismatch'
     | 'sentVerifiedMismatchRepair'
     | 'sentCommitted'
+    | 'sentPostcopyRunning'
     | 'sentAbort';
 };
 
@@ -137,6 +164,8 @@ export const MigrationEventType = [
   'dedupClose',
   'want',
   'pageFingerprints',
+  'postcopy',
+  'fetch',
   'trafficQuery',
   'trafficReport',
   'sentAccept',
@@ -145,6 +174,7 @@ export const MigrationEventType = [
   'sentVerifiedMismatch',
   'sentVerifiedMismatchRepair',
   'sentCommitted',
+  'sentPostcopyRunning',
   'sentAbort',
 ] as const satisfies readonly MigrationEvent['type'][];
 
@@ -183,9 +213,18 @@ export function transition(state: MigrationState, event: MigrationEvent): Migrat
     case 'sentReject':
       return phase === 'offered' ? to('rejected') : outOfOrder();
     case 'pages':
+      if (phase === 'postcopyStarting' || phase === 'postcopyRunning' || phase === 'postcopyVerifying') {
+        checkRound(event.round);
+        return state;
+      }
       if (phase !== 'accepted' && phase !== 'receiving' && phase !== 'paused') return outOfOrder();
       checkRound(event.round);
       return to(phase === 'paused' ? 'paused' : 'receiving');
+    case 'postcopy':
+      if (phase !== 'paused') return outOfOrder('post-copy starts only after pause');
+      return event.more ? state : to('postcopyStarting');
+    case 'sentPostcopyRunning':
+      return phase === 'postcopyStarting' ? to('postcopyRunning') : outOfOrder();
     case 'roundEnd':
       if (event.final) {
         if (phase !== 'paused') return outOfOrder('a final round ends only after pause');
@@ -201,11 +240,13 @@ export function transition(state: MigrationState, event: MigrationEvent): Migrat
     case 'deviceState':
       return phase === 'finalRoundDone' ? to('deviceStateReceived') : outOfOrder();
     case 'verify':
+      if (phase === 'postcopyRunning') return to('postcopyVerifying');
       return phase === 'finalRoundDone' || phase === 'deviceStateReceived' ? to('verifying') : outOfOrder();
     case 'sentVerified':
+      if (phase === 'postcopyVerifying') return to('committed');
       return phase === 'verifying' ? to('verified') : outOfOrder();
     case 'sentVerifiedMismatch':
-      return phase === 'verifying' ? to('aborted') : outOfOrder();
+      return phase === 'verifying' || phase === 'postcopyVerifying' ? to('aborted') : outOfOrder();
     case 'sentVerifiedMismatchRepair':
       // The source sends the pages that differ as one more final round, then verify again.
       return phase === 'verifying' ? to('paused') : outOfOrder();

@@ -1,8 +1,11 @@
-// The CLI's side of the control API: requests to the local agent's unix socket.
-import { request } from 'node:http';
+// The CLI's side of the control API: requests to the local agent's unix socket, or to its
+// loopback TCP control port with the bearer token from a token file.
+import { request, type IncomingMessage } from 'node:http';
 import { existsSync } from 'node:fs';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import { controlSocketPath, type MigrateRequest } from '../daemon.js';
+import { isLoopbackHost } from '../peer/tls.js';
+import { readTokenFile } from './token.js';
 import type { GroupSummary } from '../migration/group-summary.js';
 import type { MigrationProgress } from '../migration/source.js';
 
@@ -19,43 +22,93 @@ export const MIGRATE_DEFAULTS = {
   codec: 'auto',
 } as const satisfies Partial<MigrateRequest>;
 
-export class ControlClient {
-  readonly socketPath: string;
+/** Where the CLI reaches the agent: its state dir's unix socket, or a loopback TCP port with a token. */
+export type ControlEndpoint =
+  | { kind: 'socket'; stateDir: string }
+  | { kind: 'tcp'; host: string; port: number; token: string; tokenFile: string };
 
-  constructor(readonly stateDir: string) {
-    this.socketPath = controlSocketPath(stateDir);
+/** A response is the agent's JSON; anything longer is not from a gangway agent. */
+const MAX_RESPONSE_BYTES = 64 * 1024 * 1024;
+
+/** HOST:PORT of a control port; loopback only, as the agent listens (a token never leaves the host). */
+export function parseControlAddress(text: string): { host: string; port: number } {
+  const match = /^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(text);
+  const port = Number(match?.[2]);
+  if (!match || port < 1 || port > 65535) throw new GangwayError(ErrorCode.BAD_REQUEST, `control address ${JSON.stringify(text.slice(0, 100))} must be HOST:PORT, e.g. 127.0.0.1:7400`);
+  const host = match[1]!.replace(/^\[|\]$/g, '');
+  if (!isLoopbackHost(host)) {
+    throw new GangwayError(ErrorCode.BAD_REQUEST, `control address ${text} is not loopback: the control port listens on loopback only (remote control would need TLS and an allowlist, which it does not offer)`);
+  }
+  return { host, port };
+}
+
+export class ControlClient {
+  readonly endpoint: ControlEndpoint;
+  /** The unix socket, for a socket endpoint. */
+  readonly socketPath: string | undefined;
+
+  /** A state dir (its control.sock) or an endpoint. */
+  constructor(target: string | ControlEndpoint) {
+    this.endpoint = typeof target === 'string' ? { kind: 'socket', stateDir: target } : target;
+    this.socketPath = this.endpoint.kind === 'socket' ? controlSocketPath(this.endpoint.stateDir) : undefined;
+  }
+
+  /** The agent's TCP control port at `address`, with the token read from `tokenFile`. */
+  static tcp(address: string, tokenFile: string): ControlClient {
+    const { host, port } = parseControlAddress(address);
+    return new ControlClient({ kind: 'tcp', host, port, token: readTokenFile(tokenFile), tokenFile });
+  }
+
+  private get where(): string {
+    const e = this.endpoint;
+    return e.kind === 'socket' ? this.socketPath! : `control port ${e.host.includes(':') ? `[${e.host}]` : e.host}:${e.port}`;
   }
 
   private open(method: string, path: string, body?: unknown) {
-    if (!existsSync(this.socketPath)) {
+    const e = this.endpoint;
+    if (e.kind === 'socket' && !existsSync(this.socketPath!)) {
       throw new GangwayError(
         ErrorCode.PEER_UNREACHABLE,
-        `no agent is running with state dir ${this.stateDir} (${this.socketPath} does not exist): start one with \`gangway agent --state-dir ${this.stateDir}\`, or pass --state-dir`,
+        `no agent is running with state dir ${e.stateDir} (${this.socketPath} does not exist): start one with \`gangway agent --state-dir ${e.stateDir}\`, or pass --state-dir`,
       );
     }
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-    return new Promise<import('node:http').IncomingMessage>((resolve, reject) => {
-      const req = request(
-        {
-          socketPath: this.socketPath,
-          method,
-          path,
-          headers: payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {},
-        },
-        resolve,
-      );
-      req.once('error', (err) =>
-        reject(new GangwayError(ErrorCode.PEER_UNREACHABLE, `cannot talk to the agent at ${this.socketPath}: ${err.message}`)),
-      );
+    const headers: Record<string, string | number> = payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {};
+    if (e.kind === 'tcp') headers.authorization = `Bearer ${e.token}`;
+    const target = e.kind === 'socket' ? { socketPath: this.socketPath! } : { host: e.host, port: e.port };
+    return new Promise<IncomingMessage>((resolve, reject) => {
+      const req = request({ ...target, method, path, headers }, resolve);
+      req.once('error', (err: NodeJS.ErrnoException) => {
+        const hint = e.kind === 'tcp' && err.code === 'ECONNREFUSED' ? ': no agent listens there (is its control.listen set to this address?)' : '';
+        reject(new GangwayError(ErrorCode.PEER_UNREACHABLE, `cannot talk to the agent at ${this.where}: ${err.message}${hint}`));
+      });
       req.end(payload);
     });
   }
 
+  private async readAll(res: IncomingMessage): Promise<string> {
+    let text = '';
+    for await (const chunk of res) {
+      text += chunk;
+      if (text.length > MAX_RESPONSE_BYTES) {
+        res.destroy();
+        throw new GangwayError(ErrorCode.INTERNAL, `the answer from ${this.where} is over ${MAX_RESPONSE_BYTES} bytes: is a gangway agent listening there?`);
+      }
+    }
+    return text;
+  }
+
+  private parse<T>(text: string, res: IncomingMessage): T & { error?: { code: string; message: string } } {
+    try {
+      return JSON.parse(text) as T & { error?: { code: string; message: string } };
+    } catch {
+      throw new GangwayError(ErrorCode.INTERNAL, `${this.where} answered ${res.statusCode} with something that is not JSON: is a gangway agent listening there?`);
+    }
+  }
+
   async call<T>(method: string, path: string, body?: unknown): Promise<T> {
     const res = await this.open(method, path, body);
-    let text = '';
-    for await (const chunk of res) text += chunk;
-    const parsed = JSON.parse(text) as T & { error?: { code: string; message: string } };
+    const parsed = this.parse<T>(await this.readAll(res), res);
     if ((res.statusCode ?? 500) >= 400 || parsed.error) {
       throw new GangwayError((parsed.error?.code ?? ErrorCode.INTERNAL) as never, parsed.error?.message ?? `agent answered ${res.statusCode}`);
     }
@@ -81,19 +134,21 @@ export class ControlClient {
   async *stream(method: string, path: string, body?: unknown): AsyncGenerator<Record<string, unknown>> {
     const res = await this.open(method, path, body);
     if ((res.statusCode ?? 500) >= 400) {
-      let text = '';
-      for await (const chunk of res) text += chunk;
-      const parsed = JSON.parse(text) as { error?: { code: string; message: string } };
+      const parsed = this.parse<object>(await this.readAll(res), res);
       throw new GangwayError((parsed.error?.code ?? ErrorCode.INTERNAL) as never, parsed.error?.message ?? `agent answered ${res.statusCode}`);
     }
     let buffered = '';
     for await (const chunk of res) {
       buffered += chunk;
+      if (buffered.length > MAX_RESPONSE_BYTES) {
+        res.destroy();
+        throw new GangwayError(ErrorCode.INTERNAL, `an event from ${this.where} is over ${MAX_RESPONSE_BYTES} bytes: is a gangway agent listening there?`);
+      }
       let newline: number;
       while ((newline = buffered.indexOf('\n')) >= 0) {
         const line = buffered.slice(0, newline);
         buffered = buffered.slice(newline + 1);
-        if (line.trim()) yield JSON.parse(line) as Record<string, unknown>;
+        if (line.trim()) yield this.parse<Record<string, unknown>>(line, res);
       }
     }
   }

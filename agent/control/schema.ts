@@ -7,7 +7,9 @@ import { INTERFACE_NAME_PATTERN, PRIORITIES } from '../config.js';
 const guestName = z.string().regex(GUEST_NAME_PATTERN, "1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'");
 const GiB = 1024 ** 3;
 
-export const StartGuestRequest = z.object({
+// Strict: a field the agent does not know is refused, not dropped (a misspelt `force`
+// would otherwise silently mean the default).
+export const StartGuestRequest = z.strictObject({
   name: guestName,
   memoryBytes: z.number().int().min(64 * 1024).max(1024 * GiB),
   profile: z.enum(['zero', 'os-image', 'random']),
@@ -22,14 +24,14 @@ export const StartGuestRequest = z.object({
 
 const peerAddress = z.string().regex(/^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/, 'HOST:PORT');
 
-export const PlanRequestSchema = z.object({
+export const PlanRequestSchema = z.strictObject({
   guests: z.array(guestName).min(1).max(64),
   to: peerAddress,
   /** Default: the agent's traffic.priority. */
   priority: z.enum(PRIORITIES).optional(),
 });
 
-export const MigrateRequestSchema = z.object({
+export const MigrateRequestSchema = z.strictObject({
   guests: z.array(guestName).min(1).max(64),
   strategy: z.enum(['gang', 'serial']),
   dedup: z.boolean(),
@@ -41,9 +43,20 @@ export const MigrateRequestSchema = z.object({
   codec: z.enum(['auto', 'lz4', 'raw']),
   bandwidthBytesPerSec: z.number().positive().optional(),
   tracker: z.enum(['auto', 'uffd-wp', 'hash-scan']).optional(),
+  technique: z.enum(['precopy', 'postcopy', 'hybrid', 'auto']).optional(),
+  postcopyAfterRounds: z.number().int().min(1).max(10_000).optional(),
 });
 
 /** "field: problem; field: problem" from a zod error. */
 export function describeZodError(error: z.ZodError): string {
-  return error.issues.map((issue) => `${issue.path.join('.') || 'request'}: ${issue.message}`).join('; ');
+  return error.issues
+    .slice(0, 10)
+    .map((issue) => {
+      const where = issue.path.join('.') || 'request';
+      if (issue.code === 'unrecognized_keys') {
+        return `${where}: unknown field${issue.keys.length > 1 ? 's' : ''} ${issue.keys.slice(0, 5).map((k) => JSON.stringify(k.slice(0, 64))).join(', ')}`;
+      }
+      return `${where}: ${issue.message}`;
+    })
+    .join('; ');
 }

@@ -1,15 +1,41 @@
-// The local control API: HTTP/1.1 on a unix socket in the state dir (mode 0660), JSON in
-// and out. A migration answers with NDJSON: progress events, then one result or error.
+// The local control API: HTTP/1.1, JSON in and out, on a unix socket in the state dir (0660,
+// the control group) and, when asked for, on a loopback TCP port that takes a bearer token.
+// A migration answers with NDJSON: progress events, then one result or error.
+//
+// Every request is checked before it reaches the agent, in this order: the token (TCP only,
+// so a caller without it learns nothing, not even which paths exist), URL length, path (404),
+// method (405, with Allow), query string (none taken), path parameters, content type (415),
+// body length (413) and body schema (400, naming the field).
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import { chmodSync, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
+import type { z } from 'zod';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import type { Agent } from '../daemon.js';
+import { GUEST_NAME_PATTERN } from '../guest/registry.js';
+import { listenUnixSocket } from './access.js';
+import type { ControlGroup } from './group.js';
 import { describeZodError, MigrateRequestSchema, PlanRequestSchema, StartGuestRequest } from './schema.js';
+import { bearerRefusal } from './token.js';
 
-const MAX_BODY_BYTES = 64 * 1024;
+export const MAX_BODY_BYTES = 64 * 1024;
+export const MAX_URL_BYTES = 1024;
+/** Node's default is 16 KiB; the CLI sends a few short headers. */
+const MAX_HEADER_BYTES = 8 * 1024;
+const MAX_CONNECTIONS = 64;
 
-function send(res: ServerResponse, status: number, body: unknown): void {
-  res.writeHead(status, { 'content-type': 'application/json' }).end(`${JSON.stringify(body)}\n`);
+/** A refused request: its HTTP status, and the headers that go with it (Allow, WWW-Authenticate). */
+class RequestError extends GangwayError {
+  constructor(
+    readonly status: number,
+    message: string,
+    readonly headers: Record<string, string> = {},
+  ) {
+    super(status === 401 ? ErrorCode.UNAUTHORIZED : ErrorCode.BAD_REQUEST, message);
+  }
+}
+
+function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  res.writeHead(status, { ...headers, 'content-type': 'application/json' }).end(`${JSON.stringify(body)}\n`);
 }
 
 function errorBody(err: unknown): { error: { code: string; message: string } } {
@@ -18,6 +44,7 @@ function errorBody(err: unknown): { error: { code: string; message: string } } {
 }
 
 function statusFor(err: unknown): number {
+  if (err instanceof RequestError) return err.status;
   if (!(err instanceof GangwayError)) return 500;
   switch (err.code) {
     case ErrorCode.BAD_REQUEST:
@@ -33,86 +60,231 @@ function statusFor(err: unknown): number {
   }
 }
 
-async function readJson(req: IncomingMessage): Promise<unknown> {
-  let size = 0;
-  const chunks: Buffer[] = [];
-  for await (const chunk of req) {
-    size += (chunk as Buffer).length;
-    if (size > MAX_BODY_BYTES) throw new GangwayError(ErrorCode.BAD_REQUEST, `request body over ${MAX_BODY_BYTES} bytes`);
-    chunks.push(chunk as Buffer);
+/** Untrusted text in a message: quoted, and cut short. */
+function shown(text: string): string {
+  return JSON.stringify(text.length > 80 ? `${text.slice(0, 80)}...` : text);
+}
+
+const PARAMS = {
+  name: { pattern: GUEST_NAME_PATTERN, what: "a guest name: 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'" },
+  // A migration id is a UUID; cancel also takes a unique prefix of one.
+  id: { pattern: /^[0-9a-fA-F-]{1,36}$/, what: 'a migration id or a prefix of one (hex digits and -, at most 36)' },
+} as const;
+type ParamName = keyof typeof PARAMS;
+type Params = Partial<Record<ParamName, string>>;
+
+interface Route {
+  method: 'GET' | 'POST' | 'DELETE';
+  /** Segments; ':name' and ':id' are parameters. */
+  path: string;
+  body?: z.ZodType;
+  handle(agent: Agent, params: Params, body: unknown, res: ServerResponse): Promise<void> | void;
+}
+
+const ROUTES: Route[] = [
+  { method: 'GET', path: '/v1/status', handle: (agent, _p, _b, res) => send(res, 200, agent.status()) },
+  {
+    method: 'POST',
+    path: '/v1/guests',
+    body: StartGuestRequest,
+    async handle(agent, _p, body, res) {
+      const { name, tap, ...spec } = body as z.infer<typeof StartGuestRequest>;
+      send(res, 201, await agent.startGuest(name, spec, tap));
+    },
+  },
+  { method: 'GET', path: '/v1/traffic', handle: (agent, _p, _b, res) => send(res, 200, agent.traffic.status()) },
+  {
+    method: 'POST',
+    path: '/v1/plan',
+    body: PlanRequestSchema,
+    async handle(agent, _p, body, res) {
+      const { guests, to, priority } = body as z.infer<typeof PlanRequestSchema>;
+      send(res, 200, await agent.planFor(guests, priority, to));
+    },
+  },
+  {
+    method: 'DELETE',
+    path: '/v1/guests/:name',
+    async handle(agent, { name }, _b, res) {
+      await agent.stopGuest(name!);
+      send(res, 200, { stopped: name });
+    },
+  },
+  {
+    method: 'POST',
+    path: '/v1/guests/:name/resume',
+    handle(agent, { name }, _b, res) {
+      agent.resumeGuest(name!);
+      send(res, 200, { resumed: name });
+    },
+  },
+  {
+    method: 'POST',
+    path: '/v1/migrations',
+    body: MigrateRequestSchema,
+    async handle(agent, _p, body, res) {
+      res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+      const write = (event: unknown) => res.write(`${JSON.stringify(event)}\n`);
+      try {
+        const summary = await agent.migrate(body as z.infer<typeof MigrateRequestSchema>, (progress) => write({ type: 'progress', progress }));
+        write({ type: 'result', summary });
+      } catch (err) {
+        write({ type: 'error', ...errorBody(err) });
+      }
+      res.end();
+    },
+  },
+  {
+    method: 'POST',
+    path: '/v1/migrations/:id/cancel',
+    handle: (agent, { id }, _b, res) => send(res, 200, { cancelled: agent.cancelMigration(id!) }),
+  },
+];
+
+/** The route's raw parameters if `segments` fit its path (any method), else undefined. */
+function matchPath(route: Route, segments: string[]): Record<string, string> | undefined {
+  const parts = route.path.split('/');
+  if (parts.length !== segments.length) return undefined;
+  const params: Record<string, string> = {};
+  for (const [i, part] of parts.entries()) {
+    if (part.startsWith(':')) {
+      if (segments[i] === '') return undefined;
+      params[part.slice(1)] = segments[i]!;
+    } else if (part !== segments[i]) return undefined;
   }
-  if (size === 0) return {};
+  return params;
+}
+
+function decodeParams(raw: Record<string, string>): Params {
+  const params: Params = {};
+  for (const [key, encoded] of Object.entries(raw) as [ParamName, string][]) {
+    let value: string;
+    try {
+      value = decodeURIComponent(encoded);
+    } catch {
+      throw new RequestError(400, `path parameter ${shown(encoded)} is not valid percent-encoding`);
+    }
+    const { pattern, what } = PARAMS[key];
+    if (!pattern.test(value)) throw new RequestError(400, `path parameter ${shown(value)} is not ${what}`);
+    params[key] = value;
+  }
+  return params;
+}
+
+/**
+ * The body, up to MAX_BODY_BYTES. Not `for await`: leaving that loop early destroys the
+ * socket, and the client would get a reset instead of the 413 that says why.
+ */
+function readBody(req: IncomingMessage): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const onData = (chunk: Buffer) => {
+      size += chunk.length;
+      if (size <= MAX_BODY_BYTES) return void chunks.push(chunk);
+      req.off('data', onData).pause();
+      reject(new RequestError(413, `request body is over the limit of ${MAX_BODY_BYTES} bytes`, { connection: 'close' }));
+    };
+    req.on('data', onData);
+    req.once('end', () => resolve(Buffer.concat(chunks)));
+    req.once('error', reject);
+  });
+}
+
+async function readJson(req: IncomingMessage, where: string): Promise<unknown> {
+  const type = req.headers['content-type'];
+  if (!type || !/^application\/json\s*(;|$)/i.test(type)) {
+    throw new RequestError(415, `${where} takes a JSON body: send content-type application/json (got ${type === undefined ? 'none' : shown(type)})`);
+  }
+  const declared = req.headers['content-length'];
+  if (declared !== undefined && Number(declared) > MAX_BODY_BYTES) {
+    throw new RequestError(413, `request body of ${declared} bytes is over the limit of ${MAX_BODY_BYTES} bytes`, { connection: 'close' });
+  }
+  const body = await readBody(req);
+  if (body.length === 0) throw new RequestError(400, `${where} takes a JSON object; the body is empty`);
   try {
-    return JSON.parse(Buffer.concat(chunks).toString('utf8'));
-  } catch {
-    throw new GangwayError(ErrorCode.BAD_REQUEST, 'request body is not JSON');
+    return JSON.parse(body.toString('utf8'));
+  } catch (err) {
+    throw new RequestError(400, `request body is not JSON: ${(err as Error).message.slice(0, 120)}`);
   }
 }
 
-function parse<T>(schema: { safeParse(input: unknown): { success: true; data: T } | { success: false; error: import('zod').ZodError } }, input: unknown): T {
-  const result = schema.safeParse(input);
-  if (!result.success) throw new GangwayError(ErrorCode.BAD_REQUEST, describeZodError(result.error));
-  return result.data;
+function hasBody(req: IncomingMessage): boolean {
+  const length = req.headers['content-length'];
+  return (length !== undefined && length !== '0') || req.headers['transfer-encoding'] !== undefined;
 }
 
 async function route(agent: Agent, req: IncomingMessage, res: ServerResponse): Promise<void> {
-  const url = new URL(req.url ?? '/', 'http://agent');
-  const path = url.pathname;
+  const target = req.url ?? '/';
+  if (Buffer.byteLength(target) > MAX_URL_BYTES) throw new RequestError(414, `request target is over ${MAX_URL_BYTES} bytes`);
+  const url = new URL(target, 'http://agent');
   const method = req.method ?? 'GET';
-  const guestMatch = /^\/v1\/guests\/([^/]+)(\/resume)?$/.exec(path);
-
-  if (method === 'GET' && path === '/v1/status') return send(res, 200, agent.status());
-  if (method === 'POST' && path === '/v1/guests') {
-    const body = parse(StartGuestRequest, await readJson(req));
-    const { name, tap, ...spec } = body;
-    return send(res, 201, await agent.startGuest(name, spec, tap));
+  const segments = url.pathname.split('/');
+  const candidates = ROUTES.map((r) => ({ route: r, raw: matchPath(r, segments) })).filter((c) => c.raw !== undefined);
+  if (candidates.length === 0) throw new RequestError(404, `no such endpoint: ${shown(url.pathname)} (the API is /v1/status, /v1/guests, /v1/migrations, /v1/traffic, /v1/plan)`);
+  const chosen = candidates.find((c) => c.route.method === method);
+  if (!chosen) {
+    const allow = candidates.map((c) => c.route.method).join(', ');
+    throw new RequestError(405, `${url.pathname} takes ${allow}, not ${shown(method)}`, { allow });
   }
-  if (method === 'GET' && path === '/v1/traffic') return send(res, 200, agent.traffic.status());
-  if (method === 'POST' && path === '/v1/plan') {
-    const { guests, to, priority } = parse(PlanRequestSchema, await readJson(req));
-    return send(res, 200, await agent.planFor(guests, priority, to));
+  const where = `${method} ${chosen.route.path}`;
+  if (url.search !== '') throw new RequestError(400, `${where} takes no query parameters (got ${shown(url.search)})`);
+  const params = decodeParams(chosen.raw!);
+  let body: unknown;
+  if (chosen.route.body) {
+    const result = chosen.route.body.safeParse(await readJson(req, where));
+    if (!result.success) throw new RequestError(400, describeZodError(result.error));
+    body = result.data;
+  } else if (hasBody(req)) {
+    throw new RequestError(400, `${where} takes no request body`);
   }
-  if (guestMatch && method === 'DELETE' && !guestMatch[2]) {
-    await agent.stopGuest(decodeURIComponent(guestMatch[1]!));
-    return send(res, 200, { stopped: decodeURIComponent(guestMatch[1]!) });
-  }
-  if (guestMatch && method === 'POST' && guestMatch[2]) {
-    agent.resumeGuest(decodeURIComponent(guestMatch[1]!));
-    return send(res, 200, { resumed: decodeURIComponent(guestMatch[1]!) });
-  }
-  const cancelMatch = /^\/v1\/migrations\/([^/]+)\/cancel$/.exec(path);
-  if (method === 'POST' && cancelMatch) {
-    return send(res, 200, { cancelled: agent.cancelMigration(decodeURIComponent(cancelMatch[1]!)) });
-  }
-  if (method === 'POST' && path === '/v1/migrations') {
-    const request = parse(MigrateRequestSchema, await readJson(req));
-    res.writeHead(200, { 'content-type': 'application/x-ndjson' });
-    const write = (event: unknown) => res.write(`${JSON.stringify(event)}\n`);
-    try {
-      const summary = await agent.migrate(request, (progress) => write({ type: 'progress', progress }));
-      write({ type: 'result', summary });
-    } catch (err) {
-      write({ type: 'error', ...errorBody(err) });
-    }
-    res.end();
-    return;
-  }
-  send(res, 404, { error: { code: ErrorCode.BAD_REQUEST, message: `no such endpoint: ${method} ${path}` } });
+  await chosen.route.handle(agent, params, body, res);
 }
 
-export function startControlServer(agent: Agent, socketPath: string): Promise<Server> {
-  rmSync(socketPath, { force: true });
-  const server = createServer((req, res) => {
-    route(agent, req, res).catch((err) => {
-      agent.log.debug({ err: (err as Error).message }, 'control request failed');
-      if (!res.headersSent) send(res, statusFor(err), errorBody(err));
+interface ListenerOptions {
+  /** The TCP port's token; the unix socket has none (its mode and group are the check). */
+  token?: string;
+}
+
+function createControlServer(agent: Agent, options: ListenerOptions): Server {
+  const server = createServer({ maxHeaderSize: MAX_HEADER_BYTES, headersTimeout: 10_000, requestTimeout: 30_000 }, (req, res) => {
+    const fail = (err: unknown) => {
+      agent.log.debug({ err: (err as Error).message, method: req.method, url: req.url?.slice(0, 200) }, 'control request refused');
+      if (!res.headersSent) send(res, statusFor(err), errorBody(err), err instanceof RequestError ? err.headers : {});
       else res.end();
-    });
+    };
+    if (options.token !== undefined) {
+      const refusal = bearerRefusal(req.headers.authorization, options.token);
+      if (refusal) {
+        agent.metrics.controlUnauthorized.inc({ reason: refusal });
+        const message =
+          refusal === 'missing'
+            ? 'this control port needs Authorization: Bearer TOKEN, the token in the agent\'s control.tokenFile (gangway ... --control HOST:PORT --token-file FILE)'
+            : 'the bearer token does not match the agent\'s control.tokenFile';
+        return fail(new RequestError(401, message, { 'www-authenticate': 'Bearer realm="gangway"', connection: 'close' }));
+      }
+    }
+    route(agent, req, res).catch(fail);
   });
+  server.maxConnections = MAX_CONNECTIONS;
+  return server;
+}
+
+/** The control API on `socketPath` (replacing a stale socket), 0660, owned by the control group. */
+export async function startControlServer(agent: Agent, socketPath: string, group?: ControlGroup): Promise<Server> {
+  rmSync(socketPath, { force: true });
+  const server = createControlServer(agent, {});
+  await listenUnixSocket(server, socketPath, group);
+  return server;
+}
+
+/** The control API on a loopback TCP port (the config allows nothing else); every request needs `token`. */
+export function startControlPort(agent: Agent, host: string, port: number, token: string): Promise<Server> {
+  const server = createControlServer(agent, { token });
   return new Promise((resolve, reject) => {
     server.once('error', reject);
-    server.listen(socketPath, () => {
-      chmodSync(socketPath, 0o660);
+    server.listen(port, host, () => {
+      server.off('error', reject);
       resolve(server);
     });
   });

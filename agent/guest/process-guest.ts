@@ -39,6 +39,12 @@ export interface LaunchOptions {
   dirtyRateBytesPerSec?: number;
   /** Start blocked until `go()` (hot standby for a migration's destination). */
   standby?: boolean;
+  /**
+   * Post-copy destination: the guest's end of a socket pair (becomes its fd 3). Its memory
+   * file has holes where pages are still missing; the tracking shim registers the mapping
+   * for missing-page faults and sends the userfaultfd over this socket.
+   */
+  postcopySocketFd?: number;
   readyTimeoutMs?: number;
 }
 
@@ -91,6 +97,7 @@ function buildArgs(options: LaunchOptions): string[] {
     args.push('--dirty-rate', String(Math.round(options.dirtyRateBytesPerSec)));
   }
   if (options.standby) args.push('--standby-fd', '0');
+  if (options.postcopySocketFd !== undefined) args.push('--postcopy');
   return args;
 }
 
@@ -101,12 +108,16 @@ export function launchProcessGuest(options: LaunchOptions): LaunchedGuest {
   try {
     child = spawn(guestBinaryPath, buildArgs(options), {
       detached: true,
-      stdio: [options.standby ? 'pipe' : 'ignore', 'pipe', logFd],
+      stdio:
+        options.postcopySocketFd === undefined
+          ? [options.standby ? 'pipe' : 'ignore', 'pipe', logFd]
+          : [options.standby ? 'pipe' : 'ignore', 'pipe', logFd, options.postcopySocketFd],
       env: {
         ...process.env,
         LD_PRELOAD: trackShimPath,
         GANGWAY_TRACK_PATH: options.files.memoryPath,
         GANGWAY_TRACK_REPORT: options.files.trackReportPath,
+        ...(options.postcopySocketFd === undefined ? {} : { GANGWAY_UFFD_SOCKET: '3' }),
       },
     });
   } finally {
@@ -240,6 +251,15 @@ export class ProcessGuest {
     const deadline = performance.now() + timeoutMs;
     while (this.alive() && performance.now() < deadline) await sleep(10);
     if (this.alive()) await this.terminate();
+  }
+
+  /**
+   * The pages a post-copy destination must hold before the guest starts: gangway-guest
+   * reads its header (page 0) with pread before it maps its memory, so a fault cannot
+   * bring it in.
+   */
+  eagerRuns(): Uint32Array {
+    return Uint32Array.of(0, 1);
   }
 
   /** uffd-wp when the shim registered it (unless told otherwise), else hash-scan. */

@@ -20,6 +20,11 @@ export interface GuestRecord {
   startedAt: string;
   /** The guest's TAP device, where its network traffic is measured. */
   tap?: string;
+  /**
+   * Post-copy: the guest runs here while pages are still coming from `from`. With
+   * `stranded`, they stopped coming (the reason): the guest is paused on them.
+   */
+  incoming?: { migrationId: string; from: string; missingPages: number; stranded?: string };
 }
 
 export class GuestRegistry {

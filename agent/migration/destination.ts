@@ -4,7 +4,7 @@
 import { closeSync, rmSync, statfsSync } from 'node:fs';
 import { uncompress } from 'lz4-napi';
 import type { Logger } from 'pino';
-import { Codec, FrameType, GuestKind, RejectReason } from '../../protocol/codes.js';
+import { Codec, FrameType, GuestKind, RejectReason, Technique } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, ProtocolError } from '../../protocol/errors.js';
 import { Frame, validatePages } from '../../protocol/index.js';
 import { initialMigrationState, transition, type MigrationEvent, type MigrationState } from '../../protocol/migration-state.js';
@@ -19,6 +19,8 @@ import type { AgentMetrics } from '../metrics.js';
 import type { DestinationGroup } from '../dedup/dest-group.js';
 import { ENTRY_DATA, ENTRY_REF } from '../native.js';
 import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MAX_WANT_RUNS, REF_WORDS } from '../../protocol/limits.js';
+import { PostcopyReceiver } from './postcopy-destination.js';
+import { PageSet } from '../tracker/page-set.js';
 
 /** Repairs of a digest mismatch this side allows before it gives the migration up. */
 const MAX_REPAIRS = 2;
@@ -40,10 +42,16 @@ export interface IncomingResult {
   migrationId: string;
   guest: string;
   from: string;
-  outcome: 'committed' | 'aborted';
+  /**
+   * committed: the guest runs here, complete. aborted: it never ran here (the source kept
+   * it). stranded: post-copy, the guest started here but some of its pages never came (it
+   * waits on them, paused), or its memory failed the check against the source's.
+   */
+  outcome: 'committed' | 'aborted' | 'stranded';
   reason?: string;
   pages: number;
   rounds: number;
+  technique: 'precopy' | 'postcopy' | 'hybrid';
 }
 
 interface IncomingRegion {
@@ -69,6 +77,15 @@ export class DestinationMigration implements FrameHandler {
   private group: DestinationGroup | undefined;
   private mismatchScratch = new Uint32Array(0);
   private repairs = 0;
+  /** Post-copy: the agent's end of the socket the guest sends its userfaultfd over. */
+  private uffdSocket = -1;
+  /** Post-copy: the pages the source says are missing here, as its postcopy frames bring them. */
+  private missingIn: PageSet | undefined;
+  private postcopy: PostcopyReceiver | undefined;
+  /** Resolves once the guest's userfaultfd is attached: post-copy pages wait for it. */
+  private postcopyAttached: Promise<void> | undefined;
+  private guestStartedHere = false;
+  private postcopyStartedAt = 0;
   readonly done: Promise<IncomingResult>;
   private resolveDone!: (result: IncomingResult) => void;
 
@@ -97,6 +114,9 @@ export class DestinationMigration implements FrameHandler {
       return reject(RejectReason.badSpec, `dedup group ${offer.dedup.group} is not open on this session (send dedupOpen first)`);
     }
     if (offer.guest.kind !== GuestKind.process) return reject(RejectReason.unsupported, 'only process guests are supported by this agent');
+    if (offer.technique !== Technique.precopy && offer.dedup) {
+      return reject(RejectReason.unsupported, 'post-copy and hybrid migrations do not take part in dedup groups on this agent');
+    }
     const region = offer.guest.regions[0];
     if (offer.guest.regions.length !== 1 || !region || region.pageSizeBytes !== GUEST_PAGE_SIZE) {
       return reject(RejectReason.badSpec, `a process guest has one region of ${GUEST_PAGE_SIZE}-byte pages`);
@@ -134,9 +154,15 @@ export class DestinationMigration implements FrameHandler {
     return migration;
   }
 
+  private get technique(): 'precopy' | 'postcopy' | 'hybrid' {
+    return this.offer.technique === Technique.postcopy ? 'postcopy' : this.offer.technique === Technique.hybrid ? 'hybrid' : 'precopy';
+  }
+
   private prepare(): void {
+    const postcopy = this.offer.technique !== Technique.precopy;
     for (const spec of this.offer.guest.regions) {
-      const fd = this.native.tmpfileCreate(this.ctx.memoryDir, spec.lengthBytes);
+      // Pure post-copy: a sparse file, every page a hole (missing) until it arrives.
+      const fd = this.native.tmpfileCreate(this.ctx.memoryDir, spec.lengthBytes, this.offer.technique === Technique.postcopy);
       const handle = this.native.regionMap(fd, spec.lengthBytes, spec.pageSizeBytes, {
         writable: true,
         trackHashes: true,
@@ -145,7 +171,17 @@ export class DestinationMigration implements FrameHandler {
       this.regions.push({ fd, handle, pageCount: spec.lengthBytes / spec.pageSizeBytes, pageSizeBytes: spec.pageSizeBytes, lengthBytes: spec.lengthBytes });
     }
     // A process started now and blocked on a pipe makes the resume a one-byte write.
-    this.standby = launchProcessGuest({ files: this.files, standby: true });
+    if (!postcopy) {
+      this.standby = launchProcessGuest({ files: this.files, standby: true });
+      return;
+    }
+    const [agentEnd, guestEnd] = this.native.socketPair();
+    this.uffdSocket = agentEnd;
+    try {
+      this.standby = launchProcessGuest({ files: this.files, standby: true, postcopySocketFd: guestEnd });
+    } finally {
+      closeSync(guestEnd);
+    }
   }
 
   private joinGroup(group: DestinationGroup, slots: number[]): void {
@@ -188,6 +224,26 @@ export class DestinationMigration implements FrameHandler {
         const data: Promise<Uint8Array> = pages.codec === Codec.lz4 ? uncompress(pages.payload) : Promise.resolve(pages.payload);
         data.catch(() => {});
         const cost = creditCost(pages.payload.length, pages.entries.length / 3);
+        if (this.postcopyAttached) {
+          if (pages.refs) throw new ProtocolError(ErrorCode.BAD_PAGES, 'refs in a post-copy frame');
+          // Post-copy: each frame is installed as soon as it is here (a fault's page must not
+          // wait behind pushed ones); a page is only ever installed where it is missing.
+          void Promise.all([data, this.postcopyAttached]).then(
+            ([raw]) => {
+              if (this.finished && !this.postcopy) return;
+              if (raw.length !== pages.rawBytes) {
+                throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload decompressed to ${raw.length} bytes, expected ${pages.rawBytes}`);
+              }
+              this.postcopy!.install(pages.entries, raw);
+              this.pagesReceived += counts.dataPages + counts.zeroPages;
+              if (this.session.isOpen) this.session.send(Frame.credit({ migrationId: this.offer.migrationId, bytes: cost }));
+            },
+            (cause: unknown) => {
+              throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload does not decompress: ${(cause as Error).message}`, { cause });
+            },
+          ).catch((err: unknown) => this.protocolFailure(err));
+          return;
+        }
         this.enqueue(async () => {
           let raw: Uint8Array;
           try {
@@ -211,8 +267,30 @@ export class DestinationMigration implements FrameHandler {
       case 'pause':
       case 'deviceState':
         return;
+      case 'postcopy': {
+        const postcopy = frame as ReturnType<typeof Frame.postcopy>;
+        const region = this.regions[postcopy.region];
+        if (!region || this.offer.technique === Technique.precopy) {
+          throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `postcopy for region ${postcopy.region} of a ${this.technique} migration`);
+        }
+        this.missingIn ??= new PageSet(region.pageCount);
+        for (let i = 0; i < postcopy.missing.length; i += 2) {
+          const first = postcopy.missing[i]!;
+          const count = postcopy.missing[i + 1]!;
+          if (first + count > region.pageCount) {
+            throw new ProtocolError(ErrorCode.BAD_PAGES, `postcopy.missing: pages ${first}..${first + count - 1} are past the guest's ${region.pageCount}`);
+          }
+          this.missingIn.addRange(first, count);
+        }
+        if (!postcopy.more) this.enqueue(() => this.startPostcopy());
+        return;
+      }
       case 'verify': {
         const verify = frame as ReturnType<typeof Frame.verify>;
+        if (this.postcopy) {
+          void this.finishPostcopy(verify.digests);
+          return;
+        }
         this.enqueue(async () => {
           const digests = await Promise.all(this.regions.map((region) => this.native.regionDigest(region.handle, 'tracked')));
           const match =
@@ -344,6 +422,130 @@ export class DestinationMigration implements FrameHandler {
     else this.queue = this.queue.then(guarded);
   }
 
+  /**
+   * The post-copy switchover: the missing pages become holes, the guest starts on the file
+   * with its mapping registered for missing-page faults, and its userfaultfd comes here.
+   * Once it runs, `committed` tells the source: from then on the guest is this host's, and
+   * the source sends what is missing (faulted pages first).
+   */
+  private async startPostcopy(): Promise<void> {
+    const standby = this.standby!;
+    const region = this.regions[0]!;
+    const missing = this.missingIn?.toRuns() ?? new Uint32Array(0);
+    this.missingIn = undefined;
+    try {
+      this.native.punchHoles(region.fd, missing, region.pageSizeBytes);
+      this.native.tmpfileLink(region.fd, this.memoryPath);
+      const receiver = new PostcopyReceiver(
+        region,
+        missing,
+        (runs) => {
+          if (this.session.isOpen) this.session.send(Frame.fetch({ migrationId: this.offer.migrationId, region: 0, runs }));
+        },
+        () => this.guestGone(),
+        this.log,
+        this.ctx.metrics,
+      );
+      let attached!: () => void;
+      this.postcopyAttached = new Promise((resolve) => (attached = resolve));
+      this.postcopyStartedAt = performance.now();
+      standby.go();
+      const got = await this.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
+        throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy: ${err.message}`);
+      });
+      closeSync(this.uffdSocket);
+      this.uffdSocket = -1;
+      if (got.length !== region.lengthBytes) {
+        closeSync(got.uffd);
+        throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest registered ${got.length} bytes for post-copy, its memory is ${region.lengthBytes}`);
+      }
+      receiver.attach(got.uffd, got.start);
+      this.postcopy = receiver;
+      attached();
+      const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
+      this.guestStartedHere = true;
+      this.ctx.registry.add(this.guestRecord(standby.pid, { migrationId: this.offer.migrationId, missingPages: receiver.missingPages }));
+      this.state = transition(this.state, { type: 'sentPostcopyRunning' });
+      this.session.send(Frame.committed({ migrationId: this.offer.migrationId, resumeToSendMs: performance.now() - runningAt }));
+      this.log.info({ pid: standby.pid, missingPages: receiver.missingPages }, 'guest resumed here (post-copy); missing pages follow');
+    } catch (err) {
+      this.postcopy?.close();
+      this.postcopy = undefined;
+      const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.GUEST_FAILED, String(err));
+      this.log.error({ err: error.message }, 'post-copy start failed; the source keeps the guest');
+      if (this.session.isOpen) {
+        this.session.send(Frame.abort({ migrationId: this.offer.migrationId, code: ErrorCode.GUEST_FAILED, message: error.message.slice(0, 1024) }));
+      }
+      try {
+        if (standby.pid > 0) process.kill(standby.pid, 'SIGKILL');
+      } catch {}
+      rmSync(this.memoryPath, { force: true });
+      this.finish('aborted', error.message);
+    }
+  }
+
+  /** Post-copy's end: every missing page installed, the received memory checked against the source's digest. */
+  private async finishPostcopy(sourceDigests: readonly Uint8Array[]): Promise<void> {
+    const receiver = this.postcopy!;
+    await receiver.whenComplete();
+    if (this.finished) return;
+    const region = this.regions[0]!;
+    // The fingerprints kept are those of the pages as they arrived, whatever the guest has
+    // written since: together they are the memory as it was at the switchover.
+    const digests = [await this.native.regionDigest(region.handle, 'tracked')];
+    const match = digests.length === sourceDigests.length && digests.every((d, i) => d.equals(Buffer.from(sourceDigests[i]!)));
+    const stats = receiver.stats();
+    this.session.send(
+      Frame.verified({
+        migrationId: this.offer.migrationId,
+        match,
+        digests,
+        postcopy: {
+          missingPages: stats.missingPages,
+          faults: stats.faults,
+          fetchedPages: stats.fetchedPages,
+          pushedPages: stats.pushedPages,
+          faultP50Ms: stats.faultLatency.p50Ms,
+          faultP99Ms: stats.faultLatency.p99Ms,
+          faultMaxMs: stats.faultLatency.maxMs,
+        },
+      }),
+    );
+    this.state = transition(this.state, { type: match ? 'sentVerified' : 'sentVerifiedMismatch' });
+    this.ctx.metrics?.postcopyDuration.observe((performance.now() - this.postcopyStartedAt) / 1000);
+    this.log.info({ ...stats, ms: Math.round(performance.now() - this.postcopyStartedAt), match }, 'post-copy complete');
+    if (match) {
+      this.ctx.registry.add(this.guestRecord(this.standby!.pid));
+      this.finish('committed');
+    } else {
+      this.finish(
+        'stranded',
+        `the guest runs here, but the memory it received differs from the source's at the switchover (digests ${Buffer.from(digests[0]!).toString('hex')} here, ${Buffer.from(sourceDigests[0]!).toString('hex')} there); the source keeps its paused copy`,
+      );
+    }
+  }
+
+  /** The guest died during post-copy: nothing is left to receive. */
+  private guestGone(): void {
+    if (this.finished) return;
+    this.finish('stranded', 'the guest exited during post-copy');
+  }
+
+  private guestRecord(pid: number, incoming?: { migrationId: string; missingPages: number }): GuestRecord {
+    return {
+      name: this.offer.guest.name,
+      kind: 'process',
+      pid,
+      memoryBytes: this.offer.guest.regions[0]!.lengthBytes,
+      pageSizeBytes: this.offer.guest.regions[0]!.pageSizeBytes,
+      files: this.files,
+      spec: specFromHeader(readGuestHeader(this.memoryPath)),
+      origin: { kind: 'migrated', migrationId: this.offer.migrationId, from: this.session.peer?.agentId ?? 'unknown' },
+      startedAt: new Date().toISOString(),
+      ...(incoming ? { incoming: { ...incoming, from: this.session.peer?.agentId ?? 'unknown' } } : {}),
+    };
+  }
+
   private async commit(): Promise<void> {
     const standby = this.standby!;
     try {
@@ -357,18 +559,7 @@ export class DestinationMigration implements FrameHandler {
       this.regions = [];
       standby.go();
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
-      const record: GuestRecord = {
-        name: this.offer.guest.name,
-        kind: 'process',
-        pid: standby.pid,
-        memoryBytes: this.offer.guest.regions[0]!.lengthBytes,
-        pageSizeBytes: this.offer.guest.regions[0]!.pageSizeBytes,
-        files: this.files,
-        spec: specFromHeader(readGuestHeader(this.memoryPath)),
-        origin: { kind: 'migrated', migrationId: this.offer.migrationId, from: this.session.peer?.agentId ?? 'unknown' },
-        startedAt: new Date().toISOString(),
-      };
-      this.ctx.registry.add(record);
+      this.ctx.registry.add(this.guestRecord(standby.pid));
       this.state = transition(this.state, { type: 'sentCommitted' });
       this.session.send(Frame.committed({ migrationId: this.offer.migrationId, resumeToSendMs: performance.now() - runningAt }));
       this.log.info({ pid: standby.pid }, 'guest resumed here; migration committed');
@@ -392,21 +583,40 @@ export class DestinationMigration implements FrameHandler {
     const error =
       err instanceof GangwayError ? err : new ProtocolError(ErrorCode.PROTOCOL, err instanceof Error ? err.message : String(err));
     this.log.warn({ code: error.code, err: error.message }, 'migration failed on a bad frame');
-    this.finish('aborted', error.message);
+    this.finish(this.guestStartedHere ? 'stranded' : 'aborted', error.message);
     this.session.fail(error);
   }
 
   onSessionClosed(err: GangwayError): void {
-    if (!this.finished) this.finish('aborted', `session lost: ${err.message}`);
+    if (!this.finished) this.finish(this.guestStartedHere ? 'stranded' : 'aborted', `session lost: ${err.message}`);
   }
 
-  private finish(outcome: 'committed' | 'aborted', reason?: string): void {
+  private finish(outcome: IncomingResult['outcome'], reason?: string): void {
     if (this.finished) return;
     this.finished = true;
     this.session.unregister(this.offer.migrationId);
     if (outcome === 'aborted') {
       this.log.warn({ reason }, 'incoming migration aborted; partial memory discarded');
       this.cleanup();
+    } else if (outcome === 'stranded') {
+      // The guest started here: it is the only running copy, so nothing of it is removed.
+      // Pages still missing can only come from the source, which keeps them.
+      const missingPages = this.postcopy?.missingPages ?? 0;
+      this.log.error({ reason, missingPages }, 'post-copy did not complete: the guest stays here, paused on its missing pages');
+      if (missingPages > 0) {
+        try {
+          process.kill(this.standby!.pid, 'SIGSTOP');
+        } catch {}
+      }
+      try {
+        this.ctx.registry.add({
+          ...this.guestRecord(this.standby!.pid),
+          incoming: { migrationId: this.offer.migrationId, from: this.session.peer?.agentId ?? 'unknown', missingPages, stranded: reason ?? 'unknown' },
+        });
+      } catch {}
+      this.closePostcopy();
+    } else {
+      this.closePostcopy();
     }
     this.resolveDone({
       migrationId: this.offer.migrationId,
@@ -416,11 +626,40 @@ export class DestinationMigration implements FrameHandler {
       ...(reason ? { reason } : {}),
       pages: this.pagesReceived,
       rounds: this.roundsSeen,
+      technique: this.technique,
     });
+  }
+
+  /** After post-copy: stop reading faults, and drop this agent's view of the memory. */
+  private closePostcopy(): void {
+    if (this.uffdSocket >= 0) {
+      try {
+        closeSync(this.uffdSocket);
+      } catch {}
+      this.uffdSocket = -1;
+    }
+    if (!this.postcopy) return;
+    this.postcopy.close();
+    for (const region of this.regions) {
+      try {
+        this.native.regionClose(region.handle);
+      } catch {}
+      try {
+        closeSync(region.fd);
+      } catch {}
+    }
+    this.regions = [];
   }
 
   /** Drops everything this migration made: the unnamed files vanish with their last fd. */
   private cleanup(): void {
+    this.postcopy?.close();
+    if (this.uffdSocket >= 0) {
+      try {
+        closeSync(this.uffdSocket);
+      } catch {}
+      this.uffdSocket = -1;
+    }
     // A group member's memory stays for refs already on their way; the group frees it.
     if (this.group) this.regions = [];
     for (const region of this.regions) {

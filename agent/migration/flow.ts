@@ -36,6 +36,14 @@ export class CreditWindow {
     return new Promise((resolve, reject) => this.waiters.push({ bytes, resolve, reject }));
   }
 
+  /**
+   * Takes `bytes` now, even past the window (it may go below zero): for the few small
+   * frames that must not wait, such as the pages a post-copy guest faulted on.
+   */
+  force(bytes: number): void {
+    this.available -= bytes;
+  }
+
   /** Resolves once everything sent has been credited back: the receiver has caught up. */
   drained(): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);

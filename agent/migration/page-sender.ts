@@ -107,6 +107,8 @@ export interface PageSenderContext {
   dedup?: { group: SourceDedupGroup; slot: number; allowResident: boolean };
   /** A gang's switchover gate: no new batches while another member switches over. */
   gate?: { gate: SwitchoverGate; owner: object };
+  /** At most this much queued in front of the socket (default SEND_QUEUE_BYTES). */
+  queueBytes?: number;
 }
 
 const LZ4_KEEP_RATIO = 0.875;
@@ -243,7 +245,7 @@ export async function sendRegionRound(
       const cost = creditCost(batch.payload.length, batch.entries.length / 3);
       await ctx.credits.take(cost);
       if (ctx.pacer) await ctx.pacer.take(cost);
-      await ctx.session.writable(SEND_QUEUE_BYTES);
+      await ctx.session.writable(ctx.queueBytes ?? SEND_QUEUE_BYTES);
       const buffer = batch.buffer;
       const [frameHead] = encodeFrame(frame);
       let message: Buffer;

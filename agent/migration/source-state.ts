@@ -5,20 +5,38 @@
 //      │           │           │            │             │
 //      └───────────┴───────────┴────────────┴─▶ failed    └─▶ in-doubt (commit sent, no answer)
 //
-// Before `committing`, a failure resumes the source guest. From `committing` on, the
-// destination may be running the guest, so the source guest is never resumed by itself.
+//   post-copy:  stopping ─▶ postcopy-switch ─▶ postcopy ─▶ committed
+//                                 │                └─▶ interrupted (the destination runs the
+//                                 └─▶ failed / in-doubt    guest and waits for pages we keep)
+//
+// Before `committing` / `postcopy-switch`, a failure resumes the source guest. From then on
+// the destination may be running the guest, so the source guest is never resumed by itself.
 
-export type SourcePhase = 'offering' | 'precopy' | 'stopping' | 'verifying' | 'committing' | 'committed' | 'failed' | 'in-doubt';
+export type SourcePhase =
+  | 'offering'
+  | 'precopy'
+  | 'stopping'
+  | 'verifying'
+  | 'committing'
+  | 'postcopy-switch'
+  | 'postcopy'
+  | 'committed'
+  | 'failed'
+  | 'in-doubt'
+  | 'interrupted';
 
 const NEXT: Record<SourcePhase, readonly SourcePhase[]> = {
   offering: ['precopy', 'failed'],
   precopy: ['stopping', 'failed'],
-  stopping: ['verifying', 'failed'],
+  stopping: ['verifying', 'postcopy-switch', 'failed'],
   verifying: ['committing', 'failed'],
   committing: ['committed', 'failed', 'in-doubt'],
+  'postcopy-switch': ['postcopy', 'failed', 'in-doubt'],
+  postcopy: ['committed', 'interrupted'],
   committed: [],
   failed: [],
   'in-doubt': ['committed', 'failed'],
+  interrupted: ['postcopy', 'committed'],
 };
 
 export class SourceStateMachine {

@@ -16,11 +16,13 @@ import type { ProcessGuest, TrackerPreference } from '../guest/process-guest.js'
 import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, PeerSession } from '../peer/session.js';
 import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
-import { mergeRuns, runsPageCount } from '../tracker/page-set.js';
+import { mergeRuns, runsPageCount, subtractRuns } from '../tracker/page-set.js';
+import { hybridSwitch, PostcopyScheduler, type HybridPolicy } from './postcopy.js';
+import { encodeFrame } from '../../protocol/index.js';
 import { CodecChooser, type CodecMode } from './codec-chooser.js';
 import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
 import { CreditWindow, Pacer, realClock, type Clock, type SwitchoverGate } from './flow.js';
-import { addCounters, BatchPool, emptyCounters, sendRegionRound, type RoundCounters } from './page-sender.js';
+import { addCounters, BatchPool, creditCost, emptyCounters, sendRegionRound, type RoundCounters } from './page-sender.js';
 import { SourceStateMachine, type SourcePhase } from './source-state.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { SourceDedupGroup } from '../dedup/source-group.js';
@@ -50,7 +52,26 @@ export interface SourceOptions {
   dedup?: { group: SourceDedupGroup; slot: number };
   /** Member of a gang: switchovers take turns (see SwitchoverGate). */
   gate?: SwitchoverGate;
+  /**
+   * precopy (the default): rounds, then stop-and-copy. postcopy: stop at once, the guest
+   * runs at the destination and its pages follow (faulted ones first). hybrid: pre-copy
+   * rounds, then post-copy when the pre-copy does not converge or after `hybrid`'s rounds.
+   */
+  technique?: 'precopy' | 'postcopy' | 'hybrid';
+  hybrid?: HybridPolicy;
 }
+
+/**
+ * Post-copy keeps at most this many pushed bytes on their way (sent, not yet installed at
+ * the destination), in batches of a quarter of it: a faulted page goes out at once, but it
+ * still travels behind whatever is in the socket buffers, the link's queue and the
+ * destination's decoder. This bounds that wait (about 8 ms at 1 Gbit/s) and still fills a
+ * LAN's bandwidth-delay product.
+ */
+const POSTCOPY_WINDOW_BYTES = 1024 * 1024;
+const POSTCOPY_BATCH_BYTES = 256 * 1024;
+/** Pages per background-push step (the scheduler is asked again after each). */
+const POSTCOPY_PUSH_PAGES = 512;
 
 export interface RoundRecord extends RoundCounters {
   round: number;
@@ -64,7 +85,22 @@ export interface RoundRecord extends RoundCounters {
 export interface MigrationSummary {
   migrationId: string;
   guest: string;
-  technique: 'precopy';
+  technique: 'precopy' | 'postcopy' | 'hybrid';
+  /** Post-copy (postcopy, or a hybrid that went post-copy): how the missing pages came. */
+  postcopy?: {
+    /** Why a hybrid went post-copy. */
+    reason?: string;
+    missingPages: number;
+    /** Destination resume to the destination holding every page. */
+    durationMs: number;
+    /** Pages sent because the guest faulted on them (and the pre-paging window after them). */
+    faultPages: number;
+    /** Pages sent by the background push. */
+    pushedPages: number;
+    /** As the destination saw it: faults, and fault-to-page latency. */
+    faults: number;
+    faultLatency: { p50Ms: number; p99Ms: number; maxMs: number };
+  };
   from: string;
   to: string;
   tracker: TrackerKind;
@@ -133,6 +169,10 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private wantedPages = 0;
   private repairedPages = 0;
   private droppedDirty = false;
+  /** Post-copy: what is still missing at the destination, and the buffers faulted pages go out in. */
+  private postcopyServe:
+    | { scheduler: PostcopyScheduler; round: number; region: RegionHandle; payload: Buffer; entries: Uint32Array; out: Uint32Array; faultPages: number; wireBytes: number }
+    | undefined;
   /** Collects the destination's page fingerprints during a repair. */
   private fingerprintsIn: { fps: Uint8Array; received: number; resolve: (fps: Uint8Array) => void; reject: (err: Error) => void } | undefined;
 
@@ -195,6 +235,31 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         this.options.dedup.group.forgetStale(want.stale);
         return;
       }
+      case 'fetch': {
+        const fetch = frame as ReturnType<typeof Frame.fetch>;
+        const serve = this.postcopyServe;
+        if (!serve || fetch.region !== 0) {
+          this.fail(new GangwayError(ErrorCode.UNEXPECTED_FRAME, `fetch for region ${fetch.region} outside post-copy (phase ${this.phase})`));
+          return;
+        }
+        const pageCount = this.guest.memoryBytes / this.guest.pageSizeBytes;
+        for (let i = 0; i < fetch.runs.length; i += 2) {
+          if (fetch.runs[i]! + fetch.runs[i + 1]! > pageCount) {
+            this.fail(new GangwayError(ErrorCode.PROTOCOL, `fetch for pages ${fetch.runs[i]}..${fetch.runs[i]! + fetch.runs[i + 1]! - 1}, past the guest's ${pageCount}`));
+            return;
+          }
+        }
+        // The faulted pages go out now, alone, ahead of anything the push has not queued yet;
+        // the pre-paging window right behind them.
+        const { faulted, window } = serve.scheduler.onFault(fetch.runs);
+        try {
+          this.sendNow(serve, faulted);
+          this.sendNow(serve, window);
+        } catch (err) {
+          this.fail(err instanceof GangwayError ? err : new GangwayError(ErrorCode.INTERNAL, String(err)));
+        }
+        return;
+      }
       case 'abort': {
         const abort = frame as ReturnType<typeof Frame.abort>;
         this.fail(new PeerError(abort.code, `the destination aborted: ${abort.message}`));
@@ -219,6 +284,26 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
 
   onSessionClosed(err: GangwayError): void {
     this.fail(err);
+  }
+
+  /** Post-copy: sends `runs` at once, raw, without waiting for credits or the pacer. */
+  private sendNow(serve: NonNullable<SourceMigration['postcopyServe']>, runs: Uint32Array): void {
+    if (runs.length === 0) return;
+    const cursor = new Uint32Array(2);
+    for (let done = false; !done; ) {
+      done = this.native.regionGather(serve.region, runs, cursor, serve.payload, serve.entries, serve.out);
+      const entryCount = serve.out[0]!;
+      if (entryCount === 0) continue;
+      const entries = serve.entries.slice(0, entryCount * 3);
+      const payload = serve.payload.subarray(0, serve.out[1]!);
+      const frame = Frame.pages({ migrationId: this.options.migrationId, region: 0, round: serve.round, codec: Codec.raw, entries, rawBytes: payload.length, payload });
+      const [head, body] = encodeFrame(frame);
+      // Copied: the buffer is reused by the next fault before the socket is done with it.
+      const message = Buffer.concat([head, ...(body ? [body] : [])]);
+      this.credits?.force(creditCost(payload.length, entryCount));
+      serve.wireBytes += this.session.sendMessage(message);
+      for (let e = 0; e < entryCount; e++) serve.faultPages += entries[e * 3 + 2]!;
+    }
   }
 
   /** The destination's fingerprint of every page, as pageFingerprints frames bring them. */
@@ -340,7 +425,21 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         { cause: error },
       );
     }
-    if (phase === 'committing') {
+    if (phase === 'postcopy') {
+      // The guest runs at the destination and waits there for pages only this host has:
+      // keep the paused guest and its memory, whatever happens.
+      this.postcopyServe = undefined;
+      this.state.to('interrupted');
+      this.log.error({ err: error.message, code: error.code }, 'post-copy interrupted: the guest runs at the destination; its missing pages stay here');
+      return new GangwayError(
+        ErrorCode.POSTCOPY_INTERRUPTED,
+        `post-copy of ${this.guest.name} to ${this.options.peerAddress} was interrupted (${error.message}). The guest runs there and waits for pages ` +
+          `that only this host holds: its paused copy stays here (${this.guest.files.memoryPath}). Do not resume it here; check \`gangway status\` on both hosts.`,
+        { cause: error },
+      );
+    }
+    if (phase === 'committing' || phase === 'postcopy-switch') {
+      this.postcopyServe = undefined;
       if (error instanceof PeerError) {
         // The destination answered: it did not start the guest, so ours is still the one.
         this.guest.resume();
@@ -374,6 +473,13 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const pageSize = guest.pageSizeBytes;
     const pageCount = guest.memoryBytes / pageSize;
     const dedup = options.dedup;
+    const technique = options.technique ?? 'precopy';
+    if (technique !== 'precopy' && dedup) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, 'post-copy and hybrid migrations do not take part in dedup groups');
+    }
+    if (technique !== 'precopy' && !(this.session.peer?.features.includes('postcopy') ?? false)) {
+      throw new GangwayError(ErrorCode.REJECTED, `the destination ${options.peerAddress} cannot run post-copy (it needs root and userfaultfd); use --technique precopy`);
+    }
     if (dedup) this.wanted = new PageSet(pageCount);
     /** The pages asked for again since the last call, as runs. */
     const takeWanted = (): Uint32Array => {
@@ -394,7 +500,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
           regions: [{ name: 'ram', lengthBytes: guest.memoryBytes, pageSizeBytes: pageSize }],
           config: {},
         },
-        technique: Technique.precopy,
+        technique: technique === 'postcopy' ? Technique.postcopy : technique === 'hybrid' ? Technique.hybrid : Technique.precopy,
         downtimeBudgetMs: options.downtimeBudgetMs,
         codecs: options.codec === 'raw' ? [Codec.raw] : [Codec.raw, Codec.lz4],
         ...(options.dedup ? { dedup: { group: options.dedup.group.id, slots: [options.dedup.slot] } } : {}),
@@ -426,7 +532,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     let wireBytesPerPage = pageSize;
     const switchoverOverheadMs = () => (guest.memoryBytes / options.digestBytesPerSec) * 1000 + 2 * minRttMs + RESUME_ALLOWANCE_MS;
 
-    const sendRound = async (round: number, runs: Uint32Array, final: boolean, how: { plain?: boolean } = {}): Promise<RoundRecord> => {
+    const sendRound = async (round: number, runs: Uint32Array, final: boolean, how: { plain?: boolean; noRoundEnd?: boolean } = {}): Promise<RoundRecord> => {
       const t0 = this.clock.now();
       const roundPages = runsPageCount(runs);
       let reported = emptyCounters();
@@ -456,13 +562,194 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         round,
         runs,
       );
-      this.send(Frame.roundEnd({ migrationId: options.migrationId, round, pageCount: counters.pages, final }));
+      if (!how.noRoundEnd) this.send(Frame.roundEnd({ migrationId: options.migrationId, round, pageCount: counters.pages, final }));
       addCounters(totals, counters);
       options.metrics?.rounds.inc();
       const record: RoundRecord = { round, final, durationMs: this.clock.now() - t0, dirtyPagesAfter: 0, ...counters };
       rounds.push(record);
       return record;
     };
+
+    /**
+     * Post-copy: pause, send the pages the guest needs before it can run, tell the
+     * destination which pages it lacks, and once the guest runs there push those pages,
+     * answering its faults first. The source keeps every page until the destination has
+     * checked the memory it received against the digest of the paused memory here.
+     */
+    const postcopyRun = async (round: number, pending: Uint32Array, reason: string | undefined): Promise<MigrationSummary> => {
+      this.releaseGate ??= await options.gate?.acquire(this);
+      await this.credits!.drained();
+      const switchoverRttMs = await this.session.measureRttMs();
+      this.check();
+      this.state.to('stopping');
+      const pauseStart = this.clock.now();
+      await guest.pause();
+      const pausedAt = this.clock.now();
+      this.send(Frame.pause({ migrationId: options.migrationId }));
+      const stale = technique === 'postcopy' ? pending : mergeRuns(mergeRuns(pending, await this.collect(tracker), pageCount), takeWanted(), pageCount);
+      const eager = guest.eagerRuns();
+      const missing = subtractRuns(stale, eager, pageCount);
+      const missingPages = runsPageCount(missing);
+      const scheduler = new PostcopyScheduler(pageCount, missing);
+      const serveBytes = Math.min(POSTCOPY_BATCH_BYTES, this.session.peerMaxPayloadBytes);
+      this.postcopyServe = {
+        scheduler,
+        round,
+        region: regions[0]!,
+        payload: Buffer.allocUnsafe(serveBytes),
+        entries: new Uint32Array((serveBytes / pageSize + 1) * 3),
+        out: new Uint32Array(2),
+        faultPages: 0,
+        wireBytes: 0,
+      };
+      // From here on pages go out as they are needed: a window of its own (everything sent
+      // before was credited: drained above), the pages the guest needs to start first.
+      this.credits = new CreditWindow(POSTCOPY_WINDOW_BYTES);
+      this.sendNow(this.postcopyServe, eager);
+      this.postcopyServe.faultPages = 0;
+      this.state.to('postcopy-switch');
+      const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'post-copy start confirmation');
+      const runsPerFrame = Math.max(1, Math.floor(Math.min(this.session.peerMaxPayloadBytes, 1 << 20) / 8));
+      for (let at = 0; at === 0 || at < missing.length; at += runsPerFrame * 2) {
+        const chunk = missing.subarray(at, at + runsPerFrame * 2);
+        this.send(Frame.postcopy({ migrationId: options.migrationId, region: 0, more: at + runsPerFrame * 2 < missing.length, missing: chunk }));
+      }
+      const switchSentAt = this.clock.now();
+      const committed = await committedP;
+      const committedAt = this.clock.now();
+      this.state.to('postcopy');
+      this.releaseGate?.();
+      this.releaseGate = undefined;
+      const downtimeMs = Math.max(0, committedAt - pauseStart - committed.resumeToSendMs - switchoverRttMs / 2);
+      this.log.info({ downtimeMs: Math.round(downtimeMs * 10) / 10, missingPages, reason }, 'guest runs at the destination; pushing its missing pages');
+      // The paused memory does not change any more: its digest can be taken at leisure.
+      const sourceDigests = Promise.all(regions.map((region) => this.native.regionDigest(region, 'full')));
+      sourceDigests.catch(() => {});
+      const pushPool = new BatchPool(serveBytes, 8192);
+
+      // The background push, from wherever the guest last faulted.
+      const pushStart = this.clock.now();
+      let pushed = 0;
+      for (;;) {
+        this.check();
+        const chunk = scheduler.nextChunk(POSTCOPY_PUSH_PAGES);
+        if (chunk.length === 0) break;
+        const counters = await sendRegionRound(
+          {
+            session: this.session,
+            migrationId: options.migrationId,
+            pageSizeBytes: pageSize,
+            pool: pushPool,
+            chooser,
+            credits: this.credits!,
+            pacer,
+            pipelineDepth: 2,
+            queueBytes: POSTCOPY_WINDOW_BYTES,
+          },
+          0,
+          regions[0]!,
+          tracker,
+          round,
+          chunk,
+        );
+        addCounters(totals, counters);
+        pushed += counters.pages;
+        const sent = pushed + this.postcopyServe.faultPages;
+        this.progress(round, missingPages, { ...counters, pages: sent }, pushStart, totals.wireBytes + this.postcopyServe.wireBytes);
+      }
+      const digests = await sourceDigests;
+      // The destination answers once it holds every page: its memory as received, checked
+      // against the paused memory here.
+      const verifiedP = this.expect<ReturnType<typeof Frame.verified>>('verified', 600_000, 'post-copy completion');
+      this.send(Frame.verify({ migrationId: options.migrationId, digests }));
+      const verified = await verifiedP;
+      const doneAt = this.clock.now();
+      if (!verified.match || !sameDigests(verified.digests, digests)) {
+        throw new GangwayError(
+          ErrorCode.DIGEST_MISMATCH,
+          `the memory ${options.peerAddress} received differs from this host's at the switchover (source ${hex(digests)}, destination ${hex(verified.digests)})`,
+        );
+      }
+      this.state.to('committed');
+      const faultPages = this.postcopyServe.faultPages;
+      const wireBytes = totals.wireBytes + this.postcopyServe.wireBytes;
+      this.postcopyServe = undefined;
+      await guest.terminate();
+      rmSync(guest.files.memoryPath, { force: true });
+      rmSync(guest.files.trackReportPath, { force: true });
+      const report = verified.postcopy;
+      const summary: MigrationSummary = {
+        ...baseSummary(digests, downtimeMs, committedAt - started, wireBytes, tracker, trackerFallbackReason, false),
+        downtime: {
+          pauseMs: pausedAt - pauseStart,
+          finalRoundMs: switchSentAt - pausedAt,
+          verifyMs: 0,
+          commitMs: committedAt - switchSentAt,
+          resumeToSendMs: committed.resumeToSendMs,
+          rttMs: switchoverRttMs,
+        },
+        totalMs: doneAt - started,
+        postcopy: {
+          ...(reason ? { reason } : {}),
+          missingPages,
+          durationMs: doneAt - committedAt,
+          faultPages,
+          pushedPages: pushed,
+          faults: report?.faults ?? 0,
+          faultLatency: { p50Ms: report?.faultP50Ms ?? 0, p99Ms: report?.faultP99Ms ?? 0, maxMs: report?.faultMaxMs ?? 0 },
+        },
+      };
+      this.log.info(
+        { downtimeMs: Math.round(downtimeMs * 10) / 10, totalMs: Math.round(summary.totalMs), postcopyMs: Math.round(doneAt - committedAt), faults: report?.faults, faultP99Ms: report?.faultP99Ms },
+        'post-copy migration complete',
+      );
+      return summary;
+    };
+
+    /** The fields every summary shares. */
+    const baseSummary = (
+      digests: Uint8Array[],
+      downtimeMs: number,
+      totalMs: number,
+      wireBytes: number,
+      tracker_: DirtyTracker,
+      fallback: string | undefined,
+      forced_: boolean,
+    ): Omit<MigrationSummary, 'downtime'> => ({
+      migrationId: options.migrationId,
+      guest: guest.name,
+      technique,
+      from: 'local',
+      to: options.peerAddress,
+      tracker: tracker_.kind,
+      ...(fallback ? { trackerFallbackReason: fallback } : {}),
+      verified: true,
+      digests: digests.map((d) => Buffer.from(d).toString('hex')),
+      forced: forced_,
+      downtimeMs,
+      totalMs,
+      rounds,
+      memoryBytes: guest.memoryBytes,
+      wireBytes,
+      zeroPages: totals.zeroPages,
+      dataPages: totals.dataPages,
+      dedup: {
+        enabled: dedup !== undefined,
+        ...(dedup ? { group: dedup.group.id } : {}),
+        refPages: totals.refPages,
+        unchangedPages: totals.unchangedPages,
+        hits: { intra: totals.hitsIntra, crossRound: totals.hitsCrossRound, crossGuest: totals.hitsCrossGuest, resident: totals.hitsResident },
+        savedBytes: (totals.refPages + totals.unchangedPages) * pageSize,
+        wantedPages: this.wantedPages,
+      },
+      repairedPages: this.repairedPages,
+      rawDataBytes: totals.rawBytes,
+      compressionRatio: totals.rawBytes > 0 ? totals.payloadBytes / totals.rawBytes : 1,
+      linkRateBytesPerSec: linkRate.value ?? 0,
+      codecRates: chooserRates(chooser),
+    });
+
+    if (technique === 'postcopy') return postcopyRun(0, Uint32Array.of(0, pageCount), undefined);
 
     // Pre-copy rounds.
     await tracker.arm();
@@ -515,6 +802,14 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         { round, pages: record.pages, wireBytes: record.wireBytes, ms: Math.round(record.durationMs), dirtyPages: record.dirtyPagesAfter, decision: decision.action, reason: decision.reason },
         'round done',
       );
+      if (technique === 'hybrid') {
+        const choice = hybridSwitch(decision, round + 1, options.hybrid ?? { postcopyAfterRounds: options.maxRounds });
+        if (choice.postcopy) {
+          record.decision = choice.reason;
+          this.log.info({ round, reason: choice.reason }, 'hybrid: going post-copy');
+          return postcopyRun(round + 1, runs, choice.reason);
+        }
+      }
       if (decision.action === 'stop') break;
       if (decision.action === 'limit') {
         if (!options.force) {
@@ -618,17 +913,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
 
     const downtimeMs = Math.max(0, committedAt - pauseStart - committed.resumeToSendMs - switchoverRttMs / 2);
     const summary: MigrationSummary = {
-      migrationId: options.migrationId,
-      guest: guest.name,
-      technique: 'precopy',
-      from: 'local',
-      to: options.peerAddress,
-      tracker: tracker.kind,
-      ...(trackerFallbackReason ? { trackerFallbackReason } : {}),
-      verified: true,
-      digests: digests.map((d) => Buffer.from(d).toString('hex')),
-      forced,
-      downtimeMs,
+      ...baseSummary(digests, downtimeMs, committedAt - started, totals.wireBytes, tracker, trackerFallbackReason, forced),
       downtime: {
         pauseMs: pausedAt - pauseStart,
         finalRoundMs: finalSentAt - pausedAt,
@@ -637,26 +922,6 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         resumeToSendMs: committed.resumeToSendMs,
         rttMs: switchoverRttMs,
       },
-      totalMs: committedAt - started,
-      rounds,
-      memoryBytes: guest.memoryBytes,
-      wireBytes: totals.wireBytes,
-      zeroPages: totals.zeroPages,
-      dataPages: totals.dataPages,
-      dedup: {
-        enabled: dedup !== undefined,
-        ...(dedup ? { group: dedup.group.id } : {}),
-        refPages: totals.refPages,
-        unchangedPages: totals.unchangedPages,
-        hits: { intra: totals.hitsIntra, crossRound: totals.hitsCrossRound, crossGuest: totals.hitsCrossGuest, resident: totals.hitsResident },
-        savedBytes: (totals.refPages + totals.unchangedPages) * pageSize,
-        wantedPages: this.wantedPages,
-      },
-      repairedPages: this.repairedPages,
-      rawDataBytes: totals.rawBytes,
-      compressionRatio: totals.rawBytes > 0 ? totals.payloadBytes / totals.rawBytes : 1,
-      linkRateBytesPerSec: linkRate.value ?? 0,
-      codecRates: chooserRates(chooser),
     };
     this.log.info({ downtimeMs: Math.round(downtimeMs), totalMs: Math.round(summary.totalMs), rounds: rounds.length, wireBytes: totals.wireBytes }, 'migration committed');
     return summary;

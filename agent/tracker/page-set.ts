@@ -35,6 +35,29 @@ export class PageSet {
     return (this.bits[page >>> 3]! & (1 << (page & 7))) !== 0;
   }
 
+  /** Removes `page`; true if it was in the set. */
+  delete(page: number): boolean {
+    const byte = page >>> 3;
+    const mask = 1 << (page & 7);
+    if (page >= this.pageCount || (this.bits[byte]! & mask) === 0) return false;
+    this.bits[byte]! &= ~mask;
+    this.count--;
+    return true;
+  }
+
+  /** The smallest page in the set that is at least `from`, if any. */
+  nextFrom(from: number): number | undefined {
+    if (this.count === 0 || from >= this.pageCount) return undefined;
+    let byte = from >>> 3;
+    let value = this.bits[byte]! & (0xff << (from & 7));
+    while (value === 0) {
+      if (++byte >= this.bits.length) return undefined;
+      value = this.bits[byte]!;
+    }
+    const page = byte * 8 + (31 - Math.clz32(value & -value));
+    return page < this.pageCount ? page : undefined;
+  }
+
   clear(): void {
     this.bits.fill(0);
     this.count = 0;
@@ -62,6 +85,17 @@ export class PageSet {
     if (runStart >= 0) out.push(runStart, this.pageCount - runStart);
     return Uint32Array.from(out);
   }
+}
+
+/** The pages of `runs` that are not in `minus`, as runs. */
+export function subtractRuns(runs: Uint32Array, minus: Uint32Array, pageCount: number): Uint32Array {
+  const set = new PageSet(pageCount);
+  set.addRuns(runs);
+  for (let i = 0; i + 1 < minus.length; i += 2) {
+    const end = Math.min(minus[i]! + minus[i + 1]!, pageCount);
+    for (let page = minus[i]!; page < end; page++) set.delete(page);
+  }
+  return set.toRuns();
 }
 
 export function runsPageCount(runs: Uint32Array): number {

@@ -83,7 +83,7 @@ static void usage(FILE *out)
 		"  gangway-guest run --memory-file PATH [--create --memory-bytes N\n"
 		"                    [--profile zero|os-image|random] [--seed N]\n"
 		"                    [--image-seed N --shared FRACTION] [--hot FRACTION]]\n"
-		"                    [--dirty-rate BYTES_PER_SEC] [--standby-fd FD]\n"
+		"                    [--dirty-rate BYTES_PER_SEC] [--standby-fd FD] [--postcopy]\n"
 		"  gangway-guest poke --memory-file PATH --memory-bytes N\n"
 		"  gangway-guest --help\n"
 		"\n"
@@ -98,9 +98,12 @@ static void usage(FILE *out)
 		"  --hot FRACTION     fraction in [0,1] of data pages the guest rewrites (default 0.25)\n"
 		"  --dirty-rate N     bytes written per second (default 0, or the file's rate on resume)\n"
 		"  --standby-fd FD    first block reading FD: EOF exits 0 untouched, one byte starts\n"
+		"  --postcopy         holes in the file are pages still on their way (post-copy): the\n"
+		"                     resume check reads every page instead of taking a hole as zeros\n"
 		"  Prints `running pid=PID` once the file is mapped; SIGTERM/SIGINT exit 0.\n"
 		"poke: map the file (created or grown to N bytes) and obey stdin lines\n"
-		"  `fill PAGE BYTE`, `touch PAGE`, `read PAGE`, answering `ok` to each.\n"
+		"  `fill PAGE BYTE`, `touch PAGE`, `read PAGE`, answering `ok` to each, and\n"
+		"  `byte PAGE`, answering `ok N` with the page's last byte.\n"
 		"exit status: 0 ok, 2 bad usage, 3 file, layout or system error\n");
 }
 
@@ -125,6 +128,7 @@ struct options {
 	bool create;
 	bool have_memory_bytes, have_profile, have_seed, have_image_seed, have_shared, have_hot;
 	bool have_dirty_rate, have_standby;
+	bool postcopy;
 	uint64_t memory_bytes;
 	uint32_t profile;
 	uint64_t seed;
@@ -200,6 +204,10 @@ static void parse_options(const char *mode, int argc, char **argv, struct option
 			o->create = true;
 			continue;
 		}
+		if (strcmp(arg, "--postcopy") == 0 && !poke) {
+			o->postcopy = true;
+			continue;
+		}
 		/* Accept both `--flag value` and `--flag=value`. */
 		char flag[64];
 		const char *value = NULL;
@@ -221,7 +229,7 @@ static void parse_options(const char *mode, int argc, char **argv, struct option
 			die(EXIT_USAGE, "unknown option '%s' for `%s` (allowed: %s)", flag, mode,
 			    poke ? "--memory-file, --memory-bytes"
 				 : "--memory-file, --create, --memory-bytes, --profile, --seed, --image-seed, "
-				   "--shared, --hot, --dirty-rate, --standby-fd");
+				   "--shared, --hot, --dirty-rate, --standby-fd, --postcopy");
 		if (eq) {
 			value = eq + 1;
 		} else {
@@ -287,6 +295,8 @@ static void parse_options(const char *mode, int argc, char **argv, struct option
 			    "%s is only allowed with --create (a resumed guest takes its parameters from the memory file)",
 			    only_create);
 	}
+	if (o->postcopy && o->create)
+		die(EXIT_USAGE, "--postcopy resumes a migrated guest: it does not go with --create");
 	if (o->have_standby && fcntl(o->standby_fd, F_GETFD) < 0)
 		die(EXIT_USAGE, "--standby-fd: %d is not an open file descriptor (%s)", o->standby_fd, strerror(errno));
 }
@@ -574,7 +584,7 @@ static bool page_in_hole(struct guest *g, struct extent_walk *w, uint64_t p)
 	return p < w->data_start;
 }
 
-static void resume_check(struct guest *g)
+static void resume_check(struct guest *g, bool holes_are_zero)
 {
 	struct guest_header *h = g->h;
 	struct extent_walk walk = {0, 0};
@@ -584,7 +594,7 @@ static void resume_check(struct guest *g)
 		if (stop_requested)
 			return;
 		bool current;
-		if (page_in_hole(g, &walk, p))
+		if (holes_are_zero && page_in_hole(g, &walk, p))
 			current = gw_content(&g->model, p, g->version[p], g->scratch) == NULL;
 		else
 			current = page_is_current(g, p, g->version[p]);
@@ -767,7 +777,7 @@ static int cmd_run(const struct options *o)
 	}
 	announce_running();
 	if (resuming)
-		resume_check(&g);
+		resume_check(&g, !o->postcopy);
 	run_loop(&g);
 	munmap(g.base, g.page_count * GUEST_PAGE_SIZE);
 	close(g.fd);
@@ -802,8 +812,9 @@ static int cmd_poke(const struct options *o)
 		bool fill = n == 3 && strcmp(cmd, "fill") == 0;
 		bool touch = n == 2 && strcmp(cmd, "touch") == 0;
 		bool peek = n == 2 && strcmp(cmd, "read") == 0;
-		if (!fill && !touch && !peek)
-			die(EXIT_USAGE, "poke: bad command '%.*s' (allowed: fill PAGE BYTE, touch PAGE, read PAGE)",
+		bool show = n == 2 && strcmp(cmd, "byte") == 0;
+		if (!fill && !touch && !peek && !show)
+			die(EXIT_USAGE, "poke: bad command '%.*s' (allowed: fill PAGE BYTE, touch PAGE, read PAGE, byte PAGE)",
 			    (int)strcspn(line, "\n"), line);
 		if (page >= pages)
 			die(EXIT_USAGE, "poke: page %llu is out of range (the file has %" PRIu64 " pages)", page, pages);
@@ -815,10 +826,13 @@ static int cmd_poke(const struct options *o)
 				p[i] = (uint8_t)byte;
 		} else if (touch) {
 			p[0] = p[0];
-		} else {
+		} else if (peek) {
 			(void)p[0];
 		}
-		fputs("ok\n", stdout);
+		if (show)
+			printf("ok %u\n", (unsigned)p[GUEST_PAGE_SIZE - 1]);
+		else
+			fputs("ok\n", stdout);
 		if (fflush(stdout) != 0)
 			die(EXIT_SYSTEM, "stdout: write: %s", strerror(errno));
 	}

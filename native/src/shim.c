@@ -14,6 +14,13 @@
  *   error stage=<open|api|register|writeprotect> errno=<n> message=<text>
  * A failure never changes what mmap returns: the agent then falls back to hash scanning.
  * The hook knows nothing about the program, so it serves gangway-guest and QEMU alike.
+ *
+ * Post-copy (GANGWAY_UFFD_SOCKET=FD, a unix socket the agent made): the mapping is also
+ * registered for MISSING faults (a first touch of a page that is a hole in the file), and
+ * the descriptor goes to the agent over FD with SCM_RIGHTS, with the mapping's address and
+ * length; the agent resolves every fault with UFFDIO_COPY. Here a failure is fatal: the
+ * mmap fails (with the step's errno), because the guest would otherwise read holes as
+ * zeros where pages are still missing.
  */
 /* node-gyp builds with _FILE_OFFSET_BITS=64, which makes the headers rename `mmap` to the
  * symbol mmap64: the shim defines both symbols itself, so it needs the plain names. */
@@ -29,6 +36,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -135,32 +143,88 @@ static int open_uffd(void)
 	return uffd;
 }
 
-static void start_tracking(void *addr, size_t len)
+/* What goes to the agent with the descriptor (agent side: uffdReceive in addon.c). */
+struct gangway_uffd_hello {
+	uint64_t start;
+	uint64_t length;
+	uint32_t pid;
+	uint32_t version;
+};
+
+/* The post-copy socket's fd from GANGWAY_UFFD_SOCKET, or -1 (plain tracking). */
+static int postcopy_socket(void)
+{
+	const char *value = getenv("GANGWAY_UFFD_SOCKET");
+	if (!value || !*value)
+		return -1;
+	char *end;
+	long fd = strtol(value, &end, 10);
+	return *end == '\0' && fd >= 0 && fd <= INT_MAX ? (int)fd : -2;
+}
+
+static int send_uffd(int sock, int uffd, uint64_t start, uint64_t length)
+{
+	struct gangway_uffd_hello hello = {.start = start, .length = length, .pid = (uint32_t)getpid(), .version = 1};
+	char control[CMSG_SPACE(sizeof(int))];
+	memset(control, 0, sizeof(control));
+	struct iovec iov = {.iov_base = &hello, .iov_len = sizeof(hello)};
+	struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof(control)};
+	struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+	c->cmsg_level = SOL_SOCKET;
+	c->cmsg_type = SCM_RIGHTS;
+	c->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(c), &uffd, sizeof(int));
+	ssize_t n;
+	do
+		n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -1;
+	if (n != (ssize_t)sizeof(hello)) {
+		errno = EPROTO;
+		return -1;
+	}
+	return 0;
+}
+
+/* Returns 0, or -1 with errno when post-copy was asked for and could not be set up. */
+static int start_tracking(void *addr, size_t len)
 {
 	long page = sysconf(_SC_PAGESIZE);
 	uint64_t length = ((uint64_t)len + (uint64_t)page - 1) & ~((uint64_t)page - 1);
+	const int sock = postcopy_socket();
+	const int postcopy = sock != -1;
+	if (sock == -2) {
+		report_error("postcopy-socket", EBADF);
+		errno = EBADF;
+		return -1;
+	}
 
 	int uffd = open_uffd();
 	if (uffd < 0) {
-		report_error("open", errno);
-		return;
+		int err = errno;
+		report_error("open", err);
+		errno = err;
+		return postcopy ? -1 : 0;
 	}
-	struct uffdio_api api = {.api = UFFD_API, .features = TRACK_FEATURES};
+	struct uffdio_api api = {.api = UFFD_API, .features = TRACK_FEATURES | (postcopy ? UFFD_FEATURE_MISSING_SHMEM : 0)};
 	if (ioctl(uffd, UFFDIO_API, &api) < 0) {
 		int err = errno;
 		close(uffd);
 		report_error("api", err);
-		return;
+		errno = err;
+		return postcopy ? -1 : 0;
 	}
 	struct uffdio_register reg = {
 		.range = {.start = (uint64_t)(uintptr_t)addr, .len = length},
-		.mode = UFFDIO_REGISTER_MODE_WP,
+		.mode = UFFDIO_REGISTER_MODE_WP | (postcopy ? UFFDIO_REGISTER_MODE_MISSING : 0),
 	};
 	if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) {
 		int err = errno;
 		close(uffd);
 		report_error("register", err);
-		return;
+		errno = err;
+		return postcopy ? -1 : 0;
 	}
 	/* With WP_UNPOPULATED this also covers pages not yet faulted in, so the very first
 	 * write to any page is seen. */
@@ -172,36 +236,50 @@ static void start_tracking(void *addr, size_t len)
 		int err = errno;
 		close(uffd); /* unregisters the range, so the mapping behaves as if never tracked */
 		report_error("writeprotect", err);
-		return;
+		errno = err;
+		return postcopy ? -1 : 0;
+	}
+	if (postcopy) {
+		int sent = send_uffd(sock, uffd, (uint64_t)(uintptr_t)addr, length);
+		int err = errno;
+		close(sock);
+		if (sent < 0) {
+			close(uffd);
+			report_error("send", err);
+			errno = err;
+			return -1;
+		}
 	}
 	/* uffd stays open on purpose: closing it would end the tracking. */
 	char line[128];
-	snprintf(line, sizeof(line), "ok start=0x%llx length=%llu pid=%d\n", (unsigned long long)(uintptr_t)addr,
-		 (unsigned long long)length, (int)getpid());
+	snprintf(line, sizeof(line), "ok start=0x%llx length=%llu pid=%d%s\n", (unsigned long long)(uintptr_t)addr,
+		 (unsigned long long)length, (int)getpid(), postcopy ? " postcopy=1" : "");
 	report(line);
+	return 0;
 }
 
-static void maybe_track(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+/* 0, or -1 with errno when the mapping must not be used (post-copy could not be set up). */
+static int maybe_track(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
 	if (addr == MAP_FAILED || fd < 0 || off != 0 || !(prot & PROT_WRITE))
-		return;
+		return 0;
 	int type = flags & MAP_TYPE;
 	if (type != MAP_SHARED && type != MAP_SHARED_VALIDATE)
-		return;
+		return 0;
 	if (__atomic_load_n(&claimed, __ATOMIC_ACQUIRE))
-		return;
+		return 0;
 	const char *path = getenv("GANGWAY_TRACK_PATH");
 	if (!path || !*path)
-		return;
+		return 0;
 	/* Same inode, not same name: the program may have opened a symlink or /proc/self/fd/N. */
 	struct stat mapped, wanted;
 	if (fstat(fd, &mapped) < 0 || stat(path, &wanted) < 0)
-		return;
+		return 0;
 	if (mapped.st_dev != wanted.st_dev || mapped.st_ino != wanted.st_ino)
-		return;
+		return 0;
 	if (__atomic_exchange_n(&claimed, 1, __ATOMIC_ACQ_REL))
-		return;
-	start_tracking(addr, len);
+		return 0;
+	return start_tracking(addr, len);
 }
 
 static void *hooked_mmap(mmap_fn *slot, const char *name, void *addr, size_t len, int prot, int flags, int fd,
@@ -210,9 +288,14 @@ static void *hooked_mmap(mmap_fn *slot, const char *name, void *addr, size_t len
 	mmap_fn next = resolve(slot, name);
 	void *result = next ? next(addr, len, prot, flags, fd, off) : raw_mmap(addr, len, prot, flags, fd, off);
 	if (result != MAP_FAILED) {
-		/* The caller sees errno exactly as mmap left it. */
+		/* The caller sees errno exactly as mmap left it, unless post-copy failed. */
 		int saved = errno;
-		maybe_track(result, len, prot, flags, fd, off);
+		if (maybe_track(result, len, prot, flags, fd, off) < 0) {
+			int err = errno;
+			munmap(result, len);
+			errno = err;
+			return MAP_FAILED;
+		}
 		errno = saved;
 	}
 	return result;

@@ -80,7 +80,45 @@ describe.skipIf(!builtAgent)('agent configuration', () => {
       allow: ['host-c', 'sha256:' + 'AB:'.repeat(31) + 'AB'],
     });
     expect((await checkConfig(['--tls-allow', 'host b'])).stderr).toMatch(/--tls-allow: must be a certificate CN/);
-    expect((await checkConfig(['--tls-cert', '/a.crt'])).stderr).toMatch(/tls.key: is missing \(tls needs cert, key, ca and allow\) \(set it in the config file or with --tls-key\)/);
+    expect((await checkConfig(['--tls-cert', '/a.crt'])).stderr).toMatch(/tls.key: is missing \(tls needs cert, key, ca and allow\) \(set it in the config file, with GANGWAY_TLS_KEY or with --tls-key\)/);
+  });
+
+  const TLS_ENV = { GANGWAY_TLS_CERT: '/etc/gangway/tls/host-a.crt', GANGWAY_TLS_KEY: '/etc/gangway/tls/host-a.key', GANGWAY_TLS_CA: '/etc/gangway/tls/ca.crt', GANGWAY_TLS_ALLOW: 'host-b, host-c' };
+
+  it('takes tls settings from GANGWAY_TLS_*, each over the file and under the flags', async () => {
+    const fromEnv = await checkConfig([], TLS_ENV);
+    expect(fromEnv.exitCode, fromEnv.stderr).toBe(0);
+    expect(JSON.parse(fromEnv.stdout).transport).toEqual({
+      kind: 'tls',
+      certPath: TLS_ENV.GANGWAY_TLS_CERT,
+      keyPath: TLS_ENV.GANGWAY_TLS_KEY,
+      caPath: TLS_ENV.GANGWAY_TLS_CA,
+      allow: ['host-b', 'host-c'],
+    });
+    const path = configFile('tls-env.yaml', 'tls:\n  cert: /file/a.crt\n  key: /file/a.key\n  ca: /file/ca.crt\n  allow: [host-x]\n');
+    const layered = await checkConfig(['--config', path, '--tls-key', '/flag/a.key'], { GANGWAY_TLS_ALLOW: 'host-y,sha256:' + 'ab'.repeat(32), GANGWAY_TLS_KEY: '/env/a.key', GANGWAY_TLS_CA: '/env/ca.crt' });
+    expect(layered.exitCode, layered.stderr).toBe(0);
+    expect(JSON.parse(layered.stdout).transport).toEqual({ kind: 'tls', certPath: '/file/a.crt', keyPath: '/flag/a.key', caPath: '/env/ca.crt', allow: ['host-y', 'sha256:' + 'ab'.repeat(32)] });
+  });
+
+  it.each([
+    ['a relative path', { ...TLS_ENV, GANGWAY_TLS_KEY: 'host-a.key' }, /environment: GANGWAY_TLS_KEY must be an absolute path \(got "host-a.key"\)/],
+    ['a bad allow entry, by its place in the list', { ...TLS_ENV, GANGWAY_TLS_ALLOW: 'host-b,host c' }, /environment: GANGWAY_TLS_ALLOW entry 2 must be a certificate CN .*\(got "host c"\)/],
+    ['an empty allow entry', { ...TLS_ENV, GANGWAY_TLS_ALLOW: 'host-b,,host-c' }, /environment: GANGWAY_TLS_ALLOW entry 2 is empty .*\(got ""\)/],
+    ['a short fingerprint', { ...TLS_ENV, GANGWAY_TLS_ALLOW: 'sha256:abcd' }, /GANGWAY_TLS_ALLOW entry 1 a sha256: entry needs 64 hex digits/],
+    ['a wildcard', { ...TLS_ENV, GANGWAY_TLS_ALLOW: 'host-*' }, /GANGWAY_TLS_ALLOW entry 1 wildcards are not allowed/],
+    ['an incomplete set', { GANGWAY_TLS_CERT: '/a.crt', GANGWAY_TLS_ALLOW: 'host-b' }, /tls.key: is missing .*GANGWAY_TLS_KEY[\s\S]*tls.ca: is missing .*GANGWAY_TLS_CA/],
+  ])('names the variable for %s in GANGWAY_TLS_*', async (_what, env, message) => {
+    const run = await checkConfig([], env);
+    expect(run.exitCode).toBe(1);
+    expect(run.stderr).toMatch(message);
+    expect(run.stderr).toMatch(/GANGWAY_ERR_BAD_REQUEST/);
+  });
+
+  it('refuses GANGWAY_TLS_* together with --insecure-plaintext-loopback', async () => {
+    const run = await checkConfig(['--insecure-plaintext-loopback'], TLS_ENV);
+    expect(run.exitCode).toBe(1);
+    expect(run.stderr).toMatch(/'tls' and 'insecurePlaintextLoopback' exclude each other/);
   });
 });
 
@@ -139,7 +177,7 @@ describe.skipIf(!builtAgent)('Prometheus metrics', () => {
     const done = await scrape();
     expect(done.get('gangway_migrations_total{direction="out",outcome="committed",technique="precopy"}')).toBe(1);
     expect(done.get('gangway_migrations_active{direction="out"}')).toBe(0);
-    expect(done.get('gangway_migration_downtime_seconds_count')).toBe(1);
+    expect(done.get('gangway_migration_downtime_seconds_count{technique="precopy"}')).toBe(1);
     expect(done.get(wire)).toBe(summary.wireBytes);
     expect(done.get('gangway_migration_rounds_total')).toBe(summary.rounds.length);
     expect(done.get('gangway_dirty_scan_seconds_count{tracker="uffd-wp"}')!).toBeGreaterThanOrEqual(2);

@@ -343,8 +343,14 @@ describe('field values', () => {
 
   const missing: [Frame['type'], string][] = examples.flatMap((frame) =>
     Object.keys(frameToWire(frame).header)
-      // offer.dedup and pages.refs are optional: absent is legal.
-      .filter((key) => key !== 't' && !(frame.type === 'offer' && key === 'dedup') && !(frame.type === 'pages' && key === 'refs'))
+      // offer.dedup, pages.refs and verified.postcopy are optional: absent is legal.
+      .filter(
+        (key) =>
+          key !== 't' &&
+          !(frame.type === 'offer' && key === 'dedup') &&
+          !(frame.type === 'pages' && key === 'refs') &&
+          !(frame.type === 'verified' && key === 'postcopy'),
+      )
       .map((key): [Frame['type'], string] => [frame.type, key]),
   );
   test.each(missing)('%s without %s', (type, key) => {
@@ -367,7 +373,7 @@ describe('field values', () => {
 
 describe('payload presence', () => {
   const payloadless = examples.filter(
-    (f) => f.type !== 'pages' && f.type !== 'deviceState' && f.type !== 'dedupResident' && f.type !== 'pageFingerprints',
+    (f) => f.type !== 'pages' && f.type !== 'deviceState' && f.type !== 'dedupResident' && f.type !== 'pageFingerprints' && f.type !== 'postcopy',
   );
   test.each(payloadless.map((f) => [f.type, f] as const))('%s with a payload', (type) => {
     const frame = rawFrame(headerOf(type), new Uint8Array([1]));

@@ -19,7 +19,13 @@ import {
 const id = 'm';
 
 /** An event of each kind, carrying the state's current round where a round is needed. */
-const eventKinds = [...MigrationEventType.filter((t) => t !== 'roundEnd'), 'roundEnd', 'roundEnd(final)'] as const;
+const eventKinds = [
+  ...MigrationEventType.filter((t) => t !== 'roundEnd' && t !== 'postcopy'),
+  'roundEnd',
+  'roundEnd(final)',
+  'postcopy',
+  'postcopy(more)',
+] as const;
 type EventKind = (typeof eventKinds)[number];
 
 function eventOf(kind: EventKind, round: number): MigrationEvent {
@@ -30,6 +36,10 @@ function eventOf(kind: EventKind, round: number): MigrationEvent {
       return { type: 'roundEnd', round, final: false };
     case 'roundEnd(final)':
       return { type: 'roundEnd', round, final: true };
+    case 'postcopy':
+      return { type: 'postcopy', more: false };
+    case 'postcopy(more)':
+      return { type: 'postcopy', more: true };
     default:
       return { type: kind } as MigrationEvent;
   }
@@ -41,12 +51,15 @@ const legal: Record<MigrationPhase, Partial<Record<EventKind, [MigrationPhase, b
   offered: { sentAccept: ['accepted', false], sentReject: ['rejected', false] },
   accepted: { pages: ['receiving', false], roundEnd: ['receiving', true], pause: ['paused', false] },
   receiving: { pages: ['receiving', false], roundEnd: ['receiving', true], pause: ['paused', false] },
-  paused: { pages: ['paused', false], 'roundEnd(final)': ['finalRoundDone', true] },
+  paused: { pages: ['paused', false], 'roundEnd(final)': ['finalRoundDone', true], postcopy: ['postcopyStarting', false], 'postcopy(more)': ['paused', false] },
   finalRoundDone: { deviceState: ['deviceStateReceived', false], verify: ['verifying', false] },
   deviceStateReceived: { verify: ['verifying', false] },
   verifying: { sentVerified: ['verified', false], sentVerifiedMismatch: ['aborted', false], sentVerifiedMismatchRepair: ['paused', false] },
   verified: { commit: ['committing', false] },
   committing: { sentCommitted: ['committed', false] },
+  postcopyStarting: { pages: ['postcopyStarting', false], sentPostcopyRunning: ['postcopyRunning', false] },
+  postcopyRunning: { pages: ['postcopyRunning', false], verify: ['postcopyVerifying', false] },
+  postcopyVerifying: { pages: ['postcopyVerifying', false], sentVerified: ['committed', false], sentVerifiedMismatch: ['aborted', false] },
   committed: {},
   aborted: {},
   rejected: {},

@@ -1,0 +1,172 @@
+// The destination's side of post-copy: the guest runs here while some of its pages are
+// still at the source. Its first touch of a missing page is a userfaultfd fault (read by the
+// addon's thread); the page is asked for at once with a fetch frame, and installed with
+// UFFDIO_COPY when it arrives, by fetch or by the source's background push, whichever comes
+// first. A page is installed only while it is missing, so a late duplicate never overwrites
+// what the guest has written since.
+import { closeSync } from 'node:fs';
+import type { Logger } from 'pino';
+import { MAX_FETCH_RUNS } from '../../protocol/limits.js';
+import { loadNative, type MonitorHandle, type RegionHandle } from '../native.js';
+import { PageSet } from '../tracker/page-set.js';
+import { LatencySamples } from './postcopy.js';
+import type { AgentMetrics } from '../metrics.js';
+
+export interface PostcopyStats {
+  /** Pages the destination did not hold when the guest started here. */
+  missingPages: number;
+  /** Faults on missing pages (each page asked for once). */
+  faults: number;
+  /** Missing pages that arrived because the guest faulted on them / by the background push. */
+  fetchedPages: number;
+  pushedPages: number;
+  /** Fault to installed page, as the destination measures it. */
+  faultLatency: { p50Ms: number; p99Ms: number; maxMs: number };
+}
+
+export class PostcopyReceiver {
+  private readonly native = loadNative();
+  private readonly missing: PageSet;
+  private readonly requested: PageSet;
+  private readonly faultAt = new Map<number, number>();
+  private readonly latency = new LatencySamples();
+  private readonly initialMissing: number;
+  private uffd = -1;
+  private start = 0;
+  private monitor: MonitorHandle | undefined;
+  private readonly out = new Uint32Array(2);
+  private faults = 0;
+  private fetched = 0;
+  private pushed = 0;
+  private completeWaiters: (() => void)[] = [];
+  private closed = false;
+
+  constructor(
+    private readonly region: { handle: RegionHandle; pageCount: number; pageSizeBytes: number },
+    missingRuns: Uint32Array,
+    /** Sends a fetch frame for these runs. */
+    private readonly sendFetch: (runs: Uint32Array) => void,
+    /** The guest's descriptor failed (the guest is gone). */
+    private readonly onGuestGone: () => void,
+    private readonly log: Logger,
+    private readonly metrics?: AgentMetrics,
+  ) {
+    this.missing = new PageSet(region.pageCount);
+    this.missing.addRuns(missingRuns);
+    this.requested = new PageSet(region.pageCount);
+    this.initialMissing = this.missing.size;
+  }
+
+  get missingPages(): number {
+    return this.missing.size;
+  }
+
+  get attached(): boolean {
+    return this.uffd >= 0;
+  }
+
+  /** Takes the guest's userfaultfd (mapping at `start`) and starts reading its faults. */
+  attach(uffd: number, start: number): void {
+    this.uffd = uffd;
+    this.start = start;
+    this.monitor = this.native.uffdMonitor(uffd, start, this.region.pageSizeBytes, this.region.pageCount, (pages) => this.onFaults(pages));
+  }
+
+  private onFaults(pages: Uint32Array | null): void {
+    if (this.closed) return;
+    if (pages === null) {
+      this.onGuestGone();
+      return;
+    }
+    const now = performance.now();
+    const fetch: number[] = [];
+    for (const page of pages) {
+      if (!this.missing.has(page)) {
+        // Installed between the fault and now: the install woke it, but make sure.
+        this.native.uffdWake(this.uffd, this.start, this.region.pageSizeBytes, page, 1);
+        continue;
+      }
+      if (this.requested.has(page)) continue;
+      this.requested.add(page);
+      this.faultAt.set(page, now);
+      this.faults++;
+      const n = fetch.length;
+      if (n >= 2 && fetch[n - 2]! + fetch[n - 1]! === page) fetch[n - 1]!++;
+      else fetch.push(page, 1);
+    }
+    let asked = 0;
+    for (let i = 1; i < fetch.length; i += 2) asked += fetch[i]!;
+    this.metrics?.postcopyFaults.inc(asked);
+    for (let i = 0; i < fetch.length; i += MAX_FETCH_RUNS * 2) this.sendFetch(Uint32Array.from(fetch.slice(i, i + MAX_FETCH_RUNS * 2)));
+  }
+
+  /**
+   * Installs a pages frame's zero and data entries (after decompression); counts what was
+   * missing as fetched (the guest asked for it) or pushed.
+   */
+  install(entries: Uint32Array, raw: Uint8Array): void {
+    const entryCount = entries.length / 3;
+    this.native.uffdInstall(this.uffd, this.start, this.region.handle, entries, entryCount, raw, this.out);
+    const now = performance.now();
+    let fetched = 0;
+    let pushed = 0;
+    for (let e = 0; e < entryCount; e++) {
+      const first = entries[e * 3 + 1]!;
+      const end = first + entries[e * 3 + 2]!;
+      for (let page = first; page < end; page++) {
+        if (!this.missing.delete(page)) continue;
+        if (this.requested.has(page)) {
+          fetched++;
+          const at = this.faultAt.get(page);
+          if (at !== undefined) {
+            const ms = now - at;
+            this.latency.add(ms);
+            this.metrics?.postcopyFaultLatency.observe(ms / 1000);
+            this.faultAt.delete(page);
+          }
+        } else {
+          pushed++;
+        }
+      }
+    }
+    this.fetched += fetched;
+    this.pushed += pushed;
+    if (fetched > 0) this.metrics?.postcopyPages.inc({ how: 'fetched' }, fetched);
+    if (pushed > 0) this.metrics?.postcopyPages.inc({ how: 'pushed' }, pushed);
+    if (this.missing.size === 0) for (const resolve of this.completeWaiters.splice(0)) resolve();
+  }
+
+  /** Resolves once every missing page is installed. */
+  whenComplete(): Promise<void> {
+    if (this.missing.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.completeWaiters.push(resolve));
+  }
+
+  /** The pages still missing, as runs (to ask the source for again after a reconnect). */
+  missingRuns(): Uint32Array {
+    return this.missing.toRuns();
+  }
+
+  stats(): PostcopyStats {
+    return {
+      missingPages: this.initialMissing,
+      faults: this.faults,
+      fetchedPages: this.fetched,
+      pushedPages: this.pushed,
+      faultLatency: this.latency.summary(),
+    };
+  }
+
+  /** Stops reading faults and closes this agent's copy of the descriptor (the guest keeps its own). */
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.monitor) this.native.uffdMonitorClose(this.monitor);
+    if (this.uffd >= 0) {
+      try {
+        closeSync(this.uffd);
+      } catch {}
+    }
+    this.uffd = -1;
+  }
+}
