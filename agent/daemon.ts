@@ -26,7 +26,7 @@ import { outcomeOf, summarizeGroup, type GroupOutcome, type GroupSummary } from 
 import { SourceDedupGroup } from './dedup/source-group.js';
 import { Pacer, SwitchoverGate } from './migration/flow.js';
 import type { ProcessGuest } from './guest/process-guest.js';
-import { connectPeer, PeerSession, type GroupFrame } from './peer/session.js';
+import { connectPeer, DEFAULT_DEAD_AFTER_MS, PeerSession, type GroupFrame } from './peer/session.js';
 import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
 import { CONFIG_DEFAULTS, resolveTrafficConfig, type TrafficConfig } from './config.js';
@@ -62,6 +62,10 @@ export interface AgentConfig {
   transport: PeerTransport;
   /** Bandwidth control (uplink, capacity, SLA); without it nothing is measured or shaped. */
   traffic?: TrafficConfig;
+  /** A peer session silent this long is dead (see SessionOptions.deadAfterMs). */
+  peerTimeoutMs: number;
+  /** How long a post-copy destination whose source link broke waits for the source to come back. */
+  postcopyReattachMs: number;
 }
 
 export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort' | 'stateDir' | 'transport'> = {
@@ -71,6 +75,8 @@ export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort'
   maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES,
   batchBytes: 1024 * 1024,
   shutdownGraceMs: CONFIG_DEFAULTS.shutdownGrace,
+  peerTimeoutMs: DEFAULT_DEAD_AFTER_MS,
+  postcopyReattachMs: 10 * 60_000,
 };
 
 export interface MigrateRequest {
@@ -223,6 +229,7 @@ export class Agent {
         features: AGENT_FEATURES,
         maxPayloadBytes: this.config.maxPayloadBytes,
         log: this.log.child({ peer: remote }),
+        deadAfterMs: this.config.peerTimeoutMs,
       });
       const groups = new Map<string, DestinationGroup>();
       this.sessionsIn.add(session);
@@ -235,6 +242,7 @@ export class Agent {
       session.onOffer = (offer) => this.onOffer(offer, session);
       session.onGroupFrame = (frame) => this.onGroupFrame(frame, session, groups);
       session.onTrafficQuery = () => this.traffic.report();
+      session.onReattach = (frame) => this.onReattach(frame.migrationId, session);
     });
     this.peerServer = server;
     this.wss = wss;
@@ -279,6 +287,30 @@ export class Agent {
     );
   }
 
+  /**
+   * A source whose session broke during post-copy carries on here: the migration takes the
+   * new session if it is waiting for its source (the same agent). A post-copy that already
+   * completed answers with its verdict, which the source may not have received.
+   */
+  /** The verdicts of post-copy migrations that ended here, for a source that reconnects to ask. */
+  private readonly postcopyVerdicts = new Map<string, { from: string; frame: ReturnType<typeof Frame.verified> }>();
+
+  private onReattach(migrationId: string, session: PeerSession): void {
+    const from = session.peer?.agentId ?? 'unknown';
+    const migration = this.incoming.get(migrationId);
+    if (migration) {
+      const refusal = migration.reattach(session);
+      if (refusal) session.send(Frame.abort({ migrationId, code: ErrorCode.UNEXPECTED_FRAME, message: refusal }));
+      return;
+    }
+    const verdict = this.postcopyVerdicts.get(migrationId);
+    if (verdict && verdict.from === from) {
+      session.send(verdict.frame);
+      return;
+    }
+    session.send(Frame.abort({ migrationId, code: ErrorCode.UNEXPECTED_FRAME, message: `no post-copy migration ${migrationId} from ${from} waits here` }));
+  }
+
   private onOffer(offer: Parameters<NonNullable<PeerSession['onOffer']>>[0], session: PeerSession): void {
     if (this.incoming.has(offer.migrationId) || this.records.has(offer.migrationId)) {
       // A replayed or duplicated id would mix two streams.
@@ -294,6 +326,7 @@ export class Agent {
       accepting: () => !this.shuttingDown,
       metrics: this.metrics,
       groups: this.groupsIn.get(session) ?? new Map(),
+      reattachWindowMs: this.config.postcopyReattachMs,
     });
     if (!migration) {
       this.metrics.migrations.inc({ direction: 'in', outcome: 'rejected', technique: 'precopy' });
@@ -312,6 +345,14 @@ export class Agent {
     this.records.set(offer.migrationId, record);
     void migration.done.then((result) => {
       this.incoming.delete(offer.migrationId);
+      if (migration.verdict) {
+        this.postcopyVerdicts.set(offer.migrationId, { from: record.from, frame: migration.verdict });
+        // The last few are enough: a source asks right after it reconnects.
+        for (const id of this.postcopyVerdicts.keys()) {
+          if (this.postcopyVerdicts.size <= 64) break;
+          this.postcopyVerdicts.delete(id);
+        }
+      }
       this.metrics.migrationsActive.dec({ direction: 'in' });
       this.metrics.migrations.inc({ direction: 'in', outcome: result.outcome, technique: result.technique });
       this.records.set(offer.migrationId, { ...record, state: result.outcome, result });
@@ -379,6 +420,11 @@ export class Agent {
     return [...this.outgoing.values()].some((m) => m.guest.name === name);
   }
 
+  /** Pages a post-copy migration arriving here still lacks (undefined once it is over). */
+  private incomingMissingPages(migrationId: string): number | undefined {
+    return this.incoming.get(migrationId)?.missingPages;
+  }
+
   guestStatus() {
     return this.registry.list().map(({ record, guest }) => {
       let tracker: { kind: string; reason?: string };
@@ -400,6 +446,7 @@ export class Agent {
         memoryPath: record.files.memoryPath,
         origin: record.origin,
         tracker,
+        ...(record.incoming ? { incoming: { ...record.incoming, missingPages: this.incomingMissingPages(record.incoming.migrationId) ?? record.incoming.missingPages } } : {}),
         ...(header
           ? {
               passes: header.passes,
@@ -459,6 +506,7 @@ export class Agent {
       features: AGENT_FEATURES,
       maxPayloadBytes: this.config.maxPayloadBytes,
       log: this.log.child({ peer: address }),
+      deadAfterMs: this.config.peerTimeoutMs,
     });
     this.sessionsOut.set(address, pending);
     try {
@@ -497,7 +545,15 @@ export class Agent {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `a guest is named twice in ${request.guests.join(' ')}`);
     }
     const guests = request.guests.map((name) => {
-      const { guest } = this.registry.get(name);
+      const { guest, record } = this.registry.get(name);
+      if (record.incoming) {
+        throw new GangwayError(
+          ErrorCode.BAD_REQUEST,
+          record.incoming.stranded
+            ? `guest ${name} never received all of its memory from ${record.incoming.from} (${record.incoming.stranded}): it cannot move`
+            : `guest ${name} is still receiving its memory from ${record.incoming.from} (post-copy): migrate it once that is done`,
+        );
+      }
       if (this.isMigrating(guest.name)) throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${guest.name} is already being migrated`);
       if (!guest.alive()) throw new GangwayError(ErrorCode.GUEST_FAILED, `guest ${guest.name} is not running`);
       return guest;
@@ -611,6 +667,8 @@ export class Agent {
           ...(dedup ? { dedup } : {}),
           technique,
           ...(request.postcopyAfterRounds ? { hybrid: { postcopyAfterRounds: request.postcopyAfterRounds } } : {}),
+          reconnect: () => this.session(request.to),
+          reconnectWindowMs: this.config.postcopyReattachMs,
         },
         log,
       );

@@ -95,6 +95,8 @@ program
   .option('--memory-dir <dir>', `where guest memory files live [${CONFIG_DEFAULTS.memoryDir}]`)
   .addOption(new Option('--tracker <kind>', 'dirty-page tracking [auto]').choices(TRACKERS))
   .option('--shutdown-grace <duration>', 'on SIGTERM, how long running migrations may finish [10s]')
+  .option('--peer-timeout <duration>', 'a peer session silent this long (no frame, no pong) is taken as dead [15s]', arg((t) => parseDurationMs(t, '--peer-timeout')))
+  .option('--postcopy-reattach <duration>', 'post-copy: how long either side waits for a broken link to the other to come back [10m]', arg((t) => parseDurationMs(t, '--postcopy-reattach')))
   .option('--metrics-listen <host:port>', 'serve Prometheus metrics on this address')
   .option('--control-group <group>', 'group (name or gid) that may use the control socket, mode 0660, control.group')
   .option('--control-listen <host:port>', 'also serve the control API on this loopback port, with a bearer token, control.listen')
@@ -147,6 +149,8 @@ program
       memoryDir: settings.memoryDir,
       tracker: settings.tracker,
       shutdownGraceMs: settings.shutdownGraceMs,
+      ...(opts.peerTimeout !== undefined ? { peerTimeoutMs: opts.peerTimeout } : {}),
+      ...(opts.postcopyReattach !== undefined ? { postcopyReattachMs: opts.postcopyReattach } : {}),
       transport: settings.transport,
       traffic: settings.traffic,
     };

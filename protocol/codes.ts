@@ -36,6 +36,12 @@ export const FrameType = {
   // Traffic (feature 'traffic'): a planner asks the peer agent for its measured traffic.
   trafficQuery: 24,
   trafficReport: 25,
+  /**
+   * Source, on a new session after the old one broke during post-copy: continue migration
+   * X here. The destination answers with postcopy frames of the pages it still lacks (or
+   * with verified, when it already has them all).
+   */
+  reattach: 26,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 export type FrameTypeName = Exclude<keyof typeof FrameType, 'invalid'>;

@@ -101,6 +101,7 @@ export function exampleFrames(): Frame[] {
     Frame.trafficReport({ requestId: 'plan-1', measured: true, rxBytesPerSec: 12_500_000.5, txBytesPerSec: 3_000_000, linkBytesPerSec: 125_000_000, reason: '' }),
     Frame.postcopy({ migrationId: id, region: 0, more: false, missing: Uint32Array.of(1, 99, 200, 3) }),
     Frame.fetch({ migrationId: id, region: 0, runs: Uint32Array.of(42, 1) }),
+    Frame.reattach({ migrationId: id }),
     Frame.verified({
       migrationId: id,
       match: true,
@@ -211,5 +212,6 @@ export function largestFrames(): Frame[] {
       missing: new Uint32Array((16 * 1024 * 1024) / 4).fill(0xffff_ffff),
     }),
     Frame.fetch({ migrationId: longId, region: MAX_REGIONS - 1, runs: Uint32Array.from({ length: MAX_FETCH_RUNS * 2 }, () => 0xffff_ffff) }),
+    Frame.reattach({ migrationId: longId }),
   ];
 }

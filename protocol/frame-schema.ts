@@ -388,6 +388,8 @@ const readers: Readers = {
     return { type: 'postcopy', migrationId, region, more, missing: new Uint32Array(0) };
   },
 
+  reattach: (r) => ({ type: 'reattach', migrationId: readMigrationId(r) }),
+
   fetch(r) {
     const migrationId = readMigrationId(r);
     const region = r.integer('region', 0, MAX_REGIONS - 1);

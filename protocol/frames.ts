@@ -288,6 +288,12 @@ export interface FetchFrame {
   runs: Uint32Array;
 }
 
+/** Source: carry on post-copy migration `migrationId` on this session (see FrameType.reattach). */
+export interface ReattachFrame {
+  type: 'reattach';
+  migrationId: string;
+}
+
 export type Frame =
   | HelloFrame
   | OfferFrame
@@ -313,7 +319,8 @@ export type Frame =
   | TrafficQueryFrame
   | TrafficReportFrame
   | PostcopyFrame
-  | FetchFrame;
+  | FetchFrame
+  | ReattachFrame;
 
 /** The frame of a given type name: FrameOf<'pages'> is PagesFrame. */
 export type FrameOf<T extends FrameTypeName> = Extract<Frame, { type: T }>;
@@ -352,4 +359,5 @@ export const Frame = {
   trafficReport: (fields: Fields<TrafficReportFrame>): TrafficReportFrame => ({ type: 'trafficReport', ...fields }),
   postcopy: (fields: Fields<PostcopyFrame>): PostcopyFrame => ({ type: 'postcopy', ...fields }),
   fetch: (fields: Fields<FetchFrame>): FetchFrame => ({ type: 'fetch', ...fields }),
+  reattach: (fields: Fields<ReattachFrame>): ReattachFrame => ({ type: 'reattach', ...fields }),
 } as const;

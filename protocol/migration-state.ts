@@ -53,6 +53,9 @@
 //                           v
 //                       committed
 //
+//   reattached (the source came back on a new session): postcopyRunning or
+//   postcopyVerifying -> postcopyRunning.
+//
 //   abort (received) or sentAbort: from every non-terminal state -> aborted
 //   committed, aborted and rejected are terminal: they take nothing.
 //
@@ -122,6 +125,7 @@ export type ReceivedEvent =
         | 'want'
         | 'pageFingerprints'
         | 'fetch'
+        | 'reattach'
         | 'trafficQuery'
         | 'trafficReport';
     };
@@ -136,6 +140,7 @@ export type SentEvent = {
     | 'sentVerifiedMismatchRepair'
     | 'sentCommitted'
     | 'sentPostcopyRunning'
+    | 'reattached'
     | 'sentAbort';
 };
 
@@ -166,6 +171,7 @@ export const MigrationEventType = [
   'pageFingerprints',
   'postcopy',
   'fetch',
+  'reattach',
   'trafficQuery',
   'trafficReport',
   'sentAccept',
@@ -175,6 +181,7 @@ export const MigrationEventType = [
   'sentVerifiedMismatchRepair',
   'sentCommitted',
   'sentPostcopyRunning',
+  'reattached',
   'sentAbort',
 ] as const satisfies readonly MigrationEvent['type'][];
 
@@ -225,6 +232,9 @@ export function transition(state: MigrationState, event: MigrationEvent): Migrat
       return event.more ? state : to('postcopyStarting');
     case 'sentPostcopyRunning':
       return phase === 'postcopyStarting' ? to('postcopyRunning') : outOfOrder();
+    case 'reattached':
+      // The source came back on a new session: it sends verify again once it has pushed.
+      return phase === 'postcopyRunning' || phase === 'postcopyVerifying' ? to('postcopyRunning') : outOfOrder();
     case 'roundEnd':
       if (event.final) {
         if (phase !== 'paused') return outOfOrder('a final round ends only after pause');

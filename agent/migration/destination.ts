@@ -36,6 +36,8 @@ export interface DestinationContext {
   metrics?: AgentMetrics;
   /** The session's open dedup groups, by id. */
   groups?: Map<string, DestinationGroup>;
+  /** Post-copy: how long to wait for the source to come back after the session broke. */
+  reattachWindowMs?: number;
 }
 
 export interface IncomingResult {
@@ -86,15 +88,24 @@ export class DestinationMigration implements FrameHandler {
   private postcopyAttached: Promise<void> | undefined;
   private guestStartedHere = false;
   private postcopyStartedAt = 0;
+  /** Post-copy, session broken: waiting for the source to reattach (the guest waits on its faults). */
+  private detachedTimer: NodeJS.Timeout | undefined;
+  /** The source agent (a reattaching session must come from it). */
+  private readonly sourceAgentId: string;
+  /** Post-copy's end, once a verify came (a second verify after a reattach joins it). */
+  private finishing: Promise<void> | undefined;
+  /** The post-copy verdict, once sent (a source that reconnects may ask for it again). */
+  verdict: ReturnType<typeof Frame.verified> | undefined;
   readonly done: Promise<IncomingResult>;
   private resolveDone!: (result: IncomingResult) => void;
 
   private constructor(
     private readonly offer: OfferFrame,
-    private readonly session: PeerSession,
+    private session: PeerSession,
     private readonly ctx: DestinationContext,
     private readonly log: Logger,
   ) {
+    this.sourceAgentId = session.peer?.agentId ?? 'unknown';
     this.files = ctx.registry.filesFor(offer.guest.name, ctx.memoryDir, randomBytes(4).toString('hex'));
     this.memoryPath = this.files.memoryPath;
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
@@ -152,6 +163,11 @@ export class DestinationMigration implements FrameHandler {
     session.send(Frame.accept({ migrationId: offer.migrationId, creditBytes: ctx.creditBytes }));
     log.info({ memoryBytes: region.lengthBytes }, 'migration accepted');
     return migration;
+  }
+
+  /** Post-copy: pages still missing here (undefined before the guest started here). */
+  get missingPages(): number | undefined {
+    return this.postcopy?.missingPages;
   }
 
   private get technique(): 'precopy' | 'postcopy' | 'hybrid' {
@@ -226,6 +242,7 @@ export class DestinationMigration implements FrameHandler {
         const cost = creditCost(pages.payload.length, pages.entries.length / 3);
         if (this.postcopyAttached) {
           if (pages.refs) throw new ProtocolError(ErrorCode.BAD_PAGES, 'refs in a post-copy frame');
+          const via = this.session;
           // Post-copy: each frame is installed as soon as it is here (a fault's page must not
           // wait behind pushed ones); a page is only ever installed where it is missing.
           void Promise.all([data, this.postcopyAttached]).then(
@@ -236,7 +253,8 @@ export class DestinationMigration implements FrameHandler {
               }
               this.postcopy!.install(pages.entries, raw);
               this.pagesReceived += counts.dataPages + counts.zeroPages;
-              if (this.session.isOpen) this.session.send(Frame.credit({ migrationId: this.offer.migrationId, bytes: cost }));
+              // Credits belong to the session the frame came on (a reattached source starts afresh).
+              if (via === this.session && via.isOpen) via.send(Frame.credit({ migrationId: this.offer.migrationId, bytes: cost }));
             },
             (cause: unknown) => {
               throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload does not decompress: ${(cause as Error).message}`, { cause });
@@ -288,7 +306,7 @@ export class DestinationMigration implements FrameHandler {
       case 'verify': {
         const verify = frame as ReturnType<typeof Frame.verify>;
         if (this.postcopy) {
-          void this.finishPostcopy(verify.digests);
+          this.finishing ??= this.finishPostcopy(verify.digests);
           return;
         }
         this.enqueue(async () => {
@@ -495,8 +513,7 @@ export class DestinationMigration implements FrameHandler {
     const digests = [await this.native.regionDigest(region.handle, 'tracked')];
     const match = digests.length === sourceDigests.length && digests.every((d, i) => d.equals(Buffer.from(sourceDigests[i]!)));
     const stats = receiver.stats();
-    this.session.send(
-      Frame.verified({
+    this.verdict = Frame.verified({
         migrationId: this.offer.migrationId,
         match,
         digests,
@@ -509,8 +526,8 @@ export class DestinationMigration implements FrameHandler {
           faultP99Ms: stats.faultLatency.p99Ms,
           faultMaxMs: stats.faultLatency.maxMs,
         },
-      }),
-    );
+    });
+    if (this.session.isOpen) this.session.send(this.verdict);
     this.state = transition(this.state, { type: match ? 'sentVerified' : 'sentVerifiedMismatch' });
     this.ctx.metrics?.postcopyDuration.observe((performance.now() - this.postcopyStartedAt) / 1000);
     this.log.info({ ...stats, ms: Math.round(performance.now() - this.postcopyStartedAt), match }, 'post-copy complete');
@@ -588,12 +605,68 @@ export class DestinationMigration implements FrameHandler {
   }
 
   onSessionClosed(err: GangwayError): void {
-    if (!this.finished) this.finish(this.guestStartedHere ? 'stranded' : 'aborted', `session lost: ${err.message}`);
+    if (this.finished) return;
+    if (this.postcopy && this.guestStartedHere) {
+      this.detach(err);
+      return;
+    }
+    this.finish(this.guestStartedHere ? 'stranded' : 'aborted', `session lost: ${err.message}`);
   }
+
+  /**
+   * Post-copy with the link to the source broken: the guest runs on and waits on its
+   * faults (it is not killed), everything stays as it is, and the source is given the
+   * reattach window to come back with a new session.
+   */
+  private detach(err: GangwayError): void {
+    const windowMs = this.ctx.reattachWindowMs ?? 10 * 60_000;
+    this.log.warn(
+      { err: err.message, missingPages: this.postcopy?.missingPages, reattachWindowMs: windowMs },
+      'post-copy: the link to the source broke; the guest waits on its missing pages until the source reattaches',
+    );
+    clearTimeout(this.detachedTimer);
+    this.detachedTimer = setTimeout(() => {
+      this.detachedTimer = undefined;
+      this.finish('stranded', `the source did not come back within ${Math.round(windowMs / 1000)} s after the link broke (${err.message})`);
+    }, windowMs);
+  }
+
+  /** A new session from the source for this post-copy migration; returns why not, or undefined. */
+  reattach(session: PeerSession): string | undefined {
+    const from = session.peer?.agentId;
+    if (this.finished) return `migration ${this.offer.migrationId} is over`;
+    if (!this.postcopy || !this.guestStartedHere) return `migration ${this.offer.migrationId} is not in post-copy`;
+    if (from !== this.sourceAgentId) return `migration ${this.offer.migrationId} came from ${this.sourceAgentId}, not ${from}`;
+    this.state = transition(this.state, { type: 'reattached' });
+    if (this.session.isOpen) {
+      // The old session looks alive here but the source gave up on it: that one wins.
+      this.session.unregister(this.offer.migrationId);
+      this.session.close();
+    }
+    clearTimeout(this.detachedTimer);
+    this.detachedTimer = undefined;
+    this.session = session;
+    session.register(this.offer.migrationId, this);
+    const missing = this.postcopy.missingRuns();
+    this.log.info({ missingPages: this.postcopy.missingPages }, 'post-copy: the source reattached; asking again for the missing pages');
+    if (this.verdict) {
+      session.send(this.verdict);
+      return undefined;
+    }
+    const runsPerFrame = Math.floor(Math.min(session.peerMaxPayloadBytes, 1 << 20) / 8);
+    for (let at = 0; at === 0 || at < missing.length; at += runsPerFrame * 2) {
+      session.send(Frame.postcopy({ migrationId: this.offer.migrationId, region: 0, more: at + runsPerFrame * 2 < missing.length, missing: missing.subarray(at, at + runsPerFrame * 2) }));
+    }
+    this.postcopy.refetch();
+    return undefined;
+  }
+
+
 
   private finish(outcome: IncomingResult['outcome'], reason?: string): void {
     if (this.finished) return;
     this.finished = true;
+    clearTimeout(this.detachedTimer);
     this.session.unregister(this.offer.migrationId);
     if (outcome === 'aborted') {
       this.log.warn({ reason }, 'incoming migration aborted; partial memory discarded');

@@ -142,6 +142,18 @@ export class PostcopyReceiver {
     return new Promise((resolve) => this.completeWaiters.push(resolve));
   }
 
+  /** Asks again for the pages the guest faulted on that have not come (after a reattach). */
+  refetch(): void {
+    const pages = [...this.faultAt.keys()].filter((page) => this.missing.has(page)).sort((a, b) => a - b);
+    const runs: number[] = [];
+    for (const page of pages) {
+      const n = runs.length;
+      if (n >= 2 && runs[n - 2]! + runs[n - 1]! === page) runs[n - 1]!++;
+      else runs.push(page, 1);
+    }
+    for (let i = 0; i < runs.length; i += MAX_FETCH_RUNS * 2) this.sendFetch(Uint32Array.from(runs.slice(i, i + MAX_FETCH_RUNS * 2)));
+  }
+
   /** The pages still missing, as runs (to ask the source for again after a reconnect). */
   missingRuns(): Uint32Array {
     return this.missing.toRuns();

@@ -95,6 +95,12 @@ export class PostcopyScheduler {
   putBack(runs: Uint32Array): void {
     this.pending.addRuns(runs);
   }
+
+  /** After a reattach: exactly the pages the destination says it still lacks are pending. */
+  reset(missing: readonly Uint32Array[]): void {
+    this.pending.clear();
+    for (const runs of missing) this.pending.addRuns(runs);
+  }
 }
 
 /** Appends `page` to ascending-or-not runs, extending the last run when it is adjacent. */

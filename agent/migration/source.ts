@@ -59,7 +59,16 @@ export interface SourceOptions {
    */
   technique?: 'precopy' | 'postcopy' | 'hybrid';
   hybrid?: HybridPolicy;
+  /**
+   * Post-copy: a new session to the destination when the old one broke (the guest runs
+   * there and waits for pages only this host has). Tried with backoff for reconnectWindowMs.
+   */
+  reconnect?: () => Promise<PeerSession>;
+  reconnectWindowMs?: number;
 }
+
+const RECONNECT_FIRST_DELAY_MS = 200;
+const RECONNECT_MAX_DELAY_MS = 5_000;
 
 /**
  * Post-copy keeps at most this many pushed bytes on their way (sent, not yet installed at
@@ -100,6 +109,9 @@ export interface MigrationSummary {
     /** As the destination saw it: faults, and fault-to-page latency. */
     faults: number;
     faultLatency: { p50Ms: number; p99Ms: number; maxMs: number };
+    /** Times the link broke and the migration carried on over a new session, and the pages sent again for it. */
+    reattaches: number;
+    resentPages: number;
   };
   from: string;
   to: string;
@@ -173,12 +185,17 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private postcopyServe:
     | { scheduler: PostcopyScheduler; round: number; region: RegionHandle; payload: Buffer; entries: Uint32Array; out: Uint32Array; faultPages: number; wireBytes: number }
     | undefined;
+  /** Collects the destination's answer to a reattach: its missing pages, or its verdict. */
+  private missingIn: { runs: Uint32Array[]; resolve: (runs: Uint32Array[]) => void } | undefined;
+  private reattachAnswer: { resolve: (verified: ReturnType<typeof Frame.verified>) => void; reject: (err: Error) => void } | undefined;
+  private reattaches = 0;
+  private resentPages = 0;
   /** Collects the destination's page fingerprints during a repair. */
   private fingerprintsIn: { fps: Uint8Array; received: number; resolve: (fps: Uint8Array) => void; reject: (err: Error) => void } | undefined;
 
   constructor(
     readonly guest: ProcessGuest,
-    private readonly session: PeerSession,
+    private session: PeerSession,
     readonly options: SourceOptions,
     private readonly log: Logger,
   ) {
@@ -235,6 +252,21 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         this.options.dedup.group.forgetStale(want.stale);
         return;
       }
+      case 'postcopy': {
+        // The destination's missing pages, after a reattach.
+        const postcopy = frame as ReturnType<typeof Frame.postcopy>;
+        const into = this.missingIn;
+        if (!into || postcopy.region !== 0) {
+          this.fail(new GangwayError(ErrorCode.UNEXPECTED_FRAME, `postcopy from the destination outside a reattach (phase ${this.phase})`));
+          return;
+        }
+        into.runs.push(postcopy.missing);
+        if (!postcopy.more) {
+          this.missingIn = undefined;
+          into.resolve(into.runs);
+        }
+        return;
+      }
       case 'fetch': {
         const fetch = frame as ReturnType<typeof Frame.fetch>;
         const serve = this.postcopyServe;
@@ -271,6 +303,10 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         return;
       }
       default: {
+        if (frame.type === 'verified' && this.reattachAnswer) {
+          this.reattachAnswer.resolve(frame as ReturnType<typeof Frame.verified>);
+          return;
+        }
         const waiter = this.waiters.get(frame.type);
         if (!waiter) {
           this.fail(new GangwayError(ErrorCode.UNEXPECTED_FRAME, `unexpected frame type ${frame.type} in phase ${this.phase}`));
@@ -284,6 +320,75 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
 
   onSessionClosed(err: GangwayError): void {
     this.fail(err);
+  }
+
+  /**
+   * Post-copy, after the session broke (`err`): reconnects with backoff and carries the
+   * migration on over the new session. Resolves with the destination's verdict when it
+   * already holds every page, or undefined once the push can go on (the scheduler then
+   * holds what is still missing there: pages lost on the way go again). Rethrows when
+   * `err` is not a broken link, or when no session comes within the window.
+   */
+  private async reattach(err: unknown, scheduler: PostcopyScheduler): Promise<ReturnType<typeof Frame.verified> | undefined> {
+    const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.INTERNAL, err instanceof Error ? err.message : String(err));
+    const linkLost = !(error instanceof PeerError) && (error.code === ErrorCode.PEER_GONE || error.code === ErrorCode.TIMEOUT || error.code === ErrorCode.PEER_UNREACHABLE);
+    const reconnect = this.options.reconnect;
+    if (!reconnect || !linkLost) throw error;
+    const id = this.options.migrationId;
+    const windowMs = this.options.reconnectWindowMs ?? 600_000;
+    const deadline = this.clock.now() + windowMs;
+    this.log.warn({ err: error.message, windowMs, remaining: scheduler.remaining }, 'post-copy: the link to the destination broke; reconnecting');
+    this.session.unregister(id);
+    let delay = RECONNECT_FIRST_DELAY_MS;
+    for (let attempt = 1; ; attempt++) {
+      if (this.clock.now() + delay > deadline) {
+        throw new GangwayError(ErrorCode.PEER_GONE, `no session to ${this.options.peerAddress} again within ${Math.round(windowMs / 1000)} s (${attempt - 1} attempts; first ${error.message})`, { cause: error });
+      }
+      await this.clock.sleep(delay);
+      delay = Math.min(delay * 2, RECONNECT_MAX_DELAY_MS);
+      let session: PeerSession;
+      try {
+        session = await reconnect();
+      } catch (connectErr) {
+        this.log.info({ attempt, err: (connectErr as Error).message }, 'post-copy: reconnect failed; trying again');
+        continue;
+      }
+      // A fresh start on the new session: nothing of the old one counts any more.
+      this.failure = undefined;
+      for (const waiter of this.waiters.values()) waiter.reject(error);
+      this.waiters.clear();
+      this.session = session;
+      session.register(id, this);
+      this.credits = new CreditWindow(POSTCOPY_WINDOW_BYTES);
+      const answer = new Promise<{ runs: Uint32Array[] } | { verified: ReturnType<typeof Frame.verified> }>((resolve, reject) => {
+        this.missingIn = { runs: [], resolve: (runs) => resolve({ runs }) };
+        this.reattachAnswer = { resolve: (verified) => resolve({ verified }), reject };
+        setTimeout(() => reject(new GangwayError(ErrorCode.TIMEOUT, 'no answer to the reattach within 30 s')), 30_000).unref();
+      });
+      try {
+        session.send(Frame.reattach({ migrationId: id }));
+        const got = await answer;
+        this.reattaches++;
+        if ('verified' in got) {
+          this.log.info({ attempt }, 'post-copy: reattached; the destination had every page already');
+          return got.verified;
+        }
+        const before = scheduler.remaining;
+        scheduler.reset(got.runs);
+        this.resentPages += Math.max(0, scheduler.remaining - before);
+        this.log.info({ attempt, missingPages: scheduler.remaining }, 'post-copy: reattached; pushing what the destination still lacks');
+        return undefined;
+      } catch (answerErr) {
+        if (answerErr instanceof PeerError) {
+          throw new GangwayError(ErrorCode.POSTCOPY_INTERRUPTED, `the destination refused to carry on: ${answerErr.message}`, { cause: answerErr });
+        }
+        this.log.info({ attempt, err: (answerErr as Error).message }, 'post-copy: reattach failed; trying again');
+        session.unregister(id);
+      } finally {
+        this.missingIn = undefined;
+        this.reattachAnswer = undefined;
+      }
+    }
   }
 
   /** Post-copy: sends `runs` at once, raw, without waiting for credits or the pacer. */
@@ -317,6 +422,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private fail(err: GangwayError): void {
     if (this.failure) return;
     this.failure = err;
+    this.reattachAnswer?.reject(err);
     this.fingerprintsIn?.reject(err);
     this.fingerprintsIn = undefined;
     this.credits?.fail(err);
@@ -627,42 +733,60 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       sourceDigests.catch(() => {});
       const pushPool = new BatchPool(serveBytes, 8192);
 
-      // The background push, from wherever the guest last faulted.
+      // The background push, from wherever the guest last faulted. A broken link does not
+      // end it: the destination's guest waits on its faults, this host reconnects, learns
+      // what is still missing there and carries on.
       const pushStart = this.clock.now();
       let pushed = 0;
+      const pushAndVerify = async (): Promise<ReturnType<typeof Frame.verified>> => {
+        for (;;) {
+          this.check();
+          const chunk = scheduler.nextChunk(POSTCOPY_PUSH_PAGES);
+          if (chunk.length === 0) break;
+          const counters = await sendRegionRound(
+              {
+                session: this.session,
+                migrationId: options.migrationId,
+                pageSizeBytes: pageSize,
+                pool: pushPool,
+                chooser,
+                credits: this.credits!,
+                pacer,
+                pipelineDepth: 2,
+                queueBytes: POSTCOPY_WINDOW_BYTES,
+              },
+              0,
+              regions[0]!,
+              tracker,
+            round,
+            chunk,
+          );
+          addCounters(totals, counters);
+          pushed += counters.pages;
+          const sent = pushed + this.postcopyServe!.faultPages;
+          this.progress(round, missingPages, { ...counters, pages: sent }, pushStart, totals.wireBytes + this.postcopyServe!.wireBytes);
+        }
+        // The destination answers once it holds every page: its memory as received, checked
+        // against the paused memory here.
+        const digests = await sourceDigests;
+        const verifiedP = this.expect<ReturnType<typeof Frame.verified>>('verified', 600_000, 'post-copy completion');
+        this.send(Frame.verify({ migrationId: options.migrationId, digests }));
+        return verifiedP;
+      };
+      let verified: ReturnType<typeof Frame.verified>;
       for (;;) {
-        this.check();
-        const chunk = scheduler.nextChunk(POSTCOPY_PUSH_PAGES);
-        if (chunk.length === 0) break;
-        const counters = await sendRegionRound(
-          {
-            session: this.session,
-            migrationId: options.migrationId,
-            pageSizeBytes: pageSize,
-            pool: pushPool,
-            chooser,
-            credits: this.credits!,
-            pacer,
-            pipelineDepth: 2,
-            queueBytes: POSTCOPY_WINDOW_BYTES,
-          },
-          0,
-          regions[0]!,
-          tracker,
-          round,
-          chunk,
-        );
-        addCounters(totals, counters);
-        pushed += counters.pages;
-        const sent = pushed + this.postcopyServe.faultPages;
-        this.progress(round, missingPages, { ...counters, pages: sent }, pushStart, totals.wireBytes + this.postcopyServe.wireBytes);
+        try {
+          verified = await pushAndVerify();
+          break;
+        } catch (err) {
+          const answer = await this.reattach(err, scheduler);
+          if (answer) {
+            verified = answer;
+            break;
+          }
+        }
       }
       const digests = await sourceDigests;
-      // The destination answers once it holds every page: its memory as received, checked
-      // against the paused memory here.
-      const verifiedP = this.expect<ReturnType<typeof Frame.verified>>('verified', 600_000, 'post-copy completion');
-      this.send(Frame.verify({ migrationId: options.migrationId, digests }));
-      const verified = await verifiedP;
       const doneAt = this.clock.now();
       if (!verified.match || !sameDigests(verified.digests, digests)) {
         throw new GangwayError(
@@ -697,6 +821,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
           pushedPages: pushed,
           faults: report?.faults ?? 0,
           faultLatency: { p50Ms: report?.faultP50Ms ?? 0, p99Ms: report?.faultP99Ms ?? 0, maxMs: report?.faultMaxMs ?? 0 },
+          reattaches: this.reattaches,
+          resentPages: this.resentPages,
         },
       };
       this.log.info(

@@ -38,7 +38,15 @@ export interface SessionOptions {
   maxPayloadBytes: number;
   log: Logger;
   helloTimeoutMs?: number;
+  /**
+   * A session that hears nothing from the peer (no frame, no pong) for this long is dead:
+   * closed as PEER_GONE, so that a cut link is noticed without waiting for TCP to give up
+   * (minutes). Pings go out at a third of it. Default 15 s; 0 turns it off.
+   */
+  deadAfterMs?: number;
 }
+
+export const DEFAULT_DEAD_AFTER_MS = 15_000;
 
 /** Close codes (RFC 6455) used by gangway: the protocol's, plus the two for orderly ends. */
 export const CloseCode = { ...ProtocolCloseCode, normal: 1000, goingAway: 1001 } as const;
@@ -59,6 +67,9 @@ export class PeerSession extends EventEmitter {
   onTrafficQuery: (() => TrafficReport) | undefined;
   private readonly trafficQueries = new Map<string, { resolve: (report: TrafficReport) => void; reject: (err: Error) => void }>();
   private nextTrafficQuery = 1;
+  /** A source carrying on a post-copy migration of a broken session here (server role). */
+  onReattach: ((frame: ReturnType<typeof Frame.reattach>, session: PeerSession) => void) | undefined;
+  private lastHeard = performance.now();
   readonly log: Logger;
 
   constructor(
@@ -76,7 +87,26 @@ export class PeerSession extends EventEmitter {
     ws.binaryType = 'nodebuffer';
     // Every migration of a gang may have a ping in flight.
     ws.setMaxListeners(0);
-    ws.on('message', (data: Buffer, isBinary: boolean) => this.receive(data, isBinary));
+    ws.on('message', (data: Buffer, isBinary: boolean) => {
+      this.lastHeard = performance.now();
+      this.receive(data, isBinary);
+    });
+    ws.on('pong', () => (this.lastHeard = performance.now()));
+    const deadAfterMs = options.deadAfterMs ?? DEFAULT_DEAD_AFTER_MS;
+    if (deadAfterMs > 0) {
+      const keepalive = setInterval(() => {
+        if (this.closedWith) return clearInterval(keepalive);
+        const silentMs = performance.now() - this.lastHeard;
+        if (silentMs > deadAfterMs) {
+          clearInterval(keepalive);
+          this.finish(new GangwayError(ErrorCode.PEER_GONE, `no word from the peer for ${Math.round(silentMs)} ms: the link or the peer is down`));
+          this.ws.terminate();
+          return;
+        }
+        if (this.ws.readyState === WebSocket.OPEN) this.ws.ping();
+      }, Math.max(50, deadAfterMs / 3));
+      keepalive.unref();
+    }
     ws.on('close', (code, reason) => {
       this.finish(
         new GangwayError(
@@ -282,6 +312,12 @@ export class PeerSession extends EventEmitter {
           throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'offer sent to the migrating side');
         }
         this.onOffer(frame as OfferFrame, this);
+        return;
+      case 'reattach':
+        if (this.options.role !== 'server' || !this.onReattach) {
+          throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'reattach sent to the migrating side');
+        }
+        this.onReattach(frame as ReturnType<typeof Frame.reattach>, this);
         return;
       case 'dedupOpen':
       case 'dedupResident':
