@@ -11,7 +11,8 @@ import { join } from 'node:path';
 import { WebSocketServer } from 'ws';
 import { ErrorCode, GangwayError, ProtocolError } from '../protocol/errors.js';
 import { DestinationGroup, MAX_GROUPS_PER_SESSION } from './dedup/dest-group.js';
-import { RejectReason } from '../protocol/codes.js';
+import { RejectReason, Whereabouts } from '../protocol/codes.js';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Frame } from '../protocol/index.js';
 import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
 import { GUEST_PAGE_SIZE } from './guest/guest-header.js';
@@ -168,6 +169,108 @@ export class Agent {
     });
     await this.traffic.start();
     this.log.info({ agentId: this.id, listen: this.listenAddress, stateDir: this.config.stateDir }, 'agent listening');
+    // Guests whose migration was at its switchover when the previous run of this agent
+    // ended: ask their destination what became of them before anything else happens.
+    for (const { record } of this.registry.list()) if (record.outgoing) void this.resolveOutgoing(record.name);
+  }
+
+  /** What became of migration `migrationId` here, for a source that lost track of it. */
+  private async answerQuery(migrationId: string, session: PeerSession): Promise<void> {
+    const running = this.incoming.get(migrationId);
+    // A switchover under way here is answered once it is over (it ends within seconds).
+    if (running && running.missingPages === undefined) {
+      await Promise.race([running.done, sleep(30_000, undefined, { ref: false })]);
+    }
+    let whereabouts: Whereabouts = Whereabouts.unknown;
+    for (const { record, guest } of this.registry.list()) {
+      if (record.origin.kind !== 'migrated' || record.origin.migrationId !== migrationId || !guest.alive()) continue;
+      whereabouts = record.incoming?.stranded ? Whereabouts.stranded : record.incoming ? Whereabouts.receiving : Whereabouts.running;
+    }
+    if (session.isOpen) session.send(Frame.migrationAnswer({ migrationId, whereabouts }));
+  }
+
+  /** Asks `to` what became of `migrationId` (a short-lived handler on the session). */
+  private async askWhereabouts(to: string, migrationId: string): Promise<Whereabouts> {
+    const session = await this.session(to);
+    return new Promise<Whereabouts>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        session.unregister(migrationId);
+        reject(new GangwayError(ErrorCode.TIMEOUT, `no answer from ${to} within 10 s`));
+      }, 10_000);
+      session.register(migrationId, {
+        onFrame: (frame) => {
+          if (frame.type !== 'migrationAnswer') return;
+          clearTimeout(timer);
+          session.unregister(migrationId);
+          resolve((frame as ReturnType<typeof Frame.migrationAnswer>).whereabouts);
+        },
+        onSessionClosed: (err) => {
+          clearTimeout(timer);
+          reject(err);
+        },
+      });
+      session.send(Frame.migrationQuery({ migrationId }));
+    });
+  }
+
+  private readonly resolving = new Set<string>();
+
+  /**
+   * A guest marked as at its switchover (the commit was sent, or post-copy started) with
+   * nobody driving the migration any more (this agent restarted, or the confirmation was
+   * lost): ask the destination until it answers. Running there: this paused copy goes.
+   * Unknown there: the guest never ran there, so it resumes here. Receiving or stranded
+   * there: this copy holds what the destination lacks; it stays paused, and says so.
+   */
+  private async resolveOutgoing(name: string): Promise<void> {
+    if (this.resolving.has(name)) return;
+    this.resolving.add(name);
+    try {
+      let delay = 500;
+      while (!this.shuttingDown) {
+        let entry;
+        try {
+          entry = this.registry.get(name);
+        } catch {
+          return;
+        }
+        const out = entry.record.outgoing;
+        if (!out || this.isMigrating(name)) return;
+        let whereabouts: Whereabouts | undefined;
+        try {
+          whereabouts = await this.askWhereabouts(out.to, out.migrationId);
+        } catch (err) {
+          this.log.info({ guest: name, to: out.to, err: (err as Error).message }, 'switchover in doubt: the destination does not answer yet');
+        }
+        if (whereabouts === Whereabouts.running) {
+          this.log.warn({ guest: name, to: out.to, migrationId: out.migrationId }, 'switchover resolved: the guest runs at the destination; this paused copy is removed');
+          await entry.guest.terminate();
+          rmSync(entry.record.files.memoryPath, { force: true });
+          rmSync(entry.record.files.trackReportPath, { force: true });
+          this.registry.remove(name);
+          return;
+        }
+        if (whereabouts === Whereabouts.unknown) {
+          this.log.warn({ guest: name, to: out.to, migrationId: out.migrationId }, 'switchover resolved: the guest never ran at the destination; it resumes here');
+          this.registry.update(name, { outgoing: undefined });
+          entry.guest.resume();
+          return;
+        }
+        if (whereabouts === Whereabouts.receiving || whereabouts === Whereabouts.stranded) {
+          const why =
+            whereabouts === Whereabouts.stranded
+              ? 'the destination gave up waiting for its missing pages'
+              : 'the destination runs the guest and waits for pages this copy holds';
+          this.log.error({ guest: name, to: out.to, migrationId: out.migrationId }, `post-copy interrupted: ${why}; this paused copy stays`);
+          this.registry.update(name, { outgoing: { ...out, interrupted: why } });
+          return;
+        }
+        await sleep(delay, undefined, { ref: false });
+        delay = Math.min(delay * 2, 10_000);
+      }
+    } finally {
+      this.resolving.delete(name);
+    }
   }
 
   /** Measures XXH3-128 on this host so the convergence policy can predict the switchover's digest time. */
@@ -243,6 +346,7 @@ export class Agent {
       session.onGroupFrame = (frame) => this.onGroupFrame(frame, session, groups);
       session.onTrafficQuery = () => this.traffic.report();
       session.onReattach = (frame) => this.onReattach(frame.migrationId, session);
+      session.onMigrationQuery = (frame) => void this.answerQuery(frame.migrationId, session);
     });
     this.peerServer = server;
     this.wss = wss;
@@ -409,7 +513,28 @@ export class Agent {
 
   /** SIGCONT a paused guest (after a switchover left in doubt, once the operator has checked). */
   resumeGuest(name: string): void {
-    const { guest } = this.registry.get(name);
+    const { guest, record } = this.registry.get(name);
+    if (record.outgoing?.phase === 'postcopy') {
+      throw new GangwayError(
+        ErrorCode.BAD_REQUEST,
+        `guest ${name} runs at ${record.outgoing.to} since the post-copy switchover of migration ${record.outgoing.migrationId}; ` +
+          'this paused copy holds the pages it may still lack there, so it must not run here. Check `gangway status` on the destination; ' +
+          `once the guest is complete there, \`gangway guest stop ${name}\` frees this copy`,
+      );
+    }
+    if (record.outgoing) {
+      throw new GangwayError(
+        ErrorCode.BAD_REQUEST,
+        `guest ${name} may run at ${record.outgoing.to}: the commit of migration ${record.outgoing.migrationId} was sent and not confirmed. ` +
+          'This agent asks the destination until it answers, then removes this copy or resumes it, so that the guest runs in exactly one place',
+      );
+    }
+    if (record.incoming?.stranded) {
+      throw new GangwayError(
+        ErrorCode.BAD_REQUEST,
+        `guest ${name} never received all of its memory from ${record.incoming.from} (${record.incoming.stranded}); resuming it would let it read missing pages as zeros`,
+      );
+    }
     if (this.isMigrating(name)) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated`);
     }
@@ -446,6 +571,7 @@ export class Agent {
         memoryPath: record.files.memoryPath,
         origin: record.origin,
         tracker,
+        ...(record.outgoing ? { outgoing: record.outgoing } : {}),
         ...(record.incoming ? { incoming: { ...record.incoming, missingPages: this.incomingMissingPages(record.incoming.migrationId) ?? record.incoming.missingPages } } : {}),
         ...(header
           ? {
@@ -668,6 +794,7 @@ export class Agent {
           technique,
           ...(request.postcopyAfterRounds ? { hybrid: { postcopyAfterRounds: request.postcopyAfterRounds } } : {}),
           reconnect: () => this.session(request.to),
+          registry: this.registry,
           reconnectWindowMs: this.config.postcopyReattachMs,
         },
         log,
@@ -691,6 +818,8 @@ export class Agent {
     } catch (err) {
       const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.INTERNAL, String(err));
       const state = migration?.phase === 'in-doubt' ? 'in-doubt' : migration?.phase === 'interrupted' ? 'interrupted' : 'failed';
+      // Once this migration is out of the books (finally, below), find out where the guest runs.
+      if (state === 'in-doubt') setImmediate(() => void this.resolveOutgoing(guest.name));
       this.metrics.migrations.inc({ direction: 'out', outcome: state, technique });
       this.records.set(migrationId, { ...base, state, error: { code: error.code, message: error.message } });
       throw error;

@@ -452,6 +452,23 @@ withControlOptions(program.command('status'))
             (g.passes !== undefined ? `, passes ${g.passes}, stale pages ${g.stalePages}` : '') +
             (g.origin.kind === 'migrated' ? `, migrated in from ${g.origin.from}` : ''),
         );
+        if (g.incoming?.stranded) {
+          console.log(
+            `    post-copy from ${g.incoming.from} did not complete: ${g.incoming.stranded}. ${g.incoming.missingPages} pages never came; the guest is kept paused ` +
+              `with its memory (${g.memoryPath}). The source agent keeps them: when it is back, it reattaches; otherwise the guest cannot run.`,
+          );
+        } else if (g.incoming) {
+          console.log(`    receiving its memory from ${g.incoming.from} (post-copy): ${g.incoming.missingPages} pages to come`);
+        }
+        if (g.outgoing?.phase === 'commit') {
+          console.log(`    switchover in doubt since ${g.outgoing.since}: the commit went to ${g.outgoing.to} unconfirmed; this agent asks there, then removes or resumes this copy`);
+        } else if (g.outgoing) {
+          console.log(
+            `    runs at ${g.outgoing.to} since the post-copy switchover (${g.outgoing.since})` +
+              (g.outgoing.interrupted ? `; the link broke (${g.outgoing.interrupted})` : '') +
+              `: this paused copy holds what it may still lack there. Do not resume it here.`,
+          );
+        }
       }
       for (const m of status.migrations.slice(0, 10)) {
         const peer = m.direction === 'out' ? `→ ${m.to}` : `← ${m.from}`;

@@ -42,6 +42,10 @@ export const FrameType = {
    * with verified, when it already has them all).
    */
   reattach: 26,
+  /** Source, after a restart or a lost commit confirmation: what became of migration X there? */
+  migrationQuery: 27,
+  /** Destination: the answer (Whereabouts). */
+  migrationAnswer: 28,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 export type FrameTypeName = Exclude<keyof typeof FrameType, 'invalid'>;
@@ -50,6 +54,15 @@ export const Technique = { invalid: 0, precopy: 1, postcopy: 2, hybrid: 3 } as c
 export type Technique = (typeof Technique)[keyof typeof Technique];
 
 export const Codec = { invalid: 0, raw: 1, lz4: 2 } as const;
+
+/**
+ * What a destination knows of a migration it was asked about (migrationAnswer):
+ * unknown: no guest of it runs here (it never started, or it is gone);
+ * running: its guest runs here, complete; receiving: its guest runs here while post-copy
+ * pages are still coming; stranded: its guest started here but post-copy never completed.
+ */
+export const Whereabouts = { invalid: 0, unknown: 1, running: 2, receiving: 3, stranded: 4 } as const;
+export type Whereabouts = (typeof Whereabouts)[keyof typeof Whereabouts];
 export type Codec = (typeof Codec)[keyof typeof Codec];
 
 /**

@@ -1,7 +1,7 @@
 // Valid frames of every type: a typical one, and one at every size limit. Fixtures for the
 // protocol's tests and for anyone checking a peer implementation against this one; not
 // part of the runtime API (index.ts does not export them).
-import { Codec, EntryKind, GuestKind, RejectReason, Technique } from './codes.js';
+import { Codec, EntryKind, GuestKind, RejectReason, Technique, Whereabouts } from './codes.js';
 import { ErrorCode } from './errors.js';
 import { Frame, type RegionSpec } from './frames.js';
 import {
@@ -102,6 +102,8 @@ export function exampleFrames(): Frame[] {
     Frame.postcopy({ migrationId: id, region: 0, more: false, missing: Uint32Array.of(1, 99, 200, 3) }),
     Frame.fetch({ migrationId: id, region: 0, runs: Uint32Array.of(42, 1) }),
     Frame.reattach({ migrationId: id }),
+    Frame.migrationQuery({ migrationId: id }),
+    Frame.migrationAnswer({ migrationId: id, whereabouts: Whereabouts.running }),
     Frame.verified({
       migrationId: id,
       match: true,
@@ -213,5 +215,7 @@ export function largestFrames(): Frame[] {
     }),
     Frame.fetch({ migrationId: longId, region: MAX_REGIONS - 1, runs: Uint32Array.from({ length: MAX_FETCH_RUNS * 2 }, () => 0xffff_ffff) }),
     Frame.reattach({ migrationId: longId }),
+    Frame.migrationQuery({ migrationId: longId }),
+    Frame.migrationAnswer({ migrationId: longId, whereabouts: Whereabouts.stranded }),
   ];
 }

@@ -9,6 +9,7 @@ import {
   GuestKind,
   RejectReason,
   Technique,
+  Whereabouts,
   describeCode,
   frameTypeName,
 } from './codes.js';
@@ -389,6 +390,14 @@ const readers: Readers = {
   },
 
   reattach: (r) => ({ type: 'reattach', migrationId: readMigrationId(r) }),
+
+  migrationQuery: (r) => ({ type: 'migrationQuery', migrationId: readMigrationId(r) }),
+
+  migrationAnswer(r) {
+    const migrationId = readMigrationId(r);
+    const whereabouts = r.code('whereabouts', Whereabouts);
+    return { type: 'migrationAnswer', migrationId, whereabouts };
+  },
 
   fetch(r) {
     const migrationId = readMigrationId(r);

@@ -1,7 +1,7 @@
 // The frames of the gangway protocol, as a discriminated union on `type` (the FrameType
 // name; the wire carries its code), and their named constructors (`Frame.pages({...})`). Field limits are in limits.ts and are enforced by
 // the codec in both directions (frame-schema.ts).
-import type { Codec, FrameTypeName, GuestKind, RejectReason, Technique } from './codes.js';
+import type { Codec, FrameTypeName, GuestKind, RejectReason, Technique, Whereabouts } from './codes.js';
 import { MAGIC, PROTOCOL_VERSION } from './limits.js';
 
 /** First frame each side sends on a session. */
@@ -294,6 +294,19 @@ export interface ReattachFrame {
   migrationId: string;
 }
 
+/** Source: what became of migration `migrationId` at this destination? */
+export interface MigrationQueryFrame {
+  type: 'migrationQuery';
+  migrationId: string;
+}
+
+/** Destination: the answer to a migrationQuery. */
+export interface MigrationAnswerFrame {
+  type: 'migrationAnswer';
+  migrationId: string;
+  whereabouts: Whereabouts;
+}
+
 export type Frame =
   | HelloFrame
   | OfferFrame
@@ -320,7 +333,9 @@ export type Frame =
   | TrafficReportFrame
   | PostcopyFrame
   | FetchFrame
-  | ReattachFrame;
+  | ReattachFrame
+  | MigrationQueryFrame
+  | MigrationAnswerFrame;
 
 /** The frame of a given type name: FrameOf<'pages'> is PagesFrame. */
 export type FrameOf<T extends FrameTypeName> = Extract<Frame, { type: T }>;
@@ -360,4 +375,6 @@ export const Frame = {
   postcopy: (fields: Fields<PostcopyFrame>): PostcopyFrame => ({ type: 'postcopy', ...fields }),
   fetch: (fields: Fields<FetchFrame>): FetchFrame => ({ type: 'fetch', ...fields }),
   reattach: (fields: Fields<ReattachFrame>): ReattachFrame => ({ type: 'reattach', ...fields }),
+  migrationQuery: (fields: Fields<MigrationQueryFrame>): MigrationQueryFrame => ({ type: 'migrationQuery', ...fields }),
+  migrationAnswer: (fields: Fields<MigrationAnswerFrame>): MigrationAnswerFrame => ({ type: 'migrationAnswer', ...fields }),
 } as const;

@@ -126,6 +126,8 @@ export type ReceivedEvent =
         | 'pageFingerprints'
         | 'fetch'
         | 'reattach'
+        | 'migrationQuery'
+        | 'migrationAnswer'
         | 'trafficQuery'
         | 'trafficReport';
     };
@@ -172,6 +174,8 @@ export const MigrationEventType = [
   'postcopy',
   'fetch',
   'reattach',
+  'migrationQuery',
+  'migrationAnswer',
   'trafficQuery',
   'trafficReport',
   'sentAccept',

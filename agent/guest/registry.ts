@@ -25,6 +25,18 @@ export interface GuestRecord {
    * `stranded`, they stopped coming (the reason): the guest is paused on them.
    */
   incoming?: { migrationId: string; from: string; missingPages: number; stranded?: string };
+  /**
+   * Post-copy from here: the guest runs at `to` since the switchover, and this paused copy
+   * holds the pages `to` still lacks. It must never resume here.
+   */
+  outgoing?: {
+    migrationId: string;
+    to: string;
+    since: string;
+    /** commit: pre-copy's commit was sent; postcopy: the guest may run there, its missing pages are here. */
+    phase: 'commit' | 'postcopy';
+    interrupted?: string;
+  };
 }
 
 export class GuestRegistry {
@@ -96,6 +108,17 @@ export class GuestRegistry {
     const guest = new ProcessGuest(record.name, record.pid, record.memoryBytes, record.files);
     this.guests.set(record.name, { record, guest });
     return guest;
+  }
+
+  /** Rewrites a guest's record with `patch` (undefined fields are dropped). */
+  update(name: string, patch: Partial<GuestRecord>): void {
+    const entry = this.get(name);
+    const record = { ...entry.record, ...patch } as GuestRecord;
+    for (const key of Object.keys(patch) as (keyof GuestRecord)[]) if (patch[key] === undefined) delete record[key];
+    const path = join(this.dir, `${name}.json`);
+    writeFileSync(`${path}.tmp`, JSON.stringify(record, null, 2));
+    renameSync(`${path}.tmp`, path);
+    entry.record = record;
   }
 
   remove(name: string): void {

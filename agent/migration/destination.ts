@@ -20,7 +20,8 @@ import type { DestinationGroup } from '../dedup/dest-group.js';
 import { ENTRY_DATA, ENTRY_REF } from '../native.js';
 import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MAX_WANT_RUNS, REF_WORDS } from '../../protocol/limits.js';
 import { PostcopyReceiver } from './postcopy-destination.js';
-import { PageSet } from '../tracker/page-set.js';
+import { PageSet, runsPageCount as runsPageCountOf } from '../tracker/page-set.js';
+import { faultCrash } from './faults.js';
 
 /** Repairs of a digest mismatch this side allows before it gives the migration up. */
 const MAX_REPAIRS = 2;
@@ -451,6 +452,7 @@ export class DestinationMigration implements FrameHandler {
     const region = this.regions[0]!;
     const missing = this.missingIn?.toRuns() ?? new Uint32Array(0);
     this.missingIn = undefined;
+    let journaled = false;
     try {
       this.native.punchHoles(region.fd, missing, region.pageSizeBytes);
       this.native.tmpfileLink(region.fd, this.memoryPath);
@@ -467,6 +469,8 @@ export class DestinationMigration implements FrameHandler {
       let attached!: () => void;
       this.postcopyAttached = new Promise((resolve) => (attached = resolve));
       this.postcopyStartedAt = performance.now();
+      this.ctx.registry.add(this.guestRecord(standby.pid, { migrationId: this.offer.migrationId, missingPages: runsPageCountOf(missing) }));
+      journaled = true;
       standby.go();
       const got = await this.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
         throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy: ${err.message}`);
@@ -482,7 +486,6 @@ export class DestinationMigration implements FrameHandler {
       attached();
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
       this.guestStartedHere = true;
-      this.ctx.registry.add(this.guestRecord(standby.pid, { migrationId: this.offer.migrationId, missingPages: receiver.missingPages }));
       this.state = transition(this.state, { type: 'sentPostcopyRunning' });
       this.session.send(Frame.committed({ migrationId: this.offer.migrationId, resumeToSendMs: performance.now() - runningAt }));
       this.log.info({ pid: standby.pid, missingPages: receiver.missingPages }, 'guest resumed here (post-copy); missing pages follow');
@@ -497,6 +500,7 @@ export class DestinationMigration implements FrameHandler {
       try {
         if (standby.pid > 0) process.kill(standby.pid, 'SIGKILL');
       } catch {}
+      if (journaled) this.ctx.registry.remove(this.offer.guest.name);
       rmSync(this.memoryPath, { force: true });
       this.finish('aborted', error.message);
     }
@@ -565,6 +569,7 @@ export class DestinationMigration implements FrameHandler {
 
   private async commit(): Promise<void> {
     const standby = this.standby!;
+    let journaled = false;
     try {
       // The guest is about to run: no ref may copy from its memory any more.
       for (const slot of this.slots) this.group?.closeSlot(slot);
@@ -574,9 +579,13 @@ export class DestinationMigration implements FrameHandler {
         closeSync(region.fd);
       }
       this.regions = [];
+      // The journal: the record goes in before the guest may run, so that an agent restarted
+      // from here on knows it (a guest that never started is dropped as dead on load).
+      this.ctx.registry.add(this.guestRecord(standby.pid));
+      journaled = true;
       standby.go();
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
-      this.ctx.registry.add(this.guestRecord(standby.pid));
+      faultCrash('dest-after-start', this.log);
       this.state = transition(this.state, { type: 'sentCommitted' });
       this.session.send(Frame.committed({ migrationId: this.offer.migrationId, resumeToSendMs: performance.now() - runningAt }));
       this.log.info({ pid: standby.pid }, 'guest resumed here; migration committed');
@@ -591,6 +600,7 @@ export class DestinationMigration implements FrameHandler {
       try {
         if (standby.pid > 0) process.kill(standby.pid, 'SIGKILL');
       } catch {}
+      if (journaled) this.ctx.registry.remove(this.offer.guest.name);
       rmSync(this.memoryPath, { force: true });
       this.finish('aborted', error.message);
     }

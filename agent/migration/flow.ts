@@ -25,6 +25,20 @@ export class CreditWindow {
     return this.available;
   }
 
+  /** Changes the window: the bytes on their way stay counted, what may follow grows or shrinks. */
+  resize(windowBytes: number): void {
+    this.available += windowBytes - this.windowBytes;
+    (this as { windowBytes: number }).windowBytes = windowBytes;
+    if (this.available >= this.windowBytes) for (const waiter of this.drainWaiters.splice(0)) waiter.resolve();
+    while (this.waiters.length > 0) {
+      const first = this.waiters[0]!;
+      if (this.available < Math.min(first.bytes, this.windowBytes)) break;
+      this.waiters.shift();
+      this.available -= first.bytes;
+      first.resolve();
+    }
+  }
+
   /** Waits until `bytes` may be sent. A frame larger than the window waits for a full window. */
   take(bytes: number): Promise<void> {
     if (this.failure) return Promise.reject(this.failure);

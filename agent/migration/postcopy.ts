@@ -133,6 +133,45 @@ export function hybridSwitch(decision: ConvergenceDecision, roundsDone: number, 
   return { postcopy: false, reason: decision.reason };
 }
 
+/**
+ * How many pushed bytes post-copy keeps on their way. A faulted page goes out at once but
+ * travels behind whatever is already in the socket buffers, the link's queue and the
+ * destination's decoder: at most this window. So the window is sized to the link: the
+ * delivery rate (bytes credited back per second) times a target queueing delay (at least
+ * twice the round trip, so the push still fills the link), with a quarter of headroom
+ * that lets it grow when the link has room. Sampled every `periodMs`.
+ */
+export class WindowTuner {
+  private windowBytes: number;
+  private periodStart: number;
+  private periodBytes = 0;
+
+  constructor(
+    private readonly options: { initialBytes: number; minBytes: number; maxBytes: number; targetDelayMs: number; periodMs: number },
+    now: number,
+  ) {
+    this.windowBytes = options.initialBytes;
+    this.periodStart = now;
+  }
+
+  get bytes(): number {
+    return this.windowBytes;
+  }
+
+  /** Bytes credited back at `now`; returns the window for what follows. */
+  delivered(bytes: number, now: number): number {
+    this.periodBytes += bytes;
+    const elapsed = now - this.periodStart;
+    if (elapsed < this.options.periodMs) return this.windowBytes;
+    const rate = (this.periodBytes * 1000) / elapsed;
+    const { minBytes, maxBytes, targetDelayMs } = this.options;
+    this.windowBytes = Math.round(Math.min(maxBytes, Math.max(minBytes, ((rate * targetDelayMs) / 1000) * 1.25)));
+    this.periodStart = now;
+    this.periodBytes = 0;
+    return this.windowBytes;
+  }
+}
+
 /** Latency samples (ms) for percentiles; keeps at most `limit` (the first ones). */
 export class LatencySamples {
   private readonly values: number[] = [];

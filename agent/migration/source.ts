@@ -13,12 +13,14 @@ import { Codec, FrameType, GuestKind, Technique } from '../../protocol/codes.js'
 import { ErrorCode, GangwayError, PeerError } from '../../protocol/errors.js';
 import { Frame } from '../../protocol/index.js';
 import type { ProcessGuest, TrackerPreference } from '../guest/process-guest.js';
+import type { GuestRegistry } from '../guest/registry.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, PeerSession } from '../peer/session.js';
 import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
 import { mergeRuns, runsPageCount, subtractRuns } from '../tracker/page-set.js';
-import { hybridSwitch, PostcopyScheduler, type HybridPolicy } from './postcopy.js';
+import { hybridSwitch, PostcopyScheduler, WindowTuner, type HybridPolicy } from './postcopy.js';
 import { encodeFrame } from '../../protocol/index.js';
+import { faultCrash } from './faults.js';
 import { CodecChooser, type CodecMode } from './codec-chooser.js';
 import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
 import { CreditWindow, Pacer, realClock, type Clock, type SwitchoverGate } from './flow.js';
@@ -65,22 +67,29 @@ export interface SourceOptions {
    */
   reconnect?: () => Promise<PeerSession>;
   reconnectWindowMs?: number;
+  /** Where the guest's record lives: post-copy marks it as running at the destination. */
+  registry?: GuestRegistry;
 }
 
 const RECONNECT_FIRST_DELAY_MS = 200;
 const RECONNECT_MAX_DELAY_MS = 5_000;
 
 /**
- * Post-copy keeps at most this many pushed bytes on their way (sent, not yet installed at
- * the destination), in batches of a quarter of it: a faulted page goes out at once, but it
- * still travels behind whatever is in the socket buffers, the link's queue and the
- * destination's decoder. This bounds that wait (about 8 ms at 1 Gbit/s) and still fills a
- * LAN's bandwidth-delay product.
+ * Post-copy keeps few pushed bytes on their way (sent, not yet installed at the
+ * destination): a faulted page goes out at once, but still travels behind them. The window
+ * follows the link (WindowTuner): about 10 ms of it (at least two round trips), between
+ * 256 KiB and 4 MiB, in batches of 128 KiB.
  */
-const POSTCOPY_WINDOW_BYTES = 1024 * 1024;
-const POSTCOPY_BATCH_BYTES = 256 * 1024;
-/** Pages per background-push step (the scheduler is asked again after each). */
-const POSTCOPY_PUSH_PAGES = 512;
+const POSTCOPY_WINDOW = { initialBytes: 256 * 1024, minBytes: 256 * 1024, maxBytes: 4 * 1024 * 1024, periodMs: 100 };
+const POSTCOPY_TARGET_DELAY_MS = 10;
+const POSTCOPY_BATCH_BYTES = 128 * 1024;
+const POSTCOPY_WINDOW_BYTES = POSTCOPY_WINDOW.initialBytes;
+/**
+ * Pages per background-push step: one batch. Pages the push has taken are not sent on a
+ * fault (each page goes once), so a page taken long before its batch goes out would make
+ * a fault on it wait for the whole step (a 2 MiB step: 160 ms at 100 Mbit/s, measured).
+ */
+const postcopyPushPages = (pageSize: number) => Math.max(1, Math.floor(POSTCOPY_BATCH_BYTES / pageSize));
 
 export interface RoundRecord extends RoundCounters {
   round: number;
@@ -189,6 +198,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private missingIn: { runs: Uint32Array[]; resolve: (runs: Uint32Array[]) => void } | undefined;
   private reattachAnswer: { resolve: (verified: ReturnType<typeof Frame.verified>) => void; reject: (err: Error) => void } | undefined;
   private reattaches = 0;
+  /** Post-copy: sizes the credit window to the link. */
+  private windowTuner: WindowTuner | undefined;
   private resentPages = 0;
   /** Collects the destination's page fingerprints during a repair. */
   private fingerprintsIn: { fps: Uint8Array; received: number; resolve: (fps: Uint8Array) => void; reject: (err: Error) => void } | undefined;
@@ -210,11 +221,17 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   // ── frames from the destination ────────────────────────────────────────────────────
   onFrame(frame: AnyFrame): void {
     switch (frame.type) {
-      case 'credit':
+      case 'credit': {
         // One credit per pages frame, in order: the batch was applied at the destination.
+        const bytes = (frame as ReturnType<typeof Frame.credit>).bytes;
         this.chooser?.delivered();
-        this.credits?.grant((frame as ReturnType<typeof Frame.credit>).bytes);
+        this.credits?.grant(bytes);
+        if (this.windowTuner && this.credits) {
+          const window = this.windowTuner.delivered(bytes, this.clock.now());
+          if (window !== this.credits.windowBytes) this.credits.resize(window);
+        }
         return;
+      }
       case 'pageFingerprints': {
         const frame_ = frame as ReturnType<typeof Frame.pageFingerprints>;
         const into = this.fingerprintsIn;
@@ -359,7 +376,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       this.waiters.clear();
       this.session = session;
       session.register(id, this);
-      this.credits = new CreditWindow(POSTCOPY_WINDOW_BYTES);
+      this.credits = new CreditWindow(this.windowTuner?.bytes ?? POSTCOPY_WINDOW_BYTES);
       const answer = new Promise<{ runs: Uint32Array[] } | { verified: ReturnType<typeof Frame.verified> }>((resolve, reject) => {
         this.missingIn = { runs: [], resolve: (runs) => resolve({ runs }) };
         this.reattachAnswer = { resolve: (verified) => resolve({ verified }), reject };
@@ -536,6 +553,10 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       // keep the paused guest and its memory, whatever happens.
       this.postcopyServe = undefined;
       this.state.to('interrupted');
+      try {
+        const marked = this.options.registry?.get(this.guest.name).record.outgoing;
+        if (marked) this.options.registry?.update(this.guest.name, { outgoing: { ...marked, interrupted: error.message.slice(0, 300) } });
+      } catch {}
       this.log.error({ err: error.message, code: error.code }, 'post-copy interrupted: the guest runs at the destination; its missing pages stay here');
       return new GangwayError(
         ErrorCode.POSTCOPY_INTERRUPTED,
@@ -548,6 +569,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       this.postcopyServe = undefined;
       if (error instanceof PeerError) {
         // The destination answered: it did not start the guest, so ours is still the one.
+        try {
+          this.options.registry?.update(this.guest.name, { outgoing: undefined });
+        } catch {}
         this.guest.resume();
         this.state.to('failed');
         return new GangwayError(
@@ -561,8 +585,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       return new GangwayError(
         ErrorCode.SWITCHOVER_IN_DOUBT,
         `the commit of ${this.guest.name} was sent to ${this.options.peerAddress} but not confirmed (${error.message}). ` +
-          'The guest may be running there: it stays paused here. Check `gangway status` on the destination; ' +
-          'if the guest is not there, resume it here with `gangway guest resume ' + this.guest.name + '`.',
+          'The guest may be running there: it stays paused here while this agent asks the destination what became of it, ' +
+          'then removes this copy (it runs there) or resumes it (it never ran there). `gangway status` shows where it stands.',
         { cause: error },
       );
     }
@@ -711,9 +735,14 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       // From here on pages go out as they are needed: a window of its own (everything sent
       // before was credited: drained above), the pages the guest needs to start first.
       this.credits = new CreditWindow(POSTCOPY_WINDOW_BYTES);
+      const targetDelayMs = Math.max(POSTCOPY_TARGET_DELAY_MS, 2 * switchoverRttMs);
+      this.windowTuner = new WindowTuner({ ...POSTCOPY_WINDOW, targetDelayMs }, this.clock.now());
       this.sendNow(this.postcopyServe, eager);
       this.postcopyServe.faultPages = 0;
       this.state.to('postcopy-switch');
+      // From here the destination may run the guest: the record says so, so that nothing
+      // (an operator, this agent after a restart) resumes this copy.
+      options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'postcopy' } });
       const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'post-copy start confirmation');
       const runsPerFrame = Math.max(1, Math.floor(Math.min(this.session.peerMaxPayloadBytes, 1 << 20) / 8));
       for (let at = 0; at === 0 || at < missing.length; at += runsPerFrame * 2) {
@@ -741,7 +770,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       const pushAndVerify = async (): Promise<ReturnType<typeof Frame.verified>> => {
         for (;;) {
           this.check();
-          const chunk = scheduler.nextChunk(POSTCOPY_PUSH_PAGES);
+          const chunk = scheduler.nextChunk(postcopyPushPages(pageSize));
           if (chunk.length === 0) break;
           const counters = await sendRegionRound(
               {
@@ -752,8 +781,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
                 chooser,
                 credits: this.credits!,
                 pacer,
-                pipelineDepth: 2,
-                queueBytes: POSTCOPY_WINDOW_BYTES,
+                pipelineDepth: 1,
+                queueBytes: POSTCOPY_WINDOW.minBytes,
               },
               0,
               regions[0]!,
@@ -1011,6 +1040,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     }
 
     this.state.to('committing');
+    // The journal: from the commit on the guest may run there. A restarted agent that finds
+    // this asks the destination before it does anything with the paused copy.
+    options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'commit' } });
     const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'commit confirmation');
     if (dedup) {
       // Once the guest runs there its pages change: nothing planned after this point may
@@ -1026,6 +1058,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     } else {
       this.send(Frame.commit({ migrationId: options.migrationId }));
     }
+    faultCrash('source-after-commit', this.log);
     const committed = await committedP;
     const committedAt = this.clock.now();
     this.state.to('committed');

@@ -69,6 +69,8 @@ export class PeerSession extends EventEmitter {
   private nextTrafficQuery = 1;
   /** A source carrying on a post-copy migration of a broken session here (server role). */
   onReattach: ((frame: ReturnType<typeof Frame.reattach>, session: PeerSession) => void) | undefined;
+  /** A source asking what became of a migration (server role). */
+  onMigrationQuery: ((frame: ReturnType<typeof Frame.migrationQuery>, session: PeerSession) => void) | undefined;
   private lastHeard = performance.now();
   readonly log: Logger;
 
@@ -312,6 +314,12 @@ export class PeerSession extends EventEmitter {
           throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'offer sent to the migrating side');
         }
         this.onOffer(frame as OfferFrame, this);
+        return;
+      case 'migrationQuery':
+        if (this.options.role !== 'server' || !this.onMigrationQuery) {
+          throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'migrationQuery sent to the migrating side');
+        }
+        this.onMigrationQuery(frame as ReturnType<typeof Frame.migrationQuery>, this);
         return;
       case 'reattach':
         if (this.options.role !== 'server' || !this.onReattach) {

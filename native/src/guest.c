@@ -584,13 +584,22 @@ static bool page_in_hole(struct guest *g, struct extent_walk *w, uint64_t p)
 	return p < w->data_start;
 }
 
+/*
+ * Checks every data page once. After a post-copy (holes are pages still on their way) the
+ * pages are visited in a scattered order, as a resumed VM touches its working set all over
+ * its memory: the faults then land away from the source's sequential push.
+ */
 static void resume_check(struct guest *g, bool holes_are_zero)
 {
 	struct guest_header *h = g->h;
 	struct extent_walk walk = {0, 0};
 	h->resume_stale_pages = 0;
 	h->resume_checked_pages = 0;
-	for (uint64_t p = g->first_data_page; p < g->page_count; p++) {
+	const uint64_t data_pages = g->page_count - g->first_data_page;
+	const uint64_t stride = holes_are_zero || data_pages < 2 ? 1 : gw_coprime(data_pages, gw_hash3(h->seed, GW_TAG_PASS, h->resumes));
+	const uint64_t offset = holes_are_zero || data_pages < 2 ? 0 : gw_mix64(h->resumes + h->seed) % data_pages;
+	for (uint64_t i = 0; i < data_pages; i++) {
+		const uint64_t p = g->first_data_page + (offset + stride * i) % data_pages;
 		if (stop_requested)
 			return;
 		bool current;

@@ -3,7 +3,7 @@
 import fc from 'fast-check';
 import { describe, expect, it, test } from 'vitest';
 import type { ConvergenceDecision } from '../../agent/migration/convergence.js';
-import { hybridSwitch, LatencySamples, PostcopyScheduler, PREPAGE_WINDOW_MAX, PREPAGE_WINDOW_MIN } from '../../agent/migration/postcopy.js';
+import { hybridSwitch, LatencySamples, PostcopyScheduler, PREPAGE_WINDOW_MAX, PREPAGE_WINDOW_MIN, WindowTuner } from '../../agent/migration/postcopy.js';
 import { PageSet, runsPageCount, subtractRuns } from '../../agent/tracker/page-set.js';
 
 const pagesOf = (runs: Uint32Array): number[] => {
@@ -165,5 +165,31 @@ describe('LatencySamples', () => {
     for (let i = 1; i <= 1000; i++) samples.add(i);
     expect(samples.summary()).toEqual({ p50Ms: 500, p99Ms: 990, maxMs: 1000 });
     expect(samples.count).toBe(1000);
+  });
+});
+
+describe('WindowTuner', () => {
+  const options = { initialBytes: 256 * 1024, minBytes: 256 * 1024, maxBytes: 4 * 1024 * 1024, targetDelayMs: 10, periodMs: 100 };
+  it('holds the window until a period has passed, then sizes it to the delivery rate with a quarter of headroom', () => {
+    const tuner = new WindowTuner(options, 0);
+    expect(tuner.delivered(1_000_000, 50)).toBe(256 * 1024);
+    // 12.5 MB in 100 ms: 125 MB/s (1 Gbit/s) x 10 ms x 1.25.
+    expect(tuner.delivered(11_500_000, 100)).toBe(Math.round(125e6 * 0.01 * 1.25));
+  });
+  it('stays between its bounds', () => {
+    const tuner = new WindowTuner(options, 0);
+    expect(tuner.delivered(1_000, 100)).toBe(256 * 1024); // a slow link: the floor
+    expect(tuner.delivered(1e9, 200)).toBe(4 * 1024 * 1024); // loopback: the ceiling
+  });
+  it('grows while the window, not the link, limits the delivery rate', () => {
+    // A link of 1 Gbit/s with a 1 ms round trip: the window delivers window/RTT until that
+    // reaches the link; each period it grows by the headroom over the target delay.
+    const tuner = new WindowTuner(options, 0);
+    let window = tuner.bytes;
+    for (let t = 100; t <= 2000; t += 100) {
+      const rate = Math.min(125e6, window / 0.001);
+      window = tuner.delivered(rate * 0.1, t);
+    }
+    expect(window).toBe(Math.round(125e6 * 0.01 * 1.25));
   });
 });

@@ -3,6 +3,7 @@
 // (hybrid), its missing pages follow on demand, and it arrives bit-identical (the digest of
 // the memory received against the paused source's, and the guest's own check of every page).
 import { existsSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { waitForGuestProgress } from '../../agent/cli/demo.js';
 import { loadNative } from '../../agent/native.js';
@@ -94,6 +95,46 @@ describe.skipIf(!canPostcopy)('post-copy between two agents (needs userfaultfd: 
     expect(summary.technique).toBe('hybrid');
     expect(summary.postcopy).toBeUndefined();
     expect(summary.rounds.at(-1).final).toBe(true);
+  });
+
+  it('the source agent dies for good mid post-copy: the destination keeps the guest paused and says so; neither side resumes it', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a');
+    const b = await cluster.agent('b', ['--peer-timeout', '1s', '--postcopy-reattach', '2s']);
+    const name = uniqueName('gone');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--dirty-rate', '16MiB/s', '--profile', 'random'])).exitCode).toBe(0);
+    const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--technique', 'postcopy', '--bandwidth', '8MiB/s', '--json']);
+    const deadline = performance.now() + 30_000;
+    while (!(await b.status()).guests.some((g) => g.name === name && g.incoming)) {
+      if (performance.now() > deadline) throw new Error('post-copy did not start within 30 s');
+      await sleep(20);
+    }
+    await a.kill();
+    await migrating;
+    // The destination waits for its source, then gives up: the guest is kept, paused.
+    let guest;
+    while (!(guest = (await b.status()).guests.find((g) => g.name === name))?.incoming?.stranded) {
+      if (performance.now() > deadline + 30_000) throw new Error(`the destination did not give up: ${JSON.stringify(guest)}`);
+      await sleep(100);
+    }
+    expect(guest!.state).toBe('paused');
+    expect(guest!.incoming!.missingPages).toBeGreaterThan(0);
+    expect(guest!.incoming!.stranded).toMatch(/did not come back within 2 s/);
+    expect(existsSync(guest!.memoryPath)).toBe(true);
+    const text = await cluster.cli(b, ['status']);
+    expect(text.stdout).toMatch(/did not complete: .*pages never came; the guest is kept paused/);
+    const resumeThere = await cluster.cli(b, ['guest', 'resume', name]);
+    expect(resumeThere.exitCode).not.toBe(0);
+    expect(resumeThere.stderr).toMatch(/never received all of its memory/);
+
+    // The source agent comes back: its copy is marked as running there, and stays paused.
+    const again = await cluster.agent('a');
+    const source = (await again.status()).guests.find((g) => g.name === name);
+    expect(source?.outgoing?.to).toBe(b.listen);
+    expect(source?.state).toBe('paused');
+    const resumeHere = await cluster.cli(again, ['guest', 'resume', name]);
+    expect(resumeHere.exitCode).not.toBe(0);
+    expect(resumeHere.stderr).toMatch(/runs at .* since the post-copy switchover/);
   });
 });
 
