@@ -13,6 +13,7 @@ import { ErrorCode, GangwayError, ProtocolError } from '../protocol/errors.js';
 import { DestinationGroup, MAX_GROUPS_PER_SESSION } from './dedup/dest-group.js';
 import { RejectReason, Whereabouts } from '../protocol/codes.js';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { warmUpSwitchover } from './migration/warmup.js';
 import { Frame } from '../protocol/index.js';
 import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
 import { GUEST_PAGE_SIZE } from './guest/guest-header.js';
@@ -159,6 +160,7 @@ export class Agent {
     const dead = this.registry.load();
     if (dead.length > 0) this.log.warn({ guests: dead }, 'guests in the registry are no longer running; dropped');
     this.calibrateDigest();
+    warmUpSwitchover();
     await this.startPeerServer();
     this.traffic = new TrafficService({
       config: this.config.traffic ?? resolveTrafficConfig(undefined),

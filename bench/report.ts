@@ -11,19 +11,23 @@ export function markdownTable(headers: string[], rows: (string | number)[][]): s
   return [line(headers), line(headers.map(() => '---')), ...rows.map(line)].join('\n');
 }
 
-/** A horizontal bar chart, one bar per label. */
-export function barChartSvg(title: string, unit: string, bars: { label: string; value: number }[]): string {
+/**
+ * A horizontal bar chart, one bar per label. `logScale`: bar lengths follow log10(1 + value),
+ * for figures that span milliseconds to seconds in one chart (the labels keep the values).
+ */
+export function barChartSvg(title: string, unit: string, bars: { label: string; value: number }[], options: { logScale?: boolean } = {}): string {
   const width = 760;
   const barHeight = 26;
   const left = 300;
   const top = 40;
-  const max = Math.max(...bars.map((b) => b.value), 1e-9);
+  const scale = options.logScale ? (v: number) => Math.log10(1 + Math.max(0, v)) : (v: number) => v;
+  const max = Math.max(...bars.map((b) => scale(b.value)), 1e-9);
   const height = top + bars.length * (barHeight + 8) + 20;
   const escape = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;');
   const rows = bars
     .map((bar, i) => {
       const y = top + i * (barHeight + 8);
-      const w = ((width - left - 90) * bar.value) / max;
+      const w = ((width - left - 90) * scale(bar.value)) / max;
       return (
         `<text x="${left - 8}" y="${y + 18}" text-anchor="end" font-size="13">${escape(bar.label)}</text>` +
         `<rect x="${left}" y="${y}" width="${w.toFixed(1)}" height="${barHeight}" fill="#3b7dd8"/>` +

@@ -453,8 +453,10 @@ export class DestinationMigration implements FrameHandler {
     const missing = this.missingIn?.toRuns() ?? new Uint32Array(0);
     this.missingIn = undefined;
     let journaled = false;
+    const t: Record<string, number> = { start: performance.now() };
     try {
       this.native.punchHoles(region.fd, missing, region.pageSizeBytes);
+      t.punched = performance.now();
       this.native.tmpfileLink(region.fd, this.memoryPath);
       const receiver = new PostcopyReceiver(
         region,
@@ -469,12 +471,15 @@ export class DestinationMigration implements FrameHandler {
       let attached!: () => void;
       this.postcopyAttached = new Promise((resolve) => (attached = resolve));
       this.postcopyStartedAt = performance.now();
+      t.receiver = performance.now();
       this.ctx.registry.add(this.guestRecord(standby.pid, { migrationId: this.offer.migrationId, missingPages: runsPageCountOf(missing) }));
       journaled = true;
+      t.journaled = performance.now();
       standby.go();
       const got = await this.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
         throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy: ${err.message}`);
       });
+      t.uffd = performance.now();
       closeSync(this.uffdSocket);
       this.uffdSocket = -1;
       if (got.length !== region.lengthBytes) {
@@ -485,6 +490,8 @@ export class DestinationMigration implements FrameHandler {
       this.postcopy = receiver;
       attached();
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
+      t.running = runningAt;
+      this.log.debug(Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), 'post-copy start: ms after the switch frame');
       this.guestStartedHere = true;
       this.state = transition(this.state, { type: 'sentPostcopyRunning' });
       this.session.send(Frame.committed({ migrationId: this.offer.migrationId, resumeToSendMs: performance.now() - runningAt }));

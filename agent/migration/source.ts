@@ -716,11 +716,14 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       await guest.pause();
       const pausedAt = this.clock.now();
       this.send(Frame.pause({ migrationId: options.migrationId }));
+      const T: Record<string, number> = { paused: this.clock.now() };
       const stale = technique === 'postcopy' ? pending : mergeRuns(mergeRuns(pending, await this.collect(tracker), pageCount), takeWanted(), pageCount);
       const eager = guest.eagerRuns();
       const missing = subtractRuns(stale, eager, pageCount);
       const missingPages = runsPageCount(missing);
+      T.subtract = this.clock.now();
       const scheduler = new PostcopyScheduler(pageCount, missing);
+      T.scheduler = this.clock.now();
       const serveBytes = Math.min(POSTCOPY_BATCH_BYTES, this.session.peerMaxPayloadBytes);
       this.postcopyServe = {
         scheduler,
@@ -737,12 +740,15 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       this.credits = new CreditWindow(POSTCOPY_WINDOW_BYTES);
       const targetDelayMs = Math.max(POSTCOPY_TARGET_DELAY_MS, 2 * switchoverRttMs);
       this.windowTuner = new WindowTuner({ ...POSTCOPY_WINDOW, targetDelayMs }, this.clock.now());
+      T.pre = this.clock.now();
       this.sendNow(this.postcopyServe, eager);
+      T.eager = this.clock.now();
       this.postcopyServe.faultPages = 0;
       this.state.to('postcopy-switch');
       // From here the destination may run the guest: the record says so, so that nothing
       // (an operator, this agent after a restart) resumes this copy.
       options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'postcopy' } });
+      T.journal = this.clock.now();
       const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'post-copy start confirmation');
       const runsPerFrame = Math.max(1, Math.floor(Math.min(this.session.peerMaxPayloadBytes, 1 << 20) / 8));
       for (let at = 0; at === 0 || at < missing.length; at += runsPerFrame * 2) {
@@ -750,6 +756,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         this.send(Frame.postcopy({ migrationId: options.migrationId, region: 0, more: at + runsPerFrame * 2 < missing.length, missing: chunk }));
       }
       const switchSentAt = this.clock.now();
+      T.sent = switchSentAt;
+      this.log.debug(Object.fromEntries(Object.entries(T).map(([k, v]) => [k, Math.round((v - T.paused!) * 100) / 100])), 'post-copy switchover: ms after the pause');
       const committed = await committedP;
       const committedAt = this.clock.now();
       this.state.to('postcopy');

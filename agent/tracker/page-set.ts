@@ -28,10 +28,13 @@ export class PageSet {
     let page = firstPage;
     for (; page < end && (page & 7) !== 0; page++) this.add(page);
     // Whole bytes at a time in the middle (a post-copy set is one run of the whole guest).
-    for (; page + 8 <= end; page += 8) {
-      const byte = page >>> 3;
-      this.count += 8 - popcount8(this.bits[byte]!);
-      this.bits[byte] = 0xff;
+    const firstByte = page >>> 3;
+    const endByte = (end - (end - page) % 8) >>> 3;
+    if (endByte > firstByte) {
+      if (this.count > 0) for (let byte = firstByte; byte < endByte; byte++) this.count -= popcount8(this.bits[byte]!);
+      this.count += (endByte - firstByte) * 8;
+      this.bits.fill(0xff, firstByte, endByte);
+      page = endByte * 8;
     }
     for (; page < end; page++) this.add(page);
   }
@@ -101,15 +104,28 @@ export class PageSet {
   }
 }
 
-/** The pages of `runs` that are not in `minus`, as runs. */
+/**
+ * The pages of `runs` that are not in `minus`, as ascending runs. Both are ascending,
+ * non-overlapping runs (as PageSet.toRuns gives them): a sweep over the runs, so a whole
+ * guest minus a page costs nothing (the post-copy switchover does this while paused).
+ */
 export function subtractRuns(runs: Uint32Array, minus: Uint32Array, pageCount: number): Uint32Array {
-  const set = new PageSet(pageCount);
-  set.addRuns(runs);
-  for (let i = 0; i + 1 < minus.length; i += 2) {
-    const end = Math.min(minus[i]! + minus[i + 1]!, pageCount);
-    for (let page = minus[i]!; page < end; page++) set.delete(page);
+  const out: number[] = [];
+  let j = 0;
+  for (let i = 0; i + 1 < runs.length; i += 2) {
+    let from = runs[i]!;
+    const end = Math.min(runs[i]! + runs[i + 1]!, pageCount);
+    while (from < end) {
+      while (j + 1 < minus.length && minus[j]! + minus[j + 1]! <= from) j += 2;
+      if (j + 1 >= minus.length || minus[j]! >= end) {
+        out.push(from, end - from);
+        break;
+      }
+      if (minus[j]! > from) out.push(from, minus[j]! - from);
+      from = minus[j]! + minus[j + 1]!;
+    }
   }
-  return set.toRuns();
+  return Uint32Array.from(out);
 }
 
 export function runsPageCount(runs: Uint32Array): number {

@@ -356,16 +356,23 @@ static void setup_model(struct guest *g)
 			gw_fill_text(m->common[k], gw_hash3(h->seed, GW_TAG_COMMON, k));
 	}
 	g->scratch = xmalloc(GUEST_PAGE_SIZE, "scratch page");
+	g->pass_of_ab = UINT64_MAX;
+}
 
-	g->hot_count = 0;
-	for (uint64_t p = g->first_data_page; p < g->page_count; p++)
-		g->hot_count += gw_hash3(h->seed, GW_TAG_HOT, p) % 1000 < h->hot_permille;
-	g->hot = xmalloc(g->hot_count * sizeof(uint32_t), "hot page list");
+/*
+ * The hot set (the pages this guest rewrites), derived from the seed in one pass. A resumed
+ * guest computes it after it announces that it runs: it is the program's own cache, work a
+ * resumed VM would do on its own CPU, not part of bringing the guest back.
+ */
+static void setup_hot_list(struct guest *g)
+{
+	struct guest_header *h = g->h;
+	g->hot = xmalloc((g->page_count - g->first_data_page + 1) * sizeof(uint32_t), "hot page list");
 	uint64_t n = 0;
 	for (uint64_t p = g->first_data_page; p < g->page_count; p++)
 		if (gw_hash3(h->seed, GW_TAG_HOT, p) % 1000 < h->hot_permille)
 			g->hot[n++] = (uint32_t)p;
-	g->pass_of_ab = UINT64_MAX;
+	g->hot_count = n;
 }
 
 static const uint8_t zero_page[GUEST_PAGE_SIZE];
@@ -484,6 +491,7 @@ static void create_guest(struct guest *g, const struct options *o)
 	h->dirty_rate_bytes_per_sec = o->dirty_rate;
 	h->inflight_page = GUEST_NO_INFLIGHT;
 	setup_model(g);
+	setup_hot_list(g);
 	h->hot_page_count = g->hot_count;
 	/* Data pages go in with pwrite, in runs of non-zero pages: on tmpfs that costs a
 	 * fraction of faulting every page of the mapping, and zero pages stay holes. */
@@ -526,14 +534,18 @@ static void advance_cursor(struct guest *g)
 	h->pass_cursor = next;
 }
 
-/* A write interrupted by a stop (the file was copied mid-write): finish it exactly once. */
-static void complete_inflight(struct guest *g)
+/*
+ * A write interrupted by a stop (the file was copied mid-write): finish it exactly once.
+ * Returns whether the pass cursor owes the step that write would have taken (taken once the
+ * hot set is known).
+ */
+static bool complete_inflight(struct guest *g)
 {
 	struct guest_header *h = g->h;
 	uint64_t page = h->inflight_page;
 	uint32_t v = h->inflight_version;
 	if (page == GUEST_NO_INFLIGHT)
-		return;
+		return false;
 	if (page < g->first_data_page || page >= g->page_count ||
 	    (g->version[page] != v && g->version[page] + 1 != v) || v == 0) {
 		fprintf(stderr,
@@ -541,7 +553,7 @@ static void complete_inflight(struct guest *g)
 			g->path, page, v);
 		h->meta_errors++;
 		h->inflight_page = GUEST_NO_INFLIGHT;
-		return;
+		return false;
 	}
 	write_page_content(g, page, v);
 	g->version[page] = v;
@@ -552,8 +564,7 @@ static void complete_inflight(struct guest *g)
 	BARRIER();
 	__atomic_store_n(&h->inflight_page, GUEST_NO_INFLIGHT, __ATOMIC_RELEASE);
 	BARRIER();
-	if (g->hot_count > 0)
-		advance_cursor(g);
+	return true;
 }
 
 /*
@@ -768,23 +779,29 @@ static int cmd_run(const struct options *o)
 	open_and_map(&g, o);
 	struct guest_header *h = g.h;
 	bool resuming = !o->create;
+	bool owed_step = false;
 	if (o->create) {
 		create_guest(&g, o);
 	} else {
 		setup_model(&g);
+		owed_step = complete_inflight(&g);
+		h->resumes++;
+		if (o->have_dirty_rate)
+			h->dirty_rate_bytes_per_sec = o->dirty_rate;
+	}
+	announce_running();
+	if (resuming) {
+		setup_hot_list(&g);
 		if (h->hot_page_count != g.hot_count) {
 			fprintf(stderr, "gangway-guest: %s: header says %" PRIu64 " hot pages, the seed gives %" PRIu64 "\n",
 				g.path, h->hot_page_count, g.hot_count);
 			h->meta_errors++;
 			h->hot_page_count = g.hot_count;
 		}
-		complete_inflight(&g);
-		h->resumes++;
+		if (owed_step && g.hot_count > 0)
+			advance_cursor(&g);
 		h->passes_at_resume = h->passes;
-		if (o->have_dirty_rate)
-			h->dirty_rate_bytes_per_sec = o->dirty_rate;
 	}
-	announce_running();
 	if (resuming)
 		resume_check(&g, !o->postcopy);
 	run_loop(&g);

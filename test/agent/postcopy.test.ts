@@ -39,6 +39,21 @@ describe('PageSet', () => {
     );
   });
 
+  it('subtractRuns agrees with a set difference (property)', () => {
+    const runsOf = (pages: number[]) => {
+      const set = new PageSet(400);
+      for (const p of pages) set.add(p);
+      return set.toRuns();
+    };
+    fc.assert(
+      fc.property(fc.array(fc.nat(399)), fc.array(fc.nat(399)), (a, b) => {
+        const expected = [...new Set(a)].filter((p) => !b.includes(p)).sort((x, y) => x - y);
+        expect(pagesOf(subtractRuns(runsOf(a), runsOf(b), 400))).toEqual(expected);
+      }),
+      { numRuns: 300 },
+    );
+  });
+
   it('subtractRuns', () => {
     expect([...subtractRuns(Uint32Array.of(0, 10, 20, 5), Uint32Array.of(0, 1, 8, 14), 30)]).toEqual([1, 7, 22, 3]);
     expect(runsPageCount(subtractRuns(Uint32Array.of(0, 100), Uint32Array.of(0, 100), 100))).toBe(0);
