@@ -6,7 +6,7 @@ import { isAbsolute, join } from 'node:path';
 import { parseDocument } from 'yaml';
 import { z } from 'zod';
 import { ErrorCode, GangwayError } from '../protocol/errors.js';
-import { parseDurationMs, QuantityError } from './units.js';
+import { parseDurationMs, parseRate, QuantityError } from './units.js';
 import { allowEntryProblem } from './peer/allowlist.js';
 import { isLoopbackHost, type PeerTransport } from './peer/tls.js';
 import { resolveControlGroup, type ControlGroup } from './control/group.js';
@@ -28,6 +28,52 @@ const duration = z.union([z.number().min(0), z.string()]).transform((value, ctx)
     return z.NEVER;
   }
 });
+
+/** A rate in bytes per second: a number, or text such as "1Gbit/s" or "100MiB/s". */
+const rate = z.union([z.number().positive(), z.string()]).transform((value, ctx) => {
+  let bytesPerSec: number;
+  try {
+    bytesPerSec = typeof value === 'number' ? value : parseRate(value, 'rate');
+  } catch (err) {
+    ctx.addIssue({ code: 'custom', message: err instanceof QuantityError ? err.message : String(err) });
+    return z.NEVER;
+  }
+  if (!(bytesPerSec > 0)) {
+    ctx.addIssue({ code: 'custom', message: 'must be a rate above 0, e.g. 1Gbit/s or 100MiB/s' });
+    return z.NEVER;
+  }
+  return bytesPerSec;
+});
+/** A share of the link, above 0 and below 1 (environment variables give it as text). */
+const SHARE_RULE = 'must be a number above 0 and below 1, e.g. 0.7';
+const share = z.preprocess(
+  (value) => (typeof value === 'string' && /^\s*\d*\.?\d+\s*$/.test(value) ? Number(value) : value),
+  z.number({ error: SHARE_RULE }).gt(0, SHARE_RULE).lt(1, SHARE_RULE),
+);
+
+export const PRIORITIES = ['high', 'medium', 'low'] as const;
+/** Linux interface names: 1 to 15 characters, no '/', ':' or whitespace. */
+export const INTERFACE_NAME_PATTERN = /^[A-Za-z0-9_.-]{1,15}$/;
+const INTERFACE_NAME_RULE = "must be an interface name: 1 to 15 letters, digits, '_', '.' or '-'";
+
+/**
+ * Bandwidth control (seed paper 003): the uplink the guests and migrations share, and the
+ * workload's SLA. Contention is high from `contention.high` of the link, moderate from
+ * `contention.moderate`, low below that.
+ */
+export const TrafficSettingsSchema = z
+  .object({
+    uplink: z.string().regex(INTERFACE_NAME_PATTERN, INTERFACE_NAME_RULE),
+    linkCapacity: rate,
+    slaLower: rate,
+    slaUpper: rate,
+    contention: z.object({ high: share, moderate: share }).partial().strict(),
+    priority: z.enum(PRIORITIES),
+    sampleInterval: duration.pipe(z.number().min(100, 'must be at least 100ms').max(60_000, 'must be at most 60s')),
+  })
+  .partial()
+  .strict();
+export type TrafficSettings = z.infer<typeof TrafficSettingsSchema>;
 
 const allowEntry = z.string().superRefine((entry, ctx) => {
   const problem = entry === '' ? 'is empty (a CN or sha256:FINGERPRINT is needed)' : allowEntryProblem(entry);
@@ -91,6 +137,7 @@ export const ConfigFileSchema = z
     control: ControlSettingsSchema,
     tls: TlsSettingsSchema,
     insecurePlaintextLoopback: z.boolean({ error: 'must be true or false' }),
+    traffic: TrafficSettingsSchema,
   })
   .partial()
   .strict();
@@ -131,6 +178,14 @@ export const ENV_OVERRIDES = {
   GANGWAY_TLS_CA: 'tls.ca',
   /** Comma-separated. */
   GANGWAY_TLS_ALLOW: 'tls.allow',
+  GANGWAY_TRAFFIC_UPLINK: 'traffic.uplink',
+  GANGWAY_TRAFFIC_LINK_CAPACITY: 'traffic.linkCapacity',
+  GANGWAY_TRAFFIC_SLA_LOWER: 'traffic.slaLower',
+  GANGWAY_TRAFFIC_SLA_UPPER: 'traffic.slaUpper',
+  GANGWAY_TRAFFIC_CONTENTION_HIGH: 'traffic.contention.high',
+  GANGWAY_TRAFFIC_CONTENTION_MODERATE: 'traffic.contention.moderate',
+  GANGWAY_TRAFFIC_PRIORITY: 'traffic.priority',
+  GANGWAY_TRAFFIC_SAMPLE_INTERVAL: 'traffic.sampleInterval',
 } as const;
 
 const ENV_NAME_OF: Record<string, string> = Object.fromEntries(Object.entries(ENV_OVERRIDES).map(([name, key]) => [key, name]));
@@ -142,7 +197,7 @@ function describeIssues(where: string, error: z.ZodError, input: unknown, label:
     .map((issue) => {
       if (issue.code === 'unrecognized_keys') {
         const allowed = Object.keys(ConfigFileSchema.shape).join(', ');
-        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; control takes group, listen, tokenFile; tls takes cert, key, ca, allow)`;
+        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; control takes group, listen, tokenFile; tls takes cert, key, ca, allow; traffic takes ${Object.keys(TrafficSettingsSchema.shape).join(', ')}; traffic.contention takes high, moderate)`;
       }
       let value: unknown = input;
       for (const part of issue.path) value = (value as Record<PropertyKey, unknown> | undefined)?.[part as PropertyKey];
@@ -200,9 +255,11 @@ export function configFromEnv(env: NodeJS.ProcessEnv): ConfigLayer {
     const text = env[name];
     if (text === undefined || text === '') continue;
     const value = key === 'tls.allow' ? text.split(',').map((entry) => entry.trim()) : text;
-    const [outer, inner] = key.split('.') as [string, string | undefined];
-    if (inner === undefined) data[outer] = value;
-    else data[outer] = { ...(data[outer] as object | undefined), [inner]: value };
+    // Dotted keys build the nested mapping: traffic.contention.high → { traffic: { contention: { high } } }.
+    const path = key.split('.');
+    let into = data;
+    for (const part of path.slice(0, -1)) into = (into[part] ??= {}) as Record<string, unknown>;
+    into[path.at(-1)!] = value;
   }
   const result = ConfigLayerSchema.safeParse(data);
   if (!result.success) throw new GangwayError(ErrorCode.BAD_REQUEST, describeIssues('environment', result.error, data, envLabel));
@@ -211,16 +268,27 @@ export function configFromEnv(env: NodeJS.ProcessEnv): ConfigLayer {
 
 const isSection = (value: unknown): value is Record<string, unknown> => typeof value === 'object' && value !== null && !Array.isArray(value);
 
+/** A later value over an earlier one: sections setting by setting, at any depth; undefined settings leave the earlier one. */
+function mergeSetting(earlier: unknown, later: unknown): unknown {
+  if (!isSection(later) || !isSection(earlier)) return later;
+  const merged: Record<string, unknown> = { ...earlier };
+  for (const [key, value] of Object.entries(later)) {
+    if (value !== undefined) merged[key] = mergeSetting(merged[key], value);
+  }
+  return merged;
+}
+
 /**
- * Later sources win: defaults < file < environment < flags. Sections (metrics, control, tls)
- * merge setting by setting; a list (tls.allow) is replaced whole.
+ * Later sources win: defaults < file < environment < flags. Sections (metrics, control, tls,
+ * traffic) merge setting by setting, nested ones too (traffic.contention); a list (tls.allow)
+ * is replaced whole.
  */
 export function mergeConfig(...layers: ConfigLayer[]): ConfigLayer {
   const merged: Record<string, unknown> = {};
   for (const layer of layers) {
     for (const [key, value] of Object.entries(layer)) {
       if (value === undefined) continue;
-      merged[key] = isSection(value) && isSection(merged[key]) ? { ...merged[key], ...value } : value;
+      merged[key] = mergeSetting(merged[key], value);
     }
   }
   return merged as ConfigLayer;
@@ -267,6 +335,70 @@ export function resolveControlAccess(control: ConfigLayer['control'], stateDir: 
   }
   const listen = control?.listen;
   return { group, listen, tokenFile: listen === undefined ? undefined : (control?.tokenFile ?? join(stateDir, 'control.token')) };
+}
+
+/** The traffic settings an agent runs with, in its units (see TrafficSettingsSchema). */
+export interface TrafficConfig {
+  /** The uplink; without it the agent neither measures nor shapes. */
+  uplink: string | undefined;
+  linkBytesPerSec: number | undefined;
+  slaLowerBytesPerSec: number | undefined;
+  slaUpperBytesPerSec: number | undefined;
+  highContention: number;
+  moderateContention: number;
+  priority: (typeof PRIORITIES)[number];
+  sampleIntervalMs: number;
+}
+
+export const TRAFFIC_DEFAULTS = {
+  highContention: 0.7,
+  moderateContention: 0.3,
+  priority: 'medium',
+  sampleIntervalMs: 1000,
+  /** Without slaLower / slaUpper: these shares of the link. */
+  slaLowerShare: 0.1,
+  slaUpperShare: 0.5,
+} as const;
+
+/**
+ * Checks the traffic settings against each other once every layer is merged, naming the
+ * settings involved: an uplink needs a capacity; slaLower ≤ slaUpper ≤ linkCapacity;
+ * contention.moderate < contention.high.
+ */
+export function resolveTrafficConfig(settings: TrafficSettings | undefined): TrafficConfig {
+  const t = settings ?? {};
+  const problems: string[] = [];
+  if (t.uplink !== undefined && t.linkCapacity === undefined) {
+    problems.push(`'traffic.linkCapacity' is missing: 'traffic.uplink' (${t.uplink}) needs its capacity, e.g. 1Gbit/s`);
+  }
+  const link = t.linkCapacity;
+  const lower = t.slaLower ?? (link === undefined ? undefined : link * TRAFFIC_DEFAULTS.slaLowerShare);
+  const upper = t.slaUpper ?? (link === undefined ? undefined : Math.max(lower ?? 0, link * TRAFFIC_DEFAULTS.slaUpperShare));
+  if (lower !== undefined && upper !== undefined && lower > upper) {
+    problems.push(`'traffic.slaLower' (${lower} bytes/s) is above 'traffic.slaUpper' (${upper} bytes/s): the lower limit must not exceed the upper`);
+  }
+  if (link !== undefined && upper !== undefined && upper > link) {
+    problems.push(`'traffic.slaUpper' (${upper} bytes/s) is above 'traffic.linkCapacity' (${link} bytes/s)`);
+  }
+  if ((t.slaLower !== undefined || t.slaUpper !== undefined) && link === undefined) {
+    problems.push("'traffic.slaLower' and 'traffic.slaUpper' need 'traffic.linkCapacity'");
+  }
+  const high = t.contention?.high ?? TRAFFIC_DEFAULTS.highContention;
+  const moderate = t.contention?.moderate ?? TRAFFIC_DEFAULTS.moderateContention;
+  if (moderate >= high) {
+    problems.push(`'traffic.contention.moderate' (${moderate}) must be below 'traffic.contention.high' (${high})`);
+  }
+  if (problems.length > 0) throw new GangwayError(ErrorCode.BAD_REQUEST, problems.join('\n'));
+  return {
+    uplink: t.uplink,
+    linkBytesPerSec: link,
+    slaLowerBytesPerSec: lower,
+    slaUpperBytesPerSec: upper,
+    highContention: high,
+    moderateContention: moderate,
+    priority: t.priority ?? TRAFFIC_DEFAULTS.priority,
+    sampleIntervalMs: t.sampleInterval ?? TRAFFIC_DEFAULTS.sampleIntervalMs,
+  };
 }
 
 /**

@@ -31,12 +31,15 @@ import type { ProcessGuest } from './guest/process-guest.js';
 import { connectPeer, DEFAULT_DEAD_AFTER_MS, PeerSession, type GroupFrame } from './peer/session.js';
 import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
-import { CONFIG_DEFAULTS } from './config.js';
+import { CONFIG_DEFAULTS, resolveTrafficConfig, type TrafficConfig } from './config.js';
+import { TrafficService } from './traffic/service.js';
+import type { Priority } from './planner/planner.js';
+import type { MigrationPlan } from './planner/plan-for.js';
 import { describeTlsError, hostOf, isLoopbackHost, loadTlsMaterial, REFUSAL_HEADER, refusePeer, type PeerTransport, type Refusal, type TlsMaterial } from './peer/tls.js';
 
 /** What this agent offers in its hello; a feature is used when both sides list it. */
 /** What this agent does, as its hello says; 'postcopy' only where the guest's memory can take userfaultfd. */
-const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'repair', ...(loadNative().uffdProbe() ? ['postcopy'] : [])];
+const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'repair', 'traffic', ...(loadNative().uffdProbe() ? ['postcopy'] : [])];
 
 /** auto: hybrid where the destination can post-copy (pre-copy first, post-copy only if that does not converge), else pre-copy. */
 export function resolveTechnique(requested: MigrateRequest['technique'], peerFeatures: readonly string[]): 'precopy' | 'postcopy' | 'hybrid' {
@@ -59,6 +62,8 @@ export interface AgentConfig {
   shutdownGraceMs: number;
   /** Mutual TLS with an allowlist, or plain ws on loopback (asked for by name). */
   transport: PeerTransport;
+  /** Bandwidth control (uplink, capacity, SLA); without it nothing is measured or shaped. */
+  traffic?: TrafficConfig;
   /** A peer session silent this long is dead (see SessionOptions.deadAfterMs). */
   peerTimeoutMs: number;
   /** How long a post-copy destination whose source link broke waits for the source to come back. */
@@ -121,6 +126,8 @@ export class Agent {
   private digestBytesPerSec = 8e9;
   private readonly startedAt = Date.now();
   readonly metrics = new AgentMetrics();
+  /** The traffic monitor and shaper; created by start() once the peer port is known. */
+  traffic!: TrafficService;
   listenAddress = '';
   /** Where /metrics is served, once it is. */
   metricsAddress: string | undefined;
@@ -155,6 +162,14 @@ export class Agent {
     this.calibrateDigest();
     warmUpSwitchover();
     await this.startPeerServer();
+    this.traffic = new TrafficService({
+      config: this.config.traffic ?? resolveTrafficConfig(undefined),
+      peerPort: Number(this.listenAddress.slice(this.listenAddress.lastIndexOf(':') + 1)),
+      guests: () => this.registry.list().map(({ record }) => ({ name: record.name, tap: record.tap })),
+      log: this.log.child({ component: 'traffic' }),
+      metrics: this.metrics,
+    });
+    await this.traffic.start();
     this.log.info({ agentId: this.id, listen: this.listenAddress, stateDir: this.config.stateDir }, 'agent listening');
     // Guests whose migration was at its switchover when the previous run of this agent
     // ended: ask their destination what became of them before anything else happens.
@@ -331,6 +346,7 @@ export class Agent {
       });
       session.onOffer = (offer) => this.onOffer(offer, session);
       session.onGroupFrame = (frame) => this.onGroupFrame(frame, session, groups);
+      session.onTrafficQuery = () => this.traffic.report();
       session.onReattach = (frame) => this.onReattach(frame.migrationId, session);
       session.onMigrationQuery = (frame) => void this.answerQuery(frame.migrationId, session);
     });
@@ -451,8 +467,10 @@ export class Agent {
   }
 
   // ── guests ─────────────────────────────────────────────────────────────────────────
-  async startGuest(name: string, spec: ProcessGuestSpec): Promise<{ name: string; pid: number; memoryPath: string }> {
+  async startGuest(name: string, spec: ProcessGuestSpec, tap?: string): Promise<{ name: string; pid: number; memoryPath: string }> {
     if (this.shuttingDown) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
+    const tapOwner = tap === undefined ? undefined : this.registry.list().find(({ record }) => record.tap === tap);
+    if (tapOwner) throw new GangwayError(ErrorCode.BAD_REQUEST, `TAP device ${tap} is already guest ${tapOwner.record.name}'s`);
     if (spec.memoryBytes % GUEST_PAGE_SIZE !== 0) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `memory size ${spec.memoryBytes} is not a multiple of ${GUEST_PAGE_SIZE} bytes`);
     }
@@ -471,6 +489,7 @@ export class Agent {
         spec,
         origin: { kind: 'started' },
         startedAt: new Date().toISOString(),
+        ...(tap === undefined ? {} : { tap }),
       });
       this.log.info({ guest: name, pid: launched.pid, memoryBytes: spec.memoryBytes }, 'guest started');
       return { name, pid: launched.pid, memoryPath: files.memoryPath };
@@ -637,6 +656,18 @@ export class Agent {
    * summary and the totals when at least one guest moved; throws the first error when none did.
    */
   async migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
+    // The bandwidth hook: the shaper applies --bandwidth, or Algorithm 2 at traffic.priority,
+    // on the uplink while the migration runs (a no-op without root, tc or an uplink).
+    const hold = await this.traffic.hold({ peerPort: Number(request.to.slice(request.to.lastIndexOf(':') + 1)), bandwidthBytesPerSec: request.bandwidthBytesPerSec });
+    if (hold.applied) this.log.info({ to: request.to, reason: hold.reason }, 'migration bandwidth reserved on the uplink');
+    try {
+      return await this.migrateGuests(request, onProgress);
+    } finally {
+      await hold.stop().catch((err: Error) => this.log.warn({ err: err.message }, 'releasing the bandwidth reservation failed'));
+    }
+  }
+
+  private async migrateGuests(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
     if (this.shuttingDown) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
     if (new Set(request.guests).size !== request.guests.length) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `a guest is named twice in ${request.guests.join(' ')}`);
@@ -800,6 +831,32 @@ export class Agent {
     }
   }
 
+  /**
+   * The plan for migrating `guests` to the agent at `to` (gangway plan): each guest's
+   * technique, strategy, order and reserved rate with the planner's reasons, from this
+   * agent's traffic and the destination's (asked over the peer session). Migrates nothing.
+   */
+  async planFor(guests: string[], priority: Priority | undefined, to: string): Promise<MigrationPlan> {
+    if (new Set(guests).size !== guests.length) throw new GangwayError(ErrorCode.BAD_REQUEST, `a guest is named twice in ${guests.join(' ')}`);
+    for (const name of guests) this.registry.get(name);
+    if (to === this.listenAddress) throw new GangwayError(ErrorCode.BAD_REQUEST, `--to ${to} is this agent itself`);
+    const session = await this.session(to);
+    let destination: { rates: { rxBytesPerSec: number; txBytesPerSec: number } | undefined; reason?: string };
+    if (!session.peer?.features.includes('traffic')) {
+      destination = { rates: undefined, reason: `the agent at ${to} does not report its traffic (no 'traffic' feature)` };
+    } else {
+      try {
+        const report = await session.queryTraffic();
+        destination = report.measured
+          ? { rates: { rxBytesPerSec: report.rxBytesPerSec, txBytesPerSec: report.txBytesPerSec } }
+          : { rates: undefined, reason: `the agent at ${to} measures nothing: ${report.reason}` };
+      } catch (err) {
+        destination = { rates: undefined, reason: `the agent at ${to} did not report its traffic: ${(err as Error).message}` };
+      }
+    }
+    return this.traffic.plan(guests, priority, destination);
+  }
+
   /** Cancels an outgoing migration by id or unique id prefix; its guest keeps running here. */
   cancelMigration(idOrPrefix: string): string {
     const matches = [...this.outgoing.entries()].filter(([id]) => id.startsWith(idOrPrefix));
@@ -844,6 +901,8 @@ export class Agent {
     }
     this.wss?.close();
     await new Promise<void>((resolve) => (this.peerServer ? this.peerServer.close(() => resolve()) : resolve()));
+    // The accounting chain and the shaper go with the agent.
+    await this.traffic?.stop();
     this.log.info('agent stopped');
   }
 }

@@ -11,10 +11,13 @@ import { checkSocketPath, secureStateDir } from './control/access.js';
 import { loadOrCreateToken } from './control/token.js';
 import { Agent, controlSocketInUse, controlSocketPath, DEFAULT_AGENT_CONFIG, type AgentConfig } from './daemon.js';
 import { createLogger } from './log.js';
-import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, loadConfigFile, LOG_LEVELS, mergeConfig, resolveControlAccess, resolvePeerTransport, TRACKERS } from './config.js';
+import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, INTERFACE_NAME_PATTERN, loadConfigFile, LOG_LEVELS, mergeConfig, PRIORITIES, resolveControlAccess, resolvePeerTransport, resolveTrafficConfig, TRACKERS } from './config.js';
 import { SystemdNotifier } from './systemd.js';
 import type { MigrationProgress } from './migration/source.js';
 import { groupProgressLine, groupSummaryText } from './cli/format.js';
+import { planText, trafficText } from './cli/traffic-format.js';
+import type { TrafficStatus } from './traffic/service.js';
+import type { MigrationPlan } from './planner/plan-for.js';
 import { runDemo } from './cli/demo.js';
 import { checkDays, DEFAULT_CA_DAYS, DEFAULT_HOST_DAYS, initCa, issueHostCert, type CertResult } from './cli/certs.js';
 import { parseBytes, parseDurationMs, parseRate, QuantityError } from './units.js';
@@ -85,7 +88,7 @@ const program = new Command('gangway')
 program
   .command('agent')
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
-  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback)')
+  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval)')
   .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags), print it and exit')
   .option('--listen <host:port>', `address for peer agents [${CONFIG_DEFAULTS.listen}]`)
   .option('--state-dir <dir>', `the agent state directory [${DEFAULT_STATE_DIR}]`)
@@ -104,6 +107,8 @@ program
   .option('--tls-ca <file>', 'the CA that signs agent certificates (PEM), tls.ca')
   .option('--tls-allow <entry>', 'a peer this agent accepts: certificate CN or sha256:FINGERPRINT (repeat for more), tls.allow', (entry: string, list: string[] = []) => [...list, entry])
   .option('--insecure-plaintext-loopback', 'no TLS: plain ws, only on a loopback listen address and only to loopback peers')
+  .option('--uplink <interface>', 'the uplink guests and migrations share: measured, and shaped when root (traffic.uplink)')
+  .option('--link-capacity <rate>', "the uplink's capacity, e.g. 1Gbit/s (traffic.linkCapacity)")
   .action(async (opts) => {
     let settings: ReturnType<typeof resolveAgentSettings>;
     try {
@@ -147,6 +152,7 @@ program
       ...(opts.peerTimeout !== undefined ? { peerTimeoutMs: opts.peerTimeout } : {}),
       ...(opts.postcopyReattach !== undefined ? { postcopyReattachMs: opts.postcopyReattach } : {}),
       transport: settings.transport,
+      traffic: settings.traffic,
     };
     const agent = new Agent(config, log);
     const controlServers: Server[] = [];
@@ -197,10 +203,14 @@ program
     systemd.ready(`listening on ${agent.listenAddress}`);
   });
 
-/** `--metrics-listen` for metrics.listen, `--tls-allow` for tls.allow.0, `--control-token-file` for control.tokenFile. */
+/**
+ * `--metrics-listen` for metrics.listen, `--tls-allow` for tls.allow.0, `--control-token-file`
+ * for control.tokenFile, `--link-capacity` for traffic.linkCapacity.
+ */
 function flagOf(path: PropertyKey[]): string {
   const [section, key] = path.map(String);
-  const camel = section === 'tls' ? `tls-${key}` : key === undefined ? section! : `${section}${key[0]!.toUpperCase()}${key.slice(1)}`;
+  const camel =
+    section === 'tls' ? `tls-${key}` : key === undefined ? section! : section === 'traffic' ? key : `${section}${key[0]!.toUpperCase()}${key.slice(1)}`;
   return `--${camel.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
 }
 
@@ -224,6 +234,7 @@ function resolveAgentSettings(opts: Record<string, string | string[] | boolean |
     // --tls-* flags override single tls settings of the file or the environment.
     tls: section({ cert: path(opts.tlsCert), key: path(opts.tlsKey), ca: path(opts.tlsCa), allow: opts.tlsAllow }),
     insecurePlaintextLoopback: opts.insecurePlaintextLoopback ? true : undefined,
+    traffic: section({ uplink: opts.uplink, linkCapacity: opts.linkCapacity }),
   };
   const given = Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined));
   const parsed = ConfigLayerSchema.safeParse(given);
@@ -254,6 +265,7 @@ function resolveAgentSettings(opts: Record<string, string | string[] | boolean |
     metricsListen: merged.metrics?.listen,
     control: { socket: controlSocketPath(stateDir), ...resolveControlAccess(merged.control, stateDir) },
     transport,
+    traffic: resolveTrafficConfig(merged.traffic),
     configFile: opts.config ? resolve(str(opts.config)!) : undefined,
   };
 }
@@ -269,6 +281,10 @@ withControlOptions(guest.command('start <name>'))
   .option('--image-seed <n>', 'image identity: guests with the same image seed share content', number('--image-seed', 0, 2 ** 53, true), 0)
   .option('--shared <fraction>', 'fraction of non-zero pages taken from the image (0-1)', number('--shared', 0, 1), 0)
   .option('--hot <fraction>', 'fraction of memory the guest keeps rewriting (0-1)', number('--hot', 0, 1), 0.25)
+  .option('--tap <device>', "the guest's TAP device, where its traffic is measured", arg((text) => {
+    if (!INTERFACE_NAME_PATTERN.test(text)) throw new QuantityError(`"${text}" is not an interface name: use 1 to 15 letters, digits, '_', '.' or '-'`);
+    return text;
+  }))
   .option('--json', 'print JSON')
   .action(async (name: string, opts) => {
     try {
@@ -281,6 +297,7 @@ withControlOptions(guest.command('start <name>'))
         imageSeed: opts.imageSeed,
         sharedFraction: opts.shared,
         hotFraction: opts.hot,
+        ...(opts.tap ? { tap: opts.tap } : {}),
       });
       if (opts.json) console.log(JSON.stringify(result));
       else console.log(`guest ${result.name} running (pid ${result.pid}, memory ${result.memoryPath})`);
@@ -364,6 +381,43 @@ withControlOptions(program.command('migrate <guests...>'))
       if (summary.failed.length > 0) process.exitCode = 1;
     } catch (err) {
       fail(err, json);
+    }
+  });
+
+const peerAddress = arg((text) => {
+  if (!/^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(text) || Number(text.slice(text.lastIndexOf(':') + 1)) > 65535) {
+    throw new QuantityError(`"${text}" is not an agent address: use HOST:PORT, e.g. 10.0.0.2:7401`);
+  }
+  return text;
+});
+
+withControlOptions(program.command('plan <guests...>'))
+  .description("show how the planner would migrate guests (technique, strategy, order, reserved rates, and why) from this host's and the destination's traffic; migrates nothing")
+  .requiredOption('--to <host:port>', 'the destination agent (asked for its traffic)', peerAddress)
+  .addOption(new Option('--priority <priority>', "the migration's priority [the agent's traffic.priority]").choices(PRIORITIES))
+  .option('--json', 'print the plan as JSON')
+  .action(async (names: string[], opts) => {
+    try {
+      const plan = await clientFor(opts).call<MigrationPlan>('POST', '/v1/plan', {
+        guests: names,
+        to: opts.to,
+        ...(opts.priority ? { priority: opts.priority } : {}),
+      });
+      console.log(opts.json ? JSON.stringify(plan) : planText(plan, opts.to));
+    } catch (err) {
+      fail(err, Boolean(opts.json));
+    }
+  });
+
+withControlOptions(program.command('traffic'))
+  .description("show the live traffic: per guest and direction, the uplink, the contention level, and the shaper's rates")
+  .option('--json', 'print JSON')
+  .action(async (opts) => {
+    try {
+      const status = await clientFor(opts).call<TrafficStatus>('GET', '/v1/traffic');
+      console.log(opts.json ? JSON.stringify(status) : trafficText(status));
+    } catch (err) {
+      fail(err, Boolean(opts.json));
     }
   });
 

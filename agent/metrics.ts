@@ -123,6 +123,23 @@ export class AgentMetrics {
     registers: [this.registry],
   });
 
+  readonly trafficRate = new Gauge({
+    name: 'gangway_traffic_rate_bytes_per_second',
+    help: 'Smoothed traffic rates, by scope (nic: the uplink; migration: the peer port on it; workload: nic less migration; guest: a guest\'s TAP device, as the guest sees it), name (the uplink or the guest) and direction (rx, tx)',
+    labelNames: ['scope', 'name', 'direction'] as const,
+    registers: [this.registry],
+  });
+  readonly trafficContention = new Gauge({
+    name: 'gangway_traffic_contention_share',
+    help: 'Share of the uplink the workload takes in its busier direction (the local contention level\'s measure)',
+    registers: [this.registry],
+  });
+  readonly shaperRate = new Gauge({
+    name: 'gangway_shaper_rate_bytes_per_second',
+    help: 'The shaper\'s current rates on the uplink, by class (migration: its rate; workload: its ceiling); 0 when not shaping',
+    labelNames: ['class'] as const,
+    registers: [this.registry],
+  });
   readonly controlUnauthorized = new Counter({
     name: 'gangway_control_unauthorized_total',
     help: 'Requests to the TCP control port refused for their bearer token, by reason (missing, wrong)',

@@ -33,6 +33,9 @@ export const FrameType = {
   postcopy: 22,
   /** Post-copy: pages the destination's guest faulted on, to be sent first. */
   fetch: 23,
+  // Traffic (feature 'traffic'): a planner asks the peer agent for its measured traffic.
+  trafficQuery: 24,
+  trafficReport: 25,
   /**
    * Source, on a new session after the old one broke during post-copy: continue migration
    * X here. The destination answers with postcopy frames of the pages it still lacks (or

@@ -45,6 +45,7 @@ import {
   MAX_REGION_PAGES,
   MAX_FINGERPRINTS_PER_FRAME,
   MAX_ROUND,
+  MAX_TRAFFIC_BYTES_PER_SEC,
   MAX_WANT_RUNS,
   MAX_FETCH_RUNS,
   MIN_DOWNTIME_BUDGET_MS,
@@ -348,6 +349,18 @@ const readers: Readers = {
     return { type: 'pageFingerprints', migrationId, region, firstPage, fingerprints: EMPTY_PAYLOAD };
   },
 
+  trafficQuery: (r) => ({ type: 'trafficQuery', requestId: readRequestId(r) }),
+
+  trafficReport(r) {
+    const requestId = readRequestId(r);
+    const measured = r.boolean('measured');
+    const rxBytesPerSec = r.number('rxBytesPerSec', 0, MAX_TRAFFIC_BYTES_PER_SEC);
+    const txBytesPerSec = r.number('txBytesPerSec', 0, MAX_TRAFFIC_BYTES_PER_SEC);
+    const linkBytesPerSec = r.number('linkBytesPerSec', 0, MAX_TRAFFIC_BYTES_PER_SEC);
+    const reason = r.string('reason', 0, MAX_MESSAGE_LENGTH);
+    return { type: 'trafficReport', requestId, measured, rxBytesPerSec, txBytesPerSec, linkBytesPerSec, reason };
+  },
+
   want(r) {
     const migrationId = readMigrationId(r);
     const region = r.integer('region', 0, MAX_REGIONS - 1);
@@ -436,6 +449,10 @@ function readOfferDedup(r: FieldReader, regionCount: number): OfferDedup {
   });
   if (new Set(slots).size !== slots.length) r.fail('slots', 'lists a slot twice');
   return { group, slots };
+}
+
+function readRequestId(r: FieldReader): string {
+  return r.string('requestId', 1, MAX_ID_LENGTH, ID_PATTERN);
 }
 
 function readMigrationId(r: FieldReader): string {

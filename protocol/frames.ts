@@ -241,6 +241,28 @@ export interface PageFingerprintsFrame {
   fingerprints: Uint8Array;
 }
 
+/** Either side (feature 'traffic'): asks for the peer's measured uplink traffic; answered by trafficReport. */
+export interface TrafficQueryFrame {
+  type: 'trafficQuery';
+  requestId: string;
+}
+
+/**
+ * The answer to trafficQuery: the workload's smoothed rates on the agent's uplink, bytes per
+ * second (migration traffic excluded where the agent can tell it apart). `measured` false:
+ * the agent measures nothing (no uplink, not root, ...), the rates are 0 and `reason` says why.
+ */
+export interface TrafficReportFrame {
+  type: 'trafficReport';
+  requestId: string;
+  measured: boolean;
+  rxBytesPerSec: number;
+  txBytesPerSec: number;
+  /** The uplink's capacity, bytes per second; 0 when not configured. */
+  linkBytesPerSec: number;
+  reason: string;
+}
+
 /**
  * Source, paused, post-copy (offer.technique postcopy or hybrid): the pages of `region` the
  * destination does not hold, or holds stale (`missing`, [firstPage, pageCount] runs as the
@@ -307,6 +329,8 @@ export type Frame =
   | DedupCloseFrame
   | WantFrame
   | PageFingerprintsFrame
+  | TrafficQueryFrame
+  | TrafficReportFrame
   | PostcopyFrame
   | FetchFrame
   | ReattachFrame
@@ -346,6 +370,8 @@ export const Frame = {
   dedupClose: (fields: Fields<DedupCloseFrame>): DedupCloseFrame => ({ type: 'dedupClose', ...fields }),
   want: (fields: Fields<WantFrame>): WantFrame => ({ type: 'want', ...fields }),
   pageFingerprints: (fields: Fields<PageFingerprintsFrame>): PageFingerprintsFrame => ({ type: 'pageFingerprints', ...fields }),
+  trafficQuery: (fields: Fields<TrafficQueryFrame>): TrafficQueryFrame => ({ type: 'trafficQuery', ...fields }),
+  trafficReport: (fields: Fields<TrafficReportFrame>): TrafficReportFrame => ({ type: 'trafficReport', ...fields }),
   postcopy: (fields: Fields<PostcopyFrame>): PostcopyFrame => ({ type: 'postcopy', ...fields }),
   fetch: (fields: Fields<FetchFrame>): FetchFrame => ({ type: 'fetch', ...fields }),
   reattach: (fields: Fields<ReattachFrame>): ReattachFrame => ({ type: 'reattach', ...fields }),

@@ -56,6 +56,8 @@ export const MAX_CONFIG_KEY_LENGTH = 64;
 export const MAX_CONFIG_STRING_LENGTH = 1024;
 /** Human-readable text in reject, abort and error frames. */
 export const MAX_MESSAGE_LENGTH = 1024;
+/** A traffic rate in a trafficReport: 1 Tbit/s, well above any NIC, bytes per second. */
+export const MAX_TRAFFIC_BYTES_PER_SEC = 1e12 / 8;
 export const MAX_ERROR_CODE_LENGTH = 64;
 export const MAX_DEVICE_STATE_BYTES = 16 * MiB;
 

@@ -127,7 +127,9 @@ export type ReceivedEvent =
         | 'fetch'
         | 'reattach'
         | 'migrationQuery'
-        | 'migrationAnswer';
+        | 'migrationAnswer'
+        | 'trafficQuery'
+        | 'trafficReport';
     };
 
 /** Frames this destination sent. */
@@ -174,6 +176,8 @@ export const MigrationEventType = [
   'reattach',
   'migrationQuery',
   'migrationAnswer',
+  'trafficQuery',
+  'trafficReport',
   'sentAccept',
   'sentReject',
   'sentVerified',
@@ -265,7 +269,7 @@ export function transition(state: MigrationState, event: MigrationEvent): Migrat
     case 'sentCommitted':
       return phase === 'committing' ? to('committed') : outOfOrder();
     default:
-      // A second offer for the same id, session and group frames (hello, error, dedup*),
+      // A second offer for the same id, session and group frames (hello, error, dedup*, traffic*),
       // and frames only a destination sends (accept, reject, verified, committed, credit, want).
       return outOfOrder();
   }

@@ -2,6 +2,7 @@
 // names the field, never reaches the engine.
 import { z } from 'zod';
 import { GUEST_NAME_PATTERN } from '../guest/registry.js';
+import { INTERFACE_NAME_PATTERN, PRIORITIES } from '../config.js';
 
 const guestName = z.string().regex(GUEST_NAME_PATTERN, "1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'");
 const GiB = 1024 ** 3;
@@ -17,6 +18,17 @@ export const StartGuestRequest = z.strictObject({
   imageSeed: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER),
   sharedFraction: z.number().min(0).max(1),
   hotFraction: z.number().min(0).max(1),
+  /** The guest's TAP device: its traffic is measured there. */
+  tap: z.string().regex(INTERFACE_NAME_PATTERN, "an interface name: 1 to 15 letters, digits, '_', '.' or '-'").optional(),
+});
+
+const peerAddress = z.string().regex(/^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/, 'HOST:PORT');
+
+export const PlanRequestSchema = z.strictObject({
+  guests: z.array(guestName).min(1).max(64),
+  to: peerAddress,
+  /** Default: the agent's traffic.priority. */
+  priority: z.enum(PRIORITIES).optional(),
 });
 
 export const MigrateRequestSchema = z.strictObject({

@@ -14,7 +14,7 @@ import type { Agent } from '../daemon.js';
 import { GUEST_NAME_PATTERN } from '../guest/registry.js';
 import { listenUnixSocket } from './access.js';
 import type { ControlGroup } from './group.js';
-import { describeZodError, MigrateRequestSchema, StartGuestRequest } from './schema.js';
+import { describeZodError, MigrateRequestSchema, PlanRequestSchema, StartGuestRequest } from './schema.js';
 import { bearerRefusal } from './token.js';
 
 export const MAX_BODY_BYTES = 64 * 1024;
@@ -88,8 +88,18 @@ const ROUTES: Route[] = [
     path: '/v1/guests',
     body: StartGuestRequest,
     async handle(agent, _p, body, res) {
-      const { name, ...spec } = body as z.infer<typeof StartGuestRequest>;
-      send(res, 201, await agent.startGuest(name, spec));
+      const { name, tap, ...spec } = body as z.infer<typeof StartGuestRequest>;
+      send(res, 201, await agent.startGuest(name, spec, tap));
+    },
+  },
+  { method: 'GET', path: '/v1/traffic', handle: (agent, _p, _b, res) => send(res, 200, agent.traffic.status()) },
+  {
+    method: 'POST',
+    path: '/v1/plan',
+    body: PlanRequestSchema,
+    async handle(agent, _p, body, res) {
+      const { guests, to, priority } = body as z.infer<typeof PlanRequestSchema>;
+      send(res, 200, await agent.planFor(guests, priority, to));
     },
   },
   {
@@ -211,7 +221,7 @@ async function route(agent: Agent, req: IncomingMessage, res: ServerResponse): P
   const method = req.method ?? 'GET';
   const segments = url.pathname.split('/');
   const candidates = ROUTES.map((r) => ({ route: r, raw: matchPath(r, segments) })).filter((c) => c.raw !== undefined);
-  if (candidates.length === 0) throw new RequestError(404, `no such endpoint: ${shown(url.pathname)} (the API is /v1/status, /v1/guests, /v1/migrations)`);
+  if (candidates.length === 0) throw new RequestError(404, `no such endpoint: ${shown(url.pathname)} (the API is /v1/status, /v1/guests, /v1/migrations, /v1/traffic, /v1/plan)`);
   const chosen = candidates.find((c) => c.route.method === method);
   if (!chosen) {
     const allow = candidates.map((c) => c.route.method).join(', ');

@@ -18,6 +18,8 @@ export interface GuestRecord {
   /** How the guest got here: started on this host, or migrated in (with the migration id). */
   origin: { kind: 'started' } | { kind: 'migrated'; migrationId: string; from: string };
   startedAt: string;
+  /** The guest's TAP device, where its network traffic is measured. */
+  tap?: string;
   /**
    * Post-copy: the guest runs here while pages are still coming from `from`. With
    * `stranded`, they stopped coming (the reason): the guest is paused on them.

@@ -20,6 +20,10 @@ export type AnyFrame = ReturnType<FrameDecoder['push']>[number];
 export type HelloFrame = ReturnType<typeof Frame.hello>;
 export type OfferFrame = ReturnType<typeof Frame.offer>;
 export type GroupFrame = Extract<AnyFrame, { group: string }>;
+export type TrafficReport = Omit<ReturnType<typeof Frame.trafficReport>, 'type' | 'requestId'>;
+
+/** Traffic queries one session may have unanswered at once. */
+const MAX_TRAFFIC_QUERIES = 16;
 
 export interface FrameHandler {
   onFrame(frame: AnyFrame, wireBytes: number): void;
@@ -59,6 +63,10 @@ export class PeerSession extends EventEmitter {
   onOffer: ((frame: OfferFrame, session: PeerSession) => void) | undefined;
   /** Dedup group frames (dedupOpen/dedupClose to a destination, dedupResident/dedupReady to a source). */
   onGroupFrame: ((frame: GroupFrame, wireBytes: number) => void) | undefined;
+  /** Answers the peer's trafficQuery (feature 'traffic'); without it a query is a protocol error. */
+  onTrafficQuery: (() => TrafficReport) | undefined;
+  private readonly trafficQueries = new Map<string, { resolve: (report: TrafficReport) => void; reject: (err: Error) => void }>();
+  private nextTrafficQuery = 1;
   /** A source carrying on a post-copy migration of a broken session here (server role). */
   onReattach: ((frame: ReturnType<typeof Frame.reattach>, session: PeerSession) => void) | undefined;
   /** A source asking what became of a migration (server role). */
@@ -168,6 +176,30 @@ export class PeerSession extends EventEmitter {
   }
 
   private nextPingId = 1;
+
+  /** Asks the peer for its measured traffic (the peer's hello must list 'traffic'). */
+  queryTraffic(timeoutMs = 5_000): Promise<TrafficReport> {
+    if (this.closedWith) return Promise.reject(this.closedWith);
+    if (this.trafficQueries.size >= MAX_TRAFFIC_QUERIES) {
+      return Promise.reject(new GangwayError(ErrorCode.BAD_REQUEST, `${MAX_TRAFFIC_QUERIES} traffic queries to this peer are already waiting for an answer`));
+    }
+    const requestId = `traffic-${this.nextTrafficQuery++}`;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.trafficQueries.delete(requestId);
+        reject(new GangwayError(ErrorCode.TIMEOUT, `the peer did not report its traffic within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const done = () => {
+        clearTimeout(timer);
+        this.trafficQueries.delete(requestId);
+      };
+      this.trafficQueries.set(requestId, {
+        resolve: (report) => (done(), resolve(report)),
+        reject: (err) => (done(), reject(err)),
+      });
+      this.send(Frame.trafficQuery({ requestId }));
+    });
+  }
 
   register(migrationId: string, handler: FrameHandler): void {
     this.handlers.set(migrationId, handler);
@@ -304,6 +336,22 @@ export class PeerSession extends EventEmitter {
         }
         this.onGroupFrame(frame as GroupFrame, wireBytes);
         return;
+      case 'trafficQuery': {
+        if (!this.onTrafficQuery) {
+          throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, "trafficQuery on a session that does not answer it (feature 'traffic' not offered)");
+        }
+        const { requestId } = frame as ReturnType<typeof Frame.trafficQuery>;
+        this.send(Frame.trafficReport({ requestId, ...this.onTrafficQuery() }));
+        return;
+      }
+      case 'trafficReport': {
+        const { type: _type, requestId, ...report } = frame as ReturnType<typeof Frame.trafficReport>;
+        // An answer that arrives after its query timed out is dropped, like a frame racing an abort.
+        const query = this.trafficQueries.get(requestId);
+        if (query) query.resolve(report);
+        else this.log.debug({ requestId }, 'trafficReport for no waiting query dropped');
+        return;
+      }
       default: {
         const migrationId = (frame as { migrationId?: string }).migrationId;
         const handler = migrationId === undefined ? undefined : this.handlers.get(migrationId);
@@ -343,6 +391,7 @@ export class PeerSession extends EventEmitter {
     this.rejectReady(err);
     this.wakeWriters();
     for (const handler of [...this.handlers.values()]) handler.onSessionClosed(err);
+    for (const query of [...this.trafficQueries.values()]) query.reject(err);
     this.handlers.clear();
     this.emit('closed', err);
   }

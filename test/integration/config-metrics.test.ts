@@ -177,7 +177,7 @@ describe.skipIf(!builtAgent)('Prometheus metrics', () => {
     const done = await scrape();
     expect(done.get('gangway_migrations_total{direction="out",outcome="committed",technique="precopy"}')).toBe(1);
     expect(done.get('gangway_migrations_active{direction="out"}')).toBe(0);
-    expect(done.get('gangway_migration_downtime_seconds_count')).toBe(1);
+    expect(done.get('gangway_migration_downtime_seconds_count{technique="precopy"}')).toBe(1);
     expect(done.get(wire)).toBe(summary.wireBytes);
     expect(done.get('gangway_migration_rounds_total')).toBe(summary.rounds.length);
     expect(done.get('gangway_dirty_scan_seconds_count{tracker="uffd-wp"}')!).toBeGreaterThanOrEqual(2);

@@ -98,6 +98,11 @@ const MALFORMED: [string, Raw, number, RegExp][] = [
   ['a missing field', { method: 'POST', path: '/v1/migrations', ...json({ guests: ['vm-x'] }) }, 400, /(^|; )to: .*expected string, received undefined/],
   ['an unknown field', { method: 'POST', path: '/v1/guests', ...json({ ...GUEST, colour: 'blue' }) }, 400, /request: unknown field "colour"/],
   ['a bad guest name in a body', { method: 'POST', path: '/v1/migrations', ...json({ guests: ['-rf'], to: '127.0.0.1:1', strategy: 'gang', dedup: true, downtimeMs: 300, force: false, maxRounds: 30, maxBytesFactor: 3, codec: 'auto' }) }, 400, /guests.0: 1-64 letters/],
+  ['GET on the plan endpoint', { path: '/v1/plan' }, 405, /\/v1\/plan takes POST, not "GET"/],
+  ['a body to the traffic endpoint', { method: 'GET', path: '/v1/traffic', body: '{}', headers: { 'content-type': 'application/json', 'content-length': 2 } }, 400, /GET \/v1\/traffic takes no request body/],
+  ['a plan without a content type', { method: 'POST', path: '/v1/plan', body: JSON.stringify({ guests: ['vm-x'], to: '127.0.0.1:1' }) }, 415, /POST \/v1\/plan takes a JSON body/],
+  ['an unknown field in a plan', { method: 'POST', path: '/v1/plan', ...json({ guests: ['vm-x'], to: '127.0.0.1:1', colour: 'blue' }) }, 400, /request: unknown field "colour"/],
+  ['a plan with a bad guest name', { method: 'POST', path: '/v1/plan', ...json({ guests: ['-rf'], to: '127.0.0.1:1' }) }, 400, /guests.0: 1-64 letters/],
   ['an oversize body, declared', { method: 'POST', path: '/v1/guests', headers: { 'content-type': 'application/json', 'content-length': 10 * 1024 * 1024 } }, 413, /request body of 10485760 bytes is over the limit of 65536 bytes/],
   ['an oversize body, streamed', { method: 'POST', path: '/v1/guests', headers: { 'content-type': 'application/json' }, pieces: Array.from({ length: 8 }, () => Buffer.alloc(16 * 1024, 0x20)) }, 413, /request body is over the limit of 65536 bytes/],
 ];

@@ -1,0 +1,66 @@
+// Human output of `gangway traffic` and `gangway plan`. Rates in bits per second, as links
+// are rated.
+import type { MigrationPlan } from '../planner/plan-for.js';
+import type { TrafficStatus } from '../traffic/service.js';
+
+export function formatBitRate(bytesPerSec: number | null | undefined): string {
+  if (bytesPerSec === null || bytesPerSec === undefined) return '-';
+  const bits = bytesPerSec * 8;
+  if (bits >= 1e9) return `${(bits / 1e9).toFixed(2)} Gbit/s`;
+  if (bits >= 1e6) return `${(bits / 1e6).toFixed(1)} Mbit/s`;
+  return `${(bits / 1e3).toFixed(1)} kbit/s`;
+}
+
+const pair = (rates: { rxBytesPerSec: number | null; txBytesPerSec: number | null } | null) =>
+  rates ? `rx ${formatBitRate(rates.rxBytesPerSec).padStart(13)}  tx ${formatBitRate(rates.txBytesPerSec).padStart(13)}` : 'not measured';
+
+export function trafficText(t: TrafficStatus): string {
+  const lines: string[] = [];
+  const link = t.linkBytesPerSec === null ? 'capacity not configured' : formatBitRate(t.linkBytesPerSec);
+  lines.push(t.uplink === null ? 'uplink: none configured' : `uplink ${t.uplink} (${link}), sampled every ${t.sampleIntervalMs} ms, ${t.samples} samples`);
+  lines.push(`monitor: ${t.mode}${t.reason ? ` (${t.reason})` : ''}`);
+  lines.push(`  nic         ${pair(t.nic)}`);
+  lines.push(`  migration   ${pair(t.migration)}`);
+  lines.push(`  workload    ${pair(t.workload)}${t.host ? `  ${t.host.direction}` : ''}`);
+  lines.push(`  contention  ${t.contention ? `${t.contention.level}: ${t.contention.reason}` : 'unknown'}`);
+  if (t.guests.length === 0) lines.push('  no guests');
+  for (const g of t.guests) {
+    const head = `  guest ${g.name}${g.tap ? ` (${g.tap})` : ''}`;
+    lines.push(g.rxBytesPerSec === null ? `${head}: not measured: ${g.reason ?? 'unknown'}` : `${head}: ${pair(g)}  ${g.direction}`);
+  }
+  const s = t.shaper;
+  if (!s.available) lines.push(`shaper: not available (${s.reason})`);
+  else if (!s.active) lines.push('shaper: ready, not shaping (no migration running)');
+  else {
+    lines.push(
+      `shaper: migration ${formatBitRate(s.active.migrationBytesPerSec)} to port ${s.active.peerPort} (${s.active.priority}), ` +
+        `workload ${formatBitRate(s.active.workloadRateBytesPerSec)} up to ${formatBitRate(s.active.workloadCeilBytesPerSec)}`,
+    );
+    if (s.active.measured) lines.push(`  measured: migration ${formatBitRate(s.active.measured.migrationBytesPerSec)}, workload ${formatBitRate(s.active.measured.workloadBytesPerSec)}`);
+    for (const reason of s.active.reasons) lines.push(`  - ${reason}`);
+  }
+  lines.push(`default priority: ${t.priorityDefault}`);
+  return lines.join('\n');
+}
+
+export function planText(plan: MigrationPlan, to: string): string {
+  const lines: string[] = [];
+  lines.push(`plan for ${plan.guests.length} guest${plan.guests.length === 1 ? '' : 's'} to ${to}, ${plan.priority} priority (nothing is migrated)`);
+  lines.push(`  scenario ${plan.scenario}, contention ${plan.contention}${plan.contentionShare === null ? '' : ` (${(plan.contentionShare * 100).toFixed(0)}% of the link)`}`);
+  if (plan.reservation) {
+    lines.push(
+      `  reservation: migration ${formatBitRate(plan.reservation.migrationBytesPerSec)}, workload ${plan.reservation.workloadCapBytesPerSec === null ? 'left alone' : `capped at ${formatBitRate(plan.reservation.workloadCapBytesPerSec)}`}`,
+    );
+    lines.push(`    ${plan.reservation.reason}`);
+  } else lines.push('  reservation: none (no link capacity configured)');
+  for (const reason of plan.reasons) lines.push(`  - ${reason}`);
+  for (const g of plan.guests) {
+    lines.push(`${g.order + 1}. ${g.name}: ${g.technique}, ${g.strategy}, reserved ${formatBitRate(g.reservedBytesPerSec)}${g.workloadCapBytesPerSec === null ? '' : `, workload capped at ${formatBitRate(g.workloadCapBytesPerSec)}`}`);
+    for (const reason of g.reasons) lines.push(`     - ${reason}`);
+  }
+  if (plan.assumptions.length > 0) {
+    lines.push('assumptions:');
+    for (const assumption of plan.assumptions) lines.push(`  - ${assumption}`);
+  }
+  return lines.join('\n');
+}
