@@ -18,7 +18,7 @@ import { Frame } from '../protocol/index.js';
 import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
 import { GUEST_PAGE_SIZE } from './guest/guest-header.js';
 import { launchProcessGuest, processState, type ProcessGuestSpec, type TrackerPreference } from './guest/process-guest.js';
-import { GuestRegistry } from './guest/registry.js';
+import { GuestRegistry, type GuestRecord } from './guest/registry.js';
 import type { Logger } from './log.js';
 import { loadNative } from './native.js';
 import type { CodecMode } from './migration/codec-chooser.js';
@@ -38,6 +38,15 @@ import type { MigrationPlan } from './planner/plan-for.js';
 import { describeTlsError, hostOf, isLoopbackHost, loadTlsMaterial, REFUSAL_HEADER, refusePeer, type PeerTransport, type Refusal, type TlsMaterial } from './peer/tls.js';
 
 /** What this agent offers in its hello; a feature is used when both sides list it. */
+/** The options of a SourceMigration that only serves the rest of a post-copy (they are not used). */
+const MIGRATION_OPTION_DEFAULTS = {
+  downtimeBudgetMs: 300,
+  maxRounds: 1,
+  force: false,
+  codec: 'auto',
+  commitTimeoutMs: 30_000,
+} as const;
+
 /** What this agent does, as its hello says; 'postcopy' only where the guest's memory can take userfaultfd. */
 const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'repair', 'traffic', ...(loadNative().uffdProbe() ? ['postcopy'] : [])];
 
@@ -102,6 +111,16 @@ export interface MigrateRequest {
 export type MigrationRecord =
   | { direction: 'out'; state: 'running'; migrationId: string; guest: string; to: string; startedAt: string; progress?: MigrationProgress }
   | { direction: 'out'; state: 'committed'; migrationId: string; guest: string; to: string; startedAt: string; summary: MigrationSummary }
+  | {
+      direction: 'out';
+      state: 'resumed';
+      migrationId: string;
+      guest: string;
+      to: string;
+      startedAt: string;
+      /** Post-copy completed by this agent after a restart. */
+      resumed: { verified: boolean; pushedPages: number; faultPages: number };
+    }
   | { direction: 'out'; state: 'failed' | 'in-doubt' | 'interrupted'; migrationId: string; guest: string; to: string; startedAt: string; error: { code: string; message: string } }
   | { direction: 'in'; state: 'running' | 'committed' | 'aborted' | 'stranded'; migrationId: string; guest: string; from: string; startedAt: string; result?: IncomingResult };
 
@@ -218,6 +237,50 @@ export class Agent {
   private readonly resolving = new Set<string>();
 
   /**
+   * Serves the rest of a post-copy this agent was in the middle of when it stopped. True
+   * once the destination holds every page (this copy is then gone).
+   */
+  private async resumePostcopy(name: string, out: NonNullable<GuestRecord['outgoing']>): Promise<boolean> {
+    const { guest } = this.registry.get(name);
+    const log = this.log.child({ migrationId: out.migrationId, guest: name, to: out.to });
+    const session = await this.session(out.to);
+    const migration = new SourceMigration(
+      guest,
+      session,
+      {
+        ...MIGRATION_OPTION_DEFAULTS,
+        migrationId: out.migrationId,
+        peerAddress: out.to,
+        maxWireBytes: 3 * guest.memoryBytes,
+        tracker: this.config.tracker,
+        batchBytes: this.config.batchBytes,
+        digestBytesPerSec: this.digestBytesPerSec,
+        metrics: this.metrics,
+        technique: 'postcopy',
+        reconnect: () => this.session(out.to),
+        reconnectWindowMs: this.config.postcopyReattachMs,
+        registry: this.registry,
+      },
+      log,
+    );
+    this.outgoing.set(out.migrationId, migration);
+    log.warn('post-copy was under way when this agent stopped: serving the pages the destination still lacks');
+    try {
+      const result = await migration.resumePostcopy();
+      this.registry.remove(name);
+      this.records.set(out.migrationId, { direction: 'out', state: 'resumed', migrationId: out.migrationId, guest: name, to: out.to, startedAt: out.since, resumed: result });
+      return true;
+    } catch (err) {
+      const message = err instanceof Error ? err.message : String(err);
+      log.error({ err: message }, 'serving the rest of the post-copy failed; this paused copy stays');
+      this.registry.update(name, { outgoing: { ...out, interrupted: message.slice(0, 300) } });
+      return false;
+    } finally {
+      this.outgoing.delete(out.migrationId);
+    }
+  }
+
+  /**
    * A guest marked as at its switchover (the commit was sent, or post-copy started) with
    * nobody driving the migration any more (this agent restarted, or the confirmation was
    * lost): ask the destination until it answers. Running there: this paused copy goes.
@@ -257,6 +320,10 @@ export class Agent {
           this.registry.update(name, { outgoing: undefined });
           entry.guest.resume();
           return;
+        }
+        if (whereabouts === Whereabouts.receiving && out.phase === 'postcopy') {
+          // The guest runs there and waits for pages only this copy holds: serve them.
+          if (await this.resumePostcopy(name, out)) return;
         }
         if (whereabouts === Whereabouts.receiving || whereabouts === Whereabouts.stranded) {
           const why =

@@ -39,7 +39,7 @@
 //                           |-----+
 //                           | postcopy(more: false)
 //                           v
-//                   postcopyStarting <-+ pages(r)       (fetched and pushed pages)
+//                   postcopyStarting <-+ pages(any r)   (fetched and pushed pages)
 //                           |----------+
 //                           | sentPostcopyRunning (committed sent: the guest runs here)
 //                           v
@@ -224,10 +224,9 @@ export function transition(state: MigrationState, event: MigrationEvent): Migrat
     case 'sentReject':
       return phase === 'offered' ? to('rejected') : outOfOrder();
     case 'pages':
-      if (phase === 'postcopyStarting' || phase === 'postcopyRunning' || phase === 'postcopyVerifying') {
-        checkRound(event.round);
-        return state;
-      }
+      // Post-copy pages belong to no round: a source that restarted mid post-copy does not
+      // know the switchover's round any more.
+      if (phase === 'postcopyStarting' || phase === 'postcopyRunning' || phase === 'postcopyVerifying') return state;
       if (phase !== 'accepted' && phase !== 'receiving' && phase !== 'paused') return outOfOrder();
       checkRound(event.round);
       return to(phase === 'paused' ? 'paused' : 'receiving');

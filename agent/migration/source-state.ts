@@ -26,7 +26,8 @@ export type SourcePhase =
   | 'interrupted';
 
 const NEXT: Record<SourcePhase, readonly SourcePhase[]> = {
-  offering: ['precopy', 'failed'],
+  // postcopy: an agent restarted mid post-copy serves the rest (resumePostcopy).
+  offering: ['precopy', 'postcopy', 'failed'],
   precopy: ['stopping', 'failed'],
   stopping: ['verifying', 'postcopy-switch', 'failed'],
   verifying: ['committing', 'failed'],

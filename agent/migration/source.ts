@@ -72,6 +72,16 @@ export interface SourceOptions {
 }
 
 const RECONNECT_FIRST_DELAY_MS = 200;
+
+/** Post-copy needs no dirty tracking (the guest is paused here): what the page sender calls does nothing. */
+const NO_TRACKER: DirtyTracker = {
+  kind: 'uffd-wp',
+  arm: async () => {},
+  collect: async () => new Uint32Array(0),
+  remark: () => {},
+  noteSent: () => {},
+  close: () => {},
+};
 const RECONNECT_MAX_DELAY_MS = 5_000;
 
 /**
@@ -337,6 +347,146 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
 
   onSessionClosed(err: GangwayError): void {
     this.fail(err);
+  }
+
+  /**
+   * Post-copy: pushes what the destination lacks, from wherever its guest last faulted
+   * (faults are answered meanwhile, in onFrame), then asks for its verdict on the memory it
+   * received. A broken link does not end it: the destination's guest waits on its faults,
+   * this host reconnects, learns what is still missing there and carries on.
+   */
+  private async pushMissing(ctx: {
+    scheduler: PostcopyScheduler;
+    round: number;
+    region: RegionHandle;
+    pool: BatchPool;
+    chooser: CodecChooser;
+    pacer: Pacer | undefined;
+    tracker: DirtyTracker;
+    missingPages: number;
+    totals: RoundCounters;
+    sourceDigests: Promise<Buffer[]>;
+  }): Promise<{ verified: ReturnType<typeof Frame.verified>; pushed: number }> {
+    const { scheduler, round, totals } = ctx;
+    const pageSize = this.guest.pageSizeBytes;
+    const pushStart = this.clock.now();
+    let pushed = 0;
+    const pushAndVerify = async (): Promise<ReturnType<typeof Frame.verified>> => {
+      for (;;) {
+        this.check();
+        const chunk = scheduler.nextChunk(postcopyPushPages(pageSize));
+        if (chunk.length === 0) break;
+        const counters = await sendRegionRound(
+          {
+            session: this.session,
+            migrationId: this.options.migrationId,
+            pageSizeBytes: pageSize,
+            pool: ctx.pool,
+            chooser: ctx.chooser,
+            credits: this.credits!,
+            pacer: ctx.pacer,
+            pipelineDepth: 1,
+            queueBytes: POSTCOPY_WINDOW.minBytes,
+          },
+          0,
+          ctx.region,
+          ctx.tracker,
+          round,
+          chunk,
+        );
+        addCounters(totals, counters);
+        pushed += counters.pages;
+        const sent = pushed + (this.postcopyServe?.faultPages ?? 0);
+        this.progress(round, ctx.missingPages, { ...counters, pages: sent }, pushStart, totals.wireBytes + (this.postcopyServe?.wireBytes ?? 0));
+      }
+      // The destination answers once it holds every page: its memory as received, checked
+      // against the paused memory here.
+      const digests = await ctx.sourceDigests;
+      const verifiedP = this.expect<ReturnType<typeof Frame.verified>>('verified', 600_000, 'post-copy completion');
+      this.send(Frame.verify({ migrationId: this.options.migrationId, digests }));
+      return verifiedP;
+    };
+    for (;;) {
+      try {
+        return { verified: await pushAndVerify(), pushed };
+      } catch (err) {
+        const answer = await this.reattach(err, scheduler);
+        if (answer) return { verified: answer, pushed };
+      }
+    }
+  }
+
+  /**
+   * After this agent restarted: the guest runs at the destination since the post-copy
+   * switchover and waits there for pages only this paused copy holds. Reattaches (the
+   * destination says what it still lacks, or that it has everything), pushes that, and
+   * completes as the original migration would have: on a matching digest the paused copy
+   * goes. Rejects with POSTCOPY_INTERRUPTED when the destination cannot carry on.
+   */
+  async resumePostcopy(): Promise<{ verified: boolean; pushedPages: number; faultPages: number }> {
+    const { guest, options } = this;
+    const pageSize = guest.pageSizeBytes;
+    const pageCount = guest.memoryBytes / pageSize;
+    const fd = openSync(guest.files.memoryPath, 'r');
+    let region: RegionHandle;
+    try {
+      region = this.native.regionMap(fd, guest.memoryBytes, pageSize, { writable: false, trackHashes: false, initiallyZero: false });
+    } finally {
+      closeSync(fd);
+    }
+    this.state.to('postcopy');
+    try {
+      const scheduler = new PostcopyScheduler(pageCount, new Uint32Array(0));
+      const serveBytes = Math.min(POSTCOPY_BATCH_BYTES, this.session.peerMaxPayloadBytes);
+      this.postcopyServe = {
+        scheduler,
+        round: 0,
+        region,
+        payload: Buffer.allocUnsafe(serveBytes),
+        entries: new Uint32Array((serveBytes / pageSize + 1) * 3),
+        out: new Uint32Array(2),
+        faultPages: 0,
+        wireBytes: 0,
+      };
+      this.windowTuner = new WindowTuner({ ...POSTCOPY_WINDOW, targetDelayMs: POSTCOPY_TARGET_DELAY_MS }, this.clock.now());
+      const sourceDigests = Promise.all([this.native.regionDigest(region, 'full')]);
+      sourceDigests.catch(() => {});
+      const early = await this.reattach(new GangwayError(ErrorCode.PEER_GONE, 'this agent restarted during post-copy'), scheduler);
+      const totals = emptyCounters();
+      const missingPages = scheduler.remaining;
+      const { verified, pushed } = early
+        ? { verified: early, pushed: 0 }
+        : await this.pushMissing({
+            scheduler,
+            round: this.postcopyServe.round,
+            region,
+            pool: new BatchPool(serveBytes, 8192),
+            chooser: new CodecChooser({ mode: options.codec, now: () => this.clock.now() }),
+            pacer: options.bandwidthBytesPerSec ? new Pacer(options.bandwidthBytesPerSec, options.batchBytes, this.clock) : undefined,
+            tracker: NO_TRACKER,
+            missingPages,
+            totals,
+            sourceDigests,
+          });
+      const digests = await sourceDigests;
+      if (!verified.match || !sameDigests(verified.digests, digests)) {
+        throw new GangwayError(
+          ErrorCode.DIGEST_MISMATCH,
+          `the memory ${options.peerAddress} received differs from this host's at the switchover (source ${hex(digests)}, destination ${hex(verified.digests)})`,
+        );
+      }
+      this.state.to('committed');
+      const faultPages = this.postcopyServe.faultPages;
+      this.postcopyServe = undefined;
+      await guest.terminate();
+      rmSync(guest.files.memoryPath, { force: true });
+      rmSync(guest.files.trackReportPath, { force: true });
+      this.log.info({ pushedPages: pushed, faultPages }, 'post-copy completed after this agent restarted; the paused copy is gone');
+      return { verified: true, pushedPages: pushed, faultPages };
+    } finally {
+      this.session.unregister(options.migrationId);
+      this.native.regionClose(region);
+    }
   }
 
   /**
@@ -768,61 +918,19 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       // The paused memory does not change any more: its digest can be taken at leisure.
       const sourceDigests = Promise.all(regions.map((region) => this.native.regionDigest(region, 'full')));
       sourceDigests.catch(() => {});
-      const pushPool = new BatchPool(serveBytes, 8192);
 
-      // The background push, from wherever the guest last faulted. A broken link does not
-      // end it: the destination's guest waits on its faults, this host reconnects, learns
-      // what is still missing there and carries on.
-      const pushStart = this.clock.now();
-      let pushed = 0;
-      const pushAndVerify = async (): Promise<ReturnType<typeof Frame.verified>> => {
-        for (;;) {
-          this.check();
-          const chunk = scheduler.nextChunk(postcopyPushPages(pageSize));
-          if (chunk.length === 0) break;
-          const counters = await sendRegionRound(
-              {
-                session: this.session,
-                migrationId: options.migrationId,
-                pageSizeBytes: pageSize,
-                pool: pushPool,
-                chooser,
-                credits: this.credits!,
-                pacer,
-                pipelineDepth: 1,
-                queueBytes: POSTCOPY_WINDOW.minBytes,
-              },
-              0,
-              regions[0]!,
-              tracker,
-            round,
-            chunk,
-          );
-          addCounters(totals, counters);
-          pushed += counters.pages;
-          const sent = pushed + this.postcopyServe!.faultPages;
-          this.progress(round, missingPages, { ...counters, pages: sent }, pushStart, totals.wireBytes + this.postcopyServe!.wireBytes);
-        }
-        // The destination answers once it holds every page: its memory as received, checked
-        // against the paused memory here.
-        const digests = await sourceDigests;
-        const verifiedP = this.expect<ReturnType<typeof Frame.verified>>('verified', 600_000, 'post-copy completion');
-        this.send(Frame.verify({ migrationId: options.migrationId, digests }));
-        return verifiedP;
-      };
-      let verified: ReturnType<typeof Frame.verified>;
-      for (;;) {
-        try {
-          verified = await pushAndVerify();
-          break;
-        } catch (err) {
-          const answer = await this.reattach(err, scheduler);
-          if (answer) {
-            verified = answer;
-            break;
-          }
-        }
-      }
+      const { verified, pushed } = await this.pushMissing({
+        scheduler,
+        round,
+        region: regions[0]!,
+        pool: new BatchPool(serveBytes, 8192),
+        chooser,
+        pacer,
+        tracker,
+        missingPages,
+        totals,
+        sourceDigests,
+      });
       const digests = await sourceDigests;
       const doneAt = this.clock.now();
       if (!verified.match || !sameDigests(verified.digests, digests)) {

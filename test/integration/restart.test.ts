@@ -117,4 +117,28 @@ describe.skipIf(!builtAgent)('an agent killed around the switchover, then restar
     expect(existsSync(`${again.stateDir}/guests/${name}.json`)).toBe(false);
     await runsOnlyOn(a, again, name, []);
   });
+
+  it('source killed during post-copy: restarted, it serves the pages the destination still lacks, and the guest completes there', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a');
+    const b = await cluster.agent('b', ['--postcopy-reattach', '60s']);
+    const name = uniqueName('rs5');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--dirty-rate', '8MiB/s', '--profile', 'random'])).exitCode).toBe(0);
+    const sourcePid = (await guestOn(a, name))!.pid;
+    const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--technique', 'postcopy', '--bandwidth', '8MiB/s', '--json']);
+    await until('post-copy under way', async () => (await guestOn(b, name))?.incoming);
+    await sleep(500);
+    await a.kill();
+    await migrating;
+    const waiting = await guestOn(b, name);
+    expect(waiting?.incoming?.missingPages ?? 0).toBeGreaterThan(0);
+    const again = await cluster.agent('a');
+    await until('the destination to hold every page', async () => {
+      const there = await guestOn(b, name);
+      return there !== undefined && !there.incoming;
+    }, 60_000);
+    await until('the source to drop its copy', async () => !(await guestOn(again, name)));
+    expect((await again.status()).migrations.some((m) => m.state === 'resumed')).toBe(true);
+    await runsOnlyOn(b, again, name, [sourcePid]);
+  });
 });
