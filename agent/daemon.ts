@@ -960,7 +960,15 @@ export class Agent {
     while (this.outgoing.size + this.incoming.size > 0 && Date.now() < deadline) {
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
-    // Whatever still runs is aborted by closing its session: sources resume their guests.
+    // A post-copy arriving here cannot be handed over: its guest runs here and the fault
+    // reader is this process. Closing would leave the guest waiting for pages nobody can
+    // install, so those are waited for (systemd's stop timeout still applies).
+    const postcopyDeadline = Date.now() + this.config.postcopyReattachMs;
+    const arriving = () => [...this.incoming.values()].filter((m) => m.missingPages !== undefined);
+    if (arriving().length > 0) this.log.warn({ migrations: arriving().length }, 'waiting for post-copy migrations arriving here to complete');
+    while (arriving().length > 0 && Date.now() < postcopyDeadline) await new Promise((resolve) => setTimeout(resolve, 50));
+    // Whatever still runs is aborted by closing its session: sources resume their guests (a
+    // post-copy leaving from here is carried on by this agent's next start).
     for (const pending of this.sessionsOut.values()) (await pending.catch(() => undefined))?.close();
     for (const session of this.sessionsIn) session.close();
     while (this.outgoing.size > 0 && Date.now() < deadline + 5_000) {
