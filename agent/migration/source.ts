@@ -626,7 +626,13 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     if (!this.state.sourceOwnsGuest) {
       throw new GangwayError(
         ErrorCode.BAD_REQUEST,
-        `migration ${this.options.migrationId} is ${this.phase}: ${this.phase === 'committing' ? 'the switchover is under way and cannot be cancelled safely' : 'it is over'}`,
+        `migration ${this.options.migrationId} is ${this.phase}: ${
+          this.phase === 'committing' || this.phase === 'postcopy-switch'
+            ? 'the switchover is under way and cannot be cancelled safely'
+            : this.phase === 'postcopy'
+              ? 'the guest runs at the destination since the post-copy switchover, and only this host can send the pages it still lacks: stopping now would strand it'
+              : 'it is over'
+        }`,
       );
     }
     this.fail(new GangwayError(ErrorCode.ABORTED, reason));
