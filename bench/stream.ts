@@ -1,8 +1,9 @@
 // bench:stream — how fast one agent streams guest memory to another on loopback, against
 // raw TCP loopback measured in the same run (node:net between two processes, and iperf3
-// where installed). Cases: unique incompressible pages without compression, and the same
-// with content dedup on (its cost: it finds nothing to share); OS-image-like pages with LZ4
-// forced and with the adaptive codec.
+// where installed). Cases: unique incompressible pages without compression, the same with
+// content dedup on (its cost: it finds nothing to share), and the same between two agents
+// talking mutual TLS (wss, certificates from `gangway certs`: what TLS costs the stream);
+// OS-image-like pages with LZ4 forced and with the adaptive codec.
 //
 //   npm run bench:stream [-- --quick] [-- --json] [-- --repeat N]
 import { parseArgs } from 'node:util';
@@ -11,6 +12,7 @@ import type { MigrationSummary } from '../agent/migration/source.js';
 import { rmSync } from 'node:fs';
 import { barChartSvg, markdownTable, median, prefaultMemory, writeResults } from './report.js';
 import { iperf3Loopback, nodeTcpLoopback } from './tcp-baseline.js';
+import { initCa, issueHostCert } from '../agent/cli/certs.js';
 
 const MiB = 1024 * 1024;
 const GB = 1e9;
@@ -31,10 +33,13 @@ interface Case {
   codec: 'raw' | 'lz4' | 'auto';
   /** Content dedup on (fingerprints and the content index on every page); off elsewhere, to measure the stream itself. */
   dedup?: boolean;
+  /** Between the pair of agents that talk mutual TLS. */
+  tls?: boolean;
 }
 const cases: Case[] = [
   { name: 'incompressible, no compression', profile: 'random', codec: 'raw' },
   { name: 'incompressible, no compression, dedup', profile: 'random', codec: 'raw', dedup: true },
+  { name: 'incompressible, no compression, mutual TLS', profile: 'random', codec: 'raw', tls: true },
   { name: 'OS-image-like, LZ4', profile: 'os-image', codec: 'lz4' },
   { name: 'OS-image-like, adaptive codec', profile: 'os-image', codec: 'auto' },
 ];
@@ -43,7 +48,8 @@ function log(line: string) {
   if (!values.json) console.error(line);
 }
 
-async function migrateOnce(source: LocalAgent, destination: LocalAgent, c: Case, n: number): Promise<MigrationSummary> {
+async function migrateOnce(pair: { source: LocalAgent; destination: LocalAgent }, c: Case, n: number): Promise<MigrationSummary> {
+  const { source, destination } = pair;
   const name = `bench-${c.profile}-${c.codec}-${n}`;
   await source.client.call('POST', '/v1/guests', {
     name,
@@ -68,11 +74,20 @@ try {
   agents.push(source);
   const destination = await startLocalAgent({ stateDir: `${tmp}/destination` });
   agents.push(destination);
+  // The same pair again, talking wss with client certificates.
+  await initCa({ dir: `${tmp}/tls`, days: 1 });
+  const certs = await Promise.all(['bench-a', 'bench-b'].map((name) => issueHostCert({ dir: `${tmp}/tls`, name, sans: ['127.0.0.1'], validity: { days: 1 } })));
+  const tls = (own: number) => ({ cert: certs[own]!.certPath, key: certs[own]!.keyPath, ca: certs[own]!.caPath, allow: [own === 0 ? 'bench-b' : 'bench-a'] });
+  const tlsSource = await startLocalAgent({ stateDir: `${tmp}/tls-source`, tls: tls(0) });
+  agents.push(tlsSource);
+  const tlsDestination = await startLocalAgent({ stateDir: `${tmp}/tls-destination`, tls: tls(1) });
+  agents.push(tlsDestination);
+  const pairOf = (c: Case) => (c.tls ? { source: tlsSource, destination: tlsDestination } : { source, destination });
 
   const prefaultMs = prefaultMemory(4 * memoryBytes);
   log(`prefaulted ${(4 * memoryBytes) / MiB} MiB of memory in ${(prefaultMs / 1000).toFixed(1)} s`);
   // One unmeasured migration per case warms the agents (JIT, buffer pools).
-  for (const c of cases) await migrateOnce(source, destination, c, 100);
+  for (const c of cases) await migrateOnce(pairOf(c), c, 100);
 
   const tcp: number[] = [];
   const byCase = new Map<string, { rate: number[]; wire: number[]; total: number[] }>();
@@ -81,7 +96,7 @@ try {
     tcp.push(await nodeTcpLoopback(memoryBytes));
     log(`run ${n + 1}/${repeat}: node:net loopback ${(tcp.at(-1)! / GB).toFixed(2)} GB/s`);
     for (const c of cases) {
-      const summary = await migrateOnce(source, destination, c, n);
+      const summary = await migrateOnce(pairOf(c), c, n);
       const round0 = summary.rounds[0]!;
       const rate = (round0.pages * 4096 * 1000) / round0.durationMs;
       const entry = byCase.get(c.name) ?? { rate: [], wire: [], total: [] };
