@@ -97,6 +97,9 @@ describe('traffic monitor', () => {
     expect(s.host?.direction).toBe('inbound');
     s = await second({}, { rx: 100 * MBIT, tx: 100 * MBIT });
     expect(s.contention?.level).toBe('low');
+    // The peer port's totals add every read (the chain was zeroed by each).
+    s = await second({ 'peer tx dport': 7, 'peer rx sport': 3 }, { rx: 100 * MBIT, tx: 100 * MBIT });
+    expect(s.peerTotals).toMatchObject({ txBytes: 400 * MBIT + 7, rxBytes: 5 * MBIT + 3 });
   });
 
   test('a guest added later gets its rules; a guest without a TAP device says why it has no rates', async () => {
@@ -132,6 +135,7 @@ describe('traffic monitor', () => {
     expect(s.nic).toEqual({ rxBytesPerSec: 2e6, txBytesPerSec: 3e6 });
     expect(s.workload).toEqual(s.nic);
     expect(s.migration).toBeNull();
+    expect(s.peerTotals).toBeNull();
     expect(s.guests[0]).toMatchObject({ rxBytesPerSec: null, reason: expect.stringMatching(/root/) });
     expect(host.ran('iptables')).toEqual([]);
   });
