@@ -240,8 +240,9 @@ describe.skipIf(skipReason !== undefined)(`bandwidth control through the agents$
       expect(counted).toBeGreaterThan(0);
       expect(Math.abs(counted - ipBytes) / ipBytes).toBeLessThan(0.01);
     }
-    // The source sent the guest's memory (and the framing around it).
-    expect(totalsAfter.a.txBytes - totalsBefore.a.txBytes).toBeGreaterThanOrEqual(summary.wireBytes);
+    // The source sent the guest's memory (and the framing around it). Not `>=`: `iptables -L
+    // -Z` reads, then zeroes, so a packet counted in between is lost (0.1-0.4% seen here).
+    expect(totalsAfter.a.txBytes - totalsBefore.a.txBytes).toBeGreaterThan(summary.wireBytes * 0.99);
   });
 
   it('--technique auto --priority high follows the plan and holds the reservation at high priority', async () => {
