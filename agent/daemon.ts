@@ -35,6 +35,7 @@ import { CONFIG_DEFAULTS, resolveTrafficConfig, type TrafficConfig } from './con
 import { TrafficService } from './traffic/service.js';
 import type { Priority } from './planner/planner.js';
 import type { MigrationPlan } from './planner/plan-for.js';
+import { defaultAutoTechnique, followPlan, type FollowedPlan } from './planner/follow-plan.js';
 import { describeTlsError, hostOf, isLoopbackHost, loadTlsMaterial, REFUSAL_HEADER, refusePeer, type PeerTransport, type Refusal, type TlsMaterial } from './peer/tls.js';
 
 /** What this agent offers in its hello; a feature is used when both sides list it. */
@@ -50,10 +51,14 @@ const MIGRATION_OPTION_DEFAULTS = {
 /** What this agent does, as its hello says; 'postcopy' only where the guest's memory can take userfaultfd. */
 const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'repair', 'traffic', ...(loadNative().uffdProbe() ? ['postcopy'] : [])];
 
-/** auto: hybrid where the destination can post-copy (pre-copy first, post-copy only if that does not converge), else pre-copy. */
+/**
+ * The technique of a request that does not follow a plan. auto without traffic data: hybrid
+ * where the destination can post-copy (pre-copy first, post-copy only if that does not
+ * converge), else pre-copy; with traffic data, auto follows the plan (Agent.migrate).
+ */
 export function resolveTechnique(requested: MigrateRequest['technique'], peerFeatures: readonly string[]): 'precopy' | 'postcopy' | 'hybrid' {
   if (requested === undefined || requested === 'precopy') return 'precopy';
-  if (requested === 'auto') return peerFeatures.includes('postcopy') ? 'hybrid' : 'precopy';
+  if (requested === 'auto') return defaultAutoTechnique(peerFeatures);
   return requested;
 }
 
@@ -102,8 +107,10 @@ export interface MigrateRequest {
   codec: CodecMode;
   bandwidthBytesPerSec?: number;
   tracker?: TrackerPreference;
-  /** precopy when absent; auto: see resolveTechnique. */
+  /** precopy when absent; auto: follow the plan (technique, strategy, order, rate) where there is traffic data. */
   technique?: 'precopy' | 'postcopy' | 'hybrid' | 'auto';
+  /** The migration's priority for the plan and the bandwidth reservation; default traffic.priority. */
+  priority?: Priority;
   /** hybrid: go post-copy after this many pre-copy rounds at the latest (default maxRounds). */
   postcopyAfterRounds?: number;
 }
@@ -675,6 +682,8 @@ export class Agent {
         digestBytesPerSec: Math.round(this.digestBytesPerSec),
         shuttingDown: this.shuttingDown,
         sessions: { in: this.sessionsIn.size, out: this.sessionsOut.size },
+        /** What this agent offers peers in its hello (postcopy only where userfaultfd works). */
+        features: AGENT_FEATURES,
       },
       guests: this.guestStatus(),
       migrations: [...this.records.values()].reverse(),
@@ -723,23 +732,56 @@ export class Agent {
    * summary and the totals when at least one guest moved; throws the first error when none did.
    */
   async migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
-    // The bandwidth hook: the shaper applies --bandwidth, or Algorithm 2 at traffic.priority,
-    // on the uplink while the migration runs (a no-op without root, tc or an uplink).
-    const hold = await this.traffic.hold({ peerPort: Number(request.to.slice(request.to.lastIndexOf(':') + 1)), bandwidthBytesPerSec: request.bandwidthBytesPerSec });
+    // auto: the plan is made from the traffic as it was before the hold below shapes anything.
+    const planned = request.technique === 'auto' ? await this.planForAuto(request) : undefined;
+    // The bandwidth hook: the shaper applies --bandwidth, or Algorithm 2 at the request's
+    // priority (default traffic.priority), on the uplink while the migration runs (a no-op
+    // without root, tc or an uplink).
+    const hold = await this.traffic.hold({
+      peerPort: Number(request.to.slice(request.to.lastIndexOf(':') + 1)),
+      bandwidthBytesPerSec: request.bandwidthBytesPerSec,
+      priority: request.priority,
+    });
     if (hold.applied) this.log.info({ to: request.to, reason: hold.reason }, 'migration bandwidth reserved on the uplink');
     try {
-      return await this.migrateGuests(request, onProgress);
+      const followed = planned
+        ? followPlan({
+            guests: request.guests,
+            priority: request.priority ?? this.traffic.status().priorityDefault,
+            requestedStrategy: request.strategy,
+            plan: planned.plan,
+            ...(planned.noTrafficReason ? { noTrafficReason: planned.noTrafficReason } : {}),
+            peerFeatures: planned.peerFeatures,
+            shaper: { applied: hold.applied, reason: hold.reason },
+            linkBytesPerSec: this.traffic.settings?.linkBytesPerSec,
+            manualBandwidthBytesPerSec: request.bandwidthBytesPerSec,
+          })
+        : undefined;
+      if (followed) this.log.info({ followed: followed.followed, strategy: followed.strategy, guests: followed.guests.map((g) => `${g.name}:${g.technique}`), reasons: followed.reasons }, 'technique auto');
+      return await this.migrateGuests(request, followed, onProgress);
     } finally {
       await hold.stop().catch((err: Error) => this.log.warn({ err: err.message }, 'releasing the bandwidth reservation failed'));
     }
   }
 
-  private async migrateGuests(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
+  /** The plan behind --technique auto, or why there is none (no traffic data: no uplink or capacity). */
+  private async planForAuto(request: MigrateRequest): Promise<{ plan: MigrationPlan | undefined; noTrafficReason?: string; peerFeatures: string[] }> {
+    const session = await this.session(request.to);
+    const peerFeatures = [...(session.peer?.features ?? [])];
+    const monitor = this.traffic.monitor;
+    if (monitor.mode === 'off') return { plan: undefined, noTrafficReason: monitor.reason ?? 'the traffic monitor is off', peerFeatures };
+    if (!this.traffic.settings) return { plan: undefined, noTrafficReason: "the uplink's capacity is not configured ('traffic.linkCapacity')", peerFeatures };
+    return { plan: await this.planFor(request.guests, request.priority, request.to), peerFeatures };
+  }
+
+  private async migrateGuests(request: MigrateRequest, followed: FollowedPlan | undefined, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
     if (this.shuttingDown) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
     if (new Set(request.guests).size !== request.guests.length) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `a guest is named twice in ${request.guests.join(' ')}`);
     }
-    const guests = request.guests.map((name) => {
+    // A followed plan may reorder the guests (high priority first).
+    const names = followed ? followed.guests.map((g) => g.name) : request.guests;
+    const guests = names.map((name) => {
       const { guest, record } = this.registry.get(name);
       if (record.incoming) {
         throw new GangwayError(
@@ -758,17 +800,23 @@ export class Agent {
     }
     const started = performance.now();
     const session = await this.session(request.to);
-    const technique = resolveTechnique(request.technique, session.peer?.features ?? []);
-    if (technique !== 'precopy' && request.dedup && guests.length > 1) {
-      this.log.info({ technique }, 'dedup applies to pre-copy migrations: post-copy members move without it');
+    const requested = resolveTechnique(request.technique, session.peer?.features ?? []);
+    const techniqueOf = (guest: ProcessGuest) => followed?.guests.find((g) => g.name === guest.name)?.technique ?? requested;
+    const strategy = followed?.strategy ?? request.strategy;
+    // Dedup applies to pre-copy members only: a post-copy or hybrid member moves without it.
+    const precopy = guests.filter((guest) => techniqueOf(guest) === 'precopy');
+    if (precopy.length < guests.length && request.dedup && guests.length > 1) {
+      this.log.info({ techniques: guests.map((g) => `${g.name}:${techniqueOf(g)}`) }, 'dedup applies to pre-copy migrations: post-copy and hybrid members move without it');
     }
-    const dedup = request.dedup && technique === 'precopy' && (session.peer?.features.includes('dedup') ?? false);
-    if (request.dedup && technique === 'precopy' && !dedup) this.log.warn({ to: request.to }, 'the destination does not offer dedup; moving without it');
+    const dedup = request.dedup && precopy.length > 0 && (session.peer?.features.includes('dedup') ?? false);
+    if (request.dedup && precopy.length > 0 && !dedup) this.log.warn({ to: request.to }, 'the destination does not offer dedup; moving without it');
     const outcomes: GroupOutcome[] = [];
-    // --bandwidth caps the whole command: a gang shares one pacer.
-    const pacer = request.bandwidthBytesPerSec ? new Pacer(request.bandwidthBytesPerSec, this.config.batchBytes) : undefined;
+    // --bandwidth caps the whole command: a gang shares one pacer. So does a followed plan's
+    // reservation when the shaper cannot hold it (follow-plan.ts).
+    const pacedBytesPerSec = request.bandwidthBytesPerSec ?? followed?.pacedBytesPerSec;
+    const pacer = pacedBytesPerSec ? new Pacer(pacedBytesPerSec, this.config.batchBytes) : undefined;
     // A gang's members take turns at their switchovers.
-    const gate = request.strategy === 'gang' && guests.length > 1 ? new SwitchoverGate() : undefined;
+    const gate = strategy === 'gang' && guests.length > 1 ? new SwitchoverGate() : undefined;
     const indexStats: GroupSummary['index'] = [];
     const openGroup = async (members: ProcessGuest[]) => {
       const group = await SourceDedupGroup.open(session, {
@@ -790,11 +838,14 @@ export class Agent {
       this.metrics.dedupIndexBytes.dec(stats.memoryBytes);
       group.close();
     };
-    if (request.strategy === 'gang') {
-      const group = dedup ? await openGroup(guests) : undefined;
+    if (strategy === 'gang') {
+      const group = dedup ? await openGroup(precopy) : undefined;
       try {
         const settled = await Promise.allSettled(
-          guests.map((guest, slot) => this.migrateOne(guest, session, request, technique, group ? { group, slot } : undefined, { pacer, gate }, onProgress)),
+          guests.map((guest) => {
+            const slot = precopy.indexOf(guest);
+            return this.migrateOne(guest, session, request, techniqueOf(guest), group && slot >= 0 ? { group, slot } : undefined, { pacer, gate }, onProgress);
+          }),
         );
         settled.forEach((result, i) => outcomes.push(outcomeOf(guests[i]!.name, result)));
       } finally {
@@ -806,7 +857,8 @@ export class Agent {
           outcomes.push({ guest: guest.name, error: { code: ErrorCode.PEER_GONE, message: 'the session to the destination closed before this guest' } });
           continue;
         }
-        const group = dedup ? await openGroup([guest]) : undefined;
+        const technique = techniqueOf(guest);
+        const group = dedup && technique === 'precopy' ? await openGroup([guest]) : undefined;
         try {
           const [result] = await Promise.allSettled([this.migrateOne(guest, session, request, technique, group ? { group, slot: 0 } : undefined, { pacer }, onProgress)]);
           outcomes.push(outcomeOf(guest.name, result!));
@@ -815,11 +867,25 @@ export class Agent {
         }
       }
     }
-    const summary = summarizeGroup(request, dedup, this.listenAddress, outcomes, performance.now() - started, indexStats);
+    const summary = summarizeGroup({ strategy, to: request.to }, dedup, this.listenAddress, outcomes, performance.now() - started, indexStats);
     if (summary.guests.length === 0) {
       const first = outcomes.find((o) => o.error)!;
       const others = outcomes.filter((o) => o !== first && o.error).map((o) => `${o.guest}: ${o.error!.message}`);
       throw new GangwayError(first.error!.code as ErrorCode, first.error!.message + (others.length ? ` (also failed: ${others.join('; ')})` : ''));
+    }
+    if (followed) {
+      summary.plan = {
+        followed: followed.followed,
+        priority: followed.priority,
+        strategy: followed.strategy,
+        pacedBytesPerSec: followed.pacedBytesPerSec ?? null,
+        reasons: followed.reasons,
+        assumptions: followed.assumptions,
+      };
+      for (const moved of summary.guests) {
+        const note = followed.guests.find((g) => g.name === moved.guest);
+        if (note) moved.plan = { technique: note.technique, strategy: note.strategy, order: note.order, reasons: note.reasons };
+      }
     }
     return summary;
   }

@@ -339,11 +339,14 @@ withControlOptions(program.command('migrate <guests...>'))
     new Option(
       '--technique <technique>',
       'precopy: rounds, then stop-and-copy; postcopy: the guest moves at once and its pages follow on demand; ' +
-        'hybrid: pre-copy rounds, then post-copy if they do not converge; auto: hybrid where the destination can post-copy, else precopy',
+        'hybrid: pre-copy rounds, then post-copy if they do not converge; ' +
+        "auto: follow the planner (each guest's technique, the strategy and order, the reserved rate) where the agent measures its uplink, " +
+        'else hybrid where the destination can post-copy, else precopy',
     )
       .choices(['precopy', 'postcopy', 'hybrid', 'auto'])
       .default('precopy'),
   )
+  .addOption(new Option('--priority <priority>', "the migration's priority: the plan (--technique auto) and the bandwidth reservation [the agent's traffic.priority]").choices(PRIORITIES))
   .option('--postcopy-after-rounds <n>', 'hybrid: go post-copy after this many pre-copy rounds at the latest [--max-rounds]', number('--postcopy-after-rounds', 1, 10_000, true))
   .option('--json', 'print the summary as JSON')
   .action(async (names: string[], opts) => {
@@ -366,6 +369,7 @@ withControlOptions(program.command('migrate <guests...>'))
           ...(opts.bandwidth ? { bandwidthBytesPerSec: opts.bandwidth } : {}),
           ...(opts.tracker ? { tracker: opts.tracker } : {}),
           technique: opts.technique,
+          ...(opts.priority ? { priority: opts.priority } : {}),
           ...(opts.postcopyAfterRounds ? { postcopyAfterRounds: opts.postcopyAfterRounds } : {}),
         },
         (progress) => {

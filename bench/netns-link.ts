@@ -64,7 +64,7 @@ const COMMAND_TIMEOUT_MS = 10_000;
 /** An Ethernet frame at MTU 1500, as the shaper counts it. */
 const FRAME_BYTES = 1514;
 
-async function run(command: readonly string[]): Promise<string> {
+export async function run(command: readonly string[]): Promise<string> {
   const result = await execa(command[0]!, command.slice(1), { reject: false, timeout: COMMAND_TIMEOUT_MS, stdin: 'ignore' });
   if (result.failed) {
     throw new NetnsCommandError(command, result.exitCode, result.stderr || (result.shortMessage ?? ''), { cause: result.cause });
@@ -109,7 +109,7 @@ function validate(options: ShapedLinkOptions): { name: string; rateBitsPerSec: n
   return { name, rateBitsPerSec: Math.round(rateBitsPerSec), delayMs };
 }
 
-async function shapeEgress(ns: string, device: string, rateBitsPerSec: number): Promise<void> {
+export async function shapeEgress(ns: string, device: string, rateBitsPerSec: number): Promise<void> {
   const burstBytes = Math.max(2 * FRAME_BYTES, Math.ceil(rateBitsPerSec / 8 / 1000));
   const rate = `${rateBitsPerSec}bit`;
   await run(['tc', '-n', ns, 'qdisc', 'add', 'dev', device, 'root', 'handle', '1:', 'htb', 'default', '1']);

@@ -23,6 +23,7 @@ export function summaryText(s: MigrationSummary): string {
     `  wire         ${formatBytes(s.wireBytes)} for ${formatBytes(s.memoryBytes)} of memory; ${s.zeroPages} zero pages sent as runs; data compressed to ${(s.compressionRatio * 100).toFixed(1)}%`,
     `  link         ${formatRate(s.linkRateBytesPerSec)}; dirty tracking ${s.tracker}${s.trackerFallbackReason ? ` (${s.trackerFallbackReason})` : ''}`,
     ...(s.dedup.enabled ? [`  dedup        ${dedupText(s.dedup.hits, s.dedup.savedBytes, s.dedup.wantedPages)}`] : []),
+    ...(s.plan ? [`  plan         ${s.plan.technique}${s.plan.strategy ? `, ${s.plan.strategy}` : ''}: ${s.plan.reasons.join('; ')}`] : []),
   ].join('\n');
 }
 
@@ -52,6 +53,7 @@ export function groupSummaryText(g: GroupSummary): string {
     );
     if (g.dedup) lines.push(`  dedup        ${dedupText(g.dedupStats.hits, g.dedupStats.savedBytes, g.dedupStats.wantedPages)}`);
   }
+  if (g.plan) lines.push(`${g.plan.followed ? 'plan followed' : 'no plan'} (${g.plan.priority} priority, ${g.strategy}): ${[...g.plan.reasons, ...g.plan.assumptions].join('; ')}`);
   for (const f of g.failed) lines.push(`FAILED ${f.guest}: ${f.code}: ${f.message}`);
   return lines.join('\n');
 }

@@ -44,6 +44,8 @@ export const MigrateRequestSchema = z.strictObject({
   bandwidthBytesPerSec: z.number().positive().optional(),
   tracker: z.enum(['auto', 'uffd-wp', 'hash-scan']).optional(),
   technique: z.enum(['precopy', 'postcopy', 'hybrid', 'auto']).optional(),
+  /** Default: the agent's traffic.priority. */
+  priority: z.enum(PRIORITIES).optional(),
   postcopyAfterRounds: z.number().int().min(1).max(10_000).optional(),
 });
 

@@ -39,6 +39,19 @@ export interface GroupSummary {
     savedBytes: number;
     wantedPages: number;
   };
+  /**
+   * --technique auto: the plan followed (or why none was: followed false), with its reasons;
+   * each guest's summary carries its own `plan`. Absent for a fixed technique.
+   */
+  plan?: {
+    followed: boolean;
+    priority: 'high' | 'medium' | 'low';
+    strategy: 'gang' | 'serial';
+    /** The rate the sender's pacer held the command to for the plan; null: not paced by the plan. */
+    pacedBytesPerSec: number | null;
+    reasons: string[];
+    assumptions: string[];
+  };
   /** The source's content index of each dedup group (one for gang, one per guest for serial). */
   index: { locations: number; knownLocations: number; contents: number; memoryBytes: number }[];
 }

@@ -114,6 +114,8 @@ export interface MigrationSummary {
   migrationId: string;
   guest: string;
   technique: 'precopy' | 'postcopy' | 'hybrid';
+  /** --technique auto: what the plan chose for this guest, and why (follow-plan.ts). */
+  plan?: { technique: 'precopy' | 'postcopy' | 'hybrid'; strategy: 'parallel' | 'serial' | null; order: number; reasons: string[] };
   /** Post-copy (postcopy, or a hybrid that went post-copy): how the missing pages came. */
   postcopy?: {
     /** Why a hybrid went post-copy. */

@@ -90,6 +90,13 @@ export interface TrafficSnapshot {
   migration: Rates | null;
   /** NIC minus migration: what the guests and everything else on the host use. */
   workload: Rates | null;
+  /**
+   * What the accounting chain counted on the peer port since the monitor started, as of the
+   * last sample (IP packets: IP headers included, Ethernet headers not); null unless mode is
+   * 'full'. Totals let an operator (or a test) compare with the NIC's own counters. A chain
+   * rebuilt for a TAP device added or gone loses what it counted since the last sample.
+   */
+  peerTotals: { rxBytes: number; txBytes: number; rxPackets: number; txPackets: number } | null;
   host: { direction: Direction; reason: string } | null;
   contention: { level: Contention; share: number; reason: string } | null;
   guests: GuestTraffic[];
@@ -139,6 +146,7 @@ export class TrafficMonitor extends EventEmitter {
   private readonly nicRates: SmoothedRates;
   private readonly peerRates: SmoothedRates;
   private lastNic: NicCounters | undefined;
+  private readonly peerTotals = { rxBytes: 0, txBytes: 0, rxPackets: 0, txPackets: 0 };
   private lastAtMs: number | undefined;
   private samples = 0;
   private timer: NodeJS.Timeout | undefined;
@@ -255,8 +263,13 @@ export class TrafficMonitor extends EventEmitter {
       this.lastAtMs = atMs;
       if (counted) {
         const bytes = (keys: readonly string[]) => keys.reduce((sum, key) => sum + (counted.get(key)?.bytes ?? 0), 0);
+        const packets = (keys: readonly string[]) => keys.reduce((sum, key) => sum + (counted.get(key)?.packets ?? 0), 0);
         const perSec = (b: number) => (b * 1000) / elapsedMs;
         this.peerRates.add(perSec(bytes(PEER_KEYS.rx)), perSec(bytes(PEER_KEYS.tx)));
+        this.peerTotals.rxBytes += bytes(PEER_KEYS.rx);
+        this.peerTotals.txBytes += bytes(PEER_KEYS.tx);
+        this.peerTotals.rxPackets += packets(PEER_KEYS.rx);
+        this.peerTotals.txPackets += packets(PEER_KEYS.tx);
         for (const guest of this.guests) {
           if (guest.tap === undefined) continue;
           let rates = this.guestRates.get(guest.name);
@@ -308,6 +321,7 @@ export class TrafficMonitor extends EventEmitter {
       nic,
       migration,
       workload,
+      peerTotals: this.modeValue === 'full' ? { ...this.peerTotals } : null,
       host: host ? { direction: host.direction, reason: host.reason } : null,
       contention,
       guests,

@@ -97,6 +97,9 @@ describe('traffic monitor', () => {
     expect(s.host?.direction).toBe('inbound');
     s = await second({}, { rx: 100 * MBIT, tx: 100 * MBIT });
     expect(s.contention?.level).toBe('low');
+    // The peer port's totals add every read (the chain was zeroed by each).
+    s = await second({ 'peer tx dport': 7, 'peer rx sport': 3 }, { rx: 100 * MBIT, tx: 100 * MBIT });
+    expect(s.peerTotals).toMatchObject({ txBytes: 400 * MBIT + 7, rxBytes: 5 * MBIT + 3 });
   });
 
   test('a guest added later gets its rules; a guest without a TAP device says why it has no rates', async () => {
@@ -132,6 +135,7 @@ describe('traffic monitor', () => {
     expect(s.nic).toEqual({ rxBytesPerSec: 2e6, txBytesPerSec: 3e6 });
     expect(s.workload).toEqual(s.nic);
     expect(s.migration).toBeNull();
+    expect(s.peerTotals).toBeNull();
     expect(s.guests[0]).toMatchObject({ rxBytesPerSec: null, reason: expect.stringMatching(/root/) });
     expect(host.ran('iptables')).toEqual([]);
   });
@@ -205,7 +209,8 @@ describe('bandwidth controller', () => {
     const hold = await c.start({ peerPort: 7401, priority: 'high' });
     expect(hold.applied).toBe(true);
     expect(rateOf(host, '6777:10')).toBe(800 * MBIT);
-    expect(host.classes.get('6777:10')!.ceil / 8).toBe(800 * MBIT);
+    // The migration may borrow what the capped workload leaves idle, up to the link.
+    expect(host.classes.get('6777:10')!.ceil / 8).toBe(1000 * MBIT);
     expect(host.classes.get('6777:20')!.ceil / 8).toBe(200 * MBIT);
     expect(host.ran('tc').some((line) => line.includes('match ip dport 7401 0xffff flowid 6777:10'))).toBe(true);
     await hold.stop();
@@ -289,6 +294,16 @@ describe('bandwidth controller', () => {
     noTc.host.missing.add('tc');
     await noTc.c.init();
     expect(noTc.c.status()).toMatchObject({ available: false, reason: expect.stringMatching(/tc is unavailable.*ENOENT/) });
+  });
+
+  test('a planned reservation borrows up to the link what the workload leaves idle; a manual rate is its own ceiling', () => {
+    const reservation = { migrationBytesPerSec: LINK * 0.8, workloadCapBytesPerSec: undefined, reason: '' };
+    const planned = shaperConfig(reservation, LINK, 7401, LINK * 0.2, { borrow: true });
+    expect(planned.migration).toMatchObject({ rateBitsPerSec: LINK * 0.8 * 8, ceilBitsPerSec: LINK * 8 });
+    // The workload keeps its guaranteed rate, which HTB serves before it lends to the migration.
+    expect(planned.workload.rateBitsPerSec).toBe(LINK * 0.2 * 8);
+    const manual = shaperConfig(reservation, LINK, 7401);
+    expect(manual.migration.ceilBitsPerSec).toBe(manual.migration.rateBitsPerSec);
   });
 
   test('shaperConfig keeps both classes valid at the extremes', () => {

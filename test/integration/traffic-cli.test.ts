@@ -25,6 +25,7 @@ describe.skipIf(!builtAgent)('gangway traffic and plan', () => {
     [['plan', 'vm1', '--to', 'nowhere'], /--to.*"nowhere" is not an agent address: use HOST:PORT/],
     [['plan', 'vm1', '--to', '127.0.0.1:70000'], /--to.*not an agent address/],
     [['plan', 'vm1'], /--to/],
+    [['migrate', 'vm1', '--to', '127.0.0.1:1', '--priority', 'urgent'], /--priority.*'urgent' is invalid.*high, medium, low/],
     [['guest', 'start', 'vm1', '--tap', 'tap/0'], /--tap.*"tap\/0" is not an interface name: use 1 to 15/],
     [['guest', 'start', 'vm1', '--tap', 'a-very-long-tap-name'], /--tap.*not an interface name/],
     [['agent', '--check-config', '--link-capacity', 'fast'], /--link-capacity: rate "fast" is not understood/],
@@ -132,5 +133,27 @@ describe.skipIf(!builtAgent)('gangway traffic and plan', () => {
     expect(JSON.parse(unknown.stdout).error.code).toBe('GANGWAY_ERR_GUEST_NOT_FOUND');
     const api = await a.client.call('POST', '/v1/plan', { guests: [vm1], to: b.listen, priority: 'urgent' }).catch((err: Error) => err);
     expect((api as Error).message).toMatch(/priority: .*"high"\|"medium"\|"low"|priority: Invalid option/);
+  });
+
+  it('migrate --technique auto without traffic data runs as before plans and says so in the summary', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a');
+    const b = await cluster.agent('b');
+    const vm1 = uniqueName('vm');
+    const vm2 = uniqueName('vm');
+    for (const name of [vm1, vm2]) expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '8MiB', '--dirty-rate', '1MiB/s'])).exitCode).toBe(0);
+    const run = await cluster.cli(a, ['migrate', vm1, vm2, '--to', b.listen, '--technique', 'auto', '--strategy', 'serial', '--priority', 'high', '--json']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    const summary = JSON.parse(run.stdout);
+    const features = (await b.status()).agent.features as string[];
+    const technique = features.includes('postcopy') ? 'hybrid' : 'precopy';
+    expect(summary.strategy).toBe('serial');
+    expect(summary.plan).toMatchObject({ followed: false, priority: 'high', strategy: 'serial', pacedBytesPerSec: null });
+    expect(summary.plan.reasons[0]).toMatch(/no traffic data \(no uplink is configured.*\): no plan/);
+    expect(summary.guests.map((g: { guest: string; technique: string; plan: { technique: string } }) => [g.guest, g.technique, g.plan.technique])).toEqual([
+      [vm1, technique, technique],
+      [vm2, technique, technique],
+    ]);
+    expect(summary.guests.every((g: { verified: boolean }) => g.verified)).toBe(true);
   });
 });
