@@ -546,10 +546,11 @@ program
   .description('two local agents, a running guest, a live migration between them, and a summary')
   .option('--memory <size>', 'guest memory', arg((t) => parseBytes(t, '--memory')), parseBytes('512MiB'))
   .option('--dirty-rate <rate>', 'guest dirty rate', arg((t) => parseRate(t, '--dirty-rate')), parseRate('40MiB/s'))
+  .addOption(new Option('--technique <technique>', 'how the guest moves (see migrate --help); postcopy and hybrid need root').choices(['precopy', 'postcopy', 'hybrid', 'auto']).default('precopy'))
   .option('--json', 'print one JSON object')
   .action(async (opts) => {
     try {
-      await runDemo({ memoryBytes: opts.memory, dirtyRateBytesPerSec: opts.dirtyRate, json: Boolean(opts.json) });
+      await runDemo({ memoryBytes: opts.memory, dirtyRateBytesPerSec: opts.dirtyRate, json: Boolean(opts.json), technique: opts.technique });
     } catch (err) {
       fail(err, Boolean(opts.json));
     }

@@ -12,6 +12,7 @@ export interface DemoOptions {
   memoryBytes: number;
   dirtyRateBytesPerSec: number;
   json: boolean;
+  technique?: 'precopy' | 'postcopy' | 'hybrid' | 'auto';
 }
 
 export async function runDemo(options: DemoOptions): Promise<void> {
@@ -52,7 +53,7 @@ export async function runDemo(options: DemoOptions): Promise<void> {
 
     const tty = process.stderr.isTTY && !options.json;
     const group = await source.client
-      .migrate({ guests: ['vm1'], to: destination.listen }, (progress) => {
+      .migrate({ guests: ['vm1'], to: destination.listen, ...(options.technique ? { technique: options.technique } : {}) }, (progress) => {
         if (tty) process.stderr.write(`\r\x1b[K${progressLine(progress)}`);
       })
       .finally(() => {

@@ -19,10 +19,20 @@ export function summaryText(s: MigrationSummary): string {
   return [
     `migrated ${s.guest} to ${s.to} in ${formatMs(s.totalMs)}: memory digests match (${s.digests.join(', ')})${s.forced ? ' [forced stop at a limit]' : ''}`,
     `  downtime     ${formatMs(s.downtimeMs)} (pause ${formatMs(d.pauseMs)}, final round ${formatMs(d.finalRoundMs)}, verify ${formatMs(d.verifyMs)}, commit ${formatMs(d.commitMs)}, rtt ${formatMs(d.rttMs)})`,
-    `  rounds       ${s.rounds.length} (pages per round: ${rounds})`,
+    ...(s.rounds.length > 0 ? [`  rounds       ${s.rounds.length} (pages per round: ${rounds})`] : [`  rounds       none: post-copy from the start`]),
     `  wire         ${formatBytes(s.wireBytes)} for ${formatBytes(s.memoryBytes)} of memory; ${s.zeroPages} zero pages sent as runs; data compressed to ${(s.compressionRatio * 100).toFixed(1)}%`,
-    `  link         ${formatRate(s.linkRateBytesPerSec)}; dirty tracking ${s.tracker}${s.trackerFallbackReason ? ` (${s.trackerFallbackReason})` : ''}`,
+    s.linkRateBytesPerSec > 0
+      ? `  link         ${formatRate(s.linkRateBytesPerSec)}; dirty tracking ${s.tracker}${s.trackerFallbackReason ? ` (${s.trackerFallbackReason})` : ''}`
+      : `  dirty tracking ${s.tracker}${s.trackerFallbackReason ? ` (${s.trackerFallbackReason})` : ''}`,
     ...(s.dedup.enabled ? [`  dedup        ${dedupText(s.dedup.hits, s.dedup.savedBytes, s.dedup.wantedPages)}`] : []),
+    ...(s.postcopy
+      ? [
+          `  post-copy    ${s.postcopy.missingPages} pages missing at the switchover${s.postcopy.reason ? ` (${s.postcopy.reason})` : ''}: ` +
+            `${s.postcopy.faultPages} sent on ${s.postcopy.faults} faults (latency p50 ${formatMs(s.postcopy.faultLatency.p50Ms)}, p99 ${formatMs(s.postcopy.faultLatency.p99Ms)}, max ${formatMs(s.postcopy.faultLatency.maxMs)}), ` +
+            `${s.postcopy.pushedPages} pushed, in ${formatMs(s.postcopy.durationMs)}` +
+            (s.postcopy.reattaches > 0 ? `; the link broke and the migration carried on ${s.postcopy.reattaches}x (${s.postcopy.resentPages} pages sent again)` : ''),
+        ]
+      : []),
     ...(s.plan ? [`  plan         ${s.plan.technique}${s.plan.strategy ? `, ${s.plan.strategy}` : ''}: ${s.plan.reasons.join('; ')}`] : []),
   ].join('\n');
 }

@@ -5,6 +5,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { existsSync, readdirSync } from 'node:fs';
 import { execa } from 'execa';
 import { startLocalAgent } from '../../agent/local-agent.js';
+import { loadNative } from '../../agent/native.js';
 import { builtAgent, Cluster, mainJs, uniqueName } from '../helpers/cluster.js';
 
 const gangway = (args: string[], env: Record<string, string> = {}) =>
@@ -92,5 +93,14 @@ describe.skipIf(!builtAgent)('gangway CLI', () => {
     expect(readdirSync('/dev/shm').filter((f) => !before.has(f) && f.startsWith('gangway-vm1-'))).toEqual([]);
     const leftovers = await execa('pgrep', ['-f', 'gangway-demo-'], { reject: false });
     expect(leftovers.stdout.trim()).toBe('');
+  });
+
+  it.skipIf(!loadNative().uffdProbe())('runs the demo by post-copy (needs userfaultfd: root)', async () => {
+    const run = await gangway(['demo', '--json', '--memory', '64MiB', '--dirty-rate', '8MiB/s', '--technique', 'postcopy']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    const m = JSON.parse(run.stdout).migrations[0];
+    expect(m).toMatchObject({ guest: 'vm1', technique: 'postcopy', verified: true, rounds: 0 });
+    expect(m.guestCheck.stalePages).toBe(0);
+    expect(m.downtimeMs).toBeGreaterThan(0);
   });
 });
