@@ -514,6 +514,21 @@ export class Agent {
     }
     this.incoming.set(offer.migrationId, migration);
     this.metrics.migrationsActive.inc({ direction: 'in' });
+    // The source's plan reserved bandwidth at a priority: reserve this host's inbound side too.
+    const inbound = offer.priority
+      ? this.traffic.holdInbound({ localPort: Number(this.listenAddress.slice(this.listenAddress.lastIndexOf(':') + 1)), priority: offer.priority }).then(
+          (hold) => {
+            if (hold.applied) this.log.info({ migrationId: offer.migrationId, reason: hold.reason }, 'inbound bandwidth reserved for the incoming migration');
+            else this.log.info({ migrationId: offer.migrationId, reason: hold.reason }, 'inbound bandwidth not reserved');
+            return hold;
+          },
+          (err: Error) => {
+            this.log.warn({ err: err.message }, 'reserving inbound bandwidth failed');
+            return undefined;
+          },
+        )
+      : undefined;
+    void migration.done.finally(() => void inbound?.then((hold) => hold?.stop()).catch(() => {}));
     const record: MigrationRecord = {
       direction: 'in',
       state: 'running',
@@ -779,8 +794,10 @@ export class Agent {
     if (new Set(request.guests).size !== request.guests.length) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `a guest is named twice in ${request.guests.join(' ')}`);
     }
-    // A followed plan may reorder the guests (high priority first).
+    // A followed plan may reorder the guests (high priority first), and asks the destination
+    // to reserve its inbound side at the plan's priority too.
     const names = followed ? followed.guests.map((g) => g.name) : request.guests;
+    const reservePriority = followed?.followed ? followed.priority : undefined;
     const guests = names.map((name) => {
       const { guest, record } = this.registry.get(name);
       if (record.incoming) {
@@ -844,7 +861,7 @@ export class Agent {
         const settled = await Promise.allSettled(
           guests.map((guest) => {
             const slot = precopy.indexOf(guest);
-            return this.migrateOne(guest, session, request, techniqueOf(guest), group && slot >= 0 ? { group, slot } : undefined, { pacer, gate }, onProgress);
+            return this.migrateOne(guest, session, request, techniqueOf(guest), group && slot >= 0 ? { group, slot } : undefined, { pacer, gate, reservePriority }, onProgress);
           }),
         );
         settled.forEach((result, i) => outcomes.push(outcomeOf(guests[i]!.name, result)));
@@ -860,7 +877,7 @@ export class Agent {
         const technique = techniqueOf(guest);
         const group = dedup && technique === 'precopy' ? await openGroup([guest]) : undefined;
         try {
-          const [result] = await Promise.allSettled([this.migrateOne(guest, session, request, technique, group ? { group, slot: 0 } : undefined, { pacer }, onProgress)]);
+          const [result] = await Promise.allSettled([this.migrateOne(guest, session, request, technique, group ? { group, slot: 0 } : undefined, { pacer, reservePriority }, onProgress)]);
           outcomes.push(outcomeOf(guest.name, result!));
         } finally {
           closeGroup(group);
@@ -896,7 +913,7 @@ export class Agent {
     request: MigrateRequest,
     technique: 'precopy' | 'postcopy' | 'hybrid',
     dedup: { group: SourceDedupGroup; slot: number } | undefined,
-    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined },
+    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined; reservePriority?: Priority | undefined },
     onProgress: (progress: MigrationProgress) => void,
   ): Promise<MigrationSummary> {
     const migrationId = randomUUID();
@@ -930,6 +947,7 @@ export class Agent {
           ...(request.postcopyAfterRounds ? { hybrid: { postcopyAfterRounds: request.postcopyAfterRounds } } : {}),
           reconnect: () => this.session(request.to),
           registry: this.registry,
+          ...(shared.reservePriority ? { reservePriority: shared.reservePriority } : {}),
           reconnectWindowMs: this.config.postcopyReattachMs,
         },
         log,

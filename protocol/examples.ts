@@ -59,6 +59,7 @@ export function exampleFrames(): Frame[] {
       downtimeBudgetMs: 300,
       codecs: [Codec.raw, Codec.lz4],
       dedup: { group: 'gang-1', slots: [0] },
+      priority: 'high',
     }),
     Frame.accept({ migrationId: id, creditBytes: 8 * 1024 * 1024 }),
     Frame.reject({ migrationId: id, reason: RejectReason.noSpace, message: '/dev/shm has 1 GiB free' }),

@@ -206,6 +206,11 @@ const readers: Readers = {
       offer.dedup = readOfferDedup(dedupReader, guest.regions.length);
       dedupReader.done();
     }
+    const priority = r.optional('priority');
+    if (priority !== undefined) {
+      if (priority !== 'high' && priority !== 'medium' && priority !== 'low') r.fail('priority', `expected high, medium or low, got ${describeValue(priority)}`);
+      offer.priority = priority as 'high' | 'medium' | 'low';
+    }
     return offer;
   },
 

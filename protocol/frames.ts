@@ -48,6 +48,11 @@ export interface OfferFrame {
    * copy from any slot of the group, and region i of this guest is slot `slots[i]`.
    */
   dedup?: OfferDedup;
+  /**
+   * The source's plan reserves bandwidth at this priority (seed 003, Algorithm 2): the
+   * destination reserves its inbound side for the migration likewise, when it can shape it.
+   */
+  priority?: 'high' | 'medium' | 'low';
 }
 
 export interface OfferDedup {

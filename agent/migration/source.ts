@@ -69,6 +69,8 @@ export interface SourceOptions {
   reconnectWindowMs?: number;
   /** Where the guest's record lives: post-copy marks it as running at the destination. */
   registry?: GuestRegistry;
+  /** The plan's priority: the destination reserves its inbound side for this migration at it. */
+  reservePriority?: 'high' | 'medium' | 'low';
 }
 
 const RECONNECT_FIRST_DELAY_MS = 200;
@@ -792,6 +794,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         downtimeBudgetMs: options.downtimeBudgetMs,
         codecs: options.codec === 'raw' ? [Codec.raw] : [Codec.raw, Codec.lz4],
         ...(options.dedup ? { dedup: { group: options.dedup.group.id, slots: [options.dedup.slot] } } : {}),
+        ...(options.reservePriority ? { priority: options.reservePriority } : {}),
       }),
     );
     const accept = await acceptP;

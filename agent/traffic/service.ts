@@ -12,6 +12,7 @@ import type { TrafficReport } from '../peer/session.js';
 import { BandwidthController, type ControllerStatus, type Hold } from './controller.js';
 import { runner, type Runner } from './exec.js';
 import { TrafficMonitor, type MonitoredGuest, type NicCounters, type TrafficSnapshot } from './monitor.js';
+import { IFB_DEVICE, IngressRedirect } from './ingress.js';
 
 export interface TrafficServiceOptions {
   config: TrafficConfig;
@@ -25,11 +26,19 @@ export interface TrafficServiceOptions {
   readNic?: (device: string) => NicCounters | Promise<NicCounters>;
 }
 
-export type TrafficStatus = TrafficSnapshot & { shaper: ControllerStatus; priorityDefault: Priority };
+export type TrafficStatus = TrafficSnapshot & { shaper: ControllerStatus; inbound: ControllerStatus; priorityDefault: Priority };
 
 export class TrafficService {
   readonly monitor: TrafficMonitor;
   readonly controller: BandwidthController;
+  /** The uplink's inbound side (through an ifb device): reservations for incoming migrations. */
+  readonly inbound: BandwidthController;
+  private readonly ingress: IngressRedirect | undefined;
+  private inboundReason: string | null = 'not started';
+  private readonly runCommand: Runner;
+  /** Incoming migrations holding an inbound reservation; the redirect exists while there are any. */
+  private inboundHolds = 0;
+  private inboundQueue: Promise<unknown> = Promise.resolve();
   readonly settings: PlannerSettings | undefined;
 
   constructor(private readonly options: TrafficServiceOptions) {
@@ -72,6 +81,18 @@ export class TrafficService {
       log: (fields, message) => log.info(fields, message),
       ...(options.now ? { now: options.now } : {}),
     });
+    this.runCommand = run;
+    this.ingress = config.uplink !== undefined && isRoot && this.settings ? new IngressRedirect(run, config.uplink) : undefined;
+    this.inbound = new BandwidthController({
+      run,
+      uplink: this.ingress ? IFB_DEVICE : undefined,
+      settings: this.settings,
+      isRoot,
+      sampleIntervalMs: config.sampleIntervalMs,
+      workloadBytesPerSec: () => this.monitor.snapshot().workload?.rxBytesPerSec ?? 0,
+      log: (fields, message) => log.info({ ...fields, direction: 'inbound' }, message),
+      ...(options.now ? { now: options.now } : {}),
+    });
     if (options.metrics) this.monitor.on('sample', (snapshot: TrafficSnapshot) => this.export(snapshot));
   }
 
@@ -79,20 +100,39 @@ export class TrafficService {
   async start(options: { timer?: boolean } = {}): Promise<void> {
     await this.monitor.start(options);
     await this.controller.init();
+    if (this.ingress && this.controller.available) {
+      // The redirect goes in only while an incoming migration holds a reservation; what a
+      // crashed run left goes now.
+      try {
+        if (await IngressRedirect.removeLeftovers(this.runCommand, this.ingress.uplink)) this.options.log.info({ uplink: this.ingress.uplink }, 'removed the ingress redirect a previous run left');
+        await this.inbound.init();
+        this.inboundReason = this.inbound.available ? null : this.inbound.status().reason;
+      } catch (err) {
+        this.inboundReason = `inbound shaping is off: ${(err as Error).message}`;
+      }
+    } else {
+      this.inboundReason = this.controller.status().reason ?? 'no uplink';
+    }
     const { mode, reason } = this.monitor;
     this.options.log.info({ uplink: this.options.config.uplink ?? null, monitor: mode, monitorReason: reason, shaper: this.controller.available, shaperReason: this.controller.status().reason }, 'bandwidth control');
   }
 
   /** Removes the accounting chain and the shaper. */
   async stop(): Promise<void> {
-    const results = await Promise.allSettled([this.monitor.stop(), this.controller.close()]);
+    const results = await Promise.allSettled([this.monitor.stop(), this.controller.close(), this.inbound.close().then(() => this.ingress?.remove())]);
     for (const result of results) {
       if (result.status === 'rejected') this.options.log.warn({ err: (result.reason as Error).message }, 'removing the traffic rules failed');
     }
   }
 
   status(): TrafficStatus {
-    return { ...this.monitor.snapshot(), shaper: this.controller.status(), priorityDefault: this.options.config.priority };
+    const inbound = this.inbound.status();
+    return {
+      ...this.monitor.snapshot(),
+      shaper: this.controller.status(),
+      inbound: { ...inbound, reason: inbound.available ? inbound.reason : (this.inboundReason ?? inbound.reason) },
+      priorityDefault: this.options.config.priority,
+    };
   }
 
   /** What a peer planning a migration to or from this host is told (trafficReport). */
@@ -142,6 +182,45 @@ export class TrafficService {
     this.exportShaper();
     const stop = hold.stop;
     return { ...hold, stop: () => stop().finally(() => this.exportShaper()) };
+  }
+
+  /**
+   * The hook around an incoming migration whose source asked for a reservation at
+   * `priority` (its plan): Algorithm 2 on this host's inbound side, the migration arriving
+   * on `localPort`. A hold that is not applied says why.
+   */
+  async holdInbound(request: { localPort: number; priority: Priority }): Promise<Hold> {
+    const ingress = this.ingress;
+    const notApplied = (reason: string): Hold => ({ applied: false, reservation: undefined, reason, stop: () => Promise.resolve() });
+    if (!ingress || !this.inbound.available) return notApplied(this.inboundReason ?? 'inbound shaping is unavailable');
+    const serial = <T>(task: () => Promise<T>): Promise<T> => {
+      const next = this.inboundQueue.then(task, task);
+      this.inboundQueue = next.catch(() => {});
+      return next;
+    };
+    return serial(async () => {
+      if (this.inboundHolds === 0) {
+        try {
+          await ingress.install();
+        } catch (err) {
+          return notApplied(`inbound shaping is off: ${(err as Error).message}`);
+        }
+      }
+      this.inboundHolds++;
+      const hold = await this.inbound.start({ peerPort: request.localPort, priority: request.priority }).catch((err: Error) => notApplied(err.message));
+      let stopped = false;
+      return {
+        ...hold,
+        stop: () => {
+          if (stopped) return Promise.resolve();
+          stopped = true;
+          return serial(async () => {
+            await hold.stop();
+            if (--this.inboundHolds === 0) await ingress.remove();
+          });
+        },
+      };
+    });
   }
 
   private export(snapshot: TrafficSnapshot): void {

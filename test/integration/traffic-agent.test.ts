@@ -135,9 +135,15 @@ describe.skipIf(skipReason !== undefined)(`bandwidth control through the agents$
     return name;
   }
 
-  async function ours(runner: Runner, device: string): Promise<{ qdisc: boolean; chains: string[] }> {
+  async function ours(runner: Runner, device: string): Promise<{ qdisc: boolean; chains: string[]; ingress: boolean }> {
     const rules = await runner('iptables', ['-S']);
-    return { qdisc: (await rootHandles(runner, device)).includes('6777:'), chains: [...new Set(rules.match(/GANGWAY_\w+/g) ?? [])] };
+    const qdiscs = await runner('tc', ['qdisc', 'show', 'dev', device]);
+    const ifb = await runner('ip', ['link', 'show', 'dev', 'gw-ifb0']).then(() => true, () => false);
+    return {
+      qdisc: (await rootHandles(runner, device)).includes('6777:'),
+      chains: [...new Set(rules.match(/GANGWAY_\w+/g) ?? [])],
+      ingress: ifb || /^qdisc ingress ffff:/m.test(qdiscs),
+    };
   }
 
   beforeAll(async () => {
@@ -177,6 +183,7 @@ describe.skipIf(skipReason !== undefined)(`bandwidth control through the agents$
   afterEach(async () => {
     // A migration's hold is released when it ends: nothing of ours stays on the uplink between tests.
     expect((await ours(run.a, link.nsA)).qdisc, 'a 6777: qdisc left on the source uplink after the migration').toBe(false);
+    expect((await ours(run.b, link.nsB)).ingress, "the destination's inbound redirect left after the migration").toBe(false);
   });
 
   afterAll(async () => {
@@ -249,9 +256,11 @@ describe.skipIf(skipReason !== undefined)(`bandwidth control through the agents$
     const guests = [await startGuest(source, '32MiB'), await startGuest(source, '32MiB')];
     const migrating = cli(source, ['migrate', ...guests, '--to', `${link.addrB}:${PEER_PORT}`, '--technique', 'auto', '--priority', 'high', '--codec', 'raw', '--json']);
     let shaped: TrafficStatus['shaper']['active'] = null;
-    for (let i = 0; i < 200 && migrating.exitCode === null && !shaped; i++) {
-      shaped = (await traffic(source)).shaper.active;
-      if (!shaped) await new Promise((resolve) => setTimeout(resolve, 25));
+    let inbound: TrafficStatus['inbound']['active'] = null;
+    for (let i = 0; i < 400 && migrating.exitCode === null && (!shaped || !inbound); i++) {
+      shaped ??= (await traffic(source)).shaper.active;
+      inbound ??= (await traffic(destination)).inbound.active;
+      if (!shaped || !inbound) await new Promise((resolve) => setTimeout(resolve, 10));
     }
     const done = await migrating;
     expect(done.exitCode, done.stderr + done.stdout).toBe(0);
@@ -266,6 +275,10 @@ describe.skipIf(skipReason !== undefined)(`bandwidth control through the agents$
     expect(summary.dedup).toBe(true);
     if (shaped) expect(shaped).toMatchObject({ priority: 'high', migrationBytesPerSec: 900 * MBIT });
     else console.info('the migration ended before its hold was seen; the reservation is checked through the plan only');
+    // The plan's priority went with the offer: the destination reserved its inbound side too
+    // (its link is 2 Gbit/s, its workload's lower limit 10% of it by default).
+    if (inbound) expect(inbound).toMatchObject({ priority: 'high', peerPort: PEER_PORT, migrationBytesPerSec: 1800 * MBIT });
+    else console.info("the migration ended before the destination's inbound hold was seen");
   });
 
   it('leaves no qdisc or chain of ours once the agents stop', async () => {
@@ -274,8 +287,8 @@ describe.skipIf(skipReason !== undefined)(`bandwidth control through the agents$
       await agent.stop();
       expect(agent.process.exitCode).toBe(0);
     }
-    expect(await ours(run.a, link.nsA)).toEqual({ qdisc: false, chains: [] });
-    expect(await ours(run.b, link.nsB)).toEqual({ qdisc: false, chains: [] });
+    expect(await ours(run.a, link.nsA)).toEqual({ qdisc: false, chains: [], ingress: false });
+    expect(await ours(run.b, link.nsB)).toEqual({ qdisc: false, chains: [], ingress: false });
     // No guest memory of these tests is left in /dev/shm.
     expect(readdirSync('/dev/shm').filter((f) => f.includes(`tv-${process.pid}-`))).toEqual([]);
   });

@@ -335,6 +335,7 @@ describe('field values', () => {
     // unknown fields
     ['an unknown top-level field', 'commit', (h) => (h.extra = 1), 'commit.extra: unknown field'],
     ['an unknown guest field', 'offer', (h) => (h.guest.disks = []), 'offer.guest.disks: unknown field'],
+    ['a priority that is not one', 'offer', (h) => (h.priority = 'urgent'), 'offer.priority: expected high, medium or low'],
     ['an unknown region field', 'offer', (h) => (h.guest.regions[0].path = '/x'), 'offer.guest.regions[0].path: unknown field'],
   ];
   test.each(cases)('%s', (_, type, change, message, code = ErrorCode.PROTOCOL) => {
@@ -348,6 +349,7 @@ describe('field values', () => {
         (key) =>
           key !== 't' &&
           !(frame.type === 'offer' && key === 'dedup') &&
+          !(frame.type === 'offer' && key === 'priority') &&
           !(frame.type === 'pages' && key === 'refs') &&
           !(frame.type === 'verified' && key === 'postcopy'),
       )
