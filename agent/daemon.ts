@@ -747,16 +747,27 @@ export class Agent {
    * summary and the totals when at least one guest moved; throws the first error when none did.
    */
   async migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
-    // auto: the plan is made from the traffic as it was before the hold below shapes anything.
-    const planned = request.technique === 'auto' ? await this.planForAuto(request) : undefined;
+    // auto: the plan is made from the traffic as the monitor last smoothed it, so the hold
+    // below can be installed meanwhile (its tc commands took as long as the plan's round trip).
     // The bandwidth hook: the shaper applies --bandwidth, or Algorithm 2 at the request's
     // priority (default traffic.priority), on the uplink while the migration runs (a no-op
     // without root, tc or an uplink).
-    const hold = await this.traffic.hold({
-      peerPort: Number(request.to.slice(request.to.lastIndexOf(':') + 1)),
-      bandwidthBytesPerSec: request.bandwidthBytesPerSec,
-      priority: request.priority,
-    });
+    const [planning, holding] = await Promise.allSettled([
+      request.technique === 'auto' ? this.planForAuto(request) : Promise.resolve(undefined),
+      this.traffic.hold({
+        peerPort: Number(request.to.slice(request.to.lastIndexOf(':') + 1)),
+        bandwidthBytesPerSec: request.bandwidthBytesPerSec,
+        priority: request.priority,
+      }),
+    ]);
+    if (holding.status === 'rejected') throw holding.reason;
+    const hold = holding.value;
+    if (planning.status === 'rejected') {
+      // No migration after all: the reservation goes at once.
+      await hold.stop().catch(() => {});
+      throw planning.reason;
+    }
+    const planned = planning.value;
     if (hold.applied) this.log.info({ to: request.to, reason: hold.reason }, 'migration bandwidth reserved on the uplink');
     try {
       const followed = planned
