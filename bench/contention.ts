@@ -37,6 +37,7 @@ import type { GroupSummary } from '../agent/migration/group-summary.js';
 import type { MigrateCall } from '../agent/control/client.js';
 import { netnsAvailable, run, shapeEgress } from './netns-link.js';
 import { barChartSvg, markdownTable, median, prefaultMemory, writeResults } from './report.js';
+import { ExitSteps } from './exit.js';
 
 const MiB = 1024 * 1024;
 const MBIT = 1e6 / 8;
@@ -102,24 +103,9 @@ function log(line: string) {
 }
 
 // ── clean-up, also on Ctrl-C ────────────────────────────────────────────────────────
-const cleanups: (() => Promise<void>)[] = [];
-function onExit(step: () => Promise<void>): () => Promise<void> {
-  let running: Promise<void> | undefined;
-  const once = () => (running ??= step().catch((err: Error) => console.error(`cleanup: ${err.message}`)));
-  cleanups.push(once);
-  return once;
-}
-async function cleanUp(): Promise<void> {
-  for (const step of [...cleanups].reverse()) await step();
-}
-let interrupted = false;
-for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-  process.once(signal, () => {
-    interrupted = true;
-    console.error(`${signal}: stopping the workloads, agents and guests, removing the namespaces`);
-    void cleanUp().finally(() => process.exit(130));
-  });
-}
+const exit = new ExitSteps('stopping the workloads, agents and guests, removing the namespaces');
+const onExit = (step: () => Promise<void>) => exit.add(step);
+const cleanUp = () => exit.run();
 
 // ── topology ────────────────────────────────────────────────────────────────────────
 const tag = `gwc${(process.pid % 46656).toString(36)}`;
@@ -389,7 +375,7 @@ try {
     for (const [guests, choices] of [[1, ONE_GUEST], [2, TWO_GUESTS]] as const) {
       for (const traffic of TRAFFIC) {
         for (const choice of choices) {
-          if (interrupted) break;
+          if (exit.interrupted) break;
           if (!agents.postcopy && (choice.call.technique === 'postcopy' || choice.call.technique === 'hybrid')) continue;
           const r = await runOnce(agents, guests, traffic, choice, n);
           runs.push(r);

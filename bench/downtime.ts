@@ -37,6 +37,7 @@ import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent } from '../
 import type { MigrationSummary } from '../agent/migration/source.js';
 import { createShapedLink, netnsAvailable, type ShapedLink } from './netns-link.js';
 import { barChartSvg, markdownTable, prefaultMemory, writeResults } from './report.js';
+import { ExitSteps } from './exit.js';
 
 const MiB = 1024 * 1024;
 const GBIT = 1e9;
@@ -136,24 +137,9 @@ function log(line: string) {
  * What to undo on the way out, also on Ctrl-C or SIGTERM: agents (and their guests and
  * memory dirs), the link. Each step runs once, whoever asks first.
  */
-const cleanups: (() => Promise<void>)[] = [];
-function onExit(step: () => Promise<void>): () => Promise<void> {
-  let running: Promise<void> | undefined;
-  const once = () => (running ??= step().catch((err: Error) => console.error(`cleanup: ${err.message}`)));
-  cleanups.push(once);
-  return once;
-}
-async function cleanUp(): Promise<void> {
-  for (const step of [...cleanups].reverse()) await step();
-}
-let interrupted = false;
-for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-  process.once(signal, () => {
-    interrupted = true;
-    console.error(`${signal}: stopping the agents and guests, removing the link`);
-    void cleanUp().finally(() => process.exit(130));
-  });
-}
+const exit = new ExitSteps('stopping the agents and guests, removing the link');
+const onExit = (step: () => Promise<void>) => exit.add(step);
+const cleanUp = () => exit.run();
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -351,7 +337,7 @@ try {
     try {
       for (const dirtyRateMiBps of DIRTY_RATES_MIBPS) {
         for (const technique of TECHNIQUES) {
-          if (interrupted) break;
+          if (exit.interrupted) break;
           const { run, healthy } = await runOnce(pair, link, technique, dirtyRateMiBps);
           runs.push(run);
           log(
@@ -359,7 +345,7 @@ try {
               `downtime ${run.downtimeMs?.toFixed(1) ?? '-'} ms, total ${run.totalMs === null ? '-' : (run.totalMs / 1000).toFixed(2)} s, ` +
               `wire ${run.wireBytes === null ? '-' : (run.wireBytes / MiB).toFixed(0)} MiB, progress during ${run.progressDuring === null ? '-' : `${(run.progressDuring * 100).toFixed(0)}%`}, verified ${run.verified}`,
           );
-          if (!healthy && !interrupted) {
+          if (!healthy && !exit.interrupted) {
             log('  restarting the agents after a timed-out migration');
             await pair.stop();
             await pair.start();

@@ -19,6 +19,7 @@ import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent } from '../
 import type { GroupSummary } from '../agent/migration/group-summary.js';
 import { createShapedLink, netnsAvailable, type ShapedLink } from './netns-link.js';
 import { barChartSvg, markdownTable, median, prefaultMemory, writeResults } from './report.js';
+import { ExitSteps } from './exit.js';
 
 const MiB = 1024 * 1024;
 const GBIT = 1e9;
@@ -101,24 +102,9 @@ function log(line: string) {
  * What to undo on the way out, also on Ctrl-C or SIGTERM: agents (and their guests), the
  * link. Each step runs once, whoever asks first (the signal or the normal way out).
  */
-const cleanups: (() => Promise<void>)[] = [];
-function onExit(step: () => Promise<void>): () => Promise<void> {
-  let running: Promise<void> | undefined;
-  const once = () => (running ??= step().catch((err: Error) => console.error(`cleanup: ${err.message}`)));
-  cleanups.push(once);
-  return once;
-}
-async function cleanUp(): Promise<void> {
-  for (const step of [...cleanups].reverse()) await step();
-}
-let interrupted = false;
-for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-  process.once(signal, () => {
-    interrupted = true;
-    console.error(`${signal}: stopping the agents and guests, removing the link`);
-    void cleanUp().finally(() => process.exit(130));
-  });
-}
+const exit = new ExitSteps('stopping the agents and guests, removing the link');
+const onExit = (step: () => Promise<void>) => exit.add(step);
+const cleanUp = () => exit.run();
 
 let counter = 0;
 async function startGuest(agent: LocalAgent, seed: number): Promise<string> {
@@ -256,7 +242,7 @@ try {
       for (let n = 0; n < repeat; n++) {
         // Every strategy once per repeat, interleaved, so drift hits them alike.
         for (const s of strategies) {
-          if (interrupted) return;
+          if (exit.interrupted) return;
           const run = await runOnce(source, destination, to, link, s, n);
           runs.push(run);
           log(
