@@ -316,9 +316,7 @@ export class Agent {
         }
         if (whereabouts === Whereabouts.running) {
           this.log.warn({ guest: name, to: out.to, migrationId: out.migrationId }, 'switchover resolved: the guest runs at the destination; this paused copy is removed');
-          await entry.guest.terminate();
-          rmSync(entry.record.files.memoryPath, { force: true });
-          rmSync(entry.record.files.trackReportPath, { force: true });
+          await entry.guest.discard();
           this.registry.remove(name);
           return;
         }

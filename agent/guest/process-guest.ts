@@ -2,7 +2,7 @@
 // file. Pause is SIGSTOP, resume at the source is SIGCONT, and resume at a destination is
 // a new gangway-guest started (hot standby, see launch) on the migrated file.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, openSync, closeSync, readFileSync } from 'node:fs';
+import { existsSync, openSync, closeSync, readFileSync, rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
 import { guestBinaryPath, trackShimPath } from '../native.js';
@@ -241,6 +241,13 @@ export class ProcessGuest {
     process.kill(this.pid, 'SIGKILL');
     const deadline = performance.now() + timeoutMs;
     while (this.alive() && performance.now() < deadline) await sleep(5);
+  }
+
+  /** Ends the guest for good (it runs elsewhere now) and removes its memory file and tracking report. */
+  async discard(): Promise<void> {
+    await this.terminate();
+    rmSync(this.files.memoryPath, { force: true });
+    rmSync(this.files.trackReportPath, { force: true });
   }
 
   /** Asks the guest to exit cleanly (SIGTERM, then SIGKILL after the timeout). */

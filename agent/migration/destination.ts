@@ -499,17 +499,7 @@ export class DestinationMigration implements FrameHandler {
     } catch (err) {
       this.postcopy?.close();
       this.postcopy = undefined;
-      const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.GUEST_FAILED, String(err));
-      this.log.error({ err: error.message }, 'post-copy start failed; the source keeps the guest');
-      if (this.session.isOpen) {
-        this.session.send(Frame.abort({ migrationId: this.offer.migrationId, code: ErrorCode.GUEST_FAILED, message: error.message.slice(0, 1024) }));
-      }
-      try {
-        if (standby.pid > 0) process.kill(standby.pid, 'SIGKILL');
-      } catch {}
-      if (journaled) this.ctx.registry.remove(this.offer.guest.name);
-      rmSync(this.memoryPath, { force: true });
-      this.finish('aborted', error.message);
+      this.startFailed(err, journaled, 'post-copy start failed; the source keeps the guest');
     }
   }
 
@@ -603,19 +593,27 @@ export class DestinationMigration implements FrameHandler {
       this.log.info({ pid: standby.pid }, 'guest resumed here; migration committed');
       this.finish('committed');
     } catch (err) {
-      // The guest did not start: the source must keep it. Remove what we made.
-      const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.GUEST_FAILED, String(err));
-      this.log.error({ err: error.message }, 'commit failed; the source keeps the guest');
-      if (this.session.isOpen) {
-        this.session.send(Frame.abort({ migrationId: this.offer.migrationId, code: ErrorCode.GUEST_FAILED, message: error.message.slice(0, 1024) }));
-      }
-      try {
-        if (standby.pid > 0) process.kill(standby.pid, 'SIGKILL');
-      } catch {}
-      if (journaled) this.ctx.registry.remove(this.offer.guest.name);
-      rmSync(this.memoryPath, { force: true });
-      this.finish('aborted', error.message);
+      this.startFailed(err, journaled, 'commit failed; the source keeps the guest');
     }
+  }
+
+  /**
+   * The guest did not start here (commit or post-copy start): the source must keep it.
+   * Tells it so, and removes what was made here (the standby process, the journal record
+   * when `journaled`, the named memory file).
+   */
+  private startFailed(err: unknown, journaled: boolean, message: string): void {
+    const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.GUEST_FAILED, String(err));
+    this.log.error({ err: error.message }, message);
+    if (this.session.isOpen) {
+      this.session.send(Frame.abort({ migrationId: this.offer.migrationId, code: ErrorCode.GUEST_FAILED, message: error.message.slice(0, 1024) }));
+    }
+    try {
+      if (this.standby && this.standby.pid > 0) process.kill(this.standby.pid, 'SIGKILL');
+    } catch {}
+    if (journaled) this.ctx.registry.remove(this.offer.guest.name);
+    rmSync(this.memoryPath, { force: true });
+    this.finish('aborted', error.message);
   }
 
   private protocolFailure(err: unknown): void {

@@ -7,7 +7,7 @@
 // and a two-phase switchover: the destination starts the guest and confirms; only then is
 // the source guest ended. Any failure before the commit resumes the source guest.
 import { EventEmitter } from 'node:events';
-import { closeSync, openSync, rmSync } from 'node:fs';
+import { closeSync, openSync } from 'node:fs';
 import type { Logger } from 'pino';
 import { Codec, FrameType, GuestKind, Technique } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, PeerError } from '../../protocol/errors.js';
@@ -95,7 +95,6 @@ const RECONNECT_MAX_DELAY_MS = 5_000;
 const POSTCOPY_WINDOW = { initialBytes: 256 * 1024, minBytes: 256 * 1024, maxBytes: 4 * 1024 * 1024, periodMs: 100 };
 const POSTCOPY_TARGET_DELAY_MS = 10;
 const POSTCOPY_BATCH_BYTES = 128 * 1024;
-const POSTCOPY_WINDOW_BYTES = POSTCOPY_WINDOW.initialBytes;
 /**
  * Pages per background-push step: one batch. Pages the push has taken are not sent on a
  * fault (each page goes once), so a page taken long before its batch goes out would make
@@ -421,6 +420,25 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   }
 
   /**
+   * Post-copy's end at the source: the destination's verdict on the memory it received must
+   * match the paused memory here (else DIGEST_MISMATCH, and this copy stays); then the copy
+   * goes. Returns what the fault lane sent.
+   */
+  private async completePostcopy(verified: ReturnType<typeof Frame.verified>, digests: Buffer[]): Promise<{ faultPages: number; wireBytes: number }> {
+    if (!verified.match || !sameDigests(verified.digests, digests)) {
+      throw new GangwayError(
+        ErrorCode.DIGEST_MISMATCH,
+        `the memory ${this.options.peerAddress} received differs from this host's at the switchover (source ${hex(digests)}, destination ${hex(verified.digests)})`,
+      );
+    }
+    this.state.to('committed');
+    const served = { faultPages: this.postcopyServe?.faultPages ?? 0, wireBytes: this.postcopyServe?.wireBytes ?? 0 };
+    this.postcopyServe = undefined;
+    await this.guest.discard();
+    return served;
+  }
+
+  /**
    * After this agent restarted: the guest runs at the destination since the post-copy
    * switchover and waits there for pages only this paused copy holds. Reattaches (the
    * destination says what it still lacks, or that it has everything), pushes that, and
@@ -472,19 +490,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
             totals,
             sourceDigests,
           });
-      const digests = await sourceDigests;
-      if (!verified.match || !sameDigests(verified.digests, digests)) {
-        throw new GangwayError(
-          ErrorCode.DIGEST_MISMATCH,
-          `the memory ${options.peerAddress} received differs from this host's at the switchover (source ${hex(digests)}, destination ${hex(verified.digests)})`,
-        );
-      }
-      this.state.to('committed');
-      const faultPages = this.postcopyServe.faultPages;
-      this.postcopyServe = undefined;
-      await guest.terminate();
-      rmSync(guest.files.memoryPath, { force: true });
-      rmSync(guest.files.trackReportPath, { force: true });
+      const { faultPages } = await this.completePostcopy(verified, await sourceDigests);
       this.log.info({ pushedPages: pushed, faultPages }, 'post-copy completed after this agent restarted; the paused copy is gone');
       return { verified: true, pushedPages: pushed, faultPages };
     } finally {
@@ -530,7 +536,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       this.waiters.clear();
       this.session = session;
       session.register(id, this);
-      this.credits = new CreditWindow(this.windowTuner?.bytes ?? POSTCOPY_WINDOW_BYTES);
+      this.credits = new CreditWindow(this.windowTuner?.bytes ?? POSTCOPY_WINDOW.initialBytes);
       const answer = new Promise<{ runs: Uint32Array[] } | { verified: ReturnType<typeof Frame.verified> }>((resolve, reject) => {
         this.missingIn = { runs: [], resolve: (runs) => resolve({ runs }) };
         this.reattachAnswer = { resolve: (verified) => resolve({ verified }), reject };
@@ -898,7 +904,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       };
       // From here on pages go out as they are needed: a window of its own (everything sent
       // before was credited: drained above), the pages the guest needs to start first.
-      this.credits = new CreditWindow(POSTCOPY_WINDOW_BYTES);
+      this.credits = new CreditWindow(POSTCOPY_WINDOW.initialBytes);
       const targetDelayMs = Math.max(POSTCOPY_TARGET_DELAY_MS, 2 * switchoverRttMs);
       this.windowTuner = new WindowTuner({ ...POSTCOPY_WINDOW, targetDelayMs }, this.clock.now());
       T.pre = this.clock.now();
@@ -944,19 +950,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       });
       const digests = await sourceDigests;
       const doneAt = this.clock.now();
-      if (!verified.match || !sameDigests(verified.digests, digests)) {
-        throw new GangwayError(
-          ErrorCode.DIGEST_MISMATCH,
-          `the memory ${options.peerAddress} received differs from this host's at the switchover (source ${hex(digests)}, destination ${hex(verified.digests)})`,
-        );
-      }
-      this.state.to('committed');
-      const faultPages = this.postcopyServe.faultPages;
-      const wireBytes = totals.wireBytes + this.postcopyServe.wireBytes;
-      this.postcopyServe = undefined;
-      await guest.terminate();
-      rmSync(guest.files.memoryPath, { force: true });
-      rmSync(guest.files.trackReportPath, { force: true });
+      const { faultPages, wireBytes: serveWireBytes } = await this.completePostcopy(verified, digests);
+      const wireBytes = totals.wireBytes + serveWireBytes;
       const report = verified.postcopy;
       const summary: MigrationSummary = {
         ...baseSummary(digests, downtimeMs, committedAt - started, wireBytes, tracker, trackerFallbackReason, false),
@@ -1195,9 +1190,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     this.releaseGate = undefined;
 
     // The destination runs the guest: end ours and free its memory.
-    await guest.terminate();
-    rmSync(guest.files.memoryPath, { force: true });
-    rmSync(guest.files.trackReportPath, { force: true });
+    await guest.discard();
 
     const downtimeMs = Math.max(0, committedAt - pauseStart - committed.resumeToSendMs - switchoverRttMs / 2);
     const summary: MigrationSummary = {
