@@ -43,6 +43,12 @@ export interface ControllerOptions {
   sampleIntervalMs: number;
   /** The workload's measured outbound rate when a reservation starts (the monitor's). */
   workloadBytesPerSec: () => number;
+  /**
+   * What the shaped device needs around a reservation: `setUp` before the first hold's
+   * shaper goes in (e.g. the ingress redirect to an ifb device), `tearDown` after the last
+   * one's comes out.
+   */
+  device?: { setUp(): Promise<void>; tearDown(): Promise<void> };
   now?: () => number;
   log?: (fields: Record<string, unknown>, message: string) => void;
 }
@@ -143,7 +149,17 @@ export class BandwidthController {
         : guardedReservation(request.priority, this.options.workloadBytesPerSec(), settings);
       const manual = request.migrationBytesPerSec !== undefined;
       const config = shaperConfig(reservation, settings.linkBytesPerSec, request.peerPort, manual ? 0 : settings.slaLowerBytesPerSec, { borrow: !manual });
-      await this.shaper.install(config);
+      if (this.options.device) {
+        try {
+          await this.options.device.setUp();
+        } catch (err) {
+          return notApplied(`the device cannot be shaped: ${(err as Error).message}`, reservation);
+        }
+      }
+      await this.shaper.install(config).catch(async (err: unknown) => {
+        await this.options.device?.tearDown().catch(() => {});
+        throw err;
+      });
       const active: Active = {
         peerPort: request.peerPort,
         priority: request.priority ?? 'manual',
@@ -187,6 +203,7 @@ export class BandwidthController {
       if (active.timer) clearInterval(active.timer);
       this.active = undefined;
       await this.shaper?.remove();
+      await this.options.device?.tearDown();
       this.options.log?.({ peerPort: active.peerPort }, 'bandwidth reservation released');
     });
   }
@@ -256,6 +273,7 @@ export class BandwidthController {
       if (active?.timer) clearInterval(active.timer);
       this.active = undefined;
       if (this.shaper) await this.shaper.remove();
+      await this.options.device?.tearDown();
     });
   }
 

@@ -36,9 +36,6 @@ export class TrafficService {
   private readonly ingress: IngressRedirect | undefined;
   private inboundReason: string | null = 'not started';
   private readonly runCommand: Runner;
-  /** Incoming migrations holding an inbound reservation; the redirect exists while there are any. */
-  private inboundHolds = 0;
-  private inboundQueue: Promise<unknown> = Promise.resolve();
   readonly settings: PlannerSettings | undefined;
 
   constructor(private readonly options: TrafficServiceOptions) {
@@ -92,6 +89,8 @@ export class TrafficService {
       workloadBytesPerSec: () => this.monitor.snapshot().workload?.rxBytesPerSec ?? 0,
       log: (fields, message) => log.info({ ...fields, direction: 'inbound' }, message),
       ...(options.now ? { now: options.now } : {}),
+      // The redirect goes in only while an incoming migration holds a reservation.
+      ...(this.ingress ? { device: { setUp: () => this.ingress!.install(), tearDown: () => this.ingress!.remove() } } : {}),
     });
     if (options.metrics) this.monitor.on('sample', (snapshot: TrafficSnapshot) => this.export(snapshot));
   }
@@ -119,7 +118,7 @@ export class TrafficService {
 
   /** Removes the accounting chain and the shaper. */
   async stop(): Promise<void> {
-    const results = await Promise.allSettled([this.monitor.stop(), this.controller.close(), this.inbound.close().then(() => this.ingress?.remove())]);
+    const results = await Promise.allSettled([this.monitor.stop(), this.controller.close(), this.inbound.close()]);
     for (const result of results) {
       if (result.status === 'rejected') this.options.log.warn({ err: (result.reason as Error).message }, 'removing the traffic rules failed');
     }
@@ -190,38 +189,12 @@ export class TrafficService {
    * on `localPort`. A hold that is not applied says why.
    */
   async holdInbound(request: { localPort: number; priority: Priority }): Promise<Hold> {
-    const ingress = this.ingress;
-    const notApplied = (reason: string): Hold => ({ applied: false, reservation: undefined, reason, stop: () => Promise.resolve() });
-    if (!ingress || !this.inbound.available) return notApplied(this.inboundReason ?? 'inbound shaping is unavailable');
-    const serial = <T>(task: () => Promise<T>): Promise<T> => {
-      const next = this.inboundQueue.then(task, task);
-      this.inboundQueue = next.catch(() => {});
-      return next;
-    };
-    return serial(async () => {
-      if (this.inboundHolds === 0) {
-        try {
-          await ingress.install();
-        } catch (err) {
-          return notApplied(`inbound shaping is off: ${(err as Error).message}`);
-        }
-      }
-      this.inboundHolds++;
-      const hold = await this.inbound.start({ peerPort: request.localPort, priority: request.priority }).catch((err: Error) => notApplied(err.message));
-      let stopped = false;
-      return {
-        ...hold,
-        stop: () => {
-          if (stopped) return Promise.resolve();
-          stopped = true;
-          return serial(async () => {
-            await hold.stop();
-            if (--this.inboundHolds === 0) await ingress.remove();
-          });
-        },
-      };
-    });
+    if (!this.ingress || !this.inbound.available) {
+      return { applied: false, reservation: undefined, reason: this.inboundReason ?? 'inbound shaping is unavailable', stop: () => Promise.resolve() };
+    }
+    return this.inbound.start({ peerPort: request.localPort, priority: request.priority });
   }
+
 
   private export(snapshot: TrafficSnapshot): void {
     const metrics = this.options.metrics!;
