@@ -26,6 +26,7 @@
 // The goal (issue 4): the planner's choice is never worse than the best fixed choice by more
 // than 10% on total time, and keeps every workload at or above its SLA lower limit. Both are
 // checked per case and printed with the figures; the exit code is 1 if a run failed to verify.
+import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
@@ -206,16 +207,9 @@ function child(ns: string, script: string, args: string[]): ResultPromise {
   return c;
 }
 
+/** Calls `onLine` for each line the stream prints. */
 function onLines(stream: Readable, onLine: (line: string) => void): void {
-  let buffered = '';
-  stream.setEncoding('utf8');
-  stream.on('data', (chunk: string) => {
-    buffered += chunk;
-    for (let newline = buffered.indexOf('\n'); newline >= 0; newline = buffered.indexOf('\n')) {
-      onLine(buffered.slice(0, newline));
-      buffered = buffered.slice(newline + 1);
-    }
-  });
+  createInterface({ input: stream, crlfDelay: Infinity }).on('line', onLine);
 }
 
 /** One workload flow: from `fromNs` to a sink at `toAddr` in `toNs`. */

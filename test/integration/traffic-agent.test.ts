@@ -19,6 +19,7 @@
 // - After each test, and after the agents stop, no qdisc or chain of ours remains.
 // Processes are stopped by PID; guests, namespaces, temp dirs and /dev/shm files go, also on
 // failure. Needs root, iproute2 and iptables; without them the suite skips and says why.
+import { createInterface } from 'node:readline';
 import { rmSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -57,16 +58,9 @@ interface DeviceSample {
   txPackets: number;
 }
 
+/** Calls `onLine` for each line the stream prints. */
 function onLines(stream: Readable, onLine: (line: string) => void): void {
-  let buffered = '';
-  stream.setEncoding('utf8');
-  stream.on('data', (chunk: string) => {
-    buffered += chunk;
-    for (let newline = buffered.indexOf('\n'); newline >= 0; newline = buffered.indexOf('\n')) {
-      onLine(buffered.slice(0, newline));
-      buffered = buffered.slice(newline + 1);
-    }
-  });
+  createInterface({ input: stream, crlfDelay: Infinity }).on('line', onLine);
 }
 
 async function iptablesMissing(): Promise<string | undefined> {

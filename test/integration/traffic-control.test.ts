@@ -7,6 +7,7 @@
 // After each test no qdisc or chain of ours remains, also when it failed. Every flow is
 // bounded in bytes and time; only processes started here are stopped, by PID.
 // Needs root, iproute2 and iptables; without them the suite skips and its name says why.
+import { createInterface } from 'node:readline';
 import type { Readable } from 'node:stream';
 import { execa, type ResultPromise } from 'execa';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -86,17 +87,9 @@ function goodput(samples: readonly Sample[], index: number, fromMs: number, toMs
   return ((last.bytes[index]! - first.bytes[index]!) * 1000) / (last.atMs - first.atMs);
 }
 
+/** Calls `onLine` for each line the stream prints. */
 function onLines(stream: Readable, onLine: (line: string) => void): void {
-  let buffered = '';
-  stream.setEncoding('utf8');
-  stream.on('data', (chunk: string) => {
-    buffered += chunk;
-    let newline: number;
-    while ((newline = buffered.indexOf('\n')) >= 0) {
-      onLine(buffered.slice(0, newline));
-      buffered = buffered.slice(newline + 1);
-    }
-  });
+  createInterface({ input: stream, crlfDelay: Infinity }).on('line', onLine);
 }
 
 const linkName = (purpose: string) => `${purpose}${process.pid.toString(36)}`;

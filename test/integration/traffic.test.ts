@@ -3,6 +3,7 @@
 // leave nothing behind (also after a crash). Everything happens inside a shaped link's two
 // network namespaces; the root namespace's qdiscs and iptables rules are never touched.
 // Needs root, iproute2 and iptables; without them the suite skips and its name says why.
+import { createInterface } from 'node:readline';
 import type { Readable } from 'node:stream';
 import { execa, type ResultPromise } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -287,13 +288,7 @@ async function txBytes(ns: string): Promise<number> {
   return (JSON.parse(stdout) as { stats64: { tx: { bytes: number } } }[])[0]!.stats64.tx.bytes;
 }
 
+/** Calls `onLine` for each line the stream prints. */
 function onLines(stream: Readable, onLine: (line: string) => void): void {
-  let text = '';
-  stream.on('data', (data: Buffer) => {
-    text += data.toString();
-    for (let newline = text.indexOf('\n'); newline >= 0; newline = text.indexOf('\n')) {
-      onLine(text.slice(0, newline));
-      text = text.slice(newline + 1);
-    }
-  });
+  createInterface({ input: stream, crlfDelay: Infinity }).on('line', onLine);
 }
