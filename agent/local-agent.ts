@@ -71,7 +71,7 @@ export function transportArgs(tls: LocalAgentOptions['tls']): string[] {
 export async function startLocalAgent(options: LocalAgentOptions): Promise<LocalAgent> {
   mkdirSync(options.stateDir, { recursive: true });
   const logPath = join(options.stateDir, 'agent.log');
-  const logFd = openSync(logPath, 'a');
+  const logFd = openSync(logPath, 'a', 0o600);
   let child: ChildProcess;
   try {
     const command = [...(options.wrap ?? []), process.execPath];

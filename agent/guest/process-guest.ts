@@ -103,7 +103,7 @@ function buildArgs(options: LaunchOptions): string[] {
 
 /** Starts a gangway-guest detached from the agent (it outlives an agent restart). */
 export function launchProcessGuest(options: LaunchOptions): LaunchedGuest {
-  const logFd = openSync(options.files.logPath, 'a');
+  const logFd = openSync(options.files.logPath, 'a', 0o600);
   let child: ChildProcess;
   try {
     child = spawn(guestBinaryPath, buildArgs(options), {

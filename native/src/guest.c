@@ -88,8 +88,8 @@ static void usage(FILE *out)
 		"  gangway-guest --help\n"
 		"\n"
 		"run: a synthetic guest whose whole state is its memory file (mapped MAP_SHARED).\n"
-		"  --create           create (or truncate) the file and write a fresh guest; without it,\n"
-		"                     resume the guest in an existing file and verify every page\n"
+		"  --create           create the file (it must not exist yet) and write a fresh guest;\n"
+		"                     without it, resume the guest in an existing file and verify every page\n"
 		"  --memory-bytes N   file size in bytes: a multiple of 4096, 65536 .. 2^40 (--create only)\n"
 		"  --profile P        initial content: zero, os-image (default) or random (--create only)\n"
 		"  --seed N           content seed (default 1; --create only)\n"
@@ -402,19 +402,25 @@ static void open_and_map(struct guest *g, const struct options *o)
 	g->path = o->memory_file;
 	uint64_t bytes;
 	if (o->create) {
-		g->fd = open(g->path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+		/* The file is the guest's memory: 0600. O_EXCL|O_NOFOLLOW: never take over, truncate or
+		 * write through a file or symlink that someone else put at the path. */
+		g->fd = open(g->path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 		if (g->fd < 0)
-			die(EXIT_SYSTEM, "--memory-file %s: open (create): %s", g->path, strerror(errno));
-		/* Truncated to zero first, so every page starts as a hole: zero pages cost nothing. */
+			die(EXIT_SYSTEM, "--memory-file %s: open (create): %s%s", g->path, strerror(errno),
+			    errno == EEXIST ? " (--create makes a new file: remove the path, or resume without --create)"
+					    : "");
+		/* New, so empty: after ftruncate every page is a hole, and zero pages cost nothing. */
 		if (ftruncate(g->fd, (off_t)o->memory_bytes) < 0)
 			die(EXIT_SYSTEM, "--memory-file %s: ftruncate to %" PRIu64 " bytes: %s", g->path, o->memory_bytes,
 			    strerror(errno));
 		bytes = o->memory_bytes;
 	} else {
-		g->fd = open(g->path, O_RDWR | O_CLOEXEC);
+		g->fd = open(g->path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
 		if (g->fd < 0)
 			die(EXIT_SYSTEM, "--memory-file %s: open: %s%s", g->path, strerror(errno),
-			    errno == ENOENT ? " (use --create to make a new guest)" : "");
+			    errno == ENOENT ? " (use --create to make a new guest)"
+			    : errno == ELOOP ? " (a symlink: give the memory file's own path)"
+					     : "");
 		struct stat st;
 		if (fstat(g->fd, &st) < 0)
 			die(EXIT_SYSTEM, "--memory-file %s: fstat: %s", g->path, strerror(errno));
@@ -477,7 +483,7 @@ static void write_all(struct guest *g, const uint8_t *buf, uint64_t len, uint64_
 static void create_guest(struct guest *g, const struct options *o)
 {
 	struct guest_header *h = g->h;
-	/* The file was just truncated, so header and version table are already zero. */
+	/* The file was just created, so header and version table are already zero. */
 	h->layout_version = GUEST_LAYOUT_VERSION;
 	h->page_size = GUEST_PAGE_SIZE;
 	h->memory_bytes = o->memory_bytes;
@@ -814,7 +820,11 @@ static int cmd_run(const struct options *o)
 
 static int cmd_poke(const struct options *o)
 {
-	int fd = open(o->memory_file, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+	/* An existing file is opened as named (the shim's tests reach one through a symlink); a
+	 * missing one is created 0600, never through a symlink (O_EXCL does not follow one). */
+	int fd = open(o->memory_file, O_RDWR | O_CLOEXEC);
+	if (fd < 0 && errno == ENOENT)
+		fd = open(o->memory_file, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 	if (fd < 0)
 		die(EXIT_SYSTEM, "--memory-file %s: open: %s", o->memory_file, strerror(errno));
 	struct stat st;

@@ -91,7 +91,14 @@ static void report(const char *line)
 		fprintf(stderr, "gangway-track: GANGWAY_TRACK_REPORT=%s: path too long\n", path);
 		return;
 	}
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	/* The report is private to the guest's user (0600). A stale .tmp (a crash before the
+	 * rename) goes first, so that O_EXCL|O_NOFOLLOW never writes into a file or through a
+	 * symlink someone else left at that name. */
+	if (unlink(tmp) < 0 && errno != ENOENT) {
+		fprintf(stderr, "gangway-track: GANGWAY_TRACK_REPORT: unlink %s: %s\n", tmp, strerror(errno));
+		return;
+	}
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
 	if (fd < 0) {
 		fprintf(stderr, "gangway-track: GANGWAY_TRACK_REPORT: open %s: %s\n", tmp, strerror(errno));
 		return;
