@@ -206,9 +206,15 @@ async function withAgents<T>(link: Link, body: (source: LocalAgent, destination:
       ...(shaped ? { wrap: shaped.netnsExecPrefix(shaped.nsA), listen: `${shaped.addrA}:0` } : {}),
     });
     agents.push(source);
+    // dedup.resident all: the case "resident guest at the destination" runs a guest started
+    // there, which the default (from-peer: only guests the asking peer migrated here) would
+    // not offer. And no limit to speak of on resident offers: serial runs open a group per
+    // guest, repeats follow each other within the minute, and the bench measures dedup, not
+    // the limiter.
     const destination = await startLocalAgent({
       stateDir: `${tmp}/destination`,
       tls: tls(destinationCert, sourceCert),
+      env: { GANGWAY_DEDUP_RESIDENT: 'all', GANGWAY_DEDUP_RESIDENT_OFFERS_PER_MINUTE: '10000' },
       ...(shaped ? { wrap: shaped.netnsExecPrefix(shaped.nsB), listen: `${shaped.addrB}:0` } : {}),
     });
     agents.push(destination);

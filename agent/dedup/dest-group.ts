@@ -11,9 +11,9 @@ import type { Logger } from 'pino';
 import { ErrorCode, ProtocolError } from '../../protocol/errors.js';
 import { Frame } from '../../protocol/index.js';
 import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, RESIDENT_SLOT_FLAG } from '../../protocol/limits.js';
-import type { GuestRegistry } from '../guest/registry.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { PeerSession } from '../peer/session.js';
+import type { ResidentFingerprintCache, ResidentGuest } from './resident-cache.js';
 
 export interface GroupSlot {
   slot: number;
@@ -27,9 +27,6 @@ export interface GroupSlot {
   /** Frees the memory when the group ends. */
   release: () => void;
 }
-
-/** How many groups one session may hold open, so a peer cannot pin memory without bound. */
-export const MAX_GROUPS_PER_SESSION = 16;
 
 export class DestinationGroup {
   private readonly slots = new Map<number, GroupSlot>();
@@ -81,52 +78,62 @@ export class DestinationGroup {
   }
 
   /**
-   * Offers the memory of every guest running here (and not being migrated) as resident
-   * slots: fingerprints in dedupResident frames, then dedupReady. Hashing yields to the
-   * event loop between frames.
+   * Offers `guests` (chosen by the resident policy) as resident slots: fingerprints in
+   * dedupResident frames, then the caller sends dedupReady. The fingerprints come from the
+   * agent's shared cache; the group maps each guest itself, read-only, for the copies. A
+   * guest that cannot be mapped or hashed (it just ended) is left out.
    */
-  async offerResident(session: PeerSession, registry: GuestRegistry, busy: (name: string) => boolean): Promise<{ slots: number; pages: number }> {
+  async offerResident(session: PeerSession, guests: readonly ResidentGuest[], cache: ResidentFingerprintCache): Promise<{ slots: number; pages: number }> {
     let next = RESIDENT_SLOT_FLAG;
     let pages = 0;
     let slots = 0;
-    for (const { record, guest } of registry.list()) {
+    for (const guest of guests) {
       if (this.ended || !session.isOpen) break;
-      if (busy(record.name) || !guest.alive()) continue;
       let region: RegionHandle;
       try {
-        const fd = openSync(record.files.memoryPath, 'r');
+        const fd = openSync(guest.memoryPath, 'r');
         try {
-          region = this.native.regionMap(fd, record.memoryBytes, record.pageSizeBytes, { writable: false, trackHashes: false, initiallyZero: false });
+          region = this.native.regionMap(fd, guest.memoryBytes, guest.pageSizeBytes, { writable: false, trackHashes: false, initiallyZero: false });
         } finally {
           closeSync(fd);
         }
       } catch (err) {
-        this.log.warn({ guest: record.name, err: (err as Error).message }, 'cannot offer a resident guest');
+        this.log.warn({ guest: guest.name, err: (err as Error).message }, 'cannot offer a resident guest');
+        continue;
+      }
+      let offered: Uint8Array;
+      try {
+        ({ fingerprints: offered } = await cache.get(guest));
+      } catch (err) {
+        this.native.regionClose(region);
+        this.log.warn({ guest: guest.name, err: (err as Error).message }, 'cannot offer a resident guest');
+        continue;
+      }
+      const pageCount = guest.memoryBytes / guest.pageSizeBytes;
+      if (this.ended || !session.isOpen || offered.byteLength !== pageCount * FINGERPRINT_BYTES) {
+        this.native.regionClose(region);
         continue;
       }
       const slot = next++;
-      const pageCount = record.memoryBytes / record.pageSizeBytes;
-      const offered = new Uint8Array(pageCount * FINGERPRINT_BYTES);
       this.slots.set(slot, {
         slot,
         region,
         pageCount,
-        pageSizeBytes: record.pageSizeBytes,
+        pageSizeBytes: guest.pageSizeBytes,
         offered,
         closed: false,
         release: () => this.native.regionClose(region),
       });
       for (let first = 0; first < pageCount; first += MAX_FINGERPRINTS_PER_FRAME) {
         const count = Math.min(MAX_FINGERPRINTS_PER_FRAME, pageCount - first);
-        const fps = offered.subarray(first * FINGERPRINT_BYTES, (first + count) * FINGERPRINT_BYTES);
-        this.native.regionFingerprints(region, first, count, fps);
         if (!session.isOpen || this.ended) break;
-        session.send(Frame.dedupResident({ group: this.id, slot, pageCount, pageSizeBytes: record.pageSizeBytes, firstPage: first, fingerprints: fps }));
+        const fingerprints = offered.subarray(first * FINGERPRINT_BYTES, (first + count) * FINGERPRINT_BYTES);
+        session.send(Frame.dedupResident({ group: this.id, slot, pageCount, pageSizeBytes: guest.pageSizeBytes, firstPage: first, fingerprints }));
         await new Promise((resolve) => setImmediate(resolve));
       }
       slots++;
       pages += pageCount;
-      this.log.info({ group: this.id, guest: record.name, slot, pageCount }, 'resident guest offered for dedup');
+      this.log.info({ group: this.id, guest: guest.name, slot, pageCount }, 'resident guest offered for dedup');
     }
     return { slots, pages };
   }

@@ -84,11 +84,15 @@ describe.skipIf(!builtAgent)('gang migration with dedup', () => {
 
   it('asks again for resident pages that changed before they were copied, and still arrives intact', async () => {
     cluster = new Cluster();
-    const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
+    // The resident guest is started at b, not migrated there by a: b offers it to a only
+    // under dedup.resident all (the default offers a peer the guests it migrated here).
+    const [a, b] = [await cluster.agent('a'), await cluster.agent('b', [], { GANGWAY_DEDUP_RESIDENT: 'all' })];
     // The resident guest at b rewrites all of its memory, evenly, about once a second: much
-    // of what it offered has changed by the time the refs to it are applied.
-    const [resident] = await startImageGuests(b, 1, ['--dirty-rate', '64MiB/s', '--hot', '1']);
+    // of what it offered has changed by the time the refs to it are applied. It starts last,
+    // just before the migration, so that b hashes it before its first pass over the image
+    // content is done (on a loaded host, starting the mover in between took longer than that).
     const [mover] = await startImageGuests(a, 1, ['--dirty-rate', '1MiB/s']);
+    const [resident] = await startImageGuests(b, 1, ['--dirty-rate', '64MiB/s', '--hot', '1']);
     const summary = await migrate(a, [mover!, '--to', b.listen, '--bandwidth', '32MiB/s']);
     const guest = summary.guests[0]!;
     expect(guest.verified).toBe(true);
