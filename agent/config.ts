@@ -6,7 +6,7 @@ import { isAbsolute, join } from 'node:path';
 import { parseDocument } from 'yaml';
 import { z } from 'zod';
 import { ErrorCode, GangwayError } from '../protocol/errors.js';
-import { parseDurationMs, parseRate, QuantityError } from './units.js';
+import { parseBytes, parseDurationMs, parseRate, QuantityError } from './units.js';
 import { allowEntryProblem } from './peer/allowlist.js';
 import { isLoopbackHost, type PeerTransport } from './peer/tls.js';
 import { resolveControlGroup, type ControlGroup } from './control/group.js';
@@ -19,15 +19,18 @@ const hostPort = z
   .regex(/^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$/, 'must be HOST:PORT, e.g. 127.0.0.1:7401')
   .refine((value) => Number(value.slice(value.lastIndexOf(':') + 1)) <= 65535, 'port must be at most 65535');
 const absolutePath = z.string().min(1).refine(isAbsolute, 'must be an absolute path');
-const duration = z.union([z.number().min(0), z.string()]).transform((value, ctx) => {
-  if (typeof value === 'number') return value;
-  try {
-    return parseDurationMs(value, 'duration');
-  } catch (err) {
-    ctx.addIssue({ code: 'custom', message: err instanceof QuantityError ? err.message : String(err) });
-    return z.NEVER;
-  }
-});
+/** A number as it is, or text read by `parse` ("10s", "64MiB"), whose error becomes the issue. */
+const quantity = (number: z.ZodNumber, parse: (text: string) => number) =>
+  z.union([number, z.string()]).transform((value, ctx) => {
+    if (typeof value === 'number') return value;
+    try {
+      return parse(value);
+    } catch (err) {
+      ctx.addIssue({ code: 'custom', message: err instanceof QuantityError ? err.message : String(err) });
+      return z.NEVER;
+    }
+  });
+const duration = quantity(z.number().min(0), (text) => parseDurationMs(text, 'duration'));
 
 /** A rate in bytes per second: a number, or text such as "1Gbit/s" or "100MiB/s". */
 const rate = z.union([z.number().positive(), z.string()]).transform((value, ctx) => {
@@ -124,6 +127,63 @@ export const ControlSettingsSchema = z
   .partial()
   .strict();
 
+const count = (min: number, max: number) =>
+  z.preprocess(
+    (value) => (typeof value === 'string' && /^\s*\d+\s*$/.test(value) ? Number(value) : value),
+    z.number({ error: `must be a whole number from ${min} to ${max}` }).int(`must be a whole number from ${min} to ${max}`).min(min, `must be at least ${min}`).max(max, `must be at most ${max}`),
+  );
+const size = quantity(z.number().int().min(0), (text) => parseBytes(text, 'size'));
+
+/**
+ * What one peer may make this agent do: each limit is refused (and logged and counted in
+ * gangway_peer_limit_total{limit}) rather than served when it is hit.
+ */
+export const PeersSettingsSchema = z
+  .object({
+    /** Open sessions from one peer identity at once. */
+    maxSessionsPerPeer: count(1, 1024),
+    /** Incoming migrations from one peer identity at once. */
+    maxIncomingPerPeer: count(1, 4096),
+    /** Incoming migrations at once, from all peers. */
+    maxIncoming: count(1, 4096),
+    /** Dedup groups open on one session. */
+    maxGroupsPerSession: count(1, 1024),
+    /** TLS handshake plus WebSocket upgrade, and the hello after it. */
+    handshakeTimeout: duration.pipe(z.number().min(100, 'must be at least 100ms').max(600_000, 'must be at most 10min')),
+    /** Session-level requests (offer, reattach, migrationQuery, trafficQuery, dedupOpen, dedupClose): sustained rate per session. */
+    requestsPerSecond: count(1, 1_000_000),
+    /** ... and the burst a session may send at once. */
+    requestBurst: count(1, 1_000_000),
+    /** Space in memoryDir kept free beyond what accepted migrations have reserved. */
+    memoryHeadroom: size,
+    /** LZ4 decompressions of incoming pages under way at once on one session. */
+    decompressionsPerSession: count(1, 256),
+  })
+  .partial()
+  .strict();
+export type PeersSettings = z.infer<typeof PeersSettingsSchema>;
+
+export const RESIDENT_POLICIES = ['from-peer', 'all', 'none'] as const;
+
+/**
+ * Dedup against content already at this host (resident guests). Offering a guest means
+ * sending the 128-bit fingerprint of each of its pages to the asking peer, which is enough to
+ * confirm a guessed page offline: `resident` says whose guests a peer may see.
+ * from-peer: only guests that peer itself migrated here; all: every guest on this host (for
+ * hosts that trust each other with their guests' content); none: no resident dedup.
+ */
+export const DedupSettingsSchema = z
+  .object({
+    resident: z.enum(RESIDENT_POLICIES),
+    /** Resident offers one peer may ask for per minute; further groups get none. */
+    residentOffersPerMinute: count(0, 10_000),
+    /** How long a resident guest's fingerprints are reused before they are computed again. */
+    residentMaxAge: duration.pipe(z.number().min(0).max(3_600_000, 'must be at most 1h')),
+  })
+  .partial()
+  .strict();
+export type DedupSettings = z.infer<typeof DedupSettingsSchema>;
+
 /** The settings a config file may hold (all optional: defaults and flags fill the rest). */
 export const ConfigFileSchema = z
   .object({
@@ -138,6 +198,8 @@ export const ConfigFileSchema = z
     tls: TlsSettingsSchema,
     insecurePlaintextLoopback: z.boolean({ error: 'must be true or false' }),
     traffic: TrafficSettingsSchema,
+    peers: PeersSettingsSchema,
+    dedup: DedupSettingsSchema,
   })
   .partial()
   .strict();
@@ -186,6 +248,18 @@ export const ENV_OVERRIDES = {
   GANGWAY_TRAFFIC_CONTENTION_MODERATE: 'traffic.contention.moderate',
   GANGWAY_TRAFFIC_PRIORITY: 'traffic.priority',
   GANGWAY_TRAFFIC_SAMPLE_INTERVAL: 'traffic.sampleInterval',
+  GANGWAY_PEERS_MAX_SESSIONS_PER_PEER: 'peers.maxSessionsPerPeer',
+  GANGWAY_PEERS_MAX_INCOMING_PER_PEER: 'peers.maxIncomingPerPeer',
+  GANGWAY_PEERS_MAX_INCOMING: 'peers.maxIncoming',
+  GANGWAY_PEERS_MAX_GROUPS_PER_SESSION: 'peers.maxGroupsPerSession',
+  GANGWAY_PEERS_HANDSHAKE_TIMEOUT: 'peers.handshakeTimeout',
+  GANGWAY_PEERS_REQUESTS_PER_SECOND: 'peers.requestsPerSecond',
+  GANGWAY_PEERS_REQUEST_BURST: 'peers.requestBurst',
+  GANGWAY_PEERS_MEMORY_HEADROOM: 'peers.memoryHeadroom',
+  GANGWAY_PEERS_DECOMPRESSIONS_PER_SESSION: 'peers.decompressionsPerSession',
+  GANGWAY_DEDUP_RESIDENT: 'dedup.resident',
+  GANGWAY_DEDUP_RESIDENT_OFFERS_PER_MINUTE: 'dedup.residentOffersPerMinute',
+  GANGWAY_DEDUP_RESIDENT_MAX_AGE: 'dedup.residentMaxAge',
 } as const;
 
 const ENV_NAME_OF: Record<string, string> = Object.fromEntries(Object.entries(ENV_OVERRIDES).map(([name, key]) => [key, name]));
@@ -197,7 +271,7 @@ function describeIssues(where: string, error: z.ZodError, input: unknown, label:
     .map((issue) => {
       if (issue.code === 'unrecognized_keys') {
         const allowed = Object.keys(ConfigFileSchema.shape).join(', ');
-        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; control takes group, listen, tokenFile; tls takes cert, key, ca, allow; traffic takes ${Object.keys(TrafficSettingsSchema.shape).join(', ')}; traffic.contention takes high, moderate)`;
+        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; control takes group, listen, tokenFile; tls takes cert, key, ca, allow; traffic takes ${Object.keys(TrafficSettingsSchema.shape).join(', ')}; traffic.contention takes high, moderate; peers takes ${Object.keys(PeersSettingsSchema.shape).join(', ')}; dedup takes ${Object.keys(DedupSettingsSchema.shape).join(', ')})`;
       }
       let value: unknown = input;
       for (const part of issue.path) value = (value as Record<PropertyKey, unknown> | undefined)?.[part as PropertyKey];
@@ -308,6 +382,70 @@ export function completeTls(tls: ConfigLayer['tls']): TlsSettings | undefined {
       })
       .join('\n'),
   );
+}
+
+/** The peer limits an agent runs with (see PeersSettingsSchema). */
+export interface PeerLimits {
+  maxSessionsPerPeer: number;
+  maxIncomingPerPeer: number;
+  maxIncoming: number;
+  maxGroupsPerSession: number;
+  handshakeTimeoutMs: number;
+  requestsPerSecond: number;
+  requestBurst: number;
+  memoryHeadroomBytes: number;
+  decompressionsPerSession: number;
+}
+
+export const PEER_LIMIT_DEFAULTS: PeerLimits = {
+  maxSessionsPerPeer: 4,
+  maxIncomingPerPeer: 8,
+  maxIncoming: 32,
+  maxGroupsPerSession: 16,
+  handshakeTimeoutMs: 10_000,
+  requestsPerSecond: 100,
+  requestBurst: 1000,
+  memoryHeadroomBytes: 64 * 1024 * 1024,
+  decompressionsPerSession: 4,
+};
+
+export function resolvePeerLimits(settings: PeersSettings | undefined): PeerLimits {
+  const s = settings ?? {};
+  const limits: PeerLimits = {
+    maxSessionsPerPeer: s.maxSessionsPerPeer ?? PEER_LIMIT_DEFAULTS.maxSessionsPerPeer,
+    maxIncomingPerPeer: s.maxIncomingPerPeer ?? PEER_LIMIT_DEFAULTS.maxIncomingPerPeer,
+    maxIncoming: s.maxIncoming ?? PEER_LIMIT_DEFAULTS.maxIncoming,
+    maxGroupsPerSession: s.maxGroupsPerSession ?? PEER_LIMIT_DEFAULTS.maxGroupsPerSession,
+    handshakeTimeoutMs: s.handshakeTimeout ?? PEER_LIMIT_DEFAULTS.handshakeTimeoutMs,
+    requestsPerSecond: s.requestsPerSecond ?? PEER_LIMIT_DEFAULTS.requestsPerSecond,
+    requestBurst: s.requestBurst ?? PEER_LIMIT_DEFAULTS.requestBurst,
+    memoryHeadroomBytes: s.memoryHeadroom ?? PEER_LIMIT_DEFAULTS.memoryHeadroomBytes,
+    decompressionsPerSession: s.decompressionsPerSession ?? PEER_LIMIT_DEFAULTS.decompressionsPerSession,
+  };
+  if (limits.maxIncomingPerPeer > limits.maxIncoming) {
+    throw new GangwayError(
+      ErrorCode.BAD_REQUEST,
+      `'peers.maxIncomingPerPeer' (${limits.maxIncomingPerPeer}) is above 'peers.maxIncoming' (${limits.maxIncoming}): one peer cannot have more than all peers together`,
+    );
+  }
+  return limits;
+}
+
+/** The resident-dedup policy an agent runs with (see DedupSettingsSchema). */
+export interface DedupPolicy {
+  resident: (typeof RESIDENT_POLICIES)[number];
+  residentOffersPerMinute: number;
+  residentMaxAgeMs: number;
+}
+
+export const DEDUP_POLICY_DEFAULTS: DedupPolicy = { resident: 'from-peer', residentOffersPerMinute: 60, residentMaxAgeMs: 30_000 };
+
+export function resolveDedupPolicy(settings: DedupSettings | undefined): DedupPolicy {
+  return {
+    resident: settings?.resident ?? DEDUP_POLICY_DEFAULTS.resident,
+    residentOffersPerMinute: settings?.residentOffersPerMinute ?? DEDUP_POLICY_DEFAULTS.residentOffersPerMinute,
+    residentMaxAgeMs: settings?.residentMaxAge ?? DEDUP_POLICY_DEFAULTS.residentMaxAgeMs,
+  };
 }
 
 /** How the CLI may reach the agent: the unix socket, plus a loopback TCP port with a token when asked for. */

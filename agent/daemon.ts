@@ -1,16 +1,17 @@
 // The agent: one per host. Listens for peer agents (WebSocket sessions carrying
 // migrations), serves the local control API to the CLI over a unix socket in the state
 // dir, keeps the guest registry, and runs migrations in both directions.
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import type { TLSSocket } from 'node:tls';
-import { connect } from 'node:net';
-import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { connect, type Socket } from 'node:net';
+import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { WebSocketServer } from 'ws';
-import { ErrorCode, GangwayError, ProtocolError } from '../protocol/errors.js';
-import { DestinationGroup, MAX_GROUPS_PER_SESSION } from './dedup/dest-group.js';
+import { ErrorCode, GangwayError, ProtocolCloseCode, ProtocolError } from '../protocol/errors.js';
+import { DestinationGroup } from './dedup/dest-group.js';
+import { ResidentOffers } from './dedup/resident-policy.js';
 import { RejectReason, Whereabouts } from '../protocol/codes.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { warmUpSwitchover } from './migration/warmup.js';
@@ -26,17 +27,18 @@ import { DestinationMigration, type IncomingResult } from './migration/destinati
 import { SourceMigration, type MigrationProgress, type MigrationSummary } from './migration/source.js';
 import { outcomeOf, summarizeGroup, type GroupOutcome, type GroupSummary } from './migration/group-summary.js';
 import { SourceDedupGroup } from './dedup/source-group.js';
-import { Pacer, SwitchoverGate } from './migration/flow.js';
+import { Pacer, Slots, SwitchoverGate } from './migration/flow.js';
 import type { ProcessGuest } from './guest/process-guest.js';
+import { agentIdOf } from './peer/allowlist.js';
 import { connectPeer, DEFAULT_DEAD_AFTER_MS, PeerSession, type GroupFrame } from './peer/session.js';
 import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
-import { CONFIG_DEFAULTS, resolveTrafficConfig, type TrafficConfig } from './config.js';
+import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type PeerLimits, type TrafficConfig } from './config.js';
 import { TrafficService } from './traffic/service.js';
 import type { Priority } from './planner/planner.js';
 import type { MigrationPlan } from './planner/plan-for.js';
 import { defaultAutoTechnique, followPlan, type FollowedPlan } from './planner/follow-plan.js';
-import { describeTlsError, hostOf, isLoopbackHost, loadTlsMaterial, REFUSAL_HEADER, refusePeer, type PeerTransport, type Refusal, type TlsMaterial } from './peer/tls.js';
+import { describeTlsError, hostOf, identityOfPeer, isLoopbackHost, loadTlsMaterial, REFUSAL_HEADER, refusePeer, type PeerTransport, type Refusal, type TlsMaterial } from './peer/tls.js';
 
 /** What this agent offers in its hello; a feature is used when both sides list it. */
 /** The options of a SourceMigration that only serves the rest of a post-copy (they are not used). */
@@ -82,6 +84,10 @@ export interface AgentConfig {
   peerTimeoutMs: number;
   /** How long a post-copy destination whose source link broke waits for the source to come back. */
   postcopyReattachMs: number;
+  /** What one peer may make this agent do (sessions, incoming migrations, requests, memory). */
+  peers: PeerLimits;
+  /** Whose resident guests a peer's dedup group may see, and how often. */
+  dedup: DedupPolicy;
 }
 
 export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort' | 'stateDir' | 'transport'> = {
@@ -93,6 +99,8 @@ export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort'
   shutdownGraceMs: CONFIG_DEFAULTS.shutdownGrace,
   peerTimeoutMs: DEFAULT_DEAD_AFTER_MS,
   postcopyReattachMs: 10 * 60_000,
+  peers: PEER_LIMIT_DEFAULTS,
+  dedup: DEDUP_POLICY_DEFAULTS,
 };
 
 export interface MigrateRequest {
@@ -143,6 +151,8 @@ export class Agent {
   /** Loaded at start when the transport is TLS. */
   private tls: TlsMaterial | undefined;
   private readonly sessionsIn = new Set<PeerSession>();
+  /** Each incoming session's LZ4 decompression slots (peers.decompressionsPerSession). */
+  private readonly decompressionsIn = new Map<PeerSession, Slots>();
   private readonly groupsIn = new Map<PeerSession, Map<string, DestinationGroup>>();
   private readonly sessionsOut = new Map<string, Promise<PeerSession>>();
   private readonly outgoing = new Map<string, SourceMigration>();
@@ -165,20 +175,26 @@ export class Agent {
     readonly log: Logger,
   ) {
     mkdirSync(config.stateDir, { recursive: true, mode: 0o750 });
-    this.id = this.loadOrCreateId();
+    // With TLS the agent is who its certificate says (agentIdOf): peers check its hello
+    // against the certificate it presents. Without, an id of its own, kept in the state dir.
+    this.tls = config.transport.kind === 'tls' ? loadTlsMaterial(config.transport) : undefined;
+    this.id = this.tls ? agentIdOf(this.tls.self) : this.loadOrCreateId();
     this.registry = new GuestRegistry(config.stateDir);
   }
 
   private loadOrCreateId(): string {
     const path = join(this.config.stateDir, 'agent.json');
     if (existsSync(path)) {
+      // An older agent wrote it world-readable.
+      chmodSync(path, 0o600);
       try {
         const saved = JSON.parse(readFileSync(path, 'utf8')) as { agentId?: unknown };
         if (typeof saved.agentId === 'string' && saved.agentId.length > 0) return saved.agentId;
       } catch {}
     }
     const agentId = `agent-${randomBytes(6).toString('hex')}`;
-    writeFileSync(path, JSON.stringify({ agentId }, null, 2));
+    writeFileSync(path, JSON.stringify({ agentId }, null, 2), { mode: 0o600 });
+    chmodSync(path, 0o600);
     return agentId;
   }
 
@@ -202,16 +218,20 @@ export class Agent {
     for (const { record } of this.registry.list()) if (record.outgoing) void this.resolveOutgoing(record.name);
   }
 
-  /** What became of migration `migrationId` here, for a source that lost track of it. */
+  /**
+   * What became of migration `migrationId` here, for a source that lost track of it. Only
+   * the agent the migration came from is told: anyone else hears `unknown`, as for an id
+   * that never existed, so an answer reveals nothing of other peers' migrations.
+   */
   private async answerQuery(migrationId: string, session: PeerSession): Promise<void> {
     const running = this.incoming.get(migrationId);
     // A switchover under way here is answered once it is over (it ends within seconds).
-    if (running && running.missingPages === undefined) {
+    if (running && running.from === session.peerId && running.missingPages === undefined) {
       await Promise.race([running.done, sleep(30_000, undefined, { ref: false })]);
     }
     let whereabouts: Whereabouts = Whereabouts.unknown;
     for (const { record, guest } of this.registry.list()) {
-      if (record.origin.kind !== 'migrated' || record.origin.migrationId !== migrationId || !guest.alive()) continue;
+      if (record.origin.kind !== 'migrated' || record.origin.migrationId !== migrationId || record.origin.from !== session.peerId || !guest.alive()) continue;
       whereabouts = record.incoming?.stranded ? Whereabouts.stranded : record.incoming ? Whereabouts.receiving : Whereabouts.running;
     }
     if (session.isOpen) session.send(Frame.migrationAnswer({ migrationId, whereabouts }));
@@ -264,6 +284,7 @@ export class Agent {
         digestBytesPerSec: this.digestBytesPerSec,
         metrics: this.metrics,
         technique: 'postcopy',
+        ...(out.secret ? { secret: Buffer.from(out.secret, 'hex') } : {}),
         reconnect: () => this.session(out.to),
         reconnectWindowMs: this.config.postcopyReattachMs,
         registry: this.registry,
@@ -347,6 +368,25 @@ export class Agent {
     }
   }
 
+  /** A peer hit one of the peers.* limits (or broke the credit or identity rules): counted. */
+  private limitHit(limit: string): void {
+    this.metrics.peerLimit.inc({ limit });
+  }
+
+  /** What every session of this agent runs with, in either role. */
+  private sessionOptions(log: Logger) {
+    return {
+      agentId: this.id,
+      features: AGENT_FEATURES,
+      maxPayloadBytes: this.config.maxPayloadBytes,
+      log,
+      deadAfterMs: this.config.peerTimeoutMs,
+      helloTimeoutMs: this.config.peers.handshakeTimeoutMs,
+      requests: { perSecond: this.config.peers.requestsPerSecond, burst: this.config.peers.requestBurst },
+      onLimit: (limit: string) => this.limitHit(limit),
+    };
+  }
+
   /** Measures XXH3-128 on this host so the convergence policy can predict the switchover's digest time. */
   private calibrateDigest(): void {
     const native = loadNative();
@@ -363,8 +403,7 @@ export class Agent {
     if (transport.kind === 'plaintext-loopback' && !isLoopbackHost(this.config.listenHost)) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `plain ws listens on loopback only (got "${this.config.listenHost}"): set tls.cert, tls.key, tls.ca and tls.allow`);
     }
-    const tls = transport.kind === 'tls' ? loadTlsMaterial(transport) : undefined;
-    this.tls = tls;
+    const tls = this.tls;
     if (tls && tls.validTo.getTime() < Date.now()) {
       this.log.warn({ cert: transport.kind === 'tls' ? transport.certPath : undefined, validTo: tls.validTo.toISOString() }, "this agent's certificate has expired: peers will refuse it");
     }
@@ -374,16 +413,34 @@ export class Agent {
       this.log.warn({ peer: `${req.socket.remoteAddress}:${req.socket.remotePort}`, reason: why.reason }, why.kind === 'certificate' ? "refused a peer's certificate" : 'refused a peer');
       return { [REFUSAL_HEADER]: why.kind, 'content-type': 'text/plain' };
     };
+    // From its TCP (plain) or TLS connection on, a peer has handshakeTimeout to finish its
+    // WebSocket upgrade; a connection that sends nothing (or dribbles) is dropped then.
+    const limits = this.config.peers;
+    const upgradeTimers = new WeakMap<object, NodeJS.Timeout>();
+    const armUpgradeTimer = (socket: Socket) => {
+      const timer = setTimeout(() => {
+        this.limitHit('handshake');
+        this.log.warn({ peer: `${socket.remoteAddress}:${socket.remotePort}`, timeoutMs: limits.handshakeTimeoutMs }, 'dropped a peer connection that did not finish its handshake in time (peers.handshakeTimeout)');
+        socket.destroy();
+      }, limits.handshakeTimeoutMs);
+      timer.unref();
+      upgradeTimers.set(socket, timer);
+      socket.once('close', () => clearTimeout(timer));
+    };
+    const disarmUpgradeTimer = (socket: object) => clearTimeout(upgradeTimers.get(socket));
     const onRequest = (req: IncomingMessage, res: ServerResponse) => {
+      disarmUpgradeTimer(req.socket);
       const why = refusal(req);
       if (why) res.writeHead(403, refuse(req, why)).end(`${why.reason}\n`);
       else res.writeHead(426, { 'content-type': 'text/plain' }).end('gangway peer port: WebSocket only\n');
     };
     const server: Server = tls
-      ? createHttpsServer({ cert: tls.cert, key: tls.key, ca: tls.ca, requestCert: true, rejectUnauthorized: false }, onRequest)
+      ? createHttpsServer({ cert: tls.cert, key: tls.key, ca: tls.ca, requestCert: true, rejectUnauthorized: false, handshakeTimeout: limits.handshakeTimeoutMs }, onRequest)
       : createServer(onRequest);
+    server.on(tls ? 'secureConnection' : 'connection', armUpgradeTimer);
     if (tls) {
       server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
+        if (err.code === 'ERR_TLS_HANDSHAKE_TIMEOUT') this.limitHit('handshake');
         this.log.warn({ peer: `${socket.remoteAddress}:${socket.remotePort}`, reason: describeTlsError(err) }, "refused a peer's TLS handshake");
       });
     }
@@ -399,27 +456,42 @@ export class Agent {
       },
     });
     wss.on('connection', (ws, req) => {
+      disarmUpgradeTimer(req.socket);
       const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
+      const log = this.log.child({ peer: remote });
+      // The certificate the handshake proved (verifyClient refused any other): the peer's hello must name it.
+      const certificate = tls ? identityOfPeer((req.socket as TLSSocket).getPeerCertificate()) : undefined;
       const session = new PeerSession(ws, {
+        ...this.sessionOptions(log),
         role: 'server',
-        agentId: this.id,
-        features: AGENT_FEATURES,
-        maxPayloadBytes: this.config.maxPayloadBytes,
-        log: this.log.child({ peer: remote }),
-        deadAfterMs: this.config.peerTimeoutMs,
+        ...(certificate ? { peerCertificate: certificate } : {}),
       });
       const groups = new Map<string, DestinationGroup>();
+      const slots = new Slots(limits.decompressionsPerSession);
       this.sessionsIn.add(session);
       this.groupsIn.set(session, groups);
+      this.decompressionsIn.set(session, slots);
       session.on('closed', () => {
         this.sessionsIn.delete(session);
         this.groupsIn.delete(session);
+        this.decompressionsIn.delete(session);
         for (const group of groups.values()) void group.close();
       });
+      // Sessions per peer: under TLS the certificate names the peer at once, under plain ws
+      // its hello does.
+      const countSessions = () => {
+        const peer = session.peerId;
+        const open = [...this.sessionsIn].filter((other) => other.peerId === peer).length;
+        if (peer === undefined || open <= limits.maxSessionsPerPeer) return;
+        this.limitHit('sessions');
+        session.fail(new ProtocolError(ErrorCode.LIMIT, `this peer has ${open - 1} sessions open here already (peers.maxSessionsPerPeer = ${limits.maxSessionsPerPeer})`, { closeCode: ProtocolCloseCode.policy }));
+      };
+      if (certificate) countSessions();
+      else session.ready.then(countSessions, () => {});
       session.onOffer = (offer) => this.onOffer(offer, session);
       session.onGroupFrame = (frame) => this.onGroupFrame(frame, session, groups);
       session.onTrafficQuery = () => this.traffic.report();
-      session.onReattach = (frame) => this.onReattach(frame.migrationId, session);
+      session.onReattach = (frame) => this.onReattach(frame, session);
       session.onMigrationQuery = (frame) => void this.answerQuery(frame.migrationId, session);
     });
     this.peerServer = server;
@@ -437,6 +509,9 @@ export class Agent {
     });
   }
 
+  /** Resident dedup's policy, limiter and shared fingerprints; made at the first resident request. */
+  private residentOffers: ResidentOffers | undefined;
+
   /** dedupOpen / dedupClose from a source: the groups of one session. */
   private onGroupFrame(frame: GroupFrame, session: PeerSession, groups: Map<string, DestinationGroup>): void {
     if (frame.type === 'dedupClose') {
@@ -449,14 +524,36 @@ export class Agent {
       throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `${frame.type} is sent by a destination, not to one`);
     }
     if (groups.has(frame.group)) throw new ProtocolError(ErrorCode.PROTOCOL, `dedup group ${frame.group} is already open`);
-    if (groups.size >= MAX_GROUPS_PER_SESSION) {
-      throw new ProtocolError(ErrorCode.PROTOCOL, `more than ${MAX_GROUPS_PER_SESSION} dedup groups open on one session`);
+    const maxGroups = this.config.peers.maxGroupsPerSession;
+    if (groups.size >= maxGroups) {
+      this.limitHit('groups');
+      throw new ProtocolError(ErrorCode.LIMIT, `more than ${maxGroups} dedup groups open on one session (peers.maxGroupsPerSession)`, { closeCode: ProtocolCloseCode.policy });
     }
     const group = new DestinationGroup(frame.group, this.log.child({ group: frame.group }));
     groups.set(frame.group, group);
-    const offered = frame.resident
-      ? group.offerResident(session, this.registry, (name) => this.isMigrating(name))
-      : Promise.resolve({ slots: 0, pages: 0 });
+    let offered: Promise<{ slots: number; pages: number }> = Promise.resolve({ slots: 0, pages: 0 });
+    if (frame.resident) {
+      // Only the guests dedup.resident lets this peer see (see resident-policy.ts), at most
+      // dedup.residentOffersPerMinute times a minute; a group refused them still opens.
+      const resident = (this.residentOffers ??= new ResidentOffers(this.config.dedup));
+      const entries = this.registry.list();
+      resident.fingerprints.retain(entries.map(({ record }) => ({ name: record.name, pid: record.pid, memoryPath: record.files.memoryPath })));
+      const peer = session.peer?.agentId;
+      const candidates = entries.map(({ record, guest }) => ({ name: record.name, origin: record.origin, migrating: this.isMigrating(record.name), alive: guest.alive(), record }));
+      const decision = resident.decide(peer, candidates);
+      this.metrics.dedupResidentOffers.inc({ outcome: decision.outcome });
+      if (decision.warn) {
+        this.log.warn({ peer, offersPerMinute: this.config.dedup.residentOffersPerMinute }, 'the peer asked for more resident offers than dedup.residentOffersPerMinute: its groups get no resident slots until its oldest offer is a minute old');
+      }
+      const guests = decision.guests.map(({ record }) => ({
+        name: record.name,
+        pid: record.pid,
+        memoryPath: record.files.memoryPath,
+        memoryBytes: record.memoryBytes,
+        pageSizeBytes: record.pageSizeBytes,
+      }));
+      if (guests.length > 0) offered = group.offerResident(session, guests, resident.fingerprints);
+    }
     offered.then(
       ({ slots, pages }) => {
         if (session.isOpen) session.send(Frame.dedupReady({ group: frame.group, residentSlots: slots, residentPages: pages }));
@@ -465,34 +562,59 @@ export class Agent {
     );
   }
 
+  /** The verdicts of post-copy migrations that ended here, for a source that reconnects to ask. */
+  private readonly postcopyVerdicts = new Map<string, { from: string; secret: Uint8Array; frame: ReturnType<typeof Frame.verified> }>();
+
   /**
    * A source whose session broke during post-copy carries on here: the migration takes the
-   * new session if it is waiting for its source (the same agent). A post-copy that already
-   * completed answers with its verdict, which the source may not have received.
+   * new session if it is waiting for its source. A post-copy that already completed answers
+   * with its verdict, which the source may not have received. Only the agent the migration
+   * was accepted from, presenting the migration's secret, may do either; anyone else gets the
+   * same answer as for an id that does not exist, which names no agent.
    */
-  /** The verdicts of post-copy migrations that ended here, for a source that reconnects to ask. */
-  private readonly postcopyVerdicts = new Map<string, { from: string; frame: ReturnType<typeof Frame.verified> }>();
-
-  private onReattach(migrationId: string, session: PeerSession): void {
-    const from = session.peer?.agentId ?? 'unknown';
+  private onReattach(frame: ReturnType<typeof Frame.reattach>, session: PeerSession): void {
+    const { migrationId, secret } = frame;
+    const refuse = (message: string) => session.send(Frame.abort({ migrationId, code: ErrorCode.UNEXPECTED_FRAME, message }));
     const migration = this.incoming.get(migrationId);
-    if (migration) {
+    if (migration?.isSource(session, secret)) {
       const refusal = migration.reattach(session);
-      if (refusal) session.send(Frame.abort({ migrationId, code: ErrorCode.UNEXPECTED_FRAME, message: refusal }));
+      if (refusal) refuse(refusal);
       return;
     }
     const verdict = this.postcopyVerdicts.get(migrationId);
-    if (verdict && verdict.from === from) {
+    if (verdict && verdict.from === session.peerId && verdict.secret.length === secret.length && timingSafeEqual(verdict.secret, secret)) {
       session.send(verdict.frame);
       return;
     }
-    session.send(Frame.abort({ migrationId, code: ErrorCode.UNEXPECTED_FRAME, message: `no post-copy migration ${migrationId} from ${from} waits here` }));
+    if (migration || verdict) {
+      this.limitHit('reattach');
+      this.log.warn({ migrationId, peer: session.peerId }, 'refused a reattach: not the source of that migration, or the wrong secret');
+    }
+    refuse(`no post-copy migration ${migrationId} that this agent may carry on waits here`);
   }
 
   private onOffer(offer: Parameters<NonNullable<PeerSession['onOffer']>>[0], session: PeerSession): void {
     if (this.incoming.has(offer.migrationId) || this.records.has(offer.migrationId)) {
       // A replayed or duplicated id would mix two streams.
       session.send(Frame.reject({ migrationId: offer.migrationId, reason: RejectReason.badSpec, message: 'duplicate migration id' }));
+      return;
+    }
+    // Each accepted offer is a process, a memory file and its share of the receive memory:
+    // a peer gets a bounded number of them, and all peers together too.
+    const limits = this.config.peers;
+    const arriving = [...this.incoming.values()];
+    const fromPeer = arriving.filter((m) => m.from === session.peerId).length;
+    const busy =
+      fromPeer >= limits.maxIncomingPerPeer
+        ? `this agent already receives ${fromPeer} migrations from this peer (peers.maxIncomingPerPeer = ${limits.maxIncomingPerPeer}): offer it again once one ends`
+        : arriving.length >= limits.maxIncoming
+          ? `this agent already receives ${arriving.length} migrations (peers.maxIncoming = ${limits.maxIncoming}): offer it again once one ends`
+          : undefined;
+    if (busy) {
+      this.limitHit(fromPeer >= limits.maxIncomingPerPeer ? 'incoming-per-peer' : 'incoming');
+      this.log.warn({ migrationId: offer.migrationId, peer: session.peerId, reason: busy }, 'offer refused');
+      this.metrics.migrations.inc({ direction: 'in', outcome: 'rejected', technique: 'precopy' });
+      session.send(Frame.reject({ migrationId: offer.migrationId, reason: RejectReason.busy, message: busy }));
       return;
     }
     const migration = DestinationMigration.start(offer, session, {
@@ -505,6 +627,9 @@ export class Agent {
       metrics: this.metrics,
       groups: this.groupsIn.get(session) ?? new Map(),
       reattachWindowMs: this.config.postcopyReattachMs,
+      space: { reservedBytes: arriving.reduce((sum, m) => sum + m.promisedBytes, 0), headroomBytes: limits.memoryHeadroomBytes },
+      ...(this.decompressionsIn.get(session) ? { decompressions: this.decompressionsIn.get(session)! } : {}),
+      onLimit: (limit) => this.limitHit(limit),
     });
     if (!migration) {
       this.metrics.migrations.inc({ direction: 'in', outcome: 'rejected', technique: 'precopy' });
@@ -539,7 +664,7 @@ export class Agent {
     void migration.done.then((result) => {
       this.incoming.delete(offer.migrationId);
       if (migration.verdict) {
-        this.postcopyVerdicts.set(offer.migrationId, { from: record.from, frame: migration.verdict });
+        this.postcopyVerdicts.set(offer.migrationId, { from: record.from, secret: migration.secret, frame: migration.verdict });
         // The last few are enough: a source asks right after it reconnects.
         for (const id of this.postcopyVerdicts.keys()) {
           if (this.postcopyVerdicts.size <= 64) break;
@@ -563,6 +688,11 @@ export class Agent {
     }
     this.registry.reserve(name);
     const files = this.registry.filesFor(name, this.config.memoryDir, randomBytes(4).toString('hex'));
+    // The guest refuses a path that exists (O_EXCL): whatever is there is not ours to remove below.
+    if (lstatSync(files.memoryPath, { throwIfNoEntry: false })) {
+      this.registry.release(name);
+      throw new GangwayError(ErrorCode.GUEST_FAILED, `${files.memoryPath} exists already: something else made it; remove it or start the guest again (a new name is picked each time)`);
+    }
     try {
       const launched = launchProcessGuest({ files, create: spec });
       await launched.running;
@@ -719,11 +849,7 @@ export class Agent {
     }
     const pending = connectPeer(address, {
       ...(this.tls ? { tls: this.tls } : {}),
-      agentId: this.id,
-      features: AGENT_FEATURES,
-      maxPayloadBytes: this.config.maxPayloadBytes,
-      log: this.log.child({ peer: address }),
-      deadAfterMs: this.config.peerTimeoutMs,
+      ...this.sessionOptions(this.log.child({ peer: address })),
     });
     this.sessionsOut.set(address, pending);
     try {

@@ -11,7 +11,7 @@ import { checkSocketPath, secureStateDir } from './control/access.js';
 import { loadOrCreateToken } from './control/token.js';
 import { Agent, controlSocketInUse, controlSocketPath, DEFAULT_AGENT_CONFIG, type AgentConfig } from './daemon.js';
 import { createLogger } from './log.js';
-import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, INTERFACE_NAME_PATTERN, loadConfigFile, LOG_LEVELS, mergeConfig, PRIORITIES, resolveControlAccess, resolvePeerTransport, resolveTrafficConfig, TRACKERS } from './config.js';
+import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, INTERFACE_NAME_PATTERN, loadConfigFile, LOG_LEVELS, mergeConfig, PRIORITIES, resolveControlAccess, resolveDedupPolicy, resolvePeerLimits, resolvePeerTransport, resolveTrafficConfig, TRACKERS } from './config.js';
 import { SystemdNotifier } from './systemd.js';
 import type { MigrationProgress } from './migration/source.js';
 import { groupProgressLine, groupSummaryText } from './cli/format.js';
@@ -88,7 +88,7 @@ const program = new Command('gangway')
 program
   .command('agent')
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
-  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval)')
+  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval, peers.maxSessionsPerPeer/maxIncomingPerPeer/maxIncoming/maxGroupsPerSession/handshakeTimeout/requestsPerSecond/requestBurst/memoryHeadroom/decompressionsPerSession, dedup.resident/residentOffersPerMinute/residentMaxAge)')
   .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags), print it and exit')
   .option('--listen <host:port>', `address for peer agents [${CONFIG_DEFAULTS.listen}]`)
   .option('--state-dir <dir>', `the agent state directory [${DEFAULT_STATE_DIR}]`)
@@ -153,8 +153,15 @@ program
       ...(opts.postcopyReattach !== undefined ? { postcopyReattachMs: opts.postcopyReattach } : {}),
       transport: settings.transport,
       traffic: settings.traffic,
+      peers: settings.peers,
+      dedup: settings.dedup,
     };
-    const agent = new Agent(config, log);
+    let agent!: Agent;
+    try {
+      agent = new Agent(config, log);
+    } catch (err) {
+      fail(err, false);
+    }
     const controlServers: Server[] = [];
     try {
       await agent.start();
@@ -266,6 +273,8 @@ function resolveAgentSettings(opts: Record<string, string | string[] | boolean |
     control: { socket: controlSocketPath(stateDir), ...resolveControlAccess(merged.control, stateDir) },
     transport,
     traffic: resolveTrafficConfig(merged.traffic),
+    peers: resolvePeerLimits(merged.peers),
+    dedup: resolveDedupPolicy(merged.dedup),
     configFile: opts.config ? resolve(str(opts.config)!) : undefined,
   };
 }

@@ -122,6 +122,12 @@ export class AgentMetrics {
     help: 'Memory of the open dedup groups\' content indexes',
     registers: [this.registry],
   });
+  readonly dedupResidentOffers = new Counter({
+    name: 'gangway_dedup_resident_offers_total',
+    help: 'Peers\' requests for resident content (dedupOpen with resident), by outcome: offered, refused-policy (dedup.resident leaves that peer no guest to see), rate-limited (over dedup.residentOffersPerMinute)',
+    labelNames: ['outcome'] as const,
+    registers: [this.registry],
+  });
 
   readonly trafficRate = new Gauge({
     name: 'gangway_traffic_rate_bytes_per_second',
@@ -144,6 +150,13 @@ export class AgentMetrics {
     name: 'gangway_control_unauthorized_total',
     help: 'Requests to the TCP control port refused for their bearer token, by reason (missing, wrong)',
     labelNames: ['reason'] as const,
+    registers: [this.registry],
+  });
+
+  readonly peerLimit = new Counter({
+    name: 'gangway_peer_limit_total',
+    help: 'Times a peer hit one of the peers.* limits (sessions, incoming, groups, requests, credit, space, handshake, identity) and was refused',
+    labelNames: ['limit'] as const,
     registers: [this.registry],
   });
 

@@ -45,6 +45,12 @@ export const ErrorCode = {
   HOST_COMMAND: 'GANGWAY_ERR_HOST_COMMAND',
   /** A TLS handshake between agents failed or a peer is not in tls.allow; the message says which side refused. */
   TLS: 'GANGWAY_ERR_TLS',
+  /** A peer's hello names an agent its TLS certificate does not belong to. */
+  IDENTITY: 'GANGWAY_ERR_IDENTITY',
+  /** A peer sent pages beyond the credit it was granted. */
+  FLOW_CONTROL: 'GANGWAY_ERR_FLOW_CONTROL',
+  /** A peer hit one of the agent's peers.* limits (sessions, migrations, groups, requests). */
+  LIMIT: 'GANGWAY_ERR_LIMIT',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

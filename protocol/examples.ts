@@ -18,6 +18,7 @@ import {
   MAX_FEATURES,
   MAX_FEATURE_LENGTH,
   MAX_ID_LENGTH,
+  MAX_AGENT_ID_LENGTH,
   MAX_MESSAGE_LENGTH,
   MAX_NAME_LENGTH,
   MAX_REGIONS,
@@ -28,6 +29,7 @@ import {
   MAX_ROUND,
   MAX_WANT_RUNS,
   MAX_FETCH_RUNS,
+  MIGRATION_SECRET_BYTES,
   FINGERPRINT_BYTES,
   PAGE_SIZE_MAX,
   REF_WORDS,
@@ -61,7 +63,7 @@ export function exampleFrames(): Frame[] {
       dedup: { group: 'gang-1', slots: [0] },
       priority: 'high',
     }),
-    Frame.accept({ migrationId: id, creditBytes: 8 * 1024 * 1024 }),
+    Frame.accept({ migrationId: id, creditBytes: 8 * 1024 * 1024, secret: bytes(MIGRATION_SECRET_BYTES, 11) }),
     Frame.reject({ migrationId: id, reason: RejectReason.noSpace, message: '/dev/shm has 1 GiB free' }),
     Frame.pages({
       migrationId: id,
@@ -102,7 +104,7 @@ export function exampleFrames(): Frame[] {
     Frame.trafficReport({ requestId: 'plan-1', measured: true, rxBytesPerSec: 12_500_000.5, txBytesPerSec: 3_000_000, linkBytesPerSec: 125_000_000, reason: '' }),
     Frame.postcopy({ migrationId: id, region: 0, more: false, missing: Uint32Array.of(1, 99, 200, 3) }),
     Frame.fetch({ migrationId: id, region: 0, runs: Uint32Array.of(42, 1) }),
-    Frame.reattach({ migrationId: id }),
+    Frame.reattach({ migrationId: id, secret: bytes(MIGRATION_SECRET_BYTES, 11) }),
     Frame.migrationQuery({ migrationId: id }),
     Frame.migrationAnswer({ migrationId: id, whereabouts: Whereabouts.running }),
     Frame.verified({
@@ -141,7 +143,7 @@ export function largestFrames(): Frame[] {
   const digests = Array.from({ length: MAX_REGIONS }, (_, i) => bytes(DIGEST_BYTES, i));
   return [
     Frame.hello({
-      agentId: longId,
+      agentId: `sha256:${'f'.repeat(MAX_AGENT_ID_LENGTH - 7)}`,
       features: Array.from({ length: MAX_FEATURES }, (_, i) => `f${String(i).padStart(2, '0')}`.padEnd(MAX_FEATURE_LENGTH, 'f')),
       maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES,
     }),
@@ -152,7 +154,7 @@ export function largestFrames(): Frame[] {
       downtimeBudgetMs: MAX_DOWNTIME_BUDGET_MS,
       codecs: [Codec.lz4, Codec.raw],
     }),
-    Frame.accept({ migrationId: longId, creditBytes: MAX_CREDIT_BYTES }),
+    Frame.accept({ migrationId: longId, creditBytes: MAX_CREDIT_BYTES, secret: bytes(MIGRATION_SECRET_BYTES, 255) }),
     Frame.reject({ migrationId: longId, reason: RejectReason.versionMismatch, message: text }),
     Frame.pages({
       migrationId: longId,
@@ -215,7 +217,7 @@ export function largestFrames(): Frame[] {
       missing: new Uint32Array((16 * 1024 * 1024) / 4).fill(0xffff_ffff),
     }),
     Frame.fetch({ migrationId: longId, region: MAX_REGIONS - 1, runs: Uint32Array.from({ length: MAX_FETCH_RUNS * 2 }, () => 0xffff_ffff) }),
-    Frame.reattach({ migrationId: longId }),
+    Frame.reattach({ migrationId: longId, secret: bytes(MIGRATION_SECRET_BYTES, 255) }),
     Frame.migrationQuery({ migrationId: longId }),
     Frame.migrationAnswer({ migrationId: longId, whereabouts: Whereabouts.stranded }),
   ];

@@ -37,6 +37,7 @@ import {
   MAX_FEATURES,
   MAX_FEATURE_LENGTH,
   MAX_ID_LENGTH,
+  MAX_AGENT_ID_LENGTH,
   MAX_MESSAGE_LENGTH,
   MAX_NAME_LENGTH,
   MAX_OFFER_CODECS,
@@ -50,6 +51,7 @@ import {
   MAX_FETCH_RUNS,
   MIN_DOWNTIME_BUDGET_MS,
   MIN_MAX_PAYLOAD_BYTES,
+  MIGRATION_SECRET_BYTES,
   NAME_PATTERN,
   PAGE_SIZE_MAX,
   PAGE_SIZE_MIN,
@@ -182,7 +184,7 @@ const readers: Readers = {
       const got = version === undefined ? 'missing' : `the peer speaks protocol version ${describeValue(version)}`;
       r.fail('version', `${got}, this agent speaks ${PROTOCOL_VERSION}`, ErrorCode.PROTOCOL_VERSION);
     }
-    const agentId = r.string('agentId', 1, MAX_ID_LENGTH, ID_PATTERN);
+    const agentId = r.string('agentId', 1, MAX_AGENT_ID_LENGTH, ID_PATTERN);
     const features = r.list('features', 0, MAX_FEATURES, (v, fail) =>
       checkString(v, 1, MAX_FEATURE_LENGTH, FEATURE_PATTERN, fail),
     );
@@ -217,7 +219,8 @@ const readers: Readers = {
   accept(r) {
     const migrationId = readMigrationId(r);
     const creditBytes = r.integer('creditBytes', 1, MAX_CREDIT_BYTES);
-    return { type: 'accept', migrationId, creditBytes };
+    const secret = r.bytes('secret', MIGRATION_SECRET_BYTES, MIGRATION_SECRET_BYTES);
+    return { type: 'accept', migrationId, creditBytes, secret };
   },
 
   reject(r) {
@@ -394,7 +397,7 @@ const readers: Readers = {
     return { type: 'postcopy', migrationId, region, more, missing: new Uint32Array(0) };
   },
 
-  reattach: (r) => ({ type: 'reattach', migrationId: readMigrationId(r) }),
+  reattach: (r) => ({ type: 'reattach', migrationId: readMigrationId(r), secret: r.bytes('secret', MIGRATION_SECRET_BYTES, MIGRATION_SECRET_BYTES) }),
 
   migrationQuery: (r) => ({ type: 'migrationQuery', migrationId: readMigrationId(r) }),
 

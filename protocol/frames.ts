@@ -66,6 +66,11 @@ export interface AcceptFrame {
   migrationId: string;
   /** The initial flow-control window for this migration. */
   creditBytes: number;
+  /**
+   * Random bytes only the two agents know: a reattach must present them, so an agent that
+   * learned or claims the source's id cannot carry on (and write into) this migration.
+   */
+  secret: Uint8Array;
 }
 
 export interface RejectFrame {
@@ -297,6 +302,8 @@ export interface FetchFrame {
 export interface ReattachFrame {
   type: 'reattach';
   migrationId: string;
+  /** The secret the destination's accept gave this migration. */
+  secret: Uint8Array;
 }
 
 /** Source: what became of migration `migrationId` at this destination? */

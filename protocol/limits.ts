@@ -8,7 +8,14 @@ const TiB = 1024 * GiB;
 
 /** Carried by hello: a peer that does not send it is not a gangway agent. */
 export const MAGIC = 'GWAY';
-export const PROTOCOL_VERSION = 1;
+/**
+ * 2: accept carries the migration's secret and reattach must present it (a post-copy can be
+ * carried on only by the agent the destination accepted it from).
+ */
+export const PROTOCOL_VERSION = 2;
+
+/** The per-migration secret a destination hands out in its accept (random bytes). */
+export const MIGRATION_SECRET_BYTES = 32;
 
 /** [u32 BE headerLength][u32 BE payloadLength] before every frame. */
 export const FRAME_PREFIX_BYTES = 8;
@@ -49,6 +56,8 @@ export const MAX_REGIONS = 16;
 export const MAX_NAME_LENGTH = 64;
 /** Agent ids and migration ids. */
 export const MAX_ID_LENGTH = 64;
+/** Room for an agent id that is `sha256:` and a certificate's 64 hex digits (agentIdOf). */
+export const MAX_AGENT_ID_LENGTH = 80;
 export const MAX_FEATURES = 32;
 export const MAX_FEATURE_LENGTH = 32;
 export const MAX_CONFIG_KEYS = 64;
@@ -87,7 +96,7 @@ export function lz4CompressBound(rawBytes: number): number {
 }
 
 /** Agent ids and migration ids. */
-export const ID_PATTERN = /^[A-Za-z0-9._:-]+$/;
+export const ID_PATTERN = /^[A-Za-z0-9._:@-]+$/;
 /** Guest and region names: safe as a file name, never hidden, never an option. */
 export const NAME_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9._-]*$/;
 export const FEATURE_PATTERN = /^[A-Za-z0-9._-]+$/;

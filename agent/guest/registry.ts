@@ -1,11 +1,23 @@
 // The agent's guests, persisted under STATE/guests/NAME.json so that an agent restart finds
 // the guests that kept running without it (they are detached processes).
-import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
 import { isAlive, ProcessGuest, type GuestFiles, type ProcessGuestSpec } from './process-guest.js';
 
 export const GUEST_NAME_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/;
+
+/**
+ * A record is the agent user's alone (0600), as is all of guests/. The .tmp is made afresh
+ * ('wx' after removing a stale one), so the write never lands in a file or follows a symlink
+ * that was left at that name.
+ */
+function writeRecord(path: string, record: GuestRecord): void {
+  const tmp = `${path}.tmp`;
+  rmSync(tmp, { force: true });
+  writeFileSync(tmp, JSON.stringify(record, null, 2), { mode: 0o600, flag: 'wx' });
+  renameSync(tmp, path);
+}
 
 export interface GuestRecord {
   name: string;
@@ -36,6 +48,8 @@ export interface GuestRecord {
     /** commit: pre-copy's commit was sent; postcopy: the guest may run there, its missing pages are here. */
     phase: 'commit' | 'postcopy';
     interrupted?: string;
+    /** The destination's secret for this migration (hex): a restarted agent needs it to reattach. */
+    secret?: string;
   };
 }
 
@@ -47,7 +61,9 @@ export class GuestRegistry {
 
   constructor(stateDir: string) {
     this.dir = join(stateDir, 'guests');
-    mkdirSync(this.dir, { recursive: true });
+    mkdirSync(this.dir, { recursive: true, mode: 0o700 });
+    // The mode above is filtered by the umask and ignored for a dir made by an older agent.
+    chmodSync(this.dir, 0o700);
   }
 
   /** Loads the records of guests still alive; returns the names of those found dead. */
@@ -99,8 +115,7 @@ export class GuestRegistry {
   add(record: GuestRecord): ProcessGuest {
     this.reserved.delete(record.name);
     const path = join(this.dir, `${record.name}.json`);
-    writeFileSync(`${path}.tmp`, JSON.stringify(record, null, 2));
-    renameSync(`${path}.tmp`, path);
+    writeRecord(path, record);
     return this.insert(record);
   }
 
@@ -116,8 +131,7 @@ export class GuestRegistry {
     const record = { ...entry.record, ...patch } as GuestRecord;
     for (const key of Object.keys(patch) as (keyof GuestRecord)[]) if (patch[key] === undefined) delete record[key];
     const path = join(this.dir, `${name}.json`);
-    writeFileSync(`${path}.tmp`, JSON.stringify(record, null, 2));
-    renameSync(`${path}.tmp`, path);
+    writeRecord(path, record);
     entry.record = record;
   }
 

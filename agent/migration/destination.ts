@@ -5,7 +5,7 @@ import { closeSync, rmSync, statfsSync } from 'node:fs';
 import { uncompress } from 'lz4-napi';
 import type { Logger } from 'pino';
 import { Codec, FrameType, GuestKind, RejectReason, Technique } from '../../protocol/codes.js';
-import { ErrorCode, GangwayError, ProtocolError } from '../../protocol/errors.js';
+import { ErrorCode, GangwayError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
 import { Frame, validatePages } from '../../protocol/index.js';
 import { initialMigrationState, transition, type MigrationEvent, type MigrationState } from '../../protocol/migration-state.js';
 import { GUEST_PAGE_SIZE, readGuestHeader } from '../guest/guest-header.js';
@@ -14,14 +14,18 @@ import type { GuestRecord, GuestRegistry } from '../guest/registry.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
 import { creditCost } from './page-sender.js';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, timingSafeEqual } from 'node:crypto';
+import { Slots } from './flow.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { DestinationGroup } from '../dedup/dest-group.js';
 import { ENTRY_DATA, ENTRY_REF } from '../native.js';
-import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MAX_WANT_RUNS, REF_WORDS } from '../../protocol/limits.js';
+import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MAX_WANT_RUNS, MIGRATION_SECRET_BYTES, REF_WORDS } from '../../protocol/limits.js';
 import { PostcopyReceiver } from './postcopy-destination.js';
 import { PageSet, runsPageCount as runsPageCountOf } from '../tracker/page-set.js';
 import { faultCrash } from './faults.js';
+
+/** Without the agent's per-session slots (tests): decompressions are not limited. */
+const UNLIMITED = new Slots(Number.MAX_SAFE_INTEGER);
 
 /** Repairs of a digest mismatch this side allows before it gives the migration up. */
 const MAX_REPAIRS = 2;
@@ -39,6 +43,16 @@ export interface DestinationContext {
   groups?: Map<string, DestinationGroup>;
   /** Post-copy: how long to wait for the source to come back after the session broke. */
   reattachWindowMs?: number;
+  /**
+   * memoryDir space promised to migrations already accepted that have not taken it yet (a
+   * post-copy's sparse file fills as pages come), and the space always kept free: an offer is
+   * accepted only when what is free covers both and the new guest.
+   */
+  space?: { reservedBytes: number; headroomBytes: number };
+  /** The session's LZ4 decompressions under way at once (shared by its migrations). */
+  decompressions?: Slots;
+  /** A peer broke a limit (credit): for the agent's log and metrics. */
+  onLimit?: (limit: 'credit' | 'space') => void;
 }
 
 export interface IncomingResult {
@@ -97,6 +111,10 @@ export class DestinationMigration implements FrameHandler {
   private finishing: Promise<void> | undefined;
   /** The post-copy verdict, once sent (a source that reconnects may ask for it again). */
   verdict: ReturnType<typeof Frame.verified> | undefined;
+  /** Handed to the source in the accept: a reattach must present it (the daemon keeps it with a post-copy's verdict). */
+  readonly secret = randomBytes(MIGRATION_SECRET_BYTES);
+  /** Credit the source holds of this session's grant: pages beyond it break the protocol. */
+  private creditLeft: number;
   readonly done: Promise<IncomingResult>;
   private resolveDone!: (result: IncomingResult) => void;
 
@@ -107,6 +125,7 @@ export class DestinationMigration implements FrameHandler {
     private readonly log: Logger,
   ) {
     this.sourceAgentId = session.peer?.agentId ?? 'unknown';
+    this.creditLeft = ctx.creditBytes;
     this.files = ctx.registry.filesFor(offer.guest.name, ctx.memoryDir, randomBytes(4).toString('hex'));
     this.memoryPath = this.files.memoryPath;
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
@@ -142,9 +161,16 @@ export class DestinationMigration implements FrameHandler {
     try {
       const stats = statfsSync(ctx.memoryDir);
       const free = stats.bavail * stats.bsize;
-      if (free < region.lengthBytes) {
+      const reserved = ctx.space?.reservedBytes ?? 0;
+      const headroom = ctx.space?.headroomBytes ?? 0;
+      const needed = migration.spaceBytes;
+      if (free - reserved - headroom < needed) {
         ctx.registry.release(offer.guest.name);
-        return reject(RejectReason.noSpace, `${ctx.memoryDir} has ${free} bytes free, the guest needs ${region.lengthBytes}`);
+        ctx.onLimit?.('space');
+        return reject(
+          RejectReason.noSpace,
+          `the memory directory has ${free} bytes free, of which ${reserved} are promised to migrations under way and ${headroom} are kept free (peers.memoryHeadroom); the guest needs ${needed}`,
+        );
       }
       migration.prepare();
     } catch (err) {
@@ -161,9 +187,27 @@ export class DestinationMigration implements FrameHandler {
     }
     session.register(offer.migrationId, migration);
     migration.state = transition(migration.state, { type: 'sentAccept' });
-    session.send(Frame.accept({ migrationId: offer.migrationId, creditBytes: ctx.creditBytes }));
+    session.send(Frame.accept({ migrationId: offer.migrationId, creditBytes: ctx.creditBytes, secret: migration.secret }));
     log.info({ memoryBytes: region.lengthBytes }, 'migration accepted');
     return migration;
+  }
+
+  /** The bytes of memoryDir this guest's memory takes. */
+  get spaceBytes(): number {
+    return this.offer.guest.regions.reduce((sum, region) => sum + region.lengthBytes, 0);
+  }
+
+  /**
+   * The bytes of memoryDir this migration may still take beyond what it holds already: a
+   * pure post-copy's file is sparse and fills as pages come (the rest allocate at once).
+   */
+  get promisedBytes(): number {
+    return this.offer.technique === Technique.postcopy && !this.finished ? this.spaceBytes : 0;
+  }
+
+  /** The agent the migration came from (its certificate's under TLS). */
+  get from(): string {
+    return this.sourceAgentId;
   }
 
   /** Post-copy: pages still missing here (undefined before the guest started here). */
@@ -237,10 +281,12 @@ export class DestinationMigration implements FrameHandler {
         const region = this.regions[pages.region];
         if (!region) throw new ProtocolError(ErrorCode.BAD_PAGES, `pages for region ${pages.region}, the guest has ${this.regions.length}`);
         const counts = validatePages(pages, region.pageCount, region.pageSizeBytes, this.ctx.maxPayloadBytes);
-        // Decompression starts now on the thread pool; writes are applied in stream order.
-        const data: Promise<Uint8Array> = pages.codec === Codec.lz4 ? uncompress(pages.payload) : Promise.resolve(pages.payload);
+        const cost = creditCost(pages.payload.length, pages.rawBytes, pages.entries.length / 3);
+        this.takeCredit(cost);
+        // Decompression starts as soon as the session has a slot, on the thread pool; writes
+        // are applied in stream order.
+        const data: Promise<Uint8Array> = pages.codec === Codec.lz4 ? this.decompress(pages.payload) : Promise.resolve(pages.payload);
         data.catch(() => {});
-        const cost = creditCost(pages.payload.length, pages.entries.length / 3);
         if (this.postcopyAttached) {
           if (pages.refs) throw new ProtocolError(ErrorCode.BAD_PAGES, 'refs in a post-copy frame');
           const via = this.session;
@@ -255,7 +301,7 @@ export class DestinationMigration implements FrameHandler {
               this.postcopy!.install(pages.entries, raw);
               this.pagesReceived += counts.dataPages + counts.zeroPages;
               // Credits belong to the session the frame came on (a reattached source starts afresh).
-              if (via === this.session && via.isOpen) via.send(Frame.credit({ migrationId: this.offer.migrationId, bytes: cost }));
+              if (via === this.session && via.isOpen) this.giveCredit(cost);
             },
             (cause: unknown) => {
               throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload does not decompress: ${(cause as Error).message}`, { cause });
@@ -276,7 +322,7 @@ export class DestinationMigration implements FrameHandler {
           if (pages.refs) this.applyWithRefs(pages.region, region, pages.entries, pages.refs, raw);
           else this.native.regionScatter(region.handle, pages.entries, pages.entries.length / 3, raw);
           this.pagesReceived += counts.dataPages + counts.zeroPages + counts.refPages;
-          this.session.send(Frame.credit({ migrationId: this.offer.migrationId, bytes: cost }));
+          this.giveCredit(cost);
         });
         return;
       }
@@ -425,6 +471,41 @@ export class DestinationMigration implements FrameHandler {
       );
     }
     this.log.debug({ pages: pages.length }, 'resident content changed; pages asked for again');
+  }
+
+  /**
+   * A pages frame takes `cost` of the credit the source holds. More than it was granted is a
+   * protocol error that ends the session: every frame in flight holds memory here (its
+   * payload, and what it decompresses to), and the credit is what bounds it. A single frame
+   * larger than the whole window is allowed when nothing else is in flight, as the sender's
+   * CreditWindow sends it.
+   */
+  private takeCredit(cost: number): void {
+    if (cost > this.creditLeft && this.creditLeft < this.ctx.creditBytes) {
+      this.ctx.onLimit?.('credit');
+      throw new ProtocolError(
+        ErrorCode.FLOW_CONTROL,
+        `pages beyond the granted credit: a frame of ${cost} credit bytes with ${Math.max(0, this.creditLeft)} of ${this.ctx.creditBytes} left (wait for credit frames)`,
+        { closeCode: ProtocolCloseCode.policy },
+      );
+    }
+    this.creditLeft -= cost;
+  }
+
+  private giveCredit(cost: number): void {
+    this.creditLeft += cost;
+    this.session.send(Frame.credit({ migrationId: this.offer.migrationId, bytes: cost }));
+  }
+
+  /** LZ4 in a slot of the session's; work that waited past this migration's end is dropped unrun. */
+  private async decompress(payload: Uint8Array): Promise<Uint8Array> {
+    const release = await (this.ctx.decompressions ?? UNLIMITED).acquire();
+    try {
+      if (this.finished) throw new GangwayError(ErrorCode.ABORTED, 'the migration ended before its pages were decompressed');
+      return await uncompress(payload);
+    } finally {
+      release();
+    }
   }
 
   private enqueue(step: () => Promise<void>): void {
@@ -651,12 +732,18 @@ export class DestinationMigration implements FrameHandler {
     }, windowMs);
   }
 
-  /** A new session from the source for this post-copy migration; returns why not, or undefined. */
+  /** Is `session`, presenting `secret`, the source this migration was accepted from? */
+  isSource(session: PeerSession, secret: Uint8Array): boolean {
+    return session.peerId === this.sourceAgentId && secret.length === this.secret.length && timingSafeEqual(secret, this.secret);
+  }
+
+  /**
+   * A new session from the source for this post-copy migration (the caller checked
+   * isSource); returns why it cannot carry on, or undefined.
+   */
   reattach(session: PeerSession): string | undefined {
-    const from = session.peer?.agentId;
     if (this.finished) return `migration ${this.offer.migrationId} is over`;
     if (!this.postcopy || !this.guestStartedHere) return `migration ${this.offer.migrationId} is not in post-copy`;
-    if (from !== this.sourceAgentId) return `migration ${this.offer.migrationId} came from ${this.sourceAgentId}, not ${from}`;
     this.state = transition(this.state, { type: 'reattached' });
     if (this.session.isOpen) {
       // The old session looks alive here but the source gave up on it: that one wins.
@@ -666,6 +753,9 @@ export class DestinationMigration implements FrameHandler {
     clearTimeout(this.detachedTimer);
     this.detachedTimer = undefined;
     this.session = session;
+    // The new session's source starts with a fresh window; what was in flight on the old one
+    // gets no credit back.
+    this.creditLeft = this.ctx.creditBytes;
     session.register(this.offer.migrationId, this);
     const missing = this.postcopy.missingRuns();
     this.log.info({ missingPages: this.postcopy.missingPages }, 'post-copy: the source reattached; asking again for the missing pages');
@@ -765,6 +855,10 @@ export class DestinationMigration implements FrameHandler {
     }
     this.regions = [];
     this.standby?.cancel();
+    // The guest never ran here: its log and tracking report go with it (a peer offering and
+    // dropping migrations must not leave a file each time).
+    rmSync(this.files.logPath, { force: true });
+    rmSync(this.files.trackReportPath, { force: true });
     this.ctx.registry.release(this.offer.guest.name);
   }
 }

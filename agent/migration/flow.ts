@@ -184,3 +184,38 @@ export class SwitchoverGate {
     return release;
   }
 }
+
+/**
+ * A fixed number of slots for work that holds memory while it runs (a session's LZ4
+ * decompressions): acquire() waits for a free one, first come first served.
+ */
+export class Slots {
+  private free: number;
+  private readonly waiting: (() => void)[] = [];
+
+  constructor(readonly count: number) {
+    this.free = count;
+  }
+
+  /** Resolves with the function that gives the slot back (call it exactly once). */
+  acquire(): Promise<() => void> {
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      const next = this.waiting.shift();
+      if (next) next();
+      else this.free++;
+    };
+    if (this.free > 0) {
+      this.free--;
+      return Promise.resolve(release);
+    }
+    return new Promise((resolve) => this.waiting.push(() => resolve(release)));
+  }
+
+  /** Work waiting for a slot. */
+  get waitingCount(): number {
+    return this.waiting.length;
+  }
+}

@@ -242,7 +242,7 @@ export async function sendRegionRound(
         ...(batch.refs ? { refs: batch.refs } : {}),
       });
       if (batch.ticket !== undefined) await dedup!.group.outbox.turn(batch.ticket);
-      const cost = creditCost(batch.payload.length, batch.entries.length / 3);
+      const cost = creditCost(batch.payload.length, batch.rawBytes, batch.entries.length / 3);
       await ctx.credits.take(cost);
       if (ctx.pacer) await ctx.pacer.take(cost);
       await ctx.session.writable(ctx.queueBytes ?? SEND_QUEUE_BYTES);
@@ -286,9 +286,11 @@ export async function sendRegionRound(
 }
 
 /**
- * The credit cost of a pages frame: payload plus entries plus a fixed allowance for the
- * rest of the header, so both sides agree without re-encoding.
+ * The credit cost of a pages frame: the larger of its payload and what the payload
+ * decompresses to, plus entries plus a fixed allowance for the rest of the header, so both
+ * sides agree without re-encoding. Counting the decompressed size is what bounds the
+ * destination's memory: a 64 KiB LZ4 payload may stand for 16 MiB of pages.
  */
-export function creditCost(payloadBytes: number, entryCount: number): number {
-  return payloadBytes + entryCount * 12 + 256;
+export function creditCost(payloadBytes: number, rawBytes: number, entryCount: number): number {
+  return Math.max(payloadBytes, rawBytes) + entryCount * 12 + 256;
 }

@@ -29,7 +29,7 @@ import { SourceStateMachine, type SourcePhase } from './source-state.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { SourceDedupGroup } from '../dedup/source-group.js';
 import { PageSet } from '../tracker/page-set.js';
-import { FINGERPRINT_BYTES } from '../../protocol/limits.js';
+import { FINGERPRINT_BYTES, MIGRATION_SECRET_BYTES } from '../../protocol/limits.js';
 
 export interface SourceOptions {
   migrationId: string;
@@ -71,6 +71,11 @@ export interface SourceOptions {
   registry?: GuestRegistry;
   /** The plan's priority: the destination reserves its inbound side for this migration at it. */
   reservePriority?: 'high' | 'medium' | 'low';
+  /**
+   * Serving the rest of a post-copy after a restart: the secret the destination's accept
+   * gave this migration (from the guest's record); a reattach must present it.
+   */
+  secret?: Uint8Array;
 }
 
 const RECONNECT_FIRST_DELAY_MS = 200;
@@ -211,6 +216,12 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private missingIn: { runs: Uint32Array[]; resolve: (runs: Uint32Array[]) => void } | undefined;
   private reattachAnswer: { resolve: (verified: ReturnType<typeof Frame.verified>) => void; reject: (err: Error) => void } | undefined;
   private reattaches = 0;
+  /** The destination's secret for this migration (its accept, or the record after a restart). */
+  private secret: Uint8Array | undefined;
+
+  private secretHex(): string | undefined {
+    return this.secret ? Buffer.from(this.secret).toString('hex') : undefined;
+  }
   /** Post-copy: sizes the credit window to the link. */
   private windowTuner: WindowTuner | undefined;
   private resentPages = 0;
@@ -225,6 +236,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   ) {
     super();
     this.clock = options.clock ?? realClock;
+    this.secret = options.secret;
   }
 
   get phase(): SourcePhase {
@@ -543,7 +555,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         setTimeout(() => reject(new GangwayError(ErrorCode.TIMEOUT, 'no answer to the reattach within 30 s')), 30_000).unref();
       });
       try {
-        session.send(Frame.reattach({ migrationId: id }));
+        session.send(Frame.reattach({ migrationId: id, secret: this.secret ?? new Uint8Array(MIGRATION_SECRET_BYTES) }));
         const got = await answer;
         this.reattaches++;
         if ('verified' in got) {
@@ -582,7 +594,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       const [head, body] = encodeFrame(frame);
       // Copied: the buffer is reused by the next fault before the socket is done with it.
       const message = Buffer.concat([head, ...(body ? [body] : [])]);
-      this.credits?.force(creditCost(payload.length, entryCount));
+      this.credits?.force(creditCost(payload.length, payload.length, entryCount));
       serve.wireBytes += this.session.sendMessage(message);
       for (let e = 0; e < entryCount; e++) serve.faultPages += entries[e * 3 + 2]!;
     }
@@ -804,6 +816,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       }),
     );
     const accept = await acceptP;
+    this.secret = accept.secret;
     this.credits = new CreditWindow(accept.creditBytes);
     options.gate?.join(this.credits);
     this.state.to('precopy');
@@ -914,7 +927,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       this.state.to('postcopy-switch');
       // From here the destination may run the guest: the record says so, so that nothing
       // (an operator, this agent after a restart) resumes this copy.
-      options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'postcopy' } });
+      options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'postcopy', secret: this.secretHex() } });
       T.journal = this.clock.now();
       const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'post-copy start confirmation');
       const runsPerFrame = Math.max(1, Math.floor(Math.min(this.session.peerMaxPayloadBytes, 1 << 20) / 8));
@@ -1164,7 +1177,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     this.state.to('committing');
     // The journal: from the commit on the guest may run there. A restarted agent that finds
     // this asks the destination before it does anything with the paused copy.
-    options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'commit' } });
+    options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'commit', secret: this.secretHex() } });
     const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'commit confirmation');
     if (dedup) {
       // Once the guest runs there its pages change: nothing planned after this point may

@@ -53,6 +53,16 @@ export function isAllowed(identity: CertIdentity, allow: readonly AllowEntry[]):
   );
 }
 
+/**
+ * The agent id a certificate stands for: its CN, or `sha256:` and its fingerprint when it has
+ * none. An agent with TLS goes by this id, and a peer's hello must name the id of the
+ * certificate it presented, so that everything keyed by agent id (who opened a migration,
+ * who may reattach or ask about it) is keyed by who the peer proved to be.
+ */
+export function agentIdOf(identity: CertIdentity): string {
+  return identity.commonName ?? `sha256:${identity.sha256}`;
+}
+
 /** "CN=host-a, sha256:ab12...": what an operator pastes into tls.allow. */
 export function describeIdentity(identity: CertIdentity): string {
   return `${identity.commonName === undefined ? 'no CN' : `CN=${identity.commonName}`}, sha256:${identity.sha256}`;

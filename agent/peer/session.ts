@@ -13,7 +13,7 @@ import { encodeFrame, Frame, FrameDecoder } from '../../protocol/index.js';
 import { FrameType } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, PeerError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
 import { MAGIC, PROTOCOL_VERSION } from '../../protocol/limits.js';
-import { describeIdentity } from './allowlist.js';
+import { agentIdOf, describeIdentity, type CertIdentity } from './allowlist.js';
 import { allowlistRefusal, clientConnectError, identityOfPeer, REFUSAL_HEADER, serverNotAllowed, type TlsMaterial } from './tls.js';
 
 export type AnyFrame = ReturnType<FrameDecoder['push']>[number];
@@ -24,6 +24,9 @@ export type TrafficReport = Omit<ReturnType<typeof Frame.trafficReport>, 'type' 
 
 /** Traffic queries one session may have unanswered at once. */
 const MAX_TRAFFIC_QUERIES = 16;
+
+/** Frames that ask this agent for work outside a migration's own flow: rate-limited per session. */
+const REQUEST_FRAMES: ReadonlySet<string> = new Set(['offer', 'reattach', 'migrationQuery', 'trafficQuery', 'dedupOpen', 'dedupClose']);
 
 export interface FrameHandler {
   onFrame(frame: AnyFrame, wireBytes: number): void;
@@ -38,6 +41,20 @@ export interface SessionOptions {
   maxPayloadBytes: number;
   log: Logger;
   helloTimeoutMs?: number;
+  /**
+   * The identity the peer's TLS certificate proved (mutual TLS). Its hello must then name the
+   * agent id of that certificate (agentIdOf), or the session is refused: the peer is who its
+   * certificate says. Without it (plain ws on loopback) the hello's agent id is a claim.
+   */
+  peerCertificate?: CertIdentity;
+  /**
+   * Session-level requests (offer, reattach, migrationQuery, trafficQuery, dedupOpen,
+   * dedupClose) the peer may send: a token bucket of `burst` refilled at `perSecond`. A peer
+   * beyond it is cut off (onLimit says so first).
+   */
+  requests?: { perSecond: number; burst: number };
+  /** A peer hit a limit of this session (identity, requests): for the agent's log and metrics. */
+  onLimit?: (limit: 'identity' | 'requests') => void;
   /**
    * A session that hears nothing from the peer (no frame, no pong) for this long is dead:
    * closed as PEER_GONE, so that a cut link is noticed without waiting for TCP to give up
@@ -80,6 +97,7 @@ export class PeerSession extends EventEmitter {
   ) {
     super();
     this.log = options.log;
+    this.requestTokens = options.requests?.burst ?? 0;
     this.decoder = new FrameDecoder({ maxPayloadBytes: options.maxPayloadBytes });
     this.ready = new Promise((resolve, reject) => {
       this.resolveReady = resolve;
@@ -295,11 +313,21 @@ export class PeerSession extends EventEmitter {
           `peer speaks protocol version ${hello.version}, this agent speaks ${PROTOCOL_VERSION}`,
         );
       }
+      const certificate = this.options.peerCertificate;
+      if (certificate && hello.agentId !== agentIdOf(certificate)) {
+        this.options.onLimit?.('identity');
+        throw new ProtocolError(
+          ErrorCode.IDENTITY,
+          `the peer's hello names agent ${JSON.stringify(hello.agentId)}, but its certificate (${describeIdentity(certificate)}) is agent ${JSON.stringify(agentIdOf(certificate))}`,
+          { closeCode: CloseCode.policy },
+        );
+      }
       this.peerHello = hello;
       this.log.info({ peerAgent: hello.agentId, features: hello.features }, 'session established');
       this.resolveReady(hello);
       return;
     }
+    if (REQUEST_FRAMES.has(frame.type)) this.takeRequest();
     switch (frame.type) {
       case 'hello':
         throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'second hello on a session');
@@ -365,6 +393,41 @@ export class PeerSession extends EventEmitter {
     }
   }
 
+  private requestTokens: number;
+  private requestsRefilledAt = performance.now();
+
+  /** One session-level request: a token from the bucket, or the session ends. */
+  private takeRequest(): void {
+    const limit = this.options.requests;
+    if (!limit) return;
+    const now = performance.now();
+    this.requestTokens = Math.min(limit.burst, this.requestTokens + ((now - this.requestsRefilledAt) / 1000) * limit.perSecond);
+    this.requestsRefilledAt = now;
+    if (this.requestTokens < 1) {
+      this.options.onLimit?.('requests');
+      throw new ProtocolError(
+        ErrorCode.LIMIT,
+        `more than ${limit.burst} requests at once or ${limit.perSecond} per second (offer, reattach, migrationQuery, trafficQuery, dedupOpen, dedupClose): peers.requestsPerSecond / peers.requestBurst`,
+        { closeCode: CloseCode.policy },
+      );
+    }
+    this.requestTokens -= 1;
+  }
+
+  /**
+   * The peer's agent id: proved by its certificate under TLS (known from the handshake on,
+   * before the hello), claimed by its hello under plain ws (undefined before it).
+   */
+  get peerId(): string | undefined {
+    const certificate = this.options.peerCertificate;
+    return certificate ? agentIdOf(certificate) : this.peerHello?.agentId;
+  }
+
+  /** True when the peer's agent id was proved by its TLS certificate. */
+  get peerAuthenticated(): boolean {
+    return this.peerHello !== undefined && this.options.peerCertificate !== undefined;
+  }
+
   /** Ends the session with an error frame that tells the peer why. */
   fail(err: GangwayError): void {
     if (this.closedWith) return;
@@ -419,6 +482,8 @@ export interface ConnectOptions extends Omit<SessionOptions, 'role'> {
 export function connectPeer(address: string, options: ConnectOptions): Promise<PeerSession> {
   return new Promise((resolve, reject) => {
     const { tls, ...sessionOptions } = options;
+    // The server's certificate, as the TLS handshake proved it: its hello must match it.
+    let serverIdentity: CertIdentity | undefined;
     const url = `${tls ? 'wss' : 'ws'}://${address}/gangway/v1`;
     // ws passes these through to tls.connect; its ClientOptions types checkServerIdentity
     // with the browser-style signature, so the TLS options are typed as node:tls's own.
@@ -431,6 +496,7 @@ export function connectPeer(address: string, options: ConnectOptions): Promise<P
           // The allowlist replaces hostname matching (see tls.ts for why).
           checkServerIdentity: (_host, cert) => {
             const identity = identityOfPeer(cert);
+            serverIdentity = identity;
             return allowlistRefusal(identity, tls.allow) ? serverNotAllowed(address, identity) : undefined;
           },
         }
@@ -465,7 +531,12 @@ export function connectPeer(address: string, options: ConnectOptions): Promise<P
     });
     ws.once('open', () => {
       ws.off('error', onError);
-      const session = new PeerSession(ws, { ...sessionOptions, role: 'client' });
+      if (tls && !serverIdentity) {
+        ws.terminate();
+        reject(new GangwayError(ErrorCode.TLS, `the peer at ${address} presented no certificate this agent could check`));
+        return;
+      }
+      const session = new PeerSession(ws, { ...sessionOptions, role: 'client', ...(serverIdentity ? { peerCertificate: serverIdentity } : {}) });
       session.ready.then(
         () => resolve(session),
         (err) => reject(err),

@@ -158,7 +158,10 @@ describe.skipIf(!builtAgent)('Prometheus metrics', () => {
     const name = uniqueName('vm');
     expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '48MiB', '--dirty-rate', '2MiB/s'])).exitCode).toBe(0);
     const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '16MiB/s', '--codec', 'raw', '--json']);
-    await sleep(800);
+    // The CLI's start takes a while on a loaded machine: scrape once the migration sends.
+    for (const deadline = Date.now() + 20_000; Date.now() < deadline; await sleep(50)) {
+      if ((await a.status()).migrations.some((m) => m.direction === 'out' && m.state === 'running' && (m.progress?.wireBytes ?? 0) > 0)) break;
+    }
     const first = await scrape();
     await sleep(800);
     const second = await scrape();

@@ -255,7 +255,7 @@ describe('field values', () => {
     ['migrationId of 65 chars', 'commit', (h) => (h.migrationId = long(65)), 'commit.migrationId: 65 chars'],
     ['empty migrationId', 'commit', (h) => (h.migrationId = ''), 'commit.migrationId: 0 chars'],
     ['migrationId with a space', 'commit', (h) => (h.migrationId = 'a b'), 'does not match'],
-    ['agentId of 65 chars', 'hello', (h) => (h.agentId = long(65)), 'hello.agentId: 65 chars'],
+    ['agentId of 81 chars', 'hello', (h) => (h.agentId = long(81)), 'hello.agentId: 81 chars'],
     ['guest name of 65 chars', 'offer', (h) => (h.guest.name = long(65)), 'offer.guest.name: 65 chars'],
     ['guest name starting with a dot', 'offer', (h) => (h.guest.name = '.hidden'), 'offer.guest.name'],
     ['guest name starting with a dash', 'offer', (h) => (h.guest.name = '-rf'), 'offer.guest.name'],
@@ -330,7 +330,7 @@ describe('field values', () => {
     // hello identity
     ['magic HTTP', 'hello', (h) => (h.magic = 'HTTP'), 'hello.magic', ErrorCode.PROTOCOL_MAGIC],
     ['magic missing', 'hello', (h) => delete h.magic, 'hello.magic', ErrorCode.PROTOCOL_MAGIC],
-    ['version 2', 'hello', (h) => (h.version = 2), 'protocol version 2', ErrorCode.PROTOCOL_VERSION],
+    ['version 3', 'hello', (h) => (h.version = 3), 'protocol version 3', ErrorCode.PROTOCOL_VERSION],
     ['version 0', 'hello', (h) => (h.version = 0), 'protocol version 0', ErrorCode.PROTOCOL_VERSION],
     // unknown fields
     ['an unknown top-level field', 'commit', (h) => (h.extra = 1), 'commit.extra: unknown field'],
@@ -406,7 +406,7 @@ describe('the encoder refuses what the decoder would reject', () => {
     ['a ref entry without its source', Frame.pages({ ...pages, entries: Uint32Array.of(3, 0, 1), rawBytes: 0, payload: new Uint8Array(0) })],
     ['a 64-byte migration id... plus one', Frame.commit({ migrationId: 'x'.repeat(65) })],
     ['a digest of 8 bytes', Frame.verify({ migrationId: 'm', digests: [new Uint8Array(8)] })],
-    ['a hello of version 2', Frame.hello({ agentId: 'a', features: [], maxPayloadBytes: 1 << 20, version: 2 })],
+    ['a hello of version 3', Frame.hello({ agentId: 'a', features: [], maxPayloadBytes: 1 << 20, version: 3 })],
     ['a non-finite number', Frame.committed({ migrationId: 'm', resumeToSendMs: NaN })],
     ['a config key __proto__', Frame.offer({ ...example('offer'), guest: { ...example('offer').guest, config: JSON.parse('{"__proto__": 1}') } })],
     ['an unknown frame type', { type: 'bogus', migrationId: 'm' } as unknown as Frame],

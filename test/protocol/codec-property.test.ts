@@ -83,7 +83,7 @@ const frameArb: fc.Arbitrary<Frame> = fc.oneof(
       codecs: fc.uniqueArray(codeOf(Codec), { minLength: 1 }),
     })
     .map(Frame.offer),
-  fc.record({ migrationId: id, creditBytes: fc.integer({ min: 1, max: 2 ** 30 }) }).map(Frame.accept),
+  fc.record({ migrationId: id, creditBytes: fc.integer({ min: 1, max: 2 ** 30 }), secret: fc.uint8Array({ minLength: 32, maxLength: 32 }) }).map(Frame.accept),
   fc.record({ migrationId: id, reason: codeOf(RejectReason), message: text }).map(Frame.reject),
   fc
     .record({

@@ -10,6 +10,7 @@ import {
   FrameDecoder,
   FrameType,
   MAX_HEADER_BYTES,
+  PROTOCOL_VERSION,
   type PagesFrame,
   encodeFrame,
 } from '../../protocol/index.js';
@@ -122,7 +123,7 @@ describe('round trip', () => {
 
   test('hello fills in magic and version', () => {
     const hello = Frame.hello({ agentId: 'a', features: [], maxPayloadBytes: 1 << 20 });
-    expect(hello).toMatchObject({ type: 'hello', magic: 'GWAY', version: 1 });
+    expect(hello).toMatchObject({ type: 'hello', magic: 'GWAY', version: PROTOCOL_VERSION });
   });
 });
 
