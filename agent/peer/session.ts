@@ -9,7 +9,7 @@ import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import type { ConnectionOptions } from 'node:tls';
 import WebSocket from 'ws';
-import { encodeFrame, Frame, FrameDecoder } from '../../protocol/index.js';
+import { encodeFrame, Frame, FrameDecoder, type FrameOf } from '../../protocol/index.js';
 import { FrameType } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, PeerError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
 import { MAGIC, PROTOCOL_VERSION } from '../../protocol/limits.js';
@@ -17,10 +17,10 @@ import { agentIdOf, describeIdentity, type CertIdentity } from './allowlist.js';
 import { allowlistRefusal, clientConnectError, identityOfPeer, REFUSAL_HEADER, serverNotAllowed, type TlsMaterial } from './tls.js';
 
 export type AnyFrame = ReturnType<FrameDecoder['push']>[number];
-export type HelloFrame = ReturnType<typeof Frame.hello>;
-export type OfferFrame = ReturnType<typeof Frame.offer>;
+export type HelloFrame = FrameOf<'hello'>;
+export type OfferFrame = FrameOf<'offer'>;
 export type GroupFrame = Extract<AnyFrame, { group: string }>;
-export type TrafficReport = Omit<ReturnType<typeof Frame.trafficReport>, 'type' | 'requestId'>;
+export type TrafficReport = Omit<FrameOf<'trafficReport'>, 'type' | 'requestId'>;
 
 /** Traffic queries one session may have unanswered at once. */
 const MAX_TRAFFIC_QUERIES = 16;
@@ -85,9 +85,9 @@ export class PeerSession extends EventEmitter {
   private readonly trafficQueries = new Map<string, { resolve: (report: TrafficReport) => void; reject: (err: Error) => void }>();
   private nextTrafficQuery = 1;
   /** A source carrying on a post-copy migration of a broken session here (server role). */
-  onReattach: ((frame: ReturnType<typeof Frame.reattach>, session: PeerSession) => void) | undefined;
+  onReattach: ((frame: FrameOf<'reattach'>, session: PeerSession) => void) | undefined;
   /** A source asking what became of a migration (server role). */
-  onMigrationQuery: ((frame: ReturnType<typeof Frame.migrationQuery>, session: PeerSession) => void) | undefined;
+  onMigrationQuery: ((frame: FrameOf<'migrationQuery'>, session: PeerSession) => void) | undefined;
   private lastHeard = performance.now();
   readonly log: Logger;
 
@@ -306,7 +306,7 @@ export class PeerSession extends EventEmitter {
       if (frame.type !== 'hello') {
         throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `expected hello first, got frame type ${frame.type}`);
       }
-      const hello = frame as HelloFrame;
+      const hello = frame;
       if (hello.version !== PROTOCOL_VERSION) {
         throw new ProtocolError(
           ErrorCode.PROTOCOL_VERSION,
@@ -332,7 +332,7 @@ export class PeerSession extends EventEmitter {
       case 'hello':
         throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'second hello on a session');
       case 'error': {
-        const error = frame as ReturnType<typeof Frame.error>;
+        const error = frame;
         this.finish(new PeerError(error.code, error.message));
         this.ws.close(CloseCode.normal);
         return;
@@ -341,19 +341,19 @@ export class PeerSession extends EventEmitter {
         if (this.options.role !== 'server' || !this.onOffer) {
           throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'offer sent to the migrating side');
         }
-        this.onOffer(frame as OfferFrame, this);
+        this.onOffer(frame, this);
         return;
       case 'migrationQuery':
         if (this.options.role !== 'server' || !this.onMigrationQuery) {
           throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'migrationQuery sent to the migrating side');
         }
-        this.onMigrationQuery(frame as ReturnType<typeof Frame.migrationQuery>, this);
+        this.onMigrationQuery(frame, this);
         return;
       case 'reattach':
         if (this.options.role !== 'server' || !this.onReattach) {
           throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'reattach sent to the migrating side');
         }
-        this.onReattach(frame as ReturnType<typeof Frame.reattach>, this);
+        this.onReattach(frame, this);
         return;
       case 'dedupOpen':
       case 'dedupResident':
@@ -362,18 +362,18 @@ export class PeerSession extends EventEmitter {
         if (!this.onGroupFrame) {
           throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `${frame.type} on a session that has no dedup group handler (feature 'dedup' not offered)`);
         }
-        this.onGroupFrame(frame as GroupFrame, wireBytes);
+        this.onGroupFrame(frame, wireBytes);
         return;
       case 'trafficQuery': {
         if (!this.onTrafficQuery) {
           throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, "trafficQuery on a session that does not answer it (feature 'traffic' not offered)");
         }
-        const { requestId } = frame as ReturnType<typeof Frame.trafficQuery>;
+        const { requestId } = frame;
         this.send(Frame.trafficReport({ requestId, ...this.onTrafficQuery() }));
         return;
       }
       case 'trafficReport': {
-        const { type: _type, requestId, ...report } = frame as ReturnType<typeof Frame.trafficReport>;
+        const { type: _type, requestId, ...report } = frame;
         // An answer that arrives after its query timed out is dropped, like a frame racing an abort.
         const query = this.trafficQueries.get(requestId);
         if (query) query.resolve(report);
