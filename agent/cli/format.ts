@@ -1,6 +1,7 @@
 // Human output of the CLI: progress lines and summaries.
 import type { MigrationProgress, MigrationSummary } from '../migration/source.js';
 import type { GroupSummary } from '../migration/group-summary.js';
+import { UNREADABLE_RECORD_ADVICE, type UnreadableRecord } from '../guest/registry.js';
 import { formatBytes, formatRate } from '../units.js';
 
 export function formatMs(ms: number): string {
@@ -66,4 +67,12 @@ export function groupSummaryText(g: GroupSummary): string {
   if (g.plan) lines.push(`${g.plan.followed ? 'plan followed' : 'no plan'} (${g.plan.priority} priority, ${g.strategy}): ${[...g.plan.reasons, ...g.plan.assumptions].join('; ')}`);
   for (const f of g.failed) lines.push(`FAILED ${f.guest}: ${f.code}: ${f.message}`);
   return lines.join('\n');
+}
+
+/** `gangway status` lines for guest records the agent could not read: each, and what to do. */
+export function unreadableRecordsText(records: readonly UnreadableRecord[]): string[] {
+  return records.flatMap((r) => [
+    `  UNREADABLE guest record ${r.file}: ${r.problem}`,
+    `    guest "${r.name}" is refused (start, stop, migrate, migrations in) until you ${UNREADABLE_RECORD_ADVICE}`,
+  ]);
 }

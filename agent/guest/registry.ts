@@ -3,7 +3,10 @@
 import { chmodSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
-import { isAlive, ProcessGuest, type GuestFiles, type ProcessGuestSpec } from './process-guest.js';
+import { isAlive, ProcessGuest, type GuestFiles } from './process-guest.js';
+import { parseGuestRecord, type GuestRecord } from './record.js';
+
+export type { GuestRecord } from './record.js';
 
 export const GUEST_NAME_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/;
 
@@ -19,45 +22,27 @@ function writeRecord(path: string, record: GuestRecord): void {
   renameSync(tmp, path);
 }
 
-export interface GuestRecord {
+/** A guest record load() could not read or validate: kept on disk, and reported. */
+export interface UnreadableRecord {
+  /** The record's path. */
+  file: string;
+  /** The guest's name, from the file's name. */
   name: string;
-  kind: 'process';
-  pid: number;
-  memoryBytes: number;
-  pageSizeBytes: number;
-  files: GuestFiles;
-  spec: ProcessGuestSpec;
-  /** How the guest got here: started on this host, or migrated in (with the migration id). */
-  origin: { kind: 'started' } | { kind: 'migrated'; migrationId: string; from: string };
-  startedAt: string;
-  /** The guest's TAP device, where its network traffic is measured. */
-  tap?: string;
-  /**
-   * Post-copy: the guest runs here while pages are still coming from `from`. With
-   * `stranded`, they stopped coming (the reason): the guest is paused on them.
-   */
-  incoming?: { migrationId: string; from: string; missingPages: number; stranded?: string };
-  /**
-   * Post-copy from here: the guest runs at `to` since the switchover, and this paused copy
-   * holds the pages `to` still lacks. It must never resume here.
-   */
-  outgoing?: {
-    migrationId: string;
-    to: string;
-    since: string;
-    /** commit: pre-copy's commit was sent; postcopy: the guest may run there, its missing pages are here. */
-    phase: 'commit' | 'postcopy';
-    interrupted?: string;
-    /** The destination's secret for this migration (hex): a restarted agent needs it to reattach. */
-    secret?: string;
-  };
+  /** What is wrong: the error reading it, or each field that does not validate. */
+  problem: string;
 }
+
+/** What an operator does about an unreadable record (logs, errors and `gangway status` say it). */
+export const UNREADABLE_RECORD_ADVICE =
+  'inspect the file (and whether that guest still runs, here or at a migration peer), then remove it or fix it, and restart the agent';
 
 export class GuestRegistry {
   private readonly dir: string;
   private readonly guests = new Map<string, { record: GuestRecord; guest: ProcessGuest }>();
   /** Names being created or migrated in: not yet in the registry, but taken. */
   private readonly reserved = new Set<string>();
+  /** Records load() could not read, by guest name: that name is refused until a restart. */
+  private readonly unreadable = new Map<string, UnreadableRecord>();
 
   constructor(stateDir: string) {
     this.dir = join(stateDir, 'guests');
@@ -66,24 +51,61 @@ export class GuestRegistry {
     chmodSync(this.dir, 0o700);
   }
 
-  /** Loads the records of guests still alive; returns the names of those found dead. */
+  /**
+   * Loads the records of guests still alive; returns the names of those found dead (their
+   * records are removed). A record that cannot be read or does not validate is kept on disk
+   * and listed by unreadableRecords(): its guest may still run, here or elsewhere, and this
+   * agent does not act on that name until the operator has fixed or removed the file.
+   * NAME.json.tmp files are ignored: one is a write a crash cut short, whose NAME.json (if
+   * any) is still the last complete record, and the next write of NAME removes it.
+   */
   load(): string[] {
     const dead: string[] = [];
     for (const file of readdirSync(this.dir)) {
       if (!file.endsWith('.json')) continue;
-      let record: GuestRecord;
+      const path = join(this.dir, file);
+      let text: string;
       try {
-        record = JSON.parse(readFileSync(join(this.dir, file), 'utf8')) as GuestRecord;
-      } catch {
+        text = readFileSync(path, 'utf8');
+      } catch (err) {
+        this.keepUnreadable(path, file, `cannot be read (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
         continue;
       }
+      const parsed = parseGuestRecord(text, file);
+      if ('problem' in parsed) {
+        this.keepUnreadable(path, file, parsed.problem);
+        continue;
+      }
+      const { record } = parsed;
       if (isAlive(record.pid)) this.insert(record);
       else {
         dead.push(record.name);
-        rmSync(join(this.dir, file), { force: true });
+        rmSync(path, { force: true });
       }
     }
     return dead;
+  }
+
+  private keepUnreadable(file: string, fileName: string, problem: string): void {
+    const name = fileName.slice(0, -'.json'.length);
+    this.unreadable.set(name, { file, name, problem });
+  }
+
+  /** The records load() kept because they could not be read (see UnreadableRecord). */
+  unreadableRecords(): UnreadableRecord[] {
+    return [...this.unreadable.values()];
+  }
+
+  /** Refuses to act on a guest whose record could not be read. */
+  private refuseUnreadable(name: string): void {
+    const unreadable = this.unreadable.get(name);
+    if (!unreadable) return;
+    throw new GangwayError(
+      ErrorCode.GUEST_EXISTS,
+      `guest "${name}" has a record this agent cannot read (${unreadable.file}: ${unreadable.problem}); ` +
+        'it may be the only note of where that guest runs, so this agent does not act on that name until the record is dealt with: ' +
+        `${UNREADABLE_RECORD_ADVICE}`,
+    );
   }
 
   filesFor(name: string, memoryDir: string, suffix: string): GuestFiles {
@@ -102,6 +124,7 @@ export class GuestRegistry {
         `guest name "${name}" is not allowed: use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'`,
       );
     }
+    this.refuseUnreadable(name);
     if (this.guests.has(name) || this.reserved.has(name)) {
       throw new GangwayError(ErrorCode.GUEST_EXISTS, `a guest named "${name}" already exists on this host`);
     }
@@ -136,11 +159,15 @@ export class GuestRegistry {
   }
 
   remove(name: string): void {
+    // Only a guest of the registry gets here, never a name held by an unreadable record
+    // (reserve and get refuse it): that file is the operator's to remove.
+    this.refuseUnreadable(name);
     this.guests.delete(name);
     rmSync(join(this.dir, `${name}.json`), { force: true });
   }
 
   get(name: string): { record: GuestRecord; guest: ProcessGuest } {
+    this.refuseUnreadable(name);
     const entry = this.guests.get(name);
     if (!entry) throw new GangwayError(ErrorCode.GUEST_NOT_FOUND, `no guest named "${name}" on this host`);
     return entry;
