@@ -158,6 +158,8 @@ export const PeersSettingsSchema = z
     memoryHeadroom: size,
     /** LZ4 decompressions of incoming pages under way at once on one session. */
     decompressionsPerSession: count(1, 256),
+    /** The largest device state an incoming guest may bring (checked before it is allocated). */
+    maxDeviceState: size,
   })
   .partial()
   .strict();
@@ -257,6 +259,7 @@ export const ENV_OVERRIDES = {
   GANGWAY_PEERS_REQUEST_BURST: 'peers.requestBurst',
   GANGWAY_PEERS_MEMORY_HEADROOM: 'peers.memoryHeadroom',
   GANGWAY_PEERS_DECOMPRESSIONS_PER_SESSION: 'peers.decompressionsPerSession',
+  GANGWAY_PEERS_MAX_DEVICE_STATE: 'peers.maxDeviceState',
   GANGWAY_DEDUP_RESIDENT: 'dedup.resident',
   GANGWAY_DEDUP_RESIDENT_OFFERS_PER_MINUTE: 'dedup.residentOffersPerMinute',
   GANGWAY_DEDUP_RESIDENT_MAX_AGE: 'dedup.residentMaxAge',
@@ -395,6 +398,7 @@ export interface PeerLimits {
   requestBurst: number;
   memoryHeadroomBytes: number;
   decompressionsPerSession: number;
+  maxDeviceStateBytes: number;
 }
 
 export const PEER_LIMIT_DEFAULTS: PeerLimits = {
@@ -407,6 +411,7 @@ export const PEER_LIMIT_DEFAULTS: PeerLimits = {
   requestBurst: 1000,
   memoryHeadroomBytes: 64 * 1024 * 1024,
   decompressionsPerSession: 4,
+  maxDeviceStateBytes: 256 * 1024 * 1024,
 };
 
 export function resolvePeerLimits(settings: PeersSettings | undefined): PeerLimits {
@@ -421,6 +426,7 @@ export function resolvePeerLimits(settings: PeersSettings | undefined): PeerLimi
     requestBurst: s.requestBurst ?? PEER_LIMIT_DEFAULTS.requestBurst,
     memoryHeadroomBytes: s.memoryHeadroom ?? PEER_LIMIT_DEFAULTS.memoryHeadroomBytes,
     decompressionsPerSession: s.decompressionsPerSession ?? PEER_LIMIT_DEFAULTS.decompressionsPerSession,
+    maxDeviceStateBytes: s.maxDeviceState ?? PEER_LIMIT_DEFAULTS.maxDeviceStateBytes,
   };
   if (limits.maxIncomingPerPeer > limits.maxIncoming) {
     throw new GangwayError(

@@ -15,11 +15,12 @@ import { ResidentOffers } from './dedup/resident-policy.js';
 import { RejectReason, Whereabouts } from '../protocol/codes.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { warmUpSwitchover } from './migration/warmup.js';
+import { faultsFromEnv } from './migration/faults.js';
 import { Frame } from '../protocol/index.js';
 import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
 import { GUEST_PAGE_SIZE } from './guest/guest-header.js';
 import { launchProcessGuest, processState, type ProcessGuestSpec, type TrackerPreference } from './guest/process-guest.js';
-import { GuestRegistry, type GuestRecord } from './guest/registry.js';
+import { GuestRegistry, UNREADABLE_RECORD_ADVICE, type GuestRecord } from './guest/registry.js';
 import type { Logger } from './log.js';
 import { loadNative } from './native.js';
 import type { CodecMode } from './migration/codec-chooser.js';
@@ -162,6 +163,8 @@ export class Agent {
   private digestBytesPerSec = 8e9;
   private readonly startedAt = Date.now();
   readonly metrics = new AgentMetrics();
+  /** Fault injection for end-to-end tests (GANGWAY_FAULT_*), read once. */
+  private readonly faults: ReturnType<typeof faultsFromEnv>;
   /** The traffic monitor and shaper; created by start() once the peer port is known. */
   traffic!: TrafficService;
   listenAddress = '';
@@ -175,6 +178,7 @@ export class Agent {
     readonly log: Logger,
   ) {
     mkdirSync(config.stateDir, { recursive: true, mode: 0o750 });
+    this.faults = faultsFromEnv(process.env, log);
     // With TLS the agent is who its certificate says (agentIdOf): peers check its hello
     // against the certificate it presents. Without, an id of its own, kept in the state dir.
     this.tls = config.transport.kind === 'tls' ? loadTlsMaterial(config.transport) : undefined;
@@ -201,6 +205,9 @@ export class Agent {
   async start(): Promise<void> {
     const dead = this.registry.load();
     if (dead.length > 0) this.log.warn({ guests: dead }, 'guests in the registry are no longer running; dropped');
+    for (const { file, name, problem } of this.registry.unreadableRecords()) {
+      this.log.error({ guest: name, file, problem }, `guest record cannot be read; kept, and guest "${name}" is refused until it is dealt with: ${UNREADABLE_RECORD_ADVICE}`);
+    }
     this.calibrateDigest();
     warmUpSwitchover();
     await this.startPeerServer();
@@ -497,10 +504,23 @@ export class Agent {
     this.peerServer = server;
     this.wss = wss;
     return new Promise((resolve, reject) => {
-      server.once('error', (err) =>
-        reject(new GangwayError(ErrorCode.BAD_REQUEST, `cannot listen on ${this.config.listenHost}:${this.config.listenPort}: ${err.message}`)),
-      );
+      // ws re-emits the server's errors on the WebSocketServer: without a listener there, a
+      // port in use crashed the agent with a stack trace instead of failing start().
+      const ignore = () => {};
+      wss.once('error', ignore);
+      server.once('error', (err: NodeJS.ErrnoException) => {
+        const why =
+          err.code === 'EADDRINUSE'
+            ? 'the address is in use (another agent or program listens there)'
+            : err.code === 'EADDRNOTAVAIL'
+              ? 'no interface of this host has that address'
+              : err.code === 'EACCES'
+                ? 'permission denied (a port below 1024 needs root or CAP_NET_BIND_SERVICE)'
+                : err.message;
+        reject(new GangwayError(ErrorCode.BAD_REQUEST, `cannot listen for peers on ${this.config.listenHost}:${this.config.listenPort}: ${why}; set another address with listen (--listen, GANGWAY_LISTEN)`));
+      });
       server.listen(this.config.listenPort, this.config.listenHost, () => {
+        wss.off('error', ignore);
         const address = server.address();
         const port = typeof address === 'object' && address ? address.port : this.config.listenPort;
         this.listenAddress = `${this.config.listenHost}:${port}`;
@@ -628,6 +648,7 @@ export class Agent {
       groups: this.groupsIn.get(session) ?? new Map(),
       reattachWindowMs: this.config.postcopyReattachMs,
       space: { reservedBytes: arriving.reduce((sum, m) => sum + m.promisedBytes, 0), headroomBytes: limits.memoryHeadroomBytes },
+      maxDeviceStateBytes: limits.maxDeviceStateBytes,
       ...(this.decompressionsIn.get(session) ? { decompressions: this.decompressionsIn.get(session)! } : {}),
       onLimit: (limit) => this.limitHit(limit),
     });
@@ -829,6 +850,8 @@ export class Agent {
         features: AGENT_FEATURES,
       },
       guests: this.guestStatus(),
+      /** Guest records that could not be read at start: kept on disk, their names refused (see UNREADABLE_RECORD_ADVICE). */
+      unreadableRecords: this.registry.unreadableRecords(),
       migrations: [...this.records.values()].reverse(),
     };
   }
@@ -1083,6 +1106,7 @@ export class Agent {
           reconnect: () => this.session(request.to),
           registry: this.registry,
           ...(shared.reservePriority ? { reservePriority: shared.reservePriority } : {}),
+          ...this.faults,
           reconnectWindowMs: this.config.postcopyReattachMs,
         },
         log,

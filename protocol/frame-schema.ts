@@ -31,6 +31,7 @@ import {
   MAX_CONFIG_STRING_LENGTH,
   MAX_CREDIT_BYTES,
   MAX_DEVICE_STATE_BYTES,
+  MAX_DEVICE_STATE_TOTAL_BYTES,
   MAX_DOWNTIME_BUDGET_MS,
   MAX_ENTRIES_PER_BATCH,
   MAX_ERROR_CODE_LENGTH,
@@ -262,7 +263,16 @@ const readers: Readers = {
 
   pause: (r) => ({ type: 'pause', migrationId: readMigrationId(r) }),
 
-  deviceState: (r) => ({ type: 'deviceState', migrationId: readMigrationId(r), state: EMPTY_PAYLOAD }),
+  deviceState(r, context) {
+    const migrationId = readMigrationId(r);
+    const offsetBytes = r.integer('offsetBytes', 0, MAX_DEVICE_STATE_TOTAL_BYTES);
+    const totalBytes = r.integer('totalBytes', 1, MAX_DEVICE_STATE_TOTAL_BYTES);
+    if (offsetBytes + context.payloadLength > totalBytes) {
+      r.fail('offsetBytes', `a chunk of ${context.payloadLength} bytes at ${offsetBytes} runs past the state's ${totalBytes} bytes`);
+    }
+    if (context.payloadLength === 0) r.fail('state', 'a chunk carries at least one byte (a guest without device state sends no deviceState)');
+    return { type: 'deviceState', migrationId, offsetBytes, totalBytes, state: EMPTY_PAYLOAD };
+  },
 
   verify(r) {
     const migrationId = readMigrationId(r);

@@ -120,10 +120,18 @@ export interface PauseFrame {
   migrationId: string;
 }
 
+/**
+ * One chunk of the guest's device state (QEMU's device state; none for a process guest),
+ * sent once the guest is paused. Chunks come in order: `offsetBytes` is what came before,
+ * `totalBytes` the whole state's size (the same in every chunk, so the receiver checks it
+ * against its limit before it allocates).
+ */
 export interface DeviceStateFrame {
   type: 'deviceState';
   migrationId: string;
-  /** The frame payload: an opaque blob (empty for a process guest, QEMU's device state). */
+  offsetBytes: number;
+  totalBytes: number;
+  /** The frame payload: this chunk's bytes. */
   state: Uint8Array;
 }
 

@@ -69,6 +69,11 @@ export const MAX_MESSAGE_LENGTH = 1024;
 export const MAX_TRAFFIC_BYTES_PER_SEC = 1e12 / 8;
 export const MAX_ERROR_CODE_LENGTH = 64;
 export const MAX_DEVICE_STATE_BYTES = 16 * MiB;
+/**
+ * The largest device state the protocol can describe (its chunks' totalBytes); an agent
+ * takes at most its configured maximum (default 256 MiB), checked before it allocates.
+ */
+export const MAX_DEVICE_STATE_TOTAL_BYTES = 4 * 1024 * MiB;
 
 /** Page sizes in bytes: a power of two in [PAGE_SIZE_MIN, PAGE_SIZE_MAX]. */
 export const PAGE_SIZE_MIN = 512;

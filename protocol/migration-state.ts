@@ -17,7 +17,8 @@
 //                           |-------+
 //                           | roundEnd(r, final: true)
 //                           v
-//                    finalRoundDone ----deviceState----> deviceStateReceived
+//                    finalRoundDone ----deviceState----> deviceStateReceived <-+ deviceState
+//                           |                                   |--------------------+
 //                           | verify                            | verify
 //                           v                                   |
 //                       verifying <-----------------------------+
@@ -60,7 +61,9 @@
 //   committed, aborted and rejected are terminal: they take nothing.
 //
 // deviceState is optional (a process guest has none): verify may follow the final roundEnd
-// directly. Pause may follow accept directly (stop-and-copy without pre-copy rounds).
+// directly. It comes in chunks (each names its offset and the total). A post-copy sends it
+// while paused, before its postcopy frames (paused -> paused): the guest needs it to run.
+// Pause may follow accept directly (stop-and-copy without pre-copy rounds).
 //
 // Rounds are numbered 0, 1, 2, ... without gaps; `round` is the round in progress. Every
 // pages and roundEnd frame must carry it; roundEnd(r) closes round r, so the next round is
@@ -251,7 +254,8 @@ export function transition(state: MigrationState, event: MigrationEvent): Migrat
     case 'pause':
       return phase === 'accepted' || phase === 'receiving' ? to('paused') : outOfOrder();
     case 'deviceState':
-      return phase === 'finalRoundDone' ? to('deviceStateReceived') : outOfOrder();
+      if (phase === 'paused') return to('paused');
+      return phase === 'finalRoundDone' || phase === 'deviceStateReceived' ? to('deviceStateReceived') : outOfOrder();
     case 'verify':
       if (phase === 'postcopyRunning') return to('postcopyVerifying');
       return phase === 'finalRoundDone' || phase === 'deviceStateReceived' ? to('verifying') : outOfOrder();

@@ -5,6 +5,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, openSync, closeSync, readFileSync, rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
+import { GuestKind } from '../../protocol/codes.js';
+import type { GuestRegion, SourceGuest } from './adapter.js';
 import { guestBinaryPath, trackShimPath } from '../native.js';
 import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
 import { HashScanTracker } from '../tracker/hash-scan.js';
@@ -186,9 +188,11 @@ export function processState(pid: number): string | undefined {
   }
 }
 
-/** A running process guest, as the migration engine sees it. */
-export class ProcessGuest {
+/** A running process guest, as the migration engine sees it: one region, its memory file. */
+export class ProcessGuest implements SourceGuest {
+  readonly kind = GuestKind.process;
   readonly pageSizeBytes = GUEST_PAGE_SIZE;
+  readonly regions: readonly GuestRegion[];
   private paused = false;
 
   constructor(
@@ -196,7 +200,9 @@ export class ProcessGuest {
     readonly pid: number,
     readonly memoryBytes: number,
     readonly files: GuestFiles,
-  ) {}
+  ) {
+    this.regions = [{ name: 'ram', path: files.memoryPath, lengthBytes: memoryBytes, pageSizeBytes: GUEST_PAGE_SIZE }];
+  }
 
   get isPaused(): boolean {
     return this.paused;
@@ -265,6 +271,11 @@ export class ProcessGuest {
    * reads its header (page 0) with pread before it maps its memory, so a fault cannot
    * bring it in.
    */
+  /** None: a process guest keeps its whole state in its memory. */
+  async saveDeviceState(): Promise<Uint8Array> {
+    return new Uint8Array(0);
+  }
+
   eagerRuns(): Uint32Array {
     return Uint32Array.of(0, 1);
   }

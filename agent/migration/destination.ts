@@ -4,12 +4,12 @@
 import { closeSync, rmSync, statfsSync } from 'node:fs';
 import { uncompress } from 'lz4-napi';
 import type { Logger } from 'pino';
-import { Codec, FrameType, GuestKind, RejectReason, Technique } from '../../protocol/codes.js';
+import { Codec, FrameType, GuestKind, nameOf, RejectReason, Technique } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
-import { Frame, validatePages } from '../../protocol/index.js';
+import { Frame, validatePages, type FrameOf } from '../../protocol/index.js';
 import { initialMigrationState, transition, type MigrationEvent, type MigrationState } from '../../protocol/migration-state.js';
-import { GUEST_PAGE_SIZE, readGuestHeader } from '../guest/guest-header.js';
-import { launchProcessGuest, specFromHeader, type LaunchedGuest } from '../guest/process-guest.js';
+import type { GuestLauncher, LauncherTable, StandbyGuest } from '../guest/adapter.js';
+import { LAUNCHERS } from '../guest/kinds.js';
 import type { GuestRecord, GuestRegistry } from '../guest/registry.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
@@ -23,6 +23,7 @@ import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MAX_WANT_RUNS, MIGRATION
 import { PostcopyReceiver } from './postcopy-destination.js';
 import { PageSet, runsPageCount as runsPageCountOf } from '../tracker/page-set.js';
 import { faultCrash } from './faults.js';
+import { PEER_LIMIT_DEFAULTS } from '../config.js';
 
 /** Without the agent's per-session slots (tests): decompressions are not limited. */
 const UNLIMITED = new Slots(Number.MAX_SAFE_INTEGER);
@@ -51,8 +52,12 @@ export interface DestinationContext {
   space?: { reservedBytes: number; headroomBytes: number };
   /** The session's LZ4 decompressions under way at once (shared by its migrations). */
   decompressions?: Slots;
+  /** The largest device state this agent takes (peers.maxDeviceState; default 256 MiB). */
+  maxDeviceStateBytes?: number;
+  /** The guest kinds this agent takes (default: every kind it has, agent/guest/kinds.ts). */
+  launchers?: LauncherTable;
   /** A peer broke a limit (credit): for the agent's log and metrics. */
-  onLimit?: (limit: 'credit' | 'space') => void;
+  onLimit?: (limit: 'credit' | 'space' | 'device-state') => void;
 }
 
 export interface IncomingResult {
@@ -84,7 +89,7 @@ export class DestinationMigration implements FrameHandler {
   private readonly native = loadNative();
   private queue: Promise<void> = Promise.resolve();
   private regions: IncomingRegion[] = [];
-  private standby: LaunchedGuest | undefined;
+  private standby: StandbyGuest | undefined;
   private finished = false;
   private pagesReceived = 0;
   private roundsSeen = 0;
@@ -110,9 +115,11 @@ export class DestinationMigration implements FrameHandler {
   /** Post-copy's end, once a verify came (a second verify after a reattach joins it). */
   private finishing: Promise<void> | undefined;
   /** The post-copy verdict, once sent (a source that reconnects may ask for it again). */
-  verdict: ReturnType<typeof Frame.verified> | undefined;
+  verdict: FrameOf<'verified'> | undefined;
   /** Handed to the source in the accept: a reattach must present it (the daemon keeps it with a post-copy's verdict). */
   readonly secret = randomBytes(MIGRATION_SECRET_BYTES);
+  /** The guest's device state as its chunks arrive. */
+  private deviceState: { bytes: Buffer; receivedBytes: number } | undefined;
   /** Credit the source holds of this session's grant: pages beyond it break the protocol. */
   private creditLeft: number;
   readonly done: Promise<IncomingResult>;
@@ -122,6 +129,7 @@ export class DestinationMigration implements FrameHandler {
     private readonly offer: OfferFrame,
     private session: PeerSession,
     private readonly ctx: DestinationContext,
+    private readonly launcher: GuestLauncher,
     private readonly log: Logger,
   ) {
     this.sourceAgentId = session.peer?.agentId ?? 'unknown';
@@ -144,20 +152,23 @@ export class DestinationMigration implements FrameHandler {
     if (offer.dedup && (!group || group.isClosed)) {
       return reject(RejectReason.badSpec, `dedup group ${offer.dedup.group} is not open on this session (send dedupOpen first)`);
     }
-    if (offer.guest.kind !== GuestKind.process) return reject(RejectReason.unsupported, 'only process guests are supported by this agent');
+    const launcher = (ctx.launchers ?? LAUNCHERS)[offer.guest.kind];
+    if (!launcher) return reject(RejectReason.unsupported, `this agent takes no guests of kind ${nameOf(GuestKind, offer.guest.kind) ?? offer.guest.kind}`);
     if (offer.technique !== Technique.precopy && offer.dedup) {
       return reject(RejectReason.unsupported, 'post-copy and hybrid migrations do not take part in dedup groups on this agent');
     }
-    const region = offer.guest.regions[0];
-    if (offer.guest.regions.length !== 1 || !region || region.pageSizeBytes !== GUEST_PAGE_SIZE) {
-      return reject(RejectReason.badSpec, `a process guest has one region of ${GUEST_PAGE_SIZE}-byte pages`);
-    }
+    const unfit = launcher.checkRegions(offer.guest.regions);
+    if (unfit) return reject(RejectReason.badSpec, unfit);
     try {
       ctx.registry.reserve(offer.guest.name);
     } catch (err) {
-      return reject(RejectReason.guestExists, (err as Error).message);
+      // This host's own trouble with the name (an unreadable record: its path and problem)
+      // is for its log and its operator, not for the peer.
+      const unreadable = ctx.registry.unreadableRecords().some((r) => r.name === offer.guest.name);
+      if (unreadable) log.error({ err: (err as Error).message }, 'offer refused: the guest name has an unreadable record here');
+      return reject(RejectReason.guestExists, unreadable ? `guest ${offer.guest.name} cannot be received here: this host's record of that name needs its operator` : (err as Error).message);
     }
-    const migration = new DestinationMigration(offer, session, ctx, log);
+    const migration = new DestinationMigration(offer, session, ctx, launcher, log);
     try {
       const stats = statfsSync(ctx.memoryDir);
       const free = stats.bavail * stats.bsize;
@@ -188,7 +199,7 @@ export class DestinationMigration implements FrameHandler {
     session.register(offer.migrationId, migration);
     migration.state = transition(migration.state, { type: 'sentAccept' });
     session.send(Frame.accept({ migrationId: offer.migrationId, creditBytes: ctx.creditBytes, secret: migration.secret }));
-    log.info({ memoryBytes: region.lengthBytes }, 'migration accepted');
+    log.info({ memoryBytes: migration.spaceBytes, regions: offer.guest.regions.length }, 'migration accepted');
     return migration;
   }
 
@@ -231,15 +242,15 @@ export class DestinationMigration implements FrameHandler {
       });
       this.regions.push({ fd, handle, pageCount: spec.lengthBytes / spec.pageSizeBytes, pageSizeBytes: spec.pageSizeBytes, lengthBytes: spec.lengthBytes });
     }
-    // A process started now and blocked on a pipe makes the resume a one-byte write.
+    // A guest started now and blocked until go() makes the resume one step.
     if (!postcopy) {
-      this.standby = launchProcessGuest({ files: this.files, standby: true });
+      this.standby = this.launcher.standby(this.files, {});
       return;
     }
     const [agentEnd, guestEnd] = this.native.socketPair();
     this.uffdSocket = agentEnd;
     try {
-      this.standby = launchProcessGuest({ files: this.files, standby: true, postcopySocketFd: guestEnd });
+      this.standby = this.launcher.standby(this.files, { postcopySocketFd: guestEnd });
     } finally {
       closeSync(guestEnd);
     }
@@ -277,7 +288,7 @@ export class DestinationMigration implements FrameHandler {
   private handle(frame: AnyFrame): void {
     switch (frame.type) {
       case 'pages': {
-        const pages = frame as ReturnType<typeof Frame.pages>;
+        const pages = frame;
         const region = this.regions[pages.region];
         if (!region) throw new ProtocolError(ErrorCode.BAD_PAGES, `pages for region ${pages.region}, the guest has ${this.regions.length}`);
         const counts = validatePages(pages, region.pageCount, region.pageSizeBytes, this.ctx.maxPayloadBytes);
@@ -330,10 +341,12 @@ export class DestinationMigration implements FrameHandler {
         this.roundsSeen++;
         return;
       case 'pause':
+        return;
       case 'deviceState':
+        this.receiveDeviceState(frame);
         return;
       case 'postcopy': {
-        const postcopy = frame as ReturnType<typeof Frame.postcopy>;
+        const postcopy = frame;
         const region = this.regions[postcopy.region];
         if (!region || this.offer.technique === Technique.precopy) {
           throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `postcopy for region ${postcopy.region} of a ${this.technique} migration`);
@@ -347,11 +360,15 @@ export class DestinationMigration implements FrameHandler {
           }
           this.missingIn.addRange(first, count);
         }
-        if (!postcopy.more) this.enqueue(() => this.startPostcopy());
+        if (!postcopy.more) {
+          this.checkDeviceStateComplete();
+          this.enqueue(() => this.startPostcopy());
+        }
         return;
       }
       case 'verify': {
-        const verify = frame as ReturnType<typeof Frame.verify>;
+        const verify = frame;
+        if (!this.postcopy) this.checkDeviceStateComplete();
         if (this.postcopy) {
           this.finishing ??= this.finishPostcopy(verify.digests);
           return;
@@ -387,7 +404,7 @@ export class DestinationMigration implements FrameHandler {
         this.enqueue(() => this.commit());
         return;
       case 'abort': {
-        const abort = frame as ReturnType<typeof Frame.abort>;
+        const abort = frame;
         this.finish('aborted', `the source aborted: ${abort.message}`);
         return;
       }
@@ -497,6 +514,55 @@ export class DestinationMigration implements FrameHandler {
     this.session.send(Frame.credit({ migrationId: this.offer.migrationId, bytes: cost }));
   }
 
+  /**
+   * A chunk of the guest's device state. Its total is checked against this agent's limit
+   * (and the kind's taking any) before anything is allocated; a state over it refuses the
+   * migration, not the session, and the source's guest runs on there.
+   */
+  private receiveDeviceState(frame: FrameOf<'deviceState'>): void {
+    const maxBytes = this.ctx.maxDeviceStateBytes ?? PEER_LIMIT_DEFAULTS.maxDeviceStateBytes;
+    if (!this.deviceState) {
+      if (frame.totalBytes > maxBytes) {
+        this.ctx.onLimit?.('device-state');
+        return this.refuse(ErrorCode.LIMIT, `the guest's device state of ${frame.totalBytes} bytes is over this agent's maximum of ${maxBytes} (peers.maxDeviceState)`);
+      }
+      if (!this.launcher.loadDeviceState) {
+        return this.refuse(ErrorCode.BAD_REQUEST, `a ${this.launcher.kind} guest has no device state, but ${frame.totalBytes} bytes of it came`);
+      }
+      if (frame.offsetBytes !== 0) throw new ProtocolError(ErrorCode.PROTOCOL, `deviceState: the first chunk starts at ${frame.offsetBytes}, not 0`);
+      this.deviceState = { bytes: Buffer.allocUnsafe(frame.totalBytes), receivedBytes: 0 };
+    }
+    const into = this.deviceState;
+    if (frame.totalBytes !== into.bytes.length || frame.offsetBytes !== into.receivedBytes) {
+      throw new ProtocolError(
+        ErrorCode.PROTOCOL,
+        `deviceState: a chunk at ${frame.offsetBytes} of ${frame.totalBytes} bytes after ${into.receivedBytes} of ${into.bytes.length} (chunks come in order, with one total)`,
+      );
+    }
+    into.bytes.set(frame.state, frame.offsetBytes);
+    into.receivedBytes += frame.state.length;
+  }
+
+  /** The switchover may start only with the whole device state here (when there is one). */
+  private checkDeviceStateComplete(): void {
+    const into = this.deviceState;
+    if (into && into.receivedBytes !== into.bytes.length) {
+      throw new ProtocolError(ErrorCode.PROTOCOL, `the switchover started with ${into.receivedBytes} of the guest's ${into.bytes.length} bytes of device state`);
+    }
+  }
+
+  /** The device state goes to the standby guest before it may run. */
+  private async loadDeviceState(standby: StandbyGuest): Promise<void> {
+    if (this.deviceState) await this.launcher.loadDeviceState!(standby, this.files, this.deviceState.bytes);
+  }
+
+  /** Ends this migration before its guest ran here, telling the source why (its guest runs on there). */
+  private refuse(code: ErrorCode, message: string): void {
+    this.log.warn({ code, reason: message }, 'incoming migration refused');
+    if (this.session.isOpen) this.session.send(Frame.abort({ migrationId: this.offer.migrationId, code, message }));
+    this.finish('aborted', message);
+  }
+
   /** LZ4 in a slot of the session's; work that waited past this migration's end is dropped unrun. */
   private async decompress(payload: Uint8Array): Promise<Uint8Array> {
     const release = await (this.ctx.decompressions ?? UNLIMITED).acquire();
@@ -556,6 +622,7 @@ export class DestinationMigration implements FrameHandler {
       this.ctx.registry.add(this.guestRecord(standby.pid, { migrationId: this.offer.migrationId, missingPages: runsPageCountOf(missing) }));
       journaled = true;
       t.journaled = performance.now();
+      await this.loadDeviceState(standby);
       standby.go();
       const got = await this.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
         throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy: ${err.message}`);
@@ -633,12 +700,11 @@ export class DestinationMigration implements FrameHandler {
   private guestRecord(pid: number, incoming?: { migrationId: string; missingPages: number }): GuestRecord {
     return {
       name: this.offer.guest.name,
-      kind: 'process',
       pid,
       memoryBytes: this.offer.guest.regions[0]!.lengthBytes,
       pageSizeBytes: this.offer.guest.regions[0]!.pageSizeBytes,
       files: this.files,
-      spec: specFromHeader(readGuestHeader(this.memoryPath)),
+      ...this.launcher.recordPart(this.files),
       origin: { kind: 'migrated', migrationId: this.offer.migrationId, from: this.session.peer?.agentId ?? 'unknown' },
       startedAt: new Date().toISOString(),
       ...(incoming ? { incoming: { ...incoming, from: this.session.peer?.agentId ?? 'unknown' } } : {}),
@@ -664,6 +730,7 @@ export class DestinationMigration implements FrameHandler {
       this.ctx.registry.add(this.guestRecord(standby.pid));
       journaled = true;
       t.journaled = performance.now();
+      await this.loadDeviceState(standby);
       standby.go();
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
       t.running = runningAt;

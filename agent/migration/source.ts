@@ -9,10 +9,11 @@
 import { EventEmitter } from 'node:events';
 import { closeSync, openSync } from 'node:fs';
 import type { Logger } from 'pino';
-import { Codec, FrameType, GuestKind, Technique } from '../../protocol/codes.js';
+import { Codec, FrameType, Technique } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, PeerError } from '../../protocol/errors.js';
-import { Frame } from '../../protocol/index.js';
-import type { ProcessGuest, TrackerPreference } from '../guest/process-guest.js';
+import { Frame, type FrameOf } from '../../protocol/index.js';
+import type { TrackerPreference } from '../guest/process-guest.js';
+import type { GuestRegion, SourceGuest } from '../guest/adapter.js';
 import type { GuestRegistry } from '../guest/registry.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, PeerSession } from '../peer/session.js';
@@ -29,7 +30,7 @@ import { SourceStateMachine, type SourcePhase } from './source-state.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { SourceDedupGroup } from '../dedup/source-group.js';
 import { PageSet } from '../tracker/page-set.js';
-import { FINGERPRINT_BYTES, MIGRATION_SECRET_BYTES } from '../../protocol/limits.js';
+import { FINGERPRINT_BYTES, MAX_DEVICE_STATE_BYTES, MIGRATION_SECRET_BYTES } from '../../protocol/limits.js';
 
 export interface SourceOptions {
   migrationId: string;
@@ -71,6 +72,8 @@ export interface SourceOptions {
   registry?: GuestRegistry;
   /** The plan's priority: the destination reserves its inbound side for this migration at it. */
   reservePriority?: 'high' | 'medium' | 'low';
+  /** Fault injection for tests: the tracker the migration uses, around the guest's own (see faults.ts). */
+  wrapTracker?: (tracker: DirtyTracker) => DirtyTracker;
   /**
    * Serving the rest of a post-copy after a restart: the secret the destination's accept
    * gave this migration (from the guest's record); a reattach must present it.
@@ -100,6 +103,8 @@ const RECONNECT_MAX_DELAY_MS = 5_000;
 const POSTCOPY_WINDOW = { initialBytes: 256 * 1024, minBytes: 256 * 1024, maxBytes: 4 * 1024 * 1024, periodMs: 100 };
 const POSTCOPY_TARGET_DELAY_MS = 10;
 const POSTCOPY_BATCH_BYTES = 128 * 1024;
+/** Device state goes in chunks of this size at most (a frame each). */
+const DEVICE_STATE_CHUNK_BYTES = 4 * 1024 * 1024;
 /**
  * Pages per background-push step: one batch. Pages the push has taken are not sent on a
  * fault (each page goes once), so a page taken long before its batch goes out would make
@@ -148,7 +153,10 @@ export interface MigrationSummary {
   digests: string[];
   forced: boolean;
   downtimeMs: number;
-  downtime: { pauseMs: number; finalRoundMs: number; verifyMs: number; commitMs: number; resumeToSendMs: number; rttMs: number };
+  /** Downtime's parts; deviceStateMs is within finalRoundMs (taking the guest's device state and sending it). */
+  downtime: { pauseMs: number; finalRoundMs: number; deviceStateMs: number; verifyMs: number; commitMs: number; resumeToSendMs: number; rttMs: number };
+  /** The guest's device state that travelled (0 for a guest without). */
+  deviceStateBytes: number;
   totalMs: number;
   rounds: RoundRecord[];
   memoryBytes: number;
@@ -207,17 +215,29 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private wanted: PageSet | undefined;
   private wantedPages = 0;
   private repairedPages = 0;
-  private droppedDirty = false;
   /** Post-copy: what is still missing at the destination, and the buffers faulted pages go out in. */
   private postcopyServe:
     | { scheduler: PostcopyScheduler; round: number; region: RegionHandle; payload: Buffer; entries: Uint32Array; out: Uint32Array; faultPages: number; wireBytes: number }
     | undefined;
   /** Collects the destination's answer to a reattach: its missing pages, or its verdict. */
   private missingIn: { runs: Uint32Array[]; resolve: (runs: Uint32Array[]) => void } | undefined;
-  private reattachAnswer: { resolve: (verified: ReturnType<typeof Frame.verified>) => void; reject: (err: Error) => void } | undefined;
+  private reattachAnswer: { resolve: (verified: FrameOf<'verified'>) => void; reject: (err: Error) => void } | undefined;
   private reattaches = 0;
   /** The destination's secret for this migration (its accept, or the record after a restart). */
   private secret: Uint8Array | undefined;
+
+  /**
+   * The paused guest's device state as deviceState chunks, none when it has none; returns
+   * its size. The destination checks the total against its limit before it allocates.
+   */
+  private async sendDeviceState(): Promise<number> {
+    const state = await this.guest.saveDeviceState();
+    const chunkBytes = Math.min(this.session.peerMaxPayloadBytes, MAX_DEVICE_STATE_BYTES, DEVICE_STATE_CHUNK_BYTES);
+    for (let at = 0; at < state.length; at += chunkBytes) {
+      this.send(Frame.deviceState({ migrationId: this.options.migrationId, offsetBytes: at, totalBytes: state.length, state: state.subarray(at, at + chunkBytes) }));
+    }
+    return state.length;
+  }
 
   private secretHex(): string | undefined {
     return this.secret ? Buffer.from(this.secret).toString('hex') : undefined;
@@ -229,7 +249,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private fingerprintsIn: { fps: Uint8Array; received: number; resolve: (fps: Uint8Array) => void; reject: (err: Error) => void } | undefined;
 
   constructor(
-    readonly guest: ProcessGuest,
+    readonly guest: SourceGuest,
     private session: PeerSession,
     readonly options: SourceOptions,
     private readonly log: Logger,
@@ -237,7 +257,14 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     super();
     this.clock = options.clock ?? realClock;
     this.secret = options.secret;
+    if (guest.regions.length !== 1) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${guest.name} has ${guest.regions.length} memory regions: this engine moves guests of one region yet`);
+    }
+    this.ram = guest.regions[0]!;
   }
+
+  /** The guest's memory: the one region this engine moves yet. */
+  private readonly ram: GuestRegion;
 
   get phase(): SourcePhase {
     return this.state.phase;
@@ -248,7 +275,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     switch (frame.type) {
       case 'credit': {
         // One credit per pages frame, in order: the batch was applied at the destination.
-        const bytes = (frame as ReturnType<typeof Frame.credit>).bytes;
+        const bytes = frame.bytes;
         this.chooser?.delivered();
         this.credits?.grant(bytes);
         if (this.windowTuner && this.credits) {
@@ -258,14 +285,13 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         return;
       }
       case 'pageFingerprints': {
-        const frame_ = frame as ReturnType<typeof Frame.pageFingerprints>;
-        const into = this.fingerprintsIn;
-        const count = frame_.fingerprints.length / FINGERPRINT_BYTES;
-        if (!into || frame_.region !== 0 || (frame_.firstPage + count) * FINGERPRINT_BYTES > into.fps.length) {
-          this.fail(new GangwayError(ErrorCode.UNEXPECTED_FRAME, `pageFingerprints (region ${frame_.region}, from page ${frame_.firstPage}) that were not asked for`));
+                const into = this.fingerprintsIn;
+        const count = frame.fingerprints.length / FINGERPRINT_BYTES;
+        if (!into || frame.region !== 0 || (frame.firstPage + count) * FINGERPRINT_BYTES > into.fps.length) {
+          this.fail(new GangwayError(ErrorCode.UNEXPECTED_FRAME, `pageFingerprints (region ${frame.region}, from page ${frame.firstPage}) that were not asked for`));
           return;
         }
-        into.fps.set(frame_.fingerprints, frame_.firstPage * FINGERPRINT_BYTES);
+        into.fps.set(frame.fingerprints, frame.firstPage * FINGERPRINT_BYTES);
         into.received += count;
         if (into.received * FINGERPRINT_BYTES >= into.fps.length) {
           this.fingerprintsIn = undefined;
@@ -274,12 +300,12 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         return;
       }
       case 'want': {
-        const want = frame as ReturnType<typeof Frame.want>;
+        const want = frame;
         if (!this.options.dedup || !this.wanted || want.region !== 0) {
           this.fail(new GangwayError(ErrorCode.UNEXPECTED_FRAME, `want for region ${want.region} of a migration that sent no refs there`));
           return;
         }
-        const pageCount = this.guest.memoryBytes / this.guest.pageSizeBytes;
+        const pageCount = this.ram.lengthBytes / this.ram.pageSizeBytes;
         for (let i = 0; i < want.runs.length; i += 2) {
           const first = want.runs[i]!;
           const count = want.runs[i + 1]!;
@@ -296,7 +322,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       }
       case 'postcopy': {
         // The destination's missing pages, after a reattach.
-        const postcopy = frame as ReturnType<typeof Frame.postcopy>;
+        const postcopy = frame;
         const into = this.missingIn;
         if (!into || postcopy.region !== 0) {
           this.fail(new GangwayError(ErrorCode.UNEXPECTED_FRAME, `postcopy from the destination outside a reattach (phase ${this.phase})`));
@@ -310,13 +336,13 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         return;
       }
       case 'fetch': {
-        const fetch = frame as ReturnType<typeof Frame.fetch>;
+        const fetch = frame;
         const serve = this.postcopyServe;
         if (!serve || fetch.region !== 0) {
           this.fail(new GangwayError(ErrorCode.UNEXPECTED_FRAME, `fetch for region ${fetch.region} outside post-copy (phase ${this.phase})`));
           return;
         }
-        const pageCount = this.guest.memoryBytes / this.guest.pageSizeBytes;
+        const pageCount = this.ram.lengthBytes / this.ram.pageSizeBytes;
         for (let i = 0; i < fetch.runs.length; i += 2) {
           if (fetch.runs[i]! + fetch.runs[i + 1]! > pageCount) {
             this.fail(new GangwayError(ErrorCode.PROTOCOL, `fetch for pages ${fetch.runs[i]}..${fetch.runs[i]! + fetch.runs[i + 1]! - 1}, past the guest's ${pageCount}`));
@@ -335,18 +361,18 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         return;
       }
       case 'abort': {
-        const abort = frame as ReturnType<typeof Frame.abort>;
+        const abort = frame;
         this.fail(new PeerError(abort.code, `the destination aborted: ${abort.message}`));
         return;
       }
       case 'reject': {
-        const reject = frame as ReturnType<typeof Frame.reject>;
+        const reject = frame;
         this.fail(new GangwayError(ErrorCode.REJECTED, `the destination refused the migration: ${reject.message}`));
         return;
       }
       default: {
         if (frame.type === 'verified' && this.reattachAnswer) {
-          this.reattachAnswer.resolve(frame as ReturnType<typeof Frame.verified>);
+          this.reattachAnswer.resolve(frame);
           return;
         }
         const waiter = this.waiters.get(frame.type);
@@ -381,12 +407,12 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     missingPages: number;
     totals: RoundCounters;
     sourceDigests: Promise<Buffer[]>;
-  }): Promise<{ verified: ReturnType<typeof Frame.verified>; pushed: number }> {
+  }): Promise<{ verified: FrameOf<'verified'>; pushed: number }> {
     const { scheduler, round, totals } = ctx;
-    const pageSize = this.guest.pageSizeBytes;
+    const pageSize = this.ram.pageSizeBytes;
     const pushStart = this.clock.now();
     let pushed = 0;
-    const pushAndVerify = async (): Promise<ReturnType<typeof Frame.verified>> => {
+    const pushAndVerify = async (): Promise<FrameOf<'verified'>> => {
       for (;;) {
         this.check();
         const chunk = scheduler.nextChunk(postcopyPushPages(pageSize));
@@ -417,7 +443,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       // The destination answers once it holds every page: its memory as received, checked
       // against the paused memory here.
       const digests = await ctx.sourceDigests;
-      const verifiedP = this.expect<ReturnType<typeof Frame.verified>>('verified', 600_000, 'post-copy completion');
+      const verifiedP = this.expect<FrameOf<'verified'>>('verified', 600_000, 'post-copy completion');
       this.send(Frame.verify({ migrationId: this.options.migrationId, digests }));
       return verifiedP;
     };
@@ -436,7 +462,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
    * match the paused memory here (else DIGEST_MISMATCH, and this copy stays); then the copy
    * goes. Returns what the fault lane sent.
    */
-  private async completePostcopy(verified: ReturnType<typeof Frame.verified>, digests: Buffer[]): Promise<{ faultPages: number; wireBytes: number }> {
+  private async completePostcopy(verified: FrameOf<'verified'>, digests: Buffer[]): Promise<{ faultPages: number; wireBytes: number }> {
     if (!verified.match || !sameDigests(verified.digests, digests)) {
       throw new GangwayError(
         ErrorCode.DIGEST_MISMATCH,
@@ -459,12 +485,13 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
    */
   async resumePostcopy(): Promise<{ verified: boolean; pushedPages: number; faultPages: number }> {
     const { guest, options } = this;
-    const pageSize = guest.pageSizeBytes;
-    const pageCount = guest.memoryBytes / pageSize;
-    const fd = openSync(guest.files.memoryPath, 'r');
+    const { ram } = this;
+    const pageSize = ram.pageSizeBytes;
+    const pageCount = ram.lengthBytes / pageSize;
+    const fd = openSync(ram.path, 'r');
     let region: RegionHandle;
     try {
-      region = this.native.regionMap(fd, guest.memoryBytes, pageSize, { writable: false, trackHashes: false, initiallyZero: false });
+      region = this.native.regionMap(fd, ram.lengthBytes, pageSize, { writable: false, trackHashes: false, initiallyZero: false });
     } finally {
       closeSync(fd);
     }
@@ -518,7 +545,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
    * holds what is still missing there: pages lost on the way go again). Rethrows when
    * `err` is not a broken link, or when no session comes within the window.
    */
-  private async reattach(err: unknown, scheduler: PostcopyScheduler): Promise<ReturnType<typeof Frame.verified> | undefined> {
+  private async reattach(err: unknown, scheduler: PostcopyScheduler): Promise<FrameOf<'verified'> | undefined> {
     const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.INTERNAL, err instanceof Error ? err.message : String(err));
     const linkLost = !(error instanceof PeerError) && (error.code === ErrorCode.PEER_GONE || error.code === ErrorCode.TIMEOUT || error.code === ErrorCode.PEER_UNREACHABLE);
     const reconnect = this.options.reconnect;
@@ -549,7 +576,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       this.session = session;
       session.register(id, this);
       this.credits = new CreditWindow(this.windowTuner?.bytes ?? POSTCOPY_WINDOW.initialBytes);
-      const answer = new Promise<{ runs: Uint32Array[] } | { verified: ReturnType<typeof Frame.verified> }>((resolve, reject) => {
+      const answer = new Promise<{ runs: Uint32Array[] } | { verified: FrameOf<'verified'> }>((resolve, reject) => {
         this.missingIn = { runs: [], resolve: (runs) => resolve({ runs }) };
         this.reattachAnswer = { resolve: (verified) => resolve({ verified }), reject };
         setTimeout(() => reject(new GangwayError(ErrorCode.TIMEOUT, 'no answer to the reattach within 30 s')), 30_000).unref();
@@ -679,13 +706,13 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     this.session.register(options.migrationId, this);
     try {
       const opened = await guest.openTracker(options.tracker);
-      tracker = opened.tracker;
+      tracker = options.wrapTracker ? options.wrapTracker(opened.tracker) : opened.tracker;
       trackerFallbackReason = opened.fallbackReason;
       if (trackerFallbackReason) this.log.warn({ reason: trackerFallbackReason }, 'uffd-wp unavailable; hash-scan tracking');
-      const fd = openSync(guest.files.memoryPath, 'r');
+      const fd = openSync(this.ram.path, 'r');
       try {
         regions.push(
-          this.native.regionMap(fd, guest.memoryBytes, guest.pageSizeBytes, { writable: false, trackHashes: false, initiallyZero: false }),
+          this.native.regionMap(fd, this.ram.lengthBytes, this.ram.pageSizeBytes, { writable: false, trackHashes: false, initiallyZero: false }),
         );
       } finally {
         closeSync(fd);
@@ -739,7 +766,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       return new GangwayError(
         ErrorCode.POSTCOPY_INTERRUPTED,
         `post-copy of ${this.guest.name} to ${this.options.peerAddress} was interrupted (${error.message}). The guest runs there and waits for pages ` +
-          `that only this host holds: its paused copy stays here (${this.guest.files.memoryPath}). Do not resume it here; check \`gangway status\` on both hosts.`,
+          `that only this host holds: its paused copy stays here (${this.ram.path}). Do not resume it here; check \`gangway status\` on both hosts.`,
         { cause: error },
       );
     }
@@ -778,8 +805,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     trackerFallbackReason: string | undefined,
   ): Promise<MigrationSummary> {
     const { guest, options } = this;
-    const pageSize = guest.pageSizeBytes;
-    const pageCount = guest.memoryBytes / pageSize;
+    const { ram } = this;
+    const pageSize = ram.pageSizeBytes;
+    const pageCount = ram.lengthBytes / pageSize;
     const dedup = options.dedup;
     const technique = options.technique ?? 'precopy';
     if (technique !== 'precopy' && dedup) {
@@ -798,14 +826,14 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     };
 
     // Offer.
-    const acceptP = this.expect<ReturnType<typeof Frame.accept>>('accept', 30_000, 'accept');
+    const acceptP = this.expect<FrameOf<'accept'>>('accept', 30_000, 'accept');
     this.send(
       Frame.offer({
         migrationId: options.migrationId,
         guest: {
           name: guest.name,
-          kind: GuestKind.process,
-          regions: [{ name: 'ram', lengthBytes: guest.memoryBytes, pageSizeBytes: pageSize }],
+          kind: guest.kind,
+          regions: guest.regions.map(({ name, lengthBytes, pageSizeBytes }) => ({ name, lengthBytes, pageSizeBytes })),
           config: {},
         },
         technique: technique === 'postcopy' ? Technique.postcopy : technique === 'hybrid' ? Technique.hybrid : Technique.precopy,
@@ -840,7 +868,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const totals = emptyCounters();
     const linkRate = new RateEstimator();
     let wireBytesPerPage = pageSize;
-    const switchoverOverheadMs = () => (guest.memoryBytes / options.digestBytesPerSec) * 1000 + 2 * minRttMs + RESUME_ALLOWANCE_MS;
+    const switchoverOverheadMs = () => (ram.lengthBytes / options.digestBytesPerSec) * 1000 + 2 * minRttMs + RESUME_ALLOWANCE_MS;
 
     const sendRound = async (round: number, runs: Uint32Array, final: boolean, how: { plain?: boolean; noRoundEnd?: boolean } = {}): Promise<RoundRecord> => {
       const t0 = this.clock.now();
@@ -923,13 +951,16 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       T.pre = this.clock.now();
       this.sendNow(this.postcopyServe, eager);
       T.eager = this.clock.now();
+      // The guest cannot run there without its devices: they go before the switch.
+      const deviceStateBytes = await this.sendDeviceState();
+      T.deviceState = this.clock.now();
       this.postcopyServe.faultPages = 0;
       this.state.to('postcopy-switch');
       // From here the destination may run the guest: the record says so, so that nothing
       // (an operator, this agent after a restart) resumes this copy.
       options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'postcopy', secret: this.secretHex() } });
       T.journal = this.clock.now();
-      const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'post-copy start confirmation');
+      const committedP = this.expect<FrameOf<'committed'>>('committed', options.commitTimeoutMs, 'post-copy start confirmation');
       const runsPerFrame = Math.max(1, Math.floor(Math.min(this.session.peerMaxPayloadBytes, 1 << 20) / 8));
       for (let at = 0; at === 0 || at < missing.length; at += runsPerFrame * 2) {
         const chunk = missing.subarray(at, at + runsPerFrame * 2);
@@ -968,9 +999,11 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       const report = verified.postcopy;
       const summary: MigrationSummary = {
         ...baseSummary(digests, downtimeMs, committedAt - started, wireBytes, tracker, trackerFallbackReason, false),
+        deviceStateBytes,
         downtime: {
           pauseMs: pausedAt - pauseStart,
           finalRoundMs: switchSentAt - pausedAt,
+          deviceStateMs: T.deviceState - T.eager,
           verifyMs: 0,
           commitMs: committedAt - switchSentAt,
           resumeToSendMs: committed.resumeToSendMs,
@@ -1005,7 +1038,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       tracker_: DirtyTracker,
       fallback: string | undefined,
       forced_: boolean,
-    ): Omit<MigrationSummary, 'downtime'> => ({
+    ): Omit<MigrationSummary, 'downtime' | 'deviceStateBytes'> => ({
       migrationId: options.migrationId,
       guest: guest.name,
       technique,
@@ -1019,7 +1052,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       downtimeMs,
       totalMs,
       rounds,
-      memoryBytes: guest.memoryBytes,
+      memoryBytes: ram.lengthBytes,
       wireBytes,
       zeroPages: totals.zeroPages,
       dataPages: totals.dataPages,
@@ -1138,7 +1171,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const sourceDigests = Promise.all(regions.map((region) => this.native.regionDigest(region, 'full')));
     sourceDigests.catch(() => {});
     await sendRound(round + 1, finalRuns, true);
-    this.send(Frame.deviceState({ migrationId: options.migrationId, state: new Uint8Array(0) }));
+    const deviceStateAt = this.clock.now();
+    const deviceStateBytes = await this.sendDeviceState();
     const finalSentAt = this.clock.now();
 
     this.state.to('verifying');
@@ -1151,7 +1185,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       const repairable = attempt < MAX_REPAIRS && (this.session.peer?.features.includes('repair') ?? false);
       const theirs = repairable ? this.receiveFingerprints(pageCount) : undefined;
       theirs?.catch(() => {});
-      const verifiedP = this.expect<ReturnType<typeof Frame.verified>>('verified', 60_000, 'verification');
+      const verifiedP = this.expect<FrameOf<'verified'>>('verified', 60_000, 'verification');
       this.send(Frame.verify({ migrationId: options.migrationId, digests }));
       const verified = await verifiedP;
       verifiedAt = this.clock.now();
@@ -1178,7 +1212,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     // The journal: from the commit on the guest may run there. A restarted agent that finds
     // this asks the destination before it does anything with the paused copy.
     options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'commit', secret: this.secretHex() } });
-    const committedP = this.expect<ReturnType<typeof Frame.committed>>('committed', options.commitTimeoutMs, 'commit confirmation');
+    const committedP = this.expect<FrameOf<'committed'>>('committed', options.commitTimeoutMs, 'commit confirmation');
     if (dedup) {
       // Once the guest runs there its pages change: nothing planned after this point may
       // copy from them, and everything planned before is applied before it starts.
@@ -1208,9 +1242,11 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const downtimeMs = Math.max(0, committedAt - pauseStart - committed.resumeToSendMs - switchoverRttMs / 2);
     const summary: MigrationSummary = {
       ...baseSummary(digests, downtimeMs, committedAt - started, totals.wireBytes, tracker, trackerFallbackReason, forced),
+      deviceStateBytes,
       downtime: {
         pauseMs: pausedAt - pauseStart,
         finalRoundMs: finalSentAt - pausedAt,
+        deviceStateMs: finalSentAt - deviceStateAt,
         verifyMs: verifiedAt - finalSentAt,
         commitMs: committedAt - verifiedAt,
         resumeToSendMs: committed.resumeToSendMs,
@@ -1223,16 +1259,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
 
   private async collect(tracker: DirtyTracker): Promise<Uint32Array> {
     const started = this.clock.now();
-    let runs = await tracker.collect();
-    // Fault injection for tests (GANGWAY_FAULT_DROP_DIRTY=N): the first collect after round
-    // 0 loses N dirty pages, as a tracker that missed writes would; the switchover repair
-    // must find and send them.
-    const drop = Number(process.env.GANGWAY_FAULT_DROP_DIRTY ?? 0);
-    if (drop > 0 && !this.droppedDirty && runs.length > 0) {
-      this.droppedDirty = true;
-      runs = dropPages(runs, drop);
-      this.log.warn({ pages: drop }, 'fault injection: dirty pages dropped (GANGWAY_FAULT_DROP_DIRTY)');
-    }
+    const runs = await tracker.collect();
     this.options.metrics?.dirtyScan.observe({ tracker: tracker.kind }, (this.clock.now() - started) / 1000);
     return runs;
   }
@@ -1242,7 +1269,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     if (now - this.lastProgressAt < 100 && counters.pages < roundPages) return;
     this.lastProgressAt = now;
     const elapsedMs = now - roundStart;
-    const rateBytesPerSec = elapsedMs > 0 ? (counters.pages * this.guest.pageSizeBytes * 1000) / elapsedMs : 0;
+    const rateBytesPerSec = elapsedMs > 0 ? (counters.pages * this.ram.pageSizeBytes * 1000) / elapsedMs : 0;
     const remaining = roundPages - counters.pages;
     const progress: MigrationProgress = {
       migrationId: this.options.migrationId,
@@ -1253,7 +1280,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       roundPagesSent: counters.pages,
       percent: roundPages > 0 ? (100 * counters.pages) / roundPages : 100,
       rateBytesPerSec,
-      etaMs: rateBytesPerSec > 0 ? (remaining * this.guest.pageSizeBytes * 1000) / rateBytesPerSec : undefined,
+      etaMs: rateBytesPerSec > 0 ? (remaining * this.ram.pageSizeBytes * 1000) / rateBytesPerSec : undefined,
       wireBytes,
     };
     this.emit('progress', progress);
@@ -1289,13 +1316,4 @@ export function differingRuns(a: Uint8Array, b: Uint8Array): Uint32Array {
 }
 
 /** `runs` without their first `count` pages. */
-function dropPages(runs: Uint32Array, count: number): Uint32Array {
-  const out: number[] = [];
-  let left = count;
-  for (let i = 0; i + 1 < runs.length; i += 2) {
-    const take = Math.min(left, runs[i + 1]!);
-    left -= take;
-    if (take < runs[i + 1]!) out.push(runs[i]! + take, runs[i + 1]! - take);
-  }
-  return Uint32Array.from(out);
-}
+

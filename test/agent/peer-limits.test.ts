@@ -19,6 +19,7 @@ describe('peers and dedup settings', () => {
       GANGWAY_PEERS_REQUEST_BURST: '70',
       GANGWAY_PEERS_MEMORY_HEADROOM: '1GiB',
       GANGWAY_PEERS_DECOMPRESSIONS_PER_SESSION: '2',
+      GANGWAY_PEERS_MAX_DEVICE_STATE: '1MiB',
       GANGWAY_DEDUP_RESIDENT: 'none',
     });
     expect(resolvePeerLimits(layer.peers)).toEqual({
@@ -31,6 +32,7 @@ describe('peers and dedup settings', () => {
       requestBurst: 70,
       memoryHeadroomBytes: 2 ** 30,
       decompressionsPerSession: 2,
+      maxDeviceStateBytes: 2 ** 20,
     });
     expect(resolveDedupPolicy(layer.dedup).resident).toBe('none');
   });

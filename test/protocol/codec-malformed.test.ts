@@ -138,7 +138,7 @@ describe('framing', () => {
   });
 
   test('a payload at the limit is accepted', () => {
-    const frame = Frame.deviceState({ migrationId: 'm', state: new Uint8Array(1000) });
+    const frame = Frame.deviceState({ migrationId: 'm', offsetBytes: 0, totalBytes: 1000, state: new Uint8Array(1000) });
     const decoder = new FrameDecoder({ maxPayloadBytes: 1000 });
     expect(decoder.push(Buffer.concat(encodeFrame(frame) as Uint8Array[]))).toHaveLength(1);
   });
@@ -424,7 +424,7 @@ describe('the encoder refuses what the decoder would reject', () => {
 
   test("a payload over the peer's announced limit", () => {
     const state = new Uint8Array(MIN_MAX_PAYLOAD_BYTES + 1);
-    expect(() => encodeFrame(Frame.deviceState({ migrationId: 'm', state }), { maxPayloadBytes: MIN_MAX_PAYLOAD_BYTES })).toThrow(
+    expect(() => encodeFrame(Frame.deviceState({ migrationId: 'm', offsetBytes: 0, totalBytes: state.length, state }), { maxPayloadBytes: MIN_MAX_PAYLOAD_BYTES })).toThrow(
       /over the peer's limit/,
     );
   });

@@ -105,7 +105,9 @@ const frameArb: fc.Arbitrary<Frame> = fc.oneof(
     })
     .map(Frame.roundEnd),
   fc.record({ migrationId: id }).map(Frame.pause),
-  fc.record({ migrationId: id, state: fc.uint8Array({ maxLength: 2048 }) }).map(Frame.deviceState),
+  fc
+    .record({ migrationId: id, offsetBytes: fc.nat(1 << 20), after: fc.nat(1 << 20), state: fc.uint8Array({ minLength: 1, maxLength: 2048 }) })
+    .map(({ after, ...f }) => Frame.deviceState({ ...f, totalBytes: f.offsetBytes + f.state.length + after })),
   fc.record({ migrationId: id, digests }).map(Frame.verify),
   fc.record({ migrationId: id, match: fc.boolean(), digests }).map(Frame.verified),
   fc.record({ migrationId: id }).map(Frame.commit),

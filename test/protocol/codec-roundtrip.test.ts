@@ -55,12 +55,12 @@ describe('round trip', () => {
     const [, payload] = encodeFrame(pagesExample);
     expect(payload).toBe(pagesExample.payload);
     const state = new Uint8Array(10);
-    expect(encodeFrame(Frame.deviceState({ migrationId: 'm', state }))[1]).toBe(state);
+    expect(encodeFrame(Frame.deviceState({ migrationId: 'm', offsetBytes: 0, totalBytes: 10, state }))[1]).toBe(state);
   });
 
   test('a frame without payload bytes encodes to one buffer', () => {
     expect(encodeFrame(Frame.commit({ migrationId: 'm' }))).toHaveLength(1);
-    expect(encodeFrame(Frame.deviceState({ migrationId: 'm', state: new Uint8Array(0) }))).toHaveLength(1);
+    expect(encodeFrame(Frame.postcopy({ migrationId: 'm', region: 0, more: false, missing: new Uint32Array(0) }))).toHaveLength(1);
     const zeroOnly = Frame.pages({
       migrationId: 'm',
       region: 0,
