@@ -16,7 +16,7 @@ export const TRACKERS = ['auto', 'uffd-wp', 'hash-scan'] as const;
 
 const hostPort = z
   .string()
-  .regex(/^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$/, 'must be HOST:PORT, e.g. 127.0.0.1:7401')
+  .regex(/^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$/, { message: 'must be HOST:PORT, e.g. 127.0.0.1:7401', abort: true })
   .refine((value) => Number(value.slice(value.lastIndexOf(':') + 1)) <= 65535, 'port must be at most 65535');
 const absolutePath = z.string().min(1).refine(isAbsolute, 'must be an absolute path');
 /** A number as it is, or text read by `parse` ("10s", "64MiB"), whose error becomes the issue. */

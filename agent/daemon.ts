@@ -375,6 +375,11 @@ export class Agent {
     }
   }
 
+  /** A --to that reaches this agent under another name (localhost, another address of this host). */
+  private refuseSelf(session: PeerSession, to: string): void {
+    if (session.peerId === this.id) throw new GangwayError(ErrorCode.BAD_REQUEST, `--to ${to} is this agent itself (it listens on ${this.listenAddress})`);
+  }
+
   /** A peer hit one of the peers.* limits (or broke the credit or identity rules): counted. */
   private limitHit(limit: string): void {
     this.metrics.peerLimit.inc({ limit });
@@ -742,7 +747,10 @@ export class Agent {
   async stopGuest(name: string): Promise<void> {
     const { guest } = this.registry.get(name);
     if (this.isMigrating(name)) {
-      throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated; wait for the migration to end`);
+      const [id, running] = [...this.outgoing.entries()].find(([, m]) => m.guest.name === name) ?? [];
+      // Past its switchover a migration can no longer be cancelled: then waiting is the advice.
+      const cancel = id && running?.cancellable ? ` (to ${running.options.peerAddress}), or cancel it with \`gangway cancel ${id.slice(0, 8)}\`: the guest then stays on this host` : '';
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated; wait for the migration to end${cancel}`);
     }
     await guest.stop();
     rmSync(guest.files.memoryPath, { force: true });
@@ -940,6 +948,7 @@ export class Agent {
   /** The plan behind --technique auto, or why there is none (no traffic data: no uplink or capacity). */
   private async planForAuto(request: MigrateRequest): Promise<{ plan: MigrationPlan | undefined; noTrafficReason?: string; peerFeatures: string[] }> {
     const session = await this.session(request.to);
+    this.refuseSelf(session, request.to);
     const peerFeatures = [...(session.peer?.features ?? [])];
     const monitor = this.traffic.monitor;
     if (monitor.mode === 'off') return { plan: undefined, noTrafficReason: monitor.reason ?? 'the traffic monitor is off', peerFeatures };
@@ -975,6 +984,7 @@ export class Agent {
     }
     const started = performance.now();
     const session = await this.session(request.to);
+    this.refuseSelf(session, request.to);
     const requested = resolveTechnique(request.technique, session.peer?.features ?? []);
     const techniqueOf = (guest: ProcessGuest) => followed?.guests.find((g) => g.name === guest.name)?.technique ?? requested;
     const strategy = followed?.strategy ?? request.strategy;

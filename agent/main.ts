@@ -4,7 +4,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { resolve } from 'node:path';
 import { rmSync } from 'node:fs';
 import { ErrorCode, GangwayError } from '../protocol/errors.js';
-import { ControlClient } from './control/client.js';
+import { ControlClient, StartedMigrations, type CancelAnswer } from './control/client.js';
 import type { Server } from 'node:http';
 import { startControlPort, startControlServer } from './control/server.js';
 import { checkSocketPath, secureStateDir } from './control/access.js';
@@ -14,7 +14,7 @@ import { createLogger } from './log.js';
 import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, INTERFACE_NAME_PATTERN, loadConfigFile, LOG_LEVELS, mergeConfig, PRIORITIES, resolveControlAccess, resolveDedupPolicy, resolvePeerLimits, resolvePeerTransport, resolveTrafficConfig, TRACKERS } from './config.js';
 import { SystemdNotifier } from './systemd.js';
 import type { MigrationProgress } from './migration/source.js';
-import { groupProgressLine, groupSummaryText } from './cli/format.js';
+import { groupProgressLine, groupSummaryText, unreadableRecordsText } from './cli/format.js';
 import { planText, trafficText } from './cli/traffic-format.js';
 import type { TrafficStatus } from './traffic/service.js';
 import type { MigrationPlan } from './planner/plan-for.js';
@@ -49,6 +49,15 @@ function parseListen(text: string): { host: string; port: number } {
   const port = Number(match?.[2]);
   if (!match || port > 65535) throw new QuantityError('use HOST:PORT, e.g. 127.0.0.1:7401 (port 0 picks a free one)');
   return { host: match[1]!.replace(/^\[|\]$/g, ''), port };
+}
+
+/** Why a listen failed, in the operator's words (the setting to change is added by the caller). */
+function listenProblem(err: unknown): string {
+  const code = (err as NodeJS.ErrnoException).code;
+  if (code === 'EADDRINUSE') return 'the address is in use (another agent or program listens there)';
+  if (code === 'EADDRNOTAVAIL') return 'no interface of this host has that address';
+  if (code === 'EACCES') return 'permission denied (a port below 1024 needs root or CAP_NET_BIND_SERVICE)';
+  return err instanceof Error ? err.message : String(err);
 }
 
 const stateDirOption = () =>
@@ -178,7 +187,7 @@ program
         agent.controlAddress = `${host.includes(':') ? `[${host}]` : host}:${typeof address === 'object' && address ? address.port : port}`;
         log.info({ controlPort: agent.controlAddress, tokenFile: settings.control.tokenFile }, 'control port ready');
       } catch (err) {
-        fail(new GangwayError(ErrorCode.BAD_REQUEST, `cannot serve the control API on ${settings.control.listen}: ${(err as Error).message}`), false);
+        fail(new GangwayError(ErrorCode.BAD_REQUEST, `cannot serve the control API on ${settings.control.listen}: ${listenProblem(err)}; set another address with control.listen (--control-listen, GANGWAY_CONTROL_LISTEN)`), false);
       }
     }
     if (settings.metricsListen) {
@@ -189,7 +198,7 @@ program
         agent.metricsAddress = `${host}:${typeof address === 'object' && address ? address.port : port}`;
         log.info({ metrics: `http://${agent.metricsAddress}/metrics` }, 'metrics served');
       } catch (err) {
-        fail(new GangwayError(ErrorCode.BAD_REQUEST, `cannot serve metrics on ${settings.metricsListen}: ${(err as Error).message}`), false);
+        fail(new GangwayError(ErrorCode.BAD_REQUEST, `cannot serve metrics on ${settings.metricsListen}: ${listenProblem(err)}; set another address with metrics.listen (--metrics-listen, GANGWAY_METRICS_LISTEN)`), false);
       }
     }
     const systemd = SystemdNotifier.fromEnv(log);
@@ -248,7 +257,10 @@ function resolveAgentSettings(opts: Record<string, string | string[] | boolean |
   if (!parsed.success) {
     const valueAt = (path: PropertyKey[]) => path.reduce<unknown>((value, part) => (value as Record<PropertyKey, unknown> | undefined)?.[part], given);
     const shown = (value: unknown) => (value === undefined || typeof value === 'object' ? '' : ` (got ${JSON.stringify(value)})`);
-    throw new GangwayError(ErrorCode.BAD_REQUEST, parsed.error.issues.map((i) => `${flagOf(i.path)}: ${i.message}${shown(valueAt(i.path))}`).join('\n'));
+    // One problem per flag: "--listen 127.0.0.1" fails the HOST:PORT pattern, and the port
+    // check after it would only add a second, confusing line.
+    const issues = parsed.error.issues.filter((issue, i, all) => all.findIndex((other) => other.path.join('.') === issue.path.join('.')) === i);
+    throw new GangwayError(ErrorCode.BAD_REQUEST, issues.map((i) => `${flagOf(i.path)}: ${i.message}${shown(valueAt(i.path))}`).join('\n'));
   }
   const merged = mergeConfig(
     CONFIG_DEFAULTS,
@@ -324,7 +336,8 @@ for (const [verb, method, suffix, description] of [
     .option('--json', 'print JSON')
     .action(async (name: string, opts) => {
       try {
-        const result = await clientFor(opts).call('POST' === method ? 'POST' : 'DELETE', `/v1/guests/${encodeURIComponent(name)}${suffix}`);
+        const client = clientFor(opts);
+        const result = await client.call('POST' === method ? 'POST' : 'DELETE', `/v1/guests/${encodeURIComponent(name)}${suffix}`);
         console.log(opts.json ? JSON.stringify(result) : `guest ${name}: ${verb === 'stop' ? 'stopped' : 'resumed'}`);
       } catch (err) {
         fail(err, Boolean(opts.json));
@@ -332,9 +345,24 @@ for (const [verb, method, suffix, description] of [
     });
 }
 
+/** --to of migrate and plan: HOST:PORT with a port the destination can listen on. */
+const peerAddress = arg((text) => {
+  const port = Number(text.slice(text.lastIndexOf(':') + 1));
+  if (!/^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(text) || port < 1 || port > 65535) {
+    throw new QuantityError(`"${text}" is not an agent address: use HOST:PORT with a port from 1 to 65535, e.g. 10.0.0.2:7401`);
+  }
+  return text;
+});
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+
 withControlOptions(program.command('migrate <guests...>'))
-  .description('live-migrate guests to another agent, verified by memory digests; several guests move as a gang or one by one, with content dedup across them (pre-copy)')
-  .requiredOption('--to <host:port>', 'the destination agent')
+  .description(
+    'live-migrate guests to another agent, verified by memory digests; several guests move as a gang or one by one, with content dedup across them (pre-copy). ' +
+      'Ctrl-C (or SIGTERM) cancels the migrations and the guests stay here; a second Ctrl-C detaches and lets them go on',
+  )
+  .requiredOption('--to <host:port>', 'the destination agent', peerAddress)
   .addOption(new Option('--strategy <strategy>', 'several guests: all at once over one session (gang) or one after another (serial)').choices(['gang', 'serial']).default('gang'))
   .option('--no-dedup', 'send every page, even when its content is already at the destination')
   .option('--downtime-ms <ms>', 'downtime budget for the final round', number('--downtime-ms', 1, 600_000), 300)
@@ -342,7 +370,7 @@ withControlOptions(program.command('migrate <guests...>'))
   .option('--max-rounds <n>', 'pre-copy rounds before giving up', number('--max-rounds', 1, 10_000, true), 30)
   .option('--max-bytes-factor <x>', 'wire bytes allowed, as a multiple of guest memory', number('--max-bytes-factor', 1, 1000), 3)
   .addOption(new Option('--codec <codec>', 'page compression (auto measures whether LZ4 pays)').choices(['auto', 'lz4', 'raw']).default('auto'))
-  .option('--bandwidth <rate>', 'cap the migration rate, e.g. 100MiB/s or 1Gbit/s', arg((t) => parseRate(t, '--bandwidth')))
+  .option('--bandwidth <rate>', 'cap the migration rate: 100MiB/s or 100MB/s (bytes), 1Gbit/s or 1Gbps (bits)', arg((t) => parseRate(t, '--bandwidth')))
   .addOption(new Option('--tracker <kind>', 'dirty-page tracking for this migration').choices(['auto', 'uffd-wp', 'hash-scan']))
   .addOption(
     new Option(
@@ -357,14 +385,18 @@ withControlOptions(program.command('migrate <guests...>'))
   )
   .addOption(new Option('--priority <priority>', "the migration's priority: the plan (--technique auto) and the bandwidth reservation [the agent's traffic.priority]").choices(PRIORITIES))
   .option('--postcopy-after-rounds <n>', 'hybrid: go post-copy after this many pre-copy rounds at the latest [--max-rounds]', number('--postcopy-after-rounds', 1, 10_000, true))
+  .option('--detach', 'start the migrations, print their ids and return; follow them with `gangway status`, cancel with `gangway cancel ID`')
   .option('--json', 'print the summary as JSON')
   .action(async (names: string[], opts) => {
     const json = Boolean(opts.json);
     const tty = process.stderr.isTTY && !json;
     try {
       const client = clientFor(opts);
+      await client.refuseSelf(opts.to);
+      const started = new StartedMigrations(client, names);
       const latest = new Map<string, MigrationProgress>();
-      const summary = await client.migrate(
+      let interrupted = false;
+      const migrating = client.migrate(
         {
           guests: names,
           strategy: opts.strategy,
@@ -382,27 +414,117 @@ withControlOptions(program.command('migrate <guests...>'))
           ...(opts.postcopyAfterRounds ? { postcopyAfterRounds: opts.postcopyAfterRounds } : {}),
         },
         (progress) => {
-          if (!tty) return;
+          started.note(progress);
+          if (!tty || interrupted) return;
           latest.set(progress.guest, progress);
           process.stderr.write(`\r\x1b[K${groupProgressLine(latest)}`);
         },
-      ).finally(() => {
+      );
+      let ended = false;
+      const outcome = migrating.then(
+        (summary) => ({ summary }),
+        (error: unknown) => ({ error }),
+      );
+      void outcome.finally(() => (ended = true));
+      if (opts.detach) {
+        // The first id(s) to show up: a gang's migrations all start at once, a serial one's
+        // others start in turn.
+        while (!ended && started.ids.size === 0) await Promise.race([outcome, sleep(100).then(() => started.refresh().catch(() => {}))]);
+        if (!ended) {
+          await started.refresh().catch(() => {});
+          printDetached(started, opts.to, json);
+          process.exit(0);
+        }
+      }
+
+      // Ctrl-C / SIGTERM: cancel what this command started, as virsh does; again: detach.
+      const answers: CancelAnswer[] = [];
+      let cancelling: Promise<void> | undefined;
+      const interrupt = (signal: NodeJS.Signals) => {
+        if (interrupted) {
+          if (tty) process.stderr.write('\r\x1b[K');
+          const accepted = new Set(answers.filter((a) => a.cancelled).map((a) => a.migrationId));
+          process.stderr.write(`gangway: detached (${signal}): ${detachedText(started, opts.to, accepted)}\n`);
+          process.exit(130);
+        }
+        interrupted = true;
         if (tty) process.stderr.write('\r\x1b[K');
-      });
-      console.log(json ? JSON.stringify(summary) : groupSummaryText(summary));
-      // Some guests moved, some did not (each of those runs on here): a partial success.
-      if (summary.failed.length > 0) process.exitCode = 1;
+        process.stderr.write(`gangway: ${signal}: cancelling the migration of ${names.join(', ')} (press Ctrl-C again to detach and let it go on)\n`);
+        cancelling = (async () => {
+          // Until the request ends: a serial command starts its next guest when one fails.
+          while (!ended) {
+            await started.refresh().catch(() => {});
+            for (const answer of await started.cancelNew()) {
+              answers.push(answer);
+              if (!answer.cancelled) {
+                process.stderr.write(`gangway: migration ${answer.migrationId.slice(0, 8)} of ${answer.guest} cannot be cancelled: ${answer.message}; following it (Ctrl-C again to detach)\n`);
+              }
+            }
+            await Promise.race([outcome, sleep(150)]);
+          }
+        })();
+      };
+      process.on('SIGINT', interrupt);
+      process.on('SIGTERM', interrupt);
+
+      const result = await outcome;
+      await cancelling;
+      if (tty) process.stderr.write('\r\x1b[K');
+      const cancelled = answers.filter((a) => a.cancelled);
+      const moved = new Set('summary' in result ? result.summary.guests.map((g) => g.guest) : []);
+      const stayed = cancelled.filter((a) => !moved.has(a.guest));
+      if (stayed.length === 0) {
+        if ('error' in result) throw result.error;
+        console.log(json ? JSON.stringify(result.summary) : groupSummaryText(result.summary));
+        // Some guests moved, some did not (each of those runs on here): a partial success.
+        if (result.summary.failed.length > 0) process.exitCode = 1;
+        return;
+      }
+      const message = stayed.map((a) => `cancelled: ${a.guest} stays on this host`).join('; ');
+      if (json) {
+        console.log(
+          JSON.stringify({
+            error: { code: ErrorCode.ABORTED, message },
+            cancelled: stayed.map(({ guest, migrationId }) => ({ guest, migrationId })),
+            notCancelled: answers.filter((a) => !a.cancelled),
+            ...('summary' in result ? { summary: result.summary } : {}),
+          }),
+        );
+      } else {
+        if ('summary' in result) console.log(groupSummaryText(result.summary));
+        for (const a of stayed) console.log(`cancelled: ${a.guest} stays on this host (migration ${a.migrationId.slice(0, 8)})`);
+      }
+      process.exit(130);
     } catch (err) {
       fail(err, json);
     }
   });
 
-const peerAddress = arg((text) => {
-  if (!/^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/.test(text) || Number(text.slice(text.lastIndexOf(':') + 1)) > 65535) {
-    throw new QuantityError(`"${text}" is not an agent address: use HOST:PORT, e.g. 10.0.0.2:7401`);
+/** How to follow or cancel migrations this command no longer waits for (`cancelled`: those whose cancel the agent accepted). */
+function detachedText(started: StartedMigrations, to: string, cancelled: ReadonlySet<string>): string {
+  const goingOn = [...started.ids].filter(([id]) => !cancelled.has(id));
+  const stopping = [...started.ids].filter(([id]) => cancelled.has(id)).map(([, guest]) => guest);
+  const stays = stopping.length > 0 ? `; cancelled: ${stopping.join(', ')} ${stopping.length > 1 ? 'stay' : 'stays'} on this host` : '';
+  if (goingOn.length === 0 && stopping.length > 0) return `${stays.slice(2)} (see \`gangway status\`)`;
+  const ids = goingOn.map(([id, guest]) => `${guest}: ${id.slice(0, 8)}`);
+  const cancelWith = goingOn.length === 1 ? goingOn[0]![0].slice(0, 8) : 'ID';
+  return (
+    `the migration to ${to} goes on in the agent${ids.length ? ` (${ids.join(', ')})` : ''}; ` +
+    `follow it with \`gangway status\`, cancel it with \`gangway cancel ${cancelWith}\`${stays}`
+  );
+}
+
+function printDetached(started: StartedMigrations, to: string, json: boolean): void {
+  const migrations = [...started.ids].map(([migrationId, guest]) => ({ guest, migrationId }));
+  const waiting = started.guests.filter((guest) => !migrations.some((m) => m.guest === guest));
+  if (json) {
+    console.log(JSON.stringify({ detached: true, to, migrations, waiting }));
+    return;
   }
-  return text;
-});
+  for (const m of migrations) console.log(`migration ${m.migrationId}: ${m.guest} → ${to} started`);
+  if (waiting.length > 0) console.log(`waiting their turn: ${waiting.join(', ')}`);
+  console.log(`follow with \`gangway status\`; cancel with \`gangway cancel ID\``);
+}
 
 withControlOptions(program.command('plan <guests...>'))
   .description("show how the planner would migrate guests (technique, strategy, order, reserved rates, and why) from this host's and the destination's traffic; migrates nothing")
@@ -411,7 +533,9 @@ withControlOptions(program.command('plan <guests...>'))
   .option('--json', 'print the plan as JSON')
   .action(async (names: string[], opts) => {
     try {
-      const plan = await clientFor(opts).call<MigrationPlan>('POST', '/v1/plan', {
+      const client = clientFor(opts);
+      await client.refuseSelf(opts.to);
+      const plan = await client.call<MigrationPlan>('POST', '/v1/plan', {
         guests: names,
         to: opts.to,
         ...(opts.priority ? { priority: opts.priority } : {}),
@@ -439,8 +563,8 @@ withControlOptions(program.command('cancel <migration-id>'))
   .option('--json', 'print JSON')
   .action(async (id: string, opts) => {
     try {
-      const result = await clientFor(opts).call<{ cancelled: string }>('POST', `/v1/migrations/${encodeURIComponent(id)}/cancel`);
-      console.log(opts.json ? JSON.stringify(result) : `migration ${result.cancelled} cancelled; the guest keeps running on this host`);
+      const cancelled = await clientFor(opts).cancel(id);
+      console.log(opts.json ? JSON.stringify({ cancelled }) : `migration ${cancelled} cancelled; the guest keeps running on this host`);
     } catch (err) {
       fail(err, Boolean(opts.json));
     }
@@ -483,6 +607,7 @@ withControlOptions(program.command('status'))
           );
         }
       }
+      for (const line of unreadableRecordsText(status.unreadableRecords)) console.log(line);
       for (const m of status.migrations.slice(0, 10)) {
         const peer = m.direction === 'out' ? `→ ${m.to}` : `← ${m.from}`;
         const detail =

@@ -2,6 +2,8 @@
 // loopback TCP control port with the bearer token from a token file.
 import { request, type IncomingMessage } from 'node:http';
 import { existsSync } from 'node:fs';
+import { lookup } from 'node:dns/promises';
+import { networkInterfaces } from 'node:os';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import { controlSocketPath, type MigrateRequest } from '../daemon.js';
 import { isLoopbackHost } from '../peer/tls.js';
@@ -40,6 +42,78 @@ export function parseControlAddress(text: string): { host: string; port: number 
     throw new GangwayError(ErrorCode.BAD_REQUEST, `control address ${text} is not loopback: the control port listens on loopback only (remote control would need TLS and an allowlist, which it does not offer)`);
   }
   return { host, port };
+}
+
+/** An outgoing migration as the agent's status lists it while it runs. */
+export interface OutgoingMigration {
+  migrationId: string;
+  guest: string;
+  to: string;
+  startedAt: string;
+  /** As of its last progress event; undefined before the first. */
+  phase: MigrationProgress['phase'] | undefined;
+}
+
+/** What the agent answered when asked to cancel one migration. */
+export type CancelAnswer = { migrationId: string; guest: string } & ({ cancelled: true } | { cancelled: false; message: string });
+
+/**
+ * The migrations one `gangway migrate` started, and cancelling them (Ctrl-C). Their ids come
+ * from the progress events and, for a migration that has sent none yet, from the agent's
+ * status: a running outgoing migration of a named guest, started since the request (a guest
+ * is in at most one outgoing migration at a time).
+ */
+export class StartedMigrations {
+  /** migrationId → guest, in the order they became known. */
+  readonly ids = new Map<string, string>();
+  private readonly asked = new Set<string>();
+  /** Taken before the request is sent, so that its migrations are never older. */
+  private readonly since = new Date().toISOString();
+
+  constructor(
+    private readonly client: ControlClient,
+    readonly guests: readonly string[],
+  ) {}
+
+  note(progress: Pick<MigrationProgress, 'migrationId' | 'guest'>): void {
+    this.ids.set(progress.migrationId, progress.guest);
+  }
+
+  /** Adds the running migrations the agent lists (those that have not reported progress yet). */
+  async refresh(): Promise<void> {
+    for (const m of await this.client.runningOutgoing(this.guests, this.since)) this.ids.set(m.migrationId, m.guest);
+  }
+
+  /** Asks the agent to cancel each known migration not asked about yet; what it answered for each. */
+  async cancelNew(): Promise<CancelAnswer[]> {
+    const answers: CancelAnswer[] = [];
+    for (const [migrationId, guest] of this.ids) {
+      if (this.asked.has(migrationId)) continue;
+      this.asked.add(migrationId);
+      try {
+        await this.client.cancel(migrationId);
+        answers.push({ migrationId, guest, cancelled: true });
+      } catch (err) {
+        answers.push({ migrationId, guest, cancelled: false, message: err instanceof Error ? err.message : String(err) });
+      }
+    }
+    return answers;
+  }
+}
+
+/** HOST and PORT of an address as the agent writes it ("127.0.0.1:7401", "::1:7401", "[::1]:7401"). */
+function splitAddress(address: string): { host: string; port: number } {
+  const colon = address.lastIndexOf(':');
+  return { host: address.slice(0, colon).replace(/^\[|\]$/g, ''), port: Number(address.slice(colon + 1)) };
+}
+
+async function addressesOf(host: string): Promise<string[]> {
+  try {
+    return (await lookup(host, { all: true })).map((a) => a.address);
+  } catch {
+    // A name that does not resolve is not this agent; dialling it reports why.
+    return [];
+  }
 }
 
 export class ControlClient {
@@ -128,6 +202,42 @@ export class ControlClient {
     }
     if (!summary) throw new GangwayError(ErrorCode.INTERNAL, 'the agent ended the migration without a result');
     return summary;
+  }
+
+  /**
+   * Refuses a --to that names this agent itself by another spelling (localhost:7401 for
+   * 127.0.0.1:7401, or any local address when it listens on all of them): it would dial
+   * itself and refuse its own offer as a duplicate migration id.
+   */
+  async refuseSelf(to: string): Promise<void> {
+    const status = await this.call<{ agent: { listen: string } }>('GET', '/v1/status');
+    const listen = splitAddress(status.agent.listen);
+    const target = splitAddress(to);
+    if (listen.port !== target.port) return;
+    const wildcard = listen.host === '0.0.0.0' || listen.host === '::';
+    const local = wildcard
+      ? Object.values(networkInterfaces())
+          .flat()
+          .map((i) => i!.address)
+      : await addressesOf(listen.host);
+    const targets = await addressesOf(target.host);
+    if (targets.some((address) => local.includes(address) || (wildcard && isLoopbackHost(address)))) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `--to ${to} is this agent itself (it listens on ${status.agent.listen}): give the destination agent's address`);
+    }
+  }
+
+  /** The agent's running outgoing migrations of `guests` that started at `since` (ISO time) or later. */
+  async runningOutgoing(guests: readonly string[], since: string): Promise<OutgoingMigration[]> {
+    type Listed = Omit<OutgoingMigration, 'phase'> & { direction: string; state: string; progress?: { phase: OutgoingMigration['phase'] } };
+    const status = await this.call<{ migrations: Listed[] }>('GET', '/v1/status');
+    return status.migrations
+      .filter((m) => m.direction === 'out' && m.state === 'running' && guests.includes(m.guest) && m.startedAt >= since)
+      .map(({ migrationId, guest, to, startedAt, progress }) => ({ migrationId, guest, to, startedAt, phase: progress?.phase }));
+  }
+
+  /** POST /v1/migrations/ID/cancel: the id cancelled, or the agent's refusal (thrown). */
+  async cancel(idOrPrefix: string): Promise<string> {
+    return (await this.call<{ cancelled: string }>('POST', `/v1/migrations/${encodeURIComponent(idOrPrefix)}/cancel`)).cancelled;
   }
 
   /** A streaming call: yields each NDJSON event. */

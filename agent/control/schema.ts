@@ -22,7 +22,13 @@ export const StartGuestRequest = z.strictObject({
   tap: z.string().regex(INTERFACE_NAME_PATTERN, "an interface name: 1 to 15 letters, digits, '_', '.' or '-'").optional(),
 });
 
-const peerAddress = z.string().regex(/^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/, 'HOST:PORT');
+const peerAddress = z
+  .string()
+  .regex(/^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/, { message: 'HOST:PORT', abort: true })
+  .refine((value) => {
+    const port = Number(value.slice(value.lastIndexOf(':') + 1));
+    return port >= 1 && port <= 65535;
+  }, 'HOST:PORT with a port from 1 to 65535');
 
 export const PlanRequestSchema = z.strictObject({
   guests: z.array(guestName).min(1).max(64),
@@ -35,7 +41,7 @@ export const MigrateRequestSchema = z.strictObject({
   guests: z.array(guestName).min(1).max(64),
   strategy: z.enum(['gang', 'serial']),
   dedup: z.boolean(),
-  to: z.string().regex(/^[A-Za-z0-9.-]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$/, 'HOST:PORT'),
+  to: peerAddress,
   downtimeMs: z.number().min(1).max(600_000),
   force: z.boolean(),
   maxRounds: z.number().int().min(1).max(10_000),

@@ -4,7 +4,7 @@
 import { closeSync, rmSync, statfsSync } from 'node:fs';
 import { uncompress } from 'lz4-napi';
 import type { Logger } from 'pino';
-import { Codec, FrameType, GuestKind, nameOf, RejectReason, Technique } from '../../protocol/codes.js';
+import { Codec, GuestKind, nameOf, RejectReason, Technique } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
 import { Frame, validatePages, type FrameOf } from '../../protocol/index.js';
 import { initialMigrationState, transition, type MigrationEvent, type MigrationState } from '../../protocol/migration-state.js';

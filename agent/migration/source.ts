@@ -9,7 +9,7 @@
 import { EventEmitter } from 'node:events';
 import { closeSync, openSync } from 'node:fs';
 import type { Logger } from 'pino';
-import { Codec, FrameType, Technique } from '../../protocol/codes.js';
+import { Codec, Technique } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, PeerError } from '../../protocol/errors.js';
 import { Frame, type FrameOf } from '../../protocol/index.js';
 import type { TrackerPreference } from '../guest/process-guest.js';
@@ -270,6 +270,11 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     return this.state.phase;
   }
 
+  /** Whether cancel() can still stop it: the guest is still this host's. */
+  get cancellable(): boolean {
+    return this.state.sourceOwnsGuest;
+  }
+
   // ── frames from the destination ────────────────────────────────────────────────────
   onFrame(frame: AnyFrame): void {
     switch (frame.type) {
@@ -484,8 +489,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
    * goes. Rejects with POSTCOPY_INTERRUPTED when the destination cannot carry on.
    */
   async resumePostcopy(): Promise<{ verified: boolean; pushedPages: number; faultPages: number }> {
-    const { guest, options } = this;
-    const { ram } = this;
+    const { ram, options } = this;
     const pageSize = ram.pageSizeBytes;
     const pageCount = ram.lengthBytes / pageSize;
     const fd = openSync(ram.path, 'r');
@@ -804,8 +808,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     tracker: DirtyTracker,
     trackerFallbackReason: string | undefined,
   ): Promise<MigrationSummary> {
-    const { guest, options } = this;
-    const { ram } = this;
+    const { guest, options, ram } = this;
     const pageSize = ram.pageSizeBytes;
     const pageCount = ram.lengthBytes / pageSize;
     const dedup = options.dedup;

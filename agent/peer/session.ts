@@ -10,9 +10,8 @@ import type { Logger } from 'pino';
 import type { ConnectionOptions } from 'node:tls';
 import WebSocket from 'ws';
 import { encodeFrame, Frame, FrameDecoder, type FrameOf } from '../../protocol/index.js';
-import { FrameType } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, PeerError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
-import { MAGIC, PROTOCOL_VERSION } from '../../protocol/limits.js';
+import { PROTOCOL_VERSION } from '../../protocol/limits.js';
 import { agentIdOf, describeIdentity, type CertIdentity } from './allowlist.js';
 import { allowlistRefusal, clientConnectError, identityOfPeer, REFUSAL_HEADER, serverNotAllowed, type TlsMaterial } from './tls.js';
 

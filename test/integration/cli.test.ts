@@ -2,7 +2,9 @@
 // says what to do; the agent shuts down cleanly on SIGTERM and finds its guests on restart;
 // the demo runs end to end and leaves nothing behind.
 import { afterEach, describe, expect, it } from 'vitest';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { execa } from 'execa';
 import { startLocalAgent } from '../../agent/local-agent.js';
 import { loadNative } from '../../agent/native.js';
@@ -26,10 +28,131 @@ describe.skipIf(!builtAgent)('gangway CLI', () => {
     [['migrate', 'vm1'], /--to/],
     [['migrate', 'vm1', '--to', '127.0.0.1:1', '--downtime-ms', '-5'], /--downtime-ms/],
     [['agent', '--listen', 'nowhere'], /HOST:PORT/],
+    // "10Mbps" used to cap at 10 megabytes per second; a bare "Mb" or "MB" is now refused with both readings.
+    [['migrate', 'vm1', '--to', '127.0.0.1:1', '--bandwidth', '10Mb'], /--bandwidth "10Mb" could be bits or bytes per second: did you mean 10Mbit\/s \(bits\) or 10MB\/s \(bytes\)\?/],
+    [['migrate', 'vm1', '--to', '127.0.0.1:1', '--bandwidth', '10MB'], /--bandwidth "10MB" .*did you mean 10Mbit\/s \(bits\) or 10MB\/s \(bytes\)\?/],
+    [['guest', 'start', 'vm1', '--dirty-rate', '40MiB'], /--dirty-rate "40MiB" is a size, not a rate: did you mean 40MiB\/s\?/],
+    // A bare number was read as bytes: --memory 64 asked for a 64-byte guest.
+    [['guest', 'start', 'vm1', '--memory', '64'], /--memory "64" has no unit: did you mean 64MiB\?/],
+    [['demo', '--memory', '512'], /--memory "512" has no unit: did you mean 512MiB\?/],
+    [['agent', '--check-config', '--insecure-plaintext-loopback', '--uplink', 'lo', '--link-capacity', '1Gb'], /--link-capacity: rate "1Gb" .*did you mean 1Gbit\/s \(bits\) or 1GB\/s \(bytes\)\? \(got "1Gb"\)/],
+    // Was "Invalid URL ... [GANGWAY_ERR_INTERNAL]" from deep inside the agent.
+    [['migrate', 'vm1', '--to', '127.0.0.1:99999'], /option '--to <host:port>' argument '127\.0\.0\.1:99999' is invalid\. .*port from 1 to 65535/],
+    [['plan', 'vm1', '--to', '127.0.0.1:0'], /option '--to <host:port>' argument '127\.0\.0\.1:0' is invalid\. .*port from 1 to 65535/],
   ])('rejects %j with a message naming the problem', async (args, message) => {
     const run = await gangway(args as string[]);
     expect(run.exitCode).not.toBe(0);
     expect(run.stderr).toMatch(message);
+    expect(run.stderr).not.toMatch(/GANGWAY_ERR_INTERNAL|Invalid URL/);
+  });
+
+  it('reads rates in bits where networking writes bits: --link-capacity 10Mbps is 1.25 MB/s', async () => {
+    const run = await gangway(['agent', '--check-config', '--insecure-plaintext-loopback', '--state-dir', '/tmp/gangway-check-units', '--uplink', 'lo', '--link-capacity', '10Mbps']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    expect(JSON.parse(run.stdout).traffic.linkBytesPerSec).toBe(1_250_000);
+  });
+
+  it.each([
+    ['the environment', { GANGWAY_TRAFFIC_LINK_CAPACITY: '1GB' }, '', /environment: GANGWAY_TRAFFIC_LINK_CAPACITY rate "1GB" .*did you mean 1Gbit\/s \(bits\) or 1GB\/s \(bytes\)\?/],
+    ['the config file', {}, 'traffic:\n  linkCapacity: 100Mb\n', /'traffic\.linkCapacity' rate "100Mb" .*did you mean 100Mbit\/s \(bits\) or 100MB\/s \(bytes\)\?/],
+    ['a size in the environment', { GANGWAY_PEERS_MEMORY_HEADROOM: '64' }, '', /GANGWAY_PEERS_MEMORY_HEADROOM size "64" has no unit: did you mean 64MiB\?/],
+  ])('refuses an ambiguous quantity in %s, naming where it came from', async (_, env, file, message) => {
+    const dir = mkdtempSync(join(tmpdir(), 'gangway-units-'));
+    try {
+      const args = ['agent', '--check-config', '--insecure-plaintext-loopback', '--state-dir', dir, '--uplink', 'lo'];
+      if (file) {
+        writeFileSync(join(dir, 'agent.yaml'), file);
+        args.push('--config', join(dir, 'agent.yaml'));
+      } else args.push('--link-capacity', '1Gbit/s');
+      const run = await gangway(args, env);
+      expect(run.exitCode).toBe(1);
+      expect(run.stderr).toMatch(message);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('keeps a YAML number as bytes where a config file gives one', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gangway-units-'));
+    try {
+      writeFileSync(join(dir, 'agent.yaml'), 'insecurePlaintextLoopback: true\npeers:\n  memoryHeadroom: 1048576\n');
+      const run = await gangway(['agent', '--check-config', '--config', join(dir, 'agent.yaml'), '--state-dir', dir]);
+      expect(run.exitCode, run.stderr).toBe(0);
+      expect(JSON.parse(run.stdout).peers.memoryHeadroomBytes).toBe(1_048_576);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('--listen without a port: one line that says what to write', async () => {
+    const run = await gangway(['agent', '--listen', '127.0.0.1', '--insecure-plaintext-loopback', '--state-dir', '/tmp/gangway-check-listen']);
+    expect(run.exitCode).toBe(1);
+    expect(run.stderr.trim().split('\n')).toEqual(['gangway: --listen: must be HOST:PORT, e.g. 127.0.0.1:7401 (got "127.0.0.1") [GANGWAY_ERR_BAD_REQUEST]']);
+  });
+
+  it('a port in use: names the address and the setting, no stack trace', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a');
+    const other = `${cluster.dir}/other`;
+    const peer = await gangway(['agent', '--listen', a.listen, '--insecure-plaintext-loopback', '--state-dir', other]);
+    expect(peer.exitCode).toBe(1);
+    expect(peer.stderr).toContain(`cannot listen for peers on ${a.listen}: the address is in use (another agent or program listens there); set another address with listen (--listen, GANGWAY_LISTEN)`);
+    expect(peer.stderr + peer.stdout).not.toMatch(/Unhandled|    at /);
+    const fromEnv = await gangway(['agent', '--insecure-plaintext-loopback', '--state-dir', other], { GANGWAY_LISTEN: a.listen });
+    expect(fromEnv.stderr).toContain(`cannot listen for peers on ${a.listen}: the address is in use`);
+    const metrics = await gangway(['agent', '--listen', '127.0.0.1:0', '--metrics-listen', a.listen, '--insecure-plaintext-loopback', '--state-dir', other]);
+    expect(metrics.exitCode).toBe(1);
+    expect(metrics.stderr).toContain(`cannot serve metrics on ${a.listen}: the address is in use (another agent or program listens there); set another address with metrics.listen (--metrics-listen, GANGWAY_METRICS_LISTEN)`);
+    const control = await gangway(['agent', '--listen', '127.0.0.1:0', '--control-listen', a.listen, '--insecure-plaintext-loopback', '--state-dir', other]);
+    expect(control.exitCode).toBe(1);
+    expect(control.stderr).toContain(`cannot serve the control API on ${a.listen}: the address is in use`);
+    expect(control.stderr).toContain('control.listen (--control-listen, GANGWAY_CONTROL_LISTEN)');
+  });
+
+  it('--to naming this agent by another spelling says so (was "duplicate migration id")', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a');
+    const port = a.listen.slice(a.listen.lastIndexOf(':') + 1);
+    const name = uniqueName('vm');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '8MiB'])).exitCode).toBe(0);
+    for (const to of [`localhost:${port}`, a.listen]) {
+      const run = await cluster.cli(a, ['migrate', name, '--to', to, '--json']);
+      expect(run.exitCode).toBe(1);
+      expect(run.stderr).toContain(`--to ${to} is this agent itself (it listens on ${a.listen})`);
+      expect(JSON.parse(run.stdout).error.code).toBe('GANGWAY_ERR_BAD_REQUEST');
+    }
+    const plan = await cluster.cli(a, ['plan', name, '--to', `localhost:${port}`]);
+    expect(plan.stderr).toContain(`--to localhost:${port} is this agent itself`);
+    expect((await a.status()).guests.find((g) => g.name === name)?.state).toBe('running');
+  });
+
+  it('caps --bandwidth 80Mbps at 10 MB/s, not 80 MB/s', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a');
+    const b = await cluster.agent('b');
+    const name = uniqueName('vm');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '16MiB', '--profile', 'random'])).exitCode).toBe(0);
+    const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '80Mbps', '--codec', 'raw', '--json']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    const moved = JSON.parse(run.stdout).guests[0];
+    const bytesPerSec = (moved.wireBytes * 1000) / moved.totalMs;
+    expect(bytesPerSec).toBeLessThan(12e6);
+    expect(bytesPerSec).toBeGreaterThan(5e6);
+  });
+
+  it('guest stop during a migration names `gangway cancel ID`', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a');
+    const b = await cluster.agent('b');
+    const name = uniqueName('vm');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--dirty-rate', '8MiB/s'])).exitCode).toBe(0);
+    const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '8MiB/s', '--detach', '--json']);
+    const { migrationId } = JSON.parse(run.stdout).migrations[0];
+    const stop = await cluster.cli(a, ['guest', 'stop', name]);
+    expect(stop.exitCode).toBe(1);
+    expect(stop.stderr).toContain(`guest ${name} is being migrated`);
+    expect(stop.stderr).toContain(`cancel it with \`gangway cancel ${migrationId.slice(0, 8)}\``);
+    expect((await cluster.cli(a, ['cancel', migrationId])).exitCode).toBe(0);
   });
 
   it('says how to start an agent when none is running', async () => {
