@@ -13,6 +13,8 @@
  *   ok start=0x<address> length=<bytes> pid=<pid>
  *   error stage=<open|api|register|writeprotect> errno=<n> message=<text>
  * A failure never changes what mmap returns: the agent then falls back to hash scanning.
+ * While a thread of the process is named `gangway-wp`, the write-protect pass is still
+ * running and the agent must not start tracking yet (see protect_thread).
  * The hook knows nothing about the program, so it serves gangway-guest and QEMU alike.
  *
  * Post-copy (GANGWAY_UFFD_SOCKET=FD, a unix socket the agent made): the mapping is also
@@ -37,6 +39,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -197,53 +200,82 @@ static int send_uffd(int sock, int uffd, uint64_t start, uint64_t length)
 
 /*
  * Write-protects the whole range (with WP_UNPOPULATED this covers pages not yet faulted in,
- * so the very first write to any page is seen). It costs about 2.3 ms per GiB, which a
- * migrated guest would otherwise spend inside its downtime: it runs on a thread of its own,
- * while the program carries on. Writes before it completes are not tracked, which is safe:
- * tracking matters from the next migration's first round on, which sends every page anyway.
+ * so the very first write to any page is seen, and no empty entry is reported as written).
+ * It costs 2-30 ms per GiB (the high end for a range never touched, under CPU contention),
+ * which a migrated guest would otherwise spend inside its downtime: it runs on a thread of
+ * its own, while the program carries on.
+ *
+ * The pass marks clean every page it reaches, written or not. That is harmless before the
+ * agent tracks, and loses writes after: were the agent's first scan and first full copy of
+ * a page to come before the pass reached it, a write between the copy and the pass would be
+ * marked clean and never reported. So the thread carries a name of its own from birth (it
+ * inherits its creator's, set around pthread_create), the `ok` report is written only once
+ * it exists, and the agent waits for it to be gone before its first scan (uffd-wp.ts arm).
  */
+#define PROTECT_THREAD_NAME "gangway-wp"
+
 struct protect_job {
 	int uffd;
 	uint64_t start;
 	uint64_t length;
 };
 
+/* Held by the creator until its `ok` report is out: an error report must come after it. */
+static pthread_mutex_t report_order = PTHREAD_MUTEX_INITIALIZER;
+
+static int writeprotect(const struct protect_job *job)
+{
+	struct uffdio_writeprotect wp = {
+		.range = {.start = job->start, .len = job->length},
+		.mode = UFFDIO_WRITEPROTECT_MODE_WP,
+	};
+	return ioctl(job->uffd, UFFDIO_WRITEPROTECT, &wp);
+}
+
 static void *protect_thread(void *arg)
 {
 	struct protect_job job = *(struct protect_job *)arg;
 	free(arg);
-	struct uffdio_writeprotect wp = {
-		.range = {.start = job.start, .len = job.length},
-		.mode = UFFDIO_WRITEPROTECT_MODE_WP,
-	};
-	if (ioctl(job.uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
+	pthread_mutex_lock(&report_order);
+	pthread_mutex_unlock(&report_order);
+	if (writeprotect(&job) < 0)
 		report_error("writeprotect", errno); /* the agent falls back to hash scanning */
 	return NULL;
 }
 
-static void start_writeprotect(int uffd, uint64_t start, uint64_t length)
+/* Starts the pass on its own thread and reports `ok_line`; without a thread, does the pass
+ * here first, so that `ok` always means: done, or running on the named thread. */
+static void start_writeprotect(int uffd, uint64_t start, uint64_t length, const char *ok_line)
 {
 	struct protect_job *job = malloc(sizeof(*job));
-	pthread_t thread;
-	pthread_attr_t attr;
 	if (job) {
 		*job = (struct protect_job){.uffd = uffd, .start = start, .length = length};
-		if (pthread_attr_init(&attr) == 0) {
+		char name[17] = {0};
+		pthread_t thread;
+		pthread_attr_t attr;
+		int rc = -1;
+		/* A thread the agent could not recognise would bring the race back: no name, no thread. */
+		if (prctl(PR_GET_NAME, name) == 0 && pthread_attr_init(&attr) == 0) {
 			pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-			int rc = pthread_create(&thread, &attr, protect_thread, job);
+			pthread_mutex_lock(&report_order);
+			if (prctl(PR_SET_NAME, PROTECT_THREAD_NAME) == 0) {
+				rc = pthread_create(&thread, &attr, protect_thread, job);
+				prctl(PR_SET_NAME, name);
+			}
 			pthread_attr_destroy(&attr);
 			if (rc == 0)
-				return;
+				report(ok_line);
+			pthread_mutex_unlock(&report_order);
 		}
+		if (rc == 0)
+			return;
+		free(job);
 	}
-	/* No thread: do it here. */
-	struct protect_job *inline_job = job ? job : malloc(sizeof(*inline_job));
-	if (!inline_job) {
-		report_error("writeprotect", ENOMEM);
-		return;
-	}
-	*inline_job = (struct protect_job){.uffd = uffd, .start = start, .length = length};
-	protect_thread(inline_job);
+	struct protect_job inline_job = {.uffd = uffd, .start = start, .length = length};
+	if (writeprotect(&inline_job) < 0)
+		report_error("writeprotect", errno);
+	else
+		report(ok_line);
 }
 
 /* Returns 0, or -1 with errno when post-copy was asked for and could not be set up. */
@@ -300,8 +332,7 @@ static int start_tracking(void *addr, size_t len)
 	char line[128];
 	snprintf(line, sizeof(line), "ok start=0x%llx length=%llu pid=%d%s\n", (unsigned long long)(uintptr_t)addr,
 		 (unsigned long long)length, (int)getpid(), postcopy ? " postcopy=1" : "");
-	report(line);
-	start_writeprotect(uffd, (uint64_t)(uintptr_t)addr, length);
+	start_writeprotect(uffd, (uint64_t)(uintptr_t)addr, length, line);
 	return 0;
 }
 
