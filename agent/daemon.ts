@@ -1,7 +1,7 @@
 // The agent: one per host. Listens for peer agents (WebSocket sessions carrying
 // migrations), serves the local control API to the CLI over a unix socket in the state
 // dir, keeps the guest registry, and runs migrations in both directions.
-import { randomBytes, randomUUID, timingSafeEqual } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import type { TLSSocket } from 'node:tls';
@@ -24,7 +24,7 @@ import { GuestRegistry, UNREADABLE_RECORD_ADVICE, type GuestRecord } from './gue
 import type { Logger } from './log.js';
 import { loadNative } from './native.js';
 import type { CodecMode } from './migration/codec-chooser.js';
-import { DestinationMigration, type IncomingResult } from './migration/destination.js';
+import { DestinationMigration, secretsMatch, type IncomingResult } from './migration/destination.js';
 import { SourceMigration, type MigrationProgress, type MigrationSummary } from './migration/source.js';
 import { outcomeOf, summarizeGroup, type GroupOutcome, type GroupSummary } from './migration/group-summary.js';
 import { SourceDedupGroup } from './dedup/source-group.js';
@@ -152,9 +152,6 @@ export class Agent {
   /** Loaded at start when the transport is TLS. */
   private tls: TlsMaterial | undefined;
   private readonly sessionsIn = new Set<PeerSession>();
-  /** Each incoming session's LZ4 decompression slots (peers.decompressionsPerSession). */
-  private readonly decompressionsIn = new Map<PeerSession, Slots>();
-  private readonly groupsIn = new Map<PeerSession, Map<string, DestinationGroup>>();
   private readonly sessionsOut = new Map<string, Promise<PeerSession>>();
   private readonly outgoing = new Map<string, SourceMigration>();
   private readonly incoming = new Map<string, DestinationMigration>();
@@ -478,15 +475,12 @@ export class Agent {
         role: 'server',
         ...(certificate ? { peerCertificate: certificate } : {}),
       });
+      // What the session's migrations share: its dedup groups and its decompression slots.
       const groups = new Map<string, DestinationGroup>();
-      const slots = new Slots(limits.decompressionsPerSession);
+      const decompressions = new Slots(limits.decompressionsPerSession);
       this.sessionsIn.add(session);
-      this.groupsIn.set(session, groups);
-      this.decompressionsIn.set(session, slots);
       session.on('closed', () => {
         this.sessionsIn.delete(session);
-        this.groupsIn.delete(session);
-        this.decompressionsIn.delete(session);
         for (const group of groups.values()) void group.close();
       });
       // Sessions per peer: under TLS the certificate names the peer at once, under plain ws
@@ -500,7 +494,7 @@ export class Agent {
       };
       if (certificate) countSessions();
       else session.ready.then(countSessions, () => {});
-      session.onOffer = (offer) => this.onOffer(offer, session);
+      session.onOffer = (offer) => this.onOffer(offer, session, { groups, decompressions });
       session.onGroupFrame = (frame) => this.onGroupFrame(frame, session, groups);
       session.onTrafficQuery = () => this.traffic.report();
       session.onReattach = (frame) => this.onReattach(frame, session);
@@ -607,7 +601,7 @@ export class Agent {
       return;
     }
     const verdict = this.postcopyVerdicts.get(migrationId);
-    if (verdict && verdict.from === session.peerId && verdict.secret.length === secret.length && timingSafeEqual(verdict.secret, secret)) {
+    if (verdict && verdict.from === session.peerId && secretsMatch(secret, verdict.secret)) {
       session.send(verdict.frame);
       return;
     }
@@ -618,7 +612,7 @@ export class Agent {
     refuse(`no post-copy migration ${migrationId} that this agent may carry on waits here`);
   }
 
-  private onOffer(offer: Parameters<NonNullable<PeerSession['onOffer']>>[0], session: PeerSession): void {
+  private onOffer(offer: Parameters<NonNullable<PeerSession['onOffer']>>[0], session: PeerSession, shared: { groups: Map<string, DestinationGroup>; decompressions: Slots }): void {
     if (this.incoming.has(offer.migrationId) || this.records.has(offer.migrationId)) {
       // A replayed or duplicated id would mix two streams.
       session.send(Frame.reject({ migrationId: offer.migrationId, reason: RejectReason.badSpec, message: 'duplicate migration id' }));
@@ -650,11 +644,11 @@ export class Agent {
       log: this.log,
       accepting: () => !this.shuttingDown,
       metrics: this.metrics,
-      groups: this.groupsIn.get(session) ?? new Map(),
+      groups: shared.groups,
       reattachWindowMs: this.config.postcopyReattachMs,
       space: { reservedBytes: arriving.reduce((sum, m) => sum + m.promisedBytes, 0), headroomBytes: limits.memoryHeadroomBytes },
       maxDeviceStateBytes: limits.maxDeviceStateBytes,
-      ...(this.decompressionsIn.get(session) ? { decompressions: this.decompressionsIn.get(session)! } : {}),
+      decompressions: shared.decompressions,
       onLimit: (limit) => this.limitHit(limit),
     });
     if (!migration) {

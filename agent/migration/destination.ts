@@ -8,14 +8,14 @@ import { Codec, GuestKind, nameOf, RejectReason, Technique } from '../../protoco
 import { ErrorCode, GangwayError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
 import { Frame, validatePages, type FrameOf } from '../../protocol/index.js';
 import { initialMigrationState, transition, type MigrationEvent, type MigrationState } from '../../protocol/migration-state.js';
-import type { GuestLauncher, LauncherTable, StandbyGuest } from '../guest/adapter.js';
+import type { GuestLauncher, StandbyGuest } from '../guest/adapter.js';
 import { LAUNCHERS } from '../guest/kinds.js';
 import type { GuestRecord, GuestRegistry } from '../guest/registry.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
 import { creditCost } from './page-sender.js';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
-import { Slots } from './flow.js';
+import type { Slots } from './flow.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { DestinationGroup } from '../dedup/dest-group.js';
 import { ENTRY_DATA, ENTRY_REF } from '../native.js';
@@ -23,10 +23,11 @@ import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MAX_WANT_RUNS, MIGRATION
 import { PostcopyReceiver } from './postcopy-destination.js';
 import { PageSet, runsPageCount as runsPageCountOf } from '../tracker/page-set.js';
 import { faultCrash } from './faults.js';
-import { PEER_LIMIT_DEFAULTS } from '../config.js';
 
-/** Without the agent's per-session slots (tests): decompressions are not limited. */
-const UNLIMITED = new Slots(Number.MAX_SAFE_INTEGER);
+/** A presented migration secret against the one handed out, in constant time. */
+export function secretsMatch(presented: Uint8Array, expected: Uint8Array): boolean {
+  return presented.length === expected.length && timingSafeEqual(presented, expected);
+}
 
 /** Repairs of a digest mismatch this side allows before it gives the migration up. */
 const MAX_REPAIRS = 2;
@@ -41,7 +42,7 @@ export interface DestinationContext {
   accepting: () => boolean;
   metrics?: AgentMetrics;
   /** The session's open dedup groups, by id. */
-  groups?: Map<string, DestinationGroup>;
+  groups: Map<string, DestinationGroup>;
   /** Post-copy: how long to wait for the source to come back after the session broke. */
   reattachWindowMs?: number;
   /**
@@ -49,13 +50,11 @@ export interface DestinationContext {
    * post-copy's sparse file fills as pages come), and the space always kept free: an offer is
    * accepted only when what is free covers both and the new guest.
    */
-  space?: { reservedBytes: number; headroomBytes: number };
+  space: { reservedBytes: number; headroomBytes: number };
   /** The session's LZ4 decompressions under way at once (shared by its migrations). */
-  decompressions?: Slots;
-  /** The largest device state this agent takes (peers.maxDeviceState; default 256 MiB). */
-  maxDeviceStateBytes?: number;
-  /** The guest kinds this agent takes (default: every kind it has, agent/guest/kinds.ts). */
-  launchers?: LauncherTable;
+  decompressions: Slots;
+  /** The largest device state this agent takes (peers.maxDeviceState). */
+  maxDeviceStateBytes: number;
   /** A peer broke a limit (credit): for the agent's log and metrics. */
   onLimit?: (limit: 'credit' | 'space' | 'device-state') => void;
 }
@@ -148,11 +147,11 @@ export class DestinationMigration implements FrameHandler {
       return undefined;
     };
     if (!ctx.accepting()) return reject(RejectReason.shuttingDown, 'the destination agent is shutting down');
-    const group = offer.dedup ? ctx.groups?.get(offer.dedup.group) : undefined;
+    const group = offer.dedup ? ctx.groups.get(offer.dedup.group) : undefined;
     if (offer.dedup && (!group || group.isClosed)) {
       return reject(RejectReason.badSpec, `dedup group ${offer.dedup.group} is not open on this session (send dedupOpen first)`);
     }
-    const launcher = (ctx.launchers ?? LAUNCHERS)[offer.guest.kind];
+    const launcher = LAUNCHERS[offer.guest.kind];
     if (!launcher) return reject(RejectReason.unsupported, `this agent takes no guests of kind ${nameOf(GuestKind, offer.guest.kind) ?? offer.guest.kind}`);
     if (offer.technique !== Technique.precopy && offer.dedup) {
       return reject(RejectReason.unsupported, 'post-copy and hybrid migrations do not take part in dedup groups on this agent');
@@ -172,8 +171,7 @@ export class DestinationMigration implements FrameHandler {
     try {
       const stats = statfsSync(ctx.memoryDir);
       const free = stats.bavail * stats.bsize;
-      const reserved = ctx.space?.reservedBytes ?? 0;
-      const headroom = ctx.space?.headroomBytes ?? 0;
+      const { reservedBytes: reserved, headroomBytes: headroom } = ctx.space;
       const needed = migration.spaceBytes;
       if (free - reserved - headroom < needed) {
         ctx.registry.release(offer.guest.name);
@@ -520,7 +518,7 @@ export class DestinationMigration implements FrameHandler {
    * migration, not the session, and the source's guest runs on there.
    */
   private receiveDeviceState(frame: FrameOf<'deviceState'>): void {
-    const maxBytes = this.ctx.maxDeviceStateBytes ?? PEER_LIMIT_DEFAULTS.maxDeviceStateBytes;
+    const maxBytes = this.ctx.maxDeviceStateBytes;
     if (!this.deviceState) {
       if (frame.totalBytes > maxBytes) {
         this.ctx.onLimit?.('device-state');
@@ -565,7 +563,7 @@ export class DestinationMigration implements FrameHandler {
 
   /** LZ4 in a slot of the session's; work that waited past this migration's end is dropped unrun. */
   private async decompress(payload: Uint8Array): Promise<Uint8Array> {
-    const release = await (this.ctx.decompressions ?? UNLIMITED).acquire();
+    const release = await this.ctx.decompressions.acquire();
     try {
       if (this.finished) throw new GangwayError(ErrorCode.ABORTED, 'the migration ended before its pages were decompressed');
       return await uncompress(payload);
@@ -801,7 +799,7 @@ export class DestinationMigration implements FrameHandler {
 
   /** Is `session`, presenting `secret`, the source this migration was accepted from? */
   isSource(session: PeerSession, secret: Uint8Array): boolean {
-    return session.peerId === this.sourceAgentId && secret.length === this.secret.length && timingSafeEqual(secret, this.secret);
+    return session.peerId === this.sourceAgentId && secretsMatch(secret, this.secret);
   }
 
   /**

@@ -422,11 +422,6 @@ export class PeerSession extends EventEmitter {
     return certificate ? agentIdOf(certificate) : this.peerHello?.agentId;
   }
 
-  /** True when the peer's agent id was proved by its TLS certificate. */
-  get peerAuthenticated(): boolean {
-    return this.peerHello !== undefined && this.options.peerCertificate !== undefined;
-  }
-
   /** Ends the session with an error frame that tells the peer why. */
   fail(err: GangwayError): void {
     if (this.closedWith) return;
