@@ -9,12 +9,13 @@ import type { Server } from 'node:http';
 import { startControlPort, startControlServer } from './control/server.js';
 import { checkSocketPath, secureStateDir } from './control/access.js';
 import { loadOrCreateToken } from './control/token.js';
-import { Agent, controlSocketInUse, controlSocketPath, DEFAULT_AGENT_CONFIG, type AgentConfig } from './daemon.js';
+import { Agent, controlSocketInUse, DEFAULT_AGENT_CONFIG, type AgentConfig } from './daemon.js';
 import { createLogger } from './log.js';
-import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, INTERFACE_NAME_PATTERN, loadConfigFile, LOG_LEVELS, mergeConfig, PRIORITIES, resolveControlAccess, resolveDedupPolicy, resolvePeerLimits, resolvePeerTransport, resolveTrafficConfig, TRACKERS } from './config.js';
+import { CONFIG_DEFAULTS, INTERFACE_NAME_PATTERN, LOG_LEVELS, PRIORITIES, TRACKERS } from './config.js';
+import { parseListen, resolveAgentSettings } from './cli/agent-settings.js';
 import { SystemdNotifier } from './systemd.js';
 import type { MigrationProgress } from './migration/source.js';
-import { groupProgressLine, groupSummaryText, unreadableRecordsText } from './cli/format.js';
+import { detachedStartText, detachedText, groupProgressLine, groupSummaryText, unreadableRecordsText } from './cli/format.js';
 import { planText, trafficText } from './cli/traffic-format.js';
 import type { TrafficStatus } from './traffic/service.js';
 import type { MigrationPlan } from './planner/plan-for.js';
@@ -43,13 +44,6 @@ const number = (what: string, min: number, max: number, integer = false) =>
     }
     return value;
   });
-
-function parseListen(text: string): { host: string; port: number } {
-  const match = /^(.+):(\d{1,5})$/.exec(text);
-  const port = Number(match?.[2]);
-  if (!match || port > 65535) throw new QuantityError('use HOST:PORT, e.g. 127.0.0.1:7401 (port 0 picks a free one)');
-  return { host: match[1]!.replace(/^\[|\]$/g, ''), port };
-}
 
 /** Why a listen failed, in the operator's words (the setting to change is added by the caller). */
 function listenProblem(err: unknown): string {
@@ -219,78 +213,6 @@ program
     systemd.ready(`listening on ${agent.listenAddress}`);
   });
 
-/**
- * `--metrics-listen` for metrics.listen, `--tls-allow` for tls.allow.0, `--control-token-file`
- * for control.tokenFile, `--link-capacity` for traffic.linkCapacity.
- */
-function flagOf(path: PropertyKey[]): string {
-  const [section, key] = path.map(String);
-  const camel =
-    section === 'tls' ? `tls-${key}` : key === undefined ? section! : section === 'traffic' ? key : `${section}${key[0]!.toUpperCase()}${key.slice(1)}`;
-  return `--${camel.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`;
-}
-
-/** Defaults < config file < GANGWAY_* environment < flags, validated, in the agent's units. */
-function resolveAgentSettings(opts: Record<string, string | string[] | boolean | undefined>) {
-  const str = (value: unknown) => value as string | undefined;
-  const path = (value: unknown) => (value === undefined ? undefined : resolve(str(value)!));
-  const section = (entries: Record<string, unknown>) => {
-    const defined = Object.entries(entries).filter(([, v]) => v !== undefined);
-    return defined.length > 0 ? Object.fromEntries(defined) : undefined;
-  };
-  const flags: Record<string, unknown> = {
-    listen: opts.listen,
-    stateDir: path(opts.stateDir),
-    memoryDir: path(opts.memoryDir),
-    tracker: opts.tracker,
-    shutdownGrace: opts.shutdownGrace,
-    logLevel: opts.logLevel,
-    metrics: section({ listen: opts.metricsListen }),
-    control: section({ group: opts.controlGroup, listen: opts.controlListen, tokenFile: path(opts.controlTokenFile) }),
-    // --tls-* flags override single tls settings of the file or the environment.
-    tls: section({ cert: path(opts.tlsCert), key: path(opts.tlsKey), ca: path(opts.tlsCa), allow: opts.tlsAllow }),
-    insecurePlaintextLoopback: opts.insecurePlaintextLoopback ? true : undefined,
-    traffic: section({ uplink: opts.uplink, linkCapacity: opts.linkCapacity }),
-  };
-  const given = Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined));
-  const parsed = ConfigLayerSchema.safeParse(given);
-  if (!parsed.success) {
-    const valueAt = (path: PropertyKey[]) => path.reduce<unknown>((value, part) => (value as Record<PropertyKey, unknown> | undefined)?.[part], given);
-    const shown = (value: unknown) => (value === undefined || typeof value === 'object' ? '' : ` (got ${JSON.stringify(value)})`);
-    // One problem per flag: "--listen 127.0.0.1" fails the HOST:PORT pattern, and the port
-    // check after it would only add a second, confusing line.
-    const issues = parsed.error.issues.filter((issue, i, all) => all.findIndex((other) => other.path.join('.') === issue.path.join('.')) === i);
-    throw new GangwayError(ErrorCode.BAD_REQUEST, issues.map((i) => `${flagOf(i.path)}: ${i.message}${shown(valueAt(i.path))}`).join('\n'));
-  }
-  const merged = mergeConfig(
-    CONFIG_DEFAULTS,
-    opts.config ? loadConfigFile(resolve(str(opts.config)!)) : {},
-    configFromEnv(process.env),
-    parsed.data,
-  );
-  const tls = completeTls(merged.tls);
-  const listen = parseListen(merged.listen!);
-  const transport = resolvePeerTransport({ tls, insecurePlaintextLoopback: merged.insecurePlaintextLoopback }, listen.host);
-  const stateDir = resolve(merged.stateDir!);
-  return {
-    listen: merged.listen!,
-    listenHost: listen.host,
-    listenPort: listen.port,
-    stateDir,
-    memoryDir: resolve(merged.memoryDir!),
-    tracker: merged.tracker!,
-    shutdownGraceMs: merged.shutdownGrace!,
-    logLevel: merged.logLevel!,
-    metricsListen: merged.metrics?.listen,
-    control: { socket: controlSocketPath(stateDir), ...resolveControlAccess(merged.control, stateDir) },
-    transport,
-    traffic: resolveTrafficConfig(merged.traffic),
-    peers: resolvePeerLimits(merged.peers),
-    dedup: resolveDedupPolicy(merged.dedup),
-    configFile: opts.config ? resolve(str(opts.config)!) : undefined,
-  };
-}
-
 const guest = program.command('guest').description('start, stop or resume guests on the local agent');
 
 withControlOptions(guest.command('start <name>'))
@@ -432,7 +354,7 @@ withControlOptions(program.command('migrate <guests...>'))
         while (!ended && started.ids.size === 0) await Promise.race([outcome, sleep(100).then(() => started.refresh().catch(() => {}))]);
         if (!ended) {
           await started.refresh().catch(() => {});
-          printDetached(started, opts.to, json);
+          console.log(detachedStartText(started, opts.to, json));
           process.exit(0);
         }
       }
@@ -499,32 +421,6 @@ withControlOptions(program.command('migrate <guests...>'))
       fail(err, json);
     }
   });
-
-/** How to follow or cancel migrations this command no longer waits for (`cancelled`: those whose cancel the agent accepted). */
-function detachedText(started: StartedMigrations, to: string, cancelled: ReadonlySet<string>): string {
-  const goingOn = [...started.ids].filter(([id]) => !cancelled.has(id));
-  const stopping = [...started.ids].filter(([id]) => cancelled.has(id)).map(([, guest]) => guest);
-  const stays = stopping.length > 0 ? `; cancelled: ${stopping.join(', ')} ${stopping.length > 1 ? 'stay' : 'stays'} on this host` : '';
-  if (goingOn.length === 0 && stopping.length > 0) return `${stays.slice(2)} (see \`gangway status\`)`;
-  const ids = goingOn.map(([id, guest]) => `${guest}: ${id.slice(0, 8)}`);
-  const cancelWith = goingOn.length === 1 ? goingOn[0]![0].slice(0, 8) : 'ID';
-  return (
-    `the migration to ${to} goes on in the agent${ids.length ? ` (${ids.join(', ')})` : ''}; ` +
-    `follow it with \`gangway status\`, cancel it with \`gangway cancel ${cancelWith}\`${stays}`
-  );
-}
-
-function printDetached(started: StartedMigrations, to: string, json: boolean): void {
-  const migrations = [...started.ids].map(([migrationId, guest]) => ({ guest, migrationId }));
-  const waiting = started.guests.filter((guest) => !migrations.some((m) => m.guest === guest));
-  if (json) {
-    console.log(JSON.stringify({ detached: true, to, migrations, waiting }));
-    return;
-  }
-  for (const m of migrations) console.log(`migration ${m.migrationId}: ${m.guest} → ${to} started`);
-  if (waiting.length > 0) console.log(`waiting their turn: ${waiting.join(', ')}`);
-  console.log(`follow with \`gangway status\`; cancel with \`gangway cancel ID\``);
-}
 
 withControlOptions(program.command('plan <guests...>'))
   .description("show how the planner would migrate guests (technique, strategy, order, reserved rates, and why) from this host's and the destination's traffic; migrates nothing")

@@ -3,6 +3,7 @@ import type { MigrationProgress, MigrationSummary } from '../migration/source.js
 import type { GroupSummary } from '../migration/group-summary.js';
 import { UNREADABLE_RECORD_ADVICE, type UnreadableRecord } from '../guest/registry.js';
 import { formatBytes, formatRate } from '../units.js';
+import type { StartedMigrations } from '../control/client.js';
 
 export function formatMs(ms: number): string {
   return ms >= 10_000 ? `${(ms / 1000).toFixed(1)} s` : ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(1)} ms`;
@@ -75,4 +76,30 @@ export function unreadableRecordsText(records: readonly UnreadableRecord[]): str
     `  UNREADABLE guest record ${r.file}: ${r.problem}`,
     `    guest "${r.name}" is refused (start, stop, migrate, migrations in) until you ${UNREADABLE_RECORD_ADVICE}`,
   ]);
+}
+
+/** How to follow or cancel migrations this command no longer waits for (`cancelled`: those whose cancel the agent accepted). */
+export function detachedText(started: StartedMigrations, to: string, cancelled: ReadonlySet<string>): string {
+  const goingOn = [...started.ids].filter(([id]) => !cancelled.has(id));
+  const stopping = [...started.ids].filter(([id]) => cancelled.has(id)).map(([, guest]) => guest);
+  const stays = stopping.length > 0 ? `; cancelled: ${stopping.join(', ')} ${stopping.length > 1 ? 'stay' : 'stays'} on this host` : '';
+  if (goingOn.length === 0 && stopping.length > 0) return `${stays.slice(2)} (see \`gangway status\`)`;
+  const ids = goingOn.map(([id, guest]) => `${guest}: ${id.slice(0, 8)}`);
+  const cancelWith = goingOn.length === 1 ? goingOn[0]![0].slice(0, 8) : 'ID';
+  return (
+    `the migration to ${to} goes on in the agent${ids.length ? ` (${ids.join(', ')})` : ''}; ` +
+    `follow it with \`gangway status\`, cancel it with \`gangway cancel ${cancelWith}\`${stays}`
+  );
+}
+
+/** What `migrate --detach` prints: the migrations started (JSON with --json). */
+export function detachedStartText(started: StartedMigrations, to: string, json: boolean): string {
+  const migrations = [...started.ids].map(([migrationId, guest]) => ({ guest, migrationId }));
+  const waiting = started.guests.filter((guest) => !migrations.some((m) => m.guest === guest));
+  if (json) return JSON.stringify({ detached: true, to, migrations, waiting });
+  return [
+    ...migrations.map((m) => `migration ${m.migrationId}: ${m.guest} → ${to} started`),
+    ...(waiting.length > 0 ? [`waiting their turn: ${waiting.join(', ')}`] : []),
+    'follow with `gangway status`; cancel with `gangway cancel ID`',
+  ].join('\n');
 }
