@@ -148,7 +148,7 @@ export interface NativeAddon {
    * userfaultfd over `fd`, with the registered mapping's address and length. Rejects with a
    * message naming what went wrong (timeout, socket closed, malformed message).
    */
-  uffdReceive(fd: number, timeoutMs: number): Promise<{ uffd: number; start: number; length: number; pid: number }>;
+  uffdReceive(fd: number, timeoutMs: number): Promise<{ uffd: number; start: number; length: number; pid: number; region: number }>;
   /**
    * Starts a thread reading page faults from `uffd` (a mapping of `pageCount` pages at
    * `start`): `onFaults` gets the faulting pages' numbers on the JS thread, or null once

@@ -50,6 +50,7 @@
 
 #include <node_api.h>
 
+#include "gangway-abi.h"
 #include "uapi-compat.h"
 
 #define XXH_INLINE_ALL
@@ -1563,14 +1564,9 @@ static napi_value TmpfileLink(napi_env env, napi_callback_info info) {
  * twice (a push racing a fault) never overwrites what the running guest wrote since.
  */
 
-/* What the shim sends with the descriptor (native/src/shim.c, struct gangway_uffd_hello). */
-typedef struct {
-  uint64_t start;
-  uint64_t length;
-  uint32_t pid;
-  uint32_t version;
-} uffd_hello_t;
-#define UFFD_HELLO_VERSION 1u
+/* What the shim sends with each descriptor: struct gw_uffd_hello (gangway-abi.h). */
+typedef struct gw_uffd_hello uffd_hello_t;
+#define UFFD_HELLO_VERSION GW_UFFD_HELLO_VERSION
 
 /*
  * uffdProbe() -> boolean: whether this process can open a userfaultfd with what post-copy
@@ -1683,7 +1679,9 @@ static void uffd_recv_complete(napi_env env, napi_status status, void *data) {
         napi_set_named_property(env, result, "start", v) == napi_ok &&
         napi_create_double(env, (double)job->hello.length, &v) == napi_ok &&
         napi_set_named_property(env, result, "length", v) == napi_ok &&
-        napi_create_uint32(env, job->hello.pid, &v) == napi_ok && napi_set_named_property(env, result, "pid", v) == napi_ok) {
+        napi_create_uint32(env, job->hello.pid, &v) == napi_ok && napi_set_named_property(env, result, "pid", v) == napi_ok &&
+        napi_create_uint32(env, job->hello.region, &v) == napi_ok &&
+        napi_set_named_property(env, result, "region", v) == napi_ok) {
       napi_resolve_deferred(env, job->deferred, result);
     } else {
       close(job->uffd);
@@ -1704,7 +1702,7 @@ static void uffd_recv_complete(napi_env env, napi_status status, void *data) {
   free(job);
 }
 
-/* uffdReceive(fd, timeoutMs) -> Promise<{ uffd, start, length, pid }> */
+/* uffdReceive(fd, timeoutMs) -> Promise<{ uffd, start, length, pid, region }> */
 static napi_value UffdReceive(napi_env env, napi_callback_info info) {
   static const char fn[] = "uffdReceive";
   napi_value argv[2], promise, name;

@@ -1,17 +1,20 @@
 /*
- * gangway-track.so: an LD_PRELOAD shim that makes a process's writes to one file mapping
- * visible to the gangway agent, another process.
+ * gangway-track.so: an LD_PRELOAD shim that makes a process's writes to its memory files'
+ * mappings visible to the gangway agent, another process.
  *
- * When the process maps the file named by GANGWAY_TRACK_PATH MAP_SHARED and writable at
- * offset 0, the shim registers that mapping for userfaultfd write-protect tracking in
+ * GANGWAY_TRACK_PATH names the guest's memory regions, one file each, separated by ':'
+ * (region 0 first; at most GW_MAX_REGIONS). When the process maps one of them MAP_SHARED
+ * and writable at offset 0 (the first such mapping of each), the shim registers that
+ * mapping for userfaultfd write-protect tracking in
  * asynchronous mode (UFFD_FEATURE_WP_ASYNC): writes are never blocked, the kernel just
  * marks the written pages, and the agent reads-and-resets the marks with the PAGEMAP_SCAN
  * ioctl on /proc/PID/pagemap. Tracking is per page table, which is why it has to be set up
  * inside the process that writes, and why the uffd must stay open for its lifetime.
  *
- * The outcome goes to GANGWAY_TRACK_REPORT (written atomically):
- *   ok start=0x<address> length=<bytes> pid=<pid>
- *   error stage=<open|api|register|writeprotect> errno=<n> message=<text>
+ * The outcome goes to GANGWAY_TRACK_REPORT for region 0 and GANGWAY_TRACK_REPORT.<i> for
+ * region i (each written atomically):
+ *   ok start=0x<address> length=<bytes> pid=<pid>[ postcopy=1]
+ *   error stage=<open|api|register|writeprotect|...> errno=<n> message=<text>
  * A failure never changes what mmap returns: the agent then falls back to hash scanning.
  * While a thread of the process is named `gangway-wp`, the write-protect pass is still
  * running and the agent must not start tracking yet (see protect_thread).
@@ -19,8 +22,9 @@
  *
  * Post-copy (GANGWAY_UFFD_SOCKET=FD, a unix socket the agent made): the mapping is also
  * registered for MISSING faults (a first touch of a page that is a hole in the file), and
- * the descriptor goes to the agent over FD with SCM_RIGHTS, with the mapping's address and
- * length; the agent resolves every fault with UFFDIO_COPY. Here a failure is fatal: the
+ * the descriptor goes to the agent over FD with SCM_RIGHTS, with the region's index and the
+ * mapping's address and length (struct gw_uffd_hello, one message per region); the agent
+ * resolves every fault with UFFDIO_COPY. Here a failure is fatal: the
  * mmap fails (with the step's errno), because the guest would otherwise read holes as
  * zeros where pages are still missing.
  */
@@ -46,6 +50,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
+#include "gangway-abi.h"
 #include "uapi-compat.h"
 
 #ifndef USERFAULTFD_IOC_NEW
@@ -60,8 +65,8 @@ _Static_assert(sizeof(off_t) == 8, "gangway-track supports 64-bit targets only")
 typedef void *(*mmap_fn)(void *, size_t, int, int, int, off_t);
 
 static mmap_fn next_mmap, next_mmap64;
-/* Set once the first matching mapping has been claimed: only that one is tracked. */
-static int claimed;
+/* Bit i set once region i's first matching mapping has been claimed: only that one is tracked. */
+static uint32_t claimed;
 /* dlsym may allocate, and an allocator may map memory: such a nested call must not
  * resolve again. Initial-exec TLS, so reading it never allocates either. */
 static __thread int resolving __attribute__((tls_model("initial-exec")));
@@ -84,14 +89,16 @@ static mmap_fn resolve(mmap_fn *slot, const char *name)
 	return fn;
 }
 
-static void report(const char *line)
+/* Region i's report: GANGWAY_TRACK_REPORT for region 0, GANGWAY_TRACK_REPORT.<i> after. */
+static void report(unsigned region, const char *line)
 {
-	const char *path = getenv("GANGWAY_TRACK_REPORT");
-	if (!path || !*path)
+	const char *base = getenv("GANGWAY_TRACK_REPORT");
+	if (!base || !*base)
 		return;
-	char tmp[PATH_MAX];
-	if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp)) {
-		fprintf(stderr, "gangway-track: GANGWAY_TRACK_REPORT=%s: path too long\n", path);
+	char path[PATH_MAX], tmp[PATH_MAX];
+	int n_path = region == 0 ? snprintf(path, sizeof(path), "%s", base) : snprintf(path, sizeof(path), "%s.%u", base, region);
+	if (n_path >= (int)sizeof(path) || snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp)) {
+		fprintf(stderr, "gangway-track: GANGWAY_TRACK_REPORT=%s: path too long\n", base);
 		return;
 	}
 	/* The report is private to the guest's user (0600). A stale .tmp (a crash before the
@@ -126,12 +133,12 @@ static void report(const char *line)
 	}
 }
 
-static void report_error(const char *stage, int err)
+static void report_error(unsigned region, const char *stage, int err)
 {
 	char line[256];
 	snprintf(line, sizeof(line), "error stage=%s errno=%d message=%s\n", stage, err, strerror(err));
-	fprintf(stderr, "gangway-track: tracking %s not set up: %s", getenv("GANGWAY_TRACK_PATH"), line);
-	report(line);
+	fprintf(stderr, "gangway-track: tracking region %u not set up: %s", region, line);
+	report(region, line);
 }
 
 static int open_uffd(void)
@@ -154,14 +161,6 @@ static int open_uffd(void)
 	return uffd;
 }
 
-/* What goes to the agent with the descriptor (agent side: uffdReceive in addon.c). */
-struct gangway_uffd_hello {
-	uint64_t start;
-	uint64_t length;
-	uint32_t pid;
-	uint32_t version;
-};
-
 /* The post-copy socket's fd from GANGWAY_UFFD_SOCKET, or -1 (plain tracking). */
 static int postcopy_socket(void)
 {
@@ -173,9 +172,10 @@ static int postcopy_socket(void)
 	return *end == '\0' && fd >= 0 && fd <= INT_MAX ? (int)fd : -2;
 }
 
-static int send_uffd(int sock, int uffd, uint64_t start, uint64_t length)
+static int send_uffd(int sock, int uffd, unsigned region, uint64_t start, uint64_t length)
 {
-	struct gangway_uffd_hello hello = {.start = start, .length = length, .pid = (uint32_t)getpid(), .version = 1};
+	struct gw_uffd_hello hello = {
+		.start = start, .length = length, .pid = (uint32_t)getpid(), .version = GW_UFFD_HELLO_VERSION, .region = region};
 	char control[CMSG_SPACE(sizeof(int))];
 	memset(control, 0, sizeof(control));
 	struct iovec iov = {.iov_base = &hello, .iov_len = sizeof(hello)};
@@ -212,10 +212,11 @@ static int send_uffd(int sock, int uffd, uint64_t start, uint64_t length)
  * inherits its creator's, set around pthread_create), the `ok` report is written only once
  * it exists, and the agent waits for it to be gone before its first scan (uffd-wp.ts arm).
  */
-#define PROTECT_THREAD_NAME "gangway-wp"
+#define PROTECT_THREAD_NAME GW_PROTECT_THREAD_NAME
 
 struct protect_job {
 	int uffd;
+	unsigned region;
 	uint64_t start;
 	uint64_t length;
 };
@@ -239,17 +240,17 @@ static void *protect_thread(void *arg)
 	pthread_mutex_lock(&report_order);
 	pthread_mutex_unlock(&report_order);
 	if (writeprotect(&job) < 0)
-		report_error("writeprotect", errno); /* the agent falls back to hash scanning */
+		report_error(job.region, "writeprotect", errno); /* the agent falls back to hash scanning */
 	return NULL;
 }
 
 /* Starts the pass on its own thread and reports `ok_line`; without a thread, does the pass
  * here first, so that `ok` always means: done, or running on the named thread. */
-static void start_writeprotect(int uffd, uint64_t start, uint64_t length, const char *ok_line)
+static void start_writeprotect(int uffd, unsigned region, uint64_t start, uint64_t length, const char *ok_line)
 {
 	struct protect_job *job = malloc(sizeof(*job));
 	if (job) {
-		*job = (struct protect_job){.uffd = uffd, .start = start, .length = length};
+		*job = (struct protect_job){.uffd = uffd, .region = region, .start = start, .length = length};
 		char name[17] = {0};
 		pthread_t thread;
 		pthread_attr_t attr;
@@ -264,29 +265,29 @@ static void start_writeprotect(int uffd, uint64_t start, uint64_t length, const 
 			}
 			pthread_attr_destroy(&attr);
 			if (rc == 0)
-				report(ok_line);
+				report(region, ok_line);
 			pthread_mutex_unlock(&report_order);
 		}
 		if (rc == 0)
 			return;
 		free(job);
 	}
-	struct protect_job inline_job = {.uffd = uffd, .start = start, .length = length};
+	struct protect_job inline_job = {.uffd = uffd, .region = region, .start = start, .length = length};
 	if (writeprotect(&inline_job) < 0)
-		report_error("writeprotect", errno);
+		report_error(region, "writeprotect", errno);
 	else
-		report(ok_line);
+		report(region, ok_line);
 }
 
 /* Returns 0, or -1 with errno when post-copy was asked for and could not be set up. */
-static int start_tracking(void *addr, size_t len)
+static int start_tracking(unsigned region, void *addr, size_t len)
 {
 	long page = sysconf(_SC_PAGESIZE);
 	uint64_t length = ((uint64_t)len + (uint64_t)page - 1) & ~((uint64_t)page - 1);
 	const int sock = postcopy_socket();
 	const int postcopy = sock != -1;
 	if (sock == -2) {
-		report_error("postcopy-socket", EBADF);
+		report_error(region, "postcopy-socket", EBADF);
 		errno = EBADF;
 		return -1;
 	}
@@ -294,7 +295,7 @@ static int start_tracking(void *addr, size_t len)
 	int uffd = open_uffd();
 	if (uffd < 0) {
 		int err = errno;
-		report_error("open", err);
+		report_error(region, "open", err);
 		errno = err;
 		return postcopy ? -1 : 0;
 	}
@@ -302,7 +303,7 @@ static int start_tracking(void *addr, size_t len)
 	if (ioctl(uffd, UFFDIO_API, &api) < 0) {
 		int err = errno;
 		close(uffd);
-		report_error("api", err);
+		report_error(region, "api", err);
 		errno = err;
 		return postcopy ? -1 : 0;
 	}
@@ -313,17 +314,16 @@ static int start_tracking(void *addr, size_t len)
 	if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) {
 		int err = errno;
 		close(uffd);
-		report_error("register", err);
+		report_error(region, "register", err);
 		errno = err;
 		return postcopy ? -1 : 0;
 	}
 	if (postcopy) {
-		int sent = send_uffd(sock, uffd, (uint64_t)(uintptr_t)addr, length);
+		int sent = send_uffd(sock, uffd, region, (uint64_t)(uintptr_t)addr, length);
 		int err = errno;
-		close(sock);
 		if (sent < 0) {
 			close(uffd);
-			report_error("send", err);
+			report_error(region, "send", err);
 			errno = err;
 			return -1;
 		}
@@ -332,8 +332,38 @@ static int start_tracking(void *addr, size_t len)
 	char line[128];
 	snprintf(line, sizeof(line), "ok start=0x%llx length=%llu pid=%d%s\n", (unsigned long long)(uintptr_t)addr,
 		 (unsigned long long)length, (int)getpid(), postcopy ? " postcopy=1" : "");
-	start_writeprotect(uffd, (uint64_t)(uintptr_t)addr, length, line);
+	start_writeprotect(uffd, region, (uint64_t)(uintptr_t)addr, length, line);
 	return 0;
+}
+
+/*
+ * Which region of GANGWAY_TRACK_PATH the open file `fd` is (same inode, not same name: the
+ * program may have opened a symlink or /proc/self/fd/N), or -1.
+ */
+static int region_of(int fd)
+{
+	const char *list = getenv("GANGWAY_TRACK_PATH");
+	if (!list || !*list)
+		return -1;
+	struct stat mapped;
+	if (fstat(fd, &mapped) < 0)
+		return -1;
+	char path[PATH_MAX];
+	unsigned region = 0;
+	for (const char *at = list; region < GW_MAX_REGIONS; region++) {
+		size_t len = strcspn(at, ":");
+		if (len > 0 && len < sizeof(path)) {
+			memcpy(path, at, len);
+			path[len] = '\0';
+			struct stat wanted;
+			if (stat(path, &wanted) == 0 && mapped.st_dev == wanted.st_dev && mapped.st_ino == wanted.st_ino)
+				return (int)region;
+		}
+		if (at[len] == '\0')
+			break;
+		at += len + 1;
+	}
+	return -1;
 }
 
 /* 0, or -1 with errno when the mapping must not be used (post-copy could not be set up). */
@@ -344,20 +374,13 @@ static int maybe_track(void *addr, size_t len, int prot, int flags, int fd, off_
 	int type = flags & MAP_TYPE;
 	if (type != MAP_SHARED && type != MAP_SHARED_VALIDATE)
 		return 0;
-	if (__atomic_load_n(&claimed, __ATOMIC_ACQUIRE))
+	int region = region_of(fd);
+	if (region < 0)
 		return 0;
-	const char *path = getenv("GANGWAY_TRACK_PATH");
-	if (!path || !*path)
+	uint32_t bit = 1u << region;
+	if (__atomic_fetch_or(&claimed, bit, __ATOMIC_ACQ_REL) & bit)
 		return 0;
-	/* Same inode, not same name: the program may have opened a symlink or /proc/self/fd/N. */
-	struct stat mapped, wanted;
-	if (fstat(fd, &mapped) < 0 || stat(path, &wanted) < 0)
-		return 0;
-	if (mapped.st_dev != wanted.st_dev || mapped.st_ino != wanted.st_ino)
-		return 0;
-	if (__atomic_exchange_n(&claimed, 1, __ATOMIC_ACQ_REL))
-		return 0;
-	return start_tracking(addr, len);
+	return start_tracking((unsigned)region, addr, len);
 }
 
 static void *hooked_mmap(mmap_fn *slot, const char *name, void *addr, size_t len, int prot, int flags, int fd,
