@@ -1,10 +1,12 @@
-// Reads the synthetic guest's header (page 0 of its memory file). Mirrors
+// Reads the synthetic guest's header (page 0 of its first memory region). Mirrors
 // native/src/guest-layout.h: fixed offsets, little-endian.
 import { closeSync, openSync, readSync } from 'node:fs';
 
 export const GUEST_MAGIC = 'GWGUEST1';
 export const GUEST_PAGE_SIZE = 4096;
-const HEADER_BYTES = 168;
+const HEADER_BYTES = 328;
+/** Memory regions a synthetic guest may have (GUEST_MAX_REGIONS). */
+export const GUEST_MAX_REGIONS = 16;
 
 export const GuestProfile = { zero: 1, 'os-image': 2, random: 3 } as const;
 export type GuestProfileName = keyof typeof GuestProfile;
@@ -30,6 +32,12 @@ export interface GuestHeader {
   metaErrors: number;
   hotPageCount: number;
   passesAtResume: number;
+  /** The size of each memory region (file), region 0 first. */
+  regionBytes: number[];
+  /** Device states taken back on resume, saved at pauses, and resumes whose device state was lost, stale, another guest's or corrupt. */
+  deviceLoads: number;
+  deviceSaves: number;
+  deviceErrors: number;
 }
 
 export function parseGuestHeader(buf: Buffer): GuestHeader {
@@ -42,6 +50,11 @@ export function parseGuestHeader(buf: Buffer): GuestHeader {
   const profile = (Object.entries(GuestProfile).find(([, code]) => code === profileCode)?.[0] ??
     'unknown') as GuestHeader['profile'];
   const resumes = u32(124);
+  const layout = u32(8);
+  // Layout 1 was one region, with zeros where layout 2 keeps the regions.
+  const regionCount = layout === 1 ? 1 : u32(168);
+  if (regionCount < 1 || regionCount > GUEST_MAX_REGIONS) throw new Error(`the header names ${regionCount} memory regions`);
+  const regionBytes = layout === 1 ? [u64(16)] : Array.from({ length: regionCount }, (_, r) => u64(200 + 8 * r));
   return {
     pageSizeBytes: u32(12),
     memoryBytes: u64(16),
@@ -63,6 +76,10 @@ export function parseGuestHeader(buf: Buffer): GuestHeader {
     metaErrors: u32(148),
     hotPageCount: u64(152),
     passesAtResume: u64(160),
+    regionBytes,
+    deviceLoads: layout === 1 ? 0 : u32(172),
+    deviceSaves: layout === 1 ? 0 : u64(176),
+    deviceErrors: layout === 1 ? 0 : u32(192),
   };
 }
 

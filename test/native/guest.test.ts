@@ -52,6 +52,11 @@ interface Header {
   metaErrors: number;
   hotPageCount: number;
   passesAtResume: number;
+  regionCount: number;
+  deviceLoads: number;
+  deviceSaves: number;
+  deviceErrors: number;
+  regionBytes: number[];
 }
 
 function parseHeader(b: Buffer): Header {
@@ -83,14 +88,19 @@ function parseHeader(b: Buffer): Header {
     metaErrors: b.readUInt32LE(148),
     hotPageCount: u64(152),
     passesAtResume: u64(160),
+    regionCount: b.readUInt32LE(168),
+    deviceLoads: b.readUInt32LE(172),
+    deviceSaves: u64(176),
+    deviceErrors: b.readUInt32LE(192),
+    regionBytes: Array.from({ length: 16 }, (_, r) => u64(200 + 8 * r)).filter((n) => n > 0),
   };
 }
 
 function readHeader(path: string): Header {
   const fd = openSync(path, 'r');
   try {
-    const b = Buffer.alloc(168);
-    readSync(fd, b, 0, 168, 0);
+    const b = Buffer.alloc(328);
+    readSync(fd, b, 0, 328, 0);
     return parseHeader(b);
   } finally {
     closeSync(fd);
@@ -220,7 +230,7 @@ afterEach(() => {
   }
   startedPids.clear();
   for (const path of createdFiles) {
-    for (const p of [path, `${path}.copy`, `${path}.copy2`]) {
+    for (const p of [path, `${path}.copy`, `${path}.copy2`, `${path}.dev`, `${path}.dev1`, `${path}.dev2`, `${path}.tmp`]) {
       try {
         unlinkSync(p);
       } catch {
@@ -246,7 +256,9 @@ describe.skipIf(!built)(built ? 'gangway-guest' : `gangway-guest (skipped: ${gue
     const h0 = readHeader(path);
     expect(h0).toMatchObject({
       magic: 'GWGUEST1',
-      layoutVersion: 1,
+      layoutVersion: 2,
+      regionCount: 1,
+      regionBytes: [16 * MiB],
       pageSize: PAGE,
       memoryBytes: 16 * MiB,
       pageCount: 4096,
@@ -639,6 +651,154 @@ describe.skipIf(!built)(built ? 'gangway-guest' : `gangway-guest (skipped: ${gue
       expect(sharedWith(b, a)).toBeGreaterThan(0.5);
       expect(sharedWith(b, a)).toBeLessThan(0.7);
       expect(sharedWith(a, c)).toBeLessThan(0.02);
+    });
+  });
+
+  describe('memory regions and device state', () => {
+    /** SIGUSR1: the guest saves its device state and stops itself. */
+    async function pauseForMigration(g: Guest): Promise<void> {
+      process.kill(g.pid, 'SIGUSR1');
+      await waitFor('the guest to stop itself', () => processState(g.pid) === 'T');
+    }
+
+    async function resumed(path: string): Promise<Header> {
+      return waitFor('resume check', () => {
+        const x = readHeader(path);
+        return x.resumeCheckDone === x.resumes && x;
+      });
+    }
+
+    it('spreads one guest over several files, pages numbered on from one to the next, and resumes on copies of them all', async () => {
+      const [a, b] = [shmPath(), shmPath()];
+      const g = startGuest([
+        'run', '--memory-file', a, '--memory-file', b, '--create', '--memory-bytes', `${MiB},${3 * MiB}`,
+        '--seed', '5', '--hot', '0.5', '--dirty-rate', String(8 * MiB), '--device-state', `${a}.dev`,
+      ]);
+      await g.running;
+      const h = readHeader(a);
+      expect(h).toMatchObject({ layoutVersion: 2, regionCount: 2, regionBytes: [MiB, 3 * MiB], memoryBytes: 4 * MiB, pageCount: 1024 });
+      expect(statSync(a).size).toBe(MiB);
+      expect(statSync(b).size).toBe(3 * MiB);
+      await sleep(300);
+      await pauseForMigration(g);
+      // Writes land in both files: the version table (in the first) covers pages of the second.
+      const fileA = readFileSync(a);
+      const fileB = readFileSync(b);
+      const both = Buffer.concat([fileA, fileB]);
+      let writtenInB = 0;
+      for (let p = 256; p < 1024; p++) if (versionOf(fileA, p) > 0) writtenInB++;
+      expect(writtenInB).toBeGreaterThan(0);
+      expect(versionSum(both, readHeader(a))).toBe(readHeader(a).totalWrites);
+      expect(statSync(`${a}.dev`).size).toBe(48);
+      expect(statSync(`${a}.dev`).mode & 0o777).toBe(0o600);
+      expect(readHeader(a).deviceSaves).toBe(1);
+      copyFileSync(a, `${a}.copy`);
+      copyFileSync(b, `${b}.copy`);
+      copyFileSync(`${a}.dev`, `${a}.dev1`);
+      expect(await stopGuest(g)).toBe(0);
+
+      copyFileSync(`${a}.dev1`, `${a}.dev`);
+      const r = startGuest(['run', '--memory-file', `${a}.copy`, '--memory-file', `${b}.copy`, '--device-state', `${a}.dev`]);
+      await r.running;
+      const after = await resumed(`${a}.copy`);
+      expect(after).toMatchObject({ resumeStalePages: 0, stalePages: 0, metaErrors: 0, deviceLoads: 1, deviceErrors: 0 });
+      expect(after.resumeCheckedPages).toBe(after.pageCount - after.firstDataPage);
+      expect(existsSync(`${a}.dev`)).toBe(false); // taken back, and gone
+      expect(await stopGuest(r)).toBe(0);
+    });
+
+    it('catches a lost, stale or foreign device state with its own check, as it catches a stale page', async () => {
+      const [a, b] = [shmPath(), shmPath()];
+      const dev = `${a}.dev`;
+      const g = startGuest([
+        'run', '--memory-file', a, '--memory-file', b, '--create', '--memory-bytes', `${MiB},${MiB}`,
+        '--hot', '0.5', '--dirty-rate', String(8 * MiB), '--device-state', dev,
+      ]);
+      await g.running;
+      await sleep(200);
+      await pauseForMigration(g);
+      copyFileSync(dev, `${a}.dev1`); // save 1
+      process.kill(g.pid, 'SIGCONT');
+      await sleep(200);
+      await pauseForMigration(g);
+      copyFileSync(a, `${a}.copy`); // the memory of save 2
+      copyFileSync(b, `${b}.copy`);
+      expect(await stopGuest(g)).toBe(0);
+      const resumeWith = async (state: string | undefined, expected: RegExp) => {
+        copyFileSync(a.concat('.copy'), `${a}.copy2`);
+        createdFiles.add(`${b}.copy2`);
+        copyFileSync(`${b}.copy`, `${b}.copy2`);
+        const args = ['run', '--memory-file', `${a}.copy2`, '--memory-file', `${b}.copy2`];
+        if (state !== undefined) {
+          copyFileSync(state, dev);
+          args.push('--device-state', dev);
+        }
+        const r = startGuest(args);
+        await r.running;
+        const h = await resumed(`${a}.copy2`);
+        expect(h.deviceErrors).toBe(1);
+        expect(h.deviceLoads).toBe(0);
+        expect(h.resumeStalePages).toBe(0); // the memory itself is fine
+        expect(await stopGuest(r)).toBe(0);
+        expect(r.err()).toMatch(expected);
+      };
+      await resumeWith(`${a}.dev1`, /device state stale \(save 1 after \d+ writes; the memory goes with save 2/);
+      await resumeWith(undefined, /device state lost \(the guest was started without --device-state\)/);
+      // Another guest's state: a guest of another seed, paused once.
+      const [c, d] = [shmPath(), shmPath()];
+      const other = startGuest(['run', '--memory-file', c, '--memory-file', d, '--create', '--memory-bytes', `${MiB},${MiB}`, '--seed', '99', '--device-state', `${c}.dev`]);
+      await other.running;
+      await pauseForMigration(other);
+      copyFileSync(`${c}.dev`, `${a}.dev2`);
+      expect(await stopGuest(other)).toBe(0);
+      await resumeWith(`${a}.dev2`, /another guest's \(seed 99/);
+    });
+
+    it('pauses at once when asked, also when idle', async () => {
+      const [a] = [shmPath()];
+      const g = startGuest(['run', '--memory-file', a, '--create', '--memory-bytes', String(MiB), '--device-state', `${a}.dev`]);
+      await g.running;
+      await sleep(100);
+      const times: number[] = [];
+      for (let i = 0; i < 5; i++) {
+        const t0 = performance.now();
+        await pauseForMigration(g);
+        times.push(performance.now() - t0);
+        process.kill(g.pid, 'SIGCONT');
+        await sleep(20);
+      }
+      // The idle loop sleeps 50 ms at a time: a pause that waited for its end would show.
+      expect(Math.min(...times)).toBeLessThan(25);
+      expect(readHeader(a).deviceSaves).toBe(5);
+      expect(await stopGuest(g)).toBe(0);
+    });
+
+    it('resumes a file of layout 1 (one region) and upgrades its header in place', async () => {
+      const path = shmPath();
+      await createGuestFile(path, ['--memory-bytes', String(MiB), '--dirty-rate', String(MiB)]);
+      patchFile(path, 8, u32le(1));
+      patchFile(path, 168, Buffer.alloc(328 - 168));
+      const r = startGuest(['run', '--memory-file', path]);
+      await r.running;
+      const h = await resumed(path);
+      expect(h).toMatchObject({ layoutVersion: 2, regionCount: 1, regionBytes: [MiB], resumeStalePages: 0, metaErrors: 0, deviceErrors: 0 });
+      expect(await stopGuest(r)).toBe(0);
+    });
+
+    it('refuses sizes that do not match the files, and a first region too small for the header', () => {
+      const [a, b] = [shmPath(), shmPath()];
+      const cases: [string[], string][] = [
+        [['--memory-file', a, '--memory-file', b, '--create', '--memory-bytes', String(MiB)], '1 sizes for 2 --memory-file'],
+        [['--memory-file', a, '--memory-file', b, '--create', '--memory-bytes', `4096,${1024 * MiB}`], 'the first region (4096 bytes) must be larger'],
+        [['--memory-file', a, '--create', '--memory-bytes', `${MiB},`], 'not a list of sizes'],
+        [['--memory-file', a, '--create', '--memory-bytes', '65535'], 'not a positive multiple of 4096'],
+      ];
+      for (const [args, message] of cases) {
+        const r = spawnSync(guestBin, ['run', ...args], { encoding: 'utf8' });
+        expect(r.status).toBe(2);
+        expect(r.stderr).toContain(message);
+        expect(existsSync(a)).toBe(false);
+      }
     });
   });
 
