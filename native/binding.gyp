@@ -7,7 +7,19 @@
   "targets": [
     {
       "target_name": "gangway",
-      "sources": ["src/addon.c"],
+      "sources": [
+        "src/addon.c",
+        "src/addon/napi-util.c",
+        "src/addon/region.c",
+        "src/addon/batch.c",
+        "src/addon/dedup.c",
+        "src/addon/digest.c",
+        "src/addon/pagemap.c",
+        "src/addon/tmpfile.c",
+        "src/addon/notify.c",
+        "src/addon/uffd.c"
+      ],
+      "cflags": ["-fvisibility=hidden"],
       "conditions": [
         ["target_arch=='x64'", {
           "dependencies": ["gangway-hash-avx2"],

@@ -158,7 +158,7 @@ struct scan_result {
 static int pagemap_fd;
 static uint64_t region_start, region_pages;
 
-/* As addon.c pagemapScan: loop over walk_end until the range is covered. */
+/* As pagemapScan (native/src/addon/pagemap.c): loop over walk_end until the range is covered. */
 static void scan(uint8_t *hit, uint64_t *count)
 {
 	static struct page_region vec[1024];

@@ -1,4 +1,4 @@
-// Tests of the addon's content-deduplication primitives (native/src/addon.c) against the
+// Tests of the addon's content-deduplication primitives (native/src/addon/) against the
 // NativeAddon contract in agent/native.ts: regionGather's fingerprints, regionCopyPages (the
 // destination side of a copy-ref) and regionFingerprints. Regions live in unnamed O_TMPFILE
 // files in /dev/shm, read back with pread; the oracles are plain JS over those bytes, with

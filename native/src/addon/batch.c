@@ -1,0 +1,257 @@
+/*
+ * regionGather / regionScatter: page batches (ENTRY_ZERO / ENTRY_DATA entries), the source's
+ * and the destination's side of a pages frame, optionally fingerprinting the gathered data
+ * pages.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <string.h>
+
+#include "napi-util.h"
+#include "region.h"
+#include "exports.h"
+
+/* True when the page (page_size >= 512, 8-byte aligned) is all zero bytes. */
+static inline bool page_is_zero(const uint8_t *page, size_t page_size) {
+  const uint64_t *w = (const uint64_t *)(const void *)page;
+  const size_t words = page_size / sizeof(uint64_t);
+  for (size_t i = 0; i < words; i += 32) { /* 256-byte blocks; page_size is a multiple */
+    uint64_t acc = 0;
+    for (size_t j = 0; j < 32; j++) acc |= w[i + j];
+    if (acc) return false;
+  }
+  return true;
+}
+
+/* regionGather(region, runs, cursor, payload, entries, out, fps?) -> done */
+napi_value RegionGather(napi_env env, napi_callback_info info) {
+  static const char fn[] = "regionGather";
+  napi_value argv[7];
+  region_t *r;
+  uint32_t *runs, *cursor, *entries, *out;
+  uint8_t *payload, *fps = NULL;
+  size_t runs_len, cursor_len, payload_len, entries_len, out_len, fps_len = 0;
+  if (!get_args(env, info, 7, argv)) return NULL;
+  if (!arg_region(env, argv[0], fn, false, &r)) return NULL;
+  if (!arg_typed(env, argv[1], fn, "runs", napi_uint32_array, (void **)&runs, &runs_len) ||
+      !arg_typed(env, argv[2], fn, "cursor", napi_uint32_array, (void **)&cursor, &cursor_len) ||
+      !arg_typed(env, argv[3], fn, "payload", napi_uint8_array, (void **)&payload,
+                 &payload_len) ||
+      !arg_typed(env, argv[4], fn, "entries", napi_uint32_array, (void **)&entries,
+                 &entries_len) ||
+      !arg_typed(env, argv[5], fn, "out", napi_uint32_array, (void **)&out, &out_len))
+    return NULL;
+  const bool with_fps = !arg_is_absent(env, argv[6]);
+  if (with_fps &&
+      !arg_typed(env, argv[6], fn, "fps", napi_uint8_array, (void **)&fps, &fps_len))
+    return NULL;
+  if (!r->addr) {
+    throw_fmt(env, ERR_ERROR, NULL, "%s: the region is writable (a destination's): it is not mapped for reading", fn);
+    return NULL;
+  }
+  const size_t ps = r->page_size;
+  if (runs_len % 2 != 0) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: runs must hold [firstPage, pageCount] pairs (its length %zu is odd)", fn,
+              runs_len);
+    return NULL;
+  }
+  if (cursor_len != 2) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: cursor must have length 2 [runIndex, pagesDoneInRun]",
+              fn);
+    return NULL;
+  }
+  if (out_len != 2) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: out must have length 2 [entryCount, payloadBytes]", fn);
+    return NULL;
+  }
+  if (payload_len == 0 || payload_len % ps != 0) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: payload length (%zu) must be a positive multiple of the page size (%zu)", fn,
+              payload_len, ps);
+    return NULL;
+  }
+  if (with_fps && fps_len / 16 < payload_len / ps) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: fps is %zu bytes, too short for the payload's %zu pages (16 bytes each: %zu)",
+              fn, fps_len, payload_len / ps, payload_len / ps * 16);
+    return NULL;
+  }
+  if (entries_len < 3 || entries_len % 3 != 0) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: entries must hold [kind, firstPage, pageCount] triples: its length (%zu) "
+              "must be a positive multiple of 3",
+              fn, entries_len);
+    return NULL;
+  }
+  const size_t run_count = runs_len / 2;
+  size_t ri = cursor[0];
+  uint64_t done_in_run = cursor[1];
+  if (ri > run_count) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: cursor[0] (%zu) is beyond the %zu runs", fn, ri,
+              run_count);
+    return NULL;
+  }
+  if (ri == run_count ? done_in_run != 0 : done_in_run > runs[2 * ri + 1]) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: cursor[1] (%llu) is beyond the length of run %zu", fn,
+              (unsigned long long)done_in_run, ri);
+    return NULL;
+  }
+  /* Byte counts are reported in a Uint32Array: cap the usable payload below 4 GiB. */
+  size_t payload_cap = payload_len;
+  if (payload_cap > UINT32_MAX) payload_cap = (UINT32_MAX / ps) * ps;
+  const size_t entry_cap = entries_len / 3;
+
+  size_t ne = 0, pb = 0;
+  uint32_t last_kind = 0;
+  uint64_t last_end = 0; /* page after the last entry's pages */
+  bool stop = false;
+  while (ri < run_count && !stop) {
+    /* Read each run once into locals: the arrays may alias one another. */
+    const uint64_t first = runs[2 * ri], count = runs[2 * ri + 1];
+    if (first + count > r->page_count) {
+      throw_fmt(env, ERR_RANGE, NULL,
+                "%s: run %zu [%llu, %llu] is outside the region of %u pages", fn, ri,
+                (unsigned long long)first, (unsigned long long)count, r->page_count);
+      return NULL;
+    }
+    while (done_in_run < count) {
+      const uint64_t page = first + done_in_run;
+      const uint8_t *src = r->addr + page * ps;
+      const uint32_t kind = page_is_zero(src, ps) ? ENTRY_ZERO : ENTRY_DATA;
+      if (kind == ENTRY_DATA && pb + ps > payload_cap) {
+        stop = true;
+        break;
+      }
+      if (ne > 0 && last_kind == kind && last_end == page) {
+        entries[3 * (ne - 1) + 2] += 1;
+      } else {
+        if (ne == entry_cap) {
+          stop = true;
+          break;
+        }
+        entries[3 * ne] = kind;
+        entries[3 * ne + 1] = (uint32_t)page;
+        entries[3 * ne + 2] = 1;
+        ne++;
+        last_kind = kind;
+      }
+      last_end = page + 1;
+      if (kind == ENTRY_DATA) {
+        memcpy(payload + pb, src, ps);
+        /* From the copy, still in cache, and the very bytes sent: the guest may be
+         * writing the source page meanwhile. */
+        if (fps) page_hash((XXH128_canonical_t *)(void *)(fps + pb / ps * 16), payload + pb, ps);
+        pb += ps;
+      }
+      done_in_run++;
+    }
+    if (!stop) {
+      ri++;
+      done_in_run = 0;
+    }
+  }
+  cursor[0] = (uint32_t)ri;
+  cursor[1] = (uint32_t)done_in_run;
+  out[0] = (uint32_t)ne;
+  out[1] = (uint32_t)pb;
+  napi_value result;
+  NAPI_TRY(env, napi_get_boolean(env, ri == run_count, &result));
+  return result;
+}
+
+/* regionScatter(region, entries, entryCount, payload) */
+napi_value RegionScatter(napi_env env, napi_callback_info info) {
+  static const char fn[] = "regionScatter";
+  napi_value argv[4];
+  region_t *r;
+  uint32_t *entries;
+  uint8_t *payload;
+  size_t entries_len, payload_len;
+  uint64_t entry_count;
+  if (!get_args(env, info, 4, argv)) return NULL;
+  if (!arg_region(env, argv[0], fn, false, &r)) return NULL;
+  if (!arg_typed(env, argv[1], fn, "entries", napi_uint32_array, (void **)&entries,
+                 &entries_len))
+    return NULL;
+  if (!arg_integer(env, argv[2], fn, "entryCount", 0, (double)(entries_len / 3), &entry_count))
+    return NULL;
+  if (!arg_typed(env, argv[3], fn, "payload", napi_uint8_array, (void **)&payload, &payload_len))
+    return NULL;
+  if (!r->writable) {
+    throw_fmt(env, ERR_ERROR, NULL, "%s: region is mapped read-only", fn);
+    return NULL;
+  }
+  const size_t ps = r->page_size;
+
+  /* Pass 1: validate everything before writing anything. */
+  uint64_t data_pages = 0;
+  for (size_t i = 0; i < entry_count; i++) {
+    const uint32_t kind = entries[3 * i], first = entries[3 * i + 1], count = entries[3 * i + 2];
+    if (kind != ENTRY_ZERO && kind != ENTRY_DATA) {
+      throw_fmt(env, ERR_RANGE, NULL, "%s: entry %zu has an unknown kind (%u)", fn, i, kind);
+      return NULL;
+    }
+    if (count == 0) {
+      throw_fmt(env, ERR_RANGE, NULL, "%s: entry %zu has a zero page count", fn, i);
+      return NULL;
+    }
+    if ((uint64_t)first + count > r->page_count) {
+      throw_fmt(env, ERR_RANGE, NULL,
+                "%s: entry %zu (pages %u..%llu) is outside the region of %u pages", fn, i, first,
+                (unsigned long long)first + count - 1, r->page_count);
+      return NULL;
+    }
+    if (kind == ENTRY_DATA) data_pages += count;
+  }
+  if (payload_len % ps != 0 || payload_len / ps != data_pages) {
+    throw_fmt(env, ERR_RANGE, NULL,
+              "%s: payload is %zu bytes but the entries' %llu data pages need exactly %llu", fn,
+              payload_len, (unsigned long long)data_pages,
+              (unsigned long long)(data_pages * ps));
+    return NULL;
+  }
+
+  /*
+   * Pass 2: apply. Entries are re-read, so bounds are checked again: memory safety must
+   * not depend on the arrays staying unchanged (they could be shared memory).
+   */
+  size_t off = 0;
+  for (size_t i = 0; i < entry_count; i++) {
+    const uint32_t kind = entries[3 * i], first = entries[3 * i + 1], count = entries[3 * i + 2];
+    if ((uint64_t)first + count > r->page_count ||
+        (kind == ENTRY_DATA && (uint64_t)count * ps > payload_len - off)) {
+      throw_fmt(env, ERR_ERROR, NULL, "%s: entries changed while being applied", fn);
+      return NULL;
+    }
+    const uint64_t dst = (uint64_t)first * ps;
+    if (kind == ENTRY_ZERO) {
+      /* Zero only the pages not known to be zero, a contiguous stretch at a time. */
+      uint32_t p = 0;
+      while (p < count) {
+        while (r->track && p < count && memcmp(&r->hashes[first + p], &r->zero_hash, 16) == 0) p++;
+        const uint32_t from = p;
+        while (p < count && (!r->track || memcmp(&r->hashes[first + p], &r->zero_hash, 16) != 0)) {
+          if (r->track) r->hashes[first + p] = r->zero_hash;
+          p++;
+        }
+        for (uint64_t at = dst + (uint64_t)from * ps, end = dst + (uint64_t)p * ps; at < end;) {
+          const size_t n = end - at < sizeof ZERO_CHUNK ? (size_t)(end - at) : sizeof ZERO_CHUNK;
+          if (!pwrite_all(r->fd, ZERO_CHUNK, n, at)) return scatter_io_error(env, fn, at);
+          at += n;
+        }
+      }
+    } else if (kind == ENTRY_DATA) {
+      const uint8_t *src = payload + off;
+      if (r->track) {
+        for (uint32_t p = 0; p < count; p++) page_hash(&r->hashes[first + p], src + (size_t)p * ps, ps);
+      }
+      if (!pwrite_all(r->fd, src, (size_t)count * ps, dst)) return scatter_io_error(env, fn, dst);
+      off += (size_t)count * ps;
+    }
+    /* Any other kind can only appear if the array changed under us: ignored. */
+  }
+  return NULL;
+}

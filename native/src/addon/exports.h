@@ -1,0 +1,36 @@
+/* The N-API functions addon.c's export table names, by the file that defines each. */
+#ifndef GANGWAY_ADDON_EXPORTS_H
+#define GANGWAY_ADDON_EXPORTS_H
+
+#include "napi-util.h"
+
+/* region.c */
+napi_value RegionMap(napi_env env, napi_callback_info info);
+napi_value RegionClose(napi_env env, napi_callback_info info);
+/* batch.c */
+napi_value RegionGather(napi_env env, napi_callback_info info);
+napi_value RegionScatter(napi_env env, napi_callback_info info);
+/* dedup.c */
+napi_value RegionCopyPages(napi_env env, napi_callback_info info);
+napi_value RegionFingerprints(napi_env env, napi_callback_info info);
+/* digest.c */
+napi_value RegionDigest(napi_env env, napi_callback_info info);
+napi_value Hash128(napi_env env, napi_callback_info info);
+/* pagemap.c */
+napi_value PagemapScan(napi_env env, napi_callback_info info);
+/* tmpfile.c */
+napi_value TmpfileCreate(napi_env env, napi_callback_info info);
+napi_value TmpfileLink(napi_env env, napi_callback_info info);
+napi_value PunchHoles(napi_env env, napi_callback_info info);
+/* notify.c */
+napi_value SdNotify(napi_env env, napi_callback_info info);
+/* uffd.c */
+napi_value UffdProbe(napi_env env, napi_callback_info info);
+napi_value SocketPair(napi_env env, napi_callback_info info);
+napi_value UffdReceive(napi_env env, napi_callback_info info);
+napi_value UffdMonitor(napi_env env, napi_callback_info info);
+napi_value UffdMonitorClose(napi_env env, napi_callback_info info);
+napi_value UffdInstall(napi_env env, napi_callback_info info);
+napi_value UffdWake(napi_env env, napi_callback_info info);
+
+#endif
