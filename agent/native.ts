@@ -5,17 +5,18 @@ import { createRequire } from 'node:module';
 import { existsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { EntryKind } from '../protocol/codes.js';
 
 /** Opaque handle to a memory region mapped MAP_SHARED by the addon. */
 export interface RegionHandle {
   readonly __brand: 'RegionHandle';
 }
 
-/** Page-entry kinds shared by gather/scatter and the wire format (protocol/codes.ts). */
-export const ENTRY_ZERO = 1;
-export const ENTRY_DATA = 2;
+/** Page-entry kinds shared by gather/scatter and the wire format: the protocol's EntryKind. */
+export const ENTRY_ZERO = EntryKind.zero;
+export const ENTRY_DATA = EntryKind.data;
 /** Copy-ref entry: applied with `regionCopyPages`, not handled by gather/scatter. */
-export const ENTRY_REF = 3;
+export const ENTRY_REF = EntryKind.ref;
 
 export interface NativeAddon {
   /**

@@ -66,8 +66,9 @@ export type Whereabouts = (typeof Whereabouts)[keyof typeof Whereabouts];
 export type Codec = (typeof Codec)[keyof typeof Codec];
 
 /**
- * Kinds of a pages-frame entry. The numbers are shared with the native addon
- * (ENTRY_ZERO = 1, ENTRY_DATA = 2, ENTRY_REF = 3 in agent/native.ts and native/src/addon.c).
+ * Kinds of a pages-frame entry. The numbers are shared with the native addon: agent/native.ts
+ * re-exports them as ENTRY_ZERO, ENTRY_DATA and ENTRY_REF, and native/src/addon/region.h
+ * defines ENTRY_ZERO = 1 and ENTRY_DATA = 2 for the C side.
  * ref: "copy this content from slot S, page P onwards" (pages.refs); only in a frame of a
  * migration that belongs to a dedup group, i.e. after both hellos listed 'dedup'.
  */

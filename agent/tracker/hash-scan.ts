@@ -5,10 +5,10 @@
 // collect; 64-bit fingerprints are fine for change detection (not for content identity).
 import { closeSync, openSync, readSync } from 'node:fs';
 import xxhash from 'xxhash-wasm';
+import { EntryKind } from '../../protocol/codes.js';
 import type { DirtyTracker } from './dirty-tracker.js';
 import { PageSet, mergeRuns } from './page-set.js';
 
-const ENTRY_DATA = 2;
 const READ_CHUNK_BYTES = 1 << 20;
 
 type Hasher = Awaited<ReturnType<typeof xxhash>>;
@@ -91,7 +91,7 @@ export class HashScanTracker implements DirtyTracker {
       const first = entries[e * 3 + 1]!;
       const count = entries[e * 3 + 2]!;
       for (let page = first; page < first + count; page++) {
-        if (kind === ENTRY_DATA) {
+        if (kind === EntryKind.data) {
           this.baseline[page] = this.hasher.h64Raw(payload.subarray(offset, offset + this.pageSizeBytes));
           offset += this.pageSizeBytes;
         } else {
