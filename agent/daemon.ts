@@ -24,7 +24,7 @@ import { GuestRegistry, UNREADABLE_RECORD_ADVICE, type GuestRecord } from './gue
 import type { Logger } from './log.js';
 import { loadNative } from './native.js';
 import type { CodecMode } from './migration/codec-chooser.js';
-import { DestinationMigration, secretsMatch, type IncomingResult } from './migration/destination.js';
+import { DestinationMigration, secretsMatch } from './migration/destination.js';
 import { SourceMigration, type MigrationProgress, type MigrationSummary } from './migration/source.js';
 import { outcomeOf, summarizeGroup, type GroupOutcome, type GroupSummary } from './migration/group-summary.js';
 import { SourceDedupGroup } from './dedup/source-group.js';
@@ -34,6 +34,7 @@ import { agentIdOf } from './peer/allowlist.js';
 import { connectPeer, DEFAULT_DEAD_AFTER_MS, PeerSession, type GroupFrame } from './peer/session.js';
 import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
+import { MigrationRecords, type MigrationRecord } from './daemon/records.js';
 import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type PeerLimits, type TrafficConfig } from './config.js';
 import { TrafficService } from './traffic/service.js';
 import type { Priority } from './planner/planner.js';
@@ -124,21 +125,7 @@ export interface MigrateRequest {
   postcopyAfterRounds?: number;
 }
 
-export type MigrationRecord =
-  | { direction: 'out'; state: 'running'; migrationId: string; guest: string; to: string; startedAt: string; progress?: MigrationProgress }
-  | { direction: 'out'; state: 'committed'; migrationId: string; guest: string; to: string; startedAt: string; summary: MigrationSummary }
-  | {
-      direction: 'out';
-      state: 'resumed';
-      migrationId: string;
-      guest: string;
-      to: string;
-      startedAt: string;
-      /** Post-copy completed by this agent after a restart. */
-      resumed: { verified: boolean; pushedPages: number; faultPages: number };
-    }
-  | { direction: 'out'; state: 'failed' | 'in-doubt' | 'interrupted'; migrationId: string; guest: string; to: string; startedAt: string; error: { code: string; message: string } }
-  | { direction: 'in'; state: 'running' | 'committed' | 'aborted' | 'stranded'; migrationId: string; guest: string; from: string; startedAt: string; result?: IncomingResult };
+export type { MigrationRecord } from './daemon/records.js';
 
 export function controlSocketPath(stateDir: string): string {
   return join(stateDir, 'control.sock');
@@ -155,7 +142,7 @@ export class Agent {
   private readonly sessionsOut = new Map<string, Promise<PeerSession>>();
   private readonly outgoing = new Map<string, SourceMigration>();
   private readonly incoming = new Map<string, DestinationMigration>();
-  private readonly records = new Map<string, MigrationRecord>();
+  private readonly records = new MigrationRecords();
   private shuttingDown = false;
   private digestBytesPerSec = 8e9;
   private readonly startedAt = Date.now();
@@ -694,7 +681,7 @@ export class Agent {
       this.metrics.migrationsActive.dec({ direction: 'in' });
       this.metrics.migrations.inc({ direction: 'in', outcome: result.outcome, technique: result.technique });
       this.records.set(offer.migrationId, { ...record, state: result.outcome, result });
-      this.trimRecords();
+      this.records.trim();
     });
   }
 
@@ -854,7 +841,7 @@ export class Agent {
       guests: this.guestStatus(),
       /** Guest records that could not be read at start: kept on disk, their names refused (see UNREADABLE_RECORD_ADVICE). */
       unreadableRecords: this.registry.unreadableRecords(),
-      migrations: [...this.records.values()].reverse(),
+      migrations: this.records.newestFirst(),
     };
   }
 
@@ -1141,7 +1128,7 @@ export class Agent {
       throw error;
     } finally {
       this.outgoing.delete(migrationId);
-      this.trimRecords();
+      this.records.trim();
     }
   }
 
@@ -1190,11 +1177,6 @@ export class Agent {
     migration.cancel();
     this.log.info({ migrationId: id }, 'migration cancelled');
     return id;
-  }
-
-  private trimRecords(): void {
-    const finished = [...this.records.entries()].filter(([, r]) => r.state !== 'running');
-    for (const [id] of finished.slice(0, Math.max(0, finished.length - 100))) this.records.delete(id);
   }
 
   // ── shutdown ──────────────────────────────────────────────────────────────────────
