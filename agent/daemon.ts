@@ -35,6 +35,7 @@ import { connectPeer, DEFAULT_DEAD_AFTER_MS, PeerSession, type GroupFrame } from
 import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
 import { MigrationRecords, type MigrationRecord } from './daemon/records.js';
+import { SessionPool } from './daemon/session-pool.js';
 import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type PeerLimits, type TrafficConfig } from './config.js';
 import { TrafficService } from './traffic/service.js';
 import type { Priority } from './planner/planner.js';
@@ -139,7 +140,7 @@ export class Agent {
   /** Loaded at start when the transport is TLS. */
   private tls: TlsMaterial | undefined;
   private readonly sessionsIn = new Set<PeerSession>();
-  private readonly sessionsOut = new Map<string, Promise<PeerSession>>();
+  private readonly sessionsOut: SessionPool;
   private readonly outgoing = new Map<string, SourceMigration>();
   private readonly incoming = new Map<string, DestinationMigration>();
   private readonly records = new MigrationRecords();
@@ -168,6 +169,7 @@ export class Agent {
     this.tls = config.transport.kind === 'tls' ? loadTlsMaterial(config.transport) : undefined;
     this.id = this.tls ? agentIdOf(this.tls.self) : this.loadOrCreateId();
     this.registry = new GuestRegistry(config.stateDir);
+    this.sessionsOut = new SessionPool({ tls: this.tls, log, sessionOptions: (sessionLog) => this.sessionOptions(sessionLog) });
   }
 
   private loadOrCreateId(): string {
@@ -230,7 +232,7 @@ export class Agent {
 
   /** Asks `to` what became of `migrationId` (a short-lived handler on the session). */
   private async askWhereabouts(to: string, migrationId: string): Promise<Whereabouts> {
-    const session = await this.session(to);
+    const session = await this.sessionsOut.session(to);
     return new Promise<Whereabouts>((resolve, reject) => {
       const timer = setTimeout(() => {
         session.unregister(migrationId);
@@ -261,7 +263,7 @@ export class Agent {
   private async resumePostcopy(name: string, out: NonNullable<GuestRecord['outgoing']>): Promise<boolean> {
     const { guest } = this.registry.get(name);
     const log = this.log.child({ migrationId: out.migrationId, guest: name, to: out.to });
-    const session = await this.session(out.to);
+    const session = await this.sessionsOut.session(out.to);
     const migration = new SourceMigration(
       guest,
       session,
@@ -276,7 +278,7 @@ export class Agent {
         metrics: this.metrics,
         technique: 'postcopy',
         ...(out.secret ? { secret: Buffer.from(out.secret, 'hex') } : {}),
-        reconnect: () => this.session(out.to),
+        reconnect: () => this.sessionsOut.session(out.to),
         reconnectWindowMs: this.config.postcopyReattachMs,
         registry: this.registry,
       },
@@ -846,36 +848,6 @@ export class Agent {
   }
 
   // ── outgoing migrations ───────────────────────────────────────────────────────────
-  private async session(address: string): Promise<PeerSession> {
-    const existing = this.sessionsOut.get(address);
-    if (existing) {
-      const session = await existing.catch(() => undefined);
-      if (session?.isOpen) return session;
-      this.sessionsOut.delete(address);
-    }
-    if (!this.tls && !isLoopbackHost(hostOf(address))) {
-      throw new GangwayError(
-        ErrorCode.BAD_REQUEST,
-        `this agent runs without TLS (insecurePlaintextLoopback) and dials loopback peers only; ${address} is not loopback: set tls.cert, tls.key, tls.ca and tls.allow`,
-      );
-    }
-    const pending = connectPeer(address, {
-      ...(this.tls ? { tls: this.tls } : {}),
-      ...this.sessionOptions(this.log.child({ peer: address })),
-    });
-    this.sessionsOut.set(address, pending);
-    try {
-      const session = await pending;
-      session.on('closed', () => {
-        if (this.sessionsOut.get(address) === pending) this.sessionsOut.delete(address);
-      });
-      return session;
-    } catch (err) {
-      this.sessionsOut.delete(address);
-      throw err;
-    }
-  }
-
   /**
    * Migrates one or more guests to one destination. gang: all at once over one session,
    * in one dedup group; serial: one after another, each in its own group (so the guests
@@ -928,7 +900,7 @@ export class Agent {
 
   /** The plan behind --technique auto, or why there is none (no traffic data: no uplink or capacity). */
   private async planForAuto(request: MigrateRequest): Promise<{ plan: MigrationPlan | undefined; noTrafficReason?: string; peerFeatures: string[] }> {
-    const session = await this.session(request.to);
+    const session = await this.sessionsOut.session(request.to);
     this.refuseSelf(session, request.to);
     const peerFeatures = [...(session.peer?.features ?? [])];
     const monitor = this.traffic.monitor;
@@ -964,7 +936,7 @@ export class Agent {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `--to ${request.to} is this agent itself`);
     }
     const started = performance.now();
-    const session = await this.session(request.to);
+    const session = await this.sessionsOut.session(request.to);
     this.refuseSelf(session, request.to);
     const requested = resolveTechnique(request.technique, session.peer?.features ?? []);
     const techniqueOf = (guest: ProcessGuest) => followed?.guests.find((g) => g.name === guest.name)?.technique ?? requested;
@@ -1094,7 +1066,7 @@ export class Agent {
           ...(dedup ? { dedup } : {}),
           technique,
           ...(request.postcopyAfterRounds ? { hybrid: { postcopyAfterRounds: request.postcopyAfterRounds } } : {}),
-          reconnect: () => this.session(request.to),
+          reconnect: () => this.sessionsOut.session(request.to),
           registry: this.registry,
           ...(shared.reservePriority ? { reservePriority: shared.reservePriority } : {}),
           ...this.faults,
@@ -1141,7 +1113,7 @@ export class Agent {
     if (new Set(guests).size !== guests.length) throw new GangwayError(ErrorCode.BAD_REQUEST, `a guest is named twice in ${guests.join(' ')}`);
     for (const name of guests) this.registry.get(name);
     if (to === this.listenAddress) throw new GangwayError(ErrorCode.BAD_REQUEST, `--to ${to} is this agent itself`);
-    const session = await this.session(to);
+    const session = await this.sessionsOut.session(to);
     let destination: { rates: { rxBytesPerSec: number; txBytesPerSec: number } | undefined; reason?: string };
     if (!session.peer?.features.includes('traffic')) {
       destination = { rates: undefined, reason: `the agent at ${to} does not report its traffic (no 'traffic' feature)` };
@@ -1198,7 +1170,7 @@ export class Agent {
     while (arriving().length > 0 && Date.now() < postcopyDeadline) await new Promise((resolve) => setTimeout(resolve, 50));
     // Whatever still runs is aborted by closing its session: sources resume their guests (a
     // post-copy leaving from here is carried on by this agent's next start).
-    for (const pending of this.sessionsOut.values()) (await pending.catch(() => undefined))?.close();
+    await this.sessionsOut.closeAll();
     for (const session of this.sessionsIn) session.close();
     while (this.outgoing.size > 0 && Date.now() < deadline + 5_000) {
       await new Promise((resolve) => setTimeout(resolve, 20));
