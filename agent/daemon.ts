@@ -36,6 +36,7 @@ import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
 import { MigrationRecords, type MigrationRecord } from './daemon/records.js';
 import { SessionPool } from './daemon/session-pool.js';
+import { PeerServer } from './daemon/peer-server.js';
 import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type PeerLimits, type TrafficConfig } from './config.js';
 import { TrafficService } from './traffic/service.js';
 import type { Priority } from './planner/planner.js';
@@ -135,11 +136,9 @@ export function controlSocketPath(stateDir: string): string {
 export class Agent {
   readonly id: string;
   readonly registry: GuestRegistry;
-  private peerServer: Server | undefined;
-  private wss: WebSocketServer | undefined;
+  private readonly peerServer: PeerServer;
   /** Loaded at start when the transport is TLS. */
   private tls: TlsMaterial | undefined;
-  private readonly sessionsIn = new Set<PeerSession>();
   private readonly sessionsOut: SessionPool;
   private readonly outgoing = new Map<string, SourceMigration>();
   private readonly incoming = new Map<string, DestinationMigration>();
@@ -170,6 +169,20 @@ export class Agent {
     this.id = this.tls ? agentIdOf(this.tls.self) : this.loadOrCreateId();
     this.registry = new GuestRegistry(config.stateDir);
     this.sessionsOut = new SessionPool({ tls: this.tls, log, sessionOptions: (sessionLog) => this.sessionOptions(sessionLog) });
+    this.peerServer = new PeerServer({
+      config,
+      tls: this.tls,
+      log,
+      sessionOptions: (sessionLog) => this.sessionOptions(sessionLog),
+      onLimit: (limit) => this.limitHit(limit),
+      routes: {
+        onOffer: (offer, session, shared) => this.onOffer(offer, session, shared),
+        onGroupFrame: (frame, session, groups) => this.onGroupFrame(frame, session, groups),
+        onReattach: (frame, session) => this.onReattach(frame, session),
+        onMigrationQuery: (frame, session) => void this.answerQuery(frame.migrationId, session),
+        onTrafficQuery: () => this.traffic.report(),
+      },
+    });
   }
 
   private loadOrCreateId(): string {
@@ -196,7 +209,7 @@ export class Agent {
     }
     this.calibrateDigest();
     warmUpSwitchover();
-    await this.startPeerServer();
+    this.listenAddress = await this.peerServer.listen();
     this.traffic = new TrafficService({
       config: this.config.traffic ?? resolveTrafficConfig(undefined),
       peerPort: Number(this.listenAddress.slice(this.listenAddress.lastIndexOf(':') + 1)),
@@ -394,127 +407,6 @@ export class Agent {
     native.hash128(sample);
     const ms = performance.now() - t0;
     if (ms > 0) this.digestBytesPerSec = (sample.length * 1000) / ms;
-  }
-
-  private startPeerServer(): Promise<void> {
-    const transport = this.config.transport;
-    if (transport.kind === 'plaintext-loopback' && !isLoopbackHost(this.config.listenHost)) {
-      throw new GangwayError(ErrorCode.BAD_REQUEST, `plain ws listens on loopback only (got "${this.config.listenHost}"): set tls.cert, tls.key, tls.ca and tls.allow`);
-    }
-    const tls = this.tls;
-    if (tls && tls.validTo.getTime() < Date.now()) {
-      this.log.warn({ cert: transport.kind === 'tls' ? transport.certPath : undefined, validTo: tls.validTo.toISOString() }, "this agent's certificate has expired: peers will refuse it");
-    }
-    // After the handshake, on every request: the client certificate must pass the CA check and be listed.
-    const refusal = (req: IncomingMessage): Refusal | undefined => (tls ? refusePeer(req.socket as TLSSocket, tls.allow) : undefined);
-    const refuse = (req: IncomingMessage, why: Refusal) => {
-      this.log.warn({ peer: `${req.socket.remoteAddress}:${req.socket.remotePort}`, reason: why.reason }, why.kind === 'certificate' ? "refused a peer's certificate" : 'refused a peer');
-      return { [REFUSAL_HEADER]: why.kind, 'content-type': 'text/plain' };
-    };
-    // From its TCP (plain) or TLS connection on, a peer has handshakeTimeout to finish its
-    // WebSocket upgrade; a connection that sends nothing (or dribbles) is dropped then.
-    const limits = this.config.peers;
-    const upgradeTimers = new WeakMap<object, NodeJS.Timeout>();
-    const armUpgradeTimer = (socket: Socket) => {
-      const timer = setTimeout(() => {
-        this.limitHit('handshake');
-        this.log.warn({ peer: `${socket.remoteAddress}:${socket.remotePort}`, timeoutMs: limits.handshakeTimeoutMs }, 'dropped a peer connection that did not finish its handshake in time (peers.handshakeTimeout)');
-        socket.destroy();
-      }, limits.handshakeTimeoutMs);
-      timer.unref();
-      upgradeTimers.set(socket, timer);
-      socket.once('close', () => clearTimeout(timer));
-    };
-    const disarmUpgradeTimer = (socket: object) => clearTimeout(upgradeTimers.get(socket));
-    const onRequest = (req: IncomingMessage, res: ServerResponse) => {
-      disarmUpgradeTimer(req.socket);
-      const why = refusal(req);
-      if (why) res.writeHead(403, refuse(req, why)).end(`${why.reason}\n`);
-      else res.writeHead(426, { 'content-type': 'text/plain' }).end('gangway peer port: WebSocket only\n');
-    };
-    const server: Server = tls
-      ? createHttpsServer({ cert: tls.cert, key: tls.key, ca: tls.ca, requestCert: true, rejectUnauthorized: false, handshakeTimeout: limits.handshakeTimeoutMs }, onRequest)
-      : createServer(onRequest);
-    server.on(tls ? 'secureConnection' : 'connection', armUpgradeTimer);
-    if (tls) {
-      server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
-        if (err.code === 'ERR_TLS_HANDSHAKE_TIMEOUT') this.limitHit('handshake');
-        this.log.warn({ peer: `${socket.remoteAddress}:${socket.remotePort}`, reason: describeTlsError(err) }, "refused a peer's TLS handshake");
-      });
-    }
-    const wss = new WebSocketServer({
-      server,
-      path: '/gangway/v1',
-      perMessageDeflate: false,
-      maxPayload: this.config.maxPayloadBytes + 256 * 1024,
-      verifyClient: (info, done) => {
-        const why = refusal(info.req);
-        if (!why) return done(true);
-        done(false, 403, why.reason, refuse(info.req, why));
-      },
-    });
-    wss.on('connection', (ws, req) => {
-      disarmUpgradeTimer(req.socket);
-      const remote = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
-      const log = this.log.child({ peer: remote });
-      // The certificate the handshake proved (verifyClient refused any other): the peer's hello must name it.
-      const certificate = tls ? identityOfPeer((req.socket as TLSSocket).getPeerCertificate()) : undefined;
-      const session = new PeerSession(ws, {
-        ...this.sessionOptions(log),
-        role: 'server',
-        ...(certificate ? { peerCertificate: certificate } : {}),
-      });
-      // What the session's migrations share: its dedup groups and its decompression slots.
-      const groups = new Map<string, DestinationGroup>();
-      const decompressions = new Slots(limits.decompressionsPerSession);
-      this.sessionsIn.add(session);
-      session.on('closed', () => {
-        this.sessionsIn.delete(session);
-        for (const group of groups.values()) void group.close();
-      });
-      // Sessions per peer: under TLS the certificate names the peer at once, under plain ws
-      // its hello does.
-      const countSessions = () => {
-        const peer = session.peerId;
-        const open = [...this.sessionsIn].filter((other) => other.peerId === peer).length;
-        if (peer === undefined || open <= limits.maxSessionsPerPeer) return;
-        this.limitHit('sessions');
-        session.fail(new ProtocolError(ErrorCode.LIMIT, `this peer has ${open - 1} sessions open here already (peers.maxSessionsPerPeer = ${limits.maxSessionsPerPeer})`, { closeCode: ProtocolCloseCode.policy }));
-      };
-      if (certificate) countSessions();
-      else session.ready.then(countSessions, () => {});
-      session.onOffer = (offer) => this.onOffer(offer, session, { groups, decompressions });
-      session.onGroupFrame = (frame) => this.onGroupFrame(frame, session, groups);
-      session.onTrafficQuery = () => this.traffic.report();
-      session.onReattach = (frame) => this.onReattach(frame, session);
-      session.onMigrationQuery = (frame) => void this.answerQuery(frame.migrationId, session);
-    });
-    this.peerServer = server;
-    this.wss = wss;
-    return new Promise((resolve, reject) => {
-      // ws re-emits the server's errors on the WebSocketServer: without a listener there, a
-      // port in use crashed the agent with a stack trace instead of failing start().
-      const ignore = () => {};
-      wss.once('error', ignore);
-      server.once('error', (err: NodeJS.ErrnoException) => {
-        const why =
-          err.code === 'EADDRINUSE'
-            ? 'the address is in use (another agent or program listens there)'
-            : err.code === 'EADDRNOTAVAIL'
-              ? 'no interface of this host has that address'
-              : err.code === 'EACCES'
-                ? 'permission denied (a port below 1024 needs root or CAP_NET_BIND_SERVICE)'
-                : err.message;
-        reject(new GangwayError(ErrorCode.BAD_REQUEST, `cannot listen for peers on ${this.config.listenHost}:${this.config.listenPort}: ${why}; set another address with listen (--listen, GANGWAY_LISTEN)`));
-      });
-      server.listen(this.config.listenPort, this.config.listenHost, () => {
-        wss.off('error', ignore);
-        const address = server.address();
-        const port = typeof address === 'object' && address ? address.port : this.config.listenPort;
-        this.listenAddress = `${this.config.listenHost}:${port}`;
-        resolve();
-      });
-    });
   }
 
   /** Resident dedup's policy, limiter and shared fingerprints; made at the first resident request. */
@@ -836,7 +728,7 @@ export class Agent {
         controlPort: this.controlAddress ?? null,
         digestBytesPerSec: Math.round(this.digestBytesPerSec),
         shuttingDown: this.shuttingDown,
-        sessions: { in: this.sessionsIn.size, out: this.sessionsOut.size },
+        sessions: { in: this.peerServer.sessionCount, out: this.sessionsOut.size },
         /** What this agent offers peers in its hello (postcopy only where userfaultfd works). */
         features: AGENT_FEATURES,
       },
@@ -1171,12 +1063,11 @@ export class Agent {
     // Whatever still runs is aborted by closing its session: sources resume their guests (a
     // post-copy leaving from here is carried on by this agent's next start).
     await this.sessionsOut.closeAll();
-    for (const session of this.sessionsIn) session.close();
+    this.peerServer.closeSessions();
     while (this.outgoing.size > 0 && Date.now() < deadline + 5_000) {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
-    this.wss?.close();
-    await new Promise<void>((resolve) => (this.peerServer ? this.peerServer.close(() => resolve()) : resolve()));
+    await this.peerServer.close();
     // The accounting chain and the shaper go with the agent.
     await this.traffic?.stop();
     this.log.info('agent stopped');
