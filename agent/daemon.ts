@@ -2,17 +2,11 @@
 // migrations), serves the local control API to the CLI over a unix socket in the state
 // dir, keeps the guest registry, and runs migrations in both directions.
 import { randomBytes, randomUUID } from 'node:crypto';
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import { createServer as createHttpsServer } from 'node:https';
-import type { TLSSocket } from 'node:tls';
-import { connect, type Socket } from 'node:net';
+import { connect } from 'node:net';
 import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { WebSocketServer } from 'ws';
-import { ErrorCode, GangwayError, ProtocolCloseCode, ProtocolError } from '../protocol/errors.js';
-import { DestinationGroup } from './dedup/dest-group.js';
-import { ResidentOffers } from './dedup/resident-policy.js';
-import { RejectReason, Whereabouts } from '../protocol/codes.js';
+import { ErrorCode, GangwayError } from '../protocol/errors.js';
+import { Whereabouts } from '../protocol/codes.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { warmUpSwitchover } from './migration/warmup.js';
 import { faultsFromEnv } from './migration/faults.js';
@@ -24,25 +18,25 @@ import { GuestRegistry, UNREADABLE_RECORD_ADVICE, type GuestRecord } from './gue
 import type { Logger } from './log.js';
 import { loadNative } from './native.js';
 import type { CodecMode } from './migration/codec-chooser.js';
-import { DestinationMigration, secretsMatch } from './migration/destination.js';
 import { SourceMigration, type MigrationProgress, type MigrationSummary } from './migration/source.js';
 import { outcomeOf, summarizeGroup, type GroupOutcome, type GroupSummary } from './migration/group-summary.js';
 import { SourceDedupGroup } from './dedup/source-group.js';
-import { Pacer, Slots, SwitchoverGate } from './migration/flow.js';
+import { Pacer, SwitchoverGate } from './migration/flow.js';
 import type { ProcessGuest } from './guest/process-guest.js';
 import { agentIdOf } from './peer/allowlist.js';
-import { connectPeer, DEFAULT_DEAD_AFTER_MS, PeerSession, type GroupFrame } from './peer/session.js';
+import { DEFAULT_DEAD_AFTER_MS, type PeerSession } from './peer/session.js';
 import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
-import { MigrationRecords, type MigrationRecord } from './daemon/records.js';
+import { MigrationRecords } from './daemon/records.js';
 import { SessionPool } from './daemon/session-pool.js';
 import { PeerServer } from './daemon/peer-server.js';
+import { InboundMigrations } from './daemon/inbound.js';
 import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type PeerLimits, type TrafficConfig } from './config.js';
 import { TrafficService } from './traffic/service.js';
 import type { Priority } from './planner/planner.js';
 import type { MigrationPlan } from './planner/plan-for.js';
 import { defaultAutoTechnique, followPlan, type FollowedPlan } from './planner/follow-plan.js';
-import { describeTlsError, hostOf, identityOfPeer, isLoopbackHost, loadTlsMaterial, REFUSAL_HEADER, refusePeer, type PeerTransport, type Refusal, type TlsMaterial } from './peer/tls.js';
+import { loadTlsMaterial, type PeerTransport, type TlsMaterial } from './peer/tls.js';
 
 /** What this agent offers in its hello; a feature is used when both sides list it. */
 /** The options of a SourceMigration that only serves the rest of a post-copy (they are not used). */
@@ -141,7 +135,7 @@ export class Agent {
   private tls: TlsMaterial | undefined;
   private readonly sessionsOut: SessionPool;
   private readonly outgoing = new Map<string, SourceMigration>();
-  private readonly incoming = new Map<string, DestinationMigration>();
+  private readonly inbound: InboundMigrations;
   private readonly records = new MigrationRecords();
   private shuttingDown = false;
   private digestBytesPerSec = 8e9;
@@ -152,6 +146,10 @@ export class Agent {
   /** The traffic monitor and shaper; created by start() once the peer port is known. */
   traffic!: TrafficService;
   listenAddress = '';
+  /** The port of listenAddress (the one picked when listenPort was 0). */
+  private get peerPort(): number {
+    return Number(this.listenAddress.slice(this.listenAddress.lastIndexOf(':') + 1));
+  }
   /** Where /metrics is served, once it is. */
   metricsAddress: string | undefined;
   /** The loopback TCP control port (HOST:PORT), when control.listen is set. */
@@ -169,6 +167,18 @@ export class Agent {
     this.id = this.tls ? agentIdOf(this.tls.self) : this.loadOrCreateId();
     this.registry = new GuestRegistry(config.stateDir);
     this.sessionsOut = new SessionPool({ tls: this.tls, log, sessionOptions: (sessionLog) => this.sessionOptions(sessionLog) });
+    this.inbound = new InboundMigrations({
+      config,
+      registry: this.registry,
+      log,
+      metrics: this.metrics,
+      records: this.records,
+      accepting: () => !this.shuttingDown,
+      isMigrating: (name) => this.isMigrating(name),
+      peerPort: () => this.peerPort,
+      traffic: () => this.traffic,
+      onLimit: (limit) => this.limitHit(limit),
+    });
     this.peerServer = new PeerServer({
       config,
       tls: this.tls,
@@ -176,10 +186,10 @@ export class Agent {
       sessionOptions: (sessionLog) => this.sessionOptions(sessionLog),
       onLimit: (limit) => this.limitHit(limit),
       routes: {
-        onOffer: (offer, session, shared) => this.onOffer(offer, session, shared),
-        onGroupFrame: (frame, session, groups) => this.onGroupFrame(frame, session, groups),
-        onReattach: (frame, session) => this.onReattach(frame, session),
-        onMigrationQuery: (frame, session) => void this.answerQuery(frame.migrationId, session),
+        onOffer: (offer, session, shared) => this.inbound.onOffer(offer, session, shared),
+        onGroupFrame: (frame, session, groups) => this.inbound.onGroupFrame(frame, session, groups),
+        onReattach: (frame, session) => this.inbound.onReattach(frame, session),
+        onMigrationQuery: (frame, session) => void this.inbound.answerQuery(frame.migrationId, session),
         onTrafficQuery: () => this.traffic.report(),
       },
     });
@@ -212,7 +222,7 @@ export class Agent {
     this.listenAddress = await this.peerServer.listen();
     this.traffic = new TrafficService({
       config: this.config.traffic ?? resolveTrafficConfig(undefined),
-      peerPort: Number(this.listenAddress.slice(this.listenAddress.lastIndexOf(':') + 1)),
+      peerPort: this.peerPort,
       guests: () => this.registry.list().map(({ record }) => ({ name: record.name, tap: record.tap })),
       log: this.log.child({ component: 'traffic' }),
       metrics: this.metrics,
@@ -222,25 +232,6 @@ export class Agent {
     // Guests whose migration was at its switchover when the previous run of this agent
     // ended: ask their destination what became of them before anything else happens.
     for (const { record } of this.registry.list()) if (record.outgoing) void this.resolveOutgoing(record.name);
-  }
-
-  /**
-   * What became of migration `migrationId` here, for a source that lost track of it. Only
-   * the agent the migration came from is told: anyone else hears `unknown`, as for an id
-   * that never existed, so an answer reveals nothing of other peers' migrations.
-   */
-  private async answerQuery(migrationId: string, session: PeerSession): Promise<void> {
-    const running = this.incoming.get(migrationId);
-    // A switchover under way here is answered once it is over (it ends within seconds).
-    if (running && running.from === session.peerId && running.missingPages === undefined) {
-      await Promise.race([running.done, sleep(30_000, undefined, { ref: false })]);
-    }
-    let whereabouts: Whereabouts = Whereabouts.unknown;
-    for (const { record, guest } of this.registry.list()) {
-      if (record.origin.kind !== 'migrated' || record.origin.migrationId !== migrationId || record.origin.from !== session.peerId || !guest.alive()) continue;
-      whereabouts = record.incoming?.stranded ? Whereabouts.stranded : record.incoming ? Whereabouts.receiving : Whereabouts.running;
-    }
-    if (session.isOpen) session.send(Frame.migrationAnswer({ migrationId, whereabouts }));
   }
 
   /** Asks `to` what became of `migrationId` (a short-lived handler on the session). */
@@ -409,176 +400,6 @@ export class Agent {
     if (ms > 0) this.digestBytesPerSec = (sample.length * 1000) / ms;
   }
 
-  /** Resident dedup's policy, limiter and shared fingerprints; made at the first resident request. */
-  private residentOffers: ResidentOffers | undefined;
-
-  /** dedupOpen / dedupClose from a source: the groups of one session. */
-  private onGroupFrame(frame: GroupFrame, session: PeerSession, groups: Map<string, DestinationGroup>): void {
-    if (frame.type === 'dedupClose') {
-      const group = groups.get(frame.group);
-      groups.delete(frame.group);
-      void group?.close();
-      return;
-    }
-    if (frame.type !== 'dedupOpen') {
-      throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `${frame.type} is sent by a destination, not to one`);
-    }
-    if (groups.has(frame.group)) throw new ProtocolError(ErrorCode.PROTOCOL, `dedup group ${frame.group} is already open`);
-    const maxGroups = this.config.peers.maxGroupsPerSession;
-    if (groups.size >= maxGroups) {
-      this.limitHit('groups');
-      throw new ProtocolError(ErrorCode.LIMIT, `more than ${maxGroups} dedup groups open on one session (peers.maxGroupsPerSession)`, { closeCode: ProtocolCloseCode.policy });
-    }
-    const group = new DestinationGroup(frame.group, this.log.child({ group: frame.group }));
-    groups.set(frame.group, group);
-    let offered: Promise<{ slots: number; pages: number }> = Promise.resolve({ slots: 0, pages: 0 });
-    if (frame.resident) {
-      // Only the guests dedup.resident lets this peer see (see resident-policy.ts), at most
-      // dedup.residentOffersPerMinute times a minute; a group refused them still opens.
-      const resident = (this.residentOffers ??= new ResidentOffers(this.config.dedup));
-      const entries = this.registry.list();
-      resident.fingerprints.retain(entries.map(({ record }) => ({ name: record.name, pid: record.pid, memoryPath: record.files.memoryPath })));
-      const peer = session.peer?.agentId;
-      const candidates = entries.map(({ record, guest }) => ({ name: record.name, origin: record.origin, migrating: this.isMigrating(record.name), alive: guest.alive(), record }));
-      const decision = resident.decide(peer, candidates);
-      this.metrics.dedupResidentOffers.inc({ outcome: decision.outcome });
-      if (decision.warn) {
-        this.log.warn({ peer, offersPerMinute: this.config.dedup.residentOffersPerMinute }, 'the peer asked for more resident offers than dedup.residentOffersPerMinute: its groups get no resident slots until its oldest offer is a minute old');
-      }
-      const guests = decision.guests.map(({ record }) => ({
-        name: record.name,
-        pid: record.pid,
-        memoryPath: record.files.memoryPath,
-        memoryBytes: record.memoryBytes,
-        pageSizeBytes: record.pageSizeBytes,
-      }));
-      if (guests.length > 0) offered = group.offerResident(session, guests, resident.fingerprints);
-    }
-    offered.then(
-      ({ slots, pages }) => {
-        if (session.isOpen) session.send(Frame.dedupReady({ group: frame.group, residentSlots: slots, residentPages: pages }));
-      },
-      (err: Error) => session.fail(new GangwayError(ErrorCode.INTERNAL, `offering resident content failed: ${err.message}`)),
-    );
-  }
-
-  /** The verdicts of post-copy migrations that ended here, for a source that reconnects to ask. */
-  private readonly postcopyVerdicts = new Map<string, { from: string; secret: Uint8Array; frame: ReturnType<typeof Frame.verified> }>();
-
-  /**
-   * A source whose session broke during post-copy carries on here: the migration takes the
-   * new session if it is waiting for its source. A post-copy that already completed answers
-   * with its verdict, which the source may not have received. Only the agent the migration
-   * was accepted from, presenting the migration's secret, may do either; anyone else gets the
-   * same answer as for an id that does not exist, which names no agent.
-   */
-  private onReattach(frame: ReturnType<typeof Frame.reattach>, session: PeerSession): void {
-    const { migrationId, secret } = frame;
-    const refuse = (message: string) => session.send(Frame.abort({ migrationId, code: ErrorCode.UNEXPECTED_FRAME, message }));
-    const migration = this.incoming.get(migrationId);
-    if (migration?.isSource(session, secret)) {
-      const refusal = migration.reattach(session);
-      if (refusal) refuse(refusal);
-      return;
-    }
-    const verdict = this.postcopyVerdicts.get(migrationId);
-    if (verdict && verdict.from === session.peerId && secretsMatch(secret, verdict.secret)) {
-      session.send(verdict.frame);
-      return;
-    }
-    if (migration || verdict) {
-      this.limitHit('reattach');
-      this.log.warn({ migrationId, peer: session.peerId }, 'refused a reattach: not the source of that migration, or the wrong secret');
-    }
-    refuse(`no post-copy migration ${migrationId} that this agent may carry on waits here`);
-  }
-
-  private onOffer(offer: Parameters<NonNullable<PeerSession['onOffer']>>[0], session: PeerSession, shared: { groups: Map<string, DestinationGroup>; decompressions: Slots }): void {
-    if (this.incoming.has(offer.migrationId) || this.records.has(offer.migrationId)) {
-      // A replayed or duplicated id would mix two streams.
-      session.send(Frame.reject({ migrationId: offer.migrationId, reason: RejectReason.badSpec, message: 'duplicate migration id' }));
-      return;
-    }
-    // Each accepted offer is a process, a memory file and its share of the receive memory:
-    // a peer gets a bounded number of them, and all peers together too.
-    const limits = this.config.peers;
-    const arriving = [...this.incoming.values()];
-    const fromPeer = arriving.filter((m) => m.from === session.peerId).length;
-    const busy =
-      fromPeer >= limits.maxIncomingPerPeer
-        ? `this agent already receives ${fromPeer} migrations from this peer (peers.maxIncomingPerPeer = ${limits.maxIncomingPerPeer}): offer it again once one ends`
-        : arriving.length >= limits.maxIncoming
-          ? `this agent already receives ${arriving.length} migrations (peers.maxIncoming = ${limits.maxIncoming}): offer it again once one ends`
-          : undefined;
-    if (busy) {
-      this.limitHit(fromPeer >= limits.maxIncomingPerPeer ? 'incoming-per-peer' : 'incoming');
-      this.log.warn({ migrationId: offer.migrationId, peer: session.peerId, reason: busy }, 'offer refused');
-      this.metrics.migrations.inc({ direction: 'in', outcome: 'rejected', technique: 'precopy' });
-      session.send(Frame.reject({ migrationId: offer.migrationId, reason: RejectReason.busy, message: busy }));
-      return;
-    }
-    const migration = DestinationMigration.start(offer, session, {
-      registry: this.registry,
-      memoryDir: this.config.memoryDir,
-      creditBytes: this.config.creditBytes,
-      maxPayloadBytes: this.config.maxPayloadBytes,
-      log: this.log,
-      accepting: () => !this.shuttingDown,
-      metrics: this.metrics,
-      groups: shared.groups,
-      reattachWindowMs: this.config.postcopyReattachMs,
-      space: { reservedBytes: arriving.reduce((sum, m) => sum + m.promisedBytes, 0), headroomBytes: limits.memoryHeadroomBytes },
-      maxDeviceStateBytes: limits.maxDeviceStateBytes,
-      decompressions: shared.decompressions,
-      onLimit: (limit) => this.limitHit(limit),
-    });
-    if (!migration) {
-      this.metrics.migrations.inc({ direction: 'in', outcome: 'rejected', technique: 'precopy' });
-      return;
-    }
-    this.incoming.set(offer.migrationId, migration);
-    this.metrics.migrationsActive.inc({ direction: 'in' });
-    // The source's plan reserved bandwidth at a priority: reserve this host's inbound side too.
-    const inbound = offer.priority
-      ? this.traffic.holdInbound({ localPort: Number(this.listenAddress.slice(this.listenAddress.lastIndexOf(':') + 1)), priority: offer.priority }).then(
-          (hold) => {
-            if (hold.applied) this.log.info({ migrationId: offer.migrationId, reason: hold.reason }, 'inbound bandwidth reserved for the incoming migration');
-            else this.log.info({ migrationId: offer.migrationId, reason: hold.reason }, 'inbound bandwidth not reserved');
-            return hold;
-          },
-          (err: Error) => {
-            this.log.warn({ err: err.message }, 'reserving inbound bandwidth failed');
-            return undefined;
-          },
-        )
-      : undefined;
-    void migration.done.finally(() => void inbound?.then((hold) => hold?.stop()).catch(() => {}));
-    const record: MigrationRecord = {
-      direction: 'in',
-      state: 'running',
-      migrationId: offer.migrationId,
-      guest: offer.guest.name,
-      from: session.peer?.agentId ?? 'unknown',
-      startedAt: new Date().toISOString(),
-    };
-    this.records.set(offer.migrationId, record);
-    void migration.done.then((result) => {
-      this.incoming.delete(offer.migrationId);
-      if (migration.verdict) {
-        this.postcopyVerdicts.set(offer.migrationId, { from: record.from, secret: migration.secret, frame: migration.verdict });
-        // The last few are enough: a source asks right after it reconnects.
-        for (const id of this.postcopyVerdicts.keys()) {
-          if (this.postcopyVerdicts.size <= 64) break;
-          this.postcopyVerdicts.delete(id);
-        }
-      }
-      this.metrics.migrationsActive.dec({ direction: 'in' });
-      this.metrics.migrations.inc({ direction: 'in', outcome: result.outcome, technique: result.technique });
-      this.records.set(offer.migrationId, { ...record, state: result.outcome, result });
-      this.records.trim();
-    });
-  }
-
   // ── guests ─────────────────────────────────────────────────────────────────────────
   async startGuest(name: string, spec: ProcessGuestSpec, tap?: string): Promise<{ name: string; pid: number; memoryPath: string }> {
     if (this.shuttingDown) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
@@ -668,11 +489,6 @@ export class Agent {
     return [...this.outgoing.values()].some((m) => m.guest.name === name);
   }
 
-  /** Pages a post-copy migration arriving here still lacks (undefined once it is over). */
-  private incomingMissingPages(migrationId: string): number | undefined {
-    return this.incoming.get(migrationId)?.missingPages;
-  }
-
   guestStatus() {
     return this.registry.list().map(({ record, guest }) => {
       let tracker: { kind: string; reason?: string };
@@ -695,7 +511,7 @@ export class Agent {
         origin: record.origin,
         tracker,
         ...(record.outgoing ? { outgoing: record.outgoing } : {}),
-        ...(record.incoming ? { incoming: { ...record.incoming, missingPages: this.incomingMissingPages(record.incoming.migrationId) ?? record.incoming.missingPages } } : {}),
+        ...(record.incoming ? { incoming: { ...record.incoming, missingPages: this.inbound.missingPages(record.incoming.migrationId) ?? record.incoming.missingPages } } : {}),
         ...(header
           ? {
               passes: header.passes,
@@ -1048,18 +864,17 @@ export class Agent {
   async stop(): Promise<void> {
     if (this.shuttingDown) return;
     this.shuttingDown = true;
-    this.log.info({ running: this.outgoing.size + this.incoming.size }, 'shutting down');
+    this.log.info({ running: this.outgoing.size + this.inbound.count }, 'shutting down');
     const deadline = Date.now() + this.config.shutdownGraceMs;
-    while (this.outgoing.size + this.incoming.size > 0 && Date.now() < deadline) {
+    while (this.outgoing.size + this.inbound.count > 0 && Date.now() < deadline) {
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
     // A post-copy arriving here cannot be handed over: its guest runs here and the fault
     // reader is this process. Closing would leave the guest waiting for pages nobody can
     // install, so those are waited for (systemd's stop timeout still applies).
     const postcopyDeadline = Date.now() + this.config.postcopyReattachMs;
-    const arriving = () => [...this.incoming.values()].filter((m) => m.missingPages !== undefined);
-    if (arriving().length > 0) this.log.warn({ migrations: arriving().length }, 'waiting for post-copy migrations arriving here to complete');
-    while (arriving().length > 0 && Date.now() < postcopyDeadline) await new Promise((resolve) => setTimeout(resolve, 50));
+    if (this.inbound.postcopyCount > 0) this.log.warn({ migrations: this.inbound.postcopyCount }, 'waiting for post-copy migrations arriving here to complete');
+    while (this.inbound.postcopyCount > 0 && Date.now() < postcopyDeadline) await new Promise((resolve) => setTimeout(resolve, 50));
     // Whatever still runs is aborted by closing its session: sources resume their guests (a
     // post-copy leaving from here is carried on by this agent's next start).
     await this.sessionsOut.closeAll();
