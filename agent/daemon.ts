@@ -1,66 +1,41 @@
 // The agent: one per host. Listens for peer agents (WebSocket sessions carrying
 // migrations), serves the local control API to the CLI over a unix socket in the state
 // dir, keeps the guest registry, and runs migrations in both directions.
-import { randomBytes, randomUUID } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { connect } from 'node:net';
 import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ErrorCode, GangwayError } from '../protocol/errors.js';
-import { Whereabouts } from '../protocol/codes.js';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { warmUpSwitchover } from './migration/warmup.js';
 import { faultsFromEnv } from './migration/faults.js';
-import { Frame } from '../protocol/index.js';
 import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
 import { GUEST_PAGE_SIZE } from './guest/guest-header.js';
 import { launchProcessGuest, processState, type ProcessGuestSpec, type TrackerPreference } from './guest/process-guest.js';
-import { GuestRegistry, UNREADABLE_RECORD_ADVICE, type GuestRecord } from './guest/registry.js';
+import { GuestRegistry, UNREADABLE_RECORD_ADVICE } from './guest/registry.js';
 import type { Logger } from './log.js';
 import { loadNative } from './native.js';
-import type { CodecMode } from './migration/codec-chooser.js';
-import { SourceMigration, type MigrationProgress, type MigrationSummary } from './migration/source.js';
-import { outcomeOf, summarizeGroup, type GroupOutcome, type GroupSummary } from './migration/group-summary.js';
-import { SourceDedupGroup } from './dedup/source-group.js';
-import { Pacer, SwitchoverGate } from './migration/flow.js';
-import type { ProcessGuest } from './guest/process-guest.js';
+import type { MigrationProgress } from './migration/source.js';
+import type { GroupSummary } from './migration/group-summary.js';
 import { agentIdOf } from './peer/allowlist.js';
-import { DEFAULT_DEAD_AFTER_MS, type PeerSession } from './peer/session.js';
+import { DEFAULT_DEAD_AFTER_MS } from './peer/session.js';
 import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
 import { MigrationRecords } from './daemon/records.js';
 import { SessionPool } from './daemon/session-pool.js';
 import { PeerServer } from './daemon/peer-server.js';
 import { InboundMigrations } from './daemon/inbound.js';
+import { OutboundMigrations, type MigrateRequest } from './daemon/outbound.js';
 import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type PeerLimits, type TrafficConfig } from './config.js';
 import { TrafficService } from './traffic/service.js';
 import type { Priority } from './planner/planner.js';
 import type { MigrationPlan } from './planner/plan-for.js';
-import { defaultAutoTechnique, followPlan, type FollowedPlan } from './planner/follow-plan.js';
 import { loadTlsMaterial, type PeerTransport, type TlsMaterial } from './peer/tls.js';
 
-/** What this agent offers in its hello; a feature is used when both sides list it. */
-/** The options of a SourceMigration that only serves the rest of a post-copy (they are not used). */
-const MIGRATION_OPTION_DEFAULTS = {
-  downtimeBudgetMs: 300,
-  maxRounds: 1,
-  force: false,
-  codec: 'auto',
-  commitTimeoutMs: 30_000,
-} as const;
-
-/** What this agent does, as its hello says; 'postcopy' only where the guest's memory can take userfaultfd. */
-const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'repair', 'traffic', ...(loadNative().uffdProbe() ? ['postcopy'] : [])];
-
 /**
- * The technique of a request that does not follow a plan. auto without traffic data: hybrid
- * where the destination can post-copy (pre-copy first, post-copy only if that does not
- * converge), else pre-copy; with traffic data, auto follows the plan (Agent.migrate).
+ * What this agent offers in its hello; a feature is used when both sides list it. 'postcopy'
+ * only where the guest's memory can take userfaultfd.
  */
-export function resolveTechnique(requested: MigrateRequest['technique'], peerFeatures: readonly string[]): 'precopy' | 'postcopy' | 'hybrid' {
-  if (requested === undefined || requested === 'precopy') return 'precopy';
-  if (requested === 'auto') return defaultAutoTechnique(peerFeatures);
-  return requested;
-}
+const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'repair', 'traffic', ...(loadNative().uffdProbe() ? ['postcopy'] : [])];
 
 export interface AgentConfig {
   listenHost: string;
@@ -101,27 +76,8 @@ export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort'
   dedup: DEDUP_POLICY_DEFAULTS,
 };
 
-export interface MigrateRequest {
-  guests: string[];
-  to: string;
-  strategy: 'gang' | 'serial';
-  dedup: boolean;
-  downtimeMs: number;
-  force: boolean;
-  maxRounds: number;
-  maxBytesFactor: number;
-  codec: CodecMode;
-  bandwidthBytesPerSec?: number;
-  tracker?: TrackerPreference;
-  /** precopy when absent; auto: follow the plan (technique, strategy, order, rate) where there is traffic data. */
-  technique?: 'precopy' | 'postcopy' | 'hybrid' | 'auto';
-  /** The migration's priority for the plan and the bandwidth reservation; default traffic.priority. */
-  priority?: Priority;
-  /** hybrid: go post-copy after this many pre-copy rounds at the latest (default maxRounds). */
-  postcopyAfterRounds?: number;
-}
-
 export type { MigrationRecord } from './daemon/records.js';
+export { resolveTechnique, type MigrateRequest } from './daemon/outbound.js';
 
 export function controlSocketPath(stateDir: string): string {
   return join(stateDir, 'control.sock');
@@ -134,7 +90,7 @@ export class Agent {
   /** Loaded at start when the transport is TLS. */
   private tls: TlsMaterial | undefined;
   private readonly sessionsOut: SessionPool;
-  private readonly outgoing = new Map<string, SourceMigration>();
+  private readonly outbound: OutboundMigrations;
   private readonly inbound: InboundMigrations;
   private readonly records = new MigrationRecords();
   private shuttingDown = false;
@@ -174,10 +130,24 @@ export class Agent {
       metrics: this.metrics,
       records: this.records,
       accepting: () => !this.shuttingDown,
-      isMigrating: (name) => this.isMigrating(name),
+      isMigrating: (name) => this.outbound.isMigrating(name),
       peerPort: () => this.peerPort,
       traffic: () => this.traffic,
       onLimit: (limit) => this.limitHit(limit),
+    });
+    this.outbound = new OutboundMigrations({
+      config,
+      agentId: this.id,
+      registry: this.registry,
+      log,
+      metrics: this.metrics,
+      records: this.records,
+      sessions: this.sessionsOut,
+      faults: this.faults,
+      listenAddress: () => this.listenAddress,
+      digestBytesPerSec: () => this.digestBytesPerSec,
+      shuttingDown: () => this.shuttingDown,
+      traffic: () => this.traffic,
     });
     this.peerServer = new PeerServer({
       config,
@@ -231,143 +201,7 @@ export class Agent {
     this.log.info({ agentId: this.id, listen: this.listenAddress, stateDir: this.config.stateDir }, 'agent listening');
     // Guests whose migration was at its switchover when the previous run of this agent
     // ended: ask their destination what became of them before anything else happens.
-    for (const { record } of this.registry.list()) if (record.outgoing) void this.resolveOutgoing(record.name);
-  }
-
-  /** Asks `to` what became of `migrationId` (a short-lived handler on the session). */
-  private async askWhereabouts(to: string, migrationId: string): Promise<Whereabouts> {
-    const session = await this.sessionsOut.session(to);
-    return new Promise<Whereabouts>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        session.unregister(migrationId);
-        reject(new GangwayError(ErrorCode.TIMEOUT, `no answer from ${to} within 10 s`));
-      }, 10_000);
-      session.register(migrationId, {
-        onFrame: (frame) => {
-          if (frame.type !== 'migrationAnswer') return;
-          clearTimeout(timer);
-          session.unregister(migrationId);
-          resolve((frame as ReturnType<typeof Frame.migrationAnswer>).whereabouts);
-        },
-        onSessionClosed: (err) => {
-          clearTimeout(timer);
-          reject(err);
-        },
-      });
-      session.send(Frame.migrationQuery({ migrationId }));
-    });
-  }
-
-  private readonly resolving = new Set<string>();
-
-  /**
-   * Serves the rest of a post-copy this agent was in the middle of when it stopped. True
-   * once the destination holds every page (this copy is then gone).
-   */
-  private async resumePostcopy(name: string, out: NonNullable<GuestRecord['outgoing']>): Promise<boolean> {
-    const { guest } = this.registry.get(name);
-    const log = this.log.child({ migrationId: out.migrationId, guest: name, to: out.to });
-    const session = await this.sessionsOut.session(out.to);
-    const migration = new SourceMigration(
-      guest,
-      session,
-      {
-        ...MIGRATION_OPTION_DEFAULTS,
-        migrationId: out.migrationId,
-        peerAddress: out.to,
-        maxWireBytes: 3 * guest.memoryBytes,
-        tracker: this.config.tracker,
-        batchBytes: this.config.batchBytes,
-        digestBytesPerSec: this.digestBytesPerSec,
-        metrics: this.metrics,
-        technique: 'postcopy',
-        ...(out.secret ? { secret: Buffer.from(out.secret, 'hex') } : {}),
-        reconnect: () => this.sessionsOut.session(out.to),
-        reconnectWindowMs: this.config.postcopyReattachMs,
-        registry: this.registry,
-      },
-      log,
-    );
-    this.outgoing.set(out.migrationId, migration);
-    log.warn('post-copy was under way when this agent stopped: serving the pages the destination still lacks');
-    try {
-      const result = await migration.resumePostcopy();
-      this.registry.remove(name);
-      this.records.set(out.migrationId, { direction: 'out', state: 'resumed', migrationId: out.migrationId, guest: name, to: out.to, startedAt: out.since, resumed: result });
-      return true;
-    } catch (err) {
-      const message = err instanceof Error ? err.message : String(err);
-      log.error({ err: message }, 'serving the rest of the post-copy failed; this paused copy stays');
-      this.registry.update(name, { outgoing: { ...out, interrupted: message.slice(0, 300) } });
-      return false;
-    } finally {
-      this.outgoing.delete(out.migrationId);
-    }
-  }
-
-  /**
-   * A guest marked as at its switchover (the commit was sent, or post-copy started) with
-   * nobody driving the migration any more (this agent restarted, or the confirmation was
-   * lost): ask the destination until it answers. Running there: this paused copy goes.
-   * Unknown there: the guest never ran there, so it resumes here. Receiving or stranded
-   * there: this copy holds what the destination lacks; it stays paused, and says so.
-   */
-  private async resolveOutgoing(name: string): Promise<void> {
-    if (this.resolving.has(name)) return;
-    this.resolving.add(name);
-    try {
-      let delay = 500;
-      while (!this.shuttingDown) {
-        let entry;
-        try {
-          entry = this.registry.get(name);
-        } catch {
-          return;
-        }
-        const out = entry.record.outgoing;
-        if (!out || this.isMigrating(name)) return;
-        let whereabouts: Whereabouts | undefined;
-        try {
-          whereabouts = await this.askWhereabouts(out.to, out.migrationId);
-        } catch (err) {
-          this.log.info({ guest: name, to: out.to, err: (err as Error).message }, 'switchover in doubt: the destination does not answer yet');
-        }
-        if (whereabouts === Whereabouts.running) {
-          this.log.warn({ guest: name, to: out.to, migrationId: out.migrationId }, 'switchover resolved: the guest runs at the destination; this paused copy is removed');
-          await entry.guest.discard();
-          this.registry.remove(name);
-          return;
-        }
-        if (whereabouts === Whereabouts.unknown) {
-          this.log.warn({ guest: name, to: out.to, migrationId: out.migrationId }, 'switchover resolved: the guest never ran at the destination; it resumes here');
-          this.registry.update(name, { outgoing: undefined });
-          entry.guest.resume();
-          return;
-        }
-        if (whereabouts === Whereabouts.receiving && out.phase === 'postcopy') {
-          // The guest runs there and waits for pages only this copy holds: serve them.
-          if (await this.resumePostcopy(name, out)) return;
-        }
-        if (whereabouts === Whereabouts.receiving || whereabouts === Whereabouts.stranded) {
-          const why =
-            whereabouts === Whereabouts.stranded
-              ? 'the destination gave up waiting for its missing pages'
-              : 'the destination runs the guest and waits for pages this copy holds';
-          this.log.error({ guest: name, to: out.to, migrationId: out.migrationId }, `post-copy interrupted: ${why}; this paused copy stays`);
-          this.registry.update(name, { outgoing: { ...out, interrupted: why } });
-          return;
-        }
-        await sleep(delay, undefined, { ref: false });
-        delay = Math.min(delay * 2, 10_000);
-      }
-    } finally {
-      this.resolving.delete(name);
-    }
-  }
-
-  /** A --to that reaches this agent under another name (localhost, another address of this host). */
-  private refuseSelf(session: PeerSession, to: string): void {
-    if (session.peerId === this.id) throw new GangwayError(ErrorCode.BAD_REQUEST, `--to ${to} is this agent itself (it listens on ${this.listenAddress})`);
+    for (const { record } of this.registry.list()) if (record.outgoing) void this.outbound.resolveOutgoing(record.name);
   }
 
   /** A peer hit one of the peers.* limits (or broke the credit or identity rules): counted. */
@@ -442,8 +276,8 @@ export class Agent {
 
   async stopGuest(name: string): Promise<void> {
     const { guest } = this.registry.get(name);
-    if (this.isMigrating(name)) {
-      const [id, running] = [...this.outgoing.entries()].find(([, m]) => m.guest.name === name) ?? [];
+    if (this.outbound.isMigrating(name)) {
+      const [id, running] = this.outbound.outgoingOf(name) ?? [];
       // Past its switchover a migration can no longer be cancelled: then waiting is the advice.
       const cancel = id && running?.cancellable ? ` (to ${running.options.peerAddress}), or cancel it with \`gangway cancel ${id.slice(0, 8)}\`: the guest then stays on this host` : '';
       throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated; wait for the migration to end${cancel}`);
@@ -479,14 +313,10 @@ export class Agent {
         `guest ${name} never received all of its memory from ${record.incoming.from} (${record.incoming.stranded}); resuming it would let it read missing pages as zeros`,
       );
     }
-    if (this.isMigrating(name)) {
+    if (this.outbound.isMigrating(name)) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated`);
     }
     guest.resume();
-  }
-
-  private isMigrating(name: string): boolean {
-    return [...this.outgoing.values()].some((m) => m.guest.name === name);
   }
 
   guestStatus() {
@@ -556,307 +386,19 @@ export class Agent {
   }
 
   // ── outgoing migrations ───────────────────────────────────────────────────────────
-  /**
-   * Migrates one or more guests to one destination. gang: all at once over one session,
-   * in one dedup group; serial: one after another, each in its own group (so the guests
-   * moved before it are resident content at the destination). Resolves with every guest's
-   * summary and the totals when at least one guest moved; throws the first error when none did.
-   */
-  async migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
-    // auto: the plan is made from the traffic as the monitor last smoothed it, so the hold
-    // below can be installed meanwhile (its tc commands took as long as the plan's round trip).
-    // The bandwidth hook: the shaper applies --bandwidth, or Algorithm 2 at the request's
-    // priority (default traffic.priority), on the uplink while the migration runs (a no-op
-    // without root, tc or an uplink).
-    const [planning, holding] = await Promise.allSettled([
-      request.technique === 'auto' ? this.planForAuto(request) : Promise.resolve(undefined),
-      this.traffic.hold({
-        peerPort: Number(request.to.slice(request.to.lastIndexOf(':') + 1)),
-        bandwidthBytesPerSec: request.bandwidthBytesPerSec,
-        priority: request.priority,
-      }),
-    ]);
-    if (holding.status === 'rejected') throw holding.reason;
-    const hold = holding.value;
-    if (planning.status === 'rejected') {
-      // No migration after all: the reservation goes at once.
-      await hold.stop().catch(() => {});
-      throw planning.reason;
-    }
-    const planned = planning.value;
-    if (hold.applied) this.log.info({ to: request.to, reason: hold.reason }, 'migration bandwidth reserved on the uplink');
-    try {
-      const followed = planned
-        ? followPlan({
-            guests: request.guests,
-            priority: request.priority ?? this.traffic.status().priorityDefault,
-            requestedStrategy: request.strategy,
-            plan: planned.plan,
-            ...(planned.noTrafficReason ? { noTrafficReason: planned.noTrafficReason } : {}),
-            peerFeatures: planned.peerFeatures,
-            shaper: { applied: hold.applied, reason: hold.reason },
-            linkBytesPerSec: this.traffic.settings?.linkBytesPerSec,
-            manualBandwidthBytesPerSec: request.bandwidthBytesPerSec,
-          })
-        : undefined;
-      if (followed) this.log.info({ followed: followed.followed, strategy: followed.strategy, guests: followed.guests.map((g) => `${g.name}:${g.technique}`), reasons: followed.reasons }, 'technique auto');
-      return await this.migrateGuests(request, followed, onProgress);
-    } finally {
-      await hold.stop().catch((err: Error) => this.log.warn({ err: err.message }, 'releasing the bandwidth reservation failed'));
-    }
+  /** See OutboundMigrations.migrate. */
+  migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
+    return this.outbound.migrate(request, onProgress);
   }
 
-  /** The plan behind --technique auto, or why there is none (no traffic data: no uplink or capacity). */
-  private async planForAuto(request: MigrateRequest): Promise<{ plan: MigrationPlan | undefined; noTrafficReason?: string; peerFeatures: string[] }> {
-    const session = await this.sessionsOut.session(request.to);
-    this.refuseSelf(session, request.to);
-    const peerFeatures = [...(session.peer?.features ?? [])];
-    const monitor = this.traffic.monitor;
-    if (monitor.mode === 'off') return { plan: undefined, noTrafficReason: monitor.reason ?? 'the traffic monitor is off', peerFeatures };
-    if (!this.traffic.settings) return { plan: undefined, noTrafficReason: "the uplink's capacity is not configured ('traffic.linkCapacity')", peerFeatures };
-    return { plan: await this.planFor(request.guests, request.priority, request.to), peerFeatures };
+  /** See OutboundMigrations.planFor. */
+  planFor(guests: string[], priority: Priority | undefined, to: string): Promise<MigrationPlan> {
+    return this.outbound.planFor(guests, priority, to);
   }
 
-  private async migrateGuests(request: MigrateRequest, followed: FollowedPlan | undefined, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
-    if (this.shuttingDown) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
-    if (new Set(request.guests).size !== request.guests.length) {
-      throw new GangwayError(ErrorCode.BAD_REQUEST, `a guest is named twice in ${request.guests.join(' ')}`);
-    }
-    // A followed plan may reorder the guests (high priority first), and asks the destination
-    // to reserve its inbound side at the plan's priority too.
-    const names = followed ? followed.guests.map((g) => g.name) : request.guests;
-    const reservePriority = followed?.followed ? followed.priority : undefined;
-    const guests = names.map((name) => {
-      const { guest, record } = this.registry.get(name);
-      if (record.incoming) {
-        throw new GangwayError(
-          ErrorCode.BAD_REQUEST,
-          record.incoming.stranded
-            ? `guest ${name} never received all of its memory from ${record.incoming.from} (${record.incoming.stranded}): it cannot move`
-            : `guest ${name} is still receiving its memory from ${record.incoming.from} (post-copy): migrate it once that is done`,
-        );
-      }
-      if (this.isMigrating(guest.name)) throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${guest.name} is already being migrated`);
-      if (!guest.alive()) throw new GangwayError(ErrorCode.GUEST_FAILED, `guest ${guest.name} is not running`);
-      return guest;
-    });
-    if (request.to === this.listenAddress) {
-      throw new GangwayError(ErrorCode.BAD_REQUEST, `--to ${request.to} is this agent itself`);
-    }
-    const started = performance.now();
-    const session = await this.sessionsOut.session(request.to);
-    this.refuseSelf(session, request.to);
-    const requested = resolveTechnique(request.technique, session.peer?.features ?? []);
-    const techniqueOf = (guest: ProcessGuest) => followed?.guests.find((g) => g.name === guest.name)?.technique ?? requested;
-    const strategy = followed?.strategy ?? request.strategy;
-    // Dedup applies to pre-copy members only: a post-copy or hybrid member moves without it.
-    const precopy = guests.filter((guest) => techniqueOf(guest) === 'precopy');
-    if (precopy.length < guests.length && request.dedup && guests.length > 1) {
-      this.log.info({ techniques: guests.map((g) => `${g.name}:${techniqueOf(g)}`) }, 'dedup applies to pre-copy migrations: post-copy and hybrid members move without it');
-    }
-    const dedup = request.dedup && precopy.length > 0 && (session.peer?.features.includes('dedup') ?? false);
-    if (request.dedup && precopy.length > 0 && !dedup) this.log.warn({ to: request.to }, 'the destination does not offer dedup; moving without it');
-    const outcomes: GroupOutcome[] = [];
-    // --bandwidth caps the whole command: a gang shares one pacer. So does a followed plan's
-    // reservation when the shaper cannot hold it (follow-plan.ts).
-    const pacedBytesPerSec = request.bandwidthBytesPerSec ?? followed?.pacedBytesPerSec;
-    const pacer = pacedBytesPerSec ? new Pacer(pacedBytesPerSec, this.config.batchBytes) : undefined;
-    // A gang's members take turns at their switchovers.
-    const gate = strategy === 'gang' && guests.length > 1 ? new SwitchoverGate() : undefined;
-    const indexStats: GroupSummary['index'] = [];
-    const openGroup = async (members: ProcessGuest[]) => {
-      const group = await SourceDedupGroup.open(session, {
-        resident: true,
-        members: members.map((guest, slot) => ({ slot, pageCount: guest.memoryBytes / guest.pageSizeBytes })),
-        pageSizeBytes: GUEST_PAGE_SIZE,
-        log: this.log,
-      });
-      const { locations, memoryBytes } = group.indexStats;
-      this.metrics.dedupIndexLocations.inc(locations);
-      this.metrics.dedupIndexBytes.inc(memoryBytes);
-      return group;
-    };
-    const closeGroup = (group: SourceDedupGroup | undefined) => {
-      if (!group) return;
-      const stats = group.indexStats;
-      indexStats.push(stats);
-      this.metrics.dedupIndexLocations.dec(stats.locations);
-      this.metrics.dedupIndexBytes.dec(stats.memoryBytes);
-      group.close();
-    };
-    if (strategy === 'gang') {
-      const group = dedup ? await openGroup(precopy) : undefined;
-      try {
-        const settled = await Promise.allSettled(
-          guests.map((guest) => {
-            const slot = precopy.indexOf(guest);
-            return this.migrateOne(guest, session, request, techniqueOf(guest), group && slot >= 0 ? { group, slot } : undefined, { pacer, gate, reservePriority }, onProgress);
-          }),
-        );
-        settled.forEach((result, i) => outcomes.push(outcomeOf(guests[i]!.name, result)));
-      } finally {
-        closeGroup(group);
-      }
-    } else {
-      for (const guest of guests) {
-        if (!session.isOpen) {
-          outcomes.push({ guest: guest.name, error: { code: ErrorCode.PEER_GONE, message: 'the session to the destination closed before this guest' } });
-          continue;
-        }
-        const technique = techniqueOf(guest);
-        const group = dedup && technique === 'precopy' ? await openGroup([guest]) : undefined;
-        try {
-          const [result] = await Promise.allSettled([this.migrateOne(guest, session, request, technique, group ? { group, slot: 0 } : undefined, { pacer, reservePriority }, onProgress)]);
-          outcomes.push(outcomeOf(guest.name, result!));
-        } finally {
-          closeGroup(group);
-        }
-      }
-    }
-    const summary = summarizeGroup({ strategy, to: request.to }, dedup, this.listenAddress, outcomes, performance.now() - started, indexStats);
-    if (summary.guests.length === 0) {
-      const first = outcomes.find((o) => o.error)!;
-      const others = outcomes.filter((o) => o !== first && o.error).map((o) => `${o.guest}: ${o.error!.message}`);
-      throw new GangwayError(first.error!.code as ErrorCode, first.error!.message + (others.length ? ` (also failed: ${others.join('; ')})` : ''));
-    }
-    if (followed) {
-      summary.plan = {
-        followed: followed.followed,
-        priority: followed.priority,
-        strategy: followed.strategy,
-        pacedBytesPerSec: followed.pacedBytesPerSec ?? null,
-        reasons: followed.reasons,
-        assumptions: followed.assumptions,
-      };
-      for (const moved of summary.guests) {
-        const note = followed.guests.find((g) => g.name === moved.guest);
-        if (note) moved.plan = { technique: note.technique, strategy: note.strategy, order: note.order, reasons: note.reasons };
-      }
-    }
-    return summary;
-  }
-
-  private async migrateOne(
-    guest: ProcessGuest,
-    session: PeerSession,
-    request: MigrateRequest,
-    technique: 'precopy' | 'postcopy' | 'hybrid',
-    dedup: { group: SourceDedupGroup; slot: number } | undefined,
-    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined; reservePriority?: Priority | undefined },
-    onProgress: (progress: MigrationProgress) => void,
-  ): Promise<MigrationSummary> {
-    const migrationId = randomUUID();
-    const log = this.log.child({ migrationId, guest: guest.name, to: request.to });
-    const startedAt = new Date().toISOString();
-    const base = { direction: 'out' as const, migrationId, guest: guest.name, to: request.to, startedAt };
-    this.records.set(migrationId, { ...base, state: 'running' });
-    let migration: SourceMigration | undefined;
-    try {
-      migration = new SourceMigration(
-        guest,
-        session,
-        {
-          migrationId,
-          peerAddress: request.to,
-          downtimeBudgetMs: request.downtimeMs,
-          maxRounds: request.maxRounds,
-          maxWireBytes: request.maxBytesFactor * guest.memoryBytes,
-          force: request.force,
-          codec: request.codec,
-          ...(request.bandwidthBytesPerSec ? { bandwidthBytesPerSec: request.bandwidthBytesPerSec } : {}),
-          ...(shared.pacer ? { pacer: shared.pacer } : {}),
-          ...(shared.gate ? { gate: shared.gate } : {}),
-          tracker: request.tracker ?? this.config.tracker,
-          batchBytes: this.config.batchBytes,
-          digestBytesPerSec: this.digestBytesPerSec,
-          commitTimeoutMs: 30_000,
-          metrics: this.metrics,
-          ...(dedup ? { dedup } : {}),
-          technique,
-          ...(request.postcopyAfterRounds ? { hybrid: { postcopyAfterRounds: request.postcopyAfterRounds } } : {}),
-          reconnect: () => this.sessionsOut.session(request.to),
-          registry: this.registry,
-          ...(shared.reservePriority ? { reservePriority: shared.reservePriority } : {}),
-          ...this.faults,
-          reconnectWindowMs: this.config.postcopyReattachMs,
-        },
-        log,
-      );
-      this.outgoing.set(migrationId, migration);
-      migration.on('progress', (progress: MigrationProgress) => {
-        this.records.set(migrationId, { ...base, state: 'running', progress });
-        onProgress(progress);
-      });
-      log.info({ downtimeMs: request.downtimeMs, codec: request.codec, dedup: dedup !== undefined, technique }, 'migration started');
-      this.metrics.migrationsActive.inc({ direction: 'out' });
-      const summary = await migration.run().finally(() => this.metrics.migrationsActive.dec({ direction: 'out' }));
-      summary.from = this.listenAddress;
-      this.metrics.migrations.inc({ direction: 'out', outcome: 'committed', technique: summary.technique });
-      this.metrics.downtime.observe({ technique: summary.technique }, summary.downtimeMs / 1000);
-      this.metrics.totalTime.observe(summary.totalMs / 1000);
-      this.metrics.linkRate.set({ peer: request.to }, summary.linkRateBytesPerSec);
-      this.registry.remove(guest.name);
-      this.records.set(migrationId, { ...base, state: 'committed', summary });
-      return summary;
-    } catch (err) {
-      const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.INTERNAL, String(err));
-      const state = migration?.phase === 'in-doubt' ? 'in-doubt' : migration?.phase === 'interrupted' ? 'interrupted' : 'failed';
-      // Once this migration is out of the books (finally, below), find out where the guest runs.
-      if (state === 'in-doubt') setImmediate(() => void this.resolveOutgoing(guest.name));
-      this.metrics.migrations.inc({ direction: 'out', outcome: state, technique });
-      this.records.set(migrationId, { ...base, state, error: { code: error.code, message: error.message } });
-      throw error;
-    } finally {
-      this.outgoing.delete(migrationId);
-      this.records.trim();
-    }
-  }
-
-  /**
-   * The plan for migrating `guests` to the agent at `to` (gangway plan): each guest's
-   * technique, strategy, order and reserved rate with the planner's reasons, from this
-   * agent's traffic and the destination's (asked over the peer session). Migrates nothing.
-   */
-  async planFor(guests: string[], priority: Priority | undefined, to: string): Promise<MigrationPlan> {
-    if (new Set(guests).size !== guests.length) throw new GangwayError(ErrorCode.BAD_REQUEST, `a guest is named twice in ${guests.join(' ')}`);
-    for (const name of guests) this.registry.get(name);
-    if (to === this.listenAddress) throw new GangwayError(ErrorCode.BAD_REQUEST, `--to ${to} is this agent itself`);
-    const session = await this.sessionsOut.session(to);
-    let destination: { rates: { rxBytesPerSec: number; txBytesPerSec: number } | undefined; reason?: string };
-    if (!session.peer?.features.includes('traffic')) {
-      destination = { rates: undefined, reason: `the agent at ${to} does not report its traffic (no 'traffic' feature)` };
-    } else {
-      try {
-        const report = await session.queryTraffic();
-        destination = report.measured
-          ? { rates: { rxBytesPerSec: report.rxBytesPerSec, txBytesPerSec: report.txBytesPerSec } }
-          : { rates: undefined, reason: `the agent at ${to} measures nothing: ${report.reason}` };
-      } catch (err) {
-        destination = { rates: undefined, reason: `the agent at ${to} did not report its traffic: ${(err as Error).message}` };
-      }
-    }
-    return this.traffic.plan(guests, priority, destination);
-  }
-
-  /** Cancels an outgoing migration by id or unique id prefix; its guest keeps running here. */
+  /** See OutboundMigrations.cancelMigration. */
   cancelMigration(idOrPrefix: string): string {
-    const matches = [...this.outgoing.entries()].filter(([id]) => id.startsWith(idOrPrefix));
-    if (matches.length === 0 || idOrPrefix.length === 0) {
-      const known = this.records.get(idOrPrefix) ?? [...this.records.values()].find((r) => r.migrationId.startsWith(idOrPrefix));
-      throw new GangwayError(
-        ErrorCode.BAD_REQUEST,
-        known
-          ? `migration ${known.migrationId} is ${known.direction === 'in' ? 'incoming: cancel it on the source agent' : known.state}`
-          : `no running outgoing migration has id ${idOrPrefix} (see gangway status)`,
-      );
-    }
-    if (matches.length > 1) {
-      throw new GangwayError(ErrorCode.BAD_REQUEST, `id prefix ${idOrPrefix} matches ${matches.length} migrations: give more of it`);
-    }
-    const [id, migration] = matches[0]!;
-    migration.cancel();
-    this.log.info({ migrationId: id }, 'migration cancelled');
-    return id;
+    return this.outbound.cancelMigration(idOrPrefix);
   }
 
   // ── shutdown ──────────────────────────────────────────────────────────────────────
@@ -864,9 +406,9 @@ export class Agent {
   async stop(): Promise<void> {
     if (this.shuttingDown) return;
     this.shuttingDown = true;
-    this.log.info({ running: this.outgoing.size + this.inbound.count }, 'shutting down');
+    this.log.info({ running: this.outbound.count + this.inbound.count }, 'shutting down');
     const deadline = Date.now() + this.config.shutdownGraceMs;
-    while (this.outgoing.size + this.inbound.count > 0 && Date.now() < deadline) {
+    while (this.outbound.count + this.inbound.count > 0 && Date.now() < deadline) {
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
     // A post-copy arriving here cannot be handed over: its guest runs here and the fault
@@ -879,7 +421,7 @@ export class Agent {
     // post-copy leaving from here is carried on by this agent's next start).
     await this.sessionsOut.closeAll();
     this.peerServer.closeSessions();
-    while (this.outgoing.size > 0 && Date.now() < deadline + 5_000) {
+    while (this.outbound.count > 0 && Date.now() < deadline + 5_000) {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
     await this.peerServer.close();
