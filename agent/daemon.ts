@@ -3,14 +3,12 @@
 // dir, keeps the guest registry, and runs migrations in both directions.
 import { randomBytes } from 'node:crypto';
 import { connect } from 'node:net';
-import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ErrorCode, GangwayError } from '../protocol/errors.js';
 import { warmUpSwitchover } from './migration/warmup.js';
 import { faultsFromEnv } from './migration/faults.js';
 import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
-import { GUEST_PAGE_SIZE } from './guest/guest-header.js';
-import { launchProcessGuest, processState, type ProcessGuestSpec, type TrackerPreference } from './guest/process-guest.js';
+import type { ProcessGuestSpec, TrackerPreference } from './guest/process-guest.js';
 import { GuestRegistry, UNREADABLE_RECORD_ADVICE } from './guest/registry.js';
 import type { Logger } from './log.js';
 import { loadNative } from './native.js';
@@ -18,13 +16,13 @@ import type { MigrationProgress } from './migration/source.js';
 import type { GroupSummary } from './migration/group-summary.js';
 import { agentIdOf } from './peer/allowlist.js';
 import { DEFAULT_DEAD_AFTER_MS } from './peer/session.js';
-import { parseShimReport } from './tracker/uffd-wp.js';
 import { AgentMetrics } from './metrics.js';
 import { MigrationRecords } from './daemon/records.js';
 import { SessionPool } from './daemon/session-pool.js';
 import { PeerServer } from './daemon/peer-server.js';
 import { InboundMigrations } from './daemon/inbound.js';
 import { OutboundMigrations, type MigrateRequest } from './daemon/outbound.js';
+import { GuestService } from './daemon/guests.js';
 import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type PeerLimits, type TrafficConfig } from './config.js';
 import { TrafficService } from './traffic/service.js';
 import type { Priority } from './planner/planner.js';
@@ -91,6 +89,7 @@ export class Agent {
   private tls: TlsMaterial | undefined;
   private readonly sessionsOut: SessionPool;
   private readonly outbound: OutboundMigrations;
+  private readonly guests: GuestService;
   private readonly inbound: InboundMigrations;
   private readonly records = new MigrationRecords();
   private shuttingDown = false;
@@ -148,6 +147,15 @@ export class Agent {
       digestBytesPerSec: () => this.digestBytesPerSec,
       shuttingDown: () => this.shuttingDown,
       traffic: () => this.traffic,
+    });
+    this.guests = new GuestService({
+      config,
+      registry: this.registry,
+      log,
+      shuttingDown: () => this.shuttingDown,
+      isMigrating: (name) => this.outbound.isMigrating(name),
+      outgoingOf: (name) => this.outbound.outgoingOf(name),
+      incomingMissingPages: (migrationId) => this.inbound.missingPages(migrationId),
     });
     this.peerServer = new PeerServer({
       config,
@@ -235,129 +243,24 @@ export class Agent {
   }
 
   // ── guests ─────────────────────────────────────────────────────────────────────────
-  async startGuest(name: string, spec: ProcessGuestSpec, tap?: string): Promise<{ name: string; pid: number; memoryPath: string }> {
-    if (this.shuttingDown) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
-    const tapOwner = tap === undefined ? undefined : this.registry.list().find(({ record }) => record.tap === tap);
-    if (tapOwner) throw new GangwayError(ErrorCode.BAD_REQUEST, `TAP device ${tap} is already guest ${tapOwner.record.name}'s`);
-    if (spec.memoryBytes % GUEST_PAGE_SIZE !== 0) {
-      throw new GangwayError(ErrorCode.BAD_REQUEST, `memory size ${spec.memoryBytes} is not a multiple of ${GUEST_PAGE_SIZE} bytes`);
-    }
-    this.registry.reserve(name);
-    const files = this.registry.filesFor(name, this.config.memoryDir, randomBytes(4).toString('hex'));
-    // The guest refuses a path that exists (O_EXCL): whatever is there is not ours to remove below.
-    if (lstatSync(files.memoryPath, { throwIfNoEntry: false })) {
-      this.registry.release(name);
-      throw new GangwayError(ErrorCode.GUEST_FAILED, `${files.memoryPath} exists already: something else made it; remove it or start the guest again (a new name is picked each time)`);
-    }
-    try {
-      const launched = launchProcessGuest({ files, create: spec });
-      await launched.running;
-      this.registry.add({
-        name,
-        kind: 'process',
-        pid: launched.pid,
-        memoryBytes: spec.memoryBytes,
-        pageSizeBytes: GUEST_PAGE_SIZE,
-        files,
-        spec,
-        origin: { kind: 'started' },
-        startedAt: new Date().toISOString(),
-        ...(tap === undefined ? {} : { tap }),
-      });
-      this.log.info({ guest: name, pid: launched.pid, memoryBytes: spec.memoryBytes }, 'guest started');
-      return { name, pid: launched.pid, memoryPath: files.memoryPath };
-    } catch (err) {
-      this.registry.release(name);
-      rmSync(files.memoryPath, { force: true });
-      rmSync(files.trackReportPath, { force: true });
-      throw err;
-    }
+  /** See GuestService.startGuest. */
+  startGuest(name: string, spec: ProcessGuestSpec, tap?: string): Promise<{ name: string; pid: number; memoryPath: string }> {
+    return this.guests.startGuest(name, spec, tap);
   }
 
-  async stopGuest(name: string): Promise<void> {
-    const { guest } = this.registry.get(name);
-    if (this.outbound.isMigrating(name)) {
-      const [id, running] = this.outbound.outgoingOf(name) ?? [];
-      // Past its switchover a migration can no longer be cancelled: then waiting is the advice.
-      const cancel = id && running?.cancellable ? ` (to ${running.options.peerAddress}), or cancel it with \`gangway cancel ${id.slice(0, 8)}\`: the guest then stays on this host` : '';
-      throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated; wait for the migration to end${cancel}`);
-    }
-    await guest.stop();
-    rmSync(guest.files.memoryPath, { force: true });
-    rmSync(guest.files.trackReportPath, { force: true });
-    this.registry.remove(name);
-    this.log.info({ guest: name }, 'guest stopped');
+  /** See GuestService.stopGuest. */
+  stopGuest(name: string): Promise<void> {
+    return this.guests.stopGuest(name);
   }
 
-  /** SIGCONT a paused guest (after a switchover left in doubt, once the operator has checked). */
+  /** See GuestService.resumeGuest. */
   resumeGuest(name: string): void {
-    const { guest, record } = this.registry.get(name);
-    if (record.outgoing?.phase === 'postcopy') {
-      throw new GangwayError(
-        ErrorCode.BAD_REQUEST,
-        `guest ${name} runs at ${record.outgoing.to} since the post-copy switchover of migration ${record.outgoing.migrationId}; ` +
-          'this paused copy holds the pages it may still lack there, so it must not run here. Check `gangway status` on the destination; ' +
-          `once the guest is complete there, \`gangway guest stop ${name}\` frees this copy`,
-      );
-    }
-    if (record.outgoing) {
-      throw new GangwayError(
-        ErrorCode.BAD_REQUEST,
-        `guest ${name} may run at ${record.outgoing.to}: the commit of migration ${record.outgoing.migrationId} was sent and not confirmed. ` +
-          'This agent asks the destination until it answers, then removes this copy or resumes it, so that the guest runs in exactly one place',
-      );
-    }
-    if (record.incoming?.stranded) {
-      throw new GangwayError(
-        ErrorCode.BAD_REQUEST,
-        `guest ${name} never received all of its memory from ${record.incoming.from} (${record.incoming.stranded}); resuming it would let it read missing pages as zeros`,
-      );
-    }
-    if (this.outbound.isMigrating(name)) {
-      throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated`);
-    }
-    guest.resume();
+    this.guests.resumeGuest(name);
   }
 
+  /** See GuestService.guestStatus. */
   guestStatus() {
-    return this.registry.list().map(({ record, guest }) => {
-      let tracker: { kind: string; reason?: string };
-      try {
-        parseShimReport(readFileSync(record.files.trackReportPath, 'utf8'));
-        tracker = { kind: this.config.tracker === 'hash-scan' ? 'hash-scan' : 'uffd-wp' };
-      } catch (err) {
-        tracker = { kind: 'hash-scan', reason: (err as Error).message };
-      }
-      let header;
-      try {
-        header = guest.header();
-      } catch {}
-      return {
-        name: record.name,
-        pid: record.pid,
-        state: !guest.alive() ? 'dead' : guest.isPaused || processState(record.pid) === 'T' ? 'paused' : 'running',
-        memoryBytes: record.memoryBytes,
-        memoryPath: record.files.memoryPath,
-        origin: record.origin,
-        tracker,
-        ...(record.outgoing ? { outgoing: record.outgoing } : {}),
-        ...(record.incoming ? { incoming: { ...record.incoming, missingPages: this.inbound.missingPages(record.incoming.migrationId) ?? record.incoming.missingPages } } : {}),
-        ...(header
-          ? {
-              passes: header.passes,
-              totalWrites: header.totalWrites,
-              stalePages: header.stalePages,
-              metaErrors: header.metaErrors,
-              resumes: header.resumes,
-              resumeCheckDone: header.resumeCheckDone,
-              resumeStalePages: header.resumeStalePages,
-              passesAtResume: header.passesAtResume,
-              dirtyRateBytesPerSec: header.dirtyRateBytesPerSec,
-              profile: header.profile,
-            }
-          : {}),
-      };
-    });
+    return this.guests.guestStatus();
   }
 
   status() {
@@ -378,7 +281,7 @@ export class Agent {
         /** What this agent offers peers in its hello (postcopy only where userfaultfd works). */
         features: AGENT_FEATURES,
       },
-      guests: this.guestStatus(),
+      guests: this.guests.guestStatus(),
       /** Guest records that could not be read at start: kept on disk, their names refused (see UNREADABLE_RECORD_ADVICE). */
       unreadableRecords: this.registry.unreadableRecords(),
       migrations: this.records.newestFirst(),
