@@ -1,33 +1,37 @@
 // The agent: one per host. Listens for peer agents (WebSocket sessions carrying
 // migrations), serves the local control API to the CLI over a unix socket in the state
 // dir, keeps the guest registry, and runs migrations in both directions.
+//
+// This file builds the agent from its parts in agent/daemon/ (peer port, outgoing session
+// pool, inbound and outbound migrations, guest service, migration records), wires them to
+// each other, and owns what belongs to the whole: its id, start, stop and status.
 import { randomBytes } from 'node:crypto';
-import { connect } from 'node:net';
 import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { connect } from 'node:net';
 import { join } from 'node:path';
-import { warmUpSwitchover } from './migration/warmup.js';
-import { faultsFromEnv } from './migration/faults.js';
 import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
+import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type PeerLimits, type TrafficConfig } from './config.js';
+import { GuestService } from './daemon/guests.js';
+import { InboundMigrations } from './daemon/inbound.js';
+import { OutboundMigrations, type MigrateRequest } from './daemon/outbound.js';
+import { PeerServer } from './daemon/peer-server.js';
+import { MigrationRecords } from './daemon/records.js';
+import { SessionPool } from './daemon/session-pool.js';
 import type { ProcessGuestSpec, TrackerPreference } from './guest/process-guest.js';
 import { GuestRegistry, UNREADABLE_RECORD_ADVICE } from './guest/registry.js';
 import type { Logger } from './log.js';
-import { loadNative } from './native.js';
-import type { MigrationProgress } from './migration/source.js';
+import { AgentMetrics } from './metrics.js';
+import { faultsFromEnv } from './migration/faults.js';
 import type { GroupSummary } from './migration/group-summary.js';
+import type { MigrationProgress } from './migration/source.js';
+import { warmUpSwitchover } from './migration/warmup.js';
+import { loadNative } from './native.js';
 import { agentIdOf } from './peer/allowlist.js';
 import { DEFAULT_DEAD_AFTER_MS } from './peer/session.js';
-import { AgentMetrics } from './metrics.js';
-import { MigrationRecords } from './daemon/records.js';
-import { SessionPool } from './daemon/session-pool.js';
-import { PeerServer } from './daemon/peer-server.js';
-import { InboundMigrations } from './daemon/inbound.js';
-import { OutboundMigrations, type MigrateRequest } from './daemon/outbound.js';
-import { GuestService } from './daemon/guests.js';
-import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type PeerLimits, type TrafficConfig } from './config.js';
-import { TrafficService } from './traffic/service.js';
-import type { Priority } from './planner/planner.js';
-import type { MigrationPlan } from './planner/plan-for.js';
 import { loadTlsMaterial, type PeerTransport, type TlsMaterial } from './peer/tls.js';
+import type { MigrationPlan } from './planner/plan-for.js';
+import type { Priority } from './planner/planner.js';
+import { TrafficService } from './traffic/service.js';
 
 /**
  * What this agent offers in its hello; a feature is used when both sides list it. 'postcopy'
@@ -84,31 +88,32 @@ export function controlSocketPath(stateDir: string): string {
 export class Agent {
   readonly id: string;
   readonly registry: GuestRegistry;
-  private readonly peerServer: PeerServer;
-  /** Loaded at start when the transport is TLS. */
-  private tls: TlsMaterial | undefined;
-  private readonly sessionsOut: SessionPool;
-  private readonly outbound: OutboundMigrations;
-  private readonly guests: GuestService;
-  private readonly inbound: InboundMigrations;
-  private readonly records = new MigrationRecords();
-  private shuttingDown = false;
-  private digestBytesPerSec = 8e9;
-  private readonly startedAt = Date.now();
   readonly metrics = new AgentMetrics();
-  /** Fault injection for end-to-end tests (GANGWAY_FAULT_*), read once. */
-  private readonly faults: ReturnType<typeof faultsFromEnv>;
   /** The traffic monitor and shaper; created by start() once the peer port is known. */
   traffic!: TrafficService;
   listenAddress = '';
-  /** The port of listenAddress (the one picked when listenPort was 0). */
-  private get peerPort(): number {
-    return Number(this.listenAddress.slice(this.listenAddress.lastIndexOf(':') + 1));
-  }
   /** Where /metrics is served, once it is. */
   metricsAddress: string | undefined;
   /** The loopback TCP control port (HOST:PORT), when control.listen is set. */
   controlAddress: string | undefined;
+  /** Loaded at start when the transport is TLS. */
+  private readonly tls: TlsMaterial | undefined;
+  /** Fault injection for end-to-end tests (GANGWAY_FAULT_*), read once. */
+  private readonly faults: ReturnType<typeof faultsFromEnv>;
+  private shuttingDown = false;
+  private digestBytesPerSec = 8e9;
+  private readonly startedAt = Date.now();
+  private readonly records = new MigrationRecords();
+  private readonly sessionsOut: SessionPool;
+  private readonly peerServer: PeerServer;
+  private readonly inbound: InboundMigrations;
+  private readonly outbound: OutboundMigrations;
+  private readonly guests: GuestService;
+
+  /** The port of listenAddress (the one picked when listenPort was 0). */
+  private get peerPort(): number {
+    return Number(this.listenAddress.slice(this.listenAddress.lastIndexOf(':') + 1));
+  }
 
   constructor(
     readonly config: AgentConfig,
@@ -121,6 +126,8 @@ export class Agent {
     this.tls = config.transport.kind === 'tls' ? loadTlsMaterial(config.transport) : undefined;
     this.id = this.tls ? agentIdOf(this.tls.self) : this.loadOrCreateId();
     this.registry = new GuestRegistry(config.stateDir);
+    // The parts read what start() sets up later (the peer port, the traffic service, the
+    // digest rate) and each other's state through functions, called when they need it.
     this.sessionsOut = new SessionPool({ tls: this.tls, log, sessionOptions: (sessionLog) => this.sessionOptions(sessionLog) });
     this.inbound = new InboundMigrations({
       config,
