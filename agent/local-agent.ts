@@ -135,6 +135,6 @@ export async function killGuestsOf(agent: LocalAgent): Promise<void> {
     try {
       process.kill(guest.pid, 'SIGKILL');
     } catch {}
-    rmSync(guest.memoryPath, { force: true });
+    for (const path of guest.memoryPaths) rmSync(path, { force: true });
   }
 }

@@ -21,11 +21,20 @@ import type { TrafficStatus } from './traffic/service.js';
 import type { MigrationPlan } from './planner/plan-for.js';
 import { runDemo } from './cli/demo.js';
 import { checkDays, DEFAULT_CA_DAYS, DEFAULT_HOST_DAYS, initCa, issueHostCert, type CertResult } from './cli/certs.js';
-import { parseBytes, parseDurationMs, parseRate, QuantityError } from './units.js';
+import { parseBytes, parseBytesList, parseDurationMs, parseRate, QuantityError } from './units.js';
+import { regionSizesProblem } from './guest/process-guest.js';
 
 const DEFAULT_STATE_DIR = CONFIG_DEFAULTS.stateDir;
 
 /** Wraps a parser so commander reports "option '--x <v>' argument 'v' is invalid. <why>". */
+/** --memory: one size, or a size per memory region. */
+function parseRegionSizes(text: string, what: string): number[] {
+  const sizes = parseBytesList(text, what);
+  const problem = regionSizesProblem(sizes);
+  if (problem) throw new QuantityError(`${what} "${text}": ${problem}`);
+  return sizes;
+}
+
 function arg<T>(parse: (text: string) => T): (text: string) => T {
   return (text) => {
     try {
@@ -217,7 +226,12 @@ const guest = program.command('guest').description('start, stop or resume guests
 
 withControlOptions(guest.command('start <name>'))
   .description('start a synthetic guest (gangway-guest) that keeps dirtying its memory')
-  .option('--memory <size>', 'guest memory, e.g. 512MiB', arg((t) => parseBytes(t, '--memory')), parseBytes('512MiB'))
+  .option(
+    '--memory <sizes>',
+    'guest memory, e.g. 512MiB; several regions (a file each, as a VM has RAM below and above 4 GiB) as 256MiB,256MiB',
+    arg((t) => parseRegionSizes(t, '--memory')),
+    [parseBytes('512MiB')],
+  )
   .option('--dirty-rate <rate>', 'how fast the guest rewrites memory, e.g. 40MiB/s (0 = idle)', arg((t) => parseRate(t, '--dirty-rate')), 0)
   .addOption(new Option('--profile <profile>', 'page content').choices(['zero', 'os-image', 'random']).default('os-image'))
   .option('--seed <n>', 'content seed (guests with different seeds hold different private pages)', number('--seed', 0, 2 ** 53, true), 1)
@@ -231,9 +245,11 @@ withControlOptions(guest.command('start <name>'))
   .option('--json', 'print JSON')
   .action(async (name: string, opts) => {
     try {
-      const result = await clientFor(opts).call<{ name: string; pid: number; memoryPath: string }>('POST', '/v1/guests', {
+      const regions = opts.memory as number[];
+      const result = await clientFor(opts).call<{ name: string; pid: number; memoryPaths: string[] }>('POST', '/v1/guests', {
         name,
-        memoryBytes: opts.memory,
+        memoryBytes: regions.reduce((sum, size) => sum + size, 0),
+        ...(regions.length > 1 ? { regionBytes: regions } : {}),
         profile: opts.profile,
         dirtyRateBytesPerSec: opts.dirtyRate,
         seed: opts.seed,
@@ -243,7 +259,7 @@ withControlOptions(guest.command('start <name>'))
         ...(opts.tap ? { tap: opts.tap } : {}),
       });
       if (opts.json) console.log(JSON.stringify(result));
-      else console.log(`guest ${result.name} running (pid ${result.pid}, memory ${result.memoryPath})`);
+      else console.log(`guest ${result.name} running (pid ${result.pid}, memory ${result.memoryPaths.join(', ')})`);
     } catch (err) {
       fail(err, Boolean(opts.json));
     }

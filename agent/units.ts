@@ -55,6 +55,13 @@ export function parseBytes(text: string, what = 'size'): number {
   throw new QuantityError(`${what} "${text}" is not understood: ${SIZE_RULE}`);
 }
 
+/** "256MiB,256MiB": sizes separated by commas, each as parseBytes reads it. */
+export function parseBytesList(text: string, what = 'size'): number[] {
+  const parts = text.split(',');
+  if (parts.some((part) => part.trim() === '')) throw new QuantityError(`${what} "${text}" has an empty item: write sizes separated by commas, e.g. 256MiB,256MiB`);
+  return parts.map((part) => parseBytes(part.trim(), what));
+}
+
 const RATE_RULE = 'use e.g. 100MiB/s or 100MB/s (bytes), 1Gbit/s or 1Gbps (bits)';
 
 /**

@@ -2,6 +2,8 @@
 // names the field, never reaches the engine.
 import { z } from 'zod';
 import { GUEST_NAME_PATTERN } from '../guest/registry.js';
+import { GUEST_MAX_REGIONS } from '../guest/guest-header.js';
+import { regionSizesProblem } from '../guest/process-guest.js';
 import { INTERFACE_NAME_PATTERN, PRIORITIES } from '../config.js';
 
 const guestName = z.string().regex(GUEST_NAME_PATTERN, "1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'");
@@ -9,9 +11,12 @@ const GiB = 1024 ** 3;
 
 // Strict: a field the agent does not know is refused, not dropped (a misspelt `force`
 // would otherwise silently mean the default).
-export const StartGuestRequest = z.strictObject({
+export const StartGuestRequest = z
+  .strictObject({
   name: guestName,
   memoryBytes: z.number().int().min(64 * 1024).max(1024 * GiB),
+  /** Several memory regions (a file each), adding up to memoryBytes. */
+  regionBytes: z.array(z.number().int().min(4096).max(1024 * GiB)).min(2).max(GUEST_MAX_REGIONS).optional(),
   profile: z.enum(['zero', 'os-image', 'random']),
   dirtyRateBytesPerSec: z.number().min(0).max(64 * GiB),
   seed: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER),
@@ -20,7 +25,14 @@ export const StartGuestRequest = z.strictObject({
   hotFraction: z.number().min(0).max(1),
   /** The guest's TAP device: its traffic is measured there. */
   tap: z.string().regex(INTERFACE_NAME_PATTERN, "an interface name: 1 to 15 letters, digits, '_', '.' or '-'").optional(),
-});
+})
+  .superRefine((request, ctx) => {
+    if (!request.regionBytes) return;
+    const total = request.regionBytes.reduce((sum, size) => sum + size, 0);
+    const problem =
+      total !== request.memoryBytes ? `the regions add up to ${total} bytes, memoryBytes is ${request.memoryBytes}` : regionSizesProblem(request.regionBytes);
+    if (problem) ctx.addIssue({ code: 'custom', path: ['regionBytes'], message: problem });
+  });
 
 const peerAddress = z
   .string()

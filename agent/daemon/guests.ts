@@ -6,7 +6,7 @@ import { lstatSync, readFileSync, rmSync } from 'node:fs';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import type { AgentConfig } from '../daemon.js';
 import { GUEST_PAGE_SIZE } from '../guest/guest-header.js';
-import { launchProcessGuest, processState, type ProcessGuestSpec } from '../guest/process-guest.js';
+import { launchProcessGuest, processState, regionSizesProblem, removeGuestFiles, type ProcessGuestSpec } from '../guest/process-guest.js';
 import type { GuestRegistry } from '../guest/registry.js';
 import type { Logger } from '../log.js';
 import type { SourceMigration } from '../migration/source.js';
@@ -29,19 +29,23 @@ export interface GuestServiceContext {
 export class GuestService {
   constructor(private readonly context: GuestServiceContext) {}
 
-  async startGuest(name: string, spec: ProcessGuestSpec, tap?: string): Promise<{ name: string; pid: number; memoryPath: string }> {
+  async startGuest(name: string, spec: ProcessGuestSpec, tap?: string): Promise<{ name: string; pid: number; memoryPath: string; memoryPaths: string[] }> {
     if (this.context.shuttingDown()) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
     const tapOwner = tap === undefined ? undefined : this.context.registry.list().find(({ record }) => record.tap === tap);
     if (tapOwner) throw new GangwayError(ErrorCode.BAD_REQUEST, `TAP device ${tap} is already guest ${tapOwner.record.name}'s`);
     if (spec.memoryBytes % GUEST_PAGE_SIZE !== 0) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `memory size ${spec.memoryBytes} is not a multiple of ${GUEST_PAGE_SIZE} bytes`);
     }
+    const regions = spec.regionBytes ?? [spec.memoryBytes];
+    const problem = regionSizesProblem(regions);
+    if (problem) throw new GangwayError(ErrorCode.BAD_REQUEST, `memory regions ${regions.join(', ')}: ${problem}`);
     this.context.registry.reserve(name);
-    const files = this.context.registry.filesFor(name, this.context.config.memoryDir, randomBytes(4).toString('hex'));
+    const files = this.context.registry.filesFor(name, this.context.config.memoryDir, randomBytes(4).toString('hex'), regions.length);
     // The guest refuses a path that exists (O_EXCL): whatever is there is not ours to remove below.
-    if (lstatSync(files.memoryPath, { throwIfNoEntry: false })) {
+    const taken = [...files.memoryPaths, files.deviceStatePath!].find((path) => lstatSync(path, { throwIfNoEntry: false }));
+    if (taken) {
       this.context.registry.release(name);
-      throw new GangwayError(ErrorCode.GUEST_FAILED, `${files.memoryPath} exists already: something else made it; remove it or start the guest again (a new name is picked each time)`);
+      throw new GangwayError(ErrorCode.GUEST_FAILED, `${taken} exists already: something else made it; remove it or start the guest again (a new name is picked each time)`);
     }
     try {
       const launched = launchProcessGuest({ files, create: spec });
@@ -59,11 +63,10 @@ export class GuestService {
         ...(tap === undefined ? {} : { tap }),
       });
       this.context.log.info({ guest: name, pid: launched.pid, memoryBytes: spec.memoryBytes }, 'guest started');
-      return { name, pid: launched.pid, memoryPath: files.memoryPath };
+      return { name, pid: launched.pid, memoryPath: files.memoryPaths[0]!, memoryPaths: files.memoryPaths };
     } catch (err) {
       this.context.registry.release(name);
-      rmSync(files.memoryPath, { force: true });
-      rmSync(files.trackReportPath, { force: true });
+      removeGuestFiles(files);
       throw err;
     }
   }
@@ -77,8 +80,7 @@ export class GuestService {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated; wait for the migration to end${cancel}`);
     }
     await guest.stop();
-    rmSync(guest.files.memoryPath, { force: true });
-    rmSync(guest.files.trackReportPath, { force: true });
+    removeGuestFiles(guest.files);
     this.context.registry.remove(name);
     this.context.log.info({ guest: name }, 'guest stopped');
   }
@@ -131,7 +133,10 @@ export class GuestService {
         pid: record.pid,
         state: !guest.alive() ? 'dead' : guest.isPaused || processState(record.pid) === 'T' ? 'paused' : 'running',
         memoryBytes: record.memoryBytes,
-        memoryPath: record.files.memoryPath,
+        /** Region 0's file (kept for scripts written before guests had regions). */
+        memoryPath: record.files.memoryPaths[0]!,
+        memoryPaths: record.files.memoryPaths,
+        regionBytes: guest.regions.map((region) => region.lengthBytes),
         origin: record.origin,
         tracker,
         ...(record.outgoing ? { outgoing: record.outgoing } : {}),
@@ -148,6 +153,9 @@ export class GuestService {
               passesAtResume: header.passesAtResume,
               dirtyRateBytesPerSec: header.dirtyRateBytesPerSec,
               profile: header.profile,
+              deviceLoads: header.deviceLoads,
+              deviceSaves: header.deviceSaves,
+              deviceErrors: header.deviceErrors,
             }
           : {}),
       };

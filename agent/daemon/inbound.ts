@@ -83,7 +83,7 @@ export class InboundMigrations {
       // dedup.residentOffersPerMinute times a minute; a group refused them still opens.
       const resident = (this.residentOffers ??= new ResidentOffers(this.context.config.dedup));
       const entries = this.context.registry.list();
-      resident.fingerprints.retain(entries.map(({ record }) => ({ name: record.name, pid: record.pid, memoryPath: record.files.memoryPath })));
+      resident.fingerprints.retain(entries.flatMap(({ record }) => record.files.memoryPaths.map((memoryPath) => ({ name: record.name, pid: record.pid, memoryPath }))));
       const peer = session.peer?.agentId;
       const candidates = entries.map(({ record, guest }) => ({ name: record.name, origin: record.origin, migrating: this.context.isMigrating(record.name), alive: guest.alive(), record }));
       const decision = resident.decide(peer, candidates);
@@ -91,13 +91,11 @@ export class InboundMigrations {
       if (decision.warn) {
         this.context.log.warn({ peer, offersPerMinute: this.context.config.dedup.residentOffersPerMinute }, 'the peer asked for more resident offers than dedup.residentOffersPerMinute: its groups get no resident slots until its oldest offer is a minute old');
       }
-      const guests = decision.guests.map(({ record }) => ({
-        name: record.name,
-        pid: record.pid,
-        memoryPath: record.files.memoryPath,
-        memoryBytes: record.memoryBytes,
-        pageSizeBytes: record.pageSizeBytes,
-      }));
+      // Each memory region of a resident guest is content of its own.
+      const guests = decision.guests.flatMap(({ record }) => {
+        const sizes = record.spec.regionBytes ?? [record.memoryBytes];
+        return record.files.memoryPaths.map((memoryPath, i) => ({ name: record.name, pid: record.pid, memoryPath, memoryBytes: sizes[i]!, pageSizeBytes: record.pageSizeBytes }));
+      });
       if (guests.length > 0) offered = group.offerResident(session, guests, resident.fingerprints);
     }
     offered.then(

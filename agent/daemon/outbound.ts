@@ -216,10 +216,14 @@ export class OutboundMigrations {
     // A gang's members take turns at their switchovers.
     const gate = strategy === 'gang' && guests.length > 1 ? new SwitchoverGate() : undefined;
     const indexStats: GroupSummary['index'] = [];
+    // Every region of every member is a slot of the group: numbered on from one guest to the next.
+    const slotsOf = new Map<ProcessGuest, number[]>();
     const openGroup = async (members: ProcessGuest[]) => {
+      let next = 0;
+      for (const guest of members) slotsOf.set(guest, guest.regions.map(() => next++));
       const group = await SourceDedupGroup.open(session, {
         resident: true,
-        members: members.map((guest, slot) => ({ slot, pageCount: guest.memoryBytes / guest.pageSizeBytes })),
+        members: members.flatMap((guest) => guest.regions.map((region, i) => ({ slot: slotsOf.get(guest)![i]!, pageCount: region.lengthBytes / region.pageSizeBytes }))),
         pageSizeBytes: GUEST_PAGE_SIZE,
         log: this.context.log,
       });
@@ -241,8 +245,8 @@ export class OutboundMigrations {
       try {
         const settled = await Promise.allSettled(
           guests.map((guest) => {
-            const slot = precopy.indexOf(guest);
-            return this.migrateOne(guest, session, request, techniqueOf(guest), group && slot >= 0 ? { group, slot } : undefined, { pacer, gate, reservePriority }, onProgress);
+            const slots = slotsOf.get(guest);
+            return this.migrateOne(guest, session, request, techniqueOf(guest), group && slots ? { group, slots } : undefined, { pacer, gate, reservePriority }, onProgress);
           }),
         );
         settled.forEach((result, i) => outcomes.push(outcomeOf(guests[i]!.name, result)));
@@ -258,7 +262,7 @@ export class OutboundMigrations {
         const technique = techniqueOf(guest);
         const group = dedup && technique === 'precopy' ? await openGroup([guest]) : undefined;
         try {
-          const [result] = await Promise.allSettled([this.migrateOne(guest, session, request, technique, group ? { group, slot: 0 } : undefined, { pacer, reservePriority }, onProgress)]);
+          const [result] = await Promise.allSettled([this.migrateOne(guest, session, request, technique, group ? { group, slots: slotsOf.get(guest)! } : undefined, { pacer, reservePriority }, onProgress)]);
           outcomes.push(outcomeOf(guest.name, result!));
         } finally {
           closeGroup(group);
@@ -293,7 +297,7 @@ export class OutboundMigrations {
     session: PeerSession,
     request: MigrateRequest,
     technique: 'precopy' | 'postcopy' | 'hybrid',
-    dedup: { group: SourceDedupGroup; slot: number } | undefined,
+    dedup: { group: SourceDedupGroup; slots: number[] } | undefined,
     shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined; reservePriority?: Priority | undefined },
     onProgress: (progress: MigrationProgress) => void,
   ): Promise<MigrationSummary> {

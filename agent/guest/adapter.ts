@@ -11,7 +11,7 @@ import type { GuestRecord } from './registry.js';
 
 /** One memory region of a guest: a file the guest maps shared. */
 export interface GuestRegion {
-  /** Its name in the offer ('ram'). */
+  /** Its name in the offer ('ram', 'ram1', ...). */
   name: string;
   path: string;
   lengthBytes: number;
@@ -24,8 +24,11 @@ export interface SourceGuest {
   readonly kind: GuestKind;
   readonly regions: readonly GuestRegion[];
   readonly isPaused: boolean;
-  /** The dirty tracker that follows the guest's memory (uffd-wp where it can, else hash-scan). */
-  openTracker(preference: TrackerPreference): Promise<{ tracker: DirtyTracker; fallbackReason?: string }>;
+  /**
+   * A dirty tracker for each region, in the order of `regions` (uffd-wp where it can, else
+   * hash-scan for all of them: a migration tracks its guest one way).
+   */
+  openTrackers(preference: TrackerPreference): Promise<{ trackers: DirtyTracker[]; fallbackReason?: string }>;
   /** Stops the guest; resolves once it no longer runs. */
   pause(): Promise<void>;
   /** Lets a paused guest run on here (the migration did not come through). */
@@ -36,8 +39,8 @@ export interface SourceGuest {
    * Empty for a guest that keeps its whole state in memory.
    */
   saveDeviceState(): Promise<Uint8Array>;
-  /** Pages a post-copy destination needs before the guest can run there (runs of region 0). */
-  eagerRuns(): Uint32Array;
+  /** Pages a post-copy destination needs before the guest can run there: runs for each region, in the order of `regions`. */
+  eagerRuns(): Uint32Array[];
   /** Ends this copy for good: the guest runs elsewhere now. */
   discard(): Promise<void>;
 }

@@ -1,8 +1,9 @@
-// The "process" guest adapter: a gangway-guest program whose whole state is its memory
-// file. Pause is SIGSTOP, resume at the source is SIGCONT, and resume at a destination is
-// a new gangway-guest started (hot standby, see launch) on the migrated file.
+// The "process" guest adapter: a gangway-guest program whose state is its memory files (one
+// per region) and a small device state. Pause is SIGUSR1 (the guest saves its device state
+// and stops itself), resume at the source is SIGCONT, and resume at a destination is a new
+// gangway-guest started (hot standby, see launch) on the migrated files and device state.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, openSync, closeSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
 import { GuestKind } from '../../protocol/codes.js';
@@ -11,10 +12,13 @@ import { guestBinaryPath, trackShimPath } from '../native.js';
 import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
 import { HashScanTracker } from '../tracker/hash-scan.js';
 import { UffdWpTracker } from '../tracker/uffd-wp.js';
-import { GUEST_PAGE_SIZE, readGuestHeader, type GuestHeader, type GuestProfileName } from './guest-header.js';
+import { GUEST_MAX_REGIONS, GUEST_PAGE_SIZE, readGuestHeader, type GuestHeader, type GuestProfileName } from './guest-header.js';
 
 export interface ProcessGuestSpec {
+  /** All regions together. */
   memoryBytes: number;
+  /** Each region's bytes, when the guest has more than one (they add up to memoryBytes). */
+  regionBytes?: number[];
   profile: GuestProfileName;
   dirtyRateBytesPerSec: number;
   seed: number;
@@ -24,8 +28,15 @@ export interface ProcessGuestSpec {
 }
 
 export interface GuestFiles {
-  memoryPath: string;
-  /** Where the tracking shim reports whether it registered uffd-wp. */
+  /** The guest's memory: a file per region, region 0 (with the guest's header) first. */
+  memoryPaths: string[];
+  /**
+   * Where the guest saves its device state when it is paused for a migration, and finds
+   * it when it resumes at a destination. Absent for a guest started by an agent that did
+   * not know device state: that one is paused with SIGSTOP and has none.
+   */
+  deviceStatePath?: string;
+  /** Where the tracking shim reports whether it registered uffd-wp (region 0; region i at PATH.i). */
   trackReportPath: string;
   /** The guest's stderr. */
   logPath: string;
@@ -66,6 +77,7 @@ export interface LaunchedGuest {
 export function specFromHeader(header: GuestHeader): ProcessGuestSpec {
   return {
     memoryBytes: header.memoryBytes,
+    ...(header.regionBytes.length > 1 ? { regionBytes: header.regionBytes } : {}),
     profile: header.profile === 'unknown' ? 'os-image' : header.profile,
     dirtyRateBytesPerSec: header.dirtyRateBytesPerSec,
     seed: header.seed,
@@ -75,14 +87,41 @@ export function specFromHeader(header: GuestHeader): ProcessGuestSpec {
   };
 }
 
+/**
+ * Why these region sizes cannot make a synthetic guest, or undefined: each a positive
+ * multiple of the page, at most GUEST_MAX_REGIONS of them, and the first large enough for
+ * the guest's header and its version table (4 bytes per page of the whole guest) with a
+ * data page to spare (guest.c checks the same).
+ */
+export function regionSizesProblem(sizes: readonly number[]): string | undefined {
+  if (sizes.length < 1 || sizes.length > GUEST_MAX_REGIONS) return `a guest has 1 to ${GUEST_MAX_REGIONS} memory regions, not ${sizes.length}`;
+  const odd = sizes.find((size) => !Number.isSafeInteger(size) || size <= 0 || size % GUEST_PAGE_SIZE !== 0);
+  if (odd !== undefined) return `a region of ${odd} bytes: each region is a positive multiple of ${GUEST_PAGE_SIZE} bytes`;
+  const pages = sizes.reduce((sum, size) => sum + size, 0) / GUEST_PAGE_SIZE;
+  const metaPages = 1 + Math.ceil(pages / (GUEST_PAGE_SIZE / 4));
+  if (sizes[0]! / GUEST_PAGE_SIZE <= metaPages) {
+    return `the first region (${sizes[0]} bytes) holds the guest's header and version table: it needs more than ${metaPages * GUEST_PAGE_SIZE} bytes for a guest of ${pages * GUEST_PAGE_SIZE}`;
+  }
+  return undefined;
+}
+
+/** The tracking shim's report for region `index` (shim.c: PATH for region 0, PATH.i after). */
+export function trackReportPathOf(files: GuestFiles, index: number): string {
+  return index === 0 ? files.trackReportPath : `${files.trackReportPath}.${index}`;
+}
+
+/** The largest device state a process guest has (it is 48 bytes): anything bigger is not its own. */
+const MAX_PROCESS_DEVICE_STATE_BYTES = 4096;
+
 function buildArgs(options: LaunchOptions): string[] {
-  const args = ['run', '--memory-file', options.files.memoryPath];
+  const args = ['run', ...options.files.memoryPaths.flatMap((path) => ['--memory-file', path])];
+  if (options.files.deviceStatePath) args.push('--device-state', options.files.deviceStatePath);
   const spec = options.create;
   if (spec) {
     args.push(
       '--create',
       '--memory-bytes',
-      String(spec.memoryBytes),
+      (spec.regionBytes ?? [spec.memoryBytes]).join(','),
       '--profile',
       spec.profile,
       '--seed',
@@ -105,6 +144,11 @@ function buildArgs(options: LaunchOptions): string[] {
 
 /** Starts a gangway-guest detached from the agent (it outlives an agent restart). */
 export function launchProcessGuest(options: LaunchOptions): LaunchedGuest {
+  // The shim takes the regions as one ':'-separated list.
+  const colon = options.files.memoryPaths.find((path) => path.includes(':'));
+  if (colon !== undefined) {
+    throw new GangwayError(ErrorCode.BAD_REQUEST, `memory file ${colon} has a ':' in its path, which the tracking shim takes as a separator: choose a memory directory without one`);
+  }
   const logFd = openSync(options.files.logPath, 'a', 0o600);
   let child: ChildProcess;
   try {
@@ -117,7 +161,7 @@ export function launchProcessGuest(options: LaunchOptions): LaunchedGuest {
       env: {
         ...process.env,
         LD_PRELOAD: trackShimPath,
-        GANGWAY_TRACK_PATH: options.files.memoryPath,
+        GANGWAY_TRACK_PATH: options.files.memoryPaths.join(':'),
         GANGWAY_TRACK_REPORT: options.files.trackReportPath,
         ...(options.postcopySocketFd === undefined ? {} : { GANGWAY_UFFD_SOCKET: '3' }),
       },
@@ -188,20 +232,25 @@ export function processState(pid: number): string | undefined {
   }
 }
 
-/** A running process guest, as the migration engine sees it: one region, its memory file. */
+/** A running process guest, as the migration engine sees it: its memory files and device state. */
 export class ProcessGuest implements SourceGuest {
   readonly kind = GuestKind.process;
   readonly pageSizeBytes = GUEST_PAGE_SIZE;
   readonly regions: readonly GuestRegion[];
   private paused = false;
 
+  /** `regionBytes`: each region's size (one region of memoryBytes when absent). */
   constructor(
     readonly name: string,
     readonly pid: number,
     readonly memoryBytes: number,
     readonly files: GuestFiles,
+    regionBytes: readonly number[] = [memoryBytes],
   ) {
-    this.regions = [{ name: 'ram', path: files.memoryPath, lengthBytes: memoryBytes, pageSizeBytes: GUEST_PAGE_SIZE }];
+    if (regionBytes.length !== files.memoryPaths.length || regionBytes.reduce((a, b) => a + b, 0) !== memoryBytes) {
+      throw new GangwayError(ErrorCode.INTERNAL, `guest ${name}: ${files.memoryPaths.length} memory files for regions of ${regionBytes.join(', ')} bytes (${memoryBytes} in all)`);
+    }
+    this.regions = regionBytes.map((lengthBytes, i) => ({ name: i === 0 ? 'ram' : `ram${i}`, path: files.memoryPaths[i]!, lengthBytes, pageSizeBytes: GUEST_PAGE_SIZE }));
   }
 
   get isPaused(): boolean {
@@ -209,7 +258,7 @@ export class ProcessGuest implements SourceGuest {
   }
 
   header(): GuestHeader {
-    return readGuestHeader(this.files.memoryPath);
+    return readGuestHeader(this.files.memoryPaths[0]!);
   }
 
   alive(): boolean {
@@ -217,9 +266,13 @@ export class ProcessGuest implements SourceGuest {
     return state !== undefined && state !== 'Z';
   }
 
-  /** SIGSTOP, and wait until the kernel reports the process stopped. */
+  /**
+   * Stops the guest, and waits until the kernel reports it stopped. A guest that keeps a
+   * device state is asked with SIGUSR1: it saves the state between two writes and stops
+   * itself; one without gets SIGSTOP.
+   */
   async pause(timeoutMs = 5_000): Promise<void> {
-    process.kill(this.pid, 'SIGSTOP');
+    process.kill(this.pid, this.files.deviceStatePath ? 'SIGUSR1' : 'SIGSTOP');
     this.paused = true;
     const deadline = performance.now() + timeoutMs;
     for (;;) {
@@ -249,11 +302,10 @@ export class ProcessGuest implements SourceGuest {
     while (this.alive() && performance.now() < deadline) await sleep(5);
   }
 
-  /** Ends the guest for good (it runs elsewhere now) and removes its memory file and tracking report. */
+  /** Ends the guest for good (it runs elsewhere now) and removes its memory files, device state and tracking reports. */
   async discard(): Promise<void> {
     await this.terminate();
-    rmSync(this.files.memoryPath, { force: true });
-    rmSync(this.files.trackReportPath, { force: true });
+    removeGuestFiles(this.files);
   }
 
   /** Asks the guest to exit cleanly (SIGTERM, then SIGKILL after the timeout). */
@@ -267,34 +319,75 @@ export class ProcessGuest implements SourceGuest {
   }
 
   /**
-   * The pages a post-copy destination must hold before the guest starts: gangway-guest
-   * reads its header (page 0) with pread before it maps its memory, so a fault cannot
-   * bring it in.
+   * The device state the paused guest saved (pause() waited for it to stop, which it does
+   * once the state is written); the file goes, so that a later pause cannot be served a
+   * stale one. Empty for a guest without device state.
    */
-  /** None: a process guest keeps its whole state in its memory. */
   async saveDeviceState(): Promise<Uint8Array> {
-    return new Uint8Array(0);
+    const path = this.files.deviceStatePath;
+    if (!path) return new Uint8Array(0);
+    if (!this.paused) throw new GangwayError(ErrorCode.INTERNAL, `guest ${this.name}: device state asked for while it runs`);
+    let fd: number;
+    try {
+      fd = openSync(path, 'r');
+    } catch (err) {
+      throw new GangwayError(ErrorCode.GUEST_FAILED, `guest ${this.name} saved no device state at ${path} (${(err as Error).message}); see its log ${this.files.logPath}`);
+    }
+    try {
+      const size = fstatSync(fd).size;
+      if (size > MAX_PROCESS_DEVICE_STATE_BYTES) throw new GangwayError(ErrorCode.GUEST_FAILED, `guest ${this.name}: its device state file ${path} has ${size} bytes, more than a process guest saves`);
+      const state = Buffer.alloc(size);
+      if (readSync(fd, state, 0, size, 0) !== size) throw new GangwayError(ErrorCode.GUEST_FAILED, `guest ${this.name}: short read of ${path}`);
+      return state;
+    } finally {
+      closeSync(fd);
+      rmSync(path, { force: true });
+    }
   }
 
-  eagerRuns(): Uint32Array {
-    return Uint32Array.of(0, 1);
+  /**
+   * The pages a post-copy destination must hold before the guest starts: gangway-guest
+   * reads its header (page 0 of region 0) with pread before it maps its memory, so a fault
+   * cannot bring it in.
+   */
+  eagerRuns(): Uint32Array[] {
+    return this.regions.map((_, i) => (i === 0 ? Uint32Array.of(0, 1) : new Uint32Array(0)));
   }
 
-  /** uffd-wp when the shim registered it (unless told otherwise), else hash-scan. */
-  async openTracker(preference: TrackerPreference): Promise<{ tracker: DirtyTracker; fallbackReason?: string }> {
+  /** uffd-wp on every region when the shim registered them all (unless told otherwise), else hash-scan. */
+  async openTrackers(preference: TrackerPreference): Promise<{ trackers: DirtyTracker[]; fallbackReason?: string }> {
     let fallbackReason: string | undefined;
     if (preference !== 'hash-scan') {
+      const trackers: DirtyTracker[] = [];
       try {
-        if (!existsSync(this.files.trackReportPath)) throw new Error('the tracking shim wrote no report');
-        return {
-          tracker: UffdWpTracker.open(this.pid, this.files.trackReportPath, this.memoryBytes, this.pageSizeBytes),
-        };
+        for (const [i, region] of this.regions.entries()) {
+          const report = trackReportPathOf(this.files, i);
+          if (!existsSync(report)) throw new Error(`the tracking shim wrote no report for region ${i} (${report})`);
+          trackers.push(UffdWpTracker.open(this.pid, report, region.lengthBytes, region.pageSizeBytes));
+        }
+        return { trackers };
       } catch (err) {
+        for (const tracker of trackers) tracker.close();
         if (preference === 'uffd-wp') throw err;
         fallbackReason = err instanceof Error ? err.message : String(err);
       }
     }
-    const tracker = await HashScanTracker.open(this.files.memoryPath, this.memoryBytes, this.pageSizeBytes);
-    return fallbackReason === undefined ? { tracker } : { tracker, fallbackReason };
+    const trackers: DirtyTracker[] = [];
+    try {
+      for (const region of this.regions) trackers.push(await HashScanTracker.open(region.path, region.lengthBytes, region.pageSizeBytes));
+    } catch (err) {
+      for (const tracker of trackers) tracker.close();
+      throw err;
+    }
+    return fallbackReason === undefined ? { trackers } : { trackers, fallbackReason };
   }
+}
+
+/** Removes what a process guest leaves on disk besides its log: memory files, device state, tracking reports. */
+export function removeGuestFiles(files: GuestFiles): void {
+  for (const [i, path] of files.memoryPaths.entries()) {
+    rmSync(path, { force: true });
+    rmSync(trackReportPathOf(files, i), { force: true });
+  }
+  if (files.deviceStatePath) rmSync(files.deviceStatePath, { force: true });
 }

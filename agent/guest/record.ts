@@ -31,11 +31,26 @@ const secret = z.string(rule(SECRET)).regex(new RegExp(`^[0-9a-fA-F]{${MIGRATION
 const oneOf = <const T extends readonly [string, ...string[]]>(values: T) =>
   z.enum(values, rule(`must be one of: ${values.join(', ')}`));
 
-const filesShape = { memoryPath: text, trackReportPath: text, logPath: text };
+const REGIONS = 'must be a list of 1 to 16 file paths';
+const filesShape = {
+  memoryPaths: z.array(text, rule(REGIONS)).min(1, REGIONS).max(16, REGIONS),
+  deviceStatePath: text.optional(),
+  trackReportPath: text,
+  logPath: text,
+};
+/** Records written before guests had regions name one memory file: read as a list of one. */
+const legacyFiles = (value: unknown) => {
+  if (value && typeof value === 'object' && !Array.isArray(value) && 'memoryPath' in value && !('memoryPaths' in value)) {
+    const { memoryPath, ...rest } = value as { memoryPath: unknown };
+    return { ...rest, memoryPaths: [memoryPath] };
+  }
+  return value;
+};
 
 const PROFILES = Object.keys(GuestProfile) as [GuestProfileName, ...GuestProfileName[]];
 const processSpecShape = {
   memoryBytes: whole(1),
+  regionBytes: z.array(whole(4096), rule('must be a list of region sizes in bytes')).min(2).max(16).optional(),
   profile: oneOf(PROFILES),
   dirtyRateBytesPerSec: nonNegative,
   seed: nonNegative,
@@ -68,7 +83,7 @@ const commonShape = {
   pid: whole(1),
   memoryBytes: whole(1),
   pageSizeBytes: whole(1),
-  files: z.strictObject(filesShape, rule(OBJECT)),
+  files: z.preprocess(legacyFiles, z.strictObject(filesShape, rule(OBJECT))),
   /** How the guest got here: started on this host, or migrated in (with the migration id). */
   origin,
   startedAt: when,

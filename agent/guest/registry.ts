@@ -108,9 +108,11 @@ export class GuestRegistry {
     );
   }
 
-  filesFor(name: string, memoryDir: string, suffix: string): GuestFiles {
+  /** Where a guest's files go: a memory file per region in `memoryDir`, the rest in the state directory. */
+  filesFor(name: string, memoryDir: string, suffix: string, regionCount = 1): GuestFiles {
     return {
-      memoryPath: join(memoryDir, `gangway-${name}-${suffix}.mem`),
+      memoryPaths: Array.from({ length: regionCount }, (_, i) => join(memoryDir, `gangway-${name}-${suffix}${i === 0 ? '' : `.r${i}`}.mem`)),
+      deviceStatePath: join(this.dir, `${name}-${suffix}.dev`),
       trackReportPath: join(this.dir, `${name}-${suffix}.track`),
       logPath: join(this.dir, `${name}.log`),
     };
@@ -143,7 +145,7 @@ export class GuestRegistry {
   }
 
   private insert(record: GuestRecord): ProcessGuest {
-    const guest = new ProcessGuest(record.name, record.pid, record.memoryBytes, record.files);
+    const guest = new ProcessGuest(record.name, record.pid, record.memoryBytes, record.files, record.spec.regionBytes);
     this.guests.set(record.name, { record, guest });
     return guest;
   }

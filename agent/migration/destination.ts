@@ -1,6 +1,7 @@
-// The destination side of a migration: receives pages into an unnamed memory file (so a
-// crash of this agent leaves nothing behind), checks the source's digests against its own,
-// and on commit names the file and starts the guest from the hot-standby process.
+// The destination side of a migration: receives each region's pages into an unnamed memory
+// file (so a crash of this agent leaves nothing behind), checks the source's digests against
+// its own, and on commit names the files and starts the guest from the hot-standby process,
+// its device state handed over first.
 import { closeSync, rmSync, statfsSync } from 'node:fs';
 import { uncompress } from 'lz4-napi';
 import type { Logger } from 'pino';
@@ -20,7 +21,8 @@ import type { AgentMetrics } from '../metrics.js';
 import type { DestinationGroup } from '../dedup/dest-group.js';
 import { ENTRY_DATA, ENTRY_REF } from '../native.js';
 import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MAX_WANT_RUNS, MIGRATION_SECRET_BYTES, REF_WORDS } from '../../protocol/limits.js';
-import { PostcopyReceiver } from './postcopy-destination.js';
+import { PostcopyReceiver, type PostcopyStats } from './postcopy-destination.js';
+import { LatencySamples, sendMissing } from './postcopy.js';
 import { PageSet, runsPageCount as runsPageCountOf } from '../tracker/page-set.js';
 import { faultCrash } from './faults.js';
 
@@ -92,7 +94,6 @@ export class DestinationMigration implements FrameHandler {
   private finished = false;
   private pagesReceived = 0;
   private roundsSeen = 0;
-  private readonly memoryPath: string;
   private readonly files;
   /** The dedup group this migration belongs to (its frames are applied in the group's order). */
   private group: DestinationGroup | undefined;
@@ -100,9 +101,10 @@ export class DestinationMigration implements FrameHandler {
   private repairs = 0;
   /** Post-copy: the agent's end of the socket the guest sends its userfaultfd over. */
   private uffdSocket = -1;
-  /** Post-copy: the pages the source says are missing here, as its postcopy frames bring them. */
-  private missingIn: PageSet | undefined;
-  private postcopy: PostcopyReceiver | undefined;
+  /** Post-copy: the pages of each region the source says are missing here, as its postcopy frames bring them. */
+  private missingIn: PageSet[] | undefined;
+  /** Post-copy: a receiver per region, once the guest started here. */
+  private postcopy: PostcopyReceiver[] | undefined;
   /** Resolves once the guest's userfaultfd is attached: post-copy pages wait for it. */
   private postcopyAttached: Promise<void> | undefined;
   private guestStartedHere = false;
@@ -133,8 +135,7 @@ export class DestinationMigration implements FrameHandler {
   ) {
     this.sourceAgentId = session.peer?.agentId ?? 'unknown';
     this.creditLeft = ctx.creditBytes;
-    this.files = ctx.registry.filesFor(offer.guest.name, ctx.memoryDir, randomBytes(4).toString('hex'));
-    this.memoryPath = this.files.memoryPath;
+    this.files = ctx.registry.filesFor(offer.guest.name, ctx.memoryDir, randomBytes(4).toString('hex'), offer.guest.regions.length);
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
   }
 
@@ -221,7 +222,7 @@ export class DestinationMigration implements FrameHandler {
 
   /** Post-copy: pages still missing here (undefined before the guest started here). */
   get missingPages(): number | undefined {
-    return this.postcopy?.missingPages;
+    return this.postcopy?.reduce((sum, receiver) => sum + receiver.missingPages, 0);
   }
 
   private get technique(): 'precopy' | 'postcopy' | 'hybrid' {
@@ -307,7 +308,7 @@ export class DestinationMigration implements FrameHandler {
               if (raw.length !== pages.rawBytes) {
                 throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload decompressed to ${raw.length} bytes, expected ${pages.rawBytes}`);
               }
-              this.postcopy!.install(pages.entries, raw);
+              this.postcopy![pages.region]!.install(pages.entries, raw);
               this.pagesReceived += counts.dataPages + counts.zeroPages;
               // Credits belong to the session the frame came on (a reattached source starts afresh).
               if (via === this.session && via.isOpen) this.giveCredit(cost);
@@ -349,14 +350,14 @@ export class DestinationMigration implements FrameHandler {
         if (!region || this.offer.technique === Technique.precopy) {
           throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `postcopy for region ${postcopy.region} of a ${this.technique} migration`);
         }
-        this.missingIn ??= new PageSet(region.pageCount);
+        this.missingIn ??= this.regions.map((r) => new PageSet(r.pageCount));
         for (let i = 0; i < postcopy.missing.length; i += 2) {
           const first = postcopy.missing[i]!;
           const count = postcopy.missing[i + 1]!;
           if (first + count > region.pageCount) {
-            throw new ProtocolError(ErrorCode.BAD_PAGES, `postcopy.missing: pages ${first}..${first + count - 1} are past the guest's ${region.pageCount}`);
+            throw new ProtocolError(ErrorCode.BAD_PAGES, `postcopy.missing: pages ${first}..${first + count - 1} are past region ${postcopy.region}'s ${region.pageCount}`);
           }
-          this.missingIn.addRange(first, count);
+          this.missingIn[postcopy.region]!.addRange(first, count);
         }
         if (!postcopy.more) {
           this.checkDeviceStateComplete();
@@ -594,46 +595,59 @@ export class DestinationMigration implements FrameHandler {
    */
   private async startPostcopy(): Promise<void> {
     const standby = this.standby!;
-    const region = this.regions[0]!;
-    const missing = this.missingIn?.toRuns() ?? new Uint32Array(0);
+    const missing = this.regions.map((_, i) => this.missingIn?.[i]?.toRuns() ?? new Uint32Array(0));
     this.missingIn = undefined;
     let journaled = false;
     const t: Record<string, number> = { start: performance.now() };
+    const latency = new LatencySamples();
+    const receivers = this.regions.map(
+      (region, index) =>
+        new PostcopyReceiver(
+          region,
+          missing[index]!,
+          (runs) => {
+            if (this.session.isOpen) this.session.send(Frame.fetch({ migrationId: this.offer.migrationId, region: index, runs }));
+          },
+          () => this.guestGone(),
+          this.log,
+          this.ctx.metrics,
+          latency,
+        ),
+    );
     try {
-      this.native.punchHoles(region.fd, missing, region.pageSizeBytes);
-      t.punched = performance.now();
-      this.native.tmpfileLink(region.fd, this.memoryPath);
-      const receiver = new PostcopyReceiver(
-        region,
-        missing,
-        (runs) => {
-          if (this.session.isOpen) this.session.send(Frame.fetch({ migrationId: this.offer.migrationId, region: 0, runs }));
-        },
-        () => this.guestGone(),
-        this.log,
-        this.ctx.metrics,
-      );
+      for (const [index, region] of this.regions.entries()) {
+        this.native.punchHoles(region.fd, missing[index]!, region.pageSizeBytes);
+        this.native.tmpfileLink(region.fd, this.files.memoryPaths[index]!);
+      }
+      t.linked = performance.now();
       let attached!: () => void;
       this.postcopyAttached = new Promise((resolve) => (attached = resolve));
       this.postcopyStartedAt = performance.now();
-      t.receiver = performance.now();
-      this.ctx.registry.add(this.guestRecord(standby.pid, { migrationId: this.offer.migrationId, missingPages: runsPageCountOf(missing) }));
+      this.ctx.registry.add(this.guestRecord(standby.pid, { migrationId: this.offer.migrationId, missingPages: missing.reduce((sum, runs) => sum + runsPageCountOf(runs), 0) }));
       journaled = true;
       t.journaled = performance.now();
       await this.loadDeviceState(standby);
       standby.go();
-      const got = await this.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
-        throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy: ${err.message}`);
-      });
+      // The guest's shim sends a userfaultfd for each region as it maps it.
+      for (let received = 0; received < receivers.length; received++) {
+        const got = await this.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
+          throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy (${received} of ${receivers.length} regions): ${err.message}`);
+        });
+        const receiver = receivers[got.region];
+        const region = this.regions[got.region];
+        if (!receiver || !region || receiver.attached || got.length !== region.lengthBytes) {
+          closeSync(got.uffd);
+          throw new GangwayError(
+            ErrorCode.GUEST_FAILED,
+            `the guest registered ${got.length} bytes of region ${got.region} for post-copy; its ${receivers.length} regions are ${this.regions.map((r) => r.lengthBytes).join(', ')} bytes${receiver?.attached ? ' (that region twice)' : ''}`,
+          );
+        }
+        receiver.attach(got.uffd, got.start);
+      }
       t.uffd = performance.now();
       closeSync(this.uffdSocket);
       this.uffdSocket = -1;
-      if (got.length !== region.lengthBytes) {
-        closeSync(got.uffd);
-        throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest registered ${got.length} bytes for post-copy, its memory is ${region.lengthBytes}`);
-      }
-      receiver.attach(got.uffd, got.start);
-      this.postcopy = receiver;
+      this.postcopy = receivers;
       attached();
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
       t.running = runningAt;
@@ -641,38 +655,37 @@ export class DestinationMigration implements FrameHandler {
       this.guestStartedHere = true;
       this.state = transition(this.state, { type: 'sentPostcopyRunning' });
       this.session.send(Frame.committed({ migrationId: this.offer.migrationId, resumeToSendMs: performance.now() - runningAt }));
-      this.log.info({ pid: standby.pid, missingPages: receiver.missingPages }, 'guest resumed here (post-copy); missing pages follow');
+      this.log.info({ pid: standby.pid, missingPages: this.missingPages }, 'guest resumed here (post-copy); missing pages follow');
     } catch (err) {
-      this.postcopy?.close();
+      for (const receiver of receivers) receiver.close();
       this.postcopy = undefined;
       this.startFailed(err, journaled, 'post-copy start failed; the source keeps the guest');
     }
   }
 
-  /** Post-copy's end: every missing page installed, the received memory checked against the source's digest. */
+  /** Post-copy's end: every missing page installed, the received memory checked against the source's digests. */
   private async finishPostcopy(sourceDigests: readonly Uint8Array[]): Promise<void> {
-    const receiver = this.postcopy!;
-    await receiver.whenComplete();
+    const receivers = this.postcopy!;
+    await Promise.all(receivers.map((receiver) => receiver.whenComplete()));
     if (this.finished) return;
-    const region = this.regions[0]!;
     // The fingerprints kept are those of the pages as they arrived, whatever the guest has
     // written since: together they are the memory as it was at the switchover.
-    const digests = [await this.native.regionDigest(region.handle, 'tracked')];
+    const digests = await Promise.all(this.regions.map((region) => this.native.regionDigest(region.handle, 'tracked')));
     const match = digests.length === sourceDigests.length && digests.every((d, i) => d.equals(Buffer.from(sourceDigests[i]!)));
-    const stats = receiver.stats();
+    const stats = combinedStats(receivers);
     this.verdict = Frame.verified({
-        migrationId: this.offer.migrationId,
-        match,
-        digests,
-        postcopy: {
-          missingPages: stats.missingPages,
-          faults: stats.faults,
-          fetchedPages: stats.fetchedPages,
-          pushedPages: stats.pushedPages,
-          faultP50Ms: stats.faultLatency.p50Ms,
-          faultP99Ms: stats.faultLatency.p99Ms,
-          faultMaxMs: stats.faultLatency.maxMs,
-        },
+      migrationId: this.offer.migrationId,
+      match,
+      digests,
+      postcopy: {
+        missingPages: stats.missingPages,
+        faults: stats.faults,
+        fetchedPages: stats.fetchedPages,
+        pushedPages: stats.pushedPages,
+        faultP50Ms: stats.faultLatency.p50Ms,
+        faultP99Ms: stats.faultLatency.p99Ms,
+        faultMaxMs: stats.faultLatency.maxMs,
+      },
     });
     if (this.session.isOpen) this.session.send(this.verdict);
     this.state = transition(this.state, { type: match ? 'sentVerified' : 'sentVerifiedMismatch' });
@@ -682,9 +695,10 @@ export class DestinationMigration implements FrameHandler {
       this.ctx.registry.add(this.guestRecord(this.standby!.pid));
       this.finish('committed');
     } else {
+      const hexOf = (list: readonly Uint8Array[]) => list.map((d) => Buffer.from(d).toString('hex')).join(',');
       this.finish(
         'stranded',
-        `the guest runs here, but the memory it received differs from the source's at the switchover (digests ${Buffer.from(digests[0]!).toString('hex')} here, ${Buffer.from(sourceDigests[0]!).toString('hex')} there); the source keeps its paused copy`,
+        `the guest runs here, but the memory it received differs from the source's at the switchover (digests ${hexOf(digests)} here, ${hexOf(sourceDigests)} there); the source keeps its paused copy`,
       );
     }
   }
@@ -699,7 +713,7 @@ export class DestinationMigration implements FrameHandler {
     return {
       name: this.offer.guest.name,
       pid,
-      memoryBytes: this.offer.guest.regions[0]!.lengthBytes,
+      memoryBytes: this.spaceBytes,
       pageSizeBytes: this.offer.guest.regions[0]!.pageSizeBytes,
       files: this.files,
       ...this.launcher.recordPart(this.files),
@@ -716,8 +730,8 @@ export class DestinationMigration implements FrameHandler {
     try {
       // The guest is about to run: no ref may copy from its memory any more.
       for (const slot of this.slots) this.group?.closeSlot(slot);
-      for (const region of this.regions) {
-        this.native.tmpfileLink(region.fd, this.memoryPath);
+      for (const [index, region] of this.regions.entries()) {
+        this.native.tmpfileLink(region.fd, this.files.memoryPaths[index]!);
         this.native.regionClose(region.handle);
         closeSync(region.fd);
       }
@@ -758,7 +772,8 @@ export class DestinationMigration implements FrameHandler {
       if (this.standby && this.standby.pid > 0) process.kill(this.standby.pid, 'SIGKILL');
     } catch {}
     if (journaled) this.ctx.registry.remove(this.offer.guest.name);
-    rmSync(this.memoryPath, { force: true });
+    for (const path of this.files.memoryPaths) rmSync(path, { force: true });
+    if (this.files.deviceStatePath) rmSync(this.files.deviceStatePath, { force: true });
     this.finish('aborted', error.message);
   }
 
@@ -787,7 +802,7 @@ export class DestinationMigration implements FrameHandler {
   private detach(err: GangwayError): void {
     const windowMs = this.ctx.reattachWindowMs ?? 10 * 60_000;
     this.log.warn(
-      { err: err.message, missingPages: this.postcopy?.missingPages, reattachWindowMs: windowMs },
+      { err: err.message, missingPages: this.missingPages, reattachWindowMs: windowMs },
       'post-copy: the link to the source broke; the guest waits on its missing pages until the source reattaches',
     );
     clearTimeout(this.detachedTimer);
@@ -822,17 +837,13 @@ export class DestinationMigration implements FrameHandler {
     // gets no credit back.
     this.creditLeft = this.ctx.creditBytes;
     session.register(this.offer.migrationId, this);
-    const missing = this.postcopy.missingRuns();
-    this.log.info({ missingPages: this.postcopy.missingPages }, 'post-copy: the source reattached; asking again for the missing pages');
+    this.log.info({ missingPages: this.missingPages }, 'post-copy: the source reattached; asking again for the missing pages');
     if (this.verdict) {
       session.send(this.verdict);
       return undefined;
     }
-    const runsPerFrame = Math.floor(Math.min(session.peerMaxPayloadBytes, 1 << 20) / 8);
-    for (let at = 0; at === 0 || at < missing.length; at += runsPerFrame * 2) {
-      session.send(Frame.postcopy({ migrationId: this.offer.migrationId, region: 0, more: at + runsPerFrame * 2 < missing.length, missing: missing.subarray(at, at + runsPerFrame * 2) }));
-    }
-    this.postcopy.refetch();
+    sendMissing(session, this.offer.migrationId, this.postcopy.map((receiver) => receiver.missingRuns()));
+    for (const receiver of this.postcopy) receiver.refetch();
     return undefined;
   }
 
@@ -849,7 +860,7 @@ export class DestinationMigration implements FrameHandler {
     } else if (outcome === 'stranded') {
       // The guest started here: it is the only running copy, so nothing of it is removed.
       // Pages still missing can only come from the source, which keeps them.
-      const missingPages = this.postcopy?.missingPages ?? 0;
+      const missingPages = this.missingPages ?? 0;
       this.log.error({ reason, missingPages }, 'post-copy did not complete: the guest stays here, paused on its missing pages');
       if (missingPages > 0) {
         try {
@@ -887,7 +898,7 @@ export class DestinationMigration implements FrameHandler {
       this.uffdSocket = -1;
     }
     if (!this.postcopy) return;
-    this.postcopy.close();
+    for (const receiver of this.postcopy) receiver.close();
     for (const region of this.regions) {
       try {
         this.native.regionClose(region.handle);
@@ -901,7 +912,7 @@ export class DestinationMigration implements FrameHandler {
 
   /** Drops everything this migration made: the unnamed files vanish with their last fd. */
   private cleanup(): void {
-    this.postcopy?.close();
+    for (const receiver of this.postcopy ?? []) receiver.close();
     if (this.uffdSocket >= 0) {
       try {
         closeSync(this.uffdSocket);
@@ -923,7 +934,8 @@ export class DestinationMigration implements FrameHandler {
     // The guest never ran here: its log and tracking report go with it (a peer offering and
     // dropping migrations must not leave a file each time).
     rmSync(this.files.logPath, { force: true });
-    rmSync(this.files.trackReportPath, { force: true });
+    this.files.memoryPaths.forEach((_, i) => rmSync(i === 0 ? this.files.trackReportPath : `${this.files.trackReportPath}.${i}`, { force: true }));
+    if (this.files.deviceStatePath) rmSync(this.files.deviceStatePath, { force: true });
     this.ctx.registry.release(this.offer.guest.name);
   }
 }
@@ -940,4 +952,16 @@ async function withTimeout<T>(promise: Promise<T>, timeoutMs: number, message: s
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** The post-copy statistics of a guest's regions together (their receivers share one latency record). */
+function combinedStats(receivers: readonly PostcopyReceiver[]): PostcopyStats {
+  const all = receivers.map((receiver) => receiver.stats());
+  return {
+    missingPages: all.reduce((sum, s) => sum + s.missingPages, 0),
+    faults: all.reduce((sum, s) => sum + s.faults, 0),
+    fetchedPages: all.reduce((sum, s) => sum + s.fetchedPages, 0),
+    pushedPages: all.reduce((sum, s) => sum + s.pushedPages, 0),
+    faultLatency: all[0]?.faultLatency ?? { p50Ms: 0, p99Ms: 0, maxMs: 0 },
+  };
 }

@@ -1,4 +1,4 @@
-// Streams one round of pages of one region: gathers ~1 MiB batches with the addon (zero
+// Streams one round of pages of one region: gathers ~1 MiB batches from the region (zero
 // pages become runs, data pages are packed), compresses them on the thread pool with a few
 // batches in flight (a batch that does not shrink goes raw), and sends them in order within
 // the receiver's credit window and the pacer's rate.
@@ -6,12 +6,20 @@ import { compress } from 'lz4-napi';
 import { Codec } from '../../protocol/codes.js';
 import { encodeFrame, Frame, FRAME_PREFIX_BYTES, MAX_HEADER_BYTES } from '../../protocol/index.js';
 import { FINGERPRINT_BYTES } from '../../protocol/limits.js';
-import { ENTRY_REF, ENTRY_ZERO, loadNative, type RegionHandle } from '../native.js';
+import { ENTRY_REF, ENTRY_ZERO } from '../native.js';
 import type { BatchBuild, DedupCounters, SourceDedupGroup } from '../dedup/source-group.js';
 import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import type { CodecChooser } from './codec-chooser.js';
 import type { CreditWindow, Pacer, SwitchoverGate } from './flow.js';
 import type { PeerSession } from '../peer/session.js';
+import type { RegionReader } from './region-reader.js';
+
+/**
+ * Where a round's pages frames go, already encoded: the peer session, or in unit tests an
+ * in-memory destination. `writable` holds the sender while more than `limitBytes` wait
+ * in front of the transport; sendMessage returns the bytes it puts on the wire.
+ */
+export type PageSink = Pick<PeerSession, 'sendMessage' | 'writable'>;
 
 export interface RoundCounters extends DedupCounters {
   pages: number;
@@ -92,7 +100,7 @@ interface Prepared {
 }
 
 export interface PageSenderContext {
-  session: PeerSession;
+  sink: PageSink;
   migrationId: string;
   pageSizeBytes: number;
   pool: BatchPool;
@@ -122,12 +130,11 @@ const SEND_QUEUE_BYTES = 4 * 1024 * 1024;
 export async function sendRegionRound(
   ctx: PageSenderContext,
   regionIndex: number,
-  region: RegionHandle,
+  region: RegionReader,
   tracker: DirtyTracker,
   round: number,
   runs: Uint32Array,
 ): Promise<RoundCounters> {
-  const native = loadNative();
   const counters = emptyCounters();
   const cursor = new Uint32Array(2);
   const out = new Uint32Array(2);
@@ -143,7 +150,7 @@ export async function sendRegionRound(
   /** Gathers one batch: pages as they are, or planned against the group's mirror (counted in `counts`). */
   const fill = (buffer: BatchBuffer, counts: RoundCounters): { entryCount: number; rawBytes: number; refCount: number } => {
     if (!dedup) {
-      done = native.regionGather(region, runs, cursor, buffer.payload, buffer.entries, out);
+      done = region.gather(runs, cursor, buffer.payload, buffer.entries, out);
       const entryCount = out[0]!;
       if (entryCount > 0) tracker.noteSent(buffer.entries, entryCount, buffer.payload.subarray(0, out[1]!));
       return { entryCount, rawBytes: out[1]!, refCount: 0 };
@@ -157,7 +164,7 @@ export async function sendRegionRound(
       const entryRoom = maxEntries - batch.entryCount - roomPages;
       if (roomPages < 1 || entryRoom < 1) break;
       const at = batch.payloadEnd;
-      done = native.regionGather(region, runs, cursor, buffer.payload.subarray(at), chunkEntries!.subarray(0, entryRoom * 3), out, chunkFps!);
+      done = region.gather(runs, cursor, buffer.payload.subarray(at), chunkEntries!.subarray(0, entryRoom * 3), out, chunkFps!);
       const entryCount = out[0]!;
       if (entryCount === 0) break;
       tracker.noteSent(chunkEntries!, entryCount, buffer.payload.subarray(at, at + out[1]!));
@@ -245,7 +252,7 @@ export async function sendRegionRound(
       const cost = creditCost(batch.payload.length, batch.rawBytes, batch.entries.length / 3);
       await ctx.credits.take(cost);
       if (ctx.pacer) await ctx.pacer.take(cost);
-      await ctx.session.writable(ctx.queueBytes ?? SEND_QUEUE_BYTES);
+      await ctx.sink.writable(ctx.queueBytes ?? SEND_QUEUE_BYTES);
       const buffer = batch.buffer;
       const [frameHead] = encodeFrame(frame);
       let message: Buffer;
@@ -257,7 +264,7 @@ export async function sendRegionRound(
       } else {
         message = Buffer.concat([frameHead, batch.payload]);
       }
-      const wire = ctx.session.sendMessage(message, () => ctx.pool.release(buffer));
+      const wire = ctx.sink.sendMessage(message, () => ctx.pool.release(buffer));
       if (batch.ticket !== undefined) dedup!.group.outbox.done(batch.ticket);
       sending = undefined;
       const counts = batch.counts;

@@ -29,7 +29,7 @@ export class PostcopyReceiver {
   private readonly missing: PageSet;
   private readonly requested: PageSet;
   private readonly faultAt = new Map<number, number>();
-  private readonly latency = new LatencySamples();
+  private readonly latency: LatencySamples;
   private readonly initialMissing: number;
   private uffd = -1;
   private start = 0;
@@ -50,7 +50,10 @@ export class PostcopyReceiver {
     private readonly onGuestGone: () => void,
     private readonly log: Logger,
     private readonly metrics?: AgentMetrics,
+    /** Fault latencies, shared by the receivers of one guest's regions. */
+    latency?: LatencySamples,
   ) {
+    this.latency = latency ?? new LatencySamples();
     this.missing = new PageSet(region.pageCount);
     this.missing.addRuns(missingRuns);
     this.requested = new PageSet(region.pageCount);

@@ -10,6 +10,8 @@
 // - LatencySamples: fault latencies for p50/p99/max.
 import type { ConvergenceDecision } from './convergence.js';
 import { PageSet } from '../tracker/page-set.js';
+import { Frame } from '../../protocol/index.js';
+import type { PeerSession } from '../peer/session.js';
 
 /** Pre-paging window after a fault, in pages: starts at the first size and doubles up to the second. */
 export const PREPAGE_WINDOW_MIN = 8;
@@ -196,4 +198,15 @@ export class LatencySamples {
     const at = (q: number) => sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)]!;
     return { p50Ms: at(0.5), p99Ms: at(0.99), maxMs: this.maxSeen };
   }
+}
+
+/** Sends `missing` of each region as postcopy frames: the last frame of all says `more: false`. */
+export function sendMissing(session: Pick<PeerSession, 'send' | 'peerMaxPayloadBytes'>, migrationId: string, missing: readonly Uint32Array[]): void {
+  const runsPerFrame = Math.max(1, Math.floor(Math.min(session.peerMaxPayloadBytes, 1 << 20) / 8));
+  const frames: { region: number; missing: Uint32Array }[] = [];
+  missing.forEach((runs, region) => {
+    for (let at = 0; at < runs.length; at += runsPerFrame * 2) frames.push({ region, missing: runs.subarray(at, at + runsPerFrame * 2) });
+  });
+  if (frames.length === 0) frames.push({ region: 0, missing: new Uint32Array(0) });
+  frames.forEach((frame, i) => session.send(Frame.postcopy({ migrationId, region: frame.region, more: i < frames.length - 1, missing: frame.missing })));
 }

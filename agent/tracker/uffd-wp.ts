@@ -20,10 +20,13 @@ export interface ShimReport {
   pid: number;
 }
 
-/** Parses the shim's report line: `ok start=0x.. length=N pid=P` or `error stage=.. errno=.. message=..`. */
+/**
+ * Parses the shim's report line: `ok start=0x.. length=N pid=P[ postcopy=1]` or `error
+ * stage=.. errno=.. message=..` (a guest started for post-copy tracks writes as well).
+ */
 export function parseShimReport(text: string): ShimReport {
   const line = text.trim();
-  const ok = /^ok start=0x([0-9a-f]+) length=(\d+) pid=(\d+)$/i.exec(line);
+  const ok = /^ok start=0x([0-9a-f]+) length=(\d+) pid=(\d+)( postcopy=1)?$/i.exec(line);
   if (ok) return { startAddress: BigInt(`0x${ok[1]}`), lengthBytes: Number(ok[2]), pid: Number(ok[3]) };
   const reason = line.startsWith('error') ? line.slice('error'.length).trim() : `unreadable report "${line}"`;
   throw new GangwayError(ErrorCode.TRACKER, `the tracking shim could not register uffd-wp: ${reason}`);

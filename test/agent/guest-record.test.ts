@@ -53,9 +53,9 @@ function migratedRecord(name: string): GuestRecord {
     pid: ALIVE,
     memoryBytes: 1 << 20,
     pageSizeBytes: 4096,
-    files: { memoryPath: `/dev/shm/gangway-${name}-00ff00ff.mem`, trackReportPath: `/s/guests/${name}-00ff00ff.track`, logPath: `/s/guests/${name}.log` },
+    files: { memoryPaths: [`/dev/shm/gangway-${name}-00ff00ff.mem`, `/dev/shm/gangway-${name}-00ff00ff.r1.mem`], deviceStatePath: `/s/guests/${name}-00ff00ff.dev`, trackReportPath: `/s/guests/${name}-00ff00ff.track`, logPath: `/s/guests/${name}.log` },
     // specFromHeader: u64 seeds need not be safe integers.
-    spec: { memoryBytes: 1 << 20, profile: 'random', dirtyRateBytesPerSec: 0, seed: 2 ** 63, imageSeed: 0, sharedFraction: 0.25, hotFraction: 1 },
+    spec: { memoryBytes: 1 << 20, regionBytes: [1 << 19, 1 << 19], profile: 'random', dirtyRateBytesPerSec: 0, seed: 2 ** 63, imageSeed: 0, sharedFraction: 0.25, hotFraction: 1 },
     origin: { kind: 'migrated', migrationId: '4a4f0e5e-0d47-4a53-9a3e-6a1f5d1c2b3a', from: 'agent-0123456789ab' },
     startedAt: new Date().toISOString(),
     tap: 'tap-vm1',
@@ -107,14 +107,16 @@ describe('guest records read back from disk', () => {
     expect(readFileSync(file, 'utf8')).toBe(text);
   }
 
-  it("loads a record in today's exact format, and one with every optional field", () => {
+  it('loads a record written before guests had regions (one memoryPath), and one in today\'s format with every optional field', () => {
     write('vm1.json', startedRecordText('vm1'));
     const vm2 = migratedRecord('vm2');
     write('vm2.json', JSON.stringify(vm2, null, 2));
     const { registry, dead, unreadable } = loaded();
     expect(dead).toEqual([]);
     expect(unreadable).toEqual([]);
-    expect(registry.get('vm1').record).toEqual(JSON.parse(startedRecordText('vm1')));
+    const { memoryPath, ...files } = JSON.parse(startedRecordText('vm1')).files;
+    expect(registry.get('vm1').record).toEqual({ ...JSON.parse(startedRecordText('vm1')), files: { ...files, memoryPaths: [memoryPath] } });
+    expect(registry.get('vm2').guest.regions.map((region) => region.lengthBytes)).toEqual([1 << 19, 1 << 19]);
     expect(registry.get('vm2').record).toEqual(vm2);
     expect(registry.get('vm1').guest.memoryBytes).toBe(67108864);
   });
@@ -216,9 +218,9 @@ describe('guest records read back from disk', () => {
     registry.update('vm1', { tap: 'tap1' });
     expect(JSON.parse(readFileSync(join(guestsDir, 'vm1.json'), 'utf8')).tap).toBe('tap1');
     registry.reserve('vm2');
-    registry.add({ ...(JSON.parse(startedRecordText('vm2')) as GuestRecord) });
+    registry.add((parseGuestRecord(startedRecordText('vm2'), 'vm2.json') as { record: GuestRecord }).record);
     registry.reserve('vm3');
-    registry.add({ ...(JSON.parse(startedRecordText('vm3')) as GuestRecord) });
+    registry.add((parseGuestRecord(startedRecordText('vm3'), 'vm3.json') as { record: GuestRecord }).record);
     expect(readFileSync(target, 'utf8')).toBe('untouched');
     expect(readdirSync(guestsDir).sort()).toEqual(['vm1.json', 'vm2.json', 'vm3.json']);
 

@@ -60,14 +60,15 @@ describe.skipIf(!built)('dirty trackers', () => {
 
   function files(tag: string) {
     const id = `${process.pid}-${Math.random().toString(36).slice(2, 8)}`;
-    const paths = { memoryPath: `/dev/shm/gangway-test-${tag}-${id}`, trackReportPath: join(tmpdir(), `gangway-test-${id}.track`), logPath: join(tmpdir(), `gangway-test-${id}.log`) };
-    cleanups.push(() => Object.values(paths).forEach((path) => rmSync(path, { force: true })));
+    const paths = { memoryPaths: [`/dev/shm/gangway-test-${tag}-${id}`], trackReportPath: join(tmpdir(), `gangway-test-${id}.track`), logPath: join(tmpdir(), `gangway-test-${id}.log`) };
+    cleanups.push(() => [...paths.memoryPaths, paths.trackReportPath, paths.logPath].forEach((path) => rmSync(path, { force: true })));
     return paths;
   }
 
   it('uffd-wp and hash-scan find the same pages for the same content-changing writes', async () => {
     const bytes = 256 * PAGE;
-    const { memoryPath, trackReportPath } = files('poke');
+    const { memoryPaths, trackReportPath } = files('poke');
+    const memoryPath = memoryPaths[0]!;
     const poker = await startPoker(memoryPath, trackReportPath, bytes);
     cleanups.push(() => poker.child.kill('SIGKILL'));
     expect(readFileSync(trackReportPath, 'utf8')).toMatch(/^ok /);
@@ -116,8 +117,9 @@ describe.skipIf(!built)('dirty trackers', () => {
     });
     await launched.running;
     const guest = new ProcessGuest('t', launched.pid, memoryBytes, paths);
-    const { tracker: uffd } = await guest.openTracker('uffd-wp');
-    const hash = await HashScanTracker.open(paths.memoryPath, memoryBytes, PAGE);
+    const { trackers: [uffd] } = await guest.openTrackers('uffd-wp');
+    if (!uffd) throw new Error('no tracker');
+    const hash = await HashScanTracker.open(paths.memoryPaths[0]!, memoryBytes, PAGE);
     cleanups.push(() => (uffd.close(), hash.close()));
     for (let round = 0; round < 3; round++) {
       guest.resume();

@@ -21,7 +21,7 @@ import { ErrorCode } from '../../protocol/errors.js';
 import { Frame } from '../../protocol/index.js';
 import { Attacker, offerOf } from '../helpers/attacker.js';
 import { builtAgent, Cluster, shmFilesOf, uniqueName } from '../helpers/cluster.js';
-import { waitFor } from '../helpers/wait.js';
+import { waitFor, waitForAsync } from '../helpers/wait.js';
 
 const MiB = 1024 * 1024;
 const canPostcopy = builtAgent && loadNative().uffdProbe();
@@ -201,7 +201,7 @@ describe.skipIf(!builtAgent)('a peer gets only what it is owed', () => {
     expect(peak - before, `peak ${peak}, before ${before}`).toBeLessThan(bound);
     expect(await metric(b, 'gangway_peer_limit_total', 'limit="credit"')).toBe(1);
     // Nothing of the aborted migration stays.
-    await waitFor('the flood migration to be dropped', async () => (await b.status()).migrations.find((m) => m.migrationId === migrationId)?.state === 'aborted' || undefined);
+    await waitForAsync('the flood migration to be dropped', async () => (await b.status()).migrations.find((m) => m.migrationId === migrationId)?.state === 'aborted' || undefined);
     expect(shmFilesOf(name)).toHaveLength(0);
     // And the agent serves its real peer.
     const guest = uniqueName('vm');
@@ -232,7 +232,7 @@ describe.skipIf(!builtAgent)('a peer gets only what it is owed', () => {
     expect(flooder.closedWith).toBeUndefined();
     // The peer goes: its accepted migrations abort, and nothing of them stays.
     flooder.close();
-    await waitFor('every accepted offer to be aborted', async () => {
+    await waitForAsync('every accepted offer to be aborted', async () => {
       const states = (await b.status()).migrations.filter((m) => m.direction === 'in').map((m) => m.state);
       return states.length === 8 && states.every((s) => s === 'aborted') ? true : undefined;
     }, 30_000);
@@ -324,7 +324,7 @@ describe.skipIf(!builtAgent)('a peer gets only what it is owed', () => {
         expect(third.type === 'reject' && third.reason).toBe(RejectReason.noSpace);
         expect(third.type === 'reject' && third.message).toMatch(/50331648 are promised to migrations under way and 8388608 are kept free \(peers\.memoryHeadroom\)/);
         peer.close();
-        await waitFor('the accepted offers to be dropped', async () => ((await b.status()).migrations.filter((m) => m.state === 'aborted').length === 2 ? true : undefined), 30_000);
+        await waitForAsync('the accepted offers to be dropped', async () => ((await b.status()).migrations.filter((m) => m.state === 'aborted').length === 2 ? true : undefined), 30_000);
         await cluster.cleanup();
         cluster = undefined;
       } finally {

@@ -1,0 +1,220 @@
+// Pre-copy: rounds of pages while the guest runs. Round 0 sends every page of every region
+// (zero pages as runs); each later round sends what the trackers collected since, until the
+// convergence policy says the final round fits the downtime budget (or a limit is hit). The
+// RoundSender sends one round over all the regions (one pages stream per region, one
+// roundEnd for the round) and keeps the counts the summary reports.
+import { ErrorCode, GangwayError } from '../../protocol/errors.js';
+import { Frame } from '../../protocol/index.js';
+import type { CodecChooser } from './codec-chooser.js';
+import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
+import type { Pacer } from './flow.js';
+import { everyPage, laneBytes, lanePages, mergeLaneRuns, takeWanted, type LaneRuns } from './lanes.js';
+import { addCounters, emptyCounters, sendRegionRound, type BatchPool } from './page-sender.js';
+import { hybridSwitch } from './postcopy.js';
+import type { MigrationProgress, RoundRecord, SourceRun } from './source-types.js';
+import { mergeRuns } from '../tracker/page-set.js';
+
+const PAUSE_LATENCY_MS = 5;
+const RESUME_ALLOWANCE_MS = 5;
+
+/** Progress events, at most every 100 ms (and at the end of each round). */
+export class ProgressReporter {
+  private lastAt = 0;
+
+  constructor(private readonly run: SourceRun) {}
+
+  report(round: number, roundPages: number, sentPages: number, bytesPerPage: number, roundStart: number, wireBytes: number): void {
+    const now = this.run.clock.now();
+    if (now - this.lastAt < 100 && sentPages < roundPages) return;
+    this.lastAt = now;
+    const elapsedMs = now - roundStart;
+    const rateBytesPerSec = elapsedMs > 0 ? (sentPages * bytesPerPage * 1000) / elapsedMs : 0;
+    const progress: MigrationProgress = {
+      migrationId: this.run.options.migrationId,
+      guest: this.run.guest.name,
+      phase: this.run.state.phase,
+      round,
+      roundPages,
+      roundPagesSent: sentPages,
+      percent: roundPages > 0 ? (100 * sentPages) / roundPages : 100,
+      rateBytesPerSec,
+      etaMs: rateBytesPerSec > 0 ? ((roundPages - sentPages) * bytesPerPage * 1000) / rateBytesPerSec : undefined,
+      wireBytes,
+    };
+    this.run.emitProgress(progress);
+  }
+}
+
+/** Sends rounds over every region, and keeps the rounds and their totals. */
+export class RoundSender {
+  readonly rounds: RoundRecord[] = [];
+  readonly totals = emptyCounters();
+  /** The rate the link takes this migration's bytes at, as pre-copy rounds measure it. */
+  readonly linkRate = new RateEstimator();
+
+  constructor(
+    private readonly run: SourceRun,
+    readonly pool: BatchPool,
+    readonly chooser: CodecChooser,
+    readonly pacer: Pacer | undefined,
+    readonly progress: ProgressReporter,
+  ) {}
+
+  /**
+   * One round: `runs` of each region, region by region, then its roundEnd. `plain`: no
+   * dedup (a repair's pages go as they are); `final`: no resident refs (asking for one
+   * again would be a round trip of downtime).
+   */
+  async send(round: number, runs: LaneRuns, final: boolean, how: { plain?: boolean } = {}): Promise<RoundRecord> {
+    const { options, link, lanes, clock } = this.run;
+    const t0 = clock.now();
+    const roundPages = lanePages(runs);
+    const guestBytes = laneBytes(lanes, runs);
+    const bytesPerPage = roundPages > 0 ? guestBytes / roundPages : lanes[0]!.region.pageSizeBytes;
+    const counters = emptyCounters();
+    const dedup = options.dedup;
+    for (const lane of lanes) {
+      const laneRuns = runs[lane.index]!;
+      if (laneRuns.length === 0) continue;
+      const before = { ...counters };
+      let reported = emptyCounters();
+      const laneCounters = await sendRegionRound(
+        {
+          sink: link.session,
+          migrationId: options.migrationId,
+          pageSizeBytes: lane.region.pageSizeBytes,
+          pool: this.pool,
+          chooser: this.chooser,
+          credits: link.credits!,
+          pacer: this.pacer,
+          pipelineDepth: 4,
+          // Resident refs are verified at the destination and may be asked for again:
+          // not in the final round, where that would be a round trip of downtime.
+          ...(dedup && !how.plain && lane.slot !== undefined ? { dedup: { group: dedup.group, slot: lane.slot, allowResident: !final } } : {}),
+          ...(options.gate ? { gate: { gate: options.gate, owner: this.run.owner } } : {}),
+          onBatch: (c) => {
+            this.progress.report(round, roundPages, before.pages + c.pages, bytesPerPage, t0, this.totals.wireBytes + before.wireBytes + c.wireBytes);
+            options.metrics?.batchSent(reported, c, lane.region.pageSizeBytes);
+            reported = { ...c };
+          },
+        },
+        lane.index,
+        lane.reader,
+        lane.tracker,
+        round,
+        laneRuns,
+      );
+      addCounters(counters, laneCounters);
+    }
+    link.send(Frame.roundEnd({ migrationId: options.migrationId, round, pageCount: counters.pages, final }));
+    addCounters(this.totals, counters);
+    options.metrics?.rounds.inc();
+    const record: RoundRecord = { round, final, durationMs: clock.now() - t0, guestBytes, dirtyPagesAfter: 0, ...counters };
+    this.rounds.push(record);
+    return record;
+  }
+}
+
+/** Pages written since the last collect in every region, with the pages the destination asked for again. */
+export async function collectDirty(run: SourceRun): Promise<LaneRuns> {
+  const runs: LaneRuns = [];
+  for (const lane of run.lanes) {
+    const started = run.clock.now();
+    const written = await lane.tracker.collect();
+    run.options.metrics?.dirtyScan.observe({ tracker: lane.tracker.kind }, (run.clock.now() - started) / 1000);
+    runs.push(mergeRuns(written, takeWanted(lane), lane.pageCount));
+  }
+  return runs;
+}
+
+export type PrecopyOutcome =
+  /** Stop-and-copy next: `runs` are the pages collected and not yet sent. */
+  | { next: 'stop'; round: number; runs: LaneRuns; forced: boolean }
+  /** A hybrid goes post-copy from round `round` on `runs`. */
+  | { next: 'postcopy'; round: number; runs: LaneRuns; reason: string };
+
+/**
+ * Pre-copy rounds until the policy says stop (or a hybrid goes post-copy). `minRttMs` is
+ * the round trip's floor so far (the switchover's few small frames pay it); `sampleRtt`
+ * measures it again after each round.
+ */
+export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { min: () => number; sample: () => void }, releaseGate: { held: (() => void) | undefined }): Promise<PrecopyOutcome> {
+  const { options, lanes, link, clock, log } = run;
+  const technique = options.technique ?? 'precopy';
+  const memoryBytes = lanes.reduce((sum, lane) => sum + lane.region.lengthBytes, 0);
+  // Pages weigh what they hold: convergence counts units of the first region's page size.
+  const unitBytes = lanes[0]!.region.pageSizeBytes;
+  const units = (runs: LaneRuns) => laneBytes(lanes, runs) / unitBytes;
+  const linkRate = sender.linkRate;
+  let wireBytesPerUnit = unitBytes;
+  const switchoverOverheadMs = () => (memoryBytes / options.digestBytesPerSec) * 1000 + 2 * rtt.min() + RESUME_ALLOWANCE_MS;
+
+  for (const lane of lanes) await lane.tracker.arm();
+  let runs: LaneRuns = everyPage(lanes);
+  let lastCollect = clock.now();
+  for (let round = 0; ; round++) {
+    const record = await sender.send(round, runs, false);
+    // Time held at a gang's switchover gate says nothing about the link.
+    linkRate.add(record.wireBytes, record.durationMs - record.gateWaitMs);
+    if (record.dataPages > 0) {
+      const sample = round === 0 ? record.payloadBytes / (record.rawBytes / unitBytes) + 16 : record.wireBytes / (record.guestBytes / unitBytes);
+      wireBytesPerUnit = round <= 1 ? sample : wireBytesPerUnit * 0.5 + sample * 0.5;
+    }
+    rtt.sample();
+    runs = await collectDirty(run);
+    const now = clock.now();
+    const pending = units(runs);
+    const dirtyRatePerSec = (pending * 1000) / Math.max(now - lastCollect, 1);
+    lastCollect = now;
+    record.dirtyPagesAfter = lanePages(runs);
+    const decide = (pendingUnits: number): ConvergenceDecision =>
+      isPrecopyConverged({
+        roundsDone: round + 1,
+        pendingPages: pendingUnits,
+        wireBytesPerPage: wireBytesPerUnit,
+        linkRateBytesPerSec: linkRate.value ?? 1,
+        dirtyRatePagesPerSec: dirtyRatePerSec,
+        pauseLatencyMs: PAUSE_LATENCY_MS,
+        switchoverOverheadMs: switchoverOverheadMs(),
+        safetyFactor: DEFAULT_SAFETY_FACTOR,
+        downtimeBudgetMs: options.downtimeBudgetMs,
+        wireBytesSent: sender.totals.wireBytes,
+        limits: { maxRounds: options.maxRounds, maxWireBytes: options.maxWireBytes },
+      });
+    let decision = decide(pending);
+    if (decision.action === 'stop' && options.gate && !releaseGate.held) {
+      // A gang member's turn: the others hold back until its switchover is over. Its
+      // guest kept writing while it waited for the turn: decide again on what is dirty
+      // now, and if that no longer fits, copy another round with the link to itself.
+      releaseGate.held = await options.gate.acquire(run.owner);
+      runs = mergeLaneRuns(lanes, runs, await collectDirty(run));
+      record.dirtyPagesAfter = lanePages(runs);
+      decision = decide(units(runs));
+    }
+    record.decision = decision.reason;
+    log.info(
+      { round, pages: record.pages, wireBytes: record.wireBytes, ms: Math.round(record.durationMs), dirtyPages: record.dirtyPagesAfter, decision: decision.action, reason: decision.reason },
+      'round done',
+    );
+    if (technique === 'hybrid') {
+      const choice = hybridSwitch(decision, round + 1, options.hybrid ?? { postcopyAfterRounds: options.maxRounds });
+      if (choice.postcopy) {
+        record.decision = choice.reason;
+        log.info({ round, reason: choice.reason }, 'hybrid: going post-copy');
+        return { next: 'postcopy', round: round + 1, runs, reason: choice.reason };
+      }
+    }
+    if (decision.action === 'stop') return { next: 'stop', round, runs, forced: false };
+    if (decision.action === 'limit') {
+      if (!options.force) {
+        throw new GangwayError(
+          ErrorCode.NON_CONVERGENCE,
+          `pre-copy does not converge: ${decision.reason}. Raise --downtime-ms, cap the guest's dirty rate, or pass --force to stop it anyway`,
+        );
+      }
+      log.warn({ reason: decision.reason }, 'limit reached; stopping the guest anyway (--force)');
+      return { next: 'stop', round, runs, forced: true };
+    }
+    link.check();
+  }
+}

@@ -1,0 +1,201 @@
+// Pre-copy's end, stop-and-copy: pause, the last dirty pages of every region, the device
+// state, a 128-bit digest per region compared on both sides (with a repair of the pages a
+// tracker missed), and a two-phase switchover: the destination starts the guest and
+// confirms; only then is the source guest ended. The guest never runs on both hosts, and
+// never runs at the destination on memory that differs from the paused source's.
+import { ErrorCode, GangwayError } from '../../protocol/errors.js';
+import { Frame } from '../../protocol/index.js';
+import { FINGERPRINT_BYTES, MAX_DEVICE_STATE_BYTES } from '../../protocol/limits.js';
+import { runsPageCount } from '../tracker/page-set.js';
+import { faultCrash } from './faults.js';
+import { differingRuns, laneOf, lanePages, mergeLaneRuns, noPages, type LaneRuns } from './lanes.js';
+import { collectDirty, type RoundSender } from './rounds.js';
+import type { MigrationSummary, SourceRun } from './source-types.js';
+
+/** Repair rounds after a digest mismatch before the migration fails (and the guest runs on here). */
+const MAX_REPAIRS = 2;
+/** Device state goes in chunks of this size at most (a frame each). */
+const DEVICE_STATE_CHUNK_BYTES = 4 * 1024 * 1024;
+
+/**
+ * The paused guest's device state as deviceState chunks, none when it has none; returns
+ * its size. The destination checks the total against its limit before it allocates.
+ */
+export async function sendDeviceState(run: SourceRun): Promise<number> {
+  const state = await run.guest.saveDeviceState();
+  const chunkBytes = Math.min(run.link.session.peerMaxPayloadBytes, MAX_DEVICE_STATE_BYTES, DEVICE_STATE_CHUNK_BYTES);
+  for (let at = 0; at < state.length; at += chunkBytes) {
+    run.link.send(Frame.deviceState({ migrationId: run.options.migrationId, offsetBytes: at, totalBytes: state.length, state: state.subarray(at, at + chunkBytes) }));
+  }
+  return state.length;
+}
+
+export function sameDigests(a: readonly Uint8Array[], b: readonly Uint8Array[]): boolean {
+  return a.length === b.length && a.every((digest, i) => Buffer.from(digest).equals(Buffer.from(b[i]!)));
+}
+
+export function hex(digests: readonly Uint8Array[]): string {
+  return digests.map((d) => Buffer.from(d).toString('hex')).join(',');
+}
+
+/** The destination's fingerprint of every page of every region, as its pageFingerprints frames bring them. */
+function receiveFingerprints(run: SourceRun): { fingerprints: Promise<Uint8Array[]>; stop: () => void } {
+  const { lanes, link } = run;
+  const fps = lanes.map((lane) => new Uint8Array(lane.pageCount * FINGERPRINT_BYTES));
+  let remaining = lanes.reduce((sum, lane) => sum + lane.pageCount, 0);
+  let stop = () => {};
+  const fingerprints = new Promise<Uint8Array[]>((resolve, reject) => {
+    const unlisten = link.onFail(reject);
+    stop = () => {
+      unlisten();
+      link.handlers.pageFingerprints = undefined;
+    };
+    link.handlers.pageFingerprints = (frame) => {
+      const lane = laneOf(lanes, frame.region, 'pageFingerprints');
+      const count = frame.fingerprints.length / FINGERPRINT_BYTES;
+      const into = fps[lane.index]!;
+      if ((frame.firstPage + count) * FINGERPRINT_BYTES > into.length) {
+        throw new GangwayError(ErrorCode.UNEXPECTED_FRAME, `pageFingerprints (region ${frame.region}, from page ${frame.firstPage}) past the region's ${lane.pageCount} pages`);
+      }
+      into.set(frame.fingerprints, frame.firstPage * FINGERPRINT_BYTES);
+      remaining -= count;
+      if (remaining <= 0) {
+        stop();
+        resolve(fps);
+      }
+    };
+  });
+  fingerprints.catch(() => {});
+  return { fingerprints, stop };
+}
+
+export interface StopAndCopyResult {
+  digests: Buffer[];
+  deviceStateBytes: number;
+  downtimeMs: number;
+  downtime: MigrationSummary['downtime'];
+  committedAt: number;
+  repairedPages: number;
+}
+
+/**
+ * Stop-and-copy after pre-copy round `round`, `runs` being the pages collected and not yet
+ * sent. `gate.held` is this migration's turn at a gang's switchover gate, if it has it.
+ */
+export async function stopAndCopy(run: SourceRun, sender: RoundSender, round: number, runs: LaneRuns, gate: { held: (() => void) | undefined }): Promise<StopAndCopyResult> {
+  const { options, guest, link, lanes, clock, log, state } = run;
+  const dedup = options.dedup;
+  // Let the destination catch up first, so the downtime does not include writing out a
+  // receive window's worth of pre-copy pages (every gang member's window: the gate holds
+  // the others back until this switchover is over).
+  gate.held ??= await options.gate?.acquire(run.owner);
+  await link.credits!.drained();
+  // The round trip as it is now, for the downtime measurement: the one taken at the start
+  // can be inflated by other migrations starting on the same session.
+  const switchoverRttMs = await link.session.measureRttMs();
+  link.check();
+  state.to('stopping');
+  const pauseStart = clock.now();
+  await guest.pause();
+  const pausedAt = clock.now();
+  link.send(Frame.pause({ migrationId: options.migrationId }));
+  // The pages collected when the policy said stop were never sent: they join the pages
+  // written since (a write-protect tracker reported them once, and only once).
+  // Every want about pages sent so far came in before their credits (drained above).
+  const finalRuns = mergeLaneRuns(lanes, runs, await collectDirty(run));
+  // The source's digests read the paused memory on the thread pool while the final round goes out.
+  const sourceDigests = Promise.all(lanes.map((lane) => lane.reader.digest()));
+  sourceDigests.catch(() => {});
+  await sender.send(round + 1, finalRuns, true);
+  const deviceStateAt = clock.now();
+  const deviceStateBytes = await sendDeviceState(run);
+  const finalSentAt = clock.now();
+
+  state.to('verifying');
+  const digests = await sourceDigests;
+  // Verify; when the destination's pages differ (a write the tracker missed) and both sides
+  // can repair, it sends every page's fingerprint, and the pages that differ go out as one
+  // more final round (inside the downtime, so the guest never runs divergent).
+  let verifiedAt: number;
+  let repairedPages = 0;
+  for (let attempt = 0; ; attempt++) {
+    const repairable = attempt < MAX_REPAIRS && (link.session.peer?.features.includes('repair') ?? false);
+    const theirs = repairable ? receiveFingerprints(run) : undefined;
+    const verifiedP = link.expect('verified', 60_000, 'verification');
+    link.send(Frame.verify({ migrationId: options.migrationId, digests }));
+    const verified = await verifiedP;
+    verifiedAt = clock.now();
+    if (verified.match && sameDigests(verified.digests, digests)) {
+      theirs?.stop();
+      break;
+    }
+    const mismatch = `memory digests differ after the final round (source ${hex(digests)}, destination ${hex(verified.digests)})`;
+    if (!theirs) throw new GangwayError(ErrorCode.DIGEST_MISMATCH, mismatch);
+    const theirFps = await theirs.fingerprints;
+    const differing = noPages(lanes);
+    for (const lane of lanes) {
+      const ours = new Uint8Array(lane.pageCount * FINGERPRINT_BYTES);
+      lane.reader.fingerprints(0, lane.pageCount, ours);
+      differing[lane.index] = differingRuns(ours, theirFps[lane.index]!);
+    }
+    const pages = lanePages(differing);
+    if (pages === 0) throw new GangwayError(ErrorCode.DIGEST_MISMATCH, `${mismatch}, yet every page's fingerprint agrees`);
+    log.warn(
+      { pages, attempt: attempt + 1, regions: differing.map((r, i) => ({ region: i, pages: runsPageCount(r), first: Array.from(r.subarray(0, 16)) })).filter((r) => r.pages > 0) },
+      'pages differ at the switchover (a write the dirty tracker missed): sending them again',
+    );
+    repairedPages += pages;
+    options.metrics?.repairedPages.inc(pages);
+    // What the mirror says of those destination pages is wrong: forget it, send them plainly.
+    if (dedup) for (const lane of lanes) if (lane.slot !== undefined) dedup.group.forgetRuns(lane.slot, differing[lane.index]!);
+    await sender.send(round + 2 + attempt, differing, true, { plain: true });
+  }
+
+  state.to('committing');
+  // The journal: from the commit on the guest may run there. A restarted agent that finds
+  // this asks the destination before it does anything with the paused copy.
+  options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'commit', secret: run.secretHex() } });
+  const committedP = link.expect('committed', options.commitTimeoutMs, 'commit confirmation');
+  if (dedup) {
+    // Once the guest runs there its pages change: nothing planned after this point may
+    // copy from them, and everything planned before is applied before it starts.
+    const ticket = dedup.group.outbox.take();
+    for (const lane of lanes) if (lane.slot !== undefined) dedup.group.forgetSlot(lane.slot);
+    await dedup.group.outbox.turn(ticket);
+    try {
+      link.send(Frame.commit({ migrationId: options.migrationId }));
+    } finally {
+      dedup.group.outbox.done(ticket);
+    }
+  } else {
+    link.send(Frame.commit({ migrationId: options.migrationId }));
+  }
+  const commitSentAt = clock.now();
+  faultCrash('source-after-commit', log);
+  const committed = await committedP;
+  const committedAt = clock.now();
+  log.debug({ journalMs: commitSentAt - verifiedAt, confirmMs: committedAt - commitSentAt }, 'commit: ms after verified');
+  state.to('committed');
+  gate.held?.();
+  gate.held = undefined;
+
+  // The destination runs the guest: end ours and free its memory.
+  await guest.discard();
+
+  return {
+    digests,
+    deviceStateBytes,
+    downtimeMs: Math.max(0, committedAt - pauseStart - committed.resumeToSendMs - switchoverRttMs / 2),
+    downtime: {
+      pauseMs: pausedAt - pauseStart,
+      finalRoundMs: finalSentAt - pausedAt,
+      deviceStateMs: finalSentAt - deviceStateAt,
+      verifyMs: verifiedAt - finalSentAt,
+      commitMs: committedAt - verifiedAt,
+      resumeToSendMs: committed.resumeToSendMs,
+      rttMs: switchoverRttMs,
+    },
+    committedAt,
+    repairedPages,
+  };
+}
