@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import { uncompressSync } from 'lz4-napi';
 import { Codec, EntryKind, GuestKind } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
-import { encodeFrame, Frame, FrameDecoder, type FrameOf } from '../../protocol/index.js';
+import { encodeFrame, Frame, FrameDecoder, validatePages, type FrameOf } from '../../protocol/index.js';
 import { FINGERPRINT_BYTES } from '../../protocol/limits.js';
 import type { GuestRegion, SourceGuest } from '../../agent/guest/adapter.js';
 import { creditCost } from '../../agent/migration/page-sender.js';
@@ -302,6 +302,8 @@ export class MemoryDestination implements SourceSession {
         this.reply(Frame.accept({ migrationId: frame.migrationId, creditBytes: this.creditBytes, secret: new Uint8Array(32) }));
         return;
       case 'pages': {
+        // The protocol's own checks of a pages frame, as a destination agent makes them.
+        validatePages(frame, this.memories[frame.region]!.length / this.pageSize, this.pageSize, this.peerMaxPayloadBytes);
         const raw = frame.codec === Codec.lz4 ? uncompressSync(Buffer.from(frame.payload)) : Buffer.from(frame.payload);
         const memory = this.memories[frame.region]!;
         let offset = 0;

@@ -83,6 +83,10 @@ describe.skipIf(!builtAgent)('guests of several memory regions, with device stat
     expect(pc.faultPages + pc.pushedPages, context).toBe(pc.missingPages);
     expect(pc.faults, context).toBeGreaterThan(0);
     await arrivedIntact(b, a, name, [24 * MiB, 24 * MiB]);
+    // Arrived by post-copy, its shim reported `postcopy=1`: it is tracked by uffd-wp all the same.
+    const back = (await migrate(cluster, b, [name, '--to', a.listen])).guests[0];
+    expect(back.tracker, back.trackerFallbackReason).toBe('uffd-wp');
+    await arrivedIntact(a, b, name, [24 * MiB, 24 * MiB], 2);
   });
 
   it.skipIf(!canPostcopy)('hybrid: pre-copy rounds over both regions, then post-copy when they stop converging', async () => {
