@@ -9,7 +9,7 @@ import { ErrorCode, GangwayError, PeerError } from '../../protocol/errors.js';
 import { encodeFrame, Frame, type FrameOf } from '../../protocol/index.js';
 import { MIGRATION_SECRET_BYTES } from '../../protocol/limits.js';
 import type { DirtyTracker } from '../tracker/dirty-tracker.js';
-import { mergeRuns, runsPageCount, subtractRuns } from '../tracker/page-set.js';
+import { mergeRuns, subtractRuns } from '../tracker/page-set.js';
 import type { CodecChooser } from './codec-chooser.js';
 import { CreditWindow, type Pacer } from './flow.js';
 import { checkRuns, laneOf, lanePages, mergeLaneRuns, noPages, type LaneRuns } from './lanes.js';
@@ -401,7 +401,7 @@ export async function resumeServing(run: SourceRun, chooser: CodecChooser, pacer
       ? { verified: early, pushed: 0 }
       : await server.push({ pool: new BatchPool(server.serveBytes, 8192), chooser, pacer, totals, sourceDigests, progress });
     await server.complete(verified, await sourceDigests);
-    log.info({ pushedPages: pushed, faultPages: server.faultPages, missingPages: runsPageCount(new Uint32Array(0)) }, 'post-copy completed after this agent restarted; the paused copy is gone');
+    log.info({ pushedPages: pushed, faultPages: server.faultPages }, 'post-copy completed after this agent restarted; the paused copy is gone');
     return { pushedPages: pushed, faultPages: server.faultPages };
   } finally {
     server.close();
