@@ -44,7 +44,13 @@
     {
       "target_name": "gangway-guest",
       "type": "executable",
-      "sources": ["src/guest.c"]
+      "sources": [
+        "src/guest.c",
+        "src/guest-options.c",
+        "src/guest-memory.c",
+        "src/guest-device.c",
+        "src/guest-poke.c"
+      ]
     }
   ]
 }

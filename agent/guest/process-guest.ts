@@ -91,7 +91,7 @@ export function specFromHeader(header: GuestHeader): ProcessGuestSpec {
  * Why these region sizes cannot make a synthetic guest, or undefined: each a positive
  * multiple of the page, at most GUEST_MAX_REGIONS of them, and the first large enough for
  * the guest's header and its version table (4 bytes per page of the whole guest) with a
- * data page to spare (guest.c checks the same).
+ * data page to spare (guest-options.c checks the same).
  */
 export function regionSizesProblem(sizes: readonly number[]): string | undefined {
   if (sizes.length < 1 || sizes.length > GUEST_MAX_REGIONS) return `a guest has 1 to ${GUEST_MAX_REGIONS} memory regions, not ${sizes.length}`;

@@ -98,7 +98,9 @@ struct gw_token_table {
 	uint8_t len[256];
 };
 
-static struct gw_token_table gw_tokens;
+/* Defined once, in guest-memory.c: a static table here would give every file that includes
+ * this header a copy of its own, and all but the one gw_tokens_init filled would be zeros. */
+extern struct gw_token_table gw_tokens;
 
 #define GW_T(s, m) { s, sizeof(s) - 1, m }
 static const struct {
