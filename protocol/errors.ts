@@ -51,6 +51,10 @@ export const ErrorCode = {
   FLOW_CONTROL: 'GANGWAY_ERR_FLOW_CONTROL',
   /** A peer hit one of the agent's peers.* limits (sessions, migrations, groups, requests). */
   LIMIT: 'GANGWAY_ERR_LIMIT',
+  /** QEMU answered a QMP command with an error; the error keeps QMP's class and desc. */
+  QMP_COMMAND: 'GANGWAY_ERR_QMP_COMMAND',
+  /** A QMP connection to QEMU could not be made, was lost, or carried something that is not QMP. */
+  QMP_CONNECTION: 'GANGWAY_ERR_QMP_CONNECTION',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
