@@ -1,0 +1,102 @@
+// A QEMU VM's definition as gangway runs it, and the QEMU argument vector built from it.
+//
+// A definition comes from an operator (CLI, control API) or from a peer's offer, and is
+// checked the same way on every way in: machine types and accelerators from allowlists,
+// bounded counts and sizes, a kernel named as a file of the configured images directory
+// (never a path), a kernel command line in a conservative alphabet. The argument vector is
+// then built here field by field and handed to QEMU without a shell: nothing a peer sends
+// becomes a command line, a path or an option string as it came.
+import { isAbsolute, join } from 'node:path';
+import { z } from 'zod';
+import { GUEST_NAME_PATTERN } from './registry.js';
+
+export const VM_MACHINES = ['q35'] as const;
+export const VM_ACCELS = ['tcg', 'kvm'] as const;
+export const MAX_VM_CPUS = 16;
+/** Memory regions of a VM: NUMA nodes, a memory-backend-file each. */
+export const MAX_VM_REGIONS = 8;
+/** Region sizes are whole MiB (QEMU's -m and NUMA node sizes), at least this much for region 0 (the test kernel works from 16 MiB up). */
+export const VM_REGION_ALIGN_BYTES = 1024 * 1024;
+export const MIN_VM_FIRST_REGION_BYTES = 32 * 1024 * 1024;
+export const MAX_VM_MEMORY_BYTES = 1024 ** 4;
+const KERNEL_FILE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** Printable, no quotes, no shell or QEMU option metacharacters: key=value words as a kernel reads them. */
+const APPEND = /^[A-Za-z0-9 ._:=+/-]*$/;
+export const MAX_APPEND_LENGTH = 1024;
+
+/** What a VM is, apart from its memory (its regions travel as the offer's regions). */
+export const VmDefinitionSchema = z.strictObject({
+  machine: z.enum(VM_MACHINES, { error: `must be one of: ${VM_MACHINES.join(', ')}` }),
+  cpus: z.number().int().min(1).max(MAX_VM_CPUS, `at most ${MAX_VM_CPUS}`),
+  accel: z.enum(VM_ACCELS, { error: `must be one of: ${VM_ACCELS.join(', ')}` }),
+  kernel: z.string().regex(KERNEL_FILE, "a file name in the images directory: letters, digits, '.', '_', '-', no '/'").refine((name) => name !== '.' && name !== '..', 'not . or ..'),
+  append: z.string().max(MAX_APPEND_LENGTH, `at most ${MAX_APPEND_LENGTH} characters`).regex(APPEND, "letters, digits, spaces and . _ : = + / - only (no quotes, commas or shell characters)"),
+});
+export type VmDefinition = z.infer<typeof VmDefinitionSchema>;
+
+/** Why these region sizes cannot be a VM's memory, or undefined. */
+export function vmRegionsProblem(regionBytes: readonly number[]): string | undefined {
+  if (regionBytes.length < 1 || regionBytes.length > MAX_VM_REGIONS) return `a VM has 1 to ${MAX_VM_REGIONS} memory regions, not ${regionBytes.length}`;
+  const odd = regionBytes.find((size) => !Number.isSafeInteger(size) || size <= 0 || size % VM_REGION_ALIGN_BYTES !== 0);
+  if (odd !== undefined) return `a region of ${odd} bytes: VM memory regions are whole MiB`;
+  if (regionBytes[0]! < MIN_VM_FIRST_REGION_BYTES) return `the first region has ${regionBytes[0]} bytes; a VM needs at least ${MIN_VM_FIRST_REGION_BYTES / 2 ** 20} MiB there`;
+  const total = regionBytes.reduce((sum, size) => sum + size, 0);
+  if (total > MAX_VM_MEMORY_BYTES) return `${total} bytes of memory in all, more than ${MAX_VM_MEMORY_BYTES}`;
+  return undefined;
+}
+
+/** A definition as the offer's config carries it (flat strings and numbers), checked. */
+export function parseVmDefinition(config: Record<string, unknown>): { definition: VmDefinition } | { problem: string } {
+  const result = VmDefinitionSchema.safeParse(config);
+  if (result.success) return { definition: result.data };
+  return { problem: result.error.issues.map((issue) => `${issue.path.join('.') || 'definition'}: ${issue.message}`).join('; ') };
+}
+
+/** Where a VM's files are, all chosen by this agent. */
+export interface VmFiles {
+  memoryPaths: string[];
+  qmpSocket: string;
+  serialLog: string;
+}
+
+/**
+ * A path this agent chose, as QEMU will read it inside an option string. QEMU splits some of
+ * those at ',' (and escapes by doubling) and not others (-serial file:...), so a path with a
+ * comma is refused rather than escaped one way or the other.
+ */
+function qemuPath(path: string, what: string): string {
+  if (!isAbsolute(path) || /[,\n\0]/.test(path)) throw new RangeError(`${what} ${JSON.stringify(path)} must be an absolute path without ',' (QEMU reads it inside an option list)`);
+  return path;
+}
+
+/**
+ * The argument vector for qemu-system-x86_64. `incoming`: a destination's QEMU, started
+ * ahead of the switchover, that takes its device state later (migrate-incoming) and runs only
+ * on `cont` (-S). `imagesDir` is where kernels are; the kernel is joined to it by name.
+ */
+export function qemuArgs(name: string, definition: VmDefinition, regionBytes: readonly number[], files: VmFiles, imagesDir: string, incoming: boolean): string[] {
+  const problem = vmRegionsProblem(regionBytes);
+  if (problem) throw new RangeError(problem);
+  if (regionBytes.length !== files.memoryPaths.length) throw new RangeError(`${regionBytes.length} regions, ${files.memoryPaths.length} memory files`);
+  // Everything is checked again here: this function is the last step before exec.
+  if (!GUEST_NAME_PATTERN.test(name)) throw new RangeError(`guest name ${JSON.stringify(name)} is not allowed`);
+  const vm = VmDefinitionSchema.parse(definition);
+  const total = regionBytes.reduce((sum, size) => sum + size, 0);
+  const args = ['-name', `guest=${name}`, '-accel', vm.accel, '-nodefaults', '-no-user-config', '-display', 'none', '-smp', String(vm.cpus), '-m', `${total / 2 ** 20}M`];
+  regionBytes.forEach((bytes, i) => {
+    args.push('-object', `memory-backend-file,id=mem${i},size=${bytes / 2 ** 20}M,mem-path=${qemuPath(files.memoryPaths[i]!, 'memory file')},share=on`);
+  });
+  if (regionBytes.length === 1) args.push('-machine', `${vm.machine},memory-backend=mem0`);
+  else {
+    args.push('-machine', vm.machine);
+    regionBytes.forEach((_, i) => args.push('-numa', `node,nodeid=${i},memdev=mem${i}`));
+  }
+  args.push(
+    '-serial', `file:${qemuPath(files.serialLog, 'serial log')}`,
+    '-qmp', `unix:${qemuPath(files.qmpSocket, 'QMP socket')},server=on,wait=off`,
+    '-kernel', qemuPath(join(qemuPath(imagesDir, 'images directory'), vm.kernel), 'kernel'),
+    '-append', vm.append,
+  );
+  if (incoming) args.push('-S', '-incoming', 'defer');
+  return args;
+}
