@@ -30,6 +30,9 @@
 #include "params.h"
 #include "status.h"
 
+/* The content generator's token table: declared extern in guest-content.h, defined once per program. */
+struct gw_token_table gw_tokens;
+
 /* TypeScript reads these offsets (agent/guest/testvm-status.ts); they must never move. */
 _Static_assert(offsetof(struct testvm_status, layout_version) == 8, "layout_version");
 _Static_assert(offsetof(struct testvm_status, state) == 12, "state");
