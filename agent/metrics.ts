@@ -49,6 +49,12 @@ export class AgentMetrics {
     buckets: [0.001, 0.0025, ...DURATION_BUCKETS],
     registers: [this.registry],
   });
+  readonly downtimeOverBudget = new Counter({
+    name: 'gangway_migration_downtime_over_budget_total',
+    help: 'Committed migrations whose downtime went over their budget (--downtime-ms), by technique',
+    labelNames: ['technique'] as const,
+    registers: [this.registry],
+  });
   readonly postcopyDuration = new Histogram({
     name: 'gangway_postcopy_duration_seconds',
     help: 'Post-copy phase of committed migrations: destination resume to the last missing page',

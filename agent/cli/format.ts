@@ -20,7 +20,8 @@ export function summaryText(s: MigrationSummary): string {
   const rounds = s.rounds.map((r) => `${r.final ? 'final ' : ''}${r.pages}`).join(', ');
   return [
     `migrated ${s.guest} to ${s.to} in ${formatMs(s.totalMs)}: memory digests match (${s.digests.join(', ')})${s.forced ? ' [forced stop at a limit]' : ''}`,
-    `  downtime     ${formatMs(s.downtimeMs)} (pause ${formatMs(d.pauseMs)}, final round ${formatMs(d.finalRoundMs)}, verify ${formatMs(d.verifyMs)}, commit ${formatMs(d.commitMs)}, rtt ${formatMs(d.rttMs)})`,
+    `  downtime     ${formatMs(s.downtimeMs)} (pause ${formatMs(d.pauseMs)}, final round ${formatMs(d.finalRoundMs)}, verify ${formatMs(d.verifyMs)}, commit ${formatMs(d.commitMs)}, rtt ${formatMs(d.rttMs)}); ` +
+      `budget ${formatMs(s.downtimeBudgetMs)} ${s.downtimeBudgetMet ? 'met' : 'EXCEEDED'}`,
     ...(s.rounds.length > 0 ? [`  rounds       ${s.rounds.length} (pages per round: ${rounds})`] : [`  rounds       none: post-copy from the start`]),
     `  wire         ${formatBytes(s.wireBytes)} for ${formatBytes(s.memoryBytes)} of memory; ${s.zeroPages} zero pages sent as runs; data compressed to ${(s.compressionRatio * 100).toFixed(1)}%`,
     s.linkRateBytesPerSec > 0

@@ -349,6 +349,7 @@ export class OutboundMigrations {
       summary.from = this.context.listenAddress();
       this.context.metrics.migrations.inc({ direction: 'out', outcome: 'committed', technique: summary.technique });
       this.context.metrics.downtime.observe({ technique: summary.technique }, summary.downtimeMs / 1000);
+      if (!summary.downtimeBudgetMet) this.context.metrics.downtimeOverBudget.inc({ technique: summary.technique });
       this.context.metrics.totalTime.observe(summary.totalMs / 1000);
       this.context.metrics.linkRate.set({ peer: request.to }, summary.linkRateBytesPerSec);
       this.context.registry.remove(guest.name);

@@ -111,6 +111,9 @@ export interface MigrationSummary {
   digests: string[];
   forced: boolean;
   downtimeMs: number;
+  /** The budget this migration was given (--downtime-ms), and whether the downtime stayed within it. */
+  downtimeBudgetMs: number;
+  downtimeBudgetMet: boolean;
   /** Downtime's parts; deviceStateMs is within finalRoundMs (taking the guest's device state and sending it). */
   downtime: { pauseMs: number; finalRoundMs: number; deviceStateMs: number; verifyMs: number; commitMs: number; resumeToSendMs: number; rttMs: number };
   /** The guest's device state that travelled (0 for a guest without). */

@@ -247,6 +247,14 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     return error;
   }
 
+  private budget(downtimeMs: number): { downtimeBudgetMs: number; downtimeBudgetMet: boolean } {
+    const budget = budgetOf(downtimeMs, this.options.downtimeBudgetMs);
+    if (!budget.downtimeBudgetMet) {
+      this.log.warn({ downtimeMs: Math.round(downtimeMs * 10) / 10, budgetMs: budget.downtimeBudgetMs }, 'the downtime went over its budget');
+    }
+    return budget;
+  }
+
   /** Pages the destination asks for again (a resident ref whose content had changed): they join the next round. */
   private onWant(frame: Parameters<NonNullable<SourceLink['handlers']['want']>>[0]): void {
     const lane = laneOf(this.lanes, frame.region, 'want');
@@ -321,7 +329,13 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const trackerKind = lanes[0]!.tracker.kind;
 
     /** The fields every summary shares. */
-    const baseSummary = (digests: Uint8Array[], totalMs: number, wireBytes: number, forced: boolean, repairedPages: number): Omit<MigrationSummary, 'downtime' | 'deviceStateBytes' | 'downtimeMs'> => {
+    const baseSummary = (
+      digests: Uint8Array[],
+      totalMs: number,
+      wireBytes: number,
+      forced: boolean,
+      repairedPages: number,
+    ): Omit<MigrationSummary, 'downtime' | 'deviceStateBytes' | 'downtimeMs' | 'downtimeBudgetMs' | 'downtimeBudgetMet'> => {
       const totals = sender.totals;
       return {
         migrationId: options.migrationId,
@@ -361,6 +375,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       const result = await postcopySwitchover(run, sender, round, pending, reason, this.gate);
       return {
         ...baseSummary(result.digests, result.doneAt - started, result.wireBytes, false, 0),
+        ...this.budget(result.downtimeMs),
         downtimeMs: result.downtimeMs,
         downtime: result.downtime,
         deviceStateBytes: result.deviceStateBytes,
@@ -374,6 +389,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const result = await stopAndCopy(run, sender, outcome.round, outcome.runs, this.gate);
     const summary: MigrationSummary = {
       ...baseSummary(result.digests, result.committedAt - started, sender.totals.wireBytes, outcome.forced, result.repairedPages),
+      ...this.budget(result.downtimeMs),
       downtimeMs: result.downtimeMs,
       downtime: result.downtime,
       deviceStateBytes: result.deviceStateBytes,
@@ -381,6 +397,11 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     this.log.info({ downtimeMs: Math.round(summary.downtimeMs), totalMs: Math.round(summary.totalMs), rounds: sender.rounds.length, wireBytes: summary.wireBytes }, 'migration committed');
     return summary;
   }
+}
+
+/** Whether `downtimeMs` kept to the budget; over it is said in the log (and the summary, and the metrics). */
+function budgetOf(downtimeMs: number, budgetMs: number): { downtimeBudgetMs: number; downtimeBudgetMet: boolean } {
+  return { downtimeBudgetMs: budgetMs, downtimeBudgetMet: downtimeMs <= budgetMs };
 }
 
 function chooserRates(chooser: CodecChooser): { lz4?: number; raw?: number } {

@@ -7,6 +7,7 @@ import { ErrorCode } from '../../protocol/errors.js';
 import { DroppingTracker } from '../../agent/migration/faults.js';
 import type { Clock } from '../../agent/migration/flow.js';
 import { SourceMigration, type SourceOptions } from '../../agent/migration/source.js';
+import { summaryText } from '../../agent/cli/format.js';
 import { MemoryDestination, MemoryGuest } from '../helpers/memory-migration.js';
 
 const log = pino({ level: 'silent' });
@@ -88,6 +89,9 @@ describe('source engine through the in-memory destination', () => {
     expect(summary.digests).toHaveLength(2);
     expect(summary.memoryBytes).toBe(96 * PAGE);
     expect(summary.forced).toBe(true);
+    // A budget of 1 ms cannot be met: the summary says so (and the log warns).
+    expect(summary).toMatchObject({ downtimeBudgetMs: 1, downtimeBudgetMet: false });
+    expect(summaryText(summary)).toMatch(/downtime .*; budget \S+ ms EXCEEDED\n/);
     expect(summary.rounds.map((r) => r.final)).toEqual([false, false, false, true]);
     expect(summary.rounds[0]!.pages).toBe(96);
     expect(summary.rounds[0]!.zeroPages).toBe(22 + 11); // pages 0, 3, 6, ... of each region
@@ -113,6 +117,8 @@ describe('source engine through the in-memory destination', () => {
     expect(summary.rounds).toHaveLength(2);
     expect(summary.rounds[0]!.decision).toMatch(/final round fits the budget/);
     expect(summary.forced).toBe(false);
+    expect(summary).toMatchObject({ downtimeBudgetMs: 600_000, downtimeBudgetMet: true });
+    expect(summaryText(summary)).toMatch(/; budget \S+ (ms|s) met\n/);
     expectSameMemory(guest, destination);
   });
 

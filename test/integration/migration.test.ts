@@ -41,6 +41,9 @@ describe.skipIf(!builtAgent)('live migration between two agents', () => {
     expect(summary.rounds[0].pages).toBe((128 * MiB) / 4096);
     expect(summary.downtimeMs, context).toBeGreaterThan(0);
     expect(summary.downtimeMs, context).toBeLessThan(2_000);
+    // The budget (the default 300 ms) and whether it held, as measured.
+    expect(summary.downtimeBudgetMs).toBe(300);
+    expect(summary.downtimeBudgetMet).toBe(summary.downtimeMs <= 300);
     expect(summary.tracker).toBe('uffd-wp');
 
     // The source gave the guest up: no process, no registry entry, no memory file.
