@@ -32,6 +32,7 @@ import { loadTlsMaterial, type PeerTransport, type TlsMaterial } from './peer/tl
 import type { MigrationPlan } from './planner/plan-for.js';
 import type { Priority } from './planner/planner.js';
 import { TrafficService } from './traffic/service.js';
+import { GANGWAY_VERSION, PROTOCOL_VERSION } from './version.js';
 
 /**
  * What this agent offers in its hello; a feature is used when both sides list it. 'postcopy'
@@ -270,10 +271,17 @@ export class Agent {
     return this.guests.guestStatus();
   }
 
+  /** Whether the agent takes migrations: started and not shutting down (the metrics listener's /readyz). */
+  get ready(): boolean {
+    return this.listenAddress !== '' && !this.shuttingDown;
+  }
+
   status() {
     return {
       agent: {
         id: this.id,
+        version: GANGWAY_VERSION,
+        protocolVersion: PROTOCOL_VERSION,
         listen: this.listenAddress,
         stateDir: this.config.stateDir,
         memoryDir: this.config.memoryDir,

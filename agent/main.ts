@@ -22,6 +22,7 @@ import type { MigrationPlan } from './planner/plan-for.js';
 import { runDemo } from './cli/demo.js';
 import { checkDays, DEFAULT_CA_DAYS, DEFAULT_HOST_DAYS, initCa, issueHostCert, type CertResult } from './cli/certs.js';
 import { parseBytes, parseBytesList, parseDurationMs, parseRate, QuantityError } from './units.js';
+import { VERSION_TEXT } from './version.js';
 import { regionSizesProblem } from './guest/process-guest.js';
 
 const DEFAULT_STATE_DIR = CONFIG_DEFAULTS.stateDir;
@@ -94,6 +95,7 @@ function fail(err: unknown, json: boolean): never {
 
 const program = new Command('gangway')
   .description('Live migration of guests between hosts: one agent per host, pages streamed peer to peer.')
+  .version(VERSION_TEXT, '-V, --version', 'print the version (and the peer protocol it speaks)')
   .showHelpAfterError('(run with --help for usage)')
   .configureOutput({ outputError: (text, write) => write(`gangway: ${text.replace(/^error: /, '')}`) });
 
@@ -196,7 +198,7 @@ program
     if (settings.metricsListen) {
       const { host, port } = parseListen(settings.metricsListen);
       try {
-        const server = await agent.metrics.serve(host, port);
+        const server = await agent.metrics.serve(host, port, () => agent.ready);
         const address = server.address();
         agent.metricsAddress = `${host}:${typeof address === 'object' && address ? address.port : port}`;
         log.info({ metrics: `http://${agent.metricsAddress}/metrics` }, 'metrics served');

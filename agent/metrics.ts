@@ -3,6 +3,7 @@
 import { createServer, type Server } from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { RoundCounters } from './migration/page-sender.js';
+import { GANGWAY_VERSION, PROTOCOL_VERSION } from './version.js';
 
 const DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
 
@@ -166,8 +167,17 @@ export class AgentMetrics {
     registers: [this.registry],
   });
 
+  readonly buildInfo = new Gauge({
+    name: 'gangway_build_info',
+    help: 'Always 1: the version of this agent, the peer protocol it speaks and the Node.js it runs on, as labels',
+    labelNames: ['version', 'protocol', 'node'] as const,
+    registers: [this.registry],
+  });
+
   constructor() {
-    collectDefaultMetrics({ register: this.registry, prefix: 'gangway_process_' });
+    // prom-client's names already start with process_ and nodejs_: the prefix is ours alone.
+    collectDefaultMetrics({ register: this.registry, prefix: 'gangway_' });
+    this.buildInfo.set({ version: GANGWAY_VERSION, protocol: String(PROTOCOL_VERSION), node: process.version }, 1);
   }
 
   /** Batches handed to the link: the difference between two cumulative round counters. */
@@ -186,10 +196,23 @@ export class AgentMetrics {
     this.dedupSavedBytes.inc((after.refPages + after.unchangedPages - before.refPages - before.unchangedPages) * pageSizeBytes);
   }
 
-  serve(host: string, port: number): Promise<Server> {
+  /**
+   * Serves /metrics, and for probes /healthz (the process answers) and /readyz (`ready()`:
+   * the agent takes migrations; 503 while it starts or shuts down).
+   */
+  serve(host: string, port: number, ready: () => boolean = () => true): Promise<Server> {
     const server = createServer((req, res) => {
+      if (req.url === '/healthz') {
+        res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
+        return;
+      }
+      if (req.url === '/readyz') {
+        const isReady = ready();
+        res.writeHead(isReady ? 200 : 503, { 'content-type': 'text/plain' }).end(isReady ? 'ready\n' : 'not ready: starting or shutting down\n');
+        return;
+      }
       if (req.url !== '/metrics') {
-        res.writeHead(404).end('metrics are at /metrics\n');
+        res.writeHead(404).end('metrics are at /metrics (probes: /healthz, /readyz)\n');
         return;
       }
       this.registry.metrics().then(

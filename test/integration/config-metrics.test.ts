@@ -1,7 +1,7 @@
 // Operator-facing configuration and observability: each kind of config mistake gets its own
 // clear error; file < environment < flags; /metrics moves during a migration and parses as
 // the Prometheus text format.
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
@@ -189,5 +189,23 @@ describe.skipIf(!builtAgent)('Prometheus metrics', () => {
     expect(hits).toEqual([summaryHits.intra, summaryHits.crossRound, summaryHits.crossGuest, summaryHits.resident]);
     expect(done.get('gangway_dedup_saved_bytes_total') ?? 0).toBe(summary.dedup.savedBytes);
     expect(done.get('gangway_dedup_index_locations')).toBe(0);
+  });
+  it('say which build this is (--version, status, gangway_build_info) and answer probes on /healthz and /readyz', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a', ['--metrics-listen', '127.0.0.1:0']);
+    const { agent } = await a.status();
+    const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+    expect(agent).toMatchObject({ version: pkg.version, protocolVersion: 2 });
+    const cli = await cluster.cli(a, ['--version']);
+    expect(cli.exitCode).toBe(0);
+    expect(cli.stdout.trim()).toBe(`${pkg.version} (protocol 2, node ${process.version})`);
+    const get = (path: string) => fetch(`http://${agent.metrics}${path}`);
+    expect([(await get('/healthz')).status, (await get('/readyz')).status]).toEqual([200, 200]);
+    expect((await get('/nope')).status).toBe(404);
+    const text = await (await get('/metrics')).text();
+    const metrics = parseExposition(text);
+    expect(metrics.get(`gangway_build_info{version="${pkg.version}",protocol="2",node="${process.version}"}`)).toBe(1);
+    expect(text).toContain('gangway_process_cpu_seconds_total');
+    expect(text).not.toContain('gangway_process_process_');
   });
 });
