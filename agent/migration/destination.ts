@@ -11,13 +11,11 @@ import { Frame, validatePages, type FrameOf } from '../../protocol/index.js';
 import { initialMigrationState, transition, type MigrationEvent, type MigrationState } from '../../protocol/migration-state.js';
 import type { GuestLauncher, StandbyGuest } from '../guest/adapter.js';
 import { LAUNCHERS } from '../guest/kinds.js';
-import type { GuestRecord, GuestRegistry } from '../guest/registry.js';
-import { loadNative, type RegionHandle } from '../native.js';
+import type { GuestRecord } from '../guest/registry.js';
+import { loadNative } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
 import { creditCost } from './page-sender.js';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
-import type { Slots } from './flow.js';
-import type { AgentMetrics } from '../metrics.js';
 import type { DestinationGroup } from '../dedup/dest-group.js';
 import { ENTRY_DATA, ENTRY_REF } from '../native.js';
 import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MAX_WANT_RUNS, MIGRATION_SECRET_BYTES, REF_WORDS } from '../../protocol/limits.js';
@@ -25,6 +23,9 @@ import { PostcopyReceiver, type PostcopyStats } from './postcopy-destination.js'
 import { LatencySamples, sendMissing } from './postcopy.js';
 import { PageSet, runsPageCount as runsPageCountOf } from '../tracker/page-set.js';
 import { faultCrash } from './faults.js';
+import { withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
+
+export type { DestinationContext, IncomingResult } from './destination-types.js';
 
 /** A presented migration secret against the one handed out, in constant time. */
 export function secretsMatch(presented: Uint8Array, expected: Uint8Array): boolean {
@@ -33,57 +34,6 @@ export function secretsMatch(presented: Uint8Array, expected: Uint8Array): boole
 
 /** Repairs of a digest mismatch this side allows before it gives the migration up. */
 const MAX_REPAIRS = 2;
-
-export interface DestinationContext {
-  registry: GuestRegistry;
-  memoryDir: string;
-  creditBytes: number;
-  maxPayloadBytes: number;
-  log: Logger;
-  /** Is the agent taking new migrations? */
-  accepting: () => boolean;
-  metrics?: AgentMetrics;
-  /** The session's open dedup groups, by id. */
-  groups: Map<string, DestinationGroup>;
-  /** Post-copy: how long to wait for the source to come back after the session broke. */
-  reattachWindowMs?: number;
-  /**
-   * memoryDir space promised to migrations already accepted that have not taken it yet (a
-   * post-copy's sparse file fills as pages come), and the space always kept free: an offer is
-   * accepted only when what is free covers both and the new guest.
-   */
-  space: { reservedBytes: number; headroomBytes: number };
-  /** The session's LZ4 decompressions under way at once (shared by its migrations). */
-  decompressions: Slots;
-  /** The largest device state this agent takes (peers.maxDeviceState). */
-  maxDeviceStateBytes: number;
-  /** A peer broke a limit (credit): for the agent's log and metrics. */
-  onLimit?: (limit: 'credit' | 'space' | 'device-state') => void;
-}
-
-export interface IncomingResult {
-  migrationId: string;
-  guest: string;
-  from: string;
-  /**
-   * committed: the guest runs here, complete. aborted: it never ran here (the source kept
-   * it). stranded: post-copy, the guest started here but some of its pages never came (it
-   * waits on them, paused), or its memory failed the check against the source's.
-   */
-  outcome: 'committed' | 'aborted' | 'stranded';
-  reason?: string;
-  pages: number;
-  rounds: number;
-  technique: 'precopy' | 'postcopy' | 'hybrid';
-}
-
-interface IncomingRegion {
-  fd: number;
-  handle: RegionHandle;
-  pageCount: number;
-  pageSizeBytes: number;
-  lengthBytes: number;
-}
 
 export class DestinationMigration implements FrameHandler {
   private state: MigrationState = initialMigrationState();
@@ -937,20 +887,6 @@ export class DestinationMigration implements FrameHandler {
     this.files.memoryPaths.forEach((_, i) => rmSync(i === 0 ? this.files.trackReportPath : `${this.files.trackReportPath}.${i}`, { force: true }));
     if (this.files.deviceStatePath) rmSync(this.files.deviceStatePath, { force: true });
     this.ctx.registry.release(this.offer.guest.name);
-  }
-}
-
-async function withTimeout<T>(promise: Promise<T>, timeoutMs: number, message: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new GangwayError(ErrorCode.TIMEOUT, `${message} within ${timeoutMs} ms`)), timeoutMs);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
   }
 }
 
