@@ -23,6 +23,7 @@ import { PostcopyReceiver, type PostcopyStats } from './postcopy-destination.js'
 import { LatencySamples, sendMissing } from './postcopy.js';
 import { PageSet, runsPageCount as runsPageCountOf } from '../tracker/page-set.js';
 import { faultCrash } from './faults.js';
+import { IncomingDeviceState } from './incoming-device-state.js';
 import { withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
 
 export type { DestinationContext, IncomingResult } from './destination-types.js';
@@ -69,8 +70,7 @@ export class DestinationMigration implements FrameHandler {
   verdict: FrameOf<'verified'> | undefined;
   /** Handed to the source in the accept: a reattach must present it (the daemon keeps it with a post-copy's verdict). */
   readonly secret = randomBytes(MIGRATION_SECRET_BYTES);
-  /** The guest's device state as its chunks arrive. */
-  private deviceState: { bytes: Buffer; receivedBytes: number } | undefined;
+  private readonly deviceState: IncomingDeviceState;
   /** Credit the source holds of this session's grant: pages beyond it break the protocol. */
   private creditLeft: number;
   readonly done: Promise<IncomingResult>;
@@ -86,6 +86,7 @@ export class DestinationMigration implements FrameHandler {
     this.sourceAgentId = session.peer?.agentId ?? 'unknown';
     this.creditLeft = ctx.creditBytes;
     this.files = ctx.registry.filesFor(offer.guest.name, ctx.memoryDir, randomBytes(4).toString('hex'), offer.guest.regions.length);
+    this.deviceState = new IncomingDeviceState(launcher, this.files, ctx.maxDeviceStateBytes, () => ctx.onLimit?.('device-state'));
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
   }
 
@@ -291,9 +292,11 @@ export class DestinationMigration implements FrameHandler {
         return;
       case 'pause':
         return;
-      case 'deviceState':
-        this.receiveDeviceState(frame);
+      case 'deviceState': {
+        const refusal = this.deviceState.receive(frame);
+        if (refusal) this.refuse(refusal.code, refusal.message);
         return;
+      }
       case 'postcopy': {
         const postcopy = frame;
         const region = this.regions[postcopy.region];
@@ -310,14 +313,14 @@ export class DestinationMigration implements FrameHandler {
           this.missingIn[postcopy.region]!.addRange(first, count);
         }
         if (!postcopy.more) {
-          this.checkDeviceStateComplete();
+          this.deviceState.checkComplete();
           this.enqueue(() => this.startPostcopy());
         }
         return;
       }
       case 'verify': {
         const verify = frame;
-        if (!this.postcopy) this.checkDeviceStateComplete();
+        if (!this.postcopy) this.deviceState.checkComplete();
         if (this.postcopy) {
           this.finishing ??= this.finishPostcopy(verify.digests);
           return;
@@ -463,48 +466,6 @@ export class DestinationMigration implements FrameHandler {
     this.session.send(Frame.credit({ migrationId: this.offer.migrationId, bytes: cost }));
   }
 
-  /**
-   * A chunk of the guest's device state. Its total is checked against this agent's limit
-   * (and the kind's taking any) before anything is allocated; a state over it refuses the
-   * migration, not the session, and the source's guest runs on there.
-   */
-  private receiveDeviceState(frame: FrameOf<'deviceState'>): void {
-    const maxBytes = this.ctx.maxDeviceStateBytes;
-    if (!this.deviceState) {
-      if (frame.totalBytes > maxBytes) {
-        this.ctx.onLimit?.('device-state');
-        return this.refuse(ErrorCode.LIMIT, `the guest's device state of ${frame.totalBytes} bytes is over this agent's maximum of ${maxBytes} (peers.maxDeviceState)`);
-      }
-      if (!this.launcher.loadDeviceState) {
-        return this.refuse(ErrorCode.BAD_REQUEST, `a ${this.launcher.kind} guest has no device state, but ${frame.totalBytes} bytes of it came`);
-      }
-      if (frame.offsetBytes !== 0) throw new ProtocolError(ErrorCode.PROTOCOL, `deviceState: the first chunk starts at ${frame.offsetBytes}, not 0`);
-      this.deviceState = { bytes: Buffer.allocUnsafe(frame.totalBytes), receivedBytes: 0 };
-    }
-    const into = this.deviceState;
-    if (frame.totalBytes !== into.bytes.length || frame.offsetBytes !== into.receivedBytes) {
-      throw new ProtocolError(
-        ErrorCode.PROTOCOL,
-        `deviceState: a chunk at ${frame.offsetBytes} of ${frame.totalBytes} bytes after ${into.receivedBytes} of ${into.bytes.length} (chunks come in order, with one total)`,
-      );
-    }
-    into.bytes.set(frame.state, frame.offsetBytes);
-    into.receivedBytes += frame.state.length;
-  }
-
-  /** The switchover may start only with the whole device state here (when there is one). */
-  private checkDeviceStateComplete(): void {
-    const into = this.deviceState;
-    if (into && into.receivedBytes !== into.bytes.length) {
-      throw new ProtocolError(ErrorCode.PROTOCOL, `the switchover started with ${into.receivedBytes} of the guest's ${into.bytes.length} bytes of device state`);
-    }
-  }
-
-  /** The device state goes to the standby guest before it may run. */
-  private async loadDeviceState(standby: StandbyGuest): Promise<void> {
-    if (this.deviceState) await this.launcher.loadDeviceState!(standby, this.files, this.deviceState.bytes);
-  }
-
   /** Ends this migration before its guest ran here, telling the source why (its guest runs on there). */
   private refuse(code: ErrorCode, message: string): void {
     this.log.warn({ code, reason: message }, 'incoming migration refused');
@@ -576,7 +537,7 @@ export class DestinationMigration implements FrameHandler {
       this.ctx.registry.add(this.guestRecord(standby.pid, { migrationId: this.offer.migrationId, missingPages: missing.reduce((sum, runs) => sum + runsPageCountOf(runs), 0) }));
       journaled = true;
       t.journaled = performance.now();
-      await this.loadDeviceState(standby);
+      await this.deviceState.load(standby);
       standby.go();
       // The guest's shim sends a userfaultfd for each region as it maps it.
       for (let received = 0; received < receivers.length; received++) {
@@ -692,7 +653,7 @@ export class DestinationMigration implements FrameHandler {
       this.ctx.registry.add(this.guestRecord(standby.pid));
       journaled = true;
       t.journaled = performance.now();
-      await this.loadDeviceState(standby);
+      await this.deviceState.load(standby);
       standby.go();
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
       t.running = runningAt;
