@@ -19,11 +19,9 @@ import { randomBytes, timingSafeEqual } from 'node:crypto';
 import type { DestinationGroup } from '../dedup/dest-group.js';
 import { ENTRY_DATA, ENTRY_REF } from '../native.js';
 import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MAX_WANT_RUNS, MIGRATION_SECRET_BYTES, REF_WORDS } from '../../protocol/limits.js';
-import { PostcopyReceiver, type PostcopyStats } from './postcopy-destination.js';
-import { LatencySamples, sendMissing } from './postcopy.js';
-import { PageSet, runsPageCount as runsPageCountOf } from '../tracker/page-set.js';
 import { faultCrash } from './faults.js';
 import { IncomingDeviceState } from './incoming-device-state.js';
+import { DestinationPostcopy } from './destination-postcopy.js';
 import { withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
 
 export type { DestinationContext, IncomingResult } from './destination-types.js';
@@ -50,24 +48,10 @@ export class DestinationMigration implements FrameHandler {
   private group: DestinationGroup | undefined;
   private mismatchScratch = new Uint32Array(0);
   private repairs = 0;
-  /** Post-copy: the agent's end of the socket the guest sends its userfaultfd over. */
-  private uffdSocket = -1;
-  /** Post-copy: the pages of each region the source says are missing here, as its postcopy frames bring them. */
-  private missingIn: PageSet[] | undefined;
-  /** Post-copy: a receiver per region, once the guest started here. */
-  private postcopy: PostcopyReceiver[] | undefined;
-  /** Resolves once the guest's userfaultfd is attached: post-copy pages wait for it. */
-  private postcopyAttached: Promise<void> | undefined;
-  private guestStartedHere = false;
-  private postcopyStartedAt = 0;
-  /** Post-copy, session broken: waiting for the source to reattach (the guest waits on its faults). */
-  private detachedTimer: NodeJS.Timeout | undefined;
+  /** Post-copy at this side, for a post-copy or hybrid migration. */
+  private readonly postcopy: DestinationPostcopy | undefined;
   /** The source agent (a reattaching session must come from it). */
   private readonly sourceAgentId: string;
-  /** Post-copy's end, once a verify came (a second verify after a reattach joins it). */
-  private finishing: Promise<void> | undefined;
-  /** The post-copy verdict, once sent (a source that reconnects may ask for it again). */
-  verdict: FrameOf<'verified'> | undefined;
   /** Handed to the source in the accept: a reattach must present it (the daemon keeps it with a post-copy's verdict). */
   readonly secret = randomBytes(MIGRATION_SECRET_BYTES);
   private readonly deviceState: IncomingDeviceState;
@@ -87,6 +71,25 @@ export class DestinationMigration implements FrameHandler {
     this.creditLeft = ctx.creditBytes;
     this.files = ctx.registry.filesFor(offer.guest.name, ctx.memoryDir, randomBytes(4).toString('hex'), offer.guest.regions.length);
     this.deviceState = new IncomingDeviceState(launcher, this.files, ctx.maxDeviceStateBytes, () => ctx.onLimit?.('device-state'));
+    this.postcopy =
+      offer.technique === Technique.precopy
+        ? undefined
+        : new DestinationPostcopy({
+            migrationId: offer.migrationId,
+            native: this.native,
+            log,
+            metrics: ctx.metrics,
+            reattachWindowMs: ctx.reattachWindowMs,
+            memoryPaths: this.files.memoryPaths,
+            regions: () => this.regions,
+            session: () => this.session,
+            transition: (event) => (this.state = transition(this.state, event)),
+            finished: () => this.finished,
+            journal: (incoming) => ctx.registry.add(this.guestRecord(this.standby!.pid, incoming)),
+            loadDeviceState: (standby) => this.deviceState.load(standby),
+            finish: (outcome, reason) => this.finish(outcome, reason),
+            startFailed: (err, journaled, message) => this.startFailed(err, journaled, message),
+          });
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
   }
 
@@ -173,7 +176,16 @@ export class DestinationMigration implements FrameHandler {
 
   /** Post-copy: pages still missing here (undefined before the guest started here). */
   get missingPages(): number | undefined {
-    return this.postcopy?.reduce((sum, receiver) => sum + receiver.missingPages, 0);
+    return this.postcopy?.missingPages;
+  }
+
+  /** The post-copy verdict, once sent (a source that reconnects may ask for it again). */
+  get verdict(): FrameOf<'verified'> | undefined {
+    return this.postcopy?.verdict;
+  }
+
+  private get guestStartedHere(): boolean {
+    return this.postcopy?.guestStartedHere ?? false;
   }
 
   private get technique(): 'precopy' | 'postcopy' | 'hybrid' {
@@ -181,7 +193,6 @@ export class DestinationMigration implements FrameHandler {
   }
 
   private prepare(): void {
-    const postcopy = this.offer.technique !== Technique.precopy;
     for (const spec of this.offer.guest.regions) {
       // Pure post-copy: a sparse file, every page a hole (missing) until it arrives.
       const fd = this.native.tmpfileCreate(this.ctx.memoryDir, spec.lengthBytes, this.offer.technique === Technique.postcopy);
@@ -193,12 +204,11 @@ export class DestinationMigration implements FrameHandler {
       this.regions.push({ fd, handle, pageCount: spec.lengthBytes / spec.pageSizeBytes, pageSizeBytes: spec.pageSizeBytes, lengthBytes: spec.lengthBytes });
     }
     // A guest started now and blocked until go() makes the resume one step.
-    if (!postcopy) {
+    if (!this.postcopy) {
       this.standby = this.launcher.standby(this.files, {});
       return;
     }
-    const [agentEnd, guestEnd] = this.native.socketPair();
-    this.uffdSocket = agentEnd;
+    const guestEnd = this.postcopy.guestSocket();
     try {
       this.standby = this.launcher.standby(this.files, { postcopySocketFd: guestEnd });
     } finally {
@@ -248,18 +258,19 @@ export class DestinationMigration implements FrameHandler {
         // are applied in stream order.
         const data: Promise<Uint8Array> = pages.codec === Codec.lz4 ? this.decompress(pages.payload) : Promise.resolve(pages.payload);
         data.catch(() => {});
-        if (this.postcopyAttached) {
+        const postcopy = this.postcopy;
+        if (postcopy?.attached) {
           if (pages.refs) throw new ProtocolError(ErrorCode.BAD_PAGES, 'refs in a post-copy frame');
           const via = this.session;
           // Post-copy: each frame is installed as soon as it is here (a fault's page must not
           // wait behind pushed ones); a page is only ever installed where it is missing.
-          void Promise.all([data, this.postcopyAttached]).then(
+          void Promise.all([data, postcopy.attached]).then(
             ([raw]) => {
-              if (this.finished && !this.postcopy) return;
+              if (this.finished && !postcopy.receiving) return;
               if (raw.length !== pages.rawBytes) {
                 throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload decompressed to ${raw.length} bytes, expected ${pages.rawBytes}`);
               }
-              this.postcopy![pages.region]!.install(pages.entries, raw);
+              postcopy.install(pages.region, pages.entries, raw);
               this.pagesReceived += counts.dataPages + counts.zeroPages;
               // Credits belong to the session the frame came on (a reattached source starts afresh).
               if (via === this.session && via.isOpen) this.giveCredit(cost);
@@ -298,33 +309,25 @@ export class DestinationMigration implements FrameHandler {
         return;
       }
       case 'postcopy': {
-        const postcopy = frame;
-        const region = this.regions[postcopy.region];
-        if (!region || this.offer.technique === Technique.precopy) {
-          throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `postcopy for region ${postcopy.region} of a ${this.technique} migration`);
+        const postcopy = this.postcopy;
+        const region = this.regions[frame.region];
+        if (!region || !postcopy) {
+          throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `postcopy for region ${frame.region} of a ${this.technique} migration`);
         }
-        this.missingIn ??= this.regions.map((r) => new PageSet(r.pageCount));
-        for (let i = 0; i < postcopy.missing.length; i += 2) {
-          const first = postcopy.missing[i]!;
-          const count = postcopy.missing[i + 1]!;
-          if (first + count > region.pageCount) {
-            throw new ProtocolError(ErrorCode.BAD_PAGES, `postcopy.missing: pages ${first}..${first + count - 1} are past region ${postcopy.region}'s ${region.pageCount}`);
-          }
-          this.missingIn[postcopy.region]!.addRange(first, count);
-        }
-        if (!postcopy.more) {
+        postcopy.addMissing(frame, region);
+        if (!frame.more) {
           this.deviceState.checkComplete();
-          this.enqueue(() => this.startPostcopy());
+          this.enqueue(() => postcopy.start(this.standby!));
         }
         return;
       }
       case 'verify': {
         const verify = frame;
-        if (!this.postcopy) this.deviceState.checkComplete();
-        if (this.postcopy) {
-          this.finishing ??= this.finishPostcopy(verify.digests);
+        if (this.postcopy?.receiving) {
+          this.postcopy.verify(verify.digests);
           return;
         }
+        this.deviceState.checkComplete();
         this.enqueue(async () => {
           const digests = await Promise.all(this.regions.map((region) => this.native.regionDigest(region.handle, 'tracked')));
           const match =
@@ -498,128 +501,6 @@ export class DestinationMigration implements FrameHandler {
     else this.queue = this.queue.then(guarded);
   }
 
-  /**
-   * The post-copy switchover: the missing pages become holes, the guest starts on the file
-   * with its mapping registered for missing-page faults, and its userfaultfd comes here.
-   * Once it runs, `committed` tells the source: from then on the guest is this host's, and
-   * the source sends what is missing (faulted pages first).
-   */
-  private async startPostcopy(): Promise<void> {
-    const standby = this.standby!;
-    const missing = this.regions.map((_, i) => this.missingIn?.[i]?.toRuns() ?? new Uint32Array(0));
-    this.missingIn = undefined;
-    let journaled = false;
-    const t: Record<string, number> = { start: performance.now() };
-    const latency = new LatencySamples();
-    const receivers = this.regions.map(
-      (region, index) =>
-        new PostcopyReceiver(
-          region,
-          missing[index]!,
-          (runs) => {
-            if (this.session.isOpen) this.session.send(Frame.fetch({ migrationId: this.offer.migrationId, region: index, runs }));
-          },
-          () => this.guestGone(),
-          this.log,
-          this.ctx.metrics,
-          latency,
-        ),
-    );
-    try {
-      for (const [index, region] of this.regions.entries()) {
-        this.native.punchHoles(region.fd, missing[index]!, region.pageSizeBytes);
-        this.native.tmpfileLink(region.fd, this.files.memoryPaths[index]!);
-      }
-      t.linked = performance.now();
-      let attached!: () => void;
-      this.postcopyAttached = new Promise((resolve) => (attached = resolve));
-      this.postcopyStartedAt = performance.now();
-      this.ctx.registry.add(this.guestRecord(standby.pid, { migrationId: this.offer.migrationId, missingPages: missing.reduce((sum, runs) => sum + runsPageCountOf(runs), 0) }));
-      journaled = true;
-      t.journaled = performance.now();
-      await this.deviceState.load(standby);
-      standby.go();
-      // The guest's shim sends a userfaultfd for each region as it maps it.
-      for (let received = 0; received < receivers.length; received++) {
-        const got = await this.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
-          throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy (${received} of ${receivers.length} regions): ${err.message}`);
-        });
-        const receiver = receivers[got.region];
-        const region = this.regions[got.region];
-        if (!receiver || !region || receiver.attached || got.length !== region.lengthBytes) {
-          closeSync(got.uffd);
-          throw new GangwayError(
-            ErrorCode.GUEST_FAILED,
-            `the guest registered ${got.length} bytes of region ${got.region} for post-copy; its ${receivers.length} regions are ${this.regions.map((r) => r.lengthBytes).join(', ')} bytes${receiver?.attached ? ' (that region twice)' : ''}`,
-          );
-        }
-        receiver.attach(got.uffd, got.start);
-      }
-      t.uffd = performance.now();
-      closeSync(this.uffdSocket);
-      this.uffdSocket = -1;
-      this.postcopy = receivers;
-      attached();
-      const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
-      t.running = runningAt;
-      this.log.debug(Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), 'post-copy start: ms after the switch frame');
-      this.guestStartedHere = true;
-      this.state = transition(this.state, { type: 'sentPostcopyRunning' });
-      this.session.send(Frame.committed({ migrationId: this.offer.migrationId, resumeToSendMs: performance.now() - runningAt }));
-      this.log.info({ pid: standby.pid, missingPages: this.missingPages }, 'guest resumed here (post-copy); missing pages follow');
-    } catch (err) {
-      for (const receiver of receivers) receiver.close();
-      this.postcopy = undefined;
-      this.startFailed(err, journaled, 'post-copy start failed; the source keeps the guest');
-    }
-  }
-
-  /** Post-copy's end: every missing page installed, the received memory checked against the source's digests. */
-  private async finishPostcopy(sourceDigests: readonly Uint8Array[]): Promise<void> {
-    const receivers = this.postcopy!;
-    await Promise.all(receivers.map((receiver) => receiver.whenComplete()));
-    if (this.finished) return;
-    // The fingerprints kept are those of the pages as they arrived, whatever the guest has
-    // written since: together they are the memory as it was at the switchover.
-    const digests = await Promise.all(this.regions.map((region) => this.native.regionDigest(region.handle, 'tracked')));
-    const match = digests.length === sourceDigests.length && digests.every((d, i) => d.equals(Buffer.from(sourceDigests[i]!)));
-    const stats = combinedStats(receivers);
-    this.verdict = Frame.verified({
-      migrationId: this.offer.migrationId,
-      match,
-      digests,
-      postcopy: {
-        missingPages: stats.missingPages,
-        faults: stats.faults,
-        fetchedPages: stats.fetchedPages,
-        pushedPages: stats.pushedPages,
-        faultP50Ms: stats.faultLatency.p50Ms,
-        faultP99Ms: stats.faultLatency.p99Ms,
-        faultMaxMs: stats.faultLatency.maxMs,
-      },
-    });
-    if (this.session.isOpen) this.session.send(this.verdict);
-    this.state = transition(this.state, { type: match ? 'sentVerified' : 'sentVerifiedMismatch' });
-    this.ctx.metrics?.postcopyDuration.observe((performance.now() - this.postcopyStartedAt) / 1000);
-    this.log.info({ ...stats, ms: Math.round(performance.now() - this.postcopyStartedAt), match }, 'post-copy complete');
-    if (match) {
-      this.ctx.registry.add(this.guestRecord(this.standby!.pid));
-      this.finish('committed');
-    } else {
-      const hexOf = (list: readonly Uint8Array[]) => list.map((d) => Buffer.from(d).toString('hex')).join(',');
-      this.finish(
-        'stranded',
-        `the guest runs here, but the memory it received differs from the source's at the switchover (digests ${hexOf(digests)} here, ${hexOf(sourceDigests)} there); the source keeps its paused copy`,
-      );
-    }
-  }
-
-  /** The guest died during post-copy: nothing is left to receive. */
-  private guestGone(): void {
-    if (this.finished) return;
-    this.finish('stranded', 'the guest exited during post-copy');
-  }
-
   private guestRecord(pid: number, incoming?: { migrationId: string; missingPages: number }): GuestRecord {
     return {
       name: this.offer.guest.name,
@@ -698,29 +579,11 @@ export class DestinationMigration implements FrameHandler {
 
   onSessionClosed(err: GangwayError): void {
     if (this.finished) return;
-    if (this.postcopy && this.guestStartedHere) {
-      this.detach(err);
+    if (this.postcopy?.underway) {
+      this.postcopy.detach(err);
       return;
     }
     this.finish(this.guestStartedHere ? 'stranded' : 'aborted', `session lost: ${err.message}`);
-  }
-
-  /**
-   * Post-copy with the link to the source broken: the guest runs on and waits on its
-   * faults (it is not killed), everything stays as it is, and the source is given the
-   * reattach window to come back with a new session.
-   */
-  private detach(err: GangwayError): void {
-    const windowMs = this.ctx.reattachWindowMs ?? 10 * 60_000;
-    this.log.warn(
-      { err: err.message, missingPages: this.missingPages, reattachWindowMs: windowMs },
-      'post-copy: the link to the source broke; the guest waits on its missing pages until the source reattaches',
-    );
-    clearTimeout(this.detachedTimer);
-    this.detachedTimer = setTimeout(() => {
-      this.detachedTimer = undefined;
-      this.finish('stranded', `the source did not come back within ${Math.round(windowMs / 1000)} s after the link broke (${err.message})`);
-    }, windowMs);
   }
 
   /** Is `session`, presenting `secret`, the source this migration was accepted from? */
@@ -734,27 +597,20 @@ export class DestinationMigration implements FrameHandler {
    */
   reattach(session: PeerSession): string | undefined {
     if (this.finished) return `migration ${this.offer.migrationId} is over`;
-    if (!this.postcopy || !this.guestStartedHere) return `migration ${this.offer.migrationId} is not in post-copy`;
+    const postcopy = this.postcopy;
+    if (!postcopy?.underway) return `migration ${this.offer.migrationId} is not in post-copy`;
     this.state = transition(this.state, { type: 'reattached' });
     if (this.session.isOpen) {
       // The old session looks alive here but the source gave up on it: that one wins.
       this.session.unregister(this.offer.migrationId);
       this.session.close();
     }
-    clearTimeout(this.detachedTimer);
-    this.detachedTimer = undefined;
     this.session = session;
     // The new session's source starts with a fresh window; what was in flight on the old one
     // gets no credit back.
     this.creditLeft = this.ctx.creditBytes;
     session.register(this.offer.migrationId, this);
-    this.log.info({ missingPages: this.missingPages }, 'post-copy: the source reattached; asking again for the missing pages');
-    if (this.verdict) {
-      session.send(this.verdict);
-      return undefined;
-    }
-    sendMissing(session, this.offer.migrationId, this.postcopy.map((receiver) => receiver.missingRuns()));
-    for (const receiver of this.postcopy) receiver.refetch();
+    postcopy.reattached(session);
     return undefined;
   }
 
@@ -763,7 +619,6 @@ export class DestinationMigration implements FrameHandler {
   private finish(outcome: IncomingResult['outcome'], reason?: string): void {
     if (this.finished) return;
     this.finished = true;
-    clearTimeout(this.detachedTimer);
     this.session.unregister(this.offer.migrationId);
     if (outcome === 'aborted') {
       this.log.warn({ reason }, 'incoming migration aborted; partial memory discarded');
@@ -802,14 +657,8 @@ export class DestinationMigration implements FrameHandler {
 
   /** After post-copy: stop reading faults, and drop this agent's view of the memory. */
   private closePostcopy(): void {
-    if (this.uffdSocket >= 0) {
-      try {
-        closeSync(this.uffdSocket);
-      } catch {}
-      this.uffdSocket = -1;
-    }
-    if (!this.postcopy) return;
-    for (const receiver of this.postcopy) receiver.close();
+    this.postcopy?.close();
+    if (!this.postcopy?.receiving) return;
     for (const region of this.regions) {
       try {
         this.native.regionClose(region.handle);
@@ -823,13 +672,7 @@ export class DestinationMigration implements FrameHandler {
 
   /** Drops everything this migration made: the unnamed files vanish with their last fd. */
   private cleanup(): void {
-    for (const receiver of this.postcopy ?? []) receiver.close();
-    if (this.uffdSocket >= 0) {
-      try {
-        closeSync(this.uffdSocket);
-      } catch {}
-      this.uffdSocket = -1;
-    }
+    this.postcopy?.close();
     // A group member's memory stays for refs already on their way; the group frees it.
     if (this.group) this.regions = [];
     for (const region of this.regions) {
@@ -849,16 +692,4 @@ export class DestinationMigration implements FrameHandler {
     if (this.files.deviceStatePath) rmSync(this.files.deviceStatePath, { force: true });
     this.ctx.registry.release(this.offer.guest.name);
   }
-}
-
-/** The post-copy statistics of a guest's regions together (their receivers share one latency record). */
-function combinedStats(receivers: readonly PostcopyReceiver[]): PostcopyStats {
-  const all = receivers.map((receiver) => receiver.stats());
-  return {
-    missingPages: all.reduce((sum, s) => sum + s.missingPages, 0),
-    faults: all.reduce((sum, s) => sum + s.faults, 0),
-    fetchedPages: all.reduce((sum, s) => sum + s.fetchedPages, 0),
-    pushedPages: all.reduce((sum, s) => sum + s.pushedPages, 0),
-    faultLatency: all[0]?.faultLatency ?? { p50Ms: 0, p99Ms: 0, maxMs: 0 },
-  };
 }

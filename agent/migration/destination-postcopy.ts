@@ -1,0 +1,305 @@
+// Post-copy at the destination: the switchover (the pages the source says are missing here
+// become holes, the guest starts on its files and hands over a userfaultfd per region), the
+// pages installed where they are still missing, and post-copy's end (every page here, the
+// memory received checked against the source's digests, the verdict sent and kept). A broken
+// link does not end it: the guest waits on its faults while the source has the reattach
+// window to come back. Each region's faults and installs are a PostcopyReceiver
+// (postcopy-destination.ts).
+import { closeSync } from 'node:fs';
+import type { Logger } from 'pino';
+import { ErrorCode, GangwayError, ProtocolError } from '../../protocol/errors.js';
+import { Frame, type FrameOf } from '../../protocol/index.js';
+import type { MigrationEvent } from '../../protocol/migration-state.js';
+import type { StandbyGuest } from '../guest/adapter.js';
+import type { AgentMetrics } from '../metrics.js';
+import type { NativeAddon } from '../native.js';
+import type { PeerSession } from '../peer/session.js';
+import { PageSet, runsPageCount } from '../tracker/page-set.js';
+import { withTimeout, type IncomingRegion } from './destination-types.js';
+import { PostcopyReceiver, type PostcopyStats } from './postcopy-destination.js';
+import { LatencySamples, sendMissing } from './postcopy.js';
+
+/** What post-copy at the destination needs of the migration. */
+export interface DestinationPostcopyContext {
+  readonly migrationId: string;
+  readonly native: NativeAddon;
+  readonly log: Logger;
+  readonly metrics: AgentMetrics | undefined;
+  /** How long to wait for the source to come back after the session broke. */
+  readonly reattachWindowMs: number | undefined;
+  /** Where each region's file is named when the guest starts on it. */
+  readonly memoryPaths: readonly string[];
+  /** The guest's regions as this side holds them. */
+  regions(): readonly IncomingRegion[];
+  /** The session the source sends on now (a reattach replaces it). */
+  session(): PeerSession;
+  /** Steps the migration's state machine (an out-of-order step is an error). */
+  transition(event: MigrationEvent): void;
+  finished(): boolean;
+  /** Journals the guest as running here (its record), with the pages it lacks while post-copy lasts. */
+  journal(incoming?: { migrationId: string; missingPages: number }): void;
+  /** Hands the standby guest its device state, before it may run. */
+  loadDeviceState(standby: StandbyGuest): Promise<void>;
+  finish(outcome: 'committed' | 'stranded', reason?: string): void;
+  /** The guest did not start here: tells the source, which keeps it, and removes what was made here. */
+  startFailed(err: unknown, journaled: boolean, message: string): void;
+}
+
+export class DestinationPostcopy {
+  /** The agent's end of the socket the guest sends its userfaultfd over. */
+  private uffdSocket = -1;
+  /** The pages of each region the source says are missing here, as its postcopy frames bring them. */
+  private missingIn: PageSet[] | undefined;
+  /** A receiver per region, once the guest started here. */
+  private receivers: PostcopyReceiver[] | undefined;
+  /** Resolves once the guest's userfaultfd is attached: post-copy pages wait for it. */
+  private attachedP: Promise<void> | undefined;
+  private started = false;
+  private startedAt = 0;
+  /** Session broken: waiting for the source to reattach (the guest waits on its faults). */
+  private detachedTimer: NodeJS.Timeout | undefined;
+  /** Post-copy's end, once a verify came (a second verify after a reattach joins it). */
+  private finishing: Promise<void> | undefined;
+  /** The verdict, once sent (a source that reconnects may ask for it again). */
+  private sentVerdict: FrameOf<'verified'> | undefined;
+
+  constructor(private readonly ctx: DestinationPostcopyContext) {}
+
+  /** Resolves once the guest's userfaultfds are attached; undefined before the switchover. */
+  get attached(): Promise<void> | undefined {
+    return this.attachedP;
+  }
+
+  /** The region receivers are there: from the attach on, unless the start failed. */
+  get receiving(): boolean {
+    return this.receivers !== undefined;
+  }
+
+  /** The guest started here on post-copy. */
+  get guestStartedHere(): boolean {
+    return this.started;
+  }
+
+  /** The guest runs here and its receivers wait on the source: a broken link waits for a reattach. */
+  get underway(): boolean {
+    return this.receivers !== undefined && this.started;
+  }
+
+  /** Pages still missing here (undefined before the guest started here). */
+  get missingPages(): number | undefined {
+    return this.receivers?.reduce((sum, receiver) => sum + receiver.missingPages, 0);
+  }
+
+  get verdict(): FrameOf<'verified'> | undefined {
+    return this.sentVerdict;
+  }
+
+  /**
+   * A socket pair for the guest's userfaultfds: returns the guest's end (the caller closes
+   * it once the standby guest has it); this side keeps the other.
+   */
+  guestSocket(): number {
+    const [agentEnd, guestEnd] = this.ctx.native.socketPair();
+    this.uffdSocket = agentEnd;
+    return guestEnd;
+  }
+
+  /** A postcopy frame: pages of `region` the guest lacks here. */
+  addMissing(frame: FrameOf<'postcopy'>, region: IncomingRegion): void {
+    this.missingIn ??= this.ctx.regions().map((r) => new PageSet(r.pageCount));
+    for (let i = 0; i < frame.missing.length; i += 2) {
+      const first = frame.missing[i]!;
+      const count = frame.missing[i + 1]!;
+      if (first + count > region.pageCount) {
+        throw new ProtocolError(ErrorCode.BAD_PAGES, `postcopy.missing: pages ${first}..${first + count - 1} are past region ${frame.region}'s ${region.pageCount}`);
+      }
+      this.missingIn[frame.region]!.addRange(first, count);
+    }
+  }
+
+  /** Installs a pages frame's entries into region `region` where they are still missing. */
+  install(region: number, entries: Uint32Array, raw: Uint8Array): void {
+    this.receivers![region]!.install(entries, raw);
+  }
+
+  /**
+   * The post-copy switchover: the missing pages become holes, the guest starts on the file
+   * with its mapping registered for missing-page faults, and its userfaultfd comes here.
+   * Once it runs, `committed` tells the source: from then on the guest is this host's, and
+   * the source sends what is missing (faulted pages first).
+   */
+  async start(standby: StandbyGuest): Promise<void> {
+    const { ctx } = this;
+    const missing = ctx.regions().map((_, i) => this.missingIn?.[i]?.toRuns() ?? new Uint32Array(0));
+    this.missingIn = undefined;
+    let journaled = false;
+    const t: Record<string, number> = { start: performance.now() };
+    const latency = new LatencySamples();
+    const receivers = ctx.regions().map(
+      (region, index) =>
+        new PostcopyReceiver(
+          region,
+          missing[index]!,
+          (runs) => {
+            const session = ctx.session();
+            if (session.isOpen) session.send(Frame.fetch({ migrationId: ctx.migrationId, region: index, runs }));
+          },
+          // The guest died during post-copy: nothing is left to receive.
+          () => ctx.finish('stranded', 'the guest exited during post-copy'),
+          ctx.log,
+          ctx.metrics,
+          latency,
+        ),
+    );
+    try {
+      for (const [index, region] of ctx.regions().entries()) {
+        ctx.native.punchHoles(region.fd, missing[index]!, region.pageSizeBytes);
+        ctx.native.tmpfileLink(region.fd, ctx.memoryPaths[index]!);
+      }
+      t.linked = performance.now();
+      let attached!: () => void;
+      this.attachedP = new Promise((resolve) => (attached = resolve));
+      this.startedAt = performance.now();
+      ctx.journal({ migrationId: ctx.migrationId, missingPages: missing.reduce((sum, runs) => sum + runsPageCount(runs), 0) });
+      journaled = true;
+      t.journaled = performance.now();
+      await ctx.loadDeviceState(standby);
+      standby.go();
+      // The guest's shim sends a userfaultfd for each region as it maps it.
+      for (let received = 0; received < receivers.length; received++) {
+        const got = await ctx.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
+          throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy (${received} of ${receivers.length} regions): ${err.message}`);
+        });
+        const receiver = receivers[got.region];
+        const region = ctx.regions()[got.region];
+        if (!receiver || !region || receiver.attached || got.length !== region.lengthBytes) {
+          closeSync(got.uffd);
+          throw new GangwayError(
+            ErrorCode.GUEST_FAILED,
+            `the guest registered ${got.length} bytes of region ${got.region} for post-copy; its ${receivers.length} regions are ${ctx.regions().map((r) => r.lengthBytes).join(', ')} bytes${receiver?.attached ? ' (that region twice)' : ''}`,
+          );
+        }
+        receiver.attach(got.uffd, got.start);
+      }
+      t.uffd = performance.now();
+      closeSync(this.uffdSocket);
+      this.uffdSocket = -1;
+      this.receivers = receivers;
+      attached();
+      const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
+      t.running = runningAt;
+      ctx.log.debug(Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), 'post-copy start: ms after the switch frame');
+      this.started = true;
+      ctx.transition({ type: 'sentPostcopyRunning' });
+      ctx.session().send(Frame.committed({ migrationId: ctx.migrationId, resumeToSendMs: performance.now() - runningAt }));
+      ctx.log.info({ pid: standby.pid, missingPages: this.missingPages }, 'guest resumed here (post-copy); missing pages follow');
+    } catch (err) {
+      for (const receiver of receivers) receiver.close();
+      this.receivers = undefined;
+      ctx.startFailed(err, journaled, 'post-copy start failed; the source keeps the guest');
+    }
+  }
+
+  /** The source's verify: post-copy ends once every missing page is here (a second verify joins the first). */
+  verify(sourceDigests: readonly Uint8Array[]): void {
+    this.finishing ??= this.complete(sourceDigests);
+  }
+
+  /** Post-copy's end: every missing page installed, the received memory checked against the source's digests. */
+  private async complete(sourceDigests: readonly Uint8Array[]): Promise<void> {
+    const { ctx } = this;
+    const receivers = this.receivers!;
+    await Promise.all(receivers.map((receiver) => receiver.whenComplete()));
+    if (ctx.finished()) return;
+    // The fingerprints kept are those of the pages as they arrived, whatever the guest has
+    // written since: together they are the memory as it was at the switchover.
+    const digests = await Promise.all(ctx.regions().map((region) => ctx.native.regionDigest(region.handle, 'tracked')));
+    const match = digests.length === sourceDigests.length && digests.every((d, i) => d.equals(Buffer.from(sourceDigests[i]!)));
+    const stats = combinedStats(receivers);
+    this.sentVerdict = Frame.verified({
+      migrationId: ctx.migrationId,
+      match,
+      digests,
+      postcopy: {
+        missingPages: stats.missingPages,
+        faults: stats.faults,
+        fetchedPages: stats.fetchedPages,
+        pushedPages: stats.pushedPages,
+        faultP50Ms: stats.faultLatency.p50Ms,
+        faultP99Ms: stats.faultLatency.p99Ms,
+        faultMaxMs: stats.faultLatency.maxMs,
+      },
+    });
+    const session = ctx.session();
+    if (session.isOpen) session.send(this.sentVerdict);
+    ctx.transition({ type: match ? 'sentVerified' : 'sentVerifiedMismatch' });
+    ctx.metrics?.postcopyDuration.observe((performance.now() - this.startedAt) / 1000);
+    ctx.log.info({ ...stats, ms: Math.round(performance.now() - this.startedAt), match }, 'post-copy complete');
+    if (match) {
+      ctx.journal();
+      ctx.finish('committed');
+    } else {
+      const hexOf = (list: readonly Uint8Array[]) => list.map((d) => Buffer.from(d).toString('hex')).join(',');
+      ctx.finish(
+        'stranded',
+        `the guest runs here, but the memory it received differs from the source's at the switchover (digests ${hexOf(digests)} here, ${hexOf(sourceDigests)} there); the source keeps its paused copy`,
+      );
+    }
+  }
+
+  /**
+   * The link to the source broke: the guest runs on and waits on its faults (it is not
+   * killed), everything stays as it is, and the source is given the reattach window to
+   * come back with a new session.
+   */
+  detach(err: GangwayError): void {
+    const windowMs = this.ctx.reattachWindowMs ?? 10 * 60_000;
+    this.ctx.log.warn(
+      { err: err.message, missingPages: this.missingPages, reattachWindowMs: windowMs },
+      'post-copy: the link to the source broke; the guest waits on its missing pages until the source reattaches',
+    );
+    clearTimeout(this.detachedTimer);
+    this.detachedTimer = setTimeout(() => {
+      this.detachedTimer = undefined;
+      this.ctx.finish('stranded', `the source did not come back within ${Math.round(windowMs / 1000)} s after the link broke (${err.message})`);
+    }, windowMs);
+  }
+
+  /** The source is back on `session` (the migration took it): the verdict again, or what is still missing. */
+  reattached(session: PeerSession): void {
+    clearTimeout(this.detachedTimer);
+    this.detachedTimer = undefined;
+    this.ctx.log.info({ missingPages: this.missingPages }, 'post-copy: the source reattached; asking again for the missing pages');
+    if (this.sentVerdict) {
+      session.send(this.sentVerdict);
+      return;
+    }
+    const receivers = this.receivers!;
+    sendMissing(session, this.ctx.migrationId, receivers.map((receiver) => receiver.missingRuns()));
+    for (const receiver of receivers) receiver.refetch();
+  }
+
+  /** Stops waiting for a reattach and reading faults. */
+  close(): void {
+    clearTimeout(this.detachedTimer);
+    if (this.uffdSocket >= 0) {
+      try {
+        closeSync(this.uffdSocket);
+      } catch {}
+      this.uffdSocket = -1;
+    }
+    for (const receiver of this.receivers ?? []) receiver.close();
+  }
+}
+
+/** The post-copy statistics of a guest's regions together (their receivers share one latency record). */
+function combinedStats(receivers: readonly PostcopyReceiver[]): PostcopyStats {
+  const all = receivers.map((receiver) => receiver.stats());
+  return {
+    missingPages: all.reduce((sum, s) => sum + s.missingPages, 0),
+    faults: all.reduce((sum, s) => sum + s.faults, 0),
+    fetchedPages: all.reduce((sum, s) => sum + s.fetchedPages, 0),
+    pushedPages: all.reduce((sum, s) => sum + s.pushedPages, 0),
+    faultLatency: all[0]?.faultLatency ?? { p50Ms: 0, p99Ms: 0, maxMs: 0 },
+  };
+}
