@@ -4,7 +4,7 @@
 // Freshness is a matter of efficiency only, never of correctness: a destination copies a
 // resident page for a ref only when the page still matches the fingerprint it offered
 // (DestinationGroup.source hands the slot's `offered` fingerprints to
-// DestinationMigration.applyWithRefs, whose regionCopyPages compares each copied page to
+// IncomingPages.applyWithRefs, whose regionCopyPages compares each copied page to
 // them), and asks the source for every page that no longer matches (want). Old fingerprints
 // cost pages asked for again, never a wrong page.
 //

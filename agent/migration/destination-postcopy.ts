@@ -17,6 +17,7 @@ import type { PeerSession } from '../peer/session.js';
 import { PageSet, runsPageCount } from '../tracker/page-set.js';
 import { withTimeout, type IncomingRegion } from './destination-types.js';
 import { PostcopyReceiver, type PostcopyStats } from './postcopy-destination.js';
+import type { PostcopyInstall } from './incoming-pages.js';
 import { LatencySamples, sendMissing } from './postcopy.js';
 
 /** What post-copy at the destination needs of the migration. */
@@ -45,7 +46,7 @@ export interface DestinationPostcopyContext {
   startFailed(err: unknown, journaled: boolean, message: string): void;
 }
 
-export class DestinationPostcopy {
+export class DestinationPostcopy implements PostcopyInstall {
   /** The agent's end of the socket the guest sends its userfaultfd over. */
   private uffdSocket = -1;
   /** The pages of each region the source says are missing here, as its postcopy frames bring them. */

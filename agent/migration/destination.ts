@@ -2,27 +2,25 @@
 // file (so a crash of this agent leaves nothing behind), checks the source's digests against
 // its own, and on commit names the files and starts the guest from the hot-standby process,
 // its device state handed over first.
+import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync, rmSync, statfsSync } from 'node:fs';
-import { uncompress } from 'lz4-napi';
 import type { Logger } from 'pino';
-import { Codec, GuestKind, nameOf, RejectReason, Technique } from '../../protocol/codes.js';
-import { ErrorCode, GangwayError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
-import { Frame, validatePages, type FrameOf } from '../../protocol/index.js';
+import { GuestKind, nameOf, RejectReason, Technique } from '../../protocol/codes.js';
+import { ErrorCode, GangwayError, ProtocolError } from '../../protocol/errors.js';
+import { Frame, type FrameOf } from '../../protocol/index.js';
+import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MIGRATION_SECRET_BYTES } from '../../protocol/limits.js';
 import { initialMigrationState, transition, type MigrationEvent, type MigrationState } from '../../protocol/migration-state.js';
+import type { DestinationGroup } from '../dedup/dest-group.js';
 import type { GuestLauncher, StandbyGuest } from '../guest/adapter.js';
 import { LAUNCHERS } from '../guest/kinds.js';
 import type { GuestRecord } from '../guest/registry.js';
 import { loadNative } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
-import { creditCost } from './page-sender.js';
-import { randomBytes, timingSafeEqual } from 'node:crypto';
-import type { DestinationGroup } from '../dedup/dest-group.js';
-import { ENTRY_DATA, ENTRY_REF } from '../native.js';
-import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MAX_WANT_RUNS, MIGRATION_SECRET_BYTES, REF_WORDS } from '../../protocol/limits.js';
-import { faultCrash } from './faults.js';
-import { IncomingDeviceState } from './incoming-device-state.js';
 import { DestinationPostcopy } from './destination-postcopy.js';
 import { withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
+import { faultCrash } from './faults.js';
+import { IncomingDeviceState } from './incoming-device-state.js';
+import { IncomingPages } from './incoming-pages.js';
 
 export type { DestinationContext, IncomingResult } from './destination-types.js';
 
@@ -41,12 +39,10 @@ export class DestinationMigration implements FrameHandler {
   private regions: IncomingRegion[] = [];
   private standby: StandbyGuest | undefined;
   private finished = false;
-  private pagesReceived = 0;
   private roundsSeen = 0;
   private readonly files;
   /** The dedup group this migration belongs to (its frames are applied in the group's order). */
   private group: DestinationGroup | undefined;
-  private mismatchScratch = new Uint32Array(0);
   private repairs = 0;
   /** Post-copy at this side, for a post-copy or hybrid migration. */
   private readonly postcopy: DestinationPostcopy | undefined;
@@ -55,8 +51,7 @@ export class DestinationMigration implements FrameHandler {
   /** Handed to the source in the accept: a reattach must present it (the daemon keeps it with a post-copy's verdict). */
   readonly secret = randomBytes(MIGRATION_SECRET_BYTES);
   private readonly deviceState: IncomingDeviceState;
-  /** Credit the source holds of this session's grant: pages beyond it break the protocol. */
-  private creditLeft: number;
+  private readonly pages: IncomingPages;
   readonly done: Promise<IncomingResult>;
   private resolveDone!: (result: IncomingResult) => void;
 
@@ -68,7 +63,6 @@ export class DestinationMigration implements FrameHandler {
     private readonly log: Logger,
   ) {
     this.sourceAgentId = session.peer?.agentId ?? 'unknown';
-    this.creditLeft = ctx.creditBytes;
     this.files = ctx.registry.filesFor(offer.guest.name, ctx.memoryDir, randomBytes(4).toString('hex'), offer.guest.regions.length);
     this.deviceState = new IncomingDeviceState(launcher, this.files, ctx.maxDeviceStateBytes, () => ctx.onLimit?.('device-state'));
     this.postcopy =
@@ -90,6 +84,22 @@ export class DestinationMigration implements FrameHandler {
             finish: (outcome, reason) => this.finish(outcome, reason),
             startFailed: (err, journaled, message) => this.startFailed(err, journaled, message),
           });
+    this.pages = new IncomingPages({
+      migrationId: offer.migrationId,
+      creditBytes: ctx.creditBytes,
+      maxPayloadBytes: ctx.maxPayloadBytes,
+      decompressions: ctx.decompressions,
+      native: this.native,
+      log,
+      postcopy: this.postcopy,
+      onCreditLimit: () => ctx.onLimit?.('credit'),
+      regions: () => this.regions,
+      session: () => this.session,
+      finished: () => this.finished,
+      group: () => this.group,
+      enqueue: (step) => this.enqueue(step),
+      fail: (err) => this.protocolFailure(err),
+    });
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
   }
 
@@ -247,57 +257,9 @@ export class DestinationMigration implements FrameHandler {
 
   private handle(frame: AnyFrame): void {
     switch (frame.type) {
-      case 'pages': {
-        const pages = frame;
-        const region = this.regions[pages.region];
-        if (!region) throw new ProtocolError(ErrorCode.BAD_PAGES, `pages for region ${pages.region}, the guest has ${this.regions.length}`);
-        const counts = validatePages(pages, region.pageCount, region.pageSizeBytes, this.ctx.maxPayloadBytes);
-        const cost = creditCost(pages.payload.length, pages.rawBytes, pages.entries.length / 3);
-        this.takeCredit(cost);
-        // Decompression starts as soon as the session has a slot, on the thread pool; writes
-        // are applied in stream order.
-        const data: Promise<Uint8Array> = pages.codec === Codec.lz4 ? this.decompress(pages.payload) : Promise.resolve(pages.payload);
-        data.catch(() => {});
-        const postcopy = this.postcopy;
-        if (postcopy?.attached) {
-          if (pages.refs) throw new ProtocolError(ErrorCode.BAD_PAGES, 'refs in a post-copy frame');
-          const via = this.session;
-          // Post-copy: each frame is installed as soon as it is here (a fault's page must not
-          // wait behind pushed ones); a page is only ever installed where it is missing.
-          void Promise.all([data, postcopy.attached]).then(
-            ([raw]) => {
-              if (this.finished && !postcopy.receiving) return;
-              if (raw.length !== pages.rawBytes) {
-                throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload decompressed to ${raw.length} bytes, expected ${pages.rawBytes}`);
-              }
-              postcopy.install(pages.region, pages.entries, raw);
-              this.pagesReceived += counts.dataPages + counts.zeroPages;
-              // Credits belong to the session the frame came on (a reattached source starts afresh).
-              if (via === this.session && via.isOpen) this.giveCredit(cost);
-            },
-            (cause: unknown) => {
-              throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload does not decompress: ${(cause as Error).message}`, { cause });
-            },
-          ).catch((err: unknown) => this.protocolFailure(err));
-          return;
-        }
-        this.enqueue(async () => {
-          let raw: Uint8Array;
-          try {
-            raw = await data;
-          } catch (cause) {
-            throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload does not decompress: ${(cause as Error).message}`, { cause });
-          }
-          if (raw.length !== pages.rawBytes) {
-            throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload decompressed to ${raw.length} bytes, expected ${pages.rawBytes}`);
-          }
-          if (pages.refs) this.applyWithRefs(pages.region, region, pages.entries, pages.refs, raw);
-          else this.native.regionScatter(region.handle, pages.entries, pages.entries.length / 3, raw);
-          this.pagesReceived += counts.dataPages + counts.zeroPages + counts.refPages;
-          this.giveCredit(cost);
-        });
+      case 'pages':
+        this.pages.receive(frame);
         return;
-      }
       case 'roundEnd':
         this.roundsSeen++;
         return;
@@ -368,123 +330,11 @@ export class DestinationMigration implements FrameHandler {
     }
   }
 
-  /**
-   * Applies entries in order: runs of zero and data entries through one scatter, each ref
-   * through a copy from its slot (verified against the offered fingerprints when the slot is
-   * resident). Pages whose resident source changed are asked for again, before the credit.
-   */
-  private applyWithRefs(regionIndex: number, region: IncomingRegion, entries: Uint32Array, refs: Uint32Array, raw: Uint8Array): void {
-    const group = this.group;
-    if (!group) throw new ProtocolError(ErrorCode.BAD_PAGES, 'refs in a migration that is not in a dedup group');
-    const entryCount = entries.length / 3;
-    // Check every ref before writing anything.
-    const sources = [];
-    for (let e = 0, r = 0; e < entryCount; e++) {
-      if (entries[e * 3] !== ENTRY_REF) continue;
-      sources.push(group.source(refs[r * REF_WORDS]!, refs[r * REF_WORDS + 1]!, entries[e * 3 + 2]!, region.pageSizeBytes));
-      r++;
-    }
-    const want: number[] = [];
-    const stale: number[] = [];
-    let segmentStart = 0;
-    let segmentBytes = 0;
-    let offset = 0;
-    const flush = (end: number) => {
-      if (end > segmentStart) {
-        this.native.regionScatter(region.handle, entries.subarray(segmentStart * 3, end * 3), end - segmentStart, raw.subarray(offset, offset + segmentBytes));
-        offset += segmentBytes;
-      }
-      segmentBytes = 0;
-    };
-    for (let e = 0, r = 0; e < entryCount; e++) {
-      const kind = entries[e * 3]!;
-      const first = entries[e * 3 + 1]!;
-      const count = entries[e * 3 + 2]!;
-      if (kind === ENTRY_DATA) segmentBytes += count * region.pageSizeBytes;
-      if (kind !== ENTRY_REF) continue;
-      flush(e);
-      segmentStart = e + 1;
-      const source = sources[r]!;
-      const sourcePage = refs[r * REF_WORDS + 1]!;
-      r++;
-      const expect = source.offered?.subarray(sourcePage * FINGERPRINT_BYTES, (sourcePage + count) * FINGERPRINT_BYTES) ?? null;
-      if (expect && this.mismatchScratch.length < count) this.mismatchScratch = new Uint32Array(count);
-      const mismatched = this.native.regionCopyPages(region.handle, first, source.region, sourcePage, count, expect, expect ? this.mismatchScratch : null);
-      for (let i = 0; i < mismatched; i++) {
-        const at = this.mismatchScratch[i]!;
-        want.push(first + at);
-        stale.push(source.slot, sourcePage + at);
-      }
-    }
-    flush(entryCount);
-    if (want.length > 0) this.sendWant(regionIndex, want, stale);
-  }
-
-  /**
-   * Asks for `pages` again; `stale` holds the resident [slot, page] each one was copied
-   * from, pair i for page i. A frame carries at most MAX_WANT_RUNS pages, so its runs and
-   * its stale pairs both fit.
-   */
-  private sendWant(regionIndex: number, pages: number[], stale: number[]): void {
-    for (let first = 0; first < pages.length; first += MAX_WANT_RUNS) {
-      const runs: number[] = [];
-      for (const page of pages.slice(first, first + MAX_WANT_RUNS)) {
-        const last = runs.length - 2;
-        if (last >= 0 && runs[last]! + runs[last + 1]! === page) runs[last + 1]!++;
-        else runs.push(page, 1);
-      }
-      this.session.send(
-        Frame.want({
-          migrationId: this.offer.migrationId,
-          region: regionIndex,
-          runs: Uint32Array.from(runs),
-          stale: Uint32Array.from(stale.slice(first * 2, (first + MAX_WANT_RUNS) * 2)),
-        }),
-      );
-    }
-    this.log.debug({ pages: pages.length }, 'resident content changed; pages asked for again');
-  }
-
-  /**
-   * A pages frame takes `cost` of the credit the source holds. More than it was granted is a
-   * protocol error that ends the session: every frame in flight holds memory here (its
-   * payload, and what it decompresses to), and the credit is what bounds it. A single frame
-   * larger than the whole window is allowed when nothing else is in flight, as the sender's
-   * CreditWindow sends it.
-   */
-  private takeCredit(cost: number): void {
-    if (cost > this.creditLeft && this.creditLeft < this.ctx.creditBytes) {
-      this.ctx.onLimit?.('credit');
-      throw new ProtocolError(
-        ErrorCode.FLOW_CONTROL,
-        `pages beyond the granted credit: a frame of ${cost} credit bytes with ${Math.max(0, this.creditLeft)} of ${this.ctx.creditBytes} left (wait for credit frames)`,
-        { closeCode: ProtocolCloseCode.policy },
-      );
-    }
-    this.creditLeft -= cost;
-  }
-
-  private giveCredit(cost: number): void {
-    this.creditLeft += cost;
-    this.session.send(Frame.credit({ migrationId: this.offer.migrationId, bytes: cost }));
-  }
-
   /** Ends this migration before its guest ran here, telling the source why (its guest runs on there). */
   private refuse(code: ErrorCode, message: string): void {
     this.log.warn({ code, reason: message }, 'incoming migration refused');
     if (this.session.isOpen) this.session.send(Frame.abort({ migrationId: this.offer.migrationId, code, message }));
     this.finish('aborted', message);
-  }
-
-  /** LZ4 in a slot of the session's; work that waited past this migration's end is dropped unrun. */
-  private async decompress(payload: Uint8Array): Promise<Uint8Array> {
-    const release = await this.ctx.decompressions.acquire();
-    try {
-      if (this.finished) throw new GangwayError(ErrorCode.ABORTED, 'the migration ended before its pages were decompressed');
-      return await uncompress(payload);
-    } finally {
-      release();
-    }
   }
 
   private enqueue(step: () => Promise<void>): void {
@@ -608,7 +458,7 @@ export class DestinationMigration implements FrameHandler {
     this.session = session;
     // The new session's source starts with a fresh window; what was in flight on the old one
     // gets no credit back.
-    this.creditLeft = this.ctx.creditBytes;
+    this.pages.restartCredit();
     session.register(this.offer.migrationId, this);
     postcopy.reattached(session);
     return undefined;
@@ -649,7 +499,7 @@ export class DestinationMigration implements FrameHandler {
       from: this.session.peer?.agentId ?? 'unknown',
       outcome,
       ...(reason ? { reason } : {}),
-      pages: this.pagesReceived,
+      pages: this.pages.pagesReceived,
       rounds: this.roundsSeen,
       technique: this.technique,
     });
