@@ -2,6 +2,12 @@
 // file (so a crash of this agent leaves nothing behind), checks the source's digests against
 // its own, and on commit names the files and starts the guest from the hot-standby process,
 // its device state handed over first.
+//
+// The parts: the offer and its acceptance, the frames in the order the receive state machine
+// allows (protocol/migration-state.ts), verify with repair, the commit and the migration's
+// end (here); pages frames (incoming-pages.ts: credit, decompression, scatter, refs); the
+// device state (incoming-device-state.ts); post-copy's switchover, installs, verdict and
+// reattach (destination-postcopy.ts). What they share is in destination-types.ts.
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync, rmSync, statfsSync } from 'node:fs';
 import type { Logger } from 'pino';
@@ -43,6 +49,8 @@ export class DestinationMigration implements FrameHandler {
   private readonly files;
   /** The dedup group this migration belongs to (its frames are applied in the group's order). */
   private group: DestinationGroup | undefined;
+  /** This migration's slots in the group, region by region. */
+  private slots: number[] = [];
   private repairs = 0;
   /** Post-copy at this side, for a post-copy or hybrid migration. */
   private readonly postcopy: DestinationPostcopy | undefined;
@@ -50,7 +58,9 @@ export class DestinationMigration implements FrameHandler {
   private readonly sourceAgentId: string;
   /** Handed to the source in the accept: a reattach must present it (the daemon keeps it with a post-copy's verdict). */
   readonly secret = randomBytes(MIGRATION_SECRET_BYTES);
+  /** The guest's device state as its chunks arrive. */
   private readonly deviceState: IncomingDeviceState;
+  /** Applies the pages frames (or hands them to post-copy's installs). */
   private readonly pages: IncomingPages;
   readonly done: Promise<IncomingResult>;
   private resolveDone!: (result: IncomingResult) => void;
@@ -241,8 +251,6 @@ export class DestinationMigration implements FrameHandler {
     this.group = group;
     this.slots = slots;
   }
-
-  private slots: number[] = [];
 
   onFrame(frame: AnyFrame, wireBytes: number): void {
     if (this.finished) return;
@@ -463,8 +471,6 @@ export class DestinationMigration implements FrameHandler {
     postcopy.reattached(session);
     return undefined;
   }
-
-
 
   private finish(outcome: IncomingResult['outcome'], reason?: string): void {
     if (this.finished) return;
