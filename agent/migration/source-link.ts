@@ -107,8 +107,19 @@ export class SourceLink {
     waiter.resolve(frame);
   }
 
-  /** The destination's next frame of `type`, within `timeoutMs` (`what` names it in the timeout's message). */
+  /**
+   * The destination's next frame of `type`, within `timeoutMs` (`what` names it in the
+   * timeout's message). Callers take the promise before they send what it answers, and that
+   * send may throw (the link failed meanwhile): the promise is marked handled here, so its
+   * rejection cannot become an unhandled one that ends the agent before anyone awaits it.
+   */
   expect<T extends AnyFrame['type']>(type: T, timeoutMs: number, what: string): Promise<FrameOf<T>> {
+    const answer = this.wait(type, timeoutMs, what);
+    answer.catch(() => {});
+    return answer;
+  }
+
+  private wait<T extends AnyFrame['type']>(type: T, timeoutMs: number, what: string): Promise<FrameOf<T>> {
     if (this.failure) return Promise.reject(this.failure);
     return new Promise<FrameOf<T>>((resolve, reject) => {
       const timer = setTimeout(() => {

@@ -177,6 +177,20 @@ describe('source engine through the in-memory destination', () => {
     expect(guest.trackers.every((tracker) => tracker.closed)).toBe(true);
   });
 
+  it('a destination that refuses the device state fails the migration at the switchover, and the paused guest resumes here', async () => {
+    // The refusal lands while the source reads its digests: the verify it then sends meets a
+    // failed link. That must reject the migration, not escape as an unhandled rejection.
+    const guest = guestWithContent();
+    const destination = new MemoryDestination({ refuseDeviceState: true });
+    const migration = new SourceMigration(guest, destination, options(guest), log);
+    await expect(migration.run()).rejects.toMatchObject({ code: ErrorCode.LIMIT, message: expect.stringMatching(/device state of \d+ bytes is over/) });
+    expect(guest.pauses).toBe(1);
+    expect(guest.resumes).toBe(1);
+    expect(guest.paused).toBe(false);
+    expect(destination.committed).toBe(false);
+    expect(migration.phase).toBe('failed');
+  });
+
   it('cancel before the commit stops at the next step and resumes a paused guest', async () => {
     const guest = guestWithContent();
     keepWriting(guest);

@@ -96,7 +96,9 @@ export class BufferRegion implements RegionReader {
     for (let i = 0; i < count; i++) out.set(fingerprint(this.page(firstPage + i)), i * FINGERPRINT_BYTES);
   }
 
+  /** As the addon's, it takes a while (it reads the whole region on the thread pool): frames arrive meanwhile. */
   async digest(): Promise<Buffer> {
+    await new Promise((resolve) => setTimeout(resolve, 2));
     return digestOf(this.memory, this.pageSizeBytes);
   }
 
@@ -221,6 +223,8 @@ export interface MemoryDestinationOptions {
   maxPayloadBytes?: number;
   /** The session breaks when the destination has received this many pages (a sink that fails mid-round). */
   breakAfterPages?: number;
+  /** The destination refuses the device state (as one over peers.maxDeviceState): it aborts the migration. */
+  refuseDeviceState?: boolean;
 }
 
 /**
@@ -326,6 +330,10 @@ export class MemoryDestination implements SourceSession {
         return;
       }
       case 'deviceState': {
+        if (this.options.refuseDeviceState) {
+          this.reply(Frame.abort({ migrationId: frame.migrationId, code: ErrorCode.LIMIT, message: `the guest's device state of ${frame.totalBytes} bytes is over this agent's maximum` }));
+          return;
+        }
         this.deviceState ??= Buffer.alloc(frame.totalBytes);
         Buffer.from(frame.state).copy(this.deviceState, frame.offsetBytes);
         return;
