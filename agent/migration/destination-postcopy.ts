@@ -53,6 +53,7 @@ export class DestinationPostcopy implements PostcopyInstall {
   private missingIn: PageSet[] | undefined;
   /** A receiver per region, once the guest started here. */
   private receivers: PostcopyReceiver[] | undefined;
+  private closed = false;
   /** Resolves once the guest's userfaultfd is attached: post-copy pages wait for it. */
   private attachedP: Promise<void> | undefined;
   private started = false;
@@ -71,9 +72,9 @@ export class DestinationPostcopy implements PostcopyInstall {
     return this.attachedP;
   }
 
-  /** The region receivers are there: from the attach on, unless the start failed. */
+  /** The region receivers are there and take pages: from the attach on, until the start failed or post-copy closed. */
   get receiving(): boolean {
-    return this.receivers !== undefined;
+    return this.receivers !== undefined && !this.closed;
   }
 
   /** The guest started here on post-copy. */
@@ -118,8 +119,13 @@ export class DestinationPostcopy implements PostcopyInstall {
     }
   }
 
-  /** Installs a pages frame's entries into region `region` where they are still missing. */
+  /**
+   * Installs a pages frame's entries into region `region` where they are still missing. A
+   * frame that was still decompressing when post-copy ended is dropped: its receiver (and
+   * the guest's userfaultfd it held) is gone, and the session it came on serves others.
+   */
   install(region: number, entries: Uint32Array, raw: Uint8Array): void {
+    if (!this.receiving) return;
     this.receivers![region]!.install(entries, raw);
   }
 
@@ -203,7 +209,11 @@ export class DestinationPostcopy implements PostcopyInstall {
 
   /** The source's verify: post-copy ends once every missing page is here (a second verify joins the first). */
   verify(sourceDigests: readonly Uint8Array[]): void {
-    this.finishing ??= this.complete(sourceDigests);
+    this.finishing ??= this.complete(sourceDigests).catch((err: unknown) => {
+      // The guest runs here on what arrived; without a verdict the source keeps its copy.
+      this.ctx.log.error({ err: (err as Error).message }, 'post-copy could not reach its verdict');
+      this.ctx.finish('stranded', `post-copy could not check the memory it received: ${(err as Error).message}`);
+    });
   }
 
   /** Post-copy's end: every missing page installed, the received memory checked against the source's digests. */
@@ -282,6 +292,7 @@ export class DestinationPostcopy implements PostcopyInstall {
 
   /** Stops waiting for a reattach and reading faults. */
   close(): void {
+    this.closed = true;
     clearTimeout(this.detachedTimer);
     if (this.uffdSocket >= 0) {
       try {

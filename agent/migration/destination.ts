@@ -513,8 +513,9 @@ export class DestinationMigration implements FrameHandler {
 
   /** After post-copy: stop reading faults, and drop this agent's view of the memory. */
   private closePostcopy(): void {
+    const received = this.postcopy?.receiving ?? false;
     this.postcopy?.close();
-    if (!this.postcopy?.receiving) return;
+    if (!received) return;
     for (const region of this.regions) {
       try {
         this.native.regionClose(region.handle);
