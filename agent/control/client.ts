@@ -1,7 +1,7 @@
 // The CLI's side of the control API: requests to the local agent's unix socket, or to its
 // loopback TCP control port with the bearer token from a token file.
 import { request, type IncomingMessage } from 'node:http';
-import { existsSync } from 'node:fs';
+import { lstatSync } from 'node:fs';
 import { lookup } from 'node:dns/promises';
 import { networkInterfaces } from 'node:os';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
@@ -138,13 +138,32 @@ export class ControlClient {
     return e.kind === 'socket' ? this.socketPath! : `control port ${e.host.includes(':') ? `[${e.host}]` : e.host}:${e.port}`;
   }
 
+  /** What to do when this user may not use the control socket. */
+  private permissionAdvice(): string {
+    return (
+      `permission denied: the agent's state dir and control socket are private to it and its control group. ` +
+      `Run as the agent's user, join the group the agent was given with control.group (--control-group; \`ls -l ${this.socketPath}\` shows it), ` +
+      'or use the TCP control port with its token (--control, --token-file)'
+    );
+  }
+
   private open(method: string, path: string, body?: unknown) {
     const e = this.endpoint;
-    if (e.kind === 'socket' && !existsSync(this.socketPath!)) {
-      throw new GangwayError(
-        ErrorCode.PEER_UNREACHABLE,
-        `no agent is running with state dir ${e.stateDir} (${this.socketPath} does not exist): start one with \`gangway agent --state-dir ${e.stateDir}\`, or pass --state-dir`,
-      );
+    if (e.kind === 'socket') {
+      // A state dir this user cannot enter hides the socket: that is not "no agent".
+      let missing = false;
+      try {
+        missing = lstatSync(this.socketPath!, { throwIfNoEntry: false }) === undefined;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'EACCES') throw new GangwayError(ErrorCode.PEER_UNREACHABLE, `cannot reach the agent at ${this.socketPath}: ${this.permissionAdvice()}`);
+        throw err;
+      }
+      if (missing) {
+        throw new GangwayError(
+          ErrorCode.PEER_UNREACHABLE,
+          `no agent is running with state dir ${e.stateDir} (${this.socketPath} does not exist): start one with \`gangway agent --state-dir ${e.stateDir}\`, or pass --state-dir`,
+        );
+      }
     }
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
     const headers: Record<string, string | number> = payload ? { 'content-type': 'application/json', 'content-length': payload.length } : {};
@@ -153,6 +172,10 @@ export class ControlClient {
     return new Promise<IncomingMessage>((resolve, reject) => {
       const req = request({ ...target, method, path, headers }, resolve);
       req.once('error', (err: NodeJS.ErrnoException) => {
+        if (e.kind === 'socket' && err.code === 'EACCES') {
+          reject(new GangwayError(ErrorCode.PEER_UNREACHABLE, `cannot talk to the agent at ${this.where}: ${this.permissionAdvice()}`));
+          return;
+        }
         const hint = e.kind === 'tcp' && err.code === 'ECONNREFUSED' ? ': no agent listens there (is its control.listen set to this address?)' : '';
         reject(new GangwayError(ErrorCode.PEER_UNREACHABLE, `cannot talk to the agent at ${this.where}: ${err.message}${hint}`));
       });

@@ -5,7 +5,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { execa } from 'execa';
+import { execa, execaSync } from 'execa';
 import { startLocalAgent } from '../../agent/local-agent.js';
 import { loadNative } from '../../agent/native.js';
 import { builtAgent, Cluster, mainJs, uniqueName } from '../helpers/cluster.js';
@@ -82,6 +82,27 @@ describe.skipIf(!builtAgent)('gangway CLI', () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  it.each([
+    [['guest', 'start', 'vm1', '--memory', '256MiB,'], /--memory "256MiB," has an empty item/],
+    [['guest', 'start', 'vm1', '--memory', '16KiB,64MiB'], /--memory "16KiB,64MiB": the first region \(16384 bytes\) holds the guest's header and version table/],
+    [['guest', 'start', 'vm1', '--memory', '64MiB,6000B'], /a region of 6000 bytes: each region is a positive multiple of 4096 bytes/],
+  ])('rejects memory regions %j, saying why', async (args, message) => {
+    const run = await gangway(args as string[]);
+    expect(run.exitCode).not.toBe(0);
+    expect(run.stderr).toMatch(message);
+  });
+
+  // A user outside the agent's control group used to be told that no agent was running.
+  const nobodyCanRun = process.getuid?.() === 0 && execaSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '-e', `require('fs').accessSync(${JSON.stringify(mainJs)})`], { reject: false }).exitCode === 0;
+  it.skipIf(!nobodyCanRun)('a user who may not use the control socket is told it is a permission problem and what to do', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a');
+    const run = await execa('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, mainJs, 'status', '--state-dir', a.stateDir], { reject: false, timeout: 20_000 });
+    expect(run.exitCode).not.toBe(0);
+    expect(run.stderr).toMatch(/permission denied: .*control\.group \(--control-group/);
+    expect(run.stderr).not.toMatch(/no agent is running/);
   });
 
   it('--listen without a port: one line that says what to write', async () => {
