@@ -110,6 +110,9 @@ export function trackReportPathOf(files: GuestFiles, index: number): string {
   return index === 0 ? files.trackReportPath : `${files.trackReportPath}.${index}`;
 }
 
+/** How long a resume watches for a pause the guest took late (see resume()). */
+const PAUSE_WATCH_MS = 30_000;
+
 /** The largest device state a process guest has (it is 48 bytes): anything bigger is not its own. */
 const MAX_PROCESS_DEVICE_STATE_BYTES = 4096;
 
@@ -238,6 +241,8 @@ export class ProcessGuest implements SourceGuest {
   readonly pageSizeBytes = GUEST_PAGE_SIZE;
   readonly regions: readonly GuestRegion[];
   private paused = false;
+  /** A SIGUSR1 went out and the guest has not been seen stopped since. */
+  private pauseAsked = false;
 
   /** `regionBytes`: each region's size (one region of memoryBytes when absent). */
   constructor(
@@ -272,12 +277,17 @@ export class ProcessGuest implements SourceGuest {
    * itself; one without gets SIGSTOP.
    */
   async pause(timeoutMs = 5_000): Promise<void> {
-    process.kill(this.pid, this.files.deviceStatePath ? 'SIGUSR1' : 'SIGSTOP');
+    const asked = Boolean(this.files.deviceStatePath);
+    process.kill(this.pid, asked ? 'SIGUSR1' : 'SIGSTOP');
     this.paused = true;
+    this.pauseAsked = asked;
     const deadline = performance.now() + timeoutMs;
     for (;;) {
       const state = processState(this.pid);
-      if (state === 'T' || state === 't') return;
+      if (state === 'T' || state === 't') {
+        this.pauseAsked = false;
+        return;
+      }
       if (state === undefined || state === 'Z') {
         throw new GangwayError(ErrorCode.GUEST_FAILED, `guest ${this.name} (pid ${this.pid}) is gone`);
       }
@@ -288,10 +298,31 @@ export class ProcessGuest implements SourceGuest {
     }
   }
 
-  /** SIGCONT: the guest carries on where it was paused. */
+  /**
+   * SIGCONT: the guest carries on where it was paused. After a pause asked for (SIGUSR1)
+   * that the guest had not taken when pause() gave up, the guest may still take it and stop
+   * itself later: it is watched for that, and continued (for up to PAUSE_WATCH_MS).
+   */
   resume(): void {
     if (isAlive(this.pid)) process.kill(this.pid, 'SIGCONT');
     this.paused = false;
+    if (this.pauseAsked) {
+      this.pauseAsked = false;
+      void this.continueWhenStopped(PAUSE_WATCH_MS);
+    }
+  }
+
+  private async continueWhenStopped(withinMs: number): Promise<void> {
+    const deadline = performance.now() + withinMs;
+    while (performance.now() < deadline && !this.paused) {
+      const state = processState(this.pid);
+      if (state === undefined || state === 'Z') return;
+      if (state === 'T' || state === 't') {
+        process.kill(this.pid, 'SIGCONT');
+        return;
+      }
+      await sleep(10);
+    }
   }
 
   /** Ends the guest for good (after a committed migration); its memory file is left to the caller. */

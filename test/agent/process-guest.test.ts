@@ -1,0 +1,85 @@
+// The process guest adapter against a real gangway-guest: a pause asked for with SIGUSR1
+// that the guest takes only after pause() gave up must not leave it stopped for good once
+// the migration resumed it (nobody would continue it).
+import { randomBytes } from 'node:crypto';
+import { existsSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterEach, describe, expect, it } from 'vitest';
+import { readGuestHeader } from '../../agent/guest/guest-header.js';
+import { launchProcessGuest, processState, ProcessGuest, removeGuestFiles, type GuestFiles } from '../../agent/guest/process-guest.js';
+import { guestBinaryPath } from '../../agent/native.js';
+import { waitFor } from '../helpers/wait.js';
+
+const MiB = 1024 * 1024;
+
+describe.skipIf(!existsSync(guestBinaryPath))('process guest adapter', () => {
+  const cleanups: (() => void)[] = [];
+  afterEach(() => {
+    for (const cleanup of cleanups.splice(0)) cleanup();
+  });
+
+  async function started(): Promise<{ guest: ProcessGuest; files: GuestFiles }> {
+    const id = randomBytes(6).toString('hex');
+    const files: GuestFiles = {
+      memoryPaths: [`/dev/shm/gangway-test-pg-${id}`, `/dev/shm/gangway-test-pg-${id}.r1`],
+      deviceStatePath: join(tmpdir(), `gangway-test-pg-${id}.dev`),
+      trackReportPath: join(tmpdir(), `gangway-test-pg-${id}.track`),
+      logPath: join(tmpdir(), `gangway-test-pg-${id}.log`),
+    };
+    cleanups.push(() => {
+      removeGuestFiles(files);
+      rmSync(files.logPath, { force: true });
+    });
+    const launched = launchProcessGuest({
+      files,
+      create: { memoryBytes: 2 * MiB, regionBytes: [MiB, MiB], profile: 'random', dirtyRateBytesPerSec: 4 * MiB, seed: 1, imageSeed: 0, sharedFraction: 0, hotFraction: 0.5 },
+    });
+    cleanups.push(() => {
+      try {
+        process.kill(launched.pid, 'SIGKILL');
+      } catch {}
+    });
+    await launched.running;
+    return { guest: new ProcessGuest('pg', launched.pid, 2 * MiB, files, [MiB, MiB]), files };
+  }
+
+  it('pauses with its device state saved, and resumes', async () => {
+    const { guest, files } = await started();
+    await guest.pause();
+    expect(processState(guest.pid)).toBe('T');
+    expect((await guest.saveDeviceState()).length).toBe(48);
+    expect(existsSync(files.deviceStatePath!)).toBe(false); // taken, so a later pause is never served a stale one
+    guest.resume();
+    const writes = readGuestHeader(files.memoryPaths[0]!).totalWrites;
+    await waitFor('writes to go on', () => readGuestHeader(files.memoryPaths[0]!).totalWrites > writes || undefined);
+  });
+
+  it('a pause the guest takes after pause() gave up is undone by the resume that followed', async () => {
+    const { guest, files } = await started();
+    // Gives up at once: the SIGUSR1 is out, the guest takes it a moment later and stops
+    // itself. (Now and then the guest is quicker than the first look: then try again.)
+    let gaveUp: Error | undefined;
+    let savesBefore = 0;
+    for (let attempt = 0; attempt < 20 && !gaveUp; attempt++) {
+      savesBefore = readGuestHeader(files.memoryPaths[0]!).deviceSaves;
+      gaveUp = await guest.pause(0).then(
+        () => {
+          guest.resume();
+          return undefined;
+        },
+        (err: Error) => err,
+      );
+      if (!gaveUp) await sleep(20);
+    }
+    expect(gaveUp?.message).toMatch(/did not stop within 0 ms/);
+    guest.resume();
+    await sleep(300);
+    expect(processState(guest.pid)).not.toBe('T');
+    const writes = readGuestHeader(files.memoryPaths[0]!).totalWrites;
+    await waitFor('writes to go on', () => readGuestHeader(files.memoryPaths[0]!).totalWrites > writes || undefined);
+    // It did take the late pause (its save count moved on), and runs again.
+    await waitFor('the late pause to be taken', () => readGuestHeader(files.memoryPaths[0]!).deviceSaves > savesBefore || undefined);
+  });
+});
