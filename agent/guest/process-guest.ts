@@ -317,10 +317,9 @@ export class ProcessGuest implements SourceGuest {
     while (performance.now() < deadline && !this.paused) {
       const state = processState(this.pid);
       if (state === undefined || state === 'Z') return;
-      if (state === 'T' || state === 't') {
-        process.kill(this.pid, 'SIGCONT');
-        return;
-      }
+      // Whether the late pause came before or after the resume's SIGCONT cannot be told
+      // apart from here: any stop in the window is continued, unless a new pause began.
+      if (state === 'T' || state === 't') process.kill(this.pid, 'SIGCONT');
       await sleep(10);
     }
   }
