@@ -80,7 +80,9 @@ export class GuestService {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated; wait for the migration to end${cancel}`);
     }
     await guest.stop();
+    // A deleted guest leaves nothing behind, its log included.
     removeGuestFiles(guest.files);
+    rmSync(guest.files.logPath, { force: true });
     this.context.registry.remove(name);
     this.context.log.info({ guest: name }, 'guest stopped');
   }

@@ -105,6 +105,19 @@ describe.skipIf(!builtAgent)('gangway CLI', () => {
     expect(run.stderr).not.toMatch(/no agent is running/);
   });
 
+  it('guest stop deletes the guest: its memory regions, device state, tracking reports, record and log', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a');
+    const name = uniqueName('del');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '8MiB,8MiB', '--dirty-rate', '1MiB/s'])).exitCode).toBe(0);
+    const guestsDir = join(a.stateDir, 'guests');
+    expect(readdirSync(guestsDir).filter((f) => f.startsWith(name)).length).toBeGreaterThan(1);
+    const stop = await cluster.cli(a, ['guest', 'stop', name]);
+    expect(stop.exitCode, stop.stderr).toBe(0);
+    expect(readdirSync(guestsDir).filter((f) => f.startsWith(name))).toEqual([]);
+    expect(readdirSync('/dev/shm').filter((f) => f.includes(`-${name}-`))).toEqual([]);
+  });
+
   it('--listen without a port: one line that says what to write', async () => {
     const run = await gangway(['agent', '--listen', '127.0.0.1', '--insecure-plaintext-loopback', '--state-dir', '/tmp/gangway-check-listen']);
     expect(run.exitCode).toBe(1);
