@@ -10,6 +10,7 @@
 // reattach (destination-postcopy.ts). What they share is in destination-types.ts.
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync, rmSync, statfsSync } from 'node:fs';
+import { removeGuestFiles } from '../guest/process-guest.js';
 import type { Logger } from 'pino';
 import { GuestKind, nameOf, RejectReason, Technique } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, ProtocolError } from '../../protocol/errors.js';
@@ -422,8 +423,7 @@ export class DestinationMigration implements FrameHandler {
       if (this.standby && this.standby.pid > 0) process.kill(this.standby.pid, 'SIGKILL');
     } catch {}
     if (journaled) this.ctx.registry.remove(this.offer.guest.name);
-    for (const path of this.files.memoryPaths) rmSync(path, { force: true });
-    if (this.files.deviceStatePath) rmSync(this.files.deviceStatePath, { force: true });
+    removeGuestFiles(this.files);
     this.finish('aborted', error.message);
   }
 
@@ -542,11 +542,10 @@ export class DestinationMigration implements FrameHandler {
     }
     this.regions = [];
     this.standby?.cancel();
-    // The guest never ran here: its log and tracking report go with it (a peer offering and
-    // dropping migrations must not leave a file each time).
+    // The guest never ran here: its log, tracking reports and device state go with it (a
+    // peer offering and dropping migrations must not leave a file each time).
     rmSync(this.files.logPath, { force: true });
-    this.files.memoryPaths.forEach((_, i) => rmSync(i === 0 ? this.files.trackReportPath : `${this.files.trackReportPath}.${i}`, { force: true }));
-    if (this.files.deviceStatePath) rmSync(this.files.deviceStatePath, { force: true });
+    removeGuestFiles(this.files);
     this.ctx.registry.release(this.offer.guest.name);
   }
 }

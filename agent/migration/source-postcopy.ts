@@ -18,7 +18,7 @@ import { PostcopyScheduler, sendMissing, WindowTuner } from './postcopy.js';
 import { collectDirty, type ProgressReporter, type RoundSender } from './rounds.js';
 import type { SourceSession } from './source-link.js';
 import type { MigrationSummary, SourceRun } from './source-types.js';
-import { hex, sameDigests, sendDeviceState } from './switchover.js';
+import { downtimeOf, hex, pauseForSwitchover, sameDigests, sendDeviceState } from './switchover.js';
 
 /**
  * Post-copy keeps few pushed bytes on their way (sent, not yet installed at the
@@ -281,15 +281,8 @@ export type PostcopyResult = Pick<MigrationSummary, 'downtimeMs' | 'downtime' | 
  */
 export async function postcopySwitchover(run: SourceRun, sender: RoundSender, round: number, pending: LaneRuns, reason: string | undefined, gate: { held: (() => void) | undefined }): Promise<PostcopyResult> {
   const { options, guest, link, lanes, clock, log, state } = run;
-  gate.held ??= await options.gate?.acquire(run.owner);
-  await link.credits!.drained();
-  const switchoverRttMs = await link.session.measureRttMs();
-  link.check();
-  state.to('stopping');
-  const pauseStart = clock.now();
-  await guest.pause();
-  const pausedAt = clock.now();
-  link.send(Frame.pause({ migrationId: options.migrationId }));
+  const paused = await pauseForSwitchover(run, gate);
+  const { switchoverRttMs, pauseStart, pausedAt } = paused;
   const T: Record<string, number> = { paused: clock.now() };
   const stale = (options.technique ?? 'precopy') === 'postcopy' ? pending : mergeLaneRuns(lanes, pending, await collectDirty(run));
   const eager = guest.eagerRuns();
@@ -326,7 +319,7 @@ export async function postcopySwitchover(run: SourceRun, sender: RoundSender, ro
     state.to('postcopy');
     gate.held?.();
     gate.held = undefined;
-    const downtimeMs = Math.max(0, committedAt - pauseStart - committed.resumeToSendMs - switchoverRttMs / 2);
+    const downtimeMs = downtimeOf(paused, committedAt, committed.resumeToSendMs);
     log.info({ downtimeMs: Math.round(downtimeMs * 10) / 10, missingPages, reason }, 'guest runs at the destination; pushing its missing pages');
     // The paused memory does not change any more: its digests can be taken at leisure.
     const sourceDigests = Promise.all(lanes.map((lane) => lane.reader.digest()));

@@ -69,6 +69,45 @@ function receiveFingerprints(run: SourceRun): { fingerprints: Promise<Uint8Array
   return { fingerprints, stop };
 }
 
+/** When the guest was paused, and the round trip the downtime measurement takes off. */
+export interface Paused {
+  switchoverRttMs: number;
+  pauseStart: number;
+  pausedAt: number;
+}
+
+/**
+ * The start of every switchover (stop-and-copy and post-copy's): this migration's turn at a
+ * gang's gate, the destination caught up, the round trip measured, the guest paused, and
+ * the destination told.
+ */
+export async function pauseForSwitchover(run: SourceRun, gate: { held: (() => void) | undefined }): Promise<Paused> {
+  const { options, guest, link, clock, state } = run;
+  // Let the destination catch up first, so the downtime does not include writing out a
+  // receive window's worth of pre-copy pages (every gang member's window: the gate holds
+  // the others back until this switchover is over).
+  gate.held ??= await options.gate?.acquire(run.owner);
+  await link.credits!.drained();
+  // The round trip as it is now, for the downtime measurement: the one taken at the start
+  // can be inflated by other migrations starting on the same session.
+  const switchoverRttMs = await link.session.measureRttMs();
+  link.check();
+  state.to('stopping');
+  const pauseStart = clock.now();
+  await guest.pause();
+  const pausedAt = clock.now();
+  link.send(Frame.pause({ migrationId: options.migrationId }));
+  return { switchoverRttMs, pauseStart, pausedAt };
+}
+
+/**
+ * Downtime on the source's clock: pause to `committed`, less the time the destination says
+ * passed between its guest running and its answer, less half the round trip.
+ */
+export function downtimeOf(paused: Paused, committedAt: number, resumeToSendMs: number): number {
+  return Math.max(0, committedAt - paused.pauseStart - resumeToSendMs - paused.switchoverRttMs / 2);
+}
+
 export interface StopAndCopyResult {
   digests: Buffer[];
   deviceStateBytes: number;
@@ -85,20 +124,7 @@ export interface StopAndCopyResult {
 export async function stopAndCopy(run: SourceRun, sender: RoundSender, round: number, runs: LaneRuns, gate: { held: (() => void) | undefined }): Promise<StopAndCopyResult> {
   const { options, guest, link, lanes, clock, log, state } = run;
   const dedup = options.dedup;
-  // Let the destination catch up first, so the downtime does not include writing out a
-  // receive window's worth of pre-copy pages (every gang member's window: the gate holds
-  // the others back until this switchover is over).
-  gate.held ??= await options.gate?.acquire(run.owner);
-  await link.credits!.drained();
-  // The round trip as it is now, for the downtime measurement: the one taken at the start
-  // can be inflated by other migrations starting on the same session.
-  const switchoverRttMs = await link.session.measureRttMs();
-  link.check();
-  state.to('stopping');
-  const pauseStart = clock.now();
-  await guest.pause();
-  const pausedAt = clock.now();
-  link.send(Frame.pause({ migrationId: options.migrationId }));
+  const { switchoverRttMs, pauseStart, pausedAt } = await pauseForSwitchover(run, gate);
   // The pages collected when the policy said stop were never sent: they join the pages
   // written since (a write-protect tracker reported them once, and only once).
   // Every want about pages sent so far came in before their credits (drained above).
@@ -185,7 +211,7 @@ export async function stopAndCopy(run: SourceRun, sender: RoundSender, round: nu
   return {
     digests,
     deviceStateBytes,
-    downtimeMs: Math.max(0, committedAt - pauseStart - committed.resumeToSendMs - switchoverRttMs / 2),
+    downtimeMs: downtimeOf({ switchoverRttMs, pauseStart, pausedAt }, committedAt, committed.resumeToSendMs),
     downtime: {
       pauseMs: pausedAt - pauseStart,
       finalRoundMs: finalSentAt - pausedAt,
