@@ -202,6 +202,7 @@ export const ConfigFileSchema = z
     traffic: TrafficSettingsSchema,
     peers: PeersSettingsSchema,
     dedup: DedupSettingsSchema,
+    vm: z.object({ imagesDir: absolutePath, qemu: z.string().min(1, 'must name the QEMU binary').max(4096) }).partial().strict(),
   })
   .partial()
   .strict();
@@ -230,6 +231,8 @@ export const ENV_OVERRIDES = {
   GANGWAY_LISTEN: 'listen',
   GANGWAY_STATE_DIR: 'stateDir',
   GANGWAY_MEMORY_DIR: 'memoryDir',
+  GANGWAY_VM_IMAGES_DIR: 'vm.imagesDir',
+  GANGWAY_VM_QEMU: 'vm.qemu',
   GANGWAY_TRACKER: 'tracker',
   GANGWAY_SHUTDOWN_GRACE: 'shutdownGrace',
   GANGWAY_LOG_LEVEL: 'logLevel',

@@ -18,6 +18,8 @@ import { PeerServer } from './daemon/peer-server.js';
 import { MigrationRecords } from './daemon/records.js';
 import { SessionPool } from './daemon/session-pool.js';
 import type { ProcessGuestSpec, TrackerPreference } from './guest/process-guest.js';
+import { launcherTable } from './guest/kinds.js';
+import { DEFAULT_QEMU_SETTINGS, type QemuSettings } from './guest/qemu-guest.js';
 import { GuestRegistry, UNREADABLE_RECORD_ADVICE } from './guest/registry.js';
 import type { Logger } from './log.js';
 import { AgentMetrics } from './metrics.js';
@@ -64,6 +66,8 @@ export interface AgentConfig {
   peers: PeerLimits;
   /** Whose resident guests a peer's dedup group may see, and how often. */
   dedup: DedupPolicy;
+  /** QEMU and the kernels its VMs boot. */
+  vm: QemuSettings;
 }
 
 export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort' | 'stateDir' | 'transport'> = {
@@ -77,6 +81,7 @@ export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort'
   postcopyReattachMs: 10 * 60_000,
   peers: PEER_LIMIT_DEFAULTS,
   dedup: DEDUP_POLICY_DEFAULTS,
+  vm: DEFAULT_QEMU_SETTINGS,
 };
 
 export type { MigrationRecord } from './daemon/records.js';
@@ -126,13 +131,14 @@ export class Agent {
     // against the certificate it presents. Without, an id of its own, kept in the state dir.
     this.tls = config.transport.kind === 'tls' ? loadTlsMaterial(config.transport) : undefined;
     this.id = this.tls ? agentIdOf(this.tls.self) : this.loadOrCreateId();
-    this.registry = new GuestRegistry(config.stateDir);
+    this.registry = new GuestRegistry(config.stateDir, log);
     // The parts read what start() sets up later (the peer port, the traffic service, the
     // digest rate) and each other's state through functions, called when they need it.
     this.sessionsOut = new SessionPool({ tls: this.tls, log, sessionOptions: (sessionLog) => this.sessionOptions(sessionLog) });
     this.inbound = new InboundMigrations({
       config,
       registry: this.registry,
+      launchers: launcherTable(config.vm, log),
       log,
       metrics: this.metrics,
       records: this.records,
@@ -261,9 +267,14 @@ export class Agent {
     return this.guests.stopGuest(name);
   }
 
+  /** See GuestService.startVm. */
+  startVm(...args: Parameters<GuestService['startVm']>) {
+    return this.guests.startVm(...args);
+  }
+
   /** See GuestService.resumeGuest. */
-  resumeGuest(name: string): void {
-    this.guests.resumeGuest(name);
+  resumeGuest(name: string): Promise<void> {
+    return this.guests.resumeGuest(name);
   }
 
   /** See GuestService.guestStatus. */
@@ -276,7 +287,7 @@ export class Agent {
     return this.listenAddress !== '' && !this.shuttingDown;
   }
 
-  status() {
+  async status() {
     return {
       agent: {
         id: this.id,
@@ -296,7 +307,7 @@ export class Agent {
         /** What this agent offers peers in its hello (postcopy only where userfaultfd works). */
         features: AGENT_FEATURES,
       },
-      guests: this.guests.guestStatus(),
+      guests: await this.guests.guestStatus(),
       /** Guest records that could not be read at start: kept on disk, their names refused (see UNREADABLE_RECORD_ADVICE). */
       unreadableRecords: this.registry.unreadableRecords(),
       migrations: this.records.newestFirst(),

@@ -9,7 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ControlClient } from './control/client.js';
 import type { Agent } from './daemon.js';
 
-export type AgentStatus = ReturnType<Agent['status']>;
+export type AgentStatus = Awaited<ReturnType<Agent['status']>>;
 
 export interface LocalAgent {
   pid: number;

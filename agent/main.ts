@@ -23,11 +23,11 @@ import { runDemo } from './cli/demo.js';
 import { checkDays, DEFAULT_CA_DAYS, DEFAULT_HOST_DAYS, initCa, issueHostCert, type CertResult } from './cli/certs.js';
 import { parseBytes, parseBytesList, parseDurationMs, parseRate, QuantityError } from './units.js';
 import { VERSION_TEXT } from './version.js';
+import { arg, clientFor, DEFAULT_STATE_DIR, fail, number, withControlOptions } from './cli/common.js';
+import { addVmCommands } from './cli/vm-commands.js';
+import { DEFAULT_QEMU_SETTINGS } from './guest/qemu-guest.js';
 import { regionSizesProblem } from './guest/process-guest.js';
 
-const DEFAULT_STATE_DIR = CONFIG_DEFAULTS.stateDir;
-
-/** Wraps a parser so commander reports "option '--x <v>' argument 'v' is invalid. <why>". */
 /** --memory: one size, or a size per memory region. */
 function parseRegionSizes(text: string, what: string): number[] {
   const sizes = parseBytesList(text, what);
@@ -36,24 +36,6 @@ function parseRegionSizes(text: string, what: string): number[] {
   return sizes;
 }
 
-function arg<T>(parse: (text: string) => T): (text: string) => T {
-  return (text) => {
-    try {
-      return parse(text);
-    } catch (err) {
-      throw new InvalidArgumentError(err instanceof Error ? err.message : String(err));
-    }
-  };
-}
-
-const number = (what: string, min: number, max: number, integer = false) =>
-  arg((text) => {
-    const value = Number(text);
-    if (!Number.isFinite(value) || value < min || value > max || (integer && !Number.isInteger(value))) {
-      throw new QuantityError(`${what} must be ${integer ? 'an integer' : 'a number'} from ${min} to ${max}`);
-    }
-    return value;
-  });
 
 /** Why a listen failed, in the operator's words (the setting to change is added by the caller). */
 function listenProblem(err: unknown): string {
@@ -64,34 +46,6 @@ function listenProblem(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
 
-const stateDirOption = () =>
-  new Option('--state-dir <dir>', 'the agent state directory (its control socket lives there)')
-    .env('GANGWAY_STATE_DIR')
-    .default(DEFAULT_STATE_DIR);
-
-/** How a client command reaches the agent: the state dir's socket, or --control with a token. */
-function withControlOptions(command: Command): Command {
-  return command
-    .addOption(stateDirOption())
-    .addOption(new Option('--control <host:port>', "the agent's loopback control port (control.listen) instead of the socket").env('GANGWAY_CONTROL'))
-    .addOption(new Option('--token-file <file>', 'with --control: the token file [STATE_DIR/control.token]').env('GANGWAY_TOKEN_FILE'));
-}
-
-function clientFor(opts: { stateDir: string; control?: string; tokenFile?: string }): ControlClient {
-  if (opts.control === undefined || opts.control === '') {
-    if (opts.tokenFile) throw new GangwayError(ErrorCode.BAD_REQUEST, '--token-file is for --control HOST:PORT (the unix socket takes no token)');
-    return new ControlClient(resolve(opts.stateDir));
-  }
-  return ControlClient.tcp(opts.control, resolve(opts.tokenFile || `${resolve(opts.stateDir)}/control.token`));
-}
-
-function fail(err: unknown, json: boolean): never {
-  const code = err instanceof GangwayError ? err.code : ErrorCode.INTERNAL;
-  const message = err instanceof Error ? err.message : String(err);
-  if (json) process.stdout.write(`${JSON.stringify({ error: { code, message } })}\n`);
-  process.stderr.write(`gangway: ${message} [${code}]\n`);
-  process.exit(1);
-}
 
 const program = new Command('gangway')
   .description('Live migration of guests between hosts: one agent per host, pages streamed peer to peer.')
@@ -102,7 +56,7 @@ const program = new Command('gangway')
 program
   .command('agent')
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
-  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval, peers.maxSessionsPerPeer/maxIncomingPerPeer/maxIncoming/maxGroupsPerSession/handshakeTimeout/requestsPerSecond/requestBurst/memoryHeadroom/decompressionsPerSession, dedup.resident/residentOffersPerMinute/residentMaxAge)')
+  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval, peers.maxSessionsPerPeer/maxIncomingPerPeer/maxIncoming/maxGroupsPerSession/handshakeTimeout/requestsPerSecond/requestBurst/memoryHeadroom/decompressionsPerSession, dedup.resident/residentOffersPerMinute/residentMaxAge, vm.imagesDir/qemu)')
   .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags), print it and exit')
   .option('--listen <host:port>', `address for peer agents [${CONFIG_DEFAULTS.listen}]`)
   .option('--state-dir <dir>', `the agent state directory [${DEFAULT_STATE_DIR}]`)
@@ -123,6 +77,8 @@ program
   .option('--insecure-plaintext-loopback', 'no TLS: plain ws, only on a loopback listen address and only to loopback peers')
   .option('--uplink <interface>', 'the uplink guests and migrations share: measured, and shaped when root (traffic.uplink)')
   .option('--link-capacity <rate>', "the uplink's capacity, e.g. 1Gbit/s (traffic.linkCapacity)")
+  .option('--vm-images-dir <dir>', `kernels VMs boot, by file name (vm.imagesDir) [${DEFAULT_QEMU_SETTINGS.imagesDir}]`)
+  .option('--vm-qemu <binary>', `the QEMU to run VMs with (vm.qemu) [${DEFAULT_QEMU_SETTINGS.binary}]`)
   .action(async (opts) => {
     let settings: ReturnType<typeof resolveAgentSettings>;
     try {
@@ -169,6 +125,7 @@ program
       traffic: settings.traffic,
       peers: settings.peers,
       dedup: settings.dedup,
+      vm: settings.vm,
     };
     let agent!: Agent;
     try {
@@ -284,6 +241,8 @@ for (const [verb, method, suffix, description] of [
       }
     });
 }
+
+addVmCommands(program);
 
 /** --to of migrate and plan: HOST:PORT with a port the destination can listen on. */
 const peerAddress = arg((text) => {

@@ -1,5 +1,6 @@
 // The settings `gangway agent` runs with: defaults < config file < GANGWAY_* environment <
 // flags, validated, in the agent's units; a flag's mistake names the flag.
+import { DEFAULT_QEMU_SETTINGS } from '../guest/qemu-guest.js';
 import { resolve } from 'node:path';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, loadConfigFile, mergeConfig, resolveControlAccess, resolveDedupPolicy, resolvePeerLimits, resolvePeerTransport, resolveTrafficConfig } from '../config.js';
@@ -45,6 +46,7 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     tls: section({ cert: path(opts.tlsCert), key: path(opts.tlsKey), ca: path(opts.tlsCa), allow: opts.tlsAllow }),
     insecurePlaintextLoopback: opts.insecurePlaintextLoopback ? true : undefined,
     traffic: section({ uplink: opts.uplink, linkCapacity: opts.linkCapacity }),
+    vm: section({ imagesDir: path(opts.vmImagesDir), qemu: opts.vmQemu }),
   };
   const given = Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined));
   const parsed = ConfigLayerSchema.safeParse(given);
@@ -81,6 +83,7 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     traffic: resolveTrafficConfig(merged.traffic),
     peers: resolvePeerLimits(merged.peers),
     dedup: resolveDedupPolicy(merged.dedup),
+    vm: { imagesDir: resolve(merged.vm?.imagesDir ?? DEFAULT_QEMU_SETTINGS.imagesDir), binary: merged.vm?.qemu ?? DEFAULT_QEMU_SETTINGS.binary },
     configFile: opts.config ? resolve(str(opts.config)!) : undefined,
   };
 }

@@ -4,6 +4,7 @@ import { z } from 'zod';
 import { GUEST_NAME_PATTERN } from '../guest/registry.js';
 import { GUEST_MAX_REGIONS } from '../guest/guest-header.js';
 import { regionSizesProblem } from '../guest/process-guest.js';
+import { MAX_VM_REGIONS, VM_ACCELS, VmDefinitionSchema } from '../guest/vm-spec.js';
 import { INTERFACE_NAME_PATTERN, PRIORITIES } from '../config.js';
 
 const guestName = z.string().regex(GUEST_NAME_PATTERN, "1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'");
@@ -33,6 +34,14 @@ export const StartGuestRequest = z
       total !== request.memoryBytes ? `the regions add up to ${total} bytes, memoryBytes is ${request.memoryBytes}` : regionSizesProblem(request.regionBytes);
     if (problem) ctx.addIssue({ code: 'custom', path: ['regionBytes'], message: problem });
   });
+
+/** A VM: its definition (as vm-spec.ts checks it, `accel` may also be auto) and its memory regions. */
+export const StartVmRequest = z.strictObject({
+  name: guestName,
+  definition: VmDefinitionSchema.extend({ accel: z.enum([...VM_ACCELS, 'auto'], { error: `must be one of: ${[...VM_ACCELS, 'auto'].join(', ')}` }) }),
+  regionBytes: z.array(z.number().int().min(1024 * 1024).max(1024 * GiB)).min(1).max(MAX_VM_REGIONS),
+  tap: z.string().regex(INTERFACE_NAME_PATTERN, "an interface name: 1 to 15 letters, digits, '_', '.' or '-'").optional(),
+});
 
 const peerAddress = z
   .string()

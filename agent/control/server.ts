@@ -14,7 +14,7 @@ import type { Agent } from '../daemon.js';
 import { GUEST_NAME_PATTERN } from '../guest/registry.js';
 import { listenUnixSocket } from './access.js';
 import type { ControlGroup } from './group.js';
-import { describeZodError, MigrateRequestSchema, PlanRequestSchema, StartGuestRequest } from './schema.js';
+import { describeZodError, MigrateRequestSchema, PlanRequestSchema, StartGuestRequest, StartVmRequest } from './schema.js';
 import { bearerRefusal } from './token.js';
 
 export const MAX_BODY_BYTES = 64 * 1024;
@@ -82,7 +82,7 @@ interface Route {
 }
 
 const ROUTES: Route[] = [
-  { method: 'GET', path: '/v1/status', handle: (agent, _p, _b, res) => send(res, 200, agent.status()) },
+  { method: 'GET', path: '/v1/status', handle: async (agent, _p, _b, res) => send(res, 200, await agent.status()) },
   {
     method: 'POST',
     path: '/v1/guests',
@@ -90,6 +90,15 @@ const ROUTES: Route[] = [
     async handle(agent, _p, body, res) {
       const { name, tap, ...spec } = body as z.infer<typeof StartGuestRequest>;
       send(res, 201, await agent.startGuest(name, spec, tap));
+    },
+  },
+  {
+    method: 'POST',
+    path: '/v1/vms',
+    body: StartVmRequest,
+    async handle(agent, _p, body, res) {
+      const { name, tap, ...request } = body as z.infer<typeof StartVmRequest>;
+      send(res, 201, await agent.startVm(name, request, tap));
     },
   },
   { method: 'GET', path: '/v1/traffic', handle: (agent, _p, _b, res) => send(res, 200, agent.traffic.status()) },
@@ -113,8 +122,8 @@ const ROUTES: Route[] = [
   {
     method: 'POST',
     path: '/v1/guests/:name/resume',
-    handle(agent, { name }, _b, res) {
-      agent.resumeGuest(name!);
+    async handle(agent, { name }, _b, res) {
+      await agent.resumeGuest(name!);
       send(res, 200, { resumed: name });
     },
   },

@@ -6,14 +6,18 @@ import { lstatSync, readFileSync, rmSync } from 'node:fs';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import type { AgentConfig } from '../daemon.js';
 import { GUEST_PAGE_SIZE } from '../guest/guest-header.js';
-import { launchProcessGuest, processState, regionSizesProblem, removeGuestFiles, type ProcessGuestSpec } from '../guest/process-guest.js';
+import { launchProcessGuest, regionSizesProblem, removeGuestFiles, type ProcessGuestSpec } from '../guest/process-guest.js';
+import { connectWhenReady, createVmMemoryFiles, endQemu, launchQemu, resolveKernel, VM_PAGE_SIZE, type LaunchedQemu } from '../guest/qemu-guest.js';
+import { kvmAvailability } from '../guest/qemu-launcher.js';
+import type { QmpClient } from '../guest/qmp.js';
 import type { GuestRegistry } from '../guest/registry.js';
+import { parseVmDefinition, vmRegionsProblem, vmSocketPathProblem, type AccelChoice, type VmDefinition, type VmSpec } from '../guest/vm-spec.js';
 import type { Logger } from '../log.js';
 import type { SourceMigration } from '../migration/source.js';
 import { parseShimReport } from '../tracker/uffd-wp.js';
 
 export interface GuestServiceContext {
-  config: Pick<AgentConfig, 'memoryDir' | 'tracker'>;
+  config: Pick<AgentConfig, 'memoryDir' | 'tracker' | 'vm'>;
   registry: GuestRegistry;
   log: Logger;
   /** Is the agent shutting down? Then no guest starts. */
@@ -71,6 +75,71 @@ export class GuestService {
     }
   }
 
+  /**
+   * Starts a QEMU VM from a definition (checked here as an offer's would be): its RAM in
+   * memory files of the agent's own, QEMU with the tracking shim, ready once QMP answers.
+   */
+  async startVm(name: string, request: { definition: VmDefinition | (Omit<VmDefinition, 'accel'> & { accel: AccelChoice }); regionBytes: number[] }, tap?: string) {
+    if (this.context.shuttingDown()) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
+    const tapOwner = tap === undefined ? undefined : this.context.registry.list().find(({ record }) => record.tap === tap);
+    if (tapOwner) throw new GangwayError(ErrorCode.BAD_REQUEST, `TAP device ${tap} is already guest ${tapOwner.record.name}'s`);
+    const settings = this.context.config.vm;
+    let accelNote: string | undefined;
+    let accel = request.definition.accel;
+    if (accel === 'auto') {
+      const why = kvmAvailability();
+      accel = why ? 'tcg' : 'kvm';
+      accelNote = why ? `tcg: ${why}` : 'kvm: /dev/kvm is usable';
+    } else if (accel === 'kvm') {
+      const why = kvmAvailability();
+      if (why) throw new GangwayError(ErrorCode.BAD_REQUEST, `--accel kvm: ${why}; use --accel tcg (or auto)`);
+    }
+    const parsed = parseVmDefinition({ ...request.definition, accel });
+    if ('problem' in parsed) throw new GangwayError(ErrorCode.BAD_REQUEST, `VM definition: ${parsed.problem}`);
+    const regionProblem = vmRegionsProblem(request.regionBytes);
+    if (regionProblem) throw new GangwayError(ErrorCode.BAD_REQUEST, `--memory ${request.regionBytes.join(',')}: ${regionProblem}`);
+    resolveKernel(settings.imagesDir, parsed.definition.kernel);
+    const spec: VmSpec = { ...parsed.definition, regionBytes: request.regionBytes };
+    this.context.registry.reserve(name);
+    const files = this.context.registry.filesFor(name, this.context.config.memoryDir, randomBytes(4).toString('hex'), spec.regionBytes.length, 'qemu');
+    const socketProblem = vmSocketPathProblem(files.qmpSocketPath!);
+    if (socketProblem) {
+      this.context.registry.release(name);
+      throw new GangwayError(ErrorCode.BAD_REQUEST, socketProblem);
+    }
+    let launched: LaunchedQemu | undefined;
+    let qmp: QmpClient | undefined;
+    try {
+      createVmMemoryFiles(files.memoryPaths, spec.regionBytes);
+      launched = launchQemu({ name, spec, files, settings, incoming: false });
+      qmp = await connectWhenReady(launched, files);
+      const status = await qmp.queryStatus();
+      if (!status.running) throw new GangwayError(ErrorCode.GUEST_FAILED, `QEMU started but its VM is ${status.status}, not running`);
+      // QEMU serves one QMP client: the registry's guest connects when it needs to.
+      await qmp.close();
+      this.context.registry.add({
+        name,
+        kind: 'qemu',
+        pid: launched.pid,
+        memoryBytes: spec.regionBytes.reduce((sum, size) => sum + size, 0),
+        pageSizeBytes: VM_PAGE_SIZE,
+        files,
+        spec,
+        origin: { kind: 'started' },
+        startedAt: new Date().toISOString(),
+        ...(tap === undefined ? {} : { tap }),
+      });
+      this.context.log.info({ guest: name, pid: launched.pid, memoryBytes: spec.regionBytes, accel: spec.accel, accelNote }, 'VM started');
+      return { name, pid: launched.pid, accel: spec.accel, ...(accelNote ? { accelNote } : {}), memoryPaths: files.memoryPaths, qmpSocket: files.qmpSocketPath!, console: files.consolePath! };
+    } catch (err) {
+      this.context.registry.release(name);
+      if (launched) await endQemu(launched.pid, qmp);
+      await qmp?.close().catch(() => {});
+      removeGuestFiles(files);
+      throw err;
+    }
+  }
+
   async stopGuest(name: string): Promise<void> {
     const { guest } = this.context.registry.get(name);
     if (this.context.isMigrating(name)) {
@@ -88,7 +157,7 @@ export class GuestService {
   }
 
   /** SIGCONT a paused guest (after a switchover left in doubt, once the operator has checked). */
-  resumeGuest(name: string): void {
+  async resumeGuest(name: string): Promise<void> {
     const { guest, record } = this.context.registry.get(name);
     if (record.outgoing?.phase === 'postcopy') {
       throw new GangwayError(
@@ -114,53 +183,38 @@ export class GuestService {
     if (this.context.isMigrating(name)) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated`);
     }
-    guest.resume();
+    await guest.resume();
   }
 
-  guestStatus() {
-    return this.context.registry.list().map(({ record, guest }) => {
-      let tracker: { kind: string; reason?: string };
-      try {
-        parseShimReport(readFileSync(record.files.trackReportPath, 'utf8'));
-        tracker = { kind: this.context.config.tracker === 'hash-scan' ? 'hash-scan' : 'uffd-wp' };
-      } catch (err) {
-        tracker = { kind: 'hash-scan', reason: (err as Error).message };
-      }
-      let header;
-      try {
-        header = guest.header();
-      } catch {}
-      return {
-        name: record.name,
-        pid: record.pid,
-        state: !guest.alive() ? 'dead' : guest.isPaused || processState(record.pid) === 'T' ? 'paused' : 'running',
-        memoryBytes: record.memoryBytes,
-        /** Region 0's file (kept for scripts written before guests had regions). */
-        memoryPath: record.files.memoryPaths[0]!,
-        memoryPaths: record.files.memoryPaths,
-        regionBytes: guest.regions.map((region) => region.lengthBytes),
-        origin: record.origin,
-        tracker,
-        ...(record.outgoing ? { outgoing: record.outgoing } : {}),
-        ...(record.incoming ? { incoming: { ...record.incoming, missingPages: this.context.incomingMissingPages(record.incoming.migrationId) ?? record.incoming.missingPages } } : {}),
-        ...(header
-          ? {
-              passes: header.passes,
-              totalWrites: header.totalWrites,
-              stalePages: header.stalePages,
-              metaErrors: header.metaErrors,
-              resumes: header.resumes,
-              resumeCheckDone: header.resumeCheckDone,
-              resumeStalePages: header.resumeStalePages,
-              passesAtResume: header.passesAtResume,
-              dirtyRateBytesPerSec: header.dirtyRateBytesPerSec,
-              profile: header.profile,
-              deviceLoads: header.deviceLoads,
-              deviceSaves: header.deviceSaves,
-              deviceErrors: header.deviceErrors,
-            }
-          : {}),
-      };
-    });
+  async guestStatus() {
+    return Promise.all(
+      this.context.registry.list().map(async ({ record, guest }) => {
+        let tracker: { kind: string; reason?: string };
+        try {
+          parseShimReport(readFileSync(record.files.trackReportPath, 'utf8'));
+          tracker = { kind: this.context.config.tracker === 'hash-scan' ? 'hash-scan' : 'uffd-wp' };
+        } catch (err) {
+          tracker = { kind: 'hash-scan', reason: (err as Error).message };
+        }
+        const alive = guest.alive();
+        return {
+          name: record.name,
+          kind: record.kind,
+          pid: record.pid,
+          state: !alive ? 'dead' : (await guest.stopped()) ? 'paused' : 'running',
+          memoryBytes: record.memoryBytes,
+          /** Region 0's file (kept for scripts written before guests had regions). */
+          memoryPath: record.files.memoryPaths[0]!,
+          memoryPaths: record.files.memoryPaths,
+          regionBytes: guest.regions.map((region) => region.lengthBytes),
+          origin: record.origin,
+          tracker,
+          ...(record.files.qmpSocketPath ? { qmpSocket: record.files.qmpSocketPath, console: record.files.consolePath } : {}),
+          ...(record.outgoing ? { outgoing: record.outgoing } : {}),
+          ...(record.incoming ? { incoming: { ...record.incoming, missingPages: this.context.incomingMissingPages(record.incoming.migrationId) ?? record.incoming.missingPages } } : {}),
+          ...(alive ? await guest.details() : {}),
+        };
+      }),
+    );
   }
 }

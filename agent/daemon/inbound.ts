@@ -8,6 +8,7 @@ import { Frame } from '../../protocol/index.js';
 import type { AgentConfig } from '../daemon.js';
 import { DestinationGroup } from '../dedup/dest-group.js';
 import { ResidentOffers } from '../dedup/resident-policy.js';
+import type { LauncherTable } from '../guest/adapter.js';
 import type { GuestRegistry } from '../guest/registry.js';
 import type { Logger } from '../log.js';
 import type { AgentMetrics } from '../metrics.js';
@@ -20,6 +21,8 @@ import type { MigrationRecord, MigrationRecords } from './records.js';
 export interface InboundContext {
   config: Pick<AgentConfig, 'memoryDir' | 'creditBytes' | 'maxPayloadBytes' | 'postcopyReattachMs' | 'peers' | 'dedup'>;
   registry: GuestRegistry;
+  /** The guest kinds this agent takes. */
+  launchers: LauncherTable;
   log: Logger;
   metrics: AgentMetrics;
   records: MigrationRecords;
@@ -163,6 +166,7 @@ export class InboundMigrations {
     }
     const migration = DestinationMigration.start(offer, session, {
       registry: this.context.registry,
+      launchers: this.context.launchers,
       memoryDir: this.context.config.memoryDir,
       creditBytes: this.context.config.creditBytes,
       maxPayloadBytes: this.context.config.maxPayloadBytes,

@@ -10,7 +10,8 @@ import { Frame } from '../../protocol/index.js';
 import type { AgentConfig } from '../daemon.js';
 import { SourceDedupGroup } from '../dedup/source-group.js';
 import { GUEST_PAGE_SIZE } from '../guest/guest-header.js';
-import type { ProcessGuest, TrackerPreference } from '../guest/process-guest.js';
+import type { HostedGuest } from '../guest/adapter.js';
+import type { TrackerPreference } from '../guest/process-guest.js';
 import type { GuestRecord, GuestRegistry } from '../guest/registry.js';
 import type { Logger } from '../log.js';
 import type { AgentMetrics } from '../metrics.js';
@@ -199,7 +200,7 @@ export class OutboundMigrations {
     const session = await this.context.sessions.session(request.to);
     this.refuseSelf(session, request.to);
     const requested = resolveTechnique(request.technique, session.peer?.features ?? []);
-    const techniqueOf = (guest: ProcessGuest) => followed?.guests.find((g) => g.name === guest.name)?.technique ?? requested;
+    const techniqueOf = (guest: HostedGuest) => followed?.guests.find((g) => g.name === guest.name)?.technique ?? requested;
     const strategy = followed?.strategy ?? request.strategy;
     // Dedup applies to pre-copy members only: a post-copy or hybrid member moves without it.
     const precopy = guests.filter((guest) => techniqueOf(guest) === 'precopy');
@@ -217,8 +218,8 @@ export class OutboundMigrations {
     const gate = strategy === 'gang' && guests.length > 1 ? new SwitchoverGate() : undefined;
     const indexStats: GroupSummary['index'] = [];
     // Every region of every member is a slot of the group: numbered on from one guest to the next.
-    const slotsOf = new Map<ProcessGuest, number[]>();
-    const openGroup = async (members: ProcessGuest[]) => {
+    const slotsOf = new Map<HostedGuest, number[]>();
+    const openGroup = async (members: HostedGuest[]) => {
       let next = 0;
       for (const guest of members) slotsOf.set(guest, guest.regions.map(() => next++));
       const group = await SourceDedupGroup.open(session, {
@@ -293,7 +294,7 @@ export class OutboundMigrations {
   }
 
   private async migrateOne(
-    guest: ProcessGuest,
+    guest: HostedGuest,
     session: PeerSession,
     request: MigrateRequest,
     technique: 'precopy' | 'postcopy' | 'hybrid',
@@ -524,7 +525,7 @@ export class OutboundMigrations {
         if (whereabouts === Whereabouts.unknown) {
           this.context.log.warn({ guest: name, to: out.to, migrationId: out.migrationId }, 'switchover resolved: the guest never ran at the destination; it resumes here');
           this.context.registry.update(name, { outgoing: undefined });
-          entry.guest.resume();
+          await entry.guest.resume();
           return;
         }
         if (whereabouts === Whereabouts.receiving && out.phase === 'postcopy') {

@@ -3,7 +3,7 @@
 // how it is paused and resumed, and, at a destination, how a guest of its kind is started
 // from the regions that arrived. Adding a kind means adding a launcher (and a source-side
 // guest) under agent/guest/ and listing it in `launchers`, not editing the engine.
-import type { RegionSpec } from '../../protocol/frames.js';
+import type { GuestConfigValue, GuestSpec } from '../../protocol/frames.js';
 import type { GuestKind } from '../../protocol/codes.js';
 import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import type { GuestFiles, TrackerPreference } from './process-guest.js';
@@ -23,6 +23,8 @@ export interface SourceGuest {
   readonly name: string;
   readonly kind: GuestKind;
   readonly regions: readonly GuestRegion[];
+  /** What the destination needs to start a guest like it (the offer's guest.config; empty for a process guest). */
+  readonly config: Record<string, GuestConfigValue>;
   readonly isPaused: boolean;
   /**
    * A dirty tracker for each region, in the order of `regions` (uffd-wp where it can, else
@@ -31,8 +33,12 @@ export interface SourceGuest {
   openTrackers(preference: TrackerPreference): Promise<{ trackers: DirtyTracker[]; fallbackReason?: string }>;
   /** Stops the guest; resolves once it no longer runs. */
   pause(): Promise<void>;
-  /** Lets a paused guest run on here (the migration did not come through). */
-  resume(): void;
+  /**
+   * Lets a paused guest run on here (the migration did not come through). Never rejects: a
+   * guest that cannot be resumed says so in the agent's log, and `gangway status` shows it
+   * paused.
+   */
+  resume(): Promise<void>;
   /**
    * The guest's state outside its memory (a VM's devices), taken while it is paused; it
    * travels after the final round and is loaded at the destination before the guest runs.
@@ -43,6 +49,48 @@ export interface SourceGuest {
   eagerRuns(): Uint32Array[];
   /** Ends this copy for good: the guest runs elsewhere now. */
   discard(): Promise<void>;
+}
+
+/** A guest this agent runs (in its registry), whatever its kind: what the daemon does with it besides migrating it. */
+export interface HostedGuest extends SourceGuest {
+  readonly pid: number;
+  readonly memoryBytes: number;
+  readonly files: GuestFiles;
+  /** Is its process there (not gone, not a zombie)? */
+  alive(): boolean;
+  /** Is it stopped, whoever stopped it (the agent, an operator, QEMU's own pause)? */
+  stopped(): Promise<boolean>;
+  /** Ends the guest at the operator's request; its files are left to the caller. */
+  stop(): Promise<void>;
+  /** What `gangway status` shows of this kind (the guest's own counters), or undefined. */
+  details(): Promise<GuestDetails | undefined>;
+}
+
+/** A guest's own counters as `gangway status` shows them: a process guest's header, a VM's QEMU state and test kernel. */
+export interface GuestDetails {
+  // gangway-guest (its header, guest-header.ts)
+  passes?: number;
+  totalWrites?: number;
+  stalePages?: number;
+  metaErrors?: number;
+  resumes?: number;
+  resumeCheckDone?: boolean;
+  resumeStalePages?: number;
+  passesAtResume?: number;
+  dirtyRateBytesPerSec?: number;
+  profile?: string;
+  deviceLoads?: number;
+  deviceSaves?: number;
+  deviceErrors?: number;
+  // a VM
+  accel?: string;
+  cpus?: number;
+  kernel?: string;
+  /** QEMU's run state (query-status), 'unknown' when QMP does not answer. */
+  vmStatus?: string;
+  qmpError?: string;
+  /** gangway-testvm's status block, when the VM runs it. */
+  testvm?: { state: string; passes: number; pagesWritten: number; stalePages: number; resumes: number; checkDone: number; checkStalePages: number };
 }
 
 /** A guest of this kind, started at a destination ahead of the switchover and blocked until `go()`. */
@@ -59,26 +107,38 @@ export interface StandbyGuest {
 }
 
 /** The kind-specific part of a guest record (GuestRecord less what every kind has). */
-export type KindRecord = Pick<GuestRecord, 'kind' | 'spec'>;
+export type KindRecord = GuestRecord extends infer R ? (R extends GuestRecord ? Pick<R, 'kind' | 'spec'> : never) : never;
 
 /** How a destination starts a guest of one kind from the regions it received. */
 export interface GuestLauncher {
   /** The kind's name in records and messages ('process'). */
   readonly kind: GuestRecord['kind'];
-  /** Why this agent cannot take guests with these regions (a reason for the reject), or undefined. */
-  checkRegions(regions: readonly RegionSpec[]): string | undefined;
   /**
-   * Starts the guest in standby on `files` (its memory not yet complete). Post-copy: the
-   * guest's end of the socket its userfaultfd comes back over.
+   * Why this agent cannot take the offered guest (a reason for the reject, safe to send to
+   * the peer), or undefined. Everything the kind reads of the offer (regions, config) is
+   * checked here, before anything is allocated or started.
    */
-  standby(files: GuestFiles, options: { postcopySocketFd?: number }): StandbyGuest;
+  checkOffer(guest: GuestSpec): string | undefined;
+  /**
+   * Starts the guest in standby on `files` (its memory not yet complete). `regionFds`: this
+   * agent's descriptors of the regions' memory files (unnamed until the commit), for a kind
+   * that maps its memory before the commit. Post-copy: the guest's end of the socket its
+   * userfaultfd comes back over.
+   */
+  standby(files: GuestFiles, options: { guest: GuestSpec; regionFds: readonly number[]; postcopySocketFd?: number }): StandbyGuest;
   /**
    * Hands the device state that arrived to the standby guest, before go(). A kind without
    * it takes no device state: a migration that brings some is refused.
    */
   loadDeviceState?(guest: StandbyGuest, files: GuestFiles, state: Uint8Array): Promise<void>;
+  /**
+   * Loading the device state may write the guest's memory (QEMU loads its ROMs and device
+   * state into RAM): the state is then loaded before the switchover's check, and the check
+   * reads the memory back as the guest will run on it, not the pages as this agent wrote them.
+   */
+  readonly deviceStateWritesMemory?: boolean;
   /** The kind's part of the record of a guest that arrived here, once its memory is complete enough to read. */
-  recordPart(files: GuestFiles): KindRecord;
+  recordPart(files: GuestFiles, guest: GuestSpec): KindRecord;
 }
 
 /** The launchers this agent has, by the offer's guest kind. */

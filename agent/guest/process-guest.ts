@@ -3,15 +3,17 @@
 // and stops itself), resume at the source is SIGCONT, and resume at a destination is a new
 // gangway-guest started (hot standby, see launch) on the migrated files and device state.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, fstatSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
 import { GuestKind } from '../../protocol/codes.js';
-import type { GuestRegion, SourceGuest } from './adapter.js';
+import type { GuestDetails, GuestRegion, HostedGuest } from './adapter.js';
 import { guestBinaryPath, trackShimPath } from '../native.js';
 import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
-import { HashScanTracker } from '../tracker/hash-scan.js';
-import { UffdWpTracker } from '../tracker/uffd-wp.js';
+import { openShimTrackers, trackReportPathOf } from './shim-trackers.js';
+import { vmStateSockets } from './vm-spec.js';
+
+export { trackReportPathOf } from './shim-trackers.js';
 import { GUEST_MAX_REGIONS, GUEST_PAGE_SIZE, readGuestHeader, type GuestHeader, type GuestProfileName } from './guest-header.js';
 
 export interface ProcessGuestSpec {
@@ -40,6 +42,10 @@ export interface GuestFiles {
   trackReportPath: string;
   /** The guest's stderr. */
   logPath: string;
+  /** A VM's QMP socket (its device-state sockets are named after it). */
+  qmpSocketPath?: string;
+  /** A VM's serial console. */
+  consolePath?: string;
 }
 
 export type TrackerPreference = 'auto' | TrackerKind;
@@ -105,10 +111,6 @@ export function regionSizesProblem(sizes: readonly number[]): string | undefined
   return undefined;
 }
 
-/** The tracking shim's report for region `index` (shim.c: PATH for region 0, PATH.i after). */
-export function trackReportPathOf(files: GuestFiles, index: number): string {
-  return index === 0 ? files.trackReportPath : `${files.trackReportPath}.${index}`;
-}
 
 /** How long a resume watches for a pause the guest took late (see resume()). */
 const PAUSE_WATCH_MS = 30_000;
@@ -236,8 +238,9 @@ export function processState(pid: number): string | undefined {
 }
 
 /** A running process guest, as the migration engine sees it: its memory files and device state. */
-export class ProcessGuest implements SourceGuest {
+export class ProcessGuest implements HostedGuest {
   readonly kind = GuestKind.process;
+  readonly config = {};
   readonly pageSizeBytes = GUEST_PAGE_SIZE;
   readonly regions: readonly GuestRegion[];
   private paused = false;
@@ -264,6 +267,36 @@ export class ProcessGuest implements SourceGuest {
 
   header(): GuestHeader {
     return readGuestHeader(this.files.memoryPaths[0]!);
+  }
+
+  async stopped(): Promise<boolean> {
+    const state = processState(this.pid);
+    return this.paused || state === 'T' || state === 't';
+  }
+
+  /** The guest's own counters, from the header in its memory. */
+  async details(): Promise<GuestDetails | undefined> {
+    let header: GuestHeader;
+    try {
+      header = this.header();
+    } catch {
+      return undefined;
+    }
+    return {
+      passes: header.passes,
+      totalWrites: header.totalWrites,
+      stalePages: header.stalePages,
+      metaErrors: header.metaErrors,
+      resumes: header.resumes,
+      resumeCheckDone: header.resumeCheckDone,
+      resumeStalePages: header.resumeStalePages,
+      passesAtResume: header.passesAtResume,
+      dirtyRateBytesPerSec: header.dirtyRateBytesPerSec,
+      profile: header.profile,
+      deviceLoads: header.deviceLoads,
+      deviceSaves: header.deviceSaves,
+      deviceErrors: header.deviceErrors,
+    };
   }
 
   alive(): boolean {
@@ -303,7 +336,7 @@ export class ProcessGuest implements SourceGuest {
    * that the guest had not taken when pause() gave up, the guest may still take it and stop
    * itself later: it is watched for that, and continued (for up to PAUSE_WATCH_MS).
    */
-  resume(): void {
+  async resume(): Promise<void> {
     if (isAlive(this.pid)) process.kill(this.pid, 'SIGCONT');
     this.paused = false;
     if (this.pauseAsked) {
@@ -341,7 +374,7 @@ export class ProcessGuest implements SourceGuest {
   /** Asks the guest to exit cleanly (SIGTERM, then SIGKILL after the timeout). */
   async stop(timeoutMs = 5_000): Promise<void> {
     if (!isAlive(this.pid)) return;
-    if (this.paused) this.resume();
+    if (this.paused) await this.resume();
     process.kill(this.pid, 'SIGTERM');
     const deadline = performance.now() + timeoutMs;
     while (this.alive() && performance.now() < deadline) await sleep(10);
@@ -385,39 +418,24 @@ export class ProcessGuest implements SourceGuest {
   }
 
   /** uffd-wp on every region when the shim registered them all (unless told otherwise), else hash-scan. */
-  async openTrackers(preference: TrackerPreference): Promise<{ trackers: DirtyTracker[]; fallbackReason?: string }> {
-    let fallbackReason: string | undefined;
-    if (preference !== 'hash-scan') {
-      const trackers: DirtyTracker[] = [];
-      try {
-        for (const [i, region] of this.regions.entries()) {
-          const report = trackReportPathOf(this.files, i);
-          if (!existsSync(report)) throw new Error(`the tracking shim wrote no report for region ${i} (${report})`);
-          trackers.push(UffdWpTracker.open(this.pid, report, region.lengthBytes, region.pageSizeBytes));
-        }
-        return { trackers };
-      } catch (err) {
-        for (const tracker of trackers) tracker.close();
-        if (preference === 'uffd-wp') throw err;
-        fallbackReason = err instanceof Error ? err.message : String(err);
-      }
-    }
-    const trackers: DirtyTracker[] = [];
-    try {
-      for (const region of this.regions) trackers.push(await HashScanTracker.open(region.path, region.lengthBytes, region.pageSizeBytes));
-    } catch (err) {
-      for (const tracker of trackers) tracker.close();
-      throw err;
-    }
-    return fallbackReason === undefined ? { trackers } : { trackers, fallbackReason };
+  openTrackers(preference: TrackerPreference): Promise<{ trackers: DirtyTracker[]; fallbackReason?: string }> {
+    return openShimTrackers(this.pid, this.regions, this.files, preference);
   }
 }
 
-/** Removes what a process guest leaves on disk besides its log: memory files, device state, tracking reports. */
+/**
+ * Removes what a guest leaves on disk besides its log: memory files, device state, tracking
+ * reports, and a VM's sockets and console.
+ */
 export function removeGuestFiles(files: GuestFiles): void {
   for (const [i, path] of files.memoryPaths.entries()) {
     rmSync(path, { force: true });
     rmSync(trackReportPathOf(files, i), { force: true });
   }
   if (files.deviceStatePath) rmSync(files.deviceStatePath, { force: true });
+  if (files.qmpSocketPath) {
+    const sockets = vmStateSockets(files.qmpSocketPath);
+    for (const path of [files.qmpSocketPath, sockets.in, sockets.out]) rmSync(path, { force: true });
+  }
+  if (files.consolePath) rmSync(files.consolePath, { force: true });
 }

@@ -10,13 +10,14 @@ import { launchProcessGuest, specFromHeader } from './process-guest.js';
 
 export const processLauncher: GuestLauncher = {
   kind: 'process',
-  checkRegions(regions) {
+  checkOffer({ regions }) {
     if (regions.length < 1 || regions.length > GUEST_MAX_REGIONS || regions.some((region) => region.pageSizeBytes !== GUEST_PAGE_SIZE)) {
       return `a process guest has 1 to ${GUEST_MAX_REGIONS} regions of ${GUEST_PAGE_SIZE}-byte pages`;
     }
     return undefined;
   },
   standby(files, { postcopySocketFd }) {
+    // gangway-guest maps its memory files by name, after go(): the commit has named them.
     return launchProcessGuest({ files, standby: true, ...(postcopySocketFd === undefined ? {} : { postcopySocketFd }) });
   },
   async loadDeviceState(_guest, files, state) {

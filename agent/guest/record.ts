@@ -9,6 +9,7 @@ import { z } from 'zod';
 import { MIGRATION_SECRET_BYTES } from '../../protocol/limits.js';
 import { GuestProfile, type GuestProfileName } from './guest-header.js';
 import type { GuestFiles, ProcessGuestSpec } from './process-guest.js';
+import { MAX_VM_REGIONS, VmDefinitionSchema, type VmSpec } from './vm-spec.js';
 
 /** The rule a field breaks, also when the field is missing (describeRecordIssues says which). */
 const rule = (message: string) => ({ error: message });
@@ -37,6 +38,10 @@ const filesShape = {
   deviceStatePath: text.optional(),
   trackReportPath: text,
   logPath: text,
+  /** A VM's QMP socket (its device-state sockets are named after it). */
+  qmpSocketPath: text.optional(),
+  /** A VM's serial console. */
+  consolePath: text.optional(),
 };
 /** Records written before guests had regions name one memory file: read as a list of one. */
 const legacyFiles = (value: unknown) => {
@@ -111,7 +116,16 @@ const ProcessGuestRecordSchema = z.strictObject({
   spec: z.strictObject(processSpecShape, rule(OBJECT)),
 });
 
-const MEMBERS = [ProcessGuestRecordSchema] as const;
+/** A QEMU VM (qemu-guest.ts): its definition as checked on every way in, and its regions' sizes. */
+const QemuGuestRecordSchema = z.strictObject({
+  ...commonShape,
+  kind: z.literal('qemu'),
+  spec: VmDefinitionSchema.extend({
+    regionBytes: z.array(whole(1024 * 1024), rule('must be a list of region sizes in bytes')).min(1).max(MAX_VM_REGIONS),
+  }),
+});
+
+const MEMBERS = [ProcessGuestRecordSchema, QemuGuestRecordSchema] as const;
 export const GUEST_KINDS = MEMBERS.map((member) => member.shape.kind.value);
 
 export const GuestRecordSchema = z.discriminatedUnion('kind', MEMBERS);
@@ -120,8 +134,10 @@ export type GuestRecord = z.infer<typeof GuestRecordSchema>;
 // The record's spec and files are the adapter's types: a field added there must be added here.
 type Same<A, B> = [A] extends [B] ? ([B] extends [A] ? true : false) : false;
 const sameSpec: Same<Extract<GuestRecord, { kind: 'process' }>['spec'], ProcessGuestSpec> = true;
+const sameVmSpec: Same<Extract<GuestRecord, { kind: 'qemu' }>['spec'], VmSpec> = true;
 const sameFiles: Same<GuestRecord['files'], GuestFiles> = true;
 void sameSpec;
+void sameVmSpec;
 void sameFiles;
 
 /** The fields an object in a record may have, by its path (for "not a field" problems). */
@@ -129,6 +145,7 @@ const FIELDS: Record<string, string[]> = {
   '': Object.keys(ProcessGuestRecordSchema.shape),
   files: Object.keys(filesShape),
   spec: Object.keys(processSpecShape),
+  'qemu:spec': Object.keys(QemuGuestRecordSchema.shape.spec.shape),
   origin: ['kind', 'migrationId', 'from'],
   incoming: Object.keys(incomingShape),
   outgoing: Object.keys(outgoingShape),
@@ -150,7 +167,8 @@ function describeRecordIssues(error: z.ZodError, input: unknown): string {
     .map((issue) => {
       const where = issue.path.map(String).join('.');
       if (issue.code === 'unrecognized_keys') {
-        const allowed = FIELDS[where];
+        const kind = (input as { kind?: unknown } | null)?.kind;
+        const allowed = (kind === 'qemu' ? FIELDS[`qemu:${where}`] : undefined) ?? FIELDS[where];
         return (
           `${issue.keys.map((key) => `'${[...issue.path, key].join('.')}'`).join(', ')} ${issue.keys.length > 1 ? 'are not fields' : 'is not a field'} ` +
           `of ${where === '' ? 'a guest record' : `'${where}'`}${allowed ? ` (allowed: ${allowed.join(', ')})` : ''}`

@@ -3,12 +3,16 @@
 import { chmodSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
+import type { Logger } from '../log.js';
+import type { HostedGuest } from './adapter.js';
 import { isAlive, ProcessGuest, type GuestFiles } from './process-guest.js';
+import { QemuGuest } from './qemu-guest.js';
 import { parseGuestRecord, type GuestRecord } from './record.js';
 
 export type { GuestRecord } from './record.js';
 
-export const GUEST_NAME_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/;
+export { GUEST_NAME_PATTERN } from './guest-name.js';
+import { GUEST_NAME_PATTERN } from './guest-name.js';
 
 /**
  * A record is the agent user's alone (0600), as is all of guests/. The .tmp is made afresh
@@ -38,13 +42,16 @@ export const UNREADABLE_RECORD_ADVICE =
 
 export class GuestRegistry {
   private readonly dir: string;
-  private readonly guests = new Map<string, { record: GuestRecord; guest: ProcessGuest }>();
+  private readonly guests = new Map<string, { record: GuestRecord; guest: HostedGuest }>();
   /** Names being created or migrated in: not yet in the registry, but taken. */
   private readonly reserved = new Set<string>();
   /** Records load() could not read, by guest name: that name is refused until a restart. */
   private readonly unreadable = new Map<string, UnreadableRecord>();
 
-  constructor(stateDir: string) {
+  constructor(
+    stateDir: string,
+    private readonly log?: Logger,
+  ) {
     this.dir = join(stateDir, 'guests');
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     // The mode above is filtered by the umask and ignored for a dir made by an older agent.
@@ -108,14 +115,19 @@ export class GuestRegistry {
     );
   }
 
-  /** Where a guest's files go: a memory file per region in `memoryDir`, the rest in the state directory. */
-  filesFor(name: string, memoryDir: string, suffix: string, regionCount = 1): GuestFiles {
-    return {
+  /**
+   * Where a guest's files go: a memory file per region in `memoryDir`, the rest in the state
+   * directory. A process guest saves its device state to a file; a VM has a QMP socket (named
+   * by the suffix alone: a unix socket's path is short) and a serial console.
+   */
+  filesFor(name: string, memoryDir: string, suffix: string, regionCount = 1, kind: GuestRecord['kind'] = 'process'): GuestFiles {
+    const common = {
       memoryPaths: Array.from({ length: regionCount }, (_, i) => join(memoryDir, `gangway-${name}-${suffix}${i === 0 ? '' : `.r${i}`}.mem`)),
-      deviceStatePath: join(this.dir, `${name}-${suffix}.dev`),
       trackReportPath: join(this.dir, `${name}-${suffix}.track`),
       logPath: join(this.dir, `${name}.log`),
     };
+    if (kind === 'qemu') return { ...common, qmpSocketPath: join(this.dir, `${suffix}.qmp`), consolePath: join(this.dir, `${name}-${suffix}.console`) };
+    return { ...common, deviceStatePath: join(this.dir, `${name}-${suffix}.dev`) };
   }
 
   /** Takes a name for a guest about to exist here; throws GUEST_EXISTS if it is taken. */
@@ -137,15 +149,18 @@ export class GuestRegistry {
     this.reserved.delete(name);
   }
 
-  add(record: GuestRecord): ProcessGuest {
+  add(record: GuestRecord): HostedGuest {
     this.reserved.delete(record.name);
     const path = join(this.dir, `${record.name}.json`);
     writeRecord(path, record);
     return this.insert(record);
   }
 
-  private insert(record: GuestRecord): ProcessGuest {
-    const guest = new ProcessGuest(record.name, record.pid, record.memoryBytes, record.files, record.spec.regionBytes);
+  private insert(record: GuestRecord): HostedGuest {
+    const guest =
+      record.kind === 'qemu'
+        ? new QemuGuest(record.name, record.pid, record.files, record.spec, this.log)
+        : new ProcessGuest(record.name, record.pid, record.memoryBytes, record.files, record.spec.regionBytes);
     this.guests.set(record.name, { record, guest });
     return guest;
   }
@@ -168,7 +183,7 @@ export class GuestRegistry {
     rmSync(join(this.dir, `${name}.json`), { force: true });
   }
 
-  get(name: string): { record: GuestRecord; guest: ProcessGuest } {
+  get(name: string): { record: GuestRecord; guest: HostedGuest } {
     this.refuseUnreadable(name);
     const entry = this.guests.get(name);
     if (!entry) throw new GangwayError(ErrorCode.GUEST_NOT_FOUND, `no guest named "${name}" on this host`);
@@ -179,7 +194,7 @@ export class GuestRegistry {
     return this.guests.has(name);
   }
 
-  list(): { record: GuestRecord; guest: ProcessGuest }[] {
+  list(): { record: GuestRecord; guest: HostedGuest }[] {
     return [...this.guests.values()];
   }
 }

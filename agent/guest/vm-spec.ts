@@ -8,7 +8,7 @@
 // becomes a command line, a path or an option string as it came.
 import { isAbsolute, join } from 'node:path';
 import { z } from 'zod';
-import { GUEST_NAME_PATTERN } from './registry.js';
+import { GUEST_NAME_PATTERN } from './guest-name.js';
 
 export const VM_MACHINES = ['q35'] as const;
 export const VM_ACCELS = ['tcg', 'kvm'] as const;
@@ -27,12 +27,14 @@ export const MAX_APPEND_LENGTH = 1024;
 /** What a VM is, apart from its memory (its regions travel as the offer's regions). */
 export const VmDefinitionSchema = z.strictObject({
   machine: z.enum(VM_MACHINES, { error: `must be one of: ${VM_MACHINES.join(', ')}` }),
-  cpus: z.number().int().min(1).max(MAX_VM_CPUS, `at most ${MAX_VM_CPUS}`),
+  cpus: z.number({ error: `must be a whole number from 1 to ${MAX_VM_CPUS}` }).int(`must be a whole number from 1 to ${MAX_VM_CPUS}`).min(1, `must be a whole number from 1 to ${MAX_VM_CPUS}`).max(MAX_VM_CPUS, `at most ${MAX_VM_CPUS}`),
   accel: z.enum(VM_ACCELS, { error: `must be one of: ${VM_ACCELS.join(', ')}` }),
-  kernel: z.string().regex(KERNEL_FILE, "a file name in the images directory: letters, digits, '.', '_', '-', no '/'").refine((name) => name !== '.' && name !== '..', 'not . or ..'),
-  append: z.string().max(MAX_APPEND_LENGTH, `at most ${MAX_APPEND_LENGTH} characters`).regex(APPEND, "letters, digits, spaces and . _ : = + / - only (no quotes, commas or shell characters)"),
+  kernel: z.string({ error: 'must be the kernel\'s file name in the images directory' }).regex(KERNEL_FILE, "a file name in the images directory: letters, digits, '.', '_', '-', no '/'").refine((name) => name !== '.' && name !== '..', 'not . or ..'),
+  append: z.string({ error: "must be the kernel's command line (text, may be empty)" }).max(MAX_APPEND_LENGTH, `at most ${MAX_APPEND_LENGTH} characters`).regex(APPEND, "letters, digits, spaces and . _ : = + / - only (no quotes, commas or shell characters)"),
 });
 export type VmDefinition = z.infer<typeof VmDefinitionSchema>;
+/** A VM as its record keeps it: the definition and its memory regions' sizes. */
+export type VmSpec = VmDefinition & { regionBytes: number[] };
 
 /** Why these region sizes cannot be a VM's memory, or undefined. */
 export function vmRegionsProblem(regionBytes: readonly number[]): string | undefined {
@@ -99,4 +101,40 @@ export function qemuArgs(name: string, definition: VmDefinition, regionBytes: re
   );
   if (incoming) args.push('-S', '-incoming', 'defer');
   return args;
+}
+
+/** The longest path a unix socket may have (sun_path holds 108 bytes with its NUL). */
+export const MAX_SOCKET_PATH_BYTES = 107;
+
+/**
+ * The sockets a VM's device state goes through, next to its QMP socket: `out` where this
+ * agent listens while the VM saves its state (a source), `in` where the VM listens for the
+ * state it loads (a destination).
+ */
+export function vmStateSockets(qmpSocketPath: string): { out: string; in: string } {
+  const base = qmpSocketPath.replace(/\.qmp$/, '');
+  return { out: `${base}.state-out`, in: `${base}.state-in` };
+}
+
+/** Why a VM's sockets cannot live at this QMP socket path, or undefined. */
+export function vmSocketPathProblem(qmpSocketPath: string): string | undefined {
+  const longest = vmStateSockets(qmpSocketPath).out;
+  if (Buffer.byteLength(longest) > MAX_SOCKET_PATH_BYTES) {
+    return `the VM's sockets (${longest}) would be longer than the ${MAX_SOCKET_PATH_BYTES} bytes a unix socket path may have: choose a shorter state directory`;
+  }
+  return undefined;
+}
+
+/** What `--accel` may say: an accelerator, or auto (KVM where /dev/kvm can be used, else TCG). */
+export type AccelChoice = VmDefinition['accel'] | 'auto';
+
+/** Can this process use KVM (is /dev/kvm there and open to it)? The reason when not. */
+export function kvmProblem(open: (path: string) => void): string | undefined {
+  try {
+    open('/dev/kvm');
+    return undefined;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    return code === 'ENOENT' ? 'this host has no /dev/kvm' : `/dev/kvm cannot be opened (${code ?? (err as Error).message})`;
+  }
 }

@@ -170,29 +170,35 @@ export class DestinationPostcopy implements PostcopyInstall {
       ctx.journal({ migrationId: ctx.migrationId, missingPages: missing.reduce((sum, runs) => sum + runsPageCount(runs), 0) });
       journaled = true;
       t.journaled = performance.now();
+      // The guest's shim sends a userfaultfd for each region as it maps it: a process guest
+      // after go(), QEMU when it starts (before its device state loads, which may touch RAM
+      // and fault). So faults are served from the moment each one arrives.
+      const handedOver = (async () => {
+        for (let received = 0; received < receivers.length; received++) {
+          const got = await ctx.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
+            throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy (${received} of ${receivers.length} regions): ${err.message}`);
+          });
+          const receiver = receivers[got.region];
+          const region = ctx.regions()[got.region];
+          if (!receiver || !region || receiver.attached || got.length !== region.lengthBytes) {
+            closeSync(got.uffd);
+            throw new GangwayError(
+              ErrorCode.GUEST_FAILED,
+              `the guest registered ${got.length} bytes of region ${got.region} for post-copy; its ${receivers.length} regions are ${ctx.regions().map((r) => r.lengthBytes).join(', ')} bytes${receiver?.attached ? ' (that region twice)' : ''}`,
+            );
+          }
+          receiver.attach(got.uffd, got.start);
+        }
+        t.uffd = performance.now();
+        closeSync(this.uffdSocket);
+        this.uffdSocket = -1;
+        this.receivers = receivers;
+        attached();
+      })();
+      handedOver.catch(() => {});
       await ctx.loadDeviceState(standby);
       standby.go();
-      // The guest's shim sends a userfaultfd for each region as it maps it.
-      for (let received = 0; received < receivers.length; received++) {
-        const got = await ctx.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
-          throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy (${received} of ${receivers.length} regions): ${err.message}`);
-        });
-        const receiver = receivers[got.region];
-        const region = ctx.regions()[got.region];
-        if (!receiver || !region || receiver.attached || got.length !== region.lengthBytes) {
-          closeSync(got.uffd);
-          throw new GangwayError(
-            ErrorCode.GUEST_FAILED,
-            `the guest registered ${got.length} bytes of region ${got.region} for post-copy; its ${receivers.length} regions are ${ctx.regions().map((r) => r.lengthBytes).join(', ')} bytes${receiver?.attached ? ' (that region twice)' : ''}`,
-          );
-        }
-        receiver.attach(got.uffd, got.start);
-      }
-      t.uffd = performance.now();
-      closeSync(this.uffdSocket);
-      this.uffdSocket = -1;
-      this.receivers = receivers;
-      attached();
+      await handedOver;
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
       t.running = runningAt;
       ctx.log.debug(Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), 'post-copy start: ms after the switch frame');

@@ -4,6 +4,7 @@
 import type { Logger } from 'pino';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import type { DestinationGroup } from '../dedup/dest-group.js';
+import type { LauncherTable } from '../guest/adapter.js';
 import type { GuestRegistry } from '../guest/registry.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { RegionHandle } from '../native.js';
@@ -11,6 +12,8 @@ import type { Slots } from './flow.js';
 
 export interface DestinationContext {
   registry: GuestRegistry;
+  /** The guest kinds this agent takes, by the offer's kind. */
+  launchers: LauncherTable;
   memoryDir: string;
   creditBytes: number;
   maxPayloadBytes: number;

@@ -19,7 +19,6 @@ import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MIGRATION_SECRET_BYTES }
 import { initialMigrationState, transition, type MigrationEvent, type MigrationState } from '../../protocol/migration-state.js';
 import type { DestinationGroup } from '../dedup/dest-group.js';
 import type { GuestLauncher, StandbyGuest } from '../guest/adapter.js';
-import { LAUNCHERS } from '../guest/kinds.js';
 import type { GuestRecord } from '../guest/registry.js';
 import { loadNative } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
@@ -46,6 +45,8 @@ export class DestinationMigration implements FrameHandler {
   private regions: IncomingRegion[] = [];
   private standby: StandbyGuest | undefined;
   private finished = false;
+  /** The switchover began here (the guest's device state is loading or it is starting): its standby's exit is the switchover's to handle. */
+  private switching = false;
   private roundsSeen = 0;
   private readonly files;
   /** The dedup group this migration belongs to (its frames are applied in the group's order). */
@@ -74,7 +75,7 @@ export class DestinationMigration implements FrameHandler {
     private readonly log: Logger,
   ) {
     this.sourceAgentId = session.peer?.agentId ?? 'unknown';
-    this.files = ctx.registry.filesFor(offer.guest.name, ctx.memoryDir, randomBytes(4).toString('hex'), offer.guest.regions.length);
+    this.files = ctx.registry.filesFor(offer.guest.name, ctx.memoryDir, randomBytes(4).toString('hex'), offer.guest.regions.length, launcher.kind);
     this.deviceState = new IncomingDeviceState(launcher, this.files, ctx.maxDeviceStateBytes, () => ctx.onLimit?.('device-state'));
     this.postcopy =
       offer.technique === Technique.precopy
@@ -127,12 +128,12 @@ export class DestinationMigration implements FrameHandler {
     if (offer.dedup && (!group || group.isClosed)) {
       return reject(RejectReason.badSpec, `dedup group ${offer.dedup.group} is not open on this session (send dedupOpen first)`);
     }
-    const launcher = LAUNCHERS[offer.guest.kind];
+    const launcher = ctx.launchers[offer.guest.kind];
     if (!launcher) return reject(RejectReason.unsupported, `this agent takes no guests of kind ${nameOf(GuestKind, offer.guest.kind) ?? offer.guest.kind}`);
     if (offer.technique !== Technique.precopy && offer.dedup) {
       return reject(RejectReason.unsupported, 'post-copy and hybrid migrations do not take part in dedup groups on this agent');
     }
-    const unfit = launcher.checkRegions(offer.guest.regions);
+    const unfit = launcher.checkOffer(offer.guest);
     if (unfit) return reject(RejectReason.badSpec, unfit);
     try {
       ctx.registry.reserve(offer.guest.name);
@@ -225,16 +226,25 @@ export class DestinationMigration implements FrameHandler {
       this.regions.push({ fd, handle, pageCount: spec.lengthBytes / spec.pageSizeBytes, pageSizeBytes: spec.pageSizeBytes, lengthBytes: spec.lengthBytes });
     }
     // A guest started now and blocked until go() makes the resume one step.
+    const regionFds = this.regions.map((region) => region.fd);
     if (!this.postcopy) {
-      this.standby = this.launcher.standby(this.files, {});
-      return;
+      this.standby = this.launcher.standby(this.files, { guest: this.offer.guest, regionFds });
+    } else {
+      const guestEnd = this.postcopy.guestSocket();
+      try {
+        this.standby = this.launcher.standby(this.files, { guest: this.offer.guest, regionFds, postcopySocketFd: guestEnd });
+      } finally {
+        closeSync(guestEnd);
+      }
     }
-    const guestEnd = this.postcopy.guestSocket();
-    try {
-      this.standby = this.launcher.standby(this.files, { postcopySocketFd: guestEnd });
-    } finally {
-      closeSync(guestEnd);
-    }
+    // A standby guest that dies (a QEMU that failed to start, or was killed) ends the
+    // migration before the switchover: the source's guest runs on there.
+    const standby = this.standby;
+    void standby.exited.then((code) => {
+      if (this.finished || this.switching) return;
+      this.log.error({ pid: standby.pid, code, log: this.files.logPath }, "the destination's standby guest exited before the switchover");
+      this.refuse(ErrorCode.GUEST_FAILED, `the guest's ${this.launcher.kind} process at the destination exited (${code === null ? 'killed' : `code ${code}`}) before the switchover`);
+    });
   }
 
   private joinGroup(group: DestinationGroup, slots: number[]): void {
@@ -288,6 +298,7 @@ export class DestinationMigration implements FrameHandler {
         postcopy.addMissing(frame, region);
         if (!frame.more) {
           this.deviceState.checkComplete();
+          this.switching = true;
           this.enqueue(() => postcopy.start(this.standby!));
         }
         return;
@@ -300,7 +311,20 @@ export class DestinationMigration implements FrameHandler {
         }
         this.deviceState.checkComplete();
         this.enqueue(async () => {
-          const digests = await Promise.all(this.regions.map((region) => this.native.regionDigest(region.handle, 'tracked')));
+          // A kind whose device state can write its memory loads it first, and the check reads
+          // the memory as the guest will run on it (not the pages as they were written here).
+          const writes = this.launcher.deviceStateWritesMemory ?? false;
+          if (writes) {
+            this.switching = true;
+            try {
+              await this.deviceState.load(this.standby!);
+            } catch (err) {
+              this.log.error({ err: (err as Error).message, log: this.files.logPath }, "the guest's device state did not load");
+              this.refuse(ErrorCode.GUEST_FAILED, `the destination could not load the guest's device state: ${(err as Error).message}`);
+              return;
+            }
+          }
+          const digests = await Promise.all(this.regions.map((region) => this.native.regionDigest(region.handle, writes ? 'full' : 'tracked')));
           const match =
             digests.length === verify.digests.length &&
             digests.every((digest, i) => digest.equals(Buffer.from(verify.digests[i]!)));
@@ -367,7 +391,7 @@ export class DestinationMigration implements FrameHandler {
       memoryBytes: this.spaceBytes,
       pageSizeBytes: this.offer.guest.regions[0]!.pageSizeBytes,
       files: this.files,
-      ...this.launcher.recordPart(this.files),
+      ...this.launcher.recordPart(this.files, this.offer.guest),
       origin: { kind: 'migrated', migrationId: this.offer.migrationId, from: this.session.peer?.agentId ?? 'unknown' },
       startedAt: new Date().toISOString(),
       ...(incoming ? { incoming: { ...incoming, from: this.session.peer?.agentId ?? 'unknown' } } : {}),
@@ -376,6 +400,7 @@ export class DestinationMigration implements FrameHandler {
 
   private async commit(): Promise<void> {
     const standby = this.standby!;
+    this.switching = true;
     let journaled = false;
     const t: Record<string, number> = { start: performance.now() };
     try {

@@ -15,6 +15,7 @@ export interface Refusal {
 export class IncomingDeviceState {
   /** The guest's device state as its chunks arrive. */
   private deviceState: { bytes: Buffer; receivedBytes: number } | undefined;
+  private loaded = false;
 
   constructor(
     private readonly launcher: GuestLauncher,
@@ -62,8 +63,10 @@ export class IncomingDeviceState {
     }
   }
 
-  /** The device state goes to the standby guest before it may run. */
+  /** The device state goes to the standby guest before it may run (once: a later call finds it loaded). */
   async load(standby: StandbyGuest): Promise<void> {
-    if (this.deviceState) await this.launcher.loadDeviceState!(standby, this.files, this.deviceState.bytes);
+    if (!this.deviceState || this.loaded) return;
+    this.loaded = true;
+    await this.launcher.loadDeviceState!(standby, this.files, this.deviceState.bytes);
   }
 }

@@ -192,7 +192,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const phase = this.state.phase;
     const session = this.link.session;
     if (this.state.sourceOwnsGuest) {
-      if (this.guest.isPaused) this.guest.resume();
+      if (this.guest.isPaused) void this.guest.resume();
       this.state.to('failed');
       if (session.isOpen && !(error instanceof PeerError)) {
         session.send(Frame.abort({ migrationId: this.options.migrationId, code: error.code, message: error.message.slice(0, 1024) }));
@@ -226,7 +226,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         try {
           this.options.registry?.update(this.guest.name, { outgoing: undefined });
         } catch {}
-        this.guest.resume();
+        void this.guest.resume();
         this.state.to('failed');
         return new GangwayError(
           error.code,
@@ -292,7 +292,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
           name: guest.name,
           kind: guest.kind,
           regions: guest.regions.map(({ name, lengthBytes, pageSizeBytes }) => ({ name, lengthBytes, pageSizeBytes })),
-          config: {},
+          config: guest.config,
         },
         technique: technique === 'postcopy' ? Technique.postcopy : technique === 'hybrid' ? Technique.hybrid : Technique.precopy,
         downtimeBudgetMs: options.downtimeBudgetMs,

@@ -20,6 +20,12 @@
  * running and the agent must not start tracking yet (see protect_thread).
  * The hook knows nothing about the program, so it serves gangway-guest and QEMU alike.
  *
+ * Standby (GANGWAY_STANDBY_FD=FD, the read end of a pipe from the agent): a destination's
+ * program started ahead of the switchover (QEMU with -S) must not outlive the agent that
+ * started it, unless that agent let it run. A thread reads FD: the byte 1 releases the
+ * program (the agent resumed it); end of file, or anything else, means the agent is gone
+ * before the switchover, and the program is killed (SIGKILL: nothing of it is to be kept).
+ *
  * Post-copy (GANGWAY_UFFD_SOCKET=FD, a unix socket the agent made): the mapping is also
  * registered for MISSING faults (a first touch of a page that is a hole in the file), and
  * the descriptor goes to the agent over FD with SCM_RIGHTS, with the region's index and the
@@ -37,6 +43,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -400,6 +407,49 @@ static void *hooked_mmap(mmap_fn *slot, const char *name, void *addr, size_t len
 		errno = saved;
 	}
 	return result;
+}
+
+static void *standby_thread(void *arg)
+{
+	int fd = (int)(intptr_t)arg;
+	char byte = 0;
+	ssize_t n;
+	do
+		n = read(fd, &byte, 1);
+	while (n < 0 && errno == EINTR);
+	if (n == 1 && byte == 1) {
+		close(fd);
+		return NULL;
+	}
+	kill(getpid(), SIGKILL);
+	return NULL;
+}
+
+__attribute__((constructor)) static void standby_watch(void)
+{
+	const char *value = getenv("GANGWAY_STANDBY_FD");
+	if (!value || !*value)
+		return;
+	char *end;
+	long fd = strtol(value, &end, 10);
+	/* A standby that cannot be watched must not run unwatched. */
+	if (*end != '\0' || fd < 0 || fd > INT_MAX || fcntl((int)fd, F_GETFD) < 0)
+		_exit(121);
+	/* Programs this one starts are not standbys. */
+	unsetenv("GANGWAY_STANDBY_FD");
+	pthread_attr_t attr;
+	pthread_t thread;
+	if (pthread_attr_init(&attr) != 0)
+		_exit(121);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	char name[17] = {0};
+	prctl(PR_GET_NAME, name);
+	prctl(PR_SET_NAME, "gangway-standby");
+	int rc = pthread_create(&thread, &attr, standby_thread, (void *)(intptr_t)fd);
+	prctl(PR_SET_NAME, name);
+	pthread_attr_destroy(&attr);
+	if (rc != 0)
+		_exit(121);
 }
 
 __attribute__((visibility("default"))) void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)

@@ -156,10 +156,10 @@ describe('guest records read back from disk', () => {
   });
 
   it('keeps a record of an unknown kind, listing the kinds there are', () => {
-    const text = startedRecordText('vmx').replace('"kind": "process"', '"kind": "qemu"');
+    const text = startedRecordText('vmx').replace('"kind": "process"', '"kind": "firecracker"');
     write('vmx.json', text);
     const { registry } = loaded();
-    expectKeptAndRefused(registry, 'vmx', text, /^'kind' must be one of: process \(got "qemu"\)$/);
+    expectKeptAndRefused(registry, 'vmx', text, /^'kind' must be one of: process, qemu \(got "firecracker"\)$/);
   });
 
   it('names nested fields, missing fields, unknown fields and a malformed secret (without showing it)', () => {

@@ -150,6 +150,7 @@ export class MarkingTracker implements DirtyTracker {
 /** A guest whose regions are buffers; the test writes pages, pauses are counted, device state is given. */
 export class MemoryGuest implements SourceGuest {
   readonly kind = GuestKind.process;
+  readonly config = {};
   readonly regions: GuestRegion[];
   readonly memories: Buffer[];
   readonly trackers: MarkingTracker[];
@@ -198,7 +199,7 @@ export class MemoryGuest implements SourceGuest {
     this.pauses++;
   }
 
-  resume(): void {
+  async resume(): Promise<void> {
     this.paused = false;
     this.resumes++;
   }

@@ -1,0 +1,67 @@
+// `gangway vm ...`: QEMU VMs on the local agent. A VM is a guest like any other once started:
+// `gangway migrate`, `status`, `guest stop` and `guest resume` take it by name.
+import { Option, type Command } from 'commander';
+import { INTERFACE_NAME_PATTERN } from '../config.js';
+import { MAX_APPEND_LENGTH, MAX_VM_CPUS, vmRegionsProblem, VM_ACCELS, VM_MACHINES } from '../guest/vm-spec.js';
+import { parseBytesList, QuantityError } from '../units.js';
+import { arg, clientFor, fail, number, withControlOptions } from './common.js';
+
+const EXAMPLES = `
+Examples:
+  gangway vm start vm1 --memory 512MiB --kernel gangway-testvm.elf
+  gangway vm start vm2 --memory 256MiB,256MiB --cpus 2 --accel auto \\
+      --kernel gangway-testvm.elf --append "gw.profile=os-image gw.rate=4096"
+  gangway migrate vm1 vm2 --to 10.0.0.2:7401        # a gang, dedup across the VMs
+  gangway guest stop vm1                             # quits QEMU, deletes the VM's memory
+
+The kernel is a file name of the agent's images directory (vm.imagesDir, --vm-images-dir),
+never a path: a destination agent boots the same name from its own directory.`;
+
+export function addVmCommands(program: Command): void {
+  const vm = program.command('vm').description('QEMU VMs on the local agent (their RAM moves through the agents, their device state through QEMU)');
+  withControlOptions(vm.command('start <name>'))
+    .description('start a QEMU VM whose RAM the agent can track and move (memory-backend files in the memory dir)')
+    .option(
+      '--memory <sizes>',
+      'RAM, whole MiB, e.g. 512MiB; several regions (NUMA nodes, a memory file each) as 256MiB,256MiB',
+      arg((text) => {
+        const sizes = parseBytesList(text, '--memory');
+        const problem = vmRegionsProblem(sizes);
+        if (problem) throw new QuantityError(`--memory "${text}": ${problem}`);
+        return sizes;
+      }),
+      [512 * 1024 * 1024],
+    )
+    .requiredOption('--kernel <file>', "a multiboot or Linux kernel: its file name in the agent's images directory")
+    .option('--append <text>', `the kernel's command line (letters, digits, spaces and . _ : = + / -; at most ${MAX_APPEND_LENGTH})`, '')
+    .option('--cpus <n>', 'virtual CPUs', number('--cpus', 1, MAX_VM_CPUS, true), 1)
+    .addOption(new Option('--accel <accel>', 'tcg (emulation, everywhere), kvm (needs a usable /dev/kvm), auto (kvm where /dev/kvm opens, else tcg; the answer says which)').choices([...VM_ACCELS, 'auto']).default('auto'))
+    .addOption(new Option('--machine <type>', 'QEMU machine type').choices([...VM_MACHINES]).default('q35'))
+    .option('--tap <device>', "the VM's TAP device, where its traffic is measured", arg((text) => {
+      if (!INTERFACE_NAME_PATTERN.test(text)) throw new QuantityError(`"${text}" is not an interface name: use 1 to 15 letters, digits, '_', '.' or '-'`);
+      return text;
+    }))
+    .option('--json', 'print JSON')
+    .addHelpText('after', EXAMPLES)
+    .action(async (name: string, opts) => {
+      try {
+        if (opts.kernel.includes('/')) {
+          throw new QuantityError(`--kernel "${opts.kernel}": give the kernel's file name in the agent's images directory (vm.imagesDir), not a path; copy the kernel there first`);
+        }
+        const result = await clientFor(opts).call<{ name: string; pid: number; accel: string; accelNote?: string; memoryPaths: string[]; qmpSocket: string; console: string }>('POST', '/v1/vms', {
+          name,
+          definition: { machine: opts.machine, cpus: opts.cpus, accel: opts.accel, kernel: opts.kernel, append: opts.append },
+          regionBytes: opts.memory,
+          ...(opts.tap ? { tap: opts.tap } : {}),
+        });
+        if (opts.json) console.log(JSON.stringify(result));
+        else {
+          console.log(`VM ${result.name} running (QEMU pid ${result.pid}, accel ${result.accelNote ?? result.accel})`);
+          console.log(`  memory  ${result.memoryPaths.join(', ')}`);
+          console.log(`  console ${result.console}`);
+        }
+      } catch (err) {
+        fail(err, Boolean(opts.json));
+      }
+    });
+}

@@ -1,0 +1,461 @@
+// The "qemu" guest adapter: a QEMU VM whose RAM is one memory-backend-file per region (in the
+// memory directory, shared), so that the agent reads, tracks and writes it as it does a
+// process guest's memory, with the tracking shim preloaded into QEMU. QEMU itself moves only
+// its device state, with the x-ignore-shared capability: its `migrate` skips the shared RAM
+// and sends the ROMs and the devices (about 200 KB), through a unix socket this agent serves
+// (source) or QEMU serves (destination), and the bytes travel as the migration's deviceState.
+//
+// Pause is QMP `stop`, resume at the source `cont`; a destination's QEMU is started ahead of
+// the switchover with -S -incoming defer on the memory files that are arriving, loads the
+// device state with migrate-incoming, and runs on `cont` at the commit. QEMU outlives the
+// agent, like a process guest: the agent finds it again by its QMP socket.
+import { spawn } from 'node:child_process';
+import { closeSync, ftruncateSync, openSync, readFileSync, realpathSync, rmSync, statSync } from 'node:fs';
+import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { relative, isAbsolute, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { GuestKind } from '../../protocol/codes.js';
+import { ErrorCode, GangwayError } from '../../protocol/errors.js';
+import type { Logger } from '../log.js';
+import { trackShimPath } from '../native.js';
+import type { DirtyTracker } from '../tracker/dirty-tracker.js';
+import type { GuestDetails, GuestRegion, HostedGuest } from './adapter.js';
+import { isAlive, processState, removeGuestFiles, type GuestFiles, type TrackerPreference } from './process-guest.js';
+import { QmpClient, QmpConnectionError } from './qmp.js';
+import type { MigrationInfo } from './qmp-schema.js';
+import { openShimTrackers } from './shim-trackers.js';
+import { readTestvmStatus, TESTVM_STATUS_ADDR } from './testvm-status.js';
+import { qemuArgs, vmStateSockets, type VmDefinition, type VmSpec } from './vm-spec.js';
+
+/** Where QEMU and the kernels it boots are, on this agent. */
+export interface QemuSettings {
+  /** qemu-system-x86_64, by name (looked up in PATH) or path. */
+  binary: string;
+  /** Kernels a VM definition names, by file name. */
+  imagesDir: string;
+}
+
+export const DEFAULT_QEMU_SETTINGS: QemuSettings = { binary: 'qemu-system-x86_64', imagesDir: '/var/lib/gangway/images' };
+
+export const VM_PAGE_SIZE = 4096;
+/** QEMU's device state with x-ignore-shared is ROMs plus devices: some hundred KB. More than this is not one. */
+export const MAX_QEMU_DEVICE_STATE_BYTES = 64 * 1024 * 1024;
+const DEVICE_STATE_TIMEOUT_MS = 30_000;
+const QMP_READY_TIMEOUT_MS = 30_000;
+const QUIT_TIMEOUT_MS = 5_000;
+
+/**
+ * The kernel file `name` of the images directory, as a real path inside it (a link that
+ * leads out of it is refused), or throws with what is wrong.
+ */
+export function resolveKernel(imagesDir: string, name: string): string {
+  let dir: string;
+  let path: string;
+  try {
+    dir = realpathSync(imagesDir);
+  } catch (err) {
+    throw new GangwayError(ErrorCode.BAD_REQUEST, `the images directory ${imagesDir} cannot be used (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); set vm.imagesDir (--vm-images-dir)`);
+  }
+  try {
+    path = realpathSync(join(dir, name));
+  } catch {
+    throw new GangwayError(ErrorCode.BAD_REQUEST, `no kernel named ${JSON.stringify(name)} in the images directory ${dir}`);
+  }
+  const inside = relative(dir, path);
+  if (inside === '' || inside.startsWith('..') || isAbsolute(inside)) {
+    throw new GangwayError(ErrorCode.BAD_REQUEST, `kernel ${JSON.stringify(name)} leads out of the images directory ${dir}`);
+  }
+  if (!statSync(path).isFile()) throw new GangwayError(ErrorCode.BAD_REQUEST, `kernel ${JSON.stringify(name)} in ${dir} is not a regular file`);
+  return path;
+}
+
+/** A VM's regions as the engine sees them: 'ram', 'ram1', ... */
+export function vmRegions(files: Pick<GuestFiles, 'memoryPaths'>, regionBytes: readonly number[]): GuestRegion[] {
+  return regionBytes.map((lengthBytes, i) => ({ name: i === 0 ? 'ram' : `ram${i}`, path: files.memoryPaths[i]!, lengthBytes, pageSizeBytes: VM_PAGE_SIZE }));
+}
+
+/** The definition as an offer's guest.config carries it. */
+export function vmConfig(definition: VmDefinition): Record<string, string | number> {
+  const { machine, cpus, accel, kernel, append } = definition;
+  return { machine, cpus, accel, kernel, append };
+}
+
+/** Creates a VM's memory files, the agent's own (0600, never through something left at the path), each its region's size. */
+export function createVmMemoryFiles(paths: readonly string[], regionBytes: readonly number[]): void {
+  for (const [i, path] of paths.entries()) {
+    const fd = openSync(path, 'wx', 0o600);
+    try {
+      ftruncateSync(fd, regionBytes[i]!);
+    } finally {
+      closeSync(fd);
+    }
+  }
+}
+
+/** The last lines of a file (QEMU's log), for an error message; empty when there is none. */
+export function logTail(path: string, lines = 3): string {
+  try {
+    return readFileSync(path, 'utf8').trim().split('\n').slice(-lines).join(' | ');
+  } catch {
+    return '';
+  }
+}
+
+export interface QemuLaunchOptions {
+  name: string;
+  spec: VmSpec;
+  files: GuestFiles;
+  settings: QemuSettings;
+  /** A destination's QEMU: paused (-S), waiting for its device state (-incoming defer). */
+  incoming: boolean;
+  /**
+   * The regions' memory files as descriptors of this agent (a destination's files are
+   * unnamed until the commit): QEMU gets them as fds 4... and maps /proc/self/fd/N.
+   */
+  regionFds?: readonly number[];
+  /** Post-copy: QEMU's end of the socket its userfaultfds go back over (becomes its fd 3). */
+  postcopySocketFd?: number;
+}
+
+export interface LaunchedQemu {
+  pid: number;
+  /** A standby (incoming) QEMU: it may outlive this agent from now on (it runs). */
+  release(): void;
+  /** A standby QEMU: it is killed (by the shim) as if this agent had died. */
+  abandon(): void;
+  /** Resolves with the exit code or signal when QEMU exits (while this agent is its parent). */
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+/** Starts QEMU detached from the agent (it outlives an agent restart), with the tracking shim preloaded. */
+export function launchQemu(options: QemuLaunchOptions): LaunchedQemu {
+  const { files, spec } = options;
+  if (!files.qmpSocketPath || !files.consolePath) throw new GangwayError(ErrorCode.INTERNAL, `VM ${options.name}: files without a QMP socket or console`);
+  const FIRST_REGION_FD = 4;
+  const memoryPaths = options.regionFds ? options.regionFds.map((_, i) => `/proc/self/fd/${FIRST_REGION_FD + i}`) : files.memoryPaths;
+  const colon = memoryPaths.find((path) => path.includes(':'));
+  if (colon !== undefined) {
+    throw new GangwayError(ErrorCode.BAD_REQUEST, `memory file ${colon} has a ':' in its path, which the tracking shim takes as a separator: choose a memory directory without one`);
+  }
+  const { regionBytes, ...definition } = spec;
+  const args = qemuArgs(options.name, definition, regionBytes, { memoryPaths, qmpSocket: files.qmpSocketPath, serialLog: files.consolePath }, options.settings.imagesDir, options.incoming);
+  rmSync(files.qmpSocketPath, { force: true });
+  const logFd = openSync(files.logPath, 'a', 0o600);
+  let child;
+  try {
+    child = spawn(options.settings.binary, args, {
+      detached: true,
+      stdio: [options.incoming ? 'pipe' : 'ignore', logFd, logFd, options.postcopySocketFd ?? 'ignore', ...(options.regionFds ?? [])],
+      env: {
+        ...process.env,
+        // A standby QEMU dies with the pipe from this agent unless released (shim.c).
+        ...(options.incoming ? { GANGWAY_STANDBY_FD: '0' } : {}),
+        LD_PRELOAD: trackShimPath,
+        GANGWAY_TRACK_PATH: memoryPaths.join(':'),
+        GANGWAY_TRACK_REPORT: files.trackReportPath,
+        ...(options.postcopySocketFd === undefined ? {} : { GANGWAY_UFFD_SOCKET: '3' }),
+      },
+    });
+  } finally {
+    closeSync(logFd);
+  }
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+    child.once('error', () => resolve({ code: null, signal: null }));
+  });
+  child.unref();
+  const standbyPipe = child.stdin;
+  standbyPipe?.on('error', () => {});
+  return {
+    pid: child.pid ?? -1,
+    exited,
+    release() {
+      standbyPipe?.end(Buffer.from([1]));
+    },
+    abandon() {
+      standbyPipe?.end();
+    },
+  };
+}
+
+/** How a QEMU that is gone ended, for messages: "exited with code 1: <log lines>". */
+async function exitDescription(launched: LaunchedQemu, logPath: string): Promise<string> {
+  const ended = await Promise.race([launched.exited, sleep(100).then(() => undefined)]);
+  const how = ended ? (ended.signal ? `was killed by ${ended.signal}` : `exited with code ${ended.code}`) : 'is gone';
+  const tail = logTail(logPath);
+  return `${how}${tail ? `: ${tail}` : ''}`;
+}
+
+/**
+ * Connects to a QEMU that is starting: its QMP socket appears once it has set up (the
+ * memory is mapped by then). Fails with QEMU's exit and log when it dies first.
+ */
+export async function connectWhenReady(launched: LaunchedQemu, files: GuestFiles, timeoutMs = QMP_READY_TIMEOUT_MS): Promise<QmpClient> {
+  const deadline = performance.now() + timeoutMs;
+  let gone = false;
+  void launched.exited.then(() => (gone = true));
+  for (;;) {
+    if (gone) throw new GangwayError(ErrorCode.GUEST_FAILED, `QEMU ${await exitDescription(launched, files.logPath)}`);
+    try {
+      return await QmpClient.connect(files.qmpSocketPath!, { connectTimeoutMs: Math.max(1_000, deadline - performance.now()) });
+    } catch (err) {
+      if (!(err instanceof QmpConnectionError) || performance.now() > deadline) {
+        const tail = logTail(files.logPath);
+        throw new GangwayError(ErrorCode.GUEST_FAILED, `QEMU did not answer on ${files.qmpSocketPath} within ${timeoutMs} ms: ${(err as Error).message}${tail ? `; its log: ${tail}` : ''}`);
+      }
+    }
+    await sleep(20);
+  }
+}
+
+/** Waits for the migration QEMU runs to end: 'completed', or throws with QEMU's error. */
+async function migrationEnd(qmp: QmpClient, what: string, timeoutMs: number): Promise<MigrationInfo> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const info = await qmp.queryMigrate();
+    if (info.status === 'completed') return info;
+    if (info.status === 'failed' || info.status === 'cancelled') {
+      throw new GangwayError(ErrorCode.GUEST_FAILED, `QEMU's ${what} ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`);
+    }
+    if (performance.now() > deadline) throw new GangwayError(ErrorCode.TIMEOUT, `QEMU's ${what} did not complete within ${timeoutMs} ms (status ${info.status ?? 'none'})`);
+    await sleep(1);
+  }
+}
+
+/**
+ * A stopped VM's device state: QEMU migrates to a unix socket this agent listens on, with
+ * x-ignore-shared (its RAM, shared, stays out). Bounded in size and time.
+ */
+export async function saveQemuDeviceState(qmp: QmpClient, socketPath: string, maxBytes = MAX_QEMU_DEVICE_STATE_BYTES): Promise<Buffer> {
+  rmSync(socketPath, { force: true });
+  const chunks: Buffer[] = [];
+  let received = 0;
+  let server: Server | undefined;
+  let peer: Socket | undefined;
+  try {
+    const streamEnded = new Promise<void>((resolve, reject) => {
+      server = createServer((socket) => {
+        if (peer) {
+          socket.destroy();
+          return;
+        }
+        peer = socket;
+        socket.on('data', (chunk: Buffer) => {
+          received += chunk.length;
+          if (received > maxBytes) {
+            socket.destroy();
+            reject(new GangwayError(ErrorCode.GUEST_FAILED, `QEMU's device state is over ${maxBytes} bytes: not a device state gangway moves (is some RAM not shared?)`));
+            return;
+          }
+          chunks.push(chunk);
+        });
+        socket.once('end', resolve);
+        socket.once('error', reject);
+      });
+    });
+    streamEnded.catch(() => {});
+    await new Promise<void>((resolve, reject) => {
+      server!.once('error', reject);
+      server!.listen(socketPath, resolve);
+    });
+    await qmp.migrateSetCapabilities({ 'x-ignore-shared': true });
+    await qmp.migrate(`unix:${socketPath}`);
+    await Promise.race([
+      Promise.all([streamEnded, migrationEnd(qmp, 'device-state save', DEVICE_STATE_TIMEOUT_MS)]),
+      sleep(DEVICE_STATE_TIMEOUT_MS).then(() => {
+        throw new GangwayError(ErrorCode.TIMEOUT, `QEMU's device state did not arrive within ${DEVICE_STATE_TIMEOUT_MS} ms`);
+      }),
+    ]);
+    return Buffer.concat(chunks, received);
+  } finally {
+    peer?.destroy();
+    if (server) await new Promise((resolve) => server!.close(resolve));
+    rmSync(socketPath, { force: true });
+  }
+}
+
+/** Loads a device state into a QEMU started with -incoming defer (it listens at `socketPath`, this agent writes). */
+export async function loadQemuDeviceState(qmp: QmpClient, socketPath: string, state: Uint8Array): Promise<MigrationInfo> {
+  rmSync(socketPath, { force: true });
+  await qmp.migrateSetCapabilities({ 'x-ignore-shared': true });
+  await qmp.migrateIncoming(`unix:${socketPath}`);
+  const socket = await new Promise<Socket>((resolve, reject) => {
+    const socket = createConnection(socketPath);
+    socket.once('connect', () => resolve(socket));
+    socket.once('error', (err) => reject(new GangwayError(ErrorCode.GUEST_FAILED, `cannot hand QEMU its device state at ${socketPath}: ${err.message}`)));
+  });
+  try {
+    const written = new Promise<void>((resolve, reject) => {
+      socket.once('error', (err) => reject(new GangwayError(ErrorCode.GUEST_FAILED, `QEMU stopped reading its device state: ${err.message}`)));
+      socket.end(state, resolve);
+    });
+    written.catch(() => {});
+    const [, info] = await Promise.all([written, migrationEnd(qmp, 'device-state load', DEVICE_STATE_TIMEOUT_MS)]);
+    return info;
+  } finally {
+    socket.destroy();
+    rmSync(socketPath, { force: true });
+  }
+}
+
+/** Ends a QEMU: `quit`, then SIGKILL when it has not exited within the timeout. */
+export async function endQemu(pid: number, qmp: QmpClient | undefined, timeoutMs = QUIT_TIMEOUT_MS): Promise<void> {
+  if (!isAlive(pid)) return;
+  if (qmp) await qmp.quit({ timeoutMs }).catch(() => {});
+  const gone = () => {
+    const state = processState(pid);
+    return state === undefined || state === 'Z';
+  };
+  const deadline = performance.now() + timeoutMs;
+  while (!gone() && performance.now() < deadline) await sleep(10);
+  if (!gone()) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {}
+    const killDeadline = performance.now() + timeoutMs;
+    while (!gone() && performance.now() < killDeadline) await sleep(10);
+  }
+}
+
+/** A running VM, as the migration engine and the daemon see it. */
+export class QemuGuest implements HostedGuest {
+  readonly kind = GuestKind.qemu;
+  readonly regions: readonly GuestRegion[];
+  readonly config: Record<string, string | number>;
+  readonly memoryBytes: number;
+  private paused = false;
+  private qmp: QmpClient | undefined;
+  private connecting: Promise<QmpClient> | undefined;
+
+  constructor(
+    readonly name: string,
+    readonly pid: number,
+    readonly files: GuestFiles,
+    readonly spec: VmSpec,
+    private readonly log?: Logger,
+  ) {
+    if (!files.qmpSocketPath || files.memoryPaths.length !== spec.regionBytes.length) {
+      throw new GangwayError(ErrorCode.INTERNAL, `VM ${name}: ${files.memoryPaths.length} memory files for ${spec.regionBytes.length} regions${files.qmpSocketPath ? '' : ', and no QMP socket'}`);
+    }
+    this.regions = vmRegions(files, spec.regionBytes);
+    this.config = vmConfig(spec);
+    this.memoryBytes = spec.regionBytes.reduce((sum, size) => sum + size, 0);
+  }
+
+  get isPaused(): boolean {
+    return this.paused;
+  }
+
+  /** The QMP connection, made again when it was lost (QEMU serves one client at a time: this agent). */
+  async client(): Promise<QmpClient> {
+    if (this.qmp?.isOpen) return this.qmp;
+    this.connecting ??= QmpClient.connect(this.files.qmpSocketPath!)
+      .then((qmp) => {
+        this.qmp = qmp;
+        return qmp;
+      })
+      .catch((err: Error) => {
+        const state = processState(this.pid);
+        if (state === undefined || state === 'Z') {
+          const tail = logTail(this.files.logPath);
+          throw new GangwayError(ErrorCode.GUEST_FAILED, `VM ${this.name}: QEMU (pid ${this.pid}) is gone${tail ? `: ${tail}` : ''}`);
+        }
+        throw err;
+      })
+      .finally(() => (this.connecting = undefined));
+    return this.connecting;
+  }
+
+  alive(): boolean {
+    const state = processState(this.pid);
+    return state !== undefined && state !== 'Z';
+  }
+
+  async stopped(): Promise<boolean> {
+    if (this.paused) return true;
+    try {
+      return !(await (await this.client()).queryStatus({ timeoutMs: 2_000 })).running;
+    } catch {
+      const state = processState(this.pid);
+      return state === 'T' || state === 't';
+    }
+  }
+
+  /** QMP `stop`: QEMU answers once the vCPUs no longer run. */
+  async pause(): Promise<void> {
+    const qmp = await this.client();
+    this.paused = true;
+    await qmp.stop({ timeoutMs: 5_000 });
+  }
+
+  /** QMP `cont`, also from QEMU's postmigrate (a device-state save that led nowhere). */
+  async resume(): Promise<void> {
+    this.paused = false;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await (await this.client()).cont({ timeoutMs: 5_000 });
+        return;
+      } catch (err) {
+        if (attempt >= 3 || !this.alive()) {
+          this.log?.error({ guest: this.name, pid: this.pid, err: (err as Error).message }, 'the VM could not be resumed: `gangway guest resume` tries again');
+          return;
+        }
+        await sleep(100);
+      }
+    }
+  }
+
+  async saveDeviceState(): Promise<Uint8Array> {
+    if (!this.paused) throw new GangwayError(ErrorCode.INTERNAL, `VM ${this.name}: device state asked for while it runs`);
+    return saveQemuDeviceState(await this.client(), vmStateSockets(this.files.qmpSocketPath!).out);
+  }
+
+  /** QEMU maps its RAM when it starts and takes a missing page as a fault like any other: nothing is needed ahead. */
+  eagerRuns(): Uint32Array[] {
+    return this.regions.map(() => new Uint32Array(0));
+  }
+
+  openTrackers(preference: TrackerPreference): Promise<{ trackers: DirtyTracker[]; fallbackReason?: string }> {
+    return openShimTrackers(this.pid, this.regions, this.files, preference);
+  }
+
+  async stop(): Promise<void> {
+    let qmp: QmpClient | undefined;
+    try {
+      qmp = await this.client();
+    } catch {}
+    await endQemu(this.pid, qmp);
+    await this.qmp?.close().catch(() => {});
+  }
+
+  async discard(): Promise<void> {
+    await this.stop();
+    removeGuestFiles(this.files);
+  }
+
+  /** QEMU's run state and, for the test kernel, its own counters (from its status block in RAM). */
+  async details(): Promise<GuestDetails | undefined> {
+    const details: GuestDetails = { accel: this.spec.accel, cpus: this.spec.cpus, kernel: this.spec.kernel };
+    try {
+      details.vmStatus = (await (await this.client()).queryStatus({ timeoutMs: 2_000 })).status;
+    } catch (err) {
+      details.vmStatus = 'unknown';
+      details.qmpError = (err as Error).message;
+    }
+    try {
+      const status = readTestvmStatus(this.files.memoryPaths[0]!, TESTVM_STATUS_ADDR, 3);
+      details.testvm = {
+        state: status.state,
+        passes: status.passes,
+        pagesWritten: status.pagesWritten,
+        stalePages: status.stalePages,
+        resumes: status.resumes,
+        checkDone: status.checkDone,
+        checkStalePages: status.checkStalePages,
+      };
+    } catch {
+      // Not the test kernel (no GWVMSTAT block): nothing more to show.
+    }
+    return details;
+  }
+}

@@ -1,0 +1,143 @@
+// The destination's side of the "qemu" guest: the offered VM definition checked field by
+// field (nothing a peer sends reaches QEMU's command line as it came), a QEMU started in
+// standby on the memory files that are arriving (-S -incoming defer, its RAM mapped from this
+// agent's descriptors of the unnamed files), its device state loaded with migrate-incoming
+// before the switchover's check, and `cont` at the commit.
+import { openSync, closeSync, constants } from 'node:fs';
+import { GangwayError, ErrorCode } from '../../protocol/errors.js';
+import type { GuestSpec } from '../../protocol/frames.js';
+import type { GuestLauncher, StandbyGuest } from './adapter.js';
+import type { Logger } from '../log.js';
+import { connectWhenReady, endQemu, launchQemu, loadQemuDeviceState, resolveKernel, VM_PAGE_SIZE, type QemuSettings } from './qemu-guest.js';
+import type { QmpClient } from './qmp.js';
+import { kvmProblem, parseVmDefinition, vmRegionsProblem, vmSocketPathProblem, vmStateSockets, type VmSpec } from './vm-spec.js';
+
+/** Can KVM be used here? (The reason when not.) */
+export function kvmAvailability(): string | undefined {
+  return kvmProblem((path) => closeSync(openSync(path, constants.O_RDWR)));
+}
+
+/** The offered guest as a VM spec, or why it cannot be one here (a message for the peer). */
+export function vmSpecOfOffer(guest: GuestSpec, settings: QemuSettings, kvm: () => string | undefined = kvmAvailability): { spec: VmSpec } | { problem: string } {
+  const parsed = parseVmDefinition(guest.config);
+  if ('problem' in parsed) return { problem: `the VM definition does not pass: ${parsed.problem}` };
+  const { definition } = parsed;
+  const regionBytes = guest.regions.map((region) => region.lengthBytes);
+  const odd = guest.regions.find((region, i) => region.pageSizeBytes !== VM_PAGE_SIZE || region.name !== (i === 0 ? 'ram' : `ram${i}`));
+  if (odd) return { problem: `a VM's regions are ram, ram1, ... of ${VM_PAGE_SIZE}-byte pages (got ${JSON.stringify(odd.name).slice(0, 40)} of ${odd.pageSizeBytes})` };
+  const regions = vmRegionsProblem(regionBytes);
+  if (regions) return { problem: regions };
+  try {
+    resolveKernel(settings.imagesDir, definition.kernel);
+  } catch (err) {
+    // The images directory is this host's business: the peer hears only that the kernel is not here.
+    return { problem: `kernel ${definition.kernel} is not in this agent's images directory` };
+  }
+  if (definition.accel === 'kvm') {
+    const why = kvm();
+    if (why) return { problem: `the VM runs under KVM and ${why}` };
+  }
+  return { spec: { ...definition, regionBytes } };
+}
+
+class QemuStandby implements StandbyGuest {
+  readonly pid: number;
+  readonly running: Promise<number>;
+  readonly exited: Promise<number | null>;
+  private resolveRunning!: (at: number) => void;
+  private rejectRunning!: (err: Error) => void;
+  private qmpP: Promise<QmpClient> | undefined;
+  private readonly launched;
+
+  constructor(
+    private readonly spec: VmSpec,
+    private readonly files: Parameters<GuestLauncher['standby']>[0],
+    launch: Parameters<typeof launchQemu>[0],
+    private readonly log?: Logger,
+  ) {
+    this.launched = launchQemu(launch);
+    this.pid = this.launched.pid;
+    this.exited = this.launched.exited.then(({ code }) => code);
+    this.running = new Promise((resolve, reject) => {
+      this.resolveRunning = resolve;
+      this.rejectRunning = reject;
+    });
+    this.running.catch(() => {});
+  }
+
+  /** QMP, once QEMU is up (its memory mapped). */
+  qmp(): Promise<QmpClient> {
+    this.qmpP ??= connectWhenReady(this.launched, this.files);
+    return this.qmpP;
+  }
+
+  go(): void {
+    void (async () => {
+      try {
+        const qmp = await this.qmp();
+        await qmp.cont({ timeoutMs: 10_000 });
+        const at = performance.now();
+        // It runs: from now on it outlives this agent (before, an agent's death ended it).
+        this.launched.release();
+        // QEMU serves one QMP client at a time: the registry's guest connects from here on.
+        await qmp.close().catch(() => {});
+        this.resolveRunning(at);
+      } catch (err) {
+        this.rejectRunning(err as Error);
+      }
+    })();
+  }
+
+  cancel(): void {
+    this.launched.abandon();
+    void (async () => {
+      const qmp = await Promise.race([this.qmp().catch(() => undefined), this.launched.exited.then(() => undefined)]);
+      await endQemu(this.pid, qmp);
+      await qmp?.close().catch(() => {});
+    })().catch((err: Error) => this.log?.warn({ pid: this.pid, err: err.message }, 'the standby QEMU did not end cleanly'));
+  }
+
+  async loadDeviceState(state: Uint8Array): Promise<void> {
+    const qmp = await this.qmp();
+    await loadQemuDeviceState(qmp, vmStateSockets(this.files.qmpSocketPath!).in, state);
+    // The incoming migration ends paused (-S): nothing runs before go().
+    const status = await qmp.queryStatus();
+    if (status.running) throw new GangwayError(ErrorCode.GUEST_FAILED, `the destination VM ${this.spec.kernel} runs before the commit (status ${status.status})`);
+  }
+
+}
+
+export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLauncher {
+  return {
+    kind: 'qemu',
+    deviceStateWritesMemory: true,
+    checkOffer(guest) {
+      const result = vmSpecOfOffer(guest, settings);
+      return 'problem' in result ? result.problem : undefined;
+    },
+    standby(files, { guest, regionFds, postcopySocketFd }) {
+      const result = vmSpecOfOffer(guest, settings);
+      if ('problem' in result) throw new GangwayError(ErrorCode.BAD_REQUEST, result.problem);
+      const socketProblem = vmSocketPathProblem(files.qmpSocketPath!);
+      if (socketProblem) throw new GangwayError(ErrorCode.BAD_REQUEST, socketProblem);
+      return new QemuStandby(result.spec, files, {
+        name: guest.name,
+        spec: result.spec,
+        files,
+        settings,
+        incoming: true,
+        regionFds,
+        ...(postcopySocketFd === undefined ? {} : { postcopySocketFd }),
+      }, log);
+    },
+    async loadDeviceState(standby, _files, state) {
+      if (!(standby instanceof QemuStandby)) throw new GangwayError(ErrorCode.INTERNAL, 'a VM device state for a guest that is not a standby QEMU');
+      await standby.loadDeviceState(state);
+    },
+    recordPart(_files, guest) {
+      const result = vmSpecOfOffer(guest, settings);
+      if ('problem' in result) throw new GangwayError(ErrorCode.BAD_REQUEST, result.problem);
+      return { kind: 'qemu', spec: result.spec };
+    },
+  };
+}

@@ -1,0 +1,139 @@
+// A VM definition as a peer's offer brings it: every field is checked before anything is
+// started, kernels are file names resolved inside the images directory (a link out of it is
+// refused), and the argument vector is built field by field (a hostile string stays one
+// argument, never an option list or a shell command).
+import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { GuestKind } from '../../protocol/codes.js';
+import type { GuestSpec } from '../../protocol/frames.js';
+import { resolveKernel, vmConfig } from '../../agent/guest/qemu-guest.js';
+import { vmSpecOfOffer } from '../../agent/guest/qemu-launcher.js';
+import { parseGuestRecord } from '../../agent/guest/record.js';
+import { qemuArgs, vmSocketPathProblem, vmStateSockets } from '../../agent/guest/vm-spec.js';
+
+const MiB = 1024 * 1024;
+const root = mkdtempSync(join(tmpdir(), 'gangway-vm-offer-'));
+const imagesDir = join(root, 'images');
+mkdirSync(imagesDir);
+writeFileSync(join(imagesDir, 'k.elf'), 'kernel');
+writeFileSync(join(root, 'secret'), 'not a kernel');
+symlinkSync(join(root, 'secret'), join(imagesDir, 'escape'));
+symlinkSync(join(imagesDir, 'k.elf'), join(imagesDir, 'alias'));
+mkdirSync(join(imagesDir, 'dir'));
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+const settings = { binary: 'qemu-system-x86_64', imagesDir };
+const definition = { machine: 'q35', cpus: 1, accel: 'tcg', kernel: 'k.elf', append: 'gw.profile=random gw.rate=64' };
+const noKvm = () => 'this host has no /dev/kvm';
+
+function offer(config: Record<string, string | number | boolean>, regions: GuestSpec['regions'] = [{ name: 'ram', lengthBytes: 64 * MiB, pageSizeBytes: 4096 }]): GuestSpec {
+  return { name: 'vm1', kind: GuestKind.qemu, regions, config };
+}
+
+function problemOf(guest: GuestSpec): string {
+  const result = vmSpecOfOffer(guest, settings, noKvm);
+  if (!('problem' in result)) throw new Error(`accepted: ${JSON.stringify(result)}`);
+  return result.problem;
+}
+
+describe('a VM offered by a peer', () => {
+  it('is taken when every field passes, with its regions as the spec', () => {
+    expect(vmSpecOfOffer(offer(definition), settings, noKvm)).toEqual({ spec: { ...definition, regionBytes: [64 * MiB] } });
+    const two = offer(definition, [
+      { name: 'ram', lengthBytes: 64 * MiB, pageSizeBytes: 4096 },
+      { name: 'ram1', lengthBytes: 32 * MiB, pageSizeBytes: 4096 },
+    ]);
+    expect(vmSpecOfOffer(two, settings, noKvm)).toEqual({ spec: { ...definition, regionBytes: [64 * MiB, 32 * MiB] } });
+    // A link inside the images directory is the kernel it leads to.
+    expect('spec' in vmSpecOfOffer(offer({ ...definition, kernel: 'alias' }), settings, noKvm)).toBe(true);
+  });
+
+  it.each([
+    ['a path up and out', { kernel: '../secret' }, /kernel: a file name in the images directory/],
+    ['an absolute path', { kernel: '/etc/passwd' }, /kernel: a file name/],
+    ['a link out of the directory', { kernel: 'escape' }, /kernel escape is not in this agent's images directory/],
+    ['a kernel that is not there', { kernel: 'nothere.elf' }, /not in this agent's images directory/],
+    ['a directory', { kernel: 'dir' }, /not in this agent's images directory/],
+    ['shell metacharacters in append', { append: 'gw.seed=1; rm -rf /' }, /append: letters, digits, spaces/],
+    ['a command substitution in append', { append: '$(reboot)' }, /append/],
+    ['a comma in append (a QEMU option list)', { append: 'console=ttyS0,115200' }, /append/],
+    ['a quote in append', { append: 'a"b' }, /append/],
+    ['a newline in append', { append: 'a\nb' }, /append/],
+    ['an append too long', { append: 'a'.repeat(1025) }, /append: at most 1024/],
+    ['an unknown machine type', { machine: 'microvm' }, /machine: must be one of: q35/],
+    ['a machine with options', { machine: 'q35,accel=kvm' }, /machine/],
+    ['an unknown accelerator', { accel: 'hvf' }, /accel: must be one of: tcg, kvm/],
+    ['KVM where there is none', { accel: 'kvm' }, /runs under KVM and this host has no \/dev\/kvm/],
+    ['absurd CPUs', { cpus: 100000 }, /cpus: at most 16/],
+    ['fractional CPUs', { cpus: 1.5 }, /cpus: must be a whole number/],
+    ['CPUs as text', { cpus: '2' }, /cpus: must be a whole number/],
+    ['a device smuggled in', { device: 'virtio-net-pci,netdev=n0' }, /Unrecognized key.*device|device/],
+  ] as const)('is refused for %s', (_what, change, problem) => {
+    expect(problemOf(offer({ ...definition, ...change } as Record<string, string | number>))).toMatch(problem);
+  });
+
+  it('is refused for regions a VM cannot have', () => {
+    const region = (name: string, lengthBytes: number, pageSizeBytes = 4096) => ({ name, lengthBytes, pageSizeBytes });
+    expect(problemOf(offer(definition, [region('ram', 64 * MiB + 4096)]))).toMatch(/whole MiB/);
+    expect(problemOf(offer(definition, [region('ram', 2 * 1024 ** 4)]))).toMatch(/more than/);
+    expect(problemOf(offer(definition, [region('ram', 8 * MiB)]))).toMatch(/first region has .* at least 32 MiB/);
+    expect(problemOf(offer(definition, Array.from({ length: 9 }, (_, i) => region(i === 0 ? 'ram' : `ram${i}`, 32 * MiB))))).toMatch(/1 to 8 memory regions/);
+    expect(problemOf(offer(definition, [region('ram', 64 * MiB, 2 * MiB)]))).toMatch(/4096-byte pages/);
+    expect(problemOf(offer(definition, [region('rom', 64 * MiB)]))).toMatch(/ram, ram1/);
+    expect(problemOf(offer(definition, []))).toMatch(/1 to 8 memory regions/);
+  });
+
+  it('reaches QEMU as separate arguments, the append as one, never through a shell', () => {
+    const spec = { ...definition, append: 'gw.seed=1 gw.rate=max' } as const;
+    const files = { memoryPaths: ['/dev/shm/m0'], qmpSocket: '/run/g/x.qmp', serialLog: '/run/g/x.console' };
+    const args = qemuArgs('vm1', spec, [64 * MiB], files, imagesDir, true);
+    expect(args[args.indexOf('-append') + 1]).toBe('gw.seed=1 gw.rate=max');
+    expect(args[args.indexOf('-kernel') + 1]).toBe(join(imagesDir, 'k.elf'));
+    expect(args.slice(-3)).toEqual(['-S', '-incoming', 'defer']);
+    expect(() => qemuArgs('vm1', { ...spec, append: 'a,b' }, [64 * MiB], files, imagesDir, false)).toThrow();
+    expect(() => qemuArgs('-vm', spec, [64 * MiB], files, imagesDir, false)).toThrow(/not allowed/);
+    expect(() => qemuArgs('vm1', spec, [64 * MiB], { ...files, memoryPaths: ['/dev/shm/a,share=off'] }, imagesDir, false)).toThrow(/without ','/);
+  });
+
+  it('resolves kernels only inside the images directory', () => {
+    expect(resolveKernel(imagesDir, 'k.elf')).toBe(join(imagesDir, 'k.elf'));
+    expect(() => resolveKernel(imagesDir, 'escape')).toThrow(/leads out of the images directory/);
+    expect(() => resolveKernel(join(root, 'none'), 'k.elf')).toThrow(/images directory .* cannot be used.*vm.imagesDir/);
+  });
+
+  it('travels as the definition alone, and its sockets fit a unix socket path', () => {
+    expect(vmConfig({ ...definition, machine: 'q35', accel: 'tcg' })).toEqual(definition);
+    expect(vmStateSockets('/s/guests/ab12cd34.qmp')).toEqual({ out: '/s/guests/ab12cd34.state-out', in: '/s/guests/ab12cd34.state-in' });
+    expect(vmSocketPathProblem('/s/guests/ab12cd34.qmp')).toBeUndefined();
+    expect(vmSocketPathProblem(`/${'d'.repeat(100)}/ab12cd34.qmp`)).toMatch(/longer than the 107 bytes.*shorter state directory/);
+  });
+});
+
+describe('a VM record read back from disk', () => {
+  const record = {
+    name: 'vm1',
+    kind: 'qemu',
+    pid: 1234,
+    memoryBytes: 64 * MiB,
+    pageSizeBytes: 4096,
+    files: { memoryPaths: ['/dev/shm/gangway-vm1-1.mem'], trackReportPath: '/s/vm1-1.track', logPath: '/s/vm1.log', qmpSocketPath: '/s/1.qmp', consolePath: '/s/vm1-1.console' },
+    spec: { ...definition, regionBytes: [64 * MiB] },
+    origin: { kind: 'started' },
+    startedAt: '2026-12-05T12:00:00.000Z',
+  };
+
+  it('is read with its definition', () => {
+    const parsed = parseGuestRecord(JSON.stringify(record), 'vm1.json');
+    expect(parsed).toEqual({ record });
+  });
+
+  it("says which of its definition's fields are wrong, listing a VM's fields", () => {
+    const bad = { ...record, spec: { ...record.spec, machine: 'pc', cpus: undefined, profile: 'os-image' } };
+    const parsed = parseGuestRecord(JSON.stringify(bad), 'vm1.json');
+    expect('problem' in parsed && parsed.problem).toMatch(/'spec.machine' must be one of: q35 \(got "pc"\)/);
+    expect('problem' in parsed && parsed.problem).toMatch(/'spec.cpus' is missing \(it must be a whole number from 1 to 16\)/);
+    expect('problem' in parsed && parsed.problem).toMatch(/'spec.profile' is not a field of 'spec' \(allowed: machine, cpus, accel, kernel, append, regionBytes\)/);
+  });
+});

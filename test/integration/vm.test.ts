@@ -1,0 +1,272 @@
+// QEMU VMs moved by gangway between two real agents: RAM through the agents, device state
+// through QEMU (x-ignore-shared). The VMs boot gangway-testvm, which rewrites its pages and
+// checks each one it revisits; after every move the test asks it for a full check of every
+// page (in the destination's memory file, which is its RAM) and expects 0 stale pages, its
+// passes going on, and QEMU running in exactly one place. QEMU runs under TCG.
+import { spawnSync } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { afterEach, describe, expect, it } from 'vitest';
+import { isAlive, processState } from '../../agent/guest/process-guest.js';
+import { readTestvmStatus, requestTestvmFullCheck } from '../../agent/guest/testvm-status.js';
+import { loadNative, nativeDir } from '../../agent/native.js';
+import { Codec, GuestKind, Technique } from '../../protocol/codes.js';
+import { Frame } from '../../protocol/index.js';
+import { Attacker } from '../helpers/attacker.js';
+import { builtAgent, Cluster, shmFilesOf, uniqueName } from '../helpers/cluster.js';
+
+type Agent = Awaited<ReturnType<Cluster['agent']>>;
+const MiB = 1024 * 1024;
+const imagesDir = join(nativeDir, 'build', 'testvm');
+const KERNEL = 'gangway-testvm.elf';
+
+function skipReason(): string | undefined {
+  if (!builtAgent) return 'the agent is not built (npm run build)';
+  const qemu = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
+  if (qemu.error || qemu.status !== 0) return 'qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)';
+  if (!existsSync(join(imagesDir, KERNEL))) return `the test kernel was not built (${join(imagesDir, 'skipped.txt')} says why)`;
+  if (!loadNative().uffdProbe()) return 'userfaultfd is not usable here (the tracking shim and post-copy need it)';
+  return undefined;
+}
+const skip = skipReason();
+if (skip) console.warn(`vm tests skipped: ${skip}`);
+
+async function guestOn(agent: Agent, name: string) {
+  return (await agent.status()).guests.find((g) => g.name === name);
+}
+
+async function until<T>(what: string, probe: () => Promise<T | undefined | false>, timeoutMs = 30_000): Promise<T> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value) return value;
+    if (performance.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+/** QEMU processes of guest `name` (their command line names it). */
+function qemuPidsOf(name: string): number[] {
+  const pids: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const args = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+      if (args[0]?.endsWith('qemu-system-x86_64') && args.includes(`guest=${name}`) && processState(Number(entry)) !== 'Z') pids.push(Number(entry));
+    } catch {}
+  }
+  return pids;
+}
+
+async function startVm(cluster: Cluster, agent: Agent, name: string, memory = '64MiB', append = 'gw.profile=random gw.seed=3 gw.rate=2048'): Promise<void> {
+  const run = await cluster.cli(agent, ['vm', 'start', name, '--memory', memory, '--kernel', KERNEL, '--accel', 'tcg', '--append', append, '--json']);
+  expect(run.exitCode, run.stderr).toBe(0);
+  await until(`VM ${name} to boot its kernel`, async () => (await guestOn(agent, name))?.testvm?.state === 'running', 60_000);
+}
+
+async function migrate(cluster: Cluster, agent: Agent, args: string[], ok = true) {
+  const run = await cluster.cli(agent, ['migrate', ...args, '--json']);
+  if (ok) expect(run.exitCode, run.stderr + run.stdout).toBe(0);
+  return { run, result: run.stdout ? JSON.parse(run.stdout) : undefined };
+}
+
+/** The kernel's full check of every page of its RAM (the memory file): its stale pages. */
+async function fullCheck(memoryPath: string): Promise<{ checkPages: number; checkStalePages: number; stalePages: number }> {
+  const request = requestTestvmFullCheck(memoryPath);
+  const status = await until('the kernel to answer a full check', async () => {
+    const status = readTestvmStatus(memoryPath);
+    return status.checkDone === request && status;
+  }, 30_000);
+  return { checkPages: status.checkPages, checkStalePages: status.checkStalePages, stalePages: status.stalePages };
+}
+
+/** The VM runs on `here` (QMP says running, its kernel's passes go on, a full check finds no stale page) and not on `there`. */
+async function runsOnlyOn(here: Agent, there: Agent, name: string): Promise<void> {
+  expect(await guestOn(there, name)).toBeUndefined();
+  const guest = (await guestOn(here, name))!;
+  expect(guest).toMatchObject({ kind: 'qemu', state: 'running', vmStatus: 'running' });
+  expect(qemuPidsOf(name)).toEqual([guest.pid]);
+  const passes = guest.testvm!.passes;
+  await until('the kernel to make a pass', async () => (await guestOn(here, name))!.testvm!.passes > passes, 30_000);
+  const check = await fullCheck(guest.memoryPath);
+  expect(check.checkPages).toBeGreaterThan(0);
+  expect(check.checkStalePages, JSON.stringify(check)).toBe(0);
+  expect(check.stalePages, JSON.stringify(check)).toBe(0);
+  expect(shmFilesOf(name)).toHaveLength(1);
+}
+
+describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
+  let cluster: Cluster;
+  afterEach(async () => {
+    await cluster?.cleanup();
+  });
+
+  async function twoAgents(envA?: NodeJS.ProcessEnv, envB?: NodeJS.ProcessEnv): Promise<[Agent, Agent]> {
+    cluster = new Cluster();
+    return [await cluster.agent('a', ['--vm-images-dir', imagesDir], envA), await cluster.agent('b', ['--vm-images-dir', imagesDir], envB)];
+  }
+
+  it('pre-copy, post-copy and hybrid: each verified, device state through QEMU, the kernel finds no stale page', async () => {
+    const [a, b] = await twoAgents();
+    const name = uniqueName('vm');
+    await startVm(cluster, a, name);
+    const sourcePid = (await guestOn(a, name))!.pid;
+    const { result } = await migrate(cluster, a, [name, '--to', b.listen]);
+    const summary = result.guests[0];
+    expect(summary).toMatchObject({ verified: true, technique: 'precopy', memoryBytes: 64 * MiB, repairedPages: 0 });
+    // QEMU's own part: ROMs and devices, not the RAM (x-ignore-shared).
+    expect(summary.deviceStateBytes).toBeGreaterThan(16 * 1024);
+    expect(summary.deviceStateBytes).toBeLessThan(4 * MiB);
+    await until('the source QEMU to quit', async () => !isAlive(sourcePid) || processState(sourcePid) === 'Z');
+    await runsOnlyOn(b, a, name);
+    for (const [from, to, technique] of [[b, a, 'postcopy'], [a, b, 'hybrid']] as const) {
+      const { result: moved } = await migrate(cluster, from, [name, '--to', to.listen, '--technique', technique, ...(technique === 'hybrid' ? ['--postcopy-after-rounds', '1'] : [])]);
+      expect(moved.guests[0]).toMatchObject({ verified: true, technique, repairedPages: 0 });
+      await runsOnlyOn(to, from, name);
+    }
+  });
+
+  it('a gang of three VMs of one image: dedup sends fewer bytes, each VM verified', async () => {
+    const [a, b] = await twoAgents();
+    const names = [0, 1, 2].map((i) => uniqueName(`vg${i}`));
+    for (const [i, name] of names.entries()) {
+      await startVm(cluster, a, name, '64MiB', `gw.profile=os-image gw.seed=${10 + i} gw.image_seed=7 gw.shared=800 gw.hot=50 gw.rate=256`);
+    }
+    const without = (await migrate(cluster, a, [...names, '--to', b.listen, '--no-dedup'])).result;
+    const withDedup = (await migrate(cluster, b, [...names, '--to', a.listen])).result;
+    for (const summary of [...without.guests, ...withDedup.guests]) expect(summary).toMatchObject({ verified: true, repairedPages: 0 });
+    expect(withDedup.dedupStats.hits.crossGuest).toBeGreaterThan(1000);
+    expect(without.dedupStats.hits.crossGuest).toBe(0);
+    expect(withDedup.wireBytes).toBeLessThan(without.wireBytes * 0.8);
+    for (const name of names) await runsOnlyOn(a, b, name);
+  });
+
+  it('the destination QEMU killed before the commit: the migration fails saying so, the VM runs on at the source', async () => {
+    const [a, b] = await twoAgents();
+    const name = uniqueName('vk');
+    await startVm(cluster, a, name);
+    const running = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '8MiB/s', '--json']);
+    const standby = await until('the standby QEMU at the destination', async () => qemuPidsOf(name).length === 2 && qemuPidsOf(name), 30_000);
+    const sourcePid = (await guestOn(a, name))!.pid;
+    const destinationPid = standby.find((pid) => pid !== sourcePid)!;
+    process.kill(destinationPid, 'SIGKILL');
+    const run = await running;
+    expect(run.exitCode).not.toBe(0);
+    expect(run.stderr).toMatch(/exited|QEMU/);
+    expect(run.stderr).toMatch(/keeps running on this host|resumed on this host/);
+    await runsOnlyOn(a, b, name);
+  });
+
+  it('a standby QEMU does not outlive its agent: the destination agent killed before the switchover takes its QEMU with it', async () => {
+    const [a, b] = await twoAgents();
+    const name = uniqueName('vd');
+    await startVm(cluster, a, name);
+    const sourcePid = (await guestOn(a, name))!.pid;
+    const running = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '8MiB/s', '--json']);
+    await until('the standby QEMU at the destination', async () => qemuPidsOf(name).length === 2);
+    await b.kill();
+    await until('the standby QEMU to die with its agent', async () => qemuPidsOf(name).length === 1, 10_000);
+    const run = await running;
+    expect(run.exitCode).not.toBe(0);
+    expect(qemuPidsOf(name)).toEqual([sourcePid]);
+    await until('the VM to run on at the source', async () => (await guestOn(a, name))?.vmStatus === 'running');
+    const check = await fullCheck((await guestOn(a, name))!.memoryPath);
+    expect(check.checkStalePages).toBe(0);
+  });
+
+  it('kill -9 of the source agent right after the commit, and of the destination agent right after the VM started there: the VM runs in exactly one place', async () => {
+    // Source dies after sending the commit: restarted, it learns the VM runs there and quits its paused copy.
+    const [a, b] = await twoAgents({ GANGWAY_FAULT_CRASH: 'source-after-commit' });
+    const name = uniqueName('vr');
+    await startVm(cluster, a, name);
+    const sourcePid = (await guestOn(a, name))!.pid;
+    const first = await migrate(cluster, a, [name, '--to', b.listen], false);
+    expect(first.run.exitCode).not.toBe(0);
+    await until('the destination to run the VM', async () => (await guestOn(b, name))?.vmStatus === 'running');
+    const a2 = await cluster.agent('a', ['--vm-images-dir', imagesDir]);
+    await until('the restarted source to drop its copy', async () => !(await guestOn(a2, name)), 60_000);
+    await until('the source QEMU to quit', async () => !isAlive(sourcePid) || processState(sourcePid) === 'Z');
+    await runsOnlyOn(b, a2, name);
+    // Destination dies right after the VM started there: the source waits in doubt, then drops its copy.
+    const listen = a2.listen;
+    await a2.kill();
+    const a3 = await cluster.agent('a', ['--vm-images-dir', imagesDir, '--listen', listen], { GANGWAY_FAULT_CRASH: 'dest-after-start' });
+    const bPid = (await guestOn(b, name))!.pid;
+    const second = await migrate(cluster, b, [name, '--to', a3.listen], false);
+    expect(second.run.exitCode).not.toBe(0);
+    expect(JSON.parse(second.run.stdout).error.code).toBe('GANGWAY_ERR_SWITCHOVER_IN_DOUBT');
+    const a4 = await cluster.agent('a', ['--vm-images-dir', imagesDir, '--listen', listen]);
+    await until('the source to drop its copy', async () => !(await guestOn(b, name)), 60_000);
+    await until('the old QEMU to quit', async () => !isAlive(bPid) || processState(bPid) === 'Z');
+    await runsOnlyOn(a4, b, name);
+  });
+
+  it('an agent restarted under a running VM finds it by its QMP socket, shows it and moves it', async () => {
+    const [a, b] = await twoAgents();
+    const name = uniqueName('vs');
+    await startVm(cluster, a, name);
+    const pid = (await guestOn(a, name))!.pid;
+    await a.stop();
+    expect(isAlive(pid)).toBe(true);
+    const again = await cluster.agent('a', ['--vm-images-dir', imagesDir]);
+    expect(await guestOn(again, name)).toMatchObject({ pid, kind: 'qemu', state: 'running', vmStatus: 'running' });
+    await migrate(cluster, again, [name, '--to', b.listen]);
+    await runsOnlyOn(b, again, name);
+    // guest stop quits QEMU and leaves nothing of the VM behind.
+    const stop = await cluster.cli(b, ['guest', 'stop', name]);
+    expect(stop.exitCode, stop.stderr).toBe(0);
+    expect(qemuPidsOf(name)).toEqual([]);
+    expect(shmFilesOf(name)).toEqual([]);
+    expect(readdirSync(join(b.stateDir, 'guests')).filter((file) => file.includes(name) || file.endsWith('.qmp'))).toEqual([]);
+  });
+});
+
+describe.skipIf(!builtAgent)('hostile VM definitions in an offer', () => {
+  let cluster: Cluster;
+  afterEach(async () => {
+    await cluster?.cleanup();
+  });
+
+  it('are rejected with the reason, and the destination starts nothing', async () => {
+    cluster = new Cluster();
+    const b = await cluster.agent('b', ['--vm-images-dir', imagesDir]);
+    const attacker = await Attacker.connect({ address: b.listen, agentId: 'attacker' });
+    try {
+      const base = { machine: 'q35', cpus: 1, accel: 'tcg', kernel: KERNEL, append: '' };
+      const cases: [Record<string, string | number>, RegExp, number?][] = [
+        [{ ...base, kernel: '../../../etc/passwd' }, /kernel: a file name in the images directory/],
+        [{ ...base, kernel: 'vmlinuz-not-here' }, /not in this agent's images directory/],
+        [{ ...base, append: 'x; touch /tmp/pwned' }, /append/],
+        [{ ...base, append: 'a,b=c' }, /append/],
+        [{ ...base, machine: 'pc-i440fx-7.2' }, /machine: must be one of: q35/],
+        [{ ...base, device: 'e1000' }, /device/],
+        [{ ...base, cpus: 4096 }, /cpus: at most 16/],
+        [base, /more than/, 2 * 1024 ** 4],
+        [base, /whole MiB/, 64 * MiB + 4096],
+      ];
+      for (const [i, [config, reason, lengthBytes]] of cases.entries()) {
+        const migrationId = `00000000-0000-4000-8000-00000000000${i}`;
+        const name = `hostile${i}`;
+        attacker.watch(migrationId);
+        attacker.send(
+          Frame.offer({
+            migrationId,
+            guest: { name, kind: GuestKind.qemu, regions: [{ name: 'ram', lengthBytes: lengthBytes ?? 64 * MiB, pageSizeBytes: 4096 }], config },
+            technique: Technique.precopy,
+            downtimeBudgetMs: 300,
+            codecs: [Codec.raw],
+          }),
+        );
+        const reject = await attacker.next(migrationId, 'reject');
+        expect(reject.message, JSON.stringify(config)).toMatch(reason);
+        expect(qemuPidsOf(name)).toEqual([]);
+        expect(shmFilesOf(name)).toEqual([]);
+      }
+      expect(readdirSync(join(b.stateDir, 'guests'))).toEqual([]);
+      expect(existsSync('/tmp/pwned')).toBe(false);
+    } finally {
+      attacker.close();
+    }
+  });
+});
