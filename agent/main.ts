@@ -458,8 +458,10 @@ withControlOptions(program.command('status'))
       if (status.guests.length === 0) console.log('no guests');
       for (const g of status.guests) {
         console.log(
-          `  guest ${g.name}: ${g.state}, pid ${g.pid}, ${(g.memoryBytes / 2 ** 20).toFixed(0)} MiB, tracker ${g.tracker.kind}` +
+          `  ${g.kind === 'qemu' ? 'VM' : 'guest'} ${g.name}: ${g.state}, pid ${g.pid}, ${(g.memoryBytes / 2 ** 20).toFixed(0)} MiB, tracker ${g.tracker.kind}` +
             (g.passes !== undefined ? `, passes ${g.passes}, stale pages ${g.stalePages}` : '') +
+            (g.kind === 'qemu' ? `, QEMU ${g.vmStatus ?? 'unknown'} (${g.accel}, ${g.cpus} CPU${g.cpus === 1 ? '' : 's'}, kernel ${g.kernel})` : '') +
+            (g.testvm ? `, test kernel: passes ${g.testvm.passes}, stale pages ${g.testvm.stalePages}` : '') +
             (g.origin.kind === 'migrated' ? `, migrated in from ${g.origin.from}` : ''),
         );
         if (g.incoming?.stranded) {
@@ -551,13 +553,21 @@ certs
 program
   .command('demo')
   .description('two local agents, a running guest, a live migration between them, and a summary')
-  .option('--memory <size>', 'guest memory', arg((t) => parseBytes(t, '--memory')), parseBytes('512MiB'))
-  .option('--dirty-rate <rate>', 'guest dirty rate', arg((t) => parseRate(t, '--dirty-rate')), parseRate('40MiB/s'))
+  .option('--memory <size>', 'guest memory [512MiB; --vm: 256MiB]', arg((t) => parseBytes(t, '--memory')))
+  .option('--dirty-rate <rate>', 'guest dirty rate [40MiB/s; --vm: 8MiB/s, what the test kernel does under TCG]', arg((t) => parseRate(t, '--dirty-rate')))
+  .option('--vm', 'move a QEMU VM (gangway-testvm under TCG) instead of the synthetic process guest')
   .addOption(new Option('--technique <technique>', 'how the guest moves (see migrate --help); postcopy and hybrid need root').choices(['precopy', 'postcopy', 'hybrid', 'auto']).default('precopy'))
   .option('--json', 'print one JSON object')
   .action(async (opts) => {
     try {
-      await runDemo({ memoryBytes: opts.memory, dirtyRateBytesPerSec: opts.dirtyRate, json: Boolean(opts.json), technique: opts.technique });
+      const vm = Boolean(opts.vm);
+      await runDemo({
+        memoryBytes: opts.memory ?? parseBytes(vm ? '256MiB' : '512MiB'),
+        dirtyRateBytesPerSec: opts.dirtyRate ?? parseRate(vm ? '8MiB/s' : '40MiB/s'),
+        json: Boolean(opts.json),
+        technique: opts.technique,
+        vm,
+      });
     } catch (err) {
       fail(err, Boolean(opts.json));
     }

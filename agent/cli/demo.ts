@@ -1,7 +1,12 @@
 // `gangway demo`: two agents on loopback, a guest dirtying its memory, a live migration
 // between them, and the guest's own check that it carries on at the destination with no
 // stale page. Everything it starts it stops, and its temporary state goes away.
-import { rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { DEFAULT_QEMU_SETTINGS } from '../guest/qemu-guest.js';
+import { requestTestvmFullCheck } from '../guest/testvm-status.js';
+import { nativeDir } from '../native.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { killGuestsOf, makeTempDir, startLocalAgent, type AgentStatus, type LocalAgent } from '../local-agent.js';
 import { formatBytes, formatRate } from '../units.js';
@@ -13,6 +18,26 @@ export interface DemoOptions {
   dirtyRateBytesPerSec: number;
   json: boolean;
   technique?: 'precopy' | 'postcopy' | 'hybrid' | 'auto';
+  /** A QEMU VM (the test kernel, TCG) instead of the synthetic process guest. */
+  vm?: boolean;
+}
+
+/** The test kernel the VM demo boots, and where it is (the images directory the demo's agents use). */
+const testvmDir = join(nativeDir, 'build', 'testvm');
+const TESTVM_KERNEL = 'gangway-testvm.elf';
+
+/** Why the VM demo cannot run here, or undefined. */
+function vmDemoProblem(): string | undefined {
+  const qemu = spawnSync(DEFAULT_QEMU_SETTINGS.binary, ['--version'], { encoding: 'utf8' });
+  if (qemu.error || qemu.status !== 0) return `${DEFAULT_QEMU_SETTINGS.binary} is not installed (Debian: apt-get install qemu-system-x86)`;
+  if (!existsSync(join(testvmDir, TESTVM_KERNEL))) {
+    let why = '';
+    try {
+      why = readFileSync(join(testvmDir, 'skipped.txt'), 'utf8').trim();
+    } catch {}
+    return `the test kernel was not built${why ? ` (${why})` : ''}: run npm run build`;
+  }
+  return undefined;
 }
 
 export async function runDemo(options: DemoOptions): Promise<void> {
@@ -32,13 +57,32 @@ export async function runDemo(options: DemoOptions): Promise<void> {
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
-    const source = await startLocalAgent({ stateDir: `${tmp}/source` });
+    if (options.vm) {
+      const problem = vmDemoProblem();
+      if (problem) throw new GangwayError(ErrorCode.BAD_REQUEST, `demo --vm: ${problem}`);
+    }
+    const args = options.vm ? ['--vm-images-dir', testvmDir] : [];
+    const source = await startLocalAgent({ stateDir: `${tmp}/source`, args });
     agents.push(source);
-    const destination = await startLocalAgent({ stateDir: `${tmp}/destination` });
+    const destination = await startLocalAgent({ stateDir: `${tmp}/destination`, args });
     agents.push(destination);
     say(`agents: source ${source.listen} (pid ${source.pid}), destination ${destination.listen} (pid ${destination.pid})`);
 
-    await source.client.call('POST', '/v1/guests', {
+    if (options.vm) {
+      await source.client.call('POST', '/v1/vms', {
+        name: 'vm1',
+        definition: {
+          machine: 'q35',
+          cpus: 1,
+          accel: 'tcg',
+          kernel: TESTVM_KERNEL,
+          append: `gw.profile=os-image gw.seed=1 gw.rate=${Math.round(options.dirtyRateBytesPerSec / 1024)}`,
+        },
+        regionBytes: [options.memoryBytes],
+      });
+      say(`VM vm1: QEMU (TCG) booting gangway-testvm, ${formatBytes(options.memoryBytes)} of RAM, OS-image-like content, rewriting up to ${formatRate(options.dirtyRateBytesPerSec)}`);
+      await waitForVm(source, 'vm1', (vm) => vm.state === 'running', 'its kernel to write every page', 120_000);
+    } else await source.client.call('POST', '/v1/guests', {
       name: 'vm1',
       memoryBytes: options.memoryBytes,
       profile: 'os-image',
@@ -48,7 +92,7 @@ export async function runDemo(options: DemoOptions): Promise<void> {
       sharedFraction: 0,
       hotFraction: 0.25,
     });
-    say(`guest vm1: ${formatBytes(options.memoryBytes)}, OS-image-like content, dirtying ${formatRate(options.dirtyRateBytesPerSec)}`);
+    if (!options.vm) say(`guest vm1: ${formatBytes(options.memoryBytes)}, OS-image-like content, dirtying ${formatRate(options.dirtyRateBytesPerSec)}`);
     await sleep(1000);
 
     const tty = process.stderr.isTTY && !options.json;
@@ -62,12 +106,12 @@ export async function runDemo(options: DemoOptions): Promise<void> {
     const summary = group.guests[0]!;
     say(summaryText(summary));
 
-    // The guest's own verdict: it re-checked every page on resume and keeps checking each
-    // page it rewrites. Wait for the resume check and two more passes.
-    const guestCheck = await waitForGuestProgress(destination, 'vm1', 2, 60_000);
+    // The guest's own verdict: it re-checked every page on resume (the VM's kernel when asked)
+    // and keeps checking each page it rewrites. Wait for the check and more passes.
+    const guestCheck = options.vm ? await vmCheck(destination, 'vm1') : await waitForGuestProgress(destination, 'vm1', 2, 60_000);
     say(
-      `guest vm1 at the destination: resume check of every page found ${guestCheck.resumeStalePages} stale; ` +
-        `${guestCheck.passesAfterResume} passes since resume, ${guestCheck.stalePages} stale pages in all`,
+      `${options.vm ? 'VM' : 'guest'} vm1 at the destination: ${options.vm ? 'full check' : 'resume check'} of every page found ${guestCheck.resumeStalePages} stale; ` +
+        `${guestCheck.passesAfterResume} passes since, ${guestCheck.stalePages} stale pages in all`,
     );
     const ok = summary.verified && guestCheck.stalePages === 0;
     if (options.json) {
@@ -98,6 +142,28 @@ export async function runDemo(options: DemoOptions): Promise<void> {
     process.off('SIGTERM', onSignal);
     await cleanup();
   }
+}
+
+type VmView = NonNullable<AgentStatus['guests'][number]['testvm']>;
+
+async function waitForVm(agent: LocalAgent, name: string, done: (vm: VmView) => boolean, what: string, timeoutMs: number): Promise<VmView> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const vm = (await agent.status()).guests.find((g) => g.name === name)?.testvm;
+    if (vm && done(vm)) return vm;
+    if (Date.now() > deadline) throw new GangwayError(ErrorCode.TIMEOUT, `VM ${name}: timed out waiting for ${what} (${timeoutMs} ms)`);
+    await sleep(100);
+  }
+}
+
+/** The VM's kernel checks every page of its RAM (asked through its status block) and makes a pass more. */
+async function vmCheck(agent: LocalAgent, name: string): Promise<GuestCheck> {
+  const guest = (await agent.status()).guests.find((g) => g.name === name);
+  if (!guest?.testvm) throw new GangwayError(ErrorCode.GUEST_FAILED, `VM ${name} does not run at the destination`);
+  const request = requestTestvmFullCheck(guest.memoryPath);
+  const passes = guest.testvm.passes;
+  const vm = await waitForVm(agent, name, (vm) => vm.checkDone === request && vm.passes > passes, 'its full check', 60_000);
+  return { stalePages: vm.stalePages, resumeStalePages: vm.checkStalePages, passesAfterResume: vm.passes - passes };
 }
 
 export interface GuestCheck {

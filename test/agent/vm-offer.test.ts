@@ -11,7 +11,7 @@ import type { GuestSpec } from '../../protocol/frames.js';
 import { resolveKernel, vmConfig } from '../../agent/guest/qemu-guest.js';
 import { vmSpecOfOffer } from '../../agent/guest/qemu-launcher.js';
 import { parseGuestRecord } from '../../agent/guest/record.js';
-import { qemuArgs, vmSocketPathProblem, vmStateSockets } from '../../agent/guest/vm-spec.js';
+import { qemuArgs, vmSocketPathProblem, vmStateSockets, type VmDefinition } from '../../agent/guest/vm-spec.js';
 
 const MiB = 1024 * 1024;
 const root = mkdtempSync(join(tmpdir(), 'gangway-vm-offer-'));
@@ -25,7 +25,7 @@ mkdirSync(join(imagesDir, 'dir'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
 const settings = { binary: 'qemu-system-x86_64', imagesDir };
-const definition = { machine: 'q35', cpus: 1, accel: 'tcg', kernel: 'k.elf', append: 'gw.profile=random gw.rate=64' };
+const definition: VmDefinition = { machine: 'q35', cpus: 1, accel: 'tcg', kernel: 'k.elf', append: 'gw.profile=random gw.rate=64' };
 const noKvm = () => 'this host has no /dev/kvm';
 
 function offer(config: Record<string, string | number | boolean>, regions: GuestSpec['regions'] = [{ name: 'ram', lengthBytes: 64 * MiB, pageSizeBytes: 4096 }]): GuestSpec {
@@ -86,7 +86,7 @@ describe('a VM offered by a peer', () => {
   });
 
   it('reaches QEMU as separate arguments, the append as one, never through a shell', () => {
-    const spec = { ...definition, append: 'gw.seed=1 gw.rate=max' } as const;
+    const spec: VmDefinition = { ...definition, append: 'gw.seed=1 gw.rate=max' };
     const files = { memoryPaths: ['/dev/shm/m0'], qmpSocket: '/run/g/x.qmp', serialLog: '/run/g/x.console' };
     const args = qemuArgs('vm1', spec, [64 * MiB], files, imagesDir, true);
     expect(args[args.indexOf('-append') + 1]).toBe('gw.seed=1 gw.rate=max');
@@ -104,7 +104,7 @@ describe('a VM offered by a peer', () => {
   });
 
   it('travels as the definition alone, and its sockets fit a unix socket path', () => {
-    expect(vmConfig({ ...definition, machine: 'q35', accel: 'tcg' })).toEqual(definition);
+    expect(vmConfig(definition)).toEqual(definition);
     expect(vmStateSockets('/s/guests/ab12cd34.qmp')).toEqual({ out: '/s/guests/ab12cd34.state-out', in: '/s/guests/ab12cd34.state-in' });
     expect(vmSocketPathProblem('/s/guests/ab12cd34.qmp')).toBeUndefined();
     expect(vmSocketPathProblem(`/${'d'.repeat(100)}/ab12cd34.qmp`)).toMatch(/longer than the 107 bytes.*shorter state directory/);

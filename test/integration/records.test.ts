@@ -83,12 +83,12 @@ describe.skipIf(!builtAgent)('guest records at agent start', () => {
     const pid = (await a.status()).guests.find((g) => g.name === name)!.pid;
 
     await a.kill();
-    const wrong = written.replace('"kind": "process"', '"kind": "qemu"').replaceAll(name, 'vmX');
+    const wrong = written.replace('"kind": "process"', '"kind": "firecracker"').replaceAll(name, 'vmX');
     writeFileSync(join(a.stateDir, 'guests', 'vmX.json'), wrong, { mode: 0o600 });
     const again = await cluster.agent('a');
     const status = await again.status();
     expect(status.guests.find((g) => g.name === name)?.pid).toBe(pid);
-    expect(status.unreadableRecords.map((r) => [r.name, r.problem])).toEqual([['vmX', `'kind' must be one of: process (got "qemu")`]]);
+    expect(status.unreadableRecords.map((r) => [r.name, r.problem])).toEqual([['vmX', `'kind' must be one of: process, qemu (got "firecracker")`]]);
     expect(readFileSync(recordFile, 'utf8')).toBe(written);
     expect(readFileSync(join(a.stateDir, 'guests', 'vmX.json'), 'utf8')).toBe(wrong);
   });

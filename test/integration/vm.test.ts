@@ -14,7 +14,8 @@ import { loadNative, nativeDir } from '../../agent/native.js';
 import { Codec, GuestKind, Technique } from '../../protocol/codes.js';
 import { Frame } from '../../protocol/index.js';
 import { Attacker } from '../helpers/attacker.js';
-import { builtAgent, Cluster, shmFilesOf, uniqueName } from '../helpers/cluster.js';
+import { execa } from 'execa';
+import { builtAgent, Cluster, mainJs, shmFilesOf, uniqueName } from '../helpers/cluster.js';
 
 type Agent = Awaited<ReturnType<Cluster['agent']>>;
 const MiB = 1024 * 1024;
@@ -200,6 +201,19 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     await until('the source to drop its copy', async () => !(await guestOn(b, name)), 60_000);
     await until('the old QEMU to quit', async () => !isAlive(bPid) || processState(bPid) === 'Z');
     await runsOnlyOn(a4, b, name);
+  });
+
+  it('demo --vm moves a VM between two agents of its own and leaves nothing behind', async () => {
+    cluster = new Cluster();
+    const qemuBefore = qemuPidsOf('vm1');
+    const shmBefore = readdirSync('/dev/shm').filter((file) => file.startsWith('gangway-vm1-'));
+    const run = await execa(process.execPath, [mainJs, 'demo', '--vm', '--memory', '64MiB', '--json'], { reject: false, timeout: 120_000 });
+    expect(run.exitCode, run.stderr).toBe(0);
+    const [migration] = JSON.parse(run.stdout).migrations;
+    expect(migration).toMatchObject({ guest: 'vm1', verified: true, memoryBytes: 64 * MiB, guestCheck: { stalePages: 0 } });
+    expect(migration.guestCheck.passesAfterResume).toBeGreaterThan(0);
+    expect(qemuPidsOf('vm1')).toEqual(qemuBefore);
+    expect(readdirSync('/dev/shm').filter((file) => file.startsWith('gangway-vm1-'))).toEqual(shmBefore);
   });
 
   it('an agent restarted under a running VM finds it by its QMP socket, shows it and moves it', async () => {
