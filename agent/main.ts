@@ -460,7 +460,7 @@ withControlOptions(program.command('status'))
         console.log(
           `  ${g.kind === 'qemu' ? 'VM' : 'guest'} ${g.name}: ${g.state}, pid ${g.pid}, ${(g.memoryBytes / 2 ** 20).toFixed(0)} MiB, tracker ${g.tracker.kind}` +
             (g.passes !== undefined ? `, passes ${g.passes}, stale pages ${g.stalePages}` : '') +
-            (g.kind === 'qemu' ? `, QEMU ${g.vmStatus ?? 'unknown'} (${g.accel}, ${g.cpus} CPU${g.cpus === 1 ? '' : 's'}, kernel ${g.kernel})` : '') +
+            (g.vmStatus !== undefined ? `, QEMU ${g.vmStatus} (${g.accel}, ${g.cpus} CPU${g.cpus === 1 ? '' : 's'}, kernel ${g.kernel})` : '') +
             (g.testvm ? `, test kernel: passes ${g.testvm.passes}, stale pages ${g.testvm.stalePages}` : '') +
             (g.origin.kind === 'migrated' ? `, migrated in from ${g.origin.from}` : ''),
         );

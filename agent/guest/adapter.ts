@@ -49,6 +49,8 @@ export interface SourceGuest {
   eagerRuns(): Uint32Array[];
   /** Ends this copy for good: the guest runs elsewhere now. */
   discard(): Promise<void>;
+  /** Why the guest no longer runs here (its process exited, with what it said last), or undefined while it is there. */
+  gone?(): string | undefined;
 }
 
 /** A guest this agent runs (in its registry), whatever its kind: what the daemon does with it besides migrating it. */

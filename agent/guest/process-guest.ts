@@ -269,6 +269,15 @@ export class ProcessGuest implements HostedGuest {
     return readGuestHeader(this.files.memoryPaths[0]!);
   }
 
+  gone(): string | undefined {
+    if (this.alive()) return undefined;
+    let tail = '';
+    try {
+      tail = readFileSync(this.files.logPath, 'utf8').trim().split('\n').slice(-3).join(' | ');
+    } catch {}
+    return `the guest process (pid ${this.pid}) exited${tail ? `; its log ends: ${tail}` : ''}`;
+  }
+
   async stopped(): Promise<boolean> {
     const state = processState(this.pid);
     return this.paused || state === 'T' || state === 't';

@@ -371,6 +371,12 @@ export class QemuGuest implements HostedGuest {
     return state !== undefined && state !== 'Z';
   }
 
+  gone(): string | undefined {
+    if (this.alive()) return undefined;
+    const tail = logTail(this.files.logPath);
+    return `QEMU (pid ${this.pid}) exited${tail ? `; its log ends: ${tail}` : ' (its log says nothing: killed?)'}`;
+  }
+
   async stopped(): Promise<boolean> {
     if (this.paused) return true;
     try {

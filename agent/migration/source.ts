@@ -192,10 +192,22 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const phase = this.state.phase;
     const session = this.link.session;
     if (this.state.sourceOwnsGuest) {
-      if (this.guest.isPaused) void this.guest.resume();
+      // A guest that died under the migration (a QEMU killed or crashed) is not resumed, and
+      // the failure says so instead of a tracker's or a socket's error.
+      const gone = this.guest.gone?.();
+      if (!gone && this.guest.isPaused) await this.guest.resume();
       this.state.to('failed');
       if (session.isOpen && !(error instanceof PeerError)) {
         session.send(Frame.abort({ migrationId: this.options.migrationId, code: error.code, message: error.message.slice(0, 1024) }));
+      }
+      if (gone) {
+        this.log.error({ err: error.message, phase, gone }, 'migration failed: the guest died on this host');
+        return new GangwayError(
+          ErrorCode.GUEST_FAILED,
+          `migration of ${this.guest.name} to ${this.options.peerAddress} failed during ${phase}: ${gone} (${error.message}). ` +
+            `The guest does not run anywhere; its record stays on this host until \`gangway guest stop ${this.guest.name}\` removes it.`,
+          { cause: error },
+        );
       }
       this.log.warn({ code: error.code, err: error.message, phase }, 'migration failed; the guest runs on here');
       return new GangwayError(
@@ -226,7 +238,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         try {
           this.options.registry?.update(this.guest.name, { outgoing: undefined });
         } catch {}
-        void this.guest.resume();
+        await this.guest.resume();
         this.state.to('failed');
         return new GangwayError(
           error.code,

@@ -159,6 +159,24 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     await runsOnlyOn(a, b, name);
   });
 
+  it('a source QEMU that dies during a migration fails it, saying QEMU exited, and nothing is resumed or left at the destination', async () => {
+    const [a, b] = await twoAgents();
+    const name = uniqueName('vx');
+    await startVm(cluster, a, name);
+    const sourcePid = (await guestOn(a, name))!.pid;
+    const running = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '8MiB/s', '--json']);
+    await until('the standby QEMU at the destination', async () => qemuPidsOf(name).length === 2);
+    process.kill(sourcePid, 'SIGKILL');
+    const run = await running;
+    expect(run.exitCode).not.toBe(0);
+    expect(JSON.parse(run.stdout).error.code).toBe('GANGWAY_ERR_GUEST_FAILED');
+    expect(run.stderr).toMatch(new RegExp(`QEMU \\(pid ${sourcePid}\\) exited.*does not run anywhere`));
+    expect(run.stderr).not.toMatch(/keeps running on this host/);
+    await until('the destination to drop its standby', async () => qemuPidsOf(name).length === 0, 15_000);
+    expect(await guestOn(b, name)).toBeUndefined();
+    expect((await guestOn(a, name))?.state).toBe('dead');
+  });
+
   it('a standby QEMU does not outlive its agent: the destination agent killed before the switchover takes its QEMU with it', async () => {
     const [a, b] = await twoAgents();
     const name = uniqueName('vd');
