@@ -24,7 +24,7 @@ import { loadNative } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
 import { DestinationPostcopy } from './destination-postcopy.js';
 import { withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
-import { faultCrash } from './faults.js';
+import { faultCrash, faultScribble } from './faults.js';
 import { IncomingDeviceState } from './incoming-device-state.js';
 import { IncomingPages } from './incoming-pages.js';
 
@@ -323,6 +323,7 @@ export class DestinationMigration implements FrameHandler {
               this.refuse(ErrorCode.GUEST_FAILED, `the destination could not load the guest's device state: ${(err as Error).message}`);
               return;
             }
+            if (this.repairs === 0 && this.regions[0]) faultScribble(this.regions[0].fd, this.regions[0].pageSizeBytes, this.log);
           }
           const digests = await Promise.all(this.regions.map((region) => this.native.regionDigest(region.handle, writes ? 'full' : 'tracked')));
           const match =
