@@ -202,7 +202,14 @@ export const ConfigFileSchema = z
     traffic: TrafficSettingsSchema,
     peers: PeersSettingsSchema,
     dedup: DedupSettingsSchema,
-    vm: z.object({ imagesDir: absolutePath, qemu: z.string().min(1, 'must name the QEMU binary').max(4096) }).partial().strict(),
+    vm: z
+      .object({
+        imagesDir: absolutePath,
+        qemu: z.string().min(1, 'must name the QEMU binary').max(4096),
+        bridge: z.string().regex(INTERFACE_NAME_PATTERN, "an interface name: 1 to 15 letters, digits, '_', '.' or '-'"),
+      })
+      .partial()
+      .strict(),
   })
   .partial()
   .strict();
@@ -233,6 +240,7 @@ export const ENV_OVERRIDES = {
   GANGWAY_MEMORY_DIR: 'memoryDir',
   GANGWAY_VM_IMAGES_DIR: 'vm.imagesDir',
   GANGWAY_VM_QEMU: 'vm.qemu',
+  GANGWAY_VM_BRIDGE: 'vm.bridge',
   GANGWAY_TRACKER: 'tracker',
   GANGWAY_SHUTDOWN_GRACE: 'shutdownGrace',
   GANGWAY_LOG_LEVEL: 'logLevel',

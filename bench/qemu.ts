@@ -383,7 +383,9 @@ try {
 const comparisons: Record<string, unknown>[] = [];
 const keyOf = (r: Run) => `${r.link}|${r.content}|${r.dirtyRateMiBps}|${r.vms}`;
 for (const key of [...new Set(runs.map(keyOf))]) {
-  const here = runs.filter((r) => keyOf(r) === key && !Number.isNaN(r.totalMs));
+  // A run that damaged its VM (stale pages, or a check that did not complete) is no one's best.
+  const here = runs.filter((r) => keyOf(r) === key && !Number.isNaN(r.totalMs) && r.verified && r.stalePages === 0);
+  const damaged = runs.filter((r) => keyOf(r) === key && r.system === 'qemu' && !Number.isNaN(r.totalMs) && (!r.verified || r.stalePages !== 0)).map((r) => r.mode);
   const ours = here.filter((r) => r.system === 'gangway');
   const theirs = here.filter((r) => r.system === 'qemu');
   if (ours.length === 0 || theirs.length === 0) continue;
@@ -403,7 +405,8 @@ for (const key of [...new Set(runs.map(keyOf))]) {
     time: { gangway: `${ourTime.mode} ${ourTime.totalMs.toFixed(0)} ms`, qemu: `${theirTime.mode} ${theirTime.totalMs.toFixed(0)} ms`, ratio: ourTime.totalMs / theirTime.totalMs },
     wire: { gangway: `${ourWire.mode} ${ourWire.wireBytes}`, qemu: `${theirWire.mode} ${theirWire.wireBytes}`, ratio: ourWire.wireBytes / theirWire.wireBytes },
     downtime: { gangway: `${ourDowntime.mode} ${ourDowntime.downtimeMs.toFixed(1)} ms`, qemu: `${theirDowntime.mode} ${theirDowntime.downtimeMs.toFixed(1)} ms`, ratio: ourDowntime.downtimeMs / theirDowntime.downtimeMs },
-    stalePages: { gangway: ours.reduce((sum, r) => sum + r.stalePages, 0), qemu: theirs.reduce((sum, r) => sum + (Number.isNaN(r.stalePages) ? 0 : r.stalePages), 0) },
+    /** QEMU's runs of this case whose VM came out damaged (left out of its best). */
+    qemuDamaged: damaged,
   });
 }
 
@@ -448,7 +451,11 @@ else {
   );
   for (const c of comparisons) {
     const ratio = (x: unknown) => ((x as { ratio: number }).ratio).toFixed(2);
-    console.log(`${c.link} ${c.content} ${c.dirtyRateMiBps} MiB/s x${c.vms}: gangway/QEMU best — time ${ratio(c.time)}, wire ${ratio(c.wire)}, downtime ${ratio(c.downtime)}`);
+    const damaged = c.qemuDamaged as string[];
+    console.log(
+      `${c.link} ${c.content} ${c.dirtyRateMiBps} MiB/s x${c.vms}: gangway/QEMU best — time ${ratio(c.time)}, wire ${ratio(c.wire)}, downtime ${ratio(c.downtime)}` +
+        (damaged.length ? ` (QEMU's ${damaged.join(', ')} damaged the VM: left out)` : ''),
+    );
   }
   console.log(`\nresults: ${path}`);
 }

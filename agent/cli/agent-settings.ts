@@ -46,7 +46,7 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     tls: section({ cert: path(opts.tlsCert), key: path(opts.tlsKey), ca: path(opts.tlsCa), allow: opts.tlsAllow }),
     insecurePlaintextLoopback: opts.insecurePlaintextLoopback ? true : undefined,
     traffic: section({ uplink: opts.uplink, linkCapacity: opts.linkCapacity }),
-    vm: section({ imagesDir: path(opts.vmImagesDir), qemu: opts.vmQemu }),
+    vm: section({ imagesDir: path(opts.vmImagesDir), qemu: opts.vmQemu, bridge: opts.vmBridge }),
   };
   const given = Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined));
   const parsed = ConfigLayerSchema.safeParse(given);
@@ -83,7 +83,11 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     traffic: resolveTrafficConfig(merged.traffic),
     peers: resolvePeerLimits(merged.peers),
     dedup: resolveDedupPolicy(merged.dedup),
-    vm: { imagesDir: resolve(merged.vm?.imagesDir ?? DEFAULT_QEMU_SETTINGS.imagesDir), binary: merged.vm?.qemu ?? DEFAULT_QEMU_SETTINGS.binary },
+    vm: {
+      imagesDir: resolve(merged.vm?.imagesDir ?? DEFAULT_QEMU_SETTINGS.imagesDir),
+      binary: merged.vm?.qemu ?? DEFAULT_QEMU_SETTINGS.binary,
+      ...(merged.vm?.bridge ? { bridge: merged.vm.bridge } : {}),
+    },
     configFile: opts.config ? resolve(str(opts.config)!) : undefined,
   };
 }

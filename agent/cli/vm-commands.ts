@@ -2,13 +2,14 @@
 // `gangway migrate`, `status`, `guest stop` and `guest resume` take it by name.
 import { Option, type Command } from 'commander';
 import { INTERFACE_NAME_PATTERN } from '../config.js';
-import { MAX_APPEND_LENGTH, MAX_VM_CPUS, vmRegionsProblem, VM_ACCELS, VM_MACHINES } from '../guest/vm-spec.js';
+import { MAX_APPEND_LENGTH, MAX_VM_CPUS, vmRegionsProblem, VM_ACCELS, VM_MACHINES, VM_NICS } from '../guest/vm-spec.js';
 import { parseBytesList, QuantityError } from '../units.js';
 import { arg, clientFor, fail, number, withControlOptions } from './common.js';
 
 const EXAMPLES = `
 Examples:
   gangway vm start vm1 --memory 512MiB --kernel gangway-testvm.elf
+  gangway vm start web1 --memory 1GiB --kernel vmlinuz --append "console=ttyS0" --tap tap-web1
   gangway vm start vm2 --memory 256MiB,256MiB --cpus 2 --accel auto \\
       --kernel gangway-testvm.elf --append "gw.profile=os-image gw.rate=4096"
   gangway migrate vm1 vm2 --to 10.0.0.2:7401        # a gang, dedup across the VMs
@@ -37,7 +38,8 @@ export function addVmCommands(program: Command): void {
     .option('--cpus <n>', 'virtual CPUs', number('--cpus', 1, MAX_VM_CPUS, true), 1)
     .addOption(new Option('--accel <accel>', 'tcg (emulation, everywhere), kvm (needs a usable /dev/kvm), auto (kvm where /dev/kvm opens, else tcg; the answer says which)').choices([...VM_ACCELS, 'auto']).default('auto'))
     .addOption(new Option('--machine <type>', 'QEMU machine type').choices([...VM_MACHINES]).default('q35'))
-    .option('--tap <device>', "the VM's TAP device, where its traffic is measured", arg((text) => {
+    .addOption(new Option('--nic <model>', 'the NIC on --tap (a destination backs it with a TAP device of its own, on vm.bridge)').choices([...VM_NICS]))
+    .option('--tap <device>', "the TAP device behind the VM's NIC (a virtio-net-pci unless --nic says otherwise), where its traffic is measured", arg((text) => {
       if (!INTERFACE_NAME_PATTERN.test(text)) throw new QuantityError(`"${text}" is not an interface name: use 1 to 15 letters, digits, '_', '.' or '-'`);
       return text;
     }))
@@ -50,7 +52,7 @@ export function addVmCommands(program: Command): void {
         }
         const result = await clientFor(opts).call<{ name: string; pid: number; accel: string; accelNote?: string; memoryPaths: string[]; qmpSocket: string; console: string }>('POST', '/v1/vms', {
           name,
-          definition: { machine: opts.machine, cpus: opts.cpus, accel: opts.accel, kernel: opts.kernel, append: opts.append },
+          definition: { machine: opts.machine, cpus: opts.cpus, accel: opts.accel, kernel: opts.kernel, append: opts.append, ...(opts.nic ? { nic: opts.nic } : {}) },
           regionBytes: opts.memory,
           ...(opts.tap ? { tap: opts.tap } : {}),
         });

@@ -8,10 +8,11 @@ import type { AgentConfig } from '../daemon.js';
 import { GUEST_PAGE_SIZE } from '../guest/guest-header.js';
 import { launchProcessGuest, regionSizesProblem, removeGuestFiles, type ProcessGuestSpec } from '../guest/process-guest.js';
 import { connectWhenReady, createVmMemoryFiles, endQemu, launchQemu, resolveKernel, VM_PAGE_SIZE, type LaunchedQemu } from '../guest/qemu-guest.js';
-import { kvmAvailability } from '../guest/qemu-launcher.js';
+import { autoAccel, kvmAvailability } from '../guest/qemu-launcher.js';
 import type { QmpClient } from '../guest/qmp.js';
 import type { GuestRegistry } from '../guest/registry.js';
-import { parseVmDefinition, vmRegionsProblem, vmSocketPathProblem, type AccelChoice, type VmDefinition, type VmSpec } from '../guest/vm-spec.js';
+import { isTapDevice } from '../guest/vm-tap.js';
+import { parseVmDefinition, randomVmMac, vmRegionsProblem, vmSocketPathProblem, type AccelChoice, type VmDefinition, type VmSpec } from '../guest/vm-spec.js';
 import type { Logger } from '../log.js';
 import type { SourceMigration } from '../migration/source.js';
 import { parseShimReport } from '../tracker/uffd-wp.js';
@@ -87,14 +88,19 @@ export class GuestService {
     let accelNote: string | undefined;
     let accel = request.definition.accel;
     if (accel === 'auto') {
-      const why = kvmAvailability();
-      accel = why ? 'tcg' : 'kvm';
-      accelNote = why ? `tcg: ${why}` : 'kvm: /dev/kvm is usable';
+      const picked = autoAccel();
+      accel = picked.accel;
+      accelNote = `${picked.accel}: ${picked.why}`;
     } else if (accel === 'kvm') {
       const why = kvmAvailability();
       if (why) throw new GangwayError(ErrorCode.BAD_REQUEST, `--accel kvm: ${why}; use --accel tcg (or auto)`);
     }
-    const parsed = parseVmDefinition({ ...request.definition, accel });
+    // A NIC is backed by the operator's TAP device here; its MAC is made once and moves with the VM.
+    const wantsNic = request.definition.nic !== undefined || tap !== undefined;
+    if (wantsNic && tap === undefined) throw new GangwayError(ErrorCode.BAD_REQUEST, `--nic ${request.definition.nic}: a NIC needs its TAP device here: pass --tap DEVICE (make one with \`ip tuntap add dev DEVICE mode tap\`)`);
+    if (tap !== undefined && !isTapDevice(tap)) throw new GangwayError(ErrorCode.BAD_REQUEST, `--tap ${tap}: this host has no TAP device of that name; make it with \`ip tuntap add dev ${tap} mode tap\` (and put it on your bridge)`);
+    const nic = wantsNic ? { nic: request.definition.nic ?? 'virtio-net-pci', mac: request.definition.mac ?? randomVmMac(randomBytes) } : {};
+    const parsed = parseVmDefinition({ ...request.definition, accel, ...nic });
     if ('problem' in parsed) throw new GangwayError(ErrorCode.BAD_REQUEST, `VM definition: ${parsed.problem}`);
     const regionProblem = vmRegionsProblem(request.regionBytes);
     if (regionProblem) throw new GangwayError(ErrorCode.BAD_REQUEST, `--memory ${request.regionBytes.join(',')}: ${regionProblem}`);
@@ -111,7 +117,7 @@ export class GuestService {
     let qmp: QmpClient | undefined;
     try {
       createVmMemoryFiles(files.memoryPaths, spec.regionBytes);
-      launched = launchQemu({ name, spec, files, settings, incoming: false });
+      launched = launchQemu({ name, spec, files, settings, incoming: false, ...(tap === undefined ? {} : { tap }) });
       qmp = await connectWhenReady(launched, files);
       const status = await qmp.queryStatus();
       if (!status.running) throw new GangwayError(ErrorCode.GUEST_FAILED, `QEMU started but its VM is ${status.status}, not running`);

@@ -109,7 +109,7 @@ export interface StandbyGuest {
 }
 
 /** The kind-specific part of a guest record (GuestRecord less what every kind has). */
-export type KindRecord = GuestRecord extends infer R ? (R extends GuestRecord ? Pick<R, 'kind' | 'spec'> : never) : never;
+export type KindRecord = (GuestRecord extends infer R ? (R extends GuestRecord ? Pick<R, 'kind' | 'spec'> : never) : never) & Partial<Pick<GuestRecord, 'tap' | 'tapCreated'>>;
 
 /** How a destination starts a guest of one kind from the regions it received. */
 export interface GuestLauncher {

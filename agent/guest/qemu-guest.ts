@@ -24,6 +24,7 @@ import { isAlive, processState, removeGuestFiles, type GuestFiles, type TrackerP
 import { QmpClient, QmpConnectionError } from './qmp.js';
 import type { MigrationInfo } from './qmp-schema.js';
 import { openShimTrackers } from './shim-trackers.js';
+import { removeVmTap } from './vm-tap.js';
 import { readTestvmStatus, TESTVM_STATUS_ADDR } from './testvm-status.js';
 import { qemuArgs, vmStateSockets, type VmDefinition, type VmSpec } from './vm-spec.js';
 
@@ -33,6 +34,8 @@ export interface QemuSettings {
   binary: string;
   /** Kernels a VM definition names, by file name. */
   imagesDir: string;
+  /** The bridge the TAP devices of arriving VMs join (none: they are left unattached, up). */
+  bridge?: string;
 }
 
 export const DEFAULT_QEMU_SETTINGS: QemuSettings = { binary: 'qemu-system-x86_64', imagesDir: '/var/lib/gangway/images' };
@@ -76,8 +79,8 @@ export function vmRegions(files: Pick<GuestFiles, 'memoryPaths'>, regionBytes: r
 
 /** The definition as an offer's guest.config carries it. */
 export function vmConfig(definition: VmDefinition): Record<string, string | number> {
-  const { machine, cpus, accel, kernel, append } = definition;
-  return { machine, cpus, accel, kernel, append };
+  const { machine, cpus, accel, kernel, append, nic, mac } = definition;
+  return { machine, cpus, accel, kernel, append, ...(nic && mac ? { nic, mac } : {}) };
 }
 
 /** Creates a VM's memory files, the agent's own (0600, never through something left at the path), each its region's size. */
@@ -115,6 +118,8 @@ export interface QemuLaunchOptions {
   regionFds?: readonly number[];
   /** Post-copy: QEMU's end of the socket its userfaultfds go back over (becomes its fd 3). */
   postcopySocketFd?: number;
+  /** The TAP device behind the VM's NIC, when its definition has one. */
+  tap?: string;
 }
 
 export interface LaunchedQemu {
@@ -138,7 +143,7 @@ export function launchQemu(options: QemuLaunchOptions): LaunchedQemu {
     throw new GangwayError(ErrorCode.BAD_REQUEST, `memory file ${colon} has a ':' in its path, which the tracking shim takes as a separator: choose a memory directory without one`);
   }
   const { regionBytes, ...definition } = spec;
-  const args = qemuArgs(options.name, definition, regionBytes, { memoryPaths, qmpSocket: files.qmpSocketPath, serialLog: files.consolePath }, options.settings.imagesDir, options.incoming);
+  const args = qemuArgs(options.name, definition, regionBytes, { memoryPaths, qmpSocket: files.qmpSocketPath, serialLog: files.consolePath, ...(options.tap === undefined ? {} : { tap: options.tap }) }, options.settings.imagesDir, options.incoming);
   rmSync(files.qmpSocketPath, { force: true });
   const logFd = openSync(files.logPath, 'a', 0o600);
   let child;
@@ -290,8 +295,16 @@ export async function loadQemuDeviceState(qmp: QmpClient, socketPath: string, st
       socket.end(state, resolve);
     });
     written.catch(() => {});
-    const [, info] = await Promise.all([written, migrationEnd(qmp, 'device-state load', DEVICE_STATE_TIMEOUT_MS)]);
-    return info;
+    const ended = migrationEnd(qmp, 'device-state load', DEVICE_STATE_TIMEOUT_MS);
+    ended.catch(() => {});
+    try {
+      await written;
+    } catch (err) {
+      // QEMU stopped reading because it refused the state: its own reason says why.
+      await ended;
+      throw err;
+    }
+    return await ended;
   } finally {
     socket.destroy();
     rmSync(socketPath, { force: true });
@@ -333,6 +346,8 @@ export class QemuGuest implements HostedGuest {
     readonly files: GuestFiles,
     readonly spec: VmSpec,
     private readonly log?: Logger,
+    /** The TAP device this agent made for the VM (it arrived here): removed with it. */
+    private readonly createdTap?: string,
   ) {
     if (!files.qmpSocketPath || files.memoryPaths.length !== spec.regionBytes.length) {
       throw new GangwayError(ErrorCode.INTERNAL, `VM ${name}: ${files.memoryPaths.length} memory files for ${spec.regionBytes.length} regions${files.qmpSocketPath ? '' : ', and no QMP socket'}`);
@@ -432,6 +447,7 @@ export class QemuGuest implements HostedGuest {
     } catch {}
     await endQemu(this.pid, qmp);
     await this.qmp?.close().catch(() => {});
+    if (this.createdTap !== undefined) removeVmTap(this.createdTap);
   }
 
   async discard(): Promise<void> {

@@ -3,18 +3,32 @@
 // standby on the memory files that are arriving (-S -incoming defer, its RAM mapped from this
 // agent's descriptors of the unnamed files), its device state loaded with migrate-incoming
 // before the switchover's check, and `cont` at the commit.
-import { openSync, closeSync, constants } from 'node:fs';
+import { closeSync, constants, existsSync, openSync } from 'node:fs';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
 import type { GuestSpec } from '../../protocol/frames.js';
 import type { GuestLauncher, StandbyGuest } from './adapter.js';
 import type { Logger } from '../log.js';
-import { connectWhenReady, endQemu, launchQemu, loadQemuDeviceState, resolveKernel, VM_PAGE_SIZE, type QemuSettings } from './qemu-guest.js';
+import { connectWhenReady, endQemu, launchQemu, loadQemuDeviceState, logTail, resolveKernel, VM_PAGE_SIZE, type QemuSettings } from './qemu-guest.js';
 import type { QmpClient } from './qmp.js';
+import { createVmTap, removeVmTap, tapNameFor } from './vm-tap.js';
 import { kvmProblem, parseVmDefinition, vmRegionsProblem, vmSocketPathProblem, vmStateSockets, type VmSpec } from './vm-spec.js';
 
 /** Can KVM be used here? (The reason when not.) */
 export function kvmAvailability(): string | undefined {
   return kvmProblem((path) => closeSync(openSync(path, constants.O_RDWR)));
+}
+
+/**
+ * What `--accel auto` picks, and why: KVM where /dev/kvm can be used and runs guests at
+ * speed. A host whose KVM is PVM (the kvm_pvm module: KVM inside a VM without hardware
+ * virtualization) runs ordinary guests far slower than TCG (measured: about 70 times), so
+ * there auto picks TCG.
+ */
+export function autoAccel(): { accel: 'kvm' | 'tcg'; why: string } {
+  const problem = kvmAvailability();
+  if (problem) return { accel: 'tcg', why: problem };
+  if (existsSync('/sys/module/kvm_pvm')) return { accel: 'tcg', why: "this host's KVM is PVM (kvm_pvm), which runs ordinary guests far slower than TCG" };
+  return { accel: 'kvm', why: '/dev/kvm is usable' };
 }
 
 /** The offered guest as a VM spec, or why it cannot be one here (a message for the peer). */
@@ -48,6 +62,8 @@ class QemuStandby implements StandbyGuest {
   private rejectRunning!: (err: Error) => void;
   private qmpP: Promise<QmpClient> | undefined;
   private readonly launched;
+  /** The TAP device made for this VM: it goes when the standby is cancelled. */
+  private readonly tap: string | undefined;
 
   constructor(
     private readonly spec: VmSpec,
@@ -55,7 +71,14 @@ class QemuStandby implements StandbyGuest {
     launch: Parameters<typeof launchQemu>[0],
     private readonly log?: Logger,
   ) {
-    this.launched = launchQemu(launch);
+    if (launch.tap !== undefined) createVmTap(launch.tap, launch.settings.bridge);
+    try {
+      this.launched = launchQemu(launch);
+    } catch (err) {
+      if (launch.tap !== undefined) removeVmTap(launch.tap);
+      throw err;
+    }
+    this.tap = launch.tap;
     this.pid = this.launched.pid;
     this.exited = this.launched.exited.then(({ code }) => code);
     this.running = new Promise((resolve, reject) => {
@@ -94,12 +117,18 @@ class QemuStandby implements StandbyGuest {
       const qmp = await Promise.race([this.qmp().catch(() => undefined), this.launched.exited.then(() => undefined)]);
       await endQemu(this.pid, qmp);
       await qmp?.close().catch(() => {});
+      if (this.tap !== undefined) removeVmTap(this.tap);
     })().catch((err: Error) => this.log?.warn({ pid: this.pid, err: err.message }, 'the standby QEMU did not end cleanly'));
   }
 
   async loadDeviceState(state: Uint8Array): Promise<void> {
     const qmp = await this.qmp();
-    await loadQemuDeviceState(qmp, vmStateSockets(this.files.qmpSocketPath!).in, state);
+    try {
+      await loadQemuDeviceState(qmp, vmStateSockets(this.files.qmpSocketPath!).in, state);
+    } catch (err) {
+      const tail = logTail(this.files.logPath);
+      throw new GangwayError(ErrorCode.GUEST_FAILED, `${(err as Error).message}${tail ? `; QEMU's log: ${tail}` : ''}`, { cause: err });
+    }
     // The incoming migration ends paused (-S): nothing runs before go().
     const status = await qmp.queryStatus();
     if (status.running) throw new GangwayError(ErrorCode.GUEST_FAILED, `the destination VM ${this.spec.kernel} runs before the commit (status ${status.status})`);
@@ -127,6 +156,7 @@ export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLaunche
         settings,
         incoming: true,
         regionFds,
+        ...(result.spec.nic ? { tap: tapNameFor(files) } : {}),
         ...(postcopySocketFd === undefined ? {} : { postcopySocketFd }),
       }, log);
     },
@@ -134,10 +164,10 @@ export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLaunche
       if (!(standby instanceof QemuStandby)) throw new GangwayError(ErrorCode.INTERNAL, 'a VM device state for a guest that is not a standby QEMU');
       await standby.loadDeviceState(state);
     },
-    recordPart(_files, guest) {
+    recordPart(files, guest) {
       const result = vmSpecOfOffer(guest, settings);
       if ('problem' in result) throw new GangwayError(ErrorCode.BAD_REQUEST, result.problem);
-      return { kind: 'qemu', spec: result.spec };
+      return { kind: 'qemu', spec: result.spec, ...(result.spec.nic ? { tap: tapNameFor(files), tapCreated: true } : {}) };
     },
   };
 }

@@ -92,8 +92,10 @@ const commonShape = {
   /** How the guest got here: started on this host, or migrated in (with the migration id). */
   origin,
   startedAt: when,
-  /** The guest's TAP device, where its network traffic is measured. */
+  /** The guest's TAP device, where its network traffic is measured (a VM's NIC is on it). */
   tap: text.optional(),
+  /** This agent made the TAP device (a VM that arrived): it goes with the guest. */
+  tapCreated: z.boolean(rule('must be true or false')).optional(),
   /**
    * Post-copy: the guest runs here while pages are still coming from `from`. With
    * `stranded`, they stopped coming (the reason): the guest is paused on them.

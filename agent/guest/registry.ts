@@ -159,7 +159,7 @@ export class GuestRegistry {
   private insert(record: GuestRecord): HostedGuest {
     const guest =
       record.kind === 'qemu'
-        ? new QemuGuest(record.name, record.pid, record.files, record.spec, this.log)
+        ? new QemuGuest(record.name, record.pid, record.files, record.spec, this.log, record.tapCreated ? record.tap : undefined)
         : new ProcessGuest(record.name, record.pid, record.memoryBytes, record.files, record.spec.regionBytes);
     this.guests.set(record.name, { record, guest });
     return guest;

@@ -11,6 +11,12 @@ import { z } from 'zod';
 import { GUEST_NAME_PATTERN } from './guest-name.js';
 
 export const VM_MACHINES = ['q35'] as const;
+/** The NIC models a VM may have (one NIC, backed by a TAP device on each host). */
+export const VM_NICS = ['virtio-net-pci', 'e1000'] as const;
+/** QEMU's own locally administered prefix, lower case. */
+const MAC = /^52:54:00(:[0-9a-f]{2}){3}$/;
+/** An interface name (IFNAMSIZ: at most 15 characters). */
+const TAP = /^[A-Za-z0-9_.-]{1,15}$/;
 export const VM_ACCELS = ['tcg', 'kvm'] as const;
 export const MAX_VM_CPUS = 16;
 /** Memory regions of a VM: NUMA nodes, a memory-backend-file each. */
@@ -31,6 +37,9 @@ export const VmDefinitionSchema = z.strictObject({
   accel: z.enum(VM_ACCELS, { error: `must be one of: ${VM_ACCELS.join(', ')}` }),
   kernel: z.string({ error: 'must be the kernel\'s file name in the images directory' }).regex(KERNEL_FILE, "a file name in the images directory: letters, digits, '.', '_', '-', no '/'").refine((name) => name !== '.' && name !== '..', 'not . or ..'),
   append: z.string({ error: "must be the kernel's command line (text, may be empty)" }).max(MAX_APPEND_LENGTH, `at most ${MAX_APPEND_LENGTH} characters`).regex(APPEND, "letters, digits, spaces and . _ : = + / - only (no quotes, commas or shell characters)"),
+  /** One NIC of this model, its MAC travelling with the VM (each host backs it with a TAP device of its own). */
+  nic: z.enum(VM_NICS, { error: `must be one of: ${VM_NICS.join(', ')}` }).optional(),
+  mac: z.string({ error: 'must be a MAC address' }).regex(MAC, 'a MAC address 52:54:00:xx:xx:xx (lower-case hex)').optional(),
 });
 export type VmDefinition = z.infer<typeof VmDefinitionSchema>;
 /** A VM as its record keeps it: the definition and its memory regions' sizes. */
@@ -50,8 +59,21 @@ export function vmRegionsProblem(regionBytes: readonly number[]): string | undef
 /** A definition as the offer's config carries it (flat strings and numbers), checked. */
 export function parseVmDefinition(config: Record<string, unknown>): { definition: VmDefinition } | { problem: string } {
   const result = VmDefinitionSchema.safeParse(config);
-  if (result.success) return { definition: result.data };
-  return { problem: result.error.issues.map((issue) => `${issue.path.join('.') || 'definition'}: ${issue.message}`).join('; ') };
+  if (!result.success) return { problem: result.error.issues.map((issue) => `${issue.path.join('.') || 'definition'}: ${issue.message}`).join('; ') };
+  const nicProblem = vmNicProblem(result.data);
+  return nicProblem ? { problem: nicProblem } : { definition: result.data };
+}
+
+/** A NIC needs its MAC, and a MAC its NIC. */
+export function vmNicProblem(definition: Pick<VmDefinition, 'nic' | 'mac'>): string | undefined {
+  if (definition.nic && !definition.mac) return `nic: a ${definition.nic} needs its mac`;
+  if (definition.mac && !definition.nic) return 'mac: given without a nic';
+  return undefined;
+}
+
+/** A MAC address for a new VM's NIC: QEMU's prefix and three random bytes. */
+export function randomVmMac(random: (bytes: number) => Buffer): string {
+  return `52:54:00:${[...random(3)].map((byte) => byte.toString(16).padStart(2, '0')).join(':')}`;
 }
 
 /** Where a VM's files are, all chosen by this agent. */
@@ -59,6 +81,8 @@ export interface VmFiles {
   memoryPaths: string[];
   qmpSocket: string;
   serialLog: string;
+  /** The TAP device backing the VM's NIC on this host (a definition with a nic needs one). */
+  tap?: string;
 }
 
 /**
@@ -99,6 +123,12 @@ export function qemuArgs(name: string, definition: VmDefinition, regionBytes: re
     '-kernel', qemuPath(join(qemuPath(imagesDir, 'images directory'), vm.kernel), 'kernel'),
     '-append', vm.append,
   );
+  const nicProblem = vmNicProblem(vm);
+  if (nicProblem) throw new RangeError(nicProblem);
+  if (vm.nic) {
+    if (files.tap === undefined || !TAP.test(files.tap)) throw new RangeError(`a VM with a NIC needs a TAP device (got ${JSON.stringify(files.tap)})`);
+    args.push('-netdev', `tap,id=net0,ifname=${files.tap},script=no,downscript=no`, '-device', `${vm.nic},netdev=net0,mac=${vm.mac}`);
+  }
   if (incoming) args.push('-S', '-incoming', 'defer');
   return args;
 }

@@ -448,6 +448,8 @@ export class DestinationMigration implements FrameHandler {
     try {
       if (this.standby && this.standby.pid > 0) process.kill(this.standby.pid, 'SIGKILL');
     } catch {}
+    // What the standby holds besides its process (a VM's TAP device) goes too.
+    this.standby?.cancel();
     if (journaled) this.ctx.registry.remove(this.offer.guest.name);
     removeGuestFiles(this.files);
     this.finish('aborted', error.message);

@@ -70,6 +70,11 @@ describe('a VM offered by a peer', () => {
     ['fractional CPUs', { cpus: 1.5 }, /cpus: must be a whole number/],
     ['CPUs as text', { cpus: '2' }, /cpus: must be a whole number/],
     ['a device smuggled in', { device: 'virtio-net-pci,netdev=n0' }, /Unrecognized key.*device|device/],
+    ['an unknown NIC model', { nic: 'vhost-user', mac: '52:54:00:00:00:01' }, /nic: must be one of: virtio-net-pci, e1000/],
+    ['a NIC model with options', { nic: 'e1000,romfile=/etc/shadow', mac: '52:54:00:00:00:01' }, /nic: must be one of/],
+    ['a NIC without its MAC', { nic: 'e1000' }, /a e1000 needs its mac/],
+    ['a MAC without a NIC', { mac: '52:54:00:00:00:01' }, /mac: given without a nic/],
+    ['a MAC with an option list', { nic: 'e1000', mac: '52:54:00:00:00:01,romfile=x' }, /mac: a MAC address 52:54:00/],
   ] as const)('is refused for %s', (_what, change, problem) => {
     expect(problemOf(offer({ ...definition, ...change } as Record<string, string | number>))).toMatch(problem);
   });
@@ -105,6 +110,10 @@ describe('a VM offered by a peer', () => {
 
   it('travels as the definition alone, and its sockets fit a unix socket path', () => {
     expect(vmConfig(definition)).toEqual(definition);
+    // A NIC travels with its MAC (the destination's device state expects both).
+    const nic: VmDefinition = { ...definition, nic: 'virtio-net-pci', mac: '52:54:00:0a:78:5f' };
+    expect(vmConfig(nic)).toEqual(nic);
+    expect(vmSpecOfOffer(offer(vmConfig(nic)), settings, noKvm)).toEqual({ spec: { ...nic, regionBytes: [64 * MiB] } });
     expect(vmStateSockets('/s/guests/ab12cd34.qmp')).toEqual({ out: '/s/guests/ab12cd34.state-out', in: '/s/guests/ab12cd34.state-in' });
     expect(vmSocketPathProblem('/s/guests/ab12cd34.qmp')).toBeUndefined();
     expect(vmSocketPathProblem(`/${'d'.repeat(100)}/ab12cd34.qmp`)).toMatch(/longer than the 107 bytes.*shorter state directory/);
@@ -134,6 +143,6 @@ describe('a VM record read back from disk', () => {
     const parsed = parseGuestRecord(JSON.stringify(bad), 'vm1.json');
     expect('problem' in parsed && parsed.problem).toMatch(/'spec.machine' must be one of: q35 \(got "pc"\)/);
     expect('problem' in parsed && parsed.problem).toMatch(/'spec.cpus' is missing \(it must be a whole number from 1 to 16\)/);
-    expect('problem' in parsed && parsed.problem).toMatch(/'spec.profile' is not a field of 'spec' \(allowed: machine, cpus, accel, kernel, append, regionBytes\)/);
+    expect('problem' in parsed && parsed.problem).toMatch(/'spec.profile' is not a field of 'spec' \(allowed: machine, cpus, accel, kernel, append, nic, mac, regionBytes\)/);
   });
 });

@@ -232,6 +232,50 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     await runsOnlyOn(a4, b, name);
   });
 
+  it.skipIf(!existsSync('/dev/net/tun'))('a VM with a NIC: on the operator\'s TAP here, on a TAP the destination makes (on its bridge) there, removed with the VM', async () => {
+    const suffix = `${process.pid % 100000}`;
+    const sourceTap = `gwst${suffix}`;
+    const bridge = `gwbr${suffix}`;
+    const ip = (...args: string[]) => execa('ip', args, { reject: false });
+    await ip('tuntap', 'add', 'dev', sourceTap, 'mode', 'tap');
+    await ip('link', 'add', bridge, 'type', 'bridge');
+    try {
+      cluster = new Cluster();
+      const a = await cluster.agent('a', ['--vm-images-dir', imagesDir]);
+      const b = await cluster.agent('b', ['--vm-images-dir', imagesDir, '--vm-bridge', bridge]);
+      const name = uniqueName('vn');
+      // A NIC without its TAP is refused, saying how to make one.
+      const noTap = await cluster.cli(a, ['vm', 'start', name, '--memory', '64MiB', '--kernel', KERNEL, '--nic', 'e1000']);
+      expect(noTap.exitCode).not.toBe(0);
+      expect(noTap.stderr).toMatch(/needs its TAP device here: pass --tap DEVICE.*ip tuntap add/);
+      const missing = await cluster.cli(a, ['vm', 'start', name, '--memory', '64MiB', '--kernel', KERNEL, '--tap', 'gwnothere0']);
+      expect(missing.stderr).toMatch(/no TAP device of that name/);
+      const run = await cluster.cli(a, ['vm', 'start', name, '--memory', '64MiB', '--kernel', KERNEL, '--accel', 'tcg', '--tap', sourceTap, '--append', 'gw.profile=random gw.rate=1024', '--json']);
+      expect(run.exitCode, run.stderr).toBe(0);
+      await until('the VM to boot', async () => (await guestOn(a, name))?.testvm?.state === 'running', 60_000);
+      const cmdline = (pid: number) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+      const sourceArgs = cmdline((await guestOn(a, name))!.pid);
+      expect(sourceArgs).toContain(`tap,id=net0,ifname=${sourceTap},script=no,downscript=no`);
+      const mac = sourceArgs.find((arg) => arg.startsWith('virtio-net-pci,'))!.match(/mac=([0-9a-f:]+)/)![1]!;
+      await migrate(cluster, a, [name, '--to', b.listen]);
+      await runsOnlyOn(b, a, name);
+      const there = (await b.status()).guests.find((g) => g.name === name)!;
+      const destinationTap = readdirSync('/sys/class/net').find((dev) => cmdline(there.pid).includes(`tap,id=net0,ifname=${dev},script=no,downscript=no`));
+      expect(destinationTap).toMatch(/^gw[0-9a-f]{8}$/);
+      // The same NIC, MAC and all: the device state that came expects it.
+      expect(cmdline(there.pid)).toContain(`virtio-net-pci,netdev=net0,mac=${mac}`);
+      expect(readFileSync(`/sys/class/net/${destinationTap}/master/uevent`, 'utf8')).toMatch(new RegExp(`INTERFACE=${bridge}`));
+      // The operator's TAP stays; the one the destination made goes with the VM.
+      expect(existsSync(`/sys/class/net/${sourceTap}`)).toBe(true);
+      expect((await cluster.cli(b, ['guest', 'stop', name])).exitCode).toBe(0);
+      expect(existsSync(`/sys/class/net/${destinationTap}`)).toBe(false);
+    } finally {
+      await cluster?.cleanup();
+      await ip('link', 'del', sourceTap);
+      await ip('link', 'del', bridge);
+    }
+  });
+
   it('demo --vm moves a VM between two agents of its own and leaves nothing behind', async () => {
     cluster = new Cluster();
     const qemuBefore = qemuPidsOf('vm1');
