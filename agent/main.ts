@@ -473,7 +473,9 @@ withControlOptions(program.command('status'))
         } else if (g.incoming) {
           console.log(`    receiving its memory from ${g.incoming.from} (post-copy): ${g.incoming.missingPages} pages to come`);
         }
-        if (g.outgoing?.phase === 'commit') {
+        if (g.outgoing?.phase === 'paused') {
+          console.log(`    paused since ${g.outgoing.since} for a switchover to ${g.outgoing.to} that never reached it; it resumes here`);
+        } else if (g.outgoing?.phase === 'commit') {
           console.log(`    switchover in doubt since ${g.outgoing.since}: the commit went to ${g.outgoing.to} unconfirmed; this agent asks there, then removes or resumes this copy`);
         } else if (g.outgoing) {
           console.log(

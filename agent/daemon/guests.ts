@@ -173,7 +173,7 @@ export class GuestService {
           `once the guest is complete there, \`gangway guest stop ${name}\` frees this copy`,
       );
     }
-    if (record.outgoing) {
+    if (record.outgoing && record.outgoing.phase !== 'paused') {
       throw new GangwayError(
         ErrorCode.BAD_REQUEST,
         `guest ${name} may run at ${record.outgoing.to}: the commit of migration ${record.outgoing.migrationId} was sent and not confirmed. ` +
@@ -189,6 +189,8 @@ export class GuestService {
     if (this.context.isMigrating(name)) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${name} is being migrated`);
     }
+    // Paused for a switchover that never reached the destination (the agent stopped then).
+    if (record.outgoing) this.context.registry.update(name, { outgoing: undefined });
     await guest.resume();
   }
 

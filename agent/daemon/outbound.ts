@@ -510,6 +510,13 @@ export class OutboundMigrations {
         }
         const out = entry.record.outgoing;
         if (!out || this.isMigrating(name)) return;
+        if (out.phase === 'paused') {
+          // Neither the commit nor the post-copy switch went out: it cannot run there.
+          this.context.log.warn({ guest: name, to: out.to, migrationId: out.migrationId }, 'the agent stopped while this guest was paused for a switchover that never reached the destination; it resumes here');
+          this.context.registry.update(name, { outgoing: undefined });
+          await entry.guest.resume();
+          return;
+        }
         let whereabouts: Whereabouts | undefined;
         try {
           whereabouts = await this.askWhereabouts(out.to, out.migrationId);

@@ -76,7 +76,7 @@ const outgoingShape = {
   migrationId: text,
   to: text,
   since: when,
-  phase: oneOf(['commit', 'postcopy']),
+  phase: oneOf(['paused', 'commit', 'postcopy']),
   interrupted: z.string(rule('must be text')).optional(),
   secret: secret.optional(),
 };
@@ -103,8 +103,10 @@ const commonShape = {
   incoming: z.strictObject(incomingShape, rule(OBJECT)).optional(),
   /**
    * Post-copy from here: the guest runs at `to` since the switchover, and this paused copy
-   * holds the pages `to` still lacks. It must never resume here. `phase` commit: pre-copy's
-   * commit was sent; postcopy: the guest may run there, its missing pages are here. `secret`
+   * holds the pages `to` still lacks. It must never resume here. `phase` paused: the guest
+   * was paused for the switchover, and neither commit nor switch went out (it cannot run
+   * there: a restarted agent resumes it); commit: pre-copy's commit was sent; postcopy: the
+   * guest may run there, its missing pages are here. `secret`
    * is the destination's secret for this migration (hex): a restarted agent needs it to
    * reattach.
    */

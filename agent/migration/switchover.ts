@@ -92,10 +92,15 @@ export async function pauseForSwitchover(run: SourceRun, gate: { held: (() => vo
   // can be inflated by other migrations starting on the same session.
   const switchoverRttMs = await link.session.measureRttMs();
   link.check();
+  // The journal, before the pause: an agent that dies from here until the commit (or the
+  // post-copy switch) goes out finds its guest paused for a switchover that never reached
+  // the destination, and resumes it (resolveOutgoing).
+  options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'paused' } });
   state.to('stopping');
   const pauseStart = clock.now();
   await guest.pause();
   const pausedAt = clock.now();
+  faultCrash('source-after-pause', run.log);
   link.send(Frame.pause({ migrationId: options.migrationId }));
   return { switchoverRttMs, pauseStart, pausedAt };
 }

@@ -60,6 +60,23 @@ describe.skipIf(!builtAgent)('an agent killed around the switchover, then restar
     await runsOnlyOn(again, b, name, []);
   });
 
+  it('source killed while its guest is paused for the switchover, before the commit: restarted, it resumes the guest, which never ran there', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a', [], { GANGWAY_FAULT_CRASH: 'source-after-pause' });
+    const b = await cluster.agent('b');
+    const name = uniqueName('rs0');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--dirty-rate', '4MiB/s'])).exitCode).toBe(0);
+    const pid = (await guestOn(a, name))!.pid;
+    const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--json']);
+    expect(run.exitCode).not.toBe(0); // the agent died under the CLI
+    // Paused, its record saying for which switchover: nothing else would ever resume it.
+    expect(processState(pid)).toMatch(/^[Tt]$/);
+    const again = await cluster.agent('a');
+    await until('the restarted source to resume its guest', async () => (await guestOn(again, name))?.state === 'running');
+    expect((await guestOn(again, name))?.outgoing).toBeUndefined();
+    await runsOnlyOn(again, b, name, []);
+  });
+
   it('source killed right after the commit: restarted, it asks the destination, which runs the guest, and drops its paused copy', async () => {
     cluster = new Cluster();
     const a = await cluster.agent('a', [], { GANGWAY_FAULT_CRASH: 'source-after-commit' });

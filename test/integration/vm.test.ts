@@ -289,6 +289,19 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     expect(readdirSync('/dev/shm').filter((file) => file.startsWith('gangway-vm1-'))).toEqual(shmBefore);
   });
 
+  it('kill -9 of the source agent with the VM paused for the switchover, before the commit: restarted, it resumes the VM here', async () => {
+    const [a, b] = await twoAgents({ GANGWAY_FAULT_CRASH: 'source-after-pause' });
+    const name = uniqueName('vp');
+    await startVm(cluster, a, name);
+    const first = await migrate(cluster, a, [name, '--to', b.listen], false);
+    expect(first.run.exitCode).not.toBe(0);
+    const again = await cluster.agent('a', ['--vm-images-dir', imagesDir]);
+    await until('the restarted source to resume the VM', async () => (await guestOn(again, name))?.vmStatus === 'running');
+    expect((await guestOn(again, name))?.outgoing).toBeUndefined();
+    await until('the destination to drop its standby', async () => qemuPidsOf(name).length === 1, 15_000);
+    await runsOnlyOn(again, b, name);
+  });
+
   it('an agent restarted under a running VM finds it by its QMP socket, shows it and moves it', async () => {
     const [a, b] = await twoAgents();
     const name = uniqueName('vs');
