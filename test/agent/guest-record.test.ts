@@ -174,7 +174,7 @@ describe('guest records read back from disk', () => {
     write('deep.json', text);
     const { registry, unreadable } = loaded();
     const problem = unreadable[0]!.problem;
-    expect(problem).toContain("'outgoing.phase' must be one of: commit, postcopy (got \"switch\")");
+    expect(problem).toContain("'outgoing.phase' must be one of: paused, commit, postcopy (got \"switch\")");
     expect(problem).toContain("'outgoing.secret' must be the migration's secret: 64 hex digits (got 18 characters)");
     expect(problem).not.toContain('not-hex-and-secret');
     expect(problem).toContain("'spec.hotFraction' must be a number from 0 to 1 (got 2)");
