@@ -36,13 +36,26 @@ export class QemuBaselineError extends GangwayError {
 
 let clockTicks: Promise<number> | undefined;
 /** Clock ticks per second of /proc/PID/stat's utime and stime (`getconf CLK_TCK`). */
-function clockTicksPerSec(): Promise<number> {
+export function clockTicksPerSec(): Promise<number> {
   clockTicks ??= execa('getconf', ['CLK_TCK'], { timeout: 10_000, stdin: 'ignore' }).then((result) => {
     const ticks = Number(result.stdout.trim());
     if (!Number.isInteger(ticks) || ticks <= 0) throw new Error(`getconf CLK_TCK said ${JSON.stringify(result.stdout)}`);
     return ticks;
   });
   return clockTicks;
+}
+
+/** utime + stime of process `pid` so far, in seconds (`ticks` per second); undefined once it is gone. */
+export function readCpuSeconds(pid: number, ticks: number): number | undefined {
+  let stat: string;
+  try {
+    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  // Fields after the command name, which is in parentheses and may hold spaces: state is field 3, utime 14, stime 15.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / ticks;
 }
 
 /** A QEMU process this benchmark started; `stop()` ends it whatever state it is in. */
@@ -129,10 +142,9 @@ export class QemuVm {
 
   /** utime + stime so far, in seconds. */
   async cpuSeconds(): Promise<number> {
-    const stat = readFileSync(`/proc/${this.pid}/stat`, 'utf8');
-    // Fields after the command name, which is in parentheses and may hold spaces: state is field 3, utime 14, stime 15.
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(fields[11]) + Number(fields[12])) / (await clockTicksPerSec());
+    const seconds = readCpuSeconds(this.pid, await clockTicksPerSec());
+    if (seconds === undefined) throw new Error(`QEMU pid ${this.pid} is gone`);
+    return seconds;
   }
 
   /** Waits for the kernel to say it is ready (every page written), failing at once when it fails or QEMU exits. */

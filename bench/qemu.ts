@@ -23,7 +23,7 @@
 // First touch: fresh memory costs about 3 s per GiB on these machines the first time it is
 // touched. The bench touches and frees enough memory first (bench/report.ts prefaultMemory),
 // so neither system pays it; the QEMU baseline also zero-fills its memory files.
-import { readFileSync, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
@@ -46,6 +46,7 @@ import {
   type QemuMode,
 } from './qemu-baseline.js';
 import { barChartSvg, markdownTable, prefaultMemory, writeResults } from './report.js';
+import { clockTicksPerSec, readCpuSeconds } from './qemu-vm.js';
 import { openIptablesCounter, openVethCounter, type WireCounter } from './wire-counter.js';
 
 const MiB = 1024 * 1024;
@@ -137,16 +138,6 @@ async function withAgents<T>(shaped: ShapedLink | undefined, body: (agents: Agen
   }
 }
 
-/** utime + stime of a process, in seconds; undefined once it is gone. */
-function cpuSeconds(pid: number): number | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return (Number(fields[11]) + Number(fields[12])) / 100;
-  } catch {
-    return undefined;
-  }
-}
 
 type GuestView = AgentStatus['guests'][number];
 
@@ -183,6 +174,8 @@ let vmCounter = 0;
 
 async function runGangway(agents: Agents, shaped: ShapedLink | undefined, vm: QemuBaselineVm, count: number, technique: 'precopy' | 'postcopy'): Promise<Omit<Run, 'content'>> {
   const { source, destination, to } = agents;
+  const ticks = await clockTicksPerSec();
+  const cpuSeconds = (pid: number) => readCpuSeconds(pid, ticks);
   const names = Array.from({ length: count }, () => `bq-${process.pid}-${vmCounter++}`);
   let counter: WireCounter | undefined;
   try {

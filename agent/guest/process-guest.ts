@@ -10,6 +10,7 @@ import { GuestKind } from '../../protocol/codes.js';
 import type { GuestDetails, GuestRegion, HostedGuest } from './adapter.js';
 import { guestBinaryPath, trackShimPath } from '../native.js';
 import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
+import { logTail } from './log-tail.js';
 import { openShimTrackers, trackReportPathOf } from './shim-trackers.js';
 import { vmStateSockets } from './vm-spec.js';
 
@@ -183,10 +184,7 @@ export function launchProcessGuest(options: LaunchOptions): LaunchedGuest {
       : setTimeout(() => fail(`did not start within ${timeoutMs} ms`), timeoutMs);
     const fail = (why: string) => {
       clearTimeout(timer);
-      let detail = '';
-      try {
-        detail = readFileSync(options.files.logPath, 'utf8').trim().split('\n').slice(-3).join(' | ');
-      } catch {}
+      const detail = logTail(options.files.logPath);
       reject(new GangwayError(ErrorCode.GUEST_FAILED, `guest ${why}${detail ? `: ${detail}` : ''}`));
     };
     child.once('error', (err) => fail(`could not be started (${err.message})`));
@@ -271,10 +269,7 @@ export class ProcessGuest implements HostedGuest {
 
   gone(): string | undefined {
     if (this.alive()) return undefined;
-    let tail = '';
-    try {
-      tail = readFileSync(this.files.logPath, 'utf8').trim().split('\n').slice(-3).join(' | ');
-    } catch {}
+    const tail = logTail(this.files.logPath);
     return `the guest process (pid ${this.pid}) exited${tail ? `; its log ends: ${tail}` : ''}`;
   }
 

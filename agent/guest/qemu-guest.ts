@@ -10,7 +10,7 @@
 // device state with migrate-incoming, and runs on `cont` at the commit. QEMU outlives the
 // agent, like a process guest: the agent finds it again by its QMP socket.
 import { spawn } from 'node:child_process';
-import { closeSync, ftruncateSync, openSync, readFileSync, realpathSync, rmSync, statSync } from 'node:fs';
+import { closeSync, ftruncateSync, openSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { relative, isAbsolute, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -23,6 +23,7 @@ import type { GuestDetails, GuestRegion, HostedGuest } from './adapter.js';
 import { isAlive, processState, removeGuestFiles, type GuestFiles, type TrackerPreference } from './process-guest.js';
 import { QmpClient, QmpConnectionError } from './qmp.js';
 import type { MigrationInfo } from './qmp-schema.js';
+import { logTail } from './log-tail.js';
 import { openShimTrackers } from './shim-trackers.js';
 import { removeVmTap } from './vm-tap.js';
 import { readTestvmStatus, TESTVM_STATUS_ADDR } from './testvm-status.js';
@@ -95,14 +96,7 @@ export function createVmMemoryFiles(paths: readonly string[], regionBytes: reado
   }
 }
 
-/** The last lines of a file (QEMU's log), for an error message; empty when there is none. */
-export function logTail(path: string, lines = 3): string {
-  try {
-    return readFileSync(path, 'utf8').trim().split('\n').slice(-lines).join(' | ');
-  } catch {
-    return '';
-  }
-}
+export { logTail } from './log-tail.js';
 
 export interface QemuLaunchOptions {
   name: string;

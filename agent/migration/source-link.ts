@@ -15,7 +15,7 @@ import type { WindowTuner } from './postcopy.js';
 /** What the source engine needs of a peer session (a unit test gives it an in-memory destination). */
 export type SourceSession = Pick<
   PeerSession,
-  'send' | 'sendMessage' | 'writable' | 'register' | 'unregister' | 'measureRttMs' | 'peer' | 'peerMaxPayloadBytes' | 'isOpen'
+  'send' | 'sendMessage' | 'writable' | 'register' | 'unregister' | 'measureRttMs' | 'rttFloorMs' | 'peer' | 'peerMaxPayloadBytes' | 'isOpen'
 >;
 
 /** Frames the destination sends on its own, each handled by the phase that expects it. */

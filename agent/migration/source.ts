@@ -325,10 +325,13 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
 
     // The round trip's floor: a ping waits behind whatever is queued on the session (a
     // gang's other members, this migration's own window), so the smallest seen is the
-    // latency the switchover's few small frames will pay. Sampled again after every round.
+    // latency the switchover's few small frames will pay (they go once the window is
+    // drained). Sampled again after every round, and never above the session's own floor:
+    // a gang member that starts behind the others' round 0 would otherwise predict its
+    // switchover from a queue, and burn its rounds on a downtime it never gets.
     let minRttMs = await link.session.measureRttMs();
     const rtt = {
-      min: () => minRttMs,
+      min: () => Math.min(minRttMs, link.session.rttFloorMs ?? Infinity),
       sample: () => {
         link.session.measureRttMs().then(
           (ms) => (minRttMs = Math.min(minRttMs, ms)),

@@ -181,7 +181,9 @@ export class PeerSession extends EventEmitter {
         if (!id.equals(data)) return;
         clearTimeout(timer);
         this.ws.off('pong', onPong);
-        resolve(performance.now() - started);
+        const ms = performance.now() - started;
+        this.rttFloor = Math.min(this.rttFloor, ms);
+        resolve(ms);
       };
       const timer = setTimeout(() => {
         this.ws.off('pong', onPong);
@@ -193,6 +195,16 @@ export class PeerSession extends EventEmitter {
   }
 
   private nextPingId = 1;
+  private rttFloor = Infinity;
+
+  /**
+   * The smallest round trip measured on this session (one is taken as soon as the hello is
+   * in, before any migration queues data in front of the pings): the latency a few small
+   * frames pay on an idle session. Undefined before the first pong.
+   */
+  get rttFloorMs(): number | undefined {
+    return Number.isFinite(this.rttFloor) ? this.rttFloor : undefined;
+  }
 
   /** Asks the peer for its measured traffic (the peer's hello must list 'traffic'). */
   queryTraffic(timeoutMs = 5_000): Promise<TrafficReport> {
@@ -323,6 +335,8 @@ export class PeerSession extends EventEmitter {
       }
       this.peerHello = hello;
       this.log.info({ peerAgent: hello.agentId, features: hello.features }, 'session established');
+      // The round trip of the idle session, before anything queues in front of it.
+      this.measureRttMs().catch(() => {});
       this.resolveReady(hello);
       return;
     }

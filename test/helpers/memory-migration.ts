@@ -267,6 +267,8 @@ export class MemoryDestination implements SourceSession {
     return 0.05;
   }
 
+  readonly rttFloorMs = 0.05;
+
   async writable(): Promise<void> {}
 
   send(frame: AnyFrame): number {

@@ -14,6 +14,7 @@ import { loadNative, nativeDir } from '../../agent/native.js';
 import { Codec, GuestKind, Technique } from '../../protocol/codes.js';
 import { Frame } from '../../protocol/index.js';
 import { Attacker } from '../helpers/attacker.js';
+import { waitForAsync } from '../helpers/wait.js';
 import { execa } from 'execa';
 import { builtAgent, Cluster, mainJs, shmFilesOf, uniqueName } from '../helpers/cluster.js';
 
@@ -37,15 +38,6 @@ async function guestOn(agent: Agent, name: string) {
   return (await agent.status()).guests.find((g) => g.name === name);
 }
 
-async function until<T>(what: string, probe: () => Promise<T | undefined | false>, timeoutMs = 30_000): Promise<T> {
-  const deadline = performance.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value) return value;
-    if (performance.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
 
 /** QEMU processes of guest `name` (their command line names it). */
 function qemuPidsOf(name: string): number[] {
@@ -63,7 +55,7 @@ function qemuPidsOf(name: string): number[] {
 async function startVm(cluster: Cluster, agent: Agent, name: string, memory = '64MiB', append = 'gw.profile=random gw.seed=3 gw.rate=2048'): Promise<void> {
   const run = await cluster.cli(agent, ['vm', 'start', name, '--memory', memory, '--kernel', KERNEL, '--accel', 'tcg', '--append', append, '--json']);
   expect(run.exitCode, run.stderr).toBe(0);
-  await until(`VM ${name} to boot its kernel`, async () => (await guestOn(agent, name))?.testvm?.state === 'running', 60_000);
+  await waitForAsync(`VM ${name} to boot its kernel`, async () => (await guestOn(agent, name))?.testvm?.state === 'running', 60_000);
 }
 
 async function migrate(cluster: Cluster, agent: Agent, args: string[], ok = true) {
@@ -75,7 +67,7 @@ async function migrate(cluster: Cluster, agent: Agent, args: string[], ok = true
 /** The kernel's full check of every page of its RAM (the memory file): its stale pages. */
 async function fullCheck(memoryPath: string): Promise<{ checkPages: number; checkStalePages: number; stalePages: number }> {
   const request = requestTestvmFullCheck(memoryPath);
-  const status = await until('the kernel to answer a full check', async () => {
+  const status = await waitForAsync('the kernel to answer a full check', async () => {
     const status = readTestvmStatus(memoryPath);
     return status.checkDone === request && status;
   }, 30_000);
@@ -89,7 +81,7 @@ async function runsOnlyOn(here: Agent, there: Agent, name: string): Promise<void
   expect(guest).toMatchObject({ kind: 'qemu', state: 'running', vmStatus: 'running' });
   expect(qemuPidsOf(name)).toEqual([guest.pid]);
   const passes = guest.testvm!.passes;
-  await until('the kernel to make a pass', async () => (await guestOn(here, name))!.testvm!.passes > passes, 30_000);
+  await waitForAsync('the kernel to make a pass', async () => (await guestOn(here, name))!.testvm!.passes > passes, 30_000);
   const check = await fullCheck(guest.memoryPath);
   expect(check.checkPages).toBeGreaterThan(0);
   expect(check.checkStalePages, JSON.stringify(check)).toBe(0);
@@ -119,7 +111,7 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     // QEMU's own part: ROMs and devices, not the RAM (x-ignore-shared).
     expect(summary.deviceStateBytes).toBeGreaterThan(16 * 1024);
     expect(summary.deviceStateBytes).toBeLessThan(4 * MiB);
-    await until('the source QEMU to quit', async () => !isAlive(sourcePid) || processState(sourcePid) === 'Z');
+    await waitForAsync('the source QEMU to quit', async () => !isAlive(sourcePid) || processState(sourcePid) === 'Z', 30_000);
     await runsOnlyOn(b, a, name);
     for (const [from, to, technique] of [[b, a, 'postcopy'], [a, b, 'hybrid']] as const) {
       const { result: moved } = await migrate(cluster, from, [name, '--to', to.listen, '--technique', technique, ...(technique === 'hybrid' ? ['--postcopy-after-rounds', '1'] : [])]);
@@ -159,7 +151,7 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     const name = uniqueName('vk');
     await startVm(cluster, a, name);
     const running = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '8MiB/s', '--json']);
-    const standby = await until('the standby QEMU at the destination', async () => qemuPidsOf(name).length === 2 && qemuPidsOf(name), 30_000);
+    const standby = await waitForAsync('the standby QEMU at the destination', async () => qemuPidsOf(name).length === 2 && qemuPidsOf(name), 30_000);
     const sourcePid = (await guestOn(a, name))!.pid;
     const destinationPid = standby.find((pid) => pid !== sourcePid)!;
     process.kill(destinationPid, 'SIGKILL');
@@ -176,14 +168,14 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     await startVm(cluster, a, name);
     const sourcePid = (await guestOn(a, name))!.pid;
     const running = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '8MiB/s', '--json']);
-    await until('the standby QEMU at the destination', async () => qemuPidsOf(name).length === 2);
+    await waitForAsync('the standby QEMU at the destination', async () => qemuPidsOf(name).length === 2, 30_000);
     process.kill(sourcePid, 'SIGKILL');
     const run = await running;
     expect(run.exitCode).not.toBe(0);
     expect(JSON.parse(run.stdout).error.code).toBe('GANGWAY_ERR_GUEST_FAILED');
     expect(run.stderr).toMatch(new RegExp(`QEMU \\(pid ${sourcePid}\\) exited.*does not run anywhere`));
     expect(run.stderr).not.toMatch(/keeps running on this host/);
-    await until('the destination to drop its standby', async () => qemuPidsOf(name).length === 0, 15_000);
+    await waitForAsync('the destination to drop its standby', async () => qemuPidsOf(name).length === 0, 15_000);
     expect(await guestOn(b, name)).toBeUndefined();
     expect((await guestOn(a, name))?.state).toBe('dead');
   });
@@ -194,13 +186,13 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     await startVm(cluster, a, name);
     const sourcePid = (await guestOn(a, name))!.pid;
     const running = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '8MiB/s', '--json']);
-    await until('the standby QEMU at the destination', async () => qemuPidsOf(name).length === 2);
+    await waitForAsync('the standby QEMU at the destination', async () => qemuPidsOf(name).length === 2, 30_000);
     await b.kill();
-    await until('the standby QEMU to die with its agent', async () => qemuPidsOf(name).length === 1, 10_000);
+    await waitForAsync('the standby QEMU to die with its agent', async () => qemuPidsOf(name).length === 1, 10_000);
     const run = await running;
     expect(run.exitCode).not.toBe(0);
     expect(qemuPidsOf(name)).toEqual([sourcePid]);
-    await until('the VM to run on at the source', async () => (await guestOn(a, name))?.vmStatus === 'running');
+    await waitForAsync('the VM to run on at the source', async () => (await guestOn(a, name))?.vmStatus === 'running', 30_000);
     const check = await fullCheck((await guestOn(a, name))!.memoryPath);
     expect(check.checkStalePages).toBe(0);
   });
@@ -213,10 +205,10 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     const sourcePid = (await guestOn(a, name))!.pid;
     const first = await migrate(cluster, a, [name, '--to', b.listen], false);
     expect(first.run.exitCode).not.toBe(0);
-    await until('the destination to run the VM', async () => (await guestOn(b, name))?.vmStatus === 'running');
+    await waitForAsync('the destination to run the VM', async () => (await guestOn(b, name))?.vmStatus === 'running', 30_000);
     const a2 = await cluster.agent('a', ['--vm-images-dir', imagesDir]);
-    await until('the restarted source to drop its copy', async () => !(await guestOn(a2, name)), 60_000);
-    await until('the source QEMU to quit', async () => !isAlive(sourcePid) || processState(sourcePid) === 'Z');
+    await waitForAsync('the restarted source to drop its copy', async () => !(await guestOn(a2, name)), 60_000);
+    await waitForAsync('the source QEMU to quit', async () => !isAlive(sourcePid) || processState(sourcePid) === 'Z', 30_000);
     await runsOnlyOn(b, a2, name);
     // Destination dies right after the VM started there: the source waits in doubt, then drops its copy.
     const listen = a2.listen;
@@ -227,8 +219,8 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     expect(second.run.exitCode).not.toBe(0);
     expect(JSON.parse(second.run.stdout).error.code).toBe('GANGWAY_ERR_SWITCHOVER_IN_DOUBT');
     const a4 = await cluster.agent('a', ['--vm-images-dir', imagesDir, '--listen', listen]);
-    await until('the source to drop its copy', async () => !(await guestOn(b, name)), 60_000);
-    await until('the old QEMU to quit', async () => !isAlive(bPid) || processState(bPid) === 'Z');
+    await waitForAsync('the source to drop its copy', async () => !(await guestOn(b, name)), 60_000);
+    await waitForAsync('the old QEMU to quit', async () => !isAlive(bPid) || processState(bPid) === 'Z', 30_000);
     await runsOnlyOn(a4, b, name);
   });
 
@@ -252,7 +244,7 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
       expect(missing.stderr).toMatch(/no TAP device of that name/);
       const run = await cluster.cli(a, ['vm', 'start', name, '--memory', '64MiB', '--kernel', KERNEL, '--accel', 'tcg', '--tap', sourceTap, '--append', 'gw.profile=random gw.rate=1024', '--json']);
       expect(run.exitCode, run.stderr).toBe(0);
-      await until('the VM to boot', async () => (await guestOn(a, name))?.testvm?.state === 'running', 60_000);
+      await waitForAsync('the VM to boot', async () => (await guestOn(a, name))?.testvm?.state === 'running', 60_000);
       const cmdline = (pid: number) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
       const sourceArgs = cmdline((await guestOn(a, name))!.pid);
       expect(sourceArgs).toContain(`tap,id=net0,ifname=${sourceTap},script=no,downscript=no`);
@@ -296,9 +288,9 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     const first = await migrate(cluster, a, [name, '--to', b.listen], false);
     expect(first.run.exitCode).not.toBe(0);
     const again = await cluster.agent('a', ['--vm-images-dir', imagesDir]);
-    await until('the restarted source to resume the VM', async () => (await guestOn(again, name))?.vmStatus === 'running');
+    await waitForAsync('the restarted source to resume the VM', async () => (await guestOn(again, name))?.vmStatus === 'running', 30_000);
     expect((await guestOn(again, name))?.outgoing).toBeUndefined();
-    await until('the destination to drop its standby', async () => qemuPidsOf(name).length === 1, 15_000);
+    await waitForAsync('the destination to drop its standby', async () => qemuPidsOf(name).length === 1, 15_000);
     await runsOnlyOn(again, b, name);
   });
 
