@@ -182,10 +182,10 @@ program
     systemd.ready(`listening on ${agent.listenAddress}`);
   });
 
-const guest = program.command('guest').description('start, stop or resume guests on the local agent');
+const guest = program.command('guest').description('start, stop or resume guests on the local agent (QEMU VMs start with `gangway vm start`; stop and resume take them too)');
 
 withControlOptions(guest.command('start <name>'))
-  .description('start a synthetic guest (gangway-guest) that keeps dirtying its memory')
+  .description('start a synthetic guest (gangway-guest) that keeps dirtying its memory; for a QEMU VM see `gangway vm start --help`')
   .option(
     '--memory <sizes>',
     'guest memory, e.g. 512MiB; several regions (a file each, as a VM has RAM below and above 4 GiB) as 256MiB,256MiB',
@@ -226,8 +226,8 @@ withControlOptions(guest.command('start <name>'))
   });
 
 for (const [verb, method, suffix, description] of [
-  ['stop', 'DELETE', '', 'stop a guest and delete its memory'],
-  ['resume', 'POST', '/resume', 'resume a paused guest (after a switchover left in doubt)'],
+  ['stop', 'DELETE', '', 'stop a guest (a VM: QMP quit) and delete its memory and files'],
+  ['resume', 'POST', '/resume', 'resume a paused guest (a VM: QMP cont), e.g. after a switchover left in doubt'],
 ] as const) {
   withControlOptions(guest.command(`${verb} <name>`))
     .description(description)
