@@ -43,7 +43,6 @@ import {
   type QemuBaselineRun,
   type QemuBaselineVm,
   type QemuLink,
-  type QemuMode,
 } from './qemu-baseline.js';
 import { barChartSvg, markdownTable, prefaultMemory, writeResults } from './report.js';
 import { clockTicksPerSec, readCpuSeconds } from './qemu-vm.js';
