@@ -2,7 +2,7 @@
 // shim and the synthetic guest program. The TypeScript side never guesses at C layouts:
 // every buffer's shape is spelled out here and checked in C.
 import { createRequire } from 'node:module';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EntryKind } from '../protocol/codes.js';
@@ -193,6 +193,20 @@ export const nativeBuildDir = join(nativeDir, 'build', 'Release');
 export const guestBinaryPath = join(nativeBuildDir, 'gangway-guest');
 /** The LD_PRELOAD tracking shim. */
 export const trackShimPath = join(nativeBuildDir, 'gangway-track.so');
+/** The multiboot test kernel for QEMU VMs (native/testvm), and the directory it is built in: an images directory of one. */
+export const testvmDir = join(nativeDir, 'build', 'testvm');
+export const TESTVM_KERNEL_FILE = 'gangway-testvm.elf';
+export const testvmKernelPath = join(testvmDir, TESTVM_KERNEL_FILE);
+
+/** Why the test kernel is not there (its build writes the reason to skipped.txt), or undefined. */
+export function testvmMissing(): string | undefined {
+  if (existsSync(testvmKernelPath)) return undefined;
+  let why = 'run node native/build.mjs';
+  try {
+    why = readFileSync(join(testvmDir, 'skipped.txt'), 'utf8').trim() || why;
+  } catch {}
+  return `the test kernel ${testvmKernelPath} was not built: ${why}`;
+}
 
 let addon: NativeAddon | undefined;
 export function loadNative(): NativeAddon {

@@ -34,11 +34,11 @@
 // a QEMU that may take post-copy discards its RAM when the migration starts (init_range in
 // migration/postcopy-ram.c; measured: a pre-touched 256 MiB file went down to 4 MiB
 // allocated), so there the pages are faulted in afresh whatever was done before.
-import { closeSync, existsSync, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
-import { nativeDir } from '../agent/native.js';
+import { testvmDir, testvmMissing, TESTVM_KERNEL_FILE } from '../agent/native.js';
 import type { MigrationCapability, MigrationInfo, MigrationStatus } from '../agent/guest/qmp-schema.js';
 import { readTestvmStatus, requestTestvmFullCheck, TESTVM_STATUS_ADDR, type TestvmStatus } from '../agent/guest/testvm-status.js';
 import { qemuArgs, type VmDefinition } from '../agent/guest/vm-spec.js';
@@ -48,9 +48,8 @@ import { createMemoryFile, eventMs, QEMU_BINARY, QemuBaselineError, QemuVm } fro
 import { openIptablesCounter, openVethCounter, sum, type Endpoint, type WireBytes, type WireCounter } from './wire-counter.js';
 
 export { QEMU_BINARY, QemuBaselineError };
-const KERNEL_FILE = 'gangway-testvm.elf';
-export const TESTVM_IMAGES_DIR = join(nativeDir, 'build', 'testvm');
-export const TESTVM_KERNEL_PATH = join(TESTVM_IMAGES_DIR, KERNEL_FILE);
+const KERNEL_FILE = TESTVM_KERNEL_FILE;
+export const TESTVM_IMAGES_DIR = testvmDir;
 
 /** 7.2's default is 128 MiB/s, which would make the baseline a test of that default. */
 export const MAX_BANDWIDTH_BYTES_PER_SEC = 1e11;
@@ -203,7 +202,8 @@ export interface QemuBaselineRun {
 export async function qemuBaselineProblem(link: QemuLink['kind']): Promise<string | undefined> {
   const qemu = await execa(QEMU_BINARY, ['--version'], { reject: false, timeout: 10_000, stdin: 'ignore' });
   if (qemu.failed) return `${QEMU_BINARY} is not usable (Debian: apt-get install qemu-system-x86): ${qemu.shortMessage}`;
-  if (!existsSync(TESTVM_KERNEL_PATH)) return `the test kernel ${TESTVM_KERNEL_PATH} is not built (node native/build.mjs)`;
+  const noKernel = testvmMissing();
+  if (noKernel) return noKernel;
   if (process.getuid?.() !== 0) return `counting wire bytes (${link === 'loopback' ? 'iptables' : 'network namespaces'}) needs root`;
   if (link === 'loopback') {
     const iptables = await execa('iptables', ['-w', '5', '-S', 'OUTPUT'], { reject: false, timeout: 10_000, stdin: 'ignore' });

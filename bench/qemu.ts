@@ -28,7 +28,8 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { initCa, issueHostCert, type CertResult } from '../agent/cli/certs.js';
-import { readTestvmStatus, requestTestvmFullCheck } from '../agent/guest/testvm-status.js';
+import { runTestvmFullCheck } from '../agent/guest/testvm-status.js';
+import { TESTVM_KERNEL_FILE } from '../agent/native.js';
 import { killGuestsOf, makeTempDir, startLocalAgent, type AgentStatus, type LocalAgent } from '../agent/local-agent.js';
 import type { GroupSummary } from '../agent/migration/group-summary.js';
 import { ExitSteps } from './exit.js';
@@ -50,7 +51,7 @@ import { openIptablesCounter, openVethCounter, type WireCounter } from './wire-c
 
 const MiB = 1024 * 1024;
 const GBIT = 1e9;
-const KERNEL = 'gangway-testvm.elf';
+const KERNEL = TESTVM_KERNEL_FILE;
 
 const { values } = parseArgs({
   options: {
@@ -158,11 +159,7 @@ async function until<T>(what: string, probe: () => Promise<T | undefined | false
 /** Every page checked by the VM's kernel at `memoryPath`: stale pages found, or why the check did not complete. */
 async function kernelCheck(memoryPath: string): Promise<{ stalePages: number; problem?: string }> {
   try {
-    const request = requestTestvmFullCheck(memoryPath);
-    const status = await until('the kernel to answer a full check', async () => {
-      const s = readTestvmStatus(memoryPath);
-      return s.checkDone === request && s;
-    }, 120_000);
+    const status = await runTestvmFullCheck(memoryPath, 120_000);
     return { stalePages: status.checkStalePages + status.stalePages };
   } catch (err) {
     return { stalePages: Number.NaN, problem: (err as Error).message };

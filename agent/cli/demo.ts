@@ -1,12 +1,10 @@
 // `gangway demo`: two agents on loopback, a guest dirtying its memory, a live migration
 // between them, and the guest's own check that it carries on at the destination with no
 // stale page. Everything it starts it stops, and its temporary state goes away.
-import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
-import { DEFAULT_QEMU_SETTINGS } from '../guest/qemu-guest.js';
+import { rmSync } from 'node:fs';
+import { qemuMissing } from '../guest/qemu-guest.js';
 import { requestTestvmFullCheck } from '../guest/testvm-status.js';
-import { nativeDir } from '../native.js';
+import { testvmDir, testvmMissing, TESTVM_KERNEL_FILE } from '../native.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { killGuestsOf, makeTempDir, startLocalAgent, type AgentStatus, type LocalAgent } from '../local-agent.js';
 import { formatBytes, formatRate } from '../units.js';
@@ -22,23 +20,6 @@ export interface DemoOptions {
   vm?: boolean;
 }
 
-/** The test kernel the VM demo boots, and where it is (the images directory the demo's agents use). */
-const testvmDir = join(nativeDir, 'build', 'testvm');
-const TESTVM_KERNEL = 'gangway-testvm.elf';
-
-/** Why the VM demo cannot run here, or undefined. */
-function vmDemoProblem(): string | undefined {
-  const qemu = spawnSync(DEFAULT_QEMU_SETTINGS.binary, ['--version'], { encoding: 'utf8' });
-  if (qemu.error || qemu.status !== 0) return `${DEFAULT_QEMU_SETTINGS.binary} is not installed (Debian: apt-get install qemu-system-x86)`;
-  if (!existsSync(join(testvmDir, TESTVM_KERNEL))) {
-    let why = '';
-    try {
-      why = readFileSync(join(testvmDir, 'skipped.txt'), 'utf8').trim();
-    } catch {}
-    return `the test kernel was not built${why ? ` (${why})` : ''}: run npm run build`;
-  }
-  return undefined;
-}
 
 export async function runDemo(options: DemoOptions): Promise<void> {
   const say = (line: string) => {
@@ -58,7 +39,7 @@ export async function runDemo(options: DemoOptions): Promise<void> {
   process.once('SIGTERM', onSignal);
   try {
     if (options.vm) {
-      const problem = vmDemoProblem();
+      const problem = qemuMissing() ?? testvmMissing();
       if (problem) throw new GangwayError(ErrorCode.BAD_REQUEST, `demo --vm: ${problem}`);
     }
     const args = options.vm ? ['--vm-images-dir', testvmDir] : [];
@@ -75,7 +56,7 @@ export async function runDemo(options: DemoOptions): Promise<void> {
           machine: 'q35',
           cpus: 1,
           accel: 'tcg',
-          kernel: TESTVM_KERNEL,
+          kernel: TESTVM_KERNEL_FILE,
           append: `gw.profile=os-image gw.seed=1 gw.rate=${Math.round(options.dirtyRateBytesPerSec / 1024)}`,
         },
         regionBytes: [options.memoryBytes],

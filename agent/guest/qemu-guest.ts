@@ -9,7 +9,7 @@
 // the switchover with -S -incoming defer on the memory files that are arriving, loads the
 // device state with migrate-incoming, and runs on `cont` at the commit. QEMU outlives the
 // agent, like a process guest: the agent finds it again by its QMP socket.
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, ftruncateSync, openSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { relative, isAbsolute, join } from 'node:path';
@@ -40,6 +40,13 @@ export interface QemuSettings {
 }
 
 export const DEFAULT_QEMU_SETTINGS: QemuSettings = { binary: 'qemu-system-x86_64', imagesDir: '/var/lib/gangway/images' };
+
+/** Why `binary` cannot be run here (not installed), or undefined. */
+export function qemuMissing(binary = DEFAULT_QEMU_SETTINGS.binary): string | undefined {
+  const run = spawnSync(binary, ['--version'], { encoding: 'utf8', timeout: 10_000 });
+  if (!run.error && run.status === 0) return undefined;
+  return `${binary} is not usable (${run.error?.message ?? `exit ${run.status}`}; Debian: apt-get install qemu-system-x86)`;
+}
 
 export const VM_PAGE_SIZE = 4096;
 /** QEMU's device state with x-ignore-shared is ROMs plus devices: some hundred KB. More than this is not one. */

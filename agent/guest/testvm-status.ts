@@ -3,6 +3,7 @@
 // the first RAM region of a q35 machine (below 2 GiB). Mirrors native/testvm/status.h:
 // fixed offsets, little-endian; the C side asserts every offset used here.
 import { closeSync, openSync, readSync, writeSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { GuestProfile, type GuestProfileName } from './guest-header.js';
 
 export const TESTVM_STATUS_MAGIC = 'GWVMSTAT';
@@ -174,6 +175,26 @@ export function requestTestvmFullCheck(file: number | string, offset = TESTVM_ST
     }
     return request;
   });
+}
+
+/**
+ * Asks a running kernel for a full check and waits for its answer, reading the block from
+ * the memory file every `pollMs`: resolves with the block that holds it (`checkPages`,
+ * `checkStalePages`). Rejects after `timeoutMs`, saying whether the kernel still ran.
+ */
+export async function runTestvmFullCheck(file: string, timeoutMs: number, pollMs = 20): Promise<TestvmStatus> {
+  const request = requestTestvmFullCheck(file);
+  const first = readTestvmStatus(file);
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    const status = readTestvmStatus(file);
+    if (status.checkDone === request) return status;
+    if (performance.now() > deadline) {
+      const running = status.seq !== first.seq ? 'it still runs' : 'its status block has not changed since: it does not run';
+      throw new Error(`the test kernel did not answer full check ${request} within ${timeoutMs} ms (${running})`);
+    }
+    await sleep(pollMs);
+  }
 }
 
 /** A u32 table of the kernel's (the version table or the hot list), read from the memory file. */

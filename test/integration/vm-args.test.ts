@@ -10,10 +10,10 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { QmpClient } from '../../agent/guest/qmp.js';
 import { readTestvmStatus } from '../../agent/guest/testvm-status.js';
 import { qemuArgs, type VmDefinition } from '../../agent/guest/vm-spec.js';
-import { nativeDir } from '../../agent/native.js';
+import { testvmKernelPath } from '../../agent/native.js';
 import { waitFor, waitForAsync } from '../helpers/wait.js';
 
-const kernel = join(nativeDir, 'build', 'testvm', 'gangway-testvm.elf');
+const kernel = testvmKernelPath;
 const qemuThere = spawnSync('qemu-system-x86_64', ['--version']).status === 0;
 const skip = !qemuThere ? 'qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)' : !existsSync(kernel) ? `the test kernel is not built (${kernel}): node native/build.mjs` : undefined;
 const MiB = 2 ** 20;

@@ -3,14 +3,13 @@
 // checks each one it revisits; after every move the test asks it for a full check of every
 // page (in the destination's memory file, which is its RAM) and expects 0 stale pages, its
 // passes going on, and QEMU running in exactly one place. QEMU runs under TCG.
-import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { isAlive, processState } from '../../agent/guest/process-guest.js';
-import { readTestvmStatus, requestTestvmFullCheck } from '../../agent/guest/testvm-status.js';
-import { loadNative, nativeDir } from '../../agent/native.js';
+import { runTestvmFullCheck } from '../../agent/guest/testvm-status.js';
+import { loadNative, testvmDir, testvmMissing, TESTVM_KERNEL_FILE } from '../../agent/native.js';
+import { qemuMissing } from '../../agent/guest/qemu-guest.js';
 import { Codec, GuestKind, Technique } from '../../protocol/codes.js';
 import { Frame } from '../../protocol/index.js';
 import { Attacker } from '../helpers/attacker.js';
@@ -20,14 +19,13 @@ import { builtAgent, Cluster, mainJs, shmFilesOf, uniqueName } from '../helpers/
 
 type Agent = Awaited<ReturnType<Cluster['agent']>>;
 const MiB = 1024 * 1024;
-const imagesDir = join(nativeDir, 'build', 'testvm');
-const KERNEL = 'gangway-testvm.elf';
+const imagesDir = testvmDir;
+const KERNEL = TESTVM_KERNEL_FILE;
 
 function skipReason(): string | undefined {
   if (!builtAgent) return 'the agent is not built (npm run build)';
-  const qemu = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
-  if (qemu.error || qemu.status !== 0) return 'qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)';
-  if (!existsSync(join(imagesDir, KERNEL))) return `the test kernel was not built (${join(imagesDir, 'skipped.txt')} says why)`;
+  const missing = qemuMissing() ?? testvmMissing();
+  if (missing) return missing;
   if (!loadNative().uffdProbe()) return 'userfaultfd is not usable here (the tracking shim and post-copy need it)';
   return undefined;
 }
@@ -66,11 +64,7 @@ async function migrate(cluster: Cluster, agent: Agent, args: string[], ok = true
 
 /** The kernel's full check of every page of its RAM (the memory file): its stale pages. */
 async function fullCheck(memoryPath: string): Promise<{ checkPages: number; checkStalePages: number; stalePages: number }> {
-  const request = requestTestvmFullCheck(memoryPath);
-  const status = await waitForAsync('the kernel to answer a full check', async () => {
-    const status = readTestvmStatus(memoryPath);
-    return status.checkDone === request && status;
-  }, 30_000);
+  const status = await runTestvmFullCheck(memoryPath, 30_000);
   return { checkPages: status.checkPages, checkStalePages: status.checkStalePages, stalePages: status.stalePages };
 }
 

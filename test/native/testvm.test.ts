@@ -4,14 +4,14 @@
 // the kernel's own checks find them.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, existsSync, openSync, readFileSync, readSync, readdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, readdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { createConnection, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { compressSync } from 'lz4-napi';
 import { afterEach, describe, expect, it } from 'vitest';
-import { nativeDir } from '../../agent/native.js';
+import { testvmKernelPath, testvmMissing } from '../../agent/native.js';
 import {
   TESTVM_PAGE_SIZE,
   TESTVM_RANGE_START,
@@ -27,8 +27,7 @@ import {
 import { waitFor } from '../helpers/wait.js';
 
 const QEMU = 'qemu-system-x86_64';
-const kernelPath = join(nativeDir, 'build', 'testvm', 'gangway-testvm.elf');
-const skippedPath = join(nativeDir, 'build', 'testvm', 'skipped.txt');
+const kernelPath = testvmKernelPath;
 const MEMORY_MIB = 64;
 const MiB = 1 << 20;
 const PAGE = TESTVM_PAGE_SIZE;
@@ -37,11 +36,7 @@ const BOOT_TIMEOUT_MS = 12_000;
 function findSkipReason(): string | undefined {
   const qemu = spawnSync(QEMU, ['--version'], { encoding: 'utf8' });
   if (qemu.error || qemu.status !== 0) return `${QEMU} is not installed (Debian: apt-get install qemu-system-x86)`;
-  if (!existsSync(kernelPath)) {
-    const why = existsSync(skippedPath) ? readFileSync(skippedPath, 'utf8').trim() : 'run node native/build.mjs';
-    return `the test kernel ${kernelPath} was not built: ${why}`;
-  }
-  return undefined;
+  return testvmMissing();
 }
 const skipReason = findSkipReason();
 
