@@ -83,25 +83,15 @@ function log(line: string) {
   if (!values.json) console.error(line);
 }
 
-export interface Run {
+/** A run of either system, measured as the QEMU baseline's are (qemu-baseline.ts QemuBaselineRun). */
+export type Run = Omit<QemuBaselineRun, 'system' | 'mode' | 'detail'> & {
   system: 'gangway' | 'qemu';
   mode: string;
-  link: 'loopback' | 'netns';
   content: QemuBaselineVm['profile'];
-  /** Asked of each VM's kernel (it may reach less: detail.reachedDirtyRateMiBps). */
-  dirtyRateMiBps: number;
-  vms: number;
-  totalMs: number;
-  downtimeMs: number;
-  wireBytes: number;
-  stalePages: number;
-  verified: boolean;
-  cpuSecondsSource: number;
-  cpuSecondsDestination: number;
   /** Why the run did not complete (then the figures are NaN). */
   error?: string;
   detail?: unknown;
-}
+};
 
 const exit = new ExitSteps('stopping the agents and VMs, removing the link');
 
@@ -255,22 +245,7 @@ function failedRun(base: Pick<Run, 'system' | 'mode' | 'link' | 'content' | 'dir
 }
 
 function fromQemu(run: QemuBaselineRun, content: Run['content'], mode: string): Run {
-  return {
-    system: 'qemu',
-    mode,
-    link: run.link,
-    content,
-    dirtyRateMiBps: run.dirtyRateMiBps,
-    vms: run.vms,
-    totalMs: run.totalMs,
-    downtimeMs: run.downtimeMs,
-    wireBytes: run.wireBytes,
-    stalePages: run.stalePages,
-    verified: run.verified,
-    cpuSecondsSource: run.cpuSecondsSource,
-    cpuSecondsDestination: run.cpuSecondsDestination,
-    detail: run.detail,
-  };
+  return { ...run, mode, content };
 }
 
 function logRun(run: Run): void {
