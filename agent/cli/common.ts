@@ -4,7 +4,7 @@
 import { InvalidArgumentError, Option, type Command } from 'commander';
 import { resolve } from 'node:path';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
-import { CONFIG_DEFAULTS } from '../config.js';
+import { CONFIG_DEFAULTS, INTERFACE_NAME_PATTERN } from '../config.js';
 import { ControlClient } from '../control/client.js';
 import { QuantityError } from '../units.js';
 
@@ -58,3 +58,9 @@ export function fail(err: unknown, json: boolean): never {
   process.stderr.write(`gangway: ${message} [${code}]\n`);
   process.exit(1);
 }
+
+/** --tap: an interface name (the guest's TAP device). */
+export const tapDevice = arg((text) => {
+  if (!INTERFACE_NAME_PATTERN.test(text)) throw new QuantityError(`"${text}" is not an interface name: use 1 to 15 letters, digits, '_', '.' or '-'`);
+  return text;
+});

@@ -1,10 +1,9 @@
 // `gangway vm ...`: QEMU VMs on the local agent. A VM is a guest like any other once started:
 // `gangway migrate`, `status`, `guest stop` and `guest resume` take it by name.
 import { Option, type Command } from 'commander';
-import { INTERFACE_NAME_PATTERN } from '../config.js';
 import { MAX_APPEND_LENGTH, MAX_VM_CPUS, vmRegionsProblem, VM_ACCELS, VM_MACHINES, VM_NICS } from '../guest/vm-spec.js';
 import { parseBytesList, QuantityError } from '../units.js';
-import { arg, clientFor, fail, number, withControlOptions } from './common.js';
+import { arg, clientFor, fail, number, tapDevice, withControlOptions } from './common.js';
 
 const EXAMPLES = `
 Examples:
@@ -39,10 +38,7 @@ export function addVmCommands(program: Command): void {
     .addOption(new Option('--accel <accel>', 'tcg (emulation, everywhere), kvm (needs a usable /dev/kvm), auto (kvm where /dev/kvm opens, else tcg; the answer says which)').choices([...VM_ACCELS, 'auto']).default('auto'))
     .addOption(new Option('--machine <type>', 'QEMU machine type').choices([...VM_MACHINES]).default('q35'))
     .addOption(new Option('--nic <model>', 'the NIC on --tap (a destination backs it with a TAP device of its own, on vm.bridge)').choices([...VM_NICS]))
-    .option('--tap <device>', "the TAP device behind the VM's NIC (a virtio-net-pci unless --nic says otherwise), where its traffic is measured", arg((text) => {
-      if (!INTERFACE_NAME_PATTERN.test(text)) throw new QuantityError(`"${text}" is not an interface name: use 1 to 15 letters, digits, '_', '.' or '-'`);
-      return text;
-    }))
+    .option('--tap <device>', "the TAP device behind the VM's NIC (a virtio-net-pci unless --nic says otherwise), where its traffic is measured", tapDevice)
     .option('--json', 'print JSON')
     .addHelpText('after', EXAMPLES)
     .action(async (name: string, opts) => {

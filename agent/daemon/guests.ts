@@ -34,10 +34,15 @@ export interface GuestServiceContext {
 export class GuestService {
   constructor(private readonly context: GuestServiceContext) {}
 
-  async startGuest(name: string, spec: ProcessGuestSpec, tap?: string): Promise<{ name: string; pid: number; memoryPath: string; memoryPaths: string[] }> {
+  /** A guest may start: the agent is not shutting down, and its TAP device is no other guest's. */
+  private checkStartable(tap: string | undefined): void {
     if (this.context.shuttingDown()) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
     const tapOwner = tap === undefined ? undefined : this.context.registry.list().find(({ record }) => record.tap === tap);
     if (tapOwner) throw new GangwayError(ErrorCode.BAD_REQUEST, `TAP device ${tap} is already guest ${tapOwner.record.name}'s`);
+  }
+
+  async startGuest(name: string, spec: ProcessGuestSpec, tap?: string): Promise<{ name: string; pid: number; memoryPath: string; memoryPaths: string[] }> {
+    this.checkStartable(tap);
     if (spec.memoryBytes % GUEST_PAGE_SIZE !== 0) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `memory size ${spec.memoryBytes} is not a multiple of ${GUEST_PAGE_SIZE} bytes`);
     }
@@ -81,9 +86,7 @@ export class GuestService {
    * memory files of the agent's own, QEMU with the tracking shim, ready once QMP answers.
    */
   async startVm(name: string, request: { definition: VmDefinition | (Omit<VmDefinition, 'accel'> & { accel: AccelChoice }); regionBytes: number[] }, tap?: string) {
-    if (this.context.shuttingDown()) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
-    const tapOwner = tap === undefined ? undefined : this.context.registry.list().find(({ record }) => record.tap === tap);
-    if (tapOwner) throw new GangwayError(ErrorCode.BAD_REQUEST, `TAP device ${tap} is already guest ${tapOwner.record.name}'s`);
+    this.checkStartable(tap);
     const settings = this.context.config.vm;
     let accelNote: string | undefined;
     let accel = request.definition.accel;
