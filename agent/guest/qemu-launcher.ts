@@ -33,14 +33,9 @@ export function autoAccel(): { accel: 'kvm' | 'tcg'; why: string } {
 
 /** The offered guest as a VM spec, or why it cannot be one here (a message for the peer). */
 export function vmSpecOfOffer(guest: GuestSpec, settings: QemuSettings, kvm: () => string | undefined = kvmAvailability): { spec: VmSpec } | { problem: string } {
-  const parsed = parseVmDefinition(guest.config);
-  if ('problem' in parsed) return { problem: `the VM definition does not pass: ${parsed.problem}` };
-  const { definition } = parsed;
-  const regionBytes = guest.regions.map((region) => region.lengthBytes);
-  const odd = guest.regions.find((region, i) => region.pageSizeBytes !== VM_PAGE_SIZE || region.name !== (i === 0 ? 'ram' : `ram${i}`));
-  if (odd) return { problem: `a VM's regions are ram, ram1, ... of ${VM_PAGE_SIZE}-byte pages (got ${JSON.stringify(odd.name).slice(0, 40)} of ${odd.pageSizeBytes})` };
-  const regions = vmRegionsProblem(regionBytes);
-  if (regions) return { problem: regions };
+  const result = vmSpecOf(guest);
+  if ('problem' in result) return result;
+  const definition = result.spec;
   try {
     resolveKernel(settings.imagesDir, definition.kernel);
   } catch (err) {
@@ -51,7 +46,19 @@ export function vmSpecOfOffer(guest: GuestSpec, settings: QemuSettings, kvm: () 
     const why = kvm();
     if (why) return { problem: `the VM runs under KVM and ${why}` };
   }
-  return { spec: { ...definition, regionBytes } };
+  return result;
+}
+
+/** The offered guest as a VM spec, by its fields alone (what this host has is vmSpecOfOffer's to check). */
+function vmSpecOf(guest: GuestSpec): { spec: VmSpec } | { problem: string } {
+  const parsed = parseVmDefinition(guest.config);
+  if ('problem' in parsed) return { problem: `the VM definition does not pass: ${parsed.problem}` };
+  const regionBytes = guest.regions.map((region) => region.lengthBytes);
+  const odd = guest.regions.find((region, i) => region.pageSizeBytes !== VM_PAGE_SIZE || region.name !== (i === 0 ? 'ram' : `ram${i}`));
+  if (odd) return { problem: `a VM's regions are ram, ram1, ... of ${VM_PAGE_SIZE}-byte pages (got ${JSON.stringify(odd.name).slice(0, 40)} of ${odd.pageSizeBytes})` };
+  const regions = vmRegionsProblem(regionBytes);
+  if (regions) return { problem: regions };
+  return { spec: { ...parsed.definition, regionBytes } };
 }
 
 class QemuStandby implements StandbyGuest {
@@ -165,7 +172,9 @@ export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLaunche
       await standby.loadDeviceState(state);
     },
     recordPart(files, guest) {
-      const result = vmSpecOfOffer(guest, settings);
+      // The offer passed checkOffer; the VM runs on the RAM that came, whatever the images
+      // directory holds by now: only the fields are read here.
+      const result = vmSpecOf(guest);
       if ('problem' in result) throw new GangwayError(ErrorCode.BAD_REQUEST, result.problem);
       return { kind: 'qemu', spec: result.spec, ...(result.spec.nic ? { tap: tapNameFor(files), tapCreated: true } : {}) };
     },
