@@ -208,11 +208,12 @@ export class GuestService {
           tracker = { kind: 'hash-scan', reason: (err as Error).message };
         }
         const alive = guest.alive();
+        const seen = alive ? await guest.observe() : undefined;
         return {
           name: record.name,
           kind: record.kind,
           pid: record.pid,
-          state: !alive ? 'dead' : (await guest.stopped()) ? 'paused' : 'running',
+          state: !seen ? 'dead' : seen.paused ? 'paused' : 'running',
           memoryBytes: record.memoryBytes,
           /** Region 0's file (kept for scripts written before guests had regions). */
           memoryPath: record.files.memoryPaths[0]!,
@@ -223,7 +224,7 @@ export class GuestService {
           ...(record.files.qmpSocketPath ? { qmpSocket: record.files.qmpSocketPath, console: record.files.consolePath } : {}),
           ...(record.outgoing ? { outgoing: record.outgoing } : {}),
           ...(record.incoming ? { incoming: { ...record.incoming, missingPages: this.context.incomingMissingPages(record.incoming.migrationId) ?? record.incoming.missingPages } } : {}),
-          ...(alive ? await guest.details() : {}),
+          ...seen?.details,
         };
       }),
     );

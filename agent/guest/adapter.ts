@@ -60,12 +60,13 @@ export interface HostedGuest extends SourceGuest {
   readonly files: GuestFiles;
   /** Is its process there (not gone, not a zombie)? */
   alive(): boolean;
-  /** Is it stopped, whoever stopped it (the agent, an operator, QEMU's own pause)? */
-  stopped(): Promise<boolean>;
   /** Ends the guest at the operator's request; its files are left to the caller. */
   stop(): Promise<void>;
-  /** What `gangway status` shows of this kind (the guest's own counters), or undefined. */
-  details(): Promise<GuestDetails | undefined>;
+  /**
+   * What `gangway status` shows of a live guest, from one look at it: whether it is stopped
+   * (whoever stopped it: the agent, an operator, QEMU's own pause) and its own counters.
+   */
+  observe(): Promise<{ paused: boolean; details?: GuestDetails }>;
 }
 
 /** A guest's own counters as `gangway status` shows them: a process guest's header, a VM's QEMU state and test kernel. */

@@ -273,20 +273,17 @@ export class ProcessGuest implements HostedGuest {
     return `the guest process (pid ${this.pid}) exited${tail ? `; its log ends: ${tail}` : ''}`;
   }
 
-  async stopped(): Promise<boolean> {
+  /** Stopped by the kernel's word, and the guest's own counters from the header in its memory. */
+  async observe(): Promise<{ paused: boolean; details?: GuestDetails }> {
     const state = processState(this.pid);
-    return this.paused || state === 'T' || state === 't';
-  }
-
-  /** The guest's own counters, from the header in its memory. */
-  async details(): Promise<GuestDetails | undefined> {
+    const paused = this.paused || state === 'T' || state === 't';
     let header: GuestHeader;
     try {
       header = this.header();
     } catch {
-      return undefined;
+      return { paused };
     }
-    return {
+    const details: GuestDetails = {
       passes: header.passes,
       totalWrites: header.totalWrites,
       stalePages: header.stalePages,
@@ -301,6 +298,7 @@ export class ProcessGuest implements HostedGuest {
       deviceSaves: header.deviceSaves,
       deviceErrors: header.deviceErrors,
     };
+    return { paused, details };
   }
 
   alive(): boolean {

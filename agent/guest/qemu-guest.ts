@@ -393,15 +393,6 @@ export class QemuGuest implements HostedGuest {
     return `QEMU (pid ${this.pid}) exited${tail ? `; its log ends: ${tail}` : ' (its log says nothing: killed?)'}`;
   }
 
-  async stopped(): Promise<boolean> {
-    if (this.paused) return true;
-    try {
-      return !(await (await this.client()).queryStatus({ timeoutMs: 2_000 })).running;
-    } catch {
-      const state = processState(this.pid);
-      return state === 'T' || state === 't';
-    }
-  }
 
   /** QMP `stop`: QEMU answers once the vCPUs no longer run. */
   async pause(): Promise<void> {
@@ -456,14 +447,19 @@ export class QemuGuest implements HostedGuest {
     removeGuestFiles(this.files);
   }
 
-  /** QEMU's run state and, for the test kernel, its own counters (from its status block in RAM). */
-  async details(): Promise<GuestDetails | undefined> {
+  /** QEMU's run state (one query-status) and, for the test kernel, its own counters (from its status block in RAM). */
+  async observe(): Promise<{ paused: boolean; details?: GuestDetails }> {
     const details: GuestDetails = { accel: this.spec.accel, cpus: this.spec.cpus, kernel: this.spec.kernel };
+    let paused = this.paused;
     try {
-      details.vmStatus = (await (await this.client()).queryStatus({ timeoutMs: 2_000 })).status;
+      const status = await (await this.client()).queryStatus({ timeoutMs: 2_000 });
+      details.vmStatus = status.status;
+      paused ||= !status.running;
     } catch (err) {
       details.vmStatus = 'unknown';
       details.qmpError = (err as Error).message;
+      const state = processState(this.pid);
+      paused ||= state === 'T' || state === 't';
     }
     try {
       const status = readTestvmStatus(this.files.memoryPaths[0]!, TESTVM_STATUS_ADDR, 3);
@@ -479,6 +475,6 @@ export class QemuGuest implements HostedGuest {
     } catch {
       // Not the test kernel (no GWVMSTAT block): nothing more to show.
     }
-    return details;
+    return { paused, details };
   }
 }
