@@ -55,6 +55,10 @@ export const ErrorCode = {
   QMP_COMMAND: 'GANGWAY_ERR_QMP_COMMAND',
   /** A QMP connection to QEMU could not be made, was lost, or carried something that is not QMP. */
   QMP_CONNECTION: 'GANGWAY_ERR_QMP_CONNECTION',
+  /** An NBD server answered a command with an error; the error keeps NBD's errno and message. */
+  NBD_COMMAND: 'GANGWAY_ERR_NBD_COMMAND',
+  /** An NBD server refused an option of the handshake (no such export, policy, ...); the error keeps the reply type. */
+  NBD_OPTION: 'GANGWAY_ERR_NBD_OPTION',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
