@@ -107,9 +107,11 @@ export interface NativeAddon {
    * page, in page order (16 bytes each, XXH128's big-endian canonical form). 'full' reads
    * the memory now; 'tracked' uses the fingerprints kept by a trackHashes region. Runs on
    * the libuv thread pool; bad arguments reject. A scatter into the region while a digest
-   * runs is memory-safe but makes that digest's value meaningless.
+   * runs is memory-safe but makes that digest's value meaningless. `dataRuns` (mode 'full'
+   * of a read-only region of a sparse file, from fileDataRuns): pages outside them are holes,
+   * fingerprinted as zero pages without being read; the value is the same.
    */
-  regionDigest(region: RegionHandle, mode: 'full' | 'tracked'): Promise<Buffer>;
+  regionDigest(region: RegionHandle, mode: 'full' | 'tracked', dataRuns?: Uint32Array): Promise<Buffer>;
   /** XXH3-128 of `data` in canonical (big-endian) form, 16 bytes. */
   hash128(data: Uint8Array): Buffer;
   /**
@@ -171,6 +173,12 @@ export interface NativeAddon {
   uffdWake(uffd: number, start: number, pageSize: number, firstPage: number, count: number): void;
   /** Punches holes for the pages of `runs` ([first, count] pairs) in the file `fd`. */
   punchHoles(fd: number, runs: Uint32Array, pageSize: number): void;
+  /**
+   * The pages among the first `pageCount` of file `fd` that hold data, as [first, count]
+   * pairs (SEEK_DATA / SEEK_HOLE; a page partly data counts whole); the rest are holes. A
+   * file system without SEEK_DATA says the whole file is data.
+   */
+  fileDataRuns(fd: number, pageSize: number, pageCount: number): Uint32Array;
 }
 
 /** Opaque handle to a fault-reading thread (uffdMonitor). */

@@ -1,6 +1,7 @@
 /*
  * Temporary files: O_TMPFILE files, named once complete (tmpfileCreate / tmpfileLink), and
- * punchHoles, which turns pages of a file back into holes.
+ * punchHoles, which turns pages of a file back into holes; fileDataRuns, where a sparse
+ * file (a disk) holds data.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -11,6 +12,7 @@
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "napi-util.h"
@@ -123,3 +125,79 @@ napi_value PunchHoles(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+
+/*
+ * fileDataRuns(fd, pageSize, pageCount) -> Uint32Array of [first, count] pairs: the pages of
+ * the first pageCount pages of the file that hold data (SEEK_DATA / SEEK_HOLE); everything
+ * else is a hole and reads as zeros. A page partly data is a data page. A file system
+ * without SEEK_DATA reports the whole file as data (lseek's fallback), which is slower but
+ * right: the caller then reads zeros it could have skipped.
+ */
+napi_value FileDataRuns(napi_env env, napi_callback_info info) {
+  static const char fn[] = "fileDataRuns";
+  napi_value argv[3];
+  int fd;
+  uint32_t ps;
+  uint64_t count;
+  if (!get_args(env, info, 3, argv)) return NULL;
+  if (!arg_fd(env, argv[0], fn, "fd", &fd) || !arg_page_size(env, argv[1], fn, "pageSize", &ps) ||
+      !arg_integer(env, argv[2], fn, "pageCount", 0, UINT32_MAX, &count))
+    return NULL;
+  const off_t end = (off_t)count * ps;
+  size_t n = 0, cap = 0;
+  uint32_t *pairs = NULL;
+  off_t at = 0;
+  while (at < end) {
+    off_t data = lseek(fd, at, SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) break; /* no data at or after `at` */
+      int err = errno;
+      free(pairs);
+      throw_errno(env, err, "fileDataRuns: lseek(SEEK_DATA) failed", NULL);
+      return NULL;
+    }
+    if (data >= end) break;
+    off_t hole = lseek(fd, data, SEEK_HOLE);
+    if (hole < 0) {
+      int err = errno;
+      free(pairs);
+      throw_errno(env, err, "fileDataRuns: lseek(SEEK_HOLE) failed", NULL);
+      return NULL;
+    }
+    if (hole > end) hole = end;
+    const uint32_t first = (uint32_t)(data / ps);
+    const uint32_t last_end = (uint32_t)((hole + ps - 1) / ps);
+    if (n > 0 && pairs[2 * (n - 1)] + pairs[2 * (n - 1) + 1] >= first) {
+      /* Extents that meet inside one page make one run. */
+      pairs[2 * (n - 1) + 1] = last_end - pairs[2 * (n - 1)];
+    } else {
+      if (n == cap) {
+        size_t ncap = cap ? cap * 2 : 64;
+        uint32_t *grown = realloc(pairs, ncap * 2 * sizeof *pairs);
+        if (!grown) {
+          free(pairs);
+          throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
+          return NULL;
+        }
+        pairs = grown;
+        cap = ncap;
+      }
+      pairs[2 * n] = first;
+      pairs[2 * n + 1] = last_end - first;
+      n++;
+    }
+    if (hole <= at) break; /* cannot happen; never loop on a file system that says so */
+    at = (off_t)last_end * ps;
+  }
+  napi_value ab, result;
+  void *dst = NULL;
+  if (napi_create_arraybuffer(env, n * 2 * sizeof(uint32_t), &dst, &ab) != napi_ok) {
+    free(pairs);
+    throw_napi(env, "napi_create_arraybuffer");
+    return NULL;
+  }
+  if (n) memcpy(dst, pairs, n * 2 * sizeof(uint32_t));
+  free(pairs);
+  NAPI_TRY(env, napi_create_typedarray(env, napi_uint32_array, n * 2, ab, 0, &result));
+  return result;
+}

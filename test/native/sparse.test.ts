@@ -1,0 +1,67 @@
+// A disk is a sparse file: fileDataRuns finds its data (SEEK_DATA/SEEK_HOLE) and a full
+// digest given those runs fingerprints the holes as zero pages without reading them, with
+// the same value as a digest that reads every page.
+import { closeSync, ftruncateSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { loadNative } from '../../agent/native.js';
+
+const native = loadNative();
+const PAGE = 4096;
+// Not /dev/shm or /tmp on tmpfs: the disks directory is a disk file system; the repo's is.
+const dir = mkdtempSync(join(import.meta.dirname, '..', '..', 'dist', 'sparse-test-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function sparseFile(name: string, pages: number, writes: [page: number, offsetInPage: number, length: number, byte: number][]): number {
+  const fd = openSync(join(dir, name), 'w+', 0o600);
+  ftruncateSync(fd, pages * PAGE);
+  for (const [page, offset, length, byte] of writes) writeSync(fd, Buffer.alloc(length, byte), 0, length, page * PAGE + offset);
+  return fd;
+}
+
+describe('sparse files', () => {
+  it('fileDataRuns: the pages that hold data, a partly written page whole, neighbours merged, nothing past pageCount', () => {
+    const fd = sparseFile('a.raw', 4096, [
+      [10, 0, PAGE, 1],
+      [11, 0, PAGE, 2],
+      [1000, 50, 100, 3],
+      [4000, 0, 2 * PAGE, 4],
+    ]);
+    try {
+      expect([...native.fileDataRuns(fd, PAGE, 4096)]).toEqual([10, 2, 1000, 1, 4000, 2]);
+      // Only the first 1001 pages asked for: the run at 4000 is not reported.
+      expect([...native.fileDataRuns(fd, PAGE, 1001)]).toEqual([10, 2, 1000, 1]);
+      expect([...native.fileDataRuns(fd, PAGE, 0)]).toEqual([]);
+      expect(() => native.fileDataRuns(-1, PAGE, 10)).toThrow();
+      expect(() => native.fileDataRuns(fd, 1000, 10)).toThrow(RangeError);
+    } finally {
+      closeSync(fd);
+    }
+  });
+
+  it('a digest given the data runs equals the digest that reads every page, and one changed byte changes it', async () => {
+    const fd = sparseFile('b.raw', 8192, [
+      [0, 0, PAGE, 7],
+      [3000, 17, 1, 9],
+      [8191, 0, PAGE, 5],
+    ]);
+    try {
+      const region = native.regionMap(fd, 8192 * PAGE, PAGE, { writable: false, trackHashes: false, initiallyZero: false });
+      try {
+        const runs = native.fileDataRuns(fd, PAGE, 8192);
+        const sparse = await native.regionDigest(region, 'full', runs);
+        expect(sparse.equals(await native.regionDigest(region, 'full'))).toBe(true);
+        writeSync(fd, Buffer.from([1]), 0, 1, 5000 * PAGE);
+        const changed = await native.regionDigest(region, 'full', native.fileDataRuns(fd, PAGE, 8192));
+        expect(changed.equals(sparse)).toBe(false);
+        expect(changed.equals(await native.regionDigest(region, 'full'))).toBe(true);
+        await expect(native.regionDigest(region, 'full', Uint32Array.of(8190, 5))).rejects.toThrow(/outside the region/);
+        await expect(native.regionDigest(region, 'tracked', runs)).rejects.toThrow();
+      } finally {
+        native.regionClose(region);
+      }
+    } finally {
+      closeSync(fd);
+    }
+  });
+});
