@@ -36,6 +36,8 @@ import { type Extent, type NbdExport, nbdErrnoOf } from './export.js';
 import { isZero, ZERO_GRANULE_BYTES } from './file-export.js';
 import type { NbdServerLimits } from './server.js';
 
+/** How long a connection we hung up on may take to send what it had answered. */
+const FAIL_LINGER_MS = 1_000;
 /** Largest extent length on the wire (u32), kept a multiple of 4 KiB so splits stay aligned. */
 const MAX_EXTENT_BYTES = 0xffff_f000;
 
@@ -66,6 +68,8 @@ export class NbdServerConnection {
   #inFlightBytes = 0;
   #handshakeTimer: NodeJS.Timeout | undefined;
   #shuttingDown = false;
+  /** Why we hung up, while the socket finishes closing. */
+  #failed: Error | undefined;
 
   constructor(
     private readonly socket: Duplex,
@@ -99,6 +103,11 @@ export class NbdServerConnection {
     return this.#inFlight;
   }
 
+  /** Reply bytes written and not yet taken by the kernel (what a client that does not read makes us hold). */
+  get sendBufferBytes(): number {
+    return this.socket.writableLength;
+  }
+
   /**
    * Server shutdown: the handshake answers NBD_REP_ERR_SHUTDOWN from now on; in transmission,
    * nothing more is read, requests not started are answered ESHUTDOWN, those in flight finish,
@@ -120,11 +129,15 @@ export class NbdServerConnection {
         this.#send(step.send);
         const outcome = step.outcome;
         if (outcome?.kind === 'close') {
+          if (outcome.error !== undefined) return this.#fail(outcome.error);
           this.#state = 'draining';
           this.socket.end();
         } else if (outcome?.kind === 'transmission') {
           this.#enterTransmission(outcome.negotiated);
           for (const rest of outcome.rest) this.#takeRequests(rest);
+        } else {
+          // Options are answered as they come: one that never reads its answers is paused.
+          this.#pump();
         }
       } else if (this.#state === 'transmission') {
         this.#takeRequests(chunk);
@@ -159,7 +172,10 @@ export class NbdServerConnection {
 
   /** Starts queued requests while the bounds allow, and pauses or resumes the socket. */
   #pump(): void {
-    while (this.#queue.length > 0) {
+    // A client that does not read its replies stops getting requests served: replies wait
+    // in the socket's send buffer, which is bounded by this check (plus what is in flight).
+    const writeBlocked = () => (this.socket as { writableNeedDrain?: boolean }).writableNeedDrain === true;
+    while (this.#queue.length > 0 && !writeBlocked()) {
       const next = this.#queue[0]!;
       const cost = costOf(next);
       const room = this.#inFlight < this.limits.maxInFlight && (this.#inFlight === 0 || this.#inFlightBytes + cost <= this.limits.maxInFlightBytes);
@@ -182,8 +198,7 @@ export class NbdServerConnection {
       if (this.#queue.length === 0 && this.#inFlight === 0 && !this.socket.writableEnded) this.socket.end();
       return;
     }
-    const writeBlocked = (this.socket as { writableNeedDrain?: boolean }).writableNeedDrain === true;
-    if (this.#queue.length > 0 || writeBlocked) this.socket.pause();
+    if (this.#queue.length > 0 || writeBlocked()) this.socket.pause();
     else this.socket.resume();
   }
 
@@ -318,16 +333,27 @@ export class NbdServerConnection {
     s.uncork();
   }
 
+  /**
+   * A hard disconnect: nothing more is read or started, what was already answered still goes
+   * out (a client can see the replies to everything before its mistake), and the socket is
+   * destroyed after FAIL_LINGER_MS whether or not the client reads it.
+   */
   #fail(error: Error): void {
-    this.#close(error);
-    this.socket.destroy();
+    if (this.#state === 'closed' || this.#failed !== undefined) return;
+    this.#failed = error;
+    clearTimeout(this.#handshakeTimer);
+    this.#queue.length = 0;
+    this.#state = 'draining';
+    this.socket.pause();
+    this.socket.end();
+    setTimeout(() => this.socket.destroy(), FAIL_LINGER_MS).unref();
   }
 
   #close(reason: Error | undefined): void {
     if (this.#state === 'closed') return;
     clearTimeout(this.#handshakeTimer);
     this.#state = 'closed';
-    this.#reason = reason;
+    this.#reason = this.#failed ?? reason;
     this.#queue.length = 0;
     if (!this.socket.destroyed) this.socket.destroy();
     this.#resolveClosed(this.#reason);

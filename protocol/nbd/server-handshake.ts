@@ -13,7 +13,10 @@
 // A malformed option is answered NBD_REP_ERR_INVALID, an unknown one NBD_REP_ERR_UNSUP (the
 // baseline requires it), too many meta context queries NBD_REP_ERR_TOO_BIG. What cannot be
 // answered (bad magic, unknown client flags, an option over NBD_MAX_OPTION_DATA_BYTES, more
-// than NBD_MAX_HANDSHAKE_OPTIONS options) throws a ProtocolError: the caller hangs up.
+// than NBD_MAX_HANDSHAKE_OPTIONS options) ends the handshake with a 'close' outcome carrying
+// the ProtocolError: the caller hangs up, after sending the replies to the options before
+// it (returned in the same step, so a client sees how far it got). Pushing after the end
+// throws.
 import { ErrorCode, ProtocolError } from '../errors.js';
 import {
   BASE_ALLOCATION,
@@ -75,7 +78,8 @@ export interface ServerNegotiated {
 
 export type ServerHandshakeOutcome =
   | { kind: 'transmission'; negotiated: ServerNegotiated; rest: Buffer[] }
-  | { kind: 'close'; reason: string };
+  /** `error`: the client broke the protocol (else it aborted, or named no export we have). */
+  | { kind: 'close'; reason: string; error?: ProtocolError };
 
 export interface ServerHandshakeStep {
   send: Uint8Array[];
@@ -88,7 +92,7 @@ export interface ServerHandshakeOptions {
 
 type State = 'clientFlags' | 'optionHeader' | 'optionData' | 'done';
 /** An outcome before the leftover bytes are attached. */
-type Ending = { kind: 'transmission'; negotiated: ServerNegotiated } | { kind: 'close'; reason: string };
+type Ending = { kind: 'transmission'; negotiated: ServerNegotiated } | { kind: 'close'; reason: string; error?: ProtocolError };
 
 const CLIENT_FLAGS_KNOWN = ClientFlag.fixedNewstyle | ClientFlag.noZeroes;
 
@@ -127,6 +131,17 @@ export class ServerHandshake {
     if (this.#state === 'done') throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, 'NBD handshake: bytes after the handshake ended');
     this.#queue.push(chunk);
     const send: Uint8Array[] = [];
+    try {
+      return this.#consume(send);
+    } catch (error) {
+      if (!(error instanceof ProtocolError)) throw error;
+      this.#state = 'done';
+      this.#queue.drain();
+      return { send, outcome: { kind: 'close', reason: error.message, error } };
+    }
+  }
+
+  #consume(send: Uint8Array[]): ServerHandshakeStep {
     for (;;) {
       if (this.#state === 'clientFlags') {
         const b = this.#queue.take(CLIENT_FLAGS_BYTES);

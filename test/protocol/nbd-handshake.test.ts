@@ -292,16 +292,18 @@ function freshServer(flags = 3): ServerHandshake {
 const option = (o: number, data?: Uint8Array) => cat(encodeOption(o, data));
 const types = (rs: Reply[]) => rs.map((r) => r.type);
 
-function expectServerRejects(s: ServerHandshake, bytes: Uint8Array, code: ErrorCode, ...parts: string[]): void {
-  let error: unknown;
-  try {
-    s.push(bytes);
-  } catch (e) {
-    error = e;
-  }
-  expect(error).toBeInstanceOf(ProtocolError);
-  expect((error as ProtocolError).code).toBe(code);
-  for (const p of parts) expect((error as Error).message).toContain(p);
+/** The push ends the handshake with a 'close' outcome carrying a ProtocolError; pushing more throws. */
+function expectServerRejects(s: ServerHandshake, bytes: Uint8Array, code: ErrorCode, ...parts: string[]): Uint8Array[] {
+  const step = s.push(bytes);
+  const outcome = step.outcome as Extract<ServerHandshakeOutcome, { kind: 'close' }>;
+  expect(outcome?.kind).toBe('close');
+  expect(outcome.error).toBeInstanceOf(ProtocolError);
+  expect(outcome.error!.code).toBe(code);
+  expect(outcome.reason).toBe(outcome.error!.message);
+  for (const p of parts) expect(outcome.reason).toContain(p);
+  expect(s.state).toBe('done');
+  expect(() => s.push(Buffer.from([0]))).toThrow(ProtocolError);
+  return step.send;
 }
 
 afterEach(() => {
@@ -485,6 +487,11 @@ describe('server refusals that end the connection', () => {
     const many = cat(Array.from({ length: NBD_MAX_HANDSHAKE_OPTIONS }, () => option(NbdOption.list)));
     expect(types(replies(s.push(many).send)).filter((t) => t === NbdRep.ack)).toHaveLength(NBD_MAX_HANDSHAKE_OPTIONS);
     expectServerRejects(s, option(NbdOption.list), ErrorCode.LIMIT, `more than ${NBD_MAX_HANDSHAKE_OPTIONS} options`);
+  });
+
+  test('the options before the one that breaks the rules are answered in the same step', () => {
+    const sent = expectServerRejects(freshServer(), cat([option(NbdOption.list), option(99), Buffer.alloc(16)]), ErrorCode.PROTOCOL_MAGIC);
+    expect(types(replies(sent))).toEqual([NbdRep.server, NbdRep.server, NbdRep.ack, NbdRep.errUnsup]);
   });
 });
 
