@@ -397,9 +397,10 @@ export class NbdClient {
         : new GangwayError(ErrorCode.ABORTED, `NBD ${name} aborted`, { cause: signal.reason });
     const cost = command === NbdCommand.read || command === NbdCommand.write ? lengthBytes : 0;
     await this.#acquire(cost, signal, abandoned);
-    if (this.#failure !== undefined) {
+    if (this.#failure !== undefined || signal.aborted) {
+      // Given up between getting the slot and sending: nothing went out.
       this.#release(cost);
-      throw this.#failure;
+      throw this.#failure ?? abandoned();
     }
     return new Promise((resolve, reject) => {
       const cookie = this.#nextCookie++;
