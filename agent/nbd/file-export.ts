@@ -17,14 +17,12 @@
 import { type FileHandle, open } from 'node:fs/promises';
 import { AllocationFlag, BASE_ALLOCATION } from '../../protocol/nbd/index.js';
 import type { Extent, NbdExport } from './export.js';
+import { ZERO_GRANULE_BYTES, ZEROES, isZero } from './zeroes.js';
 
-/** Granule of zero detection: a page, the unit in which Linux file systems allocate. */
-export const ZERO_GRANULE_BYTES = 4096;
 /** Most a block status request reads (a qemu-img map of a 64 MiB test image is one request). */
 export const BLOCK_STATUS_SCAN_BYTES = 64 * 1024 * 1024;
 /** Buffer of one read while scanning, and of one write of zeroes. */
-const IO_BYTES = 1024 * 1024;
-const ZEROES = Buffer.alloc(IO_BYTES);
+const IO_BYTES = ZEROES.length;
 
 export interface FileExportOptions {
   name: string;
@@ -146,13 +144,4 @@ export class FileExport implements NbdExport {
   async close(): Promise<void> {
     await this.handle.close();
   }
-}
-
-/** Whether every byte is 0 (memcmp against a zero buffer, a granule at a time). */
-export function isZero(bytes: Uint8Array): boolean {
-  for (let at = 0; at < bytes.length; at += IO_BYTES) {
-    const part = bytes.subarray(at, Math.min(bytes.length, at + IO_BYTES));
-    if (Buffer.compare(part, ZEROES.subarray(0, part.length)) !== 0) return false;
-  }
-  return true;
 }

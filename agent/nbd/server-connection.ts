@@ -33,7 +33,7 @@ import {
   errnoName,
 } from '../../protocol/nbd/index.js';
 import { type Extent, type NbdExport, nbdErrnoOf } from './export.js';
-import { isZero, ZERO_GRANULE_BYTES } from './file-export.js';
+import { ZERO_GRANULE_BYTES, isZero } from './zeroes.js';
 import type { NbdServerLimits } from './server.js';
 
 /** How long a connection we hung up on may take to send what it had answered. */
@@ -307,10 +307,10 @@ export class NbdServerConnection {
     const e = this.#export!;
     const reqOne = (r.flags & CommandFlag.reqOne) !== 0;
     const contexts = [...this.#negotiated!.metaContexts];
+    if (r.lengthBytes === 0) throw new RequestFailure(NbdErrno.EINVAL, 'block status of length 0');
     const chunks: Buffer[] = [];
     for (const [i, [id, name]] of contexts.entries()) {
       let extents: Extent[];
-      if (r.lengthBytes === 0) throw new RequestFailure(NbdErrno.EINVAL, 'block status of length 0');
       if (e.blockStatus !== undefined) extents = await e.blockStatus(name, r.offsetBytes, r.lengthBytes);
       else if (name === BASE_ALLOCATION) extents = [{ lengthBytes: r.lengthBytes, flags: 0 }];
       else throw new RequestFailure(NbdErrno.EINVAL, `no context ${name}`);
