@@ -30,7 +30,6 @@ import {
   ServerHandshake,
   type ServerNegotiated,
   encodeSimpleReply,
-  errnoName,
 } from '../../protocol/nbd/index.js';
 import { type Extent, type NbdExport, nbdErrnoOf } from './export.js';
 import { ZERO_GRANULE_BYTES, isZero } from './zeroes.js';
@@ -187,11 +186,14 @@ export class NbdServerConnection {
       }
       this.#inFlight++;
       this.#inFlightBytes += cost;
-      void this.#serve(next).finally(() => {
-        this.#inFlight--;
-        this.#inFlightBytes -= cost;
-        this.#pump();
-      });
+      // #serve answers every failure itself; should answering fail too, this client is dropped, not the process.
+      void this.#serve(next)
+        .catch((error: unknown) => this.#fail(error instanceof Error ? error : new Error(String(error))))
+        .finally(() => {
+          this.#inFlight--;
+          this.#inFlightBytes -= cost;
+          this.#pump();
+        });
     }
     if (this.#state === 'closed') return;
     if (this.#state === 'draining') {
@@ -223,8 +225,8 @@ export class NbdServerConnection {
       }
     } catch (error) {
       if (error instanceof RequestFailure) return this.#answerError(request, error.errno, error.message);
-      const errno = nbdErrnoOf(error);
-      this.#answerError(request, errno, `${errnoName(errno)}: ${(error as Error)?.message ?? String(error)}`);
+      // The export's own words travel; the errno is the reply's (the client names it).
+      this.#answerError(request, nbdErrnoOf(error), error instanceof Error ? error.message : String(error));
     }
   }
 

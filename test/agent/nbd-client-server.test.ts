@@ -141,7 +141,8 @@ test('errors: the server\'s become NbdCommandError with the errno name; what the
   const error = await c.read(0, 512).catch((x: unknown) => x);
   expect(error).toBeInstanceOf(NbdCommandError);
   expect((error as NbdCommandError).errnoName).toBe('EIO');
-  expect((error as NbdCommandError).serverMessage).toContain('the disk is on fire');
+  expect((error as NbdCommandError).serverMessage).toBe('the disk is on fire');
+  expect((error as Error).message).toBe('NBD read failed: EIO: the disk is on fire');
   expect((error as NbdCommandError).code).toBe(ErrorCode.NBD_COMMAND);
   // The connection goes on.
   await c.write(0, Buffer.alloc(10, 1));
