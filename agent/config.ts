@@ -205,6 +205,7 @@ export const ConfigFileSchema = z
     vm: z
       .object({
         imagesDir: absolutePath,
+        disksDir: absolutePath,
         qemu: z.string().min(1, 'must name the QEMU binary').max(4096),
         bridge: z.string().regex(INTERFACE_NAME_PATTERN, "an interface name: 1 to 15 letters, digits, '_', '.' or '-'"),
       })
@@ -239,6 +240,7 @@ export const ENV_OVERRIDES = {
   GANGWAY_STATE_DIR: 'stateDir',
   GANGWAY_MEMORY_DIR: 'memoryDir',
   GANGWAY_VM_IMAGES_DIR: 'vm.imagesDir',
+  GANGWAY_VM_DISKS_DIR: 'vm.disksDir',
   GANGWAY_VM_QEMU: 'vm.qemu',
   GANGWAY_VM_BRIDGE: 'vm.bridge',
   GANGWAY_TRACKER: 'tracker',

@@ -224,6 +224,15 @@ export class Agent {
     // Guests whose migration was at its switchover when the previous run of this agent
     // ended: ask their destination what became of them before anything else happens.
     for (const { record } of this.registry.list()) if (record.outgoing) void this.outbound.resolveOutgoing(record.name);
+    // What a migration of a guest made in it and the previous run did not remove (it died):
+    // gone before the guest's next migration needs the names.
+    for (const { guest, record } of this.registry.list()) {
+      if (!guest.removeMigrationLeftovers || record.outgoing) continue;
+      void guest.removeMigrationLeftovers().then(
+        (removed) => removed.length > 0 && this.log.warn({ guest: guest.name, removed }, 'removed what an earlier migration of this guest left in it'),
+        (err: Error) => this.log.warn({ guest: guest.name, err: err.message }, "could not check the guest for an earlier migration's leftovers"),
+      );
+    }
   }
 
   /** A peer hit one of the peers.* limits (or broke the credit or identity rules): counted. */

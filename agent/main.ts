@@ -55,7 +55,7 @@ const program = new Command('gangway')
 program
   .command('agent')
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
-  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval, peers.maxSessionsPerPeer/maxIncomingPerPeer/maxIncoming/maxGroupsPerSession/handshakeTimeout/requestsPerSecond/requestBurst/memoryHeadroom/decompressionsPerSession, dedup.resident/residentOffersPerMinute/residentMaxAge, vm.imagesDir/qemu/bridge)')
+  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval, peers.maxSessionsPerPeer/maxIncomingPerPeer/maxIncoming/maxGroupsPerSession/handshakeTimeout/requestsPerSecond/requestBurst/memoryHeadroom/decompressionsPerSession, dedup.resident/residentOffersPerMinute/residentMaxAge, vm.imagesDir/disksDir/qemu/bridge)')
   .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags), print it and exit')
   .option('--listen <host:port>', `address for peer agents [${CONFIG_DEFAULTS.listen}]`)
   .option('--state-dir <dir>', `the agent state directory [${DEFAULT_STATE_DIR}]`)
@@ -77,6 +77,7 @@ program
   .option('--uplink <interface>', 'the uplink guests and migrations share: measured, and shaped when root (traffic.uplink)')
   .option('--link-capacity <rate>', "the uplink's capacity, e.g. 1Gbit/s (traffic.linkCapacity)")
   .option('--vm-images-dir <dir>', `kernels VMs boot, by file name (vm.imagesDir) [${DEFAULT_QEMU_SETTINGS.imagesDir}]`)
+  .option('--vm-disks-dir <dir>', `VMs' disks (raw files), by file name; migrated disks arrive here (vm.disksDir) [${DEFAULT_QEMU_SETTINGS.disksDir}]`)
   .option('--vm-qemu <binary>', `the QEMU to run VMs with (vm.qemu) [${DEFAULT_QEMU_SETTINGS.binary}]`)
   .option('--vm-bridge <bridge>', 'the bridge the TAP devices of arriving VMs join (vm.bridge) [none: left unattached]')
   .action(async (opts) => {
@@ -281,6 +282,17 @@ withControlOptions(program.command('migrate <guests...>'))
   )
   .addOption(new Option('--priority <priority>', "the migration's priority: the plan (--technique auto) and the bandwidth reservation [the agent's traffic.priority]").choices(PRIORITIES))
   .option('--postcopy-after-rounds <n>', 'hybrid: go post-copy after this many pre-copy rounds at the latest [--max-rounds]', number('--postcopy-after-rounds', 1, 10_000, true))
+  .option(
+    '--disks <which>',
+    "a VM's disks: all move with it (pre-copy); none stay (shared storage: the destination opens the same file name in its vm.disksDir); or those named: disk0,disk1 or file names [all]",
+    arg((text) => {
+      if (text === 'all' || text === 'none') return text;
+      const names = text.split(',');
+      const bad = names.find((name) => !/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(name));
+      if (bad !== undefined) throw new QuantityError(`--disks "${text}": all, none, or disk names (disk0, vm1.raw) separated by commas; "${bad}" is not one`);
+      return names;
+    }),
+  )
   .option('--detach', 'start the migrations, print their ids and return; follow them with `gangway status`, cancel with `gangway cancel ID`')
   .option('--json', 'print the summary as JSON')
   .action(async (names: string[], opts) => {
@@ -308,6 +320,7 @@ withControlOptions(program.command('migrate <guests...>'))
           technique: opts.technique,
           ...(opts.priority ? { priority: opts.priority } : {}),
           ...(opts.postcopyAfterRounds ? { postcopyAfterRounds: opts.postcopyAfterRounds } : {}),
+          ...(opts.disks ? { disks: opts.disks } : {}),
         },
         (progress) => {
           started.note(progress);

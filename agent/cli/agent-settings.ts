@@ -46,7 +46,7 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     tls: section({ cert: path(opts.tlsCert), key: path(opts.tlsKey), ca: path(opts.tlsCa), allow: opts.tlsAllow }),
     insecurePlaintextLoopback: opts.insecurePlaintextLoopback ? true : undefined,
     traffic: section({ uplink: opts.uplink, linkCapacity: opts.linkCapacity }),
-    vm: section({ imagesDir: path(opts.vmImagesDir), qemu: opts.vmQemu, bridge: opts.vmBridge }),
+    vm: section({ imagesDir: path(opts.vmImagesDir), disksDir: path(opts.vmDisksDir), qemu: opts.vmQemu, bridge: opts.vmBridge }),
   };
   const given = Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined));
   const parsed = ConfigLayerSchema.safeParse(given);
@@ -85,6 +85,7 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     dedup: resolveDedupPolicy(merged.dedup),
     vm: {
       imagesDir: resolve(merged.vm?.imagesDir ?? DEFAULT_QEMU_SETTINGS.imagesDir),
+      disksDir: resolve(merged.vm?.disksDir ?? DEFAULT_QEMU_SETTINGS.disksDir),
       binary: merged.vm?.qemu ?? DEFAULT_QEMU_SETTINGS.binary,
       ...(merged.vm?.bridge ? { bridge: merged.vm.bridge } : {}),
     },

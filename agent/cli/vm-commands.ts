@@ -11,7 +11,9 @@ Examples:
   gangway vm start web1 --memory 1GiB --kernel vmlinuz --append "console=ttyS0" --tap tap-web1
   gangway vm start vm2 --memory 256MiB,256MiB --cpus 2 --accel auto \\
       --kernel gangway-testvm.elf --append "gw.profile=os-image gw.rate=4096"
+  gangway vm start db1 --memory 1GiB --kernel vmlinuz --disk db1.raw   # a raw file of vm.disksDir
   gangway migrate vm1 vm2 --to 10.0.0.2:7401        # a gang, dedup across the VMs
+  gangway migrate db1 --to 10.0.0.2:7401            # its disk moves too (--disks none: shared storage)
   gangway guest stop vm1                             # quits QEMU, deletes the VM's memory
 
 The kernel is a file name of the agent's images directory (vm.imagesDir, --vm-images-dir),
@@ -38,6 +40,7 @@ export function addVmCommands(program: Command): void {
     .addOption(new Option('--accel <accel>', 'tcg (emulation, everywhere), kvm (needs a usable /dev/kvm), auto (kvm where /dev/kvm opens, else tcg; the answer says which)').choices([...VM_ACCELS, 'auto']).default('auto'))
     .addOption(new Option('--machine <type>', 'QEMU machine type').choices([...VM_MACHINES]).default('q35'))
     .addOption(new Option('--nic <model>', 'the NIC on --tap (a destination backs it with a TAP device of its own, on vm.bridge)').choices([...VM_NICS]))
+    .option('--disk <file>', "a raw disk (virtio-blk): a file of the agent's disks directory (vm.disksDir), by name or path; repeat for more (at most 4)", (value: string, previous: string[] = []) => [...previous, value])
     .option('--tap <device>', "the TAP device behind the VM's NIC (a virtio-net-pci unless --nic says otherwise), where its traffic is measured", tapDevice)
     .option('--json', 'print JSON')
     .addHelpText('after', EXAMPLES)
@@ -46,16 +49,18 @@ export function addVmCommands(program: Command): void {
         if (opts.kernel.includes('/')) {
           throw new QuantityError(`--kernel "${opts.kernel}": give the kernel's file name in the agent's images directory (vm.imagesDir), not a path; copy the kernel there first`);
         }
-        const result = await clientFor(opts).call<{ name: string; pid: number; accel: string; accelNote?: string; memoryPaths: string[]; qmpSocket: string; console: string }>('POST', '/v1/vms', {
+        const result = await clientFor(opts).call<{ name: string; pid: number; accel: string; accelNote?: string; memoryPaths: string[]; diskPaths?: string[]; qmpSocket: string; console: string }>('POST', '/v1/vms', {
           name,
           definition: { machine: opts.machine, cpus: opts.cpus, accel: opts.accel, kernel: opts.kernel, append: opts.append, ...(opts.nic ? { nic: opts.nic } : {}) },
           regionBytes: opts.memory,
+          ...(opts.disk ? { disks: opts.disk } : {}),
           ...(opts.tap ? { tap: opts.tap } : {}),
         });
         if (opts.json) console.log(JSON.stringify(result));
         else {
           console.log(`VM ${result.name} running (QEMU pid ${result.pid}, accel ${result.accelNote ?? result.accel})`);
           console.log(`  memory  ${result.memoryPaths.join(', ')}`);
+          if (result.diskPaths) console.log(`  disks   ${result.diskPaths.join(', ')}`);
           console.log(`  console ${result.console}`);
         }
       } catch (err) {

@@ -4,7 +4,7 @@ import { z } from 'zod';
 import { GUEST_NAME_PATTERN } from '../guest/registry.js';
 import { GUEST_MAX_REGIONS } from '../guest/guest-header.js';
 import { regionSizesProblem } from '../guest/process-guest.js';
-import { MAX_VM_REGIONS, VM_ACCELS, VmDefinitionSchema } from '../guest/vm-spec.js';
+import { MAX_VM_DISKS, MAX_VM_REGIONS, VM_ACCELS, VmDefinitionSchema } from '../guest/vm-spec.js';
 import { INTERFACE_NAME_PATTERN, PRIORITIES } from '../config.js';
 
 const guestName = z.string().regex(GUEST_NAME_PATTERN, "1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'");
@@ -38,8 +38,12 @@ export const StartGuestRequest = z
 /** A VM: its definition (as vm-spec.ts checks it, `accel` may also be auto) and its memory regions. */
 export const StartVmRequest = z.strictObject({
   name: guestName,
-  definition: VmDefinitionSchema.extend({ accel: z.enum([...VM_ACCELS, 'auto'], { error: `must be one of: ${[...VM_ACCELS, 'auto'].join(', ')}` }) }),
+  definition: VmDefinitionSchema.omit({ disk0: true, disk1: true, disk2: true, disk3: true }).extend({
+    accel: z.enum([...VM_ACCELS, 'auto'], { error: `must be one of: ${[...VM_ACCELS, 'auto'].join(', ')}` }),
+  }),
   regionBytes: z.array(z.number().int().min(1024 * 1024).max(1024 * GiB)).min(1).max(MAX_VM_REGIONS),
+  /** Disk files (names in the agent's disks directory, or paths inside it), in device order. */
+  disks: z.array(z.string().min(1).max(4096), { error: `must be a list of up to ${MAX_VM_DISKS} disk files` }).max(MAX_VM_DISKS, `at most ${MAX_VM_DISKS} disks`).optional(),
   tap: z.string().regex(INTERFACE_NAME_PATTERN, "an interface name: 1 to 15 letters, digits, '_', '.' or '-'").optional(),
 });
 
@@ -74,6 +78,8 @@ export const MigrateRequestSchema = z.strictObject({
   /** Default: the agent's traffic.priority. */
   priority: z.enum(PRIORITIES).optional(),
   postcopyAfterRounds: z.number().int().min(1).max(10_000).optional(),
+  /** A VM's disks: all move (the default), none (shared storage), or these (file names or disk0...). */
+  disks: z.union([z.enum(['all', 'none']), z.array(z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/, 'a disk file name or disk0, disk1, ...')).min(1).max(MAX_VM_DISKS)]).optional(),
 });
 
 /** "field: problem; field: problem" from a zod error. */

@@ -12,7 +12,8 @@ import { autoAccel, kvmAvailability } from '../guest/qemu-launcher.js';
 import type { QmpClient } from '../guest/qmp.js';
 import type { GuestRegistry } from '../guest/registry.js';
 import { isTapDevice } from '../guest/vm-tap.js';
-import { parseVmDefinition, randomVmMac, vmRegionsProblem, vmSocketPathProblem, type AccelChoice, type VmDefinition, type VmSpec } from '../guest/vm-spec.js';
+import { resolveDiskFile } from '../guest/qemu-disks.js';
+import { parseVmDefinition, randomVmMac, vmDiskFields, vmRegionsProblem, vmSocketPathProblem, type AccelChoice, type VmDefinition, type VmSpec } from '../guest/vm-spec.js';
 import type { Logger } from '../log.js';
 import type { SourceMigration } from '../migration/source.js';
 import { parseShimReport } from '../tracker/uffd-wp.js';
@@ -85,7 +86,11 @@ export class GuestService {
    * Starts a QEMU VM from a definition (checked here as an offer's would be): its RAM in
    * memory files of the agent's own, QEMU with the tracking shim, ready once QMP answers.
    */
-  async startVm(name: string, request: { definition: VmDefinition | (Omit<VmDefinition, 'accel'> & { accel: AccelChoice }); regionBytes: number[] }, tap?: string) {
+  async startVm(
+    name: string,
+    request: { definition: Omit<VmDefinition, 'accel' | `disk${0 | 1 | 2 | 3}`> & { accel: AccelChoice }; regionBytes: number[]; disks?: string[] },
+    tap?: string,
+  ) {
     this.checkStartable(tap);
     const settings = this.context.config.vm;
     let accelNote: string | undefined;
@@ -103,14 +108,21 @@ export class GuestService {
     if (wantsNic && tap === undefined) throw new GangwayError(ErrorCode.BAD_REQUEST, `--nic ${request.definition.nic}: a NIC needs its TAP device here: pass --tap DEVICE (make one with \`ip tuntap add dev DEVICE mode tap\`)`);
     if (tap !== undefined && !isTapDevice(tap)) throw new GangwayError(ErrorCode.BAD_REQUEST, `--tap ${tap}: this host has no TAP device of that name; make it with \`ip tuntap add dev ${tap} mode tap\` (and put it on your bridge)`);
     const nic = wantsNic ? { nic: request.definition.nic ?? 'virtio-net-pci', mac: request.definition.mac ?? randomVmMac(randomBytes) } : {};
-    const parsed = parseVmDefinition({ ...request.definition, accel, ...nic });
+    // Disks: raw files of the disks directory, by name there (a destination finds them by it).
+    const disks = (request.disks ?? []).map((given) => resolveDiskFile(settings.disksDir, given));
+    const parsed = parseVmDefinition({ ...request.definition, accel, ...nic, ...vmDiskFields(disks.map((disk) => disk.file)) });
     if ('problem' in parsed) throw new GangwayError(ErrorCode.BAD_REQUEST, `VM definition: ${parsed.problem}`);
     const regionProblem = vmRegionsProblem(request.regionBytes);
     if (regionProblem) throw new GangwayError(ErrorCode.BAD_REQUEST, `--memory ${request.regionBytes.join(',')}: ${regionProblem}`);
     resolveKernel(settings.imagesDir, parsed.definition.kernel);
     const spec: VmSpec = { ...parsed.definition, regionBytes: request.regionBytes };
+    const inUse = disks.find((disk) => this.context.registry.list().some(({ record }) => record.files.diskPaths?.includes(disk.path)));
+    if (inUse) throw new GangwayError(ErrorCode.BAD_REQUEST, `disk ${inUse.file} is already a disk of another guest here`);
     this.context.registry.reserve(name);
-    const files = this.context.registry.filesFor(name, this.context.config.memoryDir, randomBytes(4).toString('hex'), spec.regionBytes.length, 'qemu');
+    const files = {
+      ...this.context.registry.filesFor(name, this.context.config.memoryDir, randomBytes(4).toString('hex'), spec.regionBytes.length, 'qemu'),
+      ...(disks.length ? { diskPaths: disks.map((disk) => disk.path) } : {}),
+    };
     const socketProblem = vmSocketPathProblem(files.qmpSocketPath!);
     if (socketProblem) {
       this.context.registry.release(name);
@@ -139,7 +151,16 @@ export class GuestService {
         ...(tap === undefined ? {} : { tap }),
       });
       this.context.log.info({ guest: name, pid: launched.pid, memoryBytes: spec.regionBytes, accel: spec.accel, accelNote }, 'VM started');
-      return { name, pid: launched.pid, accel: spec.accel, ...(accelNote ? { accelNote } : {}), memoryPaths: files.memoryPaths, qmpSocket: files.qmpSocketPath!, console: files.consolePath! };
+      return {
+        name,
+        pid: launched.pid,
+        accel: spec.accel,
+        ...(accelNote ? { accelNote } : {}),
+        memoryPaths: files.memoryPaths,
+        ...(disks.length ? { diskPaths: disks.map((disk) => disk.path) } : {}),
+        qmpSocket: files.qmpSocketPath!,
+        console: files.consolePath!,
+      };
     } catch (err) {
       this.context.registry.release(name);
       if (launched) await endQemu(launched.pid, qmp);

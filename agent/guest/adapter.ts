@@ -8,14 +8,21 @@ import type { GuestKind } from '../../protocol/codes.js';
 import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import type { GuestFiles, TrackerPreference } from './process-guest.js';
 import type { GuestRecord } from './registry.js';
+import type { DiskSelection } from './qemu-disks.js';
 
-/** One memory region of a guest: a file the guest maps shared. */
+/** One region of a guest: a memory file the guest maps shared, or a disk (a raw file). */
 export interface GuestRegion {
-  /** Its name in the offer ('ram', 'ram1', ...). */
+  /** Its name in the offer ('ram', 'ram1', ..., 'disk0', ...). */
   name: string;
   path: string;
   lengthBytes: number;
+  /** The page (or disk block) size: the unit it is tracked, sent and deduplicated in. */
   pageSizeBytes: number;
+  /**
+   * A sparse file (a disk): its holes read as zeros and are never read or sent (the first
+   * round covers the pages that hold data; the digest takes a hole for a zero page).
+   */
+  sparse?: boolean;
 }
 
 /** A guest at the source, as the migration engine drives it. */
@@ -67,6 +74,17 @@ export interface HostedGuest extends SourceGuest {
    * (whoever stopped it: the agent, an operator, QEMU's own pause) and its own counters.
    */
   observe(): Promise<{ paused: boolean; details?: GuestDetails }>;
+  /**
+   * The guest as a migration sees it when that is more than its memory (a VM's disks: those
+   * `disks` selects are regions too). Absent: the guest itself.
+   */
+  forMigration?(options: { disks: DiskSelection }): SourceGuest;
+  /**
+   * Removes what a migration of this guest made in it and an agent that died left behind (a
+   * VM's dirty bitmaps, NBD exports and server), so that the next migration starts clean.
+   * Resolves with what it removed.
+   */
+  removeMigrationLeftovers?(): Promise<string[]>;
 }
 
 /** A guest's own counters as `gangway status` shows them: a process guest's header, a VM's QEMU state and test kernel. */
@@ -142,6 +160,14 @@ export interface GuestLauncher {
   readonly deviceStateWritesMemory?: boolean;
   /** The kind's part of the record of a guest that arrived here, once its memory is complete enough to read. */
   recordPart(files: GuestFiles, guest: GuestSpec): KindRecord;
+  /**
+   * The guest's disks at this agent (a kind with disks), in its order. One that arrives as
+   * offer region `region` becomes a sparse file, at `path` once the migration commits
+   * (before, an unnamed file in its directory), written as blocks arrive; one without a
+   * region is there already (shared storage). Regions that are no disk's are memory, in
+   * memoryDir. Called after checkOffer.
+   */
+  disks?(guest: GuestSpec): { path: string; region?: number }[];
 }
 
 /** The launchers this agent has, by the offer's guest kind. */

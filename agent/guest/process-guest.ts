@@ -47,6 +47,8 @@ export interface GuestFiles {
   qmpSocketPath?: string;
   /** A VM's serial console. */
   consolePath?: string;
+  /** A VM's disks, in its definition's order: the operator's files, never removed with the guest's own (removeGuestFiles). */
+  diskPaths?: string[];
 }
 
 export type TrackerPreference = 'auto' | TrackerKind;

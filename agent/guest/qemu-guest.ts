@@ -27,7 +27,9 @@ import { logTail } from './log-tail.js';
 import { openShimTrackers } from './shim-trackers.js';
 import { removeVmTap } from './vm-tap.js';
 import { readTestvmStatus, TESTVM_STATUS_ADDR } from './testvm-status.js';
-import { qemuArgs, vmStateSockets, type VmDefinition, type VmSpec } from './vm-spec.js';
+import { MigratingVm, selectDisks, sizedDisk, type DiskSelection, type VmDisk } from './qemu-disks.js';
+import { removeGangwayBlockObjects } from './qmp-block.js';
+import { qemuArgs, vmDiskFields, vmDisks, vmStateSockets, type VmDefinition, type VmSpec } from './vm-spec.js';
 
 /** Where QEMU and the kernels it boots are, on this agent. */
 export interface QemuSettings {
@@ -35,11 +37,13 @@ export interface QemuSettings {
   binary: string;
   /** Kernels a VM definition names, by file name. */
   imagesDir: string;
+  /** VMs' disks (raw files), by file name: a migrated disk arrives here under its name. */
+  disksDir: string;
   /** The bridge the TAP devices of arriving VMs join (none: they are left unattached, up). */
   bridge?: string;
 }
 
-export const DEFAULT_QEMU_SETTINGS: QemuSettings = { binary: 'qemu-system-x86_64', imagesDir: '/var/lib/gangway/images' };
+export const DEFAULT_QEMU_SETTINGS: QemuSettings = { binary: 'qemu-system-x86_64', imagesDir: '/var/lib/gangway/images', disksDir: '/var/lib/gangway/disks' };
 
 /** Why `binary` cannot be run here (not installed), or undefined. */
 export function qemuMissing(binary = DEFAULT_QEMU_SETTINGS.binary): string | undefined {
@@ -88,8 +92,11 @@ export function vmRegions(files: Pick<GuestFiles, 'memoryPaths'>, regionBytes: r
 /** The definition as an offer's guest.config carries it. */
 export function vmConfig(definition: VmDefinition): Record<string, string | number> {
   const { machine, cpus, accel, kernel, append, nic, mac } = definition;
-  return { machine, cpus, accel, kernel, append, ...(nic && mac ? { nic, mac } : {}) };
+  return { machine, cpus, accel, kernel, append, ...(nic && mac ? { nic, mac } : {}), ...vmDiskFields(vmDisks(definition)) };
 }
+
+/** Where QEMU's NBD server listens while a migration reads the VM's dirty bitmaps: next to its QMP socket. */
+export const vmNbdSocketPath = (qmpSocketPath: string): string => qmpSocketPath.replace(/\.qmp$/, '.nbd');
 
 /** Creates a VM's memory files, the agent's own (0600, never through something left at the path), each its region's size. */
 export function createVmMemoryFiles(paths: readonly string[], regionBytes: readonly number[]): void {
@@ -121,6 +128,10 @@ export interface QemuLaunchOptions {
   postcopySocketFd?: number;
   /** The TAP device behind the VM's NIC, when its definition has one. */
   tap?: string;
+  /** The disks' files as QEMU opens them, when not files.diskPaths (a destination's arriving disks: /proc/self/fd/N of extraFds). */
+  diskPaths?: readonly string[];
+  /** More descriptors for QEMU, after the regions' (fds 4 + regionFds.length ...). */
+  extraFds?: readonly number[];
 }
 
 export interface LaunchedQemu {
@@ -144,14 +155,23 @@ export function launchQemu(options: QemuLaunchOptions): LaunchedQemu {
     throw new GangwayError(ErrorCode.BAD_REQUEST, `memory file ${colon} has a ':' in its path, which the tracking shim takes as a separator: choose a memory directory without one`);
   }
   const { regionBytes, ...definition } = spec;
-  const args = qemuArgs(options.name, definition, regionBytes, { memoryPaths, qmpSocket: files.qmpSocketPath, serialLog: files.consolePath, ...(options.tap === undefined ? {} : { tap: options.tap }) }, options.settings.imagesDir, options.incoming);
+  // A destination's arriving disks are unnamed files too: fds after the memory's.
+  const diskPaths = options.diskPaths ?? files.diskPaths ?? [];
+  const args = qemuArgs(
+    options.name,
+    definition,
+    regionBytes,
+    { memoryPaths, qmpSocket: files.qmpSocketPath, serialLog: files.consolePath, diskPaths, ...(options.tap === undefined ? {} : { tap: options.tap }) },
+    options.settings.imagesDir,
+    options.incoming,
+  );
   rmSync(files.qmpSocketPath, { force: true });
   const logFd = openSync(files.logPath, 'a', 0o600);
   let child;
   try {
     child = spawn(options.settings.binary, args, {
       detached: true,
-      stdio: [options.incoming ? 'pipe' : 'ignore', logFd, logFd, options.postcopySocketFd ?? 'ignore', ...(options.regionFds ?? [])],
+      stdio: [options.incoming ? 'pipe' : 'ignore', logFd, logFd, options.postcopySocketFd ?? 'ignore', ...(options.regionFds ?? []), ...(options.extraFds ?? [])],
       env: {
         ...process.env,
         // A standby QEMU dies with the pipe from this agent unless released (shim.c).
@@ -337,6 +357,8 @@ export class QemuGuest implements HostedGuest {
   readonly regions: readonly GuestRegion[];
   readonly config: Record<string, string | number>;
   readonly memoryBytes: number;
+  readonly disks: readonly VmDisk[];
+  readonly nbdSocketPath: string;
   private paused = false;
   private qmp: QmpClient | undefined;
   private connecting: Promise<QmpClient> | undefined;
@@ -356,6 +378,22 @@ export class QemuGuest implements HostedGuest {
     this.regions = vmRegions(files, spec.regionBytes);
     this.config = vmConfig(spec);
     this.memoryBytes = spec.regionBytes.reduce((sum, size) => sum + size, 0);
+    const diskFiles = vmDisks(spec);
+    if (diskFiles.length !== (files.diskPaths?.length ?? 0)) throw new GangwayError(ErrorCode.INTERNAL, `VM ${name}: ${diskFiles.length} disks, ${files.diskPaths?.length ?? 0} disk files`);
+    this.disks = diskFiles.map((file, index) => ({ index, file, path: files.diskPaths![index]! }));
+    this.nbdSocketPath = vmNbdSocketPath(files.qmpSocketPath);
+  }
+
+  async removeMigrationLeftovers(): Promise<string[]> {
+    if (this.disks.length === 0) return [];
+    const removed = await removeGangwayBlockObjects(await this.client());
+    rmSync(this.nbdSocketPath, { force: true });
+    return [...removed.exports.map((id) => `NBD export ${id}`), ...removed.bitmaps.map((name) => `dirty bitmap ${name}`)];
+  }
+
+  /** The VM as a migration moving `disks` sees it: its memory and those disks (their size now), as regions. */
+  forMigration(options: { disks: DiskSelection }): MigratingVm {
+    return new MigratingVm(this, selectDisks(this.disks, options.disks, this.name).map(sizedDisk));
   }
 
   get isPaused(): boolean {

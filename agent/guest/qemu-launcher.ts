@@ -3,7 +3,8 @@
 // standby on the memory files that are arriving (-S -incoming defer, its RAM mapped from this
 // agent's descriptors of the unnamed files), its device state loaded with migrate-incoming
 // before the switchover's check, and `cont` at the commit.
-import { closeSync, constants, existsSync, openSync } from 'node:fs';
+import { closeSync, constants, existsSync, lstatSync, openSync, realpathSync, statSync } from 'node:fs';
+import { join } from 'node:path';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
 import type { GuestSpec } from '../../protocol/frames.js';
 import type { GuestLauncher, StandbyGuest } from './adapter.js';
@@ -11,7 +12,7 @@ import type { Logger } from '../log.js';
 import { connectWhenReady, endQemu, launchQemu, loadQemuDeviceState, logTail, resolveKernel, VM_PAGE_SIZE, type QemuSettings } from './qemu-guest.js';
 import type { QmpClient } from './qmp.js';
 import { createVmTap, removeVmTap, tapNameFor } from './vm-tap.js';
-import { kvmProblem, parseVmDefinition, vmRegionsProblem, vmSocketPathProblem, vmStateSockets, type VmSpec } from './vm-spec.js';
+import { diskRegionName, kvmProblem, parseVmDefinition, VM_DISK_BLOCK_BYTES, vmDiskSizeProblem, vmDisks, vmRegionsProblem, vmSocketPathProblem, vmStateSockets, type VmSpec } from './vm-spec.js';
 
 /** Can KVM be used here? (The reason when not.) */
 export function kvmAvailability(): string | undefined {
@@ -46,16 +47,60 @@ export function vmSpecOfOffer(guest: GuestSpec, settings: QemuSettings, kvm: () 
     const why = kvm();
     if (why) return { problem: `the VM runs under KVM and ${why}` };
   }
+  const moving = new Set(guest.regions.map((region) => region.name));
+  let disksDir: string | undefined;
+  for (const [index, file] of vmDisks(definition).entries()) {
+    try {
+      disksDir ??= realpathSync(settings.disksDir);
+    } catch {
+      return { problem: 'this agent has no usable disks directory (vm.disksDir) for the VM\'s disks' };
+    }
+    const path = join(disksDir, file);
+    if (moving.has(diskRegionName(index))) {
+      // A disk that moves arrives as a new file: one already there is somebody's data.
+      if (lstatSync(path, { throwIfNoEntry: false })) return { problem: `disk ${file} already exists in this agent's disks directory: remove it, or migrate with --disks none if it is the same shared file` };
+    } else {
+      // A disk that does not move is on storage both hosts see (--disks none).
+      const stats = statSync(path, { throwIfNoEntry: false });
+      if (!stats?.isFile()) return { problem: `disk ${file} does not move with the VM and is not in this agent's disks directory: is the storage shared? (else migrate with --disks all)` };
+    }
+  }
   return result;
+}
+
+/** The VM's disks at this agent: where each is, and the offer's region it arrives as (absent: it is shared, and here already). */
+export function vmDiskPlaces(guest: GuestSpec, settings: QemuSettings): { path: string; region?: number }[] {
+  const parsed = parseVmDefinition(guest.config);
+  if ('problem' in parsed) throw new GangwayError(ErrorCode.BAD_REQUEST, parsed.problem);
+  const disks = vmDisks(parsed.definition);
+  if (disks.length === 0) return [];
+  const dir = realpathSync(settings.disksDir);
+  return disks.map((file, index) => {
+    const region = guest.regions.findIndex((r) => r.name === diskRegionName(index));
+    return { path: join(dir, file), ...(region >= 0 ? { region } : {}) };
+  });
 }
 
 /** The offered guest as a VM spec, by its fields alone (what this host has is vmSpecOfOffer's to check). */
 function vmSpecOf(guest: GuestSpec): { spec: VmSpec } | { problem: string } {
   const parsed = parseVmDefinition(guest.config);
   if ('problem' in parsed) return { problem: `the VM definition does not pass: ${parsed.problem}` };
-  const regionBytes = guest.regions.map((region) => region.lengthBytes);
-  const odd = guest.regions.find((region, i) => region.pageSizeBytes !== VM_PAGE_SIZE || region.name !== (i === 0 ? 'ram' : `ram${i}`));
-  if (odd) return { problem: `a VM's regions are ram, ram1, ... of ${VM_PAGE_SIZE}-byte pages (got ${JSON.stringify(odd.name).slice(0, 40)} of ${odd.pageSizeBytes})` };
+  // Memory regions ram, ram1, ..., then the disks that move, in the definition's order.
+  const memory = guest.regions.filter((region) => !region.name.startsWith('disk'));
+  const disks = guest.regions.slice(memory.length);
+  const regionBytes = memory.map((region) => region.lengthBytes);
+  const odd = memory.find((region, i) => region.pageSizeBytes !== VM_PAGE_SIZE || region.name !== (i === 0 ? 'ram' : `ram${i}`));
+  if (odd) return { problem: `a VM's regions are ram, ram1, ... of ${VM_PAGE_SIZE}-byte pages, then its disks (got ${JSON.stringify(odd.name).slice(0, 40)} of ${odd.pageSizeBytes})` };
+  const diskCount = vmDisks(parsed.definition).length;
+  let lastDisk = -1;
+  for (const region of disks) {
+    const index = /^disk(\d)$/.exec(region.name) ? Number(region.name.slice(4)) : -1;
+    if (index <= lastDisk || index >= diskCount) return { problem: `region ${JSON.stringify(region.name).slice(0, 40)}: the VM's disks are disk0..disk${diskCount - 1}, in order, after its memory` };
+    if (region.pageSizeBytes !== VM_DISK_BLOCK_BYTES) return { problem: `disk region ${region.name} has ${region.pageSizeBytes}-byte blocks, not ${VM_DISK_BLOCK_BYTES}` };
+    const size = vmDiskSizeProblem(region.lengthBytes);
+    if (size) return { problem: `disk region ${region.name}: ${size}` };
+    lastDisk = index;
+  }
   const regions = vmRegionsProblem(regionBytes);
   if (regions) return { problem: regions };
   return { spec: { ...parsed.definition, regionBytes } };
@@ -156,13 +201,23 @@ export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLaunche
       if ('problem' in result) throw new GangwayError(ErrorCode.BAD_REQUEST, result.problem);
       const socketProblem = vmSocketPathProblem(files.qmpSocketPath!);
       if (socketProblem) throw new GangwayError(ErrorCode.BAD_REQUEST, socketProblem);
+      // The regions' fds: memory first (QEMU's fds 4...), then the disks that arrive (after
+      // them); a shared disk is opened by its path here.
+      const memoryCount = result.spec.regionBytes.length;
+      const diskFds = regionFds.slice(memoryCount);
+      const diskPaths = vmDiskPlaces(guest, settings).map((place) =>
+        // Region i's fd is QEMU's fd 4 + i (launchQemu: the memory's, then extraFds).
+        place.region === undefined ? place.path : `/proc/self/fd/${4 + place.region}`,
+      );
       return new QemuStandby(result.spec, files, {
         name: guest.name,
         spec: result.spec,
         files,
         settings,
         incoming: true,
-        regionFds,
+        regionFds: regionFds.slice(0, memoryCount),
+        extraFds: diskFds,
+        diskPaths,
         ...(result.spec.nic ? { tap: tapNameFor(files) } : {}),
         ...(postcopySocketFd === undefined ? {} : { postcopySocketFd }),
       }, log);
@@ -177,6 +232,9 @@ export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLaunche
       const result = vmSpecOf(guest);
       if ('problem' in result) throw new GangwayError(ErrorCode.BAD_REQUEST, result.problem);
       return { kind: 'qemu', spec: result.spec, ...(result.spec.nic ? { tap: tapNameFor(files), tapCreated: true } : {}) };
+    },
+    disks(guest) {
+      return vmDiskPlaces(guest, settings);
     },
   };
 }

@@ -42,6 +42,8 @@ const filesShape = {
   qmpSocketPath: text.optional(),
   /** A VM's serial console. */
   consolePath: text.optional(),
+  /** A VM's disks, in its definition's order (the operator's files: they stay when the VM stops). */
+  diskPaths: z.array(text, rule('must be a list of up to 4 file paths')).max(4, 'must be a list of up to 4 file paths').optional(),
 };
 /** Records written before guests had regions name one memory file: read as a list of one. */
 const legacyFiles = (value: unknown) => {

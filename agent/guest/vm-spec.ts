@@ -26,6 +26,17 @@ export const VM_REGION_ALIGN_BYTES = 1024 * 1024;
 export const MIN_VM_FIRST_REGION_BYTES = 32 * 1024 * 1024;
 export const MAX_VM_MEMORY_BYTES = 1024 ** 4;
 const KERNEL_FILE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** Disks of a VM: virtio-blk devices on raw files of the agent's disks directory. */
+export const MAX_VM_DISKS = 4;
+/** A disk is tracked, sent and deduplicated in blocks of this size (memory's page size: disk blocks dedup against pages). */
+export const VM_DISK_BLOCK_BYTES = 4096;
+/** A disk's size is a whole number of blocks, at most this many bytes (block numbers are 32-bit). */
+export const MAX_VM_DISK_BYTES = 2 ** 32 * VM_DISK_BLOCK_BYTES - VM_DISK_BLOCK_BYTES;
+const diskFile = () =>
+  z
+    .string({ error: "must be the disk's file name in the disks directory" })
+    .regex(KERNEL_FILE, "a file name in the disks directory: letters, digits, '.', '_', '-', no '/'")
+    .optional();
 /** Printable, no quotes, no shell or QEMU option metacharacters: key=value words as a kernel reads them. */
 const APPEND = /^[A-Za-z0-9 ._:=+/-]*$/;
 export const MAX_APPEND_LENGTH = 1024;
@@ -40,10 +51,55 @@ export const VmDefinitionSchema = z.strictObject({
   /** One NIC of this model, its MAC travelling with the VM (each host backs it with a TAP device of its own). */
   nic: z.enum(VM_NICS, { error: `must be one of: ${VM_NICS.join(', ')}` }).optional(),
   mac: z.string({ error: 'must be a MAC address' }).regex(MAC, 'a MAC address 52:54:00:xx:xx:xx (lower-case hex)').optional(),
+  /** Disks, in order (virtio-blk devices): file names in each host's disks directory. */
+  disk0: diskFile(),
+  disk1: diskFile(),
+  disk2: diskFile(),
+  disk3: diskFile(),
 });
 export type VmDefinition = z.infer<typeof VmDefinitionSchema>;
 /** A VM as its record keeps it: the definition and its memory regions' sizes. */
 export type VmSpec = VmDefinition & { regionBytes: number[] };
+
+const DISK_KEYS = ['disk0', 'disk1', 'disk2', 'disk3'] as const;
+
+/** The VM's disk files, in device order. */
+export function vmDisks(definition: Pick<VmDefinition, (typeof DISK_KEYS)[number]>): string[] {
+  const disks: string[] = [];
+  for (const key of DISK_KEYS) {
+    const file = definition[key];
+    if (file === undefined) break;
+    disks.push(file);
+  }
+  return disks;
+}
+
+/** The definition fields naming these disk files. */
+export function vmDiskFields(files: readonly string[]): Partial<Record<(typeof DISK_KEYS)[number], string>> {
+  if (files.length > MAX_VM_DISKS) throw new RangeError(`at most ${MAX_VM_DISKS} disks, not ${files.length}`);
+  return Object.fromEntries(files.map((file, i) => [DISK_KEYS[i]!, file]));
+}
+
+/** Disks come in order (disk1 only with disk0, ...), each file once. */
+export function vmDisksProblem(definition: Pick<VmDefinition, (typeof DISK_KEYS)[number]>): string | undefined {
+  const disks = vmDisks(definition);
+  const stray = DISK_KEYS.slice(disks.length).find((key) => definition[key] !== undefined);
+  if (stray) return `${stray}: given without disk${disks.length}`;
+  const twice = disks.find((file, i) => disks.indexOf(file) !== i);
+  if (twice) return `disk file ${twice} is named twice`;
+  return undefined;
+}
+
+/** The region name of disk i in an offer. */
+export const diskRegionName = (index: number): string => `disk${index}`;
+
+/** Why a disk of `sizeBytes` cannot be a VM's, or undefined. */
+export function vmDiskSizeProblem(sizeBytes: number): string | undefined {
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes <= 0) return `a disk of ${sizeBytes} bytes: a disk has a positive size`;
+  if (sizeBytes % VM_DISK_BLOCK_BYTES !== 0) return `a disk of ${sizeBytes} bytes: its size must be a multiple of ${VM_DISK_BLOCK_BYTES} bytes (qemu-img resize it)`;
+  if (sizeBytes > MAX_VM_DISK_BYTES) return `a disk of ${sizeBytes} bytes: at most ${MAX_VM_DISK_BYTES}`;
+  return undefined;
+}
 
 /** Why these region sizes cannot be a VM's memory, or undefined. */
 export function vmRegionsProblem(regionBytes: readonly number[]): string | undefined {
@@ -60,8 +116,8 @@ export function vmRegionsProblem(regionBytes: readonly number[]): string | undef
 export function parseVmDefinition(config: Record<string, unknown>): { definition: VmDefinition } | { problem: string } {
   const result = VmDefinitionSchema.safeParse(config);
   if (!result.success) return { problem: result.error.issues.map((issue) => `${issue.path.join('.') || 'definition'}: ${issue.message}`).join('; ') };
-  const nicProblem = vmNicProblem(result.data);
-  return nicProblem ? { problem: nicProblem } : { definition: result.data };
+  const problem = vmNicProblem(result.data) ?? vmDisksProblem(result.data);
+  return problem ? { problem } : { definition: result.data };
 }
 
 /** A NIC needs its MAC, and a MAC its NIC. */
@@ -83,6 +139,8 @@ export interface VmFiles {
   serialLog: string;
   /** The TAP device backing the VM's NIC on this host (a definition with a nic needs one). */
   tap?: string;
+  /** The files of the VM's disks, in the definition's order. */
+  diskPaths?: readonly string[];
 }
 
 /**
@@ -129,8 +187,30 @@ export function qemuArgs(name: string, definition: VmDefinition, regionBytes: re
     if (files.tap === undefined || !TAP.test(files.tap)) throw new RangeError(`a VM with a NIC needs a TAP device (got ${JSON.stringify(files.tap)})`);
     args.push('-netdev', `tap,id=net0,ifname=${files.tap},script=no,downscript=no`, '-device', `${vm.nic},netdev=net0,mac=${vm.mac}`);
   }
+  const disks = vmDisks(vm);
+  const disksProblem = vmDisksProblem(vm);
+  if (disksProblem) throw new RangeError(disksProblem);
+  if ((files.diskPaths?.length ?? 0) !== disks.length) throw new RangeError(`${disks.length} disks, ${files.diskPaths?.length ?? 0} disk files`);
+  disks.forEach((_, i) => {
+    const path = qemuPath(files.diskPaths![i]!, 'disk file');
+    // Node names are gangway's (vmDiskNodes): the tracker, the NBD export and the clean-up
+    // after a crash find the disk by them. No O_DIRECT (cache.direct=off): the agent reads
+    // the file through the page cache and must see every write QEMU completed. A discard
+    // (guest TRIM) becomes a hole: sparse stays sparse.
+    const nodes = vmDiskNodes(i);
+    args.push(
+      '-blockdev', `driver=file,filename=${path},node-name=${nodes.file},cache.direct=off,discard=unmap`,
+      '-blockdev', `driver=raw,file=${nodes.file},node-name=${nodes.format},discard=unmap`,
+      '-device', `virtio-blk-pci,drive=${nodes.format},id=${nodes.device}`,
+    );
+  });
   if (incoming) args.push('-S', '-incoming', 'defer');
   return args;
+}
+
+/** QEMU's names for disk i of a VM: its file node, its raw format node (the device's drive), its device. */
+export function vmDiskNodes(index: number): { file: string; format: string; device: string } {
+  return { file: `gw-file${index}`, format: `gw-disk${index}`, device: `gw-vd${index}` };
 }
 
 /** The longest path a unix socket may have (sun_path holds 108 bytes with its NUL). */

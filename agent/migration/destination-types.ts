@@ -62,6 +62,8 @@ export interface IncomingRegion {
   pageCount: number;
   pageSizeBytes: number;
   lengthBytes: number;
+  /** A disk (a sparse file in the disks directory, that no guest writes before it runs here). */
+  disk?: boolean;
 }
 
 export async function withTimeout<T>(promise: Promise<T>, timeoutMs: number, message: string): Promise<T> {

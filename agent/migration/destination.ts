@@ -10,6 +10,7 @@
 // reattach (destination-postcopy.ts). What they share is in destination-types.ts.
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync, rmSync, statfsSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { removeGuestFiles } from '../guest/process-guest.js';
 import type { Logger } from 'pino';
 import { GuestKind, nameOf, RejectReason, Technique } from '../../protocol/codes.js';
@@ -49,6 +50,12 @@ export class DestinationMigration implements FrameHandler {
   private switching = false;
   private roundsSeen = 0;
   private readonly files;
+  /** Where region i's file is named at the commit: memory files, then the disks that arrive. */
+  private readonly regionPaths: string[];
+  /** Regions that are disks. */
+  private readonly diskRegions: Set<number>;
+  /** Disks named at the commit: they go again if the guest then fails to start here. */
+  private readonly linkedDisks: string[] = [];
   /** The dedup group this migration belongs to (its frames are applied in the group's order). */
   private group: DestinationGroup | undefined;
   /** This migration's slots in the group, region by region. */
@@ -75,7 +82,14 @@ export class DestinationMigration implements FrameHandler {
     private readonly log: Logger,
   ) {
     this.sourceAgentId = session.peer?.agentId ?? 'unknown';
-    this.files = ctx.registry.filesFor(offer.guest.name, ctx.memoryDir, randomBytes(4).toString('hex'), offer.guest.regions.length, launcher.kind);
+    // Regions are memory (files of memoryDir) and, for a kind with disks, the disks that move.
+    const disks = launcher.disks?.(offer.guest) ?? [];
+    const diskRegions = new Map(disks.flatMap((disk) => (disk.region === undefined ? [] : [[disk.region, disk.path] as const])));
+    const memoryFiles = ctx.registry.filesFor(offer.guest.name, ctx.memoryDir, randomBytes(4).toString('hex'), offer.guest.regions.length - diskRegions.size, launcher.kind);
+    this.files = disks.length ? { ...memoryFiles, diskPaths: disks.map((disk) => disk.path) } : memoryFiles;
+    let memoryIndex = 0;
+    this.regionPaths = offer.guest.regions.map((_, i) => diskRegions.get(i) ?? memoryFiles.memoryPaths[memoryIndex++]!);
+    this.diskRegions = new Set(diskRegions.keys());
     this.deviceState = new IncomingDeviceState(launcher, this.files, ctx.maxDeviceStateBytes, () => ctx.onLimit?.('device-state'));
     this.postcopy =
       offer.technique === Technique.precopy
@@ -86,7 +100,7 @@ export class DestinationMigration implements FrameHandler {
             log,
             metrics: ctx.metrics,
             reattachWindowMs: ctx.reattachWindowMs,
-            memoryPaths: this.files.memoryPaths,
+            memoryPaths: this.regionPaths,
             regions: () => this.regions,
             session: () => this.session,
             transition: (event) => (this.state = transition(this.state, event)),
@@ -135,6 +149,9 @@ export class DestinationMigration implements FrameHandler {
     }
     const unfit = launcher.checkOffer(offer.guest);
     if (unfit) return reject(RejectReason.badSpec, unfit);
+    if (offer.technique !== Technique.precopy && launcher.disks?.(offer.guest).some((disk) => disk.region !== undefined)) {
+      return reject(RejectReason.unsupported, 'this agent takes disks by pre-copy only (post-copy of disks is not done yet): migrate with --technique precopy, or --disks none on shared storage');
+    }
     try {
       ctx.registry.reserve(offer.guest.name);
     } catch (err) {
@@ -178,9 +195,9 @@ export class DestinationMigration implements FrameHandler {
     return migration;
   }
 
-  /** The bytes of memoryDir this guest's memory takes. */
+  /** The bytes of memoryDir this guest's memory takes (its disks are elsewhere, and sparse). */
   get spaceBytes(): number {
-    return this.offer.guest.regions.reduce((sum, region) => sum + region.lengthBytes, 0);
+    return this.offer.guest.regions.reduce((sum, region, i) => sum + (this.diskRegions.has(i) ? 0 : region.lengthBytes), 0);
   }
 
   /**
@@ -215,15 +232,24 @@ export class DestinationMigration implements FrameHandler {
   }
 
   private prepare(): void {
-    for (const spec of this.offer.guest.regions) {
-      // Pure post-copy: a sparse file, every page a hole (missing) until it arrives.
-      const fd = this.native.tmpfileCreate(this.ctx.memoryDir, spec.lengthBytes, this.offer.technique === Technique.postcopy);
-      const handle = this.native.regionMap(fd, spec.lengthBytes, spec.pageSizeBytes, {
-        writable: true,
-        trackHashes: true,
-        initiallyZero: true,
-      });
-      this.regions.push({ fd, handle, pageCount: spec.lengthBytes / spec.pageSizeBytes, pageSizeBytes: spec.pageSizeBytes, lengthBytes: spec.lengthBytes });
+    for (const [index, spec] of this.offer.guest.regions.entries()) {
+      // Pure post-copy: a sparse file, every page a hole (missing) until it arrives. A disk
+      // is sparse always: what never arrives is a hole, as it was at the source.
+      const disk = this.diskRegions.has(index);
+      const dir = disk ? dirname(this.regionPaths[index]!) : this.ctx.memoryDir;
+      const fd = this.native.tmpfileCreate(dir, spec.lengthBytes, disk || this.offer.technique === Technique.postcopy);
+      let handle;
+      try {
+        handle = this.native.regionMap(fd, spec.lengthBytes, spec.pageSizeBytes, {
+          writable: true,
+          trackHashes: true,
+          initiallyZero: true,
+        });
+      } catch (err) {
+        closeSync(fd);
+        throw err;
+      }
+      this.regions.push({ fd, handle, pageCount: spec.lengthBytes / spec.pageSizeBytes, pageSizeBytes: spec.pageSizeBytes, lengthBytes: spec.lengthBytes, ...(disk ? { disk } : {}) });
     }
     // A guest started now and blocked until go() makes the resume one step.
     const regionFds = this.regions.map((region) => region.fd);
@@ -325,7 +351,9 @@ export class DestinationMigration implements FrameHandler {
             }
             if (this.repairs === 0 && this.regions[0]) faultScribble(this.regions[0].fd, this.regions[0].pageSizeBytes, this.log);
           }
-          const digests = await Promise.all(this.regions.map((region) => this.native.regionDigest(region.handle, writes ? 'full' : 'tracked')));
+          // A disk is not written before the guest runs here: the fingerprints of what was
+          // written are its content (reading it whole would read every hole too).
+          const digests = await Promise.all(this.regions.map((region) => this.native.regionDigest(region.handle, writes && !region.disk ? 'full' : 'tracked')));
           const match =
             digests.length === verify.digests.length &&
             digests.every((digest, i) => digest.equals(Buffer.from(verify.digests[i]!)));
@@ -408,7 +436,8 @@ export class DestinationMigration implements FrameHandler {
       // The guest is about to run: no ref may copy from its memory any more.
       for (const slot of this.slots) this.group?.closeSlot(slot);
       for (const [index, region] of this.regions.entries()) {
-        this.native.tmpfileLink(region.fd, this.files.memoryPaths[index]!);
+        this.native.tmpfileLink(region.fd, this.regionPaths[index]!);
+        if (region.disk) this.linkedDisks.push(this.regionPaths[index]!);
         this.native.regionClose(region.handle);
         closeSync(region.fd);
       }
@@ -452,6 +481,8 @@ export class DestinationMigration implements FrameHandler {
     this.standby?.cancel();
     if (journaled) this.ctx.registry.remove(this.offer.guest.name);
     removeGuestFiles(this.files);
+    // The disks that arrived: the source's copy is the guest's (shared ones are not touched).
+    for (const path of this.linkedDisks) rmSync(path, { force: true });
     this.finish('aborted', error.message);
   }
 

@@ -1,4 +1,4 @@
-// A migration moves every memory region of its guest: each region is a lane, with its reader,
+// A migration moves every region of its guest (memory, disks): each region is a lane, with its reader,
 // its dirty tracker, its dedup slot and the pages the destination asked for again. A set of
 // pages to send is runs per lane (LaneRuns), in the order of the guest's regions, which is
 // the region index every frame carries. Convergence weighs pages by their bytes, so regions
@@ -25,7 +25,8 @@ export interface Lane {
 /** Runs [first, count, ...] for each lane, in lane order. */
 export type LaneRuns = Uint32Array[];
 
-export const everyPage = (lanes: readonly Lane[]): LaneRuns => lanes.map((lane) => Uint32Array.of(0, lane.pageCount));
+/** Every page of every lane that may hold data (a disk's holes are zeros the destination has already). */
+export const everyPage = (lanes: readonly Lane[]): LaneRuns => lanes.map((lane) => lane.reader.dataRuns?.() ?? Uint32Array.of(0, lane.pageCount));
 export const noPages = (lanes: readonly Lane[]): LaneRuns => lanes.map(() => new Uint32Array(0));
 
 export function mergeLaneRuns(lanes: readonly Lane[], a: LaneRuns, b: LaneRuns): LaneRuns {

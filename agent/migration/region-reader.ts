@@ -10,6 +10,8 @@ import { loadNative, type RegionHandle } from '../native.js';
 export interface RegionReader {
   readonly pageSizeBytes: number;
   readonly pageCount: number;
+  /** The pages that may hold data, as runs: a sparse file's pages less its holes; every page when absent. */
+  dataRuns?(): Uint32Array;
   /**
    * Copies the pages of `runs` from `cursor` on into a batch, as the addon's regionGather
    * does (agent/native.ts): entries [kind, firstPage, pageCount], data pages packed in
@@ -29,8 +31,10 @@ export class MappedRegion implements RegionReader {
   readonly pageSizeBytes: number;
   readonly pageCount: number;
   readonly handle: RegionHandle;
+  private readonly sparsePath: string | undefined;
 
   constructor(region: GuestRegion) {
+    this.sparsePath = region.sparse ? region.path : undefined;
     this.pageSizeBytes = region.pageSizeBytes;
     this.pageCount = region.lengthBytes / region.pageSizeBytes;
     const fd = openSync(region.path, 'r');
@@ -49,8 +53,21 @@ export class MappedRegion implements RegionReader {
     this.native.regionFingerprints(this.handle, firstPage, count, out);
   }
 
+  /** A sparse file's data runs, read now (SEEK_DATA/SEEK_HOLE); every page of a memory region. */
+  dataRuns(): Uint32Array {
+    if (this.sparsePath === undefined) return Uint32Array.of(0, this.pageCount);
+    const fd = openSync(this.sparsePath!, 'r');
+    try {
+      return this.native.fileDataRuns(fd, this.pageSizeBytes, this.pageCount);
+    } finally {
+      closeSync(fd);
+    }
+  }
+
   digest(): Promise<Buffer> {
-    return this.native.regionDigest(this.handle, 'full');
+    // A disk's holes are zero pages the digest need not read (8 GiB of them would go
+    // through the page cache).
+    return this.sparsePath === undefined ? this.native.regionDigest(this.handle, 'full') : this.native.regionDigest(this.handle, 'full', this.dataRuns());
   }
 
   close(): void {

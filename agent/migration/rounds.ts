@@ -12,7 +12,7 @@ import { everyPage, laneBytes, lanePages, mergeLaneRuns, takeWanted, type LaneRu
 import { addCounters, emptyCounters, sendRegionRound, type BatchPool } from './page-sender.js';
 import { hybridSwitch } from './postcopy.js';
 import type { MigrationProgress, RoundRecord, SourceRun } from './source-types.js';
-import { mergeRuns } from '../tracker/page-set.js';
+import { mergeRuns, runsPageCount } from '../tracker/page-set.js';
 
 const PAUSE_LATENCY_MS = 5;
 const RESUME_ALLOWANCE_MS = 5;
@@ -141,16 +141,16 @@ export type PrecopyOutcome =
 export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { min: () => number; sample: () => void }, releaseGate: { held: (() => void) | undefined }): Promise<PrecopyOutcome> {
   const { options, lanes, link, clock, log } = run;
   const technique = options.technique ?? 'precopy';
-  const memoryBytes = lanes.reduce((sum, lane) => sum + lane.region.lengthBytes, 0);
+  for (const lane of lanes) await lane.tracker.arm();
+  let runs: LaneRuns = everyPage(lanes);
+  // The switchover's digest reads every page of memory, and of a disk only what holds data.
+  const digestBytes = lanes.reduce((sum, lane, i) => sum + (lane.region.sparse ? runsPageCount(runs[i]!) * lane.region.pageSizeBytes : lane.region.lengthBytes), 0);
   // Pages weigh what they hold: convergence counts units of the first region's page size.
   const unitBytes = lanes[0]!.region.pageSizeBytes;
   const units = (runs: LaneRuns) => laneBytes(lanes, runs) / unitBytes;
   const linkRate = sender.linkRate;
   let wireBytesPerUnit = unitBytes;
-  const switchoverOverheadMs = () => (memoryBytes / options.digestBytesPerSec) * 1000 + 2 * rtt.min() + RESUME_ALLOWANCE_MS;
-
-  for (const lane of lanes) await lane.tracker.arm();
-  let runs: LaneRuns = everyPage(lanes);
+  const switchoverOverheadMs = () => (digestBytes / options.digestBytesPerSec) * 1000 + 2 * rtt.min() + RESUME_ALLOWANCE_MS;
   let lastCollect = clock.now();
   for (let round = 0; ; round++) {
     const record = await sender.send(round, runs, false);

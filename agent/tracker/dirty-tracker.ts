@@ -3,7 +3,7 @@
 // `collect()` is get-and-reset. Pages the destination did not receive must be handed back
 // with `remark()` so that no dirty bit is ever lost (Firecracker's dump_dirty rule).
 
-export type TrackerKind = 'uffd-wp' | 'hash-scan';
+export type TrackerKind = 'uffd-wp' | 'hash-scan' | 'qemu-bitmap';
 
 export interface DirtyTracker {
   readonly kind: TrackerKind;

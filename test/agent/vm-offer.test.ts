@@ -9,7 +9,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { GuestKind } from '../../protocol/codes.js';
 import type { GuestSpec } from '../../protocol/frames.js';
 import { resolveKernel, vmConfig } from '../../agent/guest/qemu-guest.js';
-import { vmSpecOfOffer } from '../../agent/guest/qemu-launcher.js';
+import { vmDiskPlaces, vmSpecOfOffer } from '../../agent/guest/qemu-launcher.js';
 import { parseGuestRecord } from '../../agent/guest/record.js';
 import { qemuArgs, vmSocketPathProblem, vmStateSockets, type VmDefinition } from '../../agent/guest/vm-spec.js';
 
@@ -24,7 +24,10 @@ symlinkSync(join(imagesDir, 'k.elf'), join(imagesDir, 'alias'));
 mkdirSync(join(imagesDir, 'dir'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
 
-const settings = { binary: 'qemu-system-x86_64', imagesDir };
+const disksDir = join(root, 'disks');
+mkdirSync(disksDir);
+writeFileSync(join(disksDir, 'shared.raw'), '');
+const settings = { binary: 'qemu-system-x86_64', imagesDir, disksDir };
 const definition: VmDefinition = { machine: 'q35', cpus: 1, accel: 'tcg', kernel: 'k.elf', append: 'gw.profile=random gw.rate=64' };
 const noKvm = () => 'this host has no /dev/kvm';
 
@@ -120,6 +123,41 @@ describe('a VM offered by a peer', () => {
   });
 });
 
+describe("a VM's disks in an offer", () => {
+  const ram = { name: 'ram', lengthBytes: 64 * MiB, pageSizeBytes: 4096 };
+  const disk = (name: string, lengthBytes = 256 * MiB, pageSizeBytes = 4096) => ({ name, lengthBytes, pageSizeBytes });
+
+  it('takes disks that arrive (regions after the memory) and disks on shared storage (no region, the file is here)', () => {
+    const moving = offer({ ...definition, disk0: 'new.raw' }, [ram, disk('disk0')]);
+    expect(vmSpecOfOffer(moving, settings, noKvm)).toEqual({ spec: { ...definition, disk0: 'new.raw', regionBytes: [64 * MiB] } });
+    expect(vmDiskPlaces(moving, settings)).toEqual([{ path: join(disksDir, 'new.raw'), region: 1 }]);
+    const mixed = offer({ ...definition, disk0: 'shared.raw', disk1: 'new.raw' }, [ram, disk('disk1')]);
+    expect('spec' in vmSpecOfOffer(mixed, settings, noKvm)).toBe(true);
+    expect(vmDiskPlaces(mixed, settings)).toEqual([{ path: join(disksDir, 'shared.raw') }, { path: join(disksDir, 'new.raw'), region: 1 }]);
+  });
+
+  it('refuses a disk that would overwrite a file, a shared disk that is not here, and disk regions that do not match the definition', () => {
+    expect(problemOf(offer({ ...definition, disk0: 'shared.raw' }, [ram, disk('disk0')]))).toMatch(/disk shared.raw already exists in this agent's disks directory/);
+    expect(problemOf(offer({ ...definition, disk0: 'gone.raw' }, [ram]))).toMatch(/disk gone.raw does not move with the VM and is not in this agent's disks directory/);
+    expect(problemOf(offer({ ...definition, disk0: 'a.raw' }, [ram, disk('disk1')]))).toMatch(/the VM's disks are disk0..disk0, in order/);
+    expect(problemOf(offer({ ...definition, disk0: 'a.raw', disk1: 'b.raw' }, [ram, disk('disk1'), disk('disk0')]))).toMatch(/in order, after its memory/);
+    expect(problemOf(offer({ ...definition, disk0: 'a.raw' }, [ram, disk('disk0', 256 * MiB, 65536)]))).toMatch(/65536-byte blocks, not 4096/);
+    expect(problemOf(offer({ ...definition, disk0: 'a.raw' }, [ram, disk('disk0', 4096 * 3 + 512)]))).toMatch(/must be a multiple of 4096/);
+    expect(problemOf(offer({ ...definition, disk1: 'a.raw' }, [ram]))).toMatch(/disk1: given without disk0/);
+    expect(problemOf(offer({ ...definition, disk0: 'a.raw', disk1: 'a.raw' }, [ram]))).toMatch(/named twice/);
+    expect(problemOf(offer({ ...definition, disk0: '../etc/passwd' }, [ram]))).toMatch(/disk0: a file name in the disks directory/);
+  });
+
+  it('puts each disk on the command line as a file node, a raw node and a virtio-blk device, by gangway\'s node names', () => {
+    const args = qemuArgs('vm1', { ...definition, disk0: 'd.raw' }, [64 * MiB], { memoryPaths: ['/dev/shm/m'], qmpSocket: '/s/q.qmp', serialLog: '/s/c', diskPaths: ['/disks/d.raw'] }, imagesDir, false);
+    expect(args).toContain('driver=file,filename=/disks/d.raw,node-name=gw-file0,cache.direct=off,discard=unmap');
+    expect(args).toContain('driver=raw,file=gw-file0,node-name=gw-disk0,discard=unmap');
+    expect(args).toContain('virtio-blk-pci,drive=gw-disk0,id=gw-vd0');
+    expect(() => qemuArgs('vm1', { ...definition, disk0: 'd.raw' }, [64 * MiB], { memoryPaths: ['/dev/shm/m'], qmpSocket: '/s/q.qmp', serialLog: '/s/c' }, imagesDir, false)).toThrow(/1 disks, 0 disk files/);
+    expect(() => qemuArgs('vm1', { ...definition, disk0: 'd.raw' }, [64 * MiB], { memoryPaths: ['/dev/shm/m'], qmpSocket: '/s/q.qmp', serialLog: '/s/c', diskPaths: ['/disks/a,b.raw'] }, imagesDir, false)).toThrow(/without ','/);
+  });
+});
+
 describe('a VM record read back from disk', () => {
   const record = {
     name: 'vm1',
@@ -143,6 +181,6 @@ describe('a VM record read back from disk', () => {
     const parsed = parseGuestRecord(JSON.stringify(bad), 'vm1.json');
     expect('problem' in parsed && parsed.problem).toMatch(/'spec.machine' must be one of: q35 \(got "pc"\)/);
     expect('problem' in parsed && parsed.problem).toMatch(/'spec.cpus' is missing \(it must be a whole number from 1 to 16\)/);
-    expect('problem' in parsed && parsed.problem).toMatch(/'spec.profile' is not a field of 'spec' \(allowed: machine, cpus, accel, kernel, append, nic, mac, regionBytes\)/);
+    expect('problem' in parsed && parsed.problem).toMatch(/'spec.profile' is not a field of 'spec' \(allowed: machine, cpus, accel, kernel, append, nic, mac, disk0, disk1, disk2, disk3, regionBytes\)/);
   });
 });

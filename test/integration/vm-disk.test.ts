@@ -1,0 +1,254 @@
+// A VM's disks moved by gangway between two real agents: a raw disk file is a region of the
+// guest (4 KiB blocks, sparse), its dirty blocks come from QEMU's own dirty bitmap read over
+// NBD, and it arrives as a sparse file named at the commit. QEMU runs under TCG.
+import { createHash } from 'node:crypto';
+import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { qemuMissing } from '../../agent/guest/qemu-guest.js';
+import { QmpClient } from '../../agent/guest/qmp.js';
+import { gangwayBlockObjects } from '../../agent/guest/qmp-block.js';
+import { isAlive, processState } from '../../agent/guest/process-guest.js';
+import { loadNative, testvmDir, testvmMissing, TESTVM_KERNEL_FILE } from '../../agent/native.js';
+import { waitForAsync } from '../helpers/wait.js';
+import { builtAgent, Cluster, uniqueName } from '../helpers/cluster.js';
+
+type Agent = Awaited<ReturnType<Cluster['agent']>>;
+const MiB = 1024 * 1024;
+const GiB = 1024 * MiB;
+
+function skipReason(): string | undefined {
+  if (!builtAgent) return 'the agent is not built (npm run build)';
+  const missing = qemuMissing() ?? testvmMissing();
+  if (missing) return missing;
+  if (!loadNative().uffdProbe()) return 'userfaultfd is not usable here (the tracking shim needs it)';
+  return undefined;
+}
+const skip = skipReason();
+if (skip) console.warn(`vm disk tests skipped: ${skip}`);
+
+async function guestOn(agent: Agent, name: string) {
+  return (await agent.status()).guests.find((g) => g.name === name);
+}
+
+/** Writes `chunks` of 1 MiB of seeded pseudo-random bytes at scattered offsets of a sparse file of `sizeBytes`; returns the SHA-256 of the whole file's content as the test wrote it. */
+function writeSparseDisk(path: string, sizeBytes: number, chunks: number, seed: number): string {
+  const fd = openSync(path, 'wx', 0o600);
+  try {
+    ftruncateSync(fd, sizeBytes);
+    const stride = Math.floor(sizeBytes / MiB / chunks) * MiB;
+    for (let i = 0; i < chunks; i++) writeSync(fd, seededBytes(MiB, seed * 1000 + i), 0, MiB, i * stride);
+  } finally {
+    closeSync(fd);
+  }
+  return fileSha256(path);
+}
+
+function seededBytes(length: number, seed: number): Buffer {
+  const out = Buffer.alloc(length);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < length; i += 4) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    out.writeUInt32LE(x >>> 0, i);
+  }
+  return out;
+}
+
+/**
+ * SHA-256 of a file's content, whatever its holes: over the index and bytes of each page
+ * that is not all zeros (a hole and a page of written zeros are the same content). Reads
+ * only what holds data (SEEK_DATA), so a sparse 8 GiB file takes as long as its data.
+ */
+function fileSha256(path: string): string {
+  const hash = createHash('sha256');
+  const fd = openSync(path, 'r');
+  const page = 4096;
+  const buffer = Buffer.alloc(MiB);
+  const index = Buffer.alloc(8);
+  try {
+    const runs = loadNative().fileDataRuns(fd, page, Math.ceil(statSync(path).size / page));
+    for (let i = 0; i < runs.length; i += 2) {
+      for (let first = runs[i]!, left = runs[i + 1]!; left > 0; ) {
+        const count = Math.min(left, buffer.length / page);
+        const n = readSync(fd, buffer, 0, count * page, first * page);
+        for (let p = 0; p * page < n; p++) {
+          const bytes = buffer.subarray(p * page, (p + 1) * page);
+          if (bytes.every((b) => b === 0)) continue;
+          index.writeBigUInt64LE(BigInt(first + p));
+          hash.update(index).update(bytes);
+        }
+        first += count;
+        left -= count;
+      }
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return hash.digest('hex');
+}
+
+/** Bytes a file takes on disk (du). */
+const allocatedBytes = (path: string): number => statSync(path).blocks * 512;
+
+describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
+  let cluster: Cluster;
+  afterEach(async () => {
+    await cluster?.cleanup();
+  });
+
+  async function twoAgents(shared = false): Promise<{ a: Agent; b: Agent; disksA: string; disksB: string }> {
+    cluster = new Cluster();
+    const disksA = join(cluster.dir, 'disks-a');
+    const disksB = shared ? disksA : join(cluster.dir, 'disks-b');
+    mkdirSync(disksA, { recursive: true });
+    mkdirSync(disksB, { recursive: true });
+    disksOf.set('a', disksA).set('b', disksB);
+    return { a: await agentNamed('a'), b: await agentNamed('b'), disksA, disksB };
+  }
+
+  const disksOf = new Map<string, string>();
+  /** Agent `name` (a or b) of the cluster, started (again) with its disks directory. */
+  const agentNamed = (name: string) => cluster.agent(name, ['--vm-images-dir', testvmDir, '--vm-disks-dir', disksOf.get(name)!]);
+
+  async function startVm(agent: Agent, name: string, disks: string[], append = 'gw.profile=random gw.seed=3 gw.rate=512'): Promise<void> {
+    const run = await cluster.cli(agent, ['vm', 'start', name, '--memory', '64MiB', '--kernel', TESTVM_KERNEL_FILE, '--accel', 'tcg', '--append', append, ...disks.flatMap((d) => ['--disk', d]), '--json']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    await waitForAsync(`VM ${name} to boot its kernel`, async () => (await guestOn(agent, name))?.testvm?.state === 'running', 60_000);
+  }
+
+  async function migrate(from: Agent, args: string[]) {
+    const run = await cluster.cli(from, ['migrate', ...args, '--json']);
+    return { run, result: run.exitCode === 0 ? JSON.parse(run.stdout) : undefined };
+  }
+
+  it('a sparse 8 GiB disk with 64 MiB written moves about 64 MiB and takes about 64 MiB at the destination, byte for byte', async () => {
+    const { a, b, disksA, disksB } = await twoAgents();
+    const name = uniqueName('vd');
+    const file = `${name}.raw`;
+    const digest = writeSparseDisk(join(disksA, file), 8 * GiB, 64, 1);
+    await startVm(a, name, [file]);
+    const sourcePid = (await guestOn(a, name))!.pid;
+    const { run, result } = await migrate(a, [name, '--to', b.listen]);
+    expect(run.exitCode, run.stderr + run.stdout).toBe(0);
+    const summary = result.guests[0];
+    expect(summary).toMatchObject({ verified: true, technique: 'precopy', repairedPages: 0 });
+    // RAM: 64 MiB, mostly the kernel's random pages; the disk: 64 MiB of random data. The 8 GiB of holes never travel.
+    expect(summary.wireBytes).toBeGreaterThan(64 * MiB);
+    expect(summary.wireBytes).toBeLessThan(64 * MiB + 64 * MiB + 16 * MiB);
+    await waitForAsync('the source QEMU to quit', async () => !isAlive(sourcePid) || processState(sourcePid) === 'Z', 30_000);
+    const arrived = join(disksB, file);
+    expect(statSync(arrived).size).toBe(8 * GiB);
+    expect(allocatedBytes(arrived)).toBeGreaterThanOrEqual(64 * MiB);
+    expect(allocatedBytes(arrived)).toBeLessThan(64 * MiB + 8 * MiB);
+    expect(statSync(arrived).mode & 0o777).toBe(0o600);
+    // The source's copy went with its guest; the destination's is the same bytes.
+    expect(existsSync(join(disksA, file))).toBe(false);
+    expect(fileSha256(arrived)).toBe(digest);
+    const guest = (await guestOn(b, name))!;
+    expect(guest).toMatchObject({ state: 'running', vmStatus: 'running' });
+    expect(await guestOn(a, name)).toBeUndefined();
+    // And back: the next migration of the same VM works, and leaves nothing in QEMU.
+    const back = await migrate(b, [name, '--to', a.listen]);
+    expect(back.run.exitCode, back.run.stderr + back.run.stdout).toBe(0);
+    expect(back.result.guests[0]).toMatchObject({ verified: true });
+    expect(fileSha256(join(disksA, file))).toBe(digest);
+    expect(existsSync(arrived)).toBe(false);
+    expect(await blockLeftovers(a, 'a', name)).toEqual({ exports: [], bitmaps: [], jobs: [] });
+  }, 180_000);
+
+  /** gangway's block objects in the VM's QEMU and its block jobs, asked with the agent stopped (QEMU serves one QMP client). */
+  async function blockLeftovers(agent: Agent, agentName: string, name: string) {
+    const { pid, qmpSocket } = (await guestOn(agent, name))!;
+    await agent.stop();
+    expect(isAlive(pid)).toBe(true);
+    const qmp = await QmpClient.connect(qmpSocket!);
+    try {
+      return { ...(await gangwayBlockObjects(qmp)), jobs: await qmp.exec('query-block-jobs') };
+    } finally {
+      await qmp.close();
+      // Started again, it finds its VM, and the clean-up stops it.
+      await agentNamed(agentName);
+    }
+  }
+
+  it.each(['source', 'destination', 'cancel'] as const)('%s: a disk migration ended in the middle leaves nothing in QEMU, the VM runs on at the source, and the next migration succeeds', async (how) => {
+    const { a, b, disksA, disksB } = await twoAgents();
+    const name = uniqueName(`vk${how[0]}`);
+    const file = `${name}.raw`;
+    const digest = writeSparseDisk(join(disksA, file), 256 * MiB, 48, 6);
+    await startVm(a, name, [file]);
+    const pid = (await guestOn(a, name))!.pid;
+    const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '16MiB/s', '--json']);
+    let id = '';
+    await waitForAsync('round 0 under way', async () => {
+      const out = (await a.status()).migrations.find((m) => m.direction === 'out' && m.state === 'running' && 'progress' in m && m.progress);
+      id = out?.migrationId ?? '';
+      return out !== undefined;
+    }, 30_000);
+    let source = a;
+    if (how === 'source') {
+      await a.kill();
+      await migrating;
+      source = await agentNamed('a');
+    } else if (how === 'destination') {
+      await b.kill();
+      expect((await migrating).exitCode).not.toBe(0);
+    } else {
+      expect((await cluster.cli(a, ['cancel', id])).exitCode).toBe(0);
+      expect((await migrating).exitCode).not.toBe(0);
+    }
+    const destination = how === 'destination' ? await agentNamed('b') : b;
+    await waitForAsync('the destination to drop the migration', async () => (await destination.status()).migrations.every((m) => m.state !== 'running'), 30_000);
+    // Nothing arrived at the destination (its file was never named), the source's disk is whole.
+    expect(existsSync(join(disksB, file))).toBe(false);
+    await waitForAsync('the VM to run at the source', async () => (await guestOn(source, name))?.vmStatus === 'running', 30_000);
+    expect((await guestOn(source, name))!.pid).toBe(pid);
+    expect(await guestOn(destination, name)).toBeUndefined();
+    // The restarted source removed what the dead one left (it says so); the others, their own.
+    if (how === 'source') await waitForAsync('the leftovers removed', async () => /removed what an earlier migration of this guest left/.test(readFileSync(source.logPath, 'utf8')), 30_000);
+    const again = await migrate(source, [name, '--to', destination.listen]);
+    expect(again.run.exitCode, again.run.stderr + again.run.stdout).toBe(0);
+    expect(fileSha256(join(disksB, file))).toBe(digest);
+    expect(await blockLeftovers(destination, 'b', name)).toEqual({ exports: [], bitmaps: [], jobs: [] });
+  }, 180_000);
+
+  it('--disks none on shared storage: only RAM and device state move, the VM runs on the same disk file', async () => {
+    const { a, b, disksA } = await twoAgents(true);
+    const name = uniqueName('vs');
+    const file = `${name}.raw`;
+    const digest = writeSparseDisk(join(disksA, file), 256 * MiB, 8, 2);
+    await startVm(a, name, [file]);
+    const { run, result } = await migrate(a, [name, '--to', b.listen, '--disks', 'none']);
+    expect(run.exitCode, run.stderr + run.stdout).toBe(0);
+    expect(result.guests[0]).toMatchObject({ verified: true });
+    // 64 MiB of RAM at most: the disk's 8 MiB did not travel, and its file stayed.
+    expect(result.guests[0].wireBytes).toBeLessThan(72 * MiB);
+    expect(fileSha256(join(disksA, file))).toBe(digest);
+    expect((await guestOn(b, name))!).toMatchObject({ state: 'running', vmStatus: 'running' });
+  });
+
+  it('refuses what it cannot do, saying why: post-copy of a disk, a disk already at the destination, a disk outside the disks directory', async () => {
+    const { a, b, disksA, disksB } = await twoAgents();
+    const name = uniqueName('vr');
+    const file = `${name}.raw`;
+    writeSparseDisk(join(disksA, file), 64 * MiB, 1, 3);
+    const outside = join(cluster.dir, 'outside.raw');
+    writeSparseDisk(outside, 64 * MiB, 1, 4);
+    const stray = await cluster.cli(a, ['vm', 'start', uniqueName('vx'), '--memory', '64MiB', '--kernel', TESTVM_KERNEL_FILE, '--accel', 'tcg', '--disk', outside]);
+    expect(stray.exitCode).not.toBe(0);
+    expect(stray.stderr).toMatch(/not a file of the disks directory/);
+    await startVm(a, name, [file]);
+    const postcopy = await migrate(a, [name, '--to', b.listen, '--technique', 'postcopy']);
+    expect(postcopy.run.exitCode).not.toBe(0);
+    expect(postcopy.run.stderr + postcopy.run.stdout).toMatch(/pre-copy only/);
+    writeSparseDisk(join(disksB, file), 64 * MiB, 1, 5);
+    const taken = await migrate(a, [name, '--to', b.listen]);
+    expect(taken.run.exitCode).not.toBe(0);
+    expect(taken.run.stderr + taken.run.stdout).toMatch(/already exists in this agent's disks directory/);
+    // Neither attempt cost the VM anything: it runs here, its disk untouched.
+    expect((await guestOn(a, name))!).toMatchObject({ state: 'running', vmStatus: 'running' });
+    expect(existsSync(join(disksA, file))).toBe(true);
+  });
+});
