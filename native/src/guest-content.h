@@ -33,6 +33,9 @@ enum {
 	GW_TAG_SHARED = 0x736861726564,   /* is an image block part of the shared image */
 	GW_TAG_BLOCK = 0x626c6f636b,      /* image block content */
 	GW_TAG_BLOCK_CLASS = 0x62636c,    /* image block class (zero or not) */
+	GW_TAG_DISK_VN = 0x6469736b766e,  /* disk block content written by the test kernel */
+	GW_TAG_DISK_HOT = 0x6469736b686f74, /* the test kernel's disk hot set */
+	GW_TAG_DISK_PASS = 0x6469736b70617373, /* its order in each pass */
 };
 
 /* splitmix64's finaliser: a bijection with full avalanche. */
@@ -299,6 +302,23 @@ static inline uint32_t gw_zero_permille(uint32_t profile)
 }
 
 /*
+ * Block k of the shared image (of `image_seed`): NULL for an all-zero block, else `buf`.
+ * Random-profile images have no zero blocks; the others have gw_zero_permille of them.
+ */
+static inline const uint8_t *gw_image_block(uint32_t profile, uint64_t image_seed, uint64_t k, uint8_t *buf)
+{
+	uint64_t key = gw_hash3(image_seed, GW_TAG_BLOCK, k);
+	if (profile == GUEST_PROFILE_RANDOM) {
+		gw_fill_random(buf, key);
+		return buf;
+	}
+	if (gw_hash3(image_seed, GW_TAG_BLOCK_CLASS, k) % 1000 < gw_zero_permille(profile))
+		return NULL;
+	gw_fill_text(buf, key);
+	return buf;
+}
+
+/*
  * Expected content of `page` at `version`: NULL for an all-zero page, else a pointer to
  * 4096 bytes, either `buf` (filled here) or a cached common page.
  */
@@ -324,17 +344,8 @@ static inline const uint8_t *gw_content(const struct gw_model *m, uint64_t page,
 	}
 	if (m->shared_permille > 0) {
 		uint64_t k = (m->perm_a * (page - m->first_data_page) + m->perm_b) % m->data_pages;
-		if (gw_hash3(m->image_seed, GW_TAG_SHARED, k) % 1000 < m->shared_permille) {
-			uint64_t key = gw_hash3(m->image_seed, GW_TAG_BLOCK, k);
-			if (m->profile == GUEST_PROFILE_RANDOM) {
-				gw_fill_random(buf, key);
-				return buf;
-			}
-			if (gw_hash3(m->image_seed, GW_TAG_BLOCK_CLASS, k) % 1000 < gw_zero_permille(m->profile))
-				return NULL;
-			gw_fill_text(buf, key);
-			return buf;
-		}
+		if (gw_hash3(m->image_seed, GW_TAG_SHARED, k) % 1000 < m->shared_permille)
+			return gw_image_block(m->profile, m->image_seed, k, buf);
 	}
 	uint64_t key = gw_hash3(m->seed, GW_TAG_V0, page);
 	if (m->profile == GUEST_PROFILE_RANDOM) {
@@ -348,6 +359,28 @@ static inline const uint8_t *gw_content(const struct gw_model *m, uint64_t page,
 		return m->common[gw_hash3(m->seed, GW_TAG_COMMON_SEL, page) % 16];
 	gw_fill_text(buf, key);
 	return buf;
+}
+
+/*
+ * The disk of gangway-testvm (native/testvm/disk.c), 4 KiB blocks. Version 0 is the base
+ * image the host writes (agent/guest/testvm-disk.ts): block k < base_blocks is block k of
+ * the shared image of `image_seed`, os-image-like whatever the RAM's profile, so disks of
+ * VMs cloned from one base image hold the same blocks, and a RAM page that holds image
+ * block k (gw.shared) holds the same bytes, as a page cache would; blocks from base_blocks
+ * on are zero (holes of the sparse image). Versions the kernel writes are text of (seed,
+ * block, version) under a tag of their own, so they collide with no page's content.
+ * Returns NULL for an all-zero block, else `buf`.
+ */
+static inline const uint8_t *gw_disk_block(uint64_t seed, uint64_t image_seed, uint64_t base_blocks, uint64_t block,
+					   uint32_t version, uint8_t *buf)
+{
+	if (version > 0) {
+		gw_fill_text(buf, gw_hash4(seed, GW_TAG_DISK_VN, block, version));
+		return buf;
+	}
+	if (block >= base_blocks)
+		return NULL;
+	return gw_image_block(GUEST_PROFILE_OS_IMAGE, image_seed, block, buf);
 }
 
 #endif
