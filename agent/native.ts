@@ -179,6 +179,23 @@ export interface NativeAddon {
    * file system without SEEK_DATA says the whole file is data.
    */
   fileDataRuns(fd: number, pageSize: number, pageCount: number): Uint32Array;
+  /**
+   * The disk content of gangway-testvm (guest-content.h gw_disk_block, what the kernel checks
+   * against): block firstBlock + i at version versions[i] goes to out[4096 i, 4096 (i + 1)],
+   * and zero[i] says whether it is all zeros (version 0 beyond `baseBlocks`, or a zero block
+   * of the base image). Version 0 of a block below `baseBlocks` is the base image's block (of
+   * `imageSeed`), a version above 0 the kernel's write (of `seed`). Throws RangeError, writing
+   * nothing, if `out` has less than 4096 bytes or `zero` less than one entry per version.
+   */
+  testvmDiskBlocks(
+    seed: bigint,
+    imageSeed: bigint,
+    baseBlocks: number,
+    firstBlock: number,
+    versions: Uint32Array,
+    out: Uint8Array,
+    zero: Uint8Array,
+  ): void;
 }
 
 /** Opaque handle to a fault-reading thread (uffdMonitor). */

@@ -17,6 +17,7 @@
         "src/addon/pagemap.c",
         "src/addon/tmpfile.c",
         "src/addon/notify.c",
+        "src/addon/content.c",
         "src/addon/uffd.c"
       ],
       "cflags": ["-fvisibility=hidden"],

@@ -16,6 +16,7 @@
  *               punchHoles                       pages of a file become holes again
  *               fileDataRuns                     the pages of a sparse file that hold data
  *   notify.c    sdNotify                         one datagram to systemd's NOTIFY_SOCKET
+ *   content.c   testvmDiskBlocks                 the test kernel's disk blocks (guest-content.h)
  *   uffd.c      uffdProbe, socketPair,           post-copy: the destination guest's userfaultfd
  *               uffdReceive, uffdMonitor(Close),
  *               uffdInstall, uffdWake
@@ -54,6 +55,7 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
       {"uffdWake", NULL, UffdWake, NULL, NULL, NULL, napi_enumerable, NULL},
       {"punchHoles", NULL, PunchHoles, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fileDataRuns", NULL, FileDataRuns, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"testvmDiskBlocks", NULL, TestvmDiskBlocks, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok)
     return NULL;

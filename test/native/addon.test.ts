@@ -259,6 +259,52 @@ describe('hash128', () => {
 });
 
 // ---------------------------------------------------------------------------------------
+// testvmDiskBlocks: the test kernel's disk content
+// ---------------------------------------------------------------------------------------
+
+describe('testvmDiskBlocks', () => {
+  const BLOCK = 4096;
+  function blocks(seed: bigint, imageSeed: bigint, base: number, first: number, versions: number[]) {
+    const out = Buffer.alloc(versions.length * BLOCK);
+    const zero = new Uint8Array(versions.length);
+    native.testvmDiskBlocks(seed, imageSeed, base, first, Uint32Array.from(versions), out, zero);
+    return { out, zero };
+  }
+
+  it('is a pure function of each block and version, whatever the batch; beyond the base, version 0 is zeros', () => {
+    const batch = blocks(5n, 7n, 8, 4, [0, 0, 0, 0, 0, 1, 2, 0]);
+    for (let i = 0; i < 8; i++) {
+      const one = blocks(5n, 7n, 8, 4 + i, [[0, 0, 0, 0, 0, 1, 2, 0][i]!]);
+      expect(one.out.equals(batch.out.subarray(i * BLOCK, (i + 1) * BLOCK)), `block ${4 + i}`).toBe(true);
+      expect(one.zero[0]).toBe(batch.zero[i]);
+    }
+    for (let i = 0; i < 8; i++) {
+      const isZero = batch.out.subarray(i * BLOCK, (i + 1) * BLOCK).equals(Buffer.alloc(BLOCK));
+      expect(batch.zero[i] === 1, `block ${4 + i}`).toBe(isZero);
+    }
+    expect(batch.zero[4]).toBe(1); // block 8, the first beyond the base
+    expect(batch.zero[7]).toBe(1);
+    expect(batch.zero[5]).toBe(0); // written versions are never zero
+    // The base depends on the image seed only; written versions on the seed.
+    expect(blocks(6n, 7n, 8, 0, [0]).out.equals(blocks(5n, 7n, 8, 0, [0]).out)).toBe(true);
+    expect(blocks(6n, 7n, 8, 9, [1]).out.equals(blocks(5n, 7n, 8, 9, [1]).out)).toBe(false);
+    expect(blocks(5n, 7n, 8, 9, [1]).out.equals(blocks(5n, 7n, 8, 9, [2]).out)).toBe(false);
+  });
+
+  it('validates its arguments by name, writing nothing when one is wrong', () => {
+    const out = Buffer.alloc(BLOCK, 0xee);
+    const zero = new Uint8Array(1);
+    expect(() => loose.testvmDiskBlocks!(5, 7n, 0, 0, new Uint32Array(1), out, zero)).toThrow(/seed must be a bigint/);
+    expect(() => loose.testvmDiskBlocks!(5n, -7n, 0, 0, new Uint32Array(1), out, zero)).toThrow(RangeError);
+    expect(() => loose.testvmDiskBlocks!(5n, 7n, -1, 0, new Uint32Array(1), out, zero)).toThrow(/baseBlocks/);
+    expect(() => loose.testvmDiskBlocks!(5n, 7n, 0, 0, [0], out, zero)).toThrow(/versions must be a Uint32Array/);
+    expect(() => native.testvmDiskBlocks(5n, 7n, 0, 0, new Uint32Array(2), out, new Uint8Array(2))).toThrow(/out has 4096 bytes/);
+    expect(() => native.testvmDiskBlocks(5n, 7n, 0, 0, new Uint32Array(1), out, new Uint8Array(0))).toThrow(/zero has 0 entries/);
+    expect(out.equals(Buffer.alloc(BLOCK, 0xee))).toBe(true);
+  });
+});
+
+// ---------------------------------------------------------------------------------------
 // regionMap / regionClose
 // ---------------------------------------------------------------------------------------
 

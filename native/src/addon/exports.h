@@ -23,6 +23,8 @@ napi_value TmpfileCreate(napi_env env, napi_callback_info info);
 napi_value TmpfileLink(napi_env env, napi_callback_info info);
 napi_value PunchHoles(napi_env env, napi_callback_info info);
 napi_value FileDataRuns(napi_env env, napi_callback_info info);
+/* content.c */
+napi_value TestvmDiskBlocks(napi_env env, napi_callback_info info);
 /* notify.c */
 napi_value SdNotify(napi_env env, napi_callback_info info);
 /* uffd.c */
