@@ -2,6 +2,7 @@
  * The PC hardware the test kernel uses: COM1 for its log, the PIT to measure the TSC and to
  * wake it each millisecond, the CMOS RTC to notice that the VM was stopped, and the
  * descriptor tables that make the PIT's interrupt (and any CPU exception) land somewhere.
+ * Port I/O is also how virtio-blk.c reaches PCI configuration space and its disk.
  */
 #ifndef GANGWAY_TESTVM_HW_H
 #define GANGWAY_TESTVM_HW_H
@@ -17,6 +18,30 @@ static inline uint8_t inb(uint16_t port)
 {
 	uint8_t value;
 	__asm__ volatile("inb %1, %0" : "=a"(value) : "Nd"(port));
+	return value;
+}
+
+static inline void outw(uint16_t port, uint16_t value)
+{
+	__asm__ volatile("outw %0, %1" : : "a"(value), "Nd"(port));
+}
+
+static inline uint16_t inw(uint16_t port)
+{
+	uint16_t value;
+	__asm__ volatile("inw %1, %0" : "=a"(value) : "Nd"(port));
+	return value;
+}
+
+static inline void outl(uint16_t port, uint32_t value)
+{
+	__asm__ volatile("outl %0, %1" : : "a"(value), "Nd"(port));
+}
+
+static inline uint32_t inl(uint16_t port)
+{
+	uint32_t value;
+	__asm__ volatile("inl %1, %0" : "=a"(value) : "Nd"(port));
 	return value;
 }
 
