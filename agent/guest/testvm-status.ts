@@ -7,10 +7,13 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { GuestProfile, type GuestProfileName } from './guest-header.js';
 
 export const TESTVM_STATUS_MAGIC = 'GWVMSTAT';
-export const TESTVM_STATUS_LAYOUT = 1;
+/** The layout this reader writes against; layout 1 (no disk fields) is still read. */
+export const TESTVM_STATUS_LAYOUT = 2;
 /** Guest-physical address of the block (also its offset in the memory file). */
 export const TESTVM_STATUS_ADDR = 0x8000;
-export const TESTVM_STATUS_BYTES = 192;
+export const TESTVM_STATUS_BYTES = 336;
+/** The block of layout 1, which kernels built before the disk wrote. */
+const LAYOUT_1_BYTES = 192;
 /** The kernel's pages start here (16 MiB) and run to the end of RAM or gw.mem. */
 export const TESTVM_RANGE_START = 0x1000000;
 export const TESTVM_PAGE_SIZE = 4096;
@@ -19,10 +22,49 @@ const SEQ_OFFSET = 16;
 const CHECK_REQUEST_OFFSET = 168;
 const CHECK_DONE_OFFSET = 172;
 const RATE_UNLIMITED = 0xffffffffffffffffn;
+const NO_BLOCK = 0xffffffffffffffffn;
 const READ_ATTEMPTS = 1000;
 
 export const TestvmState = { settingUp: 1, running: 2, failed: 3 } as const;
 export type TestvmStateName = keyof typeof TestvmState | 'unknown';
+/** The disk's state: none (no legacy virtio-blk device), running, or failed (a request failed after a reset too). */
+export const TestvmDiskState = { none: 1, running: 2, failed: 3 } as const;
+export type TestvmDiskStateName = keyof typeof TestvmDiskState | 'unknown';
+
+/** The disk part of the block (layout 2; native/testvm/disk.c). Blocks are 4 KiB, numbered from 0. */
+export interface TestvmDiskStatus {
+  state: TestvmDiskStateName;
+  blockSizeBytes: number;
+  /** The device's capacity. */
+  capacityBytes: number;
+  /** Blocks the kernel works on: the capacity's, at most its version table's room (4 GiB). */
+  blockCount: number;
+  baseBlocks: number;
+  hotBlocks: number;
+  /** Infinity for gw.disk_rate=max. */
+  rateBlocksPerSec: number;
+  /** A u32 version per block. */
+  versionTableAddr: number;
+  passes: number;
+  /** Block writes: the version table's sum. */
+  writes: number;
+  /** Distinct blocks written (version above 0). */
+  blocksWritten: number;
+  /** Blocks read back and compared, by rewrites and full checks. */
+  blocksChecked: number;
+  /** Blocks found not holding their last write (or their base content, or zeros). */
+  staleBlocks: number;
+  lastWrittenBlock: number | undefined;
+  lastStaleBlock: number | undefined;
+  /** The block a write is in flight to: it may hold its table version or `inflightVersion` (disk.c). */
+  inflightBlock: number | undefined;
+  inflightVersion: number;
+  /** Requests the device failed or did not answer. */
+  errors: number;
+  /** The last full check's disk result. */
+  checkBlocks: number;
+  checkStaleBlocks: number;
+}
 
 export interface TestvmStatus {
   layoutVersion: number;
@@ -64,21 +106,27 @@ export interface TestvmStatus {
   /** The last full check's result. */
   checkPages: number;
   checkStalePages: number;
+  /** The disk's part (undefined from a layout-1 kernel, which has none). */
+  disk: TestvmDiskStatus | undefined;
 }
 
 /** Parses the block at `offset` of `buf` (a copy of RAM or of the memory file). */
 export function parseTestvmStatus(buf: Buffer, offset = 0): TestvmStatus {
-  if (offset < 0 || buf.length < offset + TESTVM_STATUS_BYTES) {
-    throw new Error(`testvm status: ${buf.length} bytes do not hold a ${TESTVM_STATUS_BYTES}-byte block at offset ${offset}`);
+  if (offset < 0 || buf.length < offset + LAYOUT_1_BYTES) {
+    throw new Error(`testvm status: ${buf.length} bytes do not hold a ${LAYOUT_1_BYTES}-byte block at offset ${offset}`);
   }
-  const b = buf.subarray(offset, offset + TESTVM_STATUS_BYTES);
-  if (b.toString('latin1', 0, 8) !== TESTVM_STATUS_MAGIC) {
+  if (buf.toString('latin1', offset, offset + 8) !== TESTVM_STATUS_MAGIC) {
     throw new Error(`testvm status: no ${TESTVM_STATUS_MAGIC} block at offset ${offset} (not booted yet, or not gangway-testvm)`);
   }
-  const layoutVersion = b.readUInt32LE(8);
-  if (layoutVersion !== TESTVM_STATUS_LAYOUT) {
-    throw new Error(`testvm status: layout ${layoutVersion}, this reader knows ${TESTVM_STATUS_LAYOUT}`);
+  const layoutVersion = buf.readUInt32LE(offset + 8);
+  if (layoutVersion !== 1 && layoutVersion !== TESTVM_STATUS_LAYOUT) {
+    throw new Error(`testvm status: layout ${layoutVersion}, this reader knows 1 and ${TESTVM_STATUS_LAYOUT}`);
   }
+  const size = layoutVersion === 1 ? LAYOUT_1_BYTES : TESTVM_STATUS_BYTES;
+  if (buf.length < offset + size) {
+    throw new Error(`testvm status: ${buf.length} bytes do not hold a ${size}-byte block at offset ${offset}`);
+  }
+  const b = buf.subarray(offset, offset + size);
   const u32 = (o: number) => b.readUInt32LE(o);
   const u64 = (o: number) => Number(b.readBigUInt64LE(o));
   const stateCode = u32(12);
@@ -116,6 +164,37 @@ export function parseTestvmStatus(buf: Buffer, offset = 0): TestvmStatus {
     checkDone: u32(CHECK_DONE_OFFSET),
     checkPages: u64(176),
     checkStalePages: u64(184),
+    disk: layoutVersion === 1 ? undefined : parseDisk(b),
+  };
+}
+
+function parseDisk(b: Buffer): TestvmDiskStatus {
+  const u32 = (o: number) => b.readUInt32LE(o);
+  const u64 = (o: number) => Number(b.readBigUInt64LE(o));
+  const block = (o: number) => (b.readBigUInt64LE(o) === NO_BLOCK ? undefined : u64(o));
+  const stateCode = u32(192);
+  const rate = b.readBigUInt64LE(232);
+  return {
+    state: (Object.entries(TestvmDiskState).find(([, code]) => code === stateCode)?.[0] ?? 'unknown') as TestvmDiskStateName,
+    blockSizeBytes: u32(196),
+    capacityBytes: u64(200),
+    blockCount: u64(208),
+    baseBlocks: u64(216),
+    hotBlocks: u64(224),
+    rateBlocksPerSec: rate === RATE_UNLIMITED ? Infinity : Number(rate),
+    versionTableAddr: u64(240),
+    passes: u64(248),
+    writes: u64(256),
+    blocksWritten: u64(264),
+    blocksChecked: u64(272),
+    staleBlocks: u64(280),
+    lastWrittenBlock: block(288),
+    lastStaleBlock: block(296),
+    inflightBlock: block(304),
+    inflightVersion: u32(312),
+    errors: u32(316),
+    checkBlocks: u64(320),
+    checkStaleBlocks: u64(328),
   };
 }
 
@@ -159,10 +238,11 @@ export function readTestvmStatus(file: number | string, offset = TESTVM_STATUS_A
 }
 
 /**
- * Asks the kernel for a full check (every page against its version): writes check_done + 1
- * into check_request. Returns that request number; the answer is in the block once
- * `checkDone` equals it (`checkPages`, `checkStalePages`). Works on a stopped VM too: the
- * kernel sees the request when it runs again.
+ * Asks the kernel for a full check (every page against its version; with a disk, every
+ * base block and every block written too): writes check_done + 1 into check_request.
+ * Returns that request number; the answer is in the block once `checkDone` equals it
+ * (`checkPages`, `checkStalePages`, `disk.checkBlocks`, `disk.checkStaleBlocks`). Works on
+ * a stopped VM too: the kernel sees the request when it runs again.
  */
 export function requestTestvmFullCheck(file: number | string, offset = TESTVM_STATUS_ADDR): number {
   return withFd(file, 'r+', (fd) => {
@@ -214,4 +294,11 @@ export function readTestvmHotPages(file: number | string, status: TestvmStatus):
 /** The version the kernel last wrote to each page of its range, in page order. */
 export function readTestvmVersions(file: number | string, status: TestvmStatus): Uint32Array {
   return readTable(file, status.versionTableAddr, status.pageCount);
+}
+
+/** The version the kernel last wrote to each block of its disk (0: base content or zeros); empty without a disk. */
+export function readTestvmDiskVersions(file: number | string, status: TestvmStatus): Uint32Array {
+  const disk = status.disk;
+  if (!disk || disk.state === 'none' || disk.versionTableAddr === 0) return new Uint32Array(0);
+  return readTable(file, disk.versionTableAddr, disk.blockCount);
 }

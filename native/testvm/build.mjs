@@ -16,7 +16,7 @@ export const testvmOutDir = join(nativeDir, 'build', 'testvm');
 export const testvmKernelPath = join(testvmOutDir, 'gangway-testvm.elf');
 export const testvmSkippedPath = join(testvmOutDir, 'skipped.txt');
 
-const SOURCES = ['boot.S', 'kmain.c', 'params.c', 'hw.c', 'libc.c', 'virtio-blk.c'];
+const SOURCES = ['boot.S', 'kmain.c', 'params.c', 'hw.c', 'libc.c', 'virtio-blk.c', 'disk.c'];
 const CFLAGS = [
   '-m32',
   '-ffreestanding',

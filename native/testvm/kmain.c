@@ -9,7 +9,9 @@
  * guest-content.h, the process guest's own functions: a pure function of the parameters,
  * the page and its version. The kernel's state (versions, hot list, counters) lives in its
  * RAM, so it moves with the VM. What it found is in the status block (status.h) and on COM1:
- * `ready` once set up, then each second `t=<s> pass=<p> writes=<n> stale=<n>`.
+ * `ready` once set up, then each second `t=<s> pass=<p> writes=<n> stale=<n>`. Given a
+ * virtio-blk disk, disk.c does the same for its blocks, from the same loop at a rate of its
+ * own, and the full check covers them too.
  *
  * Time: the TSC, its rate measured against the PIT at boot. The PIT also raises IRQ 0 each
  * millisecond, so between writes the CPU halts instead of spinning (a spinning TCG vCPU
@@ -24,6 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "disk.h"
 #include "guest-content.h"
 #include "guest-layout.h"
 #include "hw.h"
@@ -63,7 +66,27 @@ _Static_assert(offsetof(struct testvm_status, check_request) == 168, "check_requ
 _Static_assert(offsetof(struct testvm_status, check_done) == 172, "check_done");
 _Static_assert(offsetof(struct testvm_status, check_pages) == 176, "check_pages");
 _Static_assert(offsetof(struct testvm_status, check_stale_pages) == 184, "check_stale_pages");
-_Static_assert(sizeof(struct testvm_status) == 192, "testvm_status size");
+_Static_assert(offsetof(struct testvm_status, disk_state) == 192, "disk_state");
+_Static_assert(offsetof(struct testvm_status, disk_block_size) == 196, "disk_block_size");
+_Static_assert(offsetof(struct testvm_status, disk_capacity_bytes) == 200, "disk_capacity_bytes");
+_Static_assert(offsetof(struct testvm_status, disk_block_count) == 208, "disk_block_count");
+_Static_assert(offsetof(struct testvm_status, disk_base_blocks) == 216, "disk_base_blocks");
+_Static_assert(offsetof(struct testvm_status, disk_hot_blocks) == 224, "disk_hot_blocks");
+_Static_assert(offsetof(struct testvm_status, disk_rate_blocks_per_sec) == 232, "disk_rate_blocks_per_sec");
+_Static_assert(offsetof(struct testvm_status, disk_version_table_addr) == 240, "disk_version_table_addr");
+_Static_assert(offsetof(struct testvm_status, disk_passes) == 248, "disk_passes");
+_Static_assert(offsetof(struct testvm_status, disk_writes) == 256, "disk_writes");
+_Static_assert(offsetof(struct testvm_status, disk_blocks_written) == 264, "disk_blocks_written");
+_Static_assert(offsetof(struct testvm_status, disk_blocks_checked) == 272, "disk_blocks_checked");
+_Static_assert(offsetof(struct testvm_status, disk_stale_blocks) == 280, "disk_stale_blocks");
+_Static_assert(offsetof(struct testvm_status, disk_last_written_block) == 288, "disk_last_written_block");
+_Static_assert(offsetof(struct testvm_status, disk_last_stale_block) == 296, "disk_last_stale_block");
+_Static_assert(offsetof(struct testvm_status, disk_inflight_block) == 304, "disk_inflight_block");
+_Static_assert(offsetof(struct testvm_status, disk_inflight_version) == 312, "disk_inflight_version");
+_Static_assert(offsetof(struct testvm_status, disk_errors) == 316, "disk_errors");
+_Static_assert(offsetof(struct testvm_status, check_disk_blocks) == 320, "check_disk_blocks");
+_Static_assert(offsetof(struct testvm_status, check_disk_stale_blocks) == 328, "check_disk_stale_blocks");
+_Static_assert(sizeof(struct testvm_status) == 336, "testvm_status size");
 /* QEMU puts the multiboot memory map at 0x9000: the block must end before it. */
 _Static_assert(TESTVM_STATUS_ADDR + sizeof(struct testvm_status) <= 0x9000, "status block overlaps the boot info");
 
@@ -71,7 +94,7 @@ _Static_assert(TESTVM_STATUS_ADDR + sizeof(struct testvm_status) <= 0x9000, "sta
 #define MULTIBOOT_INFO_CMDLINE (1u << 2)
 #define MULTIBOOT_INFO_MMAP (1u << 6)
 #define MULTIBOOT_RAM 1u
-/* The version table and hot list go here, between the kernel (link.ld) and the range. */
+/* The version table and hot list go here, between the kernel (link.ld) and the disk's table. */
 #define TABLES_ADDR 0x400000u
 #define CMDLINE_MAX 1024u
 #define STALE_LINES_MAX 32u
@@ -142,6 +165,7 @@ static void publish(uint64_t now)
 	st->check_pages = c.check_pages;
 	st->check_stale_pages = c.check_stale_pages;
 	st->check_done = c.check_done;
+	disk_publish(st);
 	BARRIER();
 	st->seq++;
 }
@@ -269,8 +293,8 @@ static void setup_model(void)
 	version = (uint32_t *)(uintptr_t)TABLES_ADDR;
 	uint64_t version_bytes = (page_count * 4 + GUEST_PAGE_SIZE - 1) & ~(uint64_t)(GUEST_PAGE_SIZE - 1);
 	hot = (uint32_t *)(uintptr_t)(TABLES_ADDR + version_bytes);
-	if (TABLES_ADDR + version_bytes + page_count * 4 > TESTVM_RANGE_START) {
-		kprintf("error: %llu pages need more table room than 4..16 MiB\n", (unsigned long long)page_count);
+	if (TABLES_ADDR + version_bytes + page_count * 4 > TESTVM_DISK_TABLE_ADDR) {
+		kprintf("error: %llu pages need more table room than 4..12 MiB\n", (unsigned long long)page_count);
 		fail();
 	}
 	hot_count = 0;
@@ -294,6 +318,7 @@ static void publish_parameters(void)
 	st->version_table_addr = (uintptr_t)version;
 	st->hot_list_addr = (uintptr_t)hot;
 	st->tsc_hz = tsc_hz;
+	disk_publish_parameters(st);
 }
 
 /* ---- running ---- */
@@ -346,9 +371,12 @@ static void full_check(uint32_t request)
 	c.checked += page_count;
 	c.check_pages = page_count;
 	c.check_stale_pages = stale;
+	c.meta_errors += (uint32_t)disk_full_check();
 	c.check_done = request;
 	publish(rdtsc());
-	kprintf("check %u: pages=%llu stale=%llu\n", request, (unsigned long long)page_count, (unsigned long long)stale);
+	kprintf("check %u: pages=%llu stale=%llu", request, (unsigned long long)page_count, (unsigned long long)stale);
+	disk_log_check();
+	kprintf("\n");
 }
 
 static uint64_t last_tick_tsc;
@@ -368,8 +396,40 @@ static void second_tick(uint64_t now)
 	last_tick_tsc = now;
 	last_tick_rtc = rtc;
 	publish(now);
-	kprintf("t=%llu pass=%llu writes=%llu stale=%llu\n", (unsigned long long)((now - tsc_ready) / tsc_hz),
+	kprintf("t=%llu pass=%llu writes=%llu stale=%llu", (unsigned long long)((now - tsc_ready) / tsc_hz),
 		(unsigned long long)c.passes, (unsigned long long)c.written, (unsigned long long)c.stale);
+	disk_log_counters();
+	kprintf("\n");
+}
+
+/* The dirty rate: a token bucket over the TSC, one token per `every` ticks (0: no limit). */
+struct bucket {
+	int on;
+	uint64_t every, cap, credit, last;
+};
+
+static struct bucket bucket_make(int on, uint64_t every, uint64_t now)
+{
+	uint64_t cap = tsc_hz / CREDIT_CAP_SEC_DIV;
+	if (cap < 16 * every)
+		cap = 16 * every;
+	return (struct bucket){.on = on, .every = every, .cap = cap, .credit = 0, .last = now};
+}
+
+static int bucket_take(struct bucket *b, uint64_t now)
+{
+	if (!b->on)
+		return 0;
+	if (b->every == 0)
+		return 1;
+	b->credit += now - b->last;
+	if (b->credit > b->cap)
+		b->credit = b->cap;
+	b->last = now;
+	if (b->credit < b->every)
+		return 0;
+	b->credit -= b->every;
+	return 1;
 }
 
 static _Noreturn void run(void)
@@ -378,11 +438,12 @@ static _Noreturn void run(void)
 	uint64_t ticks_per_page = 0;
 	if (writing && params.rate_bytes_per_sec != TESTVM_RATE_UNLIMITED)
 		ticks_per_page = tsc_hz * GUEST_PAGE_SIZE / params.rate_bytes_per_sec;
-	const int unlimited = writing && ticks_per_page == 0;
-	uint64_t cap = tsc_hz / CREDIT_CAP_SEC_DIV;
-	if (cap < 16 * ticks_per_page)
-		cap = 16 * ticks_per_page;
-	uint64_t credit = 0, last = rdtsc(), next_second = last + tsc_hz;
+	uint64_t ticks_per_block = 0;
+	if (disk_writing() && params.disk_rate_blocks_per_sec != TESTVM_RATE_UNLIMITED)
+		ticks_per_block = tsc_hz / params.disk_rate_blocks_per_sec;
+	uint64_t last = rdtsc(), next_second = last + tsc_hz;
+	struct bucket pages = bucket_make(writing, ticks_per_page, last);
+	struct bucket blocks = bucket_make(disk_writing(), ticks_per_block, last);
 	for (;;) {
 		uint64_t now = rdtsc();
 		uint32_t request = st->check_request;
@@ -394,21 +455,18 @@ static _Noreturn void run(void)
 			second_tick(now);
 			next_second = now + tsc_hz; /* no catching up after a stop */
 		}
-		if (unlimited) {
+		int worked = 0;
+		if (bucket_take(&pages, now)) {
 			write_one();
+			worked = 1;
+		}
+		if (disk_writing() && bucket_take(&blocks, now)) {
+			disk_write_one();
+			publish(rdtsc());
+			worked = 1;
+		}
+		if (worked)
 			continue;
-		}
-		if (writing) {
-			credit += now - last;
-			if (credit > cap)
-				credit = cap;
-			last = now;
-			if (credit >= ticks_per_page) {
-				credit -= ticks_per_page;
-				write_one();
-				continue;
-			}
-		}
 		publish(now);
 		idle();
 	}
@@ -431,6 +489,8 @@ void kmain(uint32_t magic, const struct multiboot_info *mbi)
 		fail();
 	}
 	setup_model();
+	if (disk_setup(&params, tsc_hz) != 0)
+		fail();
 	publish_parameters();
 	kprintf("range 0x%llx-0x%llx: %llu pages, %u hot; profile=%s seed=%llu image_seed=%llu shared=%u hot=%u "
 		"rate=%llu B/s; tsc %llu Hz\n",

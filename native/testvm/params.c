@@ -8,11 +8,12 @@
 
 #define WORD_MAX 128
 
-enum key { K_PROFILE, K_SEED, K_IMAGE_SEED, K_SHARED, K_HOT, K_RATE, K_MEM, K_COUNT };
+enum key { K_PROFILE, K_SEED, K_IMAGE_SEED, K_SHARED, K_HOT, K_RATE, K_MEM, K_DISK_RATE, K_DISK_HOT, K_DISK_BASE, K_COUNT };
 
 static const char *const key_names[K_COUNT] = {
 	[K_PROFILE] = "gw.profile", [K_SEED] = "gw.seed", [K_IMAGE_SEED] = "gw.image_seed", [K_SHARED] = "gw.shared",
 	[K_HOT] = "gw.hot",         [K_RATE] = "gw.rate", [K_MEM] = "gw.mem",
+	[K_DISK_RATE] = "gw.disk_rate", [K_DISK_HOT] = "gw.disk_hot", [K_DISK_BASE] = "gw.disk_base",
 };
 
 static const char *const expected[K_COUNT] = {
@@ -23,6 +24,9 @@ static const char *const expected[K_COUNT] = {
 	[K_HOT] = "a whole per-mille, 0..1000",
 	[K_RATE] = "KiB per second (a decimal integer up to 2^40) or max",
 	[K_MEM] = "MiB, 1..4096",
+	[K_DISK_RATE] = "blocks per second (a decimal integer up to 2^32) or max",
+	[K_DISK_HOT] = "blocks, 1..2^32",
+	[K_DISK_BASE] = "blocks, a decimal integer up to 2^32",
 };
 
 static int streq(const char *a, const char *b)
@@ -89,6 +93,25 @@ static int apply(enum key k, const char *value, struct testvm_params *p)
 			return 0;
 		p->mem_bytes = v << 20;
 		return 1;
+	case K_DISK_RATE:
+		if (streq(value, "max")) {
+			p->disk_rate_blocks_per_sec = TESTVM_RATE_UNLIMITED;
+			return 1;
+		}
+		if (!parse_u64(value, &v) || v > (1ull << 32))
+			return 0;
+		p->disk_rate_blocks_per_sec = v;
+		return 1;
+	case K_DISK_HOT:
+		if (!parse_u64(value, &v) || v == 0 || v > (1ull << 32))
+			return 0;
+		p->disk_hot_blocks = v;
+		return 1;
+	case K_DISK_BASE:
+		if (!parse_u64(value, &v) || v > (1ull << 32))
+			return 0;
+		p->disk_base_blocks = v;
+		return 1;
 	case K_COUNT:
 		break;
 	}
@@ -97,7 +120,7 @@ static int apply(enum key k, const char *value, struct testvm_params *p)
 
 unsigned params_parse(const char *cmdline, struct testvm_params *p)
 {
-	*p = (struct testvm_params){.profile = GUEST_PROFILE_OS_IMAGE, .seed = 1, .hot_permille = 250};
+	*p = (struct testvm_params){.profile = GUEST_PROFILE_OS_IMAGE, .seed = 1, .hot_permille = 250, .disk_hot_blocks = 256};
 	unsigned problems = 0, seen = 0;
 	int first = 1;
 	const char *at = cmdline;
@@ -136,7 +159,7 @@ unsigned params_parse(const char *cmdline, struct testvm_params *p)
 				k = (enum key)i;
 		if (k == K_COUNT) {
 			kprintf("error: unknown parameter '%s' (allowed: gw.profile, gw.seed, gw.image_seed, gw.shared, "
-				"gw.hot, gw.rate, gw.mem)\n",
+				"gw.hot, gw.rate, gw.mem, gw.disk_rate, gw.disk_hot, gw.disk_base)\n",
 				word);
 			problems++;
 		} else if (seen & (1u << k)) {
@@ -149,5 +172,6 @@ unsigned params_parse(const char *cmdline, struct testvm_params *p)
 		if (k != K_COUNT)
 			seen |= 1u << k;
 	}
+	p->disk_required = (seen & (1u << K_DISK_RATE | 1u << K_DISK_HOT | 1u << K_DISK_BASE)) != 0;
 	return problems;
 }

@@ -225,7 +225,7 @@ afterEach(async (ctx) => {
 function sampleBlock(): Buffer {
   const b = Buffer.alloc(TESTVM_STATUS_BYTES);
   b.write('GWVMSTAT', 0, 'latin1');
-  b.writeUInt32LE(1, 8); // layout
+  b.writeUInt32LE(2, 8); // layout
   b.writeUInt32LE(2, 12); // running
   b.writeUInt32LE(6, 16); // seq
   b.writeUInt32LE(4096, 20);
@@ -254,6 +254,27 @@ function sampleBlock(): Buffer {
   b.writeUInt32LE(4, 172);
   b.writeBigUInt64LE(12256n, 176);
   b.writeBigUInt64LE(0n, 184);
+  // Layout 2: the disk.
+  b.writeUInt32LE(2, 192); // running
+  b.writeUInt32LE(4096, 196);
+  b.writeBigUInt64LE(64n << 20n, 200);
+  b.writeBigUInt64LE(16384n, 208);
+  b.writeBigUInt64LE(4096n, 216);
+  b.writeBigUInt64LE(256n, 224);
+  b.writeBigUInt64LE(400n, 232);
+  b.writeBigUInt64LE(0xc00000n, 240);
+  b.writeBigUInt64LE(9n, 248);
+  b.writeBigUInt64LE(2311n, 256);
+  b.writeBigUInt64LE(250n, 264);
+  b.writeBigUInt64LE(6500n, 272);
+  b.writeBigUInt64LE(1n, 280);
+  b.writeBigUInt64LE(77n, 288);
+  b.writeBigUInt64LE(0n, 296); // block 0 is a block
+  b.writeBigUInt64LE(0xffffffffffffffffn, 304); // no write in flight
+  b.writeUInt32LE(10, 312);
+  b.writeUInt32LE(3, 316);
+  b.writeBigUInt64LE(4290n, 320);
+  b.writeBigUInt64LE(1n, 328);
   return b;
 }
 
@@ -262,8 +283,8 @@ describe('the testvm status block (no VM)', () => {
     const block = sampleBlock();
     const withLead = Buffer.concat([Buffer.alloc(TESTVM_STATUS_ADDR), block]);
     const s = parseTestvmStatus(withLead, TESTVM_STATUS_ADDR);
-    expect(s).toEqual({
-      layoutVersion: 1,
+    expect(s).toStrictEqual({
+      layoutVersion: 2,
       state: 'running',
       seq: 6,
       pageSizeBytes: 4096,
@@ -292,7 +313,37 @@ describe('the testvm status block (no VM)', () => {
       checkDone: 4,
       checkPages: 12256,
       checkStalePages: 0,
+      disk: {
+        state: 'running',
+        blockSizeBytes: 4096,
+        capacityBytes: 64 * MiB,
+        blockCount: 16384,
+        baseBlocks: 4096,
+        hotBlocks: 256,
+        rateBlocksPerSec: 400,
+        versionTableAddr: 0xc00000,
+        passes: 9,
+        writes: 2311,
+        blocksWritten: 250,
+        blocksChecked: 6500,
+        staleBlocks: 1,
+        lastWrittenBlock: 77,
+        lastStaleBlock: 0,
+        inflightBlock: undefined,
+        inflightVersion: 10,
+        errors: 3,
+        checkBlocks: 4290,
+        checkStaleBlocks: 1,
+      },
     });
+  });
+
+  it('reads a layout-1 block (a kernel from before the disk) without disk fields', () => {
+    const old = sampleBlock().subarray(0, 192);
+    old.writeUInt32LE(1, 8);
+    const s = parseTestvmStatus(old);
+    expect(s).toMatchObject({ layoutVersion: 1, pageCount: 12256, checkPages: 12256 });
+    expect(s.disk).toBeUndefined();
   });
 
   it('refuses a block without the magic, of another layout, or cut short', () => {
@@ -300,8 +351,8 @@ describe('the testvm status block (no VM)', () => {
     noMagic.write('GWGUEST1', 0, 'latin1');
     expect(() => parseTestvmStatus(noMagic)).toThrow(/no GWVMSTAT block/);
     const newer = sampleBlock();
-    newer.writeUInt32LE(2, 8);
-    expect(() => parseTestvmStatus(newer)).toThrow(/layout 2/);
+    newer.writeUInt32LE(3, 8);
+    expect(() => parseTestvmStatus(newer)).toThrow(/layout 3/);
     expect(() => parseTestvmStatus(sampleBlock().subarray(0, TESTVM_STATUS_BYTES - 1))).toThrow(/do not hold/);
   });
 
@@ -337,6 +388,7 @@ describe.skipIf(skipReason !== undefined)(`gangway-testvm under QEMU TCG${skipRe
       dirtyRateBytesPerSec: 2048 * 1024,
       stalePages: 0,
       metaErrors: 0,
+      disk: { state: 'none', writes: 0 },
     });
     // The range runs to the end of the RAM region (QEMU keeps a little at the top of 64 MiB).
     expect(first.rangeStartAddr + first.pageCount * PAGE).toBeLessThanOrEqual(MEMORY_MIB * MiB);
