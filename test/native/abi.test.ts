@@ -7,8 +7,11 @@ import { describe, expect, it } from 'vitest';
 import { MAX_REGIONS } from '../../protocol/limits.js';
 import { GUEST_MAX_REGIONS, GUEST_PAGE_SIZE } from '../../agent/guest/guest-header.js';
 import { PROTECT_THREAD_NAME } from '../../agent/tracker/uffd-wp.js';
+import { TESTVM_DISK_BLOCK_BYTES, TESTVM_DISK_MAX_BLOCKS } from '../../agent/guest/testvm-disk.js';
+import { TESTVM_RANGE_START, TESTVM_STATUS_ADDR, TESTVM_STATUS_LAYOUT } from '../../agent/guest/testvm-status.js';
 
 const header = (name: string) => readFileSync(fileURLToPath(new URL(`../../native/src/${name}`, import.meta.url)), 'utf8');
+const testvmHeader = (name: string) => readFileSync(fileURLToPath(new URL(`../../native/testvm/${name}`, import.meta.url)), 'utf8');
 
 function define(text: string, name: string): string {
   const match = new RegExp(`^#define ${name} (.+)$`, 'm').exec(text);
@@ -27,5 +30,16 @@ describe('the native ABI as TypeScript sees it', () => {
   it("the write-protect thread's name and the guest's page size agree", () => {
     expect(define(header('gangway-abi.h'), 'GW_PROTECT_THREAD_NAME')).toBe(JSON.stringify(PROTECT_THREAD_NAME));
     expect(Number.parseInt(define(header('guest-layout.h'), 'GUEST_PAGE_SIZE'), 10)).toBe(GUEST_PAGE_SIZE);
+  });
+
+  it("the test kernel's status block and disk constants agree with their readers", () => {
+    const status = testvmHeader('status.h');
+    const hex = (name: string) => Number.parseInt(define(status, name).replace(/u$/, ''), 16);
+    expect(Number.parseInt(define(status, 'TESTVM_STATUS_LAYOUT'), 10)).toBe(TESTVM_STATUS_LAYOUT);
+    expect(hex('TESTVM_STATUS_ADDR')).toBe(TESTVM_STATUS_ADDR);
+    expect(hex('TESTVM_RANGE_START')).toBe(TESTVM_RANGE_START);
+    expect(Number.parseInt(define(status, 'TESTVM_DISK_BLOCK_SIZE'), 10)).toBe(TESTVM_DISK_BLOCK_BYTES);
+    // A u32 version per block from TESTVM_DISK_TABLE_ADDR to the range.
+    expect((TESTVM_RANGE_START - hex('TESTVM_DISK_TABLE_ADDR')) / 4).toBe(TESTVM_DISK_MAX_BLOCKS);
   });
 });
