@@ -472,6 +472,7 @@ withControlOptions(program.command('status'))
             (g.passes !== undefined ? `, passes ${g.passes}, stale pages ${g.stalePages}` : '') +
             (g.vmStatus !== undefined ? `, QEMU ${g.vmStatus} (${g.accel}, ${g.cpus} CPU${g.cpus === 1 ? '' : 's'}, kernel ${g.kernel})` : '') +
             (g.testvm ? `, test kernel: passes ${g.testvm.passes}, stale pages ${g.testvm.stalePages}` : '') +
+            (g.testvm?.disk ? `, disk ${g.testvm.disk.state}: writes ${g.testvm.disk.writes}, stale blocks ${g.testvm.disk.staleBlocks}` : '') +
             (g.origin.kind === 'migrated' ? `, migrated in from ${g.origin.from}` : ''),
         );
         if (g.incoming?.stranded) {

@@ -111,7 +111,17 @@ export interface GuestDetails {
   vmStatus?: string;
   qmpError?: string;
   /** gangway-testvm's status block, when the VM runs it. */
-  testvm?: { state: string; passes: number; pagesWritten: number; stalePages: number; resumes: number; checkDone: number; checkStalePages: number };
+  testvm?: {
+    state: string;
+    passes: number;
+    pagesWritten: number;
+    stalePages: number;
+    resumes: number;
+    checkDone: number;
+    checkStalePages: number;
+    /** When the VM has a disk the kernel works on. */
+    disk?: { state: string; writes: number; staleBlocks: number; checkStaleBlocks: number };
+  };
 }
 
 /** A guest of this kind, started at a destination ahead of the switchover and blocked until `go()`. */

@@ -510,6 +510,10 @@ export class QemuGuest implements HostedGuest {
         checkDone: status.checkDone,
         checkStalePages: status.checkStalePages,
       };
+      const disk = status.disk;
+      if (disk && disk.state !== 'none') {
+        details.testvm.disk = { state: disk.state, writes: disk.writes, staleBlocks: disk.staleBlocks, checkStaleBlocks: disk.checkStaleBlocks };
+      }
     } catch {
       // Not the test kernel (no GWVMSTAT block): nothing more to show.
     }
