@@ -10,6 +10,8 @@ import { QmpClient } from '../../agent/guest/qmp.js';
 import { gangwayBlockObjects } from '../../agent/guest/qmp-block.js';
 import { isAlive, processState } from '../../agent/guest/process-guest.js';
 import { loadNative, testvmDir, testvmMissing, TESTVM_KERNEL_FILE } from '../../agent/native.js';
+import { writeTestvmBaseImage } from '../../agent/guest/testvm-disk.js';
+import { runTestvmFullCheck } from '../../agent/guest/testvm-status.js';
 import { waitForAsync } from '../helpers/wait.js';
 import { builtAgent, Cluster, uniqueName } from '../helpers/cluster.js';
 
@@ -213,6 +215,51 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     expect(fileSha256(join(disksB, file))).toBe(digest);
     expect(await blockLeftovers(destination, 'b', name)).toEqual({ exports: [], bitmaps: [], jobs: [] });
   }, 180_000);
+
+  /** The kernel's full check of its RAM and its disk, on the agent where the VM runs: no stale page, no stale block, and its disk writes go on. */
+  async function kernelFindsNothingStale(agent: Agent, name: string, writing = true): Promise<void> {
+    const guest = (await guestOn(agent, name))!;
+    const writes = guest.testvm!.disk!.writes;
+    if (writing) await waitForAsync('the kernel to write its disk', async () => (await guestOn(agent, name))!.testvm!.disk!.writes > writes, 30_000);
+    const status = await runTestvmFullCheck(guest.memoryPath, 60_000);
+    expect(status.checkPages).toBeGreaterThan(0);
+    expect(status.disk!.checkBlocks).toBeGreaterThan(0);
+    expect({ pages: status.checkStalePages, blocks: status.disk!.checkStaleBlocks, seenPages: status.stalePages, seenBlocks: status.disk!.staleBlocks, errors: status.disk!.errors }).toEqual({ pages: 0, blocks: 0, seenPages: 0, seenBlocks: 0, errors: 0 });
+  }
+
+  it('a VM writing its disk while it moves, there and back: digests match and its kernel finds no stale block and no stale page', async () => {
+    const { a, b, disksA } = await twoAgents();
+    const name = uniqueName('vw');
+    const file = `${name}.raw`;
+    writeTestvmBaseImage(join(disksA, file), { sizeBytes: 64 * MiB, baseBlocks: 2048, imageSeed: 7n });
+    await startVm(a, name, [file], 'gw.profile=random gw.seed=5 gw.rate=512 gw.image_seed=7 gw.disk_base=2048 gw.disk_hot=512 gw.disk_rate=400');
+    for (const [from, to] of [[a, b], [b, a]] as const) {
+      const { run, result } = await migrate(from, [name, '--to', to.listen]);
+      expect(run.exitCode, run.stderr + run.stdout).toBe(0);
+      expect(result.guests[0]).toMatchObject({ verified: true, repairedPages: 0 });
+      // The kernel wrote its disk during the rounds: a later round carried blocks of the bitmap.
+      expect(result.guests[0].rounds.length).toBeGreaterThan(1);
+      await kernelFindsNothingStale(to, name);
+      expect(await guestOn(from, name)).toBeUndefined();
+    }
+  }, 180_000);
+
+  it('a gang of VMs cloned from one base disk image sends their shared blocks once', async () => {
+    const { a, b, disksA } = await twoAgents();
+    const names = [0, 1, 2].map((i) => uniqueName(`vc${i}`));
+    // 16 MiB of base image each (os-image-like text, as a cloned OS disk), the kernels idle on their disks.
+    for (const [i, name] of names.entries()) {
+      writeTestvmBaseImage(join(disksA, `${name}.raw`), { sizeBytes: 64 * MiB, baseBlocks: 4096, imageSeed: 9n });
+      await startVm(a, name, [`${name}.raw`], `gw.profile=zero gw.seed=${20 + i} gw.rate=64 gw.image_seed=9 gw.disk_base=4096 gw.disk_rate=0`);
+    }
+    const without = (await migrate(a, [...names, '--to', b.listen, '--no-dedup'])).result;
+    const withDedup = (await migrate(b, [...names, '--to', a.listen])).result;
+    for (const summary of [...without.guests, ...withDedup.guests]) expect(summary).toMatchObject({ verified: true, repairedPages: 0 });
+    // The second and third copies of the base image's blocks go as refs to the first.
+    expect(withDedup.dedupStats.hits.crossGuest).toBeGreaterThan(4096);
+    expect(withDedup.wireBytes).toBeLessThan(without.wireBytes * 0.5);
+    for (const name of names) await kernelFindsNothingStale(a, name, false);
+  }, 240_000);
 
   it('--disks none on shared storage: only RAM and device state move, the VM runs on the same disk file', async () => {
     const { a, b, disksA } = await twoAgents(true);
