@@ -475,6 +475,13 @@ withControlOptions(program.command('status'))
             (g.testvm?.disk ? `, disk ${g.testvm.disk.state}: writes ${g.testvm.disk.writes}, stale blocks ${g.testvm.disk.staleBlocks}` : '') +
             (g.origin.kind === 'migrated' ? `, migrated in from ${g.origin.from}` : ''),
         );
+        for (const disk of g.disks ?? []) {
+          console.log(
+            disk.problem
+              ? `    disk ${disk.path}: cannot be read (${disk.problem})`
+              : `    disk ${disk.path}: ${(disk.sizeBytes! / 2 ** 20).toFixed(0)} MiB, ${(disk.allocatedBytes! / 2 ** 20).toFixed(1)} MiB allocated`,
+          );
+        }
         if (g.incoming?.stranded) {
           console.log(
             `    post-copy from ${g.incoming.from} did not complete: ${g.incoming.stranded}. ${g.incoming.missingPages} pages never came; the guest is kept paused ` +

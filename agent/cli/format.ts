@@ -23,7 +23,10 @@ export function summaryText(s: MigrationSummary): string {
     `  downtime     ${formatMs(s.downtimeMs)} (pause ${formatMs(d.pauseMs)}, final round ${formatMs(d.finalRoundMs)}, verify ${formatMs(d.verifyMs)}, commit ${formatMs(d.commitMs)}, rtt ${formatMs(d.rttMs)}); ` +
       `budget ${formatMs(s.downtimeBudgetMs)} ${s.downtimeBudgetMet ? 'met' : 'EXCEEDED'}`,
     ...(s.rounds.length > 0 ? [`  rounds       ${s.rounds.length} (pages per round: ${rounds})`] : [`  rounds       none: post-copy from the start`]),
-    `  wire         ${formatBytes(s.wireBytes)} for ${formatBytes(s.memoryBytes)} of memory; ${s.zeroPages} zero pages sent as runs; data compressed to ${(s.compressionRatio * 100).toFixed(1)}%`,
+    `  wire         ${formatBytes(s.wireBytes)} for ${formatBytes(s.memoryBytes)} of memory${s.disks?.length ? ` and ${formatBytes(s.disks.reduce((sum, d) => sum + d.dataBytes, 0))} of disk data` : ''}; ${s.zeroPages} zero pages sent as runs; data compressed to ${(s.compressionRatio * 100).toFixed(1)}%`,
+    ...(s.disks ?? []).map(
+      (d) => `  ${d.name.padEnd(12)} ${formatBytes(d.sizeBytes)}, ${formatBytes(d.dataBytes)} of data at the first round (holes never sent); ${d.blocksSent} blocks sent in ${d.rounds} rounds, ${formatBytes(d.wireBytes)} on the wire`,
+    ),
     s.linkRateBytesPerSec > 0
       ? `  link         ${formatRate(s.linkRateBytesPerSec)}; dirty tracking ${s.tracker}${s.trackerFallbackReason ? ` (${s.trackerFallbackReason})` : ''}`
       : `  dirty tracking ${s.tracker}${s.trackerFallbackReason ? ` (${s.trackerFallbackReason})` : ''}`,
@@ -62,7 +65,7 @@ export function groupSummaryText(g: GroupSummary): string {
     const rule = g.strategy === 'serial' ? 'sums' : 'maxima';
     lines.push(
       `${g.strategy}: ${g.guests.length} of ${g.guests.length + g.failed.length} guests moved; total ${formatMs(g.totalMs)}, downtime ${formatMs(g.downtimeMs)} (${rule}; longest ${formatMs(g.maxDowntimeMs)})`,
-      `  wire         ${formatBytes(g.wireBytes)} for ${formatBytes(g.memoryBytes)} of memory (${(g.wireRatio * 100).toFixed(1)}%)`,
+      `  wire         ${formatBytes(g.wireBytes)} for ${formatBytes(g.memoryBytes)} of memory${g.diskDataBytes > 0 ? ` and ${formatBytes(g.diskDataBytes)} of disk data` : ''} (${(g.wireRatio * 100).toFixed(1)}%)`,
     );
     if (g.dedup) lines.push(`  dedup        ${dedupText(g.dedupStats.hits, g.dedupStats.savedBytes, g.dedupStats.wantedPages)}`);
   }

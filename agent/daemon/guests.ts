@@ -2,7 +2,7 @@
 // switchover in doubt, and their status (tracker, shim counters, where they came from or
 // are going). Migrations move them; this is everything else done to them.
 import { randomBytes } from 'node:crypto';
-import { lstatSync, readFileSync, rmSync } from 'node:fs';
+import { lstatSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import type { AgentConfig } from '../daemon.js';
 import { GUEST_PAGE_SIZE } from '../guest/guest-header.js';
@@ -13,6 +13,16 @@ import type { QmpClient } from '../guest/qmp.js';
 import type { GuestRegistry } from '../guest/registry.js';
 import { isTapDevice } from '../guest/vm-tap.js';
 import { resolveDiskFile } from '../guest/qemu-disks.js';
+
+/** A VM's disk as `gangway status` shows it: its size, and what it takes on the file system (sparse). */
+function diskStatus(path: string): { path: string; sizeBytes?: number; allocatedBytes?: number; problem?: string } {
+  try {
+    const stats = statSync(path);
+    return { path, sizeBytes: stats.size, allocatedBytes: stats.blocks * 512 };
+  } catch (err) {
+    return { path, problem: (err as NodeJS.ErrnoException).code ?? (err as Error).message };
+  }
+}
 import { parseVmDefinition, randomVmMac, vmDiskFields, vmRegionsProblem, vmSocketPathProblem, type AccelChoice, type VmDefinition, type VmSpec } from '../guest/vm-spec.js';
 import type { Logger } from '../log.js';
 import type { SourceMigration } from '../migration/source.js';
@@ -243,6 +253,7 @@ export class GuestService {
           origin: record.origin,
           tracker,
           ...(record.files.qmpSocketPath ? { qmpSocket: record.files.qmpSocketPath, console: record.files.consolePath } : {}),
+          ...(record.files.diskPaths?.length ? { disks: record.files.diskPaths.map(diskStatus) } : {}),
           ...(record.outgoing ? { outgoing: record.outgoing } : {}),
           ...(record.incoming ? { incoming: { ...record.incoming, missingPages: this.context.incomingMissingPages(record.incoming.migrationId) ?? record.incoming.missingPages } } : {}),
           ...seen?.details,

@@ -27,8 +27,10 @@ export interface GroupSummary {
   /** Wall-clock time of the whole command, session set-up included. */
   elapsedMs: number;
   memoryBytes: number;
+  /** The data the moved disks held (their holes are never sent). */
+  diskDataBytes: number;
   wireBytes: number;
-  /** Wire bytes per byte of guest memory moved. */
+  /** Wire bytes per byte of guest memory and disk data moved. */
   wireRatio: number;
   /** Pages sent again at the switchovers (the dirty tracker had missed writes to them). */
   repairedPages: number;
@@ -76,6 +78,7 @@ export function summarizeGroup(
   const max = (f: (s: MigrationSummary) => number) => guests.reduce((most, s) => Math.max(most, f(s)), 0);
   const combine = request.strategy === 'serial' ? sum : max;
   const memoryBytes = sum((s) => s.memoryBytes);
+  const diskDataBytes = sum((s) => (s.disks ?? []).reduce((total, d) => total + d.dataBytes, 0));
   const wireBytes = sum((s) => s.wireBytes);
   return {
     strategy: request.strategy,
@@ -89,8 +92,9 @@ export function summarizeGroup(
     maxDowntimeMs: max((s) => s.downtimeMs),
     elapsedMs,
     memoryBytes,
+    diskDataBytes,
     wireBytes,
-    wireRatio: memoryBytes > 0 ? wireBytes / memoryBytes : 0,
+    wireRatio: memoryBytes + diskDataBytes > 0 ? wireBytes / (memoryBytes + diskDataBytes) : 0,
     repairedPages: sum((s) => s.repairedPages),
     dedupStats: {
       refPages: sum((s) => s.dedup.refPages),

@@ -9,7 +9,7 @@ import type { CodecChooser } from './codec-chooser.js';
 import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
 import type { Pacer } from './flow.js';
 import { everyPage, laneBytes, lanePages, mergeLaneRuns, takeWanted, type LaneRuns } from './lanes.js';
-import { addCounters, emptyCounters, sendRegionRound, type BatchPool } from './page-sender.js';
+import { addCounters, emptyCounters, sendRegionRound, type BatchPool, type RoundCounters } from './page-sender.js';
 import { hybridSwitch } from './postcopy.js';
 import type { MigrationProgress, RoundRecord, SourceRun } from './source-types.js';
 import { mergeRuns, runsPageCount } from '../tracker/page-set.js';
@@ -49,6 +49,10 @@ export class ProgressReporter {
 export class RoundSender {
   readonly rounds: RoundRecord[] = [];
   readonly totals = emptyCounters();
+  /** Each lane's own totals, by lane index (a disk's are reported apart from memory's). */
+  readonly laneTotals: RoundCounters[] = [];
+  /** Pages each lane had in round 0: for a disk, the blocks that held data then. */
+  readonly laneFirstRoundPages: number[] = [];
   /** The rate the link takes this migration's bytes at, as pre-copy rounds measure it. */
   readonly linkRate = new RateEstimator();
 
@@ -105,6 +109,8 @@ export class RoundSender {
         laneRuns,
       );
       addCounters(counters, laneCounters);
+      addCounters((this.laneTotals[lane.index] ??= emptyCounters()), laneCounters);
+      if (round === 0) this.laneFirstRoundPages[lane.index] = laneCounters.pages;
     }
     link.send(Frame.roundEnd({ migrationId: options.migrationId, round, pageCount: counters.pages, final }));
     addCounters(this.totals, counters);

@@ -120,7 +120,13 @@ export interface MigrationSummary {
   deviceStateBytes: number;
   totalMs: number;
   rounds: RoundRecord[];
+  /** The guest's memory (its disks are in `disks`). */
   memoryBytes: number;
+  /**
+   * The disks that moved with it: size, the data they held at the first round (holes are
+   * never sent), blocks sent over all rounds (data and zero, as refs or not) and their wire bytes.
+   */
+  disks?: { name: string; sizeBytes: number; dataBytes: number; blocksSent: number; dataBlocksSent: number; wireBytes: number; rounds: number }[];
   wireBytes: number;
   zeroPages: number;
   dataPages: number;

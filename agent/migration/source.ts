@@ -344,7 +344,21 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     link.chooser = chooser;
     const pacer = options.pacer ?? (options.bandwidthBytesPerSec ? new Pacer(options.bandwidthBytesPerSec, options.batchBytes, this.clock) : undefined);
     const sender = new RoundSender(run, new BatchPool(Math.min(options.batchBytes, link.session.peerMaxPayloadBytes), 8192), chooser, pacer, new ProgressReporter(run));
-    const memoryBytes = lanes.reduce((sum, lane) => sum + lane.region.lengthBytes, 0);
+    const memoryBytes = lanes.reduce((sum, lane) => sum + (lane.region.sparse ? 0 : lane.region.lengthBytes), 0);
+    const diskLanes = lanes.filter((lane) => lane.region.sparse);
+    const disks = () =>
+      diskLanes.map((lane) => {
+        const totals = sender.laneTotals[lane.index];
+        return {
+          name: lane.region.name,
+          sizeBytes: lane.region.lengthBytes,
+          dataBytes: (sender.laneFirstRoundPages[lane.index] ?? 0) * lane.region.pageSizeBytes,
+          blocksSent: totals?.pages ?? 0,
+          dataBlocksSent: totals?.dataPages ?? 0,
+          wireBytes: totals?.wireBytes ?? 0,
+          rounds: sender.rounds.length,
+        };
+      });
     const trackerKind = lanes[0]!.tracker.kind;
 
     /** The fields every summary shares. */
@@ -370,6 +384,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         totalMs,
         rounds: sender.rounds,
         memoryBytes,
+        ...(diskLanes.length ? { disks: disks() } : {}),
         wireBytes,
         zeroPages: totals.zeroPages,
         dataPages: totals.dataPages,

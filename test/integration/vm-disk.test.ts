@@ -135,7 +135,12 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     const { run, result } = await migrate(a, [name, '--to', b.listen]);
     expect(run.exitCode, run.stderr + run.stdout).toBe(0);
     const summary = result.guests[0];
-    expect(summary).toMatchObject({ verified: true, technique: 'precopy', repairedPages: 0 });
+    expect(summary).toMatchObject({ verified: true, technique: 'precopy', repairedPages: 0, memoryBytes: 64 * MiB });
+    // The disk on its own: 64 MiB of data when round 0 read it, every block of it sent.
+    expect(summary.disks).toEqual([expect.objectContaining({ name: 'disk0', sizeBytes: 8 * GiB, dataBytes: 64 * MiB })]);
+    expect(summary.disks[0].blocksSent).toBeGreaterThanOrEqual((64 * MiB) / 4096);
+    expect(summary.disks[0].wireBytes).toBeGreaterThan(64 * MiB);
+    expect(result.diskDataBytes).toBe(64 * MiB);
     // RAM: 64 MiB, mostly the kernel's random pages; the disk: 64 MiB of random data. The 8 GiB of holes never travel.
     expect(summary.wireBytes).toBeGreaterThan(64 * MiB);
     expect(summary.wireBytes).toBeLessThan(64 * MiB + 64 * MiB + 16 * MiB);
@@ -149,7 +154,8 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     expect(existsSync(join(disksA, file))).toBe(false);
     expect(fileSha256(arrived)).toBe(digest);
     const guest = (await guestOn(b, name))!;
-    expect(guest).toMatchObject({ state: 'running', vmStatus: 'running' });
+    expect(guest).toMatchObject({ state: 'running', vmStatus: 'running', disks: [{ path: arrived, sizeBytes: 8 * GiB }] });
+    expect(guest.disks![0]!.allocatedBytes).toBeLessThan(72 * MiB);
     expect(await guestOn(a, name)).toBeUndefined();
     // And back: the next migration of the same VM works, and leaves nothing in QEMU.
     const back = await migrate(b, [name, '--to', a.listen]);
