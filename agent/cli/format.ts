@@ -27,6 +27,9 @@ export function summaryText(s: MigrationSummary): string {
     ...(s.disks ?? []).map(
       (d) => `  ${d.name.padEnd(12)} ${formatBytes(d.sizeBytes)}, ${formatBytes(d.dataBytes)} of data at the first round (holes never sent); ${d.blocksSent} blocks sent in ${d.rounds} rounds, ${formatBytes(d.wireBytes)} on the wire`,
     ),
+    ...(s.diskWriteLimitBytesPerSec !== undefined
+      ? [`  disk writes  held to ${formatRate(s.diskWriteLimitBytesPerSec)} during the migration (the guest wrote its disks faster than the link carried them); the limit is gone`]
+      : []),
     s.linkRateBytesPerSec > 0
       ? `  link         ${formatRate(s.linkRateBytesPerSec)}; dirty tracking ${s.tracker}${s.trackerFallbackReason ? ` (${s.trackerFallbackReason})` : ''}`
       : `  dirty tracking ${s.tracker}${s.trackerFallbackReason ? ` (${s.trackerFallbackReason})` : ''}`,

@@ -58,6 +58,11 @@ export interface SourceGuest {
   discard(): Promise<void>;
   /** Why the guest no longer runs here (its process exited, with what it said last), or undefined while it is there. */
   gone?(): string | undefined;
+  /**
+   * Holds the guest's writes to the disks this migration moves to `bytesPerSec` in all (a
+   * guest with disks). The limit goes when the migration ends, whichever way.
+   */
+  limitDiskWrites?(bytesPerSec: number): Promise<void>;
 }
 
 /** A guest this agent runs (in its registry), whatever its kind: what the daemon does with it besides migrating it. */

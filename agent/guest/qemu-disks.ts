@@ -13,7 +13,7 @@ import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import type { GuestRegion, SourceGuest } from './adapter.js';
 import type { TrackerPreference } from './process-guest.js';
 import { QemuDiskTracker } from './qemu-disk-tracker.js';
-import { removeGangwayBlockObjects, startNbdServer, stopNbdServer, GANGWAY_PREFIX } from './qmp-block.js';
+import { limitDeviceWrites, removeGangwayBlockObjects, startNbdServer, stopNbdServer, GANGWAY_PREFIX } from './qmp-block.js';
 import type { QmpClient } from './qmp.js';
 import { diskRegionName, vmDiskNodes, vmDiskSizeProblem, VM_DISK_BLOCK_BYTES } from './vm-spec.js';
 
@@ -187,6 +187,13 @@ export class MigratingVm implements SourceGuest {
     }
     this.nbdStarted = false;
     rmSync(this.vm.nbdSocketPath, { force: true });
+  }
+
+  /** QEMU's I/O limits on the moving disks' devices, the rate shared among them; lifted by releaseDisks. */
+  async limitDiskWrites(bytesPerSec: number): Promise<void> {
+    if (this.moving.length === 0) return;
+    const qmp = await this.vm.client();
+    for (const disk of this.moving) await limitDeviceWrites(qmp, vmDiskNodes(disk.index).device, bytesPerSec / this.moving.length);
   }
 
   pause(): Promise<void> {

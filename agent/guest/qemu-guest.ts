@@ -388,7 +388,7 @@ export class QemuGuest implements HostedGuest {
     if (this.disks.length === 0) return [];
     const removed = await removeGangwayBlockObjects(await this.client());
     rmSync(this.nbdSocketPath, { force: true });
-    return [...removed.exports.map((id) => `NBD export ${id}`), ...removed.bitmaps.map((name) => `dirty bitmap ${name}`)];
+    return [...removed.exports.map((id) => `NBD export ${id}`), ...removed.bitmaps.map((name) => `dirty bitmap ${name}`), ...removed.limited.map((device) => `write limit on ${device}`)];
   }
 
   /** The VM as a migration moving `disks` sees it: its memory and those disks (their size now), as regions. */

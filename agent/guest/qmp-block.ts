@@ -1,5 +1,6 @@
 // The QEMU block objects a disk migration makes and removes: dirty bitmaps on a VM's disk
-// nodes, the NBD server they are read through, and an NBD export per read. Every object
+// nodes, the NBD server they are read through, an NBD export per read, and I/O limits on a
+// guest that writes its disks faster than the link carries them. Every object
 // gangway makes is named with GANGWAY_PREFIX, so an agent that restarts after a crash finds
 // and removes what its previous run left (an export or a bitmap left behind makes the next
 // migration of the VM fail: libvirt and LXD operators meet that as "duplicate node name").
@@ -80,8 +81,34 @@ export async function deleteNbdExport(qmp: QmpClient, id: string): Promise<void>
   }
 }
 
+const BlockInfoSchema = z.array(z.object({ qdev: z.string().optional(), inserted: z.object({ group: z.string().optional() }).passthrough().optional() }).passthrough());
+const NO_LIMITS = { bps: 0, bps_rd: 0, bps_wr: 0, iops: 0, iops_rd: 0, iops_wr: 0 };
+
+/**
+ * Holds the writes of virtio-blk device `device` (its qdev id) to `bytesPerSec`, in a
+ * throttle group of gangway's own name (so a restarted agent knows the limit for its own and
+ * lifts it). The limit is on the device's block backend, which QEMU names by its QOM path.
+ */
+export async function limitDeviceWrites(qmp: QmpClient, device: string, bytesPerSec: number): Promise<void> {
+  await qmp.exec('block_set_io_throttle', {
+    id: `/machine/peripheral/${device}/virtio-backend`,
+    ...NO_LIMITS,
+    bps_wr: Math.max(1, Math.floor(bytesPerSec)),
+    group: `${GANGWAY_PREFIX}throttle-${device}`,
+  });
+}
+
+/** Lifts every I/O limit gangway set in this QEMU (those in its throttle groups); returns the devices. */
+export async function liftGangwayLimits(qmp: QmpClient): Promise<string[]> {
+  const devices = BlockInfoSchema.parse(await qmp.exec('query-block'))
+    .filter((b) => b.qdev && b.inserted?.group?.startsWith(GANGWAY_PREFIX))
+    .map((b) => b.qdev!);
+  for (const device of devices) await qmp.exec('block_set_io_throttle', { id: device, ...NO_LIMITS });
+  return devices;
+}
+
 /** gangway's block objects in this QEMU: its exports and its dirty bitmaps (by node). */
-export async function gangwayBlockObjects(qmp: QmpClient): Promise<{ exports: string[]; bitmaps: { node: string; name: string }[] }> {
+export async function gangwayBlockObjects(qmp: QmpClient): Promise<{ exports: string[]; bitmaps: { node: string; name: string }[]; limited: string[] }> {
   const exports = BlockExportsSchema.parse(await qmp.exec('query-block-exports'))
     .map((e) => e.id)
     .filter((id) => id.startsWith(GANGWAY_PREFIX));
@@ -89,7 +116,10 @@ export async function gangwayBlockObjects(qmp: QmpClient): Promise<{ exports: st
   const bitmaps = nodes.flatMap((node) =>
     (node['dirty-bitmaps'] ?? []).filter((b) => b.name?.startsWith(GANGWAY_PREFIX)).map((b) => ({ node: node['node-name'], name: b.name! })),
   );
-  return { exports, bitmaps };
+  const limited = BlockInfoSchema.parse(await qmp.exec('query-block'))
+    .filter((b) => b.qdev && b.inserted?.group?.startsWith(GANGWAY_PREFIX))
+    .map((b) => b.qdev!);
+  return { exports, bitmaps, limited };
 }
 
 /**
@@ -97,10 +127,11 @@ export async function gangwayBlockObjects(qmp: QmpClient): Promise<{ exports: st
  * then the NBD server): what a migration that ended, failed, or whose agent died left.
  * Returns what it removed.
  */
-export async function removeGangwayBlockObjects(qmp: QmpClient): Promise<{ exports: string[]; bitmaps: string[] }> {
+export async function removeGangwayBlockObjects(qmp: QmpClient): Promise<{ exports: string[]; bitmaps: string[]; limited: string[] }> {
   const found = await gangwayBlockObjects(qmp);
   for (const id of found.exports) await deleteNbdExport(qmp, id);
   await stopNbdServer(qmp);
   for (const { node, name } of found.bitmaps) await removeDirtyBitmap(qmp, node, name);
-  return { exports: found.exports, bitmaps: found.bitmaps.map((b) => b.name) };
+  const limited = await liftGangwayLimits(qmp);
+  return { exports: found.exports, bitmaps: found.bitmaps.map((b) => b.name), limited };
 }

@@ -8,8 +8,9 @@ import { Frame } from '../../protocol/index.js';
 import type { CodecChooser } from './codec-chooser.js';
 import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
 import type { Pacer } from './flow.js';
-import { everyPage, laneBytes, lanePages, mergeLaneRuns, takeWanted, type LaneRuns } from './lanes.js';
+import { everyPage, laneBytes, lanePages, mergeLaneRuns, takeWanted, type Lane, type LaneRuns } from './lanes.js';
 import { addCounters, emptyCounters, sendRegionRound, type BatchPool, type RoundCounters } from './page-sender.js';
+import { diskWriteLimit } from './disk-throttle.js';
 import { hybridSwitch } from './postcopy.js';
 import type { MigrationProgress, RoundRecord, SourceRun } from './source-types.js';
 import { mergeRuns, runsPageCount } from '../tracker/page-set.js';
@@ -53,6 +54,8 @@ export class RoundSender {
   readonly laneTotals: RoundCounters[] = [];
   /** Pages each lane had in round 0: for a disk, the blocks that held data then. */
   readonly laneFirstRoundPages: number[] = [];
+  /** The limit the guest's disk writes are held to (disk-throttle.ts), once one was set. */
+  diskWriteLimitBytesPerSec: number | undefined;
   /** The rate the link takes this migration's bytes at, as pre-copy rounds measure it. */
   readonly linkRate = new RateEstimator();
 
@@ -121,6 +124,32 @@ export class RoundSender {
   }
 }
 
+/**
+ * Disks written faster than the link carries them: QEMU's I/O limits hold the guest's disk
+ * writes to what lets the rounds converge (disk-throttle.ts says how much).
+ */
+async function limitDiskWrites(run: SourceRun, sender: RoundSender, lanes: readonly Lane[], runs: LaneRuns, intervalMs: number, converging: boolean, roundsDone: number): Promise<void> {
+  let diskBytes = 0;
+  let memoryBytes = 0;
+  lanes.forEach((lane, i) => {
+    const bytes = runsPageCount(runs[i]!) * lane.region.pageSizeBytes;
+    if (lane.region.sparse) diskBytes += bytes;
+    else memoryBytes += bytes;
+  });
+  const limit = diskWriteLimit({
+    roundsDone,
+    converging,
+    diskDirtyBytesPerSec: (diskBytes * 1000) / intervalMs,
+    memoryDirtyBytesPerSec: (memoryBytes * 1000) / intervalMs,
+    linkRateBytesPerSec: sender.linkRate.value ?? 0,
+    currentLimitBytesPerSec: sender.diskWriteLimitBytesPerSec,
+  });
+  if (limit === undefined) return;
+  await run.guest.limitDiskWrites!(limit);
+  sender.diskWriteLimitBytesPerSec = limit;
+  run.log.info({ limitBytesPerSec: limit, diskDirtyBytes: diskBytes, intervalMs: Math.round(intervalMs) }, "the guest writes its disks faster than the link carries them: its disk writes are limited until the migration ends");
+}
+
 /** Pages written since the last collect in every region, with the pages the destination asked for again. */
 export async function collectDirty(run: SourceRun): Promise<LaneRuns> {
   const runs: LaneRuns = [];
@@ -170,7 +199,8 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
     runs = await collectDirty(run);
     const now = clock.now();
     const pending = units(runs);
-    const dirtyRatePerSec = (pending * 1000) / Math.max(now - lastCollect, 1);
+    const intervalMs = Math.max(now - lastCollect, 1);
+    const dirtyRatePerSec = (pending * 1000) / intervalMs;
     lastCollect = now;
     record.dirtyPagesAfter = lanePages(runs);
     const decide = (pendingUnits: number): ConvergenceDecision =>
@@ -198,6 +228,12 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
       decision = decide(units(runs));
     }
     record.decision = decision.reason;
+    if (decision.action === 'continue' && run.guest.limitDiskWrites) {
+      // A hot set rewritten whole every round looks slower than the link (the dirty count
+      // stops at its size) and still never shrinks: that is not converging either.
+      const shrinking = round === 0 || record.dirtyPagesAfter < record.pages * 0.9;
+      await limitDiskWrites(run, sender, lanes, runs, intervalMs, decision.converging && shrinking, round + 1);
+    }
     log.info(
       { round, pages: record.pages, wireBytes: record.wireBytes, ms: Math.round(record.durationMs), dirtyPages: record.dirtyPagesAfter, decision: decision.action, reason: decision.reason },
       'round done',

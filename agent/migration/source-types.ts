@@ -127,6 +127,8 @@ export interface MigrationSummary {
    * never sent), blocks sent over all rounds (data and zero, as refs or not) and their wire bytes.
    */
   disks?: { name: string; sizeBytes: number; dataBytes: number; blocksSent: number; dataBlocksSent: number; wireBytes: number; rounds: number }[];
+  /** The guest wrote its disks faster than the link carried them: the limit its disk writes were held to (bytes/s). */
+  diskWriteLimitBytesPerSec?: number;
   wireBytes: number;
   zeroPages: number;
   dataPages: number;

@@ -385,6 +385,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         rounds: sender.rounds,
         memoryBytes,
         ...(diskLanes.length ? { disks: disks() } : {}),
+        ...(sender.diskWriteLimitBytesPerSec !== undefined ? { diskWriteLimitBytesPerSec: sender.diskWriteLimitBytesPerSec } : {}),
         wireBytes,
         zeroPages: totals.zeroPages,
         dataPages: totals.dataPages,

@@ -163,7 +163,7 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     expect(back.result.guests[0]).toMatchObject({ verified: true });
     expect(fileSha256(join(disksA, file))).toBe(digest);
     expect(existsSync(arrived)).toBe(false);
-    expect(await blockLeftovers(a, 'a', name)).toEqual({ exports: [], bitmaps: [], jobs: [] });
+    expect(await blockLeftovers(a, 'a', name)).toEqual({ exports: [], bitmaps: [], limited: [], jobs: [] });
   }, 180_000);
 
   /** gangway's block objects in the VM's QEMU and its block jobs, asked with the agent stopped (QEMU serves one QMP client). */
@@ -219,7 +219,7 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     const again = await migrate(source, [name, '--to', destination.listen]);
     expect(again.run.exitCode, again.run.stderr + again.run.stdout).toBe(0);
     expect(fileSha256(join(disksB, file))).toBe(digest);
-    expect(await blockLeftovers(destination, 'b', name)).toEqual({ exports: [], bitmaps: [], jobs: [] });
+    expect(await blockLeftovers(destination, 'b', name)).toEqual({ exports: [], bitmaps: [], limited: [], jobs: [] });
   }, 180_000);
 
   /** The kernel's full check of its RAM and its disk, on the agent where the VM runs: no stale page, no stale block, and its disk writes go on. */
@@ -248,6 +248,29 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
       await kernelFindsNothingStale(to, name);
       expect(await guestOn(from, name)).toBeUndefined();
     }
+  }, 180_000);
+
+  it('a VM writing its disk faster than the link carries it: its disk writes are limited, the migration converges, and the limit stays behind', async () => {
+    const { a, b, disksA } = await twoAgents();
+    const name = uniqueName('vt');
+    const file = `${name}.raw`;
+    writeTestvmBaseImage(join(disksA, file), { sizeBytes: 64 * MiB, baseBlocks: 2048, imageSeed: 7n });
+    // A hot set of 16 MiB rewritten as fast as the kernel can (about 10 MB/s under TCG), through a 4 MiB/s link.
+    await startVm(a, name, [file], 'gw.profile=zero gw.seed=5 gw.rate=0 gw.image_seed=7 gw.disk_base=2048 gw.disk_hot=4096 gw.disk_rate=max');
+    const { run, result } = await migrate(a, [name, '--to', b.listen, '--bandwidth', '4MiB/s']);
+    expect(run.exitCode, run.stderr + run.stdout).toBe(0);
+    const summary = result.guests[0];
+    // It converged (a round fit the budget) instead of hitting the round limit.
+    expect(summary).toMatchObject({ verified: true, repairedPages: 0 });
+    expect(summary.rounds.at(-2).decision).toMatch(/final round fits the budget/);
+    expect(summary.diskWriteLimitBytesPerSec).toBeGreaterThan(0);
+    expect(summary.diskWriteLimitBytesPerSec).toBeLessThan(4 * MiB);
+    // At the destination the guest writes at full speed again: no limit came with it.
+    const before = (await guestOn(b, name))!.testvm!.disk!.writes;
+    await new Promise((resolve) => setTimeout(resolve, 2_000));
+    const rate = ((await guestOn(b, name))!.testvm!.disk!.writes - before) / 2;
+    expect(rate * 4096).toBeGreaterThan(summary.diskWriteLimitBytesPerSec * 1.5);
+    await kernelFindsNothingStale(b, name);
   }, 180_000);
 
   it('a gang of VMs cloned from one base disk image sends their shared blocks once', async () => {
