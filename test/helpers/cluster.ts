@@ -2,6 +2,7 @@
 // stopped (by PID) and their guests and files removed after the test, also when it fails.
 import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent, type LocalAgentOptions } from '../../agent/local-agent.js';
 
@@ -25,9 +26,13 @@ export class Cluster {
   }
 
   async cleanup(): Promise<void> {
-    for (const agent of this.agents) await killGuestsOf(agent);
-    await Promise.all(this.agents.map((agent) => agent.kill()));
-    rmSync(this.dir, { recursive: true, force: true });
+    try {
+      // Bounded: an agent that does not answer must not keep the others (and their guests) alive.
+      for (const agent of this.agents) await Promise.race([killGuestsOf(agent).catch(() => {}), sleep(10_000)]);
+    } finally {
+      await Promise.all(this.agents.map((agent) => agent.kill()));
+      rmSync(this.dir, { recursive: true, force: true });
+    }
   }
 }
 
