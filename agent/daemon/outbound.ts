@@ -3,6 +3,7 @@
 // guest), plans and cancels, and the guests left at their switchover by a lost confirmation
 // or a restart, whose destination is asked what became of them.
 import { randomUUID } from 'node:crypto';
+import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import { Whereabouts } from '../../protocol/codes.js';
@@ -542,6 +543,7 @@ export class OutboundMigrations {
         if (whereabouts === Whereabouts.running) {
           this.context.log.warn({ guest: name, to: out.to, migrationId: out.migrationId }, 'switchover resolved: the guest runs at the destination; this paused copy is removed');
           await entry.guest.discard();
+          for (const path of out.movedDisks ?? []) rmSync(path, { force: true });
           this.context.registry.remove(name);
           return;
         }

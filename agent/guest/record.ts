@@ -81,6 +81,8 @@ const outgoingShape = {
   phase: oneOf(['paused', 'commit', 'postcopy']),
   interrupted: z.string(rule('must be text')).optional(),
   secret: secret.optional(),
+  /** The disk files that move with the guest: once it runs at `to`, they go with this copy. */
+  movedDisks: z.array(text, rule('must be a list of disk file paths')).max(4).optional(),
 };
 
 const OBJECT = 'must be an object';

@@ -81,6 +81,15 @@ export interface Paused {
  * gang's gate, the destination caught up, the round trip measured, the guest paused, and
  * the destination told.
  */
+/**
+ * The disks that move, for the journal: they are the destination's once the guest runs
+ * there, and whoever resolves the switchover (resolveOutgoing) removes this host's copies.
+ */
+function movedDisksOf(guest: SourceRun['guest']): { movedDisks?: string[] } {
+  const movedDisks = guest.regions.filter((region) => region.sparse).map((region) => region.path);
+  return movedDisks.length ? { movedDisks } : {};
+}
+
 export async function pauseForSwitchover(run: SourceRun, gate: { held: (() => void) | undefined }): Promise<Paused> {
   const { options, guest, link, clock, state } = run;
   // Let the destination catch up first, so the downtime does not include writing out a
@@ -95,7 +104,7 @@ export async function pauseForSwitchover(run: SourceRun, gate: { held: (() => vo
   // The journal, before the pause: an agent that dies from here until the commit (or the
   // post-copy switch) goes out finds its guest paused for a switchover that never reached
   // the destination, and resumes it (resolveOutgoing).
-  options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'paused' } });
+  options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'paused', ...movedDisksOf(guest) } });
   state.to('stopping');
   const pauseStart = clock.now();
   await guest.pause();
@@ -185,7 +194,7 @@ export async function stopAndCopy(run: SourceRun, sender: RoundSender, round: nu
   state.to('committing');
   // The journal: from the commit on the guest may run there. A restarted agent that finds
   // this asks the destination before it does anything with the paused copy.
-  options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'commit', secret: run.secretHex() } });
+  options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'commit', secret: run.secretHex(), ...movedDisksOf(run.guest) } });
   const committedP = link.expect('committed', options.commitTimeoutMs, 'commit confirmation');
   if (dedup) {
     // Once the guest runs there its pages change: nothing planned after this point may

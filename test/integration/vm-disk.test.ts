@@ -112,7 +112,7 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
 
   const disksOf = new Map<string, string>();
   /** Agent `name` (a or b) of the cluster, started (again) with its disks directory. */
-  const agentNamed = (name: string) => cluster.agent(name, ['--vm-images-dir', testvmDir, '--vm-disks-dir', disksOf.get(name)!]);
+  const agentNamed = (name: string, env?: NodeJS.ProcessEnv) => cluster.agent(name, ['--vm-images-dir', testvmDir, '--vm-disks-dir', disksOf.get(name)!], env);
 
   async function startVm(agent: Agent, name: string, disks: string[], append = 'gw.profile=random gw.seed=3 gw.rate=512'): Promise<void> {
     const run = await cluster.cli(agent, ['vm', 'start', name, '--memory', '64MiB', '--kernel', TESTVM_KERNEL_FILE, '--accel', 'tcg', '--append', append, ...disks.flatMap((d) => ['--disk', d]), '--json']);
@@ -289,6 +289,30 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     expect(withDedup.wireBytes).toBeLessThan(without.wireBytes * 0.5);
     for (const name of names) await kernelFindsNothingStale(a, name, false);
   }, 240_000);
+
+  it('source killed right after the commit: restarted, it finds the VM running at the destination and removes its own copy of the disk too', async () => {
+    cluster = new Cluster();
+    const disksA = join(cluster.dir, 'disks-a');
+    const disksB = join(cluster.dir, 'disks-b');
+    mkdirSync(disksA);
+    mkdirSync(disksB);
+    disksOf.set('a', disksA).set('b', disksB);
+    const a = await agentNamed('a', { GANGWAY_FAULT_CRASH: 'source-after-commit' });
+    const b = await agentNamed('b');
+    const name = uniqueName('vx');
+    const file = `${name}.raw`;
+    const digest = writeSparseDisk(join(disksA, file), 256 * MiB, 16, 8);
+    await startVm(a, name, [file]);
+    const sourcePid = (await guestOn(a, name))!.pid;
+    const { run } = await migrate(a, [name, '--to', b.listen]);
+    expect(run.exitCode).not.toBe(0); // the agent died under the CLI
+    await waitForAsync('the destination to run the VM', async () => (await guestOn(b, name))?.vmStatus === 'running', 30_000);
+    const again = await agentNamed('a');
+    await waitForAsync('the source to drop its copy', async () => !(await guestOn(again, name)), 30_000);
+    await waitForAsync('the source QEMU to quit', async () => !isAlive(sourcePid) || processState(sourcePid) === 'Z', 30_000);
+    expect(existsSync(join(disksA, file))).toBe(false);
+    expect(fileSha256(join(disksB, file))).toBe(digest);
+  }, 180_000);
 
   it('--disks none on shared storage: only RAM and device state move, the VM runs on the same disk file', async () => {
     const { a, b, disksA } = await twoAgents(true);
