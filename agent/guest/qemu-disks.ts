@@ -15,7 +15,7 @@ import type { TrackerPreference } from './process-guest.js';
 import { QemuDiskTracker } from './qemu-disk-tracker.js';
 import { limitDeviceWrites, removeGangwayBlockObjects, startNbdServer, stopNbdServer, GANGWAY_PREFIX } from './qmp-block.js';
 import type { QmpClient } from './qmp.js';
-import { diskRegionName, vmDiskNodes, vmDiskSizeProblem, VM_DISK_BLOCK_BYTES } from './vm-spec.js';
+import { diskRegionName, MAX_MOVED_DISK_BYTES, vmDiskNodes, vmDiskSizeProblem, VM_DISK_BLOCK_BYTES } from './vm-spec.js';
 
 /** A disk of a running VM. */
 export interface VmDisk {
@@ -124,6 +124,10 @@ export class MigratingVm implements SourceGuest {
     readonly moving: readonly (VmDisk & { sizeBytes: number })[],
   ) {
     this.regions = [...vm.regions, ...moving.map(diskRegion)];
+    const movingBytes = moving.reduce((sum, disk) => sum + disk.sizeBytes, 0);
+    if (movingBytes > MAX_MOVED_DISK_BYTES) {
+      throw new GangwayError(ErrorCode.BAD_REQUEST, `--disks: the disks of ${vm.name} that would move have ${movingBytes} bytes in all, more than the ${MAX_MOVED_DISK_BYTES} one migration takes: name fewer (--disks disk0,...), or --disks none on shared storage`);
+    }
   }
 
   get name() {

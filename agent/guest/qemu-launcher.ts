@@ -12,7 +12,7 @@ import type { Logger } from '../log.js';
 import { connectWhenReady, endQemu, launchQemu, loadQemuDeviceState, logTail, resolveKernel, VM_PAGE_SIZE, type QemuSettings } from './qemu-guest.js';
 import type { QmpClient } from './qmp.js';
 import { createVmTap, removeVmTap, tapNameFor } from './vm-tap.js';
-import { diskRegionName, kvmProblem, parseVmDefinition, VM_DISK_BLOCK_BYTES, vmDiskSizeProblem, vmDisks, vmRegionsProblem, vmSocketPathProblem, vmStateSockets, type VmSpec } from './vm-spec.js';
+import { diskRegionName, MAX_MOVED_DISK_BYTES, kvmProblem, parseVmDefinition, VM_DISK_BLOCK_BYTES, vmDiskSizeProblem, vmDisks, vmRegionsProblem, vmSocketPathProblem, vmStateSockets, type VmSpec } from './vm-spec.js';
 
 /** Can KVM be used here? (The reason when not.) */
 export function kvmAvailability(): string | undefined {
@@ -101,6 +101,8 @@ function vmSpecOf(guest: GuestSpec): { spec: VmSpec } | { problem: string } {
     if (size) return { problem: `disk region ${region.name}: ${size}` };
     lastDisk = index;
   }
+  const diskBytes = disks.reduce((sum, region) => sum + region.lengthBytes, 0);
+  if (diskBytes > MAX_MOVED_DISK_BYTES) return { problem: `the disks that move have ${diskBytes} bytes in all; this agent takes at most ${MAX_MOVED_DISK_BYTES} in one migration (it keeps a fingerprint of every block): move the others with --disks none on shared storage, or one by one` };
   const regions = vmRegionsProblem(regionBytes);
   if (regions) return { problem: regions };
   return { spec: { ...parsed.definition, regionBytes } };

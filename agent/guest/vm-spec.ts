@@ -32,6 +32,12 @@ export const MAX_VM_DISKS = 4;
 export const VM_DISK_BLOCK_BYTES = 4096;
 /** A disk's size is a whole number of blocks, at most this many bytes (block numbers are 32-bit). */
 export const MAX_VM_DISK_BYTES = 2 ** 32 * VM_DISK_BLOCK_BYTES - VM_DISK_BLOCK_BYTES;
+/**
+ * The disks one migration moves, in all. A destination keeps a 16-byte fingerprint of every
+ * block it receives (the switchover's digest and dedup come from them): 512 GiB of disk
+ * costs it 2 GiB of memory for the migration's length, which is where a peer's offer stops.
+ */
+export const MAX_MOVED_DISK_BYTES = 512 * 1024 ** 3;
 const diskFile = () =>
   z
     .string({ error: "must be the disk's file name in the disks directory" })

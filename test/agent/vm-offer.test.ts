@@ -146,6 +146,8 @@ describe("a VM's disks in an offer", () => {
     expect(problemOf(offer({ ...definition, disk1: 'a.raw' }, [ram]))).toMatch(/disk1: given without disk0/);
     expect(problemOf(offer({ ...definition, disk0: 'a.raw', disk1: 'a.raw' }, [ram]))).toMatch(/named twice/);
     expect(problemOf(offer({ ...definition, disk0: '../etc/passwd' }, [ram]))).toMatch(/disk0: a file name in the disks directory/);
+    // What the destination would keep a fingerprint of is bounded: 2 x 300 GiB is over.
+    expect(problemOf(offer({ ...definition, disk0: 'a.raw', disk1: 'b.raw' }, [ram, disk('disk0', 300 * 1024 ** 3), disk('disk1', 300 * 1024 ** 3)]))).toMatch(/at most 549755813888 in one migration/);
   });
 
   it('puts each disk on the command line as a file node, a raw node and a virtio-blk device, by gangway\'s node names', () => {
