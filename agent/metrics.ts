@@ -33,6 +33,18 @@ export class AgentMetrics {
     labelNames: ['kind'] as const,
     registers: [this.registry],
   });
+  readonly diskBytes = new Counter({
+    name: 'gangway_disk_bytes_total',
+    help: "Of gangway_migration_bytes_total, the bytes of VM disks' blocks, by kind: data (block bytes before compression), zero (block bytes sent as zero runs), wire (frames on the wire)",
+    labelNames: ['kind'] as const,
+    registers: [this.registry],
+  });
+  readonly diskBlocks = new Counter({
+    name: 'gangway_disk_blocks_total',
+    help: "Of gangway_migration_pages_total, VM disks' blocks sent by outgoing migrations, by kind (data, zero, ref)",
+    labelNames: ['kind'] as const,
+    registers: [this.registry],
+  });
   readonly receivedBytes = new Counter({
     name: 'gangway_received_bytes_total',
     help: 'Page-frame bytes received by incoming migrations',
@@ -181,7 +193,15 @@ export class AgentMetrics {
   }
 
   /** Batches handed to the link: the difference between two cumulative round counters. */
-  batchSent(before: RoundCounters, after: RoundCounters, pageSizeBytes: number): void {
+  batchSent(before: RoundCounters, after: RoundCounters, pageSizeBytes: number, disk = false): void {
+    if (disk) {
+      this.diskBytes.inc({ kind: 'data' }, after.rawBytes - before.rawBytes);
+      this.diskBytes.inc({ kind: 'zero' }, (after.zeroPages - before.zeroPages) * pageSizeBytes);
+      this.diskBytes.inc({ kind: 'wire' }, after.wireBytes - before.wireBytes);
+      this.diskBlocks.inc({ kind: 'data' }, after.dataPages - before.dataPages);
+      this.diskBlocks.inc({ kind: 'zero' }, after.zeroPages - before.zeroPages);
+      this.diskBlocks.inc({ kind: 'ref' }, after.refPages - before.refPages);
+    }
     this.bytes.inc({ kind: 'data' }, after.rawBytes - before.rawBytes);
     this.bytes.inc({ kind: 'zero' }, (after.zeroPages - before.zeroPages) * pageSizeBytes);
     this.bytes.inc({ kind: 'compressed' }, after.compressedBytes - before.compressedBytes);

@@ -101,7 +101,7 @@ export class RoundSender {
           ...(options.gate ? { gate: { gate: options.gate, owner: this.run.owner } } : {}),
           onBatch: (c) => {
             this.progress.report(round, roundPages, before.pages + c.pages, bytesPerPage, t0, this.totals.wireBytes + before.wireBytes + c.wireBytes);
-            options.metrics?.batchSent(reported, c, lane.region.pageSizeBytes);
+            options.metrics?.batchSent(reported, c, lane.region.pageSizeBytes, lane.region.sparse);
             reported = { ...c };
           },
         },
