@@ -210,8 +210,11 @@ export class OutboundMigrations {
     const session = await this.context.sessions.session(request.to);
     this.refuseSelf(session, request.to);
     const requested = resolveTechnique(request.technique, session.peer?.features ?? []);
-    const techniqueOf = (guest: HostedGuest) => followed?.guests.find((g) => g.name === guest.name)?.technique ?? requested;
-    const withDisks = guests.find((guest) => techniqueOf(guest) !== 'precopy' && sourceOf.get(guest)!.regions.some((region) => region.sparse));
+    const movesDisks = (guest: HostedGuest) => sourceOf.get(guest)!.regions.some((region) => region.sparse);
+    // Disks go by pre-copy only (for now): --technique auto picks it for a guest that moves disks.
+    const techniqueOf = (guest: HostedGuest) =>
+      request.technique === 'auto' && movesDisks(guest) ? 'precopy' : (followed?.guests.find((g) => g.name === guest.name)?.technique ?? requested);
+    const withDisks = guests.find((guest) => techniqueOf(guest) !== 'precopy' && movesDisks(guest));
     if (withDisks) {
       throw new GangwayError(
         ErrorCode.BAD_REQUEST,

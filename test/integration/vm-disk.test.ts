@@ -2,7 +2,7 @@
 // guest (4 KiB blocks, sparse), its dirty blocks come from QEMU's own dirty bitmap read over
 // NBD, and it arrives as a sparse file named at the commit. QEMU runs under TCG.
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, statSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { qemuMissing } from '../../agent/guest/qemu-guest.js';
@@ -350,5 +350,10 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     // Neither attempt cost the VM anything: it runs here, its disk untouched.
     expect((await guestOn(a, name))!).toMatchObject({ state: 'running', vmStatus: 'running' });
     expect(existsSync(join(disksA, file))).toBe(true);
+    // --technique auto takes pre-copy for a VM whose disks move.
+    rmSync(join(disksB, file));
+    const auto = await migrate(a, [name, '--to', b.listen, '--technique', 'auto']);
+    expect(auto.run.exitCode, auto.run.stderr + auto.run.stdout).toBe(0);
+    expect(auto.result.guests[0]).toMatchObject({ verified: true, technique: 'precopy' });
   });
 });
