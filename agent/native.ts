@@ -25,13 +25,15 @@ export interface NativeAddon {
    * `pageSizeBytes`. With `trackHashes`, the region keeps a 16-byte XXH3-128 fingerprint
    * per page, updated by `regionScatter`; `initiallyZero` says the file is known to be all
    * zeroes (a fresh file), so fingerprints start as the zero page's without reading.
+   * `zeroHoles` (writable only): zero pages a scatter applies become holes (a sparse disk
+   * stays sparse), written as zeros where the file system cannot punch them.
    * The fd may be closed afterwards. Throws on mmap failure with errno text.
    */
   regionMap(
     fd: number,
     lengthBytes: number,
     pageSizeBytes: number,
-    options: { writable: boolean; trackHashes: boolean; initiallyZero: boolean },
+    options: { writable: boolean; trackHashes: boolean; initiallyZero: boolean; zeroHoles?: boolean },
   ): RegionHandle;
   /** Unmaps. Any later call with this handle throws. Idempotent. */
   regionClose(region: RegionHandle): void;

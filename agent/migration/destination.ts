@@ -244,6 +244,7 @@ export class DestinationMigration implements FrameHandler {
           writable: true,
           trackHashes: true,
           initiallyZero: true,
+          ...(disk ? { zeroHoles: true } : {}),
         });
       } catch (err) {
         closeSync(fd);

@@ -4,7 +4,7 @@
 import { closeSync, ftruncateSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { loadNative } from '../../agent/native.js';
+import { ENTRY_DATA, ENTRY_ZERO, loadNative } from '../../agent/native.js';
 
 const native = loadNative();
 const PAGE = 4096;
@@ -60,6 +60,25 @@ describe('sparse files', () => {
       } finally {
         native.regionClose(region);
       }
+    } finally {
+      closeSync(fd);
+    }
+  });
+
+  it('a writable region with zeroHoles turns the zero pages it is given into holes: what the guest trimmed stays sparse here', async () => {
+    const fd = sparseFile('c.raw', 1024, []);
+    try {
+      const region = native.regionMap(fd, 1024 * PAGE, PAGE, { writable: true, trackHashes: true, initiallyZero: true, zeroHoles: true });
+      try {
+        native.regionScatter(region, Uint32Array.of(ENTRY_DATA, 100, 4), 1, Buffer.alloc(4 * PAGE, 7));
+        expect([...native.fileDataRuns(fd, PAGE, 1024)]).toEqual([100, 4]);
+        native.regionScatter(region, Uint32Array.of(ENTRY_ZERO, 101, 2), 1, Buffer.alloc(0));
+        expect([...native.fileDataRuns(fd, PAGE, 1024)]).toEqual([100, 1, 103, 1]);
+        expect((await native.regionDigest(region, 'tracked')).equals(await native.regionDigest(region, 'full'))).toBe(true);
+      } finally {
+        native.regionClose(region);
+      }
+      expect(() => native.regionMap(fd, 1024 * PAGE, PAGE, { writable: false, trackHashes: false, initiallyZero: false, zeroHoles: true })).toThrow(/zeroHoles is for a writable region/);
     } finally {
       closeSync(fd);
     }

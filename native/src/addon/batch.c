@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #endif
 
+#include <fcntl.h>
 #include <string.h>
 
 #include "napi-util.h"
@@ -237,8 +238,14 @@ napi_value RegionScatter(napi_env env, napi_callback_info info) {
           if (r->track) r->hashes[first + p] = r->zero_hash;
           p++;
         }
-        for (uint64_t at = dst + (uint64_t)from * ps, end = dst + (uint64_t)p * ps; at < end;) {
-          const size_t n = end - at < sizeof ZERO_CHUNK ? (size_t)(end - at) : sizeof ZERO_CHUNK;
+        const uint64_t zero_from = dst + (uint64_t)from * ps, zero_end = dst + (uint64_t)p * ps;
+        /* A sparse disk: the pages become holes (as the source's were, or were trimmed to);
+         * a file system that cannot punch gets the zeros written. */
+        if (r->zero_holes && zero_end > zero_from &&
+            fallocate(r->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)zero_from, (off_t)(zero_end - zero_from)) == 0)
+          continue;
+        for (uint64_t at = zero_from; at < zero_end;) {
+          const size_t n = zero_end - at < sizeof ZERO_CHUNK ? (size_t)(zero_end - at) : sizeof ZERO_CHUNK;
           if (!pwrite_all(r->fd, ZERO_CHUNK, n, at)) return scatter_io_error(env, fn, at);
           at += n;
         }

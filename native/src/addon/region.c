@@ -162,7 +162,7 @@ static bool region_hash_pages(const region_t *r, XXH128_canonical_t *out) {
   return region_each_page(r, emit_hash, ctx);
 }
 
-/* regionMap(fd, lengthBytes, pageSizeBytes, { writable, trackHashes, initiallyZero }) */
+/* regionMap(fd, lengthBytes, pageSizeBytes, { writable, trackHashes, initiallyZero, zeroHoles? }) */
 napi_value RegionMap(napi_env env, napi_callback_info info) {
   static const char fn[] = "regionMap";
   napi_value argv[4];
@@ -189,6 +189,16 @@ napi_value RegionMap(napi_env env, napi_callback_info info) {
       snprintf(name, sizeof name, "options.%s", keys[i]);
       NAPI_TRY(env, napi_get_named_property(env, argv[3], keys[i], &pv));
       if (!arg_bool(env, pv, fn, name, dst[i])) return NULL;
+    }
+  }
+  bool zero_holes = false;
+  {
+    napi_value pv;
+    NAPI_TRY(env, napi_get_named_property(env, argv[3], "zeroHoles", &pv));
+    if (!arg_is_absent(env, pv) && !arg_bool(env, pv, fn, "options.zeroHoles", &zero_holes)) return NULL;
+    if (zero_holes && !writable) {
+      throw_fmt(env, ERR_TYPE, NULL, "%s: options.zeroHoles is for a writable region", fn);
+      return NULL;
     }
   }
 
@@ -220,6 +230,7 @@ napi_value RegionMap(napi_env env, napi_callback_info info) {
   r->page_count = (uint32_t)(length / page_size);
   r->writable = writable;
   r->track = track;
+  r->zero_holes = zero_holes;
   r->dev = st.st_dev;
   r->ino = st.st_ino;
   r->zero_hash = zero_page_hash(page_size);
