@@ -9,7 +9,7 @@
 // device state (incoming-device-state.ts); post-copy's switchover, installs, verdict and
 // reattach (destination-postcopy.ts). What they share is in destination-types.ts.
 import { randomBytes, timingSafeEqual } from 'node:crypto';
-import { closeSync, rmSync, statfsSync } from 'node:fs';
+import { closeSync, fdatasync, fsyncSync, openSync, rmSync, statfsSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { removeGuestFiles } from '../guest/process-guest.js';
 import type { Logger } from 'pino';
@@ -308,6 +308,8 @@ export class DestinationMigration implements FrameHandler {
         return;
       case 'roundEnd':
         this.roundsSeen++;
+        // The disks' blocks go to stable storage between rounds, so the commit's flush has little left.
+        if (this.regions.some((region) => region.disk)) this.flushDisks().catch(() => {});
         return;
       case 'pause':
         return;
@@ -428,6 +430,20 @@ export class DestinationMigration implements FrameHandler {
     };
   }
 
+  private flushing: Promise<void> = Promise.resolve();
+
+  /** fdatasync of every disk region, after any flush already under way; rejects if one fails. */
+  private flushDisks(): Promise<void> {
+    const fds = this.regions.filter((region) => region.disk).map((region) => region.fd);
+    if (fds.length === 0) return Promise.resolve();
+    const flushed = this.flushing
+      .catch(() => {})
+      .then(() => Promise.all(fds.map((fd) => new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve()))))))
+      .then(() => undefined);
+    this.flushing = flushed;
+    return flushed;
+  }
+
   private async commit(): Promise<void> {
     const standby = this.standby!;
     this.switching = true;
@@ -436,12 +452,17 @@ export class DestinationMigration implements FrameHandler {
     try {
       // The guest is about to run: no ref may copy from its memory any more.
       for (const slot of this.slots) this.group?.closeSlot(slot);
+      // A disk must survive this host's crash once the source drops its copy (after our
+      // `committed`): its blocks on stable storage, then its name.
+      await this.flushDisks();
+      t.flushed = performance.now();
       for (const [index, region] of this.regions.entries()) {
         this.native.tmpfileLink(region.fd, this.regionPaths[index]!);
         if (region.disk) this.linkedDisks.push(this.regionPaths[index]!);
         this.native.regionClose(region.handle);
         closeSync(region.fd);
       }
+      for (const dir of new Set(this.linkedDisks.map((path) => dirname(path)))) syncDirectory(dir);
       this.regions = [];
       t.closed = performance.now();
       // The journal: the record goes in before the guest may run, so that an agent restarted
@@ -607,5 +628,15 @@ export class DestinationMigration implements FrameHandler {
     rmSync(this.files.logPath, { force: true });
     removeGuestFiles(this.files);
     this.ctx.registry.release(this.offer.guest.name);
+  }
+}
+
+/** fsync of a directory: a name just made in it survives a crash. */
+function syncDirectory(dir: string): void {
+  const fd = openSync(dir, 'r');
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
   }
 }
