@@ -1,6 +1,7 @@
 // Migrations arriving here: offers accepted within the peers.* limits, each session's dedup
 // groups (with the resident guests a peer may see), a post-copy's source coming back on a new
 // session, and what this agent answers a source that lost track of a migration it sent here.
+import { statSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, GangwayError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
 import { RejectReason, Whereabouts } from '../../protocol/codes.js';
@@ -9,7 +10,9 @@ import type { AgentConfig } from '../daemon.js';
 import { DestinationGroup } from '../dedup/dest-group.js';
 import { ResidentOffers } from '../dedup/resident-policy.js';
 import type { LauncherTable } from '../guest/adapter.js';
-import type { GuestRegistry } from '../guest/registry.js';
+import type { GuestRecord, GuestRegistry } from '../guest/registry.js';
+import { VM_DISK_BLOCK_BYTES } from '../guest/vm-spec.js';
+import type { ResidentGuest } from '../dedup/resident-cache.js';
 import type { Logger } from '../log.js';
 import type { AgentMetrics } from '../metrics.js';
 import { DestinationMigration, secretsMatch } from '../migration/destination.js';
@@ -86,7 +89,7 @@ export class InboundMigrations {
       // dedup.residentOffersPerMinute times a minute; a group refused them still opens.
       const resident = (this.residentOffers ??= new ResidentOffers(this.context.config.dedup));
       const entries = this.context.registry.list();
-      resident.fingerprints.retain(entries.flatMap(({ record }) => record.files.memoryPaths.map((memoryPath) => ({ name: record.name, pid: record.pid, memoryPath }))));
+      resident.fingerprints.retain(entries.flatMap(({ record }) => [...record.files.memoryPaths, ...(record.files.diskPaths ?? [])].map((memoryPath) => ({ name: record.name, pid: record.pid, memoryPath }))));
       const peer = session.peer?.agentId;
       const candidates = entries.map(({ record, guest }) => ({ name: record.name, origin: record.origin, migrating: this.context.isMigrating(record.name), alive: guest.alive(), record }));
       const decision = resident.decide(peer, candidates);
@@ -94,10 +97,12 @@ export class InboundMigrations {
       if (decision.warn) {
         this.context.log.warn({ peer, offersPerMinute: this.context.config.dedup.residentOffersPerMinute }, 'the peer asked for more resident offers than dedup.residentOffersPerMinute: its groups get no resident slots until its oldest offer is a minute old');
       }
-      // Each memory region of a resident guest is content of its own.
+      // Each memory region of a resident guest is content of its own, and so is each of its
+      // disks (a VM cloned from the same base image as one arriving holds most of its blocks).
       const guests = decision.guests.flatMap(({ record }) => {
         const sizes = record.spec.regionBytes ?? [record.memoryBytes];
-        return record.files.memoryPaths.map((memoryPath, i) => ({ name: record.name, pid: record.pid, memoryPath, memoryBytes: sizes[i]!, pageSizeBytes: record.pageSizeBytes }));
+        const memory = record.files.memoryPaths.map((memoryPath, i) => ({ name: record.name, pid: record.pid, memoryPath, memoryBytes: sizes[i]!, pageSizeBytes: record.pageSizeBytes }));
+        return [...memory, ...residentDisks(record)];
       });
       if (guests.length > 0) offered = group.offerResident(session, guests, resident.fingerprints);
     }
@@ -245,4 +250,13 @@ export class InboundMigrations {
     }
     if (session.isOpen) session.send(Frame.migrationAnswer({ migrationId, whereabouts }));
   }
+}
+
+/** A resident VM's disks as content to offer: 4 KiB blocks, sparse (a disk that cannot be read now is left out). */
+function residentDisks(record: GuestRecord): ResidentGuest[] {
+  return (record.files.diskPaths ?? []).flatMap((path) => {
+    const size = statSync(path, { throwIfNoEntry: false })?.size ?? 0;
+    if (size <= 0 || size % VM_DISK_BLOCK_BYTES !== 0) return [];
+    return [{ name: record.name, pid: record.pid, memoryPath: path, memoryBytes: size, pageSizeBytes: VM_DISK_BLOCK_BYTES, sparse: true }];
+  });
 }

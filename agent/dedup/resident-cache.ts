@@ -18,9 +18,12 @@ import { loadNative, type NativeAddon } from '../native.js';
 export interface ResidentGuest {
   name: string;
   pid: number;
+  /** The region's file: a memory file, or a disk of the guest (`sparse`). */
   memoryPath: string;
   memoryBytes: number;
   pageSizeBytes: number;
+  /** A sparse file (a VM's disk): its holes are zero pages, fingerprinted without reading them. */
+  sparse?: boolean;
 }
 
 export interface ResidentFingerprints {
@@ -157,20 +160,30 @@ export class ResidentFingerprintCache {
  */
 export function hashGuestMemory(native: NativeAddon): HashGuest {
   return async (guest) => {
+    const pageCount = guest.memoryBytes / guest.pageSizeBytes;
     const fd = openSync(guest.memoryPath, 'r');
     let region;
+    let runs: Uint32Array;
     try {
       region = native.regionMap(fd, guest.memoryBytes, guest.pageSizeBytes, { writable: false, trackHashes: false, initiallyZero: false });
+      runs = guest.sparse ? native.fileDataRuns(fd, guest.pageSizeBytes, pageCount) : Uint32Array.of(0, pageCount);
     } finally {
       closeSync(fd);
     }
     try {
-      const pageCount = guest.memoryBytes / guest.pageSizeBytes;
       const fingerprints = new Uint8Array(pageCount * FINGERPRINT_BYTES);
-      for (let first = 0; first < pageCount; first += MAX_FINGERPRINTS_PER_FRAME) {
-        const count = Math.min(MAX_FINGERPRINTS_PER_FRAME, pageCount - first);
-        native.regionFingerprints(region, first, count, fingerprints.subarray(first * FINGERPRINT_BYTES, (first + count) * FINGERPRINT_BYTES));
-        await new Promise((resolve) => setImmediate(resolve));
+      if (guest.sparse && pageCount > 0) {
+        // A disk's holes: the zero page's fingerprint, doubled along the array, then its data read.
+        fingerprints.set(native.hash128(new Uint8Array(guest.pageSizeBytes)));
+        for (let filled = FINGERPRINT_BYTES; filled < fingerprints.length; filled *= 2) fingerprints.copyWithin(filled, 0, Math.min(filled, fingerprints.length - filled));
+      }
+      for (let i = 0; i + 1 < runs.length; i += 2) {
+        const end = runs[i]! + runs[i + 1]!;
+        for (let first = runs[i]!; first < end; first += MAX_FINGERPRINTS_PER_FRAME) {
+          const count = Math.min(MAX_FINGERPRINTS_PER_FRAME, end - first);
+          native.regionFingerprints(region, first, count, fingerprints.subarray(first * FINGERPRINT_BYTES, (first + count) * FINGERPRINT_BYTES));
+          await new Promise((resolve) => setImmediate(resolve));
+        }
       }
       return fingerprints;
     } finally {

@@ -290,6 +290,26 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     for (const name of names) await kernelFindsNothingStale(a, name, false);
   }, 240_000);
 
+  it("a disk cloned from the base image of a VM already at the destination: its blocks come from that VM's disk there, not over the link", async () => {
+    const { a, b, disksA } = await twoAgents();
+    const [first, second] = [uniqueName('vb0'), uniqueName('vb1')];
+    for (const [i, name] of [first, second].entries()) {
+      writeTestvmBaseImage(join(disksA, `${name}.raw`), { sizeBytes: 64 * MiB, baseBlocks: 4096, imageSeed: 11n });
+      await startVm(a, name, [`${name}.raw`], `gw.profile=zero gw.seed=${30 + i} gw.rate=64 gw.image_seed=11 gw.disk_base=4096 gw.disk_hot=64 gw.disk_rate=20`);
+    }
+    // The first goes ahead: at the destination it is content this peer sent (dedup.resident from-peer).
+    expect((await migrate(a, [first, '--to', b.listen])).run.exitCode).toBe(0);
+    const { run, result } = await migrate(a, [second, '--to', b.listen]);
+    expect(run.exitCode, run.stderr + run.stdout).toBe(0);
+    const summary = result.guests[0];
+    expect(summary).toMatchObject({ verified: true, repairedPages: 0 });
+    expect(summary.dedup.hits.resident).toBeGreaterThan(3000);
+    expect(summary.disks[0].wireBytes).toBeLessThan(summary.disks[0].dataBytes * 0.15);
+    // Blocks copied from the other VM's disk are the right ones: the kernel checks its base blocks.
+    await kernelFindsNothingStale(b, second);
+    await kernelFindsNothingStale(b, first);
+  }, 180_000);
+
   it('source killed right after the commit: restarted, it finds the VM running at the destination and removes its own copy of the disk too', async () => {
     cluster = new Cluster();
     const disksA = join(cluster.dir, 'disks-a');
