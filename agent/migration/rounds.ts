@@ -24,7 +24,7 @@ export class ProgressReporter {
 
   constructor(private readonly run: SourceRun) {}
 
-  report(round: number, roundPages: number, sentPages: number, bytesPerPage: number, roundStart: number, wireBytes: number): void {
+  report(round: number, roundPages: number, sentPages: number, bytesPerPage: number, roundStart: number, wireBytes: number, disk?: MigrationProgress['disk']): void {
     const now = this.run.clock.now();
     if (now - this.lastAt < 100 && sentPages < roundPages) return;
     this.lastAt = now;
@@ -41,6 +41,7 @@ export class ProgressReporter {
       rateBytesPerSec,
       etaMs: rateBytesPerSec > 0 ? ((roundPages - sentPages) * bytesPerPage * 1000) / rateBytesPerSec : undefined,
       wireBytes,
+      ...(disk ? { disk } : {}),
     };
     this.run.emitProgress(progress);
   }
@@ -80,10 +81,15 @@ export class RoundSender {
     const bytesPerPage = roundPages > 0 ? guestBytes / roundPages : lanes[0]!.region.pageSizeBytes;
     const counters = emptyCounters();
     const dedup = options.dedup;
+    // The disks' share of the round, reported apart (their lanes come after memory's).
+    const diskLanes = lanes.filter((lane) => lane.region.sparse);
+    const diskRoundBlocks = diskLanes.reduce((sum, lane) => sum + runsPageCount(runs[lane.index] ?? new Uint32Array(0)), 0);
+    let diskSent = 0;
     for (const lane of lanes) {
       const laneRuns = runs[lane.index]!;
       if (laneRuns.length === 0) continue;
       const before = { ...counters };
+      const diskBefore = diskSent;
       let reported = emptyCounters();
       const laneCounters = await sendRegionRound(
         {
@@ -100,7 +106,9 @@ export class RoundSender {
           ...(dedup && !how.plain && lane.slot !== undefined ? { dedup: { group: dedup.group, slot: lane.slot, allowResident: !final } } : {}),
           ...(options.gate ? { gate: { gate: options.gate, owner: this.run.owner } } : {}),
           onBatch: (c) => {
-            this.progress.report(round, roundPages, before.pages + c.pages, bytesPerPage, t0, this.totals.wireBytes + before.wireBytes + c.wireBytes);
+            if (lane.region.sparse) diskSent = diskBefore + c.pages;
+            const disk = diskLanes.length > 0 ? { roundBlocks: diskRoundBlocks, roundBlocksSent: diskSent } : undefined;
+            this.progress.report(round, roundPages, before.pages + c.pages, bytesPerPage, t0, this.totals.wireBytes + before.wireBytes + c.wireBytes, disk);
             options.metrics?.batchSent(reported, c, lane.region.pageSizeBytes, lane.region.sparse);
             reported = { ...c };
           },

@@ -162,6 +162,8 @@ export interface MigrationProgress {
   rateBytesPerSec: number;
   etaMs: number | undefined;
   wireBytes: number;
+  /** Of the round's pages, the moving disks' blocks, and how many of them went so far. */
+  disk?: { roundBlocks: number; roundBlocksSent: number };
 }
 
 /** What the parts of one source migration share. */
