@@ -25,8 +25,9 @@ export interface NativeAddon {
    * `pageSizeBytes`. With `trackHashes`, the region keeps a 16-byte XXH3-128 fingerprint
    * per page, updated by `regionScatter`; `initiallyZero` says the file is known to be all
    * zeroes (a fresh file), so fingerprints start as the zero page's without reading.
-   * `zeroHoles` (writable only): zero pages a scatter applies become holes (a sparse disk
-   * stays sparse), written as zeros where the file system cannot punch them.
+   * `zeroHoles` (writable only, a disk): zero pages a scatter applies become holes (a sparse
+   * disk stays sparse), written as zeros where the file system cannot punch them, and data
+   * pages are handed to writeback at once (sync_file_range), not left to pile up dirty.
    * The fd may be closed afterwards. Throws on mmap failure with errno text.
    */
   regionMap(

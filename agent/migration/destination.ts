@@ -449,20 +449,19 @@ export class DestinationMigration implements FrameHandler {
     this.switching = true;
     let journaled = false;
     const t: Record<string, number> = { start: performance.now() };
+    // A disk's fd stays open until its blocks are on stable storage (below).
+    const diskFds: number[] = [];
     try {
       // The guest is about to run: no ref may copy from its memory any more.
       for (const slot of this.slots) this.group?.closeSlot(slot);
-      // A disk must survive this host's crash once the source drops its copy (after our
-      // `committed`): its blocks on stable storage, then its name.
-      await this.flushDisks();
-      t.flushed = performance.now();
       for (const [index, region] of this.regions.entries()) {
         this.native.tmpfileLink(region.fd, this.regionPaths[index]!);
-        if (region.disk) this.linkedDisks.push(this.regionPaths[index]!);
         this.native.regionClose(region.handle);
-        closeSync(region.fd);
+        if (region.disk) {
+          this.linkedDisks.push(this.regionPaths[index]!);
+          diskFds.push(region.fd);
+        } else closeSync(region.fd);
       }
-      for (const dir of new Set(this.linkedDisks.map((path) => dirname(path)))) syncDirectory(dir);
       this.regions = [];
       t.closed = performance.now();
       // The journal: the record goes in before the guest may run, so that an agent restarted
@@ -474,6 +473,14 @@ export class DestinationMigration implements FrameHandler {
       standby.go();
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
       t.running = runningAt;
+      // A disk must survive this host's crash once the source drops its copy, which it does
+      // on our `committed`: its blocks on stable storage, then its name. The guest runs
+      // meanwhile (outside the downtime); until `committed` the source keeps its paused copy
+      // and its disk, so a crash here costs the guest only the time it ran here.
+      await this.flushing.catch(() => {});
+      await Promise.all(diskFds.map((fd) => new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())))));
+      for (const dir of new Set(this.linkedDisks.map((path) => dirname(path)))) syncDirectory(dir);
+      t.flushed = performance.now();
       this.log.debug(Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), 'commit: ms after the commit frame');
       faultCrash('dest-after-start', this.log);
       this.state = transition(this.state, { type: 'sentCommitted' });
@@ -482,6 +489,8 @@ export class DestinationMigration implements FrameHandler {
       this.finish('committed');
     } catch (err) {
       this.startFailed(err, journaled, 'commit failed; the source keeps the guest');
+    } finally {
+      for (const fd of diskFds.splice(0)) closeSync(fd);
     }
   }
 

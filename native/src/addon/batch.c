@@ -256,6 +256,11 @@ napi_value RegionScatter(napi_env env, napi_callback_info info) {
         for (uint32_t p = 0; p < count; p++) page_hash(&r->hashes[first + p], src + (size_t)p * ps, ps);
       }
       if (!pwrite_all(r->fd, src, (size_t)count * ps, dst)) return scatter_io_error(env, fn, dst);
+      /* A disk: start writing the blocks back now, without waiting. Left to the kernel's
+       * own writeback, a migration's gigabytes pile up dirty until a pwrite here blocks in
+       * its throttling (the agent's event loop with it), and the commit's fdatasync has
+       * them all to write. A failure only means the commit's fdatasync does the work. */
+      if (r->zero_holes) (void)sync_file_range(r->fd, (off_t)dst, (off_t)count * ps, SYNC_FILE_RANGE_WRITE);
       off += (size_t)count * ps;
     }
     /* Any other kind can only appear if the array changed under us: ignored. */

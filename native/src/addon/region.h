@@ -40,7 +40,7 @@ typedef struct region {
   uint32_t page_count;
   bool writable;
   bool track;
-  bool zero_holes; /* writable: zero pages are punched as holes (a sparse disk), not written */
+  bool zero_holes; /* writable: a sparse disk: zero pages are punched as holes, data is written back at once */
   dev_t dev; /* the file's identity: regionCopyPages must see two regions of one file as */
   ino_t ino; /* one, or an overlapping copy between them would read what it just wrote */
   bool closed;    /* regionClose was called: every later call throws */
