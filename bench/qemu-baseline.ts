@@ -25,6 +25,13 @@
 //   0x8000, the stack), and the kernel overwrites both as soon as it runs (the block is a
 //   copy of counters it keeps elsewhere), so they cannot show up here: say so when quoting
 //   a clean QEMU result.
+// - A VM with a disk (QemuBaselineVm.disk, QemuRunOptions.diskFiles): QEMU moves it as
+//   libvirt's --copy-storage-all does (qemu-storage.ts: an NBD mirror to the destination,
+//   then the RAM migration, the mirror ended in sync at the pause before the switchover, and
+//   the destination continued by `cont`, as libvirt does, so the destination starts with -S
+//   here and the downtime includes ending the mirror). totalMs runs from the mirror's start;
+//   the wire count includes the NBD stream; the kernel's full check covers its disk too
+//   (staleDiskBlocks).
 //
 // First touch: memory fresh to these machines costs about 3 s per GiB the first time it is
 // touched, whoever touches it, which would make the baseline measure the host's page faults
@@ -34,17 +41,19 @@
 // a QEMU that may take post-copy discards its RAM when the migration starts (init_range in
 // migration/postcopy-ram.c; measured: a pre-touched 256 MiB file went down to 4 MiB
 // allocated), so there the pages are faulted in afresh whatever was done before.
-import { closeSync, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
-import { join } from 'node:path';
+import { closeSync, ftruncateSync, mkdtempSync, openSync, readSync, rmSync, statSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { testvmDir, testvmMissing, TESTVM_KERNEL_FILE } from '../agent/native.js';
 import type { MigrationCapability, MigrationInfo, MigrationStatus } from '../agent/guest/qmp-schema.js';
 import { readTestvmStatus, requestTestvmFullCheck, TESTVM_STATUS_ADDR, type TestvmStatus } from '../agent/guest/testvm-status.js';
-import { qemuArgs, type VmDefinition } from '../agent/guest/vm-spec.js';
+import { qemuArgs, vmDiskNodes, type VmDefinition } from '../agent/guest/vm-spec.js';
 import { ErrorCode } from '../protocol/errors.js';
 import type { ShapedLink } from './netns-link.js';
 import { createMemoryFile, eventMs, QEMU_BINARY, QemuBaselineError, QemuVm } from './qemu-vm.js';
+import { exportIncomingDisk, finishIncomingDisk, finishMirror, startMirror, type MirrorDone, type MirrorReady, type NbdTarget } from './qemu-storage.js';
 import { openIptablesCounter, openVethCounter, sum, type Endpoint, type WireBytes, type WireCounter } from './wire-counter.js';
 
 export { QEMU_BINARY, QemuBaselineError };
@@ -66,6 +75,8 @@ const EVENT_TIMEOUT_MS = 10_000;
 const KERNEL_ALIVE_MS = 2_000;
 /** sun_path holds 108 bytes with its NUL. */
 const MAX_SOCKET_PATH_BYTES = 107;
+/** NBD's registered port, plus the VM's index: the destinations' NBD servers in a link's namespace. */
+const NBD_NETNS_PORT = 10809;
 
 /** A VM of the test kernel: what its command line (gw.* keys, native/testvm/params.h) says. */
 export interface QemuBaselineVm {
@@ -79,6 +90,18 @@ export interface QemuBaselineVm {
   sharedPermille?: number;
   /** Pages the kernel rewrites, per mille (gw.hot); 250 unless given, as bench:gang's guests. */
   hotPermille?: number;
+  /** A disk the kernel works on (gw.disk_*); its image comes from QemuRunOptions.diskFiles. */
+  disk?: QemuBaselineDisk;
+}
+
+/** The kernel's disk workload (native/testvm/params.h), in 4 KiB blocks. */
+export interface QemuBaselineDisk {
+  /** gw.disk_base: blocks of the base image the image starts with. */
+  baseBlocks: number;
+  /** gw.disk_hot. */
+  hotBlocks: number;
+  /** gw.disk_rate: block rewrites per second (0: none). */
+  rateBlocksPerSec: number;
 }
 
 export type QemuMode = 'precopy' | 'multifd' | 'postcopy';
@@ -98,6 +121,13 @@ export interface QemuRunOptions {
   preTouch?: boolean;
   /** QMP sockets, serial logs: a run directory is made in it and removed at the end. */
   workDir: string;
+  /**
+   * With vm.disk: each VM's disk image (VM i: diskFiles[i]), fresh as the kernel expects it
+   * at boot. The source QEMU writes to it; the caller removes it. The destination's disk is
+   * an empty sparse file of the same size in the run directory (so put workDir where the
+   * disks should be).
+   */
+  diskFiles?: readonly string[];
   /** Bounds each migration, `migrate` to completed (serial: each VM's); booting and the check have their own bounds. */
   timeoutMs: number;
   log?: (line: string) => void;
@@ -118,6 +148,8 @@ export interface QemuCheck {
   staleByRewrites: number;
   /** The version table disagreed with the write count (the kernel's own bookkeeping broke). */
   metaErrors: number;
+  /** With a disk: the blocks the full check read, those it found stale, and those the kernel's rewrites found stale since the switchover. */
+  disk?: { blocks: number; staleBlocks: number; staleByRewrites: number; errors: number };
   /** Why the check is not done: no status block at the destination, the kernel failed or stopped answering. */
   problem?: string;
 }
@@ -138,6 +170,14 @@ export interface QemuVmResult {
    * fits in the downtime limit, QEMU stops and copies in pre-copy instead (small VMs do).
    */
   postcopyRan: boolean;
+  /** With a disk: the mirror, and the kernel's disk writes while the VM ran at the source. */
+  disk?: {
+    ready: MirrorReady;
+    done: MirrorDone;
+    /** Block writes from the mirror's start to the stop, and that time. */
+    writesWhileLive: number;
+    liveMs: number;
+  };
   /** QEMU's own figures (query-migrate on the source at the end). */
   qemu: {
     totalMs: number;
@@ -191,6 +231,8 @@ export interface QemuBaselineRun {
   /** Both directions, as the kernel counted them (detail.wireBytesMethod). */
   wireBytes: number;
   stalePages: number;
+  /** With a disk: blocks found stale by the full checks and by the kernel's rewrites since the switchover. */
+  staleDiskBlocks?: number;
   /** Every VM's full check completed (stalePages says what they found). */
   verified: boolean;
   cpuSecondsSource: number;
@@ -239,6 +281,7 @@ export function testvmAppend(vm: QemuBaselineVm): string {
     `gw.shared=${vm.sharedPermille ?? 0}`,
     `gw.hot=${vm.hotPermille ?? DEFAULT_HOT_PERMILLE}`,
     `gw.rate=${Math.round(vm.dirtyRateMiBps * 1024)}`,
+    ...(vm.disk ? [`gw.disk_base=${vm.disk.baseBlocks}`, `gw.disk_hot=${vm.disk.hotBlocks}`, `gw.disk_rate=${vm.disk.rateBlocksPerSec}`] : []),
   ].join(' ');
 }
 
@@ -257,11 +300,17 @@ function validateVm(vm: QemuBaselineVm): void {
     const value = vm[key] ?? 0;
     if (!Number.isInteger(value) || value < 0 || value > 1000) problems.push(`${key} ${value}: a whole per-mille, 0..1000`);
   }
+  for (const [key, value] of Object.entries(vm.disk ?? {})) {
+    if (!Number.isSafeInteger(value) || value < 0) problems.push(`disk.${key} ${value}: a whole number, 0 or more`);
+  }
   if (problems.length) throw new RangeError(`QEMU baseline VM: ${problems.join('; ')}`);
 }
 
-function validateOptions(options: QemuRunOptions, count: number): void {
+function validateOptions(options: QemuRunOptions, vm: QemuBaselineVm, count: number): void {
   if (!['precopy', 'multifd', 'postcopy'].includes(options.mode)) throw new RangeError(`mode ${JSON.stringify(options.mode)}: precopy, multifd or postcopy`);
+  if (vm.disk && options.diskFiles?.length !== count) throw new RangeError(`a VM with a disk needs a disk file per VM: ${options.diskFiles?.length ?? 0} for ${count}`);
+  if (!vm.disk && options.diskFiles) throw new RangeError('diskFiles without vm.disk: the kernel would not be told about its disk');
+  if (vm.disk && options.mode !== 'precopy') throw new RangeError(`a VM with a disk moves by pre-copy only here (libvirt's flow), not ${options.mode}`);
   if (!Number.isInteger(count) || count < 1 || count > 16) throw new RangeError(`count ${count}: 1..16 VMs`);
   if (!Number.isFinite(options.timeoutMs) || options.timeoutMs <= 0) throw new RangeError(`timeoutMs ${options.timeoutMs}: a positive number of milliseconds`);
   const channels = options.multifdChannels ?? DEFAULT_MULTIFD_CHANNELS;
@@ -276,7 +325,11 @@ interface Pair {
   vm: QemuBaselineVm;
   source: QemuVm;
   destination?: QemuVm;
-  endpoint?: Endpoint;
+  /** Where the destination listens: its migration port, then (with a disk) its NBD server. */
+  endpoints?: Endpoint[];
+  /** With a disk: the source's image, and the destination's export of its own. */
+  diskFile?: string;
+  nbd?: NbdTarget;
 }
 
 interface Migrated {
@@ -289,10 +342,13 @@ interface Migrated {
   postcopyStartedAfterMs?: number;
   postcopyRan: boolean;
   staleBefore: number;
-  /** performance.now() just before `migrate`, and when completion was seen. */
+  /** The kernel's disk counters at the source when the migration was issued. */
+  diskBefore?: { writes: number; staleBlocks: number };
+  disk?: QemuVmResult['disk'];
+  /** performance.now() just before `migrate` (with a disk: the mirror), and when completion was seen. */
   issuedAt: number;
   completedAt: number;
-  /** Wall clock just before `migrate`, and when the VM was running at its destination with QEMU done at both ends. */
+  /** Wall clock just before `migrate` (with a disk: the mirror), and when the VM was running at its destination with QEMU done at both ends. */
   issuedWallMs: number;
   doneWallMs: number;
   wire?: WireBytes;
@@ -303,6 +359,7 @@ class RunContext {
   readonly dir: string;
   readonly vms: QemuVm[] = [];
   readonly memoryFiles: string[] = [];
+  readonly diskFiles: string[] = [];
   readonly counters: WireCounter[] = [];
   private static next = 0;
   readonly id = `${process.pid}-${RunContext.next++}`;
@@ -314,8 +371,12 @@ class RunContext {
     this.dir = mkdtempSync(join(options.workDir, 'qb-'));
   }
 
-  /** Starts QEMU for `vm` (a destination: with `-incoming defer`), its memory file created first. */
-  startVm(index: number, vm: QemuBaselineVm, role: 'src' | 'dst'): QemuVm {
+  /**
+   * Starts QEMU for `vm` (a destination: with `-incoming defer`), its memory file created
+   * first. With `diskFile` (the source's image) the VM has a disk: the source's is that file,
+   * a destination's an empty sparse file of its size, made here.
+   */
+  startVm(index: number, vm: QemuBaselineVm, role: 'src' | 'dst', diskFile?: string): QemuVm {
     const name = `qb-${this.id}-${index}-${role}`;
     const memPath = `/dev/shm/gangway-${name}`;
     const qmpPath = join(this.dir, `${index}-${role}.qmp`);
@@ -325,11 +386,25 @@ class RunContext {
     const logPath = join(this.dir, `${index}-${role}.log`);
     this.memoryFiles.push(memPath);
     createMemoryFile(memPath, vm.memoryMiB * MiB, this.options.preTouch ?? true);
-    const definition: VmDefinition = { machine: 'q35', cpus: 1, accel: 'tcg', kernel: KERNEL_FILE, append: testvmAppend(vm) };
-    // Built as a running VM's and then made incoming without -S (qemuArgs' `incoming` adds
-    // -S, gangway's flow): QEMU's own flow starts the destination when the migration is done.
-    const args = qemuArgs(name, definition, [vm.memoryMiB * MiB], { memoryPaths: [memPath], qmpSocket: qmpPath, serialLog: logPath }, TESTVM_IMAGES_DIR, false);
-    if (role === 'dst') args.push('-incoming', 'defer');
+    let diskPath = diskFile;
+    if (diskFile && role === 'dst') {
+      diskPath = join(this.dir, `${index}-dst.raw`);
+      this.diskFiles.push(diskPath);
+      const fd = openSync(diskPath, 'wx', 0o600);
+      try {
+        ftruncateSync(fd, statSync(diskFile).size);
+      } finally {
+        closeSync(fd);
+      }
+    }
+    const definition: VmDefinition = { machine: 'q35', cpus: 1, accel: 'tcg', kernel: KERNEL_FILE, append: testvmAppend(vm), ...(diskPath ? { disk0: basename(diskPath) } : {}) };
+    const files = { memoryPaths: [memPath], qmpSocket: qmpPath, serialLog: logPath, ...(diskPath ? { diskPaths: [diskPath] } : {}) };
+    // Without a disk, built as a running VM's and then made incoming without -S (qemuArgs'
+    // `incoming` adds -S, gangway's flow): QEMU's own flow starts the destination when the
+    // migration is done. With one, libvirt's flow continues the destination itself once the
+    // disk is in sync (qemu-storage.ts), so it starts paused (-S).
+    const args = qemuArgs(name, definition, [vm.memoryMiB * MiB], files, TESTVM_IMAGES_DIR, role === 'dst' && diskPath !== undefined);
+    if (role === 'dst' && !diskPath) args.push('-incoming', 'defer');
     const link = this.options.link;
     const prefix = link.kind === 'netns' ? link.link.netnsExecPrefix(role === 'src' ? link.link.nsA : link.link.nsB) : [];
     const qemu = new QemuVm(name, memPath, qmpPath, logPath, [...prefix, QEMU_BINARY, ...args]);
@@ -348,7 +423,7 @@ class RunContext {
     };
     for (const counter of this.counters) await attempt('removing the wire counter', () => counter.close());
     await Promise.all(this.vms.map((vm) => attempt(`stopping ${vm.name}`, () => vm.stop())));
-    for (const path of this.memoryFiles) await attempt(`removing ${path}`, () => rmSync(path, { force: true }));
+    for (const path of [...this.memoryFiles, ...this.diskFiles]) await attempt(`removing ${path}`, () => rmSync(path, { force: true }));
     await attempt(`removing ${this.dir}`, () => rmSync(this.dir, { recursive: true, force: true }));
     return problems;
   }
@@ -360,25 +435,28 @@ function bootTimeoutMs(vm: QemuBaselineVm, concurrent: number): number {
 }
 
 function checkTimeoutMs(vm: QemuBaselineVm, concurrent: number): number {
-  return (10_000 + 60 * vm.memoryMiB) * Math.max(1, concurrent / 2);
+  // A disk's full check reads its base and its written blocks: about 30 ms per MiB under TCG.
+  const diskMiB = vm.disk ? ((vm.disk.baseBlocks + vm.disk.hotBlocks) * 4096) / MiB : 0;
+  return (10_000 + 60 * vm.memoryMiB + 60 * diskMiB) * Math.max(1, concurrent / 2);
 }
 
 async function runGang(strategy: QemuBaselineDetail['strategy'], vm: QemuBaselineVm, count: number, options: QemuRunOptions): Promise<QemuBaselineRun> {
   validateVm(vm);
-  validateOptions(options, count);
+  validateOptions(options, vm, count);
   const log = options.log ?? (() => {});
   const ctx = new RunContext(options, log);
   let failure: unknown;
   try {
     const pairs: Pair[] = Array.from({ length: count }, (_, index) => {
       const pairVm = { ...vm, seed: vm.seed + index };
-      return { index, vm: pairVm, source: ctx.startVm(index, pairVm, 'src') };
+      const diskFile = options.diskFiles?.[index];
+      return { index, vm: pairVm, source: ctx.startVm(index, pairVm, 'src', diskFile), ...(diskFile ? { diskFile } : {}) };
     });
     log(`qemu baseline: booting ${count} VM(s) of ${vm.memoryMiB} MiB (${vm.profile}, ${vm.dirtyRateMiBps} MiB/s of writes)`);
     await Promise.all(
       pairs.map(async (pair) => {
         await pair.source.connect(10_000, options.signal);
-        await configure(pair.source, options);
+        await configure(pair.source, options, 'src');
         await pair.source.waitReady(bootTimeoutMs(pair.vm, count), options.signal);
       }),
     );
@@ -422,11 +500,18 @@ async function runGang(strategy: QemuBaselineDetail['strategy'], vm: QemuBaselin
   }
 }
 
-/** Capabilities and parameters, the same on both sides (multifd's channel count must match). */
-async function configure(qemu: QemuVm, options: QemuRunOptions): Promise<void> {
+/**
+ * Capabilities and parameters, the same on both sides (multifd's channel count must match);
+ * with a disk, those libvirt always turns on (qemuMigrationParamsAlwaysOn): the source pauses
+ * before the switchover, where the mirror is ended (qemu-storage.ts), the destination
+ * activates its disks only when it runs.
+ */
+async function configure(qemu: QemuVm, options: QemuRunOptions, role: 'src' | 'dst'): Promise<void> {
   const capabilities: Partial<Record<MigrationCapability, boolean>> = { events: true };
   if (options.mode === 'multifd') capabilities.multifd = true;
   if (options.mode === 'postcopy') capabilities['postcopy-ram'] = true;
+  if (options.diskFiles && role === 'src') capabilities['pause-before-switchover'] = true;
+  if (options.diskFiles && role === 'dst') capabilities['late-block-activate'] = true;
   await qemu.qmp.migrateSetCapabilities(capabilities);
   await qemu.qmp.migrateSetParameters({
     'max-bandwidth': MAX_BANDWIDTH_BYTES_PER_SEC,
@@ -438,10 +523,10 @@ async function configure(qemu: QemuVm, options: QemuRunOptions): Promise<void> {
 /** Starts the destination QEMU, configures it, and has it listen on a port of its choosing. */
 async function startDestination(ctx: RunContext, pair: Pair): Promise<void> {
   const { link } = ctx.options;
-  const destination = ctx.startVm(pair.index, pair.vm, 'dst');
+  const destination = ctx.startVm(pair.index, pair.vm, 'dst', pair.diskFile);
   pair.destination = destination;
   await destination.connect(10_000, ctx.options.signal);
-  await configure(destination, ctx.options);
+  await configure(destination, ctx.options, 'dst');
   // A loopback address per VM, so that iptables can tell the VMs' streams apart by address
   // and port without knowing the source's ephemeral port.
   const host = link.kind === 'netns' ? link.link.addrB : `127.0.0.${11 + pair.index}`;
@@ -449,7 +534,26 @@ async function startDestination(ctx: RunContext, pair: Pair): Promise<void> {
   const info = (await destination.qmp.queryMigrate()) as MigrationInfo & { 'socket-address'?: { host: string; port: string }[] };
   const port = Number(info['socket-address']?.[0]?.port);
   if (!Number.isInteger(port) || port <= 0) throw new Error(`${destination.name} listens on no port QEMU reports: ${JSON.stringify(info)}`);
-  pair.endpoint = { host, port };
+  pair.endpoints = [{ host, port }];
+  if (pair.diskFile) {
+    // QEMU 7.2 does not say which port an NBD server given port 0 took, so one is chosen
+    // here: on loopback a port free on the VM's address; in the link's namespace, which
+    // holds nothing else of this kind, a fixed one per VM.
+    const nbdPort = link.kind === 'netns' ? NBD_NETNS_PORT + pair.index : await freePort(host);
+    pair.nbd = { host, port: nbdPort, exportName: `mig-${vmDiskNodes(0).format}` };
+    await exportIncomingDisk(destination.qmp, vmDiskNodes(0).format, pair.nbd);
+    pair.endpoints.push({ host, port: nbdPort });
+  }
+}
+
+/** A TCP port nobody listens on at `host` now (the kernel's choice for port 0). */
+async function freePort(host: string): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve, reject) => server.once('error', reject).listen(0, host, resolve));
+  const address = server.address();
+  await new Promise<void>((resolve) => server.close(() => resolve()));
+  if (address === null || typeof address === 'string') throw new Error(`no port from a listener on ${host}`);
+  return address.port;
 }
 
 /** VMs migrated at once, and the bytes the wire carried meanwhile. */
@@ -462,13 +566,19 @@ interface Wave {
 /** Migrates every pair at once and follows each to completion; counts the wire meanwhile. */
 async function migrateWave(ctx: RunContext, pairs: Pair[]): Promise<Wave> {
   const { options, log } = ctx;
-  const endpoints = pairs.map((pair) => pair.endpoint!);
+  const endpoints = pairs.flatMap((pair) => pair.endpoints!);
   const counter = options.link.kind === 'loopback' ? await openIptablesCounter(endpoints) : await openVethCounter(options.link.link);
   ctx.counters.push(counter);
   try {
     const migrated = await Promise.all(pairs.map((pair) => migrateOne(ctx, pair)));
     const wire = await counter.read();
-    migrated.forEach((m, i) => (m.wire = wire.perEndpoint?.[i] ?? (pairs.length === 1 ? wire.total : undefined)));
+    // Each pair's endpoints, in the order given: the migration's, then its disk's.
+    let first = 0;
+    for (const m of migrated) {
+      const own = wire.perEndpoint?.slice(first, first + m.pair.endpoints!.length);
+      first += m.pair.endpoints!.length;
+      m.wire = own ? sum(own) : pairs.length === 1 ? wire.total : undefined;
+    }
     for (const m of migrated) {
       log(`qemu baseline: ${m.pair.source.name}: ${m.totalMs.toFixed(0)} ms, downtime ${m.downtimeMs.toFixed(0)} ms, QEMU sent ${m.info.ram?.transferred} B, wire ${m.wire ? m.wire.forwardBytes + m.wire.backBytes : '?'} B`);
     }
@@ -494,15 +604,47 @@ async function migrateAndMeasure(ctx: RunContext, pair: Pair): Promise<Migrated>
   const { options } = ctx;
   const source = pair.source;
   const destination = pair.destination!;
-  const staleBefore = readTestvmStatus(source.memPath).stalePages;
+  const before = readTestvmStatus(source.memPath);
+  const staleBefore = before.stalePages;
   const sourceMark = source.qmp.eventMark();
   const destinationMark = destination.qmp.eventMark();
   const cpuSource = await source.cpuSeconds();
   const cpuDestination = await destination.cpuSeconds();
   const issuedWallMs = Date.now();
   const issuedAt = performance.now();
-  await source.qmp.migrate(`tcp:${pair.endpoint!.host}:${pair.endpoint!.port}`);
-  const { postcopyStartedAfterMs } = await followMigration(ctx, pair, issuedAt);
+  const mirrorReady = pair.nbd ? await startMirror(source.qmp, vmDiskNodes(0).format, pair.nbd, { timeoutMs: options.timeoutMs, ...(options.signal ? { signal: options.signal } : {}) }) : undefined;
+  // With a disk, the source pauses before the switchover (configure): as libvirt does, the
+  // mirror is ended there, as soon as QEMU says so, and the migration continued.
+  const switchover = new AbortController();
+  let switchoverFailure: unknown;
+  const mirrorDone = pair.nbd
+    ? source.qmp
+        .waitForEvent('MIGRATION', {
+          since: sourceMark,
+          predicate: (data) => data.status === 'pre-switchover',
+          timeoutMs: options.timeoutMs,
+          signal: options.signal ? AbortSignal.any([options.signal, switchover.signal]) : switchover.signal,
+        })
+        .then(async () => {
+          const done = await finishMirror(source.qmp, options.signal);
+          await source.qmp.exec('migrate-continue', { state: 'pre-switchover' });
+          return done;
+        })
+    : undefined;
+  mirrorDone?.catch((err: unknown) => (switchoverFailure ??= err));
+  let postcopyStartedAfterMs: number | undefined;
+  try {
+    const migrationEndpoint = pair.endpoints![0]!;
+    await source.qmp.migrate(`tcp:${migrationEndpoint.host}:${migrationEndpoint.port}`);
+    ({ postcopyStartedAfterMs } = await followMigration(ctx, pair, issuedAt, () => switchoverFailure));
+  } finally {
+    switchover.abort();
+  }
+  let mirrorEnded: MirrorDone | undefined;
+  if (mirrorDone) {
+    mirrorEnded = await mirrorDone;
+    await finishIncomingDisk(destination.qmp);
+  }
   const completedAt = performance.now();
   const cpuSecondsSource = (await source.cpuSeconds()) - cpuSource;
   const cpuSecondsDestination = (await destination.cpuSeconds()) - cpuDestination;
@@ -517,8 +659,14 @@ async function migrateAndMeasure(ctx: RunContext, pair: Pair): Promise<Migrated>
   const received = await destination.qmp.waitForEvent('MIGRATION', { ...wait, since: destinationMark, predicate: isCompleted });
   const postcopyRan = source.qmp.recentEvents().some((e) => e.seq >= sourceMark && e.event === 'MIGRATION' && e.data.status === 'postcopy-active');
   const doneWallMs = Math.max(eventMs(completed), eventMs(resumed), eventMs(received));
+  // The stopped source's counters are those the kernel had when it stopped.
+  const atStop = mirrorReady && mirrorEnded ? readTestvmStatus(source.memPath).disk : undefined;
   return {
     pair,
+    ...(before.disk ? { diskBefore: { writes: before.disk.writes, staleBlocks: before.disk.staleBlocks } } : {}),
+    ...(mirrorReady && mirrorEnded
+      ? { disk: { ready: mirrorReady, done: mirrorEnded, writesWhileLive: (atStop?.writes ?? Number.NaN) - (before.disk?.writes ?? Number.NaN), liveMs: eventMs(stopped) - issuedWallMs } }
+      : {}),
     info: await finalInfo(source, options.signal),
     totalMs: doneWallMs - issuedWallMs,
     downtimeMs: eventMs(resumed) - eventMs(stopped),
@@ -534,12 +682,18 @@ async function migrateAndMeasure(ctx: RunContext, pair: Pair): Promise<Migrated>
   };
 }
 
-/** Polls query-migrate until QEMU says completed; sends migrate-start-postcopy when due. */
-async function followMigration(ctx: RunContext, pair: Pair, issuedAt: number): Promise<{ postcopyStartedAfterMs?: number }> {
+/**
+ * Polls query-migrate until QEMU says completed; sends migrate-start-postcopy when due.
+ * `failure`: what went wrong meanwhile in a step taken on an event (the switchover of a
+ * migration with a disk), which would otherwise leave QEMU waiting for it.
+ */
+async function followMigration(ctx: RunContext, pair: Pair, issuedAt: number, failure: () => unknown = () => undefined): Promise<{ postcopyStartedAfterMs?: number }> {
   const { options } = ctx;
   const source = pair.source;
   let postcopyStartedAfterMs: number | undefined;
   for (;;) {
+    const failed = failure();
+    if (failed !== undefined) throw failed;
     const info = await source.qmp.queryMigrate({ signal: options.signal });
     const status: MigrationStatus | undefined = info.status;
     if (status === 'completed') return postcopyStartedAfterMs === undefined ? {} : { postcopyStartedAfterMs };
@@ -618,14 +772,28 @@ async function checkDestination(m: Migrated, timeoutMs: number, signal?: AbortSi
     const checkMs = performance.now() - started;
     const done = status.checkDone === request;
     if (done) {
+      const disk = status.disk;
+      // A kernel that gave its disk up (a request failed after a reset) checks nothing on it.
+      const diskProblem = m.diskBefore && disk?.state !== 'running' ? `the kernel's disk is ${disk?.state ?? 'missing'} at the destination: ${destination.describe()}` : undefined;
       return {
-        done,
+        done: diskProblem === undefined,
         checkMs,
         state: status.state,
         pages: status.checkPages,
         stalePages: status.checkStalePages,
         staleByRewrites: Math.max(0, status.stalePages - m.staleBefore - status.checkStalePages),
         metaErrors: status.metaErrors,
+        ...(m.diskBefore && disk
+          ? {
+              disk: {
+                blocks: disk.checkBlocks,
+                staleBlocks: disk.checkStaleBlocks,
+                staleByRewrites: Math.max(0, disk.staleBlocks - m.diskBefore.staleBlocks - disk.checkStaleBlocks),
+                errors: disk.errors,
+              },
+            }
+          : {}),
+        ...(diskProblem ? { problem: diskProblem } : {}),
       };
     }
     if (destination.exit) return unchecked(`QEMU exited before the check was done: ${destination.describe()}`, status.state);
@@ -677,6 +845,7 @@ function summarize(
       cpuSecondsDestination: m.cpuSecondsDestination,
       ...(m.postcopyStartedAfterMs === undefined ? {} : { postcopyStartedAfterMs: m.postcopyStartedAfterMs }),
       postcopyRan: m.postcopyRan,
+      ...(m.disk ? { disk: m.disk } : {}),
       qemu: {
         totalMs: m.info['total-time'] ?? 0,
         downtimeMs: m.info.downtime ?? 0,
@@ -707,6 +876,7 @@ function summarize(
     downtimeMs: serial ? total(vms.map((v) => v.downtimeMs)) : Math.max(...vms.map((v) => v.downtimeMs)),
     wireBytes: wire.forwardBytes + wire.backBytes,
     stalePages: total(vms.map((v) => v.check.stalePages + v.check.staleByRewrites)),
+    ...(vm.disk ? { staleDiskBlocks: total(vms.map((v) => (v.check.disk ? v.check.disk.staleBlocks + v.check.disk.staleByRewrites : 0))) } : {}),
     verified: vms.every((v) => v.check.done),
     cpuSecondsSource: total(vms.map((v) => v.cpuSecondsSource)),
     cpuSecondsDestination: total(vms.map((v) => v.cpuSecondsDestination)),
