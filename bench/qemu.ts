@@ -24,14 +24,13 @@
 // touched. The bench touches and frees enough memory first (bench/report.ts prefaultMemory),
 // so neither system pays it; the QEMU baseline also zero-fills its memory files.
 import { rmSync } from 'node:fs';
-import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
-import { initCa, issueHostCert, type CertResult } from '../agent/cli/certs.js';
 import { runTestvmFullCheck } from '../agent/guest/testvm-status.js';
 import { TESTVM_KERNEL_FILE } from '../agent/native.js';
-import { killGuestsOf, makeTempDir, startLocalAgent, type AgentStatus, type LocalAgent } from '../agent/local-agent.js';
+import { makeTempDir } from '../agent/local-agent.js';
 import type { GroupSummary } from '../agent/migration/group-summary.js';
+import { until, vmsOn, withAgents as withAgentPair, type Agents } from './agent-pair.js';
 import { ExitSteps } from './exit.js';
 import { createShapedLink, netnsAvailable, type ShapedLink } from './netns-link.js';
 import {
@@ -97,54 +96,8 @@ const exit = new ExitSteps('stopping the agents and VMs, removing the link');
 
 // ── gangway's side ──────────────────────────────────────────────────────────────────────
 
-interface Agents {
-  source: LocalAgent;
-  destination: LocalAgent;
-  to: string;
-}
-
-async function withAgents<T>(shaped: ShapedLink | undefined, body: (agents: Agents) => Promise<T>): Promise<T> {
-  const tmp = makeTempDir('gangway-bench-qemu-');
-  const agents: LocalAgent[] = [];
-  const stopAll = exit.add(async () => {
-    for (const agent of agents) await killGuestsOf(agent);
-    await Promise.all(agents.map((agent) => agent.stop()));
-    rmSync(tmp, { recursive: true, force: true });
-  });
-  try {
-    const caDir = join(tmp, 'tls');
-    await initCa({ dir: caDir, days: 1 });
-    const sourceCert = await issueHostCert({ dir: caDir, name: 'source', sans: ['127.0.0.1', ...(shaped ? [shaped.addrA] : [])], validity: { days: 1 } });
-    const destinationCert = await issueHostCert({ dir: caDir, name: 'destination', sans: ['127.0.0.1', ...(shaped ? [shaped.addrB] : [])], validity: { days: 1 } });
-    const tls = (cert: CertResult, peer: CertResult) => ({ cert: cert.certPath, key: cert.keyPath, ca: cert.caPath, allow: [peer.fingerprint] });
-    const args = ['--vm-images-dir', TESTVM_IMAGES_DIR];
-    const source = await startLocalAgent({ stateDir: `${tmp}/source`, args, tls: tls(sourceCert, destinationCert), ...(shaped ? { wrap: shaped.netnsExecPrefix(shaped.nsA), listen: `${shaped.addrA}:0` } : {}) });
-    agents.push(source);
-    const destination = await startLocalAgent({ stateDir: `${tmp}/destination`, args, tls: tls(destinationCert, sourceCert), ...(shaped ? { wrap: shaped.netnsExecPrefix(shaped.nsB), listen: `${shaped.addrB}:0` } : {}) });
-    agents.push(destination);
-    return await body({ source, destination, to: destination.listen });
-  } finally {
-    await stopAll();
-  }
-}
-
-
-type GuestView = AgentStatus['guests'][number];
-
-async function vmsOn(agent: LocalAgent, names: readonly string[]): Promise<GuestView[]> {
-  const guests = (await agent.status()).guests;
-  return names.map((name) => guests.find((g) => g.name === name)).filter((g): g is GuestView => g !== undefined);
-}
-
-async function until<T>(what: string, probe: () => Promise<T | undefined | false>, timeoutMs: number): Promise<T> {
-  const deadline = performance.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value) return value;
-    if (performance.now() > deadline) throw new Error(`timed out waiting for ${what} (${timeoutMs} ms)`);
-    await sleep(100);
-  }
-}
+const withAgents = <T>(shaped: ShapedLink | undefined, body: (agents: Agents) => Promise<T>): Promise<T> =>
+  withAgentPair(exit, { tmpPrefix: 'gangway-bench-qemu-', ...(shaped ? { shaped } : {}), args: () => ['--vm-images-dir', TESTVM_IMAGES_DIR] }, body);
 
 /** Every page checked by the VM's kernel at `memoryPath`: stale pages found, or why the check did not complete. */
 async function kernelCheck(memoryPath: string): Promise<{ stalePages: number; problem?: string }> {
