@@ -35,7 +35,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { TESTVM_DISK_BLOCK_BYTES } from '../agent/guest/testvm-disk.js';
-import { runTestvmFullCheck, type TestvmStatus } from '../agent/guest/testvm-status.js';
+import { readTestvmStatus, runTestvmFullCheck, type TestvmStatus } from '../agent/guest/testvm-status.js';
 import { logTail } from '../agent/guest/log-tail.js';
 import type { LocalAgent } from '../agent/local-agent.js';
 import type { GroupSummary } from '../agent/migration/group-summary.js';
@@ -86,8 +86,12 @@ const VM: Omit<QemuBaselineVm, 'disk'> = { memoryMiB: MEMORY_MIB, profile: 'os-i
 /** Bounds each migration (the mirror's start to the last VM running at the destination for QEMU). */
 const MIGRATION_TIMEOUT_MS = values.quick ? 240_000 : 900_000;
 const BOOT_TIMEOUT_MS = 300_000;
-/** A full check reads every base and written block (about 30 ms per MiB under TCG) and every page; VMs checked at once share 2 cores. */
-const CHECK_TIMEOUT_MS = (10_000 + 60 * (MEMORY_MIB + DISK.baseBytes / MiB + DISK.hotBlocks / BLOCKS_PER_MIB)) * (GANG / 2);
+/**
+ * A full check reads every base and written block (about 30 ms per MiB under TCG) and every
+ * page; VMs checked at once share 2 cores, and a gang's kernels writing their disks flat out
+ * took up to 40 s for what one idle VM checks in 4 s. A bound, with room.
+ */
+const CHECK_TIMEOUT_MS = (30_000 + 150 * (MEMORY_MIB + DISK.baseBytes / MiB + DISK.hotBlocks / BLOCKS_PER_MIB)) * (GANG / 2);
 const DOWNTIME_TARGET_MS = 50;
 
 function log(line: string) {
@@ -288,7 +292,15 @@ async function fullCheck(memoryPath: string): Promise<{ status?: TestvmStatus; p
       summary: { pages: status.checkPages, stalePages: status.checkStalePages, blocks: disk?.checkBlocks, staleBlocks: disk?.checkStaleBlocks, diskErrors: disk?.errors, metaErrors: status.metaErrors },
     };
   } catch (err) {
-    return { problem: (err as Error).message, summary: { problem: (err as Error).message } };
+    let state = '';
+    try {
+      const status = readTestvmStatus(memoryPath);
+      state = `; then: kernel ${status.state}, uptime ${status.uptimeMs} ms, check request ${status.checkRequest} answered up to ${status.checkDone}, disk ${status.disk?.state} with ${status.disk?.writes} writes, ${status.disk?.staleBlocks} stale blocks and ${status.disk?.errors} errors`;
+    } catch (readErr) {
+      state = `; its status block: ${(readErr as Error).message}`;
+    }
+    const problem = `${memoryPath}: ${(err as Error).message}${state}`;
+    return { problem, summary: { problem } };
   }
 }
 
