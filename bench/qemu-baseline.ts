@@ -663,7 +663,8 @@ async function migrateAndMeasure(ctx: RunContext, pair: Pair): Promise<Migrated>
   const atStop = mirrorReady && mirrorEnded ? readTestvmStatus(source.memPath).disk : undefined;
   return {
     pair,
-    ...(before.disk ? { diskBefore: { writes: before.disk.writes, staleBlocks: before.disk.staleBlocks } } : {}),
+    // Layout 2 has a disk part also without a disk (state none): only a VM given one is checked for it.
+    ...(pair.diskFile && before.disk ? { diskBefore: { writes: before.disk.writes, staleBlocks: before.disk.staleBlocks } } : {}),
     ...(mirrorReady && mirrorEnded
       ? { disk: { ready: mirrorReady, done: mirrorEnded, writesWhileLive: (atStop?.writes ?? Number.NaN) - (before.disk?.writes ?? Number.NaN), liveMs: eventMs(stopped) - issuedWallMs } }
       : {}),
