@@ -34,6 +34,9 @@ const MAX_COMMENT_LENGTH = 255;
 const LOCK_WAIT = ['-w', '5'];
 
 export class AccountingChain {
+  /** Each rule's counters at the last read (the chain is never zeroed: read() returns differences). */
+  private lastTotals = new Map<string, Counters>();
+
   constructor(
     private readonly run: Runner,
     readonly chain: string,
@@ -57,6 +60,8 @@ export class AccountingChain {
     const before = await listRules(this.run);
     if (before.chains.has(this.chain)) await this.iptables(['-F', this.chain]);
     else await this.iptables(['-N', this.chain]);
+    // The rules made now count from zero.
+    this.lastTotals = new Map();
     for (const rule of rules) {
       await this.iptables(['-A', this.chain, ...rule.match, '-m', 'comment', '--comment', rule.comment]);
     }
@@ -73,19 +78,29 @@ export class AccountingChain {
   }
 
   /**
-   * Each rule's counters since the previous read (or install), keyed by comment. Reads and
-   * zeroes in one command, so traffic between two reads is counted once.
+   * Each rule's counters since the previous read (or install), keyed by comment: the
+   * counters are read, never zeroed, and the difference to the last read is returned. (`-L
+   * -Z` lists and then zeroes: with the nf_tables backend those are two steps, and the
+   * packets counted between them were lost: 1.3% of a migration's bytes under load.)
    */
   async read(): Promise<Map<string, Counters>> {
-    const listing = parseIptablesChain(await this.iptables(['-L', this.chain, '-v', '-x', '-n', '-Z']));
-    const counters = new Map<string, Counters>();
+    const listing = parseIptablesChain(await this.iptables(['-L', this.chain, '-v', '-x', '-n']));
+    const totals = new Map<string, Counters>();
     for (const rule of listing.rules) {
-      const previous = counters.get(rule.comment);
-      counters.set(rule.comment, {
+      const previous = totals.get(rule.comment);
+      totals.set(rule.comment, {
         packets: (previous?.packets ?? 0) + rule.packets,
         bytes: (previous?.bytes ?? 0) + rule.bytes,
       });
     }
+    const counters = new Map<string, Counters>();
+    for (const [comment, total] of totals) {
+      const last = this.lastTotals.get(comment);
+      // A counter that went back was zeroed by somebody else: all it holds is new.
+      const fresh = !last || total.bytes < last.bytes || total.packets < last.packets;
+      counters.set(comment, fresh ? total : { packets: total.packets - last.packets, bytes: total.bytes - last.bytes });
+    }
+    this.lastTotals = totals;
     return counters;
   }
 

@@ -13,7 +13,7 @@ interface Rule {
 export class FakeHost {
   readonly commands: string[][] = [];
   readonly chains = new Map<string, Rule[]>([['INPUT', []], ['OUTPUT', []], ['FORWARD', []]]);
-  /** Bytes counted per rule comment since the last -Z, set by the test. */
+  /** Bytes counted per rule comment since the rule was made (or the last -Z), set by the test. */
   readonly counters = new Map<string, number>();
   /** tc: the root qdisc handle of the shaped device, and its classes' rates and sent bytes. */
   rootHandle: string | undefined;
@@ -49,6 +49,8 @@ export class FakeHost {
         return '';
       case '-F':
         if (!rules) throw new CommandError(['iptables', ...args], 1, `iptables: No chain/target/match by that name.`);
+        // Rules made again count from zero, as iptables's do.
+        for (const rule of rules) this.counters.delete(rule.comment);
         rules.length = 0;
         return '';
       case '-X':
