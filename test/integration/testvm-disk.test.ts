@@ -2,7 +2,6 @@
 // whose base image writeTestvmBaseImage wrote. The tests read the kernel's status block from
 // its memory file, change blocks of the image file behind the kernel's back, and check that
 // the kernel's own checks (its rewrites and the full check) find exactly those.
-import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, openSync, readFileSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -18,13 +17,12 @@ import {
   runTestvmFullCheck,
   type TestvmStatus,
 } from '../../agent/guest/testvm-status.js';
-import { loadNative, testvmKernelPath, testvmMissing } from '../../agent/native.js';
+import { loadNative, testvmMissing } from '../../agent/native.js';
+import { bootTestvm, QEMU, serialLog, status, stopTestvms, type Vm } from '../helpers/testvm-qemu.js';
 import { waitFor } from '../helpers/wait.js';
 
-const QEMU = 'qemu-system-x86_64';
 const MiB = 1 << 20;
 const BLOCK = TESTVM_DISK_BLOCK_BYTES;
-const MEMORY_MIB = 64;
 const DISK_BYTES = 64 * MiB;
 const BASE_BLOCKS = (16 * MiB) / BLOCK;
 const BOOT_TIMEOUT_MS = 15_000;
@@ -35,17 +33,6 @@ const skipReason = qemuMissing(QEMU) ?? testvmMissing();
 /** How QEMU attaches the image: the two ways gangway may, and one that fails the first write (blkdebug). */
 type DiskSyntax = 'blockdev' | 'drive' | 'failing-write';
 
-interface Vm {
-  child: ChildProcess;
-  memPath: string;
-  logPath: string;
-  qmpPath: string;
-  exitCode: number | null | undefined;
-  stderr: string;
-  exited: Promise<void>;
-}
-
-const vms: Vm[] = [];
 const files: string[] = [];
 
 function uniquePath(dir: string, what: string): string {
@@ -74,50 +61,7 @@ function diskArgs(syntax: DiskSyntax, imagePath: string): string[] {
 }
 
 function boot(append: string, disk?: { syntax: DiskSyntax; imagePath: string }): Vm {
-  const memPath = uniquePath('/dev/shm', 'mem');
-  const logPath = uniquePath(tmpdir(), 'log');
-  const qmpPath = uniquePath(tmpdir(), 'qmp');
-  const args = [
-    '-accel', 'tcg',
-    '-machine', 'q35,memory-backend=mem0',
-    '-m', String(MEMORY_MIB),
-    '-object', `memory-backend-file,id=mem0,size=${MEMORY_MIB}M,mem-path=${memPath},share=on`,
-    '-nodefaults',
-    '-display', 'none',
-    '-no-reboot',
-    '-serial', `file:${logPath}`,
-    '-qmp', `unix:${qmpPath},server=on,wait=off`,
-    ...(disk ? diskArgs(disk.syntax, disk.imagePath) : []),
-    '-kernel', testvmKernelPath,
-    '-append', append,
-  ];
-  const child = spawn(QEMU, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-  if (child.pid === undefined) throw new Error(`${QEMU} did not start`);
-  const vm: Vm = {
-    child,
-    memPath,
-    logPath,
-    qmpPath,
-    exitCode: undefined,
-    stderr: '',
-    exited: new Promise((resolve) => child.once('exit', () => resolve())),
-  };
-  child.stderr?.setEncoding('utf8').on('data', (chunk: string) => (vm.stderr += chunk));
-  child.once('exit', (code) => (vm.exitCode = code));
-  vms.push(vm);
-  return vm;
-}
-
-function serialLog(vm: Vm): string {
-  try {
-    return readFileSync(vm.logPath, 'utf8');
-  } catch {
-    return '';
-  }
-}
-
-function status(vm: Vm): TestvmStatus {
-  return readTestvmStatus(vm.memPath);
+  return bootTestvm(append, disk ? diskArgs(disk.syntax, disk.imagePath) : []);
 }
 
 /** Waits for the kernel to run (or to fail, for a boot that must fail) and returns its status then. */
@@ -174,14 +118,7 @@ function expectedBlock(seed: bigint, imageSeed: bigint, block: number, version: 
 }
 
 afterEach(async (ctx) => {
-  const failed = ctx.task.result?.state === 'fail';
-  for (const vm of vms.splice(0)) {
-    if (failed) console.log(`serial log of ${vm.memPath}:\n${serialLog(vm)}${vm.stderr}`);
-    if (vm.exitCode === undefined) {
-      vm.child.kill('SIGKILL'); // by its PID: only the QEMU this test started
-      await vm.exited;
-    }
-  }
+  await stopTestvms(ctx.task.result?.state === 'fail');
   for (const path of files.splice(0)) rmSync(path, { force: true });
 });
 

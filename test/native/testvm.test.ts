@@ -2,7 +2,7 @@
 // /dev/shm memory-backend file: the tests read the kernel's status block and pages from
 // that file while it runs, corrupt pages while QEMU is stopped (SIGSTOP), and check that
 // the kernel's own checks find them.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, openSync, readFileSync, readSync, readdirSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { createConnection, type Socket } from 'node:net';
@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { compressSync } from 'lz4-napi';
 import { afterEach, describe, expect, it } from 'vitest';
-import { testvmKernelPath, testvmMissing } from '../../agent/native.js';
+import { testvmMissing } from '../../agent/native.js';
 import {
   TESTVM_PAGE_SIZE,
   TESTVM_RANGE_START,
@@ -24,11 +24,10 @@ import {
   requestTestvmFullCheck,
   type TestvmStatus,
 } from '../../agent/guest/testvm-status.js';
+import { bootTestvm, QEMU, serialLog, status, stopTestvms, TESTVM_MEMORY_MIB, type Vm } from '../helpers/testvm-qemu.js';
 import { waitFor } from '../helpers/wait.js';
 
-const QEMU = 'qemu-system-x86_64';
-const kernelPath = testvmKernelPath;
-const MEMORY_MIB = 64;
+const MEMORY_MIB = TESTVM_MEMORY_MIB;
 const MiB = 1 << 20;
 const PAGE = TESTVM_PAGE_SIZE;
 const BOOT_TIMEOUT_MS = 12_000;
@@ -40,67 +39,7 @@ function findSkipReason(): string | undefined {
 }
 const skipReason = findSkipReason();
 
-interface Vm {
-  child: ChildProcess;
-  pid: number;
-  memPath: string;
-  logPath: string;
-  qmpPath: string;
-  exitCode: number | null | undefined;
-  stderr: string;
-  exited: Promise<void>;
-}
-
-const vms: Vm[] = [];
-
-/** Starts QEMU on the kernel with `append` as its parameters (and a QMP socket). */
-function boot(append: string): Vm {
-  const name = `gangway-testvm-${process.pid}-${randomBytes(6).toString('hex')}`;
-  const memPath = `/dev/shm/${name}`;
-  const logPath = join(tmpdir(), `${name}.log`);
-  const qmpPath = join(tmpdir(), `${name}.qmp`);
-  const args = [
-    '-accel', 'tcg',
-    '-machine', 'q35,memory-backend=mem0',
-    '-m', String(MEMORY_MIB),
-    '-object', `memory-backend-file,id=mem0,size=${MEMORY_MIB}M,mem-path=${memPath},share=on`,
-    '-nodefaults',
-    '-display', 'none',
-    '-no-reboot',
-    '-serial', `file:${logPath}`,
-    '-qmp', `unix:${qmpPath},server=on,wait=off`,
-    '-kernel', kernelPath,
-    '-append', append,
-  ];
-  const child = spawn(QEMU, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-  if (child.pid === undefined) throw new Error(`${QEMU} did not start`);
-  const vm: Vm = {
-    child,
-    pid: child.pid,
-    memPath,
-    logPath,
-    qmpPath,
-    exitCode: undefined,
-    stderr: '',
-    exited: new Promise((resolve) => child.once('exit', () => resolve())),
-  };
-  child.stderr?.setEncoding('utf8').on('data', (chunk: string) => (vm.stderr += chunk));
-  child.once('exit', (code) => (vm.exitCode = code));
-  vms.push(vm);
-  return vm;
-}
-
-function serialLog(vm: Vm): string {
-  try {
-    return readFileSync(vm.logPath, 'utf8');
-  } catch {
-    return '';
-  }
-}
-
-function status(vm: Vm): TestvmStatus {
-  return readTestvmStatus(vm.memPath);
-}
+const boot = (append: string): Vm => bootTestvm(append);
 
 /** Waits for `ready` on COM1 (failing at once if QEMU exits) and returns the status then. */
 async function waitReady(vm: Vm): Promise<TestvmStatus> {
@@ -210,15 +149,7 @@ class Qmp {
 }
 
 afterEach(async (ctx) => {
-  const failed = ctx.task.result?.state === 'fail';
-  for (const vm of vms.splice(0)) {
-    if (failed) console.log(`serial log of ${vm.memPath}:\n${serialLog(vm)}${vm.stderr}`);
-    if (vm.exitCode === undefined) {
-      vm.child.kill('SIGKILL'); // by its PID: only the QEMU this test started
-      await vm.exited;
-    }
-    for (const path of [vm.memPath, vm.logPath, vm.qmpPath]) rmSync(path, { force: true });
-  }
+  await stopTestvms(ctx.task.result?.state === 'fail');
 });
 
 /** A block as status.h lays it out, with every field distinct. */
