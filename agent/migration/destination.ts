@@ -11,6 +11,7 @@
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync, fdatasync, fsyncSync, openSync, rmSync, statfsSync } from 'node:fs';
 import { dirname } from 'node:path';
+import { promisify } from 'node:util';
 import { removeGuestFiles } from '../guest/process-guest.js';
 import type { Logger } from 'pino';
 import { GuestKind, nameOf, RejectReason, Technique } from '../../protocol/codes.js';
@@ -438,8 +439,7 @@ export class DestinationMigration implements FrameHandler {
     if (fds.length === 0) return Promise.resolve();
     const flushed = this.flushing
       .catch(() => {})
-      .then(() => Promise.all(fds.map((fd) => new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve()))))))
-      .then(() => undefined);
+      .then(() => fdatasyncAll(fds));
     this.flushing = flushed;
     return flushed;
   }
@@ -478,7 +478,7 @@ export class DestinationMigration implements FrameHandler {
       // meanwhile (outside the downtime); until `committed` the source keeps its paused copy
       // and its disk, so a crash here costs the guest only the time it ran here.
       await this.flushing.catch(() => {});
-      await Promise.all(diskFds.map((fd) => new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())))));
+      await fdatasyncAll(diskFds);
       for (const dir of new Set(this.linkedDisks.map((path) => dirname(path)))) syncDirectory(dir);
       t.flushed = performance.now();
       this.log.debug(Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), 'commit: ms after the commit frame');
@@ -638,6 +638,11 @@ export class DestinationMigration implements FrameHandler {
     removeGuestFiles(this.files);
     this.ctx.registry.release(this.offer.guest.name);
   }
+}
+
+/** fdatasync of each file, on the thread pool; rejects if one fails. */
+async function fdatasyncAll(fds: readonly number[]): Promise<void> {
+  await Promise.all(fds.map((fd) => promisify(fdatasync)(fd)));
 }
 
 /** fsync of a directory: a name just made in it survives a crash. */
