@@ -284,7 +284,7 @@ withControlOptions(program.command('migrate <guests...>'))
   .option('--postcopy-after-rounds <n>', 'hybrid: go post-copy after this many pre-copy rounds at the latest [--max-rounds]', number('--postcopy-after-rounds', 1, 10_000, true))
   .option(
     '--disks <which>',
-    "a VM's disks: all move with it (pre-copy); none stay (shared storage: the destination opens the same file name in its vm.disksDir); or those named: disk0,disk1 or file names [all]",
+    "a VM's disks: all move with it (by --technique; auto takes pre-copy for them); none stay (shared storage: the destination opens the same file name in its vm.disksDir); or those named: disk0,disk1 or file names [all]",
     arg((text) => {
       if (text === 'all' || text === 'none') return text;
       const names = text.split(',');

@@ -211,16 +211,11 @@ export class OutboundMigrations {
     this.refuseSelf(session, request.to);
     const requested = resolveTechnique(request.technique, session.peer?.features ?? []);
     const movesDisks = (guest: HostedGuest) => sourceOf.get(guest)!.regions.some((region) => region.sparse);
-    // Disks go by pre-copy only (for now): --technique auto picks it for a guest that moves disks.
+    // --technique auto moves a guest's disks by pre-copy (a disk that waits on the link while
+    // its guest runs there is slower than a guest throttled here); post-copy and hybrid are
+    // asked for by name.
     const techniqueOf = (guest: HostedGuest) =>
       request.technique === 'auto' && movesDisks(guest) ? 'precopy' : (followed?.guests.find((g) => g.name === guest.name)?.technique ?? requested);
-    const withDisks = guests.find((guest) => techniqueOf(guest) !== 'precopy' && movesDisks(guest));
-    if (withDisks) {
-      throw new GangwayError(
-        ErrorCode.BAD_REQUEST,
-        `guest ${withDisks.name} moves its disks, which go by pre-copy only for now (post-copy of disks is not done yet): use --technique precopy, or --disks none if its disks are on shared storage`,
-      );
-    }
     const strategy = followed?.strategy ?? request.strategy;
     // Dedup applies to pre-copy members only: a post-copy or hybrid member moves without it.
     const precopy = guests.filter((guest) => techniqueOf(guest) === 'precopy');
@@ -469,7 +464,11 @@ export class OutboundMigrations {
    * once the destination holds every page (this copy is then gone).
    */
   private async resumePostcopy(name: string, out: NonNullable<GuestRecord['outgoing']>): Promise<boolean> {
-    const { guest } = this.context.registry.get(name);
+    const hosted = this.context.registry.get(name).guest;
+    // The disks that moved with it are regions of the migration too (the destination lacks their blocks as well).
+    const moved = out.movedDisks ?? [];
+    const movedRegions = hosted.forMigration?.({ disks: 'all' }).regions.filter((region) => region.sparse && moved.includes(region.path)).map((region) => region.name) ?? [];
+    const guest = movedRegions.length > 0 ? hosted.forMigration!({ disks: movedRegions }) : hosted;
     const log = this.context.log.child({ migrationId: out.migrationId, guest: name, to: out.to });
     const session = await this.context.sessions.session(out.to);
     const migration = new SourceMigration(
@@ -479,7 +478,7 @@ export class OutboundMigrations {
         ...MIGRATION_OPTION_DEFAULTS,
         migrationId: out.migrationId,
         peerAddress: out.to,
-        maxWireBytes: 3 * guest.memoryBytes,
+        maxWireBytes: 3 * guest.regions.reduce((sum, region) => sum + region.lengthBytes, 0),
         tracker: this.context.config.tracker,
         batchBytes: this.context.config.batchBytes,
         digestBytesPerSec: this.context.digestBytesPerSec(),

@@ -90,6 +90,11 @@ export interface HostedGuest extends SourceGuest {
    * Resolves with what it removed.
    */
   removeMigrationLeftovers?(): Promise<string[]>;
+  /**
+   * After a post-copy of its disks: the guest's drives go from this agent's NBD exports to
+   * the disks' files (already complete and named). Resolves with the disks it switched.
+   */
+  useLocalDisks?(): Promise<number>;
 }
 
 /** A guest's own counters as `gangway status` shows them: a process guest's header, a VM's QEMU state and test kernel. */
@@ -159,9 +164,11 @@ export interface GuestLauncher {
    * Starts the guest in standby on `files` (its memory not yet complete). `regionFds`: this
    * agent's descriptors of the regions' memory files (unnamed until the commit), for a kind
    * that maps its memory before the commit. Post-copy: the guest's end of the socket its
-   * userfaultfd comes back over.
+   * userfaultfd comes back over. `diskExportSocket`: the guest reaches the disks that arrive
+   * through this agent's NBD exports on that socket (named by their regions), not their files
+   * (post-copy of disks; the agent switches it to the files once they are complete).
    */
-  standby(files: GuestFiles, options: { guest: GuestSpec; regionFds: readonly number[]; postcopySocketFd?: number }): StandbyGuest;
+  standby(files: GuestFiles, options: { guest: GuestSpec; regionFds: readonly number[]; postcopySocketFd?: number; diskExportSocket?: string }): StandbyGuest;
   /**
    * Hands the device state that arrived to the standby guest, before go(). A kind without
    * it takes no device state: a migration that brings some is refused.
@@ -183,6 +190,8 @@ export interface GuestLauncher {
    * memoryDir. Called after checkOffer.
    */
   disks?(guest: GuestSpec): { path: string; region?: number }[];
+  /** Where this agent serves the disks of a guest in post-copy (beside its other sockets). */
+  diskExportSocket?(files: GuestFiles): string;
 }
 
 /** The launchers this agent has, by the offer's guest kind. */

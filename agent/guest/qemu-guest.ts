@@ -28,8 +28,8 @@ import { openShimTrackers } from './shim-trackers.js';
 import { removeVmTap } from './vm-tap.js';
 import { readTestvmStatus, TESTVM_STATUS_ADDR } from './testvm-status.js';
 import { MigratingVm, selectDisks, sizedDisk, type DiskSelection, type VmDisk } from './qemu-disks.js';
-import { removeGangwayBlockObjects } from './qmp-block.js';
-import { qemuArgs, vmDiskFields, vmDisks, vmStateSockets, type VmDefinition, type VmSpec } from './vm-spec.js';
+import { removeGangwayBlockObjects, switchDiskToFile } from './qmp-block.js';
+import { qemuArgs, vmDiskFields, vmDiskNodes, vmDisks, vmStateSockets, type VmDefinition, type VmSpec } from './vm-spec.js';
 
 /** Where QEMU and the kernels it boots are, on this agent. */
 export interface QemuSettings {
@@ -132,6 +132,8 @@ export interface QemuLaunchOptions {
   diskPaths?: readonly string[];
   /** More descriptors for QEMU, after the regions' (fds 4 + regionFds.length ...). */
   extraFds?: readonly number[];
+  /** Disks QEMU reaches through the agent's NBD exports (post-copy of disks). */
+  diskExports?: { socket: string; disks: readonly number[] };
 }
 
 export interface LaunchedQemu {
@@ -161,7 +163,14 @@ export function launchQemu(options: QemuLaunchOptions): LaunchedQemu {
     options.name,
     definition,
     regionBytes,
-    { memoryPaths, qmpSocket: files.qmpSocketPath, serialLog: files.consolePath, diskPaths, ...(options.tap === undefined ? {} : { tap: options.tap }) },
+    {
+      memoryPaths,
+      qmpSocket: files.qmpSocketPath,
+      serialLog: files.consolePath,
+      diskPaths,
+      ...(options.tap === undefined ? {} : { tap: options.tap }),
+      ...(options.diskExports ? { diskExports: options.diskExports } : {}),
+    },
     options.settings.imagesDir,
     options.incoming,
   );
@@ -389,6 +398,14 @@ export class QemuGuest implements HostedGuest {
     const removed = await removeGangwayBlockObjects(await this.client());
     rmSync(this.nbdSocketPath, { force: true });
     return [...removed.exports.map((id) => `NBD export ${id}`), ...removed.bitmaps.map((name) => `dirty bitmap ${name}`), ...removed.limited.map((device) => `write limit on ${device}`)];
+  }
+
+  async useLocalDisks(): Promise<number> {
+    if (this.disks.length === 0) return 0;
+    const qmp = await this.client();
+    let switched = 0;
+    for (const disk of this.disks) if (await switchDiskToFile(qmp, vmDiskNodes(disk.index), disk.path)) switched++;
+    return switched;
   }
 
   /** The VM as a migration moving `disks` sees it: its memory and those disks (their size now), as regions. */

@@ -12,7 +12,7 @@ import type { Logger } from '../log.js';
 import { connectWhenReady, endQemu, launchQemu, loadQemuDeviceState, logTail, resolveKernel, VM_PAGE_SIZE, type QemuSettings } from './qemu-guest.js';
 import type { QmpClient } from './qmp.js';
 import { createVmTap, removeVmTap, tapNameFor } from './vm-tap.js';
-import { diskRegionName, MAX_MOVED_DISK_BYTES, kvmProblem, parseVmDefinition, VM_DISK_BLOCK_BYTES, vmDiskSizeProblem, vmDisks, vmRegionsProblem, vmSocketPathProblem, vmStateSockets, type VmSpec } from './vm-spec.js';
+import { diskRegionName, vmDiskExportSocket, MAX_MOVED_DISK_BYTES, kvmProblem, parseVmDefinition, VM_DISK_BLOCK_BYTES, vmDiskSizeProblem, vmDisks, vmRegionsProblem, vmSocketPathProblem, vmStateSockets, type VmSpec } from './vm-spec.js';
 
 /** Can KVM be used here? (The reason when not.) */
 export function kvmAvailability(): string | undefined {
@@ -198,7 +198,7 @@ export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLaunche
       const result = vmSpecOfOffer(guest, settings);
       return 'problem' in result ? result.problem : undefined;
     },
-    standby(files, { guest, regionFds, postcopySocketFd }) {
+    standby(files, { guest, regionFds, postcopySocketFd, diskExportSocket }) {
       const result = vmSpecOfOffer(guest, settings);
       if ('problem' in result) throw new GangwayError(ErrorCode.BAD_REQUEST, result.problem);
       const socketProblem = vmSocketPathProblem(files.qmpSocketPath!);
@@ -207,10 +207,14 @@ export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLaunche
       // them); a shared disk is opened by its path here.
       const memoryCount = result.spec.regionBytes.length;
       const diskFds = regionFds.slice(memoryCount);
-      const diskPaths = vmDiskPlaces(guest, settings).map((place) =>
+      const places = vmDiskPlaces(guest, settings);
+      const diskPaths = places.map((place) =>
         // Region i's fd is QEMU's fd 4 + i (launchQemu: the memory's, then extraFds).
         place.region === undefined ? place.path : `/proc/self/fd/${4 + place.region}`,
       );
+      // Post-copy of disks: the arriving disks through this agent's exports.
+      const exported = places.flatMap((place, index) => (place.region === undefined ? [] : [index]));
+      const diskExports = diskExportSocket !== undefined && exported.length > 0 ? { socket: diskExportSocket, disks: exported } : undefined;
       return new QemuStandby(result.spec, files, {
         name: guest.name,
         spec: result.spec,
@@ -220,6 +224,7 @@ export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLaunche
         regionFds: regionFds.slice(0, memoryCount),
         extraFds: diskFds,
         diskPaths,
+        ...(diskExports ? { diskExports } : {}),
         ...(result.spec.nic ? { tap: tapNameFor(files) } : {}),
         ...(postcopySocketFd === undefined ? {} : { postcopySocketFd }),
       }, log);
@@ -237,6 +242,9 @@ export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLaunche
     },
     disks(guest) {
       return vmDiskPlaces(guest, settings);
+    },
+    diskExportSocket(files) {
+      return vmDiskExportSocket(files.qmpSocketPath!);
     },
   };
 }

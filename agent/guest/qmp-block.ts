@@ -135,3 +135,29 @@ export async function removeGangwayBlockObjects(qmp: QmpClient): Promise<{ expor
   const limited = await liftGangwayLimits(qmp);
   return { exports: found.exports, bitmaps: found.bitmaps.map((b) => b.name), limited };
 }
+
+/** The names of the block nodes QEMU has (query-named-block-nodes). */
+export async function blockNodeNames(qmp: QmpClient): Promise<Set<string>> {
+  return new Set(NamedNodesSchema.parse(await qmp.exec('query-named-block-nodes', { flat: true })).map((node) => node['node-name']));
+}
+
+/**
+ * A drive that reads and writes through NBD client node `exportNode` goes to the file at
+ * `path` instead: a file node `fileNode` is added, the raw format node `formatNode` (the
+ * device's drive) is reopened on it (blockdev-reopen drains the requests in flight first:
+ * none is lost), and the NBD node is deleted. The guest runs on throughout. A drive already
+ * on its file is left alone; false then.
+ */
+export async function switchDiskToFile(qmp: QmpClient, nodes: { file: string; format: string; export: string }, path: string): Promise<boolean> {
+  let names = await blockNodeNames(qmp);
+  if (!names.has(nodes.export)) return false;
+  // A switch cut short (the agent died between its steps) left the file node: it is reused.
+  if (!names.has(nodes.file)) {
+    await qmp.exec('blockdev-add', { driver: 'file', 'node-name': nodes.file, filename: path, cache: { direct: false }, discard: 'unmap' });
+  }
+  await qmp.exec('blockdev-reopen', { options: [{ driver: 'raw', 'node-name': nodes.format, file: nodes.file, discard: 'unmap' }] });
+  await qmp.exec('blockdev-del', { 'node-name': nodes.export });
+  names = await blockNodeNames(qmp);
+  if (names.has(nodes.export)) throw new GangwayError(ErrorCode.GUEST_FAILED, `QEMU kept node ${nodes.export} after blockdev-del`);
+  return true;
+}

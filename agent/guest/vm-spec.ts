@@ -147,6 +147,11 @@ export interface VmFiles {
   tap?: string;
   /** The files of the VM's disks, in the definition's order. */
   diskPaths?: readonly string[];
+  /**
+   * Disks the VM reaches through its agent's NBD exports instead of their files (a
+   * destination in post-copy of disks): disk i is the export diskRegionName(i) on `socket`.
+   */
+  diskExports?: { socket: string; disks: readonly number[] };
 }
 
 /**
@@ -204,9 +209,15 @@ export function qemuArgs(name: string, definition: VmDefinition, regionBytes: re
     // the file through the page cache and must see every write QEMU completed. A discard
     // (guest TRIM) becomes a hole: sparse stays sparse.
     const nodes = vmDiskNodes(i);
+    // Through the agent's export: the raw node's file is an NBD client node, switched to the
+    // file node (as below) once the disk is complete here.
+    const fileNode = files.diskExports?.disks.includes(i)
+      ? `driver=nbd,server.type=unix,server.path=${qemuPath(files.diskExports.socket, 'disk export socket')},export=${diskRegionName(i)},node-name=${nodes.export}`
+      : `driver=file,filename=${path},node-name=${nodes.file},cache.direct=off,discard=unmap`;
+    const fileName = files.diskExports?.disks.includes(i) ? nodes.export : nodes.file;
     args.push(
-      '-blockdev', `driver=file,filename=${path},node-name=${nodes.file},cache.direct=off,discard=unmap`,
-      '-blockdev', `driver=raw,file=${nodes.file},node-name=${nodes.format},discard=unmap`,
+      '-blockdev', fileNode,
+      '-blockdev', `driver=raw,file=${fileName},node-name=${nodes.format},discard=unmap`,
       '-device', `virtio-blk-pci,drive=${nodes.format},id=${nodes.device}`,
     );
   });
@@ -214,10 +225,17 @@ export function qemuArgs(name: string, definition: VmDefinition, regionBytes: re
   return args;
 }
 
-/** QEMU's names for disk i of a VM: its file node, its raw format node (the device's drive), its device. */
-export function vmDiskNodes(index: number): { file: string; format: string; device: string } {
-  return { file: `gw-file${index}`, format: `gw-disk${index}`, device: `gw-vd${index}` };
+/**
+ * QEMU's names for disk i of a VM: its file node, its raw format node (the device's drive),
+ * its device, and the NBD client node that stands for the file node while the disk arrives
+ * by post-copy.
+ */
+export function vmDiskNodes(index: number): { file: string; format: string; device: string; export: string } {
+  return { file: `gw-file${index}`, format: `gw-disk${index}`, device: `gw-vd${index}`, export: `gw-nbd${index}` };
 }
+
+/** Where the destination agent serves a VM's disks during their post-copy, beside its QMP socket. */
+export const vmDiskExportSocket = (qmpSocketPath: string): string => qmpSocketPath.replace(/\.qmp$/, '.disks');
 
 /** The longest path a unix socket may have (sun_path holds 108 bytes with its NUL). */
 export const MAX_SOCKET_PATH_BYTES = 107;

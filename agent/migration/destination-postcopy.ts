@@ -16,7 +16,8 @@ import type { NativeAddon } from '../native.js';
 import type { PeerSession } from '../peer/session.js';
 import { PageSet, runsPageCount } from '../tracker/page-set.js';
 import { withTimeout, type IncomingRegion } from './destination-types.js';
-import { PostcopyReceiver, type PostcopyStats } from './postcopy-destination.js';
+import { PostcopyReceiver, type PostcopyStats, type RegionReceiver } from './postcopy-destination.js';
+import type { PostcopyDisk } from './postcopy-disk.js';
 import type { PostcopyInstall } from './incoming-pages.js';
 import { LatencySamples, sendMissing } from './postcopy.js';
 
@@ -39,6 +40,15 @@ export interface DestinationPostcopyContext {
   finished(): boolean;
   /** Journals the guest as running here (its record), with the pages it lacks while post-copy lasts. */
   journal(incoming?: { migrationId: string; missingPages: number }): void;
+  /** Region `index` is a disk the guest reaches through this agent's export: its receiver. */
+  disk(index: number): PostcopyDisk | undefined;
+  /** Region `index`'s file got its name (a disk is removed again if the guest then fails to start). */
+  linked(index: number): void;
+  /**
+   * Every missing block of the disks is here and the memory checked: the disks go to stable
+   * storage and the guest is switched to its files (the agent leaves its I/O path).
+   */
+  disksComplete(): Promise<void>;
   /** Hands the standby guest its device state, before it may run. */
   loadDeviceState(standby: StandbyGuest): Promise<void>;
   finish(outcome: 'committed' | 'stranded', reason?: string): void;
@@ -52,7 +62,7 @@ export class DestinationPostcopy implements PostcopyInstall {
   /** The pages of each region the source says are missing here, as its postcopy frames bring them. */
   private missingIn: PageSet[] | undefined;
   /** A receiver per region, once the guest started here. */
-  private receivers: PostcopyReceiver[] | undefined;
+  private receivers: RegionReceiver[] | undefined;
   private closed = false;
   /** Resolves once the guest's userfaultfd is attached: post-copy pages wait for it. */
   private attachedP: Promise<void> | undefined;
@@ -142,26 +152,27 @@ export class DestinationPostcopy implements PostcopyInstall {
     let journaled = false;
     const t: Record<string, number> = { start: performance.now() };
     const latency = new LatencySamples();
-    const receivers = ctx.regions().map(
-      (region, index) =>
-        new PostcopyReceiver(
-          region,
-          missing[index]!,
-          (runs) => {
-            const session = ctx.session();
-            if (session.isOpen) session.send(Frame.fetch({ migrationId: ctx.migrationId, region: index, runs }));
-          },
-          // The guest died during post-copy: nothing is left to receive.
-          () => ctx.finish('stranded', 'the guest exited during post-copy'),
-          ctx.log,
-          ctx.metrics,
-          latency,
-        ),
-    );
+    const receivers: RegionReceiver[] = ctx.regions().map((region, index) => {
+      const sendFetch = (runs: Uint32Array) => {
+        const session = ctx.session();
+        if (session.isOpen) session.send(Frame.fetch({ migrationId: ctx.migrationId, region: index, runs }));
+      };
+      const disk = ctx.disk(index);
+      if (disk) {
+        // The guest's requests on its disk wait for missing blocks from here on.
+        disk.start(missing[index]!, sendFetch, latency);
+        return disk;
+      }
+      // The guest died during post-copy: nothing is left to receive.
+      return new PostcopyReceiver(region, missing[index]!, sendFetch, () => ctx.finish('stranded', 'the guest exited during post-copy'), ctx.log, ctx.metrics, latency);
+    });
+    // The guest's shim hands over a userfaultfd for each memory region (a disk has none).
+    const memoryReceivers = receivers.filter((receiver) => receiver instanceof PostcopyReceiver).length;
     try {
       for (const [index, region] of ctx.regions().entries()) {
         ctx.native.punchHoles(region.fd, missing[index]!, region.pageSizeBytes);
         ctx.native.tmpfileLink(region.fd, ctx.memoryPaths[index]!);
+        ctx.linked(index);
       }
       t.linked = performance.now();
       let attached!: () => void;
@@ -174,13 +185,13 @@ export class DestinationPostcopy implements PostcopyInstall {
       // after go(), QEMU when it starts (before its device state loads, which may touch RAM
       // and fault). So faults are served from the moment each one arrives.
       const handedOver = (async () => {
-        for (let received = 0; received < receivers.length; received++) {
+        for (let received = 0; received < memoryReceivers; received++) {
           const got = await ctx.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
-            throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy (${received} of ${receivers.length} regions): ${err.message}`);
+            throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy (${received} of ${memoryReceivers} regions): ${err.message}`);
           });
           const receiver = receivers[got.region];
           const region = ctx.regions()[got.region];
-          if (!receiver || !region || receiver.attached || got.length !== region.lengthBytes) {
+          if (!(receiver instanceof PostcopyReceiver) || !region || receiver.attached || got.length !== region.lengthBytes) {
             closeSync(got.uffd);
             throw new GangwayError(
               ErrorCode.GUEST_FAILED,
@@ -232,6 +243,8 @@ export class DestinationPostcopy implements PostcopyInstall {
     // written since: together they are the memory as it was at the switchover.
     const digests = await Promise.all(ctx.regions().map((region) => ctx.native.regionDigest(region.handle, 'tracked')));
     const match = digests.length === sourceDigests.length && digests.every((d, i) => d.equals(Buffer.from(sourceDigests[i]!)));
+    // The source drops its copy on a matching verdict: the disks here must be durable first.
+    if (match) await ctx.disksComplete();
     const stats = combinedStats(receivers);
     this.sentVerdict = Frame.verified({
       migrationId: ctx.migrationId,
@@ -311,7 +324,7 @@ export class DestinationPostcopy implements PostcopyInstall {
 }
 
 /** The post-copy statistics of a guest's regions together (their receivers share one latency record). */
-function combinedStats(receivers: readonly PostcopyReceiver[]): PostcopyStats {
+function combinedStats(receivers: readonly RegionReceiver[]): PostcopyStats {
   const all = receivers.map((receiver) => receiver.stats());
   return {
     missingPages: all.reduce((sum, s) => sum + s.missingPages, 0),

@@ -10,6 +10,7 @@
 // reattach (destination-postcopy.ts). What they share is in destination-types.ts.
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync, fdatasync, fsyncSync, openSync, rmSync, statfsSync } from 'node:fs';
+import { createServer, type Server } from 'node:net';
 import { dirname } from 'node:path';
 import { promisify } from 'node:util';
 import { removeGuestFiles } from '../guest/process-guest.js';
@@ -29,6 +30,8 @@ import { withTimeout, type DestinationContext, type IncomingRegion, type Incomin
 import { faultCrash, faultScribble } from './faults.js';
 import { IncomingDeviceState } from './incoming-device-state.js';
 import { IncomingPages } from './incoming-pages.js';
+import { NbdServer } from '../nbd/server.js';
+import { PostcopyDisk } from './postcopy-disk.js';
 
 export type { DestinationContext, IncomingResult } from './destination-types.js';
 
@@ -64,6 +67,12 @@ export class DestinationMigration implements FrameHandler {
   private repairs = 0;
   /** Post-copy at this side, for a post-copy or hybrid migration. */
   private readonly postcopy: DestinationPostcopy | undefined;
+  /** Post-copy of disks: each arriving disk's export, by region, which the guest reads and writes through until the switch to its file. */
+  private readonly diskExports = new Map<number, PostcopyDisk>();
+  /** The NBD server of those exports, on a unix socket the guest's drives connect to. */
+  private diskServer: { nbd: NbdServer; listener: Server; socket: string } | undefined;
+  /** The switch to the disks' files failed: the exports serve the guest until it exits. */
+  private disksServedToEnd = false;
   /** The source agent (a reattaching session must come from it). */
   private readonly sourceAgentId: string;
   /** Handed to the source in the accept: a reattach must present it (the daemon keeps it with a post-copy's verdict). */
@@ -108,6 +117,11 @@ export class DestinationMigration implements FrameHandler {
             finished: () => this.finished,
             journal: (incoming) => ctx.registry.add(this.guestRecord(this.standby!.pid, incoming)),
             loadDeviceState: (standby) => this.deviceState.load(standby),
+            disk: (index) => this.diskExports.get(index),
+            linked: (index) => {
+              if (this.diskRegions.has(index)) this.linkedDisks.push(this.regionPaths[index]!);
+            },
+            disksComplete: () => this.disksComplete(),
             finish: (outcome, reason) => this.finish(outcome, reason),
             startFailed: (err, journaled, message) => this.startFailed(err, journaled, message),
           });
@@ -150,8 +164,8 @@ export class DestinationMigration implements FrameHandler {
     }
     const unfit = launcher.checkOffer(offer.guest);
     if (unfit) return reject(RejectReason.badSpec, unfit);
-    if (offer.technique !== Technique.precopy && launcher.disks?.(offer.guest).some((disk) => disk.region !== undefined)) {
-      return reject(RejectReason.unsupported, 'this agent takes disks by pre-copy only (post-copy of disks is not done yet): migrate with --technique precopy, or --disks none on shared storage');
+    if (offer.technique !== Technique.precopy && !launcher.diskExportSocket && launcher.disks?.(offer.guest).some((disk) => disk.region !== undefined)) {
+      return reject(RejectReason.unsupported, `this agent takes ${launcher.kind} guests' disks by pre-copy only: migrate with --technique precopy, or --disks none on shared storage`);
     }
     try {
       ctx.registry.reserve(offer.guest.name);
@@ -258,9 +272,10 @@ export class DestinationMigration implements FrameHandler {
     if (!this.postcopy) {
       this.standby = this.launcher.standby(this.files, { guest: this.offer.guest, regionFds });
     } else {
+      const diskExportSocket = this.serveDisks();
       const guestEnd = this.postcopy.guestSocket();
       try {
-        this.standby = this.launcher.standby(this.files, { guest: this.offer.guest, regionFds, postcopySocketFd: guestEnd });
+        this.standby = this.launcher.standby(this.files, { guest: this.offer.guest, regionFds, postcopySocketFd: guestEnd, ...(diskExportSocket ? { diskExportSocket } : {}) });
       } finally {
         closeSync(guestEnd);
       }
@@ -272,6 +287,85 @@ export class DestinationMigration implements FrameHandler {
       if (this.finished || this.switching) return;
       this.log.error({ pid: standby.pid, code, log: this.files.logPath }, "the destination's standby guest exited before the switchover");
       this.refuse(ErrorCode.GUEST_FAILED, `the guest's ${this.launcher.kind} process at the destination exited (${code === null ? 'killed' : `code ${code}`}) before the switchover`);
+    });
+  }
+
+  /**
+   * Post-copy of disks: an export per arriving disk and their NBD server, listening before
+   * the guest starts (its drives connect as it opens them). The path, or undefined without disks.
+   */
+  private serveDisks(): string | undefined {
+    if (this.diskRegions.size === 0 || !this.launcher.diskExportSocket) return undefined;
+    for (const index of this.diskRegions) {
+      this.diskExports.set(index, new PostcopyDisk(this.offer.guest.regions[index]!.name, this.regions[index]!, this.native, this.ctx.metrics));
+    }
+    const socket = this.launcher.diskExportSocket(this.files);
+    rmSync(socket, { force: true });
+    const nbd = new NbdServer({ exports: [...this.diskExports.values()] });
+    const listener = createServer((connection) => {
+      if (!nbd.handle(connection)) connection.destroy();
+    });
+    listener.on('error', (err) => this.log.error({ err: err.message, socket }, "the disks' NBD server failed"));
+    // Bound at once (listen on a path binds before it returns): the guest may connect right away.
+    listener.listen(socket);
+    this.diskServer = { nbd, listener, socket };
+    return socket;
+  }
+
+  /** Stops serving the disks (their requests waiting for blocks fail) and removes the socket. */
+  private closeDiskServer(): void {
+    const server = this.diskServer;
+    if (!server) return;
+    this.diskServer = undefined;
+    for (const disk of this.diskExports.values()) disk.close();
+    server.listener.close();
+    void server.nbd.close().catch(() => {});
+    rmSync(server.socket, { force: true });
+  }
+
+  /**
+   * The disks are complete here (post-copy's end, or a hybrid's stop-and-copy commit): on
+   * stable storage with their names, then the guest's drives switched from the exports to
+   * the files. A switch that fails leaves the exports serving the guest for as long as it
+   * runs (it is not stopped for it), and says so.
+   */
+  private async disksComplete(): Promise<void> {
+    const disks = this.regions.filter((region) => region.disk);
+    if (disks.length === 0) return;
+    await this.flushing.catch(() => {});
+    await fdatasyncAll(disks.map((region) => region.fd));
+    for (const dir of new Set(this.linkedDisks.map((path) => dirname(path)))) syncDirectory(dir);
+    await this.useLocalDisks(disks.map((region) => region.fd));
+  }
+
+  /** Switches the guest's drives to the disks' files; on failure `fds` (the disks') stay open for the exports until the guest exits. */
+  private async useLocalDisks(fds: readonly number[]): Promise<void> {
+    if (!this.diskServer) return;
+    let lastError: unknown;
+    for (let attempt = 1; attempt <= 3; attempt++) {
+      try {
+        const guest = this.ctx.registry.get(this.offer.guest.name).guest;
+        const switched = (await guest.useLocalDisks?.()) ?? 0;
+        this.log.info({ disks: switched }, "the guest's disks are complete here: it uses their files directly");
+        this.closeDiskServer();
+        return;
+      } catch (err) {
+        lastError = err;
+        await new Promise((resolve) => setTimeout(resolve, 200 * attempt));
+      }
+    }
+    this.disksServedToEnd = true;
+    this.log.error(
+      { err: (lastError as Error)?.message, socket: this.diskServer.socket },
+      "the guest's drives could not be switched to its disks' files: this agent serves them until the guest exits",
+    );
+    void this.standby!.exited.then(() => {
+      this.closeDiskServer();
+      for (const fd of fds) {
+        try {
+          closeSync(fd);
+        } catch {}
+      }
     });
   }
 
@@ -463,6 +557,8 @@ export class DestinationMigration implements FrameHandler {
         } else closeSync(region.fd);
       }
       this.regions = [];
+      // A hybrid that ended by stop-and-copy: its guest's drives are the exports, complete.
+      for (const disk of this.diskExports.values()) disk.openComplete();
       t.closed = performance.now();
       // The journal: the record goes in before the guest may run, so that an agent restarted
       // from here on knows it (a guest that never started is dropped as dead on load).
@@ -481,6 +577,9 @@ export class DestinationMigration implements FrameHandler {
       await fdatasyncAll(diskFds);
       for (const dir of new Set(this.linkedDisks.map((path) => dirname(path)))) syncDirectory(dir);
       t.flushed = performance.now();
+      await this.useLocalDisks(diskFds);
+      // The exports serve the guest to its end: their files stay open.
+      if (this.disksServedToEnd) diskFds.splice(0);
       this.log.debug(Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), 'commit: ms after the commit frame');
       faultCrash('dest-after-start', this.log);
       this.state = transition(this.state, { type: 'sentCommitted' });
@@ -566,6 +665,7 @@ export class DestinationMigration implements FrameHandler {
     if (this.finished) return;
     this.finished = true;
     this.session.unregister(this.offer.migrationId);
+    if (!this.disksServedToEnd) this.closeDiskServer();
     if (outcome === 'aborted') {
       this.log.warn({ reason }, 'incoming migration aborted; partial memory discarded');
       this.cleanup();
@@ -610,6 +710,7 @@ export class DestinationMigration implements FrameHandler {
       try {
         this.native.regionClose(region.handle);
       } catch {}
+      if (region.disk && this.disksServedToEnd) continue;
       try {
         closeSync(region.fd);
       } catch {}

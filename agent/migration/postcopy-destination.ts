@@ -24,7 +24,25 @@ export interface PostcopyStats {
   faultLatency: { p50Ms: number; p99Ms: number; maxMs: number };
 }
 
-export class PostcopyReceiver {
+/** A region's side of post-copy at the destination: memory (PostcopyReceiver) or a disk (PostcopyDisk). */
+export interface RegionReceiver {
+  /** Pages still missing. */
+  readonly missingPages: number;
+  /** Takes pages (a memory region: once the guest's userfaultfd is here). */
+  readonly attached: boolean;
+  /** Installs a pages frame's entries where they are still missing. */
+  install(entries: Uint32Array, raw: Uint8Array): void;
+  /** Resolves once every missing page is installed. */
+  whenComplete(): Promise<void>;
+  /** Asks again for the pages the guest waits on (after a reattach). */
+  refetch(): void;
+  /** The pages still missing, as runs. */
+  missingRuns(): Uint32Array;
+  stats(): PostcopyStats;
+  close(): void;
+}
+
+export class PostcopyReceiver implements RegionReceiver {
   private readonly native = loadNative();
   private readonly missing: PageSet;
   private readonly requested: PageSet;

@@ -12,13 +12,13 @@ import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import { mergeRuns, subtractRuns } from '../tracker/page-set.js';
 import type { CodecChooser } from './codec-chooser.js';
 import { CreditWindow, type Pacer } from './flow.js';
-import { checkRuns, laneOf, lanePages, mergeLaneRuns, noPages, type LaneRuns } from './lanes.js';
+import { checkRuns, everyPage, laneOf, lanePages, mergeLaneRuns, noPages, type LaneRuns } from './lanes.js';
 import { addCounters, BatchPool, creditCost, sendRegionRound, type RoundCounters } from './page-sender.js';
 import { PostcopyScheduler, sendMissing, WindowTuner } from './postcopy.js';
 import { collectDirty, type ProgressReporter, type RoundSender } from './rounds.js';
 import type { SourceSession } from './source-link.js';
 import type { MigrationSummary, SourceRun } from './source-types.js';
-import { downtimeOf, hex, pauseForSwitchover, sameDigests, sendDeviceState } from './switchover.js';
+import { downtimeOf, hex, movedDisksOf, pauseForSwitchover, sameDigests, sendDeviceState } from './switchover.js';
 
 /**
  * Post-copy keeps few pushed bytes on their way (sent, not yet installed at the
@@ -276,15 +276,17 @@ export type PostcopyResult = Pick<MigrationSummary, 'downtimeMs' | 'downtime' | 
 
 /**
  * The post-copy switchover from round `round`, with `pending` collected and not yet sent
- * (everything, for a pure post-copy), then the push until the destination holds every
- * page. `reason`: why a hybrid went post-copy.
+ * (a pure post-copy sends everything, as it is once paused), then the push until the
+ * destination holds every page. `reason`: why a hybrid went post-copy.
  */
 export async function postcopySwitchover(run: SourceRun, sender: RoundSender, round: number, pending: LaneRuns, reason: string | undefined, gate: { held: (() => void) | undefined }): Promise<PostcopyResult> {
   const { options, guest, link, lanes, clock, log, state } = run;
   const paused = await pauseForSwitchover(run, gate);
   const { switchoverRttMs, pauseStart, pausedAt } = paused;
   const T: Record<string, number> = { paused: clock.now() };
-  const stale = (options.technique ?? 'precopy') === 'postcopy' ? pending : mergeLaneRuns(lanes, pending, await collectDirty(run));
+  // A pure post-copy sends every page, and of a disk every block that holds data now, paused
+  // (one the guest wrote into a hole since the migration started is data too).
+  const stale = (options.technique ?? 'precopy') === 'postcopy' ? everyPage(lanes) : mergeLaneRuns(lanes, pending, await collectDirty(run));
   const eager = guest.eagerRuns();
   const missing = lanes.map((lane) => subtractRuns(stale[lane.index] ?? new Uint32Array(0), eager[lane.index] ?? new Uint32Array(0), lane.pageCount));
   const missingPages = lanePages(missing);
@@ -306,7 +308,7 @@ export async function postcopySwitchover(run: SourceRun, sender: RoundSender, ro
     state.to('postcopy-switch');
     // From here the destination may run the guest: the record says so, so that nothing
     // (an operator, this agent after a restart) resumes this copy.
-    options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'postcopy', secret: run.secretHex() } });
+    options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'postcopy', secret: run.secretHex(), ...movedDisksOf(guest) } });
     T.journal = clock.now();
     const committedP = link.expect('committed', options.commitTimeoutMs, 'post-copy start confirmation');
     link.check();

@@ -18,7 +18,7 @@ import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import { PageSet } from '../tracker/page-set.js';
 import { CodecChooser } from './codec-chooser.js';
 import { CreditWindow, Pacer, realClock, type Clock } from './flow.js';
-import { checkRuns, everyPage, laneOf, type Lane, type LaneRuns } from './lanes.js';
+import { checkRuns, everyPage, laneOf, noPages, type Lane, type LaneRuns } from './lanes.js';
 import { BatchPool, emptyCounters } from './page-sender.js';
 import { mapRegion } from './region-reader.js';
 import { precopyRounds, ProgressReporter, RoundSender } from './rounds.js';
@@ -418,7 +418,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       };
     };
 
-    if (technique === 'postcopy') return postcopy(0, everyPage(lanes), undefined);
+    if (technique === 'postcopy') return postcopy(0, noPages(lanes), undefined);
     const outcome = await precopyRounds(run, sender, rtt, this.gate);
     if (outcome.next === 'postcopy') return postcopy(outcome.round, outcome.runs, outcome.reason);
     const result = await stopAndCopy(run, sender, outcome.round, outcome.runs, this.gate);

@@ -85,7 +85,7 @@ export interface Paused {
  * The disks that move, for the journal: they are the destination's once the guest runs
  * there, and whoever resolves the switchover (resolveOutgoing) removes this host's copies.
  */
-function movedDisksOf(guest: SourceRun['guest']): { movedDisks?: string[] } {
+export function movedDisksOf(guest: SourceRun['guest']): { movedDisks?: string[] } {
   const movedDisks = guest.regions.filter((region) => region.sparse).map((region) => region.path);
   return movedDisks.length ? { movedDisks } : {};
 }
