@@ -158,6 +158,16 @@ describe("a VM's disks in an offer", () => {
     expect(() => qemuArgs('vm1', { ...definition, disk0: 'd.raw' }, [64 * MiB], { memoryPaths: ['/dev/shm/m'], qmpSocket: '/s/q.qmp', serialLog: '/s/c' }, imagesDir, false)).toThrow(/1 disks, 0 disk files/);
     expect(() => qemuArgs('vm1', { ...definition, disk0: 'd.raw' }, [64 * MiB], { memoryPaths: ['/dev/shm/m'], qmpSocket: '/s/q.qmp', serialLog: '/s/c', diskPaths: ['/disks/a,b.raw'] }, imagesDir, false)).toThrow(/without ','/);
   });
+
+  it("puts a disk that arrives by post-copy behind the agent's NBD export (an nbd node under the raw node), the others on their files", () => {
+    const files = { memoryPaths: ['/dev/shm/m'], qmpSocket: '/s/q.qmp', serialLog: '/s/c', diskPaths: ['/proc/self/fd/5', '/disks/shared.raw'], diskExports: { socket: '/s/q.disks', disks: [0] } };
+    const args = qemuArgs('vm1', { ...definition, disk0: 'd.raw', disk1: 'shared.raw' }, [64 * MiB], files, imagesDir, true);
+    expect(args).toContain('driver=nbd,server.type=unix,server.path=/s/q.disks,export=disk0,node-name=gw-nbd0');
+    expect(args).toContain('driver=raw,file=gw-nbd0,node-name=gw-disk0,discard=unmap');
+    expect(args).toContain('driver=file,filename=/disks/shared.raw,node-name=gw-file1,cache.direct=off,discard=unmap');
+    expect(args.some((arg) => arg.includes('gw-file0'))).toBe(false);
+    expect(() => qemuArgs('vm1', { ...definition, disk0: 'd.raw' }, [64 * MiB], { ...files, diskPaths: ['/proc/self/fd/5'], diskExports: { socket: '/s/a,b.disks', disks: [0] } }, imagesDir, true)).toThrow(/without ','/);
+  });
 });
 
 describe('a VM record read back from disk', () => {
