@@ -181,6 +181,12 @@ export const DedupSettingsSchema = z
     residentOffersPerMinute: count(0, 10_000),
     /** How long a resident guest's fingerprints are reused before they are computed again. */
     residentMaxAge: duration.pipe(z.number().min(0).max(3_600_000, 'must be at most 1h')),
+    /**
+     * A directory of base images (raw files VMs' disks were cloned from): their blocks are
+     * offered to every peer that asks for resident content, whatever `resident` says (the
+     * operator put them there to be shared).
+     */
+    baseImages: absolutePath,
   })
   .partial()
   .strict();
@@ -276,6 +282,7 @@ export const ENV_OVERRIDES = {
   GANGWAY_DEDUP_RESIDENT: 'dedup.resident',
   GANGWAY_DEDUP_RESIDENT_OFFERS_PER_MINUTE: 'dedup.residentOffersPerMinute',
   GANGWAY_DEDUP_RESIDENT_MAX_AGE: 'dedup.residentMaxAge',
+  GANGWAY_DEDUP_BASE_IMAGES: 'dedup.baseImages',
 } as const;
 
 const ENV_NAME_OF: Record<string, string> = Object.fromEntries(Object.entries(ENV_OVERRIDES).map(([name, key]) => [key, name]));
@@ -455,6 +462,8 @@ export interface DedupPolicy {
   resident: (typeof RESIDENT_POLICIES)[number];
   residentOffersPerMinute: number;
   residentMaxAgeMs: number;
+  /** Base images offered to every peer that asks for resident content (dedup.baseImages). */
+  baseImagesDir?: string;
 }
 
 export const DEDUP_POLICY_DEFAULTS: DedupPolicy = { resident: 'from-peer', residentOffersPerMinute: 60, residentMaxAgeMs: 30_000 };
@@ -464,6 +473,7 @@ export function resolveDedupPolicy(settings: DedupSettings | undefined): DedupPo
     resident: settings?.resident ?? DEDUP_POLICY_DEFAULTS.resident,
     residentOffersPerMinute: settings?.residentOffersPerMinute ?? DEDUP_POLICY_DEFAULTS.residentOffersPerMinute,
     residentMaxAgeMs: settings?.residentMaxAge ?? DEDUP_POLICY_DEFAULTS.residentMaxAgeMs,
+    ...(settings?.baseImages ? { baseImagesDir: settings.baseImages } : {}),
   };
 }
 

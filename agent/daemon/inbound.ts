@@ -9,6 +9,7 @@ import { Frame } from '../../protocol/index.js';
 import type { AgentConfig } from '../daemon.js';
 import { DestinationGroup } from '../dedup/dest-group.js';
 import { ResidentOffers } from '../dedup/resident-policy.js';
+import { baseImageContent } from '../dedup/base-images.js';
 import type { LauncherTable } from '../guest/adapter.js';
 import type { GuestRecord, GuestRegistry } from '../guest/registry.js';
 import { VM_DISK_BLOCK_BYTES } from '../guest/vm-spec.js';
@@ -89,21 +90,29 @@ export class InboundMigrations {
       // dedup.residentOffersPerMinute times a minute; a group refused them still opens.
       const resident = (this.residentOffers ??= new ResidentOffers(this.context.config.dedup));
       const entries = this.context.registry.list();
-      resident.fingerprints.retain(entries.flatMap(({ record }) => [...record.files.memoryPaths, ...(record.files.diskPaths ?? [])].map((memoryPath) => ({ name: record.name, pid: record.pid, memoryPath }))));
+      const bases = this.baseImages();
+      resident.fingerprints.retain([
+        ...entries.flatMap(({ record }) => [...record.files.memoryPaths, ...(record.files.diskPaths ?? [])].map((memoryPath) => ({ name: record.name, pid: record.pid, memoryPath }))),
+        ...bases,
+      ]);
       const peer = session.peer?.agentId;
       const candidates = entries.map(({ record, guest }) => ({ name: record.name, origin: record.origin, migrating: this.context.isMigrating(record.name), alive: guest.alive(), record }));
-      const decision = resident.decide(peer, candidates);
+      const decision = resident.decide(peer, candidates, bases.length);
       this.context.metrics.dedupResidentOffers.inc({ outcome: decision.outcome });
       if (decision.warn) {
         this.context.log.warn({ peer, offersPerMinute: this.context.config.dedup.residentOffersPerMinute }, 'the peer asked for more resident offers than dedup.residentOffersPerMinute: its groups get no resident slots until its oldest offer is a minute old');
       }
       // Each memory region of a resident guest is content of its own, and so is each of its
-      // disks (a VM cloned from the same base image as one arriving holds most of its blocks).
-      const guests = decision.guests.flatMap(({ record }) => {
-        const sizes = record.spec.regionBytes ?? [record.memoryBytes];
-        const memory = record.files.memoryPaths.map((memoryPath, i) => ({ name: record.name, pid: record.pid, memoryPath, memoryBytes: sizes[i]!, pageSizeBytes: record.pageSizeBytes }));
-        return [...memory, ...residentDisks(record)];
-      });
+      // disks (a VM cloned from the same base image as one arriving holds most of its
+      // blocks), and each base image.
+      const guests = decision.outcome !== 'offered' ? [] : [
+        ...decision.guests.flatMap(({ record }) => {
+          const sizes = record.spec.regionBytes ?? [record.memoryBytes];
+          const memory = record.files.memoryPaths.map((memoryPath, i) => ({ name: record.name, pid: record.pid, memoryPath, memoryBytes: sizes[i]!, pageSizeBytes: record.pageSizeBytes }));
+          return [...memory, ...residentDisks(record)];
+        }),
+        ...bases,
+      ];
       if (guests.length > 0) offered = group.offerResident(session, guests, resident.fingerprints);
     }
     offered.then(
@@ -112,6 +121,23 @@ export class InboundMigrations {
       },
       (err: Error) => session.fail(new GangwayError(ErrorCode.INTERNAL, `offering resident content failed: ${err.message}`)),
     );
+  }
+
+  /** What was said of the base images directory last (each problem is logged once, not at every group). */
+  private baseImagesNote = '';
+
+  /** The base images this agent offers (dedup.baseImages), read now. */
+  private baseImages(): ResidentGuest[] {
+    const dir = this.context.config.dedup.baseImagesDir;
+    if (!dir) return [];
+    const { images, skipped, problem } = baseImageContent(dir);
+    const note = JSON.stringify([problem, skipped]);
+    if (note !== this.baseImagesNote) {
+      this.baseImagesNote = note;
+      if (problem) this.context.log.warn({ problem }, 'no base images offered');
+      else if (skipped.length > 0) this.context.log.warn({ dir, skipped }, 'base images left out of resident offers');
+    }
+    return images;
   }
 
   /** The verdicts of post-copy migrations that ended here, for a source that reconnects to ask. */

@@ -61,12 +61,12 @@ export class ResidentOffers {
 
   /**
    * What a peer's request for resident content gets. Only a request with something to offer
-   * takes one of the peer's offers per minute: one the policy leaves empty costs no hashing
-   * and shows nothing.
+   * takes one of the peer's offers per minute: one the policy leaves empty (and no base
+   * image, `baseImages` of them, is there to offer) costs no hashing and shows nothing.
    */
-  decide<C extends ResidentCandidate>(peerAgentId: string | undefined, candidates: readonly C[]): ResidentDecision<C> {
+  decide<C extends ResidentCandidate>(peerAgentId: string | undefined, candidates: readonly C[], baseImages = 0): ResidentDecision<C> {
     const guests = selectResident(this.policy.resident, peerAgentId, candidates);
-    if (guests.length === 0) return { outcome: 'refused-policy', guests: [], warn: false };
+    if (guests.length === 0 && baseImages === 0) return { outcome: 'refused-policy', guests: [], warn: false };
     const verdict = this.limiter.take(peerAgentId ?? '');
     if (!verdict.allowed) return { outcome: 'rate-limited', guests: [], warn: verdict.warn };
     return { outcome: 'offered', guests, warn: false };

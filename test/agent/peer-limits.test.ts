@@ -21,6 +21,7 @@ describe('peers and dedup settings', () => {
       GANGWAY_PEERS_DECOMPRESSIONS_PER_SESSION: '2',
       GANGWAY_PEERS_MAX_DEVICE_STATE: '1MiB',
       GANGWAY_DEDUP_RESIDENT: 'none',
+      GANGWAY_DEDUP_BASE_IMAGES: '/var/lib/gangway/base',
     });
     expect(resolvePeerLimits(layer.peers)).toEqual({
       maxSessionsPerPeer: 2,
@@ -34,7 +35,8 @@ describe('peers and dedup settings', () => {
       decompressionsPerSession: 2,
       maxDeviceStateBytes: 2 ** 20,
     });
-    expect(resolveDedupPolicy(layer.dedup).resident).toBe('none');
+    expect(resolveDedupPolicy(layer.dedup)).toMatchObject({ resident: 'none', baseImagesDir: '/var/lib/gangway/base' });
+    expect(() => configFromEnv({ GANGWAY_DEDUP_BASE_IMAGES: 'base' })).toThrow(/GANGWAY_DEDUP_BASE_IMAGES.*absolute path/);
   });
 
   it('has safe defaults', () => {

@@ -2,11 +2,12 @@
 // (the per-peer limiter, on a fake clock), and the shared fingerprint cache (one hashing pass
 // per guest for concurrent requests, reuse up to the max age, guests gone forgotten, the
 // byte budget), with a fake hashing function; and the real hashing against the addon.
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, test } from 'vitest';
 import { DEDUP_POLICY_DEFAULTS, type DedupPolicy } from '../../agent/config.js';
+import { baseImageContent, MAX_BASE_IMAGES } from '../../agent/dedup/base-images.js';
 import { hashGuestMemory, ResidentFingerprintCache, type ResidentGuest } from '../../agent/dedup/resident-cache.js';
 import { ResidentOfferLimiter } from '../../agent/dedup/resident-limiter.js';
 import { ResidentOffers, selectResident, type ResidentCandidate } from '../../agent/dedup/resident-policy.js';
@@ -135,6 +136,40 @@ describe('ResidentOffers.decide', () => {
   test("under 'none' every request is refused by the policy", () => {
     const offers = new ResidentOffers(policy({ resident: 'none' }), { hash: noHashing });
     expect(offers.decide(PEER, host).outcome).toBe('refused-policy');
+  });
+
+  test("base images are offered whatever the policy says of guests, and count against the peer's offers", () => {
+    const offers = new ResidentOffers(policy({ resident: 'none', residentOffersPerMinute: 1 }), { hash: noHashing });
+    expect(offers.decide(OTHER, host, 2)).toEqual({ outcome: 'offered', guests: [], warn: false });
+    expect(offers.decide(OTHER, host, 2)).toEqual({ outcome: 'rate-limited', guests: [], warn: true });
+  });
+});
+
+describe('base images (dedup.baseImages)', () => {
+  test('regular files of whole 4 KiB blocks, in name order, sparse; the others left out with the reason; at most 16', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gangway-base-'));
+    try {
+      writeFileSync(join(dir, 'b.raw'), Buffer.alloc(8192));
+      writeFileSync(join(dir, 'a.raw'), Buffer.alloc(4096));
+      writeFileSync(join(dir, 'odd.raw'), Buffer.alloc(4097));
+      writeFileSync(join(dir, 'empty.raw'), '');
+      symlinkSync(join(dir, 'a.raw'), join(dir, 'link.raw'));
+      mkdirSync(join(dir, 'sub'));
+      const { images, skipped, problem } = baseImageContent(dir);
+      expect(problem).toBeUndefined();
+      expect(images).toEqual([
+        { name: 'base:a.raw', pid: 0, memoryPath: join(dir, 'a.raw'), memoryBytes: 4096, pageSizeBytes: 4096, sparse: true },
+        { name: 'base:b.raw', pid: 0, memoryPath: join(dir, 'b.raw'), memoryBytes: 8192, pageSizeBytes: 4096, sparse: true },
+      ]);
+      expect(skipped).toEqual([expect.stringMatching(/^empty.raw: 0 bytes/), expect.stringMatching(/^link.raw: not a regular file/), expect.stringMatching(/^odd.raw: 4097 bytes/), expect.stringMatching(/^sub: not a regular file/)]);
+      for (let i = 0; i < 20; i++) writeFileSync(join(dir, `m${String(i).padStart(2, '0')}.raw`), Buffer.alloc(4096));
+      const many = baseImageContent(dir);
+      expect(many.images).toHaveLength(MAX_BASE_IMAGES);
+      expect(many.skipped.filter((line) => /more than 16 base images/.test(line))).toHaveLength(22 - MAX_BASE_IMAGES);
+      expect(baseImageContent(join(dir, 'gone')).problem).toMatch(/dedup.baseImages .*gone cannot be read/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

@@ -409,6 +409,32 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     await kernelFindsNothingStale(b, first);
   }, 180_000);
 
+  it("a disk cloned from a base image in the destination's dedup.baseImages (no VM there uses it): its blocks come from that file, not over the link", async () => {
+    cluster = new Cluster();
+    const disksA = join(cluster.dir, 'disks-a');
+    const disksB = join(cluster.dir, 'disks-b');
+    const base = join(cluster.dir, 'base');
+    for (const dir of [disksA, disksB, base]) mkdirSync(dir);
+    disksOf.set('a', disksA).set('b', disksB);
+    writeTestvmBaseImage(join(base, 'testvm-base.raw'), { sizeBytes: 64 * MiB, baseBlocks: 4096, imageSeed: 13n });
+    const baseDigest = fileSha256(join(base, 'testvm-base.raw'));
+    const a = await agentNamed('a');
+    // dedup.resident none: only the base image is offered.
+    const b = await agentNamed('b', { GANGWAY_DEDUP_BASE_IMAGES: base, GANGWAY_DEDUP_RESIDENT: 'none' });
+    const name = uniqueName('vi');
+    writeTestvmBaseImage(join(disksA, `${name}.raw`), { sizeBytes: 64 * MiB, baseBlocks: 4096, imageSeed: 13n });
+    await startVm(a, name, [`${name}.raw`], 'gw.profile=zero gw.seed=41 gw.rate=64 gw.image_seed=13 gw.disk_base=4096 gw.disk_hot=64 gw.disk_rate=20');
+    const { run, result } = await migrate(a, [name, '--to', b.listen]);
+    expect(run.exitCode, run.stderr + run.stdout).toBe(0);
+    const summary = result.guests[0];
+    expect(summary).toMatchObject({ verified: true, repairedPages: 0 });
+    expect(summary.dedup.hits.resident).toBeGreaterThan(3000);
+    expect(summary.disks[0].wireBytes).toBeLessThan(summary.disks[0].dataBytes * 0.15);
+    await kernelFindsNothingStale(b, name);
+    // The base image is read, never written.
+    expect(fileSha256(join(base, 'testvm-base.raw'))).toBe(baseDigest);
+  }, 180_000);
+
   it('source killed right after the commit: restarted, it finds the VM running at the destination and removes its own copy of the disk too', async () => {
     cluster = new Cluster();
     const disksA = join(cluster.dir, 'disks-a');
