@@ -2,7 +2,7 @@
 // guest (4 KiB blocks, sparse), its dirty blocks come from QEMU's own dirty bitmap read over
 // NBD, and it arrives as a sparse file named at the commit. QEMU runs under TCG.
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { qemuMissing } from '../../agent/guest/qemu-guest.js';
@@ -181,14 +181,15 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     }
   }
 
-  it.each(['source', 'destination', 'cancel'] as const)('%s: a disk migration ended in the middle leaves nothing in QEMU, the VM runs on at the source, and the next migration succeeds', async (how) => {
+  it.each(['source', 'destination', 'cancel', 'cancel-hybrid'] as const)('%s: a disk migration ended in the middle leaves nothing in QEMU, the VM runs on at the source, and the next migration succeeds', async (how) => {
     const { a, b, disksA, disksB } = await twoAgents();
     const name = uniqueName(`vk${how[0]}`);
     const file = `${name}.raw`;
     const digest = writeSparseDisk(join(disksA, file), 256 * MiB, 48, 6);
     await startVm(a, name, [file]);
     const pid = (await guestOn(a, name))!.pid;
-    const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '16MiB/s', '--json']);
+    // A hybrid's destination QEMU reaches the disk through the agent's export from the start.
+    const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '16MiB/s', ...(how === 'cancel-hybrid' ? ['--technique', 'hybrid'] : []), '--json']);
     let id = '';
     let progress: { round: number; disk?: { roundBlocks: number; roundBlocksSent: number } } | undefined;
     await waitForAsync('round 0 under way', async () => {
@@ -213,6 +214,8 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     }
     const destination = how === 'destination' ? await agentNamed('b') : b;
     await waitForAsync('the destination to drop the migration', async () => (await destination.status()).migrations.every((m) => m.state !== 'running'), 30_000);
+    // No export socket (a hybrid's) nor anything else of the migration is left in the destination's state directory.
+    expect(readdirSync(join(destination.stateDir, 'guests')).filter((f) => !f.endsWith('.json'))).toEqual([]);
     // Nothing arrived at the destination (its file was never named), the source's disk is whole.
     expect(existsSync(join(disksB, file))).toBe(false);
     await waitForAsync('the VM to run at the source', async () => (await guestOn(source, name))?.vmStatus === 'running', 30_000);
