@@ -206,6 +206,8 @@ export class Agent {
   async start(): Promise<void> {
     const dead = this.registry.load();
     if (dead.length > 0) this.log.warn({ guests: dead }, 'guests in the registry are no longer running; dropped');
+    const strays = this.registry.removeStrays();
+    if (strays.length > 0) this.log.warn({ files: strays }, 'removed files of the guests directory that no guest owns (a migration in when the agent last stopped, guests no longer running)');
     for (const { file, name, problem } of this.registry.unreadableRecords()) {
       this.log.error({ guest: name, file, problem }, `guest record cannot be read; kept, and guest "${name}" is refused until it is dealt with: ${UNREADABLE_RECORD_ADVICE}`);
     }

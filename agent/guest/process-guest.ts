@@ -12,7 +12,7 @@ import { guestBinaryPath, trackShimPath } from '../native.js';
 import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
 import { logTail } from './log-tail.js';
 import { openShimTrackers, trackReportPathOf } from './shim-trackers.js';
-import { vmStateSockets } from './vm-spec.js';
+import { vmSocketPaths } from './vm-spec.js';
 
 export { trackReportPathOf } from './shim-trackers.js';
 import { GUEST_MAX_REGIONS, GUEST_PAGE_SIZE, readGuestHeader, type GuestHeader, type GuestProfileName } from './guest-header.js';
@@ -437,9 +437,18 @@ export function removeGuestFiles(files: GuestFiles): void {
     rmSync(trackReportPathOf(files, i), { force: true });
   }
   if (files.deviceStatePath) rmSync(files.deviceStatePath, { force: true });
-  if (files.qmpSocketPath) {
-    const sockets = vmStateSockets(files.qmpSocketPath);
-    for (const path of [files.qmpSocketPath, sockets.in, sockets.out]) rmSync(path, { force: true });
-  }
+  if (files.qmpSocketPath) for (const path of vmSocketPaths(files.qmpSocketPath)) rmSync(path, { force: true });
   if (files.consolePath) rmSync(files.consolePath, { force: true });
+}
+
+/** Every file of the guest's own, its log included (not its disks: the operator's). */
+export function guestFilePaths(files: GuestFiles): string[] {
+  return [
+    ...files.memoryPaths,
+    ...files.memoryPaths.map((_, i) => trackReportPathOf(files, i)),
+    files.logPath,
+    ...(files.deviceStatePath ? [files.deviceStatePath] : []),
+    ...(files.qmpSocketPath ? vmSocketPaths(files.qmpSocketPath) : []),
+    ...(files.consolePath ? [files.consolePath] : []),
+  ];
 }

@@ -29,7 +29,8 @@ import { removeVmTap } from './vm-tap.js';
 import { readTestvmStatus, TESTVM_STATUS_ADDR } from './testvm-status.js';
 import { MigratingVm, selectDisks, sizedDisk, type DiskSelection, type VmDisk } from './qemu-disks.js';
 import { removeGangwayBlockObjects, switchDiskToFile } from './qmp-block.js';
-import { qemuArgs, vmDiskFields, vmDiskNodes, vmDisks, vmStateSockets, type VmDefinition, type VmSpec } from './vm-spec.js';
+export { vmNbdSocketPath } from './vm-spec.js';
+import { qemuArgs, vmDiskFields, vmDiskNodes, vmDisks, vmNbdSocketPath, vmStateSockets, type VmDefinition, type VmSpec } from './vm-spec.js';
 
 /** Where QEMU and the kernels it boots are, on this agent. */
 export interface QemuSettings {
@@ -96,7 +97,6 @@ export function vmConfig(definition: VmDefinition): Record<string, string | numb
 }
 
 /** Where QEMU's NBD server listens while a migration reads the VM's dirty bitmaps: next to its QMP socket. */
-export const vmNbdSocketPath = (qmpSocketPath: string): string => qmpSocketPath.replace(/\.qmp$/, '.nbd');
 
 /** Creates a VM's memory files, the agent's own (0600, never through something left at the path), each its region's size. */
 export function createVmMemoryFiles(paths: readonly string[], regionBytes: readonly number[]): void {

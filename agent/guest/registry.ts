@@ -1,11 +1,11 @@
 // The agent's guests, persisted under STATE/guests/NAME.json so that an agent restart finds
 // the guests that kept running without it (they are detached processes).
-import { chmodSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
 import type { Logger } from '../log.js';
 import type { HostedGuest } from './adapter.js';
-import { isAlive, ProcessGuest, type GuestFiles } from './process-guest.js';
+import { guestFilePaths, isAlive, ProcessGuest, type GuestFiles } from './process-guest.js';
 import { QemuGuest } from './qemu-guest.js';
 import { parseGuestRecord, type GuestRecord } from './record.js';
 
@@ -91,6 +91,33 @@ export class GuestRegistry {
       }
     }
     return dead;
+  }
+
+  /**
+   * Removes the files of the guests directory that no record names, once load() has run:
+   * what a guest arriving here left when the previous run of this agent died before its
+   * commit (its standby QEMU's sockets, console and log; its memory was an unnamed file and
+   * went with it), and the files of guests found dead. Returns the files' names. Nothing is
+   * removed while a record cannot be read (whose files are whose is not known then), nor
+   * while a guest is being created or received (its files are no record's yet).
+   */
+  removeStrays(): string[] {
+    if (this.unreadable.size > 0 || this.reserved.size > 0) return [];
+    const named = new Set<string>();
+    for (const { record } of this.guests.values()) for (const path of guestFilePaths(record.files)) named.add(path);
+    const removed: string[] = [];
+    for (const file of readdirSync(this.dir)) {
+      const path = join(this.dir, file);
+      // Records, and a record's write a crash cut short (see load()), are not strays.
+      if (file.endsWith('.json') || file.endsWith('.json.tmp') || named.has(path)) continue;
+      try {
+        if (!lstatSync(path).isDirectory()) {
+          rmSync(path, { force: true });
+          removed.push(file);
+        }
+      } catch {}
+    }
+    return removed;
   }
 
   private keepUnreadable(file: string, fileName: string, problem: string): void {

@@ -237,6 +237,15 @@ export function vmDiskNodes(index: number): { file: string; format: string; devi
 /** Where the destination agent serves a VM's disks during their post-copy, beside its QMP socket. */
 export const vmDiskExportSocket = (qmpSocketPath: string): string => qmpSocketPath.replace(/\.qmp$/, '.disks');
 
+/** Where a VM's QEMU serves NBD to its agent during a disk migration (the source's dirty bitmaps), beside its QMP socket. */
+export const vmNbdSocketPath = (qmpSocketPath: string): string => qmpSocketPath.replace(/\.qmp$/, '.nbd');
+
+/** Every socket of a VM beside (and with) its QMP socket: what goes with the VM. */
+export function vmSocketPaths(qmpSocketPath: string): string[] {
+  const state = vmStateSockets(qmpSocketPath);
+  return [qmpSocketPath, state.in, state.out, vmNbdSocketPath(qmpSocketPath), vmDiskExportSocket(qmpSocketPath)];
+}
+
 /** The longest path a unix socket may have (sun_path holds 108 bytes with its NUL). */
 export const MAX_SOCKET_PATH_BYTES = 107;
 

@@ -131,6 +131,27 @@ describe('guest records read back from disk', () => {
     registry.reserve('gone');
   });
 
+  it("removes the files no record names (a VM arriving when the agent died, a guest found dead), keeps its guests' own, and removes nothing while a record cannot be read", () => {
+    const vm2 = migratedRecord('vm2');
+    const own = (name: string) => join(guestsDir, name);
+    vm2.files = { ...vm2.files, trackReportPath: own('vm2-00ff00ff.track'), logPath: own('vm2.log'), deviceStatePath: own('vm2-00ff00ff.dev') };
+    write('vm2.json', JSON.stringify(vm2, null, 2));
+    write('gone.json', startedRecordText('gone', 4_194_305));
+    const kept = ['vm2.json', 'vm2-00ff00ff.track', 'vm2-00ff00ff.track.1', 'vm2.log', 'vm2-00ff00ff.dev', 'vm3.json.tmp'];
+    const strays = ['0badc0de.qmp', '0badc0de.state-in', '0badc0de.disks', 'vm3-0badc0de.console', 'vm3.log', 'gone.log', 'vm2-1234abcd.track'];
+    for (const file of [...kept.slice(1), ...strays]) write(file, '');
+    const { registry, dead } = loaded();
+    expect(dead).toEqual(['gone']);
+    expect(registry.removeStrays().sort()).toEqual([...strays].sort());
+    expect(readdirSync(guestsDir).sort()).toEqual([...kept].sort());
+    // With a record it cannot read, the agent cannot tell whose a file is: it keeps them all.
+    write('bad.json', '{');
+    write('0badc0de.qmp', '');
+    const again = loaded();
+    expect(again.registry.removeStrays()).toEqual([]);
+    expect(existsSync(own('0badc0de.qmp'))).toBe(true);
+  });
+
   it('keeps a truncated record, reports it and refuses its name', () => {
     const text = startedRecordText('cut').slice(0, 120);
     write('cut.json', text);
