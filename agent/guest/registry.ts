@@ -180,6 +180,13 @@ export class GuestRegistry {
     this.reserved.delete(record.name);
     const path = join(this.dir, `${record.name}.json`);
     writeRecord(path, record);
+    // The same guest journaled again (a post-copy's end): its object stays, and with it its
+    // connections (a VM's one QMP connection: a second object could not get one).
+    const known = this.guests.get(record.name);
+    if (known && known.guest.pid === record.pid && known.record.kind === record.kind) {
+      known.record = record;
+      return known.guest;
+    }
     return this.insert(record);
   }
 
