@@ -26,6 +26,21 @@
 // VM's own full check of its RAM and its disk after it resumed at the destination (stale
 // disk blocks × 8 = stale sectors).
 //
+// Post-copy (--techniques, default both): gangway also moves the single VM by `--technique
+// postcopy` between the same two agents. The VM runs at the destination from the pause on,
+// its drive an NBD export of the destination agent that fetches a missing block from the
+// source ahead of the push; the run ends when the last page and block are in, checked, and
+// the drive switched to the disk's file. Its figures are the time until the disk is complete
+// there (diskCompleteMs: the summary's total, which ends then; a pre-copy's disk is complete
+// at the commit, which ends its total, and QEMU's when its mirror ends inside its downtime,
+// so its total stands for it), the post-copy phase itself, the guest's faults and their p99,
+// compared with QEMU's run and gangway's pre-copy of the same link and disk write rate.
+// The RAM-only baseline and QEMU stay pre-copy (QEMU's storage migration, libvirt's flow, is
+// pre-copy only). Not the gang: post-copy members take no part in dedup groups, so a gang
+// in post-copy is four single post-copies sharing the link, while each gang run boots and
+// fully checks four VMs under TCG on these 2 cores (minutes, over the --quick budget) to
+// show nothing the single run does not.
+//
 // Disks and RAM live on /dev/shm: the runs write GiBs of images and copies, which on the
 // virtual disk would be flushed under the next runs. First touch of fresh memory costs about
 // 3 s per GiB on these machines: the bench touches and frees what the biggest run holds first
@@ -39,7 +54,7 @@ import { readTestvmStatus, runTestvmFullCheck, type TestvmStatus } from '../agen
 import { logTail } from '../agent/guest/log-tail.js';
 import type { LocalAgent } from '../agent/local-agent.js';
 import type { GroupSummary } from '../agent/migration/group-summary.js';
-import { TESTVM_KERNEL_FILE } from '../agent/native.js';
+import { loadNative, TESTVM_KERNEL_FILE } from '../agent/native.js';
 import { until, vmsOn, withAgents, type Agents } from './agent-pair.js';
 import { writeDiskImage, type DiskImage } from './disk-image.js';
 import { ExitSteps } from './exit.js';
@@ -60,6 +75,7 @@ const { values } = parseArgs({
     json: { type: 'boolean', default: false },
     link: { type: 'string', default: 'both' },
     cases: { type: 'string', default: 'both' },
+    techniques: { type: 'string', default: 'both' },
   },
 });
 const GANG = 4;
@@ -71,6 +87,16 @@ if (!['loopback', '1gbit', 'both'].includes(values.link!)) {
   console.error(`--link must be loopback, 1gbit or both, got ${values.link}`);
   process.exit(2);
 }
+if (!['precopy', 'postcopy', 'both'].includes(values.techniques!)) {
+  console.error(`--techniques must be precopy, postcopy (gangway's runs with disks; the single VM only) or both, got ${values.techniques}`);
+  process.exit(2);
+}
+if (values.techniques === 'postcopy' && values.cases === 'gang') {
+  console.error('--techniques postcopy runs the single VM only (see the header of bench/disk.ts): nothing to run with --cases gang');
+  process.exit(2);
+}
+type Technique = 'precopy' | 'postcopy';
+const TECHNIQUES: Technique[] = values.techniques === 'both' ? ['precopy', 'postcopy'] : [values.techniques as Technique];
 
 // --quick is sized for about 10 minutes of the whole bench on a 2-core machine: the kernels'
 // full checks (about 30 ms per MiB of disk base under TCG, every VM) and QEMU's mirror
@@ -103,6 +129,8 @@ type Mode = 'single' | 'gang';
 
 export interface Run {
   system: 'gangway' | 'qemu';
+  /** gangway's `--technique`; QEMU's storage migration and the RAM-only baseline are always pre-copy. */
+  technique: Technique;
   mode: Mode;
   /** copied: the disks move with the VMs; shared: they stay on storage both hosts see (gangway --disks none), the RAM-only baseline. */
   storage: 'copied' | 'shared';
@@ -110,7 +138,10 @@ export interface Run {
   vms: number;
   /** Asked of each VM's kernel, MiB/s. */
   diskWriteRate: number;
-  /** What the kernels reached while their VMs ran at the source during the migration (mean over the VMs), MiB/s. */
+  /**
+   * What the kernels reached while their VMs ran during the migration (mean over the VMs),
+   * MiB/s: at the source, and in a post-copy mostly at the destination, through its agent.
+   */
   diskWriteRateReached: number;
   /** Data on the VMs' disks (not holes) when the migration started, plus what the kernels wrote during it (4 KiB a write). */
   diskWrittenBytes: number;
@@ -119,6 +150,19 @@ export interface Run {
   totalMs: number;
   /** The longest of the VMs'. */
   downtimeMs: number;
+  /**
+   * The migration's start to the disks complete at the destination, for runs that copied
+   * them: the total. A post-copy's ends there (the last block in and checked, the drive on
+   * its file), and a pre-copy's at the commit, when its disks are complete. QEMU's disks are
+   * complete when its mirror ends, in the pause before the switchover: its total is later
+   * by less than its downtime, and stands for it.
+   */
+  diskCompleteMs?: number;
+  /** Post-copy: the guests running at the destination to the last page and block in and checked (the longest of the VMs'). */
+  postcopyMs?: number;
+  /** Post-copy: the guests' faults on missing pages and blocks as the destination saw them (all VMs), and the worst p99 of their latency. */
+  faults?: number;
+  faultP99Ms?: number;
   /** Disk blocks × 8 found stale at the destination: by the full check, and by the kernel's rewrites since the switchover. */
   staleSectors: number;
   stalePages: number;
@@ -183,7 +227,15 @@ function agentLogs(run: string, ...agents: LocalAgent[]): string[] {
 
 let vmCounter = 0;
 
-async function runGangway(agents: Agents & { disksDirs: [string, string] }, shaped: ShapedLink | undefined, link: LinkName, count: number, rateMiBps: number, storage: Run['storage']): Promise<Run> {
+async function runGangway(
+  agents: Agents & { disksDirs: [string, string] },
+  shaped: ShapedLink | undefined,
+  link: LinkName,
+  count: number,
+  rateMiBps: number,
+  storage: Run['storage'],
+  technique: Technique,
+): Promise<Run> {
   const { source, destination, to } = agents;
   const names = Array.from({ length: count }, () => `bd-${process.pid}-${vmCounter++}`);
   const vms = names.map((_, i) => vmOf(VM.seed + i, rateMiBps));
@@ -206,14 +258,15 @@ async function runGangway(agents: Agents & { disksDirs: [string, string] }, shap
       return guests.length === count && guests.every((g) => g.testvm?.state === 'running');
     }, BOOT_TIMEOUT_MS);
     const before = await vmsOn(source, names);
-    log(`  gangway: ${count} VM(s) booted at ${seconds()} s; migrating ${storage === 'copied' ? 'with their disks' : 'RAM only (--disks none)'}`);
+    log(`  gangway: ${count} VM(s) booted at ${seconds()} s; migrating ${storage === 'copied' ? 'with their disks' : 'RAM only (--disks none)'} by ${technique}`);
     counter = shaped ? await openVethCounter(shaped) : await openIptablesCounter([{ host: '127.0.0.1', port: Number(to.slice(to.lastIndexOf(':') + 1)) }]);
     gangwayCounter = counter;
     let summary: GroupSummary;
     const timeout = new AbortController();
     try {
       summary = await Promise.race([
-        source.client.migrate({ guests: names, to, technique: 'precopy', strategy: 'gang', dedup: true, disks: storage === 'copied' ? 'all' : 'none' }),
+        // Dedup is asked for the pre-copy only: the agent moves post-copy members without it anyway.
+        source.client.migrate({ guests: names, to, technique, strategy: 'gang', dedup: technique === 'precopy', disks: storage === 'copied' ? 'all' : 'none' }),
         sleep(MIGRATION_TIMEOUT_MS, undefined, { signal: timeout.signal }).then(() => {
           throw new Error(`did not complete within ${MIGRATION_TIMEOUT_MS} ms`);
         }),
@@ -222,8 +275,22 @@ async function runGangway(agents: Agents & { disksDirs: [string, string] }, shap
       timeout.abort();
     }
     const wire = await counter.read();
-    const arrived = await vmsOn(destination, names);
     const failed = summary.failed.map((f) => `${f.guest}: ${f.code}: ${f.message}`);
+    // A post-copy's summary comes with the destination's verdict, sent once the disks were
+    // complete and the drives on their files; the destination forgets where the guests came
+    // from just after. The full checks wait for that, so that they read the disks as the
+    // guests keep them, with the agent out of their I/O path.
+    let settledMs: number | undefined;
+    if (technique === 'postcopy' && failed.length === 0) {
+      const returned = performance.now();
+      try {
+        await until('the destination to hold every page and block', async () => (await vmsOn(destination, names)).every((g) => !g.incoming), 30_000);
+        settledMs = performance.now() - returned;
+      } catch (err) {
+        failed.push((err as Error).message);
+      }
+    }
+    const arrived = await vmsOn(destination, names);
     log(`  gangway: migrated at ${seconds()} s; full checks at the destination`);
     const checks = await Promise.all(arrived.map((g) => fullCheck(g.memoryPath)));
     log(`  gangway: checked at ${seconds()} s`);
@@ -236,9 +303,14 @@ async function runGangway(agents: Agents & { disksDirs: [string, string] }, shap
     const stalePages = checks.map((c, i) => (c.status ? c.status.checkStalePages + Math.max(0, c.status.stalePages - (beforeOf(i)?.stalePages ?? 0) - c.status.checkStalePages) : 0));
     const problems = [...failed, ...checks.flatMap((c) => (c.problem ? [c.problem] : []))];
     if (arrived.length !== count) problems.push(`${arrived.length} of ${count} VMs at the destination`);
+    const postcopies = summary.guests.flatMap((g) => (g.postcopy ? [g.postcopy] : []));
+    if (technique === 'postcopy' && postcopies.length !== summary.guests.length) {
+      problems.push(`${summary.guests.length - postcopies.length} of ${summary.guests.length} summaries without their post-copy`);
+    }
     const verified = problems.length === 0 && summary.guests.every((g) => g.verified);
     return {
       system: 'gangway',
+      technique,
       mode: count > 1 ? 'gang' : 'single',
       storage,
       link,
@@ -249,6 +321,14 @@ async function runGangway(agents: Agents & { disksDirs: [string, string] }, shap
       wireBytes: wire.total.forwardBytes + wire.total.backBytes,
       totalMs: summary.totalMs,
       downtimeMs: summary.maxDowntimeMs,
+      ...(storage === 'copied' ? { diskCompleteMs: summary.totalMs } : {}),
+      ...(technique === 'postcopy'
+        ? {
+            postcopyMs: max(postcopies.map((p) => p.durationMs)),
+            faults: sum(postcopies.map((p) => p.faults)),
+            faultP99Ms: max(postcopies.map((p) => p.faultLatency.p99Ms)),
+          }
+        : {}),
       staleSectors: (sum(staleBlocks) * TESTVM_DISK_BLOCK_BYTES) / SECTOR_BYTES,
       stalePages: sum(stalePages),
       verified,
@@ -264,6 +344,7 @@ async function runGangway(agents: Agents & { disksDirs: [string, string] }, shap
         rounds: summary.guests.map((g) => g.rounds.length),
         downtime: summary.guests.map((g) => g.downtime),
         repairedPages: summary.repairedPages,
+        ...(technique === 'postcopy' ? { postcopy: postcopies, settledAfterSummaryMs: settledMs } : {}),
         checks: checks.map((c) => c.summary),
         ...(problems.length ? { agentLogs: agentLogs(names[0]!, source, destination) } : {}),
       },
@@ -322,6 +403,7 @@ async function runQemu(qemuLink: QemuLink, link: LinkName, count: number, rateMi
     const problems = vms.flatMap((v) => (v.check.problem ? [`${v.name}: ${v.check.problem}`] : []));
     return {
       system: 'qemu',
+      technique: 'precopy',
       mode: count > 1 ? 'gang' : 'single',
       storage: 'copied',
       link,
@@ -332,6 +414,7 @@ async function runQemu(qemuLink: QemuLink, link: LinkName, count: number, rateMi
       wireBytes: run.wireBytes,
       totalMs: run.totalMs,
       downtimeMs: run.downtimeMs,
+      diskCompleteMs: run.totalMs,
       staleSectors: ((run.staleDiskBlocks ?? Number.NaN) * TESTVM_DISK_BLOCK_BYTES) / SECTOR_BYTES,
       stalePages: run.stalePages,
       verified: run.verified,
@@ -356,6 +439,8 @@ async function runQemu(qemuLink: QemuLink, link: LinkName, count: number, rateMi
 // ── the runs ────────────────────────────────────────────────────────────────────────────
 
 const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
+/** The largest, NaN for none (Math.max gives -Infinity, which JSON would write as null without saying why). */
+const max = (xs: number[]) => (xs.length ? Math.max(...xs) : NaN);
 
 /** Mean over the VMs of writes / live time, in MiB/s. */
 function meanRateMiBps(writes: number[], liveMs: number[]): number {
@@ -363,16 +448,17 @@ function meanRateMiBps(writes: number[], liveMs: number[]): number {
   return sum(rates) / rates.length;
 }
 
-function failedRun(base: Pick<Run, 'system' | 'mode' | 'storage' | 'link' | 'vms' | 'diskWriteRate'>, err: unknown): Run {
+function failedRun(base: Pick<Run, 'system' | 'technique' | 'mode' | 'storage' | 'link' | 'vms' | 'diskWriteRate'>, err: unknown): Run {
   const message = err instanceof Error ? err.message : String(err);
-  log(`  ${base.system} ${base.storage}: FAILED: ${message}`);
+  log(`  ${base.system} ${base.storage} ${base.technique}: FAILED: ${message}`);
   return { ...base, diskWriteRateReached: NaN, diskWrittenBytes: NaN, wireBytes: NaN, totalMs: NaN, downtimeMs: NaN, staleSectors: NaN, stalePages: NaN, verified: false, error: message.slice(0, 4000) };
 }
 
 function logRun(run: Run): void {
   if (Number.isNaN(run.totalMs)) return;
+  const postcopy = run.technique === 'postcopy' ? `, post-copy ${((run.postcopyMs ?? NaN) / 1000).toFixed(2)} s with ${run.faults} faults (p99 ${run.faultP99Ms?.toFixed(1)} ms)` : '';
   log(
-    `  ${run.system} ${run.storage === 'shared' ? 'RAM only (shared disks)' : 'with disks'}: total ${(run.totalMs / 1000).toFixed(2)} s, downtime ${run.downtimeMs.toFixed(0)} ms, ` +
+    `  ${run.system} ${run.storage === 'shared' ? 'RAM only (shared disks)' : `with disks, ${run.technique}`}: total ${(run.totalMs / 1000).toFixed(2)} s, downtime ${run.downtimeMs.toFixed(0)} ms${postcopy}, ` +
       `wire ${(run.wireBytes / MiB).toFixed(0)} MiB of ${(run.diskWrittenBytes / MiB).toFixed(0)} MiB written, disk writes ${run.diskWriteRateReached.toFixed(1)} MiB/s, ` +
       `stale sectors ${run.staleSectors}, stale pages ${run.stalePages}${run.verified ? '' : ' NOT VERIFIED'}${run.error ? ` (${run.error})` : ''}`,
   );
@@ -380,6 +466,9 @@ function logRun(run: Run): void {
 
 const runs: Run[] = [];
 let linkNote: string | undefined;
+let postcopyNote: string | undefined;
+/** The techniques gangway's runs with disks take: --techniques, less post-copy where this host cannot run it. */
+let techniques = TECHNIQUES;
 
 try {
   const links: { name: LinkName; shaped?: ShapedLink }[] = [];
@@ -406,7 +495,18 @@ try {
     await qemuRunning?.catch(() => {});
     await gangwayCounter?.close();
   });
-  const modes: Mode[] = values.cases === 'both' ? ['single', 'gang'] : [values.cases as Mode];
+  // The agents offer post-copy where userfaultfd works for them: these agents run here, as this process.
+  if (techniques.includes('postcopy') && !loadNative().uffdProbe()) {
+    const problem = 'userfaultfd does not work here, and the agents offer post-copy only where it does';
+    if (!techniques.includes('precopy')) throw new Error(`bench:disk cannot run post-copy: ${problem}`);
+    postcopyNote = `no post-copy runs: ${problem}`;
+    log(postcopyNote);
+    techniques = ['precopy'];
+  }
+  // The gang runs gangway by pre-copy only (the header says why): without it, its QEMU and
+  // RAM-only runs would compare with nothing.
+  const modes: Mode[] = (values.cases === 'both' ? (['single', 'gang'] as const) : [values.cases as Mode]).filter((m) => m === 'single' || techniques.includes('precopy'));
+  if (values.cases === 'both' && !modes.includes('gang')) log('no gang runs: post-copy runs the single VM only');
   // The biggest run holds each VM's image and its copy, and RAM at both ends.
   const touch = Math.max(...modes.map((m) => (m === 'gang' ? GANG : 1))) * 2 * (DISK.writtenBytes + MEMORY_MIB * MiB);
   const prefaultMs = prefaultMemory(touch);
@@ -427,19 +527,20 @@ try {
           for (const rate of DISK_RATES_MIBPS) {
             if (exit.interrupted) return;
             log(`${link}, ${count} VM(s) of ${MEMORY_MIB} MiB with a ${DISK.sizeBytes / MiB} MiB disk (${DISK.writtenBytes / MiB} MiB written, ${DISK.baseBytes / MiB} MiB shared base), disk writes ${rate} MiB/s:`);
-            // Interleaved, so that drift on this shared machine hits both systems alike.
-            const plan: [Run['system'], Run['storage'], () => Promise<Run>][] = [
-              ['gangway', 'copied', () => runGangway(pairs.copying, shaped, link, count, rate, 'copied')],
-              ['qemu', 'copied', () => runQemu(qemuLink, link, count, rate)],
-              ['gangway', 'shared', () => runGangway(pairs.sharing, shaped, link, count, rate, 'shared')],
-            ];
-            for (const [system, storage, body] of plan) {
+            // Interleaved, so that drift on this shared machine hits both systems alike; the
+            // post-copy last, so that the pre-copy runs go as they did before it was measured.
+            const plan: [Run['system'], Technique, Run['storage'], () => Promise<Run>][] = [];
+            if (techniques.includes('precopy')) plan.push(['gangway', 'precopy', 'copied', () => runGangway(pairs.copying, shaped, link, count, rate, 'copied', 'precopy')]);
+            plan.push(['qemu', 'precopy', 'copied', () => runQemu(qemuLink, link, count, rate)]);
+            plan.push(['gangway', 'precopy', 'shared', () => runGangway(pairs.sharing, shaped, link, count, rate, 'shared', 'precopy')]);
+            if (techniques.includes('postcopy') && mode === 'single') plan.push(['gangway', 'postcopy', 'copied', () => runGangway(pairs.copying, shaped, link, count, rate, 'copied', 'postcopy')]);
+            for (const [system, technique, storage, body] of plan) {
               if (exit.interrupted) return;
               let run: Run;
               try {
                 run = await body();
               } catch (err) {
-                run = failedRun({ system, mode, storage, link, vms: count, diskWriteRate: rate }, err);
+                run = failedRun({ system, technique, mode, storage, link, vms: count, diskWriteRate: rate }, err);
               }
               runs.push(run);
               logRun(run);
@@ -462,17 +563,29 @@ const comparisons: Record<string, unknown>[] = [];
 for (const link of [...new Set(runs.map((r) => r.link))]) {
   for (const mode of ['single', 'gang'] as const) {
     for (const rate of DISK_RATES_MIBPS) {
-      const find = (system: Run['system'], storage: Run['storage']) => runs.find((r) => r.link === link && r.mode === mode && r.diskWriteRate === rate && r.system === system && r.storage === storage);
+      const find = (system: Run['system'], storage: Run['storage'], technique: Technique = 'precopy') =>
+        runs.find((r) => r.link === link && r.mode === mode && r.diskWriteRate === rate && r.system === system && r.storage === storage && r.technique === technique);
       const ours = find('gangway', 'copied');
       const theirs = find('qemu', 'copied');
       const ramOnly = find('gangway', 'shared');
-      if (!ours && !theirs) continue;
+      const postcopy = find('gangway', 'copied', 'postcopy');
+      if (!ours && !theirs && !postcopy) continue;
       const ratio = (a: number, b: number) => (b > 0 ? a / b : NaN);
       const both = clean(ours) && clean(theirs);
+      /** Post-copy / `other` where both moved and checked every VM (NaN otherwise). */
+      const postcopyRatios = (other: Run | undefined) => {
+        const ok = clean(postcopy) && clean(other);
+        return {
+          downtime: ok ? ratio(postcopy.downtimeMs, other.downtimeMs) : NaN,
+          total: ok ? ratio(postcopy.totalMs, other.totalMs) : NaN,
+          diskComplete: ok ? ratio(postcopy.diskCompleteMs!, other.diskCompleteMs!) : NaN,
+          wire: ok ? ratio(postcopy.wireBytes, other.wireBytes) : NaN,
+        };
+      };
       comparisons.push({
         link,
         mode,
-        vms: ours?.vms ?? theirs?.vms,
+        vms: ours?.vms ?? theirs?.vms ?? postcopy?.vms,
         diskWriteRate: rate,
         /** gangway / QEMU, from runs that moved and checked every VM (NaN otherwise). */
         ratios: {
@@ -493,7 +606,21 @@ for (const link of [...new Set(runs.map((r) => r.link))]) {
           /** Every VM moved, nothing stale at the destination. */
           gangwayClean: ours ? clean(ours) && ours.staleSectors === 0 && ours.stalePages === 0 : null,
           qemuClean: theirs ? clean(theirs) && theirs.staleSectors === 0 && theirs.stalePages === 0 : null,
+          ...(postcopy ? { gangwayPostcopyClean: clean(postcopy) && postcopy.staleSectors === 0 && postcopy.stalePages === 0 } : {}),
         },
+        ...(postcopy
+          ? {
+              /** gangway's post-copy against QEMU's run and gangway's pre-copy of the same link, case and disk write rate. */
+              postcopy: {
+                diskCompleteMs: postcopy.diskCompleteMs ?? NaN,
+                postcopyMs: postcopy.postcopyMs ?? NaN,
+                faults: postcopy.faults ?? NaN,
+                faultP99Ms: postcopy.faultP99Ms ?? NaN,
+                overQemu: postcopyRatios(theirs),
+                overPrecopy: postcopyRatios(ours),
+              },
+            }
+          : {}),
       });
     }
   }
@@ -509,11 +636,13 @@ const result = {
   gang: GANG,
   transport: 'gangway: mutual TLS; QEMU: plain tcp (RAM) and NBD (disk)',
   qemuStorage: "libvirt's --copy-storage-all flow: blockdev-mirror (sync full, defaults) to the destination's NBD export, pause-before-switchover, block-job-cancel, cont",
+  techniques,
   ...(linkNote ? { linkNote } : {}),
+  ...(postcopyNote ? { postcopyNote } : {}),
   runs,
   comparisons,
 };
-const label = (r: Run) => `${r.link} ${r.mode} ${r.diskWriteRate}MiB/s: ${r.system}${r.storage === 'shared' ? ' RAM only' : ''}`;
+const label = (r: Run) => `${r.link} ${r.mode} ${r.diskWriteRate}MiB/s: ${r.system}${r.storage === 'shared' ? ' RAM only' : ''}${r.technique === 'postcopy' ? ' post-copy' : ''}`;
 const svg = barChartSvg(
   `bench:disk wire MiB, ${DISK.sizeBytes / MiB} MiB disks (${DISK.writtenBytes / MiB} MiB written), gangway vs QEMU 7.2`,
   'MiB',
@@ -525,18 +654,38 @@ else {
   const fixed = (x: number, digits: number) => (Number.isNaN(x) ? '-' : x.toFixed(digits));
   console.log(
     markdownTable(
-      ['link', 'mode', 'VMs', 'disk MiB/s asked/reached', 'system', 'disks', 'written MiB', 'wire MiB', 'total s', 'downtime ms', 'stale sectors', 'stale pages', 'verified'],
+      [
+        'link',
+        'mode',
+        'VMs',
+        'disk MiB/s asked/reached',
+        'system',
+        'technique',
+        'disks',
+        'written MiB',
+        'wire MiB',
+        'total s',
+        'downtime ms',
+        'disk complete s',
+        'post-copy s / faults / p99 ms',
+        'stale sectors',
+        'stale pages',
+        'verified',
+      ],
       runs.map((r) => [
         r.link,
         r.mode,
         r.vms,
         `${r.diskWriteRate}/${fixed(r.diskWriteRateReached, 1)}`,
         r.system,
+        r.technique,
         r.storage === 'shared' ? 'shared (RAM only)' : 'copied',
         fixed(r.diskWrittenBytes / MiB, 0),
         Number.isNaN(r.wireBytes) ? 'failed' : fixed(r.wireBytes / MiB, 0),
         fixed(r.totalMs / 1000, 2),
         fixed(r.downtimeMs, 0),
+        r.diskCompleteMs === undefined ? '' : fixed(r.diskCompleteMs / 1000, 2),
+        r.technique === 'postcopy' ? `${fixed((r.postcopyMs ?? NaN) / 1000, 2)} / ${fixed(r.faults ?? NaN, 0)} / ${fixed(r.faultP99Ms ?? NaN, 1)}` : '',
         Number.isNaN(r.staleSectors) ? '-' : r.staleSectors,
         Number.isNaN(r.stalePages) ? '-' : r.stalePages,
         String(r.verified),
@@ -544,19 +693,32 @@ else {
     ),
   );
   console.log('');
+  const yes = (v: unknown) => (v === null || v === undefined ? 'n/a' : v ? 'met' : 'MISSED');
   for (const c of comparisons) {
     const r = c.ratios as Record<string, number>;
     const t = c.targets as Record<string, unknown>;
-    const yes = (v: unknown) => (v === null || v === undefined ? 'n/a' : v ? 'met' : 'MISSED');
-    console.log(
-      `${c.link} ${c.mode} ${c.diskWriteRate} MiB/s: gangway/QEMU wire ${fixed(r.wire!, 2)}, total ${fixed(r.total!, 2)}, downtime ${fixed(r.downtime!, 2)}; ` +
-        `targets: gangway wire <= written ${yes(t.gangwayWireWithinWritten)} (QEMU ${yes(t.qemuWireWithinWritten)})` +
-        (c.mode === 'gang' ? `, gang <= half of QEMU ${yes(t.gangAtMostHalfOfQemu)}` : '') +
-        `, downtime within ${DOWNTIME_TARGET_MS} ms of RAM only ${yes(t.downtimeWithin50MsOfRamOnly)}${typeof t.downtimeOverRamOnlyMs === 'number' ? ` (${t.downtimeOverRamOnlyMs >= 0 ? '+' : ''}${t.downtimeOverRamOnlyMs.toFixed(0)} ms)` : ''}` +
-        `, every VM moved and nothing stale: gangway ${yes(t.gangwayClean)}, QEMU ${yes(t.qemuClean)}`,
-    );
+    if (techniques.includes('precopy')) {
+      console.log(
+        `${c.link} ${c.mode} ${c.diskWriteRate} MiB/s: gangway/QEMU wire ${fixed(r.wire!, 2)}, total ${fixed(r.total!, 2)}, downtime ${fixed(r.downtime!, 2)}; ` +
+          `targets: gangway wire <= written ${yes(t.gangwayWireWithinWritten)} (QEMU ${yes(t.qemuWireWithinWritten)})` +
+          (c.mode === 'gang' ? `, gang <= half of QEMU ${yes(t.gangAtMostHalfOfQemu)}` : '') +
+          `, downtime within ${DOWNTIME_TARGET_MS} ms of RAM only ${yes(t.downtimeWithin50MsOfRamOnly)}${typeof t.downtimeOverRamOnlyMs === 'number' ? ` (${t.downtimeOverRamOnlyMs >= 0 ? '+' : ''}${t.downtimeOverRamOnlyMs.toFixed(0)} ms)` : ''}` +
+          `, every VM moved and nothing stale: gangway ${yes(t.gangwayClean)}, QEMU ${yes(t.qemuClean)}`,
+      );
+    }
+    const p = c.postcopy as { diskCompleteMs: number; postcopyMs: number; faults: number; faultP99Ms: number; overQemu: Record<string, number>; overPrecopy: Record<string, number> } | undefined;
+    if (p) {
+      const ratios = (x: Record<string, number>) => `downtime ${fixed(x.downtime!, 2)}, total ${fixed(x.total!, 2)}, disk complete ${fixed(x.diskComplete!, 2)}, wire ${fixed(x.wire!, 2)}`;
+      console.log(
+        `${c.link} ${c.mode} ${c.diskWriteRate} MiB/s post-copy: disk complete at ${fixed(p.diskCompleteMs / 1000, 2)} s, ${fixed(p.postcopyMs / 1000, 2)} s of it after the switchover, ` +
+          `${fixed(p.faults, 0)} faults (p99 ${fixed(p.faultP99Ms, 1)} ms); post-copy/QEMU ${ratios(p.overQemu)}; post-copy/pre-copy ${ratios(p.overPrecopy)}; ` +
+          `every VM moved and nothing stale: ${yes(t.gangwayPostcopyClean)}`,
+      );
+    }
   }
   console.log(`\n"written" is the disks' data when the migration started plus what the kernels wrote during it; wire counts RAM too (at most ${MEMORY_MIB} MiB a VM).`);
+  if (techniques.includes('postcopy')) console.log('"disk complete" runs from the start of the migration: a post-copy\'s total; a pre-copy\'s total too (gangway\'s disks are complete at the commit, QEMU\'s when its mirror ends, inside its downtime).');
+  if (postcopyNote) console.log(postcopyNote);
   const failures = runs.filter((r) => r.error !== undefined);
   for (const r of failures) console.log(`FAILED ${label(r)}: ${r.error}`);
   console.log(`results: ${path}`);
