@@ -152,6 +152,15 @@ describe('guest records read back from disk', () => {
     expect(existsSync(own('0badc0de.qmp'))).toBe(true);
   });
 
+  it('a guest journaled again (the same process) keeps its object; another process of that name gets a new one', () => {
+    const { registry } = loaded();
+    const record = migratedRecord('vm4');
+    const first = registry.add(record);
+    expect(registry.add({ ...record, incoming: undefined })).toBe(first);
+    expect(registry.get('vm4').record.incoming).toBeUndefined();
+    expect(registry.add({ ...record, pid: 4_194_305 })).not.toBe(first);
+  });
+
   it('keeps a truncated record, reports it and refuses its name', () => {
     const text = startedRecordText('cut').slice(0, 120);
     write('cut.json', text);
