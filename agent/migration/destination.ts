@@ -23,7 +23,7 @@ import { initialMigrationState, transition, type MigrationEvent, type MigrationS
 import type { DestinationGroup } from '../dedup/dest-group.js';
 import type { GuestLauncher, StandbyGuest } from '../guest/adapter.js';
 import type { GuestRecord } from '../guest/registry.js';
-import { loadNative } from '../native.js';
+import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
 import { DestinationPostcopy } from './destination-postcopy.js';
 import { withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
@@ -403,8 +403,10 @@ export class DestinationMigration implements FrameHandler {
         return;
       case 'roundEnd':
         this.roundsSeen++;
-        // The disks' blocks go to stable storage between rounds, so the commit's flush has little left.
-        if (this.regions.some((region) => region.disk)) this.flushDisks().catch(() => {});
+        // The disks' blocks go to stable storage between rounds, so the commit's flush has
+        // little left; not after the final round, inside the downtime, where it would compete
+        // with the switchover's own work (the commit flushes once the guest runs here).
+        if (!frame.final && this.regions.some((region) => region.disk)) this.flushDisks().catch(() => {});
         return;
       case 'pause':
         return;
@@ -545,12 +547,14 @@ export class DestinationMigration implements FrameHandler {
     const t: Record<string, number> = { start: performance.now() };
     // A disk's fd stays open until its blocks are on stable storage (below).
     const diskFds: number[] = [];
+    // This agent's mappings go once the guest runs (unmapping them is no part of the downtime).
+    const mappings: RegionHandle[] = [];
     try {
       // The guest is about to run: no ref may copy from its memory any more.
       for (const slot of this.slots) this.group?.closeSlot(slot);
       for (const [index, region] of this.regions.entries()) {
         this.native.tmpfileLink(region.fd, this.regionPaths[index]!);
-        this.native.regionClose(region.handle);
+        mappings.push(region.handle);
         if (region.disk) {
           this.linkedDisks.push(this.regionPaths[index]!);
           diskFds.push(region.fd);
@@ -569,6 +573,7 @@ export class DestinationMigration implements FrameHandler {
       standby.go();
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
       t.running = runningAt;
+      for (const handle of mappings.splice(0)) this.native.regionClose(handle);
       // A disk must survive this host's crash once the source drops its copy, which it does
       // on our `committed`: its blocks on stable storage, then its name. The guest runs
       // meanwhile (outside the downtime); until `committed` the source keeps its paused copy
@@ -589,6 +594,7 @@ export class DestinationMigration implements FrameHandler {
     } catch (err) {
       this.startFailed(err, journaled, 'commit failed; the source keeps the guest');
     } finally {
+      for (const handle of mappings.splice(0)) this.native.regionClose(handle);
       for (const fd of diskFds.splice(0)) closeSync(fd);
     }
   }
