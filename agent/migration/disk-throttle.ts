@@ -38,3 +38,40 @@ export function diskWriteLimit(input: DiskThrottleInput): number | undefined {
   if (current !== undefined && current <= MIN_DISK_WRITE_LIMIT_BYTES_PER_SEC) return undefined;
   return Math.floor(target);
 }
+
+/**
+ * The part of the downtime a disk's last blocks may take, beyond what the same VM's
+ * RAM-only switchover costs: its final blocks at the link's rate. The downtime budget alone
+ * would let a guest writing its disk stop with up to the whole budget of blocks to send.
+ */
+export const DISK_FINAL_ROUND_MS = 20;
+/** Extra rounds the disks may ask for after the policy said stop. */
+export const MAX_DISK_EXTRA_ROUNDS = 4;
+/** A round must leave at most this share of the disk blocks the previous one left, or another does not pay. */
+const DISK_SHRINK = 0.8;
+
+export interface DiskStopInput {
+  /** The disks' blocks the final round would send now, and what the round before left. */
+  diskPages: number;
+  previousDiskPages: number;
+  /** Time those blocks would take on the link, as the policy predicts it (safety factor included). */
+  diskFinalMs: number;
+  /** Rounds the disks have already added after a stop. */
+  extraRounds: number;
+  /** Rounds done, and allowed (an extra round never reaches the limit: it would fail the migration). */
+  roundsDone: number;
+  maxRounds: number;
+}
+
+/**
+ * When the policy says stop: another round first (with the reason), or undefined to stop.
+ * Another round while the disks' final blocks would take more than DISK_FINAL_ROUND_MS and
+ * the rounds still shrink them (a round that does not is what the write limit is for),
+ * at most MAX_DISK_EXTRA_ROUNDS times and never up to the round limit.
+ */
+export function diskHoldsStop(input: DiskStopInput): string | undefined {
+  if (input.diskPages === 0 || input.diskFinalMs <= DISK_FINAL_ROUND_MS) return undefined;
+  if (input.extraRounds >= MAX_DISK_EXTRA_ROUNDS || input.roundsDone + 1 >= input.maxRounds) return undefined;
+  if (input.diskPages > input.previousDiskPages * DISK_SHRINK) return undefined;
+  return `the disks' ${input.diskPages} last blocks would take ${input.diskFinalMs.toFixed(1)} ms of the downtime (at most ${DISK_FINAL_ROUND_MS}): one more round`;
+}

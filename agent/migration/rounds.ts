@@ -10,7 +10,7 @@ import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type Converge
 import type { Pacer } from './flow.js';
 import { everyPage, laneBytes, lanePages, mergeLaneRuns, takeWanted, type Lane, type LaneRuns } from './lanes.js';
 import { addCounters, emptyCounters, sendRegionRound, type BatchPool, type RoundCounters } from './page-sender.js';
-import { diskWriteLimit } from './disk-throttle.js';
+import { diskHoldsStop, diskWriteLimit } from './disk-throttle.js';
 import { hybridSwitch } from './postcopy.js';
 import type { MigrationProgress, RoundRecord, SourceRun } from './source-types.js';
 import { mergeRuns, runsPageCount } from '../tracker/page-set.js';
@@ -197,6 +197,9 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
   let wireBytesPerUnit = unitBytes;
   const switchoverOverheadMs = () => (digestBytes / options.digestBytesPerSec) * 1000 + 2 * rtt.min() + RESUME_ALLOWANCE_MS;
   let lastCollect = clock.now();
+  // The disks' blocks the previous round left to send (round 0: all their data), and the rounds they added after a stop.
+  let previousDiskPages = lanePages(runs.map((r, i) => (lanes[i]!.region.sparse ? r : new Uint32Array(0))));
+  let diskExtraRounds = 0;
   for (let round = 0; ; round++) {
     const record = await sender.send(round, runs, false);
     // Time held at a gang's switchover gate says nothing about the link.
@@ -237,6 +240,24 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
       record.dirtyPagesAfter = lanePages(runs);
       decision = decide(units(runs));
     }
+    // The disks' last blocks: another round while they would weigh on the downtime and the rounds still shrink them.
+    const diskPages = lanePages(runs.map((r, i) => (lanes[i]!.region.sparse ? r : new Uint32Array(0))));
+    if (decision.action === 'stop' && diskPages > 0) {
+      const diskUnits = units(runs.map((r, i) => (lanes[i]!.region.sparse ? r : new Uint32Array(0))));
+      const hold = diskHoldsStop({
+        diskPages,
+        previousDiskPages,
+        diskFinalMs: ((diskUnits * wireBytesPerUnit) / Math.max(linkRate.value ?? 1, 1)) * 1000 * DEFAULT_SAFETY_FACTOR,
+        extraRounds: diskExtraRounds,
+        roundsDone: round + 1,
+        maxRounds: options.maxRounds,
+      });
+      if (hold) {
+        diskExtraRounds++;
+        decision = { ...decision, action: 'continue', reason: `${decision.reason}; ${hold}` };
+      }
+    }
+    previousDiskPages = diskPages;
     record.decision = decision.reason;
     if (decision.action === 'continue' && run.guest.limitDiskWrites) {
       // A hot set rewritten whole every round looks slower than the link (the dirty count
