@@ -10,9 +10,9 @@
 //
 // Before post-copy starts (a hybrid still pre-copying, a standby QEMU opening its drives)
 // only reads are served, from the file as it is (the guest does not run yet); a hybrid that
-// ends by stop-and-copy opens the disk complete. Once the
-// last block is here the destination switches QEMU's drive to the file itself
-// (switchDiskToFile): the agent is no longer in the guest's I/O path.
+// ends by stop-and-copy opens the disk complete. Once the last block is here the
+// destination switches QEMU's drive to the file itself (switchDiskToFile): the agent is no
+// longer in the guest's I/O path.
 import { fdatasync, read, write } from 'node:fs';
 import { promisify } from 'node:util';
 import { MAX_FETCH_RUNS } from '../../protocol/limits.js';
