@@ -470,7 +470,7 @@ withControlOptions(program.command('status'))
         console.log(
           `  ${g.kind === 'qemu' ? 'VM' : 'guest'} ${g.name}: ${g.state}, pid ${g.pid}, ${(g.memoryBytes / 2 ** 20).toFixed(0)} MiB, tracker ${g.tracker.kind}` +
             (g.passes !== undefined ? `, passes ${g.passes}, stale pages ${g.stalePages}` : '') +
-            (g.vmStatus !== undefined ? `, QEMU ${g.vmStatus} (${g.accel}, ${g.cpus} CPU${g.cpus === 1 ? '' : 's'}, kernel ${g.kernel})` : '') +
+            (g.vmStatus !== undefined ? `, QEMU ${g.vmStatus} (${g.accel}, ${g.cpus} CPU${g.cpus === 1 ? '' : 's'}, ${g.kernel !== undefined ? `kernel ${g.kernel}` : 'booted from its disk'})` : '') +
             (g.testvm ? `, test kernel: passes ${g.testvm.passes}, stale pages ${g.testvm.stalePages}` : '') +
             (g.testvm?.disk ? `, disk ${g.testvm.disk.state}: writes ${g.testvm.disk.writes}, stale blocks ${g.testvm.disk.staleBlocks}` : '') +
             (g.origin.kind === 'migrated' ? `, migrated in from ${g.origin.from}` : ''),

@@ -12,7 +12,8 @@ export function formatMs(ms: number): string {
 export function progressLine(p: MigrationProgress): string {
   const eta = p.etaMs === undefined ? '' : ` · ETA ${formatMs(p.etaMs)}`;
   const phase = p.phase === 'precopy' ? `round ${p.round}` : `${p.phase} (final round)`;
-  const disk = p.disk && p.disk.roundBlocks > 0 ? ` (disks ${((100 * p.disk.roundBlocksSent) / p.disk.roundBlocks).toFixed(0)}% of ${p.disk.roundBlocks} blocks)` : '';
+  const diskEta = p.disk?.etaMs === undefined ? '' : `, ETA ${formatMs(p.disk.etaMs)}`;
+  const disk = p.disk && p.disk.roundBlocks > 0 ? ` (disks ${((100 * p.disk.roundBlocksSent) / p.disk.roundBlocks).toFixed(0)}% of ${p.disk.roundBlocks} blocks at ${formatRate(p.disk.rateBytesPerSec)}${diskEta})` : '';
   return `${p.guest}: ${phase} · ${p.percent.toFixed(1)}% of ${p.roundPages} pages${disk} · ${formatRate(p.rateBytesPerSec)}${eta} · wire ${formatBytes(p.wireBytes)}`;
 }
 

@@ -12,12 +12,14 @@ Examples:
   gangway vm start vm2 --memory 256MiB,256MiB --cpus 2 --accel auto \\
       --kernel gangway-testvm.elf --append "gw.profile=os-image gw.rate=4096"
   gangway vm start db1 --memory 1GiB --kernel vmlinuz --disk db1.raw   # a raw file of vm.disksDir
+  gangway vm start os1 --memory 1GiB --disk os1.raw  # no --kernel: boots from its first disk
   gangway migrate vm1 vm2 --to 10.0.0.2:7401        # a gang, dedup across the VMs
   gangway migrate db1 --to 10.0.0.2:7401            # its disk moves too (--disks none: shared storage)
   gangway guest stop vm1                             # quits QEMU, deletes the VM's memory
 
 The kernel is a file name of the agent's images directory (vm.imagesDir, --vm-images-dir),
-never a path: a destination agent boots the same name from its own directory.`;
+never a path: a destination agent boots the same name from its own directory. Without
+--kernel the BIOS boots the first disk's boot sector.`;
 
 export function addVmCommands(program: Command): void {
   const vm = program.command('vm').description('QEMU VMs on the local agent (their RAM moves through the agents, their device state through QEMU)');
@@ -34,7 +36,7 @@ export function addVmCommands(program: Command): void {
       }),
       [512 * 1024 * 1024],
     )
-    .requiredOption('--kernel <file>', "a multiboot or Linux kernel: its file name in the agent's images directory")
+    .option('--kernel <file>', "a multiboot or Linux kernel: its file name in the agent's images directory (without it the VM boots from its first --disk)")
     .option('--append <text>', `the kernel's command line (letters, digits, spaces and . _ : = + / -; at most ${MAX_APPEND_LENGTH})`, '')
     .option('--cpus <n>', 'virtual CPUs', number('--cpus', 1, MAX_VM_CPUS, true), 1)
     .addOption(new Option('--accel <accel>', 'tcg (emulation, everywhere), kvm (needs a usable /dev/kvm), auto (kvm where /dev/kvm opens, else tcg; the answer says which)').choices([...VM_ACCELS, 'auto']).default('auto'))
@@ -46,12 +48,15 @@ export function addVmCommands(program: Command): void {
     .addHelpText('after', EXAMPLES)
     .action(async (name: string, opts) => {
       try {
-        if (opts.kernel.includes('/')) {
+        if (opts.kernel === undefined && !opts.disk) {
+          throw new QuantityError("a VM boots a kernel or a disk: pass --kernel FILE (a file of the agent's images directory), or --disk FILE with a boot sector");
+        }
+        if (opts.kernel?.includes('/')) {
           throw new QuantityError(`--kernel "${opts.kernel}": give the kernel's file name in the agent's images directory (vm.imagesDir), not a path; copy the kernel there first`);
         }
         const result = await clientFor(opts).call<{ name: string; pid: number; accel: string; accelNote?: string; memoryPaths: string[]; diskPaths?: string[]; qmpSocket: string; console: string }>('POST', '/v1/vms', {
           name,
-          definition: { machine: opts.machine, cpus: opts.cpus, accel: opts.accel, kernel: opts.kernel, append: opts.append, ...(opts.nic ? { nic: opts.nic } : {}) },
+          definition: { machine: opts.machine, cpus: opts.cpus, accel: opts.accel, ...(opts.kernel !== undefined ? { kernel: opts.kernel } : {}), append: opts.append, ...(opts.nic ? { nic: opts.nic } : {}) },
           regionBytes: opts.memory,
           ...(opts.disk ? { disks: opts.disk } : {}),
           ...(opts.tap ? { tap: opts.tap } : {}),

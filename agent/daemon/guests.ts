@@ -124,7 +124,7 @@ export class GuestService {
     if ('problem' in parsed) throw new GangwayError(ErrorCode.BAD_REQUEST, `VM definition: ${parsed.problem}`);
     const regionProblem = vmRegionsProblem(request.regionBytes);
     if (regionProblem) throw new GangwayError(ErrorCode.BAD_REQUEST, `--memory ${request.regionBytes.join(',')}: ${regionProblem}`);
-    resolveKernel(settings.imagesDir, parsed.definition.kernel);
+    if (parsed.definition.kernel !== undefined) resolveKernel(settings.imagesDir, parsed.definition.kernel);
     const spec: VmSpec = { ...parsed.definition, regionBytes: request.regionBytes };
     const inUse = disks.find((disk) => this.context.registry.list().some(({ record }) => record.files.diskPaths?.includes(disk.path)));
     if (inUse) throw new GangwayError(ErrorCode.BAD_REQUEST, `disk ${inUse.file} is already a disk of another guest here`);

@@ -29,7 +29,6 @@ import { removeVmTap } from './vm-tap.js';
 import { readTestvmStatus, TESTVM_STATUS_ADDR } from './testvm-status.js';
 import { MigratingVm, selectDisks, sizedDisk, type DiskSelection, type VmDisk } from './qemu-disks.js';
 import { removeGangwayBlockObjects, switchDiskToFile } from './qmp-block.js';
-export { vmNbdSocketPath } from './vm-spec.js';
 import { qemuArgs, vmDiskFields, vmDiskNodes, vmDisks, vmNbdSocketPath, vmStateSockets, type VmDefinition, type VmSpec } from './vm-spec.js';
 
 /** Where QEMU and the kernels it boots are, on this agent. */
@@ -93,10 +92,8 @@ export function vmRegions(files: Pick<GuestFiles, 'memoryPaths'>, regionBytes: r
 /** The definition as an offer's guest.config carries it. */
 export function vmConfig(definition: VmDefinition): Record<string, string | number> {
   const { machine, cpus, accel, kernel, append, nic, mac } = definition;
-  return { machine, cpus, accel, kernel, append, ...(nic && mac ? { nic, mac } : {}), ...vmDiskFields(vmDisks(definition)) };
+  return { machine, cpus, accel, ...(kernel !== undefined ? { kernel } : {}), append, ...(nic && mac ? { nic, mac } : {}), ...vmDiskFields(vmDisks(definition)) };
 }
-
-/** Where QEMU's NBD server listens while a migration reads the VM's dirty bitmaps: next to its QMP socket. */
 
 /** Creates a VM's memory files, the agent's own (0600, never through something left at the path), each its region's size. */
 export function createVmMemoryFiles(paths: readonly string[], regionBytes: readonly number[]): void {
@@ -504,7 +501,7 @@ export class QemuGuest implements HostedGuest {
 
   /** QEMU's run state (one query-status) and, for the test kernel, its own counters (from its status block in RAM). */
   async observe(): Promise<{ paused: boolean; details?: GuestDetails }> {
-    const details: GuestDetails = { accel: this.spec.accel, cpus: this.spec.cpus, kernel: this.spec.kernel };
+    const details: GuestDetails = { accel: this.spec.accel, cpus: this.spec.cpus, ...(this.spec.kernel !== undefined ? { kernel: this.spec.kernel } : {}) };
     let paused = this.paused;
     try {
       const status = await (await this.client()).queryStatus({ timeoutMs: 2_000 });

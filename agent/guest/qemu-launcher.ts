@@ -38,7 +38,7 @@ export function vmSpecOfOffer(guest: GuestSpec, settings: QemuSettings, kvm: () 
   if ('problem' in result) return result;
   const definition = result.spec;
   try {
-    resolveKernel(settings.imagesDir, definition.kernel);
+    if (definition.kernel !== undefined) resolveKernel(settings.imagesDir, definition.kernel);
   } catch (err) {
     // The images directory is this host's business: the peer hears only that the kernel is not here.
     return { problem: `kernel ${definition.kernel} is not in this agent's images directory` };
@@ -185,7 +185,7 @@ class QemuStandby implements StandbyGuest {
     }
     // The incoming migration ends paused (-S): nothing runs before go().
     const status = await qmp.queryStatus();
-    if (status.running) throw new GangwayError(ErrorCode.GUEST_FAILED, `the destination VM ${this.spec.kernel} runs before the commit (status ${status.status})`);
+    if (status.running) throw new GangwayError(ErrorCode.GUEST_FAILED, `the destination VM runs before the commit (status ${status.status})`);
   }
 
 }

@@ -52,7 +52,8 @@ export const VmDefinitionSchema = z.strictObject({
   machine: z.enum(VM_MACHINES, { error: `must be one of: ${VM_MACHINES.join(', ')}` }),
   cpus: z.number({ error: `must be a whole number from 1 to ${MAX_VM_CPUS}` }).int(`must be a whole number from 1 to ${MAX_VM_CPUS}`).min(1, `must be a whole number from 1 to ${MAX_VM_CPUS}`).max(MAX_VM_CPUS, `at most ${MAX_VM_CPUS}`),
   accel: z.enum(VM_ACCELS, { error: `must be one of: ${VM_ACCELS.join(', ')}` }),
-  kernel: z.string({ error: 'must be the kernel\'s file name in the images directory' }).regex(KERNEL_FILE, "a file name in the images directory: letters, digits, '.', '_', '-', no '/'").refine((name) => name !== '.' && name !== '..', 'not . or ..'),
+  /** Absent: the VM boots from its first disk (the BIOS reads its boot sector). */
+  kernel: z.string({ error: 'must be the kernel\'s file name in the images directory' }).regex(KERNEL_FILE, "a file name in the images directory: letters, digits, '.', '_', '-', no '/'").refine((name) => name !== '.' && name !== '..', 'not . or ..').optional(),
   append: z.string({ error: "must be the kernel's command line (text, may be empty)" }).max(MAX_APPEND_LENGTH, `at most ${MAX_APPEND_LENGTH} characters`).regex(APPEND, "letters, digits, spaces and . _ : = + / - only (no quotes, commas or shell characters)"),
   /** One NIC of this model, its MAC travelling with the VM (each host backs it with a TAP device of its own). */
   nic: z.enum(VM_NICS, { error: `must be one of: ${VM_NICS.join(', ')}` }).optional(),
@@ -122,8 +123,15 @@ export function vmRegionsProblem(regionBytes: readonly number[]): string | undef
 export function parseVmDefinition(config: Record<string, unknown>): { definition: VmDefinition } | { problem: string } {
   const result = VmDefinitionSchema.safeParse(config);
   if (!result.success) return { problem: result.error.issues.map((issue) => `${issue.path.join('.') || 'definition'}: ${issue.message}`).join('; ') };
-  const problem = vmNicProblem(result.data) ?? vmDisksProblem(result.data);
+  const problem = vmNicProblem(result.data) ?? vmDisksProblem(result.data) ?? vmBootProblem(result.data);
   return problem ? { problem } : { definition: result.data };
+}
+
+/** A VM boots a kernel, or without one its first disk; a kernel command line needs a kernel. */
+export function vmBootProblem(definition: Pick<VmDefinition, 'kernel' | 'append' | 'disk0'>): string | undefined {
+  if (definition.kernel === undefined && definition.disk0 === undefined) return 'kernel: a VM boots a kernel (--kernel) or, without one, its first disk (--disk)';
+  if (definition.kernel === undefined && definition.append !== '') return 'append: a kernel command line needs a kernel (--kernel); a VM booting from its disk has its own';
+  return undefined;
 }
 
 /** A NIC needs its MAC, and a MAC its NIC. */
@@ -189,9 +197,10 @@ export function qemuArgs(name: string, definition: VmDefinition, regionBytes: re
   args.push(
     '-serial', `file:${qemuPath(files.serialLog, 'serial log')}`,
     '-qmp', `unix:${qemuPath(files.qmpSocket, 'QMP socket')},server=on,wait=off`,
-    '-kernel', qemuPath(join(qemuPath(imagesDir, 'images directory'), vm.kernel), 'kernel'),
-    '-append', vm.append,
   );
+  const bootProblem = vmBootProblem(vm);
+  if (bootProblem) throw new RangeError(bootProblem);
+  if (vm.kernel !== undefined) args.push('-kernel', qemuPath(join(qemuPath(imagesDir, 'images directory'), vm.kernel), 'kernel'), '-append', vm.append);
   const nicProblem = vmNicProblem(vm);
   if (nicProblem) throw new RangeError(nicProblem);
   if (vm.nic) {
@@ -218,7 +227,8 @@ export function qemuArgs(name: string, definition: VmDefinition, regionBytes: re
     args.push(
       '-blockdev', fileNode,
       '-blockdev', `driver=raw,file=${fileName},node-name=${nodes.format},discard=unmap`,
-      '-device', `virtio-blk-pci,drive=${nodes.format},id=${nodes.device}`,
+      // Without a kernel the BIOS boots the first disk.
+      '-device', `virtio-blk-pci,drive=${nodes.format},id=${nodes.device}${i === 0 && vm.kernel === undefined ? ',bootindex=0' : ''}`,
     );
   });
   if (incoming) args.push('-S', '-incoming', 'defer');

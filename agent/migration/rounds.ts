@@ -19,6 +19,24 @@ const PAUSE_LATENCY_MS = 5;
 const RESUME_ALLOWANCE_MS = 5;
 
 /** Progress events, at most every 100 ms (and at the end of each round). */
+/**
+ * An ETA that never goes up from one report to the next: each estimate is taken when it is
+ * lower, and the last one is held when it is not (a progress bar that runs backwards is
+ * what operators complain of; one that holds still says as much).
+ */
+export class NonIncreasingEta {
+  private last: number | undefined;
+
+  get value(): number | undefined {
+    return this.last;
+  }
+
+  update(estimateMs: number): number {
+    this.last = this.last === undefined ? estimateMs : Math.min(this.last, estimateMs);
+    return this.last;
+  }
+}
+
 export class ProgressReporter {
   private lastAt = 0;
 
@@ -59,6 +77,17 @@ export class RoundSender {
   diskWriteLimitBytesPerSec: number | undefined;
   /** The rate the link takes this migration's bytes at, as pre-copy rounds measure it. */
   readonly linkRate = new RateEstimator();
+  /** Disk blocks sent in the rounds before this one, and the disks' ETA (never up). */
+  private diskBlocksSent = 0;
+  private readonly diskEta = new NonIncreasingEta();
+
+  /** The disks' part of a progress report: `sent` of the round's `blocks` (of `blockBytes`) since `start`. */
+  private diskProgress(blocks: number, sent: number, blockBytes: number, start: number | undefined): NonNullable<MigrationProgress['disk']> {
+    const elapsedMs = start === undefined ? 0 : this.run.clock.now() - start;
+    const rateBytesPerSec = elapsedMs > 0 ? (sent * blockBytes * 1000) / elapsedMs : 0;
+    const etaMs = rateBytesPerSec > 0 ? this.diskEta.update((((blocks - sent) * blockBytes) / rateBytesPerSec) * 1000) : this.diskEta.value;
+    return { roundBlocks: blocks, roundBlocksSent: sent, rateBytesPerSec, etaMs, blocksSent: this.diskBlocksSent + sent };
+  }
 
   constructor(
     private readonly run: SourceRun,
@@ -85,6 +114,7 @@ export class RoundSender {
     const diskLanes = lanes.filter((lane) => lane.region.sparse);
     const diskRoundBlocks = diskLanes.reduce((sum, lane) => sum + runsPageCount(runs[lane.index] ?? new Uint32Array(0)), 0);
     let diskSent = 0;
+    let diskStart: number | undefined;
     for (const lane of lanes) {
       const laneRuns = runs[lane.index]!;
       if (laneRuns.length === 0) continue;
@@ -106,8 +136,11 @@ export class RoundSender {
           ...(dedup && !how.plain && lane.slot !== undefined ? { dedup: { group: dedup.group, slot: lane.slot, allowResident: !final } } : {}),
           ...(options.gate ? { gate: { gate: options.gate, owner: this.run.owner } } : {}),
           onBatch: (c) => {
-            if (lane.region.sparse) diskSent = diskBefore + c.pages;
-            const disk = diskLanes.length > 0 ? { roundBlocks: diskRoundBlocks, roundBlocksSent: diskSent } : undefined;
+            if (lane.region.sparse) {
+              diskStart ??= clock.now();
+              diskSent = diskBefore + c.pages;
+            }
+            const disk = diskLanes.length > 0 ? this.diskProgress(diskRoundBlocks, diskSent, diskLanes[0]!.region.pageSizeBytes, diskStart) : undefined;
             this.progress.report(round, roundPages, before.pages + c.pages, bytesPerPage, t0, this.totals.wireBytes + before.wireBytes + c.wireBytes, disk);
             options.metrics?.batchSent(reported, c, lane.region.pageSizeBytes, lane.region.sparse);
             reported = { ...c };
@@ -120,6 +153,7 @@ export class RoundSender {
         laneRuns,
       );
       addCounters(counters, laneCounters);
+      if (lane.region.sparse) this.diskBlocksSent += laneCounters.pages;
       addCounters((this.laneTotals[lane.index] ??= emptyCounters()), laneCounters);
       if (round === 0) this.laneFirstRoundPages[lane.index] = laneCounters.pages;
     }

@@ -162,8 +162,13 @@ export interface MigrationProgress {
   rateBytesPerSec: number;
   etaMs: number | undefined;
   wireBytes: number;
-  /** Of the round's pages, the moving disks' blocks, and how many of them went so far. */
-  disk?: { roundBlocks: number; roundBlocksSent: number };
+  /**
+   * The moving disks apart: of the round's pages their blocks, and how many went so far; the
+   * rate their blocks go at in this round (guest bytes); the time the round's remaining
+   * blocks take at that rate, which never goes up from one report to the next (a round that
+   * finds more blocks holds it rather than raising it); and blocks sent in all rounds.
+   */
+  disk?: { roundBlocks: number; roundBlocksSent: number; rateBytesPerSec: number; etaMs: number | undefined; blocksSent: number };
 }
 
 /** What the parts of one source migration share. */

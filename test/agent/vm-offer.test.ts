@@ -11,7 +11,7 @@ import type { GuestSpec } from '../../protocol/frames.js';
 import { resolveKernel, vmConfig } from '../../agent/guest/qemu-guest.js';
 import { vmDiskPlaces, vmSpecOfOffer } from '../../agent/guest/qemu-launcher.js';
 import { parseGuestRecord } from '../../agent/guest/record.js';
-import { qemuArgs, vmSocketPathProblem, vmStateSockets, type VmDefinition } from '../../agent/guest/vm-spec.js';
+import { parseVmDefinition, qemuArgs, vmSocketPathProblem, vmStateSockets, type VmDefinition } from '../../agent/guest/vm-spec.js';
 
 const MiB = 1024 * 1024;
 const root = mkdtempSync(join(tmpdir(), 'gangway-vm-offer-'));
@@ -157,6 +157,21 @@ describe("a VM's disks in an offer", () => {
     expect(args).toContain('virtio-blk-pci,drive=gw-disk0,id=gw-vd0');
     expect(() => qemuArgs('vm1', { ...definition, disk0: 'd.raw' }, [64 * MiB], { memoryPaths: ['/dev/shm/m'], qmpSocket: '/s/q.qmp', serialLog: '/s/c' }, imagesDir, false)).toThrow(/1 disks, 0 disk files/);
     expect(() => qemuArgs('vm1', { ...definition, disk0: 'd.raw' }, [64 * MiB], { memoryPaths: ['/dev/shm/m'], qmpSocket: '/s/q.qmp', serialLog: '/s/c', diskPaths: ['/disks/a,b.raw'] }, imagesDir, false)).toThrow(/without ','/);
+  });
+
+  it('boots a VM without a kernel from its first disk, and refuses one with neither, or a command line without a kernel', () => {
+    const { kernel: _kernel, ...diskBoot } = { ...definition, disk0: 'os.raw', append: '' };
+    const args = qemuArgs('vm1', diskBoot, [64 * MiB], { memoryPaths: ['/dev/shm/m'], qmpSocket: '/s/q.qmp', serialLog: '/s/c', diskPaths: ['/disks/os.raw'] }, imagesDir, false);
+    expect(args).not.toContain('-kernel');
+    expect(args).not.toContain('-append');
+    expect(args).toContain('virtio-blk-pci,drive=gw-disk0,id=gw-vd0,bootindex=0');
+    expect(parseVmDefinition({ ...diskBoot })).toEqual({ definition: diskBoot });
+    const { disk0: _disk, ...neither } = diskBoot;
+    expect(parseVmDefinition(neither)).toEqual({ problem: expect.stringMatching(/a VM boots a kernel \(--kernel\) or, without one, its first disk/) });
+    expect(parseVmDefinition({ ...diskBoot, append: 'console=ttyS0' })).toEqual({ problem: expect.stringMatching(/a kernel command line needs a kernel/) });
+    expect(() => qemuArgs('vm1', neither, [64 * MiB], { memoryPaths: ['/dev/shm/m'], qmpSocket: '/s/q.qmp', serialLog: '/s/c' }, imagesDir, false)).toThrow(/boots a kernel/);
+    // With a kernel, no disk boots.
+    expect(qemuArgs('vm1', { ...definition, disk0: 'd.raw' }, [64 * MiB], { memoryPaths: ['/dev/shm/m'], qmpSocket: '/s/q.qmp', serialLog: '/s/c', diskPaths: ['/disks/d.raw'] }, imagesDir, false)).toContain('virtio-blk-pci,drive=gw-disk0,id=gw-vd0');
   });
 
   it("puts a disk that arrives by post-copy behind the agent's NBD export (an nbd node under the raw node), the others on their files", () => {

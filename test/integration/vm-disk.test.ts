@@ -477,6 +477,66 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     expect((await guestOn(b, name))!).toMatchObject({ state: 'running', vmStatus: 'running' });
   });
 
+  /**
+   * A disk whose boot sector (16-bit code the BIOS runs) prints GWBOOT on the serial port, then
+   * a dot every few million loop turns, for ever; the rest seeded data a migration must keep.
+   */
+  function writeBootDisk(path: string, sizeBytes: number): void {
+    // cli; ds = 0; si = message; dx = COM1; print it; then: bx = 0x200 turns of cx = 0xffff loops, '.', again.
+    const code = Buffer.from([
+      0xfa, 0x31, 0xc0, 0x8e, 0xd8, 0xbe, 0x23, 0x7c, 0xba, 0xf8, 0x03, 0xac, 0x84, 0xc0, 0x74, 0x03, 0xee, 0xeb, 0xf8,
+      0xbb, 0x00, 0x02, 0xb9, 0xff, 0xff, 0xe2, 0xfe, 0x4b, 0x75, 0xf8, 0xb0, 0x2e, 0xee, 0xeb, 0xf0,
+    ]);
+    const sector = Buffer.alloc(512);
+    Buffer.concat([code, Buffer.from('GWBOOT\r\n\0')]).copy(sector);
+    sector.writeUInt16LE(0xaa55, 510);
+    const fd = openSync(path, 'wx', 0o600);
+    try {
+      ftruncateSync(fd, sizeBytes);
+      writeSync(fd, sector, 0, 512, 0);
+      for (let i = 0; i < 4; i++) writeSync(fd, seededBytes(MiB, 70 + i), 0, MiB, (1 + 3 * i) * MiB);
+    } finally {
+      closeSync(fd);
+    }
+  }
+
+  /** Resolves once the VM's serial console on `agent` shows dots it printed there (it runs). */
+  async function printsDots(agent: Agent, name: string): Promise<string> {
+    const path = (await guestOn(agent, name))!.console!;
+    let text = '';
+    await waitForAsync(`VM ${name} to print on its console at ${agent.listen}`, async () => {
+      text = existsSync(path) ? readFileSync(path, 'latin1') : '';
+      return /\.{3}/.test(text);
+    }, 60_000);
+    return text;
+  }
+
+  it('a VM without a kernel boots from its first disk, and moves with it by pre-copy and by post-copy: it runs on at the destination, its disk byte for byte', async () => {
+    const { a, b, disksA, disksB } = await twoAgents();
+    const name = uniqueName('vo');
+    const file = `${name}.raw`;
+    writeBootDisk(join(disksA, file), 64 * MiB);
+    const digest = fileSha256(join(disksA, file));
+    const started = await cluster.cli(a, ['vm', 'start', name, '--memory', '64MiB', '--accel', 'tcg', '--disk', file, '--json']);
+    expect(started.exitCode, started.stderr).toBe(0);
+    expect(await printsDots(a, name)).toMatch(/^GWBOOT\r\n\./);
+    expect((await cluster.cli(a, ['status'])).stdout).toMatch(/booted from its disk/);
+    // Neither a kernel nor a disk to boot: refused, saying what to give.
+    const neither = await cluster.cli(a, ['vm', 'start', uniqueName('vn'), '--memory', '64MiB', '--accel', 'tcg']);
+    expect(neither.exitCode).not.toBe(0);
+    expect(neither.stderr).toMatch(/pass --kernel FILE .* or --disk FILE with a boot sector/);
+    for (const [from, to, technique, disks] of [[a, b, 'precopy', disksB], [b, a, 'postcopy', disksA]] as const) {
+      const { run, result } = await migrate(from, [name, '--to', to.listen, '--technique', technique]);
+      expect(run.exitCode, run.stderr + run.stdout).toBe(0);
+      expect(result.guests[0]).toMatchObject({ verified: true, technique });
+      // It goes on where it arrived: its console there fills with its dots.
+      await printsDots(to, name);
+      expect((await guestOn(to, name))!.vmStatus).toBe('running');
+      expect(fileSha256(join(disks, file))).toBe(digest);
+      expect(await guestOn(from, name)).toBeUndefined();
+    }
+  }, 180_000);
+
   it('refuses what it cannot do, saying why: a disk already at the destination, a disk outside the disks directory', async () => {
     const { a, b, disksA, disksB } = await twoAgents();
     const name = uniqueName('vr');
