@@ -45,6 +45,8 @@ export class GuestRegistry {
   private readonly guests = new Map<string, { record: GuestRecord; guest: HostedGuest }>();
   /** Names being created or migrated in: not yet in the registry, but taken. */
   private readonly reserved = new Set<string>();
+  /** Guests load() found dead (their logs stay: why they died). */
+  private readonly dead = new Set<string>();
   /** Records load() could not read, by guest name: that name is refused until a restart. */
   private readonly unreadable = new Map<string, UnreadableRecord>();
 
@@ -87,6 +89,7 @@ export class GuestRegistry {
       if (isAlive(record.pid)) this.insert(record);
       else {
         dead.push(record.name);
+        this.dead.add(record.name);
         rmSync(path, { force: true });
       }
     }
@@ -97,7 +100,8 @@ export class GuestRegistry {
    * Removes the files of the guests directory that no record names, once load() has run:
    * what a guest arriving here left when the previous run of this agent died before its
    * commit (its standby QEMU's sockets, console and log; its memory was an unnamed file and
-   * went with it), and the files of guests found dead. Returns the files' names. Nothing is
+   * went with it), and the files of guests found dead, but for their log and console (why
+   * they died). Returns the files' names. Nothing is
    * removed while a record cannot be read (whose files are whose is not known then), nor
    * while a guest is being created or received (its files are no record's yet).
    */
@@ -110,6 +114,7 @@ export class GuestRegistry {
       const path = join(this.dir, file);
       // Records, and a record's write a crash cut short (see load()), are not strays.
       if (file.endsWith('.json') || file.endsWith('.json.tmp') || named.has(path)) continue;
+      if ([...this.dead].some((name) => file === `${name}.log` || (file.startsWith(`${name}-`) && file.endsWith('.console')))) continue;
       try {
         if (!lstatSync(path).isDirectory()) {
           rmSync(path, { force: true });

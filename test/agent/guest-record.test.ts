@@ -131,14 +131,15 @@ describe('guest records read back from disk', () => {
     registry.reserve('gone');
   });
 
-  it("removes the files no record names (a VM arriving when the agent died, a guest found dead), keeps its guests' own, and removes nothing while a record cannot be read", () => {
+  it("removes the files no record names (a VM arriving when the agent died, a guest found dead but for its log and console), keeps its guests' own, and removes nothing while a record cannot be read", () => {
     const vm2 = migratedRecord('vm2');
     const own = (name: string) => join(guestsDir, name);
     vm2.files = { ...vm2.files, trackReportPath: own('vm2-00ff00ff.track'), logPath: own('vm2.log'), deviceStatePath: own('vm2-00ff00ff.dev') };
     write('vm2.json', JSON.stringify(vm2, null, 2));
     write('gone.json', startedRecordText('gone', 4_194_305));
-    const kept = ['vm2.json', 'vm2-00ff00ff.track', 'vm2-00ff00ff.track.1', 'vm2.log', 'vm2-00ff00ff.dev', 'vm3.json.tmp'];
-    const strays = ['0badc0de.qmp', '0badc0de.state-in', '0badc0de.disks', 'vm3-0badc0de.console', 'vm3.log', 'gone.log', 'vm2-1234abcd.track'];
+    // A guest found dead keeps its log and console: why it died.
+    const kept = ['vm2.json', 'vm2-00ff00ff.track', 'vm2-00ff00ff.track.1', 'vm2.log', 'vm2-00ff00ff.dev', 'vm3.json.tmp', 'gone.log', 'gone-0badf00d.console'];
+    const strays = ['0badc0de.qmp', '0badc0de.state-in', '0badc0de.disks', 'vm3-0badc0de.console', 'vm3.log', 'gone-0badf00d.track', 'vm2-1234abcd.track'];
     for (const file of [...kept.slice(1), ...strays]) write(file, '');
     const { registry, dead } = loaded();
     expect(dead).toEqual(['gone']);
