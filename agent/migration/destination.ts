@@ -27,7 +27,7 @@ import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
 import { DestinationPostcopy } from './destination-postcopy.js';
 import { withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
-import { faultCrash, faultScribble } from './faults.js';
+import { faultCrash, faultDelay, faultScribble } from './faults.js';
 import { IncomingDeviceState } from './incoming-device-state.js';
 import { IncomingPages } from './incoming-pages.js';
 import { NbdServer } from '../nbd/server.js';
@@ -67,6 +67,8 @@ export class DestinationMigration implements FrameHandler {
   private repairs = 0;
   /** Post-copy at this side, for a post-copy or hybrid migration. */
   private readonly postcopy: DestinationPostcopy | undefined;
+  /** The source's commit arrived: the guest starts here, whatever becomes of the session. */
+  private commitReceived = false;
   /** Post-copy of disks: each arriving disk's export, by region, which the guest reads and writes through until the switch to its file. */
   private readonly diskExports = new Map<number, PostcopyDisk>();
   /** The NBD server of those exports, on a unix socket the guest's drives connect to. */
@@ -480,6 +482,7 @@ export class DestinationMigration implements FrameHandler {
         return;
       }
       case 'commit':
+        this.commitReceived = true;
         this.enqueue(() => this.commit());
         return;
       case 'abort': {
@@ -541,6 +544,7 @@ export class DestinationMigration implements FrameHandler {
   }
 
   private async commit(): Promise<void> {
+    await faultDelay('dest-commit', this.log);
     const standby = this.standby!;
     this.switching = true;
     let journaled = false;
@@ -634,6 +638,14 @@ export class DestinationMigration implements FrameHandler {
     if (this.finished) return;
     if (this.postcopy?.underway) {
       this.postcopy.detach(err);
+      return;
+    }
+    if (this.commitReceived) {
+      // The source committed (it journaled so before it sent the commit): the guest starts
+      // here all the same, and the source, or the source agent restarted, asks what became
+      // of it (migrationQuery) rather than resuming its copy. Aborting here instead would
+      // race with the commit already under way.
+      this.log.warn({ err: err.message }, 'the session to the source closed after its commit: the commit goes on');
       return;
     }
     this.finish(this.guestStartedHere ? 'stranded' : 'aborted', `session lost: ${err.message}`);

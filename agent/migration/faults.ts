@@ -16,6 +16,17 @@ export function faultCrash(point: string, log: Logger): void {
 }
 
 /**
+ * Fault injection for races (GANGWAY_FAULT_DELAY=point:ms): the agent waits here that long,
+ * so that what races with this point (a session closing) reliably comes first.
+ */
+export async function faultDelay(point: string, log: Logger): Promise<void> {
+  const match = /^([a-z-]+):(\d{1,5})$/.exec(process.env.GANGWAY_FAULT_DELAY ?? '');
+  if (!match || match[1] !== point) return;
+  log.error({ point, ms: Number(match[2]) }, 'fault injection: the agent waits here (GANGWAY_FAULT_DELAY)');
+  await new Promise((resolve) => setTimeout(resolve, Number(match[2])));
+}
+
+/**
  * Fault injection for the switchover's check (GANGWAY_FAULT_SCRIBBLE_PAGE=N): after a
  * guest's device state was loaded at the destination, page N of its first region is
  * overwritten behind the agent's back, as a QEMU writing its RAM before `cont` would. The

@@ -2,7 +2,7 @@
 // either side, and started again: the guest runs in exactly one place, with zero stale
 // pages. The moments just after a switchover are hit with GANGWAY_FAULT_CRASH, which kills
 // the agent there as kill -9 would.
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { waitForGuestProgress } from '../../agent/cli/demo.js';
@@ -89,6 +89,23 @@ describe.skipIf(!builtAgent)('an agent killed around the switchover, then restar
     await until('the destination to run the guest', async () => (await guestOn(b, name))?.state === 'running');
     // Still paused at the source, marked: the commit went out unconfirmed.
     expect(processState(sourcePid)).toMatch(/^[Tt]$/);
+    const again = await cluster.agent('a');
+    await until('the source to drop its copy', async () => !(await guestOn(again, name)));
+    await runsOnlyOn(b, again, name, [sourcePid]);
+  });
+
+  it('the session closes while the destination is still committing (the source died after its commit): the commit goes on, and the restarted source finds the guest there', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a', [], { GANGWAY_FAULT_CRASH: 'source-after-commit' });
+    // The destination sees the session close before it starts on the commit.
+    const b = await cluster.agent('b', [], { GANGWAY_FAULT_DELAY: 'dest-commit:1500' });
+    const name = uniqueName('rs6');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--dirty-rate', '4MiB/s'])).exitCode).toBe(0);
+    const sourcePid = (await guestOn(a, name))!.pid;
+    const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--json']);
+    expect(run.exitCode).not.toBe(0); // the agent died under the CLI
+    await until('the destination to run the guest', async () => (await guestOn(b, name))?.state === 'running');
+    expect(readFileSync(b.logPath, 'utf8')).toMatch(/the session to the source closed after its commit: the commit goes on/);
     const again = await cluster.agent('a');
     await until('the source to drop its copy', async () => !(await guestOn(again, name)));
     await runsOnlyOn(b, again, name, [sourcePid]);
