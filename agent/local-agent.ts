@@ -1,7 +1,7 @@
 // Starts a gangway agent as a child process on loopback with its own state dir: used by the
 // demo, the integration tests and the benchmarks, which all need real agent processes.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync } from 'node:fs';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -123,18 +123,61 @@ export async function startLocalAgent(options: LocalAgentOptions): Promise<Local
   return agent;
 }
 
-/** Stops (SIGKILL) the guests an agent's registry lists and removes their memory files. */
+/**
+ * Stops (SIGKILL) the guests an agent's registry lists and removes their memory files. An
+ * agent that does not answer (killed by a test) is read from its state directory's records
+ * instead; a recorded pid is stopped only while its command line names its memory file (so
+ * a pid the system has since given to another process is left alone).
+ */
 export async function killGuestsOf(agent: LocalAgent): Promise<void> {
-  let status: AgentStatus;
+  let guests: { pid: number; memoryPaths: string[]; names?: string[] }[];
   try {
-    status = await agent.status();
+    guests = (await agent.status()).guests;
   } catch {
-    return;
+    guests = recordedGuests(agent.stateDir);
   }
-  for (const guest of status.guests) {
-    try {
-      process.kill(guest.pid, 'SIGKILL');
-    } catch {}
+  for (const guest of guests) {
+    if (!guest.names || commandLineNames(guest.pid, guest.names)) {
+      try {
+        process.kill(guest.pid, 'SIGKILL');
+      } catch {}
+    }
     for (const path of guest.memoryPaths) rmSync(path, { force: true });
+  }
+}
+
+/**
+ * The guests an agent's state directory has records of, whatever it can read: pid, memory
+ * files, and the paths their command line names (memory files, QMP socket, device state).
+ */
+function recordedGuests(stateDir: string): { pid: number; memoryPaths: string[]; names: string[] }[] {
+  const dir = join(stateDir, 'guests');
+  let files: string[];
+  try {
+    files = readdirSync(dir).filter((file) => file.endsWith('.json'));
+  } catch {
+    return [];
+  }
+  return files.flatMap((file) => {
+    try {
+      const record = JSON.parse(readFileSync(join(dir, file), 'utf8')) as { pid?: unknown; files?: Record<string, unknown> };
+      const files = record.files ?? {};
+      const isPath = (path: unknown): path is string => typeof path === 'string' && path.startsWith('/');
+      const memoryPaths = (Array.isArray(files.memoryPaths) ? files.memoryPaths : [files.memoryPath]).filter(isPath);
+      const names = [...memoryPaths, files.qmpSocketPath, files.deviceStatePath].filter(isPath);
+      return typeof record.pid === 'number' && Number.isSafeInteger(record.pid) && record.pid > 1 ? [{ pid: record.pid, memoryPaths, names }] : [];
+    } catch {
+      return [];
+    }
+  });
+}
+
+/** Does process `pid`'s command line name one of `paths`? */
+function commandLineNames(pid: number, paths: readonly string[]): boolean {
+  try {
+    const args = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    return paths.some((path) => args.includes(path));
+  } catch {
+    return false;
   }
 }
