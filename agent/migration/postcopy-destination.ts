@@ -24,6 +24,87 @@ export interface PostcopyStats {
   faultLatency: { p50Ms: number; p99Ms: number; maxMs: number };
 }
 
+/**
+ * What a region's receiver keeps of the pages its guest waited on: each asked for once and
+ * when, fault latencies when they arrive, and how each missing page came (fetched because
+ * the guest waited on it, or pushed), with the agent's metrics. Memory faults and disk
+ * requests keep the same account.
+ */
+export class FaultLedger {
+  private readonly requested: PageSet;
+  private readonly faultAt = new Map<number, number>();
+  private faults = 0;
+  private fetched = 0;
+  private pushed = 0;
+  private pendingFetched = 0;
+  private pendingPushed = 0;
+
+  constructor(
+    pageCount: number,
+    /** Fault latencies, shared by the receivers of one guest's regions. */
+    public latency: LatencySamples,
+    private readonly metrics?: AgentMetrics,
+  ) {
+    this.requested = new PageSet(pageCount);
+  }
+
+  /** The guest waits on `page`: true the first time (ask the source for it), false once asked. */
+  ask(page: number, now: number): boolean {
+    if (this.requested.has(page)) return false;
+    this.requested.add(page);
+    this.faultAt.set(page, now);
+    this.faults++;
+    this.metrics?.postcopyFaults.inc();
+    return true;
+  }
+
+  /** `page` arrived where it was missing; settle() reports what arrived to the metrics. */
+  arrived(page: number, now: number): void {
+    if (!this.requested.has(page)) {
+      this.pendingPushed++;
+      return;
+    }
+    this.pendingFetched++;
+    const at = this.faultAt.get(page);
+    if (at === undefined) return;
+    const ms = now - at;
+    this.latency.add(ms);
+    this.metrics?.postcopyFaultLatency.observe(ms / 1000);
+    this.faultAt.delete(page);
+  }
+
+  /** Counts what arrived since the last call (one install's pages). */
+  settle(): void {
+    this.fetched += this.pendingFetched;
+    this.pushed += this.pendingPushed;
+    if (this.pendingFetched > 0) this.metrics?.postcopyPages.inc({ how: 'fetched' }, this.pendingFetched);
+    if (this.pendingPushed > 0) this.metrics?.postcopyPages.inc({ how: 'pushed' }, this.pendingPushed);
+    this.pendingFetched = 0;
+    this.pendingPushed = 0;
+  }
+
+  /** The pages the guest waits on that are still missing, ascending (to ask for again after a reattach). */
+  waitingOn(missing: (page: number) => boolean): number[] {
+    return [...this.faultAt.keys()].filter(missing).sort((a, b) => a - b);
+  }
+
+  stats(missingPages: number): PostcopyStats {
+    return { missingPages, faults: this.faults, fetchedPages: this.fetched, pushedPages: this.pushed, faultLatency: this.latency.summary() };
+  }
+}
+
+/** Appends `page` to ascending runs, extending the last run when it is adjacent. */
+export function pushPage(runs: number[], page: number): void {
+  const n = runs.length;
+  if (n >= 2 && runs[n - 2]! + runs[n - 1]! === page) runs[n - 1]!++;
+  else runs.push(page, 1);
+}
+
+/** Sends `runs` as fetch frames of at most MAX_FETCH_RUNS runs each. */
+export function sendFetchRuns(runs: readonly number[], sendFetch: (runs: Uint32Array) => void): void {
+  for (let i = 0; i < runs.length; i += MAX_FETCH_RUNS * 2) sendFetch(Uint32Array.from(runs.slice(i, i + MAX_FETCH_RUNS * 2)));
+}
+
 /** A region's side of post-copy at the destination: memory (PostcopyReceiver) or a disk (PostcopyDisk). */
 export interface RegionReceiver {
   /** Pages still missing. */
@@ -45,17 +126,12 @@ export interface RegionReceiver {
 export class PostcopyReceiver implements RegionReceiver {
   private readonly native = loadNative();
   private readonly missing: PageSet;
-  private readonly requested: PageSet;
-  private readonly faultAt = new Map<number, number>();
-  private readonly latency: LatencySamples;
+  private readonly ledger: FaultLedger;
   private readonly initialMissing: number;
   private uffd = -1;
   private start = 0;
   private monitor: MonitorHandle | undefined;
   private readonly out = new Uint32Array(2);
-  private faults = 0;
-  private fetched = 0;
-  private pushed = 0;
   private completeWaiters: (() => void)[] = [];
   private closed = false;
 
@@ -67,14 +143,13 @@ export class PostcopyReceiver implements RegionReceiver {
     /** The guest's descriptor failed (the guest is gone). */
     private readonly onGuestGone: () => void,
     private readonly log: Logger,
-    private readonly metrics?: AgentMetrics,
+    metrics?: AgentMetrics,
     /** Fault latencies, shared by the receivers of one guest's regions. */
     latency?: LatencySamples,
   ) {
-    this.latency = latency ?? new LatencySamples();
+    this.ledger = new FaultLedger(region.pageCount, latency ?? new LatencySamples(), metrics);
     this.missing = new PageSet(region.pageCount);
     this.missing.addRuns(missingRuns);
-    this.requested = new PageSet(region.pageCount);
     this.initialMissing = this.missing.size;
   }
 
@@ -107,18 +182,9 @@ export class PostcopyReceiver implements RegionReceiver {
         this.native.uffdWake(this.uffd, this.start, this.region.pageSizeBytes, page, 1);
         continue;
       }
-      if (this.requested.has(page)) continue;
-      this.requested.add(page);
-      this.faultAt.set(page, now);
-      this.faults++;
-      const n = fetch.length;
-      if (n >= 2 && fetch[n - 2]! + fetch[n - 1]! === page) fetch[n - 1]!++;
-      else fetch.push(page, 1);
+      if (this.ledger.ask(page, now)) pushPage(fetch, page);
     }
-    let asked = 0;
-    for (let i = 1; i < fetch.length; i += 2) asked += fetch[i]!;
-    this.metrics?.postcopyFaults.inc(asked);
-    for (let i = 0; i < fetch.length; i += MAX_FETCH_RUNS * 2) this.sendFetch(Uint32Array.from(fetch.slice(i, i + MAX_FETCH_RUNS * 2)));
+    sendFetchRuns(fetch, this.sendFetch);
   }
 
   /**
@@ -129,31 +195,12 @@ export class PostcopyReceiver implements RegionReceiver {
     const entryCount = entries.length / 3;
     this.native.uffdInstall(this.uffd, this.start, this.region.handle, entries, entryCount, raw, this.out);
     const now = performance.now();
-    let fetched = 0;
-    let pushed = 0;
     for (let e = 0; e < entryCount; e++) {
       const first = entries[e * 3 + 1]!;
       const end = first + entries[e * 3 + 2]!;
-      for (let page = first; page < end; page++) {
-        if (!this.missing.delete(page)) continue;
-        if (this.requested.has(page)) {
-          fetched++;
-          const at = this.faultAt.get(page);
-          if (at !== undefined) {
-            const ms = now - at;
-            this.latency.add(ms);
-            this.metrics?.postcopyFaultLatency.observe(ms / 1000);
-            this.faultAt.delete(page);
-          }
-        } else {
-          pushed++;
-        }
-      }
+      for (let page = first; page < end; page++) if (this.missing.delete(page)) this.ledger.arrived(page, now);
     }
-    this.fetched += fetched;
-    this.pushed += pushed;
-    if (fetched > 0) this.metrics?.postcopyPages.inc({ how: 'fetched' }, fetched);
-    if (pushed > 0) this.metrics?.postcopyPages.inc({ how: 'pushed' }, pushed);
+    this.ledger.settle();
     if (this.missing.size === 0) for (const resolve of this.completeWaiters.splice(0)) resolve();
   }
 
@@ -165,14 +212,9 @@ export class PostcopyReceiver implements RegionReceiver {
 
   /** Asks again for the pages the guest faulted on that have not come (after a reattach). */
   refetch(): void {
-    const pages = [...this.faultAt.keys()].filter((page) => this.missing.has(page)).sort((a, b) => a - b);
     const runs: number[] = [];
-    for (const page of pages) {
-      const n = runs.length;
-      if (n >= 2 && runs[n - 2]! + runs[n - 1]! === page) runs[n - 1]!++;
-      else runs.push(page, 1);
-    }
-    for (let i = 0; i < runs.length; i += MAX_FETCH_RUNS * 2) this.sendFetch(Uint32Array.from(runs.slice(i, i + MAX_FETCH_RUNS * 2)));
+    for (const page of this.ledger.waitingOn((page) => this.missing.has(page))) pushPage(runs, page);
+    sendFetchRuns(runs, this.sendFetch);
   }
 
   /** The pages still missing, as runs (to ask the source for again after a reconnect). */
@@ -181,13 +223,7 @@ export class PostcopyReceiver implements RegionReceiver {
   }
 
   stats(): PostcopyStats {
-    return {
-      missingPages: this.initialMissing,
-      faults: this.faults,
-      fetchedPages: this.fetched,
-      pushedPages: this.pushed,
-      faultLatency: this.latency.summary(),
-    };
+    return this.ledger.stats(this.initialMissing);
   }
 
   /** Stops reading faults and closes this agent's copy of the descriptor (the guest keeps its own). */

@@ -15,7 +15,6 @@
 // longer in the guest's I/O path.
 import { fdatasync, read, write } from 'node:fs';
 import { promisify } from 'node:util';
-import { MAX_FETCH_RUNS } from '../../protocol/limits.js';
 import { NbdCommandError, NbdErrno } from '../../protocol/nbd/index.js';
 import type { AgentMetrics } from '../metrics.js';
 import { ENTRY_DATA, type NativeAddon } from '../native.js';
@@ -24,7 +23,7 @@ import { ZEROES } from '../nbd/zeroes.js';
 import { PageSet } from '../tracker/page-set.js';
 import type { IncomingRegion } from './destination-types.js';
 import { LatencySamples } from './postcopy.js';
-import type { PostcopyStats, RegionReceiver } from './postcopy-destination.js';
+import { FaultLedger, pushPage, sendFetchRuns, type PostcopyStats, type RegionReceiver } from './postcopy-destination.js';
 
 const readAsync = promisify(read);
 const writeAsync = promisify(write);
@@ -44,17 +43,12 @@ export class PostcopyDisk implements NbdExport, RegionReceiver {
   readonly sizeBytes: number;
   /** The blocks not here yet; undefined until post-copy starts (or the disk opens complete). */
   private missing: PageSet | undefined;
-  private readonly requested: PageSet;
-  private readonly faultAt = new Map<number, number>();
+  private readonly ledger: FaultLedger;
   private readonly waiting = new Map<number, Waiter[]>();
-  private latency = new LatencySamples();
   private sendFetch: (runs: Uint32Array) => void = () => {};
   private readonly openWaiters: Waiter[] = [];
   private completeWaiters: (() => void)[] = [];
   private initialMissing = 0;
-  private faults = 0;
-  private fetched = 0;
-  private pushed = 0;
   private closed = false;
 
   constructor(
@@ -62,10 +56,10 @@ export class PostcopyDisk implements NbdExport, RegionReceiver {
     readonly name: string,
     private readonly region: IncomingRegion,
     private readonly native: Pick<NativeAddon, 'regionScatter' | 'punchHoles'>,
-    private readonly metrics?: AgentMetrics,
+    metrics?: AgentMetrics,
   ) {
     this.sizeBytes = region.lengthBytes;
-    this.requested = new PageSet(region.pageCount);
+    this.ledger = new FaultLedger(region.pageCount, new LatencySamples(), metrics);
   }
 
   /** Post-copy started: `missingRuns` are at the source; a request on them asks `sendFetch` and waits. */
@@ -74,7 +68,7 @@ export class PostcopyDisk implements NbdExport, RegionReceiver {
     this.missing.addRuns(missingRuns);
     this.initialMissing = this.missing.size;
     this.sendFetch = sendFetch;
-    if (latency) this.latency = latency;
+    if (latency) this.ledger.latency = latency;
     for (const waiter of this.openWaiters.splice(0)) waiter.resolve();
   }
 
@@ -125,29 +119,15 @@ export class PostcopyDisk implements NbdExport, RegionReceiver {
     const payload = keptData.length === 0 ? new Uint8Array(0) : keptData.length * pageSize === raw.length ? raw : Buffer.concat(keptData);
     this.native.regionScatter(this.region.handle, Uint32Array.from(kept), kept.length / 3, payload);
     const now = performance.now();
-    let fetched = 0;
     for (const page of arrived) {
       missing.delete(page);
-      if (this.requested.has(page)) {
-        fetched++;
-        const at = this.faultAt.get(page);
-        if (at !== undefined) {
-          const ms = now - at;
-          this.latency.add(ms);
-          this.metrics?.postcopyFaultLatency.observe(ms / 1000);
-          this.faultAt.delete(page);
-        }
-      }
+      this.ledger.arrived(page, now);
       const waiters = this.waiting.get(page);
       if (!waiters) continue;
       this.waiting.delete(page);
       for (const waiter of waiters) if (--waiter.left === 0) waiter.resolve();
     }
-    const pushed = arrived.length - fetched;
-    this.fetched += fetched;
-    this.pushed += pushed;
-    if (fetched > 0) this.metrics?.postcopyPages.inc({ how: 'fetched' }, fetched);
-    if (pushed > 0) this.metrics?.postcopyPages.inc({ how: 'pushed' }, pushed);
+    this.ledger.settle();
     if (missing.size === 0) for (const resolve of this.completeWaiters.splice(0)) resolve();
   }
 
@@ -158,8 +138,7 @@ export class PostcopyDisk implements NbdExport, RegionReceiver {
 
   /** Asks again for the blocks requests wait on (after a reattach). */
   refetch(): void {
-    const pages = [...this.faultAt.keys()].filter((page) => this.missing?.has(page)).sort((a, b) => a - b);
-    this.fetch(pages);
+    this.fetch(this.ledger.waitingOn((page) => this.missing?.has(page) ?? false));
   }
 
   missingRuns(): Uint32Array {
@@ -167,7 +146,7 @@ export class PostcopyDisk implements NbdExport, RegionReceiver {
   }
 
   stats(): PostcopyStats {
-    return { missingPages: this.initialMissing, faults: this.faults, fetchedPages: this.fetched, pushedPages: this.pushed, faultLatency: this.latency.summary() };
+    return this.ledger.stats(this.initialMissing);
   }
 
   /** Requests still waiting fail (EIO): nothing will bring their blocks any more. A complete disk serves on. */
@@ -249,15 +228,7 @@ export class PostcopyDisk implements NbdExport, RegionReceiver {
     for (let page = missing.nextFrom(first); page !== undefined && page < end; page = missing.nextFrom(page + 1)) absent.push(page);
     if (absent.length === 0) return;
     const now = performance.now();
-    const ask: number[] = [];
-    for (const page of absent) {
-      if (this.requested.has(page)) continue;
-      this.requested.add(page);
-      this.faultAt.set(page, now);
-      ask.push(page);
-    }
-    this.faults += ask.length;
-    this.metrics?.postcopyFaults.inc(ask.length);
+    const ask = absent.filter((page) => this.ledger.ask(page, now));
     await new Promise<void>((resolve, reject) => {
       const waiter = { left: absent.length, resolve, reject };
       for (const page of absent) {
@@ -272,12 +243,8 @@ export class PostcopyDisk implements NbdExport, RegionReceiver {
   /** Sends fetch frames for ascending `pages`, as runs. */
   private fetch(pages: readonly number[]): void {
     const runs: number[] = [];
-    for (const page of pages) {
-      const n = runs.length;
-      if (n >= 2 && runs[n - 2]! + runs[n - 1]! === page) runs[n - 1]!++;
-      else runs.push(page, 1);
-    }
-    for (let i = 0; i < runs.length; i += MAX_FETCH_RUNS * 2) this.sendFetch(Uint32Array.from(runs.slice(i, i + MAX_FETCH_RUNS * 2)));
+    for (const page of pages) pushPage(runs, page);
+    sendFetchRuns(runs, this.sendFetch);
   }
 
   private wholeBlocks(offsetBytes: number, lengthBytes: number): { first: number; count: number; startBytes: number; endBytes: number } {
