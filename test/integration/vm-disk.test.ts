@@ -100,19 +100,20 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     await cluster?.cleanup();
   });
 
-  async function twoAgents(shared = false): Promise<{ a: Agent; b: Agent; disksA: string; disksB: string }> {
+  /** Agents a and b of a new cluster, each with its disks directory (one for both when `shared`), with extra environment and flags. */
+  async function twoAgents(shared = false, extra: { envA?: NodeJS.ProcessEnv; envB?: NodeJS.ProcessEnv; argsB?: string[] } = {}): Promise<{ a: Agent; b: Agent; disksA: string; disksB: string }> {
     cluster = new Cluster();
     const disksA = join(cluster.dir, 'disks-a');
     const disksB = shared ? disksA : join(cluster.dir, 'disks-b');
     mkdirSync(disksA, { recursive: true });
     mkdirSync(disksB, { recursive: true });
     disksOf.set('a', disksA).set('b', disksB);
-    return { a: await agentNamed('a'), b: await agentNamed('b'), disksA, disksB };
+    return { a: await agentNamed('a', extra.envA), b: await agentNamed('b', extra.envB, extra.argsB), disksA, disksB };
   }
 
   const disksOf = new Map<string, string>();
   /** Agent `name` (a or b) of the cluster, started (again) with its disks directory. */
-  const agentNamed = (name: string, env?: NodeJS.ProcessEnv) => cluster.agent(name, ['--vm-images-dir', testvmDir, '--vm-disks-dir', disksOf.get(name)!], env);
+  const agentNamed = (name: string, env?: NodeJS.ProcessEnv, args: string[] = []) => cluster.agent(name, ['--vm-images-dir', testvmDir, '--vm-disks-dir', disksOf.get(name)!, ...args], env);
 
   async function startVm(agent: Agent, name: string, disks: string[], append = 'gw.profile=random gw.seed=3 gw.rate=512'): Promise<void> {
     const run = await cluster.cli(agent, ['vm', 'start', name, '--memory', '64MiB', '--kernel', TESTVM_KERNEL_FILE, '--accel', 'tcg', '--append', append, ...disks.flatMap((d) => ['--disk', d]), '--json']);
@@ -322,14 +323,7 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
   );
 
   it('source killed during the post-copy of a disk: restarted, it serves the blocks the destination still lacks, and the VM completes there with nothing stale', async () => {
-    cluster = new Cluster();
-    const disksA = join(cluster.dir, 'disks-a');
-    const disksB = join(cluster.dir, 'disks-b');
-    mkdirSync(disksA);
-    mkdirSync(disksB);
-    disksOf.set('a', disksA).set('b', disksB);
-    const a = await agentNamed('a');
-    const b = await cluster.agent('b', ['--vm-images-dir', testvmDir, '--vm-disks-dir', disksB, '--postcopy-reattach', '60s']);
+    const { a, b, disksA, disksB } = await twoAgents(false, { argsB: ['--postcopy-reattach', '60s'] });
     const name = uniqueName('vq');
     const file = `${name}.raw`;
     writeTestvmBaseImage(join(disksA, file), { sizeBytes: 128 * MiB, baseBlocks: 16384, imageSeed: 11n });
@@ -439,14 +433,7 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
   }, 180_000);
 
   it('source killed right after the commit: restarted, it finds the VM running at the destination and removes its own copy of the disk too', async () => {
-    cluster = new Cluster();
-    const disksA = join(cluster.dir, 'disks-a');
-    const disksB = join(cluster.dir, 'disks-b');
-    mkdirSync(disksA);
-    mkdirSync(disksB);
-    disksOf.set('a', disksA).set('b', disksB);
-    const a = await agentNamed('a', { GANGWAY_FAULT_CRASH: 'source-after-commit' });
-    const b = await agentNamed('b');
+    const { a, b, disksA, disksB } = await twoAgents(false, { envA: { GANGWAY_FAULT_CRASH: 'source-after-commit' } });
     const name = uniqueName('vx');
     const file = `${name}.raw`;
     const digest = writeSparseDisk(join(disksA, file), 256 * MiB, 16, 8);
