@@ -255,7 +255,7 @@ interface ListenerOptions {
   token?: string;
 }
 
-function createControlServer(agent: Agent, options: ListenerOptions): Server {
+export function createControlServer(agent: Agent, options: ListenerOptions): Server {
   const server = createServer({ maxHeaderSize: MAX_HEADER_BYTES, headersTimeout: 10_000, requestTimeout: 30_000 }, (req, res) => {
     const fail = (err: unknown) => {
       agent.log.debug({ err: (err as Error).message, method: req.method, url: req.url?.slice(0, 200) }, 'control request refused');
