@@ -1,0 +1,435 @@
+// The chaos campaign's machinery: two agents (each in a network namespace of its own where
+// the host allows, mutual TLS; the destination's memory directory on a small tmpfs), and for
+// each run: its guests started at the source, `gangway migrate` run as an operator runs it,
+// the run's fault injected at its moment and healed, the agents left to settle, and the
+// invariants checked (invariants.ts). A killed or stopped agent is restarted on the same
+// state directory and address, as systemd would.
+import { execa } from 'execa';
+import { existsSync, mkdirSync, readdirSync, rmSync, statfsSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { initCa, issueHostCert, type CertResult } from '../../agent/cli/certs.js';
+import { killGuestsOf, makeTempDir, startLocalAgent, type AgentStatus, type LocalAgent, type LocalAgentOptions } from '../../agent/local-agent.js';
+import { createShapedLink, netnsAvailable, run, type ShapedLink } from '../netns-link.js';
+import { judgePlacement, leftoverViolations, settled, type GuestView, type Outcome } from './invariants.js';
+import { FAULT_KINDS, LINK_FAULTS, type FaultKind, type RunPlan } from './schedule.js';
+
+const MIGRATE_TIMEOUT_MS = 180_000;
+const SETTLE_TIMEOUT_MS = 120_000;
+/** Passes of the guest's own check to wait for after the run settled (each reads all its memory). */
+const CHECK_TIMEOUT_MS = 30_000;
+const MEMORY_TMPFS_BYTES = 768 * 1024 * 1024;
+const PEER_PORT = 7731;
+const GUEST_BIN = 'gangway-guest';
+
+export interface RunResult {
+  plan: RunPlan;
+  outcomes: Record<string, Outcome | 'unknown'>;
+  migrateExit: number | undefined;
+  /** What the fault did, as it happened (a fault whose moment came after the migration ended did nothing). */
+  faultNote: string;
+  violations: string[];
+  /** Why the migrate command said guests did not move (its --json error or failed[] entries). */
+  migrateErrors: string[];
+  /** Where the run's time went. */
+  phasesMs: { migrate: number; settle: number; check: number; cleanup: number };
+  seconds: number;
+}
+
+type Role = 'source' | 'destination';
+
+export class ChaosHosts {
+  readonly faults: readonly FaultKind[];
+  private readonly agents: Record<Role, LocalAgent | undefined> = { source: undefined, destination: undefined };
+  private readonly options: Record<Role, LocalAgentOptions>;
+  private constructor(
+    private readonly tmp: string,
+    private readonly link: ShapedLink | undefined,
+    private readonly memoryDir: string | undefined,
+    options: Record<Role, LocalAgentOptions>,
+    readonly to: string,
+  ) {
+    this.options = options;
+    this.faults = FAULT_KINDS.filter((kind) => (link || !LINK_FAULTS.includes(kind)) && (memoryDir || kind !== 'memory-full'));
+  }
+
+  /** Sets up the hosts; `notes` collects why some faults cannot be injected here. */
+  static async create(mainPath: string | undefined, notes: string[]): Promise<ChaosHosts> {
+    const tmp = makeTempDir('gangway-chaos-');
+    let link: ShapedLink | undefined;
+    let memoryDir: string | undefined;
+    try {
+      const netns = await netnsAvailable();
+      if (netns.ok) link = await createShapedLink({ name: `c${process.pid % 100000}`, rateBitsPerSec: 2e9 });
+      else notes.push(`no link faults: ${netns.reason}`);
+      const mount = join(tmp, 'destination-memory');
+      mkdirSync(mount, { mode: 0o700 });
+      try {
+        await run(['mount', '-t', 'tmpfs', '-o', `size=${MEMORY_TMPFS_BYTES},mode=0700`, 'gangway-chaos', mount]);
+        memoryDir = mount;
+      } catch (err) {
+        notes.push(`no memory-full faults: cannot mount a tmpfs (${(err as Error).message.split('\n')[0]})`);
+      }
+      const caDir = join(tmp, 'tls');
+      await initCa({ dir: caDir, days: 1 });
+      const sans = (addr?: string) => ['127.0.0.1', ...(addr ? [addr] : [])];
+      const sourceCert = await issueHostCert({ dir: caDir, name: 'source', sans: sans(link?.addrA), validity: { days: 1 } });
+      const destinationCert = await issueHostCert({ dir: caDir, name: 'destination', sans: sans(link?.addrB), validity: { days: 1 } });
+      const tls = (cert: CertResult, peer: CertResult) => ({ cert: cert.certPath, key: cert.keyPath, ca: cert.caPath, allow: [peer.fingerprint] });
+      // Fixed addresses: a restarted agent must be found where it was.
+      const sourceListen = link ? `${link.addrA}:${PEER_PORT}` : `127.0.0.1:${await freePort()}`;
+      const destinationListen = link ? `${link.addrB}:${PEER_PORT}` : `127.0.0.1:${await freePort()}`;
+      // A short peer timeout: a stalled or cut-off peer is noticed within seconds, not the default 15.
+      const common = ['--peer-timeout', '4s', '--postcopy-reattach', '90s'];
+      const options: Record<Role, LocalAgentOptions> = {
+        source: {
+          stateDir: join(tmp, 'source'),
+          listen: sourceListen,
+          tls: tls(sourceCert, destinationCert),
+          args: common,
+          ...(mainPath ? { mainPath } : {}),
+          ...(link ? { wrap: link.netnsExecPrefix(link.nsA) } : {}),
+        },
+        destination: {
+          stateDir: join(tmp, 'destination'),
+          listen: destinationListen,
+          tls: tls(destinationCert, sourceCert),
+          args: [...common, ...(memoryDir ? ['--memory-dir', memoryDir] : [])],
+          ...(mainPath ? { mainPath } : {}),
+          ...(link ? { wrap: link.netnsExecPrefix(link.nsB) } : {}),
+        },
+      };
+      const hosts = new ChaosHosts(tmp, link, memoryDir, options, destinationListen);
+      await hosts.start('source');
+      await hosts.start('destination');
+      return hosts;
+    } catch (err) {
+      if (memoryDir) await run(['umount', memoryDir]).catch(() => {});
+      await link?.close().catch(() => {});
+      rmSync(tmp, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
+  agent(role: Role): LocalAgent {
+    const agent = this.agents[role];
+    if (!agent) throw new Error(`the ${role} agent is not running`);
+    return agent;
+  }
+
+  private async start(role: Role): Promise<void> {
+    this.agents[role] = await startLocalAgent(this.options[role]);
+  }
+
+  /** Restarts an agent that is not running (killed or stopped by a fault). */
+  private async ensureRunning(role: Role): Promise<void> {
+    const agent = this.agents[role];
+    if (agent && agent.process.exitCode === null && agent.process.signalCode === null) return;
+    await this.start(role);
+  }
+
+  /** Runs `plan` and checks what must hold afterwards. */
+  async runOne(plan: RunPlan): Promise<RunResult> {
+    const started = performance.now();
+    const names = plan.guests.map((g) => g.name);
+    const violations: string[] = [];
+    const outcomes: RunResult['outcomes'] = Object.fromEntries(names.map((n) => [n, 'unknown' as const]));
+    let migrateExit: number | undefined;
+    let faultNote = 'not injected';
+    const migrateErrors: string[] = [];
+    const phasesMs = { migrate: 0, settle: 0, check: 0, cleanup: 0 };
+    let mark = performance.now();
+    const lap = (phase: keyof typeof phasesMs) => {
+      const now = performance.now();
+      phasesMs[phase] = now - mark;
+      mark = now;
+    };
+    try {
+      const source = this.agent('source');
+      for (const guest of plan.guests) {
+        await source.client.call('POST', '/v1/guests', {
+          name: guest.name,
+          memoryBytes: guest.memoryBytes,
+          profile: 'os-image',
+          dirtyRateBytesPerSec: guest.dirtyRateBytesPerSec,
+          seed: plan.seed,
+          imageSeed: 1,
+          sharedFraction: 0.5,
+          hotFraction: 0.25,
+        });
+      }
+      const migrate = execa(
+        process.execPath,
+        [this.options.source.mainPath ?? 'dist/agent/main.js', 'migrate', ...names, '--to', this.to, '--technique', plan.technique, '--strategy', plan.strategy, '--json', '--state-dir', this.options.source.stateDir],
+        { reject: false, timeout: MIGRATE_TIMEOUT_MS },
+      );
+      const ended = migrate.then(() => undefined);
+      const fault = Promise.race([ended.then(() => false), sleep(plan.fault.atMs).then(() => true)]).then(async (due) => {
+        if (!due) return void (faultNote = `the migration ended before ${plan.fault.atMs} ms`);
+        faultNote = await this.inject(plan, names, ended);
+      });
+      const result = await migrate;
+      migrateExit = result.exitCode;
+      migrateErrors.push(...migrateErrorsOf(String(result.stdout), String(result.stderr)));
+      await fault;
+      await this.heal();
+      lap('migrate');
+      await this.settle(names, violations);
+      lap('settle');
+      await this.judge(names, outcomes, violations);
+      lap('check');
+    } catch (err) {
+      violations.push(`the run failed: ${(err as Error).message}`);
+      await this.heal().catch(() => {});
+    } finally {
+      mark = performance.now();
+      violations.push(...(await this.removeGuests(names)));
+      lap('cleanup');
+    }
+    return { plan, outcomes, migrateExit, faultNote, violations, migrateErrors, phasesMs, seconds: (performance.now() - started) / 1000 };
+  }
+
+  // ── faults ──────────────────────────────────────────────────────────────────────────────
+
+  private filler: string | undefined;
+  private dropRule: string[] | undefined;
+  private linkDown = false;
+  private stopped: number[] = [];
+
+  private async inject(plan: RunPlan, names: readonly string[], ended: Promise<void>): Promise<string> {
+    const { kind, forMs } = plan.fault;
+    const hold = () => Promise.race([sleep(forMs), ended]);
+    switch (kind) {
+      case 'none':
+        return 'no fault';
+      case 'kill-source':
+      case 'kill-destination':
+      case 'term-source':
+      case 'term-destination': {
+        const role: Role = kind.endsWith('source') ? 'source' : 'destination';
+        const agent = this.agent(role);
+        if (kind.startsWith('kill')) await agent.kill();
+        else await agent.stop(20_000);
+        // Dead for a while (the migration command may end meanwhile), then back, as systemd restarts it.
+        await sleep(forMs);
+        await this.ensureRunning(role);
+        return `${kind.startsWith('kill') ? 'SIGKILL' : 'SIGTERM'} to the ${role} agent, restarted after ${forMs} ms`;
+      }
+      case 'stall-source':
+      case 'stall-destination': {
+        const pid = this.agent(kind === 'stall-source' ? 'source' : 'destination').pid;
+        process.kill(pid, 'SIGSTOP');
+        this.stopped.push(pid);
+        await sleep(forMs);
+        process.kill(pid, 'SIGCONT');
+        this.stopped = this.stopped.filter((p) => p !== pid);
+        return `the ${kind.slice(6)} agent stopped (SIGSTOP) for ${forMs} ms`;
+      }
+      case 'cancel': {
+        const source = this.agent('source');
+        const status = await source.status();
+        const running = status.migrations.filter((m) => m.state === 'running' && m.direction === 'out' && names.includes(m.guest));
+        if (running.length === 0) return 'cancel: no migration was running';
+        const answers = await Promise.all(running.map((m) => source.client.cancel(m.migrationId).then(() => 'cancelled', (err: Error) => err.message)));
+        return `cancel: ${answers.join('; ')}`;
+      }
+      case 'link-down': {
+        const link = this.link!;
+        await run(['ip', '-n', link.nsA, 'link', 'set', link.nsA, 'down']);
+        this.linkDown = true;
+        await hold();
+        await this.heal();
+        return `link down for ${forMs} ms (or until the migration ended)`;
+      }
+      case 'drop': {
+        const link = this.link!;
+        this.dropRule = ['-p', 'tcp', '--dport', String(PEER_PORT), '-j', 'DROP'];
+        await run(['ip', 'netns', 'exec', link.nsB, 'iptables', '-w', '-I', 'INPUT', ...this.dropRule]);
+        await hold();
+        await this.heal();
+        return `peer packets dropped at the destination for ${forMs} ms (or until the migration ended)`;
+      }
+      case 'memory-full': {
+        const dir = this.memoryDir!;
+        const { bavail, bsize } = statfsSync(dir);
+        const keepBytes = 4 * 1024 * 1024;
+        const fillBytes = Math.max(0, bavail * bsize - keepBytes);
+        this.filler = join(dir, 'chaos-filler');
+        await run(['fallocate', '-l', String(fillBytes), this.filler]);
+        // Kept until the migration ends: a full directory does not free itself.
+        await ended;
+        return `the destination's memory directory filled (${Math.round(fillBytes / 2 ** 20)} MiB) until the migration ended`;
+      }
+    }
+  }
+
+  /** Undoes what a fault left: processes stopped, the link, the DROP rule, the filler; agents not running are restarted. */
+  async heal(): Promise<void> {
+    for (const pid of this.stopped.splice(0)) process.kill(pid, 'SIGCONT');
+    if (this.linkDown && this.link) {
+      await run(['ip', '-n', this.link.nsA, 'link', 'set', this.link.nsA, 'up']);
+      this.linkDown = false;
+    }
+    if (this.dropRule && this.link) {
+      await run(['ip', 'netns', 'exec', this.link.nsB, 'iptables', '-w', '-D', 'INPUT', ...this.dropRule]);
+      this.dropRule = undefined;
+    }
+    if (this.filler) {
+      rmSync(this.filler, { force: true });
+      this.filler = undefined;
+    }
+    await this.ensureRunning('source');
+    await this.ensureRunning('destination');
+  }
+
+  // ── after the run ───────────────────────────────────────────────────────────────────────
+
+  private async settle(names: readonly string[], violations: string[]): Promise<void> {
+    const deadline = performance.now() + SETTLE_TIMEOUT_MS;
+    for (;;) {
+      const [source, destination] = await Promise.all([this.agent('source').status(), this.agent('destination').status()]);
+      if (settled(source, names) && settled(destination, names)) return;
+      if (performance.now() > deadline) {
+        violations.push(`the agents did not settle within ${SETTLE_TIMEOUT_MS / 1000} s: ${unsettledText(source, destination, names)}`);
+        return;
+      }
+      await sleep(250);
+    }
+  }
+
+  private async judge(names: readonly string[], outcomes: RunResult['outcomes'], violations: string[]): Promise<void> {
+    const views = async () => {
+      const [source, destination] = await Promise.all([this.agent('source').status(), this.agent('destination').status()]);
+      return names.map((name) => ({ name, source: source.guests.find((g) => g.name === name), destination: destination.guests.find((g) => g.name === name) }));
+    };
+    // The guest's own check: the full check of every page after its last resume, and for a
+    // guest that writes, a sweep of its hot set after that (each write checks the page first).
+    const deadline = performance.now() + CHECK_TIMEOUT_MS;
+    let placements = await views();
+    while (performance.now() < deadline) {
+      const checking = placements.filter((p) => {
+        const running = [p.source, p.destination].find((v) => v?.state === 'running');
+        return running && !ownCheckDone(running);
+      });
+      if (checking.length === 0) break;
+      await sleep(250);
+      placements = await views();
+    }
+    for (const placement of placements) {
+      const verdict = judgePlacement(placement);
+      if (verdict.outcome) outcomes[placement.name] = verdict.outcome;
+      violations.push(...verdict.violations);
+      const running = [placement.source, placement.destination].find((v) => v?.state === 'running');
+      if (running && !ownCheckDone(running)) violations.push(`${placement.name}: its own check did not finish within ${CHECK_TIMEOUT_MS / 1000} s`);
+    }
+  }
+
+  /** Stops the run's guests wherever they are, then lists what is left of them. */
+  private async removeGuests(names: readonly string[]): Promise<string[]> {
+    const problems: string[] = [];
+    for (const role of ['source', 'destination'] as const) {
+      let agent: LocalAgent;
+      try {
+        await this.ensureRunning(role);
+        agent = this.agent(role);
+        const listed = (await agent.status()).guests.filter((g) => names.includes(g.name));
+        for (const guest of listed) {
+          await agent.client.call('DELETE', `/v1/guests/${guest.name}`).catch((err: Error) => problems.push(`guest stop ${guest.name} at the ${role}: ${err.message}`));
+        }
+      } catch (err) {
+        problems.push(`cannot stop the run's guests at the ${role}: ${(err as Error).message}`);
+      }
+    }
+    await sleep(200);
+    const memoryFiles = [
+      ...listFiles('/dev/shm').filter((f) => names.some((n) => f.startsWith(`gangway-${n}-`))).map((f) => join('/dev/shm', f)),
+      ...(this.memoryDir ? listFiles(this.memoryDir).filter((f) => names.some((n) => f.includes(n))).map((f) => join(this.memoryDir!, f)) : []),
+    ];
+    const records = (['source', 'destination'] as const).flatMap((role) =>
+      names.map((n) => join(this.options[role].stateDir, 'guests', `${n}.json`)).filter((path) => existsSync(path)),
+    );
+    const processes = (await execa('pgrep', ['-af', GUEST_BIN], { reject: false })).stdout
+      .split('\n')
+      .filter((line) => names.some((n) => line.includes(n)));
+    problems.push(...leftoverViolations({ processes, memoryFiles, records }));
+    // Whatever is left goes now, so that the next run starts clean (it was reported above).
+    for (const line of processes) {
+      const pid = Number(line.split(' ')[0]);
+      if (Number.isInteger(pid) && pid > 0) process.kill(pid, 'SIGKILL');
+    }
+    for (const file of [...memoryFiles, ...records]) rmSync(file, { force: true });
+    return problems;
+  }
+
+  private closing: Promise<void> | undefined;
+
+  /** Stops the agents and their guests, removes the tmpfs, the namespaces and the directory. Once. */
+  close(): Promise<void> {
+    return (this.closing ??= this.tearDown());
+  }
+
+  private async tearDown(): Promise<void> {
+    await this.heal().catch(() => {});
+    for (const role of ['source', 'destination'] as const) {
+      const agent = this.agents[role];
+      if (!agent) continue;
+      await killGuestsOf(agent).catch(() => {});
+      await agent.stop().catch(() => {});
+    }
+    if (this.memoryDir) await run(['umount', this.memoryDir]).catch(() => {});
+    await this.link?.close().catch(() => {});
+    rmSync(this.tmp, { recursive: true, force: true });
+  }
+}
+
+/** The migrate command's reasons, from its --json output: a whole failure, or the guests that did not move. */
+function migrateErrorsOf(stdout: string, stderr: string): string[] {
+  try {
+    const out = JSON.parse(stdout) as { error?: { message: string }; failed?: { guest: string; message: string }[] };
+    if (out.error) return [out.error.message];
+    return (out.failed ?? []).map((f) => `${f.guest}: ${f.message}`);
+  } catch {
+    const text = (stdout || stderr).trim();
+    return text ? [text.split('\n')[0]!.slice(0, 300)] : [];
+  }
+}
+
+/** A resumed guest has checked every page since its last resume, and swept its hot set once if it writes. */
+function ownCheckDone(view: GuestView): boolean {
+  if (typeof view.resumes !== 'number' || view.resumes === 0) return true; // never resumed: it was started here and never moved
+  if (view.resumeCheckDone !== true) return false;
+  return view.dirtyRateBytesPerSec === 0 || (view.passes ?? 0) > (view.passesAtResume ?? 0);
+}
+
+function listFiles(dir: string): string[] {
+  try {
+    return readdirSync(dir);
+  } catch {
+    return [];
+  }
+}
+
+function unsettledText(source: AgentStatus, destination: AgentStatus, names: readonly string[]): string {
+  const parts: string[] = [];
+  for (const [side, status] of [['source', source], ['destination', destination]] as const) {
+    for (const m of status.migrations.filter((m) => m.state === 'running' && names.includes(m.guest))) parts.push(`${side}: migration of ${m.guest} running`);
+    for (const g of status.guests.filter((g) => names.includes(g.name))) {
+      if (g.outgoing) parts.push(`${side}: ${g.name} outgoing ${g.outgoing.phase}`);
+      if (g.incoming && g.incoming.stranded === undefined) parts.push(`${side}: ${g.name} receiving (${g.incoming.missingPages} pages missing)`);
+    }
+  }
+  return parts.join('; ');
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as { port: number };
+      server.close(() => resolve(port));
+    });
+  });
+}
+

@@ -1,0 +1,77 @@
+// What one chaos run does, drawn from its seed alone: the guests and how they move, and the
+// fault with its moment. Pure, so a violation's seed replays the same run (`--replay SEED`).
+import { Rng } from '../fuzz/mutator.js';
+
+export const FAULT_KINDS = [
+  'none',
+  'kill-source',
+  'kill-destination',
+  'term-source',
+  'term-destination',
+  'stall-source',
+  'stall-destination',
+  'cancel',
+  'link-down',
+  'drop',
+  'memory-full',
+] as const;
+export type FaultKind = (typeof FAULT_KINDS)[number];
+
+/** Faults that need the agents in network namespaces of their own (a link to cut). */
+export const LINK_FAULTS: readonly FaultKind[] = ['link-down', 'drop'];
+
+export interface GuestPlan {
+  name: string;
+  memoryBytes: number;
+  dirtyRateBytesPerSec: number;
+}
+
+export interface RunPlan {
+  seed: number;
+  guests: GuestPlan[];
+  technique: 'precopy' | 'postcopy' | 'hybrid';
+  strategy: 'gang' | 'serial';
+  fault: {
+    kind: FaultKind;
+    /** After the migrate command starts. */
+    atMs: number;
+    /** How long a link stays down, a rule stays, a process stays stopped; how long a killed agent stays dead. */
+    forMs: number;
+  };
+}
+
+export interface PlanOptions {
+  quick: boolean;
+  /** The fault kinds this campaign can inject (no link faults without namespaces, no memory-full without a tmpfs). */
+  faults: readonly FaultKind[];
+}
+
+const MiB = 1024 * 1024;
+
+export function planRun(seed: number, options: PlanOptions): RunPlan {
+  const rng = new Rng(seed);
+  const count = 1 + rng.below(options.quick ? 2 : 3);
+  const guests = Array.from({ length: count }, (_, i) => ({
+    name: `chaos${seed % 100000}-${i}`,
+    memoryBytes: (options.quick ? 32 + 16 * rng.below(3) : 64 + 32 * rng.below(4)) * MiB,
+    dirtyRateBytesPerSec: rng.pick([0, 2, 8, 20]) * MiB,
+  }));
+  return {
+    seed,
+    guests,
+    technique: rng.pick(['precopy', 'postcopy', 'hybrid'] as const),
+    strategy: rng.pick(['gang', 'serial'] as const),
+    fault: {
+      kind: rng.pick(options.faults),
+      // Early and late: during the rounds, around the switchover, during a post-copy.
+      atMs: 100 + rng.below(options.quick ? 2500 : 5000),
+      forMs: 200 + rng.below(3000),
+    },
+  };
+}
+
+/** One line: what the run does. */
+export function describePlan(plan: RunPlan): string {
+  const guests = plan.guests.map((g) => `${g.name} ${g.memoryBytes / MiB} MiB @${g.dirtyRateBytesPerSec / MiB} MiB/s`).join(', ');
+  return `seed ${plan.seed}: ${plan.technique} ${plan.guests.length > 1 ? plan.strategy : 'single'} [${guests}], fault ${plan.fault.kind} at ${plan.fault.atMs} ms for ${plan.fault.forMs} ms`;
+}
