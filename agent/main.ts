@@ -24,6 +24,8 @@ import { parseBytes, parseBytesList, parseDurationMs, parseRate, QuantityError }
 import { VERSION_TEXT } from './version.js';
 import { arg, clientFor, DEFAULT_STATE_DIR, fail, number, tapDevice, withControlOptions } from './cli/common.js';
 import { addVmCommands } from './cli/vm-commands.js';
+import { applyHelp } from './cli/help.js';
+import { addManCommand } from './cli/man-page.js';
 import { DEFAULT_QEMU_SETTINGS } from './guest/qemu-guest.js';
 import { regionSizesProblem } from './guest/process-guest.js';
 
@@ -57,18 +59,20 @@ program
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
   .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval, peers.maxSessionsPerPeer/maxIncomingPerPeer/maxIncoming/maxGroupsPerSession/handshakeTimeout/requestsPerSecond/requestBurst/memoryHeadroom/decompressionsPerSession, dedup.resident/residentOffersPerMinute/residentMaxAge/baseImages, vm.imagesDir/disksDir/qemu/bridge)')
   .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags), print it and exit')
-  .option('--listen <host:port>', `address for peer agents [${CONFIG_DEFAULTS.listen}]`)
-  .option('--state-dir <dir>', `the agent state directory [${DEFAULT_STATE_DIR}]`)
-  .option('--memory-dir <dir>', `where guest memory files live [${CONFIG_DEFAULTS.memoryDir}]`)
-  .addOption(new Option('--tracker <kind>', 'dirty-page tracking [auto]').choices(TRACKERS))
-  .option('--shutdown-grace <duration>', 'on SIGTERM, how long running migrations may finish [10s]')
-  .option('--peer-timeout <duration>', 'a peer session silent this long (no frame, no pong) is taken as dead [15s]', arg((t) => parseDurationMs(t, '--peer-timeout')))
-  .option('--postcopy-reattach <duration>', 'post-copy: how long either side waits for a broken link to the other to come back [10m]', arg((t) => parseDurationMs(t, '--postcopy-reattach')))
+  // The agent's defaults are the config's (flags < ... see resolveAgentSettings): a flag only
+  // shows its default, `.default(undefined, text)`, so an unset flag leaves the file's value.
+  .addOption(new Option('--listen <host:port>', 'address for peer agents').default(undefined, CONFIG_DEFAULTS.listen))
+  .addOption(new Option('--state-dir <dir>', 'the agent state directory').default(undefined, DEFAULT_STATE_DIR))
+  .addOption(new Option('--memory-dir <dir>', 'where guest memory files live').default(undefined, CONFIG_DEFAULTS.memoryDir))
+  .addOption(new Option('--tracker <kind>', 'dirty-page tracking').choices(TRACKERS).default(undefined, 'auto'))
+  .addOption(new Option('--shutdown-grace <duration>', 'on SIGTERM, how long running migrations may finish').default(undefined, '10s'))
+  .addOption(new Option('--peer-timeout <duration>', 'a peer session silent this long (no frame, no pong) is taken as dead').argParser(arg((t) => parseDurationMs(t, '--peer-timeout'))).default(undefined, '15s'))
+  .addOption(new Option('--postcopy-reattach <duration>', 'post-copy: how long either side waits for a broken link to the other to come back').argParser(arg((t) => parseDurationMs(t, '--postcopy-reattach'))).default(undefined, '10m'))
   .option('--metrics-listen <host:port>', 'serve Prometheus metrics on this address')
   .option('--control-group <group>', 'group (name or gid) that may use the control socket, mode 0660, control.group')
   .option('--control-listen <host:port>', 'also serve the control API on this loopback port, with a bearer token, control.listen')
-  .option('--control-token-file <file>', 'the control port\'s token (created, mode 0600, when missing) [STATE_DIR/control.token], control.tokenFile')
-  .addOption(new Option('--log-level <level>', 'log level [info]').choices(LOG_LEVELS))
+  .addOption(new Option('--control-token-file <file>', "the control port's token (created, mode 0600, when missing), control.tokenFile").default(undefined, 'STATE_DIR/control.token'))
+  .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default(undefined, 'info'))
   .option('--tls-cert <file>', "this agent's certificate (PEM), tls.cert")
   .option('--tls-key <file>', "this agent's private key (PEM), tls.key")
   .option('--tls-ca <file>', 'the CA that signs agent certificates (PEM), tls.ca')
@@ -76,10 +80,10 @@ program
   .option('--insecure-plaintext-loopback', 'no TLS: plain ws, only on a loopback listen address and only to loopback peers')
   .option('--uplink <interface>', 'the uplink guests and migrations share: measured, and shaped when root (traffic.uplink)')
   .option('--link-capacity <rate>', "the uplink's capacity, e.g. 1Gbit/s (traffic.linkCapacity)")
-  .option('--vm-images-dir <dir>', `kernels VMs boot, by file name (vm.imagesDir) [${DEFAULT_QEMU_SETTINGS.imagesDir}]`)
-  .option('--vm-disks-dir <dir>', `VMs' disks (raw files), by file name; migrated disks arrive here (vm.disksDir) [${DEFAULT_QEMU_SETTINGS.disksDir}]`)
-  .option('--vm-qemu <binary>', `the QEMU to run VMs with (vm.qemu) [${DEFAULT_QEMU_SETTINGS.binary}]`)
-  .option('--vm-bridge <bridge>', 'the bridge the TAP devices of arriving VMs join (vm.bridge) [none: left unattached]')
+  .addOption(new Option('--vm-images-dir <dir>', 'kernels VMs boot, by file name (vm.imagesDir)').default(undefined, DEFAULT_QEMU_SETTINGS.imagesDir))
+  .addOption(new Option('--vm-disks-dir <dir>', "VMs' disks (raw files), by file name; migrated disks arrive here (vm.disksDir)").default(undefined, DEFAULT_QEMU_SETTINGS.disksDir))
+  .addOption(new Option('--vm-qemu <binary>', 'the QEMU to run VMs with (vm.qemu)').default(undefined, DEFAULT_QEMU_SETTINGS.binary))
+  .addOption(new Option('--vm-bridge <bridge>', 'the bridge the TAP devices of arriving VMs join (vm.bridge)').default(undefined, 'none: left unattached'))
   .action(async (opts) => {
     let settings: ReturnType<typeof resolveAgentSettings>;
     try {
@@ -186,13 +190,12 @@ const guest = program.command('guest').description('start, stop or resume guests
 
 withControlOptions(guest.command('start <name>'))
   .description('start a synthetic guest (gangway-guest) that keeps dirtying its memory; for a QEMU VM see `gangway vm start --help`')
-  .option(
-    '--memory <sizes>',
-    'guest memory, e.g. 512MiB; several regions (a file each, as a VM has RAM below and above 4 GiB) as 256MiB,256MiB',
-    arg((t) => parseRegionSizes(t, '--memory')),
-    [parseBytes('512MiB')],
+  .addOption(
+    new Option('--memory <sizes>', 'guest memory, e.g. 512MiB; several regions (a file each, as a VM has RAM below and above 4 GiB) as 256MiB,256MiB')
+      .argParser(arg((t) => parseRegionSizes(t, '--memory')))
+      .default([parseBytes('512MiB')], '512MiB'),
   )
-  .option('--dirty-rate <rate>', 'how fast the guest rewrites memory, e.g. 40MiB/s (0 = idle)', arg((t) => parseRate(t, '--dirty-rate')), 0)
+  .addOption(new Option('--dirty-rate <rate>', 'how fast the guest rewrites memory, e.g. 40MiB/s (0 = idle)').argParser(arg((t) => parseRate(t, '--dirty-rate'))).default(0))
   .addOption(new Option('--profile <profile>', 'page content').choices(['zero', 'os-image', 'random']).default('os-image'))
   .option('--seed <n>', 'content seed (guests with different seeds hold different private pages)', number('--seed', 0, 2 ** 53, true), 1)
   .option('--image-seed <n>', 'image identity: guests with the same image seed share content', number('--image-seed', 0, 2 ** 53, true), 0)
@@ -280,18 +283,21 @@ withControlOptions(program.command('migrate <guests...>'))
       .choices(['precopy', 'postcopy', 'hybrid', 'auto'])
       .default('precopy'),
   )
-  .addOption(new Option('--priority <priority>', "the migration's priority: the plan (--technique auto) and the bandwidth reservation [the agent's traffic.priority]").choices(PRIORITIES))
-  .option('--postcopy-after-rounds <n>', 'hybrid: go post-copy after this many pre-copy rounds at the latest [--max-rounds]', number('--postcopy-after-rounds', 1, 10_000, true))
-  .option(
-    '--disks <which>',
-    "a VM's disks: all move with it (by --technique; auto takes pre-copy for them); none stay (shared storage: the destination opens the same file name in its vm.disksDir); or those named: disk0,disk1 or file names [all]",
-    arg((text) => {
-      if (text === 'all' || text === 'none') return text;
-      const names = text.split(',');
-      const bad = names.find((name) => !/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(name));
-      if (bad !== undefined) throw new QuantityError(`--disks "${text}": all, none, or disk names (disk0, vm1.raw) separated by commas; "${bad}" is not one`);
-      return names;
-    }),
+  .addOption(new Option('--priority <priority>', "the migration's priority: the plan (--technique auto) and the bandwidth reservation").choices(PRIORITIES).default(undefined, "the agent's traffic.priority"))
+  .addOption(new Option('--postcopy-after-rounds <n>', 'hybrid: go post-copy after this many pre-copy rounds at the latest').argParser(number('--postcopy-after-rounds', 1, 10_000, true)).default(undefined, '--max-rounds'))
+  .addOption(
+    new Option(
+      '--disks <which>',
+      "a VM's disks: all move with it (by --technique; auto takes pre-copy for them); none stay (shared storage: the destination opens the same file name in its vm.disksDir); or those named: disk0,disk1 or file names",
+    )
+      .default(undefined, 'all')
+      .argParser(arg((text) => {
+        if (text === 'all' || text === 'none') return text;
+        const names = text.split(',');
+        const bad = names.find((name) => !/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(name));
+        if (bad !== undefined) throw new QuantityError(`--disks "${text}": all, none, or disk names (disk0, vm1.raw) separated by commas; "${bad}" is not one`);
+        return names;
+      })),
   )
   .option('--detach', 'start the migrations, print their ids and return; follow them with `gangway status`, cancel with `gangway cancel ID`')
   .option('--json', 'print the summary as JSON')
@@ -412,7 +418,7 @@ withControlOptions(program.command('migrate <guests...>'))
 withControlOptions(program.command('plan <guests...>'))
   .description("show how the planner would migrate guests (technique, strategy, order, reserved rates, and why) from this host's and the destination's traffic; migrates nothing")
   .requiredOption('--to <host:port>', 'the destination agent (asked for its traffic)', peerAddress)
-  .addOption(new Option('--priority <priority>', "the migration's priority [the agent's traffic.priority]").choices(PRIORITIES))
+  .addOption(new Option('--priority <priority>', "the migration's priority").choices(PRIORITIES).default(undefined, "the agent's traffic.priority"))
   .option('--json', 'print the plan as JSON')
   .action(async (names: string[], opts) => {
     try {
@@ -573,8 +579,8 @@ certs
 program
   .command('demo')
   .description('two local agents, a running guest, a live migration between them, and a summary')
-  .option('--memory <size>', 'guest memory [512MiB; --vm: 256MiB]', arg((t) => parseBytes(t, '--memory')))
-  .option('--dirty-rate <rate>', 'guest dirty rate [40MiB/s; --vm: 8MiB/s, what the test kernel does under TCG]', arg((t) => parseRate(t, '--dirty-rate')))
+  .addOption(new Option('--memory <size>', 'guest memory').argParser(arg((t) => parseBytes(t, '--memory'))).default(undefined, '512MiB; --vm: 256MiB'))
+  .addOption(new Option('--dirty-rate <rate>', 'guest dirty rate').argParser(arg((t) => parseRate(t, '--dirty-rate'))).default(undefined, '40MiB/s; --vm: 8MiB/s, what the test kernel does under TCG'))
   .option('--vm', 'move a QEMU VM (gangway-testvm under TCG) instead of the synthetic process guest')
   .addOption(new Option('--technique <technique>', 'how the guest moves (see migrate --help); postcopy and hybrid need root').choices(['precopy', 'postcopy', 'hybrid', 'auto']).default('precopy'))
   .option('--json', 'print one JSON object')
@@ -593,4 +599,6 @@ program
     }
   });
 
+addManCommand(program);
+applyHelp(program);
 await program.parseAsync(process.argv);

@@ -40,7 +40,7 @@ export function withControlOptions(command: Command): Command {
   return command
     .addOption(stateDirOption())
     .addOption(new Option('--control <host:port>', "the agent's loopback control port (control.listen) instead of the socket").env('GANGWAY_CONTROL'))
-    .addOption(new Option('--token-file <file>', 'with --control: the token file [STATE_DIR/control.token]').env('GANGWAY_TOKEN_FILE'));
+    .addOption(new Option('--token-file <file>', 'with --control: the token file').env('GANGWAY_TOKEN_FILE').default(undefined, 'STATE_DIR/control.token'));
 }
 
 export function clientFor(opts: { stateDir: string; control?: string; tokenFile?: string }): ControlClient {

@@ -5,36 +5,21 @@ import { MAX_APPEND_LENGTH, MAX_VM_CPUS, vmRegionsProblem, VM_ACCELS, VM_MACHINE
 import { parseBytesList, QuantityError } from '../units.js';
 import { arg, clientFor, fail, number, tapDevice, withControlOptions } from './common.js';
 
-const EXAMPLES = `
-Examples:
-  gangway vm start vm1 --memory 512MiB --kernel gangway-testvm.elf
-  gangway vm start web1 --memory 1GiB --kernel vmlinuz --append "console=ttyS0" --tap tap-web1
-  gangway vm start vm2 --memory 256MiB,256MiB --cpus 2 --accel auto \\
-      --kernel gangway-testvm.elf --append "gw.profile=os-image gw.rate=4096"
-  gangway vm start db1 --memory 1GiB --kernel vmlinuz --disk db1.raw   # a raw file of vm.disksDir
-  gangway vm start os1 --memory 1GiB --disk os1.raw  # no --kernel: boots from its first disk
-  gangway migrate vm1 vm2 --to 10.0.0.2:7401        # a gang, dedup across the VMs
-  gangway migrate db1 --to 10.0.0.2:7401            # its disk moves too (--disks none: shared storage)
-  gangway guest stop vm1                             # quits QEMU, deletes the VM's memory
-
-The kernel is a file name of the agent's images directory (vm.imagesDir, --vm-images-dir),
-never a path: a destination agent boots the same name from its own directory. Without
---kernel the BIOS boots the first disk's boot sector.`;
-
 export function addVmCommands(program: Command): void {
   const vm = program.command('vm').description('QEMU VMs on the local agent (their RAM moves through the agents, their device state through QEMU)');
   withControlOptions(vm.command('start <name>'))
     .description('start a QEMU VM whose RAM the agent can track and move (memory-backend files in the memory dir)')
-    .option(
-      '--memory <sizes>',
-      'RAM, whole MiB, e.g. 512MiB; several regions (NUMA nodes, a memory file each) as 256MiB,256MiB',
-      arg((text) => {
-        const sizes = parseBytesList(text, '--memory');
-        const problem = vmRegionsProblem(sizes);
-        if (problem) throw new QuantityError(`--memory "${text}": ${problem}`);
-        return sizes;
-      }),
-      [512 * 1024 * 1024],
+    .addOption(
+      new Option('--memory <sizes>', 'RAM, whole MiB, e.g. 512MiB; several regions (NUMA nodes, a memory file each) as 256MiB,256MiB')
+        .argParser(
+          arg((text) => {
+            const sizes = parseBytesList(text, '--memory');
+            const problem = vmRegionsProblem(sizes);
+            if (problem) throw new QuantityError(`--memory "${text}": ${problem}`);
+            return sizes;
+          }),
+        )
+        .default([512 * 1024 * 1024], '512MiB'),
     )
     .option('--kernel <file>', "a multiboot or Linux kernel: its file name in the agent's images directory (without it the VM boots from its first --disk)")
     .option('--append <text>', `the kernel's command line (letters, digits, spaces and . _ : = + / -; at most ${MAX_APPEND_LENGTH})`, '')
@@ -45,7 +30,6 @@ export function addVmCommands(program: Command): void {
     .option('--disk <file>', "a raw disk (virtio-blk): a file of the agent's disks directory (vm.disksDir), by name or path; repeat for more (at most 4)", (value: string, previous: string[] = []) => [...previous, value])
     .option('--tap <device>', "the TAP device behind the VM's NIC (a virtio-net-pci unless --nic says otherwise), where its traffic is measured", tapDevice)
     .option('--json', 'print JSON')
-    .addHelpText('after', EXAMPLES)
     .action(async (name: string, opts) => {
       try {
         if (opts.kernel === undefined && !opts.disk) {
