@@ -26,6 +26,7 @@ import { arg, clientFor, DEFAULT_STATE_DIR, fail, number, tapDevice, withControl
 import { addVmCommands } from './cli/vm-commands.js';
 import { applyHelp } from './cli/help.js';
 import { addManCommand } from './cli/man-page.js';
+import { addCompletionCommand } from './cli/completion.js';
 import { DEFAULT_QEMU_SETTINGS } from './guest/qemu-guest.js';
 import { regionSizesProblem } from './guest/process-guest.js';
 
@@ -599,6 +600,7 @@ program
     }
   });
 
+addCompletionCommand(program);
 addManCommand(program);
 applyHelp(program);
 await program.parseAsync(process.argv);

@@ -66,6 +66,11 @@ export const EXAMPLES: Record<string, readonly string[]> = {
     'gangway certs issue host-b --dir /etc/gangway/tls --san 10.0.0.2 --san host-b.example --days 90',
   ],
   demo: ['gangway demo', 'gangway demo --technique postcopy       # needs root', 'gangway demo --vm --json                 # a QEMU VM (qemu-system-x86)'],
+  completion: [
+    'gangway completion bash > /etc/bash_completion.d/gangway',
+    'source <(gangway completion bash)          # this shell only',
+    'gangway completion zsh > "${fpath[1]}/_gangway"',
+  ],
   man: ['gangway man | man -l -', 'gangway man > /usr/local/share/man/man1/gangway.1', 'gangway man --json    # the commands and options as JSON'],
 };
 

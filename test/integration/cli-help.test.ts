@@ -24,7 +24,7 @@ describe.skipIf(!builtAgent)('gangway help', async () => {
   const byPath = new Map(commands.map((c) => [c.path, c]));
 
   it('knows the commands a user types', () => {
-    for (const path of ['', 'agent', 'guest start', 'vm start', 'migrate', 'status', 'certs issue', 'man']) expect(byPath.has(path), path).toBe(true);
+    for (const path of ['', 'agent', 'guest start', 'vm start', 'migrate', 'status', 'certs issue', 'completion', 'man']) expect(byPath.has(path), path).toBe(true);
   });
 
   it('has examples for every command, and none for a command that does not exist', () => {
