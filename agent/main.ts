@@ -27,6 +27,7 @@ import { addVmCommands } from './cli/vm-commands.js';
 import { applyHelp } from './cli/help.js';
 import { addManCommand } from './cli/man-page.js';
 import { addCompletionCommand } from './cli/completion.js';
+import { addInstallUnitCommand } from './cli/install-unit.js';
 import { DEFAULT_QEMU_SETTINGS } from './guest/qemu-guest.js';
 import { regionSizesProblem } from './guest/process-guest.js';
 
@@ -600,6 +601,7 @@ program
     }
   });
 
+addInstallUnitCommand(program);
 addCompletionCommand(program);
 addManCommand(program);
 applyHelp(program);

@@ -72,6 +72,11 @@ export const EXAMPLES: Record<string, readonly string[]> = {
     'gangway completion zsh > "${fpath[1]}/_gangway"',
   ],
   man: ['gangway man | man -l -', 'gangway man > /usr/local/share/man/man1/gangway.1', 'gangway man --json    # the commands and options as JSON'],
+  'install-unit': [
+    'gangway install-unit --dry-run          # print the unit and where it would go',
+    'gangway install-unit                    # /etc/systemd/system/gangway-agent.service (+ /etc/gangway/agent.yaml)',
+    'gangway install-unit --root /tmp/image  # into a directory tree (an image being built)',
+  ],
 };
 
 /** The text under a command's help, or undefined for a command without examples. */
