@@ -24,6 +24,8 @@ export interface CommandInfo {
   usage: string;
   description: string;
   options: OptionInfo[];
+  /** The values its first argument takes, where it lists them (`completion <shell>`). */
+  argumentChoices?: readonly string[];
   /** Example lines (help.ts EXAMPLES); empty for a command that has none. */
   examples: readonly string[];
   subcommands: CommandInfo[];
@@ -92,6 +94,7 @@ export function describeCommand(command: Command, examples: Readonly<Record<stri
     usage: `${['gangway', commandPath(command)].filter(Boolean).join(' ')} ${command.usage()}`,
     description: command.description(),
     options: help.visibleOptions(command).map(optionInfo),
+    ...(command.registeredArguments[0]?.argChoices ? { argumentChoices: command.registeredArguments[0].argChoices } : {}),
     examples: examples[commandPath(command)] ?? [],
     subcommands: help
       .visibleCommands(command)

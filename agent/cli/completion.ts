@@ -1,6 +1,6 @@
 // `gangway completion bash|zsh`: a completion script generated from the command tree the CLI
 // runs with (commands, subcommands, options, an option's choices), so a command or option
-// added later completes without anyone editing a script. The tree travels as three tables,
+// added later completes without anyone editing a script. The tree travels as four tables,
 // keyed by command path ('.' for gangway itself: zsh refuses an empty key); the shell
 // functions only look words up in them.
 import { Argument, type Command } from 'commander';
@@ -13,16 +13,19 @@ export type Shell = (typeof SHELLS)[number];
 type ValueHint = { choices: readonly string[] } | 'file' | 'dir' | 'none';
 
 interface Tables {
+  /** The words after a command: its subcommands, or its first argument's choices. */
   subcommands: Map<string, string[]>;
+  arguments: Map<string, string[]>;
   options: Map<string, string[]>;
   values: Map<string, ValueHint>;
 }
 
 function tables(root: CommandInfo): Tables {
-  const result: Tables = { subcommands: new Map(), options: new Map(), values: new Map() };
+  const result: Tables = { subcommands: new Map(), arguments: new Map(), options: new Map(), values: new Map() };
   const visit = (info: CommandInfo) => {
     const key = info.path === '' ? '.' : info.path;
     result.subcommands.set(key, info.subcommands.map((sub) => sub.path.split(' ').at(-1)!));
+    result.arguments.set(key, [...(info.argumentChoices ?? [])]);
     result.options.set(key, info.options.map((option) => option.name));
     for (const option of info.options.filter((o) => o.takesValue)) {
       const placeholder = /<([^>]+)>|\[([^\]]+)\]/.exec(option.flags)?.slice(1).find(Boolean) ?? '';
@@ -52,6 +55,7 @@ function tableText(t: Tables, shell: Shell): string {
   const declare = shell === 'bash' ? 'declare -gA' : 'typeset -gA';
   return [
     `${declare} _gangway_subcommands=(\n${entries(words(t.subcommands), shell)}\n)`,
+    `${declare} _gangway_arguments=(\n${entries(words(t.arguments), shell)}\n)`,
     `${declare} _gangway_options=(\n${entries(words(t.options), shell)}\n)`,
     `${declare} _gangway_values=(\n${entries(values, shell)}\n)`,
   ].join('\n');
@@ -79,7 +83,7 @@ _gangway() {
   elif [[ $cur == -* ]]; then
     COMPREPLY=($(compgen -W "\${_gangway_options[$path]}" -- "$cur"))
   else
-    COMPREPLY=($(compgen -W "\${_gangway_subcommands[$path]}" -- "$cur"))
+    COMPREPLY=($(compgen -W "\${_gangway_subcommands[$path]} \${_gangway_arguments[$path]}" -- "$cur"))
   fi
 }
 complete -F _gangway gangway
@@ -106,7 +110,7 @@ _gangway() {
   elif [[ $cur == -* ]]; then
     compadd -- \${=_gangway_options[$path]}
   else
-    compadd -- \${=_gangway_subcommands[$path]}
+    compadd -- \${=_gangway_subcommands[$path]} \${=_gangway_arguments[$path]}
   fi
 }
 # Autoloaded from $fpath (#compdef above) the file's body runs per completion; sourced, it

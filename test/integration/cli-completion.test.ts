@@ -41,6 +41,7 @@ describe.skipIf(!builtAgent)('gangway completion', () => {
     [['gangway', 'vm', 'start', 'vm1', '--accel', ''], ['tcg', 'kvm', 'auto']],
     [['gangway', 'certs', 'issue', 'host-a', '--d'], ['--dir', '--days']],
     [['gangway', 'completion', '--j'], ['--json']],
+    [['gangway', 'completion', ''], ['bash', 'zsh']],
     [['gangway', 'agent', '--config', 'ag'], ['agent.yaml']],
     // The guest names after migrate are the user's: nothing to offer, and no command either.
     [['gangway', 'migrate', 'st'], []],
