@@ -61,8 +61,9 @@ program
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
   .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval, peers.maxSessionsPerPeer/maxIncomingPerPeer/maxIncoming/maxGroupsPerSession/handshakeTimeout/requestsPerSecond/requestBurst/memoryHeadroom/decompressionsPerSession, dedup.resident/residentOffersPerMinute/residentMaxAge/baseImages, vm.imagesDir/disksDir/qemu/bridge)')
   .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags), print it and exit')
-  // The agent's defaults are the config's (flags < ... see resolveAgentSettings): a flag only
-  // shows its default, `.default(undefined, text)`, so an unset flag leaves the file's value.
+  // The agent's defaults are its config's (defaults < file < GANGWAY_* < flags, see
+  // resolveAgentSettings): these flags only show theirs, `.default(undefined, text)`, so a
+  // flag not given leaves the file's or the environment's value.
   .addOption(new Option('--listen <host:port>', 'address for peer agents').default(undefined, CONFIG_DEFAULTS.listen))
   .addOption(new Option('--state-dir <dir>', 'the agent state directory').default(undefined, DEFAULT_STATE_DIR))
   .addOption(new Option('--memory-dir <dir>', 'where guest memory files live').default(undefined, CONFIG_DEFAULTS.memoryDir))
@@ -197,7 +198,7 @@ withControlOptions(guest.command('start <name>'))
       .argParser(arg((t) => parseRegionSizes(t, '--memory')))
       .default([parseBytes('512MiB')], '512MiB'),
   )
-  .addOption(new Option('--dirty-rate <rate>', 'how fast the guest rewrites memory, e.g. 40MiB/s (0 = idle)').argParser(arg((t) => parseRate(t, '--dirty-rate'))).default(0))
+  .option('--dirty-rate <rate>', 'how fast the guest rewrites memory, e.g. 40MiB/s (0 = idle)', arg((t) => parseRate(t, '--dirty-rate')), 0)
   .addOption(new Option('--profile <profile>', 'page content').choices(['zero', 'os-image', 'random']).default('os-image'))
   .option('--seed <n>', 'content seed (guests with different seeds hold different private pages)', number('--seed', 0, 2 ** 53, true), 1)
   .option('--image-seed <n>', 'image identity: guests with the same image seed share content', number('--image-seed', 0, 2 ** 53, true), 0)

@@ -1,6 +1,6 @@
 // Help that teaches: examples under every command's --help, and every default shown one way,
 // "(default: 512MiB)", in the units a person types. applyHelp runs once over the finished
-// command tree, so a command added anywhere gets the same treatment; test/agent/cli-help
+// command tree, so a command added anywhere gets the same treatment; test/integration/cli-help
 // fails for a command without examples here, or with a default shown as raw bytes.
 import type { Command, Help } from 'commander';
 import { allCommands, commandPath, optionHelpText } from './command-tree.js';
