@@ -50,6 +50,8 @@ export interface IncomingResult {
    */
   outcome: 'committed' | 'aborted' | 'stranded';
   reason?: string;
+  /** aborted by the source's abort frame: its error code (ABORTED when the source cancelled). */
+  sourceCode?: string;
   pages: number;
   rounds: number;
   technique: 'precopy' | 'postcopy' | 'hybrid';

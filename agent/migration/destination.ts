@@ -487,7 +487,7 @@ export class DestinationMigration implements FrameHandler {
         return;
       case 'abort': {
         const abort = frame;
-        this.finish('aborted', `the source aborted: ${abort.message}`);
+        this.finish('aborted', `the source aborted: ${abort.message}`, abort.code);
         return;
       }
       default:
@@ -679,7 +679,7 @@ export class DestinationMigration implements FrameHandler {
     return undefined;
   }
 
-  private finish(outcome: IncomingResult['outcome'], reason?: string): void {
+  private finish(outcome: IncomingResult['outcome'], reason?: string, sourceCode?: string): void {
     if (this.finished) return;
     this.finished = true;
     this.session.unregister(this.offer.migrationId);
@@ -713,6 +713,7 @@ export class DestinationMigration implements FrameHandler {
       from: this.session.peer?.agentId ?? 'unknown',
       outcome,
       ...(reason ? { reason } : {}),
+      ...(sourceCode ? { sourceCode } : {}),
       pages: this.pages.pagesReceived,
       rounds: this.roundsSeen,
       technique: this.technique,

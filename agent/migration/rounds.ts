@@ -39,8 +39,36 @@ export class NonIncreasingEta {
 
 export class ProgressReporter {
   private lastAt = 0;
+  /** Wire bytes sent before the current round, for its wire rate. */
+  private roundWireStartBytes = 0;
+  /** What the policy said after the last round; the whole migration's ETA follows from it. */
+  private policy: { dirtyRateBytesPerSec: number; predictedDowntimeMs: number; converging: boolean } | undefined;
+  private readonly totalEta = new NonIncreasingEta();
 
   constructor(private readonly run: SourceRun) {}
+
+  startRound(wireBytesBefore: number): void {
+    this.roundWireStartBytes = wireBytesBefore;
+  }
+
+  /** After each pre-copy round: the dirty rate (guest bytes) and the policy's prediction. */
+  decided(dirtyRateBytesPerSec: number, decision: Pick<ConvergenceDecision, 'predictedDowntimeMs' | 'converging'>): void {
+    this.policy = { dirtyRateBytesPerSec, predictedDowntimeMs: decision.predictedDowntimeMs, converging: decision.converging };
+  }
+
+  /**
+   * The time until the guest runs at the destination: this round's rest, then the pages the
+   * guest dirties meanwhile, sent at the same rate (a geometric series, q = dirty / send
+   * rate), then the switchover. Undefined while the rounds do not shrink.
+   */
+  private wholeEta(remainingBytes: number, rateBytesPerSec: number): MigrationProgress['convergence'] {
+    const policy = this.policy;
+    if (!policy) return undefined;
+    const q = rateBytesPerSec > 0 ? policy.dirtyRateBytesPerSec / rateBytesPerSec : 1;
+    if (!policy.converging || q >= 1 || rateBytesPerSec <= 0) return { ...policy, converging: false, totalEtaMs: undefined };
+    const estimateMs = ((remainingBytes / rateBytesPerSec) * 1000) / (1 - q) + policy.predictedDowntimeMs;
+    return { ...policy, totalEtaMs: this.totalEta.update(estimateMs) };
+  }
 
   report(round: number, roundPages: number, sentPages: number, bytesPerPage: number, roundStart: number, wireBytes: number, disk?: MigrationProgress['disk']): void {
     const now = this.run.clock.now();
@@ -48,6 +76,8 @@ export class ProgressReporter {
     this.lastAt = now;
     const elapsedMs = now - roundStart;
     const rateBytesPerSec = elapsedMs > 0 ? (sentPages * bytesPerPage * 1000) / elapsedMs : 0;
+    const wireRateBytesPerSec = elapsedMs > 0 ? (Math.max(0, wireBytes - this.roundWireStartBytes) * 1000) / elapsedMs : 0;
+    const convergence = this.run.state.phase === 'precopy' ? this.wholeEta((roundPages - sentPages) * bytesPerPage, rateBytesPerSec) : undefined;
     const progress: MigrationProgress = {
       migrationId: this.run.options.migrationId,
       guest: this.run.guest.name,
@@ -60,6 +90,8 @@ export class ProgressReporter {
       etaMs: rateBytesPerSec > 0 ? ((roundPages - sentPages) * bytesPerPage * 1000) / rateBytesPerSec : undefined,
       wireBytes,
       ...(disk ? { disk } : {}),
+      wireRateBytesPerSec,
+      ...(convergence ? { convergence } : {}),
     };
     this.run.emitProgress(progress);
   }
@@ -110,6 +142,7 @@ export class RoundSender {
     const bytesPerPage = roundPages > 0 ? guestBytes / roundPages : lanes[0]!.region.pageSizeBytes;
     const counters = emptyCounters();
     const dedup = options.dedup;
+    this.progress.startRound(this.totals.wireBytes);
     // The disks' share of the round, reported apart (their lanes come after memory's).
     const diskLanes = lanes.filter((lane) => lane.region.sparse);
     const diskRoundBlocks = diskLanes.reduce((sum, lane) => sum + runsPageCount(runs[lane.index] ?? new Uint32Array(0)), 0);
@@ -293,6 +326,7 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
     }
     previousDiskPages = diskPages;
     record.decision = decision.reason;
+    sender.progress.decided(dirtyRatePerSec * unitBytes, decision);
     if (decision.action === 'continue' && run.guest.limitDiskWrites) {
       // A hot set rewritten whole every round looks slower than the link (the dirty count
       // stops at its size) and still never shrinks: that is not converging either.

@@ -43,6 +43,9 @@ const NEXT: Record<SourcePhase, readonly SourcePhase[]> = {
 export class SourceStateMachine {
   private current: SourcePhase = 'offering';
 
+  /** `onChange` hears each transition (the agent's event stream reports the switchover). */
+  constructor(private readonly onChange?: (phase: SourcePhase) => void) {}
+
   get phase(): SourcePhase {
     return this.current;
   }
@@ -57,5 +60,6 @@ export class SourceStateMachine {
       throw new Error(`migration state machine: ${this.current} → ${next} is not a legal transition`);
     }
     this.current = next;
+    this.onChange?.(next);
   }
 }

@@ -169,6 +169,15 @@ export interface MigrationProgress {
    * finds more blocks holds it rather than raising it); and blocks sent in all rounds.
    */
   disk?: { roundBlocks: number; roundBlocksSent: number; rateBytesPerSec: number; etaMs: number | undefined; blocksSent: number };
+  /** Bytes on the wire per second in this round (compressed, deduplicated): `rateBytesPerSec` is guest memory. */
+  wireRateBytesPerSec?: number;
+  /**
+   * The whole migration as the convergence policy saw it after the last round (absent before
+   * round 0 ends): how fast the guest dirties memory, the downtime a stop would take now,
+   * whether the rounds shrink at all, and the time until the guest runs at the destination,
+   * which never goes up from one report to the next and is undefined while not converging.
+   */
+  convergence?: { dirtyRateBytesPerSec: number; predictedDowntimeMs: number; converging: boolean; totalEtaMs: number | undefined };
 }
 
 /** What the parts of one source migration share. */

@@ -32,7 +32,8 @@ export type { MigrationProgress, MigrationSummary, RoundRecord, SourceOptions } 
 export { differingRuns } from './lanes.js';
 
 export class SourceMigration extends EventEmitter implements FrameHandler {
-  readonly state = new SourceStateMachine();
+  /** Emits 'phase' on each transition. */
+  readonly state = new SourceStateMachine((phase) => this.emit('phase', phase));
   private readonly clock: Clock;
   private readonly link: SourceLink;
   private lanes: Lane[] = [];
