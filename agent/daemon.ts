@@ -16,6 +16,9 @@ import { InboundMigrations } from './daemon/inbound.js';
 import { OutboundMigrations, type MigrateRequest } from './daemon/outbound.js';
 import { PeerServer } from './daemon/peer-server.js';
 import { MigrationRecords } from './daemon/records.js';
+import { EventBus } from './daemon/events.js';
+import { MigrationHistory } from './daemon/history.js';
+import { recordHooks } from './daemon/observe.js';
 import { SessionPool } from './daemon/session-pool.js';
 import type { ProcessGuestSpec, TrackerPreference } from './guest/process-guest.js';
 import { launcherTable } from './guest/kinds.js';
@@ -109,7 +112,11 @@ export class Agent {
   private shuttingDown = false;
   private digestBytesPerSec = 8e9;
   private readonly startedAt = Date.now();
-  private readonly records = new MigrationRecords();
+  /** What `gangway events` streams. */
+  readonly events = new EventBus();
+  /** Ended migrations, kept in the state dir across restarts. */
+  readonly history: MigrationHistory;
+  private readonly records: MigrationRecords;
   private readonly sessionsOut: SessionPool;
   private readonly peerServer: PeerServer;
   private readonly inbound: InboundMigrations;
@@ -132,6 +139,8 @@ export class Agent {
     this.tls = config.transport.kind === 'tls' ? loadTlsMaterial(config.transport) : undefined;
     this.id = this.tls ? agentIdOf(this.tls.self) : this.loadOrCreateId();
     this.registry = new GuestRegistry(config.stateDir, log);
+    this.history = new MigrationHistory(config.stateDir);
+    this.records = new MigrationRecords(recordHooks(this.events, this.history, log));
     // The parts read what start() sets up later (the peer port, the traffic service, the
     // digest rate) and each other's state through functions, called when they need it.
     this.sessionsOut = new SessionPool({ tls: this.tls, log, sessionOptions: (sessionLog) => this.sessionOptions(sessionLog) });
@@ -204,6 +213,10 @@ export class Agent {
   }
 
   async start(): Promise<void> {
+    this.history.load();
+    if (this.history.unreadable) {
+      this.log.error({ ...this.history.unreadable }, 'the migration history cannot be read: kept under another name, and a new history started');
+    }
     const dead = this.registry.load();
     if (dead.length > 0) this.log.warn({ guests: dead }, 'guests in the registry are no longer running; dropped');
     const strays = this.registry.removeStrays();
@@ -269,18 +282,28 @@ export class Agent {
 
   // ── guests ─────────────────────────────────────────────────────────────────────────
   /** See GuestService.startGuest. */
-  startGuest(name: string, spec: ProcessGuestSpec, tap?: string): Promise<{ name: string; pid: number; memoryPath: string }> {
-    return this.guests.startGuest(name, spec, tap);
+  async startGuest(name: string, spec: ProcessGuestSpec, tap?: string): Promise<{ name: string; pid: number; memoryPath: string }> {
+    const started = await this.guests.startGuest(name, spec, tap);
+    this.events.publish({ type: 'guest-started', guest: name, pid: started.pid });
+    return started;
   }
 
   /** See GuestService.stopGuest. */
-  stopGuest(name: string): Promise<void> {
-    return this.guests.stopGuest(name);
+  async stopGuest(name: string): Promise<void> {
+    await this.guests.stopGuest(name);
+    this.events.publish({ type: 'guest-stopped', guest: name });
   }
 
   /** See GuestService.startVm. */
-  startVm(...args: Parameters<GuestService['startVm']>) {
-    return this.guests.startVm(...args);
+  async startVm(...args: Parameters<GuestService['startVm']>) {
+    const started = await this.guests.startVm(...args);
+    this.events.publish({ type: 'guest-started', guest: args[0], pid: started.pid });
+    return started;
+  }
+
+  /** Ended migrations, newest first, and the history file if it could not be read at start. */
+  migrationHistory() {
+    return { entries: [...this.history.list()].reverse(), unreadable: this.history.unreadable ?? null };
   }
 
   /** See GuestService.resumeGuest. */

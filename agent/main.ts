@@ -28,6 +28,10 @@ import { applyHelp } from './cli/help.js';
 import { addManCommand } from './cli/man-page.js';
 import { addCompletionCommand } from './cli/completion.js';
 import { addInstallUnitCommand } from './cli/install-unit.js';
+import { addObserveCommands } from './cli/observe-commands.js';
+import { liveProgressLine, ProgressThrottle } from './cli/observe-format.js';
+import { followMigrationEvents } from './cli/migrate-events.js';
+import { outcomeText } from './daemon/outcome.js';
 import { DEFAULT_QEMU_SETTINGS } from './guest/qemu-guest.js';
 import { regionSizesProblem } from './guest/process-guest.js';
 
@@ -247,6 +251,7 @@ for (const [verb, method, suffix, description] of [
 }
 
 addVmCommands(program);
+addObserveCommands(program);
 
 /** --to of migrate and plan: HOST:PORT with a port the destination can listen on. */
 const peerAddress = arg((text) => {
@@ -304,12 +309,17 @@ withControlOptions(program.command('migrate <guests...>'))
   )
   .option('--detach', 'start the migrations, print their ids and return; follow them with `gangway status`, cancel with `gangway cancel ID`')
   .option('--json', 'print the summary as JSON')
+  .option('--json-events', "print the agent's events of these migrations as NDJSON while they run, then the summary as the last event ({\"type\":\"result\"} or {\"type\":\"error\"})")
   .action(async (names: string[], opts) => {
-    const json = Boolean(opts.json);
+    const jsonEvents = Boolean(opts.jsonEvents);
+    const json = Boolean(opts.json) || jsonEvents;
     const tty = process.stderr.isTTY && !json;
+    // Without a TTY (a log, a pipe): a progress line now and then instead of one redrawn in place.
+    const throttle = !process.stderr.isTTY && !jsonEvents ? new ProgressThrottle() : undefined;
     try {
       const client = clientFor(opts);
       await client.refuseSelf(opts.to);
+      const events = jsonEvents ? await followMigrationEvents(client, names) : undefined;
       const started = new StartedMigrations(client, names);
       const latest = new Map<string, MigrationProgress>();
       let interrupted = false;
@@ -333,6 +343,7 @@ withControlOptions(program.command('migrate <guests...>'))
         },
         (progress) => {
           started.note(progress);
+          if (throttle?.take(progress) && !interrupted) process.stderr.write(`${liveProgressLine(progress)}\n`);
           if (!tty || interrupted) return;
           latest.set(progress.guest, progress);
           process.stderr.write(`\r\x1b[K${groupProgressLine(latest)}`);
@@ -387,13 +398,14 @@ withControlOptions(program.command('migrate <guests...>'))
 
       const result = await outcome;
       await cancelling;
+      await events?.ended([...started.ids.keys()]);
       if (tty) process.stderr.write('\r\x1b[K');
       const cancelled = answers.filter((a) => a.cancelled);
       const moved = new Set('summary' in result ? result.summary.guests.map((g) => g.guest) : []);
       const stayed = cancelled.filter((a) => !moved.has(a.guest));
       if (stayed.length === 0) {
         if ('error' in result) throw result.error;
-        console.log(json ? JSON.stringify(result.summary) : groupSummaryText(result.summary));
+        console.log(jsonEvents ? JSON.stringify({ type: 'result', summary: result.summary }) : json ? JSON.stringify(result.summary) : groupSummaryText(result.summary));
         // Some guests moved, some did not (each of those runs on here): a partial success.
         if (result.summary.failed.length > 0) process.exitCode = 1;
         return;
@@ -402,6 +414,7 @@ withControlOptions(program.command('migrate <guests...>'))
       if (json) {
         console.log(
           JSON.stringify({
+            ...(jsonEvents ? { type: 'error' } : {}),
             error: { code: ErrorCode.ABORTED, message },
             cancelled: stayed.map(({ guest, migrationId }) => ({ guest, migrationId })),
             notCancelled: answers.filter((a) => !a.cancelled),
@@ -414,6 +427,10 @@ withControlOptions(program.command('migrate <guests...>'))
       }
       process.exit(130);
     } catch (err) {
+      if (jsonEvents) {
+        console.log(JSON.stringify({ type: 'error', error: { code: err instanceof GangwayError ? err.code : ErrorCode.INTERNAL, message: err instanceof Error ? err.message : String(err) } }));
+        fail(err, false);
+      }
       fail(err, json);
     }
   });
@@ -517,12 +534,13 @@ withControlOptions(program.command('status'))
         const detail =
           m.state === 'committed' && m.direction === 'out'
             ? ` downtime ${m.summary.downtimeMs.toFixed(1)} ms, total ${m.summary.totalMs.toFixed(0)} ms`
-            : (m.state === 'failed' || m.state === 'in-doubt') && m.direction === 'out'
+            : m.outcome !== 'cancelled' && (m.state === 'failed' || m.state === 'in-doubt') && m.direction === 'out'
               ? ` ${m.error.message}`
-              : m.direction === 'in' && m.result?.reason
+              : m.direction === 'in' && m.outcome !== 'cancelled' && m.result?.reason
                 ? ` ${m.result.reason}`
                 : '';
-        console.log(`  migration ${m.migrationId.slice(0, 8)} ${m.guest} ${peer}: ${m.state}${detail}`);
+        console.log(`  migration ${m.migrationId.slice(0, 8)} ${m.guest} ${peer}: ${m.outcome === 'cancelled' ? outcomeText({ ...m, outcome: 'cancelled' }) : (m.outcome ?? m.state)}${detail}`);
+        if (m.direction === 'out' && m.state === 'running' && m.progress) console.log(`    ${liveProgressLine(m.progress)}`);
       }
     } catch (err) {
       fail(err, Boolean(opts.json));

@@ -147,7 +147,7 @@ export class ControlClient {
     );
   }
 
-  private open(method: string, path: string, body?: unknown) {
+  private open(method: string, path: string, body?: unknown, signal?: AbortSignal) {
     const e = this.endpoint;
     if (e.kind === 'socket') {
       // A state dir this user cannot enter hides the socket: that is not "no agent".
@@ -170,7 +170,7 @@ export class ControlClient {
     if (e.kind === 'tcp') headers.authorization = `Bearer ${e.token}`;
     const target = e.kind === 'socket' ? { socketPath: this.socketPath! } : { host: e.host, port: e.port };
     return new Promise<IncomingMessage>((resolve, reject) => {
-      const req = request({ ...target, method, path, headers }, resolve);
+      const req = request({ ...target, method, path, headers, ...(signal ? { signal } : {}) }, resolve);
       req.once('error', (err: NodeJS.ErrnoException) => {
         if (e.kind === 'socket' && err.code === 'EACCES') {
           reject(new GangwayError(ErrorCode.PEER_UNREACHABLE, `cannot talk to the agent at ${this.where}: ${this.permissionAdvice()}`));
@@ -263,9 +263,9 @@ export class ControlClient {
     return (await this.call<{ cancelled: string }>('POST', `/v1/migrations/${encodeURIComponent(idOrPrefix)}/cancel`)).cancelled;
   }
 
-  /** A streaming call: yields each NDJSON event. */
-  async *stream(method: string, path: string, body?: unknown): AsyncGenerator<Record<string, unknown>> {
-    const res = await this.open(method, path, body);
+  /** A streaming call: yields each NDJSON event (until `signal` aborts it, for a stream that never ends by itself). */
+  async *stream(method: string, path: string, body?: unknown, signal?: AbortSignal): AsyncGenerator<Record<string, unknown>> {
+    const res = await this.open(method, path, body, signal);
     if ((res.statusCode ?? 500) >= 400) {
       const parsed = this.parse<object>(await this.readAll(res), res);
       throw new GangwayError((parsed.error?.code ?? ErrorCode.INTERNAL) as never, parsed.error?.message ?? `agent answered ${res.statusCode}`);

@@ -16,6 +16,7 @@ import { listenUnixSocket } from './access.js';
 import type { ControlGroup } from './group.js';
 import { describeZodError, MigrateRequestSchema, PlanRequestSchema, StartGuestRequest, StartVmRequest } from './schema.js';
 import { bearerRefusal } from './token.js';
+import { ndjsonSubscriber } from '../daemon/events.js';
 
 export const MAX_BODY_BYTES = 64 * 1024;
 export const MAX_URL_BYTES = 1024;
@@ -143,6 +144,20 @@ const ROUTES: Route[] = [
       res.end();
     },
   },
+  { method: 'GET', path: '/v1/history', handle: (agent, _p, _b, res) => send(res, 200, agent.migrationHistory()) },
+  {
+    method: 'GET',
+    path: '/v1/events',
+    // Long-lived: the request is in, so requestTimeout no longer applies; the stream ends
+    // when the client goes, or when it falls behind (events.ts).
+    handle(agent, _p, _b, res) {
+      res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+      const unsubscribe = agent.events.subscribe(ndjsonSubscriber(res));
+      // The first line says the stream is on: a client that waits for it misses no later event.
+      res.write(`${JSON.stringify({ type: 'subscribed', at: new Date().toISOString(), agentId: agent.id })}\n`);
+      return new Promise<void>((resolve) => res.once('close', () => resolve(void unsubscribe())));
+    },
+  },
   {
     method: 'POST',
     path: '/v1/migrations/:id/cancel',
@@ -230,7 +245,7 @@ async function route(agent: Agent, req: IncomingMessage, res: ServerResponse): P
   const method = req.method ?? 'GET';
   const segments = url.pathname.split('/');
   const candidates = ROUTES.map((r) => ({ route: r, raw: matchPath(r, segments) })).filter((c) => c.raw !== undefined);
-  if (candidates.length === 0) throw new RequestError(404, `no such endpoint: ${shown(url.pathname)} (the API is /v1/status, /v1/guests, /v1/migrations, /v1/traffic, /v1/plan)`);
+  if (candidates.length === 0) throw new RequestError(404, `no such endpoint: ${shown(url.pathname)} (the API is /v1/status, /v1/guests, /v1/migrations, /v1/traffic, /v1/plan, /v1/history, /v1/events)`);
   const chosen = candidates.find((c) => c.route.method === method);
   if (!chosen) {
     const allow = candidates.map((c) => c.route.method).join(', ');

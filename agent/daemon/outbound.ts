@@ -355,6 +355,7 @@ export class OutboundMigrations {
         log,
       );
       this.outgoing.set(migrationId, migration);
+      migration.on('phase', (phase: string) => this.context.records.notePhase(migrationId, phase));
       migration.on('progress', (progress: MigrationProgress) => {
         this.context.records.set(migrationId, { ...base, state: 'running', progress });
         onProgress(progress);
@@ -428,6 +429,7 @@ export class OutboundMigrations {
     }
     const [id, migration] = matches[0]!;
     migration.cancel();
+    this.context.records.noteCancelled(id);
     this.context.log.info({ migrationId: id }, 'migration cancelled');
     return id;
   }
