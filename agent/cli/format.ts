@@ -10,7 +10,13 @@ export function formatMs(ms: number): string {
 }
 
 export function progressLine(p: MigrationProgress): string {
-  const eta = p.etaMs === undefined ? '' : ` · ETA ${formatMs(p.etaMs)}`;
+  // The whole migration's ETA once round 0 has ended (the policy's view); before, the round's own, named as such.
+  const c = p.convergence;
+  const eta = c
+    ? ` · dirty ${formatRate(c.dirtyRateBytesPerSec)} · ${c.converging && c.totalEtaMs !== undefined ? `ETA ${formatMs(c.totalEtaMs)}` : 'not converging'}`
+    : p.etaMs === undefined
+      ? ''
+      : ` · round ETA ${formatMs(p.etaMs)}`;
   const phase = p.phase === 'precopy' ? `round ${p.round}` : `${p.phase} (final round)`;
   const diskEta = p.disk?.etaMs === undefined ? '' : `, ETA ${formatMs(p.disk.etaMs)}`;
   const disk = p.disk && p.disk.roundBlocks > 0 ? ` (disks ${((100 * p.disk.roundBlocksSent) / p.disk.roundBlocks).toFixed(0)}% of ${p.disk.roundBlocks} blocks at ${formatRate(p.disk.rateBytesPerSec)}${diskEta})` : '';

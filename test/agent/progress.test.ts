@@ -33,8 +33,17 @@ describe('progressLine', () => {
 
   it("shows the disks' blocks, their rate and their ETA apart from the round's", () => {
     const line = progressLine({ ...base, disk: { roundBlocks: 2000, roundBlocksSent: 500, rateBytesPerSec: 20 * MiB, etaMs: 1500, blocksSent: 70_000 } });
-    expect(line).toBe('vm1: round 2 · 50.0% of 3000 pages (disks 25% of 2000 blocks at 20.0 MiB/s, ETA 1.50 s) · 100.0 MiB/s · ETA 60.0 ms · wire 300.0 MiB');
+    expect(line).toBe('vm1: round 2 · 50.0% of 3000 pages (disks 25% of 2000 blocks at 20.0 MiB/s, ETA 1.50 s) · 100.0 MiB/s · round ETA 60.0 ms · wire 300.0 MiB');
     expect(progressLine(base)).not.toMatch(/disks/);
+  });
+
+  it("shows the whole migration's ETA once the policy has one, and 'not converging' instead of a round's ETA when it says so", () => {
+    const converging = { dirtyRateBytesPerSec: 10 * MiB, predictedDowntimeMs: 50, converging: true, totalEtaMs: 4200 };
+    expect(progressLine({ ...base, convergence: converging })).toBe('vm1: round 2 · 50.0% of 3000 pages · 100.0 MiB/s · dirty 10.0 MiB/s · ETA 4.20 s · wire 300.0 MiB');
+    // The report of the KubeVirt-style complaint: a round's 3.27 s on a migration that never converges.
+    const line = progressLine({ ...base, etaMs: 3270, convergence: { ...converging, converging: false, totalEtaMs: undefined } });
+    expect(line).toContain('not converging');
+    expect(line).not.toMatch(/ETA/);
   });
 });
 

@@ -56,7 +56,7 @@ describe.skipIf(!builtAgent)('following migrations: events, watch, history', () 
     const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
     const onA = follow(a, ['events', '--json']);
     const onB = follow(b, ['events', '--json']);
-    await waitFor('both event streams to start', () => onA.lines.length > 0 && onB.lines.length > 0);
+    await waitFor('both event streams to start', () => onA.lines.length > 0 && onB.lines.length > 0, 60_000);
     const name = uniqueName('vm');
     expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '32MiB', '--dirty-rate', '2MiB/s', '--profile', 'random'])).exitCode).toBe(0);
 
@@ -72,7 +72,7 @@ describe.skipIf(!builtAgent)('following migrations: events, watch, history', () 
     expect(run.stderr).not.toContain('\r');
 
     const ended = (lines: string[]) => eventsOf(lines).find((e) => e.type === 'migration-ended' && e.entry.guest === name);
-    await waitFor('the end on both sides', () => ended(onA.lines) && ended(onB.lines));
+    await waitFor('the end on both sides', () => ended(onA.lines) && ended(onB.lines), 30_000);
     const source = eventsOf(onA.lines);
     expect(source[0]).toMatchObject({ type: 'subscribed' });
     const steps = source.map((e) => (e.type === 'switchover' ? `switchover ${e.phase}` : e.type === 'round-ended' ? `round ${e.round}` : e.type));
@@ -101,17 +101,21 @@ describe.skipIf(!builtAgent)('following migrations: events, watch, history', () 
     expect(lines.filter((l) => l.type === 'round-ended').length).toBeGreaterThanOrEqual(1);
     // Events are the progress here: no progress lines on stderr.
     expect(back.stderr).not.toContain(`${name}: round`);
-  });
+  }, 180_000);
 
   it('watch follows a detached migration to completion (exit 0, the summary), and an ended one prints its history entry', async () => {
     cluster = new Cluster();
     const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
     const name = uniqueName('vm');
     expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--profile', 'random'])).exitCode).toBe(0);
-    const detached = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '8MiB/s', '--codec', 'raw', '--detach', '--json']);
+    const detached = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '6MiB/s', '--codec', 'raw', '--detach', '--json']);
     expect(detached.exitCode, detached.stderr).toBe(0);
     const { migrationId } = JSON.parse(detached.stdout).migrations[0] as { migrationId: string };
-    const watched = await cluster.cli(a, ['watch', migrationId.slice(0, 8)]);
+    const watching = cluster.cli(a, ['watch', migrationId.slice(0, 8)]);
+    // Meanwhile status shows the running migration's line: its round, both rates named.
+    const status = await cluster.cli(a, ['status']);
+    expect(status.stdout).toMatch(new RegExp(`    ${name}: (round \\d+|stopping|verifying|committing), [\\d.]+% of \\d+ pages; memory [\\d.]+ \\w+/s, wire [\\d.]+ \\w+/s, (ETA after round 0|dirty .*, (ETA [\\d.]+ m?s|not converging)); `));
+    const watched = await watching;
     expect(watched.exitCode, watched.stderr).toBe(0);
     expect(watched.stdout).toMatch(new RegExp(`^migrated ${name} to `));
     expect(watched.stdout).toContain(`migration ${migrationId.slice(0, 8)} ${name} → ${b.listen}: completed (precopy, total `);
@@ -128,18 +132,26 @@ describe.skipIf(!builtAgent)('following migrations: events, watch, history', () 
     const bad = await cluster.cli(a, ['watch', 'not-an-id']);
     expect(bad.exitCode).toBe(1);
     expect(bad.stderr).toContain('"not-an-id" is not a migration id');
-  });
+  }, 180_000);
 
   it('a cancelled migration: watch exits 130, history says cancelled on both sides, and still does after both agents restart', async () => {
     cluster = new Cluster();
     let [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
     const name = uniqueName('vm');
-    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--dirty-rate', '4MiB/s'])).exitCode).toBe(0);
-    const detached = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '4MiB/s', '--detach', '--json']);
+    // Rewrites all of its memory at twice what the link may carry: rounds that never shrink.
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '12MiB', '--dirty-rate', '8MiB/s', '--hot', '1', '--profile', 'random'])).exitCode).toBe(0);
+    const detached = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '4MiB/s', '--codec', 'raw', '--max-bytes-factor', '50', '--detach', '--json']);
     expect(detached.exitCode, detached.stderr).toBe(0);
     const { migrationId } = JSON.parse(detached.stdout).migrations[0] as { migrationId: string };
     const watching = follow(a, ['watch', migrationId]);
-    // Watch has looked the migration up once it prints its first progress line (every 2 s).
+    // Once round 0 is over, status says what the policy sees: no ETA, "not converging".
+    let running = '';
+    for (let i = 0; i < 150 && !/not converging/.test(running); i++) {
+      await sleep(100);
+      running = (await cluster.cli(a, ['status'])).stdout;
+    }
+    expect(running).toMatch(new RegExp(`migration ${migrationId.slice(0, 8)} ${name} → \\S+: running\n    ${name}: round [1-9]\\d*, [\\d.]+% of \\d+ pages; memory [\\d.]+ \\w+/s, wire [\\d.]+ \\w+/s, dirty [\\d.]+ \\w+/s, expected downtime [\\d.]+ m?s, not converging; `));
+    // Watch has shown a progress line (every 2 s) by now.
     await sleep(2500);
     const cancel = await cluster.cli(a, ['cancel', migrationId]);
     expect(cancel.exitCode, cancel.stderr).toBe(0);
@@ -174,5 +186,5 @@ describe.skipIf(!builtAgent)('following migrations: events, watch, history', () 
     expect(afterRestart.exitCode).toBe(130);
     expect(afterRestart.stdout).toContain('cancelled by the operator');
     expect((await a.status()).guests.find((g) => g.name === name)?.state).toBe('running');
-  });
+  }, 240_000);
 });
