@@ -55,6 +55,7 @@ export function parseHistory(textOfFile: string): { entries: HistoryEntry[] } | 
 export class MigrationHistory {
   readonly path: string;
   private entries: HistoryEntry[] = [];
+  private writable = true;
   /** Set by load() when the file on disk could not be read. */
   unreadable: UnreadableHistory | undefined;
 
@@ -82,8 +83,14 @@ export class MigrationHistory {
       return;
     }
     const aside = `${this.path}.unreadable-${new Date().toISOString().replace(/[:.]/g, '-')}`;
-    renameSync(this.path, aside);
-    this.unreadable = { file: aside, problem: parsed.problem };
+    try {
+      renameSync(this.path, aside);
+      this.unreadable = { file: aside, problem: parsed.problem };
+    } catch (err) {
+      // Left where it is, it must not be overwritten: this run's history stays in memory.
+      this.writable = false;
+      this.unreadable = { file: this.path, problem: `${parsed.problem}; could not be moved aside (${(err as Error).message}), so this agent does not write its history until the file is dealt with` };
+    }
   }
 
   /** Oldest first. */
@@ -96,7 +103,7 @@ export class MigrationHistory {
     this.entries = this.entries.filter((e) => e.migrationId !== entry.migrationId || e.direction !== entry.direction);
     this.entries.push(entry);
     if (this.entries.length > this.maxEntries) this.entries = this.entries.slice(-this.maxEntries);
-    this.write();
+    if (this.writable) this.write();
   }
 
   private write(): void {

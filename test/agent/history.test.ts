@@ -82,3 +82,24 @@ describe('MigrationHistory', () => {
     expect(parseHistory(JSON.stringify({ version: 1, entries }))).toMatchObject({ problem: expect.stringMatching(/^entries: /) });
   });
 });
+
+describe('MigrationHistory in a directory it may not change', () => {
+  // Root may rename in a read-only directory: there is nothing to refuse.
+  it.skipIf(process.getuid?.() === 0)('leaves an unreadable file in place and never overwrites it', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'gangway-history-'));
+    try {
+      writeFileSync(join(dir, HISTORY_FILE), 'garbage', { mode: 0o600 });
+      chmodSync(dir, 0o500);
+      const history = new MigrationHistory(dir);
+      history.load();
+      expect(history.unreadable?.file).toBe(join(dir, HISTORY_FILE));
+      expect(history.unreadable?.problem).toMatch(/could not be moved aside/);
+      history.add(entry(1));
+      expect(history.list()).toHaveLength(1);
+      expect(readFileSync(join(dir, HISTORY_FILE), 'utf8')).toBe('garbage');
+    } finally {
+      chmodSync(dir, 0o700);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

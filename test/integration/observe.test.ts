@@ -4,6 +4,8 @@
 // summary; `watch` follows a detached migration to its end (exit 0 completed, 130
 // cancelled); `history` keeps ended migrations across an agent restart, a cancel reading
 // as cancelled on both sides.
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { execa, type ResultPromise } from 'execa';
@@ -133,6 +135,22 @@ describe.skipIf(!builtAgent)('following migrations: events, watch, history', () 
     expect(bad.exitCode).toBe(1);
     expect(bad.stderr).toContain('"not-an-id" is not a migration id');
   }, 180_000);
+
+  it('an unreadable history file is kept aside and reported by history, in text and JSON, and logged', async () => {
+    cluster = new Cluster();
+    const stateDir = join(cluster.dir, 'a');
+    mkdirSync(stateDir, { recursive: true, mode: 0o700 });
+    writeFileSync(join(stateDir, 'history.json'), '{"version": 1, "entries": [{"migrationId": 7}]}', { mode: 0o600 });
+    const a = await cluster.agent('a');
+    const json = await history(a);
+    expect(json.entries).toEqual([]);
+    const unreadable = json.unreadable as { file: string; problem: string };
+    expect(unreadable.problem).toMatch(/^entries\.0\.migrationId: /);
+    expect(readFileSync(unreadable.file, 'utf8')).toBe('{"version": 1, "entries": [{"migrationId": 7}]}');
+    const text = await cluster.cli(a, ['history']);
+    expect(text.stdout).toContain(`UNREADABLE migration history (${unreadable.problem}): kept as ${unreadable.file}`);
+    expect(readFileSync(a.logPath, 'utf8')).toMatch(/"level":50.*the migration history cannot be read/);
+  });
 
   it('a cancelled migration: watch exits 130, history says cancelled on both sides, and still does after both agents restart', async () => {
     cluster = new Cluster();
