@@ -1,6 +1,7 @@
 // The local control API: HTTP/1.1, JSON in and out, on a unix socket in the state dir (0660,
 // the control group) and, when asked for, on a loopback TCP port that takes a bearer token.
-// A migration answers with NDJSON: progress events, then one result or error.
+// A migration answers with NDJSON: progress events, then one result or error; GET /v1/events
+// streams the agent's events as NDJSON until the client goes.
 //
 // Every request is checked before it reaches the agent, in this order: the token (TCP only,
 // so a caller without it learns nothing, not even which paths exist), URL length, path (404),
