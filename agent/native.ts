@@ -28,13 +28,17 @@ export interface NativeAddon {
    * `zeroHoles` (writable only, a disk): zero pages a scatter applies become holes (a sparse
    * disk stays sparse), written as zeros where the file system cannot punch them, and data
    * pages are handed to writeback at once (sync_file_range), not left to pile up dirty.
+   * `fingerprintsFd` (with trackHashes): the fingerprints live in that file (16 bytes per
+   * page, mapped shared), so they outlive this process: post-copy's destination keeps them
+   * there for an agent restarted before the guest has every page. With `keepFingerprints`
+   * (not initiallyZero) the file's fingerprints are taken as they are, nothing is read.
    * The fd may be closed afterwards. Throws on mmap failure with errno text.
    */
   regionMap(
     fd: number,
     lengthBytes: number,
     pageSizeBytes: number,
-    options: { writable: boolean; trackHashes: boolean; initiallyZero: boolean; zeroHoles?: boolean },
+    options: { writable: boolean; trackHashes: boolean; initiallyZero: boolean; zeroHoles?: boolean; fingerprintsFd?: number; keepFingerprints?: boolean },
   ): RegionHandle;
   /** Unmaps. Any later call with this handle throws. Idempotent. */
   regionClose(region: RegionHandle): void;
@@ -174,6 +178,12 @@ export interface NativeAddon {
   uffdInstall(uffd: number, start: number, region: RegionHandle, entries: Uint32Array, entryCount: number, payload: Uint8Array, out: Uint32Array): void;
   /** Wakes threads waiting on pages [firstPage, firstPage + count) of the mapping at `start`. */
   uffdWake(uffd: number, start: number, pageSize: number, firstPage: number, count: number): void;
+  /**
+   * This process's copy of descriptor `targetFd` of process `pid` (pidfd_open + pidfd_getfd,
+   * Linux 5.6+, needs ptrace access: root). Throws with errno text (ESRCH: the process is
+   * gone; EBADF: it has no such descriptor).
+   */
+  pidfdGetfd(pid: number, targetFd: number): number;
   /** Punches holes for the pages of `runs` ([first, count] pairs) in the file `fd`. */
   punchHoles(fd: number, runs: Uint32Array, pageSize: number): void;
   /**

@@ -18,7 +18,8 @@
         "src/addon/tmpfile.c",
         "src/addon/notify.c",
         "src/addon/content.c",
-        "src/addon/uffd.c"
+        "src/addon/uffd.c",
+        "src/addon/pidfd.c"
       ],
       "cflags": ["-fvisibility=hidden"],
       "conditions": [

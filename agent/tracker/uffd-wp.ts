@@ -18,16 +18,22 @@ export interface ShimReport {
   startAddress: bigint;
   lengthBytes: number;
   pid: number;
+  /** Post-copy: the descriptor the guest holds its userfaultfd on (a restarted agent takes it back). */
+  uffdFd?: number;
 }
 
 /**
- * Parses the shim's report line: `ok start=0x.. length=N pid=P[ postcopy=1]` or `error
- * stage=.. errno=.. message=..` (a guest started for post-copy tracks writes as well).
+ * Parses the shim's report line: `ok start=0x.. length=N pid=P[ postcopy=1[ uffd=FD]]` or
+ * `error stage=.. errno=.. message=..` (a guest started for post-copy tracks writes as well).
  */
 export function parseShimReport(text: string): ShimReport {
   const line = text.trim();
-  const ok = /^ok start=0x([0-9a-f]+) length=(\d+) pid=(\d+)( postcopy=1)?$/i.exec(line);
-  if (ok) return { startAddress: BigInt(`0x${ok[1]}`), lengthBytes: Number(ok[2]), pid: Number(ok[3]) };
+  const ok = /^ok start=0x([0-9a-f]+) length=(\d+) pid=(\d+)(?: postcopy=1(?: uffd=(\d+))?)?$/i.exec(line);
+  if (ok) {
+    const report: ShimReport = { startAddress: BigInt(`0x${ok[1]}`), lengthBytes: Number(ok[2]), pid: Number(ok[3]) };
+    if (ok[4] !== undefined) report.uffdFd = Number(ok[4]);
+    return report;
+  }
   const reason = line.startsWith('error') ? line.slice('error'.length).trim() : `unreadable report "${line}"`;
   throw new GangwayError(ErrorCode.TRACKER, `the tracking shim could not register uffd-wp: ${reason}`);
 }

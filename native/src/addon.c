@@ -20,6 +20,8 @@
  *   uffd.c      uffdProbe, socketPair,           post-copy: the destination guest's userfaultfd
  *               uffdReceive, uffdMonitor(Close),
  *               uffdInstall, uffdWake
+ *   pidfd.c     pidfdGetfd                       a copy of another process's descriptor (a
+ *                                                restarted agent takes back a guest's uffd)
  *   napi-util.c                                  errors and argument parsing they all share
  *
  * Every argument is validated there: the agent passes data derived from untrusted peer
@@ -53,6 +55,7 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
       {"uffdMonitorClose", NULL, UffdMonitorClose, NULL, NULL, NULL, napi_enumerable, NULL},
       {"uffdInstall", NULL, UffdInstall, NULL, NULL, NULL, napi_enumerable, NULL},
       {"uffdWake", NULL, UffdWake, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pidfdGetfd", NULL, PidfdGetfd, NULL, NULL, NULL, napi_enumerable, NULL},
       {"punchHoles", NULL, PunchHoles, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fileDataRuns", NULL, FileDataRuns, NULL, NULL, NULL, napi_enumerable, NULL},
       {"testvmDiskBlocks", NULL, TestvmDiskBlocks, NULL, NULL, NULL, napi_enumerable, NULL},

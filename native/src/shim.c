@@ -13,7 +13,7 @@
  *
  * The outcome goes to GANGWAY_TRACK_REPORT for region 0 and GANGWAY_TRACK_REPORT.<i> for
  * region i (each written atomically):
- *   ok start=0x<address> length=<bytes> pid=<pid>[ postcopy=1]
+ *   ok start=0x<address> length=<bytes> pid=<pid>[ postcopy=1 uffd=<fd>]
  *   error stage=<open|api|register|writeprotect|...> errno=<n> message=<text>
  * A failure never changes what mmap returns: the agent then falls back to hash scanning.
  * While a thread of the process is named `gangway-wp`, the write-protect pass is still
@@ -337,8 +337,13 @@ static int start_tracking(unsigned region, void *addr, size_t len)
 	}
 	/* uffd stays open on purpose: closing it would end the tracking. */
 	char line[128];
+	/* Post-copy: the descriptor number here too, so that an agent restarted before the
+	 * guest has every page takes it back (pidfd_getfd) and serves the faults waiting on it. */
+	char uffd_note[48] = "";
+	if (postcopy)
+		snprintf(uffd_note, sizeof(uffd_note), " postcopy=1 uffd=%d", uffd);
 	snprintf(line, sizeof(line), "ok start=0x%llx length=%llu pid=%d%s\n", (unsigned long long)(uintptr_t)addr,
-		 (unsigned long long)length, (int)getpid(), postcopy ? " postcopy=1" : "");
+		 (unsigned long long)length, (int)getpid(), uffd_note);
 	start_writeprotect(uffd, region, (uint64_t)(uintptr_t)addr, length, line);
 	return 0;
 }

@@ -9,6 +9,7 @@ describe('parseShimReport', () => {
   it('reads an ok report, with or without postcopy=1', () => {
     expect(parseShimReport('ok start=0x7f00aa000000 length=16777216 pid=4242\n')).toEqual({ startAddress: 0x7f00aa000000n, lengthBytes: 16777216, pid: 4242 });
     expect(parseShimReport('ok start=0x7f00aa000000 length=4096 pid=7 postcopy=1\n')).toEqual({ startAddress: 0x7f00aa000000n, lengthBytes: 4096, pid: 7 });
+    expect(parseShimReport('ok start=0x7f00aa000000 length=4096 pid=7 postcopy=1 uffd=5\n')).toEqual({ startAddress: 0x7f00aa000000n, lengthBytes: 4096, pid: 7, uffdFd: 5 });
   });
 
   it('turns an error report or anything else into a tracker error that says what the shim said', () => {

@@ -35,5 +35,7 @@ napi_value UffdMonitor(napi_env env, napi_callback_info info);
 napi_value UffdMonitorClose(napi_env env, napi_callback_info info);
 napi_value UffdInstall(napi_env env, napi_callback_info info);
 napi_value UffdWake(napi_env env, napi_callback_info info);
+/* pidfd.c */
+napi_value PidfdGetfd(napi_env env, napi_callback_info info);
 
 #endif

@@ -40,7 +40,8 @@ void region_release(region_t *r) {
   if (r->addr) munmap(r->addr, r->length);
   if (r->fd >= 0) close(r->fd);
   r->fd = -1;
-  free(r->hashes);
+  if (r->hashes_mapped) munmap(r->hashes, (size_t)r->page_count * sizeof(XXH128_canonical_t));
+  else free(r->hashes);
   r->hashes = NULL;
   r->addr = NULL;
   r->unmapped = true;
@@ -162,7 +163,28 @@ static bool region_hash_pages(const region_t *r, XXH128_canonical_t *out) {
   return region_each_page(r, emit_hash, ctx);
 }
 
-/* regionMap(fd, lengthBytes, pageSizeBytes, { writable, trackHashes, initiallyZero, zeroHoles? }) */
+/* Frees or unmaps the fingerprints of a region regionMap is giving up on. */
+static void drop_hashes(region_t *r) {
+  if (r->hashes_mapped) munmap(r->hashes, (size_t)r->page_count * sizeof(XXH128_canonical_t));
+  else free(r->hashes);
+  r->hashes = NULL;
+}
+
+/*
+ * The fingerprint table in the file `fp_fd` (MAP_SHARED): it outlives this process in the
+ * file's page cache, so an agent restarted during post-copy finds the fingerprints of the
+ * pages as they arrived. NULL with errno on failure (EINVAL: the file is too short).
+ */
+static XXH128_canonical_t *map_hashes(int fp_fd, uint32_t page_count) {
+  const size_t bytes = (size_t)page_count * sizeof(XXH128_canonical_t);
+  struct stat st;
+  if (fstat(fp_fd, &st) != 0) return NULL;
+  if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size < bytes) return errno = EINVAL, NULL;
+  void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fp_fd, 0);
+  return p == MAP_FAILED ? NULL : p;
+}
+
+/* regionMap(fd, lengthBytes, pageSizeBytes, { writable, trackHashes, initiallyZero, zeroHoles?, fingerprintsFd?, keepFingerprints? }) */
 napi_value RegionMap(napi_env env, napi_callback_info info) {
   static const char fn[] = "regionMap";
   napi_value argv[4];
@@ -220,6 +242,24 @@ napi_value RegionMap(napi_env env, napi_callback_info info) {
     return NULL;
   }
 
+  int fp_fd = -1;
+  bool keep_fingerprints = false;
+  {
+    napi_value pv;
+    NAPI_TRY(env, napi_get_named_property(env, argv[3], "fingerprintsFd", &pv));
+    if (!arg_is_absent(env, pv) && !arg_fd(env, pv, fn, "options.fingerprintsFd", &fp_fd)) return NULL;
+    NAPI_TRY(env, napi_get_named_property(env, argv[3], "keepFingerprints", &pv));
+    if (!arg_is_absent(env, pv) && !arg_bool(env, pv, fn, "options.keepFingerprints", &keep_fingerprints)) return NULL;
+    if (fp_fd >= 0 && !track) {
+      throw_fmt(env, ERR_TYPE, NULL, "%s: options.fingerprintsFd is for a region with trackHashes", fn);
+      return NULL;
+    }
+    if (keep_fingerprints && (fp_fd < 0 || initially_zero)) {
+      throw_fmt(env, ERR_TYPE, NULL, "%s: options.keepFingerprints needs options.fingerprintsFd, and not initiallyZero", fn);
+      return NULL;
+    }
+  }
+
   region_t *r = calloc(1, sizeof *r);
   if (!r) {
     throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
@@ -234,7 +274,18 @@ napi_value RegionMap(napi_env env, napi_callback_info info) {
   r->dev = st.st_dev;
   r->ino = st.st_ino;
   r->zero_hash = zero_page_hash(page_size);
-  if (track) {
+  if (track && fp_fd >= 0) {
+    r->hashes = map_hashes(fp_fd, r->page_count);
+    if (!r->hashes) {
+      int err = errno;
+      free(r);
+      char prefix[128];
+      snprintf(prefix, sizeof prefix, "%s: cannot map %u page fingerprints from fd %d", fn, (unsigned)(length / page_size), fp_fd);
+      throw_errno(env, err, prefix, err == EINVAL ? "the fingerprints file must be a regular file of 16 bytes per page" : NULL);
+      return NULL;
+    }
+    r->hashes_mapped = true;
+  } else if (track) {
     r->hashes = malloc((size_t)r->page_count * sizeof(XXH128_canonical_t));
     if (!r->hashes) {
       throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory for %u page fingerprints", fn,
@@ -248,7 +299,7 @@ napi_value RegionMap(napi_env env, napi_callback_info info) {
   if (writable) {
     const int mode = fcntl(fd, F_GETFL) & O_ACCMODE;
     if (mode != O_RDWR && mode != O_WRONLY) {
-      free(r->hashes);
+      drop_hashes(r);
       free(r);
       throw_fmt(env, ERR_ERROR, "EACCES", "%s: fd %d is not open for writing, and the region is writable", fn, fd);
       return NULL;
@@ -256,7 +307,7 @@ napi_value RegionMap(napi_env env, napi_callback_info info) {
     r->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     if (r->fd < 0) {
       int err = errno;
-      free(r->hashes);
+      drop_hashes(r);
       free(r);
       char prefix[96];
       snprintf(prefix, sizeof prefix, "%s: cannot duplicate fd %d", fn, fd);
@@ -268,7 +319,7 @@ napi_value RegionMap(napi_env env, napi_callback_info info) {
   }
   if (addr == MAP_FAILED) {
     int err = errno;
-    free(r->hashes);
+    drop_hashes(r);
     free(r);
     char prefix[160];
     snprintf(prefix, sizeof prefix, "%s: mmap of %llu bytes of fd %d (%s) failed", fn,
@@ -277,7 +328,7 @@ napi_value RegionMap(napi_env env, napi_callback_info info) {
     return NULL;
   }
   r->addr = addr;
-  if (track) {
+  if (track && !keep_fingerprints) {
     if (initially_zero) {
       for (uint32_t p = 0; p < r->page_count; p++) r->hashes[p] = r->zero_hash;
     } else if (!region_hash_pages(r, r->hashes)) {

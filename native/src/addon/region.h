@@ -48,6 +48,7 @@ typedef struct region {
   bool finalized; /* the JS handle was garbage-collected */
   uint32_t busy;  /* digests in flight on the thread pool (touched on the JS thread only) */
   XXH128_canonical_t *hashes; /* page_count fingerprints, with track */
+  bool hashes_mapped; /* hashes is a MAP_SHARED mapping of a file (options.fingerprintsFd), not malloc'd */
   XXH128_canonical_t zero_hash; /* XXH3-128 of page_size zero bytes */
 } region_t;
 

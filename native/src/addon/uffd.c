@@ -466,7 +466,6 @@ napi_value UffdInstall(napi_env env, napi_callback_info info) {
   }
   uint32_t installed = 0, present = 0;
   size_t off = 0;
-  uint8_t done_small[256];
   for (size_t i = 0; i < entry_count; i++) {
     const uint32_t kind = entries[3 * i], first = entries[3 * i + 1], count = entries[3 * i + 2];
     if ((uint64_t)first + count > r->page_count || (kind == ENTRY_DATA && (uint64_t)count * ps > payload_len - off)) {
@@ -474,22 +473,21 @@ napi_value UffdInstall(napi_env env, napi_callback_info info) {
       return NULL;
     }
     const uint8_t *src = kind == ENTRY_DATA ? payload + off : NULL;
-    uint8_t *done = r->track ? (count <= sizeof done_small ? done_small : calloc(count, 1)) : NULL;
-    if (r->track && !done) {
-      throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
-      return NULL;
-    }
-    if (done) memset(done, 0, count);
-    bool ok = uffd_fill(uffd, start, ps, first, count, src, &installed, &present, done);
-    const int err = errno;
-    if (done) {
+    /*
+     * Fingerprints first, then the pages: an agent killed between the two (its fingerprints
+     * in a file, options.fingerprintsFd) leaves a fingerprint whose page is still a hole,
+     * fetched again after its restart with the same content (the source's copy is paused),
+     * never a page present with the fingerprint of what was there before. A page that turns
+     * out present already got the same content's fingerprint when it was installed.
+     */
+    if (r->track) {
       for (uint32_t p = 0; p < count; p++) {
-        if (!done[p]) continue;
         if (src) page_hash(&r->hashes[first + p], src + (size_t)p * ps, ps);
         else r->hashes[first + p] = r->zero_hash;
       }
-      if (done != done_small) free(done);
     }
+    bool ok = uffd_fill(uffd, start, ps, first, count, src, &installed, &present, NULL);
+    const int err = errno;
     if (!ok) {
       out[0] = installed, out[1] = present;
       char prefix[128];
