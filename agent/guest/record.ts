@@ -73,7 +73,14 @@ const origin = z.discriminatedUnion(
   rule(ORIGIN),
 );
 
-const incomingShape = { migrationId: text, from: text, missingPages: whole(0), stranded: z.string(rule('must be text')).optional() };
+const incomingShape = {
+  migrationId: text,
+  from: text,
+  missingPages: whole(0),
+  stranded: z.string(rule('must be text')).optional(),
+  /** The secret this agent's accept gave the migration (hex): an agent restarted during post-copy checks the source's reattach with it. */
+  secret: secret.optional(),
+};
 const outgoingShape = {
   migrationId: text,
   to: text,

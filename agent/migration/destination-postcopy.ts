@@ -15,7 +15,7 @@ import type { AgentMetrics } from '../metrics.js';
 import type { NativeAddon } from '../native.js';
 import type { PeerSession } from '../peer/session.js';
 import { PageSet, runsPageCount } from '../tracker/page-set.js';
-import { withTimeout, type IncomingRegion } from './destination-types.js';
+import { fingerprintsPathOf, withTimeout, type IncomingRegion } from './destination-types.js';
 import { PostcopyReceiver, type PostcopyStats, type RegionReceiver } from './postcopy-destination.js';
 import type { PostcopyDisk } from './postcopy-disk.js';
 import type { PostcopyInstall } from './incoming-pages.js';
@@ -172,6 +172,7 @@ export class DestinationPostcopy implements PostcopyInstall {
       for (const [index, region] of ctx.regions().entries()) {
         ctx.native.punchHoles(region.fd, missing[index]!, region.pageSizeBytes);
         ctx.native.tmpfileLink(region.fd, ctx.memoryPaths[index]!);
+        if (region.fingerprintsFd !== undefined) ctx.native.tmpfileLink(region.fingerprintsFd, fingerprintsPathOf(ctx.memoryPaths[index]!));
         ctx.linked(index);
       }
       t.linked = performance.now();
@@ -222,6 +223,19 @@ export class DestinationPostcopy implements PostcopyInstall {
       this.receivers = undefined;
       ctx.startFailed(err, journaled, 'post-copy start failed; the source keeps the guest');
     }
+  }
+
+  /**
+   * An agent restarted during post-copy took the guest's userfaultfds back (postcopy-takeover.ts):
+   * `receivers` serve the guest from now on, and the source is given the reattach window
+   * to come back, as after a broken link (`why`).
+   */
+  adopt(receivers: RegionReceiver[], why: GangwayError): void {
+    this.receivers = receivers;
+    this.attachedP = Promise.resolve();
+    this.started = true;
+    this.startedAt = performance.now();
+    this.detach(why);
   }
 
   /** The source's verify: post-copy ends once every missing page is here (a second verify joins the first). */

@@ -66,6 +66,19 @@ export interface IncomingRegion {
   lengthBytes: number;
   /** A disk (a sparse file in the disks directory, that no guest writes before it runs here). */
   disk?: boolean;
+  /**
+   * Post-copy, a memory region: the file its fingerprints of the pages as they arrived live
+   * in (named at the switchover, fingerprintsPathOf), for an agent restarted before the end.
+   */
+  fingerprintsFd?: number;
+}
+
+/**
+ * Where a post-copy memory region's fingerprints are named while the guest runs here on it:
+ * next to its memory file (in memoryDir: a tmpfs, and of the guest's user alone, 0600).
+ */
+export function fingerprintsPathOf(memoryPath: string): string {
+  return `${memoryPath}.fingerprints`;
 }
 
 export async function withTimeout<T>(promise: Promise<T>, timeoutMs: number, message: string): Promise<T> {

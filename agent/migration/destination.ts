@@ -26,7 +26,7 @@ import type { GuestRecord } from '../guest/registry.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
 import { DestinationPostcopy } from './destination-postcopy.js';
-import { withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
+import { fingerprintsPathOf, withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
 import { faultCrash, faultDelay, faultScribble } from './faults.js';
 import { IncomingDeviceState } from './incoming-device-state.js';
 import { IncomingPages } from './incoming-pages.js';
@@ -255,19 +255,26 @@ export class DestinationMigration implements FrameHandler {
       const disk = this.diskRegions.has(index);
       const dir = disk ? dirname(this.regionPaths[index]!) : this.ctx.memoryDir;
       const fd = this.native.tmpfileCreate(dir, spec.lengthBytes, disk || this.offer.technique === Technique.postcopy);
+      const pageCount = spec.lengthBytes / spec.pageSizeBytes;
+      // Post-copy keeps a memory region's fingerprints in a file of their own: they are the
+      // only record of what arrived before the guest wrote over it, and must survive this agent.
+      let fingerprintsFd: number | undefined;
       let handle;
       try {
+        if (this.postcopy && !disk) fingerprintsFd = this.native.tmpfileCreate(this.ctx.memoryDir, Math.max(1, pageCount * FINGERPRINT_BYTES));
         handle = this.native.regionMap(fd, spec.lengthBytes, spec.pageSizeBytes, {
           writable: true,
           trackHashes: true,
           initiallyZero: true,
           ...(disk ? { zeroHoles: true } : {}),
+          ...(fingerprintsFd === undefined ? {} : { fingerprintsFd }),
         });
       } catch (err) {
         closeSync(fd);
+        if (fingerprintsFd !== undefined) closeSync(fingerprintsFd);
         throw err;
       }
-      this.regions.push({ fd, handle, pageCount: spec.lengthBytes / spec.pageSizeBytes, pageSizeBytes: spec.pageSizeBytes, lengthBytes: spec.lengthBytes, ...(disk ? { disk } : {}) });
+      this.regions.push({ fd, handle, pageCount, pageSizeBytes: spec.pageSizeBytes, lengthBytes: spec.lengthBytes, ...(disk ? { disk } : {}), ...(fingerprintsFd === undefined ? {} : { fingerprintsFd }) });
     }
     // A guest started now and blocked until go() makes the resume one step.
     const regionFds = this.regions.map((region) => region.fd);
@@ -526,7 +533,7 @@ export class DestinationMigration implements FrameHandler {
       ...this.launcher.recordPart(this.files, this.offer.guest),
       origin: { kind: 'migrated', migrationId: this.offer.migrationId, from: this.session.peer?.agentId ?? 'unknown' },
       startedAt: new Date().toISOString(),
-      ...(incoming ? { incoming: { ...incoming, from: this.session.peer?.agentId ?? 'unknown' } } : {}),
+      ...(incoming ? { incoming: { ...incoming, from: this.session.peer?.agentId ?? 'unknown', secret: this.secret.toString('hex') } } : {}),
     };
   }
 
@@ -559,6 +566,9 @@ export class DestinationMigration implements FrameHandler {
       for (const [index, region] of this.regions.entries()) {
         this.native.tmpfileLink(region.fd, this.regionPaths[index]!);
         mappings.push(region.handle);
+        // A hybrid that ended by stop-and-copy: its fingerprints' file goes unnamed with its
+        // fd once the mapping is closed (the munmap keeps nothing of it).
+        if (region.fingerprintsFd !== undefined) closeQuietly(region.fingerprintsFd);
         if (region.disk) {
           this.linkedDisks.push(this.regionPaths[index]!);
           diskFds.push(region.fd);
@@ -621,6 +631,7 @@ export class DestinationMigration implements FrameHandler {
     this.standby?.cancel();
     if (journaled) this.ctx.registry.remove(this.offer.guest.name);
     removeGuestFiles(this.files);
+    this.removeFingerprints();
     // The disks that arrived: the source's copy is the guest's (shared ones are not touched).
     for (const path of this.linkedDisks) rmSync(path, { force: true });
     this.finish('aborted', error.message);
@@ -720,7 +731,7 @@ export class DestinationMigration implements FrameHandler {
     });
   }
 
-  /** After post-copy: stop reading faults, and drop this agent's view of the memory. */
+  /** After post-copy: stop reading faults, and drop this agent's view of the memory (and its fingerprints' files). */
   private closePostcopy(): void {
     const received = this.postcopy?.receiving ?? false;
     this.postcopy?.close();
@@ -729,12 +740,18 @@ export class DestinationMigration implements FrameHandler {
       try {
         this.native.regionClose(region.handle);
       } catch {}
+      if (region.fingerprintsFd !== undefined) closeQuietly(region.fingerprintsFd);
       if (region.disk && this.disksServedToEnd) continue;
-      try {
-        closeSync(region.fd);
-      } catch {}
+      closeQuietly(region.fd);
     }
     this.regions = [];
+    this.removeFingerprints();
+  }
+
+  /** The post-copy fingerprints' files named at the switchover: no restarted agent needs them once post-copy is over. */
+  private removeFingerprints(): void {
+    if (!this.postcopy) return;
+    for (const [index, path] of this.regionPaths.entries()) if (!this.diskRegions.has(index)) rmSync(fingerprintsPathOf(path), { force: true });
   }
 
   /** Drops everything this migration made: the unnamed files vanish with their last fd. */
@@ -746,9 +763,8 @@ export class DestinationMigration implements FrameHandler {
       try {
         this.native.regionClose(region.handle);
       } catch {}
-      try {
-        closeSync(region.fd);
-      } catch {}
+      closeQuietly(region.fd);
+      if (region.fingerprintsFd !== undefined) closeQuietly(region.fingerprintsFd);
     }
     this.regions = [];
     this.standby?.cancel();
@@ -758,6 +774,13 @@ export class DestinationMigration implements FrameHandler {
     removeGuestFiles(this.files);
     this.ctx.registry.release(this.offer.guest.name);
   }
+}
+
+/** Closes `fd`, if it is still open. */
+function closeQuietly(fd: number): void {
+  try {
+    closeSync(fd);
+  } catch {}
 }
 
 /** fdatasync of each file, on the thread pool; rejects if one fails. */
