@@ -226,6 +226,9 @@ export class Agent {
     }
     this.calibrateDigest();
     warmUpSwitchover();
+    // Guests that were arriving by post-copy: their faults wait for this agent, and their
+    // sources reattach as soon as it listens (an unknown migration's reattach is refused).
+    for (const { record } of this.registry.list()) if (record.incoming && !record.incoming.stranded) this.inbound.takeBack(record.name);
     this.listenAddress = await this.peerServer.listen();
     this.traffic = new TrafficService({
       config: this.config.traffic ?? resolveTrafficConfig(undefined),

@@ -17,6 +17,8 @@ import type { ResidentGuest } from '../dedup/resident-cache.js';
 import type { Logger } from '../log.js';
 import type { AgentMetrics } from '../metrics.js';
 import { DestinationMigration, secretsMatch } from '../migration/destination.js';
+import { TakenBackPostcopy } from '../migration/postcopy-takeover.js';
+import { loadNative } from '../native.js';
 import type { GroupFrame, OfferFrame, PeerSession } from '../peer/session.js';
 import type { TrafficService } from '../traffic/service.js';
 import type { SessionShare } from './peer-server.js';
@@ -42,8 +44,11 @@ export interface InboundContext {
   onLimit: (limit: string) => void;
 }
 
+/** A migration arriving here: one offered to this run of the agent, or a post-copy taken back after a restart. */
+type ArrivingMigration = Pick<DestinationMigration, 'from' | 'missingPages' | 'promisedBytes' | 'verdict' | 'secret' | 'done' | 'isSource' | 'reattach'>;
+
 export class InboundMigrations {
-  private readonly incoming = new Map<string, DestinationMigration>();
+  private readonly incoming = new Map<string, ArrivingMigration>();
 
   constructor(private readonly context: InboundContext) {}
 
@@ -215,7 +220,6 @@ export class InboundMigrations {
       this.context.metrics.migrations.inc({ direction: 'in', outcome: 'rejected', technique: 'precopy' });
       return;
     }
-    this.incoming.set(offer.migrationId, migration);
     this.context.metrics.migrationsActive.inc({ direction: 'in' });
     // The source's plan reserved bandwidth at a priority: reserve this host's inbound side too.
     const inbound = offer.priority
@@ -232,7 +236,7 @@ export class InboundMigrations {
         )
       : undefined;
     void migration.done.finally(() => void inbound?.then((hold) => hold?.stop()).catch(() => {}));
-    const record: MigrationRecord = {
+    const record: Extract<MigrationRecord, { direction: 'in' }> = {
       direction: 'in',
       state: 'running',
       migrationId: offer.migrationId,
@@ -240,11 +244,50 @@ export class InboundMigrations {
       from: session.peer?.agentId ?? 'unknown',
       startedAt: new Date().toISOString(),
     };
-    this.context.records.set(offer.migrationId, record);
+    this.track(migration, record);
+  }
+
+  /**
+   * Guest `name` was arriving by post-copy when the previous run of this agent ended: takes
+   * it back (postcopy-takeover.ts) and waits for its source to reattach. When it cannot, the
+   * guest is stranded here, paused, with the reason in its record.
+   */
+  takeBack(name: string): void {
+    const { record: guestRecord } = this.context.registry.get(name);
+    const incoming = guestRecord.incoming!;
+    let migration: TakenBackPostcopy;
+    try {
+      migration = TakenBackPostcopy.takeBack(name, {
+        registry: this.context.registry,
+        native: loadNative(),
+        log: this.context.log,
+        metrics: this.context.metrics,
+        creditBytes: this.context.config.creditBytes,
+        maxPayloadBytes: this.context.config.maxPayloadBytes,
+        reattachWindowMs: this.context.config.postcopyReattachMs,
+      });
+    } catch (err) {
+      const reason = `this agent restarted during post-copy and could not take it back: ${(err as Error).message}`;
+      this.context.log.error({ guest: name, migrationId: incoming.migrationId, reason }, 'post-copy stranded');
+      try {
+        process.kill(guestRecord.pid, 'SIGSTOP');
+      } catch {}
+      const { secret: _, ...kept } = incoming;
+      this.context.registry.add({ ...guestRecord, incoming: { ...kept, stranded: reason } });
+      return;
+    }
+    this.context.metrics.migrationsActive.inc({ direction: 'in' });
+    this.track(migration, { direction: 'in', state: 'running', migrationId: incoming.migrationId, guest: name, from: incoming.from, startedAt: new Date().toISOString() });
+  }
+
+  /** Keeps `migration` among those arriving, and its record and verdict once it ends. */
+  private track(migration: ArrivingMigration, record: Extract<MigrationRecord, { direction: 'in' }>): void {
+    this.incoming.set(record.migrationId, migration);
+    this.context.records.set(record.migrationId, record);
     void migration.done.then((result) => {
-      this.incoming.delete(offer.migrationId);
+      this.incoming.delete(record.migrationId);
       if (migration.verdict) {
-        this.postcopyVerdicts.set(offer.migrationId, { from: record.from, secret: migration.secret, frame: migration.verdict });
+        this.postcopyVerdicts.set(record.migrationId, { from: record.from, secret: migration.secret, frame: migration.verdict });
         // The last few are enough: a source asks right after it reconnects.
         for (const id of this.postcopyVerdicts.keys()) {
           if (this.postcopyVerdicts.size <= 64) break;
@@ -253,7 +296,7 @@ export class InboundMigrations {
       }
       this.context.metrics.migrationsActive.dec({ direction: 'in' });
       this.context.metrics.migrations.inc({ direction: 'in', outcome: result.outcome, technique: result.technique });
-      this.context.records.set(offer.migrationId, { ...record, state: result.outcome, result });
+      this.context.records.set(record.migrationId, { ...record, state: result.outcome, result });
       this.context.records.trim();
     });
   }

@@ -2,10 +2,12 @@
 // for MISSING faults and sends the userfaultfd over a socket pair; the addon receives it,
 // reads the faults on its thread and installs pages with UFFDIO_COPY / UFFDIO_ZEROPAGE.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, mkdtempSync, openSync, readFileSync, readlinkSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ENTRY_DATA, ENTRY_ZERO, guestBinaryPath, loadNative, trackShimPath, type MonitorHandle } from '../../agent/native.js';
+import { missingPagesOf } from '../../agent/migration/postcopy-takeover.js';
+import { parseShimReport } from '../../agent/tracker/uffd-wp.js';
 import { waitFor } from '../helpers/wait.js';
 
 const PAGE = 4096;
@@ -145,6 +147,58 @@ describe.skipIf(!existsSync(trackShimPath) || process.getuid?.() !== 0)('post-co
     expect(() => native.uffdInstall(got.uffd, got.start, region, Uint32Array.of(3, 30, 1), 1, Buffer.alloc(0), out)).toThrow(/unknown kind/);
   });
 
+  it('an agent that died takes the uffd back from the guest (the fd its report names): the fault waiting is read, installed pages are data in the file, the fingerprints kept in their file', async () => {
+    const { poker, agentFd, fd } = startPoker();
+    const got = await native.uffdReceive(agentFd, 10_000);
+    const fingerprintsPath = join(poker.dir, 'fingerprints');
+    const fingerprintsFd = openSync(fingerprintsPath, 'w+');
+    cleanups.push(() => closeSync(fingerprintsFd));
+    ftruncateSync(fingerprintsFd, PAGES * 16);
+    const region = native.regionMap(fd, PAGES * PAGE, PAGE, { writable: true, trackHashes: true, initiallyZero: true, fingerprintsFd });
+    const out = new Uint32Array(2);
+    // The first agent installs a data page (5) and a zero page (7), then dies: its copy of the uffd and its mapping go.
+    native.uffdInstall(got.uffd, got.start, region, Uint32Array.of(ENTRY_DATA, 5, 1, ENTRY_ZERO, 7, 1), 2, Buffer.alloc(PAGE, 0x55), out);
+    expect([...out]).toEqual([2, 0]);
+    const digestBefore = await native.regionDigest(region, 'tracked');
+    native.regionClose(region);
+    closeSync(got.uffd);
+
+    // No one reads the uffd: the guest's touch of a hole waits in the kernel's queue.
+    await waitFor('running', () => poker.running());
+    poker.send('byte 9');
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    expect(poker.lines()).toEqual([]);
+
+    const report = parseShimReport(readFileSync(poker.reportPath, 'utf8'));
+    expect(report.uffdFd).toBeGreaterThanOrEqual(0);
+    const uffd = native.pidfdGetfd(poker.child.pid!, report.uffdFd!);
+    cleanups.push(() => closeSync(uffd));
+    expect(readlinkSync(`/proc/self/fd/${uffd}`)).toBe('anon_inode:[userfaultfd]');
+    // The missing pages, from the file alone: page 0 was there, 5 and 7 were installed.
+    expect([...missingPagesOf(native, fd, PAGE, PAGES)]).toEqual([1, 4, 6, 1, 8, PAGES - 8]);
+    const faults: number[] = [];
+    const monitor = native.uffdMonitor(uffd, Number(report.startAddress), PAGE, PAGES, (pages) => {
+      if (pages) faults.push(...pages);
+    });
+    cleanups.push(() => native.uffdMonitorClose(monitor));
+    await waitFor('the fault that waited', () => faults.length === 1);
+    expect(faults).toEqual([9]);
+    // The fingerprints of what arrived, as the dead agent kept them.
+    const again = native.regionMap(fd, PAGES * PAGE, PAGE, { writable: true, trackHashes: true, initiallyZero: false, fingerprintsFd, keepFingerprints: true });
+    cleanups.push(() => native.regionClose(again));
+    expect((await native.regionDigest(again, 'tracked')).equals(digestBefore)).toBe(true);
+    native.uffdInstall(uffd, Number(report.startAddress), again, Uint32Array.of(ENTRY_DATA, 9, 1), 1, Buffer.alloc(PAGE, 0x99), out);
+    expect([...out]).toEqual([1, 0]);
+    await waitFor('answer for page 9', () => poker.lines().length === 1);
+    expect(poker.lines()[0]).toBe('ok 153');
+    expect([...missingPagesOf(native, fd, PAGE, PAGES)]).toEqual([1, 4, 6, 1, 8, 1, 10, PAGES - 10]);
+  });
+
+  it('pidfdGetfd says which process or descriptor it could not take', () => {
+    expect(() => native.pidfdGetfd(process.pid, 1_000_000)).toThrow(/pidfd_getfd\(pid \d+, fd 1000000\) failed/);
+    expect(() => native.pidfdGetfd(0, 1)).toThrow(/pid/);
+  });
+
   it('punchHoles turns written pages back into missing ones', async () => {
     const { poker, agentFd, fd } = startPoker();
     const got = await native.uffdReceive(agentFd, 10_000);
@@ -178,5 +232,22 @@ describe.skipIf(!existsSync(trackShimPath) || process.getuid?.() !== 0)('post-co
     await expect(native.uffdReceive(agentFd, 50)).rejects.toThrow(/sent no userfaultfd in time/);
     closeSync(guestFd);
     await expect(native.uffdReceive(agentFd, 1000)).rejects.toThrow(/closed the socket/);
+  });
+});
+
+describe('regionMap with its fingerprints in a file', () => {
+  it('refuses what cannot hold them, naming the option', () => {
+    const dir = mkdtempSync('/dev/shm/gangway-test-fingerprints-');
+    cleanups.push(() => rmSync(dir, { recursive: true, force: true }));
+    const fd = openSync(join(dir, 'memory'), 'w+');
+    cleanups.push(() => closeSync(fd));
+    ftruncateSync(fd, PAGES * PAGE);
+    const short = openSync(join(dir, 'fingerprints'), 'w+');
+    cleanups.push(() => closeSync(short));
+    ftruncateSync(short, PAGES * 16 - 1);
+    const options = { writable: true, trackHashes: true, initiallyZero: true };
+    expect(() => native.regionMap(fd, PAGES * PAGE, PAGE, { ...options, trackHashes: false, fingerprintsFd: short })).toThrow(/options.fingerprintsFd is for a region with trackHashes/);
+    expect(() => native.regionMap(fd, PAGES * PAGE, PAGE, { ...options, initiallyZero: false, keepFingerprints: true })).toThrow(/keepFingerprints needs options.fingerprintsFd/);
+    expect(() => native.regionMap(fd, PAGES * PAGE, PAGE, { ...options, fingerprintsFd: short })).toThrow(/16 bytes per page/);
   });
 });
