@@ -3,7 +3,7 @@
 // the restarted agent takes its userfaultfd back, rebuilds which pages are missing from the
 // memory file, lets the source reattach and completes: the guest at the destination checks
 // its own pages (0 stale), the source's copy is gone, nothing is stranded.
-import { readFileSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { waitForGuestProgress } from '../../agent/cli/demo.js';
@@ -85,5 +85,39 @@ describe.skipIf(!builtAgent || !isRoot)('a destination agent killed during post-
     expect(check.stalePages, JSON.stringify(check)).toBe(0);
     // Its memory file, and no fingerprints file any more.
     expect(shmFilesOf(name)).toHaveLength(1);
+  });
+  it('cannot take it back without the fingerprints of what arrived: the guest is stranded here, paused, with the reason, and the source keeps its paused copy', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a');
+    let b = await cluster.agent('b');
+    const name = uniqueName('tk2');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--dirty-rate', '8MiB/s', '--profile', 'random'])).exitCode).toBe(0);
+    const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--technique', 'postcopy', '--bandwidth', '8MiB/s', '--json']);
+    const arriving = await until('post-copy under way', async () => {
+      const there = await guestOn(b, name);
+      return there?.incoming ? there : undefined;
+    });
+    const listen = b.listen;
+    await b.kill();
+    const fingerprints = shmFilesOf(name).filter((file) => file.endsWith('.fingerprints'));
+    expect(fingerprints).toHaveLength(1);
+    for (const file of fingerprints) rmSync(`/dev/shm/${file}`);
+
+    b = await cluster.agent('b', ['--listen', listen]);
+    const stranded = await until('the guest to be stranded', async () => {
+      const guest = await guestOn(b, name);
+      return guest?.incoming?.stranded ? guest : undefined;
+    });
+    expect(stranded.incoming!.stranded).toMatch(/could not take it back: the fingerprints of what arrived are gone .*\.fingerprints/);
+    expect(stranded.pid).toBe(arriving.pid);
+    expect(processState(arriving.pid)).toMatch(/^[Tt]$/);
+    expect(stranded.incoming!.missingPages).toBeGreaterThan(0);
+    // The source's reattach is refused: it keeps its paused copy, which holds the missing pages.
+    const run = await migrating;
+    expect(run.exitCode).not.toBe(0);
+    expect(JSON.parse(run.stdout).error.code).toBe('GANGWAY_ERR_POSTCOPY_INTERRUPTED');
+    const source = await guestOn(a, name);
+    expect(source?.state).toBe('paused');
+    expect(source?.outgoing?.to).toBe(listen);
   });
 });
