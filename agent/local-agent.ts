@@ -8,6 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ControlClient } from './control/client.js';
 import type { Agent } from './daemon.js';
+import { fingerprintsPathOf } from './guest/process-guest.js';
 
 export type AgentStatus = Awaited<ReturnType<Agent['status']>>;
 
@@ -142,7 +143,8 @@ export async function killGuestsOf(agent: LocalAgent): Promise<void> {
         process.kill(guest.pid, 'SIGKILL');
       } catch {}
     }
-    for (const path of guest.memoryPaths) rmSync(path, { force: true });
+    // A guest still receiving by post-copy has its fingerprints' file next to its memory.
+    for (const path of guest.memoryPaths) for (const file of [path, fingerprintsPathOf(path)]) rmSync(file, { force: true });
   }
 }
 

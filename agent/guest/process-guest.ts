@@ -431,9 +431,19 @@ export class ProcessGuest implements HostedGuest {
  * Removes what a guest leaves on disk besides its log: memory files, device state, tracking
  * reports, and a VM's sockets and console.
  */
+/**
+ * Where a memory region's fingerprints of the pages as they arrived are named while the guest
+ * still receives them by post-copy (destination-postcopy.ts): next to its memory file, in
+ * memoryDir, of the agent's user alone (0600), for an agent restarted before the end.
+ */
+export function fingerprintsPathOf(memoryPath: string): string {
+  return `${memoryPath}.fingerprints`;
+}
+
 export function removeGuestFiles(files: GuestFiles): void {
   for (const [i, path] of files.memoryPaths.entries()) {
     rmSync(path, { force: true });
+    rmSync(fingerprintsPathOf(path), { force: true });
     rmSync(trackReportPathOf(files, i), { force: true });
   }
   if (files.deviceStatePath) rmSync(files.deviceStatePath, { force: true });

@@ -10,6 +10,8 @@ import type { AgentMetrics } from '../metrics.js';
 import type { RegionHandle } from '../native.js';
 import type { Slots } from './flow.js';
 
+export { fingerprintsPathOf } from '../guest/process-guest.js';
+
 export interface DestinationContext {
   registry: GuestRegistry;
   /** The guest kinds this agent takes, by the offer's kind. */
@@ -71,14 +73,6 @@ export interface IncomingRegion {
    * in (named at the switchover, fingerprintsPathOf), for an agent restarted before the end.
    */
   fingerprintsFd?: number;
-}
-
-/**
- * Where a post-copy memory region's fingerprints are named while the guest runs here on it:
- * next to its memory file (in memoryDir: a tmpfs, and of the guest's user alone, 0600).
- */
-export function fingerprintsPathOf(memoryPath: string): string {
-  return `${memoryPath}.fingerprints`;
 }
 
 export async function withTimeout<T>(promise: Promise<T>, timeoutMs: number, message: string): Promise<T> {
