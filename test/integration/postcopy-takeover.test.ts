@@ -26,6 +26,11 @@ async function until<T>(what: string, probe: () => Promise<T | undefined | false
   }
 }
 
+/** The guest runs at the destination: the source had its `committed` and pushes the missing pages. */
+async function runsThere(source: Agent): Promise<void> {
+  await until('post-copy under way', async () => (await source.status()).migrations.some((m) => m.direction === 'out' && 'progress' in m && m.progress?.phase === 'postcopy'));
+}
+
 // pidfd_getfd takes another process's descriptor: root (ptrace access) only.
 const isRoot = process.getuid?.() === 0;
 
@@ -48,7 +53,7 @@ describe.skipIf(!builtAgent || !isRoot)('a destination agent killed during post-
       const there = await guestOn(b, name);
       return there?.incoming ? there : undefined;
     });
-    await sleep(1000);
+    await runsThere(a);
     // Pages are still missing when the agent dies (the live count, not the switchover's).
     expect((await guestOn(b, name))?.incoming?.missingPages).toBeGreaterThan(0);
     const listen = b.listen;
@@ -97,6 +102,7 @@ describe.skipIf(!builtAgent || !isRoot)('a destination agent killed during post-
       const there = await guestOn(b, name);
       return there?.incoming ? there : undefined;
     });
+    await runsThere(a);
     const listen = b.listen;
     await b.kill();
     const fingerprints = shmFilesOf(name).filter((file) => file.endsWith('.fingerprints'));

@@ -191,6 +191,30 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     expect(check.checkStalePages).toBe(0);
   });
 
+  it('kill -9 of the destination agent during post-copy: restarted, it takes the VM back (its userfaultfd from QEMU) and the migration completes, the kernel finds no stale page', async () => {
+    const [a] = await twoAgents();
+    let b = cluster.agents[1]!;
+    const name = uniqueName('vt');
+    await startVm(cluster, a, name);
+    const sourcePid = (await guestOn(a, name))!.pid;
+    const migrating = migrate(cluster, a, [name, '--to', b.listen, '--technique', 'postcopy', '--bandwidth', '8MiB/s']);
+    // The VM runs there (the source has its `committed`) and pages are still missing.
+    await waitForAsync('post-copy under way', async () => (await a.status()).migrations.some((m) => m.direction === 'out' && 'progress' in m && m.progress?.phase === 'postcopy'), 60_000);
+    expect((await guestOn(b, name))?.incoming?.missingPages).toBeGreaterThan(0);
+    const qemuPid = (await guestOn(b, name))!.pid;
+    const listen = b.listen;
+    await b.kill();
+    expect(isAlive(qemuPid)).toBe(true);
+    b = await cluster.agent('b', ['--vm-images-dir', imagesDir, '--listen', listen]);
+    const { result } = await migrating;
+    expect(result.guests[0]).toMatchObject({ verified: true, technique: 'postcopy' });
+    expect(result.guests[0].postcopy.reattaches).toBeGreaterThanOrEqual(1);
+    await waitForAsync('the destination to hold every page', async () => !(await guestOn(b, name))?.incoming, 60_000);
+    expect((await guestOn(b, name))!.pid).toBe(qemuPid);
+    await waitForAsync('the source QEMU to quit', async () => !isAlive(sourcePid) || processState(sourcePid) === 'Z', 30_000);
+    await runsOnlyOn(b, a, name);
+  });
+
   it('kill -9 of the source agent right after the commit, and of the destination agent right after the VM started there: the VM runs in exactly one place', async () => {
     // Source dies after sending the commit: restarted, it learns the VM runs there and quits its paused copy.
     const [a, b] = await twoAgents({ GANGWAY_FAULT_CRASH: 'source-after-commit' });
