@@ -13,7 +13,8 @@ import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
 import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type PeerLimits, type TrafficConfig } from './config.js';
 import { GuestService } from './daemon/guests.js';
 import { InboundMigrations } from './daemon/inbound.js';
-import { OutboundMigrations, type MigrateRequest } from './daemon/outbound.js';
+import { OutboundMigrations, type DecideRequest, type MigrateRequest } from './daemon/outbound.js';
+import { planAnswer, type PlanAnswer } from './planner/plan-answer.js';
 import { PeerServer } from './daemon/peer-server.js';
 import { MigrationRecords } from './daemon/records.js';
 import { EventBus } from './daemon/events.js';
@@ -357,9 +358,10 @@ export class Agent {
     return this.outbound.migrate(request, onProgress);
   }
 
-  /** See OutboundMigrations.planFor. */
-  planFor(guests: string[], priority: Priority | undefined, to: string): Promise<MigrationPlan> {
-    return this.outbound.planFor(guests, priority, to);
+  /** What `migrate --technique auto` would run (OutboundMigrations.decide), for gangway plan. */
+  async planFor(request: DecideRequest): Promise<PlanAnswer> {
+    const { followed, plan } = await this.outbound.decide(request);
+    return planAnswer(request.to, followed, plan);
   }
 
   /** See OutboundMigrations.cancelMigration. */

@@ -17,7 +17,7 @@ import type { MigrationProgress } from './migration/source.js';
 import { detachedStartText, detachedText, groupProgressLine, groupSummaryText, unreadableRecordsText } from './cli/format.js';
 import { planText, trafficText } from './cli/traffic-format.js';
 import type { TrafficStatus } from './traffic/service.js';
-import type { MigrationPlan } from './planner/plan-for.js';
+import type { PlanAnswer } from './planner/plan-answer.js';
 import { runDemo } from './cli/demo.js';
 import { checkDays, DEFAULT_CA_DAYS, DEFAULT_HOST_DAYS, initCa, issueHostCert, type CertResult } from './cli/certs.js';
 import { parseBytes, parseBytesList, parseDurationMs, parseRate, QuantityError } from './units.js';
@@ -436,20 +436,22 @@ withControlOptions(program.command('migrate <guests...>'))
   });
 
 withControlOptions(program.command('plan <guests...>'))
-  .description("show how the planner would migrate guests (technique, strategy, order, reserved rates, and why) from this host's and the destination's traffic; migrates nothing")
+  .description("show what `migrate --technique auto` would run (each guest's technique, the strategy and order, reserved rates, and why) from this host's and the destination's traffic; migrates nothing")
   .requiredOption('--to <host:port>', 'the destination agent (asked for its traffic)', peerAddress)
   .addOption(new Option('--priority <priority>', "the migration's priority").choices(PRIORITIES).default(undefined, "the agent's traffic.priority"))
+  .addOption(new Option('--strategy <strategy>', 'the strategy migrate would be given: kept without traffic data').choices(['gang', 'serial']).default('gang'))
   .option('--json', 'print the plan as JSON')
   .action(async (names: string[], opts) => {
     try {
       const client = clientFor(opts);
       await client.refuseSelf(opts.to);
-      const plan = await client.call<MigrationPlan>('POST', '/v1/plan', {
+      const plan = await client.call<PlanAnswer>('POST', '/v1/plan', {
         guests: names,
         to: opts.to,
+        strategy: opts.strategy,
         ...(opts.priority ? { priority: opts.priority } : {}),
       });
-      console.log(opts.json ? JSON.stringify(plan) : planText(plan, opts.to));
+      console.log(opts.json ? JSON.stringify(plan) : planText(plan));
     } catch (err) {
       fail(err, Boolean(opts.json));
     }

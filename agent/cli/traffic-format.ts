@@ -1,6 +1,6 @@
 // Human output of `gangway traffic` and `gangway plan`. Rates in bits per second, as links
 // are rated.
-import type { MigrationPlan } from '../planner/plan-for.js';
+import type { PlanAnswer } from '../planner/plan-answer.js';
 import type { TrafficStatus } from '../traffic/service.js';
 
 export function formatBitRate(bytesPerSec: number | null | undefined): string {
@@ -43,19 +43,23 @@ export function trafficText(t: TrafficStatus): string {
   return lines.join('\n');
 }
 
-export function planText(plan: MigrationPlan, to: string): string {
+export function planText(plan: PlanAnswer): string {
   const lines: string[] = [];
-  lines.push(`plan for ${plan.guests.length} guest${plan.guests.length === 1 ? '' : 's'} to ${to}, ${plan.priority} priority (nothing is migrated)`);
-  lines.push(`  scenario ${plan.scenario}, contention ${plan.contention}${plan.contentionShare === null ? '' : ` (${(plan.contentionShare * 100).toFixed(0)}% of the link)`}`);
-  if (plan.reservation) {
+  const count = `${plan.guests.length} guest${plan.guests.length === 1 ? '' : 's'}`;
+  lines.push(`migrate --technique auto would move ${count} to ${plan.to}: ${plan.strategy}, ${plan.priority} priority (nothing is migrated)`);
+  if (plan.planner) {
+    const { scenario, contention, contentionShare, reservation } = plan.planner;
+    lines.push(`  scenario ${scenario}, contention ${contention}${contentionShare === null ? '' : ` (${(contentionShare * 100).toFixed(0)}% of the link)`}`);
     lines.push(
-      `  reservation: migration ${formatBitRate(plan.reservation.migrationBytesPerSec)}, workload ${plan.reservation.workloadCapBytesPerSec === null ? 'left alone' : `capped at ${formatBitRate(plan.reservation.workloadCapBytesPerSec)}`}`,
+      reservation
+        ? `  reservation: migration ${formatBitRate(reservation.migrationBytesPerSec)}, workload ${reservation.workloadCapBytesPerSec === null ? 'left alone' : `capped at ${formatBitRate(reservation.workloadCapBytesPerSec)}`}`
+        : '  reservation: none (no link capacity configured)',
     );
-    lines.push(`    ${plan.reservation.reason}`);
-  } else lines.push('  reservation: none (no link capacity configured)');
+  } else lines.push('  no plan: no traffic data');
+  if (plan.pacedBytesPerSec !== null) lines.push(`  paced at ${formatBitRate(plan.pacedBytesPerSec)} by the sender`);
   for (const reason of plan.reasons) lines.push(`  - ${reason}`);
   for (const g of plan.guests) {
-    lines.push(`${g.order + 1}. ${g.name}: ${g.technique}, ${g.strategy}, reserved ${formatBitRate(g.reservedBytesPerSec)}${g.workloadCapBytesPerSec === null ? '' : `, workload capped at ${formatBitRate(g.workloadCapBytesPerSec)}`}`);
+    lines.push(`${g.order + 1}. ${g.name}: ${g.technique}${g.reservedBytesPerSec === null ? '' : `, reserved ${formatBitRate(g.reservedBytesPerSec)}`}`);
     for (const reason of g.reasons) lines.push(`     - ${reason}`);
   }
   if (plan.assumptions.length > 0) {

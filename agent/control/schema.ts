@@ -60,6 +60,8 @@ export const PlanRequestSchema = z.strictObject({
   to: peerAddress,
   /** Default: the agent's traffic.priority. */
   priority: z.enum(PRIORITIES).optional(),
+  /** The strategy migrate would be asked for (gang, its default): auto keeps it without traffic data. */
+  strategy: z.enum(['gang', 'serial']).optional(),
 });
 
 export const MigrateRequestSchema = z.strictObject({

@@ -109,8 +109,8 @@ const ROUTES: Route[] = [
     path: '/v1/plan',
     body: PlanRequestSchema,
     async handle(agent, _p, body, res) {
-      const { guests, to, priority } = body as z.infer<typeof PlanRequestSchema>;
-      send(res, 200, await agent.planFor(guests, priority, to));
+      const { guests, to, priority, strategy } = body as z.infer<typeof PlanRequestSchema>;
+      send(res, 200, await agent.planFor({ guests, to, strategy: strategy ?? 'gang', ...(priority ? { priority } : {}) }));
     },
   },
   {

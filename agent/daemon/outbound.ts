@@ -52,6 +52,9 @@ export interface MigrateRequest {
   disks?: DiskSelection;
 }
 
+/** What the decision of --technique auto depends on in a request. */
+export type DecideRequest = Pick<MigrateRequest, 'guests' | 'to' | 'strategy' | 'priority' | 'bandwidthBytesPerSec' | 'disks'>;
+
 /**
  * The technique of a request that does not follow a plan. auto without traffic data: hybrid
  * where the destination can post-copy (pre-copy first, post-copy only if that does not
@@ -143,19 +146,7 @@ export class OutboundMigrations {
     const planned = planning.value;
     if (hold.applied) this.context.log.info({ to: request.to, reason: hold.reason }, 'migration bandwidth reserved on the uplink');
     try {
-      const followed = planned
-        ? followPlan({
-            guests: request.guests,
-            priority: request.priority ?? this.context.traffic().status().priorityDefault,
-            requestedStrategy: request.strategy,
-            plan: planned.plan,
-            ...(planned.noTrafficReason ? { noTrafficReason: planned.noTrafficReason } : {}),
-            peerFeatures: planned.peerFeatures,
-            shaper: { applied: hold.applied, reason: hold.reason },
-            linkBytesPerSec: this.context.traffic().settings?.linkBytesPerSec,
-            manualBandwidthBytesPerSec: request.bandwidthBytesPerSec,
-          })
-        : undefined;
+      const followed = planned ? this.follow(request, planned, { applied: hold.applied, reason: hold.reason }) : undefined;
       if (followed) this.context.log.info({ followed: followed.followed, strategy: followed.strategy, guests: followed.guests.map((g) => `${g.name}:${g.technique}`), reasons: followed.reasons }, 'technique auto');
       return await this.migrateGuests(request, followed, onProgress);
     } finally {
@@ -163,8 +154,46 @@ export class OutboundMigrations {
     }
   }
 
+  /**
+   * What --technique auto would run for `request` (gangway plan, drain): the same decision
+   * migrate makes, with the shaper's hold predicted from whether it is available (migrate
+   * installs the hold and decides from whether it took). Migrates nothing.
+   */
+  async decide(request: DecideRequest): Promise<{ followed: FollowedPlan; plan: MigrationPlan | undefined }> {
+    if (new Set(request.guests).size !== request.guests.length) throw new GangwayError(ErrorCode.BAD_REQUEST, `a guest is named twice in ${request.guests.join(' ')}`);
+    for (const name of request.guests) this.context.registry.get(name);
+    if (request.to === this.context.listenAddress()) throw new GangwayError(ErrorCode.BAD_REQUEST, `--to ${request.to} is this agent itself`);
+    const planned = await this.planForAuto(request);
+    const shaper = this.context.traffic().status().shaper;
+    const predicted = shaper.available
+      ? { applied: true, reason: 'the shaper is available and will hold the reservation on the uplink' }
+      : { applied: false, reason: shaper.reason ?? 'the shaper is not available' };
+    return { followed: this.follow(request, planned, predicted), plan: planned.plan };
+  }
+
+  /** The one decision (follow-plan.ts) for `request`, given the plan or why there is none. */
+  private follow(request: DecideRequest, planned: { plan: MigrationPlan | undefined; noTrafficReason?: string; peerFeatures: string[] }, shaper: { applied: boolean; reason: string }): FollowedPlan {
+    return followPlan({
+      guests: request.guests,
+      priority: request.priority ?? this.context.traffic().status().priorityDefault,
+      requestedStrategy: request.strategy,
+      plan: planned.plan,
+      ...(planned.noTrafficReason ? { noTrafficReason: planned.noTrafficReason } : {}),
+      peerFeatures: planned.peerFeatures,
+      shaper,
+      linkBytesPerSec: this.context.traffic().settings?.linkBytesPerSec,
+      manualBandwidthBytesPerSec: request.bandwidthBytesPerSec,
+      movingDisks: this.movingDisks(request.guests, request.disks),
+    });
+  }
+
+  /** The guests whose disks would move with them (a VM's selected disks). */
+  private movingDisks(names: readonly string[], disks: DiskSelection | undefined): string[] {
+    return names.filter((name) => this.context.registry.get(name).guest.forMigration?.({ disks: disks ?? 'all' }).regions.some((region) => region.sparse) ?? false);
+  }
+
   /** The plan behind --technique auto, or why there is none (no traffic data: no uplink or capacity). */
-  private async planForAuto(request: MigrateRequest): Promise<{ plan: MigrationPlan | undefined; noTrafficReason?: string; peerFeatures: string[] }> {
+  private async planForAuto(request: DecideRequest): Promise<{ plan: MigrationPlan | undefined; noTrafficReason?: string; peerFeatures: string[] }> {
     const session = await this.context.sessions.session(request.to);
     this.refuseSelf(session, request.to);
     const peerFeatures = [...(session.peer?.features ?? [])];
@@ -210,12 +239,8 @@ export class OutboundMigrations {
     const session = await this.context.sessions.session(request.to);
     this.refuseSelf(session, request.to);
     const requested = resolveTechnique(request.technique, session.peer?.features ?? []);
-    const movesDisks = (guest: HostedGuest) => sourceOf.get(guest)!.regions.some((region) => region.sparse);
-    // --technique auto moves a guest's disks by pre-copy (a disk that waits on the link while
-    // its guest runs there is slower than a guest throttled here); post-copy and hybrid are
-    // asked for by name.
-    const techniqueOf = (guest: HostedGuest) =>
-      request.technique === 'auto' && movesDisks(guest) ? 'precopy' : (followed?.guests.find((g) => g.name === guest.name)?.technique ?? requested);
+    // --technique auto: the decision's technique (a guest whose disks move goes by pre-copy there).
+    const techniqueOf = (guest: HostedGuest) => followed?.guests.find((g) => g.name === guest.name)?.technique ?? requested;
     const strategy = followed?.strategy ?? request.strategy;
     // Dedup applies to pre-copy members only: a post-copy or hybrid member moves without it.
     const precopy = guests.filter((guest) => techniqueOf(guest) === 'precopy');

@@ -1,7 +1,10 @@
-// `gangway migrate --technique auto`: turns a migration plan (plan-for.ts) into what the
-// migrate path runs: each guest's technique, the command's strategy and order, and whether
-// the sender's pacer has to hold the reservation. Pure, so every branch is table-tested;
-// every choice carries its reason, and the summary JSON carries them to the operator.
+// The one decision of what `gangway migrate --technique auto` runs: each guest's technique,
+// the command's strategy and order, and whether the sender's pacer has to hold the
+// reservation. `gangway plan` prints it, migrate auto runs it and `gangway drain` runs it per
+// destination, all through followPlan, so what plan says is what migrate does (plan once
+// said pre-copy, from a plan made of assumed-idle traffic, while migrate ran hybrid). Pure,
+// so every branch is table-tested; every choice carries its reason, and the summary JSON
+// carries them to the operator.
 //
 // - Technique: the planner's names are the migrate path's (precopy, postcopy, hybrid). A
 //   destination that cannot post-copy (no 'postcopy' feature) gets pre-copy instead.
@@ -15,6 +18,8 @@
 // - Without traffic data (no uplink, or no capacity configured) nothing is planned: the
 //   command runs as `auto` did before plans (hybrid where the destination can post-copy,
 //   else pre-copy; the requested strategy and order), and the reasons say so.
+// - A guest whose disks move goes by pre-copy whatever the plan says: a disk that waits on the
+//   link while its guest runs there is slower than a guest throttled here.
 import type { MigrationPlan } from './plan-for.js';
 import type { PlannedTechnique, Priority, Strategy } from './planner.js';
 
@@ -25,6 +30,8 @@ export interface GuestPlanNote {
   /** The planner's strategy for this guest; absent when nothing was planned. */
   strategy: Strategy | null;
   order: number;
+  /** The migration's share of the reservation while this guest moves; null: nothing reserved. */
+  reservedBytesPerSec: number | null;
   reasons: string[];
 }
 
@@ -57,11 +64,19 @@ export interface FollowPlanInput {
   linkBytesPerSec: number | undefined;
   /** --bandwidth was given: it caps the command, the plan's reservation does not. */
   manualBandwidthBytesPerSec: number | undefined;
+  /** The guests whose disks move with them (VMs with --disks other than none). */
+  movingDisks?: readonly string[];
 }
 
 /** What `auto` meant before plans, and still means without traffic data. */
 export function defaultAutoTechnique(peerFeatures: readonly string[]): Technique {
   return peerFeatures.includes('postcopy') ? 'hybrid' : 'precopy';
+}
+
+/** A guest whose disks move goes by pre-copy (see the header). */
+function withDisks(name: string, technique: Technique, reasons: string[], movingDisks: readonly string[] | undefined): { technique: Technique; reasons: string[] } {
+  if (technique === 'precopy' || !movingDisks?.includes(name)) return { technique, reasons };
+  return { technique: 'precopy', reasons: [...reasons, `its disks move with it: pre-copy instead of ${technique} (a disk waiting on the link would slow the guest more than a throttle here)`] };
 }
 
 export function followPlan(input: FollowPlanInput): FollowedPlan {
@@ -74,7 +89,7 @@ export function followPlan(input: FollowPlanInput): FollowedPlan {
       followed: false,
       priority: input.priority,
       strategy: input.requestedStrategy,
-      guests: input.guests.map((name, order) => ({ name, technique, strategy: null, order, reasons: [why] })),
+      guests: input.guests.map((name, order) => ({ name, ...withDisks(name, technique, [why], input.movingDisks), strategy: null, order, reservedBytesPerSec: null })),
       pacedBytesPerSec: undefined,
       reasons: [
         `no traffic data (${input.noTrafficReason ?? 'not measured'}): no plan; auto runs as without a planner`,
@@ -94,7 +109,7 @@ export function followPlan(input: FollowPlanInput): FollowedPlan {
       reasons.push(`the destination cannot post-copy (no 'postcopy' feature): pre-copy instead of ${technique}`);
       technique = 'precopy';
     }
-    return { name: guest.name, technique, strategy: guest.strategy, order, reasons };
+    return { name: guest.name, ...withDisks(guest.name, technique, reasons, input.movingDisks), strategy: guest.strategy, order, reservedBytesPerSec: guest.reservedBytesPerSec };
   });
   const allParallel = guests.every((g) => g.strategy === 'parallel');
   const strategy = allParallel ? 'gang' : 'serial';

@@ -4,6 +4,7 @@ import { describe, expect, test } from 'vitest';
 import { DEFAULT_PLANNER_SETTINGS, type PlannerSettings, type Priority } from '../../agent/planner/planner.js';
 import { planFor, type MigrationPlan } from '../../agent/planner/plan-for.js';
 import { defaultAutoTechnique, followPlan, type FollowPlanInput } from '../../agent/planner/follow-plan.js';
+import { planAnswer } from '../../agent/planner/plan-answer.js';
 
 const MB = 1e6;
 const LINK = 125 * MB;
@@ -118,5 +119,36 @@ describe('followPlan without traffic data', () => {
     expect(followed.strategy).toBe('serial');
     expect(followed.pacedBytesPerSec).toBeUndefined();
     expect(followed.reasons[0]).toMatch(/no traffic data \(no uplink is configured\)/);
+  });
+});
+
+// The one decision: `gangway plan` answers what followPlan decides, and migrate --technique
+// auto runs what followPlan decides, so the two cannot differ (the issue: plan said pre-copy
+// from a plan of assumed-idle traffic while migrate ran hybrid, and "parallel" for "gang").
+describe('the decision plan prints and migrate runs', () => {
+  // Rows: traffic data or not, features, guests whose disks move, requested strategy → techniques (vm1, vm2), strategy, reserved.
+  test.each([
+    ['no traffic data, can post-copy', undefined, WITH_POSTCOPY, [], 'gang', ['hybrid', 'hybrid'], 'gang', [null, null]],
+    ['no traffic data, cannot post-copy', undefined, WITHOUT_POSTCOPY, [], 'serial', ['precopy', 'precopy'], 'serial', [null, null]],
+    ['no traffic data, vm2 moves its disks', undefined, WITH_POSTCOPY, ['vm2'], 'gang', ['hybrid', 'precopy'], 'gang', [null, null]],
+    ['traffic data: high priority, busy source', plan('high', 110, 1), WITH_POSTCOPY, [], 'serial', ['postcopy', 'hybrid'], 'gang', [47.5 * MB, 47.5 * MB]],
+    ['traffic data: low priority, idle link (the reservation held to the SLA lower limit, split over the gang)', plan('low', 5, 1), WITH_POSTCOPY, [], 'serial', ['precopy', 'precopy'], 'gang', [47.5 * MB, 47.5 * MB]],
+    ['traffic data: medium priority, busy source, vm1 moves its disks', plan('medium', 110, 1), WITH_POSTCOPY, ['vm1'], 'gang', ['precopy', 'hybrid'], 'serial', [45 * MB, 45 * MB]],
+  ] as const)('%s', (_, p, features, movingDisks, requested, techniques, strategy, reserved) => {
+    const followed = followPlan(input({ plan: p, peerFeatures: features, movingDisks, requestedStrategy: requested, noTrafficReason: 'no uplink is configured' }));
+    expect(followed.followed).toBe(p !== undefined);
+    expect(followed.strategy).toBe(strategy);
+    expect(followed.guests.map((g) => [g.name, g.technique, g.reservedBytesPerSec])).toEqual([
+      ['vm1', techniques[0], reserved[0]],
+      ['vm2', techniques[1], reserved[1]],
+    ]);
+    for (const name of movingDisks) expect(followed.guests.find((g) => g.name === name)!.reasons.at(-1)).toMatch(/its disks move with it: pre-copy/);
+    // What gangway plan prints is that decision, word for word, in migrate's vocabulary.
+    const answer = planAnswer('10.0.0.2:7401', followed, p);
+    expect(answer.strategy).toBe(followed.strategy);
+    expect(answer.guests.map((g) => [g.name, g.order, g.technique, g.reservedBytesPerSec, g.reasons])).toEqual(followed.guests.map((g) => [g.name, g.order, g.technique, g.reservedBytesPerSec, g.reasons]));
+    expect(answer.reasons).toEqual(followed.reasons);
+    expect(answer.planner === null).toBe(p === undefined);
+    expect(JSON.stringify(answer)).not.toMatch(/"parallel"/);
   });
 });
