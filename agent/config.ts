@@ -165,6 +165,17 @@ export const PeersSettingsSchema = z
   .strict();
 export type PeersSettings = z.infer<typeof PeersSettingsSchema>;
 
+/**
+ * This host's own migrations: how many may leave at once (migration.maxParallelOutbound, as
+ * KubeVirt's parallelOutboundMigrationsPerNode); one beyond waits its turn. Arriving ones
+ * are bounded by peers.maxIncoming.
+ */
+export const MigrationSettingsSchema = z.object({ maxParallelOutbound: count(1, 256) }).partial().strict();
+export interface MigrationLimits {
+  maxParallelOutbound: number;
+}
+export const MIGRATION_LIMIT_DEFAULTS: MigrationLimits = { maxParallelOutbound: 2 };
+
 export const RESIDENT_POLICIES = ['from-peer', 'all', 'none'] as const;
 
 /**
@@ -207,6 +218,7 @@ export const ConfigFileSchema = z
     insecurePlaintextLoopback: z.boolean({ error: 'must be true or false' }),
     traffic: TrafficSettingsSchema,
     peers: PeersSettingsSchema,
+    migration: MigrationSettingsSchema,
     dedup: DedupSettingsSchema,
     vm: z
       .object({
@@ -279,6 +291,7 @@ export const ENV_OVERRIDES = {
   GANGWAY_PEERS_MEMORY_HEADROOM: 'peers.memoryHeadroom',
   GANGWAY_PEERS_DECOMPRESSIONS_PER_SESSION: 'peers.decompressionsPerSession',
   GANGWAY_PEERS_MAX_DEVICE_STATE: 'peers.maxDeviceState',
+  GANGWAY_MIGRATION_MAX_PARALLEL_OUTBOUND: 'migration.maxParallelOutbound',
   GANGWAY_DEDUP_RESIDENT: 'dedup.resident',
   GANGWAY_DEDUP_RESIDENT_OFFERS_PER_MINUTE: 'dedup.residentOffersPerMinute',
   GANGWAY_DEDUP_RESIDENT_MAX_AGE: 'dedup.residentMaxAge',
@@ -294,7 +307,7 @@ function describeIssues(where: string, error: z.ZodError, input: unknown, label:
     .map((issue) => {
       if (issue.code === 'unrecognized_keys') {
         const allowed = Object.keys(ConfigFileSchema.shape).join(', ');
-        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; control takes group, listen, tokenFile; tls takes cert, key, ca, allow; traffic takes ${Object.keys(TrafficSettingsSchema.shape).join(', ')}; traffic.contention takes high, moderate; peers takes ${Object.keys(PeersSettingsSchema.shape).join(', ')}; dedup takes ${Object.keys(DedupSettingsSchema.shape).join(', ')})`;
+        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; control takes group, listen, tokenFile; tls takes cert, key, ca, allow; traffic takes ${Object.keys(TrafficSettingsSchema.shape).join(', ')}; traffic.contention takes high, moderate; peers takes ${Object.keys(PeersSettingsSchema.shape).join(', ')}; migration takes ${Object.keys(MigrationSettingsSchema.shape).join(', ')}; dedup takes ${Object.keys(DedupSettingsSchema.shape).join(', ')})`;
       }
       let value: unknown = input;
       for (const part of issue.path) value = (value as Record<PropertyKey, unknown> | undefined)?.[part as PropertyKey];

@@ -10,11 +10,14 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'n
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import { DEFAULT_MAX_PAYLOAD_BYTES } from '../protocol/limits.js';
-import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type PeerLimits, type TrafficConfig } from './config.js';
+import { RejectReason } from '../protocol/codes.js';
+import { Frame } from '../protocol/index.js';
+import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, MIGRATION_LIMIT_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type MigrationLimits, type PeerLimits, type TrafficConfig } from './config.js';
 import { GuestService } from './daemon/guests.js';
 import { InboundMigrations } from './daemon/inbound.js';
 import { OutboundMigrations, type DecideRequest, type MigrateRequest } from './daemon/outbound.js';
 import { planAnswer, type PlanAnswer } from './planner/plan-answer.js';
+import { HostDrain, type DrainEvent, type DrainRequest, type DrainSummary } from './daemon/drain.js';
 import { PeerServer } from './daemon/peer-server.js';
 import { MigrationRecords } from './daemon/records.js';
 import { EventBus } from './daemon/events.js';
@@ -68,6 +71,8 @@ export interface AgentConfig {
   postcopyReattachMs: number;
   /** What one peer may make this agent do (sessions, incoming migrations, requests, memory). */
   peers: PeerLimits;
+  /** How many migrations may leave this host at once (the others wait their turn). */
+  migration: MigrationLimits;
   /** Whose resident guests a peer's dedup group may see, and how often. */
   dedup: DedupPolicy;
   /** QEMU and the kernels its VMs boot. */
@@ -84,6 +89,7 @@ export const DEFAULT_AGENT_CONFIG: Omit<AgentConfig, 'listenHost' | 'listenPort'
   peerTimeoutMs: DEFAULT_DEAD_AFTER_MS,
   postcopyReattachMs: 10 * 60_000,
   peers: PEER_LIMIT_DEFAULTS,
+  migration: MIGRATION_LIMIT_DEFAULTS,
   dedup: DEDUP_POLICY_DEFAULTS,
   vm: DEFAULT_QEMU_SETTINGS,
 };
@@ -123,6 +129,7 @@ export class Agent {
   private readonly inbound: InboundMigrations;
   private readonly outbound: OutboundMigrations;
   private readonly guests: GuestService;
+  private readonly drain: HostDrain;
 
   /** The port of listenAddress (the one picked when listenPort was 0). */
   private get peerPort(): number {
@@ -181,6 +188,7 @@ export class Agent {
       outgoingOf: (name) => this.outbound.outgoingOf(name),
       incomingMissingPages: (migrationId) => this.inbound.missingPages(migrationId),
     });
+    this.drain = new HostDrain({ registry: this.registry, outbound: this.outbound, maxParallelOutbound: config.migration.maxParallelOutbound, log });
     this.peerServer = new PeerServer({
       config,
       tls: this.tls,
@@ -188,7 +196,12 @@ export class Agent {
       sessionOptions: (sessionLog) => this.sessionOptions(sessionLog),
       onLimit: (limit) => this.limitHit(limit),
       routes: {
-        onOffer: (offer, session, shared) => this.inbound.onOffer(offer, session, shared),
+        onOffer: (offer, session, shared) => {
+          // A host being drained takes no guests: the source is told why (busy, as at a limit).
+          const draining = this.drain.refusal();
+          if (draining) return void session.send(Frame.reject({ migrationId: offer.migrationId, reason: RejectReason.busy, message: draining }));
+          this.inbound.onOffer(offer, session, shared);
+        },
         onGroupFrame: (frame, session, groups) => this.inbound.onGroupFrame(frame, session, groups),
         onReattach: (frame, session) => this.inbound.onReattach(frame, session),
         onMigrationQuery: (frame, session) => void this.inbound.answerQuery(frame.migrationId, session),
@@ -287,6 +300,7 @@ export class Agent {
   // ── guests ─────────────────────────────────────────────────────────────────────────
   /** See GuestService.startGuest. */
   async startGuest(name: string, spec: ProcessGuestSpec, tap?: string): Promise<{ name: string; pid: number; memoryPath: string }> {
+    this.drain.refuseNewGuest();
     const started = await this.guests.startGuest(name, spec, tap);
     this.events.publish({ type: 'guest-started', guest: name, pid: started.pid });
     return started;
@@ -300,6 +314,7 @@ export class Agent {
 
   /** See GuestService.startVm. */
   async startVm(...args: Parameters<GuestService['startVm']>) {
+    this.drain.refuseNewGuest();
     const started = await this.guests.startVm(...args);
     this.events.publish({ type: 'guest-started', guest: args[0], pid: started.pid });
     return started;
@@ -362,6 +377,16 @@ export class Agent {
   async planFor(request: DecideRequest): Promise<PlanAnswer> {
     const { followed, plan } = await this.outbound.decide(request);
     return planAnswer(request.to, followed, plan);
+  }
+
+  /** See HostDrain.run. */
+  drainHost(request: DrainRequest, onEvent: (event: DrainEvent) => void): Promise<DrainSummary> {
+    return this.drain.run(request, onEvent);
+  }
+
+  /** See HostDrain.cancel. */
+  cancelDrain(): boolean {
+    return this.drain.cancel();
   }
 
   /** See OutboundMigrations.cancelMigration. */

@@ -32,6 +32,7 @@ import { addObserveCommands } from './cli/observe-commands.js';
 import { liveProgressLine, ProgressThrottle } from './cli/observe-format.js';
 import { followMigrationEvents } from './cli/migrate-events.js';
 import { outcomeText } from './daemon/outcome.js';
+import { addDrainCommand } from './cli/drain-command.js';
 import { DEFAULT_QEMU_SETTINGS } from './guest/qemu-guest.js';
 import { regionSizesProblem } from './guest/process-guest.js';
 
@@ -136,6 +137,7 @@ program
       transport: settings.transport,
       traffic: settings.traffic,
       peers: settings.peers,
+      migration: settings.migration,
       dedup: settings.dedup,
       vm: settings.vm,
     };
@@ -252,6 +254,7 @@ for (const [verb, method, suffix, description] of [
 
 addVmCommands(program);
 addObserveCommands(program);
+addDrainCommand(program);
 
 /** --to of migrate and plan: HOST:PORT with a port the destination can listen on. */
 const peerAddress = arg((text) => {

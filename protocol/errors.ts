@@ -40,6 +40,8 @@ export const ErrorCode = {
   /** A control-API request without the right token. */
   UNAUTHORIZED: 'GANGWAY_ERR_UNAUTHORIZED',
   SHUTTING_DOWN: 'GANGWAY_ERR_SHUTTING_DOWN',
+  /** The host is being drained (gangway drain): it takes no new guests or arriving migrations until the drain ends. */
+  DRAINING: 'GANGWAY_ERR_DRAINING',
   TRACKER: 'GANGWAY_ERR_TRACKER',
   /** A system command the agent drives (iptables, tc) failed, or its state is not what gangway installed. */
   HOST_COMMAND: 'GANGWAY_ERR_HOST_COMMAND',

@@ -3,7 +3,7 @@
 import { DEFAULT_QEMU_SETTINGS } from '../guest/qemu-guest.js';
 import { resolve } from 'node:path';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
-import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, loadConfigFile, mergeConfig, resolveControlAccess, resolveDedupPolicy, resolvePeerLimits, resolvePeerTransport, resolveTrafficConfig } from '../config.js';
+import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, loadConfigFile, mergeConfig, resolveControlAccess, MIGRATION_LIMIT_DEFAULTS, resolveDedupPolicy, resolvePeerLimits, resolvePeerTransport, resolveTrafficConfig } from '../config.js';
 import { controlSocketPath } from '../daemon.js';
 import { QuantityError } from '../units.js';
 
@@ -82,6 +82,7 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     transport,
     traffic: resolveTrafficConfig(merged.traffic),
     peers: resolvePeerLimits(merged.peers),
+    migration: { maxParallelOutbound: merged.migration?.maxParallelOutbound ?? MIGRATION_LIMIT_DEFAULTS.maxParallelOutbound },
     dedup: resolveDedupPolicy(merged.dedup),
     vm: {
       imagesDir: resolve(merged.vm?.imagesDir ?? DEFAULT_QEMU_SETTINGS.imagesDir),

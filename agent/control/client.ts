@@ -251,10 +251,11 @@ export class ControlClient {
 
   /** The agent's running outgoing migrations of `guests` that started at `since` (ISO time) or later. */
   async runningOutgoing(guests: readonly string[], since: string): Promise<OutgoingMigration[]> {
-    type Listed = Omit<OutgoingMigration, 'phase'> & { direction: string; state: string; progress?: { phase: OutgoingMigration['phase'] } };
+    type Listed = Omit<OutgoingMigration, 'phase'> & { direction: string; state: string; queuedAt?: string; progress?: { phase: OutgoingMigration['phase'] } };
     const status = await this.call<{ migrations: Listed[] }>('GET', '/v1/status');
+    // A queued one (waiting for a slot) is this command's too, and is cancelled like a running one.
     return status.migrations
-      .filter((m) => m.direction === 'out' && m.state === 'running' && guests.includes(m.guest) && m.startedAt >= since)
+      .filter((m) => m.direction === 'out' && (m.state === 'running' || m.state === 'queued') && guests.includes(m.guest) && (m.queuedAt ?? m.startedAt) >= since)
       .map(({ migrationId, guest, to, startedAt, progress }) => ({ migrationId, guest, to, startedAt, phase: progress?.phase }));
   }
 

@@ -64,6 +64,20 @@ export const PlanRequestSchema = z.strictObject({
   strategy: z.enum(['gang', 'serial']).optional(),
 });
 
+export const DrainRequestSchema = z.strictObject({
+  /** The peers the guests are spread over, in the order they are dealt. */
+  to: z
+    .array(peerAddress)
+    .min(1)
+    .max(32)
+    .refine((peers) => new Set(peers).size === peers.length, 'names a peer twice'),
+  /** Migrations at once; default: the agent's migration.maxParallelOutbound. */
+  maxParallel: z.number().int().min(1).max(256).optional(),
+  /** Default: the agent's traffic.priority. */
+  priority: z.enum(PRIORITIES).optional(),
+  dryRun: z.boolean().optional(),
+});
+
 export const MigrateRequestSchema = z.strictObject({
   guests: z.array(guestName).min(1).max(64),
   strategy: z.enum(['gang', 'serial']),

@@ -15,7 +15,7 @@ import type { Agent } from '../daemon.js';
 import { GUEST_NAME_PATTERN } from '../guest/registry.js';
 import { listenUnixSocket } from './access.js';
 import type { ControlGroup } from './group.js';
-import { describeZodError, MigrateRequestSchema, PlanRequestSchema, StartGuestRequest, StartVmRequest } from './schema.js';
+import { describeZodError, DrainRequestSchema, MigrateRequestSchema, PlanRequestSchema, StartGuestRequest, StartVmRequest } from './schema.js';
 import { bearerRefusal } from './token.js';
 import { ndjsonSubscriber } from '../daemon/events.js';
 
@@ -56,6 +56,7 @@ function statusFor(err: unknown): number {
     case ErrorCode.GUEST_EXISTS:
       return 409;
     case ErrorCode.SHUTTING_DOWN:
+    case ErrorCode.DRAINING:
       return 503;
     default:
       return 500;
@@ -161,6 +162,29 @@ const ROUTES: Route[] = [
   },
   {
     method: 'POST',
+    path: '/v1/drain',
+    body: DrainRequestSchema,
+    async handle(agent, _p, body, res) {
+      res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+      const write = (event: unknown) => res.write(`${JSON.stringify(event)}\n`);
+      try {
+        write({ type: 'result', summary: await agent.drainHost(body as z.infer<typeof DrainRequestSchema>, write) });
+      } catch (err) {
+        write({ type: 'error', ...errorBody(err) });
+      }
+      res.end();
+    },
+  },
+  {
+    method: 'POST',
+    path: '/v1/drain/cancel',
+    handle(agent, _p, _b, res) {
+      if (!agent.cancelDrain()) throw new GangwayError(ErrorCode.BAD_REQUEST, 'no drain is running');
+      send(res, 200, { cancelled: true });
+    },
+  },
+  {
+    method: 'POST',
     path: '/v1/migrations/:id/cancel',
     handle: (agent, { id }, _b, res) => send(res, 200, { cancelled: agent.cancelMigration(id!) }),
   },
@@ -246,7 +270,7 @@ async function route(agent: Agent, req: IncomingMessage, res: ServerResponse): P
   const method = req.method ?? 'GET';
   const segments = url.pathname.split('/');
   const candidates = ROUTES.map((r) => ({ route: r, raw: matchPath(r, segments) })).filter((c) => c.raw !== undefined);
-  if (candidates.length === 0) throw new RequestError(404, `no such endpoint: ${shown(url.pathname)} (the API is /v1/status, /v1/guests, /v1/migrations, /v1/traffic, /v1/plan, /v1/history, /v1/events)`);
+  if (candidates.length === 0) throw new RequestError(404, `no such endpoint: ${shown(url.pathname)} (the API is /v1/status, /v1/guests, /v1/migrations, /v1/traffic, /v1/plan, /v1/history, /v1/events, /v1/drain)`);
   const chosen = candidates.find((c) => c.route.method === method);
   if (!chosen) {
     const allow = candidates.map((c) => c.route.method).join(', ');

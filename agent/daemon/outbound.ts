@@ -29,6 +29,7 @@ import type { Priority } from '../planner/planner.js';
 import type { TrafficService } from '../traffic/service.js';
 import type { MigrationRecords } from './records.js';
 import type { SessionPool } from './session-pool.js';
+import { MigrationSlots, type SlotSource } from './migration-slots.js';
 
 export interface MigrateRequest {
   guests: string[];
@@ -76,7 +77,7 @@ const MIGRATION_OPTION_DEFAULTS = {
 } as const;
 
 export interface OutboundContext {
-  config: Pick<AgentConfig, 'tracker' | 'batchBytes' | 'postcopyReattachMs'>;
+  config: Pick<AgentConfig, 'tracker' | 'batchBytes' | 'postcopyReattachMs' | 'migration'>;
   /** This agent's id: a destination whose hello names it is this agent under another address. */
   agentId: string;
   registry: GuestRegistry;
@@ -98,17 +99,22 @@ export interface OutboundContext {
 
 export class OutboundMigrations {
   private readonly outgoing = new Map<string, SourceMigration>();
+  /** Migrations waiting for a slot (migration.maxParallelOutbound), by id: their guest and how to cancel them. */
+  private readonly queued = new Map<string, { guest: string; cancel: AbortController }>();
+  private readonly slots: MigrationSlots;
 
-  constructor(private readonly context: OutboundContext) {}
+  constructor(private readonly context: OutboundContext) {
+    this.slots = new MigrationSlots(context.config.migration.maxParallelOutbound);
+  }
 
   /** Migrations leaving here now. */
   get count(): number {
     return this.outgoing.size;
   }
 
-  /** Is guest `name` leaving this host? */
+  /** Is guest `name` leaving this host, or queued to? */
   isMigrating(name: string): boolean {
-    return [...this.outgoing.values()].some((m) => m.guest.name === name);
+    return [...this.outgoing.values()].some((m) => m.guest.name === name) || [...this.queued.values()].some((q) => q.guest === name);
   }
 
   /** The migration of guest `name` leaving this host now, with its id. */
@@ -283,11 +289,12 @@ export class OutboundMigrations {
     };
     if (strategy === 'gang') {
       const group = dedup ? await openGroup(precopy) : undefined;
+      const slot = this.slots.gang(guests.length);
       try {
         const settled = await Promise.allSettled(
           guests.map((guest) => {
             const slots = slotsOf.get(guest);
-            return this.migrateOne(sourceOf.get(guest)!, session, request, techniqueOf(guest), group && slots ? { group, slots } : undefined, { pacer, gate, reservePriority }, onProgress);
+            return this.migrateOne(sourceOf.get(guest)!, session, request, techniqueOf(guest), group && slots ? { group, slots } : undefined, { pacer, gate, reservePriority, slot }, onProgress);
           }),
         );
         settled.forEach((result, i) => outcomes.push(outcomeOf(guests[i]!.name, result)));
@@ -303,7 +310,7 @@ export class OutboundMigrations {
         const technique = techniqueOf(guest);
         const group = dedup && technique === 'precopy' ? await openGroup([guest]) : undefined;
         try {
-          const [result] = await Promise.allSettled([this.migrateOne(sourceOf.get(guest)!, session, request, technique, group ? { group, slots: slotsOf.get(guest)! } : undefined, { pacer, reservePriority }, onProgress)]);
+          const [result] = await Promise.allSettled([this.migrateOne(sourceOf.get(guest)!, session, request, technique, group ? { group, slots: slotsOf.get(guest)! } : undefined, { pacer, reservePriority, slot: this.slots.single() }, onProgress)]);
           outcomes.push(outcomeOf(guest.name, result!));
         } finally {
           closeGroup(group);
@@ -339,16 +346,34 @@ export class OutboundMigrations {
     request: MigrateRequest,
     technique: 'precopy' | 'postcopy' | 'hybrid',
     dedup: { group: SourceDedupGroup; slots: number[] } | undefined,
-    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined; reservePriority?: Priority | undefined },
+    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined; reservePriority?: Priority | undefined; slot: SlotSource },
     onProgress: (progress: MigrationProgress) => void,
   ): Promise<MigrationSummary> {
     const migrationId = randomUUID();
     const log = this.context.log.child({ migrationId, guest: guest.name, to: request.to });
-    const startedAt = new Date().toISOString();
-    const base = { direction: 'out' as const, migrationId, guest: guest.name, to: request.to, startedAt };
-    this.context.records.set(migrationId, { ...base, state: 'running' });
+    const askedAt = new Date().toISOString();
+    let base: { direction: 'out'; migrationId: string; guest: string; to: string; startedAt: string; queuedAt?: string } = { direction: 'out', migrationId, guest: guest.name, to: request.to, startedAt: askedAt };
     let migration: SourceMigration | undefined;
+    let release: (() => void) | undefined;
     try {
+      if (shared.slot.full()) {
+        // Beyond migration.maxParallelOutbound: wait for a slot, listed as queued (cancel works).
+        const cancel = new AbortController();
+        this.queued.set(migrationId, { guest: guest.name, cancel });
+        this.context.records.set(migrationId, { ...base, state: 'queued', queuedAt: askedAt });
+        log.info({ limit: this.slots.limit, waiting: this.slots.queued }, 'migration queued: the outgoing limit is reached (migration.maxParallelOutbound)');
+        try {
+          release = await shared.slot.acquire(cancel.signal);
+        } finally {
+          this.queued.delete(migrationId);
+        }
+        base = { ...base, startedAt: new Date().toISOString(), queuedAt: askedAt };
+        if (this.context.shuttingDown()) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down: the queued migration does not start');
+        if (!session.isOpen) throw new GangwayError(ErrorCode.PEER_GONE, 'the session to the destination closed while the migration was queued');
+      } else {
+        release = await shared.slot.acquire(new AbortController().signal);
+      }
+      this.context.records.set(migrationId, { ...base, state: 'running' });
       migration = new SourceMigration(
         guest,
         session,
@@ -395,7 +420,7 @@ export class OutboundMigrations {
       this.context.metrics.totalTime.observe(summary.totalMs / 1000);
       this.context.metrics.linkRate.set({ peer: request.to }, summary.linkRateBytesPerSec);
       this.context.registry.remove(guest.name);
-      this.context.records.set(migrationId, { ...base, state: 'committed', summary });
+      this.context.records.set(migrationId, { ...base, state: 'committed', summary, endedAt: new Date().toISOString() });
       return summary;
     } catch (err) {
       const error = err instanceof GangwayError ? err : new GangwayError(ErrorCode.INTERNAL, String(err));
@@ -403,9 +428,10 @@ export class OutboundMigrations {
       // Once this migration is out of the books (finally, below), find out where the guest runs.
       if (state === 'in-doubt') setImmediate(() => void this.resolveOutgoing(guest.name));
       this.context.metrics.migrations.inc({ direction: 'out', outcome: state, technique });
-      this.context.records.set(migrationId, { ...base, state, error: { code: error.code, message: error.message } });
+      this.context.records.set(migrationId, { ...base, state, error: { code: error.code, message: error.message }, endedAt: new Date().toISOString() });
       throw error;
     } finally {
+      release?.();
       this.outgoing.delete(migrationId);
       this.context.records.trim();
     }
@@ -437,8 +463,15 @@ export class OutboundMigrations {
     return this.context.traffic().plan(guests, priority, destination);
   }
 
-  /** Cancels an outgoing migration by id or unique id prefix; its guest keeps running here. */
+  /** Cancels an outgoing migration (running or queued) by id or unique id prefix; its guest keeps running here. */
   cancelMigration(idOrPrefix: string): string {
+    const queued = [...this.queued.entries()].filter(([id]) => id.startsWith(idOrPrefix));
+    if (queued.length === 1 && idOrPrefix.length > 0 && ![...this.outgoing.keys()].some((id) => id.startsWith(idOrPrefix))) {
+      const [id, entry] = queued[0]!;
+      entry.cancel.abort();
+      this.context.log.info({ migrationId: id }, 'queued migration cancelled');
+      return id;
+    }
     const matches = [...this.outgoing.entries()].filter(([id]) => id.startsWith(idOrPrefix));
     if (matches.length === 0 || idOrPrefix.length === 0) {
       const known = this.context.records.get(idOrPrefix) ?? [...this.context.records.values()].find((r) => r.migrationId.startsWith(idOrPrefix));
@@ -457,6 +490,19 @@ export class OutboundMigrations {
     this.context.records.noteCancelled(id);
     this.context.log.info({ migrationId: id }, 'migration cancelled');
     return id;
+  }
+
+  /** Cancels guest `name`'s outgoing migration, running or queued (a drain's cancel); false when it has none. */
+  cancelGuest(name: string): boolean {
+    const queued = [...this.queued.values()].find((q) => q.guest === name);
+    if (queued) {
+      queued.cancel.abort();
+      return true;
+    }
+    const running = this.outgoingOf(name);
+    if (!running) return false;
+    running[1].cancel();
+    return true;
   }
 
   // ── guests left at their switchover ───────────────────────────────────────────────

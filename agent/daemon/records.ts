@@ -5,9 +5,19 @@ import type { IncomingResult } from '../migration/destination.js';
 import type { MigrationProgress, MigrationSummary } from '../migration/source.js';
 import { entryOf, type HistoryEntry } from './outcome.js';
 
+/**
+ * An outgoing migration's times: `queuedAt` when it had to wait for a slot
+ * (migration.maxParallelOutbound; startedAt is then when it got one), `endedAt` once it ended.
+ */
+interface OutTimes {
+  queuedAt?: string;
+  endedAt?: string;
+}
+
 export type MigrationRecord =
-  | { direction: 'out'; state: 'running'; migrationId: string; guest: string; to: string; startedAt: string; progress?: MigrationProgress }
-  | { direction: 'out'; state: 'committed'; migrationId: string; guest: string; to: string; startedAt: string; summary: MigrationSummary }
+  | { direction: 'out'; state: 'queued'; migrationId: string; guest: string; to: string; startedAt: string; queuedAt: string }
+  | ({ direction: 'out'; state: 'running'; migrationId: string; guest: string; to: string; startedAt: string; progress?: MigrationProgress } & OutTimes)
+  | ({ direction: 'out'; state: 'committed'; migrationId: string; guest: string; to: string; startedAt: string; summary: MigrationSummary } & OutTimes)
   | {
       direction: 'out';
       state: 'resumed';
@@ -18,10 +28,10 @@ export type MigrationRecord =
       /** Post-copy completed by this agent after a restart. */
       resumed: { verified: boolean; pushedPages: number; faultPages: number };
     }
-  | { direction: 'out'; state: 'failed' | 'in-doubt' | 'interrupted'; migrationId: string; guest: string; to: string; startedAt: string; error: { code: string; message: string } }
+  | ({ direction: 'out'; state: 'failed' | 'in-doubt' | 'interrupted'; migrationId: string; guest: string; to: string; startedAt: string; error: { code: string; message: string } } & OutTimes)
   | { direction: 'in'; state: 'running' | 'committed' | 'aborted' | 'stranded'; migrationId: string; guest: string; from: string; startedAt: string; result?: IncomingResult };
 
-/** How many ended migrations are remembered; running ones always are. */
+/** How many ended migrations are remembered; running and queued ones always are. */
 const MAX_FINISHED_RECORDS = 100;
 
 /** What the agent does when a record starts, reports progress or ends (history, events). */
@@ -99,7 +109,7 @@ export class MigrationRecords {
 
   /** Forgets the oldest ended migrations beyond the last hundred. */
   trim(): void {
-    const finished = [...this.byId.entries()].filter(([, r]) => r.state !== 'running');
+    const finished = [...this.byId.entries()].filter(([, r]) => r.state !== 'running' && r.state !== 'queued');
     for (const [id] of finished.slice(0, Math.max(0, finished.length - MAX_FINISHED_RECORDS))) {
       this.byId.delete(id);
       this.endings.delete(id);
