@@ -8,7 +8,8 @@
 // The destinations hold each commit for a while (GANGWAY_FAULT_DELAY=dest-commit:MS): that
 // keeps the drain running long enough to try things during it, whatever the machine's speed.
 import { afterEach, describe, expect, it } from 'vitest';
-import { builtAgent, Cluster, uniqueName } from '../helpers/cluster.js';
+import { execa } from 'execa';
+import { builtAgent, Cluster, mainJs, uniqueName } from '../helpers/cluster.js';
 import { waitForAsync } from '../helpers/wait.js';
 import type { LocalAgent } from '../../agent/local-agent.js';
 
@@ -179,5 +180,18 @@ describe.skipIf(!builtAgent)('gangway drain', { timeout: 240_000 }, () => {
     expect(Date.parse(second.startedAt)).toBeGreaterThanOrEqual(Date.parse(earlier.endedAt!));
     expect(Date.parse(second.startedAt)).toBeGreaterThan(Date.parse(second.queuedAt!));
 
+  });
+
+  it('migration.maxParallelOutbound comes from the environment, bounded, naming the variable and the value', async () => {
+    const check = (value: string) =>
+      execa(process.execPath, [mainJs, 'agent', '--check-config', '--insecure-plaintext-loopback'], { reject: false, timeout: 60_000, env: { GANGWAY_MIGRATION_MAX_PARALLEL_OUTBOUND: value } });
+    const good = await check('3');
+    expect(good.exitCode, good.stderr).toBe(0);
+    expect(JSON.parse(good.stdout).migration).toEqual({ maxParallelOutbound: 3 });
+    for (const [value, why] of [['0', 'must be at least 1'], ['many', 'must be a whole number from 1 to 256'], ['300', 'must be at most 256']]) {
+      const bad = await check(value!);
+      expect(bad.exitCode).not.toBe(0);
+      expect(bad.stderr).toContain(`environment: GANGWAY_MIGRATION_MAX_PARALLEL_OUTBOUND ${why} (got "${value}")`);
+    }
   });
 });
