@@ -48,7 +48,7 @@ export interface HistoryEntry {
 }
 
 /** The history entry of an ended record; `cancelled`: this agent's operator cancelled it. */
-export function entryOf(record: Exclude<MigrationRecord, { state: 'running' }>, cancelled: boolean, endedAt = new Date().toISOString()): HistoryEntry {
+export function entryOf(record: Exclude<MigrationRecord, { state: 'running' | 'queued' }>, cancelled: boolean, endedAt = new Date().toISOString()): HistoryEntry {
   const base = { migrationId: record.migrationId, direction: record.direction, guest: record.guest, startedAt: record.startedAt, endedAt };
   if (record.direction === 'in') {
     const result = record.result;

@@ -67,12 +67,15 @@ export class MigrationRecords {
   set(migrationId: string, record: MigrationRecord): void {
     const before = this.byId.get(migrationId);
     this.byId.set(migrationId, record);
+    // A queued migration (waiting for a slot, drain.ts) starts when it runs; it may also end
+    // (a cancel) without having run.
+    if (record.state === 'queued') return;
     if (record.state === 'running') {
-      if (!before) this.hooks.started?.(record);
+      if (!before || before.state === 'queued') this.hooks.started?.(record);
       else if (record.direction === 'out' && record.progress) this.hooks.progress?.(record, record.progress);
       return;
     }
-    if (before && before.state !== 'running') return;
+    if (before && before.state !== 'running' && before.state !== 'queued') return;
     const entry = entryOf(record, this.cancelled.has(migrationId));
     this.cancelled.delete(migrationId);
     this.endings.set(migrationId, entry);

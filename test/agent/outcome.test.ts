@@ -13,7 +13,7 @@ const result = { migrationId: 'm1', guest: 'vm1', from: 'agent-a', pages: 10, ro
 const aborted = { code: 'GANGWAY_ERR_ABORTED', message: 'cancelled by the operator' };
 
 describe('entryOf', () => {
-  it.each<[string, Exclude<MigrationRecord, { state: 'running' }>, boolean, Partial<HistoryEntry>, string]>([
+  it.each<[string, Exclude<MigrationRecord, { state: 'running' | 'queued' }>, boolean, Partial<HistoryEntry>, string]>([
     ['a source cancelled by its operator', { ...out, state: 'failed', error: aborted }, true, { outcome: 'cancelled', cancelledBy: 'operator' }, 'cancelled by the operator'],
     ['a source that failed', { ...out, state: 'failed', error: { code: 'GANGWAY_ERR_NON_CONVERGENCE', message: 'pre-copy does not converge' } }, false, { outcome: 'failed' }, 'failed: pre-copy does not converge [GANGWAY_ERR_NON_CONVERGENCE]'],
     ['a source in doubt', { ...out, state: 'in-doubt', error: { code: 'GANGWAY_ERR_SWITCHOVER_IN_DOUBT', message: 'no answer' } }, false, { outcome: 'in-doubt' }, 'in-doubt: no answer [GANGWAY_ERR_SWITCHOVER_IN_DOUBT]'],
@@ -42,5 +42,28 @@ describe('MigrationRecords', () => {
     records.set('m1', { ...out, state: 'failed', error: aborted });
     expect(seen).toEqual(['started m1', 'ended m1 cancelled']);
     expect(records.newestFirst()[0]).toMatchObject({ state: 'failed', outcome: 'cancelled', cancelledBy: 'operator' });
+  });
+});
+
+describe('MigrationRecords with a queue (migration.maxParallelOutbound)', () => {
+  const queued = { ...out, state: 'queued' as const, queuedAt: '2026-12-05T21:00:00.000Z' };
+
+  it('a queued migration starts when it runs, and ends once', () => {
+    const seen: string[] = [];
+    const records = new MigrationRecords({ started: (r) => seen.push(`started ${r.state}`), ended: (e) => seen.push(`ended ${e.outcome}`) });
+    records.set('m1', queued);
+    expect(seen).toEqual([]);
+    records.set('m1', { ...out, state: 'running' });
+    records.set('m1', { ...out, state: 'failed', error: { code: 'GANGWAY_ERR_NON_CONVERGENCE', message: 'pre-copy does not converge' } });
+    expect(seen).toEqual(['started running', 'ended failed']);
+  });
+
+  it('a migration cancelled while queued ends as cancelled, never having started', () => {
+    const seen: string[] = [];
+    const records = new MigrationRecords({ started: () => seen.push('started'), ended: (e) => seen.push(`ended ${e.outcome} by ${e.cancelledBy}`) });
+    records.set('m1', queued);
+    records.noteCancelled('m1');
+    records.set('m1', { ...out, state: 'failed', error: aborted });
+    expect(seen).toEqual(['ended cancelled by operator']);
   });
 });
