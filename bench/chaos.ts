@@ -52,6 +52,11 @@ const seed = replay ?? integer('--seed', values.seed, Math.floor(Math.random() *
 const log = (line: string) => (values.json ? process.stderr.write(`${line}\n`) : console.log(line));
 
 const exit = new ExitSteps('stopping the agents and guests, removing the namespaces and the tmpfs');
+// A bug of the campaign's own must not leave its namespaces, tmpfs, agents and guests behind.
+process.on('unhandledRejection', (err) => {
+  console.error(`gangway chaos: ${(err as Error)?.stack ?? String(err)}`);
+  void exit.run().finally(() => process.exit(1));
+});
 const notes: string[] = [];
 const hosts = await ChaosHosts.create(undefined, notes);
 exit.add(() => hosts.close());

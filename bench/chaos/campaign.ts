@@ -165,10 +165,17 @@ export class ChaosHosts {
         { reject: false, timeout: MIGRATE_TIMEOUT_MS },
       );
       const ended = migrate.then(() => undefined);
-      const fault = Promise.race([ended.then(() => false), sleep(plan.fault.atMs).then(() => true)]).then(async (due) => {
-        if (!due) return void (faultNote = `the migration ended before ${plan.fault.atMs} ms`);
-        faultNote = await this.inject(plan, names, ended);
-      });
+      // The fault's moment counts from when the source lists the migration as running, not
+      // from the command's start (its start-up and the offer take seconds on a loaded host).
+      const fault = this.runningSeen(names, ended)
+        .then((seen) => seen && Promise.race([ended.then(() => false), sleep(plan.fault.atMs).then(() => true)]))
+        .then(async (due) => {
+          if (!due) return void (faultNote = `the migration ended before the fault's moment (${plan.fault.atMs} ms after it started)`);
+          faultNote = await this.inject(plan, names, ended);
+        })
+        // A fault the host could not inject is the campaign's problem, not gangway's: noted,
+        // and the run is still checked.
+        .catch((err: Error) => void (faultNote = `the fault could not be injected: ${err.message}`));
       const result = await migrate;
       migrateExit = result.exitCode;
       migrateErrors.push(...migrateErrorsOf(String(result.stdout), String(result.stderr)));
@@ -188,6 +195,18 @@ export class ChaosHosts {
       lap('cleanup');
     }
     return { plan, outcomes, migrateExit, faultNote, violations, migrateErrors, phasesMs, seconds: (performance.now() - started) / 1000 };
+  }
+
+  /** Resolves true once the source lists a running outgoing migration of the run's guests, false if the command ended first. */
+  private async runningSeen(names: readonly string[], ended: Promise<void>): Promise<boolean> {
+    let over = false;
+    void ended.then(() => (over = true));
+    while (!over) {
+      const status = await this.agent('source').status().catch(() => undefined);
+      if (status?.migrations.some((m) => m.direction === 'out' && m.state === 'running' && names.includes(m.guest))) return true;
+      await Promise.race([sleep(50), ended]);
+    }
+    return false;
   }
 
   // ── faults ──────────────────────────────────────────────────────────────────────────────
@@ -252,11 +271,16 @@ export class ChaosHosts {
       }
       case 'memory-full': {
         const dir = this.memoryDir!;
-        const { bavail, bsize } = statfsSync(dir);
-        const keepBytes = 4 * 1024 * 1024;
-        const fillBytes = Math.max(0, bavail * bsize - keepBytes);
         this.filler = join(dir, 'chaos-filler');
-        await run(['fallocate', '-l', String(fillBytes), this.filler]);
+        // The guest's memory file grows meanwhile: a filler that no longer fits is tried smaller.
+        let fillBytes = 0;
+        for (const keepBytes of [4, 16, 64].map((mib) => mib * 1024 * 1024)) {
+          const { bavail, bsize } = statfsSync(dir);
+          fillBytes = Math.max(0, bavail * bsize - keepBytes);
+          const done = await run(['fallocate', '-l', String(fillBytes), this.filler]).then(() => true, () => false);
+          if (done) break;
+          if (keepBytes === 64 * 1024 * 1024) throw new Error(`cannot fill ${dir}: fallocate of ${fillBytes} bytes failed`);
+        }
         // Kept until the migration ends: a full directory does not free itself.
         await ended;
         return `the destination's memory directory filled (${Math.round(fillBytes / 2 ** 20)} MiB) until the migration ended`;

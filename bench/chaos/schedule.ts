@@ -33,7 +33,7 @@ export interface RunPlan {
   strategy: 'gang' | 'serial';
   fault: {
     kind: FaultKind;
-    /** After the migrate command starts. */
+    /** After the source lists the migration as running. */
     atMs: number;
     /** How long a link stays down, a rule stays, a process stays stopped; how long a killed agent stays dead. */
     forMs: number;
@@ -64,7 +64,7 @@ export function planRun(seed: number, options: PlanOptions): RunPlan {
     fault: {
       kind: rng.pick(options.faults),
       // Early and late: during the rounds, around the switchover, during a post-copy.
-      atMs: 100 + rng.below(options.quick ? 2500 : 5000),
+      atMs: rng.below(options.quick ? 3000 : 6000),
       forMs: 200 + rng.below(3000),
     },
   };
