@@ -211,6 +211,10 @@ export const ConfigFileSchema = z
     memoryDir: absolutePath,
     tracker: z.enum(TRACKERS),
     shutdownGrace: duration,
+    /** A peer session silent this long (no frame, no pong) is taken as dead. */
+    peerTimeout: duration.pipe(z.number().min(1000, 'must be at least 1s').max(600_000, 'must be at most 10min')),
+    /** Post-copy: how long either side waits for a broken link to the other to come back. */
+    postcopyReattach: duration.pipe(z.number().min(1000, 'must be at least 1s').max(86_400_000, 'must be at most 24h')),
     logLevel: z.enum(LOG_LEVELS),
     metrics: z.object({ listen: hostPort }).strict(),
     control: ControlSettingsSchema,
@@ -263,6 +267,8 @@ export const ENV_OVERRIDES = {
   GANGWAY_VM_BRIDGE: 'vm.bridge',
   GANGWAY_TRACKER: 'tracker',
   GANGWAY_SHUTDOWN_GRACE: 'shutdownGrace',
+  GANGWAY_PEER_TIMEOUT: 'peerTimeout',
+  GANGWAY_POSTCOPY_REATTACH: 'postcopyReattach',
   GANGWAY_LOG_LEVEL: 'logLevel',
   GANGWAY_METRICS_LISTEN: 'metrics.listen',
   GANGWAY_CONTROL_GROUP: 'control.group',
@@ -302,13 +308,54 @@ const ENV_NAME_OF: Record<string, string> = Object.fromEntries(Object.entries(EN
 
 const quotedKey = (path: PropertyKey[]) => `'${path.map(String).join('.')}'`;
 
+/** The settings a section of the file takes ([] for the top level); none for a path that is not a section. */
+function settingsAt(path: PropertyKey[]): string[] {
+  let schema: unknown = ConfigFileSchema;
+  for (const part of [...path, undefined]) {
+    while (schema instanceof z.ZodOptional) schema = schema.unwrap();
+    if (!(schema instanceof z.ZodObject)) return [];
+    if (part === undefined) return Object.keys(schema.shape);
+    schema = (schema.shape as Record<PropertyKey, unknown>)[part];
+  }
+  return [];
+}
+
+/** Edits (insert, delete, replace, swap two neighbours) from one word to another, ignoring case. */
+function editDistance(from: string, to: string): number {
+  const a = from.toLowerCase();
+  const b = to.toLowerCase();
+  const rows = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const row = rows[i]!;
+      row[j] = Math.min(rows[i - 1]![j]! + 1, row[j - 1]! + 1, rows[i - 1]![j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) row[j] = Math.min(row[j]!, rows[i - 2]![j - 2]! + 1);
+    }
+  }
+  return rows[a.length]![b.length]!;
+}
+
+/**
+ * What to say of a key the file's section does not take: the setting it is most likely a typo
+ * of (a third of its letters wrong at most), else the settings that section takes; the whole
+ * list of every section only buried the one that was meant.
+ */
+function unknownKeyText(section: PropertyKey[], key: string): string {
+  const dotted = [...section, key].join('.');
+  const allowed = settingsAt(section);
+  const ranked = allowed.map((name) => ({ name, distance: editDistance(key, name) })).sort((x, y) => x.distance - y.distance);
+  const best = ranked[0];
+  if (best && best.distance <= Math.max(1, Math.floor(best.name.length / 3))) {
+    return `'${dotted}' is not a setting: did you mean '${[...section, best.name].join('.')}'?`;
+  }
+  const where = section.length === 0 ? 'the top level' : section.join('.');
+  return `'${dotted}' is not a setting (${where} takes ${allowed.join(', ')})`;
+}
+
 function describeIssues(where: string, error: z.ZodError, input: unknown, label: (path: PropertyKey[]) => string = quotedKey): string {
   return error.issues
     .map((issue) => {
-      if (issue.code === 'unrecognized_keys') {
-        const allowed = Object.keys(ConfigFileSchema.shape).join(', ');
-        return `${where}: ${issue.keys.map((k) => `'${[...issue.path, k].join('.')}'`).join(', ')} is not a setting (allowed: ${allowed}; metrics takes listen; control takes group, listen, tokenFile; tls takes cert, key, ca, allow; traffic takes ${Object.keys(TrafficSettingsSchema.shape).join(', ')}; traffic.contention takes high, moderate; peers takes ${Object.keys(PeersSettingsSchema.shape).join(', ')}; migration takes ${Object.keys(MigrationSettingsSchema.shape).join(', ')}; dedup takes ${Object.keys(DedupSettingsSchema.shape).join(', ')})`;
-      }
+      if (issue.code === 'unrecognized_keys') return issue.keys.map((key) => `${where}: ${unknownKeyText(issue.path, key)}`).join('\n');
       let value: unknown = input;
       for (const part of issue.path) value = (value as Record<PropertyKey, unknown> | undefined)?.[part as PropertyKey];
       const shown = value === undefined ? '' : ` (got ${JSON.stringify(value)})`;

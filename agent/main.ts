@@ -12,6 +12,7 @@ import { Agent, controlSocketInUse, DEFAULT_AGENT_CONFIG, type AgentConfig } fro
 import { createLogger } from './log.js';
 import { CONFIG_DEFAULTS, LOG_LEVELS, PRIORITIES, TRACKERS } from './config.js';
 import { parseListen, resolveAgentSettings } from './cli/agent-settings.js';
+import { listenProblem, startProblems } from './cli/check-config.js';
 import { SystemdNotifier } from './systemd.js';
 import type { MigrationProgress } from './migration/source.js';
 import { detachedStartText, detachedText, groupProgressLine, groupSummaryText, unreadableRecordsText } from './cli/format.js';
@@ -20,7 +21,7 @@ import type { TrafficStatus } from './traffic/service.js';
 import type { PlanAnswer } from './planner/plan-answer.js';
 import { runDemo } from './cli/demo.js';
 import { checkDays, DEFAULT_CA_DAYS, DEFAULT_HOST_DAYS, initCa, issueHostCert, type CertResult } from './cli/certs.js';
-import { parseBytes, parseBytesList, parseDurationMs, parseRate, QuantityError } from './units.js';
+import { parseBytes, parseBytesList, parseRate, QuantityError } from './units.js';
 import { VERSION_TEXT } from './version.js';
 import { arg, clientFor, DEFAULT_STATE_DIR, fail, number, tapDevice, withControlOptions } from './cli/common.js';
 import { addVmCommands } from './cli/vm-commands.js';
@@ -45,16 +46,6 @@ function parseRegionSizes(text: string, what: string): number[] {
 }
 
 
-/** Why a listen failed, in the operator's words (the setting to change is added by the caller). */
-function listenProblem(err: unknown): string {
-  const code = (err as NodeJS.ErrnoException).code;
-  if (code === 'EADDRINUSE') return 'the address is in use (another agent or program listens there)';
-  if (code === 'EADDRNOTAVAIL') return 'no interface of this host has that address';
-  if (code === 'EACCES') return 'permission denied (a port below 1024 needs root or CAP_NET_BIND_SERVICE)';
-  return err instanceof Error ? err.message : String(err);
-}
-
-
 const program = new Command('gangway')
   .description('Live migration of guests between hosts: one agent per host, pages streamed peer to peer.')
   .version(VERSION_TEXT, '-V, --version', 'print the version (and the peer protocol it speaks)')
@@ -64,8 +55,8 @@ const program = new Command('gangway')
 program
   .command('agent')
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
-  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval, peers.maxSessionsPerPeer/maxIncomingPerPeer/maxIncoming/maxGroupsPerSession/handshakeTimeout/requestsPerSecond/requestBurst/memoryHeadroom/decompressionsPerSession, migration.maxParallelOutbound, dedup.resident/residentOffersPerMinute/residentMaxAge/baseImages, vm.imagesDir/disksDir/qemu/bridge)')
-  .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags), print it and exit')
+  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, peerTimeout, postcopyReattach, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval, peers.maxSessionsPerPeer/maxIncomingPerPeer/maxIncoming/maxGroupsPerSession/handshakeTimeout/requestsPerSecond/requestBurst/memoryHeadroom/decompressionsPerSession, migration.maxParallelOutbound, dedup.resident/residentOffersPerMinute/residentMaxAge/baseImages, vm.imagesDir/disksDir/qemu/bridge)')
+  .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags) and what a start needs of this host (TLS files, directories, free addresses), print it and exit')
   // The agent's defaults are its config's (defaults < file < GANGWAY_* < flags, see
   // resolveAgentSettings): these flags only show theirs, `.default(undefined, text)`, so a
   // flag not given leaves the file's or the environment's value.
@@ -74,8 +65,8 @@ program
   .addOption(new Option('--memory-dir <dir>', 'where guest memory files live').default(undefined, CONFIG_DEFAULTS.memoryDir))
   .addOption(new Option('--tracker <kind>', 'dirty-page tracking').choices(TRACKERS).default(undefined, 'auto'))
   .addOption(new Option('--shutdown-grace <duration>', 'on SIGTERM, how long running migrations may finish').default(undefined, '10s'))
-  .addOption(new Option('--peer-timeout <duration>', 'a peer session silent this long (no frame, no pong) is taken as dead').argParser(arg((t) => parseDurationMs(t, '--peer-timeout'))).default(undefined, '15s'))
-  .addOption(new Option('--postcopy-reattach <duration>', 'post-copy: how long either side waits for a broken link to the other to come back').argParser(arg((t) => parseDurationMs(t, '--postcopy-reattach'))).default(undefined, '10m'))
+  .addOption(new Option('--peer-timeout <duration>', 'a peer session silent this long (no frame, no pong) is taken as dead (peerTimeout)').default(undefined, '15s'))
+  .addOption(new Option('--postcopy-reattach <duration>', 'post-copy: how long either side waits for a broken link to the other to come back (postcopyReattach)').default(undefined, '10min'))
   .option('--metrics-listen <host:port>', 'serve Prometheus metrics on this address')
   .option('--control-group <group>', 'group (name or gid) that may use the control socket, mode 0660, control.group')
   .option('--control-listen <host:port>', 'also serve the control API on this loopback port, with a bearer token, control.listen')
@@ -100,7 +91,10 @@ program
       fail(err, false);
     }
     if (opts.checkConfig) {
+      // The settings as a start would take them, even when this host is not ready for them.
       console.log(JSON.stringify(settings, null, 2));
+      const problems = await startProblems(settings);
+      if (problems.length > 0) fail(new GangwayError(ErrorCode.BAD_REQUEST, `a start would fail:\n  ${problems.join('\n  ')}`), false);
       return;
     }
     const log = createLogger(settings.logLevel);
@@ -132,8 +126,8 @@ program
       memoryDir: settings.memoryDir,
       tracker: settings.tracker,
       shutdownGraceMs: settings.shutdownGraceMs,
-      ...(opts.peerTimeout !== undefined ? { peerTimeoutMs: opts.peerTimeout } : {}),
-      ...(opts.postcopyReattach !== undefined ? { postcopyReattachMs: opts.postcopyReattach } : {}),
+      peerTimeoutMs: settings.peerTimeoutMs,
+      postcopyReattachMs: settings.postcopyReattachMs,
       transport: settings.transport,
       traffic: settings.traffic,
       peers: settings.peers,

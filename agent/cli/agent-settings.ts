@@ -4,7 +4,7 @@ import { DEFAULT_QEMU_SETTINGS } from '../guest/qemu-guest.js';
 import { resolve } from 'node:path';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, loadConfigFile, mergeConfig, resolveControlAccess, MIGRATION_LIMIT_DEFAULTS, resolveDedupPolicy, resolvePeerLimits, resolvePeerTransport, resolveTrafficConfig } from '../config.js';
-import { controlSocketPath } from '../daemon.js';
+import { controlSocketPath, DEFAULT_AGENT_CONFIG } from '../daemon.js';
 import { QuantityError } from '../units.js';
 
 export function parseListen(text: string): { host: string; port: number } {
@@ -39,6 +39,8 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     memoryDir: path(opts.memoryDir),
     tracker: opts.tracker,
     shutdownGrace: opts.shutdownGrace,
+    peerTimeout: opts.peerTimeout,
+    postcopyReattach: opts.postcopyReattach,
     logLevel: opts.logLevel,
     metrics: section({ listen: opts.metricsListen }),
     control: section({ group: opts.controlGroup, listen: opts.controlListen, tokenFile: path(opts.controlTokenFile) }),
@@ -76,6 +78,8 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     memoryDir: resolve(merged.memoryDir!),
     tracker: merged.tracker!,
     shutdownGraceMs: merged.shutdownGrace!,
+    peerTimeoutMs: merged.peerTimeout ?? DEFAULT_AGENT_CONFIG.peerTimeoutMs,
+    postcopyReattachMs: merged.postcopyReattach ?? DEFAULT_AGENT_CONFIG.postcopyReattachMs,
     logLevel: merged.logLevel!,
     metricsListen: merged.metrics?.listen,
     control: { socket: controlSocketPath(stateDir), ...resolveControlAccess(merged.control, stateDir) },

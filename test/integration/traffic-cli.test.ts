@@ -43,7 +43,8 @@ describe.skipIf(!builtAgent)('gangway traffic and plan', () => {
     ['thresholds the wrong way round', 'traffic:\n  contention:\n    high: 0.3\n    moderate: 0.5\n', /'traffic.contention.moderate' \(0.5\) must be below 'traffic.contention.high' \(0.3\)/],
     ['a threshold of 1', 'traffic:\n  contention:\n    high: 1\n', /'traffic.contention.high' must be a number above 0 and below 1.*\(got 1\)/],
     ['an unknown priority', 'traffic:\n  priority: urgent\n', /'traffic.priority'.*"high".*"medium".*"low".*\(got "urgent"\)/],
-    ['an unknown traffic key', 'traffic:\n  uplnk: eth0\n', /'traffic.uplnk' is not a setting.*traffic takes uplink, linkCapacity/],
+    ['a mistyped traffic key', 'traffic:\n  uplnk: eth0\n', /'traffic.uplnk' is not a setting: did you mean 'traffic.uplink'\?/],
+    ['an unknown traffic key', 'traffic:\n  nic: eth0\n', /'traffic.nic' is not a setting \(traffic takes uplink, linkCapacity/],
     ['a sample interval too short', 'traffic:\n  sampleInterval: 10ms\n', /'traffic.sampleInterval' must be at least 100ms/],
   ])('rejects a config with %s', async (_kind, text, message) => {
     const dir = mkdtempSync(join(tmpdir(), 'gangway-traffic-config-'));
