@@ -225,7 +225,7 @@ function agentLogs(run: string, ...agents: LocalAgent[]): string[] {
   return agents.map((agent, i) => {
     const kept = join(keptDir, `${run}-${i === 0 ? 'source' : 'destination'}.log`);
     copyFileSync(agent.logPath, kept);
-    return `${kept}: ${logTail(agent.logPath, 400).split(' | ').filter((line) => /"level":(4|5|6)0/.test(line)).slice(-6).join(' | ') || '(nothing at warn or above)'}`;
+    return `${kept}: ${logTail(agent.logPath, 400).split(' | ').filter((line) => /"level":("(warn|error|fatal)"|[456]0)/.test(line)).slice(-6).join(' | ') || '(nothing at warn or above)'}`;
   });
 }
 

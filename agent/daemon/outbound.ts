@@ -254,7 +254,7 @@ export class OutboundMigrations {
       this.context.log.info({ techniques: guests.map((g) => `${g.name}:${techniqueOf(g)}`) }, 'dedup applies to pre-copy migrations: post-copy and hybrid members move without it');
     }
     const dedup = request.dedup && precopy.length > 0 && (session.peer?.features.includes('dedup') ?? false);
-    if (request.dedup && precopy.length > 0 && !dedup) this.context.log.warn({ to: request.to }, 'the destination does not offer dedup; moving without it');
+    if (request.dedup && precopy.length > 0 && !dedup) this.context.log.warn({ to: request.to, guests: names }, 'the destination does not offer dedup; moving without it');
     const outcomes: GroupOutcome[] = [];
     // --bandwidth caps the whole command: a gang shares one pacer. So does a followed plan's
     // reservation when the shaper cannot hold it (follow-plan.ts).
@@ -272,7 +272,8 @@ export class OutboundMigrations {
         resident: true,
         members: members.flatMap((guest) => sourceOf.get(guest)!.regions.map((region, i) => ({ slot: slotsOf.get(guest)![i]!, pageCount: region.lengthBytes / region.pageSizeBytes }))),
         pageSizeBytes: GUEST_PAGE_SIZE,
-        log: this.context.log,
+        // Its migrations have no ids yet: the guests' names say whose group it is.
+        log: this.context.log.child({ guests: members.map((guest) => guest.name), to: request.to }),
       });
       const { locations, memoryBytes } = group.indexStats;
       this.context.metrics.dedupIndexLocations.inc(locations);
