@@ -179,6 +179,27 @@ export class AgentMetrics {
     registers: [this.registry],
   });
 
+  // One series per outgoing migration while it runs, removed when it ends (migrationEnded):
+  // a scrape shows where each one stands without waiting for its summary.
+  readonly inFlightRemaining = new Gauge({
+    name: 'gangway_migration_remaining_bytes',
+    help: 'Outgoing migrations under way: the guest bytes their last pre-copy round left to send (at the start: all of them), by migration_id and guest',
+    labelNames: ['migration_id', 'guest'] as const,
+    registers: [this.registry],
+  });
+  readonly inFlightDirtyRate = new Gauge({
+    name: 'gangway_migration_dirty_rate_bytes_per_second',
+    help: 'Outgoing migrations under way: how fast the guest dirtied its memory during the last pre-copy round, by migration_id and guest',
+    labelNames: ['migration_id', 'guest'] as const,
+    registers: [this.registry],
+  });
+  readonly inFlightExpectedDowntime = new Gauge({
+    name: 'gangway_migration_expected_downtime_seconds',
+    help: 'Outgoing migrations under way: the downtime the convergence policy predicted after the last pre-copy round (it stops when this fits the budget), by migration_id and guest',
+    labelNames: ['migration_id', 'guest'] as const,
+    registers: [this.registry],
+  });
+
   readonly buildInfo = new Gauge({
     name: 'gangway_build_info',
     help: 'Always 1: the version of this agent, the peer protocol it speaks and the Node.js it runs on, as labels',
@@ -214,6 +235,22 @@ export class AgentMetrics {
     this.dedupHits.inc({ kind: 'crossGuest' }, after.hitsCrossGuest - before.hitsCrossGuest);
     this.dedupHits.inc({ kind: 'resident' }, after.hitsResident - before.hitsResident);
     this.dedupSavedBytes.inc((after.refPages + after.unchangedPages - before.refPages - before.unchangedPages) * pageSizeBytes);
+  }
+
+  /** Where an outgoing migration stands: at its start the bytes to send, after each pre-copy round all three. */
+  migrationInFlight(migrationId: string, guest: string, state: { remainingBytes: number; dirtyBytesPerSec?: number; expectedDowntimeMs?: number }): void {
+    const labels = { migration_id: migrationId, guest };
+    this.inFlightRemaining.set(labels, state.remainingBytes);
+    if (state.dirtyBytesPerSec !== undefined) this.inFlightDirtyRate.set(labels, state.dirtyBytesPerSec);
+    if (state.expectedDowntimeMs !== undefined) this.inFlightExpectedDowntime.set(labels, state.expectedDowntimeMs / 1000);
+  }
+
+  /** The migration ended (whatever its outcome): its series go, or every migration ever run would stay in each scrape. */
+  migrationEnded(migrationId: string, guest: string): void {
+    const labels = { migration_id: migrationId, guest };
+    this.inFlightRemaining.remove(labels);
+    this.inFlightDirtyRate.remove(labels);
+    this.inFlightExpectedDowntime.remove(labels);
   }
 
   /**

@@ -413,7 +413,10 @@ export class OutboundMigrations {
       });
       log.info({ downtimeMs: request.downtimeMs, codec: request.codec, dedup: dedup !== undefined, technique }, 'migration started');
       this.context.metrics.migrationsActive.inc({ direction: 'out' });
-      const summary = await migration.run().finally(() => this.context.metrics.migrationsActive.dec({ direction: 'out' }));
+      const summary = await migration.run().finally(() => {
+        this.context.metrics.migrationsActive.dec({ direction: 'out' });
+        this.context.metrics.migrationEnded(migrationId, guest.name);
+      });
       summary.from = this.context.listenAddress();
       this.context.metrics.migrations.inc({ direction: 'out', outcome: 'committed', technique: summary.technique });
       this.context.metrics.downtime.observe({ technique: summary.technique }, summary.downtimeMs / 1000);

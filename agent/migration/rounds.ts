@@ -264,6 +264,7 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
   let wireBytesPerUnit = unitBytes;
   const switchoverOverheadMs = () => (digestBytes / options.digestBytesPerSec) * 1000 + 2 * rtt.min() + RESUME_ALLOWANCE_MS;
   let lastCollect = clock.now();
+  options.metrics?.migrationInFlight(options.migrationId, run.guest.name, { remainingBytes: units(runs) * unitBytes });
   // The disks' blocks the previous round left to send (round 0: all their data), and the rounds they added after a stop.
   let previousDiskPages = lanePages(runs.map((r, i) => (lanes[i]!.region.sparse ? r : new Uint32Array(0))));
   let diskExtraRounds = 0;
@@ -333,6 +334,11 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
       const shrinking = round === 0 || record.dirtyPagesAfter < record.pages * 0.9;
       await limitDiskWrites(run, sender, lanes, runs, intervalMs, decision.converging && shrinking, round + 1);
     }
+    options.metrics?.migrationInFlight(options.migrationId, run.guest.name, {
+      remainingBytes: units(runs) * unitBytes,
+      dirtyBytesPerSec: dirtyRatePerSec * unitBytes,
+      expectedDowntimeMs: decision.predictedDowntimeMs,
+    });
     log.info(
       { round, pages: record.pages, wireBytes: record.wireBytes, ms: Math.round(record.durationMs), dirtyPages: record.dirtyPagesAfter, decision: decision.action, reason: decision.reason },
       'round done',

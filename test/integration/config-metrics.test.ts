@@ -188,6 +188,10 @@ describe.skipIf(!builtAgent)('Prometheus metrics', () => {
       if ((await a.status()).migrations.some((m) => m.direction === 'out' && m.state === 'running' && (m.progress?.wireBytes ?? 0) > 0)) break;
     }
     const first = await scrape();
+    const running = (await a.status()).migrations.find((m) => m.direction === 'out' && m.state === 'running')!;
+    const labels = `{migration_id="${running.migrationId}",guest="${name}"}`;
+    // Before its first round ends, the migration has all of the guest to send.
+    expect(first.get(`gangway_migration_remaining_bytes${labels}`)).toBe(48 * 1024 * 1024);
     await sleep(800);
     const second = await scrape();
     const wire = 'gangway_migration_bytes_total{kind="wire"}';
@@ -199,10 +203,23 @@ describe.skipIf(!builtAgent)('Prometheus metrics', () => {
     expect(second.get(wire)!).toBeGreaterThan(first.get(wire)!);
     expect(second.get('gangway_migration_pages_total{kind="data"}')!).toBeGreaterThan(first.get('gangway_migration_pages_total{kind="data"}')!);
 
+    // After round 0 (48 MiB at 16 MiB/s), the round's dirty rate and the policy's prediction.
+    let afterRound: Map<string, number> | undefined;
+    for (const deadline = Date.now() + 30_000; Date.now() < deadline && !afterRound; await sleep(200)) {
+      const now = await scrape();
+      if (now.has(`gangway_migration_expected_downtime_seconds${labels}`)) afterRound = now;
+    }
+    expect(afterRound, 'the in-flight gauges after a round').toBeDefined();
+    expect(afterRound!.get(`gangway_migration_remaining_bytes${labels}`)!).toBeLessThan(48 * 1024 * 1024);
+    expect(afterRound!.get(`gangway_migration_dirty_rate_bytes_per_second${labels}`)!).toBeGreaterThan(0);
+    expect(afterRound!.get(`gangway_migration_expected_downtime_seconds${labels}`)!).toBeGreaterThan(0);
+
     const run = await migrating;
     expect(run.exitCode, run.stderr).toBe(0);
     const summary = JSON.parse(run.stdout).guests[0];
     const done = await scrape();
+    // The migration's series went with it.
+    expect([...done.keys()].filter((series) => series.includes(running.migrationId))).toEqual([]);
     expect(done.get('gangway_migrations_total{direction="out",outcome="committed",technique="precopy"}')).toBe(1);
     expect(done.get('gangway_migrations_active{direction="out"}')).toBe(0);
     expect(done.get('gangway_migration_downtime_seconds_count{technique="precopy"}')).toBe(1);
