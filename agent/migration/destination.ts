@@ -176,7 +176,15 @@ export class DestinationMigration implements FrameHandler {
       // is for its log and its operator, not for the peer.
       const unreadable = ctx.registry.unreadableRecords().some((r) => r.name === offer.guest.name);
       if (unreadable) log.error({ err: (err as Error).message }, 'offer refused: the guest name has an unreadable record here');
-      return reject(RejectReason.guestExists, unreadable ? `guest ${offer.guest.name} cannot be received here: this host's record of that name needs its operator` : (err as Error).message);
+      if (unreadable) return reject(RejectReason.guestExists, `guest ${offer.guest.name} cannot be received here: this host's record of that name needs its operator`);
+      // The registry's "already exists on this host" reads, at the source, as the source itself.
+      if (err instanceof GangwayError && err.code === ErrorCode.GUEST_EXISTS) {
+        return reject(
+          RejectReason.guestExists,
+          `a guest named "${offer.guest.name}" already exists at the destination: stop it there (\`gangway guest stop ${offer.guest.name}\` on that host) or migrate to another agent`,
+        );
+      }
+      return reject(RejectReason.guestExists, (err as Error).message);
     }
     const migration = new DestinationMigration(offer, session, ctx, launcher, log);
     try {

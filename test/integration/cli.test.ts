@@ -189,6 +189,28 @@ describe.skipIf(!builtAgent)('gangway CLI', () => {
     expect((await cluster.cli(a, ['cancel', migrationId])).exitCode).toBe(0);
   });
 
+  // Was "... a guest named "X" already exists on this host. The guest keeps running on this
+  // host.": the host with the name was the destination, not this one.
+  it('a name taken at the destination says it is taken there', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a');
+    const b = await cluster.agent('b');
+    const name = uniqueName('vm');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '8MiB'])).exitCode).toBe(0);
+    expect((await cluster.cli(b, ['guest', 'start', name, '--memory', '8MiB'])).exitCode).toBe(0);
+    const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--json']);
+    expect(run.exitCode).toBe(1);
+    expect(run.stderr).toContain(
+      `migration of ${name} to ${b.listen} failed during offering: the destination refused the migration: a guest named "${name}" already exists at the destination: ` +
+        `stop it there (\`gangway guest stop ${name}\` on that host) or migrate to another agent. The guest keeps running on this host.`,
+    );
+    expect(run.stderr).not.toContain('exists on this host');
+    expect(JSON.parse(run.stdout).error.code).toBe('GANGWAY_ERR_REJECTED');
+    // Both guests run on where they were.
+    expect((await a.status()).guests.find((g) => g.name === name)?.state).toBe('running');
+    expect((await b.status()).guests.filter((g) => g.name === name).map((g) => g.state)).toEqual(['running']);
+  });
+
   it('says how to start an agent when none is running', async () => {
     const run = await gangway(['status', '--state-dir', '/tmp/gangway-no-such-agent', '--json']);
     expect(run.exitCode).toBe(1);
