@@ -8,6 +8,7 @@ import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import { controlSocketPath, type MigrateRequest } from '../daemon.js';
 import { isLoopbackHost } from '../peer/tls.js';
 import { readTokenFile } from './token.js';
+import { groupNameOf } from './group.js';
 import type { GroupSummary } from '../migration/group-summary.js';
 import type { MigrationProgress } from '../migration/source.js';
 
@@ -138,11 +139,27 @@ export class ControlClient {
     return e.kind === 'socket' ? this.socketPath! : `control port ${e.host.includes(':') ? `[${e.host}]` : e.host}:${e.port}`;
   }
 
+  /**
+   * The control group, as the socket (or, when this user cannot look inside, the state dir)
+   * carries it. The agent gives both to control.group, or keeps its own group.
+   */
+  private controlGroup(): { gid: number; name: string | undefined } | undefined {
+    for (const path of [this.socketPath!, (this.endpoint as { stateDir: string }).stateDir]) {
+      try {
+        const { gid } = lstatSync(path);
+        return { gid, name: groupNameOf(gid) };
+      } catch {}
+    }
+    return undefined;
+  }
+
   /** What to do when this user may not use the control socket. */
   private permissionAdvice(): string {
+    const group = this.controlGroup();
+    const which = group === undefined ? 'the group the agent was given' : group.name === undefined ? `the group with gid ${group.gid}` : `group ${group.name} (gid ${group.gid})`;
     return (
       `permission denied: the agent's state dir and control socket are private to it and its control group. ` +
-      `Run as the agent's user, join the group the agent was given with control.group (--control-group; \`ls -l ${this.socketPath}\` shows it), ` +
+      `Run as the agent's user, join ${which} (the agent's control.group, --control-group; log in again after joining), ` +
       'or use the TCP control port with its token (--control, --token-file)'
     );
   }

@@ -46,3 +46,17 @@ export function resolveControlGroup(value: string | number): ControlGroup | { pr
   if (!GROUP_NAME.test(text)) return { problem: "must be a group name (letters, digits, '_', '.', '-', at most 32) or a numeric gid" };
   return lookupByName(text) ?? { problem: 'is not a group on this host (create it with groupadd, or give a numeric gid)' };
 }
+
+/** The group database's name for `gid`, when it has one (the CLI names the group a user should join). */
+export function groupNameOf(gid: number): string | undefined {
+  try {
+    return parseGroupLine(execFileSync('getent', ['group', String(gid)], { encoding: 'utf8', timeout: 5_000, stdio: ['ignore', 'pipe', 'ignore'] }))?.name;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') return undefined;
+    for (const line of readFileSync('/etc/group', 'utf8').split('\n')) {
+      const group = parseGroupLine(line);
+      if (group?.gid === gid) return group.name;
+    }
+    return undefined;
+  }
+}

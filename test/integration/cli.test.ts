@@ -2,7 +2,7 @@
 // says what to do; the agent shuts down cleanly on SIGTERM and finds its guests on restart;
 // the demo runs end to end and leaves nothing behind.
 import { afterEach, describe, expect, it } from 'vitest';
-import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa, execaSync } from 'execa';
@@ -98,10 +98,15 @@ describe.skipIf(!builtAgent)('gangway CLI', () => {
   const nobodyCanRun = process.getuid?.() === 0 && execaSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, '-e', `require('fs').accessSync(${JSON.stringify(mainJs)})`], { reject: false }).exitCode === 0;
   it.skipIf(!nobodyCanRun)('a user who may not use the control socket is told it is a permission problem and what to do', async () => {
     cluster = new Cluster();
-    const a = await cluster.agent('a');
+    // A control group nobody is not in, named as the group database names it.
+    const [groupName, , gid] = execaSync('getent', ['group', 'daemon']).stdout.trim().split(':');
+    const a = await cluster.agent('a', ['--control-group', 'daemon']);
+    // As /var/lib is: anyone may look up the state dir, not into it.
+    chmodSync(cluster.dir, 0o755);
     const run = await execa('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, mainJs, 'status', '--state-dir', a.stateDir], { reject: false, timeout: 20_000 });
     expect(run.exitCode).not.toBe(0);
-    expect(run.stderr).toMatch(/permission denied: .*control\.group \(--control-group/);
+    expect(run.stderr).toContain(`cannot reach the agent at ${a.stateDir}/control.sock: permission denied:`);
+    expect(run.stderr).toContain(`join group ${groupName} (gid ${gid}) (the agent's control.group, --control-group; log in again after joining)`);
     expect(run.stderr).not.toMatch(/no agent is running/);
   });
 
