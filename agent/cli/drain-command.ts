@@ -56,9 +56,9 @@ export function addDrainCommand(program: Command): void {
         'new guests and arriving migrations are refused meanwhile. Exit 0 only when every guest moved. ' +
         'Ctrl-C cancels the drain (the guests not moved stay here); a second Ctrl-C leaves it running in the agent',
     )
-    .requiredOption('--to <peers>', 'the destination agents, HOST:PORT[,HOST:PORT...]: guests are dealt to them in turn', peerList)
-    .option('--max-parallel <n>', "migrations at once [the agent's migration.maxParallelOutbound]", number('--max-parallel', 1, 256, true))
-    .addOption(new Option('--priority <priority>', "the migrations' priority [the agent's traffic.priority]").choices(PRIORITIES))
+    .requiredOption('--to <peers>', 'the destination agents, HOST:PORT or several separated by commas: guests are dealt to them in turn', peerList)
+    .addOption(new Option('--max-parallel <n>', 'migrations at once').argParser(number('--max-parallel', 1, 256, true)).default(undefined, "the agent's migration.maxParallelOutbound"))
+    .addOption(new Option('--priority <priority>', "the migrations' priority").choices(PRIORITIES).default(undefined, "the agent's traffic.priority"))
     .option('--dry-run', 'print the plan and move nothing')
     .option('--json', 'print the summary (plan and outcomes) as JSON')
     .action(async (opts) => {
