@@ -156,7 +156,9 @@ function parseExposition(text: string): Map<string, number> {
       expect(line).toMatch(/^# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* .+$/);
       continue;
     }
-    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})?) (-?[0-9.eE+-]+|NaN|[+-]Inf)( \d+)?$/.exec(line);
+    // prom-client writes an empty event-loop histogram's mean as "Nan"; Prometheus reads
+    // values with Go's ParseFloat, which takes NaN in any case.
+    const match = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})?) (-?[0-9.eE+-]+|NaN|Nan|[+-]Inf)( \d+)?$/.exec(line);
     expect(match, `not a sample line: ${line}`).not.toBeNull();
     samples.set(match![1]!, Number(match![2]));
   }

@@ -149,7 +149,7 @@ describe.skipIf(!builtAgent)('following migrations: events, watch, history', () 
     expect(readFileSync(unreadable.file, 'utf8')).toBe('{"version": 1, "entries": [{"migrationId": 7}]}');
     const text = await cluster.cli(a, ['history']);
     expect(text.stdout).toContain(`UNREADABLE migration history (${unreadable.problem}): kept as ${unreadable.file}`);
-    expect(readFileSync(a.logPath, 'utf8')).toMatch(/"level":50.*the migration history cannot be read/);
+    expect(readFileSync(a.logPath, 'utf8')).toMatch(/"level":"error".*the migration history cannot be read/);
   });
 
   it('a cancelled migration: watch exits 130, history says cancelled on both sides, and still does after both agents restart', async () => {
