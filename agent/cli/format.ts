@@ -23,6 +23,20 @@ export function progressLine(p: MigrationProgress): string {
   return `${p.guest}: ${phase} · ${p.percent.toFixed(1)}% of ${p.roundPages} pages${disk} · ${formatRate(p.rateBytesPerSec)}${eta} · wire ${formatBytes(p.wireBytes)}`;
 }
 
+/** What the operator changed while it ran (gangway migrate-set, gangway postcopy), in order. */
+function operatorChangesText(changes: NonNullable<MigrationSummary['operatorChanges']>): string {
+  return changes
+    .map((c) => {
+      const what = [
+        ...(c.bandwidthBytesPerSec !== undefined ? [`bandwidth ${formatRate(c.bandwidthBytesPerSec)}`] : []),
+        ...(c.downtimeMs !== undefined ? [`downtime budget ${c.downtimeMs} ms`] : []),
+        ...(c.postcopy ? ['post-copy asked for'] : []),
+      ];
+      return `${what.join(', ')} at ${formatMs(c.afterMs)}`;
+    })
+    .join('; ');
+}
+
 export function summaryText(s: MigrationSummary): string {
   const d = s.downtime;
   const rounds = s.rounds.map((r) => `${r.final ? 'final ' : ''}${r.pages}`).join(', ');
@@ -50,6 +64,7 @@ export function summaryText(s: MigrationSummary): string {
             (s.postcopy.reattaches > 0 ? `; the link broke and the migration carried on ${s.postcopy.reattaches}x (${s.postcopy.resentPages} pages sent again)` : ''),
         ]
       : []),
+    ...(s.operatorChanges?.length ? [`  changed      ${operatorChangesText(s.operatorChanges)}`] : []),
     ...(s.plan ? [`  plan         ${s.plan.technique}${s.plan.strategy ? `, ${s.plan.strategy}` : ''}: ${s.plan.reasons.join('; ')}`] : []),
   ].join('\n');
 }

@@ -125,7 +125,8 @@ export class RoundSender {
     private readonly run: SourceRun,
     readonly pool: BatchPool,
     readonly chooser: CodecChooser,
-    readonly pacer: Pacer | undefined,
+    /** Read at every region's round: gangway migrate-set may install one mid-flight. */
+    public pacer: Pacer | undefined,
     readonly progress: ProgressReporter,
   ) {}
 
@@ -343,6 +344,13 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
       { round, pages: record.pages, wireBytes: record.wireBytes, ms: Math.round(record.durationMs), dirtyPages: record.dirtyPagesAfter, decision: decision.action, reason: decision.reason },
       'round done',
     );
+    if (run.controls.postcopyRequested) {
+      // gangway postcopy: whatever the policy says, as QEMU's migrate-start-postcopy.
+      const reason = `started by the operator (gangway postcopy) after ${round + 1} pre-copy round${round === 0 ? '' : 's'}; ${decision.reason}`;
+      record.decision = reason;
+      log.info({ round, reason }, 'going post-copy: the operator asked for it');
+      return { next: 'postcopy', round: round + 1, runs, reason };
+    }
     if (technique === 'hybrid') {
       const choice = hybridSwitch(decision, round + 1, options.hybrid ?? { postcopyAfterRounds: options.maxRounds });
       if (choice.postcopy) {

@@ -11,6 +11,7 @@ import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
 import type { CodecMode } from './codec-chooser.js';
 import type { Clock, Pacer, SwitchoverGate } from './flow.js';
 import type { Lane } from './lanes.js';
+import type { MidFlightControls, OperatorChange } from './mid-flight.js';
 import type { RoundCounters } from './page-sender.js';
 import type { HybridPolicy } from './postcopy.js';
 import type { RegionReader } from './region-reader.js';
@@ -89,6 +90,8 @@ export interface MigrationSummary {
   postcopy?: {
     /** Why a hybrid went post-copy. */
     reason?: string;
+    /** The operator started it (gangway postcopy), not the hybrid's policy. */
+    byOperator?: true;
     missingPages: number;
     /** Destination resume to the destination holding every page. */
     durationMs: number;
@@ -111,7 +114,7 @@ export interface MigrationSummary {
   digests: string[];
   forced: boolean;
   downtimeMs: number;
-  /** The budget this migration was given (--downtime-ms), and whether the downtime stayed within it. */
+  /** The budget this migration ended with (--downtime-ms, or gangway migrate-set's), and whether the downtime stayed within it. */
   downtimeBudgetMs: number;
   downtimeBudgetMet: boolean;
   /** Downtime's parts; deviceStateMs is within finalRoundMs (taking the guest's device state and sending it). */
@@ -149,6 +152,10 @@ export interface MigrationSummary {
   compressionRatio: number;
   linkRateBytesPerSec: number;
   codecRates: { lz4?: number; raw?: number };
+  /** The rate the sender's pacer held it to at the end (--bandwidth, or gangway migrate-set's); absent: not paced. */
+  bandwidthBytesPerSec?: number;
+  /** What the operator changed while it ran (gangway migrate-set, gangway postcopy), in order. */
+  operatorChanges?: OperatorChange[];
 }
 
 export interface MigrationProgress {
@@ -192,6 +199,8 @@ export interface SourceRun {
   /** The migration: the session's handler of its frames, and who a gang's gate knows. */
   readonly owner: FrameHandler;
   readonly emitProgress: (progress: MigrationProgress) => void;
+  /** What the operator asked for while it runs (mid-flight.ts). */
+  readonly controls: MidFlightControls;
   /** The destination's secret for this migration (a reattach presents it). */
   secretBytes(): Uint8Array | undefined;
   /** The same in hex, for the guest's record. */

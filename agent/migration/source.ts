@@ -22,6 +22,7 @@ import { checkRuns, everyPage, laneOf, noPages, type Lane, type LaneRuns } from 
 import { BatchPool, emptyCounters } from './page-sender.js';
 import { mapRegion } from './region-reader.js';
 import { precopyRounds, ProgressReporter, RoundSender } from './rounds.js';
+import { MidFlightControls, postcopyRefusal, settingsRefusal, type LiveSettings, type SettingsChange } from './mid-flight.js';
 import { SourceLink, type SourceSession } from './source-link.js';
 import { NO_TRACKER, postcopySwitchover, resumeServing } from './source-postcopy.js';
 import { SourceStateMachine, type SourcePhase } from './source-state.js';
@@ -42,6 +43,12 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private wantedPages = 0;
   /** The destination's secret for this migration (its accept, or the record after a restart). */
   private secret: Uint8Array | undefined;
+  /** What the operator changed or asked for while it runs (gangway migrate-set, gangway postcopy). */
+  readonly controls = new MidFlightControls();
+  /** The pacer of its pages (a gang's shared one, or its own); gangway migrate-set may install one. */
+  private pacer: Pacer | undefined;
+  private sender: RoundSender | undefined;
+  private readonly startedAt: number;
 
   constructor(
     readonly guest: SourceGuest,
@@ -53,6 +60,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     this.clock = options.clock ?? realClock;
     this.secret = options.secret;
     this.link = new SourceLink(session, this.clock, () => this.phase);
+    this.pacer = options.pacer ?? (options.bandwidthBytesPerSec ? new Pacer(options.bandwidthBytesPerSec, options.batchBytes, this.clock) : undefined);
+    this.startedAt = this.clock.now();
     if (guest.regions.length === 0) throw new GangwayError(ErrorCode.BAD_REQUEST, `guest ${guest.name} has no memory regions`);
     if (options.dedup && options.dedup.slots.length !== guest.regions.length) {
       throw new GangwayError(ErrorCode.INTERNAL, `guest ${guest.name}: ${options.dedup.slots.length} dedup slots for ${guest.regions.length} regions`);
@@ -97,6 +106,61 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     this.link.fail(new GangwayError(ErrorCode.ABORTED, reason));
   }
 
+  /** The settings it runs with now. */
+  get settings(): LiveSettings {
+    return { bandwidthBytesPerSec: this.pacer?.rate ?? null, downtimeMs: this.options.downtimeBudgetMs };
+  }
+
+  /** Whether it and `other` take turns at one pacer (a gang's --bandwidth caps the group). */
+  sharesPacerWith(other: SourceMigration): boolean {
+    return other !== this && this.pacer !== undefined && this.pacer === other.pacer;
+  }
+
+  /**
+   * gangway migrate-set: a new rate takes effect at the pacer's next batch (a first cap at the
+   * next region's round), a new downtime budget at the next round's decision. Refused at the
+   * switchover and after (mid-flight.ts says why).
+   */
+  changeSettings(change: SettingsChange): { previous: LiveSettings; current: LiveSettings } {
+    const refusal = settingsRefusal(this.phase, change, this.pacer !== undefined);
+    if (refusal) throw new GangwayError(ErrorCode.BAD_REQUEST, `migration ${this.options.migrationId} of ${this.guest.name} ${refusal}`);
+    const previous = this.settings;
+    if (change.downtimeMs !== undefined) this.options.downtimeBudgetMs = change.downtimeMs;
+    const rate = change.bandwidthBytesPerSec;
+    if (rate !== undefined) {
+      if (this.pacer) {
+        this.pacer.setRate(rate);
+      } else {
+        this.pacer = new Pacer(rate, this.options.batchBytes, this.clock);
+        if (this.sender) this.sender.pacer = this.pacer;
+      }
+    }
+    this.controls.changes.push({ afterMs: Math.round(this.clock.now() - this.startedAt), ...change });
+    this.log.info({ previous, current: this.settings }, 'settings changed by the operator');
+    return { previous, current: this.settings };
+  }
+
+  /**
+   * gangway postcopy: the pre-copy ends at the next round boundary and post-copy starts,
+   * whatever the convergence policy says. Only where the destination prepared post-copy at
+   * the offer (a hybrid migration); refused in and after the switchover (mid-flight.ts).
+   * Asking again before the boundary changes nothing.
+   */
+  requestPostcopy(): { alreadyRequested: boolean } {
+    const refusal = postcopyRefusal({
+      phase: this.phase,
+      technique: this.options.technique ?? 'precopy',
+      peerCanPostcopy: this.link.session.peer?.features.includes('postcopy') ?? false,
+      peerAddress: this.options.peerAddress,
+    });
+    if (refusal) throw new GangwayError(ErrorCode.BAD_REQUEST, `migration ${this.options.migrationId} of ${this.guest.name} ${refusal}`);
+    if (this.controls.postcopyRequested) return { alreadyRequested: true };
+    this.controls.postcopyRequested = true;
+    this.controls.changes.push({ afterMs: Math.round(this.clock.now() - this.startedAt), postcopy: true });
+    this.log.info('post-copy asked for by the operator: it starts at the next round boundary');
+    return { alreadyRequested: false };
+  }
+
   /** What the parts of this migration share. */
   private context(): SourceRun {
     return {
@@ -109,6 +173,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       state: this.state,
       owner: this,
       emitProgress: (progress: MigrationProgress) => this.emit('progress', progress),
+      controls: this.controls,
       secretBytes: () => this.secret,
       secretHex: () => (this.secret ? Buffer.from(this.secret).toString('hex') : undefined),
     };
@@ -171,8 +236,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     try {
       const run = this.context();
       const chooser = new CodecChooser({ mode: options.codec, now: () => this.clock.now() });
-      const pacer = options.bandwidthBytesPerSec ? new Pacer(options.bandwidthBytesPerSec, options.batchBytes, this.clock) : undefined;
-      const served = await resumeServing(run, chooser, pacer, new ProgressReporter(run), emptyCounters());
+      const served = await resumeServing(run, chooser, this.pacer, new ProgressReporter(run), emptyCounters());
       return { verified: true, ...served };
     } finally {
       this.link.session.unregister(options.migrationId);
@@ -343,8 +407,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     const run = this.context();
     const chooser = new CodecChooser({ mode: options.codec, now: () => this.clock.now() });
     link.chooser = chooser;
-    const pacer = options.pacer ?? (options.bandwidthBytesPerSec ? new Pacer(options.bandwidthBytesPerSec, options.batchBytes, this.clock) : undefined);
-    const sender = new RoundSender(run, new BatchPool(Math.min(options.batchBytes, link.session.peerMaxPayloadBytes), 8192), chooser, pacer, new ProgressReporter(run));
+    const sender = new RoundSender(run, new BatchPool(Math.min(options.batchBytes, link.session.peerMaxPayloadBytes), 8192), chooser, this.pacer, new ProgressReporter(run));
+    this.sender = sender;
     const memoryBytes = lanes.reduce((sum, lane) => sum + (lane.region.sparse ? 0 : lane.region.lengthBytes), 0);
     const diskLanes = lanes.filter((lane) => lane.region.sparse);
     const disks = () =>
@@ -404,6 +468,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         compressionRatio: totals.rawBytes > 0 ? totals.payloadBytes / totals.rawBytes : 1,
         linkRateBytesPerSec: sender.linkRate.value ?? 0,
         codecRates: chooserRates(chooser),
+        ...(this.pacer ? { bandwidthBytesPerSec: this.pacer.rate } : {}),
+        ...(this.controls.changes.length > 0 ? { operatorChanges: this.controls.changes } : {}),
       };
     };
 
@@ -415,7 +481,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         downtimeMs: result.downtimeMs,
         downtime: result.downtime,
         deviceStateBytes: result.deviceStateBytes,
-        ...(result.postcopy ? { postcopy: result.postcopy } : {}),
+        ...(result.postcopy ? { postcopy: { ...result.postcopy, ...(this.controls.postcopyRequested ? { byOperator: true as const } : {}) } } : {}),
       };
     };
 
