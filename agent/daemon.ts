@@ -15,7 +15,8 @@ import { Frame } from '../protocol/index.js';
 import { CONFIG_DEFAULTS, DEDUP_POLICY_DEFAULTS, MIGRATION_LIMIT_DEFAULTS, PEER_LIMIT_DEFAULTS, resolveTrafficConfig, type DedupPolicy, type MigrationLimits, type PeerLimits, type TrafficConfig } from './config.js';
 import { GuestService } from './daemon/guests.js';
 import { InboundMigrations } from './daemon/inbound.js';
-import { OutboundMigrations, type DecideRequest, type MigrateRequest } from './daemon/outbound.js';
+import { OutboundMigrations, type DecideRequest, type MigrateRequest, type PostcopyAnswer, type SettingsAnswer } from './daemon/outbound.js';
+import type { SettingsChange } from './migration/mid-flight.js';
 import { planAnswer, type PlanAnswer } from './planner/plan-answer.js';
 import { HostDrain, type DrainEvent, type DrainRequest, type DrainSummary } from './daemon/drain.js';
 import { PeerServer } from './daemon/peer-server.js';
@@ -392,6 +393,16 @@ export class Agent {
   /** See OutboundMigrations.cancelMigration. */
   cancelMigration(idOrPrefix: string): string {
     return this.outbound.cancelMigration(idOrPrefix);
+  }
+
+  /** See OutboundMigrations.changeSettings. */
+  changeMigrationSettings(idOrPrefix: string, change: SettingsChange): SettingsAnswer {
+    return this.outbound.changeSettings(idOrPrefix, change);
+  }
+
+  /** See OutboundMigrations.startPostcopy. */
+  startPostcopy(idOrPrefix: string): PostcopyAnswer {
+    return this.outbound.startPostcopy(idOrPrefix);
   }
 
   // ── shutdown ──────────────────────────────────────────────────────────────────────

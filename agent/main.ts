@@ -34,6 +34,7 @@ import { liveProgressLine, ProgressThrottle } from './cli/observe-format.js';
 import { followMigrationEvents } from './cli/migrate-events.js';
 import { outcomeText } from './daemon/outcome.js';
 import { addDrainCommand } from './cli/drain-command.js';
+import { addMigrationControlCommands } from './cli/migration-control.js';
 import { DEFAULT_QEMU_SETTINGS } from './guest/qemu-guest.js';
 import { regionSizesProblem } from './guest/process-guest.js';
 
@@ -249,6 +250,7 @@ for (const [verb, method, suffix, description] of [
 addVmCommands(program);
 addObserveCommands(program);
 addDrainCommand(program);
+addMigrationControlCommands(program);
 
 /** --to of migrate and plan: HOST:PORT with a port the destination can listen on. */
 const peerAddress = arg((text) => {

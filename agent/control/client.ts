@@ -11,6 +11,8 @@ import { readTokenFile } from './token.js';
 import { groupNameOf } from './group.js';
 import type { GroupSummary } from '../migration/group-summary.js';
 import type { MigrationProgress } from '../migration/source.js';
+import type { SettingsChange } from '../migration/mid-flight.js';
+import type { PostcopyAnswer, SettingsAnswer } from '../daemon/outbound.js';
 
 /** A migrate request with the CLI's defaults for what is not given. */
 export type MigrateCall = Pick<MigrateRequest, 'guests' | 'to'> & Partial<MigrateRequest>;
@@ -279,6 +281,16 @@ export class ControlClient {
   /** POST /v1/migrations/ID/cancel: the id cancelled, or the agent's refusal (thrown). */
   async cancel(idOrPrefix: string): Promise<string> {
     return (await this.call<{ cancelled: string }>('POST', `/v1/migrations/${encodeURIComponent(idOrPrefix)}/cancel`)).cancelled;
+  }
+
+  /** POST /v1/migrations/ID/settings (gangway migrate-set): the settings before and after, or the agent's refusal (thrown). */
+  async changeSettings(idOrPrefix: string, change: SettingsChange): Promise<SettingsAnswer> {
+    return this.call<SettingsAnswer>('POST', `/v1/migrations/${encodeURIComponent(idOrPrefix)}/settings`, change);
+  }
+
+  /** POST /v1/migrations/ID/postcopy (gangway postcopy): post-copy at the next round boundary, or the agent's refusal (thrown). */
+  async startPostcopy(idOrPrefix: string): Promise<PostcopyAnswer> {
+    return this.call<PostcopyAnswer>('POST', `/v1/migrations/${encodeURIComponent(idOrPrefix)}/postcopy`);
   }
 
   /** A streaming call: yields each NDJSON event (until `signal` aborts it, for a stream that never ends by itself). */

@@ -98,6 +98,14 @@ export const MigrateRequestSchema = z.strictObject({
   disks: z.union([z.enum(['all', 'none']), z.array(z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/, 'a disk file name or disk0, disk1, ...')).min(1).max(MAX_VM_DISKS)]).optional(),
 });
 
+/** POST /v1/migrations/:id/settings (gangway migrate-set): at least one setting, in the migrate request's bounds. */
+export const MigrationSettingsRequest = z
+  .strictObject({
+    bandwidthBytesPerSec: z.number().positive().max(1e12).optional(),
+    downtimeMs: z.number().min(1).max(600_000).optional(),
+  })
+  .refine((body) => body.bandwidthBytesPerSec !== undefined || body.downtimeMs !== undefined, { message: 'give bandwidthBytesPerSec, downtimeMs or both' });
+
 /** "field: problem; field: problem" from a zod error. */
 export function describeZodError(error: z.ZodError): string {
   return error.issues

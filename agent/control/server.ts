@@ -15,7 +15,7 @@ import type { Agent } from '../daemon.js';
 import { GUEST_NAME_PATTERN } from '../guest/registry.js';
 import { listenUnixSocket } from './access.js';
 import type { ControlGroup } from './group.js';
-import { describeZodError, DrainRequestSchema, MigrateRequestSchema, PlanRequestSchema, StartGuestRequest, StartVmRequest } from './schema.js';
+import { describeZodError, DrainRequestSchema, MigrateRequestSchema, MigrationSettingsRequest, PlanRequestSchema, StartGuestRequest, StartVmRequest } from './schema.js';
 import { bearerRefusal } from './token.js';
 import { ndjsonSubscriber } from '../daemon/events.js';
 
@@ -70,7 +70,7 @@ function shown(text: string): string {
 
 const PARAMS = {
   name: { pattern: GUEST_NAME_PATTERN, what: "a guest name: 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'" },
-  // A migration id is a UUID; cancel also takes a unique prefix of one.
+  // A migration id is a UUID; cancel, settings and postcopy also take a unique prefix of one.
   id: { pattern: /^[0-9a-fA-F-]{1,36}$/, what: 'a migration id or a prefix of one (hex digits and -, at most 36)' },
 } as const;
 type ParamName = keyof typeof PARAMS;
@@ -187,6 +187,17 @@ const ROUTES: Route[] = [
     method: 'POST',
     path: '/v1/migrations/:id/cancel',
     handle: (agent, { id }, _b, res) => send(res, 200, { cancelled: agent.cancelMigration(id!) }),
+  },
+  {
+    method: 'POST',
+    path: '/v1/migrations/:id/settings',
+    body: MigrationSettingsRequest,
+    handle: (agent, { id }, body, res) => send(res, 200, agent.changeMigrationSettings(id!, body as z.infer<typeof MigrationSettingsRequest>)),
+  },
+  {
+    method: 'POST',
+    path: '/v1/migrations/:id/postcopy',
+    handle: (agent, { id }, _b, res) => send(res, 200, agent.startPostcopy(id!)),
   },
 ];
 

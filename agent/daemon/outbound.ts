@@ -21,6 +21,7 @@ import type { CodecMode } from '../migration/codec-chooser.js';
 import type { faultsFromEnv } from '../migration/faults.js';
 import { Pacer, SwitchoverGate } from '../migration/flow.js';
 import { outcomeOf, summarizeGroup, type GroupOutcome, type GroupSummary } from '../migration/group-summary.js';
+import type { LiveSettings, SettingsChange } from '../migration/mid-flight.js';
 import { SourceMigration, type MigrationProgress, type MigrationSummary } from '../migration/source.js';
 import type { PeerSession } from '../peer/session.js';
 import { defaultAutoTechnique, followPlan, type FollowedPlan } from '../planner/follow-plan.js';
@@ -65,6 +66,28 @@ export function resolveTechnique(requested: MigrateRequest['technique'], peerFea
   if (requested === undefined || requested === 'precopy') return 'precopy';
   if (requested === 'auto') return defaultAutoTechnique(peerFeatures);
   return requested;
+}
+
+/** What gangway migrate-set changed: the settings before and after; a gang's members that share the pacer's new rate. */
+export interface SettingsAnswer {
+  migrationId: string;
+  guest: string;
+  phase: string;
+  /** The round under way (or just done) when the change was made; null before the first. */
+  round: number | null;
+  previous: LiveSettings;
+  current: LiveSettings;
+  pacerSharedWith: string[];
+}
+
+/** What gangway postcopy asked for: post-copy at the next round boundary (asked before: nothing new). */
+export interface PostcopyAnswer {
+  migrationId: string;
+  guest: string;
+  phase: string;
+  /** The round under way (or just done): post-copy starts when it ends (or the next one does); null before the first. */
+  round: number | null;
+  alreadyRequested: boolean;
 }
 
 /** The options of a SourceMigration that only serves the rest of a post-copy (they are not used). */
@@ -467,29 +490,39 @@ export class OutboundMigrations {
     return this.context.traffic().plan(guests, priority, destination);
   }
 
-  /** Cancels an outgoing migration (running or queued) by id or unique id prefix; its guest keeps running here. */
-  cancelMigration(idOrPrefix: string): string {
-    const queued = [...this.queued.entries()].filter(([id]) => id.startsWith(idOrPrefix));
-    if (queued.length === 1 && idOrPrefix.length > 0 && ![...this.outgoing.keys()].some((id) => id.startsWith(idOrPrefix))) {
-      const [id, entry] = queued[0]!;
-      entry.cancel.abort();
-      this.context.log.info({ migrationId: id }, 'queued migration cancelled');
-      return id;
-    }
+  /**
+   * The running outgoing migration `idOrPrefix` names (an id or a unique prefix of one), or a
+   * refusal that says what became of it: ended, incoming (`where` says where to `action` it
+   * instead), unknown, ambiguous.
+   */
+  private running(idOrPrefix: string, action: string): [string, SourceMigration] {
     const matches = [...this.outgoing.entries()].filter(([id]) => id.startsWith(idOrPrefix));
     if (matches.length === 0 || idOrPrefix.length === 0) {
       const known = this.context.records.get(idOrPrefix) ?? [...this.context.records.values()].find((r) => r.migrationId.startsWith(idOrPrefix));
       throw new GangwayError(
         ErrorCode.BAD_REQUEST,
         known
-          ? `migration ${known.migrationId} is ${known.direction === 'in' ? 'incoming: cancel it on the source agent' : known.state}`
+          ? `migration ${known.migrationId} is ${known.direction === 'in' ? `incoming: ${action} it on the source agent` : known.state}`
           : `no running outgoing migration has id ${idOrPrefix} (see gangway status)`,
       );
     }
     if (matches.length > 1) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `id prefix ${idOrPrefix} matches ${matches.length} migrations: give more of it`);
     }
-    const [id, migration] = matches[0]!;
+    return matches[0]!;
+  }
+
+  /** Cancels an outgoing migration (running or queued) by id or unique id prefix; its guest keeps running here. */
+  cancelMigration(idOrPrefix: string): string {
+    const queued = [...this.queued.entries()].filter(([id]) => id.startsWith(idOrPrefix));
+    if (queued.length === 1 && idOrPrefix.length > 0 && ![...this.outgoing.keys()].some((id) => id.startsWith(idOrPrefix))) {
+      const [id, entry] = queued[0]!;
+      this.context.records.noteCancelled(id);
+      entry.cancel.abort();
+      this.context.log.info({ migrationId: id }, 'queued migration cancelled');
+      return id;
+    }
+    const [id, migration] = this.running(idOrPrefix, 'cancel');
     migration.cancel();
     this.context.records.noteCancelled(id);
     this.context.log.info({ migrationId: id }, 'migration cancelled');
@@ -507,6 +540,39 @@ export class OutboundMigrations {
     if (!running) return false;
     running[1].cancel();
     return true;
+  }
+
+  /**
+   * gangway migrate-set: a running migration's rate and downtime budget (see
+   * SourceMigration.changeSettings). A gang's --bandwidth is one pacer for the gang: a new
+   * rate is the gang's, and the answer names the other members. Where the uplink's shaper
+   * (tc) holds a rate for migrations to this destination, a new rate is refused: the pacer
+   * and the shaper would disagree, and the shaper's class is shared with every migration to
+   * that port.
+   */
+  changeSettings(idOrPrefix: string, change: SettingsChange): SettingsAnswer {
+    const [id, migration] = this.running(idOrPrefix, 'change');
+    if (change.bandwidthBytesPerSec !== undefined) {
+      const shaped = this.context.traffic().status().shaper.active;
+      const peerPort = Number(migration.options.peerAddress.slice(migration.options.peerAddress.lastIndexOf(':') + 1));
+      if (shaped && shaped.peerPort === peerPort) {
+        throw new GangwayError(
+          ErrorCode.BAD_REQUEST,
+          `migration ${id} of ${migration.guest.name}: the uplink's shaper (tc) holds migrations to port ${peerPort} at ${Math.round(shaped.migrationBytesPerSec)} bytes/s (${shaped.priority}), ` +
+            'and changing that reservation mid-flight is not supported: --downtime-ms can still change; for another rate, cancel and migrate again with --bandwidth',
+        );
+      }
+    }
+    const { previous, current } = migration.changeSettings(change);
+    const sharedWith = change.bandwidthBytesPerSec === undefined ? [] : [...this.outgoing.values()].filter((other) => migration.sharesPacerWith(other)).map((other) => other.guest.name);
+    return { migrationId: id, guest: migration.guest.name, phase: migration.phase, round: migration.round ?? null, previous, current, pacerSharedWith: sharedWith };
+  }
+
+  /** gangway postcopy: see SourceMigration.requestPostcopy. */
+  startPostcopy(idOrPrefix: string): PostcopyAnswer {
+    const [id, migration] = this.running(idOrPrefix, 'switch');
+    const { alreadyRequested } = migration.requestPostcopy();
+    return { migrationId: id, guest: migration.guest.name, phase: migration.phase, round: migration.round ?? null, alreadyRequested };
   }
 
   // ── guests left at their switchover ───────────────────────────────────────────────

@@ -49,6 +49,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private pacer: Pacer | undefined;
   private sender: RoundSender | undefined;
   private readonly startedAt: number;
+  /** The round its last progress report was of (undefined before the first). */
+  private lastRound: number | undefined;
 
   constructor(
     readonly guest: SourceGuest,
@@ -109,6 +111,11 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   /** The settings it runs with now. */
   get settings(): LiveSettings {
     return { bandwidthBytesPerSec: this.pacer?.rate ?? null, downtimeMs: this.options.downtimeBudgetMs };
+  }
+
+  /** The round its last progress report was of: the one under way, or just done. */
+  get round(): number | undefined {
+    return this.lastRound;
   }
 
   /** Whether it and `other` take turns at one pacer (a gang's --bandwidth caps the group). */
@@ -172,7 +179,10 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       log: this.log,
       state: this.state,
       owner: this,
-      emitProgress: (progress: MigrationProgress) => this.emit('progress', progress),
+      emitProgress: (progress: MigrationProgress) => {
+        this.lastRound = progress.round;
+        this.emit('progress', progress);
+      },
       controls: this.controls,
       secretBytes: () => this.secret,
       secretHex: () => (this.secret ? Buffer.from(this.secret).toString('hex') : undefined),
