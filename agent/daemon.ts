@@ -396,7 +396,7 @@ export class Agent {
   }
 
   /** See OutboundMigrations.changeSettings. */
-  changeMigrationSettings(idOrPrefix: string, change: SettingsChange): SettingsAnswer {
+  changeMigrationSettings(idOrPrefix: string, change: SettingsChange): Promise<SettingsAnswer> {
     return this.outbound.changeSettings(idOrPrefix, change);
   }
 

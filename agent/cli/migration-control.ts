@@ -15,8 +15,9 @@ Examples:
 
 A gang's --bandwidth is one pacer for the whole gang: a new rate given to one member's id is
 the gang's, and the answer names the members that share it. A migration that had no
---bandwidth gets a pacer of its own. Where the uplink's shaper (tc) holds the migration's rate,
-a new rate is refused (the shaper's reservation does not change mid-flight).`;
+--bandwidth gets a pacer of its own. Where the uplink's shaper (tc) holds a reservation for
+migrations to that destination port, it takes the new rate as a manual --bandwidth would
+have set it (the class is shared by every migration to that port).`;
 
 const POSTCOPY_EXAMPLES = `
 Examples:
@@ -40,6 +41,7 @@ export function settingsAnswerText(answer: SettingsAnswer): string {
     `migration ${answer.migrationId} of ${answer.guest} (${whereText(answer)}): ${settingsText(answer.current)}`,
     `  was        ${settingsText(answer.previous)}`,
     ...(answer.pacerSharedWith.length > 0 ? [`  shared     the rate is the gang's: ${answer.pacerSharedWith.join(', ')} take turns at the same pacer`] : []),
+    ...(answer.shaper ? [`  shaper     ${answer.shaper}`] : []),
   ].join('\n');
 }
 

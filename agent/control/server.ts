@@ -192,7 +192,7 @@ const ROUTES: Route[] = [
     method: 'POST',
     path: '/v1/migrations/:id/settings',
     body: MigrationSettingsRequest,
-    handle: (agent, { id }, body, res) => send(res, 200, agent.changeMigrationSettings(id!, body as z.infer<typeof MigrationSettingsRequest>)),
+    handle: async (agent, { id }, body, res) => send(res, 200, await agent.changeMigrationSettings(id!, body as z.infer<typeof MigrationSettingsRequest>)),
   },
   {
     method: 'POST',

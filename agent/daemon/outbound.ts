@@ -78,6 +78,8 @@ export interface SettingsAnswer {
   previous: LiveSettings;
   current: LiveSettings;
   pacerSharedWith: string[];
+  /** What became of the uplink's shaper reservation for the migration's port; null: none holds one. */
+  shaper: string | null;
 }
 
 /** What gangway postcopy asked for: post-copy at the next round boundary (asked before: nothing new). */
@@ -117,7 +119,7 @@ export interface OutboundContext {
   /** Is the agent shutting down? Then no migration starts and no switchover is asked after. */
   shuttingDown: () => boolean;
   /** The traffic service, once the agent has started it. */
-  traffic: () => Pick<TrafficService, 'hold' | 'plan' | 'status' | 'settings' | 'monitor'>;
+  traffic: () => Pick<TrafficService, 'hold' | 'plan' | 'status' | 'settings' | 'monitor' | 'changeRate'>;
 }
 
 export class OutboundMigrations {
@@ -546,26 +548,27 @@ export class OutboundMigrations {
    * gangway migrate-set: a running migration's rate and downtime budget (see
    * SourceMigration.changeSettings). A gang's --bandwidth is one pacer for the gang: a new
    * rate is the gang's, and the answer names the other members. Where the uplink's shaper
-   * (tc) holds a rate for migrations to this destination, a new rate is refused: the pacer
-   * and the shaper would disagree, and the shaper's class is shared with every migration to
-   * that port.
+   * (tc) holds a reservation for migrations to this destination's port, a new rate resizes
+   * it too (the pacer and the shaper agree again; every migration to that port shares the class).
    */
-  changeSettings(idOrPrefix: string, change: SettingsChange): SettingsAnswer {
+  async changeSettings(idOrPrefix: string, change: SettingsChange): Promise<SettingsAnswer> {
     const [id, migration] = this.running(idOrPrefix, 'change');
-    if (change.bandwidthBytesPerSec !== undefined) {
-      const shaped = this.context.traffic().status().shaper.active;
+    const { previous, current } = migration.changeSettings(change);
+    const rate = change.bandwidthBytesPerSec;
+    const sharedWith = rate === undefined ? [] : [...this.outgoing.values()].filter((other) => migration.sharesPacerWith(other)).map((other) => other.guest.name);
+    let shaper: string | null = null;
+    if (rate !== undefined) {
       const peerPort = Number(migration.options.peerAddress.slice(migration.options.peerAddress.lastIndexOf(':') + 1));
-      if (shaped && shaped.peerPort === peerPort) {
-        throw new GangwayError(
-          ErrorCode.BAD_REQUEST,
-          `migration ${id} of ${migration.guest.name}: the uplink's shaper (tc) holds migrations to port ${peerPort} at ${Math.round(shaped.migrationBytesPerSec)} bytes/s (${shaped.priority}), ` +
-            'and changing that reservation mid-flight is not supported: --downtime-ms can still change; for another rate, cancel and migrate again with --bandwidth',
-        );
+      try {
+        const reservation = await this.context.traffic().changeRate(peerPort, rate);
+        if (reservation) shaper = `the uplink's reservation for port ${peerPort} follows: ${reservation.reason}`;
+      } catch (err) {
+        // The pacer holds the new rate either way; the shaper's class keeps its old one.
+        shaper = `the uplink's reservation for port ${peerPort} could not follow (${(err as Error).message}): its class keeps the rate it had, the pacer holds the new one`;
+        this.context.log.warn({ migrationId: id, peerPort, err: (err as Error).message }, 'resizing the bandwidth reservation failed');
       }
     }
-    const { previous, current } = migration.changeSettings(change);
-    const sharedWith = change.bandwidthBytesPerSec === undefined ? [] : [...this.outgoing.values()].filter((other) => migration.sharesPacerWith(other)).map((other) => other.guest.name);
-    return { migrationId: id, guest: migration.guest.name, phase: migration.phase, round: migration.round ?? null, previous, current, pacerSharedWith: sharedWith };
+    return { migrationId: id, guest: migration.guest.name, phase: migration.phase, round: migration.round ?? null, previous, current, pacerSharedWith: sharedWith, shaper };
   }
 
   /** gangway postcopy: see SourceMigration.requestPostcopy. */

@@ -246,6 +246,31 @@ export class BandwidthController {
     });
   }
 
+  /**
+   * gangway migrate-set --bandwidth: the running reservation for `peerPort` becomes the manual
+   * rate a --bandwidth would have made (Algorithm 2's rebalancing stops for it), its classes
+   * resized in place, the side that shrinks first so the two never add up to more than the
+   * link. Every migration to that port shares the class. Undefined when no reservation is
+   * active for the port.
+   */
+  changeRate(peerPort: number, migrationBytesPerSec: number): Promise<Reservation | undefined> {
+    return this.serial(async () => {
+      const active = this.active;
+      const settings = this.options.settings;
+      if (!active || !this.shaper || !settings || active.peerPort !== peerPort) return undefined;
+      const reservation = manualReservation(migrationBytesPerSec, settings.linkBytesPerSec);
+      const config = shaperConfig(reservation, settings.linkBytesPerSec, peerPort, 0, { borrow: false });
+      const order: ('workload' | 'migration')[] = config.migration.rateBitsPerSec > active.config.migration.rateBitsPerSec ? ['workload', 'migration'] : ['migration', 'workload'];
+      for (const name of order) await this.shaper.change(name, config[name].rateBitsPerSec, config[name].ceilBitsPerSec);
+      active.priority = 'manual';
+      active.reservation = reservation;
+      active.config = config;
+      active.reasons.push(`changed mid-flight: ${reservation.reason}`);
+      this.options.log?.({ peerPort, migrationBytesPerSec: reservation.migrationBytesPerSec }, 'bandwidth reservation changed');
+      return reservation;
+    });
+  }
+
   status(): ControllerStatus {
     const active = this.active;
     return {

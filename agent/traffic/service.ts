@@ -6,7 +6,7 @@
 import type { TrafficConfig } from '../config.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { Logger } from '../log.js';
-import { DEFAULT_PLANNER_SETTINGS, type PlannerSettings, type Priority } from '../planner/planner.js';
+import { DEFAULT_PLANNER_SETTINGS, type PlannerSettings, type Priority, type Reservation } from '../planner/planner.js';
 import { planFor, type MeasuredRates, type MigrationPlan } from '../planner/plan-for.js';
 import type { TrafficReport } from '../peer/session.js';
 import { BandwidthController, type ControllerStatus, type Hold } from './controller.js';
@@ -181,6 +181,13 @@ export class TrafficService {
     this.exportShaper();
     const stop = hold.stop;
     return { ...hold, stop: () => stop().finally(() => this.exportShaper()) };
+  }
+
+  /** gangway migrate-set --bandwidth: see BandwidthController.changeRate. */
+  async changeRate(peerPort: number, migrationBytesPerSec: number): Promise<Reservation | undefined> {
+    const changed = await this.controller.changeRate(peerPort, migrationBytesPerSec);
+    this.exportShaper();
+    return changed;
   }
 
   /**

@@ -255,6 +255,41 @@ describe('bandwidth controller', () => {
     await hold.stop();
   });
 
+  test('a rate changed mid-flight (gangway migrate-set) resizes the reservation as a manual rate, the shrinking class first', async () => {
+    const { host, c, second } = controller(800 * MBIT);
+    await c.init();
+    const hold = await c.start({ peerPort: 7401, priority: 'medium' });
+    expect(rateOf(host, '6777:10')).toBe(400 * MBIT);
+    // Another port's migration has no reservation here: nothing changes.
+    expect(await c.changeRate(7402, 100 * MBIT)).toBeUndefined();
+    expect(host.ran('tc').filter((line) => line.startsWith('class change'))).toHaveLength(0);
+
+    const slower = await c.changeRate(7401, 100 * MBIT);
+    expect(slower?.migrationBytesPerSec).toBe(100 * MBIT);
+    expect(rateOf(host, '6777:10')).toBe(100 * MBIT);
+    // A manual rate is also the migration's ceiling; the workload gets the rest of the link.
+    expect(host.classes.get('6777:10')!.ceil / 8).toBe(100 * MBIT);
+    expect(rateOf(host, '6777:20')).toBe(900 * MBIT);
+    let changes = host.ran('tc').filter((line) => line.startsWith('class change'));
+    expect(changes[0]).toContain('classid 6777:10');
+    expect(changes[1]).toContain('classid 6777:20');
+    expect(c.status().active).toMatchObject({ priority: 'manual', migrationBytesPerSec: 100 * MBIT });
+    expect(c.status().active?.reasons.at(-1)).toMatch(/^changed mid-flight: --bandwidth/);
+
+    const faster = await c.changeRate(7401, 700 * MBIT);
+    expect(faster?.migrationBytesPerSec).toBe(700 * MBIT);
+    changes = host.ran('tc').filter((line) => line.startsWith('class change')).slice(2);
+    expect(changes[0]).toContain('classid 6777:20');
+    expect(changes[1]).toContain('classid 6777:10');
+    expect(rateOf(host, '6777:10')).toBe(700 * MBIT);
+    // Medium priority's rebalancing no longer moves a rate the operator set.
+    await second(0, 0);
+    await second(700 * MBIT, 1 * MBIT);
+    expect(rateOf(host, '6777:10')).toBe(700 * MBIT);
+    await hold.stop();
+    expect(host.rootHandle).toBeUndefined();
+  });
+
   test('low priority takes only what is free; a manual rate is applied as given', async () => {
     const low = controller(900 * MBIT);
     await low.c.init();
