@@ -246,6 +246,58 @@ describe.skipIf(skipReason !== undefined)(`bandwidth control through the agents$
     expect(totalsAfter.a.txBytes - totalsBefore.a.txBytes).toBeGreaterThan(summary.wireBytes * 0.99);
   });
 
+  it('migrate-set --bandwidth on a shaped migration resizes the kernel\'s class with the pacer: the rest of the guest goes far sooner than the old rate allowed, and the summary has the new rate', async () => {
+    const guest = await startGuest(source, '64MiB');
+    const slow = 8 * MBIT;
+    const fast = 400 * MBIT;
+    const classOf = async () => {
+      const text = await run.a('tc', ['-s', 'class', 'show', 'dev', link.nsA]);
+      const match = /class htb 6777:10 .*? rate (\S+) ceil (\S+)[^\n]*\n Sent (\d+) bytes/.exec(text);
+      return match ? { rate: match[1], ceil: match[2], sentBytes: Number(match[3]) } : { rate: undefined, ceil: undefined, sentBytes: 0, text };
+    };
+    // 64 MiB at 8 Mbit/s: over a minute at the first rate.
+    const migrating = cli(source, ['migrate', guest, '--to', `${link.addrB}:${PEER_PORT}`, '--bandwidth', `${slow * 8}bit/s`, '--codec', 'raw', '--json']);
+    let running: { migrationId: string } | undefined;
+    try {
+      for (let i = 0; i < 400 && migrating.exitCode === null && !running; i++) {
+        const shaped = (await traffic(source)).shaper.active;
+        const listed = (await source.status()).migrations.find((m) => m.direction === 'out' && m.guest === guest && m.state === 'running');
+        if (shaped && listed) running = listed;
+        else await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+      expect(running, 'the migration ran under the shaper').toBeDefined();
+      // 8 Mbit/s is below a class's floor (1% of the 1 Gbit/s link): the class holds 10, the pacer 8.
+      const initial = await classOf();
+      expect(initial, JSON.stringify(initial)).toMatchObject({ rate: '10Mbit', ceil: '10Mbit' });
+
+      const set = await cli(source, ['migrate-set', running!.migrationId, '--bandwidth', `${fast * 8}bit/s`, '--json']);
+      expect(set.exitCode, set.stderr).toBe(0);
+      const answer = JSON.parse(set.stdout);
+      expect(answer).toMatchObject({ previous: { bandwidthBytesPerSec: slow }, current: { bandwidthBytesPerSec: fast } });
+      expect(answer.shaper).toMatch(new RegExp(`^the uplink's reservation for port ${PEER_PORT} follows: --bandwidth: the migration gets ${fast} bytes/s`));
+      expect((await traffic(source)).shaper.active).toMatchObject({ priority: 'manual', migrationBytesPerSec: fast, peerPort: PEER_PORT });
+      // The kernel's class took the new rate, and the rest of the guest went far sooner than
+      // the old rate allowed (over a minute for what was left; how much sooner depends on the
+      // CPU the TLS stream gets on a shared machine).
+      const from = await classOf();
+      expect(from, JSON.stringify(from)).toMatchObject({ rate: '400Mbit', ceil: '400Mbit' });
+      const setAt = Date.now();
+      const leftAtOldRateMs = ((64 * 1024 * 1024 - initial.sentBytes) / slow) * 1000;
+      expect(leftAtOldRateMs).toBeGreaterThan(60_000);
+      const done = await migrating;
+      expect(done.exitCode, done.stderr + done.stdout).toBe(0);
+      const summary = JSON.parse(done.stdout).guests[0];
+      expect(summary).toMatchObject({ guest, verified: true, bandwidthBytesPerSec: fast });
+      expect(summary.operatorChanges).toEqual([{ afterMs: expect.any(Number), bandwidthBytesPerSec: fast }]);
+      expect(Date.now() - setAt).toBeLessThan(leftAtOldRateMs / 2);
+    } finally {
+      // A failed assertion mid-way: the migration goes (its reservation with it) before afterEach looks.
+      if (migrating.exitCode === null && running) await cli(source, ['cancel', running.migrationId]);
+      const ended = await migrating;
+      if (ended.exitCode !== 0) console.info(`migrate: ${ended.exitCode} ${ended.stderr} ${ended.stdout.slice(0, 500)}`);
+    }
+  }, 150_000);
+
   it('--technique auto --priority high follows the plan and holds the reservation at high priority', async () => {
     const guests = [await startGuest(source, '32MiB'), await startGuest(source, '32MiB')];
     const migrating = cli(source, ['migrate', ...guests, '--to', `${link.addrB}:${PEER_PORT}`, '--technique', 'auto', '--priority', 'high', '--codec', 'raw', '--json']);
