@@ -65,6 +65,12 @@ export const EXAMPLES: Record<string, readonly string[]> = {
     'gangway drain --to 10.0.0.2:7401,10.0.0.3:7401             # every guest off this host; Ctrl-C cancels',
     'gangway drain --to 10.0.0.2:7401 --max-parallel 1 --priority low --json',
   ],
+  'migrate-set': [
+    'gangway migrate-set 3f2a9c1e --bandwidth 2Gbit/s          # from its next batch (virsh migrate-setspeed)',
+    'gangway migrate-set 3f2a --downtime-ms 1000               # from its next round (virsh migrate-setmaxdowntime)',
+    'gangway migrate-set 3f2a --bandwidth 200MiB/s --downtime-ms 500 --json',
+  ],
+  postcopy: ['gangway migrate vm1 --to 10.0.0.2:7401 --technique hybrid --detach', 'gangway postcopy 3f2a9c1e            # post-copy at the next round boundary (QEMU migrate-start-postcopy)'],
   cancel: ['gangway cancel 3f2a9c1e            # an id from `gangway status`, or a unique prefix of one'],
   status: ['gangway status', 'gangway status --json', 'gangway status --control 127.0.0.1:7400 --token-file /var/lib/gangway/control.token'],
   certs: ['gangway certs init --dir /etc/gangway/tls', 'gangway certs issue host-a --dir /etc/gangway/tls --san 10.0.0.1'],
