@@ -33,7 +33,7 @@ describe.skipIf(!builtAgent)('gangway completion', () => {
   }
 
   it.each([
-    [['gangway', 'mig'], ['migrate', 'migrate-set']],
+    [['gangway', 'mig'], ['migrate-set', 'migrate']],
     [['gangway', 'guest', 's'], ['start', 'stop']],
     [['gangway', 'migrate', '--tech'], ['--technique']],
     [['gangway', 'migrate', '--technique', ''], ['precopy', 'postcopy', 'hybrid', 'auto']],
