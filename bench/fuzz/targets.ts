@@ -336,7 +336,12 @@ const controlTarget: FuzzTarget = {
     // Not startControlServer: its socket mode comes from process.umask(), which a worker
     // thread may not set; the directory is this process's own (0700).
     const server: Server = createControlServer(refusingAgent() as never, {});
-    await new Promise<void>((resolve, reject) => server.once('error', reject).listen(controlSocket, () => resolve()));
+    try {
+      await new Promise<void>((resolve, reject) => server.once('error', reject).listen(controlSocket, () => resolve()));
+    } catch (err) {
+      rmSync(dir, { recursive: true, force: true });
+      throw err;
+    }
     return async () => {
       await new Promise<void>((resolve) => server.close(() => resolve()));
       rmSync(dir, { recursive: true, force: true });
