@@ -301,18 +301,30 @@ export class ControlClient {
       throw new GangwayError((parsed.error?.code ?? ErrorCode.INTERNAL) as never, parsed.error?.message ?? `agent answered ${res.statusCode}`);
     }
     let buffered = '';
-    for await (const chunk of res) {
-      buffered += chunk;
-      if (buffered.length > MAX_RESPONSE_BYTES) {
-        res.destroy();
-        throw new GangwayError(ErrorCode.INTERNAL, `an event from ${this.where} is over ${MAX_RESPONSE_BYTES} bytes: is a gangway agent listening there?`);
+    try {
+      for await (const chunk of res) {
+        buffered += chunk;
+        if (buffered.length > MAX_RESPONSE_BYTES) {
+          res.destroy();
+          throw new GangwayError(ErrorCode.INTERNAL, `an event from ${this.where} is over ${MAX_RESPONSE_BYTES} bytes: is a gangway agent listening there?`);
+        }
+        let newline: number;
+        while ((newline = buffered.indexOf('\n')) >= 0) {
+          const line = buffered.slice(0, newline);
+          buffered = buffered.slice(newline + 1);
+          if (line.trim()) yield this.parse<Record<string, unknown>>(line, res);
+        }
       }
-      let newline: number;
-      while ((newline = buffered.indexOf('\n')) >= 0) {
-        const line = buffered.slice(0, newline);
-        buffered = buffered.slice(newline + 1);
-        if (line.trim()) yield this.parse<Record<string, unknown>>(line, res);
-      }
+    } catch (err) {
+      if (err instanceof GangwayError || signal?.aborted) throw err;
+      // The connection was cut mid-answer (Node says only "aborted"): the agent stopped or
+      // restarted. What it did with the request is in its records, not in this stream.
+      throw new GangwayError(
+        ErrorCode.PEER_GONE,
+        `the agent at ${this.where} closed the connection before it finished answering (${(err as Error).message}): it stopped or restarted. ` +
+          'Once it answers again, `gangway status` and `gangway history` say what became of the request',
+        { cause: err },
+      );
     }
   }
 }

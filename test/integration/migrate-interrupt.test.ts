@@ -81,6 +81,20 @@ describe.skipIf(!builtAgent)('gangway migrate, interrupted', () => {
     await expectStayed(a, b, name, migrationId);
   });
 
+  // Found by the chaos campaign: the CLI printed only "aborted" when the agent died under it.
+  it('the source agent killed under the command: it says the agent went away and where to look, not "aborted"', async () => {
+    const { a, b, name } = await slowMigration();
+    const migrating = cluster!.cli(a, ['migrate', name, '--to', b.listen, '--bandwidth', '8MiB/s']);
+    await runningMigration(a, name);
+    await a.kill();
+    const run = await migrating;
+    expect(run.exitCode).not.toBe(0);
+    expect(run.stderr).toMatch(/the agent at .*control\.sock closed the connection before it finished answering/);
+    expect(run.stderr).toContain('`gangway history`');
+    expect(run.stderr).toContain('GANGWAY_ERR_PEER_GONE');
+    expect(run.stderr).not.toMatch(/^gangway: aborted/m);
+  });
+
   it('cancels every migration of a serial command, also those that start after the Ctrl-C', async () => {
     const { a, b, name } = await slowMigration();
     const second = uniqueName('vm');
