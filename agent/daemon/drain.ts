@@ -14,6 +14,7 @@ import type { MigrationProgress } from '../migration/source.js';
 import { planAnswer, type PlanAnswer } from '../planner/plan-answer.js';
 import type { Priority } from '../planner/planner.js';
 import type { OutboundMigrations } from './outbound.js';
+import { MIGRATE_DEFAULTS } from '../control/client.js';
 
 export interface DrainRequest {
   /** The peers' addresses (HOST:PORT), in the order guests are dealt to them. */
@@ -186,15 +187,11 @@ export class HostDrain {
     try {
       const summary = await this.context.outbound.migrate(
         {
+          // The settings `gangway migrate` gives a request by default, one guest at a time.
+          ...MIGRATE_DEFAULTS,
           guests: [guest.name],
           to: guest.to,
           strategy: 'serial',
-          dedup: true,
-          downtimeMs: 300,
-          force: false,
-          maxRounds: 30,
-          maxBytesFactor: 3,
-          codec: 'auto',
           // The technique the decision chose for it (what the plan event said), not asked again.
           technique: guest.technique,
           ...(priority ? { priority } : {}),
