@@ -10,6 +10,7 @@ import { parseBytes, parseDurationMs, parseRate, QuantityError } from './units.j
 import { allowEntryProblem } from './peer/allowlist.js';
 import { isLoopbackHost, type PeerTransport } from './peer/tls.js';
 import { resolveControlGroup, type ControlGroup } from './control/group.js';
+import { GUEST_SCOPE_MODES, SLICE_NAME_PATTERN } from './guest/scope.js';
 
 export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
 export const TRACKERS = ['auto', 'uffd-wp', 'hash-scan'] as const;
@@ -224,6 +225,14 @@ export const ConfigFileSchema = z
     peers: PeersSettingsSchema,
     migration: MigrationSettingsSchema,
     dedup: DedupSettingsSchema,
+    /** Guests in systemd scopes of their own (agent/guest/scope.ts). */
+    guests: z
+      .object({
+        scope: z.enum(GUEST_SCOPE_MODES),
+        slice: z.string().regex(SLICE_NAME_PATTERN, "a slice's unit name, e.g. machine.slice"),
+      })
+      .partial()
+      .strict(),
     vm: z
       .object({
         imagesDir: absolutePath,
@@ -302,6 +311,8 @@ export const ENV_OVERRIDES = {
   GANGWAY_DEDUP_RESIDENT_OFFERS_PER_MINUTE: 'dedup.residentOffersPerMinute',
   GANGWAY_DEDUP_RESIDENT_MAX_AGE: 'dedup.residentMaxAge',
   GANGWAY_DEDUP_BASE_IMAGES: 'dedup.baseImages',
+  GANGWAY_GUESTS_SCOPE: 'guests.scope',
+  GANGWAY_GUESTS_SLICE: 'guests.slice',
 } as const;
 
 const ENV_NAME_OF: Record<string, string> = Object.fromEntries(Object.entries(ENV_OVERRIDES).map(([name, key]) => [key, name]));

@@ -37,6 +37,7 @@ import { addDrainCommand } from './cli/drain-command.js';
 import { addMigrationControlCommands } from './cli/migration-control.js';
 import { DEFAULT_QEMU_SETTINGS } from './guest/qemu-guest.js';
 import { regionSizesProblem } from './guest/process-guest.js';
+import { guestPlacement, placeGuests } from './guest/scope.js';
 
 /** --memory: one size, or a size per memory region. */
 function parseRegionSizes(text: string, what: string): number[] {
@@ -136,6 +137,10 @@ program
       dedup: settings.dedup,
       vm: settings.vm,
     };
+    const placed = guestPlacement(settings.guests);
+    if ('problem' in placed) fail(new GangwayError(ErrorCode.BAD_REQUEST, placed.problem), false);
+    placeGuests(placed.placement);
+    if (placed.placement.kind === 'scope') log.info({ slice: placed.placement.slice }, 'guests start in systemd scopes of their own');
     let agent!: Agent;
     try {
       agent = new Agent(config, log);

@@ -1,6 +1,7 @@
 // The settings `gangway agent` runs with: defaults < config file < GANGWAY_* environment <
 // flags, validated, in the agent's units; a flag's mistake names the flag.
 import { DEFAULT_QEMU_SETTINGS } from '../guest/qemu-guest.js';
+import { GUEST_SCOPE_DEFAULTS } from '../guest/scope.js';
 import { resolve } from 'node:path';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import { completeTls, CONFIG_DEFAULTS, ConfigLayerSchema, configFromEnv, loadConfigFile, mergeConfig, resolveControlAccess, MIGRATION_LIMIT_DEFAULTS, resolveDedupPolicy, resolvePeerLimits, resolvePeerTransport, resolveTrafficConfig } from '../config.js';
@@ -88,6 +89,7 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     peers: resolvePeerLimits(merged.peers),
     migration: { maxParallelOutbound: merged.migration?.maxParallelOutbound ?? MIGRATION_LIMIT_DEFAULTS.maxParallelOutbound },
     dedup: resolveDedupPolicy(merged.dedup),
+    guests: { ...GUEST_SCOPE_DEFAULTS, ...merged.guests },
     vm: {
       imagesDir: resolve(merged.vm?.imagesDir ?? DEFAULT_QEMU_SETTINGS.imagesDir),
       disksDir: resolve(merged.vm?.disksDir ?? DEFAULT_QEMU_SETTINGS.disksDir),

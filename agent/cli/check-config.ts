@@ -10,6 +10,7 @@ import { dirname } from 'node:path';
 import { checkSocketPath } from '../control/access.js';
 import { controlSocketInUse } from '../daemon.js';
 import { DEFAULT_QEMU_SETTINGS } from '../guest/qemu-guest.js';
+import { guestPlacement } from '../guest/scope.js';
 import { loadTlsMaterial } from '../peer/tls.js';
 import { parseListen, type resolveAgentSettings } from './agent-settings.js';
 
@@ -116,6 +117,8 @@ export async function startProblems(settings: AgentSettings): Promise<string[]> 
     const problem = dirProblem(path, { writable });
     if (problem) problems.push(`${key}: ${path} ${problem}`);
   }
+  const placed = guestPlacement(settings.guests);
+  if ('problem' in placed) problems.push(placed.problem);
 
   const addresses = [
     ['listen', settings.listen, '--listen, GANGWAY_LISTEN'],

@@ -69,7 +69,7 @@ export class GuestService {
       throw new GangwayError(ErrorCode.GUEST_FAILED, `${taken} exists already: something else made it; remove it or start the guest again (a new name is picked each time)`);
     }
     try {
-      const launched = launchProcessGuest({ files, create: spec });
+      const launched = launchProcessGuest({ name, files, create: spec });
       await launched.running;
       this.context.registry.add({
         name,

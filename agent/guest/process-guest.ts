@@ -2,7 +2,7 @@
 // per region) and a small device state. Pause is SIGUSR1 (the guest saves its device state
 // and stops itself), resume at the source is SIGCONT, and resume at a destination is a new
 // gangway-guest started (hot standby, see launch) on the migrated files and device state.
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { closeSync, fstatSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
@@ -13,6 +13,7 @@ import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
 import { logTail } from './log-tail.js';
 import { openShimTrackers, trackReportPathOf } from './shim-trackers.js';
 import { vmSocketPaths } from './vm-spec.js';
+import { spawnGuest } from './scope.js';
 
 export { trackReportPathOf } from './shim-trackers.js';
 import { GUEST_MAX_REGIONS, GUEST_PAGE_SIZE, readGuestHeader, type GuestHeader, type GuestProfileName } from './guest-header.js';
@@ -54,6 +55,8 @@ export interface GuestFiles {
 export type TrackerPreference = 'auto' | TrackerKind;
 
 export interface LaunchOptions {
+  /** The guest's name (its scope is named after it). */
+  name: string;
   files: GuestFiles;
   /** Create a new memory file with the spec, or continue on an existing one. */
   create?: ProcessGuestSpec;
@@ -160,20 +163,23 @@ export function launchProcessGuest(options: LaunchOptions): LaunchedGuest {
   const logFd = openSync(options.files.logPath, 'a', 0o600);
   let child: ChildProcess;
   try {
-    child = spawn(guestBinaryPath, buildArgs(options), {
-      detached: true,
-      stdio:
-        options.postcopySocketFd === undefined
-          ? [options.standby ? 'pipe' : 'ignore', 'pipe', logFd]
-          : [options.standby ? 'pipe' : 'ignore', 'pipe', logFd, options.postcopySocketFd],
-      env: {
-        ...process.env,
+    ({ child } = spawnGuest(
+      options.name,
+      guestBinaryPath,
+      buildArgs(options),
+      {
+        stdio:
+          options.postcopySocketFd === undefined
+            ? [options.standby ? 'pipe' : 'ignore', 'pipe', logFd]
+            : [options.standby ? 'pipe' : 'ignore', 'pipe', logFd, options.postcopySocketFd],
+      },
+      {
         LD_PRELOAD: trackShimPath,
         GANGWAY_TRACK_PATH: options.files.memoryPaths.join(':'),
         GANGWAY_TRACK_REPORT: options.files.trackReportPath,
         ...(options.postcopySocketFd === undefined ? {} : { GANGWAY_UFFD_SOCKET: '3' }),
       },
-    });
+    ));
   } finally {
     closeSync(logFd);
   }

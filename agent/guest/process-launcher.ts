@@ -16,9 +16,9 @@ export const processLauncher: GuestLauncher = {
     }
     return undefined;
   },
-  standby(files, { postcopySocketFd }) {
+  standby(files, { guest, postcopySocketFd }) {
     // gangway-guest maps its memory files by name, after go(): the commit has named them.
-    return launchProcessGuest({ files, standby: true, ...(postcopySocketFd === undefined ? {} : { postcopySocketFd }) });
+    return launchProcessGuest({ name: guest.name, files, standby: true, ...(postcopySocketFd === undefined ? {} : { postcopySocketFd }) });
   },
   async loadDeviceState(_guest, files, state) {
     const path = files.deviceStatePath;

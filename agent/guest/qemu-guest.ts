@@ -9,7 +9,7 @@
 // the switchover with -S -incoming defer on the memory files that are arriving, loads the
 // device state with migrate-incoming, and runs on `cont` at the commit. QEMU outlives the
 // agent, like a process guest: the agent finds it again by its QMP socket.
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync, type ChildProcess } from 'node:child_process';
 import { closeSync, ftruncateSync, openSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { relative, isAbsolute, join } from 'node:path';
@@ -30,6 +30,7 @@ import { readTestvmStatus, TESTVM_STATUS_ADDR } from './testvm-status.js';
 import { MigratingVm, selectDisks, sizedDisk, type DiskSelection, type VmDisk } from './qemu-disks.js';
 import { removeGangwayBlockObjects, switchDiskToFile } from './qmp-block.js';
 import { qemuArgs, vmDiskFields, vmDiskNodes, vmDisks, vmNbdSocketPath, vmStateSockets, type VmDefinition, type VmSpec } from './vm-spec.js';
+import { spawnGuest } from './scope.js';
 
 /** Where QEMU and the kernels it boots are, on this agent. */
 export interface QemuSettings {
@@ -173,13 +174,14 @@ export function launchQemu(options: QemuLaunchOptions): LaunchedQemu {
   );
   rmSync(files.qmpSocketPath, { force: true });
   const logFd = openSync(files.logPath, 'a', 0o600);
-  let child;
+  let child: ChildProcess;
   try {
-    child = spawn(options.settings.binary, args, {
-      detached: true,
-      stdio: [options.incoming ? 'pipe' : 'ignore', logFd, logFd, options.postcopySocketFd ?? 'ignore', ...(options.regionFds ?? []), ...(options.extraFds ?? [])],
-      env: {
-        ...process.env,
+    ({ child } = spawnGuest(
+      options.name,
+      options.settings.binary,
+      args,
+      { stdio: [options.incoming ? 'pipe' : 'ignore', logFd, logFd, options.postcopySocketFd ?? 'ignore', ...(options.regionFds ?? []), ...(options.extraFds ?? [])] },
+      {
         // A standby QEMU dies with the pipe from this agent unless released (shim.c).
         ...(options.incoming ? { GANGWAY_STANDBY_FD: '0' } : {}),
         LD_PRELOAD: trackShimPath,
@@ -187,7 +189,7 @@ export function launchQemu(options: QemuLaunchOptions): LaunchedQemu {
         GANGWAY_TRACK_REPORT: files.trackReportPath,
         ...(options.postcopySocketFd === undefined ? {} : { GANGWAY_UFFD_SOCKET: '3' }),
       },
-    });
+    ));
   } finally {
     closeSync(logFd);
   }

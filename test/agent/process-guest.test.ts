@@ -33,6 +33,7 @@ describe.skipIf(!existsSync(guestBinaryPath))('process guest adapter', () => {
       rmSync(files.logPath, { force: true });
     });
     const launched = launchProcessGuest({
+      name: 'regions',
       files,
       create: { memoryBytes: 2 * MiB, regionBytes: [MiB, MiB], profile: 'random', dirtyRateBytesPerSec: 4 * MiB, seed: 1, imageSeed: 0, sharedFraction: 0, hotFraction: 0.5 },
     });

@@ -107,6 +107,7 @@ describe.skipIf(!built)('dirty trackers', () => {
     const memoryBytes = 32 * 1024 * 1024;
     const paths = files('run');
     const launched = launchProcessGuest({
+      name: 'run',
       files: paths,
       create: { memoryBytes, profile: 'os-image', dirtyRateBytesPerSec: 16 * 1024 * 1024, seed: 3, imageSeed: 0, sharedFraction: 0, hotFraction: 0.25 },
     });

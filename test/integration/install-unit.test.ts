@@ -32,7 +32,7 @@ describe.skipIf(!builtAgent)('gangway install-unit', () => {
     const run = await gangway(['install-unit', '--root', root, '--dry-run']);
     expect(run.exitCode, run.stderr).toBe(0);
     expect(run.stdout).toContain(`\n${execStart()}\n`);
-    expect(run.stdout).toContain('KillMode=process');
+    expect(run.stdout).toContain('KillMode=mixed');
     expect(run.stdout).toMatch(/gangway-agent\.service: would write\n/);
     expect(readdirSync(root)).toEqual([]);
   });
