@@ -49,7 +49,7 @@ function bytes(length: number, seed: number): Uint8Array {
 /** One ordinary frame of every type (payloads of a few hundred bytes at most). */
 export function exampleFrames(): Frame[] {
   return [
-    Frame.hello({ agentId: 'host-a', features: ['lz4', 'dedup'], maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES }),
+    Frame.hello({ agentId: 'host-a', agentVersion: '0.1.0', features: ['lz4', 'dedup'], maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES }),
     Frame.offer({
       migrationId: id,
       guest: {
@@ -145,6 +145,7 @@ export function largestFrames(): Frame[] {
   return [
     Frame.hello({
       agentId: `sha256:${'f'.repeat(MAX_AGENT_ID_LENGTH - 7)}`,
+      agentVersion: `1.${'0'.repeat(62)}`,
       features: Array.from({ length: MAX_FEATURES }, (_, i) => `f${String(i).padStart(2, '0')}`.padEnd(MAX_FEATURE_LENGTH, 'f')),
       maxPayloadBytes: DEFAULT_MAX_PAYLOAD_BYTES,
     }),

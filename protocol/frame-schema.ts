@@ -57,6 +57,7 @@ import {
   PAGE_SIZE_MAX,
   PAGE_SIZE_MIN,
   PROTOCOL_VERSION,
+  AGENT_VERSION_PATTERN,
   REF_WORDS,
   RESIDENT_SLOT_FLAG,
 } from './limits.js';
@@ -182,16 +183,20 @@ const readers: Readers = {
     }
     const version = r.optional('version');
     if (version !== PROTOCOL_VERSION) {
-      const got = version === undefined ? 'missing' : `the peer speaks protocol version ${describeValue(version)}`;
-      r.fail('version', `${got}, this agent speaks ${PROTOCOL_VERSION}`, ErrorCode.PROTOCOL_VERSION);
+      // Named when the peer says it (protocol 3 on): which build to upgrade.
+      const peerVersion = r.optional('agentVersion');
+      const named = typeof peerVersion === 'string' && AGENT_VERSION_PATTERN.test(peerVersion) ? ` (gangway ${peerVersion})` : '';
+      const got = version === undefined ? 'missing' : `the peer${named} speaks protocol version ${describeValue(version)}`;
+      r.fail('version', `${got}, this agent speaks ${PROTOCOL_VERSION}: run the same gangway release on both hosts`, ErrorCode.PROTOCOL_VERSION);
     }
     const agentId = r.string('agentId', 1, MAX_AGENT_ID_LENGTH, ID_PATTERN);
+    const agentVersion = r.string('agentVersion', 1, 64, AGENT_VERSION_PATTERN);
     const features = r.list('features', 0, MAX_FEATURES, (v, fail) =>
       checkString(v, 1, MAX_FEATURE_LENGTH, FEATURE_PATTERN, fail),
     );
     if (new Set(features).size !== features.length) r.fail('features', 'lists a feature twice');
     const maxPayloadBytes = r.integer('maxPayloadBytes', MIN_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PAYLOAD_BYTES);
-    return { type: 'hello', magic: MAGIC, version: PROTOCOL_VERSION, agentId, features, maxPayloadBytes };
+    return { type: 'hello', magic: MAGIC, version: PROTOCOL_VERSION, agentId, agentVersion, features, maxPayloadBytes };
   },
 
   offer(r) {

@@ -10,6 +10,8 @@ export interface HelloFrame {
   magic: typeof MAGIC;
   version: number;
   agentId: string;
+  /** The agent's software version (package.json's), for logs and mismatch messages. */
+  agentVersion: string;
   /** Optional capabilities; a feature is used only when both hellos list it. */
   features: string[];
   /** The largest payload this agent accepts; the other side sends no larger frame. */

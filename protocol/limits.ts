@@ -11,8 +11,12 @@ export const MAGIC = 'GWAY';
 /**
  * 2: accept carries the migration's secret and reattach must present it (a post-copy can be
  * carried on only by the agent the destination accepted it from).
+ * 3: hello carries the agent's software version (agentVersion), for logs and for the message
+ * a version mismatch gives.
  */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
+/** A software version as hello carries it ("0.1.0", "1.2.3-rc.1+deb12"). */
+export const AGENT_VERSION_PATTERN = /^[0-9A-Za-z][0-9A-Za-z.+~-]{0,63}$/;
 
 /** The per-migration secret a destination hands out in its accept (random bytes). */
 export const MIGRATION_SECRET_BYTES = 32;

@@ -14,6 +14,7 @@ import { ErrorCode, GangwayError, PeerError, ProtocolCloseCode, ProtocolError } 
 import { PROTOCOL_VERSION } from '../../protocol/limits.js';
 import { agentIdOf, describeIdentity, type CertIdentity } from './allowlist.js';
 import { allowlistRefusal, clientConnectError, identityOfPeer, REFUSAL_HEADER, serverNotAllowed, type TlsMaterial } from './tls.js';
+import { GANGWAY_VERSION } from '../version.js';
 
 export type AnyFrame = ReturnType<FrameDecoder['push']>[number];
 export type HelloFrame = FrameOf<'hello'>;
@@ -150,6 +151,7 @@ export class PeerSession extends EventEmitter {
       this.send(
         Frame.hello({
           agentId: options.agentId,
+          agentVersion: GANGWAY_VERSION,
           features: options.features,
           maxPayloadBytes: options.maxPayloadBytes,
         }),
@@ -334,7 +336,7 @@ export class PeerSession extends EventEmitter {
         );
       }
       this.peerHello = hello;
-      this.log.info({ peerAgent: hello.agentId, features: hello.features }, 'session established');
+      this.log.info({ peerAgent: hello.agentId, peerVersion: hello.agentVersion, features: hello.features }, 'session established');
       // The round trip of the idle session, before anything queues in front of it.
       this.measureRttMs().catch(() => {});
       this.resolveReady(hello);

@@ -250,7 +250,7 @@ export class MemoryDestination implements SourceSession {
 
   constructor(private readonly options: MemoryDestinationOptions = {}) {
     this.peerMaxPayloadBytes = options.maxPayloadBytes ?? 16 << 20;
-    this.peer = Frame.hello({ agentId: 'memory-destination', features: options.features ?? ['repair'], maxPayloadBytes: this.peerMaxPayloadBytes });
+    this.peer = Frame.hello({ agentId: 'memory-destination', agentVersion: '0.0.0-test', features: options.features ?? ['repair'], maxPayloadBytes: this.peerMaxPayloadBytes });
     this.decoder = new FrameDecoder({ maxPayloadBytes: this.peerMaxPayloadBytes });
     this.creditBytes = options.creditBytes ?? 8 << 20;
   }

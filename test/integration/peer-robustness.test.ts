@@ -24,7 +24,7 @@ async function rawPeer(address: string, agentId: string): Promise<RawPeer> {
     ws.once('open', resolve);
     ws.once('error', reject);
   });
-  const [head] = encodeFrame(Frame.hello({ agentId, features: [], maxPayloadBytes: 1 << 20 }));
+  const [head] = encodeFrame(Frame.hello({ agentId, agentVersion: '0.0.0-test', features: [], maxPayloadBytes: 1 << 20 }));
   ws.send(head);
   const deadline = Date.now() + 5_000;
   while (!peer.frames.some((f) => f.type === 'hello') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));

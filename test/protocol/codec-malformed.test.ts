@@ -330,7 +330,9 @@ describe('field values', () => {
     // hello identity
     ['magic HTTP', 'hello', (h) => (h.magic = 'HTTP'), 'hello.magic', ErrorCode.PROTOCOL_MAGIC],
     ['magic missing', 'hello', (h) => delete h.magic, 'hello.magic', ErrorCode.PROTOCOL_MAGIC],
-    ['version 3', 'hello', (h) => (h.version = 3), 'protocol version 3', ErrorCode.PROTOCOL_VERSION],
+    ['version 4, named by its release', 'hello', (h) => ((h.version = 4), (h.agentVersion = '0.9.1')), 'the peer (gangway 0.9.1) speaks protocol version 4, this agent speaks 3: run the same gangway release on both hosts', ErrorCode.PROTOCOL_VERSION],
+    ['version 2, which had no agentVersion', 'hello', (h) => ((h.version = 2), delete h.agentVersion), 'the peer speaks protocol version 2, this agent speaks 3', ErrorCode.PROTOCOL_VERSION],
+    ['an agentVersion that is not one', 'hello', (h) => (h.agentVersion = 'v 1; rm'), 'hello.agentVersion'],
     ['version 0', 'hello', (h) => (h.version = 0), 'protocol version 0', ErrorCode.PROTOCOL_VERSION],
     // unknown fields
     ['an unknown top-level field', 'commit', (h) => (h.extra = 1), 'commit.extra: unknown field'],
@@ -406,7 +408,7 @@ describe('the encoder refuses what the decoder would reject', () => {
     ['a ref entry without its source', Frame.pages({ ...pages, entries: Uint32Array.of(3, 0, 1), rawBytes: 0, payload: new Uint8Array(0) })],
     ['a 64-byte migration id... plus one', Frame.commit({ migrationId: 'x'.repeat(65) })],
     ['a digest of 8 bytes', Frame.verify({ migrationId: 'm', digests: [new Uint8Array(8)] })],
-    ['a hello of version 3', Frame.hello({ agentId: 'a', features: [], maxPayloadBytes: 1 << 20, version: 3 })],
+    ['a hello of another version', Frame.hello({ agentId: 'a', agentVersion: '9.0.0', features: [], maxPayloadBytes: 1 << 20, version: 99 })],
     ['a non-finite number', Frame.committed({ migrationId: 'm', resumeToSendMs: NaN })],
     ['a config key __proto__', Frame.offer({ ...example('offer'), guest: { ...example('offer').guest, config: JSON.parse('{"__proto__": 1}') } })],
     ['an unknown frame type', { type: 'bogus', migrationId: 'm' } as unknown as Frame],

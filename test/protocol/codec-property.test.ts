@@ -65,6 +65,7 @@ const frameArb: fc.Arbitrary<Frame> = fc.oneof(
   fc
     .record({
       agentId: id,
+      agentVersion: fc.stringMatching(/^[0-9A-Za-z][0-9A-Za-z.+~-]{0,63}$/),
       features: fc.uniqueArray(fc.stringMatching(/^[A-Za-z0-9._-]{1,32}$/), { maxLength: 32 }),
       maxPayloadBytes: fc.integer({ min: MIN_MAX_PAYLOAD_BYTES, max: DEFAULT_MAX_PAYLOAD_BYTES }),
     })

@@ -122,7 +122,7 @@ describe('round trip', () => {
   });
 
   test('hello fills in magic and version', () => {
-    const hello = Frame.hello({ agentId: 'a', features: [], maxPayloadBytes: 1 << 20 });
+    const hello = Frame.hello({ agentId: 'a', agentVersion: '0.1.0', features: [], maxPayloadBytes: 1 << 20 });
     expect(hello).toMatchObject({ type: 'hello', magic: 'GWAY', version: PROTOCOL_VERSION });
   });
 });
