@@ -17,5 +17,5 @@ function packageVersion(): string {
 export const GANGWAY_VERSION = packageVersion();
 export { PROTOCOL_VERSION };
 
-/** "0.1.0 (protocol 2, node v20.20.2)" */
+/** "0.1.0 (protocol 3, node v20.20.2)" */
 export const VERSION_TEXT = `${GANGWAY_VERSION} (protocol ${PROTOCOL_VERSION}, node ${process.version})`;
