@@ -1,10 +1,11 @@
-// npm run chaos: a seeded fault campaign. Each run migrates a random mix of process guests
-// (technique, gang or serial, sizes, dirty rates: all from the run's seed) between two
+// npm run chaos: a seeded fault campaign. Each run migrates a random mix of process guests and
+// QEMU VMs, some with a disk (technique, gang or serial, sizes, dirty rates: all from the run's seed) between two
 // agents and injects one fault at a random moment: kill -9 or SIGTERM of either agent (then
 // restarted), either agent stopped for a while (SIGSTOP), the link cut or its packets
 // dropped (network namespaces), the destination's memory directory filled, a cancel. Then it
 // checks that every guest runs in exactly one place (or is reported stranded), that its own
-// check finds no stale page, and that nothing of it is left once it is stopped.
+// check finds no stale page (a VM's kernel: no stale page and no stale disk block; its disk
+// on that host only), and that nothing of it is left once it is stopped.
 //
 //   npm run chaos [-- --runs N] [-- --seed S] [-- --quick] [-- --json]
 //   npm run chaos -- --replay SEED          # one run again, by the seed a violation printed
@@ -65,7 +66,7 @@ for (const note of notes) log(`note: ${note}`);
 const results: RunResult[] = [];
 try {
   for (let i = 0; i < runs && !exit.interrupted; i++) {
-    const plan = planRun(seed + i, { quick: values.quick, faults: hosts.faults });
+    const plan = planRun(seed + i, { quick: values.quick, faults: hosts.faults, vms: hosts.vms });
     log(describePlan(plan));
     const result = await hosts.runOne(plan);
     results.push(result);

@@ -10,10 +10,14 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { initCa, issueHostCert, type CertResult } from '../../agent/cli/certs.js';
+import { qemuMissing } from '../../agent/guest/qemu-guest.js';
+import { writeTestvmBaseImage } from '../../agent/guest/testvm-disk.js';
+import { runTestvmFullCheck } from '../../agent/guest/testvm-status.js';
+import { testvmDir, testvmMissing, TESTVM_KERNEL_FILE } from '../../agent/native.js';
 import { killGuestsOf, makeTempDir, startLocalAgent, type AgentStatus, type LocalAgent, type LocalAgentOptions } from '../../agent/local-agent.js';
 import { createShapedLink, netnsAvailable, run, type ShapedLink } from '../netns-link.js';
 import { judgePlacement, leftoverViolations, settled, type GuestView, type Outcome } from './invariants.js';
-import { FAULT_KINDS, LINK_FAULTS, type FaultKind, type RunPlan } from './schedule.js';
+import { FAULT_KINDS, LINK_FAULTS, VM_MEMORY_BYTES, type FaultKind, type GuestPlan, type RunPlan } from './schedule.js';
 
 const MIGRATE_TIMEOUT_MS = 180_000;
 const SETTLE_TIMEOUT_MS = 120_000;
@@ -21,7 +25,11 @@ const SETTLE_TIMEOUT_MS = 120_000;
 const CHECK_TIMEOUT_MS = 30_000;
 const MEMORY_TMPFS_BYTES = 768 * 1024 * 1024;
 const PEER_PORT = 7731;
-const GUEST_BIN = 'gangway-guest';
+/** The run's guest processes: gangway-guest, and QEMU for VMs (both name the guest on their command line). */
+const GUEST_PROCESSES = 'gangway-guest|qemu-system';
+/** A VM's kernel answers a full check of 64 MiB (and its disk) in seconds under TCG; a loaded host needs more. */
+const VM_CHECK_TIMEOUT_MS = 90_000;
+const VM_DISK_BYTES = 16 * 1024 * 1024;
 
 export interface RunResult {
   plan: RunPlan;
@@ -41,6 +49,8 @@ type Role = 'source' | 'destination';
 
 export class ChaosHosts {
   readonly faults: readonly FaultKind[];
+  /** QEMU and the test kernel are here: runs may move VMs, with disks. */
+  readonly vms: boolean;
   private readonly agents: Record<Role, LocalAgent | undefined> = { source: undefined, destination: undefined };
   private readonly options: Record<Role, LocalAgentOptions>;
   private constructor(
@@ -49,8 +59,10 @@ export class ChaosHosts {
     private readonly memoryDir: string | undefined,
     options: Record<Role, LocalAgentOptions>,
     readonly to: string,
+    vms: boolean,
   ) {
     this.options = options;
+    this.vms = vms;
     this.faults = FAULT_KINDS.filter((kind) => (link || !LINK_FAULTS.includes(kind)) && (memoryDir || kind !== 'memory-full'));
   }
 
@@ -82,12 +94,21 @@ export class ChaosHosts {
       const destinationListen = link ? `${link.addrB}:${PEER_PORT}` : `127.0.0.1:${await freePort()}`;
       // A short peer timeout: a stalled or cut-off peer is noticed within seconds, not the default 15.
       const common = ['--peer-timeout', '4s', '--postcopy-reattach', '90s'];
+      const vmMissing = qemuMissing() ?? testvmMissing();
+      if (vmMissing) notes.push(`no VMs: ${vmMissing}`);
+      // Each host's VM disks directory: a moved disk arrives in the destination's.
+      const vmArgs = (role: Role) => {
+        if (vmMissing) return [];
+        const disks = join(tmp, `${role}-disks`);
+        mkdirSync(disks, { mode: 0o700 });
+        return ['--vm-images-dir', testvmDir, '--vm-disks-dir', disks];
+      };
       const options: Record<Role, LocalAgentOptions> = {
         source: {
           stateDir: join(tmp, 'source'),
           listen: sourceListen,
           tls: tls(sourceCert, destinationCert),
-          args: common,
+          args: [...common, ...vmArgs('source')],
           ...(mainPath ? { mainPath } : {}),
           ...(link ? { wrap: link.netnsExecPrefix(link.nsA) } : {}),
         },
@@ -95,12 +116,12 @@ export class ChaosHosts {
           stateDir: join(tmp, 'destination'),
           listen: destinationListen,
           tls: tls(destinationCert, sourceCert),
-          args: [...common, ...(memoryDir ? ['--memory-dir', memoryDir] : [])],
+          args: [...common, ...vmArgs('destination'), ...(memoryDir ? ['--memory-dir', memoryDir] : [])],
           ...(mainPath ? { mainPath } : {}),
           ...(link ? { wrap: link.netnsExecPrefix(link.nsB) } : {}),
         },
       };
-      const hosts = new ChaosHosts(tmp, link, memoryDir, options, destinationListen);
+      const hosts = new ChaosHosts(tmp, link, memoryDir, options, destinationListen, vmMissing === undefined);
       await hosts.start('source');
       await hosts.start('destination');
       return hosts;
@@ -146,19 +167,7 @@ export class ChaosHosts {
       mark = now;
     };
     try {
-      const source = this.agent('source');
-      for (const guest of plan.guests) {
-        await source.client.call('POST', '/v1/guests', {
-          name: guest.name,
-          memoryBytes: guest.memoryBytes,
-          profile: 'os-image',
-          dirtyRateBytesPerSec: guest.dirtyRateBytesPerSec,
-          seed: plan.seed,
-          imageSeed: 1,
-          sharedFraction: 0.5,
-          hotFraction: 0.25,
-        });
-      }
+      for (const guest of plan.guests) await this.startGuest(guest, plan.seed);
       const migrate = execa(
         process.execPath,
         [this.options.source.mainPath ?? 'dist/agent/main.js', 'migrate', ...names, '--to', this.to, '--technique', plan.technique, '--strategy', plan.strategy, '--json', '--state-dir', this.options.source.stateDir],
@@ -184,7 +193,7 @@ export class ChaosHosts {
       lap('migrate');
       await this.settle(names, violations);
       lap('settle');
-      await this.judge(names, outcomes, violations);
+      await this.judge(plan, names, outcomes, violations);
       lap('check');
     } catch (err) {
       violations.push(`the run failed: ${(err as Error).message}`);
@@ -195,6 +204,42 @@ export class ChaosHosts {
       lap('cleanup');
     }
     return { plan, outcomes, migrateExit, faultNote, violations, migrateErrors, phasesMs, seconds: (performance.now() - started) / 1000 };
+  }
+
+  /** The disk file of a VM of the run, in a host's disks directory. */
+  private diskPath(role: Role, name: string): string {
+    return join(this.tmp, `${role}-disks`, `${name}.raw`);
+  }
+
+  private async startGuest(guest: GuestPlan, seed: number): Promise<void> {
+    const source = this.agent('source');
+    if (guest.kind === 'process') {
+      await source.client.call('POST', '/v1/guests', {
+        name: guest.name,
+        memoryBytes: guest.memoryBytes,
+        profile: 'os-image',
+        dirtyRateBytesPerSec: guest.dirtyRateBytesPerSec,
+        seed,
+        imageSeed: 1,
+        sharedFraction: 0.5,
+        hotFraction: 0.25,
+      });
+      return;
+    }
+    // The test kernel: random pages rewritten at its rate, each checked when it is revisited;
+    // with a disk, 2048 base blocks and 256 hot ones rewritten and checked likewise.
+    const rate = guest.vmPagesPerSec ? `gw.rate=${guest.vmPagesPerSec}` : 'gw.rate=0';
+    let append = `gw.profile=random gw.seed=${seed % 100000} ${rate}`;
+    if (guest.disk) {
+      writeTestvmBaseImage(this.diskPath('source', guest.name), { sizeBytes: VM_DISK_BYTES, baseBlocks: 2048, imageSeed: 7n });
+      append += ' gw.image_seed=7 gw.disk_base=2048 gw.disk_hot=256 gw.disk_rate=200';
+    }
+    await source.client.call('POST', '/v1/vms', {
+      name: guest.name,
+      definition: { machine: 'q35', cpus: 1, accel: 'tcg', kernel: TESTVM_KERNEL_FILE, append },
+      regionBytes: [VM_MEMORY_BYTES],
+      ...(guest.disk ? { disks: [`${guest.name}.raw`] } : {}),
+    });
   }
 
   /** Resolves true once the source lists a running outgoing migration of the run's guests, false if the command ended first. */
@@ -322,7 +367,34 @@ export class ChaosHosts {
     }
   }
 
-  private async judge(names: readonly string[], outcomes: RunResult['outcomes'], violations: string[]): Promise<void> {
+  /**
+   * A VM where it runs: its kernel's full check of every page (and every block of its disk)
+   * finds nothing stale, nor did its running checks; its disk file is on that host only.
+   */
+  private async judgeVm(guest: GuestPlan, role: Role, view: GuestView): Promise<string[]> {
+    const problems: string[] = [];
+    const at = `at the ${role}`;
+    if (!view.memoryPath) return [`${guest.name}: the ${role} lists no memory file for the VM`];
+    try {
+      const status = await runTestvmFullCheck(view.memoryPath, VM_CHECK_TIMEOUT_MS, 100);
+      if (status.checkStalePages > 0 || status.stalePages > 0) problems.push(`${guest.name}: its kernel found ${status.checkStalePages} stale pages in a full check (${status.stalePages} while running) ${at}`);
+      if (guest.disk) {
+        const disk = status.disk;
+        if (!disk || disk.state !== 'running') problems.push(`${guest.name}: its kernel's disk is ${disk?.state ?? 'absent'} ${at}`);
+        else if (disk.checkStaleBlocks > 0 || disk.staleBlocks > 0 || disk.errors > 0) problems.push(`${guest.name}: its kernel found ${disk.checkStaleBlocks} stale blocks in a full check (${disk.staleBlocks} while running, ${disk.errors} I/O errors) ${at}`);
+      }
+    } catch (err) {
+      problems.push(`${guest.name}: ${(err as Error).message} ${at}`);
+    }
+    if (guest.disk) {
+      const other: Role = role === 'source' ? 'destination' : 'source';
+      if (!existsSync(this.diskPath(role, guest.name))) problems.push(`${guest.name}: runs ${at} without its disk file there`);
+      if (existsSync(this.diskPath(other, guest.name))) problems.push(`${guest.name}: runs ${at}, and the ${other} still has a copy of its disk`);
+    }
+    return problems;
+  }
+
+  private async judge(plan: RunPlan, names: readonly string[], outcomes: RunResult['outcomes'], violations: string[]): Promise<void> {
     const views = async () => {
       const [source, destination] = await Promise.all([this.agent('source').status(), this.agent('destination').status()]);
       return names.map((name) => ({ name, source: source.guests.find((g) => g.name === name), destination: destination.guests.find((g) => g.name === name) }));
@@ -344,6 +416,10 @@ export class ChaosHosts {
       const verdict = judgePlacement(placement);
       if (verdict.outcome) outcomes[placement.name] = verdict.outcome;
       violations.push(...verdict.violations);
+      const guest = plan.guests.find((g) => g.name === placement.name)!;
+      if (guest.kind === 'vm' && (verdict.outcome === 'moved' || verdict.outcome === 'stayed')) {
+        violations.push(...(await this.judgeVm(guest, verdict.outcome === 'moved' ? 'destination' : 'source', verdict.outcome === 'moved' ? placement.destination! : placement.source!)));
+      }
       const running = [placement.source, placement.destination].find((v) => v?.state === 'running');
       if (running && !ownCheckDone(running)) violations.push(`${placement.name}: its own check did not finish within ${CHECK_TIMEOUT_MS / 1000} s`);
     }
@@ -373,7 +449,7 @@ export class ChaosHosts {
     const records = (['source', 'destination'] as const).flatMap((role) =>
       names.map((n) => join(this.options[role].stateDir, 'guests', `${n}.json`)).filter((path) => existsSync(path)),
     );
-    const processes = (await execa('pgrep', ['-af', GUEST_BIN], { reject: false })).stdout
+    const processes = (await execa('pgrep', ['-af', GUEST_PROCESSES], { reject: false })).stdout
       .split('\n')
       .filter((line) => names.some((n) => line.includes(n)));
     problems.push(...leftoverViolations({ processes, memoryFiles, records }));
@@ -383,6 +459,8 @@ export class ChaosHosts {
       if (Number.isInteger(pid) && pid > 0) process.kill(pid, 'SIGKILL');
     }
     for (const file of [...memoryFiles, ...records]) rmSync(file, { force: true });
+    // The disks are the operator's (a stopped VM leaves its disk): the run's go now.
+    for (const role of ['source', 'destination'] as const) for (const name of names) rmSync(this.diskPath(role, name), { force: true });
     return problems;
   }
 

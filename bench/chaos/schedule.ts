@@ -22,8 +22,15 @@ export const LINK_FAULTS: readonly FaultKind[] = ['link-down', 'drop'];
 
 export interface GuestPlan {
   name: string;
+  /** A gangway-guest process, or a QEMU VM on the test kernel (which checks its own pages and blocks). */
+  kind: 'process' | 'vm';
   memoryBytes: number;
+  /** A process guest's; a VM's kernel rewrites vmPagesPerSec pages a second instead. */
   dirtyRateBytesPerSec: number;
+  /** VM: pages the kernel rewrites a second. */
+  vmPagesPerSec?: number;
+  /** VM: it has a raw disk it writes (moved with it). */
+  disk?: boolean;
 }
 
 export interface RunPlan {
@@ -44,18 +51,31 @@ export interface PlanOptions {
   quick: boolean;
   /** The fault kinds this campaign can inject (no link faults without namespaces, no memory-full without a tmpfs). */
   faults: readonly FaultKind[];
+  /** QEMU and the test kernel are here: a third of the guests are VMs, half of those with a disk. */
+  vms?: boolean;
 }
+
+/** A chaos VM: the test kernel in 64 MiB (TCG), its disk 16 MiB with 8 MiB of base content. */
+export const VM_MEMORY_BYTES = 64 * 1024 * 1024;
 
 const MiB = 1024 * 1024;
 
 export function planRun(seed: number, options: PlanOptions): RunPlan {
   const rng = new Rng(seed);
   const count = 1 + rng.below(options.quick ? 2 : 3);
-  const guests = Array.from({ length: count }, (_, i) => ({
-    name: `chaos${seed % 100000}-${i}`,
-    memoryBytes: (options.quick ? 32 + 16 * rng.below(3) : 64 + 32 * rng.below(4)) * MiB,
-    dirtyRateBytesPerSec: rng.pick([0, 2, 8, 20]) * MiB,
-  }));
+  const guests = Array.from({ length: count }, (_, i): GuestPlan => {
+    const guest: GuestPlan = {
+      name: `chaos${seed % 100000}-${i}`,
+      kind: 'process',
+      memoryBytes: (options.quick ? 32 + 16 * rng.below(3) : 64 + 32 * rng.below(4)) * MiB,
+      dirtyRateBytesPerSec: rng.pick([0, 2, 8, 20]) * MiB,
+    };
+    // Drawn only when VMs can run, so that a campaign without them replays its seeds as before.
+    if (options.vms && rng.below(3) === 0) {
+      return { ...guest, kind: 'vm', memoryBytes: VM_MEMORY_BYTES, dirtyRateBytesPerSec: 0, vmPagesPerSec: rng.pick([0, 256, 1024]), disk: rng.below(2) === 0 };
+    }
+    return guest;
+  });
   return {
     seed,
     guests,
@@ -74,6 +94,8 @@ export function planRun(seed: number, options: PlanOptions): RunPlan {
 
 /** One line: what the run does. */
 export function describePlan(plan: RunPlan): string {
-  const guests = plan.guests.map((g) => `${g.name} ${g.memoryBytes / MiB} MiB @${g.dirtyRateBytesPerSec / MiB} MiB/s`).join(', ');
+  const guests = plan.guests
+    .map((g) => (g.kind === 'vm' ? `${g.name} VM ${g.memoryBytes / MiB} MiB @${g.vmPagesPerSec} pages/s${g.disk ? ' +disk' : ''}` : `${g.name} ${g.memoryBytes / MiB} MiB @${g.dirtyRateBytesPerSec / MiB} MiB/s`))
+    .join(', ');
   return `seed ${plan.seed}: ${plan.technique} ${plan.guests.length > 1 ? plan.strategy : 'single'} [${guests}], fault ${plan.fault.kind} at ${plan.fault.atMs} ms for ${plan.fault.forMs} ms`;
 }
