@@ -5,16 +5,24 @@
 // talking mutual TLS (wss, certificates from `gangway certs`: what TLS costs the stream);
 // OS-image-like pages with LZ4 forced and with the adaptive codec.
 //
-//   npm run bench:stream [-- --quick] [-- --json] [-- --repeat N]
+// Beside the rates, the CPU time each agent spent per GiB of guest memory it moved (utime +
+// stime from /proc/PID/stat around the migration): on a machine whose cores both agents
+// and other work share, the rate says what the stream got, the CPU seconds what it costs.
+//
+//   npm run bench:stream [-- --quick] [-- --json] [-- --repeat N] [-- --case SUBSTRING]
+//     [-- --cpu-prof DIR]   (V8 CPU profiles of the agents, written when they stop)
 import { parseArgs } from 'node:util';
 import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent } from '../agent/local-agent.js';
 import type { MigrationSummary } from '../agent/migration/source.js';
 import { rmSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import { barChartSvg, markdownTable, median, prefaultMemory, writeResults } from './report.js';
 import { iperf3Loopback, nodeTcpLoopback } from './tcp-baseline.js';
 import { initCa, issueHostCert } from '../agent/cli/certs.js';
+import { clockTicksPerSec, readCpuSeconds } from './qemu-vm.js';
 
 const MiB = 1024 * 1024;
+const GiB = 1024 * MiB;
 const GB = 1e9;
 
 const { values } = parseArgs({
@@ -22,6 +30,8 @@ const { values } = parseArgs({
     quick: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },
     repeat: { type: 'string' },
+    case: { type: 'string', multiple: true },
+    'cpu-prof': { type: 'string' },
   },
 });
 const memoryBytes = (values.quick ? 256 : 1024) * MiB;
@@ -36,19 +46,40 @@ interface Case {
   /** Between the pair of agents that talk mutual TLS. */
   tls?: boolean;
 }
-const cases: Case[] = [
+const allCases: Case[] = [
   { name: 'incompressible, no compression', profile: 'random', codec: 'raw' },
   { name: 'incompressible, no compression, dedup', profile: 'random', codec: 'raw', dedup: true },
   { name: 'incompressible, no compression, mutual TLS', profile: 'random', codec: 'raw', tls: true },
   { name: 'OS-image-like, LZ4', profile: 'os-image', codec: 'lz4' },
   { name: 'OS-image-like, adaptive codec', profile: 'os-image', codec: 'auto' },
 ];
+// --case picks cases by a substring of their name (a profile of one case, a quicker look).
+const cases = values.case ? allCases.filter((c) => values.case!.some((part) => c.name.includes(part))) : allCases;
+if (cases.length === 0) {
+  console.error(`--case ${values.case!.join(', ')} matches none of: ${allCases.map((c) => c.name).join('; ')}`);
+  process.exit(2);
+}
+const nodeArgs = values['cpu-prof'] ? ['--cpu-prof', '--cpu-prof-dir', values['cpu-prof']] : [];
+const ticksPerSec = await clockTicksPerSec();
 
 function log(line: string) {
   if (!values.json) console.error(line);
 }
 
-async function migrateOnce(pair: { source: LocalAgent; destination: LocalAgent }, c: Case, n: number): Promise<MigrationSummary> {
+interface Measured {
+  summary: MigrationSummary;
+  /** CPU seconds each agent spent during the migration. */
+  cpuSecondsSource: number;
+  cpuSecondsDestination: number;
+}
+
+function cpuSecondsOf(agent: LocalAgent): number {
+  const seconds = readCpuSeconds(agent.pid, ticksPerSec);
+  if (seconds === undefined) throw new Error(`agent ${agent.pid} is gone; see ${agent.logPath}`);
+  return seconds;
+}
+
+async function migrateOnce(pair: { source: LocalAgent; destination: LocalAgent }, c: Case, n: number): Promise<Measured> {
   const { source, destination } = pair;
   const name = `bench-${c.profile}-${c.codec}-${n}`;
   await source.client.call('POST', '/v1/guests', {
@@ -61,26 +92,30 @@ async function migrateOnce(pair: { source: LocalAgent; destination: LocalAgent }
     sharedFraction: 0,
     hotFraction: 0,
   });
+  const cpuSource = cpuSecondsOf(source);
+  const cpuDestination = cpuSecondsOf(destination);
   const group = await source.client.migrate({ guests: [name], to: destination.listen, codec: c.codec, dedup: c.dedup ?? false });
+  const cpuSecondsSource = cpuSecondsOf(source) - cpuSource;
+  const cpuSecondsDestination = cpuSecondsOf(destination) - cpuDestination;
   const summary = group.guests[0]!;
   await destination.client.call('DELETE', `/v1/guests/${name}`);
-  return summary;
+  return { summary, cpuSecondsSource, cpuSecondsDestination };
 }
 
 const tmp = makeTempDir('gangway-bench-');
 const agents: LocalAgent[] = [];
 try {
-  const source = await startLocalAgent({ stateDir: `${tmp}/source` });
+  const source = await startLocalAgent({ stateDir: `${tmp}/source`, nodeArgs });
   agents.push(source);
-  const destination = await startLocalAgent({ stateDir: `${tmp}/destination` });
+  const destination = await startLocalAgent({ stateDir: `${tmp}/destination`, nodeArgs });
   agents.push(destination);
   // The same pair again, talking wss with client certificates.
   await initCa({ dir: `${tmp}/tls`, days: 1 });
   const certs = await Promise.all(['bench-a', 'bench-b'].map((name) => issueHostCert({ dir: `${tmp}/tls`, name, sans: ['127.0.0.1'], validity: { days: 1 } })));
   const tls = (own: number) => ({ cert: certs[own]!.certPath, key: certs[own]!.keyPath, ca: certs[own]!.caPath, allow: [own === 0 ? 'bench-b' : 'bench-a'] });
-  const tlsSource = await startLocalAgent({ stateDir: `${tmp}/tls-source`, tls: tls(0) });
+  const tlsSource = await startLocalAgent({ stateDir: `${tmp}/tls-source`, tls: tls(0), nodeArgs });
   agents.push(tlsSource);
-  const tlsDestination = await startLocalAgent({ stateDir: `${tmp}/tls-destination`, tls: tls(1) });
+  const tlsDestination = await startLocalAgent({ stateDir: `${tmp}/tls-destination`, tls: tls(1), nodeArgs });
   agents.push(tlsDestination);
   const pairOf = (c: Case) => (c.tls ? { source: tlsSource, destination: tlsDestination } : { source, destination });
 
@@ -90,21 +125,26 @@ try {
   for (const c of cases) await migrateOnce(pairOf(c), c, 100);
 
   const tcp: number[] = [];
-  const byCase = new Map<string, { rate: number[]; wire: number[]; total: number[] }>();
+  const byCase = new Map<string, { rate: number[]; wire: number[]; total: number[]; cpuSource: number[]; cpuDestination: number[] }>();
   for (let n = 0; n < repeat; n++) {
     // Interleave baseline and cases so drift on a shared machine hits both alike.
     tcp.push(await nodeTcpLoopback(memoryBytes));
     log(`run ${n + 1}/${repeat}: node:net loopback ${(tcp.at(-1)! / GB).toFixed(2)} GB/s`);
     for (const c of cases) {
-      const summary = await migrateOnce(pairOf(c), c, n);
+      const { summary, cpuSecondsSource, cpuSecondsDestination } = await migrateOnce(pairOf(c), c, n);
       const round0 = summary.rounds[0]!;
       const rate = (round0.pages * 4096 * 1000) / round0.durationMs;
-      const entry = byCase.get(c.name) ?? { rate: [], wire: [], total: [] };
+      const entry = byCase.get(c.name) ?? { rate: [], wire: [], total: [], cpuSource: [], cpuDestination: [] };
       entry.rate.push(rate);
       entry.wire.push(summary.wireBytes);
       entry.total.push(summary.totalMs);
+      entry.cpuSource.push(cpuSecondsSource / (memoryBytes / GiB));
+      entry.cpuDestination.push(cpuSecondsDestination / (memoryBytes / GiB));
       byCase.set(c.name, entry);
-      log(`run ${n + 1}/${repeat}: ${c.name}: ${(rate / GB).toFixed(2)} GB/s of guest memory, ${(summary.wireBytes / MiB).toFixed(0)} MiB on the wire`);
+      log(
+        `run ${n + 1}/${repeat}: ${c.name}: ${(rate / GB).toFixed(2)} GB/s of guest memory, ${(summary.wireBytes / MiB).toFixed(0)} MiB on the wire, ` +
+          `CPU ${entry.cpuSource.at(-1)!.toFixed(2)} s/GiB at the source, ${entry.cpuDestination.at(-1)!.toFixed(2)} s/GiB at the destination`,
+      );
     }
   }
   const iperf = await iperf3Loopback(values.quick ? 2 : 4);
@@ -117,6 +157,8 @@ try {
     wireBytes: median(e.wire),
     memoryBytes,
     totalMs: median(e.total),
+    cpuSecondsPerGiBSource: median(e.cpuSource),
+    cpuSecondsPerGiBDestination: median(e.cpuDestination),
   }));
   const result = {
     bench: 'stream',
@@ -124,6 +166,8 @@ try {
     memoryBytes,
     repeat,
     prefaultMs,
+    /** The load average (1 min) at the end: the machine's other work, which the rates share it with. */
+    loadAverage1m: loadavg()[0]!,
     baseline: { nodeTcpLoopbackBytesPerSec: tcpRate, iperf3LoopbackBytesPerSec: iperf ?? null },
     cases: rows,
   };
@@ -137,22 +181,24 @@ try {
   else {
     console.log(
       markdownTable(
-        ['case', 'guest GB/s', 'vs node:net TCP', 'vs iperf3', 'wire MiB', 'memory MiB'],
+        ['case', 'guest GB/s', 'vs node:net TCP', 'vs iperf3', 'CPU s/GiB source', 'CPU s/GiB destination', 'wire MiB', 'memory MiB'],
         [
-          ['node:net TCP loopback (baseline)', (tcpRate / GB).toFixed(2), '1.00', iperf ? (tcpRate / iperf).toFixed(2) : 'n/a', '', ''],
-          ...(iperf ? [['iperf3 TCP loopback', (iperf / GB).toFixed(2), (iperf / tcpRate).toFixed(2), '1.00', '', '']] : []),
+          ['node:net TCP loopback (baseline)', (tcpRate / GB).toFixed(2), '1.00', iperf ? (tcpRate / iperf).toFixed(2) : 'n/a', '', '', '', ''],
+          ...(iperf ? [['iperf3 TCP loopback', (iperf / GB).toFixed(2), (iperf / tcpRate).toFixed(2), '1.00', '', '', '', '']] : []),
           ...rows.map((r) => [
             r.case,
             (r.guestBytesPerSec / GB).toFixed(2),
             r.ratioToNodeTcp.toFixed(2),
             r.ratioToIperf3 === null ? 'n/a' : r.ratioToIperf3.toFixed(2),
+            r.cpuSecondsPerGiBSource.toFixed(2),
+            r.cpuSecondsPerGiBDestination.toFixed(2),
             (r.wireBytes / MiB).toFixed(0),
             (memoryBytes / MiB).toFixed(0),
           ]),
         ],
       ),
     );
-    console.log(`\nresults: ${path}`);
+    console.log(`\nload average ${result.loadAverage1m.toFixed(2)} (1 min) at the end; results: ${path}`);
   }
 } finally {
   for (const agent of agents) await killGuestsOf(agent);
