@@ -14,7 +14,7 @@
 import { parseArgs } from 'node:util';
 import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent } from '../agent/local-agent.js';
 import type { MigrationSummary } from '../agent/migration/source.js';
-import { rmSync } from 'node:fs';
+import { readFileSync, rmSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { barChartSvg, markdownTable, median, prefaultMemory, writeResults } from './report.js';
 import { iperf3Loopback, nodeTcpLoopback } from './tcp-baseline.js';
@@ -71,6 +71,14 @@ interface Measured {
   /** CPU seconds each agent spent during the migration. */
   cpuSecondsSource: number;
   cpuSecondsDestination: number;
+  minorFaultsSource: number;
+  minorFaultsDestination: number;
+}
+
+/** Minor page faults of process `pid` so far (field 10 of /proc/PID/stat): fresh memory the stream touched, which CPU time on a busy machine hides. */
+function minorFaultsOf(agent: LocalAgent): number {
+  const stat = readFileSync(`/proc/${agent.pid}/stat`, 'utf8');
+  return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[7]);
 }
 
 function cpuSecondsOf(agent: LocalAgent): number {
@@ -94,12 +102,16 @@ async function migrateOnce(pair: { source: LocalAgent; destination: LocalAgent }
   });
   const cpuSource = cpuSecondsOf(source);
   const cpuDestination = cpuSecondsOf(destination);
+  const faultsSource = minorFaultsOf(source);
+  const faultsDestination = minorFaultsOf(destination);
   const group = await source.client.migrate({ guests: [name], to: destination.listen, codec: c.codec, dedup: c.dedup ?? false });
   const cpuSecondsSource = cpuSecondsOf(source) - cpuSource;
   const cpuSecondsDestination = cpuSecondsOf(destination) - cpuDestination;
+  const minorFaultsSource = minorFaultsOf(source) - faultsSource;
+  const minorFaultsDestination = minorFaultsOf(destination) - faultsDestination;
   const summary = group.guests[0]!;
   await destination.client.call('DELETE', `/v1/guests/${name}`);
-  return { summary, cpuSecondsSource, cpuSecondsDestination };
+  return { summary, cpuSecondsSource, cpuSecondsDestination, minorFaultsSource, minorFaultsDestination };
 }
 
 const tmp = makeTempDir('gangway-bench-');
@@ -125,25 +137,28 @@ try {
   for (const c of cases) await migrateOnce(pairOf(c), c, 100);
 
   const tcp: number[] = [];
-  const byCase = new Map<string, { rate: number[]; wire: number[]; total: number[]; cpuSource: number[]; cpuDestination: number[] }>();
+  const byCase = new Map<string, { rate: number[]; wire: number[]; total: number[]; cpuSource: number[]; cpuDestination: number[]; faultsSource: number[]; faultsDestination: number[] }>();
   for (let n = 0; n < repeat; n++) {
     // Interleave baseline and cases so drift on a shared machine hits both alike.
     tcp.push(await nodeTcpLoopback(memoryBytes));
     log(`run ${n + 1}/${repeat}: node:net loopback ${(tcp.at(-1)! / GB).toFixed(2)} GB/s`);
     for (const c of cases) {
-      const { summary, cpuSecondsSource, cpuSecondsDestination } = await migrateOnce(pairOf(c), c, n);
+      const { summary, cpuSecondsSource, cpuSecondsDestination, minorFaultsSource, minorFaultsDestination } = await migrateOnce(pairOf(c), c, n);
       const round0 = summary.rounds[0]!;
       const rate = (round0.pages * 4096 * 1000) / round0.durationMs;
-      const entry = byCase.get(c.name) ?? { rate: [], wire: [], total: [], cpuSource: [], cpuDestination: [] };
+      const entry = byCase.get(c.name) ?? { rate: [], wire: [], total: [], cpuSource: [], cpuDestination: [], faultsSource: [], faultsDestination: [] };
       entry.rate.push(rate);
       entry.wire.push(summary.wireBytes);
       entry.total.push(summary.totalMs);
       entry.cpuSource.push(cpuSecondsSource / (memoryBytes / GiB));
       entry.cpuDestination.push(cpuSecondsDestination / (memoryBytes / GiB));
+      entry.faultsSource.push(minorFaultsSource / (memoryBytes / GiB));
+      entry.faultsDestination.push(minorFaultsDestination / (memoryBytes / GiB));
       byCase.set(c.name, entry);
       log(
         `run ${n + 1}/${repeat}: ${c.name}: ${(rate / GB).toFixed(2)} GB/s of guest memory, ${(summary.wireBytes / MiB).toFixed(0)} MiB on the wire, ` +
-          `CPU ${entry.cpuSource.at(-1)!.toFixed(2)} s/GiB at the source, ${entry.cpuDestination.at(-1)!.toFixed(2)} s/GiB at the destination`,
+          `CPU ${entry.cpuSource.at(-1)!.toFixed(2)} s/GiB at the source, ${entry.cpuDestination.at(-1)!.toFixed(2)} s/GiB at the destination, ` +
+          `${Math.round(entry.faultsSource.at(-1)!)} / ${Math.round(entry.faultsDestination.at(-1)!)} minor faults per GiB`,
       );
     }
   }
@@ -159,6 +174,8 @@ try {
     totalMs: median(e.total),
     cpuSecondsPerGiBSource: median(e.cpuSource),
     cpuSecondsPerGiBDestination: median(e.cpuDestination),
+    minorFaultsPerGiBSource: median(e.faultsSource),
+    minorFaultsPerGiBDestination: median(e.faultsDestination),
   }));
   const result = {
     bench: 'stream',
