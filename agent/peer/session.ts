@@ -477,18 +477,24 @@ function toProtocolError(err: unknown): GangwayError {
   });
 }
 
+/**
+ * The client's masking key: all zeros, which RFC 6455 allows (the key must be present, not
+ * random for non-browser clients). Masking exists so that script in a browser cannot put
+ * chosen bytes on the wire and poison an intermediary's cache; between two agents, over
+ * mutual TLS or loopback, there is no such script and no such intermediary, so it buys
+ * nothing. With a zero key ws (8.x, sender.js) sends the payload as it is, and the
+ * receiving ws skips unmasking it: a real key would cost a masked copy of every page at
+ * the source and an unmasking pass at the destination (test/agent/peer-mask.test.ts).
+ */
 const ZERO_MASK = (mask: Uint8Array) => mask.fill(0);
 
-/**
- * Connects to a peer agent. Masking is skipped (a zero mask, which RFC 6455 allows):
- * it protects browsers' proxies from script-chosen bytes, which is not this threat model,
- * and it would cost a copy of every page.
- */
+/** How connectPeer dials a peer agent. */
 export interface ConnectOptions extends Omit<SessionOptions, 'role'> {
   /** Mutual TLS (wss): without it the peer is dialed with plain ws. */
   tls?: TlsMaterial;
 }
 
+/** Connects to a peer agent (the client side of a session; its frames carry ZERO_MASK). */
 export function connectPeer(address: string, options: ConnectOptions): Promise<PeerSession> {
   return new Promise((resolve, reject) => {
     const { tls, ...sessionOptions } = options;
