@@ -56,7 +56,7 @@ const allCases: Case[] = [
 // --case picks cases by a substring of their name (a profile of one case, a quicker look).
 const cases = values.case ? allCases.filter((c) => values.case!.some((part) => c.name.includes(part))) : allCases;
 if (cases.length === 0) {
-  console.error(`--case ${values.case!.join(', ')} matches none of: ${allCases.map((c) => c.name).join('; ')}`);
+  console.error(`--case ${values.case!.map((part) => JSON.stringify(part)).join(', ')} is in no case's name; give part of one of: ${allCases.map((c) => c.name).join('; ')}`);
   process.exit(2);
 }
 const nodeArgs = values['cpu-prof'] ? ['--cpu-prof', '--cpu-prof-dir', values['cpu-prof']] : [];
