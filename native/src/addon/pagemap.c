@@ -15,20 +15,34 @@
 
 #define SCAN_VEC_LEN 1024
 
+/*
+ * The written runs, as (first page, page count) pairs. One ioctl returns its runs in
+ * address order, but the loop below can get a run that lies before runs it already has:
+ * when a walk fills the kernel's bounce buffer (one PMD's worth of entries, 512) but not
+ * our vector, Linux 6.18's do_pagemap_scan walks on to the end and returns every run, yet
+ * hands back the walk_end of its first, stopped walk. We then scan from there again, and a
+ * page written since the first ioctl passed it comes back below the last run we hold. The
+ * second ioctl has write-protected it, so dropping that run loses the write for good
+ * (native/repro/README.md, scan-split.c): runs out of order are kept, and sorted and merged
+ * at the end.
+ */
 typedef struct {
   uint32_t *pairs;
   size_t n, cap; /* in pairs */
   uint64_t last_end; /* page index after the last pair */
+  bool unsorted; /* a pair starts before the one added before it */
 } pair_list_t;
 
 static bool pairs_add(pair_list_t *l, uint64_t first, uint64_t end) {
-  if (l->n > 0 && first <= l->last_end) { /* adjacent or overlapping (page > 4 KiB) */
+  if (l->n > 0 && first >= l->pairs[2 * l->n - 2] && first <= l->last_end) {
+    /* adjacent to or overlapping the last pair (pages > 4 KiB, or a scan again) */
     if (end > l->last_end) {
       l->pairs[2 * l->n - 1] += (uint32_t)(end - l->last_end);
       l->last_end = end;
     }
     return true;
   }
+  if (l->n > 0 && first < l->pairs[2 * l->n - 2]) l->unsorted = true;
   if (l->n == l->cap) {
     size_t cap = l->cap ? l->cap * 2 : 64;
     uint32_t *p = realloc(l->pairs, cap * 2 * sizeof(uint32_t));
@@ -41,6 +55,33 @@ static bool pairs_add(pair_list_t *l, uint64_t first, uint64_t end) {
   l->n++;
   l->last_end = end;
   return true;
+}
+
+static int pair_cmp(const void *a, const void *b) {
+  const uint32_t x = ((const uint32_t *)a)[0], y = ((const uint32_t *)b)[0];
+  return x < y ? -1 : x > y;
+}
+
+/* Sorts the pairs by first page and merges overlapping and adjacent ones, in place. */
+static void pairs_normalize(pair_list_t *l) {
+  if (!l->unsorted) return;
+  qsort(l->pairs, l->n, 2 * sizeof(uint32_t), pair_cmp);
+  size_t out = 0;
+  for (size_t i = 0; i < l->n; i++) {
+    const uint64_t first = l->pairs[2 * i], end = first + l->pairs[2 * i + 1];
+    if (out > 0) {
+      const uint64_t prev_first = l->pairs[2 * out - 2], prev_end = prev_first + l->pairs[2 * out - 1];
+      if (first <= prev_end) {
+        if (end > prev_end) l->pairs[2 * out - 1] = (uint32_t)(end - prev_first);
+        continue;
+      }
+    }
+    l->pairs[2 * out] = (uint32_t)first;
+    l->pairs[2 * out + 1] = (uint32_t)(end - first);
+    out++;
+  }
+  l->n = out;
+  l->unsorted = false;
 }
 
 static const char *scan_errno_text(int err) {
@@ -133,6 +174,7 @@ napi_value PagemapScan(napi_env env, napi_callback_info info) {
     cur = arg.walk_end;
   }
 
+  pairs_normalize(&list);
   napi_value ab, result;
   void *dst = NULL;
   if (napi_create_arraybuffer(env, list.n * 2 * sizeof(uint32_t), &dst, &ab) != napi_ok) {
