@@ -124,7 +124,8 @@ export interface NativeAddon {
   /**
    * PAGEMAP_SCAN over [startAddress, startAddress + lengthBytes) of the process whose
    * /proc/PID/pagemap is open as `pagemapFd`: returns pages written since the last scan
-   * as pairs [pageIndex relative to startAddress, pageCount]. With `reprotect` (the
+   * as pairs [pageIndex relative to startAddress, pageCount], in address order, no two
+   * touching (a run a re-issued ioctl returns out of order is merged in). With `reprotect` (the
    * normal mode) the scan write-protects them again atomically (PM_SCAN_WP_MATCHING |
    * PM_SCAN_CHECK_WPASYNC), so each write is reported exactly once. Loops over
    * walk_end until the whole range is covered. Throws with errno text (EPERM when the
