@@ -10,7 +10,7 @@
 // Here the guest (gangway-guest poke under the shim) writes 600 separate pages at the start
 // of its mapping and its last page, so that each scan splits at page 1024, and then one
 // page Q just above that, sent right before the scan: the first ioctl has passed Q before
-// the guest gets to it, and it walks a 32 GiB sparse mapping (tens of ms) before the second
+// the guest gets to it, and it walks the rest of a 32 GiB sparse mapping before the second
 // ioctl comes back to Q. Q must be in that scan's result or a later one.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
