@@ -4,6 +4,8 @@
 // much the guest itself slows down while it moves.
 //
 //   npm run bench:downtime [-- --quick] [-- --json] [-- --link loopback|1gbit|both]
+//     [-- --technique precopy,postcopy,hybrid] [-- --rates 0,50,200,800] [-- --repeat N]
+//     [-- --memory-mib N] [-- --trace]   (--help says what each does)
 //
 // Techniques as a user would run them:
 // - precopy: `--force --max-rounds 8`. A guest dirtying faster than the link never
@@ -29,7 +31,8 @@
 // guest's own check of every page after it resumes (resume and running stale pages both 0).
 // A run that fails either, or fails outright, is reported with verified:false, never dropped.
 import { parseArgs } from 'node:util';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { initCa, issueHostCert, type CertResult } from '../agent/cli/certs.js';
 import { waitForGuestProgress } from '../agent/cli/demo.js';
@@ -43,24 +46,67 @@ const MiB = 1024 * 1024;
 const GBIT = 1e9;
 const PAGE_BYTES = 4096;
 
-const { values } = parseArgs({
-  options: {
-    quick: { type: 'boolean', default: false },
-    json: { type: 'boolean', default: false },
-    link: { type: 'string', default: 'both' },
-  },
-});
-if (!['loopback', '1gbit', 'both'].includes(values.link!)) {
-  console.error(`--link must be loopback, 1gbit or both, got ${values.link}`);
-  process.exit(2);
-}
-
-const memoryBytes = (values.quick ? 256 : 1024) * MiB;
+const TECHNIQUES = ['precopy', 'postcopy', 'hybrid'] as const;
+type Technique = (typeof TECHNIQUES)[number];
 /**
  * The rates stay the same in --quick: what they test is how they compare with the link,
  * which a smaller guest does not change; the smaller guest is what makes the run short.
  */
 const DIRTY_RATES_MIBPS = [0, 50, 200, 800];
+/** Guest memory is bounded by what the machine's /dev/shm can hold three times over (source, destination, spare). */
+const MAX_MEMORY_MIB = 16 * 1024;
+const MAX_REPEAT = 100;
+
+const HELP = `bench:downtime: downtime, total time and wire bytes of pre-copy, post-copy and hybrid.
+
+  --quick              a 256 MiB guest (default 1024 MiB)
+  --json               print the runs as JSON on stdout
+  --link L             loopback, 1gbit or both (default both)
+  --technique T,...    of precopy, postcopy, hybrid (default all three)
+  --rates R,...        guest dirty rates in MiB/s (default ${DIRTY_RATES_MIBPS.join(',')})
+  --repeat N           each combination N times, to see the worst run, not one sample (default 1)
+  --memory-mib N       guest memory in MiB (overrides --quick's size)
+  --trace              agents log at debug; each run carries the switchover's timing lines
+                       from both agents' logs (source and destination phases, ms)
+`;
+
+const { values } = parseArgs({
+  options: {
+    help: { type: 'boolean', default: false },
+    quick: { type: 'boolean', default: false },
+    json: { type: 'boolean', default: false },
+    link: { type: 'string', default: 'both' },
+    technique: { type: 'string' },
+    rates: { type: 'string' },
+    repeat: { type: 'string', default: '1' },
+    'memory-mib': { type: 'string' },
+    trace: { type: 'boolean', default: false },
+  },
+});
+if (values.help) {
+  console.log(HELP);
+  process.exit(0);
+}
+function usage(message: string): never {
+  console.error(`${message}\n\n${HELP}`);
+  process.exit(2);
+}
+if (!['loopback', '1gbit', 'both'].includes(values.link!)) usage(`--link must be loopback, 1gbit or both, got ${values.link}`);
+const techniques: Technique[] = (values.technique ?? TECHNIQUES.join(',')).split(',').map((t) => {
+  if (!(TECHNIQUES as readonly string[]).includes(t)) usage(`--technique takes ${TECHNIQUES.join(', ')} (comma-separated), got ${JSON.stringify(t)}`);
+  return t as Technique;
+});
+const dirtyRatesMiBps = values.rates === undefined ? DIRTY_RATES_MIBPS : values.rates.split(',').map((r) => {
+  const rate = Number(r);
+  if (r.trim() === '' || !Number.isFinite(rate) || rate < 0 || rate > 100_000) usage(`--rates takes dirty rates in MiB/s from 0 to 100000 (comma-separated), got ${JSON.stringify(r)}`);
+  return rate;
+});
+const repeat = Number(values.repeat);
+if (!Number.isInteger(repeat) || repeat < 1 || repeat > MAX_REPEAT) usage(`--repeat takes a whole number from 1 to ${MAX_REPEAT}, got ${JSON.stringify(values.repeat)}`);
+const memoryMiB = values['memory-mib'] === undefined ? (values.quick ? 256 : 1024) : Number(values['memory-mib']);
+if (!Number.isInteger(memoryMiB) || memoryMiB < 16 || memoryMiB > MAX_MEMORY_MIB) usage(`--memory-mib takes a whole number of MiB from 16 to ${MAX_MEMORY_MIB}, got ${JSON.stringify(values['memory-mib'])}`);
+
+const memoryBytes = memoryMiB * MiB;
 /**
  * A quarter of memory rewritten (the guest's default). The achieved rate did not follow the
  * hot fraction here: a 1 GiB guest asked for 800 MiB/s reached 470-740 MiB/s at hot 0.05 to
@@ -68,8 +114,6 @@ const DIRTY_RATES_MIBPS = [0, 50, 200, 800];
  * A quarter also bounds the dirty set, and so a forced pre-copy's last round, to 1/4 of memory.
  */
 const HOT_FRACTION = 0.25;
-const TECHNIQUES = ['precopy', 'postcopy', 'hybrid'] as const;
-type Technique = (typeof TECHNIQUES)[number];
 const PRECOPY_MAX_ROUNDS = 8;
 const HYBRID_POSTCOPY_AFTER_ROUNDS = 4;
 /** Rate before the migration is measured over this long, after the guest has settled. */
@@ -125,8 +169,56 @@ interface Run {
   /** Where the downtime went, as the engine reports it (pause, final round, verify, commit, ...). */
   downtimeBreakdown?: MigrationSummary['downtime'];
   postcopy?: MigrationSummary['postcopy'];
+  /** The host's 1-minute load average after the run: the machine is shared, and a figure means little without it. */
+  loadAverage1m?: number;
+  /** --trace: the switchover's timing lines of each agent's log (phase -> ms since the line's start). */
+  trace?: { source: TraceLine[]; destination: TraceLine[] };
   guestCheck?: { stalePages: number; resumeStalePages: number };
   error?: { code: string; message: string };
+}
+
+interface TraceLine {
+  msg: string;
+  [phase: string]: number | string;
+}
+
+/** The agents' debug lines that time a switchover's steps ("... ms after ..."). */
+const TRACE_LINE = / ms after /;
+
+/** Reads the lines `path` gained since `fromBytes`: the timing lines among them, and the new end. */
+function traceLines(path: string, fromBytes: number): { lines: TraceLine[]; endBytes: number } {
+  const text = readFileSync(path);
+  const lines: TraceLine[] = [];
+  for (const line of text.subarray(fromBytes).toString('utf8').split('\n')) {
+    if (!TRACE_LINE.test(line)) continue;
+    try {
+      const { level: _level, time: _time, pid: _pid, hostname: _hostname, ...rest } = JSON.parse(line) as TraceLine;
+      lines.push(rest);
+    } catch {
+      // A line cut by a concurrent write: the next run's read starts after it anyway.
+    }
+  }
+  return { lines, endBytes: text.length };
+}
+
+/** `name value` pairs of the numeric fields of `record`, to one decimal. */
+function phases(record: object): string {
+  return Object.entries(record)
+    .filter((entry): entry is [string, number] => typeof entry[1] === 'number')
+    .map(([name, value]) => `${name} ${value.toFixed(1)}`)
+    .join(', ');
+}
+
+/**
+ * Both agents run on this host, so their lines' `atMs` (the wall clock at each line's start)
+ * compare: each becomes ms after the source's first line's, which puts the destination's
+ * steps on the source's time line.
+ */
+function alignTrace(trace: { source: TraceLine[]; destination: TraceLine[] }): typeof trace {
+  const origin = trace.source.find((line) => typeof line.atMs === 'number')?.atMs as number | undefined;
+  if (origin === undefined) return trace;
+  const align = (line: TraceLine): TraceLine => (typeof line.atMs === 'number' ? { ...line, atMs: line.atMs - origin } : line);
+  return { source: trace.source.map(align), destination: trace.destination.map(align) };
 }
 
 function log(line: string) {
@@ -178,17 +270,18 @@ class AgentPair {
     const sourceCert = await issueHostCert({ dir: caDir, name: 'source', sans: ['127.0.0.1', ...(shaped ? [shaped.addrA] : [])], validity: { days: 1 } });
     const destinationCert = await issueHostCert({ dir: caDir, name: 'destination', sans: ['127.0.0.1', ...(shaped ? [shaped.addrB] : [])], validity: { days: 1 } });
     const tls = (cert: CertResult, peer: CertResult) => ({ cert: cert.certPath, key: cert.keyPath, ca: cert.caPath, allow: [peer.fingerprint] });
+    const logArgs = values.trace ? ['--log-level', 'debug'] : [];
     this.source = await startLocalAgent({
       stateDir: `${tmp}/source`,
       tls: tls(sourceCert, destinationCert),
-      args: ['--memory-dir', memoryDir],
+      args: ['--memory-dir', memoryDir, ...logArgs],
       ...(shaped ? { wrap: shaped.netnsExecPrefix(shaped.nsA), listen: `${shaped.addrA}:0` } : {}),
     });
     agents.push(this.source);
     this.destination = await startLocalAgent({
       stateDir: `${tmp}/destination`,
       tls: tls(destinationCert, sourceCert),
-      args: ['--memory-dir', memoryDir],
+      args: ['--memory-dir', memoryDir, ...logArgs],
       ...(shaped ? { wrap: shaped.netnsExecPrefix(shaped.nsB), listen: `${shaped.addrB}:0` } : {}),
     });
     agents.push(this.destination);
@@ -242,6 +335,7 @@ async function runOnce(pair: AgentPair, link: Link, technique: Technique, dirtyR
     await sleep(RATE_SAMPLE_MS);
     const before = await guestOn(source, name);
     const startedAt = performance.now();
+    const traceFrom = values.trace ? { source: traceLines(source.logPath, 0).endBytes, destination: traceLines(destination.logPath, 0).endBytes } : undefined;
     const writesPerSecBefore = ((before.totalWrites! - first.totalWrites!) * 1000) / (startedAt - firstAt);
     achievedDirtyRateMiBps = (writesPerSecBefore * PAGE_BYTES) / MiB;
 
@@ -265,6 +359,9 @@ async function runOnce(pair: AgentPair, link: Link, technique: Technique, dirtyR
       log(`  ${name}: guest check at the destination failed: ${err.message}`);
       return undefined;
     });
+    const trace = traceFrom
+      ? alignTrace({ source: traceLines(source.logPath, traceFrom.source).lines, destination: traceLines(destination.logPath, traceFrom.destination).lines })
+      : undefined;
     const verified = moved.verified && check !== undefined && check.stalePages === 0 && check.resumeStalePages === 0;
     return {
       healthy: true,
@@ -282,6 +379,7 @@ async function runOnce(pair: AgentPair, link: Link, technique: Technique, dirtyR
         engineLinkRateBytesPerSec: moved.linkRateBytesPerSec,
         downtimeBreakdown: moved.downtime,
         ...(moved.postcopy ? { postcopy: moved.postcopy } : {}),
+        ...(trace ? { trace } : {}),
         ...(check ? { guestCheck: { stalePages: check.stalePages, resumeStalePages: check.resumeStalePages } } : {}),
       },
     };
@@ -335,16 +433,19 @@ try {
     const pair = new AgentPair(link);
     await pair.start();
     try {
-      for (const dirtyRateMiBps of DIRTY_RATES_MIBPS) {
-        for (const technique of TECHNIQUES) {
+      for (const dirtyRateMiBps of dirtyRatesMiBps) {
+        for (const technique of techniques) for (let n = 0; n < repeat; n++) {
           if (exit.interrupted) break;
           const { run, healthy } = await runOnce(pair, link, technique, dirtyRateMiBps);
           runs.push(run);
+          run.loadAverage1m = loadavg()[0]!;
           log(
             `${link.label} | ${technique} @ ${dirtyRateMiBps} MiB/s (achieved ${run.achievedDirtyRateMiBps.toFixed(0)}): ` +
               `downtime ${run.downtimeMs?.toFixed(1) ?? '-'} ms, total ${run.totalMs === null ? '-' : (run.totalMs / 1000).toFixed(2)} s, ` +
-              `wire ${run.wireBytes === null ? '-' : (run.wireBytes / MiB).toFixed(0)} MiB, progress during ${run.progressDuring === null ? '-' : `${(run.progressDuring * 100).toFixed(0)}%`}, verified ${run.verified}`,
+              `wire ${run.wireBytes === null ? '-' : (run.wireBytes / MiB).toFixed(0)} MiB, progress during ${run.progressDuring === null ? '-' : `${(run.progressDuring * 100).toFixed(0)}%`}, verified ${run.verified}, load ${run.loadAverage1m.toFixed(2)}`,
           );
+          if (run.downtimeBreakdown) log(`  where the downtime went (ms): ${phases(run.downtimeBreakdown)}`);
+          for (const [side, lines] of Object.entries(run.trace ?? {})) for (const line of lines) log(`  ${side}: ${line.msg}: ${phases(line)}`);
           if (!healthy && !exit.interrupted) {
             log('  restarting the agents after a timed-out migration');
             await pair.stop();

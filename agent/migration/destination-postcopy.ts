@@ -213,7 +213,7 @@ export class DestinationPostcopy implements PostcopyInstall {
       await handedOver;
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
       t.running = runningAt;
-      ctx.log.debug(Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), 'post-copy start: ms after the switch frame');
+      ctx.log.debug({ ...Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), atMs: performance.timeOrigin + t.start! }, 'post-copy start: ms after the switch frame');
       this.started = true;
       ctx.transition({ type: 'sentPostcopyRunning' });
       ctx.session().send(Frame.committed({ migrationId: ctx.migrationId, resumeToSendMs: performance.now() - runningAt }));

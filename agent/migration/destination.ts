@@ -69,6 +69,7 @@ export class DestinationMigration implements FrameHandler {
   private readonly postcopy: DestinationPostcopy | undefined;
   /** The source's commit arrived: the guest starts here, whatever becomes of the session. */
   private commitReceived = false;
+  private pauseFrameAt = 0;
   /** Post-copy of disks: each arriving disk's export, by region, which the guest reads and writes through until the switch to its file. */
   private readonly diskExports = new Map<number, PostcopyDisk>();
   /** The NBD server of those exports, on a unix socket the guest's drives connect to. */
@@ -426,6 +427,7 @@ export class DestinationMigration implements FrameHandler {
         if (!frame.final && this.regions.some((region) => region.disk)) this.flushDisks().catch(() => {});
         return;
       case 'pause':
+        this.pauseFrameAt = performance.now();
         return;
       case 'deviceState': {
         const refusal = this.deviceState.receive(frame);
@@ -440,6 +442,8 @@ export class DestinationMigration implements FrameHandler {
         }
         postcopy.addMissing(frame, region);
         if (!frame.more) {
+          const switchFrameAt = performance.now();
+          this.log.debug({ switchFrame: switchFrameAt - this.pauseFrameAt, atMs: performance.timeOrigin + this.pauseFrameAt }, 'post-copy switch frame: ms after the pause frame');
           this.deviceState.checkComplete();
           this.switching = true;
           this.enqueue(() => postcopy.start(this.standby!));
@@ -607,7 +611,7 @@ export class DestinationMigration implements FrameHandler {
       await this.useLocalDisks(diskFds);
       // The exports serve the guest to its end: their files stay open.
       if (this.disksServedToEnd) diskFds.splice(0);
-      this.log.debug(Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), 'commit: ms after the commit frame');
+      this.log.debug({ ...Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), atMs: performance.timeOrigin + t.start! }, 'commit: ms after the commit frame');
       faultCrash('dest-after-start', this.log);
       this.state = transition(this.state, { type: 'sentCommitted' });
       this.session.send(Frame.committed({ migrationId: this.offer.migrationId, resumeToSendMs: performance.now() - runningAt }));

@@ -315,9 +315,10 @@ export async function postcopySwitchover(run: SourceRun, sender: RoundSender, ro
     sendMissing(link.session, options.migrationId, missing);
     const switchSentAt = clock.now();
     T.sent = switchSentAt;
-    log.debug(Object.fromEntries(Object.entries(T).map(([k, v]) => [k, Math.round((v - T.paused!) * 100) / 100])), 'post-copy switchover: ms after the pause');
     const committed = await committedP;
     const committedAt = clock.now();
+    T.committed = committedAt;
+    log.debug({ ...Object.fromEntries(Object.entries(T).map(([k, v]) => [k, Math.round((v - T.paused!) * 100) / 100])), atMs: performance.timeOrigin + T.paused! }, 'post-copy switchover: ms after the pause');
     state.to('postcopy');
     gate.held?.();
     gate.held = undefined;
