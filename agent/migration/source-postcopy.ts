@@ -18,7 +18,7 @@ import { PostcopyScheduler, sendMissing, WindowTuner } from './postcopy.js';
 import { collectDirty, type ProgressReporter, type RoundSender } from './rounds.js';
 import type { SourceSession } from './source-link.js';
 import type { MigrationSummary, SourceRun } from './source-types.js';
-import { downtimeOf, hex, movedDisksOf, pauseForSwitchover, sameDigests, sendDeviceState } from './switchover.js';
+import { downtimeOf, hex, pauseForSwitchover, sameDigests, sendDeviceState } from './switchover.js';
 
 /**
  * Post-copy keeps few pushed bytes on their way (sent, not yet installed at the
@@ -281,7 +281,8 @@ export type PostcopyResult = Pick<MigrationSummary, 'downtimeMs' | 'downtime' | 
  */
 export async function postcopySwitchover(run: SourceRun, sender: RoundSender, round: number, pending: LaneRuns, reason: string | undefined, gate: { held: (() => void) | undefined }): Promise<PostcopyResult> {
   const { options, guest, link, lanes, clock, log, state } = run;
-  const paused = await pauseForSwitchover(run, gate);
+  // The journal says 'postcopy' from before the pause: nothing is written to disk inside the downtime.
+  const paused = await pauseForSwitchover(run, gate, 'postcopy');
   const { switchoverRttMs, pauseStart, pausedAt } = paused;
   const T: Record<string, number> = { paused: clock.now() };
   // A pure post-copy sends every page, and of a disk every block that holds data now, paused
@@ -305,11 +306,10 @@ export async function postcopySwitchover(run: SourceRun, sender: RoundSender, ro
     const deviceStateBytes = await sendDeviceState(run);
     T.deviceState = clock.now();
     server.faultPages = 0;
+    // From here the destination may run the guest: the record has said so since before the
+    // pause (pauseForSwitchover), so that nothing (an operator, this agent after a restart)
+    // resumes this copy.
     state.to('postcopy-switch');
-    // From here the destination may run the guest: the record says so, so that nothing
-    // (an operator, this agent after a restart) resumes this copy.
-    options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase: 'postcopy', secret: run.secretHex(), ...movedDisksOf(guest) } });
-    T.journal = clock.now();
     const committedP = link.expect('committed', options.commitTimeoutMs, 'post-copy start confirmation');
     link.check();
     sendMissing(link.session, options.migrationId, missing);

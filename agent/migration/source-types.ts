@@ -118,7 +118,19 @@ export interface MigrationSummary {
   downtimeBudgetMs: number;
   downtimeBudgetMet: boolean;
   /** Downtime's parts; deviceStateMs is within finalRoundMs (taking the guest's device state and sending it). */
-  downtime: { pauseMs: number; finalRoundMs: number; deviceStateMs: number; verifyMs: number; commitMs: number; resumeToSendMs: number; rttMs: number };
+  downtime: {
+    pauseMs: number;
+    finalRoundMs: number;
+    deviceStateMs: number;
+    verifyMs: number;
+    commitMs: number;
+    resumeToSendMs: number;
+    rttMs: number;
+    /** Stop-and-copy: the trackers' last scan, from the pause (inside finalRoundMs). */
+    finalScanMs?: number;
+    /** Stop-and-copy: the pause to the source's digest of the paused memory (it overlaps the final round). */
+    sourceDigestMs?: number;
+  };
   /** The guest's device state that travelled (0 for a guest without). */
   deviceStateBytes: number;
   totalMs: number;

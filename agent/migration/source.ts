@@ -270,9 +270,10 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       // A guest that died under the migration (a QEMU killed or crashed) is not resumed, and
       // the failure says so instead of a tracker's or a socket's error.
       const gone = this.guest.gone?.();
-      // Paused for a switchover that never reached the destination: no longer in doubt.
+      // Paused for a switchover that never reached the destination: no longer in doubt (a
+      // post-copy's record says 'postcopy' from before its pause: the switch did not go either).
       try {
-        if (this.options.registry?.get(this.guest.name).record.outgoing?.phase === 'paused') this.options.registry.update(this.guest.name, { outgoing: undefined });
+        if (this.options.registry?.get(this.guest.name).record.outgoing) this.options.registry.update(this.guest.name, { outgoing: undefined });
       } catch {}
       if (!gone && this.guest.isPaused) await this.guest.resume();
       this.state.to('failed');

@@ -7,6 +7,7 @@ import { ErrorCode } from '../../protocol/errors.js';
 import { DroppingTracker } from '../../agent/migration/faults.js';
 import type { Clock } from '../../agent/migration/flow.js';
 import { SourceMigration, type SourceOptions } from '../../agent/migration/source.js';
+import type { GuestRegistry } from '../../agent/guest/registry.js';
 import { summaryText } from '../../agent/cli/format.js';
 import { MemoryDestination, MemoryGuest } from '../helpers/memory-migration.js';
 
@@ -165,6 +166,26 @@ describe('source engine through the in-memory destination', () => {
     expect(destination.committed).toBe(false);
   });
 
+  it('journals the commit record while the destination checks its digests, and a mismatch after it clears the record as it resumes the guest', async () => {
+    const guest = guestWithContent();
+    keepWriting(guest);
+    const destination = new MemoryDestination({ features: [] });
+    const registry = new RecordingRegistry(guest.name);
+    const migration = new SourceMigration(
+      guest,
+      destination,
+      options(guest, { downtimeBudgetMs: 1, maxRounds: 2, force: true, registry: registry.asRegistry(), wrapTracker: (tracker) => new DroppingTracker(tracker, 1, log) }),
+      log,
+    );
+    await expect(migration.run()).rejects.toMatchObject({ code: ErrorCode.DIGEST_MISMATCH });
+    // 'commit' was written before the verdict came (its write overlaps the destination's check) ...
+    expect(registry.phases).toEqual(['paused', 'commit', undefined]);
+    expect(destination.committed).toBe(false);
+    // ... and the failure cleared it: the guest runs here again, and nothing says otherwise.
+    expect(registry.record.outgoing).toBeUndefined();
+    expect(guest.resumes).toBe(1);
+  });
+
   it('a sink that fails in the middle of round 0 ends the migration, and the source guest runs on', async () => {
     const guest = guestWithContent();
     const destination = new MemoryDestination({ breakAfterPages: 40 });
@@ -209,3 +230,30 @@ describe('source engine through the in-memory destination', () => {
     expect(() => new SourceMigration(guest, new MemoryDestination(), options(guest, { dedup: { group: {} as never, slots: [0] } }), log)).toThrow(/1 dedup slots for 2 regions/);
   });
 });
+
+/**
+ * A guest registry that keeps one record in memory and the outgoing phase of every update,
+ * in order (undefined: the outgoing mark was cleared).
+ */
+class RecordingRegistry {
+  record: { name: string; outgoing?: { phase: string } };
+  readonly phases: (string | undefined)[] = [];
+
+  constructor(name: string) {
+    this.record = { name };
+  }
+
+  asRegistry(): GuestRegistry {
+    const fake = {
+      get: () => ({ record: this.record }),
+      update: (_name: string, patch: { outgoing?: { phase: string } }) => {
+        this.record = { ...this.record, ...patch };
+        if ('outgoing' in patch) {
+          if (patch.outgoing === undefined) delete this.record.outgoing;
+          this.phases.push(patch.outgoing?.phase);
+        }
+      },
+    };
+    return fake as unknown as GuestRegistry;
+  }
+}

@@ -77,6 +77,26 @@ describe.skipIf(!builtAgent)('an agent killed around the switchover, then restar
     await runsOnlyOn(again, b, name, []);
   });
 
+  it('source killed while its guest is paused for a post-copy switch (journaled as post-copy before the pause): restarted, it asks the destination, which never ran it, and resumes it', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a', [], { GANGWAY_FAULT_CRASH: 'source-after-pause' });
+    const b = await cluster.agent('b');
+    const name = uniqueName('rs0p');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--dirty-rate', '4MiB/s'])).exitCode).toBe(0);
+    const pid = (await guestOn(a, name))!.pid;
+    const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--technique', 'postcopy', '--json']);
+    expect(run.exitCode).not.toBe(0); // the agent died under the CLI
+    // Paused, its record saying post-copy (written before the pause): a restart must ask first.
+    expect(processState(pid)).toMatch(/^[Tt]$/);
+    const record = JSON.parse(readFileSync(`${a.stateDir}/guests/${name}.json`, 'utf8')) as { outgoing?: { phase: string; to: string } };
+    expect(record.outgoing).toMatchObject({ phase: 'postcopy', to: b.listen });
+    const again = await cluster.agent('a');
+    await until('the restarted source to resume its guest', async () => (await guestOn(again, name))?.state === 'running');
+    expect((await guestOn(again, name))?.outgoing).toBeUndefined();
+    expect(readFileSync(again.logPath, 'utf8')).toMatch(/switchover resolved: the guest never ran at the destination; it resumes here/);
+    await runsOnlyOn(again, b, name, []);
+  });
+
   it('source killed right after the commit: restarted, it asks the destination, which runs the guest, and drops its paused copy', async () => {
     cluster = new Cluster();
     const a = await cluster.agent('a', [], { GANGWAY_FAULT_CRASH: 'source-after-commit' });
