@@ -182,8 +182,8 @@ interface TraceLine {
   [phase: string]: number | string;
 }
 
-/** The agents' debug lines that time a switchover's steps ("... ms after ..."). */
-const TRACE_LINE = / ms after /;
+/** The agents' debug lines that time a switchover's steps ("... ms after ..."), and each pre-copy round's decision. */
+const TRACE_LINE = / ms after |"msg":"round done"/;
 
 /** Reads the lines `path` gained since `fromBytes`: the timing lines among them, and the new end. */
 function traceLines(path: string, fromBytes: number): { lines: TraceLine[]; endBytes: number } {
@@ -445,7 +445,7 @@ try {
               `wire ${run.wireBytes === null ? '-' : (run.wireBytes / MiB).toFixed(0)} MiB, progress during ${run.progressDuring === null ? '-' : `${(run.progressDuring * 100).toFixed(0)}%`}, verified ${run.verified}, load ${run.loadAverage1m.toFixed(2)}`,
           );
           if (run.downtimeBreakdown) log(`  where the downtime went (ms): ${phases(run.downtimeBreakdown)}`);
-          for (const [side, lines] of Object.entries(run.trace ?? {})) for (const line of lines) log(`  ${side}: ${line.msg}: ${phases(line)}`);
+          for (const [side, lines] of Object.entries(run.trace ?? {})) for (const line of lines) log(`  ${side}: ${line.msg}: ${phases(line)}${typeof line.reason === 'string' ? `; ${line.decision}: ${line.reason}` : ''}`);
           if (!healthy && !exit.interrupted) {
             log('  restarting the agents after a timed-out migration');
             await pair.stop();
