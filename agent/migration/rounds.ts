@@ -263,12 +263,15 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
   const units = (runs: LaneRuns) => laneBytes(lanes, runs) / unitBytes;
   const linkRate = sender.linkRate;
   let wireBytesPerUnit = unitBytes;
-  const switchoverOverheadMs = () => (digestBytes / options.digestBytesPerSec) * 1000 + 2 * rtt.min() + RESUME_ALLOWANCE_MS;
+  const digestMs = (digestBytes / options.digestBytesPerSec) * 1000;
+  const switchoverOverheadMs = () => digestMs + 2 * rtt.min() + RESUME_ALLOWANCE_MS;
   let lastCollect = clock.now();
   options.metrics?.migrationInFlight(options.migrationId, run.guest.name, { remainingBytes: units(runs) * unitBytes });
   // The disks' blocks the previous round left to send (round 0: all their data), and the rounds they added after a stop.
   let previousDiskPages = lanePages(runs.map((r, i) => (lanes[i]!.region.sparse ? r : new Uint32Array(0))));
   let diskExtraRounds = 0;
+  /** The last round ran only to shorten a final round that already fit the budget. */
+  let shrinkRound = false;
   for (let round = 0; ; round++) {
     const record = await sender.send(round, runs, false);
     // Time held at a gang's switchover gate says nothing about the link.
@@ -298,6 +301,8 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
         downtimeBudgetMs: options.downtimeBudgetMs,
         wireBytesSent: sender.totals.wireBytes,
         limits: { maxRounds: options.maxRounds, maxWireBytes: options.maxWireBytes },
+        roundPages: record.guestBytes / unitBytes,
+        overlapMs: digestMs,
       });
     let decision = decide(pending);
     if (decision.action === 'stop' && options.gate && !releaseGate.held) {
@@ -309,6 +314,13 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
       record.dirtyPagesAfter = lanePages(runs);
       decision = decide(units(runs));
     }
+    if (shrinkRound && decision.action !== 'stop' && !('shrinking' in decision && decision.shrinking)) {
+      // The round before fit the budget and this one only had to shorten it: when the
+      // estimates now say otherwise (a link rate dragged down by a small round, a busy
+      // host), stop as the round before would have, rather than be held to a limit.
+      decision = { action: 'stop', predictedDowntimeMs: decision.predictedDowntimeMs, converging: decision.converging, reason: `the round before fit the budget and this one only shortened it; ${decision.reason}` };
+    }
+    shrinkRound = decision.action === 'continue' && decision.shrinking === true;
     // The disks' last blocks: another round while they would weigh on the downtime and the rounds still shrink them.
     const diskPages = lanePages(runs.map((r, i) => (lanes[i]!.region.sparse ? r : new Uint32Array(0))));
     if (decision.action === 'stop' && diskPages > 0) {

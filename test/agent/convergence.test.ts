@@ -44,6 +44,48 @@ describe('isPrecopyConverged', () => {
     expect(decision.reason.length).toBeGreaterThan(0);
   });
 
+  describe('one more round while it still shortens the downtime', () => {
+    // 1 GiB guest, 30 MiB/s, loopback at ~400 MiB/s: round 0 sent 262144 pages and left 64 MiB dirty.
+    const afterRound0 = input({
+      pendingPages: 16_384,
+      roundPages: 262_144,
+      linkRateBytesPerSec: 400 * MiB,
+      dirtyRatePagesPerSec: 7_680,
+      switchoverOverheadMs: 45,
+      overlapMs: 40,
+      safetyFactor: 1.5,
+    });
+    it('a final round that fits the budget but outlasts the digest, after a round that shrank the dirty set: continue', () => {
+      const decision = isPrecopyConverged(afterRound0);
+      expect(decision.predictedDowntimeMs).toBeLessThanOrEqual(300);
+      expect(decision.action).toBe('continue');
+      expect(decision.reason).toMatch(/fits the budget, but its \d+\.\d ms would outlast the 40\.0 ms digest it overlaps and the last round left 6% of what it sent dirty: one more round/);
+    });
+    it('the next round left a few MiB, hidden behind the digest: stop', () => {
+      expect(isPrecopyConverged({ ...afterRound0, pendingPages: 1_000, roundPages: 16_384 }).action).toBe('stop');
+    });
+    it('a round that did not shrink the dirty set (a hot set rewritten whole): stop', () => {
+      expect(isPrecopyConverged({ ...afterRound0, pendingPages: 16_384, roundPages: 20_000 }).action).toBe('stop');
+    });
+    it('a guest dirtying faster than the link: stop (rounds cannot shrink it)', () => {
+      expect(isPrecopyConverged({ ...afterRound0, dirtyRatePagesPerSec: 200_000, pendingPages: 10_000, downtimeBudgetMs: 10_000 }).action).toBe('stop');
+    });
+    it('a final round of a few ms, with no digest to hide it: stop (another round cannot win it back)', () => {
+      expect(isPrecopyConverged({ ...afterRound0, pendingPages: 100, roundPages: 16_384, overlapMs: 0 }).action).toBe('stop');
+      expect(isPrecopyConverged({ ...afterRound0, pendingPages: 3_000, roundPages: 16_384, overlapMs: 0 }).action).toBe('continue');
+    });
+    it('at the round limit: stop', () => {
+      expect(isPrecopyConverged({ ...afterRound0, roundsDone: 30 }).action).toBe('stop');
+    });
+    it('at the byte limit: stop', () => {
+      expect(isPrecopyConverged({ ...afterRound0, wireBytesSent: 3 * 512 * MiB }).action).toBe('stop');
+    });
+    it('without the overlap or the round size (callers that do not give them): stop, as before', () => {
+      expect(isPrecopyConverged({ ...afterRound0, overlapMs: undefined }).action).toBe('stop');
+      expect(isPrecopyConverged({ ...afterRound0, roundPages: undefined }).action).toBe('stop');
+    });
+  });
+
   it('predicts final bytes over link rate plus overhead', () => {
     const ms = predictDowntimeMs(input({ pendingPages: 25_600, wireBytesPerPage: 4096, linkRateBytesPerSec: 100 * MiB, switchoverOverheadMs: 10, dirtyRatePagesPerSec: 0 }));
     expect(ms).toBeCloseTo(10 + 1000, 5);
