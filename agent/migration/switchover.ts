@@ -248,7 +248,7 @@ export async function stopAndCopy(run: SourceRun, sender: RoundSender, round: nu
   faultCrash('source-after-commit', log);
   const committed = await committedP;
   const committedAt = clock.now();
-  log.debug({ journalMs: commitSentAt - verifiedAt, confirmMs: committedAt - commitSentAt, atMs: performance.timeOrigin + verifiedAt }, 'commit: ms after verified');
+  log.debug({ commitSendMs: commitSentAt - verifiedAt, confirmMs: committedAt - commitSentAt, atMs: performance.timeOrigin + verifiedAt }, 'commit: ms after verified');
   state.to('committed');
   gate.held?.();
   gate.held = undefined;
