@@ -11,6 +11,7 @@ import { allowEntryProblem } from './peer/allowlist.js';
 import { isLoopbackHost, type PeerTransport } from './peer/tls.js';
 import { resolveControlGroup, type ControlGroup } from './control/group.js';
 import { GUEST_SCOPE_MODES, SLICE_NAME_PATTERN } from './guest/scope.js';
+import { DEFAULT_PLANNER_MODE, PLANNER_MODES, type PlannerMode } from './planner/choose.js';
 
 export const LOG_LEVELS = ['debug', 'info', 'warn', 'error'] as const;
 export const TRACKERS = ['auto', 'uffd-wp', 'hash-scan'] as const;
@@ -74,6 +75,8 @@ export const TrafficSettingsSchema = z
     contention: z.object({ high: share, moderate: share }).partial().strict(),
     priority: z.enum(PRIORITIES),
     sampleInterval: duration.pipe(z.number().min(100, 'must be at least 100ms').max(60_000, 'must be at most 60s')),
+    /** How --technique auto, plan and drain choose: 'forecast' (the best forecast) or 'paper' (seed paper 003's rules). */
+    planner: z.enum(PLANNER_MODES),
   })
   .partial()
   .strict();
@@ -296,6 +299,7 @@ export const ENV_OVERRIDES = {
   GANGWAY_TRAFFIC_CONTENTION_MODERATE: 'traffic.contention.moderate',
   GANGWAY_TRAFFIC_PRIORITY: 'traffic.priority',
   GANGWAY_TRAFFIC_SAMPLE_INTERVAL: 'traffic.sampleInterval',
+  GANGWAY_TRAFFIC_PLANNER: 'traffic.planner',
   GANGWAY_PEERS_MAX_SESSIONS_PER_PEER: 'peers.maxSessionsPerPeer',
   GANGWAY_PEERS_MAX_INCOMING_PER_PEER: 'peers.maxIncomingPerPeer',
   GANGWAY_PEERS_MAX_INCOMING: 'peers.maxIncoming',
@@ -586,6 +590,7 @@ export interface TrafficConfig {
   moderateContention: number;
   priority: (typeof PRIORITIES)[number];
   sampleIntervalMs: number;
+  planner: PlannerMode;
 }
 
 export const TRAFFIC_DEFAULTS = {
@@ -636,6 +641,7 @@ export function resolveTrafficConfig(settings: TrafficSettings | undefined): Tra
     moderateContention: moderate,
     priority: t.priority ?? TRAFFIC_DEFAULTS.priority,
     sampleIntervalMs: t.sampleInterval ?? TRAFFIC_DEFAULTS.sampleIntervalMs,
+    planner: t.planner ?? DEFAULT_PLANNER_MODE,
   };
 }
 

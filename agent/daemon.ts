@@ -179,6 +179,7 @@ export class Agent {
       digestBytesPerSec: () => this.digestBytesPerSec,
       shuttingDown: () => this.shuttingDown,
       traffic: () => this.traffic,
+      history: () => this.history.list(),
     });
     this.guests = new GuestService({
       config,

@@ -19,6 +19,7 @@ import { detachedStartText, detachedText, groupProgressLine, groupSummaryText, u
 import { planText, trafficText } from './cli/traffic-format.js';
 import type { TrafficStatus } from './traffic/service.js';
 import type { PlanAnswer } from './planner/plan-answer.js';
+import { DEFAULT_PLANNER_MODE, PLANNER_MODES } from './planner/choose.js';
 import { runDemo } from './cli/demo.js';
 import { checkDays, DEFAULT_CA_DAYS, DEFAULT_HOST_DAYS, initCa, issueHostCert, type CertResult } from './cli/certs.js';
 import { parseBytes, parseBytesList, parseRate, QuantityError } from './units.js';
@@ -57,7 +58,7 @@ const program = new Command('gangway')
 program
   .command('agent')
   .description('run the host agent (peer listener + local control API); logs JSON lines to stdout')
-  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, peerTimeout, postcopyReattach, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval, peers.maxSessionsPerPeer/maxIncomingPerPeer/maxIncoming/maxGroupsPerSession/handshakeTimeout/requestsPerSecond/requestBurst/memoryHeadroom/decompressionsPerSession, migration.maxParallelOutbound, dedup.resident/residentOffersPerMinute/residentMaxAge/baseImages, vm.imagesDir/disksDir/qemu/bridge)')
+  .option('--config <file>', 'YAML config file (settings: listen, stateDir, memoryDir, tracker, shutdownGrace, peerTimeout, postcopyReattach, logLevel, metrics.listen, control.group/listen/tokenFile, tls.cert/key/ca/allow, insecurePlaintextLoopback, traffic.uplink/linkCapacity/slaLower/slaUpper/contention.high/contention.moderate/priority/sampleInterval/planner, peers.maxSessionsPerPeer/maxIncomingPerPeer/maxIncoming/maxGroupsPerSession/handshakeTimeout/requestsPerSecond/requestBurst/memoryHeadroom/decompressionsPerSession, migration.maxParallelOutbound, dedup.resident/residentOffersPerMinute/residentMaxAge/baseImages, vm.imagesDir/disksDir/qemu/bridge)')
   .option('--check-config', 'validate the configuration (file, GANGWAY_* environment, flags) and what a start needs of this host (TLS files, directories, free addresses), print it and exit')
   // The agent's defaults are its config's (defaults < file < GANGWAY_* < flags, see
   // resolveAgentSettings): these flags only show theirs, `.default(undefined, text)`, so a
@@ -81,6 +82,7 @@ program
   .option('--insecure-plaintext-loopback', 'no TLS: plain ws, only on a loopback listen address and only to loopback peers')
   .option('--uplink <interface>', 'the uplink guests and migrations share: measured, and shaped when root (traffic.uplink)')
   .option('--link-capacity <rate>', "the uplink's capacity, e.g. 1Gbit/s (traffic.linkCapacity)")
+  .addOption(new Option('--planner <mode>', "how --technique auto, plan and drain choose: the best forecast, or seed paper 003's rules (traffic.planner)").choices(PLANNER_MODES).default(undefined, DEFAULT_PLANNER_MODE))
   .addOption(new Option('--vm-images-dir <dir>', 'kernels VMs boot, by file name (vm.imagesDir)').default(undefined, DEFAULT_QEMU_SETTINGS.imagesDir))
   .addOption(new Option('--vm-disks-dir <dir>', "VMs' disks (raw files), by file name; migrated disks arrive here (vm.disksDir)").default(undefined, DEFAULT_QEMU_SETTINGS.disksDir))
   .addOption(new Option('--vm-qemu <binary>', 'the QEMU to run VMs with (vm.qemu)').default(undefined, DEFAULT_QEMU_SETTINGS.binary))

@@ -4,6 +4,7 @@ import { createServer, type Server } from 'node:http';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { RoundCounters } from './migration/page-sender.js';
 import { GANGWAY_VERSION, PROTOCOL_VERSION } from './version.js';
+import { relativeError } from './planner/forecast-check.js';
 
 const DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
 
@@ -95,6 +96,19 @@ export class AgentMetrics {
     name: 'gangway_migration_duration_seconds',
     help: 'Total time of committed migrations',
     buckets: DURATION_BUCKETS,
+    registers: [this.registry],
+  });
+  readonly forecastError = new Histogram({
+    name: 'gangway_migration_forecast_error_ratio',
+    help: "How far the planner's forecast was off, (forecast - actual) / actual, of committed migrations that had one, by quantity (total_time, downtime) and technique",
+    labelNames: ['quantity', 'technique'] as const,
+    buckets: [-1, -0.5, -0.2, -0.1, -0.05, 0, 0.05, 0.1, 0.2, 0.5, 1, 2, 5],
+    registers: [this.registry],
+  });
+  readonly forecastErrorLast = new Gauge({
+    name: 'gangway_migration_forecast_error_last_ratio',
+    help: "The latest committed migration's forecast error, (forecast - actual) / actual, by quantity (total_time, downtime)",
+    labelNames: ['quantity'] as const,
     registers: [this.registry],
   });
   readonly dirtyScan = new Histogram({
@@ -243,6 +257,19 @@ export class AgentMetrics {
     this.inFlightRemaining.set(labels, state.remainingBytes);
     if (state.dirtyBytesPerSec !== undefined) this.inFlightDirtyRate.set(labels, state.dirtyBytesPerSec);
     if (state.expectedDowntimeMs !== undefined) this.inFlightExpectedDowntime.set(labels, state.expectedDowntimeMs / 1000);
+  }
+
+  /** A committed migration's forecast against what happened: the error of its total time and of its downtime. */
+  forecastChecked(technique: string, forecast: { totalMs: number; downtimeMs: number }, actual: { totalMs: number; downtimeMs: number }): void {
+    for (const [quantity, predicted, happened] of [
+      ['total_time', forecast.totalMs, actual.totalMs],
+      ['downtime', forecast.downtimeMs, actual.downtimeMs],
+    ] as const) {
+      const error = relativeError(predicted, happened);
+      if (error === null) continue;
+      this.forecastError.observe({ quantity, technique }, error);
+      this.forecastErrorLast.set({ quantity }, error);
+    }
   }
 
   /** The migration ended (whatever its outcome): its series go, or every migration ever run would stay in each scrape. */

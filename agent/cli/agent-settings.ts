@@ -48,7 +48,7 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     // --tls-* flags override single tls settings of the file or the environment.
     tls: section({ cert: path(opts.tlsCert), key: path(opts.tlsKey), ca: path(opts.tlsCa), allow: opts.tlsAllow }),
     insecurePlaintextLoopback: opts.insecurePlaintextLoopback ? true : undefined,
-    traffic: section({ uplink: opts.uplink, linkCapacity: opts.linkCapacity }),
+    traffic: section({ uplink: opts.uplink, linkCapacity: opts.linkCapacity, planner: opts.planner }),
     vm: section({ imagesDir: path(opts.vmImagesDir), disksDir: path(opts.vmDisksDir), qemu: opts.vmQemu, bridge: opts.vmBridge }),
   };
   const given = Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined));

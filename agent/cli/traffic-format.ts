@@ -1,6 +1,8 @@
 // Human output of `gangway traffic` and `gangway plan`. Rates in bits per second, as links
 // are rated.
 import type { PlanAnswer } from '../planner/plan-answer.js';
+import { fmtMs as formatMs, optionName, type PlanForecast } from '../planner/choose.js';
+import { formatBytes } from '../units.js';
 import type { TrafficStatus } from '../traffic/service.js';
 
 export function formatBitRate(bytesPerSec: number | null | undefined): string {
@@ -58,6 +60,7 @@ export function planText(plan: PlanAnswer): string {
   } else lines.push('  no plan: no traffic data');
   if (plan.pacedBytesPerSec !== null) lines.push(`  paced at ${formatBitRate(plan.pacedBytesPerSec)} by the sender`);
   for (const reason of plan.reasons) lines.push(`  - ${reason}`);
+  if (plan.forecast) lines.push(...forecastLines(plan.forecast, plan.guests.length));
   for (const g of plan.guests) {
     lines.push(`${g.order + 1}. ${g.name}: ${g.technique}${g.reservedBytesPerSec === null ? '' : `, reserved ${formatBitRate(g.reservedBytesPerSec)}`}`);
     for (const reason of g.reasons) lines.push(`     - ${reason}`);
@@ -67,4 +70,21 @@ export function planText(plan: PlanAnswer): string {
     for (const assumption of plan.assumptions) lines.push(`  - ${assumption}`);
   }
   return lines.join('\n');
+}
+
+/** Each option's forecast, fastest first, the one followed marked, then why it won. */
+export function forecastLines(forecast: PlanForecast, guestCount: number): string[] {
+  const lines = [`forecast (planner mode ${forecast.mode}):`];
+  const chosen = forecast.chosen;
+  for (const o of forecast.options) {
+    const mark = chosen && o.technique === chosen.technique && o.strategy === chosen.strategy ? '*' : ' ';
+    const verdict = !o.completes ? 'does not complete' : !o.keepsSla ? 'below the SLA' : !o.withinBudget ? 'over the downtime budget' : '';
+    lines.push(
+      `  ${mark} ${optionName(o, guestCount).padEnd(16)} ${o.completes ? `time ${formatMs(o.totalMs)}` : `gives up after ${formatMs(o.totalMs)}`}, downtime ${formatMs(o.downtimeMs)}, wire ${formatBytes(o.wireBytes)}${verdict ? ` (${verdict})` : ''}`,
+    );
+  }
+  for (const why of forecast.why) lines.push(`  - ${why}`);
+  for (const assumption of forecast.assumptions) lines.push(`  - assumed: ${assumption}`);
+  for (const note of forecast.calibration) lines.push(`  - model: ${note}`);
+  return lines;
 }

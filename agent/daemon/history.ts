@@ -30,6 +30,20 @@ const EntrySchema = z.strictObject({
   wireBytes: count.optional(),
   memoryBytes: count.optional(),
   rounds: count.optional(),
+  wentPostcopy: z.boolean().optional(),
+  dirtyRateBytesPerSec: count.optional(),
+  forecast: z
+    .strictObject({
+      technique: z.enum(['precopy', 'postcopy', 'hybrid']),
+      strategy: z.enum(['gang', 'serial']),
+      totalMs: count,
+      downtimeMs: count,
+      wireBytes: count,
+      nominalBytesPerSec: count,
+      faults: count,
+      rounds: count,
+    })
+    .optional(),
 });
 const FileSchema = z.strictObject({ version: z.literal(1), entries: z.array(EntrySchema).max(MAX_HISTORY_ENTRIES) });
 

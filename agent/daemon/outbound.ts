@@ -26,6 +26,11 @@ import { SourceMigration, type MigrationProgress, type MigrationSummary } from '
 import type { PeerSession } from '../peer/session.js';
 import { defaultAutoTechnique, followPlan, type FollowedPlan } from '../planner/follow-plan.js';
 import type { MigrationPlan } from '../planner/plan-for.js';
+import { DEFAULT_PLANNER_MODE, forecastPlan } from '../planner/choose.js';
+import { MIGRATE_DEFAULTS } from '../control/client.js';
+import { calibratedModel, guestProfiles } from './forecast-inputs.js';
+import { forecastRecords, type ForecastRecord } from '../planner/forecast-check.js';
+import type { HistoryEntry } from './outcome.js';
 import type { Priority } from '../planner/planner.js';
 import type { TrafficService } from '../traffic/service.js';
 import type { MigrationRecords } from './records.js';
@@ -55,7 +60,8 @@ export interface MigrateRequest {
 }
 
 /** What the decision of --technique auto depends on in a request. */
-export type DecideRequest = Pick<MigrateRequest, 'guests' | 'to' | 'strategy' | 'priority' | 'bandwidthBytesPerSec' | 'disks'>;
+export type DecideRequest = Pick<MigrateRequest, 'guests' | 'to' | 'strategy' | 'priority' | 'bandwidthBytesPerSec' | 'disks'> &
+  Partial<Pick<MigrateRequest, 'downtimeMs' | 'maxRounds' | 'maxBytesFactor' | 'force' | 'postcopyAfterRounds'>>;
 
 /**
  * The technique of a request that does not follow a plan. auto without traffic data: hybrid
@@ -102,7 +108,7 @@ const MIGRATION_OPTION_DEFAULTS = {
 } as const;
 
 export interface OutboundContext {
-  config: Pick<AgentConfig, 'tracker' | 'batchBytes' | 'postcopyReattachMs' | 'migration'>;
+  config: Pick<AgentConfig, 'tracker' | 'batchBytes' | 'postcopyReattachMs' | 'migration' | 'traffic'>;
   /** This agent's id: a destination whose hello names it is this agent under another address. */
   agentId: string;
   registry: GuestRegistry;
@@ -120,6 +126,8 @@ export interface OutboundContext {
   shuttingDown: () => boolean;
   /** The traffic service, once the agent has started it. */
   traffic: () => Pick<TrafficService, 'hold' | 'plan' | 'status' | 'settings' | 'monitor' | 'changeRate'>;
+  /** This host's ended migrations (STATE/history.json), oldest first: the forecast's calibration. */
+  history: () => readonly HistoryEntry[];
 }
 
 export class OutboundMigrations {
@@ -179,7 +187,8 @@ export class OutboundMigrations {
     try {
       const followed = planned ? this.follow(request, planned, { applied: hold.applied, reason: hold.reason }) : undefined;
       if (followed) this.context.log.info({ followed: followed.followed, strategy: followed.strategy, guests: followed.guests.map((g) => `${g.name}:${g.technique}`), reasons: followed.reasons }, 'technique auto');
-      return await this.migrateGuests(request, followed, onProgress);
+      const forecasts = planned?.plan?.forecast ? forecastRecords(planned.plan.forecast) : undefined;
+      return await this.migrateGuests(request, followed, onProgress, forecasts);
     } finally {
       await hold.stop().catch((err: Error) => this.context.log.warn({ err: err.message }, 'releasing the bandwidth reservation failed'));
     }
@@ -231,10 +240,43 @@ export class OutboundMigrations {
     const monitor = this.context.traffic().monitor;
     if (monitor.mode === 'off') return { plan: undefined, noTrafficReason: monitor.reason ?? 'the traffic monitor is off', peerFeatures };
     if (!this.context.traffic().settings) return { plan: undefined, noTrafficReason: "the uplink's capacity is not configured ('traffic.linkCapacity')", peerFeatures };
-    return { plan: await this.planFor(request.guests, request.priority, request.to), peerFeatures };
+    const plan = await this.planFor(request.guests, request.priority, request.to);
+    return { plan: await this.forecastFor(plan, request, peerFeatures), peerFeatures };
   }
 
-  private async migrateGuests(request: MigrateRequest, followed: FollowedPlan | undefined, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
+  /** The plan with every option's forecast, and in the 'forecast' planner mode the best one to follow (planner/choose.ts). */
+  private async forecastFor(plan: MigrationPlan, request: DecideRequest, peerFeatures: readonly string[]): Promise<MigrationPlan> {
+    const settings = this.context.traffic().settings;
+    if (!settings) return plan;
+    const history = this.context.history();
+    const { profiles, assumptions } = await guestProfiles(request.guests, this.context.registry, request.disks, history);
+    const { model, calibration } = calibratedModel(history);
+    return forecastPlan(plan, {
+      mode: this.context.config.traffic?.planner ?? DEFAULT_PLANNER_MODE,
+      profiles,
+      limits: {
+        downtimeBudgetMs: request.downtimeMs ?? MIGRATE_DEFAULTS.downtimeMs,
+        maxRounds: request.maxRounds ?? MIGRATE_DEFAULTS.maxRounds,
+        maxBytesFactor: request.maxBytesFactor ?? MIGRATE_DEFAULTS.maxBytesFactor,
+        force: request.force ?? MIGRATE_DEFAULTS.force,
+        ...(request.postcopyAfterRounds ? { postcopyAfterRounds: request.postcopyAfterRounds } : {}),
+      },
+      model,
+      calibration,
+      canPostcopy: peerFeatures.includes('postcopy') && this.movingDisks(request.guests, request.disks).length === 0,
+      manualBandwidthBytesPerSec: request.bandwidthBytesPerSec,
+      linkBytesPerSec: settings.linkBytesPerSec,
+      slaLowerBytesPerSec: settings.slaLowerBytesPerSec,
+      assumptions,
+    });
+  }
+
+  private async migrateGuests(
+    request: MigrateRequest,
+    followed: FollowedPlan | undefined,
+    onProgress: (progress: MigrationProgress) => void,
+    forecasts?: Map<string, ForecastRecord>,
+  ): Promise<GroupSummary> {
     if (this.context.shuttingDown()) throw new GangwayError(ErrorCode.SHUTTING_DOWN, 'the agent is shutting down');
     if (new Set(request.guests).size !== request.guests.length) {
       throw new GangwayError(ErrorCode.BAD_REQUEST, `a guest is named twice in ${request.guests.join(' ')}`);
@@ -281,6 +323,11 @@ export class OutboundMigrations {
     const dedup = request.dedup && precopy.length > 0 && (session.peer?.features.includes('dedup') ?? false);
     if (request.dedup && precopy.length > 0 && !dedup) this.context.log.warn({ to: request.to, guests: names }, 'the destination does not offer dedup; moving without it');
     const outcomes: GroupOutcome[] = [];
+    // A guest's forecast holds for the technique and strategy it was made for (a guest whose disks move runs pre-copy instead).
+    const forecastFor = (guest: HostedGuest, technique: string) => {
+      const forecast = forecasts?.get(guest.name);
+      return forecast && forecast.technique === technique && forecast.strategy === strategy ? forecast : undefined;
+    };
     // --bandwidth caps the whole command: a gang shares one pacer. So does a followed plan's
     // reservation when the shaper cannot hold it (follow-plan.ts).
     const pacedBytesPerSec = request.bandwidthBytesPerSec ?? followed?.pacedBytesPerSec;
@@ -320,7 +367,8 @@ export class OutboundMigrations {
         const settled = await Promise.allSettled(
           guests.map((guest) => {
             const slots = slotsOf.get(guest);
-            return this.migrateOne(sourceOf.get(guest)!, session, request, techniqueOf(guest), group && slots ? { group, slots } : undefined, { pacer, gate, reservePriority, slot }, onProgress);
+            const forecast = forecastFor(guest, techniqueOf(guest));
+            return this.migrateOne(sourceOf.get(guest)!, session, request, techniqueOf(guest), group && slots ? { group, slots } : undefined, { pacer, gate, reservePriority, slot, forecast }, onProgress);
           }),
         );
         settled.forEach((result, i) => outcomes.push(outcomeOf(guests[i]!.name, result)));
@@ -336,7 +384,7 @@ export class OutboundMigrations {
         const technique = techniqueOf(guest);
         const group = dedup && technique === 'precopy' ? await openGroup([guest]) : undefined;
         try {
-          const [result] = await Promise.allSettled([this.migrateOne(sourceOf.get(guest)!, session, request, technique, group ? { group, slots: slotsOf.get(guest)! } : undefined, { pacer, reservePriority, slot: this.slots.single() }, onProgress)]);
+          const [result] = await Promise.allSettled([this.migrateOne(sourceOf.get(guest)!, session, request, technique, group ? { group, slots: slotsOf.get(guest)! } : undefined, { pacer, reservePriority, slot: this.slots.single(), forecast: forecastFor(guest, technique) }, onProgress)]);
           outcomes.push(outcomeOf(guest.name, result!));
         } finally {
           closeGroup(group);
@@ -372,7 +420,7 @@ export class OutboundMigrations {
     request: MigrateRequest,
     technique: 'precopy' | 'postcopy' | 'hybrid',
     dedup: { group: SourceDedupGroup; slots: number[] } | undefined,
-    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined; reservePriority?: Priority | undefined; slot: SlotSource },
+    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined; reservePriority?: Priority | undefined; slot: SlotSource; forecast?: ForecastRecord | undefined },
     onProgress: (progress: MigrationProgress) => void,
   ): Promise<MigrationSummary> {
     const migrationId = randomUUID();
@@ -448,6 +496,10 @@ export class OutboundMigrations {
       if (!summary.downtimeBudgetMet) this.context.metrics.downtimeOverBudget.inc({ technique: summary.technique });
       this.context.metrics.totalTime.observe(summary.totalMs / 1000);
       this.context.metrics.linkRate.set({ peer: request.to }, summary.linkRateBytesPerSec);
+      if (shared.forecast) {
+        summary.forecast = shared.forecast;
+        this.context.metrics.forecastChecked(summary.technique, { totalMs: shared.forecast.totalMs, downtimeMs: shared.forecast.downtimeMs }, { totalMs: summary.totalMs, downtimeMs: summary.downtimeMs });
+      }
       this.context.registry.remove(guest.name);
       this.context.records.set(migrationId, { ...base, state: 'committed', summary, endedAt: new Date().toISOString() });
       return summary;

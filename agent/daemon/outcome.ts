@@ -3,6 +3,7 @@
 // destination's (committed, aborted, stranded) mapped to what happened to the migration.
 // A cancel is a cancel on both sides: the source's operator cancelled it there, and the
 // destination saw the source's cancel; neither reads as a failure.
+import { measuredDirtyRate, type ForecastRecord } from '../planner/forecast-check.js';
 import { ErrorCode } from '../../protocol/errors.js';
 import type { MigrationRecord } from './records.js';
 
@@ -45,6 +46,12 @@ export interface HistoryEntry {
   wireBytes?: number;
   memoryBytes?: number;
   rounds?: number;
+  /** A hybrid that went post-copy (post-copy and pre-copy say so by their technique). */
+  wentPostcopy?: boolean;
+  /** The guest's dirty rate as the tracker measured it in the pre-copy rounds. */
+  dirtyRateBytesPerSec?: number;
+  /** What the planner forecast, beside what happened (calibration fits the one to the other). */
+  forecast?: ForecastRecord;
 }
 
 /** The history entry of an ended record; `cancelled`: this agent's operator cancelled it. */
@@ -62,7 +69,20 @@ export function entryOf(record: Exclude<MigrationRecord, { state: 'running' | 'q
   switch (record.state) {
     case 'committed': {
       const s = record.summary;
-      return { ...facts, outcome: 'completed', technique: s.technique, totalMs: s.totalMs, downtimeMs: s.downtimeMs, wireBytes: s.wireBytes, memoryBytes: s.memoryBytes, rounds: s.rounds.length };
+      const dirtyRateBytesPerSec = measuredDirtyRate(s.rounds);
+      return {
+        ...facts,
+        outcome: 'completed',
+        technique: s.technique,
+        totalMs: s.totalMs,
+        downtimeMs: s.downtimeMs,
+        wireBytes: s.wireBytes,
+        memoryBytes: s.memoryBytes,
+        rounds: s.rounds.length,
+        ...(s.technique === 'hybrid' ? { wentPostcopy: s.postcopy !== undefined } : {}),
+        ...(dirtyRateBytesPerSec !== undefined ? { dirtyRateBytesPerSec } : {}),
+        ...(s.forecast ? { forecast: s.forecast } : {}),
+      };
     }
     case 'resumed':
       return { ...facts, outcome: 'completed', technique: 'postcopy' };

@@ -1,5 +1,6 @@
 // What a source migration is given and what it reports: its options, its summary, its
 // progress, and the context its parts (pre-copy, switchover, post-copy) share.
+import type { ForecastRecord } from '../planner/forecast-check.js';
 import type { Logger } from 'pino';
 import type { SourceDedupGroup } from '../dedup/source-group.js';
 import type { GuestRegion, SourceGuest } from '../guest/adapter.js';
@@ -86,6 +87,8 @@ export interface MigrationSummary {
   technique: 'precopy' | 'postcopy' | 'hybrid';
   /** --technique auto: what the plan chose for this guest, and why (follow-plan.ts). */
   plan?: { technique: 'precopy' | 'postcopy' | 'hybrid'; strategy: 'parallel' | 'serial' | null; order: number; reasons: string[] };
+  /** What the planner forecast for this guest's migration, when it made a forecast (planner/forecast-check.ts). */
+  forecast?: ForecastRecord;
   /** Post-copy (postcopy, or a hybrid that went post-copy): how the missing pages came. */
   postcopy?: {
     /** Why a hybrid went post-copy. */

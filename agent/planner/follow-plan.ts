@@ -123,6 +123,7 @@ export function followPlan(input: FollowPlanInput): FollowedPlan {
           : 'strategy: the plan migrates the guests serially, one after another',
     );
   }
+  if (plan.forecast) reasons.push(...plan.forecast.why.map((why) => `forecast: ${why}`));
   if (plan.reservation) reasons.push(`reservation: ${plan.reservation.reason}`);
 
   let pacedBytesPerSec: number | undefined;

@@ -4,6 +4,7 @@
 // the command's strategy is the one that runs.
 import type { FollowedPlan } from './follow-plan.js';
 import type { MigrationPlan } from './plan-for.js';
+import type { PlanForecast } from './choose.js';
 import type { Contention, Priority, Scenario } from './planner.js';
 
 export interface PlanAnswer {
@@ -25,6 +26,8 @@ export interface PlanAnswer {
     contentionShare: number | null;
     reservation: MigrationPlan['reservation'];
   } | null;
+  /** Every option's forecast and why the winner won (the planner's mode says who chose); null without traffic data. */
+  forecast: PlanForecast | null;
 }
 
 export function planAnswer(to: string, followed: FollowedPlan, plan: MigrationPlan | undefined): PlanAnswer {
@@ -38,5 +41,6 @@ export function planAnswer(to: string, followed: FollowedPlan, plan: MigrationPl
     reasons: followed.reasons,
     assumptions: followed.assumptions,
     planner: plan ? { scenario: plan.scenario, contention: plan.contention, contentionShare: plan.contentionShare, reservation: plan.reservation } : null,
+    forecast: plan?.forecast ?? null,
   };
 }

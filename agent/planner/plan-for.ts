@@ -19,6 +19,7 @@ import {
   type Scenario,
   type Strategy,
 } from './planner.js';
+import type { PlanForecast } from './choose.js';
 
 export interface MeasuredRates {
   /** undefined: not measured; `reason` says why. */
@@ -63,6 +64,11 @@ export interface MigrationPlan {
   reasons: string[];
   /** What was taken as given because it was not measured. */
   assumptions: string[];
+  /** The traffic the plan was made from: the source's workload and the destination's; null: not measured. */
+  sourceRates: Rates | null;
+  destinationRates: Rates | null;
+  /** Every option's forecast and the choice (choose.ts); absent until the forecast is made. */
+  forecast?: PlanForecast;
 }
 
 const IDLE: Rates = { rxBytesPerSec: 0, txBytesPerSec: 0 };
@@ -127,6 +133,8 @@ export function planFor(input: PlanForInput): MigrationPlan {
     }),
     reasons: input.settings ? plan.reasons : plan.reasons.filter((reason) => !/of the link/.test(reason)),
     assumptions,
+    sourceRates: input.source.rates ?? null,
+    destinationRates: input.destination.rates ?? null,
   };
 }
 

@@ -76,6 +76,7 @@ describe.skipIf(!builtAgent)('gangway traffic and plan', () => {
         moderateContention: 0.4,
         priority: 'high',
         sampleIntervalMs: 1000,
+        planner: 'forecast',
       });
       const bad = await gangway(['agent', '--check-config', '--insecure-plaintext-loopback'], { GANGWAY_TRAFFIC_CONTENTION_HIGH: 'lots' });
       expect(bad.stderr).toMatch(/environment: GANGWAY_TRAFFIC_CONTENTION_HIGH must be a number above 0 and below 1.*\(got "lots"\)/);
