@@ -5,6 +5,7 @@
 // This file builds the agent from its parts in agent/daemon/ (peer port, outgoing session
 // pool, inbound and outbound migrations, guest service, migration records), wires them to
 // each other, and owns what belongs to the whole: its id, start, stop and status.
+import type { OptionSummary } from './planner/choose.js';
 import { randomBytes } from 'node:crypto';
 import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
@@ -371,8 +372,8 @@ export class Agent {
 
   // ── outgoing migrations ───────────────────────────────────────────────────────────
   /** See OutboundMigrations.migrate. */
-  migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
-    return this.outbound.migrate(request, onProgress);
+  migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void, onForecast?: (forecast: OptionSummary) => void): Promise<GroupSummary> {
+    return this.outbound.migrate(request, onProgress, onForecast);
   }
 
   /** What `migrate --technique auto` would run (OutboundMigrations.decide), for gangway plan. */

@@ -20,6 +20,7 @@ import { planText, trafficText } from './cli/traffic-format.js';
 import type { TrafficStatus } from './traffic/service.js';
 import type { PlanAnswer } from './planner/plan-answer.js';
 import { DEFAULT_PLANNER_MODE, PLANNER_MODES } from './planner/choose.js';
+import { ForecastEta, forecastFirstLine } from './cli/forecast-eta.js';
 import { runDemo } from './cli/demo.js';
 import { checkDays, DEFAULT_CA_DAYS, DEFAULT_HOST_DAYS, initCa, issueHostCert, type CertResult } from './cli/certs.js';
 import { parseBytes, parseBytesList, parseRate, QuantityError } from './units.js';
@@ -328,6 +329,7 @@ withControlOptions(program.command('migrate <guests...>'))
       const events = jsonEvents ? await followMigrationEvents(client, names) : undefined;
       const started = new StartedMigrations(client, names);
       const latest = new Map<string, MigrationProgress>();
+      let forecastEta: ForecastEta | undefined;
       let interrupted = false;
       const migrating = client.migrate(
         {
@@ -347,12 +349,17 @@ withControlOptions(program.command('migrate <guests...>'))
           ...(opts.postcopyAfterRounds ? { postcopyAfterRounds: opts.postcopyAfterRounds } : {}),
           ...(opts.disks ? { disks: opts.disks } : {}),
         },
-        (progress) => {
-          started.note(progress);
-          if (throttle?.take(progress) && !interrupted) process.stderr.write(`${liveProgressLine(progress)}\n`);
+        (reported) => {
+          started.note(reported);
+          const { progress, suffix } = forecastEta?.apply(reported, performance.now()) ?? { progress: reported, suffix: '' };
+          if (throttle?.take(progress) && !interrupted) process.stderr.write(`${liveProgressLine(progress)}${suffix}\n`);
           if (!tty || interrupted) return;
           latest.set(progress.guest, progress);
-          process.stderr.write(`\r\x1b[K${groupProgressLine(latest)}`);
+          process.stderr.write(`\r\x1b[K${groupProgressLine(latest)}${latest.size === 1 ? suffix : ''}`);
+        },
+        (forecast) => {
+          forecastEta = new ForecastEta(forecast);
+          if (!json) console.log(forecastFirstLine(forecast));
         },
       );
       let ended = false;

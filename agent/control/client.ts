@@ -11,6 +11,7 @@ import { readTokenFile } from './token.js';
 import { groupNameOf } from './group.js';
 import type { GroupSummary } from '../migration/group-summary.js';
 import type { MigrationProgress } from '../migration/source.js';
+import type { OptionSummary } from '../planner/choose.js';
 import type { SettingsChange } from '../migration/mid-flight.js';
 import type { PostcopyAnswer, SettingsAnswer } from '../daemon/outbound.js';
 
@@ -232,9 +233,10 @@ export class ControlClient {
   }
 
   /** POST /v1/migrations: progress events to `onProgress`, then the summary (or the error, thrown). */
-  async migrate(call: MigrateCall, onProgress?: (progress: MigrationProgress) => void): Promise<GroupSummary> {
+  async migrate(call: MigrateCall, onProgress?: (progress: MigrationProgress) => void, onForecast?: (forecast: OptionSummary) => void): Promise<GroupSummary> {
     let summary: GroupSummary | undefined;
     for await (const event of this.stream('POST', '/v1/migrations', { ...MIGRATE_DEFAULTS, ...call })) {
+      if (event.type === 'forecast') onForecast?.(event.forecast as OptionSummary);
       if (event.type === 'progress') onProgress?.(event.progress as MigrationProgress);
       if (event.type === 'result') summary = event.summary as GroupSummary;
       if (event.type === 'error') {

@@ -138,7 +138,11 @@ const ROUTES: Route[] = [
       res.writeHead(200, { 'content-type': 'application/x-ndjson' });
       const write = (event: unknown) => res.write(`${JSON.stringify(event)}\n`);
       try {
-        const summary = await agent.migrate(body as z.infer<typeof MigrateRequestSchema>, (progress) => write({ type: 'progress', progress }));
+        const summary = await agent.migrate(
+          body as z.infer<typeof MigrateRequestSchema>,
+          (progress) => write({ type: 'progress', progress }),
+          (forecast) => write({ type: 'forecast', forecast }),
+        );
         write({ type: 'result', summary });
       } catch (err) {
         write({ type: 'error', ...errorBody(err) });

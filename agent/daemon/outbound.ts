@@ -26,7 +26,7 @@ import { SourceMigration, type MigrationProgress, type MigrationSummary } from '
 import type { PeerSession } from '../peer/session.js';
 import { defaultAutoTechnique, followPlan, type FollowedPlan } from '../planner/follow-plan.js';
 import type { MigrationPlan } from '../planner/plan-for.js';
-import { DEFAULT_PLANNER_MODE, forecastPlan } from '../planner/choose.js';
+import { DEFAULT_PLANNER_MODE, forecastPlan, type OptionSummary } from '../planner/choose.js';
 import { MIGRATE_DEFAULTS } from '../control/client.js';
 import { calibratedModel, guestProfiles } from './forecast-inputs.js';
 import { forecastRecords, type ForecastRecord } from '../planner/forecast-check.js';
@@ -161,7 +161,7 @@ export class OutboundMigrations {
    * moved before it are resident content at the destination). Resolves with every guest's
    * summary and the totals when at least one guest moved; throws the first error when none did.
    */
-  async migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void): Promise<GroupSummary> {
+  async migrate(request: MigrateRequest, onProgress: (progress: MigrationProgress) => void, onForecast?: (forecast: OptionSummary) => void): Promise<GroupSummary> {
     // auto: the plan is made from the traffic as the monitor last smoothed it, so the hold
     // below can be installed meanwhile (its tc commands took as long as the plan's round trip).
     // The bandwidth hook: the shaper applies --bandwidth, or Algorithm 2 at the request's
@@ -188,6 +188,8 @@ export class OutboundMigrations {
       const followed = planned ? this.follow(request, planned, { applied: hold.applied, reason: hold.reason }) : undefined;
       if (followed) this.context.log.info({ followed: followed.followed, strategy: followed.strategy, guests: followed.guests.map((g) => `${g.name}:${g.technique}`), reasons: followed.reasons }, 'technique auto');
       const forecasts = planned?.plan?.forecast ? forecastRecords(planned.plan.forecast) : undefined;
+      // Before anything moves: the forecast of what is about to run, for the command's first line and ETA.
+      if (planned?.plan?.forecast?.chosen && forecasts?.size) onForecast?.(planned.plan.forecast.chosen);
       return await this.migrateGuests(request, followed, onProgress, forecasts);
     } finally {
       await hold.stop().catch((err: Error) => this.context.log.warn({ err: err.message }, 'releasing the bandwidth reservation failed'));

@@ -2,7 +2,8 @@
 // a 1 Gbit/s link's two network namespaces, each measuring its end of the veth as its uplink.
 // plan prints every option's forecast (time, downtime, wire bytes), marks the one followed and
 // says why it won; --json carries the same; migrate --technique auto then runs what plan said,
-// and its summary keeps the forecast beside the outcome. The planner's mode is a setting
+// prints the forecast in its first line, and its summary and history keep the forecast beside
+// the outcome. The planner's mode is a setting
 // (traffic.planner, --planner, GANGWAY_TRAFFIC_PLANNER) checked with --check-config.
 // Processes are stopped by PID; guests, namespaces, temp dirs and /dev/shm files go, also on
 // failure. Needs root and iproute2 for the link; without them that part skips and says why.
@@ -170,6 +171,18 @@ describe.skipIf(skipReason !== undefined)(`gangway plan forecasts each option${s
     const entry = history.entries.find((e: { guest: string; direction: string }) => e.guest === guest && e.direction === 'out');
     expect(entry).toMatchObject({ outcome: 'completed', forecast: { technique: forecast.technique, totalMs: forecast.totalMs } });
     expect(entry.totalMs).toBeGreaterThan(0);
+    await cli(destination, ['guest', 'stop', guest]);
+  }, 180_000);
+
+  it('migrate prints the forecast (time, downtime, bytes) in its first line before the guest moves', async () => {
+    const guest = await startGuest(source, '64MiB', '2MiB/s');
+    const run = await cli(source, ['migrate', guest, '--to', to(), '--technique', 'auto', '--priority', 'high']);
+    expect(run.exitCode, run.stderr + run.stdout).toBe(0);
+    const [first, ...rest] = run.stdout.split('\n');
+    expect(first).toMatch(new RegExp(`^forecast: ${guest} by (precopy|postcopy|hybrid) in [\\d.]+ m?s, downtime [\\d.]+ m?s, [\\d.]+ \\w+ on the wire$`));
+    // The summary follows, and the guest runs at the destination.
+    expect(rest.join('\n')).toContain(guest);
+    expect((await destination.status()).guests.map((g) => g.name)).toContain(guest);
     await cli(destination, ['guest', 'stop', guest]);
   }, 180_000);
 });
