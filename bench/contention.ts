@@ -26,6 +26,9 @@
 // The goal (issue 4): the planner's choice is never worse than the best fixed choice by more
 // than 10% on total time, and keeps every workload at or above its SLA lower limit. Both are
 // checked per case and printed with the figures; the exit code is 1 if a run failed to verify.
+// Issue 18 adds the forecast: beside the planner's runs what it forecast for what it ran and
+// the error, beside each fixed choice what the planner's plan forecast for that option in the
+// same case, and whether the total time's forecast is within 20% in 80% of the planner's runs.
 import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
 import { rmSync } from 'node:fs';
@@ -36,6 +39,8 @@ import { initCa, issueHostCert, type CertResult } from '../agent/cli/certs.js';
 import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent } from '../agent/local-agent.js';
 import type { GroupSummary } from '../agent/migration/group-summary.js';
 import type { MigrateCall } from '../agent/control/client.js';
+import type { OptionSummary } from '../agent/planner/choose.js';
+import type { PlanAnswer } from '../agent/planner/plan-answer.js';
 import { netnsAvailable, run, shapeEgress } from './netns-link.js';
 import { barChartSvg, markdownTable, median, prefaultMemory, writeResults } from './report.js';
 import { ExitSteps } from './exit.js';
@@ -86,16 +91,18 @@ interface Choice {
   name: string;
   planner: boolean;
   call: Partial<MigrateCall>;
+  /** The planner's option that is this fixed choice: its forecast is shown beside the run. */
+  option?: { technique: 'precopy' | 'postcopy' | 'hybrid'; strategy: 'gang' | 'serial' };
 }
 const ONE_GUEST: Choice[] = [
-  { name: 'pre-copy', planner: false, call: { technique: 'precopy' } },
-  { name: 'post-copy', planner: false, call: { technique: 'postcopy' } },
-  { name: 'hybrid', planner: false, call: { technique: 'hybrid' } },
+  { name: 'pre-copy', planner: false, call: { technique: 'precopy' }, option: { technique: 'precopy', strategy: 'gang' } },
+  { name: 'post-copy', planner: false, call: { technique: 'postcopy' }, option: { technique: 'postcopy', strategy: 'gang' } },
+  { name: 'hybrid', planner: false, call: { technique: 'hybrid' }, option: { technique: 'hybrid', strategy: 'gang' } },
   { name: 'planner', planner: true, call: { technique: 'auto', priority } },
 ];
 const TWO_GUESTS: Choice[] = [
-  { name: 'serial pre-copy', planner: false, call: { technique: 'precopy', strategy: 'serial' } },
-  { name: 'parallel pre-copy', planner: false, call: { technique: 'precopy', strategy: 'gang' } },
+  { name: 'serial pre-copy', planner: false, call: { technique: 'precopy', strategy: 'serial' }, option: { technique: 'precopy', strategy: 'serial' } },
+  { name: 'parallel pre-copy', planner: false, call: { technique: 'precopy', strategy: 'gang' }, option: { technique: 'precopy', strategy: 'gang' } },
   { name: 'planner', planner: true, call: { technique: 'auto', priority } },
 ];
 
@@ -297,6 +304,10 @@ interface Run {
   workloads: { flow: 'out' | 'in'; beforeBytesPerSec: number | null; duringBytesPerSec: number | null }[];
   plan?: GroupSummary['plan'];
   planGuests?: { technique: string; strategy: string | null; reasons: string[] }[];
+  /** The planner's run: what it forecast for the option it ran (the migrate stream's forecast event). */
+  forecast?: { totalMs: number; downtimeMs: number; wireBytes: number };
+  /** The planner's run: its plan's forecast of every option, just before it ran (the fixed rows show theirs). */
+  options?: OptionSummary[];
   error?: string;
 }
 
@@ -314,10 +325,15 @@ async function runOnce(agents: Agents, guests: number, traffic: Traffic, choice:
     if (traffic === 'out at source' || traffic === 'both') flows.push(await startFlow('out', NS.src, NS.peer, ADDR.peer, OUT_PORT));
     if (traffic === 'in at destination' || traffic === 'both') flows.push(await startFlow('in', NS.peer, NS.dst, ADDR.dst, IN_PORT));
     await new Promise((resolve) => setTimeout(resolve, WARMUP_MS));
+    // The planner's view of every option under this traffic, asked before the clock starts.
+    const options = choice.planner
+      ? ((await agent.client.call<PlanAnswer>('POST', '/v1/plan', { guests: names, to: `${ADDR.dst}:${PEER_PORT}`, priority }).catch(() => undefined))?.forecast?.options ?? undefined)
+      : undefined;
+    let forecast: Run['forecast'];
     const startedAt = Date.now();
     let timer: NodeJS.Timeout | undefined;
     const summary = await Promise.race([
-      agent.client.migrate({ guests: names, to: `${ADDR.dst}:${PEER_PORT}`, codec: 'raw', ...choice.call }),
+      agent.client.migrate({ guests: names, to: `${ADDR.dst}:${PEER_PORT}`, codec: 'raw', ...choice.call }, undefined, (f) => (forecast = { totalMs: f.totalMs, downtimeMs: f.downtimeMs, wireBytes: f.wireBytes })),
       new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`no result within ${MIGRATE_TIMEOUT_MS / 1000} s`)), MIGRATE_TIMEOUT_MS))),
     ]).finally(() => clearTimeout(timer));
     const endedAt = Date.now();
@@ -339,6 +355,8 @@ async function runOnce(agents: Agents, guests: number, traffic: Traffic, choice:
       verified: summary.failed.length === 0 && summary.guests.every((g) => g.verified),
       workloads,
       ...(summary.plan ? { plan: summary.plan, planGuests: summary.guests.map((g) => ({ technique: g.plan?.technique ?? g.technique, strategy: g.plan?.strategy ?? null, reasons: g.plan?.reasons ?? [] })) } : {}),
+      ...(forecast ? { forecast } : {}),
+      ...(options ? { options } : {}),
     };
   } catch (err) {
     return { guests, traffic, choice: choice.name, repeat: n, ran: '-', totalMs: NaN, downtimeMs: NaN, elapsedMs: NaN, verified: false, workloads: [], error: (err as Error).message };
@@ -378,6 +396,7 @@ try {
               (r.error
                 ? `FAILED: ${r.error}`
                 : `total ${(r.totalMs / 1000).toFixed(2)} s, downtime ${r.downtimeMs.toFixed(0)} ms, ` +
+                  (r.forecast ? `forecast ${(r.forecast.totalMs / 1000).toFixed(2)} s (${percent(forecastError(r)!)}), ` : '') +
                   r.workloads.map((w) => `workload ${w.flow} ${mbit(w.beforeBytesPerSec)} -> ${mbit(w.duringBytesPerSec)} Mbit/s`).join(', ') +
                   (r.verified ? '' : ' NOT VERIFIED')),
           );
@@ -387,6 +406,15 @@ try {
   }
 } finally {
   await cleanUp();
+}
+
+/** A planner run's forecast error of total time, (forecast − actual) / actual; null without a forecast. */
+function forecastError(r: Pick<Run, 'forecast' | 'totalMs'>): number | null {
+  return r.forecast && r.totalMs > 0 ? (r.forecast.totalMs - r.totalMs) / r.totalMs : null;
+}
+
+function percent(ratio: number): string {
+  return `${ratio >= 0 ? '+' : ''}${(ratio * 100).toFixed(0)}%`;
 }
 
 function mbit(bytesPerSec: number | null): string {
@@ -400,6 +428,14 @@ const rows = cases.flatMap(({ guests, traffic }) =>
     const mine = runs.filter((r) => r.guests === guests && r.traffic === traffic && r.choice === choice.name && !r.error);
     if (mine.length === 0) return [];
     const flows = [...new Set(mine.flatMap((r) => r.workloads.map((w) => w.flow)))];
+    // The forecast beside the row: the planner's own for its runs; for a fixed choice, what the
+    // planner's plan forecast for that option in the same case (under the planner's reservation,
+    // which the fixed runs do not have: a view, not a check).
+    const plannerRuns = runs.filter((r) => r.guests === guests && r.traffic === traffic && r.options && !r.error);
+    const forecasts = choice.planner
+      ? mine.flatMap((r) => (r.forecast ? [r.forecast.totalMs] : []))
+      : plannerRuns.flatMap((r) => r.options!.filter((o) => o.technique === choice.option?.technique && o.strategy === choice.option.strategy).map((o) => o.totalMs));
+    const errors = choice.planner ? mine.flatMap((r) => { const e = forecastError(r); return e === null ? [] : [e]; }) : [];
     return [{
       guests,
       traffic,
@@ -409,6 +445,8 @@ const rows = cases.flatMap(({ guests, traffic }) =>
       totalMs: median(mine.map((r) => r.totalMs)),
       downtimeMs: median(mine.map((r) => r.downtimeMs)),
       verified: mine.every((r) => r.verified),
+      forecastTotalMs: forecasts.length ? median(forecasts) : null,
+      forecastError: errors.length ? median(errors) : null,
       workloads: flows.map((flow) => {
         const during = median(mine.map((r) => r.workloads.find((w) => w.flow === flow)?.duringBytesPerSec ?? 0));
         const before = median(mine.map((r) => r.workloads.find((w) => w.flow === flow)?.beforeBytesPerSec ?? 0));
@@ -433,10 +471,15 @@ const goals = cases.flatMap(({ guests, traffic }) => {
     bestFixedTotalMs: best.totalMs,
     timeRatio: ratio,
     timeGoalMet: ratio <= 1.1,
+    forecastTotalMs: planner.forecastTotalMs,
+    forecastError: planner.forecastError,
     slaGoalMet: planner.workloads.every((w) => w.meetsSlaLower),
   }];
 });
 const failedRuns = runs.filter((r) => r.error || !r.verified);
+// The issue's forecast target: the total time within 20% in 80% of the planner's runs.
+const forecastErrors = runs.flatMap((r) => { const e = forecastError(r); return e === null ? [] : [e]; });
+const forecastWithin20 = forecastErrors.filter((e) => Math.abs(e) <= 0.2).length;
 const result = {
   bench: 'contention',
   date: new Date().toISOString(),
@@ -454,7 +497,9 @@ const result = {
   goal: {
     timeWithin10PercentOfBestFixed: goals.every((g) => g.timeGoalMet),
     workloadsAtOrAboveSlaLower: goals.every((g) => g.slaGoalMet),
+    forecastWithin20PercentIn80PercentOfRuns: forecastErrors.length > 0 && forecastWithin20 >= 0.8 * forecastErrors.length,
   },
+  forecastRuns: { within20Percent: forecastWithin20, of: forecastErrors.length },
 };
 const svg = barChartSvg(
   `gangway under contention: total migration time, ${memoryBytes / MiB} MiB guests, 1 Gbit/s, planner at ${priority} priority`,
@@ -466,13 +511,14 @@ if (values.json) console.log(JSON.stringify(result));
 else {
   console.log(
     markdownTable(
-      ['guests', 'traffic', 'choice', 'ran', 'total s', 'downtime ms', 'workload Mbit/s before -> during (degradation)', 'SLA lower met'],
+      ['guests', 'traffic', 'choice', 'ran', 'total s', 'forecast s (error)', 'downtime ms', 'workload Mbit/s before -> during (degradation)', 'SLA lower met'],
       rows.map((r) => [
         r.guests,
         r.traffic,
         r.choice,
         r.ran,
         (r.totalMs / 1000).toFixed(2),
+        r.forecastTotalMs === null ? '-' : `${(r.forecastTotalMs / 1000).toFixed(2)}${r.forecastError === null ? '' : ` (${percent(r.forecastError)})`}`,
         r.downtimeMs.toFixed(0),
         r.workloads.map((w) => `${w.flow} ${mbit(w.beforeBytesPerSec)} -> ${mbit(w.duringBytesPerSec)} (${(w.degradation * 100).toFixed(0)}%)`).join(', ') || '-',
         r.workloads.length ? String(r.workloads.every((w) => w.meetsSlaLower)) : '-',
@@ -483,12 +529,16 @@ else {
   for (const g of goals) {
     console.log(
       `${g.guests} guest${g.guests > 1 ? 's' : ''}, ${g.traffic}: planner (${g.plannerRan}) ${(g.plannerTotalMs / 1000).toFixed(2)} s vs best fixed ${g.bestFixed} ${(g.bestFixedTotalMs / 1000).toFixed(2)} s ` +
-        `(${((g.timeRatio - 1) * 100).toFixed(0)}%): time goal ${g.timeGoalMet ? 'met' : 'NOT met'}; workloads at or above the SLA lower limit: ${g.slaGoalMet ? 'yes' : 'NO'}`,
+        `(${((g.timeRatio - 1) * 100).toFixed(0)}%): time goal ${g.timeGoalMet ? 'met' : 'NOT met'}; ` +
+        `forecast ${g.forecastTotalMs === null ? '-' : `${(g.forecastTotalMs / 1000).toFixed(2)} s`}${g.forecastError === null ? '' : ` (error ${percent(g.forecastError)})`}; workloads at or above the SLA lower limit: ${g.slaGoalMet ? 'yes' : 'NO'}`,
     );
   }
   console.log(
     `\ngoal: planner within 10% of the best fixed choice on total time in every case: ${result.goal.timeWithin10PercentOfBestFixed ? 'HOLDS' : 'DOES NOT HOLD'}; ` +
       `every workload at or above its SLA lower limit (${(SLA_LOWER_BYTES_PER_SEC * 8) / 1e6} Mbit/s on the wire, ${((SLA_LOWER_BYTES_PER_SEC * FRAMING * 8) / 1e6).toFixed(0)} Mbit/s goodput) under the planner: ${result.goal.workloadsAtOrAboveSlaLower ? 'HOLDS' : 'DOES NOT HOLD'}`,
+  );
+  console.log(
+    `forecast of the planner's total time within 20% in ${forecastWithin20} of ${forecastErrors.length} runs (target: 80%): ${result.goal.forecastWithin20PercentIn80PercentOfRuns ? 'HOLDS' : 'DOES NOT HOLD'}`,
   );
   if (failedRuns.length) console.log(`${failedRuns.length} run(s) failed or did not verify: ${failedRuns.map((r) => `${r.guests}g ${r.traffic} ${r.choice}: ${r.error ?? 'not verified'}`).join('; ')}`);
   console.log(`\nresults: ${path}`);

@@ -14,15 +14,22 @@ export async function guestProfiles(names: readonly string[], registry: GuestReg
   const assumptions: string[] = [];
   const unknownRate: string[] = [];
   const profiles: GuestProfile[] = [];
-  for (const name of names) {
+  // Asked of every guest at once: a VM answers over QMP, and the plan is on migrate's critical path.
+  const observed = await Promise.all(
+    names.map((name) =>
+      registry
+        .get(name)
+        .guest.observe()
+        .then((seen) => seen.details?.dirtyRateBytesPerSec)
+        .catch(() => undefined),
+    ),
+  );
+  for (const [i, name] of names.entries()) {
     const { guest } = registry.get(name);
     const source = guest.forMigration?.({ disks: disks ?? 'all' }) ?? guest;
     // A disk's blocks go by pre-copy whatever is planned; its size says little of its data (holes).
     const memoryBytes = source.regions.filter((region) => !region.sparse).reduce((sum, region) => sum + region.lengthBytes, 0);
-    const own = await guest
-      .observe()
-      .then((seen) => seen.details?.dirtyRateBytesPerSec)
-      .catch(() => undefined);
+    const own = observed[i];
     const last = [...history].reverse().find((e) => e.direction === 'out' && e.guest === name && e.dirtyRateBytesPerSec !== undefined)?.dirtyRateBytesPerSec;
     let dirtyRateBytesPerSec = 0;
     if (own !== undefined && Number.isFinite(own)) dirtyRateBytesPerSec = own;
