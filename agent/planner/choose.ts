@@ -171,7 +171,12 @@ export interface ForecastPlanInput {
  */
 export function forecastPlan(plan: MigrationPlan, input: ForecastPlanInput): MigrationPlan {
   const profiles = [...plan.guests].sort((a, b) => a.order - b.order).map((g) => input.profiles.find((p) => p.name === g.name)!);
-  const reserved = input.manualBandwidthBytesPerSec ?? plan.reservation?.migrationBytesPerSec ?? input.linkBytesPerSec;
+  // The shaper's migration class borrows up to the link (controller.ts shaperConfig): the
+  // migration gets what the workload leaves, never less than its reservation. A manual rate
+  // is a ceiling.
+  const reservation = plan.reservation?.migrationBytesPerSec ?? input.linkBytesPerSec;
+  const leftByWorkload = plan.sourceRates ? input.linkBytesPerSec - plan.sourceRates.txBytesPerSec : reservation;
+  const reserved = input.manualBandwidthBytesPerSec ?? Math.max(reservation, leftByWorkload);
   const assumptions = [...input.assumptions];
   if (plan.destinationRates) assumptions.push("the destination's link has the source's capacity");
   const forecastInput: ForecastInput = {

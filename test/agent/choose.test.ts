@@ -111,6 +111,17 @@ describe('forecastPlan: the plan migrate follows', () => {
     expect(followed.reasons).toContain(`forecast: ${plan.forecast!.why[0]}`);
   });
 
+  test('the migration is forecast at what the workload leaves of the link (the shaper lets it borrow), not only its reservation', () => {
+    const paper = paperPlan();
+    expect(paper.reservation!.migrationBytesPerSec).toBeLessThan(LINK - 1 * MB);
+    const plan = forecastPlan(paper, input('forecast'));
+    // The source's workload sends 1 MB/s and the destination receives 1 MB/s: the link less that.
+    expect(plan.forecast!.chosen!.rateBytesPerSec).toBeCloseTo((LINK - 1 * MB) * MODEL.linkEfficiency, 3);
+    // A manual rate is a ceiling.
+    const manual = forecastPlan(paper, { ...input('forecast'), manualBandwidthBytesPerSec: 50 * MB });
+    expect(manual.forecast!.chosen!.rateBytesPerSec).toBeCloseTo(50 * MB * MODEL.linkEfficiency, 3);
+  });
+
   test('options come fastest first, each with time, downtime and wire bytes', () => {
     const totals = forecastPlan(paperPlan(), input('forecast')).forecast!.options.map((o) => o.totalMs);
     expect(totals).toEqual([...totals].sort((a, b) => a - b));
