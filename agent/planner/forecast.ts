@@ -294,7 +294,9 @@ export function forecastOption(input: ForecastInput, technique: PlannedTechnique
     const w = input.workload;
     // The migration takes the rate it was given while it runs (the shaper reserves it whole).
     workloadBytesPerSec = Math.max(0, Math.min(w.demandBytesPerSec, w.linkBytesPerSec - input.availableBytesPerSec));
-    keepsSla = workloadBytesPerSec >= Math.min(w.demandBytesPerSec, w.slaLowerBytesPerSec);
+    // A byte per second of slack: a migration given exactly what the workload leaves (link −
+    // demand) leaves it link − (link − demand), which floating point may put a hair below demand.
+    keepsSla = workloadBytesPerSec + 1 >= Math.min(w.demandBytesPerSec, w.slaLowerBytesPerSec);
   }
   return {
     technique,

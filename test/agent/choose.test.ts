@@ -117,6 +117,10 @@ describe('forecastPlan: the plan migrate follows', () => {
     const plan = forecastPlan(paper, input('forecast'));
     // The source's workload sends 1 MB/s and the destination receives 1 MB/s: the link less that.
     expect(plan.forecast!.chosen!.rateBytesPerSec).toBeCloseTo((LINK - 1 * MB) * MODEL.linkEfficiency, 3);
+    // Given what the workload leaves, the workload keeps all it asks for: every option keeps the SLA.
+    const busy = forecastPlan({ ...paper, sourceRates: { rxBytesPerSec: 0, txBytesPerSec: 0.1 } }, input('forecast'));
+    expect(busy.forecast!.options.every((o) => o.keepsSla)).toBe(true);
+    expect(busy.forecast!.chosen).not.toBeNull();
     // A manual rate is a ceiling.
     const manual = forecastPlan(paper, { ...input('forecast'), manualBandwidthBytesPerSec: 50 * MB });
     expect(manual.forecast!.chosen!.rateBytesPerSec).toBeCloseTo(50 * MB * MODEL.linkEfficiency, 3);
