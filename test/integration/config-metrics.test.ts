@@ -8,6 +8,7 @@ import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { execa } from 'execa';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { builtAgent, Cluster, mainJs, uniqueName } from '../helpers/cluster.js';
+import { PROTOCOL_VERSION } from '../../protocol/limits.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'gangway-config-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -239,16 +240,16 @@ describe.skipIf(!builtAgent)('Prometheus metrics', () => {
     const a = await cluster.agent('a', ['--metrics-listen', '127.0.0.1:0']);
     const { agent } = await a.status();
     const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
-    expect(agent).toMatchObject({ version: pkg.version, protocolVersion: 2 });
+    expect(agent).toMatchObject({ version: pkg.version, protocolVersion: PROTOCOL_VERSION });
     const cli = await cluster.cli(a, ['--version']);
     expect(cli.exitCode).toBe(0);
-    expect(cli.stdout.trim()).toBe(`${pkg.version} (protocol 2, node ${process.version})`);
+    expect(cli.stdout.trim()).toBe(`${pkg.version} (protocol ${PROTOCOL_VERSION}, node ${process.version})`);
     const get = (path: string) => fetch(`http://${agent.metrics}${path}`);
     expect([(await get('/healthz')).status, (await get('/readyz')).status]).toEqual([200, 200]);
     expect((await get('/nope')).status).toBe(404);
     const text = await (await get('/metrics')).text();
     const metrics = parseExposition(text);
-    expect(metrics.get(`gangway_build_info{version="${pkg.version}",protocol="2",node="${process.version}"}`)).toBe(1);
+    expect(metrics.get(`gangway_build_info{version="${pkg.version}",protocol="${PROTOCOL_VERSION}",node="${process.version}"}`)).toBe(1);
     expect(text).toContain('gangway_process_cpu_seconds_total');
     expect(text).not.toContain('gangway_process_process_');
   });
