@@ -41,6 +41,15 @@ describe.skipIf(problem !== undefined)(`guests in systemd scopes${problem ? ` (s
   const alive = async (pid: number) => (await systemd.run(['kill', '-0', String(pid)])).exitCode === 0;
   const agentUp = (agent: string) => waitForAsync(`agent ${agent} answers`, async () => (await cli(agent, ['status', '--json'])).exitCode === 0, 30_000);
 
+  /** `systemctl restart` of an agent's service: the guest lives on with its PID, and the agent lists it running again. */
+  async function restartKeeps(agent: string, name: string, pid: number) {
+    const restart = await systemd.run(['systemctl', 'restart', `gangway-test-${agent}`]);
+    expect(restart.exitCode, restart.stderr).toBe(0);
+    await agentUp(agent);
+    expect(await alive(pid)).toBe(true);
+    expect((await guests(agent)).find((g) => g.name === name)).toMatchObject({ pid, state: 'running' });
+  }
+
   /** The agent as a service of the nested systemd, with the shipped unit's Type and KillMode. */
   async function startAgentService(agent: string) {
     mkdirSync(join(stateDir(agent), 'memory'), { recursive: true });
@@ -108,11 +117,7 @@ describe.skipIf(problem !== undefined)(`guests in systemd scopes${problem ? ` (s
     const serviceProcs = readFileSync(join(systemd.cgroupDir('system.slice/gangway-test-a.service'), 'cgroup.procs'), 'utf8').trim().split('\n');
     expect(serviceProcs).toHaveLength(1);
 
-    const restart = await systemd.run(['systemctl', 'restart', 'gangway-test-a']);
-    expect(restart.exitCode, restart.stderr).toBe(0);
-    await agentUp('a');
-    expect(await alive(pid)).toBe(true);
-    expect((await guests('a')).find((g) => g.name === 'g1')).toMatchObject({ pid, state: 'running' });
+    await restartKeeps('a', 'g1', pid);
 
     const stop = await systemd.run(['systemctl', 'stop', 'gangway-test-a']);
     expect(stop.exitCode, stop.stderr).toBe(0);
@@ -154,11 +159,7 @@ describe.skipIf(problem !== undefined)(`guests in systemd scopes${problem ? ` (s
     expect(started.exitCode, started.stderr).toBe(0);
     const vm = (await guests('a')).find((g) => g.name === 'v1')!;
     expect(await cgroupOf(vm.pid)).toMatch(/:\/machine\.slice\/gangway-guest-v1-[0-9a-f]{6}\.scope$/m);
-    const restart = await systemd.run(['systemctl', 'restart', 'gangway-test-a']);
-    expect(restart.exitCode, restart.stderr).toBe(0);
-    await agentUp('a');
-    expect(await alive(vm.pid)).toBe(true);
-    expect((await guests('a')).find((g) => g.name === 'v1')).toMatchObject({ pid: vm.pid, state: 'running' });
+    await restartKeeps('a', 'v1', vm.pid);
     const stopped = await cli('a', ['guest', 'stop', 'v1']);
     expect(stopped.exitCode, stopped.stderr).toBe(0);
     await waitForAsync('the VM exits', async () => !(await alive(vm.pid)));
@@ -194,11 +195,7 @@ describe.skipIf(problem !== undefined)(`guests in systemd scopes${problem ? ` (s
     expect(started.exitCode, `${started.stderr}\n${readLog(log)}`).toBe(0);
     const guest = (await guests('c')).find((g) => g.name === 'g3')!;
     expect(await cgroupOf(guest.pid)).toMatch(/:\/machine\.slice\/gangway-guest-g3-[0-9a-f]{6}\.scope$/m);
-    const restart = await systemd.run(['systemctl', 'restart', 'gangway-test-c']);
-    expect(restart.exitCode, restart.stderr).toBe(0);
-    await agentUp('c');
-    expect(await alive(guest.pid)).toBe(true);
-    expect((await guests('c')).find((g) => g.name === 'g3')).toMatchObject({ pid: guest.pid, state: 'running' });
+    await restartKeeps('c', 'g3', guest.pid);
     const stopped = await cli('c', ['guest', 'stop', 'g3']);
     expect(stopped.exitCode, stopped.stderr).toBe(0);
   }, 120_000);
