@@ -14,6 +14,7 @@ import { logTail } from './log-tail.js';
 import { openShimTrackers, trackReportPathOf } from './shim-trackers.js';
 import { vmSocketPaths } from './vm-spec.js';
 import { spawnGuest } from './scope.js';
+import { faultCrash } from '../migration/faults.js';
 
 export { trackReportPathOf } from './shim-trackers.js';
 import { GUEST_MAX_REGIONS, GUEST_PAGE_SIZE, readGuestHeader, type GuestHeader, type GuestProfileName } from './guest-header.js';
@@ -378,6 +379,7 @@ export class ProcessGuest implements HostedGuest {
   /** Ends the guest for good (it runs elsewhere now) and removes its memory files, device state and tracking reports. */
   async discard(): Promise<void> {
     await this.terminate();
+    faultCrash('source-guest-ended');
     removeGuestFiles(this.files);
   }
 

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { GangwayError, ErrorCode } from '../../protocol/errors.js';
 import type { Logger } from '../log.js';
 import type { HostedGuest } from './adapter.js';
-import { guestFilePaths, isAlive, ProcessGuest, type GuestFiles } from './process-guest.js';
+import { fingerprintsPathOf, guestFilePaths, processState, ProcessGuest, type GuestFiles } from './process-guest.js';
 import { QemuGuest } from './qemu-guest.js';
 import { parseGuestRecord, type GuestRecord } from './record.js';
 
@@ -62,7 +62,7 @@ export class GuestRegistry {
 
   /**
    * Loads the records of guests still alive; returns the names of those found dead (their
-   * records are removed). A record that cannot be read or does not validate is kept on disk
+   * records and memory files are removed: see removeDeadMemory). A record that cannot be read or does not validate is kept on disk
    * and listed by unreadableRecords(): its guest may still run, here or elsewhere, and this
    * agent does not act on that name until the operator has fixed or removed the file.
    * NAME.json.tmp files are ignored: one is a write a crash cut short, whose NAME.json (if
@@ -86,14 +86,40 @@ export class GuestRegistry {
         continue;
       }
       const { record } = parsed;
-      if (isAlive(record.pid)) this.insert(record);
+      // A zombie is dead too: its parent (the agent that was killed) can no longer reap it,
+      // and where PID 1 does not reap either (a container) it stays one.
+      const state = processState(record.pid);
+      if (state !== undefined && state !== 'Z') this.insert(record);
       else {
         dead.push(record.name);
         this.dead.add(record.name);
+        // Its memory goes before its record: a crash in between leaves a record naming files
+        // that are gone, never files that no record names (removeStrays does not look in the
+        // memory directory, which other programs share).
+        this.removeDeadMemory(record);
         rmSync(path, { force: true });
       }
     }
     return dead;
+  }
+
+  /**
+   * A dead guest's memory files (and their fingerprints) go, as a stop would remove them:
+   * nothing can run it again. Its files in the guests directory are removeStrays' (its log and
+   * console stay: why it died). One exception: a source's paused copy that died while serving a
+   * post-copy still holds the only copy of the pages the destination lacked; its memory stays,
+   * and the log names the files.
+   */
+  private removeDeadMemory(record: GuestRecord): void {
+    const paths = record.files.memoryPaths.flatMap((path) => [path, fingerprintsPathOf(path)]);
+    if (record.outgoing?.phase === 'postcopy') {
+      this.log?.warn(
+        { guest: record.name, to: record.outgoing.to, migrationId: record.outgoing.migrationId, files: record.files.memoryPaths },
+        'this paused copy died during a post-copy: its memory files stay, the only copy of the pages the destination lacked; remove them once the guest is dealt with there',
+      );
+      return;
+    }
+    for (const path of paths) rmSync(path, { force: true });
   }
 
   /**

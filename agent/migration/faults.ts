@@ -9,9 +9,9 @@ import type { DirtyTracker } from '../tracker/dirty-tracker.js';
  * Fault injection for restart tests (GANGWAY_FAULT_CRASH=point): the agent dies here as
  * with kill -9, at a point a test could not hit by timing.
  */
-export function faultCrash(point: string, log: Logger): void {
+export function faultCrash(point: string, log?: Logger): void {
   if (process.env.GANGWAY_FAULT_CRASH !== point) return;
-  log.error({ point }, 'fault injection: the agent dies here (GANGWAY_FAULT_CRASH)');
+  log?.error({ point }, 'fault injection: the agent dies here (GANGWAY_FAULT_CRASH)');
   process.kill(process.pid, 'SIGKILL');
 }
 

@@ -7,6 +7,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { makeTempDir } from '../../agent/local-agent.js';
 import { GuestRegistry, type GuestRecord } from '../../agent/guest/registry.js';
 import { parseGuestRecord } from '../../agent/guest/record.js';
+import { fingerprintsPathOf } from '../../agent/guest/process-guest.js';
 import { unreadableRecordsText } from '../../agent/cli/format.js';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 
@@ -129,6 +130,31 @@ describe('guest records read back from disk', () => {
     expect(unreadable).toEqual([]);
     expect(existsSync(join(guestsDir, 'gone.json'))).toBe(false);
     registry.reserve('gone');
+  });
+
+  it('removes the memory files of a guest found dead (an agent killed between stopping a guest and removing its files), but for a paused copy that died serving a post-copy', () => {
+    const memoryDir = join(stateDir, 'shm');
+    mkdirSync(memoryDir);
+    const memory = (name: string) => [join(memoryDir, `gangway-${name}-0badf00d.mem`), join(memoryDir, `gangway-${name}-0badf00d.r1.mem`)];
+    const dead = (name: string, outgoing?: GuestRecord['outgoing']): GuestRecord => {
+      const record = migratedRecord(name);
+      record.pid = 4_194_305;
+      record.files = { ...record.files, memoryPaths: memory(name) };
+      if (outgoing) record.outgoing = outgoing;
+      else delete record.outgoing;
+      return record;
+    };
+    const serving = migratedRecord('x').outgoing!;
+    write('gone.json', JSON.stringify(dead('gone'), null, 2));
+    write('switched.json', JSON.stringify(dead('switched', { ...serving, phase: 'commit' }), null, 2));
+    write('serving.json', JSON.stringify(dead('serving', serving), null, 2));
+    const files = ['gone', 'switched', 'serving'].flatMap(memory);
+    for (const file of files) writeFileSync(file, 'guest memory');
+    writeFileSync(fingerprintsPathOf(memory('gone')[0]), '');
+    const { dead: found } = loaded();
+    expect(found.sort()).toEqual(['gone', 'serving', 'switched']);
+    expect(readdirSync(memoryDir).sort()).toEqual(memory('serving').map((path) => path.slice(memoryDir.length + 1)).sort());
+    expect(readdirSync(guestsDir)).toEqual([]);
   });
 
   it("removes the files no record names (a VM arriving when the agent died, a guest found dead but for its log and console), keeps its guests' own, and removes nothing while a record cannot be read", () => {

@@ -114,6 +114,24 @@ describe.skipIf(!builtAgent)('an agent killed around the switchover, then restar
     await runsOnlyOn(b, again, name, [sourcePid]);
   });
 
+  it('source killed after its guest ended, before its memory files went: restarted, it finds the guest dead and removes its memory too', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a', [], { GANGWAY_FAULT_CRASH: 'source-guest-ended' });
+    const b = await cluster.agent('b');
+    const name = uniqueName('rs7');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--dirty-rate', '4MiB/s'])).exitCode).toBe(0);
+    const sourcePid = (await guestOn(a, name))!.pid;
+    const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--json']);
+    expect(run.exitCode).not.toBe(0); // the agent died under the CLI
+    await until('the destination to run the guest', async () => (await guestOn(b, name))?.state === 'running');
+    // The source's guest is gone, its record and memory file are not.
+    expect(isAlive(sourcePid) && processState(sourcePid) !== 'Z').toBe(false);
+    expect(shmFilesOf(name)).toHaveLength(2);
+    const again = await cluster.agent('a');
+    await until('the restarted source to drop the dead guest', async () => /guests in the registry are no longer running; dropped/.test(readFileSync(again.logPath, 'utf8')));
+    await runsOnlyOn(b, again, name, [sourcePid]);
+  });
+
   it('the session closes while the destination is still committing (the source died after its commit): the commit goes on, and the restarted source finds the guest there', async () => {
     cluster = new Cluster();
     const a = await cluster.agent('a', [], { GANGWAY_FAULT_CRASH: 'source-after-commit' });
