@@ -3,7 +3,7 @@
 import { Command, Option } from 'commander';
 import { rmSync } from 'node:fs';
 import { ErrorCode, GangwayError } from '../protocol/errors.js';
-import { StartedMigrations, type CancelAnswer } from './control/client.js';
+import { MIGRATE_DEFAULTS, StartedMigrations, type CancelAnswer } from './control/client.js';
 import type { Server } from 'node:http';
 import { startControlPort, startControlServer } from './control/server.js';
 import { checkSocketPath, secureStateDir } from './control/access.js';
@@ -453,6 +453,11 @@ withControlOptions(program.command('plan <guests...>'))
   .requiredOption('--to <host:port>', 'the destination agent (asked for its traffic)', peerAddress)
   .addOption(new Option('--priority <priority>', "the migration's priority").choices(PRIORITIES).default(undefined, "the agent's traffic.priority"))
   .addOption(new Option('--strategy <strategy>', 'the strategy migrate would be given: kept without traffic data').choices(['gang', 'serial']).default('gang'))
+  .option('--downtime-ms <ms>', "migrate's downtime budget the forecasts are held to", number('--downtime-ms', 1, 600_000), MIGRATE_DEFAULTS.downtimeMs)
+  .option('--force', "as migrate --force: a pre-copy at its round or byte limit stops anyway")
+  .option('--max-rounds <n>', "migrate's pre-copy round limit", number('--max-rounds', 1, 10_000, true), MIGRATE_DEFAULTS.maxRounds)
+  .option('--max-bytes-factor <x>', "migrate's wire byte limit, as a multiple of guest memory", number('--max-bytes-factor', 1, 1000), MIGRATE_DEFAULTS.maxBytesFactor)
+  .option('--no-dedup', 'as migrate --no-dedup: forecast every page sent whole')
   .option('--json', 'print the plan as JSON')
   .action(async (names: string[], opts) => {
     try {
@@ -462,6 +467,11 @@ withControlOptions(program.command('plan <guests...>'))
         guests: names,
         to: opts.to,
         strategy: opts.strategy,
+        downtimeMs: opts.downtimeMs,
+        force: Boolean(opts.force),
+        maxRounds: opts.maxRounds,
+        maxBytesFactor: opts.maxBytesFactor,
+        dedup: opts.dedup,
         ...(opts.priority ? { priority: opts.priority } : {}),
       });
       console.log(opts.json ? JSON.stringify(plan) : planText(plan));

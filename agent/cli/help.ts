@@ -55,7 +55,7 @@ export const EXAMPLES: Record<string, readonly string[]> = {
     'gangway migrate db1 --to 10.0.0.2:7401 --disks none         # shared storage: the disk stays',
     'gangway migrate vm1 --to 10.0.0.2:7401 --detach --json      # prints the ids, returns',
   ],
-  plan: ['gangway plan vm1 vm2 --to 10.0.0.2:7401', 'gangway plan vm1 --to 10.0.0.2:7401 --priority high --json'],
+  plan: ['gangway plan vm1 vm2 --to 10.0.0.2:7401', 'gangway plan vm1 --to 10.0.0.2:7401 --downtime-ms 50   # the options that hold a 50 ms downtime', 'gangway plan vm1 --to 10.0.0.2:7401 --priority high --json'],
   traffic: ['gangway traffic', 'gangway traffic --json'],
   history: ['gangway history                     # ended migrations, both directions, newest first', 'gangway history --json | jq \'.entries[] | select(.outcome != "completed")\''],
   events: ['gangway events                      # one line per event until Ctrl-C', 'gangway events --json > events.ndjson   # NDJSON for scripts'],

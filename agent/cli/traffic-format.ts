@@ -84,6 +84,7 @@ export function forecastLines(forecast: PlanForecast, guestCount: number): strin
     );
   }
   for (const why of forecast.why) lines.push(`  - ${why}`);
+  for (const fact of forecast.measured) lines.push(`  - measured: ${fact}`);
   for (const assumption of forecast.assumptions) lines.push(`  - assumed: ${assumption}`);
   for (const note of forecast.calibration) lines.push(`  - model: ${note}`);
   return lines;

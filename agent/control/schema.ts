@@ -62,6 +62,12 @@ export const PlanRequestSchema = z.strictObject({
   priority: z.enum(PRIORITIES).optional(),
   /** The strategy migrate would be asked for (gang, its default): auto keeps it without traffic data. */
   strategy: z.enum(['gang', 'serial']).optional(),
+  /** migrate's limits the forecast weighs each option against (default: migrate's defaults). */
+  downtimeMs: z.number().min(1).max(600_000).optional(),
+  force: z.boolean().optional(),
+  maxRounds: z.number().int().min(1).max(10_000).optional(),
+  maxBytesFactor: z.number().min(1).max(1000).optional(),
+  dedup: z.boolean().optional(),
 });
 
 export const DrainRequestSchema = z.strictObject({

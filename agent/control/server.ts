@@ -110,8 +110,8 @@ const ROUTES: Route[] = [
     path: '/v1/plan',
     body: PlanRequestSchema,
     async handle(agent, _p, body, res) {
-      const { guests, to, priority, strategy } = body as z.infer<typeof PlanRequestSchema>;
-      send(res, 200, await agent.planFor({ guests, to, strategy: strategy ?? 'gang', ...(priority ? { priority } : {}) }));
+      const { strategy, ...request } = body as z.infer<typeof PlanRequestSchema>;
+      send(res, 200, await agent.planFor({ ...request, strategy: strategy ?? 'gang' }));
     },
   },
   {

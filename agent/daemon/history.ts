@@ -14,6 +14,7 @@ export const HISTORY_FILE = 'history.json';
 
 const text = z.string().min(1).max(4096);
 const count = z.number().min(0);
+const share = z.number().min(0).max(1);
 const EntrySchema = z.strictObject({
   migrationId: text,
   direction: z.enum(['out', 'in']),
@@ -32,6 +33,9 @@ const EntrySchema = z.strictObject({
   rounds: count.optional(),
   wentPostcopy: z.boolean().optional(),
   dirtyRateBytesPerSec: count.optional(),
+  content: z
+    .strictObject({ zeroShare: share, duplicateShare: share.optional(), sharedShare: share.optional() })
+    .optional(),
   forecast: z
     .strictObject({
       technique: z.enum(['precopy', 'postcopy', 'hybrid']),

@@ -61,7 +61,7 @@ export interface MigrateRequest {
 
 /** What the decision of --technique auto depends on in a request. */
 export type DecideRequest = Pick<MigrateRequest, 'guests' | 'to' | 'strategy' | 'priority' | 'bandwidthBytesPerSec' | 'disks'> &
-  Partial<Pick<MigrateRequest, 'downtimeMs' | 'maxRounds' | 'maxBytesFactor' | 'force' | 'postcopyAfterRounds'>>;
+  Partial<Pick<MigrateRequest, 'downtimeMs' | 'maxRounds' | 'maxBytesFactor' | 'force' | 'postcopyAfterRounds' | 'dedup'>>;
 
 /**
  * The technique of a request that does not follow a plan. auto without traffic data: hybrid
@@ -251,7 +251,7 @@ export class OutboundMigrations {
     const settings = this.context.traffic().settings;
     if (!settings) return plan;
     const history = this.context.history();
-    const { profiles, assumptions } = await guestProfiles(request.guests, this.context.registry, request.disks, history);
+    const { profiles, measured, assumptions } = await guestProfiles(request.guests, this.context.registry, request.disks, history);
     const { model, calibration } = calibratedModel(history);
     return forecastPlan(plan, {
       mode: this.context.config.traffic?.planner ?? DEFAULT_PLANNER_MODE,
@@ -261,6 +261,7 @@ export class OutboundMigrations {
         maxRounds: request.maxRounds ?? MIGRATE_DEFAULTS.maxRounds,
         maxBytesFactor: request.maxBytesFactor ?? MIGRATE_DEFAULTS.maxBytesFactor,
         force: request.force ?? MIGRATE_DEFAULTS.force,
+        dedup: request.dedup ?? MIGRATE_DEFAULTS.dedup,
         ...(request.postcopyAfterRounds ? { postcopyAfterRounds: request.postcopyAfterRounds } : {}),
       },
       model,
@@ -269,6 +270,7 @@ export class OutboundMigrations {
       manualBandwidthBytesPerSec: request.bandwidthBytesPerSec,
       linkBytesPerSec: settings.linkBytesPerSec,
       slaLowerBytesPerSec: settings.slaLowerBytesPerSec,
+      measured,
       assumptions,
     });
   }

@@ -3,7 +3,7 @@
 // destination's (committed, aborted, stranded) mapped to what happened to the migration.
 // A cancel is a cancel on both sides: the source's operator cancelled it there, and the
 // destination saw the source's cancel; neither reads as a failure.
-import { measuredDirtyRate, type ForecastRecord } from '../planner/forecast-check.js';
+import { contentShares, measuredDirtyRate, type ContentShares, type ForecastRecord } from '../planner/forecast-check.js';
 import { ErrorCode } from '../../protocol/errors.js';
 import type { MigrationRecord } from './records.js';
 
@@ -50,6 +50,8 @@ export interface HistoryEntry {
   wentPostcopy?: boolean;
   /** The guest's dirty rate as the tracker measured it in the pre-copy rounds. */
   dirtyRateBytesPerSec?: number;
+  /** Shares of round 0's pages that were zero, and (with dedup) repeated or found elsewhere: see contentShares. */
+  content?: ContentShares;
   /** What the planner forecast, beside what happened (calibration fits the one to the other). */
   forecast?: ForecastRecord;
 }
@@ -70,6 +72,7 @@ export function entryOf(record: Exclude<MigrationRecord, { state: 'running' | 'q
     case 'committed': {
       const s = record.summary;
       const dirtyRateBytesPerSec = measuredDirtyRate(s.rounds);
+      const content = contentShares(s.rounds, s.dedup.enabled);
       return {
         ...facts,
         outcome: 'completed',
@@ -81,6 +84,7 @@ export function entryOf(record: Exclude<MigrationRecord, { state: 'running' | 'q
         rounds: s.rounds.length,
         ...(s.technique === 'hybrid' ? { wentPostcopy: s.postcopy !== undefined } : {}),
         ...(dirtyRateBytesPerSec !== undefined ? { dirtyRateBytesPerSec } : {}),
+        ...(content ? { content } : {}),
         ...(s.forecast ? { forecast: s.forecast } : {}),
       };
     }

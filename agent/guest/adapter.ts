@@ -109,6 +109,8 @@ export interface GuestDetails {
   resumeStalePages?: number;
   passesAtResume?: number;
   dirtyRateBytesPerSec?: number;
+  /** The memory the guest's writes land in (its hot set), as the guest itself says. */
+  hotSetBytes?: number;
   profile?: string;
   deviceLoads?: number;
   deviceSaves?: number;

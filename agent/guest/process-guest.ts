@@ -302,6 +302,7 @@ export class ProcessGuest implements HostedGuest {
       resumeStalePages: header.resumeStalePages,
       passesAtResume: header.passesAtResume,
       dirtyRateBytesPerSec: header.dirtyRateBytesPerSec,
+      hotSetBytes: header.hotPageCount * GUEST_PAGE_SIZE,
       profile: header.profile,
       deviceLoads: header.deviceLoads,
       deviceSaves: header.deviceSaves,

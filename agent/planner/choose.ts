@@ -41,6 +41,8 @@ export interface PlanForecast {
   /** The option followed; null: the paper's plan stands (see why). */
   chosen: OptionSummary | null;
   why: string[];
+  /** What was measured of the guests before the migration (their content, from a sample). */
+  measured: string[];
   /** What the forecast took as given because it was not measured. */
   assumptions: string[];
   /** The constants used, and what calibration fitted of them. */
@@ -160,7 +162,8 @@ export interface ForecastPlanInput {
   /** The source uplink's capacity and the workload's SLA lower limit. */
   linkBytesPerSec: number;
   slaLowerBytesPerSec: number;
-  /** What the profiles took as given. */
+  /** What the profiles measured, and what they took as given. */
+  measured: string[];
   assumptions: string[];
 }
 
@@ -189,7 +192,7 @@ export function forecastPlan(plan: MigrationPlan, input: ForecastPlanInput): Mig
   const options = forecastOptions(forecastInput, input.canPostcopy);
   const { chosen, why } = chooseByForecast(options, input.limits.downtimeBudgetMs);
   const sorted = [...options].sort((a, b) => a.totalMs - b.totalMs);
-  const base = { mode: input.mode, options: sorted.map(summarizeOption), assumptions, model: input.model, calibration: input.calibration };
+  const base = { mode: input.mode, options: sorted.map(summarizeOption), measured: input.measured, assumptions, model: input.model, calibration: input.calibration };
   if (input.mode === 'paper') {
     const n = plan.guests.length;
     const paperStrategy = plan.guests.every((g) => g.strategy === 'parallel') ? 'gang' : 'serial';

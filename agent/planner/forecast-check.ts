@@ -34,6 +34,33 @@ export function measuredDirtyRate(rounds: readonly { final: boolean; durationMs:
   return (precopy.reduce((sum, r) => sum + r.dirtyPagesAfter, 0) * PAGE_SIZE_BYTES * 1000) / ms;
 }
 
+/** What a migration's round 0 found of the guest's content (history.json keeps it for the next forecast). */
+export interface ContentShares {
+  /** Zero pages over the pages round 0 covered. */
+  zeroShare: number;
+  /** With dedup: pages that repeated another of the same guest. */
+  duplicateShare?: number;
+  /** With dedup: pages whose content another guest of the command sent, or the destination already held. */
+  sharedShare?: number;
+}
+
+/**
+ * The shares of round 0, which covers every page the guest holds (post-copy has no round 0:
+ * undefined). Repeats and sharing only count where dedup ran; without it they went whole.
+ */
+export function contentShares(
+  rounds: readonly { round: number; pages: number; zeroPages: number; hitsIntra: number; hitsCrossGuest: number; hitsResident: number }[],
+  dedup: boolean,
+): ContentShares | undefined {
+  const first = rounds.find((r) => r.round === 0);
+  if (!first || first.pages <= 0) return undefined;
+  const share = (pages: number) => Math.min(1, Math.max(0, pages / first.pages));
+  return {
+    zeroShare: share(first.zeroPages),
+    ...(dedup ? { duplicateShare: share(first.hitsIntra), sharedShare: share(first.hitsCrossGuest + first.hitsResident) } : {}),
+  };
+}
+
 /** Each guest's forecast in the option a plan follows, by name; empty when the plan followed none. */
 export function forecastRecords(forecast: PlanForecast): Map<string, ForecastRecord> {
   const chosen = forecast.chosen;

@@ -22,10 +22,11 @@
 // - More dirty rate never forecasts less time for pre-copy or post-copy. Hybrid is not
 //   monotone, because the engine's rule is not: a guest dirtying just faster than the link
 //   goes post-copy after round 2, one just slower keeps copying rounds up to the limit.
-// - Content: zero pages and pages that repeat another of the same guest cost a page header on
-//   the wire; with dedup (pre-copy only, as outbound.ts runs it) a page whose content another
-//   guest of the same command carries costs a header too, except for the first guest in the
-//   order, which sends it. Dirtied pages are sent whole (they seldom stay zero).
+// - Content: a zero page costs a page header on the wire. With dedup (pre-copy only, as
+//   outbound.ts runs it; on unless --no-dedup) so does a page that repeats another of the same
+//   guest, and a page whose content another guest of the same command carries, except for the
+//   first guest in the order, which sends it. Dirtied pages are sent whole (they seldom stay
+//   zero).
 // - Post-copy pushes the guest's content once. The guest faults on the pages of its hot set it
 //   touches before they arrive: of the hot pages it touches during the push, half on average
 //   come before their page; each fault stalls the guest `faultOverheadMs` and, the stalled
@@ -87,6 +88,8 @@ export interface ForecastLimits {
   postcopyAfterRounds?: number;
   /** --force: a pre-copy that hits a limit stops anyway instead of failing. */
   force: boolean;
+  /** --no-dedup: false (pre-copy then sends repeated and shared pages whole). Default true. */
+  dedup?: boolean;
 }
 
 export interface WorkloadInput {
@@ -162,10 +165,16 @@ export function availableRate(reservedBytesPerSec: number, destination: { inboun
   return Math.min(reservedBytesPerSec, Math.max(headroom, reservedBytesPerSec * floorShare));
 }
 
-/** Bytes round 0 sends (and post-copy pushes) for a guest: its content, less what dedup or zero pages spare. */
-export function contentWireBytes(guest: GuestProfile, dedupAcrossGuests: boolean): number {
+/**
+ * How far dedup reaches for a guest: 'off' (post-copy, hybrid, --no-dedup), 'own' (pages that
+ * repeat within the guest), 'across' (also what another guest of the command sent first).
+ */
+export type DedupReach = 'off' | 'own' | 'across';
+
+/** Bytes round 0 sends (and post-copy pushes) for a guest: its content, less what zero pages and dedup spare. */
+export function contentWireBytes(guest: GuestProfile, dedup: DedupReach): number {
   const pages = guest.memoryBytes / PAGE_SIZE_BYTES;
-  const spared = clampShare(guest.zeroShare + guest.duplicateShare + (dedupAcrossGuests ? guest.sharedShare : 0));
+  const spared = clampShare(guest.zeroShare + (dedup === 'off' ? 0 : guest.duplicateShare) + (dedup === 'across' ? guest.sharedShare : 0));
   return pages * (1 - spared) * PAGE_SIZE_BYTES + pages * spared * PAGE_HEADER_BYTES;
 }
 
@@ -189,7 +198,8 @@ function postcopyPart(guest: GuestProfile, pushBytes: number, rateBytesPerSec: n
 export function forecastGuest(guest: GuestProfile, technique: PlannedTechnique, rateBytesPerSec: number, dedup: boolean, limits: ForecastLimits, model: ForecastModel): GuestForecast {
   const rate = Math.max(rateBytesPerSec, 1);
   // Post-copy and hybrid members move without dedup (outbound.ts).
-  const content = contentWireBytes(guest, dedup && technique === 'precopy');
+  const reach: DedupReach = technique !== 'precopy' || limits.dedup === false ? 'off' : dedup ? 'across' : 'own';
+  const content = contentWireBytes(guest, reach);
   const base = { name: guest.name, technique };
   if (technique === 'postcopy') {
     const push = postcopyPart(guest, content, rate, model);

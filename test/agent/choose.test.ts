@@ -82,6 +82,7 @@ describe('forecastPlan: the plan migrate follows', () => {
     manualBandwidthBytesPerSec: undefined,
     linkBytesPerSec: LINK,
     slaLowerBytesPerSec: settings.slaLowerBytesPerSec,
+    measured: [],
     assumptions: [],
   });
   const follow = (plan: ReturnType<typeof paperPlan>) =>

@@ -42,7 +42,7 @@ describe('forecast check', () => {
           { name: 'b', totalMs: 2000, downtimeMs: 20, wireBytes: 2e8, faults: 0, rounds: 3, ending: 'stop-and-copy after 3 rounds' },
         ],
       },
-      why: [], assumptions: [], model: { ...DEFAULT_FORECAST_MODEL, linkEfficiency: 0.9 }, calibration: [],
+      why: [], measured: [], assumptions: [], model: { ...DEFAULT_FORECAST_MODEL, linkEfficiency: 0.9 }, calibration: [],
     } as PlanForecast;
     const records = forecastRecords(forecast);
     expect(records.get('a')).toEqual({ technique: 'hybrid', strategy: 'serial', totalMs: 1000, downtimeMs: 30, wireBytes: 1e8, nominalBytesPerSec: 100e6, faults: 5, rounds: 2 });
@@ -63,8 +63,10 @@ describe('forecast check', () => {
   });
 
   test('a history with forecasts reads back; a forecast with a field missing does not', () => {
-    const good = JSON.stringify({ version: 1, entries: [entry({ forecast: record(1000), dirtyRateBytesPerSec: 1e6, wentPostcopy: false })] });
-    expect(parseHistory(good)).toEqual({ entries: [entry({ forecast: record(1000), dirtyRateBytesPerSec: 1e6, wentPostcopy: false })] });
+    const content = { zeroShare: 0.2, duplicateShare: 0.1, sharedShare: 0.05 };
+    const good = JSON.stringify({ version: 1, entries: [entry({ forecast: record(1000), dirtyRateBytesPerSec: 1e6, wentPostcopy: false, content }), entry({ content: { zeroShare: 0 } })] });
+    expect(parseHistory(good)).toEqual({ entries: [entry({ forecast: record(1000), dirtyRateBytesPerSec: 1e6, wentPostcopy: false, content }), entry({ content: { zeroShare: 0 } })] });
+    expect(parseHistory(JSON.stringify({ version: 1, entries: [entry({ content: { zeroShare: 1.5 } })] }))).toMatchObject({ problem: expect.stringMatching(/zeroShare/) });
     const { faults: _, ...partial } = record(1000);
     const bad = parseHistory(JSON.stringify({ version: 1, entries: [entry({ forecast: partial as ForecastRecord })] }));
     expect(bad).toMatchObject({ problem: expect.stringMatching(/faults/) });

@@ -38,11 +38,14 @@ describe('one guest, answers known in closed form', () => {
     expect(f.totalMs).toBeCloseTo(MODEL.setupMs + 2000 + MODEL.switchoverMs, 6);
   });
 
-  test('zero and repeated pages cost a header each', () => {
+  test('zero and repeated pages cost a header each; repeated ones only where dedup runs (pre-copy, not --no-dedup)', () => {
     const g = guest({ zeroShare: 0.25, duplicateShare: 0.25 });
     const pages = g.memoryBytes / PAGE_SIZE_BYTES;
-    expect(contentWireBytes(g, false)).toBeCloseTo((pages / 2) * PAGE_SIZE_BYTES + (pages / 2) * PAGE_HEADER_BYTES, 3);
+    expect(contentWireBytes(g, 'own')).toBeCloseTo((pages / 2) * PAGE_SIZE_BYTES + (pages / 2) * PAGE_HEADER_BYTES, 3);
+    expect(contentWireBytes(g, 'off')).toBeCloseTo((pages * 3 / 4) * PAGE_SIZE_BYTES + (pages / 4) * PAGE_HEADER_BYTES, 3);
     expect(forecastGuest(g, 'precopy', RATE, false, LIMITS, MODEL).totalMs).toBeCloseTo(MODEL.setupMs + ((pages / 2) * (PAGE_SIZE_BYTES + PAGE_HEADER_BYTES) / RATE) * 1000 + MODEL.switchoverMs, 6);
+    expect(forecastGuest(g, 'precopy', RATE, false, { ...LIMITS, dedup: false }, MODEL).wireBytes).toBeCloseTo(contentWireBytes(g, 'off'), 3);
+    expect(forecastGuest(g, 'postcopy', RATE, false, LIMITS, MODEL).wireBytes).toBeCloseTo(contentWireBytes(g, 'off'), 3);
   });
 
   test('a dirtying guest: the geometric series of rounds, stopped where the engine stops', () => {
@@ -146,7 +149,7 @@ describe('gang or serial', () => {
     const guests = [guest({ name: 'a', sharedShare: 0.5 }), guest({ name: 'b', sharedShare: 0.5 })];
     const pre = forecastOption(input(guests), 'precopy', 'serial');
     const post = forecastOption(input(guests), 'postcopy', 'serial');
-    expect(pre.guests.map((g) => g.wireBytes)).toEqual([256 * MiB, contentWireBytes(guests[1]!, true)]);
+    expect(pre.guests.map((g) => g.wireBytes)).toEqual([256 * MiB, contentWireBytes(guests[1]!, 'across')]);
     expect(post.guests.map((g) => g.wireBytes)).toEqual([256 * MiB, 256 * MiB]);
   });
 

@@ -150,7 +150,7 @@ describe('guest records read back from disk', () => {
     write('serving.json', JSON.stringify(dead('serving', serving), null, 2));
     const files = ['gone', 'switched', 'serving'].flatMap(memory);
     for (const file of files) writeFileSync(file, 'guest memory');
-    writeFileSync(fingerprintsPathOf(memory('gone')[0]), '');
+    writeFileSync(fingerprintsPathOf(memory('gone')[0]!), '');
     const { dead: found } = loaded();
     expect(found.sort()).toEqual(['gone', 'serving', 'switched']);
     expect(readdirSync(memoryDir).sort()).toEqual(memory('serving').map((path) => path.slice(memoryDir.length + 1)).sort());

@@ -60,9 +60,9 @@ describe.skipIf(skipReason !== undefined)(`gangway plan forecasts each option${s
 
   const cli = (agent: LocalAgent, args: string[]) => execa(process.execPath, [mainJs, ...args, '--state-dir', agent.stateDir], { reject: false, timeout: 120_000 });
 
-  async function startGuest(agent: LocalAgent, memory: string, dirtyRate: string): Promise<string> {
+  async function startGuest(agent: LocalAgent, memory: string, dirtyRate: string, extra: string[] = ['--profile', 'random']): Promise<string> {
     const name = uniqueName('pf');
-    const started = await cli(agent, ['guest', 'start', name, '--memory', memory, '--profile', 'random', '--dirty-rate', dirtyRate, '--json']);
+    const started = await cli(agent, ['guest', 'start', name, '--memory', memory, '--dirty-rate', dirtyRate, ...extra, '--json']);
     expect(started.exitCode, started.stderr + started.stdout).toBe(0);
     memoryFiles.push(JSON.parse(started.stdout).memoryPath);
     return name;
@@ -124,7 +124,7 @@ describe.skipIf(skipReason !== undefined)(`gangway plan forecasts each option${s
     expect(forecast.options.map((o) => `${o.technique} ${o.strategy}`).sort()).toEqual(techniques.flatMap((t) => [`${t} gang`, `${t} serial`]));
     for (const o of forecast.options) {
       expect(o.totalMs).toBeGreaterThan(0);
-      // Each guest's memory at least, once (no guest's content is known to repeat before the index).
+      // Each guest's memory at least, once (random content: no page is zero, none repeats).
       expect(o.wireBytes).toBeGreaterThanOrEqual(2 * 64 * MiB);
       expect(o.downtimeMs).toBeGreaterThan(0);
     }
@@ -151,8 +151,38 @@ describe.skipIf(skipReason !== undefined)(`gangway plan forecasts each option${s
     expect(optionLines.every((l) => /, downtime [\d.]+ m?s, wire [\d.]+ \w+/.test(l))).toBe(true);
     expect(optionLines.filter((l) => l.startsWith('  * '))).toHaveLength(1);
     expect(text.stdout).toMatch(/^ {2}- \w+ (gang|serial): forecast .*, the fastest of/m);
+    expect(text.stdout).toMatch(new RegExp(`^ {2}- measured: guest ${a}: 0% of its pages are zero \\(a sample of 4096 pages\\)$`, 'm'));
     await cli(source, ['guest', 'stop', a]);
     await cli(source, ['guest', 'stop', b]);
+  }, 180_000);
+
+  it("plan measures the guest before it moves (its zero pages from a sample, its hot set from the guest) and holds the options to migrate's limits as given", async () => {
+    // 90% of a zero-profile guest's pages are zero; its writes land in a tenth of its memory.
+    const guest = await startGuest(source, '64MiB', '1MiB/s', ['--profile', 'zero', '--hot', '0.1']);
+    const run = await cli(source, ['plan', guest, '--to', to(), '--priority', 'high', '--json']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    const forecast = (JSON.parse(run.stdout) as PlanAnswer).forecast!;
+    const zero = forecast.measured.map((m) => new RegExp(`^guest ${guest}: (\\d+)% of its pages are zero \\(a sample of (\\d+) pages\\)$`).exec(m)).find(Boolean);
+    expect(zero, forecast.measured.join('; ')).toBeDefined();
+    // Less what the guest has written since it started: its hot pages stop being zero.
+    expect(Number(zero![1])).toBeGreaterThanOrEqual(75);
+    expect(Number(zero![2])).toBe(4096);
+    expect(forecast.measured).toContain(`guest ${guest}: its writes land in 6.4 MiB (its hot set, as the guest says)`);
+    expect(forecast.assumptions.join('; ')).not.toMatch(/hot set is not known/);
+    // Zero pages cost a header: pre-copy's forecast sends a fraction of the memory.
+    const precopy = forecast.options.find((o) => o.technique === 'precopy')!;
+    expect(precopy.wireBytes).toBeLessThan(0.4 * 64 * MiB);
+    // --downtime-ms: the budget every option is held to.
+    const tight = await cli(source, ['plan', guest, '--to', to(), '--priority', 'high', '--downtime-ms', '1', '--json']);
+    expect(tight.exitCode, tight.stderr).toBe(0);
+    const held = (JSON.parse(tight.stdout) as PlanAnswer).forecast!;
+    for (const o of held.options) expect(o.withinBudget).toBe(o.completes && o.downtimeMs <= 1);
+    expect(held.options.some((o) => o.completes && !o.withinBudget)).toBe(true);
+    // A bad value names the flag.
+    const bad = await cli(source, ['plan', guest, '--to', to(), '--downtime-ms', '0']);
+    expect(bad.exitCode).not.toBe(0);
+    expect(bad.stderr).toMatch(/--downtime-ms/);
+    await cli(source, ['guest', 'stop', guest]);
   }, 180_000);
 
   it('migrate --technique auto runs what plan said, and its summary keeps the forecast beside the outcome', async () => {
@@ -171,6 +201,9 @@ describe.skipIf(skipReason !== undefined)(`gangway plan forecasts each option${s
     const entry = history.entries.find((e: { guest: string; direction: string }) => e.guest === guest && e.direction === 'out');
     expect(entry).toMatchObject({ outcome: 'completed', forecast: { technique: forecast.technique, totalMs: forecast.totalMs } });
     expect(entry.totalMs).toBeGreaterThan(0);
+    // What round 0 found of the content, for the next forecast: random pages, none zero or repeated.
+    expect(entry.content).toEqual({ zeroShare: expect.any(Number), duplicateShare: expect.any(Number), sharedShare: expect.any(Number) });
+    expect(entry.content.zeroShare).toBeLessThan(0.01);
     await cli(destination, ['guest', 'stop', guest]);
   }, 180_000);
 
