@@ -6,6 +6,8 @@
 // window to come back. Each region's faults and installs are a PostcopyReceiver
 // (postcopy-destination.ts).
 import { closeSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { ErrorCode, GangwayError, ProtocolError } from '../../protocol/errors.js';
 import { Frame, type FrameOf } from '../../protocol/index.js';
@@ -20,6 +22,12 @@ import { PostcopyReceiver, type PostcopyStats, type RegionReceiver } from './pos
 import type { PostcopyDisk } from './postcopy-disk.js';
 import type { PostcopyInstall } from './incoming-pages.js';
 import { LatencySamples, sendMissing } from './postcopy.js';
+
+/** How long a guest waits for a source that went away, or for room in a full memory directory, without a setting. */
+const DEFAULT_REATTACH_WINDOW_MS = 10 * 60_000;
+/** Retries of a frame the full memory directory refused: the first after this, then doubling up to the max. */
+const NO_SPACE_FIRST_DELAY_MS = 100;
+const NO_SPACE_MAX_DELAY_MS = 2_000;
 
 /** What post-copy at the destination needs of the migration. */
 export interface DestinationPostcopyContext {
@@ -134,9 +142,36 @@ export class DestinationPostcopy implements PostcopyInstall {
    * frame that was still decompressing when post-copy ended is dropped: its receiver (and
    * the guest's userfaultfd it held) is gone, and the session it came on serves others.
    */
-  install(region: number, entries: Uint32Array, raw: Uint8Array): void {
-    if (!this.receiving) return;
-    this.receivers![region]!.install(entries, raw);
+  async install(region: number, entries: Uint32Array, raw: Uint8Array): Promise<void> {
+    let waitedMs = 0;
+    let delayMs = NO_SPACE_FIRST_DELAY_MS;
+    for (;;) {
+      if (!this.receiving) return;
+      try {
+        this.receivers![region]!.install(entries, raw);
+        if (waitedMs > 0) this.ctx.log.warn({ region, waitedMs }, 'post-copy: the memory directory has room again; pages are installed');
+        return;
+      } catch (err) {
+        // The memory directory is full (its tmpfs: UFFDIO_COPY allocates the page there). The
+        // guest keeps waiting on those pages and nothing is lost: the frame is held, its credit
+        // with it (the source stops sending), and it is tried again once there is room, for as
+        // long as a source that went away would be waited for. Pages installed before the
+        // failure are found present on the retry and left as they are.
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code !== 'ENOMEM' && code !== 'ENOSPC') throw err;
+        const windowMs = this.ctx.reattachWindowMs ?? DEFAULT_REATTACH_WINDOW_MS;
+        if (waitedMs >= windowMs) {
+          throw new GangwayError(
+            ErrorCode.POSTCOPY_INTERRUPTED,
+            `post-copy: the memory directory (${dirname(this.ctx.memoryPaths[region] ?? this.ctx.memoryPaths[0]!)}) stayed full for ${Math.round(waitedMs / 1000)} s: ${(err as Error).message}; free space there, the guest waits on its missing pages`,
+          );
+        }
+        if (waitedMs === 0) this.ctx.log.error({ region, err: (err as Error).message, waitForMs: windowMs }, 'post-copy: the memory directory is full; pages wait for room (the guest waits on them)');
+        await sleep(delayMs);
+        waitedMs += delayMs;
+        delayMs = Math.min(delayMs * 2, NO_SPACE_MAX_DELAY_MS);
+      }
+    }
   }
 
   /**
@@ -297,7 +332,7 @@ export class DestinationPostcopy implements PostcopyInstall {
    * come back with a new session.
    */
   detach(err: GangwayError): void {
-    const windowMs = this.ctx.reattachWindowMs ?? 10 * 60_000;
+    const windowMs = this.ctx.reattachWindowMs ?? DEFAULT_REATTACH_WINDOW_MS;
     this.ctx.log.warn(
       { err: err.message, missingPages: this.missingPages, reattachWindowMs: windowMs },
       'post-copy: the link to the source broke; the guest waits on its missing pages until the source reattaches',

@@ -23,8 +23,11 @@ export interface PostcopyInstall {
   readonly attached: Promise<void> | undefined;
   /** The region receivers are there: from the attach on, unless the start failed. */
   readonly receiving: boolean;
-  /** Installs a pages frame's entries into region `region` where they are still missing. */
-  install(region: number, entries: Uint32Array, raw: Uint8Array): void;
+  /**
+   * Installs a pages frame's entries into region `region` where they are still missing;
+   * resolves once they are (a full memory directory holds the frame until there is room).
+   */
+  install(region: number, entries: Uint32Array, raw: Uint8Array): Promise<void>;
 }
 
 /** What applying pages needs of the migration. */
@@ -93,12 +96,12 @@ export class IncomingPages {
       // Post-copy: each frame is installed as soon as it is here (a fault's page must not
       // wait behind pushed ones); a page is only ever installed where it is missing.
       void Promise.all([data, postcopy.attached]).then(
-        ([raw]) => {
+        async ([raw]) => {
           if (this.ctx.finished() && !postcopy.receiving) return;
           if (raw.length !== pages.rawBytes) {
             throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload decompressed to ${raw.length} bytes, expected ${pages.rawBytes}`);
           }
-          postcopy.install(pages.region, pages.entries, raw);
+          await postcopy.install(pages.region, pages.entries, raw);
           this.received += counts.dataPages + counts.zeroPages;
           // Credits belong to the session the frame came on (a reattached source starts afresh).
           if (via === this.ctx.session() && via.isOpen) this.giveCredit(cost);

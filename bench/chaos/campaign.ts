@@ -326,9 +326,12 @@ export class ChaosHosts {
           if (done) break;
           if (keepBytes === 64 * 1024 * 1024) throw new Error(`cannot fill ${dir}: fallocate of ${fillBytes} bytes failed`);
         }
-        // Kept until the migration ends: a full directory does not free itself.
-        await ended;
-        return `the destination's memory directory filled (${Math.round(fillBytes / 2 ** 20)} MiB) until the migration ended`;
+        // Freed after a while, as an operator would make room (a post-copy's pages wait for
+        // it), or when the migration ended (a refused offer, a pre-copy that failed).
+        await hold();
+        rmSync(this.filler, { force: true });
+        this.filler = undefined;
+        return `the destination's memory directory filled (${Math.round(fillBytes / 2 ** 20)} MiB) for ${forMs} ms (or until the migration ended)`;
       }
     }
   }

@@ -56,10 +56,16 @@ export function judgePlacement({ name, source, destination }: Placement): Placem
   return { outcome: side === 'source' ? 'stayed' : 'moved', violations };
 }
 
-/** Whether an agent is done with the run's guests: no migration running, no guest between two places (stranded ones are done). */
+/**
+ * Whether an agent is done with the run's guests: no migration running, no guest between two
+ * places. A stranded post-copy is done on both sides: the destination reports it stranded, and
+ * the source's paused copy is marked interrupted (it keeps the pages the destination lacks).
+ */
 export function settled(status: AgentStatus, names: readonly string[]): boolean {
   if (status.migrations.some((m) => m.state === 'running' && names.includes(m.guest))) return false;
-  return status.guests.filter((g) => names.includes(g.name)).every((g) => g.outgoing === undefined && (g.incoming === undefined || g.incoming.stranded !== undefined));
+  return status.guests
+    .filter((g) => names.includes(g.name))
+    .every((g) => (g.outgoing === undefined || g.outgoing.interrupted !== undefined) && (g.incoming === undefined || g.incoming.stranded !== undefined));
 }
 
 export interface Leftovers {

@@ -36,6 +36,9 @@ describe('settled', () => {
     expect(settled(status({ guests: [view({ outgoing: { phase: 'commit' } } as never)] }), ['g'])).toBe(false);
     expect(settled(status({ guests: [view({ incoming: { missingPages: 3 } } as never)] }), ['g'])).toBe(false);
     expect(settled(status({ guests: [view({ incoming: { missingPages: 3, stranded: 'gone' } } as never)] }), ['g'])).toBe(true);
+    // The source's paused copy of a stranded post-copy: marked interrupted, it is done (it keeps the pages).
+    expect(settled(status({ guests: [view({ state: 'paused', outgoing: { phase: 'postcopy' } } as never)] }), ['g'])).toBe(false);
+    expect(settled(status({ guests: [view({ state: 'paused', outgoing: { phase: 'postcopy', interrupted: 'the destination gave up waiting for its missing pages' } } as never)] }), ['g'])).toBe(true);
   });
 });
 
