@@ -7,13 +7,20 @@
 // - the share of its pages that repeat within it or that another guest carried, from what the
 //   dedup index found in round 0 of its last migration from here (the history keeps it);
 // - the model's constants, fitted to the history (planner/calibrate.ts).
-// What it cannot see is taken as given, and said so.
+// What it cannot see is taken as given, and said so. forecastedPlan puts these together with
+// the request's limits and forecasts every option of a plan.
 import { calibrate, type CalibrationSample } from '../planner/calibrate.js';
 import { DEFAULT_FORECAST_MODEL, type ForecastModel, type GuestProfile } from '../planner/forecast.js';
+import { DEFAULT_PLANNER_MODE, forecastPlan } from '../planner/choose.js';
+import type { MigrationPlan } from '../planner/plan-for.js';
+import { MIGRATE_DEFAULTS } from '../control/client.js';
+import type { AgentConfig } from '../daemon.js';
 import { sampleZeroShare } from '../guest/content-sample.js';
 import type { GuestDetails } from '../guest/adapter.js';
 import type { DiskSelection } from '../guest/qemu-disks.js';
 import type { GuestRegistry } from '../guest/registry.js';
+import type { TrafficService } from '../traffic/service.js';
+import type { DecideRequest } from './outbound.js';
 import type { HistoryEntry } from './outcome.js';
 
 const MiB = 1024 * 1024;
@@ -115,4 +122,48 @@ export function calibratedModel(history: readonly HistoryEntry[]): { model: Fore
     model: result.model,
     calibration: result.fitted.length > 0 ? [`fitted to ${result.samples} past migrations from here: ${result.fitted.join('; ')}`] : [`the engine's defaults (${result.samples} past migrations with a forecast here; calibration needs at least 3)`],
   };
+}
+
+/** The guests whose disks would move with them (a VM's selected disks). */
+export function movingDisks(registry: GuestRegistry, names: readonly string[], disks: DiskSelection | undefined): string[] {
+  return names.filter((name) => registry.get(name).guest.forMigration?.({ disks: disks ?? 'all' }).regions.some((region) => region.sparse) ?? false);
+}
+
+/** What forecastedPlan reads of the agent (OutboundContext has it all). */
+export interface ForecastContext {
+  config: Pick<AgentConfig, 'traffic'>;
+  registry: GuestRegistry;
+  /** The traffic service, once the agent has started it: the link's capacity and SLA. */
+  traffic: () => Pick<TrafficService, 'settings'>;
+  /** This host's ended migrations (STATE/history.json), oldest first: the forecast's calibration. */
+  history: () => readonly HistoryEntry[];
+}
+
+/** The plan with every option's forecast, and in the 'forecast' planner mode the best one to follow (planner/choose.ts). */
+export async function forecastedPlan(plan: MigrationPlan, request: DecideRequest, peerFeatures: readonly string[], context: ForecastContext): Promise<MigrationPlan> {
+  const settings = context.traffic().settings;
+  if (!settings) return plan;
+  const history = context.history();
+  const { profiles, measured, assumptions } = await guestProfiles(request.guests, context.registry, request.disks, history);
+  const { model, calibration } = calibratedModel(history);
+  return forecastPlan(plan, {
+    mode: context.config.traffic?.planner ?? DEFAULT_PLANNER_MODE,
+    profiles,
+    limits: {
+      downtimeBudgetMs: request.downtimeMs ?? MIGRATE_DEFAULTS.downtimeMs,
+      maxRounds: request.maxRounds ?? MIGRATE_DEFAULTS.maxRounds,
+      maxBytesFactor: request.maxBytesFactor ?? MIGRATE_DEFAULTS.maxBytesFactor,
+      force: request.force ?? MIGRATE_DEFAULTS.force,
+      dedup: request.dedup ?? MIGRATE_DEFAULTS.dedup,
+      ...(request.postcopyAfterRounds ? { postcopyAfterRounds: request.postcopyAfterRounds } : {}),
+    },
+    model,
+    calibration,
+    canPostcopy: peerFeatures.includes('postcopy') && movingDisks(context.registry, request.guests, request.disks).length === 0,
+    manualBandwidthBytesPerSec: request.bandwidthBytesPerSec,
+    linkBytesPerSec: settings.linkBytesPerSec,
+    slaLowerBytesPerSec: settings.slaLowerBytesPerSec,
+    measured,
+    assumptions,
+  });
 }

@@ -26,9 +26,8 @@ import { SourceMigration, type MigrationProgress, type MigrationSummary } from '
 import type { PeerSession } from '../peer/session.js';
 import { defaultAutoTechnique, followPlan, type FollowedPlan } from '../planner/follow-plan.js';
 import type { MigrationPlan } from '../planner/plan-for.js';
-import { DEFAULT_PLANNER_MODE, forecastPlan, type OptionSummary } from '../planner/choose.js';
-import { MIGRATE_DEFAULTS } from '../control/client.js';
-import { calibratedModel, guestProfiles } from './forecast-inputs.js';
+import type { OptionSummary } from '../planner/choose.js';
+import { forecastedPlan, movingDisks } from './forecast-inputs.js';
 import { forecastRecords, type ForecastRecord } from '../planner/forecast-check.js';
 import type { HistoryEntry } from './outcome.js';
 import type { Priority } from '../planner/planner.js';
@@ -225,13 +224,8 @@ export class OutboundMigrations {
       shaper,
       linkBytesPerSec: this.context.traffic().settings?.linkBytesPerSec,
       manualBandwidthBytesPerSec: request.bandwidthBytesPerSec,
-      movingDisks: this.movingDisks(request.guests, request.disks),
+      movingDisks: movingDisks(this.context.registry, request.guests, request.disks),
     });
-  }
-
-  /** The guests whose disks would move with them (a VM's selected disks). */
-  private movingDisks(names: readonly string[], disks: DiskSelection | undefined): string[] {
-    return names.filter((name) => this.context.registry.get(name).guest.forMigration?.({ disks: disks ?? 'all' }).regions.some((region) => region.sparse) ?? false);
   }
 
   /** The plan behind --technique auto, or why there is none (no traffic data: no uplink or capacity). */
@@ -243,36 +237,7 @@ export class OutboundMigrations {
     if (monitor.mode === 'off') return { plan: undefined, noTrafficReason: monitor.reason ?? 'the traffic monitor is off', peerFeatures };
     if (!this.context.traffic().settings) return { plan: undefined, noTrafficReason: "the uplink's capacity is not configured ('traffic.linkCapacity')", peerFeatures };
     const plan = await this.planFor(request.guests, request.priority, request.to);
-    return { plan: await this.forecastFor(plan, request, peerFeatures), peerFeatures };
-  }
-
-  /** The plan with every option's forecast, and in the 'forecast' planner mode the best one to follow (planner/choose.ts). */
-  private async forecastFor(plan: MigrationPlan, request: DecideRequest, peerFeatures: readonly string[]): Promise<MigrationPlan> {
-    const settings = this.context.traffic().settings;
-    if (!settings) return plan;
-    const history = this.context.history();
-    const { profiles, measured, assumptions } = await guestProfiles(request.guests, this.context.registry, request.disks, history);
-    const { model, calibration } = calibratedModel(history);
-    return forecastPlan(plan, {
-      mode: this.context.config.traffic?.planner ?? DEFAULT_PLANNER_MODE,
-      profiles,
-      limits: {
-        downtimeBudgetMs: request.downtimeMs ?? MIGRATE_DEFAULTS.downtimeMs,
-        maxRounds: request.maxRounds ?? MIGRATE_DEFAULTS.maxRounds,
-        maxBytesFactor: request.maxBytesFactor ?? MIGRATE_DEFAULTS.maxBytesFactor,
-        force: request.force ?? MIGRATE_DEFAULTS.force,
-        dedup: request.dedup ?? MIGRATE_DEFAULTS.dedup,
-        ...(request.postcopyAfterRounds ? { postcopyAfterRounds: request.postcopyAfterRounds } : {}),
-      },
-      model,
-      calibration,
-      canPostcopy: peerFeatures.includes('postcopy') && this.movingDisks(request.guests, request.disks).length === 0,
-      manualBandwidthBytesPerSec: request.bandwidthBytesPerSec,
-      linkBytesPerSec: settings.linkBytesPerSec,
-      slaLowerBytesPerSec: settings.slaLowerBytesPerSec,
-      measured,
-      assumptions,
-    });
+    return { plan: await forecastedPlan(plan, request, peerFeatures, this.context), peerFeatures };
   }
 
   private async migrateGuests(
