@@ -1,20 +1,16 @@
 // Migrations leaving here: the migrate command (a plan followed for --technique auto, the
 // bandwidth hold around it, gang or serial with their dedup groups, one SourceMigration per
 // guest), plans and cancels, and the guests left at their switchover by a lost confirmation
-// or a restart, whose destination is asked what became of them.
+// or a restart, whose destination is asked what became of them (switchover-in-doubt.ts).
 import { randomUUID } from 'node:crypto';
-import { rmSync } from 'node:fs';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
-import { Whereabouts } from '../../protocol/codes.js';
-import { Frame } from '../../protocol/index.js';
 import type { AgentConfig } from '../daemon.js';
 import { SourceDedupGroup } from '../dedup/source-group.js';
 import { GUEST_PAGE_SIZE } from '../guest/guest-header.js';
 import type { HostedGuest, SourceGuest } from '../guest/adapter.js';
 import type { DiskSelection } from '../guest/qemu-disks.js';
 import type { TrackerPreference } from '../guest/process-guest.js';
-import type { GuestRecord, GuestRegistry } from '../guest/registry.js';
+import type { GuestRegistry } from '../guest/registry.js';
 import type { Logger } from '../log.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { CodecMode } from '../migration/codec-chooser.js';
@@ -35,6 +31,7 @@ import type { TrafficService } from '../traffic/service.js';
 import type { MigrationRecords } from './records.js';
 import type { SessionPool } from './session-pool.js';
 import { MigrationSlots, type SlotSource } from './migration-slots.js';
+import { InDoubtSwitchovers } from './switchover-in-doubt.js';
 
 export interface MigrateRequest {
   guests: string[];
@@ -97,15 +94,6 @@ export interface PostcopyAnswer {
   alreadyRequested: boolean;
 }
 
-/** The options of a SourceMigration that only serves the rest of a post-copy (they are not used). */
-const MIGRATION_OPTION_DEFAULTS = {
-  downtimeBudgetMs: 300,
-  maxRounds: 1,
-  force: false,
-  codec: 'auto',
-  commitTimeoutMs: 30_000,
-} as const;
-
 export interface OutboundContext {
   config: Pick<AgentConfig, 'tracker' | 'batchBytes' | 'postcopyReattachMs' | 'migration' | 'traffic'>;
   /** This agent's id: a destination whose hello names it is this agent under another address. */
@@ -134,9 +122,11 @@ export class OutboundMigrations {
   /** Migrations waiting for a slot (migration.maxParallelOutbound), by id: their guest and how to cancel them. */
   private readonly queued = new Map<string, { guest: string; cancel: AbortController }>();
   private readonly slots: MigrationSlots;
+  private readonly inDoubt: InDoubtSwitchovers;
 
   constructor(private readonly context: OutboundContext) {
     this.slots = new MigrationSlots(context.config.migration.maxParallelOutbound);
+    this.inDoubt = new InDoubtSwitchovers({ ...context, isMigrating: (name) => this.isMigrating(name), outgoing: this.outgoing });
   }
 
   /** Migrations leaving here now. */
@@ -599,148 +589,12 @@ export class OutboundMigrations {
     return { migrationId: id, guest: migration.guest.name, phase: migration.phase, round: migration.round ?? null, alreadyRequested };
   }
 
-  // ── guests left at their switchover ───────────────────────────────────────────────
-  /** Asks `to` what became of `migrationId` (a short-lived handler on the session). */
-  private async askWhereabouts(to: string, migrationId: string): Promise<Whereabouts> {
-    const session = await this.context.sessions.session(to);
-    return new Promise<Whereabouts>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        session.unregister(migrationId);
-        reject(new GangwayError(ErrorCode.TIMEOUT, `no answer from ${to} within 10 s`));
-      }, 10_000);
-      session.register(migrationId, {
-        onFrame: (frame) => {
-          if (frame.type !== 'migrationAnswer') return;
-          clearTimeout(timer);
-          session.unregister(migrationId);
-          resolve((frame as ReturnType<typeof Frame.migrationAnswer>).whereabouts);
-        },
-        onSessionClosed: (err) => {
-          clearTimeout(timer);
-          reject(err);
-        },
-      });
-      session.send(Frame.migrationQuery({ migrationId }));
-    });
-  }
-
-  private readonly resolving = new Set<string>();
-
   /**
-   * Serves the rest of a post-copy this agent was in the middle of when it stopped. True
-   * once the destination holds every page (this copy is then gone).
+   * A guest marked as at its switchover with nobody driving the migration any more: see
+   * InDoubtSwitchovers.resolve.
    */
-  private async resumePostcopy(name: string, out: NonNullable<GuestRecord['outgoing']>): Promise<boolean> {
-    const hosted = this.context.registry.get(name).guest;
-    // The disks that moved with it are regions of the migration too (the destination lacks their blocks as well).
-    const moved = out.movedDisks ?? [];
-    const movedRegions = hosted.forMigration?.({ disks: 'all' }).regions.filter((region) => region.sparse && moved.includes(region.path)).map((region) => region.name) ?? [];
-    const guest = movedRegions.length > 0 ? hosted.forMigration!({ disks: movedRegions }) : hosted;
-    const log = this.context.log.child({ migrationId: out.migrationId, guest: name, to: out.to });
-    const session = await this.context.sessions.session(out.to);
-    const migration = new SourceMigration(
-      guest,
-      session,
-      {
-        ...MIGRATION_OPTION_DEFAULTS,
-        migrationId: out.migrationId,
-        peerAddress: out.to,
-        maxWireBytes: 3 * guest.regions.reduce((sum, region) => sum + region.lengthBytes, 0),
-        tracker: this.context.config.tracker,
-        batchBytes: this.context.config.batchBytes,
-        digestBytesPerSec: this.context.digestBytesPerSec(),
-        metrics: this.context.metrics,
-        technique: 'postcopy',
-        ...(out.secret ? { secret: Buffer.from(out.secret, 'hex') } : {}),
-        reconnect: () => this.context.sessions.session(out.to),
-        reconnectWindowMs: this.context.config.postcopyReattachMs,
-        registry: this.context.registry,
-      },
-      log,
-    );
-    this.outgoing.set(out.migrationId, migration);
-    log.warn('post-copy was under way when this agent stopped: serving the pages the destination still lacks');
-    try {
-      const result = await migration.resumePostcopy();
-      this.context.registry.remove(name);
-      this.context.records.set(out.migrationId, { direction: 'out', state: 'resumed', migrationId: out.migrationId, guest: name, to: out.to, startedAt: out.since, resumed: result });
-      return true;
-    } catch (err) {
-      const message = err instanceof Error ? err.message : String(err);
-      log.error({ err: message }, 'serving the rest of the post-copy failed; this paused copy stays');
-      this.context.registry.update(name, { outgoing: { ...out, interrupted: message.slice(0, 300) } });
-      return false;
-    } finally {
-      this.outgoing.delete(out.migrationId);
-    }
-  }
-
-  /**
-   * A guest marked as at its switchover (the commit was sent, or post-copy started) with
-   * nobody driving the migration any more (this agent restarted, or the confirmation was
-   * lost): ask the destination until it answers. Running there: this paused copy goes.
-   * Unknown there: the guest never ran there, so it resumes here. Receiving or stranded
-   * there: this copy holds what the destination lacks; it stays paused, and says so.
-   */
-  async resolveOutgoing(name: string): Promise<void> {
-    if (this.resolving.has(name)) return;
-    this.resolving.add(name);
-    try {
-      let delay = 500;
-      while (!this.context.shuttingDown()) {
-        let entry;
-        try {
-          entry = this.context.registry.get(name);
-        } catch {
-          return;
-        }
-        const out = entry.record.outgoing;
-        if (!out || this.isMigrating(name)) return;
-        if (out.phase === 'paused') {
-          // Neither the commit nor the post-copy switch went out: it cannot run there.
-          this.context.log.warn({ guest: name, to: out.to, migrationId: out.migrationId }, 'the agent stopped while this guest was paused for a switchover that never reached the destination; it resumes here');
-          this.context.registry.update(name, { outgoing: undefined });
-          await entry.guest.resume();
-          return;
-        }
-        let whereabouts: Whereabouts | undefined;
-        try {
-          whereabouts = await this.askWhereabouts(out.to, out.migrationId);
-        } catch (err) {
-          this.context.log.info({ guest: name, to: out.to, err: (err as Error).message }, 'switchover in doubt: the destination does not answer yet');
-        }
-        if (whereabouts === Whereabouts.running) {
-          this.context.log.warn({ guest: name, to: out.to, migrationId: out.migrationId }, 'switchover resolved: the guest runs at the destination; this paused copy is removed');
-          await entry.guest.discard();
-          for (const path of out.movedDisks ?? []) rmSync(path, { force: true });
-          this.context.registry.remove(name);
-          return;
-        }
-        if (whereabouts === Whereabouts.unknown) {
-          this.context.log.warn({ guest: name, to: out.to, migrationId: out.migrationId }, 'switchover resolved: the guest never ran at the destination; it resumes here');
-          this.context.registry.update(name, { outgoing: undefined });
-          await entry.guest.resume();
-          return;
-        }
-        if (whereabouts === Whereabouts.receiving && out.phase === 'postcopy') {
-          // The guest runs there and waits for pages only this copy holds: serve them.
-          if (await this.resumePostcopy(name, out)) return;
-        }
-        if (whereabouts === Whereabouts.receiving || whereabouts === Whereabouts.stranded) {
-          const why =
-            whereabouts === Whereabouts.stranded
-              ? 'the destination gave up waiting for its missing pages'
-              : 'the destination runs the guest and waits for pages this copy holds';
-          this.context.log.error({ guest: name, to: out.to, migrationId: out.migrationId }, `post-copy interrupted: ${why}; this paused copy stays`);
-          this.context.registry.update(name, { outgoing: { ...out, interrupted: why } });
-          return;
-        }
-        await sleep(delay, undefined, { ref: false });
-        delay = Math.min(delay * 2, 10_000);
-      }
-    } finally {
-      this.resolving.delete(name);
-    }
+  resolveOutgoing(name: string): Promise<void> {
+    return this.inDoubt.resolve(name);
   }
 
   /** A --to that reaches this agent under another name (localhost, another address of this host). */
