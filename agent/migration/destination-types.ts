@@ -1,6 +1,7 @@
 // What a destination migration is given and what it reports, and what its parts (here
-// destination.ts, incoming-pages.ts, incoming-device-state.ts, destination-postcopy.ts)
-// share: the regions as this side holds them, and the timeout on a guest's start.
+// destination.ts, incoming-pages.ts, incoming-device-state.ts, destination-postcopy.ts,
+// destination-disks.ts) share: the regions as this side holds them, and the timeout on a
+// guest's start.
 import type { Logger } from 'pino';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import type { DestinationGroup } from '../dedup/dest-group.js';

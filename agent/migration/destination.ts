@@ -7,12 +7,11 @@
 // allows (protocol/migration-state.ts), verify with repair, the commit and the migration's
 // end (here); pages frames (incoming-pages.ts: credit, decompression, scatter, refs); the
 // device state (incoming-device-state.ts); post-copy's switchover, installs, verdict and
-// reattach (destination-postcopy.ts). What they share is in destination-types.ts.
+// reattach (destination-postcopy.ts); the disks that arrive: their flushes, their names and
+// post-copy's export of them (destination-disks.ts). What they share is in destination-types.ts.
 import { randomBytes, timingSafeEqual } from 'node:crypto';
-import { closeSync, fdatasync, fsyncSync, openSync, rmSync, statfsSync } from 'node:fs';
-import { createServer, type Server } from 'node:net';
+import { closeSync, rmSync, statfsSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { promisify } from 'node:util';
 import { removeGuestFiles } from '../guest/process-guest.js';
 import type { Logger } from 'pino';
 import { GuestKind, nameOf, RejectReason, Technique } from '../../protocol/codes.js';
@@ -25,13 +24,12 @@ import type { GuestLauncher, StandbyGuest } from '../guest/adapter.js';
 import type { GuestRecord } from '../guest/registry.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
+import { DestinationDisks } from './destination-disks.js';
 import { DestinationPostcopy } from './destination-postcopy.js';
 import { fingerprintsPathOf, withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
 import { faultCrash, faultDelay, faultScribble } from './faults.js';
 import { IncomingDeviceState } from './incoming-device-state.js';
 import { IncomingPages } from './incoming-pages.js';
-import { NbdServer } from '../nbd/server.js';
-import { PostcopyDisk } from './postcopy-disk.js';
 
 export type { DestinationContext, IncomingResult } from './destination-types.js';
 
@@ -58,8 +56,8 @@ export class DestinationMigration implements FrameHandler {
   private readonly regionPaths: string[];
   /** Regions that are disks. */
   private readonly diskRegions: Set<number>;
-  /** Disks named at the commit: they go again if the guest then fails to start here. */
-  private readonly linkedDisks: string[] = [];
+  /** The disks that arrive: their flushes, their names and post-copy's export of them. */
+  private readonly disks: DestinationDisks;
   /** The dedup group this migration belongs to (its frames are applied in the group's order). */
   private group: DestinationGroup | undefined;
   /** This migration's slots in the group, region by region. */
@@ -70,12 +68,6 @@ export class DestinationMigration implements FrameHandler {
   /** The source's commit arrived: the guest starts here, whatever becomes of the session. */
   private commitReceived = false;
   private pauseFrameAt = 0;
-  /** Post-copy of disks: each arriving disk's export, by region, which the guest reads and writes through until the switch to its file. */
-  private readonly diskExports = new Map<number, PostcopyDisk>();
-  /** The NBD server of those exports, on a unix socket the guest's drives connect to. */
-  private diskServer: { nbd: NbdServer; listener: Server; socket: string } | undefined;
-  /** The switch to the disks' files failed: the exports serve the guest until it exits. */
-  private disksServedToEnd = false;
   /** The source agent (a reattaching session must come from it). */
   private readonly sourceAgentId: string;
   /** Handed to the source in the accept: a reattach must present it (the daemon keeps it with a post-copy's verdict). */
@@ -103,6 +95,17 @@ export class DestinationMigration implements FrameHandler {
     let memoryIndex = 0;
     this.regionPaths = offer.guest.regions.map((_, i) => diskRegions.get(i) ?? memoryFiles.memoryPaths[memoryIndex++]!);
     this.diskRegions = new Set(diskRegions.keys());
+    this.disks = new DestinationDisks({
+      native: this.native,
+      log,
+      metrics: ctx.metrics,
+      diskPaths: diskRegions,
+      regionNames: offer.guest.regions.map((region) => region.name),
+      exportSocket: launcher.diskExportSocket ? () => launcher.diskExportSocket!(this.files) : undefined,
+      regions: () => this.regions,
+      hostedGuest: () => ctx.registry.get(offer.guest.name).guest,
+      guestExited: () => this.standby!.exited,
+    });
     this.deviceState = new IncomingDeviceState(launcher, this.files, ctx.maxDeviceStateBytes, () => ctx.onLimit?.('device-state'));
     this.postcopy =
       offer.technique === Technique.precopy
@@ -120,11 +123,9 @@ export class DestinationMigration implements FrameHandler {
             finished: () => this.finished,
             journal: (incoming) => ctx.registry.add(this.guestRecord(this.standby!.pid, incoming)),
             loadDeviceState: (standby) => this.deviceState.load(standby),
-            disk: (index) => this.diskExports.get(index),
-            linked: (index) => {
-              if (this.diskRegions.has(index)) this.linkedDisks.push(this.regionPaths[index]!);
-            },
-            disksComplete: () => this.disksComplete(),
+            disk: (index) => this.disks.exportOf(index),
+            linked: (index) => this.disks.linked(index),
+            disksComplete: () => this.disks.complete(),
             finish: (outcome, reason) => this.finish(outcome, reason),
             startFailed: (err, journaled, message) => this.startFailed(err, journaled, message),
           });
@@ -290,7 +291,7 @@ export class DestinationMigration implements FrameHandler {
     if (!this.postcopy) {
       this.standby = this.launcher.standby(this.files, { guest: this.offer.guest, regionFds });
     } else {
-      const diskExportSocket = this.serveDisks();
+      const diskExportSocket = this.disks.serve();
       const guestEnd = this.postcopy.guestSocket();
       try {
         this.standby = this.launcher.standby(this.files, { guest: this.offer.guest, regionFds, postcopySocketFd: guestEnd, ...(diskExportSocket ? { diskExportSocket } : {}) });
@@ -305,85 +306,6 @@ export class DestinationMigration implements FrameHandler {
       if (this.finished || this.switching) return;
       this.log.error({ pid: standby.pid, code, log: this.files.logPath }, "the destination's standby guest exited before the switchover");
       this.refuse(ErrorCode.GUEST_FAILED, `the guest's ${this.launcher.kind} process at the destination exited (${code === null ? 'killed' : `code ${code}`}) before the switchover`);
-    });
-  }
-
-  /**
-   * Post-copy of disks: an export per arriving disk and their NBD server, listening before
-   * the guest starts (its drives connect as it opens them). The path, or undefined without disks.
-   */
-  private serveDisks(): string | undefined {
-    if (this.diskRegions.size === 0 || !this.launcher.diskExportSocket) return undefined;
-    for (const index of this.diskRegions) {
-      this.diskExports.set(index, new PostcopyDisk(this.offer.guest.regions[index]!.name, this.regions[index]!, this.native, this.ctx.metrics));
-    }
-    const socket = this.launcher.diskExportSocket(this.files);
-    rmSync(socket, { force: true });
-    const nbd = new NbdServer({ exports: [...this.diskExports.values()] });
-    const listener = createServer((connection) => {
-      if (!nbd.handle(connection)) connection.destroy();
-    });
-    listener.on('error', (err) => this.log.error({ err: err.message, socket }, "the disks' NBD server failed"));
-    // Bound at once (listen on a path binds before it returns): the guest may connect right away.
-    listener.listen(socket);
-    this.diskServer = { nbd, listener, socket };
-    return socket;
-  }
-
-  /** Stops serving the disks (their requests waiting for blocks fail) and removes the socket. */
-  private closeDiskServer(): void {
-    const server = this.diskServer;
-    if (!server) return;
-    this.diskServer = undefined;
-    for (const disk of this.diskExports.values()) disk.close();
-    server.listener.close();
-    void server.nbd.close().catch(() => {});
-    rmSync(server.socket, { force: true });
-  }
-
-  /**
-   * The disks are complete here (post-copy's end, or a hybrid's stop-and-copy commit): on
-   * stable storage with their names, then the guest's drives switched from the exports to
-   * the files. A switch that fails leaves the exports serving the guest for as long as it
-   * runs (it is not stopped for it), and says so.
-   */
-  private async disksComplete(): Promise<void> {
-    const disks = this.regions.filter((region) => region.disk);
-    if (disks.length === 0) return;
-    await this.flushing.catch(() => {});
-    await fdatasyncAll(disks.map((region) => region.fd));
-    for (const dir of new Set(this.linkedDisks.map((path) => dirname(path)))) syncDirectory(dir);
-    await this.useLocalDisks(disks.map((region) => region.fd));
-  }
-
-  /** Switches the guest's drives to the disks' files; on failure `fds` (the disks') stay open for the exports until the guest exits. */
-  private async useLocalDisks(fds: readonly number[]): Promise<void> {
-    if (!this.diskServer) return;
-    let lastError: unknown;
-    for (let attempt = 1; attempt <= 3; attempt++) {
-      try {
-        const guest = this.ctx.registry.get(this.offer.guest.name).guest;
-        const switched = (await guest.useLocalDisks?.()) ?? 0;
-        this.log.info({ disks: switched }, "the guest's disks are complete here: it uses their files directly");
-        this.closeDiskServer();
-        return;
-      } catch (err) {
-        lastError = err;
-        await new Promise((resolve) => setTimeout(resolve, 200 * attempt));
-      }
-    }
-    this.disksServedToEnd = true;
-    this.log.error(
-      { err: (lastError as Error)?.message, socket: this.diskServer.socket },
-      "the guest's drives could not be switched to its disks' files: this agent serves them until the guest exits",
-    );
-    void this.standby!.exited.then(() => {
-      this.closeDiskServer();
-      for (const fd of fds) {
-        try {
-          closeSync(fd);
-        } catch {}
-      }
     });
   }
 
@@ -424,7 +346,7 @@ export class DestinationMigration implements FrameHandler {
         // The disks' blocks go to stable storage between rounds, so the commit's flush has
         // little left; not after the final round, inside the downtime, where it would compete
         // with the switchover's own work (the commit flushes once the guest runs here).
-        if (!frame.final && this.regions.some((region) => region.disk)) this.flushDisks().catch(() => {});
+        if (!frame.final && this.regions.some((region) => region.disk)) this.disks.flush().catch(() => {});
         return;
       case 'pause':
         this.pauseFrameAt = performance.now();
@@ -549,19 +471,6 @@ export class DestinationMigration implements FrameHandler {
     };
   }
 
-  private flushing: Promise<void> = Promise.resolve();
-
-  /** fdatasync of every disk region, after any flush already under way; rejects if one fails. */
-  private flushDisks(): Promise<void> {
-    const fds = this.regions.filter((region) => region.disk).map((region) => region.fd);
-    if (fds.length === 0) return Promise.resolve();
-    const flushed = this.flushing
-      .catch(() => {})
-      .then(() => fdatasyncAll(fds));
-    this.flushing = flushed;
-    return flushed;
-  }
-
   private async commit(): Promise<void> {
     await faultDelay('dest-commit', this.log);
     const standby = this.standby!;
@@ -582,13 +491,13 @@ export class DestinationMigration implements FrameHandler {
         // fd once the mapping is closed (the munmap keeps nothing of it).
         if (region.fingerprintsFd !== undefined) closeQuietly(region.fingerprintsFd);
         if (region.disk) {
-          this.linkedDisks.push(this.regionPaths[index]!);
+          this.disks.linked(index);
           diskFds.push(region.fd);
         } else closeSync(region.fd);
       }
       this.regions = [];
       // A hybrid that ended by stop-and-copy: its guest's drives are the exports, complete.
-      for (const disk of this.diskExports.values()) disk.openComplete();
+      this.disks.openComplete();
       t.closed = performance.now();
       // The journal: the record goes in before the guest may run, so that an agent restarted
       // from here on knows it (a guest that never started is dropped as dead on load).
@@ -604,13 +513,11 @@ export class DestinationMigration implements FrameHandler {
       // on our `committed`: its blocks on stable storage, then its name. The guest runs
       // meanwhile (outside the downtime); until `committed` the source keeps its paused copy
       // and its disk, so a crash here costs the guest only the time it ran here.
-      await this.flushing.catch(() => {});
-      await fdatasyncAll(diskFds);
-      for (const dir of new Set(this.linkedDisks.map((path) => dirname(path)))) syncDirectory(dir);
+      await this.disks.toStableStorage(diskFds);
       t.flushed = performance.now();
-      await this.useLocalDisks(diskFds);
+      await this.disks.useLocalDisks(diskFds);
       // The exports serve the guest to its end: their files stay open.
-      if (this.disksServedToEnd) diskFds.splice(0);
+      if (this.disks.servedToEnd) diskFds.splice(0);
       this.log.debug({ ...Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), atMs: performance.timeOrigin + t.start! }, 'commit: ms after the commit frame');
       faultCrash('dest-after-start', this.log);
       this.state = transition(this.state, { type: 'sentCommitted' });
@@ -645,7 +552,7 @@ export class DestinationMigration implements FrameHandler {
     removeGuestFiles(this.files);
     this.removeFingerprints();
     // The disks that arrived: the source's copy is the guest's (shared ones are not touched).
-    for (const path of this.linkedDisks) rmSync(path, { force: true });
+    this.disks.removeLinked();
     this.finish('aborted', error.message);
   }
 
@@ -706,7 +613,7 @@ export class DestinationMigration implements FrameHandler {
     if (this.finished) return;
     this.finished = true;
     this.session.unregister(this.offer.migrationId);
-    if (!this.disksServedToEnd) this.closeDiskServer();
+    if (!this.disks.servedToEnd) this.disks.close();
     if (outcome === 'aborted') {
       this.log.warn({ reason }, 'incoming migration aborted; partial memory discarded');
       this.cleanup();
@@ -753,7 +660,7 @@ export class DestinationMigration implements FrameHandler {
         this.native.regionClose(region.handle);
       } catch {}
       if (region.fingerprintsFd !== undefined) closeQuietly(region.fingerprintsFd);
-      if (region.disk && this.disksServedToEnd) continue;
+      if (region.disk && this.disks.servedToEnd) continue;
       closeQuietly(region.fd);
     }
     this.regions = [];
@@ -793,19 +700,4 @@ function closeQuietly(fd: number): void {
   try {
     closeSync(fd);
   } catch {}
-}
-
-/** fdatasync of each file, on the thread pool; rejects if one fails. */
-async function fdatasyncAll(fds: readonly number[]): Promise<void> {
-  await Promise.all(fds.map((fd) => promisify(fdatasync)(fd)));
-}
-
-/** fsync of a directory: a name just made in it survives a crash. */
-function syncDirectory(dir: string): void {
-  const fd = openSync(dir, 'r');
-  try {
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
 }
