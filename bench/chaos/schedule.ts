@@ -85,8 +85,9 @@ export function planRun(seed: number, options: PlanOptions): RunPlan {
       kind: rng.pick(options.faults),
       // Early and late: during the rounds, around the switchover, during a post-copy. A
       // quick guest moves in 1-3 s on a quiet host: in a 200-run campaign drawn over 3 s, 143
-      // faults came after the migration had ended.
-      atMs: rng.below(options.quick ? 1500 : 4000),
+      // faults came after the migration had ended. A full run's moment is drawn over how long
+      // its guests take at ~160 MiB/s (drawn over 4 s, 120 of 200 came after the end).
+      atMs: rng.below(options.quick ? 1500 : Math.max(1000, Math.round((guests.reduce((sum, g) => sum + g.memoryBytes, 0) / (160 * MiB)) * 1000))),
       forMs: 200 + rng.below(3000),
     },
   };
