@@ -62,9 +62,10 @@ export class GuestRegistry {
 
   /**
    * Loads the records of guests still alive; returns the names of those found dead (their
-   * records and memory files are removed: see removeDeadMemory). A record that cannot be read or does not validate is kept on disk
-   * and listed by unreadableRecords(): its guest may still run, here or elsewhere, and this
-   * agent does not act on that name until the operator has fixed or removed the file.
+   * records and memory files are removed: see removeDeadMemory). A record that cannot be read
+   * or does not validate is kept on disk and listed by unreadableRecords(): its guest may still
+   * run, here or elsewhere, and this agent does not act on that name until the operator has
+   * fixed or removed the file.
    * NAME.json.tmp files are ignored: one is a write a crash cut short, whose NAME.json (if
    * any) is still the last complete record, and the next write of NAME removes it.
    */
