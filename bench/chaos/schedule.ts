@@ -86,8 +86,9 @@ export function planRun(seed: number, options: PlanOptions): RunPlan {
       // Early and late: during the rounds, around the switchover, during a post-copy. A
       // quick guest moves in 1-3 s on a quiet host: in a 200-run campaign drawn over 3 s, 143
       // faults came after the migration had ended. A full run's moment is drawn over how long
-      // its guests take at ~160 MiB/s (drawn over 4 s, 120 of 200 came after the end).
-      atMs: rng.below(options.quick ? 1500 : Math.max(1000, Math.round((guests.reduce((sum, g) => sum + g.memoryBytes, 0) / (160 * MiB)) * 1000))),
+      // its guests take at ~256 MiB/s, at least 400 ms (drawn over 4 s, 120 of 200 came after
+      // the end; over a 160 MiB/s estimate, 5 of the first 7).
+      atMs: rng.below(options.quick ? 1500 : Math.max(400, Math.round((guests.reduce((sum, g) => sum + g.memoryBytes, 0) / (256 * MiB)) * 1000))),
       forMs: 200 + rng.below(3000),
     },
   };
