@@ -30,7 +30,6 @@
 // the error, beside each fixed choice what the planner's plan forecast for that option in the
 // same case, and whether the total time's forecast is within 20% in 80% of the planner's runs.
 import { createInterface } from 'node:readline';
-import { parseArgs } from 'node:util';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -44,6 +43,7 @@ import type { PlanAnswer } from '../agent/planner/plan-answer.js';
 import { netnsAvailable, run, shapeEgress } from './netns-link.js';
 import { barChartSvg, markdownTable, median, prefaultMemory, writeResults } from './report.js';
 import { ExitSteps } from './exit.js';
+import { benchArgs } from './args.js';
 
 const MiB = 1024 * 1024;
 const MBIT = 1e6 / 8;
@@ -63,7 +63,14 @@ const SAMPLE_MS = 100;
 const CHILD_LIFETIME_MS = 240_000;
 const MIGRATE_TIMEOUT_MS = 180_000;
 
-const { values } = parseArgs({
+const USAGE = `usage: npm run bench:contention -- [--quick] [--json] [--priority high|medium|low] [--repeat N]
+  one and two guests migrated while a workload competes for 1 Gbit/s links (netns, root):
+  each fixed choice and the planner's, with the forecast beside each run
+examples:
+  npm run bench:contention -- --quick
+  npm run bench:contention -- --quick --repeat 3 --json`;
+
+const values = benchArgs('bench:contention', USAGE, {
   options: {
     quick: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },

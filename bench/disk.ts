@@ -48,7 +48,6 @@
 import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { parseArgs } from 'node:util';
 import { TESTVM_DISK_BLOCK_BYTES } from '../agent/guest/testvm-disk.js';
 import { readTestvmStatus, runTestvmFullCheck, type TestvmStatus } from '../agent/guest/testvm-status.js';
 import { logTail } from '../agent/guest/log-tail.js';
@@ -62,6 +61,7 @@ import { createShapedLink, netnsAvailable, type ShapedLink } from './netns-link.
 import { qemuBaselineProblem, runQemuMigration, runQemuParallel, testvmAppend, TESTVM_IMAGES_DIR, type QemuBaselineRun, type QemuBaselineVm, type QemuLink } from './qemu-baseline.js';
 import { barChartSvg, markdownTable, prefaultMemory, resultsDir, writeResults } from './report.js';
 import { openIptablesCounter, openVethCounter, type WireCounter } from './wire-counter.js';
+import { benchArgs } from './args.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -69,7 +69,12 @@ const GBIT = 1e9;
 const SECTOR_BYTES = 512;
 const BLOCKS_PER_MIB = MiB / TESTVM_DISK_BLOCK_BYTES;
 
-const { values } = parseArgs({
+const USAGE = `usage: npm run bench:disk -- [--quick] [--json] [--link loopback|1gbit|both] [--cases single|gang|both] [--techniques precopy|postcopy|both]
+  VMs with disks moved by gangway and by QEMU's own storage migration, in one run
+examples:
+  npm run bench:disk -- --quick --link loopback --cases single`;
+
+const values = benchArgs('bench:disk', USAGE, {
   options: {
     quick: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },

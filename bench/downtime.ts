@@ -30,7 +30,6 @@
 // Every run is checked twice: the summary's `verified` (digests at the switchover) and the
 // guest's own check of every page after it resumes (resume and running stale pages both 0).
 // A run that fails either, or fails outright, is reported with verified:false, never dropped.
-import { parseArgs } from 'node:util';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
@@ -41,6 +40,7 @@ import type { MigrationSummary } from '../agent/migration/source.js';
 import { createShapedLink, netnsAvailable, type ShapedLink } from './netns-link.js';
 import { barChartSvg, markdownTable, prefaultMemory, writeResults } from './report.js';
 import { ExitSteps } from './exit.js';
+import { benchArgs } from './args.js';
 
 const MiB = 1024 * 1024;
 const GBIT = 1e9;
@@ -70,9 +70,8 @@ const HELP = `bench:downtime: downtime, total time and wire bytes of pre-copy, p
                        from both agents' logs (source and destination phases, ms)
 `;
 
-const { values } = parseArgs({
+const values = benchArgs('bench:downtime', HELP, {
   options: {
-    help: { type: 'boolean', default: false },
     quick: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },
     link: { type: 'string', default: 'both' },
@@ -83,10 +82,6 @@ const { values } = parseArgs({
     trace: { type: 'boolean', default: false },
   },
 });
-if (values.help) {
-  console.log(HELP);
-  process.exit(0);
-}
 function usage(message: string): never {
   console.error(`${message}\n\n${HELP}`);
   process.exit(2);

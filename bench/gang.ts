@@ -15,7 +15,6 @@
 // Times follow the seed paper (003): serial total time and downtime are sums over the
 // guests, gang ones are maxima. Every run checks every guest: digests at the switchover and
 // the guest's own check of every page after it resumes.
-import { parseArgs } from 'node:util';
 import { closeSync, openSync, readSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { initCa, issueHostCert, type CertResult } from '../agent/cli/certs.js';
@@ -26,11 +25,19 @@ import { loadNative } from '../agent/native.js';
 import { createShapedLink, netnsAvailable, type ShapedLink } from './netns-link.js';
 import { barChartSvg, markdownTable, median, prefaultMemory, writeResults } from './report.js';
 import { ExitSteps } from './exit.js';
+import { benchArgs } from './args.js';
 
 const MiB = 1024 * 1024;
 const GBIT = 1e9;
 
-const { values } = parseArgs({
+const USAGE = `usage: npm run bench:gang -- [--quick] [--json] [--repeat N] [--link loopback|1gbit|both]
+  four guests of one image moved serial and gang, with and without dedup, each codec, against
+  the content floor
+examples:
+  npm run bench:gang -- --quick --link loopback
+  npm run bench:gang -- --repeat 3 --json`;
+
+const values = benchArgs('bench:gang', USAGE, {
   options: {
     quick: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },

@@ -4,11 +4,16 @@
 // Map<hex string, location> baseline at the largest size a Map reaches comfortably.
 //
 //   node --expose-gc dist/bench/index-memory.js [--locations N] [--json] [--dry]
-import { parseArgs } from 'node:util';
 import { ContentIndex, FINGERPRINT_BYTES, fmix32 } from '../agent/dedup/content-index.js';
 import { barChartSvg, markdownTable, writeResults } from './report.js';
+import { benchArgs } from './args.js';
 
-const { values } = parseArgs({
+const USAGE = `usage: npm run bench:index -- [--locations N] [--json] [--dry]
+  the dedup index's memory per location
+examples:
+  npm run bench:index -- --locations 4194304`;
+
+const values = benchArgs('bench:index', USAGE, {
   options: {
     locations: { type: 'string' },
     json: { type: 'boolean', default: false },

@@ -25,7 +25,6 @@
 // so neither system pays it; the QEMU baseline also zero-fills its memory files.
 import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { parseArgs } from 'node:util';
 import { runTestvmFullCheck } from '../agent/guest/testvm-status.js';
 import { TESTVM_KERNEL_FILE } from '../agent/native.js';
 import { makeTempDir } from '../agent/local-agent.js';
@@ -47,12 +46,18 @@ import {
 import { barChartSvg, markdownTable, prefaultMemory, writeResults } from './report.js';
 import { clockTicksPerSec, readCpuSeconds } from './qemu-vm.js';
 import { openIptablesCounter, openVethCounter, type WireCounter } from './wire-counter.js';
+import { benchArgs } from './args.js';
 
 const MiB = 1024 * 1024;
 const GBIT = 1e9;
 const KERNEL = TESTVM_KERNEL_FILE;
 
-const { values } = parseArgs({
+const USAGE = `usage: npm run bench:qemu -- [--quick] [--json] [--link loopback|1gbit|both] [--cases single|gang|both]
+  the same VM moved by gangway and by QEMU's own migration, in one run
+examples:
+  npm run bench:qemu -- --quick --link loopback --cases single`;
+
+const values = benchArgs('bench:qemu', USAGE, {
   options: {
     quick: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },

@@ -11,7 +11,6 @@
 //
 //   npm run bench:stream [-- --quick] [-- --json] [-- --repeat N] [-- --case SUBSTRING]
 //     [-- --cpu-prof DIR]   (V8 CPU profiles of the agents, written when they stop)
-import { parseArgs } from 'node:util';
 import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent } from '../agent/local-agent.js';
 import type { MigrationSummary } from '../agent/migration/source.js';
 import { readFileSync, rmSync } from 'node:fs';
@@ -20,12 +19,19 @@ import { barChartSvg, markdownTable, median, prefaultMemory, writeResults } from
 import { iperf3Loopback, nodeTcpLoopback } from './tcp-baseline.js';
 import { initCa, issueHostCert } from '../agent/cli/certs.js';
 import { clockTicksPerSec, readCpuSeconds } from './qemu-vm.js';
+import { benchArgs } from './args.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 const GB = 1e9;
 
-const { values } = parseArgs({
+const USAGE = `usage: npm run bench:stream -- [--quick] [--json] [--repeat N] [--case TEXT]... [--cpu-prof DIR]
+  guest memory streamed between two agents on loopback, against iperf3 and node:net in the same run
+examples:
+  npm run bench:stream -- --quick --repeat 3
+  npm run bench:stream -- --case 'mutual TLS' --cpu-prof /tmp/prof`;
+
+const values = benchArgs('bench:stream', USAGE, {
   options: {
     quick: { type: 'boolean', default: false },
     json: { type: 'boolean', default: false },
