@@ -383,6 +383,7 @@ export class DestinationMigration implements FrameHandler {
           // A kind whose device state can write its memory loads it first, and the check reads
           // the memory as the guest will run on it (not the pages as they were written here).
           const writes = this.launcher.deviceStateWritesMemory ?? false;
+          const verifyStart = performance.now();
           if (writes) {
             this.switching = true;
             try {
@@ -396,7 +397,9 @@ export class DestinationMigration implements FrameHandler {
           }
           // A disk is not written before the guest runs here: the fingerprints of what was
           // written are its content (reading it whole would read every hole too).
+          const loadedAt = performance.now();
           const digests = await Promise.all(this.regions.map((region) => this.native.regionDigest(region.handle, writes && !region.disk ? 'full' : 'tracked')));
+          this.log.debug({ deviceStateLoadMs: Math.round((loadedAt - verifyStart) * 100) / 100, digestMs: Math.round((performance.now() - loadedAt) * 100) / 100, full: writes }, 'verify: ms');
           const match =
             digests.length === verify.digests.length &&
             digests.every((digest, i) => digest.equals(Buffer.from(verify.digests[i]!)));

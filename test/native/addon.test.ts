@@ -647,6 +647,26 @@ describe('regionScatter and regionDigest', () => {
     });
   }
 
+  it('a full digest of a large writable region (read on several threads through preads) equals the mapped one and the oracle, and sees one byte', async () => {
+    // Two slices' worth at least (digest.c splits from 2 x 16384 pages on).
+    const big = 2 * 16384 + 77;
+    const content = buildContent(Array.from({ length: big }, (_, i) => (i % 7 === 0 ? 'zero' : PAGE_KINDS[i % 5]!)), ps, 11);
+    const file = shmFile('big', content);
+    const mapped = mapFd(file.fd, content.length, ps);
+    const writable = mapFd(file.fd, content.length, ps, { writable: true });
+    const expected = oracleDigest(content, ps);
+    expect((await native.regionDigest(writable, 'full')).equals(expected)).toBe(true);
+    expect((await native.regionDigest(mapped, 'full')).equals(expected)).toBe(true);
+    // A byte in the last slice's last page.
+    writeAll(file.fd, Buffer.from([0x5a]), (big - 1) * ps + 9);
+    const changed = await native.regionDigest(writable, 'full');
+    expect(changed.equals(expected)).toBe(false);
+    expect(changed.equals(await native.regionDigest(mapped, 'full'))).toBe(true);
+    // A file cut short under the region: the read fails, and the digest says so.
+    fs.ftruncateSync(file.fd, 4 * ps);
+    await expect(native.regionDigest(writable, 'full')).rejects.toThrow(/regionDigest: reading the region failed/);
+  });
+
   it('a one-byte difference changes the digest; tracked follows scatter', async () => {
     const content = buildContent(kinds, ps, 3);
     const src = shmFile('one-src', content);
