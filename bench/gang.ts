@@ -8,7 +8,9 @@
 // Each run's content floor is what no sender can avoid: the distinct non-zero pages of the
 // guests moved (hashed from their memory files just before the migration; with a resident
 // guest, less what it already holds at the destination), plus the pages the guests dirtied
-// during the migration (every page sent after round 0). Wire bytes are reported against it.
+// during the migration (every page sent after round 0). Wire bytes are reported against it;
+// compression can take a run below it, so dedup's own efficiency is judged without (a gang
+// with dedup and no compression).
 //
 //   npm run bench:gang [-- --quick] [-- --json] [-- --repeat N] [-- --link loopback|1gbit|both]
 //
@@ -72,6 +74,8 @@ interface Strategy {
 const BASELINE = 'serial, no dedup (baseline)';
 const HYPERVISOR_DEFAULT = 'serial, no dedup, no compression (a hypervisor\'s default)';
 const LZ4_FORCED = 'serial, no dedup, LZ4 forced';
+/** Dedup alone (no compression), for its efficiency against the content floor (which compression would undercut). */
+const GANG_DEDUP_RAW = 'gang, dedup, no compression';
 const strategies: Strategy[] = [
   { name: BASELINE, strategy: 'serial', dedup: false, resident: false },
   { name: HYPERVISOR_DEFAULT, strategy: 'serial', dedup: false, resident: false, codec: 'raw' },
@@ -79,6 +83,7 @@ const strategies: Strategy[] = [
   { name: 'serial, dedup', strategy: 'serial', dedup: true, resident: false },
   { name: 'gang, no dedup', strategy: 'gang', dedup: false, resident: false },
   { name: 'gang, dedup', strategy: 'gang', dedup: true, resident: false },
+  { name: GANG_DEDUP_RAW, strategy: 'gang', dedup: true, resident: false, codec: 'raw' },
   { name: 'gang, dedup, resident guest at the destination', strategy: 'gang', dedup: true, resident: true },
 ];
 
@@ -367,8 +372,8 @@ const targets = links.map((link) => {
     gangVsSerialDedupWire: gang.wireBytes / serialDedup.wireBytes,
     gangVsSerialDedupTime: gang.totalMs / serialDedup.totalMs,
     gangTargetMet: gang.wireBytes <= serialDedup.wireBytes && gang.totalMs < serialDedup.totalMs,
-    gangWireVsFloor: gang.wireVsFloor,
-    floorTargetMet: gang.wireVsFloor <= 1.15,
+    gangWireVsFloor: row(GANG_DEDUP_RAW).wireVsFloor,
+    floorTargetMet: row(GANG_DEDUP_RAW).wireVsFloor <= 1.15,
   };
 });
 const result = {
@@ -413,7 +418,7 @@ else {
     console.log(
       `${t.link}: adaptive codec ${t.autoCodecVsBestFixed.toFixed(2)} of the better fixed codec's time (target <= 1.05: ${t.autoCodecTargetMet ? 'met' : 'not met'}); ` +
         `gang with dedup ${t.gangVsSerialDedupWire.toFixed(2)} of serial with dedup's wire bytes and ${t.gangVsSerialDedupTime.toFixed(2)} of its time (target <= 1 and < 1: ${t.gangTargetMet ? 'met' : 'not met'}); ` +
-        `its wire bytes ${t.gangWireVsFloor.toFixed(2)} of the content floor (target <= 1.15: ${t.floorTargetMet ? 'met' : 'not met'})`,
+        `without compression (dedup alone) its wire bytes are ${t.gangWireVsFloor.toFixed(2)} of the content floor (target <= 1.15: ${t.floorTargetMet ? 'met' : 'not met'})`,
     );
   }
   console.log(`\nresults: ${path}`);
