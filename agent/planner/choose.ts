@@ -184,7 +184,16 @@ export function forecastPlan(plan: MigrationPlan, input: ForecastPlanInput): Mig
   if (plan.destinationRates) assumptions.push("the destination's link has the source's capacity");
   const forecastInput: ForecastInput = {
     guests: profiles,
-    availableBytesPerSec: availableRate(reserved, plan.destinationRates ? { inboundBytesPerSec: plan.destinationRates.rxBytesPerSec, linkBytesPerSec: input.linkBytesPerSec } : undefined),
+    availableBytesPerSec: availableRate(
+      reserved,
+      plan.destinationRates
+        ? {
+            inboundBytesPerSec: plan.destinationRates.rxBytesPerSec,
+            linkBytesPerSec: input.linkBytesPerSec,
+            ...(plan.destinationReservation ? { reservedBytesPerSec: plan.destinationReservation.migrationBytesPerSec } : {}),
+          }
+        : undefined,
+    ),
     workload: plan.sourceRates ? { demandBytesPerSec: plan.sourceRates.txBytesPerSec, slaLowerBytesPerSec: input.slaLowerBytesPerSec, linkBytesPerSec: input.linkBytesPerSec } : undefined,
     limits: input.limits,
     model: input.model,

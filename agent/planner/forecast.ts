@@ -6,7 +6,7 @@
 //
 // Assumptions (each is a place where the forecast can be wrong, and what calibration absorbs):
 // - Rate: the migration gets `availableBytesPerSec` (the reservation under the uplink's shaper,
-//   already less the destination's inbound contention: see availableRate) times
+//   and what the destination's inbound side gives it: see availableRate) times
 //   `linkEfficiency` (framing, TCP and the pacer's gaps), constant for the whole migration.
 // - Pre-copy rounds form the usual geometric series: round 0 sends the guest's content, each
 //   later round the pages dirtied while the previous one ran. The guest dirties
@@ -155,13 +155,21 @@ export const PAGE_SIZE_BYTES = 4096;
 export const PAGE_HEADER_BYTES = 16;
 
 /**
- * The rate a migration may use: the reservation (or the link) less what the destination's
- * inbound workload takes of its side, never less than `floorShare` of the reservation (the
- * destination's inbound shaping gives a migration at least its floor, as Algorithm 2 does).
+ * The rate a migration may use: the source's reservation (or the link), and at the
+ * destination what its inbound side gives it. A destination that reserves for the migration
+ * (a followed plan: Algorithm 2 at the plan's priority) gives it its reservation, and more
+ * where its inbound workload leaves more (the migration's class borrows up to the link, as at
+ * the source). One that does not reserve leaves it what the workload leaves, never less than
+ * `floorShare` of the source's reservation.
  */
-export function availableRate(reservedBytesPerSec: number, destination: { inboundBytesPerSec: number; linkBytesPerSec: number } | undefined, floorShare = 0.05): number {
+export function availableRate(
+  reservedBytesPerSec: number,
+  destination: { inboundBytesPerSec: number; linkBytesPerSec: number; reservedBytesPerSec?: number } | undefined,
+  floorShare = 0.05,
+): number {
   if (!destination) return reservedBytesPerSec;
   const headroom = destination.linkBytesPerSec - destination.inboundBytesPerSec;
+  if (destination.reservedBytesPerSec !== undefined) return Math.min(reservedBytesPerSec, Math.max(destination.reservedBytesPerSec, headroom));
   return Math.min(reservedBytesPerSec, Math.max(headroom, reservedBytesPerSec * floorShare));
 }
 

@@ -60,6 +60,12 @@ export interface MigrationPlan {
   contention: Contention;
   contentionShare: number | null;
   reservation: { migrationBytesPerSec: number; workloadCapBytesPerSec: number | null; reason: string } | null;
+  /**
+   * Algorithm 2 on the destination's inbound side, as the destination applies it to a
+   * migration that follows this plan (it reserves at the plan's priority, inbound.ts); taken
+   * with this host's link settings. null without a link capacity or the destination's traffic.
+   */
+  destinationReservation: { migrationBytesPerSec: number; workloadCapBytesPerSec: number | null; reason: string } | null;
   guests: GuestMigrationPlan[];
   reasons: string[];
   /** What was taken as given because it was not measured. */
@@ -100,6 +106,8 @@ export function planFor(input: PlanForInput): MigrationPlan {
   const plan = planMigration(guests, { source, destination }, settings);
   // The source's outbound workload competes with the migration on the source's uplink.
   const reservation = input.settings ? guardedReservation(input.priority, source.txBytesPerSec, input.settings) : undefined;
+  // The destination's inbound workload competes with it there; the destination reserves too.
+  const atDestination = input.settings && input.destination.rates ? guardedReservation(input.priority, input.destination.rates.rxBytesPerSec, input.settings) : undefined;
   const parallel = plan.guests.filter((g) => g.strategy === 'parallel').length;
   return {
     priority: input.priority,
@@ -108,6 +116,9 @@ export function planFor(input: PlanForInput): MigrationPlan {
     contentionShare: input.settings ? plan.contentionShare : null,
     reservation: reservation
       ? { migrationBytesPerSec: reservation.migrationBytesPerSec, workloadCapBytesPerSec: reservation.workloadCapBytesPerSec ?? null, reason: reservation.reason }
+      : null,
+    destinationReservation: atDestination
+      ? { migrationBytesPerSec: atDestination.migrationBytesPerSec, workloadCapBytesPerSec: atDestination.workloadCapBytesPerSec ?? null, reason: atDestination.reason }
       : null,
     guests: plan.guests.map((guest) => {
       const share = guest.strategy === 'parallel' ? parallel : 1;

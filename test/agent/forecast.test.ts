@@ -169,6 +169,14 @@ describe('rate and workload', () => {
     expect(availableRate(100, { inboundBytesPerSec: 125, linkBytesPerSec: 125 })).toBe(5);
   });
 
+  test('a destination that reserves for the migration gives it its reservation, or what its workload leaves if more; never more than the source gives', () => {
+    // The inbound workload fills the link; the destination holds it to its SLA lower limit (25 of 125).
+    expect(availableRate(100, { inboundBytesPerSec: 125, linkBytesPerSec: 125, reservedBytesPerSec: 100 })).toBe(100);
+    expect(availableRate(80, { inboundBytesPerSec: 125, linkBytesPerSec: 125, reservedBytesPerSec: 100 })).toBe(80);
+    // A light inbound workload leaves more than the reservation: the class borrows it.
+    expect(availableRate(120, { inboundBytesPerSec: 10, linkBytesPerSec: 125, reservedBytesPerSec: 100 })).toBe(115);
+  });
+
   test('an option that leaves the workload less than its SLA lower limit says so', () => {
     const keeps = forecastOption(input([guest()], { availableBytesPerSec: 100, workload: { demandBytesPerSec: 50, slaLowerBytesPerSec: 20, linkBytesPerSec: 125 } }), 'precopy', 'gang');
     expect(keeps).toMatchObject({ workloadBytesPerSec: 25, keepsSla: true });
