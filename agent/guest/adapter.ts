@@ -147,6 +147,11 @@ export interface StandbyGuest {
   cancel(): void;
   /** Resolves when the guest's process exits. */
   exited: Promise<number | null>;
+  /**
+   * Before go(): switches the drives that read this agent's disk exports to the disks' files
+   * (complete here); resolves with how many were switched. A kind without such drives has none.
+   */
+  useLocalDisks?(): Promise<number>;
 }
 
 /** The kind-specific part of a guest record (GuestRecord less what every kind has). */

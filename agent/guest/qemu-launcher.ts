@@ -11,8 +11,9 @@ import type { GuestLauncher, StandbyGuest } from './adapter.js';
 import type { Logger } from '../log.js';
 import { connectWhenReady, endQemu, launchQemu, loadQemuDeviceState, logTail, resolveKernel, VM_PAGE_SIZE, type QemuSettings } from './qemu-guest.js';
 import type { QmpClient } from './qmp.js';
+import { switchDiskToFile } from './qmp-block.js';
 import { createVmTap, removeVmTap, tapNameFor } from './vm-tap.js';
-import { diskRegionName, vmDiskExportSocket, MAX_MOVED_DISK_BYTES, kvmProblem, parseVmDefinition, VM_DISK_BLOCK_BYTES, vmDiskSizeProblem, vmDisks, vmRegionsProblem, vmSocketPathProblem, vmStateSockets, type VmSpec } from './vm-spec.js';
+import { diskRegionName, vmDiskExportSocket, MAX_MOVED_DISK_BYTES, kvmProblem, parseVmDefinition, VM_DISK_BLOCK_BYTES, vmDiskSizeProblem, vmDisks, vmRegionsProblem, vmSocketPathProblem, vmDiskNodes, vmStateSockets, type VmSpec } from './vm-spec.js';
 
 /** Can KVM be used here? (The reason when not.) */
 export function kvmAvailability(): string | undefined {
@@ -163,6 +164,16 @@ class QemuStandby implements StandbyGuest {
         this.rejectRunning(err as Error);
       }
     })();
+  }
+
+  /** Before go(): the drives that read this agent's exports go to the disks' files, over the standby's QMP (QEMU serves one client). */
+  async useLocalDisks(): Promise<number> {
+    const paths = this.files.diskPaths ?? [];
+    if (paths.length === 0) return 0;
+    const qmp = await this.qmp();
+    let switched = 0;
+    for (const [index, path] of paths.entries()) if (await switchDiskToFile(qmp, vmDiskNodes(index), path)) switched++;
+    return switched;
   }
 
   cancel(): void {

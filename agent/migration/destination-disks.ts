@@ -10,7 +10,7 @@ import { createServer, type Server } from 'node:net';
 import { dirname } from 'node:path';
 import { promisify } from 'node:util';
 import type { Logger } from 'pino';
-import type { HostedGuest } from '../guest/adapter.js';
+import type { HostedGuest, StandbyGuest } from '../guest/adapter.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { NativeAddon } from '../native.js';
 import { NbdServer } from '../nbd/server.js';
@@ -138,6 +138,23 @@ export class DestinationDisks {
     if (disks.length === 0) return;
     await this.toStableStorage(disks.map((region) => region.fd));
     await this.useLocalDisks(disks.map((region) => region.fd));
+  }
+
+  /**
+   * A stop-and-copy commit's disks are complete before the guest runs: its drives go to the
+   * files then, before it starts, so that this agent dying after the start cannot leave the
+   * guest with drives whose server is gone (its I/O would fail: chaos seed 7019). One try; a
+   * switch QEMU refuses there is made again once the guest runs (useLocalDisks), as before.
+   */
+  async switchBeforeStart(standby: StandbyGuest): Promise<void> {
+    if (!this.diskServer || !standby.useLocalDisks) return;
+    try {
+      const switched = await standby.useLocalDisks();
+      this.ctx.log.info({ disks: switched }, "the guest's disks are complete here: it starts on their files");
+      this.close();
+    } catch (err) {
+      this.ctx.log.warn({ err: (err as Error).message }, "the guest's drives could not be switched to its disks' files before it starts: they are switched once it runs");
+    }
   }
 
   /** Switches the guest's drives to the disks' files; on failure `fds` (the disks') stay open for the exports until the guest exits. */

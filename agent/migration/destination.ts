@@ -508,9 +508,13 @@ export class DestinationMigration implements FrameHandler {
       journaled = true;
       t.journaled = performance.now();
       await this.deviceState.load(standby);
+      t.loaded = performance.now();
+      await this.disks.switchBeforeStart(standby);
+      t.switched = performance.now();
       standby.go();
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
       t.running = runningAt;
+      faultCrash('dest-after-go', this.log);
       for (const handle of mappings.splice(0)) this.native.regionClose(handle);
       // A disk must survive this host's crash once the source drops its copy, which it does
       // on our `committed`: its blocks on stable storage, then its name. The guest runs
@@ -518,6 +522,7 @@ export class DestinationMigration implements FrameHandler {
       // and its disk, so a crash here costs the guest only the time it ran here.
       await this.disks.toStableStorage(diskFds);
       t.flushed = performance.now();
+      // Switched before the start unless QEMU refused it then (a no-op once switched).
       await this.disks.useLocalDisks(diskFds);
       // The exports serve the guest to its end: their files stay open.
       if (this.disks.servedToEnd) diskFds.splice(0);

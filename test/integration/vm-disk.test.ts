@@ -449,6 +449,27 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     expect(fileSha256(join(disksB, file))).toBe(digest);
   }, 180_000);
 
+  it('destination killed right after a hybrid VM with a disk starts there by stop-and-copy: its drive is already its file, so its disk I/O goes on; restarted, the source drops its copy', async () => {
+    // Before, the VM started on the agent's disk export and was switched to the file after: an
+    // agent dying in between left it with a dead drive (its kernel saw I/O errors; chaos seed 7019).
+    const { a, b, disksA, disksB } = await twoAgents(false, { envB: { GANGWAY_FAULT_CRASH: 'dest-after-go' } });
+    const name = uniqueName('vh');
+    const file = `${name}.raw`;
+    writeTestvmBaseImage(join(disksA, file), { sizeBytes: 64 * MiB, baseBlocks: 2048, imageSeed: 5n });
+    await startVm(a, name, [file], 'gw.profile=random gw.seed=4 gw.rate=256 gw.image_seed=5 gw.disk_base=2048 gw.disk_hot=256 gw.disk_rate=200');
+    const { run } = await migrate(a, [name, '--to', b.listen, '--technique', 'hybrid']);
+    expect(run.exitCode).not.toBe(0); // the destination died before it confirmed
+    // Where the source will ask for it again.
+    const again = await agentNamed('b', undefined, ['--listen', b.listen]);
+    await waitForAsync('the destination to list the VM running', async () => (await guestOn(again, name))?.vmStatus === 'running', 30_000);
+    await waitForAsync('the source to drop its copy', async () => !(await guestOn(a, name)), 60_000);
+    // The kernel went on writing its disk through the agent's death: no I/O error, nothing stale.
+    await kernelFindsNothingStale(again, name);
+    expect(readFileSync(again.logPath, 'utf8')).toMatch(/the guest's disks are complete here: it starts on their files/);
+    expect(existsSync(join(disksA, file))).toBe(false);
+    expect(existsSync(join(disksB, file))).toBe(true);
+  }, 180_000);
+
   it('--disks none on shared storage: only RAM and device state move, the VM runs on the same disk file', async () => {
     const { a, b, disksA } = await twoAgents(true);
     const name = uniqueName('vs');
