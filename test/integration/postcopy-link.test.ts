@@ -7,26 +7,20 @@
 import { rmSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { initCa, issueHostCert } from '../../agent/cli/certs.js';
 import { waitForGuestProgress } from '../../agent/cli/demo.js';
 import { killGuestsOf, makeTempDir, startLocalAgent, type LocalAgent } from '../../agent/local-agent.js';
 import { loadNative } from '../../agent/native.js';
 import { createShapedLink, netnsAvailable, type ShapedLink } from '../../bench/netns-link.js';
+import { cleanupsAfterEach } from '../helpers/cleanups.js';
 import { builtAgent, Cluster, mainJs, uniqueName } from '../helpers/cluster.js';
 
 const netns = await netnsAvailable();
 const reason = !builtAgent ? 'the agent is not built' : !netns.ok ? netns.reason : !loadNative().uffdProbe() ? 'no userfaultfd here (root needed)' : undefined;
 
 describe.skipIf(reason !== undefined)(`post-copy over a link that breaks${reason ? ` (skipped: ${reason})` : ''}`, () => {
-  const cleanups: (() => Promise<unknown> | unknown)[] = [];
-  afterEach(async () => {
-    for (const cleanup of cleanups.splice(0).reverse()) {
-      try {
-        await cleanup();
-      } catch {}
-    }
-  });
+  const cleanups = cleanupsAfterEach();
 
   async function setUp(rateBitsPerSec: number, suffix: string) {
     const link: ShapedLink = await createShapedLink({ name: `pl${suffix}${process.pid % 10000}`, rateBitsPerSec });

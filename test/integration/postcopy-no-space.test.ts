@@ -8,23 +8,17 @@ import { readFileSync, rmSync, statfsSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { waitForGuestProgress } from '../../agent/cli/demo.js';
 import { makeTempDir } from '../../agent/local-agent.js';
 import { loadNative } from '../../agent/native.js';
+import { cleanupsAfterEach } from '../helpers/cleanups.js';
 import { builtAgent, Cluster, uniqueName } from '../helpers/cluster.js';
 
 const reason = !builtAgent ? 'the agent is not built' : process.getuid?.() !== 0 ? 'needs root (a tmpfs)' : !loadNative().uffdProbe() ? 'no userfaultfd here' : undefined;
 
 describe.skipIf(reason !== undefined)(`post-copy into a memory directory that fills up${reason ? ` (skipped: ${reason})` : ''}`, () => {
-  const cleanups: (() => Promise<unknown> | unknown)[] = [];
-  afterEach(async () => {
-    for (const cleanup of cleanups.splice(0).reverse()) {
-      try {
-        await cleanup();
-      } catch {}
-    }
-  });
+  const cleanups = cleanupsAfterEach();
 
   it('the guest waits on its pages while the directory is full, and completes once room is made', async () => {
     const mount = makeTempDir('gangway-pcfull-');
