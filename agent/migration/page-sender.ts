@@ -251,7 +251,8 @@ export async function sendRegionRound(
       if (batch.ticket !== undefined) await dedup!.group.outbox.turn(batch.ticket);
       const cost = creditCost(batch.payload.length, batch.rawBytes, batch.entries.length / 3);
       await ctx.credits.take(cost);
-      if (ctx.pacer) await ctx.pacer.take(cost);
+      // The pacer holds the link's bytes: a compressed batch costs what it puts on the wire.
+      if (ctx.pacer) await ctx.pacer.take(cost - Math.max(0, batch.rawBytes - batch.payload.length));
       await ctx.sink.writable(ctx.queueBytes ?? SEND_QUEUE_BYTES);
       const buffer = batch.buffer;
       const [frameHead] = encodeFrame(frame);

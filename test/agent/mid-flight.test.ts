@@ -147,6 +147,21 @@ describe('a running migration takes new settings', () => {
     expect(plain.bandwidthBytesPerSec).toBeUndefined();
   });
 
+  it('a paced round costs its wire bytes: LZ4 batches take the pacer what they put on the link, not what they decompress to', async () => {
+    const rate = 100_000;
+    const round0 = async (codec: 'raw' | 'lz4') => {
+      const guest = writingGuest();
+      return (await new SourceMigration(guest, new MemoryDestination(), options(guest, { codec, bandwidthBytesPerSec: rate }), log).run()).rounds[0]!;
+    };
+    const raw = await round0('raw');
+    const lz4 = await round0('lz4');
+    // The text pages compress to a fraction: the same cap moves them that much faster.
+    expect(lz4.wireBytes).toBeLessThan(raw.wireBytes / 4);
+    expect(lz4.durationMs).toBeLessThan(raw.durationMs / 3);
+    // Held to the cap all the same (one batch of burst ahead of it).
+    expect(lz4.durationMs).toBeGreaterThanOrEqual(((lz4.wireBytes - 2 * 16 * 1024) / rate) * 1000);
+  });
+
   it('a new rate for a paced migration takes effect at its next batch: a faster rate shortens the later rounds', async () => {
     let migration: SourceMigration | undefined;
     const guest = writingGuest((collects) => {
