@@ -13,7 +13,7 @@ import type { TrackerPreference } from '../guest/process-guest.js';
 import type { GuestRegistry } from '../guest/registry.js';
 import type { Logger } from '../log.js';
 import type { AgentMetrics } from '../metrics.js';
-import type { CodecMode } from '../migration/codec-chooser.js';
+import { CodecChooser, type CodecMode } from '../migration/codec-chooser.js';
 import type { faultsFromEnv } from '../migration/faults.js';
 import { Pacer, SwitchoverGate } from '../migration/flow.js';
 import { outcomeOf, summarizeGroup, type GroupOutcome, type GroupSummary } from '../migration/group-summary.js';
@@ -291,8 +291,9 @@ export class OutboundMigrations {
     // reservation when the shaper cannot hold it (follow-plan.ts).
     const pacedBytesPerSec = request.bandwidthBytesPerSec ?? followed?.pacedBytesPerSec;
     const pacer = pacedBytesPerSec ? new Pacer(pacedBytesPerSec, this.context.config.batchBytes) : undefined;
-    // A gang's members take turns at their switchovers.
+    // A gang's members take turns at their switchovers, and choose their codec as one.
     const gate = strategy === 'gang' && guests.length > 1 ? new SwitchoverGate() : undefined;
+    const chooser = gate ? new CodecChooser({ mode: request.codec, memory: session.codecMemory }) : undefined;
     const indexStats: GroupSummary['index'] = [];
     // Every region of every member is a slot of the group: numbered on from one guest to the next.
     const slotsOf = new Map<HostedGuest, number[]>();
@@ -327,7 +328,7 @@ export class OutboundMigrations {
           guests.map((guest) => {
             const slots = slotsOf.get(guest);
             const forecast = forecastFor(guest, techniqueOf(guest));
-            return this.migrateOne(sourceOf.get(guest)!, session, request, techniqueOf(guest), group && slots ? { group, slots } : undefined, { pacer, gate, reservePriority, slot, forecast }, onProgress);
+            return this.migrateOne(sourceOf.get(guest)!, session, request, techniqueOf(guest), group && slots ? { group, slots } : undefined, { pacer, gate, chooser, reservePriority, slot, forecast }, onProgress);
           }),
         );
         settled.forEach((result, i) => outcomes.push(outcomeOf(guests[i]!.name, result)));
@@ -379,7 +380,7 @@ export class OutboundMigrations {
     request: MigrateRequest,
     technique: 'precopy' | 'postcopy' | 'hybrid',
     dedup: { group: SourceDedupGroup; slots: number[] } | undefined,
-    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined; reservePriority?: Priority | undefined; slot: SlotSource; forecast?: ForecastRecord | undefined },
+    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined; chooser?: CodecChooser | undefined; reservePriority?: Priority | undefined; slot: SlotSource; forecast?: ForecastRecord | undefined },
     onProgress: (progress: MigrationProgress) => void,
   ): Promise<MigrationSummary> {
     const migrationId = randomUUID();
@@ -421,6 +422,7 @@ export class OutboundMigrations {
           ...(request.bandwidthBytesPerSec ? { bandwidthBytesPerSec: request.bandwidthBytesPerSec } : {}),
           ...(shared.pacer ? { pacer: shared.pacer } : {}),
           ...(shared.gate ? { gate: shared.gate } : {}),
+          ...(shared.chooser ? { chooser: shared.chooser } : {}),
           tracker: request.tracker ?? this.context.config.tracker,
           batchBytes: this.context.config.batchBytes,
           digestBytesPerSec: this.context.digestBytesPerSec(),

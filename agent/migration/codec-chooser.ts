@@ -1,36 +1,87 @@
 // "LZ4 where it pays": compression helps only while the link is slower than the
-// compressor. Rather than model both, measure what matters, guest bytes delivered per
-// second (between the receiver's credits for consecutive batches), in windows of batches
-// sent raw and sent compressed, and keep the faster; re-probe the other mode now and then
+// compressor. Rather than model both, measure what matters, the bytes of data pages
+// delivered per second (between the receiver's credits for consecutive batches; what the
+// codec acts on), in windows of batches sent raw and sent compressed, and keep the faster; re-probe the other mode now and then
 // because the link and the content change.
+//
+// Deliveries come back in bursts (the receiver returns credit for several batches at once),
+// so a window closes only once it spans `minWindowMs` as well as its batches: windows of 8
+// batches delivered within a millisecond measured 30-70 GB/s on loopback, and one such
+// sample kept LZ4 on for a whole migration. Every probe of the loser is a window at the
+// worse rate, so probes are spaced in time, not batches (on a fast link a count of batches
+// is over in a blink), and each probe that confirms the winner doubles the wait before the
+// next. What a session's link measured is shared by the migrations on it (CodecMemory): a
+// later guest starts where the earlier one ended instead of exploring again.
 
 export type CodecMode = 'auto' | 'lz4' | 'raw';
 export type BatchCodec = 'lz4' | 'raw';
 
+/** What the choosers of one session's migrations measured last (PeerSession.codecMemory). */
+export interface CodecMemory {
+  rates: Record<BatchCodec, number | undefined>;
+  /** The wait before the next probe (ms), as probes left it. */
+  exploitMs: number | undefined;
+  /** When the rates were last updated (the chooser's clock). */
+  atMs: number;
+}
+
+export function emptyCodecMemory(): CodecMemory {
+  return { rates: { lz4: undefined, raw: undefined }, exploitMs: undefined, atMs: -Infinity };
+}
+
+/** Batches being compressed, by chooser, in this process. */
+const compressionsInFlight = new Map<CodecChooser, number>();
+
+/** A session's measurements older than this are explored again. */
+const MEMORY_TTL_MS = 120_000;
+/**
+ * Explore and probe send a mode for at most this many windows of batches before moving on,
+ * measured or not: the measurement comes back only after what is in flight, and waiting
+ * for it would send all of that in the mode being tried (on a slow link with a deep queue,
+ * a probe of the loser cost a tenth of the migration's time). A probe's rate then comes
+ * back while the winner is sent again. The explore, once per session, waits longer.
+ */
+const EXPLORE_WINDOWS = 3;
+const PROBE_WINDOWS = 1.5;
+
 export interface CodecChooserOptions {
   mode: CodecMode;
-  /** Batches per measurement window. */
+  /** Batches per measurement window (at least). */
   windowBatches?: number;
-  /** Windows spent on the winner between probes of the loser. */
-  exploitWindows?: number;
+  /** A window spans at least this long (ms), whatever its batches. */
+  minWindowMs?: number;
+  /** Time on the winner before the first probe of the loser (ms); doubles while probes confirm it. */
+  exploitMs?: number;
+  /** The longest wait between probes (ms). */
+  maxExploitMs?: number;
   now?: () => number;
+  /** Shared with the session's other migrations: read at the start, updated with every sample. */
+  memory?: CodecMemory;
 }
 
 type Phase = 'explore' | 'exploit' | 'probe';
 
 export class CodecChooser {
   private readonly windowBatches: number;
-  private readonly exploitWindows: number;
+  private readonly minWindowMs: number;
+  private readonly baseExploitMs: number;
+  private readonly maxExploitMs: number;
+  private exploitMs: number;
   private readonly now: () => number;
   private readonly rate: Record<BatchCodec, number | undefined> = { lz4: undefined, raw: undefined };
   private current: BatchCodec;
   /**
-   * Which mode is sent is decided by batches sent; what each mode achieves is learned from
-   * deliveries, which lag by whatever is in flight. So a probe is one window of batches
-   * sent, however long its measurement takes to come back.
+   * Explore: each mode until it is measured (raw first); exploit: the faster for
+   * `exploitMs`; probe: the slower until it is measured again. What each mode achieves is
+   * learned from deliveries, which lag by whatever is in flight.
    */
   private phase: Phase = 'explore';
+  private phaseStart: number;
   private sentInPhase = 0;
+  /** The loser a probe is measuring again, until its rate comes back. */
+  private probing: BatchCodec | undefined;
+  /** What the compressor takes in, guest bytes per second with the sender's parallelism (an upper bound on LZ4's rate). */
+  private compressBound: number | undefined;
   /** Batches sent and not yet delivered, oldest first: the mode tried for each (none: no data to compress). */
   private readonly inflight: { guestBytes: number; mode: BatchCodec | 'none' }[] = [];
   /** Consecutive deliveries of one mode: the first one starts the clock. */
@@ -43,9 +94,23 @@ export class CodecChooser {
 
   constructor(private readonly options: CodecChooserOptions) {
     this.windowBatches = options.windowBatches ?? 8;
-    this.exploitWindows = options.exploitWindows ?? 16;
+    this.minWindowMs = options.minWindowMs ?? 10;
+    this.baseExploitMs = options.exploitMs ?? 500;
+    this.maxExploitMs = options.maxExploitMs ?? 8_000;
+    this.exploitMs = this.baseExploitMs;
     this.now = options.now ?? (() => performance.now());
-    this.current = options.mode === 'raw' ? 'raw' : 'lz4';
+    this.phaseStart = this.now();
+    // Explore raw first: it is measured in a few batches on a fast link, and LZ4 then
+    // costs only as long as it takes to find it cannot keep up (compressed()).
+    this.current = options.mode === 'lz4' ? 'lz4' : 'raw';
+    const memory = options.memory;
+    if (options.mode === 'auto' && memory && memory.rates.lz4 !== undefined && memory.rates.raw !== undefined && this.now() - memory.atMs <= MEMORY_TTL_MS) {
+      // The session's link was measured lately: start on its winner, probe when it would have.
+      this.rate.lz4 = memory.rates.lz4;
+      this.rate.raw = memory.rates.raw;
+      this.exploitMs = memory.exploitMs ?? this.baseExploitMs;
+      this.enter('exploit');
+    }
   }
 
   /** The codec to try for the next batch. */
@@ -59,29 +124,64 @@ export class CodecChooser {
   }
 
   /**
-   * A batch covering `guestBytes` of guest memory went out, compressed or not as `mode`
-   * said ('none': it held no data to compress, e.g. only zero runs).
+   * A batch carrying `guestBytes` of data pages (before compression) went out, compressed
+   * or not as `mode` said ('none': it held no data to compress, e.g. only zero runs).
    */
   sent(guestBytes: number, mode: BatchCodec | 'none'): void {
     if (this.options.mode !== 'auto') return;
     this.inflight.push({ guestBytes, mode });
     if (mode !== this.current) return;
     this.sentInPhase++;
-    const other: BatchCodec = this.current === 'lz4' ? 'raw' : 'lz4';
-    if (this.phase === 'explore') {
-      // lz4 for a window, then raw for a window, then the better (once measured).
-      if (this.sentInPhase < this.windowBatches) return;
-      this.sentInPhase = 0;
-      if (this.current === 'lz4') this.current = 'raw';
-      else this.enter('exploit');
-    } else if (this.phase === 'exploit') {
-      if (this.sentInPhase < this.exploitWindows * this.windowBatches) return;
+    if (this.phase === 'exploit') {
+      if (this.now() - this.phaseStart < this.exploitMs) return;
       this.phase = 'probe';
+      this.phaseStart = this.now();
       this.sentInPhase = 0;
-      this.current = other;
-    } else if (this.sentInPhase >= this.windowBatches) {
-      this.enter('exploit');
+      this.current = this.current === 'lz4' ? 'raw' : 'lz4';
+      this.probing = this.current;
+    } else if (this.sentInPhase >= this.windowBatches * (this.phase === 'probe' ? PROBE_WINDOWS : EXPLORE_WINDOWS)) {
+      // Enough of this mode is on its way to be measured (its rate comes back later), or
+      // deliveries carry no measure of it: go on.
+      this.advance();
     }
+  }
+
+  /**
+   * A batch starts compressing; call the returned function with its size once it is done.
+   * LZ4 delivers no more than the compressor takes in: once that bound is below raw's
+   * measured rate, trying LZ4 further only costs, so its explore or probe ends then, with
+   * the bound as its rate. The bound is Little's law over this chooser's batches: those in
+   * flight (queued on the thread pool or compressing) over the time one spends there. It
+   * holds only while they are all the process compresses: another chooser's batches share
+   * the same cores.
+   */
+  compressing(): (rawBytes: number) => void {
+    const start = this.now();
+    const mine = (compressionsInFlight.get(this) ?? 0) + 1;
+    compressionsInFlight.set(this, mine);
+    const alone = compressionsInFlight.size === 1;
+    return (rawBytes) => {
+      // Batches in flight beside this one, on average: when it started and when it ended.
+      const beside = (mine + (compressionsInFlight.get(this) ?? 1)) / 2;
+      const left = (compressionsInFlight.get(this) ?? 1) - 1;
+      if (left > 0) compressionsInFlight.set(this, left);
+      else compressionsInFlight.delete(this);
+      const ms = this.now() - start;
+      if (!alone || compressionsInFlight.size > 1 || this.options.mode !== 'auto' || ms <= 0 || rawBytes <= 0) return;
+      this.compressedAt(((rawBytes * 1000) / ms) * beside);
+    };
+  }
+
+  private compressedAt(bound: number): void {
+    this.compressBound = this.compressBound === undefined ? bound : this.compressBound * 0.5 + bound * 0.5;
+    const raw = this.rate.raw;
+    if (this.phase === 'exploit' || this.current !== 'lz4' || raw === undefined || this.compressBound >= raw) return;
+    this.rate.lz4 = Math.min(this.rate.lz4 ?? this.compressBound, this.compressBound);
+    if (this.options.memory) {
+      this.options.memory.rates.lz4 = this.rate.lz4;
+      this.options.memory.atMs = this.now();
+    }
+    this.measured('lz4');
   }
 
   /**
@@ -101,27 +201,54 @@ export class CodecChooser {
     }
     window.count++;
     window.guestBytes += batch.guestBytes;
-    if (window.count < this.windowBatches) return;
     const elapsedMs = now - window.start;
+    if (window.count < this.windowBatches || elapsedMs < this.minWindowMs || elapsedMs <= 0) return;
     // This delivery also starts the next window.
     this.window = { mode: batch.mode, count: 1, guestBytes: 0, start: now };
-    if (elapsedMs <= 0) return;
     const sample = (window.guestBytes * 1000) / elapsedMs;
     const previous = this.rate[batch.mode];
     this.rate[batch.mode] = previous === undefined ? sample : previous * 0.5 + sample * 0.5;
+    const memory = this.options.memory;
+    if (memory) {
+      memory.rates[batch.mode] = this.rate[batch.mode];
+      memory.atMs = now;
+    }
+    this.measured(batch.mode);
+  }
+
+  /** `mode` has a (new) rate: a probe of it has its verdict, and the phase that waited for it ends. */
+  private measured(mode: BatchCodec): void {
+    if (this.probing === mode) {
+      // The winner held (probe less often) or lost (probe as often as at first).
+      this.exploitMs = this.best() !== mode ? Math.min(this.exploitMs * 2, this.maxExploitMs) : this.baseExploitMs;
+      if (this.options.memory) this.options.memory.exploitMs = this.exploitMs;
+      this.probing = undefined;
+    }
     if (this.phase === 'exploit') this.current = this.best();
+    else if (mode === this.current) this.advance();
+  }
+
+  /** Explore and probe end when their mode is measured, or after EXPLORE_WINDOWS (PROBE_WINDOWS) windows of batches without. */
+  private advance(): void {
+    if (this.phase === 'explore' && this.current === 'raw' && this.rate.lz4 === undefined) {
+      this.current = 'lz4';
+      this.sentInPhase = 0;
+    } else {
+      this.enter('exploit');
+    }
   }
 
   private enter(phase: Phase): void {
     this.phase = phase;
+    this.phaseStart = this.now();
     this.sentInPhase = 0;
     this.current = this.best();
   }
 
-  /** The faster mode measured so far (lz4 until both are known). */
+  /** The faster mode measured so far (the one measured, while only one is). */
   private best(): BatchCodec {
     const { lz4, raw } = this.rate;
-    if (lz4 === undefined || raw === undefined) return 'lz4';
+    if (lz4 === undefined || raw === undefined) return lz4 !== undefined ? 'lz4' : 'raw';
     return lz4 >= raw ? 'lz4' : 'raw';
   }
 }

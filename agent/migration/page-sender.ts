@@ -206,12 +206,16 @@ export async function sendRegionRound(
     if (rawBytes === 0 || ctx.chooser.next() === 'raw') {
       return Promise.resolve({ ...base, tried: 'raw' as const, codec: Codec.raw, payload: raw });
     }
+    const compressed = ctx.chooser.compressing();
     return compress(raw).then(
-      (packed) =>
-        packed.length <= rawBytes * LZ4_KEEP_RATIO
+      (packed) => {
+        compressed(rawBytes);
+        return packed.length <= rawBytes * LZ4_KEEP_RATIO
           ? { ...base, tried: 'lz4' as const, codec: Codec.lz4, payload: packed }
-          : { ...base, tried: 'lz4' as const, codec: Codec.raw, payload: raw },
+          : { ...base, tried: 'lz4' as const, codec: Codec.raw, payload: raw };
+      },
       (err: unknown) => {
+        compressed(0);
         // The batch holds a place in the group's order: give it back before failing.
         if (ticket !== undefined) dedup!.group.outbox.drop(ticket);
         throw err;
@@ -277,7 +281,9 @@ export async function sendRegionRound(
         counts.compressedBytes = batch.payload.length;
       }
       addCounters(counters, counts);
-      ctx.chooser.sent(counts.pages * ps, batch.rawBytes === 0 ? 'none' : batch.tried);
+      // Its data pages only: zero runs, refs and pages already in place cost next to nothing
+      // either way, and a window rich in them made whichever codec it was look fast.
+      ctx.chooser.sent(batch.rawBytes, batch.rawBytes === 0 ? 'none' : batch.tried);
       ctx.onBatch?.(counters);
     }
   } catch (err) {

@@ -16,7 +16,8 @@ import type { WindowTuner } from './postcopy.js';
 export type SourceSession = Pick<
   PeerSession,
   'send' | 'sendMessage' | 'writable' | 'register' | 'unregister' | 'measureRttMs' | 'rttFloorMs' | 'peer' | 'peerMaxPayloadBytes' | 'isOpen'
->;
+> &
+  Partial<Pick<PeerSession, 'codecMemory'>>;
 
 /** Frames the destination sends on its own, each handled by the phase that expects it. */
 export interface RequestHandlers {

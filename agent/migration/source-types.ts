@@ -9,7 +9,7 @@ import type { GuestRegistry } from '../guest/registry.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { FrameHandler, PeerSession } from '../peer/session.js';
 import type { DirtyTracker, TrackerKind } from '../tracker/dirty-tracker.js';
-import type { CodecMode } from './codec-chooser.js';
+import type { CodecChooser, CodecMode } from './codec-chooser.js';
 import type { Clock, Pacer, SwitchoverGate } from './flow.js';
 import type { Lane } from './lanes.js';
 import type { MidFlightControls, OperatorChange } from './mid-flight.js';
@@ -28,6 +28,12 @@ export interface SourceOptions {
   /** At a limit: fail (the default), or stop the guest anyway and finish with a longer downtime. */
   force: boolean;
   codec: CodecMode;
+  /**
+   * A chooser shared with the other members of a gang: they share one link, and a member's
+   * own deliveries say little of its codec (the others' batches set its share), so the gang
+   * measures and decides as one. Without it the migration has its own.
+   */
+  chooser?: CodecChooser;
   bandwidthBytesPerSec?: number;
   /** A pacer shared with other migrations (a gang's --bandwidth caps the group); else one of bandwidthBytesPerSec. */
   pacer?: Pacer;

@@ -416,7 +416,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       },
     };
     const run = this.context();
-    const chooser = new CodecChooser({ mode: options.codec, now: () => this.clock.now() });
+    // The session's link as earlier migrations on it measured it (a clock of its own, as a test's, shares nothing).
+    const memory = this.clock === realClock ? link.session.codecMemory : undefined;
+    const chooser = options.chooser ?? new CodecChooser({ mode: options.codec, now: () => this.clock.now(), ...(memory ? { memory } : {}) });
     link.chooser = chooser;
     const sender = new RoundSender(run, new BatchPool(Math.min(options.batchBytes, link.session.peerMaxPayloadBytes), 8192), chooser, this.pacer, new ProgressReporter(run));
     this.sender = sender;

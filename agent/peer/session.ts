@@ -15,6 +15,7 @@ import { PROTOCOL_VERSION } from '../../protocol/limits.js';
 import { agentIdOf, describeIdentity, type CertIdentity } from './allowlist.js';
 import { allowlistRefusal, clientConnectError, identityOfPeer, REFUSAL_HEADER, serverNotAllowed, type TlsMaterial } from './tls.js';
 import { GANGWAY_VERSION } from '../version.js';
+import { emptyCodecMemory, type CodecMemory } from '../migration/codec-chooser.js';
 
 export type AnyFrame = ReturnType<FrameDecoder['push']>[number];
 export type HelloFrame = FrameOf<'hello'>;
@@ -198,6 +199,9 @@ export class PeerSession extends EventEmitter {
 
   private nextPingId = 1;
   private rttFloor = Infinity;
+
+  /** What the codec choosers of this session's migrations measured of its link (codec-chooser.ts). */
+  readonly codecMemory: CodecMemory = emptyCodecMemory();
 
   /**
    * The smallest round trip measured on this session (one is taken as soon as the hello is

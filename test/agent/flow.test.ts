@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { CodecChooser } from '../../agent/migration/codec-chooser.js';
+import { CodecChooser, emptyCodecMemory, type CodecMemory } from '../../agent/migration/codec-chooser.js';
 import { CreditWindow, Pacer, type Clock } from '../../agent/migration/flow.js';
 
 function fakeClock(): Clock & { advance(ms: number): void; t: number } {
@@ -102,10 +102,11 @@ describe('CodecChooser', () => {
    * the sender blocks; the link carries each batch's wire bytes in order; the receiver's
    * credit for a batch comes back when the link has carried it.
    */
-  function simulate(o: { linkBytesPerMs: number; compressBytesPerMs: number; ratio: number; queueBatches: number; batches: number }) {
+  function simulate(o: { linkBytesPerMs: number; compressBytesPerMs: number; ratio: number; queueBatches: number; batches: number; memory?: CodecMemory }) {
     const batchBytes = 1_000_000;
-    let clock = 0;
-    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, exploitWindows: 3, now: () => clock });
+    let clock = o.memory && Number.isFinite(o.memory.atMs) ? o.memory.atMs : 0;
+    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 2, exploitMs: 10, now: () => clock, ...(o.memory ? { memory: o.memory } : {}) });
+    const probes: number[] = [];
     const deliveries: number[] = [];
     const deliverUntil = (limit: number) => {
       while (deliveries.length > 0 && deliveries[0]! <= limit) {
@@ -114,8 +115,9 @@ describe('CodecChooser', () => {
       }
     };
     const used = { lz4: 0, raw: 0 };
-    let senderT = 0;
-    let linkFree = 0;
+    let senderT = clock;
+    let linkFree = clock;
+    let previous: 'lz4' | 'raw' | undefined;
     for (let i = 0; i < o.batches; i++) {
       deliverUntil(senderT);
       if (deliveries.length >= o.queueBatches) {
@@ -123,6 +125,8 @@ describe('CodecChooser', () => {
         deliverUntil(senderT);
       }
       const codec = chooser.next();
+      if (i > 0 && codec !== previous && codec === 'lz4') probes.push(clock);
+      previous = codec;
       used[codec]++;
       if (codec === 'lz4') senderT += batchBytes / o.compressBytesPerMs;
       const wire = codec === 'lz4' ? batchBytes * o.ratio : batchBytes;
@@ -131,7 +135,7 @@ describe('CodecChooser', () => {
       chooser.sent(batchBytes, codec);
     }
     deliverUntil(Infinity);
-    return { used, rates: chooser.rates() };
+    return { used, rates: chooser.rates(), probes };
   }
 
   it('settles on raw when the link outruns the compressor', () => {
@@ -149,6 +153,94 @@ describe('CodecChooser', () => {
     const { used, rates } = simulate({ linkBytesPerMs: 125_000, compressBytesPerMs: 400_000, ratio: 0.5, queueBatches: 40, batches: 400 });
     expect(used.lz4).toBeGreaterThan(used.raw * 2);
     expect(rates.lz4!).toBeGreaterThan(rates.raw! * 1.5);
+  });
+
+  it('needs a window to span minWindowMs: credit that comes back in a burst is no rate', () => {
+    let clock = 0;
+    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 8, minWindowMs: 10, now: () => clock });
+    expect(chooser.next()).toBe('raw');
+    for (let i = 0; i < 16; i++) chooser.sent(1 << 20, 'raw');
+    // Sixteen batches' credit within a millisecond: 8 of them made a 'rate' of 8 MiB per 0.5 ms.
+    for (let i = 0; i < 16; i++) {
+      clock += 1 / 16;
+      chooser.delivered();
+    }
+    expect(chooser.rates().raw).toBeUndefined();
+    expect(chooser.next()).toBe('raw');
+    for (let i = 0; i < 5; i++) chooser.sent(1 << 20, 'raw');
+    for (let i = 0; i < 5; i++) {
+      clock += 2;
+      chooser.delivered();
+    }
+    // The window closes 10 ms in, at its 21st delivery: 20 MiB over 11 - 1/16 ms, about
+    // 2 GB/s; and the explore moves on to LZ4 (21 batches sent, fewer than its limit of 24).
+    expect(chooser.rates().raw!).toBeCloseTo(((20 << 20) / (11 - 1 / 16)) * 1e3, -6);
+    expect(chooser.next()).toBe('lz4');
+  });
+
+  it("ends LZ4's explore at its first batch when the compressor cannot keep up with raw", () => {
+    let clock = 0;
+    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock });
+    for (let i = 0; i < 6; i++) chooser.sent(1 << 20, 'raw');
+    for (let i = 0; i < 6; i++) {
+      clock += 1;
+      chooser.delivered();
+    }
+    expect(chooser.rates().raw! / 1e9).toBeCloseTo(1.05, 1);
+    expect(chooser.next()).toBe('lz4');
+    // 1 MiB in 4 ms with 2 then 3 batches in flight (Little's law): at most 0.66 GB/s, below raw's 1.05.
+    const first = chooser.compressing();
+    const second = chooser.compressing();
+    const third = chooser.compressing();
+    clock += 4;
+    second(1 << 20);
+    expect(chooser.next()).toBe('raw');
+    first(0);
+    third(0);
+    expect(chooser.next()).toBe('raw');
+    expect(chooser.rates().lz4! / 1e9).toBeCloseTo(0.66, 2);
+    // A compressor that keeps up does not end it.
+    const fast = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock });
+    for (let i = 0; i < 6; i++) fast.sent(1 << 20, 'raw');
+    for (let i = 0; i < 6; i++) {
+      clock += 1;
+      fast.delivered();
+    }
+    const done = fast.compressing();
+    clock += 1;
+    done(1 << 20);
+    expect(fast.next()).toBe('lz4');
+    // Nor does a batch timed while another migration's batches shared the compressor.
+    const other = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock });
+    const otherDone = other.compressing();
+    const shared = chooser.compressing();
+    clock += 100;
+    shared(1 << 20);
+    otherDone(1 << 20);
+    expect(chooser.rates().lz4! / 1e9).toBeCloseTo(0.66, 2);
+  });
+
+  it('probes the loser less often while it keeps losing', () => {
+    const { probes, used } = simulate({ linkBytesPerMs: 2_000_000, compressBytesPerMs: 500_000, ratio: 0.5, queueBatches: 4, batches: 2000 });
+    expect(used.raw).toBeGreaterThan(used.lz4 * 4);
+    const gaps = probes.slice(1).map((t, i) => t - probes[i]!);
+    expect(gaps.length).toBeGreaterThan(2);
+    // Each probe that confirms raw doubles the wait (10, 20, 40 ms ... of exploit, plus the probe).
+    for (let i = 1; i < gaps.length; i++) expect(gaps[i]!).toBeGreaterThan(gaps[i - 1]! * 1.5);
+  });
+
+  it("starts a session's later migration on what its link measured, without exploring", () => {
+    const memory = emptyCodecMemory();
+    const first = simulate({ linkBytesPerMs: 2_000_000, compressBytesPerMs: 500_000, ratio: 0.5, queueBatches: 4, batches: 200, memory });
+    expect(first.used.lz4).toBeGreaterThan(0);
+    expect(memory.rates.raw!).toBeGreaterThan(memory.rates.lz4!);
+    let clock = memory.atMs + 1;
+    const later = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 2, exploitMs: 10, now: () => clock, memory });
+    expect(later.next()).toBe('raw');
+    expect(later.rates()).toEqual(memory.rates);
+    // Stale measurements are explored again.
+    clock = memory.atMs + 10 * 60_000;
+    expect(new CodecChooser({ mode: 'auto', now: () => clock, memory }).rates()).toEqual({ lz4: undefined, raw: undefined });
   });
 
   it('ignores batches without data to compress', () => {
