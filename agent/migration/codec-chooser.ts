@@ -19,14 +19,14 @@ export type BatchCodec = 'lz4' | 'raw';
 /** What the choosers of one session's migrations measured last (PeerSession.codecMemory). */
 export interface CodecMemory {
   rates: Record<BatchCodec, number | undefined>;
-  /** The wait before the next probe (ms), as probes left it. */
+  /** When each rate was last measured (the choosers' clock). */
+  measuredAt: Record<BatchCodec, number>;
+  /** The wait between probes, as the last probe left it (ms). */
   exploitMs: number | undefined;
-  /** When the rates were last updated (the chooser's clock). */
-  atMs: number;
 }
 
 export function emptyCodecMemory(): CodecMemory {
-  return { rates: { lz4: undefined, raw: undefined }, exploitMs: undefined, atMs: -Infinity };
+  return { rates: { lz4: undefined, raw: undefined }, measuredAt: { lz4: -Infinity, raw: -Infinity }, exploitMs: undefined };
 }
 
 /** Batches being compressed, by chooser, in this process. */
@@ -82,8 +82,12 @@ export class CodecChooser {
   private probing: BatchCodec | undefined;
   /** What the compressor takes in, guest bytes per second with the sender's parallelism (an upper bound on LZ4's rate). */
   private compressBound: number | undefined;
-  /** Batches sent and not yet delivered, oldest first: the mode tried for each (none: no data to compress). */
-  private readonly inflight: { guestBytes: number; mode: BatchCodec | 'none' }[] = [];
+  /**
+   * Batches sent and not yet delivered, oldest first: the mode tried for each (none: no
+   * data to compress), and whether the sender had paused before it.
+   */
+  private readonly inflight: { guestBytes: number; mode: BatchCodec | 'none'; afterPause: boolean }[] = [];
+  private paused = false;
   /** Consecutive deliveries of one mode: the first one starts the clock. */
   private window: { mode: BatchCodec | undefined; count: number; guestBytes: number; start: number } = {
     mode: undefined,
@@ -104,12 +108,17 @@ export class CodecChooser {
     // costs only as long as it takes to find it cannot keep up (compressed()).
     this.current = options.mode === 'lz4' ? 'lz4' : 'raw';
     const memory = options.memory;
-    if (options.mode === 'auto' && memory && memory.rates.lz4 !== undefined && memory.rates.raw !== undefined && this.now() - memory.atMs <= MEMORY_TTL_MS) {
-      // The session's link was measured lately: start on its winner, probe when it would have.
+    const newest = memory ? Math.max(memory.measuredAt.lz4, memory.measuredAt.raw) : -Infinity;
+    if (options.mode === 'auto' && memory && memory.rates.lz4 !== undefined && memory.rates.raw !== undefined && this.now() - newest <= MEMORY_TTL_MS) {
+      // The session's link was measured lately: start on its winner, and go on with the
+      // probes where the session's last migration left them, so that a run of short
+      // migrations neither probes at each start nor never (a wrong winner recalled for good
+      // kept raw on for a whole 1 Gbit/s migration, LZ4 for a loopback one).
       this.rate.lz4 = memory.rates.lz4;
       this.rate.raw = memory.rates.raw;
-      this.exploitMs = memory.exploitMs ?? this.baseExploitMs;
+      this.exploitMs = Math.min(memory.exploitMs ?? this.baseExploitMs, this.maxExploitMs);
       this.enter('exploit');
+      this.phaseStart = memory.measuredAt[this.current === 'lz4' ? 'raw' : 'lz4'];
     }
   }
 
@@ -129,7 +138,8 @@ export class CodecChooser {
    */
   sent(guestBytes: number, mode: BatchCodec | 'none'): void {
     if (this.options.mode !== 'auto') return;
-    this.inflight.push({ guestBytes, mode });
+    this.inflight.push({ guestBytes, mode, afterPause: this.paused });
+    this.paused = false;
     if (mode !== this.current) return;
     this.sentInPhase++;
     if (this.phase === 'exploit') {
@@ -144,6 +154,14 @@ export class CodecChooser {
       // deliveries carry no measure of it: go on.
       this.advance();
     }
+  }
+
+  /**
+   * The sender stops for a while (its round ended, a gang's gate held it): the first batch
+   * it sends next starts a window of its own, or the pause would count against its codec.
+   */
+  pause(): void {
+    this.paused = true;
   }
 
   /**
@@ -177,10 +195,7 @@ export class CodecChooser {
     const raw = this.rate.raw;
     if (this.phase === 'exploit' || this.current !== 'lz4' || raw === undefined || this.compressBound >= raw) return;
     this.rate.lz4 = Math.min(this.rate.lz4 ?? this.compressBound, this.compressBound);
-    if (this.options.memory) {
-      this.options.memory.rates.lz4 = this.rate.lz4;
-      this.options.memory.atMs = this.now();
-    }
+    this.remember('lz4', this.now());
     this.measured('lz4');
   }
 
@@ -195,7 +210,7 @@ export class CodecChooser {
     if (!batch || batch.mode === 'none') return;
     const now = this.now();
     const window = this.window;
-    if (window.mode !== batch.mode) {
+    if (window.mode !== batch.mode || batch.afterPause) {
       this.window = { mode: batch.mode, count: 1, guestBytes: 0, start: now };
       return;
     }
@@ -208,12 +223,15 @@ export class CodecChooser {
     const sample = (window.guestBytes * 1000) / elapsedMs;
     const previous = this.rate[batch.mode];
     this.rate[batch.mode] = previous === undefined ? sample : previous * 0.5 + sample * 0.5;
-    const memory = this.options.memory;
-    if (memory) {
-      memory.rates[batch.mode] = this.rate[batch.mode];
-      memory.atMs = now;
-    }
+    this.remember(batch.mode, now);
     this.measured(batch.mode);
+  }
+
+  private remember(mode: BatchCodec, now: number): void {
+    const memory = this.options.memory;
+    if (!memory) return;
+    memory.rates[mode] = this.rate[mode];
+    memory.measuredAt[mode] = now;
   }
 
   /** `mode` has a (new) rate: a probe of it has its verdict, and the phase that waited for it ends. */

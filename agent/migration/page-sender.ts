@@ -235,6 +235,7 @@ export async function sendRegionRound(
       if (!head) {
         if (gate && !done) {
           const waitStart = performance.now();
+          ctx.chooser.pause();
           await gate.gate.waitOpen(gate.owner);
           counters.gateWaitMs += performance.now() - waitStart;
         }
@@ -296,6 +297,7 @@ export async function sendRegionRound(
     }
     throw err;
   }
+  ctx.chooser.pause();
   return counters;
 }
 

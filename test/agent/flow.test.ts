@@ -104,7 +104,7 @@ describe('CodecChooser', () => {
    */
   function simulate(o: { linkBytesPerMs: number; compressBytesPerMs: number; ratio: number; queueBatches: number; batches: number; memory?: CodecMemory }) {
     const batchBytes = 1_000_000;
-    let clock = o.memory && Number.isFinite(o.memory.atMs) ? o.memory.atMs : 0;
+    let clock = o.memory ? Math.max(0, o.memory.measuredAt.lz4, o.memory.measuredAt.raw) : 0;
     const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 2, exploitMs: 10, now: () => clock, ...(o.memory ? { memory: o.memory } : {}) });
     const probes: number[] = [];
     const deliveries: number[] = [];
@@ -234,13 +234,49 @@ describe('CodecChooser', () => {
     const first = simulate({ linkBytesPerMs: 2_000_000, compressBytesPerMs: 500_000, ratio: 0.5, queueBatches: 4, batches: 200, memory });
     expect(first.used.lz4).toBeGreaterThan(0);
     expect(memory.rates.raw!).toBeGreaterThan(memory.rates.lz4!);
-    let clock = memory.atMs + 1;
+    const newest = Math.max(memory.measuredAt.lz4, memory.measuredAt.raw);
+    let clock = newest + 1;
     const later = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 2, exploitMs: 10, now: () => clock, memory });
     expect(later.next()).toBe('raw');
     expect(later.rates()).toEqual(memory.rates);
     // Stale measurements are explored again.
-    clock = memory.atMs + 10 * 60_000;
+    clock = newest + 10 * 60_000;
     expect(new CodecChooser({ mode: 'auto', now: () => clock, memory }).rates()).toEqual({ lz4: undefined, raw: undefined });
+  });
+
+  it("keeps to the session's probe schedule across short migrations: the loser is probed when its last measure is due, not at each start", () => {
+    const memory = emptyCodecMemory();
+    memory.rates = { lz4: 0.3e9, raw: 1e9 };
+    memory.measuredAt = { lz4: 1_000, raw: 1_400 };
+    memory.exploitMs = 2_000;
+    let clock = 1_500;
+    // LZ4 was measured 500 ms ago, the wait is 2 s: this migration sends raw.
+    const early = new CodecChooser({ mode: 'auto', now: () => clock, memory });
+    early.sent(1 << 20, 'raw');
+    expect(early.next()).toBe('raw');
+    // A later one, once LZ4's measure is 2 s old, probes it at its first batch (a wrong
+    // winner recalled is found out within the wait).
+    clock = 3_001;
+    const due = new CodecChooser({ mode: 'auto', now: () => clock, memory });
+    expect(due.next()).toBe('raw');
+    due.sent(1 << 20, 'raw');
+    expect(due.next()).toBe('lz4');
+  });
+
+  it('does not count a pause of the sender (a round ended) against the codec of the batches after it', () => {
+    let clock = 0;
+    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock });
+    const batch = () => {
+      chooser.sent(1 << 20, 'raw');
+      clock += 1;
+      chooser.delivered();
+    };
+    for (let i = 0; i < 3; i++) batch();
+    chooser.pause();
+    clock += 200;
+    for (let i = 0; i < 5; i++) batch();
+    // 1 MiB a millisecond on either side of the pause, not 4 MiB over 203 ms.
+    expect(chooser.rates().raw! / 1e9).toBeCloseTo(1.05, 1);
   });
 
   it('ignores batches without data to compress', () => {
