@@ -281,18 +281,30 @@ export type PostcopyResult = Pick<MigrationSummary, 'downtimeMs' | 'downtime' | 
  */
 export async function postcopySwitchover(run: SourceRun, sender: RoundSender, round: number, pending: LaneRuns, reason: string | undefined, gate: { held: (() => void) | undefined }): Promise<PostcopyResult> {
   const { options, guest, link, lanes, clock, log, state } = run;
+  const eager = guest.eagerRuns();
+  const serverFor = (stale: LaneRuns) => {
+    const missing = lanes.map((lane) => subtractRuns(stale[lane.index] ?? new Uint32Array(0), eager[lane.index] ?? new Uint32Array(0), lane.pageCount));
+    return { missing, missingPages: lanePages(missing), server: new PostcopyServer(run, round, missing) };
+  };
+  // A pure post-copy sends every page, and of a disk every block that holds data (the
+  // sparse disk's data runs are read at the pause: a block the guest wrote into a hole
+  // since the migration started is data too). A memory-only one's pages do not depend on
+  // the pause: its server is made before it, not inside the downtime (its first one cost
+  // 2 ms cold, and its allocations could start a collection there).
+  const pure = (options.technique ?? 'precopy') === 'postcopy';
+  const early = pure && !lanes.some((lane) => lane.region.sparse) ? serverFor(everyPage(lanes)) : undefined;
   // The journal says 'postcopy' from before the pause: nothing is written to disk inside the downtime.
-  const paused = await pauseForSwitchover(run, gate, 'postcopy');
+  let paused;
+  try {
+    paused = await pauseForSwitchover(run, gate, 'postcopy');
+  } catch (err) {
+    early?.server.close();
+    throw err;
+  }
   const { switchoverRttMs, pauseStart, pausedAt } = paused;
   const T: Record<string, number> = { paused: clock.now() };
-  // A pure post-copy sends every page, and of a disk every block that holds data now, paused
-  // (one the guest wrote into a hole since the migration started is data too).
-  const stale = (options.technique ?? 'precopy') === 'postcopy' ? everyPage(lanes) : mergeLaneRuns(lanes, pending, await collectDirty(run));
-  const eager = guest.eagerRuns();
-  const missing = lanes.map((lane) => subtractRuns(stale[lane.index] ?? new Uint32Array(0), eager[lane.index] ?? new Uint32Array(0), lane.pageCount));
-  const missingPages = lanePages(missing);
+  const { missing, missingPages, server } = early ?? serverFor(pure ? everyPage(lanes) : mergeLaneRuns(lanes, pending, await collectDirty(run)));
   T.subtract = clock.now();
-  const server = new PostcopyServer(run, round, missing);
   try {
     // From here on pages go out as they are needed: a window of its own (everything sent
     // before was credited: drained above), the pages the guest needs to start first.
