@@ -200,8 +200,9 @@ export function launchProcessGuest(options: LaunchOptions): LaunchedGuest {
     child.once('exit', (code, signal) => fail(`exited (${signal ?? `code ${code}`}) before running`));
     child.stdout!.on('data', (data: Buffer) => {
       seen += data.toString('utf8');
-      if (/running pid=\d+\n/.test(seen)) {
-        const at = performance.now();
+      const announced = /running pid=\d+ mono_ns=(\d+)\n/.exec(seen);
+      if (announced) {
+        const at = runningAt(BigInt(announced[1]!));
         clearTimeout(timer);
         child.removeAllListeners('exit');
         child.stdout!.removeAllListeners('data');
@@ -242,6 +243,16 @@ export function processState(pid: number): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+/**
+ * The performance.now() of a CLOCK_MONOTONIC reading (the guest's `mono_ns`): Node's
+ * high-resolution clock is CLOCK_MONOTONIC as well. Never later than now.
+ */
+export function runningAt(monoNs: bigint): number {
+  const now = performance.now();
+  const ago = Number(process.hrtime.bigint() - monoNs) / 1e6;
+  return now - Math.max(0, ago);
 }
 
 /** A running process guest, as the migration engine sees it: its memory files and device state. */

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { readGuestHeader } from '../../agent/guest/guest-header.js';
-import { launchProcessGuest, processState, ProcessGuest, removeGuestFiles, type GuestFiles } from '../../agent/guest/process-guest.js';
+import { launchProcessGuest, processState, ProcessGuest, removeGuestFiles, runningAt, type GuestFiles } from '../../agent/guest/process-guest.js';
 import { guestBinaryPath } from '../../agent/native.js';
 import { waitFor } from '../helpers/wait.js';
 
@@ -81,5 +81,16 @@ describe.skipIf(!existsSync(guestBinaryPath))('process guest adapter', () => {
     expect(processState(guest.pid)).not.toBe('T');
     const writes = readGuestHeader(files.memoryPaths[0]!).totalWrites;
     await waitFor('writes to go on', () => readGuestHeader(files.memoryPaths[0]!).totalWrites > writes || undefined);
+  });
+});
+
+describe('runningAt', () => {
+  it("puts the guest's CLOCK_MONOTONIC reading on performance.now()'s clock, never later than now", () => {
+    const fiveMsAgo = process.hrtime.bigint() - 5_000_000n;
+    const at = runningAt(fiveMsAgo);
+    const now = performance.now();
+    expect(now - at).toBeGreaterThanOrEqual(5);
+    expect(now - at).toBeLessThan(50);
+    expect(runningAt(process.hrtime.bigint() + 1_000_000_000n)).toBeLessThanOrEqual(performance.now());
   });
 });

@@ -182,7 +182,7 @@ function startGuest(args: string[], options: { standbyPipe?: boolean; stdinPipe?
   const running = new Promise<void>((res, rej) => {
     child.stdout!.on('data', (d: Buffer) => {
       out += d.toString();
-      if (/^running pid=\d+\n/.test(out)) res();
+      if (/^running pid=\d+ mono_ns=\d+\n/.test(out)) res();
     });
     void exit.then(({ code, signal }) => rej(new Error(`guest exited (${signal ?? code}) before running: ${err}`)));
   });
@@ -252,7 +252,7 @@ describe.skipIf(!built)(built ? 'gangway-guest' : `gangway-guest (skipped: ${gue
       '--profile', 'os-image', '--seed', '42', '--hot', '0.25', '--dirty-rate', String(rate),
     ]);
     await g.running;
-    expect(g.out()).toBe(`running pid=${g.pid}\n`);
+    expect(g.out()).toMatch(new RegExp(`^running pid=${g.pid} mono_ns=\\d+\n$`));
     const h0 = readHeader(path);
     expect(h0).toMatchObject({
       magic: 'GWGUEST1',
@@ -343,7 +343,7 @@ describe.skipIf(!built)(built ? 'gangway-guest' : `gangway-guest (skipped: ${gue
 
       const r = startGuest(['run', '--memory-file', next]);
       await r.running;
-      expect(r.out()).toBe(`running pid=${r.pid}\n`);
+      expect(r.out()).toMatch(new RegExp(`^running pid=${r.pid} mono_ns=\\d+\n$`));
       const h = await waitFor('resume check', () => {
         const x = readHeader(next);
         return x.resumeCheckDone === x.resumes && x;

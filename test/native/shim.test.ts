@@ -178,7 +178,7 @@ function startTracked(args: string[], env: Record<string, string>): Proc {
   const running = new Promise<void>((res, rej) => {
     child.stdout!.on('data', (d: Buffer) => {
       out += d.toString();
-      if (/^running pid=\d+\n/.test(out)) res();
+      if (/^running pid=\d+ mono_ns=\d+\n/.test(out)) res();
     });
     void exit.then((code) => rej(new Error(`exited (${code}) before running: ${err}`)));
   });

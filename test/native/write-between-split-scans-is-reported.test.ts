@@ -60,7 +60,7 @@ async function startPoke(memoryPath: string, reportPath: string): Promise<Poke> 
     if (line.done) throw new Error('gangway-guest poke ended early');
     return line.value;
   };
-  expect(await next()).toMatch(/^running pid=\d+$/);
+  expect(await next()).toMatch(/^running pid=\d+ mono_ns=\d+$/);
   return {
     pid: child.pid!,
     write(commands) {

@@ -87,7 +87,7 @@ async function startPoke(memoryPath: string, reportPath: string, cpu: number): P
     if (line.done) throw new Error('gangway-guest poke ended early');
     return line.value;
   };
-  expect(await next()).toMatch(/^running pid=\d+$/);
+  expect(await next()).toMatch(/^running pid=\d+ mono_ns=\d+$/);
   return {
     child,
     pid: child.pid!,
