@@ -172,6 +172,7 @@ export interface MigrationSummary {
   repairedPages: number;
   compressionRatio: number;
   linkRateBytesPerSec: number;
+  /** What the codec chooser measured of each codec: bytes of data pages delivered per second. */
   codecRates: { lz4?: number; raw?: number };
   /** The rate the sender's pacer held it to at the end (--bandwidth, or gangway migrate-set's); absent: not paced. */
   bandwidthBytesPerSec?: number;
