@@ -140,6 +140,8 @@ export class SwitchoverGate {
   private readonly acquirers: { who: object; resolve: () => void }[] = [];
   private openWaiters: (() => void)[] = [];
   private readonly windows = new Set<CreditWindow>();
+  private inRoundZero = 0;
+  private roundZeroWaiters: (() => void)[] = [];
 
   /** A member's receive window, to be drained before a switchover. */
   join(window: CreditWindow): void {
@@ -148,6 +150,30 @@ export class SwitchoverGate {
 
   leave(window: CreditWindow): void {
     this.windows.delete(window);
+  }
+
+  /**
+   * A member with pre-copy rounds starts: until it has sent its round 0 (or ended, when it
+   * calls the returned function), no member switches over. A member that commits retires
+   * its content as a source of refs (its guest runs and writes at the destination), and the
+   * others would send that content again: a gang of three VMs cloned from one disk image
+   * sent two of the image's three copies when one VM had committed before the others reached
+   * their disks.
+   */
+  enterRoundZero(): () => void {
+    this.inRoundZero++;
+    let left = false;
+    return () => {
+      if (left) return;
+      left = true;
+      if (--this.inRoundZero === 0) for (const wake of this.roundZeroWaiters.splice(0)) wake();
+    };
+  }
+
+  /** Resolves once no member is still sending its round 0. */
+  roundZerosDone(): Promise<void> {
+    if (this.inRoundZero === 0) return Promise.resolve();
+    return new Promise((resolve) => this.roundZeroWaiters.push(resolve));
   }
 
   /** May `who` gather new batches? */

@@ -251,7 +251,12 @@ export type PrecopyOutcome =
  * the round trip's floor so far (the switchover's few small frames pay it); `sampleRtt`
  * measures it again after each round.
  */
-export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { min: () => number; sample: () => void }, releaseGate: { held: (() => void) | undefined }): Promise<PrecopyOutcome> {
+export async function precopyRounds(
+  run: SourceRun,
+  sender: RoundSender,
+  rtt: { min: () => number; sample: () => void },
+  releaseGate: { held: (() => void) | undefined; leaveRoundZero?: (() => void) | undefined },
+): Promise<PrecopyOutcome> {
   const { options, lanes, link, clock, log } = run;
   const technique = options.technique ?? 'precopy';
   for (const lane of lanes) await lane.tracker.arm();
@@ -274,6 +279,7 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
   let shrinkRound = false;
   for (let round = 0; ; round++) {
     const record = await sender.send(round, runs, false);
+    if (round === 0) releaseGate.leaveRoundZero?.();
     // Time held at a gang's switchover gate says nothing about the link.
     linkRate.add(record.wireBytes, record.durationMs - record.gateWaitMs);
     if (record.dataPages > 0) {
@@ -306,9 +312,11 @@ export async function precopyRounds(run: SourceRun, sender: RoundSender, rtt: { 
       });
     let decision = decide(pending);
     if (decision.action === 'stop' && options.gate && !releaseGate.held) {
-      // A gang member's turn: the others hold back until its switchover is over. Its
-      // guest kept writing while it waited for the turn: decide again on what is dirty
-      // now, and if that no longer fits, copy another round with the link to itself.
+      // A gang member's turn, once every member has sent its round 0 (its content stays a
+      // source of refs until then: SwitchoverGate.enterRoundZero); the others hold back
+      // until its switchover is over. Its guest kept writing while it waited: decide again
+      // on what is dirty now, and if that no longer fits, copy another round first.
+      await Promise.race([options.gate.roundZerosDone(), new Promise<never>((_, reject) => link.onFail(reject))]);
       releaseGate.held = await options.gate.acquire(run.owner);
       runs = mergeLaneRuns(lanes, runs, await collectDirty(run));
       record.dirtyPagesAfter = lanePages(runs);

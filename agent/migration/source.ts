@@ -39,7 +39,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private readonly link: SourceLink;
   private lanes: Lane[] = [];
   /** Gives up this migration's turn at a gang's switchover gate. */
-  private readonly gate: { held: (() => void) | undefined } = { held: undefined };
+  private readonly gate: { held: (() => void) | undefined; leaveRoundZero?: (() => void) | undefined } = { held: undefined };
   private wantedPages = 0;
   /** The destination's secret for this migration (its accept, or the record after a restart). */
   private secret: Uint8Array | undefined;
@@ -215,6 +215,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     let trackers: DirtyTracker[] | undefined;
     let trackerFallbackReason: string | undefined;
     this.link.session.register(options.migrationId, this);
+    // A gang member with pre-copy rounds holds the gang's switchovers until its round 0 is out.
+    if (options.gate && options.technique !== 'postcopy') this.gate.leaveRoundZero = options.gate.enterRoundZero();
     try {
       const opened = await guest.openTrackers(options.tracker);
       trackers = opened.trackers;
@@ -226,6 +228,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     } catch (err) {
       throw await this.recover(err);
     } finally {
+      this.gate.leaveRoundZero?.();
       this.gate.held?.();
       if (this.link.credits) options.gate?.leave(this.link.credits);
       this.link.session.unregister(options.migrationId);

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { CodecChooser, emptyCodecMemory, type CodecMemory } from '../../agent/migration/codec-chooser.js';
-import { CreditWindow, Pacer, type Clock } from '../../agent/migration/flow.js';
+import { CreditWindow, Pacer, SwitchoverGate, type Clock } from '../../agent/migration/flow.js';
 
 function fakeClock(): Clock & { advance(ms: number): void; t: number } {
   const clock = {
@@ -290,3 +290,23 @@ describe('CodecChooser', () => {
     expect(chooser.rates()).toEqual({ lz4: undefined, raw: undefined });
   });
 });
+
+describe('SwitchoverGate round 0s', () => {
+  it('holds switchovers until every member that started has sent its round 0 or ended', async () => {
+    const gate = new SwitchoverGate();
+    const a = gate.enterRoundZero();
+    const b = gate.enterRoundZero();
+    let done = false;
+    const waiting = gate.roundZerosDone().then(() => (done = true));
+    a();
+    a(); // leaving twice counts once
+    await Promise.resolve();
+    expect(done).toBe(false);
+    b();
+    await waiting;
+    expect(done).toBe(true);
+    // Nobody in round 0: at once.
+    await gate.roundZerosDone();
+  });
+});
+
