@@ -79,6 +79,11 @@ export interface MigrationPlan {
 
 const IDLE: Rates = { rxBytesPerSec: 0, txBytesPerSec: 0 };
 
+/** A reservation as the plan carries it (null: none). */
+function planned(r: ReturnType<typeof guardedReservation> | undefined): MigrationPlan['reservation'] {
+  return r ? { migrationBytesPerSec: r.migrationBytesPerSec, workloadCapBytesPerSec: r.workloadCapBytesPerSec ?? null, reason: r.reason } : null;
+}
+
 export function planFor(input: PlanForInput): MigrationPlan {
   const assumptions: string[] = [];
   const known = (what: string, measured: MeasuredRates): Rates => {
@@ -114,12 +119,8 @@ export function planFor(input: PlanForInput): MigrationPlan {
     scenario: plan.scenario,
     contention: plan.contention,
     contentionShare: input.settings ? plan.contentionShare : null,
-    reservation: reservation
-      ? { migrationBytesPerSec: reservation.migrationBytesPerSec, workloadCapBytesPerSec: reservation.workloadCapBytesPerSec ?? null, reason: reservation.reason }
-      : null,
-    destinationReservation: atDestination
-      ? { migrationBytesPerSec: atDestination.migrationBytesPerSec, workloadCapBytesPerSec: atDestination.workloadCapBytesPerSec ?? null, reason: atDestination.reason }
-      : null,
+    reservation: planned(reservation),
+    destinationReservation: planned(atDestination),
     guests: plan.guests.map((guest) => {
       const share = guest.strategy === 'parallel' ? parallel : 1;
       const reasons = [...guest.reasons];
