@@ -257,7 +257,7 @@ export async function sendRegionRound(
       const cost = creditCost(batch.payload.length, batch.rawBytes, batch.entries.length / 3);
       await ctx.credits.take(cost);
       // The pacer holds the link's bytes: a compressed batch costs what it puts on the wire.
-      if (ctx.pacer) await ctx.pacer.take(cost - Math.max(0, batch.rawBytes - batch.payload.length));
+      if (ctx.pacer) await ctx.pacer.take(wireCost(batch.payload.length, batch.entries.length / 3));
       await ctx.sink.writable(ctx.queueBytes ?? SEND_QUEUE_BYTES);
       const buffer = batch.buffer;
       const [frameHead] = encodeFrame(frame);
@@ -308,5 +308,10 @@ export async function sendRegionRound(
  * destination's memory: a 64 KiB LZ4 payload may stand for 16 MiB of pages.
  */
 export function creditCost(payloadBytes: number, rawBytes: number, entryCount: number): number {
-  return Math.max(payloadBytes, rawBytes) + entryCount * 12 + 256;
+  return wireCost(Math.max(payloadBytes, rawBytes), entryCount);
+}
+
+/** A pages frame's bytes on the wire, as the credit cost counts them: its payload, entries and header allowance. */
+function wireCost(payloadBytes: number, entryCount: number): number {
+  return payloadBytes + entryCount * 12 + 256;
 }
