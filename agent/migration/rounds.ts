@@ -316,7 +316,7 @@ export async function precopyRounds(
       // source of refs until then: SwitchoverGate.enterRoundZero); the others hold back
       // until its switchover is over. Its guest kept writing while it waited: decide again
       // on what is dirty now, and if that no longer fits, copy another round first.
-      await Promise.race([options.gate.roundZerosDone(), new Promise<never>((_, reject) => link.onFail(reject))]);
+      await link.unlessFailed(options.gate.roundZerosDone());
       releaseGate.held = await options.gate.acquire(run.owner);
       runs = mergeLaneRuns(lanes, runs, await collectDirty(run));
       record.dirtyPagesAfter = lanePages(runs);

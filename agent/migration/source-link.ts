@@ -150,6 +150,16 @@ export class SourceLink {
     return () => this.failListeners.delete(listener);
   }
 
+  /** `promise`, or this link's failure if that comes first (the listener goes when either does). */
+  async unlessFailed<T>(promise: Promise<T>): Promise<T> {
+    let unlisten = () => {};
+    try {
+      return await Promise.race([promise, new Promise<never>((_, reject) => (unlisten = this.onFail(reject)))]);
+    } finally {
+      unlisten();
+    }
+  }
+
   fail(err: GangwayError): void {
     if (this.failure) return;
     this.failure = err;
