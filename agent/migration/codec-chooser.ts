@@ -1,8 +1,8 @@
 // "LZ4 where it pays": compression helps only while the link is slower than the
 // compressor. Rather than model both, measure what matters, the bytes of data pages
 // delivered per second (between the receiver's credits for consecutive batches; what the
-// codec acts on), in windows of batches sent raw and sent compressed, and keep the faster; re-probe the other mode now and then
-// because the link and the content change.
+// codec acts on), in windows of batches sent raw and sent compressed, and keep the faster;
+// re-probe the other mode now and then because the link and the content change.
 //
 // Deliveries come back in bursts (the receiver returns credit for several batches at once),
 // so a window closes only once it spans `minWindowMs` as well as its batches: windows of 8
