@@ -190,7 +190,9 @@ export class ControlClient {
     if (e.kind === 'tcp') headers.authorization = `Bearer ${e.token}`;
     const target = e.kind === 'socket' ? { socketPath: this.socketPath! } : { host: e.host, port: e.port };
     return new Promise<IncomingMessage>((resolve, reject) => {
-      const req = request({ ...target, method, path, headers, ...(signal ? { signal } : {}) }, resolve);
+      // A connection per request (agent: false): a kept-alive one that the agent closed while
+      // this process was busy (its keepAliveTimeout is 5 s) fails the next request with EPIPE.
+      const req = request({ ...target, agent: false, method, path, headers, ...(signal ? { signal } : {}) }, resolve);
       req.once('error', (err: NodeJS.ErrnoException) => {
         if (e.kind === 'socket' && err.code === 'EACCES') {
           reject(new GangwayError(ErrorCode.PEER_UNREACHABLE, `cannot talk to the agent at ${this.where}: ${this.permissionAdvice()}`));
