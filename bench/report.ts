@@ -58,6 +58,12 @@ export const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Ma
  * ~0.4 s after), the first run would measure the host's page faults, which a baseline run
  * later never takes. Touch and free as much memory as the runs will allocate, so every run
  * uses backed memory; returns the time it took.
+ *
+ * Freed memory stays backed only for a while: with the balloon's free page reporting (this
+ * VM: page_reporting_order=11 on the kernel's command line) the kernel hands free 8 MiB
+ * blocks back to the host about 2 s after they were freed, and they are cold again. A
+ * bench that must measure a run on backed memory touches it just before (the kernel gives
+ * the pages it freed last out first).
  */
 export function prefaultMemory(bytes: number): number {
   const path = `/dev/shm/gangway-bench-prefault-${process.pid}`;

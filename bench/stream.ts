@@ -110,6 +110,8 @@ async function migrateOnce(pair: { source: LocalAgent; destination: LocalAgent }
   const cpuDestination = cpuSecondsOf(destination);
   const faultsSource = minorFaultsOf(source);
   const faultsDestination = minorFaultsOf(destination);
+  // The destination's memory file comes from what was freed last: backed, not cold (report.ts).
+  prefaultMemory(memoryBytes);
   const group = await source.client.migrate({ guests: [name], to: destination.listen, codec: c.codec, dedup: c.dedup ?? false });
   const cpuSecondsSource = cpuSecondsOf(source) - cpuSource;
   const cpuSecondsDestination = cpuSecondsOf(destination) - cpuDestination;
