@@ -110,6 +110,12 @@ export interface NativeAddon {
    */
   regionFingerprints(region: RegionHandle, firstPage: number, count: number, out: Uint8Array): void;
   /**
+   * Copies a tracking region's fingerprints as they are (16 bytes per page, every page) into
+   * `out`: what its scatters and copies wrote, nothing read from the mapping. Throws when the
+   * region does not track them, RangeError when `out` is too short.
+   */
+  regionTrackedFingerprints(region: RegionHandle, out: Uint8Array): void;
+  /**
    * 128-bit region digest: XXH3-128 over the concatenated XXH3-128 fingerprints of every
    * page, in page order (16 bytes each, XXH128's big-endian canonical form). 'full' reads
    * the memory now; 'tracked' uses the fingerprints kept by a trackHashes region. Runs on

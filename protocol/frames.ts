@@ -244,7 +244,7 @@ export interface WantFrame {
   region: number;
   /** Pairs [firstPage, pageCount]; travels as little-endian u32s. */
   runs: Uint32Array;
-  /** Pairs [slot, page] of the resident pages that no longer hold what was offered. */
+  /** Pairs [slot, page] of the resident pages (or a committed member's) that no longer hold what was offered. */
   stale: Uint32Array;
 }
 

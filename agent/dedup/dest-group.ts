@@ -5,7 +5,8 @@
 // whole group's frames through one queue, in arrival order, since a ref in one migration's
 // frame may copy what another migration's earlier frame wrote. Incoming memories stay
 // mapped until the group closes, even when their migration aborts, so a ref into them is
-// never a dangling handle; a committed guest's memory leaves the group at its commit.
+// never a dangling handle; a committed guest's memory stays in the group, as resident memory
+// whose pages a ref copies only while they hold what they held at the commit (settleSlot).
 import { closeSync, openSync } from 'node:fs';
 import type { Logger } from 'pino';
 import { ErrorCode, ProtocolError } from '../../protocol/errors.js';
@@ -22,8 +23,6 @@ export interface GroupSlot {
   pageSizeBytes: number;
   /** Resident: the fingerprints offered; a page is copied only while it still matches. */
   offered?: Uint8Array;
-  /** Refs may no longer copy from it (its guest runs here now). */
-  closed: boolean;
   /** Frees the memory when the group ends. */
   release: () => void;
 }
@@ -50,19 +49,31 @@ export class DestinationGroup {
   addIncoming(slot: number, region: RegionHandle, pageCount: number, pageSizeBytes: number, release: () => void): void {
     if (this.ended) throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `dedup group ${this.id} is closed`);
     if (this.slots.has(slot)) throw new ProtocolError(ErrorCode.PROTOCOL, `dedup group ${this.id}: slot ${slot} is already in use`);
-    this.slots.set(slot, { slot, region, pageCount, pageSizeBytes, closed: false, release });
-  }
-
-  /** The slot's guest runs here now: refs to it are refused from now on. Its memory is no longer the group's to free. */
-  closeSlot(slot: number): void {
-    const entry = this.slots.get(slot);
-    if (!entry) return;
-    entry.closed = true;
-    entry.release = () => {};
+    this.slots.set(slot, { slot, region, pageCount, pageSizeBytes, release });
   }
 
   /**
-   * Where a ref entry copies from: checks that the slot is in the group and open, that its
+   * The slot's guest is about to run here (its commit): from now on the slot is like a
+   * resident one, a ref copies a page only while it still holds what it held at the commit
+   * (`fingerprints`, the region's tracked ones, checked by the switchover's digest), and
+   * asks for it again otherwise. The group keeps `region` mapped (it becomes the group's to
+   * close) until it ends. The source makes such refs only to a peer with the feature
+   * 'dedup-committed', outside a final round, as for resident memory.
+   */
+  settleSlot(slot: number, region: RegionHandle, fingerprints: Uint8Array): void {
+    const entry = this.slots.get(slot);
+    if (!entry || entry.offered) {
+      this.native.regionClose(region);
+      return;
+    }
+    if (fingerprints.byteLength !== entry.pageCount * FINGERPRINT_BYTES) throw new RangeError(`dedup group ${this.id}: slot ${slot} settles with ${fingerprints.byteLength} bytes of fingerprints for ${entry.pageCount} pages`);
+    entry.region = region;
+    entry.offered = fingerprints;
+    entry.release = () => this.native.regionClose(region);
+  }
+
+  /**
+   * Where a ref entry copies from: checks that the slot is in the group, that its
    * page size matches, and that the pages lie inside it.
    */
   source(slot: number, firstPage: number, count: number, pageSizeBytes: number): GroupSlot {
@@ -71,7 +82,6 @@ export class DestinationGroup {
       throw new ProtocolError(ErrorCode.BAD_PAGES, `ref to slot ${slot} page ${firstPage} (+${count}) of dedup group ${this.id}: ${problem}`);
     };
     if (!entry) return fail('no such slot');
-    if (entry.closed) return fail('that guest already runs here');
     if (entry.pageSizeBytes !== pageSizeBytes) return fail(`page size ${entry.pageSizeBytes}, the target's is ${pageSizeBytes}`);
     if (firstPage + count > entry.pageCount) return fail(`past the slot's ${entry.pageCount} pages`);
     return entry;
@@ -121,7 +131,6 @@ export class DestinationGroup {
         pageCount,
         pageSizeBytes: guest.pageSizeBytes,
         offered,
-        closed: false,
         release: () => this.native.regionClose(region),
       });
       for (let first = 0; first < pageCount; first += MAX_FINGERPRINTS_PER_FRAME) {

@@ -17,9 +17,13 @@
 //   it changed. A location filled from resident content is therefore not recorded (its
 //   content is not certain until then), and resident refs are not used in the final round,
 //   where a want would cost a round trip of downtime;
-// - a member whose guest starts at the destination (commit) stops being a source: its
-//   locations are forgotten when its commit is queued, and the commit frame takes its place
-//   in the outbox, so every ref made before it is applied before that guest runs.
+// - a member whose guest starts at the destination (commit): the commit frame takes its
+//   place in the outbox, so every ref made before it is applied before that guest runs.
+//   From then on its pages change there. A destination with the feature 'dedup-committed'
+//   keeps its memory as resident memory, offering what each page held at the commit (its
+//   tracked fingerprints, which the switchover's digest checked, and which this mirror
+//   holds too): the member's locations become resident ones (settleSlot). A destination
+//   without it refuses refs to that memory: its locations are forgotten (forgetSlot).
 // If a member fails with planned batches unsent, its locations are forgotten; a ref planned
 // to one of those pages meanwhile would copy stale bytes, and the end-to-end digest check
 // at the switchover refuses that guest (it resumes at the source). Nothing wrong ever runs.
@@ -101,6 +105,8 @@ interface SlotInfo {
   resident: boolean;
   /** Forgotten (forgetSlot): never referred to again; its index entries are cleared lazily. */
   retired?: boolean;
+  /** A member whose guest runs at the destination now (settleSlot): resident, its hits count as cross-guest. */
+  settled?: boolean;
 }
 
 /** Index locations a retired slot's clean-up clears per turn of the event loop. */
@@ -294,7 +300,8 @@ export class DedupPlanner {
             continue;
           }
           if (plan.allowResident) {
-            counters.hitsResident++;
+            if (source.settled) counters.hitsCrossGuest++;
+            else counters.hitsResident++;
             counters.refPages++;
             emit(batch, ENTRY_REF, p, 1, source.slot, found - source.base);
             // Verified only when applied: until then this page's content is not certain.
@@ -310,6 +317,18 @@ export class DedupPlanner {
         roundOf[location] = plan.round;
       }
     }
+  }
+
+  /**
+   * The member's guest is about to run at the destination, which keeps its memory as
+   * resident (feature 'dedup-committed'): its locations keep what the mirror says they
+   * hold, and a ref to them is verified there, as for resident memory.
+   */
+  settleSlot(slot: number): void {
+    const info = this.bySlot.get(slot);
+    if (!info || info.retired || info.resident) return;
+    info.resident = true;
+    info.settled = true;
   }
 
   /** No ref may copy from this slot any more (its guest runs at the destination, or failed). */

@@ -485,11 +485,17 @@ export class DestinationMigration implements FrameHandler {
     // This agent's mappings go once the guest runs (unmapping them is no part of the downtime).
     const mappings: RegionHandle[] = [];
     try {
-      // The guest is about to run: no ref may copy from its memory any more.
-      for (const slot of this.slots) this.group?.closeSlot(slot);
+      // The guest is about to run: a ref copies from its memory from now on only while a
+      // page holds what it holds now (the tracked fingerprints, which the digest checked);
+      // the group keeps those mappings.
       for (const [index, region] of this.regions.entries()) {
         this.native.tmpfileLink(region.fd, this.regionPaths[index]!);
-        mappings.push(region.handle);
+        const slot = this.slots[index];
+        if (this.group && slot !== undefined) {
+          const fingerprints = new Uint8Array(region.pageCount * FINGERPRINT_BYTES);
+          this.native.regionTrackedFingerprints(region.handle, fingerprints);
+          this.group.settleSlot(slot, region.handle, fingerprints);
+        } else mappings.push(region.handle);
         // A hybrid that ended by stop-and-copy: its fingerprints' file goes unnamed with its
         // fd once the mapping is closed (the munmap keeps nothing of it).
         if (region.fingerprintsFd !== undefined) closeQuietly(region.fingerprintsFd);

@@ -231,10 +231,16 @@ export async function stopAndCopy(run: SourceRun, sender: RoundSender, round: nu
   state.to('committing');
   const committedP = link.expect('committed', options.commitTimeoutMs, 'commit confirmation');
   if (dedup) {
-    // Once the guest runs there its pages change: nothing planned after this point may
-    // copy from them, and everything planned before is applied before it starts.
+    // Once the guest runs there its pages change: a ref planned after this point copies
+    // from them only as from resident memory (verified there), or not at all from a peer
+    // that refuses those; everything planned before is applied before the guest starts.
     const ticket = dedup.group.outbox.take();
-    for (const lane of lanes) if (lane.slot !== undefined) dedup.group.forgetSlot(lane.slot);
+    const settles = link.session.peer?.features.includes('dedup-committed') ?? false;
+    for (const lane of lanes) {
+      if (lane.slot === undefined) continue;
+      if (settles) dedup.group.settleSlot(lane.slot);
+      else dedup.group.forgetSlot(lane.slot);
+    }
     await dedup.group.outbox.turn(ticket);
     try {
       link.send(Frame.commit({ migrationId: options.migrationId }));

@@ -42,6 +42,7 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
       {"regionScatter", NULL, RegionScatter, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionCopyPages", NULL, RegionCopyPages, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionFingerprints", NULL, RegionFingerprints, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionTrackedFingerprints", NULL, RegionTrackedFingerprints, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionDigest", NULL, RegionDigest, NULL, NULL, NULL, napi_enumerable, NULL},
       {"hash128", NULL, Hash128, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pagemapScan", NULL, PagemapScan, NULL, NULL, NULL, napi_enumerable, NULL},

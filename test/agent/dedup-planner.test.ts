@@ -3,7 +3,9 @@
 // stream stands, resident refs verified against the offered fingerprint). Whatever the
 // writes, rounds, resident changes and commits, every page a batch covers must hold the
 // source's content once the batch is applied, except a page the destination asked for again,
-// which the next batch delivers.
+// which the next batch delivers. A committed member's memory either leaves the group
+// (forgetSlot) or stays as resident memory offered with what it held at the commit
+// (settleSlot, a destination with 'dedup-committed'), while its guest writes on there.
 import fc from 'fast-check';
 import { describe, expect, test } from 'vitest';
 import { DedupPlanner, emptyDedupCounters, type BatchBuild, type DedupCounters } from '../../agent/dedup/source-group.js';
@@ -30,6 +32,8 @@ class Model {
   readonly wanted = Array.from({ length: MEMBERS }, () => new Set<number>());
   readonly rounds = new Array<number>(MEMBERS).fill(0);
   readonly committed = new Array<boolean>(MEMBERS).fill(false);
+  /** What each settled member's pages held at its commit (the destination's offer). */
+  readonly settledOffer = new Array<number[] | undefined>(MEMBERS);
   readonly resident: number[];
   readonly offered: number[];
   readonly planner: DedupPlanner;
@@ -37,7 +41,10 @@ class Model {
   /** Whether the round being applied may carry resident refs. */
   private allowResident = true;
 
-  constructor(resident: number[]) {
+  constructor(
+    resident: number[],
+    private readonly settles = false,
+  ) {
     this.resident = [...resident];
     this.offered = [...resident];
     const fps = new Uint8Array(PAGES * 16);
@@ -50,7 +57,11 @@ class Model {
   }
 
   write(slot: number, page: number, content: number): void {
-    if (this.committed[slot]) return;
+    if (this.committed[slot]) {
+      // Its guest runs at the destination now, and writes there.
+      this.dest[slot]![page] = content + 1000;
+      return;
+    }
     this.source[slot]![page] = content;
     this.dirty[slot]!.add(page);
   }
@@ -116,9 +127,12 @@ class Model {
           expect(kind).toBe(ENTRY_REF);
           const sourceSlot = batch.refs[ref * 2]!;
           const sourcePage = batch.refs[ref * 2 + 1]! + i;
-          if (sourceSlot === RESIDENT_SLOT) {
+          const settled = this.settledOffer[sourceSlot];
+          if (sourceSlot === RESIDENT_SLOT || settled) {
             expect(this.allowResident, 'a resident ref in a round that allows none').toBe(true);
-            if (this.resident[sourcePage] === this.offered[sourcePage]) this.dest[slot]![page] = this.resident[sourcePage]!;
+            const now = settled ? this.dest[sourceSlot]! : this.resident;
+            const offered = settled ?? this.offered;
+            if (now[sourcePage] === offered[sourcePage]) this.dest[slot]![page] = now[sourcePage]!;
             else {
               this.wanted[slot]!.add(page);
               stale.push(sourceSlot, sourcePage);
@@ -143,7 +157,10 @@ class Model {
   /** The guest of `slot` starts at the destination, and keeps writing there. */
   commit(slot: number): void {
     if (this.committed[slot]) return;
-    this.planner.forgetSlot(slot);
+    if (this.settles) {
+      this.planner.settleSlot(slot);
+      this.settledOffer[slot] = [...this.dest[slot]!];
+    } else this.planner.forgetSlot(slot);
     this.committed[slot] = true;
     this.dest[slot] = this.dest[slot]!.map((content, page) => (page % 3 === 0 ? content + 100 : content));
   }
@@ -169,10 +186,13 @@ const op = fc.oneof(
 );
 
 describe('dedup planner against a model destination', () => {
-  test('every page covered by a batch holds the source content once applied; the final rounds leave every guest identical', () => {
+  test.each([
+    ['its memory leaves the group', false],
+    ['its memory stays as resident memory', true],
+  ])('every page covered by a batch holds the source content once applied; the final rounds leave every guest identical (a committed member: %s)', (_, settles) => {
     fc.assert(
       fc.property(fc.array(content, { minLength: PAGES, maxLength: PAGES }), fc.array(op, { maxLength: 80 }), (resident, ops) => {
-        const model = new Model(resident);
+        const model = new Model(resident, settles);
         for (const step of ops) {
           if (step.op === 'write') model.write(step.slot, step.page, step.content);
           else if (step.op === 'send') model.send(step.slot, step.resident);
@@ -246,5 +266,26 @@ describe('dedup planner against a model destination', () => {
     model.send(0, true);
     expect(model.counters.hitsResident).toBe(1);
     expect(model.dest[0]![0]).toBe(2);
+  });
+
+  test("a committed member's pages serve refs while they hold what they held at its commit; none in a final round", () => {
+    const model = new Model(new Array(PAGES).fill(0), true);
+    model.write(0, 2, 7);
+    model.write(0, 3, 8);
+    model.send(0, true);
+    model.commit(0);
+    // Its guest runs at the destination and writes page 3 there.
+    model.write(0, 3, 9);
+    model.write(1, 5, 7);
+    model.write(1, 6, 8);
+    model.send(1, true);
+    expect(model.counters.hitsCrossGuest).toBe(2);
+    expect(model.dest[1]![5]).toBe(7);
+    expect(model.wanted[1]).toEqual(new Set([6]));
+    // Asked for again: it travels as data, as does everything in a final round.
+    model.write(1, 7, 7);
+    model.send(1, false);
+    expect(model.counters.hitsCrossGuest).toBe(2);
+    expect(model.dest[1]!.slice(5, 8)).toEqual([7, 8, 7]);
   });
 });

@@ -326,7 +326,6 @@ describe('field values', () => {
     ['an offer with a slot per region missing', 'offer', (h) => (h.dedup.slots = []), 'offer.dedup.slots: 0 items'],
     ['ref sources without ref entries', 'pages', (h) => (h.refs = new Uint8Array(8)), 'pages.refs: 8 bytes for 0 ref entries', ErrorCode.BAD_PAGES],
     ['a want run of 0 pages', 'want', (h) => (h.runs = new Uint8Array(Uint32Array.of(5, 0).buffer)), 'want.runs: run 0 has pageCount 0', ErrorCode.BAD_PAGES],
-    ['a stale page of an incoming slot', 'want', (h) => (h.stale = new Uint8Array(Uint32Array.of(1, 2).buffer)), 'want.stale: pair 0 names slot 1', ErrorCode.BAD_PAGES],
     // hello identity
     ['magic HTTP', 'hello', (h) => (h.magic = 'HTTP'), 'hello.magic', ErrorCode.PROTOCOL_MAGIC],
     ['magic missing', 'hello', (h) => delete h.magic, 'hello.magic', ErrorCode.PROTOCOL_MAGIC],

@@ -203,3 +203,27 @@ napi_value RegionFingerprints(napi_env env, napi_callback_info info) {
   }
   return NULL;
 }
+
+/* regionTrackedFingerprints(region, out): the tracked fingerprints as they are, every page. */
+napi_value RegionTrackedFingerprints(napi_env env, napi_callback_info info) {
+  static const char fn[] = "regionTrackedFingerprints";
+  napi_value argv[2];
+  region_t *r;
+  uint8_t *out;
+  size_t out_len;
+  if (!get_args(env, info, 2, argv)) return NULL;
+  if (!arg_region(env, argv[0], fn, false, &r) ||
+      !arg_typed(env, argv[1], fn, "out", napi_uint8_array, (void **)&out, &out_len))
+    return NULL;
+  if (!r->track) {
+    throw_fmt(env, ERR_ERROR, NULL, "%s: the region does not track fingerprints", fn);
+    return NULL;
+  }
+  if (out_len / 16 < r->page_count) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: out is %zu bytes but the region's %llu pages need %llu", fn, out_len,
+              (unsigned long long)r->page_count, (unsigned long long)r->page_count * 16);
+    return NULL;
+  }
+  memcpy(out, r->hashes, (size_t)r->page_count * 16);
+  return NULL;
+}

@@ -13,6 +13,7 @@ napi_value RegionScatter(napi_env env, napi_callback_info info);
 /* dedup.c */
 napi_value RegionCopyPages(napi_env env, napi_callback_info info);
 napi_value RegionFingerprints(napi_env env, napi_callback_info info);
+napi_value RegionTrackedFingerprints(napi_env env, napi_callback_info info);
 /* digest.c */
 napi_value RegionDigest(napi_env env, napi_callback_info info);
 napi_value Hash128(napi_env env, napi_callback_info info);
