@@ -251,14 +251,37 @@ export type PrecopyOutcome =
  * the round trip's floor so far (the switchover's few small frames pay it); `sampleRtt`
  * measures it again after each round.
  */
+/** What a gang member holds of its gang's gate (SwitchoverGate), given up when it ends. */
+export interface GateHold {
+  /** Its switchover's hold on the gate. */
+  held: (() => void) | undefined;
+  /** Its place among the members still sending their round 0. */
+  leaveRoundZero?: (() => void) | undefined;
+  /** It sends its round 0 in its turn (SwitchoverGate.roundZeroTurn). */
+  roundZeroTurn?: boolean;
+  /** Ends its round 0's turn. */
+  endTurn?: (() => void) | undefined;
+}
+
 export async function precopyRounds(
   run: SourceRun,
   sender: RoundSender,
   rtt: { min: () => number; sample: () => void },
-  releaseGate: { held: (() => void) | undefined; leaveRoundZero?: (() => void) | undefined },
+  releaseGate: GateHold,
 ): Promise<PrecopyOutcome> {
   const { options, lanes, link, clock, log } = run;
   const technique = options.technique ?? 'precopy';
+  // Its guest's writes before its turn cost nothing: round 0 reads what they wrote.
+  if (releaseGate.roundZeroTurn && options.gate) {
+    const turn = options.gate.roundZeroTurn();
+    try {
+      releaseGate.endTurn = await link.unlessFailed(turn);
+    } catch (err) {
+      // Failed while it waited: its turn, when it comes, ends at once.
+      void turn.then((end) => end());
+      throw err;
+    }
+  }
   for (const lane of lanes) await lane.tracker.arm();
   let runs: LaneRuns = everyPage(lanes);
   // The switchover's digest reads every page of memory, and of a disk only what holds data.
@@ -279,7 +302,10 @@ export async function precopyRounds(
   let shrinkRound = false;
   for (let round = 0; ; round++) {
     const record = await sender.send(round, runs, false);
-    if (round === 0) releaseGate.leaveRoundZero?.();
+    if (round === 0) {
+      releaseGate.leaveRoundZero?.();
+      releaseGate.endTurn?.();
+    }
     // Time held at a gang's switchover gate says nothing about the link.
     linkRate.add(record.wireBytes, record.durationMs - record.gateWaitMs);
     if (record.dataPages > 0) {

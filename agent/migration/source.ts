@@ -21,7 +21,7 @@ import { CreditWindow, Pacer, realClock, type Clock } from './flow.js';
 import { checkRuns, everyPage, laneOf, noPages, type Lane, type LaneRuns } from './lanes.js';
 import { BatchPool, emptyCounters } from './page-sender.js';
 import { mapRegion } from './region-reader.js';
-import { precopyRounds, ProgressReporter, RoundSender } from './rounds.js';
+import { precopyRounds, ProgressReporter, RoundSender, type GateHold } from './rounds.js';
 import { MidFlightControls, postcopyRefusal, settingsRefusal, type LiveSettings, type SettingsChange } from './mid-flight.js';
 import { SourceLink, type SourceSession } from './source-link.js';
 import { NO_TRACKER, postcopySwitchover, resumeServing } from './source-postcopy.js';
@@ -39,7 +39,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private readonly link: SourceLink;
   private lanes: Lane[] = [];
   /** Gives up this migration's turn at a gang's switchover gate. */
-  private readonly gate: { held: (() => void) | undefined; leaveRoundZero?: (() => void) | undefined } = { held: undefined };
+  private readonly gate: GateHold = { held: undefined };
   private wantedPages = 0;
   /** The destination's secret for this migration (its accept, or the record after a restart). */
   private secret: Uint8Array | undefined;
@@ -215,8 +215,15 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     let trackers: DirtyTracker[] | undefined;
     let trackerFallbackReason: string | undefined;
     this.link.session.register(options.migrationId, this);
-    // A gang member with pre-copy rounds holds the gang's switchovers until its round 0 is out.
-    if (options.gate && options.technique !== 'postcopy') this.gate.leaveRoundZero = options.gate.enterRoundZero();
+    // A gang member with pre-copy rounds and dedup: its content must stay a source of refs
+    // for the others' round 0s. A destination that keeps a committed member's memory as
+    // resident ('dedup-committed') lets members take turns at their round 0s, each then
+    // converging and switching over while the next sends its own; one that does not holds
+    // every switchover until each member's round 0 is out (SwitchoverGate.enterRoundZero).
+    if (options.gate && options.dedup && options.technique !== 'postcopy') {
+      if (this.link.session.peer?.features.includes('dedup-committed')) this.gate.roundZeroTurn = true;
+      else this.gate.leaveRoundZero = options.gate.enterRoundZero();
+    }
     try {
       const opened = await guest.openTrackers(options.tracker);
       trackers = opened.trackers;
@@ -229,6 +236,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       throw await this.recover(err);
     } finally {
       this.gate.leaveRoundZero?.();
+      this.gate.endTurn?.();
       this.gate.held?.();
       if (this.link.credits) options.gate?.leave(this.link.credits);
       this.link.session.unregister(options.migrationId);

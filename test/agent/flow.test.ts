@@ -308,5 +308,32 @@ describe('SwitchoverGate round 0s', () => {
     // Nobody in round 0: at once.
     await gate.roundZerosDone();
   });
+
+  it('gives round 0 turns one at a time, in the order asked; ending a turn twice counts once', async () => {
+    const gate = new SwitchoverGate();
+    const order: string[] = [];
+    const take = async (who: string) => {
+      const end = await gate.roundZeroTurn();
+      order.push(`${who} starts`);
+      return end;
+    };
+    const a = take('a');
+    const b = take('b');
+    const c = take('c');
+    const endA = await a;
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(order).toEqual(['a starts']);
+    endA();
+    endA(); // ending twice lets one more through, not two
+    await new Promise((resolve) => setImmediate(resolve));
+    const endB = await b;
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(order).toEqual(['a starts', 'b starts']);
+    endB();
+    (await c)();
+    expect(order).toEqual(['a starts', 'b starts', 'c starts']);
+    // A turn asked for after all ended comes at once.
+    (await gate.roundZeroTurn())();
+  });
 });
 
