@@ -355,6 +355,7 @@ const rows = links.flatMap((link) =>
       strategy: s.name,
       wireBytes: wire,
       totalMs: total,
+      elapsedMs: median(mine.map((r) => r.elapsedMs)),
       maxDowntimeMs: median(mine.map((r) => r.maxDowntimeMs)),
       floorBytes: median(mine.map((r) => r.floorBytes)),
       wireVsFloor: median(mine.map((r) => r.wireBytes / r.floorBytes)),
@@ -382,11 +383,14 @@ const targets = links.map((link) => {
     timeSavedVsHypervisorDefault: 1 - gang.totalMs / plain.totalMs,
     // Issue 16's: the adaptive codec within 5% of the better fixed codec; a gang with dedup
     // sends no more than serial with dedup and takes less time; dedup within 1.15 of the floor.
+    // Gang against serial by the command's wall-clock time: serial's total is the sum of its
+    // guests' times, which leaves out what comes between them (each one's offer, set-up and
+    // resident fingerprints), and the operator waits for that too.
     autoCodecVsBestFixed: auto.totalMs / bestFixed,
     autoCodecTargetMet: auto.totalMs <= 1.05 * bestFixed,
     gangVsSerialDedupWire: gang.wireBytes / serialDedup.wireBytes,
-    gangVsSerialDedupTime: gang.totalMs / serialDedup.totalMs,
-    gangTargetMet: gang.wireBytes <= serialDedup.wireBytes && gang.totalMs < serialDedup.totalMs,
+    gangVsSerialDedupTime: gang.elapsedMs / serialDedup.elapsedMs,
+    gangTargetMet: gang.wireBytes <= serialDedup.wireBytes && gang.elapsedMs < serialDedup.elapsedMs,
     gangWireVsFloor: row(GANG_DEDUP_RAW).wireVsFloor,
     floorTargetMet: row(GANG_DEDUP_RAW).wireVsFloor <= 1.15,
   };
@@ -410,7 +414,7 @@ if (values.json) console.log(JSON.stringify(result));
 else {
   console.log(
     markdownTable(
-      ['link', 'strategy', 'wire MiB', 'vs baseline', 'vs content floor', 'total s', 'vs baseline', 'longest downtime ms', 'verified'],
+      ['link', 'strategy', 'wire MiB', 'vs baseline', 'vs content floor', 'total s', 'vs baseline', 'wall-clock s', 'longest downtime ms', 'verified'],
       rows.map((r) => [
         r.link,
         r.strategy,
@@ -419,6 +423,7 @@ else {
         `${r.wireVsFloor.toFixed(2)} of ${(r.floorBytes / MiB).toFixed(0)} MiB`,
         (r.totalMs / 1000).toFixed(2),
         `${(-r.timeSavedVsBaseline * 100).toFixed(0)}%`,
+        (r.elapsedMs / 1000).toFixed(2),
         r.maxDowntimeMs.toFixed(0),
         String(r.verified),
       ]),
@@ -432,7 +437,7 @@ else {
     );
     console.log(
       `${t.link}: adaptive codec ${t.autoCodecVsBestFixed.toFixed(2)} of the better fixed codec's time (target <= 1.05: ${t.autoCodecTargetMet ? 'met' : 'not met'}); ` +
-        `gang with dedup ${t.gangVsSerialDedupWire.toFixed(2)} of serial with dedup's wire bytes and ${t.gangVsSerialDedupTime.toFixed(2)} of its time (target <= 1 and < 1: ${t.gangTargetMet ? 'met' : 'not met'}); ` +
+        `gang with dedup ${t.gangVsSerialDedupWire.toFixed(2)} of serial with dedup's wire bytes and ${t.gangVsSerialDedupTime.toFixed(2)} of its wall-clock time (target <= 1 and < 1: ${t.gangTargetMet ? 'met' : 'not met'}); ` +
         `without compression (dedup alone) its wire bytes are ${t.gangWireVsFloor.toFixed(2)} of the content floor (target <= 1.15: ${t.floorTargetMet ? 'met' : 'not met'})`,
     );
   }
