@@ -31,7 +31,7 @@ import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import { Frame } from '../../protocol/index.js';
-import { FINGERPRINT_BYTES } from '../../protocol/limits.js';
+import { FINGERPRINT_BYTES, RESIDENT_SLOT_FLAG } from '../../protocol/limits.js';
 import { ENTRY_DATA, ENTRY_REF, ENTRY_ZERO, loadNative } from '../native.js';
 import type { GroupFrame, PeerSession } from '../peer/session.js';
 import { ContentIndex } from './content-index.js';
@@ -105,8 +105,6 @@ interface SlotInfo {
   resident: boolean;
   /** Forgotten (forgetSlot): never referred to again; its index entries are cleared lazily. */
   retired?: boolean;
-  /** A member whose guest runs at the destination now (settleSlot): resident, its hits count as cross-guest. */
-  settled?: boolean;
 }
 
 /** Index locations a retired slot's clean-up clears per turn of the event loop. */
@@ -300,7 +298,8 @@ export class DedupPlanner {
             continue;
           }
           if (plan.allowResident) {
-            if (source.settled) counters.hitsCrossGuest++;
+            // A member's slot made resident at its commit (settleSlot): another guest of the group.
+            if (source.slot < RESIDENT_SLOT_FLAG) counters.hitsCrossGuest++;
             else counters.hitsResident++;
             counters.refPages++;
             emit(batch, ENTRY_REF, p, 1, source.slot, found - source.base);
@@ -328,7 +327,6 @@ export class DedupPlanner {
     const info = this.bySlot.get(slot);
     if (!info || info.retired || info.resident) return;
     info.resident = true;
-    info.settled = true;
   }
 
   /** No ref may copy from this slot any more (its guest runs at the destination, or failed). */
@@ -387,6 +385,17 @@ export class SourceDedupGroup extends DedupPlanner {
     private readonly unroute: () => void,
   ) {
     super(members, resident, zeroFp);
+  }
+
+  /** The destination keeps a committed member's memory as resident memory (feature 'dedup-committed'). */
+  get keepsCommitted(): boolean {
+    return this.session.peer?.features.includes('dedup-committed') ?? false;
+  }
+
+  /** A member's guest is about to run at the destination: its locations become resident ones there, or are forgotten. */
+  committing(slot: number): void {
+    if (this.keepsCommitted) this.settleSlot(slot);
+    else this.forgetSlot(slot);
   }
 
   /**

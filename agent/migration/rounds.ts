@@ -246,11 +246,6 @@ export type PrecopyOutcome =
   /** A hybrid goes post-copy from round `round` on `runs`. */
   | { next: 'postcopy'; round: number; runs: LaneRuns; reason: string };
 
-/**
- * Pre-copy rounds until the policy says stop (or a hybrid goes post-copy). `minRttMs` is
- * the round trip's floor so far (the switchover's few small frames pay it); `sampleRtt`
- * measures it again after each round.
- */
 /** What a gang member holds of its gang's gate (SwitchoverGate), given up when it ends. */
 export interface GateHold {
   /** Its switchover's hold on the gate. */
@@ -263,6 +258,11 @@ export interface GateHold {
   endTurn?: (() => void) | undefined;
 }
 
+/**
+ * Pre-copy rounds until the policy says stop (or a hybrid goes post-copy). `minRttMs` is
+ * the round trip's floor so far (the switchover's few small frames pay it); `sampleRtt`
+ * measures it again after each round.
+ */
 export async function precopyRounds(
   run: SourceRun,
   sender: RoundSender,

@@ -221,7 +221,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     // converging and switching over while the next sends its own; one that does not holds
     // every switchover until each member's round 0 is out (SwitchoverGate.enterRoundZero).
     if (options.gate && options.dedup && options.technique !== 'postcopy') {
-      if (this.link.session.peer?.features.includes('dedup-committed')) this.gate.roundZeroTurn = true;
+      if (options.dedup.group.keepsCommitted) this.gate.roundZeroTurn = true;
       else this.gate.leaveRoundZero = options.gate.enterRoundZero();
     }
     try {

@@ -235,12 +235,7 @@ export async function stopAndCopy(run: SourceRun, sender: RoundSender, round: nu
     // from them only as from resident memory (verified there), or not at all from a peer
     // that refuses those; everything planned before is applied before the guest starts.
     const ticket = dedup.group.outbox.take();
-    const settles = link.session.peer?.features.includes('dedup-committed') ?? false;
-    for (const lane of lanes) {
-      if (lane.slot === undefined) continue;
-      if (settles) dedup.group.settleSlot(lane.slot);
-      else dedup.group.forgetSlot(lane.slot);
-    }
+    for (const lane of lanes) if (lane.slot !== undefined) dedup.group.committing(lane.slot);
     await dedup.group.outbox.turn(ticket);
     try {
       link.send(Frame.commit({ migrationId: options.migrationId }));
