@@ -482,20 +482,12 @@ export class DestinationMigration implements FrameHandler {
     const t: Record<string, number> = { start: performance.now() };
     // A disk's fd stays open until its blocks are on stable storage (below).
     const diskFds: number[] = [];
-    // This agent's mappings go once the guest runs (unmapping them is no part of the downtime).
-    const mappings: RegionHandle[] = [];
+    // This agent's mappings go once the guest runs (letting them go is no part of the downtime).
+    const mappings: { handle: RegionHandle; slot: number | undefined; pageCount: number }[] = [];
     try {
-      // The guest is about to run: a ref copies from its memory from now on only while a
-      // page holds what it holds now (the tracked fingerprints, which the digest checked);
-      // the group keeps those mappings.
       for (const [index, region] of this.regions.entries()) {
         this.native.tmpfileLink(region.fd, this.regionPaths[index]!);
-        const slot = this.slots[index];
-        if (this.group && slot !== undefined) {
-          const fingerprints = new Uint8Array(region.pageCount * FINGERPRINT_BYTES);
-          this.native.regionTrackedFingerprints(region.handle, fingerprints);
-          this.group.settleSlot(slot, region.handle, fingerprints);
-        } else mappings.push(region.handle);
+        mappings.push({ handle: region.handle, slot: this.slots[index], pageCount: region.pageCount });
         // A hybrid that ended by stop-and-copy: its fingerprints' file goes unnamed with its
         // fd once the mapping is closed (the munmap keeps nothing of it).
         if (region.fingerprintsFd !== undefined) closeQuietly(region.fingerprintsFd);
@@ -521,7 +513,7 @@ export class DestinationMigration implements FrameHandler {
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
       t.running = runningAt;
       faultCrash('dest-after-go', this.log);
-      for (const handle of mappings.splice(0)) this.native.regionClose(handle);
+      this.letGo(mappings.splice(0));
       // A disk must survive this host's crash once the source drops its copy, which it does
       // on our `committed`: its blocks on stable storage, then its name. The guest runs
       // meanwhile (outside the downtime); until `committed` the source keeps its paused copy
@@ -541,8 +533,25 @@ export class DestinationMigration implements FrameHandler {
     } catch (err) {
       this.startFailed(err, journaled, 'commit failed; the source keeps the guest');
     } finally {
-      for (const handle of mappings.splice(0)) this.native.regionClose(handle);
+      this.letGo(mappings.splice(0));
       for (const fd of diskFds.splice(0)) closeSync(fd);
+    }
+  }
+
+  /**
+   * Unmaps this agent's view of a committed guest's memory, or, in a dedup group, hands it to
+   * the group: a ref copies from it from now on only while a page holds what it held at the
+   * commit (its tracked fingerprints, which the digest checked, and which the guest's own
+   * writes leave as they were). Called inside the commit's step of the group's queue, so
+   * before any ref planned after the commit is applied.
+   */
+  private letGo(mappings: readonly { handle: RegionHandle; slot: number | undefined; pageCount: number }[]): void {
+    for (const { handle, slot, pageCount } of mappings) {
+      if (this.group && slot !== undefined) {
+        const fingerprints = new Uint8Array(pageCount * FINGERPRINT_BYTES);
+        this.native.regionTrackedFingerprints(handle, fingerprints);
+        this.group.settleSlot(slot, handle, fingerprints);
+      } else this.native.regionClose(handle);
     }
   }
 
