@@ -17,6 +17,7 @@ import type { AgentMetrics } from '../metrics.js';
 import type { NativeAddon } from '../native.js';
 import type { PeerSession } from '../peer/session.js';
 import { PageSet, runsPageCount } from '../tracker/page-set.js';
+import { sameDigests } from './digests.js';
 import { fingerprintsPathOf, withTimeout, type IncomingRegion } from './destination-types.js';
 import { PostcopyReceiver, type PostcopyStats, type RegionReceiver } from './postcopy-destination.js';
 import type { PostcopyDisk } from './postcopy-disk.js';
@@ -291,7 +292,7 @@ export class DestinationPostcopy implements PostcopyInstall {
     // The fingerprints kept are those of the pages as they arrived, whatever the guest has
     // written since: together they are the memory as it was at the switchover.
     const digests = await Promise.all(ctx.regions().map((region) => ctx.native.regionDigest(region.handle, 'tracked')));
-    const match = digests.length === sourceDigests.length && digests.every((d, i) => d.equals(Buffer.from(sourceDigests[i]!)));
+    const match = sameDigests(digests, sourceDigests);
     // The source drops its copy on a matching verdict: the disks here must be durable first.
     if (match) await ctx.disksComplete();
     const stats = combinedStats(receivers);

@@ -17,7 +17,7 @@ import type { Logger } from 'pino';
 import { GuestKind, nameOf, RejectReason, Technique } from '../../protocol/codes.js';
 import { ErrorCode, GangwayError, ProtocolError } from '../../protocol/errors.js';
 import { Frame, type FrameOf } from '../../protocol/index.js';
-import { FINGERPRINT_BYTES, MAX_FINGERPRINTS_PER_FRAME, MIGRATION_SECRET_BYTES } from '../../protocol/limits.js';
+import { FINGERPRINT_BYTES, MIGRATION_SECRET_BYTES } from '../../protocol/limits.js';
 import { initialMigrationState, transition, type MigrationEvent, type MigrationState } from '../../protocol/migration-state.js';
 import type { DestinationGroup } from '../dedup/dest-group.js';
 import type { GuestLauncher, StandbyGuest } from '../guest/adapter.js';
@@ -27,6 +27,7 @@ import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/se
 import { DestinationDisks } from './destination-disks.js';
 import { DestinationPostcopy } from './destination-postcopy.js';
 import { fingerprintsPathOf, withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
+import { digestsHere, MAX_REPAIRS, sameDigests, sendPageFingerprints } from './digests.js';
 import { faultCrash, faultDelay, faultScribble } from './faults.js';
 import { IncomingDeviceState } from './incoming-device-state.js';
 import { IncomingPages } from './incoming-pages.js';
@@ -38,8 +39,6 @@ export function secretsMatch(presented: Uint8Array, expected: Uint8Array): boole
   return presented.length === expected.length && timingSafeEqual(presented, expected);
 }
 
-/** Repairs of a digest mismatch this side allows before it gives the migration up. */
-const MAX_REPAIRS = 2;
 
 export class DestinationMigration implements FrameHandler {
   private state: MigrationState = initialMigrationState();
@@ -395,14 +394,10 @@ export class DestinationMigration implements FrameHandler {
             }
             if (this.repairs === 0 && this.regions[0]) faultScribble(this.regions[0].fd, this.regions[0].pageSizeBytes, this.log);
           }
-          // A disk is not written before the guest runs here: the fingerprints of what was
-          // written are its content (reading it whole would read every hole too).
           const loadedAt = performance.now();
-          const digests = await Promise.all(this.regions.map((region) => this.native.regionDigest(region.handle, writes && !region.disk ? 'full' : 'tracked')));
+          const digests = await digestsHere(this.native, this.regions, writes);
           this.log.debug({ deviceStateLoadMs: Math.round((loadedAt - verifyStart) * 100) / 100, digestMs: Math.round((performance.now() - loadedAt) * 100) / 100, full: writes }, 'verify: ms');
-          const match =
-            digests.length === verify.digests.length &&
-            digests.every((digest, i) => digest.equals(Buffer.from(verify.digests[i]!)));
+          const match = sameDigests(digests, verify.digests);
           const repair = !match && this.repairs < MAX_REPAIRS && (this.session.peer?.features.includes('repair') ?? false);
           this.session.send(Frame.verified({ migrationId: this.offer.migrationId, match, digests }));
           this.state = transition(this.state, { type: match ? 'sentVerified' : repair ? 'sentVerifiedMismatchRepair' : 'sentVerifiedMismatch' });
@@ -414,14 +409,7 @@ export class DestinationMigration implements FrameHandler {
           // The source sends the pages that differ as one more final round.
           this.repairs++;
           this.log.warn({ attempt: this.repairs }, 'memory digests differ: sending page fingerprints for a repair');
-          for (const [index, region] of this.regions.entries()) {
-            for (let first = 0; first < region.pageCount; first += MAX_FINGERPRINTS_PER_FRAME) {
-              const count = Math.min(MAX_FINGERPRINTS_PER_FRAME, region.pageCount - first);
-              const fingerprints = new Uint8Array(count * FINGERPRINT_BYTES);
-              this.native.regionFingerprints(region.handle, first, count, fingerprints);
-              this.session.send(Frame.pageFingerprints({ migrationId: this.offer.migrationId, region: index, firstPage: first, fingerprints }));
-            }
-          }
+          sendPageFingerprints(this.native, this.session, this.offer.migrationId, this.regions);
         });
         return;
       }

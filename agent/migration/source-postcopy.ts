@@ -18,7 +18,8 @@ import { PostcopyScheduler, sendMissing, WindowTuner } from './postcopy.js';
 import { collectDirty, type ProgressReporter, type RoundSender } from './rounds.js';
 import type { SourceSession } from './source-link.js';
 import type { MigrationSummary, SourceRun } from './source-types.js';
-import { downtimeOf, hex, pauseForSwitchover, sameDigests, sendDeviceState } from './switchover.js';
+import { sameDigests } from './digests.js';
+import { downtimeOf, hex, pauseForSwitchover, sendDeviceState } from './switchover.js';
 
 /**
  * Post-copy keeps few pushed bytes on their way (sent, not yet installed at the

@@ -7,6 +7,7 @@ import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import { Frame } from '../../protocol/index.js';
 import { FINGERPRINT_BYTES, MAX_DEVICE_STATE_BYTES } from '../../protocol/limits.js';
 import { runsPageCount } from '../tracker/page-set.js';
+import { sameDigests } from './digests.js';
 import { faultCrash } from './faults.js';
 import { differingRuns, laneOf, lanePages, mergeLaneRuns, noPages, type LaneRuns } from './lanes.js';
 import { collectDirty, type RoundSender } from './rounds.js';
@@ -28,10 +29,6 @@ export async function sendDeviceState(run: SourceRun): Promise<number> {
     run.link.send(Frame.deviceState({ migrationId: run.options.migrationId, offsetBytes: at, totalBytes: state.length, state: state.subarray(at, at + chunkBytes) }));
   }
   return state.length;
-}
-
-export function sameDigests(a: readonly Uint8Array[], b: readonly Uint8Array[]): boolean {
-  return a.length === b.length && a.every((digest, i) => Buffer.from(digest).equals(Buffer.from(b[i]!)));
 }
 
 export function hex(digests: readonly Uint8Array[]): string {
