@@ -191,6 +191,25 @@ export interface NativeAddon {
    * gone; EBADF: it has no such descriptor).
    */
   pidfdGetfd(pid: number, targetFd: number): number;
+  /**
+   * A channel (native/src/addon/channel.c): connected TCP socket `fd` (duplicated; the caller
+   * closes its own) run by a thread of its own, TLS 1.3 with `tls` (PEM), plain without. The
+   * source gives its `hello`; the destination gets it in a 'hello' event and attaches the
+   * migration's regions or closes the channel. Events come to `onEvent`, 'closed' last.
+   */
+  channelOpen(fd: number, role: 'source' | 'destination', tls: ChannelTls | null, hello: ChannelHello | null, onEvent: (event: ChannelEvent['event'], fields: never) => void): ChannelHandle;
+  /** Destination: the migration's writable regions, by region index (held until 'closed'). */
+  channelAttach(channel: ChannelHandle, regions: RegionHandle[]): void;
+  /** Source: the pages of `runs` of `region` (read-only mapping) in batches; 'sent' once written. Throws when the channel is busy. */
+  channelSend(channel: ChannelHandle, region: RegionHandle, regionIndex: number, round: number, runs: Uint32Array): void;
+  /** Source: 'barrier' once the destination has written everything sent before it. */
+  channelBarrier(channel: ChannelHandle, round: number): void;
+  /** Source: the last message; the channel closes at both ends. */
+  channelBye(channel: ChannelHandle): void;
+  /** Ends the channel's thread now (its socket shut down); idempotent. */
+  channelClose(channel: ChannelHandle): void;
+  /** The first bytes waiting on socket `fd` (up to `length` <= 64), without reading them; null at EOF. */
+  socketPeek(fd: number, length: number): Buffer | null;
   /** Punches holes for the pages of `runs` ([first, count] pairs) in the file `fd`. */
   punchHoles(fd: number, runs: Uint32Array, pageSize: number): void;
   /**
@@ -217,6 +236,41 @@ export interface NativeAddon {
     zero: Uint8Array,
   ): void;
 }
+
+/** Opaque handle to a channel (channelOpen). */
+export interface ChannelHandle {
+  readonly __brand: 'ChannelHandle';
+}
+
+export interface ChannelTls {
+  cert: Buffer;
+  key: Buffer;
+  ca: Buffer;
+}
+
+export interface ChannelHello {
+  migrationId: string;
+  secret: Uint8Array;
+}
+
+/** What a channel sent: its counts, as page-sender's round counters name them. */
+export interface ChannelSent {
+  pages: number;
+  dataPages: number;
+  zeroPages: number;
+  rawBytes: number;
+  wireBytes: number;
+  batches: number;
+}
+
+/** A channel's events, by name, with their fields. */
+export type ChannelEvent =
+  | { event: 'ready'; fields: { peerCertificate: Buffer | undefined } }
+  | { event: 'hello'; fields: { migrationId: string; secret: Buffer; peerCertificate: Buffer | undefined } }
+  | { event: 'sent'; fields: ChannelSent }
+  | { event: 'barrier'; fields: { round: number; pages: number } }
+  | { event: 'error'; fields: { message: string } }
+  | { event: 'closed'; fields: Record<string, never> };
 
 /** Opaque handle to a fault-reading thread (uffdMonitor). */
 export interface MonitorHandle {

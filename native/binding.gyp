@@ -19,7 +19,8 @@
         "src/addon/notify.c",
         "src/addon/content.c",
         "src/addon/uffd.c",
-        "src/addon/pidfd.c"
+        "src/addon/pidfd.c",
+        "src/addon/channel.c"
       ],
       "cflags": ["-fvisibility=hidden"],
       "conditions": [

@@ -20,6 +20,10 @@
  *   uffd.c      uffdProbe, socketPair,           post-copy: the destination guest's userfaultfd
  *               uffdReceive, uffdMonitor(Close),
  *               uffdInstall, uffdWake
+ *   channel.c   channelOpen, channelAttach,       a migration's bulk pages on a TCP or TLS
+ *               channelSend, channelBarrier,     connection of their own, run by a thread at
+ *               channelBye, channelClose,        each end (OpenSSL as Node exports it)
+ *               socketPeek
  *   pidfd.c     pidfdGetfd                       a copy of another process's descriptor (a
  *                                                restarted agent takes back a guest's uffd)
  *   napi-util.c                                  errors and argument parsing they all share
@@ -29,13 +33,20 @@
  * argument, never touch memory outside the region.
  *
  * Threading: everything runs on the JS thread except the bodies of regionDigest and
- * uffdReceive (on the libuv thread pool) and uffdMonitor's fault thread; region.h says how a
- * region outlives a digest in flight.
+ * uffdReceive (on the libuv thread pool), uffdMonitor's fault thread and a channel's
+ * thread; region.h says how a region outlives a digest or a channel that uses it.
  */
 #include "addon/exports.h"
 
 NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
   const napi_property_descriptor props[] = {
+      {"channelOpen", NULL, ChannelOpen, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"channelAttach", NULL, ChannelAttach, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"channelSend", NULL, ChannelSend, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"channelBarrier", NULL, ChannelBarrier, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"channelBye", NULL, ChannelBye, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"channelClose", NULL, ChannelClose, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"socketPeek", NULL, SocketPeek, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionMap", NULL, RegionMap, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionClose", NULL, RegionClose, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionGather", NULL, RegionGather, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -241,15 +241,7 @@ static void digest_complete(napi_env env, napi_status status, void *data) {
     napi_create_error(env, NULL, msg, &err);
     napi_reject_deferred(env, job->deferred, err);
   }
-  r->busy--;
-  if (r->busy == 0) {
-    if (r->finalized) {
-      region_release(r);
-      free(r);
-    } else if (r->closed) {
-      region_release(r); /* the deferred munmap of a regionClose during the digest */
-    }
-  }
+  region_unbusy(r);
   napi_delete_reference(env, job->handle_ref);
   napi_delete_async_work(env, job->work);
   free(job->data_runs);
@@ -346,7 +338,7 @@ napi_value RegionDigest(napi_env env, napi_callback_info info) {
     throw_napi(env, "napi_queue_async_work");
     return reject_pending(env, deferred, promise);
   }
-  r->busy++;
+  region_busy(r);
   return promise;
 }
 

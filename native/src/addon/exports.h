@@ -36,6 +36,14 @@ napi_value UffdMonitor(napi_env env, napi_callback_info info);
 napi_value UffdMonitorClose(napi_env env, napi_callback_info info);
 napi_value UffdInstall(napi_env env, napi_callback_info info);
 napi_value UffdWake(napi_env env, napi_callback_info info);
+/* channel.c */
+napi_value ChannelOpen(napi_env env, napi_callback_info info);
+napi_value ChannelAttach(napi_env env, napi_callback_info info);
+napi_value ChannelSend(napi_env env, napi_callback_info info);
+napi_value ChannelBarrier(napi_env env, napi_callback_info info);
+napi_value ChannelBye(napi_env env, napi_callback_info info);
+napi_value ChannelClose(napi_env env, napi_callback_info info);
+napi_value SocketPeek(napi_env env, napi_callback_info info);
 /* pidfd.c */
 napi_value PidfdGetfd(napi_env env, napi_callback_info info);
 

@@ -354,6 +354,17 @@ napi_value RegionMap(napi_env env, napi_callback_info info) {
   return handle;
 }
 
+void region_unbusy(region_t *r) {
+  r->busy--;
+  if (r->busy > 0) return;
+  if (r->finalized) {
+    region_release(r);
+    free(r);
+  } else if (r->closed) {
+    region_release(r); /* the deferred munmap of a regionClose while it was busy */
+  }
+}
+
 /* regionClose(region): idempotent. */
 napi_value RegionClose(napi_env env, napi_callback_info info) {
   napi_value argv[1];

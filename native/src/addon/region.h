@@ -72,6 +72,29 @@ bool pwrite_all(int fd, const uint8_t *buf, size_t len, uint64_t off);
 bool pread_all(int fd, uint8_t *buf, size_t len, uint64_t off);
 napi_value scatter_io_error(napi_env env, const char *fn, uint64_t at);
 
+/* batch.c: a batch's two sides, shared by regionGather / regionScatter and channel.c. */
+typedef struct {
+  size_t entries; /* entries written */
+  size_t payload; /* payload bytes written */
+  bool bad;       /* run bad_run is outside the region */
+  size_t bad_run;
+} gather_result;
+bool gather_batch(const region_t *r, const uint32_t *runs, size_t run_count, uint32_t *cursor,
+                  uint8_t *payload, size_t payload_cap, uint32_t *entries, size_t entry_cap,
+                  uint8_t *fps, gather_result *res);
+#define SCATTER_CHANGED 1
+#define SCATTER_IO 2
+bool scatter_check(const region_t *r, const uint32_t *entries, size_t entry_count,
+                   size_t payload_len, char *msg, size_t msg_len);
+int scatter_apply(region_t *r, const uint32_t *entries, size_t entry_count, const uint8_t *payload,
+                  size_t payload_len, uint64_t *at_out);
+
+/* A region in use outside the JS call that found it (a digest, a channel): busy until
+ * region_unbusy, which releases what regionClose or the finalizer left to it. Both on the
+ * JS thread. */
+static inline void region_busy(region_t *r) { r->busy++; }
+void region_unbusy(region_t *r);
+
 bool region_each_page_in(const region_t *r, uint32_t first, uint32_t count,
                          void (*emit)(void *, uint32_t, const uint8_t *), void *ctx);
 bool region_each_page(const region_t *r, void (*emit)(void *, uint32_t, const uint8_t *),
