@@ -172,13 +172,15 @@ export type PeersSettings = z.infer<typeof PeersSettingsSchema>;
 /**
  * This host's own migrations: how many may leave at once (migration.maxParallelOutbound, as
  * KubeVirt's parallelOutboundMigrationsPerNode); one beyond waits its turn. Arriving ones
- * are bounded by peers.maxIncoming.
+ * are bounded by peers.maxIncoming. migration.channels: TCP connections, each with a thread at
+ * both ends, that carry a pre-copy's raw rounds beside its session (0: the session only).
  */
-export const MigrationSettingsSchema = z.object({ maxParallelOutbound: count(1, 256) }).partial().strict();
+export const MigrationSettingsSchema = z.object({ maxParallelOutbound: count(1, 256), channels: count(0, 4) }).partial().strict();
 export interface MigrationLimits {
   maxParallelOutbound: number;
+  channels: number;
 }
-export const MIGRATION_LIMIT_DEFAULTS: MigrationLimits = { maxParallelOutbound: 2 };
+export const MIGRATION_LIMIT_DEFAULTS: MigrationLimits = { maxParallelOutbound: 2, channels: 2 };
 
 export const RESIDENT_POLICIES = ['from-peer', 'all', 'none'] as const;
 
@@ -311,6 +313,7 @@ export const ENV_OVERRIDES = {
   GANGWAY_PEERS_DECOMPRESSIONS_PER_SESSION: 'peers.decompressionsPerSession',
   GANGWAY_PEERS_MAX_DEVICE_STATE: 'peers.maxDeviceState',
   GANGWAY_MIGRATION_MAX_PARALLEL_OUTBOUND: 'migration.maxParallelOutbound',
+  GANGWAY_MIGRATION_CHANNELS: 'migration.channels',
   GANGWAY_DEDUP_RESIDENT: 'dedup.resident',
   GANGWAY_DEDUP_RESIDENT_OFFERS_PER_MINUTE: 'dedup.residentOffersPerMinute',
   GANGWAY_DEDUP_RESIDENT_MAX_AGE: 'dedup.residentMaxAge',

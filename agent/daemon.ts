@@ -49,7 +49,7 @@ import { GANGWAY_VERSION, PROTOCOL_VERSION } from './version.js';
  * What this agent offers in its hello; a feature is used when both sides list it. 'postcopy'
  * only where the guest's memory can take userfaultfd.
  */
-const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'dedup-committed', 'repair', 'traffic', ...(loadNative().uffdProbe() ? ['postcopy'] : [])];
+const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'dedup-committed', 'repair', 'traffic', 'channels', ...(loadNative().uffdProbe() ? ['postcopy'] : [])];
 
 export interface AgentConfig {
   listenHost: string;
@@ -179,6 +179,7 @@ export class Agent {
       listenAddress: () => this.listenAddress,
       digestBytesPerSec: () => this.digestBytesPerSec,
       shuttingDown: () => this.shuttingDown,
+      channels: () => (config.migration.channels > 0 ? { count: config.migration.channels, tls: this.tls ? { cert: this.tls.cert, key: this.tls.key, ca: this.tls.ca } : undefined } : undefined),
       traffic: () => this.traffic,
       history: () => this.history.list(),
     });
@@ -209,6 +210,7 @@ export class Agent {
         onReattach: (frame, session) => this.inbound.onReattach(frame, session),
         onMigrationQuery: (frame, session) => void this.inbound.answerQuery(frame.migrationId, session),
         onTrafficQuery: () => this.traffic.report(),
+        onChannel: (hello, channel) => this.inbound.onChannel(hello, channel),
       },
     });
   }

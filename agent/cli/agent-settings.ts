@@ -87,7 +87,10 @@ export function resolveAgentSettings(opts: Record<string, string | string[] | bo
     transport,
     traffic: resolveTrafficConfig(merged.traffic),
     peers: resolvePeerLimits(merged.peers),
-    migration: { maxParallelOutbound: merged.migration?.maxParallelOutbound ?? MIGRATION_LIMIT_DEFAULTS.maxParallelOutbound },
+    migration: {
+      maxParallelOutbound: merged.migration?.maxParallelOutbound ?? MIGRATION_LIMIT_DEFAULTS.maxParallelOutbound,
+      channels: merged.migration?.channels ?? MIGRATION_LIMIT_DEFAULTS.channels,
+    },
     dedup: resolveDedupPolicy(merged.dedup),
     guests: { ...GUEST_SCOPE_DEFAULTS, ...merged.guests },
     vm: {

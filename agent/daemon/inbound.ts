@@ -16,6 +16,7 @@ import { VM_DISK_BLOCK_BYTES } from '../guest/vm-spec.js';
 import type { ResidentGuest } from '../dedup/resident-cache.js';
 import type { Logger } from '../log.js';
 import type { AgentMetrics } from '../metrics.js';
+import type { Channel, ChannelHelloIn } from '../peer/channel.js';
 import { DestinationMigration, secretsMatch } from '../migration/destination.js';
 import { TakenBackPostcopy } from '../migration/postcopy-takeover.js';
 import { loadNative } from '../native.js';
@@ -45,7 +46,8 @@ export interface InboundContext {
 }
 
 /** A migration arriving here: one offered to this run of the agent, or a post-copy taken back after a restart. */
-type ArrivingMigration = Pick<DestinationMigration, 'from' | 'missingPages' | 'promisedBytes' | 'verdict' | 'secret' | 'done' | 'isSource' | 'reattach'>;
+type ArrivingMigration = Pick<DestinationMigration, 'from' | 'missingPages' | 'promisedBytes' | 'verdict' | 'secret' | 'done' | 'isSource' | 'reattach'> &
+  Partial<Pick<DestinationMigration, 'attachChannel'>>;
 
 export class InboundMigrations {
   private readonly incoming = new Map<string, ArrivingMigration>();
@@ -174,6 +176,13 @@ export class InboundMigrations {
       this.context.log.warn({ migrationId, peer: session.peerId }, 'refused a reattach: not the source of that migration, or the wrong secret');
     }
     refuse(`no post-copy migration ${migrationId} that this agent may carry on waits here`);
+  }
+
+  /** A channel's hello: the migration it names attaches it, or the reason it is refused (the same for an id that does not exist). */
+  onChannel(hello: ChannelHelloIn, channel: Channel): string | undefined {
+    const migration = this.incoming.get(hello.migrationId);
+    if (!migration?.attachChannel) return `no migration ${hello.migrationId} takes channels here`;
+    return migration.attachChannel(hello, channel);
   }
 
   onOffer(offer: OfferFrame, session: PeerSession, shared: SessionShare): void {

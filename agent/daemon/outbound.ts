@@ -2,6 +2,7 @@
 // bandwidth hold around it, gang or serial with their dedup groups, one SourceMigration per
 // guest), plans and cancels, and the guests left at their switchover by a lost confirmation
 // or a restart, whose destination is asked what became of them (switchover-in-doubt.ts).
+import type { ChannelSettings } from '../migration/source-channels.js';
 import { randomUUID } from 'node:crypto';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import type { AgentConfig } from '../daemon.js';
@@ -115,6 +116,8 @@ export interface OutboundContext {
   traffic: () => Pick<TrafficService, 'hold' | 'plan' | 'status' | 'settings' | 'monitor' | 'changeRate'>;
   /** This host's ended migrations (STATE/history.json), oldest first: the forecast's calibration. */
   history: () => readonly HistoryEntry[];
+  /** Channels a migration may open for its pre-copy rounds (migration.channels), undefined for none. */
+  channels: () => ChannelSettings | undefined;
 }
 
 export class OutboundMigrations {
@@ -414,6 +417,7 @@ export class OutboundMigrations {
         {
           migrationId,
           peerAddress: request.to,
+          ...(this.context.channels() ? { channels: this.context.channels()! } : {}),
           downtimeBudgetMs: request.downtimeMs,
           maxRounds: request.maxRounds,
           maxWireBytes: request.maxBytesFactor * guest.regions.reduce((sum, region) => sum + region.lengthBytes, 0),

@@ -4,7 +4,7 @@
 // them (PeerRoutes).
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
-import type { Socket } from 'node:net';
+import { createServer as createNetServer, type Server as NetServer, type Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { WebSocketServer } from 'ws';
 import { ErrorCode, GangwayError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
@@ -13,6 +13,8 @@ import type { AgentConfig } from '../daemon.js';
 import type { DestinationGroup } from '../dedup/dest-group.js';
 import type { Logger } from '../log.js';
 import { Slots } from '../migration/flow.js';
+import { loadNative } from '../native.js';
+import { Channel, CHANNEL_PREAMBLE, type ChannelHelloIn } from '../peer/channel.js';
 import { PeerSession, type GroupFrame, type OfferFrame, type SessionOptions, type TrafficReport } from '../peer/session.js';
 import { describeTlsError, identityOfPeer, isLoopbackHost, REFUSAL_HEADER, refusePeer, type Refusal, type TlsMaterial } from '../peer/tls.js';
 
@@ -29,7 +31,12 @@ export interface PeerRoutes {
   onReattach(frame: FrameOf<'reattach'>, session: PeerSession): void;
   onMigrationQuery(frame: FrameOf<'migrationQuery'>, session: PeerSession): void;
   onTrafficQuery(): TrafficReport;
+  /** A channel's hello: attach the channel to the migration it names, or refuse it (a reason for the log). */
+  onChannel(hello: ChannelHelloIn, channel: Channel): string | undefined;
 }
+
+/** Channels that connected and have not been attached or refused yet, at most. */
+const MAX_PENDING_CHANNELS = 32;
 
 export interface PeerServerContext {
   config: Pick<AgentConfig, 'transport' | 'listenHost' | 'listenPort' | 'maxPayloadBytes' | 'peers'>;
@@ -45,7 +52,9 @@ export interface PeerServerContext {
 
 export class PeerServer {
   private server: Server | undefined;
+  private door: NetServer | undefined;
   private wss: WebSocketServer | undefined;
+  private pendingChannels = 0;
   private readonly sessions = new Set<PeerSession>();
 
   constructor(private readonly context: PeerServerContext) {}
@@ -151,12 +160,31 @@ export class PeerServer {
     });
     this.server = server;
     this.wss = wss;
+    // The port's door: a channel (peer/channel.ts) says so with its first bytes; every other
+    // connection goes on to the HTTP(S) server, which reads it from its first byte.
+    const door = createNetServer({ pauseOnConnect: true }, (socket) => {
+      socket.on('error', () => {});
+      sortConnection(socket, limits.handshakeTimeoutMs, {
+        channel: (socket) => this.acceptChannel(socket),
+        other: (socket) => {
+          server.emit('connection', socket);
+          // Paused at the door: the HTTP server would never read it (the TLS server does either way).
+          socket.resume();
+        },
+        timeout: (socket) => {
+          this.context.onLimit('handshake');
+          this.context.log.warn({ peer: `${socket.remoteAddress}:${socket.remotePort}`, timeoutMs: limits.handshakeTimeoutMs }, 'dropped a peer connection that sent nothing in time (peers.handshakeTimeout)');
+          socket.destroy();
+        },
+      });
+    });
+    this.door = door;
     return new Promise((resolve, reject) => {
       // ws re-emits the server's errors on the WebSocketServer: without a listener there, a
       // port in use crashed the agent with a stack trace instead of failing start().
       const ignore = () => {};
       wss.once('error', ignore);
-      server.once('error', (err: NodeJS.ErrnoException) => {
+      door.once('error', (err: NodeJS.ErrnoException) => {
         const why =
           err.code === 'EADDRINUSE'
             ? 'the address is in use (another agent or program listens there)'
@@ -167,9 +195,9 @@ export class PeerServer {
                 : err.message;
         reject(new GangwayError(ErrorCode.BAD_REQUEST, `cannot listen for peers on ${config.listenHost}:${config.listenPort}: ${why}; set another address with listen (--listen, GANGWAY_LISTEN)`));
       });
-      server.listen(config.listenPort, config.listenHost, () => {
+      door.listen(config.listenPort, config.listenHost, () => {
         wss.off('error', ignore);
-        const address = server.address();
+        const address = door.address();
         const port = typeof address === 'object' && address ? address.port : config.listenPort;
         resolve(`${config.listenHost}:${port}`);
       });
@@ -181,9 +209,91 @@ export class PeerServer {
     for (const session of this.sessions) session.close();
   }
 
+  /**
+   * A connection that began with a channel's preamble: its hello goes to the migration it
+   * names (routes.onChannel), which attaches it or refuses it.
+   */
+  private acceptChannel(socket: Socket): void {
+    const log = this.context.log.child({ peer: `${socket.remoteAddress}:${socket.remotePort}` });
+    if (this.pendingChannels >= MAX_PENDING_CHANNELS) {
+      this.context.onLimit('channels');
+      log.warn({ pending: this.pendingChannels }, 'refused a channel: too many channels wait for their hello');
+      socket.destroy();
+      return;
+    }
+    const tls = this.context.tls;
+    let channel: Channel;
+    try {
+      channel = Channel.accept(socket, tls ? { cert: tls.cert, key: tls.key, ca: tls.ca } : undefined);
+    } catch (err) {
+      log.warn({ err: (err as Error).message }, 'could not take a channel');
+      return;
+    }
+    this.pendingChannels++;
+    let pending = true;
+    const settle = () => {
+      if (pending) this.pendingChannels--;
+      pending = false;
+    };
+    void channel.closed.then(() => {
+      settle();
+      const failure = channel.failed;
+      if (failure && failure.code !== ErrorCode.ABORTED) log.warn({ err: failure.message }, 'a channel failed');
+    });
+    channel.onHello = (hello) => {
+      settle();
+      const refusal = this.context.routes.onChannel(hello, channel);
+      if (refusal === undefined) return;
+      this.context.onLimit('channels');
+      log.warn({ migrationId: hello.migrationId, reason: refusal }, 'refused a channel');
+      void channel.close();
+    };
+  }
+
   /** Stops listening; resolves once the server is closed. */
   close(): Promise<void> {
     this.wss?.close();
-    return new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
+    const closing = [this.door, this.server].map((server) => new Promise<void>((resolve) => (server ? server.close(() => resolve()) : resolve())));
+    return Promise.all(closing).then(() => {});
   }
+}
+
+/**
+ * Peeks at a paused connection until its first bytes tell: a channel's preamble, or anything
+ * else (a TLS ClientHello, an HTTP request), which is left unread for the server. A
+ * connection that sends nothing within `timeoutMs` is given to `timeout`.
+ */
+export function sortConnection(
+  socket: Socket,
+  timeoutMs: number,
+  to: { channel: (socket: Socket) => void; other: (socket: Socket) => void; timeout: (socket: Socket) => void },
+): void {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) {
+    to.other(socket);
+    return;
+  }
+  const native = loadNative();
+  const deadline = performance.now() + timeoutMs;
+  let waitMs = 1;
+  const look = () => {
+    if (socket.destroyed) return;
+    let head: Buffer | null;
+    try {
+      head = native.socketPeek(fd, CHANNEL_PREAMBLE.length);
+    } catch {
+      socket.destroy();
+      return;
+    }
+    if (head === null) {
+      socket.destroy();
+      return;
+    }
+    if (head.length > 0 && !head.equals(CHANNEL_PREAMBLE.subarray(0, head.length))) return to.other(socket);
+    if (head.length === CHANNEL_PREAMBLE.length) return to.channel(socket);
+    if (performance.now() >= deadline) return to.timeout(socket);
+    setTimeout(look, waitMs).unref();
+    waitMs = Math.min(waitMs * 2, 25);
+  };
+  look();
 }

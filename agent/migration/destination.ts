@@ -30,6 +30,8 @@ import { fingerprintsPathOf, withTimeout, type DestinationContext, type Incoming
 import { digestsHere, MAX_REPAIRS, sameDigests, sendPageFingerprints } from './digests.js';
 import { faultCrash, faultDelay, faultScribble } from './faults.js';
 import { IncomingDeviceState } from './incoming-device-state.js';
+import { IncomingChannels } from './incoming-channels.js';
+import type { Channel, ChannelHelloIn } from '../peer/channel.js';
 import { IncomingPages } from './incoming-pages.js';
 
 export type { DestinationContext, IncomingResult } from './destination-types.js';
@@ -71,6 +73,8 @@ export class DestinationMigration implements FrameHandler {
   private readonly sourceAgentId: string;
   /** Handed to the source in the accept: a reattach must present it (the daemon keeps it with a post-copy's verdict). */
   readonly secret = randomBytes(MIGRATION_SECRET_BYTES);
+  /** The source's channels: pre-copy pages off the session (peer/channel.ts). */
+  private readonly channels: IncomingChannels;
   /** The guest's device state as its chunks arrive. */
   private readonly deviceState: IncomingDeviceState;
   /** Applies the pages frames (or hands them to post-copy's installs). */
@@ -106,6 +110,20 @@ export class DestinationMigration implements FrameHandler {
       guestExited: () => this.standby!.exited,
     });
     this.deviceState = new IncomingDeviceState(launcher, this.files, ctx.maxDeviceStateBytes, () => ctx.onLimit?.('device-state'));
+    this.channels = new IncomingChannels({
+      migrationId: offer.migrationId,
+      secretMatches: (presented) => secretsMatch(presented, this.secret),
+      peerSha256: () => this.session.peerCertificateSha256,
+      // A disk's blocks and post-copy's pages are the session's to carry.
+      refusal: () =>
+        this.finished || this.switching || this.commitReceived
+          ? `migration ${offer.migrationId} takes no more pages`
+          : this.offer.technique !== Technique.precopy || this.diskRegions.size > 0
+            ? `migration ${offer.migrationId} is not a pre-copy of memory only`
+            : undefined,
+      regions: () => this.regions.map((region) => region.handle),
+      fail: (err) => this.protocolFailure(err),
+    });
     this.postcopy =
       offer.technique === Technique.precopy
         ? undefined
@@ -592,6 +610,11 @@ export class DestinationMigration implements FrameHandler {
     this.finish(this.guestStartedHere ? 'stranded' : 'aborted', `session lost: ${err.message}`);
   }
 
+  /** A channel's hello that names this migration: attached, or why not. */
+  attachChannel(hello: ChannelHelloIn, channel: Channel): string | undefined {
+    return this.channels.attach(hello, channel);
+  }
+
   /** Is `session`, presenting `secret`, the source this migration was accepted from? */
   isSource(session: PeerSession, secret: Uint8Array): boolean {
     return session.peerId === this.sourceAgentId && secretsMatch(secret, this.secret);
@@ -623,6 +646,7 @@ export class DestinationMigration implements FrameHandler {
   private finish(outcome: IncomingResult['outcome'], reason?: string, sourceCode?: string): void {
     if (this.finished) return;
     this.finished = true;
+    this.channels.close();
     this.session.unregister(this.offer.migrationId);
     if (!this.disks.servedToEnd) this.disks.close();
     if (outcome === 'aborted') {
@@ -655,7 +679,7 @@ export class DestinationMigration implements FrameHandler {
       outcome,
       ...(reason ? { reason } : {}),
       ...(sourceCode ? { sourceCode } : {}),
-      pages: this.pages.pagesReceived,
+      pages: this.pages.pagesReceived + this.channels.pagesWritten,
       rounds: this.roundsSeen,
       technique: this.technique,
     });

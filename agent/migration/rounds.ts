@@ -9,6 +9,7 @@ import type { CodecChooser } from './codec-chooser.js';
 import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
 import type { Pacer } from './flow.js';
 import { everyPage, laneBytes, lanePages, mergeLaneRuns, takeWanted, type Lane, type LaneRuns } from './lanes.js';
+import type { SourceChannels } from './source-channels.js';
 import { addCounters, emptyCounters, sendRegionRound, type BatchPool, type RoundCounters } from './page-sender.js';
 import { diskHoldsStop, diskWriteLimit } from './disk-throttle.js';
 import { hybridSwitch } from './postcopy.js';
@@ -105,6 +106,10 @@ export class RoundSender {
   readonly laneTotals: RoundCounters[] = [];
   /** Pages each lane had in round 0: for a disk, the blocks that held data then. */
   readonly laneFirstRoundPages: number[] = [];
+  /** The migration's channels, while its rounds may go on them (source-channels.ts). */
+  channels: SourceChannels | undefined;
+  /** What the channels carried, all rounds together. */
+  readonly channelTotals = emptyCounters();
   /** The limit the guest's disk writes are held to (disk-throttle.ts), once one was set. */
   diskWriteLimitBytesPerSec: number | undefined;
   /** The rate the link takes this migration's bytes at, as pre-copy rounds measure it. */
@@ -149,7 +154,20 @@ export class RoundSender {
     const diskRoundBlocks = diskLanes.reduce((sum, lane) => sum + runsPageCount(runs[lane.index] ?? new Uint32Array(0)), 0);
     let diskSent = 0;
     let diskStart: number | undefined;
-    for (const lane of lanes) {
+    // A final round, a repair or a pacer installed mid-flight: the session from here on.
+    const channels = this.channels;
+    if (channels?.usable && (final || how.plain || this.pacer)) channels.usable = false;
+    if (channels?.usable) {
+      let reported = emptyCounters();
+      const sent = await channels.sendRound(round, lanes, runs, (c) => {
+        this.progress.report(round, roundPages, c.pages, bytesPerPage, t0, this.totals.wireBytes + c.wireBytes);
+        options.metrics?.batchSent(reported, c, lanes[0]!.region.pageSizeBytes);
+        reported = { ...c };
+      });
+      addCounters(counters, sent);
+      addCounters(this.channelTotals, sent);
+    }
+    for (const lane of channels?.usable ? [] : lanes) {
       const laneRuns = runs[lane.index]!;
       if (laneRuns.length === 0) continue;
       const before = { ...counters };

@@ -17,7 +17,7 @@ export type SourceSession = Pick<
   PeerSession,
   'send' | 'sendMessage' | 'writable' | 'register' | 'unregister' | 'measureRttMs' | 'rttFloorMs' | 'peer' | 'peerMaxPayloadBytes' | 'isOpen'
 > &
-  Partial<Pick<PeerSession, 'codecMemory'>>;
+  Partial<Pick<PeerSession, 'codecMemory' | 'peerCertificateSha256'>>;
 
 /** Frames the destination sends on its own, each handled by the phase that expects it. */
 export interface RequestHandlers {

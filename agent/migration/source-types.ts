@@ -1,5 +1,6 @@
 // What a source migration is given and what it reports: its options, its summary, its
 // progress, and the context its parts (pre-copy, switchover, post-copy) share.
+import type { ChannelSettings } from './source-channels.js';
 import type { ForecastRecord } from '../planner/forecast-check.js';
 import type { Logger } from 'pino';
 import type { SourceDedupGroup } from '../dedup/source-group.js';
@@ -22,6 +23,8 @@ import type { SourcePhase, SourceStateMachine } from './source-state.js';
 export interface SourceOptions {
   migrationId: string;
   peerAddress: string;
+  /** Channels for the pre-copy rounds where the destination takes them (source-channels.ts); none without. */
+  channels?: ChannelSettings;
   downtimeBudgetMs: number;
   maxRounds: number;
   maxWireBytes: number;
@@ -169,6 +172,8 @@ export interface MigrationSummary {
   };
   rawDataBytes: number;
   /** Pages sent again at the switchover because the destination's differed (missed by the dirty tracker). */
+  /** The pre-copy rounds' pages that went on channels (source-channels.ts), when any did. */
+  channels?: { count: number; tls: boolean; pages: number; wireBytes: number };
   repairedPages: number;
   compressionRatio: number;
   linkRateBytesPerSec: number;

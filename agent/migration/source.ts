@@ -17,6 +17,7 @@ import type { AnyFrame, FrameHandler, PeerSession } from '../peer/session.js';
 import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import { PageSet } from '../tracker/page-set.js';
 import { CodecChooser } from './codec-chooser.js';
+import { SourceChannels } from './source-channels.js';
 import { CreditWindow, Pacer, realClock, type Clock } from './flow.js';
 import { checkRuns, everyPage, laneOf, noPages, type Lane, type LaneRuns } from './lanes.js';
 import { BatchPool, emptyCounters } from './page-sender.js';
@@ -488,6 +489,9 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
           wantedPages: this.wantedPages,
         },
         repairedPages,
+        ...(sender.channels && sender.channelTotals.pages > 0
+          ? { channels: { count: sender.channels.count, tls: sender.channels.tls, pages: sender.channelTotals.pages, wireBytes: sender.channelTotals.wireBytes } }
+          : {}),
         rawDataBytes: totals.rawBytes,
         compressionRatio: totals.rawBytes > 0 ? totals.payloadBytes / totals.rawBytes : 1,
         linkRateBytesPerSec: sender.linkRate.value ?? 0,
@@ -510,7 +514,17 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     };
 
     if (technique === 'postcopy') return postcopy(0, noPages(lanes), undefined);
-    const outcome = await precopyRounds(run, sender, rtt, this.gate);
+    // Raw pages only, at the link's own pace, by one migration alone: the rounds may go on channels.
+    if (options.channels && technique === 'precopy' && !dedup && options.codec === 'raw' && !options.gate && !this.pacer && link.session.peer?.features.includes('channels')) {
+      sender.channels = await SourceChannels.open(options.channels, lanes, options.peerAddress, { migrationId: options.migrationId, secret: accept.secret }, link.session.peerCertificateSha256, this.log);
+    }
+    let outcome: Awaited<ReturnType<typeof precopyRounds>>;
+    try {
+      outcome = await precopyRounds(run, sender, rtt, this.gate);
+    } finally {
+      // Every round they carried was written at the destination (each ended with a barrier).
+      void sender.channels?.close();
+    }
     if (outcome.next === 'postcopy') return postcopy(outcome.round, outcome.runs, outcome.reason);
     const result = await stopAndCopy(run, sender, outcome.round, outcome.runs, this.gate);
     const summary: MigrationSummary = {

@@ -165,6 +165,11 @@ export class PeerSession extends EventEmitter {
     return this.peerHello;
   }
 
+  /** SHA-256 of the certificate the peer presented (lower-case hex), under mutual TLS. */
+  get peerCertificateSha256(): string | undefined {
+    return this.options.peerCertificate?.sha256;
+  }
+
   get isOpen(): boolean {
     return this.closedWith === undefined && this.ws.readyState === WebSocket.OPEN;
   }

@@ -63,6 +63,33 @@ describe.skipIf(!builtAgent)('live migration between two agents', () => {
     expect(after!.metaErrors).toBe(0);
   });
 
+  it('sends raw pre-copy rounds (--codec raw --no-dedup) on channels beside the session: verified, the guest carries on; none where the source turns them off', async () => {
+    cluster = new Cluster();
+    const [a, b] = [await cluster.agent('a'), await cluster.agent('b', [], { GANGWAY_MIGRATION_CHANNELS: '0' })];
+    const name = uniqueName('vm');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '64MiB', '--dirty-rate', '16MiB/s', '--hot', '0.5'])).exitCode).toBe(0);
+    await sleep(300);
+    const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--codec', 'raw', '--no-dedup', '--json']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    const summary = JSON.parse(run.stdout).guests[0];
+    expect(summary.verified).toBe(true);
+    // Round 0 at least went on the channels (the final round goes on the session).
+    expect(summary.channels, JSON.stringify(summary.rounds)).toMatchObject({ count: 2, tls: false });
+    expect(summary.channels.pages).toBeGreaterThanOrEqual((64 * MiB) / 4096);
+    expect(summary.channels.wireBytes).toBeGreaterThan(0);
+    const check = await waitForGuestProgress(b, name, 2, 60_000);
+    expect(check.resumeStalePages, JSON.stringify(check)).toBe(0);
+    expect(check.stalePages, JSON.stringify(check)).toBe(0);
+    // Back, from an agent with migration.channels 0: the session carries everything.
+    const back = await cluster.cli(b, ['migrate', name, '--to', a.listen, '--codec', 'raw', '--no-dedup', '--json']);
+    expect(back.exitCode, back.stderr).toBe(0);
+    const backSummary = JSON.parse(back.stdout).guests[0];
+    expect(backSummary.verified).toBe(true);
+    expect(backSummary.channels).toBeUndefined();
+    const again = await waitForGuestProgress(a, name, 1, 60_000);
+    expect(again.stalePages, JSON.stringify(again)).toBe(0);
+  });
+
   it('survives the destination agent dying mid-migration: the source guest runs on, nothing is left behind', async () => {
     cluster = new Cluster();
     const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];

@@ -41,13 +41,25 @@ describe.skipIf(!builtAgent)('mutual TLS between agents', () => {
   const tls = (cert: string, allow: string[]) => ({ cert: certs[cert]!.certPath, key: certs[cert]!.keyPath, ca: join(dir, 'ca', 'ca.crt'), allow });
 
   /** Starts a guest on `from`, asks it to migrate to `to`; returns the CLI's JSON and stderr. */
-  async function migrate(from: LocalAgent, to: LocalAgent | string) {
+  async function migrate(from: LocalAgent, to: LocalAgent | string, extra: string[] = []) {
     const name = uniqueName('vm');
     const start = await cluster!.cli(from, ['guest', 'start', name, '--memory', '16MiB', '--dirty-rate', '4MiB/s', '--json']);
     expect(start.exitCode, start.stderr).toBe(0);
-    const run = await cluster!.cli(from, ['migrate', name, '--to', typeof to === 'string' ? to : to.listen, '--json']);
+    const run = await cluster!.cli(from, ['migrate', name, '--to', typeof to === 'string' ? to : to.listen, ...extra, '--json']);
     return { exitCode: run.exitCode, json: JSON.parse(run.stdout || '{}'), stderr: run.stderr, name };
   }
+
+  it('sends raw pre-copy rounds on TLS channels, each side checking the other presented its session\'s certificate', async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a', [], undefined, tls('host-a', ['host-b']));
+    const b = await cluster.agent('b', [], undefined, tls('host-b', ['host-a']));
+    const run = await migrate(a, b, ['--codec', 'raw', '--no-dedup']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    expect(run.json.guests[0].verified).toBe(true);
+    expect(run.json.guests[0].channels).toMatchObject({ count: 2, tls: true });
+    expect(run.json.guests[0].channels.pages).toBeGreaterThanOrEqual((16 * 1024 * 1024) / 4096);
+    expect((await b.status()).guests.map((g) => g.name)).toContain(run.name);
+  });
 
   it('migrates a guest over wss between listed peers (by CN and by fingerprint), verified', async () => {
     cluster = new Cluster();

@@ -68,6 +68,8 @@ static const napi_type_tag CHANNEL_TAG = {0x67616e6777617943ULL, 0x68616e6e656c4
 #define MAX_ENTRIES 4096u
 #define MAX_PAYLOAD (4u << 20)
 #define BATCH_BYTES (1u << 20)
+/* TLS: bytes written or read ahead per system call, at most. */
+#define IO_BUFFER_BYTES (256u << 10)
 /* Until ATTACHED, a peer that stalls is dropped after this long. */
 #define SETUP_TIMEOUT_S 15
 
@@ -261,6 +263,23 @@ static void ssl_reason(char *err, size_t len, const char *what) {
 
 static bool io_write(channel_t *ch, const void *data, size_t len, char *err, size_t err_len) {
   const uint8_t *p = data;
+  if (ch->ssl) {
+    while (len > 0) {
+      size_t n = 0;
+      if (SSL_write_ex(ch->ssl, p, len, &n) <= 0) {
+        ssl_reason(err, err_len, "TLS write");
+        return false;
+      }
+      p += n;
+      len -= n;
+    }
+    /* A message at a time: what the buffer holds goes out now. */
+    if (BIO_flush(SSL_get_wbio(ch->ssl)) != 1) {
+      ssl_reason(err, err_len, "TLS write");
+      return false;
+    }
+    return true;
+  }
   while (len > 0) {
     if (ch->ssl) {
       size_t n = 0;
@@ -333,6 +352,21 @@ static bool handshake(channel_t *ch, uint8_t **der, size_t *der_len, char *err, 
     ssl_reason(err, err_len, "TLS setup");
     return false;
   }
+  /*
+   * Records are at most 16 KiB: written one at a time, a batch would cost 64 writes, and read
+   * one at a time two reads each (header, body). Writes go through a buffer flushed once per
+   * message (io_write), reads read ahead as much as the socket has, up to IO_BUFFER_BYTES.
+   */
+  BIO *sock = SSL_get_wbio(ch->ssl);
+  BIO *buffered = BIO_new(BIO_f_buffer());
+  if (!buffered || BIO_set_write_buffer_size(buffered, IO_BUFFER_BYTES) != 1 || BIO_up_ref(sock) != 1) {
+    BIO_free(buffered);
+    ssl_reason(err, err_len, "TLS setup");
+    return false;
+  }
+  BIO_push(buffered, sock);
+  SSL_set0_wbio(ch->ssl, buffered);
+  SSL_set_read_ahead(ch->ssl, 1);
   if ((ch->source ? SSL_connect(ch->ssl) : SSL_accept(ch->ssl)) != 1) {
     const long verify = SSL_get_verify_result(ch->ssl);
     if (verify != X509_V_OK) {
@@ -737,6 +771,7 @@ static SSL_CTX *tls_context(napi_env env, const char *fn, bool server, napi_valu
   if (cas == 0) goto fail;
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
   SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+  SSL_CTX_set_default_read_buffer_len(ctx, IO_BUFFER_BYTES);
   if (server) SSL_CTX_set_num_tickets(ctx, 0);
   return ctx;
 fail: {
