@@ -20,6 +20,7 @@ import { Codec, EntryKind, RejectReason, Technique, Whereabouts } from '../../pr
 import { ErrorCode } from '../../protocol/errors.js';
 import { Frame } from '../../protocol/index.js';
 import { Attacker, offerOf } from '../helpers/attacker.js';
+import { Channel } from '../../agent/peer/channel.js';
 import { builtAgent, Cluster, shmFilesOf, uniqueName } from '../helpers/cluster.js';
 import { waitFor, waitForAsync } from '../helpers/wait.js';
 
@@ -166,6 +167,47 @@ describe.skipIf(!builtAgent)('a peer gets only what it is owed', () => {
         expect((await b.status()).migrations.find((m) => m.migrationId === migrationId)?.state).toBe('committed');
       });
     }
+  });
+
+  it("takes a channel only with its migration's secret and its session's certificate; the real pre-copy completes on its own channels", async () => {
+    cluster = new Cluster();
+    const a = await cluster.agent('a', [], undefined, tls('host-a', ['host-b']));
+    const b = await cluster.agent('b', ['--metrics-listen', '127.0.0.1:0'], undefined, tls('host-b', ['host-a', 'host-evil']));
+    const material = (name: string) => ({ cert: readFileSync(certs[name]!.certPath), key: readFileSync(certs[name]!.keyPath), ca: readFileSync(join(dir, 'ca', 'ca.crt')) });
+    // host-evil opens a migration of its own at b: it knows that migration's id and secret.
+    const evil = await attacker({ address: b.listen, agentId: 'host-evil', tls: tls('host-evil', ['host-b']) });
+    const migrationId = randomUUID();
+    evil.watch(migrationId);
+    evil.send(offerOf(migrationId, uniqueName('evil'), 16 * MiB));
+    const accept = await evil.next(migrationId, 'accept');
+    const [host, port] = [b.listen.slice(0, b.listen.lastIndexOf(':')), Number(b.listen.slice(b.listen.lastIndexOf(':') + 1))];
+    const tryChannel = async (as: string, secret: Uint8Array) => {
+      const channel = await Channel.connect(host, port, material(as), { migrationId, secret });
+      try {
+        await channel.ready;
+        return 'attached';
+      } catch (err) {
+        return (err as Error).message;
+      } finally {
+        await channel.close();
+      }
+    };
+    // Another listed host's certificate (host-a's) with the right secret, and the right
+    // certificate with a wrong secret: both refused before a page is read.
+    expect(await tryChannel('host-a', accept.secret)).toMatch(/the destination did not take the channel/);
+    expect(await tryChannel('host-evil', randomBytes(32))).toMatch(/the destination did not take the channel/);
+    expect(await tryChannel('host-evil', accept.secret)).toBe('attached');
+    expect(await metric(b, 'gangway_peer_limit_total', 'limit="channels"')).toBe(2);
+    // The agent serves a real migration on its channels all the same.
+    const name = uniqueName('vm');
+    expect((await cluster.cli(a, ['guest', 'start', name, '--memory', '32MiB', '--dirty-rate', '8MiB/s'])).exitCode).toBe(0);
+    const run = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--codec', 'raw', '--no-dedup', '--json']);
+    expect(run.exitCode, run.stderr).toBe(0);
+    const summary = JSON.parse(run.stdout).guests[0];
+    expect(summary.verified).toBe(true);
+    expect(summary.channels).toMatchObject({ count: 2, tls: true });
+    const check = await waitForGuestProgress(b, name, 1, 60_000);
+    expect(check.stalePages, JSON.stringify(check)).toBe(0);
   });
 
   it('cuts off a peer that sends pages past its credit, with memory under the bound, and serves another peer after', async () => {
