@@ -3,7 +3,9 @@
 // where installed). Cases: unique incompressible pages without compression, the same with
 // content dedup on (its cost: it finds nothing to share), and the same between two agents
 // talking mutual TLS (wss, certificates from `gangway certs`: what TLS costs the stream);
-// OS-image-like pages with LZ4 forced and with the adaptive codec.
+// OS-image-like pages with LZ4 forced and with the adaptive codec. Where the migration can, its
+// rounds go on channels (README: Channels); "session only" is the same from a source that
+// opens none, side by side.
 //
 // Beside the rates, the CPU time each agent spent per GiB of guest memory it moved (utime +
 // stime from /proc/PID/stat around the migration): on a machine whose cores both agents
@@ -51,11 +53,15 @@ interface Case {
   dedup?: boolean;
   /** Between the pair of agents that talk mutual TLS. */
   tls?: boolean;
+  /** From a source with migration.channels 0: every page on the session (the path channels replace). */
+  sessionOnly?: boolean;
 }
 const allCases: Case[] = [
   { name: 'incompressible, no compression', profile: 'random', codec: 'raw' },
+  { name: 'incompressible, no compression, session only', profile: 'random', codec: 'raw', sessionOnly: true },
   { name: 'incompressible, no compression, dedup', profile: 'random', codec: 'raw', dedup: true },
   { name: 'incompressible, no compression, mutual TLS', profile: 'random', codec: 'raw', tls: true },
+  { name: 'incompressible, no compression, mutual TLS, session only', profile: 'random', codec: 'raw', tls: true, sessionOnly: true },
   { name: 'OS-image-like, LZ4', profile: 'os-image', codec: 'lz4' },
   { name: 'OS-image-like, adaptive codec', profile: 'os-image', codec: 'auto' },
 ];
@@ -137,7 +143,14 @@ try {
   agents.push(tlsSource);
   const tlsDestination = await startLocalAgent({ stateDir: `${tmp}/tls-destination`, tls: tls(1), nodeArgs });
   agents.push(tlsDestination);
-  const pairOf = (c: Case) => (c.tls ? { source: tlsSource, destination: tlsDestination } : { source, destination });
+  // Sources that open no channels, to the same destinations.
+  const noChannels = { GANGWAY_MIGRATION_CHANNELS: '0' };
+  const sessionSource = await startLocalAgent({ stateDir: `${tmp}/session-source`, nodeArgs, env: noChannels });
+  agents.push(sessionSource);
+  const tlsSessionSource = await startLocalAgent({ stateDir: `${tmp}/tls-session-source`, tls: tls(0), nodeArgs, env: noChannels });
+  agents.push(tlsSessionSource);
+  const pairOf = (c: Case) =>
+    c.tls ? { source: c.sessionOnly ? tlsSessionSource : tlsSource, destination: tlsDestination } : { source: c.sessionOnly ? sessionSource : source, destination };
 
   const prefaultMs = prefaultMemory(4 * memoryBytes);
   log(`prefaulted ${(4 * memoryBytes) / MiB} MiB of memory in ${(prefaultMs / 1000).toFixed(1)} s`);
@@ -145,16 +158,23 @@ try {
   for (const c of cases) await migrateOnce(pairOf(c), c, 100);
 
   const tcp: number[] = [];
-  const byCase = new Map<string, { rate: number[]; wire: number[]; total: number[]; cpuSource: number[]; cpuDestination: number[]; faultsSource: number[]; faultsDestination: number[] }>();
+  const iperfRuns: number[] = [];
+  const byCase = new Map<string, { rate: number[]; wire: number[]; total: number[]; cpuSource: number[]; cpuDestination: number[]; faultsSource: number[]; faultsDestination: number[]; channels: number }>();
   for (let n = 0; n < repeat; n++) {
     // Interleave baseline and cases so drift on a shared machine hits both alike.
     tcp.push(await nodeTcpLoopback(memoryBytes));
     log(`run ${n + 1}/${repeat}: node:net loopback ${(tcp.at(-1)! / GB).toFixed(2)} GB/s`);
+    const iperfRun = await iperf3Loopback(values.quick ? 2 : 4);
+    if (iperfRun) {
+      iperfRuns.push(iperfRun);
+      log(`run ${n + 1}/${repeat}: iperf3 loopback ${(iperfRun / GB).toFixed(2)} GB/s`);
+    }
     for (const c of cases) {
       const { summary, cpuSecondsSource, cpuSecondsDestination, minorFaultsSource, minorFaultsDestination } = await migrateOnce(pairOf(c), c, n);
       const round0 = summary.rounds[0]!;
       const rate = (round0.pages * 4096 * 1000) / round0.durationMs;
-      const entry = byCase.get(c.name) ?? { rate: [], wire: [], total: [], cpuSource: [], cpuDestination: [], faultsSource: [], faultsDestination: [] };
+      const entry = byCase.get(c.name) ?? { rate: [], wire: [], total: [], cpuSource: [], cpuDestination: [], faultsSource: [], faultsDestination: [], channels: 0 };
+      entry.channels = summary.channels?.count ?? 0;
       entry.rate.push(rate);
       entry.wire.push(summary.wireBytes);
       entry.total.push(summary.totalMs);
@@ -170,7 +190,7 @@ try {
       );
     }
   }
-  const iperf = await iperf3Loopback(values.quick ? 2 : 4);
+  const iperf = iperfRuns.length > 0 ? median(iperfRuns) : undefined;
   const tcpRate = median(tcp);
   const rows = [...byCase.entries()].map(([name, e]) => ({
     case: name,
@@ -184,6 +204,8 @@ try {
     cpuSecondsPerGiBDestination: median(e.cpuDestination),
     minorFaultsPerGiBSource: median(e.faultsSource),
     minorFaultsPerGiBDestination: median(e.faultsDestination),
+    /** Channels the last run's round 0 went on (0: the session). */
+    channels: e.channels,
   }));
   const result = {
     bench: 'stream',
@@ -206,10 +228,10 @@ try {
   else {
     console.log(
       markdownTable(
-        ['case', 'guest GB/s', 'vs node:net TCP', 'vs iperf3', 'CPU s/GiB source', 'CPU s/GiB destination', 'wire MiB', 'memory MiB'],
+        ['case', 'guest GB/s', 'vs node:net TCP', 'vs iperf3', 'CPU s/GiB source', 'CPU s/GiB destination', 'wire MiB', 'memory MiB', 'channels'],
         [
-          ['node:net TCP loopback (baseline)', (tcpRate / GB).toFixed(2), '1.00', iperf ? (tcpRate / iperf).toFixed(2) : 'n/a', '', '', '', ''],
-          ...(iperf ? [['iperf3 TCP loopback', (iperf / GB).toFixed(2), (iperf / tcpRate).toFixed(2), '1.00', '', '', '', '']] : []),
+          ['node:net TCP loopback (baseline)', (tcpRate / GB).toFixed(2), '1.00', iperf ? (tcpRate / iperf).toFixed(2) : 'n/a', '', '', '', '', ''],
+          ...(iperf ? [['iperf3 TCP loopback', (iperf / GB).toFixed(2), (iperf / tcpRate).toFixed(2), '1.00', '', '', '', '', '']] : []),
           ...rows.map((r) => [
             r.case,
             (r.guestBytesPerSec / GB).toFixed(2),
@@ -219,6 +241,7 @@ try {
             r.cpuSecondsPerGiBDestination.toFixed(2),
             (r.wireBytes / MiB).toFixed(0),
             (memoryBytes / MiB).toFixed(0),
+            String(r.channels),
           ]),
         ],
       ),
