@@ -157,6 +157,27 @@ export class CodecChooser {
   }
 
   /**
+   * Raw pages went on the migration's channels (source-channels.ts) and were written at
+   * `bytesPerSec` of guest data, the channels together, since the round's first: that is
+   * raw's rate now (deliveries on the session say nothing of it). As sent() does, it moves
+   * an exploit of raw that has lasted on to a probe of LZ4.
+   */
+  measuredOnChannels(bytesPerSec: number): void {
+    if (this.options.mode !== 'auto') return;
+    const previous = this.rate.raw;
+    this.rate.raw = previous === undefined ? bytesPerSec : previous * 0.5 + bytesPerSec * 0.5;
+    this.remember('raw', this.now());
+    this.measured('raw');
+    if (this.phase === 'exploit' && this.current === 'raw' && this.now() - this.phaseStart >= this.exploitMs) {
+      this.phase = 'probe';
+      this.phaseStart = this.now();
+      this.sentInPhase = 0;
+      this.current = 'lz4';
+      this.probing = 'lz4';
+    }
+  }
+
+  /**
    * The sender stops for a while (its round ended, a gang's gate held it): the first batch
    * it sends next starts a window of its own, or the pause would count against its codec.
    */

@@ -9,7 +9,8 @@ import type { CodecChooser } from './codec-chooser.js';
 import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
 import type { Pacer } from './flow.js';
 import { everyPage, laneBytes, lanePages, mergeLaneRuns, takeWanted, type Lane, type LaneRuns } from './lanes.js';
-import type { SourceChannels } from './source-channels.js';
+import { SourceChannels } from './source-channels.js';
+import type { ChannelSent } from '../native.js';
 import { addCounters, emptyCounters, sendRegionRound, type BatchPool, type RoundCounters } from './page-sender.js';
 import { diskHoldsStop, diskWriteLimit } from './disk-throttle.js';
 import { hybridSwitch } from './postcopy.js';
@@ -154,22 +155,8 @@ export class RoundSender {
     const diskRoundBlocks = diskLanes.reduce((sum, lane) => sum + runsPageCount(runs[lane.index] ?? new Uint32Array(0)), 0);
     let diskSent = 0;
     let diskStart: number | undefined;
-    // A final round, a repair or a pacer installed mid-flight: the session from here on.
-    const channels = this.channels;
-    if (channels?.usable && (final || how.plain || this.pacer)) channels.usable = false;
-    if (channels?.usable) {
-      let reported = emptyCounters();
-      const sent = await channels.sendRound(round, lanes, runs, (c) => {
-        this.progress.report(round, roundPages, c.pages, bytesPerPage, t0, this.totals.wireBytes + c.wireBytes);
-        options.metrics?.batchSent(reported, c, lanes[0]!.region.pageSizeBytes);
-        reported = { ...c };
-      });
-      addCounters(counters, sent);
-      addCounters(this.channelTotals, sent);
-    }
-    for (const lane of channels?.usable ? [] : lanes) {
-      const laneRuns = runs[lane.index]!;
-      if (laneRuns.length === 0) continue;
+    /** `laneRuns` of `lane` on the session (batches gathered, compressed as the codec says, credited). */
+    const onSession = async (lane: Lane, laneRuns: Uint32Array): Promise<void> => {
       const before = { ...counters };
       const diskBefore = diskSent;
       let reported = emptyCounters();
@@ -207,7 +194,17 @@ export class RoundSender {
       addCounters(counters, laneCounters);
       if (lane.region.sparse) this.diskBlocksSent += laneCounters.pages;
       addCounters((this.laneTotals[lane.index] ??= emptyCounters()), laneCounters);
-      if (round === 0) this.laneFirstRoundPages[lane.index] = laneCounters.pages;
+      if (round === 0) this.laneFirstRoundPages[lane.index] = (this.laneFirstRoundPages[lane.index] ?? 0) + laneCounters.pages;
+    };
+    // A final round, a repair or a pacer installed mid-flight: the session from here on.
+    const channels = this.channels;
+    if (channels?.usable && (final || how.plain || this.pacer)) channels.usable = false;
+    if (channels?.usable) await this.onChannels(channels, round, runs, counters, onSession, (done) => this.progress.report(round, roundPages, done.pages, bytesPerPage, t0, this.totals.wireBytes + done.wireBytes));
+    else {
+      for (const lane of lanes) {
+        const laneRuns = runs[lane.index]!;
+        if (laneRuns.length > 0) await onSession(lane, laneRuns);
+      }
     }
     link.send(Frame.roundEnd({ migrationId: options.migrationId, round, pageCount: counters.pages, final }));
     addCounters(this.totals, counters);
@@ -215,6 +212,53 @@ export class RoundSender {
     const record: RoundRecord = { round, final, durationMs: clock.now() - t0, guestBytes, dirtyPagesAfter: 0, ...counters };
     this.rounds.push(record);
     return record;
+  }
+
+  /** Session pieces of a round not yet all applied at the destination (the next round's channel pieces wait for them). */
+  private sessionPiecesOut = false;
+
+  /**
+   * A round in pieces: those the codec sends raw go to the channels (up to one per channel
+   * at once), those it compresses on the session, in between; then every channel's barrier.
+   * The chooser learns raw's rate from what the channels deliver together.
+   */
+  private async onChannels(
+    channels: SourceChannels,
+    round: number,
+    runs: LaneRuns,
+    counters: RoundCounters,
+    onSession: (lane: Lane, runs: Uint32Array) => Promise<void>,
+    report: (done: RoundCounters) => void,
+  ): Promise<void> {
+    const { options, link, lanes, clock } = this.run;
+    // The previous round's session pieces are written before any page of this one is.
+    if (this.sessionPiecesOut) await link.unlessFailed(link.credits!.drained());
+    this.sessionPiecesOut = false;
+    const start = clock.now();
+    let rawBytes = 0;
+    let reported = emptyCounters();
+    const done = (sent: ChannelSent) => {
+      const piece = { ...emptyCounters(), pages: sent.pages, dataPages: sent.dataPages, zeroPages: sent.zeroPages, rawBytes: sent.rawBytes, payloadBytes: sent.rawBytes, wireBytes: sent.wireBytes, batches: sent.batches };
+      addCounters(counters, piece);
+      addCounters(this.channelTotals, piece);
+      rawBytes += sent.rawBytes;
+      const elapsedMs = clock.now() - start;
+      if (options.codec === 'auto' && elapsedMs > 0) this.chooser.measuredOnChannels((rawBytes * 1000) / elapsedMs);
+      report(counters);
+      options.metrics?.batchSent(reported, counters, lanes[0]!.region.pageSizeBytes);
+      reported = { ...counters };
+    };
+    for (const lane of lanes) {
+      for (const piece of SourceChannels.pieceRuns(lane, runs[lane.index] ?? new Uint32Array(0))) {
+        if (options.codec === 'raw' || this.chooser.next() === 'raw') {
+          await channels.dispatch(lane, round, piece, done);
+        } else {
+          this.sessionPiecesOut = true;
+          await onSession(lane, piece);
+        }
+      }
+    }
+    await channels.endRound(round);
   }
 }
 

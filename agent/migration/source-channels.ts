@@ -1,20 +1,20 @@
 // The source's channels of one migration (peer/channel.ts): pre-copy rounds go out on them,
-// off the JS thread, while nothing asks more of a round than raw pages (no dedup, no
-// compression, no pacer, no gang gate, memory only). A round's pages are cut into pieces
-// dealt out to the channels, each channel sending its pieces in turn; then a barrier on every
-// channel, so that the destination has written the whole round before the next one (or the
-// session's roundEnd) goes out. Once a round goes the session's way the channels are done
-// with: a page the session sent must not be overtaken by an older copy on a channel.
+// off the JS thread, when the migration asks nothing of its pages but raw bytes (no dedup,
+// no pacer, no gang gate, memory only). A round's pages are cut into pieces; a piece the
+// codec sends raw goes to the next idle channel, one it compresses on the session
+// (rounds.ts). A round ends with a barrier on every channel, so that the destination has
+// written the whole round before the next one (or the session's roundEnd) goes out; and a
+// round's session pieces are all applied before the next round's first channel piece. Once a
+// final round or a repair goes the session's way, the channels are done with.
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import { Channel } from '../peer/channel.js';
-import type { ChannelTls, RegionHandle } from '../native.js';
+import type { ChannelSent, ChannelTls, RegionHandle } from '../native.js';
 import { hostOf } from '../peer/tls.js';
 import type { Logger } from '../log.js';
-import type { Lane, LaneRuns } from './lanes.js';
-import { emptyCounters, type RoundCounters } from './page-sender.js';
+import type { Lane } from './lanes.js';
 
-/** Pages of one piece at most: a channel reports progress after each. */
-const PIECE_BYTES = 64 * 1024 * 1024;
+/** A piece of a round: what a channel sends at a time, and what the codec is chosen for. */
+const PIECE_BYTES = 16 * 1024 * 1024;
 
 /** What the daemon gives a migration to open channels with. */
 export interface ChannelSettings {
@@ -64,7 +64,14 @@ export class SourceChannels {
     private readonly handles: RegionHandle[],
     /** Under mutual TLS. */
     readonly tls: boolean,
-  ) {}
+  ) {
+    this.idle.push(...channels);
+  }
+
+  /** Pages of one piece at most, for a lane: a channel takes a piece at a time, and the codec is chosen per piece. */
+  static pieceRuns(lane: Lane, runs: Uint32Array): Uint32Array[] {
+    return pieces(runs, Math.max(1, Math.floor(PIECE_BYTES / lane.region.pageSizeBytes)));
+  }
 
   get count(): number {
     return this.channels.length;
@@ -105,37 +112,44 @@ export class SourceChannels {
     return new SourceChannels(channels, handles as RegionHandle[], settings.tls !== undefined);
   }
 
+  /** Channels not sending a piece now. */
+  private readonly idle: Channel[] = [];
+  private readonly idleWaiters: (() => void)[] = [];
+  /** Pieces sent and not yet settled. */
+  private readonly inFlight = new Set<Promise<void>>();
+  private failure: unknown;
+
   /**
-   * Round `round`'s pages on the channels, then a barrier on each: resolves once the
-   * destination has written them all. `onPiece` hears of each piece sent (progress).
+   * Sends a piece of a round (a lane's runs) on the next idle channel, waiting for one;
+   * `done` hears what it carried once it is written to the socket. A failed piece fails the
+   * next call and `endRound`.
    */
-  async sendRound(round: number, lanes: readonly Lane[], runs: LaneRuns, onPiece: (counters: RoundCounters) => void): Promise<RoundCounters> {
-    const work: { lane: Lane; runs: Uint32Array }[] = [];
-    for (const lane of lanes) {
-      const laneRuns = runs[lane.index];
-      if (!laneRuns || laneRuns.length === 0) continue;
-      const maxPages = Math.max(1, Math.floor(PIECE_BYTES / lane.region.pageSizeBytes));
-      for (const piece of pieces(laneRuns, maxPages)) work.push({ lane, runs: piece });
-    }
-    const counters = emptyCounters();
-    let next = 0;
-    const drain = async (channel: Channel) => {
-      while (next < work.length) {
-        const { lane, runs: piece } = work[next++]!;
-        const sent = await channel.send(this.handles[lane.index]!, lane.index, round, piece);
-        counters.pages += sent.pages;
-        counters.dataPages += sent.dataPages;
-        counters.zeroPages += sent.zeroPages;
-        counters.rawBytes += sent.rawBytes;
-        counters.payloadBytes += sent.rawBytes;
-        counters.wireBytes += sent.wireBytes;
-        counters.batches += sent.batches;
-        onPiece(counters);
-      }
-    };
-    await Promise.all(this.channels.map(drain));
+  async dispatch(lane: Lane, round: number, piece: Uint32Array, done: (sent: ChannelSent) => void): Promise<void> {
+    if (this.failure) throw this.failure;
+    while (this.idle.length === 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+    if (this.failure) throw this.failure;
+    const channel = this.idle.pop()!;
+    const sending: Promise<void> = channel.send(this.handles[lane.index]!, lane.index, round, piece).then(
+      (sent) => {
+        this.inFlight.delete(sending);
+        this.idle.push(channel);
+        this.idleWaiters.shift()?.();
+        done(sent);
+      },
+      (err: unknown) => {
+        this.inFlight.delete(sending);
+        this.failure ??= err;
+        for (const wake of this.idleWaiters.splice(0)) wake();
+      },
+    );
+    this.inFlight.add(sending);
+  }
+
+  /** Once every piece is written: a barrier on each channel, so the destination has written the round. */
+  async endRound(round: number): Promise<void> {
+    while (this.inFlight.size > 0) await Promise.all([...this.inFlight]);
+    if (this.failure) throw this.failure;
     await Promise.all(this.channels.map((channel) => channel.barrier(round)));
-    return counters;
   }
 
   /** The last message on every channel; resolves once they closed. */

@@ -144,6 +144,37 @@ describe('CodecChooser', () => {
     expect(rates.raw!).toBeGreaterThan(rates.lz4!);
   });
 
+  it("takes raw's rate from the channels: an explore moves on to LZ4, the faster wins, and a long exploit of raw probes LZ4", () => {
+    let clock = 0;
+    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 2, minWindowMs: 1, exploitMs: 100, now: () => clock });
+    expect(chooser.next()).toBe('raw');
+    // The first raw piece on the channels: 2 GB/s. Explore goes on to LZ4.
+    clock = 10;
+    chooser.measuredOnChannels(2e9);
+    expect(chooser.rates().raw).toBe(2e9);
+    expect(chooser.next()).toBe('lz4');
+    // LZ4 on the session measures 1 GB/s (2 MB per 2 ms): raw wins.
+    for (let i = 0; i < 6; i++) chooser.sent(1e6, 'lz4');
+    for (let i = 0; i < 6; i++) {
+      clock += 1;
+      chooser.delivered();
+    }
+    expect(chooser.rates().lz4).toBeGreaterThan(0);
+    expect(chooser.rates().lz4!).toBeLessThan(2e9);
+    expect(chooser.next()).toBe('raw');
+    // Raw exploited on the channels for longer than exploitMs: LZ4 is probed again.
+    clock += 50;
+    chooser.measuredOnChannels(2e9);
+    expect(chooser.next()).toBe('raw');
+    clock += 100;
+    chooser.measuredOnChannels(2e9);
+    expect(chooser.next()).toBe('lz4');
+    // A fixed codec ignores it.
+    const fixed = new CodecChooser({ mode: 'raw' });
+    fixed.measuredOnChannels(1e9);
+    expect(fixed.rates().raw).toBeUndefined();
+  });
+
   it('settles on lz4 when compression moves more guest bytes', () => {
     const { used } = simulate({ linkBytesPerMs: 125_000, compressBytesPerMs: 400_000, ratio: 0.5, queueBatches: 4, batches: 400 });
     expect(used.lz4).toBeGreaterThan(used.raw * 2);

@@ -182,16 +182,22 @@ describe.skipIf(!builtAgent)('gangway drain', { timeout: 240_000 }, () => {
 
   });
 
-  it('migration.maxParallelOutbound comes from the environment, bounded, naming the variable and the value', async () => {
-    const check = (value: string) =>
-      execa(process.execPath, [mainJs, 'agent', '--check-config', '--insecure-plaintext-loopback'], { reject: false, timeout: 60_000, env: { GANGWAY_MIGRATION_MAX_PARALLEL_OUTBOUND: value } });
-    const good = await check('3');
+  it('migration.maxParallelOutbound and migration.channels come from the environment, bounded, naming the variable and the value', async () => {
+    const check = (env: Record<string, string>) =>
+      execa(process.execPath, [mainJs, 'agent', '--check-config', '--insecure-plaintext-loopback'], { reject: false, timeout: 60_000, env });
+    const good = await check({ GANGWAY_MIGRATION_MAX_PARALLEL_OUTBOUND: '3' });
     expect(good.exitCode, good.stderr).toBe(0);
-    expect(JSON.parse(good.stdout).migration).toEqual({ maxParallelOutbound: 3 });
+    expect(JSON.parse(good.stdout).migration).toEqual({ maxParallelOutbound: 3, channels: 2 });
     for (const [value, why] of [['0', 'must be at least 1'], ['many', 'must be a whole number from 1 to 256'], ['300', 'must be at most 256']]) {
-      const bad = await check(value!);
+      const bad = await check({ GANGWAY_MIGRATION_MAX_PARALLEL_OUTBOUND: value! });
       expect(bad.exitCode).not.toBe(0);
       expect(bad.stderr).toContain(`environment: GANGWAY_MIGRATION_MAX_PARALLEL_OUTBOUND ${why} (got "${value}")`);
     }
+    const none = await check({ GANGWAY_MIGRATION_CHANNELS: '0' });
+    expect(none.exitCode, none.stderr).toBe(0);
+    expect(JSON.parse(none.stdout).migration).toEqual({ maxParallelOutbound: 2, channels: 0 });
+    const bad = await check({ GANGWAY_MIGRATION_CHANNELS: '5' });
+    expect(bad.exitCode).not.toBe(0);
+    expect(bad.stderr).toContain('environment: GANGWAY_MIGRATION_CHANNELS must be at most 4 (got "5")');
   });
 });

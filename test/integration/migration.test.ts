@@ -63,7 +63,7 @@ describe.skipIf(!builtAgent)('live migration between two agents', () => {
     expect(after!.metaErrors).toBe(0);
   });
 
-  it('sends raw pre-copy rounds (--codec raw --no-dedup) on channels beside the session: verified, the guest carries on; none where the source turns them off', async () => {
+  it('sends raw pre-copy rounds (--no-dedup) on channels beside the session, fixed or adaptive codec: verified, the guest carries on; none where the source turns them off', async () => {
     cluster = new Cluster();
     const [a, b] = [await cluster.agent('a'), await cluster.agent('b', [], { GANGWAY_MIGRATION_CHANNELS: '0' })];
     const name = uniqueName('vm');
@@ -88,6 +88,16 @@ describe.skipIf(!builtAgent)('live migration between two agents', () => {
     expect(backSummary.channels).toBeUndefined();
     const again = await waitForGuestProgress(a, name, 1, 60_000);
     expect(again.stalePages, JSON.stringify(again)).toBe(0);
+    // The adaptive codec sends its raw pieces on the channels too (and its LZ4 ones on the session).
+    const auto = await cluster.cli(a, ['migrate', name, '--to', b.listen, '--no-dedup', '--json']);
+    expect(auto.exitCode, auto.stderr).toBe(0);
+    const autoSummary = JSON.parse(auto.stdout).guests[0];
+    expect(autoSummary.verified).toBe(true);
+    expect(autoSummary.channels).toMatchObject({ count: 2, tls: false });
+    expect(autoSummary.channels.pages).toBeGreaterThan(0);
+    expect(autoSummary.codecRates.raw).toBeGreaterThan(0);
+    const third = await waitForGuestProgress(b, name, 1, 60_000);
+    expect(third.stalePages, JSON.stringify(third)).toBe(0);
   });
 
   it('survives the destination agent dying mid-migration: the source guest runs on, nothing is left behind', async () => {

@@ -135,6 +135,29 @@ describe('channel refusals', () => {
     }
   }, 30_000);
 
+  it('either end closing mid-round fails the other with a bounded error, and both threads end', async () => {
+    for (const closer of ['destination', 'source'] as const) {
+      const r = regions();
+      const { server, port, accepted } = await listener(undefined, (_hello, channel) => channel.attach([r.destination]));
+      try {
+        const channel = await Channel.connect('127.0.0.1', port, undefined, { migrationId: 'm-5', secret });
+        await channel.ready;
+        // Ten rounds of the whole region: more than the socket buffers hold.
+        const sending = (async () => {
+          for (let round = 0; round < 10; round++) await channel.send(r.source, 0, round, Uint32Array.of(0, PAGES));
+        })();
+        sending.catch(() => {});
+        await (closer === 'destination' ? accepted[0]!.close() : channel.close());
+        await expect(sending).rejects.toThrow(closer === 'destination' ? /channel: (write|TLS write)|the channel closed/ : /the channel (was )?closed/);
+        await Promise.all([channel.closed, accepted[0]!.closed]);
+        if (closer === 'source') expect(accepted[0]!.failed?.message).toMatch(/the peer closed the channel|the channel closed|read: /);
+      } finally {
+        server.close();
+        r.close();
+      }
+    }
+  }, 30_000);
+
   it("a certificate from another CA fails the handshake at both ends", async () => {
     const hellos: ChannelHelloIn[] = [];
     const { server, port, accepted } = await listener(tlsB, (hello) => hellos.push(hello));
