@@ -127,6 +127,15 @@ export class CodecChooser {
     return this.current;
   }
 
+  /**
+   * The codec `next()` names is being measured (an explore or a probe of it): a sender that
+   * learns its rate only when a large piece completes (channels) sends one piece at a time
+   * meanwhile, or it would send several of a mode that may be the slower one.
+   */
+  measuring(): boolean {
+    return this.options.mode === 'auto' && this.phase !== 'exploit';
+  }
+
   /** Measured guest-bytes-per-second of each codec, for reports. */
   rates(): Readonly<Record<BatchCodec, number | undefined>> {
     return this.rate;
@@ -157,8 +166,9 @@ export class CodecChooser {
   }
 
   /**
-   * Raw pages went on the migration's channels (source-channels.ts) and were written at
-   * `bytesPerSec` of guest data, the channels together, since the round's first: that is
+   * Raw pages went on the migration's channels (source-channels.ts) and the destination
+   * wrote them at `bytesPerSec` of guest data, the channels together, since the round's
+   * first piece: that is
    * raw's rate now (deliveries on the session say nothing of it). As sent() does, it moves
    * an exploit of raw that has lasted on to a probe of LZ4.
    */

@@ -249,8 +249,18 @@ export class RoundSender {
       reported = { ...counters };
     };
     for (const lane of lanes) {
-      for (const piece of SourceChannels.pieceRuns(lane, runs[lane.index] ?? new Uint32Array(0))) {
+      const queue = SourceChannels.pieceRuns(lane, runs[lane.index] ?? new Uint32Array(0));
+      for (let piece = queue.shift(); piece; piece = queue.shift()) {
         if (options.codec === 'raw' || this.chooser.next() === 'raw') {
+          // While raw is being measured, one small piece at a time: its rate comes once it is
+          // written there, and more of a mode that may be the slower one costs.
+          if (options.codec === 'auto' && this.chooser.measuring()) {
+            const [probe, ...rest] = SourceChannels.probeRuns(lane, piece);
+            queue.unshift(...rest);
+            await channels.dispatch(lane, round, probe!, done);
+            await channels.settled();
+            continue;
+          }
           await channels.dispatch(lane, round, piece, done);
         } else {
           this.sessionPiecesOut = true;

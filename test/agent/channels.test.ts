@@ -4,7 +4,8 @@
 import { describe, expect, it } from 'vitest';
 import { ErrorCode, GangwayError, type ProtocolError } from '../../protocol/errors.js';
 import { IncomingChannels, MAX_CHANNELS_PER_MIGRATION } from '../../agent/migration/incoming-channels.js';
-import { pieces } from '../../agent/migration/source-channels.js';
+import { pieces, SourceChannels } from '../../agent/migration/source-channels.js';
+import type { Lane } from '../../agent/migration/lanes.js';
 import type { Channel } from '../../agent/peer/channel.js';
 import type { RegionHandle } from '../../agent/native.js';
 
@@ -102,5 +103,12 @@ describe("the source's pieces of a round", () => {
     const pages = cut.flatMap((p) => [...p].flatMap((v, i, a) => (i % 2 === 0 ? Array.from({ length: a[i + 1]! }, (_, k) => v + k) : [])));
     expect(pages).toEqual([0, 1, 2, 3, 4, 10, ...Array.from({ length: 12 }, (_, k) => 20 + k)]);
     expect(pieces(new Uint32Array(0), 4)).toEqual([]);
+  });
+
+  it('cuts 16 MiB pieces, and a 4 MiB probe off the front of one (the rest stays one piece)', () => {
+    const lane = { region: { pageSizeBytes: 4096 } } as unknown as Lane;
+    expect(SourceChannels.pieceRuns(lane, Uint32Array.of(0, 10_000)).map((p) => [...p])).toEqual([[0, 4096], [4096, 4096], [8192, 1808]]);
+    expect(SourceChannels.probeRuns(lane, Uint32Array.of(0, 3000, 5000, 1000)).map((p) => [...p])).toEqual([[0, 1024], [1024, 1976, 5000, 1000]]);
+    expect(SourceChannels.probeRuns(lane, Uint32Array.of(7, 10)).map((p) => [...p])).toEqual([[7, 10]]);
   });
 });

@@ -148,6 +148,7 @@ describe('CodecChooser', () => {
     let clock = 0;
     const chooser = new CodecChooser({ mode: 'auto', windowBatches: 2, minWindowMs: 1, exploitMs: 100, now: () => clock });
     expect(chooser.next()).toBe('raw');
+    expect(chooser.measuring()).toBe(true);
     // The first raw piece on the channels: 2 GB/s. Explore goes on to LZ4.
     clock = 10;
     chooser.measuredOnChannels(2e9);
@@ -162,6 +163,7 @@ describe('CodecChooser', () => {
     expect(chooser.rates().lz4).toBeGreaterThan(0);
     expect(chooser.rates().lz4!).toBeLessThan(2e9);
     expect(chooser.next()).toBe('raw');
+    expect(chooser.measuring()).toBe(false);
     // Raw exploited on the channels for longer than exploitMs: LZ4 is probed again.
     clock += 50;
     chooser.measuredOnChannels(2e9);
@@ -169,6 +171,7 @@ describe('CodecChooser', () => {
     clock += 100;
     chooser.measuredOnChannels(2e9);
     expect(chooser.next()).toBe('lz4');
+    expect(chooser.measuring()).toBe(true);
     // A fixed codec ignores it.
     const fixed = new CodecChooser({ mode: 'raw' });
     fixed.measuredOnChannels(1e9);
