@@ -367,6 +367,8 @@ export class DestinationMigration implements FrameHandler {
         return;
       case 'pause':
         this.pauseFrameAt = performance.now();
+        // The source's rounds on channels are over (each ended with its barrier).
+        this.channels.close();
         return;
       case 'deviceState': {
         const refusal = this.deviceState.receive(frame);

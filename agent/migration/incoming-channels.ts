@@ -25,6 +25,8 @@ export class IncomingChannels {
   private readonly channels = new Set<Channel>();
   /** Pages written by channels that have closed. */
   private closedPages = 0;
+  /** close() was called: no channel is attached after. */
+  private ended = false;
 
   constructor(private readonly ctx: IncomingChannelsContext) {}
 
@@ -32,7 +34,7 @@ export class IncomingChannels {
   attach(hello: ChannelHelloIn, channel: Channel): string | undefined {
     if (!this.ctx.secretMatches(hello.secret)) return `the wrong secret for migration ${this.ctx.migrationId}`;
     if (hello.peerSha256 !== this.ctx.peerSha256()) return `the channel's certificate is not the one the source's session presented`;
-    const refusal = this.ctx.refusal();
+    const refusal = this.ended ? `migration ${this.ctx.migrationId} takes no more channels` : this.ctx.refusal();
     if (refusal) return refusal;
     if (this.channels.size >= MAX_CHANNELS_PER_MIGRATION) return `migration ${this.ctx.migrationId} has ${this.channels.size} channels already`;
     channel.attach(this.ctx.regions());
@@ -53,8 +55,14 @@ export class IncomingChannels {
     return pages;
   }
 
-  /** Ends every channel (the migration is over); their threads let go of the regions as they end. */
+  /**
+   * Ends every channel and takes no more: the switchover began (every round a channel
+   * carried ended with its barrier, so nothing is lost; a page that still came would change
+   * memory the switchover's check has read) or the migration is over. The threads let go of
+   * the regions as they end.
+   */
   close(): void {
+    this.ended = true;
     for (const channel of this.channels) void channel.close();
   }
 }

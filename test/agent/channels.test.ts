@@ -81,6 +81,18 @@ describe('a destination attaching channels', () => {
     expect(channels.attach({ migrationId: 'm-1', secret: SECRET, peerSha256: CERT }, fakeChannel())).toMatch(/has 4 channels already/);
   });
 
+  it('once closed (the switchover began) it ends its channels and takes no more', async () => {
+    const { channels, failures } = setup();
+    const first = fakeChannel();
+    channels.attach({ migrationId: 'm-1', secret: SECRET, peerSha256: CERT }, first);
+    channels.close();
+    await first.closed;
+    expect(first.failed?.code).toBe(ErrorCode.ABORTED);
+    expect(channels.attach({ migrationId: 'm-1', secret: SECRET, peerSha256: CERT }, fakeChannel())).toMatch(/takes no more channels/);
+    await Promise.resolve();
+    expect(failures).toEqual([]);
+  });
+
   it('a channel that fails fails the migration; one closed as asked does not', async () => {
     const { channels, failures } = setup();
     const good = fakeChannel();
