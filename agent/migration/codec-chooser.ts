@@ -167,8 +167,8 @@ export class CodecChooser {
 
   /**
    * Raw pages went on the migration's channels (source-channels.ts) and the destination
-   * wrote them at `bytesPerSec` of guest data, the channels together, since the round's
-   * first piece: that is
+   * wrote them at `bytesPerSec` of guest data, the channels together, over the time they
+   * were sending: that is
    * raw's rate now (deliveries on the session say nothing of it). As sent() does, it moves
    * an exploit of raw that has lasted on to a probe of LZ4.
    */

@@ -230,20 +230,17 @@ export class RoundSender {
     onSession: (lane: Lane, runs: Uint32Array) => Promise<void>,
     report: (done: RoundCounters) => void,
   ): Promise<void> {
-    const { options, link, lanes, clock } = this.run;
+    const { options, link, lanes } = this.run;
     // The previous round's session pieces are written before any page of this one is.
     if (this.sessionPiecesOut) await link.unlessFailed(link.credits!.drained());
     this.sessionPiecesOut = false;
-    const start = clock.now();
-    let rawBytes = 0;
     let reported = emptyCounters();
     const done = (sent: ChannelSent) => {
       const piece = { ...emptyCounters(), pages: sent.pages, dataPages: sent.dataPages, zeroPages: sent.zeroPages, rawBytes: sent.rawBytes, payloadBytes: sent.rawBytes, wireBytes: sent.wireBytes, batches: sent.batches };
       addCounters(counters, piece);
       addCounters(this.channelTotals, piece);
-      rawBytes += sent.rawBytes;
-      const elapsedMs = clock.now() - start;
-      if (options.codec === 'auto' && elapsedMs > 0) this.chooser.measuredOnChannels((rawBytes * 1000) / elapsedMs);
+      const rate = channels.deliveredRate();
+      if (options.codec === 'auto' && rate !== undefined) this.chooser.measuredOnChannels(rate);
       report(counters);
       options.metrics?.batchSent(reported, counters, lanes[0]!.region.pageSizeBytes);
       reported = { ...counters };
@@ -255,7 +252,7 @@ export class RoundSender {
           // While raw is being measured, one small piece at a time: its rate comes once it is
           // written there, and more of a mode that may be the slower one costs.
           if (options.codec === 'auto' && this.chooser.measuring()) {
-            const [probe, ...rest] = SourceChannels.probeRuns(lane, piece);
+            const [probe, ...rest] = SourceChannels.probeRuns(lane, piece, this.chooser.rates().raw);
             queue.unshift(...rest);
             await channels.dispatch(lane, round, probe!, done);
             await channels.settled();

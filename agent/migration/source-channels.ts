@@ -15,8 +15,13 @@ import type { Lane } from './lanes.js';
 
 /** A piece of a round: what a channel sends at a time, and what the codec is chosen for. */
 const PIECE_BYTES = 16 * 1024 * 1024;
-/** A piece that measures raw's rate (34 ms at 1 Gbit/s). */
-const PROBE_BYTES = 4 * 1024 * 1024;
+/**
+ * A piece that measures raw's rate takes about this long at raw's last known rate, and is
+ * no smaller than PROBE_MIN_BYTES (34 ms at 1 Gbit/s): a piece of a few milliseconds
+ * measures the round trips around it more than the stream.
+ */
+const PROBE_MS = 25;
+const PROBE_MIN_BYTES = 4 * 1024 * 1024;
 
 /** Runs cut after their first `pages` pages: [head, tail]. */
 function splitRuns(runs: Uint32Array, pages: number): [Uint32Array, Uint32Array] {
@@ -91,9 +96,13 @@ export class SourceChannels {
     return pieces(runs, Math.max(1, Math.floor(PIECE_BYTES / lane.region.pageSizeBytes)));
   }
 
-  /** A piece cut for measuring raw's rate: a small one first, then what is left of it. */
-  static probeRuns(lane: Lane, runs: Uint32Array): Uint32Array[] {
-    const [probe, rest] = splitRuns(runs, Math.max(1, Math.floor(PROBE_BYTES / lane.region.pageSizeBytes)));
+  /**
+   * A piece cut for measuring raw's rate: what raw's last known rate sends in PROBE_MS
+   * (between PROBE_MIN_BYTES and a whole piece) first, then what is left of it.
+   */
+  static probeRuns(lane: Lane, runs: Uint32Array, rawBytesPerSec: number | undefined): Uint32Array[] {
+    const bytes = Math.min(PIECE_BYTES, Math.max(PROBE_MIN_BYTES, ((rawBytesPerSec ?? 0) * PROBE_MS) / 1000));
+    const [probe, rest] = splitRuns(runs, Math.max(1, Math.floor(bytes / lane.region.pageSizeBytes)));
     return rest.length === 0 ? [probe] : [probe, rest];
   }
 
@@ -142,6 +151,10 @@ export class SourceChannels {
   /** Pieces sent and not yet settled. */
   private readonly inFlight = new Set<Promise<void>>();
   private failure: unknown;
+  /** For the rate the channels deliver: raw bytes written there, over the time any was busy. */
+  private bytesDone = 0;
+  private busyMs = 0;
+  private busySince: number | undefined;
 
   /**
    * Sends a piece of a round (a lane's runs) on the next idle channel, waiting for one;
@@ -153,6 +166,7 @@ export class SourceChannels {
     while (this.idle.length === 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
     if (this.failure) throw this.failure;
     const channel = this.idle.pop()!;
+    if (this.inFlight.size === 0) this.busySince = performance.now();
     // Each piece ends with a barrier: `done` hears of it once the destination wrote it, so a
     // rate taken from it is what was delivered, not what the socket buffers took in.
     const sending: Promise<void> = (async () => {
@@ -162,6 +176,11 @@ export class SourceChannels {
     })().then(
       (sent) => {
         this.inFlight.delete(sending);
+        this.bytesDone += sent.rawBytes;
+        if (this.inFlight.size === 0 && this.busySince !== undefined) {
+          this.busyMs += performance.now() - this.busySince;
+          this.busySince = undefined;
+        }
         this.idle.push(channel);
         this.idleWaiters.shift()?.();
         done(sent);
@@ -173,6 +192,16 @@ export class SourceChannels {
       },
     );
     this.inFlight.add(sending);
+  }
+
+  /**
+   * Raw guest bytes per second the channels delivered (written at the destination), over the
+   * time any of them was sending: what raw on the channels achieves, whatever the session
+   * did in between. Undefined before a piece completed.
+   */
+  deliveredRate(): number | undefined {
+    const ms = this.busyMs + (this.busySince === undefined ? 0 : performance.now() - this.busySince);
+    return this.bytesDone > 0 && ms > 0 ? (this.bytesDone * 1000) / ms : undefined;
   }
 
   /** Resolves once every piece dispatched so far is written (or one failed). */

@@ -120,7 +120,10 @@ describe("the source's pieces of a round", () => {
   it('cuts 16 MiB pieces, and a 4 MiB probe off the front of one (the rest stays one piece)', () => {
     const lane = { region: { pageSizeBytes: 4096 } } as unknown as Lane;
     expect(SourceChannels.pieceRuns(lane, Uint32Array.of(0, 10_000)).map((p) => [...p])).toEqual([[0, 4096], [4096, 4096], [8192, 1808]]);
-    expect(SourceChannels.probeRuns(lane, Uint32Array.of(0, 3000, 5000, 1000)).map((p) => [...p])).toEqual([[0, 1024], [1024, 1976, 5000, 1000]]);
-    expect(SourceChannels.probeRuns(lane, Uint32Array.of(7, 10)).map((p) => [...p])).toEqual([[7, 10]]);
+    // Raw's rate unknown or slow: 4 MiB; 400 MB/s: 25 ms of it (10 MB); fast: a whole 16 MiB piece.
+    expect(SourceChannels.probeRuns(lane, Uint32Array.of(0, 3000, 5000, 1000), undefined).map((p) => [...p])).toEqual([[0, 1024], [1024, 1976, 5000, 1000]]);
+    expect(SourceChannels.probeRuns(lane, Uint32Array.of(0, 4096), 400e6).map((p) => [...p])).toEqual([[0, 2441], [2441, 1655]]);
+    expect(SourceChannels.probeRuns(lane, Uint32Array.of(0, 5000), 4e9).map((p) => [...p])).toEqual([[0, 4096], [4096, 904]]);
+    expect(SourceChannels.probeRuns(lane, Uint32Array.of(7, 10), undefined).map((p) => [...p])).toEqual([[7, 10]]);
   });
 });

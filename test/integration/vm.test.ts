@@ -94,7 +94,7 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     return [await cluster.agent('a', ['--vm-images-dir', imagesDir], envA), await cluster.agent('b', ['--vm-images-dir', imagesDir], envB)];
   }
 
-  it('pre-copy, post-copy and hybrid: each verified, device state through QEMU, the kernel finds no stale page', async () => {
+  it('pre-copy, post-copy, hybrid and pre-copy on channels: each verified, device state through QEMU, the kernel finds no stale page', async () => {
     const [a, b] = await twoAgents();
     const name = uniqueName('vm');
     await startVm(cluster, a, name);
@@ -112,6 +112,11 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
       expect(moved.guests[0]).toMatchObject({ verified: true, technique, repairedPages: 0 });
       await runsOnlyOn(to, from, name);
     }
+    // Without dedup the VM's RAM goes on channels, read from QEMU's memory files by the threads.
+    const { result: onChannels } = await migrate(cluster, b, [name, '--to', a.listen, '--no-dedup', '--codec', 'raw']);
+    expect(onChannels.guests[0]).toMatchObject({ verified: true, technique: 'precopy', repairedPages: 0, channels: { count: 2, tls: false } });
+    expect(onChannels.guests[0].channels.pages).toBeGreaterThanOrEqual((64 * MiB) / 4096);
+    await runsOnlyOn(a, b, name);
   });
 
   it("the switchover's check reads the destination's RAM as QEMU will run it: a page overwritten after the device state loaded is caught and sent again", async () => {
