@@ -37,6 +37,8 @@ export interface PeerRoutes {
 
 /** Channels that connected and have not been attached or refused yet, at most. */
 const MAX_PENDING_CHANNELS = 32;
+/** Connections that have not sent their first bytes yet, at most (the rest are dropped). */
+const MAX_AT_DOOR = 128;
 
 export interface PeerServerContext {
   config: Pick<AgentConfig, 'transport' | 'listenHost' | 'listenPort' | 'maxPayloadBytes' | 'peers'>;
@@ -162,11 +164,30 @@ export class PeerServer {
     this.wss = wss;
     // The port's door: a channel (peer/channel.ts) says so with its first bytes; every other
     // connection goes on to the HTTP(S) server, which reads it from its first byte.
+    // Connections the door is still peeking at: each costs a timer, so there is a cap.
+    let atDoor = 0;
     const door = createNetServer({ pauseOnConnect: true }, (socket) => {
       socket.on('error', () => {});
+      if (atDoor >= MAX_AT_DOOR) {
+        this.context.onLimit('handshake');
+        this.context.log.warn({ peer: `${socket.remoteAddress}:${socket.remotePort}`, waiting: atDoor }, 'dropped a peer connection: too many connections have sent nothing yet');
+        socket.destroy();
+        return;
+      }
+      atDoor++;
+      let counted = true;
+      const leave = () => {
+        if (counted) atDoor--;
+        counted = false;
+      };
+      socket.once('close', leave);
       sortConnection(socket, limits.handshakeTimeoutMs, {
-        channel: (socket) => this.acceptChannel(socket),
+        channel: (socket) => {
+          leave();
+          this.acceptChannel(socket);
+        },
         other: (socket) => {
+          leave();
           server.emit('connection', socket);
           // Paused at the door: the HTTP server would never read it (the TLS server does either way).
           socket.resume();

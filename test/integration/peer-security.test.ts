@@ -284,7 +284,7 @@ describe.skipIf(!builtAgent)('a peer gets only what it is owed', () => {
     expect((await b.status()).guests).toHaveLength(0);
   });
 
-  it('limits sessions per peer, requests per session and the handshake time; each is counted', async () => {
+  it('limits sessions per peer, requests per session, the handshake time and the connections that have sent nothing yet; each is counted', async () => {
     cluster = new Cluster();
     const b = await cluster.agent('b', ['--metrics-listen', '127.0.0.1:0'], {
       GANGWAY_PEERS_MAX_SESSIONS_PER_PEER: '2',
@@ -342,6 +342,38 @@ describe.skipIf(!builtAgent)('a peer gets only what it is owed', () => {
     expect(closedAfterMs).toBeGreaterThan(2_500);
     expect(closedAfterMs).toBeLessThan(9_000);
     expect(await metric(b, 'gangway_peer_limit_total', 'limit="handshake"')).toBe(1);
+
+    // The door peeks at connections that have sent nothing yet: 128 at most, the rest dropped at once.
+    const silent = Array.from({ length: 130 }, () => {
+      const socket = connect(port, host);
+      socket.on('error', () => {});
+      const closed = new Promise<number>((resolve) => socket.once('close', () => resolve(performance.now())));
+      return { socket, closed };
+    });
+    try {
+      const openedAt = performance.now();
+      const firstClosed = await Promise.race(silent.map((s) => s.closed));
+      expect(firstClosed - openedAt).toBeLessThan(2_000);
+      expect(await metric(b, 'gangway_peer_limit_total', 'limit="handshake"')).toBeGreaterThanOrEqual(2);
+      // And a real session is served once they are gone (the agent has seen them close).
+      for (const s of silent) s.socket.destroy();
+      await Promise.all(silent.map((s) => s.closed));
+      let served: Attacker | undefined;
+      for (let attempt = 0; !served; attempt++) {
+        try {
+          served = await attacker({ address: b.listen, agentId: 'after' });
+        } catch (err) {
+          if (attempt >= 20) throw err;
+          await sleep(100);
+        }
+      }
+      const id = randomUUID();
+      served.watch(id);
+      served.send(Frame.migrationQuery({ migrationId: id }));
+      expect((await served.next(id, 'migrationAnswer')).whereabouts).toBe(Whereabouts.unknown);
+    } finally {
+      for (const s of silent) s.socket.destroy();
+    }
   });
 
   describe.skipIf(!canPostcopy)('memoryDir space is reserved across offers (root: a small tmpfs)', () => {
