@@ -254,18 +254,19 @@ export class RoundSender {
           if (options.codec === 'auto' && this.chooser.measuring()) {
             const [probe, ...rest] = SourceChannels.probeRuns(lane, piece, this.chooser.rates().raw);
             queue.unshift(...rest);
-            await channels.dispatch(lane, round, probe!, done);
-            await channels.settled();
+            await link.unlessFailed(channels.dispatch(lane, round, probe!, done));
+            await link.unlessFailed(channels.settled());
             continue;
           }
-          await channels.dispatch(lane, round, piece, done);
+          await link.unlessFailed(channels.dispatch(lane, round, piece, done));
         } else {
           this.sessionPiecesOut = true;
           await onSession(lane, piece);
         }
       }
     }
-    await channels.endRound(round);
+    // A broken session or a cancel ends the wait (the channels are closed after).
+    await link.unlessFailed(channels.endRound(round));
   }
 }
 

@@ -43,6 +43,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <openssl/err.h>
@@ -570,11 +571,20 @@ static bool destination_setup(channel_t *ch, char *err, size_t err_len) {
   }
   post(ch, ev);
   /* JS attaches the migration's regions, or closes the channel. */
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  until.tv_sec += SETUP_TIMEOUT_S;
   pthread_mutex_lock(&ch->mu);
-  while (!ch->attached && !ch->stop) pthread_cond_wait(&ch->cv, &ch->mu);
+  int waited = 0;
+  while (!ch->attached && !ch->stop && waited != ETIMEDOUT) waited = pthread_cond_timedwait(&ch->cv, &ch->mu, &until);
   const bool attached = ch->attached && !ch->stop;
+  const bool refused = ch->stop;
   pthread_mutex_unlock(&ch->mu);
-  if (!attached) return true; /* refused: JS knows why */
+  if (refused) return true; /* JS knows why */
+  if (!attached) {
+    snprintf(err, err_len, "the channel was neither attached nor refused in %d s", SETUP_TIMEOUT_S);
+    return false;
+  }
   const uint32_t reply[5] = {MSG_ATTACHED, ch->region_count, 0, 0, 0};
   if (!io_write(ch, reply, HEAD_BYTES, err, err_len)) return false;
   set_timeouts(ch->fd, 0);
@@ -936,11 +946,18 @@ napi_value ChannelAttach(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-static bool start_job(napi_env env, const char *fn, channel_t *ch, int job) {
+/* The thread is free for a job: none in hand, and the last send's region given back (its
+ * 'sent' event has run). Under mu. */
+static bool idle_locked(const channel_t *ch) {
+  return ch->job == JOB_NONE && ch->job_region == NULL && !ch->stop && ch->fd >= 0;
+}
+
+static bool start_job(napi_env env, const char *fn, channel_t *ch, int job, uint32_t round) {
   pthread_mutex_lock(&ch->mu);
-  const bool idle = ch->job == JOB_NONE && !ch->stop && ch->fd >= 0;
+  const bool idle = idle_locked(ch);
   if (idle) {
     ch->job = job;
+    ch->job_round = round;
     pthread_cond_signal(&ch->cv);
   }
   pthread_mutex_unlock(&ch->mu);
@@ -978,7 +995,7 @@ napi_value ChannelSend(napi_env env, napi_callback_info info) {
   }
   memcpy(copy, runs, runs_len * 4);
   pthread_mutex_lock(&ch->mu);
-  const bool idle = ch->job == JOB_NONE && !ch->stop && ch->fd >= 0;
+  const bool idle = idle_locked(ch);
   if (idle) {
     free(ch->job_runs);
     ch->job_runs = copy;
@@ -1011,10 +1028,7 @@ napi_value ChannelBarrier(napi_env env, napi_callback_info info) {
     throw_fmt(env, ERR_ERROR, NULL, "%s: only a source's channel sends barriers", fn);
     return NULL;
   }
-  pthread_mutex_lock(&ch->mu);
-  ch->job_round = (uint32_t)round; /* read by the thread only once the job is set */
-  pthread_mutex_unlock(&ch->mu);
-  start_job(env, fn, ch, JOB_BARRIER);
+  start_job(env, fn, ch, JOB_BARRIER, (uint32_t)round);
   return NULL;
 }
 
@@ -1024,7 +1038,7 @@ napi_value ChannelBye(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   channel_t *ch;
   if (!get_args(env, info, 1, argv) || !arg_channel(env, argv[0], fn, &ch)) return NULL;
-  if (ch->source) start_job(env, fn, ch, JOB_BYE);
+  if (ch->source) start_job(env, fn, ch, JOB_BYE, 0);
   return NULL;
 }
 
