@@ -44,6 +44,8 @@ export class Channel {
   private pending: Pending | undefined;
   private failure: GangwayError | undefined;
   private isClosed = false;
+  /** close() was called: no job starts after. */
+  private closing = false;
   private resolveClosed!: () => void;
   /** Resolves once the channel's thread has ended (after close, bye, or a failure). */
   readonly closed = new Promise<void>((resolve) => (this.resolveClosed = resolve));
@@ -143,6 +145,7 @@ export class Channel {
 
   private job<T>(kind: Pending['kind'], start: () => void): Promise<T> {
     if (this.failure) return Promise.reject(this.failure);
+    if (this.closing) return Promise.reject(new GangwayError(ErrorCode.ABORTED, 'the channel closed'));
     if (this.pending) return Promise.reject(new GangwayError(ErrorCode.INTERNAL, 'a channel runs one job at a time'));
     return new Promise<T>((resolve, reject) => {
       this.pending = { resolve: resolve as (value: never) => void, reject, kind };
@@ -184,6 +187,7 @@ export class Channel {
 
   /** Ends the channel now; resolves once its thread has. */
   close(): Promise<void> {
+    this.closing = true;
     if (!this.isClosed) this.native.channelClose(this.handle);
     return this.closed;
   }

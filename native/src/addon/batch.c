@@ -10,37 +10,28 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #include "napi-util.h"
 #include "region.h"
 #include "exports.h"
 
-/* True when the page (page_size >= 512, 8-byte aligned) is all zero bytes. */
-static inline bool page_is_zero(const uint8_t *page, size_t page_size) {
-  const uint64_t *w = (const uint64_t *)(const void *)page;
-  const size_t words = page_size / sizeof(uint64_t);
-  for (size_t i = 0; i < words; i += 32) { /* 256-byte blocks; page_size is a multiple */
-    uint64_t acc = 0;
-    for (size_t j = 0; j < 32; j++) acc |= w[i + j];
-    if (acc) return false;
-  }
-  return true;
-}
-
 /*
  * The body of regionGather, also run by a channel's thread (channel.c): the pages of `runs`
  * from `cursor` on, zero pages as entries, data pages copied into `payload` (fingerprinted
- * into `fps` when given). Arguments are checked by the caller, except each run against the
- * region: a run outside it sets res->bad (and res->bad_run) and gathers nothing more.
+ * into `fps` when given); or, with `iov` (room for an entry each), not copied but pointed
+ * at in the mapping, an iovec per data entry (its pages are contiguous there). Arguments
+ * are checked by the caller, except each run against the region: a run outside it sets
+ * res->bad (and res->bad_run) and gathers nothing more.
  */
 bool gather_batch(const region_t *r, const uint32_t *runs, size_t run_count, uint32_t *cursor,
                   uint8_t *payload, size_t payload_cap, uint32_t *entries, size_t entry_cap,
-                  uint8_t *fps, gather_result *res) {
+                  uint8_t *fps, struct iovec *iov, gather_result *res) {
   const size_t ps = r->page_size;
   size_t ri = cursor[0];
   uint64_t done_in_run = cursor[1];
   res->bad = false;
-  size_t ne = 0, pb = 0;
+  size_t ne = 0, pb = 0, nd = 0;
   uint32_t last_kind = 0;
   uint64_t last_end = 0; /* page after the last entry's pages */
   bool stop = false;
@@ -54,7 +45,7 @@ bool gather_batch(const region_t *r, const uint32_t *runs, size_t run_count, uin
     }
     while (done_in_run < count) {
       const uint64_t page = first + done_in_run;
-      const uint8_t *src = r->addr + page * ps;
+      uint8_t *src = r->addr + page * ps;
       const uint32_t kind = page_is_zero(src, ps) ? ENTRY_ZERO : ENTRY_DATA;
       if (kind == ENTRY_DATA && pb + ps > payload_cap) {
         stop = true;
@@ -62,6 +53,7 @@ bool gather_batch(const region_t *r, const uint32_t *runs, size_t run_count, uin
       }
       if (ne > 0 && last_kind == kind && last_end == page) {
         entries[3 * (ne - 1) + 2] += 1;
+        if (iov && kind == ENTRY_DATA) iov[nd - 1].iov_len += ps;
       } else {
         if (ne == entry_cap) {
           stop = true;
@@ -72,9 +64,12 @@ bool gather_batch(const region_t *r, const uint32_t *runs, size_t run_count, uin
         entries[3 * ne + 2] = 1;
         ne++;
         last_kind = kind;
+        if (iov && kind == ENTRY_DATA) iov[nd++] = (struct iovec){.iov_base = src, .iov_len = ps};
       }
       last_end = page + 1;
-      if (kind == ENTRY_DATA) {
+      if (iov) {
+        if (kind == ENTRY_DATA) pb += ps;
+      } else if (kind == ENTRY_DATA) {
         memcpy(payload + pb, src, ps);
         /* From the copy, still in cache, and the very bytes sent: the guest may be
          * writing the source page meanwhile. */
@@ -92,6 +87,7 @@ bool gather_batch(const region_t *r, const uint32_t *runs, size_t run_count, uin
   cursor[1] = (uint32_t)done_in_run;
   res->entries = ne;
   res->payload = pb;
+  res->iovs = nd;
   return ri == run_count;
 }
 
@@ -176,7 +172,7 @@ napi_value RegionGather(napi_env env, napi_callback_info info) {
 
   gather_result res;
   const bool done = gather_batch(r, runs, run_count, cursor, payload, payload_cap, entries,
-                                 entry_cap, fps, &res);
+                                 entry_cap, fps, NULL, &res);
   if (res.bad) {
     throw_fmt(env, ERR_RANGE, NULL,
               "%s: run %zu [%llu, %llu] is outside the region of %u pages", fn, res.bad_run,

@@ -1,8 +1,8 @@
 /*
  * Channels: the bulk page stream of a pre-copy migration off the JS thread. A channel is
- * one TCP connection between two agents with a thread at each end: the source's gathers
- * pages straight from the guest's mapping and writes them, the destination's reads them and
- * writes them into the guest's regions (fingerprinted as regionScatter does). With mutual
+ * one TCP connection between two agents with a thread at each end: the source's writes
+ * pages straight from the guest's mapping (zero pages as entries), the destination's reads
+ * them and writes them into the guest's regions (fingerprinted as regionScatter does). With mutual
  * TLS the thread runs the TLS session itself, through the OpenSSL that Node exports: the
  * stream then costs no JS, no WebSocket framing and none of the copies Node's TLS stack makes.
  *
@@ -43,6 +43,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/uio.h>
+#include <limits.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -105,9 +107,10 @@ typedef struct channel {
   region_t **regions;
   uint32_t region_count;
   uint64_t pages_applied;
-  /* [header + entries room][payload] */
+  /* [header + entries room][payload]: the destination's bounce buffer, the source's header */
   uint8_t *buf;
   uint32_t *entries;
+  struct iovec *iov; /* source: a message's header and data entries */
 } channel_t;
 
 typedef struct {
@@ -131,6 +134,7 @@ static void channel_free(channel_t *ch) {
   pthread_cond_destroy(&ch->cv);
   free(ch->buf);
   free(ch->entries);
+  free(ch->iov);
   free(ch->job_runs);
   free(ch->regions);
   free(ch);
@@ -438,11 +442,62 @@ static bool source_setup(channel_t *ch, char *err, size_t err_len) {
   return true;
 }
 
+/*
+ * Writes `n` buffers as one message: plain, with writev (IOV_MAX at a time, partial writes
+ * resumed); under TLS, each through the write buffer, flushed once at the end.
+ */
+static bool io_writev(channel_t *ch, struct iovec *iov, size_t n, char *err, size_t err_len) {
+  if (ch->ssl) {
+    for (size_t i = 0; i < n; i++) {
+      const uint8_t *p = iov[i].iov_base;
+      size_t len = iov[i].iov_len;
+      while (len > 0) {
+        size_t done = 0;
+        if (SSL_write_ex(ch->ssl, p, len, &done) <= 0) {
+          ssl_reason(err, err_len, "TLS write");
+          return false;
+        }
+        p += done;
+        len -= done;
+      }
+    }
+    if (BIO_flush(SSL_get_wbio(ch->ssl)) != 1) {
+      ssl_reason(err, err_len, "TLS write");
+      return false;
+    }
+    return true;
+  }
+  while (n > 0) {
+    const ssize_t wrote = writev(ch->fd, iov, n > IOV_MAX ? IOV_MAX : (int)n);
+    if (wrote < 0) {
+      if (errno == EINTR) continue;
+      snprintf(err, err_len, "write: %s", strerror(errno));
+      return false;
+    }
+    size_t left = (size_t)wrote;
+    while (n > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      iov++;
+      n--;
+    }
+    if (n > 0) {
+      iov->iov_base = (uint8_t *)iov->iov_base + left;
+      iov->iov_len -= left;
+    }
+  }
+  return true;
+}
+
+/*
+ * The pages of the job's runs in messages of up to a batch of data: zero pages as entries,
+ * data pages written straight from the guest's mapping, not copied into a batch first. A
+ * page the guest writes between the zero check and the write goes as it is then; its
+ * tracker has it dirty either way.
+ */
 static bool source_send(channel_t *ch, uint64_t counts[6], char *err, size_t err_len) {
   const region_t *r = ch->job_region;
   const size_t ps = r->page_size;
   const size_t cap = ps >= BATCH_BYTES ? ps : (BATCH_BYTES / ps) * ps;
-  uint8_t *payload = ch->buf + ROOM_BYTES;
   uint32_t cursor[2] = {0, 0};
   bool done = ch->job_run_count == 0;
   memset(counts, 0, 6 * sizeof counts[0]);
@@ -451,22 +506,21 @@ static bool source_send(channel_t *ch, uint64_t counts[6], char *err, size_t err
       snprintf(err, err_len, "the channel was closed");
       return false;
     }
+    /* iov[0]: the header and entries; iov[1 + k]: the k-th data entry's pages. */
     gather_result g;
-    done = gather_batch(r, ch->job_runs, ch->job_run_count, cursor, payload, cap, ch->entries,
-                        MAX_ENTRIES, NULL, &g);
+    done = gather_batch(r, ch->job_runs, ch->job_run_count, cursor, NULL, cap, ch->entries,
+                        MAX_ENTRIES, NULL, ch->iov + 1, &g);
     if (g.bad) {
       snprintf(err, err_len, "run %zu is outside region %u", g.bad_run, ch->job_index);
       return false;
     }
     if (g.entries == 0) break;
-    /* Header and entries right before the payload: one write. */
     const size_t entry_bytes = g.entries * 12;
-    uint8_t *at = payload - entry_bytes - HEAD_BYTES;
     const uint32_t head[5] = {MSG_DATA, ch->job_index, ch->job_round, (uint32_t)g.entries, (uint32_t)g.payload};
-    memcpy(at, head, HEAD_BYTES);
-    memcpy(at + HEAD_BYTES, ch->entries, entry_bytes);
-    const size_t total = HEAD_BYTES + entry_bytes + g.payload;
-    if (!io_write(ch, at, total, err, err_len)) return false;
+    memcpy(ch->buf, head, HEAD_BYTES);
+    memcpy(ch->buf + HEAD_BYTES, ch->entries, entry_bytes);
+    ch->iov[0] = (struct iovec){.iov_base = ch->buf, .iov_len = HEAD_BYTES + entry_bytes};
+    if (!io_writev(ch, ch->iov, g.iovs + 1, err, err_len)) return false;
     for (size_t e = 0; e < g.entries; e++) {
       const uint32_t count = ch->entries[3 * e + 2];
       counts[0] += count;
@@ -474,7 +528,7 @@ static bool source_send(channel_t *ch, uint64_t counts[6], char *err, size_t err
       else counts[1] += count;
     }
     counts[3] += g.payload;
-    counts[4] += total;
+    counts[4] += HEAD_BYTES + entry_bytes + g.payload;
     counts[5]++;
   }
   return true;
@@ -860,7 +914,8 @@ napi_value ChannelOpen(napi_env env, napi_callback_info info) {
   }
   ch->buf = malloc(ROOM_BYTES + MAX_PAYLOAD);
   ch->entries = malloc(MAX_ENTRIES * 12);
-  if (!ch->buf || !ch->entries) {
+  ch->iov = malloc((MAX_ENTRIES + 1) * sizeof *ch->iov);
+  if (!ch->buf || !ch->entries || !ch->iov) {
     if (ch->ctx) SSL_CTX_free(ch->ctx);
     channel_free(ch);
     throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);

@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include "napi-util.h"
 
@@ -58,6 +59,18 @@ static inline void page_hash(XXH128_canonical_t *dst, const uint8_t *page, size_
   XXH128_canonicalFromHash(dst, XXH3_128bits(page, page_size));
 }
 
+/* True when the page (page_size >= 512, 8-byte aligned) is all zero bytes. */
+static inline bool page_is_zero(const uint8_t *page, size_t page_size) {
+  const uint64_t *w = (const uint64_t *)(const void *)page;
+  const size_t words = page_size / sizeof(uint64_t);
+  for (size_t i = 0; i < words; i += 32) { /* 256-byte blocks; page_size is a multiple */
+    uint64_t acc = 0;
+    for (size_t j = 0; j < 32; j++) acc |= w[i + j];
+    if (acc) return false;
+  }
+  return true;
+}
+
 /* Pages per 1 MiB of I/O (at least one). */
 static inline size_t chunk_pages_of(size_t page_size) {
   return page_size >= (1u << 20) ? 1 : (1u << 20) / page_size;
@@ -75,13 +88,14 @@ napi_value scatter_io_error(napi_env env, const char *fn, uint64_t at);
 /* batch.c: a batch's two sides, shared by regionGather / regionScatter and channel.c. */
 typedef struct {
   size_t entries; /* entries written */
-  size_t payload; /* payload bytes written */
+  size_t payload; /* payload bytes written (or pointed at, with iov) */
+  size_t iovs;    /* with iov: the iovecs written, one per data entry */
   bool bad;       /* run bad_run is outside the region */
   size_t bad_run;
 } gather_result;
 bool gather_batch(const region_t *r, const uint32_t *runs, size_t run_count, uint32_t *cursor,
                   uint8_t *payload, size_t payload_cap, uint32_t *entries, size_t entry_cap,
-                  uint8_t *fps, gather_result *res);
+                  uint8_t *fps, struct iovec *iov, gather_result *res);
 #define SCATTER_CHANGED 1
 #define SCATTER_IO 2
 bool scatter_check(const region_t *r, const uint32_t *entries, size_t entry_count,
