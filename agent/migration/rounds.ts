@@ -234,16 +234,18 @@ export class RoundSender {
     // The previous round's session pieces are written before any page of this one is.
     if (this.sessionPiecesOut) await link.unlessFailed(link.credits!.drained());
     this.sessionPiecesOut = false;
-    let reported = emptyCounters();
+    // This round's channel pieces, for the metrics (the session's pieces report their own batches).
+    const onChannel = emptyCounters();
     const done = (sent: ChannelSent) => {
       const piece = { ...emptyCounters(), pages: sent.pages, dataPages: sent.dataPages, zeroPages: sent.zeroPages, rawBytes: sent.rawBytes, payloadBytes: sent.rawBytes, wireBytes: sent.wireBytes, batches: sent.batches };
+      const before = { ...onChannel };
+      addCounters(onChannel, piece);
       addCounters(counters, piece);
       addCounters(this.channelTotals, piece);
       const rate = channels.deliveredRate();
       if (options.codec === 'auto' && rate !== undefined) this.chooser.measuredOnChannels(rate);
       report(counters);
-      options.metrics?.batchSent(reported, counters, lanes[0]!.region.pageSizeBytes);
-      reported = { ...counters };
+      options.metrics?.batchSent(before, onChannel, lanes[0]!.region.pageSizeBytes);
     };
     for (const lane of lanes) {
       const queue = SourceChannels.pieceRuns(lane, runs[lane.index] ?? new Uint32Array(0));
