@@ -214,8 +214,11 @@ export class RoundSender {
     return record;
   }
 
-  /** Session pieces of a round not yet all applied at the destination (the next round's channel pieces wait for them). */
-  private sessionPiecesOut = false;
+  /**
+   * The earliest round whose session pieces may not all be applied at the destination yet: a
+   * later round's channel piece waits for them (the same page may be in both).
+   */
+  private sessionPiecesRound: number | undefined;
 
   /**
    * A round in pieces: those the codec sends raw go to the channels (up to one per channel
@@ -231,9 +234,13 @@ export class RoundSender {
     report: (done: RoundCounters) => void,
   ): Promise<void> {
     const { options, link, lanes } = this.run;
-    // The previous round's session pieces are written before any page of this one is.
-    if (this.sessionPiecesOut) await link.unlessFailed(link.credits!.drained());
-    this.sessionPiecesOut = false;
+    // An earlier round's session pieces are applied before a channel writes a page of this
+    // one; waited for only then (a round on the session alone keeps its pipeline full).
+    const afterEarlierRounds = async () => {
+      if (this.sessionPiecesRound === undefined || this.sessionPiecesRound >= round) return;
+      await link.unlessFailed(link.credits!.drained());
+      this.sessionPiecesRound = undefined;
+    };
     // This round's channel pieces, for the metrics (the session's pieces report their own batches).
     const onChannel = emptyCounters();
     const done = (sent: ChannelSent) => {
@@ -256,13 +263,15 @@ export class RoundSender {
           if (options.codec === 'auto' && this.chooser.measuring()) {
             const [probe, ...rest] = SourceChannels.probeRuns(lane, piece, this.chooser.rates().raw);
             queue.unshift(...rest);
+            await afterEarlierRounds();
             await link.unlessFailed(channels.dispatch(lane, round, probe!, done));
             await link.unlessFailed(channels.settled());
             continue;
           }
+          await afterEarlierRounds();
           await link.unlessFailed(channels.dispatch(lane, round, piece, done));
         } else {
-          this.sessionPiecesOut = true;
+          this.sessionPiecesRound ??= round;
           await onSession(lane, piece);
         }
       }
