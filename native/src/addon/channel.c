@@ -92,7 +92,6 @@ typedef struct channel {
   napi_threadsafe_function tsfn;
   napi_ref self; /* the JS handle, kept while the thread runs */
   bool stop;     /* channelClose: the thread ends at its next step */
-  bool closed_event;
   /* source: the hello */
   char migration_id[MAX_ID_BYTES + 1];
   uint8_t secret[SECRET_BYTES];
@@ -107,7 +106,7 @@ typedef struct channel {
   region_t **regions;
   uint32_t region_count;
   uint64_t pages_applied;
-  /* [header + entries room][payload]: the destination's bounce buffer, the source's header */
+  /* the source's header and entries of a message; the destination's payload of one */
   uint8_t *buf;
   uint32_t *entries;
   struct iovec *iov; /* source: a message's header and data entries */
@@ -123,7 +122,6 @@ typedef struct {
 } event_t;
 
 #define HEAD_BYTES 20u
-#define ROOM_BYTES (HEAD_BYTES + MAX_ENTRIES * 12u)
 
 /* ------------------------------------------------------------------------------------ */
 /* Events, on the JS thread                                                             */
@@ -209,7 +207,6 @@ static void call_js(napi_env env, napi_value js_cb, void *context, void *data) {
       /* The thread posts this last and ends right after. */
       pthread_join(ch->thread, NULL);
       ch->started = false;
-      ch->closed_event = true;
       if (ch->job_region) {
         region_unbusy(ch->job_region);
         ch->job_region = NULL;
@@ -266,46 +263,56 @@ static void ssl_reason(char *err, size_t len, const char *what) {
   snprintf(err, len, "%s: %s", what, code ? reason : "the connection closed");
 }
 
-static bool io_write(channel_t *ch, const void *data, size_t len, char *err, size_t err_len) {
-  const uint8_t *p = data;
+/*
+ * Writes `n` buffers as one message: plain, with writev (IOV_MAX at a time, partial writes
+ * resumed); under TLS, each through the write buffer, flushed once at the end.
+ */
+static bool io_writev(channel_t *ch, struct iovec *iov, size_t n, char *err, size_t err_len) {
   if (ch->ssl) {
-    while (len > 0) {
-      size_t n = 0;
-      if (SSL_write_ex(ch->ssl, p, len, &n) <= 0) {
-        ssl_reason(err, err_len, "TLS write");
-        return false;
+    for (size_t i = 0; i < n; i++) {
+      const uint8_t *p = iov[i].iov_base;
+      size_t len = iov[i].iov_len;
+      while (len > 0) {
+        size_t done = 0;
+        if (SSL_write_ex(ch->ssl, p, len, &done) <= 0) {
+          ssl_reason(err, err_len, "TLS write");
+          return false;
+        }
+        p += done;
+        len -= done;
       }
-      p += n;
-      len -= n;
     }
-    /* A message at a time: what the buffer holds goes out now. */
     if (BIO_flush(SSL_get_wbio(ch->ssl)) != 1) {
       ssl_reason(err, err_len, "TLS write");
       return false;
     }
     return true;
   }
-  while (len > 0) {
-    if (ch->ssl) {
-      size_t n = 0;
-      if (SSL_write_ex(ch->ssl, p, len, &n) <= 0) {
-        ssl_reason(err, err_len, "TLS write");
-        return false;
-      }
-      p += n;
-      len -= n;
-    } else {
-      const ssize_t n = send(ch->fd, p, len, MSG_NOSIGNAL);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        snprintf(err, err_len, "write: %s", strerror(errno));
-        return false;
-      }
-      p += n;
-      len -= (size_t)n;
+  while (n > 0) {
+    const ssize_t wrote = writev(ch->fd, iov, n > IOV_MAX ? IOV_MAX : (int)n);
+    if (wrote < 0) {
+      if (errno == EINTR) continue;
+      snprintf(err, err_len, "write: %s", strerror(errno));
+      return false;
+    }
+    size_t left = (size_t)wrote;
+    while (n > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      iov++;
+      n--;
+    }
+    if (n > 0) {
+      iov->iov_base = (uint8_t *)iov->iov_base + left;
+      iov->iov_len -= left;
     }
   }
   return true;
+}
+
+/* Writes one buffer as one message (io_writev). */
+static bool io_write(channel_t *ch, const void *data, size_t len, char *err, size_t err_len) {
+  struct iovec iov = {.iov_base = (void *)data, .iov_len = len};
+  return io_writev(ch, &iov, 1, err, err_len);
 }
 
 static bool io_read(channel_t *ch, void *data, size_t len, char *err, size_t err_len) {
@@ -438,52 +445,6 @@ static bool source_setup(channel_t *ch, char *err, size_t err_len) {
     post(ch, ev);
   } else {
     free(der);
-  }
-  return true;
-}
-
-/*
- * Writes `n` buffers as one message: plain, with writev (IOV_MAX at a time, partial writes
- * resumed); under TLS, each through the write buffer, flushed once at the end.
- */
-static bool io_writev(channel_t *ch, struct iovec *iov, size_t n, char *err, size_t err_len) {
-  if (ch->ssl) {
-    for (size_t i = 0; i < n; i++) {
-      const uint8_t *p = iov[i].iov_base;
-      size_t len = iov[i].iov_len;
-      while (len > 0) {
-        size_t done = 0;
-        if (SSL_write_ex(ch->ssl, p, len, &done) <= 0) {
-          ssl_reason(err, err_len, "TLS write");
-          return false;
-        }
-        p += done;
-        len -= done;
-      }
-    }
-    if (BIO_flush(SSL_get_wbio(ch->ssl)) != 1) {
-      ssl_reason(err, err_len, "TLS write");
-      return false;
-    }
-    return true;
-  }
-  while (n > 0) {
-    const ssize_t wrote = writev(ch->fd, iov, n > IOV_MAX ? IOV_MAX : (int)n);
-    if (wrote < 0) {
-      if (errno == EINTR) continue;
-      snprintf(err, err_len, "write: %s", strerror(errno));
-      return false;
-    }
-    size_t left = (size_t)wrote;
-    while (n > 0 && left >= iov->iov_len) {
-      left -= iov->iov_len;
-      iov++;
-      n--;
-    }
-    if (n > 0) {
-      iov->iov_base = (uint8_t *)iov->iov_base + left;
-      iov->iov_len -= left;
-    }
   }
   return true;
 }
@@ -655,7 +616,7 @@ static bool destination_loop(channel_t *ch, char *err, size_t err_len) {
   const bool attached = ch->attached && !ch->stop;
   pthread_mutex_unlock(&ch->mu);
   if (!attached) return true;
-  uint8_t *payload = ch->buf + ROOM_BYTES;
+  uint8_t *payload = ch->buf;
   for (;;) {
     uint32_t head[5];
     if (!io_read(ch, head, HEAD_BYTES, err, err_len)) return stopping(ch);
@@ -912,10 +873,10 @@ napi_value ChannelOpen(napi_env env, napi_callback_info info) {
       return NULL;
     }
   }
-  ch->buf = malloc(ROOM_BYTES + MAX_PAYLOAD);
+  ch->buf = malloc(source ? HEAD_BYTES + MAX_ENTRIES * 12u : MAX_PAYLOAD);
   ch->entries = malloc(MAX_ENTRIES * 12);
-  ch->iov = malloc((MAX_ENTRIES + 1) * sizeof *ch->iov);
-  if (!ch->buf || !ch->entries || !ch->iov) {
+  ch->iov = source ? malloc((MAX_ENTRIES + 1) * sizeof *ch->iov) : NULL;
+  if (!ch->buf || !ch->entries || (source && !ch->iov)) {
     if (ch->ctx) SSL_CTX_free(ch->ctx);
     channel_free(ch);
     throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
