@@ -14,7 +14,7 @@ import type { DestinationGroup } from '../dedup/dest-group.js';
 import type { Logger } from '../log.js';
 import { Slots } from '../migration/flow.js';
 import { loadNative } from '../native.js';
-import { Channel, CHANNEL_PREAMBLE, type ChannelHelloIn } from '../peer/channel.js';
+import { Channel, CHANNEL_PREAMBLE, socketFdOf, type ChannelHelloIn } from '../peer/channel.js';
 import { PeerSession, type GroupFrame, type OfferFrame, type SessionOptions, type TrafficReport } from '../peer/session.js';
 import { describeTlsError, identityOfPeer, isLoopbackHost, REFUSAL_HEADER, refusePeer, type Refusal, type TlsMaterial } from '../peer/tls.js';
 
@@ -289,8 +289,8 @@ export function sortConnection(
   timeoutMs: number,
   to: { channel: (socket: Socket) => void; other: (socket: Socket) => void; timeout: (socket: Socket) => void },
 ): void {
-  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) {
+  const fd = socketFdOf(socket);
+  if (fd === undefined) {
     to.other(socket);
     return;
   }

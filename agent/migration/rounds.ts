@@ -222,7 +222,8 @@ export class RoundSender {
 
   /**
    * A round in pieces: those the codec sends raw go to the channels (up to one per channel
-   * at once), those it compresses on the session, in between; then every channel's barrier.
+   * at once), those it compresses on the session, in between; then the channels' pieces
+   * are all written at the destination.
    * The chooser learns raw's rate from what the channels deliver together.
    */
   private async onChannels(
@@ -276,8 +277,9 @@ export class RoundSender {
         }
       }
     }
-    // A broken session or a cancel ends the wait (the channels are closed after).
-    await link.unlessFailed(channels.endRound(round));
+    // Every piece ended with its barrier: the destination has written the round. A broken
+    // session or a cancel ends the wait (the channels are closed after).
+    await link.unlessFailed(channels.settled());
   }
 }
 

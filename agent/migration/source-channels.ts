@@ -2,8 +2,8 @@
 // off the JS thread, when the migration asks nothing of its pages but raw bytes (no dedup,
 // no pacer, no gang gate, memory only). A round's pages are cut into pieces; a piece the
 // codec sends raw goes to the next idle channel, one it compresses on the session
-// (rounds.ts). A round ends with a barrier on every channel, so that the destination has
-// written the whole round before the next one (or the session's roundEnd) goes out; and a
+// (rounds.ts). Every piece ends with a barrier, so once a round's pieces are settled the
+// destination has written them all, before the next round (or the session's roundEnd); and a
 // round's session pieces are all applied before the next round's first channel piece. Once a
 // final round or a repair goes the session's way, the channels are done with.
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
@@ -159,7 +159,7 @@ export class SourceChannels {
   /**
    * Sends a piece of a round (a lane's runs) on the next idle channel, waiting for one;
    * `done` hears what it carried once the destination has written it. A failed piece fails
-   * the next call and `endRound`.
+   * the next call and `settled`.
    */
   async dispatch(lane: Lane, round: number, piece: Uint32Array, done: (sent: ChannelSent) => void): Promise<void> {
     if (this.failure) throw this.failure;
@@ -204,16 +204,13 @@ export class SourceChannels {
     return this.bytesDone > 0 && ms > 0 ? (this.bytesDone * 1000) / ms : undefined;
   }
 
-  /** Resolves once every piece dispatched so far is written (or one failed). */
+  /**
+   * Resolves once every piece dispatched so far is written at the destination (each ended
+   * with its barrier), or rejects with the first failure.
+   */
   async settled(): Promise<void> {
     while (this.inFlight.size > 0) await Promise.all([...this.inFlight]);
     if (this.failure) throw this.failure;
-  }
-
-  /** Once every piece is written: a barrier on each channel, so the destination has written the round. */
-  async endRound(round: number): Promise<void> {
-    await this.settled();
-    await Promise.all(this.channels.map((channel) => channel.barrier(round)));
   }
 
   /** The last message on every channel; resolves once they closed. */

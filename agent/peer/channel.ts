@@ -27,10 +27,15 @@ export interface ChannelHelloIn {
 
 type Pending = { resolve: (value: never) => void; reject: (err: Error) => void; kind: 'sent' | 'barrier' };
 
-/** The descriptor of a connected net.Socket (Node keeps it on the socket's handle). */
-function socketFd(socket: Socket): number {
+/** The descriptor of a connected net.Socket (Node keeps it on the socket's handle), if it has one. */
+export function socketFdOf(socket: Socket): number | undefined {
   const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) throw new GangwayError(ErrorCode.INTERNAL, 'a channel needs a TCP socket with a descriptor');
+  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+}
+
+function socketFd(socket: Socket): number {
+  const fd = socketFdOf(socket);
+  if (fd === undefined) throw new GangwayError(ErrorCode.INTERNAL, 'a channel needs a TCP socket with a descriptor');
   return fd;
 }
 
