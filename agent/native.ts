@@ -200,8 +200,15 @@ export interface NativeAddon {
   channelOpen(fd: number, role: 'source' | 'destination', tls: ChannelTls | null, hello: ChannelHello | null, onEvent: (event: ChannelEvent['event'], fields: never) => void): ChannelHandle;
   /** Destination: the migration's writable regions, by region index (held until 'closed'). */
   channelAttach(channel: ChannelHandle, regions: RegionHandle[]): void;
-  /** Source: the pages of `runs` of `region` (read-only mapping) in batches; 'sent' once written. Throws when the channel is busy. */
-  channelSend(channel: ChannelHandle, region: RegionHandle, regionIndex: number, round: number, runs: Uint32Array): void;
+  /**
+   * Source: the pages of `runs` of `region` (read-only mapping) in batches; 'sent' once
+   * written. Data pages go straight from the mapping; with `fingerprints` they are copied
+   * first, and 'sent' carries each page's XXH3-128 fingerprint of the bytes sent (16 bytes
+   * per page of the runs, in order; a zero page's is the zero page's). Throws when the
+   * channel is busy, RangeError when fingerprints are asked for runs outside the region or
+   * of more pages than it has.
+   */
+  channelSend(channel: ChannelHandle, region: RegionHandle, regionIndex: number, round: number, runs: Uint32Array, fingerprints?: boolean): void;
   /** Source: 'barrier' once the destination has written everything sent before it. */
   channelBarrier(channel: ChannelHandle, round: number): void;
   /** Source: the last message; the channel closes at both ends. */
@@ -261,6 +268,8 @@ export interface ChannelSent {
   rawBytes: number;
   wireBytes: number;
   batches: number;
+  /** With channelSend's `fingerprints`: each page's, in the runs' order. */
+  fingerprints?: Buffer;
 }
 
 /** A channel's events, by name, with their fields. */

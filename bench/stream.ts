@@ -60,6 +60,7 @@ const allCases: Case[] = [
   { name: 'incompressible, no compression', profile: 'random', codec: 'raw' },
   { name: 'incompressible, no compression, session only', profile: 'random', codec: 'raw', sessionOnly: true },
   { name: 'incompressible, no compression, dedup', profile: 'random', codec: 'raw', dedup: true },
+  { name: 'incompressible, no compression, dedup, session only', profile: 'random', codec: 'raw', dedup: true, sessionOnly: true },
   { name: 'incompressible, no compression, mutual TLS', profile: 'random', codec: 'raw', tls: true },
   { name: 'incompressible, no compression, mutual TLS, session only', profile: 'random', codec: 'raw', tls: true, sessionOnly: true },
   { name: 'OS-image-like, LZ4', profile: 'os-image', codec: 'lz4' },

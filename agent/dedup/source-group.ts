@@ -190,6 +190,8 @@ export class DedupPlanner {
   private readonly roundOf: Uint32Array;
   private lastSlot: SlotInfo | undefined;
   readonly residentPages: number;
+  /** The zero page's fingerprint, as four words. */
+  private readonly zeroWords: Int32Array;
 
   /** `zeroFp`: the fingerprint of a zero page, whose resident holders are not indexed (zero pages travel as runs). */
   constructor(members: GroupMember[], resident: ResidentContent[], zeroFp: Uint8Array) {
@@ -214,7 +216,8 @@ export class DedupPlanner {
     this.roundOf = new Uint32Array(Math.max(base, 1));
     // Resident content first: later (incoming) holders of the same content head the list,
     // so lookups prefer locations that need no verification.
-    const zero = new Int32Array(zeroFp.buffer, zeroFp.byteOffset, 4);
+    const zero = Int32Array.from(new Int32Array(zeroFp.buffer, zeroFp.byteOffset, 4));
+    this.zeroWords = zero;
     for (const r of resident) {
       const info = this.bySlot.get(r.slot)!;
       const words = new Int32Array(r.fps.buffer, r.fps.byteOffset, r.pageCount * 4);
@@ -316,6 +319,100 @@ export class DedupPlanner {
         roundOf[location] = plan.round;
       }
     }
+  }
+
+  /**
+   * Plans a piece that a channel carries (source-channels.ts), from each page's fingerprint
+   * read now (`fps`, 16 bytes per page of `runs`, in order): a page the destination already
+   * holds in place is nothing, one whose content it holds elsewhere a ref (into `refs`, a
+   * pages frame of ref entries for the session), every other page goes to the channel (the
+   * runs returned), which reads it again as it sends it. Those pages' locations hold nothing
+   * known until `delivered` says what the channel sent and the destination wrote: no ref
+   * copies from them before, and a ref planned to them before now copies from them before
+   * the channel writes them (the caller sends `refs` first and has the session's frames
+   * applied before the piece goes).
+   */
+  planPiece(plan: { slot: number; round: number; allowResident: boolean; runs: Uint32Array; fps: Uint8Array }, refs: BatchBuild, counters: DedupCounters): Uint32Array {
+    const info = this.bySlot.get(plan.slot);
+    if (!info || info.resident) throw new Error(`dedup planner: slot ${plan.slot} is not a member`);
+    const { index, roundOf } = this;
+    const base = info.base;
+    const words = new Int32Array(plan.fps.buffer, plan.fps.byteOffset, plan.fps.length >> 2);
+    const out: number[] = [];
+    const toChannel = (page: number) => {
+      const last = out.length - 2;
+      if (last >= 0 && out[last]! + out[last + 1]! === page) out[last + 1]!++;
+      else out.push(page, 1);
+      this.index.clear(base + page);
+    };
+    let at = 0;
+    for (let r = 0; r + 1 < plan.runs.length; r += 2) {
+      const first = plan.runs[r]!;
+      const end = first + plan.runs[r + 1]!;
+      for (let p = first; p < end; p++, at++) {
+        const location = base + p;
+        const w = at * 4;
+        const w0 = words[w]!, w1 = words[w + 1]!, w2 = words[w + 2]!, w3 = words[w + 3]!;
+        if (this.isZero(w0, w1, w2, w3)) {
+          toChannel(p);
+          continue;
+        }
+        const found = index.lookupWords(w0, w1, w2, w3);
+        if (found === location) {
+          counters.unchangedPages++;
+          counters.hitsCrossRound++;
+          continue;
+        }
+        const source = found >= 0 ? this.slotOfLocation(found) : undefined;
+        if (source && !source.retired && (!source.resident || plan.allowResident)) {
+          if (!source.resident) {
+            if (source !== info) counters.hitsCrossGuest++;
+            else if (roundOf[found]! < plan.round) counters.hitsCrossRound++;
+            else counters.hitsIntra++;
+            index.setWords(location, w0, w1, w2, w3);
+            roundOf[location] = plan.round;
+          } else {
+            if (source.slot < RESIDENT_SLOT_FLAG) counters.hitsCrossGuest++;
+            else counters.hitsResident++;
+            // Verified only when applied: until then this page's content is not certain.
+            index.clear(location);
+          }
+          counters.refPages++;
+          emit(refs, ENTRY_REF, p, 1, source.slot, found - source.base);
+          continue;
+        }
+        toChannel(p);
+      }
+    }
+    return Uint32Array.from(out);
+  }
+
+  /**
+   * A channel's piece is written at the destination: its pages hold what the channel sent
+   * (`fps`, 16 bytes per page of `runs`, in order, as channelSend reports them); a zero
+   * page is no source of refs.
+   */
+  delivered(slot: number, round: number, runs: Uint32Array, fps: Uint8Array): void {
+    const info = this.bySlot.get(slot);
+    if (!info || info.retired || info.resident) return;
+    const words = new Int32Array(fps.buffer, fps.byteOffset, fps.length >> 2);
+    let at = 0;
+    for (let r = 0; r + 1 < runs.length; r += 2) {
+      const first = runs[r]!;
+      const end = first + runs[r + 1]!;
+      for (let p = first; p < end; p++, at++) {
+        const w = at * 4;
+        const w0 = words[w]!, w1 = words[w + 1]!, w2 = words[w + 2]!, w3 = words[w + 3]!;
+        if (this.isZero(w0, w1, w2, w3)) continue;
+        this.index.setWords(info.base + p, w0, w1, w2, w3);
+        this.roundOf[info.base + p] = round;
+      }
+    }
+  }
+
+  private isZero(w0: number, w1: number, w2: number, w3: number): boolean {
+    const z = this.zeroWords;
+    return w0 === z[0] && w1 === z[1] && w2 === z[2] && w3 === z[3];
   }
 
   /**

@@ -302,6 +302,36 @@ export async function sendRegionRound(
 }
 
 /**
+ * A pages frame of ref entries only, for a piece a channel carries the rest of
+ * (DedupPlanner.planPiece), at `ticket`'s place in the group's order and within the credit
+ * window. Returns its bytes on the wire. On failure its place is given up.
+ */
+export async function sendRefs(
+  ctx: Pick<PageSenderContext, 'sink' | 'migrationId' | 'credits' | 'queueBytes'>,
+  group: SourceDedupGroup,
+  ticket: number,
+  regionIndex: number,
+  round: number,
+  batch: BatchBuild,
+): Promise<number> {
+  try {
+    const entries = batch.entries.subarray(0, batch.entryCount * 3);
+    const frame = Frame.pages({ migrationId: ctx.migrationId, region: regionIndex, round, codec: Codec.raw, entries, rawBytes: 0, payload: new Uint8Array(0), refs: batch.refs.subarray(0, batch.refCount * 2) });
+    await group.outbox.turn(ticket);
+    await ctx.credits.take(creditCost(0, 0, batch.entryCount));
+    await ctx.sink.writable(ctx.queueBytes ?? SEND_QUEUE_BYTES);
+    // No payload: the head is the whole frame.
+    const [head] = encodeFrame(frame);
+    const wire = ctx.sink.sendMessage(head);
+    group.outbox.done(ticket);
+    return wire;
+  } catch (err) {
+    group.outbox.drop(ticket);
+    throw err;
+  }
+}
+
+/**
  * The credit cost of a pages frame: the larger of its payload and what the payload
  * decompresses to, plus entries plus a fixed allowance for the rest of the header, so both
  * sides agree without re-encoding. Counting the decompressed size is what bounds the

@@ -11,7 +11,8 @@ import type { Pacer } from './flow.js';
 import { everyPage, laneBytes, lanePages, mergeLaneRuns, takeWanted, type Lane, type LaneRuns } from './lanes.js';
 import { SourceChannels } from './source-channels.js';
 import type { ChannelSent } from '../native.js';
-import { addCounters, emptyCounters, sendRegionRound, type BatchPool, type RoundCounters } from './page-sender.js';
+import { addCounters, emptyCounters, sendRefs, sendRegionRound, type BatchPool, type RoundCounters } from './page-sender.js';
+import type { BatchBuild } from '../dedup/source-group.js';
 import { diskHoldsStop, diskWriteLimit } from './disk-throttle.js';
 import { hybridSwitch } from './postcopy.js';
 import type { MigrationProgress, RoundRecord, SourceRun } from './source-types.js';
@@ -225,6 +226,8 @@ export class RoundSender {
    * at once), those it compresses on the session, in between; then the channels' pieces
    * are all written at the destination.
    * The chooser learns raw's rate from what the channels deliver together.
+   * With dedup, a piece is planned first (DedupPlanner.planPiece): its refs go on the
+   * session, the rest on a channel, which reports what it sent once it is written there.
    */
   private async onChannels(
     channels: SourceChannels,
@@ -235,25 +238,76 @@ export class RoundSender {
     report: (done: RoundCounters) => void,
   ): Promise<void> {
     const { options, link, lanes } = this.run;
+    const dedup = options.dedup;
+    /**
+     * Refs sent on the session and perhaps not applied yet: one may copy from a page that a
+     * channel's piece is about to write.
+     */
+    let refsInFlight = false;
     // An earlier round's session pieces are applied before a channel writes a page of this
-    // one; waited for only then (a round on the session alone keeps its pipeline full).
-    const afterEarlierRounds = async () => {
-      if (this.sessionPiecesRound === undefined || this.sessionPiecesRound >= round) return;
+    // one; waited for only then (a round on the session alone keeps its pipeline full). So
+    // are refs: each copies what the page held when it was planned.
+    const beforeChannelPiece = async () => {
+      const earlier = this.sessionPiecesRound !== undefined && this.sessionPiecesRound < round;
+      if (!earlier && !refsInFlight) return;
       await link.unlessFailed(link.credits!.drained());
-      this.sessionPiecesRound = undefined;
+      if (earlier) this.sessionPiecesRound = undefined;
+      refsInFlight = false;
     };
     // This round's channel pieces, for the metrics (the session's pieces report their own batches).
     const onChannel = emptyCounters();
-    const done = (sent: ChannelSent) => {
-      const piece = { ...emptyCounters(), pages: sent.pages, dataPages: sent.dataPages, zeroPages: sent.zeroPages, rawBytes: sent.rawBytes, payloadBytes: sent.rawBytes, wireBytes: sent.wireBytes, batches: sent.batches };
+    const count = (piece: RoundCounters) => {
       const before = { ...onChannel };
       addCounters(onChannel, piece);
       addCounters(counters, piece);
+      report(counters);
+      options.metrics?.batchSent(before, onChannel, lanes[0]!.region.pageSizeBytes);
+    };
+    const done = (sent: ChannelSent) => {
+      const piece = { ...emptyCounters(), pages: sent.pages, dataPages: sent.dataPages, zeroPages: sent.zeroPages, rawBytes: sent.rawBytes, payloadBytes: sent.rawBytes, wireBytes: sent.wireBytes, batches: sent.batches };
       addCounters(this.channelTotals, piece);
       const rate = channels.deliveredRate();
       if (options.codec === 'auto' && rate !== undefined) this.chooser.measuredOnChannels(rate);
-      report(counters);
-      options.metrics?.batchSent(before, onChannel, lanes[0]!.region.pageSizeBytes);
+      count(piece);
+    };
+    /** A piece on a channel; with dedup, its refs on the session first. */
+    const toChannel = async (lane: Lane, piece: Uint32Array): Promise<void> => {
+      const slot = lane.slot;
+      if (!dedup || slot === undefined) {
+        await beforeChannelPiece();
+        await link.unlessFailed(channels.dispatch(lane, round, piece, done));
+        return;
+      }
+      const group = dedup.group;
+      const pages = runsPageCount(piece);
+      const refs: BatchBuild = { entries: new Uint32Array(pages * 3), entryCount: 0, refs: new Uint32Array(pages * 2), refCount: 0, payload: NO_PAYLOAD, payloadEnd: 0 };
+      const planned = emptyCounters();
+      // Outside a final round (which never goes on channels): resident refs are allowed.
+      const carried = group.planPiece({ slot, round, allowResident: true, runs: piece, fps: channels.fingerprints(lane, piece) }, refs, planned);
+      planned.pages = planned.unchangedPages + planned.refPages;
+      if (refs.entryCount > 0) {
+        // Its place in the group's order is fixed now, when the mirror took its content.
+        const ticket = group.outbox.take();
+        planned.wireBytes = await link.unlessFailed(sendRefs({ sink: link.session, migrationId: options.migrationId, credits: link.credits! }, group, ticket, lane.index, round, refs));
+        planned.batches = 1;
+        refsInFlight = true;
+      }
+      if (planned.pages > 0) count(planned);
+      if (carried.length === 0) return;
+      await beforeChannelPiece();
+      await link.unlessFailed(
+        channels.dispatch(
+          lane,
+          round,
+          carried,
+          (sent) => {
+            // Written at the destination: what was sent there is a source of refs from now on.
+            group.delivered(slot, round, carried, sent.fingerprints!);
+            done(sent);
+          },
+          true,
+        ),
+      );
     };
     for (const lane of lanes) {
       const queue = SourceChannels.pieceRuns(lane, runs[lane.index] ?? new Uint32Array(0));
@@ -264,16 +318,16 @@ export class RoundSender {
           if (options.codec === 'auto' && this.chooser.measuring()) {
             const [probe, ...rest] = SourceChannels.probeRuns(lane, piece, this.chooser.rates().raw);
             queue.unshift(...rest);
-            await afterEarlierRounds();
-            await link.unlessFailed(channels.dispatch(lane, round, probe!, done));
+            await toChannel(lane, probe!);
             await link.unlessFailed(channels.settled());
             continue;
           }
-          await afterEarlierRounds();
-          await link.unlessFailed(channels.dispatch(lane, round, piece, done));
+          await toChannel(lane, piece);
         } else {
           this.sessionPiecesRound ??= round;
+          const refsBefore = counters.refPages;
           await onSession(lane, piece);
+          if (counters.refPages > refsBefore) refsInFlight = true;
         }
       }
     }
@@ -282,6 +336,9 @@ export class RoundSender {
     await link.unlessFailed(channels.settled());
   }
 }
+
+/** A refs-only batch's payload: none. */
+const NO_PAYLOAD = Buffer.alloc(0);
 
 /**
  * Disks written faster than the link carries them: QEMU's I/O limits hold the guest's disk

@@ -1,14 +1,18 @@
 // The source's channels of one migration (peer/channel.ts): pre-copy rounds go out on them,
-// off the JS thread, when the migration asks nothing of its pages but raw bytes (no dedup,
-// no pacer, no gang gate, memory only). A round's pages are cut into pieces; a piece the
-// codec sends raw goes to the next idle channel, one it compresses on the session
-// (rounds.ts). Every piece ends with a barrier, so once a round's pieces are settled the
-// destination has written them all, before the next round (or the session's roundEnd); and a
-// round's session pieces are all applied before the next round's first channel piece. Once a
-// final round or a repair goes the session's way, the channels are done with.
+// off the JS thread, when the migration's pages go raw or deduplicated (no pacer, no gang
+// gate, memory only). A round's pages are cut into pieces; a piece the codec sends raw goes
+// to the next idle channel, one it compresses on the session (rounds.ts). Every piece ends
+// with a barrier, so once a round's pieces are settled the destination has written them all,
+// before the next round (or the session's roundEnd); and a round's session pieces are all
+// applied before the next round's first channel piece. With dedup, a piece's refs go on the
+// session ahead of it, and its pages become a source of refs only once written there
+// (DedupPlanner.planPiece). Once a final round or a repair goes the session's way, the
+// channels are done with.
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
 import { Channel } from '../peer/channel.js';
-import type { ChannelSent, ChannelTls, RegionHandle } from '../native.js';
+import { FINGERPRINT_BYTES } from '../../protocol/limits.js';
+import { loadNative, type ChannelSent, type ChannelTls, type RegionHandle } from '../native.js';
+import { runsPageCount } from '../tracker/page-set.js';
 import { hostOf } from '../peer/tls.js';
 import type { Logger } from '../log.js';
 import type { Lane } from './lanes.js';
@@ -161,7 +165,7 @@ export class SourceChannels {
    * `done` hears what it carried once the destination has written it. A failed piece fails
    * the next call and `settled`.
    */
-  async dispatch(lane: Lane, round: number, piece: Uint32Array, done: (sent: ChannelSent) => void): Promise<void> {
+  async dispatch(lane: Lane, round: number, piece: Uint32Array, done: (sent: ChannelSent) => void, fingerprints = false): Promise<void> {
     if (this.failure) throw this.failure;
     while (this.idle.length === 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
     if (this.failure) throw this.failure;
@@ -170,7 +174,7 @@ export class SourceChannels {
     // Each piece ends with a barrier: `done` hears of it once the destination wrote it, so a
     // rate taken from it is what was delivered, not what the socket buffers took in.
     const sending: Promise<void> = (async () => {
-      const sent = await channel.send(this.handles[lane.index]!, lane.index, round, piece);
+      const sent = await channel.send(this.handles[lane.index]!, lane.index, round, piece, fingerprints);
       await channel.barrier(round);
       return sent;
     })().then(
@@ -192,6 +196,18 @@ export class SourceChannels {
       },
     );
     this.inFlight.add(sending);
+  }
+
+  /** Each page's fingerprint as the lane's mapping holds it now (16 bytes per page of `runs`, in order). */
+  fingerprints(lane: Lane, runs: Uint32Array): Uint8Array {
+    const out = new Uint8Array(runsPageCount(runs) * FINGERPRINT_BYTES);
+    const native = loadNative();
+    let at = 0;
+    for (let i = 0; i + 1 < runs.length; i += 2) {
+      native.regionFingerprints(this.handles[lane.index]!, runs[i]!, runs[i + 1]!, out.subarray(at * FINGERPRINT_BYTES));
+      at += runs[i + 1]!;
+    }
+    return out;
   }
 
   /**

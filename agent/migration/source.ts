@@ -514,8 +514,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     };
 
     if (technique === 'postcopy') return postcopy(0, noPages(lanes), undefined);
-    // Raw or adaptive pages, at the link's own pace, by one migration alone: the rounds may go on channels.
-    if (options.channels && technique === 'precopy' && !dedup && options.codec !== 'lz4' && !options.gate && !this.pacer && link.session.peer?.features.includes('channels')) {
+    // Raw or adaptive pages, deduplicated or not, at the link's own pace, by one migration alone: the rounds may go on channels.
+    if (options.channels && technique === 'precopy' && options.codec !== 'lz4' && !options.gate && !this.pacer && link.session.peer?.features.includes('channels')) {
       sender.channels = await SourceChannels.open(options.channels, lanes, options.peerAddress, { migrationId: options.migrationId, secret: accept.secret }, link.session.peerCertificateSha256, this.log);
     }
     let outcome: Awaited<ReturnType<typeof precopyRounds>>;

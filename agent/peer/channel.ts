@@ -163,9 +163,9 @@ export class Channel {
     });
   }
 
-  /** Source: the pages of `runs` of region `regionIndex` (its read-only mapping `region`), written to the socket. */
-  send(region: RegionHandle, regionIndex: number, round: number, runs: Uint32Array): Promise<ChannelSent> {
-    return this.job('sent', () => this.native.channelSend(this.handle, region, regionIndex, round, runs));
+  /** Source: the pages of `runs` of region `regionIndex` (its read-only mapping `region`), written to the socket; with `fingerprints`, what each page was as sent. */
+  send(region: RegionHandle, regionIndex: number, round: number, runs: Uint32Array, fingerprints = false): Promise<ChannelSent> {
+    return this.job('sent', () => this.native.channelSend(this.handle, region, regionIndex, round, runs, fingerprints));
   }
 
   /** Source: resolves once the destination has written everything this channel sent before it. */

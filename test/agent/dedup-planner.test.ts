@@ -112,6 +112,61 @@ class Model {
     }
   }
 
+  /**
+   * One round of `slot` as two channel pieces, A and B, the way two channels overlap: A is
+   * fingerprinted and planned, its refs applied (the session's frame goes first), the guest
+   * writes `meanwhile`; B is planned while A is in flight; A's channel writes its pages as
+   * it reads them then, B's refs are applied, the planner hears what A sent; then B's
+   * channel, and what it sent. `split`: the share of the round's pages in A.
+   */
+  sendPiece(slot: number, allowResident: boolean, meanwhile: { page: number; content: number }[], split = 1): void {
+    if (this.committed[slot]) return;
+    const pages = [...new Set([...this.dirty[slot]!, ...this.wanted[slot]!])].sort((a, b) => a - b);
+    this.dirty[slot]!.clear();
+    this.wanted[slot]!.clear();
+    const round = this.rounds[slot]!++;
+    this.allowResident = allowResident;
+    if (pages.length === 0) return;
+    const cut = Math.round(pages.length * split);
+    const plan = (part: number[]) => {
+      const runs: number[] = [];
+      for (const page of part) {
+        const last = runs.length - 2;
+        if (last >= 0 && runs[last]! + runs[last + 1]! === page) runs[last + 1]!++;
+        else runs.push(page, 1);
+      }
+      const fps = new Uint8Array(part.length * 16);
+      part.forEach((page, i) => fps.set(fpOf(this.source[slot]![page]!), i * 16));
+      const refs: BatchBuild = { entries: new Uint32Array(part.length * 3), entryCount: 0, refs: new Uint32Array(part.length * 2), refCount: 0, payload: Buffer.alloc(0), payloadEnd: 0 };
+      const onChannel = this.planner.planPiece({ slot, round, allowResident, runs: Uint32Array.from(runs), fps }, refs, this.counters);
+      for (let e = 0; e < refs.entryCount; e++) expect(refs.entries[e * 3]).toBe(ENTRY_REF);
+      const carried: number[] = [];
+      for (let i = 0; i + 1 < onChannel.length; i += 2) for (let p = onChannel[i]!; p < onChannel[i]! + onChannel[i + 1]!; p++) carried.push(p);
+      expect(carried.every((page) => part.includes(page))).toBe(true);
+      return { refs, onChannel, carried, sent: new Uint8Array(carried.length * 16) };
+    };
+    /** The channel reads each page as it is now and the destination writes it. */
+    const write = (piece: ReturnType<typeof plan>) =>
+      piece.carried.forEach((page, i) => {
+        this.dest[slot]![page] = this.source[slot]![page]!;
+        piece.sent.set(fpOf(this.source[slot]![page]!), i * 16);
+      });
+    const a = plan(pages.slice(0, cut));
+    this.apply(slot, a.refs);
+    for (const { page, content } of meanwhile) this.write(slot, page, content);
+    const b = plan(pages.slice(cut));
+    write(a);
+    this.apply(slot, b.refs);
+    this.planner.delivered(slot, round, a.onChannel, a.sent);
+    write(b);
+    this.planner.delivered(slot, round, b.onChannel, b.sent);
+    for (const page of pages) {
+      // Written meanwhile or asked for again: the next round has it.
+      if (this.wanted[slot]!.has(page) || this.dirty[slot]!.has(page)) continue;
+      expect(this.dest[slot]![page], `slot ${slot} page ${page} after piece round ${round}`).toBe(this.source[slot]![page]);
+    }
+  }
+
   /** The destination: entries in order; refs page by page; resident pages verified. */
   private apply(slot: number, batch: BatchBuild): void {
     let data = 0;
@@ -181,6 +236,16 @@ const content = fc.oneof(fc.integer({ min: 0, max: 3 }), fc.integer({ min: 0, ma
 const op = fc.oneof(
   { weight: 5, arbitrary: fc.record({ op: fc.constant('write' as const), slot: fc.nat(MEMBERS - 1), page: fc.nat(PAGES - 1), content }) },
   { weight: 3, arbitrary: fc.record({ op: fc.constant('send' as const), slot: fc.nat(MEMBERS - 1), resident: fc.boolean() }) },
+  {
+    weight: 3,
+    arbitrary: fc.record({
+      op: fc.constant('piece' as const),
+      slot: fc.nat(MEMBERS - 1),
+      resident: fc.boolean(),
+      meanwhile: fc.array(fc.record({ page: fc.nat(PAGES - 1), content }), { maxLength: 3 }),
+      split: fc.double({ min: 0, max: 1, noNaN: true }),
+    }),
+  },
   { weight: 1, arbitrary: fc.record({ op: fc.constant('mutate' as const), page: fc.nat(PAGES - 1), content }) },
   { weight: 1, arbitrary: fc.record({ op: fc.constant('commit' as const), slot: fc.nat(MEMBERS - 1) }) },
 );
@@ -196,6 +261,7 @@ describe('dedup planner against a model destination', () => {
         for (const step of ops) {
           if (step.op === 'write') model.write(step.slot, step.page, step.content);
           else if (step.op === 'send') model.send(step.slot, step.resident);
+          else if (step.op === 'piece') model.sendPiece(step.slot, step.resident, step.meanwhile, step.split);
           else if (step.op === 'mutate') model.mutateResident(step.page, step.content);
           else model.commit(step.slot);
         }
@@ -203,6 +269,26 @@ describe('dedup planner against a model destination', () => {
       }),
       { numRuns: 400 },
     );
+  });
+
+  test("a channel's pages are no source of refs until delivered, then are; refs go on the session", () => {
+    const model = new Model(new Array(PAGES).fill(0));
+    model.write(0, 1, 4);
+    model.write(0, 2, 4);
+    model.sendPiece(0, true, []);
+    // Both went on the channel: page 2 could not refer to page 1, not yet written there.
+    expect(model.counters.refPages).toBe(0);
+    model.write(1, 3, 4);
+    model.sendPiece(1, true, []);
+    expect(model.counters.hitsCrossGuest).toBe(1);
+    // A page changed after it was fingerprinted goes as it is when the channel reads it, and
+    // the planner records that content, not the one it planned with.
+    model.write(0, 5, 6);
+    model.sendPiece(0, true, [{ page: 5, content: 7 }]);
+    model.write(1, 8, 6);
+    model.sendPiece(1, true, []);
+    expect(model.counters.hitsCrossGuest).toBe(1);
+    model.finish();
   });
 
   test('a ref to a page that the same batch overwrites later copies the old content (applied in order)', () => {

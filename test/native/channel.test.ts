@@ -119,6 +119,41 @@ describe.each([
       r.close();
     }
   }, 30_000);
+
+  it("with fingerprints: copies the pages and says what each page was as sent, in the runs' order", async () => {
+    const r = regions();
+    const { server, port } = await listener(destinationTls?.(), (_hello, channel) => channel.attach([r.destination]));
+    try {
+      const channel = await Channel.connect('127.0.0.1', port, sourceTls?.(), { migrationId: 'm-f', secret });
+      await channel.ready;
+      // Runs out of page order, one of them past a message's worth of data.
+      const runs = Uint32Array.of(700, 324, 0, 300, 300, 400);
+      const sent = await channel.send(r.source, 0, 3, runs, true);
+      expect(sent.pages).toBe(PAGES);
+      expect(sent.batches).toBeGreaterThan(1);
+      const expected = Buffer.alloc(PAGES * 16);
+      let at = 0;
+      for (let i = 0; i < runs.length; i += 2) {
+        native.regionFingerprints(r.source, runs[i]!, runs[i + 1]!, expected.subarray(at * 16));
+        at += runs[i + 1]!;
+      }
+      expect(sent.fingerprints?.length).toBe(PAGES * 16);
+      expect(sent.fingerprints!.equals(expected)).toBe(true);
+      // A zero page's is the zero page's fingerprint (page 700 is every 7th).
+      expect(sent.fingerprints!.subarray(0, 16).equals(native.hash128(new Uint8Array(PAGE)))).toBe(true);
+      expect(await channel.barrier(3)).toEqual({ round: 3, pages: PAGES });
+      expect(readFileSync(r.destinationPath).equals(readFileSync(r.sourcePath))).toBe(true);
+      // Without asking, none.
+      expect((await channel.send(r.source, 0, 4, Uint32Array.of(0, 8))).fingerprints).toBeUndefined();
+      // Runs that do not fit the region cannot be fingerprinted: refused before anything is sent.
+      await expect(channel.send(r.source, 0, 4, Uint32Array.of(PAGES - 1, 2), true)).rejects.toThrow(/outside the region/);
+      await expect(channel.send(r.source, 0, 4, Uint32Array.of(0, PAGES, 0, 1), true)).rejects.toThrow(/more than the region's/);
+      await channel.bye();
+    } finally {
+      server.close();
+      r.close();
+    }
+  }, 30_000);
 });
 
 describe('channel refusals', () => {

@@ -101,6 +101,12 @@ typedef struct channel {
   uint32_t job_index, job_round;
   uint32_t *job_runs;
   size_t job_run_count;
+  /* with fingerprints: the job's pages are copied, and each one's fingerprint kept here, in
+   * the runs' page order (job_pages of them), for the 'sent' event */
+  uint8_t *job_fps;
+  uint64_t job_pages;
+  uint8_t *payload;      /* the copies of a message's data pages (BATCH_BYTES), made once needed */
+  uint8_t *payload_fps;  /* their fingerprints, 16 bytes per page of payload */
   /* destination: the regions JS attached (NULL before) */
   bool attached;
   region_t **regions;
@@ -118,8 +124,17 @@ typedef struct {
   char *text;
   uint8_t *der;
   size_t der_len;
+  uint8_t *fps; /* EV_SENT with fingerprints: 16 bytes per page sent */
+  size_t fps_len;
   uint8_t secret[SECRET_BYTES];
 } event_t;
+
+static void event_free(event_t *ev) {
+  free(ev->text);
+  free(ev->der);
+  free(ev->fps);
+  free(ev);
+}
 
 #define HEAD_BYTES 20u
 
@@ -134,6 +149,9 @@ static void channel_free(channel_t *ch) {
   free(ch->entries);
   free(ch->iov);
   free(ch->job_runs);
+  free(ch->job_fps);
+  free(ch->payload);
+  free(ch->payload_fps);
   free(ch->regions);
   free(ch);
 }
@@ -159,9 +177,7 @@ static void call_js(napi_env env, napi_value js_cb, void *context, void *data) {
   channel_t *ch = context;
   event_t *ev = data;
   if (env == NULL) { /* the environment is going away */
-    free(ev->text);
-    free(ev->der);
-    free(ev);
+    event_free(ev);
     return;
   }
   static const char *names[] = {"ready", "hello", "sent", "barrier", "error", "closed"};
@@ -192,6 +208,7 @@ static void call_js(napi_env env, napi_value js_cb, void *context, void *data) {
       set(env, obj, "rawBytes", num(env, (double)ev->n[3]));
       set(env, obj, "wireBytes", num(env, (double)ev->n[4]));
       set(env, obj, "batches", num(env, (double)ev->n[5]));
+      if (ev->fps) set(env, obj, "fingerprints", bytes(env, ev->fps, ev->fps_len));
       break;
     case EV_BARRIER:
       set(env, obj, "round", num(env, (double)ev->n[0]));
@@ -225,17 +242,11 @@ static void call_js(napi_env env, napi_value js_cb, void *context, void *data) {
     napi_delete_reference(env, ch->self);
     ch->self = NULL;
   }
-  free(ev->text);
-  free(ev->der);
-  free(ev);
+  event_free(ev);
 }
 
 static void post(channel_t *ch, event_t *ev) {
-  if (napi_call_threadsafe_function(ch->tsfn, ev, napi_tsfn_blocking) != napi_ok) {
-    free(ev->text);
-    free(ev->der);
-    free(ev);
-  }
+  if (napi_call_threadsafe_function(ch->tsfn, ev, napi_tsfn_blocking) != napi_ok) event_free(ev);
 }
 
 static event_t *event(int kind) {
@@ -454,12 +465,26 @@ static bool source_setup(channel_t *ch, char *err, size_t err_len) {
  * data pages written straight from the guest's mapping, not copied into a batch first. A
  * page the guest writes between the zero check and the write goes as it is then; its
  * tracker has it dirty either way.
+ *
+ * With fingerprints (dedup: the source's mirror must say what the destination holds, to the
+ * byte), data pages are copied first and fingerprinted from the copy, the very bytes sent;
+ * a page's fingerprint lands at its place in the runs (a zero page gets the zero page's).
  */
 static bool source_send(channel_t *ch, uint64_t counts[6], char *err, size_t err_len) {
   const region_t *r = ch->job_region;
   const size_t ps = r->page_size;
   const size_t cap = ps >= BATCH_BYTES ? ps : (BATCH_BYTES / ps) * ps;
+  const bool copy = ch->job_fps != NULL;
+  if (copy && !ch->payload) {
+    ch->payload = malloc(cap);
+    ch->payload_fps = malloc(cap / ps * 16);
+    if (!ch->payload || !ch->payload_fps) {
+      snprintf(err, err_len, "out of memory for a batch");
+      return false;
+    }
+  }
   uint32_t cursor[2] = {0, 0};
+  uint64_t at = 0; /* pages of the runs gathered so far */
   bool done = ch->job_run_count == 0;
   memset(counts, 0, 6 * sizeof counts[0]);
   while (!done) {
@@ -467,10 +492,13 @@ static bool source_send(channel_t *ch, uint64_t counts[6], char *err, size_t err
       snprintf(err, err_len, "the channel was closed");
       return false;
     }
-    /* iov[0]: the header and entries; iov[1 + k]: the k-th data entry's pages. */
+    /* iov[0]: the header and entries; then the data pages: iov[1 + k] the k-th data
+     * entry's in the mapping, or iov[1] the copies. */
     gather_result g;
-    done = gather_batch(r, ch->job_runs, ch->job_run_count, cursor, NULL, cap, ch->entries,
-                        MAX_ENTRIES, NULL, ch->iov + 1, &g);
+    done = copy ? gather_batch(r, ch->job_runs, ch->job_run_count, cursor, ch->payload, cap, ch->entries,
+                               MAX_ENTRIES, ch->payload_fps, NULL, &g)
+                : gather_batch(r, ch->job_runs, ch->job_run_count, cursor, NULL, cap, ch->entries,
+                               MAX_ENTRIES, NULL, ch->iov + 1, &g);
     if (g.bad) {
       snprintf(err, err_len, "run %zu is outside region %u", g.bad_run, ch->job_index);
       return false;
@@ -481,12 +509,23 @@ static bool source_send(channel_t *ch, uint64_t counts[6], char *err, size_t err
     memcpy(ch->buf, head, HEAD_BYTES);
     memcpy(ch->buf + HEAD_BYTES, ch->entries, entry_bytes);
     ch->iov[0] = (struct iovec){.iov_base = ch->buf, .iov_len = HEAD_BYTES + entry_bytes};
-    if (!io_writev(ch, ch->iov, g.iovs + 1, err, err_len)) return false;
+    size_t iovs = g.iovs + 1;
+    if (copy) {
+      ch->iov[1] = (struct iovec){.iov_base = ch->payload, .iov_len = g.payload};
+      iovs = g.payload > 0 ? 2 : 1;
+    }
+    if (!io_writev(ch, ch->iov, iovs, err, err_len)) return false;
+    size_t data = 0;
     for (size_t e = 0; e < g.entries; e++) {
-      const uint32_t count = ch->entries[3 * e + 2];
+      const uint32_t kind = ch->entries[3 * e], count = ch->entries[3 * e + 2];
       counts[0] += count;
-      if (ch->entries[3 * e] == ENTRY_ZERO) counts[2] += count;
+      if (kind == ENTRY_ZERO) counts[2] += count;
       else counts[1] += count;
+      if (!copy) continue;
+      for (uint32_t p = 0; p < count; p++, at++) {
+        const void *fp = kind == ENTRY_ZERO ? (const void *)&r->zero_hash : ch->payload_fps + 16 * data++;
+        memcpy(ch->job_fps + 16 * at, fp, 16);
+      }
     }
     counts[3] += g.payload;
     counts[4] += HEAD_BYTES + entry_bytes + g.payload;
@@ -520,7 +559,12 @@ static bool source_loop(channel_t *ch, char *err, size_t err_len) {
       uint64_t counts[6];
       if (!source_send(ch, counts, err, err_len)) return false;
       ev = event(EV_SENT);
-      if (ev) memcpy(ev->n, counts, sizeof counts);
+      if (ev) {
+        memcpy(ev->n, counts, sizeof counts);
+        ev->fps = ch->job_fps;
+        ev->fps_len = ch->job_fps ? 16 * ch->job_pages : 0;
+        ch->job_fps = NULL;
+      }
     } else if (job == JOB_BARRIER) {
       uint64_t pages = 0;
       if (!source_barrier(ch, &pages, err, err_len)) return false;
@@ -605,9 +649,7 @@ static bool destination_setup(channel_t *ch, char *err, size_t err_len) {
   set_timeouts(ch->fd, 0);
   return true;
 fail:
-  free(ev->text);
-  free(ev->der);
-  free(ev);
+  event_free(ev);
   return false;
 }
 
@@ -981,20 +1023,25 @@ static bool start_job(napi_env env, const char *fn, channel_t *ch, int job, uint
   return idle;
 }
 
-/* channelSend(channel, region, regionIndex, round, runs): event 'sent' once written. */
+/*
+ * channelSend(channel, region, regionIndex, round, runs, fingerprints?): event 'sent' once
+ * written, with each page's fingerprint (16 bytes, in the runs' page order) when asked.
+ */
 napi_value ChannelSend(napi_env env, napi_callback_info info) {
   static const char fn[] = "channelSend";
-  napi_value argv[5];
+  napi_value argv[6];
   channel_t *ch;
   region_t *r;
   uint64_t index, round;
   uint32_t *runs;
   size_t runs_len;
-  if (!get_args(env, info, 5, argv) || !arg_channel(env, argv[0], fn, &ch) ||
+  bool want_fps = false;
+  if (!get_args(env, info, 6, argv) || !arg_channel(env, argv[0], fn, &ch) ||
       !arg_region(env, argv[1], fn, false, &r) ||
       !arg_integer(env, argv[2], fn, "regionIndex", 0, UINT32_MAX, &index) ||
       !arg_integer(env, argv[3], fn, "round", 0, UINT32_MAX, &round) ||
-      !arg_typed(env, argv[4], fn, "runs", napi_uint32_array, (void **)&runs, &runs_len))
+      !arg_typed(env, argv[4], fn, "runs", napi_uint32_array, (void **)&runs, &runs_len) ||
+      (!arg_is_absent(env, argv[5]) && !arg_bool(env, argv[5], fn, "fingerprints", &want_fps)))
     return NULL;
   if (!ch->source || !r->addr) {
     throw_fmt(env, ERR_ERROR, NULL, "%s: a source's channel sends from a region mapped for reading", fn);
@@ -1004,8 +1051,25 @@ napi_value ChannelSend(napi_env env, napi_callback_info info) {
     throw_fmt(env, ERR_RANGE, NULL, "%s: runs must hold [firstPage, pageCount] pairs, pages at most %u bytes", fn, MAX_PAYLOAD);
     return NULL;
   }
+  /* With fingerprints, room for one per page: the runs' pages, each run inside the region
+   * (the thread checks them again as it reaches them). */
+  uint64_t pages = 0;
+  for (size_t i = 0; want_fps && i < runs_len; i += 2) {
+    if ((uint64_t)runs[i] + runs[i + 1] > r->page_count) {
+      throw_fmt(env, ERR_RANGE, NULL, "%s: run %zu [%u, %u] is outside the region of %u pages", fn, i / 2, runs[i], runs[i + 1], r->page_count);
+      return NULL;
+    }
+    pages += runs[i + 1];
+  }
+  if (pages > r->page_count) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: runs of %llu pages, more than the region's %u, cannot be fingerprinted", fn, (unsigned long long)pages, r->page_count);
+    return NULL;
+  }
   uint32_t *copy = malloc(runs_len ? runs_len * 4 : 4);
-  if (!copy) {
+  uint8_t *fps = want_fps ? malloc(pages ? 16 * pages : 16) : NULL;
+  if (!copy || (want_fps && !fps)) {
+    free(copy);
+    free(fps);
     throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
     return NULL;
   }
@@ -1016,6 +1080,9 @@ napi_value ChannelSend(napi_env env, napi_callback_info info) {
     free(ch->job_runs);
     ch->job_runs = copy;
     ch->job_run_count = runs_len / 2;
+    free(ch->job_fps);
+    ch->job_fps = fps;
+    ch->job_pages = pages;
     ch->job_region = r;
     ch->job_index = (uint32_t)index;
     ch->job_round = (uint32_t)round;
@@ -1026,6 +1093,7 @@ napi_value ChannelSend(napi_env env, napi_callback_info info) {
   pthread_mutex_unlock(&ch->mu);
   if (!idle) {
     free(copy);
+    free(fps);
     throw_fmt(env, ERR_ERROR, NULL, "%s: the channel is busy or closed", fn);
   }
   return NULL;
