@@ -192,7 +192,7 @@ export interface NativeAddon {
    */
   pidfdGetfd(pid: number, targetFd: number): number;
   /**
-   * A channel (native/src/addon/channel.c): connected TCP socket `fd` (duplicated; the caller
+   * A channel (native/src/addon/channel.h): connected TCP socket `fd` (duplicated; the caller
    * closes its own) run by a thread of its own, TLS 1.3 with `tls` (PEM), plain without. The
    * source gives its `hello`; the destination gets it in a 'hello' event and attaches the
    * migration's regions or closes the channel. Events come to `onEvent`, 'closed' last.

@@ -20,7 +20,9 @@
         "src/addon/content.c",
         "src/addon/uffd.c",
         "src/addon/pidfd.c",
-        "src/addon/channel.c"
+        "src/addon/channel.c",
+        "src/addon/channel-io.c",
+        "src/addon/channel-thread.c"
       ],
       "cflags": ["-fvisibility=hidden"],
       "conditions": [

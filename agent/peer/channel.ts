@@ -1,5 +1,5 @@
 // Channels: a migration's bulk pre-copy pages on TCP connections of their own, each run by a
-// native thread at both ends (native/src/addon/channel.c says what crosses one). The session
+// native thread at both ends (native/src/addon/channel.h says what crosses one). The session
 // keeps the control frames and everything else; a channel carries whole rounds of regions,
 // raw, and a barrier per round tells the source that the destination wrote them all.
 //
