@@ -331,7 +331,7 @@ export class OutboundMigrations {
           guests.map((guest) => {
             const slots = slotsOf.get(guest);
             const forecast = forecastFor(guest, techniqueOf(guest));
-            return this.migrateOne(sourceOf.get(guest)!, session, request, techniqueOf(guest), group && slots ? { group, slots } : undefined, { pacer, gate, chooser, reservePriority, slot, forecast }, onProgress);
+            return this.migrateOne(sourceOf.get(guest)!, session, request, techniqueOf(guest), group && slots ? { group, slots } : undefined, { pacer, gate, chooser, reservePriority, slot, forecast, members: guests.length }, onProgress);
           }),
         );
         settled.forEach((result, i) => outcomes.push(outcomeOf(guests[i]!.name, result)));
@@ -383,7 +383,7 @@ export class OutboundMigrations {
     request: MigrateRequest,
     technique: 'precopy' | 'postcopy' | 'hybrid',
     dedup: { group: SourceDedupGroup; slots: number[] } | undefined,
-    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined; chooser?: CodecChooser | undefined; reservePriority?: Priority | undefined; slot: SlotSource; forecast?: ForecastRecord | undefined },
+    shared: { pacer?: Pacer | undefined; gate?: SwitchoverGate | undefined; chooser?: CodecChooser | undefined; reservePriority?: Priority | undefined; slot: SlotSource; forecast?: ForecastRecord | undefined; members?: number },
     onProgress: (progress: MigrationProgress) => void,
   ): Promise<MigrationSummary> {
     const migrationId = randomUUID();
@@ -411,13 +411,16 @@ export class OutboundMigrations {
         release = await shared.slot.acquire(new AbortController().signal);
       }
       this.context.records.set(migrationId, { ...base, state: 'running' });
+      // A gang's members share migration.channels (one each at least): they send at once.
+      const settings = this.context.channels();
+      const channels = settings && shared.gate ? { ...settings, count: Math.max(1, Math.floor(settings.count / (shared.members ?? 1))) } : settings;
       migration = new SourceMigration(
         guest,
         session,
         {
           migrationId,
           peerAddress: request.to,
-          ...(this.context.channels() ? { channels: this.context.channels()! } : {}),
+          ...(channels ? { channels } : {}),
           downtimeBudgetMs: request.downtimeMs,
           maxRounds: request.maxRounds,
           maxWireBytes: request.maxBytesFactor * guest.regions.reduce((sum, region) => sum + region.lengthBytes, 0),

@@ -87,9 +87,24 @@ export class Outbox {
     else if (ticket > this.next) this.dropped.add(ticket);
   }
 
+  /** Resolves once every place up to `ticket` was used or given up. */
+  sentThrough(ticket: number): Promise<void> {
+    if (ticket < this.next) return Promise.resolve();
+    return new Promise((resolve) => this.through.push({ ticket, resolve }));
+  }
+
+  private readonly through: { ticket: number; resolve: () => void }[] = [];
+
   private advance(): void {
     this.next++;
     while (this.dropped.delete(this.next)) this.next++;
+    if (this.through.length > 0) {
+      const waiting = this.through.splice(0);
+      for (const w of waiting) {
+        if (w.ticket < this.next) w.resolve();
+        else this.through.push(w);
+      }
+    }
     const wake = this.waiting.get(this.next);
     if (wake) {
       this.waiting.delete(this.next);
@@ -471,6 +486,12 @@ export class DedupPlanner {
 /** A dedup group open on a session: the planner, plus the group's outbox and its frames. */
 export class SourceDedupGroup extends DedupPlanner {
   readonly outbox = new Outbox();
+  /**
+   * The outbox place of the last frame planned with refs (-1: none yet). A channel's piece
+   * writes pages that such a frame may copy from: it waits until every frame up to here was
+   * sent and applied (rounds.ts).
+   */
+  lastRefTicket = -1;
   private closed = false;
 
   private constructor(

@@ -131,9 +131,10 @@ export class Pacer {
  * Migrations that share a link take turns at the switchover. The one stopping its guest
  * holds the gate: the others gather no new batches until it is done (what they gathered
  * already still goes out, it is ahead in the stream), and it waits until every member's
- * frames are applied (every window drained), so its final round, verification and commit
- * have the link and the destination to themselves. Without it, a gang member's final round
- * queues behind the other members' pre-copy windows: seconds on a slow link.
+ * frames are applied (every window drained, every channel's piece written), so its final
+ * round, verification and commit have the link and the destination to themselves. Without
+ * it, a gang member's final round queues behind the other members' pre-copy windows:
+ * seconds on a slow link.
  */
 export class SwitchoverGate {
   private holder: object | undefined;
@@ -152,6 +153,22 @@ export class SwitchoverGate {
 
   leave(window: CreditWindow): void {
     this.windows.delete(window);
+  }
+
+  /** Work a member has in flight beside its window (its channels' pieces), settled before a switchover. */
+  private readonly work = new Set<{ settled(): Promise<void> }>();
+
+  joinWork(work: { settled(): Promise<void> }): void {
+    this.work.add(work);
+  }
+
+  leaveWork(work: { settled(): Promise<void> }): void {
+    this.work.delete(work);
+  }
+
+  /** Resolves once every member's frames so far are applied (every window drained); a failed window counts as drained. */
+  async drained(): Promise<void> {
+    await Promise.all([...this.windows].map((window) => window.drained().catch(() => {})));
   }
 
   /**
@@ -230,7 +247,7 @@ export class SwitchoverGate {
         for (const wake of this.openWaiters.splice(0)) wake();
       }
     };
-    await Promise.all([...this.windows].map((window) => window.drained().catch(() => {})));
+    await Promise.all([this.drained(), ...[...this.work].map((work) => work.settled().catch(() => {}))]);
     return release;
   }
 }

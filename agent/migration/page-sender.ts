@@ -202,6 +202,7 @@ export async function sendRegionRound(
     const raw = buffer.payload.subarray(0, rawBytes);
     // The batch's place in the group's order is fixed now, when the mirror took its content.
     const ticket = dedup?.group.outbox.take();
+    if (ticket !== undefined && refCount > 0) dedup!.group.lastRefTicket = ticket;
     const base = { buffer, entries, refs, ticket, rawBytes, counts };
     if (rawBytes === 0 || ctx.chooser.next() === 'raw') {
       return Promise.resolve({ ...base, tried: 'raw' as const, codec: Codec.raw, payload: raw });

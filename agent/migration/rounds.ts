@@ -220,6 +220,8 @@ export class RoundSender {
    * later round's channel piece waits for them (the same page may be in both).
    */
   private sessionPiecesRound: number | undefined;
+  /** The group's frames with refs up to this outbox place are applied at the destination (beforeChannelPiece). */
+  private refsAppliedThrough = -1;
 
   /**
    * A round in pieces: those the codec sends raw go to the channels (up to one per channel
@@ -239,20 +241,28 @@ export class RoundSender {
   ): Promise<void> {
     const { options, link, lanes } = this.run;
     const dedup = options.dedup;
-    /**
-     * Refs sent on the session and perhaps not applied yet: one may copy from a page that a
-     * channel's piece is about to write.
-     */
-    let refsInFlight = false;
+    const gate = options.gate;
     // An earlier round's session pieces are applied before a channel writes a page of this
     // one; waited for only then (a round on the session alone keeps its pipeline full). So
-    // are refs: each copies what the page held when it was planned.
+    // is every frame of the group planned with refs so far (a gang member's too): a ref
+    // copies what its page held when it was planned, and the piece may write that page.
     const beforeChannelPiece = async () => {
       const earlier = this.sessionPiecesRound !== undefined && this.sessionPiecesRound < round;
-      if (!earlier && !refsInFlight) return;
-      await link.unlessFailed(link.credits!.drained());
+      const refsUpTo = dedup?.group.lastRefTicket ?? -1;
+      const refs = refsUpTo > this.refsAppliedThrough;
+      if (!earlier && !refs) return;
+      if (refs) await link.unlessFailed(dedup!.group.outbox.sentThrough(refsUpTo));
+      await link.unlessFailed(gate && refs ? gate.drained() : link.credits!.drained());
       if (earlier) this.sessionPiecesRound = undefined;
-      refsInFlight = false;
+      this.refsAppliedThrough = Math.max(this.refsAppliedThrough, refsUpTo);
+    };
+    /** A gang's gate: no new piece while another member switches over. */
+    const gateOpen = async () => {
+      if (!gate || gate.isOpenFor(this.run.owner)) return;
+      const waitStart = performance.now();
+      this.chooser.pause();
+      await link.unlessFailed(gate.waitOpen(this.run.owner));
+      counters.gateWaitMs += performance.now() - waitStart;
     };
     // This round's channel pieces, for the metrics (the session's pieces report their own batches).
     const onChannel = emptyCounters();
@@ -288,9 +298,9 @@ export class RoundSender {
       if (refs.entryCount > 0) {
         // Its place in the group's order is fixed now, when the mirror took its content.
         const ticket = group.outbox.take();
+        group.lastRefTicket = ticket;
         planned.wireBytes = await link.unlessFailed(sendRefs({ sink: link.session, migrationId: options.migrationId, credits: link.credits! }, group, ticket, lane.index, round, refs));
         planned.batches = 1;
-        refsInFlight = true;
       }
       if (planned.pages > 0) count(planned);
       if (carried.length === 0) return;
@@ -312,6 +322,7 @@ export class RoundSender {
     for (const lane of lanes) {
       const queue = SourceChannels.pieceRuns(lane, runs[lane.index] ?? new Uint32Array(0));
       for (let piece = queue.shift(); piece; piece = queue.shift()) {
+        await gateOpen();
         if (options.codec === 'raw' || this.chooser.next() === 'raw') {
           // While raw is being measured, one small piece at a time: its rate comes once it is
           // written there, and more of a mode that may be the slower one costs.
@@ -325,9 +336,7 @@ export class RoundSender {
           await toChannel(lane, piece);
         } else {
           this.sessionPiecesRound ??= round;
-          const refsBefore = counters.refPages;
           await onSession(lane, piece);
-          if (counters.refPages > refsBefore) refsInFlight = true;
         }
       }
     }

@@ -514,16 +514,21 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     };
 
     if (technique === 'postcopy') return postcopy(0, noPages(lanes), undefined);
-    // Raw or adaptive pages, deduplicated or not, at the link's own pace, by one migration alone: the rounds may go on channels.
-    if (options.channels && technique === 'precopy' && options.codec !== 'lz4' && !options.gate && !this.pacer && link.session.peer?.features.includes('channels')) {
+    // Raw or adaptive pages, deduplicated or not, at the link's own pace: the rounds may go on
+    // channels. A gang's switchover waits for its members' pieces as for their windows.
+    if (options.channels && technique === 'precopy' && options.codec !== 'lz4' && !this.pacer && link.session.peer?.features.includes('channels')) {
       sender.channels = await SourceChannels.open(options.channels, lanes, options.peerAddress, { migrationId: options.migrationId, secret: accept.secret }, link.session.peerCertificateSha256, this.log);
+      if (sender.channels) options.gate?.joinWork(sender.channels);
     }
     let outcome: Awaited<ReturnType<typeof precopyRounds>>;
     try {
       outcome = await precopyRounds(run, sender, rtt, this.gate);
     } finally {
       // Every round they carried was written at the destination (each ended with a barrier).
-      void sender.channels?.close();
+      if (sender.channels) {
+        options.gate?.leaveWork(sender.channels);
+        void sender.channels.close();
+      }
     }
     if (outcome.next === 'postcopy') return postcopy(outcome.round, outcome.runs, outcome.reason);
     const result = await stopAndCopy(run, sender, outcome.round, outcome.runs, this.gate);

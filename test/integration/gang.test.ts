@@ -65,6 +65,26 @@ describe.skipIf(!builtAgent)('gang migration with dedup', () => {
     await expectIntactAt(b, names);
   });
 
+  it('moves a gang on channels (--codec raw): a channel per member, refs across members on the session, each bit-identical', async () => {
+    cluster = new Cluster();
+    const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
+    const names = await startImageGuests(a, 3, ['--dirty-rate', '8MiB/s']);
+    await sleep(300);
+    const summary = await migrate(a, [...names, '--to', b.listen, '--strategy', 'gang', '--codec', 'raw']);
+    const context = JSON.stringify({ dedup: summary.dedupStats, channels: summary.guests.map((g) => g.channels), failed: summary.failed });
+    expect(summary.failed, context).toEqual([]);
+    for (const guest of summary.guests) {
+      expect(guest.verified, context).toBe(true);
+      expect(guest.repairedPages, context).toBe(0);
+      // migration.channels (2) shared by three members: one each.
+      expect(guest.channels, context).toMatchObject({ count: 1, tls: false });
+      expect(guest.channels!.pages, context).toBeGreaterThan(0);
+    }
+    // The image's pages go once: the later members refer to them once written at b.
+    expect(summary.dedupStats.hits.crossGuest, context).toBeGreaterThan(0.3 * ((2 * 64 * MiB) / 4096) * 0.5);
+    await expectIntactAt(b, names);
+  });
+
   it('moves guests one after another, each referring to the guests already moved (resident content)', async () => {
     cluster = new Cluster();
     const [a, b] = [await cluster.agent('a'), await cluster.agent('b')];
