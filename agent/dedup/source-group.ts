@@ -87,6 +87,11 @@ export class Outbox {
     else if (ticket > this.next) this.dropped.add(ticket);
   }
 
+  /** The place the next take() gives. */
+  get nextTicket(): number {
+    return this.issued;
+  }
+
   /** Resolves once every place up to `ticket` was used or given up. */
   sentThrough(ticket: number): Promise<void> {
     if (ticket < this.next) return Promise.resolve();
@@ -148,6 +153,8 @@ export interface ChunkPlan {
   /** XXH3-128 of each data page of the chunk, in order. */
   fps: Uint8Array;
   pageSizeBytes: number;
+  /** The outbox place the planned frame takes (readBy). */
+  frameTicket?: number;
 }
 
 export interface GroupMember {
@@ -203,6 +210,11 @@ export class DedupPlanner {
   private readonly index: ContentIndex;
   /** The round in which each location was last written, for telling intra from cross-round hits. */
   private readonly roundOf: Uint32Array;
+  /**
+   * For each location, the outbox place of the last frame with a ref that copies from it
+   * (-1: none): a channel's piece that writes the location waits until that frame is applied.
+   */
+  private readonly readBy: Int32Array;
   private lastSlot: SlotInfo | undefined;
   readonly residentPages: number;
   /** The zero page's fingerprint, as four words. */
@@ -229,6 +241,7 @@ export class DedupPlanner {
     this.residentPages = residentPages;
     this.index = new ContentIndex({ locationCapacity: Math.max(base, 1) });
     this.roundOf = new Uint32Array(Math.max(base, 1));
+    this.readBy = new Int32Array(Math.max(base, 1)).fill(-1);
     // Resident content first: later (incoming) holders of the same content head the list,
     // so lookups prefer locations that need no verification.
     const zero = Int32Array.from(new Int32Array(zeroFp.buffer, zeroFp.byteOffset, 4));
@@ -251,7 +264,7 @@ export class DedupPlanner {
       locations: this.index.locationCapacity,
       knownLocations: this.index.knownLocationCount,
       contents: this.index.contentCount,
-      memoryBytes: this.index.memoryBytes + this.roundOf.byteLength,
+      memoryBytes: this.index.memoryBytes + this.roundOf.byteLength + this.readBy.byteLength,
     };
   }
 
@@ -311,6 +324,7 @@ export class DedupPlanner {
             else counters.hitsIntra++;
             counters.refPages++;
             emit(batch, ENTRY_REF, p, 1, source.slot, found - source.base);
+            if (plan.frameTicket !== undefined) this.readBy[found] = plan.frameTicket;
             index.setWords(location, w0, w1, w2, w3);
             roundOf[location] = plan.round;
             continue;
@@ -340,25 +354,31 @@ export class DedupPlanner {
    * Plans a piece that a channel carries (source-channels.ts), from each page's fingerprint
    * read now (`fps`, 16 bytes per page of `runs`, in order): a page the destination already
    * holds in place is nothing, one whose content it holds elsewhere a ref (into `refs`, a
-   * pages frame of ref entries for the session), every other page goes to the channel (the
-   * runs returned), which reads it again as it sends it. Those pages' locations hold nothing
-   * known until `delivered` says what the channel sent and the destination wrote: no ref
-   * copies from them before, and a ref planned to them before now copies from them before
-   * the channel writes them (the caller sends `refs` first and has the session's frames
-   * applied before the piece goes).
+   * pages frame of ref entries for the session, which takes outbox place `frameTicket` when
+   * it has any), every other page goes to the channel (`carried`), which reads it again as
+   * it sends it. Those pages' locations hold nothing known until `delivered` says what the
+   * channel sent and the destination wrote: no ref copies from them before. A ref planned
+   * earlier may copy from one of them: `waitFor` is the outbox place of the last frame
+   * with such a ref (-1: none), which must be applied before the piece goes.
    */
-  planPiece(plan: { slot: number; round: number; allowResident: boolean; runs: Uint32Array; fps: Uint8Array }, refs: BatchBuild, counters: DedupCounters): Uint32Array {
+  planPiece(
+    plan: { slot: number; round: number; allowResident: boolean; runs: Uint32Array; fps: Uint8Array; frameTicket: number },
+    refs: BatchBuild,
+    counters: DedupCounters,
+  ): { carried: Uint32Array; waitFor: number } {
     const info = this.bySlot.get(plan.slot);
     if (!info || info.resident) throw new Error(`dedup planner: slot ${plan.slot} is not a member`);
-    const { index, roundOf } = this;
+    const { index, roundOf, readBy } = this;
     const base = info.base;
     const words = new Int32Array(plan.fps.buffer, plan.fps.byteOffset, plan.fps.length >> 2);
     const out: number[] = [];
+    let waitFor = -1;
     const toChannel = (page: number) => {
       const last = out.length - 2;
       if (last >= 0 && out[last]! + out[last + 1]! === page) out[last + 1]!++;
       else out.push(page, 1);
-      this.index.clear(base + page);
+      index.clear(base + page);
+      if (readBy[base + page]! > waitFor) waitFor = readBy[base + page]!;
     };
     let at = 0;
     for (let r = 0; r + 1 < plan.runs.length; r += 2) {
@@ -384,6 +404,7 @@ export class DedupPlanner {
             if (source !== info) counters.hitsCrossGuest++;
             else if (roundOf[found]! < plan.round) counters.hitsCrossRound++;
             else counters.hitsIntra++;
+            readBy[found] = plan.frameTicket;
             index.setWords(location, w0, w1, w2, w3);
             roundOf[location] = plan.round;
           } else {
@@ -399,7 +420,7 @@ export class DedupPlanner {
         toChannel(p);
       }
     }
-    return Uint32Array.from(out);
+    return { carried: Uint32Array.from(out), waitFor };
   }
 
   /**
@@ -486,12 +507,6 @@ export class DedupPlanner {
 /** A dedup group open on a session: the planner, plus the group's outbox and its frames. */
 export class SourceDedupGroup extends DedupPlanner {
   readonly outbox = new Outbox();
-  /**
-   * The outbox place of the last frame planned with refs (-1: none yet). A channel's piece
-   * writes pages that such a frame may copy from: it waits until every frame up to here was
-   * sent and applied (rounds.ts).
-   */
-  lastRefTicket = -1;
   private closed = false;
 
   private constructor(

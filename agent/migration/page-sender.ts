@@ -169,7 +169,8 @@ export async function sendRegionRound(
       if (entryCount === 0) break;
       tracker.noteSent(chunkEntries!, entryCount, buffer.payload.subarray(at, at + out[1]!));
       dedup.group.planChunk(
-        { slot: dedup.slot, round, allowResident: dedup.allowResident, entries: chunkEntries!, entryCount, payloadOffset: at, fps: chunkFps!, pageSizeBytes: ps },
+        // The batch takes the group's next place right after it is planned (gatherOne).
+        { slot: dedup.slot, round, allowResident: dedup.allowResident, entries: chunkEntries!, entryCount, payloadOffset: at, fps: chunkFps!, pageSizeBytes: ps, frameTicket: dedup.group.outbox.nextTicket },
         batch,
         counts,
       );
@@ -202,7 +203,6 @@ export async function sendRegionRound(
     const raw = buffer.payload.subarray(0, rawBytes);
     // The batch's place in the group's order is fixed now, when the mirror took its content.
     const ticket = dedup?.group.outbox.take();
-    if (ticket !== undefined && refCount > 0) dedup!.group.lastRefTicket = ticket;
     const base = { buffer, entries, refs, ticket, rawBytes, counts };
     if (rawBytes === 0 || ctx.chooser.next() === 'raw') {
       return Promise.resolve({ ...base, tried: 'raw' as const, codec: Codec.raw, payload: raw });

@@ -244,17 +244,18 @@ export class RoundSender {
     const gate = options.gate;
     // An earlier round's session pieces are applied before a channel writes a page of this
     // one; waited for only then (a round on the session alone keeps its pipeline full). So
-    // is every frame of the group planned with refs so far (a gang member's too): a ref
-    // copies what its page held when it was planned, and the piece may write that page.
-    const beforeChannelPiece = async () => {
+    // is a frame of the group (a gang member's too) with a ref that copies from a page the
+    // piece writes (`refsUpTo`, from DedupPlanner.planPiece): the ref copies what the page
+    // held when it was planned.
+    const beforeChannelPiece = async (refsUpTo = -1) => {
       const earlier = this.sessionPiecesRound !== undefined && this.sessionPiecesRound < round;
-      const refsUpTo = dedup?.group.lastRefTicket ?? -1;
       const refs = refsUpTo > this.refsAppliedThrough;
       if (!earlier && !refs) return;
       if (refs) await link.unlessFailed(dedup!.group.outbox.sentThrough(refsUpTo));
       await link.unlessFailed(gate && refs ? gate.drained() : link.credits!.drained());
       if (earlier) this.sessionPiecesRound = undefined;
-      this.refsAppliedThrough = Math.max(this.refsAppliedThrough, refsUpTo);
+      // Every frame before refsUpTo is applied too (sent before it, and drained).
+      if (refs) this.refsAppliedThrough = refsUpTo;
     };
     /** A gang's gate: no new piece while another member switches over. */
     const gateOpen = async () => {
@@ -293,18 +294,21 @@ export class RoundSender {
       const refs: BatchBuild = { entries: new Uint32Array(pages * 3), entryCount: 0, refs: new Uint32Array(pages * 2), refCount: 0, payload: NO_PAYLOAD, payloadEnd: 0 };
       const planned = emptyCounters();
       // Outside a final round (which never goes on channels): resident refs are allowed.
-      const carried = group.planPiece({ slot, round, allowResident: true, runs: piece, fps: channels.fingerprints(lane, piece) }, refs, planned);
+      const frameTicket = group.outbox.nextTicket;
+      const { carried, waitFor } = group.planPiece({ slot, round, allowResident: true, runs: piece, fps: channels.fingerprints(lane, piece), frameTicket }, refs, planned);
       planned.pages = planned.unchangedPages + planned.refPages;
       if (refs.entryCount > 0) {
         // Its place in the group's order is fixed now, when the mirror took its content.
         const ticket = group.outbox.take();
-        group.lastRefTicket = ticket;
+        if (ticket !== frameTicket) throw new GangwayError(ErrorCode.INTERNAL, `a piece's refs took place ${ticket} of the group's order, planned as ${frameTicket}`);
+        // It writes pages too: the next round's channel pieces wait until it is applied.
+        this.sessionPiecesRound ??= round;
         planned.wireBytes = await link.unlessFailed(sendRefs({ sink: link.session, migrationId: options.migrationId, credits: link.credits! }, group, ticket, lane.index, round, refs));
         planned.batches = 1;
       }
       if (planned.pages > 0) count(planned);
       if (carried.length === 0) return;
-      await beforeChannelPiece();
+      await beforeChannelPiece(waitFor);
       await link.unlessFailed(
         channels.dispatch(
           lane,

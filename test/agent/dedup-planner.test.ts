@@ -25,6 +25,17 @@ function fpOf(content: number): Uint8Array {
   return fp;
 }
 
+/** A pages frame on the session, applied at the destination in the group's order. */
+interface SessionFrame {
+  ticket: number;
+  slot: number;
+  round: number;
+  batch: BatchBuild;
+  allowResident: boolean;
+  /** What each page it covers held at the source when it was planned. */
+  expected: Map<number, number>;
+}
+
 class Model {
   readonly source = Array.from({ length: MEMBERS }, () => new Array<number>(PAGES).fill(0));
   readonly dest = Array.from({ length: MEMBERS }, () => new Array<number>(PAGES).fill(0));
@@ -38,8 +49,10 @@ class Model {
   readonly offered: number[];
   readonly planner: DedupPlanner;
   readonly counters: DedupCounters = emptyDedupCounters();
-  /** Whether the round being applied may carry resident refs. */
-  private allowResident = true;
+  /** The group's order: the next frame's place. */
+  private nextTicket = 0;
+  /** Frames sent on the session and not applied at the destination yet, in order. */
+  readonly pending: SessionFrame[] = [];
 
   constructor(
     resident: number[],
@@ -66,14 +79,23 @@ class Model {
     this.dirty[slot]!.add(page);
   }
 
-  /** One round of `slot`: its dirty and wanted pages, gathered, planned, applied. */
-  send(slot: number, allowResident: boolean): void {
-    if (this.committed[slot]) return;
+  /** The pages a round of `slot` covers: dirty and asked for again. */
+  private roundPages(slot: number): { pages: number[]; round: number } {
     const pages = [...new Set([...this.dirty[slot]!, ...this.wanted[slot]!])].sort((a, b) => a - b);
     this.dirty[slot]!.clear();
     this.wanted[slot]!.clear();
-    const round = this.rounds[slot]!++;
-    this.allowResident = allowResident;
+    return { pages, round: this.rounds[slot]!++ };
+  }
+
+  private queue(slot: number, round: number, batch: BatchBuild, allowResident: boolean, pages: number[]): void {
+    const ticket = this.nextTicket++;
+    this.pending.push({ ticket, slot, round, batch, allowResident, expected: new Map(pages.map((page) => [page, this.source[slot]![page]!])) });
+  }
+
+  /** One round of `slot` on the session: gathered, planned, queued for the destination. */
+  send(slot: number, allowResident: boolean): void {
+    if (this.committed[slot]) return;
+    const { pages, round } = this.roundPages(slot);
     if (pages.length === 0) return;
     // What gather produces: zero and data runs, data pages packed, a fingerprint each.
     const entries: number[] = [];
@@ -101,31 +123,36 @@ class Model {
       payloadEnd: 0,
     };
     this.planner.planChunk(
-      { slot, round, allowResident, entries: Uint32Array.from(entries), entryCount: entries.length / 3, payloadOffset: 0, fps, pageSizeBytes: PS },
+      { slot, round, allowResident, entries: Uint32Array.from(entries), entryCount: entries.length / 3, payloadOffset: 0, fps, pageSizeBytes: PS, frameTicket: this.nextTicket },
       batch,
       this.counters,
     );
-    this.apply(slot, batch);
-    for (const page of pages) {
-      if (this.wanted[slot]!.has(page)) continue;
-      expect(this.dest[slot]![page], `slot ${slot} page ${page} after round ${round}`).toBe(this.source[slot]![page]);
-    }
+    this.queue(slot, round, batch, allowResident, pages);
+  }
+
+  /** One round on the session, applied at once. */
+  sendNow(slot: number, allowResident: boolean): void {
+    this.send(slot, allowResident);
+    this.flush();
+  }
+
+  /** The destination applies the session's frames, in order, through place `upTo`. */
+  flush(upTo = Number.POSITIVE_INFINITY): void {
+    while (this.pending.length > 0 && this.pending[0]!.ticket <= upTo) this.apply(this.pending.shift()!);
   }
 
   /**
-   * One round of `slot` as two channel pieces, A and B, the way two channels overlap: A is
-   * fingerprinted and planned, its refs applied (the session's frame goes first), the guest
-   * writes `meanwhile`; B is planned while A is in flight; A's channel writes its pages as
-   * it reads them then, B's refs are applied, the planner hears what A sent; then B's
-   * channel, and what it sent. `split`: the share of the round's pages in A.
+   * One round of `slot` as two channel pieces, A and B, the way two channels overlap with
+   * the session: each is fingerprinted and planned, its refs queued on the session; before
+   * a piece's channel writes, the frames it must wait for are applied (rounds.ts: what
+   * planPiece's waitFor names, and the slot's frames of earlier rounds), no more. The guest
+   * writes `meanwhile` after A is planned; B is planned while A is in flight; the channel
+   * writes each page as it reads it then, and the planner hears what was sent once the
+   * piece is written. `split`: the share of the round's pages in A.
    */
   sendPiece(slot: number, allowResident: boolean, meanwhile: { page: number; content: number }[], split = 1): void {
     if (this.committed[slot]) return;
-    const pages = [...new Set([...this.dirty[slot]!, ...this.wanted[slot]!])].sort((a, b) => a - b);
-    this.dirty[slot]!.clear();
-    this.wanted[slot]!.clear();
-    const round = this.rounds[slot]!++;
-    this.allowResident = allowResident;
+    const { pages, round } = this.roundPages(slot);
     if (pages.length === 0) return;
     const cut = Math.round(pages.length * split);
     const plan = (part: number[]) => {
@@ -138,37 +165,39 @@ class Model {
       const fps = new Uint8Array(part.length * 16);
       part.forEach((page, i) => fps.set(fpOf(this.source[slot]![page]!), i * 16));
       const refs: BatchBuild = { entries: new Uint32Array(part.length * 3), entryCount: 0, refs: new Uint32Array(part.length * 2), refCount: 0, payload: Buffer.alloc(0), payloadEnd: 0 };
-      const onChannel = this.planner.planPiece({ slot, round, allowResident, runs: Uint32Array.from(runs), fps }, refs, this.counters);
+      const { carried: onChannel, waitFor } = this.planner.planPiece({ slot, round, allowResident, runs: Uint32Array.from(runs), fps, frameTicket: this.nextTicket }, refs, this.counters);
       for (let e = 0; e < refs.entryCount; e++) expect(refs.entries[e * 3]).toBe(ENTRY_REF);
+      if (refs.entryCount > 0) this.queue(slot, round, refs, allowResident, part);
       const carried: number[] = [];
       for (let i = 0; i + 1 < onChannel.length; i += 2) for (let p = onChannel[i]!; p < onChannel[i]! + onChannel[i + 1]!; p++) carried.push(p);
       expect(carried.every((page) => part.includes(page))).toBe(true);
-      return { refs, onChannel, carried, sent: new Uint8Array(carried.length * 16) };
+      return { onChannel, carried, waitFor, sent: new Uint8Array(carried.length * 16) };
     };
-    /** The channel reads each page as it is now and the destination writes it. */
-    const write = (piece: ReturnType<typeof plan>) =>
+    /** What the source waits for before the piece goes: then the channel reads each page as it is now and the destination writes it. */
+    const write = (piece: ReturnType<typeof plan>) => {
+      const earlier = this.pending.filter((frame) => frame.slot === slot && frame.round < round).map((frame) => frame.ticket);
+      this.flush(Math.max(piece.waitFor, ...earlier));
       piece.carried.forEach((page, i) => {
         this.dest[slot]![page] = this.source[slot]![page]!;
         piece.sent.set(fpOf(this.source[slot]![page]!), i * 16);
       });
+    };
     const a = plan(pages.slice(0, cut));
-    this.apply(slot, a.refs);
     for (const { page, content } of meanwhile) this.write(slot, page, content);
     const b = plan(pages.slice(cut));
     write(a);
-    this.apply(slot, b.refs);
     this.planner.delivered(slot, round, a.onChannel, a.sent);
     write(b);
     this.planner.delivered(slot, round, b.onChannel, b.sent);
-    for (const page of pages) {
-      // Written meanwhile or asked for again: the next round has it.
-      if (this.wanted[slot]!.has(page) || this.dirty[slot]!.has(page)) continue;
-      expect(this.dest[slot]![page], `slot ${slot} page ${page} after piece round ${round}`).toBe(this.source[slot]![page]);
-    }
   }
 
-  /** The destination: entries in order; refs page by page; resident pages verified. */
-  private apply(slot: number, batch: BatchBuild): void {
+  /**
+   * The destination applies a frame: entries in order; refs page by page; resident pages
+   * verified. Every page it covers then holds what the source held when it was planned,
+   * except one asked for again.
+   */
+  private apply(frame: SessionFrame): void {
+    const { slot, batch } = frame;
     let data = 0;
     let ref = 0;
     const stale: number[] = [];
@@ -184,19 +213,21 @@ class Model {
           const sourcePage = batch.refs[ref * 2 + 1]! + i;
           const settled = this.settledOffer[sourceSlot];
           if (sourceSlot === RESIDENT_SLOT || settled) {
-            expect(this.allowResident, 'a resident ref in a round that allows none').toBe(true);
+            expect(frame.allowResident, 'a resident ref in a round that allows none').toBe(true);
             const now = settled ? this.dest[sourceSlot]! : this.resident;
             const offered = settled ?? this.offered;
             if (now[sourcePage] === offered[sourcePage]) this.dest[slot]![page] = now[sourcePage]!;
             else {
               this.wanted[slot]!.add(page);
               stale.push(sourceSlot, sourcePage);
+              continue;
             }
           } else {
             expect(this.committed[sourceSlot], `a ref to slot ${sourceSlot}, whose guest runs at the destination`).toBe(false);
             this.dest[slot]![page] = this.dest[sourceSlot]![sourcePage]!;
           }
         }
+        expect(this.dest[slot]![page], `slot ${slot} page ${page}, frame ${frame.ticket} of round ${frame.round}`).toBe(frame.expected.get(page));
       }
       if (kind === ENTRY_REF) ref++;
     }
@@ -209,9 +240,10 @@ class Model {
     this.resident[page] = content;
   }
 
-  /** The guest of `slot` starts at the destination, and keeps writing there. */
+  /** The guest of `slot` starts at the destination (after every frame is applied), and keeps writing there. */
   commit(slot: number): void {
     if (this.committed[slot]) return;
+    this.flush();
     if (this.settles) {
       this.planner.settleSlot(slot);
       this.settledOffer[slot] = [...this.dest[slot]!];
@@ -224,7 +256,9 @@ class Model {
   finish(): void {
     for (let slot = 0; slot < MEMBERS; slot++) {
       if (this.committed[slot]) continue;
+      this.flush();
       this.send(slot, false);
+      this.flush();
       expect(this.dest[slot]).toEqual(this.source[slot]);
     }
   }
@@ -248,6 +282,7 @@ const op = fc.oneof(
   },
   { weight: 1, arbitrary: fc.record({ op: fc.constant('mutate' as const), page: fc.nat(PAGES - 1), content }) },
   { weight: 1, arbitrary: fc.record({ op: fc.constant('commit' as const), slot: fc.nat(MEMBERS - 1) }) },
+  { weight: 2, arbitrary: fc.record({ op: fc.constant('flush' as const), count: fc.nat(3) }) },
 );
 
 describe('dedup planner against a model destination', () => {
@@ -263,6 +298,7 @@ describe('dedup planner against a model destination', () => {
           else if (step.op === 'send') model.send(step.slot, step.resident);
           else if (step.op === 'piece') model.sendPiece(step.slot, step.resident, step.meanwhile, step.split);
           else if (step.op === 'mutate') model.mutateResident(step.page, step.content);
+          else if (step.op === 'flush') model.flush((model.pending[step.count - 1] ?? model.pending[model.pending.length - 1])?.ticket ?? -1);
           else model.commit(step.slot);
         }
         model.finish();
@@ -291,15 +327,52 @@ describe('dedup planner against a model destination', () => {
     model.finish();
   });
 
+  test("a piece waits for a queued ref (another member's) that copies from a page it writes, and only for that", () => {
+    const model = new Model(new Array(PAGES).fill(0));
+    model.write(0, 1, 4);
+    model.sendPiece(0, true, []);
+    model.flush();
+    // Slot 1's page 2 refers to slot 0's page 1; the frame is not applied yet.
+    model.write(1, 2, 4);
+    model.send(1, true);
+    expect(model.pending).toHaveLength(1);
+    // Slot 0 writes page 3 on a channel: no ref copies from it, nothing to wait for.
+    model.write(0, 3, 6);
+    model.sendPiece(0, true, []);
+    expect(model.pending).toHaveLength(1);
+    // Page 1 changes: its piece waits until the ref copied the old content.
+    model.write(0, 1, 5);
+    model.sendPiece(0, true, []);
+    expect(model.pending).toHaveLength(0);
+    expect(model.counters.hitsCrossGuest).toBe(1);
+    expect(model.dest[1]![2]).toBe(4);
+    model.finish();
+  });
+
+  test('a page in flight on a channel is no source of refs for the next piece of the round', () => {
+    const model = new Model(new Array(PAGES).fill(0));
+    model.write(0, 1, 4);
+    model.sendPiece(0, true, []);
+    model.flush();
+    // Page 1 goes on a channel with 5 (piece A) while piece B's page 9 holds the 4 page 1 had.
+    model.write(0, 1, 5);
+    model.write(0, 9, 4);
+    model.sendPiece(0, true, [], 0.5);
+    model.flush();
+    expect(model.counters.refPages).toBe(0);
+    expect([model.dest[0]![1], model.dest[0]![9]]).toEqual([5, 4]);
+    model.finish();
+  });
+
   test('a ref to a page that the same batch overwrites later copies the old content (applied in order)', () => {
     const model = new Model(new Array(PAGES).fill(0));
     model.write(0, 1, 4);
-    model.send(0, true);
+    model.sendNow(0, true);
     // Page 0 gets content 4 (now at page 1) and page 1 gets 5, in one batch: page 0 is a ref
     // to page 1, applied before page 1 is overwritten.
     model.write(0, 0, 4);
     model.write(0, 1, 5);
-    model.send(0, true);
+    model.sendNow(0, true);
     expect(model.counters.hitsCrossRound).toBeGreaterThan(0);
     expect(model.dest[0]!.slice(0, 2)).toEqual([4, 5]);
   });
@@ -307,12 +380,12 @@ describe('dedup planner against a model destination', () => {
   test('content overwritten by an earlier entry of the batch is not referred to', () => {
     const model = new Model(new Array(PAGES).fill(0));
     model.write(0, 0, 3);
-    model.send(0, true);
+    model.sendNow(0, true);
     // Page 0 changes to 4 first; page 5 takes content 3, which is nowhere any more.
     model.write(0, 0, 4);
     model.write(0, 5, 3);
     const refsBefore = model.counters.refPages;
-    model.send(0, true);
+    model.sendNow(0, true);
     expect(model.counters.refPages).toBe(refsBefore);
     expect([model.dest[0]![0], model.dest[0]![5]]).toEqual([4, 3]);
   });
@@ -320,11 +393,11 @@ describe('dedup planner against a model destination', () => {
   test('a page zeroed since is no longer a source of its old content', () => {
     const model = new Model(new Array(PAGES).fill(0));
     model.write(0, 4, 2);
-    model.send(0, true);
+    model.sendNow(0, true);
     model.write(0, 4, 0);
-    model.send(0, true);
+    model.sendNow(0, true);
     model.write(1, 9, 2);
-    model.send(1, true);
+    model.sendNow(1, true);
     expect(model.counters.refPages).toBe(0);
     expect(model.dest[1]![9]).toBe(2);
   });
@@ -332,12 +405,12 @@ describe('dedup planner against a model destination', () => {
   test('a page whose content is already in place is not sent; one of another guest travels as a ref', () => {
     const model = new Model(new Array(PAGES).fill(0));
     model.write(0, 2, 1);
-    model.send(0, true);
+    model.sendNow(0, true);
     model.write(0, 2, 1);
-    model.send(0, true);
+    model.sendNow(0, true);
     expect(model.counters.unchangedPages).toBe(1);
     model.write(1, 7, 1);
-    model.send(1, true);
+    model.sendNow(1, true);
     expect(model.counters.hitsCrossGuest).toBe(1);
   });
 
@@ -345,11 +418,11 @@ describe('dedup planner against a model destination', () => {
     const model = new Model(Array.from({ length: PAGES }, (_, p) => (p === 3 ? 2 : 0)));
     model.write(0, 0, 2);
     model.mutateResident(3, 1);
-    model.send(0, true);
+    model.sendNow(0, true);
     expect(model.counters.hitsResident).toBe(1);
     expect(model.wanted[0]!.has(0)).toBe(true);
     // The stale resident page is forgotten: the page travels as data this time.
-    model.send(0, true);
+    model.sendNow(0, true);
     expect(model.counters.hitsResident).toBe(1);
     expect(model.dest[0]![0]).toBe(2);
   });
@@ -358,19 +431,19 @@ describe('dedup planner against a model destination', () => {
     const model = new Model(new Array(PAGES).fill(0), true);
     model.write(0, 2, 7);
     model.write(0, 3, 8);
-    model.send(0, true);
+    model.sendNow(0, true);
     model.commit(0);
     // Its guest runs at the destination and writes page 3 there.
     model.write(0, 3, 9);
     model.write(1, 5, 7);
     model.write(1, 6, 8);
-    model.send(1, true);
+    model.sendNow(1, true);
     expect(model.counters.hitsCrossGuest).toBe(2);
     expect(model.dest[1]![5]).toBe(7);
     expect(model.wanted[1]).toEqual(new Set([6]));
     // Asked for again: it travels as data, as does everything in a final round.
     model.write(1, 7, 7);
-    model.send(1, false);
+    model.sendNow(1, false);
     expect(model.counters.hitsCrossGuest).toBe(2);
     expect(model.dest[1]!.slice(5, 8)).toEqual([7, 8, 7]);
   });
