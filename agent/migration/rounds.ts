@@ -286,7 +286,7 @@ export class RoundSender {
       const slot = lane.slot;
       if (!dedup || slot === undefined) {
         await beforeChannelPiece();
-        await link.unlessFailed(channels.dispatch(lane, round, piece, done));
+        await link.unlessFailed(channels.dispatch(lane, round, piece, done, { ready: gateOpen }));
         return;
       }
       const group = dedup.group;
@@ -319,7 +319,7 @@ export class RoundSender {
             group.delivered(slot, round, carried, sent.fingerprints!);
             done(sent);
           },
-          true,
+          { fingerprints: true, ready: gateOpen },
         ),
       );
     };
@@ -339,6 +339,13 @@ export class RoundSender {
           }
           await toChannel(lane, piece);
         } else {
+          // While LZ4 is being measured, a probe's worth on the session: once its verdict is
+          // in, the rest of the piece goes where the chooser says then.
+          if (options.codec === 'auto' && this.chooser.measuring()) {
+            const [probe, ...rest] = SourceChannels.probeRuns(lane, piece, this.chooser.rates().lz4);
+            queue.unshift(...rest);
+            piece = probe!;
+          }
           this.sessionPiecesRound ??= round;
           await onSession(lane, piece);
         }

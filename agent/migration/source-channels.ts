@@ -101,11 +101,11 @@ export class SourceChannels {
   }
 
   /**
-   * A piece cut for measuring raw's rate: what raw's last known rate sends in PROBE_MS
+   * A piece cut for measuring a codec's rate: what its last known rate sends in PROBE_MS
    * (between PROBE_MIN_BYTES and a whole piece) first, then what is left of it.
    */
-  static probeRuns(lane: Lane, runs: Uint32Array, rawBytesPerSec: number | undefined): Uint32Array[] {
-    const bytes = Math.min(PIECE_BYTES, Math.max(PROBE_MIN_BYTES, ((rawBytesPerSec ?? 0) * PROBE_MS) / 1000));
+  static probeRuns(lane: Lane, runs: Uint32Array, bytesPerSec: number | undefined): Uint32Array[] {
+    const bytes = Math.min(PIECE_BYTES, Math.max(PROBE_MIN_BYTES, ((bytesPerSec ?? 0) * PROBE_MS) / 1000));
     const [probe, rest] = splitRuns(runs, Math.max(1, Math.floor(bytes / lane.region.pageSizeBytes)));
     return rest.length === 0 ? [probe] : [probe, rest];
   }
@@ -161,20 +161,36 @@ export class SourceChannels {
   private busySince: number | undefined;
 
   /**
-   * Sends a piece of a round (a lane's runs) on the next idle channel, waiting for one;
-   * `done` hears what it carried once the destination has written it. A failed piece fails
-   * the next call and `settled`.
+   * Sends a piece of a round (a lane's runs) on the next idle channel, waiting for one, and
+   * then for `how.ready`; `done` hears what it carried once the destination has written it
+   * (with `how.fingerprints`, what each page was as sent). A failed piece fails the next
+   * call and `settled`.
    */
-  async dispatch(lane: Lane, round: number, piece: Uint32Array, done: (sent: ChannelSent) => void, fingerprints = false): Promise<void> {
+  async dispatch(lane: Lane, round: number, piece: Uint32Array, done: (sent: ChannelSent) => void, how: { fingerprints?: boolean; ready?: () => Promise<void> } = {}): Promise<void> {
     if (this.failure) throw this.failure;
     while (this.idle.length === 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
     if (this.failure) throw this.failure;
     const channel = this.idle.pop()!;
+    if (how.ready) {
+      // With the channel in hand, what the piece waits for (a gang's gate): it goes as soon as
+      // that resolves, with nothing in between.
+      try {
+        await how.ready();
+      } catch (err) {
+        this.idle.push(channel);
+        this.idleWaiters.shift()?.();
+        throw err;
+      }
+      if (this.failure) {
+        this.idle.push(channel);
+        throw this.failure;
+      }
+    }
     if (this.inFlight.size === 0) this.busySince = performance.now();
     // Each piece ends with a barrier: `done` hears of it once the destination wrote it, so a
     // rate taken from it is what was delivered, not what the socket buffers took in.
     const sending: Promise<void> = (async () => {
-      const sent = await channel.send(this.handles[lane.index]!, lane.index, round, piece, fingerprints);
+      const sent = await channel.send(this.handles[lane.index]!, lane.index, round, piece, how.fingerprints ?? false);
       await channel.barrier(round);
       return sent;
     })().then(
