@@ -173,7 +173,8 @@ export type PeersSettings = z.infer<typeof PeersSettingsSchema>;
  * This host's own migrations: how many may leave at once (migration.maxParallelOutbound, as
  * KubeVirt's parallelOutboundMigrationsPerNode); one beyond waits its turn. Arriving ones
  * are bounded by peers.maxIncoming. migration.channels: TCP connections, each with a thread at
- * both ends, that carry a pre-copy's raw rounds beside its session (0: the session only).
+ * both ends, that carry a pre-copy's raw rounds beside its session (a gang's members share
+ * them, one each at least; 0: the session only).
  */
 export const MigrationSettingsSchema = z.object({ maxParallelOutbound: count(1, 256), channels: count(0, 4) }).partial().strict();
 export interface MigrationLimits {
