@@ -142,14 +142,18 @@ async function runGangway(agents: Agents, shaped: ShapedLink | undefined, vm: Qe
     const sampler = setInterval(() => qemuPids.forEach((pid, i) => (sourceQemuCpu[i] = cpuSeconds(pid) ?? sourceQemuCpu[i]!)), 20);
     counter = shaped ? await openVethCounter(shaped) : await openIptablesCounter([{ host: '127.0.0.1', port: Number(to.slice(to.lastIndexOf(':') + 1)) }]);
     let summary: GroupSummary;
+    // Cancelled once the migration ends: a pending timer would keep the bench alive for
+    // MIGRATION_TIMEOUT_MS after its last run.
+    const timeout = new AbortController();
     try {
       summary = await Promise.race([
         source.client.migrate({ guests: names, to, technique, strategy: 'gang', dedup: true }),
-        sleep(MIGRATION_TIMEOUT_MS).then(() => {
+        sleep(MIGRATION_TIMEOUT_MS, undefined, { signal: timeout.signal }).then(() => {
           throw new Error(`did not complete within ${MIGRATION_TIMEOUT_MS} ms`);
         }),
       ]);
     } finally {
+      timeout.abort();
       clearInterval(sampler);
     }
     const wire = await counter.read();
