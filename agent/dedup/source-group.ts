@@ -35,6 +35,7 @@ import { FINGERPRINT_BYTES, RESIDENT_SLOT_FLAG } from '../../protocol/limits.js'
 import { ENTRY_DATA, ENTRY_REF, ENTRY_ZERO, loadNative } from '../native.js';
 import type { GroupFrame, PeerSession } from '../peer/session.js';
 import { ContentIndex } from './content-index.js';
+import { Outbox } from './outbox.js';
 
 /**
  * What the planner did with pages (the same fields in the sender's round counters): pages
@@ -57,66 +58,6 @@ export function emptyDedupCounters(): DedupCounters {
 /** Bounds on what a destination may announce, so its frames cannot make this side allocate without limit. */
 const MAX_RESIDENT_SLOTS = 4096;
 const MAX_RESIDENT_PAGES = 64 * 1024 * 1024;
-
-/**
- * The group's frames go out in the order their content was planned. take() reserves a
- * place; turn(t) resolves when every earlier place was used (done) or given up (drop).
- */
-export class Outbox {
-  private next = 0;
-  private issued = 0;
-  private readonly waiting = new Map<number, () => void>();
-  private readonly dropped = new Set<number>();
-
-  take(): number {
-    return this.issued++;
-  }
-
-  turn(ticket: number): Promise<void> {
-    if (ticket === this.next) return Promise.resolve();
-    return new Promise((resolve) => this.waiting.set(ticket, resolve));
-  }
-
-  done(ticket: number): void {
-    if (ticket !== this.next) throw new Error(`outbox: ticket ${ticket} finished out of turn (next is ${this.next})`);
-    this.advance();
-  }
-
-  drop(ticket: number): void {
-    if (ticket === this.next) this.advance();
-    else if (ticket > this.next) this.dropped.add(ticket);
-  }
-
-  /** The place the next take() gives. */
-  get nextTicket(): number {
-    return this.issued;
-  }
-
-  /** Resolves once every place up to `ticket` was used or given up. */
-  sentThrough(ticket: number): Promise<void> {
-    if (ticket < this.next) return Promise.resolve();
-    return new Promise((resolve) => this.through.push({ ticket, resolve }));
-  }
-
-  private readonly through: { ticket: number; resolve: () => void }[] = [];
-
-  private advance(): void {
-    this.next++;
-    while (this.dropped.delete(this.next)) this.next++;
-    if (this.through.length > 0) {
-      const waiting = this.through.splice(0);
-      for (const w of waiting) {
-        if (w.ticket < this.next) w.resolve();
-        else this.through.push(w);
-      }
-    }
-    const wake = this.waiting.get(this.next);
-    if (wake) {
-      this.waiting.delete(this.next);
-      wake();
-    }
-  }
-}
 
 interface SlotInfo {
   slot: number;
@@ -284,6 +225,53 @@ export class DedupPlanner {
   }
 
   /**
+   * One data page of member `info` (page `p`, content w0..w3), as planChunk and planPiece
+   * decide it: 'unchanged' when its destination page already holds the content; 'ref' when
+   * the content is at another location a ref may copy from (emitted into `batch`; the
+   * source location recorded as read by the frame at `frameTicket`); else 'send', and the
+   * caller sends it. Counts the hits.
+   */
+  private planPage(
+    info: SlotInfo,
+    p: number,
+    w0: number,
+    w1: number,
+    w2: number,
+    w3: number,
+    plan: { round: number; allowResident: boolean; frameTicket?: number | undefined },
+    batch: BatchBuild,
+    counters: DedupCounters,
+  ): 'unchanged' | 'ref' | 'send' {
+    const { index, roundOf } = this;
+    const location = info.base + p;
+    const found = index.lookupWords(w0, w1, w2, w3);
+    if (found === location) {
+      counters.unchangedPages++;
+      counters.hitsCrossRound++;
+      return 'unchanged';
+    }
+    const source = found >= 0 ? this.slotOfLocation(found) : undefined;
+    if (!source || source.retired || (source.resident && !plan.allowResident)) return 'send';
+    if (!source.resident) {
+      if (source !== info) counters.hitsCrossGuest++;
+      else if (roundOf[found]! < plan.round) counters.hitsCrossRound++;
+      else counters.hitsIntra++;
+      if (plan.frameTicket !== undefined) this.readBy[found] = plan.frameTicket;
+      index.setWords(location, w0, w1, w2, w3);
+      roundOf[location] = plan.round;
+    } else {
+      // A member's slot made resident at its commit (settleSlot) is another guest of the group.
+      if (source.slot < RESIDENT_SLOT_FLAG) counters.hitsCrossGuest++;
+      else counters.hitsResident++;
+      // Verified only when applied: until then this page's content is not certain.
+      index.clear(location);
+    }
+    counters.refPages++;
+    emit(batch, ENTRY_REF, p, 1, source.slot, found - source.base);
+    return 'ref';
+  }
+
+  /**
    * Plans one gathered chunk into the batch being built: each data page becomes nothing
    * (the destination page already holds it), a ref (the content is at the destination), or
    * data (packed after what the batch already holds; never ahead of where it was read).
@@ -310,36 +298,7 @@ export class DedupPlanner {
         const location = base + p;
         const w = dataIndex * 4;
         const w0 = words[w]!, w1 = words[w + 1]!, w2 = words[w + 2]!, w3 = words[w + 3]!;
-        const found = index.lookupWords(w0, w1, w2, w3);
-        if (found === location) {
-          counters.unchangedPages++;
-          counters.hitsCrossRound++;
-          continue;
-        }
-        const source = found >= 0 ? this.slotOfLocation(found) : undefined;
-        if (source && !source.retired) {
-          if (!source.resident) {
-            if (source !== info) counters.hitsCrossGuest++;
-            else if (roundOf[found]! < plan.round) counters.hitsCrossRound++;
-            else counters.hitsIntra++;
-            counters.refPages++;
-            emit(batch, ENTRY_REF, p, 1, source.slot, found - source.base);
-            if (plan.frameTicket !== undefined) this.readBy[found] = plan.frameTicket;
-            index.setWords(location, w0, w1, w2, w3);
-            roundOf[location] = plan.round;
-            continue;
-          }
-          if (plan.allowResident) {
-            // A member's slot made resident at its commit (settleSlot): another guest of the group.
-            if (source.slot < RESIDENT_SLOT_FLAG) counters.hitsCrossGuest++;
-            else counters.hitsResident++;
-            counters.refPages++;
-            emit(batch, ENTRY_REF, p, 1, source.slot, found - source.base);
-            // Verified only when applied: until then this page's content is not certain.
-            index.clear(location);
-            continue;
-          }
-        }
+        if (this.planPage(info, p, w0, w1, w2, w3, plan, batch, counters) !== 'send') continue;
         const from = plan.payloadOffset + dataIndex * ps;
         if (from !== batch.payloadEnd) batch.payload.copy(batch.payload, batch.payloadEnd, from, from + ps);
         batch.payloadEnd += ps;
@@ -368,7 +327,7 @@ export class DedupPlanner {
   ): { carried: Uint32Array; waitFor: number } {
     const info = this.bySlot.get(plan.slot);
     if (!info || info.resident) throw new Error(`dedup planner: slot ${plan.slot} is not a member`);
-    const { index, roundOf, readBy } = this;
+    const { index, readBy } = this;
     const base = info.base;
     const words = new Int32Array(plan.fps.buffer, plan.fps.byteOffset, plan.fps.length >> 2);
     const out: number[] = [];
@@ -385,39 +344,9 @@ export class DedupPlanner {
       const first = plan.runs[r]!;
       const end = first + plan.runs[r + 1]!;
       for (let p = first; p < end; p++, at++) {
-        const location = base + p;
         const w = at * 4;
         const w0 = words[w]!, w1 = words[w + 1]!, w2 = words[w + 2]!, w3 = words[w + 3]!;
-        if (this.isZero(w0, w1, w2, w3)) {
-          toChannel(p);
-          continue;
-        }
-        const found = index.lookupWords(w0, w1, w2, w3);
-        if (found === location) {
-          counters.unchangedPages++;
-          counters.hitsCrossRound++;
-          continue;
-        }
-        const source = found >= 0 ? this.slotOfLocation(found) : undefined;
-        if (source && !source.retired && (!source.resident || plan.allowResident)) {
-          if (!source.resident) {
-            if (source !== info) counters.hitsCrossGuest++;
-            else if (roundOf[found]! < plan.round) counters.hitsCrossRound++;
-            else counters.hitsIntra++;
-            readBy[found] = plan.frameTicket;
-            index.setWords(location, w0, w1, w2, w3);
-            roundOf[location] = plan.round;
-          } else {
-            if (source.slot < RESIDENT_SLOT_FLAG) counters.hitsCrossGuest++;
-            else counters.hitsResident++;
-            // Verified only when applied: until then this page's content is not certain.
-            index.clear(location);
-          }
-          counters.refPages++;
-          emit(refs, ENTRY_REF, p, 1, source.slot, found - source.base);
-          continue;
-        }
-        toChannel(p);
+        if (this.isZero(w0, w1, w2, w3) || this.planPage(info, p, w0, w1, w2, w3, plan, refs, counters) === 'send') toChannel(p);
       }
     }
     return { carried: Uint32Array.from(out), waitFor };
