@@ -20,6 +20,8 @@ export interface Lane {
   slot: number | undefined;
   /** Dedup: pages the destination asked for again (want), for the next round. */
   wanted: PageSet | undefined;
+  /** Dedup: pages the guest wrote since its tracker armed; at the commit, the ones it will likely write again there. */
+  written: PageSet | undefined;
 }
 
 /** Runs [first, count, ...] for each lane, in lane order. */

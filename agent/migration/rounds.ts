@@ -394,6 +394,7 @@ export async function collectDirty(run: SourceRun): Promise<LaneRuns> {
     run.lanes.map(async (lane) => {
       const started = run.clock.now();
       const written = await lane.tracker.collect();
+      lane.written?.addRuns(written);
       run.options.metrics?.dirtyScan.observe({ tracker: lane.tracker.kind }, (run.clock.now() - started) / 1000);
       return mergeRuns(written, takeWanted(lane), lane.pageCount);
     }),

@@ -197,7 +197,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     for (const [index, region] of this.guest.regions.entries()) {
       const base = trackers?.[index] ?? NO_TRACKER;
       const tracker = trackers && this.options.wrapTracker ? this.options.wrapTracker(base, index) : base;
-      const lane: Lane = { index, region, pageCount: region.lengthBytes / region.pageSizeBytes, reader: open(region), tracker, slot: dedup?.slots[index], wanted: undefined };
+      const lane: Lane = { index, region, pageCount: region.lengthBytes / region.pageSizeBytes, reader: open(region), tracker, slot: dedup?.slots[index], wanted: undefined, written: undefined };
+      if (dedup?.slots[index] !== undefined) lane.written = new PageSet(lane.pageCount);
       this.lanes.push(lane);
     }
   }

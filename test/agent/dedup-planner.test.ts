@@ -240,12 +240,15 @@ class Model {
     this.resident[page] = content;
   }
 
-  /** The guest of `slot` starts at the destination (after every frame is applied), and keeps writing there. */
-  commit(slot: number): void {
+  /**
+   * The guest of `slot` starts at the destination (after every frame is applied), and keeps
+   * writing there; `written`: the pages its guest wrote while it migrated, as the source hands them over.
+   */
+  commit(slot: number, written: number[] = []): void {
     if (this.committed[slot]) return;
     this.flush();
     if (this.settles) {
-      this.planner.settleSlot(slot);
+      this.planner.settleSlot(slot, Uint32Array.from(written.flatMap((page) => [page, 1])));
       this.settledOffer[slot] = [...this.dest[slot]!];
     } else this.planner.forgetSlot(slot);
     this.committed[slot] = true;
@@ -446,5 +449,35 @@ describe('dedup planner against a model destination', () => {
     model.sendNow(1, false);
     expect(model.counters.hitsCrossGuest).toBe(2);
     expect(model.dest[1]!.slice(5, 8)).toEqual([7, 8, 7]);
+  });
+
+  test("the pages a committed member's guest wrote while it migrated serve no refs once the commit is settled: another holder does, or the page is sent", async () => {
+    const run = async (written: number[]) => {
+      const model = new Model(new Array(PAGES).fill(0), true);
+      model.write(2, 4, 8);
+      model.sendNow(2, true);
+      // Member 0's page 3 takes content 8 last: it heads the content's holders.
+      model.write(0, 2, 7);
+      model.write(0, 3, 8);
+      model.sendNow(0, true);
+      model.commit(0, written);
+      // The forgetting goes a chunk at a time, after the commit's turn.
+      await new Promise((resolve) => setImmediate(resolve));
+      // At the destination its guest writes page 3 (the model rewrites every third page).
+      model.write(1, 5, 7);
+      model.write(1, 6, 8);
+      model.sendNow(1, true);
+      return model;
+    };
+    // Told what it wrote: page 6 refers to member 2's page 4 (only the stream writes it),
+    // page 5 travels as data (its one holder left the index), and nothing is asked for again.
+    const told = await run([2, 3]);
+    expect(told.dest[1]!.slice(5, 7)).toEqual([7, 8]);
+    expect(told.wanted[1]).toEqual(new Set());
+    expect(told.counters.hitsCrossGuest).toBe(2);
+    // Not told: page 6 refers to member 0's page 3, which changed there, and is asked for again.
+    const untold = await run([]);
+    expect(untold.wanted[1]).toEqual(new Set([6]));
+    expect(untold.counters.hitsCrossGuest).toBe(3);
   });
 });
