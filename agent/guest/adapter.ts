@@ -182,11 +182,13 @@ export interface GuestLauncher {
    */
   loadDeviceState?(guest: StandbyGuest, files: GuestFiles, state: Uint8Array): Promise<void>;
   /**
-   * Loading the device state may write the guest's memory (QEMU loads its ROMs and device
-   * state into RAM): the state is then loaded before the switchover's check, and the check
-   * reads the memory back as the guest will run on it, not the pages as this agent wrote them.
+   * The device state is loaded before the switchover's check answers (after every page, as
+   * QEMU's own migration loads RAM, then devices), so that a state the guest refuses
+   * refuses the migration while the source still owns the guest; otherwise at the commit.
+   * Loading it writes none of the memory this agent wrote (QEMU: test/integration/
+   * qemu-standby-ram.test.ts), so the check's fingerprints of the pages as written stand.
    */
-  readonly deviceStateWritesMemory?: boolean;
+  readonly loadsDeviceStateBeforeCheck?: boolean;
   /** The kind's part of the record of a guest that arrived here, once its memory is complete enough to read. */
   recordPart(files: GuestFiles, guest: GuestSpec): KindRecord;
   /**

@@ -204,7 +204,7 @@ class QemuStandby implements StandbyGuest {
 export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLauncher {
   return {
     kind: 'qemu',
-    deviceStateWritesMemory: true,
+    loadsDeviceStateBeforeCheck: true,
     checkOffer(guest) {
       const result = vmSpecOfOffer(guest, settings);
       return 'problem' in result ? result.problem : undefined;

@@ -28,7 +28,7 @@ import { DestinationDisks } from './destination-disks.js';
 import { DestinationPostcopy } from './destination-postcopy.js';
 import { fingerprintsPathOf, withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
 import { digestsHere, MAX_REPAIRS, sameDigests, sendPageFingerprints } from './digests.js';
-import { faultCrash, faultDelay, faultScribble } from './faults.js';
+import { faultCrash, faultDelay } from './faults.js';
 import { IncomingDeviceState } from './incoming-device-state.js';
 import { IncomingChannels } from './incoming-channels.js';
 import type { Channel, ChannelHelloIn } from '../peer/channel.js';
@@ -373,6 +373,13 @@ export class DestinationMigration implements FrameHandler {
       case 'deviceState': {
         const refusal = this.deviceState.receive(frame);
         if (refusal) this.refuse(refusal.code, refusal.message);
+        // Loaded as soon as it is all here, after the pages before it: the check's answer
+        // then waits for no load when the source's digest of its memory is the longer step.
+        else if (this.launcher.loadsDeviceStateBeforeCheck && this.technique === 'precopy' && this.deviceState.complete) {
+          this.enqueue(async () => {
+            await this.loadBeforeCheck();
+          });
+        }
         return;
       }
       case 'postcopy': {
@@ -399,24 +406,18 @@ export class DestinationMigration implements FrameHandler {
         }
         this.deviceState.checkComplete();
         this.enqueue(async () => {
-          // A kind whose device state can write its memory loads it first, and the check reads
-          // the memory as the guest will run on it (not the pages as they were written here).
-          const writes = this.launcher.deviceStateWritesMemory ?? false;
+          // A kind that loads its device state before the check has it loaded by now (begun
+          // once it arrived, after every page before it, as QEMU's own migration loads RAM,
+          // then devices): a state it refuses refuses the migration while the source still
+          // owns the guest.
           const verifyStart = performance.now();
-          if (writes) {
-            this.switching = true;
-            try {
-              await this.deviceState.load(this.standby!);
-            } catch (err) {
-              this.log.error({ err: (err as Error).message, log: this.files.logPath }, "the guest's device state did not load");
-              this.refuse(ErrorCode.GUEST_FAILED, `the destination could not load the guest's device state: ${(err as Error).message}`);
-              return;
-            }
-            if (this.repairs === 0 && this.regions[0]) faultScribble(this.regions[0].fd, this.regions[0].pageSizeBytes, this.log);
-          }
+          if (this.launcher.loadsDeviceStateBeforeCheck && !(await this.loadBeforeCheck())) return;
           const loadedAt = performance.now();
-          const digests = await digestsHere(this.native, this.regions, writes);
-          this.log.debug({ deviceStateLoadMs: Math.round((loadedAt - verifyStart) * 100) / 100, digestMs: Math.round((performance.now() - loadedAt) * 100) / 100, full: writes }, 'verify: ms');
+          // The fingerprints of the pages as this agent wrote them, kept as it wrote them:
+          // the source's digest reads its paused memory whole (it trusts no dirty tracker),
+          // and this one costs no read of the memory inside the downtime.
+          const digests = await digestsHere(this.native, this.regions);
+          this.log.debug({ deviceStateLoadMs: Math.round((loadedAt - verifyStart) * 100) / 100, digestMs: Math.round((performance.now() - loadedAt) * 100) / 100 }, 'verify: ms');
           const match = sameDigests(digests, verify.digests);
           const repair = !match && this.repairs < MAX_REPAIRS && (this.session.peer?.features.includes('repair') ?? false);
           this.session.send(Frame.verified({ migrationId: this.offer.migrationId, match, digests }));
@@ -445,6 +446,25 @@ export class DestinationMigration implements FrameHandler {
       default:
         throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `frame type ${frame.type} is not expected by a destination`);
     }
+  }
+
+  /** The device state's load before the check (GuestLauncher.loadsDeviceStateBeforeCheck): false once it failed. */
+  private deviceStateLoaded: Promise<boolean> | undefined;
+
+  /** Loads the device state into the standby guest, once; a state it refuses refuses the migration. */
+  private loadBeforeCheck(): Promise<boolean> {
+    this.deviceStateLoaded ??= (async () => {
+      this.switching = true;
+      try {
+        await this.deviceState.load(this.standby!);
+        return true;
+      } catch (err) {
+        this.log.error({ err: (err as Error).message, log: this.files.logPath }, "the guest's device state did not load");
+        this.refuse(ErrorCode.GUEST_FAILED, `the destination could not load the guest's device state: ${(err as Error).message}`);
+        return false;
+      }
+    })();
+    return this.deviceStateLoaded;
   }
 
   /** Ends this migration before its guest ran here, telling the source why (its guest runs on there). */

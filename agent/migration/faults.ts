@@ -1,7 +1,6 @@
 // Fault injection for tests that must hit a point no timing can. The engine takes injected
 // wrappers (a tracker that loses dirty pages); an agent process under test builds them once
 // at start from GANGWAY_FAULT_* variables (faultsFromEnv), so end-to-end tests can reach them.
-import { writeSync } from 'node:fs';
 import type { Logger } from 'pino';
 import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 
@@ -24,19 +23,6 @@ export async function faultDelay(point: string, log: Logger): Promise<void> {
   if (!match || match[1] !== point) return;
   log.error({ point, ms: Number(match[2]) }, 'fault injection: the agent waits here (GANGWAY_FAULT_DELAY)');
   await new Promise((resolve) => setTimeout(resolve, Number(match[2])));
-}
-
-/**
- * Fault injection for the switchover's check (GANGWAY_FAULT_SCRIBBLE_PAGE=N): after a
- * guest's device state was loaded at the destination, page N of its first region is
- * overwritten behind the agent's back, as a QEMU writing its RAM before `cont` would. The
- * check must see it (it reads the memory back), and the repair send the page again.
- */
-export function faultScribble(fd: number, pageSizeBytes: number, log: Logger): void {
-  const value = process.env.GANGWAY_FAULT_SCRIBBLE_PAGE;
-  if (value === undefined || !/^\d+$/.test(value)) return;
-  log.error({ page: Number(value) }, 'fault injection: a page of the arriving guest is overwritten (GANGWAY_FAULT_SCRIBBLE_PAGE)');
-  writeSync(fd, Buffer.alloc(64, 0xa5), 0, 64, Number(value) * pageSizeBytes);
 }
 
 /** `runs` without their first `count` pages. */

@@ -55,6 +55,11 @@ export class IncomingDeviceState {
     return undefined;
   }
 
+  /** Every chunk of a device state is here. */
+  get complete(): boolean {
+    return this.deviceState !== undefined && this.deviceState.receivedBytes === this.deviceState.bytes.length;
+  }
+
   /** The switchover may start only with the whole device state here (when there is one). */
   checkComplete(): void {
     const into = this.deviceState;

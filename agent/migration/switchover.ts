@@ -22,8 +22,8 @@ const DEVICE_STATE_CHUNK_BYTES = 4 * 1024 * 1024;
  * The paused guest's device state as deviceState chunks, none when it has none; returns
  * its size. The destination checks the total against its limit before it allocates.
  */
-export async function sendDeviceState(run: SourceRun): Promise<number> {
-  const state = await run.guest.saveDeviceState();
+export async function sendDeviceState(run: SourceRun, saved?: Promise<Uint8Array>): Promise<number> {
+  const state = await (saved ?? run.guest.saveDeviceState());
   const chunkBytes = Math.min(run.link.session.peerMaxPayloadBytes, MAX_DEVICE_STATE_BYTES, DEVICE_STATE_CHUNK_BYTES);
   for (let at = 0; at < state.length; at += chunkBytes) {
     run.link.send(Frame.deviceState({ migrationId: run.options.migrationId, offsetBytes: at, totalBytes: state.length, state: state.subarray(at, at + chunkBytes) }));
@@ -173,9 +173,21 @@ export async function stopAndCopy(run: SourceRun, sender: RoundSender, round: nu
   sourceDigests.catch(() => {});
   const finalRuns = mergeLaneRuns(lanes, runs, await collectDirty(run));
   const scannedAt = clock.now();
-  await sender.send(round + 1, finalRuns, true);
+  // The device state is saved while the final round goes out: the guest's own process
+  // writes it (QEMU's migration thread, x-ignore-shared: none of the memory this side
+  // reads). Not with disks: the end of QEMU's migration inactivates its disks' images,
+  // which the final round reads through QEMU's NBD export.
+  const saved = lanes.some((lane) => lane.region.sparse) ? undefined : guest.saveDeviceState();
+  saved?.catch(() => {});
+  try {
+    await sender.send(round + 1, finalRuns, true);
+  } catch (err) {
+    // The guest resumes here: not before QEMU's save is over (it takes no `cont` while migrating).
+    await saved?.catch(() => {});
+    throw err;
+  }
   const deviceStateAt = clock.now();
-  const deviceStateBytes = await sendDeviceState(run);
+  const deviceStateBytes = await sendDeviceState(run, saved);
   const finalSentAt = clock.now();
 
   state.to('verifying');
