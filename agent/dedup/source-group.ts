@@ -385,25 +385,30 @@ export class DedupPlanner {
    * resident (feature 'dedup-committed'): its locations keep what the mirror says they
    * hold, and a ref to them is verified there, as for resident memory.
    */
-  settleSlot(slot: number, written?: Uint32Array): void {
+  settleSlot(slot: number, written?: () => Uint32Array): void {
     const info = this.bySlot.get(slot);
     if (!info || info.retired || info.resident) return;
     info.resident = true;
-    // The pages its guest wrote while it migrated (runs) are the ones it will most likely
-    // write again there: a ref to one would cost a want (the page and a round trip). They
-    // leave the index, so that another holder of their content (a member still on its
+    // The pages its guest wrote while it migrated (`written`, runs) are the ones it will most
+    // likely write again there: a ref to one would cost a want (the page and a round trip).
+    // They leave the index, so that another holder of their content (a member still on its
     // way, whose destination pages only the stream writes) takes their place, or the
-    // content is sent. A chunk at a time, after: this runs inside a switchover's downtime,
+    // content is sent. After, a chunk at a time: this runs inside a switchover's downtime,
     // and until a page is cleared a ref to it is still verified there, as any resident one.
-    if (written && written.length > 0) this.forgetLater(info, written);
+    if (written) this.forgetLater(info, written);
   }
 
-  /** Clears the index at `runs` of `info`'s pages, RETIRE_CHUNK pages per turn of the event loop. */
-  private forgetLater(info: SlotInfo, runs: Uint32Array): void {
+  /** Clears the index at the runs `of` gives (asked for after this turn) of `info`'s pages, RETIRE_CHUNK pages per turn of the event loop. */
+  private forgetLater(info: SlotInfo, of: () => Uint32Array): void {
+    let runs: Uint32Array | undefined;
     let run = 0;
-    let page = runs.length > 1 ? runs[0]! : 0;
+    let page = 0;
     const step = () => {
       if (this.disposed || info.retired) return;
+      if (!runs) {
+        runs = of();
+        page = runs[0] ?? 0;
+      }
       for (let budget = RETIRE_CHUNK; run + 1 < runs.length && budget > 0; ) {
         const end = Math.min(runs[run]! + runs[run + 1]!, info.pageCount);
         for (; page < end && budget > 0; page++, budget--) this.index.clear(info.base + page);
@@ -481,7 +486,7 @@ export class SourceDedupGroup extends DedupPlanner {
   }
 
   /** A member's guest is about to run at the destination: its locations become resident ones there, or are forgotten. */
-  committing(slot: number, written?: Uint32Array): void {
+  committing(slot: number, written?: () => Uint32Array): void {
     if (this.keepsCommitted) this.settleSlot(slot, written);
     else this.forgetSlot(slot);
   }

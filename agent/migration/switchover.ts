@@ -244,7 +244,7 @@ export async function stopAndCopy(run: SourceRun, sender: RoundSender, round: nu
     // from them only as from resident memory (verified there), or not at all from a peer
     // that refuses those; everything planned before is applied before the guest starts.
     const ticket = dedup.group.outbox.take();
-    for (const lane of lanes) if (lane.slot !== undefined) dedup.group.committing(lane.slot, lane.written?.toRuns());
+    for (const lane of lanes) if (lane.slot !== undefined) dedup.group.committing(lane.slot, lane.written && (() => lane.written!.toRuns()));
     await dedup.group.outbox.turn(ticket);
     try {
       link.send(Frame.commit({ migrationId: options.migrationId }));

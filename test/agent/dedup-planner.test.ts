@@ -248,7 +248,7 @@ class Model {
     if (this.committed[slot]) return;
     this.flush();
     if (this.settles) {
-      this.planner.settleSlot(slot, Uint32Array.from(written.flatMap((page) => [page, 1])));
+      this.planner.settleSlot(slot, () => Uint32Array.from(written.flatMap((page) => [page, 1])));
       this.settledOffer[slot] = [...this.dest[slot]!];
     } else this.planner.forgetSlot(slot);
     this.committed[slot] = true;
