@@ -52,6 +52,8 @@ export interface SourceGuest {
    * Empty for a guest that keeps its whole state in memory.
    */
   saveDeviceState(): Promise<Uint8Array>;
+  /** Readies saveDeviceState while the guest still runs, so that less of it falls inside the downtime (a VM: its migration capabilities). */
+  prepareDeviceStateSave?(): Promise<void>;
   /** Pages a post-copy destination needs before the guest can run there: runs for each region, in the order of `regions`. */
   eagerRuns(): Uint32Array[];
   /** Ends this copy for good: the guest runs elsewhere now. */

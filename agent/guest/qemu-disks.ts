@@ -215,6 +215,10 @@ export class MigratingVm implements SourceGuest {
     return this.vm.saveDeviceState();
   }
 
+  async prepareDeviceStateSave(): Promise<void> {
+    await this.vm.prepareDeviceStateSave?.();
+  }
+
   eagerRuns(): Uint32Array[] {
     return this.regions.map(() => new Uint32Array(0));
   }

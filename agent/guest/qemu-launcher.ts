@@ -9,7 +9,7 @@ import { GangwayError, ErrorCode } from '../../protocol/errors.js';
 import type { GuestSpec } from '../../protocol/frames.js';
 import type { GuestLauncher, StandbyGuest } from './adapter.js';
 import type { Logger } from '../log.js';
-import { connectWhenReady, endQemu, launchQemu, loadQemuDeviceState, logTail, resolveKernel, VM_PAGE_SIZE, type QemuSettings } from './qemu-guest.js';
+import { armQemuIncoming, connectWhenReady, endQemu, launchQemu, loadQemuDeviceState, logTail, resolveKernel, VM_PAGE_SIZE, type ArmedIncoming, type QemuSettings } from './qemu-guest.js';
 import type { QmpClient } from './qmp.js';
 import { switchDiskToFile } from './qmp-block.js';
 import { createVmTap, removeVmTap, tapNameFor } from './vm-tap.js';
@@ -141,7 +141,13 @@ class QemuStandby implements StandbyGuest {
       this.rejectRunning = reject;
     });
     this.running.catch(() => {});
+    // It listens for its device state from as soon as it is up, not from the switchover on.
+    this.armed = this.qmp().then((qmp) => armQemuIncoming(qmp, vmStateSockets(files.qmpSocketPath!).in));
+    this.armed.catch(() => {});
   }
+
+  /** The incoming migration of its device state, listening (armQemuIncoming). */
+  private readonly armed: Promise<ArmedIncoming>;
 
   /** QMP, once QEMU is up (its memory mapped). */
   qmp(): Promise<QmpClient> {
@@ -189,7 +195,8 @@ class QemuStandby implements StandbyGuest {
   async loadDeviceState(state: Uint8Array): Promise<void> {
     const qmp = await this.qmp();
     try {
-      await loadQemuDeviceState(qmp, vmStateSockets(this.files.qmpSocketPath!).in, state);
+      const armed = await this.armed;
+      await loadQemuDeviceState(qmp, armed.socketPath, state, armed);
     } catch (err) {
       const tail = logTail(this.files.logPath);
       throw new GangwayError(ErrorCode.GUEST_FAILED, `${(err as Error).message}${tail ? `; QEMU's log: ${tail}` : ''}`, { cause: err });

@@ -116,6 +116,8 @@ export async function pauseForSwitchover(run: SourceRun, gate: { held: (() => vo
   // the destination, and resumes it (resolveOutgoing).
   const secret = phase === 'postcopy' ? { secret: run.secretHex() } : {};
   options.registry?.update(guest.name, { outgoing: { migrationId: options.migrationId, to: options.peerAddress, since: new Date().toISOString(), phase, ...secret, ...movedDisksOf(guest) } });
+  // Outside the downtime: what the device state's save can do before the guest stops.
+  await link.unlessFailed(guest.prepareDeviceStateSave?.() ?? Promise.resolve());
   state.to('stopping');
   const pauseStart = clock.now();
   await guest.pause();

@@ -3,7 +3,8 @@
 // before the guest runs. A real QEMU, as gangway starts one (qemuArgs), is stopped and its
 // device state saved with x-ignore-shared; its RAM file is copied; a standby QEMU started on
 // the copy (-S -incoming defer) loads the device state; the copy must still equal the
-// source's RAM byte for byte, and the standby must then run. QEMU runs under TCG, booting
+// source's RAM byte for byte, and the standby must then run; a state it refuses fails the
+// load with QEMU's reason. QEMU runs under TCG, booting
 // gangway-testvm, which writes its pages. Every QEMU started here is killed by its PID.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
@@ -11,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
-import { loadQemuDeviceState, qemuMissing, saveQemuDeviceState } from '../../agent/guest/qemu-guest.js';
+import { armQemuIncoming, loadQemuDeviceState, qemuMissing, saveQemuDeviceState } from '../../agent/guest/qemu-guest.js';
 import { QmpClient } from '../../agent/guest/qmp.js';
 import { qemuArgs, VM_MACHINES, type VmDefinition } from '../../agent/guest/vm-spec.js';
 import { testvmDir, testvmMissing, TESTVM_KERNEL_FILE } from '../../agent/native.js';
@@ -100,6 +101,14 @@ describe.skipIf(skip !== undefined)('a standby QEMU writes none of the RAM gangw
       await standbyQmp.cont();
       await sleep(200);
       expect((await standbyQmp.queryStatus()).status).toBe('running');
+
+      // A state QEMU refuses: its MIGRATION event says so, and the error carries QEMU's reason.
+      const refusing = startQemu(dir, 'refusing', machine, destinationRam, true);
+      const refusingQmp = await connect(refusing.qmpSocket, refusing.child);
+      const armed = await armQemuIncoming(refusingQmp, join(dir, 'refuse.sock'));
+      const broken = Buffer.from(state);
+      broken.fill(0xee, 64, 4096);
+      await expect(loadQemuDeviceState(refusingQmp, armed.socketPath, broken, armed)).rejects.toThrow(/QEMU's device-state load failed/);
     });
   }
 });
