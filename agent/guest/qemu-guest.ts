@@ -277,9 +277,10 @@ async function migrationEnd(qmp: QmpClient, what: string, timeoutMs: number, mar
 
 /**
  * A stopped VM's device state: QEMU migrates to a unix socket this agent listens on, with
- * x-ignore-shared (its RAM, shared, stays out). Bounded in size and time.
+ * x-ignore-shared (its RAM, shared, stays out; prepareQemuDeviceStateSave set it). Bounded
+ * in size and time.
  */
-export async function saveQemuDeviceState(qmp: QmpClient, socketPath: string, maxBytes = MAX_QEMU_DEVICE_STATE_BYTES, prepared = false): Promise<Buffer> {
+export async function saveQemuDeviceState(qmp: QmpClient, socketPath: string, maxBytes = MAX_QEMU_DEVICE_STATE_BYTES): Promise<Buffer> {
   rmSync(socketPath, { force: true });
   const chunks: Buffer[] = [];
   let received = 0;
@@ -311,7 +312,6 @@ export async function saveQemuDeviceState(qmp: QmpClient, socketPath: string, ma
       server!.once('error', reject);
       server!.listen(socketPath, resolve);
     });
-    if (!prepared) await prepareQemuDeviceStateSave(qmp);
     const mark = qmp.eventMark();
     await qmp.migrate(`unix:${socketPath}`);
     await Promise.race([
@@ -343,9 +343,9 @@ export async function armQemuIncoming(qmp: QmpClient, socketPath: string): Promi
   return { socketPath, mark };
 }
 
-/** Loads a device state into a QEMU started with -incoming defer (it listens at `socketPath`, this agent writes), armed now unless `armed` says it was. */
-export async function loadQemuDeviceState(qmp: QmpClient, socketPath: string, state: Uint8Array, armed?: ArmedIncoming): Promise<MigrationInfo> {
-  const { mark } = armed ?? (await armQemuIncoming(qmp, socketPath));
+/** Loads a device state into a QEMU that armQemuIncoming made listen for it (this agent writes). */
+export async function loadQemuDeviceState(qmp: QmpClient, armed: ArmedIncoming, state: Uint8Array): Promise<MigrationInfo> {
+  const { socketPath, mark } = armed;
   const socket = await new Promise<Socket>((resolve, reject) => {
     const socket = createConnection(socketPath);
     socket.once('connect', () => resolve(socket));
@@ -507,7 +507,8 @@ export class QemuGuest implements HostedGuest {
 
   async saveDeviceState(): Promise<Uint8Array> {
     if (!this.paused) throw new GangwayError(ErrorCode.INTERNAL, `VM ${this.name}: device state asked for while it runs`);
-    return saveQemuDeviceState(await this.client(), vmStateSockets(this.files.qmpSocketPath!).out, MAX_QEMU_DEVICE_STATE_BYTES, this.savePrepared);
+    if (!this.savePrepared) await this.prepareDeviceStateSave();
+    return saveQemuDeviceState(await this.client(), vmStateSockets(this.files.qmpSocketPath!).out);
   }
 
   /** The save's capabilities are set in this QEMU (they stay set). */

@@ -195,8 +195,7 @@ class QemuStandby implements StandbyGuest {
   async loadDeviceState(state: Uint8Array): Promise<void> {
     const qmp = await this.qmp();
     try {
-      const armed = await this.armed;
-      await loadQemuDeviceState(qmp, armed.socketPath, state, armed);
+      await loadQemuDeviceState(qmp, await this.armed, state);
     } catch (err) {
       const tail = logTail(this.files.logPath);
       throw new GangwayError(ErrorCode.GUEST_FAILED, `${(err as Error).message}${tail ? `; QEMU's log: ${tail}` : ''}`, { cause: err });

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
-import { armQemuIncoming, loadQemuDeviceState, qemuMissing, saveQemuDeviceState } from '../../agent/guest/qemu-guest.js';
+import { armQemuIncoming, loadQemuDeviceState, prepareQemuDeviceStateSave, qemuMissing, saveQemuDeviceState } from '../../agent/guest/qemu-guest.js';
 import { QmpClient } from '../../agent/guest/qmp.js';
 import { qemuArgs, VM_MACHINES, type VmDefinition } from '../../agent/guest/vm-spec.js';
 import { testvmDir, testvmMissing, TESTVM_KERNEL_FILE } from '../../agent/native.js';
@@ -78,6 +78,7 @@ describe.skipIf(skip !== undefined)('a standby QEMU writes none of the RAM gangw
       // Until the kernel has set up and rewrites its pages.
       await waitForAsync('the test kernel to report its writes', async () => /writes=[1-9]/.test(readFileSync(source.serialLog, 'utf8')), 60_000);
       await sourceQmp.stop();
+      await prepareQemuDeviceStateSave(sourceQmp);
       const state = await saveQemuDeviceState(sourceQmp, join(dir, 'save.sock'));
       expect(state.length).toBeGreaterThan(1000);
       const ram = readFileSync(sourceRam);
@@ -89,7 +90,7 @@ describe.skipIf(skip !== undefined)('a standby QEMU writes none of the RAM gangw
       const standbyQmp = await connect(standby.qmpSocket, standby.child);
       // Its start-up is over once QMP answers; then the device state goes in.
       expect((await standbyQmp.queryStatus()).status).toBe('inmigrate');
-      const info = await loadQemuDeviceState(standbyQmp, join(dir, 'load.sock'), state);
+      const info = await loadQemuDeviceState(standbyQmp, await armQemuIncoming(standbyQmp, join(dir, 'load.sock')), state);
       expect(info.status).toBe('completed');
 
       const after = readFileSync(destinationRam);
@@ -108,7 +109,7 @@ describe.skipIf(skip !== undefined)('a standby QEMU writes none of the RAM gangw
       const armed = await armQemuIncoming(refusingQmp, join(dir, 'refuse.sock'));
       const broken = Buffer.from(state);
       broken.fill(0xee, 64, 4096);
-      await expect(loadQemuDeviceState(refusingQmp, armed.socketPath, broken, armed)).rejects.toThrow(/QEMU's device-state load failed/);
+      await expect(loadQemuDeviceState(refusingQmp, armed, broken)).rejects.toThrow(/QEMU's device-state load failed/);
     });
   }
 });
