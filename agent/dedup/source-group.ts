@@ -393,18 +393,23 @@ export class DedupPlanner {
     // likely write again there: a ref to one would cost a want (the page and a round trip).
     // They leave the index, so that another holder of their content (a member still on its
     // way, whose destination pages only the stream writes) takes their place, or the
-    // content is sent. After, a chunk at a time: this runs inside a switchover's downtime,
-    // and until a page is cleared a ref to it is still verified there, as any resident one.
-    if (written) this.forgetLater(info, written);
+    // content is sent. Only while a member is still on its way to plan such a ref; after, a
+    // chunk at a time (this runs inside a switchover's downtime); until a page is cleared a
+    // ref to it is still verified there, as any resident one.
+    const planning = this.slots.some((other) => other !== info && !other.resident && !other.retired);
+    if (written && planning) this.clearLater(info, written, () => info.retired === true);
   }
 
-  /** Clears the index at the runs `of` gives (asked for after this turn) of `info`'s pages, RETIRE_CHUNK pages per turn of the event loop. */
-  private forgetLater(info: SlotInfo, of: () => Uint32Array): void {
+  /**
+   * Clears the index at the runs `of` gives (asked for once this turn is over) of `info`'s
+   * pages, RETIRE_CHUNK pages per turn of the event loop, until the group closes or `stop`.
+   */
+  private clearLater(info: SlotInfo, of: () => Uint32Array, stop: () => boolean): void {
     let runs: Uint32Array | undefined;
     let run = 0;
     let page = 0;
     const step = () => {
-      if (this.disposed || info.retired) return;
+      if (this.disposed || stop()) return;
       if (!runs) {
         runs = of();
         page = runs[0] ?? 0;
@@ -430,14 +435,7 @@ export class DedupPlanner {
     // Clearing its index entries is done a chunk at a time, after: a 1 GiB slot took 40 ms,
     // inside a switchover's downtime.
     info.retired = true;
-    let location = info.base;
-    const end = info.base + info.pageCount;
-    const step = () => {
-      if (this.disposed) return;
-      for (const stop = Math.min(location + RETIRE_CHUNK, end); location < stop; location++) this.index.clear(location);
-      if (location < end) setImmediate(step);
-    };
-    setImmediate(step);
+    this.clearLater(info, () => Uint32Array.of(0, info.pageCount), () => false);
   }
 
   /** Set when the group closes: pending clean-ups stop. */
