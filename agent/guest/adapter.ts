@@ -52,6 +52,12 @@ export interface SourceGuest {
    * Empty for a guest that keeps its whole state in memory.
    */
   saveDeviceState(): Promise<Uint8Array>;
+  /**
+   * Its device state is saved only once the final round has read every region (a VM whose
+   * moving disks the final round reads through QEMU, whose save ends by taking the disk
+   * images from it); otherwise the save goes on while the final round goes out.
+   */
+  readonly saveAfterFinalRound?: boolean;
   /** Readies saveDeviceState while the guest still runs, so that less of it falls inside the downtime (a VM: its migration capabilities). */
   prepareDeviceStateSave?(): Promise<void>;
   /** Pages a post-copy destination needs before the guest can run there: runs for each region, in the order of `regions`. */

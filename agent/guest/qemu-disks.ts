@@ -215,6 +215,11 @@ export class MigratingVm implements SourceGuest {
     return this.vm.saveDeviceState();
   }
 
+  /** The end of QEMU's save inactivates the disk images the final round reads through its NBD export. */
+  get saveAfterFinalRound(): boolean {
+    return this.moving.length > 0;
+  }
+
   async prepareDeviceStateSave(): Promise<void> {
     await this.vm.prepareDeviceStateSave?.();
   }

@@ -175,11 +175,10 @@ export async function stopAndCopy(run: SourceRun, sender: RoundSender, round: nu
   sourceDigests.catch(() => {});
   const finalRuns = mergeLaneRuns(lanes, runs, await collectDirty(run));
   const scannedAt = clock.now();
-  // The device state is saved while the final round goes out: the guest's own process
-  // writes it (QEMU's migration thread, x-ignore-shared: none of the memory this side
-  // reads). Not with disks: the end of QEMU's migration inactivates its disks' images,
-  // which the final round reads through QEMU's NBD export.
-  const saved = lanes.some((lane) => lane.region.sparse) ? undefined : guest.saveDeviceState();
+  // The device state is saved while the final round goes out, unless the guest says it
+  // cannot be: the guest's own process writes it (QEMU's migration thread, x-ignore-shared:
+  // none of the memory this side reads).
+  const saved = guest.saveAfterFinalRound ? undefined : guest.saveDeviceState();
   saved?.catch(() => {});
   try {
     await sender.send(round + 1, finalRuns, true);
