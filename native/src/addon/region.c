@@ -7,6 +7,7 @@
 #endif
 
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,10 +35,51 @@ static XXH128_canonical_t zero_page_hash(size_t page_size) {
   return c;
 }
 
-/* Unmaps and frees the fingerprints; only when no digest is in flight. */
+/*
+ * Mappings at least this long are unmapped on a thread of their own: tearing down a fully
+ * faulted 256 MiB mapping took 47-62 ms here, on the JS thread the source's migration ends on.
+ */
+#define UNMAP_LATER_BYTES ((size_t)64 << 20)
+
+typedef struct {
+  void *addr;
+  size_t length;
+} unmap_job_t;
+
+static void *unmap_thread(void *arg) {
+  unmap_job_t *job = arg;
+  munmap(job->addr, job->length);
+  free(job);
+  return NULL;
+}
+
+/* munmap, now for a small mapping, on a detached thread for a large one (now if none starts). */
+static void unmap_later(void *addr, size_t length) {
+  unmap_job_t *job = length >= UNMAP_LATER_BYTES ? malloc(sizeof *job) : NULL;
+  if (job) {
+    job->addr = addr;
+    job->length = length;
+    pthread_attr_t attr;
+    pthread_t thread;
+    bool started = false;
+    if (pthread_attr_init(&attr) == 0) {
+      pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+      started = pthread_create(&thread, &attr, unmap_thread, job) == 0;
+      pthread_attr_destroy(&attr);
+    }
+    if (started) return;
+    free(job);
+  }
+  munmap(addr, length);
+}
+
+/*
+ * Unmaps and frees the fingerprints; only when no digest is in flight. The region is done
+ * with from here (addr is NULL), though a large mapping may take a moment more to go.
+ */
 void region_release(region_t *r) {
   if (r->unmapped) return;
-  if (r->addr) munmap(r->addr, r->length);
+  if (r->addr) unmap_later(r->addr, r->length);
   if (r->fd >= 0) close(r->fd);
   r->fd = -1;
   if (r->hashes_mapped) munmap(r->hashes, (size_t)r->page_count * sizeof(XXH128_canonical_t));
