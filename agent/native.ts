@@ -222,9 +222,10 @@ export interface NativeAddon {
   /**
    * The pages among the first `pageCount` of file `fd` that hold data, as [first, count]
    * pairs (SEEK_DATA / SEEK_HOLE; a page partly data counts whole); the rest are holes. A
-   * file system without SEEK_DATA says the whole file is data.
+   * file system without SEEK_DATA says the whole file is data. With `maxRuns` (>= 1), the
+   * last run of that many reaches to the end (the walk's time is bounded: two lseeks a run).
    */
-  fileDataRuns(fd: number, pageSize: number, pageCount: number): Uint32Array;
+  fileDataRuns(fd: number, pageSize: number, pageCount: number, maxRuns?: number): Uint32Array;
   /**
    * The disk content of gangway-testvm (guest-content.h gw_disk_block, what the kernel checks
    * against): block firstBlock + i at version versions[i] goes to out[4096 i, 4096 (i + 1)],

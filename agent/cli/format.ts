@@ -45,7 +45,7 @@ export function summaryText(s: MigrationSummary): string {
     `  downtime     ${formatMs(s.downtimeMs)} (pause ${formatMs(d.pauseMs)}, final round ${formatMs(d.finalRoundMs)}, verify ${formatMs(d.verifyMs)}, commit ${formatMs(d.commitMs)}, rtt ${formatMs(d.rttMs)}); ` +
       `budget ${formatMs(s.downtimeBudgetMs)} ${s.downtimeBudgetMet ? 'met' : 'EXCEEDED'}`,
     ...(s.rounds.length > 0 ? [`  rounds       ${s.rounds.length} (pages per round: ${rounds})`] : [`  rounds       none: post-copy from the start`]),
-    `  wire         ${formatBytes(s.wireBytes)} for ${formatBytes(s.memoryBytes)} of memory${s.disks?.length ? ` and ${formatBytes(s.disks.reduce((sum, d) => sum + d.dataBytes, 0))} of disk data` : ''}; ${s.zeroPages} zero pages sent as runs; data compressed to ${(s.compressionRatio * 100).toFixed(1)}%`,
+    `  wire         ${formatBytes(s.wireBytes)} for ${formatBytes(s.memoryBytes)} of memory${s.disks?.length ? ` and ${formatBytes(s.disks.reduce((sum, d) => sum + d.dataBytes, 0))} of disk data` : ''}; ${s.zeroPages} zero pages elided; data compressed to ${(s.compressionRatio * 100).toFixed(1)}%`,
     ...(s.disks ?? []).map(
       (d) => `  ${d.name.padEnd(12)} ${formatBytes(d.sizeBytes)}, ${formatBytes(d.dataBytes)} of data at the first round (holes never sent); ${d.blocksSent} blocks sent in ${d.rounds} rounds, ${formatBytes(d.wireBytes)} on the wire`,
     ),

@@ -27,8 +27,13 @@ export interface Lane {
 /** Runs [first, count, ...] for each lane, in lane order. */
 export type LaneRuns = Uint32Array[];
 
-/** Every page of every lane that may hold data (a disk's holes are zeros the destination has already). */
-export const everyPage = (lanes: readonly Lane[]): LaneRuns => lanes.map((lane) => lane.reader.dataRuns?.() ?? Uint32Array.of(0, lane.pageCount));
+/**
+ * Every page of every lane that may hold data: a disk's holes are zeros the destination has
+ * already. So are a memory region's when `memoryHoles` is 'skip': a pre-copy's destination
+ * memory starts zeroed, while a post-copy's starts missing and must be sent every page.
+ */
+export const everyPage = (lanes: readonly Lane[], memoryHoles: 'skip' | 'send'): LaneRuns =>
+  lanes.map((lane) => (lane.region.sparse || memoryHoles === 'skip' ? lane.reader.dataRuns?.() : undefined) ?? Uint32Array.of(0, lane.pageCount));
 export const noPages = (lanes: readonly Lane[]): LaneRuns => lanes.map(() => new Uint32Array(0));
 
 export function mergeLaneRuns(lanes: readonly Lane[], a: LaneRuns, b: LaneRuns): LaneRuns {

@@ -142,11 +142,11 @@ export class RoundSender {
    * dedup (a repair's pages go as they are); `final`: no resident refs (asking for one
    * again would be a round trip of downtime).
    */
-  async send(round: number, runs: LaneRuns, final: boolean, how: { plain?: boolean } = {}): Promise<RoundRecord> {
+  async send(round: number, runs: LaneRuns, final: boolean, how: { plain?: boolean; holes?: { pages: number; bytes: number } } = {}): Promise<RoundRecord> {
     const { options, link, lanes, clock } = this.run;
     const t0 = clock.now();
     const roundPages = lanePages(runs);
-    const guestBytes = laneBytes(lanes, runs);
+    const guestBytes = laneBytes(lanes, runs) + (how.holes?.bytes ?? 0);
     const bytesPerPage = roundPages > 0 ? guestBytes / roundPages : lanes[0]!.region.pageSizeBytes;
     const counters = emptyCounters();
     const dedup = options.dedup;
@@ -207,10 +207,15 @@ export class RoundSender {
         if (laneRuns.length > 0) await onSession(lane, laneRuns);
       }
     }
+    // Memory holes (everyPage) are zero pages the destination has: the round covered them, unread.
+    if (how.holes) {
+      counters.pages += how.holes.pages;
+      counters.zeroPages += how.holes.pages;
+    }
     link.send(Frame.roundEnd({ migrationId: options.migrationId, round, pageCount: counters.pages, final }));
     addCounters(this.totals, counters);
     options.metrics?.rounds.inc();
-    const record: RoundRecord = { round, final, durationMs: clock.now() - t0, guestBytes, dirtyPagesAfter: 0, ...counters };
+    const record: RoundRecord = { round, final, durationMs: clock.now() - t0, guestBytes, dirtyPagesAfter: 0, ...counters, ...(how.holes ? { holePages: how.holes.pages } : {}) };
     this.rounds.push(record);
     return record;
   }
@@ -444,8 +449,16 @@ export async function precopyRounds(
     }
   }
   for (const lane of lanes) await lane.tracker.arm();
-  let runs: LaneRuns = everyPage(lanes);
-  // The switchover's digest reads every page of memory, and of a disk only what holds data.
+  // After the trackers armed: a hole the guest writes from now on is collected dirty.
+  let runs: LaneRuns = everyPage(lanes, technique === 'precopy' ? 'skip' : 'send');
+  const holes = { pages: 0, bytes: 0 };
+  for (const lane of lanes) {
+    if (lane.region.sparse) continue;
+    const pages = lane.pageCount - runsPageCount(runs[lane.index]!);
+    holes.pages += pages;
+    holes.bytes += pages * lane.region.pageSizeBytes;
+  }
+  // The switchover's digest reads what holds data then: of a disk, its data now; of memory, all of it (a hole may be written meanwhile).
   const digestBytes = lanes.reduce((sum, lane, i) => sum + (lane.region.sparse ? runsPageCount(runs[i]!) * lane.region.pageSizeBytes : lane.region.lengthBytes), 0);
   // Pages weigh what they hold: convergence counts units of the first region's page size.
   const unitBytes = lanes[0]!.region.pageSizeBytes;
@@ -462,7 +475,7 @@ export async function precopyRounds(
   /** The last round ran only to shorten a final round that already fit the budget. */
   let shrinkRound = false;
   for (let round = 0; ; round++) {
-    const record = await sender.send(round, runs, false);
+    const record = await sender.send(round, runs, false, round === 0 && holes.pages > 0 ? { holes } : {});
     if (round === 0) {
       releaseGate.leaveRoundZero?.();
       releaseGate.endTurn?.();

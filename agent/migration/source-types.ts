@@ -85,6 +85,8 @@ export interface RoundRecord extends RoundCounters {
   durationMs: number;
   /** Guest bytes the round covered, every region together (pages of different sizes weigh what they hold). */
   guestBytes: number;
+  /** Of its zero pages, memory never written (file holes): known zero without being read (round 0 of a pre-copy). */
+  holePages?: number;
   /** Pages collected dirty after this round (the next round's size). */
   dirtyPagesAfter: number;
   decision?: string;

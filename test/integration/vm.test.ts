@@ -115,7 +115,8 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     // Without dedup the VM's RAM goes on channels, read from QEMU's memory files by the threads.
     const { result: onChannels } = await migrate(cluster, b, [name, '--to', a.listen, '--no-dedup', '--codec', 'raw']);
     expect(onChannels.guests[0]).toMatchObject({ verified: true, technique: 'precopy', repairedPages: 0, channels: { count: 2, tls: false } });
-    expect(onChannels.guests[0].channels.pages).toBeGreaterThanOrEqual((64 * MiB) / 4096);
+    // Every page of round 0 on them, but its memory never written (holes of the file: read as zeros, skipped).
+    expect(onChannels.guests[0].channels.pages + (onChannels.guests[0].rounds[0].holePages ?? 0)).toBeGreaterThanOrEqual((64 * MiB) / 4096);
     await runsOnlyOn(a, b, name);
   });
 

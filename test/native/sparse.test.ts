@@ -1,7 +1,7 @@
 // A disk is a sparse file: fileDataRuns finds its data (SEEK_DATA/SEEK_HOLE) and a full
 // digest given those runs fingerprints the holes as zero pages without reading them, with
 // the same value as a digest that reads every page.
-import { closeSync, ftruncateSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, ftruncateSync, mkdtempSync, openSync, readSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ENTRY_DATA, ENTRY_ZERO, loadNative } from '../../agent/native.js';
@@ -34,6 +34,45 @@ describe('sparse files', () => {
       expect([...native.fileDataRuns(fd, PAGE, 0)]).toEqual([]);
       expect(() => native.fileDataRuns(-1, PAGE, 10)).toThrow();
       expect(() => native.fileDataRuns(fd, 1000, 10)).toThrow(RangeError);
+    } finally {
+      closeSync(fd);
+    }
+  });
+
+  it('fileDataRuns with maxRuns: the last run of that many reaches to the end (the rest counts as data)', () => {
+    const fd = sparseFile('cap.raw', 4096, [
+      [10, 0, PAGE, 1],
+      [1000, 0, PAGE, 3],
+      [4000, 0, PAGE, 4],
+    ]);
+    try {
+      expect([...native.fileDataRuns(fd, PAGE, 4096, 3)]).toEqual([10, 1, 1000, 1, 4000, 1]);
+      expect([...native.fileDataRuns(fd, PAGE, 4096, 2)]).toEqual([10, 1, 1000, 3096]);
+      expect([...native.fileDataRuns(fd, PAGE, 4096, 1)]).toEqual([10, 4086]);
+      expect(() => native.fileDataRuns(fd, PAGE, 4096, 0)).toThrow(RangeError);
+    } finally {
+      closeSync(fd);
+    }
+  });
+
+  it('a tmpfs file allocated and never written is all holes, read or not by pread; a read through a mapping makes a page data (what the source of a migration must not do to memory it skips)', async () => {
+    // A destination's memory file is made so (tmpfileCreate: fallocate), and a guest moved
+    // there by pre-copy keeps a hole at each zero page that came as one.
+    const fd = native.tmpfileCreate('/dev/shm', 64 * PAGE);
+    try {
+      expect([...native.fileDataRuns(fd, PAGE, 64)]).toEqual([]);
+      writeSync(fd, Buffer.alloc(PAGE, 1), 0, PAGE, 5 * PAGE);
+      readSync(fd, Buffer.alloc(PAGE), 0, PAGE, 20 * PAGE);
+      expect([...native.fileDataRuns(fd, PAGE, 64)]).toEqual([5, 1]);
+      const region = native.regionMap(fd, 64 * PAGE, PAGE, { writable: false, trackHashes: false, initiallyZero: false });
+      try {
+        const skipping = await native.regionDigest(region, 'full', native.fileDataRuns(fd, PAGE, 64));
+        expect([...native.fileDataRuns(fd, PAGE, 64)]).toEqual([5, 1]);
+        expect((await native.regionDigest(region, 'full')).equals(skipping)).toBe(true);
+        expect([...native.fileDataRuns(fd, PAGE, 64)]).toEqual([0, 64]);
+      } finally {
+        native.regionClose(region);
+      }
     } finally {
       closeSync(fd);
     }

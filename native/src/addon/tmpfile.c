@@ -127,22 +127,26 @@ napi_value PunchHoles(napi_env env, napi_callback_info info) {
 
 
 /*
- * fileDataRuns(fd, pageSize, pageCount) -> Uint32Array of [first, count] pairs: the pages of
- * the first pageCount pages of the file that hold data (SEEK_DATA / SEEK_HOLE); everything
- * else is a hole and reads as zeros. A page partly data is a data page. A file system
- * without SEEK_DATA reports the whole file as data (lseek's fallback), which is slower but
- * right: the caller then reads zeros it could have skipped.
+ * fileDataRuns(fd, pageSize, pageCount[, maxRuns]) -> Uint32Array of [first, count] pairs: the
+ * pages of the first pageCount pages of the file that hold data (SEEK_DATA / SEEK_HOLE);
+ * everything else is a hole and reads as zeros. A page partly data is a data page. A file
+ * system without SEEK_DATA reports the whole file as data (lseek's fallback), which is slower
+ * but right: the caller then reads zeros it could have skipped. With maxRuns, the walk stops
+ * at that many runs and the last one reaches to the end: two lseeks a run, so a file holed
+ * at every other page costs a bounded time, and calling the rest data is right as well.
  */
 napi_value FileDataRuns(napi_env env, napi_callback_info info) {
   static const char fn[] = "fileDataRuns";
-  napi_value argv[3];
+  napi_value argv[4];
   int fd;
   uint32_t ps;
   uint64_t count;
-  if (!get_args(env, info, 3, argv)) return NULL;
+  uint64_t max_runs = UINT32_MAX;
+  if (!get_args(env, info, 4, argv)) return NULL;
   if (!arg_fd(env, argv[0], fn, "fd", &fd) || !arg_page_size(env, argv[1], fn, "pageSize", &ps) ||
       !arg_integer(env, argv[2], fn, "pageCount", 0, UINT32_MAX, &count))
     return NULL;
+  if (!arg_is_absent(env, argv[3]) && !arg_integer(env, argv[3], fn, "maxRuns", 1, UINT32_MAX, &max_runs)) return NULL;
   const off_t end = (off_t)count * ps;
   size_t n = 0, cap = 0;
   uint32_t *pairs = NULL;
@@ -170,6 +174,10 @@ napi_value FileDataRuns(napi_env env, napi_callback_info info) {
     if (n > 0 && pairs[2 * (n - 1)] + pairs[2 * (n - 1) + 1] >= first) {
       /* Extents that meet inside one page make one run. */
       pairs[2 * (n - 1) + 1] = last_end - pairs[2 * (n - 1)];
+    } else if (n == max_runs) {
+      /* The cap: a run more would be one too many, so the last one takes the rest. */
+      pairs[2 * (n - 1) + 1] = (uint32_t)count - pairs[2 * (n - 1)];
+      break;
     } else {
       if (n == cap) {
         size_t ncap = cap ? cap * 2 : 64;
