@@ -223,9 +223,14 @@ export interface NativeAddon {
    * The pages among the first `pageCount` of file `fd` that hold data, as [first, count]
    * pairs (SEEK_DATA / SEEK_HOLE; a page partly data counts whole); the rest are holes. A
    * file system without SEEK_DATA says the whole file is data. With `maxRuns` (>= 1), the
-   * last run of that many reaches to the end (the walk's time is bounded: two lseeks a run).
+   * last run of that many reaches to the end (two lseeks a run). With `maybeHoles` (pairs,
+   * ascending), only those pages are looked at and every other page counts as data: on tmpfs
+   * a walk costs about 50 ns per data page it passes, and this one passes only the data
+   * written into the holes an earlier walk found.
    */
-  fileDataRuns(fd: number, pageSize: number, pageCount: number, maxRuns?: number): Uint32Array;
+  fileDataRuns(fd: number, pageSize: number, pageCount: number, maxRuns?: number, maybeHoles?: Uint32Array): Uint32Array;
+  /** fileDataRuns on the libuv thread pool; `fd` must stay open until it settles. */
+  fileDataRunsAsync(fd: number, pageSize: number, pageCount: number, maxRuns?: number, maybeHoles?: Uint32Array): Promise<Uint32Array>;
   /**
    * The disk content of gangway-testvm (guest-content.h gw_disk_block, what the kernel checks
    * against): block firstBlock + i at version versions[i] goes to out[4096 i, 4096 (i + 1)],

@@ -32,8 +32,8 @@ export type LaneRuns = Uint32Array[];
  * already. So are a memory region's when `memoryHoles` is 'skip': a pre-copy's destination
  * memory starts zeroed, while a post-copy's starts missing and must be sent every page.
  */
-export const everyPage = (lanes: readonly Lane[], memoryHoles: 'skip' | 'send'): LaneRuns =>
-  lanes.map((lane) => (lane.region.sparse || memoryHoles === 'skip' ? lane.reader.dataRuns?.() : undefined) ?? Uint32Array.of(0, lane.pageCount));
+export const everyPage = (lanes: readonly Lane[], memoryHoles: 'skip' | 'send'): Promise<LaneRuns> =>
+  Promise.all(lanes.map(async (lane) => (lane.region.sparse || memoryHoles === 'skip' ? await lane.reader.dataRuns?.() : undefined) ?? Uint32Array.of(0, lane.pageCount)));
 export const noPages = (lanes: readonly Lane[]): LaneRuns => lanes.map(() => new Uint32Array(0));
 
 export function mergeLaneRuns(lanes: readonly Lane[], a: LaneRuns, b: LaneRuns): LaneRuns {

@@ -28,7 +28,7 @@ import type { AgentMetrics } from '../metrics.js';
 import type { NativeAddon } from '../native.js';
 import type { AnyFrame, FrameHandler, PeerSession } from '../peer/session.js';
 import { parseShimReport } from '../tracker/uffd-wp.js';
-import { PageSet } from '../tracker/page-set.js';
+import { holesOf } from '../tracker/page-set.js';
 import { secretsMatch } from './destination.js';
 import { DestinationPostcopy } from './destination-postcopy.js';
 import { fingerprintsPathOf, type IncomingRegion, type IncomingResult } from './destination-types.js';
@@ -36,18 +36,6 @@ import { Slots } from './flow.js';
 import { IncomingPages } from './incoming-pages.js';
 import { PostcopyReceiver } from './postcopy-destination.js';
 import { LatencySamples } from './postcopy.js';
-
-/** The pages of a file of `pageCount` pages that are not in `dataRuns` ([first, count] pairs, ascending): its holes. */
-export function holesOf(dataRuns: Uint32Array, pageCount: number): Uint32Array {
-  const holes = new PageSet(pageCount);
-  holes.addRange(0, pageCount);
-  for (let i = 0; i < dataRuns.length; i += 2) {
-    const first = dataRuns[i]!;
-    const end = Math.min(pageCount, first + dataRuns[i + 1]!);
-    for (let page = first; page < end; page++) holes.delete(page);
-  }
-  return holes.toRuns();
-}
 
 /** The pages post-copy still has to bring into the memory file `fd`: its holes (see the top of this file for why that is exact). */
 export function missingPagesOf(native: Pick<NativeAddon, 'fileDataRuns'>, fd: number, pageSizeBytes: number, pageCount: number): Uint32Array {

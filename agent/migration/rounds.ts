@@ -450,7 +450,7 @@ export async function precopyRounds(
   }
   for (const lane of lanes) await lane.tracker.arm();
   // After the trackers armed: a hole the guest writes from now on is collected dirty.
-  let runs: LaneRuns = everyPage(lanes, technique === 'precopy' ? 'skip' : 'send');
+  let runs: LaneRuns = await everyPage(lanes, technique === 'precopy' ? 'skip' : 'send');
   const holes = { pages: 0, bytes: 0 };
   for (const lane of lanes) {
     if (lane.region.sparse) continue;

@@ -293,7 +293,7 @@ export async function postcopySwitchover(run: SourceRun, sender: RoundSender, ro
   // the pause: its server is made before it, not inside the downtime (its first one cost
   // 2 ms cold, and its allocations could start a collection there).
   const pure = (options.technique ?? 'precopy') === 'postcopy';
-  const early = pure && !lanes.some((lane) => lane.region.sparse) ? serverFor(everyPage(lanes, 'send')) : undefined;
+  const early = pure && !lanes.some((lane) => lane.region.sparse) ? serverFor(await everyPage(lanes, 'send')) : undefined;
   // The journal says 'postcopy' from before the pause: nothing is written to disk inside the downtime.
   let paused;
   try {
@@ -304,7 +304,7 @@ export async function postcopySwitchover(run: SourceRun, sender: RoundSender, ro
   }
   const { switchoverRttMs, pauseStart, pausedAt } = paused;
   const T: Record<string, number> = { paused: clock.now() };
-  const { missing, missingPages, server } = early ?? serverFor(pure ? everyPage(lanes, 'send') : mergeLaneRuns(lanes, pending, await collectDirty(run)));
+  const { missing, missingPages, server } = early ?? serverFor(pure ? await everyPage(lanes, 'send') : mergeLaneRuns(lanes, pending, await collectDirty(run)));
   T.subtract = clock.now();
   try {
     // From here on pages go out as they are needed: a window of its own (everything sent

@@ -128,6 +128,11 @@ export function subtractRuns(runs: Uint32Array, minus: Uint32Array, pageCount: n
   return Uint32Array.from(out);
 }
 
+/** The pages of a file of `pageCount` pages that are not in `dataRuns` ([first, count] pairs, ascending): its holes. */
+export function holesOf(dataRuns: Uint32Array, pageCount: number): Uint32Array {
+  return pageCount === 0 ? new Uint32Array(0) : subtractRuns(Uint32Array.of(0, pageCount), dataRuns, pageCount);
+}
+
 export function runsPageCount(runs: Uint32Array): number {
   let total = 0;
   for (let i = 1; i < runs.length; i += 2) total += runs[i]!;

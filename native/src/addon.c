@@ -14,7 +14,7 @@
  *   pagemap.c   pagemapScan                      PAGEMAP_SCAN (userfaultfd WP_ASYNC dirty tracking)
  *   tmpfile.c   tmpfileCreate / tmpfileLink      O_TMPFILE files, named once complete
  *               punchHoles                       pages of a file become holes again
- *               fileDataRuns                     the pages of a sparse file that hold data
+ *               fileDataRuns(Async)              the pages of a sparse file that hold data
  *   notify.c    sdNotify                         one datagram to systemd's NOTIFY_SOCKET
  *   content.c   testvmDiskBlocks                 the test kernel's disk blocks (guest-content.h)
  *   uffd.c      uffdProbe, socketPair,           post-copy: the destination guest's userfaultfd
@@ -70,6 +70,7 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
       {"pidfdGetfd", NULL, PidfdGetfd, NULL, NULL, NULL, napi_enumerable, NULL},
       {"punchHoles", NULL, PunchHoles, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fileDataRuns", NULL, FileDataRuns, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"fileDataRunsAsync", NULL, FileDataRunsAsync, NULL, NULL, NULL, napi_enumerable, NULL},
       {"testvmDiskBlocks", NULL, TestvmDiskBlocks, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   if (napi_define_properties(env, exports, sizeof props / sizeof props[0], props) != napi_ok)

@@ -6,7 +6,8 @@ import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
 import { loadNative } from '../../agent/native.js';
-import { holesOf, missingPagesOf } from '../../agent/migration/postcopy-takeover.js';
+import { missingPagesOf } from '../../agent/migration/postcopy-takeover.js';
+import { holesOf } from '../../agent/tracker/page-set.js';
 
 const PAGE = 4096;
 const native = loadNative();

@@ -55,6 +55,35 @@ describe('sparse files', () => {
     }
   });
 
+  it('fileDataRuns with maybeHoles looks only there: other pages count as data, and data written into a hole since is found', async () => {
+    const fd = sparseFile('maybe.raw', 4096, [
+      [10, 0, PAGE, 1],
+      [1000, 0, PAGE, 3],
+    ]);
+    try {
+      const holes = Uint32Array.of(0, 10, 11, 989, 1001, 3095);
+      expect([...native.fileDataRuns(fd, PAGE, 4096, undefined, holes)]).toEqual([10, 1, 1000, 1]);
+      // A hole found now, a page written since: only the page becomes data.
+      writeSync(fd, Buffer.alloc(PAGE, 9), 0, PAGE, 3000 * PAGE);
+      expect([...native.fileDataRuns(fd, PAGE, 4096, undefined, holes)]).toEqual([10, 1, 1000, 1, 3000, 1]);
+      // Pages outside maybeHoles are data, holes or not (page 2000 is one).
+      expect([...native.fileDataRuns(fd, PAGE, 4096, undefined, Uint32Array.of(0, 10, 2500, 1596))]).toEqual([10, 2490, 3000, 1]);
+      // The cap holds here too.
+      expect([...native.fileDataRuns(fd, PAGE, 4096, 2, holes)]).toEqual([10, 1, 1000, 3096]);
+      expect(() => native.fileDataRuns(fd, PAGE, 4096, undefined, Uint32Array.of(5, 1, 2, 1))).toThrow(/out of order/);
+      expect(() => native.fileDataRuns(fd, PAGE, 4096, undefined, Uint32Array.of(4000, 100))).toThrow(/past pageCount/);
+      expect(() => native.fileDataRuns(fd, PAGE, 4096, undefined, Uint32Array.of(1))).toThrow(RangeError);
+      // The same walk on the thread pool.
+      expect([...(await native.fileDataRunsAsync(fd, PAGE, 4096, undefined, holes))]).toEqual([10, 1, 1000, 1, 3000, 1]);
+      expect([...(await native.fileDataRunsAsync(fd, PAGE, 4096))]).toEqual([10, 1, 1000, 1, 3000, 1]);
+      expect([...(await native.fileDataRunsAsync(fd, PAGE, 4096, 1))]).toEqual([10, 4086]);
+      await expect(native.fileDataRunsAsync(fd, PAGE, 4096, undefined, Uint32Array.of(5, 1, 2, 1))).rejects.toThrow(/out of order/);
+      await expect(native.fileDataRunsAsync(-1, PAGE, 4096)).rejects.toThrow();
+    } finally {
+      closeSync(fd);
+    }
+  });
+
   it('a tmpfs file allocated and never written is all holes, read or not by pread; a read through a mapping makes a page data (what the source of a migration must not do to memory it skips)', async () => {
     // A destination's memory file is made so (tmpfileCreate: fallocate), and a guest moved
     // there by pre-copy keeps a hole at each zero page that came as one.
@@ -70,6 +99,41 @@ describe('sparse files', () => {
         expect([...native.fileDataRuns(fd, PAGE, 64)]).toEqual([5, 1]);
         expect((await native.regionDigest(region, 'full')).equals(skipping)).toBe(true);
         expect([...native.fileDataRuns(fd, PAGE, 64)]).toEqual([0, 64]);
+      } finally {
+        native.regionClose(region);
+      }
+    } finally {
+      closeSync(fd);
+    }
+  });
+
+  it('a digest given the data runs of a large memory file (split over threads by its data) equals the digest that reads every page', async () => {
+    // 40960 pages, data in runs of every length, holes between: enough data for the threads.
+    const pages = 40960;
+    const fd = native.tmpfileCreate('/dev/shm', pages * PAGE, true);
+    try {
+      const chunk = Buffer.alloc(64 * PAGE);
+      for (let page = 0, k = 1; page < pages; k++) {
+        const data = Math.min(k % 61, pages - page);
+        for (let i = 0; i < data; i += 64) {
+          const n = Math.min(64, data - i);
+          chunk.fill(k & 0xff, 0, n * PAGE);
+          chunk.writeUInt32LE(page + i, 0);
+          writeSync(fd, chunk, 0, n * PAGE, (page + i) * PAGE);
+        }
+        page += data + (k % 5);
+      }
+      const runs = native.fileDataRuns(fd, PAGE, pages);
+      let dataPages = 0;
+      for (let i = 1; i < runs.length; i += 2) dataPages += runs[i]!;
+      expect(dataPages).toBeGreaterThan(32768);
+      expect(runs.length / 2).toBeGreaterThan(1000);
+      const region = native.regionMap(fd, pages * PAGE, PAGE, { writable: false, trackHashes: false, initiallyZero: false });
+      try {
+        const skipping = await native.regionDigest(region, 'full', runs);
+        // The holes were not read: still holes (a read through the mapping makes them data).
+        expect([...native.fileDataRuns(fd, PAGE, pages)]).toEqual([...runs]);
+        expect(skipping.equals(await native.regionDigest(region, 'full'))).toBe(true);
       } finally {
         native.regionClose(region);
       }

@@ -60,6 +60,9 @@ typedef struct {
   uint32_t first, count;
   XXH128_canonical_t *out;
   int failed_errno; /* a pread failed (a writable region) */
+  /* Data runs (a mapped region): the pages outside them are holes, the zero page's fingerprint unread. */
+  const uint32_t *runs;
+  size_t run_count;
 } digest_slice_t;
 
 #ifdef GANGWAY_HAVE_AVX2_HASH
@@ -97,11 +100,39 @@ static void digest_slice_pread(digest_slice_t *slice) {
   free(buf);
 }
 
+/* A slice of a mapped region given its data runs: holes take the zero page's fingerprint. */
+static void digest_slice_runs(digest_slice_t *slice) {
+  const region_t *r = slice->region;
+  const uint32_t end = slice->first + slice->count;
+  /* The first run that ends past the slice's start (runs are ascending). */
+  size_t lo = 0, hi = slice->run_count;
+  while (lo < hi) {
+    const size_t mid = lo + (hi - lo) / 2;
+    if ((uint64_t)slice->runs[2 * mid] + slice->runs[2 * mid + 1] <= slice->first) lo = mid + 1;
+    else hi = mid;
+  }
+  uint32_t at = slice->first;
+  for (size_t i = lo; at < end; i++) {
+    const uint32_t run_first = i < slice->run_count ? slice->runs[2 * i] : end;
+    const uint64_t run_end = i < slice->run_count ? (uint64_t)run_first + slice->runs[2 * i + 1] : end;
+    for (; at < run_first && at < end; at++) slice->out[at] = r->zero_hash;
+    const uint32_t data_end = run_end < end ? (uint32_t)run_end : end;
+    if (data_end > at) {
+      fingerprint_pages(r, r->addr + (size_t)at * r->page_size, data_end - at, &slice->out[at]);
+      at = data_end;
+    }
+  }
+}
+
 static void *digest_slice(void *arg) {
   digest_slice_t *slice = arg;
   const region_t *r = slice->region;
   if (!r->addr) {
     digest_slice_pread(slice);
+    return NULL;
+  }
+  if (slice->runs) {
+    digest_slice_runs(slice);
     return NULL;
   }
 #ifdef GANGWAY_HAVE_AVX2_HASH
@@ -119,10 +150,16 @@ static void *digest_slice(void *arg) {
 #define DIGEST_MIN_PAGES_PER_THREAD 16384
 
 /* False when the region is too small to split (or memory is short): the caller streams it.
- * *failed_errno: a read of a writable region failed. */
-static bool digest_parallel(const region_t *r, XXH128_canonical_t *result, int *failed_errno) {
+ * *failed_errno: a read of a writable region failed. With data runs (a mapped region), the
+ * split is by the pages they hold: holes cost no reading. */
+static bool digest_parallel(const region_t *r, const uint32_t *runs, size_t run_count, XXH128_canonical_t *result, int *failed_errno) {
   long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-  uint32_t parts = r->page_count / DIGEST_MIN_PAGES_PER_THREAD;
+  uint64_t work = r->page_count;
+  if (runs) {
+    work = 0;
+    for (size_t i = 0; i < run_count; i++) work += runs[2 * i + 1];
+  }
+  uint32_t parts = (uint32_t)(work / DIGEST_MIN_PAGES_PER_THREAD);
   if (cpus > 0 && parts > (uint32_t)cpus) parts = (uint32_t)cpus;
   if (parts > DIGEST_MAX_THREADS) parts = DIGEST_MAX_THREADS;
   if (parts < 2) return false;
@@ -134,7 +171,7 @@ static bool digest_parallel(const region_t *r, XXH128_canonical_t *result, int *
   const uint32_t per = (r->page_count + parts - 1) / parts;
   for (uint32_t k = 0; k < parts; k++) {
     const uint32_t first = k * per;
-    slices[k] = (digest_slice_t){.region = r, .first = first, .count = first >= r->page_count ? 0 : (r->page_count - first < per ? r->page_count - first : per), .out = fps};
+    slices[k] = (digest_slice_t){.region = r, .first = first, .count = first >= r->page_count ? 0 : (r->page_count - first < per ? r->page_count - first : per), .out = fps, .runs = runs, .run_count = run_count};
   }
   /* Slices 1.. on threads of their own, slice 0 here; a thread that cannot start runs here too. */
   for (uint32_t k = 1; k < parts; k++) started[k] = pthread_create(&threads[k], NULL, digest_slice, &slices[k]) == 0;
@@ -194,10 +231,12 @@ static void digest_execute(napi_env env, void *data) {
   digest_job_t *job = data;
   const region_t *r = job->region;
   if (job->data_runs) {
+    /* Enough data to split (a memory region's): on threads; a disk's few blocks: streamed. */
+    if (digest_parallel(r, job->data_runs, job->data_run_count, &job->result, &job->failed_errno)) return;
     digest_sparse(r, job->data_runs, job->data_run_count, &job->result);
     return;
   }
-  if (job->mode == DIGEST_FULL && digest_parallel(r, &job->result, &job->failed_errno)) return;
+  if (job->mode == DIGEST_FULL && digest_parallel(r, NULL, 0, &job->result, &job->failed_errno)) return;
   if (job->mode == DIGEST_TRACKED) {
     /* One-shot over the fingerprint array equals streaming over each fingerprint. */
     XXH128_canonicalFromHash(&job->result,

@@ -24,6 +24,7 @@ napi_value TmpfileCreate(napi_env env, napi_callback_info info);
 napi_value TmpfileLink(napi_env env, napi_callback_info info);
 napi_value PunchHoles(napi_env env, napi_callback_info info);
 napi_value FileDataRuns(napi_env env, napi_callback_info info);
+napi_value FileDataRunsAsync(napi_env env, napi_callback_info info);
 /* content.c */
 napi_value TestvmDiskBlocks(napi_env env, napi_callback_info info);
 /* notify.c */

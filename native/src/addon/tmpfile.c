@@ -126,86 +126,226 @@ napi_value PunchHoles(napi_env env, napi_callback_info info) {
 }
 
 
+/* [first, count] runs being built, ascending; the last one may grow. */
+typedef struct {
+  uint32_t *pairs;
+  size_t n, cap;
+  uint64_t max_runs;
+  uint32_t page_count;
+  bool full; /* max_runs reached: the last run took the rest */
+} run_list_t;
+
+/* Adds pages [first, end) as data: false when out of memory. */
+static bool runs_add(run_list_t *l, uint32_t first, uint32_t end) {
+  if (l->full || end <= first) return true;
+  if (l->n > 0 && l->pairs[2 * (l->n - 1)] + l->pairs[2 * (l->n - 1) + 1] >= first) {
+    /* Touching or overlapping (extents that meet inside one page): one run. */
+    uint32_t *last = &l->pairs[2 * (l->n - 1)];
+    if (end > last[0] + last[1]) last[1] = end - last[0];
+    return true;
+  }
+  if (l->n == l->max_runs) {
+    /* A run more would be one too many: the last one takes the rest. */
+    l->pairs[2 * (l->n - 1) + 1] = l->page_count - l->pairs[2 * (l->n - 1)];
+    l->full = true;
+    return true;
+  }
+  if (l->n == l->cap) {
+    size_t ncap = l->cap ? l->cap * 2 : 64;
+    uint32_t *grown = realloc(l->pairs, ncap * 2 * sizeof *grown);
+    if (!grown) return false;
+    l->pairs = grown;
+    l->cap = ncap;
+  }
+  l->pairs[2 * l->n] = first;
+  l->pairs[2 * l->n + 1] = end - first;
+  l->n++;
+  return true;
+}
+
 /*
- * fileDataRuns(fd, pageSize, pageCount[, maxRuns]) -> Uint32Array of [first, count] pairs: the
- * pages of the first pageCount pages of the file that hold data (SEEK_DATA / SEEK_HOLE);
- * everything else is a hole and reads as zeros. A page partly data is a data page. A file
- * system without SEEK_DATA reports the whole file as data (lseek's fallback), which is slower
- * but right: the caller then reads zeros it could have skipped. With maxRuns, the walk stops
- * at that many runs and the last one reaches to the end: two lseeks a run, so a file holed
- * at every other page costs a bounded time, and calling the rest data is right as well.
+ * The data of pages [from, to) (SEEK_DATA / SEEK_HOLE) into l. On tmpfs a SEEK_HOLE walks
+ * the data it passes a page at a time (about 50 ns a page here), a SEEK_DATA skips a hole
+ * fast. 0, or an errno (ENOMEM when out of memory).
  */
-napi_value FileDataRuns(napi_env env, napi_callback_info info) {
-  static const char fn[] = "fileDataRuns";
-  napi_value argv[4];
+static int walk_data(int fd, uint32_t ps, uint32_t from, uint32_t to, run_list_t *l) {
+  const off_t end = (off_t)to * ps;
+  off_t at = (off_t)from * ps;
+  while (at < end && !l->full) {
+    off_t data = lseek(fd, at, SEEK_DATA);
+    if (data < 0) return errno == ENXIO ? 0 : errno; /* ENXIO: no data at or after `at` */
+    if (data >= end) return 0;
+    off_t hole = lseek(fd, data, SEEK_HOLE);
+    if (hole < 0) return errno;
+    if (hole > end) hole = end;
+    const uint32_t last_end = (uint32_t)((hole + ps - 1) / ps);
+    if (!runs_add(l, (uint32_t)(data / ps), last_end)) return ENOMEM;
+    if (hole <= at) return 0; /* cannot happen; never loop on a file system that says so */
+    at = (off_t)last_end * ps;
+  }
+  return 0;
+}
+
+/* The walk behind fileDataRuns (holes: hole_count maybe-hole pairs, or NULL): 0 or an errno. */
+static int file_data_runs(int fd, uint32_t ps, uint32_t count, uint64_t max_runs, const uint32_t *holes, size_t hole_count, run_list_t *l) {
+  *l = (run_list_t){.max_runs = max_runs, .page_count = count};
+  if (!holes) return walk_data(fd, ps, 0, count, l);
+  uint32_t at = 0;
+  for (size_t i = 0; i < hole_count; i++) {
+    const uint32_t first = holes[2 * i], end = holes[2 * i] + holes[2 * i + 1];
+    if (!runs_add(l, at, first)) return ENOMEM;
+    int err = walk_data(fd, ps, first, end, l);
+    if (err) return err;
+    at = end;
+  }
+  return runs_add(l, at, count) ? 0 : ENOMEM;
+}
+
+/*
+ * fileDataRuns(fd, pageSize, pageCount[, maxRuns[, maybeHoles]]) -> Uint32Array of
+ * [first, count] pairs: the pages of the first pageCount pages of the file that hold data
+ * (SEEK_DATA / SEEK_HOLE); everything else is a hole and reads as zeros. A page partly data
+ * is a data page. A file system without SEEK_DATA reports the whole file as data (lseek's
+ * fallback), which is slower but right: the caller then reads zeros it could have skipped.
+ * With maxRuns, the walk stops at that many runs and the last one reaches to the end: two
+ * lseeks a run, so a file holed at every other page costs a bounded time, and calling the
+ * rest data is right as well. With maybeHoles ([first, count] pairs, ascending), only those
+ * pages are looked at and every other page counts as data: the holes an earlier call found,
+ * checked again without walking the data between them.
+ */
+typedef struct {
   int fd;
   uint32_t ps;
   uint64_t count;
-  uint64_t max_runs = UINT32_MAX;
-  if (!get_args(env, info, 4, argv)) return NULL;
-  if (!arg_fd(env, argv[0], fn, "fd", &fd) || !arg_page_size(env, argv[1], fn, "pageSize", &ps) ||
-      !arg_integer(env, argv[2], fn, "pageCount", 0, UINT32_MAX, &count))
-    return NULL;
-  if (!arg_is_absent(env, argv[3]) && !arg_integer(env, argv[3], fn, "maxRuns", 1, UINT32_MAX, &max_runs)) return NULL;
-  const off_t end = (off_t)count * ps;
-  size_t n = 0, cap = 0;
-  uint32_t *pairs = NULL;
-  off_t at = 0;
-  while (at < end) {
-    off_t data = lseek(fd, at, SEEK_DATA);
-    if (data < 0) {
-      if (errno == ENXIO) break; /* no data at or after `at` */
-      int err = errno;
-      free(pairs);
-      throw_errno(env, err, "fileDataRuns: lseek(SEEK_DATA) failed", NULL);
-      return NULL;
-    }
-    if (data >= end) break;
-    off_t hole = lseek(fd, data, SEEK_HOLE);
-    if (hole < 0) {
-      int err = errno;
-      free(pairs);
-      throw_errno(env, err, "fileDataRuns: lseek(SEEK_HOLE) failed", NULL);
-      return NULL;
-    }
-    if (hole > end) hole = end;
-    const uint32_t first = (uint32_t)(data / ps);
-    const uint32_t last_end = (uint32_t)((hole + ps - 1) / ps);
-    if (n > 0 && pairs[2 * (n - 1)] + pairs[2 * (n - 1) + 1] >= first) {
-      /* Extents that meet inside one page make one run. */
-      pairs[2 * (n - 1) + 1] = last_end - pairs[2 * (n - 1)];
-    } else if (n == max_runs) {
-      /* The cap: a run more would be one too many, so the last one takes the rest. */
-      pairs[2 * (n - 1) + 1] = (uint32_t)count - pairs[2 * (n - 1)];
-      break;
-    } else {
-      if (n == cap) {
-        size_t ncap = cap ? cap * 2 : 64;
-        uint32_t *grown = realloc(pairs, ncap * 2 * sizeof *pairs);
-        if (!grown) {
-          free(pairs);
-          throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
-          return NULL;
-        }
-        pairs = grown;
-        cap = ncap;
-      }
-      pairs[2 * n] = first;
-      pairs[2 * n + 1] = last_end - first;
-      n++;
-    }
-    if (hole <= at) break; /* cannot happen; never loop on a file system that says so */
-    at = (off_t)last_end * ps;
+  uint64_t max_runs;
+  uint32_t *holes; /* the caller's (sync) or a copy (async) */
+  size_t hole_count;
+} data_runs_args_t;
+
+/* Reads fileDataRuns' arguments: false with an exception pending. */
+static bool data_runs_args(napi_env env, napi_callback_info info, const char *fn, data_runs_args_t *a) {
+  napi_value argv[5];
+  size_t holes_len = 0;
+  *a = (data_runs_args_t){.max_runs = UINT32_MAX};
+  if (!get_args(env, info, 5, argv)) return false;
+  if (!arg_fd(env, argv[0], fn, "fd", &a->fd) || !arg_page_size(env, argv[1], fn, "pageSize", &a->ps) ||
+      !arg_integer(env, argv[2], fn, "pageCount", 0, UINT32_MAX, &a->count))
+    return false;
+  if (!arg_is_absent(env, argv[3]) && !arg_integer(env, argv[3], fn, "maxRuns", 1, UINT32_MAX, &a->max_runs)) return false;
+  if (arg_is_absent(env, argv[4])) return true;
+  if (!arg_typed(env, argv[4], fn, "maybeHoles", napi_uint32_array, (void **)&a->holes, &holes_len)) return false;
+  if (holes_len % 2 != 0) {
+    throw_fmt(env, ERR_RANGE, NULL, "%s: maybeHoles must hold [first, count] pairs", fn);
+    return false;
   }
+  uint64_t prev_end = 0;
+  for (size_t i = 0; i < holes_len; i += 2) {
+    uint64_t first = a->holes[i], run_end = (uint64_t)a->holes[i] + a->holes[i + 1];
+    if (first < prev_end || run_end > a->count) {
+      throw_fmt(env, ERR_RANGE, NULL, "%s: maybeHoles pages %u..+%u are out of order or past pageCount %llu", fn, a->holes[i], a->holes[i + 1], (unsigned long long)a->count);
+      return false;
+    }
+    prev_end = run_end;
+  }
+  a->hole_count = holes_len / 2;
+  return true;
+}
+
+/* The runs as a Uint32Array (l's pairs freed), or NULL with an exception pending. */
+static napi_value runs_array(napi_env env, const char *fn, run_list_t *l, int err) {
+  if (err) {
+    free(l->pairs);
+    if (err == ENOMEM) throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
+    else throw_errno(env, err, "fileDataRuns: lseek(SEEK_DATA/SEEK_HOLE) failed", NULL);
+    return NULL;
+  }
+  const size_t n = l->n;
   napi_value ab, result;
   void *dst = NULL;
   if (napi_create_arraybuffer(env, n * 2 * sizeof(uint32_t), &dst, &ab) != napi_ok) {
-    free(pairs);
+    free(l->pairs);
     throw_napi(env, "napi_create_arraybuffer");
     return NULL;
   }
-  if (n) memcpy(dst, pairs, n * 2 * sizeof(uint32_t));
-  free(pairs);
+  if (n) memcpy(dst, l->pairs, n * 2 * sizeof(uint32_t));
+  free(l->pairs);
+  l->pairs = NULL;
   NAPI_TRY(env, napi_create_typedarray(env, napi_uint32_array, n * 2, ab, 0, &result));
   return result;
+}
+
+napi_value FileDataRuns(napi_env env, napi_callback_info info) {
+  static const char fn[] = "fileDataRuns";
+  data_runs_args_t a;
+  if (!data_runs_args(env, info, fn, &a)) return NULL;
+  run_list_t l = {0};
+  int err = file_data_runs(a.fd, a.ps, (uint32_t)a.count, a.max_runs, a.holes, a.hole_count, &l);
+  return runs_array(env, fn, &l, err);
+}
+
+/* fileDataRunsAsync: the same walk on the libuv thread pool (the fd must stay open until it settles). */
+typedef struct {
+  data_runs_args_t a;
+  run_list_t l;
+  int err;
+  napi_deferred deferred;
+  napi_async_work work;
+} data_runs_job_t;
+
+static void data_runs_execute(napi_env env, void *data) {
+  data_runs_job_t *job = data;
+  job->err = file_data_runs(job->a.fd, job->a.ps, (uint32_t)job->a.count, job->a.max_runs, job->a.holes, job->a.hole_count, &job->l);
+}
+
+static void data_runs_complete(napi_env env, napi_status status, void *data) {
+  data_runs_job_t *job = data;
+  napi_value result = NULL, error;
+  if (status != napi_ok) {
+    free(job->l.pairs);
+    throw_fmt(env, ERR_ERROR, NULL, "fileDataRunsAsync: cancelled");
+  } else {
+    result = runs_array(env, "fileDataRunsAsync", &job->l, job->err);
+  }
+  if (result) napi_resolve_deferred(env, job->deferred, result);
+  else if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_reject_deferred(env, job->deferred, error);
+  napi_delete_async_work(env, job->work);
+  free(job->a.holes);
+  free(job);
+}
+
+napi_value FileDataRunsAsync(napi_env env, napi_callback_info info) {
+  static const char fn[] = "fileDataRunsAsync";
+  napi_value promise, name;
+  napi_deferred deferred;
+  NAPI_TRY(env, napi_create_promise(env, &deferred, &promise));
+  data_runs_job_t *job = calloc(1, sizeof *job);
+  if (!job) {
+    throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
+    return reject_pending(env, deferred, promise);
+  }
+  if (!data_runs_args(env, info, fn, &job->a)) {
+    free(job);
+    return reject_pending(env, deferred, promise);
+  }
+  if (job->a.holes) {
+    /* A copy: the caller's array may change or be collected while the walk runs. */
+    uint32_t *copy = malloc(job->a.hole_count * 2 * sizeof *copy + 1);
+    if (!copy) {
+      free(job);
+      throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
+      return reject_pending(env, deferred, promise);
+    }
+    memcpy(copy, job->a.holes, job->a.hole_count * 2 * sizeof *copy);
+    job->a.holes = copy;
+  }
+  job->deferred = deferred;
+  if (napi_create_string_utf8(env, "gangway.fileDataRuns", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, data_runs_execute, data_runs_complete, job, &job->work) != napi_ok ||
+      napi_queue_async_work(env, job->work) != napi_ok) {
+    free(job->a.holes);
+    free(job);
+    throw_napi(env, "napi_create_async_work");
+    return reject_pending(env, deferred, promise);
+  }
+  return promise;
 }
