@@ -43,6 +43,13 @@ const MEMORY_TTL_MS = 120_000;
  */
 const EXPLORE_WINDOWS = 3;
 const PROBE_WINDOWS = 1.5;
+/**
+ * A compressor this many times slower than raw's rate ends LZ4's try at its first batch; one
+ * closer to raw takes a window of batches first. The first batches a process compresses are
+ * cold (its thread pool starting, the code paging in): on the 1 Gbit/s link one measured
+ * 98 MB/s against raw's 120, where warm ones do 240, and raw was kept for most of a migration.
+ */
+const FAR_BEHIND = 2;
 
 export interface CodecChooserOptions {
   mode: CodecMode;
@@ -62,7 +69,8 @@ export interface CodecChooserOptions {
 type Phase = 'explore' | 'exploit' | 'probe';
 
 export class CodecChooser {
-  private readonly windowBatches: number;
+  /** Batches per measurement window: a rate measured from deliveries needs this many in a row. */
+  readonly windowBatches: number;
   private readonly minWindowMs: number;
   private readonly baseExploitMs: number;
   private readonly maxExploitMs: number;
@@ -82,6 +90,8 @@ export class CodecChooser {
   private probing: BatchCodec | undefined;
   /** What the compressor takes in, guest bytes per second with the sender's parallelism (an upper bound on LZ4's rate). */
   private compressBound: number | undefined;
+  /** Batches compressBound was taken from. */
+  private compressSamples = 0;
   /**
    * Batches sent and not yet delivered, oldest first: the mode tried for each (none: no
    * data to compress), and whether the sender had paused before it.
@@ -199,7 +209,7 @@ export class CodecChooser {
    * A batch starts compressing; call the returned function with its size once it is done.
    * LZ4 delivers no more than the compressor takes in: once that bound is below raw's
    * measured rate, trying LZ4 further only costs, so its explore or probe ends then, with
-   * the bound as its rate. The bound is Little's law over this chooser's batches: those in
+   * the bound as its rate (at once when it is far behind, FAR_BEHIND). The bound is Little's law over this chooser's batches: those in
    * flight (queued on the thread pool or compressing) over the time one spends there. It
    * holds only while they are all the process compresses: another chooser's batches share
    * the same cores.
@@ -223,8 +233,11 @@ export class CodecChooser {
 
   private compressedAt(bound: number): void {
     this.compressBound = this.compressBound === undefined ? bound : this.compressBound * 0.5 + bound * 0.5;
+    this.compressSamples++;
     const raw = this.rate.raw;
     if (this.phase === 'exploit' || this.current !== 'lz4' || raw === undefined || this.compressBound >= raw) return;
+    // Far behind: at once. Closer: once a window of batches says so (a first batch may be a cold one).
+    if (this.compressBound * FAR_BEHIND > raw && this.compressSamples < this.windowBatches) return;
     this.rate.lz4 = Math.min(this.rate.lz4 ?? this.compressBound, this.compressBound);
     this.remember('lz4', this.now());
     this.measured('lz4');

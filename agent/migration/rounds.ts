@@ -345,9 +345,12 @@ export class RoundSender {
           await toChannel(lane, piece);
         } else {
           // While LZ4 is being measured, a probe's worth on the session: once its verdict is
-          // in, the rest of the piece goes where the chooser says then.
+          // in, the rest of the piece goes where the chooser says then. Its rate comes from a
+          // window of deliveries, which a piece's end breaks (the sender pauses): a probe
+          // holds a window's batches and one more, or LZ4 went unmeasured through a whole
+          // explore of 4 MiB probes and raw was kept by default on a 1 Gbit/s link.
           if (options.codec === 'auto' && this.chooser.measuring()) {
-            const [probe, ...rest] = SourceChannels.probeRuns(lane, piece, this.chooser.rates().lz4);
+            const [probe, ...rest] = SourceChannels.probeRuns(lane, piece, this.chooser.rates().lz4, (this.chooser.windowBatches + 1) * this.pool.payloadBytes);
             queue.unshift(...rest);
             piece = probe!;
           }

@@ -102,10 +102,11 @@ export class SourceChannels {
 
   /**
    * A piece cut for measuring a codec's rate: what its last known rate sends in PROBE_MS
-   * (between PROBE_MIN_BYTES and a whole piece) first, then what is left of it.
+   * (between `minBytes`, PROBE_MIN_BYTES unless said, and a whole piece) first, then what is
+   * left of it.
    */
-  static probeRuns(lane: Lane, runs: Uint32Array, bytesPerSec: number | undefined): Uint32Array[] {
-    const bytes = Math.min(PIECE_BYTES, Math.max(PROBE_MIN_BYTES, ((bytesPerSec ?? 0) * PROBE_MS) / 1000));
+  static probeRuns(lane: Lane, runs: Uint32Array, bytesPerSec: number | undefined, minBytes = PROBE_MIN_BYTES): Uint32Array[] {
+    const bytes = Math.min(PIECE_BYTES, Math.max(minBytes, ((bytesPerSec ?? 0) * PROBE_MS) / 1000));
     const [probe, rest] = splitRuns(runs, Math.max(1, Math.floor(bytes / lane.region.pageSizeBytes)));
     return rest.length === 0 ? [probe] : [probe, rest];
   }
