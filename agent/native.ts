@@ -122,9 +122,12 @@ export interface NativeAddon {
    * the libuv thread pool; bad arguments reject. A scatter into the region while a digest
    * runs is memory-safe but makes that digest's value meaningless. `dataRuns` (mode 'full'
    * of a read-only region of a sparse file, from fileDataRuns): pages outside them are holes,
-   * fingerprinted as zero pages without being read; the value is the same.
+   * fingerprinted as zero pages without being read; the value is the same. With `holesFd`
+   * (open until it settles), `dataRuns` are instead the pages that may be holes in that file
+   * (ascending; an earlier fileDataRuns' holes): the same thread walks them first
+   * (fileDataRuns' maybeHoles) and takes every other page as data.
    */
-  regionDigest(region: RegionHandle, mode: 'full' | 'tracked', dataRuns?: Uint32Array): Promise<Buffer>;
+  regionDigest(region: RegionHandle, mode: 'full' | 'tracked', dataRuns?: Uint32Array, holesFd?: number): Promise<Buffer>;
   /** XXH3-128 of `data` in canonical (big-endian) form, 16 bytes. */
   hash128(data: Uint8Array): Buffer;
   /**
@@ -226,11 +229,12 @@ export interface NativeAddon {
    * last run of that many reaches to the end (two lseeks a run). With `maybeHoles` (pairs,
    * ascending), only those pages are looked at and every other page counts as data: on tmpfs
    * a walk costs about 50 ns per data page it passes, and this one passes only the data
-   * written into the holes an earlier walk found.
+   * written into the holes an earlier walk found. With `minHolePages`, a hole of fewer pages
+   * between two runs counts as data.
    */
-  fileDataRuns(fd: number, pageSize: number, pageCount: number, maxRuns?: number, maybeHoles?: Uint32Array): Uint32Array;
+  fileDataRuns(fd: number, pageSize: number, pageCount: number, maxRuns?: number, maybeHoles?: Uint32Array, minHolePages?: number): Uint32Array;
   /** fileDataRuns on the libuv thread pool; `fd` must stay open until it settles. */
-  fileDataRunsAsync(fd: number, pageSize: number, pageCount: number, maxRuns?: number, maybeHoles?: Uint32Array): Promise<Uint32Array>;
+  fileDataRunsAsync(fd: number, pageSize: number, pageCount: number, maxRuns?: number, maybeHoles?: Uint32Array, minHolePages?: number): Promise<Uint32Array>;
   /**
    * The disk content of gangway-testvm (guest-content.h gw_disk_block, what the kernel checks
    * against): block firstBlock + i at version versions[i] goes to out[4096 i, 4096 (i + 1)],

@@ -5,6 +5,7 @@ import { closeSync, ftruncateSync, mkdtempSync, openSync, readSync, rmSync, writ
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ENTRY_DATA, ENTRY_ZERO, loadNative } from '../../agent/native.js';
+import { holesOf } from '../../agent/tracker/page-set.js';
 
 const native = loadNative();
 const PAGE = 4096;
@@ -68,6 +69,10 @@ describe('sparse files', () => {
       expect([...native.fileDataRuns(fd, PAGE, 4096, undefined, holes)]).toEqual([10, 1, 1000, 1, 3000, 1]);
       // Pages outside maybeHoles are data, holes or not (page 2000 is one).
       expect([...native.fileDataRuns(fd, PAGE, 4096, undefined, Uint32Array.of(0, 10, 2500, 1596))]).toEqual([10, 2490, 3000, 1]);
+      // A hole of fewer than minHolePages pages between two runs is data; leading and trailing holes stay.
+      expect([...native.fileDataRuns(fd, PAGE, 4096, undefined, undefined, 990)]).toEqual([10, 991, 3000, 1]);
+      expect([...native.fileDataRuns(fd, PAGE, 4096, undefined, undefined, 989)]).toEqual([10, 1, 1000, 1, 3000, 1]);
+      expect(() => native.fileDataRuns(fd, PAGE, 4096, undefined, undefined, 0)).toThrow(RangeError);
       // The cap holds here too.
       expect([...native.fileDataRuns(fd, PAGE, 4096, 2, holes)]).toEqual([10, 1, 1000, 3096]);
       expect(() => native.fileDataRuns(fd, PAGE, 4096, undefined, Uint32Array.of(5, 1, 2, 1))).toThrow(/out of order/);
@@ -131,6 +136,10 @@ describe('sparse files', () => {
       const region = native.regionMap(fd, pages * PAGE, PAGE, { writable: false, trackHashes: false, initiallyZero: false });
       try {
         const skipping = await native.regionDigest(region, 'full', runs);
+        // Given the holes to look in instead (and the file), the digest's thread walks them itself.
+        expect((await native.regionDigest(region, 'full', holesOf(runs, pages), fd)).equals(skipping)).toBe(true);
+        await expect(native.regionDigest(region, 'full', undefined, fd)).rejects.toThrow(/holesFd goes with/);
+        await expect(native.regionDigest(region, 'full', Uint32Array.of(10, 1, 5, 1), fd)).rejects.toThrow(/ascending/);
         // The holes were not read: still holes (a read through the mapping makes them data).
         expect([...native.fileDataRuns(fd, PAGE, pages)]).toEqual([...runs]);
         expect(skipping.equals(await native.regionDigest(region, 'full'))).toBe(true);

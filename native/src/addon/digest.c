@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "data-runs.h"
 #include "napi-util.h"
 #include "region.h"
 #include "exports.h"
@@ -27,6 +28,7 @@ typedef struct {
   int mode;
   uint32_t *data_runs; /* 'full' of a sparse file: [first, count] pairs; other pages are holes */
   size_t data_run_count;
+  int holes_fd; /* >= 0: data_runs are the pages that may be holes in this file, walked first */
   int failed_errno; /* a read of a writable region failed */
   XXH128_canonical_t result;
 } digest_job_t;
@@ -150,16 +152,17 @@ static void *digest_slice(void *arg) {
 #define DIGEST_MIN_PAGES_PER_THREAD 16384
 
 /* False when the region is too small to split (or memory is short): the caller streams it.
- * *failed_errno: a read of a writable region failed. With data runs (a mapped region), the
- * split is by the pages they hold: holes cost no reading. */
+ * *failed_errno: a read of a writable region failed. With data runs (a mapped region), holes
+ * cost no reading: split as a full digest is, unless the data is too little to split. */
 static bool digest_parallel(const region_t *r, const uint32_t *runs, size_t run_count, XXH128_canonical_t *result, int *failed_errno) {
   long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-  uint64_t work = r->page_count;
   if (runs) {
-    work = 0;
-    for (size_t i = 0; i < run_count; i++) work += runs[2 * i + 1];
+    /* Little data (a disk's few blocks): streamed, with no array of every page's fingerprint. */
+    uint64_t data = 0;
+    for (size_t i = 0; i < run_count; i++) data += runs[2 * i + 1];
+    if (data < DIGEST_MIN_PAGES_PER_THREAD) return false;
   }
-  uint32_t parts = (uint32_t)(work / DIGEST_MIN_PAGES_PER_THREAD);
+  uint32_t parts = r->page_count / DIGEST_MIN_PAGES_PER_THREAD;
   if (cpus > 0 && parts > (uint32_t)cpus) parts = (uint32_t)cpus;
   if (parts > DIGEST_MAX_THREADS) parts = DIGEST_MAX_THREADS;
   if (parts < 2) return false;
@@ -230,6 +233,19 @@ static void digest_sparse(const region_t *r, const uint32_t *runs, size_t run_co
 static void digest_execute(napi_env env, void *data) {
   digest_job_t *job = data;
   const region_t *r = job->region;
+  if (job->holes_fd >= 0) {
+    /* The holes an earlier walk found, looked at again now; every other page is data. */
+    run_list_t l;
+    int err = file_data_runs(job->holes_fd, (uint32_t)r->page_size, r->page_count, UINT32_MAX, 1, job->data_runs, job->data_run_count, &l);
+    free(job->data_runs);
+    job->data_runs = l.pairs;
+    job->data_run_count = l.n;
+    if (!err && !job->data_runs) job->data_runs = malloc(sizeof *job->data_runs); /* no data at all: every page a hole */
+    if (err || !job->data_runs) {
+      job->failed_errno = err ? err : ENOMEM;
+      return;
+    }
+  }
   if (job->data_runs) {
     /* Enough data to split (a memory region's): on threads; a disk's few blocks: streamed. */
     if (digest_parallel(r, job->data_runs, job->data_run_count, &job->result, &job->failed_errno)) return;
@@ -287,13 +303,17 @@ static void digest_complete(napi_env env, napi_status status, void *data) {
   free(job);
 }
 
-/* regionDigest(region, mode, dataRuns?) -> Promise<Buffer> */
+/*
+ * regionDigest(region, mode, dataRuns?, holesFd?) -> Promise<Buffer>. With holesFd, the runs
+ * are the pages that may be holes in that file (open until the promise settles): the job
+ * walks them first (SEEK_DATA) and takes every other page as data.
+ */
 napi_value RegionDigest(napi_env env, napi_callback_info info) {
   static const char fn[] = "regionDigest";
-  napi_value argv[3], promise;
+  napi_value argv[4], promise;
   napi_deferred deferred;
   region_t *r;
-  if (!get_args(env, info, 3, argv)) return NULL;
+  if (!get_args(env, info, 4, argv)) return NULL;
   NAPI_TRY(env, napi_create_promise(env, &deferred, &promise));
   if (!arg_region(env, argv[0], fn, false, &r)) return reject_pending(env, deferred, promise);
   int mode = 0;
@@ -334,6 +354,20 @@ napi_value RegionDigest(napi_env env, napi_callback_info info) {
       }
     }
   }
+  int holes_fd = -1;
+  if (!arg_is_absent(env, argv[3])) {
+    if (!runs) {
+      throw_fmt(env, ERR_TYPE, NULL, "%s: holesFd goes with the runs that may be holes", fn);
+      return reject_pending(env, deferred, promise);
+    }
+    if (!arg_fd(env, argv[3], fn, "holesFd", &holes_fd)) return reject_pending(env, deferred, promise);
+    for (size_t i = 2; i < runs_len; i += 2) {
+      if (runs[i] < (uint64_t)runs[i - 2] + runs[i - 1]) {
+        throw_fmt(env, ERR_RANGE, NULL, "%s: the runs that may be holes must be ascending (pages %u..+%u)", fn, runs[i], runs[i + 1]);
+        return reject_pending(env, deferred, promise);
+      }
+    }
+  }
   digest_job_t *job = calloc(1, sizeof *job);
   if (!job) {
     throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
@@ -353,6 +387,7 @@ napi_value RegionDigest(napi_env env, napi_callback_info info) {
   job->region = r;
   job->deferred = deferred;
   job->mode = mode;
+  job->holes_fd = holes_fd;
   napi_value name;
   if (napi_create_reference(env, argv[0], 1, &job->handle_ref) != napi_ok) {
     free(job->data_runs);

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "data-runs.h"
 #include "napi-util.h"
 #include "exports.h"
 
@@ -126,20 +127,12 @@ napi_value PunchHoles(napi_env env, napi_callback_info info) {
 }
 
 
-/* [first, count] runs being built, ascending; the last one may grow. */
-typedef struct {
-  uint32_t *pairs;
-  size_t n, cap;
-  uint64_t max_runs;
-  uint32_t page_count;
-  bool full; /* max_runs reached: the last run took the rest */
-} run_list_t;
 
 /* Adds pages [first, end) as data: false when out of memory. */
 static bool runs_add(run_list_t *l, uint32_t first, uint32_t end) {
   if (l->full || end <= first) return true;
-  if (l->n > 0 && l->pairs[2 * (l->n - 1)] + l->pairs[2 * (l->n - 1) + 1] >= first) {
-    /* Touching or overlapping (extents that meet inside one page): one run. */
+  if (l->n > 0 && (uint64_t)l->pairs[2 * (l->n - 1)] + l->pairs[2 * (l->n - 1) + 1] + l->min_hole - 1 >= first) {
+    /* Touching, overlapping (extents that meet inside one page) or a hole too small to skip: one run. */
     uint32_t *last = &l->pairs[2 * (l->n - 1)];
     if (end > last[0] + last[1]) last[1] = end - last[0];
     return true;
@@ -187,8 +180,8 @@ static int walk_data(int fd, uint32_t ps, uint32_t from, uint32_t to, run_list_t
 }
 
 /* The walk behind fileDataRuns (holes: hole_count maybe-hole pairs, or NULL): 0 or an errno. */
-static int file_data_runs(int fd, uint32_t ps, uint32_t count, uint64_t max_runs, const uint32_t *holes, size_t hole_count, run_list_t *l) {
-  *l = (run_list_t){.max_runs = max_runs, .page_count = count};
+int file_data_runs(int fd, uint32_t ps, uint32_t count, uint64_t max_runs, uint32_t min_hole, const uint32_t *holes, size_t hole_count, run_list_t *l) {
+  *l = (run_list_t){.max_runs = max_runs, .page_count = count, .min_hole = min_hole ? min_hole : 1};
   if (!holes) return walk_data(fd, ps, 0, count, l);
   uint32_t at = 0;
   for (size_t i = 0; i < hole_count; i++) {
@@ -202,8 +195,8 @@ static int file_data_runs(int fd, uint32_t ps, uint32_t count, uint64_t max_runs
 }
 
 /*
- * fileDataRuns(fd, pageSize, pageCount[, maxRuns[, maybeHoles]]) -> Uint32Array of
- * [first, count] pairs: the pages of the first pageCount pages of the file that hold data
+ * fileDataRuns(fd, pageSize, pageCount[, maxRuns[, maybeHoles[, minHolePages]]]) -> Uint32Array
+ * of [first, count] pairs: the pages of the first pageCount pages of the file that hold data
  * (SEEK_DATA / SEEK_HOLE); everything else is a hole and reads as zeros. A page partly data
  * is a data page. A file system without SEEK_DATA reports the whole file as data (lseek's
  * fallback), which is slower but right: the caller then reads zeros it could have skipped.
@@ -211,7 +204,8 @@ static int file_data_runs(int fd, uint32_t ps, uint32_t count, uint64_t max_runs
  * lseeks a run, so a file holed at every other page costs a bounded time, and calling the
  * rest data is right as well. With maybeHoles ([first, count] pairs, ascending), only those
  * pages are looked at and every other page counts as data: the holes an earlier call found,
- * checked again without walking the data between them.
+ * checked again without walking the data between them. With minHolePages, a hole of fewer
+ * pages between two runs counts as data: reading it costs less than cutting the runs.
  */
 typedef struct {
   int fd;
@@ -220,18 +214,20 @@ typedef struct {
   uint64_t max_runs;
   uint32_t *holes; /* the caller's (sync) or a copy (async) */
   size_t hole_count;
+  uint64_t min_hole;
 } data_runs_args_t;
 
 /* Reads fileDataRuns' arguments: false with an exception pending. */
 static bool data_runs_args(napi_env env, napi_callback_info info, const char *fn, data_runs_args_t *a) {
-  napi_value argv[5];
+  napi_value argv[6];
   size_t holes_len = 0;
-  *a = (data_runs_args_t){.max_runs = UINT32_MAX};
-  if (!get_args(env, info, 5, argv)) return false;
+  *a = (data_runs_args_t){.max_runs = UINT32_MAX, .min_hole = 1};
+  if (!get_args(env, info, 6, argv)) return false;
   if (!arg_fd(env, argv[0], fn, "fd", &a->fd) || !arg_page_size(env, argv[1], fn, "pageSize", &a->ps) ||
       !arg_integer(env, argv[2], fn, "pageCount", 0, UINT32_MAX, &a->count))
     return false;
   if (!arg_is_absent(env, argv[3]) && !arg_integer(env, argv[3], fn, "maxRuns", 1, UINT32_MAX, &a->max_runs)) return false;
+  if (!arg_is_absent(env, argv[5]) && !arg_integer(env, argv[5], fn, "minHolePages", 1, UINT32_MAX, &a->min_hole)) return false;
   if (arg_is_absent(env, argv[4])) return true;
   if (!arg_typed(env, argv[4], fn, "maybeHoles", napi_uint32_array, (void **)&a->holes, &holes_len)) return false;
   if (holes_len % 2 != 0) {
@@ -279,7 +275,7 @@ napi_value FileDataRuns(napi_env env, napi_callback_info info) {
   data_runs_args_t a;
   if (!data_runs_args(env, info, fn, &a)) return NULL;
   run_list_t l = {0};
-  int err = file_data_runs(a.fd, a.ps, (uint32_t)a.count, a.max_runs, a.holes, a.hole_count, &l);
+  int err = file_data_runs(a.fd, a.ps, (uint32_t)a.count, a.max_runs, (uint32_t)a.min_hole, a.holes, a.hole_count, &l);
   return runs_array(env, fn, &l, err);
 }
 
@@ -294,7 +290,7 @@ typedef struct {
 
 static void data_runs_execute(napi_env env, void *data) {
   data_runs_job_t *job = data;
-  job->err = file_data_runs(job->a.fd, job->a.ps, (uint32_t)job->a.count, job->a.max_runs, job->a.holes, job->a.hole_count, &job->l);
+  job->err = file_data_runs(job->a.fd, job->a.ps, (uint32_t)job->a.count, job->a.max_runs, (uint32_t)job->a.min_hole, job->a.holes, job->a.hole_count, &job->l);
 }
 
 static void data_runs_complete(napi_env env, napi_status status, void *data) {
