@@ -41,6 +41,7 @@ export class MappedRegion implements RegionReader {
   readonly pageCount: number;
   readonly handle: RegionHandle;
   private readonly path: string;
+  private readonly sparse: boolean;
   /** A disk's holes are all wanted; a memory region's, up to MEMORY_HOLE_RUNS runs of MEMORY_MIN_HOLE_BYTES or more. */
   private readonly maxRuns: number | undefined;
   private readonly minHole: number | undefined;
@@ -49,6 +50,7 @@ export class MappedRegion implements RegionReader {
 
   constructor(region: GuestRegion) {
     this.path = region.path;
+    this.sparse = region.sparse ?? false;
     this.maxRuns = region.sparse ? undefined : MEMORY_HOLE_RUNS;
     this.minHole = region.sparse ? undefined : Math.max(1, Math.floor(MEMORY_MIN_HOLE_BYTES / region.pageSizeBytes));
     this.pageSizeBytes = region.pageSizeBytes;
@@ -83,6 +85,8 @@ export class MappedRegion implements RegionReader {
     // where dataRuns found holes, without walking the data between them, and on the digest's
     // own thread: a walk of its own first queued the digest behind the final round's
     // compressions. Pages found holes then read as zeros then, whatever the dirty tracker said.
+    // A disk no round has walked yet (a post-copy taken over after a restart): its data now.
+    if (this.holes === undefined && this.sparse) return this.native.regionDigest(this.handle, 'full', await this.fileDataRuns());
     if (this.holes === undefined || this.holes.length === 0) return this.native.regionDigest(this.handle, 'full');
     const fd = openSync(this.path, 'r');
     try {
