@@ -214,12 +214,17 @@ describe('CodecChooser', () => {
 
   it("ends LZ4's explore at its first batch when the compressor is far behind raw, after a window of batches when it is just behind", () => {
     let clock = 0;
-    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock });
-    for (let i = 0; i < 6; i++) chooser.sent(1 << 20, 'raw');
-    for (let i = 0; i < 6; i++) {
-      clock += 1;
-      chooser.delivered();
-    }
+    /** A chooser whose explore has measured raw (6 batches of 1 MiB, one delivered each ms) and moved on to LZ4. */
+    const rawMeasured = () => {
+      const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock });
+      for (let i = 0; i < 6; i++) chooser.sent(1 << 20, 'raw');
+      for (let i = 0; i < 6; i++) {
+        clock += 1;
+        chooser.delivered();
+      }
+      return chooser;
+    };
+    const chooser = rawMeasured();
     expect(chooser.rates().raw! / 1e9).toBeCloseTo(1.05, 1);
     expect(chooser.next()).toBe('lz4');
     // 1 MiB in 8 ms with 2 then 3 batches in flight (Little's law): at most 0.33 GB/s, under half of raw's 1.05.
@@ -236,12 +241,7 @@ describe('CodecChooser', () => {
 
     // 0.66 GB/s is behind raw but not far: a cold first batch looks so. LZ4 goes on until a
     // window of batches (4) says the same.
-    const near = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock });
-    for (let i = 0; i < 6; i++) near.sent(1 << 20, 'raw');
-    for (let i = 0; i < 6; i++) {
-      clock += 1;
-      near.delivered();
-    }
+    const near = rawMeasured();
     for (let batch = 1; batch <= 4; batch++) {
       const a = near.compressing();
       const b = near.compressing();
@@ -254,12 +254,7 @@ describe('CodecChooser', () => {
     }
     expect(near.rates().lz4! / 1e9).toBeCloseTo(0.66, 2);
     // A cold first batch, then warm ones that keep up: LZ4's try goes on.
-    const cold = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock });
-    for (let i = 0; i < 6; i++) cold.sent(1 << 20, 'raw');
-    for (let i = 0; i < 6; i++) {
-      clock += 1;
-      cold.delivered();
-    }
+    const cold = rawMeasured();
     const slow = cold.compressing();
     clock += 1.5;
     slow(1 << 20);
@@ -271,12 +266,7 @@ describe('CodecChooser', () => {
     expect(cold.next()).toBe('lz4');
     expect(cold.rates().lz4).toBeUndefined();
     // A compressor that keeps up does not end it.
-    const fast = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock });
-    for (let i = 0; i < 6; i++) fast.sent(1 << 20, 'raw');
-    for (let i = 0; i < 6; i++) {
-      clock += 1;
-      fast.delivered();
-    }
+    const fast = rawMeasured();
     const done = fast.compressing();
     clock += 1;
     done(1 << 20);
