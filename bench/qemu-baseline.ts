@@ -32,6 +32,9 @@
 //   here and the downtime includes ending the mirror). totalMs runs from the mirror's start;
 //   the wire count includes the NBD stream; the kernel's full check covers its disk too
 //   (staleDiskBlocks).
+// - TLS (QemuRunOptions.tls): QEMU's own migration over TLS, as libvirt's --tls runs it
+//   (tls-creds-x509 on both ends, the peer's certificate checked both ways), for comparing
+//   like with like: gangway's agents always run mutual TLS between hosts.
 //
 // First touch: memory fresh to these machines costs about 3 s per GiB the first time it is
 // touched, whoever touches it, which would make the baseline measure the host's page faults
@@ -41,11 +44,12 @@
 // a QEMU that may take post-copy discards its RAM when the migration starts (init_range in
 // migration/postcopy-ram.c; measured: a pre-touched 256 MiB file went down to 4 MiB
 // allocated), so there the pages are faulted in afresh whatever was done before.
-import { closeSync, ftruncateSync, mkdtempSync, openSync, readSync, rmSync, statSync } from 'node:fs';
+import { chmodSync, closeSync, copyFileSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, readSync, rmSync, statSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
+import { initCa, issueHostCert } from '../agent/cli/certs.js';
 import { testvmDir, testvmMissing, TESTVM_KERNEL_FILE } from '../agent/native.js';
 import type { MigrationCapability, MigrationInfo, MigrationStatus } from '../agent/guest/qmp-schema.js';
 import { readTestvmStatus, requestTestvmFullCheck, TESTVM_STATUS_ADDR, type TestvmStatus } from '../agent/guest/testvm-status.js';
@@ -106,6 +110,44 @@ export interface QemuBaselineDisk {
 
 export type QemuMode = 'precopy' | 'multifd' | 'postcopy';
 
+/**
+ * x509 credentials in QEMU's layout (a directory of ca-cert.pem, server-cert.pem,
+ * server-key.pem, client-cert.pem, client-key.pem), and the name the destination's
+ * certificate carries, which the source checks (tls-hostname) instead of the address.
+ */
+export interface QemuTls {
+  dir: string;
+  hostname: string;
+}
+
+/** The id of the tls-creds-x509 object each QEMU of a TLS run is started with. */
+const TLS_CREDS_ID = 'gw-tls';
+
+/**
+ * Makes a CA and two certificates in `dir` (mode 0700, made here) in QEMU's x509 layout:
+ * the destination's (server) and the source's (client), both signed by the CA.
+ */
+export async function makeQemuTls(dir: string): Promise<QemuTls> {
+  if (dir.includes(',')) throw new RangeError(`the TLS directory ${dir} holds a comma, which QEMU's -object syntax cannot carry`);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const caDir = join(dir, 'ca');
+  await initCa({ dir: caDir, days: 1 });
+  const hostname = 'qemu-destination';
+  const server = await issueHostCert({ dir: caDir, name: hostname, validity: { days: 1 } });
+  const client = await issueHostCert({ dir: caDir, name: 'qemu-source', validity: { days: 1 } });
+  for (const [from, to] of [
+    [server.caPath, 'ca-cert.pem'],
+    [server.certPath, 'server-cert.pem'],
+    [server.keyPath, 'server-key.pem'],
+    [client.certPath, 'client-cert.pem'],
+    [client.keyPath, 'client-key.pem'],
+  ] as const) {
+    copyFileSync(from, join(dir, to));
+    chmodSync(join(dir, to), 0o600);
+  }
+  return { dir, hostname };
+}
+
 /** Loopback, or a shaped netns pair (bench/netns-link.ts): sources run in nsA, destinations in nsB. */
 export type QemuLink = { kind: 'loopback' } | { kind: 'netns'; link: ShapedLink };
 
@@ -130,6 +172,8 @@ export interface QemuRunOptions {
   diskFiles?: readonly string[];
   /** Bounds each migration, `migrate` to completed (serial: each VM's); booting and the check have their own bounds. */
   timeoutMs: number;
+  /** The migration stream over TLS (makeQemuTls): mutual, as libvirt's --tls. */
+  tls?: QemuTls;
   log?: (line: string) => void;
   /** Aborts the run (then everything started is cleaned up); for a benchmark's Ctrl-C. */
   signal?: AbortSignal;
@@ -214,6 +258,8 @@ export interface QemuBaselineDetail {
   downtimeLimitMs: number;
   maxBandwidthBytesPerSec: number;
   multifdChannels?: number;
+  /** The migration stream went over TLS. */
+  tls: boolean;
   vms: QemuVmResult[];
 }
 
@@ -315,6 +361,7 @@ function validateOptions(options: QemuRunOptions, vm: QemuBaselineVm, count: num
   if (!Number.isFinite(options.timeoutMs) || options.timeoutMs <= 0) throw new RangeError(`timeoutMs ${options.timeoutMs}: a positive number of milliseconds`);
   const channels = options.multifdChannels ?? DEFAULT_MULTIFD_CHANNELS;
   if (!Number.isInteger(channels) || channels < 1 || channels > 255) throw new RangeError(`multifdChannels ${channels}: 1..255`);
+  if (options.tls && options.diskFiles) throw new RangeError("TLS with a disk: the disk's NBD mirror would still go in the clear here (not built)");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -405,6 +452,8 @@ class RunContext {
     // disk is in sync (qemu-storage.ts), so it starts paused (-S).
     const args = qemuArgs(name, definition, [vm.memoryMiB * MiB], files, TESTVM_IMAGES_DIR, role === 'dst' && diskPath !== undefined);
     if (role === 'dst' && !diskPath) args.push('-incoming', 'defer');
+    const { tls } = this.options;
+    if (tls) args.push('-object', `tls-creds-x509,id=${TLS_CREDS_ID},dir=${tls.dir},endpoint=${role === 'src' ? 'client' : 'server'},verify-peer=on`);
     const link = this.options.link;
     const prefix = link.kind === 'netns' ? link.link.netnsExecPrefix(role === 'src' ? link.link.nsA : link.link.nsB) : [];
     const qemu = new QemuVm(name, memPath, qmpPath, logPath, [...prefix, QEMU_BINARY, ...args]);
@@ -517,6 +566,7 @@ async function configure(qemu: QemuVm, options: QemuRunOptions, role: 'src' | 'd
     'max-bandwidth': MAX_BANDWIDTH_BYTES_PER_SEC,
     'downtime-limit': options.downtimeLimitMs ?? DEFAULT_DOWNTIME_LIMIT_MS,
     ...(options.mode === 'multifd' ? { 'multifd-channels': options.multifdChannels ?? DEFAULT_MULTIFD_CHANNELS } : {}),
+    ...(options.tls ? { 'tls-creds': TLS_CREDS_ID, ...(role === 'src' ? { 'tls-hostname': options.tls.hostname } : {}) } : {}),
   });
 }
 
@@ -896,6 +946,7 @@ function summarize(
       downtimeLimitMs: options.downtimeLimitMs ?? DEFAULT_DOWNTIME_LIMIT_MS,
       maxBandwidthBytesPerSec: MAX_BANDWIDTH_BYTES_PER_SEC,
       ...(options.mode === 'multifd' ? { multifdChannels: options.multifdChannels ?? DEFAULT_MULTIFD_CHANNELS } : {}),
+      tls: options.tls !== undefined,
       vms,
     },
   };

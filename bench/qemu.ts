@@ -9,7 +9,9 @@
 //            QEMU's x-ignore-shared migration.
 //   QEMU:    bench/qemu-baseline.ts: precopy over tcp (max-bandwidth unlimited,
 //            downtime-limit 300 ms), multifd with 2 channels, postcopy (postcopy-ram,
-//            migrate-start-postcopy), the destination started the way QEMU's users do.
+//            migrate-start-postcopy), the destination started the way QEMU's users do;
+//            pre-copy and multifd also over mutual TLS (libvirt's --tls), since gangway's
+//            agents always run mutual TLS: like is compared with like, and with plain tcp.
 // Both on loopback and through the 1 Gbit/s netns link (bench/netns-link.ts). And a gang
 // of 4 VMs of one image: gangway's gang with dedup against QEMU moving them in parallel and
 // one after another.
@@ -24,6 +26,7 @@
 // touched. The bench touches and frees enough memory first (bench/report.ts prefaultMemory),
 // so neither system pays it; the QEMU baseline also zero-fills its memory files.
 import { rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { runTestvmFullCheck } from '../agent/guest/testvm-status.js';
 import { TESTVM_KERNEL_FILE } from '../agent/native.js';
@@ -37,11 +40,14 @@ import {
   runQemuMigration,
   runQemuParallel,
   runQemuSerial,
+  makeQemuTls,
   testvmAppend,
   TESTVM_IMAGES_DIR,
   type QemuBaselineRun,
   type QemuBaselineVm,
   type QemuLink,
+  type QemuMode,
+  type QemuTls,
 } from './qemu-baseline.js';
 import { barChartSvg, markdownTable, prefaultMemory, writeResults } from './report.js';
 import { clockTicksPerSec, readCpuSeconds } from './qemu-vm.js';
@@ -221,6 +227,9 @@ function logRun(run: Run): void {
 const runs: Run[] = [];
 const workDir = makeTempDir('gangway-bench-qemu-work-');
 exit.add(async () => rmSync(workDir, { recursive: true, force: true }));
+/** QEMU's runs over TLS say so in their mode. */
+const TLS_MODE = ', TLS';
+const qemuTls = await makeQemuTls(join(workDir, 'tls'));
 let linkNote: string | undefined;
 
 try {
@@ -254,22 +263,25 @@ try {
           if (exit.interrupted) return;
           const vm: QemuBaselineVm = { memoryMiB: MEMORY_MIB, profile: content, dirtyRateMiBps, seed: 1, imageSeed: 0 };
           log(`${linkName}, ${MEMORY_MIB} MiB ${content}, dirty ${dirtyRateMiBps} MiB/s:`);
+          const qemu = (mode: QemuMode, label: string, tls?: QemuTls) => async () =>
+            fromQemu(await runQemuMigration({ vm, mode, ...(mode === 'multifd' ? { multifdChannels: 2 } : {}), link: qemuLink, workDir, timeoutMs: MIGRATION_TIMEOUT_MS, ...(tls ? { tls } : {}) }), content, label);
           // Interleaved, so that drift on this shared machine hits both systems alike.
-          const plan: [string, () => Promise<Run>][] = [
-            ['gangway precopy', async () => ({ content, ...(await runGangway(agents, shaped, vm, 1, 'precopy')) })],
-            ['qemu precopy', async () => fromQemu(await runQemuMigration({ vm, mode: 'precopy', link: qemuLink, workDir, timeoutMs: MIGRATION_TIMEOUT_MS }), content, 'precopy')],
-            ['qemu multifd', async () => fromQemu(await runQemuMigration({ vm, mode: 'multifd', multifdChannels: 2, link: qemuLink, workDir, timeoutMs: MIGRATION_TIMEOUT_MS }), content, 'multifd 2 channels')],
-            ['gangway postcopy', async () => ({ content, ...(await runGangway(agents, shaped, vm, 1, 'postcopy')) })],
-            ['qemu postcopy', async () => fromQemu(await runQemuMigration({ vm, mode: 'postcopy', link: qemuLink, workDir, timeoutMs: MIGRATION_TIMEOUT_MS }), content, 'postcopy')],
+          const plan: [Run['system'], string, () => Promise<Run>][] = [
+            ['gangway', 'precopy', async () => ({ content, ...(await runGangway(agents, shaped, vm, 1, 'precopy')) })],
+            ['qemu', 'precopy', qemu('precopy', 'precopy')],
+            ['qemu', 'multifd 2 channels', qemu('multifd', 'multifd 2 channels')],
+            ['qemu', `precopy${TLS_MODE}`, qemu('precopy', `precopy${TLS_MODE}`, qemuTls)],
+            ['qemu', `multifd 2 channels${TLS_MODE}`, qemu('multifd', `multifd 2 channels${TLS_MODE}`, qemuTls)],
+            ['gangway', 'postcopy', async () => ({ content, ...(await runGangway(agents, shaped, vm, 1, 'postcopy')) })],
+            ['qemu', 'postcopy', qemu('postcopy', 'postcopy')],
           ];
-          for (const [label, body] of plan) {
+          for (const [system, mode, body] of plan) {
             if (exit.interrupted) return;
-            const [system, mode] = label.split(' ') as ['gangway' | 'qemu', string];
             let run: Run;
             try {
               run = await body();
             } catch (err) {
-              run = failedRun({ system, mode: mode === 'multifd' ? 'multifd 2 channels' : mode, link: linkName, content, dirtyRateMiBps, vms: 1 }, err);
+              run = failedRun({ system, mode, link: linkName, content, dirtyRateMiBps, vms: 1 }, err);
             }
             runs.push(run);
             logRun(run);
@@ -285,6 +297,7 @@ try {
         ['gangway', 'precopy gang, dedup', async () => ({ content: gangVm.profile, ...(await runGangway(agents, shaped, gangVm, GANG, 'precopy')) })],
         ['qemu', 'precopy, parallel', async () => fromQemu(await runQemuParallel({ vm: gangVm, count: GANG, mode: 'precopy', link: qemuLink, workDir, timeoutMs: MIGRATION_TIMEOUT_MS }), gangVm.profile, 'precopy, parallel')],
         ['qemu', 'precopy, serial', async () => fromQemu(await runQemuSerial({ vm: gangVm, count: GANG, mode: 'precopy', link: qemuLink, workDir, timeoutMs: MIGRATION_TIMEOUT_MS }), gangVm.profile, 'precopy, serial')],
+        ['qemu', `precopy, parallel${TLS_MODE}`, async () => fromQemu(await runQemuParallel({ vm: gangVm, count: GANG, mode: 'precopy', link: qemuLink, workDir, timeoutMs: MIGRATION_TIMEOUT_MS, tls: qemuTls }), gangVm.profile, `precopy, parallel${TLS_MODE}`)],
       ];
       for (const [system, mode, body] of gangPlan) {
         if (exit.interrupted) return;
@@ -316,21 +329,29 @@ for (const key of [...new Set(runs.map(keyOf))]) {
   const theirs = here.filter((r) => r.system === 'qemu');
   if (ours.length === 0 || theirs.length === 0) continue;
   const best = (rs: Run[], field: 'totalMs' | 'wireBytes' | 'downtimeMs') => rs.reduce((a, b) => (b[field] < a[field] ? b : a));
+  /** gangway's best of each figure against the best of `qemu`'s runs (undefined without any). */
+  const against = (qemu: Run[]) => {
+    if (qemu.length === 0) return undefined;
+    const pair = (field: 'totalMs' | 'wireBytes' | 'downtimeMs', show: (r: Run) => string) => {
+      const a = best(ours, field);
+      const b = best(qemu, field);
+      return { gangway: `${a.mode} ${show(a)}`, qemu: `${b.mode} ${show(b)}`, ratio: a[field] / b[field] };
+    };
+    return {
+      time: pair('totalMs', (r) => `${r.totalMs.toFixed(0)} ms`),
+      wire: pair('wireBytes', (r) => String(r.wireBytes)),
+      downtime: pair('downtimeMs', (r) => `${r.downtimeMs.toFixed(1)} ms`),
+    };
+  };
   const [link, content, rate, vms] = key.split('|');
-  const ourTime = best(ours, 'totalMs');
-  const theirTime = best(theirs, 'totalMs');
-  const ourWire = best(ours, 'wireBytes');
-  const theirWire = best(theirs, 'wireBytes');
-  const ourDowntime = best(ours, 'downtimeMs');
-  const theirDowntime = best(theirs, 'downtimeMs');
   comparisons.push({
     link,
     content,
     dirtyRateMiBps: Number(rate),
     vms: Number(vms),
-    time: { gangway: `${ourTime.mode} ${ourTime.totalMs.toFixed(0)} ms`, qemu: `${theirTime.mode} ${theirTime.totalMs.toFixed(0)} ms`, ratio: ourTime.totalMs / theirTime.totalMs },
-    wire: { gangway: `${ourWire.mode} ${ourWire.wireBytes}`, qemu: `${theirWire.mode} ${theirWire.wireBytes}`, ratio: ourWire.wireBytes / theirWire.wireBytes },
-    downtime: { gangway: `${ourDowntime.mode} ${ourDowntime.downtimeMs.toFixed(1)} ms`, qemu: `${theirDowntime.mode} ${theirDowntime.downtimeMs.toFixed(1)} ms`, ratio: ourDowntime.downtimeMs / theirDowntime.downtimeMs },
+    // Against QEMU's best over plain tcp and TLS alike, then against its TLS runs only (like with like).
+    ...against(theirs)!,
+    tls: against(theirs.filter((r) => r.mode.endsWith(TLS_MODE))),
     /** QEMU's runs of this case whose VM came out damaged (left out of its best). */
     qemuDamaged: damaged,
   });
@@ -343,7 +364,7 @@ const result = {
   memoryMiB: MEMORY_MIB,
   gang: { vms: GANG, memoryMiB: GANG_MEMORY_MIB, ...GANG_VM },
   accel: 'tcg',
-  transport: 'gangway: mutual TLS; QEMU: plain tcp',
+  transport: `gangway: mutual TLS; QEMU: plain tcp, and mutual TLS in the modes marked "${TLS_MODE.slice(2)}"`,
   ...(linkNote ? { linkNote } : {}),
   runs,
   comparisons,
@@ -378,8 +399,10 @@ else {
   for (const c of comparisons) {
     const ratio = (x: unknown) => ((x as { ratio: number }).ratio).toFixed(2);
     const damaged = c.qemuDamaged as string[];
+    const tls = c.tls as Record<string, unknown> | undefined;
     console.log(
       `${c.link} ${c.content} ${c.dirtyRateMiBps} MiB/s x${c.vms}: gangway/QEMU best — time ${ratio(c.time)}, wire ${ratio(c.wire)}, downtime ${ratio(c.downtime)}` +
+        (tls ? `; against QEMU over TLS — time ${ratio(tls.time)}, wire ${ratio(tls.wire)}, downtime ${ratio(tls.downtime)}` : '') +
         (damaged.length ? ` (QEMU's ${damaged.join(', ')} damaged the VM: left out)` : ''),
     );
   }

@@ -11,7 +11,7 @@ import { execa } from 'execa';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ErrorCode } from '../../protocol/errors.js';
 import { writeDiskImage } from '../../bench/disk-image.js';
-import { QemuBaselineError, qemuBaselineProblem, runQemuMigration, type QemuBaselineVm } from '../../bench/qemu-baseline.js';
+import { makeQemuTls, QemuBaselineError, qemuBaselineProblem, runQemuMigration, type QemuBaselineVm } from '../../bench/qemu-baseline.js';
 
 const MiB = 1024 * 1024;
 const PAGE = 4096;
@@ -98,6 +98,23 @@ describe.skipIf(skip)(skip ? `QEMU baseline (skipped: ${skip})` : 'QEMU baseline
     expect(one!.disk!.writesWhileLive).toBeGreaterThan(0);
     // The mirror's NBD stream is on the wire too: the disk's data and the RAM.
     expect(run.wireBytes).toBeGreaterThan(written.dataBytes + one!.qemu.transferredBytes);
+    expect(await leftovers()).toEqual([]);
+  });
+
+  it("moves the VM over mutual TLS when asked (libvirt's --tls), and a destination certificate that names another host fails the migration", async () => {
+    const tls = await makeQemuTls(join(workDir, 'tls'));
+    const run = await runQemuMigration({ vm: { ...vm, seed: 4 }, mode: 'multifd', multifdChannels: 2, link: { kind: 'loopback' }, workDir, timeoutMs: 60_000, tls });
+    const [one] = run.detail.vms;
+    expect(run.detail.tls).toBe(true);
+    expect(run.verified).toBe(true);
+    expect(run.stalePages).toBe(0);
+    expect(one!.qemu.normalPages * PAGE).toBeGreaterThan(40 * MiB);
+    // The pages went through TLS records: their bytes and the records' framing on top.
+    expect(run.detail.wireBytesForward).toBeGreaterThan(one!.qemu.normalPages * PAGE);
+    // The source checks the destination's certificate against tls-hostname: another name fails the handshake.
+    const failed = await runQemuMigration({ vm: { ...vm, seed: 5 }, mode: 'precopy', link: { kind: 'loopback' }, workDir, timeoutMs: 30_000, tls: { ...tls, hostname: 'not-the-destination' } }).catch((err: unknown) => err);
+    expect(failed).toBeInstanceOf(QemuBaselineError);
+    expect((failed as Error).message).toMatch(/certificate|hostname/i);
     expect(await leftovers()).toEqual([]);
   });
 
