@@ -1,6 +1,7 @@
 // bench:stream — how fast one agent streams guest memory to another on loopback, against
 // raw TCP loopback measured in the same run (node:net between two processes, and iperf3
-// where installed). Cases: unique incompressible pages without compression, the same with
+// where installed; with the mutual-TLS cases, node:tls between two processes too, the same
+// OpenSSL the agents' channels run: what TLS alone allows on this host). Cases: unique incompressible pages without compression, the same with
 // content dedup on (its cost: it finds nothing to share), and the same between two agents
 // talking mutual TLS (wss, certificates from `gangway certs`: what TLS costs the stream);
 // OS-image-like pages with LZ4 forced and with the adaptive codec. Where the migration can, its
@@ -159,12 +160,18 @@ try {
   for (const c of cases) await migrateOnce(pairOf(c), c, 100);
 
   const tcp: number[] = [];
+  const tlsRuns: number[] = [];
+  const tlsFiles = (own: number) => ({ cert: certs[own]!.certPath, key: certs[own]!.keyPath, ca: certs[own]!.caPath });
   const iperfRuns: number[] = [];
   const byCase = new Map<string, { rate: number[]; wire: number[]; total: number[]; cpuSource: number[]; cpuDestination: number[]; faultsSource: number[]; faultsDestination: number[]; channels: number }>();
   for (let n = 0; n < repeat; n++) {
     // Interleave baseline and cases so drift on a shared machine hits both alike.
     tcp.push(await nodeTcpLoopback(memoryBytes));
     log(`run ${n + 1}/${repeat}: node:net loopback ${(tcp.at(-1)! / GB).toFixed(2)} GB/s`);
+    if (cases.some((c) => c.tls)) {
+      tlsRuns.push(await nodeTcpLoopback(memoryBytes, { receiver: tlsFiles(1), sender: tlsFiles(0) }));
+      log(`run ${n + 1}/${repeat}: node:tls loopback (mutual TLS 1.3) ${(tlsRuns.at(-1)! / GB).toFixed(2)} GB/s`);
+    }
     const iperfRun = await iperf3Loopback(values.quick ? 2 : 4);
     if (iperfRun) {
       iperfRuns.push(iperfRun);
@@ -193,11 +200,14 @@ try {
   }
   const iperf = iperfRuns.length > 0 ? median(iperfRuns) : undefined;
   const tcpRate = median(tcp);
+  const tlsRate = tlsRuns.length > 0 ? median(tlsRuns) : undefined;
   const rows = [...byCase.entries()].map(([name, e]) => ({
     case: name,
     guestBytesPerSec: median(e.rate),
     ratioToNodeTcp: median(e.rate) / tcpRate,
     ratioToIperf3: iperf ? median(e.rate) / iperf : null,
+    /** Mutual TLS cases: against node:tls between two processes on this host, the same run (what TLS itself allows here). */
+    ratioToNodeTls: tlsRate && cases.find((c) => c.name === name)?.tls ? median(e.rate) / tlsRate : null,
     wireBytes: median(e.wire),
     memoryBytes,
     totalMs: median(e.total),
@@ -216,12 +226,13 @@ try {
     prefaultMs,
     /** The load average (1 min) at the end: the machine's other work, which the rates share it with. */
     loadAverage1m: loadavg()[0]!,
-    baseline: { nodeTcpLoopbackBytesPerSec: tcpRate, iperf3LoopbackBytesPerSec: iperf ?? null },
+    baseline: { nodeTcpLoopbackBytesPerSec: tcpRate, nodeTlsLoopbackBytesPerSec: tlsRate ?? null, iperf3LoopbackBytesPerSec: iperf ?? null },
     cases: rows,
   };
   const svg = barChartSvg(`gangway page stream vs TCP loopback (${memoryBytes / MiB} MiB guests)`, 'GB/s', [
     ...(iperf ? [{ label: 'iperf3 TCP loopback', value: iperf / GB }] : []),
     { label: 'node:net TCP loopback', value: tcpRate / GB },
+    ...(tlsRate ? [{ label: 'node:tls loopback', value: tlsRate / GB }] : []),
     ...rows.map((r) => ({ label: r.case, value: r.guestBytesPerSec / GB })),
   ]);
   const path = writeResults('stream', result, svg);
@@ -233,6 +244,7 @@ try {
         [
           ['node:net TCP loopback (baseline)', (tcpRate / GB).toFixed(2), '1.00', iperf ? (tcpRate / iperf).toFixed(2) : 'n/a', '', '', '', '', ''],
           ...(iperf ? [['iperf3 TCP loopback', (iperf / GB).toFixed(2), (iperf / tcpRate).toFixed(2), '1.00', '', '', '', '', '']] : []),
+          ...(tlsRate ? [['node:tls loopback, mutual TLS 1.3', (tlsRate / GB).toFixed(2), (tlsRate / tcpRate).toFixed(2), iperf ? (tlsRate / iperf).toFixed(2) : 'n/a', '', '', '', '', '']] : []),
           ...rows.map((r) => [
             r.case,
             (r.guestBytesPerSec / GB).toFixed(2),
@@ -247,6 +259,7 @@ try {
         ],
       ),
     );
+    for (const r of rows) if (r.ratioToNodeTls !== null) console.log(`${r.case}: ${r.ratioToNodeTls.toFixed(2)} of node:tls loopback in the same run`);
     console.log(`\nload average ${result.loadAverage1m.toFixed(2)} (1 min) at the end; results: ${path}`);
   }
 } finally {

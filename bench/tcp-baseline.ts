@@ -1,9 +1,12 @@
 // The baseline for the page stream: raw TCP over loopback between two Node processes
-// (started with the agents' Node flags, so both sides run alike), and iperf3 where
-// installed. A receiver child counts bytes; a sender child writes 1 MiB chunks and reports
-// the rate once the receiver has everything.
-import { fork } from 'node:child_process';
-import { connect, createServer } from 'node:net';
+// (started with the agents' Node flags, so both sides run alike), the same over mutual TLS
+// 1.3 (node:tls, the OpenSSL the agents' channels use: what TLS itself costs on this host),
+// and iperf3 where installed. A receiver child counts bytes; a sender child writes 1 MiB
+// chunks and reports the rate once the receiver has everything.
+import { fork, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { connect, createServer, type Socket } from 'node:net';
+import { connect as tlsConnect, createServer as createTlsServer } from 'node:tls';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
 import { AGENT_NODE_FLAGS } from '../agent/local-agent.js';
@@ -11,14 +14,29 @@ import { AGENT_NODE_FLAGS } from '../agent/local-agent.js';
 const CHUNK = 1 << 20;
 const self = fileURLToPath(import.meta.url);
 
-async function receiver(total: number): Promise<void> {
-  const server = createServer((socket) => {
+/** Certificate, key and CA files (PEM) of one end of the TLS baseline. */
+export interface TlsFiles {
+  cert: string;
+  key: string;
+  ca: string;
+}
+
+const tlsOptions = (files: TlsFiles) => ({
+  cert: readFileSync(files.cert),
+  key: readFileSync(files.key),
+  ca: readFileSync(files.ca),
+  minVersion: 'TLSv1.3' as const,
+});
+
+async function receiver(total: number, tls?: TlsFiles): Promise<void> {
+  const count = (socket: Socket) => {
     let got = 0;
-    socket.on('data', (data) => {
+    socket.on('data', (data: Buffer) => {
       got += data.length;
       if (got >= total) socket.end('done');
     });
-  });
+  };
+  const server = tls ? createTlsServer({ ...tlsOptions(tls), requestCert: true, rejectUnauthorized: true }, count) : createServer(count);
   server.listen(0, '127.0.0.1', () => {
     const address = server.address();
     process.send!({ port: typeof address === 'object' && address ? address.port : 0 });
@@ -26,9 +44,9 @@ async function receiver(total: number): Promise<void> {
   process.on('disconnect', () => process.exit(0));
 }
 
-async function sender(total: number, port: number): Promise<void> {
-  const socket = connect(port, '127.0.0.1');
-  await new Promise((resolve) => socket.once('connect', resolve));
+async function sender(total: number, port: number, tls?: TlsFiles): Promise<void> {
+  const socket = tls ? tlsConnect({ ...tlsOptions(tls), host: '127.0.0.1', port }) : connect(port, '127.0.0.1');
+  await new Promise((resolve) => socket.once(tls ? 'secureConnect' : 'connect', resolve));
   socket.setNoDelay(true);
   const chunk = Buffer.alloc(CHUNK, 0xa5);
   const started = performance.now();
@@ -42,22 +60,41 @@ async function sender(total: number, port: number): Promise<void> {
   process.disconnect();
 }
 
-if (process.argv[2] === '--receiver') await receiver(Number(process.argv[3]));
-if (process.argv[2] === '--sender') await sender(Number(process.argv[3]), Number(process.argv[4]));
+const tlsArg = (at: number): TlsFiles | undefined => (process.argv[at] ? (JSON.parse(process.argv[at]!) as TlsFiles) : undefined);
+if (process.argv[2] === '--receiver') await receiver(Number(process.argv[3]), tlsArg(4));
+if (process.argv[2] === '--sender') await sender(Number(process.argv[3]), Number(process.argv[4]), tlsArg(5));
 
-/** Sends `totalBytes` over loopback TCP between two child processes; returns bytes per second. */
-export async function nodeTcpLoopback(totalBytes: number): Promise<number> {
+/**
+ * Sends `totalBytes` over loopback TCP between two child processes; returns bytes per second.
+ * With `tls` (the receiver's and the sender's files), over mutual TLS 1.3.
+ */
+export async function nodeTcpLoopback(totalBytes: number, tls?: { receiver: TlsFiles; sender: TlsFiles }): Promise<number> {
   const execArgv = [...AGENT_NODE_FLAGS];
-  const rx = fork(self, ['--receiver', String(totalBytes)], { stdio: 'ignore', execArgv });
+  const rx = fork(self, ['--receiver', String(totalBytes), ...(tls ? [JSON.stringify(tls.receiver)] : [])], { stdio: 'ignore', execArgv });
   try {
-    const { port } = await new Promise<{ port: number }>((resolve) => rx.once('message', resolve as never));
-    const tx = fork(self, ['--sender', String(totalBytes), String(port)], { stdio: 'ignore', execArgv });
-    const { bytesPerSec } = await new Promise<{ bytesPerSec: number }>((resolve) => tx.once('message', resolve as never));
-    tx.kill();
-    return bytesPerSec;
+    const { port } = await messageOf<{ port: number }>(rx, 'the receiver');
+    const tx = fork(self, ['--sender', String(totalBytes), String(port), ...(tls ? [JSON.stringify(tls.sender)] : [])], { stdio: 'ignore', execArgv });
+    try {
+      const { bytesPerSec } = await messageOf<{ bytesPerSec: number }>(tx, 'the sender');
+      return bytesPerSec;
+    } finally {
+      tx.kill();
+    }
   } finally {
     rx.kill();
   }
+}
+
+/** The child's first message; rejects if it exits first (a failed handshake, say) instead of waiting for good. */
+function messageOf<T>(child: ChildProcess, who: string): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const exited = (code: number | null) => reject(new Error(`${who} of the loopback baseline exited (code ${code}) before it reported`));
+    child.once('exit', exited);
+    child.once('message', (message) => {
+      child.off('exit', exited);
+      resolve(message as T);
+    });
+  });
 }
 
 /** iperf3 over loopback for `seconds`, if installed; bytes per second, or undefined. */
