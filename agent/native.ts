@@ -102,6 +102,27 @@ export interface NativeAddon {
     mismatches: Uint32Array | null,
   ): number;
   /**
+   * A pages frame with refs in one call, with the result of applying its entries in order:
+   * zero and data entries as `regionScatter` (the payload holds the data pages in entry
+   * order), each ENTRY_REF as `regionCopyPages` from `sources[refs[2k]]`, its first page
+   * `refs[2k + 1]` (k: the ref entry's rank among the frame's refs). `expects[i]` (or null)
+   * holds the fingerprints sources[i]'s pages should have, 16 bytes a page; a ref page whose
+   * source differs is not written and goes to `mismatches` as [dstPage, sourceIndex,
+   * sourcePage] (room for three words per ref page). Returns how many. Checks the whole
+   * frame before writing (RangeError/TypeError: bad kinds, ranges, lengths, page sizes); a
+   * failed read or write throws with errno text, earlier entries applied.
+   */
+  regionApplyRefs(
+    dst: RegionHandle,
+    entries: Uint32Array,
+    entryCount: number,
+    payload: Uint8Array,
+    refs: Uint32Array,
+    sources: readonly RegionHandle[],
+    expects: readonly (Uint8Array | null)[],
+    mismatches: Uint32Array,
+  ): number;
+  /**
    * Writes the XXH3-128 fingerprints (hash128's canonical form, 16 bytes each) of pages
    * firstPage..firstPage+count-1 into out[0, 16 × count), read now from the mapping of a
    * read-only region or through 1 MiB preads of a writable one (never the tracked

@@ -52,6 +52,7 @@ NAPI_MODULE_INIT(/* napi_env env, napi_value exports */) {
       {"regionGather", NULL, RegionGather, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionScatter", NULL, RegionScatter, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionCopyPages", NULL, RegionCopyPages, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"regionApplyRefs", NULL, RegionApplyRefs, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionFingerprints", NULL, RegionFingerprints, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionTrackedFingerprints", NULL, RegionTrackedFingerprints, NULL, NULL, NULL, napi_enumerable, NULL},
       {"regionDigest", NULL, RegionDigest, NULL, NULL, NULL, napi_enumerable, NULL},

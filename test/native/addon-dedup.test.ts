@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
-import { ENTRY_DATA, ENTRY_ZERO, type RegionHandle } from '../../agent/native.js';
+import { ENTRY_DATA, ENTRY_REF, ENTRY_ZERO, type RegionHandle } from '../../agent/native.js';
 import { closeRegion, fillPseudoRandom, loose, mapFd, native, openFds, releaseNativeResources, writeAll } from '../helpers/native.js';
 
 // ---------------------------------------------------------------------------------------
@@ -406,6 +406,178 @@ describe('regionCopyPages', () => {
     expect(() => native.regionCopyPages(closedDst, 0, src, 0, 1, null, null)).toThrow(/^region is closed$/);
     expect(readAll(closedDstFd, dstContent.length).equals(dstContent)).toBe(true);
     expect(readAll(dstFd, dstContent.length).equals(dstContent)).toBe(true);
+  });
+});
+
+// ---------------------------------------------------------------------------------------
+// regionApplyRefs
+// ---------------------------------------------------------------------------------------
+
+describe('regionApplyRefs', () => {
+  const ps = 4096;
+  const pages = 64;
+
+  /** A frame's entries (kind, first, count), its ref words ([sourceIndex, sourcePage] per ref entry) and its payload. */
+  interface Frame {
+    entries: Uint32Array;
+    refs: Uint32Array;
+    payload: Buffer;
+  }
+
+  /** The same frame applied entry by entry, as IncomingPages did before regionApplyRefs: scatter runs, one regionCopyPages per ref. */
+  function applyOneByOne(dst: RegionHandle, frame: Frame, sources: RegionHandle[], expects: (Uint8Array | null)[]): number[] {
+    const missed: number[] = [];
+    const count = frame.entries.length / 3;
+    let segment = 0;
+    let offset = 0;
+    let bytes = 0;
+    const flush = (end: number) => {
+      if (end > segment) native.regionScatter(dst, frame.entries.subarray(segment * 3, end * 3), end - segment, frame.payload.subarray(offset, offset + bytes));
+      offset += bytes;
+      bytes = 0;
+    };
+    for (let e = 0, r = 0; e < count; e++) {
+      const [kind, first, n] = [frame.entries[e * 3]!, frame.entries[e * 3 + 1]!, frame.entries[e * 3 + 2]!];
+      if (kind === ENTRY_DATA) bytes += n * ps;
+      if (kind !== ENTRY_REF) continue;
+      flush(e);
+      segment = e + 1;
+      const source = frame.refs[2 * r]!;
+      const sourcePage = frame.refs[2 * r + 1]!;
+      r++;
+      const expect = expects[source]?.subarray(sourcePage * 16, (sourcePage + n) * 16) ?? null;
+      const mismatches = new Uint32Array(n);
+      const k = native.regionCopyPages(dst, first, sources[source]!, sourcePage, n, expect, expect ? mismatches : null);
+      for (let i = 0; i < k; i++) missed.push(first + mismatches[i]!, source, sourcePage + mismatches[i]!);
+    }
+    flush(count);
+    return missed;
+  }
+
+  /** A random frame over `pages` pages: each page at most once, as zero, data (distinct content) or a ref into one of `sourceCount` sources. */
+  function randomFrame(seed: number, sourceCount: number): Frame {
+    let x = seed >>> 0;
+    const next = (n: number) => {
+      x = (Math.imul(x, 1664525) + 1013904223) >>> 0;
+      return (x >>> 8) % n;
+    };
+    const entries: number[] = [];
+    const refs: number[] = [];
+    const data: Buffer[] = [];
+    for (let p = next(3); p < pages; ) {
+      const count = 1 + next(Math.min(6, pages - p));
+      const kind = [ENTRY_ZERO, ENTRY_DATA, ENTRY_REF, ENTRY_REF][next(4)]!;
+      entries.push(kind, p, count);
+      if (kind === ENTRY_DATA) data.push(buildPages(count, ps, seed * 1000 + p));
+      if (kind === ENTRY_REF) refs.push(next(sourceCount), next(pages - count + 1));
+      p += count + next(3);
+    }
+    return { entries: Uint32Array.from(entries), refs: Uint32Array.from(refs), payload: Buffer.concat(data) };
+  }
+
+  it('property: a frame applied in one call equals its entries applied one by one (bytes, tracked fingerprints, pages asked for again)', async () => {
+    const srcContent = [buildPages(pages, ps, 51, (p) => p % 11 === 0), buildPages(pages, ps, 52)];
+    const dstContent = buildPages(pages, ps, 53);
+    await fc.assert(
+      fc.asyncProperty(fc.integer({ min: 1, max: 1_000_000 }), fc.boolean(), async (seed, sameFileSource) => {
+        const srcFds = srcContent.map((content) => tmpFile(content));
+        // A resident source (read-only, with the fingerprints it offered) whose pages 5..9 changed since.
+        const resident = mapFd(srcFds[0]!, pages * ps, ps);
+        const offered = new Uint8Array(16 * pages);
+        native.regionFingerprints(resident, 0, pages, offered);
+        writeAll(srcFds[0]!, Buffer.alloc(5 * ps, 0x77), 5 * ps);
+        const member = mapFd(srcFds[1]!, pages * ps, ps, { writable: true, trackHashes: true });
+        const results = [];
+        for (const apply of ['one call', 'one by one'] as const) {
+          const dstFd = tmpFile(dstContent);
+          const dst = mapFd(dstFd, dstContent.length, ps, { writable: true, trackHashes: true });
+          // A ref may also come from the destination's own region (an intra-guest ref).
+          const sources = sameFileSource ? [resident, member, dst] : [resident, member];
+          const expects = sources.map((_, i) => (i === 0 ? offered : null));
+          const frame = randomFrame(seed, sources.length);
+          let missed: number[];
+          if (apply === 'one call') {
+            const refPages = Array.from({ length: frame.entries.length / 3 }, (_, e) => (frame.entries[e * 3] === ENTRY_REF ? frame.entries[e * 3 + 2]! : 0)).reduce((a, b) => a + b, 0);
+            const mismatches = new Uint32Array(3 * refPages);
+            const k = native.regionApplyRefs(dst, frame.entries, frame.entries.length / 3, frame.payload, frame.refs, sources, expects, mismatches);
+            missed = Array.from(mismatches.subarray(0, 3 * k));
+          } else {
+            missed = applyOneByOne(dst, frame, sources, expects);
+          }
+          results.push({ bytes: readAll(dstFd, dstContent.length), tracked: await native.regionDigest(dst, 'tracked'), missed });
+          await expectTrackedMatchesFull(dst);
+        }
+        expect(results[0]!.bytes.equals(results[1]!.bytes)).toBe(true);
+        expect(results[0]!.tracked.equals(results[1]!.tracked)).toBe(true);
+        expect(results[0]!.missed).toEqual(results[1]!.missed);
+      }),
+      { numRuns: 60 },
+    );
+  });
+
+  it('reports a changed resident page as [dstPage, sourceIndex, sourcePage] and leaves it unwritten', () => {
+    const content = buildPages(pages, ps, 61);
+    const srcFd = tmpFile(content);
+    const resident = mapFd(srcFd, content.length, ps);
+    const offered = new Uint8Array(16 * pages);
+    native.regionFingerprints(resident, 0, pages, offered);
+    writeAll(srcFd, Buffer.from([1, 2, 3]), 12 * ps + 9);
+    const dstContent = buildPages(pages, ps, 62);
+    const dstFd = tmpFile(dstContent);
+    const dst = mapFd(dstFd, dstContent.length, ps, { writable: true, trackHashes: true });
+    // Data page 0, refs 1..3 <- 10..12, zero page 4.
+    const entries = Uint32Array.of(ENTRY_DATA, 0, 1, ENTRY_REF, 1, 3, ENTRY_ZERO, 4, 1);
+    const payload = buildPages(1, ps, 63);
+    const mismatches = new Uint32Array(9).fill(0xffffffff);
+    expect(native.regionApplyRefs(dst, entries, 3, payload, Uint32Array.of(0, 10), [resident], [offered], mismatches)).toBe(1);
+    expect(Array.from(mismatches.subarray(0, 3))).toEqual([3, 0, 12]);
+    const got = readAll(dstFd, dstContent.length);
+    expect(pageOf(got, 0, ps).equals(payload)).toBe(true);
+    expect(pageOf(got, 1, ps).equals(pageOf(content, 10, ps))).toBe(true);
+    expect(pageOf(got, 2, ps).equals(pageOf(content, 11, ps))).toBe(true);
+    expect(pageOf(got, 3, ps).equals(pageOf(dstContent, 3, ps))).toBe(true);
+    expect(pageOf(got, 4, ps).equals(Buffer.alloc(ps))).toBe(true);
+  });
+
+  it('rejects a bad frame before writing anything', async () => {
+    const dstContent = buildPages(pages, ps, 71);
+    const dstFd = tmpFile(dstContent);
+    const dst = mapFd(dstFd, dstContent.length, ps, { writable: true, trackHashes: true });
+    const src = mapFd(tmpFile(buildPages(pages, ps, 72)), pages * ps, ps);
+    const smallPages = mapFd(tmpFile(pages * ps), pages * ps, 512, { writable: true });
+    const trackedBefore = await native.regionDigest(dst, 'tracked');
+    // A data page first: a check that came after it would have written it.
+    const data = buildPages(1, ps, 73);
+    const frame = (...rest: number[]) => Uint32Array.of(ENTRY_DATA, 0, 1, ...rest);
+    const room = new Uint32Array(3 * pages);
+    const cases: Array<[unknown[], ErrorConstructor, RegExp]> = [
+      [[dst, frame(9, 1, 1), 2, data, new Uint32Array(0), [], [], room], RangeError, /entry 1 has an unknown kind \(9\)/],
+      [[dst, frame(ENTRY_REF, 1, 0), 2, data, Uint32Array.of(0, 0), [src], [null], room], RangeError, /entry 1 .* is empty or outside/],
+      [[dst, frame(ENTRY_ZERO, pages - 1, 2), 2, data, new Uint32Array(0), [], [], room], RangeError, /outside dst's 64 pages/],
+      [[dst, frame(ENTRY_REF, 1, 2), 2, data, Uint32Array.of(0), [src], [null], room], RangeError, /refs has 1 words/],
+      [[dst, frame(ENTRY_REF, 1, 2), 2, data, Uint32Array.of(1, 0), [src], [null], room], RangeError, /ref entry 0 \(source 1, pages 0, \+2\) is outside/],
+      [[dst, frame(ENTRY_REF, 1, 2), 2, data, Uint32Array.of(0, pages - 1), [src], [null], room], RangeError, /is outside its source/],
+      [[dst, frame(ENTRY_REF, 1, 2), 2, data, Uint32Array.of(0, 4), [src], [new Uint8Array(16 * 5)], room], RangeError, /expected fingerprints/],
+      [[dst, frame(ENTRY_REF, 1, 2), 2, Buffer.alloc(0), Uint32Array.of(0, 0), [src], [null], room], RangeError, /payload is 0 bytes but the entries' 1 data pages/],
+      [[dst, frame(ENTRY_REF, 1, 2), 2, data, Uint32Array.of(0, 0), [src], [null], new Uint32Array(5)], RangeError, /mismatches has room for 1 pages, the refs hold 2/],
+      [[dst, frame(ENTRY_REF, 1, 2), 2, data, Uint32Array.of(0, 0), [src], [], room], TypeError, /sources and expects must be arrays of one length/],
+      [[dst, frame(ENTRY_REF, 1, 2), 2, data, Uint32Array.of(0, 0), [smallPages], [null], room], RangeError, /dst has 4096-byte pages but sources\[0\] has 512-byte pages/],
+      [[dst, frame(ENTRY_REF, 1, 2), 2, data, Uint32Array.of(0, 0), [{}], [null], room], TypeError, /sources\[i\] must be a RegionHandle/],
+      [[dst, frame(), 2, data, new Uint32Array(0), [], [], room], RangeError, /entryCount/],
+      [[src, frame(), 1, data, new Uint32Array(0), [], [], room], Error, /dst is mapped read-only/],
+    ];
+    for (const [args, type, message] of cases) {
+      let caught: unknown;
+      try {
+        loose.regionApplyRefs!(...args);
+      } catch (err) {
+        caught = err;
+      }
+      expect(caught, String(message)).toBeInstanceOf(type);
+      expect((caught as Error).message).toMatch(message);
+    }
+    expect(readAll(dstFd, dstContent.length).equals(dstContent)).toBe(true);
+    expect((await native.regionDigest(dst, 'tracked')).equals(trackedBefore)).toBe(true);
   });
 });
 

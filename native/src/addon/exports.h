@@ -12,6 +12,7 @@ napi_value RegionGather(napi_env env, napi_callback_info info);
 napi_value RegionScatter(napi_env env, napi_callback_info info);
 /* dedup.c */
 napi_value RegionCopyPages(napi_env env, napi_callback_info info);
+napi_value RegionApplyRefs(napi_env env, napi_callback_info info);
 napi_value RegionFingerprints(napi_env env, napi_callback_info info);
 napi_value RegionTrackedFingerprints(napi_env env, napi_callback_info info);
 /* digest.c */

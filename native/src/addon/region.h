@@ -26,6 +26,7 @@
  * it like any unknown kind. */
 #define ENTRY_ZERO 1u
 #define ENTRY_DATA 2u
+#define ENTRY_REF 3u
 
 /*
  * A region is read through a MAP_SHARED mapping (the source gathers from the guest's live
