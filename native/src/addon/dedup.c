@@ -194,7 +194,8 @@ napi_value RegionCopyPages(napi_env env, napi_callback_info info) {
 #define STAGE_PAGES 256
 
 typedef struct {
-  uint8_t *bytes; /* STAGE_PAGES pages */
+  uint8_t *bytes; /* cap pages (at most STAGE_PAGES) */
+  size_t cap;
   uint64_t first; /* the destination page of bytes[0] */
   size_t count;
 } stage_t;
@@ -225,7 +226,8 @@ static int stage_ref(region_t *dst, uint64_t dst_first, region_t *src, uint64_t 
   for (uint64_t k = 0; k < count; k++) {
     const uint64_t d = dst_first + k, s = src_first + k;
     if (s >= src->page_count || d >= dst->page_count) return COPY_CHANGED;
-    if (st->count > 0 && (d != st->first + st->count || st->count == STAGE_PAGES) && !stage_flush(dst, st, at)) return COPY_WRITE;
+    if (st->count > 0 && (d != st->first + st->count || st->count == st->cap) && !stage_flush(dst, st, at)) return COPY_WRITE;
+    if (st->cap == 0) return COPY_CHANGED; /* no room: the frame held no ref pages when checked */
     if (st->count == 0) st->first = d;
     uint8_t *slot = st->bytes + st->count * ps;
     if (src->addr) memcpy(slot, src->addr + s * ps, ps);
@@ -291,7 +293,7 @@ napi_value RegionApplyRefs(napi_env env, napi_callback_info info) {
   size_t *expect_lens = calloc(source_count + 1, sizeof *expect_lens);
   copy_buf_t buf = {NULL, 0};
   uint32_t *scratch = NULL;
-  stage_t stage = {NULL, 0, 0};
+  stage_t stage = {NULL, 0, 0, 0};
   napi_value result = NULL;
   if (!sources || !expects || !expect_lens) {
     throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
@@ -350,7 +352,10 @@ napi_value RegionApplyRefs(napi_env env, napi_callback_info info) {
     goto done;
   }
   scratch = malloc((largest_ref + 1) * sizeof *scratch);
-  if (ref_pages > 0) stage.bytes = malloc((ref_pages < STAGE_PAGES ? ref_pages : STAGE_PAGES) * ps);
+  if (ref_pages > 0) {
+    stage.cap = ref_pages < STAGE_PAGES ? (size_t)ref_pages : STAGE_PAGES;
+    stage.bytes = malloc(stage.cap * ps);
+  }
   if (!scratch || (ref_pages > 0 && !stage.bytes)) {
     throw_fmt(env, ERR_ERROR, NULL, "%s: out of memory", fn);
     goto done;
@@ -362,6 +367,11 @@ napi_value RegionApplyRefs(napi_env env, napi_callback_info info) {
     if (kind == ENTRY_DATA) segment_bytes += (uint64_t)entries[3 * e + 2] * ps;
     if (kind != ENTRY_REF) continue;
     /* The zero and data entries before this ref (after the refs staged before them), then the ref. */
+    if (offset + segment_bytes > payload_len) {
+      /* Checked above; again, as the arrays may be shared memory. */
+      throw_fmt(env, ERR_ERROR, NULL, "%s: the entries changed while being applied", fn);
+      goto done;
+    }
     if (e > segment) {
       if (!stage_flush(dst, &stage, &at)) {
         scatter_io_error(env, fn, at);
@@ -386,6 +396,10 @@ napi_value RegionApplyRefs(napi_env env, napi_callback_info info) {
         goto done;
       }
       break;
+    }
+    if (2 * (k + 1) > refs_len) {
+      throw_fmt(env, ERR_ERROR, NULL, "%s: the refs changed while being applied", fn);
+      goto done;
     }
     const uint32_t first = entries[3 * e + 1], count = entries[3 * e + 2];
     const uint32_t source = refs[2 * k], source_first = refs[2 * k + 1];
