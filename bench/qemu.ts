@@ -229,10 +229,11 @@ const workDir = makeTempDir('gangway-bench-qemu-work-');
 exit.add(async () => rmSync(workDir, { recursive: true, force: true }));
 /** QEMU's runs over TLS say so in their mode. */
 const TLS_MODE = ', TLS';
-const qemuTls = await makeQemuTls(join(workDir, 'tls'));
+let qemuTls!: QemuTls;
 let linkNote: string | undefined;
 
 try {
+  qemuTls = await makeQemuTls(join(workDir, 'tls'));
   const links: { name: 'loopback' | 'netns'; shaped?: ShapedLink }[] = [];
   if (values.link !== '1gbit') {
     const problem = await qemuBaselineProblem('loopback');
