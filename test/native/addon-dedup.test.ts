@@ -24,6 +24,23 @@ function tmpFile(content: Buffer | number): number {
   return fd;
 }
 
+/** Arguments a call must refuse, the error's class and what its message says. */
+type Rejection = [unknown[], ErrorConstructor, RegExp];
+
+/** Each case's arguments make the addon's `fn` throw that class of error with that message. */
+function expectRejections(fn: string, cases: readonly Rejection[]): void {
+  for (const [args, type, message] of cases) {
+    let caught: unknown;
+    try {
+      loose[fn]!(...args);
+    } catch (err) {
+      caught = err;
+    }
+    expect(caught, String(message)).toBeInstanceOf(type);
+    expect((caught as Error).message).toMatch(message);
+  }
+}
+
 function readAll(fd: number, length: number): Buffer {
   const buf = Buffer.alloc(length);
   let done = 0;
@@ -361,7 +378,7 @@ describe('regionCopyPages', () => {
     const trackedBefore = await native.regionDigest(dst, 'tracked');
     const fps = (n: number) => new Uint8Array(16 * n);
 
-    const cases: Array<[unknown[], ErrorConstructor, RegExp]> = [
+    const cases: Rejection[] = [
       [[readOnly, 0, src, 0, 1, null, null], Error, /dst is mapped read-only/],
       [[dst, 0, smallPages, 0, 1, null, null], RangeError, /dst has 4096-byte pages but src has 512-byte pages/],
       [[smallPages, 0, dst, 0, 1, null, null], RangeError, /dst has 512-byte pages but src has 4096-byte pages/],
@@ -383,16 +400,7 @@ describe('regionCopyPages', () => {
       [[{}, 0, src, 0, 1, null, null], TypeError, /dst must be a RegionHandle/],
       [[dst, 0, 'src', 0, 1, null, null], TypeError, /src must be a RegionHandle/],
     ];
-    for (const [args, type, message] of cases) {
-      let caught: unknown;
-      try {
-        loose.regionCopyPages!(...args);
-      } catch (err) {
-        caught = err;
-      }
-      expect(caught, String(message)).toBeInstanceOf(type);
-      expect((caught as Error).message).toMatch(message);
-    }
+    expectRejections('regionCopyPages', cases);
     expect(readAll(dstFd, dstContent.length).equals(dstContent)).toBe(true);
     expect((await native.regionDigest(dst, 'tracked')).equals(trackedBefore)).toBe(true);
 
@@ -550,7 +558,7 @@ describe('regionApplyRefs', () => {
     const data = buildPages(1, ps, 73);
     const frame = (...rest: number[]) => Uint32Array.of(ENTRY_DATA, 0, 1, ...rest);
     const room = new Uint32Array(3 * pages);
-    const cases: Array<[unknown[], ErrorConstructor, RegExp]> = [
+    const cases: Rejection[] = [
       [[dst, frame(9, 1, 1), 2, data, new Uint32Array(0), [], [], room], RangeError, /entry 1 has an unknown kind \(9\)/],
       [[dst, frame(ENTRY_REF, 1, 0), 2, data, Uint32Array.of(0, 0), [src], [null], room], RangeError, /entry 1 .* is empty or outside/],
       [[dst, frame(ENTRY_ZERO, pages - 1, 2), 2, data, new Uint32Array(0), [], [], room], RangeError, /outside dst's 64 pages/],
@@ -566,16 +574,7 @@ describe('regionApplyRefs', () => {
       [[dst, frame(), 2, data, new Uint32Array(0), [], [], room], RangeError, /entryCount/],
       [[src, frame(), 1, data, new Uint32Array(0), [], [], room], Error, /dst is mapped read-only/],
     ];
-    for (const [args, type, message] of cases) {
-      let caught: unknown;
-      try {
-        loose.regionApplyRefs!(...args);
-      } catch (err) {
-        caught = err;
-      }
-      expect(caught, String(message)).toBeInstanceOf(type);
-      expect((caught as Error).message).toMatch(message);
-    }
+    expectRejections('regionApplyRefs', cases);
     expect(readAll(dstFd, dstContent.length).equals(dstContent)).toBe(true);
     expect((await native.regionDigest(dst, 'tracked')).equals(trackedBefore)).toBe(true);
   });
@@ -617,7 +616,7 @@ describe('regionFingerprints', () => {
     const fd = tmpFile(16 * ps);
     const region = mapFd(fd, 16 * ps, ps, { writable: true });
     const out = new Uint8Array(16 * 16).fill(0xee);
-    const cases: Array<[unknown[], ErrorConstructor, RegExp]> = [
+    const cases: Rejection[] = [
       [[region, 10, 7, out], RangeError, /pages \[10, 17\) are outside the region of 16 pages/],
       [[region, 16, 1, out], RangeError, /outside the region/],
       [[region, 17, 0, out], RangeError, /outside the region/],
@@ -628,16 +627,7 @@ describe('regionFingerprints', () => {
       [[region, 0, 4, new Uint32Array(16)], TypeError, /out must be a Uint8Array/],
       [[{}, 0, 4, out], TypeError, /region must be a RegionHandle/],
     ];
-    for (const [args, type, message] of cases) {
-      let caught: unknown;
-      try {
-        loose.regionFingerprints!(...args);
-      } catch (err) {
-        caught = err;
-      }
-      expect(caught, String(message)).toBeInstanceOf(type);
-      expect((caught as Error).message).toMatch(message);
-    }
+    expectRejections('regionFingerprints', cases);
     expect(out.every((b) => b === 0xee)).toBe(true);
     closeRegion(region);
     expect(() => native.regionFingerprints(region, 0, 1, out)).toThrow(/^region is closed$/);
