@@ -44,6 +44,22 @@ typedef struct {
 } copy_buf_t;
 
 /*
+ * One page read from src page s for dst page d: false when its fingerprint differs from
+ * expect (16 bytes, or NULL: not checked); else dst's tracked fingerprint of d becomes the
+ * hash of the bytes (computed with need_hash) or src's tracked one, and it is to be written.
+ */
+static bool take_page(region_t *dst, uint64_t d, const region_t *src, uint64_t s, const uint8_t *page,
+                      const uint8_t *expect, bool need_hash) {
+  XXH128_canonical_t h;
+  if (need_hash) page_hash(&h, page, dst->page_size);
+  if (expect && memcmp(&h, expect, 16) != 0) return false;
+  /* The hash of the bytes written, when computed, over src's fingerprint: they differ only
+   * if src's file changed behind its tracking. */
+  if (dst->track) dst->hashes[d] = need_hash ? h : src->hashes[s];
+  return true;
+}
+
+/*
  * Copies pages [src_first, +count) of src to [dst_first, +count) of dst, with the result of
  * copying single pages in order, i = 0..count-1. Between ranges of one file that overlap,
  * that is not a memmove: with dst_first > src_first a later page reads what an earlier step
@@ -94,17 +110,9 @@ static int copy_pages(region_t *dst, uint64_t dst_first, region_t *src, uint64_t
     size_t from = 0;
     for (size_t k = 0; k <= n; k++) {
       bool write_now = k == n;
-      if (k < n) {
-        XXH128_canonical_t h;
-        if (need_hash) page_hash(&h, bytes + k * ps, ps);
-        if (expect && memcmp(&h, expect + (done + k) * 16, 16) != 0) {
-          mismatches[(*mismatch_count)++] = (uint32_t)(done + k);
-          write_now = true;
-        } else if (dst->track) {
-          /* The hash of the bytes written, when computed, over src's fingerprint: they
-           * differ only if src's file changed behind its tracking. */
-          dst->hashes[d + k] = need_hash ? h : src->hashes[s + k];
-        }
+      if (k < n && !take_page(dst, d + k, src, s + k, bytes + k * ps, expect ? expect + (done + k) * 16 : NULL, need_hash)) {
+        mismatches[(*mismatch_count)++] = (uint32_t)(done + k);
+        write_now = true;
       }
       if (!write_now) continue;
       if (k > from) {
@@ -235,13 +243,10 @@ static int stage_ref(region_t *dst, uint64_t dst_first, region_t *src, uint64_t 
       *at = s * ps;
       return COPY_READ;
     }
-    XXH128_canonical_t h;
-    if (need_hash) page_hash(&h, slot, ps);
-    if (expect && memcmp(&h, expect + k * 16, 16) != 0) {
+    if (!take_page(dst, d, src, s, slot, expect ? expect + k * 16 : NULL, need_hash)) {
       mismatches[(*mismatch_count)++] = (uint32_t)k;
       continue; /* not staged: the next page starts a stretch of its own */
     }
-    if (dst->track) dst->hashes[d] = need_hash ? h : src->hashes[s];
     st->count++;
   }
   return COPY_OK;
