@@ -22,6 +22,7 @@ import { Frame } from '../../protocol/index.js';
 import { Attacker, offerOf } from '../helpers/attacker.js';
 import { Channel } from '../../agent/peer/channel.js';
 import { builtAgent, Cluster, shmFilesOf, uniqueName } from '../helpers/cluster.js';
+import { mountTmpfs } from '../helpers/tmpfs.js';
 import { waitFor, waitForAsync } from '../helpers/wait.js';
 
 const MiB = 1024 * 1024;
@@ -378,9 +379,8 @@ describe.skipIf(!builtAgent)('a peer gets only what it is owed', () => {
 
   describe.skipIf(!canPostcopy)('memoryDir space is reserved across offers (root: a small tmpfs)', () => {
     it('refuses a post-copy offer whose sparse file the accepted ones have already promised away', async () => {
-      const mount = makeTempDir('gangway-tmpfs-');
-      const { execa } = await import('execa');
-      await execa('mount', ['-t', 'tmpfs', '-o', 'size=64m,mode=0700', 'gangway-test', mount]);
+      const tmpfs = await mountTmpfs(64);
+      const mount = tmpfs.path;
       try {
         cluster = new Cluster();
         const b = await cluster.agent('b', ['--memory-dir', mount], { GANGWAY_PEERS_MEMORY_HEADROOM: '8MiB' });
@@ -402,8 +402,7 @@ describe.skipIf(!builtAgent)('a peer gets only what it is owed', () => {
         await cluster.cleanup();
         cluster = undefined;
       } finally {
-        await execa('umount', [mount], { reject: false });
-        rmSync(mount, { recursive: true, force: true });
+        await tmpfs.remove();
       }
     });
   });

@@ -10,10 +10,10 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { describe, expect, it } from 'vitest';
 import { waitForGuestProgress } from '../../agent/cli/demo.js';
-import { makeTempDir } from '../../agent/local-agent.js';
 import { loadNative } from '../../agent/native.js';
 import { cleanupsAfterEach } from '../helpers/cleanups.js';
 import { builtAgent, Cluster, uniqueName } from '../helpers/cluster.js';
+import { mountTmpfs } from '../helpers/tmpfs.js';
 
 const reason = !builtAgent ? 'the agent is not built' : process.getuid?.() !== 0 ? 'needs root (a tmpfs)' : !loadNative().uffdProbe() ? 'no userfaultfd here' : undefined;
 
@@ -21,10 +21,9 @@ describe.skipIf(reason !== undefined)(`post-copy into a memory directory that fi
   const cleanups = cleanupsAfterEach();
 
   it('the guest waits on its pages while the directory is full, and completes once room is made', async () => {
-    const mount = makeTempDir('gangway-pcfull-');
-    cleanups.push(() => rmSync(mount, { recursive: true, force: true }));
-    await execa('mount', ['-t', 'tmpfs', '-o', 'size=128m,mode=0700', 'gangway-test', mount]);
-    cleanups.push(() => execa('umount', [mount], { reject: false }));
+    const tmpfs = await mountTmpfs(128);
+    cleanups.push(tmpfs.remove);
+    const mount = tmpfs.path;
     const cluster = new Cluster();
     cleanups.push(() => cluster.cleanup());
     const a = await cluster.agent('a');
