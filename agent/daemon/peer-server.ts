@@ -16,7 +16,7 @@ import { Slots } from '../migration/flow.js';
 import { loadNative } from '../native.js';
 import { Channel, CHANNEL_PREAMBLE, socketFdOf, type ChannelHelloIn } from '../peer/channel.js';
 import { PeerSession, type GroupFrame, type OfferFrame, type SessionOptions, type TrafficReport } from '../peer/session.js';
-import { describeTlsError, identityOfPeer, isLoopbackHost, REFUSAL_HEADER, refusePeer, type Refusal, type TlsMaterial } from '../peer/tls.js';
+import { describeTlsError, identityOfPeer, isLoopbackHost, PEER_TLS_PROTOCOL, REFUSAL_HEADER, refusePeer, type Refusal, type TlsMaterial } from '../peer/tls.js';
 
 /** What the migrations of one incoming session share: its dedup groups and its decompression slots. */
 export interface SessionShare {
@@ -104,7 +104,7 @@ export class PeerServer {
       else res.writeHead(426, { 'content-type': 'text/plain' }).end('gangway peer port: WebSocket only\n');
     };
     const server: Server = tls
-      ? createHttpsServer({ cert: tls.cert, key: tls.key, ca: tls.ca, requestCert: true, rejectUnauthorized: false, handshakeTimeout: limits.handshakeTimeoutMs }, onRequest)
+      ? createHttpsServer({ ...PEER_TLS_PROTOCOL, cert: tls.cert, key: tls.key, ca: tls.ca, requestCert: true, rejectUnauthorized: false, handshakeTimeout: limits.handshakeTimeoutMs }, onRequest)
       : createServer(onRequest);
     server.on(tls ? 'secureConnection' : 'connection', armUpgradeTimer);
     if (tls) {

@@ -13,7 +13,7 @@ import { encodeFrame, Frame, FrameDecoder, type FrameOf } from '../../protocol/i
 import { ErrorCode, GangwayError, PeerError, ProtocolCloseCode, ProtocolError } from '../../protocol/errors.js';
 import { PROTOCOL_VERSION } from '../../protocol/limits.js';
 import { agentIdOf, describeIdentity, type CertIdentity } from './allowlist.js';
-import { allowlistRefusal, clientConnectError, identityOfPeer, REFUSAL_HEADER, serverNotAllowed, type TlsMaterial } from './tls.js';
+import { allowlistRefusal, clientConnectError, identityOfPeer, PEER_TLS_PROTOCOL, REFUSAL_HEADER, serverNotAllowed, type TlsMaterial } from './tls.js';
 import { GANGWAY_VERSION } from '../version.js';
 import { emptyCodecMemory, type CodecMemory } from '../migration/codec-chooser.js';
 
@@ -514,6 +514,7 @@ export function connectPeer(address: string, options: ConnectOptions): Promise<P
     // with the browser-style signature, so the TLS options are typed as node:tls's own.
     const tlsOptions: ConnectionOptions = tls
       ? {
+          ...PEER_TLS_PROTOCOL,
           cert: tls.cert,
           key: tls.key,
           ca: tls.ca,

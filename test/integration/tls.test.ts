@@ -62,6 +62,20 @@ describe.skipIf(!builtAgent)('mutual TLS between agents', () => {
     expect((await b.status()).guests.map((g) => g.name)).toContain(run.name);
   });
 
+  it('speaks TLS 1.3 only: openssl s_client gets in with 1.3 and is refused with 1.2', async () => {
+    cluster = new Cluster();
+    const b = await cluster.agent('b', [], undefined, tls('host-b', ['host-a']));
+    const client = (version: string) =>
+      execa('openssl', ['s_client', '-connect', b.listen, version, '-cert', certs['host-a']!.certPath, '-key', certs['host-a']!.keyPath, '-CAfile', join(dir, 'ca', 'ca.crt')], { input: '', reject: false, timeout: 20_000 });
+    const tls13 = await client('-tls1_3');
+    expect(tls13.stdout).toMatch(/New, TLSv1\.3, Cipher is TLS_/);
+    expect(tls13.stdout).toMatch(/Verify return code: 0 \(ok\)/);
+    const tls12 = await client('-tls1_2');
+    expect(tls12.exitCode).not.toBe(0);
+    expect(tls12.stderr).toMatch(/protocol version/i);
+    expect(tls12.stdout).toMatch(/Cipher is \(NONE\)/);
+  });
+
   it('migrates a guest over wss between listed peers (by CN and by fingerprint), verified', async () => {
     cluster = new Cluster();
     const a = await cluster.agent('a', [], undefined, tls('host-a', ['host-b']));
