@@ -511,7 +511,6 @@ export async function precopyRounds(
         wireBytesSent: sender.totals.wireBytes,
         limits: { maxRounds: options.maxRounds, maxWireBytes: options.maxWireBytes },
         roundPages: record.guestBytes / unitBytes,
-        overlapMs: digestMs,
       });
     let decision = decide(pending);
     if (decision.action === 'stop' && options.gate && !releaseGate.held) {
