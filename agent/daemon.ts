@@ -49,7 +49,7 @@ import { GANGWAY_VERSION, PROTOCOL_VERSION } from './version.js';
  * What this agent offers in its hello; a feature is used when both sides list it. 'postcopy'
  * only where the guest's memory can take userfaultfd.
  */
-const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'dedup-committed', 'repair', 'traffic', 'channels', ...(loadNative().uffdProbe() ? ['postcopy'] : [])];
+const AGENT_FEATURES = ['lz4', 'precopy', 'dedup', 'dedup-committed', 'repair', 'traffic', 'channels', 'standby-ready', ...(loadNative().uffdProbe() ? ['postcopy'] : [])];
 
 export interface AgentConfig {
   listenHost: string;

@@ -46,6 +46,11 @@ export const FrameType = {
   migrationQuery: 27,
   /** Destination: the answer (Whereabouts). */
   migrationAnswer: 28,
+  /**
+   * Destination (feature 'standby-ready'): the guest it started for the migration can take
+   * its device state and run; the source pauses its guest only after this.
+   */
+  standbyReady: 29,
 } as const;
 export type FrameType = (typeof FrameType)[keyof typeof FrameType];
 export type FrameTypeName = Exclude<keyof typeof FrameType, 'invalid'>;

@@ -108,6 +108,7 @@ export function exampleFrames(): Frame[] {
     Frame.reattach({ migrationId: id, secret: bytes(MIGRATION_SECRET_BYTES, 11) }),
     Frame.migrationQuery({ migrationId: id }),
     Frame.migrationAnswer({ migrationId: id, whereabouts: Whereabouts.running }),
+    Frame.standbyReady({ migrationId: id }),
     Frame.verified({
       migrationId: id,
       match: true,
@@ -222,5 +223,6 @@ export function largestFrames(): Frame[] {
     Frame.reattach({ migrationId: longId, secret: bytes(MIGRATION_SECRET_BYTES, 255) }),
     Frame.migrationQuery({ migrationId: longId }),
     Frame.migrationAnswer({ migrationId: longId, whereabouts: Whereabouts.stranded }),
+    Frame.standbyReady({ migrationId: longId }),
   ];
 }

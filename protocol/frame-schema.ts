@@ -268,6 +268,8 @@ const readers: Readers = {
 
   pause: (r) => ({ type: 'pause', migrationId: readMigrationId(r) }),
 
+  standbyReady: (r) => ({ type: 'standbyReady', migrationId: readMigrationId(r) }),
+
   deviceState(r, context) {
     const migrationId = readMigrationId(r);
     const offsetBytes = r.integer('offsetBytes', 0, MAX_DEVICE_STATE_TOTAL_BYTES);

@@ -322,6 +322,18 @@ export interface MigrationQueryFrame {
   migrationId: string;
 }
 
+/**
+ * Destination, when both hellos list 'standby-ready': the standby guest it started for the
+ * migration is up and can take its device state (a QEMU: its QMP answers and its incoming
+ * migration listens). The source's switchover waits for it, so that the guest's start
+ * there never waits on the standby's own (a QEMU's took 40-70 ms, inside a post-copy's
+ * downtime when the source paused right after the accept).
+ */
+export interface StandbyReadyFrame {
+  type: 'standbyReady';
+  migrationId: string;
+}
+
 /** Destination: the answer to a migrationQuery. */
 export interface MigrationAnswerFrame {
   type: 'migrationAnswer';
@@ -357,7 +369,8 @@ export type Frame =
   | FetchFrame
   | ReattachFrame
   | MigrationQueryFrame
-  | MigrationAnswerFrame;
+  | MigrationAnswerFrame
+  | StandbyReadyFrame;
 
 /** The frame of a given type name: FrameOf<'pages'> is PagesFrame. */
 export type FrameOf<T extends FrameTypeName> = Extract<Frame, { type: T }>;
@@ -399,4 +412,5 @@ export const Frame = {
   reattach: (fields: Fields<ReattachFrame>): ReattachFrame => ({ type: 'reattach', ...fields }),
   migrationQuery: (fields: Fields<MigrationQueryFrame>): MigrationQueryFrame => ({ type: 'migrationQuery', ...fields }),
   migrationAnswer: (fields: Fields<MigrationAnswerFrame>): MigrationAnswerFrame => ({ type: 'migrationAnswer', ...fields }),
+  standbyReady: (fields: Fields<StandbyReadyFrame>): StandbyReadyFrame => ({ type: 'standbyReady', ...fields }),
 } as const;

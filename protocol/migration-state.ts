@@ -131,6 +131,7 @@ export type ReceivedEvent =
         | 'reattach'
         | 'migrationQuery'
         | 'migrationAnswer'
+        | 'standbyReady'
         | 'trafficQuery'
         | 'trafficReport';
     };
@@ -179,6 +180,7 @@ export const MigrationEventType = [
   'reattach',
   'migrationQuery',
   'migrationAnswer',
+  'standbyReady',
   'trafficQuery',
   'trafficReport',
   'sentAccept',
@@ -273,7 +275,8 @@ export function transition(state: MigrationState, event: MigrationEvent): Migrat
       return phase === 'committing' ? to('committed') : outOfOrder();
     default:
       // A second offer for the same id, session and group frames (hello, error, dedup*, traffic*),
-      // and frames only a destination sends (accept, reject, verified, committed, credit, want).
+      // and frames only a destination sends (accept, reject, verified, committed, credit, want,
+      // standbyReady).
       return outOfOrder();
   }
 }

@@ -149,6 +149,11 @@ export interface StandbyGuest {
   pid: number;
   /** Resolves with the time (performance.now()) the guest runs. */
   running: Promise<number>;
+  /**
+   * Resolves once the guest can take its device state and run (a QEMU: its QMP answers and
+   * its incoming migration listens); rejects if it cannot. Undefined: ready once started.
+   */
+  ready?: Promise<void>;
   /** Lets the guest take its memory and run. */
   go(): void;
   /** The guest ends without touching its memory: the migration did not come through. */
@@ -197,6 +202,11 @@ export interface GuestLauncher {
    * qemu-standby-ram.test.ts), so the check's fingerprints of the pages as written stand.
    */
   readonly loadsDeviceStateBeforeCheck?: boolean;
+  /**
+   * A standby of this kind hands over its userfaultfds (post-copy) as it starts, not when it
+   * is told to go: the destination receives them then, outside the downtime.
+   */
+  readonly handsOverMemoryAtStart?: boolean;
   /** The kind's part of the record of a guest that arrived here, once its memory is complete enough to read. */
   recordPart(files: GuestFiles, guest: GuestSpec): KindRecord;
   /**

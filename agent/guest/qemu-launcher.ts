@@ -113,6 +113,7 @@ class QemuStandby implements StandbyGuest {
   readonly pid: number;
   readonly running: Promise<number>;
   readonly exited: Promise<number | null>;
+  readonly ready: Promise<void>;
   private resolveRunning!: (at: number) => void;
   private rejectRunning!: (err: Error) => void;
   private qmpP: Promise<QmpClient> | undefined;
@@ -144,6 +145,8 @@ class QemuStandby implements StandbyGuest {
     // It listens for its device state from as soon as it is up, not from the switchover on.
     this.armed = this.qmp().then((qmp) => armQemuIncoming(qmp, vmStateSockets(files.qmpSocketPath!).in));
     this.armed.catch(() => {});
+    this.ready = this.armed.then(() => {});
+    this.ready.catch(() => {});
   }
 
   /** The incoming migration of its device state, listening (armQemuIncoming). */
@@ -211,6 +214,8 @@ export function qemuLauncher(settings: QemuSettings, log?: Logger): GuestLaunche
   return {
     kind: 'qemu',
     loadsDeviceStateBeforeCheck: true,
+    // QEMU maps its RAM as it starts, and the shim sends each mapping's userfaultfd then.
+    handsOverMemoryAtStart: true,
     checkOffer(guest) {
       const result = vmSpecOfOffer(guest, settings);
       return 'problem' in result ? result.problem : undefined;

@@ -26,6 +26,12 @@ import { LatencySamples, sendMissing } from './postcopy.js';
 
 /** How long a guest waits for a source that went away, or for room in a full memory directory, without a setting. */
 const DEFAULT_REATTACH_WINDOW_MS = 10 * 60_000;
+/** How long the guest may take to hand over its memory, from the switch (or from its start, for a kind that sends it then). */
+const HANDOVER_TIMEOUT_MS = 30_000;
+const HANDOVER_AT_START_TIMEOUT_MS = 60_000;
+
+/** A memory region's userfaultfd, as the guest's shim sent it. */
+type UffdHandover = Awaited<ReturnType<NativeAddon['uffdReceive']>>;
 /** Retries of a frame the full memory directory refused: the first after this, then doubling up to the max. */
 const NO_SPACE_FIRST_DELAY_MS = 100;
 const NO_SPACE_MAX_DELAY_MS = 2_000;
@@ -68,6 +74,8 @@ export interface DestinationPostcopyContext {
 export class DestinationPostcopy implements PostcopyInstall {
   /** The agent's end of the socket the guest sends its userfaultfd over. */
   private uffdSocket = -1;
+  /** The guest's userfaultfds (one per memory region), being received or received, until the start attaches them. */
+  private handover: Promise<UffdHandover[]> | undefined;
   /** The pages of each region the source says are missing here, as its postcopy frames bring them. */
   private missingIn: PageSet[] | undefined;
   /** A receiver per region, once the guest started here. */
@@ -123,6 +131,37 @@ export class DestinationPostcopy implements PostcopyInstall {
     const [agentEnd, guestEnd] = this.ctx.native.socketPair();
     this.uffdSocket = agentEnd;
     return guestEnd;
+  }
+
+  /**
+   * Receives the guest's userfaultfds now rather than at the switch, for a standby that
+   * sends them as it starts (QEMU). Received at the switch, on the thread pool beside the
+   * final round's work, they came 2-22 ms after the switch frame, and the device state's
+   * load, whose first touch of the guest's RAM faults, waited on them inside the downtime.
+   */
+  receiveHandoverNow(): void {
+    this.handover ??= this.receiveHandover(HANDOVER_AT_START_TIMEOUT_MS);
+    this.handover.catch(() => {});
+  }
+
+  /** The userfaultfd of each memory region (a disk has none), as the guest's shim sends them. */
+  private async receiveHandover(timeoutMs: number): Promise<UffdHandover[]> {
+    const { ctx } = this;
+    const expected = ctx.regions().filter((_, index) => !ctx.disk(index)).length;
+    const got: UffdHandover[] = [];
+    try {
+      while (got.length < expected) {
+        got.push(
+          await ctx.native.uffdReceive(this.uffdSocket, timeoutMs).catch((err: Error) => {
+            throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy (${got.length} of ${expected} regions): ${err.message}`);
+          }),
+        );
+      }
+    } catch (err) {
+      for (const handover of got) closeSync(handover.uffd);
+      throw err;
+    }
+    return got;
   }
 
   /** A postcopy frame: pages of `region` the guest lacks here. */
@@ -202,8 +241,6 @@ export class DestinationPostcopy implements PostcopyInstall {
       // The guest died during post-copy: nothing is left to receive.
       return new PostcopyReceiver(region, missing[index]!, sendFetch, () => ctx.finish('stranded', 'the guest exited during post-copy'), ctx.log, ctx.metrics, latency);
     });
-    // The guest's shim hands over a userfaultfd for each memory region (a disk has none).
-    const memoryReceivers = receivers.filter((receiver) => receiver instanceof PostcopyReceiver).length;
     try {
       for (const [index, region] of ctx.regions().entries()) {
         ctx.native.punchHoles(region.fd, missing[index]!, region.pageSizeBytes);
@@ -222,14 +259,14 @@ export class DestinationPostcopy implements PostcopyInstall {
       // after go(), QEMU when it starts (before its device state loads, which may touch RAM
       // and fault). So faults are served from the moment each one arrives.
       const handedOver = (async () => {
-        for (let received = 0; received < memoryReceivers; received++) {
-          const got = await ctx.native.uffdReceive(this.uffdSocket, 30_000).catch((err: Error) => {
-            throw new GangwayError(ErrorCode.GUEST_FAILED, `the guest did not hand over its memory for post-copy (${received} of ${memoryReceivers} regions): ${err.message}`);
-          });
+        const handover = this.handover ?? this.receiveHandover(HANDOVER_TIMEOUT_MS);
+        this.handover = undefined;
+        const all = await handover;
+        for (const [at, got] of all.entries()) {
           const receiver = receivers[got.region];
           const region = ctx.regions()[got.region];
           if (!(receiver instanceof PostcopyReceiver) || !region || receiver.attached || got.length !== region.lengthBytes) {
-            closeSync(got.uffd);
+            for (const unused of all.slice(at)) closeSync(unused.uffd);
             throw new GangwayError(
               ErrorCode.GUEST_FAILED,
               `the guest registered ${got.length} bytes of region ${got.region} for post-copy; its ${receivers.length} regions are ${ctx.regions().map((r) => r.lengthBytes).join(', ')} bytes${receiver?.attached ? ' (that region twice)' : ''}`,
@@ -245,6 +282,7 @@ export class DestinationPostcopy implements PostcopyInstall {
       })();
       handedOver.catch(() => {});
       await ctx.loadDeviceState(standby);
+      t.loaded = performance.now();
       standby.go();
       await handedOver;
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
@@ -363,11 +401,29 @@ export class DestinationPostcopy implements PostcopyInstall {
   close(): void {
     this.closed = true;
     clearTimeout(this.detachedTimer);
-    if (this.uffdSocket >= 0) {
+    const socket = this.uffdSocket;
+    this.uffdSocket = -1;
+    const closeSocket = () => {
+      if (socket < 0) return;
       try {
-        closeSync(this.uffdSocket);
+        closeSync(socket);
       } catch {}
-      this.uffdSocket = -1;
+    };
+    // A handover received early and never attached (the migration ended before its switch):
+    // its descriptors are closed, and the socket once the receive is over (a receive on the
+    // thread pool polls it; the standby's end closes with the standby).
+    const handover = this.handover;
+    this.handover = undefined;
+    if (handover) {
+      handover.then(
+        (all) => {
+          for (const unused of all) closeSync(unused.uffd);
+          closeSocket();
+        },
+        closeSocket,
+      );
+    } else {
+      closeSocket();
     }
     for (const receiver of this.receivers ?? []) receiver.close();
   }

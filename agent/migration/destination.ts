@@ -315,6 +315,7 @@ export class DestinationMigration implements FrameHandler {
       } finally {
         closeSync(guestEnd);
       }
+      if (this.launcher.handsOverMemoryAtStart) this.postcopy.receiveHandoverNow();
     }
     // A standby guest that dies (a QEMU that failed to start, or was killed) ends the
     // migration before the switchover: the source's guest runs on there.
@@ -324,6 +325,21 @@ export class DestinationMigration implements FrameHandler {
       this.log.error({ pid: standby.pid, code, log: this.files.logPath }, "the destination's standby guest exited before the switchover");
       this.refuse(ErrorCode.GUEST_FAILED, `the guest's ${this.launcher.kind} process at the destination exited (${code === null ? 'killed' : `code ${code}`}) before the switchover`);
     });
+    // A source that waits for it before pausing its guest hears when the standby is up (after
+    // the accept: prepare() runs before it is sent, and this answers no sooner than a tick
+    // later), or that it will not be: the migration is refused, and the guest runs on there.
+    if (this.session.peer?.features.includes('standby-ready')) {
+      (standby.ready ?? Promise.resolve()).then(
+        () => {
+          if (!this.finished && this.session.isOpen) this.session.send(Frame.standbyReady({ migrationId: this.offer.migrationId }));
+        },
+        (err: Error) => {
+          if (this.finished || this.switching) return;
+          this.log.error({ pid: standby.pid, err: err.message, log: this.files.logPath }, "the destination's standby guest did not come up");
+          this.refuse(ErrorCode.GUEST_FAILED, `the guest's ${this.launcher.kind} process at the destination did not come up: ${err.message}`);
+        },
+      );
+    }
   }
 
   private joinGroup(group: DestinationGroup, slots: number[]): void {

@@ -230,6 +230,11 @@ export interface SourceRun {
   readonly emitProgress: (progress: MigrationProgress) => void;
   /** What the operator asked for while it runs (mid-flight.ts). */
   readonly controls: MidFlightControls;
+  /**
+   * Resolves once the destination says its standby guest is up ('standby-ready'); no
+   * switchover pauses the guest before. Undefined: a destination that does not say so.
+   */
+  standbyReady(): Promise<unknown> | undefined;
   /** The destination's secret for this migration (a reattach presents it). */
   secretBytes(): Uint8Array | undefined;
   /** The same in hex, for the guest's record. */

@@ -33,6 +33,9 @@ import { stopAndCopy } from './switchover.js';
 export type { MigrationProgress, MigrationSummary, RoundRecord, SourceOptions } from './source-types.js';
 export { differingRuns } from './lanes.js';
 
+/** How long a destination may take to start the guest it will run (it refuses the migration if it cannot). */
+const STANDBY_READY_TIMEOUT_MS = 120_000;
+
 export class SourceMigration extends EventEmitter implements FrameHandler {
   /** Emits 'phase' on each transition. */
   readonly state = new SourceStateMachine((phase) => this.emit('phase', phase));
@@ -44,6 +47,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
   private wantedPages = 0;
   /** The destination's secret for this migration (its accept, or the record after a restart). */
   private secret: Uint8Array | undefined;
+  /** The destination's standbyReady, awaited before the pause ('standby-ready'). */
+  private standbyReadyP: Promise<unknown> | undefined;
   /** What the operator changed or asked for while it runs (gangway migrate-set, gangway postcopy). */
   readonly controls = new MidFlightControls();
   /** The pacer of its pages (a gang's shared one, or its own); gangway migrate-set may install one. */
@@ -185,6 +190,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
         this.emit('progress', progress);
       },
       controls: this.controls,
+      standbyReady: () => this.standbyReadyP,
       secretBytes: () => this.secret,
       secretHex: () => (this.secret ? Buffer.from(this.secret).toString('hex') : undefined),
     };
@@ -390,6 +396,11 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
 
     // Offer.
     const acceptP = link.expect('accept', 30_000, 'accept');
+    // A destination that says when its standby guest is up says so soon after its accept
+    // (or refuses the migration): the timeout only bounds one that never does.
+    if (link.session.peer?.features.includes('standby-ready')) {
+      this.standbyReadyP = link.expect('standbyReady', STANDBY_READY_TIMEOUT_MS, 'standbyReady (its standby guest up)');
+    }
     link.send(
       Frame.offer({
         migrationId: options.migrationId,

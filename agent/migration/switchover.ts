@@ -102,6 +102,12 @@ export type PausedPhase = 'paused' | 'postcopy';
 
 export async function pauseForSwitchover(run: SourceRun, gate: { held: (() => void) | undefined }, phase: PausedPhase = 'paused'): Promise<Paused> {
   const { options, guest, link, clock, state } = run;
+  // The destination's standby guest must be up before the guest stops here: a pure
+  // post-copy pauses right after the accept, and a QEMU standby took 40-70 ms to start,
+  // which its device state's load waited out inside the downtime. (Before a gang's gate:
+  // the others need not wait on this one's standby.)
+  const standbyReady = run.standbyReady();
+  if (standbyReady) await link.unlessFailed(standbyReady);
   // Let the destination catch up first, so the downtime does not include writing out a
   // receive window's worth of pre-copy pages (every gang member's window: the gate holds
   // the others back until this switchover is over).

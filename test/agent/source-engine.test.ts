@@ -186,6 +186,32 @@ describe('source engine through the in-memory destination', () => {
     expect(guest.resumes).toBe(1);
   });
 
+  it("with 'standby-ready', the guest pauses only once the destination says its standby is up", async () => {
+    const guest = guestWithContent();
+    // Longer than a pre-copy of this small guest takes to reach its switchover.
+    const destination = new MemoryDestination({ features: ['repair', 'standby-ready'], standbyReady: 400 });
+    const migration = new SourceMigration(guest, destination, options(guest), log);
+    const started = performance.now();
+    const summary = await migration.run();
+    expect(summary.verified).toBe(true);
+    expect(performance.now() - started).toBeGreaterThanOrEqual(400);
+    const pausedAt = destination.frames.indexOf('pause');
+    expect(pausedAt).toBeGreaterThan(0);
+    expect(destination.framesBeforeStandbyReady).toBeDefined();
+    expect(pausedAt).toBeGreaterThanOrEqual(destination.framesBeforeStandbyReady!);
+    // The rounds went on meanwhile: it held back the pause only.
+    expect(destination.framesBeforeStandbyReady!).toBeGreaterThan(2);
+  });
+
+  it("a destination whose standby does not come up ends the migration before the pause, and the guest runs on", async () => {
+    const guest = guestWithContent();
+    const destination = new MemoryDestination({ features: ['repair', 'standby-ready'], standbyReady: 'fails' });
+    const migration = new SourceMigration(guest, destination, options(guest), log);
+    await expect(migration.run()).rejects.toMatchObject({ message: expect.stringMatching(/did not come up/) });
+    expect(guest.pauses).toBe(0);
+    expect(destination.frames).not.toContain('pause');
+  });
+
   it('a sink that fails in the middle of round 0 ends the migration, and the source guest runs on', async () => {
     const guest = guestWithContent();
     const destination = new MemoryDestination({ breakAfterPages: 40 });

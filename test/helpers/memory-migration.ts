@@ -226,6 +226,11 @@ export interface MemoryDestinationOptions {
   breakAfterPages?: number;
   /** The destination refuses the device state (as one over peers.maxDeviceState): it aborts the migration. */
   refuseDeviceState?: boolean;
+  /**
+   * With the feature 'standby-ready': ms after the accept until it says its standby guest is
+   * up (default 0), or 'fails' (it aborts the migration instead, as a standby that did not start).
+   */
+  standbyReady?: number | 'fails';
 }
 
 /**
@@ -244,6 +249,8 @@ export class MemoryDestination implements SourceSession {
   readonly frames: AnyFrame['type'][] = [];
   aborted: FrameOf<'abort'> | undefined;
   committed = false;
+  /** How many frames had come in when this destination sent standbyReady. */
+  framesBeforeStandbyReady: number | undefined;
   private handler: FrameHandler | undefined;
   private readonly decoder: FrameDecoder;
   private readonly creditBytes: number;
@@ -307,6 +314,19 @@ export class MemoryDestination implements SourceSession {
         this.memories = frame.guest.regions.map((region) => Buffer.alloc(region.lengthBytes));
         this.pageSize = frame.guest.regions[0]!.pageSizeBytes;
         this.reply(Frame.accept({ migrationId: frame.migrationId, creditBytes: this.creditBytes, secret: new Uint8Array(32) }));
+        if (this.peer?.features.includes('standby-ready')) {
+          const migrationId = frame.migrationId;
+          const ready = this.options.standbyReady ?? 0;
+          setTimeout(() => {
+            if (!this.isOpen) return;
+            if (ready === 'fails') {
+              this.handler?.onFrame(Frame.abort({ migrationId, code: ErrorCode.GUEST_FAILED, message: "the guest's qemu process at the destination did not come up" }), 0);
+              return;
+            }
+            this.framesBeforeStandbyReady = this.frames.length;
+            this.handler?.onFrame(Frame.standbyReady({ migrationId }), 0);
+          }, ready === 'fails' ? 50 : ready);
+        }
         return;
       case 'pages': {
         // The protocol's own checks of a pages frame, as a destination agent makes them.

@@ -90,7 +90,7 @@ describe('code tables', () => {
       invalid: 0, hello: 1, offer: 2, accept: 3, reject: 4, pages: 5, roundEnd: 6, pause: 7, deviceState: 8,
       verify: 9, verified: 10, commit: 11, committed: 12, abort: 13, credit: 14, error: 15,
       dedupOpen: 16, dedupResident: 17, dedupReady: 18, dedupClose: 19, want: 20, pageFingerprints: 21, postcopy: 22, fetch: 23,
-      trafficQuery: 24, trafficReport: 25, reattach: 26, migrationQuery: 27, migrationAnswer: 28,
+      trafficQuery: 24, trafficReport: 25, reattach: 26, migrationQuery: 27, migrationAnswer: 28, standbyReady: 29,
     });
     expect(Technique).toEqual({ invalid: 0, precopy: 1, postcopy: 2, hybrid: 3 });
     expect(Codec).toEqual({ invalid: 0, raw: 1, lz4: 2 });
@@ -121,7 +121,8 @@ describe('code tables', () => {
     expect(frameTypeName(26)).toBe('reattach');
     expect(frameTypeName(27)).toBe('migrationQuery');
     expect(frameTypeName(28)).toBe('migrationAnswer');
-    expect(frameTypeName(29)).toBeUndefined();
+    expect(frameTypeName(29)).toBe('standbyReady');
+    expect(frameTypeName(30)).toBeUndefined();
     expect(isValidCode(Codec, 1.5)).toBe(false);
     expect(isValidCode(Codec, '1')).toBe(false);
   });
