@@ -403,11 +403,13 @@ export class DestinationPostcopy implements PostcopyInstall {
     clearTimeout(this.detachedTimer);
     const socket = this.uffdSocket;
     this.uffdSocket = -1;
-    const closeSocket = () => {
-      if (socket < 0) return;
+    const closeQuietly = (fd: number) => {
       try {
-        closeSync(socket);
+        closeSync(fd);
       } catch {}
+    };
+    const closeSocket = () => {
+      if (socket >= 0) closeQuietly(socket);
     };
     // A handover received early and never attached (the migration ended before its switch):
     // its descriptors are closed, and the socket once the receive is over (a receive on the
@@ -417,7 +419,7 @@ export class DestinationPostcopy implements PostcopyInstall {
     if (handover) {
       handover.then(
         (all) => {
-          for (const unused of all) closeSync(unused.uffd);
+          for (const unused of all) closeQuietly(unused.uffd);
           closeSocket();
         },
         closeSocket,

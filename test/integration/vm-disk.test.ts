@@ -2,7 +2,7 @@
 // guest (4 KiB blocks, sparse), its dirty blocks come from QEMU's own dirty bitmap read over
 // NBD, and it arrives as a sparse file named at the commit. QEMU runs under TCG.
 import { createHash } from 'node:crypto';
-import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { qemuMissing } from '../../agent/guest/qemu-guest.js';
@@ -215,6 +215,9 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     }
     const destination = how === 'destination' ? await agentNamed('b') : b;
     await waitForAsync('the destination to drop the migration', async () => (await destination.status()).migrations.every((m) => m.state !== 'running'), 30_000);
+    // A hybrid's standby QEMU handed over its RAM's userfaultfd as it started: the agent
+    // closed it with the migration (and its socket once the standby went).
+    if (how === 'cancel-hybrid') await waitForAsync('no userfaultfd left open in the destination agent', async () => userfaultfdsOf(destination.pid) === 0, 10_000);
     // No export socket (a hybrid's) nor anything else of the migration is left in the destination's state directory.
     expect(readdirSync(join(destination.stateDir, 'guests')).filter((f) => !f.endsWith('.json'))).toEqual([]);
     // Nothing arrived at the destination (its file was never named), the source's disk is whole.
@@ -229,6 +232,17 @@ describe.skipIf(skip !== undefined)('VM disks (TCG)', () => {
     expect(fileSha256(join(disksB, file))).toBe(digest);
     expect(await blockLeftovers(destination, 'b', name)).toEqual({ exports: [], bitmaps: [], limited: [], jobs: [] });
   }, 180_000);
+
+  /** How many userfaultfds process `pid` holds open. */
+  function userfaultfdsOf(pid: number): number {
+    return readdirSync(`/proc/${pid}/fd`).filter((fd) => {
+      try {
+        return readlinkSync(`/proc/${pid}/fd/${fd}`) === 'anon_inode:[userfaultfd]';
+      } catch {
+        return false;
+      }
+    }).length;
+  }
 
   /** The kernel's full check of its RAM and its disk, on the agent where the VM runs: no stale page, no stale block, and its disk writes go on. */
   async function kernelFindsNothingStale(agent: Agent, name: string, writing = true): Promise<void> {
