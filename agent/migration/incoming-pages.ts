@@ -122,7 +122,7 @@ export class IncomingPages {
       if (raw.length !== pages.rawBytes) {
         throw new ProtocolError(ErrorCode.DECOMPRESS, `LZ4 payload decompressed to ${raw.length} bytes, expected ${pages.rawBytes}`);
       }
-      if (pages.refs) this.applyWithRefs(pages.region, region, pages.entries, pages.refs, raw);
+      if (pages.refs) this.applyWithRefs(pages.region, region, pages.entries, pages.refs, counts.refPages, raw);
       else this.ctx.native.regionScatter(region.handle, pages.entries, pages.entries.length / 3, raw);
       this.received += counts.dataPages + counts.zeroPages + counts.refPages;
       this.giveCredit(cost);
@@ -135,23 +135,17 @@ export class IncomingPages {
    * fingerprints when the slot is resident). A frame of a gang's round 0 holds thousands of
    * single-page refs, all applied on this agent's event loop: a native call per ref and a
    * scatter per run between them took 4.2-5.5 us a ref page, one call 2.8-3.3. Pages whose
-   * resident source changed are asked for again, before the credit.
+   * resident source changed are asked for again, before the credit. `refPages`: the ref
+   * pages validatePages counted (refs holds REF_WORDS words per ref entry, checked there).
    */
-  private applyWithRefs(regionIndex: number, region: IncomingRegion, entries: Uint32Array, refs: Uint32Array, raw: Uint8Array): void {
+  private applyWithRefs(regionIndex: number, region: IncomingRegion, entries: Uint32Array, refs: Uint32Array, refPages: number, raw: Uint8Array): void {
     const group = this.ctx.group();
     if (!group) throw new ProtocolError(ErrorCode.BAD_PAGES, 'refs in a migration that is not in a dedup group');
     const entryCount = entries.length / 3;
     // Check every ref before writing anything; each slot is one source of the call.
     const sources: GroupSlot[] = [];
     const sourceIndex = new Map<GroupSlot, number>();
-    let refEntries = 0;
-    let refPages = 0;
-    for (let e = 0; e < entryCount; e++) {
-      if (entries[e * 3] !== ENTRY_REF) continue;
-      refEntries++;
-      refPages += entries[e * 3 + 2]!;
-    }
-    const plan = new Uint32Array(2 * refEntries);
+    const plan = new Uint32Array((2 * refs.length) / REF_WORDS);
     for (let e = 0, r = 0; e < entryCount; e++) {
       if (entries[e * 3] !== ENTRY_REF) continue;
       const sourcePage = refs[r * REF_WORDS + 1]!;
