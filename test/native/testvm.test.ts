@@ -341,7 +341,8 @@ describe.skipIf(skipReason !== undefined)(`gangway-testvm under QEMU TCG${skipRe
     expect(guestSec / hostSec).toBeGreaterThan(0.8);
     expect(guestSec / hostSec).toBeLessThan(1.2);
     const pagesPerSec = (later.pagesWritten - first.pagesWritten) / guestSec;
-    expect(pagesPerSec).toBeGreaterThan(512 * 0.85);
+    // Below the knob only as far as a loaded host starves the TCG guest (as testvm-disk's blocks).
+    expect(pagesPerSec).toBeGreaterThan(512 * 0.6);
     expect(pagesPerSec).toBeLessThan(512 * 1.1);
     expect(later.passes).toBeGreaterThanOrEqual(first.passes + 2);
     expect(later.stalePages).toBe(0);
