@@ -236,6 +236,22 @@ static double dmax(double a, double b)
  */
 static sigset_t sleep_mask;
 
+/*
+ * A held signal is waiting (the write loop asks every SIGNAL_LOOK_PAGES pages). A guest that
+ * has fallen behind its rate holds up to 10 ms of credit, and wrote all of it before its next
+ * sleep let a SIGUSR1 in: at 800 MiB/s the pause took 13 ms (median of 30). Asking is one
+ * syscall per 16 pages (64 KiB written).
+ */
+#define SIGNAL_LOOK_PAGES 16
+
+static bool signal_waiting(void)
+{
+	sigset_t pending;
+	if (sigpending(&pending) < 0)
+		return false;
+	return sigismember(&pending, SIGUSR1) || sigismember(&pending, SIGTERM) || sigismember(&pending, SIGINT);
+}
+
 static void sleep_ns(uint64_t ns)
 {
 	struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000ull), .tv_nsec = (long)(ns % 1000000000ull)};
@@ -275,12 +291,22 @@ static void run_loop(struct guest *g)
 		uint64_t now = now_ns();
 		tokens = dmin(cap, tokens + (double)(now - last) * rate);
 		last = now;
+		unsigned written = 0;
+		bool waiting = false;
 		while (tokens >= 1 && !stop_requested) {
 			maybe_pause(g);
 			write_one(g);
 			tokens -= 1;
+			if (++written % SIGNAL_LOOK_PAGES == 0 && signal_waiting()) {
+				waiting = true;
+				break;
+			}
 		}
 		maybe_pause(g);
+		if (waiting) {
+			ppoll(NULL, 0, &(struct timespec){0}, &sleep_mask); /* lets it in: EINTR at once */
+			continue;
+		}
 		double wait = (step - tokens) / rate;
 		sleep_ns((uint64_t)dmin(dmax(wait, 1000), IDLE_SLEEP_NS));
 	}

@@ -773,6 +773,31 @@ describe.skipIf(!built)(built ? 'gangway-guest' : `gangway-guest (skipped: ${gue
       expect(await stopGuest(g)).toBe(0);
     });
 
+    it('pauses within a few writes when it runs behind its rate, not after the credit it holds', async () => {
+      // Asked for 64 GiB/s, the guest is always behind and holds 10 ms of credit: 167,772 pages.
+      // It must look for the signal between writes, not only when the credit is spent.
+      const [a] = [shmPath()];
+      const g = startGuest([
+        'run', '--memory-file', a, '--create', '--memory-bytes', String(16 * MiB), '--hot', '1',
+        '--dirty-rate', String(64 * 1024 * MiB), '--device-state', `${a}.dev`,
+      ]);
+      await g.running;
+      await sleep(100);
+      const after: number[] = [];
+      for (let i = 0; i < 5; i++) {
+        const before = readHeader(a).totalWrites;
+        await pauseForMigration(g);
+        after.push(readHeader(a).totalWrites - before);
+        process.kill(g.pid, 'SIGCONT');
+        await sleep(20);
+      }
+      // 16 pages between looks, plus what it wrote between the read above and the kill
+      // (a preempted test process: 2,000 pages is 10 ms of its writes here).
+      expect(Math.min(...after), `writes after the ask: ${after.join(', ')}`).toBeLessThan(2000);
+      expect(readHeader(a).deviceSaves).toBe(5);
+      expect(await stopGuest(g)).toBe(0);
+    });
+
     it('resumes a file of layout 1 (one region) and upgrades its header in place', async () => {
       const path = shmPath();
       await createGuestFile(path, ['--memory-bytes', String(MiB), '--dirty-rate', String(MiB)]);
