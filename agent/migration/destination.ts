@@ -289,12 +289,19 @@ export class DestinationMigration implements FrameHandler {
       let handle;
       try {
         if (this.postcopy && !disk) fingerprintsFd = this.native.tmpfileCreate(this.ctx.memoryDir, Math.max(1, pageCount * FINGERPRINT_BYTES));
+        // A pure post-copy's memory file is all holes, and a hole there is a page still to
+        // come: none is a zero page already present. Its fresh fingerprints file (all zero
+        // bytes, no page's fingerprint) is kept as it is, so that a zero page arriving before
+        // the switch (an eager one) is written, not skipped as known: left a hole, the
+        // guest's fault on it would find it not missing and fault again, forever.
+        const holesAreMissing = !disk && this.offer.technique === Technique.postcopy && fingerprintsFd !== undefined;
         handle = this.native.regionMap(fd, spec.lengthBytes, spec.pageSizeBytes, {
           writable: true,
           trackHashes: true,
-          initiallyZero: true,
+          initiallyZero: !holesAreMissing,
           ...(disk ? { zeroHoles: true } : {}),
           ...(fingerprintsFd === undefined ? {} : { fingerprintsFd }),
+          ...(holesAreMissing ? { keepFingerprints: true } : {}),
         });
       } catch (err) {
         closeSync(fd);
