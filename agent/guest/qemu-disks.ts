@@ -224,8 +224,10 @@ export class MigratingVm implements SourceGuest {
     await this.vm.prepareDeviceStateSave?.();
   }
 
+  /** The VM's (its memory regions come first); a disk's blocks are fetched as the guest asks. */
   eagerRuns(): Uint32Array[] {
-    return this.regions.map(() => new Uint32Array(0));
+    const vm = this.vm.eagerRuns();
+    return this.regions.map((_, i) => vm[i] ?? new Uint32Array(0));
   }
 
   async discard(): Promise<void> {
