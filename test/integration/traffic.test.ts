@@ -6,7 +6,7 @@
 import { createInterface } from 'node:readline';
 import type { Readable } from 'node:stream';
 import { execa, type ResultPromise } from 'execa';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { createShapedLink, netnsAvailable, type ShapedLink } from '../../bench/netns-link.js';
 import { runner, type Runner } from '../../agent/traffic/exec.js';
 import { AccountingChain } from '../../agent/traffic/iptables.js';
@@ -141,9 +141,14 @@ describe.skipIf(skipReason !== undefined)(`traffic adapters on a shaped link${sk
 
   it('caps migration at 100 Mbit/s, changes it to 200 Mbit/s within a second, and counts every byte', async () => {
     const shaper = new Shaper(runA, link.nsA);
+    const chain = new AccountingChain(runA, 'GANGWAY_ACCT');
+    // Removed also when an expectation below fails: the next test counts what is left.
+    onTestFinished(async () => {
+      await shaper.remove().catch(() => {});
+      await chain.remove().catch(() => {});
+    });
     await shaper.install(CONFIG, { replaceForeign: true });
     expect(await rootQdiscHandles()).toContain('6777:');
-    const chain = new AccountingChain(runA, 'GANGWAY_ACCT');
     await chain.install(
       [
         { comment: 'migration out', match: ['-o', link.nsA, '-p', 'tcp', '--dport', String(PORT)] },
@@ -200,9 +205,11 @@ describe.skipIf(skipReason !== undefined)(`traffic adapters on a shaped link${sk
     // (b) The second rate, from a second after the change to half a second before the sender stopped.
     const after = rateBetween(samples, changedAtMs + 1000, firstByteAtMs! + SEND_MS - 500);
     console.info(`migration class: ${(before / 1e6).toFixed(1)} Mbit/s at ${FIRST_RATE_BITS_PER_SEC / 1e6}, ${(after / 1e6).toFixed(1)} Mbit/s a second after the change to ${SECOND_RATE_BITS_PER_SEC / 1e6}; ${writtenBytes} bytes written, ${counted.get('migration out')?.bytes} counted, ${txDelta} on the veth`);
-    expect(before / (FRAMING * FIRST_RATE_BITS_PER_SEC)).toBeGreaterThan(0.9);
+    // The cap holds from above; from below the rate only shows the class is the one asked
+    // for (a unit slip is 8x or 1000x off): a loaded CI host held the sender to 0.88 of it.
+    expect(before / (FRAMING * FIRST_RATE_BITS_PER_SEC)).toBeGreaterThan(0.75);
     expect(before / (FRAMING * FIRST_RATE_BITS_PER_SEC)).toBeLessThan(1.1);
-    expect(after / (FRAMING * SECOND_RATE_BITS_PER_SEC)).toBeGreaterThan(0.9);
+    expect(after / (FRAMING * SECOND_RATE_BITS_PER_SEC)).toBeGreaterThan(0.75);
     expect(after / (FRAMING * SECOND_RATE_BITS_PER_SEC)).toBeLessThan(1.1);
     expect(stats.migration.rateBitsPerSec).toBe(SECOND_RATE_BITS_PER_SEC);
     expect(stats.migration.ceilBitsPerSec).toBe(SECOND_RATE_BITS_PER_SEC);
