@@ -277,11 +277,12 @@ export class DestinationMigration implements FrameHandler {
 
   private prepare(): void {
     for (const [index, spec] of this.offer.guest.regions.entries()) {
-      // Pure post-copy: a sparse file, every page a hole (missing) until it arrives. A disk
-      // is sparse always: what never arrives is a hole, as it was at the source.
+      // Pure post-copy: a sparse memory file, every page a hole (missing) until it arrives. A
+      // disk is sparse always: what never arrives is a hole, as it was at the source.
       const disk = this.diskRegions.has(index);
+      const holesAreMissing = !disk && this.offer.technique === Technique.postcopy;
       const dir = disk ? dirname(this.regionPaths[index]!) : this.ctx.memoryDir;
-      const fd = this.native.tmpfileCreate(dir, spec.lengthBytes, disk || this.offer.technique === Technique.postcopy);
+      const fd = this.native.tmpfileCreate(dir, spec.lengthBytes, disk || holesAreMissing);
       const pageCount = spec.lengthBytes / spec.pageSizeBytes;
       // Post-copy keeps a memory region's fingerprints in a file of their own: they are the
       // only record of what arrived before the guest wrote over it, and must survive this agent.
@@ -289,12 +290,11 @@ export class DestinationMigration implements FrameHandler {
       let handle;
       try {
         if (this.postcopy && !disk) fingerprintsFd = this.native.tmpfileCreate(this.ctx.memoryDir, Math.max(1, pageCount * FINGERPRINT_BYTES));
-        // A pure post-copy's memory file is all holes, and a hole there is a page still to
-        // come: none is a zero page already present. Its fresh fingerprints file (all zero
-        // bytes, no page's fingerprint) is kept as it is, so that a zero page arriving before
-        // the switch (an eager one) is written, not skipped as known: left a hole, the
-        // guest's fault on it would find it not missing and fault again, forever.
-        const holesAreMissing = !disk && this.offer.technique === Technique.postcopy && fingerprintsFd !== undefined;
+        // Where holes are missing pages, none is a zero page already present: the fresh
+        // fingerprints file (all zero bytes, no page's fingerprint) is kept as it is, so that
+        // a zero page arriving before the switch (an eager one) is written, not skipped as
+        // known: left a hole, the guest's fault on it would find it not missing and fault
+        // again, forever. (Pure post-copy always has this.postcopy, so the file is there.)
         handle = this.native.regionMap(fd, spec.lengthBytes, spec.pageSizeBytes, {
           writable: true,
           trackHashes: true,
