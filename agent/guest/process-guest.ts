@@ -245,6 +245,35 @@ export function processState(pid: number): string | undefined {
   }
 }
 
+/** The kernel's PF_EXITING, in /proc/PID/stat's flags: the task is in do_exit(). */
+const PF_EXITING = 0x4;
+
+/**
+ * Whether a /proc/PID/stat line is a process that runs or can run again: not a zombie (or
+ * dead), and not exiting. A process killed shows 'R' for a while after its memory is gone
+ * (do_exit() tears the mm down before the zombie state), so its tracker and its sockets
+ * fail before its state says it died: PF_EXITING is set first.
+ */
+export function statSaysAlive(stat: string): boolean {
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const state = fields[0];
+  if (state === undefined || state === 'Z' || state === 'X' || state === 'x') return false;
+  // state ppid pgrp session tty_nr tpgid flags
+  const flags = Number(fields[6]);
+  return !Number.isInteger(flags) || (flags & PF_EXITING) === 0;
+}
+
+/** Whether process `pid` exists and is neither a zombie nor exiting (see statSaysAlive). */
+export function processAlive(pid: number): boolean {
+  let stat: string;
+  try {
+    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return false;
+  }
+  return statSaysAlive(stat);
+}
+
 /** pause(): how long it naps between looks at the guest's state (ms), and for how long it does so before looking once a millisecond. */
 const NAP_MS = 0.05;
 const NAP_PHASE_MS = 10;
@@ -292,8 +321,9 @@ export class ProcessGuest implements HostedGuest {
     return readGuestHeader(this.files.memoryPaths[0]!);
   }
 
+  /** Also while it exits: its memory and sockets go before its state says so (see statSaysAlive). */
   gone(): string | undefined {
-    if (this.alive()) return undefined;
+    if (processAlive(this.pid)) return undefined;
     const tail = logTail(this.files.logPath);
     return `the guest process (pid ${this.pid}) exited${tail ? `; its log ends: ${tail}` : ''}`;
   }

@@ -20,7 +20,7 @@ import type { Logger } from '../log.js';
 import { trackShimPath } from '../native.js';
 import type { DirtyTracker } from '../tracker/dirty-tracker.js';
 import type { GuestDetails, GuestRegion, HostedGuest } from './adapter.js';
-import { isAlive, processState, removeGuestFiles, type GuestFiles, type TrackerPreference } from './process-guest.js';
+import { isAlive, processAlive, processState, removeGuestFiles, type GuestFiles, type TrackerPreference } from './process-guest.js';
 import { QmpClient, QmpConnectionError } from './qmp.js';
 import type { MigrationInfo } from './qmp-schema.js';
 import { logTail } from './log-tail.js';
@@ -462,8 +462,7 @@ export class QemuGuest implements HostedGuest {
         return qmp;
       })
       .catch((err: Error) => {
-        const state = processState(this.pid);
-        if (state === undefined || state === 'Z') {
+        if (!processAlive(this.pid)) {
           const tail = logTail(this.files.logPath);
           throw new GangwayError(ErrorCode.GUEST_FAILED, `VM ${this.name}: QEMU (pid ${this.pid}) is gone${tail ? `: ${tail}` : ''}`);
         }
@@ -478,8 +477,9 @@ export class QemuGuest implements HostedGuest {
     return state !== undefined && state !== 'Z';
   }
 
+  /** Also while it exits: its memory and sockets go before its state says so (see statSaysAlive). */
   gone(): string | undefined {
-    if (this.alive()) return undefined;
+    if (processAlive(this.pid)) return undefined;
     const tail = logTail(this.files.logPath);
     return `QEMU (pid ${this.pid}) exited${tail ? `; its log ends: ${tail}` : ' (its log says nothing: killed?)'}`;
   }

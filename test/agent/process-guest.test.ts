@@ -2,13 +2,14 @@
 // that the guest takes only after pause() gave up must not leave it stopped for good once
 // the migration resumed it (nobody would continue it).
 import { randomBytes } from 'node:crypto';
+import { spawn } from 'node:child_process';
 import { existsSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterEach, describe, expect, it } from 'vitest';
 import { readGuestHeader } from '../../agent/guest/guest-header.js';
-import { launchProcessGuest, processState, ProcessGuest, removeGuestFiles, runningAt, type GuestFiles } from '../../agent/guest/process-guest.js';
+import { launchProcessGuest, processAlive, processState, ProcessGuest, removeGuestFiles, runningAt, statSaysAlive, type GuestFiles } from '../../agent/guest/process-guest.js';
 import { guestBinaryPath } from '../../agent/native.js';
 import { waitFor } from '../helpers/wait.js';
 
@@ -92,5 +93,34 @@ describe('runningAt', () => {
     expect(now - at).toBeGreaterThanOrEqual(5);
     expect(now - at).toBeLessThan(50);
     expect(runningAt(process.hrtime.bigint() + 1_000_000_000n)).toBeLessThanOrEqual(performance.now());
+  });
+});
+
+describe('processAlive', () => {
+  const stat = (state: string, flags: number) => `4242 (qemu-system-x86) ${state} 1 4242 4242 0 -1 ${flags} 100 0 0 0`;
+
+  it('reads the state and the PF_EXITING flag of a stat line', () => {
+    expect(statSaysAlive(stat('S', 0x400000))).toBe(true);
+    expect(statSaysAlive(stat('T', 0))).toBe(true);
+    expect(statSaysAlive(stat('R', 0x400004))).toBe(false);
+    expect(statSaysAlive(stat('Z', 0))).toBe(false);
+    expect(statSaysAlive(stat('X', 0))).toBe(false);
+    // A name with spaces and parentheses: the fields count from the last ')'.
+    expect(statSaysAlive('7 (a) b (c)) S 1 7 7 0 -1 4194560 1')).toBe(true);
+  });
+
+  it('a running process is alive; killed, it is not, before its parent reaps it as after', async () => {
+    const child = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1000)'], { stdio: 'ignore' });
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    await waitFor('the child to run', () => processState(child.pid!) === 'S', 10_000);
+    expect(processAlive(child.pid!)).toBe(true);
+    process.kill(child.pid!, 'SIGKILL');
+    // Synchronous: the event loop that would reap the child does not run meanwhile.
+    const deadline = performance.now() + 5_000;
+    while (processAlive(child.pid!) && performance.now() < deadline);
+    expect(['Z', 'R', 'D']).toContain(processState(child.pid!));
+    expect(processAlive(child.pid!)).toBe(false);
+    await exited;
+    expect(processAlive(child.pid!)).toBe(false);
   });
 });
