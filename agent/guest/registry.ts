@@ -8,6 +8,7 @@ import type { HostedGuest } from './adapter.js';
 import { fingerprintsPathOf, guestFilePaths, processState, ProcessGuest, type GuestFiles } from './process-guest.js';
 import { QemuGuest } from './qemu-guest.js';
 import { parseGuestRecord, type GuestRecord } from './record.js';
+import { removeArrivalNote, sweepArrivalNotes, writeArrivalNote } from './arrival-note.js';
 
 export type { GuestRecord } from './record.js';
 
@@ -49,6 +50,8 @@ export class GuestRegistry {
   private readonly dead = new Set<string>();
   /** Records load() could not read, by guest name: that name is refused until a restart. */
   private readonly unreadable = new Map<string, UnreadableRecord>();
+  /** Every file a record load() read names, its guest alive or dead (see sweepArrivalNotes). */
+  private readonly recordedPaths = new Set<string>();
 
   constructor(
     stateDir: string,
@@ -87,6 +90,7 @@ export class GuestRegistry {
         continue;
       }
       const { record } = parsed;
+      for (const path of namedPaths(record)) this.recordedPaths.add(path);
       // A zombie is dead too: its parent (the agent that was killed) can no longer reap it,
       // and where PID 1 does not reap either (a container) it stays one.
       const state = processState(record.pid);
@@ -127,7 +131,8 @@ export class GuestRegistry {
    * Removes the files of the guests directory that no record names, once load() has run:
    * what a guest arriving here left when the previous run of this agent died before its
    * commit (its standby QEMU's sockets, console and log; its memory was an unnamed file and
-   * went with it), and the files of guests found dead, but for their log and console (why
+   * went with it, unless the switchover had named it: then its arrival note names it, see
+   * arrival-note.ts), and the files of guests found dead, but for their log and console (why
    * they died). Returns the files' names. Nothing is
    * removed while a record cannot be read (whose files are whose is not known then), nor
    * while a guest is being created or received (its files are no record's yet).
@@ -136,7 +141,10 @@ export class GuestRegistry {
     if (this.unreadable.size > 0 || this.reserved.size > 0) return [];
     const named = new Set<string>();
     for (const { record } of this.guests.values()) for (const path of guestFilePaths(record.files)) named.add(path);
-    const removed: string[] = [];
+    // What an arrival named and never journaled (it may be in the memory directory or a
+    // disks' directory: the note says which inode each was).
+    const arrivals = sweepArrivalNotes(this.dir, new Set([...named, ...this.recordedPaths]));
+    const removed: string[] = [...arrivals.removed, ...arrivals.unreadable.map((file) => `${file} (an unreadable arrival note)`)];
     for (const file of readdirSync(this.dir)) {
       const path = join(this.dir, file);
       // Records, and a record's write a crash cut short (see load()), are not strays.
@@ -187,6 +195,19 @@ export class GuestRegistry {
     };
     if (kind === 'qemu') return { ...common, qmpSocketPath: join(this.dir, `${suffix}.qmp`), consolePath: join(this.dir, `${name}-${suffix}.console`) };
     return { ...common, deviceStatePath: join(this.dir, `${name}-${suffix}.dev`) };
+  }
+
+  /**
+   * A guest arriving here as `name` (reserved) will name these unnamed files at its
+   * switchover: noted, so that an agent killed before the guest's record is journaled has
+   * them removed at its next start (see arrival-note.ts). arrived() ends the note.
+   */
+  noteArrival(name: string, files: readonly { path: string; fd: number }[]): void {
+    writeArrivalNote(this.dir, name, files);
+  }
+
+  arrived(name: string): void {
+    removeArrivalNote(this.dir, name);
   }
 
   /** Takes a name for a guest about to exist here; throws GUEST_EXISTS if it is taken. */
@@ -263,4 +284,9 @@ export class GuestRegistry {
   list(): { record: GuestRecord; guest: HostedGuest }[] {
     return [...this.guests.values()];
   }
+}
+
+/** Every file a record names: its guest's files, its memory's fingerprints, its disks. */
+function namedPaths(record: GuestRecord): string[] {
+  return [...guestFilePaths(record.files), ...record.files.memoryPaths.map(fingerprintsPathOf), ...(record.files.diskPaths ?? [])];
 }

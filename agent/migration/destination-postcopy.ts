@@ -23,6 +23,7 @@ import { PostcopyReceiver, type PostcopyStats, type RegionReceiver } from './pos
 import type { PostcopyDisk } from './postcopy-disk.js';
 import type { PostcopyInstall } from './incoming-pages.js';
 import { LatencySamples, sendMissing } from './postcopy.js';
+import { faultCrash } from './faults.js';
 
 /** How long a guest waits for a source that went away, or for room in a full memory directory, without a setting. */
 const DEFAULT_REATTACH_WINDOW_MS = 10 * 60_000;
@@ -249,6 +250,7 @@ export class DestinationPostcopy implements PostcopyInstall {
         ctx.linked(index);
       }
       t.linked = performance.now();
+      faultCrash('dest-after-link', ctx.log);
       let attached!: () => void;
       this.attachedP = new Promise((resolve) => (attached = resolve));
       this.startedAt = performance.now();

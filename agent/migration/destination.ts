@@ -310,6 +310,14 @@ export class DestinationMigration implements FrameHandler {
       }
       this.regions.push({ fd, handle, pageCount, pageSizeBytes: spec.pageSizeBytes, lengthBytes: spec.lengthBytes, ...(disk ? { disk } : {}), ...(fingerprintsFd === undefined ? {} : { fingerprintsFd }) });
     }
+    // The files the switchover will name, noted before any can be (see arrival-note.ts).
+    this.ctx.registry.noteArrival(
+      this.offer.guest.name,
+      this.regions.flatMap((region, index) => [
+        { path: this.regionPaths[index]!, fd: region.fd },
+        ...(region.fingerprintsFd === undefined ? [] : [{ path: fingerprintsPathOf(this.regionPaths[index]!), fd: region.fingerprintsFd }]),
+      ]),
+    );
     // A guest started now and blocked until go() makes the resume one step.
     const regionFds = this.regions.map((region) => region.fd);
     if (!this.postcopy) {
@@ -551,6 +559,7 @@ export class DestinationMigration implements FrameHandler {
       // A hybrid that ended by stop-and-copy: its guest's drives are the exports, complete.
       this.disks.openComplete();
       t.closed = performance.now();
+      faultCrash('dest-after-link', this.log);
       // The journal: the record goes in before the guest may run, so that an agent restarted
       // from here on knows it (a guest that never started is dropped as dead on load).
       this.ctx.registry.add(this.guestRecord(standby.pid));
@@ -717,6 +726,8 @@ export class DestinationMigration implements FrameHandler {
     } else {
       this.closePostcopy();
     }
+    // Its files are named by its record now, or gone.
+    this.ctx.registry.arrived(this.offer.guest.name);
     this.resolveDone({
       migrationId: this.offer.migrationId,
       guest: this.offer.guest.name,
@@ -771,6 +782,7 @@ export class DestinationMigration implements FrameHandler {
     // peer offering and dropping migrations must not leave a file each time).
     rmSync(this.files.logPath, { force: true });
     removeGuestFiles(this.files);
+    this.ctx.registry.arrived(this.offer.guest.name);
     this.ctx.registry.release(this.offer.guest.name);
   }
 }

@@ -56,7 +56,8 @@ export class ChaosHosts {
   private constructor(
     private readonly tmp: string,
     private readonly link: ShapedLink | undefined,
-    private readonly memoryDir: string | undefined,
+    /** The destination's memory directory, a tmpfs of its own (where one could be mounted). */
+    readonly memoryDir: string | undefined,
     options: Record<Role, LocalAgentOptions>,
     readonly to: string,
     vms: boolean,
