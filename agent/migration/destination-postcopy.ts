@@ -24,6 +24,7 @@ import type { PostcopyDisk } from './postcopy-disk.js';
 import type { PostcopyInstall } from './incoming-pages.js';
 import { LatencySamples, sendMissing } from './postcopy.js';
 import { faultCrash } from './faults.js';
+import { schedSince, threadSched } from './sched-sample.js';
 
 /** How long a guest waits for a source that went away, or for room in a full memory directory, without a setting. */
 const DEFAULT_REATTACH_WINDOW_MS = 10 * 60_000;
@@ -223,10 +224,12 @@ export class DestinationPostcopy implements PostcopyInstall {
    */
   async start(standby: StandbyGuest): Promise<void> {
     const { ctx } = this;
+    const t: Record<string, number> = { start: performance.now() };
+    const sched = ctx.log.isLevelEnabled('debug') ? threadSched() : undefined;
     const missing = ctx.regions().map((_, i) => this.missingIn?.[i]?.toRuns() ?? new Uint32Array(0));
     this.missingIn = undefined;
+    t.missing = performance.now();
     let journaled = false;
-    const t: Record<string, number> = { start: performance.now() };
     const latency = new LatencySamples();
     const receivers: RegionReceiver[] = ctx.regions().map((region, index) => {
       const sendFetch = (runs: Uint32Array) => {
@@ -242,6 +245,7 @@ export class DestinationPostcopy implements PostcopyInstall {
       // The guest died during post-copy: nothing is left to receive.
       return new PostcopyReceiver(region, missing[index]!, sendFetch, () => ctx.finish('stranded', 'the guest exited during post-copy'), ctx.log, ctx.metrics, latency);
     });
+    t.receivers = performance.now();
     try {
       for (const [index, region] of ctx.regions().entries()) {
         ctx.native.punchHoles(region.fd, missing[index]!, region.pageSizeBytes);
@@ -289,7 +293,7 @@ export class DestinationPostcopy implements PostcopyInstall {
       await handedOver;
       const runningAt = await withTimeout(standby.running, 30_000, 'the guest did not start at the destination');
       t.running = runningAt;
-      ctx.log.debug({ ...Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), atMs: performance.timeOrigin + t.start! }, 'post-copy start: ms after the switch frame');
+      ctx.log.debug({ ...Object.fromEntries(Object.entries(t).map(([k, v]) => [k, Math.round((v - t.start!) * 100) / 100])), ...schedSince(sched), atMs: performance.timeOrigin + t.start! }, 'post-copy start: ms after the switch frame');
       this.started = true;
       ctx.transition({ type: 'sentPostcopyRunning' });
       ctx.session().send(Frame.committed({ migrationId: ctx.migrationId, resumeToSendMs: performance.now() - runningAt }));

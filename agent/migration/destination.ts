@@ -33,6 +33,7 @@ import { IncomingDeviceState } from './incoming-device-state.js';
 import { IncomingChannels } from './incoming-channels.js';
 import type { Channel, ChannelHelloIn } from '../peer/channel.js';
 import { IncomingPages } from './incoming-pages.js';
+import { schedSince, threadSched, type SchedSample } from './sched-sample.js';
 
 export type { DestinationContext, IncomingResult } from './destination-types.js';
 
@@ -69,6 +70,7 @@ export class DestinationMigration implements FrameHandler {
   /** The source's commit arrived: the guest starts here, whatever becomes of the session. */
   private commitReceived = false;
   private pauseFrameAt = 0;
+  private pauseFrameSched: SchedSample | undefined;
   /** The source agent (a reattaching session must come from it). */
   private readonly sourceAgentId: string;
   /** Handed to the source in the accept: a reattach must present it (the daemon keeps it with a post-copy's verdict). */
@@ -398,6 +400,7 @@ export class DestinationMigration implements FrameHandler {
         return;
       case 'pause':
         this.pauseFrameAt = performance.now();
+        this.pauseFrameSched = this.log.isLevelEnabled('debug') ? threadSched() : undefined;
         // The source's rounds on channels are over (each ended with its barrier).
         this.channels.close();
         return;
@@ -422,7 +425,7 @@ export class DestinationMigration implements FrameHandler {
         postcopy.addMissing(frame, region);
         if (!frame.more) {
           const switchFrameAt = performance.now();
-          this.log.debug({ switchFrame: switchFrameAt - this.pauseFrameAt, atMs: performance.timeOrigin + this.pauseFrameAt }, 'post-copy switch frame: ms after the pause frame');
+          this.log.debug({ switchFrame: switchFrameAt - this.pauseFrameAt, ...schedSince(this.pauseFrameSched), atMs: performance.timeOrigin + this.pauseFrameAt }, 'post-copy switch frame: ms after the pause frame');
           this.deviceState.checkComplete();
           this.switching = true;
           this.enqueue(() => postcopy.start(this.standby!));

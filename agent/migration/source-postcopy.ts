@@ -20,6 +20,7 @@ import type { SourceSession } from './source-link.js';
 import type { MigrationSummary, SourceRun } from './source-types.js';
 import { sameDigests } from './digests.js';
 import { downtimeOf, hex, pauseForSwitchover, sendDeviceState } from './switchover.js';
+import { schedSince, threadSched } from './sched-sample.js';
 
 /**
  * Post-copy keeps few pushed bytes on their way (sent, not yet installed at the
@@ -304,6 +305,7 @@ export async function postcopySwitchover(run: SourceRun, sender: RoundSender, ro
   }
   const { switchoverRttMs, pauseStart, pausedAt } = paused;
   const T: Record<string, number> = { paused: clock.now() };
+  const sched = log.isLevelEnabled('debug') ? threadSched() : undefined;
   const { missing, missingPages, server } = early ?? serverFor(pure ? await everyPage(lanes, 'send') : mergeLaneRuns(lanes, pending, await collectDirty(run)));
   T.subtract = clock.now();
   try {
@@ -331,7 +333,7 @@ export async function postcopySwitchover(run: SourceRun, sender: RoundSender, ro
     const committed = await committedP;
     const committedAt = clock.now();
     T.committed = committedAt;
-    log.debug({ ...Object.fromEntries(Object.entries(T).map(([k, v]) => [k, Math.round((v - T.paused!) * 100) / 100])), atMs: performance.timeOrigin + T.paused! }, 'post-copy switchover: ms after the pause');
+    log.debug({ ...Object.fromEntries(Object.entries(T).map(([k, v]) => [k, Math.round((v - T.paused!) * 100) / 100])), ...schedSince(sched), atMs: performance.timeOrigin + T.paused! }, 'post-copy switchover: ms after the pause');
     state.to('postcopy');
     gate.held?.();
     gate.held = undefined;
