@@ -11,7 +11,6 @@
 // post-copy's export of them (destination-disks.ts). What they share is in destination-types.ts.
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync, rmSync, statfsSync } from 'node:fs';
-import { dirname } from 'node:path';
 import { removeGuestFiles } from '../guest/process-guest.js';
 import type { Logger } from 'pino';
 import { GuestKind, nameOf, RejectReason, Technique } from '../../protocol/codes.js';
@@ -33,7 +32,8 @@ import { IncomingDeviceState } from './incoming-device-state.js';
 import { IncomingChannels } from './incoming-channels.js';
 import type { Channel, ChannelHelloIn } from '../peer/channel.js';
 import { IncomingPages } from './incoming-pages.js';
-import { schedSince, threadSched, type SchedSample } from './sched-sample.js';
+import { closeQuietly, closeRegions, filesToName, openIncomingRegions } from './incoming-regions.js';
+import { debugSched, schedSince, type SchedSample } from './sched-sample.js';
 
 export type { DestinationContext, IncomingResult } from './destination-types.js';
 
@@ -278,48 +278,16 @@ export class DestinationMigration implements FrameHandler {
   }
 
   private prepare(): void {
-    for (const [index, spec] of this.offer.guest.regions.entries()) {
-      // Pure post-copy: a sparse memory file, every page a hole (missing) until it arrives. A
-      // disk is sparse always: what never arrives is a hole, as it was at the source.
-      const disk = this.diskRegions.has(index);
-      const holesAreMissing = !disk && this.offer.technique === Technique.postcopy;
-      const dir = disk ? dirname(this.regionPaths[index]!) : this.ctx.memoryDir;
-      const fd = this.native.tmpfileCreate(dir, spec.lengthBytes, disk || holesAreMissing);
-      const pageCount = spec.lengthBytes / spec.pageSizeBytes;
-      // Post-copy keeps a memory region's fingerprints in a file of their own: they are the
-      // only record of what arrived before the guest wrote over it, and must survive this agent.
-      let fingerprintsFd: number | undefined;
-      let handle;
-      try {
-        if (this.postcopy && !disk) fingerprintsFd = this.native.tmpfileCreate(this.ctx.memoryDir, Math.max(1, pageCount * FINGERPRINT_BYTES));
-        // Where holes are missing pages, none is a zero page already present: the fresh
-        // fingerprints file (all zero bytes, no page's fingerprint) is kept as it is, so that
-        // a zero page arriving before the switch (an eager one) is written, not skipped as
-        // known: left a hole, the guest's fault on it would find it not missing and fault
-        // again, forever. (Pure post-copy always has this.postcopy, so the file is there.)
-        handle = this.native.regionMap(fd, spec.lengthBytes, spec.pageSizeBytes, {
-          writable: true,
-          trackHashes: true,
-          initiallyZero: !holesAreMissing,
-          ...(disk ? { zeroHoles: true } : {}),
-          ...(fingerprintsFd === undefined ? {} : { fingerprintsFd }),
-          ...(holesAreMissing ? { keepFingerprints: true } : {}),
-        });
-      } catch (err) {
-        closeSync(fd);
-        if (fingerprintsFd !== undefined) closeSync(fingerprintsFd);
-        throw err;
-      }
-      this.regions.push({ fd, handle, pageCount, pageSizeBytes: spec.pageSizeBytes, lengthBytes: spec.lengthBytes, ...(disk ? { disk } : {}), ...(fingerprintsFd === undefined ? {} : { fingerprintsFd }) });
-    }
+    this.regions = openIncomingRegions(this.native, {
+      specs: this.offer.guest.regions,
+      paths: this.regionPaths,
+      disks: this.diskRegions,
+      memoryDir: this.ctx.memoryDir,
+      holesAreMissing: this.offer.technique === Technique.postcopy,
+      keepFingerprints: this.postcopy !== undefined,
+    });
     // The files the switchover will name, noted before any can be (see arrival-note.ts).
-    this.ctx.registry.noteArrival(
-      this.offer.guest.name,
-      this.regions.flatMap((region, index) => [
-        { path: this.regionPaths[index]!, fd: region.fd },
-        ...(region.fingerprintsFd === undefined ? [] : [{ path: fingerprintsPathOf(this.regionPaths[index]!), fd: region.fingerprintsFd }]),
-      ]),
-    );
+    this.ctx.registry.noteArrival(this.offer.guest.name, filesToName(this.regions, this.regionPaths));
     // A guest started now and blocked until go() makes the resume one step.
     const regionFds = this.regions.map((region) => region.fd);
     if (!this.postcopy) {
@@ -400,7 +368,7 @@ export class DestinationMigration implements FrameHandler {
         return;
       case 'pause':
         this.pauseFrameAt = performance.now();
-        this.pauseFrameSched = this.log.isLevelEnabled('debug') ? threadSched() : undefined;
+        this.pauseFrameSched = debugSched(this.log);
         // The source's rounds on channels are over (each ended with its barrier).
         this.channels.close();
         return;
@@ -749,14 +717,7 @@ export class DestinationMigration implements FrameHandler {
     const received = this.postcopy?.receiving ?? false;
     this.postcopy?.close();
     if (!received) return;
-    for (const region of this.regions) {
-      try {
-        this.native.regionClose(region.handle);
-      } catch {}
-      if (region.fingerprintsFd !== undefined) closeQuietly(region.fingerprintsFd);
-      if (region.disk && this.disks.servedToEnd) continue;
-      closeQuietly(region.fd);
-    }
+    closeRegions(this.native, this.regions, (region) => region.disk === true && this.disks.servedToEnd);
     this.regions = [];
     this.removeFingerprints();
   }
@@ -772,13 +733,7 @@ export class DestinationMigration implements FrameHandler {
     this.postcopy?.close();
     // A group member's memory stays for refs already on their way; the group frees it.
     if (this.group) this.regions = [];
-    for (const region of this.regions) {
-      try {
-        this.native.regionClose(region.handle);
-      } catch {}
-      closeQuietly(region.fd);
-      if (region.fingerprintsFd !== undefined) closeQuietly(region.fingerprintsFd);
-    }
+    closeRegions(this.native, this.regions);
     this.regions = [];
     this.standby?.cancel();
     // The guest never ran here: its log, tracking reports and device state go with it (a
@@ -788,11 +743,4 @@ export class DestinationMigration implements FrameHandler {
     this.ctx.registry.arrived(this.offer.guest.name);
     this.ctx.registry.release(this.offer.guest.name);
   }
-}
-
-/** Closes `fd`, if it is still open. */
-function closeQuietly(fd: number): void {
-  try {
-    closeSync(fd);
-  } catch {}
 }
