@@ -235,14 +235,23 @@ export function isAlive(pid: number): boolean {
   }
 }
 
-/** The one-letter state of /proc/PID/stat ('R', 'S', 'T' stopped, 'Z' zombie, ...), or undefined. */
-export function processState(pid: number): string | undefined {
+/** /proc/PID/stat's fields after the command's name (which may hold spaces and ')'): the state first. */
+function statFields(stat: string): string[] {
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+}
+
+function readStat(pid: number): string | undefined {
   try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return readFileSync(`/proc/${pid}/stat`, 'utf8');
   } catch {
     return undefined;
   }
+}
+
+/** The one-letter state of /proc/PID/stat ('R', 'S', 'T' stopped, 'Z' zombie, ...), or undefined. */
+export function processState(pid: number): string | undefined {
+  const stat = readStat(pid);
+  return stat === undefined ? undefined : statFields(stat)[0];
 }
 
 /** The kernel's PF_EXITING, in /proc/PID/stat's flags: the task is in do_exit(). */
@@ -255,7 +264,7 @@ const PF_EXITING = 0x4;
  * fail before its state says it died: PF_EXITING is set first.
  */
 export function statSaysAlive(stat: string): boolean {
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const fields = statFields(stat);
   const state = fields[0];
   if (state === undefined || state === 'Z' || state === 'X' || state === 'x') return false;
   // state ppid pgrp session tty_nr tpgid flags
@@ -265,13 +274,8 @@ export function statSaysAlive(stat: string): boolean {
 
 /** Whether process `pid` exists and is neither a zombie nor exiting (see statSaysAlive). */
 export function processAlive(pid: number): boolean {
-  let stat: string;
-  try {
-    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  } catch {
-    return false;
-  }
-  return statSaysAlive(stat);
+  const stat = readStat(pid);
+  return stat !== undefined && statSaysAlive(stat);
 }
 
 /** pause(): how long it naps between looks at the guest's state (ms), and for how long it does so before looking once a millisecond. */

@@ -24,7 +24,7 @@ import type { PostcopyDisk } from './postcopy-disk.js';
 import type { PostcopyInstall } from './incoming-pages.js';
 import { LatencySamples, sendMissing } from './postcopy.js';
 import { faultCrash } from './faults.js';
-import { schedSince, threadSched } from './sched-sample.js';
+import { debugSched, schedSince } from './sched-sample.js';
 
 /** How long a guest waits for a source that went away, or for room in a full memory directory, without a setting. */
 const DEFAULT_REATTACH_WINDOW_MS = 10 * 60_000;
@@ -225,7 +225,7 @@ export class DestinationPostcopy implements PostcopyInstall {
   async start(standby: StandbyGuest): Promise<void> {
     const { ctx } = this;
     const t: Record<string, number> = { start: performance.now() };
-    const sched = ctx.log.isLevelEnabled('debug') ? threadSched() : undefined;
+    const sched = debugSched(ctx.log);
     const missing = ctx.regions().map((_, i) => this.missingIn?.[i]?.toRuns() ?? new Uint32Array(0));
     this.missingIn = undefined;
     t.missing = performance.now();

@@ -22,6 +22,11 @@ export function threadSched(): SchedSample | undefined {
   }
 }
 
+/** A first sample for a debug line: none unless `log` writes debug lines (the read is a syscall). */
+export function debugSched(log: { isLevelEnabled(level: string): boolean }): SchedSample | undefined {
+  return log.isLevelEnabled('debug') ? threadSched() : undefined;
+}
+
 /** What the thread did since `from` (both from threadSched), rounded to 0.01 ms; empty without both. */
 export function schedSince(from: SchedSample | undefined): Partial<SchedSample> {
   const now = from && threadSched();

@@ -20,7 +20,7 @@ import type { SourceSession } from './source-link.js';
 import type { MigrationSummary, SourceRun } from './source-types.js';
 import { sameDigests } from './digests.js';
 import { downtimeOf, hex, pauseForSwitchover, sendDeviceState } from './switchover.js';
-import { schedSince, threadSched } from './sched-sample.js';
+import { debugSched, schedSince } from './sched-sample.js';
 
 /**
  * Post-copy keeps few pushed bytes on their way (sent, not yet installed at the
@@ -305,7 +305,7 @@ export async function postcopySwitchover(run: SourceRun, sender: RoundSender, ro
   }
   const { switchoverRttMs, pauseStart, pausedAt } = paused;
   const T: Record<string, number> = { paused: clock.now() };
-  const sched = log.isLevelEnabled('debug') ? threadSched() : undefined;
+  const sched = debugSched(log);
   const { missing, missingPages, server } = early ?? serverFor(pure ? await everyPage(lanes, 'send') : mergeLaneRuns(lanes, pending, await collectDirty(run)));
   T.subtract = clock.now();
   try {
