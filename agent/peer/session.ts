@@ -170,6 +170,11 @@ export class PeerSession extends EventEmitter {
     return this.options.peerCertificate?.sha256;
   }
 
+  /** Why the session closed; undefined while it is open. */
+  get closedReason(): GangwayError | undefined {
+    return this.closedWith;
+  }
+
   get isOpen(): boolean {
     return this.closedWith === undefined && this.ws.readyState === WebSocket.OPEN;
   }
@@ -242,6 +247,13 @@ export class PeerSession extends EventEmitter {
   }
 
   register(migrationId: string, handler: FrameHandler): void {
+    // A session that is already closed tells the handler so, as an open one would once it
+    // closes: never a handler left waiting for frames that cannot come.
+    const closed = this.closedWith;
+    if (closed) {
+      queueMicrotask(() => handler.onSessionClosed(closed));
+      return;
+    }
     this.handlers.set(migrationId, handler);
   }
 
@@ -563,8 +575,11 @@ export function connectPeer(address: string, options: ConnectOptions): Promise<P
         return;
       }
       const session = new PeerSession(ws, { ...sessionOptions, role: 'client', ...(serverIdentity ? { peerCertificate: serverIdentity } : {}) });
+      // The peer's hello and an error frame can come in one read (a peer that refuses the
+      // session on our hello, as one over its session limit does): the session then closed
+      // before this runs, and the caller gets the peer's reason, not a dead session.
       session.ready.then(
-        () => resolve(session),
+        () => (session.closedReason ? reject(session.closedReason) : resolve(session)),
         (err) => reject(err),
       );
     });

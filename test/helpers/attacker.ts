@@ -42,6 +42,25 @@ export class Attacker {
     return new Attacker(session);
   }
 
+  /**
+   * The agent's reason for refusing a session on its hello: the dial itself fails with it
+   * when the agent's hello and its error frame come in one read, else the session closes
+   * with it once open.
+   */
+  static async refusal(options: AttackerOptions): Promise<GangwayError> {
+    let attacker: Attacker;
+    try {
+      attacker = await Attacker.connect(options);
+    } catch (err) {
+      return err as GangwayError;
+    }
+    try {
+      return await attacker.closed();
+    } finally {
+      attacker.close();
+    }
+  }
+
   /** Collects every frame the agent sends for `migrationId` on this session. */
   watch(migrationId: string): AnyFrame[] {
     const got: AnyFrame[] = [];
