@@ -33,7 +33,7 @@ import { IncomingChannels } from './incoming-channels.js';
 import type { Channel, ChannelHelloIn } from '../peer/channel.js';
 import { IncomingPages } from './incoming-pages.js';
 import { closeQuietly, closeRegions, filesToName, openIncomingRegions } from './incoming-regions.js';
-import { debugSched, schedSince, type SchedSample } from './sched-sample.js';
+import { debugSched, schedSince, type DebugSample } from './sched-sample.js';
 
 export type { DestinationContext, IncomingResult } from './destination-types.js';
 
@@ -70,7 +70,7 @@ export class DestinationMigration implements FrameHandler {
   /** The source's commit arrived: the guest starts here, whatever becomes of the session. */
   private commitReceived = false;
   private pauseFrameAt = 0;
-  private pauseFrameSched: SchedSample | undefined;
+  private pauseFrameSched: DebugSample | undefined;
   /** The source agent (a reattaching session must come from it). */
   private readonly sourceAgentId: string;
   /** Handed to the source in the accept: a reattach must present it (the daemon keeps it with a post-copy's verdict). */
@@ -390,7 +390,7 @@ export class DestinationMigration implements FrameHandler {
         if (!region || !postcopy) {
           throw new ProtocolError(ErrorCode.UNEXPECTED_FRAME, `postcopy for region ${frame.region} of a ${this.technique} migration`);
         }
-        postcopy.addMissing(frame, region);
+        postcopy.addMissing(frame);
         if (!frame.more) {
           const switchFrameAt = performance.now();
           this.log.debug({ switchFrame: switchFrameAt - this.pauseFrameAt, ...schedSince(this.pauseFrameSched), atMs: performance.timeOrigin + this.pauseFrameAt }, 'post-copy switch frame: ms after the pause frame');
