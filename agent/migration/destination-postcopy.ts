@@ -16,7 +16,7 @@ import type { StandbyGuest } from '../guest/adapter.js';
 import type { AgentMetrics } from '../metrics.js';
 import type { NativeAddon } from '../native.js';
 import type { PeerSession } from '../peer/session.js';
-import { PageSet, runsPageCount } from '../tracker/page-set.js';
+import { runsPageCount } from '../tracker/page-set.js';
 import { sameDigests } from './digests.js';
 import { fingerprintsPathOf, withTimeout, type IncomingRegion } from './destination-types.js';
 import { PostcopyReceiver, type PostcopyStats, type RegionReceiver } from './postcopy-destination.js';
@@ -79,7 +79,7 @@ export class DestinationPostcopy implements PostcopyInstall {
   /** The guest's userfaultfds (one per memory region), being received or received, until the start attaches them. */
   private handover: Promise<UffdHandover[]> | undefined;
   /** The pages of each region the source says are missing here, as its postcopy frames bring them. */
-  private missingIn: PageSet[] | undefined;
+  private missingIn: MissingRuns[] | undefined;
   /** A receiver per region, once the guest started here. */
   private receivers: RegionReceiver[] | undefined;
   private closed = false;
@@ -167,16 +167,9 @@ export class DestinationPostcopy implements PostcopyInstall {
   }
 
   /** A postcopy frame: pages of `region` the guest lacks here. */
-  addMissing(frame: FrameOf<'postcopy'>, region: IncomingRegion): void {
-    this.missingIn ??= this.ctx.regions().map((r) => new PageSet(r.pageCount));
-    for (let i = 0; i < frame.missing.length; i += 2) {
-      const first = frame.missing[i]!;
-      const count = frame.missing[i + 1]!;
-      if (first + count > region.pageCount) {
-        throw new ProtocolError(ErrorCode.BAD_PAGES, `postcopy.missing: pages ${first}..${first + count - 1} are past region ${frame.region}'s ${region.pageCount}`);
-      }
-      this.missingIn[frame.region]!.addRange(first, count);
-    }
+  addMissing(frame: FrameOf<'postcopy'>): void {
+    this.missingIn ??= this.ctx.regions().map((r, index) => new MissingRuns(index, r.pageCount));
+    this.missingIn[frame.region]!.add(frame.missing);
   }
 
   /**
@@ -226,7 +219,7 @@ export class DestinationPostcopy implements PostcopyInstall {
     const { ctx } = this;
     const t: Record<string, number> = { start: performance.now() };
     const sched = debugSched(ctx.log);
-    const missing = ctx.regions().map((_, i) => this.missingIn?.[i]?.toRuns() ?? new Uint32Array(0));
+    const missing = ctx.regions().map((_, i) => this.missingIn?.[i]?.runs() ?? new Uint32Array(0));
     this.missingIn = undefined;
     t.missing = performance.now();
     let journaled = false;
@@ -447,4 +440,50 @@ function combinedStats(receivers: readonly RegionReceiver[]): PostcopyStats {
     pushedPages: all.reduce((sum, s) => sum + s.pushedPages, 0),
     faultLatency: all[0]?.faultLatency ?? { p50Ms: 0, p99Ms: 0, maxMs: 0 },
   };
+}
+
+/**
+ * A region's missing pages as the source's postcopy frames bring them: runs, ascending across
+ * the frames, kept as they came. The switchover then makes no bitmap of them and reads none
+ * back (a pass over every page of the guest, inside the downtime).
+ */
+export class MissingRuns {
+  private readonly parts: Uint32Array[] = [];
+  private end = 0;
+
+  constructor(
+    private readonly region: number,
+    private readonly pageCount: number,
+  ) {}
+
+  /** A frame's runs (non-empty ones: the codec refuses others); BAD_PAGES past the region or not after the runs before. */
+  add(runs: Uint32Array): void {
+    let end = this.end;
+    for (let i = 0; i + 1 < runs.length; i += 2) {
+      const first = runs[i]!;
+      const count = runs[i + 1]!;
+      if (first + count > this.pageCount) {
+        throw new ProtocolError(ErrorCode.BAD_PAGES, `postcopy.missing: pages ${first}..${first + count - 1} are past region ${this.region}'s ${this.pageCount}`);
+      }
+      if (first < end) {
+        throw new ProtocolError(ErrorCode.BAD_PAGES, `postcopy.missing: the run of ${count} pages at ${first} of region ${this.region} is not after the runs before it (they end at ${end})`);
+      }
+      end = first + count;
+    }
+    this.end = end;
+    // A copy: the frame's runs may be a view of a buffer the session reads into again.
+    if (runs.length > 0) this.parts.push(runs.slice());
+  }
+
+  /** Every run so far, as one list. */
+  runs(): Uint32Array {
+    if (this.parts.length === 1) return this.parts[0]!;
+    const all = new Uint32Array(this.parts.reduce((sum, part) => sum + part.length, 0));
+    let at = 0;
+    for (const part of this.parts) {
+      all.set(part, at);
+      at += part.length;
+    }
+    return all;
+  }
 }

@@ -7,6 +7,11 @@ function popcount8(value: number): number {
   return (v + (v >>> 4)) & 0x0f;
 }
 
+/** toRuns passes over blocks of this many bitmap bytes (4096 pages) that are all clear or all set. */
+const UNIFORM_BLOCK_BYTES = 512;
+const ALL_CLEAR = new Uint8Array(UNIFORM_BLOCK_BYTES);
+const ALL_SET = new Uint8Array(UNIFORM_BLOCK_BYTES).fill(0xff);
+
 export class PageSet {
   private readonly bits: Uint8Array;
   private count = 0;
@@ -25,13 +30,17 @@ export class PageSet {
 
   addRange(firstPage: number, pageCount: number): void {
     const end = Math.min(firstPage + pageCount, this.pageCount);
+    // An empty set has nothing to count in the bytes filled below (the leading pages added
+    // first are in the byte before them): the count of a run of the whole guest then costs
+    // no pass over the bitmap, which cold took 3 ms for 1 GiB inside a post-copy switchover.
+    const wasEmpty = this.count === 0;
     let page = firstPage;
     for (; page < end && (page & 7) !== 0; page++) this.add(page);
     // Whole bytes at a time in the middle (a post-copy set is one run of the whole guest).
     const firstByte = page >>> 3;
     const endByte = (end - (end - page) % 8) >>> 3;
     if (endByte > firstByte) {
-      if (this.count > 0) for (let byte = firstByte; byte < endByte; byte++) this.count -= popcount8(this.bits[byte]!);
+      if (!wasEmpty) for (let byte = firstByte; byte < endByte; byte++) this.count -= popcount8(this.bits[byte]!);
       this.count += (endByte - firstByte) * 8;
       this.bits.fill(0xff, firstByte, endByte);
       page = endByte * 8;
@@ -80,12 +89,24 @@ export class PageSet {
     this.count = 0;
   }
 
-  /** The pages as ascending runs. */
+  /**
+   * The pages as ascending runs. A block of the bitmap that only goes on with what is open
+   * (all clear outside a run, all set inside one) is passed over by one native compare: a
+   * byte at a time, the 32 Ki bytes of a 1 GiB region took 2-3 ms cold, inside a switchover.
+   */
   toRuns(): Uint32Array {
     const out: number[] = [];
+    const bits = this.bits;
     let runStart = -1;
-    for (let byte = 0; byte < this.bits.length; byte++) {
-      const value = this.bits[byte]!;
+    for (let byte = 0; byte < bits.length; byte++) {
+      if ((byte & (UNIFORM_BLOCK_BYTES - 1)) === 0 && byte + UNIFORM_BLOCK_BYTES <= bits.length) {
+        const block = bits.subarray(byte, byte + UNIFORM_BLOCK_BYTES);
+        if (Buffer.compare(block, runStart < 0 ? ALL_CLEAR : ALL_SET) === 0) {
+          byte += UNIFORM_BLOCK_BYTES - 1;
+          continue;
+        }
+      }
+      const value = bits[byte]!;
       if (value === 0 && runStart < 0) continue;
       if (value === 0xff && runStart >= 0) continue;
       for (let bit = 0; bit < 8; bit++) {

@@ -39,6 +39,39 @@ describe('PageSet', () => {
     );
   });
 
+  it('toRuns and size agree with a Set over bitmaps of many blocks, whole blocks clear, set and mixed (property)', () => {
+    // Long ranges make blocks of 4096 pages all set; gaps leave them all clear; deletes and
+    // short ranges mix them; a range may start the set empty or add to what is there.
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 4000, max: 20_000 }),
+        fc.array(fc.tuple(fc.constantFrom('range', 'long', 'edge', 'delete'), fc.nat(20_000), fc.nat(60)), { maxLength: 25 }),
+        (pageCount, ops) => {
+          const set = new PageSet(pageCount);
+          const oracle = new Set<number>();
+          for (const [op, first, n] of ops) {
+            if (op === 'delete') {
+              expect(set.delete(first)).toBe(oracle.delete(first) && first < pageCount);
+              continue;
+            }
+            // 'edge': a range that starts and ends a few pages either side of block boundaries.
+            const start = op === 'edge' ? Math.max(0, Math.round(first / 4096) * 4096 + (n % 17) - 8) : first;
+            const count = op === 'long' ? n * 300 : op === 'edge' ? 4096 * (1 + (n % 3)) + (n % 13) - 6 : n;
+            set.addRange(start, count);
+            for (let p = start; p < Math.min(start + count, pageCount); p++) oracle.add(p);
+            expect(set.size).toBe(oracle.size);
+          }
+          const sorted = [...oracle].sort((a, b) => a - b);
+          const runs = set.toRuns();
+          expect(pagesOf(runs)).toEqual(sorted);
+          // Runs are coalesced: none touches the next.
+          for (let i = 2; i < runs.length; i += 2) expect(runs[i]!).toBeGreaterThan(runs[i - 2]! + runs[i - 1]!);
+        },
+      ),
+      { numRuns: 200 },
+    );
+  });
+
   it('subtractRuns agrees with a set difference (property)', () => {
     const runsOf = (pages: number[]) => {
       const set = new PageSet(400);
