@@ -9,6 +9,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ControlClient } from './control/client.js';
 import type { Agent } from './daemon.js';
 import { fingerprintsPathOf } from './guest/process-guest.js';
+import { AGENT_NODE_FLAGS } from './node-flags.js';
 
 export type AgentStatus = Awaited<ReturnType<Agent['status']>>;
 
@@ -27,13 +28,6 @@ export interface LocalAgent {
 }
 
 const mainJs = resolve(dirname(fileURLToPath(import.meta.url)), 'main.js');
-
-/**
- * Node flags an agent runs with (main.ts's shebang carries the same): V8's concurrent GC
- * threads compete with the page stream for a host's few cores; on the 2-core machines
- * here, garbage collection on the main thread moved 1.0 GB/s instead of 0.6-0.9 GB/s.
- */
-export const AGENT_NODE_FLAGS = ['--single-threaded-gc'];
 
 export function makeTempDir(prefix: string): string {
   return mkdtempSync(join(tmpdir(), prefix));

@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --single-threaded-gc
+#!/usr/bin/env -S node --single-threaded-gc --no-flush-bytecode
 // gangway: the agent daemon and its command-line client.
 import { Command, Option } from 'commander';
 import { ErrorCode, GangwayError } from '../protocol/errors.js';

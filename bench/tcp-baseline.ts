@@ -9,7 +9,7 @@ import { connect, createServer, type Socket } from 'node:net';
 import { connect as tlsConnect, createServer as createTlsServer } from 'node:tls';
 import { fileURLToPath } from 'node:url';
 import { execa } from 'execa';
-import { AGENT_NODE_FLAGS } from '../agent/local-agent.js';
+import { AGENT_NODE_FLAGS } from '../agent/node-flags.js';
 
 const CHUNK = 1 << 20;
 const self = fileURLToPath(import.meta.url);

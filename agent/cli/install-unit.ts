@@ -7,6 +7,7 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, realpathSync, writeFile
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ErrorCode, GangwayError } from '../../protocol/errors.js';
+import { AGENT_NODE_FLAGS } from '../node-flags.js';
 import { fail } from './common.js';
 
 export const UNIT_PATH = '/etc/systemd/system/gangway-agent.service';
@@ -55,7 +56,7 @@ export function execStartFor(nodePath: string, mainPath: string): string {
     }
     if (/\s/.test(path)) throw new GangwayError(ErrorCode.BAD_REQUEST, `${what} is at "${path}": a path with white space cannot go on ExecStart unquoted; install it elsewhere`);
   }
-  return `ExecStart=${nodePath} --single-threaded-gc ${mainPath} agent --config ${CONFIG_PATH}`;
+  return `ExecStart=${nodePath} ${AGENT_NODE_FLAGS.join(' ')} ${mainPath} agent --config ${CONFIG_PATH}`;
 }
 
 /** The shipped unit with its ExecStart replaced and its install comment saying by what. */
