@@ -23,7 +23,7 @@ describe.skipIf(!builtAgent)('gangway install-unit', () => {
     roots.push(root);
     return root;
   };
-  const execStart = () => `ExecStart=${realpathSync(process.execPath)} --single-threaded-gc --no-flush-bytecode ${realpathSync(mainJs)} agent --config /etc/gangway/agent.yaml`;
+  const execStart = () => `ExecStart=${realpathSync(process.execPath)} --single-threaded-gc --no-flush-bytecode --no-lazy ${realpathSync(mainJs)} agent --config /etc/gangway/agent.yaml`;
   const unitPath = (root: string) => join(root, 'etc/systemd/system/gangway-agent.service');
   const configPath = (root: string) => join(root, 'etc/gangway/agent.yaml');
 
