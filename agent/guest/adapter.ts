@@ -156,8 +156,12 @@ export interface StandbyGuest {
   ready?: Promise<void>;
   /** Lets the guest take its memory and run. */
   go(): void;
-  /** The guest ends without touching its memory: the migration did not come through. */
-  cancel(): void;
+  /**
+   * The guest ends without touching its memory: the migration did not come through. Resolves
+   * (never rejects) once its process is gone, and with it whatever it could still have made
+   * (a QEMU's sockets and console); a second call gets the same promise.
+   */
+  cancel(): Promise<void>;
   /** Resolves when the guest's process exits. */
   exited: Promise<number | null>;
   /**

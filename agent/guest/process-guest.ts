@@ -80,8 +80,8 @@ export interface LaunchedGuest {
   running: Promise<number>;
   /** Standby only: lets the guest map its memory and run. */
   go(): void;
-  /** Standby only: the guest exits without touching its memory file. */
-  cancel(): void;
+  /** Standby only: the guest exits without touching its memory file; resolves once it has (killed after STANDBY_EXIT_MS). */
+  cancel(): Promise<void>;
   /** Resolves when the process exits (only while this agent is its parent). */
   exited: Promise<number | null>;
 }
@@ -213,6 +213,7 @@ export function launchProcessGuest(options: LaunchOptions): LaunchedGuest {
     });
   });
   running.catch(() => {});
+  let cancelled: Promise<void> | undefined;
   return {
     pid: child.pid ?? -1,
     running,
@@ -221,10 +222,20 @@ export function launchProcessGuest(options: LaunchOptions): LaunchedGuest {
       child.stdin?.end(Buffer.from([1]));
     },
     cancel() {
-      child.stdin?.end();
+      cancelled ??= (async () => {
+        // Its stdin closed before go(): it exits without mapping its memory.
+        child.stdin?.end();
+        if (await Promise.race([exited.then(() => true), sleep(STANDBY_EXIT_MS, false, { ref: false })])) return;
+        child.kill('SIGKILL');
+        await exited;
+      })();
+      return cancelled;
     },
   };
 }
+
+/** How long a cancelled standby guest has to exit on its own before it is killed. */
+const STANDBY_EXIT_MS = 5_000;
 
 export function isAlive(pid: number): boolean {
   try {

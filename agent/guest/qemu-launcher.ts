@@ -12,6 +12,7 @@ import type { Logger } from '../log.js';
 import { armQemuIncoming, connectWhenReady, endQemu, launchQemu, loadQemuDeviceState, logTail, resolveKernel, VM_PAGE_SIZE, type ArmedIncoming, type QemuSettings } from './qemu-guest.js';
 import type { QmpClient } from './qmp.js';
 import { switchDiskToFile } from './qmp-block.js';
+import { faultDelay } from '../migration/faults.js';
 import { createVmTap, removeVmTap, tapNameFor } from './vm-tap.js';
 import { diskRegionName, vmDiskExportSocket, MAX_MOVED_DISK_BYTES, kvmProblem, parseVmDefinition, VM_DISK_BLOCK_BYTES, vmDiskSizeProblem, vmDisks, vmRegionsProblem, vmSocketPathProblem, vmDiskNodes, vmStateSockets, type VmSpec } from './vm-spec.js';
 
@@ -185,15 +186,19 @@ class QemuStandby implements StandbyGuest {
     return switched;
   }
 
-  cancel(): void {
-    this.launched.abandon();
-    void (async () => {
+  cancel(): Promise<void> {
+    this.cancelled ??= (async () => {
+      await faultDelay('standby-cancel', this.log);
+      this.launched.abandon();
       const qmp = await Promise.race([this.qmp().catch(() => undefined), this.launched.exited.then(() => undefined)]);
       await endQemu(this.pid, qmp);
       await qmp?.close().catch(() => {});
       if (this.tap !== undefined) removeVmTap(this.tap);
     })().catch((err: Error) => this.log?.warn({ pid: this.pid, err: err.message }, 'the standby QEMU did not end cleanly'));
+    return this.cancelled;
   }
+
+  private cancelled: Promise<void> | undefined;
 
   async loadDeviceState(state: Uint8Array): Promise<void> {
     const qmp = await this.qmp();

@@ -223,14 +223,14 @@ export class DestinationMigration implements FrameHandler {
       }
       migration.prepare();
     } catch (err) {
-      migration.cleanup();
+      void migration.cleanup();
       return reject(RejectReason.noSpace, `cannot prepare the guest's memory: ${(err as Error).message}`);
     }
     if (group && offer.dedup) {
       try {
         migration.joinGroup(group, offer.dedup.slots);
       } catch (err) {
-        migration.cleanup();
+        void migration.cleanup();
         return reject(RejectReason.badSpec, (err as Error).message);
       }
     }
@@ -600,8 +600,7 @@ export class DestinationMigration implements FrameHandler {
     try {
       if (this.standby && this.standby.pid > 0) process.kill(this.standby.pid, 'SIGKILL');
     } catch {}
-    // What the standby holds besides its process (a VM's TAP device) goes too.
-    this.standby?.cancel();
+    // The rest of the standby (a VM's TAP device, what it made as it ended) goes in cleanup().
     if (journaled) this.ctx.registry.remove(this.offer.guest.name);
     removeGuestFiles(this.files);
     this.removeFingerprints();
@@ -674,9 +673,10 @@ export class DestinationMigration implements FrameHandler {
     this.channels.close();
     this.session.unregister(this.offer.migrationId);
     if (!this.disks.servedToEnd) this.disks.close();
+    let cleaned: Promise<void> | undefined;
     if (outcome === 'aborted') {
       this.log.warn({ reason }, 'incoming migration aborted; partial memory discarded');
-      this.cleanup();
+      cleaned = this.cleanup();
     } else if (outcome === 'stranded') {
       // The guest started here: it is the only running copy, so nothing of it is removed.
       // Pages still missing can only come from the source, which keeps them.
@@ -699,7 +699,7 @@ export class DestinationMigration implements FrameHandler {
     }
     // Its files are named by its record now, or gone.
     this.ctx.registry.arrived(this.offer.guest.name);
-    this.resolveDone({
+    const result: IncomingResult = {
       migrationId: this.offer.migrationId,
       guest: this.offer.guest.name,
       from: this.session.peer?.agentId ?? 'unknown',
@@ -709,7 +709,10 @@ export class DestinationMigration implements FrameHandler {
       pages: this.pages.pagesReceived + this.channels.pagesWritten,
       rounds: this.roundsSeen,
       technique: this.technique,
-    });
+    };
+    // An aborted migration is over once its standby is gone and nothing of it is left.
+    if (cleaned) void cleaned.then(() => this.resolveDone(result));
+    else this.resolveDone(result);
   }
 
   /** After post-copy: stop reading faults, and drop this agent's view of the memory (and its fingerprints' files). */
@@ -728,19 +731,29 @@ export class DestinationMigration implements FrameHandler {
     for (const [index, path] of this.regionPaths.entries()) if (!this.diskRegions.has(index)) rmSync(fingerprintsPathOf(path), { force: true });
   }
 
-  /** Drops everything this migration made: the unnamed files vanish with their last fd. */
-  private cleanup(): void {
+  /**
+   * Drops everything this migration made: the unnamed files vanish with their last fd.
+   * Resolves once the standby guest is gone and what it made as it ended is removed too.
+   */
+  private cleanup(): Promise<void> {
     this.postcopy?.close();
     // A group member's memory stays for refs already on their way; the group frees it.
     if (this.group) this.regions = [];
     closeRegions(this.native, this.regions);
     this.regions = [];
-    this.standby?.cancel();
+    const gone = this.standby?.cancel();
     // The guest never ran here: its log, tracking reports and device state go with it (a
     // peer offering and dropping migrations must not leave a file each time).
-    rmSync(this.files.logPath, { force: true });
-    removeGuestFiles(this.files);
+    const removeFiles = () => {
+      rmSync(this.files.logPath, { force: true });
+      removeGuestFiles(this.files);
+    };
+    removeFiles();
+    // The name is free at once: another migration of it gets files of its own.
     this.ctx.registry.arrived(this.offer.guest.name);
     this.ctx.registry.release(this.offer.guest.name);
+    // A standby still starting makes files after the removal above (a QEMU its QMP socket
+    // and console; the tracking shim its report): they go once it has ended.
+    return gone ? gone.then(removeFiles, removeFiles) : Promise.resolve();
   }
 }

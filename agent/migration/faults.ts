@@ -18,10 +18,10 @@ export function faultCrash(point: string, log?: Logger): void {
  * Fault injection for races (GANGWAY_FAULT_DELAY=point:ms): the agent waits here that long,
  * so that what races with this point (a session closing) reliably comes first.
  */
-export async function faultDelay(point: string, log: Logger): Promise<void> {
+export async function faultDelay(point: string, log?: Logger): Promise<void> {
   const match = /^([a-z-]+):(\d{1,5})$/.exec(process.env.GANGWAY_FAULT_DELAY ?? '');
   if (!match || match[1] !== point) return;
-  log.error({ point, ms: Number(match[2]) }, 'fault injection: the agent waits here (GANGWAY_FAULT_DELAY)');
+  log?.error({ point, ms: Number(match[2]) }, 'fault injection: the agent waits here (GANGWAY_FAULT_DELAY)');
   await new Promise((resolve) => setTimeout(resolve, Number(match[2])));
 }
 

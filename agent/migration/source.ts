@@ -28,6 +28,7 @@ import { SourceLink, type SourceSession } from './source-link.js';
 import { NO_TRACKER, postcopySwitchover, resumeServing } from './source-postcopy.js';
 import { SourceStateMachine, type SourcePhase } from './source-state.js';
 import type { MigrationProgress, MigrationSummary, SourceOptions, SourceRun } from './source-types.js';
+import { faultCrash } from './faults.js';
 import { stopAndCopy } from './switchover.js';
 
 export type { MigrationProgress, MigrationSummary, RoundRecord, SourceOptions } from './source-types.js';
@@ -418,6 +419,7 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
       }),
     );
     const accept = await acceptP;
+    faultCrash('source-after-accept', this.log);
     this.secret = accept.secret;
     link.credits = new CreditWindow(accept.creditBytes);
     options.gate?.join(link.credits);
