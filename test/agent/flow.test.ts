@@ -324,6 +324,35 @@ describe('CodecChooser', () => {
     expect(due.next()).toBe('lz4');
   });
 
+  it('a winner that falls below the loser\'s older rate (a stall) runs the loser only for the shortest wait, then measures the old winner again', () => {
+    // The session's link: LZ4 at 200 MB/s against raw's 100, raw confirmed loser so often
+    // that the wait between probes is at its longest.
+    const memory = emptyCodecMemory();
+    memory.rates = { lz4: 200e6, raw: 100e6 };
+    memory.measuredAt = { lz4: 0, raw: 0 };
+    memory.exploitMs = 2_000;
+    let clock = 100;
+    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, exploitMs: 10, now: () => clock, memory });
+    expect(chooser.next()).toBe('lz4');
+    // The link stalls: LZ4's deliveries come at 20 MB/s (1 MB per 50 ms), and its rate falls under raw's old one.
+    for (let i = 0; i < 12 && chooser.next() === 'lz4'; i++) {
+      chooser.sent(1e6, 'lz4');
+      clock += 50;
+      chooser.delivered();
+    }
+    expect(chooser.rates().lz4!).toBeLessThan(100e6);
+    expect(chooser.next()).toBe('raw');
+    const flippedAt = clock;
+    // Raw goes on for the shortest wait (10 ms here), not the session's longest (2 s), then LZ4 is probed.
+    chooser.sent(1e6, 'raw');
+    expect(chooser.next()).toBe('raw');
+    clock = flippedAt + 11;
+    chooser.sent(1e6, 'raw');
+    expect(chooser.next()).toBe('lz4');
+    expect(chooser.measuring()).toBe(true);
+    expect(memory.exploitMs).toBe(10);
+  });
+
   it('does not count a pause of the sender (a round ended) against the codec of the batches after it', () => {
     let clock = 0;
     const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock });
