@@ -117,6 +117,23 @@ export interface PageSenderContext {
   gate?: { gate: SwitchoverGate; owner: object };
   /** At most this much queued in front of the socket (default SEND_QUEUE_BYTES). */
   queueBytes?: number;
+  /**
+   * Asked before each batch is gathered: true ends the gathering there (the batches gathered
+   * still go out), and `rest` is handed the pages not gathered. A round on channels takes
+   * raw pieces there, not as raw batches of a session piece (RoundSender.onChannels).
+   */
+  stop?: { before: () => boolean; rest: (runs: Uint32Array) => void };
+}
+
+/** The runs from `cursor` (a gather's: run index, pages of it done) to their end. */
+export function runsFrom(runs: Uint32Array, cursor: Uint32Array): Uint32Array {
+  const run = cursor[0]!;
+  const done = cursor[1]!;
+  if (run * 2 >= runs.length) return new Uint32Array(0);
+  const left = runs.slice(run * 2);
+  left[0]! += done;
+  left[1]! -= done;
+  return left[1] === 0 ? left.subarray(2) : left;
 }
 
 const LZ4_KEEP_RATIO = 0.875;
@@ -225,16 +242,18 @@ export async function sendRegionRound(
   };
 
   let sending: Prepared | undefined;
+  let stopped = false;
+  const stopsHere = () => (stopped ||= ctx.stop?.before() ?? false);
   try {
     const gate = ctx.gate;
-    while (!done || pending.length > 0) {
-      while (!done && pending.length < ctx.pipelineDepth && (!gate || gate.gate.isOpenFor(gate.owner))) {
+    while ((!done && !stopped) || pending.length > 0) {
+      while (!done && pending.length < ctx.pipelineDepth && (!gate || gate.gate.isOpenFor(gate.owner)) && !stopsHere()) {
         const next = gatherOne();
         if (next) pending.push(next);
       }
       const head = pending.shift();
       if (!head) {
-        if (gate && !done) {
+        if (gate && !done && !stopped) {
           const waitStart = performance.now();
           ctx.chooser.pause();
           await gate.gate.waitOpen(gate.owner);
@@ -298,6 +317,7 @@ export async function sendRegionRound(
     }
     throw err;
   }
+  if (stopped && !done) ctx.stop!.rest(runsFrom(runs, cursor));
   ctx.chooser.pause();
   return counters;
 }
