@@ -754,6 +754,14 @@ export class DestinationMigration implements FrameHandler {
     this.ctx.registry.release(this.offer.guest.name);
     // A standby still starting makes files after the removal above (a QEMU its QMP socket
     // and console; the tracking shim its report): they go once it has ended.
-    return gone ? gone.then(removeFiles, removeFiles) : Promise.resolve();
+    if (!gone) return Promise.resolve();
+    const removeLate = () => {
+      try {
+        removeFiles();
+      } catch (err) {
+        this.log.warn({ err: (err as Error).message }, 'could not remove what the standby guest left');
+      }
+    };
+    return gone.then(removeLate, removeLate);
   }
 }
