@@ -5,7 +5,7 @@ import { FrameDecoder } from '../../protocol/index.js';
 import { CodecChooser } from '../../agent/migration/codec-chooser.js';
 import { CreditWindow } from '../../agent/migration/flow.js';
 import { BatchPool, runsFrom, sendRegionRound, type PageSink } from '../../agent/migration/page-sender.js';
-import type { DirtyTracker } from '../../agent/tracker/dirty-tracker.js';
+import { NO_TRACKER } from '../../agent/migration/source-postcopy.js';
 import { BufferRegion } from '../helpers/memory-migration.js';
 
 const PAGE = 4096;
@@ -16,15 +16,6 @@ function pagesOf(runs: Uint32Array): number[] {
   for (let i = 0; i + 1 < runs.length; i += 2) for (let p = 0; p < runs[i + 1]!; p++) pages.push(runs[i]! + p);
   return pages;
 }
-
-const tracker: DirtyTracker = {
-  kind: 'uffd-wp',
-  arm: async () => {},
-  collect: async () => new Uint32Array(0),
-  remark: () => {},
-  noteSent: () => {},
-  close: () => {},
-} as unknown as DirtyTracker;
 
 /** Sends `runs` of a 64-page region of data in batches of 4 pages, stopping once `batches` were gathered. */
 async function sendStopping(runs: Uint32Array, batches: number) {
@@ -60,7 +51,7 @@ async function sendStopping(runs: Uint32Array, batches: number) {
     },
     0,
     new BufferRegion(memory, PAGE),
-    tracker,
+    NO_TRACKER,
     0,
     runs,
   );
