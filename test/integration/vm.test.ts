@@ -172,16 +172,18 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
 
   it('a migration that ends while the standby QEMU starts leaves nothing of it at the destination: its QMP socket and console, made after the abort, go once it is gone', async () => {
     // The source agent dies on the accept, when the destination's QEMU has only just been
-    // started; the destination holds that QEMU's end for 5 s, so the QEMU makes its files
+    // started; the destination holds that QEMU's end for 15 s, so the QEMU makes its files
     // after the migration was dropped and its files first removed.
-    const [a, b] = await twoAgents({ GANGWAY_FAULT_CRASH: 'source-after-accept' }, { GANGWAY_FAULT_DELAY: 'standby-cancel:5000' });
+    const [a, b] = await twoAgents({ GANGWAY_FAULT_CRASH: 'source-after-accept' }, { GANGWAY_FAULT_DELAY: 'standby-cancel:15000' });
     const name = uniqueName('vc');
     await startVm(cluster, a, name);
     const sourcePid = (await guestOn(a, name))!.pid;
     const guestsDir = join(b.stateDir, 'guests');
     const made = () => readdirSync(guestsDir).filter((file) => !file.endsWith('.json'));
-    expect((await cluster.cli(a, ['migrate', name, '--to', b.listen, '--json'])).exitCode).not.toBe(0);
-    await waitForAsync('the standby QEMU to make its QMP socket after the abort', async () => made().some((file) => file.endsWith('.qmp')), 5_000);
+    // Watched from the start: the CLI may take seconds to hear of its agent's death on a loaded machine.
+    const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--json']);
+    await waitForAsync('the standby QEMU to make its QMP socket after the abort', async () => made().some((file) => file.endsWith('.qmp')), 12_000);
+    expect((await migrating).exitCode).not.toBe(0);
     // The migration is over at the destination only once its standby is gone, and nothing of it is left.
     await waitForAsync('the destination to drop the migration', async () => (await b.status()).migrations.every((m) => m.state !== 'running'), 30_000);
     expect(made()).toEqual([]);
@@ -190,7 +192,7 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     // The source's agent, started again, finds its VM running.
     const source = await cluster.agent('a', ['--vm-images-dir', imagesDir]);
     await runsOnlyOn(source, b, name);
-  });
+  }, 120_000);
 
   it('a source QEMU that dies during a migration fails it, saying QEMU exited, and nothing is resumed or left at the destination', async () => {
     const [a, b] = await twoAgents();
