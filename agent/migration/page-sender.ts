@@ -120,7 +120,7 @@ export interface PageSenderContext {
   /**
    * Asked before each batch is gathered: true ends the gathering there (the batches gathered
    * still go out), and `rest` is handed the pages not gathered. A round on channels takes
-   * raw pieces there, not as raw batches of a session piece (RoundSender.onChannels).
+   * raw pieces there, not as raw batches of a session piece (sendRoundOnChannels).
    */
   stop?: { before: () => boolean; rest: (runs: Uint32Array) => void };
 }

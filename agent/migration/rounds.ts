@@ -9,10 +9,9 @@ import type { CodecChooser } from './codec-chooser.js';
 import { DEFAULT_SAFETY_FACTOR, isPrecopyConverged, RateEstimator, type ConvergenceDecision } from './convergence.js';
 import type { Pacer } from './flow.js';
 import { everyPage, laneBytes, lanePages, mergeLaneRuns, takeWanted, type Lane, type LaneRuns } from './lanes.js';
-import { SourceChannels } from './source-channels.js';
-import type { ChannelSent } from '../native.js';
-import { addCounters, emptyCounters, sendRefs, sendRegionRound, type BatchPool, type PageSenderContext, type RoundCounters } from './page-sender.js';
-import type { BatchBuild } from '../dedup/source-group.js';
+import type { SourceChannels } from './source-channels.js';
+import { channelRoundState, sendRoundOnChannels } from './channel-round.js';
+import { addCounters, emptyCounters, sendRegionRound, type BatchPool, type PageSenderContext, type RoundCounters } from './page-sender.js';
 import { diskHoldsStop, diskWriteLimit } from './disk-throttle.js';
 import { hybridSwitch } from './postcopy.js';
 import type { MigrationProgress, RoundRecord, SourceRun } from './source-types.js';
@@ -112,6 +111,8 @@ export class RoundSender {
   channels: SourceChannels | undefined;
   /** What the channels carried, all rounds together. */
   readonly channelTotals = emptyCounters();
+  /** What its channel rounds carry from one round to the next. */
+  private readonly channelState = channelRoundState();
   /** The limit the guest's disk writes are held to (disk-throttle.ts), once one was set. */
   diskWriteLimitBytesPerSec: number | undefined;
   /** The rate the link takes this migration's bytes at, as pre-copy rounds measure it. */
@@ -201,8 +202,10 @@ export class RoundSender {
     // A final round, a repair or a pacer installed mid-flight: the session from here on.
     const channels = this.channels;
     if (channels?.usable && (final || how.plain || this.pacer)) channels.usable = false;
-    if (channels?.usable) await this.onChannels(channels, round, runs, counters, onSession, (done) => this.progress.report(round, roundPages, done.pages, bytesPerPage, t0, this.totals.wireBytes + done.wireBytes));
-    else {
+    if (channels?.usable) {
+      const ctx = { run: this.run, chooser: this.chooser, channels, payloadBytes: this.pool.payloadBytes, state: this.channelState, channelTotals: this.channelTotals };
+      await sendRoundOnChannels(ctx, round, runs, counters, onSession, (done) => this.progress.report(round, roundPages, done.pages, bytesPerPage, t0, this.totals.wireBytes + done.wireBytes));
+    } else {
       for (const lane of lanes) {
         const laneRuns = runs[lane.index]!;
         if (laneRuns.length > 0) await onSession(lane, laneRuns);
@@ -220,160 +223,7 @@ export class RoundSender {
     this.rounds.push(record);
     return record;
   }
-
-  /**
-   * The earliest round whose session pieces may not all be applied at the destination yet: a
-   * later round's channel piece waits for them (the same page may be in both).
-   */
-  private sessionPiecesRound: number | undefined;
-  /** The group's frames with refs up to this outbox place are applied at the destination (beforeChannelPiece). */
-  private refsAppliedThrough = -1;
-
-  /**
-   * A round in pieces: those the codec sends raw go to the channels (up to one per channel
-   * at once), those it compresses on the session, in between; then the channels' pieces
-   * are all written at the destination.
-   * The chooser learns raw's rate from what the channels deliver together.
-   * With dedup, a piece is planned first (DedupPlanner.planPiece): its refs go on the
-   * session, the rest on a channel, which reports what it sent once it is written there.
-   */
-  private async onChannels(
-    channels: SourceChannels,
-    round: number,
-    runs: LaneRuns,
-    counters: RoundCounters,
-    onSession: (lane: Lane, runs: Uint32Array, stop?: PageSenderContext['stop']) => Promise<void>,
-    report: (done: RoundCounters) => void,
-  ): Promise<void> {
-    const { options, link, lanes } = this.run;
-    const dedup = options.dedup;
-    const gate = options.gate;
-    // An earlier round's session pieces are applied before a channel writes a page of this
-    // one; waited for only then (a round on the session alone keeps its pipeline full). So
-    // is a frame of the group (a gang member's too) with a ref that copies from a page the
-    // piece writes (`refsUpTo`, from DedupPlanner.planPiece): the ref copies what the page
-    // held when it was planned.
-    const beforeChannelPiece = async (refsUpTo = -1) => {
-      const earlier = this.sessionPiecesRound !== undefined && this.sessionPiecesRound < round;
-      const refs = refsUpTo > this.refsAppliedThrough;
-      if (!earlier && !refs) return;
-      if (refs) await link.unlessFailed(dedup!.group.outbox.sentThrough(refsUpTo));
-      await link.unlessFailed(gate && refs ? gate.drained() : link.credits!.drained());
-      if (earlier) this.sessionPiecesRound = undefined;
-      // Every frame before refsUpTo is applied too (sent before it, and drained).
-      if (refs) this.refsAppliedThrough = refsUpTo;
-    };
-    /** A gang's gate: no new piece while another member switches over. */
-    const gateOpen = async () => {
-      if (!gate || gate.isOpenFor(this.run.owner)) return;
-      const waitStart = performance.now();
-      this.chooser.pause();
-      await link.unlessFailed(gate.waitOpen(this.run.owner));
-      counters.gateWaitMs += performance.now() - waitStart;
-    };
-    // This round's channel pieces, for the metrics (the session's pieces report their own batches).
-    const onChannel = emptyCounters();
-    const count = (piece: RoundCounters) => {
-      const before = { ...onChannel };
-      addCounters(onChannel, piece);
-      addCounters(counters, piece);
-      report(counters);
-      options.metrics?.batchSent(before, onChannel, lanes[0]!.region.pageSizeBytes);
-    };
-    const done = (sent: ChannelSent) => {
-      const piece = { ...emptyCounters(), pages: sent.pages, dataPages: sent.dataPages, zeroPages: sent.zeroPages, rawBytes: sent.rawBytes, payloadBytes: sent.rawBytes, wireBytes: sent.wireBytes, batches: sent.batches };
-      addCounters(this.channelTotals, piece);
-      const rate = channels.deliveredRate();
-      if (options.codec === 'auto' && rate !== undefined) this.chooser.measuredOnChannels(rate);
-      count(piece);
-    };
-    /** A piece on a channel; with dedup, its refs on the session first. */
-    const toChannel = async (lane: Lane, piece: Uint32Array): Promise<void> => {
-      const slot = lane.slot;
-      if (!dedup || slot === undefined) {
-        await beforeChannelPiece();
-        await link.unlessFailed(channels.dispatch(lane, round, piece, done, { ready: gateOpen }));
-        return;
-      }
-      const group = dedup.group;
-      const pages = runsPageCount(piece);
-      const refs: BatchBuild = { entries: new Uint32Array(pages * 3), entryCount: 0, refs: new Uint32Array(pages * 2), refCount: 0, payload: NO_PAYLOAD, payloadEnd: 0 };
-      const planned = emptyCounters();
-      // Outside a final round (which never goes on channels): resident refs are allowed.
-      const frameTicket = group.outbox.nextTicket;
-      const { carried, waitFor } = group.planPiece({ slot, round, allowResident: true, runs: piece, fps: channels.fingerprints(lane, piece), frameTicket }, refs, planned);
-      planned.pages = planned.unchangedPages + planned.refPages;
-      if (refs.entryCount > 0) {
-        // Its place in the group's order is fixed now, when the mirror took its content.
-        const ticket = group.outbox.take();
-        if (ticket !== frameTicket) throw new GangwayError(ErrorCode.INTERNAL, `a piece's refs took place ${ticket} of the group's order, planned as ${frameTicket}`);
-        // It writes pages too: the next round's channel pieces wait until it is applied.
-        this.sessionPiecesRound ??= round;
-        planned.wireBytes = await link.unlessFailed(sendRefs({ sink: link.session, migrationId: options.migrationId, credits: link.credits! }, group, ticket, lane.index, round, refs));
-        planned.batches = 1;
-      }
-      if (planned.pages > 0) count(planned);
-      if (carried.length === 0) return;
-      await beforeChannelPiece(waitFor);
-      await link.unlessFailed(
-        channels.dispatch(
-          lane,
-          round,
-          carried,
-          (sent) => {
-            // Written at the destination: what was sent there is a source of refs from now on.
-            group.delivered(slot, round, carried, sent.fingerprints!);
-            done(sent);
-          },
-          { fingerprints: true, ready: gateOpen },
-        ),
-      );
-    };
-    for (const lane of lanes) {
-      const queue = SourceChannels.pieceRuns(lane, runs[lane.index] ?? new Uint32Array(0));
-      for (let piece = queue.shift(); piece; piece = queue.shift()) {
-        await gateOpen();
-        if (options.codec === 'raw' || this.chooser.next() === 'raw') {
-          // While raw is being measured, one small piece at a time: its rate comes once it is
-          // written there, and more of a mode that may be the slower one costs.
-          if (options.codec === 'auto' && this.chooser.measuring()) {
-            const [probe, ...rest] = SourceChannels.probeRuns(lane, piece, this.chooser.rates().raw);
-            queue.unshift(...rest);
-            await toChannel(lane, probe!);
-            await link.unlessFailed(channels.settled());
-            continue;
-          }
-          await toChannel(lane, piece);
-        } else {
-          // While LZ4 is being measured, a probe's worth on the session: once its verdict is
-          // in, the rest of the piece goes where the chooser says then. Its rate comes from a
-          // window of deliveries, which a piece's end breaks (the sender pauses): a probe
-          // holds a window's batches and one more, or LZ4 went unmeasured through a whole
-          // explore of 4 MiB probes and raw was kept by default on a 1 Gbit/s link.
-          if (options.codec === 'auto' && this.chooser.measuring()) {
-            const [probe, ...rest] = SourceChannels.probeRuns(lane, piece, this.chooser.rates().lz4, (this.chooser.windowBatches + 1) * this.pool.payloadBytes);
-            queue.unshift(...rest);
-            piece = probe!;
-          }
-          this.sessionPiecesRound ??= round;
-          // Once the codec turns to raw (a probe of it, or raw winning now), the rest of the
-          // piece goes back to the queue, for the channels: as raw batches of this piece, a
-          // probe was 12 MiB on the session (1.5 windows of 1 MiB batches), 6% of a 128 MiB
-          // guest's time on the 1 Gbit/s link, where a channel's probe is 4 MiB.
-          let rest: Uint32Array | undefined;
-          await onSession(lane, piece, options.codec === 'auto' ? { before: () => this.chooser.next() === 'raw', rest: (runs) => (rest = runs) } : undefined);
-          if (rest) queue.unshift(rest);
-        }
-      }
-    }
-    // Every piece ended with its barrier: the destination has written the round. A broken
-    // session or a cancel ends the wait (the channels are closed after).
-    await link.unlessFailed(channels.settled());
-  }
 }
-
-/** A refs-only batch's payload: none. */
-const NO_PAYLOAD = Buffer.alloc(0);
 
 /**
  * Disks written faster than the link carries them: QEMU's I/O limits hold the guest's disk
