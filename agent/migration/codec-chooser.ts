@@ -98,7 +98,7 @@ export class CodecChooser {
   private probing: BatchCodec | undefined;
   /** What the compressor takes in, guest bytes per second with the sender's parallelism (an upper bound on LZ4's rate). */
   private compressBound: number | undefined;
-  /** Batches compressBound was taken from. */
+  /** Batches compressBound was taken from since LZ4's explore or probe began (the bound ends one only on its own batches). */
   private compressSamples = 0;
   /**
    * Batches sent and not yet delivered, oldest first: the mode tried for each (none: no
@@ -154,6 +154,20 @@ export class CodecChooser {
     return this.options.mode === 'auto' && this.phase !== 'exploit';
   }
 
+  /**
+   * LZ4 is being measured, and its deliveries will say how it does: the compressor is not
+   * far behind raw's rate (FAR_BEHIND), which ends a try at its first batch. Raw still on
+   * its way on other paths (channels) then takes part of the link from it, and a sender
+   * lets that be written first (sendRoundOnChannels).
+   */
+  judgedByDeliveries(): boolean {
+    if (this.options.mode !== 'auto' || this.phase === 'exploit' || this.current !== 'lz4') return false;
+    // Before this migration compressed a batch: what LZ4 did last (the session's memory).
+    const lz4 = this.compressBound ?? this.rate.lz4;
+    const raw = this.rate.raw;
+    return raw === undefined || lz4 === undefined || lz4 * FAR_BEHIND > raw;
+  }
+
   /** Measured guest-bytes-per-second of each codec, for reports. */
   rates(): Readonly<Record<BatchCodec, number | undefined>> {
     return this.rate;
@@ -176,6 +190,7 @@ export class CodecChooser {
       this.sentInPhase = 0;
       this.current = this.current === 'lz4' ? 'raw' : 'lz4';
       this.probing = this.current;
+      this.compressSamples = 0;
     } else if (this.sentInPhase >= this.windowBatches * (this.phase === 'probe' ? PROBE_WINDOWS : EXPLORE_WINDOWS)) {
       // Enough of this mode is on its way to be measured (its rate comes back later), or
       // deliveries carry no measure of it: go on.
@@ -202,6 +217,7 @@ export class CodecChooser {
       this.sentInPhase = 0;
       this.current = 'lz4';
       this.probing = 'lz4';
+      this.compressSamples = 0;
     }
   }
 
@@ -246,7 +262,10 @@ export class CodecChooser {
     if (this.phase === 'exploit' || this.current !== 'lz4' || raw === undefined || this.compressBound >= raw) return;
     // Far behind: at once. Closer: once a window of batches says so (a first batch may be a cold one).
     if (this.compressBound * FAR_BEHIND > raw && this.compressSamples < this.windowBatches) return;
-    this.rate.lz4 = Math.min(this.rate.lz4 ?? this.compressBound, this.compressBound);
+    // The bound is what LZ4 can do now. An older rate below it was LZ4 then (a stall, a busy
+    // destination): kept as a floor, it let no probe raise LZ4 again, and a gang's busy
+    // moment kept raw on at half LZ4's rate for the session's next migrations.
+    this.rate.lz4 = this.compressBound;
     this.remember('lz4', this.now());
     this.measured('lz4');
   }
@@ -315,6 +334,7 @@ export class CodecChooser {
     if (this.phase === 'explore' && this.current === 'raw' && this.rate.lz4 === undefined) {
       this.current = 'lz4';
       this.sentInPhase = 0;
+      this.compressSamples = 0;
     } else {
       this.enter('exploit');
     }

@@ -353,6 +353,88 @@ describe('CodecChooser', () => {
     expect(memory.exploitMs).toBe(10);
   });
 
+  it("after a stall, a probe of LZ4 is judged on its own batches: neither the stall's compressor samples nor its delivered rate hold it down", () => {
+    const memory = emptyCodecMemory();
+    memory.rates = { lz4: 200e6, raw: 100e6 };
+    memory.measuredAt = { lz4: 100, raw: 100 };
+    memory.exploitMs = 2_000;
+    let clock = 100;
+    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, exploitMs: 10, now: () => clock, memory });
+    /** One batch as a sender does it: compressed in `compressMs` when the chooser says LZ4, delivered `deliverMs` later. */
+    const batch = (compressMs: number, deliverMs: { lz4: number; raw: number }) => {
+      const mode = chooser.next();
+      if (mode === 'lz4') {
+        const done = chooser.compressing();
+        clock += compressMs;
+        done(1e6);
+      }
+      chooser.sent(1e6, mode);
+      clock += deliverMs[mode];
+      chooser.delivered();
+    };
+    // LZ4 wins: compressed at 400 MB/s, delivered at 200 (raw's link does 100).
+    for (let i = 0; i < 8; i++) batch(2.5, { lz4: 5, raw: 10 });
+    expect(chooser.next()).toBe('lz4');
+    // A stall (a busy host): LZ4 compresses and is delivered at 20 MB/s, under raw's rate.
+    for (let i = 0; i < 12 && chooser.next() === 'lz4'; i++) batch(1e6 / 20e3, { lz4: 50, raw: 10 });
+    expect(chooser.next()).toBe('raw');
+    // The shortest wait later, LZ4 is probed; its first batch is still slow to compress (60 MB/s: behind raw, not far).
+    clock += 11;
+    batch(0, { lz4: 5, raw: 10 });
+    expect(chooser.next()).toBe('lz4');
+    batch(1e6 / 60e3, { lz4: 5, raw: 10 });
+    // One batch is no verdict on the compressor: the probe goes on.
+    expect(chooser.next()).toBe('lz4');
+    // The host is quiet again: LZ4 wins back on what it delivers.
+    for (let i = 0; i < 12; i++) batch(2.5, { lz4: 5, raw: 10 });
+    expect(chooser.next()).toBe('lz4');
+    expect(chooser.rates().lz4!).toBeGreaterThan(chooser.rates().raw!);
+  });
+
+  it('a probe of LZ4 that the compressor ends takes its rate from the compressor now, not from an older, lower delivered rate', () => {
+    const memory = emptyCodecMemory();
+    memory.rates = { lz4: 50e6, raw: 100e6 };
+    memory.measuredAt = { lz4: 0, raw: 0 };
+    memory.exploitMs = 10;
+    let clock = 100;
+    const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, exploitMs: 10, now: () => clock, memory });
+    expect(chooser.next()).toBe('raw');
+    chooser.sent(1e6, 'raw');
+    expect(chooser.next()).toBe('lz4');
+    // Four batches compressed at 90 MB/s: just behind raw, so the probe ends at the window.
+    for (let i = 0; i < 4; i++) {
+      const done = chooser.compressing();
+      clock += 1e6 / 90e3;
+      done(1e6);
+    }
+    expect(chooser.next()).toBe('raw');
+    expect(chooser.rates().lz4! / 1e6).toBeCloseTo(90, 0);
+  });
+
+  it("says a probe of LZ4 is judged by its deliveries unless the compressor, or before it LZ4's last rate, is far behind raw", () => {
+    const probing = (lz4: number) => {
+      const memory = emptyCodecMemory();
+      memory.rates = { lz4, raw: 200e6 };
+      memory.measuredAt = { lz4: 0, raw: 0 };
+      memory.exploitMs = 10;
+      let clock = 11;
+      const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock, memory });
+      expect(chooser.judgedByDeliveries()).toBe(false);
+      chooser.sent(1e6, 'raw');
+      expect(chooser.next()).toBe('lz4');
+      return { chooser, advance: (ms: number) => (clock += ms) };
+    };
+    expect(probing(150e6).chooser.judgedByDeliveries()).toBe(true);
+    expect(probing(90e6).chooser.judgedByDeliveries()).toBe(false);
+    // The compressor's own rate, once it has one: 1 MB in 5 ms (200 MB/s) is not far behind.
+    const { chooser, advance } = probing(90e6);
+    const done = chooser.compressing();
+    advance(5);
+    done(1e6);
+    expect(chooser.next()).toBe('lz4');
+    expect(chooser.judgedByDeliveries()).toBe(true);
+  });
+
   it('does not count a pause of the sender (a round ended) against the codec of the batches after it', () => {
     let clock = 0;
     const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock });
