@@ -137,6 +137,11 @@ export class CodecChooser {
       this.exploitMs = Math.min(memory.exploitMs ?? this.baseExploitMs, this.maxExploitMs);
       this.enter('exploit');
       this.phaseStart = memory.measuredAt[this.current === 'lz4' ? 'raw' : 'lz4'];
+      // Due already: the probe starts with the first batch or piece. A raw winner waited
+      // for its first channel piece to be written (measuredOnChannels), two 16 MiB pieces
+      // in flight: a quarter of a 128 MiB guest sent raw on a recalled rate that a stall
+      // had left.
+      if (this.now() - this.phaseStart >= this.exploitMs) this.probeLoser();
     }
   }
 
@@ -184,13 +189,7 @@ export class CodecChooser {
     if (mode !== this.current) return;
     this.sentInPhase++;
     if (this.phase === 'exploit') {
-      if (this.now() - this.phaseStart < this.exploitMs) return;
-      this.phase = 'probe';
-      this.phaseStart = this.now();
-      this.sentInPhase = 0;
-      this.current = this.current === 'lz4' ? 'raw' : 'lz4';
-      this.probing = this.current;
-      this.compressSamples = 0;
+      if (this.now() - this.phaseStart >= this.exploitMs) this.probeLoser();
     } else if (this.sentInPhase >= this.windowBatches * (this.phase === 'probe' ? PROBE_WINDOWS : EXPLORE_WINDOWS)) {
       // Enough of this mode is on its way to be measured (its rate comes back later), or
       // deliveries carry no measure of it: go on.
@@ -211,14 +210,17 @@ export class CodecChooser {
     this.rate.raw = previous === undefined ? bytesPerSec : previous * 0.5 + bytesPerSec * 0.5;
     this.remember('raw', this.now());
     this.measured('raw');
-    if (this.phase === 'exploit' && this.current === 'raw' && this.now() - this.phaseStart >= this.exploitMs) {
-      this.phase = 'probe';
-      this.phaseStart = this.now();
-      this.sentInPhase = 0;
-      this.current = 'lz4';
-      this.probing = 'lz4';
-      this.compressSamples = 0;
-    }
+    if (this.phase === 'exploit' && this.current === 'raw' && this.now() - this.phaseStart >= this.exploitMs) this.probeLoser();
+  }
+
+  /** The exploit's wait is over: the loser is measured again. */
+  private probeLoser(): void {
+    this.phase = 'probe';
+    this.phaseStart = this.now();
+    this.sentInPhase = 0;
+    this.current = this.current === 'lz4' ? 'raw' : 'lz4';
+    this.probing = this.current;
+    this.compressSamples = 0;
   }
 
   /**

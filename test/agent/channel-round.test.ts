@@ -86,6 +86,7 @@ describe('a round on channels and session', () => {
     // Raw, the winner: a piece on each channel; the third waits for one of them.
     expect(pending.length).toBe(2);
     expect(chooser.next()).toBe('raw');
+    expect(chooser.judgedByDeliveries()).toBe(false);
     // The first is written after the probe falls due: the third piece takes its channel, and the chooser turns to LZ4.
     advance(20);
     await write();
