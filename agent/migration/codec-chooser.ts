@@ -166,7 +166,7 @@ export class CodecChooser {
    * lets that be written first (sendRoundOnChannels).
    */
   judgedByDeliveries(): boolean {
-    if (this.options.mode !== 'auto' || this.phase === 'exploit' || this.current !== 'lz4') return false;
+    if (!this.measuring() || this.current !== 'lz4') return false;
     // Before this migration compressed a batch: what LZ4 did last (the session's memory).
     const lz4 = this.compressBound ?? this.rate.lz4;
     const raw = this.rate.raw;
