@@ -16,6 +16,11 @@ function fakeClock(): Clock & { advance(ms: number): void; t: number } {
   return clock;
 }
 
+/** A session's memory: both codecs' `rates` measured at `at`, probes `exploitMs` apart. */
+function recalled(rates: CodecMemory['rates'], at: number, exploitMs: number): CodecMemory {
+  return { rates, measuredAt: { lz4: at, raw: at }, exploitMs };
+}
+
 describe('CreditWindow', () => {
   it('blocks past the window and releases in order as credit returns', async () => {
     const window = new CreditWindow(100);
@@ -326,10 +331,7 @@ describe('CodecChooser', () => {
   it('a winner that falls below the loser\'s older rate (a stall) runs the loser only for the shortest wait, then measures the old winner again', () => {
     // The session's link: LZ4 at 200 MB/s against raw's 100, raw confirmed loser so often
     // that the wait between probes is at its longest.
-    const memory = emptyCodecMemory();
-    memory.rates = { lz4: 200e6, raw: 100e6 };
-    memory.measuredAt = { lz4: 0, raw: 0 };
-    memory.exploitMs = 2_000;
+    const memory = recalled({ lz4: 200e6, raw: 100e6 }, 0, 2_000);
     let clock = 100;
     const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, exploitMs: 10, now: () => clock, memory });
     expect(chooser.next()).toBe('lz4');
@@ -353,10 +355,7 @@ describe('CodecChooser', () => {
   });
 
   it("after a stall, a probe of LZ4 is judged on its own batches: neither the stall's compressor samples nor its delivered rate hold it down", () => {
-    const memory = emptyCodecMemory();
-    memory.rates = { lz4: 200e6, raw: 100e6 };
-    memory.measuredAt = { lz4: 100, raw: 100 };
-    memory.exploitMs = 2_000;
+    const memory = recalled({ lz4: 200e6, raw: 100e6 }, 100, 2_000);
     let clock = 100;
     const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, exploitMs: 10, now: () => clock, memory });
     /** One batch as a sender does it: compressed in `compressMs` when the chooser says LZ4, delivered `deliverMs` later. */
@@ -391,10 +390,7 @@ describe('CodecChooser', () => {
   });
 
   it('a probe of LZ4 that the compressor ends takes its rate from the compressor now, not from an older, lower delivered rate', () => {
-    const memory = emptyCodecMemory();
-    memory.rates = { lz4: 50e6, raw: 100e6 };
-    memory.measuredAt = { lz4: 0, raw: 0 };
-    memory.exploitMs = 10;
+    const memory = recalled({ lz4: 50e6, raw: 100e6 }, 0, 10);
     let clock = 100;
     // LZ4 is due for a probe: the migration starts with it.
     const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, exploitMs: 10, now: () => clock, memory });
@@ -411,10 +407,7 @@ describe('CodecChooser', () => {
 
   it("says a probe of LZ4 is judged by its deliveries unless the compressor, or before it LZ4's last rate, is far behind raw", () => {
     const probing = (lz4: number) => {
-      const memory = emptyCodecMemory();
-      memory.rates = { lz4, raw: 200e6 };
-      memory.measuredAt = { lz4: 0, raw: 0 };
-      memory.exploitMs = 10;
+      const memory = recalled({ lz4, raw: 200e6 }, 0, 10);
       let clock = 11;
       // LZ4 is due for a probe: the migration starts with it.
       const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, now: () => clock, memory });
