@@ -3,7 +3,7 @@
 // its own, and on commit names the files and starts the guest from the hot-standby process,
 // its device state handed over first.
 //
-// The parts: the offer and its acceptance, the frames in the order the receive state machine
+// The parts: the offer's checks (admission.ts) and its acceptance, the frames in the order the receive state machine
 // allows (protocol/migration-state.ts), verify with repair, the commit and the migration's
 // end (here); pages frames (incoming-pages.ts: credit, decompression, scatter, refs); the
 // device state (incoming-device-state.ts); post-copy's switchover, installs, verdict and
@@ -23,6 +23,7 @@ import type { GuestLauncher, StandbyGuest } from '../guest/adapter.js';
 import type { GuestRecord } from '../guest/registry.js';
 import { loadNative, type RegionHandle } from '../native.js';
 import type { AnyFrame, FrameHandler, OfferFrame, PeerSession } from '../peer/session.js';
+import { admitOffer, spaceShortfall } from './admission.js';
 import { DestinationDisks } from './destination-disks.js';
 import { DestinationPostcopy } from './destination-postcopy.js';
 import { fingerprintsPathOf, withTimeout, type DestinationContext, type IncomingRegion, type IncomingResult } from './destination-types.js';
@@ -175,51 +176,17 @@ export class DestinationMigration implements FrameHandler {
       session.send(Frame.reject({ migrationId: offer.migrationId, reason, message }));
       return undefined;
     };
-    if (!ctx.accepting()) return reject(RejectReason.shuttingDown, 'the destination agent is shutting down');
-    const group = offer.dedup ? ctx.groups.get(offer.dedup.group) : undefined;
-    if (offer.dedup && (!group || group.isClosed)) {
-      return reject(RejectReason.badSpec, `dedup group ${offer.dedup.group} is not open on this session (send dedupOpen first)`);
-    }
-    const launcher = ctx.launchers[offer.guest.kind];
-    if (!launcher) return reject(RejectReason.unsupported, `this agent takes no guests of kind ${nameOf(GuestKind, offer.guest.kind) ?? offer.guest.kind}`);
-    if (offer.technique !== Technique.precopy && offer.dedup) {
-      return reject(RejectReason.unsupported, 'post-copy and hybrid migrations do not take part in dedup groups on this agent');
-    }
-    const unfit = launcher.checkOffer(offer.guest);
-    if (unfit) return reject(RejectReason.badSpec, unfit);
-    if (offer.technique !== Technique.precopy && !launcher.diskExportSocket && launcher.disks?.(offer.guest).some((disk) => disk.region !== undefined)) {
-      return reject(RejectReason.unsupported, `this agent takes ${launcher.kind} guests' disks by pre-copy only: migrate with --technique precopy, or --disks none on shared storage`);
-    }
-    try {
-      ctx.registry.reserve(offer.guest.name);
-    } catch (err) {
-      // This host's own trouble with the name (an unreadable record: its path and problem)
-      // is for its log and its operator, not for the peer.
-      const unreadable = ctx.registry.unreadableRecords().some((r) => r.name === offer.guest.name);
-      if (unreadable) log.error({ err: (err as Error).message }, 'offer refused: the guest name has an unreadable record here');
-      if (unreadable) return reject(RejectReason.guestExists, `guest ${offer.guest.name} cannot be received here: this host's record of that name needs its operator`);
-      // The registry's "already exists on this host" reads, at the source, as the source itself.
-      if (err instanceof GangwayError && err.code === ErrorCode.GUEST_EXISTS) {
-        return reject(
-          RejectReason.guestExists,
-          `a guest named "${offer.guest.name}" already exists at the destination: stop it there (\`gangway guest stop ${offer.guest.name}\` on that host) or migrate to another agent`,
-        );
-      }
-      return reject(RejectReason.guestExists, (err as Error).message);
-    }
+    const admission = admitOffer(offer, ctx, log);
+    if (!admission.admitted) return reject(admission.reason, admission.message);
+    const { launcher, group } = admission;
     const migration = new DestinationMigration(offer, session, ctx, launcher, log);
     try {
       const stats = statfsSync(ctx.memoryDir);
-      const free = stats.bavail * stats.bsize;
-      const { reservedBytes: reserved, headroomBytes: headroom } = ctx.space;
-      const needed = migration.spaceBytes;
-      if (free - reserved - headroom < needed) {
+      const short = spaceShortfall(stats.bavail * stats.bsize, migration.spaceBytes, ctx.space);
+      if (short) {
         ctx.registry.release(offer.guest.name);
         ctx.onLimit?.('space');
-        return reject(
-          RejectReason.noSpace,
-          `the memory directory has ${free} bytes free, of which ${reserved} are promised to migrations under way and ${headroom} are kept free (peers.memoryHeadroom); the guest needs ${needed}`,
-        );
+        return reject(RejectReason.noSpace, short);
       }
       migration.prepare();
     } catch (err) {
@@ -602,7 +569,7 @@ export class DestinationMigration implements FrameHandler {
     } catch {}
     // The rest of the standby (a VM's TAP device, what it made as it ended) goes in cleanup().
     if (journaled) this.ctx.registry.remove(this.offer.guest.name);
-    removeGuestFiles(this.files);
+    // The guest's files go in cleanup(), which finish('aborted') runs.
     this.removeFingerprints();
     // The disks that arrived: the source's copy is the guest's (shared ones are not touched).
     this.disks.removeLinked();
