@@ -31,7 +31,7 @@ export function channelRoundState(): ChannelRoundState {
 }
 
 /** The channels as a round uses them. */
-export type RoundChannels = Pick<SourceChannels, 'dispatch' | 'deliveredRate' | 'fingerprints' | 'settled'>;
+export type RoundChannels = Pick<SourceChannels, 'dispatch' | 'deliveredRate' | 'fingerprints' | 'settled' | 'opened'>;
 
 export interface ChannelRoundContext {
   run: Pick<SourceRun, 'options' | 'link' | 'lanes' | 'owner'>;
@@ -101,6 +101,13 @@ export async function sendRoundOnChannels(
   };
   /** A piece on a channel; with dedup, its refs on the session first. */
   const toChannel = async (lane: Lane, piece: Uint32Array): Promise<void> => {
+    // The channels open while the migration's first pieces go (SourceChannels.open). Ones
+    // that could not leave this piece to the session, and the rounds after (not usable).
+    if (!(await link.unlessFailed(channels.opened))) {
+      state.sessionPiecesRound ??= round;
+      await onSession(lane, piece);
+      return;
+    }
     const slot = lane.slot;
     if (!dedup || slot === undefined) {
       await beforeChannelPiece();

@@ -531,7 +531,8 @@ export class SourceMigration extends EventEmitter implements FrameHandler {
     // Raw or adaptive pages, deduplicated or not, at the link's own pace: the rounds may go on
     // channels. A gang's switchover waits for its members' pieces as for their windows.
     if (options.channels && technique === 'precopy' && options.codec !== 'lz4' && !this.pacer && link.session.peer?.features.includes('channels')) {
-      sender.channels = await SourceChannels.open(options.channels, lanes, options.peerAddress, { migrationId: options.migrationId, secret: accept.secret }, link.session.peerCertificateSha256, this.log);
+      // Not waited for: a round's first piece for the channels waits until they are open.
+      sender.channels = SourceChannels.open(options.channels, lanes, options.peerAddress, { migrationId: options.migrationId, secret: accept.secret }, link.session.peerCertificateSha256, this.log);
       if (sender.channels) options.gate?.joinWork(sender.channels);
     }
     let outcome: Awaited<ReturnType<typeof precopyRounds>>;

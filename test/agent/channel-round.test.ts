@@ -13,7 +13,7 @@ const PAGE = 4096;
 const MiB = 1 << 20;
 
 /** Two channels; a piece is written once the test calls `write()` (oldest first). */
-function heldChannels(rateBytesPerSec: number) {
+function heldChannels(rateBytesPerSec: number, opened = true) {
   const pending: { pages: number; done: (sent: ChannelSent) => void; written: () => void }[] = [];
   let idle = 2;
   const idleWaiters: (() => void)[] = [];
@@ -33,6 +33,7 @@ function heldChannels(rateBytesPerSec: number) {
     async settled() {
       while (inFlight.size > 0) await Promise.all([...inFlight]);
     },
+    opened: Promise.resolve(opened),
   };
   const write = async () => {
     const piece = pending.shift()!;
@@ -48,7 +49,7 @@ function heldChannels(rateBytesPerSec: number) {
 const flush = () => new Promise((resolve) => setImmediate(resolve));
 
 /** Raw wins on this session's link (200 MB/s against LZ4's 150, close enough for deliveries to judge), due for a probe of LZ4 once 10 ms have passed; a 64 MiB round (four 16 MiB pieces) under way. */
-function roundUnderWay(before?: (chooser: CodecChooser, advance: (ms: number) => void) => void) {
+function roundUnderWay(before?: (chooser: CodecChooser, advance: (ms: number) => void) => void, opened = true) {
   let clock = 1_000;
   const memory = emptyCodecMemory();
   memory.rates = { lz4: 150e6, raw: 200e6 };
@@ -56,7 +57,7 @@ function roundUnderWay(before?: (chooser: CodecChooser, advance: (ms: number) =>
   memory.exploitMs = 10;
   const chooser = new CodecChooser({ mode: 'auto', windowBatches: 4, minWindowMs: 1, exploitMs: 10, now: () => clock, memory });
   before?.(chooser, (ms) => (clock += ms));
-  const { channels, pending, write } = heldChannels(200e6);
+  const { channels, pending, write } = heldChannels(200e6, opened);
   const lane = { index: 0, slot: undefined, region: { pageSizeBytes: PAGE, sparse: false } } as unknown as Lane;
   const ctx: ChannelRoundContext = {
     run: {
@@ -123,5 +124,14 @@ describe('a round on channels and session', () => {
     expect(onSession[0]).toEqual({ pages: (5 * MiB) / PAGE, channelPiecesInFlight: 2 });
     while (pending.length > 0) await write();
     await round;
+  });
+
+  it('sends every piece on the session when the channels did not open', async () => {
+    const { ctx, pending, onSession, round } = roundUnderWay(undefined, false);
+    await round;
+    expect(pending).toEqual([]);
+    // Raw, the winner, piece by piece on the session: the whole round, each page once.
+    expect(onSession.map((s) => s.pages)).toEqual([4096, 4096, 4096, 4096]);
+    expect(ctx.channelTotals.pages).toBe(0);
   });
 });
