@@ -103,11 +103,7 @@ export async function sendRoundOnChannels(
   const toChannel = async (lane: Lane, piece: Uint32Array): Promise<void> => {
     // The channels open while the migration's first pieces go (SourceChannels.open). Ones
     // that could not leave this piece to the session, and the rounds after (not usable).
-    if (!(await link.unlessFailed(channels.opened))) {
-      state.sessionPiecesRound ??= round;
-      await onSession(lane, piece);
-      return;
-    }
+    if (!(await link.unlessFailed(channels.opened))) return onSession(lane, piece);
     const slot = lane.slot;
     if (!dedup || slot === undefined) {
       await beforeChannelPiece();
