@@ -29,8 +29,23 @@ export function emptyCodecMemory(): CodecMemory {
   return { rates: { lz4: undefined, raw: undefined }, measuredAt: { lz4: -Infinity, raw: -Infinity }, exploitMs: undefined };
 }
 
-/** Batches being compressed, by chooser, in this process. */
-const compressionsInFlight = new Map<CodecChooser, number>();
+/**
+ * Batches being compressed, by chooser, in this process: how many now, and the integral of
+ * that count over time (batch-milliseconds) up to `at`, from which a batch's average company
+ * is read (Little's law, CodecChooser.compressing).
+ */
+interface Compressions {
+  count: number;
+  area: number;
+  at: number;
+}
+const compressionsInFlight = new Map<CodecChooser, Compressions>();
+
+/** Brings `c.area` up to `now`. */
+function accrue(c: Compressions, now: number): void {
+  c.area += c.count * (now - c.at);
+  c.at = now;
+}
 
 /** A session's measurements older than this are explored again. */
 const MEMORY_TTL_MS = 120_000;
@@ -235,23 +250,32 @@ export class CodecChooser {
    * A batch starts compressing; call the returned function with its size once it is done.
    * LZ4 delivers no more than the compressor takes in: once that bound is below raw's
    * measured rate, trying LZ4 further only costs, so its explore or probe ends then, with
-   * the bound as its rate (at once when it is far behind, FAR_BEHIND). The bound is Little's law over this chooser's batches: those in
-   * flight (queued on the thread pool or compressing) over the time one spends there. It
-   * holds only while they are all the process compresses: another chooser's batches share
-   * the same cores.
+   * the bound as its rate (at once when it is far behind, FAR_BEHIND). The bound is Little's
+   * law over this chooser's batches: those in flight (queued on the thread pool or
+   * compressing), averaged over a batch's time there, over that time. The average is over
+   * time, not of the counts at the batch's start and end: a probe's first batch compresses
+   * nearly alone while the sender gathers the next ones, and the counts at its ends (1, then
+   * 4) made it 544 MB/s on loopback where the next one did 191. The probe's verdict then put
+   * LZ4 at 368, and a later migration whose first raw pieces came slowly (134-221 MB/s)
+   * turned to LZ4 on that rate and compressed 21 batches at 100-200 before its deliveries
+   * turned it back. The bound holds only while these batches are all the process
+   * compresses: another chooser's share the same cores.
    */
   compressing(): (rawBytes: number) => void {
     const start = this.now();
-    const mine = (compressionsInFlight.get(this) ?? 0) + 1;
-    compressionsInFlight.set(this, mine);
+    let mine = compressionsInFlight.get(this);
+    if (!mine) compressionsInFlight.set(this, (mine = { count: 0, area: 0, at: start }));
+    accrue(mine, start);
+    mine.count++;
+    const areaAtStart = mine.area;
     const alone = compressionsInFlight.size === 1;
     return (rawBytes) => {
-      // Batches in flight beside this one, on average: when it started and when it ended.
-      const beside = (mine + (compressionsInFlight.get(this) ?? 1)) / 2;
-      const left = (compressionsInFlight.get(this) ?? 1) - 1;
-      if (left > 0) compressionsInFlight.set(this, left);
-      else compressionsInFlight.delete(this);
-      const ms = this.now() - start;
+      // `mine` stays this chooser's entry until its count is back to zero, after this batch.
+      const end = this.now();
+      accrue(mine, end);
+      const ms = end - start;
+      const beside = ms > 0 ? (mine.area - areaAtStart) / ms : mine.count;
+      if (--mine.count === 0) compressionsInFlight.delete(this);
       if (!alone || compressionsInFlight.size > 1 || this.options.mode !== 'auto' || ms <= 0 || rawBytes <= 0) return;
       this.compressedAt(((rawBytes * 1000) / ms) * beside);
     };
