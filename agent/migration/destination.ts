@@ -6,8 +6,9 @@
 // The parts: the offer's checks (admission.ts) and its acceptance, the frames in the order the receive state machine
 // allows (protocol/migration-state.ts), verify with repair, the commit and the migration's
 // end (here); pages frames (incoming-pages.ts: credit, decompression, scatter, refs); the
-// device state (incoming-device-state.ts); post-copy's switchover, installs, verdict and
-// reattach (destination-postcopy.ts); the disks that arrive: their flushes, their names and
+// device state (incoming-device-state.ts); the standby guest's start and watch
+// (standby-start.ts); post-copy's switchover, installs, verdict and reattach
+// (destination-postcopy.ts); the disks that arrive: their flushes, their names and
 // post-copy's export of them (destination-disks.ts). What they share is in destination-types.ts.
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { closeSync, rmSync, statfsSync } from 'node:fs';
@@ -35,6 +36,7 @@ import type { Channel, ChannelHelloIn } from '../peer/channel.js';
 import { IncomingPages } from './incoming-pages.js';
 import { closeQuietly, closeRegions, filesToName, openIncomingRegions } from './incoming-regions.js';
 import { debugSched, schedSince, type DebugSample } from './sched-sample.js';
+import { startStandby } from './standby-start.js';
 
 export type { DestinationContext, IncomingResult } from './destination-types.js';
 
@@ -256,42 +258,19 @@ export class DestinationMigration implements FrameHandler {
     // The files the switchover will name, noted before any can be (see arrival-note.ts).
     this.ctx.registry.noteArrival(this.offer.guest.name, filesToName(this.regions, this.regionPaths));
     // A guest started now and blocked until go() makes the resume one step.
-    const regionFds = this.regions.map((region) => region.fd);
-    if (!this.postcopy) {
-      this.standby = this.launcher.standby(this.files, { guest: this.offer.guest, regionFds });
-    } else {
-      const diskExportSocket = this.disks.serve();
-      const guestEnd = this.postcopy.guestSocket();
-      try {
-        this.standby = this.launcher.standby(this.files, { guest: this.offer.guest, regionFds, postcopySocketFd: guestEnd, ...(diskExportSocket ? { diskExportSocket } : {}) });
-      } finally {
-        closeSync(guestEnd);
-      }
-      if (this.launcher.handsOverMemoryAtStart) this.postcopy.receiveHandoverNow();
-    }
-    // A standby guest that dies (a QEMU that failed to start, or was killed) ends the
-    // migration before the switchover: the source's guest runs on there.
-    const standby = this.standby;
-    void standby.exited.then((code) => {
-      if (this.finished || this.switching) return;
-      this.log.error({ pid: standby.pid, code, log: this.files.logPath }, "the destination's standby guest exited before the switchover");
-      this.refuse(ErrorCode.GUEST_FAILED, `the guest's ${this.launcher.kind} process at the destination exited (${code === null ? 'killed' : `code ${code}`}) before the switchover`);
+    this.standby = startStandby({
+      offer: this.offer,
+      files: this.files,
+      launcher: this.launcher,
+      regions: this.regions,
+      postcopy: this.postcopy,
+      disks: this.disks,
+      session: () => this.session,
+      log: this.log,
+      finished: () => this.finished,
+      switching: () => this.switching,
+      refuse: (code, message) => this.refuse(code, message),
     });
-    // A source that waits for it before pausing its guest hears when the standby is up (after
-    // the accept: prepare() runs before it is sent, and this answers no sooner than a tick
-    // later), or that it will not be: the migration is refused, and the guest runs on there.
-    if (this.session.peer?.features.includes('standby-ready')) {
-      (standby.ready ?? Promise.resolve()).then(
-        () => {
-          if (!this.finished && this.session.isOpen) this.session.send(Frame.standbyReady({ migrationId: this.offer.migrationId }));
-        },
-        (err: Error) => {
-          if (this.finished || this.switching) return;
-          this.log.error({ pid: standby.pid, err: err.message, log: this.files.logPath }, "the destination's standby guest did not come up");
-          this.refuse(ErrorCode.GUEST_FAILED, `the guest's ${this.launcher.kind} process at the destination did not come up: ${err.message}`);
-        },
-      );
-    }
   }
 
   private joinGroup(group: DestinationGroup, slots: number[]): void {
