@@ -273,11 +273,12 @@ export class CodecChooser {
       // `mine` stays this chooser's entry until its count is back to zero, after this batch.
       const end = this.now();
       accrue(mine, end);
-      const ms = end - start;
-      const beside = ms > 0 ? (mine.area - areaAtStart) / ms : mine.count;
+      const batchMs = mine.area - areaAtStart;
       if (--mine.count === 0) compressionsInFlight.delete(this);
+      const ms = end - start;
       if (!alone || compressionsInFlight.size > 1 || this.options.mode !== 'auto' || ms <= 0 || rawBytes <= 0) return;
-      this.compressedAt(((rawBytes * 1000) / ms) * beside);
+      // Batches beside it on average (batchMs / ms), times its own rate.
+      this.compressedAt(((rawBytes * 1000) / ms) * (batchMs / ms));
     };
   }
 
