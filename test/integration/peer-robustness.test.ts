@@ -4,6 +4,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import WebSocket from 'ws';
 import { encodeFrame, Frame, FrameDecoder } from '../../protocol/index.js';
 import { builtAgent, Cluster, uniqueName } from '../helpers/cluster.js';
+import { waitForAsync } from '../helpers/wait.js';
 
 interface RawPeer {
   ws: WebSocket;
@@ -90,7 +91,12 @@ describe.skipIf(!builtAgent)('a misbehaving peer', () => {
     const closed = await peer.closed;
     expect(closed.code).toBe(1002);
     expect(peer.frames.find((f) => f.type === 'error')).toMatchObject({ code: 'GANGWAY_ERR_BAD_PAGES' });
-    const status = await b.status();
+    // The migration is over at the destination once its standby guest is gone (a loaded
+    // machine takes a moment to end it): not before, as CI once found it still running.
+    const status = await waitForAsync('the destination to end the migration', async () => {
+      const now = await b.status();
+      return now.migrations.every((m) => m.state !== 'running') && now;
+    });
     expect(status.guests).toHaveLength(0);
     expect(status.migrations[0]).toMatchObject({ direction: 'in', state: 'aborted' });
   });
@@ -131,7 +137,12 @@ describe.skipIf(!builtAgent)('a misbehaving peer', () => {
     const error = peer.frames.find((f) => f.type === 'error') as { code: string; message: string } | undefined;
     expect(error).toMatchObject({ code: 'GANGWAY_ERR_BAD_PAGES' });
     expect(error!.message).toContain(message);
-    const status = await b.status();
+    // The migration is over at the destination once its standby guest is gone (a loaded
+    // machine takes a moment to end it): not before, as CI once found it still running.
+    const status = await waitForAsync('the destination to end the migration', async () => {
+      const now = await b.status();
+      return now.migrations.every((m) => m.state !== 'running') && now;
+    });
     expect(status.guests).toHaveLength(0);
     expect(status.migrations[0]).toMatchObject({ direction: 'in', state: 'aborted' });
   });

@@ -182,7 +182,9 @@ describe.skipIf(skip !== undefined)('QEMU VMs (TCG)', () => {
     const made = () => readdirSync(guestsDir).filter((file) => !file.endsWith('.json'));
     // Watched from the start: the CLI may take seconds to hear of its agent's death on a loaded machine.
     const migrating = cluster.cli(a, ['migrate', name, '--to', b.listen, '--json']);
-    await waitForAsync('the standby QEMU to make its QMP socket after the abort', async () => made().some((file) => file.endsWith('.qmp')), 12_000);
+    // The standby is held 15 s after the abort, which comes after the CLI, the source and the
+    // accept: 12 s from the CLI's start ran out once in CI on a loaded machine.
+    await waitForAsync('the standby QEMU to make its QMP socket after the abort', async () => made().some((file) => file.endsWith('.qmp')), 25_000);
     expect((await migrating).exitCode).not.toBe(0);
     // The migration is over at the destination only once its standby is gone, and nothing of it is left.
     await waitForAsync('the destination to drop the migration', async () => (await b.status()).migrations.every((m) => m.state !== 'running'), 30_000);
